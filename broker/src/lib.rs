@@ -1,0 +1,15 @@
+//! fleetcast's MQTT layer.
+//!
+//! Layout:
+//! - [`client`]: broker addresses, rumqttc options with fleetcast's limits (TCP_NODELAY, 2 MiB
+//!   packets), and `drive`, the one task that owns an event loop and reconnects with backoff.
+//! - [`embedded`] (feature `embedded`): rumqttd configured in code with every field set, auth
+//!   by `client_id == username` plus a password check, sized segment logs for bulk topics.
+
+pub mod client;
+#[cfg(feature = "embedded")]
+pub mod embedded;
+
+pub use client::{BrokerUrl, MqttEvent};
+#[cfg(feature = "embedded")]
+pub use embedded::{BrokerSettings, EmbeddedBroker};

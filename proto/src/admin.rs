@@ -1,0 +1,364 @@
+//! Operator CLI <-> platform requests on `fleet/admin/{client}/...`, and the records they
+//! return. The same record types are what the platform keeps in sled, so the CLI, the store and
+//! integrators see one shape.
+//!
+//! Requests are MAC'd with the operator secret ([`crate::auth::Purpose::Admin`]); the platform
+//! refuses requests whose `at_ms` is more than [`ADMIN_FRESHNESS_MS`] away from its clock and
+//! `(client, ctr)` pairs it has already seen. Responses go to `fleet/admin/{client}/response`.
+//! Artifact bytes travel as `UploadPart` chunk frames on `fleet/admin/{client}/upload`; they
+//! need no MAC because the committed file must hash to the id named in the MAC'd
+//! `upload_begin`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::auth::{PlatformPublicKey, Secret};
+use crate::ids::{ArtifactId, GroupId, Kind, MachineId, ReleaseId};
+use crate::release::{ArtifactRef, InstallPolicy, Target};
+use crate::status::{KindState, Phase, Progress};
+
+/// How far an admin request's clock may be from the platform's.
+pub const ADMIN_FRESHNESS_MS: u64 = 5 * 60 * 1000;
+
+/// Body of a MAC'd admin request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdminRequest {
+    /// The requesting CLI's MQTT client id; responses go to its response topic.
+    pub client: String,
+    /// Correlates the response.
+    pub id: u64,
+    /// Strictly increasing per client (the CLI uses its clock in microseconds).
+    pub ctr: u64,
+    pub at_ms: u64,
+    #[serde(flatten)]
+    pub op: AdminOp,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminOp {
+    /// Announce an upload. Reply: `upload_ready`, or `artifact` when those bytes are stored.
+    UploadBegin {
+        kind: Kind,
+        version: String,
+        name: String,
+        size: u64,
+        artifact: ArtifactId,
+        chunk_size: u32,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        notes: Option<String>,
+    },
+    /// All parts sent. Reply: `artifact`, or `upload_missing` to resend some parts.
+    UploadCommit {
+        artifact: ArtifactId,
+    },
+    ArtifactList,
+    ReleaseCreate {
+        kind: Kind,
+        version: String,
+        policy: InstallPolicy,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        notes: Option<String>,
+    },
+    /// What publishing would send, without sending. Reply: `plan`.
+    ReleasePlan {
+        release: ReleaseId,
+        #[serde(default)]
+        machines: Vec<MachineId>,
+        #[serde(default)]
+        groups: Vec<GroupId>,
+    },
+    /// Reply: `plan` (what was sent).
+    ReleasePublish {
+        release: ReleaseId,
+        #[serde(default)]
+        machines: Vec<MachineId>,
+        #[serde(default)]
+        groups: Vec<GroupId>,
+    },
+    ReleaseList,
+    /// Reply: `release_status`.
+    ReleaseStatus {
+        release: ReleaseId,
+    },
+    /// Reply: `machines`.
+    Machines,
+    /// Register a machine (or return the existing one's config). Reply: `provisioned`.
+    MachineProvision {
+        machine: MachineId,
+        #[serde(default)]
+        groups: Vec<GroupId>,
+    },
+    /// Roll a machine's or group's kind back to a stable version (default: the version
+    /// installed before the current one). Reply: `plan`.
+    Rollback {
+        target: Target,
+        kind: Kind,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        to: Option<String>,
+    },
+    /// Install a downloaded `download_only` release now. Reply: `done`.
+    Activate {
+        release: ReleaseId,
+        #[serde(default)]
+        machines: Vec<MachineId>,
+    },
+}
+
+/// A response: exactly one of `ok` and `error` is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdminResponse {
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ok: Option<AdminReply>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+impl AdminResponse {
+    pub fn ok(id: u64, reply: AdminReply) -> Self {
+        Self {
+            id,
+            ok: Some(reply),
+            error: None,
+        }
+    }
+    pub fn error(id: u64, message: impl Into<String>) -> Self {
+        Self {
+            id,
+            ok: None,
+            error: Some(message.into()),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "snake_case")]
+pub enum AdminReply {
+    UploadReady { parts: u32, part_size: u32 },
+    UploadMissing { parts: Vec<(u32, u32)> },
+    Artifact { artifact: ArtifactInfo },
+    Artifacts { artifacts: Vec<ArtifactInfo> },
+    Release { release: ReleaseInfo },
+    Releases { releases: Vec<ReleaseInfo> },
+    Plan { plan: PublishPlan },
+    ReleaseStatus { status: ReleaseStatus },
+    Machines { machines: Vec<MachineInfo> },
+    Provisioned { machine: ProvisionedMachine },
+    Done { message: String },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactInfo {
+    pub id: ArtifactId,
+    pub kind: Kind,
+    pub version: String,
+    pub name: String,
+    pub size: u64,
+    pub chunk_size: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
+    pub uploaded_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseInfo {
+    pub id: ReleaseId,
+    pub kind: Kind,
+    pub version: String,
+    pub artifact: ArtifactRef,
+    pub policy: InstallPolicy,
+    #[serde(default)]
+    pub rollback: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notes: Option<String>,
+    pub created_at_ms: u64,
+    /// Set at first publish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub published_at_ms: Option<u64>,
+    /// The notice seq of the latest publish (0 before).
+    #[serde(default)]
+    pub seq: u64,
+    #[serde(default)]
+    pub machines: Vec<MachineId>,
+    #[serde(default)]
+    pub groups: Vec<GroupId>,
+}
+
+/// What a publish sends (or sent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishPlan {
+    pub release: ReleaseInfo,
+    /// Every topic a notice is (or would be) published on, retained.
+    pub topics: Vec<String>,
+    /// Each targeted machine, with the group it was reached through (None = named directly).
+    pub targets: Vec<(MachineId, Option<GroupId>)>,
+}
+
+/// One step's result for one machine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepResult {
+    pub phase: Phase,
+    pub ok: bool,
+    pub at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Everything recorded for one (release, machine).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TargetRecord {
+    pub release: ReleaseId,
+    pub machine: MachineId,
+    pub kind: Kind,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<GroupId>,
+    pub phase: Phase,
+    /// When the current phase was entered (machine clock for reported phases).
+    pub phase_at_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notified_at_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<StepResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<StepResult>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub attempts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    /// Platform clock of the last change.
+    pub updated_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseStatus {
+    pub release: ReleaseInfo,
+    pub targets: Vec<TargetRecord>,
+    pub progress: RolloutProgress,
+}
+
+/// Aggregate of one release, retained on `fleet/rollouts/{r}/progress`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutProgress {
+    pub release: ReleaseId,
+    pub kind: Kind,
+    pub version: String,
+    pub total: u32,
+    /// Machines per current phase.
+    pub phases: BTreeMap<Phase, u32>,
+    /// Machines in a final phase.
+    pub finished: u32,
+    pub succeeded: u32,
+    pub failed: u32,
+    pub updated_at_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineInfo {
+    pub id: MachineId,
+    #[serde(default)]
+    pub groups: Vec<GroupId>,
+    pub provisioned_at_ms: u64,
+    #[serde(default)]
+    pub online: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_seen_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_version: Option<String>,
+    #[serde(default)]
+    pub busy: bool,
+    #[serde(default)]
+    pub kinds: BTreeMap<Kind, KindState>,
+}
+
+/// Everything a machine needs to join: printed by `fleetcast machine provision`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProvisionedMachine {
+    pub machine: MachineId,
+    pub groups: Vec<GroupId>,
+    pub secret: Secret,
+    pub platform_key: PlatformPublicKey,
+    pub topic_prefix: String,
+}
+
+/// One persisted status event, normalised, as published on `fleet/events`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetEvent {
+    /// Platform-wide event number (the sled key).
+    pub id: u64,
+    /// Platform clock when it was persisted.
+    pub recorded_at_ms: u64,
+    pub machine: MachineId,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseId>,
+    pub kind: Kind,
+    pub version: String,
+    pub phase: Phase,
+    /// Machine clock when the phase was entered.
+    pub at_ms: u64,
+    pub attempt: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_requests_are_flat_json_tagged_by_op() {
+        let r = AdminRequest {
+            client: "cli-1".into(),
+            id: 3,
+            ctr: 4,
+            at_ms: 5,
+            op: AdminOp::MachineProvision {
+                machine: MachineId::new("vm-1").unwrap(),
+                groups: vec![GroupId::new("g").unwrap()],
+            },
+        };
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["op"], "machine_provision");
+        assert_eq!(json["machine"], "vm-1");
+        assert_eq!(serde_json::from_value::<AdminRequest>(json).unwrap(), r);
+        let list: AdminRequest =
+            serde_json::from_str(r#"{"client":"c","id":1,"ctr":1,"at_ms":1,"op":"machines"}"#)
+                .unwrap();
+        assert_eq!(list.op, AdminOp::Machines);
+    }
+
+    #[test]
+    fn admin_responses_carry_either_a_reply_or_an_error() {
+        let ok = AdminResponse::ok(
+            1,
+            AdminReply::Done {
+                message: "ok".into(),
+            },
+        );
+        let json = serde_json::to_value(&ok).unwrap();
+        assert_eq!(json["ok"]["reply"], "done");
+        assert!(json.get("error").is_none());
+        assert_eq!(serde_json::from_value::<AdminResponse>(json).unwrap(), ok);
+        let err = AdminResponse::error(2, "unknown release r-9");
+        let back: AdminResponse =
+            serde_json::from_str(&serde_json::to_string(&err).unwrap()).unwrap();
+        assert_eq!(back.error.as_deref(), Some("unknown release r-9"));
+    }
+
+    #[test]
+    fn unknown_ops_are_refused() {
+        let err = serde_json::from_str::<AdminRequest>(
+            r#"{"client":"c","id":1,"ctr":1,"at_ms":1,"op":"format_disk"}"#,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("format_disk"), "{err}");
+    }
+}

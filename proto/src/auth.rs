@@ -1,0 +1,387 @@
+//! End-to-end authentication, so the system is safe on a broker without topic ACLs.
+//!
+//! - Platform -> machine (release notices, commands): ed25519 signatures. The machine pins the
+//!   platform's public key.
+//! - Machine -> platform (status, state, chunk requests) and operator -> platform (admin
+//!   requests): a blake3 keyed hash (MAC) with the sender's 32-byte secret. Bodies carry a
+//!   monotonic counter (`ctr`) that the platform checks against replays.
+//!
+//! Both envelopes carry the signed body as a JSON *string* so the exact signed bytes survive any
+//! JSON re-encoding on the way; integrators read it with one extra parse. Every signature and
+//! MAC covers a domain tag naming the message family, so a body signed for one purpose can never
+//! be replayed as another.
+
+use std::fmt;
+use std::str::FromStr;
+
+use ed25519_dalek::{Signer, Verifier};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// Largest JSON message (notice, command, status, state, request) either side accepts.
+/// Anything bigger is refused before parsing.
+pub const MAX_JSON_MESSAGE: usize = 256 * 1024;
+
+/// What a signature or MAC is for. Part of the signed bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    Release,
+    Command,
+    Status,
+    State,
+    ChunkRequest,
+    Admin,
+}
+
+impl Purpose {
+    fn tag(self) -> &'static [u8] {
+        match self {
+            Purpose::Release => b"fleetcast/v1/release\0",
+            Purpose::Command => b"fleetcast/v1/command\0",
+            Purpose::Status => b"fleetcast/v1/status\0",
+            Purpose::State => b"fleetcast/v1/state\0",
+            Purpose::ChunkRequest => b"fleetcast/v1/chunks-get\0",
+            Purpose::Admin => b"fleetcast/v1/admin\0",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("message of {len} bytes is over the {MAX_JSON_MESSAGE}-byte limit")]
+    TooLarge { len: usize },
+    #[error("malformed envelope: {0}")]
+    Envelope(serde_json::Error),
+    #[error("signature is not 64 hex-encoded bytes")]
+    SignatureFormat,
+    #[error("bad signature")]
+    BadSignature,
+    #[error("MAC is not 32 hex-encoded bytes")]
+    MacFormat,
+    #[error("bad MAC")]
+    BadMac,
+    #[error("authenticated body is malformed: {0}")]
+    Body(serde_json::Error),
+}
+
+/// `{"body": "<json>", "sig": "<hex ed25519>"}`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SignedEnvelope {
+    pub body: String,
+    pub sig: String,
+}
+
+/// `{"body": "<json>", "mac": "<hex blake3 keyed hash>"}`
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MacEnvelope {
+    pub body: String,
+    pub mac: String,
+}
+
+/// The platform's signing key (ed25519 seed).
+pub struct PlatformKey(ed25519_dalek::SigningKey);
+
+/// The platform's public key, pinned by every machine. Hex in configs.
+#[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PlatformPublicKey(ed25519_dalek::VerifyingKey);
+
+/// A 32-byte secret shared by one machine (or operator) and the platform. Hex in configs.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Secret([u8; 32]);
+
+impl PlatformKey {
+    pub fn from_seed(seed: [u8; 32]) -> Self {
+        Self(ed25519_dalek::SigningKey::from_bytes(&seed))
+    }
+
+    pub fn seed(&self) -> [u8; 32] {
+        self.0.to_bytes()
+    }
+
+    pub fn public(&self) -> PlatformPublicKey {
+        PlatformPublicKey(self.0.verifying_key())
+    }
+
+    /// Serializes `body` and signs it for `purpose`; returns the envelope's bytes.
+    pub fn sign<T: Serialize>(&self, purpose: Purpose, body: &T) -> Vec<u8> {
+        let body = serde_json::to_string(body).expect("message types serialize");
+        let sig = self.0.sign(&tagged(purpose, body.as_bytes()));
+        let env = SignedEnvelope {
+            body,
+            sig: hex::encode(sig.to_bytes()),
+        };
+        serde_json::to_vec(&env).expect("envelope serializes")
+    }
+}
+
+impl PlatformPublicKey {
+    /// Checks an envelope's signature for `purpose` and parses its body.
+    pub fn verify<T: DeserializeOwned>(
+        &self,
+        purpose: Purpose,
+        bytes: &[u8],
+    ) -> Result<T, AuthError> {
+        let env: SignedEnvelope = parse_envelope(bytes)?;
+        let mut sig = [0u8; 64];
+        hex::decode_to_slice(&env.sig, &mut sig).map_err(|_| AuthError::SignatureFormat)?;
+        let sig = ed25519_dalek::Signature::from_bytes(&sig);
+        self.0
+            .verify(&tagged(purpose, env.body.as_bytes()), &sig)
+            .map_err(|_| AuthError::BadSignature)?;
+        serde_json::from_str(&env.body).map_err(AuthError::Body)
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0.as_bytes())
+    }
+}
+
+impl FromStr for PlatformPublicKey {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(s.trim(), &mut b)
+            .map_err(|_| "platform public key must be 64 hex digits".to_owned())?;
+        ed25519_dalek::VerifyingKey::from_bytes(&b)
+            .map(Self)
+            .map_err(|_| "platform public key is not a valid ed25519 point".to_owned())
+    }
+}
+
+impl TryFrom<String> for PlatformPublicKey {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<PlatformPublicKey> for String {
+    fn from(k: PlatformPublicKey) -> String {
+        k.to_hex()
+    }
+}
+
+impl fmt::Debug for PlatformPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PlatformPublicKey({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for PlatformPublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Secret {
+    pub fn from_bytes(bytes: [u8; 32]) -> Self {
+        Self(bytes)
+    }
+
+    pub fn as_bytes(&self) -> &[u8; 32] {
+        &self.0
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    fn mac_of(&self, purpose: Purpose, body: &[u8]) -> blake3::Hash {
+        blake3::keyed_hash(&self.0, &tagged(purpose, body))
+    }
+
+    /// Serializes `body` and MACs it for `purpose`; returns the envelope's bytes.
+    pub fn seal<T: Serialize>(&self, purpose: Purpose, body: &T) -> Vec<u8> {
+        let body = serde_json::to_string(body).expect("message types serialize");
+        let mac = self.mac_of(purpose, body.as_bytes()).to_hex().to_string();
+        serde_json::to_vec(&MacEnvelope { body, mac }).expect("envelope serializes")
+    }
+
+    /// Checks an envelope's MAC for `purpose` (in constant time) and parses its body.
+    pub fn open<T: DeserializeOwned>(
+        &self,
+        purpose: Purpose,
+        bytes: &[u8],
+    ) -> Result<T, AuthError> {
+        let env: MacEnvelope = parse_envelope(bytes)?;
+        let mac = blake3::Hash::from_hex(&env.mac).map_err(|_| AuthError::MacFormat)?;
+        // blake3::Hash's PartialEq is constant-time.
+        if self.mac_of(purpose, env.body.as_bytes()) != mac {
+            return Err(AuthError::BadMac);
+        }
+        serde_json::from_str(&env.body).map_err(AuthError::Body)
+    }
+
+    /// The MQTT password derived from this secret, so the broker never needs the secret itself.
+    pub fn mqtt_password(&self) -> String {
+        hex::encode(&blake3::derive_key("fleetcast v1 mqtt password", &self.0)[..16])
+    }
+}
+
+impl FromStr for Secret {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let mut b = [0u8; 32];
+        hex::decode_to_slice(s.trim(), &mut b)
+            .map_err(|_| "secret must be 64 hex digits".to_owned())?;
+        Ok(Self(b))
+    }
+}
+
+impl TryFrom<String> for Secret {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl From<Secret> for String {
+    fn from(k: Secret) -> String {
+        k.to_hex()
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+fn tagged(purpose: Purpose, body: &[u8]) -> Vec<u8> {
+    let tag = purpose.tag();
+    let mut out = Vec::with_capacity(tag.len() + body.len());
+    out.extend_from_slice(tag);
+    out.extend_from_slice(body);
+    out
+}
+
+fn parse_envelope<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AuthError> {
+    if bytes.len() > MAX_JSON_MESSAGE {
+        return Err(AuthError::TooLarge { len: bytes.len() });
+    }
+    serde_json::from_slice(bytes).map_err(AuthError::Envelope)
+}
+
+/// Reads only the body of a MAC envelope without checking it: for routing (which machine?)
+/// before the secret is looked up. Never act on the result.
+pub fn peek_body<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AuthError> {
+    let env: MacEnvelope = parse_envelope(bytes)?;
+    serde_json::from_str(&env.body).map_err(AuthError::Body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::RngCore;
+
+    fn seed() -> [u8; 32] {
+        let mut s = [0u8; 32];
+        rand::thread_rng().fill_bytes(&mut s);
+        s
+    }
+
+    #[derive(Debug, PartialEq, Serialize, Deserialize)]
+    struct Msg {
+        a: u32,
+    }
+
+    #[test]
+    fn a_signed_message_verifies_with_the_public_key() {
+        let key = PlatformKey::from_seed(seed());
+        let bytes = key.sign(Purpose::Release, &Msg { a: 7 });
+        let msg: Msg = key.public().verify(Purpose::Release, &bytes).unwrap();
+        assert_eq!(msg, Msg { a: 7 });
+    }
+
+    #[test]
+    fn signatures_fail_for_another_key_purpose_or_a_changed_body() {
+        let key = PlatformKey::from_seed(seed());
+        let bytes = key.sign(Purpose::Release, &Msg { a: 7 });
+        let other = PlatformKey::from_seed(seed()).public();
+        assert!(matches!(
+            other.verify::<Msg>(Purpose::Release, &bytes),
+            Err(AuthError::BadSignature)
+        ));
+        assert!(matches!(
+            key.public().verify::<Msg>(Purpose::Command, &bytes),
+            Err(AuthError::BadSignature)
+        ));
+        let tampered = String::from_utf8(bytes)
+            .unwrap()
+            .replace("{\\\"a\\\":7}", "{\\\"a\\\":8}");
+        assert!(matches!(
+            key.public()
+                .verify::<Msg>(Purpose::Release, tampered.as_bytes()),
+            Err(AuthError::BadSignature)
+        ));
+        assert!(matches!(
+            key.public()
+                .verify::<Msg>(Purpose::Release, br#"{"body":"{}","sig":"zz"}"#),
+            Err(AuthError::SignatureFormat)
+        ));
+        assert!(matches!(
+            key.public().verify::<Msg>(Purpose::Release, b"not json"),
+            Err(AuthError::Envelope(_))
+        ));
+    }
+
+    #[test]
+    fn macs_fail_for_another_secret_purpose_or_a_changed_body() {
+        let secret = Secret::from_bytes(seed());
+        let bytes = secret.seal(Purpose::Status, &Msg { a: 1 });
+        assert_eq!(
+            secret.open::<Msg>(Purpose::Status, &bytes).unwrap(),
+            Msg { a: 1 }
+        );
+        assert!(matches!(
+            Secret::from_bytes(seed()).open::<Msg>(Purpose::Status, &bytes),
+            Err(AuthError::BadMac)
+        ));
+        assert!(matches!(
+            secret.open::<Msg>(Purpose::State, &bytes),
+            Err(AuthError::BadMac)
+        ));
+        let tampered = String::from_utf8(bytes)
+            .unwrap()
+            .replace("\\\"a\\\":1", "\\\"a\\\":2");
+        assert!(matches!(
+            secret.open::<Msg>(Purpose::Status, tampered.as_bytes()),
+            Err(AuthError::BadMac)
+        ));
+        assert!(matches!(
+            secret.open::<Msg>(Purpose::Status, br#"{"body":"{}","mac":"00"}"#),
+            Err(AuthError::MacFormat)
+        ));
+    }
+
+    #[test]
+    fn oversized_messages_are_refused_before_parsing() {
+        let secret = Secret::from_bytes(seed());
+        let huge = vec![b' '; MAX_JSON_MESSAGE + 1];
+        assert!(matches!(
+            secret.open::<Msg>(Purpose::Status, &huge),
+            Err(AuthError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn keys_round_trip_through_hex() {
+        let key = PlatformKey::from_seed(seed());
+        let public = key.public();
+        assert_eq!(
+            public.to_hex().parse::<PlatformPublicKey>().unwrap(),
+            public
+        );
+        assert!("00".parse::<PlatformPublicKey>().is_err());
+        let s = Secret::from_bytes(seed());
+        assert_eq!(s.to_hex().parse::<Secret>().unwrap(), s);
+        assert_eq!(s.mqtt_password().len(), 32);
+        assert_ne!(
+            s.mqtt_password(),
+            Secret::from_bytes(seed()).mqtt_password()
+        );
+        assert_eq!(PlatformKey::from_seed(key.seed()).public(), public);
+    }
+}

@@ -1,0 +1,28 @@
+//! fleetcast wire protocol. Plain data: no sockets, no tasks, no files.
+//!
+//! Layout:
+//! - [`ids`]: validated id newtypes (`MachineId`, `GroupId`, `ReleaseId`, `Kind`, `ArtifactId`).
+//! - [`topics`]: every MQTT topic, built and parsed.
+//! - [`release`]: signed release notices, install policies, version ordering.
+//! - [`command`]: signed commands (activate, cancel, report).
+//! - [`status`]: phases, status events and the retained machine state.
+//! - [`chunk`]: the binary chunk frame, chunk requests, per-chunk blake3 verification.
+//! - [`auth`]: ed25519 signatures (platform -> machine) and blake3 MACs (machine -> platform).
+//! - [`admin`]: operator CLI <-> platform requests, and the records the platform keeps.
+
+pub mod admin;
+pub mod auth;
+pub mod chunk;
+pub mod command;
+pub mod ids;
+pub mod release;
+pub mod status;
+pub mod topics;
+
+pub use ids::{ArtifactId, GroupId, IdError, Kind, MachineId, ReleaseId};
+pub use release::{InstallPolicy, ReleaseNotice, Target};
+pub use status::{MachineState, Phase, StatusEvent};
+pub use topics::{Route, Topics};
+
+/// The agent and platform version, reported in machine state.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
