@@ -381,7 +381,7 @@ mod tests {
             issued_at_ms: 0,
         };
         assert!(n.addresses(&m, &[]));
-        assert!(!n.addresses(&MachineId::new("vm-2").unwrap(), &[g.clone()]));
+        assert!(!n.addresses(&MachineId::new("vm-2").unwrap(), std::slice::from_ref(&g)));
         n.target = Target::Group(g.clone());
         assert!(n.addresses(&m, &[g]));
         assert!(!n.addresses(&m, &[]));
