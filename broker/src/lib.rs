@@ -1,11 +1,13 @@
 //! fleetcast's MQTT layer.
 //!
 //! Layout:
+//! - [`admin`]: the operator side of the admin protocol (CLI, simulator): requests, uploads.
 //! - [`client`]: broker addresses, rumqttc options with fleetcast's limits (TCP_NODELAY, 2 MiB
 //!   packets), and `drive`, the one task that owns an event loop and reconnects with backoff.
 //! - [`embedded`] (feature `embedded`): rumqttd configured in code with every field set, auth
 //!   by `client_id == username` plus a password check, sized segment logs for bulk topics.
 
+pub mod admin;
 pub mod client;
 #[cfg(feature = "embedded")]
 pub mod embedded;

@@ -1,0 +1,444 @@
+//! The operator's side of the admin protocol (used by the `fleetcast` CLI and the simulator):
+//! MAC'd requests on `fleet/admin/{client}/request`, responses on `.../response`, artifact
+//! bytes as upload frames on `.../upload`. See proto::admin for the wire types.
+
+use std::collections::HashMap;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fleetcast_proto::admin::{AdminOp, AdminReply, AdminRequest, AdminResponse, ArtifactInfo};
+use fleetcast_proto::auth::{Purpose, Secret};
+use fleetcast_proto::chunk::{encode_frame, FrameHeader, FrameType, Layout};
+use fleetcast_proto::{ArtifactId, Kind, Topics};
+use rumqttc::{AsyncClient, QoS};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use crate::client::{self, BrokerUrl, MqttEvent};
+
+/// How long one request waits for its response.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// Upload parts in flight before waiting for the broker's acks.
+const UPLOAD_WINDOW: u64 = 32;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("cannot connect to the broker at {broker}: {reason}")]
+    Connect { broker: String, reason: String },
+    #[error("no answer from the platform to {op} within {secs} s (is `fleetcast serve` running on this broker?)")]
+    Timeout { op: String, secs: u64 },
+    #[error("platform refused: {0}")]
+    Refused(String),
+    #[error("unexpected reply to {op}: {reply}")]
+    UnexpectedReply { op: String, reply: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    BadFile { path: PathBuf, reason: String },
+    #[error("connection to the broker lost: {0}")]
+    Lost(String),
+}
+
+type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<AdminResponse>>>>;
+
+/// A connected operator client. Cheap to share by reference; requests may run concurrently.
+pub struct AdminClient {
+    client: AsyncClient,
+    client_id: String,
+    topics: Topics,
+    secret: Secret,
+    next_id: AtomicU64,
+    last_ctr: AtomicU64,
+    waiters: Waiters,
+    acks: Mutex<Option<mpsc::UnboundedReceiver<u16>>>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn op_name(op: &AdminOp) -> String {
+    serde_json::to_value(op)
+        .ok()
+        .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_owned))
+        .unwrap_or_else(|| "request".into())
+}
+
+impl AdminClient {
+    /// Connects and subscribes to this client's response topic.
+    pub async fn connect(
+        broker: &BrokerUrl,
+        topics: Topics,
+        secret: Secret,
+        timeout: Duration,
+    ) -> Result<Self, AdminError> {
+        let client_id = format!("fleetcast-cli-{:08x}", rand::random::<u32>());
+        let mut opts = client::options(broker, &client_id, Some(&secret.mqtt_password()));
+        opts.set_clean_session(true);
+        let (client, eventloop) = client::connect(opts, 256);
+        let (tx, mut rx) = mpsc::channel(256);
+        let shutdown = CancellationToken::new();
+        let driver = tokio::spawn(client::drive(eventloop, tx, shutdown.clone()));
+        let connect_err = |reason: String| AdminError::Connect {
+            broker: broker.to_string(),
+            reason,
+        };
+        // Wait for the first CONNACK; the broker refusing us shows up as a disconnect.
+        let first = tokio::time::timeout(timeout, async {
+            loop {
+                match rx.recv().await {
+                    Some(MqttEvent::Connected { .. }) => return Ok(()),
+                    Some(MqttEvent::Disconnected(e)) => return Err(e),
+                    Some(_) => {}
+                    None => return Err("event loop ended".into()),
+                }
+            }
+        })
+        .await;
+        match first {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                shutdown.cancel();
+                return Err(connect_err(format!(
+                    "{e} (wrong admin secret, or no broker there?)"
+                )));
+            }
+            Err(_) => {
+                shutdown.cancel();
+                return Err(connect_err(format!(
+                    "no CONNACK within {} s",
+                    timeout.as_secs()
+                )));
+            }
+        }
+        let response_topic = topics.admin_response(&client_id);
+        client
+            .subscribe(response_topic.clone(), QoS::AtLeastOnce)
+            .await
+            .map_err(|e| connect_err(e.to_string()))?;
+        let waiters: Waiters = Arc::default();
+        let (ack_tx, ack_rx) = mpsc::unbounded_channel();
+        let task = {
+            let waiters = waiters.clone();
+            let client = client.clone();
+            let shutdown = shutdown.clone();
+            tokio::spawn(async move {
+                let _driver = driver;
+                loop {
+                    let event = tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        e = rx.recv() => match e { Some(e) => e, None => return },
+                    };
+                    match event {
+                        MqttEvent::Connected { .. } => {
+                            // A broker restart forgets our subscription.
+                            let _ = client
+                                .subscribe(response_topic.clone(), QoS::AtLeastOnce)
+                                .await;
+                        }
+                        MqttEvent::Publish(p) if p.topic == response_topic => {
+                            match serde_json::from_slice::<AdminResponse>(&p.payload) {
+                                Ok(resp) => {
+                                    if let Some(w) =
+                                        waiters.lock().expect("waiters").remove(&resp.id)
+                                    {
+                                        let _ = w.send(resp);
+                                    }
+                                }
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "malformed admin response dropped")
+                                }
+                            }
+                        }
+                        MqttEvent::PubAck(pkid) => {
+                            let _ = ack_tx.send(pkid);
+                        }
+                        MqttEvent::Disconnected(e) => {
+                            tracing::debug!(error = %e, "admin connection dropped; reconnecting")
+                        }
+                        _ => {}
+                    }
+                }
+            })
+        };
+        // Give the SUBACK a moment so the first response cannot race the subscription.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        Ok(Self {
+            client,
+            client_id,
+            topics,
+            secret,
+            next_id: AtomicU64::new(1),
+            last_ctr: AtomicU64::new(0),
+            waiters,
+            acks: Mutex::new(Some(ack_rx)),
+            shutdown,
+            task,
+        })
+    }
+
+    pub fn client_id(&self) -> &str {
+        &self.client_id
+    }
+
+    fn next_ctr(&self) -> u64 {
+        let now_us = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let mut prev = self.last_ctr.load(Ordering::SeqCst);
+        loop {
+            let next = now_us.max(prev + 1);
+            match self
+                .last_ctr
+                .compare_exchange(prev, next, Ordering::SeqCst, Ordering::SeqCst)
+            {
+                Ok(_) => return next,
+                Err(p) => prev = p,
+            }
+        }
+    }
+
+    /// Sends one request and waits for its response.
+    pub async fn request(&self, op: AdminOp) -> Result<AdminReply, AdminError> {
+        self.request_with_timeout(op, REQUEST_TIMEOUT).await
+    }
+
+    pub async fn request_with_timeout(
+        &self,
+        op: AdminOp,
+        timeout: Duration,
+    ) -> Result<AdminReply, AdminError> {
+        let name = op_name(&op);
+        let id = self.next_id.fetch_add(1, Ordering::SeqCst);
+        let req = AdminRequest {
+            client: self.client_id.clone(),
+            id,
+            ctr: self.next_ctr(),
+            at_ms: now_ms(),
+            op,
+        };
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().expect("waiters").insert(id, tx);
+        let payload = self.secret.seal(Purpose::Admin, &req);
+        if let Err(e) = self
+            .client
+            .publish(
+                self.topics.admin_request(&self.client_id),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+        {
+            self.waiters.lock().expect("waiters").remove(&id);
+            return Err(AdminError::Lost(e.to_string()));
+        }
+        let resp = match tokio::time::timeout(timeout, rx).await {
+            Ok(Ok(resp)) => resp,
+            Ok(Err(_)) => return Err(AdminError::Lost("client closed".into())),
+            Err(_) => {
+                self.waiters.lock().expect("waiters").remove(&id);
+                return Err(AdminError::Timeout {
+                    op: name,
+                    secs: timeout.as_secs(),
+                });
+            }
+        };
+        match (resp.ok, resp.error) {
+            (_, Some(e)) => Err(AdminError::Refused(e)),
+            (Some(reply), None) => Ok(reply),
+            (None, None) => Err(AdminError::UnexpectedReply {
+                op: name,
+                reply: "empty response".into(),
+            }),
+        }
+    }
+
+    /// Uploads a version file: hashes it, announces it, streams its parts (windowed on the
+    /// broker's acks), commits, and resends whatever the platform reports missing.
+    /// `progress(sent_bytes, total_bytes)` is called as parts are acknowledged by the broker.
+    pub async fn upload(
+        &self,
+        path: &Path,
+        kind: Kind,
+        version: String,
+        notes: Option<String>,
+        chunk_size: u32,
+        progress: impl Fn(u64, u64) + Send + Sync,
+    ) -> Result<ArtifactInfo, AdminError> {
+        let io = |source| AdminError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let (artifact, size) = hash_file(path).map_err(io)?;
+        let layout = Layout::new(size, chunk_size).map_err(|e| AdminError::BadFile {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })?;
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "artifact".into());
+        let begin = AdminOp::UploadBegin {
+            kind,
+            version,
+            name,
+            size,
+            artifact,
+            chunk_size,
+            notes,
+        };
+        let parts = match self.request(begin).await? {
+            AdminReply::Artifact { artifact } => {
+                progress(size, size);
+                return Ok(artifact);
+            }
+            AdminReply::UploadReady { parts, part_size }
+                if part_size == chunk_size && parts == layout.chunks =>
+            {
+                parts
+            }
+            other => return Err(unexpected("upload_begin", &other)),
+        };
+        let mut file = std::fs::File::open(path).map_err(io)?;
+        let mut todo: Vec<(u32, u32)> = vec![(0, parts)];
+        for _round in 0..5 {
+            self.send_parts(&mut file, &layout, artifact, &todo, &progress)
+                .await
+                .map_err(|e| match e {
+                    SendError::Io(e) => io(e),
+                    SendError::Mqtt(e) => AdminError::Lost(e),
+                })?;
+            // Parts and the commit travel on different topics, so the commit can overtake the
+            // last parts inside the broker: ask twice before resending anything.
+            let mut reply = self.request(AdminOp::UploadCommit { artifact }).await?;
+            if matches!(reply, AdminReply::UploadMissing { .. }) {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                reply = self.request(AdminOp::UploadCommit { artifact }).await?;
+            }
+            match reply {
+                AdminReply::Artifact { artifact } => return Ok(artifact),
+                AdminReply::UploadMissing { parts } => {
+                    tracing::info!(
+                        missing = parts.len(),
+                        "platform is missing upload parts; resending"
+                    );
+                    todo = parts;
+                }
+                other => return Err(unexpected("upload_commit", &other)),
+            }
+        }
+        Err(AdminError::Refused(
+            "upload still incomplete after 5 rounds".into(),
+        ))
+    }
+
+    async fn send_parts(
+        &self,
+        file: &mut std::fs::File,
+        layout: &Layout,
+        artifact: ArtifactId,
+        ranges: &[(u32, u32)],
+        progress: &(impl Fn(u64, u64) + Send + Sync),
+    ) -> Result<(), SendError> {
+        let mut acks = self
+            .acks
+            .lock()
+            .expect("acks")
+            .take()
+            .expect("one upload at a time");
+        // Acks of earlier requests are not upload acks.
+        while acks.try_recv().is_ok() {}
+        let result = async {
+            let topic = self.topics.admin_upload(&self.client_id);
+            let total: u64 = ranges.iter().map(|(s, e)| (e - s) as u64).sum();
+            let (mut sent, mut acked, mut bytes) = (0u64, 0u64, 0u64);
+            let mut buf = vec![0u8; layout.chunk_size as usize];
+            for index in ranges.iter().flat_map(|&(s, e)| s..e) {
+                while sent - acked >= UPLOAD_WINDOW {
+                    wait_ack(&mut acks).await?;
+                    acked += 1;
+                }
+                let len = layout.chunk_len(index);
+                file.seek(SeekFrom::Start(layout.offset(index)))
+                    .map_err(SendError::Io)?;
+                file.read_exact(&mut buf[..len]).map_err(SendError::Io)?;
+                let header = FrameHeader {
+                    frame_type: FrameType::UploadPart,
+                    artifact,
+                    index,
+                    total: layout.chunks,
+                };
+                self.client
+                    .publish(
+                        topic.clone(),
+                        QoS::AtLeastOnce,
+                        false,
+                        encode_frame(&header, &buf[..len]),
+                    )
+                    .await
+                    .map_err(|e| SendError::Mqtt(e.to_string()))?;
+                sent += 1;
+                bytes += len as u64;
+                progress(bytes.min(layout.size), layout.size);
+            }
+            while acked < sent.min(total) {
+                wait_ack(&mut acks).await?;
+                acked += 1;
+            }
+            Ok(())
+        }
+        .await;
+        *self.acks.lock().expect("acks") = Some(acks);
+        result
+    }
+
+    pub async fn close(self) {
+        let _ = self.client.disconnect().await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        self.shutdown.cancel();
+        let _ = self.task.await;
+    }
+}
+
+enum SendError {
+    Io(std::io::Error),
+    Mqtt(String),
+}
+
+async fn wait_ack(acks: &mut mpsc::UnboundedReceiver<u16>) -> Result<(), SendError> {
+    match tokio::time::timeout(REQUEST_TIMEOUT, acks.recv()).await {
+        Ok(Some(_)) => Ok(()),
+        Ok(None) => Err(SendError::Mqtt("client closed".into())),
+        Err(_) => Err(SendError::Mqtt(
+            "broker stopped acknowledging upload parts".into(),
+        )),
+    }
+}
+
+fn unexpected(op: &str, reply: &AdminReply) -> AdminError {
+    AdminError::UnexpectedReply {
+        op: op.into(),
+        reply: serde_json::to_string(reply).unwrap_or_default(),
+    }
+}
+
+/// blake3 and size of a file, streamed.
+pub fn hash_file(path: &Path) -> std::io::Result<(ArtifactId, u64)> {
+    let mut hasher = blake3::Hasher::new();
+    let mut file = std::fs::File::open(path)?;
+    let size = std::io::copy(&mut file, &mut hasher)?;
+    Ok((ArtifactId::from(hasher.finalize()), size))
+}
