@@ -151,6 +151,14 @@ pub async fn drive(
     }
 }
 
+/// A loopback port that was free a moment ago. rumqttd cannot report the port it bound, so
+/// tests pick one first and retry on the rare clash.
+pub fn free_loopback_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

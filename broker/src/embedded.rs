@@ -168,9 +168,7 @@ impl EmbeddedBroker {
 
 /// A loopback port that was free a moment ago. rumqttd cannot report the port it bound, so tests
 /// pick one first; a rare clash shows up as [`BrokerError::AddrInUse`] and the caller retries.
-pub fn free_loopback_port() -> std::io::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
+pub use crate::client::free_loopback_port;
 
 /// Starts a broker on a free loopback port, retrying on the rare port clash.
 pub fn start_on_free_port(

@@ -6,11 +6,14 @@
 //!   packets), and `drive`, the one task that owns an event loop and reconnects with backoff.
 //! - [`embedded`] (feature `embedded`): rumqttd configured in code with every field set, auth
 //!   by `client_id == username` plus a password check, sized segment logs for bulk topics.
+//! - [`testing`] (feature `testing`): a real Mosquitto on a free loopback port, for tests.
 
 pub mod admin;
 pub mod client;
 #[cfg(feature = "embedded")]
 pub mod embedded;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use client::{BrokerUrl, MqttEvent};
 #[cfg(feature = "embedded")]

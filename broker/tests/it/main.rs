@@ -95,3 +95,28 @@ async fn auth_requires_client_id_equal_to_username_and_a_good_password() {
     );
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn the_client_plumbing_works_against_mosquitto() {
+    let mosq = fleetcast_broker::testing::Mosquitto::start("")
+        .expect("mosquitto starts (is it installed?)");
+    let shutdown = CancellationToken::new();
+    let (sub, mut sub_rx) = connected(&mosq.url, "sub", None, &shutdown).await;
+    next_connected(&mut sub_rx).await.unwrap();
+    sub.subscribe("t/x", QoS::AtLeastOnce).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    sub.publish("t/x", QoS::AtLeastOnce, false, vec![1u8; 300_000])
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            if let Some(MqttEvent::Publish(p)) = sub_rx.recv().await {
+                return p;
+            }
+        }
+    })
+    .await
+    .expect("own publish echoed back by mosquitto");
+    assert_eq!(got.payload.len(), 300_000);
+    shutdown.cancel();
+}
