@@ -1,11 +1,22 @@
 #!/usr/bin/env bash
 # The test command from the README: every unit and integration test of the workspace.
-# Integration tests start their own rumqttd (and Mosquitto, when installed) on free loopback ports.
+# Integration tests start their own rumqttd and Mosquitto on free loopback ports; this script
+# installs Mosquitto (Debian package) when it is missing and it can.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-    echo "note: mosquitto is not installed; the Mosquitto interop tests will fail." >&2
-    echo "      install it with: sudo apt-get install -y mosquitto" >&2
-fi
 export PATH="$PATH:/usr/sbin"
+
+if ! command -v mosquitto >/dev/null 2>&1; then
+    SUDO=""
+    [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
+    echo "installing mosquitto (needed by the external-broker tests)..." >&2
+    if ! { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
+           $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto >/dev/null; }; then
+        echo "error: could not install mosquitto; install it yourself (apt-get install mosquitto) and rerun" >&2
+        exit 1
+    fi
+fi
+# The tests start their own Mosquitto; a packaged service on 1883 is not used.
+(command -v service >/dev/null 2>&1 && service mosquitto stop >/dev/null 2>&1) || true
+
 cargo test --workspace --locked "$@"

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# The fleetcast demo: embedded broker + platform + 20 simulated machines, a real rollout over
+# MQTT with visible progress, a rollback, and the final status. Stops everything it started.
+#
+#   scripts/demo.sh            # build (release) and run
+#   DEMO_MACHINES=50 scripts/demo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MACHINES=${DEMO_MACHINES:-20}
+SIZE_MB=${DEMO_ARTIFACT_MB:-8}
+free_port() {
+    local p
+    while :; do
+        p=$((20000 + RANDOM % 40000))
+        (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null || { echo "$p"; return; }
+    done
+}
+PORT=${DEMO_PORT:-$(free_port)}
+BROKER="mqtt://127.0.0.1:$PORT"
+DIR=$(mktemp -d -t fleetcast-demo.XXXXXX)
+PIDS=()
+
+cleanup() {
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+    rm -rf "$DIR"
+}
+trap cleanup EXIT INT TERM
+
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "Building fleetcast (release)"
+cargo build --release --locked --bins -q
+BIN=target/release
+export FLEETCAST_BROKER="$BROKER"
+export FLEETCAST_ADMIN_SECRET_FILE="$DIR/platform/admin.secret"
+fc() { "$BIN/fleetcast" --broker "$BROKER" --admin-secret-file "$DIR/platform/admin.secret" "$@"; }
+
+step "Starting the platform with its embedded broker on $BROKER"
+"$BIN/fleetcast" serve --data "$DIR/platform" --listen "127.0.0.1:$PORT" >"$DIR/platform.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do [ -s "$DIR/platform/admin.secret" ] && break; sleep 0.1; done
+sleep 0.5
+sed 's/^/  platform: /' "$DIR/platform.log" | head -5
+
+step "Starting $MACHINES simulated vending machines in groups shanghai and beijing (app 2.4.0)"
+"$BIN/fleetcast-device" simulate --count "$MACHINES" --groups shanghai,beijing --prefix vm- \
+    --data "$DIR/machines" --broker "$BROKER" --admin-secret-file "$DIR/platform/admin.secret" \
+    --initial app=2.4.0 >"$DIR/machines.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do
+    n=$(fc machines --json 2>/dev/null | grep -o '"online": *true' | wc -l || true)
+    [ "$n" -ge "$MACHINES" ] && break
+    sleep 0.2
+done
+fc machines | head -8; echo "  ..."
+
+step "Uploading version files: app 2.4.0 (stable) and app 2.4.1 ($SIZE_MB MB)"
+head -c $((SIZE_MB * 1024 * 1024 - 11)) /dev/urandom >"$DIR/app-2.4.1.bin"
+head -c $((SIZE_MB * 1024 * 1024 / 2)) /dev/urandom >"$DIR/app-2.4.0.bin"
+fc artifact upload "$DIR/app-2.4.0.bin" --kind app --version 2.4.0 --notes "stable"
+fc artifact upload "$DIR/app-2.4.1.bin" --kind app --version 2.4.1 --notes "new payment module"
+fc artifact list
+
+step "Creating release app 2.4.1 and publishing it to group shanghai plus vm-002 and vm-004"
+R=$(fc release create --kind app --version 2.4.1 --policy immediate --quiet)
+echo "release: $R"
+fc release publish "$R" --groups shanghai --machines vm-002,vm-004 --yes
+
+step "Rollout progress"
+fc release watch "$R" --timeout 300
+
+step "Rolling vm-001 back to the stable app 2.4.0"
+RB=$(fc rollback --machine vm-001 --kind app --to 2.4.0 --yes --quiet)
+fc release watch "$RB" --timeout 120
+
+step "Final status of release $R"
+fc release status "$R"
+step "Rollback $RB"
+fc release status "$RB"
+step "Fleet"
+fc machines
+
+echo
+echo "Integrators can follow all of this live: mosquitto_sub -h 127.0.0.1 -p $PORT -t 'fleet/events' -t 'fleet/rollouts/+/progress' -v"
+echo "Demo done; stopping the platform and the simulated machines."
