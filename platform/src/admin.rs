@@ -1,0 +1,598 @@
+//! Operator requests on `fleet/admin/{client}/request` and upload parts on `.../upload`:
+//! authenticated with the admin secret (MAC, freshness, per-client counter), answered on
+//! `.../response`. One task handles them in order; commits hash off the async threads.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use fleetcast_proto::admin::{
+    AdminOp, AdminReply, AdminRequest, AdminResponse, ArtifactInfo, MachineInfo,
+    ProvisionedMachine, ReleaseInfo, ReleaseStatus, ADMIN_FRESHNESS_MS,
+};
+use fleetcast_proto::auth::{peek_body, Purpose, Secret};
+use fleetcast_proto::chunk::{decode_frame, FrameType, Layout};
+use fleetcast_proto::release::{compare_versions, validate_version, ArtifactRef};
+use fleetcast_proto::{ArtifactId, GroupId, InstallPolicy, Kind, MachineId, Target};
+use rand::RngCore;
+use rumqttc::QoS;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::artifacts::Upload;
+use crate::error::PlatformError;
+use crate::now_ms;
+use crate::publish::{self, refused, Ctx, OpError};
+use crate::rollout;
+
+/// What the serve connection forwards to the admin task.
+#[derive(Debug)]
+pub enum AdminInput {
+    Request {
+        client: String,
+        payload: bytes::Bytes,
+    },
+    Upload {
+        client: String,
+        payload: bytes::Bytes,
+    },
+    /// The serve connection (re)connected: re-publish desired notices and progress.
+    Republish,
+}
+
+struct Staged {
+    upload: Upload,
+    kind: Kind,
+    version: String,
+    name: String,
+    notes: Option<String>,
+    client: String,
+    /// First write error (e.g. disk full): reported at commit.
+    failed: Option<String>,
+}
+
+struct Admin {
+    ctx: Arc<Ctx>,
+    ctrs: HashMap<String, u64>,
+    uploads: HashMap<ArtifactId, Staged>,
+}
+
+/// Handles admin input until shutdown.
+pub async fn run(
+    ctx: Arc<Ctx>,
+    mut input: mpsc::Receiver<AdminInput>,
+    shutdown: CancellationToken,
+) -> Result<(), PlatformError> {
+    let mut admin = Admin {
+        ctx,
+        ctrs: HashMap::new(),
+        uploads: HashMap::new(),
+    };
+    loop {
+        let item = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            item = input.recv() => match item { Some(i) => i, None => break },
+        };
+        match item {
+            AdminInput::Request { client, payload } => admin.request(&client, &payload).await,
+            AdminInput::Upload { client, payload } => admin.part(&client, &payload),
+            AdminInput::Republish => match publish::republish_all(&admin.ctx).await {
+                Ok((notices, progress)) => {
+                    tracing::info!(
+                        notices,
+                        progress,
+                        "re-published desired notices and rollout progress"
+                    )
+                }
+                Err(e) => tracing::warn!(error = %e, "re-publish after connect failed"),
+            },
+        }
+    }
+    for (_, s) in admin.uploads.drain() {
+        admin.ctx.files.discard(s.upload);
+    }
+    Ok(())
+}
+
+impl Admin {
+    async fn request(&mut self, client: &str, payload: &[u8]) {
+        let req: AdminRequest = match self.ctx.keys.admin.open(Purpose::Admin, payload) {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(client, reason = %e, "admin request refused");
+                // The id is unauthenticated, but telling a CLI with the wrong secret why costs nothing.
+                if let Ok(peek) = peek_body::<serde_json::Value>(payload) {
+                    if let Some(id) = peek.get("id").and_then(|v| v.as_u64()) {
+                        self.respond(
+                            client,
+                            AdminResponse::error(
+                                id,
+                                format!("request refused: {e} (wrong admin secret?)"),
+                            ),
+                        )
+                        .await;
+                    }
+                }
+                return;
+            }
+        };
+        if req.client != client {
+            tracing::warn!(client, claimed = %req.client, "admin request refused: client does not match its topic");
+            return;
+        }
+        let now = now_ms();
+        if now.abs_diff(req.at_ms) > ADMIN_FRESHNESS_MS {
+            let text = format!(
+                "request refused: its clock is {} s away from the platform's (limit {} s)",
+                now.abs_diff(req.at_ms) / 1000,
+                ADMIN_FRESHNESS_MS / 1000
+            );
+            tracing::warn!(client, "{text}");
+            self.respond(client, AdminResponse::error(req.id, text))
+                .await;
+            return;
+        }
+        let last = self.ctrs.get(client).copied().unwrap_or(0);
+        if req.ctr <= last {
+            tracing::warn!(
+                client,
+                ctr = req.ctr,
+                last,
+                "admin request refused: replayed counter"
+            );
+            return;
+        }
+        self.ctrs.insert(client.to_owned(), req.ctr);
+        let response = match self.handle(client, req.op).await {
+            Ok(reply) => AdminResponse::ok(req.id, reply),
+            Err(e) => {
+                tracing::info!(client, error = %e, "admin request failed");
+                AdminResponse::error(req.id, e.to_string())
+            }
+        };
+        self.respond(client, response).await;
+    }
+
+    async fn respond(&self, client: &str, response: AdminResponse) {
+        let payload = serde_json::to_vec(&response).expect("responses serialize");
+        if let Err(e) = self
+            .ctx
+            .mqtt
+            .publish(
+                self.ctx.topics.admin_response(client),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+        {
+            tracing::warn!(client, error = %e, "admin response not sent");
+        }
+    }
+
+    fn part(&mut self, client: &str, payload: &[u8]) {
+        let (header, bytes) = match decode_frame(payload) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(client, reason = %e, "malformed upload frame dropped");
+                return;
+            }
+        };
+        if header.frame_type != FrameType::UploadPart {
+            tracing::warn!(client, "non-upload frame on the upload topic dropped");
+            return;
+        }
+        let Some(staged) = self.uploads.get_mut(&header.artifact) else {
+            tracing::debug!(client, artifact = %header.artifact.short(), "upload part for no upload in progress dropped");
+            return;
+        };
+        if staged.client != client || staged.failed.is_some() {
+            return;
+        }
+        if let Err(e) = staged.upload.write_part(header.index, bytes) {
+            tracing::warn!(client, artifact = %header.artifact.short(), error = %e, "upload part not stored");
+            if matches!(e, crate::artifacts::ArtifactError::Io { .. }) {
+                staged.failed = Some(e.to_string());
+            }
+        }
+    }
+
+    async fn handle(&mut self, client: &str, op: AdminOp) -> Result<AdminReply, OpError> {
+        let store = &self.ctx.store;
+        match op {
+            AdminOp::UploadBegin {
+                kind,
+                version,
+                name,
+                size,
+                artifact,
+                chunk_size,
+                notes,
+            } => self.upload_begin(
+                client, kind, version, name, size, artifact, chunk_size, notes,
+            ),
+            AdminOp::UploadCommit { artifact } => self.upload_commit(client, artifact).await,
+            AdminOp::ArtifactList => {
+                let mut artifacts = store.artifacts()?;
+                artifacts.sort_by(|a, b| {
+                    a.kind
+                        .cmp(&b.kind)
+                        .then(compare_versions(&a.version, &b.version))
+                });
+                Ok(AdminReply::Artifacts { artifacts })
+            }
+            AdminOp::ReleaseCreate {
+                kind,
+                version,
+                policy,
+                notes,
+            } => {
+                let release = self.create_release(kind, version, policy, notes, false)?;
+                Ok(AdminReply::Release { release })
+            }
+            AdminOp::ReleasePlan {
+                release,
+                machines,
+                groups,
+            } => {
+                let Some(info) = store.release(&release)? else {
+                    return refused(format!("unknown release {release}"));
+                };
+                Ok(AdminReply::Plan {
+                    plan: publish::plan(&self.ctx, &info, &machines, &groups)?,
+                })
+            }
+            AdminOp::ReleasePublish {
+                release,
+                machines,
+                groups,
+            } => {
+                let Some(info) = store.release(&release)? else {
+                    return refused(format!("unknown release {release}"));
+                };
+                let plan = publish::publish(&self.ctx, &info, &machines, &groups).await?;
+                tracing::info!(release = %release, targets = plan.targets.len(), "release published");
+                Ok(AdminReply::Plan { plan })
+            }
+            AdminOp::ReleaseList => {
+                let mut releases = store.releases()?;
+                releases.sort_by(|a, b| a.id.cmp(&b.id));
+                Ok(AdminReply::Releases { releases })
+            }
+            AdminOp::ReleaseStatus { release } => {
+                let Some(info) = store.release(&release)? else {
+                    return refused(format!("unknown release {release}"));
+                };
+                let targets = store.targets_of(&release)?;
+                let progress = rollout::progress(&info, &targets, now_ms());
+                Ok(AdminReply::ReleaseStatus {
+                    status: ReleaseStatus {
+                        release: info,
+                        targets,
+                        progress,
+                    },
+                })
+            }
+            AdminOp::Machines => Ok(AdminReply::Machines {
+                machines: store.machines()?,
+            }),
+            AdminOp::MachineProvision { machine, groups } => self.provision(machine, groups),
+            AdminOp::Rollback { target, kind, to } => self.rollback(target, kind, to).await,
+            AdminOp::Activate { release, machines } => {
+                let sent = publish::activate(&self.ctx, &release, &machines).await?;
+                let names: Vec<String> = sent.iter().map(|m| m.to_string()).collect();
+                Ok(AdminReply::Done {
+                    message: format!(
+                        "activate {release} sent to {} machine(s): {}",
+                        sent.len(),
+                        names.join(", ")
+                    ),
+                })
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn upload_begin(
+        &mut self,
+        client: &str,
+        kind: Kind,
+        version: String,
+        name: String,
+        size: u64,
+        artifact: ArtifactId,
+        chunk_size: u32,
+        notes: Option<String>,
+    ) -> Result<AdminReply, OpError> {
+        validate_version(&version).map_err(OpError::Refused)?;
+        if name.len() > 255 || notes.as_ref().is_some_and(|n| n.len() > 4096) {
+            return refused("file name (255) or notes (4096 bytes) too long");
+        }
+        let store = &self.ctx.store;
+        if let Some(existing) = store.artifact_for_version(&kind, &version)? {
+            if existing.id == artifact && self.ctx.files.exists(&artifact) {
+                return Ok(AdminReply::Artifact { artifact: existing });
+            }
+            return refused(format!(
+                "{kind} {version} is already uploaded with different bytes (artifact {}); versions are immutable: upload under a new version",
+                existing.id.short()
+            ));
+        }
+        if let Some(existing) = store.artifact(&artifact)? {
+            return refused(format!(
+                "these exact bytes are already uploaded as {} {} (artifact {}); an artifact id is its content hash, so it has one kind and version",
+                existing.kind, existing.version, artifact.short()
+            ));
+        }
+        let layout = Layout::new(size, chunk_size)
+            .map_err(|e| OpError::Refused(format!("cannot upload: {e}")))?;
+        if let Some(old) = self.uploads.remove(&artifact) {
+            self.ctx.files.discard(old.upload);
+        }
+        let upload = self.ctx.files.begin_upload(artifact, size, chunk_size)?;
+        self.uploads.insert(
+            artifact,
+            Staged {
+                upload,
+                kind,
+                version,
+                name,
+                notes,
+                client: client.to_owned(),
+                failed: None,
+            },
+        );
+        Ok(AdminReply::UploadReady {
+            parts: layout.chunks,
+            part_size: chunk_size,
+        })
+    }
+
+    async fn upload_commit(
+        &mut self,
+        client: &str,
+        artifact: ArtifactId,
+    ) -> Result<AdminReply, OpError> {
+        let Some(staged) = self.uploads.remove(&artifact) else {
+            if let Some(info) = self.ctx.store.artifact(&artifact)? {
+                return Ok(AdminReply::Artifact { artifact: info });
+            }
+            return refused(format!(
+                "no upload of artifact {} in progress (start with upload_begin)",
+                artifact.short()
+            ));
+        };
+        if staged.client != client {
+            self.uploads.insert(artifact, staged);
+            return refused("this upload belongs to another client");
+        }
+        if let Some(why) = staged.failed {
+            self.ctx.files.discard(staged.upload);
+            return refused(format!("upload failed and was discarded: {why}"));
+        }
+        let missing = staged.upload.missing();
+        if !missing.is_empty() {
+            self.uploads.insert(artifact, staged);
+            return Ok(AdminReply::UploadMissing { parts: missing });
+        }
+        let Staged {
+            upload,
+            kind,
+            version,
+            name,
+            notes,
+            ..
+        } = staged;
+        let layout = upload.layout;
+        let files = self.ctx.files.clone();
+        tokio::task::spawn_blocking(move || files.commit(upload))
+            .await
+            .map_err(|e| OpError::Refused(format!("commit task failed: {e}")))??;
+        let info = ArtifactInfo {
+            id: artifact,
+            kind,
+            version,
+            name,
+            size: layout.size,
+            chunk_size: layout.chunk_size,
+            notes,
+            uploaded_at_ms: now_ms(),
+        };
+        self.ctx.store.put_artifact(&info)?;
+        self.ctx.store.flush_async().await?;
+        tracing::info!(artifact = %artifact.short(), kind = %info.kind, version = %info.version, size = info.size, "artifact stored");
+        Ok(AdminReply::Artifact { artifact: info })
+    }
+
+    fn create_release(
+        &self,
+        kind: Kind,
+        version: String,
+        policy: InstallPolicy,
+        notes: Option<String>,
+        rollback: bool,
+    ) -> Result<ReleaseInfo, OpError> {
+        policy
+            .validate()
+            .map_err(|e| OpError::Refused(e.to_string()))?;
+        let store = &self.ctx.store;
+        let Some(artifact) = store.artifact_for_version(&kind, &version)? else {
+            return refused(format!(
+                "no artifact uploaded for {kind} {version} (run `fleetcast artifact upload` first)"
+            ));
+        };
+        let release = ReleaseInfo {
+            id: store.next_release_id()?,
+            kind,
+            version,
+            artifact: ArtifactRef {
+                id: artifact.id,
+                size: artifact.size,
+                chunk_size: artifact.chunk_size,
+                name: artifact.name,
+            },
+            policy,
+            rollback,
+            notes,
+            created_at_ms: now_ms(),
+            published_at_ms: None,
+            seq: 0,
+            machines: vec![],
+            groups: vec![],
+        };
+        store.put_release(&release)?;
+        store.flush()?;
+        Ok(release)
+    }
+
+    fn provision(&self, machine: MachineId, groups: Vec<GroupId>) -> Result<AdminReply, OpError> {
+        let store = &self.ctx.store;
+        let (secret, info) = {
+            let _records = store.lock_records();
+            let secret = match store.secret(&machine)? {
+                Some(s) => s,
+                None => {
+                    let mut b = [0u8; 32];
+                    rand::thread_rng().fill_bytes(&mut b);
+                    let s = Secret::from_bytes(b);
+                    store.put_secret(&machine, &s)?;
+                    s
+                }
+            };
+            let mut info = store.machine(&machine)?.unwrap_or_else(|| MachineInfo {
+                id: machine.clone(),
+                groups: vec![],
+                provisioned_at_ms: now_ms(),
+                online: false,
+                last_seen_ms: None,
+                agent_version: None,
+                busy: false,
+                kinds: Default::default(),
+            });
+            for g in groups {
+                if !info.groups.contains(&g) {
+                    info.groups.push(g);
+                }
+            }
+            store.put_machine(&info)?;
+            (secret, info)
+        };
+        store.flush()?;
+        Ok(AdminReply::Provisioned {
+            machine: ProvisionedMachine {
+                machine,
+                groups: info.groups,
+                secret,
+                platform_key: self.ctx.keys.public,
+                topic_prefix: self.ctx.topics.prefix().to_owned(),
+            },
+        })
+    }
+
+    async fn rollback(
+        &self,
+        target: Target,
+        kind: Kind,
+        to: Option<String>,
+    ) -> Result<AdminReply, OpError> {
+        let store = &self.ctx.store;
+        let to =
+            match (&target, to) {
+                (_, Some(v)) => v,
+                (Target::Machine(m), None) => {
+                    let Some(info) = store.machine(m)? else {
+                        return refused(format!("unknown machine {m}"));
+                    };
+                    let history = store.history(m, &kind)?;
+                    let current = info
+                        .kinds
+                        .get(&kind)
+                        .and_then(|k| k.version.clone())
+                        .or_else(|| history.last().cloned());
+                    match previous_version(&history, current.as_deref()) {
+                        Some(v) => v,
+                        None => return refused(format!(
+                            "no earlier {kind} version known for machine {m}; pass --to VERSION"
+                        )),
+                    }
+                }
+                (Target::Group(g), None) => {
+                    let mut releases: Vec<ReleaseInfo> = store
+                        .releases()?
+                        .into_iter()
+                        .filter(|r| r.kind == kind && r.seq > 0 && r.groups.contains(g))
+                        .collect();
+                    releases.sort_by_key(|r| r.seq);
+                    let Some(current) = releases.pop() else {
+                        return refused(format!(
+                            "group {g} has no {kind} release yet; pass --to VERSION"
+                        ));
+                    };
+                    match releases.iter().rev().find(|r| r.version != current.version) {
+                        Some(r) => r.version.clone(),
+                        None => {
+                            return refused(format!(
+                                "group {g} had no {kind} release before {}; pass --to VERSION",
+                                current.version
+                            ))
+                        }
+                    }
+                }
+            };
+        if let Target::Machine(m) = &target {
+            if store.machine(m)?.is_none() {
+                return refused(format!("unknown machine {m}"));
+            }
+        }
+        if store.artifact_for_version(&kind, &to)?.is_none() {
+            return refused(format!(
+                "cannot roll back to {kind} {to}: no such uploaded artifact"
+            ));
+        }
+        let release = self.create_release(
+            kind,
+            to.clone(),
+            InstallPolicy::Immediate,
+            Some(format!("rollback of {target} to {to}")),
+            true,
+        )?;
+        let (machines, groups) = match target {
+            Target::Machine(m) => (vec![m], vec![]),
+            Target::Group(g) => (vec![], vec![g]),
+        };
+        let plan = publish::publish(&self.ctx, &release, &machines, &groups).await?;
+        tracing::info!(release = %release.id, version = %to, "rollback published");
+        Ok(AdminReply::Plan { plan })
+    }
+}
+
+/// The version a machine ran before `current`: the latest history entry that differs from it.
+pub fn previous_version(history: &[String], current: Option<&str>) -> Option<String> {
+    let current = current?;
+    let pos = history
+        .iter()
+        .rposition(|v| v == current)
+        .unwrap_or(history.len());
+    history[..pos].iter().rev().find(|v| *v != current).cloned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_previous_version_is_the_one_before_the_current_one() {
+        let h: Vec<String> = ["1.0", "2.0", "3.0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(previous_version(&h, Some("3.0")).as_deref(), Some("2.0"));
+        assert_eq!(previous_version(&h, Some("2.0")).as_deref(), Some("1.0"));
+        assert_eq!(previous_version(&h, Some("1.0")), None);
+        assert_eq!(previous_version(&h, None), None);
+        let back: Vec<String> = ["1.0", "2.0", "1.0"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(previous_version(&back, Some("1.0")).as_deref(), Some("2.0"));
+    }
+}

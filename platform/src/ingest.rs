@@ -1,0 +1,453 @@
+//! The ingest connection (`fleetcast-platform-ingest`): a persistent session with manual acks
+//! for what machines report on `machines/+/status`, `/state` and `/online`.
+//!
+//! Each batch (everything available, up to [`MAX_BATCH`] messages or [`BATCH_WINDOW`]) is
+//! verified, applied and written to sled, flushed once, and only then acknowledged, in receive
+//! order: a status the broker saw acknowledged is on disk. Invalid messages (bad MAC, unknown
+//! machine, malformed, oversized, replayed) are logged, acknowledged so they are not
+//! redelivered forever, and change nothing. Integrator messages (`fleet/events`, rollout
+//! progress) and reconciler re-publishes go out after the flush.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fleetcast_broker::MqttEvent;
+use fleetcast_proto::admin::{FleetEvent, MachineInfo};
+use fleetcast_proto::auth::{Purpose, Secret};
+use fleetcast_proto::{Kind, MachineId, MachineState, Phase, ReleaseId, Route, StatusEvent};
+use rumqttc::{AsyncClient, Publish, QoS};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use crate::error::PlatformError;
+use crate::publish::{self, Ctx};
+use crate::store::{DesiredNotice, StoreError};
+use crate::{now_ms, rollout};
+
+pub const MAX_BATCH: usize = 256;
+pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
+/// Rollout progress of one release is published at most this often (and always on a final phase).
+pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
+/// A machine behind its desired notice gets it re-published at most this often per kind.
+pub const REPUBLISH_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Work that waits for the batch's flush.
+enum After {
+    Event(FleetEvent),
+    Progress { release: ReleaseId, now: bool },
+    Republish(DesiredNotice),
+}
+
+/// Why a message was dropped.
+struct Reject {
+    machine: String,
+    reason: String,
+    /// Replays of retained messages are expected after a reconnect: logged quietly.
+    quiet: bool,
+}
+
+struct Ingest {
+    ctx: Arc<Ctx>,
+    client: AsyncClient,
+    progress_sent: HashMap<ReleaseId, Instant>,
+    progress_dirty: HashSet<ReleaseId>,
+    republished: HashMap<(MachineId, Kind), Instant>,
+}
+
+/// Runs the ingest loop until shutdown. A store error stops the service without acking the
+/// batch (the broker keeps it for the next start).
+pub async fn run(
+    ctx: Arc<Ctx>,
+    client: AsyncClient,
+    mut events: mpsc::Receiver<MqttEvent>,
+    shutdown: CancellationToken,
+) -> Result<(), PlatformError> {
+    let mut ingest = Ingest {
+        ctx,
+        client,
+        progress_sent: HashMap::new(),
+        progress_dirty: HashSet::new(),
+        republished: HashMap::new(),
+    };
+    let mut tick = tokio::time::interval(PROGRESS_INTERVAL / 2);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let first = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tick.tick() => { ingest.flush_progress(); continue }
+            e = events.recv() => match e { Some(e) => e, None => return Ok(()) },
+        };
+        let mut batch = Vec::new();
+        ingest.take(first, &mut batch);
+        let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+        while batch.len() < MAX_BATCH {
+            match events.try_recv() {
+                Ok(e) => ingest.take(e, &mut batch),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, events.recv()).await {
+                        Ok(Some(e)) => ingest.take(e, &mut batch),
+                        _ => break,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
+        }
+        if !batch.is_empty() {
+            ingest.process(batch).await?;
+        }
+    }
+}
+
+impl Ingest {
+    fn take(&self, event: MqttEvent, batch: &mut Vec<Publish>) {
+        match event {
+            MqttEvent::Publish(p) => batch.push(p),
+            MqttEvent::Connected { session_present } => {
+                let t = &self.ctx.topics;
+                let filters = [
+                    t.platform_status_filter(),
+                    t.platform_state_filter(),
+                    t.platform_online_filter(),
+                ]
+                .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+                if let Err(e) = self.client.try_subscribe_many(filters) {
+                    tracing::warn!(error = %e, "ingest subscribe failed");
+                }
+                tracing::info!(session_present, "ingest connection up");
+            }
+            MqttEvent::Disconnected(e) => {
+                tracing::warn!(error = %e, "ingest connection lost; reconnecting")
+            }
+            MqttEvent::PubAck(_) | MqttEvent::Sent(_) => {}
+        }
+    }
+
+    async fn process(&mut self, batch: Vec<Publish>) -> Result<(), PlatformError> {
+        let mut after = Vec::new();
+        for p in &batch {
+            match self.handle(p) {
+                Ok(mut a) => after.append(&mut a),
+                Err(Ok(reject)) => {
+                    if reject.quiet {
+                        tracing::debug!(machine = %reject.machine, topic = %p.topic, reason = %reject.reason, "message dropped");
+                    } else {
+                        tracing::warn!(machine = %reject.machine, topic = %p.topic, reason = %reject.reason, "message dropped");
+                    }
+                }
+                Err(Err(e)) => return Err(e.into()),
+            }
+        }
+        let mut tries = 0;
+        while let Err(e) = self.ctx.store.flush_async().await {
+            tries += 1;
+            if tries >= 3 {
+                return Err(e.into());
+            }
+            tracing::error!(error = %e, "flush failed; retrying");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for p in &batch {
+            self.client.ack(p).await?;
+        }
+        for a in after {
+            self.after(a)?;
+        }
+        Ok(())
+    }
+
+    fn after(&mut self, a: After) -> Result<(), StoreError> {
+        let ctx = &self.ctx;
+        match a {
+            After::Event(e) => {
+                let payload = serde_json::to_vec(&e).expect("events serialize");
+                if let Err(err) =
+                    ctx.mqtt
+                        .try_publish(ctx.topics.events(), QoS::AtMostOnce, false, payload)
+                {
+                    tracing::debug!(error = %err, "fleet event not published");
+                }
+            }
+            After::Progress { release, now } => {
+                let due = self
+                    .progress_sent
+                    .get(&release)
+                    .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
+                if now || due {
+                    publish::publish_progress(ctx, &release)?;
+                    self.progress_sent.insert(release.clone(), Instant::now());
+                    self.progress_dirty.remove(&release);
+                } else {
+                    self.progress_dirty.insert(release);
+                }
+            }
+            After::Republish(n) => {
+                tracing::info!(topic = %n.topic, seq = n.seq, "re-publishing desired notice to a machine behind it");
+                if let Err(err) =
+                    ctx.mqtt
+                        .try_publish(n.topic, QoS::AtLeastOnce, true, n.payload.into_bytes())
+                {
+                    tracing::warn!(error = %err, "re-publish not queued");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn flush_progress(&mut self) {
+        let due: Vec<ReleaseId> = self
+            .progress_dirty
+            .iter()
+            .filter(|r| {
+                self.progress_sent
+                    .get(*r)
+                    .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL)
+            })
+            .cloned()
+            .collect();
+        for r in due {
+            if let Err(e) = publish::publish_progress(&self.ctx, &r) {
+                tracing::warn!(release = %r, error = %e, "rollout progress not published");
+            }
+            self.progress_sent.insert(r.clone(), Instant::now());
+            self.progress_dirty.remove(&r);
+        }
+    }
+
+    /// Ok: applied (with post-flush work). Err(Ok): rejected. Err(Err): the store failed.
+    fn handle(&mut self, p: &Publish) -> Result<Vec<After>, Result<Reject, StoreError>> {
+        let reject = |machine: &str, reason: String| {
+            Err(Ok(Reject {
+                machine: machine.to_owned(),
+                reason,
+                quiet: false,
+            }))
+        };
+        let Some(route) = self.ctx.topics.parse(&p.topic) else {
+            return reject("?", "not a fleetcast topic, or an invalid id in it".into());
+        };
+        match route {
+            Route::Status(m) => self.status(&m, p),
+            Route::State(m) => self.state(&m, p),
+            Route::Online(m) => self.online(&m, &p.payload),
+            _ => reject("?", "unexpected topic on the ingest connection".into()),
+        }
+    }
+
+    fn secret(&self, m: &MachineId) -> Result<Secret, Result<Reject, StoreError>> {
+        match self.ctx.store.secret(m).map_err(Err)? {
+            Some(s) => Ok(s),
+            None => Err(Ok(Reject {
+                machine: m.to_string(),
+                reason: "unknown machine (not provisioned)".into(),
+                quiet: false,
+            })),
+        }
+    }
+
+    /// Checks the MAC'd body's machine and counter; records the counter.
+    fn check_ctr(
+        &self,
+        m: &MachineId,
+        channel: &str,
+        body_machine: &MachineId,
+        ctr: u64,
+        retained: bool,
+    ) -> Result<(), Result<Reject, StoreError>> {
+        if body_machine != m {
+            return Err(Ok(Reject {
+                machine: m.to_string(),
+                reason: format!("body names machine {body_machine}, topic names {m}"),
+                quiet: false,
+            }));
+        }
+        let last = self.ctx.store.counter(m, channel).map_err(Err)?;
+        if ctr <= last {
+            return Err(Ok(Reject {
+                machine: m.to_string(),
+                reason: format!("replayed {channel} counter {ctr} (last accepted {last})"),
+                quiet: retained,
+            }));
+        }
+        self.ctx.store.set_counter(m, channel, ctr).map_err(Err)
+    }
+
+    fn status(
+        &mut self,
+        m: &MachineId,
+        p: &Publish,
+    ) -> Result<Vec<After>, Result<Reject, StoreError>> {
+        let secret = self.secret(m)?;
+        let ev: StatusEvent = secret.open(Purpose::Status, &p.payload).map_err(|e| {
+            Ok(Reject {
+                machine: m.to_string(),
+                reason: e.to_string(),
+                quiet: false,
+            })
+        })?;
+        self.check_ctr(m, "status", &ev.machine, ev.ctr, p.retain)?;
+        let store = &self.ctx.store;
+        let now = now_ms();
+        let _records = store.lock_records();
+        let mut event = FleetEvent {
+            id: 0,
+            recorded_at_ms: now,
+            machine: ev.machine.clone(),
+            release: ev.release.clone(),
+            kind: ev.kind.clone(),
+            version: ev.version.clone(),
+            phase: ev.phase,
+            at_ms: ev.at_ms,
+            attempt: ev.attempt,
+            progress: ev.progress,
+            error: ev.error.clone(),
+            detail: ev.detail.clone(),
+        };
+        store.append_event(&mut event).map_err(Err)?;
+        let mut after = vec![After::Event(event)];
+        if let Some(mut info) = store.machine(m).map_err(Err)? {
+            info.last_seen_ms = Some(now);
+            info.online = true;
+            if ev.phase == Phase::Installed && !ev.version.is_empty() {
+                let k = info.kinds.entry(ev.kind.clone()).or_default();
+                k.version = Some(ev.version.clone());
+                store.push_history(m, &ev.kind, &ev.version).map_err(Err)?;
+            }
+            if let Some(k) = info.kinds.get_mut(&ev.kind) {
+                k.release = ev.release.clone();
+                k.phase = Some(ev.phase);
+            }
+            store.put_machine(&info).map_err(Err)?;
+        }
+        let Some(release) = &ev.release else {
+            return Ok(after);
+        };
+        match store.target(release, m).map_err(Err)? {
+            Some(mut rec) => match rollout::apply(&mut rec, &ev, now) {
+                Ok(()) => {
+                    store.put_target(&rec).map_err(Err)?;
+                    after.push(After::Progress {
+                        release: release.clone(),
+                        now: rec.phase.is_final(),
+                    });
+                }
+                Err(why) => {
+                    tracing::warn!(machine = %m, release = %release, phase = %ev.phase, reason = %why, "status recorded as an event but not applied")
+                }
+            },
+            None => {
+                tracing::warn!(machine = %m, release = %release, phase = %ev.phase, "status for a release this machine is not a target of: recorded as an event only")
+            }
+        }
+        Ok(after)
+    }
+
+    fn state(
+        &mut self,
+        m: &MachineId,
+        p: &Publish,
+    ) -> Result<Vec<After>, Result<Reject, StoreError>> {
+        let secret = self.secret(m)?;
+        let st: MachineState = secret.open(Purpose::State, &p.payload).map_err(|e| {
+            Ok(Reject {
+                machine: m.to_string(),
+                reason: e.to_string(),
+                quiet: false,
+            })
+        })?;
+        self.check_ctr(m, "state", &st.machine, st.ctr, p.retain)?;
+        let store = &self.ctx.store;
+        let now = now_ms();
+        let _records = store.lock_records();
+        let mut info = store
+            .machine(m)
+            .map_err(Err)?
+            .unwrap_or_else(|| MachineInfo {
+                id: m.clone(),
+                groups: vec![],
+                provisioned_at_ms: now,
+                online: true,
+                last_seen_ms: None,
+                agent_version: None,
+                busy: false,
+                kinds: Default::default(),
+            });
+        info.last_seen_ms = Some(now);
+        info.online = true;
+        info.agent_version = Some(st.agent_version.clone());
+        info.busy = st.busy;
+        for g in &st.groups {
+            if !info.groups.contains(g) {
+                info.groups.push(g.clone());
+            }
+        }
+        for (kind, k) in &st.kinds {
+            if let Some(v) = &k.version {
+                store.push_history(m, kind, v).map_err(Err)?;
+            }
+        }
+        info.kinds = st.kinds.clone();
+        store.put_machine(&info).map_err(Err)?;
+        let mut after: Vec<After> = publish::ensure_group_targets(store, m, &info.groups, now)
+            .map_err(Err)?
+            .into_iter()
+            .map(|release| After::Progress {
+                release,
+                now: false,
+            })
+            .collect();
+        for (kind, notice) in publish::desired_for_machine(store, m, &info.groups).map_err(Err)? {
+            let reported = st.kinds.get(&kind).map(|k| k.seq).unwrap_or(0);
+            if reported >= notice.seq {
+                continue;
+            }
+            if let Some(rec) = store.target(&notice.release, m).map_err(Err)? {
+                if rec.phase.is_final() {
+                    continue; // it answered (e.g. rejected); re-sending would not change that
+                }
+            }
+            let key = (m.clone(), kind);
+            if self
+                .republished
+                .get(&key)
+                .is_some_and(|t| t.elapsed() < REPUBLISH_INTERVAL)
+            {
+                continue;
+            }
+            self.republished.insert(key, Instant::now());
+            after.push(After::Republish(notice));
+        }
+        Ok(after)
+    }
+
+    fn online(
+        &mut self,
+        m: &MachineId,
+        payload: &[u8],
+    ) -> Result<Vec<After>, Result<Reject, StoreError>> {
+        let online = match std::str::from_utf8(payload).map(str::trim) {
+            Ok("true") => true,
+            Ok("false") => false,
+            _ => {
+                return Err(Ok(Reject {
+                    machine: m.to_string(),
+                    reason: "online payload is neither true nor false".into(),
+                    quiet: false,
+                }))
+            }
+        };
+        let store = &self.ctx.store;
+        let _records = store.lock_records();
+        let Some(mut info) = store.machine(m).map_err(Err)? else {
+            return Err(Ok(Reject {
+                machine: m.to_string(),
+                reason: "unknown machine (not provisioned)".into(),
+                quiet: true,
+            }));
+        };
+        info.online = online;
+        info.last_seen_ms = Some(now_ms());
+        store.put_machine(&info).map_err(Err)?;
+        Ok(vec![])
+    }
+}

@@ -1,0 +1,38 @@
+//! fleetcast's management service and operator CLI.
+//!
+//! Layout:
+//! - [`serve`]: `serve(opts, shutdown)`, the service: opens the data dir, optionally starts the
+//!   embedded broker, runs the connections and tasks below until shutdown.
+//! - [`keys`]: the platform's signing key and the admin secret in the data dir.
+//! - [`store`]: sled persistence, one tree per record family (layout documented there).
+//! - [`artifacts`]: artifact files: staged uploads, atomic commit, manifests, chunk reads.
+//! - [`rollout`]: the pure per-(release, machine) state machine and rollout progress.
+//! - [`ingest`]: the persistent, manually acked connection for status, state and online.
+//! - [`chunks`]: the chunk server (per machine or broadcast).
+//! - [`admin`]: operator requests: uploads, releases, publishing, rollback, activate.
+//! - [`publish`]: signing and bookkeeping of notices and commands, shared by admin and ingest.
+//! - [`cli`]: the `fleetcast` command line (one module per command family).
+
+pub mod admin;
+pub mod artifacts;
+pub mod chunks;
+pub mod cli;
+pub mod error;
+pub mod ingest;
+pub mod keys;
+pub mod publish;
+pub mod rollout;
+pub mod serve;
+pub mod store;
+
+pub use error::PlatformError;
+pub use keys::{admin_secret_path, load_or_create_keys, public_key_path, Keys};
+pub use serve::{serve, ServeOptions};
+
+/// Milliseconds since the Unix epoch, platform clock.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}

@@ -1,0 +1,434 @@
+//! Signing and bookkeeping of release notices and commands, shared by the admin handler and
+//! the ingest reconciler: resolving targets, creating target records, storing desired notices,
+//! and (re-)publishing them and rollout progress.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use fleetcast_proto::admin::{PublishPlan, ReleaseInfo, RolloutProgress};
+use fleetcast_proto::auth::Purpose;
+use fleetcast_proto::command::{Command, CommandAction};
+use fleetcast_proto::{GroupId, Kind, MachineId, ReleaseId, ReleaseNotice, Target, Topics};
+use rumqttc::{AsyncClient, QoS};
+
+use crate::artifacts::{ArtifactError, ArtifactStore};
+use crate::keys::Keys;
+use crate::now_ms;
+use crate::rollout;
+use crate::store::{DesiredNotice, Store, StoreError};
+
+/// Everything the service's tasks share.
+pub struct Ctx {
+    pub store: Arc<Store>,
+    pub files: Arc<ArtifactStore>,
+    pub keys: Arc<Keys>,
+    pub topics: Topics,
+    /// Client of the serve connection; every platform publish goes through it.
+    pub mqtt: AsyncClient,
+}
+
+/// Why an operator request failed; the text goes back to the CLI.
+#[derive(Debug, thiserror::Error)]
+pub enum OpError {
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Artifact(#[from] ArtifactError),
+    #[error("cannot publish: {0}")]
+    Mqtt(#[from] rumqttc::ClientError),
+}
+
+pub fn refused<T>(text: impl Into<String>) -> Result<T, OpError> {
+    Err(OpError::Refused(text.into()))
+}
+
+/// Machines reached by a publish, the topics it uses, and groups without members.
+pub struct Resolved {
+    pub machines: Vec<MachineId>,
+    pub groups: Vec<GroupId>,
+    pub targets: Vec<(MachineId, Option<GroupId>)>,
+    pub topics: Vec<String>,
+}
+
+/// Resolves named machines (all must be provisioned) and groups (members = provisioned
+/// machines listing the group; an empty group is allowed).
+pub fn resolve(
+    ctx: &Ctx,
+    kind: &Kind,
+    machines: &[MachineId],
+    groups: &[GroupId],
+) -> Result<Resolved, OpError> {
+    if machines.is_empty() && groups.is_empty() {
+        return refused("name at least one machine or group to publish to");
+    }
+    let machines: Vec<MachineId> = machines
+        .iter()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let groups: Vec<GroupId> = groups
+        .iter()
+        .cloned()
+        .collect::<BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let known = ctx.store.machines()?;
+    let unknown: Vec<String> = machines
+        .iter()
+        .filter(|m| !known.iter().any(|k| &k.id == *m))
+        .map(|m| m.to_string())
+        .collect();
+    if !unknown.is_empty() {
+        return refused(format!(
+            "unknown machine(s): {} (provision them first); nothing was sent",
+            unknown.join(", ")
+        ));
+    }
+    let mut targets: BTreeMap<MachineId, Option<GroupId>> =
+        machines.iter().map(|m| (m.clone(), None)).collect();
+    for g in &groups {
+        for info in known.iter().filter(|i| i.groups.contains(g)) {
+            targets
+                .entry(info.id.clone())
+                .or_insert_with(|| Some(g.clone()));
+        }
+    }
+    let mut topics: Vec<String> = machines
+        .iter()
+        .map(|m| ctx.topics.machine_release(m, kind))
+        .collect();
+    topics.extend(groups.iter().map(|g| ctx.topics.group_release(g, kind)));
+    Ok(Resolved {
+        machines,
+        groups,
+        targets: targets.into_iter().collect(),
+        topics,
+    })
+}
+
+/// What publishing `release` to `machines` and `groups` would send.
+pub fn plan(
+    ctx: &Ctx,
+    release: &ReleaseInfo,
+    machines: &[MachineId],
+    groups: &[GroupId],
+) -> Result<PublishPlan, OpError> {
+    let r = resolve(ctx, &release.kind, machines, groups)?;
+    Ok(PublishPlan {
+        release: release.clone(),
+        topics: r.topics,
+        targets: r.targets,
+    })
+}
+
+fn sign_notice(
+    ctx: &Ctx,
+    release: &ReleaseInfo,
+    seq: u64,
+    target: Target,
+    topic: String,
+) -> DesiredNotice {
+    let notice = ReleaseNotice {
+        release: release.id.clone(),
+        seq,
+        target: target.clone(),
+        kind: release.kind.clone(),
+        version: release.version.clone(),
+        artifact: release.artifact.clone(),
+        policy: release.policy.clone(),
+        rollback: release.rollback,
+        issued_at_ms: now_ms(),
+    };
+    let payload = ctx.keys.platform.sign(Purpose::Release, &notice);
+    DesiredNotice {
+        topic,
+        seq,
+        release: release.id.clone(),
+        kind: release.kind.clone(),
+        target,
+        payload: String::from_utf8(payload).expect("signed envelopes are JSON"),
+    }
+}
+
+/// Points `machine`'s `kind` at `release`: creates its target record (unless it exists) and
+/// marks the previous unfinished release of that kind superseded. Caller holds the records
+/// lock. Returns the releases whose records changed.
+pub fn assign_target(
+    store: &Store,
+    release: &ReleaseInfo,
+    machine: &MachineId,
+    via: Option<GroupId>,
+    now: u64,
+) -> Result<Vec<ReleaseId>, StoreError> {
+    let mut touched = vec![release.id.clone()];
+    if store.target(&release.id, machine)?.is_none() {
+        store.put_target(&rollout::new_target(release, machine.clone(), via, now))?;
+    }
+    if let Some(prev) = store.current(machine, &release.kind)? {
+        if prev != release.id {
+            if let Some(mut rec) = store.target(&prev, machine)? {
+                if rollout::supersede(&mut rec, now) {
+                    store.put_target(&rec)?;
+                    touched.push(prev);
+                }
+            }
+        }
+    }
+    store.set_current(machine, &release.kind, &release.id)?;
+    Ok(touched)
+}
+
+/// Signs, records (durably) and publishes `release` to `machines` and `groups`.
+pub async fn publish(
+    ctx: &Ctx,
+    release: &ReleaseInfo,
+    machines: &[MachineId],
+    groups: &[GroupId],
+) -> Result<PublishPlan, OpError> {
+    let r = resolve(ctx, &release.kind, machines, groups)?;
+    let now = now_ms();
+    let (release, notices, touched) = {
+        let _records = ctx.store.lock_records();
+        let mut release = ctx
+            .store
+            .release(&release.id)?
+            .unwrap_or_else(|| release.clone());
+        let seq = ctx.store.next_seq()?;
+        let mut notices = Vec::new();
+        for m in &r.machines {
+            notices.push(sign_notice(
+                ctx,
+                &release,
+                seq,
+                Target::Machine(m.clone()),
+                ctx.topics.machine_release(m, &release.kind),
+            ));
+        }
+        for g in &r.groups {
+            notices.push(sign_notice(
+                ctx,
+                &release,
+                seq,
+                Target::Group(g.clone()),
+                ctx.topics.group_release(g, &release.kind),
+            ));
+        }
+        release.seq = seq;
+        release.published_at_ms.get_or_insert(now);
+        for m in &r.machines {
+            if !release.machines.contains(m) {
+                release.machines.push(m.clone());
+            }
+        }
+        for g in &r.groups {
+            if !release.groups.contains(g) {
+                release.groups.push(g.clone());
+            }
+        }
+        ctx.store.put_release(&release)?;
+        for n in &notices {
+            ctx.store.put_desired(n)?;
+        }
+        let mut touched = BTreeSet::new();
+        for (m, via) in &r.targets {
+            touched.extend(assign_target(&ctx.store, &release, m, via.clone(), now)?);
+        }
+        (release, notices, touched)
+    };
+    ctx.store.flush_async().await?;
+    for n in &notices {
+        ctx.mqtt
+            .publish(
+                n.topic.clone(),
+                QoS::AtLeastOnce,
+                true,
+                n.payload.clone().into_bytes(),
+            )
+            .await?;
+    }
+    for t in touched {
+        publish_progress(ctx, &t)?;
+    }
+    Ok(PublishPlan {
+        release,
+        topics: r.topics,
+        targets: r.targets,
+    })
+}
+
+/// Sends a signed `activate` for `release` to each machine. Returns the machines.
+pub async fn activate(
+    ctx: &Ctx,
+    release: &ReleaseId,
+    machines: &[MachineId],
+) -> Result<Vec<MachineId>, OpError> {
+    let Some(_info) = ctx.store.release(release)? else {
+        return refused(format!("unknown release {release}"));
+    };
+    let targets: Vec<MachineId> = if machines.is_empty() {
+        ctx.store
+            .targets_of(release)?
+            .into_iter()
+            .map(|t| t.machine)
+            .collect()
+    } else {
+        let mut out = Vec::new();
+        for m in machines {
+            if ctx.store.target(release, m)?.is_none() {
+                return refused(format!(
+                    "machine {m} is not a target of release {release}; nothing was sent"
+                ));
+            }
+            out.push(m.clone());
+        }
+        out
+    };
+    if targets.is_empty() {
+        return refused(format!("release {release} has no target machines yet"));
+    }
+    let mut commands = Vec::new();
+    for m in &targets {
+        let cmd = Command {
+            machine: m.clone(),
+            seq: ctx.store.next_seq()?,
+            issued_at_ms: now_ms(),
+            action: CommandAction::Activate {
+                release: release.clone(),
+            },
+        };
+        commands.push((
+            ctx.topics.command(m),
+            ctx.keys.platform.sign(Purpose::Command, &cmd),
+        ));
+    }
+    ctx.store.flush_async().await?;
+    for (topic, payload) in commands {
+        ctx.mqtt
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await?;
+    }
+    Ok(targets)
+}
+
+/// The current rollout progress of `release`.
+pub fn progress_of(
+    store: &Store,
+    release: &ReleaseId,
+) -> Result<Option<RolloutProgress>, StoreError> {
+    let Some(info) = store.release(release)? else {
+        return Ok(None);
+    };
+    let targets = store.targets_of(release)?;
+    Ok(Some(rollout::progress(&info, &targets, now_ms())))
+}
+
+/// Publishes `release`'s progress, retained, without waiting (dropped if the client queue is full).
+pub fn publish_progress(ctx: &Ctx, release: &ReleaseId) -> Result<(), StoreError> {
+    if let Some(p) = progress_of(&ctx.store, release)? {
+        let payload = serde_json::to_vec(&p).expect("progress serializes");
+        if let Err(e) = ctx.mqtt.try_publish(
+            ctx.topics.rollout_progress(release.as_str()),
+            QoS::AtLeastOnce,
+            true,
+            payload,
+        ) {
+            tracing::debug!(release = %release, error = %e, "rollout progress not published");
+        }
+    }
+    Ok(())
+}
+
+/// Re-publishes every desired notice and every published release's progress: after each
+/// (re)connect, because brokers forget retained messages on restart.
+pub async fn republish_all(ctx: &Ctx) -> Result<(usize, usize), OpError> {
+    let desired = ctx.store.all_desired()?;
+    for n in &desired {
+        ctx.mqtt
+            .publish(
+                n.topic.clone(),
+                QoS::AtLeastOnce,
+                true,
+                n.payload.clone().into_bytes(),
+            )
+            .await?;
+    }
+    let mut progress = 0;
+    for r in ctx.store.releases()?.into_iter().filter(|r| r.seq > 0) {
+        if let Some(p) = progress_of(&ctx.store, &r.id)? {
+            let payload = serde_json::to_vec(&p).expect("progress serializes");
+            ctx.mqtt
+                .publish(
+                    ctx.topics.rollout_progress(r.id.as_str()),
+                    QoS::AtLeastOnce,
+                    true,
+                    payload,
+                )
+                .await?;
+            progress += 1;
+        }
+    }
+    Ok((desired.len(), progress))
+}
+
+/// The notice each kind of `machine` should follow: the highest seq over its own and its
+/// groups' desired notices.
+pub fn desired_for_machine(
+    store: &Store,
+    machine: &MachineId,
+    groups: &[GroupId],
+) -> Result<BTreeMap<Kind, DesiredNotice>, StoreError> {
+    let mut best: BTreeMap<Kind, DesiredNotice> = BTreeMap::new();
+    let mut all = store.desired_for(&Target::Machine(machine.clone()))?;
+    for g in groups {
+        all.extend(store.desired_for(&Target::Group(g.clone()))?);
+    }
+    for n in all {
+        match best.get(&n.kind) {
+            Some(b) if b.seq >= n.seq => {}
+            _ => {
+                best.insert(n.kind.clone(), n);
+            }
+        }
+    }
+    Ok(best)
+}
+
+/// Gives `machine` target records for the group releases it should follow but has none for
+/// (a machine that joined a group, or was first seen after the publish). Caller holds the
+/// records lock. Returns the releases whose records changed.
+pub fn ensure_group_targets(
+    store: &Store,
+    machine: &MachineId,
+    groups: &[GroupId],
+    now: u64,
+) -> Result<Vec<ReleaseId>, StoreError> {
+    let mut touched = Vec::new();
+    for (_, n) in desired_for_machine(store, machine, groups)? {
+        let Target::Group(g) = &n.target else {
+            continue;
+        };
+        if store.target(&n.release, machine)?.is_some() {
+            continue;
+        }
+        let newer = match store.current(machine, &n.kind)? {
+            None => true,
+            Some(cur) => store.release(&cur)?.is_none_or(|c| c.seq < n.seq),
+        };
+        if !newer {
+            continue;
+        }
+        if let Some(release) = store.release(&n.release)? {
+            touched.extend(assign_target(
+                store,
+                &release,
+                machine,
+                Some(g.clone()),
+                now,
+            )?);
+        }
+    }
+    Ok(touched)
+}

@@ -1,0 +1,268 @@
+//! `fleetcast serve`: opens the data dir, optionally starts the embedded broker, and runs the
+//! service's tasks until shutdown:
+//! - the serve connection (`fleetcast-platform-serve`, clean session) and its dispatcher, which
+//!   routes chunk requests to [`crate::chunks`] and admin input to [`crate::admin`] without
+//!   ever blocking (a full queue drops the message: machines and the CLI retry);
+//! - the ingest connection (`fleetcast-platform-ingest`, persistent, manual acks) and
+//!   [`crate::ingest`].
+//!
+//! Every task is owned by a `JoinSet`; the first task to fail stops the others. The sled
+//! database is flushed and dropped before `serve` returns, so a new `serve` can open it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use fleetcast_broker::client::{self, BrokerUrl, MqttEvent};
+use fleetcast_broker::{BrokerSettings, EmbeddedBroker};
+use fleetcast_proto::{Route, Topics};
+use rumqttc::{AsyncClient, QoS, SubscribeFilter};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::{self, AdminInput};
+use crate::artifacts::ArtifactStore;
+use crate::error::PlatformError;
+use crate::keys::{load_or_create_keys, Keys};
+use crate::publish::Ctx;
+use crate::store::Store;
+use crate::{chunks, ingest};
+
+pub const INGEST_CLIENT_ID: &str = "fleetcast-platform-ingest";
+pub const SERVE_CLIENT_ID: &str = "fleetcast-platform-serve";
+
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    pub data_dir: PathBuf,
+    pub broker: BrokerUrl,
+    /// Some: start the embedded broker on this address (with machine/admin auth) first.
+    pub embedded_listen: Option<SocketAddr>,
+    pub topic_prefix: String,
+}
+
+/// Everything `run` needs, opened by `serve`.
+pub struct Deps {
+    pub store: Arc<Store>,
+    pub files: Arc<ArtifactStore>,
+    pub keys: Arc<Keys>,
+    pub topics: Topics,
+    pub broker: BrokerUrl,
+}
+
+/// The broker auth hook's view of the database; emptied when `serve` returns, because rumqttd
+/// (and so the hook) outlives it.
+type AuthStore = Arc<RwLock<Option<Arc<Store>>>>;
+
+/// Runs the platform until `shutdown` is cancelled or a task fails.
+pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> Result<(), PlatformError> {
+    let keys = load_or_create_keys(&opts.data_dir)?;
+    let store = Arc::new(Store::open(&opts.data_dir.join("db"))?);
+    let files =
+        Arc::new(
+            ArtifactStore::open(&opts.data_dir).map_err(|e| PlatformError::BadFile {
+                path: opts.data_dir.clone(),
+                reason: e.to_string(),
+            })?,
+        );
+    let auth: AuthStore = Arc::new(RwLock::new(Some(store.clone())));
+    if let Some(listen) = opts.embedded_listen {
+        start_embedded_broker(listen, &keys, auth.clone())?;
+    }
+    let deps = Deps {
+        store,
+        files,
+        keys: Arc::new(keys),
+        topics: Topics::new(&opts.topic_prefix),
+        broker: opts.broker.clone(),
+    };
+    let result = run(deps, shutdown).await;
+    *auth.write().unwrap_or_else(|p| p.into_inner()) = None;
+    result
+}
+
+/// Starts rumqttd with fleetcast's auth: `fleetcast-*` client ids (platform, CLI) need the
+/// admin secret's MQTT password, any other id must be a provisioned machine with its own.
+pub fn start_embedded_broker(
+    listen: SocketAddr,
+    keys: &Keys,
+    auth: AuthStore,
+) -> Result<EmbeddedBroker, PlatformError> {
+    let admin_password = keys.admin.mqtt_password();
+    let topics_for_bulk = Topics::default();
+    let _ = topics_for_bulk;
+    let mut settings = BrokerSettings::new(listen).with_auth(move |client, pass| {
+        if client.starts_with("fleetcast-") {
+            return pass == admin_password;
+        }
+        let guard = auth.read().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .and_then(|s| s.secret_by_client_id(client))
+            .is_some_and(|s| s.mqtt_password() == pass)
+    });
+    settings.bulk_filters = bulk_filters();
+    Ok(EmbeddedBroker::start(settings)?)
+}
+
+/// Chunk topics get their own (larger) broker segment logs. rumqttd matches these by filter,
+/// so they are given with wildcards and the default prefix's shape.
+pub fn bulk_filters() -> Vec<String> {
+    vec![
+        "fleet/machines/+/chunks".into(),
+        "fleet/artifacts/+/chunks".into(),
+    ]
+}
+
+/// The service proper: connections and tasks over already opened dependencies.
+pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), PlatformError> {
+    let tasks_stop = shutdown.child_token();
+    let password = deps.keys.admin.mqtt_password();
+    let mut tasks: JoinSet<(&'static str, Result<(), PlatformError>)> = JoinSet::new();
+
+    let mut serve_opts = client::options(&deps.broker, SERVE_CLIENT_ID, Some(&password));
+    serve_opts.set_clean_session(true);
+    let (serve_client, serve_loop) = client::connect(serve_opts, 512);
+    let (serve_tx, serve_rx) = mpsc::channel(1024);
+    {
+        let stop = tasks_stop.clone();
+        tasks.spawn(async move {
+            client::drive(serve_loop, serve_tx, stop).await;
+            ("serve connection", Ok(()))
+        });
+    }
+
+    let mut ingest_opts = client::options(&deps.broker, INGEST_CLIENT_ID, Some(&password));
+    ingest_opts.set_clean_session(false);
+    ingest_opts.set_manual_acks(true);
+    let (ingest_client, ingest_loop) = client::connect(ingest_opts, 1024);
+    let (ingest_tx, ingest_rx) = mpsc::channel(1024);
+    {
+        let stop = tasks_stop.clone();
+        tasks.spawn(async move {
+            client::drive(ingest_loop, ingest_tx, stop).await;
+            ("ingest connection", Ok(()))
+        });
+    }
+
+    let ctx = Arc::new(Ctx {
+        store: deps.store.clone(),
+        files: deps.files,
+        keys: deps.keys,
+        topics: deps.topics,
+        mqtt: serve_client.clone(),
+    });
+    let (chunk_tx, chunk_rx) = mpsc::channel(1024);
+    let (admin_tx, admin_rx) = mpsc::channel(8192);
+    tasks.spawn({
+        let (ctx, stop) = (ctx.clone(), tasks_stop.clone());
+        async move {
+            (
+                "ingest",
+                ingest::run(ctx, ingest_client.clone(), ingest_rx, stop).await,
+            )
+        }
+    });
+    tasks.spawn({
+        let (ctx, stop) = (ctx.clone(), tasks_stop.clone());
+        async move { ("chunk server", chunks::run(ctx, chunk_rx, stop).await) }
+    });
+    tasks.spawn({
+        let (ctx, stop) = (ctx.clone(), tasks_stop.clone());
+        async move { ("admin", admin::run(ctx, admin_rx, stop).await) }
+    });
+    tasks.spawn({
+        let (topics, client, stop) = (ctx.topics.clone(), serve_client.clone(), tasks_stop.clone());
+        async move {
+            (
+                "dispatcher",
+                dispatch(topics, client, serve_rx, chunk_tx, admin_tx, stop).await,
+            )
+        }
+    });
+    drop(ctx);
+
+    let mut result = Ok(());
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        Some(joined) = tasks.join_next() => {
+            result = match joined {
+                Ok((task, Ok(()))) => Err(PlatformError::Task { task, reason: "ended unexpectedly".into() }),
+                Ok((task, Err(e))) => Err(PlatformError::Task { task, reason: format!("{e}") }),
+                Err(e) => Err(PlatformError::Task { task: "?", reason: e.to_string() }),
+            };
+        }
+    }
+    tasks_stop.cancel();
+    while let Some(joined) = tasks.join_next().await {
+        if let Ok((task, Err(e))) = joined {
+            tracing::warn!(task, error = %e, "task failed while stopping");
+        }
+    }
+    let flushed = deps.store.flush();
+    drop(deps.store);
+    tracing::info!("platform stopped");
+    result.and(flushed.map_err(Into::into))
+}
+
+/// Routes what the serve connection receives. Never awaits a publish or a full queue: the
+/// driver would stop polling and the publishing tasks would wait on it forever.
+async fn dispatch(
+    topics: Topics,
+    client: AsyncClient,
+    mut events: mpsc::Receiver<MqttEvent>,
+    chunks: mpsc::Sender<(fleetcast_proto::MachineId, bytes::Bytes)>,
+    admin: mpsc::Sender<AdminInput>,
+    stop: CancellationToken,
+) -> Result<(), PlatformError> {
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            e = events.recv() => match e { Some(e) => e, None => return Ok(()) },
+        };
+        match event {
+            MqttEvent::Connected { .. } => {
+                let filters = vec![
+                    SubscribeFilter::new(topics.platform_chunk_request_filter(), QoS::AtMostOnce),
+                    SubscribeFilter::new(topics.platform_admin_request_filter(), QoS::AtLeastOnce),
+                    SubscribeFilter::new(topics.platform_admin_upload_filter(), QoS::AtLeastOnce),
+                ];
+                if let Err(e) = client.try_subscribe_many(filters) {
+                    tracing::warn!(error = %e, "serve subscribe failed");
+                }
+                if admin.try_send(AdminInput::Republish).is_err() {
+                    tracing::warn!("admin queue full: re-publish after connect skipped");
+                }
+                tracing::info!("serve connection up");
+            }
+            MqttEvent::Disconnected(e) => {
+                tracing::warn!(error = %e, "serve connection lost; reconnecting")
+            }
+            MqttEvent::Publish(p) => {
+                let full = match topics.parse(&p.topic) {
+                    Some(Route::ChunkRequest(m)) => chunks.try_send((m, p.payload)).is_err(),
+                    Some(Route::AdminRequest(client)) => admin
+                        .try_send(AdminInput::Request {
+                            client,
+                            payload: p.payload,
+                        })
+                        .is_err(),
+                    Some(Route::AdminUpload(client)) => admin
+                        .try_send(AdminInput::Upload {
+                            client,
+                            payload: p.payload,
+                        })
+                        .is_err(),
+                    _ => {
+                        tracing::debug!(topic = %p.topic, "unexpected topic on the serve connection");
+                        false
+                    }
+                };
+                if full {
+                    tracing::warn!(topic = %p.topic, "queue full: message dropped (the sender retries)");
+                }
+            }
+            MqttEvent::PubAck(_) | MqttEvent::Sent(_) => {}
+        }
+    }
+}
