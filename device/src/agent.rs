@@ -1,0 +1,634 @@
+//! The machine agent: a thin async loop around the [`Updater`] state machine.
+//!
+//! One task owns the MQTT event loop (`client::drive`); this loop verifies what arrives, feeds
+//! the updater, and carries out its actions: status events through the persisted outbox (one
+//! in flight, removed on the broker's PUBACK), the retained state, download and install tasks.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetcast_broker::client::{self, BrokerUrl, MqttEvent};
+use fleetcast_proto::auth::Purpose;
+use fleetcast_proto::chunk::decode_frame;
+use fleetcast_proto::command::Command;
+use fleetcast_proto::status::MachineState;
+use fleetcast_proto::{ArtifactId, Kind, ReleaseId, ReleaseNotice, Route, StatusEvent, Topics};
+use rumqttc::{AsyncClient, LastWill, QoS};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::MachineConfig;
+use crate::download::{self, artifact_path, DownloadContext, Tuning};
+use crate::fsutil::now_ms;
+use crate::install::{InstallError, Installer};
+use crate::machine::{Action, Input, InstallOutcome, StatusReport, Updater};
+use crate::store::{Outbox, OutboxEntry, Store, StoreError};
+
+/// Resend the outbox head if the broker has not acknowledged it within this time.
+const RESEND_AFTER: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("machine {machine}: invalid config: {reason}")]
+    Config { machine: String, reason: String },
+    #[error("machine {machine}: cannot create {path}: {source}")]
+    DataDir {
+        machine: String,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("machine {machine}: {source}")]
+    Store { machine: String, source: StoreError },
+}
+
+/// Extra knobs for tests and the simulator.
+#[derive(Debug, Clone, Default)]
+pub struct AgentOptions {
+    /// Simulated health check: these versions fail it (overrides `health_cmd`).
+    pub fail_health: Option<Vec<String>>,
+    pub tuning: Tuning,
+}
+
+/// Runs the agent until `shutdown`. Survives broker restarts (reconnects with backoff).
+pub async fn run(config: MachineConfig, shutdown: CancellationToken) -> Result<(), AgentError> {
+    run_with(config, AgentOptions::default(), shutdown).await
+}
+
+enum Tag {
+    Status(u64),
+    Other,
+}
+
+struct JobHandle {
+    release: ReleaseId,
+    artifact: ArtifactId,
+    cancel: CancellationToken,
+    frames: mpsc::Sender<Bytes>,
+}
+
+struct Agent {
+    config: MachineConfig,
+    options: AgentOptions,
+    topics: Topics,
+    client: AsyncClient,
+    store: Store,
+    outbox: Outbox,
+    updater: Updater,
+    connected: bool,
+    /// QoS 1 publishes handed to the client, waiting for their packet id (`Sent`).
+    submitted: VecDeque<Tag>,
+    pkids: HashMap<u16, Tag>,
+    head_sent_at: Option<Instant>,
+    state_dirty: bool,
+    downloads: HashMap<Kind, JobHandle>,
+    tasks: JoinSet<()>,
+    inputs: mpsc::Sender<Input>,
+    shutdown: CancellationToken,
+}
+
+pub async fn run_with(
+    config: MachineConfig,
+    options: AgentOptions,
+    shutdown: CancellationToken,
+) -> Result<(), AgentError> {
+    let machine = config.machine.to_string();
+    let bad = |reason: String| AgentError::Config {
+        machine: machine.clone(),
+        reason,
+    };
+    config.validate().map_err(bad)?;
+    let url: BrokerUrl = config
+        .broker
+        .parse()
+        .map_err(|e: client::BrokerUrlError| bad(e.to_string()))?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
+        machine: machine.clone(),
+        path: config.data_dir.clone(),
+        source,
+    })?;
+    let store_err = |source| AgentError::Store {
+        machine: machine.clone(),
+        source,
+    };
+    let store = Store::open(&config.data_dir).map_err(store_err)?;
+    let outbox = Outbox::open(&config.data_dir).map_err(store_err)?;
+    let updater = Updater::new(
+        config.machine.clone(),
+        config.groups.clone(),
+        config.utc_offset_minutes,
+        store.ledger(),
+        &config.initial_versions,
+    );
+    let topics = Topics::new(&config.topic_prefix);
+    let mut mqtt = client::options(
+        &url,
+        config.machine.as_str(),
+        Some(&config.secret.mqtt_password()),
+    );
+    mqtt.set_clean_session(true);
+    mqtt.set_last_will(LastWill::new(
+        topics.online(&config.machine),
+        "false",
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let (client, eventloop) = client::connect(mqtt, 1024);
+    let (mqtt_tx, mut mqtt_rx) = mpsc::channel(256);
+    let driver_stop = CancellationToken::new();
+    let driver = tokio::spawn(client::drive(eventloop, mqtt_tx, driver_stop.clone()));
+    let (inputs, mut input_rx) = mpsc::channel(256);
+    let mut agent = Agent {
+        config,
+        options,
+        topics,
+        client,
+        store,
+        outbox,
+        updater,
+        connected: false,
+        submitted: VecDeque::new(),
+        pkids: HashMap::new(),
+        head_sent_at: None,
+        state_dirty: true,
+        downloads: HashMap::new(),
+        tasks: JoinSet::new(),
+        inputs,
+        shutdown: shutdown.child_token(),
+    };
+    tracing::info!(machine = %agent.config.machine, broker = %url, "agent starting");
+    agent.handle(Input::Resume);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            event = mqtt_rx.recv() => match event {
+                Some(event) => agent.on_mqtt(event),
+                None => break,
+            },
+            Some(input) = input_rx.recv() => agent.on_task_result(input),
+            _ = tick.tick() => agent.on_tick(),
+            Some(_) = agent.tasks.join_next(), if !agent.tasks.is_empty() => {}
+        }
+    }
+    // Say goodbye (a clean DISCONNECT suppresses the last will, so publish `false` ourselves).
+    agent.shutdown.cancel();
+    if agent.connected {
+        let _ = agent.client.try_publish(
+            agent.topics.online(&agent.config.machine),
+            QoS::AtMostOnce,
+            true,
+            "false",
+        );
+        let _ = agent.client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            while let Some(ev) = mqtt_rx.recv().await {
+                if matches!(ev, MqttEvent::Disconnected(_)) {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+    driver_stop.cancel();
+    let _ = driver.await;
+    agent.tasks.shutdown().await;
+    tracing::info!(machine = %agent.config.machine, "agent stopped");
+    Ok(())
+}
+
+impl Agent {
+    fn me(&self) -> &fleetcast_proto::MachineId {
+        &self.config.machine
+    }
+
+    fn handle(&mut self, input: Input) {
+        let actions = self.updater.handle(now_ms(), input);
+        self.apply(actions);
+    }
+
+    fn apply(&mut self, actions: Vec<Action>) {
+        let mut persist = false;
+        for action in actions {
+            match action {
+                Action::Report(r) => self.enqueue_status(r),
+                Action::PublishState => self.state_dirty = true,
+                Action::StartDownload { kind, notice } => self.start_download(kind, notice),
+                Action::CancelDownload { kind, release } => self.stop_download(&kind, &release),
+                Action::StartInstall {
+                    kind,
+                    notice,
+                    from_previous,
+                } => self.start_install(kind, notice, from_previous),
+                Action::Persist => persist = true,
+            }
+        }
+        if persist {
+            if let Err(e) = self.store.save_ledger(&self.updater.ledger) {
+                tracing::error!(machine = %self.me(), "cannot persist agent state: {e}");
+            }
+        }
+        if self.state_dirty {
+            self.publish_state();
+        }
+    }
+
+    fn on_mqtt(&mut self, event: MqttEvent) {
+        match event {
+            MqttEvent::Connected { .. } => {
+                tracing::info!(machine = %self.me(), "connected");
+                self.connected = true;
+                self.submitted.clear();
+                self.pkids.clear();
+                self.head_sent_at = None;
+                self.subscribe_all();
+                self.publish_qos1(
+                    self.topics.online(self.me()),
+                    true,
+                    b"true".to_vec(),
+                    Tag::Other,
+                );
+                self.publish_state();
+                self.send_head();
+            }
+            MqttEvent::Disconnected(why) => {
+                if self.connected {
+                    tracing::warn!(machine = %self.me(), "connection lost: {why}");
+                } else {
+                    tracing::debug!(machine = %self.me(), "cannot connect: {why}");
+                }
+                self.connected = false;
+                self.submitted.clear();
+                self.pkids.clear();
+                self.head_sent_at = None;
+            }
+            MqttEvent::Sent(pkid) => {
+                if let Some(tag) = self.submitted.pop_front() {
+                    self.pkids.insert(pkid, tag);
+                }
+            }
+            MqttEvent::PubAck(pkid) => {
+                if let Some(Tag::Status(ctr)) = self.pkids.remove(&pkid) {
+                    match self.outbox.ack(ctr) {
+                        Ok(true) => {
+                            self.head_sent_at = None;
+                            self.send_head();
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(machine = %self.me(), "cannot update the outbox: {e}")
+                        }
+                    }
+                }
+            }
+            MqttEvent::Publish(p) => self.on_publish(&p.topic, p.payload),
+        }
+    }
+
+    fn subscribe_all(&self) {
+        let mut filters = vec![
+            self.topics.machine_release_filter(self.me()),
+            self.topics.command(self.me()),
+            self.topics.machine_chunks(self.me()),
+        ];
+        filters.extend(
+            self.config
+                .groups
+                .iter()
+                .map(|g| self.topics.group_release_filter(g)),
+        );
+        filters.extend(
+            self.downloads
+                .values()
+                .map(|d| self.topics.artifact_chunks(&d.artifact)),
+        );
+        for f in filters {
+            if let Err(e) = self.client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+                tracing::warn!(machine = %self.me(), filter = %f, "cannot subscribe: {e}");
+            }
+        }
+    }
+
+    fn on_publish(&mut self, topic: &str, payload: Bytes) {
+        match self.topics.parse(topic) {
+            Some(Route::MachineRelease(m, kind)) if &m == self.me() => {
+                self.on_notice(kind, &payload)
+            }
+            Some(Route::GroupRelease(g, kind)) if self.config.groups.contains(&g) => {
+                self.on_notice(kind, &payload)
+            }
+            Some(Route::Command(m)) if &m == self.me() => {
+                match self
+                    .config
+                    .platform_key
+                    .verify::<Command>(Purpose::Command, &payload)
+                {
+                    Ok(cmd) => self.handle(Input::Command(cmd)),
+                    Err(e) => tracing::warn!(machine = %self.me(), "command refused: {e}"),
+                }
+            }
+            Some(Route::MachineChunks(_)) | Some(Route::ArtifactChunks(_)) => {
+                self.route_frame(payload)
+            }
+            _ => tracing::debug!(machine = %self.me(), topic, "unexpected message dropped"),
+        }
+    }
+
+    fn on_notice(&mut self, kind: Kind, payload: &[u8]) {
+        if payload.is_empty() {
+            tracing::debug!(machine = %self.me(), %kind, "cleared release topic; ignored");
+            return;
+        }
+        match self
+            .config
+            .platform_key
+            .verify::<ReleaseNotice>(Purpose::Release, payload)
+        {
+            Ok(notice) => self.handle(Input::Notice(notice)),
+            Err(e) => {
+                tracing::warn!(machine = %self.me(), %kind, "notice refused: {e}");
+                // What the notice claims, unverified, so the platform can tell which one it was.
+                let claimed: Option<serde_json::Value> =
+                    fleetcast_proto::auth::peek_body(payload).ok();
+                let field = |name: &str| {
+                    claimed
+                        .as_ref()
+                        .and_then(|v| v.get(name))
+                        .and_then(|v| v.as_str())
+                        .map(str::to_owned)
+                };
+                self.handle(Input::Forged {
+                    kind,
+                    release: field("release").and_then(|r| ReleaseId::new(r).ok()),
+                    version: field("version").unwrap_or_default(),
+                    error: format!("notice refused: {e}"),
+                });
+            }
+        }
+    }
+
+    fn route_frame(&mut self, frame: Bytes) {
+        let header = match decode_frame(&frame) {
+            Ok((h, _)) => h,
+            Err(e) => {
+                tracing::warn!(machine = %self.me(), "malformed chunk frame dropped: {e}");
+                return;
+            }
+        };
+        for job in self.downloads.values() {
+            if job.artifact == header.artifact {
+                // A full queue drops the frame: the download re-requests what it misses.
+                let _ = job.frames.try_send(frame.clone());
+            }
+        }
+    }
+
+    fn on_task_result(&mut self, input: Input) {
+        if let Input::DownloadFinished { kind, release }
+        | Input::DownloadFailed { kind, release, .. } = &input
+        {
+            let (kind, release) = (kind.clone(), release.clone());
+            self.stop_download(&kind, &release);
+        }
+        self.handle(input);
+    }
+
+    fn on_tick(&mut self) {
+        let busy = self.config.data_dir.join("busy").exists();
+        if busy != self.updater.busy() {
+            self.handle(Input::Busy(busy));
+        }
+        self.handle(Input::Tick);
+        if self
+            .head_sent_at
+            .is_some_and(|t| t.elapsed() > RESEND_AFTER)
+        {
+            self.head_sent_at = None;
+            self.send_head();
+        }
+        if self.head_sent_at.is_none() {
+            self.send_head();
+        }
+        if self.state_dirty {
+            self.publish_state();
+        }
+    }
+
+    fn publish_qos1(&mut self, topic: String, retain: bool, payload: Vec<u8>, tag: Tag) -> bool {
+        match self
+            .client
+            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
+        {
+            Ok(()) => {
+                self.submitted.push_back(tag);
+                true
+            }
+            Err(e) => {
+                tracing::warn!(machine = %self.me(), "publish not queued: {e}");
+                false
+            }
+        }
+    }
+
+    fn enqueue_status(&mut self, r: StatusReport) {
+        let ctr = match self.store.next_ctr() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(machine = %self.me(), "status {} not sent: {e}", r.phase);
+                return;
+            }
+        };
+        tracing::info!(machine = %self.me(), kind = %r.kind, release = ?r.release.as_ref().map(|r| r.to_string()), phase = %r.phase, "status");
+        let event = StatusEvent {
+            machine: self.me().clone(),
+            ctr,
+            at_ms: now_ms(),
+            release: r.release,
+            kind: r.kind,
+            version: r.version,
+            phase: r.phase,
+            progress: r.progress,
+            attempt: r.attempt,
+            error: r.error,
+            detail: r.detail,
+        };
+        let payload = self.config.secret.seal(Purpose::Status, &event);
+        let entry = OutboxEntry {
+            ctr,
+            payload: String::from_utf8(payload).expect("a JSON envelope is UTF-8"),
+        };
+        if let Err(e) = self.outbox.push(entry) {
+            tracing::error!(machine = %self.me(), "status {} not persisted: {e}", event.phase);
+            return;
+        }
+        self.send_head();
+    }
+
+    /// Sends the oldest unacknowledged status event, if none is in flight.
+    fn send_head(&mut self) {
+        if !self.connected || self.head_sent_at.is_some() {
+            return;
+        }
+        let Some(head) = self.outbox.head() else {
+            return;
+        };
+        let (ctr, payload) = (head.ctr, head.payload.clone().into_bytes());
+        let topic = self.topics.status(self.me());
+        if self.publish_qos1(topic, false, payload, Tag::Status(ctr)) {
+            self.head_sent_at = Some(Instant::now());
+        }
+    }
+
+    fn publish_state(&mut self) {
+        if !self.connected {
+            self.state_dirty = true;
+            return;
+        }
+        let ctr = match self.store.next_ctr() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(machine = %self.me(), "state not sent: {e}");
+                return;
+            }
+        };
+        let state = MachineState {
+            machine: self.me().clone(),
+            ctr,
+            at_ms: now_ms(),
+            agent_version: fleetcast_proto::VERSION.to_owned(),
+            groups: self.config.groups.clone(),
+            busy: self.updater.busy(),
+            kinds: self.updater.kind_states(),
+        };
+        let payload = self.config.secret.seal(Purpose::State, &state);
+        let topic = self.topics.state(self.me());
+        self.state_dirty = !self.publish_qos1(topic, true, payload, Tag::Other);
+    }
+
+    fn download_context(&self) -> DownloadContext {
+        DownloadContext {
+            machine: self.me().clone(),
+            topics: self.topics.clone(),
+            client: self.client.clone(),
+            secret: self.config.secret.clone(),
+            store: self.store.clone(),
+            data_dir: self.config.data_dir.clone(),
+            tuning: self.options.tuning.clone(),
+        }
+    }
+
+    fn start_download(&mut self, kind: Kind, notice: ReleaseNotice) {
+        if let Some(old) = self.downloads.remove(&kind) {
+            old.cancel.cancel();
+            self.unsubscribe_if_unused(&old.artifact);
+        }
+        let (frames_tx, frames_rx) = mpsc::channel(256);
+        let cancel = self.shutdown.child_token();
+        let artifact = notice.artifact.id;
+        if self.connected {
+            let _ = self
+                .client
+                .try_subscribe(self.topics.artifact_chunks(&artifact), QoS::AtLeastOnce);
+        }
+        self.downloads.insert(
+            kind.clone(),
+            JobHandle {
+                release: notice.release.clone(),
+                artifact,
+                cancel: cancel.clone(),
+                frames: frames_tx,
+            },
+        );
+        let ctx = self.download_context();
+        let inputs = self.inputs.clone();
+        self.tasks.spawn(async move {
+            let progress_inputs = inputs.clone();
+            let (k, r) = (kind.clone(), notice.release.clone());
+            let result = download::download(
+                &ctx,
+                &notice.artifact,
+                frames_rx,
+                cancel.clone(),
+                |progress, attempt| {
+                    let _ = progress_inputs.try_send(Input::DownloadProgress {
+                        kind: k.clone(),
+                        release: r.clone(),
+                        progress,
+                        attempt,
+                    });
+                },
+            )
+            .await;
+            if cancel.is_cancelled() {
+                return;
+            }
+            let input = match result {
+                Ok(_) => Input::DownloadFinished {
+                    kind,
+                    release: notice.release,
+                },
+                Err((e, attempts)) => Input::DownloadFailed {
+                    kind,
+                    release: notice.release,
+                    error: e.to_string(),
+                    attempts,
+                },
+            };
+            let _ = inputs.send(input).await;
+        });
+    }
+
+    fn stop_download(&mut self, kind: &Kind, release: &ReleaseId) {
+        if self
+            .downloads
+            .get(kind)
+            .is_some_and(|d| &d.release == release)
+        {
+            let job = self.downloads.remove(kind).expect("checked");
+            job.cancel.cancel();
+            self.unsubscribe_if_unused(&job.artifact);
+        }
+    }
+
+    fn unsubscribe_if_unused(&self, artifact: &ArtifactId) {
+        if self.connected && !self.downloads.values().any(|d| &d.artifact == artifact) {
+            let _ = self
+                .client
+                .try_unsubscribe(self.topics.artifact_chunks(artifact));
+        }
+    }
+
+    fn start_install(&mut self, kind: Kind, notice: ReleaseNotice, from_previous: bool) {
+        let installer = Installer::from_config(
+            &self.config.installer_for(&kind),
+            &self.config.data_dir,
+            &kind,
+            self.options.fail_health.as_deref(),
+        );
+        let path = artifact_path(&self.config.data_dir, &notice.artifact.id);
+        let inputs = self.inputs.clone();
+        tracing::info!(machine = %self.me(), %kind, version = %notice.version, from_previous, "installing");
+        self.tasks.spawn(async move {
+            let outcome = match installer
+                .install(&notice.version, notice.artifact.id, &path)
+                .await
+            {
+                Ok(()) => InstallOutcome::Installed,
+                Err(e @ InstallError::Unhealthy { .. }) => {
+                    InstallOutcome::RolledBack(e.to_string())
+                }
+                Err(e) => InstallOutcome::Failed(e.to_string()),
+            };
+            let _ = inputs
+                .send(Input::InstallFinished {
+                    kind,
+                    release: notice.release,
+                    outcome,
+                })
+                .await;
+        });
+    }
+}

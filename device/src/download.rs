@@ -1,0 +1,580 @@
+//! Fetching one artifact in verified chunks over MQTT (see `fleetcast_proto::chunk`).
+//!
+//! Manifest first (unless the artifact is one chunk), then a window of chunks in flight; each
+//! chunk is checked against the manifest on arrival and written at its offset into a pre-sized
+//! staging file. The received bitmap and the manifest are persisted beside it, so an attempt,
+//! or a restarted agent, resumes where the last one stopped. The finished file is hashed whole
+//! once more, fsynced and renamed into `artifacts/`.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetcast_proto::auth::{Purpose, Secret};
+use fleetcast_proto::chunk::{
+    decode_frame, to_ranges, ChunkRequest, ChunkVerifier, FrameType, Layout, MAX_CHUNKS_PER_REQUEST,
+};
+use fleetcast_proto::release::ArtifactRef;
+use fleetcast_proto::status::Progress;
+use fleetcast_proto::{ArtifactId, MachineId, Topics};
+use rumqttc::{AsyncClient, QoS};
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::fsutil::{sync_dir, write_atomic};
+use crate::store::Store;
+
+/// Knobs of the transfer; the defaults are the protocol's recommendations.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Chunks requested and not yet received.
+    pub window: usize,
+    /// Re-request everything outstanding after this long without a verified chunk.
+    pub stall: Duration,
+    /// An attempt fails after this long without progress.
+    pub attempt_timeout: Duration,
+    pub attempts: u32,
+    /// Persist the bitmap after this many new bytes.
+    pub persist_every: u64,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            window: 16,
+            stall: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(30),
+            attempts: 3,
+            persist_every: 1024 * 1024,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("artifact {artifact}: {op} {path}: {source}")]
+    Io {
+        artifact: ArtifactId,
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("artifact {artifact}: invalid layout: {reason}")]
+    Layout {
+        artifact: ArtifactId,
+        reason: String,
+    },
+    #[error("artifact {artifact}: manifest refused: {reason}")]
+    Manifest {
+        artifact: ArtifactId,
+        reason: String,
+    },
+    #[error("artifact {artifact}: platform says: {reason}")]
+    Platform {
+        artifact: ArtifactId,
+        reason: String,
+    },
+    #[error("artifact {artifact}: no progress for {secs} s ({have}/{chunks} chunks)")]
+    Stalled {
+        artifact: ArtifactId,
+        secs: u64,
+        have: u32,
+        chunks: u32,
+    },
+    #[error("artifact {artifact}: the assembled file hashes to {got}")]
+    WholeFileMismatch {
+        artifact: ArtifactId,
+        got: ArtifactId,
+    },
+    #[error("artifact {artifact}: cannot reserve a message counter: {reason}")]
+    Counter {
+        artifact: ArtifactId,
+        reason: String,
+    },
+    #[error("artifact {artifact}: cancelled")]
+    Cancelled { artifact: ArtifactId },
+}
+
+/// What a download needs from the agent.
+#[derive(Clone)]
+pub struct DownloadContext {
+    pub machine: MachineId,
+    pub topics: Topics,
+    pub client: AsyncClient,
+    pub secret: Secret,
+    pub store: Store,
+    pub data_dir: PathBuf,
+    pub tuning: Tuning,
+}
+
+/// Persisted beside the staging file.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct StagingState {
+    /// One bit per chunk, hex.
+    have: String,
+    /// The verified manifest, hex.
+    #[serde(default)]
+    manifest: Option<String>,
+}
+
+pub fn artifact_path(data_dir: &Path, artifact: &ArtifactId) -> PathBuf {
+    data_dir.join("artifacts").join(artifact.to_hex())
+}
+
+struct Bitmap {
+    bits: Vec<u8>,
+    count: u32,
+}
+
+impl Bitmap {
+    fn new(chunks: u32) -> Self {
+        Self {
+            bits: vec![0; (chunks as usize).div_ceil(8)],
+            count: 0,
+        }
+    }
+    fn from_hex(hex_bits: &str, chunks: u32) -> Option<Self> {
+        let bits = hex::decode(hex_bits).ok()?;
+        if bits.len() != (chunks as usize).div_ceil(8) {
+            return None;
+        }
+        let mut b = Self { bits, count: 0 };
+        b.count = (0..chunks).filter(|&i| b.has(i)).count() as u32;
+        Some(b)
+    }
+    fn has(&self, i: u32) -> bool {
+        self.bits[i as usize / 8] & (1 << (i % 8)) != 0
+    }
+    fn set(&mut self, i: u32) {
+        if !self.has(i) {
+            self.bits[i as usize / 8] |= 1 << (i % 8);
+            self.count += 1;
+        }
+    }
+}
+
+struct Transfer<'a> {
+    ctx: &'a DownloadContext,
+    artifact: ArtifactId,
+    layout: Layout,
+    part_path: PathBuf,
+    state_path: PathBuf,
+    file: std::fs::File,
+    have: Bitmap,
+    verifier: Option<ChunkVerifier>,
+    manifest: Option<Vec<u8>>,
+    have_bytes: u64,
+}
+
+impl<'a> Transfer<'a> {
+    fn io(&self, op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError {
+        let (artifact, path) = (self.artifact, path.to_owned());
+        move |source| DownloadError::Io {
+            artifact,
+            op,
+            path,
+            source,
+        }
+    }
+
+    fn open(ctx: &'a DownloadContext, artifact: &ArtifactRef) -> Result<Self, DownloadError> {
+        let id = artifact.id;
+        let layout =
+            Layout::new(artifact.size, artifact.chunk_size).map_err(|e| DownloadError::Layout {
+                artifact: id,
+                reason: e.to_string(),
+            })?;
+        let staging = ctx.data_dir.join("staging");
+        let io = |op, path: &Path| {
+            let path = path.to_owned();
+            move |source| DownloadError::Io {
+                artifact: id,
+                op,
+                path,
+                source,
+            }
+        };
+        std::fs::create_dir_all(&staging).map_err(io("create", &staging))?;
+        let part_path = staging.join(format!("{}.part", id.to_hex()));
+        let state_path = staging.join(format!("{}.state.json", id.to_hex()));
+        let saved: Option<StagingState> = std::fs::read(&state_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let part_ok = std::fs::metadata(&part_path).is_ok_and(|m| m.len() == layout.size);
+        let mut have = None;
+        let mut manifest = None;
+        if let (Some(saved), true) = (saved, part_ok) {
+            have = Bitmap::from_hex(&saved.have, layout.chunks);
+            manifest = saved.manifest.and_then(|m| hex::decode(m).ok());
+        }
+        let have = have.unwrap_or_else(|| Bitmap::new(layout.chunks));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&part_path)
+            .map_err(io("open", &part_path))?;
+        file.set_len(layout.size).map_err(io("size", &part_path))?;
+        let verifier = if ChunkVerifier::needs_manifest(&layout) {
+            manifest
+                .as_deref()
+                .and_then(|m| ChunkVerifier::from_manifest(id, layout, m).ok())
+        } else {
+            Some(ChunkVerifier::single(id, layout))
+        };
+        if verifier.is_none() {
+            manifest = None;
+        }
+        let have_bytes = (0..layout.chunks)
+            .filter(|&i| have.has(i))
+            .map(|i| layout.chunk_len(i) as u64)
+            .sum();
+        Ok(Self {
+            ctx,
+            artifact: id,
+            layout,
+            part_path,
+            state_path,
+            file,
+            have,
+            verifier,
+            manifest,
+            have_bytes,
+        })
+    }
+
+    fn progress(&self) -> Progress {
+        Progress {
+            bytes: self.have_bytes,
+            total: self.layout.size,
+        }
+    }
+
+    fn persist(&self) -> Result<(), DownloadError> {
+        self.file
+            .sync_data()
+            .map_err(self.io("fsync", &self.part_path))?;
+        let state = StagingState {
+            have: hex::encode(&self.have.bits),
+            manifest: self.manifest.as_ref().map(hex::encode),
+        };
+        let bytes = serde_json::to_vec(&state).expect("staging state serializes");
+        write_atomic(&self.state_path, &bytes).map_err(self.io("write", &self.state_path))
+    }
+
+    async fn request(&self, manifest: bool, chunks: &[u32]) -> Result<(), DownloadError> {
+        let mut sorted = chunks.to_vec();
+        sorted.sort_unstable();
+        for batch in sorted
+            .chunks(MAX_CHUNKS_PER_REQUEST as usize / 4)
+            .map(Some)
+            .chain(
+                // A manifest-only request has no chunks.
+                (chunks.is_empty() && manifest).then_some(None),
+            )
+        {
+            let ctr = self
+                .ctx
+                .store
+                .next_ctr()
+                .map_err(|e| DownloadError::Counter {
+                    artifact: self.artifact,
+                    reason: e.to_string(),
+                })?;
+            let req = ChunkRequest {
+                machine: self.ctx.machine.clone(),
+                ctr,
+                artifact: self.artifact,
+                manifest,
+                chunks: batch
+                    .map(|b| to_ranges(b.iter().copied()))
+                    .unwrap_or_default(),
+            };
+            let payload = self.ctx.secret.seal(Purpose::ChunkRequest, &req);
+            if let Err(e) = self
+                .ctx
+                .client
+                .publish(
+                    self.ctx.topics.chunk_request(&self.ctx.machine),
+                    QoS::AtMostOnce,
+                    false,
+                    payload,
+                )
+                .await
+            {
+                // The client is gone (agent stopping); the stall timer would retry anyway.
+                tracing::debug!(artifact = %self.artifact.short(), "chunk request not queued: {e}");
+            }
+        }
+        Ok(())
+    }
+
+    /// One attempt: manifest (if needed), then every missing chunk.
+    async fn attempt(
+        &mut self,
+        frames: &mut mpsc::Receiver<Bytes>,
+        cancel: &CancellationToken,
+        report: &mut impl FnMut(Progress),
+    ) -> Result<(), DownloadError> {
+        let tuning = self.ctx.tuning.clone();
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        let mut last_progress = Instant::now();
+        let mut last_request = Instant::now();
+        let stalled = |t: &Self| DownloadError::Stalled {
+            artifact: t.artifact,
+            secs: tuning.attempt_timeout.as_secs(),
+            have: t.have.count,
+            chunks: t.layout.chunks,
+        };
+
+        if self.verifier.is_none() {
+            let parts_total = self.layout.manifest_parts();
+            let mut parts: Vec<Option<Vec<u8>>> = vec![None; parts_total as usize];
+            self.request(true, &[]).await?;
+            loop {
+                tokio::select! {
+                    _ = cancel.cancelled() => return Err(DownloadError::Cancelled { artifact: self.artifact }),
+                    frame = frames.recv() => {
+                        let Some(frame) = frame else {
+                            return Err(DownloadError::Cancelled { artifact: self.artifact });
+                        };
+                        let Ok((h, payload)) = decode_frame(&frame) else { continue };
+                        if h.artifact != self.artifact { continue }
+                        match h.frame_type {
+                            FrameType::Error => return Err(DownloadError::Platform {
+                                artifact: self.artifact,
+                                reason: String::from_utf8_lossy(payload).into_owned(),
+                            }),
+                            FrameType::Manifest if h.total == parts_total => {
+                                let expected = self.layout.manifest_part_range(h.index).len();
+                                if payload.len() != expected {
+                                    tracing::warn!(artifact = %self.artifact.short(), part = h.index, "manifest part has the wrong length; dropped");
+                                    continue;
+                                }
+                                parts[h.index as usize] = Some(payload.to_vec());
+                                last_progress = Instant::now();
+                                if parts.iter().all(Option::is_some) {
+                                    let manifest: Vec<u8> = parts.iter().flatten().flatten().copied().collect();
+                                    let v = ChunkVerifier::from_manifest(self.artifact, self.layout, &manifest)
+                                        .map_err(|e| DownloadError::Manifest { artifact: self.artifact, reason: e.to_string() })?;
+                                    self.verifier = Some(v);
+                                    self.manifest = Some(manifest);
+                                    self.persist()?;
+                                    break;
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    _ = tick.tick() => {
+                        if last_progress.elapsed() > tuning.attempt_timeout {
+                            return Err(stalled(self));
+                        }
+                        if last_progress.elapsed() > tuning.stall && last_request.elapsed() > tuning.stall {
+                            last_request = Instant::now();
+                            self.request(true, &[]).await?;
+                        }
+                    }
+                }
+            }
+        }
+        let verifier = self.verifier.clone().expect("manifest phase done");
+
+        let mut outstanding: HashMap<u32, Instant> = HashMap::new();
+        let mut cursor = 0u32;
+        let mut unpersisted = 0u64;
+        let step = (self.layout.size / 10).max(1);
+        let mut next_report = self.have_bytes + step;
+        loop {
+            if self.have.count == self.layout.chunks {
+                self.persist()?;
+                return Ok(());
+            }
+            // Top up the window from the first missing chunk on.
+            let mut fresh = Vec::new();
+            while outstanding.len() < tuning.window {
+                let mut scanned = 0;
+                while scanned < self.layout.chunks
+                    && (self.have.has(cursor) || outstanding.contains_key(&cursor))
+                {
+                    cursor = (cursor + 1) % self.layout.chunks;
+                    scanned += 1;
+                }
+                if scanned == self.layout.chunks {
+                    break;
+                }
+                outstanding.insert(cursor, Instant::now());
+                fresh.push(cursor);
+            }
+            if !fresh.is_empty() {
+                self.request(false, &fresh).await?;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => {
+                    let _ = self.persist();
+                    return Err(DownloadError::Cancelled { artifact: self.artifact });
+                }
+                frame = frames.recv() => {
+                    let Some(frame) = frame else {
+                        let _ = self.persist();
+                        return Err(DownloadError::Cancelled { artifact: self.artifact });
+                    };
+                    let (h, payload) = match decode_frame(&frame) {
+                        Ok(x) => x,
+                        Err(e) => {
+                            tracing::warn!(artifact = %self.artifact.short(), "malformed chunk frame dropped: {e}");
+                            continue;
+                        }
+                    };
+                    if h.artifact != self.artifact { continue }
+                    match h.frame_type {
+                        FrameType::Error => {
+                            let _ = self.persist();
+                            return Err(DownloadError::Platform {
+                                artifact: self.artifact,
+                                reason: String::from_utf8_lossy(payload).into_owned(),
+                            });
+                        }
+                        FrameType::Chunk if h.total == self.layout.chunks && !self.have.has(h.index) => {
+                            if let Err(e) = verifier.verify(h.index, payload) {
+                                tracing::warn!(artifact = %self.artifact.short(), chunk = h.index, "bad chunk dropped: {e}");
+                                if outstanding.contains_key(&h.index) {
+                                    outstanding.insert(h.index, Instant::now());
+                                    self.request(false, &[h.index]).await?;
+                                }
+                                continue;
+                            }
+                            let offset = self.layout.offset(h.index);
+                            write_at(&self.file, payload, offset).map_err(self.io("write", &self.part_path))?;
+                            self.have.set(h.index);
+                            self.have_bytes += payload.len() as u64;
+                            unpersisted += payload.len() as u64;
+                            outstanding.remove(&h.index);
+                            last_progress = Instant::now();
+                            if unpersisted >= tuning.persist_every {
+                                unpersisted = 0;
+                                self.persist()?;
+                            }
+                            if self.have_bytes >= next_report && self.have.count < self.layout.chunks {
+                                next_report = self.have_bytes + step;
+                                report(self.progress());
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                _ = tick.tick() => {
+                    if last_progress.elapsed() > tuning.attempt_timeout {
+                        let _ = self.persist();
+                        return Err(stalled(self));
+                    }
+                    let stale: Vec<u32> = outstanding
+                        .iter()
+                        .filter(|(_, at)| at.elapsed() > tuning.stall)
+                        .map(|(i, _)| *i)
+                        .collect();
+                    if last_progress.elapsed() > tuning.stall && !stale.is_empty() {
+                        let all: Vec<u32> = outstanding.keys().copied().collect();
+                        for i in &all {
+                            outstanding.insert(*i, Instant::now());
+                        }
+                        tracing::debug!(artifact = %self.artifact.short(), n = all.len(), "no progress: re-requesting outstanding chunks");
+                        self.request(false, &all).await?;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Hashes the assembled file, then moves it into `artifacts/`.
+    async fn finish(&mut self) -> Result<PathBuf, DownloadError> {
+        let path = self.part_path.clone();
+        let hashed = tokio::task::spawn_blocking(move || hash_file(&path))
+            .await
+            .map_err(|e| self.io("hash", &self.part_path)(std::io::Error::other(e)))?
+            .map_err(self.io("hash", &self.part_path))?;
+        if hashed != self.artifact {
+            // Start over: every chunk verified, yet the whole does not: trust nothing.
+            self.have = Bitmap::new(self.layout.chunks);
+            self.have_bytes = 0;
+            let _ = self.persist();
+            return Err(DownloadError::WholeFileMismatch {
+                artifact: self.artifact,
+                got: hashed,
+            });
+        }
+        self.file
+            .sync_all()
+            .map_err(self.io("fsync", &self.part_path))?;
+        let dest = artifact_path(&self.ctx.data_dir, &self.artifact);
+        let dir = dest.parent().expect("artifacts dir");
+        std::fs::create_dir_all(dir).map_err(self.io("create", dir))?;
+        std::fs::rename(&self.part_path, &dest).map_err(self.io("rename", &dest))?;
+        sync_dir(dir).map_err(self.io("fsync", dir))?;
+        let _ = std::fs::remove_file(&self.state_path);
+        Ok(dest)
+    }
+}
+
+#[cfg(unix)]
+fn write_at(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, data, offset)
+}
+
+fn hash_file(path: &Path) -> std::io::Result<ArtifactId> {
+    let mut f = std::fs::File::open(path)?;
+    let mut hasher = blake3::Hasher::new();
+    let mut buf = vec![0u8; 256 * 1024];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+    }
+    Ok(hasher.finalize().into())
+}
+
+/// Downloads `artifact` into `{data}/artifacts/{id}` and returns its path. `frames` carries
+/// every chunk frame received for this artifact; `report(progress, attempt)` is called at the
+/// start of each attempt and roughly every 10 %.
+pub async fn download(
+    ctx: &DownloadContext,
+    artifact: &ArtifactRef,
+    mut frames: mpsc::Receiver<Bytes>,
+    cancel: CancellationToken,
+    mut report: impl FnMut(Progress, u32),
+) -> Result<PathBuf, (DownloadError, u32)> {
+    let dest = artifact_path(&ctx.data_dir, &artifact.id);
+    if dest.exists() {
+        return Ok(dest);
+    }
+    let mut t = Transfer::open(ctx, artifact).map_err(|e| (e, 1))?;
+    let mut last = None;
+    for attempt in 1..=ctx.tuning.attempts {
+        report(t.progress(), attempt);
+        let result = match t
+            .attempt(&mut frames, &cancel, &mut |p| report(p, attempt))
+            .await
+        {
+            Ok(()) => t.finish().await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(path) => return Ok(path),
+            Err(e @ DownloadError::Cancelled { .. }) => return Err((e, attempt)),
+            Err(e) => {
+                tracing::warn!(artifact = %artifact.id.short(), attempt, "download attempt failed: {e}");
+                last = Some(e);
+                // Frames left from the failed attempt are stale.
+                while frames.try_recv().is_ok() {}
+            }
+        }
+    }
+    Err((last.expect("at least one attempt"), ctx.tuning.attempts))
+}

@@ -1,0 +1,24 @@
+//! fleetcast-device: the agent that runs on each vending machine, and a fleet simulator.
+//!
+//! Layout:
+//! - [`config`]: `machine.toml` (identity, keys, broker, data dir, installers).
+//! - [`machine`]: the update logic as a pure state machine (`Updater::handle`), no I/O.
+//! - [`agent`]: the async loop around it: MQTT, verification, outbox, download/install tasks.
+//! - [`download`]: fetching an artifact in verified chunks, resumable across restarts.
+//! - [`install`]: installers (A/B slots with health check and switch-back; external command).
+//! - [`store`]: the persisted agent state, message counter and status outbox.
+//! - [`simulate`]: many agents in one process, provisioned through the platform.
+//! - [`fsutil`]: atomic file writes.
+
+pub mod agent;
+pub mod config;
+pub mod download;
+pub mod fsutil;
+pub mod install;
+pub mod machine;
+pub mod simulate;
+pub mod store;
+
+pub use agent::{run, run_with, AgentError, AgentOptions};
+pub use config::{ConfigError, InstallerConfig, MachineConfig};
+pub use simulate::{SimulateError, SimulateOptions};

@@ -1,0 +1,1185 @@
+//! The update logic as a pure state machine: `handle(now, input) -> actions`, no I/O.
+//!
+//! One [`KindRecord`] per version type holds what is installed, what sits in the rollback slot,
+//! the highest notice `seq` accepted, and at most one [`Job`] (plus one notice queued behind a
+//! running install). The agent loop feeds verified notices, commands, download and install
+//! results and clock ticks in, and carries out the returned [`Action`]s. The whole [`Ledger`] is
+//! persisted after every decision, so a restarted agent resumes each job from its step.
+
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+use fleetcast_proto::chunk::Layout;
+use fleetcast_proto::command::{Command, CommandAction};
+use fleetcast_proto::release::{compare_versions, validate_version};
+use fleetcast_proto::status::{KindState, Progress};
+use fleetcast_proto::{ArtifactId, GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId};
+use fleetcast_proto::{ReleaseNotice, Target};
+use serde::{Deserialize, Serialize};
+
+/// A version present on the machine. `artifact` is unknown for versions the machine shipped with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Installed {
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub artifact: Option<ArtifactId>,
+}
+
+/// Where a job stands. Persisted: a restarted agent resumes from here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Downloading,
+    /// Downloaded, waiting for the policy (window, idle) or for `activate`.
+    Deferred,
+    Installing,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Job {
+    pub notice: ReleaseNotice,
+    pub step: Step,
+    /// `activate` arrived while downloading: install as soon as the download is done.
+    #[serde(default)]
+    pub activated: bool,
+    /// The rollback slot already holds the artifact: switch back, no download.
+    #[serde(default)]
+    pub from_previous: bool,
+}
+
+/// A status event without the envelope fields (machine, ctr, time) the agent adds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReport {
+    pub kind: Kind,
+    pub release: Option<ReleaseId>,
+    pub version: String,
+    pub phase: Phase,
+    #[serde(default)]
+    pub progress: Option<Progress>,
+    #[serde(default = "one")]
+    pub attempt: u32,
+    #[serde(default)]
+    pub error: Option<String>,
+    #[serde(default)]
+    pub detail: Option<String>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+impl StatusReport {
+    fn new(notice: &ReleaseNotice, phase: Phase) -> Self {
+        Self {
+            kind: notice.kind.clone(),
+            release: Some(notice.release.clone()),
+            version: notice.version.clone(),
+            phase,
+            progress: None,
+            attempt: 1,
+            error: None,
+            detail: None,
+        }
+    }
+    fn error(mut self, e: impl Into<String>) -> Self {
+        self.error = Some(e.into());
+        self
+    }
+    fn detail(mut self, d: impl Into<String>) -> Self {
+        self.detail = Some(d.into());
+        self
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KindRecord {
+    /// Highest notice seq accepted for this kind.
+    #[serde(default)]
+    pub accepted_seq: u64,
+    #[serde(default)]
+    pub installed: Option<Installed>,
+    /// What the inactive (rollback) slot holds.
+    #[serde(default)]
+    pub previous: Option<Installed>,
+    #[serde(default)]
+    pub job: Option<Job>,
+    /// A newer notice accepted while an install was running; started when it ends.
+    #[serde(default)]
+    pub queued: Option<ReleaseNotice>,
+    /// The latest status reported for this kind (for `report` and the retained state).
+    #[serde(default)]
+    pub last: Option<StatusReport>,
+}
+
+/// Everything the machine decides on, persisted as a whole.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    #[serde(default)]
+    pub kinds: BTreeMap<Kind, KindRecord>,
+    #[serde(default)]
+    pub last_command_seq: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstallOutcome {
+    Installed,
+    /// The installer failed before switching; the old version is still active.
+    Failed(String),
+    /// Installed, unhealthy, switched back.
+    RolledBack(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// A notice whose platform signature verified.
+    Notice(ReleaseNotice),
+    /// A notice that failed signature checks; reported, never acted on.
+    Forged {
+        kind: Kind,
+        release: Option<ReleaseId>,
+        version: String,
+        error: String,
+    },
+    /// A command whose platform signature verified.
+    Command(Command),
+    DownloadProgress {
+        kind: Kind,
+        release: ReleaseId,
+        progress: Progress,
+        attempt: u32,
+    },
+    DownloadFinished {
+        kind: Kind,
+        release: ReleaseId,
+    },
+    DownloadFailed {
+        kind: Kind,
+        release: ReleaseId,
+        error: String,
+        attempts: u32,
+    },
+    InstallFinished {
+        kind: Kind,
+        release: ReleaseId,
+        outcome: InstallOutcome,
+    },
+    /// Re-check deferred installs against the clock.
+    Tick,
+    Busy(bool),
+    /// The agent started: restart whatever each persisted job was doing.
+    Resume,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    Report(StatusReport),
+    PublishState,
+    StartDownload {
+        kind: Kind,
+        notice: ReleaseNotice,
+    },
+    CancelDownload {
+        kind: Kind,
+        release: ReleaseId,
+    },
+    StartInstall {
+        kind: Kind,
+        notice: ReleaseNotice,
+        from_previous: bool,
+    },
+    Persist,
+}
+
+/// The decision logic of one machine.
+#[derive(Debug, Clone)]
+pub struct Updater {
+    me: MachineId,
+    groups: Vec<GroupId>,
+    utc_offset_minutes: i32,
+    busy: bool,
+    pub ledger: Ledger,
+}
+
+impl Updater {
+    pub fn new(
+        me: MachineId,
+        groups: Vec<GroupId>,
+        utc_offset_minutes: i32,
+        mut ledger: Ledger,
+        initial_versions: &BTreeMap<Kind, String>,
+    ) -> Self {
+        for (kind, version) in initial_versions {
+            let rec = ledger.kinds.entry(kind.clone()).or_default();
+            if rec.installed.is_none() {
+                rec.installed = Some(Installed {
+                    version: version.clone(),
+                    artifact: None,
+                });
+            }
+        }
+        Self {
+            me,
+            groups,
+            utc_offset_minutes,
+            busy: false,
+            ledger,
+        }
+    }
+
+    pub fn busy(&self) -> bool {
+        self.busy
+    }
+
+    /// Per-kind inventory for the retained state message.
+    pub fn kind_states(&self) -> BTreeMap<Kind, KindState> {
+        self.ledger
+            .kinds
+            .iter()
+            .map(|(kind, rec)| {
+                let installed = rec.installed.as_ref();
+                let state = KindState {
+                    version: installed.map(|i| i.version.clone()),
+                    artifact: installed.and_then(|i| i.artifact),
+                    release: rec.last.as_ref().and_then(|l| l.release.clone()),
+                    phase: rec.last.as_ref().map(|l| l.phase),
+                    seq: rec.accepted_seq,
+                };
+                (kind.clone(), state)
+            })
+            .collect()
+    }
+
+    pub fn handle(&mut self, now_ms: u64, input: Input) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Notice(notice) => self.on_notice(now_ms, notice, &mut out),
+            Input::Forged {
+                kind,
+                release,
+                version,
+                error,
+            } => out.push(Action::Report(StatusReport {
+                kind,
+                release,
+                version,
+                phase: Phase::Rejected,
+                progress: None,
+                attempt: 1,
+                error: Some(error),
+                detail: None,
+            })),
+            Input::Command(cmd) => self.on_command(now_ms, cmd, &mut out),
+            Input::Tick => self.check_deferred(now_ms, &mut out),
+            Input::Busy(busy) => {
+                if busy != self.busy {
+                    self.busy = busy;
+                    out.push(Action::PublishState);
+                    self.check_deferred(now_ms, &mut out);
+                }
+            }
+            Input::Resume => self.resume(&mut out),
+            Input::DownloadProgress { kind, release, .. }
+            | Input::DownloadFinished { kind, release }
+            | Input::DownloadFailed { kind, release, .. }
+            | Input::InstallFinished { kind, release, .. }
+                if !self.is_current(&kind, &release) =>
+            {
+                tracing::debug!(%kind, %release, "result for a job that is no longer current; dropped");
+            }
+            job_event => self.on_job_event(now_ms, job_event, &mut out),
+        }
+        if out.iter().any(|a| matches!(a, Action::Report(_))) {
+            for a in &out {
+                if let Action::Report(r) = a {
+                    if r.phase != Phase::Rejected {
+                        if let Some(rec) = self.ledger.kinds.get_mut(&r.kind) {
+                            rec.last = Some(r.clone());
+                        }
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    fn is_current(&self, kind: &Kind, release: &ReleaseId) -> bool {
+        self.ledger
+            .kinds
+            .get(kind)
+            .and_then(|r| r.job.as_ref())
+            .is_some_and(|j| &j.notice.release == release)
+    }
+
+    fn check_notice(&self, n: &ReleaseNotice, rec: &KindRecord) -> Result<(), String> {
+        if !n.addresses(&self.me, &self.groups) {
+            let why = match &n.target {
+                Target::Machine(_) => "another machine",
+                Target::Group(_) => "a group this machine is not in",
+            };
+            return Err(format!("notice addresses {}, {why}", n.target));
+        }
+        validate_version(&n.version)?;
+        n.policy.validate().map_err(|e| e.to_string())?;
+        Layout::new(n.artifact.size, n.artifact.chunk_size)
+            .map_err(|e| format!("invalid artifact layout: {e}"))?;
+        if let Some(installed) = &rec.installed {
+            if !n.rollback && compare_versions(&n.version, &installed.version) == Ordering::Less {
+                return Err(format!(
+                    "downgrade from {} to {} refused (not a rollback)",
+                    installed.version, n.version
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn on_notice(&mut self, now_ms: u64, n: ReleaseNotice, out: &mut Vec<Action>) {
+        let rec = self.ledger.kinds.entry(n.kind.clone()).or_default();
+        if n.seq <= rec.accepted_seq {
+            tracing::debug!(kind = %n.kind, release = %n.release, seq = n.seq, accepted = rec.accepted_seq,
+                "notice not newer than the accepted one; ignored");
+            return;
+        }
+        let rec = rec.clone();
+        if let Err(why) = self.check_notice(&n, &rec) {
+            tracing::warn!(kind = %n.kind, release = %n.release, "notice rejected: {why}");
+            out.push(Action::Report(
+                StatusReport::new(&n, Phase::Rejected).error(why),
+            ));
+            return;
+        }
+        let rec = self.ledger.kinds.get_mut(&n.kind).expect("entry exists");
+        rec.accepted_seq = n.seq;
+        rec.queued = None;
+        let already = rec
+            .installed
+            .as_ref()
+            .is_some_and(|i| i.version == n.version && i.artifact == Some(n.artifact.id));
+        match rec.job.as_ref().map(|j| (j.step, j.notice.release.clone())) {
+            Some((Step::Installing, _)) if !already => {
+                // An install cannot be interrupted: run this one right after it.
+                out.push(Action::Report(
+                    StatusReport::new(&n, Phase::Notified)
+                        .detail("queued behind a running install"),
+                ));
+                rec.queued = Some(n);
+                out.push(Action::Persist);
+                out.push(Action::PublishState);
+                return;
+            }
+            Some((Step::Installing, _)) => {
+                out.push(Action::Persist);
+                return;
+            }
+            Some((_, old)) => {
+                out.push(Action::CancelDownload {
+                    kind: n.kind.clone(),
+                    release: old,
+                });
+                rec.job = None;
+            }
+            None => {}
+        }
+        if already {
+            out.push(Action::Report(
+                StatusReport::new(&n, Phase::Installed).detail("already installed"),
+            ));
+        } else {
+            self.start_job(now_ms, n, out);
+        }
+        out.push(Action::Persist);
+        out.push(Action::PublishState);
+    }
+
+    fn start_job(&mut self, now_ms: u64, n: ReleaseNotice, out: &mut Vec<Action>) {
+        let rec = self.ledger.kinds.entry(n.kind.clone()).or_default();
+        out.push(Action::Report(StatusReport::new(&n, Phase::Notified)));
+        let in_previous = n.rollback
+            && rec
+                .previous
+                .as_ref()
+                .is_some_and(|p| p.artifact == Some(n.artifact.id) && p.version == n.version);
+        if in_previous {
+            rec.job = Some(Job {
+                notice: n,
+                step: Step::Deferred,
+                activated: false,
+                from_previous: true,
+            });
+            let kind = rec.job.as_ref().expect("just set").notice.kind.clone();
+            self.after_download(now_ms, &kind, Some("rollback slot holds this version"), out);
+        } else {
+            out.push(Action::StartDownload {
+                kind: n.kind.clone(),
+                notice: n.clone(),
+            });
+            rec.job = Some(Job {
+                notice: n,
+                step: Step::Downloading,
+                activated: false,
+                from_previous: false,
+            });
+        }
+    }
+
+    /// The artifact is on disk (or in the rollback slot): install now or wait for the policy.
+    fn after_download(
+        &mut self,
+        now_ms: u64,
+        kind: &Kind,
+        note: Option<&str>,
+        out: &mut Vec<Action>,
+    ) {
+        let Some(job) = self.ledger.kinds.get_mut(kind).and_then(|r| r.job.as_mut()) else {
+            return;
+        };
+        let mut downloaded = StatusReport::new(&job.notice, Phase::Downloaded);
+        downloaded.detail = note.map(str::to_owned);
+        out.push(Action::Report(downloaded));
+        job.step = Step::Deferred;
+        if self.may_install(now_ms, kind) {
+            self.start_install(kind, out);
+        } else if let Some(job) = self.job(kind) {
+            let detail = match &job.notice.policy {
+                InstallPolicy::Window { start, end, .. } => {
+                    format!("waiting for window {start}-{end}")
+                }
+                InstallPolicy::Idle => "waiting for idle".to_owned(),
+                InstallPolicy::DownloadOnly => "waiting for activate".to_owned(),
+                InstallPolicy::Immediate => "waiting".to_owned(),
+            };
+            out.push(Action::Report(
+                StatusReport::new(&job.notice, Phase::Deferred).detail(detail),
+            ));
+        }
+    }
+
+    fn job(&self, kind: &Kind) -> Option<&Job> {
+        self.ledger.kinds.get(kind).and_then(|r| r.job.as_ref())
+    }
+
+    fn may_install(&self, now_ms: u64, kind: &Kind) -> bool {
+        self.job(kind).is_some_and(|j| {
+            j.activated
+                || j.notice
+                    .policy
+                    .allows_install_now(now_ms, self.utc_offset_minutes, self.busy)
+        })
+    }
+
+    fn start_install(&mut self, kind: &Kind, out: &mut Vec<Action>) {
+        let Some(job) = self.ledger.kinds.get_mut(kind).and_then(|r| r.job.as_mut()) else {
+            return;
+        };
+        job.step = Step::Installing;
+        out.push(Action::Report(StatusReport::new(
+            &job.notice,
+            Phase::Installing,
+        )));
+        out.push(Action::StartInstall {
+            kind: kind.clone(),
+            notice: job.notice.clone(),
+            from_previous: job.from_previous,
+        });
+        out.push(Action::Persist);
+        out.push(Action::PublishState);
+    }
+
+    fn check_deferred(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        let waiting: Vec<Kind> = self
+            .ledger
+            .kinds
+            .iter()
+            .filter(|(_, r)| r.job.as_ref().is_some_and(|j| j.step == Step::Deferred))
+            .map(|(k, _)| k.clone())
+            .collect();
+        for kind in waiting {
+            if self.may_install(now_ms, &kind) {
+                self.start_install(&kind, out);
+            }
+        }
+    }
+
+    fn resume(&mut self, out: &mut Vec<Action>) {
+        for (kind, rec) in &self.ledger.kinds {
+            let Some(job) = &rec.job else { continue };
+            match job.step {
+                Step::Downloading => out.push(Action::StartDownload {
+                    kind: kind.clone(),
+                    notice: job.notice.clone(),
+                }),
+                // Installers are idempotent: re-run the interrupted install.
+                Step::Installing => out.push(Action::StartInstall {
+                    kind: kind.clone(),
+                    notice: job.notice.clone(),
+                    from_previous: job.from_previous,
+                }),
+                Step::Deferred => {}
+            }
+        }
+        out.push(Action::PublishState);
+    }
+
+    fn on_command(&mut self, now_ms: u64, cmd: Command, out: &mut Vec<Action>) {
+        if cmd.machine != self.me {
+            tracing::warn!(machine = %cmd.machine, "command for another machine refused");
+            return;
+        }
+        if cmd.seq <= self.ledger.last_command_seq {
+            tracing::warn!(
+                seq = cmd.seq,
+                last = self.ledger.last_command_seq,
+                "stale or replayed command refused"
+            );
+            return;
+        }
+        self.ledger.last_command_seq = cmd.seq;
+        out.push(Action::Persist);
+        match cmd.action {
+            CommandAction::Report => {
+                out.push(Action::PublishState);
+                for rec in self.ledger.kinds.values() {
+                    if let Some(last) = &rec.last {
+                        out.push(Action::Report(last.clone()));
+                    }
+                }
+            }
+            CommandAction::Activate { release } => {
+                let Some(kind) = self.kind_of_job(&release) else {
+                    tracing::warn!(%release, "activate for a release with no job here; ignored");
+                    return;
+                };
+                let step = self.job(&kind).map(|j| j.step);
+                match step {
+                    Some(Step::Deferred) => {
+                        if let Some(j) = self
+                            .ledger
+                            .kinds
+                            .get_mut(&kind)
+                            .and_then(|r| r.job.as_mut())
+                        {
+                            j.activated = true;
+                        }
+                        self.start_install(&kind, out);
+                    }
+                    Some(Step::Downloading) => {
+                        if let Some(j) = self
+                            .ledger
+                            .kinds
+                            .get_mut(&kind)
+                            .and_then(|r| r.job.as_mut())
+                        {
+                            j.activated = true;
+                        }
+                    }
+                    Some(Step::Installing) | None => {
+                        tracing::info!(%release, "activate: already installing");
+                    }
+                }
+            }
+            CommandAction::Cancel { release } => {
+                let Some(kind) = self.kind_of_job(&release) else {
+                    if let Some(rec) = self
+                        .ledger
+                        .kinds
+                        .values_mut()
+                        .find(|r| r.queued.as_ref().is_some_and(|q| q.release == release))
+                    {
+                        let q = rec.queued.take().expect("found");
+                        out.push(Action::Report(StatusReport::new(&q, Phase::Cancelled)));
+                        out.push(Action::PublishState);
+                    } else {
+                        tracing::warn!(%release, "cancel for a release with no job here; ignored");
+                    }
+                    return;
+                };
+                let rec = self.ledger.kinds.get_mut(&kind).expect("kind of a job");
+                let job = rec.job.as_ref().expect("kind of a job");
+                match job.step {
+                    Step::Installing => {
+                        tracing::warn!(%release, "cancel refused: the install is already running");
+                    }
+                    Step::Downloading | Step::Deferred => {
+                        if job.step == Step::Downloading {
+                            out.push(Action::CancelDownload {
+                                kind: kind.clone(),
+                                release: release.clone(),
+                            });
+                        }
+                        out.push(Action::Report(StatusReport::new(
+                            &job.notice,
+                            Phase::Cancelled,
+                        )));
+                        rec.job = None;
+                        out.push(Action::PublishState);
+                    }
+                }
+            }
+        }
+        let _ = now_ms;
+    }
+
+    fn kind_of_job(&self, release: &ReleaseId) -> Option<Kind> {
+        self.ledger
+            .kinds
+            .iter()
+            .find(|(_, r)| r.job.as_ref().is_some_and(|j| &j.notice.release == release))
+            .map(|(k, _)| k.clone())
+    }
+
+    /// Download and install results for the current job of a kind: `match (step, event)`.
+    fn on_job_event(&mut self, now_ms: u64, input: Input, out: &mut Vec<Action>) {
+        let kind = match &input {
+            Input::DownloadProgress { kind, .. }
+            | Input::DownloadFinished { kind, .. }
+            | Input::DownloadFailed { kind, .. }
+            | Input::InstallFinished { kind, .. } => kind.clone(),
+            other => {
+                tracing::error!(?other, "not a job event");
+                return;
+            }
+        };
+        let Some(rec) = self.ledger.kinds.get_mut(&kind) else {
+            return;
+        };
+        let Some(job) = rec.job.as_mut() else { return };
+        match (job.step, input) {
+            (
+                Step::Downloading,
+                Input::DownloadProgress {
+                    progress, attempt, ..
+                },
+            ) => {
+                let mut r = StatusReport::new(&job.notice, Phase::Downloading);
+                r.progress = Some(progress);
+                r.attempt = attempt;
+                out.push(Action::Report(r));
+            }
+            (Step::Downloading, Input::DownloadFinished { .. }) => {
+                self.after_download(now_ms, &kind, None, out);
+                out.push(Action::Persist);
+                out.push(Action::PublishState);
+            }
+            (
+                Step::Downloading,
+                Input::DownloadFailed {
+                    error, attempts, ..
+                },
+            ) => {
+                let mut r = StatusReport::new(&job.notice, Phase::DownloadFailed).error(error);
+                r.attempt = attempts;
+                out.push(Action::Report(r));
+                rec.job = None;
+                out.push(Action::Persist);
+                out.push(Action::PublishState);
+            }
+            (Step::Installing, Input::InstallFinished { outcome, .. }) => {
+                let notice = job.notice.clone();
+                let new = Installed {
+                    version: notice.version.clone(),
+                    artifact: Some(notice.artifact.id),
+                };
+                match outcome {
+                    InstallOutcome::Installed => {
+                        rec.previous = rec.installed.replace(new);
+                        out.push(Action::Report(StatusReport::new(&notice, Phase::Installed)));
+                    }
+                    InstallOutcome::Failed(e) => {
+                        out.push(Action::Report(
+                            StatusReport::new(&notice, Phase::InstallFailed).error(e),
+                        ));
+                    }
+                    InstallOutcome::RolledBack(e) => {
+                        // The inactive slot now holds the version that failed its health check.
+                        rec.previous = Some(new);
+                        out.push(Action::Report(
+                            StatusReport::new(&notice, Phase::RolledBack).error(e),
+                        ));
+                    }
+                }
+                rec.job = None;
+                if let Some(next) = rec.queued.take() {
+                    self.start_job(now_ms, next, out);
+                }
+                out.push(Action::Persist);
+                out.push(Action::PublishState);
+            }
+            (step, event) => {
+                tracing::warn!(%kind, ?step, ?event, "event not allowed in this step; ignored");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcast_proto::release::ArtifactRef;
+
+    const NOON: u64 = 12 * 3600 * 1000;
+
+    fn me() -> MachineId {
+        MachineId::new("vm-001").unwrap()
+    }
+    fn app() -> Kind {
+        Kind::new("app").unwrap()
+    }
+    fn group() -> GroupId {
+        GroupId::new("g").unwrap()
+    }
+
+    fn notice(release: &str, seq: u64, version: &str) -> ReleaseNotice {
+        ReleaseNotice {
+            release: ReleaseId::new(release).unwrap(),
+            seq,
+            target: Target::Machine(me()),
+            kind: app(),
+            version: version.into(),
+            artifact: ArtifactRef {
+                id: ArtifactId::of(version.as_bytes()),
+                size: 100_000,
+                chunk_size: 65536,
+                name: "app.bin".into(),
+            },
+            policy: InstallPolicy::Immediate,
+            rollback: false,
+            issued_at_ms: 0,
+        }
+    }
+
+    fn updater() -> Updater {
+        let initial = BTreeMap::from([(app(), "1.0.0".to_owned())]);
+        Updater::new(me(), vec![group()], 0, Ledger::default(), &initial)
+    }
+
+    fn phases(actions: &[Action]) -> Vec<Phase> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Report(r) => Some(r.phase),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn rid(s: &str) -> ReleaseId {
+        ReleaseId::new(s).unwrap()
+    }
+
+    fn finish_download(u: &mut Updater, release: &str) -> Vec<Action> {
+        u.handle(
+            NOON,
+            Input::DownloadFinished {
+                kind: app(),
+                release: rid(release),
+            },
+        )
+    }
+
+    fn installed(u: &Updater) -> String {
+        u.ledger.kinds[&app()]
+            .installed
+            .as_ref()
+            .unwrap()
+            .version
+            .clone()
+    }
+
+    #[test]
+    fn an_immediate_notice_downloads_then_installs() {
+        let mut u = updater();
+        let a = u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
+        assert_eq!(phases(&a), vec![Phase::Notified]);
+        assert!(a.iter().any(|a| matches!(a, Action::StartDownload { .. })));
+        assert!(a.contains(&Action::Persist));
+        let a = finish_download(&mut u, "r-1");
+        assert_eq!(phases(&a), vec![Phase::Downloaded, Phase::Installing]);
+        assert!(a.iter().any(|a| matches!(
+            a,
+            Action::StartInstall {
+                from_previous: false,
+                ..
+            }
+        )));
+        let a = u.handle(
+            NOON,
+            Input::InstallFinished {
+                kind: app(),
+                release: rid("r-1"),
+                outcome: InstallOutcome::Installed,
+            },
+        );
+        assert_eq!(phases(&a), vec![Phase::Installed]);
+        assert_eq!(installed(&u), "1.1.0");
+        assert_eq!(
+            u.ledger.kinds[&app()].previous.as_ref().unwrap().version,
+            "1.0.0"
+        );
+        assert_eq!(u.kind_states()[&app()].phase, Some(Phase::Installed));
+    }
+
+    #[test]
+    fn a_notice_not_newer_than_the_accepted_seq_is_ignored() {
+        let mut u = updater();
+        u.handle(NOON, Input::Notice(notice("r-2", 5, "1.2.0")));
+        assert!(u
+            .handle(NOON, Input::Notice(notice("r-2", 5, "1.2.0")))
+            .is_empty());
+        assert!(u
+            .handle(NOON, Input::Notice(notice("r-1", 4, "1.3.0")))
+            .is_empty());
+        assert_eq!(u.ledger.kinds[&app()].accepted_seq, 5);
+    }
+
+    #[test]
+    fn a_newer_machine_notice_beats_an_older_group_notice_whichever_arrives_first() {
+        let mut group_notice = notice("r-g", 3, "1.1.0");
+        group_notice.target = Target::Group(group());
+        let machine_notice = notice("r-m", 4, "1.0.5");
+        let mut u = updater();
+        u.handle(NOON, Input::Notice(machine_notice.clone()));
+        assert!(
+            u.handle(NOON, Input::Notice(group_notice.clone()))
+                .is_empty(),
+            "older group notice ignored"
+        );
+        let mut u = updater();
+        u.handle(NOON, Input::Notice(group_notice));
+        let a = u.handle(NOON, Input::Notice(machine_notice));
+        assert!(a.contains(&Action::CancelDownload {
+            kind: app(),
+            release: rid("r-g")
+        }));
+        assert_eq!(
+            u.ledger.kinds[&app()].job.as_ref().unwrap().notice.release,
+            rid("r-m")
+        );
+    }
+
+    #[test]
+    fn a_notice_for_another_machine_or_group_is_rejected() {
+        let mut u = updater();
+        let mut n = notice("r-1", 1, "2.0");
+        n.target = Target::Machine(MachineId::new("vm-002").unwrap());
+        assert_eq!(
+            phases(&u.handle(NOON, Input::Notice(n.clone()))),
+            vec![Phase::Rejected]
+        );
+        n.target = Target::Group(GroupId::new("other").unwrap());
+        assert_eq!(
+            phases(&u.handle(NOON, Input::Notice(n))),
+            vec![Phase::Rejected]
+        );
+        assert_eq!(u.ledger.kinds[&app()].accepted_seq, 0);
+    }
+
+    #[test]
+    fn a_downgrade_is_rejected_but_a_rollback_may_go_down() {
+        let mut u = updater();
+        let a = u.handle(NOON, Input::Notice(notice("r-1", 1, "0.9.0")));
+        assert_eq!(phases(&a), vec![Phase::Rejected]);
+        let Action::Report(r) = &a[0] else { panic!() };
+        assert!(r.error.as_deref().unwrap().contains("downgrade"), "{r:?}");
+        let mut n = notice("r-2", 2, "0.9.0");
+        n.rollback = true;
+        assert_eq!(
+            phases(&u.handle(NOON, Input::Notice(n))),
+            vec![Phase::Notified]
+        );
+    }
+
+    #[test]
+    fn an_invalid_artifact_layout_is_rejected() {
+        let mut u = updater();
+        let mut n = notice("r-1", 1, "2.0");
+        n.artifact.chunk_size = 1000;
+        assert_eq!(
+            phases(&u.handle(NOON, Input::Notice(n))),
+            vec![Phase::Rejected]
+        );
+    }
+
+    #[test]
+    fn a_notice_for_what_is_already_installed_reports_installed_at_once() {
+        let mut u = updater();
+        u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
+        finish_download(&mut u, "r-1");
+        u.handle(
+            NOON,
+            Input::InstallFinished {
+                kind: app(),
+                release: rid("r-1"),
+                outcome: InstallOutcome::Installed,
+            },
+        );
+        let a = u.handle(NOON, Input::Notice(notice("r-1b", 2, "1.1.0")));
+        assert_eq!(phases(&a), vec![Phase::Installed]);
+        assert!(u.ledger.kinds[&app()].job.is_none());
+    }
+
+    #[test]
+    fn a_rollback_to_the_previous_slot_switches_back_without_downloading() {
+        let mut u = updater();
+        u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
+        finish_download(&mut u, "r-1");
+        u.handle(
+            NOON,
+            Input::InstallFinished {
+                kind: app(),
+                release: rid("r-1"),
+                outcome: InstallOutcome::Installed,
+            },
+        );
+        u.handle(NOON, Input::Notice(notice("r-2", 2, "1.2.0")));
+        finish_download(&mut u, "r-2");
+        u.handle(
+            NOON,
+            Input::InstallFinished {
+                kind: app(),
+                release: rid("r-2"),
+                outcome: InstallOutcome::Installed,
+            },
+        );
+        let mut back = notice("r-3", 3, "1.1.0");
+        back.rollback = true;
+        let a = u.handle(NOON, Input::Notice(back));
+        assert_eq!(
+            phases(&a),
+            vec![Phase::Notified, Phase::Downloaded, Phase::Installing]
+        );
+        assert!(!a.iter().any(|a| matches!(a, Action::StartDownload { .. })));
+        assert!(a.iter().any(|a| matches!(
+            a,
+            Action::StartInstall {
+                from_previous: true,
+                ..
+            }
+        )));
+        u.handle(
+            NOON,
+            Input::InstallFinished {
+                kind: app(),
+                release: rid("r-3"),
+                outcome: InstallOutcome::Installed,
+            },
+        );
+        assert_eq!(installed(&u), "1.1.0");
+    }
+
+    #[test]
+    fn a_window_policy_defers_until_the_window_opens() {
+        let mut u = updater();
+        let mut n = notice("r-1", 1, "1.1.0");
+        n.policy = "window:02:00-04:00".parse().unwrap();
+        u.handle(NOON, Input::Notice(n));
+        let a = finish_download(&mut u, "r-1");
+        assert_eq!(phases(&a), vec![Phase::Downloaded, Phase::Deferred]);
+        let Action::Report(r) = &a[1] else { panic!() };
+        assert_eq!(r.detail.as_deref(), Some("waiting for window 02:00-04:00"));
+        assert!(u.handle(NOON + 1000, Input::Tick).is_empty());
+        let a = u.handle(3 * 3600 * 1000, Input::Tick);
+        assert_eq!(phases(&a), vec![Phase::Installing]);
+    }
+
+    #[test]
+    fn an_idle_policy_waits_until_the_machine_is_not_busy() {
+        let mut u = updater();
+        u.handle(NOON, Input::Busy(true));
+        let mut n = notice("r-1", 1, "1.1.0");
+        n.policy = InstallPolicy::Idle;
+        u.handle(NOON, Input::Notice(n));
+        let a = finish_download(&mut u, "r-1");
+        assert_eq!(phases(&a), vec![Phase::Downloaded, Phase::Deferred]);
+        assert!(u.handle(NOON, Input::Tick).is_empty());
+        let a = u.handle(NOON, Input::Busy(false));
+        assert_eq!(phases(&a), vec![Phase::Installing]);
+    }
+
+    fn cmd(seq: u64, action: CommandAction) -> Input {
+        Input::Command(Command {
+            machine: me(),
+            seq,
+            issued_at_ms: 0,
+            action,
+        })
+    }
+
+    #[test]
+    fn a_download_only_release_installs_only_after_activate() {
+        let mut u = updater();
+        let mut n = notice("r-1", 1, "1.1.0");
+        n.policy = InstallPolicy::DownloadOnly;
+        u.handle(NOON, Input::Notice(n));
+        let a = finish_download(&mut u, "r-1");
+        assert_eq!(phases(&a), vec![Phase::Downloaded, Phase::Deferred]);
+        assert!(u.handle(NOON, Input::Tick).is_empty());
+        let a = u.handle(
+            NOON,
+            cmd(
+                5,
+                CommandAction::Activate {
+                    release: rid("r-1"),
+                },
+            ),
+        );
+        assert_eq!(phases(&a), vec![Phase::Installing]);
+    }
+
+    #[test]
+    fn activate_during_download_installs_right_after_it() {
+        let mut u = updater();
+        let mut n = notice("r-1", 1, "1.1.0");
+        n.policy = InstallPolicy::DownloadOnly;
+        u.handle(NOON, Input::Notice(n));
+        u.handle(
+            NOON,
+            cmd(
+                5,
+                CommandAction::Activate {
+                    release: rid("r-1"),
+                },
+            ),
+        );
+        assert_eq!(
+            phases(&finish_download(&mut u, "r-1")),
+            vec![Phase::Downloaded, Phase::Installing]
+        );
+    }
+
+    #[test]
+    fn cancel_stops_a_job_before_installing_but_not_during() {
+        let mut u = updater();
+        u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
+        let a = u.handle(
+            NOON,
+            cmd(
+                2,
+                CommandAction::Cancel {
+                    release: rid("r-1"),
+                },
+            ),
+        );
+        assert_eq!(phases(&a), vec![Phase::Cancelled]);
+        assert!(a.contains(&Action::CancelDownload {
+            kind: app(),
+            release: rid("r-1")
+        }));
+        assert!(u.ledger.kinds[&app()].job.is_none());
+        u.handle(NOON, Input::Notice(notice("r-2", 3, "1.2.0")));
+        finish_download(&mut u, "r-2");
+        let a = u.handle(
+            NOON,
+            cmd(
+                4,
+                CommandAction::Cancel {
+                    release: rid("r-2"),
+                },
+            ),
+        );
+        assert!(phases(&a).is_empty(), "an install cannot be cancelled");
+    }
+
+    #[test]
+    fn stale_or_foreign_commands_are_refused() {
+        let mut u = updater();
+        assert!(!u.handle(NOON, cmd(5, CommandAction::Report)).is_empty());
+        assert!(u.handle(NOON, cmd(5, CommandAction::Report)).is_empty());
+        assert!(u.handle(NOON, cmd(4, CommandAction::Report)).is_empty());
+        let foreign = Input::Command(Command {
+            machine: MachineId::new("vm-002").unwrap(),
+            seq: 9,
+            issued_at_ms: 0,
+            action: CommandAction::Report,
+        });
+        assert!(u.handle(NOON, foreign).is_empty());
+    }
+
+    #[test]
+    fn a_failed_health_check_keeps_the_old_version() {
+        let mut u = updater();
+        u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
+        finish_download(&mut u, "r-1");
+        let a = u.handle(
+            NOON,
+            Input::InstallFinished {
+                kind: app(),
+                release: rid("r-1"),
+                outcome: InstallOutcome::RolledBack("health check failed".into()),
+            },
+        );
+        assert_eq!(phases(&a), vec![Phase::RolledBack]);
+        assert_eq!(installed(&u), "1.0.0");
+        assert!(u
+            .handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")))
+            .is_empty());
+    }
+
+    #[test]
+    fn a_download_failure_ends_the_job() {
+        let mut u = updater();
+        u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
+        let a = u.handle(
+            NOON,
+            Input::DownloadFailed {
+                kind: app(),
+                release: rid("r-1"),
+                error: "timeout".into(),
+                attempts: 3,
+            },
+        );
+        assert_eq!(phases(&a), vec![Phase::DownloadFailed]);
+        assert!(u.ledger.kinds[&app()].job.is_none());
+    }
+
+    #[test]
+    fn a_restarted_machine_resumes_each_job_from_its_step() {
+        let mut u = updater();
+        u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
+        let ledger: Ledger =
+            serde_json::from_str(&serde_json::to_string(&u.ledger).unwrap()).unwrap();
+        let mut restarted = Updater::new(me(), vec![group()], 0, ledger.clone(), &BTreeMap::new());
+        let a = restarted.handle(NOON, Input::Resume);
+        assert!(a.iter().any(|a| matches!(a, Action::StartDownload { .. })));
+        finish_download(&mut restarted, "r-1");
+        let mut again = Updater::new(
+            me(),
+            vec![group()],
+            0,
+            restarted.ledger.clone(),
+            &BTreeMap::new(),
+        );
+        let a = again.handle(NOON, Input::Resume);
+        assert!(
+            a.iter().any(|a| matches!(a, Action::StartInstall { .. })),
+            "an interrupted install re-runs"
+        );
+    }
+
+    #[test]
+    fn a_notice_during_an_install_is_queued_and_started_after_it() {
+        let mut u = updater();
+        u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
+        finish_download(&mut u, "r-1");
+        let a = u.handle(NOON, Input::Notice(notice("r-2", 2, "1.2.0")));
+        assert!(!a.iter().any(|a| matches!(a, Action::CancelDownload { .. })));
+        let a = u.handle(
+            NOON,
+            Input::InstallFinished {
+                kind: app(),
+                release: rid("r-1"),
+                outcome: InstallOutcome::Installed,
+            },
+        );
+        assert!(a.iter().any(
+            |a| matches!(a, Action::StartDownload { notice, .. } if notice.release == rid("r-2"))
+        ));
+    }
+
+    #[test]
+    fn results_for_a_superseded_job_are_dropped() {
+        let mut u = updater();
+        u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
+        u.handle(NOON, Input::Notice(notice("r-2", 2, "1.2.0")));
+        assert!(finish_download(&mut u, "r-1").is_empty());
+    }
+}

@@ -1,0 +1,158 @@
+//! `fleetcast-device`: run one machine agent, or simulate a fleet.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fleetcast_device::{MachineConfig, SimulateOptions};
+use fleetcast_proto::auth::Secret;
+use fleetcast_proto::{GroupId, Kind};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "fleetcast-device",
+    version,
+    about = "fleetcast machine agent and fleet simulator"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the agent of one machine until Ctrl-C.
+    Run {
+        #[arg(long, default_value = "machine.toml")]
+        config: PathBuf,
+        /// Overrides the broker in the config, e.g. mqtt://127.0.0.1:1883.
+        #[arg(long)]
+        broker: Option<String>,
+    },
+    /// Provision and run many simulated machines in this process until Ctrl-C.
+    Simulate {
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        /// Comma-separated groups, assigned round-robin.
+        #[arg(long, value_delimiter = ',')]
+        groups: Vec<GroupId>,
+        #[arg(long, default_value = "vm-")]
+        prefix: String,
+        #[arg(long, default_value_t = 1)]
+        start_index: usize,
+        #[arg(long, default_value = "./fleetcast-sim")]
+        data: PathBuf,
+        #[arg(long, default_value = fleetcast_broker::client::DEFAULT_BROKER)]
+        broker: String,
+        /// File holding the operator secret (hex). FLEETCAST_ADMIN_SECRET (hex) takes precedence.
+        #[arg(long, default_value = "./fleetcast-data/admin.secret")]
+        admin_secret_file: PathBuf,
+        /// What the machines run before any update, e.g. app=1.0.0,firmware=3.1.
+        #[arg(long, value_delimiter = ',')]
+        initial: Vec<String>,
+        /// Versions whose health check fails (to demonstrate rollback).
+        #[arg(long, value_delimiter = ',')]
+        fail_health: Vec<String>,
+        #[arg(long, default_value = "fleet")]
+        topic_prefix: String,
+    },
+}
+
+fn parse_initial(items: &[String]) -> anyhow::Result<BTreeMap<Kind, String>> {
+    let mut out = BTreeMap::new();
+    for item in items.iter().filter(|i| !i.is_empty()) {
+        let (kind, version) = item
+            .split_once('=')
+            .with_context(|| format!("--initial {item:?}: expected KIND=VERSION"))?;
+        let kind = Kind::new(kind).with_context(|| format!("--initial {item:?}"))?;
+        fleetcast_proto::release::validate_version(version)
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("--initial {item:?}"))?;
+        out.insert(kind, version.to_owned());
+    }
+    Ok(out)
+}
+
+fn admin_secret(file: &PathBuf) -> anyhow::Result<Secret> {
+    if let Ok(hex) = std::env::var("FLEETCAST_ADMIN_SECRET") {
+        return hex
+            .parse()
+            .map_err(anyhow::Error::msg)
+            .context("FLEETCAST_ADMIN_SECRET");
+    }
+    let text = std::fs::read_to_string(file).with_context(|| {
+        format!(
+            "cannot read the operator secret {} (run `fleetcast serve` first, or set FLEETCAST_ADMIN_SECRET)",
+            file.display()
+        )
+    })?;
+    text.parse()
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("{}", file.display()))
+}
+
+fn ctrl_c_token() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let _ = tokio::signal::ctrl_c().await;
+        t.cancel();
+    });
+    token
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Cmd::Run { config, broker } => {
+            let mut cfg = MachineConfig::load(&config)?;
+            if let Some(b) = broker {
+                cfg.broker = b;
+            }
+            fleetcast_device::run(cfg, ctrl_c_token()).await?;
+        }
+        Cmd::Simulate {
+            count,
+            groups,
+            prefix,
+            start_index,
+            data,
+            broker,
+            admin_secret_file,
+            initial,
+            fail_health,
+            topic_prefix,
+        } => {
+            let opts = SimulateOptions {
+                count,
+                groups,
+                prefix,
+                data_dir: data,
+                broker,
+                topic_prefix,
+                admin_secret: admin_secret(&admin_secret_file)?,
+                initial_versions: parse_initial(&initial)?,
+                start_index,
+                fail_health,
+            };
+            fleetcast_device::simulate::run(opts, ctrl_c_token()).await?;
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    if let Err(e) = run(Cli::parse()).await {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}

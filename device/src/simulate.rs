@@ -1,0 +1,185 @@
+//! A fleet in one process: provisions `count` machines through the platform's admin API, writes
+//! each one's `machine.toml`, and runs every agent on its own MQTT connection.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use fleetcast_broker::admin::{AdminClient, AdminError};
+use fleetcast_broker::BrokerUrl;
+use fleetcast_proto::admin::{AdminOp, AdminReply};
+use fleetcast_proto::auth::Secret;
+use fleetcast_proto::{GroupId, Kind, MachineId, Topics};
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{self, AgentError, AgentOptions};
+use crate::config::MachineConfig;
+use crate::fsutil::write_atomic;
+
+#[derive(Debug, Clone)]
+pub struct SimulateOptions {
+    pub count: usize,
+    pub groups: Vec<GroupId>,
+    /// Machines are named `{prefix}{index:03}`.
+    pub prefix: String,
+    pub data_dir: PathBuf,
+    pub broker: String,
+    pub topic_prefix: String,
+    pub admin_secret: Secret,
+    pub initial_versions: BTreeMap<Kind, String>,
+    /// Index of the first machine (1 gives `vm-001`).
+    pub start_index: usize,
+    /// Versions whose health check fails on every simulated machine.
+    pub fail_health: Vec<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SimulateError {
+    #[error("bad broker address: {0}")]
+    Broker(String),
+    #[error("machine name {name:?}: {reason}")]
+    MachineName { name: String, reason: String },
+    #[error("cannot reach the platform: {0}")]
+    Admin(#[from] AdminError),
+    #[error("provisioning {machine}: {reason}")]
+    Provision { machine: String, reason: String },
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Agent(#[from] AgentError),
+}
+
+/// The group of machine `index` (1-based): round-robin over `groups`.
+pub fn group_of(index: usize, groups: &[GroupId]) -> Option<GroupId> {
+    (!groups.is_empty()).then(|| groups[(index.max(1) - 1) % groups.len()].clone())
+}
+
+pub fn machine_name(prefix: &str, index: usize) -> String {
+    format!("{prefix}{index:03}")
+}
+
+pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(), SimulateError> {
+    let url: BrokerUrl =
+        opts.broker
+            .parse()
+            .map_err(|e: fleetcast_broker::client::BrokerUrlError| {
+                SimulateError::Broker(e.to_string())
+            })?;
+    let first = opts.start_index;
+    let last = first + opts.count.saturating_sub(1);
+    let mut machines = Vec::with_capacity(opts.count);
+    for i in first..first + opts.count {
+        let name = machine_name(&opts.prefix, i);
+        let id = MachineId::new(name.clone()).map_err(|e| SimulateError::MachineName {
+            name,
+            reason: e.to_string(),
+        })?;
+        machines.push((id, group_of(i - first + 1, &opts.groups)));
+    }
+
+    let admin = AdminClient::connect(
+        &url,
+        Topics::new(&opts.topic_prefix),
+        opts.admin_secret.clone(),
+        Duration::from_secs(10),
+    )
+    .await?;
+    let mut configs = Vec::with_capacity(machines.len());
+    for (machine, group) in &machines {
+        let op = AdminOp::MachineProvision {
+            machine: machine.clone(),
+            groups: group.iter().cloned().collect(),
+        };
+        let provisioned = match admin.request(op).await {
+            Ok(AdminReply::Provisioned { machine }) => machine,
+            Ok(other) => {
+                admin.close().await;
+                return Err(SimulateError::Provision {
+                    machine: machine.to_string(),
+                    reason: format!("unexpected reply {other:?}"),
+                });
+            }
+            Err(e) => {
+                admin.close().await;
+                return Err(SimulateError::Provision {
+                    machine: machine.to_string(),
+                    reason: e.to_string(),
+                });
+            }
+        };
+        let dir = opts.data_dir.join(machine.as_str());
+        let mut config = MachineConfig::from_provisioned(&provisioned, &opts.broker, dir.clone());
+        config.initial_versions = opts.initial_versions.clone();
+        let path = dir.join("machine.toml");
+        write_atomic(&path, config.to_toml().as_bytes())
+            .map_err(|source| SimulateError::Write { path, source })?;
+        configs.push(config);
+    }
+    admin.close().await;
+
+    let groups: Vec<&str> = opts.groups.iter().map(|g| g.as_str()).collect();
+    let range = if opts.count == 0 {
+        "none".to_owned()
+    } else {
+        format!(
+            "{}..{}",
+            machine_name(&opts.prefix, first),
+            machine_name(&opts.prefix, last)
+        )
+    };
+    println!(
+        "simulating {} machines ({range}){}",
+        opts.count,
+        if groups.is_empty() {
+            String::new()
+        } else {
+            format!(" in groups {}", groups.join(","))
+        }
+    );
+
+    let mut agents = JoinSet::new();
+    for config in configs {
+        let options = AgentOptions {
+            fail_health: Some(opts.fail_health.clone()),
+            ..Default::default()
+        };
+        let token = shutdown.clone();
+        agents.spawn(agent::run_with(config, options, token));
+    }
+    let mut first_error = None;
+    while let Some(joined) = agents.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!("agent stopped: {e}");
+                first_error.get_or_insert(e);
+            }
+            Err(e) => tracing::error!("agent task failed: {e}"),
+        }
+    }
+    match first_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn machines_get_groups_round_robin_and_padded_names() {
+        let g = |s: &str| GroupId::new(s).unwrap();
+        let groups = [g("a"), g("b")];
+        assert_eq!(group_of(1, &groups), Some(g("a")));
+        assert_eq!(group_of(2, &groups), Some(g("b")));
+        assert_eq!(group_of(3, &groups), Some(g("a")));
+        assert_eq!(group_of(1, &[]), None);
+        assert_eq!(machine_name("vm-", 7), "vm-007");
+        assert_eq!(machine_name("vm-", 1234), "vm-1234");
+    }
+}

@@ -1,0 +1,212 @@
+//! What the agent keeps on disk: `agent.json` (the [`Ledger`] and the message counter's
+//! reservation) and `outbox.json` (status events not yet acknowledged by the broker). Both are
+//! replaced atomically on every change.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use serde::{Deserialize, Serialize};
+
+use crate::fsutil::write_atomic;
+use crate::machine::Ledger;
+
+/// Counter values reserved on disk at a time: a restart continues after the reservation, so
+/// `ctr` never repeats even if the agent dies between two saves.
+pub const CTR_BLOCK: u64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is corrupt: {source}")]
+    Corrupt {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct AgentFile {
+    #[serde(default)]
+    ledger: Ledger,
+    /// Counter values below this may have been used.
+    #[serde(default)]
+    ctr_reserved: u64,
+}
+
+struct Inner {
+    file: AgentFile,
+    next_ctr: u64,
+}
+
+/// `agent.json`, shared by the agent loop (ledger) and every sender of MAC'd messages (counter).
+#[derive(Clone)]
+pub struct Store {
+    path: PathBuf,
+    inner: Arc<Mutex<Inner>>,
+}
+
+fn read_json<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, StoreError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+            path: path.to_owned(),
+            source,
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Err(source) => Err(StoreError::Read {
+            path: path.to_owned(),
+            source,
+        }),
+    }
+}
+
+impl Store {
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join("agent.json");
+        let file: AgentFile = read_json(&path)?;
+        let next_ctr = file.ctr_reserved + 1;
+        Ok(Self {
+            path,
+            inner: Arc::new(Mutex::new(Inner { file, next_ctr })),
+        })
+    }
+
+    pub fn ledger(&self) -> Ledger {
+        self.lock().file.ledger.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave the data half-written: recover it.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self, file: &AgentFile) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec_pretty(file).expect("agent file serializes");
+        write_atomic(&self.path, &bytes).map_err(|source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    pub fn save_ledger(&self, ledger: &Ledger) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        inner.file.ledger = ledger.clone();
+        self.write(&inner.file)
+    }
+
+    /// The next message counter, strictly above every counter used before, across restarts.
+    pub fn next_ctr(&self) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        let ctr = inner.next_ctr;
+        if ctr > inner.file.ctr_reserved {
+            inner.file.ctr_reserved = ctr + CTR_BLOCK - 1;
+            if let Err(e) = self.write(&inner.file) {
+                inner.file.ctr_reserved = ctr - 1;
+                return Err(e);
+            }
+        }
+        inner.next_ctr += 1;
+        Ok(ctr)
+    }
+}
+
+/// One sealed status event waiting for the broker's PUBACK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxEntry {
+    pub ctr: u64,
+    /// The MAC envelope, exactly as published.
+    pub payload: String,
+}
+
+/// Status events in order, persisted until acknowledged.
+pub struct Outbox {
+    path: PathBuf,
+    entries: VecDeque<OutboxEntry>,
+}
+
+impl Outbox {
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join("outbox.json");
+        let entries: VecDeque<OutboxEntry> = read_json(&path)?;
+        Ok(Self { path, entries })
+    }
+
+    fn save(&self) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(&self.entries).expect("outbox serializes");
+        write_atomic(&self.path, &bytes).map_err(|source| StoreError::Write {
+            path: self.path.clone(),
+            source,
+        })
+    }
+
+    pub fn push(&mut self, entry: OutboxEntry) -> Result<(), StoreError> {
+        self.entries.push_back(entry);
+        self.save()
+    }
+
+    pub fn head(&self) -> Option<&OutboxEntry> {
+        self.entries.front()
+    }
+
+    /// Drops the head if it is `ctr` (acknowledged).
+    pub fn ack(&mut self, ctr: u64) -> Result<bool, StoreError> {
+        if self.entries.front().is_some_and(|e| e.ctr == ctr) {
+            self.entries.pop_front();
+            self.save()?;
+            return Ok(true);
+        }
+        Ok(false)
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_counter_continues_above_its_reservation_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let first: Vec<u64> = (0..5).map(|_| store.next_ctr().unwrap()).collect();
+        assert_eq!(first, vec![1, 2, 3, 4, 5]);
+        let again = Store::open(dir.path()).unwrap();
+        let next = again.next_ctr().unwrap();
+        assert!(next > 5, "{next}");
+        assert_eq!(next, CTR_BLOCK + 1);
+    }
+
+    #[test]
+    fn the_outbox_survives_a_restart_and_drops_only_its_acknowledged_head() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path()).unwrap();
+        for ctr in [1, 2] {
+            ob.push(OutboxEntry {
+                ctr,
+                payload: format!("p{ctr}"),
+            })
+            .unwrap();
+        }
+        assert!(!ob.ack(2).unwrap());
+        let mut ob = Outbox::open(dir.path()).unwrap();
+        assert_eq!(ob.len(), 2);
+        assert!(ob.ack(1).unwrap());
+        assert_eq!(ob.head().unwrap().ctr, 2);
+    }
+}
