@@ -495,49 +495,50 @@ impl Admin {
         to: Option<String>,
     ) -> Result<AdminReply, OpError> {
         let store = &self.ctx.store;
-        let to =
-            match (&target, to) {
-                (_, Some(v)) => v,
-                (Target::Machine(m), None) => {
-                    let Some(info) = store.machine(m)? else {
-                        return refused(format!("unknown machine {m}"));
-                    };
-                    let history = store.history(m, &kind)?;
-                    let current = info
-                        .kinds
-                        .get(&kind)
-                        .and_then(|k| k.version.clone())
-                        .or_else(|| history.last().cloned());
-                    match previous_version(&history, current.as_deref()) {
-                        Some(v) => v,
-                        None => return refused(format!(
-                            "no earlier {kind} version known for machine {m}; pass --to VERSION"
-                        )),
-                    }
-                }
-                (Target::Group(g), None) => {
-                    let mut releases: Vec<ReleaseInfo> = store
-                        .releases()?
-                        .into_iter()
-                        .filter(|r| r.kind == kind && r.seq > 0 && r.groups.contains(g))
-                        .collect();
-                    releases.sort_by_key(|r| r.seq);
-                    let Some(current) = releases.pop() else {
+        let to = match (&target, to) {
+            (_, Some(v)) => v,
+            (Target::Machine(m), None) => {
+                let Some(info) = store.machine(m)? else {
+                    return refused(format!("unknown machine {m}"));
+                };
+                let history = store.history(m, &kind)?;
+                let current = info
+                    .kinds
+                    .get(&kind)
+                    .and_then(|k| k.version.clone())
+                    .or_else(|| history.last().cloned());
+                match previous_version(&history, current.as_deref()) {
+                    Some(v) => v,
+                    None => {
                         return refused(format!(
-                            "group {g} has no {kind} release yet; pass --to VERSION"
-                        ));
-                    };
-                    match releases.iter().rev().find(|r| r.version != current.version) {
-                        Some(r) => r.version.clone(),
-                        None => {
-                            return refused(format!(
-                                "group {g} had no {kind} release before {}; pass --to VERSION",
-                                current.version
-                            ))
-                        }
+                            "no earlier {kind} version known for machine {m}; pass --to VERSION"
+                        ))
                     }
                 }
-            };
+            }
+            (Target::Group(g), None) => {
+                let mut releases: Vec<ReleaseInfo> = store
+                    .releases()?
+                    .into_iter()
+                    .filter(|r| r.kind == kind && r.seq > 0 && r.groups.contains(g))
+                    .collect();
+                releases.sort_by_key(|r| r.seq);
+                let Some(current) = releases.pop() else {
+                    return refused(format!(
+                        "group {g} has no {kind} release yet; pass --to VERSION"
+                    ));
+                };
+                match releases.iter().rev().find(|r| r.version != current.version) {
+                    Some(r) => r.version.clone(),
+                    None => {
+                        return refused(format!(
+                            "group {g} had no {kind} release before {}; pass --to VERSION",
+                            current.version
+                        ))
+                    }
+                }
+            }
+        };
         if let Target::Machine(m) = &target {
             if store.machine(m)?.is_none() {
                 return refused(format!("unknown machine {m}"));

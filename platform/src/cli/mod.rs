@@ -1,1 +1,179 @@
-//! The `fleetcast` command line.
+//! The `fleetcast` command line: `serve` runs the platform; every other command is an admin
+//! request to a running platform through the broker. Output formatting lives in pure
+//! functions (tested below each module); `anyhow` is used only here and in `main`.
+//!
+//! Layout: [`serve`], [`artifact`], [`release`], [`machines`] (list, provision),
+//! [`rollback`] (rollback, activate), [`table`] (table and time formatting).
+
+pub mod artifact;
+pub mod machines;
+pub mod release;
+pub mod rollback;
+pub mod serve;
+pub mod table;
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use fleetcast_broker::admin::AdminClient;
+use fleetcast_broker::BrokerUrl;
+use fleetcast_proto::auth::Secret;
+use fleetcast_proto::Topics;
+
+#[derive(Parser)]
+#[command(
+    name = "fleetcast",
+    version,
+    about = "Update a fleet of vending machines over MQTT"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the platform (and, without --broker, the embedded MQTT broker).
+    Serve(serve::ServeArgs),
+    /// Upload and list version files.
+    #[command(subcommand)]
+    Artifact(artifact::ArtifactCmd),
+    /// Create, publish and follow releases.
+    #[command(subcommand)]
+    Release(release::ReleaseCmd),
+    /// List machines with their state.
+    Machines(machines::MachinesArgs),
+    /// Register machines.
+    #[command(subcommand)]
+    Machine(machines::MachineCmd),
+    /// Roll a machine's or group's version type back to a stable version.
+    Rollback(rollback::RollbackArgs),
+    /// Install a downloaded `download-only` release now.
+    Activate(rollback::ActivateArgs),
+}
+
+/// How a client command reaches the platform.
+#[derive(Args, Clone)]
+pub struct ClientArgs {
+    /// Broker the platform listens on.
+    #[arg(long, env = "FLEETCAST_BROKER", default_value = fleetcast_broker::client::DEFAULT_BROKER, global = true)]
+    pub broker: String,
+    /// File holding the admin secret (hex), created by `fleetcast serve`.
+    #[arg(long, default_value = "./fleetcast-data/admin.secret", global = true)]
+    pub admin_secret_file: PathBuf,
+    /// The admin secret itself (hex); overrides --admin-secret-file.
+    #[arg(
+        long = "admin-secret",
+        env = "FLEETCAST_ADMIN_SECRET",
+        hide_env_values = true,
+        global = true
+    )]
+    pub admin_secret: Option<String>,
+    #[arg(long, default_value = fleetcast_proto::topics::DEFAULT_PREFIX, global = true)]
+    pub topic_prefix: String,
+}
+
+impl ClientArgs {
+    pub fn secret(&self) -> anyhow::Result<Secret> {
+        let text = match &self.admin_secret {
+            Some(s) => s.clone(),
+            None => std::fs::read_to_string(&self.admin_secret_file).with_context(|| {
+                format!(
+                    "cannot read the admin secret {} (run `fleetcast serve` first, or pass --admin-secret-file / FLEETCAST_ADMIN_SECRET)",
+                    self.admin_secret_file.display()
+                )
+            })?,
+        };
+        text.parse::<Secret>()
+            .map_err(|e| anyhow::anyhow!("admin secret: {e}"))
+    }
+
+    pub fn broker_url(&self) -> anyhow::Result<BrokerUrl> {
+        Ok(self.broker.parse::<BrokerUrl>()?)
+    }
+
+    pub async fn connect(&self) -> anyhow::Result<AdminClient> {
+        let url = self.broker_url()?;
+        let client = AdminClient::connect(
+            &url,
+            Topics::new(&self.topic_prefix),
+            self.secret()?,
+            Duration::from_secs(10),
+        )
+        .await
+        .with_context(|| format!("cannot reach the platform via {url}"))?;
+        Ok(client)
+    }
+}
+
+/// Asks "question [y/N]" on stdin. Without a terminal and without `--yes` it refuses.
+pub fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
+    if yes {
+        return Ok(true);
+    }
+    if !std::io::stdin().is_terminal() {
+        anyhow::bail!(
+            "refusing to continue without confirmation: stdin is not a terminal (pass --yes)"
+        );
+    }
+    eprint!("{question} [y/N] ");
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the answer")?;
+    Ok(matches!(line.trim(), "y" | "Y" | "yes" | "YES" | "Yes"))
+}
+
+/// Runs one parsed command.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Artifact(cmd) => artifact::run(cmd).await,
+        Command::Release(cmd) => release::run(cmd).await,
+        Command::Machines(args) => machines::list(args).await,
+        Command::Machine(cmd) => machines::run(cmd).await,
+        Command::Rollback(args) => rollback::rollback(args).await,
+        Command::Activate(args) => rollback::activate(args).await,
+    }
+}
+
+/// Prints `value` as pretty JSON.
+pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Comma-separated ids from the command line.
+pub fn parse_list<T: std::str::FromStr>(text: &Option<String>) -> anyhow::Result<Vec<T>>
+where
+    T::Err: std::fmt::Display,
+{
+    let Some(text) = text else { return Ok(vec![]) };
+    text.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<T>().map_err(|e| anyhow::anyhow!("{e}")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn the_command_line_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn comma_lists_parse_and_bad_ids_are_reported() {
+        let ok: Vec<fleetcast_proto::MachineId> = parse_list(&Some("vm-1, vm-2,".into())).unwrap();
+        assert_eq!(ok.len(), 2);
+        let err = parse_list::<fleetcast_proto::MachineId>(&Some("vm-1,a/b".into())).unwrap_err();
+        assert!(err.to_string().contains("a/b"), "{err}");
+    }
+}

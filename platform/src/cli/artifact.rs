@@ -1,0 +1,155 @@
+//! `fleetcast artifact upload|list`.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Subcommand;
+use fleetcast_proto::admin::{AdminOp, AdminReply, ArtifactInfo};
+use fleetcast_proto::chunk::DEFAULT_CHUNK_SIZE;
+use fleetcast_proto::Kind;
+use indicatif::{ProgressBar, ProgressStyle};
+
+use super::{print_json, table, ClientArgs};
+
+#[derive(Subcommand)]
+pub enum ArtifactCmd {
+    /// Upload a version file.
+    Upload {
+        file: PathBuf,
+        /// Version type, e.g. app or firmware.
+        #[arg(long)]
+        kind: Kind,
+        #[arg(long)]
+        version: String,
+        #[arg(long)]
+        notes: Option<String>,
+        /// Bytes per chunk: a power of two from 1 KiB to 1 MiB.
+        #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
+        chunk_size: u32,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List uploaded version files.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+pub async fn run(cmd: ArtifactCmd) -> anyhow::Result<()> {
+    match cmd {
+        ArtifactCmd::Upload {
+            file,
+            kind,
+            version,
+            notes,
+            chunk_size,
+            client,
+        } => {
+            let admin = client.connect().await?;
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{msg} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+                )
+                .expect("valid template")
+                .progress_chars("=> "),
+            );
+            bar.set_message(format!("uploading {}", file.display()));
+            let result = admin
+                .upload(
+                    &file,
+                    kind.clone(),
+                    version.clone(),
+                    notes,
+                    chunk_size,
+                    |sent, total| {
+                        bar.set_length(total);
+                        bar.set_position(sent);
+                    },
+                )
+                .await;
+            bar.finish_and_clear();
+            admin.close().await;
+            let info = result
+                .with_context(|| format!("uploading {} as {kind} {version}", file.display()))?;
+            print!("{}", uploaded(&info));
+            Ok(())
+        }
+        ArtifactCmd::List { json, client } => {
+            let admin = client.connect().await?;
+            let reply = admin.request(AdminOp::ArtifactList).await;
+            admin.close().await;
+            let AdminReply::Artifacts { artifacts } = reply? else {
+                anyhow::bail!("unexpected reply to artifact list");
+            };
+            if json {
+                return print_json(&artifacts);
+            }
+            print!("{}", list(&artifacts));
+            Ok(())
+        }
+    }
+}
+
+pub fn uploaded(info: &ArtifactInfo) -> String {
+    format!(
+        "uploaded {} {} ({}, {}) as artifact {}\n",
+        info.kind,
+        info.version,
+        info.name,
+        table::bytes(info.size),
+        info.id
+    )
+}
+
+pub fn list(artifacts: &[ArtifactInfo]) -> String {
+    let rows: Vec<Vec<String>> = artifacts
+        .iter()
+        .map(|a| {
+            vec![
+                a.kind.to_string(),
+                a.version.clone(),
+                a.id.short(),
+                table::bytes(a.size),
+                a.name.clone(),
+                table::time(Some(a.uploaded_at_ms)),
+                a.notes.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table::render(
+        &[
+            "KIND", "VERSION", "ARTIFACT", "SIZE", "NAME", "UPLOADED", "NOTES",
+        ],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcast_proto::ArtifactId;
+
+    #[test]
+    fn the_artifact_list_shows_kind_version_and_short_id() {
+        let a = ArtifactInfo {
+            id: ArtifactId::of(b"x"),
+            kind: Kind::new("app").unwrap(),
+            version: "2.4.1".into(),
+            name: "app.bin".into(),
+            size: 2048,
+            chunk_size: 65536,
+            notes: None,
+            uploaded_at_ms: 0,
+        };
+        let out = list(&[a.clone()]);
+        let short = a.id.short();
+        assert_eq!(
+            out,
+            format!("KIND  VERSION  ARTIFACT      SIZE     NAME     UPLOADED             NOTES\napp   2.4.1    {short}  2.0 KiB  app.bin  1970-01-01 00:00:00\n")
+        );
+    }
+}

@@ -1,0 +1,211 @@
+//! `fleetcast machines` and `fleetcast machine provision`.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use fleetcast_proto::admin::{AdminOp, AdminReply, MachineInfo, ProvisionedMachine};
+use fleetcast_proto::auth::{PlatformPublicKey, Secret};
+use fleetcast_proto::{GroupId, MachineId};
+use serde::Serialize;
+
+use super::{parse_list, print_json, table, ClientArgs};
+
+#[derive(Args)]
+pub struct MachinesArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Subcommand)]
+pub enum MachineCmd {
+    /// Register a machine (or re-print an existing one's config, adding groups) and print its
+    /// TOML config to stdout.
+    Provision {
+        machine: MachineId,
+        /// Comma-separated group ids.
+        #[arg(long)]
+        groups: Option<String>,
+        /// `data_dir` written into the config.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+pub async fn list(args: MachinesArgs) -> anyhow::Result<()> {
+    let admin = args.client.connect().await?;
+    let reply = admin.request(AdminOp::Machines).await;
+    admin.close().await;
+    let AdminReply::Machines { mut machines } = reply? else {
+        anyhow::bail!("unexpected reply to machines");
+    };
+    machines.sort_by(|a, b| a.id.cmp(&b.id));
+    if args.json {
+        return print_json(&machines);
+    }
+    print!("{}", machines_text(&machines));
+    Ok(())
+}
+
+pub async fn run(cmd: MachineCmd) -> anyhow::Result<()> {
+    match cmd {
+        MachineCmd::Provision {
+            machine,
+            groups,
+            data_dir,
+            client,
+        } => {
+            let groups: Vec<GroupId> = parse_list(&groups)?;
+            let admin = client.connect().await?;
+            let reply = admin
+                .request(AdminOp::MachineProvision { machine, groups })
+                .await;
+            admin.close().await;
+            let AdminReply::Provisioned { machine } = reply? else {
+                anyhow::bail!("unexpected reply to machine provision");
+            };
+            let data_dir = data_dir.unwrap_or_else(|| {
+                PathBuf::from(format!("./fleetcast-device-{}", machine.machine))
+            });
+            print!("{}", config_toml(&machine, &client.broker, &data_dir));
+            Ok(())
+        }
+    }
+}
+
+/// The device's `MachineConfig` keys.
+#[derive(Serialize)]
+struct MachineConfigToml<'a> {
+    machine: &'a MachineId,
+    groups: &'a [GroupId],
+    secret: &'a Secret,
+    platform_key: &'a PlatformPublicKey,
+    topic_prefix: &'a str,
+    broker: &'a str,
+    data_dir: &'a PathBuf,
+}
+
+/// The machine's config file, as the device agent reads it.
+pub fn config_toml(p: &ProvisionedMachine, broker: &str, data_dir: &PathBuf) -> String {
+    let cfg = MachineConfigToml {
+        machine: &p.machine,
+        groups: &p.groups,
+        secret: &p.secret,
+        platform_key: &p.platform_key,
+        topic_prefix: &p.topic_prefix,
+        broker,
+        data_dir,
+    };
+    format!(
+        "# fleetcast machine config for {}. Keep it secret: it holds the machine's key.\n{}",
+        p.machine,
+        toml::to_string(&cfg).expect("config serializes")
+    )
+}
+
+pub fn machines_text(machines: &[MachineInfo]) -> String {
+    let rows: Vec<Vec<String>> = machines
+        .iter()
+        .map(|m| {
+            let versions: Vec<String> = m
+                .kinds
+                .iter()
+                .map(|(k, s)| format!("{k}={}", s.version.as_deref().unwrap_or("-")))
+                .collect();
+            let groups: Vec<String> = m.groups.iter().map(|g| g.to_string()).collect();
+            vec![
+                m.id.to_string(),
+                if m.online { "yes" } else { "no" }.into(),
+                table::time(m.last_seen_ms),
+                if groups.is_empty() {
+                    "-".into()
+                } else {
+                    groups.join(",")
+                },
+                if versions.is_empty() {
+                    "-".into()
+                } else {
+                    versions.join(" ")
+                },
+                if m.busy { "busy" } else { "idle" }.into(),
+            ]
+        })
+        .collect();
+    table::render(
+        &[
+            "MACHINE",
+            "ONLINE",
+            "LAST SEEN",
+            "GROUPS",
+            "VERSIONS",
+            "BUSY",
+        ],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcast_proto::status::KindState;
+    use fleetcast_proto::Kind;
+
+    #[test]
+    fn the_machine_table_shows_versions_per_kind() {
+        let mut m = MachineInfo {
+            id: MachineId::new("vm-001").unwrap(),
+            groups: vec![GroupId::new("shanghai").unwrap()],
+            provisioned_at_ms: 0,
+            online: true,
+            last_seen_ms: Some(3_000),
+            agent_version: None,
+            busy: false,
+            kinds: Default::default(),
+        };
+        m.kinds.insert(
+            Kind::new("app").unwrap(),
+            KindState {
+                version: Some("2.4.1".into()),
+                ..Default::default()
+            },
+        );
+        m.kinds.insert(
+            Kind::new("firmware").unwrap(),
+            KindState {
+                version: Some("1.0".into()),
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            machines_text(&[m]),
+            "MACHINE  ONLINE  LAST SEEN            GROUPS    VERSIONS                BUSY\n\
+             vm-001   yes     1970-01-01 00:00:03  shanghai  app=2.4.1 firmware=1.0  idle\n"
+        );
+    }
+
+    #[test]
+    fn the_provisioned_config_has_the_device_keys() {
+        let p = ProvisionedMachine {
+            machine: MachineId::new("vm-001").unwrap(),
+            groups: vec![GroupId::new("g").unwrap()],
+            secret: Secret::from_bytes([1; 32]),
+            platform_key: fleetcast_proto::auth::PlatformKey::from_seed([2; 32]).public(),
+            topic_prefix: "fleet".into(),
+        };
+        let text = config_toml(&p, "mqtt://127.0.0.1:1883", &PathBuf::from("/var/lib/vm"));
+        let v: toml::Value = toml::from_str(&text).unwrap();
+        assert_eq!(v["machine"].as_str(), Some("vm-001"));
+        assert_eq!(v["groups"][0].as_str(), Some("g"));
+        assert_eq!(v["secret"].as_str(), Some(p.secret.to_hex().as_str()));
+        assert_eq!(
+            v["platform_key"].as_str(),
+            Some(p.platform_key.to_hex().as_str())
+        );
+        assert_eq!(v["topic_prefix"].as_str(), Some("fleet"));
+        assert_eq!(v["broker"].as_str(), Some("mqtt://127.0.0.1:1883"));
+        assert_eq!(v["data_dir"].as_str(), Some("/var/lib/vm"));
+    }
+}
