@@ -184,9 +184,12 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
 
     let mut result = Ok(());
     tokio::select! {
+        biased;
         _ = shutdown.cancelled() => {}
         Some(joined) = tasks.join_next() => {
             result = match joined {
+                // Tasks see the shutdown too, and may end before this select notices it.
+                _ if shutdown.is_cancelled() => Ok(()),
                 Ok((task, Ok(()))) => Err(PlatformError::Task { task, reason: "ended unexpectedly".into() }),
                 Ok((task, Err(e))) => Err(PlatformError::Task { task, reason: format!("{e}") }),
                 Err(e) => Err(PlatformError::Task { task: "?", reason: e.to_string() }),
