@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fleetcast_broker::client::{self, BrokerUrl, MqttEvent};
-use fleetcast_proto::auth::Purpose;
+use fleetcast_proto::auth::{Purpose, SignedEnvelope, MAX_JSON_MESSAGE};
 use fleetcast_proto::chunk::decode_frame;
 use fleetcast_proto::command::Command;
 use fleetcast_proto::status::MachineState;
@@ -351,8 +351,10 @@ impl Agent {
             Err(e) => {
                 tracing::warn!(machine = %self.me(), %kind, "notice refused: {e}");
                 // What the notice claims, unverified, so the platform can tell which one it was.
-                let claimed: Option<serde_json::Value> =
-                    fleetcast_proto::auth::peek_body(payload).ok();
+                let claimed: Option<serde_json::Value> = (payload.len() <= MAX_JSON_MESSAGE)
+                    .then(|| serde_json::from_slice::<SignedEnvelope>(payload).ok())
+                    .flatten()
+                    .and_then(|env| serde_json::from_str(&env.body).ok());
                 let field = |name: &str| {
                     claimed
                         .as_ref()

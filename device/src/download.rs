@@ -443,8 +443,8 @@ impl<'a> Transfer<'a> {
                         FrameType::Chunk if h.total == self.layout.chunks && !self.have.has(h.index) => {
                             if let Err(e) = verifier.verify(h.index, payload) {
                                 tracing::warn!(artifact = %self.artifact.short(), chunk = h.index, "bad chunk dropped: {e}");
-                                if outstanding.contains_key(&h.index) {
-                                    outstanding.insert(h.index, Instant::now());
+                                if let Some(at) = outstanding.get_mut(&h.index) {
+                                    *at = Instant::now();
                                     self.request(false, &[h.index]).await?;
                                 }
                                 continue;

@@ -1,1 +1,646 @@
-//! placeholder
+//! Device integration tests: a real rumqttd on a free loopback port, a real agent, and the
+//! platform's side of the protocol played here with proto types only.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use fleetcast_broker::client::{self, BrokerUrl, MqttEvent};
+use fleetcast_broker::embedded::start_on_free_port;
+use fleetcast_device::{AgentOptions, MachineConfig};
+use fleetcast_proto::auth::{PlatformKey, Purpose, Secret};
+use fleetcast_proto::chunk::{
+    encode_frame, ChunkRequest, FrameHeader, FrameType, Layout, ManifestBuilder,
+};
+use fleetcast_proto::command::{Command, CommandAction};
+use fleetcast_proto::release::ArtifactRef;
+use fleetcast_proto::{
+    ArtifactId, InstallPolicy, Kind, MachineId, Phase, ReleaseId, ReleaseNotice, Route,
+    StatusEvent, Target, Topics,
+};
+use rumqttc::{AsyncClient, QoS};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+const CHUNK: u32 = 16 * 1024;
+
+struct Artifact {
+    bytes: Vec<u8>,
+    layout: Layout,
+    manifest: Vec<u8>,
+    id: ArtifactId,
+}
+
+impl Artifact {
+    fn new(len: usize, seed: u8) -> Self {
+        let bytes: Vec<u8> = (0..len)
+            .map(|i| ((i * 7 + seed as usize * 13) % 251) as u8 ^ seed)
+            .collect();
+        let layout = Layout::new(len as u64, CHUNK).unwrap();
+        let mut mb = ManifestBuilder::new(layout);
+        for i in 0..layout.chunks {
+            let s = layout.offset(i) as usize;
+            mb.push_chunk(&bytes[s..s + layout.chunk_len(i)]);
+        }
+        Self {
+            id: ArtifactId::of(&bytes),
+            manifest: mb.finish(),
+            bytes,
+            layout,
+        }
+    }
+    fn reference(&self) -> ArtifactRef {
+        ArtifactRef {
+            id: self.id,
+            size: self.layout.size,
+            chunk_size: CHUNK,
+            name: "app.bin".into(),
+        }
+    }
+}
+
+/// What the fake platform's chunk server does.
+#[derive(Default)]
+struct ServeControl {
+    /// Chunk indices requested, in order.
+    requested: Mutex<Vec<u32>>,
+    served: AtomicU32,
+    /// Serve at most this many chunks (u32::MAX: all).
+    limit: AtomicU32,
+    /// Corrupt this chunk index the first time it is served (u32::MAX: none).
+    corrupt_once: AtomicU32,
+}
+
+struct Platform {
+    key: PlatformKey,
+    topics: Topics,
+    client: AsyncClient,
+    statuses: mpsc::UnboundedReceiver<StatusEvent>,
+    control: Arc<ServeControl>,
+    artifacts: Arc<Mutex<HashMap<ArtifactId, Arc<Artifact>>>>,
+    stop: CancellationToken,
+    seq: u64,
+}
+
+impl Drop for Platform {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+fn machine() -> MachineId {
+    MachineId::new("vm-001").unwrap()
+}
+
+fn app() -> Kind {
+    Kind::new("app").unwrap()
+}
+
+async fn platform(url: &BrokerUrl, secret: Secret) -> Platform {
+    let stop = CancellationToken::new();
+    let (client, el) = client::connect(client::options(url, "platform-test", None), 4096);
+    let (tx, mut rx) = mpsc::channel(1024);
+    tokio::spawn(client::drive(el, tx, stop.clone()));
+    let topics = Topics::default();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(MqttEvent::Connected { .. })) => break,
+            Ok(Some(_)) => {}
+            other => panic!("platform client did not connect: {other:?}"),
+        }
+    }
+    client
+        .subscribe(topics.platform_status_filter(), QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    client
+        .subscribe(topics.platform_chunk_request_filter(), QoS::AtMostOnce)
+        .await
+        .unwrap();
+    let control = Arc::new(ServeControl::default());
+    control.limit.store(u32::MAX, Ordering::SeqCst);
+    control.corrupt_once.store(u32::MAX, Ordering::SeqCst);
+    let artifacts: Arc<Mutex<HashMap<ArtifactId, Arc<Artifact>>>> = Arc::default();
+    let (status_tx, statuses) = mpsc::unbounded_channel();
+    let (c, t, ctl, arts) = (
+        client.clone(),
+        topics.clone(),
+        control.clone(),
+        artifacts.clone(),
+    );
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            let MqttEvent::Publish(p) = ev else { continue };
+            match t.parse(&p.topic) {
+                Some(Route::Status(_)) => {
+                    let ev: StatusEvent = secret
+                        .open(Purpose::Status, &p.payload)
+                        .expect("status MAC verifies");
+                    let _ = status_tx.send(ev);
+                }
+                Some(Route::ChunkRequest(m)) => {
+                    let req: ChunkRequest = secret
+                        .open(Purpose::ChunkRequest, &p.payload)
+                        .expect("request MAC verifies");
+                    let art = arts.lock().unwrap().get(&req.artifact).cloned();
+                    let Some(art) = art else {
+                        let h = FrameHeader {
+                            frame_type: FrameType::Error,
+                            artifact: req.artifact,
+                            index: 0,
+                            total: 0,
+                        };
+                        let _ = c.try_publish(
+                            t.machine_chunks(&m),
+                            QoS::AtMostOnce,
+                            false,
+                            encode_frame(&h, b"unknown artifact"),
+                        );
+                        continue;
+                    };
+                    let mut out = Vec::new();
+                    if req.manifest {
+                        let parts = art.layout.manifest_parts();
+                        for part in 0..parts {
+                            let h = FrameHeader {
+                                frame_type: FrameType::Manifest,
+                                artifact: art.id,
+                                index: part,
+                                total: parts,
+                            };
+                            out.push(encode_frame(
+                                &h,
+                                &art.manifest[art.layout.manifest_part_range(part)],
+                            ));
+                        }
+                    }
+                    for i in req.indices() {
+                        ctl.requested.lock().unwrap().push(i);
+                        if ctl.served.load(Ordering::SeqCst) >= ctl.limit.load(Ordering::SeqCst) {
+                            continue;
+                        }
+                        ctl.served.fetch_add(1, Ordering::SeqCst);
+                        let s = art.layout.offset(i) as usize;
+                        let mut data = art.bytes[s..s + art.layout.chunk_len(i)].to_vec();
+                        if ctl
+                            .corrupt_once
+                            .compare_exchange(i, u32::MAX, Ordering::SeqCst, Ordering::SeqCst)
+                            .is_ok()
+                        {
+                            data[0] ^= 0xff;
+                        }
+                        let h = FrameHeader {
+                            frame_type: FrameType::Chunk,
+                            artifact: art.id,
+                            index: i,
+                            total: art.layout.chunks,
+                        };
+                        out.push(encode_frame(&h, &data));
+                    }
+                    for frame in out {
+                        c.publish(t.machine_chunks(&m), QoS::AtMostOnce, false, frame)
+                            .await
+                            .unwrap();
+                    }
+                }
+                _ => {}
+            }
+        }
+    });
+    Platform {
+        key: PlatformKey::from_seed(rand::random()),
+        topics,
+        client,
+        statuses,
+        control,
+        artifacts,
+        stop,
+        seq: 0,
+    }
+}
+
+impl Platform {
+    fn add(&self, art: Artifact) -> Arc<Artifact> {
+        let art = Arc::new(art);
+        self.artifacts.lock().unwrap().insert(art.id, art.clone());
+        art
+    }
+
+    fn notice(
+        &mut self,
+        release: &str,
+        version: &str,
+        art: &Artifact,
+        policy: InstallPolicy,
+    ) -> ReleaseNotice {
+        self.seq += 1;
+        ReleaseNotice {
+            release: ReleaseId::new(release).unwrap(),
+            seq: self.seq,
+            target: Target::Machine(machine()),
+            kind: app(),
+            version: version.into(),
+            artifact: art.reference(),
+            policy,
+            rollback: false,
+            issued_at_ms: 0,
+        }
+    }
+
+    async fn publish_signed(&self, notice: &ReleaseNotice, key: &PlatformKey) {
+        let payload = key.sign(Purpose::Release, notice);
+        self.client
+            .publish(
+                self.topics.machine_release(&machine(), &notice.kind),
+                QoS::AtLeastOnce,
+                true,
+                payload,
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn publish(&self, notice: &ReleaseNotice) {
+        self.publish_signed(notice, &self.key).await;
+    }
+
+    async fn command(&mut self, action: CommandAction) {
+        self.seq += 1;
+        let cmd = Command {
+            machine: machine(),
+            seq: self.seq,
+            issued_at_ms: 0,
+            action,
+        };
+        let payload = self.key.sign(Purpose::Command, &cmd);
+        self.client
+            .publish(
+                self.topics.command(&machine()),
+                QoS::AtLeastOnce,
+                false,
+                payload,
+            )
+            .await
+            .unwrap();
+    }
+
+    /// Status events up to and including the first of `release` in a final phase or `until`.
+    async fn wait_for(&mut self, release: &str, until: Phase) -> Vec<StatusEvent> {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, self.statuses.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no {until} for {release} within 30 s; saw {:?}",
+                        phases(&seen)
+                    )
+                })
+                .expect("status channel open");
+            let done =
+                ev.release.as_ref().is_some_and(|r| r.as_str() == release) && ev.phase == until;
+            seen.push(ev);
+            if done {
+                return seen;
+            }
+        }
+    }
+}
+
+fn phases(events: &[StatusEvent]) -> Vec<Phase> {
+    let mut out: Vec<Phase> = Vec::new();
+    for e in events {
+        if out.last() != Some(&e.phase) {
+            out.push(e.phase);
+        }
+    }
+    out
+}
+
+struct Machine {
+    config: MachineConfig,
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+fn config(url: &BrokerUrl, p: &Platform, secret: &Secret, dir: &Path) -> MachineConfig {
+    let text = format!(
+        "machine = \"vm-001\"\nsecret = \"{}\"\nplatform_key = \"{}\"\nbroker = \"{url}\"\ndata_dir = {:?}\n[initial_versions]\napp = \"1.0.0\"\n",
+        secret.to_hex(),
+        p.key.public().to_hex(),
+        dir.display().to_string()
+    );
+    let path = dir.join("machine.toml");
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&path, text).unwrap();
+    MachineConfig::load(&path).unwrap()
+}
+
+fn start(config: MachineConfig, options: AgentOptions) -> Machine {
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(
+        fleetcast_device::run_with(config.clone(), options, stop.clone()).then_unwrap(),
+    );
+    Machine { config, stop, task }
+}
+
+trait ThenUnwrap {
+    fn then_unwrap(self) -> impl std::future::Future<Output = ()> + Send;
+}
+impl<F: std::future::Future<Output = Result<(), fleetcast_device::AgentError>> + Send> ThenUnwrap
+    for F
+{
+    async fn then_unwrap(self) {
+        self.await.expect("agent runs cleanly");
+    }
+}
+
+impl Machine {
+    async fn stop(self) {
+        self.stop.cancel();
+        tokio::time::timeout(Duration::from_secs(10), self.task)
+            .await
+            .expect("agent stops within 10 s")
+            .unwrap();
+    }
+    fn slot_root(&self) -> PathBuf {
+        self.config.data_dir.join("slots/app")
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    url: BrokerUrl,
+    secret: Secret,
+    platform: Platform,
+    machine_dir: PathBuf,
+}
+
+async fn setup() -> Setup {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let secret = Secret::from_bytes(rand::random());
+    let platform = platform(&url, secret.clone()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let machine_dir = dir.path().join("vm-001");
+    Setup {
+        _dir: dir,
+        url,
+        secret,
+        platform,
+        machine_dir,
+    }
+}
+
+impl Setup {
+    fn machine(&self, options: AgentOptions) -> Machine {
+        start(
+            config(&self.url, &self.platform, &self.secret, &self.machine_dir),
+            options,
+        )
+    }
+}
+
+#[tokio::test]
+async fn an_immediate_release_downloads_installs_into_a_slot_and_reports_every_phase() {
+    let mut s = setup().await;
+    let m = s.machine(AgentOptions::default());
+    let art = s.platform.add(Artifact::new(300 * 1024 + 5, 1));
+    let n = s
+        .platform
+        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
+    s.platform.publish(&n).await;
+    let seen = s.platform.wait_for("r-1", Phase::Installed).await;
+    assert_eq!(
+        phases(&seen),
+        vec![
+            Phase::Notified,
+            Phase::Downloading,
+            Phase::Downloaded,
+            Phase::Installing,
+            Phase::Installed
+        ]
+    );
+    let downloading = seen
+        .iter()
+        .filter(|e| e.phase == Phase::Downloading)
+        .count();
+    assert!(
+        (1..=12).contains(&downloading),
+        "progress roughly every 10 %, not per chunk: {downloading}"
+    );
+    assert!(
+        seen.windows(2).all(|w| w[0].ctr < w[1].ctr),
+        "ctr strictly increases"
+    );
+    assert_eq!(
+        std::fs::read(m.slot_root().join("current/artifact")).unwrap(),
+        art.bytes
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.slot_root().join("current/version")).unwrap(),
+        "1.1.0"
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_corrupted_chunk_is_fetched_again_and_the_install_still_succeeds() {
+    let mut s = setup().await;
+    s.platform.control.corrupt_once.store(3, Ordering::SeqCst);
+    let m = s.machine(AgentOptions::default());
+    let art = s.platform.add(Artifact::new(200 * 1024, 2));
+    let n = s
+        .platform
+        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
+    s.platform.publish(&n).await;
+    s.platform.wait_for("r-1", Phase::Installed).await;
+    let requested = s.platform.control.requested.lock().unwrap().clone();
+    assert!(
+        requested.iter().filter(|&&i| i == 3).count() >= 2,
+        "chunk 3 was requested again: {requested:?}"
+    );
+    assert_eq!(
+        std::fs::read(m.slot_root().join("current/artifact")).unwrap(),
+        art.bytes
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_badly_signed_notice_is_rejected_with_the_claimed_release() {
+    let mut s = setup().await;
+    let m = s.machine(AgentOptions::default());
+    let art = s.platform.add(Artifact::new(50 * 1024, 3));
+    let n = s
+        .platform
+        .notice("r-evil", "9.9.9", &art, InstallPolicy::Immediate);
+    let forger = PlatformKey::from_seed(rand::random());
+    s.platform.publish_signed(&n, &forger).await;
+    let seen = s.platform.wait_for("r-evil", Phase::Rejected).await;
+    let last = seen.last().unwrap();
+    assert!(
+        last.error.as_deref().unwrap_or("").contains("signature"),
+        "{last:?}"
+    );
+    assert!(!m.slot_root().join("current").exists());
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_notice_with_a_stale_seq_is_ignored() {
+    let mut s = setup().await;
+    let m = s.machine(AgentOptions::default());
+    let art = s.platform.add(Artifact::new(40 * 1024, 4));
+    let newer = s
+        .platform
+        .notice("r-new", "1.1.0", &art, InstallPolicy::Immediate);
+    let mut stale = s
+        .platform
+        .notice("r-stale", "1.2.0", &art, InstallPolicy::Immediate);
+    stale.seq = 1;
+    let mut newer2 = newer.clone();
+    newer2.seq = 10;
+    s.platform.publish(&newer2).await;
+    s.platform.wait_for("r-new", Phase::Installed).await;
+    s.platform.publish(&stale).await;
+    let probe = {
+        let mut p = s
+            .platform
+            .notice("r-probe", "1.3.0", &art, InstallPolicy::Immediate);
+        p.seq = 11;
+        p
+    };
+    s.platform.publish(&probe).await;
+    let seen = s.platform.wait_for("r-probe", Phase::Notified).await;
+    assert!(
+        seen.iter()
+            .all(|e| e.release.as_ref().map(|r| r.as_str()) != Some("r-stale")),
+        "the stale notice produced no status: {seen:?}"
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_failed_health_check_rolls_back_to_the_old_slot() {
+    let mut s = setup().await;
+    let m = s.machine(AgentOptions {
+        fail_health: Some(vec!["2.0.0".into()]),
+        ..Default::default()
+    });
+    let good = s.platform.add(Artifact::new(40 * 1024, 5));
+    let bad = s.platform.add(Artifact::new(40 * 1024, 6));
+    let n = s
+        .platform
+        .notice("r-good", "1.5.0", &good, InstallPolicy::Immediate);
+    s.platform.publish(&n).await;
+    s.platform.wait_for("r-good", Phase::Installed).await;
+    let n = s
+        .platform
+        .notice("r-bad", "2.0.0", &bad, InstallPolicy::Immediate);
+    s.platform.publish(&n).await;
+    let seen = s.platform.wait_for("r-bad", Phase::RolledBack).await;
+    assert!(seen
+        .last()
+        .unwrap()
+        .error
+        .as_deref()
+        .unwrap_or("")
+        .contains("health"));
+    let current = std::fs::read_link(m.slot_root().join("current")).unwrap();
+    assert_eq!(
+        current,
+        PathBuf::from("a"),
+        "current points back to the old slot"
+    );
+    assert_eq!(
+        std::fs::read(m.slot_root().join("current/artifact")).unwrap(),
+        good.bytes
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_download_only_release_installs_only_after_activate() {
+    let mut s = setup().await;
+    let m = s.machine(AgentOptions::default());
+    let art = s.platform.add(Artifact::new(40 * 1024, 7));
+    let n = s
+        .platform
+        .notice("r-1", "1.1.0", &art, InstallPolicy::DownloadOnly);
+    s.platform.publish(&n).await;
+    let seen = s.platform.wait_for("r-1", Phase::Deferred).await;
+    assert_eq!(
+        seen.last().unwrap().detail.as_deref(),
+        Some("waiting for activate")
+    );
+    // Nothing happens by itself.
+    let quiet = tokio::time::timeout(Duration::from_millis(1500), s.platform.statuses.recv()).await;
+    assert!(quiet.is_err(), "unexpected status {quiet:?}");
+    assert!(!m.slot_root().join("current").exists());
+    s.platform
+        .command(CommandAction::Activate {
+            release: ReleaseId::new("r-1").unwrap(),
+        })
+        .await;
+    let seen = s.platform.wait_for("r-1", Phase::Installed).await;
+    assert_eq!(phases(&seen), vec![Phase::Installing, Phase::Installed]);
+    assert_eq!(
+        std::fs::read(m.slot_root().join("current/artifact")).unwrap(),
+        art.bytes
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_restarted_agent_resumes_its_download_where_it_stopped() {
+    let mut s = setup().await;
+    let options = AgentOptions {
+        tuning: fleetcast_device::download::Tuning {
+            persist_every: 64 * 1024,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let art = s.platform.add(Artifact::new(2 * 1024 * 1024, 8));
+    let chunks = art.layout.chunks;
+    s.platform.control.limit.store(60, Ordering::SeqCst);
+    let m = s.machine(options.clone());
+    let n = s
+        .platform
+        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
+    s.platform.publish(&n).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while s.platform.control.served.load(Ordering::SeqCst) < 60 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first run never got 60 chunks"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    m.stop().await;
+
+    s.platform.control.requested.lock().unwrap().clear();
+    s.platform.control.limit.store(u32::MAX, Ordering::SeqCst);
+    let m = s.machine(options);
+    s.platform.wait_for("r-1", Phase::Installed).await;
+    let mut second: Vec<u32> = s.platform.control.requested.lock().unwrap().clone();
+    second.sort_unstable();
+    second.dedup();
+    assert!(
+        !second.is_empty() && (second.len() as u32) <= chunks - 60,
+        "second run fetched {} distinct chunks of {chunks}",
+        second.len()
+    );
+    assert_eq!(
+        std::fs::read(m.slot_root().join("current/artifact")).unwrap(),
+        art.bytes
+    );
+    m.stop().await;
+}
