@@ -8,7 +8,7 @@ async fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sled=warn,rumqttd=warn".into()),
+                .unwrap_or_else(|_| "info,sled=warn,rumqttd=off".into()),
         )
         .init();
     let cli = fleetcast_platform::cli::Cli::parse();

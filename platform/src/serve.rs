@@ -67,7 +67,12 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> Result<()
         );
     let auth: AuthStore = Arc::new(RwLock::new(Some(store.clone())));
     if let Some(listen) = opts.embedded_listen {
-        start_embedded_broker(listen, &keys, auth.clone())?;
+        start_embedded_broker(
+            listen,
+            &keys,
+            &Topics::new(&opts.topic_prefix),
+            auth.clone(),
+        )?;
     }
     let deps = Deps {
         store,
@@ -86,11 +91,10 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> Result<()
 pub fn start_embedded_broker(
     listen: SocketAddr,
     keys: &Keys,
+    topics: &Topics,
     auth: AuthStore,
 ) -> Result<EmbeddedBroker, PlatformError> {
     let admin_password = keys.admin.mqtt_password();
-    let topics_for_bulk = Topics::default();
-    let _ = topics_for_bulk;
     let mut settings = BrokerSettings::new(listen).with_auth(move |client, pass| {
         if client.starts_with("fleetcast-") {
             return pass == admin_password;
@@ -101,16 +105,15 @@ pub fn start_embedded_broker(
             .and_then(|s| s.secret_by_client_id(client))
             .is_some_and(|s| s.mqtt_password() == pass)
     });
-    settings.bulk_filters = bulk_filters();
+    settings.bulk_filters = bulk_filters(topics);
     Ok(EmbeddedBroker::start(settings)?)
 }
 
-/// Chunk topics get their own (larger) broker segment logs. rumqttd matches these by filter,
-/// so they are given with wildcards and the default prefix's shape.
-pub fn bulk_filters() -> Vec<String> {
+/// Chunk topics get their own (larger) broker segment logs.
+pub fn bulk_filters(topics: &Topics) -> Vec<String> {
     vec![
-        "fleet/machines/+/chunks".into(),
-        "fleet/artifacts/+/chunks".into(),
+        format!("{}/machines/+/chunks", topics.prefix()),
+        format!("{}/artifacts/+/chunks", topics.prefix()),
     ]
 }
 

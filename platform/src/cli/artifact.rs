@@ -145,7 +145,7 @@ mod tests {
             notes: None,
             uploaded_at_ms: 0,
         };
-        let out = list(&[a.clone()]);
+        let out = list(std::slice::from_ref(&a));
         let short = a.id.short();
         assert_eq!(
             out,
