@@ -644,3 +644,233 @@ async fn a_restarted_agent_resumes_its_download_where_it_stopped() {
     );
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_rollback_notice_switches_back_to_the_previous_slot_without_downloading() {
+    let mut s = setup().await;
+    let m = s.machine(AgentOptions::default());
+    let v1 = s.platform.add(Artifact::new(40 * 1024, 9));
+    let v2 = s.platform.add(Artifact::new(40 * 1024, 10));
+    let n = s
+        .platform
+        .notice("r-1", "1.1.0", &v1, InstallPolicy::Immediate);
+    s.platform.publish(&n).await;
+    s.platform.wait_for("r-1", Phase::Installed).await;
+    let n = s
+        .platform
+        .notice("r-2", "1.2.0", &v2, InstallPolicy::Immediate);
+    s.platform.publish(&n).await;
+    s.platform.wait_for("r-2", Phase::Installed).await;
+    s.platform.control.requested.lock().unwrap().clear();
+    let mut back = s
+        .platform
+        .notice("r-back", "1.1.0", &v1, InstallPolicy::Immediate);
+    back.rollback = true;
+    s.platform.publish(&back).await;
+    let seen = s.platform.wait_for("r-back", Phase::Installed).await;
+    assert!(
+        !phases(&seen).contains(&Phase::Downloading),
+        "{:?}",
+        phases(&seen)
+    );
+    assert!(
+        s.platform.control.requested.lock().unwrap().is_empty(),
+        "no chunk fetched"
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.slot_root().join("current/version")).unwrap(),
+        "1.1.0"
+    );
+    assert_eq!(
+        std::fs::read(m.slot_root().join("current/artifact")).unwrap(),
+        v1.bytes
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_group_notice_older_than_the_machine_notice_is_ignored() {
+    let mut s = setup().await;
+    let mut cfg = config(&s.url, &s.platform, &s.secret, &s.machine_dir);
+    cfg.groups = vec![fleetcast_proto::GroupId::new("g1").unwrap()];
+    let m = start(cfg, AgentOptions::default());
+    let art = s.platform.add(Artifact::new(40 * 1024, 11));
+    let g1 = fleetcast_proto::GroupId::new("g1").unwrap();
+    // Group notices reach the machine at all.
+    let mut first = s
+        .platform
+        .notice("r-group-1", "1.0.5", &art, InstallPolicy::Immediate);
+    first.target = Target::Group(g1.clone());
+    let payload = s.platform.key.sign(Purpose::Release, &first);
+    s.platform
+        .client
+        .publish(
+            s.platform.topics.group_release(&g1, &app()),
+            QoS::AtLeastOnce,
+            true,
+            payload,
+        )
+        .await
+        .unwrap();
+    s.platform.wait_for("r-group-1", Phase::Installed).await;
+    let mut machine_notice =
+        s.platform
+            .notice("r-machine", "1.1.0", &art, InstallPolicy::Immediate);
+    machine_notice.seq = 20;
+    s.platform.publish(&machine_notice).await;
+    s.platform.wait_for("r-machine", Phase::Installed).await;
+    let mut group_notice = s
+        .platform
+        .notice("r-group", "1.5.0", &art, InstallPolicy::Immediate);
+    group_notice.seq = 19;
+    group_notice.target = Target::Group(fleetcast_proto::GroupId::new("g1").unwrap());
+    let payload = s.platform.key.sign(Purpose::Release, &group_notice);
+    s.platform
+        .client
+        .publish(
+            s.platform
+                .topics
+                .group_release(&fleetcast_proto::GroupId::new("g1").unwrap(), &app()),
+            QoS::AtLeastOnce,
+            true,
+            payload,
+        )
+        .await
+        .unwrap();
+    let mut probe = s
+        .platform
+        .notice("r-probe", "1.6.0", &art, InstallPolicy::Immediate);
+    probe.seq = 21;
+    s.platform.publish(&probe).await;
+    let seen = s.platform.wait_for("r-probe", Phase::Notified).await;
+    assert!(
+        seen.iter()
+            .all(|e| e.release.as_ref().map(|r| r.as_str()) != Some("r-group")),
+        "{seen:?}"
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
+    use fleetcast_proto::admin::{
+        AdminOp, AdminReply, AdminRequest, AdminResponse, ProvisionedMachine,
+    };
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let admin_secret = Secret::from_bytes(rand::random());
+    let platform_key = PlatformKey::from_seed(rand::random()).public();
+    let stop = CancellationToken::new();
+    let (c, el) = client::connect(client::options(&url, "fake-platform", None), 256);
+    let (tx, mut rx) = mpsc::channel(256);
+    tokio::spawn(client::drive(el, tx, stop.clone()));
+    let topics = Topics::default();
+    let online: Arc<Mutex<HashMap<String, String>>> = Arc::default();
+    {
+        let (c, topics, online, admin_secret) = (
+            c.clone(),
+            topics.clone(),
+            online.clone(),
+            admin_secret.clone(),
+        );
+        tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    MqttEvent::Connected { .. } => {
+                        c.subscribe(topics.platform_admin_request_filter(), QoS::AtLeastOnce)
+                            .await
+                            .unwrap();
+                        c.subscribe(topics.platform_online_filter(), QoS::AtLeastOnce)
+                            .await
+                            .unwrap();
+                    }
+                    MqttEvent::Publish(p) => match topics.parse(&p.topic) {
+                        Some(Route::AdminRequest(client)) => {
+                            let req: AdminRequest = admin_secret
+                                .open(Purpose::Admin, &p.payload)
+                                .expect("admin MAC");
+                            let AdminOp::MachineProvision { machine, groups } = req.op else {
+                                continue;
+                            };
+                            let reply = AdminReply::Provisioned {
+                                machine: ProvisionedMachine {
+                                    machine,
+                                    groups,
+                                    secret: Secret::from_bytes(rand::random()),
+                                    platform_key,
+                                    topic_prefix: "fleet".into(),
+                                },
+                            };
+                            let resp =
+                                serde_json::to_vec(&AdminResponse::ok(req.id, reply)).unwrap();
+                            c.publish(
+                                topics.admin_response(&client),
+                                QoS::AtLeastOnce,
+                                false,
+                                resp,
+                            )
+                            .await
+                            .unwrap();
+                        }
+                        Some(Route::Online(m)) => {
+                            online.lock().unwrap().insert(
+                                m.to_string(),
+                                String::from_utf8_lossy(&p.payload).into_owned(),
+                            );
+                        }
+                        _ => {}
+                    },
+                    _ => {}
+                }
+            }
+        });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let dir = tempfile::tempdir().unwrap();
+    let g = |s: &str| fleetcast_proto::GroupId::new(s).unwrap();
+    let opts = fleetcast_device::SimulateOptions {
+        count: 3,
+        groups: vec![g("a"), g("b")],
+        prefix: "vm-".into(),
+        data_dir: dir.path().to_owned(),
+        broker: url.to_string(),
+        topic_prefix: "fleet".into(),
+        admin_secret,
+        initial_versions: [(app(), "1.0.0".to_owned())].into(),
+        start_index: 1,
+        fail_health: vec![],
+    };
+    let sim_stop = CancellationToken::new();
+    let sim = tokio::spawn(fleetcast_device::simulate::run(opts, sim_stop.clone()));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let n = online
+            .lock()
+            .unwrap()
+            .values()
+            .filter(|v| *v == "true")
+            .count();
+        if n == 3 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "machines online: {:?}",
+            online.lock().unwrap()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for (name, group) in [("vm-001", "a"), ("vm-002", "b"), ("vm-003", "a")] {
+        let cfg = MachineConfig::load(dir.path().join(name).join("machine.toml")).unwrap();
+        assert_eq!(cfg.groups, vec![g(group)], "{name}");
+        assert_eq!(cfg.data_dir, dir.path().join(name));
+        assert_eq!(cfg.initial_versions[&app()], "1.0.0");
+    }
+    sim_stop.cancel();
+    tokio::time::timeout(Duration::from_secs(10), sim)
+        .await
+        .expect("simulator stops")
+        .unwrap()
+        .unwrap();
+    stop.cancel();
+}
