@@ -445,6 +445,11 @@ impl Admin {
     }
 
     fn provision(&self, machine: MachineId, groups: Vec<GroupId>) -> Result<AdminReply, OpError> {
+        if machine.as_str().starts_with("fleetcast-") {
+            return refused(format!(
+                "machine id {machine} is reserved: ids starting with fleetcast- are operator and platform clients"
+            ));
+        }
         let store = &self.ctx.store;
         let (secret, info) = {
             let _records = store.lock_records();
