@@ -35,14 +35,14 @@ const RESEND_AFTER: Duration = Duration::from_secs(10);
 pub enum AgentError {
     #[error("machine {machine}: invalid config: {reason}")]
     Config { machine: String, reason: String },
-    #[error("machine {machine}: cannot create {path}: {source}")]
+    #[error("machine {machine}: cannot create {path}: {error}")]
     DataDir {
         machine: String,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("machine {machine}: {source}")]
-    Store { machine: String, source: StoreError },
+    #[error("machine {machine}: {error}")]
+    Store { machine: String, error: StoreError },
 }
 
 /// Extra knobs for tests and the simulator.
@@ -105,14 +105,14 @@ pub async fn run_with(
         .broker
         .parse()
         .map_err(|e: client::BrokerUrlError| bad(e.to_string()))?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| AgentError::DataDir {
+    std::fs::create_dir_all(&config.data_dir).map_err(|error| AgentError::DataDir {
         machine: machine.clone(),
         path: config.data_dir.clone(),
-        source,
+        error,
     })?;
-    let store_err = |source| AgentError::Store {
+    let store_err = |error| AgentError::Store {
         machine: machine.clone(),
-        source,
+        error,
     };
     let store = Store::open(&config.data_dir).map_err(store_err)?;
     let outbox = Outbox::open(&config.data_dir).map_err(store_err)?;

@@ -10,15 +10,15 @@ use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path} is not a valid machine config: {source}")]
+    #[error("{path} is not a valid machine config: {error}")]
     Parse {
         path: PathBuf,
-        source: toml::de::Error,
+        error: toml::de::Error,
     },
     #[error("{path}: {why}")]
     Invalid { path: PathBuf, why: String },
@@ -78,13 +78,13 @@ pub struct MachineConfig {
 impl MachineConfig {
     pub fn load(path: impl AsRef<Path>) -> Result<Self, ConfigError> {
         let path = path.as_ref();
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
-        let config: MachineConfig = toml::from_str(&text).map_err(|source| ConfigError::Parse {
+        let config: MachineConfig = toml::from_str(&text).map_err(|error| ConfigError::Parse {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         config.validate().map_err(|why| ConfigError::Invalid {
             path: path.to_owned(),

@@ -56,12 +56,12 @@ impl Default for Tuning {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DownloadError {
-    #[error("artifact {artifact}: {op} {path}: {source}")]
+    #[error("artifact {artifact}: {op} {path}: {error}")]
     Io {
         artifact: ArtifactId,
         op: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("artifact {artifact}: invalid layout: {reason}")]
     Layout {
@@ -173,11 +173,11 @@ struct Transfer<'a> {
 impl<'a> Transfer<'a> {
     fn io(&self, op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError {
         let (artifact, path) = (self.artifact, path.to_owned());
-        move |source| DownloadError::Io {
+        move |error| DownloadError::Io {
             artifact,
             op,
             path,
-            source,
+            error,
         }
     }
 
@@ -191,11 +191,11 @@ impl<'a> Transfer<'a> {
         let staging = ctx.data_dir.join("staging");
         let io = |op, path: &Path| {
             let path = path.to_owned();
-            move |source| DownloadError::Io {
+            move |error| DownloadError::Io {
                 artifact: id,
                 op,
                 path,
-                source,
+                error,
             }
         };
         std::fs::create_dir_all(&staging).map_err(io("create", &staging))?;

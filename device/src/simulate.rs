@@ -41,13 +41,13 @@ pub enum SimulateError {
     #[error("machine name {name:?}: {reason}")]
     MachineName { name: String, reason: String },
     #[error("cannot reach the platform: {0}")]
-    Admin(#[from] AdminError),
+    Admin(AdminError),
     #[error("provisioning {machine}: {reason}")]
     Provision { machine: String, reason: String },
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(transparent)]
     Agent(#[from] AgentError),
@@ -87,7 +87,8 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
         opts.admin_secret.clone(),
         Duration::from_secs(10),
     )
-    .await?;
+    .await
+    .map_err(SimulateError::Admin)?;
     let mut configs = Vec::with_capacity(machines.len());
     for (machine, group) in &machines {
         let op = AdminOp::MachineProvision {
@@ -116,7 +117,7 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
         config.initial_versions = opts.initial_versions.clone();
         let path = dir.join("machine.toml");
         write_atomic(&path, config.to_toml().as_bytes())
-            .map_err(|source| SimulateError::Write { path, source })?;
+            .map_err(|error| SimulateError::Write { path, error })?;
         configs.push(config);
     }
     admin.close().await;

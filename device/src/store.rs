@@ -17,20 +17,20 @@ pub const CTR_BLOCK: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
-    #[error("{path} is corrupt: {source}")]
+    #[error("{path} is corrupt: {error}")]
     Corrupt {
         path: PathBuf,
-        source: serde_json::Error,
+        error: serde_json::Error,
     },
 }
 
@@ -57,14 +57,14 @@ pub struct Store {
 
 fn read_json<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, StoreError> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|source| StoreError::Corrupt {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| StoreError::Corrupt {
             path: path.to_owned(),
-            source,
+            error,
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
-        Err(source) => Err(StoreError::Read {
+        Err(error) => Err(StoreError::Read {
             path: path.to_owned(),
-            source,
+            error,
         }),
     }
 }
@@ -91,9 +91,9 @@ impl Store {
 
     fn write(&self, file: &AgentFile) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec_pretty(file).expect("agent file serializes");
-        write_atomic(&self.path, &bytes).map_err(|source| StoreError::Write {
+        write_atomic(&self.path, &bytes).map_err(|error| StoreError::Write {
             path: self.path.clone(),
-            source,
+            error,
         })
     }
 
@@ -142,9 +142,9 @@ impl Outbox {
 
     fn save(&self) -> Result<(), StoreError> {
         let bytes = serde_json::to_vec(&self.entries).expect("outbox serializes");
-        write_atomic(&self.path, &bytes).map_err(|source| StoreError::Write {
+        write_atomic(&self.path, &bytes).map_err(|error| StoreError::Write {
             path: self.path.clone(),
-            source,
+            error,
         })
     }
 

@@ -29,12 +29,12 @@ pub enum InstallError {
         version: String,
         reason: String,
     },
-    #[error("{kind}: {op} {path}: {source}")]
+    #[error("{kind}: {op} {path}: {error}")]
     Io {
         kind: Kind,
         op: &'static str,
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
 }
 

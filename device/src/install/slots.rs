@@ -29,11 +29,11 @@ impl SlotsInstaller {
 
     fn io(&self, op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> InstallError {
         let (kind, path) = (self.kind.clone(), path.to_owned());
-        move |source| InstallError::Io {
+        move |error| InstallError::Io {
             kind,
             op,
             path,
-            source,
+            error,
         }
     }
 

@@ -874,3 +874,43 @@ async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
         .unwrap();
     stop.cancel();
 }
+
+#[tokio::test]
+async fn an_agent_started_before_its_broker_connects_once_the_broker_is_up() {
+    use fleetcast_broker::embedded::{free_loopback_port, BrokerSettings, EmbeddedBroker};
+    let port = free_loopback_port().unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let url = BrokerUrl {
+        host: "127.0.0.1".into(),
+        port,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let secret = Secret::from_bytes(rand::random());
+    // The platform key must be known before the platform connects: build it from a fixed seed.
+    let seed: [u8; 32] = rand::random();
+    let key = PlatformKey::from_seed(seed);
+    let text = format!(
+        "machine = \"vm-001\"\nsecret = \"{}\"\nplatform_key = \"{}\"\nbroker = \"{url}\"\ndata_dir = {:?}\n",
+        secret.to_hex(),
+        key.public().to_hex(),
+        dir.path().display().to_string()
+    );
+    std::fs::write(dir.path().join("machine.toml"), text).unwrap();
+    let m = start(
+        MachineConfig::load(dir.path().join("machine.toml")).unwrap(),
+        AgentOptions::default(),
+    );
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let _broker =
+        tokio::task::spawn_blocking(move || EmbeddedBroker::start(BrokerSettings::new(addr)))
+            .await
+            .unwrap()
+            .expect("broker starts on the port the agent waits for");
+    let mut p = platform(&url, secret.clone()).await;
+    p.key = PlatformKey::from_seed(seed);
+    let art = p.add(Artifact::new(40 * 1024, 12));
+    let n = p.notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
+    p.publish(&n).await;
+    p.wait_for("r-1", Phase::Installed).await;
+    m.stop().await;
+}
