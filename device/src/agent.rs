@@ -79,7 +79,11 @@ struct Agent {
     outbox: Outbox,
     updater: Updater,
     connected: bool,
-    /// QoS 1 publishes handed to the client, waiting for their packet id (`Sent`).
+    /// QoS 1 publishes handed to the client, waiting for their packet id (`Sent`). rumqttc does
+    /// not return the pkid of a publish, so ids are matched in submission order. Both lists are
+    /// cleared on every (re)connect; a publish queued in the instant the connection drops can
+    /// shift the match once, so the head is also resent after `RESEND_AFTER` without an ack
+    /// (a duplicate carries the same `ctr`: the platform drops it as a replay).
     submitted: VecDeque<Tag>,
     pkids: HashMap<u16, Tag>,
     head_sent_at: Option<Instant>,
@@ -399,6 +403,7 @@ impl Agent {
     }
 
     fn on_tick(&mut self) {
+        // The vending application marks a customer session by creating `{data_dir}/busy`.
         let busy = self.config.data_dir.join("busy").exists();
         if busy != self.updater.busy() {
             self.handle(Input::Busy(busy));
