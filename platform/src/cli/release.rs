@@ -50,6 +50,16 @@ pub enum ReleaseCmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Follow a release live until every machine has finished (progress bars on a terminal,
+    /// one line per change otherwise). Exits non-zero if any machine failed.
+    Watch {
+        release: ReleaseId,
+        /// Give up after this many seconds (0 = never).
+        #[arg(long, default_value_t = 0)]
+        timeout: u64,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
     /// All releases.
     List {
         #[arg(long)]
@@ -155,6 +165,16 @@ pub async fn run(cmd: ReleaseCmd) -> anyhow::Result<()> {
             print!("{}", status_text(&status));
             Ok(())
         }
+        ReleaseCmd::Watch {
+            release,
+            timeout,
+            client,
+        } => {
+            let admin = client.connect().await?;
+            let result = watch(&admin, release, timeout).await;
+            admin.close().await;
+            result
+        }
         ReleaseCmd::List { json, client } => {
             let admin = client.connect().await?;
             let reply = admin.request(AdminOp::ReleaseList).await;
@@ -168,6 +188,129 @@ pub async fn run(cmd: ReleaseCmd) -> anyhow::Result<()> {
             print!("{}", list_text(&releases));
             Ok(())
         }
+    }
+}
+
+/// Polls the release's status and shows it until every target is in a final phase.
+async fn watch(
+    admin: &fleetcast_broker::admin::AdminClient,
+    release: ReleaseId,
+    timeout_secs: u64,
+) -> anyhow::Result<()> {
+    use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+    use std::io::IsTerminal;
+    let started = std::time::Instant::now();
+    let tty = std::io::stderr().is_terminal();
+    let multi = MultiProgress::with_draw_target(if tty {
+        ProgressDrawTarget::stderr()
+    } else {
+        ProgressDrawTarget::hidden()
+    });
+    let bar_style = |template: &str| {
+        ProgressStyle::with_template(template)
+            .expect("static template")
+            .progress_chars("=> ")
+    };
+    let machines = multi.add(ProgressBar::new(0));
+    machines.set_style(bar_style(
+        "{prefix:>10} [{bar:40.green}] {pos}/{len} machines  {msg}",
+    ));
+    machines.set_prefix("finished");
+    let bytes = multi.add(ProgressBar::new(0));
+    bytes.set_style(bar_style(
+        "{prefix:>10} [{bar:40.cyan}] {bytes}/{total_bytes} ({bytes_per_sec})",
+    ));
+    bytes.set_prefix("download");
+    let mut last_line = String::new();
+    loop {
+        let AdminReply::ReleaseStatus { status } = admin
+            .request(AdminOp::ReleaseStatus {
+                release: release.clone(),
+            })
+            .await?
+        else {
+            anyhow::bail!("unexpected reply to release status");
+        };
+        let view = watch_view(&status);
+        machines.set_length(view.total);
+        machines.set_position(view.finished);
+        machines.set_message(view.phases.clone());
+        bytes.set_length(view.bytes_total);
+        bytes.set_position(view.bytes_done);
+        let line = format!(
+            "{}: {}/{} finished; {}",
+            status.release.id, view.finished, view.total, view.phases
+        );
+        if !tty && line != last_line {
+            println!("{line}");
+        }
+        last_line = line;
+        if view.total > 0 && view.finished == view.total {
+            machines.finish();
+            bytes.finish();
+            println!(
+                "{}: all {} machine(s) finished: {} succeeded, {} failed",
+                status.release.id, view.total, status.progress.succeeded, status.progress.failed
+            );
+            if status.progress.failed > 0 {
+                anyhow::bail!(
+                    "{} machine(s) failed; see `fleetcast release status {}`",
+                    status.progress.failed,
+                    status.release.id
+                );
+            }
+            return Ok(());
+        }
+        if timeout_secs > 0 && started.elapsed().as_secs() >= timeout_secs {
+            anyhow::bail!(
+                "release {release} not finished after {timeout_secs} s: {}",
+                view.phases
+            );
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+}
+
+/// What `release watch` shows of one status snapshot.
+#[derive(Debug, PartialEq, Eq)]
+pub struct WatchView {
+    pub total: u64,
+    pub finished: u64,
+    /// "installed=3 downloading=2"
+    pub phases: String,
+    /// Bytes verified by all machines, and the bytes they need in all.
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+}
+
+pub fn watch_view(status: &ReleaseStatus) -> WatchView {
+    let size = status.release.artifact.size;
+    let mut bytes_done = 0;
+    for t in &status.targets {
+        bytes_done += match t.phase {
+            Phase::Downloading => t.progress.map(|p| p.bytes.min(size)).unwrap_or(0),
+            Phase::Pending
+            | Phase::Notified
+            | Phase::Rejected
+            | Phase::Cancelled
+            | Phase::Superseded => 0,
+            Phase::DownloadFailed => t.progress.map(|p| p.bytes.min(size)).unwrap_or(0),
+            _ => size,
+        };
+    }
+    let phases = status
+        .progress
+        .phases
+        .iter()
+        .map(|(phase, n)| format!("{phase}={n}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    WatchView {
+        total: status.targets.len() as u64,
+        finished: status.targets.iter().filter(|t| t.phase.is_final()).count() as u64,
+        phases,
+        bytes_done,
+        bytes_total: size * status.targets.len() as u64,
     }
 }
 
@@ -415,6 +558,63 @@ vm-001   shanghai  installed  1970-01-01 00:00:03  ok 1970-01-01 00:00:04  ok 19
 "
         .replace("0UPGRADE", "UPGRADE");
         assert_eq!(status_text(&status), expected);
+    }
+
+    #[test]
+    fn watch_counts_finished_machines_and_verified_bytes() {
+        let target = |m: &str, phase: Phase, bytes: Option<u64>| TargetRecord {
+            release: release().id,
+            machine: MachineId::new(m).unwrap(),
+            kind: Kind::new("app").unwrap(),
+            version: "2.4.1".into(),
+            via: None,
+            phase,
+            phase_at_ms: 0,
+            notified_at_ms: None,
+            download: None,
+            upgrade: None,
+            error: None,
+            attempts: 1,
+            progress: bytes.map(|b| fleetcast_proto::status::Progress {
+                bytes: b,
+                total: 2048,
+            }),
+            updated_at_ms: 0,
+        };
+        let status = ReleaseStatus {
+            release: release(),
+            targets: vec![
+                target("vm-001", Phase::Installed, None),
+                target("vm-002", Phase::Downloading, Some(1024)),
+                target("vm-003", Phase::Pending, None),
+            ],
+            progress: RolloutProgress {
+                release: release().id,
+                kind: Kind::new("app").unwrap(),
+                version: "2.4.1".into(),
+                total: 3,
+                phases: BTreeMap::from([
+                    (Phase::Pending, 1),
+                    (Phase::Downloading, 1),
+                    (Phase::Installed, 1),
+                ]),
+                finished: 1,
+                succeeded: 1,
+                failed: 0,
+                updated_at_ms: 0,
+            },
+        };
+        let view = watch_view(&status);
+        assert_eq!(
+            view,
+            WatchView {
+                total: 3,
+                finished: 1,
+                phases: "pending=1 downloading=1 installed=1".into(),
+                bytes_done: 2048 + 1024,
+                bytes_total: 3 * 2048,
+            }
+        );
     }
 
     #[test]

@@ -22,6 +22,9 @@ pub struct RollbackArgs {
     /// Do not ask for confirmation.
     #[arg(long)]
     pub yes: bool,
+    /// Print only the rollback release's id (for scripts).
+    #[arg(long)]
+    pub quiet: bool,
     #[command(flatten)]
     pub client: ClientArgs,
 }
@@ -61,6 +64,10 @@ pub async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
     let AdminReply::Plan { plan } = reply? else {
         anyhow::bail!("unexpected reply to rollback");
     };
+    if args.quiet {
+        println!("{}", plan.release.id);
+        return Ok(());
+    }
     print!("{}", plan_text(&plan, &plan.release.groups));
     println!(
         "published rollback {} (seq {})",
