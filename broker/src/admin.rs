@@ -21,6 +21,8 @@ use crate::client::{self, BrokerUrl, MqttEvent};
 
 /// How long one request waits for its response.
 pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+/// An unanswered request is sent again after this long.
+const RESEND_AFTER: Duration = Duration::from_secs(2);
 /// Upload parts in flight before waiting for the broker's acks.
 const UPLOAD_WINDOW: u64 = 32;
 
@@ -127,6 +129,25 @@ impl AdminClient {
             .subscribe(response_topic.clone(), QoS::AtLeastOnce)
             .await
             .map_err(|e| connect_err(e.to_string()))?;
+        // A response published before the broker registered our subscription would be lost:
+        // wait for the SUBACK.
+        let subscribed = tokio::time::timeout(timeout, async {
+            loop {
+                match rx.recv().await {
+                    Some(MqttEvent::SubAck(_)) => return Ok(()),
+                    Some(MqttEvent::Disconnected(e)) => return Err(e),
+                    Some(_) => {}
+                    None => return Err("event loop ended".into()),
+                }
+            }
+        })
+        .await;
+        if !matches!(subscribed, Ok(Ok(()))) {
+            shutdown.cancel();
+            return Err(connect_err(
+                "the broker did not confirm the response subscription".into(),
+            ));
+        }
         let waiters: Waiters = Arc::default();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();
         let task = {
@@ -172,8 +193,6 @@ impl AdminClient {
                 }
             })
         };
-        // Give the SUBACK a moment so the first response cannot race the subscription.
-        tokio::time::sleep(Duration::from_millis(50)).await;
         Ok(Self {
             client,
             client_id,
@@ -229,31 +248,37 @@ impl AdminClient {
             at_ms: now_ms(),
             op,
         };
-        let (tx, rx) = oneshot::channel();
+        let (tx, mut rx) = oneshot::channel();
         self.waiters.lock().expect("waiters").insert(id, tx);
         let payload = self.secret.seal(Purpose::Admin, &req);
-        if let Err(e) = self
-            .client
-            .publish(
-                self.topics.admin_request(&self.client_id),
-                QoS::AtLeastOnce,
-                false,
-                payload,
-            )
-            .await
-        {
-            self.waiters.lock().expect("waiters").remove(&id);
-            return Err(AdminError::Lost(e.to_string()));
-        }
-        let resp = match tokio::time::timeout(timeout, rx).await {
-            Ok(Ok(resp)) => resp,
-            Ok(Err(_)) => return Err(AdminError::Lost("client closed".into())),
-            Err(_) => {
+        let topic = self.topics.admin_request(&self.client_id);
+        // A request published before the platform subscribed (it is starting, or reconnecting
+        // after a broker restart) is gone: resend the same bytes until answered. The platform
+        // answers a repeated counter with its cached response, so nothing runs twice.
+        let deadline = tokio::time::Instant::now() + timeout;
+        let resp = loop {
+            if let Err(e) = self
+                .client
+                .publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                .await
+            {
                 self.waiters.lock().expect("waiters").remove(&id);
-                return Err(AdminError::Timeout {
-                    op: name,
-                    secs: timeout.as_secs(),
-                });
+                return Err(AdminError::Lost(e.to_string()));
+            }
+            let wait_until = (tokio::time::Instant::now() + RESEND_AFTER).min(deadline);
+            match tokio::time::timeout_at(wait_until, &mut rx).await {
+                Ok(Ok(resp)) => break resp,
+                Ok(Err(_)) => return Err(AdminError::Lost("client closed".into())),
+                Err(_) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(op = %name, id, "no response yet; resending the request");
+                }
+                Err(_) => {
+                    self.waiters.lock().expect("waiters").remove(&id);
+                    return Err(AdminError::Timeout {
+                        op: name,
+                        secs: timeout.as_secs(),
+                    });
+                }
             }
         };
         match (resp.ok, resp.error) {

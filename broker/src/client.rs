@@ -100,6 +100,8 @@ pub enum MqttEvent {
     Publish(Publish),
     /// The broker acknowledged our QoS 1 publish with this packet id.
     PubAck(u16),
+    /// The broker confirmed a subscription: messages on it are delivered from now on.
+    SubAck(u16),
     /// A QoS 1 publish of ours was handed to the socket with this packet id.
     Sent(u16),
     /// The connection dropped; the driver reconnects after a backoff.
@@ -129,6 +131,7 @@ pub async fn drive(
             }
             Ok(Event::Incoming(Incoming::Publish(p))) => MqttEvent::Publish(p),
             Ok(Event::Incoming(Incoming::PubAck(a))) => MqttEvent::PubAck(a.pkid),
+            Ok(Event::Incoming(Incoming::SubAck(a))) => MqttEvent::SubAck(a.pkid),
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => MqttEvent::Sent(pkid),
             Ok(_) => continue,
             Err(e) => {

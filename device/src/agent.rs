@@ -289,6 +289,7 @@ impl Agent {
                 }
             }
             MqttEvent::Publish(p) => self.on_publish(&p.topic, p.payload),
+            MqttEvent::SubAck(_) => {}
         }
     }
 

@@ -50,9 +50,21 @@ struct Staged {
     failed: Option<String>,
 }
 
+/// What the platform remembers of one admin client: its last counter and its recent responses,
+/// so a retried request (same counter) gets the same answer instead of running twice.
+#[derive(Default)]
+struct ClientSeen {
+    last_ctr: u64,
+    last_at_ms: u64,
+    responses: std::collections::VecDeque<(u64, AdminResponse)>,
+}
+
+/// Responses kept per client for retries.
+const KEPT_RESPONSES: usize = 16;
+
 struct Admin {
     ctx: Arc<Ctx>,
-    ctrs: HashMap<String, u64>,
+    ctrs: HashMap<String, ClientSeen>,
     uploads: HashMap<ArtifactId, Staged>,
 }
 
@@ -131,17 +143,31 @@ impl Admin {
                 .await;
             return;
         }
-        let last = self.ctrs.get(client).copied().unwrap_or(0);
-        if req.ctr <= last {
-            tracing::warn!(
-                client,
-                ctr = req.ctr,
-                last,
-                "admin request refused: replayed counter"
-            );
+        // Forget clients whose requests could no longer pass the freshness check anyway.
+        self.ctrs
+            .retain(|_, seen| now.abs_diff(seen.last_at_ms) <= 2 * ADMIN_FRESHNESS_MS);
+        let seen = self.ctrs.entry(client.to_owned()).or_default();
+        if req.ctr <= seen.last_ctr {
+            if let Some((_, cached)) = seen.responses.iter().find(|(c, _)| *c == req.ctr) {
+                tracing::debug!(
+                    client,
+                    ctr = req.ctr,
+                    "retried admin request: sending its response again"
+                );
+                let cached = cached.clone();
+                self.respond(client, cached).await;
+            } else {
+                tracing::warn!(
+                    client,
+                    ctr = req.ctr,
+                    last = seen.last_ctr,
+                    "admin request refused: replayed counter"
+                );
+            }
             return;
         }
-        self.ctrs.insert(client.to_owned(), req.ctr);
+        seen.last_ctr = req.ctr;
+        seen.last_at_ms = now;
         let response = match self.handle(client, req.op).await {
             Ok(reply) => AdminResponse::ok(req.id, reply),
             Err(e) => {
@@ -149,6 +175,12 @@ impl Admin {
                 AdminResponse::error(req.id, e.to_string())
             }
         };
+        if let Some(seen) = self.ctrs.get_mut(client) {
+            seen.responses.push_back((req.ctr, response.clone()));
+            while seen.responses.len() > KEPT_RESPONSES {
+                seen.responses.pop_front();
+            }
+        }
         self.respond(client, response).await;
     }
 

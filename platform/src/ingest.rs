@@ -119,7 +119,7 @@ impl Ingest {
             MqttEvent::Disconnected(e) => {
                 tracing::warn!(error = %e, "ingest connection lost; reconnecting")
             }
-            MqttEvent::PubAck(_) | MqttEvent::Sent(_) => {}
+            MqttEvent::PubAck(_) | MqttEvent::Sent(_) | MqttEvent::SubAck(_) => {}
         }
     }
 

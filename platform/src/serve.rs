@@ -268,7 +268,7 @@ async fn dispatch(
                     tracing::warn!(topic = %p.topic, "queue full: message dropped (the sender retries)");
                 }
             }
-            MqttEvent::PubAck(_) | MqttEvent::Sent(_) => {}
+            MqttEvent::PubAck(_) | MqttEvent::Sent(_) | MqttEvent::SubAck(_) => {}
         }
     }
 }

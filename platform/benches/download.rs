@@ -1,0 +1,244 @@
+//! Benchmark: one machine downloads a large artifact through the embedded broker, against raw
+//! rumqttc publish/subscribe of the same bytes through the same broker, in the same run.
+//!
+//! Run with `scripts/bench.sh` (release build). Prints a markdown table row set; the script
+//! records it in docs/benchmarks.md.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use fleetcast_broker::admin::AdminClient;
+use fleetcast_broker::client::{self, MqttEvent};
+use fleetcast_broker::BrokerUrl;
+use fleetcast_proto::admin::{AdminOp, AdminReply, FleetEvent};
+use fleetcast_proto::{GroupId, InstallPolicy, Kind, Phase, Topics};
+use rumqttc::QoS;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+const CHUNK: usize = 64 * 1024;
+
+fn size_mb() -> usize {
+    std::env::var("BENCH_MB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(50)
+}
+
+/// Raw rumqttc: one publisher streams `total` bytes in 64 KiB QoS 1 messages, one subscriber
+/// receives them; time from the first publish to the last byte received.
+async fn raw_pubsub(broker: &BrokerUrl, total: usize) -> Duration {
+    let shutdown = CancellationToken::new();
+    let (sub, sub_loop) = client::connect(client::options(broker, "bench-raw-sub", None), 1024);
+    let (sub_tx, mut sub_rx) = mpsc::channel(1024);
+    tokio::spawn(client::drive(sub_loop, sub_tx, shutdown.clone()));
+    loop {
+        if let Some(MqttEvent::Connected { .. }) = sub_rx.recv().await {
+            break;
+        }
+    }
+    sub.subscribe("bench/raw", QoS::AtLeastOnce).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (publ, pub_loop) = client::connect(client::options(broker, "bench-raw-pub", None), 1024);
+    let (pub_tx, mut pub_rx) = mpsc::channel(1024);
+    tokio::spawn(client::drive(pub_loop, pub_tx, shutdown.clone()));
+    loop {
+        if let Some(MqttEvent::Connected { .. }) = pub_rx.recv().await {
+            break;
+        }
+    }
+    tokio::spawn(async move { while pub_rx.recv().await.is_some() {} });
+    let payload = vec![0x5au8; CHUNK];
+    let started = Instant::now();
+    let sender = tokio::spawn(async move {
+        let mut sent = 0;
+        while sent < total {
+            let n = CHUNK.min(total - sent);
+            publ.publish("bench/raw", QoS::AtLeastOnce, false, payload[..n].to_vec())
+                .await
+                .unwrap();
+            sent += n;
+        }
+    });
+    let mut received = 0;
+    while received < total {
+        match tokio::time::timeout(Duration::from_secs(60), sub_rx.recv()).await {
+            Ok(Some(MqttEvent::Publish(p))) => received += p.payload.len(),
+            Ok(Some(_)) => {}
+            _ => panic!("raw pub/sub stalled at {received} of {total} bytes"),
+        }
+    }
+    let elapsed = started.elapsed();
+    sender.await.unwrap();
+    shutdown.cancel();
+    elapsed
+}
+
+/// fleetcast: the platform serves a release to one simulated machine; the time from the
+/// machine's first `downloading` to its `downloaded` (both on the machine clock).
+async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("platform");
+    let token = CancellationToken::new();
+    let serve = tokio::spawn(fleetcast_platform::serve(
+        fleetcast_platform::ServeOptions {
+            data_dir: data.clone(),
+            broker: broker.clone(),
+            embedded_listen: None,
+            topic_prefix: "fleet".into(),
+        },
+        token.clone(),
+    ));
+    let secret_path = fleetcast_platform::admin_secret_path(&data);
+    while !secret_path.exists() {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let secret: fleetcast_proto::auth::Secret = std::fs::read_to_string(&secret_path)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let admin = AdminClient::connect(
+        broker,
+        Topics::default(),
+        secret.clone(),
+        Duration::from_secs(5),
+    )
+    .await
+    .unwrap();
+    let app = Kind::new("app").unwrap();
+    let sim = tokio::spawn(fleetcast_device::simulate::run(
+        fleetcast_device::simulate::SimulateOptions {
+            count: 1,
+            groups: vec![GroupId::new("bench").unwrap()],
+            prefix: "vm-".into(),
+            data_dir: dir.path().join("machines"),
+            broker: broker.to_string(),
+            topic_prefix: "fleet".into(),
+            admin_secret: secret,
+            initial_versions: BTreeMap::from([(app.clone(), "1.0.0".to_owned())]),
+            start_index: 1,
+            fail_health: vec![],
+        },
+        token.clone(),
+    ));
+    let file = dir.path().join("app.bin");
+    let bytes: Vec<u8> = (0..total)
+        .map(|i| (i as u32).wrapping_mul(2654435761).to_le_bytes()[3])
+        .collect();
+    std::fs::write(&file, &bytes).unwrap();
+    drop(bytes);
+    admin
+        .upload(
+            &file,
+            app.clone(),
+            "2.0.0".into(),
+            None,
+            CHUNK as u32,
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+
+    // Watch the events topic for this machine's download phases.
+    let (ev, ev_loop) = client::connect(client::options(broker, "bench-events", None), 256);
+    let (ev_tx, mut ev_rx) = mpsc::channel(256);
+    tokio::spawn(client::drive(ev_loop, ev_tx, token.clone()));
+    loop {
+        if let Some(MqttEvent::Connected { .. }) = ev_rx.recv().await {
+            break;
+        }
+    }
+    ev.subscribe("fleet/events", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    // Wait for the machine to be online before publishing.
+    loop {
+        if let AdminReply::Machines { machines } = admin.request(AdminOp::Machines).await.unwrap() {
+            if machines.iter().any(|m| m.online) {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let release = match admin
+        .request(AdminOp::ReleaseCreate {
+            kind: app,
+            version: "2.0.0".into(),
+            policy: InstallPolicy::DownloadOnly,
+            notes: None,
+        })
+        .await
+        .unwrap()
+    {
+        AdminReply::Release { release } => release.id,
+        other => panic!("{other:?}"),
+    };
+    admin
+        .request(AdminOp::ReleasePublish {
+            release,
+            machines: vec![],
+            groups: vec![GroupId::new("bench").unwrap()],
+        })
+        .await
+        .unwrap();
+    let (mut start, mut end) = (None, None);
+    while end.is_none() {
+        match tokio::time::timeout(Duration::from_secs(120), ev_rx.recv()).await {
+            Ok(Some(MqttEvent::Publish(p))) => {
+                let Ok(e) = serde_json::from_slice::<FleetEvent>(&p.payload) else {
+                    continue;
+                };
+                match e.phase {
+                    Phase::Downloading if start.is_none() => start = Some(e.at_ms),
+                    Phase::Downloaded => end = Some(e.at_ms),
+                    Phase::DownloadFailed => panic!("download failed: {:?}", e.error),
+                    _ => {}
+                }
+            }
+            Ok(Some(_)) => {}
+            _ => panic!("no download result within 120 s"),
+        }
+    }
+    admin.close().await;
+    token.cancel();
+    let _ = serve.await;
+    let _ = sim.await;
+    Duration::from_millis(end.unwrap() - start.expect("downloading seen before downloaded"))
+}
+
+fn mbps(bytes: usize, d: Duration) -> f64 {
+    bytes as f64 / 1e6 / d.as_secs_f64()
+}
+
+#[tokio::main]
+async fn main() {
+    let total = size_mb() * 1_000_000;
+    let broker = fleetcast_broker::embedded::start_on_free_port(|mut s| {
+        s.bulk_filters = vec![
+            "fleet/machines/+/chunks".into(),
+            "fleet/artifacts/+/chunks".into(),
+            "bench/raw".into(),
+        ];
+        s
+    })
+    .unwrap();
+    let url = broker.url();
+    let raw = raw_pubsub(&url, total).await;
+    let fc = fleetcast_download(&url, total).await;
+    let raw2 = raw_pubsub(&url, total).await;
+    let raw_best = raw.min(raw2);
+    println!(
+        "| raw rumqttc pub/sub, 64 KiB QoS 1 (best of 2) | {} MB | {:.2} s | {:.1} MB/s | 1.00 |",
+        size_mb(),
+        raw_best.as_secs_f64(),
+        mbps(total, raw_best)
+    );
+    println!(
+        "| fleetcast download (1 machine, window 16, verified chunks, written to disk) | {} MB | {:.2} s | {:.1} MB/s | {:.2} |",
+        size_mb(),
+        fc.as_secs_f64(),
+        mbps(total, fc),
+        mbps(total, fc) / mbps(total, raw_best)
+    );
+}

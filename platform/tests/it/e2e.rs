@@ -1,0 +1,381 @@
+//! The whole update flow across crates: real broker (embedded rumqttd or Mosquitto), the real
+//! platform service with sled in a temp dir, the real operator client, and real machine agents
+//! (the simulator) with slot installers writing real files.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use fleetcast_broker::admin::AdminClient;
+use fleetcast_broker::BrokerUrl;
+use fleetcast_proto::admin::{AdminOp, AdminReply, ArtifactInfo, ReleaseStatus};
+use fleetcast_proto::auth::Secret;
+use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId, Target, Topics};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn m(s: &str) -> MachineId {
+    MachineId::new(s).unwrap()
+}
+fn g(s: &str) -> GroupId {
+    GroupId::new(s).unwrap()
+}
+fn app() -> Kind {
+    Kind::new("app").unwrap()
+}
+
+/// A running platform service on a given broker and data dir; stop() waits for it to end.
+struct Platform {
+    token: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), fleetcast_platform::PlatformError>>,
+}
+
+impl Platform {
+    async fn start(data: &Path, broker: &BrokerUrl) -> Self {
+        let token = CancellationToken::new();
+        let opts = fleetcast_platform::ServeOptions {
+            data_dir: data.to_owned(),
+            broker: broker.clone(),
+            embedded_listen: None,
+            topic_prefix: "fleet".into(),
+        };
+        let task = tokio::spawn(fleetcast_platform::serve(opts, token.clone()));
+        let secret = fleetcast_platform::admin_secret_path(data);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !secret.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "platform did not create its keys"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Self { token, task }
+    }
+
+    async fn stop(self) {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(20), self.task)
+            .await
+            .expect("platform stops within 20 s")
+            .expect("platform task did not panic")
+            .expect("platform ended cleanly");
+    }
+}
+
+async fn admin(data: &Path, broker: &BrokerUrl) -> AdminClient {
+    let secret: Secret = std::fs::read_to_string(fleetcast_platform::admin_secret_path(data))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    AdminClient::connect(broker, Topics::default(), secret, Duration::from_secs(5))
+        .await
+        .unwrap()
+}
+
+fn artifact_file(dir: &Path, name: &str, size: usize, seed: u8) -> PathBuf {
+    let path = dir.join(name);
+    let bytes: Vec<u8> = (0..size)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect();
+    std::fs::write(&path, bytes).unwrap();
+    path
+}
+
+async fn upload(admin: &AdminClient, path: &Path, version: &str) -> ArtifactInfo {
+    admin
+        .upload(path, app(), version.into(), None, 65536, |_, _| {})
+        .await
+        .unwrap_or_else(|e| panic!("upload {version}: {e}"))
+}
+
+async fn create_release(admin: &AdminClient, version: &str) -> ReleaseId {
+    let reply = admin
+        .request(AdminOp::ReleaseCreate {
+            kind: app(),
+            version: version.into(),
+            policy: InstallPolicy::Immediate,
+            notes: None,
+        })
+        .await
+        .unwrap();
+    match reply {
+        AdminReply::Release { release } => release.id,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn status(admin: &AdminClient, release: &ReleaseId) -> ReleaseStatus {
+    match admin
+        .request(AdminOp::ReleaseStatus {
+            release: release.clone(),
+        })
+        .await
+        .unwrap()
+    {
+        AdminReply::ReleaseStatus { status } => status,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Polls until every target of `release` is in a final phase; returns the last status.
+async fn until_finished(
+    admin: &AdminClient,
+    release: &ReleaseId,
+    expect_targets: usize,
+) -> ReleaseStatus {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = status(admin, release).await;
+        if s.targets.len() == expect_targets && s.targets.iter().all(|t| t.phase.is_final()) {
+            return s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "release {release} did not finish: {:#?}",
+            s.targets
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn assert_all_installed(s: &ReleaseStatus) {
+    for t in &s.targets {
+        assert_eq!(t.phase, Phase::Installed, "{}: {:?}", t.machine, t);
+        let dl = t
+            .download
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}: no download result", t.machine));
+        assert!(dl.ok && dl.at_ms > 0, "{}: download {dl:?}", t.machine);
+        let up = t
+            .upgrade
+            .as_ref()
+            .unwrap_or_else(|| panic!("{}: no upgrade result", t.machine));
+        assert!(
+            up.ok && up.at_ms >= dl.at_ms,
+            "{}: upgrade {up:?} before download {dl:?}",
+            t.machine
+        );
+        assert!(
+            t.notified_at_ms.is_some_and(|n| n <= dl.at_ms),
+            "{}: notified {:?}",
+            t.machine,
+            t.notified_at_ms
+        );
+    }
+}
+
+/// The slot the machine's `current` link points at holds exactly these bytes.
+fn assert_active_slot(sim_dir: &Path, machine: &str, expected: &Path) {
+    let current = sim_dir
+        .join(machine)
+        .join("slots")
+        .join("app")
+        .join("current");
+    let slot =
+        std::fs::canonicalize(&current).unwrap_or_else(|e| panic!("{}: {e}", current.display()));
+    let want = std::fs::read(expected).unwrap();
+    let found = std::fs::read_dir(&slot)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().is_file())
+        .any(|e| std::fs::read(e.path()).map(|b| b == want).unwrap_or(false));
+    assert!(
+        found,
+        "{machine}: active slot {} does not hold {}",
+        slot.display(),
+        expected.display()
+    );
+}
+
+async fn machines_versions(admin: &AdminClient) -> BTreeMap<MachineId, Option<String>> {
+    match admin.request(AdminOp::Machines).await.unwrap() {
+        AdminReply::Machines { machines } => machines
+            .into_iter()
+            .map(|mi| {
+                (
+                    mi.id.clone(),
+                    mi.kinds.get(&app()).and_then(|k| k.version.clone()),
+                )
+            })
+            .collect(),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+async fn wait_online(admin: &AdminClient, count: usize) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let AdminReply::Machines { machines } = admin.request(AdminOp::Machines).await.unwrap() {
+            if machines
+                .iter()
+                .filter(|x| x.online && x.kinds.contains_key(&app()))
+                .count()
+                >= count
+            {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "machines did not come online");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Upload, create, publish to one group + one machine (3 machines), all install, results and
+/// times recorded, rollback of one machine; with `restart`, the platform is stopped and started
+/// again in the middle of a second rollout, and nothing acknowledged is lost.
+async fn whole_flow(broker: BrokerUrl, restart: bool) {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_test_writer()
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("platform");
+    let sim = dir.path().join("machines");
+    let mut platform = Platform::start(&data, &broker).await;
+    let admin_client = admin(&data, &broker).await;
+
+    let sim_token = CancellationToken::new();
+    let sim_opts = fleetcast_device::simulate::SimulateOptions {
+        count: 3,
+        groups: vec![g("north"), g("south")],
+        prefix: "vm-".into(),
+        data_dir: sim.clone(),
+        broker: broker.to_string(),
+        topic_prefix: "fleet".into(),
+        admin_secret: std::fs::read_to_string(fleetcast_platform::admin_secret_path(&data))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap(),
+        initial_versions: BTreeMap::from([(app(), "1.0.0".to_owned())]),
+        start_index: 1,
+        fail_health: vec![],
+    };
+    let sim_task = tokio::spawn(fleetcast_device::simulate::run(sim_opts, sim_token.clone()));
+    wait_online(&admin_client, 3).await;
+
+    let stable = artifact_file(dir.path(), "app-1.0.0.bin", 100_000, 1);
+    let new = artifact_file(dir.path(), "app-1.1.0.bin", 5 * 65536 + 1, 2);
+    upload(&admin_client, &stable, "1.0.0").await;
+    let info = upload(&admin_client, &new, "1.1.0").await;
+    assert_eq!(info.size, 5 * 65536 + 1);
+
+    // vm-001 and vm-003 are in "north"; vm-002 is named directly.
+    let r1 = create_release(&admin_client, "1.1.0").await;
+    let plan = match admin_client
+        .request(AdminOp::ReleasePublish {
+            release: r1.clone(),
+            machines: vec![m("vm-002")],
+            groups: vec![g("north")],
+        })
+        .await
+        .unwrap()
+    {
+        AdminReply::Plan { plan } => plan,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(plan.targets.len(), 3, "{plan:?}");
+    let s = until_finished(&admin_client, &r1, 3).await;
+    assert_all_installed(&s);
+    assert_eq!(s.progress.succeeded, 3);
+    for vm in ["vm-001", "vm-002", "vm-003"] {
+        assert_active_slot(&sim, vm, &new);
+    }
+
+    // Roll vm-001 back to the stable version; the others keep 1.1.0.
+    let plan = match admin_client
+        .request(AdminOp::Rollback {
+            target: Target::Machine(m("vm-001")),
+            kind: app(),
+            to: Some("1.0.0".into()),
+        })
+        .await
+        .unwrap()
+    {
+        AdminReply::Plan { plan } => plan,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert!(plan.release.rollback);
+    let rb = until_finished(&admin_client, &plan.release.id, 1).await;
+    assert_all_installed(&rb);
+    assert_active_slot(&sim, "vm-001", &stable);
+    let versions = machines_versions(&admin_client).await;
+    assert_eq!(versions[&m("vm-001")].as_deref(), Some("1.0.0"));
+    assert_eq!(versions[&m("vm-002")].as_deref(), Some("1.1.0"));
+    assert_eq!(versions[&m("vm-003")].as_deref(), Some("1.1.0"));
+
+    if restart {
+        // A bigger release to every machine; stop the platform while it is under way.
+        let big = artifact_file(dir.path(), "app-1.2.0.bin", 3 * 1024 * 1024 + 7, 3);
+        upload(&admin_client, &big, "1.2.0").await;
+        let r2 = create_release(&admin_client, "1.2.0").await;
+        admin_client
+            .request(AdminOp::ReleasePublish {
+                release: r2.clone(),
+                machines: vec![],
+                groups: vec![g("north"), g("south")],
+            })
+            .await
+            .unwrap();
+        // Wait until at least one machine reported something, so the restart is mid-rollout.
+        let deadline = Instant::now() + WAIT;
+        let before = loop {
+            let s = status(&admin_client, &r2).await;
+            if s.targets.iter().any(|t| t.phase != Phase::Pending) {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "no machine started on {r2}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        admin_client.close().await;
+        platform.stop().await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        platform = Platform::start(&data, &broker).await;
+        let admin_client = admin(&data, &broker).await;
+        // Everything recorded before the restart is still there.
+        let after = status(&admin_client, &r2).await;
+        for t in before.targets.iter().filter(|t| t.phase != Phase::Pending) {
+            let now = after
+                .targets
+                .iter()
+                .find(|a| a.machine == t.machine)
+                .expect("target kept");
+            assert!(
+                now.notified_at_ms.is_some(),
+                "{}: notified time lost over the restart",
+                t.machine
+            );
+        }
+        let s = until_finished(&admin_client, &r2, 3).await;
+        assert_all_installed(&s);
+        for vm in ["vm-001", "vm-002", "vm-003"] {
+            assert_active_slot(&sim, vm, &big);
+        }
+        // The first rollout's results survived too.
+        assert_all_installed(&status(&admin_client, &r1).await);
+        admin_client.close().await;
+    } else {
+        admin_client.close().await;
+    }
+
+    sim_token.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), sim_task).await;
+    platform.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_flow_on_the_embedded_broker_survives_a_platform_restart() {
+    let broker = fleetcast_broker::embedded::start_on_free_port(|s| s).unwrap();
+    whole_flow(broker.url(), true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whole_flow_on_mosquitto() {
+    let mosq = fleetcast_broker::testing::Mosquitto::start("")
+        .expect("mosquitto (apt-get install mosquitto)");
+    whole_flow(mosq.url.clone(), true).await;
+}
