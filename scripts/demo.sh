@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MACHINES=${DEMO_MACHINES:-20}
-SIZE_MB=${DEMO_ARTIFACT_MB:-8}
+SIZE_MB=${DEMO_ARTIFACT_MB:-32}
 free_port() {
     local p
     while :; do
@@ -34,8 +34,7 @@ step "Building fleetcast (release)"
 cargo build --release --locked --bins -q
 BIN=target/release
 export FLEETCAST_BROKER="$BROKER"
-export FLEETCAST_ADMIN_SECRET_FILE="$DIR/platform/admin.secret"
-fc() { "$BIN/fleetcast" --broker "$BROKER" --admin-secret-file "$DIR/platform/admin.secret" "$@"; }
+fc() { "$BIN/fleetcast" "$@" --admin-secret-file "$DIR/platform/admin.secret"; }
 
 step "Starting the platform with its embedded broker on $BROKER"
 "$BIN/fleetcast" serve --data "$DIR/platform" --listen "127.0.0.1:$PORT" >"$DIR/platform.log" 2>&1 &
@@ -64,7 +63,7 @@ fc artifact upload "$DIR/app-2.4.1.bin" --kind app --version 2.4.1 --notes "new 
 fc artifact list
 
 step "Creating release app 2.4.1 and publishing it to group shanghai plus vm-002 and vm-004"
-R=$(fc release create --kind app --version 2.4.1 --policy immediate --quiet)
+R=$(fc release create --kind app --version 2.4.1 --policy immediate)
 echo "release: $R"
 fc release publish "$R" --groups shanghai --machines vm-002,vm-004 --yes
 
