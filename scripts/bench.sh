@@ -7,7 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT
-cargo bench --locked -p fleetcast-platform --bench download 2>/dev/null | tee "$OUT"
+if ! cargo bench --locked -q -p fleetcast-platform --bench download >"$OUT"; then
+    cat "$OUT"
+    echo "benchmark failed" >&2
+    exit 1
+fi
+cat "$OUT"
 ROWS=$(grep '^| ' "$OUT" || true)
 [ -n "$ROWS" ] || { echo "benchmark printed no results" >&2; exit 1; }
 {

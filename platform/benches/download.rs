@@ -214,12 +214,19 @@ fn mbps(bytes: usize, d: Duration) -> f64 {
 #[tokio::main]
 async fn main() {
     let total = size_mb() * 1_000_000;
+    // rumqttd drops the oldest log segment of a filter once it is full, even for a QoS 1
+    // subscriber that has not read it yet: a raw publisher that outruns its subscriber by more
+    // than the log loses data. Give every bulk filter (fleetcast's and the raw one alike) a log
+    // that holds the whole transfer, so the baseline measures throughput, not loss.
+    let log = (total / 4 + (1 << 20)).max(8 << 20);
     let broker = fleetcast_broker::embedded::start_on_free_port(|mut s| {
         s.bulk_filters = vec![
             "fleet/machines/+/chunks".into(),
             "fleet/artifacts/+/chunks".into(),
             "bench/raw".into(),
         ];
+        s.bulk_segment_size = log;
+        s.bulk_segment_count = 5;
         s
     })
     .unwrap();

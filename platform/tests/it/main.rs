@@ -1,6 +1,7 @@
 //! Platform integration tests: a real embedded broker on a free loopback port, `serve` on a
 //! temp data dir, the real `AdminClient`, and machines played with proto types.
 
+mod crash;
 mod e2e;
 
 use std::path::Path;
