@@ -379,3 +379,188 @@ async fn whole_flow_on_mosquitto() {
         .expect("mosquitto (apt-get install mosquitto)");
     whole_flow(mosq.url.clone(), true).await;
 }
+
+async fn provision(
+    admin: &AdminClient,
+    machine: &str,
+    groups: &[&str],
+) -> fleetcast_proto::admin::ProvisionedMachine {
+    match admin
+        .request(AdminOp::MachineProvision {
+            machine: m(machine),
+            groups: groups.iter().map(|x| g(x)).collect(),
+        })
+        .await
+        .unwrap()
+    {
+        AdminReply::Provisioned { machine } => machine,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// A machine that is offline while a release is published gets it when it comes back; a
+/// download-only release with the command installer waits for `activate`; a group rollback
+/// reaches every member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offline_machine_catches_up_and_download_only_waits_for_activate() {
+    let broker = fleetcast_broker::embedded::start_on_free_port(|s| s)
+        .unwrap()
+        .url();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("platform");
+    let platform = Platform::start(&data, &broker).await;
+    let admin_client = admin(&data, &broker).await;
+    let fw = Kind::new("firmware").unwrap();
+
+    // vm-a runs from the start; vm-b is provisioned but offline.
+    let agents = CancellationToken::new();
+    let installed_log = dir.path().join("installed.log");
+    let config = |p: &fleetcast_proto::admin::ProvisionedMachine| {
+        let mut c = fleetcast_device::config::MachineConfig::from_provisioned(
+            p,
+            &broker.to_string(),
+            dir.path().join(p.machine.as_str()),
+        );
+        c.initial_versions = BTreeMap::from([(fw.clone(), "3.0".to_owned())]);
+        c.installers.insert(
+            fw.clone(),
+            fleetcast_device::config::InstallerConfig::Command {
+                cmd: format!(
+                    "sh -c 'cat {{file}} > /dev/null && echo {} {{version}} >> {}'",
+                    p.machine,
+                    installed_log.display()
+                ),
+            },
+        );
+        c
+    };
+    let pa = provision(&admin_client, "vm-a", &["lab"]).await;
+    let pb = provision(&admin_client, "vm-b", &["lab"]).await;
+    let agent_a = tokio::spawn(fleetcast_device::agent::run(config(&pa), agents.clone()));
+
+    let stable = artifact_file(dir.path(), "fw-3.0.bin", 70_000, 4);
+    let new = artifact_file(dir.path(), "fw-3.1.bin", 200_000, 5);
+    for (path, version) in [(&stable, "3.0"), (&new, "3.1")] {
+        admin_client
+            .upload(path, fw.clone(), version.into(), None, 65536, |_, _| {})
+            .await
+            .unwrap();
+    }
+    let release = match admin_client
+        .request(AdminOp::ReleaseCreate {
+            kind: fw.clone(),
+            version: "3.1".into(),
+            policy: InstallPolicy::DownloadOnly,
+            notes: None,
+        })
+        .await
+        .unwrap()
+    {
+        AdminReply::Release { release } => release.id,
+        other => panic!("unexpected {other:?}"),
+    };
+    admin_client
+        .request(AdminOp::ReleasePublish {
+            release: release.clone(),
+            machines: vec![],
+            groups: vec![g("lab")],
+        })
+        .await
+        .unwrap();
+
+    // vm-a downloads and waits (deferred); vm-b has heard nothing.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = status(&admin_client, &release).await;
+        let phase = |name: &str| {
+            s.targets
+                .iter()
+                .find(|t| t.machine.as_str() == name)
+                .map(|t| t.phase)
+        };
+        if phase("vm-a") == Some(Phase::Deferred) {
+            assert_eq!(phase("vm-b"), Some(Phase::Pending));
+            let a = s
+                .targets
+                .iter()
+                .find(|t| t.machine.as_str() == "vm-a")
+                .unwrap();
+            assert!(
+                a.download.as_ref().is_some_and(|d| d.ok),
+                "deferred after a successful download: {a:?}"
+            );
+            assert!(
+                a.upgrade.is_none(),
+                "nothing installed before activate: {a:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "vm-a never deferred: {:?}",
+            s.targets
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!installed_log.exists(), "the installer ran before activate");
+
+    // vm-b comes online and catches up from the retained group notice.
+    let agent_b = tokio::spawn(fleetcast_device::agent::run(config(&pb), agents.clone()));
+    let deadline = Instant::now() + WAIT;
+    while status(&admin_client, &release)
+        .await
+        .targets
+        .iter()
+        .any(|t| t.phase != Phase::Deferred)
+    {
+        assert!(Instant::now() < deadline, "vm-b did not catch up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Activate: both install through the command installer.
+    match admin_client
+        .request(AdminOp::Activate {
+            release: release.clone(),
+            machines: vec![],
+        })
+        .await
+        .unwrap()
+    {
+        AdminReply::Done { .. } => {}
+        other => panic!("unexpected {other:?}"),
+    }
+    let s = until_finished(&admin_client, &release, 2).await;
+    assert_all_installed(&s);
+    let log = std::fs::read_to_string(&installed_log).unwrap();
+    assert!(
+        log.contains("vm-a 3.1") && log.contains("vm-b 3.1"),
+        "{log}"
+    );
+
+    // Roll the whole group back to 3.0.
+    let plan = match admin_client
+        .request(AdminOp::Rollback {
+            target: Target::Group(g("lab")),
+            kind: fw.clone(),
+            to: Some("3.0".into()),
+        })
+        .await
+        .unwrap()
+    {
+        AdminReply::Plan { plan } => plan,
+        other => panic!("unexpected {other:?}"),
+    };
+    let rb = until_finished(&admin_client, &plan.release.id, 2).await;
+    assert_all_installed(&rb);
+    let log = std::fs::read_to_string(&installed_log).unwrap();
+    assert!(
+        log.contains("vm-a 3.0") && log.contains("vm-b 3.0"),
+        "{log}"
+    );
+
+    admin_client.close().await;
+    agents.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), agent_a).await;
+    let _ = tokio::time::timeout(Duration::from_secs(10), agent_b).await;
+    platform.stop().await;
+}
