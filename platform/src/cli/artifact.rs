@@ -79,9 +79,7 @@ pub async fn run(cmd: ArtifactCmd) -> anyhow::Result<()> {
             Ok(())
         }
         ArtifactCmd::List { json, client } => {
-            let admin = client.connect().await?;
-            let reply = admin.request(AdminOp::ArtifactList).await;
-            admin.close().await;
+            let reply = client.request(AdminOp::ArtifactList).await;
             let AdminReply::Artifacts { artifacts } = reply? else {
                 anyhow::bail!("unexpected reply to artifact list");
             };

@@ -36,9 +36,7 @@ pub enum MachineCmd {
 }
 
 pub async fn list(args: MachinesArgs) -> anyhow::Result<()> {
-    let admin = args.client.connect().await?;
-    let reply = admin.request(AdminOp::Machines).await;
-    admin.close().await;
+    let reply = args.client.request(AdminOp::Machines).await;
     let AdminReply::Machines { mut machines } = reply? else {
         anyhow::bail!("unexpected reply to machines");
     };
@@ -59,11 +57,9 @@ pub async fn run(cmd: MachineCmd) -> anyhow::Result<()> {
             client,
         } => {
             let groups: Vec<GroupId> = parse_list(&groups)?;
-            let admin = client.connect().await?;
-            let reply = admin
+            let reply = client
                 .request(AdminOp::MachineProvision { machine, groups })
                 .await;
-            admin.close().await;
             let AdminReply::Provisioned { machine } = reply? else {
                 anyhow::bail!("unexpected reply to machine provision");
             };

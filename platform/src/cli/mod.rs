@@ -20,6 +20,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fleetcast_broker::admin::AdminClient;
 use fleetcast_broker::BrokerUrl;
+use fleetcast_proto::admin::{AdminOp, AdminReply};
 use fleetcast_proto::auth::Secret;
 use fleetcast_proto::Topics;
 
@@ -93,6 +94,14 @@ impl ClientArgs {
 
     pub fn broker_url(&self) -> anyhow::Result<BrokerUrl> {
         Ok(self.broker.parse::<BrokerUrl>()?)
+    }
+
+    /// Connects, sends one request, and disconnects.
+    pub async fn request(&self, op: AdminOp) -> anyhow::Result<AdminReply> {
+        let admin = self.connect().await?;
+        let reply = admin.request(op).await;
+        admin.close().await;
+        Ok(reply?)
     }
 
     pub async fn connect(&self) -> anyhow::Result<AdminClient> {

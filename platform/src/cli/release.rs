@@ -78,8 +78,7 @@ pub async fn run(cmd: ReleaseCmd) -> anyhow::Result<()> {
             notes,
             client,
         } => {
-            let admin = client.connect().await?;
-            let reply = admin
+            let reply = client
                 .request(AdminOp::ReleaseCreate {
                     kind,
                     version,
@@ -87,7 +86,6 @@ pub async fn run(cmd: ReleaseCmd) -> anyhow::Result<()> {
                     notes,
                 })
                 .await;
-            admin.close().await;
             let AdminReply::Release { release } = reply? else {
                 anyhow::bail!("unexpected reply to release create");
             };
@@ -153,9 +151,7 @@ pub async fn run(cmd: ReleaseCmd) -> anyhow::Result<()> {
             json,
             client,
         } => {
-            let admin = client.connect().await?;
-            let reply = admin.request(AdminOp::ReleaseStatus { release }).await;
-            admin.close().await;
+            let reply = client.request(AdminOp::ReleaseStatus { release }).await;
             let AdminReply::ReleaseStatus { status } = reply? else {
                 anyhow::bail!("unexpected reply to release status");
             };
@@ -176,9 +172,7 @@ pub async fn run(cmd: ReleaseCmd) -> anyhow::Result<()> {
             result
         }
         ReleaseCmd::List { json, client } => {
-            let admin = client.connect().await?;
-            let reply = admin.request(AdminOp::ReleaseList).await;
-            admin.close().await;
+            let reply = client.request(AdminOp::ReleaseList).await;
             let AdminReply::Releases { releases } = reply? else {
                 anyhow::bail!("unexpected reply to release list");
             };

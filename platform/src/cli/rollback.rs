@@ -52,15 +52,14 @@ pub async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
     if !confirm(&what, args.yes)? {
         anyhow::bail!("not rolled back");
     }
-    let admin = args.client.connect().await?;
-    let reply = admin
+    let reply = args
+        .client
         .request(AdminOp::Rollback {
             target,
             kind: args.kind,
             to: args.to,
         })
         .await;
-    admin.close().await;
     let AdminReply::Plan { plan } = reply? else {
         anyhow::bail!("unexpected reply to rollback");
     };
@@ -78,14 +77,13 @@ pub async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
 
 pub async fn activate(args: ActivateArgs) -> anyhow::Result<()> {
     let machines: Vec<MachineId> = parse_list(&args.machines)?;
-    let admin = args.client.connect().await?;
-    let reply = admin
+    let reply = args
+        .client
         .request(AdminOp::Activate {
             release: args.release,
             machines,
         })
         .await;
-    admin.close().await;
     let AdminReply::Done { message } = reply? else {
         anyhow::bail!("unexpected reply to activate");
     };
