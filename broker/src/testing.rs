@@ -10,6 +10,8 @@ use crate::client::BrokerUrl;
 /// A Mosquitto process started for one test; killed on drop.
 pub struct Mosquitto {
     child: Child,
+    bin: PathBuf,
+    conf: PathBuf,
     _dir: tempfile::TempDir,
     pub url: BrokerUrl,
 }
@@ -62,6 +64,8 @@ impl Mosquitto {
                 if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
                     return Ok(Self {
                         child,
+                        bin: bin.clone(),
+                        conf,
                         _dir: dir,
                         url: BrokerUrl {
                             host: "127.0.0.1".into(),
@@ -81,6 +85,47 @@ impl Mosquitto {
             )));
         }
         Err(last_err.expect("loop ran"))
+    }
+}
+
+impl Mosquitto {
+    /// Kills the broker (SIGKILL: clients see the connection drop, nothing is persisted).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts it again on the same port with the same config.
+    pub fn restart(&mut self) -> std::io::Result<()> {
+        self.kill();
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.url.port));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            self.child = Command::new(&self.bin)
+                .arg("-c")
+                .arg(&self.conf)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(2) {
+                if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                    return Ok(());
+                }
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    break; // the port is still in TIME_WAIT or similar: try again
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(format!(
+                    "mosquitto did not listen again on {addr}"
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 }
 

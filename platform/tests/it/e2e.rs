@@ -564,3 +564,75 @@ async fn offline_machine_catches_up_and_download_only_waits_for_activate() {
     let _ = tokio::time::timeout(Duration::from_secs(10), agent_b).await;
     platform.stop().await;
 }
+
+/// The broker is killed (SIGKILL, nothing persisted) while a machine is downloading and started
+/// again on the same port: every client reconnects, the platform re-publishes its desired state,
+/// the machine resumes its download and installs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_killed_mid_transfer_is_survived() {
+    let mut mosq = fleetcast_broker::testing::Mosquitto::start("")
+        .expect("mosquitto (apt-get install mosquitto)");
+    let broker = mosq.url.clone();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("platform");
+    let sim = dir.path().join("machines");
+    let platform = Platform::start(&data, &broker).await;
+    let admin_client = admin(&data, &broker).await;
+    let sim_token = CancellationToken::new();
+    let sim_task = tokio::spawn(fleetcast_device::simulate::run(
+        fleetcast_device::simulate::SimulateOptions {
+            count: 1,
+            groups: vec![g("field")],
+            prefix: "vm-".into(),
+            data_dir: sim.clone(),
+            broker: broker.to_string(),
+            topic_prefix: "fleet".into(),
+            admin_secret: std::fs::read_to_string(fleetcast_platform::admin_secret_path(&data))
+                .unwrap()
+                .trim()
+                .parse()
+                .unwrap(),
+            initial_versions: BTreeMap::from([(app(), "1.0.0".to_owned())]),
+            start_index: 1,
+            fail_health: vec![],
+        },
+        sim_token.clone(),
+    ));
+    wait_online(&admin_client, 1).await;
+    let big = artifact_file(dir.path(), "app-2.0.0.bin", 48 * 1024 * 1024 + 3, 9);
+    upload(&admin_client, &big, "2.0.0").await;
+    let release = create_release(&admin_client, "2.0.0").await;
+    admin_client
+        .request(AdminOp::ReleasePublish {
+            release: release.clone(),
+            machines: vec![],
+            groups: vec![g("field")],
+        })
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let s = status(&admin_client, &release).await;
+        let t = &s.targets[0];
+        if t.phase == Phase::Downloading && t.progress.is_some_and(|p| p.bytes > 0) {
+            break;
+        }
+        assert!(
+            t.download.is_none(),
+            "the download finished before the broker could be killed"
+        );
+        assert!(Instant::now() < deadline, "no download started: {t:?}");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    mosq.kill();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    mosq.restart().expect("mosquitto restarts on the same port");
+
+    let s = until_finished(&admin_client, &release, 1).await;
+    assert_all_installed(&s);
+    assert_active_slot(&sim, "vm-001", &big);
+    admin_client.close().await;
+    sim_token.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), sim_task).await;
+    platform.stop().await;
+}
