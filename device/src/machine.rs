@@ -351,13 +351,11 @@ impl Updater {
         let rec = self.ledger.kinds.get_mut(&n.kind).expect("entry exists");
         rec.accepted_seq = n.seq;
         rec.queued = None;
-        let already = rec
-            .installed
-            .as_ref()
-            .is_some_and(|i| i.version == n.version && i.artifact == Some(n.artifact.id));
         match rec.job.as_ref().map(|j| (j.step, j.notice.release.clone())) {
-            Some((Step::Installing, _)) if !already => {
-                // An install cannot be interrupted: run this one right after it.
+            Some((Step::Installing, _)) => {
+                // An install cannot be interrupted: run this one right after it. Even a notice
+                // for what is installed now must wait: the running install is about to replace
+                // it (a rollback to the current version while a newer one installs).
                 out.push(Action::Report(
                     StatusReport::new(&n, Phase::Notified)
                         .detail("queued behind a running install"),
@@ -365,10 +363,6 @@ impl Updater {
                 rec.queued = Some(n);
                 out.push(Action::Persist);
                 out.push(Action::PublishState);
-                return;
-            }
-            Some((Step::Installing, _)) => {
-                out.push(Action::Persist);
                 return;
             }
             Some((_, old)) => {
@@ -380,6 +374,18 @@ impl Updater {
             }
             None => {}
         }
+        self.begin(now_ms, n, out);
+        out.push(Action::Persist);
+        out.push(Action::PublishState);
+    }
+
+    /// Acts on an accepted notice for a kind with no job: done already, or a new job.
+    fn begin(&mut self, now_ms: u64, n: ReleaseNotice, out: &mut Vec<Action>) {
+        let already = self.ledger.kinds.get(&n.kind).is_some_and(|rec| {
+            rec.installed
+                .as_ref()
+                .is_some_and(|i| i.version == n.version && i.artifact == Some(n.artifact.id))
+        });
         if already {
             out.push(Action::Report(
                 StatusReport::new(&n, Phase::Installed).detail("already installed"),
@@ -387,8 +393,6 @@ impl Updater {
         } else {
             self.start_job(now_ms, n, out);
         }
-        out.push(Action::Persist);
-        out.push(Action::PublishState);
     }
 
     fn start_job(&mut self, now_ms: u64, n: ReleaseNotice, out: &mut Vec<Action>) {
@@ -699,7 +703,7 @@ impl Updater {
                 }
                 rec.job = None;
                 if let Some(next) = rec.queued.take() {
-                    self.start_job(now_ms, next, out);
+                    self.begin(now_ms, next, out);
                 }
                 out.push(Action::Persist);
                 out.push(Action::PublishState);
@@ -1173,6 +1177,52 @@ mod tests {
         assert!(a.iter().any(
             |a| matches!(a, Action::StartDownload { notice, .. } if notice.release == rid("r-2"))
         ));
+    }
+
+    #[test]
+    fn a_rollback_to_the_installed_version_during_an_install_switches_back_after_it() {
+        let mut u = updater();
+        u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
+        finish_download(&mut u, "r-1");
+        u.handle(
+            NOON,
+            Input::InstallFinished {
+                kind: app(),
+                release: rid("r-1"),
+                outcome: InstallOutcome::Installed,
+            },
+        );
+        u.handle(NOON, Input::Notice(notice("r-2", 2, "1.2.0")));
+        finish_download(&mut u, "r-2");
+        // While 1.2.0 installs, the operator rolls back to 1.1.0, which is still installed.
+        let mut back = notice("r-3", 3, "1.1.0");
+        back.rollback = true;
+        let a = u.handle(NOON, Input::Notice(back));
+        assert_eq!(phases(&a), vec![Phase::Notified], "the rollback is queued");
+        let a = u.handle(
+            NOON,
+            Input::InstallFinished {
+                kind: app(),
+                release: rid("r-2"),
+                outcome: InstallOutcome::Installed,
+            },
+        );
+        assert!(
+            a.iter().any(|a| matches!(
+                a,
+                Action::StartInstall { notice, from_previous: true, .. } if notice.release == rid("r-3")
+            )),
+            "{a:?}"
+        );
+        u.handle(
+            NOON,
+            Input::InstallFinished {
+                kind: app(),
+                release: rid("r-3"),
+                outcome: InstallOutcome::Installed,
+            },
+        );
+        assert_eq!(installed(&u), "1.1.0");
     }
 
     #[test]
