@@ -27,10 +27,28 @@ impl CommandInstaller {
         &self.kind
     }
 
+    /// Substitutes both placeholders in one pass over `cmd`, so a substituted value is never
+    /// scanned again (a path holding `{version}` must not get the version spliced into it).
     pub fn command_line(&self, version: &str, file: &Path) -> String {
-        self.cmd
-            .replace("{file}", &shell_quote(&file.to_string_lossy()))
-            .replace("{version}", &shell_quote(version))
+        let values = [
+            ("{file}", shell_quote(&file.to_string_lossy())),
+            ("{version}", shell_quote(version)),
+        ];
+        let mut line = String::with_capacity(self.cmd.len() + 64);
+        let mut rest = self.cmd.as_str();
+        'scan: while !rest.is_empty() {
+            for (placeholder, value) in &values {
+                if let Some(after) = rest.strip_prefix(placeholder) {
+                    line.push_str(value);
+                    rest = after;
+                    continue 'scan;
+                }
+            }
+            let c = rest.chars().next().expect("not empty");
+            line.push(c);
+            rest = &rest[c.len_utf8()..];
+        }
+        line
     }
 
     pub async fn install(&self, version: &str, file: &Path) -> Result<(), InstallError> {
@@ -74,6 +92,43 @@ mod tests {
             c.command_line("1.0", Path::new("/a b/it's")),
             r"install '/a b/it'\''s' '1.0'"
         );
+    }
+
+    #[test]
+    fn substituted_values_are_never_expanded_again() {
+        let c = CommandInstaller::new(Kind::new("fw").unwrap(), "install {file} {version}".into());
+        // A data dir whose path holds a placeholder must not pull the version into it unquoted.
+        assert_eq!(
+            c.command_line("$(reboot)", Path::new("/data/{version}/x")),
+            r"install '/data/{version}/x' '$(reboot)'"
+        );
+        assert_eq!(
+            c.command_line("{file}", Path::new("/x")),
+            r"install '/x' '{file}'"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_version_with_quotes_and_a_path_with_spaces_reach_the_command_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("it's a {version} file");
+        std::fs::write(&file, b"x").unwrap();
+        let out = dir.path().join("out");
+        let c = CommandInstaller::new(
+            Kind::new("fw").unwrap(),
+            format!(
+                "printf '%s\\n' {{file}} {{version}} > {}",
+                shell_quote(&out.to_string_lossy())
+            ),
+        );
+        let marker = dir.path().join("pwned");
+        let version = format!("1.0'\"$(touch${{IFS}}{})`id`;", marker.display());
+        c.install(&version, &file).await.unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&out).unwrap(),
+            format!("{}\n{version}\n", file.display())
+        );
+        assert!(!marker.exists());
     }
 
     #[tokio::test]
