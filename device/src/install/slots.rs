@@ -71,6 +71,16 @@ impl SlotsInstaller {
         sync_dir(&self.root).map_err(self.io("fsync", &self.root))
     }
 
+    fn clear_current(&self) -> Result<(), InstallError> {
+        let current = self.root.join("current");
+        match std::fs::remove_file(&current) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(self.io("remove", &current)(e)),
+        }
+        sync_dir(&self.root).map_err(self.io("fsync", &self.root))
+    }
+
     fn fill_slot(
         &self,
         slot: &str,
@@ -118,8 +128,11 @@ impl SlotsInstaller {
                 reason: format!("install task failed: {e}"),
             })??;
         if let Err(reason) = self.health.check(version).await {
-            if let Some(back) = switched {
-                self.switch_to(back)?;
+            match switched {
+                Some(back) => self.switch_to(back)?,
+                // Nothing was current before this install (the machine ran its shipped
+                // version): restore exactly that, so the unhealthy version is not left active.
+                None => self.clear_current()?,
             }
             return Err(InstallError::Unhealthy {
                 kind: self.kind.clone(),
@@ -240,6 +253,18 @@ mod tests {
         let err = s.install("2", a2, &p2).await.unwrap_err();
         assert!(matches!(err, InstallError::Unhealthy { .. }), "{err}");
         assert_eq!(s.active(), Some("a"));
+    }
+
+    #[tokio::test]
+    async fn an_unhealthy_first_install_does_not_stay_current() {
+        // The machine runs its shipped version outside the slots; the first slots install
+        // fails its health check, so there is no slot to switch back to.
+        let (dir, s) = setup(HealthCheck::Shell("false".into()));
+        let (a1, p1) = artifact(dir.path(), b"one");
+        let err = s.install("1", a1, &p1).await.unwrap_err();
+        assert!(matches!(err, InstallError::Unhealthy { .. }), "{err}");
+        assert_eq!(s.active(), None);
+        assert!(std::fs::symlink_metadata(s.root().join("current")).is_err());
     }
 
     #[tokio::test]
