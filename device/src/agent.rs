@@ -11,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use fleetcast_broker::client::{self, BrokerUrl, MqttEvent};
 use fleetcast_proto::auth::{Purpose, SignedEnvelope, MAX_JSON_MESSAGE};
-use fleetcast_proto::chunk::decode_frame;
+use fleetcast_proto::chunk::{decode_frame, FrameType};
 use fleetcast_proto::command::Command;
 use fleetcast_proto::status::MachineState;
 use fleetcast_proto::{ArtifactId, Kind, ReleaseId, ReleaseNotice, Route, StatusEvent, Topics};
@@ -335,9 +335,8 @@ impl Agent {
                     Err(e) => tracing::warn!(machine = %self.me(), "command refused: {e}"),
                 }
             }
-            Some(Route::MachineChunks(_)) | Some(Route::ArtifactChunks(_)) => {
-                self.route_frame(payload)
-            }
+            Some(Route::MachineChunks(m)) if &m == self.me() => self.route_frame(payload, false),
+            Some(Route::ArtifactChunks(_)) => self.route_frame(payload, true),
             _ => tracing::debug!(machine = %self.me(), topic, "unexpected message dropped"),
         }
     }
@@ -377,7 +376,7 @@ impl Agent {
         }
     }
 
-    fn route_frame(&mut self, frame: Bytes) {
+    fn route_frame(&mut self, frame: Bytes, broadcast: bool) {
         let header = match decode_frame(&frame) {
             Ok((h, _)) => h,
             Err(e) => {
@@ -385,6 +384,12 @@ impl Agent {
                 return;
             }
         };
+        if broadcast && header.frame_type == FrameType::Error {
+            // Error frames answer one machine's request, on its own topic; one on the shared
+            // topic (which any client can publish to) must not end every machine's attempt.
+            tracing::debug!(machine = %self.me(), "error frame on the broadcast topic dropped");
+            return;
+        }
         for job in self.downloads.values() {
             if job.artifact == header.artifact {
                 // A full queue drops the frame: the download re-requests what it misses.

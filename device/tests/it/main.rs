@@ -312,6 +312,43 @@ impl Platform {
     }
 }
 
+impl Platform {
+    /// Status events up to and including the first final phase of `release`.
+    async fn wait_final(&mut self, release: &str) -> Vec<StatusEvent> {
+        let mut seen = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let ev = tokio::time::timeout_at(deadline, self.statuses.recv())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no final phase for {release} within 30 s; saw {:?}",
+                        phases(&seen)
+                    )
+                })
+                .expect("status channel open");
+            let done =
+                ev.release.as_ref().is_some_and(|r| r.as_str() == release) && ev.phase.is_final();
+            seen.push(ev);
+            if done {
+                return seen;
+            }
+        }
+    }
+
+    /// Waits until the chunk server has seen at least `n` chunk requests.
+    async fn wait_requested(&self, n: usize) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while self.control.requested.lock().unwrap().len() < n {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "fewer than {n} chunk requests within 20 s"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
 fn phases(events: &[StatusEvent]) -> Vec<Phase> {
     let mut out: Vec<Phase> = Vec::new();
     for e in events {
@@ -445,6 +482,63 @@ async fn an_immediate_release_downloads_installs_into_a_slot_and_reports_every_p
     assert_eq!(
         std::fs::read_to_string(m.slot_root().join("current/version")).unwrap(),
         "1.1.0"
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn an_error_frame_on_the_broadcast_topic_does_not_end_the_download() {
+    let mut s = setup().await;
+    let options = AgentOptions {
+        tuning: fleetcast_device::download::Tuning {
+            attempts: 1,
+            stall: Duration::from_millis(200),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    s.platform.control.limit.store(0, Ordering::SeqCst);
+    let m = s.machine(options);
+    let art = s.platform.add(Artifact::new(200 * 1024, 3));
+    let n = s
+        .platform
+        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
+    s.platform.publish(&n).await;
+    // The agent asks for chunks, so it is subscribed to the broadcast topic by now.
+    s.platform.wait_requested(1).await;
+    // Anyone can publish there; the protocol gives error frames meaning only on the
+    // machine's own chunk topic. A real chunk after it on the same topic proves the error
+    // frame was delivered first.
+    let broadcast = s.platform.topics.artifact_chunks(&art.id);
+    let error = FrameHeader {
+        frame_type: FrameType::Error,
+        artifact: art.id,
+        index: 0,
+        total: 0,
+    };
+    let chunk = FrameHeader {
+        frame_type: FrameType::Chunk,
+        artifact: art.id,
+        index: 0,
+        total: art.layout.chunks,
+    };
+    for frame in [
+        encode_frame(&error, b"unknown artifact"),
+        encode_frame(&chunk, &art.bytes[..CHUNK as usize]),
+    ] {
+        s.platform
+            .client
+            .publish(broadcast.clone(), QoS::AtMostOnce, false, frame)
+            .await
+            .unwrap();
+    }
+    s.platform.control.limit.store(u32::MAX, Ordering::SeqCst);
+    let seen = s.platform.wait_final("r-1").await;
+    assert_eq!(
+        seen.last().unwrap().phase,
+        Phase::Installed,
+        "{:?}",
+        seen.last()
     );
     m.stop().await;
 }
