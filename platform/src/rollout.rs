@@ -18,7 +18,7 @@ pub enum NotAllowed {
     },
     #[error("phase {0} is assigned by the platform only; a machine cannot report it")]
     PlatformOnly(Phase),
-    #[error("release was superseded by a newer release of the same kind")]
+    #[error("release was superseded by a newer release of the same kind; only a final phase is still recorded")]
     Superseded,
     #[error("already finished as {from} (attempt {attempts}); only a new attempt (> {attempts}) may report {to}")]
     Finished {
@@ -103,6 +103,10 @@ pub fn apply(rec: &mut TargetRecord, ev: &StatusEvent, now_ms: u64) -> Result<()
     let new_attempt = ev.attempt > rec.attempts;
     match (from, to) {
         (_, Phase::Pending | Phase::Superseded) => return Err(NotAllowed::PlatformOnly(to)),
+        // Superseded is the platform's guess when it publishes a newer release; a final phase
+        // from the machine is a fact (the newer notice was rejected, or came during this
+        // install) and replaces the guess. Progress after it would leave the record hanging.
+        (Phase::Superseded, t) if t.is_final() => {}
         (Phase::Superseded, _) => return Err(NotAllowed::Superseded),
         (f, _) if f.is_final() && !new_attempt => {
             return Err(NotAllowed::Finished {
@@ -379,17 +383,187 @@ mod tests {
     }
 
     #[test]
-    fn a_superseded_record_takes_no_more_events_and_finished_ones_are_not_superseded() {
+    fn a_superseded_record_takes_no_more_progress_and_finished_ones_are_not_superseded() {
         let mut r = rec();
+        apply(&mut r, &ev(Phase::Downloading, 2), 2).unwrap();
         assert!(supersede(&mut r, 3));
-        assert_eq!(
-            apply(&mut r, &ev(Phase::Installed, 4), 4),
-            Err(NotAllowed::Superseded)
-        );
+        for p in [
+            Phase::Notified,
+            Phase::Downloading,
+            Phase::Downloaded,
+            Phase::Installing,
+        ] {
+            assert_eq!(
+                apply(&mut r, &ev(p, 4), 4),
+                Err(NotAllowed::Superseded),
+                "{p}"
+            );
+        }
+        assert_eq!(r.phase, Phase::Superseded);
         let mut done = rec();
         apply(&mut done, &ev(Phase::Installed, 1), 1).unwrap();
         assert!(!supersede(&mut done, 2));
         assert_eq!(done.phase, Phase::Installed);
+    }
+
+    #[test]
+    fn a_superseded_release_the_machine_still_finished_records_that_result() {
+        // The newer notice was rejected, or reached the machine while this install ran: the
+        // machine finished this release, and the record must say so.
+        for end in [Phase::Installed, Phase::InstallFailed, Phase::RolledBack] {
+            let mut r = rec();
+            apply(&mut r, &ev(Phase::Installing, 2), 2).unwrap();
+            assert!(supersede(&mut r, 3));
+            apply(&mut r, &ev(end, 4), 4).unwrap();
+            assert_eq!(r.phase, end);
+            assert_eq!(
+                r.upgrade.as_ref().map(|u| u.ok),
+                Some(end == Phase::Installed)
+            );
+        }
+        let mut r = rec();
+        assert!(supersede(&mut r, 3));
+        apply(&mut r, &ev(Phase::DownloadFailed, 4), 4).unwrap();
+        assert_eq!(r.download.as_ref().map(|d| d.ok), Some(false));
+    }
+
+    #[test]
+    fn every_sequence_a_machine_reports_is_applied_to_the_end() {
+        let download = |at| {
+            let mut d = ev(Phase::Downloading, at);
+            d.progress = Some(Progress {
+                bytes: 4,
+                total: 10,
+            });
+            d
+        };
+        let retry = |mut e: StatusEvent, attempt| {
+            e.attempt = attempt;
+            e
+        };
+        let sequences: Vec<(&str, Vec<StatusEvent>, Phase)> = vec![
+            (
+                "immediate",
+                vec![
+                    ev(Phase::Notified, 1),
+                    download(2),
+                    ev(Phase::Downloaded, 3),
+                    ev(Phase::Installing, 4),
+                    ev(Phase::Installed, 5),
+                ],
+                Phase::Installed,
+            ),
+            (
+                "window",
+                vec![
+                    ev(Phase::Notified, 1),
+                    download(2),
+                    ev(Phase::Downloaded, 3),
+                    ev(Phase::Deferred, 4),
+                    ev(Phase::Installing, 5),
+                    ev(Phase::Installed, 6),
+                ],
+                Phase::Installed,
+            ),
+            (
+                "rollback slot",
+                vec![
+                    ev(Phase::Notified, 1),
+                    ev(Phase::Downloaded, 2),
+                    ev(Phase::Installing, 3),
+                    ev(Phase::Installed, 4),
+                ],
+                Phase::Installed,
+            ),
+            // Download retries count up, then the later phases come with attempt 1 again.
+            (
+                "retried download",
+                vec![
+                    ev(Phase::Notified, 1),
+                    download(2),
+                    retry(download(3), 2),
+                    retry(download(4), 3),
+                    ev(Phase::Downloaded, 5),
+                    ev(Phase::Installing, 6),
+                    ev(Phase::Installed, 7),
+                ],
+                Phase::Installed,
+            ),
+            (
+                "failed download",
+                vec![
+                    ev(Phase::Notified, 1),
+                    download(2),
+                    retry(download(3), 2),
+                    retry(ev(Phase::DownloadFailed, 4), 2),
+                ],
+                Phase::DownloadFailed,
+            ),
+            (
+                "already installed",
+                vec![ev(Phase::Installed, 1)],
+                Phase::Installed,
+            ),
+            (
+                "queued behind an install",
+                vec![
+                    ev(Phase::Notified, 1),
+                    ev(Phase::Notified, 2),
+                    download(3),
+                    ev(Phase::Downloaded, 4),
+                    ev(Phase::Installing, 5),
+                    ev(Phase::Installed, 6),
+                ],
+                Phase::Installed,
+            ),
+            (
+                "cancelled while downloading",
+                vec![ev(Phase::Notified, 1), download(2), ev(Phase::Cancelled, 3)],
+                Phase::Cancelled,
+            ),
+            (
+                "cancelled while deferred",
+                vec![
+                    ev(Phase::Notified, 1),
+                    ev(Phase::Downloaded, 2),
+                    ev(Phase::Deferred, 3),
+                    ev(Phase::Cancelled, 4),
+                ],
+                Phase::Cancelled,
+            ),
+            (
+                "activate before the download",
+                vec![
+                    ev(Phase::Notified, 1),
+                    ev(Phase::Deferred, 2),
+                    download(3),
+                    ev(Phase::Downloaded, 4),
+                    ev(Phase::Installing, 5),
+                    ev(Phase::Installed, 6),
+                ],
+                Phase::Installed,
+            ),
+            ("rejected", vec![ev(Phase::Rejected, 1)], Phase::Rejected),
+            (
+                "unhealthy",
+                vec![
+                    ev(Phase::Notified, 1),
+                    download(2),
+                    ev(Phase::Downloaded, 3),
+                    ev(Phase::Installing, 4),
+                    ev(Phase::RolledBack, 5),
+                ],
+                Phase::RolledBack,
+            ),
+        ];
+        for (name, events, end) in sequences {
+            let mut r = rec();
+            for e in &events {
+                apply(&mut r, e, e.at_ms)
+                    .unwrap_or_else(|why| panic!("{name}: {} refused: {why}", e.phase));
+            }
+            assert_eq!(r.phase, end, "{name}");
+        }
     }
 
     #[test]
