@@ -165,6 +165,7 @@ pub async fn run_with(
     };
     tracing::info!(machine = %agent.config.machine, broker = %url, "agent starting");
     agent.handle(Input::Resume);
+    agent.remove_unused_files();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
@@ -175,7 +176,9 @@ pub async fn run_with(
             },
             Some(input) = input_rx.recv() => agent.on_task_result(input),
             _ = tick.tick() => agent.on_tick(),
-            Some(_) = agent.tasks.join_next(), if !agent.tasks.is_empty() => {}
+            Some(_) = agent.tasks.join_next(), if !agent.tasks.is_empty() => {
+                agent.remove_unused_files();
+            }
         }
     }
     // Say goodbye (a clean DISCONNECT suppresses the last will, so publish `false` ourselves).
@@ -234,9 +237,23 @@ impl Agent {
             if let Err(e) = self.store.save_ledger(&self.updater.ledger) {
                 tracing::error!(machine = %self.me(), "cannot persist agent state: {e}");
             }
+            self.remove_unused_files();
         }
         if self.state_dirty {
             self.publish_state();
+        }
+    }
+
+    /// Drops staged and downloaded artifacts no job, installed version or rollback slot needs.
+    /// Also run when a task ends: a cancelled download may write its staging state on the way out.
+    fn remove_unused_files(&self) {
+        let keep = self.updater.ledger.artifacts_in_use();
+        match download::remove_unused(&self.config.data_dir, &keep) {
+            Ok(0) => {}
+            Ok(n) => tracing::debug!(machine = %self.me(), "removed {n} unused artifact files"),
+            Err(e) => {
+                tracing::warn!(machine = %self.me(), "cannot remove unused artifact files: {e}")
+            }
         }
     }
 

@@ -125,6 +125,44 @@ pub fn artifact_path(data_dir: &Path, artifact: &ArtifactId) -> PathBuf {
     data_dir.join("artifacts").join(artifact.to_hex())
 }
 
+/// Deletes staged downloads and downloaded artifacts that are not in `keep` (superseded,
+/// cancelled or failed downloads, versions no longer installed nor in the rollback slot), so
+/// the data dir does not grow with every release. Files it does not recognise are left alone.
+/// Returns how many files it removed.
+pub fn remove_unused(
+    data_dir: &Path,
+    keep: &std::collections::HashSet<ArtifactId>,
+) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for (dir, suffixes) in [
+        (data_dir.join("staging"), &[".part", ".state.json"][..]),
+        (data_dir.join("artifacts"), &[""][..]),
+    ] {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let id = suffixes.iter().find_map(|s| {
+                name.strip_suffix(s)
+                    .and_then(|hex| hex.parse::<ArtifactId>().ok())
+            });
+            if id.is_some_and(|id| !keep.contains(&id)) {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
 struct Bitmap {
     bits: Vec<u8>,
     count: u32,

@@ -120,6 +120,22 @@ pub struct Ledger {
     pub last_command_seq: u64,
 }
 
+impl Ledger {
+    /// Artifacts the machine may still need on disk: what is installed, what the rollback slot
+    /// holds (a rollback installs it from there, or from `artifacts/` with the command
+    /// installer), and what each job or queued notice is about to fetch or install.
+    pub fn artifacts_in_use(&self) -> std::collections::HashSet<ArtifactId> {
+        let mut keep = std::collections::HashSet::new();
+        for rec in self.kinds.values() {
+            keep.extend(rec.installed.as_ref().and_then(|i| i.artifact));
+            keep.extend(rec.previous.as_ref().and_then(|i| i.artifact));
+            keep.extend(rec.job.as_ref().map(|j| j.notice.artifact.id));
+            keep.extend(rec.queued.as_ref().map(|n| n.artifact.id));
+        }
+        keep
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum InstallOutcome {
     Installed,

@@ -543,6 +543,47 @@ async fn an_error_frame_on_the_broadcast_topic_does_not_end_the_download() {
     m.stop().await;
 }
 
+fn file_names(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_superseded_download_leaves_no_staging_files_behind() {
+    let mut s = setup().await;
+    let old = s.platform.add(Artifact::new(1024 * 1024, 4));
+    let new = s.platform.add(Artifact::new(100 * 1024, 5));
+    s.platform.control.limit.store(3, Ordering::SeqCst);
+    let m = s.machine(AgentOptions::default());
+    let n1 = s
+        .platform
+        .notice("r-1", "1.1.0", &old, InstallPolicy::Immediate);
+    s.platform.publish(&n1).await;
+    s.platform.wait_requested(1).await;
+    let staging = m.config.data_dir.join("staging");
+    assert!(
+        file_names(&staging).contains(&format!("{}.part", old.id.to_hex())),
+        "{:?}",
+        file_names(&staging)
+    );
+    s.platform.control.limit.store(u32::MAX, Ordering::SeqCst);
+    let n2 = s
+        .platform
+        .notice("r-2", "1.2.0", &new, InstallPolicy::Immediate);
+    s.platform.publish(&n2).await;
+    s.platform.wait_for("r-2", Phase::Installed).await;
+    let artifacts = m.config.data_dir.join("artifacts");
+    m.stop().await;
+    assert_eq!(file_names(&staging), Vec::<String>::new());
+    assert_eq!(file_names(&artifacts), vec![new.id.to_hex()]);
+}
+
 #[tokio::test]
 async fn a_corrupted_chunk_is_fetched_again_and_the_install_still_succeeds() {
     let mut s = setup().await;
