@@ -361,8 +361,9 @@ impl<'a> Transfer<'a> {
     ) -> Result<(), DownloadError> {
         let tuning = self.ctx.tuning.clone();
         let mut tick = tokio::time::interval(Duration::from_millis(200));
-        let mut last_progress = Instant::now();
-        let mut last_request = Instant::now();
+        let attempt_started = Instant::now();
+        let mut last_progress = attempt_started;
+        let mut last_request = attempt_started;
         let stalled = |t: &Self| DownloadError::Stalled {
             artifact: t.artifact,
             secs: tuning.attempt_timeout.as_secs(),
@@ -398,12 +399,25 @@ impl<'a> Transfer<'a> {
                                 last_progress = Instant::now();
                                 if parts.iter().all(Option::is_some) {
                                     let manifest: Vec<u8> = parts.iter().flatten().flatten().copied().collect();
-                                    let v = ChunkVerifier::from_manifest(self.artifact, self.layout, &manifest)
-                                        .map_err(|e| DownloadError::Manifest { artifact: self.artifact, reason: e.to_string() })?;
-                                    self.verifier = Some(v);
-                                    self.manifest = Some(manifest);
-                                    self.persist()?;
-                                    break;
+                                    match ChunkVerifier::from_manifest(self.artifact, self.layout, &manifest) {
+                                        Ok(v) => {
+                                            self.verifier = Some(v);
+                                            self.manifest = Some(manifest);
+                                            self.persist()?;
+                                            break;
+                                        }
+                                        Err(e) => {
+                                            // Like a bad chunk: drop it and ask again after the stall
+                                            // time (a forged part on the shared topic must not cost the
+                                            // attempt). Its parts were no progress: the attempt timeout
+                                            // still ends a manifest that never verifies.
+                                            let e = DownloadError::Manifest { artifact: self.artifact, reason: e.to_string() };
+                                            tracing::warn!("{e}; fetching it again");
+                                            parts.iter_mut().for_each(|p| *p = None);
+                                            last_progress = attempt_started;
+                                            last_request = Instant::now();
+                                        }
+                                    }
                                 }
                             }
                             _ => {}

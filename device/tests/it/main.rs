@@ -72,6 +72,8 @@ struct ServeControl {
     limit: AtomicU32,
     /// Corrupt this chunk index the first time it is served (u32::MAX: none).
     corrupt_once: AtomicU32,
+    /// Corrupt this many manifests (a bad part the chunk CVs do not merge to the id).
+    corrupt_manifests: AtomicU32,
 }
 
 struct Platform {
@@ -172,10 +174,18 @@ async fn platform(url: &BrokerUrl, secret: Secret) -> Platform {
                                 index: part,
                                 total: parts,
                             };
-                            out.push(encode_frame(
-                                &h,
-                                &art.manifest[art.layout.manifest_part_range(part)],
-                            ));
+                            let mut bytes =
+                                art.manifest[art.layout.manifest_part_range(part)].to_vec();
+                            if ctl
+                                .corrupt_manifests
+                                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                                    n.checked_sub(1)
+                                })
+                                .is_ok()
+                            {
+                                bytes[0] ^= 0xff;
+                            }
+                            out.push(encode_frame(&h, &bytes));
                         }
                     }
                     for i in req.indices() {
@@ -582,6 +592,75 @@ async fn a_superseded_download_leaves_no_staging_files_behind() {
     m.stop().await;
     assert_eq!(file_names(&staging), Vec::<String>::new());
     assert_eq!(file_names(&artifacts), vec![new.id.to_hex()]);
+}
+
+#[tokio::test]
+async fn a_bad_manifest_is_fetched_again_within_the_same_attempt() {
+    let mut s = setup().await;
+    let options = AgentOptions {
+        tuning: fleetcast_device::download::Tuning {
+            attempts: 1,
+            stall: Duration::from_millis(200),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    s.platform
+        .control
+        .corrupt_manifests
+        .store(1, Ordering::SeqCst);
+    let m = s.machine(options);
+    let art = s.platform.add(Artifact::new(200 * 1024, 6));
+    let n = s
+        .platform
+        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
+    s.platform.publish(&n).await;
+    let seen = s.platform.wait_final("r-1").await;
+    assert_eq!(
+        seen.last().unwrap().phase,
+        Phase::Installed,
+        "{:?}",
+        seen.last()
+    );
+    assert_eq!(
+        s.platform.control.corrupt_manifests.load(Ordering::SeqCst),
+        0
+    );
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_manifest_that_never_verifies_still_ends_the_attempt() {
+    let mut s = setup().await;
+    let options = AgentOptions {
+        tuning: fleetcast_device::download::Tuning {
+            attempts: 1,
+            stall: Duration::from_millis(100),
+            attempt_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    s.platform
+        .control
+        .corrupt_manifests
+        .store(u32::MAX, Ordering::SeqCst);
+    let m = s.machine(options);
+    let art = s.platform.add(Artifact::new(200 * 1024, 7));
+    let n = s
+        .platform
+        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
+    s.platform.publish(&n).await;
+    let seen = s.platform.wait_final("r-1").await;
+    let last = seen.last().unwrap();
+    assert_eq!(last.phase, Phase::DownloadFailed, "{last:?}");
+    assert!(
+        last.error.as_deref().unwrap().contains("no progress"),
+        "{last:?}"
+    );
+    let served = u32::MAX - s.platform.control.corrupt_manifests.load(Ordering::SeqCst);
+    assert!(served >= 2, "the manifest was asked for again: {served}");
+    m.stop().await;
 }
 
 #[tokio::test]
