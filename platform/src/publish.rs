@@ -153,9 +153,11 @@ fn sign_notice(
     }
 }
 
-/// Points `machine`'s `kind` at `release`: creates its target record (unless it exists) and
-/// marks the previous unfinished release of that kind superseded. Caller holds the records
-/// lock. Returns the releases whose records changed.
+/// Points `machine`'s `kind` at `release`: creates its target record and marks the previous
+/// unfinished release of that kind superseded. A record that already finished (failed,
+/// cancelled, superseded, or installed before something else replaced it) starts a new round:
+/// the new notice has a higher seq, so the machine starts over at attempt 1. An unfinished
+/// record is kept. Caller holds the records lock. Returns the releases whose records changed.
 pub fn assign_target(
     store: &Store,
     release: &ReleaseInfo,
@@ -164,8 +166,9 @@ pub fn assign_target(
     now: u64,
 ) -> Result<Vec<ReleaseId>, StoreError> {
     let mut touched = vec![release.id.clone()];
-    if store.target(&release.id, machine)?.is_none() {
-        store.put_target(&rollout::new_target(release, machine.clone(), via, now))?;
+    match store.target(&release.id, machine)? {
+        Some(rec) if !rec.phase.is_final() => {}
+        _ => store.put_target(&rollout::new_target(release, machine.clone(), via, now))?,
     }
     if let Some(prev) = store.current(machine, &release.kind)? {
         if prev != release.id {
@@ -413,13 +416,9 @@ pub fn ensure_group_targets(
         if store.target(&n.release, machine)?.is_some() {
             continue;
         }
-        let newer = match store.current(machine, &n.kind)? {
-            None => true,
-            Some(cur) => store.release(&cur)?.is_none_or(|c| c.seq < n.seq),
-        };
-        if !newer {
-            continue;
-        }
+        // `n` has the highest seq of every notice this machine gets, so it is newer than the
+        // notice that made its current release current. (Not `ReleaseInfo::seq`: that is the
+        // release's latest publish, perhaps to other machines, after `n`.)
         if let Some(release) = store.release(&n.release)? {
             touched.extend(assign_target(
                 store,
@@ -431,4 +430,146 @@ pub fn ensure_group_targets(
         }
     }
     Ok(touched)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcast_proto::release::ArtifactRef;
+    use fleetcast_proto::{ArtifactId, InstallPolicy, Phase, StatusEvent};
+
+    fn m(s: &str) -> MachineId {
+        MachineId::new(s).unwrap()
+    }
+
+    fn g(s: &str) -> GroupId {
+        GroupId::new(s).unwrap()
+    }
+
+    fn open() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        (dir, store)
+    }
+
+    fn release(store: &Store, id: &str, version: &str) -> ReleaseInfo {
+        let r = ReleaseInfo {
+            id: ReleaseId::new(id).unwrap(),
+            kind: Kind::new("app").unwrap(),
+            version: version.into(),
+            artifact: ArtifactRef {
+                id: ArtifactId::of(version.as_bytes()),
+                size: 1,
+                chunk_size: 1024,
+                name: "x".into(),
+            },
+            policy: InstallPolicy::Immediate,
+            rollback: false,
+            notes: None,
+            created_at_ms: 0,
+            published_at_ms: None,
+            seq: 0,
+            machines: vec![],
+            groups: vec![],
+        };
+        store.put_release(&r).unwrap();
+        r
+    }
+
+    /// What `publish` stores for one target, without signing or sending.
+    fn desire(store: &Store, r: &mut ReleaseInfo, target: Target) -> u64 {
+        let seq = store.next_seq().unwrap();
+        r.seq = seq;
+        store.put_release(r).unwrap();
+        store
+            .put_desired(&DesiredNotice {
+                topic: format!("{target}"),
+                seq,
+                release: r.id.clone(),
+                kind: r.kind.clone(),
+                target,
+                payload: "{}".into(),
+            })
+            .unwrap();
+        seq
+    }
+
+    fn report(store: &Store, r: &ReleaseInfo, machine: &str, phase: Phase, attempt: u32) {
+        let mut rec = store.target(&r.id, &m(machine)).unwrap().unwrap();
+        let ev = StatusEvent {
+            machine: m(machine),
+            ctr: 1,
+            at_ms: 1,
+            release: Some(r.id.clone()),
+            kind: r.kind.clone(),
+            version: r.version.clone(),
+            phase,
+            progress: None,
+            attempt,
+            error: None,
+            detail: None,
+        };
+        rollout::apply(&mut rec, &ev, 1)
+            .unwrap_or_else(|why| panic!("{phase} (attempt {attempt}) refused: {why}"));
+        store.put_target(&rec).unwrap();
+    }
+
+    #[test]
+    fn republishing_a_release_starts_a_new_round_for_machines_that_finished_it() {
+        let (_d, store) = open();
+        let r1 = release(&store, "r-000001", "1.0");
+        let r2 = release(&store, "r-000002", "2.0");
+        assign_target(&store, &r1, &m("vm-1"), None, 1).unwrap();
+        report(&store, &r1, "vm-1", Phase::DownloadFailed, 3);
+        // An operator publishes it again: the machine gets a new notice and starts over at
+        // attempt 1, which the record must take.
+        assign_target(&store, &r1, &m("vm-1"), None, 2).unwrap();
+        let rec = store.target(&r1.id, &m("vm-1")).unwrap().unwrap();
+        assert_eq!((rec.phase, rec.attempts), (Phase::Pending, 0));
+        for p in [Phase::Notified, Phase::Downloading, Phase::Installed] {
+            report(&store, &r1, "vm-1", p, 1);
+        }
+        // Superseded by r2, then r1 is published again (a manual roll back to it).
+        assign_target(&store, &r2, &m("vm-1"), None, 3).unwrap();
+        report(&store, &r2, "vm-1", Phase::Notified, 1);
+        assign_target(&store, &r1, &m("vm-1"), None, 4).unwrap();
+        assert_eq!(
+            store.target(&r2.id, &m("vm-1")).unwrap().unwrap().phase,
+            Phase::Superseded
+        );
+        for p in [Phase::Notified, Phase::Downloading, Phase::Installing] {
+            report(&store, &r1, "vm-1", p, 1);
+        }
+        assign_target(&store, &r2, &m("vm-1"), None, 5).unwrap();
+        assign_target(&store, &r1, &m("vm-1"), None, 6).unwrap();
+        report(&store, &r1, "vm-1", Phase::Installed, 1);
+    }
+
+    #[test]
+    fn a_machine_that_joins_a_group_follows_its_release_even_if_its_own_was_republished_since() {
+        let (_d, store) = open();
+        let mut r1 = release(&store, "r-000001", "1.0");
+        let mut r2 = release(&store, "r-000002", "2.0");
+        desire(&store, &mut r1, Target::Machine(m("vm-1")));
+        assign_target(&store, &r1, &m("vm-1"), None, 1).unwrap();
+        let group_seq = desire(&store, &mut r2, Target::Group(g("g")));
+        // r1 goes to another machine later: its release seq is now above the group's.
+        assert!(desire(&store, &mut r1, Target::Machine(m("vm-3"))) > group_seq);
+        let touched = ensure_group_targets(&store, &m("vm-1"), &[g("g")], 2).unwrap();
+        assert!(touched.contains(&r2.id), "{touched:?}");
+        let rec = store.target(&r2.id, &m("vm-1")).unwrap().unwrap();
+        assert_eq!((rec.phase, rec.via), (Phase::Pending, Some(g("g"))));
+        assert_eq!(
+            store.target(&r1.id, &m("vm-1")).unwrap().unwrap().phase,
+            Phase::Superseded
+        );
+        assert_eq!(
+            store.current(&m("vm-1"), &r1.kind).unwrap(),
+            Some(r2.id.clone())
+        );
+        // Nothing changes when it reports again.
+        assert!(ensure_group_targets(&store, &m("vm-1"), &[g("g")], 3)
+            .unwrap()
+            .is_empty());
+    }
 }
