@@ -29,7 +29,8 @@ pub const MAX_BATCH: usize = 256;
 pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
 /// Rollout progress of one release is published at most this often (and always on a final phase).
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
-/// A machine behind its desired notice gets it re-published at most this often per kind.
+/// A machine behind its desired notice gets that notice re-published at most this often (a
+/// newer desired notice is sent at once).
 pub const REPUBLISH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Work that waits for the batch's flush.
@@ -52,7 +53,8 @@ struct Ingest {
     client: AsyncClient,
     progress_sent: HashMap<ReleaseId, Instant>,
     progress_dirty: HashSet<ReleaseId>,
-    republished: HashMap<(MachineId, Kind), Instant>,
+    /// When each (machine, kind) last got which desired notice (seq) re-published.
+    republished: HashMap<(MachineId, Kind), (u64, Instant)>,
 }
 
 /// Runs the ingest loop until shutdown. A store error stops the service without acking the
@@ -75,7 +77,11 @@ pub async fn run(
     loop {
         let first = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = tick.tick() => { ingest.flush_progress(); continue }
+            _ = tick.tick() => {
+                ingest.flush_progress();
+                ingest.republished.retain(|_, (_, t)| t.elapsed() < REPUBLISH_INTERVAL);
+                continue
+            }
             e = events.recv() => match e { Some(e) => e, None => return Ok(()) },
         };
         let mut batch = Vec::new();
@@ -410,11 +416,11 @@ impl Ingest {
             if self
                 .republished
                 .get(&key)
-                .is_some_and(|t| t.elapsed() < REPUBLISH_INTERVAL)
+                .is_some_and(|(seq, t)| *seq == notice.seq && t.elapsed() < REPUBLISH_INTERVAL)
             {
                 continue;
             }
-            self.republished.insert(key, Instant::now());
+            self.republished.insert(key, (notice.seq, Instant::now()));
             after.push(After::Republish(notice));
         }
         Ok(after)

@@ -3,6 +3,7 @@
 
 mod crash;
 mod e2e;
+mod reconcile;
 
 use std::path::Path;
 use std::time::Duration;
@@ -229,6 +230,39 @@ impl Machine {
         let ev = self.status(release, version, phase);
         self.send_raw("status", self.secret.seal(Purpose::Status, &ev))
             .await;
+    }
+
+    /// Publishes a MAC'd state claiming `groups` and, for kind `app`, the highest accepted `seq`.
+    async fn report_state(&mut self, groups: &[&str], seq: u64) {
+        self.ctr += 1;
+        let mut kinds = std::collections::BTreeMap::new();
+        kinds.insert(
+            Kind::new("app").unwrap(),
+            fleetcast_proto::status::KindState {
+                seq,
+                ..Default::default()
+            },
+        );
+        let st = fleetcast_proto::MachineState {
+            machine: self.id.clone(),
+            ctr: self.ctr,
+            at_ms: 1_795_608_000_000 + self.ctr * 1000,
+            agent_version: "test".into(),
+            groups: groups.iter().map(|g| GroupId::new(*g).unwrap()).collect(),
+            busy: false,
+            kinds,
+        };
+        let topic = format!("fleet/machines/{}/state", self.id);
+        self.peer
+            .client
+            .publish(
+                topic,
+                QoS::AtLeastOnce,
+                true,
+                self.secret.seal(Purpose::State, &st),
+            )
+            .await
+            .unwrap();
     }
 
     async fn request_chunks(

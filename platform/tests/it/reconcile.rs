@@ -1,0 +1,138 @@
+//! The reconciler: a machine whose reported state is behind its desired notice gets that notice
+//! again, the notice with the later seq (machine or group) is the one desired, and a machine
+//! first seen in a group becomes a target of the group's release.
+
+use super::*;
+
+/// The next release notice on `observer` for `topic`, verified.
+async fn next_notice(observer: &mut Peer, data: &Path, topic: &str) -> ReleaseNotice {
+    let p = observer.next(|p| p.topic == topic).await;
+    public_key(data)
+        .verify(Purpose::Release, &p.payload)
+        .expect("notice signed by the platform key")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_behind_gets_the_latest_desired_notice_machine_rollback_or_group_release() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let platform = start_platform(&broker, &data_dir);
+    let admin = admin(&url, &data_dir).await;
+    for (i, v) in ["1.0", "2.0", "3.0"].into_iter().enumerate() {
+        upload(
+            &admin,
+            dir.path(),
+            &format!("a{i}.bin"),
+            &data(1500, i as u8),
+            v,
+        )
+        .await
+        .unwrap();
+    }
+    let mut vm = provision(&admin, &url, "vm-001", &["g"]).await;
+    let mut observer = peer(&url, "observer").await;
+    observer.subscribe("fleet/+/+/release/app").await;
+    let (group_topic, own_topic) = (
+        "fleet/groups/g/release/app",
+        "fleet/machines/vm-001/release/app",
+    );
+
+    let r2 = create_release(&admin, "2.0").await;
+    publish(&admin, &r2.id, &[], &["g"]).await;
+    let sent = next_notice(&mut observer, &data_dir, group_topic).await;
+    assert_eq!(sent.release, r2.id);
+    // A machine that never got it (seq 0) gets the group notice again.
+    vm.report_state(&["g"], 0).await;
+    let again = next_notice(&mut observer, &data_dir, group_topic).await;
+    assert_eq!((again.release, again.seq), (r2.id.clone(), sent.seq));
+
+    // A per-machine rollback has the later seq: it is what the machine must follow now.
+    let AdminReply::Plan { plan } = admin
+        .request(AdminOp::Rollback {
+            target: Target::Machine(MachineId::new("vm-001").unwrap()),
+            kind: Kind::new("app").unwrap(),
+            to: Some("1.0".into()),
+        })
+        .await
+        .unwrap()
+    else {
+        panic!()
+    };
+    let rollback = next_notice(&mut observer, &data_dir, own_topic).await;
+    assert_eq!(rollback.release, plan.release.id);
+    // Behind on the rollback (it still reports the group release's seq): the rollback is
+    // re-sent, even though a re-publish for this machine and kind just happened.
+    vm.report_state(&["g"], sent.seq).await;
+    let again = next_notice(&mut observer, &data_dir, own_topic).await;
+    assert_eq!(
+        (again.release, again.seq),
+        (plan.release.id.clone(), rollback.seq)
+    );
+
+    // A newer group release wins over the rollback again.
+    let r3 = create_release(&admin, "3.0").await;
+    publish(&admin, &r3.id, &[], &["g"]).await;
+    let newer = next_notice(&mut observer, &data_dir, group_topic).await;
+    assert!(newer.seq > rollback.seq);
+    vm.report_state(&["g"], rollback.seq).await;
+    let again = next_notice(&mut observer, &data_dir, group_topic).await;
+    assert_eq!((again.release, again.seq), (r3.id.clone(), newer.seq));
+
+    let s = status(&admin, &plan.release.id).await;
+    assert_eq!(phase_of(&s, "vm-001"), Phase::Superseded);
+    let s = status(&admin, &r3.id).await;
+    assert_eq!(phase_of(&s, "vm-001"), Phase::Pending);
+    admin.close().await;
+    platform.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_first_seen_in_a_group_becomes_a_target_of_its_release() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let platform = start_platform(&broker, &data_dir);
+    let admin = admin(&url, &data_dir).await;
+    upload(&admin, dir.path(), "a.bin", &data(1500, 1), "1.0")
+        .await
+        .unwrap();
+    let _member = provision(&admin, &url, "vm-001", &["g"]).await;
+    let mut late = provision(&admin, &url, "vm-002", &[]).await;
+    let mut observer = peer(&url, "observer").await;
+    observer.subscribe("fleet/groups/g/release/app").await;
+    let r1 = create_release(&admin, "1.0").await;
+    let plan = publish(&admin, &r1.id, &[], &["g"]).await;
+    assert_eq!(plan.targets.len(), 1);
+    let sent = next_notice(&mut observer, &data_dir, "fleet/groups/g/release/app").await;
+
+    late.report_state(&["g"], 0).await;
+    let s = wait_status(&admin, &r1.id, |s| s.targets.len() == 2).await;
+    let rec = s
+        .targets
+        .iter()
+        .find(|t| t.machine.as_str() == "vm-002")
+        .unwrap();
+    assert_eq!(
+        (rec.phase, rec.via.as_ref().map(|g| g.as_str())),
+        (Phase::Pending, Some("g"))
+    );
+    assert_eq!(s.progress.total, 2);
+    let again = next_notice(&mut observer, &data_dir, "fleet/groups/g/release/app").await;
+    assert_eq!(again.seq, sent.seq);
+    // Its reports now count.
+    late.report(Some(&r1.id), "1.0", Phase::Installed).await;
+    wait_status(&admin, &r1.id, |s| {
+        phase_of(s, "vm-002") == Phase::Installed
+    })
+    .await;
+    let AdminReply::Machines { machines } = admin.request(AdminOp::Machines).await.unwrap() else {
+        panic!()
+    };
+    let info = machines.iter().find(|m| m.id.as_str() == "vm-002").unwrap();
+    assert_eq!(info.groups, vec![GroupId::new("g").unwrap()]);
+    admin.close().await;
+    platform.stop().await;
+}
