@@ -96,6 +96,10 @@ pub struct KindRecord {
     /// Highest notice seq accepted for this kind.
     #[serde(default)]
     pub accepted_seq: u64,
+    /// Seq of the last notice refused for this kind: its retained copy comes back on every
+    /// reconnect and is not reported again.
+    #[serde(default)]
+    pub rejected_seq: u64,
     #[serde(default)]
     pub installed: Option<Installed>,
     /// What the inactive (rollback) slot holds.
@@ -356,12 +360,21 @@ impl Updater {
                 "notice not newer than the accepted one; ignored");
             return;
         }
+        if n.seq == rec.rejected_seq {
+            tracing::debug!(kind = %n.kind, release = %n.release, seq = n.seq,
+                "notice already rejected; ignored");
+            return;
+        }
         let rec = rec.clone();
         if let Err(why) = self.check_notice(&n, &rec) {
             tracing::warn!(kind = %n.kind, release = %n.release, "notice rejected: {why}");
             out.push(Action::Report(
                 StatusReport::new(&n, Phase::Rejected).error(why),
             ));
+            if let Some(rec) = self.ledger.kinds.get_mut(&n.kind) {
+                rec.rejected_seq = n.seq;
+            }
+            out.push(Action::Persist);
             return;
         }
         let rec = self.ledger.kinds.get_mut(&n.kind).expect("entry exists");
@@ -886,6 +899,7 @@ mod tests {
             vec![Phase::Rejected]
         );
         n.target = Target::Group(GroupId::new("other").unwrap());
+        n.seq = 2; // every notice the platform signs has its own seq
         assert_eq!(
             phases(&u.handle(NOON, Input::Notice(n))),
             vec![Phase::Rejected]
@@ -904,6 +918,24 @@ mod tests {
         n.rollback = true;
         assert_eq!(
             phases(&u.handle(NOON, Input::Notice(n))),
+            vec![Phase::Notified]
+        );
+    }
+
+    #[test]
+    fn a_rejected_notice_delivered_again_is_not_reported_again() {
+        let mut u = updater();
+        let downgrade = notice("r-1", 1, "0.9.0");
+        let a = u.handle(NOON, Input::Notice(downgrade.clone()));
+        assert_eq!(phases(&a), vec![Phase::Rejected]);
+        let ledger = u.ledger.clone();
+        assert!(u.handle(NOON, Input::Notice(downgrade.clone())).is_empty());
+        // Also after a restart (the retained notice comes back after every reconnect).
+        let mut restarted = Updater::new(me(), vec![group()], 0, ledger, &BTreeMap::new());
+        assert!(restarted.handle(NOON, Input::Notice(downgrade)).is_empty());
+        // A newer notice is judged on its own.
+        assert_eq!(
+            phases(&restarted.handle(NOON, Input::Notice(notice("r-2", 2, "1.1.0")))),
             vec![Phase::Notified]
         );
     }
