@@ -58,9 +58,9 @@ pub async fn run(config: MachineConfig, shutdown: CancellationToken) -> Result<(
     run_with(config, AgentOptions::default(), shutdown).await
 }
 
+/// What a QoS 1 publish carried: only status events are sent at QoS 1.
 enum Tag {
     Status(u64),
-    Other,
 }
 
 struct JobHandle {
@@ -80,10 +80,11 @@ struct Agent {
     updater: Updater,
     connected: bool,
     /// QoS 1 publishes handed to the client, waiting for their packet id (`Sent`). rumqttc does
-    /// not return the pkid of a publish, so ids are matched in submission order. Both lists are
-    /// cleared on every (re)connect; a publish queued in the instant the connection drops can
-    /// shift the match once, so the head is also resent after `RESEND_AFTER` without an ack
-    /// (a duplicate carries the same `ctr`: the platform drops it as a replay).
+    /// not return the pkid of a publish, so ids are matched in submission order. Status events
+    /// are the only QoS 1 publishes and only the outbox head is ever in flight, so even a shifted
+    /// match (a publish queued as the connection drops, rumqttc retransmitting after reconnect)
+    /// pairs an ack with a copy of the same event. The head is also resent after `RESEND_AFTER`
+    /// without an ack (a duplicate carries the same `ctr`: the platform drops it as a replay).
     submitted: VecDeque<Tag>,
     pkids: HashMap<u16, Tag>,
     head_sent_at: Option<Instant>,
@@ -266,12 +267,7 @@ impl Agent {
                 self.pkids.clear();
                 self.head_sent_at = None;
                 self.subscribe_all();
-                self.publish_qos1(
-                    self.topics.online(self.me()),
-                    true,
-                    b"true".to_vec(),
-                    Tag::Other,
-                );
+                self.publish_qos0(self.topics.online(self.me()), true, b"true".to_vec());
                 self.publish_state();
                 self.send_head();
             }
@@ -293,6 +289,8 @@ impl Agent {
             }
             MqttEvent::PubAck(pkid) => {
                 if let Some(Tag::Status(ctr)) = self.pkids.remove(&pkid) {
+                    // Every QoS 1 publish is a copy of the outbox head (stop-and-wait), so an
+                    // ack for any of them acknowledges the head.
                     match self.outbox.ack(ctr) {
                         Ok(true) => {
                             self.head_sent_at = None;
@@ -447,6 +445,23 @@ impl Agent {
         }
     }
 
+    /// State and `online` go at QoS 0 (the next one supersedes a lost one, and the platform
+    /// re-asks with `report`), so that status events are the *only* QoS 1 publishes of this
+    /// connection: every packet id rumqttc reports then belongs to a copy of the outbox head,
+    /// and pairing acks by submission order cannot shift onto another message.
+    fn publish_qos0(&mut self, topic: String, retain: bool, payload: Vec<u8>) -> bool {
+        match self
+            .client
+            .try_publish(topic, QoS::AtMostOnce, retain, payload)
+        {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(machine = %self.me(), "publish not queued: {e}");
+                false
+            }
+        }
+    }
+
     fn publish_qos1(&mut self, topic: String, retain: bool, payload: Vec<u8>, tag: Tag) -> bool {
         match self
             .client
@@ -535,7 +550,7 @@ impl Agent {
         };
         let payload = self.config.secret.seal(Purpose::State, &state);
         let topic = self.topics.state(self.me());
-        self.state_dirty = !self.publish_qos1(topic, true, payload, Tag::Other);
+        self.state_dirty = !self.publish_qos0(topic, true, payload);
     }
 
     fn download_context(&self) -> DownloadContext {
