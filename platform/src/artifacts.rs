@@ -268,6 +268,14 @@ impl ArtifactStore {
         Ok(f)
     }
 
+    /// Holds the open-file cache, so chunk reads wait (tests of callers that must not block).
+    #[cfg(test)]
+    pub(crate) fn hold_open_files(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<ArtifactId, (Arc<File>, u64)>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Reads chunk `index` of an artifact laid out as `layout` into `buf`.
     pub fn read_chunk(
         &self,

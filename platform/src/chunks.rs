@@ -4,11 +4,14 @@
 //! and a chunk broadcast less than [`REBROADCAST_AFTER`] ago is not sent again.
 //!
 //! Runs on its own task fed by the serve connection, so it never waits on ingest flushes.
-//! Reads use positioned reads on cached open files; an artifact is never loaded whole.
+//! Reads use positioned reads on cached open files, on tokio's blocking threads (a slow disk
+//! must not stall the runtime); an artifact is never loaded whole.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::chunk::{encode_frame, ChunkRequest, FrameHeader, FrameType, Layout};
@@ -17,6 +20,7 @@ use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::error::PlatformError;
 use crate::publish::Ctx;
 
@@ -28,7 +32,8 @@ struct ChunkServer {
     ctrs: HashMap<MachineId, u64>,
     requesters: HashMap<ArtifactId, HashMap<MachineId, Instant>>,
     broadcast_at: HashMap<(ArtifactId, u32), Instant>,
-    buf: Vec<u8>,
+    /// When `requesters` was last swept of machines that stopped fetching.
+    swept_at: Instant,
 }
 
 pub async fn run(
@@ -41,7 +46,7 @@ pub async fn run(
         ctrs: HashMap::new(),
         requesters: HashMap::new(),
         broadcast_at: HashMap::new(),
-        buf: Vec::new(),
+        swept_at: Instant::now(),
     };
     loop {
         let (machine, payload) = tokio::select! {
@@ -52,6 +57,24 @@ pub async fn run(
             tracing::warn!(machine = %machine, reason = %reason, "chunk request refused");
         }
     }
+}
+
+/// Reads chunk `index` and encodes its frame. Blocking.
+fn chunk_frame(
+    files: &ArtifactStore,
+    artifact: ArtifactId,
+    layout: &Layout,
+    index: u32,
+) -> Result<Vec<u8>, ArtifactError> {
+    let mut buf = Vec::new();
+    files.read_chunk(&artifact, layout, index, &mut buf)?;
+    let header = FrameHeader {
+        frame_type: FrameType::Chunk,
+        artifact,
+        index,
+        total: layout.chunks,
+    };
+    Ok(encode_frame(&header, &buf))
 }
 
 impl ChunkServer {
@@ -101,12 +124,18 @@ impl ChunkServer {
             return Err(e);
         }
         if req.manifest {
-            let manifest = match self.ctx.files.read_manifest(&req.artifact) {
+            let files = self.ctx.files.clone();
+            let artifact = req.artifact;
+            let read = tokio::task::spawn_blocking(move || files.read_manifest(&artifact)).await;
+            let manifest = match read
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
                 Ok(m) => m,
                 Err(e) => {
                     self.error_frame(&own_topic, req.artifact, "manifest unreadable")
                         .await;
-                    return Err(e.to_string());
+                    return Err(e);
                 }
             };
             let parts = layout.manifest_parts();
@@ -125,11 +154,18 @@ impl ChunkServer {
             }
         }
         let now = Instant::now();
+        if now.duration_since(self.swept_at) >= BROADCAST_WINDOW {
+            // Forget machines (and artifacts) nobody fetched lately, not only for this artifact.
+            self.requesters.retain(|_, ms| {
+                ms.retain(|_, t| now.duration_since(*t) < BROADCAST_WINDOW);
+                !ms.is_empty()
+            });
+            self.swept_at = now;
+        }
         let machines = self.requesters.entry(req.artifact).or_default();
         machines.insert(m.clone(), now);
         machines.retain(|_, t| now.duration_since(*t) < BROADCAST_WINDOW);
         let broadcast = machines.len() >= 2;
-        self.requesters.retain(|_, ms| !ms.is_empty());
         if self.broadcast_at.len() > 100_000 {
             self.broadcast_at
                 .retain(|_, t| now.duration_since(*t) < REBROADCAST_AFTER);
@@ -150,25 +186,22 @@ impl ChunkServer {
             } else {
                 &own_topic
             };
-            let mut buf = std::mem::take(&mut self.buf);
-            if let Err(e) = self
-                .ctx
-                .files
-                .read_chunk(&req.artifact, &layout, index, &mut buf)
-            {
-                self.buf = buf;
-                self.error_frame(&own_topic, req.artifact, "artifact unreadable")
+            let files = self.ctx.files.clone();
+            let artifact = req.artifact;
+            let read =
+                tokio::task::spawn_blocking(move || chunk_frame(&files, artifact, &layout, index))
                     .await;
-                return Err(e.to_string());
-            }
-            let header = FrameHeader {
-                frame_type: FrameType::Chunk,
-                artifact: req.artifact,
-                index,
-                total: layout.chunks,
+            let frame = match read
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()))
+            {
+                Ok(frame) => frame,
+                Err(e) => {
+                    self.error_frame(&own_topic, req.artifact, "artifact unreadable")
+                        .await;
+                    return Err(e);
+                }
             };
-            let frame = encode_frame(&header, &buf);
-            self.buf = buf;
             let topic = topic.clone();
             self.send(&topic, frame).await?;
         }
@@ -193,5 +226,222 @@ impl ChunkServer {
         let _ = self
             .send(topic, encode_frame(&header, reason.as_bytes()))
             .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcast_proto::admin::ArtifactInfo;
+    use fleetcast_proto::auth::Secret;
+    use fleetcast_proto::{Kind, Topics};
+
+    use crate::store::Store;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        /// Kept so the client's request queue stays open; never polled.
+        _eventloop: rumqttc::EventLoop,
+        ctx: Arc<Ctx>,
+        secret: Secret,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("db")).unwrap());
+        let files = Arc::new(ArtifactStore::open(dir.path()).unwrap());
+        let keys = Arc::new(crate::keys::load_or_create_keys(dir.path()).unwrap());
+        let (mqtt, eventloop) =
+            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 4096);
+        let secret = Secret::from_bytes([7; 32]);
+        for m in ["vm-1", "vm-2"] {
+            store
+                .put_secret(&MachineId::new(m).unwrap(), &secret)
+                .unwrap();
+        }
+        let ctx = Arc::new(Ctx {
+            store,
+            files,
+            keys,
+            topics: Topics::default(),
+            mqtt,
+        });
+        Fixture {
+            _dir: dir,
+            _eventloop: eventloop,
+            ctx,
+            secret,
+        }
+    }
+
+    fn add_artifact(ctx: &Ctx, seed: u8) -> ArtifactId {
+        let bytes: Vec<u8> = (0..3000u32).map(|i| (i as u8) ^ seed).collect();
+        let id = ArtifactId::of(&bytes);
+        let mut up = ctx
+            .files
+            .begin_upload(id, bytes.len() as u64, 1024)
+            .unwrap();
+        for i in 0..up.layout.chunks {
+            let (s, l) = (up.layout.offset(i) as usize, up.layout.chunk_len(i));
+            up.write_part(i, &bytes[s..s + l]).unwrap();
+        }
+        ctx.files.commit(up).unwrap();
+        ctx.store
+            .put_artifact(&ArtifactInfo {
+                id,
+                kind: Kind::new("app").unwrap(),
+                version: format!("1.{seed}"),
+                name: "a".into(),
+                size: bytes.len() as u64,
+                chunk_size: 1024,
+                notes: None,
+                uploaded_at_ms: 0,
+            })
+            .unwrap();
+        id
+    }
+
+    fn server(ctx: &Arc<Ctx>) -> ChunkServer {
+        ChunkServer {
+            ctx: ctx.clone(),
+            ctrs: HashMap::new(),
+            requesters: HashMap::new(),
+            broadcast_at: HashMap::new(),
+            swept_at: Instant::now(),
+        }
+    }
+
+    fn request(f: &Fixture, m: &str, ctr: u64, artifact: ArtifactId) -> Vec<u8> {
+        let req = ChunkRequest {
+            machine: MachineId::new(m).unwrap(),
+            ctr,
+            artifact,
+            // Chunks only: the chunk read is the first thing that touches the disk.
+            manifest: false,
+            chunks: vec![(0, 3)],
+        };
+        f.secret.seal(Purpose::ChunkRequest, &req)
+    }
+
+    #[test]
+    fn a_slow_chunk_read_does_not_stall_the_runtime() {
+        let f = fixture();
+        let artifact = add_artifact(&f.ctx, 1);
+        let payload = request(&f, "vm-1", 1, artifact);
+        // A disk that does not answer: the open-file cache is held until the runtime's other
+        // task says so. A read done inline would stop that task from ever running.
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let files = f.ctx.files.clone();
+        let holder = std::thread::spawn(move || {
+            let _cache = files.hold_open_files();
+            held_tx.send(()).unwrap();
+            let _ = release_rx.recv();
+        });
+        held_rx.recv().unwrap();
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let ctx = f.ctx.clone();
+        let release = release_tx.clone();
+        let runtime = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let result = rt.block_on(async move {
+                let mut server = server(&ctx);
+                let m = MachineId::new("vm-1").unwrap();
+                let serving = tokio::spawn(async move { server.handle(&m, &payload).await });
+                tokio::task::yield_now().await;
+                let _ = release.send(());
+                serving.await.unwrap()
+            });
+            let _ = done_tx.send(result);
+        });
+        match done_rx.recv_timeout(Duration::from_secs(20)) {
+            Ok(result) => result.unwrap(),
+            Err(_) => {
+                let _ = release_tx.send(());
+                panic!("the chunk server blocked the runtime while reading");
+            }
+        }
+        runtime.join().unwrap();
+        holder.join().unwrap();
+    }
+
+    #[tokio::test]
+    async fn machines_that_stopped_fetching_are_forgotten_for_every_artifact() {
+        let f = fixture();
+        let (a, b) = (add_artifact(&f.ctx, 1), add_artifact(&f.ctx, 2));
+        let mut server = server(&f.ctx);
+        let (vm1, vm2) = (
+            MachineId::new("vm-1").unwrap(),
+            MachineId::new("vm-2").unwrap(),
+        );
+        server
+            .handle(&vm1, &request(&f, "vm-1", 1, a))
+            .await
+            .unwrap();
+        server
+            .handle(&vm2, &request(&f, "vm-2", 1, a))
+            .await
+            .unwrap();
+        assert_eq!(server.requesters[&a].len(), 2);
+        // The window passes (moved back rather than waited for).
+        let past = Instant::now()
+            .checked_sub(BROADCAST_WINDOW + Duration::from_secs(1))
+            .unwrap();
+        server.swept_at = past;
+        for t in server.requesters.get_mut(&a).unwrap().values_mut() {
+            *t = past;
+        }
+        server
+            .handle(&vm1, &request(&f, "vm-1", 2, b))
+            .await
+            .unwrap();
+        assert!(
+            !server.requesters.contains_key(&a),
+            "{:?}",
+            server.requesters.keys()
+        );
+        assert_eq!(server.requesters[&b].len(), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_artifacts_bad_ranges_and_replays_are_refused() {
+        let f = fixture();
+        let a = add_artifact(&f.ctx, 1);
+        let mut server = server(&f.ctx);
+        let vm1 = MachineId::new("vm-1").unwrap();
+        let err = server
+            .handle(&vm1, &request(&f, "vm-1", 1, ArtifactId::of(b"nope")))
+            .await
+            .unwrap_err();
+        assert!(err.contains("unknown artifact"), "{err}");
+        let bad = ChunkRequest {
+            machine: vm1.clone(),
+            ctr: 2,
+            artifact: a,
+            manifest: false,
+            chunks: vec![(2, 4)],
+        };
+        let err = server
+            .handle(&vm1, &f.secret.seal(Purpose::ChunkRequest, &bad))
+            .await
+            .unwrap_err();
+        assert!(err.contains("beyond 3 chunks"), "{err}");
+        let err = server
+            .handle(&vm1, &request(&f, "vm-1", 2, a))
+            .await
+            .unwrap_err();
+        assert!(err.contains("replayed"), "{err}");
+        let err = server
+            .handle(&vm1, &request(&f, "vm-2", 3, a))
+            .await
+            .unwrap_err();
+        assert!(err.contains("body names machine vm-2"), "{err}");
+        server
+            .handle(&vm1, &request(&f, "vm-1", 3, a))
+            .await
+            .unwrap();
     }
 }
