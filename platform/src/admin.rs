@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::Duration;
 
 use fleetcast_proto::admin::{
     AdminOp, AdminReply, AdminRequest, AdminResponse, ArtifactInfo, MachineInfo,
@@ -16,6 +17,7 @@ use fleetcast_proto::{ArtifactId, GroupId, InstallPolicy, Kind, MachineId, Targe
 use rand::RngCore;
 use rumqttc::QoS;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::artifacts::Upload;
@@ -48,7 +50,13 @@ struct Staged {
     client: String,
     /// First write error (e.g. disk full): reported at commit.
     failed: Option<String>,
+    /// Last begin or part: an upload idle for [`UPLOAD_IDLE`] is abandoned.
+    touched: Instant,
 }
+
+/// An upload with no part or request for this long was abandoned (the CLI died): its
+/// staging file and state are dropped.
+pub const UPLOAD_IDLE: Duration = Duration::from_secs(600);
 
 /// What the platform remembers of one admin client: its last counter and its recent responses,
 /// so a retried request (same counter) gets the same answer instead of running twice.
@@ -79,9 +87,12 @@ pub async fn run(
         ctrs: HashMap::new(),
         uploads: HashMap::new(),
     };
+    let mut sweep = tokio::time::interval(UPLOAD_IDLE / 10);
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let item = tokio::select! {
             _ = shutdown.cancelled() => break,
+            _ = sweep.tick() => { admin.drop_abandoned_uploads(); continue }
             item = input.recv() => match item { Some(i) => i, None => break },
         };
         match item {
@@ -106,6 +117,22 @@ pub async fn run(
 }
 
 impl Admin {
+    /// Drops uploads idle for [`UPLOAD_IDLE`] with their staging files.
+    fn drop_abandoned_uploads(&mut self) {
+        let idle: Vec<ArtifactId> = self
+            .uploads
+            .iter()
+            .filter(|(_, s)| s.touched.elapsed() >= UPLOAD_IDLE)
+            .map(|(a, _)| *a)
+            .collect();
+        for artifact in idle {
+            if let Some(s) = self.uploads.remove(&artifact) {
+                tracing::warn!(artifact = %artifact.short(), client = %s.client, "abandoned upload dropped");
+                self.ctx.files.discard(s.upload);
+            }
+        }
+    }
+
     async fn request(&mut self, client: &str, payload: &[u8]) {
         let req: AdminRequest = match self.ctx.keys.admin.open(Purpose::Admin, payload) {
             Ok(r) => r,
@@ -220,6 +247,7 @@ impl Admin {
         if staged.client != client || staged.failed.is_some() {
             return;
         }
+        staged.touched = Instant::now();
         if let Err(e) = staged.upload.write_part(header.index, bytes) {
             tracing::warn!(client, artifact = %header.artifact.short(), error = %e, "upload part not stored");
             if matches!(e, crate::artifacts::ArtifactError::Io { .. }) {
@@ -371,6 +399,7 @@ impl Admin {
                 notes,
                 client: client.to_owned(),
                 failed: None,
+                touched: Instant::now(),
             },
         );
         Ok(AdminReply::UploadReady {
@@ -384,7 +413,7 @@ impl Admin {
         client: &str,
         artifact: ArtifactId,
     ) -> Result<AdminReply, OpError> {
-        let Some(staged) = self.uploads.remove(&artifact) else {
+        let Some(mut staged) = self.uploads.remove(&artifact) else {
             if let Some(info) = self.ctx.store.artifact(&artifact)? {
                 return Ok(AdminReply::Artifact { artifact: info });
             }
@@ -403,6 +432,7 @@ impl Admin {
         }
         let missing = staged.upload.missing();
         if !missing.is_empty() {
+            staged.touched = Instant::now();
             self.uploads.insert(artifact, staged);
             return Ok(AdminReply::UploadMissing { parts: missing });
         }
@@ -616,6 +646,163 @@ pub fn previous_version(history: &[String], current: Option<&str>) -> Option<Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetcast_proto::chunk::{encode_frame, FrameHeader};
+    use fleetcast_proto::Topics;
+
+    use crate::artifacts::ArtifactStore;
+    use crate::store::Store;
+
+    struct Fixture {
+        dir: tempfile::TempDir,
+        /// Keeps the client's request queue open; never polled.
+        _eventloop: rumqttc::EventLoop,
+        admin: Admin,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let (mqtt, eventloop) =
+            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 4096);
+        let ctx = Arc::new(Ctx {
+            store: Arc::new(Store::open(&dir.path().join("db")).unwrap()),
+            files: Arc::new(ArtifactStore::open(dir.path()).unwrap()),
+            keys: Arc::new(crate::keys::load_or_create_keys(dir.path()).unwrap()),
+            topics: Topics::default(),
+            mqtt,
+        });
+        Fixture {
+            dir,
+            _eventloop: eventloop,
+            admin: Admin {
+                ctx,
+                ctrs: HashMap::new(),
+                uploads: HashMap::new(),
+            },
+        }
+    }
+
+    fn bytes(seed: u8) -> Vec<u8> {
+        (0..2500u32).map(|i| (i as u8).wrapping_mul(seed)).collect()
+    }
+
+    async fn begin(admin: &mut Admin, client: &str, version: &str, data: &[u8]) -> ArtifactId {
+        let artifact = ArtifactId::of(data);
+        let reply = admin
+            .handle(
+                client,
+                AdminOp::UploadBegin {
+                    kind: Kind::new("app").unwrap(),
+                    version: version.into(),
+                    name: "a.bin".into(),
+                    size: data.len() as u64,
+                    artifact,
+                    chunk_size: 1024,
+                    notes: None,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(
+            matches!(reply, AdminReply::UploadReady { parts: 3, .. }),
+            "{reply:?}"
+        );
+        artifact
+    }
+
+    fn send_part(admin: &mut Admin, client: &str, artifact: ArtifactId, data: &[u8], index: u32) {
+        let header = FrameHeader {
+            frame_type: FrameType::UploadPart,
+            artifact,
+            index,
+            total: 3,
+        };
+        let start = index as usize * 1024;
+        let part = &data[start..data.len().min(start + 1024)];
+        admin.part(client, &encode_frame(&header, part));
+    }
+
+    async fn commit(
+        admin: &mut Admin,
+        client: &str,
+        artifact: ArtifactId,
+    ) -> Result<AdminReply, OpError> {
+        admin
+            .handle(client, AdminOp::UploadCommit { artifact })
+            .await
+    }
+
+    fn staging_files(f: &Fixture) -> usize {
+        std::fs::read_dir(f.dir.path().join("uploads"))
+            .unwrap()
+            .count()
+    }
+
+    #[tokio::test]
+    async fn concurrent_uploads_of_different_artifacts_both_commit() {
+        let mut f = fixture();
+        let (one, two) = (bytes(3), bytes(5));
+        let a = begin(&mut f.admin, "cli-a", "1.0", &one).await;
+        let b = begin(&mut f.admin, "cli-b", "2.0", &two).await;
+        for i in 0..3 {
+            send_part(&mut f.admin, "cli-a", a, &one, i);
+            send_part(&mut f.admin, "cli-b", b, &two, 2 - i);
+        }
+        // A part for no upload in progress changes nothing.
+        send_part(&mut f.admin, "cli-a", ArtifactId::of(b"none"), &one, 0);
+        for (client, id) in [("cli-a", a), ("cli-b", b)] {
+            let reply = commit(&mut f.admin, client, id).await.unwrap();
+            assert!(matches!(reply, AdminReply::Artifact { .. }), "{reply:?}");
+            assert!(f.admin.ctx.files.exists(&id));
+        }
+        assert_eq!(staging_files(&f), 0);
+    }
+
+    #[tokio::test]
+    async fn an_abandoned_upload_is_dropped_with_its_staging_file() {
+        let mut f = fixture();
+        let data = bytes(7);
+        let a = begin(&mut f.admin, "cli-a", "1.0", &data).await;
+        send_part(&mut f.admin, "cli-a", a, &data, 0);
+        assert_eq!(staging_files(&f), 1);
+        f.admin.drop_abandoned_uploads();
+        assert_eq!(f.admin.uploads.len(), 1, "an active upload is kept");
+        // The client went away: nothing for longer than UPLOAD_IDLE (moved back, not waited).
+        let idle_since = Instant::now()
+            .checked_sub(UPLOAD_IDLE + Duration::from_secs(1))
+            .unwrap();
+        f.admin.uploads.get_mut(&a).unwrap().touched = idle_since;
+        f.admin.drop_abandoned_uploads();
+        assert!(f.admin.uploads.is_empty());
+        assert_eq!(staging_files(&f), 0);
+        let err = commit(&mut f.admin, "cli-a", a).await.unwrap_err();
+        assert!(err.to_string().contains("no upload of artifact"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_fails_the_upload_with_a_clear_error() {
+        let mut f = fixture();
+        let data = bytes(9);
+        let artifact = ArtifactId::of(&data);
+        // The staging file is /dev/full: every write fails with ENOSPC.
+        let staging = f
+            .dir
+            .path()
+            .join("uploads")
+            .join(format!("{}.part", artifact.to_hex()));
+        std::os::unix::fs::symlink("/dev/full", &staging).unwrap();
+        begin(&mut f.admin, "cli-a", "1.0", &data).await;
+        for i in 0..3 {
+            send_part(&mut f.admin, "cli-a", artifact, &data, i);
+        }
+        let err = commit(&mut f.admin, "cli-a", artifact).await.unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("upload failed") && text.contains("No space left on device"),
+            "{text}"
+        );
+        assert!(f.admin.uploads.is_empty());
+        assert!(!f.admin.ctx.files.exists(&artifact));
+    }
 
     #[test]
     fn the_previous_version_is_the_one_before_the_current_one() {
