@@ -286,7 +286,9 @@ impl Admin {
                 policy,
                 notes,
             } => {
-                let release = self.create_release(kind, version, policy, notes, false)?;
+                let release = self
+                    .create_release(kind, version, policy, notes, false)
+                    .await?;
                 Ok(AdminReply::Release { release })
             }
             AdminOp::ReleasePlan {
@@ -335,7 +337,7 @@ impl Admin {
             AdminOp::Machines => Ok(AdminReply::Machines {
                 machines: store.machines()?,
             }),
-            AdminOp::MachineProvision { machine, groups } => self.provision(machine, groups),
+            AdminOp::MachineProvision { machine, groups } => self.provision(machine, groups).await,
             AdminOp::Rollback { target, kind, to } => self.rollback(target, kind, to).await,
             AdminOp::Activate { release, machines } => {
                 let sent = publish::activate(&self.ctx, &release, &machines).await?;
@@ -465,7 +467,7 @@ impl Admin {
         Ok(AdminReply::Artifact { artifact: info })
     }
 
-    fn create_release(
+    async fn create_release(
         &self,
         kind: Kind,
         version: String,
@@ -502,11 +504,15 @@ impl Admin {
             groups: vec![],
         };
         store.put_release(&release)?;
-        store.flush()?;
+        store.flush_async().await?;
         Ok(release)
     }
 
-    fn provision(&self, machine: MachineId, groups: Vec<GroupId>) -> Result<AdminReply, OpError> {
+    async fn provision(
+        &self,
+        machine: MachineId,
+        groups: Vec<GroupId>,
+    ) -> Result<AdminReply, OpError> {
         if machine.as_str().starts_with("fleetcast-") {
             return refused(format!(
                 "machine id {machine} is reserved: ids starting with fleetcast- are operator and platform clients"
@@ -543,7 +549,7 @@ impl Admin {
             store.put_machine(&info)?;
             (secret, info)
         };
-        store.flush()?;
+        store.flush_async().await?;
         Ok(AdminReply::Provisioned {
             machine: ProvisionedMachine {
                 machine,
@@ -616,13 +622,15 @@ impl Admin {
                 "cannot roll back to {kind} {to}: no such uploaded artifact"
             ));
         }
-        let release = self.create_release(
-            kind,
-            to.clone(),
-            InstallPolicy::Immediate,
-            Some(format!("rollback of {target} to {to}")),
-            true,
-        )?;
+        let release = self
+            .create_release(
+                kind,
+                to.clone(),
+                InstallPolicy::Immediate,
+                Some(format!("rollback of {target} to {to}")),
+                true,
+            )
+            .await?;
         let (machines, groups) = match target {
             Target::Machine(m) => (vec![m], vec![]),
             Target::Group(g) => (vec![], vec![g]),
