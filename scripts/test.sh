@@ -19,4 +19,13 @@ fi
 # The tests start their own Mosquitto; a packaged service on 1883 is not used.
 (command -v service >/dev/null 2>&1 && service mosquitto stop >/dev/null 2>&1) || true
 
-cargo test --workspace --locked "$@"
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+set +e
+cargo test --workspace --locked "$@" 2>&1 | tee "$LOG"
+status=${PIPESTATUS[0]}
+set -e
+# One closing line over every test binary (cargo prints one "test result" per binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "\ntotal: %d passed, %d failed\n", p, f }' "$LOG"
+exit "$status"
