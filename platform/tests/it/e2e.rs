@@ -63,6 +63,32 @@ impl Platform {
     }
 }
 
+/// `count` simulated machines (vm-001...) running app 1.0.0, provisioned with the platform in `data`.
+fn simulated(
+    data: &Path,
+    sim: &Path,
+    broker: &BrokerUrl,
+    count: usize,
+    groups: &[&str],
+) -> fleetcast_device::simulate::SimulateOptions {
+    fleetcast_device::simulate::SimulateOptions {
+        count,
+        groups: groups.iter().map(|x| g(x)).collect(),
+        prefix: "vm-".into(),
+        data_dir: sim.to_owned(),
+        broker: broker.to_string(),
+        topic_prefix: "fleet".into(),
+        admin_secret: std::fs::read_to_string(fleetcast_platform::admin_secret_path(data))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap(),
+        initial_versions: BTreeMap::from([(app(), "1.0.0".to_owned())]),
+        start_index: 1,
+        fail_health: vec![],
+    }
+}
+
 async fn admin(data: &Path, broker: &BrokerUrl) -> AdminClient {
     let secret: Secret = std::fs::read_to_string(fleetcast_platform::admin_secret_path(data))
         .unwrap()
@@ -239,22 +265,7 @@ async fn whole_flow(broker: BrokerUrl, restart: bool) {
     let admin_client = admin(&data, &broker).await;
 
     let sim_token = CancellationToken::new();
-    let sim_opts = fleetcast_device::simulate::SimulateOptions {
-        count: 3,
-        groups: vec![g("north"), g("south")],
-        prefix: "vm-".into(),
-        data_dir: sim.clone(),
-        broker: broker.to_string(),
-        topic_prefix: "fleet".into(),
-        admin_secret: std::fs::read_to_string(fleetcast_platform::admin_secret_path(&data))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap(),
-        initial_versions: BTreeMap::from([(app(), "1.0.0".to_owned())]),
-        start_index: 1,
-        fail_health: vec![],
-    };
+    let sim_opts = simulated(&data, &sim, &broker, 3, &["north", "south"]);
     let sim_task = tokio::spawn(fleetcast_device::simulate::run(sim_opts, sim_token.clone()));
     wait_online(&admin_client, 3).await;
 
@@ -580,22 +591,7 @@ async fn a_broker_killed_mid_transfer_is_survived() {
     let admin_client = admin(&data, &broker).await;
     let sim_token = CancellationToken::new();
     let sim_task = tokio::spawn(fleetcast_device::simulate::run(
-        fleetcast_device::simulate::SimulateOptions {
-            count: 1,
-            groups: vec![g("field")],
-            prefix: "vm-".into(),
-            data_dir: sim.clone(),
-            broker: broker.to_string(),
-            topic_prefix: "fleet".into(),
-            admin_secret: std::fs::read_to_string(fleetcast_platform::admin_secret_path(&data))
-                .unwrap()
-                .trim()
-                .parse()
-                .unwrap(),
-            initial_versions: BTreeMap::from([(app(), "1.0.0".to_owned())]),
-            start_index: 1,
-            fail_health: vec![],
-        },
+        simulated(&data, &sim, &broker, 1, &["field"]),
         sim_token.clone(),
     ));
     wait_online(&admin_client, 1).await;
