@@ -632,3 +632,129 @@ async fn a_broker_killed_mid_transfer_is_survived() {
     let _ = tokio::time::timeout(Duration::from_secs(10), sim_task).await;
     platform.stop().await;
 }
+
+/// `idle` installs only once the machine stops serving a customer (the vending application's
+/// `busy` file); a `window` that is closed now keeps the release downloaded but deferred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
+    let broker = fleetcast_broker::embedded::start_on_free_port(|s| s)
+        .unwrap()
+        .url();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("platform");
+    let platform = Platform::start(&data, &broker).await;
+    let admin_client = admin(&data, &broker).await;
+    let p = provision(&admin_client, "vm-i", &[]).await;
+    let mut config = fleetcast_device::config::MachineConfig::from_provisioned(
+        &p,
+        &broker.to_string(),
+        dir.path().join("vm-i"),
+    );
+    config.initial_versions = BTreeMap::from([(app(), "1.0.0".to_owned())]);
+    let busy = config.data_dir.join("busy");
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    std::fs::write(&busy, b"serving").unwrap();
+    let agents = CancellationToken::new();
+    let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
+    wait_online(&admin_client, 1).await;
+
+    let publish_with = |version: &'static str, policy: InstallPolicy| {
+        let admin_client = &admin_client;
+        async move {
+            let id = match admin_client
+                .request(AdminOp::ReleaseCreate {
+                    kind: app(),
+                    version: version.into(),
+                    policy,
+                    notes: None,
+                })
+                .await
+                .unwrap()
+            {
+                AdminReply::Release { release } => release.id,
+                other => panic!("unexpected {other:?}"),
+            };
+            admin_client
+                .request(AdminOp::ReleasePublish {
+                    release: id.clone(),
+                    machines: vec![m("vm-i")],
+                    groups: vec![],
+                })
+                .await
+                .unwrap();
+            id
+        }
+    };
+    let wait_phase = |release: ReleaseId, want: Phase| {
+        let admin_client = &admin_client;
+        async move {
+            let deadline = Instant::now() + WAIT;
+            loop {
+                let s = status(admin_client, &release).await;
+                if s.targets[0].phase == want {
+                    return s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "never reached {want}: {:?}",
+                    s.targets[0]
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+
+    let v2 = artifact_file(dir.path(), "app-2.0.0.bin", 150_000, 6);
+    upload(&admin_client, &v2, "2.0.0").await;
+    let idle = publish_with("2.0.0", InstallPolicy::Idle).await;
+    let s = wait_phase(idle.clone(), Phase::Deferred).await;
+    assert!(
+        s.targets[0].download.as_ref().is_some_and(|d| d.ok),
+        "downloaded while busy"
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = status(&admin_client, &idle).await;
+    assert_eq!(
+        s.targets[0].phase,
+        Phase::Deferred,
+        "installed while busy: {:?}",
+        s.targets[0]
+    );
+    std::fs::remove_file(&busy).unwrap();
+    let s = wait_phase(idle, Phase::Installed).await;
+    assert_all_installed(&s);
+
+    // A window that opens in two hours (UTC): downloaded now, installed later.
+    let v3 = artifact_file(dir.path(), "app-3.0.0.bin", 90_000, 7);
+    upload(&admin_client, &v3, "3.0.0").await;
+    let minute = (fleetcast_platform::now_ms() / 60_000 % (24 * 60)) as u32;
+    let hhmm = |m: u32| format!("{:02}:{:02}", (m / 60) % 24, m % 60);
+    let policy: InstallPolicy = format!(
+        "window:{}-{}@+00:00",
+        hhmm(minute + 120),
+        hhmm(minute + 180)
+    )
+    .parse()
+    .unwrap();
+    let window = publish_with("3.0.0", policy).await;
+    let s = wait_phase(window.clone(), Phase::Deferred).await;
+    assert!(s.targets[0].download.as_ref().is_some_and(|d| d.ok));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let s = status(&admin_client, &window).await;
+    assert_eq!(
+        s.targets[0].phase,
+        Phase::Deferred,
+        "installed outside its window: {:?}",
+        s.targets[0]
+    );
+    assert!(s.targets[0].upgrade.is_none());
+    assert_eq!(
+        machines_versions(&admin_client).await[&m("vm-i")].as_deref(),
+        Some("2.0.0")
+    );
+
+    admin_client.close().await;
+    agents.cancel();
+    let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
+    platform.stop().await;
+}
