@@ -2,9 +2,10 @@
 //!
 //! One task owns the MQTT event loop (`client::drive`); this loop verifies what arrives, feeds
 //! the updater, and carries out its actions: status events through the persisted outbox (one
-//! in flight, removed on the broker's PUBACK), the retained state, download and install tasks.
+//! in flight, removed on the platform's signed `StatusAck`), the retained state, download and
+//! install tasks.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -14,7 +15,9 @@ use fleetcast_proto::auth::{Purpose, SignedEnvelope, MAX_JSON_MESSAGE};
 use fleetcast_proto::chunk::{decode_frame, FrameType};
 use fleetcast_proto::command::Command;
 use fleetcast_proto::status::MachineState;
-use fleetcast_proto::{ArtifactId, Kind, ReleaseId, ReleaseNotice, Route, StatusEvent, Topics};
+use fleetcast_proto::{
+    ArtifactId, Kind, ReleaseId, ReleaseNotice, Route, StatusAck, StatusEvent, Topics,
+};
 use rumqttc::{AsyncClient, LastWill, QoS};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
@@ -58,11 +61,6 @@ pub async fn run(config: MachineConfig, shutdown: CancellationToken) -> Result<(
     run_with(config, AgentOptions::default(), shutdown).await
 }
 
-/// What a QoS 1 publish carried: only status events are sent at QoS 1.
-enum Tag {
-    Status(u64),
-}
-
 struct JobHandle {
     release: ReleaseId,
     artifact: ArtifactId,
@@ -79,14 +77,11 @@ struct Agent {
     outbox: Outbox,
     updater: Updater,
     connected: bool,
-    /// QoS 1 publishes handed to the client, waiting for their packet id (`Sent`). rumqttc does
-    /// not return the pkid of a publish, so ids are matched in submission order. Status events
-    /// are the only QoS 1 publishes and only the outbox head is ever in flight, so even a shifted
-    /// match (a publish queued as the connection drops, rumqttc retransmitting after reconnect)
-    /// pairs an ack with a copy of the same event. The head is also resent after `RESEND_AFTER`
-    /// without an ack (a duplicate carries the same `ctr`: the platform drops it as a replay).
-    submitted: VecDeque<Tag>,
-    pkids: HashMap<u16, Tag>,
+    /// When the outbox head was last sent. It leaves the outbox only on the platform's signed
+    /// `StatusAck` (after the platform flushed it to disk), not on the broker's PUBACK: a broker
+    /// that accepted an event and died before delivering it does not lose it. Without an ack
+    /// the head is sent again after `RESEND_AFTER` (a duplicate carries the same `ctr`; the
+    /// platform stores it once and acknowledges it again).
     head_sent_at: Option<Instant>,
     state_dirty: bool,
     downloads: HashMap<Kind, JobHandle>,
@@ -155,8 +150,6 @@ pub async fn run_with(
         outbox,
         updater,
         connected: false,
-        submitted: VecDeque::new(),
-        pkids: HashMap::new(),
         head_sent_at: None,
         state_dirty: true,
         downloads: HashMap::new(),
@@ -263,8 +256,6 @@ impl Agent {
             MqttEvent::Connected { .. } => {
                 tracing::info!(machine = %self.me(), "connected");
                 self.connected = true;
-                self.submitted.clear();
-                self.pkids.clear();
                 self.head_sent_at = None;
                 self.subscribe_all();
                 self.publish_qos0(self.topics.online(self.me()), true, b"true".to_vec());
@@ -278,31 +269,9 @@ impl Agent {
                     tracing::debug!(machine = %self.me(), "cannot connect: {why}");
                 }
                 self.connected = false;
-                self.submitted.clear();
-                self.pkids.clear();
                 self.head_sent_at = None;
             }
-            MqttEvent::Sent(pkid) => {
-                if let Some(tag) = self.submitted.pop_front() {
-                    self.pkids.insert(pkid, tag);
-                }
-            }
-            MqttEvent::PubAck(pkid) => {
-                if let Some(Tag::Status(ctr)) = self.pkids.remove(&pkid) {
-                    // Every QoS 1 publish is a copy of the outbox head (stop-and-wait), so an
-                    // ack for any of them acknowledges the head.
-                    match self.outbox.ack(ctr) {
-                        Ok(true) => {
-                            self.head_sent_at = None;
-                            self.send_head();
-                        }
-                        Ok(false) => {}
-                        Err(e) => {
-                            tracing::error!(machine = %self.me(), "cannot update the outbox: {e}")
-                        }
-                    }
-                }
-            }
+            MqttEvent::Sent(_) | MqttEvent::PubAck(_) => {}
             MqttEvent::Publish(p) => self.on_publish(&p.topic, p.payload),
             MqttEvent::SubAck(_) => {}
         }
@@ -312,6 +281,7 @@ impl Agent {
         let mut filters = vec![
             self.topics.machine_release_filter(self.me()),
             self.topics.command(self.me()),
+            self.topics.status_ack(self.me()),
             self.topics.machine_chunks(self.me()),
         ];
         filters.extend(
@@ -350,9 +320,36 @@ impl Agent {
                     Err(e) => tracing::warn!(machine = %self.me(), "command refused: {e}"),
                 }
             }
+            Some(Route::StatusAck(m)) if &m == self.me() => self.on_status_ack(&payload),
             Some(Route::MachineChunks(m)) if &m == self.me() => self.route_frame(payload, false),
             Some(Route::ArtifactChunks(_)) => self.route_frame(payload, true),
             _ => tracing::debug!(machine = %self.me(), topic, "unexpected message dropped"),
+        }
+    }
+
+    fn on_status_ack(&mut self, payload: &[u8]) {
+        let ack = match self
+            .config
+            .platform_key
+            .verify::<StatusAck>(Purpose::StatusAck, payload)
+        {
+            Ok(ack) if &ack.machine == self.me() => ack,
+            Ok(ack) => {
+                tracing::warn!(machine = %self.me(), other = %ack.machine, "status ack for another machine refused");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(machine = %self.me(), "status ack refused: {e}");
+                return;
+            }
+        };
+        match self.outbox.ack(ack.ctr) {
+            Ok(true) => {
+                self.head_sent_at = None;
+                self.send_head();
+            }
+            Ok(false) => {}
+            Err(e) => tracing::error!(machine = %self.me(), "cannot update the outbox: {e}"),
         }
     }
 
@@ -445,10 +442,8 @@ impl Agent {
         }
     }
 
-    /// State and `online` go at QoS 0 (the next one supersedes a lost one, and the platform
-    /// re-asks with `report`), so that status events are the *only* QoS 1 publishes of this
-    /// connection: every packet id rumqttc reports then belongs to a copy of the outbox head,
-    /// and pairing acks by submission order cannot shift onto another message.
+    /// State and `online` go at QoS 0: the next one supersedes a lost one, and the platform
+    /// re-asks with `report`. Only status events (acknowledged end to end) need QoS 1.
     fn publish_qos0(&mut self, topic: String, retain: bool, payload: Vec<u8>) -> bool {
         match self
             .client
@@ -462,15 +457,12 @@ impl Agent {
         }
     }
 
-    fn publish_qos1(&mut self, topic: String, retain: bool, payload: Vec<u8>, tag: Tag) -> bool {
+    fn publish_qos1(&mut self, topic: String, retain: bool, payload: Vec<u8>) -> bool {
         match self
             .client
             .try_publish(topic, QoS::AtLeastOnce, retain, payload)
         {
-            Ok(()) => {
-                self.submitted.push_back(tag);
-                true
-            }
+            Ok(()) => true,
             Err(e) => {
                 tracing::warn!(machine = %self.me(), "publish not queued: {e}");
                 false
@@ -520,9 +512,9 @@ impl Agent {
         let Some(head) = self.outbox.head() else {
             return;
         };
-        let (ctr, payload) = (head.ctr, head.payload.clone().into_bytes());
+        let payload = head.payload.clone().into_bytes();
         let topic = self.topics.status(self.me());
-        if self.publish_qos1(topic, false, payload, Tag::Status(ctr)) {
+        if self.publish_qos1(topic, false, payload) {
             self.head_sent_at = Some(Instant::now());
         }
     }

@@ -1,5 +1,5 @@
 //! What the agent keeps on disk: `agent.json` (the [`Ledger`] and the message counter's
-//! reservation) and `outbox.json` (status events not yet acknowledged by the broker). Both are
+//! reservation) and `outbox.json` (status events not yet acknowledged by the platform). Both are
 //! replaced atomically on every change.
 
 use std::collections::VecDeque;
@@ -158,13 +158,18 @@ impl Outbox {
     }
 
     /// Drops the head if it is `ctr` (acknowledged).
+    /// The platform stored every event up to `ctr`: drop them. Returns whether any was dropped
+    /// (an old or repeated ack drops nothing).
     pub fn ack(&mut self, ctr: u64) -> Result<bool, StoreError> {
-        if self.entries.front().is_some_and(|e| e.ctr == ctr) {
+        let before = self.entries.len();
+        while self.entries.front().is_some_and(|e| e.ctr <= ctr) {
             self.entries.pop_front();
-            self.save()?;
-            return Ok(true);
         }
-        Ok(false)
+        if self.entries.len() == before {
+            return Ok(false);
+        }
+        self.save()?;
+        Ok(true)
     }
 
     pub fn len(&self) -> usize {
@@ -193,20 +198,24 @@ mod tests {
     }
 
     #[test]
-    fn the_outbox_survives_a_restart_and_drops_only_its_acknowledged_head() {
+    fn the_outbox_survives_a_restart_and_an_ack_drops_everything_up_to_its_counter() {
         let dir = tempfile::tempdir().unwrap();
         let mut ob = Outbox::open(dir.path()).unwrap();
-        for ctr in [1, 2] {
+        for ctr in [1, 2, 3] {
             ob.push(OutboxEntry {
                 ctr,
                 payload: format!("p{ctr}"),
             })
             .unwrap();
         }
-        assert!(!ob.ack(2).unwrap());
+        assert!(!ob.ack(0).unwrap(), "an old ack drops nothing");
         let mut ob = Outbox::open(dir.path()).unwrap();
-        assert_eq!(ob.len(), 2);
+        assert_eq!(ob.len(), 3);
         assert!(ob.ack(1).unwrap());
         assert_eq!(ob.head().unwrap().ctr, 2);
+        assert!(!ob.ack(1).unwrap(), "a repeated ack drops nothing");
+        assert!(ob.ack(2).unwrap());
+        let ob = Outbox::open(dir.path()).unwrap();
+        assert_eq!(ob.head().unwrap().ctr, 3, "acks are persisted");
     }
 }

@@ -35,8 +35,16 @@ pub const REPUBLISH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Work that waits for the batch's flush.
 enum After {
+    /// Tell the machine its status events up to `ctr` are stored (signed, after the flush).
+    StatusAck {
+        machine: MachineId,
+        ctr: u64,
+    },
     Event(FleetEvent),
-    Progress { release: ReleaseId, now: bool },
+    Progress {
+        release: ReleaseId,
+        now: bool,
+    },
     Republish(DesiredNotice),
 }
 
@@ -165,6 +173,19 @@ impl Ingest {
     fn after(&mut self, a: After) -> Result<(), StoreError> {
         let ctx = &self.ctx;
         match a {
+            After::StatusAck { machine, ctr } => {
+                let ack = fleetcast_proto::StatusAck { machine, ctr };
+                let payload = ctx.keys.platform.sign(Purpose::StatusAck, &ack);
+                if let Err(err) = ctx.mqtt.try_publish(
+                    ctx.topics.status_ack(&ack.machine),
+                    QoS::AtMostOnce,
+                    false,
+                    payload,
+                ) {
+                    // The machine sends the event again and gets the ack then.
+                    tracing::debug!(machine = %ack.machine, error = %err, "status ack not queued");
+                }
+            }
             After::Event(e) => {
                 let payload = serde_json::to_vec(&e).expect("events serialize");
                 if let Err(err) =
@@ -291,6 +312,18 @@ impl Ingest {
                 quiet: false,
             })
         })?;
+        if ev.machine == *m {
+            // Stored before (the machine did not get our ack, or the broker redelivered):
+            // acknowledge it again so the machine can move on, and change nothing.
+            let last = self.ctx.store.counter(m, "status").map_err(Err)?;
+            if ev.ctr <= last {
+                tracing::debug!(machine = %m, ctr = ev.ctr, last, "status already stored; acknowledging it again");
+                return Ok(vec![After::StatusAck {
+                    machine: m.clone(),
+                    ctr: ev.ctr,
+                }]);
+            }
+        }
         self.check_ctr(m, "status", &ev.machine, ev.ctr, p.retain)?;
         let store = &self.ctx.store;
         let now = now_ms();
@@ -310,7 +343,13 @@ impl Ingest {
             detail: ev.detail.clone(),
         };
         store.append_event(&mut event).map_err(Err)?;
-        let mut after = vec![After::Event(event)];
+        let mut after = vec![
+            After::StatusAck {
+                machine: m.clone(),
+                ctr: ev.ctr,
+            },
+            After::Event(event),
+        ];
         if let Some(mut info) = store.machine(m).map_err(Err)? {
             info.last_seen_ms = Some(now);
             info.online = true;

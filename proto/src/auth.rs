@@ -27,6 +27,7 @@ pub const MAX_JSON_MESSAGE: usize = 256 * 1024;
 pub enum Purpose {
     Release,
     Command,
+    StatusAck,
     Status,
     State,
     ChunkRequest,
@@ -38,6 +39,7 @@ impl Purpose {
         match self {
             Purpose::Release => b"fleetcast/v1/release\0",
             Purpose::Command => b"fleetcast/v1/command\0",
+            Purpose::StatusAck => b"fleetcast/v1/status-ack\0",
             Purpose::Status => b"fleetcast/v1/status\0",
             Purpose::State => b"fleetcast/v1/state\0",
             Purpose::ChunkRequest => b"fleetcast/v1/chunks-get\0",

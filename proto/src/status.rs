@@ -150,6 +150,17 @@ fn one() -> u32 {
     1
 }
 
+/// The signed body on `fleet/machines/{m}/status/ack`: the platform has durably stored every
+/// status event of `machine` up to and including counter `ctr`. A machine drops an event from
+/// its outbox only on this acknowledgement (not on the broker's PUBACK), so an event the broker
+/// accepted but lost before the platform stored it (a broker crash) is sent again. Replaying an
+/// old ack is harmless: it only acknowledges what was already acknowledged.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusAck {
+    pub machine: MachineId,
+    pub ctr: u64,
+}
+
 /// What one machine runs and is doing for one kind.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct KindState {
@@ -236,6 +247,17 @@ mod tests {
         .unwrap();
         assert_eq!(minimal.attempt, 1);
         assert_eq!(minimal.release, None);
+    }
+
+    #[test]
+    fn status_acks_round_trip() {
+        let a = StatusAck {
+            machine: MachineId::new("vm-1").unwrap(),
+            ctr: 42,
+        };
+        let json = serde_json::to_string(&a).unwrap();
+        assert_eq!(json, r#"{"machine":"vm-1","ctr":42}"#);
+        assert_eq!(serde_json::from_str::<StatusAck>(&json).unwrap(), a);
     }
 
     #[test]

@@ -23,6 +23,7 @@ pub enum Route {
     ArtifactChunks(ArtifactId),
     ChunkRequest(MachineId),
     Status(MachineId),
+    StatusAck(MachineId),
     State(MachineId),
     Online(MachineId),
     AdminRequest(String),
@@ -83,6 +84,10 @@ impl Topics {
     pub fn status(&self, m: &MachineId) -> String {
         format!("{}/machines/{m}/status", self.prefix)
     }
+    /// Signed acknowledgements of stored status events, platform -> machine.
+    pub fn status_ack(&self, m: &MachineId) -> String {
+        format!("{}/machines/{m}/status/ack", self.prefix)
+    }
     pub fn state(&self, m: &MachineId) -> String {
         format!("{}/machines/{m}/state", self.prefix)
     }
@@ -142,6 +147,7 @@ impl Topics {
             ["machines", m, "chunks"] => Route::MachineChunks(machine(m)?),
             ["machines", m, "chunks", "get"] => Route::ChunkRequest(machine(m)?),
             ["machines", m, "status"] => Route::Status(machine(m)?),
+            ["machines", m, "status", "ack"] => Route::StatusAck(machine(m)?),
             ["machines", m, "state"] => Route::State(machine(m)?),
             ["machines", m, "online"] => Route::Online(machine(m)?),
             ["artifacts", a, "chunks"] => Route::ArtifactChunks(a.parse().ok()?),
@@ -191,6 +197,7 @@ mod tests {
             (t.artifact_chunks(&a), Route::ArtifactChunks(a)),
             (t.chunk_request(&m("vm-1")), Route::ChunkRequest(m("vm-1"))),
             (t.status(&m("vm-1")), Route::Status(m("vm-1"))),
+            (t.status_ack(&m("vm-1")), Route::StatusAck(m("vm-1"))),
             (t.state(&m("vm-1")), Route::State(m("vm-1"))),
             (t.online(&m("vm-1")), Route::Online(m("vm-1"))),
             (

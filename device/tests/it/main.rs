@@ -17,7 +17,7 @@ use fleetcast_proto::chunk::{
 use fleetcast_proto::command::{Command, CommandAction};
 use fleetcast_proto::release::ArtifactRef;
 use fleetcast_proto::{
-    ArtifactId, InstallPolicy, Kind, MachineId, Phase, ReleaseId, ReleaseNotice, Route,
+    ArtifactId, InstallPolicy, Kind, MachineId, Phase, ReleaseId, ReleaseNotice, Route, StatusAck,
     StatusEvent, Target, Topics,
 };
 use rumqttc::{AsyncClient, QoS};
@@ -74,6 +74,8 @@ struct ServeControl {
     corrupt_once: AtomicU32,
     /// Corrupt this many manifests (a bad part the chunk CVs do not merge to the id).
     corrupt_manifests: AtomicU32,
+    /// Receive status events but do not acknowledge them (a platform that has not stored them).
+    hold_acks: std::sync::atomic::AtomicBool,
 }
 
 struct Platform {
@@ -102,6 +104,12 @@ fn app() -> Kind {
 }
 
 async fn platform(url: &BrokerUrl, secret: Secret) -> Platform {
+    platform_with_key(url, secret, rand::random()).await
+}
+
+/// The fake platform, signing with the key from `seed`. Like the real one, it acknowledges every
+/// status event it receives with a signed `StatusAck`, so the machine's outbox moves on.
+async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> Platform {
     let stop = CancellationToken::new();
     let (client, el) = client::connect(client::options(url, "platform-test", None), 4096);
     let (tx, mut rx) = mpsc::channel(1024);
@@ -134,15 +142,35 @@ async fn platform(url: &BrokerUrl, secret: Secret) -> Platform {
         control.clone(),
         artifacts.clone(),
     );
+    let ack_key = PlatformKey::from_seed(seed);
+    let mut seen_ctrs = std::collections::HashSet::new();
     tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
             let MqttEvent::Publish(p) = ev else { continue };
             match t.parse(&p.topic) {
-                Some(Route::Status(_)) => {
+                Some(Route::Status(m)) => {
                     let ev: StatusEvent = secret
                         .open(Purpose::Status, &p.payload)
                         .expect("status MAC verifies");
-                    let _ = status_tx.send(ev);
+                    let ack = StatusAck {
+                        machine: m.clone(),
+                        ctr: ev.ctr,
+                    };
+                    if ctl.hold_acks.load(Ordering::SeqCst) {
+                        if seen_ctrs.insert(ev.ctr) {
+                            let _ = status_tx.send(ev);
+                        }
+                        continue;
+                    }
+                    let _ = c.try_publish(
+                        t.status_ack(&m),
+                        QoS::AtMostOnce,
+                        false,
+                        ack_key.sign(Purpose::StatusAck, &ack),
+                    );
+                    if seen_ctrs.insert(ev.ctr) {
+                        let _ = status_tx.send(ev);
+                    }
                 }
                 Some(Route::ChunkRequest(m)) => {
                     let req: ChunkRequest = secret
@@ -222,7 +250,7 @@ async fn platform(url: &BrokerUrl, secret: Secret) -> Platform {
         }
     });
     Platform {
-        key: PlatformKey::from_seed(rand::random()),
+        key: PlatformKey::from_seed(seed),
         topics,
         client,
         statuses,
@@ -299,6 +327,22 @@ impl Platform {
     }
 
     /// Status events up to and including the first of `release` in a final phase or `until`.
+    /// Acknowledges every status event up to `ctr` (the platform stored them).
+    fn ack(&self, ctr: u64) {
+        let ack = StatusAck {
+            machine: machine(),
+            ctr,
+        };
+        self.client
+            .try_publish(
+                self.topics.status_ack(&machine()),
+                QoS::AtMostOnce,
+                false,
+                self.key.sign(Purpose::StatusAck, &ack),
+            )
+            .unwrap();
+    }
+
     async fn wait_for(&mut self, release: &str, until: Phase) -> Vec<StatusEvent> {
         let mut seen = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -451,6 +495,42 @@ impl Setup {
             options,
         )
     }
+}
+
+#[tokio::test]
+async fn status_stays_in_the_outbox_until_the_platform_acknowledges_it() {
+    let mut s = setup().await;
+    s.platform.control.hold_acks.store(true, Ordering::SeqCst);
+    let m = s.machine(AgentOptions::default());
+    let art = s.platform.add(Artifact::new(100 * 1024, 3));
+    let n = s
+        .platform
+        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
+    s.platform.publish(&n).await;
+    let first = tokio::time::timeout(Duration::from_secs(10), s.platform.statuses.recv())
+        .await
+        .expect("the first status arrives")
+        .unwrap();
+    assert_eq!(first.phase, Phase::Notified);
+    // The broker acknowledged it, the platform did not: the machine sends nothing newer, and
+    // keeps it on disk.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        s.platform.statuses.try_recv().is_err(),
+        "a newer status was sent before the platform acknowledged the first"
+    );
+    let outbox = std::fs::read_to_string(s.machine_dir.join("outbox.json")).unwrap();
+    assert!(
+        outbox.contains(&format!("\"ctr\":{}", first.ctr)),
+        "the unacknowledged status left the outbox: {outbox}"
+    );
+    // Once the platform acknowledges, the rest follows in order.
+    s.platform.control.hold_acks.store(false, Ordering::SeqCst);
+    s.platform.ack(first.ctr);
+    let rest = s.platform.wait_for("r-1", Phase::Installed).await;
+    assert_eq!(rest.first().map(|e| e.phase), Some(Phase::Downloading));
+    assert!(rest.iter().all(|e| e.ctr > first.ctr));
+    m.stop().await;
 }
 
 #[tokio::test]
@@ -1120,8 +1200,7 @@ async fn an_agent_started_before_its_broker_connects_once_the_broker_is_up() {
             .await
             .unwrap()
             .expect("broker starts on the port the agent waits for");
-    let mut p = platform(&url, secret.clone()).await;
-    p.key = PlatformKey::from_seed(seed);
+    let mut p = platform_with_key(&url, secret.clone(), seed).await;
     let art = p.add(Artifact::new(40 * 1024, 12));
     let n = p.notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
     p.publish(&n).await;

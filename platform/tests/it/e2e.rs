@@ -758,3 +758,132 @@ async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
     let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
     platform.stop().await;
 }
+
+/// The platform acknowledges a status event with a signed `StatusAck` only after storing it, and
+/// acknowledges a repeat of it again (the machine missed the first ack); a forged one gets none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_again() {
+    use fleetcast_broker::client::{self, MqttEvent};
+    use fleetcast_proto::auth::{PlatformPublicKey, Purpose};
+    use fleetcast_proto::{StatusAck, StatusEvent};
+    use rumqttc::QoS;
+
+    let broker = fleetcast_broker::embedded::start_on_free_port(|s| s)
+        .unwrap()
+        .url();
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("platform");
+    let platform = Platform::start(&data, &broker).await;
+    let admin_client = admin(&data, &broker).await;
+    let p = provision(&admin_client, "vm-ack", &[]).await;
+    let public: PlatformPublicKey =
+        std::fs::read_to_string(fleetcast_platform::public_key_path(&data))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+    let topics = Topics::default();
+    let stop = CancellationToken::new();
+    let (c, el) = client::connect(
+        client::options(&broker, "vm-ack", Some(&p.secret.mqtt_password())),
+        64,
+    );
+    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
+    tokio::spawn(client::drive(el, tx, stop.clone()));
+    let mut subscribed = false;
+    while !subscribed {
+        match tokio::time::timeout(WAIT, rx.recv())
+            .await
+            .expect("connects")
+            .unwrap()
+        {
+            MqttEvent::Connected { .. } => c
+                .subscribe(topics.status_ack(&m("vm-ack")), QoS::AtLeastOnce)
+                .await
+                .unwrap(),
+            MqttEvent::SubAck(_) => subscribed = true,
+            _ => {}
+        }
+    }
+    let status = |ctr: u64| StatusEvent {
+        machine: m("vm-ack"),
+        ctr,
+        at_ms: fleetcast_platform::now_ms(),
+        release: None,
+        kind: app(),
+        version: "1.0".into(),
+        phase: Phase::Notified,
+        progress: None,
+        attempt: 1,
+        error: None,
+        detail: None,
+    };
+    let sealed = p.secret.seal(Purpose::Status, &status(7));
+    for round in 0..2 {
+        c.publish(
+            topics.status(&m("vm-ack")),
+            QoS::AtLeastOnce,
+            false,
+            sealed.clone(),
+        )
+        .await
+        .unwrap();
+        let ack = next_ack(&public, &mut rx, WAIT)
+            .await
+            .unwrap_or_else(|| panic!("no ack in round {round}"));
+        assert_eq!(
+            ack,
+            StatusAck {
+                machine: m("vm-ack"),
+                ctr: 7
+            }
+        );
+    }
+    let forged =
+        fleetcast_proto::auth::Secret::from_bytes([9; 32]).seal(Purpose::Status, &status(8));
+    c.publish(topics.status(&m("vm-ack")), QoS::AtLeastOnce, false, forged)
+        .await
+        .unwrap();
+    assert_eq!(
+        next_ack(&public, &mut rx, Duration::from_millis(1500)).await,
+        None,
+        "a forged status was acknowledged"
+    );
+    stop.cancel();
+    admin_client.close().await;
+    platform.stop().await;
+    let events = fleetcast_platform::store::Store::open(&data.join("db"))
+        .unwrap()
+        .events()
+        .unwrap();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e.machine.as_str() == "vm-ack")
+            .count(),
+        1,
+        "stored once"
+    );
+}
+
+/// The next signed status ack on `rx`, or None after `within`.
+async fn next_ack(
+    public: &fleetcast_proto::auth::PlatformPublicKey,
+    rx: &mut tokio::sync::mpsc::Receiver<fleetcast_broker::client::MqttEvent>,
+    within: Duration,
+) -> Option<fleetcast_proto::StatusAck> {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Err(_) | Ok(None) => return None,
+            Ok(Some(fleetcast_broker::client::MqttEvent::Publish(p))) => {
+                return Some(
+                    public
+                        .verify(fleetcast_proto::auth::Purpose::StatusAck, &p.payload)
+                        .expect("ack is signed by the platform"),
+                )
+            }
+            Ok(Some(_)) => {}
+        }
+    }
+}
