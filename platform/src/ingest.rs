@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use fleetcast_broker::MqttEvent;
 use fleetcast_proto::admin::{FleetEvent, MachineInfo};
-use fleetcast_proto::auth::{Purpose, Secret};
+use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::{Kind, MachineId, MachineState, Phase, ReleaseId, Route, StatusEvent};
 use rumqttc::{AsyncClient, Publish, QoS};
 use tokio::sync::mpsc;
@@ -46,6 +46,29 @@ enum After {
         now: bool,
     },
     Republish(DesiredNotice),
+}
+
+/// The sender and counter of a MAC'd body, for the replay check.
+trait Sent {
+    fn sender(&self) -> (&MachineId, u64);
+}
+
+impl Sent for StatusEvent {
+    fn sender(&self) -> (&MachineId, u64) {
+        (&self.machine, self.ctr)
+    }
+}
+
+impl Sent for MachineState {
+    fn sender(&self) -> (&MachineId, u64) {
+        (&self.machine, self.ctr)
+    }
+}
+
+/// A MAC-valid body, newer than what was accepted before or not.
+enum Opened<T> {
+    Fresh(T),
+    Replay(T),
 }
 
 /// Why a message was dropped.
@@ -261,42 +284,40 @@ impl Ingest {
         }
     }
 
-    fn secret(&self, m: &MachineId) -> Result<Secret, Result<Reject, StoreError>> {
-        match self.ctx.store.secret(m).map_err(Err)? {
-            Some(s) => Ok(s),
-            None => Err(Ok(Reject {
-                machine: m.to_string(),
-                reason: "unknown machine (not provisioned)".into(),
-                quiet: false,
-            })),
-        }
-    }
-
-    /// Checks the MAC'd body's machine and counter; records the counter.
-    fn check_ctr(
+    /// Opens a MAC'd body sent by `m` on `channel` and checks its machine and counter, recording
+    /// a fresh counter.
+    fn open<T: serde::de::DeserializeOwned + Sent>(
         &self,
         m: &MachineId,
         channel: &str,
-        body_machine: &MachineId,
-        ctr: u64,
-        retained: bool,
-    ) -> Result<(), Result<Reject, StoreError>> {
-        if body_machine != m {
-            return Err(Ok(Reject {
+        purpose: Purpose,
+        payload: &[u8],
+    ) -> Result<Opened<T>, Result<Reject, StoreError>> {
+        let reject = |reason: String| {
+            Err(Ok(Reject {
                 machine: m.to_string(),
-                reason: format!("body names machine {body_machine}, topic names {m}"),
+                reason,
                 quiet: false,
-            }));
+            }))
+        };
+        let Some(secret) = self.ctx.store.secret(m).map_err(Err)? else {
+            return reject("unknown machine (not provisioned)".into());
+        };
+        let body: T = match secret.open(purpose, payload) {
+            Ok(b) => b,
+            Err(e) => return reject(e.to_string()),
+        };
+        let (sender, ctr) = body.sender();
+        if sender != m {
+            return reject(format!("body names machine {sender}, topic names {m}"));
         }
         let last = self.ctx.store.counter(m, channel).map_err(Err)?;
         if ctr <= last {
-            return Err(Ok(Reject {
-                machine: m.to_string(),
-                reason: format!("replayed {channel} counter {ctr} (last accepted {last})"),
-                quiet: retained,
-            }));
+            tracing::debug!(machine = %m, channel, ctr, last, "replayed counter");
+            return Ok(Opened::Replay(body));
         }
-        self.ctx.store.set_counter(m, channel, ctr).map_err(Err)
+        self.ctx.store.set_counter(m, channel, ctr).map_err(Err)?;
+        Ok(Opened::Fresh(body))
     }
 
     fn status(
@@ -304,27 +325,17 @@ impl Ingest {
         m: &MachineId,
         p: &Publish,
     ) -> Result<Vec<After>, Result<Reject, StoreError>> {
-        let secret = self.secret(m)?;
-        let ev: StatusEvent = secret.open(Purpose::Status, &p.payload).map_err(|e| {
-            Ok(Reject {
-                machine: m.to_string(),
-                reason: e.to_string(),
-                quiet: false,
-            })
-        })?;
-        if ev.machine == *m {
-            // Stored before (the machine did not get our ack, or the broker redelivered):
-            // acknowledge it again so the machine can move on, and change nothing.
-            let last = self.ctx.store.counter(m, "status").map_err(Err)?;
-            if ev.ctr <= last {
-                tracing::debug!(machine = %m, ctr = ev.ctr, last, "status already stored; acknowledging it again");
+        let ev = match self.open::<StatusEvent>(m, "status", Purpose::Status, &p.payload)? {
+            Opened::Fresh(ev) => ev,
+            // Stored before (the machine missed our ack, or the broker redelivered): acknowledge
+            // it again so the machine can move on, and change nothing.
+            Opened::Replay(ev) => {
                 return Ok(vec![After::StatusAck {
                     machine: m.clone(),
                     ctr: ev.ctr,
-                }]);
+                }])
             }
-        }
-        self.check_ctr(m, "status", &ev.machine, ev.ctr, p.retain)?;
+        };
         let store = &self.ctx.store;
         let now = now_ms();
         let _records = store.lock_records();
@@ -392,15 +403,16 @@ impl Ingest {
         m: &MachineId,
         p: &Publish,
     ) -> Result<Vec<After>, Result<Reject, StoreError>> {
-        let secret = self.secret(m)?;
-        let st: MachineState = secret.open(Purpose::State, &p.payload).map_err(|e| {
-            Ok(Reject {
+        let Opened::Fresh(st) =
+            self.open::<MachineState>(m, "state", Purpose::State, &p.payload)?
+        else {
+            return Err(Ok(Reject {
                 machine: m.to_string(),
-                reason: e.to_string(),
-                quiet: false,
-            })
-        })?;
-        self.check_ctr(m, "state", &st.machine, st.ctr, p.retain)?;
+                reason: "replayed state counter".into(),
+                // Retained states come back after every reconnect.
+                quiet: p.retain,
+            }));
+        };
         let store = &self.ctx.store;
         let now = now_ms();
         let _records = store.lock_records();
