@@ -296,9 +296,7 @@ impl Admin {
                 machines,
                 groups,
             } => {
-                let Some(info) = store.release(&release)? else {
-                    return refused(format!("unknown release {release}"));
-                };
+                let info = publish::known_release(store, &release)?;
                 Ok(AdminReply::Plan {
                     plan: publish::plan(&self.ctx, &info, &machines, &groups)?,
                 })
@@ -308,9 +306,7 @@ impl Admin {
                 machines,
                 groups,
             } => {
-                let Some(info) = store.release(&release)? else {
-                    return refused(format!("unknown release {release}"));
-                };
+                let info = publish::known_release(store, &release)?;
                 let plan = publish::publish(&self.ctx, &info, &machines, &groups).await?;
                 tracing::info!(release = %release, targets = plan.targets.len(), "release published");
                 Ok(AdminReply::Plan { plan })
@@ -321,9 +317,7 @@ impl Admin {
                 Ok(AdminReply::Releases { releases })
             }
             AdminOp::ReleaseStatus { release } => {
-                let Some(info) = store.release(&release)? else {
-                    return refused(format!("unknown release {release}"));
-                };
+                let info = publish::known_release(store, &release)?;
                 let targets = store.targets_of(&release)?;
                 let progress = rollout::progress(&info, &targets, now_ms());
                 Ok(AdminReply::ReleaseStatus {
@@ -531,16 +525,9 @@ impl Admin {
                     s
                 }
             };
-            let mut info = store.machine(&machine)?.unwrap_or_else(|| MachineInfo {
-                id: machine.clone(),
-                groups: vec![],
-                provisioned_at_ms: now_ms(),
-                online: false,
-                last_seen_ms: None,
-                agent_version: None,
-                busy: false,
-                kinds: Default::default(),
-            });
+            let mut info = store
+                .machine(&machine)?
+                .unwrap_or_else(|| MachineInfo::new(machine.clone(), now_ms()));
             for g in groups {
                 if !info.groups.contains(&g) {
                     info.groups.push(g);

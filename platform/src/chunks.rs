@@ -59,6 +59,16 @@ pub async fn run(
     }
 }
 
+/// Runs a blocking file read on tokio's blocking threads; the error as text.
+async fn blocking<T: Send + 'static>(
+    read: impl FnOnce() -> Result<T, ArtifactError> + Send + 'static,
+) -> Result<T, String> {
+    match tokio::task::spawn_blocking(read).await {
+        Ok(r) => r.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
 /// Reads chunk `index` and encodes its frame. Blocking.
 fn chunk_frame(
     files: &ArtifactStore,
@@ -126,11 +136,7 @@ impl ChunkServer {
         if req.manifest {
             let files = self.ctx.files.clone();
             let artifact = req.artifact;
-            let read = tokio::task::spawn_blocking(move || files.read_manifest(&artifact)).await;
-            let manifest = match read
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()))
-            {
+            let manifest = match blocking(move || files.read_manifest(&artifact)).await {
                 Ok(m) => m,
                 Err(e) => {
                     self.error_frame(&own_topic, req.artifact, "manifest unreadable")
@@ -188,12 +194,7 @@ impl ChunkServer {
             };
             let files = self.ctx.files.clone();
             let artifact = req.artifact;
-            let read =
-                tokio::task::spawn_blocking(move || chunk_frame(&files, artifact, &layout, index))
-                    .await;
-            let frame = match read
-                .map_err(|e| e.to_string())
-                .and_then(|r| r.map_err(|e| e.to_string()))
+            let frame = match blocking(move || chunk_frame(&files, artifact, &layout, index)).await
             {
                 Ok(frame) => frame,
                 Err(e) => {

@@ -419,16 +419,7 @@ impl Ingest {
         let mut info = store
             .machine(m)
             .map_err(Err)?
-            .unwrap_or_else(|| MachineInfo {
-                id: m.clone(),
-                groups: vec![],
-                provisioned_at_ms: now,
-                online: true,
-                last_seen_ms: None,
-                agent_version: None,
-                busy: false,
-                kinds: Default::default(),
-            });
+            .unwrap_or_else(|| MachineInfo::new(m.clone(), now));
         info.last_seen_ms = Some(now);
         info.online = true;
         info.agent_version = Some(st.agent_version.clone());

@@ -48,6 +48,8 @@ pub fn refused<T>(text: impl Into<String>) -> Result<T, OpError> {
 pub struct Resolved {
     pub machines: Vec<MachineId>,
     pub groups: Vec<GroupId>,
+    /// One notice per named machine and group, in `topics` order.
+    pub notices: Vec<Target>,
     pub targets: Vec<(MachineId, Option<GroupId>)>,
     pub topics: Vec<String>,
 }
@@ -96,14 +98,20 @@ pub fn resolve(
                 .or_insert_with(|| Some(g.clone()));
         }
     }
-    let mut topics: Vec<String> = machines
+    let notices: Vec<Target> = machines
         .iter()
-        .map(|m| ctx.topics.machine_release(m, kind))
+        .cloned()
+        .map(Target::Machine)
+        .chain(groups.iter().cloned().map(Target::Group))
         .collect();
-    topics.extend(groups.iter().map(|g| ctx.topics.group_release(g, kind)));
+    let topics = notices
+        .iter()
+        .map(|t| ctx.topics.release(t, kind))
+        .collect();
     Ok(Resolved {
         machines,
         groups,
+        notices,
         targets: targets.into_iter().collect(),
         topics,
     })
@@ -124,13 +132,8 @@ pub fn plan(
     })
 }
 
-fn sign_notice(
-    ctx: &Ctx,
-    release: &ReleaseInfo,
-    seq: u64,
-    target: Target,
-    topic: String,
-) -> DesiredNotice {
+fn sign_notice(ctx: &Ctx, release: &ReleaseInfo, seq: u64, target: Target) -> DesiredNotice {
+    let topic = ctx.topics.release(&target, &release.kind);
     let notice = ReleaseNotice {
         release: release.id.clone(),
         seq,
@@ -200,25 +203,11 @@ pub async fn publish(
             .release(&release.id)?
             .unwrap_or_else(|| release.clone());
         let seq = ctx.store.next_seq()?;
-        let mut notices = Vec::new();
-        for m in &r.machines {
-            notices.push(sign_notice(
-                ctx,
-                &release,
-                seq,
-                Target::Machine(m.clone()),
-                ctx.topics.machine_release(m, &release.kind),
-            ));
-        }
-        for g in &r.groups {
-            notices.push(sign_notice(
-                ctx,
-                &release,
-                seq,
-                Target::Group(g.clone()),
-                ctx.topics.group_release(g, &release.kind),
-            ));
-        }
+        let notices: Vec<DesiredNotice> = r
+            .notices
+            .iter()
+            .map(|t| sign_notice(ctx, &release, seq, t.clone()))
+            .collect();
         release.seq = seq;
         release.published_at_ms.get_or_insert(now);
         for m in &r.machines {
@@ -243,14 +232,7 @@ pub async fn publish(
     };
     ctx.store.flush_async().await?;
     for n in &notices {
-        ctx.mqtt
-            .publish(
-                n.topic.clone(),
-                QoS::AtLeastOnce,
-                true,
-                n.payload.clone().into_bytes(),
-            )
-            .await?;
+        send_desired(ctx, n).await?;
     }
     for t in touched {
         publish_progress(ctx, &t)?;
@@ -262,15 +244,20 @@ pub async fn publish(
     })
 }
 
+/// The release `id`, or the operator's "unknown release" error.
+pub fn known_release(store: &Store, id: &ReleaseId) -> Result<ReleaseInfo, OpError> {
+    store
+        .release(id)?
+        .ok_or_else(|| OpError::Refused(format!("unknown release {id}")))
+}
+
 /// Sends a signed `activate` for `release` to each machine. Returns the machines.
 pub async fn activate(
     ctx: &Ctx,
     release: &ReleaseId,
     machines: &[MachineId],
 ) -> Result<Vec<MachineId>, OpError> {
-    let Some(_info) = ctx.store.release(release)? else {
-        return refused(format!("unknown release {release}"));
-    };
+    known_release(&ctx.store, release)?;
     let targets: Vec<MachineId> = if machines.is_empty() {
         ctx.store
             .targets_of(release)?
@@ -328,20 +315,37 @@ pub fn progress_of(
     Ok(Some(rollout::progress(&info, &targets, now_ms())))
 }
 
+/// `release`'s progress as the retained message for its progress topic.
+fn progress_message(
+    ctx: &Ctx,
+    release: &ReleaseId,
+) -> Result<Option<(String, Vec<u8>)>, StoreError> {
+    Ok(progress_of(&ctx.store, release)?.map(|p| {
+        let payload = serde_json::to_vec(&p).expect("progress serializes");
+        (ctx.topics.rollout_progress(release.as_str()), payload)
+    }))
+}
+
 /// Publishes `release`'s progress, retained, without waiting (dropped if the client queue is full).
 pub fn publish_progress(ctx: &Ctx, release: &ReleaseId) -> Result<(), StoreError> {
-    if let Some(p) = progress_of(&ctx.store, release)? {
-        let payload = serde_json::to_vec(&p).expect("progress serializes");
-        if let Err(e) = ctx.mqtt.try_publish(
-            ctx.topics.rollout_progress(release.as_str()),
-            QoS::AtLeastOnce,
-            true,
-            payload,
-        ) {
+    if let Some((topic, payload)) = progress_message(ctx, release)? {
+        if let Err(e) = ctx.mqtt.try_publish(topic, QoS::AtLeastOnce, true, payload) {
             tracing::debug!(release = %release, error = %e, "rollout progress not published");
         }
     }
     Ok(())
+}
+
+/// Publishes a desired notice, retained, on its topic.
+async fn send_desired(ctx: &Ctx, n: &DesiredNotice) -> Result<(), rumqttc::ClientError> {
+    ctx.mqtt
+        .publish(
+            n.topic.clone(),
+            QoS::AtLeastOnce,
+            true,
+            n.payload.clone().into_bytes(),
+        )
+        .await
 }
 
 /// Re-publishes every desired notice and every published release's progress: after each
@@ -349,26 +353,13 @@ pub fn publish_progress(ctx: &Ctx, release: &ReleaseId) -> Result<(), StoreError
 pub async fn republish_all(ctx: &Ctx) -> Result<(usize, usize), OpError> {
     let desired = ctx.store.all_desired()?;
     for n in &desired {
-        ctx.mqtt
-            .publish(
-                n.topic.clone(),
-                QoS::AtLeastOnce,
-                true,
-                n.payload.clone().into_bytes(),
-            )
-            .await?;
+        send_desired(ctx, n).await?;
     }
     let mut progress = 0;
     for r in ctx.store.releases()?.into_iter().filter(|r| r.seq > 0) {
-        if let Some(p) = progress_of(&ctx.store, &r.id)? {
-            let payload = serde_json::to_vec(&p).expect("progress serializes");
+        if let Some((topic, payload)) = progress_message(ctx, &r.id)? {
             ctx.mqtt
-                .publish(
-                    ctx.topics.rollout_progress(r.id.as_str()),
-                    QoS::AtLeastOnce,
-                    true,
-                    payload,
-                )
+                .publish(topic, QoS::AtLeastOnce, true, payload)
                 .await?;
             progress += 1;
         }

@@ -105,16 +105,8 @@ pub fn start_embedded_broker(
             .and_then(|s| s.secret_by_client_id(client))
             .is_some_and(|s| s.mqtt_password() == pass)
     });
-    settings.bulk_filters = bulk_filters(topics);
+    settings.bulk_filters = topics.chunk_filters();
     Ok(EmbeddedBroker::start(settings)?)
-}
-
-/// Chunk topics get their own (larger) broker segment logs.
-pub fn bulk_filters(topics: &Topics) -> Vec<String> {
-    vec![
-        format!("{}/machines/+/chunks", topics.prefix()),
-        format!("{}/artifacts/+/chunks", topics.prefix()),
-    ]
 }
 
 /// The service proper: connections and tasks over already opened dependencies.

@@ -275,6 +275,22 @@ pub struct MachineInfo {
     pub kinds: BTreeMap<Kind, KindState>,
 }
 
+impl MachineInfo {
+    /// A machine the platform has just learned of, seen nowhere yet.
+    pub fn new(id: MachineId, provisioned_at_ms: u64) -> Self {
+        Self {
+            id,
+            groups: Vec::new(),
+            provisioned_at_ms,
+            online: false,
+            last_seen_ms: None,
+            agent_version: None,
+            busy: false,
+            kinds: BTreeMap::new(),
+        }
+    }
+}
+
 /// Everything a machine needs to join: printed by `fleetcast machine provision`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvisionedMachine {

@@ -3,6 +3,7 @@
 //! broker.
 
 use crate::ids::{ArtifactId, GroupId, Kind, MachineId};
+use crate::release::Target;
 
 /// Default topic prefix.
 pub const DEFAULT_PREFIX: &str = "fleet";
@@ -61,6 +62,13 @@ impl Topics {
     }
     pub fn group_release(&self, g: &GroupId, kind: &Kind) -> String {
         format!("{}/groups/{g}/release/{kind}", self.prefix)
+    }
+    /// The release topic a notice for `target` is published on.
+    pub fn release(&self, target: &Target, kind: &Kind) -> String {
+        match target {
+            Target::Machine(m) => self.machine_release(m, kind),
+            Target::Group(g) => self.group_release(g, kind),
+        }
     }
     /// Every release topic of one machine: subscribe with this.
     pub fn machine_release_filter(&self, m: &MachineId) -> String {
@@ -122,6 +130,13 @@ impl Topics {
     }
     pub fn platform_chunk_request_filter(&self) -> String {
         format!("{}/machines/+/chunks/get", self.prefix)
+    }
+    /// The filters that carry bulk chunk frames (brokers size their logs for these).
+    pub fn chunk_filters(&self) -> Vec<String> {
+        vec![
+            format!("{}/machines/+/chunks", self.prefix),
+            format!("{}/artifacts/+/chunks", self.prefix),
+        ]
     }
     pub fn platform_admin_request_filter(&self) -> String {
         format!("{}/admin/+/request", self.prefix)
@@ -223,6 +238,19 @@ mod tests {
     #[test]
     fn topics_are_the_documented_strings() {
         let t = Topics::default();
+        let app = Kind::new("app").unwrap();
+        assert_eq!(
+            t.release(&Target::Machine(m("vm-1")), &app),
+            "fleet/machines/vm-1/release/app"
+        );
+        assert_eq!(
+            t.release(&Target::Group(GroupId::new("g").unwrap()), &app),
+            "fleet/groups/g/release/app"
+        );
+        assert_eq!(
+            t.chunk_filters(),
+            vec!["fleet/machines/+/chunks", "fleet/artifacts/+/chunks"]
+        );
         assert_eq!(t.status(&m("vm-001")), "fleet/machines/vm-001/status");
         assert_eq!(
             t.group_release(&GroupId::new("g").unwrap(), &Kind::new("firmware").unwrap()),
