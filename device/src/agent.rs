@@ -258,7 +258,12 @@ impl Agent {
                 self.connected = true;
                 self.head_sent_at = None;
                 self.subscribe_all();
-                self.publish_qos0(self.topics.online(self.me()), true, b"true".to_vec());
+                self.publish(
+                    self.topics.online(self.me()),
+                    QoS::AtMostOnce,
+                    true,
+                    b"true".to_vec(),
+                );
                 self.publish_state();
                 self.send_head();
             }
@@ -432,36 +437,18 @@ impl Agent {
             .is_some_and(|t| t.elapsed() > RESEND_AFTER)
         {
             self.head_sent_at = None;
-            self.send_head();
         }
-        if self.head_sent_at.is_none() {
-            self.send_head();
-        }
+        self.send_head();
         if self.state_dirty {
             self.publish_state();
         }
     }
 
-    /// State and `online` go at QoS 0: the next one supersedes a lost one, and the platform
-    /// re-asks with `report`. Only status events (acknowledged end to end) need QoS 1.
-    fn publish_qos0(&mut self, topic: String, retain: bool, payload: Vec<u8>) -> bool {
-        match self
-            .client
-            .try_publish(topic, QoS::AtMostOnce, retain, payload)
-        {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(machine = %self.me(), "publish not queued: {e}");
-                false
-            }
-        }
-    }
-
-    fn publish_qos1(&mut self, topic: String, retain: bool, payload: Vec<u8>) -> bool {
-        match self
-            .client
-            .try_publish(topic, QoS::AtLeastOnce, retain, payload)
-        {
+    /// Queues a publish without waiting. State and `online` go at QoS 0 (the next one
+    /// supersedes a lost one, and the platform re-asks with `report`); only status events,
+    /// acknowledged end to end, go at QoS 1.
+    fn publish(&mut self, topic: String, qos: QoS, retain: bool, payload: Vec<u8>) -> bool {
+        match self.client.try_publish(topic, qos, retain, payload) {
             Ok(()) => true,
             Err(e) => {
                 tracing::warn!(machine = %self.me(), "publish not queued: {e}");
@@ -514,7 +501,7 @@ impl Agent {
         };
         let payload = head.payload.clone().into_bytes();
         let topic = self.topics.status(self.me());
-        if self.publish_qos1(topic, false, payload) {
+        if self.publish(topic, QoS::AtLeastOnce, false, payload) {
             self.head_sent_at = Some(Instant::now());
         }
     }
@@ -542,7 +529,7 @@ impl Agent {
         };
         let payload = self.config.secret.seal(Purpose::State, &state);
         let topic = self.topics.state(self.me());
-        self.state_dirty = !self.publish_qos0(topic, true, payload);
+        self.state_dirty = !self.publish(topic, QoS::AtMostOnce, true, payload);
     }
 
     fn download_context(&self) -> DownloadContext {
