@@ -307,7 +307,9 @@ impl AdminClient {
             path: path.to_owned(),
             source,
         };
-        let (artifact, size) = hash_file(path).map_err(io)?;
+        let (artifact, size) = std::fs::File::open(path)
+            .and_then(ArtifactId::of_reader)
+            .map_err(io)?;
         let layout = Layout::new(size, chunk_size).map_err(|e| AdminError::BadFile {
             path: path.to_owned(),
             reason: e.to_string(),
@@ -458,12 +460,4 @@ fn unexpected(op: &str, reply: &AdminReply) -> AdminError {
         op: op.into(),
         reply: serde_json::to_string(reply).unwrap_or_default(),
     }
-}
-
-/// blake3 and size of a file, streamed.
-pub fn hash_file(path: &Path) -> std::io::Result<(ArtifactId, u64)> {
-    let mut hasher = blake3::Hasher::new();
-    let mut file = std::fs::File::open(path)?;
-    let size = std::io::copy(&mut file, &mut hasher)?;
-    Ok((ArtifactId::from(hasher.finalize()), size))
 }

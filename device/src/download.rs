@@ -7,7 +7,6 @@
 //! once more, fsynced and renamed into `artifacts/`.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -546,10 +545,14 @@ impl<'a> Transfer<'a> {
     /// Hashes the assembled file, then moves it into `artifacts/`.
     async fn finish(&mut self) -> Result<PathBuf, DownloadError> {
         let path = self.part_path.clone();
-        let hashed = tokio::task::spawn_blocking(move || hash_file(&path))
-            .await
-            .map_err(|e| self.io("hash", &self.part_path)(std::io::Error::other(e)))?
-            .map_err(self.io("hash", &self.part_path))?;
+        let hashed = tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&path)
+                .and_then(ArtifactId::of_reader)
+                .map(|(id, _)| id)
+        })
+        .await
+        .map_err(|e| self.io("hash", &self.part_path)(std::io::Error::other(e)))?
+        .map_err(self.io("hash", &self.part_path))?;
         if hashed != self.artifact {
             // Start over: every chunk verified, yet the whole does not: trust nothing.
             self.have = Bitmap::new(self.layout.chunks);
@@ -576,20 +579,6 @@ impl<'a> Transfer<'a> {
 #[cfg(unix)]
 fn write_at(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, data, offset)
-}
-
-fn hash_file(path: &Path) -> std::io::Result<ArtifactId> {
-    let mut f = std::fs::File::open(path)?;
-    let mut hasher = blake3::Hasher::new();
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(hasher.finalize().into())
 }
 
 /// Downloads `artifact` into `{data}/artifacts/{id}` and returns its path. `frames` carries

@@ -147,6 +147,13 @@ impl ArtifactId {
         Self(*blake3::hash(data).as_bytes())
     }
 
+    /// The id of everything `reader` yields, streamed, and its length in bytes.
+    pub fn of_reader(mut reader: impl std::io::Read) -> std::io::Result<(Self, u64)> {
+        let mut hasher = blake3::Hasher::new();
+        let len = std::io::copy(&mut reader, &mut hasher)?;
+        Ok((hasher.finalize().into(), len))
+    }
+
     pub fn as_bytes(&self) -> &[u8; 32] {
         &self.0
     }
@@ -251,6 +258,13 @@ mod tests {
         assert_eq!(text.parse::<ArtifactId>().unwrap(), id);
         let json = serde_json::to_string(&id).unwrap();
         assert_eq!(serde_json::from_str::<ArtifactId>(&json).unwrap(), id);
+    }
+
+    #[test]
+    fn artifact_id_of_a_reader_matches_the_id_of_its_bytes() {
+        let data: Vec<u8> = (0..300_000u32).map(|i| i as u8).collect();
+        let (id, len) = ArtifactId::of_reader(&data[..]).unwrap();
+        assert_eq!((id, len), (ArtifactId::of(&data), data.len() as u64));
     }
 
     #[test]
