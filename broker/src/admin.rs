@@ -96,33 +96,16 @@ impl AdminClient {
             broker: broker.to_string(),
             reason,
         };
-        // Wait for the first CONNACK; the broker refusing us shows up as a disconnect.
-        let first = tokio::time::timeout(timeout, async {
-            loop {
-                match rx.recv().await {
-                    Some(MqttEvent::Connected { .. }) => return Ok(()),
-                    Some(MqttEvent::Disconnected(e)) => return Err(e),
-                    Some(_) => {}
-                    None => return Err("event loop ended".into()),
-                }
-            }
+        // The first CONNACK; the broker refusing us shows up as a disconnect.
+        let connected = client::wait_for(&mut rx, timeout, |e| {
+            matches!(e, MqttEvent::Connected { .. })
         })
         .await;
-        match first {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                shutdown.cancel();
-                return Err(connect_err(format!(
-                    "{e} (wrong admin secret, or no broker there?)"
-                )));
-            }
-            Err(_) => {
-                shutdown.cancel();
-                return Err(connect_err(format!(
-                    "no CONNACK within {} s",
-                    timeout.as_secs()
-                )));
-            }
+        if let Err(e) = connected {
+            shutdown.cancel();
+            return Err(connect_err(format!(
+                "{e} (wrong admin secret, or no broker there?)"
+            )));
         }
         let response_topic = topics.admin_response(&client_id);
         client
@@ -131,22 +114,13 @@ impl AdminClient {
             .map_err(|e| connect_err(e.to_string()))?;
         // A response published before the broker registered our subscription would be lost:
         // wait for the SUBACK.
-        let subscribed = tokio::time::timeout(timeout, async {
-            loop {
-                match rx.recv().await {
-                    Some(MqttEvent::SubAck(_)) => return Ok(()),
-                    Some(MqttEvent::Disconnected(e)) => return Err(e),
-                    Some(_) => {}
-                    None => return Err("event loop ended".into()),
-                }
-            }
-        })
-        .await;
-        if !matches!(subscribed, Ok(Ok(()))) {
+        let subscribed =
+            client::wait_for(&mut rx, timeout, |e| matches!(e, MqttEvent::SubAck(_))).await;
+        if let Err(e) = subscribed {
             shutdown.cancel();
-            return Err(connect_err(
-                "the broker did not confirm the response subscription".into(),
-            ));
+            return Err(connect_err(format!(
+                "the broker did not confirm the response subscription: {e}"
+            )));
         }
         let waiters: Waiters = Arc::default();
         let (ack_tx, ack_rx) = mpsc::unbounded_channel();

@@ -154,6 +154,28 @@ pub async fn drive(
     }
 }
 
+/// Reads `events` until one matches `want`. Fails on a disconnect (a broker refusing the
+/// client shows up as one), when the event loop ends, or after `timeout`.
+pub async fn wait_for(
+    events: &mut mpsc::Receiver<MqttEvent>,
+    timeout: Duration,
+    want: impl Fn(&MqttEvent) -> bool,
+) -> Result<(), String> {
+    let wait = async {
+        loop {
+            match events.recv().await {
+                Some(e) if want(&e) => return Ok(()),
+                Some(MqttEvent::Disconnected(e)) => return Err(e),
+                Some(_) => {}
+                None => return Err("event loop ended".to_owned()),
+            }
+        }
+    };
+    tokio::time::timeout(timeout, wait)
+        .await
+        .unwrap_or_else(|_| Err(format!("nothing within {} s", timeout.as_secs())))
+}
+
 /// A loopback port that was free a moment ago. rumqttd cannot report the port it bound, so
 /// tests pick one first and retry on the rare clash.
 pub fn free_loopback_port() -> std::io::Result<u16> {
