@@ -36,3 +36,34 @@ pub fn now_ms() -> u64 {
         .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
+
+/// Test fixtures shared by the unit tests of several modules.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use fleetcast_proto::admin::ReleaseInfo;
+    use fleetcast_proto::release::ArtifactRef;
+    use fleetcast_proto::{ArtifactId, InstallPolicy, Kind, ReleaseId};
+
+    /// An unpublished `app` release of `version` (artifact: the version's bytes, one byte long).
+    pub fn release(id: &str, version: &str) -> ReleaseInfo {
+        ReleaseInfo {
+            id: ReleaseId::new(id).unwrap(),
+            kind: Kind::new("app").unwrap(),
+            version: version.into(),
+            artifact: ArtifactRef {
+                id: ArtifactId::of(version.as_bytes()),
+                size: 1,
+                chunk_size: 65536,
+                name: "x".into(),
+            },
+            policy: InstallPolicy::Immediate,
+            rollback: false,
+            notes: None,
+            created_at_ms: 0,
+            published_at_ms: None,
+            seq: 0,
+            machines: vec![],
+            groups: vec![],
+        }
+    }
+}

@@ -426,8 +426,7 @@ pub fn ensure_group_targets(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetcast_proto::release::ArtifactRef;
-    use fleetcast_proto::{ArtifactId, InstallPolicy, Phase, StatusEvent};
+    use fleetcast_proto::{Phase, StatusEvent};
 
     fn m(s: &str) -> MachineId {
         MachineId::new(s).unwrap()
@@ -444,25 +443,8 @@ mod tests {
     }
 
     fn release(store: &Store, id: &str, version: &str) -> ReleaseInfo {
-        let r = ReleaseInfo {
-            id: ReleaseId::new(id).unwrap(),
-            kind: Kind::new("app").unwrap(),
-            version: version.into(),
-            artifact: ArtifactRef {
-                id: ArtifactId::of(version.as_bytes()),
-                size: 1,
-                chunk_size: 1024,
-                name: "x".into(),
-            },
-            policy: InstallPolicy::Immediate,
-            rollback: false,
-            notes: None,
-            created_at_ms: 0,
-            published_at_ms: None,
-            seq: 0,
-            machines: vec![],
-            groups: vec![],
-        };
+        let mut r = crate::fixtures::release(id, version);
+        r.artifact.chunk_size = 1024;
         store.put_release(&r).unwrap();
         r
     }

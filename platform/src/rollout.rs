@@ -227,29 +227,13 @@ pub fn progress(release: &ReleaseInfo, targets: &[TargetRecord], now_ms: u64) ->
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetcast_proto::release::ArtifactRef;
     use fleetcast_proto::status::Progress;
-    use fleetcast_proto::{ArtifactId, InstallPolicy, Kind, ReleaseId};
+    use fleetcast_proto::{Kind, ReleaseId};
 
     fn release() -> ReleaseInfo {
         ReleaseInfo {
-            id: ReleaseId::new("r-000001").unwrap(),
-            kind: Kind::new("app").unwrap(),
-            version: "2.4.1".into(),
-            artifact: ArtifactRef {
-                id: ArtifactId::of(b"x"),
-                size: 1,
-                chunk_size: 65536,
-                name: "x".into(),
-            },
-            policy: InstallPolicy::Immediate,
-            rollback: false,
-            notes: None,
-            created_at_ms: 0,
-            published_at_ms: None,
             seq: 1,
-            machines: vec![],
-            groups: vec![],
+            ..crate::fixtures::release("r-000001", "2.4.1")
         }
     }
 

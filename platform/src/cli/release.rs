@@ -475,30 +475,17 @@ pub fn list_text(releases: &[ReleaseInfo]) -> String {
 mod tests {
     use super::*;
     use fleetcast_proto::admin::{RolloutProgress, TargetRecord};
-    use fleetcast_proto::release::ArtifactRef;
-    use fleetcast_proto::ArtifactId;
     use std::collections::BTreeMap;
 
     fn release() -> ReleaseInfo {
-        ReleaseInfo {
-            id: ReleaseId::new("r-000001").unwrap(),
-            kind: Kind::new("app").unwrap(),
-            version: "2.4.1".into(),
-            artifact: ArtifactRef {
-                id: ArtifactId::of(b"x"),
-                size: 2048,
-                chunk_size: 65536,
-                name: "a".into(),
-            },
-            policy: InstallPolicy::Immediate,
-            rollback: false,
-            notes: None,
-            created_at_ms: 1_000,
-            published_at_ms: Some(2_000),
-            seq: 3,
-            machines: vec![MachineId::new("vm-001").unwrap()],
-            groups: vec![GroupId::new("shanghai").unwrap()],
-        }
+        let mut r = crate::fixtures::release("r-000001", "2.4.1");
+        r.artifact.size = 2048;
+        r.created_at_ms = 1_000;
+        r.published_at_ms = Some(2_000);
+        r.seq = 3;
+        r.machines = vec![MachineId::new("vm-001").unwrap()];
+        r.groups = vec![GroupId::new("shanghai").unwrap()];
+        r
     }
 
     #[test]
