@@ -799,6 +799,17 @@ mod tests {
         ReleaseId::new(s).unwrap()
     }
 
+    fn finish_install(u: &mut Updater, release: &str, outcome: InstallOutcome) -> Vec<Action> {
+        u.handle(
+            NOON,
+            Input::InstallFinished {
+                kind: app(),
+                release: rid(release),
+                outcome,
+            },
+        )
+    }
+
     fn finish_download(u: &mut Updater, release: &str) -> Vec<Action> {
         u.handle(
             NOON,
@@ -834,14 +845,7 @@ mod tests {
                 ..
             }
         )));
-        let a = u.handle(
-            NOON,
-            Input::InstallFinished {
-                kind: app(),
-                release: rid("r-1"),
-                outcome: InstallOutcome::Installed,
-            },
-        );
+        let a = finish_install(&mut u, "r-1", InstallOutcome::Installed);
         assert_eq!(phases(&a), vec![Phase::Installed]);
         assert_eq!(installed(&u), "1.1.0");
         assert_eq!(
@@ -956,14 +960,7 @@ mod tests {
         let mut u = updater();
         u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
         finish_download(&mut u, "r-1");
-        u.handle(
-            NOON,
-            Input::InstallFinished {
-                kind: app(),
-                release: rid("r-1"),
-                outcome: InstallOutcome::Installed,
-            },
-        );
+        finish_install(&mut u, "r-1", InstallOutcome::Installed);
         let a = u.handle(NOON, Input::Notice(notice("r-1b", 2, "1.1.0")));
         assert_eq!(phases(&a), vec![Phase::Installed]);
         assert!(u.ledger.kinds[&app()].job.is_none());
@@ -974,24 +971,10 @@ mod tests {
         let mut u = updater();
         u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
         finish_download(&mut u, "r-1");
-        u.handle(
-            NOON,
-            Input::InstallFinished {
-                kind: app(),
-                release: rid("r-1"),
-                outcome: InstallOutcome::Installed,
-            },
-        );
+        finish_install(&mut u, "r-1", InstallOutcome::Installed);
         u.handle(NOON, Input::Notice(notice("r-2", 2, "1.2.0")));
         finish_download(&mut u, "r-2");
-        u.handle(
-            NOON,
-            Input::InstallFinished {
-                kind: app(),
-                release: rid("r-2"),
-                outcome: InstallOutcome::Installed,
-            },
-        );
+        finish_install(&mut u, "r-2", InstallOutcome::Installed);
         let mut back = notice("r-3", 3, "1.1.0");
         back.rollback = true;
         let a = u.handle(NOON, Input::Notice(back));
@@ -1007,14 +990,7 @@ mod tests {
                 ..
             }
         )));
-        u.handle(
-            NOON,
-            Input::InstallFinished {
-                kind: app(),
-                release: rid("r-3"),
-                outcome: InstallOutcome::Installed,
-            },
-        );
+        finish_install(&mut u, "r-3", InstallOutcome::Installed);
         assert_eq!(installed(&u), "1.1.0");
     }
 
@@ -1151,13 +1127,10 @@ mod tests {
         let mut u = updater();
         u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
         finish_download(&mut u, "r-1");
-        let a = u.handle(
-            NOON,
-            Input::InstallFinished {
-                kind: app(),
-                release: rid("r-1"),
-                outcome: InstallOutcome::RolledBack("health check failed".into()),
-            },
+        let a = finish_install(
+            &mut u,
+            "r-1",
+            InstallOutcome::RolledBack("health check failed".into()),
         );
         assert_eq!(phases(&a), vec![Phase::RolledBack]);
         assert_eq!(installed(&u), "1.0.0");
@@ -1214,14 +1187,7 @@ mod tests {
         finish_download(&mut u, "r-1");
         let a = u.handle(NOON, Input::Notice(notice("r-2", 2, "1.2.0")));
         assert!(!a.iter().any(|a| matches!(a, Action::CancelDownload { .. })));
-        let a = u.handle(
-            NOON,
-            Input::InstallFinished {
-                kind: app(),
-                release: rid("r-1"),
-                outcome: InstallOutcome::Installed,
-            },
-        );
+        let a = finish_install(&mut u, "r-1", InstallOutcome::Installed);
         assert!(a.iter().any(
             |a| matches!(a, Action::StartDownload { notice, .. } if notice.release == rid("r-2"))
         ));
@@ -1232,14 +1198,7 @@ mod tests {
         let mut u = updater();
         u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
         finish_download(&mut u, "r-1");
-        u.handle(
-            NOON,
-            Input::InstallFinished {
-                kind: app(),
-                release: rid("r-1"),
-                outcome: InstallOutcome::Installed,
-            },
-        );
+        finish_install(&mut u, "r-1", InstallOutcome::Installed);
         u.handle(NOON, Input::Notice(notice("r-2", 2, "1.2.0")));
         finish_download(&mut u, "r-2");
         // While 1.2.0 installs, the operator rolls back to 1.1.0, which is still installed.
@@ -1247,14 +1206,7 @@ mod tests {
         back.rollback = true;
         let a = u.handle(NOON, Input::Notice(back));
         assert_eq!(phases(&a), vec![Phase::Notified], "the rollback is queued");
-        let a = u.handle(
-            NOON,
-            Input::InstallFinished {
-                kind: app(),
-                release: rid("r-2"),
-                outcome: InstallOutcome::Installed,
-            },
-        );
+        let a = finish_install(&mut u, "r-2", InstallOutcome::Installed);
         assert!(
             a.iter().any(|a| matches!(
                 a,
@@ -1262,14 +1214,7 @@ mod tests {
             )),
             "{a:?}"
         );
-        u.handle(
-            NOON,
-            Input::InstallFinished {
-                kind: app(),
-                release: rid("r-3"),
-                outcome: InstallOutcome::Installed,
-            },
-        );
+        finish_install(&mut u, "r-3", InstallOutcome::Installed);
         assert_eq!(installed(&u), "1.1.0");
     }
 
