@@ -203,5 +203,15 @@ mod tests {
         assert_eq!(v["topic_prefix"].as_str(), Some("fleet"));
         assert_eq!(v["broker"].as_str(), Some("mqtt://127.0.0.1:1883"));
         assert_eq!(v["data_dir"].as_str(), Some("/var/lib/vm"));
+        // The device agent reads exactly this file: the two sides cannot drift apart.
+        let loaded: fleetcast_device::config::MachineConfig = toml::from_str(&text).unwrap();
+        assert_eq!(
+            loaded,
+            fleetcast_device::config::MachineConfig::from_provisioned(
+                &p,
+                "mqtt://127.0.0.1:1883",
+                PathBuf::from("/var/lib/vm")
+            )
+        );
     }
 }
