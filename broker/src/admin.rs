@@ -435,3 +435,22 @@ fn unexpected(op: &str, reply: &AdminReply) -> AdminError {
         reply: serde_json::to_string(reply).unwrap_or_default(),
     }
 }
+
+/// The operator secret: `hex` when given (the `FLEETCAST_ADMIN_SECRET` variable), else the
+/// contents of `file` (`fleetcast serve` writes it as `<data>/admin.secret`).
+pub fn load_secret(hex: Option<&str>, file: &Path) -> Result<Secret, String> {
+    let (text, source) = match hex {
+        Some(h) => (h.to_owned(), "FLEETCAST_ADMIN_SECRET".to_owned()),
+        None => (
+            std::fs::read_to_string(file).map_err(|e| {
+                format!(
+                    "cannot read the admin secret {}: {e} (run `fleetcast serve` first, or pass --admin-secret-file / FLEETCAST_ADMIN_SECRET)",
+                    file.display()
+                )
+            })?,
+            file.display().to_string(),
+        ),
+    };
+    text.parse()
+        .map_err(|e| format!("admin secret from {source}: {e}"))
+}

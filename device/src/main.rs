@@ -1,7 +1,7 @@
 //! `fleetcast-device`: run one machine agent, or simulate a fleet.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -75,22 +75,9 @@ fn parse_initial(items: &[String]) -> anyhow::Result<BTreeMap<Kind, String>> {
     Ok(out)
 }
 
-fn admin_secret(file: &PathBuf) -> anyhow::Result<Secret> {
-    if let Ok(hex) = std::env::var("FLEETCAST_ADMIN_SECRET") {
-        return hex
-            .parse()
-            .map_err(anyhow::Error::msg)
-            .context("FLEETCAST_ADMIN_SECRET");
-    }
-    let text = std::fs::read_to_string(file).with_context(|| {
-        format!(
-            "cannot read the operator secret {} (run `fleetcast serve` first, or set FLEETCAST_ADMIN_SECRET)",
-            file.display()
-        )
-    })?;
-    text.parse()
-        .map_err(anyhow::Error::msg)
-        .with_context(|| format!("{}", file.display()))
+fn admin_secret(file: &Path) -> anyhow::Result<Secret> {
+    let hex = std::env::var("FLEETCAST_ADMIN_SECRET").ok();
+    fleetcast_broker::admin::load_secret(hex.as_deref(), file).map_err(anyhow::Error::msg)
 }
 
 fn ctrl_c_token() -> CancellationToken {

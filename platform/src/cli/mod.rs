@@ -79,17 +79,8 @@ pub struct ClientArgs {
 
 impl ClientArgs {
     pub fn secret(&self) -> anyhow::Result<Secret> {
-        let text = match &self.admin_secret {
-            Some(s) => s.clone(),
-            None => std::fs::read_to_string(&self.admin_secret_file).with_context(|| {
-                format!(
-                    "cannot read the admin secret {} (run `fleetcast serve` first, or pass --admin-secret-file / FLEETCAST_ADMIN_SECRET)",
-                    self.admin_secret_file.display()
-                )
-            })?,
-        };
-        text.parse::<Secret>()
-            .map_err(|e| anyhow::anyhow!("admin secret: {e}"))
+        fleetcast_broker::admin::load_secret(self.admin_secret.as_deref(), &self.admin_secret_file)
+            .map_err(anyhow::Error::msg)
     }
 
     pub fn broker_url(&self) -> anyhow::Result<BrokerUrl> {
