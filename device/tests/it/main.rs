@@ -3,14 +3,15 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use fleetcast_broker::client::{self, BrokerUrl, MqttEvent};
 use fleetcast_broker::embedded::start_on_free_port;
+use fleetcast_device::store::OutboxEntry;
 use fleetcast_device::{AgentOptions, MachineConfig};
-use fleetcast_proto::auth::{PlatformKey, Purpose, Secret};
+use fleetcast_proto::auth::{PlatformKey, PlatformPublicKey, Purpose, Secret};
 use fleetcast_proto::chunk::{
     encode_frame, ChunkRequest, FrameHeader, FrameType, Layout, ManifestBuilder,
 };
@@ -67,7 +68,8 @@ impl Artifact {
 struct ServeControl {
     /// Chunk indices requested, in order.
     requested: Mutex<Vec<u32>>,
-    served: AtomicU32,
+    /// Chunk indices served, in order.
+    served: Mutex<Vec<u32>>,
     /// Serve at most this many chunks (u32::MAX: all).
     limit: AtomicU32,
     /// Corrupt this chunk index the first time it is served (u32::MAX: none).
@@ -75,7 +77,7 @@ struct ServeControl {
     /// Corrupt this many manifests (a bad part the chunk CVs do not merge to the id).
     corrupt_manifests: AtomicU32,
     /// Receive status events but do not acknowledge them (a platform that has not stored them).
-    hold_acks: std::sync::atomic::AtomicBool,
+    hold_acks: AtomicBool,
 }
 
 struct Platform {
@@ -107,30 +109,72 @@ async fn platform(url: &BrokerUrl, secret: Secret) -> Platform {
     platform_with_key(url, secret, rand::random()).await
 }
 
-/// The fake platform, signing with the key from `seed`. Like the real one, it acknowledges every
-/// status event it receives with a signed `StatusAck`, so the machine's outbox moves on.
-async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> Platform {
+/// An MQTT client as `id`, connected (CONNACK received); cancel the token to stop it.
+async fn connect_peer(
+    url: &BrokerUrl,
+    id: &str,
+) -> (AsyncClient, mpsc::Receiver<MqttEvent>, CancellationToken) {
     let stop = CancellationToken::new();
-    let (client, el) = client::connect(client::options(url, "platform-test", None), 4096);
+    let (client, el) = client::connect(client::options(url, id, None), 4096);
     let (tx, mut rx) = mpsc::channel(1024);
     tokio::spawn(client::drive(el, tx, stop.clone()));
-    let topics = Topics::default();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     loop {
         match tokio::time::timeout_at(deadline, rx.recv()).await {
             Ok(Some(MqttEvent::Connected { .. })) => break,
             Ok(Some(_)) => {}
-            other => panic!("platform client did not connect: {other:?}"),
+            other => panic!("{id} did not connect: {other:?}"),
         }
     }
-    client
-        .subscribe(topics.platform_status_filter(), QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    client
-        .subscribe(topics.platform_chunk_request_filter(), QoS::AtMostOnce)
-        .await
-        .unwrap();
+    (client, rx, stop)
+}
+
+/// Subscribes to `filters` and waits until the broker confirmed every one (SUBACK).
+async fn subscribe_all(
+    client: &AsyncClient,
+    rx: &mut mpsc::Receiver<MqttEvent>,
+    filters: &[(String, QoS)],
+) {
+    for (filter, qos) in filters {
+        client.subscribe(filter, *qos).await.unwrap();
+    }
+    let mut acked = 0;
+    while acked < filters.len() {
+        match tokio::time::timeout(Duration::from_secs(10), rx.recv()).await {
+            Ok(Some(MqttEvent::SubAck(_))) => acked += 1,
+            Ok(Some(_)) => {}
+            other => panic!("no SUBACK for {filters:?}: {other:?}"),
+        }
+    }
+}
+
+/// Polls `done` every 20 ms; fails with `what` if it does not hold within `within`.
+async fn eventually(within: Duration, mut done: impl FnMut() -> bool, what: impl Fn() -> String) {
+    let deadline = tokio::time::Instant::now() + within;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not within {within:?}: {}",
+            what()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The fake platform, signing with the key from `seed`. Like the real one, it acknowledges every
+/// status event it receives with a signed `StatusAck`, so the machine's outbox moves on.
+async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> Platform {
+    let (client, mut rx, stop) = connect_peer(url, "platform-test").await;
+    let topics = Topics::default();
+    subscribe_all(
+        &client,
+        &mut rx,
+        &[
+            (topics.platform_status_filter(), QoS::AtLeastOnce),
+            (topics.platform_chunk_request_filter(), QoS::AtMostOnce),
+        ],
+    )
+    .await;
     let control = Arc::new(ServeControl::default());
     control.limit.store(u32::MAX, Ordering::SeqCst);
     control.corrupt_once.store(u32::MAX, Ordering::SeqCst);
@@ -218,10 +262,13 @@ async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> P
                     }
                     for i in req.indices() {
                         ctl.requested.lock().unwrap().push(i);
-                        if ctl.served.load(Ordering::SeqCst) >= ctl.limit.load(Ordering::SeqCst) {
-                            continue;
+                        {
+                            let mut served = ctl.served.lock().unwrap();
+                            if served.len() as u32 >= ctl.limit.load(Ordering::SeqCst) {
+                                continue;
+                            }
+                            served.push(i);
                         }
-                        ctl.served.fetch_add(1, Ordering::SeqCst);
                         let s = art.layout.offset(i) as usize;
                         let mut data = art.bytes[s..s + art.layout.chunk_len(i)].to_vec();
                         if ctl
@@ -289,21 +336,56 @@ impl Platform {
         }
     }
 
+    /// Publishes `notice` signed with `key`, retained, on its target's release topic.
     async fn publish_signed(&self, notice: &ReleaseNotice, key: &PlatformKey) {
+        let topic = match &notice.target {
+            Target::Machine(m) => self.topics.machine_release(m, &notice.kind),
+            Target::Group(g) => self.topics.group_release(g, &notice.kind),
+        };
         let payload = key.sign(Purpose::Release, notice);
         self.client
-            .publish(
-                self.topics.machine_release(&machine(), &notice.kind),
-                QoS::AtLeastOnce,
-                true,
-                payload,
-            )
+            .publish(topic, QoS::AtLeastOnce, true, payload)
             .await
             .unwrap();
     }
 
     async fn publish(&self, notice: &ReleaseNotice) {
         self.publish_signed(notice, &self.key).await;
+    }
+
+    /// A new notice for this machine, published.
+    async fn announce(
+        &mut self,
+        release: &str,
+        version: &str,
+        art: &Artifact,
+        policy: InstallPolicy,
+    ) -> ReleaseNotice {
+        let n = self.notice(release, version, art, policy);
+        self.publish(&n).await;
+        n
+    }
+
+    /// Publishes a probe notice with `seq` and asserts that the machine reported nothing for
+    /// `ignored` (published before it) by the time it reports the probe as notified.
+    async fn assert_ignored(&mut self, ignored: &str, art: &Artifact, seq: u64) {
+        let probe = ReleaseNotice {
+            seq,
+            ..self.notice("r-probe", "9.0.0", art, InstallPolicy::Immediate)
+        };
+        self.publish(&probe).await;
+        let seen = self.wait_for("r-probe", Phase::Notified).await;
+        assert!(
+            seen.iter()
+                .all(|e| e.release.as_ref().map(|r| r.as_str()) != Some(ignored)),
+            "{ignored} produced a status: {seen:?}"
+        );
+    }
+
+    /// Asserts that the machine reports nothing for `quiet`.
+    async fn assert_quiet(&mut self, quiet: Duration, why: &str) {
+        let got = tokio::time::timeout(quiet, self.statuses.recv()).await;
+        assert!(got.is_err(), "{why}: {got:?}");
     }
 
     async fn command(&mut self, action: CommandAction) {
@@ -326,7 +408,6 @@ impl Platform {
             .unwrap();
     }
 
-    /// Status events up to and including the first of `release` in a final phase or `until`.
     /// Acknowledges every status event up to `ctr` (the platform stored them).
     fn ack(&self, ctr: u64) {
         let ack = StatusAck {
@@ -343,32 +424,25 @@ impl Platform {
             .unwrap();
     }
 
+    /// Status events up to and including the first of `release` that is `until`.
     async fn wait_for(&mut self, release: &str, until: Phase) -> Vec<StatusEvent> {
-        let mut seen = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let ev = tokio::time::timeout_at(deadline, self.statuses.recv())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!(
-                        "no {until} for {release} within 30 s; saw {:?}",
-                        phases(&seen)
-                    )
-                })
-                .expect("status channel open");
-            let done =
-                ev.release.as_ref().is_some_and(|r| r.as_str() == release) && ev.phase == until;
-            seen.push(ev);
-            if done {
-                return seen;
-            }
-        }
+        self.statuses_until(release, &until.to_string(), |e| e.phase == until)
+            .await
     }
-}
 
-impl Platform {
     /// Status events up to and including the first final phase of `release`.
     async fn wait_final(&mut self, release: &str) -> Vec<StatusEvent> {
+        self.statuses_until(release, "final phase", |e| e.phase.is_final())
+            .await
+    }
+
+    /// Status events up to and including the first of `release` for which `last` holds.
+    async fn statuses_until(
+        &mut self,
+        release: &str,
+        what: &str,
+        last: impl Fn(&StatusEvent) -> bool,
+    ) -> Vec<StatusEvent> {
         let mut seen = Vec::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -376,13 +450,12 @@ impl Platform {
                 .await
                 .unwrap_or_else(|_| {
                     panic!(
-                        "no final phase for {release} within 30 s; saw {:?}",
+                        "no {what} for {release} within 30 s; saw {:?}",
                         phases(&seen)
                     )
                 })
                 .expect("status channel open");
-            let done =
-                ev.release.as_ref().is_some_and(|r| r.as_str() == release) && ev.phase.is_final();
+            let done = ev.release.as_ref().is_some_and(|r| r.as_str() == release) && last(&ev);
             seen.push(ev);
             if done {
                 return seen;
@@ -392,14 +465,12 @@ impl Platform {
 
     /// Waits until the chunk server has seen at least `n` chunk requests.
     async fn wait_requested(&self, n: usize) {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-        while self.control.requested.lock().unwrap().len() < n {
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "fewer than {n} chunk requests within 20 s"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        eventually(
+            Duration::from_secs(20),
+            || self.control.requested.lock().unwrap().len() >= n,
+            || format!("{n} chunk requests"),
+        )
+        .await;
     }
 }
 
@@ -419,11 +490,12 @@ struct Machine {
     task: JoinHandle<()>,
 }
 
-fn config(url: &BrokerUrl, p: &Platform, secret: &Secret, dir: &Path) -> MachineConfig {
+/// vm-001 with app 1.0.0, trusting `key`, its data in `dir`.
+fn config(url: &BrokerUrl, key: &PlatformPublicKey, secret: &Secret, dir: &Path) -> MachineConfig {
     let text = format!(
         "machine = \"vm-001\"\nsecret = \"{}\"\nplatform_key = \"{}\"\nbroker = \"{url}\"\ndata_dir = {:?}\n[initial_versions]\napp = \"1.0.0\"\n",
         secret.to_hex(),
-        p.key.public().to_hex(),
+        key.to_hex(),
         dir.display().to_string()
     );
     let path = dir.join("machine.toml");
@@ -462,6 +534,16 @@ impl Machine {
     fn slot_root(&self) -> PathBuf {
         self.config.data_dir.join("slots/app")
     }
+
+    /// The bytes in the active slot.
+    fn installed(&self) -> Vec<u8> {
+        std::fs::read(self.slot_root().join("current/artifact")).unwrap()
+    }
+
+    /// The version in the active slot.
+    fn installed_version(&self) -> String {
+        std::fs::read_to_string(self.slot_root().join("current/version")).unwrap()
+    }
 }
 
 struct Setup {
@@ -489,11 +571,29 @@ async fn setup() -> Setup {
 }
 
 impl Setup {
-    fn machine(&self, options: AgentOptions) -> Machine {
-        start(
-            config(&self.url, &self.platform, &self.secret, &self.machine_dir),
-            options,
+    fn config(&self) -> MachineConfig {
+        config(
+            &self.url,
+            &self.platform.key.public(),
+            &self.secret,
+            &self.machine_dir,
         )
+    }
+
+    fn machine(&self, options: AgentOptions) -> Machine {
+        start(self.config(), options)
+    }
+}
+
+/// One download attempt that re-requests chunks after `stall`.
+fn one_attempt(stall: Duration) -> AgentOptions {
+    AgentOptions {
+        tuning: fleetcast_device::download::Tuning {
+            attempts: 1,
+            stall,
+            ..Default::default()
+        },
+        ..Default::default()
     }
 }
 
@@ -503,10 +603,9 @@ async fn status_stays_in_the_outbox_until_the_platform_acknowledges_it() {
     s.platform.control.hold_acks.store(true, Ordering::SeqCst);
     let m = s.machine(AgentOptions::default());
     let art = s.platform.add(Artifact::new(100 * 1024, 3));
-    let n = s
-        .platform
-        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
-    s.platform.publish(&n).await;
+    s.platform
+        .announce("r-1", "1.1.0", &art, InstallPolicy::Immediate)
+        .await;
     let first = tokio::time::timeout(Duration::from_secs(10), s.platform.statuses.recv())
         .await
         .expect("the first status arrives")
@@ -514,15 +613,17 @@ async fn status_stays_in_the_outbox_until_the_platform_acknowledges_it() {
     assert_eq!(first.phase, Phase::Notified);
     // The broker acknowledged it, the platform did not: the machine sends nothing newer, and
     // keeps it on disk.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    s.platform
+        .assert_quiet(
+            Duration::from_millis(1500),
+            "a newer status was sent before the platform acknowledged the first",
+        )
+        .await;
+    let outbox: Vec<OutboxEntry> =
+        serde_json::from_slice(&std::fs::read(s.machine_dir.join("outbox.json")).unwrap()).unwrap();
     assert!(
-        s.platform.statuses.try_recv().is_err(),
-        "a newer status was sent before the platform acknowledged the first"
-    );
-    let outbox = std::fs::read_to_string(s.machine_dir.join("outbox.json")).unwrap();
-    assert!(
-        outbox.contains(&format!("\"ctr\":{}", first.ctr)),
-        "the unacknowledged status left the outbox: {outbox}"
+        outbox.iter().any(|e| e.ctr == first.ctr),
+        "the unacknowledged status left the outbox: {outbox:?}"
     );
     // Once the platform acknowledges, the rest follows in order.
     s.platform.control.hold_acks.store(false, Ordering::SeqCst);
@@ -538,10 +639,9 @@ async fn an_immediate_release_downloads_installs_into_a_slot_and_reports_every_p
     let mut s = setup().await;
     let m = s.machine(AgentOptions::default());
     let art = s.platform.add(Artifact::new(300 * 1024 + 5, 1));
-    let n = s
-        .platform
-        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
-    s.platform.publish(&n).await;
+    s.platform
+        .announce("r-1", "1.1.0", &art, InstallPolicy::Immediate)
+        .await;
     let seen = s.platform.wait_for("r-1", Phase::Installed).await;
     assert_eq!(
         phases(&seen),
@@ -565,35 +665,20 @@ async fn an_immediate_release_downloads_installs_into_a_slot_and_reports_every_p
         seen.windows(2).all(|w| w[0].ctr < w[1].ctr),
         "ctr strictly increases"
     );
-    assert_eq!(
-        std::fs::read(m.slot_root().join("current/artifact")).unwrap(),
-        art.bytes
-    );
-    assert_eq!(
-        std::fs::read_to_string(m.slot_root().join("current/version")).unwrap(),
-        "1.1.0"
-    );
+    assert_eq!(m.installed(), art.bytes);
+    assert_eq!(m.installed_version(), "1.1.0");
     m.stop().await;
 }
 
 #[tokio::test]
 async fn an_error_frame_on_the_broadcast_topic_does_not_end_the_download() {
     let mut s = setup().await;
-    let options = AgentOptions {
-        tuning: fleetcast_device::download::Tuning {
-            attempts: 1,
-            stall: Duration::from_millis(200),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
     s.platform.control.limit.store(0, Ordering::SeqCst);
-    let m = s.machine(options);
+    let m = s.machine(one_attempt(Duration::from_millis(200)));
     let art = s.platform.add(Artifact::new(200 * 1024, 3));
-    let n = s
-        .platform
-        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
-    s.platform.publish(&n).await;
+    s.platform
+        .announce("r-1", "1.1.0", &art, InstallPolicy::Immediate)
+        .await;
     // The agent asks for chunks, so it is subscribed to the broadcast topic by now.
     s.platform.wait_requested(1).await;
     // Anyone can publish there; the protocol gives error frames meaning only on the
@@ -651,10 +736,9 @@ async fn a_superseded_download_leaves_no_staging_files_behind() {
     let new = s.platform.add(Artifact::new(100 * 1024, 5));
     s.platform.control.limit.store(3, Ordering::SeqCst);
     let m = s.machine(AgentOptions::default());
-    let n1 = s
-        .platform
-        .notice("r-1", "1.1.0", &old, InstallPolicy::Immediate);
-    s.platform.publish(&n1).await;
+    s.platform
+        .announce("r-1", "1.1.0", &old, InstallPolicy::Immediate)
+        .await;
     s.platform.wait_requested(1).await;
     let staging = m.config.data_dir.join("staging");
     assert!(
@@ -663,10 +747,9 @@ async fn a_superseded_download_leaves_no_staging_files_behind() {
         file_names(&staging)
     );
     s.platform.control.limit.store(u32::MAX, Ordering::SeqCst);
-    let n2 = s
-        .platform
-        .notice("r-2", "1.2.0", &new, InstallPolicy::Immediate);
-    s.platform.publish(&n2).await;
+    s.platform
+        .announce("r-2", "1.2.0", &new, InstallPolicy::Immediate)
+        .await;
     s.platform.wait_for("r-2", Phase::Installed).await;
     let artifacts = m.config.data_dir.join("artifacts");
     m.stop().await;
@@ -677,24 +760,15 @@ async fn a_superseded_download_leaves_no_staging_files_behind() {
 #[tokio::test]
 async fn a_bad_manifest_is_fetched_again_within_the_same_attempt() {
     let mut s = setup().await;
-    let options = AgentOptions {
-        tuning: fleetcast_device::download::Tuning {
-            attempts: 1,
-            stall: Duration::from_millis(200),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
     s.platform
         .control
         .corrupt_manifests
         .store(1, Ordering::SeqCst);
-    let m = s.machine(options);
+    let m = s.machine(one_attempt(Duration::from_millis(200)));
     let art = s.platform.add(Artifact::new(200 * 1024, 6));
-    let n = s
-        .platform
-        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
-    s.platform.publish(&n).await;
+    s.platform
+        .announce("r-1", "1.1.0", &art, InstallPolicy::Immediate)
+        .await;
     let seen = s.platform.wait_final("r-1").await;
     assert_eq!(
         seen.last().unwrap().phase,
@@ -712,25 +786,17 @@ async fn a_bad_manifest_is_fetched_again_within_the_same_attempt() {
 #[tokio::test]
 async fn a_manifest_that_never_verifies_still_ends_the_attempt() {
     let mut s = setup().await;
-    let options = AgentOptions {
-        tuning: fleetcast_device::download::Tuning {
-            attempts: 1,
-            stall: Duration::from_millis(100),
-            attempt_timeout: Duration::from_secs(1),
-            ..Default::default()
-        },
-        ..Default::default()
-    };
+    let mut options = one_attempt(Duration::from_millis(100));
+    options.tuning.attempt_timeout = Duration::from_secs(1);
     s.platform
         .control
         .corrupt_manifests
         .store(u32::MAX, Ordering::SeqCst);
     let m = s.machine(options);
     let art = s.platform.add(Artifact::new(200 * 1024, 7));
-    let n = s
-        .platform
-        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
-    s.platform.publish(&n).await;
+    s.platform
+        .announce("r-1", "1.1.0", &art, InstallPolicy::Immediate)
+        .await;
     let seen = s.platform.wait_final("r-1").await;
     let last = seen.last().unwrap();
     assert_eq!(last.phase, Phase::DownloadFailed, "{last:?}");
@@ -749,20 +815,16 @@ async fn a_corrupted_chunk_is_fetched_again_and_the_install_still_succeeds() {
     s.platform.control.corrupt_once.store(3, Ordering::SeqCst);
     let m = s.machine(AgentOptions::default());
     let art = s.platform.add(Artifact::new(200 * 1024, 2));
-    let n = s
-        .platform
-        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
-    s.platform.publish(&n).await;
+    s.platform
+        .announce("r-1", "1.1.0", &art, InstallPolicy::Immediate)
+        .await;
     s.platform.wait_for("r-1", Phase::Installed).await;
     let requested = s.platform.control.requested.lock().unwrap().clone();
     assert!(
         requested.iter().filter(|&&i| i == 3).count() >= 2,
         "chunk 3 was requested again: {requested:?}"
     );
-    assert_eq!(
-        std::fs::read(m.slot_root().join("current/artifact")).unwrap(),
-        art.bytes
-    );
+    assert_eq!(m.installed(), art.bytes);
     m.stop().await;
 }
 
@@ -791,32 +853,20 @@ async fn a_notice_with_a_stale_seq_is_ignored() {
     let mut s = setup().await;
     let m = s.machine(AgentOptions::default());
     let art = s.platform.add(Artifact::new(40 * 1024, 4));
-    let newer = s
-        .platform
-        .notice("r-new", "1.1.0", &art, InstallPolicy::Immediate);
-    let mut stale = s
-        .platform
-        .notice("r-stale", "1.2.0", &art, InstallPolicy::Immediate);
-    stale.seq = 1;
-    let mut newer2 = newer.clone();
-    newer2.seq = 10;
-    s.platform.publish(&newer2).await;
+    let newer = ReleaseNotice {
+        seq: 10,
+        ..s.platform
+            .notice("r-new", "1.1.0", &art, InstallPolicy::Immediate)
+    };
+    let stale = ReleaseNotice {
+        seq: 1,
+        ..s.platform
+            .notice("r-stale", "1.2.0", &art, InstallPolicy::Immediate)
+    };
+    s.platform.publish(&newer).await;
     s.platform.wait_for("r-new", Phase::Installed).await;
     s.platform.publish(&stale).await;
-    let probe = {
-        let mut p = s
-            .platform
-            .notice("r-probe", "1.3.0", &art, InstallPolicy::Immediate);
-        p.seq = 11;
-        p
-    };
-    s.platform.publish(&probe).await;
-    let seen = s.platform.wait_for("r-probe", Phase::Notified).await;
-    assert!(
-        seen.iter()
-            .all(|e| e.release.as_ref().map(|r| r.as_str()) != Some("r-stale")),
-        "the stale notice produced no status: {seen:?}"
-    );
+    s.platform.assert_ignored("r-stale", &art, 11).await;
     m.stop().await;
 }
 
@@ -829,15 +879,14 @@ async fn a_failed_health_check_rolls_back_to_the_old_slot() {
     });
     let good = s.platform.add(Artifact::new(40 * 1024, 5));
     let bad = s.platform.add(Artifact::new(40 * 1024, 6));
-    let n = s
-        .platform
-        .notice("r-good", "1.5.0", &good, InstallPolicy::Immediate);
-    s.platform.publish(&n).await;
+    s.platform
+        .announce("r-good", "1.5.0", &good, InstallPolicy::Immediate)
+        .await;
     s.platform.wait_for("r-good", Phase::Installed).await;
-    let n = s
-        .platform
-        .notice("r-bad", "2.0.0", &bad, InstallPolicy::Immediate);
-    s.platform.publish(&n).await;
+    let old_slot = std::fs::read_link(m.slot_root().join("current")).unwrap();
+    s.platform
+        .announce("r-bad", "2.0.0", &bad, InstallPolicy::Immediate)
+        .await;
     let seen = s.platform.wait_for("r-bad", Phase::RolledBack).await;
     assert!(seen
         .last()
@@ -847,15 +896,8 @@ async fn a_failed_health_check_rolls_back_to_the_old_slot() {
         .unwrap_or("")
         .contains("health"));
     let current = std::fs::read_link(m.slot_root().join("current")).unwrap();
-    assert_eq!(
-        current,
-        PathBuf::from("a"),
-        "current points back to the old slot"
-    );
-    assert_eq!(
-        std::fs::read(m.slot_root().join("current/artifact")).unwrap(),
-        good.bytes
-    );
+    assert_eq!(current, old_slot, "current points back to the old slot");
+    assert_eq!(m.installed(), good.bytes);
     m.stop().await;
 }
 
@@ -864,18 +906,18 @@ async fn a_download_only_release_installs_only_after_activate() {
     let mut s = setup().await;
     let m = s.machine(AgentOptions::default());
     let art = s.platform.add(Artifact::new(40 * 1024, 7));
-    let n = s
-        .platform
-        .notice("r-1", "1.1.0", &art, InstallPolicy::DownloadOnly);
-    s.platform.publish(&n).await;
+    s.platform
+        .announce("r-1", "1.1.0", &art, InstallPolicy::DownloadOnly)
+        .await;
     let seen = s.platform.wait_for("r-1", Phase::Deferred).await;
     assert_eq!(
         seen.last().unwrap().detail.as_deref(),
         Some("waiting for activate")
     );
     // Nothing happens by itself.
-    let quiet = tokio::time::timeout(Duration::from_millis(1500), s.platform.statuses.recv()).await;
-    assert!(quiet.is_err(), "unexpected status {quiet:?}");
+    s.platform
+        .assert_quiet(Duration::from_millis(1500), "unexpected status")
+        .await;
     assert!(!m.slot_root().join("current").exists());
     s.platform
         .command(CommandAction::Activate {
@@ -884,10 +926,7 @@ async fn a_download_only_release_installs_only_after_activate() {
         .await;
     let seen = s.platform.wait_for("r-1", Phase::Installed).await;
     assert_eq!(phases(&seen), vec![Phase::Installing, Phase::Installed]);
-    assert_eq!(
-        std::fs::read(m.slot_root().join("current/artifact")).unwrap(),
-        art.bytes
-    );
+    assert_eq!(m.installed(), art.bytes);
     m.stop().await;
 }
 
@@ -905,19 +944,33 @@ async fn a_restarted_agent_resumes_its_download_where_it_stopped() {
     let chunks = art.layout.chunks;
     s.platform.control.limit.store(60, Ordering::SeqCst);
     let m = s.machine(options.clone());
-    let n = s
-        .platform
-        .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
-    s.platform.publish(&n).await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while s.platform.control.served.load(Ordering::SeqCst) < 60 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "first run never got 60 chunks"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    s.platform
+        .announce("r-1", "1.1.0", &art, InstallPolicy::Immediate)
+        .await;
+    // Every chunk served is written to the staging file before the agent stops (it persists
+    // what it has on the way out).
+    let part = m
+        .config
+        .data_dir
+        .join("staging")
+        .join(format!("{}.part", art.id.to_hex()));
+    let on_disk = |served: &[u32]| {
+        let file = std::fs::read(&part).unwrap_or_default();
+        served.iter().all(|&i| {
+            let range = art.layout.offset(i) as usize
+                ..art.layout.offset(i) as usize + art.layout.chunk_len(i);
+            file.get(range.clone()) == Some(&art.bytes[range])
+        })
+    };
+    eventually(
+        Duration::from_secs(20),
+        || {
+            let served = s.platform.control.served.lock().unwrap();
+            served.len() >= 60 && on_disk(&served)
+        },
+        || "first run got 60 chunks onto disk".into(),
+    )
+    .await;
     m.stop().await;
 
     s.platform.control.requested.lock().unwrap().clear();
@@ -932,10 +985,7 @@ async fn a_restarted_agent_resumes_its_download_where_it_stopped() {
         "second run fetched {} distinct chunks of {chunks}",
         second.len()
     );
-    assert_eq!(
-        std::fs::read(m.slot_root().join("current/artifact")).unwrap(),
-        art.bytes
-    );
+    assert_eq!(m.installed(), art.bytes);
     m.stop().await;
 }
 
@@ -945,21 +995,20 @@ async fn a_rollback_notice_switches_back_to_the_previous_slot_without_downloadin
     let m = s.machine(AgentOptions::default());
     let v1 = s.platform.add(Artifact::new(40 * 1024, 9));
     let v2 = s.platform.add(Artifact::new(40 * 1024, 10));
-    let n = s
-        .platform
-        .notice("r-1", "1.1.0", &v1, InstallPolicy::Immediate);
-    s.platform.publish(&n).await;
+    s.platform
+        .announce("r-1", "1.1.0", &v1, InstallPolicy::Immediate)
+        .await;
     s.platform.wait_for("r-1", Phase::Installed).await;
-    let n = s
-        .platform
-        .notice("r-2", "1.2.0", &v2, InstallPolicy::Immediate);
-    s.platform.publish(&n).await;
+    s.platform
+        .announce("r-2", "1.2.0", &v2, InstallPolicy::Immediate)
+        .await;
     s.platform.wait_for("r-2", Phase::Installed).await;
     s.platform.control.requested.lock().unwrap().clear();
-    let mut back = s
-        .platform
-        .notice("r-back", "1.1.0", &v1, InstallPolicy::Immediate);
-    back.rollback = true;
+    let back = ReleaseNotice {
+        rollback: true,
+        ..s.platform
+            .notice("r-back", "1.1.0", &v1, InstallPolicy::Immediate)
+    };
     s.platform.publish(&back).await;
     let seen = s.platform.wait_for("r-back", Phase::Installed).await;
     assert!(
@@ -971,77 +1020,42 @@ async fn a_rollback_notice_switches_back_to_the_previous_slot_without_downloadin
         s.platform.control.requested.lock().unwrap().is_empty(),
         "no chunk fetched"
     );
-    assert_eq!(
-        std::fs::read_to_string(m.slot_root().join("current/version")).unwrap(),
-        "1.1.0"
-    );
-    assert_eq!(
-        std::fs::read(m.slot_root().join("current/artifact")).unwrap(),
-        v1.bytes
-    );
+    assert_eq!(m.installed_version(), "1.1.0");
+    assert_eq!(m.installed(), v1.bytes);
     m.stop().await;
 }
 
 #[tokio::test]
 async fn a_group_notice_older_than_the_machine_notice_is_ignored() {
     let mut s = setup().await;
-    let mut cfg = config(&s.url, &s.platform, &s.secret, &s.machine_dir);
-    cfg.groups = vec![fleetcast_proto::GroupId::new("g1").unwrap()];
+    let g1 = fleetcast_proto::GroupId::new("g1").unwrap();
+    let mut cfg = s.config();
+    cfg.groups = vec![g1.clone()];
     let m = start(cfg, AgentOptions::default());
     let art = s.platform.add(Artifact::new(40 * 1024, 11));
-    let g1 = fleetcast_proto::GroupId::new("g1").unwrap();
     // Group notices reach the machine at all.
-    let mut first = s
-        .platform
-        .notice("r-group-1", "1.0.5", &art, InstallPolicy::Immediate);
-    first.target = Target::Group(g1.clone());
-    let payload = s.platform.key.sign(Purpose::Release, &first);
-    s.platform
-        .client
-        .publish(
-            s.platform.topics.group_release(&g1, &app()),
-            QoS::AtLeastOnce,
-            true,
-            payload,
-        )
-        .await
-        .unwrap();
+    let first = ReleaseNotice {
+        target: Target::Group(g1.clone()),
+        ..s.platform
+            .notice("r-group-1", "1.0.5", &art, InstallPolicy::Immediate)
+    };
+    s.platform.publish(&first).await;
     s.platform.wait_for("r-group-1", Phase::Installed).await;
-    let mut machine_notice =
-        s.platform
-            .notice("r-machine", "1.1.0", &art, InstallPolicy::Immediate);
-    machine_notice.seq = 20;
+    let machine_notice = ReleaseNotice {
+        seq: 20,
+        ..s.platform
+            .notice("r-machine", "1.1.0", &art, InstallPolicy::Immediate)
+    };
     s.platform.publish(&machine_notice).await;
     s.platform.wait_for("r-machine", Phase::Installed).await;
-    let mut group_notice = s
-        .platform
-        .notice("r-group", "1.5.0", &art, InstallPolicy::Immediate);
-    group_notice.seq = 19;
-    group_notice.target = Target::Group(fleetcast_proto::GroupId::new("g1").unwrap());
-    let payload = s.platform.key.sign(Purpose::Release, &group_notice);
-    s.platform
-        .client
-        .publish(
-            s.platform
-                .topics
-                .group_release(&fleetcast_proto::GroupId::new("g1").unwrap(), &app()),
-            QoS::AtLeastOnce,
-            true,
-            payload,
-        )
-        .await
-        .unwrap();
-    let mut probe = s
-        .platform
-        .notice("r-probe", "1.6.0", &art, InstallPolicy::Immediate);
-    probe.seq = 21;
-    s.platform.publish(&probe).await;
-    let seen = s.platform.wait_for("r-probe", Phase::Notified).await;
-    assert!(
-        seen.iter()
-            .all(|e| e.release.as_ref().map(|r| r.as_str()) != Some("r-group")),
-        "{seen:?}"
-    );
+    let group_notice = ReleaseNotice {
+        seq: 19,
+        target: Target::Group(g1),
+        ..s.platform
+            .notice("r-group", "1.5.0", &art, InstallPolicy::Immediate)
+    };
+    s.platform.publish(&group_notice).await;
+    s.platform.assert_ignored("r-group", &art, 21).await;
     m.stop().await;
 }
 
@@ -1054,11 +1068,17 @@ async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
     let url = broker.url();
     let admin_secret = Secret::from_bytes(rand::random());
     let platform_key = PlatformKey::from_seed(rand::random()).public();
-    let stop = CancellationToken::new();
-    let (c, el) = client::connect(client::options(&url, "fake-platform", None), 256);
-    let (tx, mut rx) = mpsc::channel(256);
-    tokio::spawn(client::drive(el, tx, stop.clone()));
+    let (c, mut rx, stop) = connect_peer(&url, "fake-platform").await;
     let topics = Topics::default();
+    subscribe_all(
+        &c,
+        &mut rx,
+        &[
+            (topics.platform_admin_request_filter(), QoS::AtLeastOnce),
+            (topics.platform_online_filter(), QoS::AtLeastOnce),
+        ],
+    )
+    .await;
     let online: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     {
         let (c, topics, online, admin_secret) = (
@@ -1069,57 +1089,45 @@ async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
         );
         tokio::spawn(async move {
             while let Some(ev) = rx.recv().await {
-                match ev {
-                    MqttEvent::Connected { .. } => {
-                        c.subscribe(topics.platform_admin_request_filter(), QoS::AtLeastOnce)
-                            .await
-                            .unwrap();
-                        c.subscribe(topics.platform_online_filter(), QoS::AtLeastOnce)
-                            .await
-                            .unwrap();
+                let MqttEvent::Publish(p) = ev else { continue };
+                match topics.parse(&p.topic) {
+                    Some(Route::AdminRequest(client)) => {
+                        let req: AdminRequest = admin_secret
+                            .open(Purpose::Admin, &p.payload)
+                            .expect("admin MAC");
+                        let AdminOp::MachineProvision { machine, groups } = req.op else {
+                            continue;
+                        };
+                        let reply = AdminReply::Provisioned {
+                            machine: ProvisionedMachine {
+                                machine,
+                                groups,
+                                secret: Secret::from_bytes(rand::random()),
+                                platform_key,
+                                topic_prefix: "fleet".into(),
+                            },
+                        };
+                        let resp = serde_json::to_vec(&AdminResponse::ok(req.id, reply)).unwrap();
+                        c.publish(
+                            topics.admin_response(&client),
+                            QoS::AtLeastOnce,
+                            false,
+                            resp,
+                        )
+                        .await
+                        .unwrap();
                     }
-                    MqttEvent::Publish(p) => match topics.parse(&p.topic) {
-                        Some(Route::AdminRequest(client)) => {
-                            let req: AdminRequest = admin_secret
-                                .open(Purpose::Admin, &p.payload)
-                                .expect("admin MAC");
-                            let AdminOp::MachineProvision { machine, groups } = req.op else {
-                                continue;
-                            };
-                            let reply = AdminReply::Provisioned {
-                                machine: ProvisionedMachine {
-                                    machine,
-                                    groups,
-                                    secret: Secret::from_bytes(rand::random()),
-                                    platform_key,
-                                    topic_prefix: "fleet".into(),
-                                },
-                            };
-                            let resp =
-                                serde_json::to_vec(&AdminResponse::ok(req.id, reply)).unwrap();
-                            c.publish(
-                                topics.admin_response(&client),
-                                QoS::AtLeastOnce,
-                                false,
-                                resp,
-                            )
-                            .await
-                            .unwrap();
-                        }
-                        Some(Route::Online(m)) => {
-                            online.lock().unwrap().insert(
-                                m.to_string(),
-                                String::from_utf8_lossy(&p.payload).into_owned(),
-                            );
-                        }
-                        _ => {}
-                    },
+                    Some(Route::Online(m)) => {
+                        online.lock().unwrap().insert(
+                            m.to_string(),
+                            String::from_utf8_lossy(&p.payload).into_owned(),
+                        );
+                    }
                     _ => {}
                 }
             }
         });
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let dir = tempfile::tempdir().unwrap();
     let g = |s: &str| fleetcast_proto::GroupId::new(s).unwrap();
     let opts = fleetcast_device::SimulateOptions {
@@ -1136,24 +1144,20 @@ async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
     };
     let sim_stop = CancellationToken::new();
     let sim = tokio::spawn(fleetcast_device::simulate::run(opts, sim_stop.clone()));
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    loop {
-        let n = online
-            .lock()
-            .unwrap()
-            .values()
-            .filter(|v| *v == "true")
-            .count();
-        if n == 3 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "machines online: {:?}",
-            online.lock().unwrap()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    eventually(
+        Duration::from_secs(15),
+        || {
+            online
+                .lock()
+                .unwrap()
+                .values()
+                .filter(|v| *v == "true")
+                .count()
+                == 3
+        },
+        || format!("machines online: {:?}", online.lock().unwrap()),
+    )
+    .await;
     for (name, group) in [("vm-001", "a"), ("vm-002", "b"), ("vm-003", "a")] {
         let cfg = MachineConfig::load(dir.path().join(name).join("machine.toml")).unwrap();
         assert_eq!(cfg.groups, vec![g(group)], "{name}");
@@ -1171,30 +1175,31 @@ async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
 
 #[tokio::test]
 async fn an_agent_started_before_its_broker_connects_once_the_broker_is_up() {
-    use fleetcast_broker::embedded::{free_loopback_port, BrokerSettings, EmbeddedBroker};
-    let port = free_loopback_port().unwrap();
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    use fleetcast_broker::embedded::{BrokerSettings, EmbeddedBroker};
+    // Hold the port while the agent starts: its first connection attempt is accepted here and
+    // dropped, so it has certainly tried (and failed) before the broker exists.
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
     let url = BrokerUrl {
         host: "127.0.0.1".into(),
-        port,
+        port: addr.port(),
     };
     let dir = tempfile::tempdir().unwrap();
     let secret = Secret::from_bytes(rand::random());
     // The platform key must be known before the platform connects: build it from a fixed seed.
     let seed: [u8; 32] = rand::random();
     let key = PlatformKey::from_seed(seed);
-    let text = format!(
-        "machine = \"vm-001\"\nsecret = \"{}\"\nplatform_key = \"{}\"\nbroker = \"{url}\"\ndata_dir = {:?}\n",
-        secret.to_hex(),
-        key.public().to_hex(),
-        dir.path().display().to_string()
-    );
-    std::fs::write(dir.path().join("machine.toml"), text).unwrap();
     let m = start(
-        MachineConfig::load(dir.path().join("machine.toml")).unwrap(),
+        config(&url, &key.public(), &secret, dir.path()),
         AgentOptions::default(),
     );
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    let (attempt, _) = tokio::time::timeout(Duration::from_secs(10), listener.accept())
+        .await
+        .expect("the agent tries to connect")
+        .unwrap();
+    drop((attempt, listener));
     let _broker =
         tokio::task::spawn_blocking(move || EmbeddedBroker::start(BrokerSettings::new(addr)))
             .await
@@ -1202,8 +1207,8 @@ async fn an_agent_started_before_its_broker_connects_once_the_broker_is_up() {
             .expect("broker starts on the port the agent waits for");
     let mut p = platform_with_key(&url, secret.clone(), seed).await;
     let art = p.add(Artifact::new(40 * 1024, 12));
-    let n = p.notice("r-1", "1.1.0", &art, InstallPolicy::Immediate);
-    p.publish(&n).await;
+    p.announce("r-1", "1.1.0", &art, InstallPolicy::Immediate)
+        .await;
     p.wait_for("r-1", Phase::Installed).await;
     m.stop().await;
 }
