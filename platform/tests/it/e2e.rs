@@ -3,65 +3,11 @@
 //! (the simulator) with slot installers writing real files.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
 
-use fleetcast_broker::admin::AdminClient;
-use fleetcast_broker::BrokerUrl;
-use fleetcast_proto::admin::{AdminOp, AdminReply, ArtifactInfo, ReleaseStatus};
-use fleetcast_proto::auth::Secret;
-use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId, Target, Topics};
-use tokio_util::sync::CancellationToken;
+use super::*;
 
-const WAIT: Duration = Duration::from_secs(90);
-
-fn m(s: &str) -> MachineId {
-    MachineId::new(s).unwrap()
-}
-fn g(s: &str) -> GroupId {
-    GroupId::new(s).unwrap()
-}
-fn app() -> Kind {
-    Kind::new("app").unwrap()
-}
-
-/// A running platform service on a given broker and data dir; stop() waits for it to end.
-struct Platform {
-    token: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), fleetcast_platform::PlatformError>>,
-}
-
-impl Platform {
-    async fn start(data: &Path, broker: &BrokerUrl) -> Self {
-        let token = CancellationToken::new();
-        let opts = fleetcast_platform::ServeOptions {
-            data_dir: data.to_owned(),
-            broker: broker.clone(),
-            embedded_listen: None,
-            topic_prefix: "fleet".into(),
-        };
-        let task = tokio::spawn(fleetcast_platform::serve(opts, token.clone()));
-        let secret = fleetcast_platform::admin_secret_path(data);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !secret.exists() {
-            assert!(
-                Instant::now() < deadline,
-                "platform did not create its keys"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Self { token, task }
-    }
-
-    async fn stop(self) {
-        self.token.cancel();
-        tokio::time::timeout(Duration::from_secs(20), self.task)
-            .await
-            .expect("platform stops within 20 s")
-            .expect("platform task did not panic")
-            .expect("platform ended cleanly");
-    }
-}
+/// Rollouts here move real artifacts through real agents: allow more than `WAIT`.
+const E2E_WAIT: Duration = Duration::from_secs(90);
 
 /// `count` simulated machines (vm-001...) running app 1.0.0, provisioned with the platform in `data`.
 fn simulated(
@@ -78,92 +24,55 @@ fn simulated(
         data_dir: sim.to_owned(),
         broker: broker.to_string(),
         topic_prefix: "fleet".into(),
-        admin_secret: std::fs::read_to_string(fleetcast_platform::admin_secret_path(data))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap(),
+        admin_secret: admin_secret(data),
         initial_versions: BTreeMap::from([(app(), "1.0.0".to_owned())]),
         start_index: 1,
         fail_health: vec![],
     }
 }
 
-async fn admin(data: &Path, broker: &BrokerUrl) -> AdminClient {
-    let secret: Secret = std::fs::read_to_string(fleetcast_platform::admin_secret_path(data))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    AdminClient::connect(broker, Topics::default(), secret, Duration::from_secs(5))
-        .await
-        .unwrap()
+/// The config of a provisioned machine with its data in `dir/<machine>`.
+fn machine_config(
+    p: &ProvisionedMachine,
+    broker: &BrokerUrl,
+    dir: &Path,
+) -> fleetcast_device::config::MachineConfig {
+    fleetcast_device::config::MachineConfig::from_provisioned(
+        p,
+        &broker.to_string(),
+        dir.join(p.machine.as_str()),
+    )
 }
 
 fn artifact_file(dir: &Path, name: &str, size: usize, seed: u8) -> PathBuf {
     let path = dir.join(name);
-    let bytes: Vec<u8> = (0..size)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
-        .collect();
-    std::fs::write(&path, bytes).unwrap();
+    std::fs::write(&path, data(size, seed)).unwrap();
     path
 }
 
+/// Uploads `path` as app `version` in 64 KiB chunks.
 async fn upload(admin: &AdminClient, path: &Path, version: &str) -> ArtifactInfo {
-    admin
-        .upload(path, app(), version.into(), None, 65536, |_, _| {})
+    upload_file(admin, path, &app(), version, 65536)
         .await
         .unwrap_or_else(|e| panic!("upload {version}: {e}"))
 }
 
-async fn create_release(admin: &AdminClient, version: &str) -> ReleaseId {
-    let reply = admin
-        .request(AdminOp::ReleaseCreate {
-            kind: app(),
-            version: version.into(),
-            policy: InstallPolicy::Immediate,
-            notes: None,
-        })
-        .await
-        .unwrap();
-    match reply {
-        AdminReply::Release { release } => release.id,
-        other => panic!("unexpected {other:?}"),
-    }
-}
-
-async fn status(admin: &AdminClient, release: &ReleaseId) -> ReleaseStatus {
-    match admin
-        .request(AdminOp::ReleaseStatus {
-            release: release.clone(),
-        })
-        .await
-        .unwrap()
-    {
-        AdminReply::ReleaseStatus { status } => status,
-        other => panic!("unexpected {other:?}"),
-    }
-}
-
-/// Polls until every target of `release` is in a final phase; returns the last status.
+/// Polls until `release` has `expect_targets` targets, all in a final phase.
 async fn until_finished(
     admin: &AdminClient,
     release: &ReleaseId,
     expect_targets: usize,
 ) -> ReleaseStatus {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = status(admin, release).await;
-        if s.targets.len() == expect_targets && s.targets.iter().all(|t| t.phase.is_final()) {
-            return s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "release {release} did not finish: {:#?}",
-            s.targets
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_status_within(admin, release, E2E_WAIT, |s| {
+        s.targets.len() == expect_targets && s.targets.iter().all(|t| t.phase.is_final())
+    })
+    .await
+}
+
+/// The status of `release` after `quiet` in which nothing is expected to happen.
+async fn status_after(admin: &AdminClient, release: &ReleaseId, quiet: Duration) -> ReleaseStatus {
+    tokio::time::sleep(quiet).await;
+    status(admin, release).await
 }
 
 fn assert_all_installed(s: &ReleaseStatus) {
@@ -216,36 +125,30 @@ fn assert_active_slot(sim_dir: &Path, machine: &str, expected: &Path) {
 }
 
 async fn machines_versions(admin: &AdminClient) -> BTreeMap<MachineId, Option<String>> {
-    match admin.request(AdminOp::Machines).await.unwrap() {
-        AdminReply::Machines { machines } => machines
-            .into_iter()
-            .map(|mi| {
-                (
-                    mi.id.clone(),
-                    mi.kinds.get(&app()).and_then(|k| k.version.clone()),
-                )
-            })
-            .collect(),
-        other => panic!("unexpected {other:?}"),
-    }
+    machines(admin)
+        .await
+        .into_iter()
+        .map(|mi| {
+            let version = mi.kinds.get(&app()).and_then(|k| k.version.clone());
+            (mi.id, version)
+        })
+        .collect()
 }
 
+/// Waits until `count` machines are online and have reported their app version.
 async fn wait_online(admin: &AdminClient, count: usize) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        if let AdminReply::Machines { machines } = admin.request(AdminOp::Machines).await.unwrap() {
-            if machines
-                .iter()
+    poll_until(
+        E2E_WAIT,
+        "machines online",
+        || machines(admin),
+        |ms| {
+            ms.iter()
                 .filter(|x| x.online && x.kinds.contains_key(&app()))
                 .count()
                 >= count
-            {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "machines did not come online");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        },
+    )
+    .await;
 }
 
 /// Upload, create, publish to one group + one machine (3 machines), all install, results and
@@ -258,11 +161,13 @@ async fn whole_flow(broker: BrokerUrl, restart: bool) {
         )
         .with_test_writer()
         .try_init();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("platform");
+    let Env {
+        dir,
+        data_dir: data,
+        mut platform,
+        admin: admin_client,
+    } = env(&broker).await;
     let sim = dir.path().join("machines");
-    let mut platform = Platform::start(&data, &broker).await;
-    let admin_client = admin(&data, &broker).await;
 
     let sim_token = CancellationToken::new();
     let sim_opts = simulated(&data, &sim, &broker, 3, &["north", "south"]);
@@ -276,19 +181,8 @@ async fn whole_flow(broker: BrokerUrl, restart: bool) {
     assert_eq!(info.size, 5 * 65536 + 1);
 
     // vm-001 and vm-003 are in "north"; vm-002 is named directly.
-    let r1 = create_release(&admin_client, "1.1.0").await;
-    let plan = match admin_client
-        .request(AdminOp::ReleasePublish {
-            release: r1.clone(),
-            machines: vec![m("vm-002")],
-            groups: vec![g("north")],
-        })
-        .await
-        .unwrap()
-    {
-        AdminReply::Plan { plan } => plan,
-        other => panic!("unexpected {other:?}"),
-    };
+    let plan = release(&admin_client, "1.1.0", &["vm-002"], &["north"]).await;
+    let r1 = plan.release.id.clone();
     assert_eq!(plan.targets.len(), 3, "{plan:?}");
     let s = until_finished(&admin_client, &r1, 3).await;
     assert_all_installed(&s);
@@ -298,18 +192,13 @@ async fn whole_flow(broker: BrokerUrl, restart: bool) {
     }
 
     // Roll vm-001 back to the stable version; the others keep 1.1.0.
-    let plan = match admin_client
-        .request(AdminOp::Rollback {
-            target: Target::Machine(m("vm-001")),
-            kind: app(),
-            to: Some("1.0.0".into()),
-        })
-        .await
-        .unwrap()
-    {
-        AdminReply::Plan { plan } => plan,
-        other => panic!("unexpected {other:?}"),
-    };
+    let plan = rollback(
+        &admin_client,
+        Target::Machine(m("vm-001")),
+        &app(),
+        Some("1.0.0"),
+    )
+    .await;
     assert!(plan.release.rollback);
     let rb = until_finished(&admin_client, &plan.release.id, 1).await;
     assert_all_installed(&rb);
@@ -323,38 +212,25 @@ async fn whole_flow(broker: BrokerUrl, restart: bool) {
         // A bigger release to every machine; stop the platform while it is under way.
         let big = artifact_file(dir.path(), "app-1.2.0.bin", 3 * 1024 * 1024 + 7, 3);
         upload(&admin_client, &big, "1.2.0").await;
-        let r2 = create_release(&admin_client, "1.2.0").await;
-        admin_client
-            .request(AdminOp::ReleasePublish {
-                release: r2.clone(),
-                machines: vec![],
-                groups: vec![g("north"), g("south")],
-            })
+        let r2 = release(&admin_client, "1.2.0", &[], &["north", "south"])
             .await
-            .unwrap();
+            .release
+            .id;
         // Wait until at least one machine reported something, so the restart is mid-rollout.
-        let deadline = Instant::now() + WAIT;
-        let before = loop {
-            let s = status(&admin_client, &r2).await;
-            if s.targets.iter().any(|t| t.phase != Phase::Pending) {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "no machine started on {r2}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        let before = wait_status_within(&admin_client, &r2, E2E_WAIT, |s| {
+            s.targets.iter().any(|t| t.phase != Phase::Pending)
+        })
+        .await;
         admin_client.close().await;
         platform.stop().await;
+        // Down for a while: the machines go on reporting into the platform's persistent session.
         tokio::time::sleep(Duration::from_millis(300)).await;
-        platform = Platform::start(&data, &broker).await;
-        let admin_client = admin(&data, &broker).await;
+        platform = start_platform(&broker, &data);
+        let admin_client = admin(&broker, &data).await;
         // Everything recorded before the restart is still there.
         let after = status(&admin_client, &r2).await;
         for t in before.targets.iter().filter(|t| t.phase != Phase::Pending) {
-            let now = after
-                .targets
-                .iter()
-                .find(|a| a.machine == t.machine)
-                .expect("target kept");
+            let now = target(&after, t.machine.as_str());
             assert!(
                 now.notified_at_ms.is_some(),
                 "{}: notified time lost over the restart",
@@ -374,13 +250,13 @@ async fn whole_flow(broker: BrokerUrl, restart: bool) {
     }
 
     sim_token.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), sim_task).await;
+    joined(sim_task, "simulator").await;
     platform.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_flow_on_the_embedded_broker_survives_a_platform_restart() {
-    let broker = fleetcast_broker::embedded::start_on_free_port(|s| s).unwrap();
+    let broker = start_on_free_port(|s| s).unwrap();
     whole_flow(broker.url(), true).await;
 }
 
@@ -391,47 +267,25 @@ async fn whole_flow_on_mosquitto() {
     whole_flow(mosq.url.clone(), true).await;
 }
 
-async fn provision(
-    admin: &AdminClient,
-    machine: &str,
-    groups: &[&str],
-) -> fleetcast_proto::admin::ProvisionedMachine {
-    match admin
-        .request(AdminOp::MachineProvision {
-            machine: m(machine),
-            groups: groups.iter().map(|x| g(x)).collect(),
-        })
-        .await
-        .unwrap()
-    {
-        AdminReply::Provisioned { machine } => machine,
-        other => panic!("unexpected {other:?}"),
-    }
-}
-
 /// A machine that is offline while a release is published gets it when it comes back; a
 /// download-only release with the command installer waits for `activate`; a group rollback
 /// reaches every member.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn offline_machine_catches_up_and_download_only_waits_for_activate() {
-    let broker = fleetcast_broker::embedded::start_on_free_port(|s| s)
-        .unwrap()
-        .url();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("platform");
-    let platform = Platform::start(&data, &broker).await;
-    let admin_client = admin(&data, &broker).await;
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let Env {
+        dir,
+        platform,
+        admin: admin_client,
+        ..
+    } = env(&broker).await;
     let fw = Kind::new("firmware").unwrap();
 
     // vm-a runs from the start; vm-b is provisioned but offline.
     let agents = CancellationToken::new();
     let installed_log = dir.path().join("installed.log");
-    let config = |p: &fleetcast_proto::admin::ProvisionedMachine| {
-        let mut c = fleetcast_device::config::MachineConfig::from_provisioned(
-            p,
-            &broker.to_string(),
-            dir.path().join(p.machine.as_str()),
-        );
+    let config = |p: &ProvisionedMachine| {
+        let mut c = machine_config(p, &broker, dir.path());
         c.initial_versions = BTreeMap::from([(fw.clone(), "3.0".to_owned())]);
         c.installers.insert(
             fw.clone(),
@@ -445,88 +299,45 @@ async fn offline_machine_catches_up_and_download_only_waits_for_activate() {
         );
         c
     };
-    let pa = provision(&admin_client, "vm-a", &["lab"]).await;
-    let pb = provision(&admin_client, "vm-b", &["lab"]).await;
+    let pa = provisioned(&admin_client, "vm-a", &["lab"]).await;
+    let pb = provisioned(&admin_client, "vm-b", &["lab"]).await;
     let agent_a = tokio::spawn(fleetcast_device::agent::run(config(&pa), agents.clone()));
 
     let stable = artifact_file(dir.path(), "fw-3.0.bin", 70_000, 4);
     let new = artifact_file(dir.path(), "fw-3.1.bin", 200_000, 5);
     for (path, version) in [(&stable, "3.0"), (&new, "3.1")] {
-        admin_client
-            .upload(path, fw.clone(), version.into(), None, 65536, |_, _| {})
+        upload_file(&admin_client, path, &fw, version, 65536)
             .await
             .unwrap();
     }
-    let release = match admin_client
-        .request(AdminOp::ReleaseCreate {
-            kind: fw.clone(),
-            version: "3.1".into(),
-            policy: InstallPolicy::DownloadOnly,
-            notes: None,
-        })
+    let release = create_release(&admin_client, &fw, "3.1", InstallPolicy::DownloadOnly)
         .await
-        .unwrap()
-    {
-        AdminReply::Release { release } => release.id,
-        other => panic!("unexpected {other:?}"),
-    };
-    admin_client
-        .request(AdminOp::ReleasePublish {
-            release: release.clone(),
-            machines: vec![],
-            groups: vec![g("lab")],
-        })
-        .await
-        .unwrap();
+        .id;
+    publish(&admin_client, &release, &[], &["lab"]).await;
 
     // vm-a downloads and waits (deferred); vm-b has heard nothing.
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = status(&admin_client, &release).await;
-        let phase = |name: &str| {
-            s.targets
-                .iter()
-                .find(|t| t.machine.as_str() == name)
-                .map(|t| t.phase)
-        };
-        if phase("vm-a") == Some(Phase::Deferred) {
-            assert_eq!(phase("vm-b"), Some(Phase::Pending));
-            let a = s
-                .targets
-                .iter()
-                .find(|t| t.machine.as_str() == "vm-a")
-                .unwrap();
-            assert!(
-                a.download.as_ref().is_some_and(|d| d.ok),
-                "deferred after a successful download: {a:?}"
-            );
-            assert!(
-                a.upgrade.is_none(),
-                "nothing installed before activate: {a:?}"
-            );
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "vm-a never deferred: {:?}",
-            s.targets
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let s = wait_status_within(&admin_client, &release, E2E_WAIT, |s| {
+        phase_of(s, "vm-a") == Phase::Deferred
+    })
+    .await;
+    assert_eq!(phase_of(&s, "vm-b"), Phase::Pending);
+    let a = target(&s, "vm-a");
+    assert!(
+        a.download.as_ref().is_some_and(|d| d.ok),
+        "deferred after a successful download: {a:?}"
+    );
+    assert!(
+        a.upgrade.is_none(),
+        "nothing installed before activate: {a:?}"
+    );
     assert!(!installed_log.exists(), "the installer ran before activate");
 
     // vm-b comes online and catches up from the retained group notice.
     let agent_b = tokio::spawn(fleetcast_device::agent::run(config(&pb), agents.clone()));
-    let deadline = Instant::now() + WAIT;
-    while status(&admin_client, &release)
-        .await
-        .targets
-        .iter()
-        .any(|t| t.phase != Phase::Deferred)
-    {
-        assert!(Instant::now() < deadline, "vm-b did not catch up");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_status_within(&admin_client, &release, E2E_WAIT, |s| {
+        s.targets.iter().all(|t| t.phase == Phase::Deferred)
+    })
+    .await;
 
     // Activate: both install through the command installer.
     match admin_client
@@ -549,18 +360,7 @@ async fn offline_machine_catches_up_and_download_only_waits_for_activate() {
     );
 
     // Roll the whole group back to 3.0.
-    let plan = match admin_client
-        .request(AdminOp::Rollback {
-            target: Target::Group(g("lab")),
-            kind: fw.clone(),
-            to: Some("3.0".into()),
-        })
-        .await
-        .unwrap()
-    {
-        AdminReply::Plan { plan } => plan,
-        other => panic!("unexpected {other:?}"),
-    };
+    let plan = rollback(&admin_client, Target::Group(g("lab")), &fw, Some("3.0")).await;
     let rb = until_finished(&admin_client, &plan.release.id, 2).await;
     assert_all_installed(&rb);
     let log = std::fs::read_to_string(&installed_log).unwrap();
@@ -571,8 +371,8 @@ async fn offline_machine_catches_up_and_download_only_waits_for_activate() {
 
     admin_client.close().await;
     agents.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), agent_a).await;
-    let _ = tokio::time::timeout(Duration::from_secs(10), agent_b).await;
+    joined(agent_a, "agent vm-a").await;
+    joined(agent_b, "agent vm-b").await;
     platform.stop().await;
 }
 
@@ -584,11 +384,13 @@ async fn a_broker_killed_mid_transfer_is_survived() {
     let mut mosq = fleetcast_broker::testing::Mosquitto::start("")
         .expect("mosquitto (apt-get install mosquitto)");
     let broker = mosq.url.clone();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("platform");
+    let Env {
+        dir,
+        data_dir: data,
+        platform,
+        admin: admin_client,
+    } = env(&broker).await;
     let sim = dir.path().join("machines");
-    let platform = Platform::start(&data, &broker).await;
-    let admin_client = admin(&data, &broker).await;
     let sim_token = CancellationToken::new();
     let sim_task = tokio::spawn(fleetcast_device::simulate::run(
         simulated(&data, &sim, &broker, 1, &["field"]),
@@ -597,30 +399,24 @@ async fn a_broker_killed_mid_transfer_is_survived() {
     wait_online(&admin_client, 1).await;
     let big = artifact_file(dir.path(), "app-2.0.0.bin", 48 * 1024 * 1024 + 3, 9);
     upload(&admin_client, &big, "2.0.0").await;
-    let release = create_release(&admin_client, "2.0.0").await;
-    admin_client
-        .request(AdminOp::ReleasePublish {
-            release: release.clone(),
-            machines: vec![],
-            groups: vec![g("field")],
-        })
+    let release = release(&admin_client, "2.0.0", &[], &["field"])
         .await
-        .unwrap();
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let s = status(&admin_client, &release).await;
-        let t = &s.targets[0];
-        if t.phase == Phase::Downloading && t.progress.is_some_and(|p| p.bytes > 0) {
-            break;
-        }
-        assert!(
-            t.download.is_none(),
-            "the download finished before the broker could be killed"
-        );
-        assert!(Instant::now() < deadline, "no download started: {t:?}");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        .release
+        .id;
+    let downloading = |t: &fleetcast_proto::admin::TargetRecord| {
+        t.phase == Phase::Downloading && t.progress.is_some_and(|p| p.bytes > 0)
+    };
+    let s = wait_status_within(&admin_client, &release, E2E_WAIT, |s| {
+        downloading(&s.targets[0]) || s.targets[0].download.is_some()
+    })
+    .await;
+    assert!(
+        downloading(&s.targets[0]),
+        "the download finished before the broker could be killed: {:?}",
+        s.targets[0]
+    );
     mosq.kill();
+    // The outage: every client loses its connection and retries against a closed port.
     tokio::time::sleep(Duration::from_millis(1500)).await;
     mosq.restart().expect("mosquitto restarts on the same port");
 
@@ -629,7 +425,7 @@ async fn a_broker_killed_mid_transfer_is_survived() {
     assert_active_slot(&sim, "vm-001", &big);
     admin_client.close().await;
     sim_token.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), sim_task).await;
+    joined(sim_task, "simulator").await;
     platform.stop().await;
 }
 
@@ -637,19 +433,15 @@ async fn a_broker_killed_mid_transfer_is_survived() {
 /// `busy` file); a `window` that is closed now keeps the release downloaded but deferred.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
-    let broker = fleetcast_broker::embedded::start_on_free_port(|s| s)
-        .unwrap()
-        .url();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("platform");
-    let platform = Platform::start(&data, &broker).await;
-    let admin_client = admin(&data, &broker).await;
-    let p = provision(&admin_client, "vm-i", &[]).await;
-    let mut config = fleetcast_device::config::MachineConfig::from_provisioned(
-        &p,
-        &broker.to_string(),
-        dir.path().join("vm-i"),
-    );
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let Env {
+        dir,
+        platform,
+        admin: admin_client,
+        ..
+    } = env(&broker).await;
+    let p = provisioned(&admin_client, "vm-i", &[]).await;
+    let mut config = machine_config(&p, &broker, dir.path());
     config.initial_versions = BTreeMap::from([(app(), "1.0.0".to_owned())]);
     let busy = config.data_dir.join("busy");
     std::fs::create_dir_all(&config.data_dir).unwrap();
@@ -658,62 +450,28 @@ async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
     let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
     wait_online(&admin_client, 1).await;
 
-    let publish_with = |version: &'static str, policy: InstallPolicy| {
-        let admin_client = &admin_client;
-        async move {
-            let id = match admin_client
-                .request(AdminOp::ReleaseCreate {
-                    kind: app(),
-                    version: version.into(),
-                    policy,
-                    notes: None,
-                })
-                .await
-                .unwrap()
-            {
-                AdminReply::Release { release } => release.id,
-                other => panic!("unexpected {other:?}"),
-            };
-            admin_client
-                .request(AdminOp::ReleasePublish {
-                    release: id.clone(),
-                    machines: vec![m("vm-i")],
-                    groups: vec![],
-                })
-                .await
-                .unwrap();
-            id
-        }
-    };
     let wait_phase = |release: ReleaseId, want: Phase| {
         let admin_client = &admin_client;
         async move {
-            let deadline = Instant::now() + WAIT;
-            loop {
-                let s = status(admin_client, &release).await;
-                if s.targets[0].phase == want {
-                    return s;
-                }
-                assert!(
-                    Instant::now() < deadline,
-                    "never reached {want}: {:?}",
-                    s.targets[0]
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
+            wait_status_within(admin_client, &release, E2E_WAIT, |s| {
+                s.targets[0].phase == want
+            })
+            .await
         }
     };
 
     let v2 = artifact_file(dir.path(), "app-2.0.0.bin", 150_000, 6);
     upload(&admin_client, &v2, "2.0.0").await;
-    let idle = publish_with("2.0.0", InstallPolicy::Idle).await;
+    let idle = create_release(&admin_client, &app(), "2.0.0", InstallPolicy::Idle)
+        .await
+        .id;
+    publish(&admin_client, &idle, &["vm-i"], &[]).await;
     let s = wait_phase(idle.clone(), Phase::Deferred).await;
     assert!(
         s.targets[0].download.as_ref().is_some_and(|d| d.ok),
         "downloaded while busy"
     );
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let s = status(&admin_client, &idle).await;
+    let s = status_after(&admin_client, &idle, Duration::from_millis(1500)).await;
     assert_eq!(
         s.targets[0].phase,
         Phase::Deferred,
@@ -736,11 +494,13 @@ async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
     )
     .parse()
     .unwrap();
-    let window = publish_with("3.0.0", policy).await;
+    let window = create_release(&admin_client, &app(), "3.0.0", policy)
+        .await
+        .id;
+    publish(&admin_client, &window, &["vm-i"], &[]).await;
     let s = wait_phase(window.clone(), Phase::Deferred).await;
     assert!(s.targets[0].download.as_ref().is_some_and(|d| d.ok));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let s = status(&admin_client, &window).await;
+    let s = status_after(&admin_client, &window, Duration::from_millis(1500)).await;
     assert_eq!(
         s.targets[0].phase,
         Phase::Deferred,
@@ -755,7 +515,7 @@ async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
 
     admin_client.close().await;
     agents.cancel();
-    let _ = tokio::time::timeout(Duration::from_secs(10), agent).await;
+    joined(agent, "agent vm-i").await;
     platform.stop().await;
 }
 
@@ -763,48 +523,20 @@ async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
 /// acknowledges a repeat of it again (the machine missed the first ack); a forged one gets none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_again() {
-    use fleetcast_broker::client::{self, MqttEvent};
-    use fleetcast_proto::auth::{PlatformPublicKey, Purpose};
-    use fleetcast_proto::{StatusAck, StatusEvent};
-    use rumqttc::QoS;
+    use fleetcast_proto::StatusAck;
 
-    let broker = fleetcast_broker::embedded::start_on_free_port(|s| s)
-        .unwrap()
-        .url();
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("platform");
-    let platform = Platform::start(&data, &broker).await;
-    let admin_client = admin(&data, &broker).await;
-    let p = provision(&admin_client, "vm-ack", &[]).await;
-    let public: PlatformPublicKey =
-        std::fs::read_to_string(fleetcast_platform::public_key_path(&data))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let Env {
+        dir: _dir,
+        data_dir: data,
+        platform,
+        admin: admin_client,
+    } = env(&broker).await;
+    let p = provisioned(&admin_client, "vm-ack", &[]).await;
+    let public = public_key(&data);
     let topics = Topics::default();
-    let stop = CancellationToken::new();
-    let (c, el) = client::connect(
-        client::options(&broker, "vm-ack", Some(&p.secret.mqtt_password())),
-        64,
-    );
-    let (tx, mut rx) = tokio::sync::mpsc::channel(64);
-    tokio::spawn(client::drive(el, tx, stop.clone()));
-    let mut subscribed = false;
-    while !subscribed {
-        match tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .expect("connects")
-            .unwrap()
-        {
-            MqttEvent::Connected { .. } => c
-                .subscribe(topics.status_ack(&m("vm-ack")), QoS::AtLeastOnce)
-                .await
-                .unwrap(),
-            MqttEvent::SubAck(_) => subscribed = true,
-            _ => {}
-        }
-    }
+    let mut vm = peer_with(&broker, "vm-ack", Some(&p.secret.mqtt_password())).await;
+    vm.subscribe(&topics.status_ack(&m("vm-ack"))).await;
     let status = |ctr: u64| StatusEvent {
         machine: m("vm-ack"),
         ctr,
@@ -820,15 +552,9 @@ async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_a
     };
     let sealed = p.secret.seal(Purpose::Status, &status(7));
     for round in 0..2 {
-        c.publish(
-            topics.status(&m("vm-ack")),
-            QoS::AtLeastOnce,
-            false,
-            sealed.clone(),
-        )
-        .await
-        .unwrap();
-        let ack = next_ack(&public, &mut rx, WAIT)
+        vm.publish_acked(&topics.status(&m("vm-ack")), false, sealed.clone())
+            .await;
+        let ack = next_ack(&public, &mut vm, WAIT)
             .await
             .unwrap_or_else(|| panic!("no ack in round {round}"));
         assert_eq!(
@@ -839,17 +565,15 @@ async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_a
             }
         );
     }
-    let forged =
-        fleetcast_proto::auth::Secret::from_bytes([9; 32]).seal(Purpose::Status, &status(8));
-    c.publish(topics.status(&m("vm-ack")), QoS::AtLeastOnce, false, forged)
-        .await
-        .unwrap();
+    let forged = Secret::from_bytes([9; 32]).seal(Purpose::Status, &status(8));
+    vm.publish_acked(&topics.status(&m("vm-ack")), false, forged)
+        .await;
     assert_eq!(
-        next_ack(&public, &mut rx, Duration::from_millis(1500)).await,
+        next_ack(&public, &mut vm, Duration::from_millis(1500)).await,
         None,
         "a forged status was acknowledged"
     );
-    stop.cancel();
+    drop(vm);
     admin_client.close().await;
     platform.stop().await;
     let events = fleetcast_platform::store::Store::open(&data.join("db"))
@@ -866,24 +590,16 @@ async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_a
     );
 }
 
-/// The next signed status ack on `rx`, or None after `within`.
+/// The next signed status ack `vm` receives, or None after `within`.
 async fn next_ack(
-    public: &fleetcast_proto::auth::PlatformPublicKey,
-    rx: &mut tokio::sync::mpsc::Receiver<fleetcast_broker::client::MqttEvent>,
+    public: &PlatformPublicKey,
+    vm: &mut Peer,
     within: Duration,
 ) -> Option<fleetcast_proto::StatusAck> {
-    let deadline = tokio::time::Instant::now() + within;
-    loop {
-        match tokio::time::timeout_at(deadline, rx.recv()).await {
-            Err(_) | Ok(None) => return None,
-            Ok(Some(fleetcast_broker::client::MqttEvent::Publish(p))) => {
-                return Some(
-                    public
-                        .verify(fleetcast_proto::auth::Purpose::StatusAck, &p.payload)
-                        .expect("ack is signed by the platform"),
-                )
-            }
-            Ok(Some(_)) => {}
-        }
-    }
+    let p = vm.next_within(within, |_| true).await?;
+    Some(
+        public
+            .verify(Purpose::StatusAck, &p.payload)
+            .expect("ack is signed by the platform"),
+    )
 }

@@ -1,21 +1,26 @@
 //! Platform integration tests: a real embedded broker on a free loopback port, `serve` on a
 //! temp data dir, the real `AdminClient`, and machines played with proto types.
+//!
+//! The helpers here serve every module of this test binary (`crash`, `e2e`, `reconcile`).
 
 mod crash;
 mod e2e;
 mod reconcile;
 
-use std::path::Path;
+use std::collections::VecDeque;
+use std::fmt::Debug;
+use std::future::Future;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleetcast_broker::admin::{AdminClient, AdminError};
 use fleetcast_broker::client::{self, MqttEvent};
 use fleetcast_broker::embedded::start_on_free_port;
-use fleetcast_broker::{BrokerUrl, EmbeddedBroker};
+use fleetcast_broker::BrokerUrl;
 use fleetcast_platform::{admin_secret_path, public_key_path, serve, ServeOptions};
 use fleetcast_proto::admin::{
-    AdminOp, AdminReply, ArtifactInfo, FleetEvent, ProvisionedMachine, ReleaseInfo, ReleaseStatus,
-    RolloutProgress,
+    AdminOp, AdminReply, ArtifactInfo, FleetEvent, MachineInfo, ProvisionedMachine, PublishPlan,
+    ReleaseInfo, ReleaseStatus, RolloutProgress,
 };
 use fleetcast_proto::auth::{PlatformPublicKey, Purpose, Secret};
 use fleetcast_proto::chunk::{decode_frame, ChunkRequest, ChunkVerifier, FrameType, Layout};
@@ -31,16 +36,54 @@ use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(15);
 
+/// The machine clock of the first status a test machine reports: 2026-11-25 12:00:00 UTC.
+const T0_MS: u64 = 1_795_608_000_000;
+
+fn m(s: &str) -> MachineId {
+    MachineId::new(s).unwrap()
+}
+
+fn g(s: &str) -> GroupId {
+    GroupId::new(s).unwrap()
+}
+
+fn app() -> Kind {
+    Kind::new("app").unwrap()
+}
+
+/// Polls `probe` every 20 ms until `done` holds for its value; returns that value, or fails
+/// with `what` and the last value after `within`.
+async fn poll_until<T: Debug, F: Future<Output = T>>(
+    within: Duration,
+    what: &str,
+    mut probe: impl FnMut() -> F,
+    done: impl Fn(&T) -> bool,
+) -> T {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let value = probe().await;
+        if done(&value) {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {within:?}; last {value:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The platform service running in this process; stop() waits for it to end.
 struct Platform {
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), fleetcast_platform::PlatformError>>,
 }
 
-fn start_platform(broker: &EmbeddedBroker, data: &Path) -> Platform {
+fn start_platform(broker: &BrokerUrl, data: &Path) -> Platform {
     let shutdown = CancellationToken::new();
     let opts = ServeOptions {
         data_dir: data.to_owned(),
-        broker: broker.url(),
+        broker: broker.clone(),
         embedded_listen: None,
         topic_prefix: "fleet".into(),
     };
@@ -51,7 +94,7 @@ fn start_platform(broker: &EmbeddedBroker, data: &Path) -> Platform {
 impl Platform {
     async fn stop(self) {
         self.shutdown.cancel();
-        tokio::time::timeout(WAIT, self.task)
+        tokio::time::timeout(Duration::from_secs(20), self.task)
             .await
             .expect("serve stops in time")
             .expect("serve task joined")
@@ -59,11 +102,17 @@ impl Platform {
     }
 }
 
+/// Waits for a task that was told to stop: it ends within 10 s and returns Ok.
+async fn joined<E: Debug>(task: JoinHandle<Result<(), E>>, what: &str) {
+    tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .unwrap_or_else(|_| panic!("{what} did not stop within 10 s"))
+        .unwrap_or_else(|e| panic!("{what} panicked: {e}"))
+        .unwrap_or_else(|e| panic!("{what} failed: {e:?}"));
+}
+
 fn admin_secret(data: &Path) -> Secret {
-    std::fs::read_to_string(admin_secret_path(data))
-        .unwrap()
-        .parse()
-        .unwrap()
+    fleetcast_broker::admin::load_secret(None, &admin_secret_path(data)).unwrap()
 }
 
 fn public_key(data: &Path) -> PlatformPublicKey {
@@ -74,19 +123,21 @@ fn public_key(data: &Path) -> PlatformPublicKey {
         .unwrap()
 }
 
-/// Connects the admin client and waits until the platform answers.
+/// Connects the admin client once the platform in `data` made its keys, and waits until the
+/// platform answers.
 async fn admin(broker: &BrokerUrl, data: &Path) -> AdminClient {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while !admin_secret_path(data).exists() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "platform created no admin secret"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let secret = admin_secret_path(data);
+    poll_until(
+        Duration::from_secs(20),
+        "platform created its admin secret",
+        || std::future::ready(secret.exists()),
+        |&exists| exists,
+    )
+    .await;
     let c = AdminClient::connect(broker, Topics::default(), admin_secret(data), WAIT)
         .await
         .unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         match c
             .request_with_timeout(AdminOp::Machines, Duration::from_millis(500))
@@ -97,21 +148,48 @@ async fn admin(broker: &BrokerUrl, data: &Path) -> AdminClient {
             Err(e) => panic!("platform not answering: {e}"),
         }
     }
-    // The ingest connection subscribes at about the same time; give it a moment.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     c
+}
+
+/// A temp dir and a platform on `broker` with its data in `<dir>/data`, answering `admin`.
+/// Keep `dir` bound while the platform runs: dropping it deletes the data.
+struct Env {
+    dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    platform: Platform,
+    admin: AdminClient,
+}
+
+async fn env(broker: &BrokerUrl) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let platform = start_platform(broker, &data_dir);
+    let admin = admin(broker, &data_dir).await;
+    Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    }
 }
 
 /// A plain MQTT client with its events.
 struct Peer {
     client: AsyncClient,
     rx: mpsc::Receiver<MqttEvent>,
+    /// Publishes received while waiting for an acknowledgement, not yet taken by `next`.
+    stashed: VecDeque<Publish>,
     _stop: tokio_util::sync::DropGuard,
 }
 
 async fn peer(broker: &BrokerUrl, id: &str) -> Peer {
+    peer_with(broker, id, None).await
+}
+
+/// An MQTT client as `id` (with `password`), connected (CONNACK received).
+async fn peer_with(broker: &BrokerUrl, id: &str, password: Option<&str>) -> Peer {
     let stop = CancellationToken::new();
-    let (client, el) = client::connect(client::options(broker, id, None), 256);
+    let (client, el) = client::connect(client::options(broker, id, password), 256);
     let (tx, mut rx) = mpsc::channel(1024);
     tokio::spawn(client::drive(el, tx, stop.clone()));
     tokio::time::timeout(WAIT, async {
@@ -126,22 +204,73 @@ async fn peer(broker: &BrokerUrl, id: &str) -> Peer {
     Peer {
         client,
         rx,
+        stashed: VecDeque::new(),
         _stop: stop.drop_guard(),
     }
 }
 
 impl Peer {
-    async fn subscribe(&self, filter: &str) {
+    /// The next event that `take` maps to a value; publishes it passes over are stashed for
+    /// `next`.
+    async fn wait_event<T>(&mut self, what: &str, take: impl Fn(&MqttEvent) -> Option<T>) -> T {
+        tokio::time::timeout(WAIT, async {
+            loop {
+                let e = self.rx.recv().await.expect("peer open");
+                if let Some(t) = take(&e) {
+                    return t;
+                }
+                if let MqttEvent::Publish(p) = e {
+                    self.stashed.push_back(p);
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("no {what} within {WAIT:?}"))
+    }
+
+    /// Subscribes (QoS 1) and waits until the broker confirmed it.
+    async fn subscribe(&mut self, filter: &str) {
         self.client
             .subscribe(filter, QoS::AtLeastOnce)
             .await
             .unwrap();
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.wait_event("SUBACK", |e| {
+            matches!(e, MqttEvent::SubAck(_)).then_some(())
+        })
+        .await;
     }
 
-    /// The next publish on a topic matching `pred`.
-    async fn next(&mut self, pred: impl Fn(&Publish) -> bool) -> Publish {
-        tokio::time::timeout(WAIT, async {
+    /// Publishes with QoS 1 and waits until the broker acknowledged it (PUBACK): the broker
+    /// holds it for every subscriber, in order after everything acknowledged before.
+    async fn publish_acked(&mut self, topic: &str, retain: bool, payload: Vec<u8>) {
+        self.client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .unwrap();
+        let pkid = self
+            .wait_event("send", |e| match e {
+                MqttEvent::Sent(id) => Some(*id),
+                _ => None,
+            })
+            .await;
+        self.wait_event("PUBACK", |e| {
+            matches!(e, MqttEvent::PubAck(id) if *id == pkid).then_some(())
+        })
+        .await;
+    }
+
+    /// The next publish on a topic matching `pred` within `within`; others are dropped.
+    async fn next_within(
+        &mut self,
+        within: Duration,
+        pred: impl Fn(&Publish) -> bool,
+    ) -> Option<Publish> {
+        while let Some(p) = self.stashed.pop_front() {
+            if pred(&p) {
+                return Some(p);
+            }
+        }
+        tokio::time::timeout(within, async {
             loop {
                 match self.rx.recv().await {
                     Some(MqttEvent::Publish(p)) if pred(&p) => return p,
@@ -151,12 +280,19 @@ impl Peer {
             }
         })
         .await
-        .expect("expected publish arrived")
+        .ok()
+    }
+
+    /// The next publish on a topic matching `pred`.
+    async fn next(&mut self, pred: impl Fn(&Publish) -> bool) -> Publish {
+        self.next_within(WAIT, pred)
+            .await
+            .expect("expected publish arrived")
     }
 
     /// Everything that arrives within `d`.
     async fn drain(&mut self, d: Duration) -> Vec<Publish> {
-        let mut out = Vec::new();
+        let mut out: Vec<Publish> = self.stashed.drain(..).collect();
         let deadline = tokio::time::Instant::now() + d;
         while let Ok(Some(e)) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
             if let MqttEvent::Publish(p) = e {
@@ -175,28 +311,44 @@ struct Machine {
     peer: Peer,
 }
 
-async fn provision(admin: &AdminClient, broker: &BrokerUrl, id: &str, groups: &[&str]) -> Machine {
+/// Provisions `id` in `groups`.
+async fn provisioned(admin: &AdminClient, id: &str, groups: &[&str]) -> ProvisionedMachine {
     let reply = admin
         .request(AdminOp::MachineProvision {
-            machine: MachineId::new(id).unwrap(),
-            groups: groups.iter().map(|g| GroupId::new(*g).unwrap()).collect(),
+            machine: m(id),
+            groups: groups.iter().map(|x| g(x)).collect(),
         })
         .await
         .unwrap();
     let AdminReply::Provisioned { machine } = reply else {
         panic!("{reply:?}")
     };
+    machine
+}
+
+/// Provisions `id` and connects it; returns once the platform has taken in its `online`
+/// report, so the platform is listening to what it reports.
+async fn provision(admin: &AdminClient, broker: &BrokerUrl, id: &str, groups: &[&str]) -> Machine {
     let ProvisionedMachine {
         machine: mid,
         secret,
         ..
-    } = machine;
-    Machine {
+    } = provisioned(admin, id, groups).await;
+    let mut vm = Machine {
+        peer: peer_with(broker, id, Some(&secret.mqtt_password())).await,
         id: mid,
         secret,
         ctr: 0,
-        peer: peer(broker, id).await,
-    }
+    };
+    vm.send_raw("online", b"true".to_vec()).await;
+    poll_until(
+        WAIT,
+        &format!("{id} online"),
+        || machines(admin),
+        |ms| ms.iter().any(|x| x.id.as_str() == id && x.online),
+    )
+    .await;
+    vm
 }
 
 impl Machine {
@@ -205,9 +357,9 @@ impl Machine {
         StatusEvent {
             machine: self.id.clone(),
             ctr: self.ctr,
-            at_ms: 1_795_608_000_000 + self.ctr * 1000,
+            at_ms: T0_MS + self.ctr * 1000,
             release: release.cloned(),
-            kind: Kind::new("app").unwrap(),
+            kind: app(),
             version: version.into(),
             phase,
             progress: None,
@@ -217,19 +369,41 @@ impl Machine {
         }
     }
 
-    async fn send_raw(&self, channel: &str, payload: Vec<u8>) {
+    /// Publishes on the machine's `channel` and waits for the broker's PUBACK.
+    async fn send_raw(&mut self, channel: &str, payload: Vec<u8>) {
         let topic = format!("fleet/machines/{}/{channel}", self.id);
-        self.peer
-            .client
-            .publish(topic, QoS::AtLeastOnce, false, payload)
-            .await
-            .unwrap();
+        self.peer.publish_acked(&topic, false, payload).await;
     }
 
-    async fn report(&mut self, release: Option<&ReleaseId>, version: &str, phase: Phase) {
+    /// Sends a MAC'd status event.
+    async fn send_status(&mut self, ev: &StatusEvent) {
+        let sealed = self.secret.seal(Purpose::Status, ev);
+        self.send_raw("status", sealed).await;
+    }
+
+    /// Reports `phase`; returns the event sent.
+    async fn report(
+        &mut self,
+        release: Option<&ReleaseId>,
+        version: &str,
+        phase: Phase,
+    ) -> StatusEvent {
         let ev = self.status(release, version, phase);
-        self.send_raw("status", self.secret.seal(Purpose::Status, &ev))
-            .await;
+        self.send_status(&ev).await;
+        ev
+    }
+
+    /// Reports `phase` of `release` and waits until the platform shows it for this machine.
+    async fn report_recorded(
+        &mut self,
+        admin: &AdminClient,
+        release: &ReleaseId,
+        version: &str,
+        phase: Phase,
+    ) -> ReleaseStatus {
+        self.report(Some(release), version, phase).await;
+        let me = self.id.to_string();
+        wait_status(admin, release, |s| phase_of(s, &me) == phase).await
     }
 
     /// Publishes a MAC'd state claiming `groups` and, for kind `app`, the highest accepted `seq`.
@@ -237,7 +411,7 @@ impl Machine {
         self.ctr += 1;
         let mut kinds = std::collections::BTreeMap::new();
         kinds.insert(
-            Kind::new("app").unwrap(),
+            app(),
             fleetcast_proto::status::KindState {
                 seq,
                 ..Default::default()
@@ -246,23 +420,15 @@ impl Machine {
         let st = fleetcast_proto::MachineState {
             machine: self.id.clone(),
             ctr: self.ctr,
-            at_ms: 1_795_608_000_000 + self.ctr * 1000,
+            at_ms: T0_MS + self.ctr * 1000,
             agent_version: "test".into(),
-            groups: groups.iter().map(|g| GroupId::new(*g).unwrap()).collect(),
+            groups: groups.iter().map(|x| g(x)).collect(),
             busy: false,
             kinds,
         };
         let topic = format!("fleet/machines/{}/state", self.id);
-        self.peer
-            .client
-            .publish(
-                topic,
-                QoS::AtLeastOnce,
-                true,
-                self.secret.seal(Purpose::State, &st),
-            )
-            .await
-            .unwrap();
+        let sealed = self.secret.seal(Purpose::State, &st);
+        self.peer.publish_acked(&topic, true, sealed).await;
     }
 
     async fn request_chunks(
@@ -299,6 +465,27 @@ fn data(len: usize, seed: u8) -> Vec<u8> {
         .collect()
 }
 
+/// Uploads the file at `path` as `kind` `version`.
+async fn upload_file(
+    admin: &AdminClient,
+    path: &Path,
+    kind: &Kind,
+    version: &str,
+    chunk_size: u32,
+) -> Result<ArtifactInfo, AdminError> {
+    admin
+        .upload(
+            path,
+            kind.clone(),
+            version.into(),
+            None,
+            chunk_size,
+            |_, _| {},
+        )
+        .await
+}
+
+/// Writes `bytes` to `dir/name` and uploads them as app `version` in 1 KiB chunks.
 async fn upload(
     admin: &AdminClient,
     dir: &Path,
@@ -308,24 +495,20 @@ async fn upload(
 ) -> Result<ArtifactInfo, AdminError> {
     let path = dir.join(name);
     std::fs::write(&path, bytes).unwrap();
-    admin
-        .upload(
-            &path,
-            Kind::new("app").unwrap(),
-            version.into(),
-            None,
-            1024,
-            |_, _| {},
-        )
-        .await
+    upload_file(admin, &path, &app(), version, 1024).await
 }
 
-async fn create_release(admin: &AdminClient, version: &str) -> ReleaseInfo {
+async fn create_release(
+    admin: &AdminClient,
+    kind: &Kind,
+    version: &str,
+    policy: InstallPolicy,
+) -> ReleaseInfo {
     let reply = admin
         .request(AdminOp::ReleaseCreate {
-            kind: Kind::new("app").unwrap(),
+            kind: kind.clone(),
             version: version.into(),
-            policy: InstallPolicy::Immediate,
+            policy,
             notes: None,
         })
         .await
@@ -341,15 +524,45 @@ async fn publish(
     release: &ReleaseId,
     machines: &[&str],
     groups: &[&str],
-) -> fleetcast_proto::admin::PublishPlan {
+) -> PublishPlan {
     let reply = admin
         .request(AdminOp::ReleasePublish {
             release: release.clone(),
-            machines: machines
-                .iter()
-                .map(|m| MachineId::new(*m).unwrap())
-                .collect(),
-            groups: groups.iter().map(|g| GroupId::new(*g).unwrap()).collect(),
+            machines: machines.iter().map(|x| m(x)).collect(),
+            groups: groups.iter().map(|x| g(x)).collect(),
+        })
+        .await
+        .unwrap();
+    let AdminReply::Plan { plan } = reply else {
+        panic!("{reply:?}")
+    };
+    plan
+}
+
+/// Creates an immediate app release of `version` and publishes it; the plan carries the
+/// published release (with its seq).
+async fn release(
+    admin: &AdminClient,
+    version: &str,
+    machines: &[&str],
+    groups: &[&str],
+) -> PublishPlan {
+    let created = create_release(admin, &app(), version, InstallPolicy::Immediate).await;
+    publish(admin, &created.id, machines, groups).await
+}
+
+/// Rolls `target` back to `to` (or the previous version); the plan of the rollback release.
+async fn rollback(
+    admin: &AdminClient,
+    target: Target,
+    kind: &Kind,
+    to: Option<&str>,
+) -> PublishPlan {
+    let reply = admin
+        .request(AdminOp::Rollback {
+            target,
+            kind: kind.clone(),
+            to: to.map(Into::into),
         })
         .await
         .unwrap();
@@ -372,40 +585,59 @@ async fn status(admin: &AdminClient, release: &ReleaseId) -> ReleaseStatus {
     status
 }
 
+async fn machines(admin: &AdminClient) -> Vec<MachineInfo> {
+    let reply = admin.request(AdminOp::Machines).await.unwrap();
+    let AdminReply::Machines { machines } = reply else {
+        panic!("{reply:?}")
+    };
+    machines
+}
+
+/// Polls release status until `pred` holds, for at most `within`.
+async fn wait_status_within(
+    admin: &AdminClient,
+    release: &ReleaseId,
+    within: Duration,
+    pred: impl Fn(&ReleaseStatus) -> bool,
+) -> ReleaseStatus {
+    poll_until(
+        within,
+        &format!("status of {release}"),
+        || status(admin, release),
+        pred,
+    )
+    .await
+}
+
 /// Polls release status until `pred` holds.
 async fn wait_status(
     admin: &AdminClient,
     release: &ReleaseId,
     pred: impl Fn(&ReleaseStatus) -> bool,
 ) -> ReleaseStatus {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let s = status(admin, release).await;
-        if pred(&s) {
-            return s;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "release status never matched: {s:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_status_within(admin, release, WAIT, pred).await
 }
 
-fn phase_of(s: &ReleaseStatus, m: &str) -> Phase {
+fn target<'a>(s: &'a ReleaseStatus, m: &str) -> &'a fleetcast_proto::admin::TargetRecord {
     s.targets
         .iter()
         .find(|t| t.machine.as_str() == m)
-        .map(|t| t.phase)
         .unwrap_or_else(|| panic!("{m} not a target"))
+}
+
+fn phase_of(s: &ReleaseStatus, m: &str) -> Phase {
+    target(s, m).phase
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_are_immutable_per_kind_and_version_and_empty_files_are_refused() {
     let broker = start_on_free_port(|s| s).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let platform = start_platform(&broker, &dir.path().join("data"));
-    let admin = admin(&broker.url(), &dir.path().join("data")).await;
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&broker.url()).await;
 
     let bytes = data(5 * 1024 + 7, 1);
     let info = upload(&admin, dir.path(), "app.bin", &bytes, "2.4.1")
@@ -429,7 +661,7 @@ async fn uploads_are_immutable_per_kind_and_version_and_empty_files_are_refused(
     );
     let reply = admin
         .request(AdminOp::UploadBegin {
-            kind: Kind::new("app").unwrap(),
+            kind: app(),
             version: "0.0.0".into(),
             name: "empty".into(),
             size: 0,
@@ -447,7 +679,7 @@ async fn uploads_are_immutable_per_kind_and_version_and_empty_files_are_refused(
         panic!()
     };
     assert_eq!(artifacts.len(), 1);
-    let stored = std::fs::read(dir.path().join("data/artifacts").join(info.id.to_hex())).unwrap();
+    let stored = std::fs::read(data_dir.join("artifacts").join(info.id.to_hex())).unwrap();
     assert_eq!(stored, bytes);
     admin.close().await;
     platform.stop().await;
@@ -457,10 +689,12 @@ async fn uploads_are_immutable_per_kind_and_version_and_empty_files_are_refused(
 async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results() {
     let broker = start_on_free_port(|s| s).unwrap();
     let url = broker.url();
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let platform = start_platform(&broker, &data_dir);
-    let admin = admin(&url, &data_dir).await;
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
     let key = public_key(&data_dir);
 
     let bytes = data(5 * 1024 + 7, 3);
@@ -470,12 +704,12 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
     let mut vm1 = provision(&admin, &url, "vm-001", &["shanghai"]).await;
     let _vm2 = provision(&admin, &url, "vm-002", &["shanghai"]).await;
     let _vm3 = provision(&admin, &url, "vm-003", &[]).await;
-    let release = create_release(&admin, "2.4.1").await;
+    let release = create_release(&admin, &app(), "2.4.1", InstallPolicy::Immediate).await;
 
     let unknown = admin
         .request(AdminOp::ReleasePublish {
             release: release.id.clone(),
-            machines: vec![MachineId::new("vm-404").unwrap()],
+            machines: vec![m("vm-404")],
             groups: vec![],
         })
         .await;
@@ -487,11 +721,8 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
     let AdminReply::Plan { plan } = admin
         .request(AdminOp::ReleasePlan {
             release: release.id.clone(),
-            machines: vec![
-                MachineId::new("vm-003").unwrap(),
-                MachineId::new("vm-001").unwrap(),
-            ],
-            groups: vec![GroupId::new("shanghai").unwrap()],
+            machines: vec![m("vm-003"), m("vm-001")],
+            groups: vec![g("shanghai")],
         })
         .await
         .unwrap()
@@ -537,15 +768,15 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
         vec![
             (
                 "fleet/groups/shanghai/release/app".to_string(),
-                Target::Group(GroupId::new("shanghai").unwrap())
+                Target::Group(g("shanghai"))
             ),
             (
                 "fleet/machines/vm-001/release/app".to_string(),
-                Target::Machine(MachineId::new("vm-001").unwrap())
+                Target::Machine(m("vm-001"))
             ),
             (
                 "fleet/machines/vm-003/release/app".to_string(),
-                Target::Machine(MachineId::new("vm-003").unwrap())
+                Target::Machine(m("vm-003"))
             ),
         ]
     );
@@ -587,38 +818,32 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
     let mut events = peer(&url, "integrator").await;
     events.subscribe("fleet/events").await;
     events.subscribe("fleet/rollouts/+/progress").await;
-    vm1.report(Some(&release.id), "2.4.1", Phase::Notified)
+    let notified = vm1
+        .report(Some(&release.id), "2.4.1", Phase::Notified)
         .await;
     let mut downloading = vm1.status(Some(&release.id), "2.4.1", Phase::Downloading);
     downloading.progress = Some(Progress {
         bytes: 1024,
         total: info.size,
     });
-    vm1.send_raw("status", vm1.secret.seal(Purpose::Status, &downloading))
-        .await;
+    vm1.send_status(&downloading).await;
     vm1.report(Some(&release.id), "2.4.1", Phase::Downloaded)
         .await;
     vm1.report(Some(&release.id), "2.4.1", Phase::Installing)
         .await;
-    vm1.report(Some(&release.id), "2.4.1", Phase::Installed)
+    let installed = vm1
+        .report(Some(&release.id), "2.4.1", Phase::Installed)
         .await;
     let s = wait_status(&admin, &release.id, |s| {
         phase_of(s, "vm-001") == Phase::Installed
     })
     .await;
-    let rec = s
-        .targets
-        .iter()
-        .find(|t| t.machine.as_str() == "vm-001")
-        .unwrap();
-    assert_eq!(
-        rec.notified_at_ms,
-        Some(1_795_608_000_000 + 1000 * (vm1.ctr - 4))
-    );
+    let rec = target(&s, "vm-001");
+    assert_eq!(rec.notified_at_ms, Some(notified.at_ms));
     let dl = rec.download.clone().unwrap();
     let up = rec.upgrade.clone().unwrap();
     assert!(dl.ok && up.ok && dl.at_ms < up.at_ms);
-    assert_eq!(up.at_ms, 1_795_608_000_000 + 1000 * vm1.ctr);
+    assert_eq!(up.at_ms, installed.at_ms);
     assert_eq!(
         (phase_of(&s, "vm-002"), phase_of(&s, "vm-003")),
         (Phase::Pending, Phase::Pending)
@@ -627,6 +852,7 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
         (s.progress.total, s.progress.succeeded, s.progress.finished),
         (3, 1, 1)
     );
+    // The machine clock of the results (T0_MS + a few seconds), in UTC.
     let text = fleetcast_platform::cli::release::status_text(&s);
     assert!(text.contains("ok 2026-11-25 12:00:0"), "{text}");
 
@@ -664,21 +890,19 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
 async fn acknowledged_status_survives_a_restart_and_desired_notices_are_republished() {
     let broker = start_on_free_port(|s| s).unwrap();
     let url = broker.url();
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let platform = start_platform(&broker, &data_dir);
-    let admin1 = admin(&url, &data_dir).await;
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin: admin1,
+    } = env(&url).await;
     upload(&admin1, dir.path(), "a.bin", &data(2000, 5), "1.0")
         .await
         .unwrap();
     let mut vm = provision(&admin1, &url, "vm-001", &["g"]).await;
-    let release = create_release(&admin1, "1.0").await;
-    publish(&admin1, &release.id, &[], &["g"]).await;
-    vm.report(Some(&release.id), "1.0", Phase::Downloaded).await;
-    wait_status(&admin1, &release.id, |s| {
-        phase_of(s, "vm-001") == Phase::Downloaded
-    })
-    .await;
+    let release = release(&admin1, "1.0", &[], &["g"]).await.release;
+    vm.report_recorded(&admin1, &release.id, "1.0", Phase::Downloaded)
+        .await;
     admin1.close().await;
 
     let mut observer = peer(&url, "observer").await;
@@ -686,11 +910,11 @@ async fn acknowledged_status_survives_a_restart_and_desired_notices_are_republis
     observer.next(|_| true).await; // the retained notice
     platform.stop().await;
 
-    // Reported while the platform is down: the persistent ingest session keeps it.
+    // Reported while the platform is down (the broker acknowledged it): the persistent ingest
+    // session keeps it.
     vm.report(Some(&release.id), "1.0", Phase::Installing).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
 
-    let platform = start_platform(&broker, &data_dir);
+    let platform = start_platform(&url, &data_dir);
     let republished = observer
         .next(|p| p.topic == "fleet/groups/g/release/app")
         .await;
@@ -708,11 +932,8 @@ async fn acknowledged_status_survives_a_restart_and_desired_notices_are_republis
         rec.download.as_ref().is_some_and(|d| d.ok),
         "the status acknowledged before the restart is kept"
     );
-    vm.report(Some(&release.id), "1.0", Phase::Installed).await;
-    wait_status(&admin2, &release.id, |s| {
-        phase_of(s, "vm-001") == Phase::Installed
-    })
-    .await;
+    vm.report_recorded(&admin2, &release.id, "1.0", Phase::Installed)
+        .await;
     admin2.close().await;
     platform.stop().await;
 }
@@ -721,16 +942,17 @@ async fn acknowledged_status_survives_a_restart_and_desired_notices_are_republis
 async fn forged_unknown_replayed_malformed_and_oversized_reports_change_nothing() {
     let broker = start_on_free_port(|s| s).unwrap();
     let url = broker.url();
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let platform = start_platform(&broker, &data_dir);
-    let admin = admin(&url, &data_dir).await;
+    let Env {
+        dir,
+        platform,
+        admin,
+        ..
+    } = env(&url).await;
     upload(&admin, dir.path(), "a.bin", &data(2000, 7), "1.0")
         .await
         .unwrap();
     let mut vm = provision(&admin, &url, "vm-001", &[]).await;
-    let release = create_release(&admin, "1.0").await;
-    publish(&admin, &release.id, &["vm-001"], &[]).await;
+    let release = release(&admin, "1.0", &["vm-001"], &[]).await.release;
     let mut events = peer(&url, "integrator").await;
     events.subscribe("fleet/events").await;
 
@@ -740,13 +962,15 @@ async fn forged_unknown_replayed_malformed_and_oversized_reports_change_nothing(
     vm.ctr -= 1; // the next message re-uses this counter
     let genuine = vm.status(Some(&release.id), "1.0", Phase::Installed);
     assert_eq!(genuine.ctr, replay.ctr);
-    vm.send_raw("status", vm.secret.seal(Purpose::Status, &genuine))
-        .await;
+    vm.send_status(&genuine).await;
     wait_status(&admin, &release.id, |s| {
         phase_of(s, "vm-001") == Phase::Installed
     })
     .await;
 
+    // Every bad report below is acknowledged by the broker before the next is sent, and the
+    // platform takes them in that order: once the valid report after them is applied, all of
+    // them were seen.
     let mut bad = vm.status(Some(&release.id), "1.0", Phase::InstallFailed);
     bad.attempt = 9;
     // Forged: another key.
@@ -758,42 +982,35 @@ async fn forged_unknown_replayed_malformed_and_oversized_reports_change_nothing(
     // Replayed: the same counter again, genuinely MAC'd.
     let mut replayed = bad.clone();
     replayed.ctr = genuine.ctr;
-    vm.send_raw("status", vm.secret.seal(Purpose::Status, &replayed))
-        .await;
+    vm.send_status(&replayed).await;
     // Signed for another purpose.
-    vm.send_raw("status", vm.secret.seal(Purpose::State, &bad))
-        .await;
+    let wrong_purpose = vm.secret.seal(Purpose::State, &bad);
+    vm.send_raw("status", wrong_purpose).await;
     // Malformed and oversized.
     vm.send_raw("status", b"{not json".to_vec()).await;
     vm.send_raw("status", vec![b'x'; 300 * 1024]).await;
     // Body names another machine.
     let mut other = bad.clone();
-    other.machine = MachineId::new("vm-002").unwrap();
-    vm.send_raw("status", vm.secret.seal(Purpose::Status, &other))
-        .await;
+    other.machine = m("vm-002");
+    vm.send_status(&other).await;
     // Unknown machine.
-    let ghost = peer(&url, "vm-999").await;
+    let mut ghost = peer(&url, "vm-999").await;
     let mut ghost_ev = bad.clone();
-    ghost_ev.machine = MachineId::new("vm-999").unwrap();
+    ghost_ev.machine = m("vm-999");
     ghost
-        .client
-        .publish(
+        .publish_acked(
             "fleet/machines/vm-999/status",
-            QoS::AtLeastOnce,
             false,
             vm.secret.seal(Purpose::Status, &ghost_ev),
         )
-        .await
-        .unwrap();
+        .await;
     // A bad online payload.
     vm.send_raw("online", b"maybe".to_vec()).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
 
     // Still working: a valid report after all that is applied.
     let mut ok = vm.status(Some(&release.id), "1.0", Phase::Downloading);
     ok.attempt = 2;
-    vm.send_raw("status", vm.secret.seal(Purpose::Status, &ok))
-        .await;
+    vm.send_status(&ok).await;
     let s = wait_status(&admin, &release.id, |s| {
         phase_of(s, "vm-001") == Phase::Downloading
     })
@@ -827,10 +1044,12 @@ async fn forged_unknown_replayed_malformed_and_oversized_reports_change_nothing(
 async fn rollback_publishes_a_signed_rollback_notice_for_the_previous_version() {
     let broker = start_on_free_port(|s| s).unwrap();
     let url = broker.url();
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let platform = start_platform(&broker, &data_dir);
-    let admin = admin(&url, &data_dir).await;
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
     upload(&admin, dir.path(), "a1.bin", &data(1500, 1), "1.0")
         .await
         .unwrap();
@@ -838,32 +1057,14 @@ async fn rollback_publishes_a_signed_rollback_notice_for_the_previous_version() 
         .await
         .unwrap();
     let mut vm = provision(&admin, &url, "vm-001", &[]).await;
-    let r1 = create_release(&admin, "1.0").await;
-    publish(&admin, &r1.id, &["vm-001"], &[]).await;
-    vm.report(Some(&r1.id), "1.0", Phase::Installed).await;
-    wait_status(&admin, &r1.id, |s| {
-        phase_of(s, "vm-001") == Phase::Installed
-    })
-    .await;
-    let r2 = create_release(&admin, "2.0").await;
-    publish(&admin, &r2.id, &["vm-001"], &[]).await;
-    vm.report(Some(&r2.id), "2.0", Phase::Installed).await;
-    wait_status(&admin, &r2.id, |s| {
-        phase_of(s, "vm-001") == Phase::Installed
-    })
-    .await;
+    let r1 = release(&admin, "1.0", &["vm-001"], &[]).await.release;
+    vm.report_recorded(&admin, &r1.id, "1.0", Phase::Installed)
+        .await;
+    let r2 = release(&admin, "2.0", &["vm-001"], &[]).await.release;
+    vm.report_recorded(&admin, &r2.id, "2.0", Phase::Installed)
+        .await;
 
-    let reply = admin
-        .request(AdminOp::Rollback {
-            target: Target::Machine(MachineId::new("vm-001").unwrap()),
-            kind: Kind::new("app").unwrap(),
-            to: None,
-        })
-        .await
-        .unwrap();
-    let AdminReply::Plan { plan } = reply else {
-        panic!("{reply:?}")
-    };
+    let plan = rollback(&admin, Target::Machine(m("vm-001")), &app(), None).await;
     assert!(plan.release.rollback);
     assert_eq!(plan.release.version, "1.0");
     assert_eq!(
@@ -888,8 +1089,8 @@ async fn rollback_publishes_a_signed_rollback_notice_for_the_previous_version() 
 
     let bad = admin
         .request(AdminOp::Rollback {
-            target: Target::Group(GroupId::new("nobody").unwrap()),
-            kind: Kind::new("app").unwrap(),
+            target: Target::Group(g("nobody")),
+            kind: app(),
             to: Some("9.9".into()),
         })
         .await;
@@ -905,10 +1106,12 @@ async fn rollback_publishes_a_signed_rollback_notice_for_the_previous_version() 
 async fn two_machines_fetching_one_artifact_get_it_broadcast() {
     let broker = start_on_free_port(|s| s).unwrap();
     let url = broker.url();
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let platform = start_platform(&broker, &data_dir);
-    let admin = admin(&url, &data_dir).await;
+    let Env {
+        dir,
+        platform,
+        admin,
+        ..
+    } = env(&url).await;
     let info = upload(&admin, dir.path(), "a.bin", &data(4096, 1), "1.0")
         .await
         .unwrap();
@@ -916,8 +1119,9 @@ async fn two_machines_fetching_one_artifact_get_it_broadcast() {
     let mut b = provision(&admin, &url, "vm-b", &[]).await;
     let topic = format!("fleet/artifacts/{}/chunks", info.id);
     b.peer.subscribe(&topic).await;
+    // Whichever request the platform takes second finds two machines fetching, and that one
+    // is answered on the broadcast topic.
     a.request_chunks(info.id, false, vec![(0, 4)]).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
     b.request_chunks(info.id, false, vec![(0, 4)]).await;
     let p = b.peer.next(|p| p.topic == topic).await;
     let (h, _) = decode_frame(&p.payload).unwrap();

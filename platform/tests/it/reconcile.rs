@@ -16,10 +16,12 @@ async fn next_notice(observer: &mut Peer, data: &Path, topic: &str) -> ReleaseNo
 async fn a_machine_behind_gets_the_latest_desired_notice_machine_rollback_or_group_release() {
     let broker = start_on_free_port(|s| s).unwrap();
     let url = broker.url();
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let platform = start_platform(&broker, &data_dir);
-    let admin = admin(&url, &data_dir).await;
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
     for (i, v) in ["1.0", "2.0", "3.0"].into_iter().enumerate() {
         upload(
             &admin,
@@ -39,8 +41,7 @@ async fn a_machine_behind_gets_the_latest_desired_notice_machine_rollback_or_gro
         "fleet/machines/vm-001/release/app",
     );
 
-    let r2 = create_release(&admin, "2.0").await;
-    publish(&admin, &r2.id, &[], &["g"]).await;
+    let r2 = release(&admin, "2.0", &[], &["g"]).await.release;
     let sent = next_notice(&mut observer, &data_dir, group_topic).await;
     assert_eq!(sent.release, r2.id);
     // A machine that never got it (seq 0) gets the group notice again.
@@ -49,17 +50,7 @@ async fn a_machine_behind_gets_the_latest_desired_notice_machine_rollback_or_gro
     assert_eq!((again.release, again.seq), (r2.id.clone(), sent.seq));
 
     // A per-machine rollback has the later seq: it is what the machine must follow now.
-    let AdminReply::Plan { plan } = admin
-        .request(AdminOp::Rollback {
-            target: Target::Machine(MachineId::new("vm-001").unwrap()),
-            kind: Kind::new("app").unwrap(),
-            to: Some("1.0".into()),
-        })
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
+    let plan = rollback(&admin, Target::Machine(m("vm-001")), &app(), Some("1.0")).await;
     let rollback = next_notice(&mut observer, &data_dir, own_topic).await;
     assert_eq!(rollback.release, plan.release.id);
     // Behind on the rollback (it still reports the group release's seq): the rollback is
@@ -72,8 +63,7 @@ async fn a_machine_behind_gets_the_latest_desired_notice_machine_rollback_or_gro
     );
 
     // A newer group release wins over the rollback again.
-    let r3 = create_release(&admin, "3.0").await;
-    publish(&admin, &r3.id, &[], &["g"]).await;
+    let r3 = release(&admin, "3.0", &[], &["g"]).await.release;
     let newer = next_notice(&mut observer, &data_dir, group_topic).await;
     assert!(newer.seq > rollback.seq);
     vm.report_state(&["g"], rollback.seq).await;
@@ -92,10 +82,12 @@ async fn a_machine_behind_gets_the_latest_desired_notice_machine_rollback_or_gro
 async fn a_machine_first_seen_in_a_group_becomes_a_target_of_its_release() {
     let broker = start_on_free_port(|s| s).unwrap();
     let url = broker.url();
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let platform = start_platform(&broker, &data_dir);
-    let admin = admin(&url, &data_dir).await;
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
     upload(&admin, dir.path(), "a.bin", &data(1500, 1), "1.0")
         .await
         .unwrap();
@@ -103,18 +95,14 @@ async fn a_machine_first_seen_in_a_group_becomes_a_target_of_its_release() {
     let mut late = provision(&admin, &url, "vm-002", &[]).await;
     let mut observer = peer(&url, "observer").await;
     observer.subscribe("fleet/groups/g/release/app").await;
-    let r1 = create_release(&admin, "1.0").await;
-    let plan = publish(&admin, &r1.id, &[], &["g"]).await;
+    let plan = release(&admin, "1.0", &[], &["g"]).await;
+    let r1 = &plan.release;
     assert_eq!(plan.targets.len(), 1);
     let sent = next_notice(&mut observer, &data_dir, "fleet/groups/g/release/app").await;
 
     late.report_state(&["g"], 0).await;
     let s = wait_status(&admin, &r1.id, |s| s.targets.len() == 2).await;
-    let rec = s
-        .targets
-        .iter()
-        .find(|t| t.machine.as_str() == "vm-002")
-        .unwrap();
+    let rec = target(&s, "vm-002");
     assert_eq!(
         (rec.phase, rec.via.as_ref().map(|g| g.as_str())),
         (Phase::Pending, Some("g"))
@@ -123,16 +111,11 @@ async fn a_machine_first_seen_in_a_group_becomes_a_target_of_its_release() {
     let again = next_notice(&mut observer, &data_dir, "fleet/groups/g/release/app").await;
     assert_eq!(again.seq, sent.seq);
     // Its reports now count.
-    late.report(Some(&r1.id), "1.0", Phase::Installed).await;
-    wait_status(&admin, &r1.id, |s| {
-        phase_of(s, "vm-002") == Phase::Installed
-    })
-    .await;
-    let AdminReply::Machines { machines } = admin.request(AdminOp::Machines).await.unwrap() else {
-        panic!()
-    };
+    late.report_recorded(&admin, &r1.id, "1.0", Phase::Installed)
+        .await;
+    let machines = machines(&admin).await;
     let info = machines.iter().find(|m| m.id.as_str() == "vm-002").unwrap();
-    assert_eq!(info.groups, vec![GroupId::new("g").unwrap()]);
+    assert_eq!(info.groups, vec![g("g")]);
     admin.close().await;
     platform.stop().await;
 }
