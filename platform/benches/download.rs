@@ -12,11 +12,42 @@ use fleetcast_broker::client::{self, MqttEvent};
 use fleetcast_broker::BrokerUrl;
 use fleetcast_proto::admin::{AdminOp, AdminReply, FleetEvent};
 use fleetcast_proto::{GroupId, InstallPolicy, Kind, Phase, Topics};
-use rumqttc::QoS;
+use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 const CHUNK: usize = 64 * 1024;
+
+/// How long setup steps (connect, subscribe, platform start, machine online) may take.
+const SETUP: Duration = Duration::from_secs(30);
+
+/// A client as `id`, connected (CONNACK received), driven until `shutdown`.
+async fn connected(
+    broker: &BrokerUrl,
+    id: &str,
+    capacity: usize,
+    shutdown: &CancellationToken,
+) -> (AsyncClient, mpsc::Receiver<MqttEvent>) {
+    let (c, el) = client::connect(client::options(broker, id, None), capacity);
+    let (tx, mut rx) = mpsc::channel(capacity);
+    tokio::spawn(client::drive(el, tx, shutdown.clone()));
+    tokio::time::timeout(SETUP, async {
+        while !matches!(rx.recv().await, Some(MqttEvent::Connected { .. })) {}
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{id} did not connect"));
+    (c, rx)
+}
+
+/// Subscribes with QoS 1 and waits until the broker confirmed it.
+async fn subscribe(c: &AsyncClient, rx: &mut mpsc::Receiver<MqttEvent>, filter: &str) {
+    c.subscribe(filter, QoS::AtLeastOnce).await.unwrap();
+    tokio::time::timeout(SETUP, async {
+        while !matches!(rx.recv().await, Some(MqttEvent::SubAck(_))) {}
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no SUBACK for {filter}"));
+}
 
 fn size_mb() -> usize {
     std::env::var("BENCH_MB")
@@ -29,24 +60,9 @@ fn size_mb() -> usize {
 /// receives them; time from the first publish to the last byte received.
 async fn raw_pubsub(broker: &BrokerUrl, total: usize) -> Duration {
     let shutdown = CancellationToken::new();
-    let (sub, sub_loop) = client::connect(client::options(broker, "bench-raw-sub", None), 1024);
-    let (sub_tx, mut sub_rx) = mpsc::channel(1024);
-    tokio::spawn(client::drive(sub_loop, sub_tx, shutdown.clone()));
-    loop {
-        if let Some(MqttEvent::Connected { .. }) = sub_rx.recv().await {
-            break;
-        }
-    }
-    sub.subscribe("bench/raw", QoS::AtLeastOnce).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let (publ, pub_loop) = client::connect(client::options(broker, "bench-raw-pub", None), 1024);
-    let (pub_tx, mut pub_rx) = mpsc::channel(1024);
-    tokio::spawn(client::drive(pub_loop, pub_tx, shutdown.clone()));
-    loop {
-        if let Some(MqttEvent::Connected { .. }) = pub_rx.recv().await {
-            break;
-        }
-    }
+    let (sub, mut sub_rx) = connected(broker, "bench-raw-sub", 1024, &shutdown).await;
+    subscribe(&sub, &mut sub_rx, "bench/raw").await;
+    let (publ, mut pub_rx) = connected(broker, "bench-raw-pub", 1024, &shutdown).await;
     tokio::spawn(async move { while pub_rx.recv().await.is_some() {} });
     let payload = vec![0x5au8; CHUNK];
     let started = Instant::now();
@@ -90,14 +106,15 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
         token.clone(),
     ));
     let secret_path = fleetcast_platform::admin_secret_path(&data);
+    let started = Instant::now();
     while !secret_path.exists() {
+        assert!(
+            started.elapsed() < SETUP,
+            "the platform wrote no admin secret"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let secret: fleetcast_proto::auth::Secret = std::fs::read_to_string(&secret_path)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let secret = fleetcast_broker::admin::load_secret(None, &secret_path).unwrap();
     let admin = AdminClient::connect(
         broker,
         Topics::default(),
@@ -141,24 +158,17 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
         .unwrap();
 
     // Watch the events topic for this machine's download phases.
-    let (ev, ev_loop) = client::connect(client::options(broker, "bench-events", None), 256);
-    let (ev_tx, mut ev_rx) = mpsc::channel(256);
-    tokio::spawn(client::drive(ev_loop, ev_tx, token.clone()));
-    loop {
-        if let Some(MqttEvent::Connected { .. }) = ev_rx.recv().await {
-            break;
-        }
-    }
-    ev.subscribe("fleet/events", QoS::AtLeastOnce)
-        .await
-        .unwrap();
+    let (ev, mut ev_rx) = connected(broker, "bench-events", 256, &token).await;
+    subscribe(&ev, &mut ev_rx, "fleet/events").await;
     // Wait for the machine to be online before publishing.
+    let started = Instant::now();
     loop {
         if let AdminReply::Machines { machines } = admin.request(AdminOp::Machines).await.unwrap() {
             if machines.iter().any(|m| m.online) {
                 break;
             }
         }
+        assert!(started.elapsed() < SETUP, "the machine did not come online");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let release = match admin
@@ -202,8 +212,8 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
     }
     admin.close().await;
     token.cancel();
-    let _ = serve.await;
-    let _ = sim.await;
+    serve.await.unwrap().expect("the platform stops cleanly");
+    sim.await.unwrap().expect("the simulator stops cleanly");
     Duration::from_millis(end.unwrap() - start.expect("downloading seen before downloaded"))
 }
 
