@@ -9,7 +9,10 @@
 //! - [`chunk`]: the binary chunk frame, chunk requests, per-chunk blake3 verification.
 //! - [`auth`]: ed25519 signatures (platform -> machine) and blake3 MACs (machine -> platform).
 //! - [`admin`]: operator CLI <-> platform requests, and the records the platform keeps.
+//! - [`acl`]: principals (platform, operators with roles, integrators, machines) and where
+//!   each may publish and subscribe.
 
+pub mod acl;
 pub mod admin;
 pub mod auth;
 pub mod chunk;

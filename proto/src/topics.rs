@@ -32,6 +32,12 @@ pub enum Route {
     AdminUpload(String),
     RolloutProgress(String),
     Events,
+    /// An integrator asks for stored events (`integrators/{client}/events/get`).
+    IntegratorEventsGet(String),
+    /// The platform's answer to an integrator (`integrators/{client}/events`).
+    IntegratorEvents(String),
+    /// The retained chain of platform signing keys.
+    PlatformKeys,
 }
 
 impl Default for Topics {
@@ -117,6 +123,21 @@ impl Topics {
     pub fn events(&self) -> String {
         format!("{}/events", self.prefix)
     }
+    /// An integrator's request for stored events (integrator -> platform).
+    pub fn integrator_events_get(&self, client: &str) -> String {
+        format!("{}/integrators/{client}/events/get", self.prefix)
+    }
+    /// The platform's signed answer to an integrator's request.
+    pub fn integrator_events(&self, client: &str) -> String {
+        format!("{}/integrators/{client}/events", self.prefix)
+    }
+    pub fn platform_integrator_request_filter(&self) -> String {
+        format!("{}/integrators/+/events/get", self.prefix)
+    }
+    /// The retained, signed chain of platform keys (key rotation), read by every machine.
+    pub fn platform_keys(&self) -> String {
+        format!("{}/platform/keys", self.prefix)
+    }
 
     /// Filters the platform subscribes to for what machines send.
     pub fn platform_status_filter(&self) -> String {
@@ -171,6 +192,9 @@ impl Topics {
             ["admin", c, "upload"] => Route::AdminUpload(valid_client(c)?),
             ["rollouts", r, "progress"] => Route::RolloutProgress(valid_client(r)?),
             ["events"] => Route::Events,
+            ["integrators", c, "events", "get"] => Route::IntegratorEventsGet(valid_client(c)?),
+            ["integrators", c, "events"] => Route::IntegratorEvents(valid_client(c)?),
+            ["platform", "keys"] => Route::PlatformKeys,
             _ => return None,
         };
         Some(route)
@@ -229,6 +253,15 @@ mod tests {
                 Route::RolloutProgress("r-1".into()),
             ),
             (t.events(), Route::Events),
+            (
+                t.integrator_events_get("fleetcast-int-erp"),
+                Route::IntegratorEventsGet("fleetcast-int-erp".into()),
+            ),
+            (
+                t.integrator_events("fleetcast-int-erp"),
+                Route::IntegratorEvents("fleetcast-int-erp".into()),
+            ),
+            (t.platform_keys(), Route::PlatformKeys),
         ];
         for (topic, route) in cases {
             assert_eq!(t.parse(&topic), Some(route), "{topic}");
