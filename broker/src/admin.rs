@@ -9,9 +9,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use fleetcast_proto::admin::{AdminOp, AdminReply, AdminRequest, AdminResponse, ArtifactInfo};
+use fleetcast_proto::acl::{operator_username, validate_name};
+use fleetcast_proto::admin::{
+    AdminOp, AdminReply, AdminRequest, AdminResponse, ArtifactInfo, ResponseEnvelope,
+};
 use fleetcast_proto::auth::{Purpose, Secret};
-use fleetcast_proto::chunk::{encode_frame, FrameHeader, FrameType, Layout};
+use fleetcast_proto::chunk::{encode_upload_frame, FrameHeader, FrameType, Layout};
 use fleetcast_proto::{ArtifactId, Kind, Topics};
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::{mpsc, oneshot};
@@ -34,6 +37,10 @@ pub enum AdminError {
     Timeout { op: String, secs: u64 },
     #[error("platform refused: {0}")]
     Refused(String),
+    #[error("refused, in an answer that could not be authenticated (wrong operator secret?): {0}")]
+    Unverified(String),
+    #[error("bad operator name: {0}")]
+    BadName(String),
     #[error("unexpected reply to {op}: {reply}")]
     UnexpectedReply { op: String, reply: String },
     #[error("{path}: {source}")]
@@ -47,7 +54,17 @@ pub enum AdminError {
     Lost(String),
 }
 
-type Waiters = Arc<Mutex<HashMap<u64, oneshot::Sender<AdminResponse>>>>;
+/// Requests waiting for their answer: request id -> (request counter, where to deliver).
+type Waiters = Arc<Mutex<HashMap<u64, (u64, oneshot::Sender<Answer>)>>>;
+
+/// A response, authenticated or not.
+enum Answer {
+    Sealed(Box<AdminResponse>),
+    Unverified(String),
+}
+
+/// The name every platform's first operator has; its secret is `<data>/admin.secret`.
+pub const BOOTSTRAP_OPERATOR: &str = "admin";
 
 /// A connected operator client. Cheap to share by reference; requests may run concurrently.
 pub struct AdminClient {
@@ -78,15 +95,31 @@ fn op_name(op: &AdminOp) -> String {
 }
 
 impl AdminClient {
-    /// Connects and subscribes to this client's response topic.
+    /// Connects as the bootstrap operator `admin` (see [`AdminClient::connect_as`]).
     pub async fn connect(
         broker: &BrokerUrl,
         topics: Topics,
         secret: Secret,
         timeout: Duration,
     ) -> Result<Self, AdminError> {
-        let client_id = format!("fleetcast-cli-{:08x}", rand::random::<u32>());
-        let mut opts = client::options(broker, &client_id, Some(&secret.mqtt_password()));
+        Self::connect_as(broker, topics, BOOTSTRAP_OPERATOR, secret, timeout).await
+    }
+
+    /// Connects as operator `operator` with its secret and subscribes to this session's
+    /// response topic. The client id is `fleetcast-op-<operator>.<random>`, so one operator
+    /// can run several commands at once.
+    pub async fn connect_as(
+        broker: &BrokerUrl,
+        topics: Topics,
+        operator: &str,
+        secret: Secret,
+        timeout: Duration,
+    ) -> Result<Self, AdminError> {
+        validate_name(operator).map_err(AdminError::BadName)?;
+        let username = operator_username(operator);
+        let client_id = format!("{username}.{:08x}", rand::random::<u32>());
+        let mut opts =
+            client::options_as(broker, &client_id, &username, Some(&secret.mqtt_password()));
         opts.set_clean_session(true);
         let (client, eventloop) = client::connect(opts, 256);
         let (tx, mut rx) = mpsc::channel(256);
@@ -104,7 +137,7 @@ impl AdminClient {
         if let Err(e) = connected {
             shutdown.cancel();
             return Err(connect_err(format!(
-                "{e} (wrong admin secret, or no broker there?)"
+                "{e} (wrong operator name or secret, or no broker there?)"
             )));
         }
         let response_topic = topics.admin_response(&client_id);
@@ -128,6 +161,8 @@ impl AdminClient {
             let waiters = waiters.clone();
             let client = client.clone();
             let shutdown = shutdown.clone();
+            let secret = secret.clone();
+            let client_id = client_id.clone();
             tokio::spawn(async move {
                 let _driver = driver;
                 loop {
@@ -143,18 +178,7 @@ impl AdminClient {
                                 .await;
                         }
                         MqttEvent::Publish(p) if p.topic == response_topic => {
-                            match serde_json::from_slice::<AdminResponse>(&p.payload) {
-                                Ok(resp) => {
-                                    if let Some(w) =
-                                        waiters.lock().expect("waiters").remove(&resp.id)
-                                    {
-                                        let _ = w.send(resp);
-                                    }
-                                }
-                                Err(e) => {
-                                    tracing::warn!(error = %e, "malformed admin response dropped")
-                                }
-                            }
+                            deliver(&waiters, &secret, &client_id, &p.payload)
                         }
                         MqttEvent::PubAck(pkid) => {
                             let _ = ack_tx.send(pkid);
@@ -223,7 +247,10 @@ impl AdminClient {
             op,
         };
         let (tx, mut rx) = oneshot::channel();
-        self.waiters.lock().expect("waiters").insert(id, tx);
+        self.waiters
+            .lock()
+            .expect("waiters")
+            .insert(id, (req.ctr, tx));
         let payload = self.secret.seal(Purpose::Admin, &req);
         let topic = self.topics.admin_request(&self.client_id);
         // A request published before the platform subscribed (it is starting, or reconnecting
@@ -254,6 +281,10 @@ impl AdminClient {
                     });
                 }
             }
+        };
+        let resp = match resp {
+            Answer::Sealed(resp) => *resp,
+            Answer::Unverified(e) => return Err(AdminError::Unverified(e)),
         };
         match (resp.ok, resp.error) {
             (_, Some(e)) => Err(AdminError::Refused(e)),
@@ -387,7 +418,7 @@ impl AdminClient {
                         topic.clone(),
                         QoS::AtLeastOnce,
                         false,
-                        encode_frame(&header, &buf[..len]),
+                        encode_upload_frame(&self.secret, &header, &buf[..len]),
                     )
                     .await
                     .map_err(|e| SendError::Mqtt(e.to_string()))?;
@@ -411,6 +442,55 @@ impl AdminClient {
         tokio::time::sleep(Duration::from_millis(20)).await;
         self.shutdown.cancel();
         let _ = self.task.await;
+    }
+}
+
+/// Hands a response to the request waiting for it. A sealed response must open with this
+/// operator's secret for this client and answer the waiting request's counter; anything else
+/// (forged, replayed, for another session) is dropped, and the request keeps waiting.
+fn deliver(waiters: &Waiters, secret: &Secret, client_id: &str, payload: &[u8]) {
+    let env: ResponseEnvelope = match serde_json::from_slice(payload) {
+        Ok(e) => e,
+        Err(e) => {
+            tracing::warn!(error = %e, "malformed admin response dropped");
+            return;
+        }
+    };
+    let answer = match (&env.sealed, env.unverified_error) {
+        (Some(sealed), _) => {
+            match secret.open_box::<AdminResponse>(Purpose::AdminResponse, client_id, sealed) {
+                Ok(resp) if resp.id == env.id => Answer::Sealed(Box::new(resp)),
+                Ok(_) => {
+                    tracing::warn!(id = env.id, "sealed admin response for another id dropped");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(id = env.id, error = %e, "admin response that does not open dropped");
+                    return;
+                }
+            }
+        }
+        (None, Some(text)) => Answer::Unverified(text),
+        (None, None) => {
+            tracing::warn!(id = env.id, "empty admin response dropped");
+            return;
+        }
+    };
+    let mut waiting = waiters.lock().expect("waiters");
+    let Some((ctr, _)) = waiting.get(&env.id) else {
+        return;
+    };
+    if let Answer::Sealed(resp) = &answer {
+        if resp.ctr != *ctr {
+            tracing::warn!(
+                id = env.id,
+                "admin response to another request (replayed?) dropped"
+            );
+            return;
+        }
+    }
+    if let Some((_, w)) = waiting.remove(&env.id) {
+        let _ = w.send(answer);
     }
 }
 

@@ -69,11 +69,22 @@ impl fmt::Display for BrokerUrl {
 /// Options for one fleetcast client: raised packet limits, keep-alive, credentials
 /// (`username == client_id`, as the embedded broker requires).
 pub fn options(broker: &BrokerUrl, client_id: &str, password: Option<&str>) -> MqttOptions {
+    options_as(broker, client_id, client_id, password)
+}
+
+/// Like [`options`], for principals whose client id extends their username (operators and
+/// integrators: `<username>.<session>`).
+pub fn options_as(
+    broker: &BrokerUrl,
+    client_id: &str,
+    username: &str,
+    password: Option<&str>,
+) -> MqttOptions {
     let mut o = MqttOptions::new(client_id, broker.host.clone(), broker.port);
     o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
     o.set_keep_alive(Duration::from_secs(10));
     if let Some(p) = password {
-        o.set_credentials(client_id, p);
+        o.set_credentials(username, p);
     }
     o
 }

@@ -526,6 +526,7 @@ impl Agent {
             groups: self.config.groups.clone(),
             busy: self.updater.busy(),
             kinds: self.updater.kind_states(),
+            key_gen: 0,
         };
         let payload = self.config.secret.seal(Purpose::State, &state);
         let topic = self.topics.state(self.me());

@@ -6,12 +6,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleetcast_proto::acl::{operator_of_client, Role};
 use fleetcast_proto::admin::{
-    AdminOp, AdminReply, AdminRequest, AdminResponse, ArtifactInfo, MachineInfo,
-    ProvisionedMachine, ReleaseInfo, ReleaseStatus, ADMIN_FRESHNESS_MS,
+    AdminOp, AdminReply, AdminRequest, AdminResponse, ArtifactInfo, AuditEntry, MachineInfo,
+    ProvisionedMachine, ReleaseInfo, ReleaseStatus, ResponseEnvelope, ADMIN_FRESHNESS_MS,
 };
 use fleetcast_proto::auth::{peek_body, Purpose, Secret};
-use fleetcast_proto::chunk::{decode_frame, FrameType, Layout};
+use fleetcast_proto::chunk::{open_upload_frame, Layout};
+use fleetcast_proto::events::MAX_BATCH_EVENTS;
 use fleetcast_proto::release::{compare_versions, validate_version, ArtifactRef};
 use fleetcast_proto::{ArtifactId, GroupId, InstallPolicy, Kind, MachineId, Target};
 use rand::RngCore;
@@ -24,7 +26,8 @@ use crate::artifacts::Upload;
 use crate::error::PlatformError;
 use crate::now_ms;
 use crate::publish::{self, refused, Ctx, OpError};
-use crate::rollout;
+use crate::store::{OperatorRecord, StoreError};
+use crate::{identities, rollout};
 
 /// What the serve connection forwards to the admin task.
 #[derive(Debug)]
@@ -133,24 +136,38 @@ impl Admin {
         }
     }
 
+    /// The operator a client id belongs to, if it exists.
+    fn operator(&self, client: &str) -> Result<Option<OperatorRecord>, StoreError> {
+        match operator_of_client(client) {
+            Some(name) => self.ctx.store.operator(name),
+            None => Ok(None),
+        }
+    }
+
     async fn request(&mut self, client: &str, payload: &[u8]) {
-        let req: AdminRequest = match self.ctx.keys.admin.open(Purpose::Admin, payload) {
+        let operator = match self.operator(client) {
+            Ok(Some(op)) => op,
+            Ok(None) => {
+                tracing::warn!(client, "admin request refused: no such operator");
+                self.refuse_unverified(client, payload, "no such operator (revoked?)")
+                    .await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(client, error = %e, "operator lookup failed");
+                return;
+            }
+        };
+        let req: AdminRequest = match operator.secret.open(Purpose::Admin, payload) {
             Ok(r) => r,
             Err(e) => {
                 tracing::warn!(client, reason = %e, "admin request refused");
-                // The id is unauthenticated, but telling a CLI with the wrong secret why costs nothing.
-                if let Ok(peek) = peek_body::<serde_json::Value>(payload) {
-                    if let Some(id) = peek.get("id").and_then(|v| v.as_u64()) {
-                        self.respond(
-                            client,
-                            AdminResponse::error(
-                                id,
-                                format!("request refused: {e} (wrong admin secret?)"),
-                            ),
-                        )
-                        .await;
-                    }
-                }
+                self.refuse_unverified(
+                    client,
+                    payload,
+                    &format!("request refused: {e} (wrong operator secret?)"),
+                )
+                .await;
                 return;
             }
         };
@@ -166,8 +183,8 @@ impl Admin {
                 ADMIN_FRESHNESS_MS / 1000
             );
             tracing::warn!(client, "{text}");
-            self.respond(client, AdminResponse::error(req.id, text))
-                .await;
+            let response = AdminResponse::error(req.id, req.ctr, text);
+            self.respond(client, &operator.secret, &response).await;
             return;
         }
         // Forget clients whose requests could no longer pass the freshness check anyway.
@@ -182,7 +199,7 @@ impl Admin {
                     "retried admin request: sending its response again"
                 );
                 let cached = cached.clone();
-                self.respond(client, cached).await;
+                self.respond(client, &operator.secret, &cached).await;
             } else {
                 tracing::warn!(
                     client,
@@ -195,24 +212,84 @@ impl Admin {
         }
         seen.last_ctr = req.ctr;
         seen.last_at_ms = now;
-        let response = match self.handle(client, req.op).await {
-            Ok(reply) => AdminResponse::ok(req.id, reply),
+        let audited = req.op.is_change() || operator.role() < req.op.required_role();
+        let audit_request = audited.then(|| serde_json::to_value(&req.op).unwrap_or_default());
+        let action = req.op.name();
+        let result = if operator.role() < req.op.required_role() {
+            Err(OpError::Refused(format!(
+                "operator {} has role {}; {} needs {}",
+                operator.info.name,
+                operator.role(),
+                action,
+                req.op.required_role()
+            )))
+        } else {
+            self.handle(client, &operator, req.op).await
+        };
+        let response = match result {
+            Ok(reply) => AdminResponse::ok(req.id, req.ctr, reply),
             Err(e) => {
                 tracing::info!(client, error = %e, "admin request failed");
-                AdminResponse::error(req.id, e.to_string())
+                AdminResponse::error(req.id, req.ctr, e.to_string())
             }
         };
+        if let Some(request) = audit_request {
+            let mut entry = AuditEntry {
+                id: 0,
+                at_ms: now,
+                operator: operator.info.name.clone(),
+                client: client.to_owned(),
+                action: action.to_owned(),
+                request,
+                result: response.error.clone().unwrap_or_else(|| "ok".into()),
+            };
+            // The record of an action is durable before the operator hears of it.
+            let stored = self.ctx.store.append_audit(&mut entry);
+            let flushed = match stored {
+                Ok(()) => self.ctx.store.flush_async().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = flushed {
+                tracing::error!(client, action, error = %e, "audit entry not stored");
+            }
+        }
         if let Some(seen) = self.ctrs.get_mut(client) {
             seen.responses.push_back((req.ctr, response.clone()));
             while seen.responses.len() > KEPT_RESPONSES {
                 seen.responses.pop_front();
             }
         }
-        self.respond(client, response).await;
+        self.respond(client, &operator.secret, &response).await;
     }
 
-    async fn respond(&self, client: &str, response: AdminResponse) {
-        let payload = serde_json::to_vec(&response).expect("responses serialize");
+    /// Answers a request the platform could not authenticate. It has no key to seal with, so
+    /// the answer is plain and the CLI shows it as unverified; the id is read unauthenticated.
+    async fn refuse_unverified(&self, client: &str, payload: &[u8], text: &str) {
+        let Some(id) = peek_body::<serde_json::Value>(payload)
+            .ok()
+            .and_then(|v| v.get("id").and_then(|v| v.as_u64()))
+        else {
+            return;
+        };
+        let env = ResponseEnvelope {
+            id,
+            sealed: None,
+            unverified_error: Some(text.to_owned()),
+        };
+        self.send_response(client, &env).await;
+    }
+
+    async fn respond(&self, client: &str, secret: &Secret, response: &AdminResponse) {
+        let env = ResponseEnvelope {
+            id: response.id,
+            sealed: Some(secret.seal_box(Purpose::AdminResponse, client, response)),
+            unverified_error: None,
+        };
+        self.send_response(client, &env).await;
+    }
+
+    async fn send_response(&self, client: &str, env: &ResponseEnvelope) {
+        let payload = serde_json::to_vec(env).expect("responses serialize");
         if let Err(e) = self
             .ctx
             .mqtt
@@ -229,17 +306,27 @@ impl Admin {
     }
 
     fn part(&mut self, client: &str, payload: &[u8]) {
-        let (header, bytes) = match decode_frame(payload) {
-            Ok(f) => f,
+        let secret = match self.operator(client) {
+            Ok(Some(op)) if op.role() >= Role::Operator => op.secret,
+            Ok(_) => {
+                tracing::warn!(
+                    client,
+                    "upload frame from no operator allowed to upload dropped"
+                );
+                return;
+            }
             Err(e) => {
-                tracing::warn!(client, reason = %e, "malformed upload frame dropped");
+                tracing::error!(client, error = %e, "operator lookup failed");
                 return;
             }
         };
-        if header.frame_type != FrameType::UploadPart {
-            tracing::warn!(client, "non-upload frame on the upload topic dropped");
-            return;
-        }
+        let (header, bytes) = match open_upload_frame(&secret, payload) {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(client, reason = %e, "upload frame dropped");
+                return;
+            }
+        };
         let Some(staged) = self.uploads.get_mut(&header.artifact) else {
             tracing::debug!(client, artifact = %header.artifact.short(), "upload part for no upload in progress dropped");
             return;
@@ -256,7 +343,12 @@ impl Admin {
         }
     }
 
-    async fn handle(&mut self, client: &str, op: AdminOp) -> Result<AdminReply, OpError> {
+    async fn handle(
+        &mut self,
+        client: &str,
+        operator: &OperatorRecord,
+        op: AdminOp,
+    ) -> Result<AdminReply, OpError> {
         let store = &self.ctx.store;
         match op {
             AdminOp::UploadBegin {
@@ -344,6 +436,48 @@ impl Admin {
                     ),
                 })
             }
+            AdminOp::MachineRevoke { machine } => Ok(AdminReply::Done {
+                message: identities::machine_revoke(&self.ctx, &machine).await?,
+            }),
+            AdminOp::OperatorAdd { name, role } => Ok(AdminReply::OperatorCreated {
+                operator: identities::operator_add(&self.ctx, &operator.info.name, name, role)
+                    .await?,
+            }),
+            AdminOp::OperatorList => Ok(AdminReply::Operators {
+                operators: store.operators()?.into_iter().map(|o| o.info).collect(),
+            }),
+            AdminOp::OperatorRevoke { name } => Ok(AdminReply::Done {
+                message: identities::operator_revoke(&self.ctx, &name).await?,
+            }),
+            AdminOp::IntegratorAdd { name } => Ok(AdminReply::IntegratorCreated {
+                integrator: identities::integrator_add(&self.ctx, &operator.info.name, name)
+                    .await?,
+            }),
+            AdminOp::EventsSince { since, limit } => {
+                let limit = limit.unwrap_or(MAX_BATCH_EVENTS).clamp(1, MAX_BATCH_EVENTS);
+                let (events, more) = store.events_since(since, limit as usize)?;
+                let next = events.last().map_or(since, |e| e.id);
+                Ok(AdminReply::Events { events, next, more })
+            }
+            AdminOp::Audit { since, limit } => {
+                let limit = limit.unwrap_or(MAX_BATCH_EVENTS).clamp(1, MAX_BATCH_EVENTS);
+                let (entries, more) = store.audit_since(since, limit as usize)?;
+                let next = entries.last().map_or(since, |e| e.id);
+                Ok(AdminReply::Audit {
+                    entries,
+                    next,
+                    more,
+                })
+            }
+            AdminOp::KeyRotate => {
+                let generation = publish::rotate_key(&self.ctx).await?;
+                Ok(AdminReply::Done {
+                    message: format!(
+                        "platform key rotated to generation {generation}; machines follow the announced chain"
+                    ),
+                })
+            }
+            AdminOp::MosquittoConfig => refused("mosquitto_config is not available yet"),
         }
     }
 
@@ -542,7 +676,7 @@ impl Admin {
                 machine,
                 groups: info.groups,
                 secret,
-                platform_key: self.ctx.keys.public,
+                platform_key: self.ctx.keys().public,
                 topic_prefix: self.ctx.topics.prefix().to_owned(),
             },
         })
@@ -641,11 +775,7 @@ pub fn previous_version(history: &[String], current: Option<&str>) -> Option<Str
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetcast_proto::chunk::{encode_frame, FrameHeader};
-    use fleetcast_proto::Topics;
-
-    use crate::artifacts::ArtifactStore;
-    use crate::store::Store;
+    use fleetcast_proto::chunk::{encode_upload_frame, FrameHeader, FrameType};
 
     struct Fixture {
         dir: tempfile::TempDir,
@@ -658,13 +788,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (mqtt, eventloop) =
             rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 4096);
-        let ctx = Arc::new(Ctx {
-            store: Arc::new(Store::open(&dir.path().join("db")).unwrap()),
-            files: Arc::new(ArtifactStore::open(dir.path()).unwrap()),
-            keys: Arc::new(crate::keys::load_or_create_keys(dir.path()).unwrap()),
-            topics: Topics::default(),
-            mqtt,
-        });
+        let ctx = Arc::new(Ctx::for_tests(dir.path(), mqtt));
         Fixture {
             dir,
             _eventloop: eventloop,
@@ -680,11 +804,17 @@ mod tests {
         (0..2500u32).map(|i| (i as u8).wrapping_mul(seed)).collect()
     }
 
+    /// The bootstrap admin, who runs every request in these tests.
+    fn operator(admin: &Admin) -> OperatorRecord {
+        admin.ctx.store.operator("admin").unwrap().unwrap()
+    }
+
     async fn begin(admin: &mut Admin, client: &str, version: &str, data: &[u8]) -> ArtifactId {
         let artifact = ArtifactId::of(data);
         let reply = admin
             .handle(
                 client,
+                &operator(admin),
                 AdminOp::UploadBegin {
                     kind: Kind::new("app").unwrap(),
                     version: version.into(),
@@ -713,7 +843,8 @@ mod tests {
         };
         let start = index as usize * 1024;
         let part = &data[start..data.len().min(start + 1024)];
-        admin.part(client, &encode_frame(&header, part));
+        let secret = operator(admin).secret;
+        admin.part(client, &encode_upload_frame(&secret, &header, part));
     }
 
     async fn commit(
@@ -721,8 +852,9 @@ mod tests {
         client: &str,
         artifact: ArtifactId,
     ) -> Result<AdminReply, OpError> {
+        let op = operator(admin);
         admin
-            .handle(client, AdminOp::UploadCommit { artifact })
+            .handle(client, &op, AdminOp::UploadCommit { artifact })
             .await
     }
 
@@ -736,15 +868,21 @@ mod tests {
     async fn concurrent_uploads_of_different_artifacts_both_commit() {
         let mut f = fixture();
         let (one, two) = (bytes(3), bytes(5));
-        let a = begin(&mut f.admin, "cli-a", "1.0", &one).await;
-        let b = begin(&mut f.admin, "cli-b", "2.0", &two).await;
+        let a = begin(&mut f.admin, "fleetcast-op-admin.a", "1.0", &one).await;
+        let b = begin(&mut f.admin, "fleetcast-op-admin.b", "2.0", &two).await;
         for i in 0..3 {
-            send_part(&mut f.admin, "cli-a", a, &one, i);
-            send_part(&mut f.admin, "cli-b", b, &two, 2 - i);
+            send_part(&mut f.admin, "fleetcast-op-admin.a", a, &one, i);
+            send_part(&mut f.admin, "fleetcast-op-admin.b", b, &two, 2 - i);
         }
         // A part for no upload in progress changes nothing.
-        send_part(&mut f.admin, "cli-a", ArtifactId::of(b"none"), &one, 0);
-        for (client, id) in [("cli-a", a), ("cli-b", b)] {
+        send_part(
+            &mut f.admin,
+            "fleetcast-op-admin.a",
+            ArtifactId::of(b"none"),
+            &one,
+            0,
+        );
+        for (client, id) in [("fleetcast-op-admin.a", a), ("fleetcast-op-admin.b", b)] {
             let reply = commit(&mut f.admin, client, id).await.unwrap();
             assert!(matches!(reply, AdminReply::Artifact { .. }), "{reply:?}");
             assert!(f.admin.ctx.files.exists(&id));
@@ -756,8 +894,8 @@ mod tests {
     async fn an_abandoned_upload_is_dropped_with_its_staging_file() {
         let mut f = fixture();
         let data = bytes(7);
-        let a = begin(&mut f.admin, "cli-a", "1.0", &data).await;
-        send_part(&mut f.admin, "cli-a", a, &data, 0);
+        let a = begin(&mut f.admin, "fleetcast-op-admin.a", "1.0", &data).await;
+        send_part(&mut f.admin, "fleetcast-op-admin.a", a, &data, 0);
         assert_eq!(staging_files(&f), 1);
         f.admin.drop_abandoned_uploads();
         assert_eq!(f.admin.uploads.len(), 1, "an active upload is kept");
@@ -769,7 +907,9 @@ mod tests {
         f.admin.drop_abandoned_uploads();
         assert!(f.admin.uploads.is_empty());
         assert_eq!(staging_files(&f), 0);
-        let err = commit(&mut f.admin, "cli-a", a).await.unwrap_err();
+        let err = commit(&mut f.admin, "fleetcast-op-admin.a", a)
+            .await
+            .unwrap_err();
         assert!(err.to_string().contains("no upload of artifact"), "{err}");
     }
 
@@ -785,11 +925,13 @@ mod tests {
             .join("uploads")
             .join(format!("{}.part", artifact.to_hex()));
         std::os::unix::fs::symlink("/dev/full", &staging).unwrap();
-        begin(&mut f.admin, "cli-a", "1.0", &data).await;
+        begin(&mut f.admin, "fleetcast-op-admin.a", "1.0", &data).await;
         for i in 0..3 {
-            send_part(&mut f.admin, "cli-a", artifact, &data, i);
+            send_part(&mut f.admin, "fleetcast-op-admin.a", artifact, &data, i);
         }
-        let err = commit(&mut f.admin, "cli-a", artifact).await.unwrap_err();
+        let err = commit(&mut f.admin, "fleetcast-op-admin.a", artifact)
+            .await
+            .unwrap_err();
         let text = err.to_string();
         assert!(
             text.contains("upload failed") && text.contains("No space left on device"),

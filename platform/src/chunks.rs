@@ -235,9 +235,7 @@ mod tests {
     use super::*;
     use fleetcast_proto::admin::ArtifactInfo;
     use fleetcast_proto::auth::Secret;
-    use fleetcast_proto::{Kind, Topics};
-
-    use crate::store::Store;
+    use fleetcast_proto::Kind;
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -249,24 +247,15 @@ mod tests {
 
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(Store::open(&dir.path().join("db")).unwrap());
-        let files = Arc::new(ArtifactStore::open(dir.path()).unwrap());
-        let keys = Arc::new(crate::keys::load_or_create_keys(dir.path()).unwrap());
         let (mqtt, eventloop) =
             rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 4096);
+        let ctx = Arc::new(Ctx::for_tests(dir.path(), mqtt));
         let secret = Secret::from_bytes([7; 32]);
         for m in ["vm-1", "vm-2"] {
-            store
+            ctx.store
                 .put_secret(&MachineId::new(m).unwrap(), &secret)
                 .unwrap();
         }
-        let ctx = Arc::new(Ctx {
-            store,
-            files,
-            keys,
-            topics: Topics::default(),
-            mqtt,
-        });
         Fixture {
             _dir: dir,
             _eventloop: eventloop,

@@ -198,7 +198,7 @@ impl Ingest {
         match a {
             After::StatusAck { machine, ctr } => {
                 let ack = fleetcast_proto::StatusAck { machine, ctr };
-                let payload = ctx.keys.platform.sign(Purpose::StatusAck, &ack);
+                let payload = ctx.keys().platform.sign(Purpose::StatusAck, &ack);
                 if let Err(err) = ctx.mqtt.try_publish(
                     ctx.topics.status_ack(&ack.machine),
                     QoS::AtMostOnce,
@@ -210,7 +210,7 @@ impl Ingest {
                 }
             }
             After::Event(e) => {
-                let payload = serde_json::to_vec(&e).expect("events serialize");
+                let payload = ctx.keys().platform.sign(Purpose::Event, &e);
                 if let Err(err) =
                     ctx.mqtt
                         .try_publish(ctx.topics.events(), QoS::AtMostOnce, false, payload)

@@ -1,10 +1,18 @@
-//! The platform's ed25519 signing key and the operator (admin) secret, kept in the data dir.
-//! Created on first start; secret files are written 0600 via temp file + fsync + rename.
+//! The platform's ed25519 signing key, its rotation chain, and the bootstrap operator secret,
+//! kept in the data dir. Created on first start; secret files are written 0600 via temp file +
+//! fsync + rename.
+//!
+//! Files: `platform.key` (current seed, hex), `platform.pub` (current public key),
+//! `key-chain.json` (every rotation: each new key announced under the previous one; the current
+//! generation is its length), `admin.secret` (the first operator's secret). A rotation writes
+//! the new seed to `platform.key.next`, then the chain, then renames the seed into place; a
+//! crash in between is finished (or undone) at the next start.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
-use fleetcast_proto::auth::{PlatformKey, PlatformPublicKey, Secret};
+use fleetcast_proto::auth::{PlatformKey, PlatformPublicKey, Purpose, Secret};
+use fleetcast_proto::keychain::{KeyAnnouncement, KeyChain};
 use rand::RngCore;
 
 use crate::error::PlatformError;
@@ -13,6 +21,32 @@ pub struct Keys {
     pub platform: PlatformKey,
     pub public: PlatformPublicKey,
     pub admin: Secret,
+    /// Every rotation so far; its length is the current key's generation.
+    pub chain: KeyChain,
+}
+
+impl Keys {
+    pub fn generation(&self) -> u32 {
+        self.platform.generation()
+    }
+
+    /// The broker password of the platform's own clients on an external broker (derived from
+    /// the first admin secret, which stays in the data dir, so it survives key rotation).
+    pub fn platform_mqtt_password(&self) -> String {
+        Secret::from_bytes(blake3::derive_key(
+            "fleetcast v1 platform broker secret",
+            self.admin.as_bytes(),
+        ))
+        .mqtt_password()
+    }
+}
+
+pub fn chain_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("key-chain.json")
+}
+
+fn next_key_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("platform.key.next")
 }
 
 pub fn platform_key_path(data_dir: &Path) -> PathBuf {
@@ -80,8 +114,43 @@ pub fn load_or_create_keys(data_dir: &Path) -> Result<Keys, PlatformError> {
             s
         }
     };
-    let platform = PlatformKey::from_seed(seed);
+    let chain_file = chain_path(data_dir);
+    let chain = match std::fs::read(&chain_file) {
+        Ok(bytes) => KeyChain::parse(&bytes).map_err(|e| PlatformError::BadFile {
+            path: chain_file.clone(),
+            reason: e.to_string(),
+        })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => KeyChain::default(),
+        Err(e) => return Err(PlatformError::io(&chain_file, e)),
+    };
+    let generation = chain.links.len() as u32;
+    let newest = chain
+        .links
+        .last()
+        .and_then(|l| serde_json::from_str::<KeyAnnouncement>(&l.body).ok())
+        .map(|a| a.key);
+    // A rotation interrupted after the chain was written: finish it.
+    let mut seed = seed;
+    let next = next_key_path(data_dir);
+    if let Some(next_seed) = read_hex32(&next)? {
+        if Some(PlatformKey::from_seed(next_seed).public()) == newest {
+            std::fs::rename(&next, &key_path).map_err(|e| PlatformError::io(&next, e))?;
+            seed = next_seed;
+        } else {
+            std::fs::remove_file(&next).map_err(|e| PlatformError::io(&next, e))?;
+        }
+    }
+    let platform = PlatformKey::with_generation(seed, generation);
     let public = platform.public();
+    if newest.is_some_and(|k| k != public) {
+        return Err(PlatformError::BadFile {
+            path: key_path,
+            reason: format!(
+                "this key is not generation {generation} of {} (the newest key it announces)",
+                chain_file.display()
+            ),
+        });
+    }
     let pub_path = public_key_path(data_dir);
     if std::fs::read_to_string(&pub_path)
         .map(|t| t.trim().to_owned())
@@ -103,6 +172,42 @@ pub fn load_or_create_keys(data_dir: &Path) -> Result<Keys, PlatformError> {
         platform,
         public,
         admin,
+        chain,
+    })
+}
+
+/// Rotates the platform key: a new key, announced under the current one. Returns the new keys;
+/// the caller re-signs what it keeps signed (desired notices) and publishes the chain.
+pub fn rotate(data_dir: &Path, keys: &Keys, now_ms: u64) -> Result<Keys, PlatformError> {
+    let seed = random32();
+    let generation = keys.generation() + 1;
+    let platform = PlatformKey::with_generation(seed, generation);
+    let link = keys.platform.sign_envelope(
+        Purpose::KeyRotation,
+        &KeyAnnouncement {
+            generation,
+            key: platform.public(),
+            issued_at_ms: now_ms,
+        },
+    );
+    let mut chain = keys.chain.clone();
+    chain.links.push(link);
+    let next = next_key_path(data_dir);
+    write_atomic(&next, format!("{}\n", hex::encode(seed)).as_bytes(), 0o600)?;
+    write_atomic(&chain_path(data_dir), &chain.to_bytes(), 0o644)?;
+    let key_path = platform_key_path(data_dir);
+    std::fs::rename(&next, &key_path).map_err(|e| PlatformError::io(&next, e))?;
+    let public = platform.public();
+    write_atomic(
+        &public_key_path(data_dir),
+        format!("{public}\n").as_bytes(),
+        0o644,
+    )?;
+    Ok(Keys {
+        platform,
+        public,
+        admin: keys.admin.clone(),
+        chain,
     })
 }
 
@@ -125,5 +230,45 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let text = std::fs::read_to_string(public_key_path(dir.path())).unwrap();
         assert_eq!(text.trim(), a.public.to_hex());
+    }
+
+    #[test]
+    fn a_rotated_key_is_announced_under_the_old_one_and_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_keys(dir.path()).unwrap();
+        let second = rotate(dir.path(), &first, 1).unwrap();
+        let third = rotate(dir.path(), &second, 2).unwrap();
+        assert_eq!(third.generation(), 2);
+        let reloaded = load_or_create_keys(dir.path()).unwrap();
+        assert_eq!(reloaded.public, third.public);
+        assert_eq!(reloaded.generation(), 2);
+        assert_eq!(
+            reloaded.chain.follow(0, first.public).unwrap(),
+            (2, third.public)
+        );
+        assert_eq!(reloaded.admin, first.admin);
+    }
+
+    #[test]
+    fn a_rotation_interrupted_after_the_chain_was_written_is_finished_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = load_or_create_keys(dir.path()).unwrap();
+        let second = rotate(dir.path(), &first, 1).unwrap();
+        // Put the old seed back as if the rename had not happened.
+        write_atomic(
+            &next_key_path(dir.path()),
+            format!("{}\n", hex::encode(second.platform.seed())).as_bytes(),
+            0o600,
+        )
+        .unwrap();
+        write_atomic(
+            &platform_key_path(dir.path()),
+            format!("{}\n", hex::encode(first.platform.seed())).as_bytes(),
+            0o600,
+        )
+        .unwrap();
+        let reloaded = load_or_create_keys(dir.path()).unwrap();
+        assert_eq!(reloaded.public, second.public);
+        assert!(!next_key_path(dir.path()).exists());
     }
 }

@@ -3,21 +3,25 @@
 //! Layout:
 //! - [`serve`]: `serve(opts, shutdown)`, the service: opens the data dir, optionally starts the
 //!   embedded broker, runs the connections and tasks below until shutdown.
+//! - [`broker_auth`]: which principal holds a broker client's credentials (the store's view).
 //! - [`keys`]: the platform's signing key and the admin secret in the data dir.
 //! - [`store`]: sled persistence, one tree per record family (layout documented there).
 //! - [`artifacts`]: artifact files: staged uploads, atomic commit, manifests, chunk reads.
 //! - [`rollout`]: the pure per-(release, machine) state machine and rollout progress.
 //! - [`ingest`]: the persistent, manually acked connection for status, state and online.
 //! - [`chunks`]: the chunk server (per machine or broadcast).
+//! - [`identities`]: operators with roles, integrators, machine revocation.
 //! - [`admin`]: operator requests: uploads, releases, publishing, rollback, activate.
 //! - [`publish`]: signing and bookkeeping of notices and commands, shared by admin and ingest.
 //! - [`cli`]: the `fleetcast` command line (one module per command family).
 
 pub mod admin;
 pub mod artifacts;
+pub mod broker_auth;
 pub mod chunks;
 pub mod cli;
 pub mod error;
+pub mod identities;
 pub mod ingest;
 pub mod keys;
 pub mod publish;

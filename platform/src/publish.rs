@@ -3,7 +3,7 @@
 //! and (re-)publishing them and rollout progress.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use fleetcast_proto::admin::{PublishPlan, ReleaseInfo, RolloutProgress};
 use fleetcast_proto::auth::Purpose;
@@ -21,10 +21,57 @@ use crate::store::{DesiredNotice, Store, StoreError};
 pub struct Ctx {
     pub store: Arc<Store>,
     pub files: Arc<ArtifactStore>,
-    pub keys: Arc<Keys>,
+    /// The current keys; replaced whole by a key rotation.
+    pub keys: RwLock<Arc<Keys>>,
     pub topics: Topics,
     /// Client of the serve connection; every platform publish goes through it.
     pub mqtt: AsyncClient,
+    /// Closes broker sessions (revocation); a no-op on an external broker.
+    pub sessions: Arc<dyn SessionControl>,
+    /// The data dir (keys live there).
+    pub data_dir: std::path::PathBuf,
+}
+
+impl Ctx {
+    /// The keys in force now.
+    pub fn keys(&self) -> Arc<Keys> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+impl Ctx {
+    /// A context over a fresh store and keys in `dir`, publishing into `mqtt` (never polled).
+    pub fn for_tests(dir: &std::path::Path, mqtt: AsyncClient) -> Self {
+        let store = Arc::new(Store::open(&dir.join("db")).unwrap());
+        let keys = crate::keys::load_or_create_keys(dir).unwrap();
+        crate::identities::ensure_bootstrap_admin(&store, &keys).unwrap();
+        Ctx {
+            store,
+            files: Arc::new(ArtifactStore::open(dir).unwrap()),
+            keys: RwLock::new(Arc::new(keys)),
+            topics: Topics::default(),
+            mqtt,
+            sessions: Arc::new(NoSessionControl),
+            data_dir: dir.to_owned(),
+        }
+    }
+}
+
+/// Closes live broker sessions of a username: the embedded broker's gateway does; an external
+/// broker cannot be told (its own tools or a restart do it).
+pub trait SessionControl: Send + Sync {
+    /// Closes every session of `username`; returns how many were closed.
+    fn close_sessions(&self, username: &str) -> usize;
+}
+
+/// For an external broker: nothing to close from here.
+pub struct NoSessionControl;
+
+impl SessionControl for NoSessionControl {
+    fn close_sessions(&self, _username: &str) -> usize {
+        0
+    }
 }
 
 /// Why an operator request failed; the text goes back to the CLI.
@@ -145,7 +192,7 @@ fn sign_notice(ctx: &Ctx, release: &ReleaseInfo, seq: u64, target: Target) -> De
         rollback: release.rollback,
         issued_at_ms: now_ms(),
     };
-    let payload = ctx.keys.platform.sign(Purpose::Release, &notice);
+    let payload = ctx.keys().platform.sign(Purpose::Release, &notice);
     DesiredNotice {
         topic,
         seq,
@@ -291,7 +338,7 @@ pub async fn activate(
         };
         commands.push((
             ctx.topics.command(m),
-            ctx.keys.platform.sign(Purpose::Command, &cmd),
+            ctx.keys().platform.sign(Purpose::Command, &cmd),
         ));
     }
     ctx.store.flush_async().await?;
@@ -321,7 +368,7 @@ fn progress_message(
     release: &ReleaseId,
 ) -> Result<Option<(String, Vec<u8>)>, StoreError> {
     Ok(progress_of(&ctx.store, release)?.map(|p| {
-        let payload = serde_json::to_vec(&p).expect("progress serializes");
+        let payload = ctx.keys().platform.sign(Purpose::Progress, &p);
         (ctx.topics.rollout_progress(release.as_str()), payload)
     }))
 }
@@ -351,6 +398,7 @@ async fn send_desired(ctx: &Ctx, n: &DesiredNotice) -> Result<(), rumqttc::Clien
 /// Re-publishes every desired notice and every published release's progress: after each
 /// (re)connect, because brokers forget retained messages on restart.
 pub async fn republish_all(ctx: &Ctx) -> Result<(usize, usize), OpError> {
+    publish_key_chain(ctx).await?;
     let desired = ctx.store.all_desired()?;
     for n in &desired {
         send_desired(ctx, n).await?;
@@ -365,6 +413,52 @@ pub async fn republish_all(ctx: &Ctx) -> Result<(usize, usize), OpError> {
         }
     }
     Ok((desired.len(), progress))
+}
+
+/// Publishes the key chain, retained, when there has been a rotation.
+pub async fn publish_key_chain(ctx: &Ctx) -> Result<(), rumqttc::ClientError> {
+    let keys = ctx.keys();
+    if keys.chain.links.is_empty() {
+        return Ok(());
+    }
+    ctx.mqtt
+        .publish(
+            ctx.topics.platform_keys(),
+            QoS::AtLeastOnce,
+            true,
+            keys.chain.to_bytes(),
+        )
+        .await
+}
+
+/// Rotates the platform key: announces the new key under the old one, re-signs every desired
+/// notice with it, and publishes the chain and the notices. Returns the new generation.
+pub async fn rotate_key(ctx: &Ctx) -> Result<u32, OpError> {
+    let new_keys = {
+        let mut keys = ctx.keys.write().unwrap_or_else(|p| p.into_inner());
+        let old = keys.clone();
+        let new_keys = Arc::new(
+            crate::keys::rotate(&ctx.data_dir, &old, now_ms())
+                .map_err(|e| OpError::Refused(format!("key rotation failed: {e}")))?,
+        );
+        let _records = ctx.store.lock_records();
+        for mut n in ctx.store.all_desired()? {
+            let notice: ReleaseNotice = old
+                .public
+                .verify(Purpose::Release, n.payload.as_bytes())
+                .map_err(|e| {
+                OpError::Refused(format!("stored notice on {} does not verify: {e}", n.topic))
+            })?;
+            let payload = new_keys.platform.sign(Purpose::Release, &notice);
+            n.payload = String::from_utf8(payload).expect("signed envelopes are JSON");
+            ctx.store.put_desired(&n)?;
+        }
+        *keys = new_keys.clone();
+        new_keys
+    };
+    ctx.store.flush_async().await?;
+    republish_all(ctx).await?;
+    Ok(new_keys.generation())
 }
 
 /// The notice each kind of `machine` should follow: the highest seq over its own and its

@@ -23,14 +23,17 @@ use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, AdminInput};
 use crate::artifacts::ArtifactStore;
+use crate::broker_auth::{AuthStore, StoreAuth};
 use crate::error::PlatformError;
+use crate::identities;
 use crate::keys::{load_or_create_keys, Keys};
-use crate::publish::Ctx;
+use crate::publish::{Ctx, NoSessionControl, SessionControl};
 use crate::store::Store;
 use crate::{chunks, ingest};
+use fleetcast_proto::acl::PLATFORM_USER;
 
-pub const INGEST_CLIENT_ID: &str = "fleetcast-platform-ingest";
-pub const SERVE_CLIENT_ID: &str = "fleetcast-platform-serve";
+pub const INGEST_CLIENT_ID: &str = "fleetcast-platform.ingest";
+pub const SERVE_CLIENT_ID: &str = "fleetcast-platform.serve";
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -48,11 +51,9 @@ pub struct Deps {
     pub keys: Arc<Keys>,
     pub topics: Topics,
     pub broker: BrokerUrl,
+    pub data_dir: PathBuf,
+    pub sessions: Arc<dyn SessionControl>,
 }
-
-/// The broker auth hook's view of the database; emptied when `serve` returns, because rumqttd
-/// (and so the hook) outlives it.
-type AuthStore = Arc<RwLock<Option<Arc<Store>>>>;
 
 /// Runs the platform until `shutdown` is cancelled or a task fails.
 pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> Result<(), PlatformError> {
@@ -65,6 +66,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> Result<()
                 reason: e.to_string(),
             })?,
         );
+    identities::ensure_bootstrap_admin(&store, &keys)?;
     let auth: AuthStore = Arc::new(RwLock::new(Some(store.clone())));
     if let Some(listen) = opts.embedded_listen {
         start_embedded_broker(
@@ -80,31 +82,30 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> Result<()
         keys: Arc::new(keys),
         topics: Topics::new(&opts.topic_prefix),
         broker: opts.broker.clone(),
+        data_dir: opts.data_dir.clone(),
+        sessions: Arc::new(NoSessionControl),
     };
     let result = run(deps, shutdown).await;
     *auth.write().unwrap_or_else(|p| p.into_inner()) = None;
     result
 }
 
-/// Starts rumqttd with fleetcast's auth: `fleetcast-*` client ids (platform, CLI) need the
-/// admin secret's MQTT password, any other id must be a provisioned machine with its own.
+/// Starts rumqttd with fleetcast's auth: each client's credentials must name a principal
+/// (platform, operator, integrator, provisioned machine) that accepts its client id.
 pub fn start_embedded_broker(
     listen: SocketAddr,
     keys: &Keys,
     topics: &Topics,
     auth: AuthStore,
 ) -> Result<EmbeddedBroker, PlatformError> {
-    let admin_password = keys.admin.mqtt_password();
-    let mut settings = BrokerSettings::new(listen).with_auth(move |client, pass| {
-        if client.starts_with("fleetcast-") {
-            return pass == admin_password;
-        }
-        let guard = auth.read().unwrap_or_else(|p| p.into_inner());
-        guard
-            .as_ref()
-            .and_then(|s| s.secret_by_client_id(client))
-            .is_some_and(|s| s.mqtt_password() == pass)
-    });
+    let check = StoreAuth {
+        store: auth,
+        platform_password: keys.platform_mqtt_password(),
+    };
+    let mut settings = BrokerSettings::new(listen);
+    settings.auth = Some(Arc::new(move |client: &str, user: &str, pass: &str| {
+        check.check(client, user, pass)
+    }));
     settings.bulk_filters = topics.chunk_filters();
     Ok(EmbeddedBroker::start(settings)?)
 }
@@ -112,10 +113,15 @@ pub fn start_embedded_broker(
 /// The service proper: connections and tasks over already opened dependencies.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), PlatformError> {
     let tasks_stop = shutdown.child_token();
-    let password = deps.keys.admin.mqtt_password();
+    let password = deps.keys.platform_mqtt_password();
     let mut tasks: JoinSet<(&'static str, Result<(), PlatformError>)> = JoinSet::new();
 
-    let mut serve_opts = client::options(&deps.broker, SERVE_CLIENT_ID, Some(&password));
+    let mut serve_opts = client::options_as(
+        &deps.broker,
+        SERVE_CLIENT_ID,
+        PLATFORM_USER,
+        Some(&password),
+    );
     serve_opts.set_clean_session(true);
     let (serve_client, serve_loop) = client::connect(serve_opts, 512);
     let (serve_tx, serve_rx) = mpsc::channel(1024);
@@ -127,7 +133,12 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
         });
     }
 
-    let mut ingest_opts = client::options(&deps.broker, INGEST_CLIENT_ID, Some(&password));
+    let mut ingest_opts = client::options_as(
+        &deps.broker,
+        INGEST_CLIENT_ID,
+        PLATFORM_USER,
+        Some(&password),
+    );
     ingest_opts.set_clean_session(false);
     ingest_opts.set_manual_acks(true);
     let (ingest_client, ingest_loop) = client::connect(ingest_opts, 1024);
@@ -143,9 +154,11 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
     let ctx = Arc::new(Ctx {
         store: deps.store.clone(),
         files: deps.files,
-        keys: deps.keys,
+        keys: std::sync::RwLock::new(deps.keys),
         topics: deps.topics,
         mqtt: serve_client.clone(),
+        sessions: deps.sessions,
+        data_dir: deps.data_dir,
     });
     let (chunk_tx, chunk_rx) = mpsc::channel(1024);
     let (admin_tx, admin_rx) = mpsc::channel(8192);

@@ -16,6 +16,10 @@
 //! | `events` | u64 BE event id | `FleetEvent`: every accepted status event with machine and platform times |
 //! | `desired` | `machine/{m}/{kind}` or `group/{g}/{kind}` | [`DesiredNotice`]: the signed notice currently desired there, re-published by the reconciler |
 //! | `history` | `machine/kind` | JSON list of versions the machine reported installed, oldest first (default rollback target) |
+//! | `operators` | operator name | [`OperatorRecord`]: role, who created it, its secret |
+//! | `integrators` | integrator name | [`IntegratorRecord`]: its secret (the broker password derives from it) |
+//! | `audit` | u64 BE entry id | `AuditEntry`: every operator action and refusal, with who and when |
+//! | `event_counts` | `machine/release` (`machine/-` without a release) | u64 BE: events stored for that pair (capped) |
 //!
 //! Ids cannot hold `/`, so `a/b` keys are unambiguous and prefix scans (`release/`) are exact.
 //! Writes become durable only at [`Store::flush`]; callers flush before acknowledging anything.
@@ -24,7 +28,10 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use fleetcast_proto::admin::{ArtifactInfo, FleetEvent, MachineInfo, ReleaseInfo, TargetRecord};
+use fleetcast_proto::acl::Role;
+use fleetcast_proto::admin::{
+    ArtifactInfo, AuditEntry, FleetEvent, MachineInfo, OperatorInfo, ReleaseInfo, TargetRecord,
+};
 use fleetcast_proto::auth::Secret;
 use fleetcast_proto::{ArtifactId, Kind, MachineId, ReleaseId, Target};
 use serde::de::DeserializeOwned;
@@ -64,6 +71,29 @@ pub struct DesiredNotice {
     pub target: Target,
     /// The exact signed envelope (UTF-8 JSON).
     pub payload: String,
+}
+
+/// An operator: what the platform shows of it, and the secret its requests are MAC'd with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorRecord {
+    #[serde(flatten)]
+    pub info: OperatorInfo,
+    pub secret: Secret,
+}
+
+impl OperatorRecord {
+    pub fn role(&self) -> Role {
+        self.info.role
+    }
+}
+
+/// A read-only integrator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntegratorRecord {
+    pub name: String,
+    pub secret: Secret,
+    pub created_at_ms: u64,
+    pub created_by: String,
 }
 
 #[derive(Clone)]
@@ -128,6 +158,24 @@ impl T {
     }
 }
 
+/// Records keyed by u64 BE id above `since`, at most `limit`, and whether more follow.
+fn range_after<V: DeserializeOwned>(
+    t: &T,
+    since: u64,
+    limit: usize,
+) -> Result<(Vec<V>, bool), StoreError> {
+    let mut out = Vec::new();
+    let start = since.saturating_add(1).to_be_bytes();
+    for item in t.tree.range(start..) {
+        let (k, v) = item.map_err(t.err("scan"))?;
+        if out.len() == limit {
+            return Ok((out, true));
+        }
+        out.push(t.decode(&hex::encode(&k), &v)?);
+    }
+    Ok((out, false))
+}
+
 /// The platform's database. Cheap to share behind an `Arc`.
 pub struct Store {
     db: sled::Db,
@@ -143,6 +191,10 @@ pub struct Store {
     events: T,
     desired: T,
     history: T,
+    operators: T,
+    integrators: T,
+    audit: T,
+    event_counts: T,
     /// Serialises read-modify-write of records between the admin and ingest tasks.
     records: Mutex<()>,
 }
@@ -190,6 +242,10 @@ impl Store {
             events: tree("events")?,
             desired: tree("desired")?,
             history: tree("history")?,
+            operators: tree("operators")?,
+            integrators: tree("integrators")?,
+            audit: tree("audit")?,
+            event_counts: tree("event_counts")?,
             records: Mutex::new(()),
             db,
         };
@@ -393,6 +449,108 @@ impl Store {
         Ok(true)
     }
 
+    /// Forgets a machine's secret: nothing it sends verifies any more, and the broker refuses it.
+    pub fn remove_secret(&self, id: &MachineId) -> Result<bool, StoreError> {
+        Ok(self
+            .secrets
+            .tree
+            .remove(id.as_str())
+            .map_err(self.secrets.err("remove"))?
+            .is_some())
+    }
+
+    /// The artifacts `machine` may fetch: those of the releases currently assigned to it.
+    pub fn machine_artifacts(&self, machine: &MachineId) -> Result<Vec<ArtifactId>, StoreError> {
+        let releases: Vec<ReleaseId> = self.current.scan(&format!("{machine}/"))?;
+        let mut out = Vec::new();
+        for r in releases {
+            if let Some(info) = self.release(&r)? {
+                out.push(info.artifact.id);
+            }
+        }
+        Ok(out)
+    }
+
+    // --- operators, integrators, audit ---
+
+    /// Whether the first admin operator was created (once per database).
+    pub fn bootstrapped(&self) -> Result<bool, StoreError> {
+        Ok(self.meta.get_u64("bootstrapped")?.is_some())
+    }
+
+    pub fn set_bootstrapped(&self) -> Result<(), StoreError> {
+        self.meta.put_u64("bootstrapped", 1)
+    }
+
+    pub fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError> {
+        self.operators.get(name)
+    }
+
+    pub fn put_operator(&self, rec: &OperatorRecord) -> Result<(), StoreError> {
+        self.operators.put(&rec.info.name, rec)
+    }
+
+    pub fn remove_operator(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self
+            .operators
+            .tree
+            .remove(name)
+            .map_err(self.operators.err("remove"))?
+            .is_some())
+    }
+
+    pub fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
+        self.operators.scan("")
+    }
+
+    pub fn integrator(&self, name: &str) -> Result<Option<IntegratorRecord>, StoreError> {
+        self.integrators.get(name)
+    }
+
+    pub fn put_integrator(&self, rec: &IntegratorRecord) -> Result<(), StoreError> {
+        self.integrators.put(&rec.name, rec)
+    }
+
+    pub fn integrators(&self) -> Result<Vec<IntegratorRecord>, StoreError> {
+        self.integrators.scan("")
+    }
+
+    /// Stores an audit entry under the next id, which it fills in.
+    pub fn append_audit(&self, entry: &mut AuditEntry) -> Result<(), StoreError> {
+        entry.id = self.next("audit")?;
+        let bytes = serde_json::to_vec(entry).expect("records serialize");
+        self.audit
+            .tree
+            .insert(entry.id.to_be_bytes(), bytes)
+            .map_err(self.audit.err("write"))?;
+        Ok(())
+    }
+
+    /// Audit entries with an id above `since`, oldest first, at most `limit`; and whether more
+    /// follow.
+    pub fn audit_since(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<(Vec<AuditEntry>, bool), StoreError> {
+        range_after(&self.audit, since, limit)
+    }
+
+    /// Counts one more stored event for `(machine, release)` and returns the new count.
+    pub fn bump_event_count(
+        &self,
+        machine: &MachineId,
+        release: Option<&ReleaseId>,
+    ) -> Result<u64, StoreError> {
+        let key = match release {
+            Some(r) => format!("{machine}/{r}"),
+            None => format!("{machine}/-"),
+        };
+        let n = self.event_counts.get_u64(&key)?.unwrap_or(0) + 1;
+        self.event_counts.put_u64(&key, n)?;
+        Ok(n)
+    }
+
     // --- replay counters ---
 
     pub fn counter(&self, machine: &MachineId, channel: &str) -> Result<u64, StoreError> {
@@ -423,6 +581,20 @@ impl Store {
             .insert(id.to_be_bytes(), bytes)
             .map_err(self.events.err("write"))?;
         Ok(())
+    }
+
+    /// Events with an id above `since`, oldest first, at most `limit`; and whether more follow.
+    pub fn events_since(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<(Vec<FleetEvent>, bool), StoreError> {
+        range_after(&self.events, since, limit)
+    }
+
+    /// The id of the newest stored event (0 when none).
+    pub fn last_event_id(&self) -> Result<u64, StoreError> {
+        Ok(self.meta.get_u64("event")?.unwrap_or(0))
     }
 
     /// Every stored event, oldest first.

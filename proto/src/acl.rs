@@ -142,6 +142,17 @@ pub fn integrator_username(name: &str) -> String {
     format!("{INTEGRATOR_PREFIX}{name}")
 }
 
+/// The operator a client id belongs to (`fleetcast-op-<name>` or `fleetcast-op-<name>.<s>`).
+pub fn operator_of_client(client_id: &str) -> Option<&str> {
+    let rest = client_id.strip_prefix(OPERATOR_PREFIX)?;
+    let name = match rest.split_once('.') {
+        Some((name, suffix)) if is_session_suffix(suffix) => name,
+        Some(_) => return None,
+        None => rest,
+    };
+    validate_name(name).ok().map(|_| name)
+}
+
 fn is_session_suffix(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 32
@@ -432,6 +443,15 @@ mod tests {
         ] {
             assert!(!int.may_subscribe(&t, c, bad), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_operator_is_read_from_the_client_id() {
+        assert_eq!(operator_of_client("fleetcast-op-alice"), Some("alice"));
+        assert_eq!(operator_of_client("fleetcast-op-alice.1f2e"), Some("alice"));
+        assert_eq!(operator_of_client("fleetcast-op-alice.a.b"), None);
+        assert_eq!(operator_of_client("fleetcast-int-alice"), None);
+        assert_eq!(operator_of_client("vm-1"), None);
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::acl::Role;
 use crate::auth::{PlatformPublicKey, Secret};
 use crate::ids::{ArtifactId, GroupId, Kind, MachineId, ReleaseId};
 use crate::release::{ArtifactRef, InstallPolicy, Target};
@@ -104,12 +105,137 @@ pub enum AdminOp {
         #[serde(default)]
         machines: Vec<MachineId>,
     },
+    /// Revoke a machine: its secret stops working at once and its broker session is closed.
+    /// Reply: `done`.
+    MachineRevoke {
+        machine: MachineId,
+    },
+    /// Create an operator with its own credentials. Reply: `operator_created`.
+    OperatorAdd {
+        name: String,
+        role: Role,
+    },
+    /// Reply: `operators`.
+    OperatorList,
+    /// Revoke an operator's credentials. Reply: `done`.
+    OperatorRevoke {
+        name: String,
+    },
+    /// Create a read-only integrator. Reply: `integrator_created`.
+    IntegratorAdd {
+        name: String,
+    },
+    /// Stored events with an id above `since`, oldest first. Reply: `events`.
+    EventsSince {
+        since: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// The audit log: operator actions with an id above `since`. Reply: `audit`.
+    Audit {
+        #[serde(default)]
+        since: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Rotate the platform signing key (announced under the old key). Reply: `done`.
+    KeyRotate,
+    /// Mosquitto password and ACL files for the whole fleet. Reply: `mosquitto_files`.
+    MosquittoConfig,
 }
 
-/// A response: exactly one of `ok` and `error` is set.
+impl AdminOp {
+    /// The wire name of the operation (`"release_publish"`).
+    pub fn name(&self) -> &'static str {
+        match self {
+            AdminOp::UploadBegin { .. } => "upload_begin",
+            AdminOp::UploadCommit { .. } => "upload_commit",
+            AdminOp::ArtifactList => "artifact_list",
+            AdminOp::ReleaseCreate { .. } => "release_create",
+            AdminOp::ReleasePlan { .. } => "release_plan",
+            AdminOp::ReleasePublish { .. } => "release_publish",
+            AdminOp::ReleaseList => "release_list",
+            AdminOp::ReleaseStatus { .. } => "release_status",
+            AdminOp::Machines => "machines",
+            AdminOp::MachineProvision { .. } => "machine_provision",
+            AdminOp::Rollback { .. } => "rollback",
+            AdminOp::Activate { .. } => "activate",
+            AdminOp::MachineRevoke { .. } => "machine_revoke",
+            AdminOp::OperatorAdd { .. } => "operator_add",
+            AdminOp::OperatorList => "operator_list",
+            AdminOp::OperatorRevoke { .. } => "operator_revoke",
+            AdminOp::IntegratorAdd { .. } => "integrator_add",
+            AdminOp::EventsSince { .. } => "events_since",
+            AdminOp::Audit { .. } => "audit",
+            AdminOp::KeyRotate => "key_rotate",
+            AdminOp::MosquittoConfig => "mosquitto_config",
+        }
+    }
+
+    /// The least role allowed to run this operation.
+    pub fn required_role(&self) -> Role {
+        match self {
+            AdminOp::ArtifactList
+            | AdminOp::ReleasePlan { .. }
+            | AdminOp::ReleaseList
+            | AdminOp::ReleaseStatus { .. }
+            | AdminOp::Machines
+            | AdminOp::EventsSince { .. } => Role::Viewer,
+            AdminOp::UploadBegin { .. }
+            | AdminOp::UploadCommit { .. }
+            | AdminOp::ReleaseCreate { .. }
+            | AdminOp::ReleasePublish { .. }
+            | AdminOp::Rollback { .. }
+            | AdminOp::Activate { .. } => Role::Operator,
+            AdminOp::MachineProvision { .. }
+            | AdminOp::MachineRevoke { .. }
+            | AdminOp::OperatorAdd { .. }
+            | AdminOp::OperatorList
+            | AdminOp::OperatorRevoke { .. }
+            | AdminOp::IntegratorAdd { .. }
+            | AdminOp::Audit { .. }
+            | AdminOp::KeyRotate
+            | AdminOp::MosquittoConfig => Role::Admin,
+        }
+    }
+
+    /// Whether the operation changes anything (recorded in the audit log).
+    pub fn is_change(&self) -> bool {
+        !matches!(
+            self,
+            AdminOp::ArtifactList
+                | AdminOp::ReleasePlan { .. }
+                | AdminOp::ReleaseList
+                | AdminOp::ReleaseStatus { .. }
+                | AdminOp::Machines
+                | AdminOp::EventsSince { .. }
+                | AdminOp::Audit { .. }
+                | AdminOp::OperatorList
+        )
+    }
+}
+
+/// What travels on `fleet/admin/{client}/response`: the response sealed for the requesting
+/// operator ([`crate::auth::Secret::seal_box`], purpose `AdminResponse`, context = the client
+/// id), or, when the platform could not authenticate the request (so it has no key to seal
+/// with), a plain error that the client must treat as unverified.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResponseEnvelope {
+    pub id: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub unverified_error: Option<String>,
+}
+
+/// A response: exactly one of `ok` and `error` is set. Sealed inside a [`ResponseEnvelope`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AdminResponse {
     pub id: u64,
+    /// The counter of the request it answers: a client accepts only the answer to its own
+    /// request, so an old sealed response cannot be replayed as a new one.
+    #[serde(default)]
+    pub ctr: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ok: Option<AdminReply>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -117,16 +243,18 @@ pub struct AdminResponse {
 }
 
 impl AdminResponse {
-    pub fn ok(id: u64, reply: AdminReply) -> Self {
+    pub fn ok(id: u64, ctr: u64, reply: AdminReply) -> Self {
         Self {
             id,
+            ctr,
             ok: Some(reply),
             error: None,
         }
     }
-    pub fn error(id: u64, message: impl Into<String>) -> Self {
+    pub fn error(id: u64, ctr: u64, message: impl Into<String>) -> Self {
         Self {
             id,
+            ctr,
             ok: None,
             error: Some(message.into()),
         }
@@ -136,17 +264,113 @@ impl AdminResponse {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "snake_case")]
 pub enum AdminReply {
-    UploadReady { parts: u32, part_size: u32 },
-    UploadMissing { parts: Vec<(u32, u32)> },
-    Artifact { artifact: ArtifactInfo },
-    Artifacts { artifacts: Vec<ArtifactInfo> },
-    Release { release: ReleaseInfo },
-    Releases { releases: Vec<ReleaseInfo> },
-    Plan { plan: PublishPlan },
-    ReleaseStatus { status: ReleaseStatus },
-    Machines { machines: Vec<MachineInfo> },
-    Provisioned { machine: ProvisionedMachine },
-    Done { message: String },
+    UploadReady {
+        parts: u32,
+        part_size: u32,
+    },
+    UploadMissing {
+        parts: Vec<(u32, u32)>,
+    },
+    Artifact {
+        artifact: ArtifactInfo,
+    },
+    Artifacts {
+        artifacts: Vec<ArtifactInfo>,
+    },
+    Release {
+        release: ReleaseInfo,
+    },
+    Releases {
+        releases: Vec<ReleaseInfo>,
+    },
+    Plan {
+        plan: PublishPlan,
+    },
+    ReleaseStatus {
+        status: ReleaseStatus,
+    },
+    Machines {
+        machines: Vec<MachineInfo>,
+    },
+    Provisioned {
+        machine: ProvisionedMachine,
+    },
+    Done {
+        message: String,
+    },
+    OperatorCreated {
+        operator: OperatorProfile,
+    },
+    Operators {
+        operators: Vec<OperatorInfo>,
+    },
+    IntegratorCreated {
+        integrator: IntegratorProfile,
+    },
+    Events {
+        events: Vec<FleetEvent>,
+        next: u64,
+        more: bool,
+    },
+    Audit {
+        entries: Vec<AuditEntry>,
+        next: u64,
+        more: bool,
+    },
+    MosquittoFiles {
+        passwd: String,
+        acl: String,
+        conf: String,
+    },
+}
+
+/// An operator as the platform records it (without its secret).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorInfo {
+    pub name: String,
+    pub role: Role,
+    pub created_at_ms: u64,
+    /// Who created it (`platform` for the first admin).
+    pub created_by: String,
+}
+
+/// Everything an operator's CLI needs: printed once by `fleetcast operator add` as a TOML
+/// profile. The secret never leaves the platform otherwise.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OperatorProfile {
+    pub operator: String,
+    pub role: Role,
+    pub secret: Secret,
+    pub platform_key: PlatformPublicKey,
+    pub topic_prefix: String,
+}
+
+/// A read-only subscriber's broker credentials and what it needs to verify what it reads.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntegratorProfile {
+    pub name: String,
+    /// Broker username (also its client id, optionally with a `.suffix`).
+    pub username: String,
+    /// Broker password.
+    pub password: String,
+    pub platform_key: PlatformPublicKey,
+    pub topic_prefix: String,
+}
+
+/// One operator action, recorded before its answer is sent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    pub id: u64,
+    pub at_ms: u64,
+    /// The operator (`fleetcast-op-<name>` authenticated by its own key).
+    pub operator: String,
+    pub client: String,
+    /// The operation (`release_publish`, ...).
+    pub action: String,
+    /// The request's fields, as sent.
+    pub request: serde_json::Value,
+    /// `ok`, or the error text.
+    pub result: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -273,6 +497,9 @@ pub struct MachineInfo {
     pub busy: bool,
     #[serde(default)]
     pub kinds: BTreeMap<Kind, KindState>,
+    /// Set when an operator revoked the machine: it can no longer connect or report.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revoked_at_ms: Option<u64>,
 }
 
 impl MachineInfo {
@@ -287,6 +514,7 @@ impl MachineInfo {
             agent_version: None,
             busy: false,
             kinds: BTreeMap::new(),
+            revoked_at_ms: None,
         }
     }
 }
@@ -355,6 +583,7 @@ mod tests {
     fn admin_responses_carry_either_a_reply_or_an_error() {
         let ok = AdminResponse::ok(
             1,
+            7,
             AdminReply::Done {
                 message: "ok".into(),
             },
@@ -363,10 +592,48 @@ mod tests {
         assert_eq!(json["ok"]["reply"], "done");
         assert!(json.get("error").is_none());
         assert_eq!(serde_json::from_value::<AdminResponse>(json).unwrap(), ok);
-        let err = AdminResponse::error(2, "unknown release r-9");
+        let err = AdminResponse::error(2, 8, "unknown release r-9");
         let back: AdminResponse =
             serde_json::from_str(&serde_json::to_string(&err).unwrap()).unwrap();
         assert_eq!(back.error.as_deref(), Some("unknown release r-9"));
+    }
+
+    #[test]
+    fn every_op_name_matches_its_wire_tag() {
+        let ops = [
+            AdminOp::ArtifactList,
+            AdminOp::Machines,
+            AdminOp::KeyRotate,
+            AdminOp::EventsSince {
+                since: 3,
+                limit: None,
+            },
+            AdminOp::OperatorAdd {
+                name: "a".into(),
+                role: Role::Viewer,
+            },
+            AdminOp::MachineRevoke {
+                machine: MachineId::new("vm-1").unwrap(),
+            },
+        ];
+        for op in ops {
+            let json = serde_json::to_value(&op).unwrap();
+            assert_eq!(json["op"], op.name());
+        }
+    }
+
+    #[test]
+    fn viewers_only_read_and_identities_need_an_admin() {
+        assert_eq!(AdminOp::Machines.required_role(), Role::Viewer);
+        assert!(!AdminOp::Machines.is_change());
+        let publish = AdminOp::ReleasePublish {
+            release: ReleaseId::new("r-1").unwrap(),
+            machines: vec![],
+            groups: vec![],
+        };
+        assert_eq!(publish.required_role(), Role::Operator);
+        assert!(publish.is_change());
+        assert_eq!(AdminOp::KeyRotate.required_role(), Role::Admin);
     }
 
     #[test]

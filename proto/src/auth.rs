@@ -22,6 +22,9 @@ use serde::{Deserialize, Serialize};
 /// Anything bigger is refused before parsing.
 pub const MAX_JSON_MESSAGE: usize = 256 * 1024;
 
+/// Largest sealed box (admin responses: listings of a whole fleet) either side accepts.
+pub const MAX_SEALED: usize = 16 * 1024 * 1024;
+
 /// What a signature or MAC is for. Part of the signed bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
@@ -32,6 +35,18 @@ pub enum Purpose {
     State,
     ChunkRequest,
     Admin,
+    /// An admin response, sealed (encrypted and authenticated) for the requesting operator.
+    AdminResponse,
+    /// An artifact upload part, MAC'd by the uploading operator.
+    UploadPart,
+    /// A persisted status event on `fleet/events`.
+    Event,
+    /// Rollout progress on `fleet/rollouts/{r}/progress`.
+    Progress,
+    /// A batch of stored events answering an integrator.
+    EventBatch,
+    /// A new platform key, announced under the previous key.
+    KeyRotation,
 }
 
 impl Purpose {
@@ -44,6 +59,12 @@ impl Purpose {
             Purpose::State => b"fleetcast/v1/state\0",
             Purpose::ChunkRequest => b"fleetcast/v1/chunks-get\0",
             Purpose::Admin => b"fleetcast/v1/admin\0",
+            Purpose::AdminResponse => b"fleetcast/v1/admin-response\0",
+            Purpose::UploadPart => b"fleetcast/v1/upload-part\0",
+            Purpose::Event => b"fleetcast/v1/event\0",
+            Purpose::Progress => b"fleetcast/v1/progress\0",
+            Purpose::EventBatch => b"fleetcast/v1/event-batch\0",
+            Purpose::KeyRotation => b"fleetcast/v1/key-rotation\0",
         }
     }
 }
@@ -64,13 +85,26 @@ pub enum AuthError {
     BadMac,
     #[error("authenticated body is malformed: {0}")]
     Body(serde_json::Error),
+    #[error("sealed box is not base64 of a 24-byte nonce and a ciphertext")]
+    BoxFormat,
+    #[error("sealed box does not open with this key (wrong secret, or forged)")]
+    BadBox,
 }
 
-/// `{"body": "<json>", "sig": "<hex ed25519>"}`
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// `{"body": "<json>", "sig": "<hex ed25519>", "gen": n}`
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SignedEnvelope {
     pub body: String,
     pub sig: String,
+    /// Generation of the platform key that signed it (0 = the first key; see
+    /// [`crate::keychain`]). Unauthenticated: a hint that tells a machine to follow the key
+    /// chain before judging the signature. Absent means 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub gen: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// `{"body": "<json>", "mac": "<hex blake3 keyed hash>"}`
@@ -80,8 +114,8 @@ pub struct MacEnvelope {
     pub mac: String,
 }
 
-/// The platform's signing key (ed25519 seed).
-pub struct PlatformKey(ed25519_dalek::SigningKey);
+/// The platform's signing key (ed25519 seed) and its generation in the key chain.
+pub struct PlatformKey(ed25519_dalek::SigningKey, u32);
 
 /// The platform's public key, pinned by every machine. Hex in configs.
 #[derive(Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,7 +129,16 @@ pub struct Secret([u8; 32]);
 
 impl PlatformKey {
     pub fn from_seed(seed: [u8; 32]) -> Self {
-        Self(ed25519_dalek::SigningKey::from_bytes(&seed))
+        Self(ed25519_dalek::SigningKey::from_bytes(&seed), 0)
+    }
+
+    /// A key of a later generation (after rotations).
+    pub fn with_generation(seed: [u8; 32], generation: u32) -> Self {
+        Self(ed25519_dalek::SigningKey::from_bytes(&seed), generation)
+    }
+
+    pub fn generation(&self) -> u32 {
+        self.1
     }
 
     pub fn seed(&self) -> [u8; 32] {
@@ -108,13 +151,18 @@ impl PlatformKey {
 
     /// Serializes `body` and signs it for `purpose`; returns the envelope's bytes.
     pub fn sign<T: Serialize>(&self, purpose: Purpose, body: &T) -> Vec<u8> {
+        serde_json::to_vec(&self.sign_envelope(purpose, body)).expect("envelope serializes")
+    }
+
+    /// Serializes `body` and signs it for `purpose`; returns the envelope.
+    pub fn sign_envelope<T: Serialize>(&self, purpose: Purpose, body: &T) -> SignedEnvelope {
         let body = serde_json::to_string(body).expect("message types serialize");
         let sig = self.0.sign(&tagged(purpose, body.as_bytes()));
-        let env = SignedEnvelope {
+        SignedEnvelope {
             body,
             sig: hex::encode(sig.to_bytes()),
-        };
-        serde_json::to_vec(&env).expect("envelope serializes")
+            gen: self.1,
+        }
     }
 }
 
@@ -126,6 +174,15 @@ impl PlatformPublicKey {
         bytes: &[u8],
     ) -> Result<T, AuthError> {
         let env: SignedEnvelope = parse_envelope(bytes)?;
+        self.verify_envelope(purpose, &env)
+    }
+
+    /// Checks an already parsed envelope's signature for `purpose` and parses its body.
+    pub fn verify_envelope<T: DeserializeOwned>(
+        &self,
+        purpose: Purpose,
+        env: &SignedEnvelope,
+    ) -> Result<T, AuthError> {
         let mut sig = [0u8; 64];
         hex::decode_to_slice(&env.sig, &mut sig).map_err(|_| AuthError::SignatureFormat)?;
         let sig = ed25519_dalek::Signature::from_bytes(&sig);
@@ -214,6 +271,76 @@ impl Secret {
             return Err(AuthError::BadMac);
         }
         serde_json::from_str(&env.body).map_err(AuthError::Body)
+    }
+
+    /// The raw MAC of `bytes` for `purpose` (binary messages such as upload parts).
+    pub fn mac_bytes(&self, purpose: Purpose, bytes: &[u8]) -> [u8; 32] {
+        *self.mac_of(purpose, bytes).as_bytes()
+    }
+
+    /// Checks a raw MAC from [`Secret::mac_bytes`] in constant time.
+    pub fn verify_mac_bytes(&self, purpose: Purpose, bytes: &[u8], mac: &[u8; 32]) -> bool {
+        self.mac_of(purpose, bytes) == blake3::Hash::from_bytes(*mac)
+    }
+
+    fn box_cipher(&self) -> chacha20poly1305::XChaCha20Poly1305 {
+        use chacha20poly1305::KeyInit;
+        let key = blake3::derive_key("fleetcast v1 sealed box key", &self.0);
+        chacha20poly1305::XChaCha20Poly1305::new(&key.into())
+    }
+
+    /// Encrypts and authenticates `body` for the one holder of this secret: the result is
+    /// base64 of a random 24-byte nonce followed by the XChaCha20-Poly1305 ciphertext, with
+    /// `TAG || context` as associated data (context: e.g. the receiving client id), so a box
+    /// made for one purpose or client never opens as another.
+    pub fn seal_box<T: Serialize>(&self, purpose: Purpose, context: &str, body: &T) -> String {
+        use base64::Engine;
+        use chacha20poly1305::aead::{Aead, Payload};
+        use rand::RngCore;
+        let plain = serde_json::to_vec(body).expect("message types serialize");
+        let mut nonce = [0u8; 24];
+        rand::thread_rng().fill_bytes(&mut nonce);
+        let aad = tagged(purpose, context.as_bytes());
+        let ct = self
+            .box_cipher()
+            .encrypt(
+                (&nonce).into(),
+                Payload {
+                    msg: &plain,
+                    aad: &aad,
+                },
+            )
+            .expect("XChaCha20-Poly1305 encryption cannot fail for in-memory messages");
+        let mut out = nonce.to_vec();
+        out.extend_from_slice(&ct);
+        base64::engine::general_purpose::STANDARD.encode(out)
+    }
+
+    /// Opens a box from [`Secret::seal_box`] made for `purpose` and `context`, and parses it.
+    pub fn open_box<T: DeserializeOwned>(
+        &self,
+        purpose: Purpose,
+        context: &str,
+        sealed: &str,
+    ) -> Result<T, AuthError> {
+        use base64::Engine;
+        use chacha20poly1305::aead::{Aead, Payload};
+        if sealed.len() > 4 * MAX_SEALED / 3 + 4 {
+            return Err(AuthError::TooLarge { len: sealed.len() });
+        }
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(sealed)
+            .map_err(|_| AuthError::BoxFormat)?;
+        if bytes.len() < 24 + 16 {
+            return Err(AuthError::BoxFormat);
+        }
+        let (nonce, ct) = bytes.split_at(24);
+        let aad = tagged(purpose, context.as_bytes());
+        let plain = self
+            .box_cipher()
+            .decrypt(nonce.into(), Payload { msg: ct, aad: &aad })
+            .map_err(|_| AuthError::BadBox)?;
+        serde_json::from_slice(&plain).map_err(AuthError::Body)
     }
 
     /// The MQTT password derived from this secret, so the broker never needs the secret itself.
@@ -356,6 +483,49 @@ mod tests {
             secret.open::<Msg>(Purpose::Status, br#"{"body":"{}","mac":"00"}"#),
             Err(AuthError::MacFormat)
         ));
+    }
+
+    #[test]
+    fn a_sealed_box_opens_only_with_its_secret_purpose_and_context() {
+        let secret = Secret::from_bytes(seed());
+        let sealed = secret.seal_box(Purpose::AdminResponse, "cli-1", &Msg { a: 9 });
+        assert!(!sealed.contains("\"a\""), "the body is encrypted");
+        let back: Msg = secret
+            .open_box(Purpose::AdminResponse, "cli-1", &sealed)
+            .unwrap();
+        assert_eq!(back, Msg { a: 9 });
+        assert!(matches!(
+            Secret::from_bytes(seed()).open_box::<Msg>(Purpose::AdminResponse, "cli-1", &sealed),
+            Err(AuthError::BadBox)
+        ));
+        assert!(matches!(
+            secret.open_box::<Msg>(Purpose::AdminResponse, "cli-2", &sealed),
+            Err(AuthError::BadBox)
+        ));
+        assert!(matches!(
+            secret.open_box::<Msg>(Purpose::Admin, "cli-1", &sealed),
+            Err(AuthError::BadBox)
+        ));
+        let mut flipped = sealed.into_bytes();
+        let last = flipped.len() - 3;
+        flipped[last] = if flipped[last] == b'A' { b'B' } else { b'A' };
+        let flipped = String::from_utf8(flipped).unwrap();
+        assert!(secret
+            .open_box::<Msg>(Purpose::AdminResponse, "cli-1", &flipped)
+            .is_err());
+        assert!(matches!(
+            secret.open_box::<Msg>(Purpose::AdminResponse, "cli-1", "!!"),
+            Err(AuthError::BoxFormat)
+        ));
+    }
+
+    #[test]
+    fn raw_macs_verify_only_for_the_same_bytes_and_purpose() {
+        let secret = Secret::from_bytes(seed());
+        let mac = secret.mac_bytes(Purpose::UploadPart, b"part");
+        assert!(secret.verify_mac_bytes(Purpose::UploadPart, b"part", &mac));
+        assert!(!secret.verify_mac_bytes(Purpose::UploadPart, b"parT", &mac));
+        assert!(!secret.verify_mac_bytes(Purpose::Status, b"part", &mac));
     }
 
     #[test]

@@ -8,6 +8,8 @@
 //! - [`status`]: phases, status events and the retained machine state.
 //! - [`chunk`]: the binary chunk frame, chunk requests, per-chunk blake3 verification.
 //! - [`auth`]: ed25519 signatures (platform -> machine) and blake3 MACs (machine -> platform).
+//! - [`events`]: what integrators read: signed events, progress, event batches on request.
+//! - [`keychain`]: platform key rotation (each new key announced under the previous one).
 //! - [`admin`]: operator CLI <-> platform requests, and the records the platform keeps.
 //! - [`acl`]: principals (platform, operators with roles, integrators, machines) and where
 //!   each may publish and subscribe.
@@ -17,7 +19,9 @@ pub mod admin;
 pub mod auth;
 pub mod chunk;
 pub mod command;
+pub mod events;
 pub mod ids;
+pub mod keychain;
 pub mod release;
 pub mod status;
 pub mod topics;

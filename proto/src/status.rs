@@ -195,6 +195,10 @@ pub struct MachineState {
     pub busy: bool,
     #[serde(default)]
     pub kinds: BTreeMap<Kind, KindState>,
+    /// Generation of the platform key the machine trusts now (0 = the key in its config).
+    /// The platform re-sends the key chain to a machine behind the current generation.
+    #[serde(default)]
+    pub key_gen: u32,
 }
 
 #[cfg(test)]
@@ -279,6 +283,7 @@ mod tests {
             groups: vec![GroupId::new("g").unwrap()],
             busy: true,
             kinds,
+            key_gen: 2,
         };
         let json = serde_json::to_string(&s).unwrap();
         assert_eq!(serde_json::from_str::<MachineState>(&json).unwrap(), s);

@@ -1062,7 +1062,7 @@ async fn a_group_notice_older_than_the_machine_notice_is_ignored() {
 #[tokio::test]
 async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
     use fleetcast_proto::admin::{
-        AdminOp, AdminReply, AdminRequest, AdminResponse, ProvisionedMachine,
+        AdminOp, AdminReply, AdminRequest, AdminResponse, ProvisionedMachine, ResponseEnvelope,
     };
     let broker = start_on_free_port(|s| s).unwrap();
     let url = broker.url();
@@ -1107,7 +1107,17 @@ async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
                                 topic_prefix: "fleet".into(),
                             },
                         };
-                        let resp = serde_json::to_vec(&AdminResponse::ok(req.id, reply)).unwrap();
+                        let resp = AdminResponse::ok(req.id, req.ctr, reply);
+                        let env = ResponseEnvelope {
+                            id: req.id,
+                            sealed: Some(admin_secret.seal_box(
+                                Purpose::AdminResponse,
+                                &client,
+                                &resp,
+                            )),
+                            unverified_error: None,
+                        };
+                        let resp = serde_json::to_vec(&env).unwrap();
                         c.publish(
                             topics.admin_response(&client),
                             QoS::AtLeastOnce,

@@ -160,6 +160,7 @@ mod tests {
             agent_version: None,
             busy: false,
             kinds: Default::default(),
+            revoked_at_ms: None,
         };
         m.kinds.insert(
             Kind::new("app").unwrap(),

@@ -425,6 +425,7 @@ impl Machine {
             groups: groups.iter().map(|x| g(x)).collect(),
             busy: false,
             kinds,
+            key_gen: 0,
         };
         let topic = format!("fleet/machines/{}/state", self.id);
         let sealed = self.secret.seal(Purpose::State, &st);
@@ -864,10 +865,17 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
             .is_none_or(|p: &RolloutProgress| p.succeeded < 1)
     {
         let p = events.next(|_| true).await;
+        // What integrators read is signed by the platform.
         if p.topic == "fleet/events" {
-            fleet_events.push(serde_json::from_slice::<FleetEvent>(&p.payload).unwrap());
+            fleet_events.push(
+                key.verify::<FleetEvent>(Purpose::Event, &p.payload)
+                    .unwrap(),
+            );
         } else {
-            last_progress = Some(serde_json::from_slice::<RolloutProgress>(&p.payload).unwrap());
+            last_progress = Some(
+                key.verify::<RolloutProgress>(Purpose::Progress, &p.payload)
+                    .unwrap(),
+            );
         }
     }
     assert_eq!(
@@ -944,9 +952,9 @@ async fn forged_unknown_replayed_malformed_and_oversized_reports_change_nothing(
     let url = broker.url();
     let Env {
         dir,
+        data_dir,
         platform,
         admin,
-        ..
     } = env(&url).await;
     upload(&admin, dir.path(), "a.bin", &data(2000, 7), "1.0")
         .await
@@ -1026,7 +1034,8 @@ async fn forged_unknown_replayed_malformed_and_oversized_reports_change_nothing(
         .iter()
         .filter(|p| p.topic == "fleet/events")
         .map(|p| {
-            serde_json::from_slice::<FleetEvent>(&p.payload)
+            public_key(&data_dir)
+                .verify::<FleetEvent>(Purpose::Event, &p.payload)
                 .unwrap()
                 .phase
         })

@@ -1,0 +1,65 @@
+//! Who the embedded broker lets in, and as what: the platform's answer to "which principal holds
+//! these credentials?", from its own store. Machines and operators authenticate with passwords
+//! derived from their secrets; a revoked identity has no secret, so it is refused.
+
+use std::sync::{Arc, RwLock};
+
+use fleetcast_proto::acl::{Claim, Principal};
+
+use crate::store::Store;
+
+/// The store as the broker sees it; emptied when `serve` returns, because the broker thread
+/// outlives it.
+pub type AuthStore = Arc<RwLock<Option<Arc<Store>>>>;
+
+/// Checks broker credentials against the platform's identities.
+pub struct StoreAuth {
+    pub store: AuthStore,
+    /// The password of the platform's own clients (`fleetcast-platform`).
+    pub platform_password: String,
+}
+
+impl StoreAuth {
+    /// The principal holding these credentials, or None.
+    pub fn authenticate(&self, username: &str, password: &str) -> Option<Principal> {
+        let claim = Claim::parse(username)?;
+        if let Claim::Platform = claim {
+            return (password == self.platform_password).then_some(Principal::Platform);
+        }
+        let guard = self.store.read().unwrap_or_else(|p| p.into_inner());
+        let store = guard.as_ref()?;
+        match claim {
+            Claim::Platform => None,
+            Claim::Operator(name) => {
+                let op = store.operator(&name).ok().flatten()?;
+                (op.secret.mqtt_password() == password).then(|| Principal::Operator {
+                    name,
+                    role: op.role(),
+                })
+            }
+            Claim::Integrator(name) => {
+                let int = store.integrator(&name).ok().flatten()?;
+                (int.secret.mqtt_password() == password).then_some(Principal::Integrator { name })
+            }
+            Claim::Machine(id) => {
+                let secret = store.secret(&id).ok().flatten()?;
+                if secret.mqtt_password() != password {
+                    return None;
+                }
+                let groups = store
+                    .machine(&id)
+                    .ok()
+                    .flatten()
+                    .map(|m| m.groups)
+                    .unwrap_or_default();
+                Some(Principal::Machine { id, groups })
+            }
+        }
+    }
+
+    /// A client may connect when its credentials name a principal that accepts its client id.
+    pub fn check(&self, client_id: &str, username: &str, password: &str) -> bool {
+        self.authenticate(username, password)
+            .is_some_and(|p| p.accepts_client_id(client_id))
+    }
+}

@@ -1,0 +1,160 @@
+//! Who may talk to the platform: operators (with roles), integrators (read-only), machines
+//! (revocation). Every identity has its own secret; the broker password derives from it, so
+//! the broker never holds a secret, and revoking one identity touches no other.
+
+use fleetcast_proto::acl::{integrator_username, validate_name, Principal, Role};
+use fleetcast_proto::admin::{IntegratorProfile, OperatorInfo, OperatorProfile};
+use fleetcast_proto::auth::Secret;
+use fleetcast_proto::MachineId;
+use rand::RngCore;
+
+use crate::keys::Keys;
+use crate::now_ms;
+use crate::publish::{refused, Ctx, OpError};
+use crate::store::{IntegratorRecord, OperatorRecord, Store, StoreError};
+
+/// Name of the operator every platform starts with; its secret is `<data>/admin.secret`.
+pub const BOOTSTRAP_OPERATOR: &str = fleetcast_broker::admin::BOOTSTRAP_OPERATOR;
+
+fn random_secret() -> Secret {
+    let mut b = [0u8; 32];
+    rand::thread_rng().fill_bytes(&mut b);
+    Secret::from_bytes(b)
+}
+
+/// Creates the first admin operator from `admin.secret` on the platform's first start (once:
+/// an operator revoked later is not brought back by a restart).
+pub fn ensure_bootstrap_admin(store: &Store, keys: &Keys) -> Result<(), StoreError> {
+    if store.bootstrapped()? {
+        return Ok(());
+    }
+    if store.operator(BOOTSTRAP_OPERATOR)?.is_none() {
+        store.put_operator(&OperatorRecord {
+            info: OperatorInfo {
+                name: BOOTSTRAP_OPERATOR.into(),
+                role: Role::Admin,
+                created_at_ms: now_ms(),
+                created_by: "platform".into(),
+            },
+            secret: keys.admin.clone(),
+        })?;
+    }
+    store.set_bootstrapped()?;
+    store.flush()
+}
+
+pub async fn operator_add(
+    ctx: &Ctx,
+    by: &str,
+    name: String,
+    role: Role,
+) -> Result<OperatorProfile, OpError> {
+    validate_name(&name).map_err(OpError::Refused)?;
+    let rec = {
+        let _records = ctx.store.lock_records();
+        if ctx.store.operator(&name)?.is_some() {
+            return refused(format!("operator {name} exists already"));
+        }
+        let rec = OperatorRecord {
+            info: OperatorInfo {
+                name: name.clone(),
+                role,
+                created_at_ms: now_ms(),
+                created_by: by.to_owned(),
+            },
+            secret: random_secret(),
+        };
+        ctx.store.put_operator(&rec)?;
+        rec
+    };
+    ctx.store.flush_async().await?;
+    Ok(OperatorProfile {
+        operator: name,
+        role,
+        secret: rec.secret,
+        platform_key: ctx.keys().public,
+        topic_prefix: ctx.topics.prefix().to_owned(),
+    })
+}
+
+pub async fn operator_revoke(ctx: &Ctx, name: &str) -> Result<String, OpError> {
+    {
+        let _records = ctx.store.lock_records();
+        let Some(rec) = ctx.store.operator(name)? else {
+            return refused(format!("unknown operator {name}"));
+        };
+        let admins = ctx
+            .store
+            .operators()?
+            .into_iter()
+            .filter(|o| o.role() == Role::Admin)
+            .count();
+        if rec.role() == Role::Admin && admins <= 1 {
+            return refused(format!(
+                "operator {name} is the last admin; add another admin first"
+            ));
+        }
+        ctx.store.remove_operator(name)?;
+    }
+    ctx.store.flush_async().await?;
+    let closed = ctx.sessions.close_sessions(
+        &Principal::Operator {
+            name: name.to_owned(),
+            role: Role::Viewer,
+        }
+        .username(),
+    );
+    Ok(format!(
+        "operator {name} revoked ({closed} broker session(s) closed)"
+    ))
+}
+
+pub async fn integrator_add(
+    ctx: &Ctx,
+    by: &str,
+    name: String,
+) -> Result<IntegratorProfile, OpError> {
+    validate_name(&name).map_err(OpError::Refused)?;
+    let rec = {
+        let _records = ctx.store.lock_records();
+        if ctx.store.integrator(&name)?.is_some() {
+            return refused(format!("integrator {name} exists already"));
+        }
+        let rec = IntegratorRecord {
+            name: name.clone(),
+            secret: random_secret(),
+            created_at_ms: now_ms(),
+            created_by: by.to_owned(),
+        };
+        ctx.store.put_integrator(&rec)?;
+        rec
+    };
+    ctx.store.flush_async().await?;
+    Ok(IntegratorProfile {
+        username: integrator_username(&name),
+        password: rec.secret.mqtt_password(),
+        name,
+        platform_key: ctx.keys().public,
+        topic_prefix: ctx.topics.prefix().to_owned(),
+    })
+}
+
+/// Revokes a machine: its secret is forgotten (nothing it sends verifies, the broker refuses
+/// it at its next connect) and its live broker session is closed now.
+pub async fn machine_revoke(ctx: &Ctx, machine: &MachineId) -> Result<String, OpError> {
+    {
+        let _records = ctx.store.lock_records();
+        let Some(mut info) = ctx.store.machine(machine)? else {
+            return refused(format!("unknown machine {machine}"));
+        };
+        ctx.store.remove_secret(machine)?;
+        info.revoked_at_ms.get_or_insert(now_ms());
+        info.online = false;
+        ctx.store.put_machine(&info)?;
+    }
+    ctx.store.flush_async().await?;
+    let closed = ctx.sessions.close_sessions(machine.as_str());
+    Ok(format!(
+        "machine {machine} revoked: its secret no longer verifies ({closed} broker session(s) closed)"
+    ))
+}
