@@ -102,6 +102,7 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
             broker: broker.clone(),
             embedded_listen: None,
             topic_prefix: "fleet".into(),
+            limits: Default::default(),
         },
         token.clone(),
     ));

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::error::PlatformError;
+use crate::limits::{ChunkBudget, BUDGET_SWEEP};
 use crate::publish::Ctx;
 
 pub const BROADCAST_WINDOW: Duration = Duration::from_secs(10);
@@ -30,6 +31,9 @@ pub const REBROADCAST_AFTER: Duration = Duration::from_millis(500);
 struct ChunkServer {
     ctx: Arc<Ctx>,
     ctrs: HashMap<MachineId, u64>,
+    /// Per-machine request and byte budgets (machines that authenticated only).
+    budgets: HashMap<MachineId, ChunkBudget>,
+    budgets_swept_at: Instant,
     requesters: HashMap<ArtifactId, HashMap<MachineId, Instant>>,
     broadcast_at: HashMap<(ArtifactId, u32), Instant>,
     /// When `requesters` was last swept of machines that stopped fetching.
@@ -44,6 +48,8 @@ pub async fn run(
     let mut server = ChunkServer {
         ctx,
         ctrs: HashMap::new(),
+        budgets: HashMap::new(),
+        budgets_swept_at: Instant::now(),
         requesters: HashMap::new(),
         broadcast_at: HashMap::new(),
         swept_at: Instant::now(),
@@ -118,9 +124,29 @@ impl ChunkServer {
         store
             .set_counter(m, "chunks", req.ctr)
             .map_err(|e| e.to_string())?;
+        let now_std = std::time::Instant::now();
+        if now_std.duration_since(self.budgets_swept_at.into_std()) >= BUDGET_SWEEP {
+            self.budgets.retain(|_, b| !b.is_idle(now_std));
+            self.budgets_swept_at = Instant::now();
+        }
+        let limits = self.ctx.limits;
+        let budget = self
+            .budgets
+            .entry(m.clone())
+            .or_insert_with(|| ChunkBudget::new(&limits, now_std));
+        if !budget.admit_request(now_std) {
+            // Dropped, not answered: an honest machine re-requests after its timeout.
+            return Err("over its chunk request rate; request dropped".into());
+        }
         let own_topic = self.ctx.topics.machine_chunks(m);
+        // Only artifacts of releases assigned to this machine; anything else looks unknown,
+        // so the answer tells nothing about which artifacts exist.
+        let allowed = store
+            .machine_artifacts(m)
+            .map_err(|e| e.to_string())?
+            .contains(&req.artifact);
         let info = match store.artifact(&req.artifact).map_err(|e| e.to_string())? {
-            Some(i) if self.ctx.files.exists(&req.artifact) => i,
+            Some(i) if allowed && self.ctx.files.exists(&req.artifact) => i,
             _ => {
                 self.error_frame(&own_topic, req.artifact, "unknown artifact")
                     .await;
@@ -177,7 +203,13 @@ impl ChunkServer {
                 .retain(|_, t| now.duration_since(*t) < REBROADCAST_AFTER);
         }
         let broadcast_topic = self.ctx.topics.artifact_chunks(&req.artifact);
-        for index in req.indices() {
+        let wanted = req.indices().count() as u32;
+        let budget = self.budgets.get_mut(m).expect("inserted above");
+        let admitted = budget.admit_chunks(wanted, layout.chunk_size, now_std);
+        if admitted < wanted {
+            tracing::debug!(machine = %m, wanted, admitted, "chunk byte budget: serving part of a request");
+        }
+        for index in req.indices().take(admitted as usize) {
             let topic = if broadcast {
                 let key = (req.artifact, index);
                 if self
@@ -288,6 +320,17 @@ mod tests {
                 uploaded_at_ms: 0,
             })
             .unwrap();
+        // Released to vm-1 and vm-2 (one kind per artifact, so both can be current).
+        let mut release = crate::fixtures::release(&format!("r-{seed}"), &format!("1.{seed}"));
+        release.kind = Kind::new(format!("app{seed}")).unwrap();
+        release.artifact.id = id;
+        ctx.store.put_release(&release).unwrap();
+        for m in ["vm-1", "vm-2"] {
+            let m = MachineId::new(m).unwrap();
+            ctx.store
+                .set_current(&m, &release.kind, &release.id)
+                .unwrap();
+        }
         id
     }
 
@@ -295,6 +338,8 @@ mod tests {
         ChunkServer {
             ctx: ctx.clone(),
             ctrs: HashMap::new(),
+            budgets: HashMap::new(),
+            budgets_swept_at: Instant::now(),
             requesters: HashMap::new(),
             broadcast_at: HashMap::new(),
             swept_at: Instant::now(),

@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use fleetcast_broker::MqttEvent;
 use fleetcast_proto::admin::{FleetEvent, MachineInfo};
 use fleetcast_proto::auth::Purpose;
-use fleetcast_proto::{Kind, MachineId, MachineState, Phase, ReleaseId, Route, StatusEvent};
+use fleetcast_proto::{
+    GroupId, Kind, MachineId, MachineState, Phase, ReleaseId, Route, StatusEvent,
+};
 use rumqttc::{AsyncClient, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -339,28 +341,54 @@ impl Ingest {
         let store = &self.ctx.store;
         let now = now_ms();
         let _records = store.lock_records();
-        let mut event = FleetEvent {
-            id: 0,
-            recorded_at_ms: now,
-            machine: ev.machine.clone(),
-            release: ev.release.clone(),
-            kind: ev.kind.clone(),
-            version: ev.version.clone(),
-            phase: ev.phase,
-            at_ms: ev.at_ms,
-            attempt: ev.attempt,
-            progress: ev.progress,
-            error: ev.error.clone(),
-            detail: ev.detail.clone(),
+        let ack = After::StatusAck {
+            machine: m.clone(),
+            ctr: ev.ctr,
         };
-        store.append_event(&mut event).map_err(Err)?;
-        let mut after = vec![
-            After::StatusAck {
-                machine: m.clone(),
-                ctr: ev.ctr,
+        // Only what is consistent changes anything: an event naming a release that does not
+        // target this machine is acknowledged (so the machine's outbox moves on) and dropped.
+        let record = match &ev.release {
+            Some(release) => match store.target(release, m).map_err(Err)? {
+                Some(rec) if rec.kind == ev.kind => Some(rec),
+                Some(rec) => {
+                    tracing::warn!(machine = %m, release = %release, kind = %ev.kind, expected = %rec.kind, "status names the wrong kind for its release: dropped");
+                    return Ok(vec![ack]);
+                }
+                None => {
+                    tracing::warn!(machine = %m, release = %release, phase = %ev.phase, "status for a release that does not target this machine: dropped");
+                    return Ok(vec![ack]);
+                }
             },
-            After::Event(event),
-        ];
+            None => None,
+        };
+        let mut after = vec![ack];
+        let stored = store
+            .bump_event_count(m, ev.release.as_ref())
+            .map_err(Err)?;
+        let cap = self.ctx.limits.events_per_release;
+        if stored <= cap {
+            let mut event = FleetEvent {
+                id: 0,
+                recorded_at_ms: now,
+                machine: ev.machine.clone(),
+                release: ev.release.clone(),
+                kind: ev.kind.clone(),
+                version: ev.version.clone(),
+                phase: ev.phase,
+                at_ms: ev.at_ms,
+                attempt: ev.attempt,
+                progress: ev.progress,
+                error: ev.error.clone(),
+                detail: ev.detail.clone(),
+            };
+            store.append_event(&mut event).map_err(Err)?;
+            after.push(After::Event(event));
+        } else if stored == cap + 1 {
+            tracing::warn!(machine = %m, release = ?ev.release, cap, "event cap reached: further events of this machine for this release update its record but are not kept");
+        }
+        let Some(mut rec) = record else {
+            return Ok(after);
+        };
         if let Some(mut info) = store.machine(m).map_err(Err)? {
             info.last_seen_ms = Some(now);
             info.online = true;
@@ -375,24 +403,16 @@ impl Ingest {
             }
             store.put_machine(&info).map_err(Err)?;
         }
-        let Some(release) = &ev.release else {
-            return Ok(after);
-        };
-        match store.target(release, m).map_err(Err)? {
-            Some(mut rec) => match rollout::apply(&mut rec, &ev, now) {
-                Ok(()) => {
-                    store.put_target(&rec).map_err(Err)?;
-                    after.push(After::Progress {
-                        release: release.clone(),
-                        now: rec.phase.is_final(),
-                    });
-                }
-                Err(why) => {
-                    tracing::warn!(machine = %m, release = %release, phase = %ev.phase, reason = %why, "status recorded as an event but not applied")
-                }
-            },
-            None => {
-                tracing::warn!(machine = %m, release = %release, phase = %ev.phase, "status for a release this machine is not a target of: recorded as an event only")
+        match rollout::apply(&mut rec, &ev, now) {
+            Ok(()) => {
+                store.put_target(&rec).map_err(Err)?;
+                after.push(After::Progress {
+                    release: rec.release.clone(),
+                    now: rec.phase.is_final(),
+                });
+            }
+            Err(why) => {
+                tracing::warn!(machine = %m, release = %rec.release, phase = %ev.phase, reason = %why, "status recorded as an event but not applied")
             }
         }
         Ok(after)
@@ -424,10 +444,15 @@ impl Ingest {
         info.online = true;
         info.agent_version = Some(st.agent_version.clone());
         info.busy = st.busy;
-        for g in &st.groups {
-            if !info.groups.contains(g) {
-                info.groups.push(g.clone());
-            }
+        // Group membership is the operator's (provisioning): a machine claiming a group it was
+        // not given would otherwise become a target of that group's releases.
+        let claimed: Vec<&GroupId> = st
+            .groups
+            .iter()
+            .filter(|g| !info.groups.contains(g))
+            .collect();
+        if !claimed.is_empty() {
+            tracing::warn!(machine = %m, groups = ?claimed, "machine reports groups it was not provisioned in: ignored");
         }
         for (kind, k) in &st.kinds {
             if let Some(v) = &k.version {

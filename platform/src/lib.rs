@@ -4,6 +4,7 @@
 //! - [`serve`]: `serve(opts, shutdown)`, the service: opens the data dir, optionally starts the
 //!   embedded broker, runs the connections and tasks below until shutdown.
 //! - [`broker_auth`]: which principal holds a broker client's credentials (the store's view).
+//! - [`limits`]: per-machine limits (chunk requests and bytes per second, stored events).
 //! - [`keys`]: the platform's signing key and the admin secret in the data dir.
 //! - [`store`]: sled persistence, one tree per record family (layout documented there).
 //! - [`artifacts`]: artifact files: staged uploads, atomic commit, manifests, chunk reads.
@@ -24,6 +25,7 @@ pub mod error;
 pub mod identities;
 pub mod ingest;
 pub mod keys;
+pub mod limits;
 pub mod publish;
 pub mod rollout;
 pub mod serve;

@@ -13,6 +13,7 @@ use rumqttc::{AsyncClient, QoS};
 
 use crate::artifacts::{ArtifactError, ArtifactStore};
 use crate::keys::Keys;
+use crate::limits::MachineLimits;
 use crate::now_ms;
 use crate::rollout;
 use crate::store::{DesiredNotice, Store, StoreError};
@@ -30,6 +31,8 @@ pub struct Ctx {
     pub sessions: Arc<dyn SessionControl>,
     /// The data dir (keys live there).
     pub data_dir: std::path::PathBuf,
+    /// What each machine may take.
+    pub limits: MachineLimits,
 }
 
 impl Ctx {
@@ -54,6 +57,7 @@ impl Ctx {
             mqtt,
             sessions: Arc::new(NoSessionControl),
             data_dir: dir.to_owned(),
+            limits: MachineLimits::default(),
         }
     }
 }

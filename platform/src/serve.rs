@@ -27,6 +27,7 @@ use crate::broker_auth::{AuthStore, StoreAuth};
 use crate::error::PlatformError;
 use crate::identities;
 use crate::keys::{load_or_create_keys, Keys};
+use crate::limits::MachineLimits;
 use crate::publish::{Ctx, NoSessionControl, SessionControl};
 use crate::store::Store;
 use crate::{chunks, ingest};
@@ -42,6 +43,8 @@ pub struct ServeOptions {
     /// Some: start the embedded broker on this address (with machine/admin auth) first.
     pub embedded_listen: Option<SocketAddr>,
     pub topic_prefix: String,
+    /// What each machine may take (chunk rate, stored events).
+    pub limits: MachineLimits,
 }
 
 /// Everything `run` needs, opened by `serve`.
@@ -53,6 +56,7 @@ pub struct Deps {
     pub broker: BrokerUrl,
     pub data_dir: PathBuf,
     pub sessions: Arc<dyn SessionControl>,
+    pub limits: MachineLimits,
 }
 
 /// Runs the platform until `shutdown` is cancelled or a task fails.
@@ -84,6 +88,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> Result<()
         broker: opts.broker.clone(),
         data_dir: opts.data_dir.clone(),
         sessions: Arc::new(NoSessionControl),
+        limits: opts.limits,
     };
     let result = run(deps, shutdown).await;
     *auth.write().unwrap_or_else(|p| p.into_inner()) = None;
@@ -159,6 +164,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
         mqtt: serve_client.clone(),
         sessions: deps.sessions,
         data_dir: deps.data_dir,
+        limits: deps.limits,
     });
     let (chunk_tx, chunk_rx) = mpsc::channel(1024);
     let (admin_tx, admin_rx) = mpsc::channel(8192);

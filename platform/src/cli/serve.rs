@@ -71,6 +71,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         broker,
         embedded_listen,
         topic_prefix: args.topic_prefix,
+        limits: Default::default(),
     };
     let result = serve(opts, shutdown).await;
     ctrl_c.abort();

@@ -86,6 +86,7 @@ fn start_platform(broker: &BrokerUrl, data: &Path) -> Platform {
         broker: broker.clone(),
         embedded_listen: None,
         topic_prefix: "fleet".into(),
+        limits: Default::default(),
     };
     let task = tokio::spawn(serve(opts, shutdown.clone()));
     Platform { shutdown, task }
@@ -1126,6 +1127,8 @@ async fn two_machines_fetching_one_artifact_get_it_broadcast() {
         .unwrap();
     let mut a = provision(&admin, &url, "vm-a", &[]).await;
     let mut b = provision(&admin, &url, "vm-b", &[]).await;
+    // Chunks are served only for artifacts of releases that target the machine.
+    release(&admin, "1.0", &["vm-a", "vm-b"], &[]).await;
     let topic = format!("fleet/artifacts/{}/chunks", info.id);
     b.peer.subscribe(&topic).await;
     // Whichever request the platform takes second finds two machines fetching, and that one

@@ -100,6 +100,11 @@ async fn a_machine_first_seen_in_a_group_becomes_a_target_of_its_release() {
     assert_eq!(plan.targets.len(), 1);
     let sent = next_notice(&mut observer, &data_dir, "fleet/groups/g/release/app").await;
 
+    // A machine cannot join a group by claiming it: membership is the operator's.
+    let mut claimer = provision(&admin, &url, "vm-003", &[]).await;
+    claimer.report_state(&["g"], 0).await;
+    // The operator adds vm-002 to the group; its next state report makes it a target.
+    provisioned(&admin, "vm-002", &["g"]).await;
     late.report_state(&["g"], 0).await;
     let s = wait_status(&admin, &r1.id, |s| s.targets.len() == 2).await;
     let rec = target(&s, "vm-002");
@@ -116,6 +121,13 @@ async fn a_machine_first_seen_in_a_group_becomes_a_target_of_its_release() {
     let machines = machines(&admin).await;
     let info = machines.iter().find(|m| m.id.as_str() == "vm-002").unwrap();
     assert_eq!(info.groups, vec![g("g")]);
+    let claimer = machines.iter().find(|m| m.id.as_str() == "vm-003").unwrap();
+    assert!(claimer.groups.is_empty(), "a claimed group is ignored");
+    let s = status(&admin, &r1.id).await;
+    assert!(
+        s.targets.iter().all(|t| t.machine.as_str() != "vm-003"),
+        "a machine claiming a group is not a target of its release"
+    );
     admin.close().await;
     platform.stop().await;
 }

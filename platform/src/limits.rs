@@ -1,0 +1,156 @@
+//! Per-machine limits, so one machine (or one stolen machine config) cannot take more than its
+//! share: chunk requests per second, chunk bytes per second, and events stored per release.
+//! Token buckets are plain data over explicit instants, tested without a clock.
+
+use std::time::{Duration, Instant};
+
+/// Limits the platform applies to each machine.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MachineLimits {
+    /// Chunk requests per second (a machine keeps ~16 chunks in flight, so ~10-50/s).
+    pub requests_per_sec: f64,
+    pub request_burst: f64,
+    /// Chunk bytes per second served on request.
+    pub bytes_per_sec: f64,
+    pub byte_burst: f64,
+    /// Status events stored per (machine, release); later ones still update the record but are
+    /// not kept in the event log.
+    pub events_per_release: u64,
+}
+
+impl Default for MachineLimits {
+    fn default() -> Self {
+        Self {
+            requests_per_sec: 200.0,
+            request_burst: 400.0,
+            bytes_per_sec: 64.0 * 1024.0 * 1024.0,
+            byte_burst: 32.0 * 1024.0 * 1024.0,
+            events_per_release: 1000,
+        }
+    }
+}
+
+/// A token bucket: `rate` tokens a second, at most `burst` saved up.
+#[derive(Debug, Clone)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: f64, burst: f64, now: Instant) -> Self {
+        Self {
+            rate,
+            burst,
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.at = now;
+    }
+
+    /// Takes `n` tokens if there are that many.
+    pub fn take(&mut self, n: f64, now: Instant) -> bool {
+        self.refill(now);
+        if self.tokens >= n {
+            self.tokens -= n;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// How many of `items` tokens of size `each` can be taken now; takes them.
+    pub fn take_up_to(&mut self, items: u32, each: f64, now: Instant) -> u32 {
+        self.refill(now);
+        let fit = if each <= 0.0 {
+            items
+        } else {
+            ((self.tokens / each).floor() as u64).min(items as u64) as u32
+        };
+        self.tokens -= fit as f64 * each;
+        fit
+    }
+
+    /// Whether the bucket is full again (nothing to remember about this machine).
+    pub fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst
+    }
+}
+
+/// The chunk-serving budget of one machine.
+#[derive(Debug, Clone)]
+pub struct ChunkBudget {
+    requests: TokenBucket,
+    bytes: TokenBucket,
+}
+
+impl ChunkBudget {
+    pub fn new(limits: &MachineLimits, now: Instant) -> Self {
+        Self {
+            requests: TokenBucket::new(limits.requests_per_sec, limits.request_burst, now),
+            bytes: TokenBucket::new(limits.bytes_per_sec, limits.byte_burst, now),
+        }
+    }
+
+    /// Whether one more request may be served now.
+    pub fn admit_request(&mut self, now: Instant) -> bool {
+        self.requests.take(1.0, now)
+    }
+
+    /// How many of `chunks` chunks of `chunk_len` bytes may be sent now.
+    pub fn admit_chunks(&mut self, chunks: u32, chunk_len: u32, now: Instant) -> u32 {
+        self.bytes.take_up_to(chunks, chunk_len as f64, now)
+    }
+
+    /// Both buckets full: the machine has been quiet long enough to forget.
+    pub fn is_idle(&mut self, now: Instant) -> bool {
+        self.requests.is_full(now) && self.bytes.is_full(now)
+    }
+}
+
+/// How long after its last request a quiet machine's budget is kept at most.
+pub const BUDGET_SWEEP: Duration = Duration::from_secs(30);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_allows_its_burst_then_its_rate() {
+        let t0 = Instant::now();
+        let mut b = TokenBucket::new(10.0, 5.0, t0);
+        assert_eq!((0..8).filter(|_| b.take(1.0, t0)).count(), 5);
+        let t1 = t0 + Duration::from_millis(500);
+        assert_eq!((0..8).filter(|_| b.take(1.0, t1)).count(), 5);
+        let t2 = t1 + Duration::from_millis(100);
+        assert_eq!((0..8).filter(|_| b.take(1.0, t2)).count(), 1);
+        // Idle for long: never more than the burst.
+        let t3 = t2 + Duration::from_secs(3600);
+        assert_eq!((0..100).filter(|_| b.take(1.0, t3)).count(), 5);
+    }
+
+    #[test]
+    fn a_chunk_budget_serves_the_part_of_a_request_that_fits() {
+        let limits = MachineLimits {
+            bytes_per_sec: 1000.0,
+            byte_burst: 1000.0,
+            ..MachineLimits::default()
+        };
+        let t0 = Instant::now();
+        let mut b = ChunkBudget::new(&limits, t0);
+        assert_eq!(b.admit_chunks(16, 300, t0), 3);
+        assert_eq!(b.admit_chunks(16, 300, t0), 0);
+        assert_eq!(b.admit_chunks(16, 300, t0 + Duration::from_millis(600)), 2);
+        assert!(!b.is_idle(t0 + Duration::from_millis(600)));
+        assert!(b.is_idle(t0 + Duration::from_secs(5)));
+    }
+}
