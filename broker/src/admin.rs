@@ -54,13 +54,16 @@ pub enum AdminError {
     Lost(String),
 }
 
-/// Requests waiting for their answer: request id -> (request counter, where to deliver).
-type Waiters = Arc<Mutex<HashMap<u64, (u64, oneshot::Sender<Answer>)>>>;
+/// Requests waiting for their answer, by request id.
+type Waiters = Arc<Mutex<HashMap<u64, Waiter>>>;
 
-/// A response, authenticated or not.
-enum Answer {
-    Sealed(Box<AdminResponse>),
-    Unverified(String),
+struct Waiter {
+    /// The request's counter: a sealed answer must carry it.
+    ctr: u64,
+    tx: oneshot::Sender<AdminResponse>,
+    /// A plain error that arrived instead: used only if no sealed answer follows within one
+    /// resend interval, so a forged refusal cannot pre-empt the platform's real answer.
+    unverified: Option<String>,
 }
 
 /// The name every platform's first operator has; its secret is `<data>/admin.secret`.
@@ -247,10 +250,14 @@ impl AdminClient {
             op,
         };
         let (tx, mut rx) = oneshot::channel();
-        self.waiters
-            .lock()
-            .expect("waiters")
-            .insert(id, (req.ctr, tx));
+        self.waiters.lock().expect("waiters").insert(
+            id,
+            Waiter {
+                ctr: req.ctr,
+                tx,
+                unverified: None,
+            },
+        );
         let payload = self.secret.seal(Purpose::Admin, &req);
         let topic = self.topics.admin_request(&self.client_id);
         // A request published before the platform subscribed (it is starting, or reconnecting
@@ -271,6 +278,17 @@ impl AdminClient {
                 Ok(Ok(resp)) => break resp,
                 Ok(Err(_)) => return Err(AdminError::Lost("client closed".into())),
                 Err(_) if tokio::time::Instant::now() < deadline => {
+                    let unverified = {
+                        let mut waiting = self.waiters.lock().expect("waiters");
+                        let text = waiting.get_mut(&id).and_then(|w| w.unverified.take());
+                        if text.is_some() {
+                            waiting.remove(&id);
+                        }
+                        text
+                    };
+                    if let Some(text) = unverified {
+                        return Err(AdminError::Unverified(text));
+                    }
                     tracing::debug!(op = %name, id, "no response yet; resending the request");
                 }
                 Err(_) => {
@@ -281,10 +299,6 @@ impl AdminClient {
                     });
                 }
             }
-        };
-        let resp = match resp {
-            Answer::Sealed(resp) => *resp,
-            Answer::Unverified(e) => return Err(AdminError::Unverified(e)),
         };
         match (resp.ok, resp.error) {
             (_, Some(e)) => Err(AdminError::Refused(e)),
@@ -456,41 +470,29 @@ fn deliver(waiters: &Waiters, secret: &Secret, client_id: &str, payload: &[u8]) 
             return;
         }
     };
-    let answer = match (&env.sealed, env.unverified_error) {
-        (Some(sealed), _) => {
-            match secret.open_box::<AdminResponse>(Purpose::AdminResponse, client_id, sealed) {
-                Ok(resp) if resp.id == env.id => Answer::Sealed(Box::new(resp)),
-                Ok(_) => {
-                    tracing::warn!(id = env.id, "sealed admin response for another id dropped");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(id = env.id, error = %e, "admin response that does not open dropped");
-                    return;
-                }
-            }
-        }
-        (None, Some(text)) => Answer::Unverified(text),
-        (None, None) => {
-            tracing::warn!(id = env.id, "empty admin response dropped");
-            return;
-        }
-    };
     let mut waiting = waiters.lock().expect("waiters");
-    let Some((ctr, _)) = waiting.get(&env.id) else {
+    let Some(waiter) = waiting.get_mut(&env.id) else {
         return;
     };
-    if let Answer::Sealed(resp) = &answer {
-        if resp.ctr != *ctr {
-            tracing::warn!(
-                id = env.id,
-                "admin response to another request (replayed?) dropped"
-            );
-            return;
+    let Some(sealed) = &env.sealed else {
+        if let Some(text) = env.unverified_error {
+            waiter.unverified.get_or_insert(text);
         }
-    }
-    if let Some((_, w)) = waiting.remove(&env.id) {
-        let _ = w.send(answer);
+        return;
+    };
+    match secret.open_box::<AdminResponse>(Purpose::AdminResponse, client_id, sealed) {
+        Ok(resp) if resp.id == env.id && resp.ctr == waiter.ctr => {
+            if let Some(w) = waiting.remove(&env.id) {
+                let _ = w.tx.send(resp);
+            }
+        }
+        Ok(_) => tracing::warn!(
+            id = env.id,
+            "sealed admin response to another request (replayed?) dropped"
+        ),
+        Err(e) => {
+            tracing::warn!(id = env.id, error = %e, "admin response that does not open dropped")
+        }
     }
 }
 

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::artifacts::Upload;
 use crate::error::PlatformError;
+use crate::integrators::Integrators;
 use crate::now_ms;
 use crate::publish::{self, refused, Ctx, OpError};
 use crate::store::{OperatorRecord, StoreError};
@@ -37,6 +38,11 @@ pub enum AdminInput {
         payload: bytes::Bytes,
     },
     Upload {
+        client: String,
+        payload: bytes::Bytes,
+    },
+    /// An integrator asks for stored events.
+    IntegratorEvents {
         client: String,
         payload: bytes::Bytes,
     },
@@ -90,6 +96,7 @@ pub async fn run(
         ctrs: HashMap::new(),
         uploads: HashMap::new(),
     };
+    let mut integrators = Integrators::default();
     let mut sweep = tokio::time::interval(UPLOAD_IDLE / 10);
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -101,6 +108,11 @@ pub async fn run(
         match item {
             AdminInput::Request { client, payload } => admin.request(&client, &payload).await,
             AdminInput::Upload { client, payload } => admin.part(&client, &payload),
+            AdminInput::IntegratorEvents { client, payload } => {
+                if let Err(why) = integrators.request(&admin.ctx, &client, &payload).await {
+                    tracing::warn!(client, reason = %why, "integrator request refused");
+                }
+            }
             AdminInput::Republish => match publish::republish_all(&admin.ctx).await {
                 Ok((notices, progress)) => {
                     tracing::info!(

@@ -10,6 +10,7 @@
 //! - [`artifacts`]: artifact files: staged uploads, atomic commit, manifests, chunk reads.
 //! - [`rollout`]: the pure per-(release, machine) state machine and rollout progress.
 //! - [`ingest`]: the persistent, manually acked connection for status, state and online.
+//! - [`integrators`]: integrators' requests for stored events (signed batches).
 //! - [`chunks`]: the chunk server (per machine or broadcast).
 //! - [`identities`]: operators with roles, integrators, machine revocation.
 //! - [`admin`]: operator requests: uploads, releases, publishing, rollback, activate.
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod error;
 pub mod identities;
 pub mod ingest;
+pub mod integrators;
 pub mod keys;
 pub mod limits;
 pub mod publish;

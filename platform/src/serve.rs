@@ -243,6 +243,10 @@ async fn dispatch(
                     SubscribeFilter::new(topics.platform_chunk_request_filter(), QoS::AtMostOnce),
                     SubscribeFilter::new(topics.platform_admin_request_filter(), QoS::AtLeastOnce),
                     SubscribeFilter::new(topics.platform_admin_upload_filter(), QoS::AtLeastOnce),
+                    SubscribeFilter::new(
+                        topics.platform_integrator_request_filter(),
+                        QoS::AtLeastOnce,
+                    ),
                 ];
                 if let Err(e) = client.try_subscribe_many(filters) {
                     tracing::warn!(error = %e, "serve subscribe failed");
@@ -260,6 +264,12 @@ async fn dispatch(
                     Some(Route::ChunkRequest(m)) => chunks.try_send((m, p.payload)).is_err(),
                     Some(Route::AdminRequest(client)) => admin
                         .try_send(AdminInput::Request {
+                            client,
+                            payload: p.payload,
+                        })
+                        .is_err(),
+                    Some(Route::IntegratorEventsGet(client)) => admin
+                        .try_send(AdminInput::IntegratorEvents {
                             client,
                             payload: p.payload,
                         })

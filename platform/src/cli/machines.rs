@@ -33,6 +33,13 @@ pub enum MachineCmd {
         #[command(flatten)]
         client: ClientArgs,
     },
+    /// Revoke a machine: its secret stops working at once, and on the embedded broker its live
+    /// session is closed now (an external broker drops it at its next connect).
+    Revoke {
+        machine: MachineId,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
 }
 
 pub async fn list(args: MachinesArgs) -> anyhow::Result<()> {
@@ -66,7 +73,15 @@ pub async fn run(cmd: MachineCmd) -> anyhow::Result<()> {
             let data_dir = data_dir.unwrap_or_else(|| {
                 PathBuf::from(format!("./fleetcast-device-{}", machine.machine))
             });
-            print!("{}", config_toml(&machine, &client.broker, &data_dir));
+            print!("{}", config_toml(&machine, &client.broker()?, &data_dir));
+            Ok(())
+        }
+        MachineCmd::Revoke { machine, client } => {
+            let reply = client.request(AdminOp::MachineRevoke { machine }).await;
+            let AdminReply::Done { message } = reply? else {
+                anyhow::bail!("unexpected reply to machine revoke");
+            };
+            println!("{message}");
             Ok(())
         }
     }

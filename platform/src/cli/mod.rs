@@ -2,10 +2,12 @@
 //! request to a running platform through the broker. Output formatting lives in pure
 //! functions (tested below each module); `anyhow` is used only here and in `main`.
 //!
-//! Layout: [`serve`], [`artifact`], [`release`], [`machines`] (list, provision),
-//! [`rollback`] (rollback, activate), [`table`] (table and time formatting).
+//! Layout: [`serve`], [`artifact`], [`release`], [`machines`] (list, provision, revoke),
+//! [`rollback`] (rollback, activate), [`identity`] (operators, integrators, audit, events,
+//! key rotation), [`table`] (table and time formatting).
 
 pub mod artifact;
+pub mod identity;
 pub mod machines;
 pub mod release;
 pub mod rollback;
@@ -54,18 +56,47 @@ pub enum Command {
     Rollback(rollback::RollbackArgs),
     /// Install a downloaded `download-only` release now.
     Activate(rollback::ActivateArgs),
+    /// Operators: their own credentials and roles (admin only).
+    #[command(subcommand)]
+    Operator(identity::OperatorCmd),
+    /// Integrators: read-only broker credentials (admin only).
+    #[command(subcommand)]
+    Integrator(identity::IntegratorCmd),
+    /// The audit log: every operator action, who, when, and its result (admin only).
+    Audit(identity::AuditArgs),
+    /// Stored events after an event id (integrators catching up use this or MQTT).
+    Events(identity::EventsArgs),
+    /// The platform's signing key.
+    #[command(subcommand)]
+    Key(identity::KeyCmd),
 }
 
-/// How a client command reaches the platform.
+/// How a client command reaches the platform, and as whom.
+///
+/// Credentials: `--profile FILE` (or `FLEETCAST_PROFILE`), the TOML printed by
+/// `fleetcast operator add`; without one, operator `--operator` (default `admin`) with the
+/// secret in `--admin-secret-file` (default `./fleetcast-data/admin.secret`, which
+/// `fleetcast serve` creates for the first admin) or `FLEETCAST_ADMIN_SECRET`.
 #[derive(Args, Clone)]
 pub struct ClientArgs {
-    /// Broker the platform listens on.
-    #[arg(long, env = "FLEETCAST_BROKER", default_value = fleetcast_broker::client::DEFAULT_BROKER, global = true)]
-    pub broker: String,
-    /// File holding the admin secret (hex), created by `fleetcast serve`.
+    /// Broker the platform listens on [default: the profile's, else mqtt://127.0.0.1:1883].
+    #[arg(long, env = "FLEETCAST_BROKER", global = true)]
+    pub broker: Option<String>,
+    /// Operator profile (TOML from `fleetcast operator add`).
+    #[arg(long, env = "FLEETCAST_PROFILE", global = true)]
+    pub profile: Option<PathBuf>,
+    /// Operator name, when no profile is given.
+    #[arg(
+        long,
+        env = "FLEETCAST_OPERATOR",
+        default_value = "admin",
+        global = true
+    )]
+    pub operator: String,
+    /// File holding the operator's secret (hex), when no profile is given.
     #[arg(long, default_value = "./fleetcast-data/admin.secret", global = true)]
     pub admin_secret_file: PathBuf,
-    /// The admin secret itself (hex); overrides --admin-secret-file.
+    /// The operator's secret itself (hex); overrides --admin-secret-file.
     #[arg(
         long = "admin-secret",
         env = "FLEETCAST_ADMIN_SECRET",
@@ -77,14 +108,58 @@ pub struct ClientArgs {
     pub topic_prefix: String,
 }
 
+/// The operator profile file (`fleetcast operator add` prints it).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Profile {
+    pub operator: String,
+    pub role: fleetcast_proto::acl::Role,
+    pub secret: Secret,
+    pub platform_key: fleetcast_proto::auth::PlatformPublicKey,
+    pub topic_prefix: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<String>,
+}
+
+impl Profile {
+    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading operator profile {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("operator profile {}", path.display()))
+    }
+}
+
 impl ClientArgs {
-    pub fn secret(&self) -> anyhow::Result<Secret> {
-        fleetcast_broker::admin::load_secret(self.admin_secret.as_deref(), &self.admin_secret_file)
-            .map_err(anyhow::Error::msg)
+    fn loaded_profile(&self) -> anyhow::Result<Option<Profile>> {
+        self.profile.as_deref().map(Profile::load).transpose()
+    }
+
+    /// The operator name and secret this command acts with.
+    pub fn credentials(&self) -> anyhow::Result<(String, Secret)> {
+        if let Some(p) = self.loaded_profile()? {
+            return Ok((p.operator, p.secret));
+        }
+        let secret = fleetcast_broker::admin::load_secret(
+            self.admin_secret.as_deref(),
+            &self.admin_secret_file,
+        )
+        .map_err(anyhow::Error::msg)?;
+        Ok((self.operator.clone(), secret))
+    }
+
+    /// The broker address: the flag or environment, else the profile's, else the default.
+    pub fn broker(&self) -> anyhow::Result<String> {
+        if let Some(b) = &self.broker {
+            return Ok(b.clone());
+        }
+        Ok(self
+            .loaded_profile()?
+            .and_then(|p| p.broker)
+            .unwrap_or_else(|| fleetcast_broker::client::DEFAULT_BROKER.to_owned()))
     }
 
     pub fn broker_url(&self) -> anyhow::Result<BrokerUrl> {
-        Ok(self.broker.parse::<BrokerUrl>()?)
+        Ok(self.broker()?.parse::<BrokerUrl>()?)
     }
 
     /// Connects, sends one request, and disconnects.
@@ -97,10 +172,12 @@ impl ClientArgs {
 
     pub async fn connect(&self) -> anyhow::Result<AdminClient> {
         let url = self.broker_url()?;
-        let client = AdminClient::connect(
+        let (operator, secret) = self.credentials()?;
+        let client = AdminClient::connect_as(
             &url,
             Topics::new(&self.topic_prefix),
-            self.secret()?,
+            &operator,
+            secret,
             Duration::from_secs(10),
         )
         .await
@@ -137,6 +214,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Machine(cmd) => machines::run(cmd).await,
         Command::Rollback(args) => rollback::rollback(args).await,
         Command::Activate(args) => rollback::activate(args).await,
+        Command::Operator(cmd) => identity::operator(cmd).await,
+        Command::Integrator(cmd) => identity::integrator(cmd).await,
+        Command::Audit(args) => identity::audit(args).await,
+        Command::Events(args) => identity::events(args).await,
+        Command::Key(cmd) => identity::key(cmd).await,
     }
 }
 

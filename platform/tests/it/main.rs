@@ -6,6 +6,7 @@
 mod crash;
 mod e2e;
 mod reconcile;
+mod security;
 
 use std::collections::VecDeque;
 use std::fmt::Debug;

@@ -1,0 +1,366 @@
+//! `fleetcast operator`, `integrator`, `audit`, `events` and `key`: identities, the audit log,
+//! stored events and key rotation.
+
+use clap::{Args, Subcommand};
+use fleetcast_proto::acl::Role;
+use fleetcast_proto::admin::{
+    AdminOp, AdminReply, AuditEntry, FleetEvent, IntegratorProfile, OperatorInfo, OperatorProfile,
+};
+use serde::Serialize;
+
+use super::{print_json, table, ClientArgs, Profile};
+
+#[derive(Subcommand)]
+pub enum OperatorCmd {
+    /// Create an operator and print its profile (TOML) to stdout: keep it secret, and pass it
+    /// with --profile or FLEETCAST_PROFILE.
+    Add {
+        name: String,
+        /// viewer (read only), operator (releases, rollbacks), or admin (also identities, keys).
+        #[arg(long)]
+        role: Role,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List operators and their roles.
+    List {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Revoke an operator's credentials.
+    Revoke {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum IntegratorCmd {
+    /// Create a read-only integrator and print its config (TOML): broker username and password
+    /// and the platform key to verify what it reads.
+    Add {
+        name: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+#[derive(Args)]
+pub struct AuditArgs {
+    /// Entries after this id.
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Args)]
+pub struct EventsArgs {
+    /// Events after this id (the last id you saw; 0 for all).
+    #[arg(long, default_value_t = 0)]
+    pub since: u64,
+    /// At most this many (default: all, fetched in batches).
+    #[arg(long)]
+    pub limit: Option<u64>,
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
+#[derive(Subcommand)]
+pub enum KeyCmd {
+    /// Rotate the platform signing key: the new key is announced under the old one, machines
+    /// follow it, and everything is signed with the new key from now on.
+    Rotate {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+pub async fn operator(cmd: OperatorCmd) -> anyhow::Result<()> {
+    match cmd {
+        OperatorCmd::Add { name, role, client } => {
+            let reply = client.request(AdminOp::OperatorAdd { name, role }).await?;
+            let AdminReply::OperatorCreated { operator } = reply else {
+                anyhow::bail!("unexpected reply to operator add");
+            };
+            print!("{}", profile_toml(&operator, &client.broker()?));
+            Ok(())
+        }
+        OperatorCmd::List { json, client } => {
+            let AdminReply::Operators { operators } = client.request(AdminOp::OperatorList).await?
+            else {
+                anyhow::bail!("unexpected reply to operator list");
+            };
+            if json {
+                return print_json(&operators);
+            }
+            print!("{}", operators_text(&operators));
+            Ok(())
+        }
+        OperatorCmd::Revoke { name, client } => {
+            let AdminReply::Done { message } =
+                client.request(AdminOp::OperatorRevoke { name }).await?
+            else {
+                anyhow::bail!("unexpected reply to operator revoke");
+            };
+            println!("{message}");
+            Ok(())
+        }
+    }
+}
+
+pub async fn integrator(cmd: IntegratorCmd) -> anyhow::Result<()> {
+    match cmd {
+        IntegratorCmd::Add { name, client } => {
+            let reply = client.request(AdminOp::IntegratorAdd { name }).await?;
+            let AdminReply::IntegratorCreated { integrator } = reply else {
+                anyhow::bail!("unexpected reply to integrator add");
+            };
+            print!("{}", integrator_toml(&integrator, &client.broker()?));
+            Ok(())
+        }
+    }
+}
+
+pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    let admin = args.client.connect().await?;
+    let mut all: Vec<AuditEntry> = Vec::new();
+    let mut since = args.since;
+    let result = loop {
+        let reply = admin.request(AdminOp::Audit { since, limit: None }).await;
+        match reply {
+            Ok(AdminReply::Audit {
+                entries,
+                next,
+                more,
+            }) => {
+                all.extend(entries);
+                since = next;
+                if !more {
+                    break Ok(());
+                }
+            }
+            Ok(_) => break Err(anyhow::anyhow!("unexpected reply to audit")),
+            Err(e) => break Err(e.into()),
+        }
+    };
+    admin.close().await;
+    result?;
+    if args.json {
+        return print_json(&all);
+    }
+    print!("{}", audit_text(&all));
+    Ok(())
+}
+
+pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
+    let admin = args.client.connect().await?;
+    let mut all: Vec<FleetEvent> = Vec::new();
+    let mut since = args.since;
+    let wanted = args.limit.unwrap_or(u64::MAX);
+    let result = loop {
+        let left = wanted.saturating_sub(all.len() as u64);
+        if left == 0 {
+            break Ok(());
+        }
+        let limit = Some(left.min(u32::MAX as u64) as u32);
+        match admin.request(AdminOp::EventsSince { since, limit }).await {
+            Ok(AdminReply::Events { events, next, more }) => {
+                all.extend(events);
+                since = next;
+                if !more {
+                    break Ok(());
+                }
+            }
+            Ok(_) => break Err(anyhow::anyhow!("unexpected reply to events")),
+            Err(e) => break Err(e.into()),
+        }
+    };
+    admin.close().await;
+    result?;
+    if args.json {
+        return print_json(&all);
+    }
+    print!("{}", events_text(&all));
+    Ok(())
+}
+
+pub async fn key(cmd: KeyCmd) -> anyhow::Result<()> {
+    match cmd {
+        KeyCmd::Rotate { client } => {
+            let AdminReply::Done { message } = client.request(AdminOp::KeyRotate).await? else {
+                anyhow::bail!("unexpected reply to key rotate");
+            };
+            println!("{message}");
+            Ok(())
+        }
+    }
+}
+
+/// The operator's profile, as `--profile` reads it.
+pub fn profile_toml(p: &OperatorProfile, broker: &str) -> String {
+    let profile = Profile {
+        operator: p.operator.clone(),
+        role: p.role,
+        secret: p.secret.clone(),
+        platform_key: p.platform_key,
+        topic_prefix: p.topic_prefix.clone(),
+        broker: Some(broker.to_owned()),
+    };
+    format!(
+        "# fleetcast operator profile for {} (role {}). Keep it secret: it is this operator's key.\n# Use it with: fleetcast --profile FILE ...  (or FLEETCAST_PROFILE=FILE)\n{}",
+        p.operator,
+        p.role,
+        toml::to_string(&profile).expect("profile serializes")
+    )
+}
+
+#[derive(Serialize)]
+struct IntegratorToml<'a> {
+    name: &'a str,
+    broker: &'a str,
+    username: &'a str,
+    password: &'a str,
+    platform_key: String,
+    topic_prefix: &'a str,
+    events_topic: String,
+    progress_topic: String,
+    request_topic: String,
+    response_topic: String,
+}
+
+/// An integrator's config: read-only broker credentials and what to verify with.
+pub fn integrator_toml(p: &IntegratorProfile, broker: &str) -> String {
+    let prefix = &p.topic_prefix;
+    let cfg = IntegratorToml {
+        name: &p.name,
+        broker,
+        username: &p.username,
+        password: &p.password,
+        platform_key: p.platform_key.to_hex(),
+        topic_prefix: prefix,
+        events_topic: format!("{prefix}/events"),
+        progress_topic: format!("{prefix}/rollouts/+/progress"),
+        request_topic: format!("{prefix}/integrators/{}/events/get", p.username),
+        response_topic: format!("{prefix}/integrators/{}/events", p.username),
+    };
+    format!(
+        "# fleetcast integrator {}: read-only. Use the username as MQTT client id too.\n# Everything it reads is signed by platform_key; see docs/integrators.md.\n{}",
+        p.name,
+        toml::to_string(&cfg).expect("config serializes")
+    )
+}
+
+pub fn operators_text(ops: &[OperatorInfo]) -> String {
+    let rows: Vec<Vec<String>> = ops
+        .iter()
+        .map(|o| {
+            vec![
+                o.name.clone(),
+                o.role.to_string(),
+                table::time(Some(o.created_at_ms)),
+                o.created_by.clone(),
+            ]
+        })
+        .collect();
+    table::render(&["OPERATOR", "ROLE", "CREATED", "BY"], &rows)
+}
+
+pub fn audit_text(entries: &[AuditEntry]) -> String {
+    let rows: Vec<Vec<String>> = entries
+        .iter()
+        .map(|e| {
+            let mut request = e.request.clone();
+            if let Some(o) = request.as_object_mut() {
+                o.remove("op");
+            }
+            vec![
+                e.id.to_string(),
+                table::time(Some(e.at_ms)),
+                e.operator.clone(),
+                e.action.clone(),
+                request.to_string(),
+                e.result.clone(),
+            ]
+        })
+        .collect();
+    table::render(
+        &["ID", "WHEN", "OPERATOR", "ACTION", "REQUEST", "RESULT"],
+        &rows,
+    )
+}
+
+pub fn events_text(events: &[FleetEvent]) -> String {
+    let rows: Vec<Vec<String>> = events
+        .iter()
+        .map(|e| {
+            vec![
+                e.id.to_string(),
+                table::time(Some(e.recorded_at_ms)),
+                e.machine.to_string(),
+                e.release
+                    .as_ref()
+                    .map_or_else(|| "-".to_owned(), |r| r.to_string()),
+                format!("{} {}", e.kind, e.version),
+                e.phase.to_string(),
+                e.error.clone().unwrap_or_default(),
+            ]
+        })
+        .collect();
+    table::render(
+        &[
+            "ID", "RECORDED", "MACHINE", "RELEASE", "VERSION", "PHASE", "ERROR",
+        ],
+        &rows,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcast_proto::auth::{PlatformKey, Secret};
+
+    #[test]
+    fn an_operator_profile_reads_back_as_the_profile_the_cli_loads() {
+        let p = OperatorProfile {
+            operator: "alice".into(),
+            role: Role::Viewer,
+            secret: Secret::from_bytes([3; 32]),
+            platform_key: PlatformKey::from_seed([4; 32]).public(),
+            topic_prefix: "fleet".into(),
+        };
+        let text = profile_toml(&p, "mqtt://h:1883");
+        let back: Profile = toml::from_str(&text).unwrap();
+        assert_eq!(
+            (back.operator.as_str(), back.role, back.broker.as_deref()),
+            ("alice", Role::Viewer, Some("mqtt://h:1883"))
+        );
+        assert_eq!(back.secret, p.secret);
+        assert!(toml::from_str::<Profile>(&format!("{text}\nextra = 1\n")).is_err());
+    }
+
+    #[test]
+    fn an_integrator_config_names_its_credentials_and_topics() {
+        let p = IntegratorProfile {
+            name: "erp".into(),
+            username: "fleetcast-int-erp".into(),
+            password: "pw".into(),
+            platform_key: PlatformKey::from_seed([4; 32]).public(),
+            topic_prefix: "fleet".into(),
+        };
+        let v: toml::Value = toml::from_str(&integrator_toml(&p, "mqtt://h:1")).unwrap();
+        assert_eq!(v["username"].as_str(), Some("fleetcast-int-erp"));
+        assert_eq!(v["password"].as_str(), Some("pw"));
+        assert_eq!(
+            v["request_topic"].as_str(),
+            Some("fleet/integrators/fleetcast-int-erp/events/get")
+        );
+    }
+}

@@ -1,0 +1,595 @@
+//! Attacks by a client holding one machine's credentials (or any broker access), on a broker
+//! that enforces nothing: the message layer alone must make each fail, and a legitimate
+//! rollout must still complete around it. The embedded broker's ACLs are tested in `gateway`.
+
+use super::*;
+use fleetcast_proto::acl::Role;
+use fleetcast_proto::admin::{AuditEntry, ResponseEnvelope};
+use fleetcast_proto::chunk::{encode_frame, encode_upload_frame, FrameHeader};
+use fleetcast_proto::events::{EventBatch, EventsRequest};
+use fleetcast_proto::keychain::KeyChain;
+
+/// Every payload `spy` has seen, as text (lossy) for searching.
+async fn seen_text(spy: &mut Peer) -> String {
+    spy.drain(Duration::from_millis(300))
+        .await
+        .iter()
+        .map(|p| format!("{} {}\n", p.topic, String::from_utf8_lossy(&p.payload)))
+        .collect()
+}
+
+/// Installs `release` on `vm` through the reports a machine sends, and waits for the record.
+async fn install(admin: &AdminClient, vm: &mut Machine, release: &ReleaseId, version: &str) {
+    for phase in [
+        Phase::Notified,
+        Phase::Downloading,
+        Phase::Downloaded,
+        Phase::Installing,
+    ] {
+        vm.report(Some(release), version, phase).await;
+    }
+    vm.report_recorded(admin, release, version, Phase::Installed)
+        .await;
+}
+
+#[tokio::test]
+async fn a_reader_of_everything_learns_no_secret_while_identities_are_created() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    let mut spy = peer(&url, "vm-spy").await;
+    spy.subscribe("#").await;
+    let vm = provisioned(&admin, "vm-001", &["g"]).await;
+    let AdminReply::OperatorCreated { operator } = admin
+        .request(AdminOp::OperatorAdd {
+            name: "bob".into(),
+            role: Role::Operator,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("operator_created expected")
+    };
+    let AdminReply::IntegratorCreated { integrator } = admin
+        .request(AdminOp::IntegratorAdd { name: "erp".into() })
+        .await
+        .unwrap()
+    else {
+        panic!("integrator_created expected")
+    };
+    let text = seen_text(&mut spy).await;
+    assert!(
+        text.contains("fleet/admin/"),
+        "the spy saw the admin traffic"
+    );
+    for (what, secret) in [
+        ("machine secret", vm.secret.to_hex()),
+        ("machine broker password", vm.secret.mqtt_password()),
+        ("operator secret", operator.secret.to_hex()),
+        ("integrator password", integrator.password.clone()),
+        (
+            "admin secret",
+            std::fs::read_to_string(admin_secret_path(&data_dir))
+                .unwrap()
+                .trim()
+                .to_owned(),
+        ),
+    ] {
+        assert!(
+            !text.contains(&secret),
+            "{what} crossed the broker in clear"
+        );
+    }
+    // What was handed out works: the machine's secret is the one the platform checks.
+    assert_eq!(vm.platform_key, public_key(&data_dir));
+    upload(&admin, dir.path(), "a.bin", &data(3000, 1), "1.0")
+        .await
+        .unwrap();
+    let mut m1 = provision(&admin, &url, "vm-001", &["g"]).await;
+    let r = release(&admin, "1.0", &[], &["g"]).await.release;
+    install(&admin, &mut m1, &r.id, "1.0").await;
+    admin.close().await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn forged_admin_responses_are_ignored_and_the_real_answer_is_used() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir: _dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    // The attacker answers every request first: sealed with its own key, and as a plain error.
+    let mut attacker = peer(&url, "vm-evil").await;
+    attacker.subscribe("fleet/admin/+/request").await;
+    let forger = tokio::spawn(async move {
+        let evil = Secret::from_bytes([9; 32]);
+        let mut forged = 0u32;
+        while let Some(p) = attacker.next_within(Duration::from_secs(3), |_| true).await {
+            let client = p.topic.split('/').nth(2).unwrap().to_owned();
+            let id = fleetcast_proto::auth::peek_body::<serde_json::Value>(&p.payload).unwrap()
+                ["id"]
+                .as_u64()
+                .unwrap();
+            let fake = fleetcast_proto::admin::AdminResponse::ok(
+                id,
+                0,
+                AdminReply::Done {
+                    message: "forged".into(),
+                },
+            );
+            for env in [
+                ResponseEnvelope {
+                    id,
+                    sealed: Some(evil.seal_box(Purpose::AdminResponse, &client, &fake)),
+                    unverified_error: None,
+                },
+                ResponseEnvelope {
+                    id,
+                    sealed: None,
+                    unverified_error: Some("forged refusal".into()),
+                },
+            ] {
+                let topic = format!("fleet/admin/{client}/response");
+                attacker
+                    .client
+                    .publish(
+                        topic,
+                        QoS::AtLeastOnce,
+                        false,
+                        serde_json::to_vec(&env).unwrap(),
+                    )
+                    .await
+                    .unwrap();
+            }
+            forged += 1;
+        }
+        forged
+    });
+    let provisioned = provisioned(&admin, "shop-101", &[]).await;
+    assert_eq!(
+        provisioned.platform_key,
+        public_key(&data_dir),
+        "the config pins the real platform key"
+    );
+    let machines = machines(&admin).await;
+    assert_eq!(machines.len(), 1);
+    admin.close().await;
+    platform.stop().await;
+    assert!(forger.await.unwrap() >= 2, "the attacker did answer");
+}
+
+#[tokio::test]
+async fn forged_progress_and_events_do_not_verify_and_integrators_catch_up_on_what_they_missed() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    let key = public_key(&data_dir);
+    let AdminReply::IntegratorCreated { integrator } = admin
+        .request(AdminOp::IntegratorAdd { name: "erp".into() })
+        .await
+        .unwrap()
+    else {
+        panic!("integrator_created expected")
+    };
+    upload(&admin, dir.path(), "a.bin", &data(3000, 2), "1.0")
+        .await
+        .unwrap();
+    let mut vm = provision(&admin, &url, "vm-001", &[]).await;
+    let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
+
+    // A forged retained progress, unsigned and signed by another key: neither verifies.
+    let mut attacker = peer(&url, "vm-evil").await;
+    let forged = RolloutProgress {
+        release: r.id.clone(),
+        kind: app(),
+        version: "1.0".into(),
+        total: 50,
+        phases: Default::default(),
+        finished: 50,
+        succeeded: 50,
+        failed: 0,
+        updated_at_ms: u64::MAX,
+    };
+    let topic = format!("fleet/rollouts/{}/progress", r.id);
+    let other = fleetcast_proto::auth::PlatformKey::from_seed([5; 32]);
+    for payload in [
+        serde_json::to_vec(&forged).unwrap(),
+        other.sign(Purpose::Progress, &forged),
+        // A genuine event's signature does not make it progress either.
+        other.sign(Purpose::Event, &forged),
+    ] {
+        attacker.publish_acked(&topic, true, payload.clone()).await;
+        assert!(key
+            .verify::<RolloutProgress>(Purpose::Progress, &payload)
+            .is_err());
+    }
+
+    // Events stored while no integrator listened.
+    install(&admin, &mut vm, &r.id, "1.0").await;
+    let mut watcher = peer(&url, "watcher").await;
+    watcher.subscribe(&topic).await;
+    let p = watcher.next(|p| p.topic == topic).await;
+    let progress: RolloutProgress = key
+        .verify(Purpose::Progress, &p.payload)
+        .unwrap_or_else(|e| {
+            panic!("the retained progress after the rollout is the platform's: {e}")
+        });
+    assert_eq!(progress.succeeded, 1);
+
+    // The integrator asks for everything after id 0, then after the last id it got.
+    let client = integrator.username.clone();
+    let mut int = peer_with(&url, &client, Some(&integrator.password)).await;
+    let answers = format!("fleet/integrators/{client}/events");
+    int.subscribe(&answers).await;
+    let ask = |since: u64| {
+        serde_json::to_vec(&EventsRequest {
+            since,
+            limit: Some(3),
+        })
+        .unwrap()
+    };
+    let mut got: Vec<FleetEvent> = Vec::new();
+    let mut since = 0;
+    loop {
+        let req = ask(since);
+        int.publish_acked(&format!("{answers}/get"), false, req)
+            .await;
+        let p = int.next(|p| p.topic == answers).await;
+        let batch: EventBatch = key.verify(Purpose::EventBatch, &p.payload).unwrap();
+        assert_eq!(
+            (batch.client.as_str(), batch.since),
+            (client.as_str(), since)
+        );
+        assert!(batch.events.len() <= 3);
+        got.extend(batch.events);
+        since = batch.next;
+        if !batch.more {
+            break;
+        }
+    }
+    let phases: Vec<Phase> = got.iter().map(|e| e.phase).collect();
+    assert_eq!(
+        phases,
+        [
+            Phase::Notified,
+            Phase::Downloading,
+            Phase::Downloaded,
+            Phase::Installing,
+            Phase::Installed
+        ]
+    );
+    assert!(
+        got.windows(2).all(|w| w[0].id + 1 == w[1].id),
+        "ids increase by one"
+    );
+    // The operator CLI's view is the same.
+    let AdminReply::Events { events, more, .. } = admin
+        .request(AdminOp::EventsSince {
+            since: 0,
+            limit: None,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("events expected")
+    };
+    assert_eq!((events, more), (got, false));
+    // Someone who is not a registered integrator gets no answer.
+    let mut stranger = peer(&url, "fleetcast-int-nobody").await;
+    stranger
+        .subscribe("fleet/integrators/fleetcast-int-nobody/events")
+        .await;
+    stranger
+        .publish_acked(
+            "fleet/integrators/fleetcast-int-nobody/events/get",
+            false,
+            ask(0),
+        )
+        .await;
+    assert!(stranger
+        .next_within(Duration::from_millis(500), |_| true)
+        .await
+        .is_none());
+    admin.close().await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn junk_frames_on_an_operators_upload_topic_do_not_break_the_upload() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        platform,
+        admin,
+        ..
+    } = env(&url).await;
+    let bytes = data(200_000, 3);
+    let artifact = ArtifactId::of(&bytes);
+    let mut attacker = peer(&url, "vm-evil").await;
+    attacker.subscribe("fleet/admin/+/request").await;
+    let topic = format!("fleet/admin/{}/upload", admin.client_id());
+    let junk = tokio::spawn(async move {
+        // Wait for the upload to begin, then flood its topic with parts that look right.
+        attacker.next(|_| true).await;
+        let evil = Secret::from_bytes([9; 32]);
+        for index in 0..200u32 {
+            let header = FrameHeader {
+                frame_type: FrameType::UploadPart,
+                artifact,
+                index: index % 196,
+                total: 196,
+            };
+            let payload = if index % 2 == 0 {
+                encode_frame(&header, &[0xAA; 1024])
+            } else {
+                encode_upload_frame(&evil, &header, &[0xBB; 1024])
+            };
+            attacker
+                .client
+                .publish(&topic, QoS::AtLeastOnce, false, payload)
+                .await
+                .unwrap();
+        }
+    });
+    let path = dir.path().join("big.bin");
+    std::fs::write(&path, &bytes).unwrap();
+    let info = admin
+        .upload(&path, app(), "1.0".into(), None, 1024, |_, _| {})
+        .await
+        .expect("the upload completes despite the junk");
+    assert_eq!(info.id, artifact);
+    junk.await.unwrap();
+    admin.close().await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn machines_get_chunks_only_of_their_releases_and_cannot_flood_the_event_store() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    let one = upload(&admin, dir.path(), "a.bin", &data(3000, 4), "1.0")
+        .await
+        .unwrap();
+    let mut vm = provision(&admin, &url, "vm-001", &[]).await;
+    let mut other = provision(&admin, &url, "vm-002", &[]).await;
+    let r = release(&admin, "1.0", &["vm-002"], &[]).await.release;
+    let chunks = "fleet/machines/vm-001/chunks";
+    vm.peer.subscribe(chunks).await;
+    vm.request_chunks(one.id, false, vec![(0, 1)]).await;
+    let p = vm.peer.next(|p| p.topic == chunks).await;
+    let (h, reason) = decode_frame(&p.payload).unwrap();
+    assert_eq!(
+        (h.frame_type, reason),
+        (FrameType::Error, &b"unknown artifact"[..]),
+        "an artifact not released to the machine looks unknown"
+    );
+    // 300 events naming a release that does not target vm-001: acknowledged, never stored.
+    let acks = "fleet/machines/vm-001/status/ack";
+    vm.peer.subscribe(acks).await;
+    for _ in 0..300 {
+        vm.report(Some(&r.id), "1.0", Phase::Installed).await;
+    }
+    let last_ctr = vm.ctr;
+    loop {
+        let p = vm.peer.next(|p| p.topic == acks).await;
+        let ack: fleetcast_proto::StatusAck = public_key(&data_dir)
+            .verify(Purpose::StatusAck, &p.payload)
+            .unwrap();
+        if ack.ctr == last_ctr {
+            break;
+        }
+    }
+    install(&admin, &mut other, &r.id, "1.0").await;
+    let AdminReply::Events { events, .. } = admin
+        .request(AdminOp::EventsSince {
+            since: 0,
+            limit: None,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("events expected")
+    };
+    assert!(
+        events.iter().all(|e| e.machine.as_str() == "vm-002"),
+        "nothing vm-001 said about a release that is not its own was kept"
+    );
+    assert_eq!(events.len(), 5);
+    let s = status(&admin, &r.id).await;
+    assert_eq!(s.targets.len(), 1);
+    assert_eq!(phase_of(&s, "vm-002"), Phase::Installed);
+    admin.close().await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn viewers_change_nothing_revoked_identities_stop_working_and_every_action_is_audited() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        platform,
+        admin,
+        ..
+    } = env(&url).await;
+    upload(&admin, dir.path(), "a.bin", &data(3000, 5), "1.0")
+        .await
+        .unwrap();
+    let mut vm = provision(&admin, &url, "vm-001", &[]).await;
+    let r = create_release(&admin, &app(), "1.0", InstallPolicy::Immediate).await;
+    let AdminReply::OperatorCreated { operator } = admin
+        .request(AdminOp::OperatorAdd {
+            name: "val".into(),
+            role: Role::Viewer,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("operator_created expected")
+    };
+    let viewer = AdminClient::connect_as(
+        &url,
+        Topics::default(),
+        "val",
+        operator.secret.clone(),
+        WAIT,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        match viewer.request(AdminOp::Machines).await.unwrap() {
+            AdminReply::Machines { machines } => machines.len(),
+            other => panic!("{other:?}"),
+        },
+        1,
+        "a viewer reads"
+    );
+    let publish = AdminOp::ReleasePublish {
+        release: r.id.clone(),
+        machines: vec![m("vm-001")],
+        groups: vec![],
+    };
+    let err = viewer.request(publish.clone()).await.unwrap_err();
+    assert!(err.to_string().contains("role viewer"), "{err}");
+    assert_eq!(
+        status(&admin, &r.id).await.targets.len(),
+        0,
+        "nothing was published"
+    );
+    // Someone with the viewer's name but another key gets nothing done.
+    let impostor = AdminClient::connect_as(
+        &url,
+        Topics::default(),
+        "val",
+        Secret::from_bytes([1; 32]),
+        WAIT,
+    )
+    .await
+    .unwrap();
+    let err = impostor.request(AdminOp::Machines).await.unwrap_err();
+    assert!(matches!(err, AdminError::Unverified(_)), "{err}");
+    impostor.close().await;
+    // The operator revokes the viewer and the machine.
+    admin
+        .request(AdminOp::OperatorRevoke { name: "val".into() })
+        .await
+        .unwrap();
+    let err = viewer.request(AdminOp::Machines).await.unwrap_err();
+    assert!(matches!(err, AdminError::Unverified(_)), "{err}");
+    viewer.close().await;
+    admin
+        .request(AdminOp::MachineRevoke {
+            machine: m("vm-001"),
+        })
+        .await
+        .unwrap();
+    admin.request(publish).await.unwrap();
+    vm.report(Some(&r.id), "1.0", Phase::Installed).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        phase_of(&status(&admin, &r.id).await, "vm-001"),
+        Phase::Pending,
+        "a revoked machine's report changes nothing"
+    );
+    let AdminReply::Audit { entries, .. } = admin
+        .request(AdminOp::Audit {
+            since: 0,
+            limit: None,
+        })
+        .await
+        .unwrap()
+    else {
+        panic!("audit expected")
+    };
+    let summary: Vec<(String, String, bool)> = entries
+        .iter()
+        .map(|e: &AuditEntry| (e.operator.clone(), e.action.clone(), e.result == "ok"))
+        .collect();
+    for want in [
+        ("admin", "upload_begin", true),
+        ("admin", "operator_add", true),
+        ("val", "release_publish", false),
+        ("admin", "operator_revoke", true),
+        ("admin", "machine_revoke", true),
+        ("admin", "release_publish", true),
+    ] {
+        assert!(
+            summary.contains(&(want.0.into(), want.1.into(), want.2)),
+            "audit lacks {want:?}: {summary:?}"
+        );
+    }
+    assert!(
+        !summary.iter().any(|(_, a, _)| a == "machines"),
+        "reads are not audited"
+    );
+    admin.close().await;
+    platform.stop().await;
+}
+
+#[tokio::test]
+async fn a_rotated_key_is_announced_under_the_old_one_and_signs_every_desired_notice() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    let first = public_key(&data_dir);
+    upload(&admin, dir.path(), "a.bin", &data(3000, 6), "1.0")
+        .await
+        .unwrap();
+    let _vm = provision(&admin, &url, "vm-001", &[]).await;
+    release(&admin, "1.0", &["vm-001"], &[]).await;
+    let mut watcher = peer(&url, "watcher").await;
+    watcher.subscribe("fleet/platform/keys").await;
+    watcher.subscribe("fleet/machines/vm-001/release/app").await;
+    let _ = watcher.drain(Duration::from_millis(200)).await;
+    admin.request(AdminOp::KeyRotate).await.unwrap();
+    let chain = watcher.next(|p| p.topic == "fleet/platform/keys").await;
+    let chain = KeyChain::parse(&chain.payload).unwrap();
+    let (generation, newest) = chain.follow(0, first).unwrap();
+    assert_eq!(generation, 1);
+    assert_eq!(newest, public_key(&data_dir), "platform.pub is the new key");
+    assert_ne!(newest, first);
+    let p = watcher
+        .next(|p| p.topic == "fleet/machines/vm-001/release/app")
+        .await;
+    let notice: ReleaseNotice = newest
+        .verify(Purpose::Release, &p.payload)
+        .expect("the desired notice is re-signed with the new key");
+    assert_eq!(notice.version, "1.0");
+    assert!(first
+        .verify::<ReleaseNotice>(Purpose::Release, &p.payload)
+        .is_err());
+    // A restart keeps the new key.
+    platform.stop().await;
+    let platform = start_platform(&url, &data_dir);
+    let admin2 = super::admin(&url, &data_dir).await;
+    assert_eq!(public_key(&data_dir), newest);
+    admin2.close().await;
+    admin.close().await;
+    platform.stop().await;
+}
