@@ -16,6 +16,14 @@ if ! command -v mosquitto >/dev/null 2>&1; then
         exit 1
     fi
 fi
+# The integrator example (scripts/integrator.py) is run by a test: it needs paho-mqtt and
+# cryptography from PyPI. With FLEETCAST_REQUIRE_PYTHON set, that test fails instead of skipping.
+if ! python3 -c "import paho.mqtt.client, cryptography" >/dev/null 2>&1; then
+    echo "installing paho-mqtt and cryptography (needed by the integrator example test)..." >&2
+    python3 -m pip install --quiet --disable-pip-version-check paho-mqtt cryptography >&2 ||
+        { echo "error: could not pip install paho-mqtt cryptography" >&2; exit 1; }
+fi
+export FLEETCAST_REQUIRE_PYTHON=1
 # The tests start their own Mosquitto; a packaged service on 1883 is not used.
 (command -v service >/dev/null 2>&1 && service mosquitto stop >/dev/null 2>&1) || true
 

@@ -593,3 +593,89 @@ async fn a_rotated_key_is_announced_under_the_old_one_and_signs_every_desired_no
     admin.close().await;
     platform.stop().await;
 }
+
+/// Whether `python3` with paho-mqtt and cryptography is here. `scripts/test.sh` installs them
+/// and sets FLEETCAST_REQUIRE_PYTHON=1, so in CI a missing one fails instead of skipping.
+fn python_with_mqtt() -> bool {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import paho.mqtt.client, cryptography"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if !ok {
+        assert!(
+            std::env::var("FLEETCAST_REQUIRE_PYTHON").is_err(),
+            "python3 with paho-mqtt and cryptography is required (pip install paho-mqtt cryptography)"
+        );
+        eprintln!("SKIPPED: python3 with paho-mqtt and cryptography is not installed");
+    }
+    ok
+}
+
+#[tokio::test]
+async fn the_documented_python_integrator_catches_up_and_verifies_every_event() {
+    if !python_with_mqtt() {
+        return;
+    }
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        platform,
+        admin,
+        ..
+    } = env(&url).await;
+    upload(&admin, dir.path(), "a.bin", &data(3000, 7), "1.0")
+        .await
+        .unwrap();
+    let mut vm = provision(&admin, &url, "vm-001", &[]).await;
+    let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
+    install(&admin, &mut vm, &r.id, "1.0").await;
+    let AdminReply::IntegratorCreated { integrator } = admin
+        .request(AdminOp::IntegratorAdd { name: "erp".into() })
+        .await
+        .unwrap()
+    else {
+        panic!("integrator_created expected")
+    };
+    let cfg = dir.path().join("erp.toml");
+    std::fs::write(
+        &cfg,
+        fleetcast_platform::cli::identity::integrator_toml(&integrator, &url.to_string()),
+    )
+    .unwrap();
+    let state = dir.path().join("erp.state");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/integrator.py");
+    let out = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(&cfg)
+        .arg("--state")
+        .arg(&state)
+        .arg("--once")
+        .output()
+        .await
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let phases: Vec<String> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v["event"]["phase"].as_str().map(str::to_owned))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            "notified",
+            "downloading",
+            "downloaded",
+            "installing",
+            "installed"
+        ]
+    );
+    assert_eq!(std::fs::read_to_string(&state).unwrap().trim(), "5");
+    admin.close().await;
+    platform.stop().await;
+}
