@@ -6,12 +6,14 @@
 //!   packets), and `drive`, the one task that owns an event loop and reconnects with backoff.
 //! - [`embedded`] (feature `embedded`): rumqttd configured in code with every field set, auth
 //!   by `client_id == username` plus a password check, sized segment logs for bulk topics.
+//! - [`mosquitto`]: the broker policy (`proto::acl`) as Mosquitto password and ACL files.
 //! - [`testing`] (feature `testing`): a real Mosquitto on a free loopback port, for tests.
 
 pub mod admin;
 pub mod client;
 #[cfg(feature = "embedded")]
 pub mod embedded;
+pub mod mosquitto;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -1,18 +1,20 @@
-//! Test support (feature `testing`): a real Mosquitto on a free loopback port.
+//! Test support (feature `testing`): a real Mosquitto on a free loopback port, open to anyone or
+//! enforcing fleetcast's generated password and ACL files.
 
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::client::BrokerUrl;
+use crate::mosquitto::{self, MosquittoFiles};
 
 /// A Mosquitto process started for one test; killed on drop.
 pub struct Mosquitto {
     child: Child,
     bin: PathBuf,
     conf: PathBuf,
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     pub url: BrokerUrl,
 }
 
@@ -35,6 +37,70 @@ impl Mosquitto {
     /// Starts mosquitto with anonymous access, TCP_NODELAY, and no persistence. `extra` is
     /// appended to its config (e.g. ACL settings).
     pub fn start(extra: &str) -> std::io::Result<Self> {
+        Self::launch(|_dir| Ok(format!("allow_anonymous true\n{extra}\n")))
+    }
+
+    /// Starts mosquitto enforcing fleetcast's generated password and ACL files, which are
+    /// written into its temp dir and loaded with [`mosquitto::conf_snippet`]. Anonymous clients
+    /// are refused. Its log is kept: see [`Mosquitto::log`].
+    pub fn start_with_files(files: &MosquittoFiles) -> std::io::Result<Self> {
+        Self::launch(|dir| {
+            write_files(dir, files)?;
+            let snippet = mosquitto::conf_snippet(&dir.join(PASSWD), &dir.join(ACL))
+                .map_err(std::io::Error::other)?;
+            // As root, mosquitto drops to the `mosquitto` user before it reads the password and
+            // ACL files, and could not read our private temp dir; `user root` keeps whoever
+            // started it (a non-root mosquitto ignores the option).
+            Ok(format!(
+                "{snippet}user root\nlog_dest file {}\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
+                dir.join(LOG).display()
+            ))
+        })
+    }
+
+    /// Replaces the password and ACL files; [`Mosquitto::reload`] makes mosquitto read them.
+    pub fn rewrite_files(&self, files: &MosquittoFiles) -> std::io::Result<()> {
+        write_files(self.dir.path(), files)
+    }
+
+    /// Sends SIGHUP: mosquitto rereads its config, password and ACL files. When it keeps a log
+    /// ([`Mosquitto::start_with_files`]), returns once it logged the reload: its single-threaded
+    /// loop logs that as it starts reloading and reads no packet before it is done, so packets
+    /// sent after this returns meet the new files.
+    pub fn reload(&self) -> std::io::Result<()> {
+        const RELOADING: &str = "Reloading config.";
+        let before = self.log().matches(RELOADING).count();
+        let status = Command::new("kill")
+            .arg("-HUP")
+            .arg(self.child.id().to_string())
+            .status()?;
+        if !status.success() {
+            return Err(std::io::Error::other(format!("kill -HUP failed: {status}")));
+        }
+        if !self.dir.path().join(LOG).exists() {
+            return Ok(());
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.log().matches(RELOADING).count() == before {
+            if Instant::now() > deadline {
+                return Err(std::io::Error::other(format!(
+                    "mosquitto did not log a reload within 5 s; its log:\n{}",
+                    self.log()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
+    /// What mosquitto logged so far (empty unless started with [`Mosquitto::start_with_files`]).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(LOG)).unwrap_or_default()
+    }
+
+    /// Starts mosquitto on a free port with the common settings plus `settings(dir)`, retrying
+    /// on a port clash.
+    fn launch(settings: impl Fn(&Path) -> std::io::Result<String>) -> std::io::Result<Self> {
         let bin = mosquitto_binary().ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
@@ -46,10 +112,11 @@ impl Mosquitto {
             let port = crate::client::free_loopback_port()?;
             let dir = tempfile::tempdir()?;
             let conf = dir.path().join("mosquitto.conf");
+            let settings = settings(dir.path())?;
             std::fs::write(
                 &conf,
                 format!(
-                    "listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\nmax_queued_messages 10000\n{extra}\n"
+                    "listener {port} 127.0.0.1\nset_tcp_nodelay true\npersistence false\nmax_queued_messages 10000\n{settings}"
                 ),
             )?;
             let mut child = Command::new(&bin)
@@ -66,7 +133,7 @@ impl Mosquitto {
                         child,
                         bin: bin.clone(),
                         conf,
-                        _dir: dir,
+                        dir,
                         url: BrokerUrl {
                             host: "127.0.0.1".into(),
                             port,
@@ -86,6 +153,24 @@ impl Mosquitto {
         }
         Err(last_err.expect("loop ran"))
     }
+}
+
+const PASSWD: &str = "fleetcast.passwd";
+const ACL: &str = "fleetcast.acl";
+const LOG: &str = "mosquitto.log";
+
+/// Writes both files, readable by their owner only (the password file holds hashes).
+fn write_files(dir: &Path, files: &MosquittoFiles) -> std::io::Result<()> {
+    for (name, text) in [(PASSWD, &files.passwd), (ACL, &files.acl)] {
+        let path = dir.join(name);
+        std::fs::write(&path, text)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
 }
 
 impl Mosquitto {

@@ -8,6 +8,8 @@ use rumqttc::{AsyncClient, MqttOptions, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+mod mosquitto_acl;
+
 /// A client driven until `shutdown`; its events on the receiver.
 fn connected_with(
     options: MqttOptions,
