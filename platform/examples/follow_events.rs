@@ -25,7 +25,9 @@ struct Config {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let mut args = std::env::args().skip(1);
-    let path = args.next().ok_or_else(|| anyhow::anyhow!("usage: follow_events CONFIG [LAST_ID]"))?;
+    let path = args
+        .next()
+        .ok_or_else(|| anyhow::anyhow!("usage: follow_events CONFIG [LAST_ID]"))?;
     let mut last: u64 = args.next().map(|s| s.parse()).transpose()?.unwrap_or(0);
     let cfg: Config = toml::from_str(&std::fs::read_to_string(&path)?)?;
     let url: fleetcast_broker::BrokerUrl = cfg.broker.parse()?;

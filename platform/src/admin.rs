@@ -489,7 +489,15 @@ impl Admin {
                     ),
                 })
             }
-            AdminOp::MosquittoConfig => refused("mosquitto_config is not available yet"),
+            AdminOp::MosquittoConfig => {
+                let ids = identities::broker_identities(store, &self.ctx.keys())?;
+                let files = fleetcast_broker::mosquitto::mosquitto_files(&self.ctx.topics, &ids)
+                    .map_err(|e| OpError::Refused(e.to_string()))?;
+                Ok(AdminReply::MosquittoFiles {
+                    passwd: files.passwd,
+                    acl: files.acl,
+                })
+            }
         }
     }
 

@@ -158,3 +158,47 @@ pub async fn machine_revoke(ctx: &Ctx, machine: &MachineId) -> Result<String, Op
         "machine {machine} revoked: its secret no longer verifies ({closed} broker session(s) closed)"
     ))
 }
+
+/// Every identity the broker must know, with its broker password: the platform, operators,
+/// integrators, and machines that are not revoked.
+pub fn broker_identities(
+    store: &Store,
+    keys: &Keys,
+) -> Result<Vec<fleetcast_broker::mosquitto::BrokerIdentity>, StoreError> {
+    use fleetcast_broker::mosquitto::BrokerIdentity;
+    let mut out = vec![BrokerIdentity {
+        principal: Principal::Platform,
+        password: keys.platform_mqtt_password(),
+    }];
+    for op in store.operators()? {
+        out.push(BrokerIdentity {
+            principal: Principal::Operator {
+                name: op.info.name.clone(),
+                role: op.role(),
+            },
+            password: op.secret.mqtt_password(),
+        });
+    }
+    for int in store.integrators()? {
+        out.push(BrokerIdentity {
+            principal: Principal::Integrator { name: int.name },
+            password: int.secret.mqtt_password(),
+        });
+    }
+    for m in store.machines()? {
+        if m.revoked_at_ms.is_some() {
+            continue;
+        }
+        let Some(secret) = store.secret(&m.id)? else {
+            continue;
+        };
+        out.push(BrokerIdentity {
+            principal: Principal::Machine {
+                id: m.id,
+                groups: m.groups,
+            },
+            password: secret.mqtt_password(),
+        });
+    }
+    Ok(out)
+}

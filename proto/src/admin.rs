@@ -317,10 +317,10 @@ pub enum AdminReply {
         next: u64,
         more: bool,
     },
+    /// Mosquitto's `password_file` and `acl_file` contents for the whole fleet.
     MosquittoFiles {
         passwd: String,
         acl: String,
-        conf: String,
     },
 }
 

@@ -204,6 +204,50 @@ pub async fn key(cmd: KeyCmd) -> anyhow::Result<()> {
     }
 }
 
+#[derive(Subcommand)]
+pub enum BrokerCmd {
+    /// Write Mosquitto's password file, ACL file and a mosquitto.conf snippet for the whole
+    /// fleet into DIR (fleetcast.passwd, fleetcast.acl, fleetcast.conf). Run it again after
+    /// provisioning, revoking or adding identities, then reload Mosquitto (docs/mosquitto.md).
+    MosquittoConfig {
+        #[arg(long)]
+        out: std::path::PathBuf,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+}
+
+pub async fn broker(cmd: BrokerCmd) -> anyhow::Result<()> {
+    use anyhow::Context;
+    match cmd {
+        BrokerCmd::MosquittoConfig { out, client } => {
+            let AdminReply::MosquittoFiles { passwd, acl } =
+                client.request(AdminOp::MosquittoConfig).await?
+            else {
+                anyhow::bail!("unexpected reply to broker mosquitto-config");
+            };
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let out = std::fs::canonicalize(&out)?;
+            let (p, a, c) = (
+                out.join("fleetcast.passwd"),
+                out.join("fleetcast.acl"),
+                out.join("fleetcast.conf"),
+            );
+            let conf = fleetcast_broker::mosquitto::conf_snippet(&p, &a)?;
+            crate::keys::write_atomic(&p, passwd.as_bytes(), 0o600)?;
+            crate::keys::write_atomic(&a, acl.as_bytes(), 0o644)?;
+            crate::keys::write_atomic(&c, conf.as_bytes(), 0o644)?;
+            println!(
+                "wrote {}, {} and {}\ninclude the .conf from mosquitto.conf, then reload Mosquitto (kill -HUP)",
+                p.display(),
+                a.display(),
+                c.display()
+            );
+            Ok(())
+        }
+    }
+}
+
 /// The operator's profile, as `--profile` reads it.
 pub fn profile_toml(p: &OperatorProfile, broker: &str) -> String {
     let profile = Profile {

@@ -69,6 +69,9 @@ pub enum Command {
     /// The platform's signing key.
     #[command(subcommand)]
     Key(identity::KeyCmd),
+    /// Files for an external broker.
+    #[command(subcommand)]
+    Broker(identity::BrokerCmd),
 }
 
 /// How a client command reaches the platform, and as whom.
@@ -219,6 +222,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit(args) => identity::audit(args).await,
         Command::Events(args) => identity::events(args).await,
         Command::Key(cmd) => identity::key(cmd).await,
+        Command::Broker(cmd) => identity::broker(cmd).await,
     }
 }
 

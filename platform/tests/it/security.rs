@@ -679,3 +679,84 @@ async fn the_documented_python_integrator_catches_up_and_verifies_every_event() 
     admin.close().await;
     platform.stop().await;
 }
+
+#[tokio::test]
+async fn on_mosquitto_with_the_generated_files_one_machine_cannot_touch_another() {
+    // The files come from the platform's own identities.
+    let open = start_on_free_port(|s| s).unwrap();
+    let open_url = open.url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&open_url).await;
+    upload(&admin, dir.path(), "a.bin", &data(3000, 8), "1.0")
+        .await
+        .unwrap();
+    provisioned(&admin, "vm-1", &["g1"]).await;
+    provisioned(&admin, "vm-2", &["g2"]).await;
+    let AdminReply::MosquittoFiles { passwd, acl } =
+        admin.request(AdminOp::MosquittoConfig).await.unwrap()
+    else {
+        panic!("mosquitto_files expected")
+    };
+    admin.close().await;
+    platform.stop().await;
+    let files = fleetcast_broker::mosquitto::MosquittoFiles { passwd, acl };
+    let mosq = fleetcast_broker::testing::Mosquitto::start_with_files(&files)
+        .expect("mosquitto starts (scripts/test.sh installs it)");
+    let url = mosq.url.clone();
+
+    // The platform, its operator and its machines run on it with their own credentials.
+    let platform = start_platform(&url, &data_dir);
+    let admin = super::admin(&url, &data_dir).await;
+    let mut vm1 = provision(&admin, &url, "vm-1", &["g1"]).await;
+    let mut vm2 = provision(&admin, &url, "vm-2", &["g2"]).await;
+    vm1.peer.subscribe("#").await;
+    vm2.peer.subscribe("fleet/machines/vm-2/release/+").await;
+    let r = release(&admin, "1.0", &["vm-2"], &[]).await.release;
+    let mine = vm2
+        .peer
+        .next(|p| p.topic == "fleet/machines/vm-2/release/app")
+        .await;
+    assert!(!mine.payload.is_empty());
+    // vm-1 says vm-2 went offline, then reports for itself on the same connection.
+    vm1.peer
+        .client
+        .publish(
+            "fleet/machines/vm-2/online",
+            QoS::AtLeastOnce,
+            true,
+            "false",
+        )
+        .await
+        .unwrap();
+    let r1 = release(&admin, "1.0", &[], &["g1"]).await.release;
+    install(&admin, &mut vm1, &r1.id, "1.0").await;
+    let ms = machines(&admin).await;
+    assert!(
+        ms.iter().any(|x| x.id.as_str() == "vm-2" && x.online),
+        "vm-1's publish on vm-2's topic never reached the platform"
+    );
+    let seen: Vec<String> = vm1
+        .peer
+        .drain(Duration::from_millis(300))
+        .await
+        .into_iter()
+        .map(|p| p.topic)
+        .collect();
+    assert!(
+        seen.iter().any(|t| t == "fleet/machines/vm-1/status/ack"),
+        "vm-1 reads its own topics: {seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|t| t.contains("vm-2") || t.contains("/admin/")),
+        "vm-1 read another machine's or the operators' topics: {seen:?}"
+    );
+    install(&admin, &mut vm2, &r.id, "1.0").await;
+    admin.close().await;
+    platform.stop().await;
+}
