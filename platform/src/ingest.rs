@@ -48,6 +48,8 @@ enum After {
         now: bool,
     },
     Republish(DesiredNotice),
+    /// A machine trusts an older platform key: send the key chain again.
+    KeyChain,
 }
 
 /// The sender and counter of a MAC'd body, for the replay check.
@@ -88,6 +90,9 @@ struct Ingest {
     progress_dirty: HashSet<ReleaseId>,
     /// When each (machine, kind) last got which desired notice (seq) re-published.
     republished: HashMap<(MachineId, Kind), (u64, Instant)>,
+    /// When the key chain was last re-published for a machine behind it (one retained message
+    /// serves every machine, so once per interval is enough).
+    chain_sent: Option<Instant>,
 }
 
 /// Runs the ingest loop until shutdown. A store error stops the service without acking the
@@ -104,6 +109,7 @@ pub async fn run(
         progress_sent: HashMap::new(),
         progress_dirty: HashSet::new(),
         republished: HashMap::new(),
+        chain_sent: None,
     };
     let mut tick = tokio::time::interval(PROGRESS_INTERVAL / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -231,6 +237,17 @@ impl Ingest {
                     self.progress_dirty.remove(&release);
                 } else {
                     self.progress_dirty.insert(release);
+                }
+            }
+            After::KeyChain => {
+                let keys = ctx.keys();
+                if let Err(err) = ctx.mqtt.try_publish(
+                    ctx.topics.platform_keys(),
+                    QoS::AtLeastOnce,
+                    true,
+                    keys.chain.to_bytes(),
+                ) {
+                    tracing::warn!(error = %err, "key chain re-publish not queued");
                 }
             }
             After::Republish(n) => {
@@ -469,6 +486,15 @@ impl Ingest {
                 now: false,
             })
             .collect();
+        if st.key_gen < self.ctx.keys().generation()
+            && self
+                .chain_sent
+                .is_none_or(|t| t.elapsed() >= REPUBLISH_INTERVAL)
+        {
+            tracing::info!(machine = %m, key_gen = st.key_gen, "machine trusts an older platform key: re-publishing the key chain");
+            self.chain_sent = Some(Instant::now());
+            after.push(After::KeyChain);
+        }
         for (kind, notice) in publish::desired_for_machine(store, m, &info.groups).map_err(Err)? {
             let reported = st.kinds.get(&kind).map(|k| k.seq).unwrap_or(0);
             if reported >= notice.seq {
