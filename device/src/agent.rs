@@ -28,7 +28,7 @@ use crate::config::MachineConfig;
 use crate::download::{self, artifact_path, DownloadContext, Tuning};
 use crate::fsutil::now_ms;
 use crate::install::{InstallError, Installer};
-use crate::machine::{Action, Input, InstallOutcome, StatusReport, Updater};
+use crate::machine::{Action, Input, InstallOutcome, StatusReport, UnverifiedNotice, Updater};
 use crate::store::{Outbox, OutboxEntry, Store, StoreError};
 
 /// Resend the outbox head if the broker has not acknowledged it within this time.
@@ -310,10 +310,10 @@ impl Agent {
     fn on_publish(&mut self, topic: &str, payload: Bytes) {
         match self.topics.parse(topic) {
             Some(Route::MachineRelease(m, kind)) if &m == self.me() => {
-                self.on_notice(kind, &payload)
+                self.on_notice(topic, kind, &payload)
             }
             Some(Route::GroupRelease(g, kind)) if self.config.groups.contains(&g) => {
-                self.on_notice(kind, &payload)
+                self.on_notice(topic, kind, &payload)
             }
             Some(Route::Command(m)) if &m == self.me() => {
                 match self
@@ -358,7 +358,7 @@ impl Agent {
         }
     }
 
-    fn on_notice(&mut self, kind: Kind, payload: &[u8]) {
+    fn on_notice(&mut self, topic: &str, kind: Kind, payload: &[u8]) {
         if payload.is_empty() {
             tracing::debug!(machine = %self.me(), %kind, "cleared release topic; ignored");
             return;
@@ -370,25 +370,14 @@ impl Agent {
         {
             Ok(notice) => self.handle(Input::Notice(notice)),
             Err(e) => {
-                tracing::warn!(machine = %self.me(), %kind, "notice refused: {e}");
-                // What the notice claims, unverified, so the platform can tell which one it was.
-                let claimed: Option<serde_json::Value> = (payload.len() <= MAX_JSON_MESSAGE)
-                    .then(|| serde_json::from_slice::<SignedEnvelope>(payload).ok())
-                    .flatten()
-                    .and_then(|env| serde_json::from_str(&env.body).ok());
-                let field = |name: &str| {
-                    claimed
-                        .as_ref()
-                        .and_then(|v| v.get(name))
-                        .and_then(|v| v.as_str())
-                        .map(str::to_owned)
-                };
-                self.handle(Input::Forged {
+                tracing::warn!(machine = %self.me(), %kind, topic, "notice refused: {e}");
+                self.handle(Input::Unverified(UnverifiedNotice {
+                    topic: topic.to_owned(),
                     kind,
-                    release: field("release").and_then(|r| ReleaseId::new(r).ok()),
-                    version: field("version").unwrap_or_default(),
+                    digest: *blake3::hash(payload).as_bytes(),
                     error: format!("notice refused: {e}"),
-                });
+                    claimed: claimed_release(payload),
+                }));
             }
         }
     }
@@ -656,4 +645,14 @@ impl Agent {
                 .await;
         });
     }
+}
+
+/// The release id an unverified notice claims, for the operator's eyes only.
+fn claimed_release(payload: &[u8]) -> Option<ReleaseId> {
+    if payload.len() > MAX_JSON_MESSAGE {
+        return None;
+    }
+    let env: SignedEnvelope = serde_json::from_slice(payload).ok()?;
+    let body: serde_json::Value = serde_json::from_str(&env.body).ok()?;
+    ReleaseId::new(body.get("release")?.as_str()?).ok()
 }
