@@ -20,8 +20,8 @@ use fleetcast_proto::chunk::{
 use fleetcast_proto::command::{Command, CommandAction};
 use fleetcast_proto::release::ArtifactRef;
 use fleetcast_proto::{
-    ArtifactId, InstallPolicy, Kind, MachineId, Phase, ReleaseId, ReleaseNotice, Route, StatusAck,
-    StatusEvent, Target, Topics,
+    ArtifactId, InstallPolicy, Kind, MachineId, MachineState, Phase, ReleaseId, ReleaseNotice,
+    Route, StatusAck, StatusEvent, Target, Topics,
 };
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
@@ -84,9 +84,13 @@ struct ServeControl {
 
 struct Platform {
     key: PlatformKey,
+    /// Seed and generation of the key status acks are signed with (`key`, shared with the task).
+    ack_key: Arc<Mutex<([u8; 32], u32)>>,
     topics: Topics,
     client: AsyncClient,
     statuses: mpsc::UnboundedReceiver<StatusEvent>,
+    /// The machine's latest state message.
+    state: Arc<Mutex<Option<MachineState>>>,
     control: Arc<ServeControl>,
     artifacts: Arc<Mutex<HashMap<ArtifactId, Arc<Artifact>>>>,
     stop: CancellationToken,
@@ -174,6 +178,7 @@ async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> P
         &[
             (topics.platform_status_filter(), QoS::AtLeastOnce),
             (topics.platform_chunk_request_filter(), QoS::AtMostOnce),
+            (topics.platform_state_filter(), QoS::AtMostOnce),
         ],
     )
     .await;
@@ -188,7 +193,9 @@ async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> P
         control.clone(),
         artifacts.clone(),
     );
-    let ack_key = PlatformKey::from_seed(seed);
+    let ack_key = Arc::new(Mutex::new((seed, 0)));
+    let state: Arc<Mutex<Option<MachineState>>> = Arc::default();
+    let (ack_key_task, state_task) = (ack_key.clone(), state.clone());
     let mut seen_ctrs = std::collections::HashSet::new();
     tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
@@ -208,11 +215,13 @@ async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> P
                         }
                         continue;
                     }
+                    let (seed, generation) = *ack_key_task.lock().unwrap();
                     let _ = c.try_publish(
                         t.status_ack(&m),
                         QoS::AtMostOnce,
                         false,
-                        ack_key.sign(Purpose::StatusAck, &ack),
+                        PlatformKey::with_generation(seed, generation)
+                            .sign(Purpose::StatusAck, &ack),
                     );
                     if seen_ctrs.insert(ev.ctr) {
                         let _ = status_tx.send(ev);
@@ -294,15 +303,23 @@ async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> P
                             .unwrap();
                     }
                 }
+                Some(Route::State(_)) => {
+                    let st: MachineState = secret
+                        .open(Purpose::State, &p.payload)
+                        .expect("state MAC verifies");
+                    *state_task.lock().unwrap() = Some(st);
+                }
                 _ => {}
             }
         }
     });
     Platform {
         key: PlatformKey::from_seed(seed),
+        ack_key,
         topics,
         client,
         statuses,
+        state,
         control,
         artifacts,
         stop,
