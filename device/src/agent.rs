@@ -3,7 +3,8 @@
 //! One task owns the MQTT event loop (`client::drive`); this loop verifies what arrives, feeds
 //! the updater, and carries out its actions: status events through the persisted outbox (one
 //! in flight, removed on the platform's signed `StatusAck`), the retained state, download and
-//! install tasks.
+//! install tasks. It also follows the platform's key chain ([`crate::trust`]): a newer key is
+//! persisted before anything is checked with it.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -28,8 +29,9 @@ use crate::config::MachineConfig;
 use crate::download::{self, artifact_path, DownloadContext, Tuning};
 use crate::fsutil::now_ms;
 use crate::install::{InstallError, Installer};
-use crate::machine::{Action, Input, InstallOutcome, StatusReport, Updater};
+use crate::machine::{Action, Input, InstallOutcome, StatusReport, UnverifiedNotice, Updater};
 use crate::store::{Outbox, OutboxEntry, Store, StoreError};
+use crate::trust::{ChainStep, Checked, FollowedKey, TrustedKey};
 
 /// Resend the outbox head if the broker has not acknowledged it within this time.
 const RESEND_AFTER: Duration = Duration::from_secs(10);
@@ -76,6 +78,9 @@ struct Agent {
     store: Store,
     outbox: Outbox,
     updater: Updater,
+    /// The platform key everything signed is checked with: the config's, or a newer one
+    /// reached along the key chain (and persisted).
+    trust: TrustedKey,
     connected: bool,
     /// When the outbox head was last sent. It leaves the outbox only on the platform's signed
     /// `StatusAck` (after the platform flushed it to disk), not on the broker's PUBACK: a broker
@@ -123,6 +128,7 @@ pub async fn run_with(
         store.ledger(),
         &config.initial_versions,
     );
+    let trust = TrustedKey::starting_point(config.configured_key(), store.platform_key());
     let topics = Topics::new(&config.topic_prefix);
     let mut mqtt = client::options(
         &url,
@@ -149,6 +155,7 @@ pub async fn run_with(
         store,
         outbox,
         updater,
+        trust,
         connected: false,
         head_sent_at: None,
         state_dirty: true,
@@ -157,7 +164,7 @@ pub async fn run_with(
         inputs,
         shutdown: shutdown.child_token(),
     };
-    tracing::info!(machine = %agent.config.machine, broker = %url, "agent starting");
+    tracing::info!(machine = %agent.config.machine, broker = %url, key_gen = agent.trust.generation, "agent starting");
     agent.handle(Input::Resume);
     agent.remove_unused_files();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -283,7 +290,10 @@ impl Agent {
     }
 
     fn subscribe_all(&self) {
+        // The key chain first: a notice signed by a newer key is only ignored when it arrives
+        // before the chain.
         let mut filters = vec![
+            self.topics.platform_keys(),
             self.topics.machine_release_filter(self.me()),
             self.topics.command(self.me()),
             self.topics.status_ack(self.me()),
@@ -310,21 +320,24 @@ impl Agent {
     fn on_publish(&mut self, topic: &str, payload: Bytes) {
         match self.topics.parse(topic) {
             Some(Route::MachineRelease(m, kind)) if &m == self.me() => {
-                self.on_notice(kind, &payload)
+                self.on_notice(topic, kind, &payload)
             }
             Some(Route::GroupRelease(g, kind)) if self.config.groups.contains(&g) => {
-                self.on_notice(kind, &payload)
+                self.on_notice(topic, kind, &payload)
             }
             Some(Route::Command(m)) if &m == self.me() => {
-                match self
-                    .config
-                    .platform_key
-                    .verify::<Command>(Purpose::Command, &payload)
-                {
-                    Ok(cmd) => self.handle(Input::Command(cmd)),
-                    Err(e) => tracing::warn!(machine = %self.me(), "command refused: {e}"),
+                match self.trust.check::<Command>(Purpose::Command, &payload) {
+                    Checked::Verified(cmd) => self.handle(Input::Command(cmd)),
+                    Checked::NewerKey { gen } => {
+                        tracing::debug!(machine = %self.me(), gen, trusted = self.trust.generation,
+                            "command signed by a newer key than the one followed so far; ignored")
+                    }
+                    Checked::Refused(e) => {
+                        tracing::warn!(machine = %self.me(), "command refused: {e}")
+                    }
                 }
             }
+            Some(Route::PlatformKeys) => self.on_key_chain(&payload),
             Some(Route::StatusAck(m)) if &m == self.me() => self.on_status_ack(&payload),
             Some(Route::MachineChunks(m)) if &m == self.me() => self.route_frame(payload, false),
             Some(Route::ArtifactChunks(_)) => self.route_frame(payload, true),
@@ -333,17 +346,19 @@ impl Agent {
     }
 
     fn on_status_ack(&mut self, payload: &[u8]) {
-        let ack = match self
-            .config
-            .platform_key
-            .verify::<StatusAck>(Purpose::StatusAck, payload)
-        {
-            Ok(ack) if &ack.machine == self.me() => ack,
-            Ok(ack) => {
+        let ack = match self.trust.check::<StatusAck>(Purpose::StatusAck, payload) {
+            Checked::Verified(ack) if &ack.machine == self.me() => ack,
+            Checked::Verified(ack) => {
                 tracing::warn!(machine = %self.me(), other = %ack.machine, "status ack for another machine refused");
                 return;
             }
-            Err(e) => {
+            // The head is sent again after RESEND_AFTER, and acknowledged again.
+            Checked::NewerKey { gen } => {
+                tracing::debug!(machine = %self.me(), gen, trusted = self.trust.generation,
+                    "status ack signed by a newer key than the one followed so far; ignored");
+                return;
+            }
+            Checked::Refused(e) => {
                 tracing::warn!(machine = %self.me(), "status ack refused: {e}");
                 return;
             }
@@ -358,39 +373,60 @@ impl Agent {
         }
     }
 
-    fn on_notice(&mut self, kind: Kind, payload: &[u8]) {
+    fn on_notice(&mut self, topic: &str, kind: Kind, payload: &[u8]) {
         if payload.is_empty() {
             tracing::debug!(machine = %self.me(), %kind, "cleared release topic; ignored");
             return;
         }
-        match self
-            .config
-            .platform_key
-            .verify::<ReleaseNotice>(Purpose::Release, payload)
-        {
-            Ok(notice) => self.handle(Input::Notice(notice)),
-            Err(e) => {
-                tracing::warn!(machine = %self.me(), %kind, "notice refused: {e}");
-                // What the notice claims, unverified, so the platform can tell which one it was.
-                let claimed: Option<serde_json::Value> = (payload.len() <= MAX_JSON_MESSAGE)
-                    .then(|| serde_json::from_slice::<SignedEnvelope>(payload).ok())
-                    .flatten()
-                    .and_then(|env| serde_json::from_str(&env.body).ok());
-                let field = |name: &str| {
-                    claimed
-                        .as_ref()
-                        .and_then(|v| v.get(name))
-                        .and_then(|v| v.as_str())
-                        .map(str::to_owned)
-                };
-                self.handle(Input::Forged {
+        match self.trust.check::<ReleaseNotice>(Purpose::Release, payload) {
+            Checked::Verified(notice) => self.handle(Input::Notice(notice)),
+            // Not rejected and not remembered: once the chain is followed, the platform sends
+            // its desired notice again to a machine whose state is behind.
+            Checked::NewerKey { gen } => {
+                tracing::debug!(machine = %self.me(), %kind, gen, trusted = self.trust.generation,
+                    "notice signed by a newer key than the one followed so far; ignored")
+            }
+            Checked::Refused(e) => {
+                tracing::warn!(machine = %self.me(), %kind, topic, "notice refused: {e}");
+                self.handle(Input::Unverified(UnverifiedNotice {
+                    topic: topic.to_owned(),
                     kind,
-                    release: field("release").and_then(|r| ReleaseId::new(r).ok()),
-                    version: field("version").unwrap_or_default(),
+                    digest: *blake3::hash(payload).as_bytes(),
                     error: format!("notice refused: {e}"),
-                });
+                    claimed: claimed_release(payload),
+                }));
             }
         }
+    }
+
+    /// Follows the retained key chain. A newer key is persisted before it is trusted; a chain
+    /// that does not verify from the trusted key changes nothing.
+    fn on_key_chain(&mut self, payload: &[u8]) {
+        let next = match self.trust.follow(payload) {
+            ChainStep::Advanced(next) => next,
+            ChainStep::Unchanged => {
+                tracing::debug!(machine = %self.me(), key_gen = self.trust.generation, "key chain holds no newer key");
+                return;
+            }
+            ChainStep::Refused(e) => {
+                tracing::warn!(machine = %self.me(), key_gen = self.trust.generation,
+                    "key chain refused; the trusted key stays: {e}");
+                return;
+            }
+        };
+        let followed = FollowedKey {
+            root: self.config.configured_key(),
+            current: next,
+        };
+        if let Err(e) = self.store.save_platform_key(followed) {
+            tracing::error!(machine = %self.me(), key_gen = next.generation,
+                "newer platform key not persisted, so not used yet: {e}");
+            return;
+        }
+        tracing::info!(machine = %self.me(), from = self.trust.generation, to = next.generation,
+            key = %next.key, "following the platform key chain");
+        self.trust = next;
+        self.publish_state();
     }
 
     fn route_frame(&mut self, frame: Bytes, broadcast: bool) {
@@ -526,7 +562,7 @@ impl Agent {
             groups: self.config.groups.clone(),
             busy: self.updater.busy(),
             kinds: self.updater.kind_states(),
-            key_gen: 0,
+            key_gen: self.trust.generation,
         };
         let payload = self.config.secret.seal(Purpose::State, &state);
         let topic = self.topics.state(self.me());
@@ -656,4 +692,14 @@ impl Agent {
                 .await;
         });
     }
+}
+
+/// The release id an unverified notice claims, for the operator's eyes only.
+fn claimed_release(payload: &[u8]) -> Option<ReleaseId> {
+    if payload.len() > MAX_JSON_MESSAGE {
+        return None;
+    }
+    let env: SignedEnvelope = serde_json::from_slice(payload).ok()?;
+    let body: serde_json::Value = serde_json::from_str(&env.body).ok()?;
+    ReleaseId::new(body.get("release")?.as_str()?).ok()
 }

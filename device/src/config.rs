@@ -8,6 +8,8 @@ use fleetcast_proto::auth::{PlatformPublicKey, Secret};
 use fleetcast_proto::{GroupId, Kind, MachineId};
 use serde::{Deserialize, Serialize};
 
+use crate::trust::TrustedKey;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {error}")]
@@ -48,6 +50,10 @@ fn default_prefix() -> String {
     fleetcast_proto::topics::DEFAULT_PREFIX.to_owned()
 }
 
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
 fn default_broker() -> String {
     fleetcast_broker::client::DEFAULT_BROKER.to_owned()
 }
@@ -59,6 +65,11 @@ pub struct MachineConfig {
     pub groups: Vec<GroupId>,
     pub secret: Secret,
     pub platform_key: PlatformPublicKey,
+    /// Generation of `platform_key` in the platform's key chain: 0 for the platform's first key,
+    /// higher for a machine provisioned after rotations. Only the starting point: the agent
+    /// follows the chain and keeps the newer key in its data dir.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub platform_key_gen: u32,
     #[serde(default = "default_prefix")]
     pub topic_prefix: String,
     #[serde(default = "default_broker")]
@@ -117,12 +128,23 @@ impl MachineConfig {
             groups: p.groups.clone(),
             secret: p.secret.clone(),
             platform_key: p.platform_key,
+            // `ProvisionedMachine` does not say which generation its key is: correct only while
+            // the platform has never rotated (see docs/_device_keys.md).
+            platform_key_gen: 0,
             topic_prefix: p.topic_prefix.clone(),
             broker: broker.to_owned(),
             data_dir,
             utc_offset_minutes: 0,
             installers: BTreeMap::new(),
             initial_versions: BTreeMap::new(),
+        }
+    }
+
+    /// The key named in the config, where following the key chain starts.
+    pub fn configured_key(&self) -> TrustedKey {
+        TrustedKey {
+            generation: self.platform_key_gen,
+            key: self.platform_key,
         }
     }
 
@@ -185,11 +207,23 @@ mod tests {
         );
         let c: MachineConfig = toml::from_str(&text).unwrap();
         assert_eq!(c.topic_prefix, "fleet");
+        assert_eq!(c.platform_key_gen, 0);
         assert_eq!(c.broker, "mqtt://127.0.0.1:1883");
         assert_eq!(
             c.installer_for(&Kind::new("app").unwrap()),
             InstallerConfig::Slots { health_cmd: None }
         );
+    }
+
+    #[test]
+    fn a_machine_provisioned_after_rotations_names_its_key_generation() {
+        let mut c = sample();
+        c.platform_key_gen = 3;
+        let text = c.to_toml();
+        assert!(text.contains("platform_key_gen = 3"), "{text}");
+        let back: MachineConfig = toml::from_str(&text).unwrap();
+        assert_eq!(back.configured_key().generation, 3);
+        assert_eq!(back.configured_key().key, c.platform_key);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! - [`agent`]: the async loop around it: MQTT, verification, outbox, download/install tasks.
 //! - [`download`]: fetching an artifact in verified chunks, resumable across restarts.
 //! - [`install`]: installers (A/B slots with health check and switch-back; external command).
-//! - [`store`]: the persisted agent state, message counter and status outbox.
+//! - [`store`]: the persisted agent state, message counter, followed platform key and status
+//!   outbox.
+//! - [`trust`]: which platform key is trusted: the configured one, advanced along the key chain.
 //! - [`simulate`]: many agents in one process, provisioned through the platform.
 //! - [`fsutil`]: atomic file writes.
 
@@ -18,6 +20,7 @@ pub mod install;
 pub mod machine;
 pub mod simulate;
 pub mod store;
+pub mod trust;
 
 pub use agent::{run, run_with, AgentError, AgentOptions};
 pub use config::{ConfigError, InstallerConfig, MachineConfig};

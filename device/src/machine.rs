@@ -5,9 +5,14 @@
 //! running install). The agent loop feeds verified notices, commands, download and install
 //! results and clock ticks in, and carries out the returned [`Action`]s. The whole [`Ledger`] is
 //! persisted after every decision, so a restarted agent resumes each job from its step.
+//!
+//! A notice that is not verifiably the platform's ([`Input::Unverified`]) is reported as
+//! `rejected` without a release: nothing it claims is trusted. Such reports are deduplicated by
+//! the payload's hash and rate-limited, so junk on a topic the machine reads cannot make it
+//! flood the platform.
 
 use std::cmp::Ordering;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 
 use fleetcast_proto::chunk::Layout;
 use fleetcast_proto::command::{Command, CommandAction};
@@ -16,6 +21,13 @@ use fleetcast_proto::status::{KindState, Progress};
 use fleetcast_proto::{ArtifactId, GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId};
 use fleetcast_proto::{ReleaseNotice, Target};
 use serde::{Deserialize, Serialize};
+
+/// How many unverified notices the ledger remembers (by payload hash) as already reported.
+pub const UNVERIFIED_SEEN_MAX: usize = 32;
+/// Unverified notices are reported at most once per topic per window...
+pub const UNVERIFIED_WINDOW_MS: u64 = 60_000;
+/// ...and at most this many per window over all topics.
+pub const UNVERIFIED_PER_WINDOW: usize = 4;
 
 /// A version present on the machine. `artifact` is unknown for versions the machine shipped with.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -122,6 +134,11 @@ pub struct Ledger {
     pub kinds: BTreeMap<Kind, KindRecord>,
     #[serde(default)]
     pub last_command_seq: u64,
+    /// blake3 (hex) of the last [`UNVERIFIED_SEEN_MAX`] unverified notices reported: a retained
+    /// one comes back on every reconnect and is reported once. The hash of the bytes, not the
+    /// seq the notice claims: a forgery must not mark a genuine notice's seq as seen.
+    #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
+    pub unverified_seen: VecDeque<String>,
 }
 
 impl Ledger {
@@ -149,17 +166,28 @@ pub enum InstallOutcome {
     RolledBack(String),
 }
 
+/// A notice on a release topic that is not verifiably the platform's: a bad or missing
+/// signature, a retired key, a malformed envelope or body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UnverifiedNotice {
+    /// Where it arrived: the rate limit is per topic.
+    pub topic: String,
+    /// The topic's kind (nothing in the body is trusted).
+    pub kind: Kind,
+    /// blake3 of the payload bytes.
+    pub digest: [u8; 32],
+    pub error: String,
+    /// The release id it claims, unverified: only shown to operators in `detail`.
+    pub claimed: Option<ReleaseId>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Input {
     /// A notice whose platform signature verified.
     Notice(ReleaseNotice),
-    /// A notice that failed signature checks; reported, never acted on.
-    Forged {
-        kind: Kind,
-        release: Option<ReleaseId>,
-        version: String,
-        error: String,
-    },
+    /// A notice that is not verifiably the platform's. Reported without a release, never
+    /// acted on.
+    Unverified(UnverifiedNotice),
     /// A command whose platform signature verified.
     Command(Command),
     DownloadProgress {
@@ -218,6 +246,8 @@ pub struct Updater {
     utc_offset_minutes: i32,
     busy: bool,
     pub ledger: Ledger,
+    /// When an unverified notice was last reported, per topic, within the last window.
+    unverified_reports: BTreeMap<String, u64>,
 }
 
 impl Updater {
@@ -243,6 +273,7 @@ impl Updater {
             utc_offset_minutes,
             busy: false,
             ledger,
+            unverified_reports: BTreeMap::new(),
         }
     }
 
@@ -273,21 +304,7 @@ impl Updater {
         let mut out = Vec::new();
         match input {
             Input::Notice(notice) => self.on_notice(now_ms, notice, &mut out),
-            Input::Forged {
-                kind,
-                release,
-                version,
-                error,
-            } => out.push(Action::Report(StatusReport {
-                kind,
-                release,
-                version,
-                phase: Phase::Rejected,
-                progress: None,
-                attempt: 1,
-                error: Some(error),
-                detail: None,
-            })),
+            Input::Unverified(n) => self.on_unverified(now_ms, n, &mut out),
             Input::Command(cmd) => self.on_command(now_ms, cmd, &mut out),
             Input::Tick => self.check_deferred(now_ms, &mut out),
             Input::Busy(busy) => {
@@ -320,6 +337,52 @@ impl Updater {
             }
         }
         out
+    }
+
+    /// Reports an unverified notice once (by payload hash), at most once per topic per window
+    /// and [`UNVERIFIED_PER_WINDOW`] per window in all.
+    fn on_unverified(&mut self, now_ms: u64, n: UnverifiedNotice, out: &mut Vec<Action>) {
+        let UnverifiedNotice {
+            topic,
+            kind,
+            digest,
+            error,
+            claimed,
+        } = n;
+        let digest = hex::encode(digest);
+        if self.ledger.unverified_seen.contains(&digest) {
+            tracing::debug!(%topic, "unverified notice already reported; ignored");
+            return;
+        }
+        // Entries from the future (the clock went back) are dropped, not kept for ever.
+        self.unverified_reports
+            .retain(|_, at| *at <= now_ms && now_ms - *at < UNVERIFIED_WINDOW_MS);
+        if self.unverified_reports.contains_key(&topic)
+            || self.unverified_reports.len() >= UNVERIFIED_PER_WINDOW
+        {
+            tracing::warn!(%topic, "unverified notice not reported (rate limit): {error}");
+            return;
+        }
+        self.unverified_reports.insert(topic.clone(), now_ms);
+        self.ledger.unverified_seen.push_back(digest);
+        while self.ledger.unverified_seen.len() > UNVERIFIED_SEEN_MAX {
+            self.ledger.unverified_seen.pop_front();
+        }
+        let mut detail = format!("unverified notice on {topic}");
+        if let Some(r) = claimed {
+            detail.push_str(&format!("; it claims release {r} (unverified)"));
+        }
+        out.push(Action::Report(StatusReport {
+            kind,
+            release: None,
+            version: String::new(),
+            phase: Phase::Rejected,
+            progress: None,
+            attempt: 1,
+            error: Some(error),
+            detail: Some(detail),
+        }));
+        out.push(Action::Persist);
     }
 
     fn is_current(&self, kind: &Kind, release: &ReleaseId) -> bool {
@@ -942,6 +1005,118 @@ mod tests {
             phases(&restarted.handle(NOON, Input::Notice(notice("r-2", 2, "1.1.0")))),
             vec![Phase::Notified]
         );
+    }
+
+    fn unverified(topic: &str, payload: &[u8], claimed: Option<&str>) -> Input {
+        Input::Unverified(UnverifiedNotice {
+            topic: topic.into(),
+            kind: app(),
+            digest: *blake3::hash(payload).as_bytes(),
+            error: "notice refused: bad signature".into(),
+            claimed: claimed.map(rid),
+        })
+    }
+
+    fn reports(actions: &[Action]) -> Vec<&StatusReport> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Report(r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    const TOPIC: &str = "fleet/machines/vm-001/release/app";
+
+    #[test]
+    fn an_unverified_notice_is_rejected_without_the_release_it_claims() {
+        let mut u = updater();
+        let a = u.handle(NOON, unverified(TOPIC, b"forged", Some("r-1")));
+        let r = reports(&a);
+        assert_eq!(r.len(), 1, "{a:?}");
+        assert_eq!(r[0].phase, Phase::Rejected);
+        assert_eq!(r[0].release, None);
+        assert_eq!(r[0].kind, app());
+        assert_eq!(r[0].version, "");
+        assert!(r[0].error.as_deref().unwrap().contains("signature"));
+        let detail = r[0].detail.as_deref().unwrap();
+        assert!(
+            detail.contains(TOPIC) && detail.contains("r-1 (unverified)"),
+            "{detail}"
+        );
+        assert!(
+            a.contains(&Action::Persist),
+            "the digest is remembered on disk"
+        );
+        assert_eq!(u.ledger.kinds[&app()].rejected_seq, 0);
+        assert_eq!(u.ledger.kinds[&app()].last, None);
+    }
+
+    #[test]
+    fn an_unverified_notice_does_not_suppress_a_genuine_one_with_the_same_seq() {
+        let mut u = updater();
+        u.handle(NOON, unverified(TOPIC, b"forged r-1 seq 1", Some("r-1")));
+        let a = u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
+        assert_eq!(phases(&a), vec![Phase::Notified]);
+    }
+
+    #[test]
+    fn the_same_unverified_bytes_are_reported_once_even_after_a_restart() {
+        let mut u = updater();
+        assert_eq!(
+            phases(&u.handle(NOON, unverified(TOPIC, b"x", None))).len(),
+            1
+        );
+        let later = NOON + 10 * UNVERIFIED_WINDOW_MS;
+        assert!(u.handle(later, unverified(TOPIC, b"x", None)).is_empty());
+        let mut restarted =
+            Updater::new(me(), vec![group()], 0, u.ledger.clone(), &BTreeMap::new());
+        assert!(restarted
+            .handle(later, unverified(TOPIC, b"x", None))
+            .is_empty());
+        assert_eq!(
+            phases(&restarted.handle(later, unverified(TOPIC, b"y", None))),
+            vec![Phase::Rejected],
+            "other bytes are judged on their own"
+        );
+    }
+
+    #[test]
+    fn unverified_notices_are_reported_once_per_topic_and_a_few_in_all_per_window() {
+        let mut u = updater();
+        let flood = |u: &mut Updater, now: u64, topics: usize, per_topic: usize| -> usize {
+            let mut n = 0;
+            for t in 0..topics {
+                for i in 0..per_topic {
+                    let payload = format!("junk {now} {t} {i}");
+                    let topic = format!("fleet/groups/g/release/k{t}");
+                    n += phases(&u.handle(now, unverified(&topic, payload.as_bytes(), None))).len();
+                }
+            }
+            n
+        };
+        assert_eq!(flood(&mut u, NOON, 1, 50), 1, "one per topic per window");
+        assert_eq!(
+            flood(&mut u, NOON + 1000, 50, 2),
+            UNVERIFIED_PER_WINDOW - 1,
+            "a few per window over all topics"
+        );
+        let next = NOON + UNVERIFIED_WINDOW_MS + 1000;
+        assert_eq!(flood(&mut u, next, 50, 2), UNVERIFIED_PER_WINDOW);
+        assert!(u.ledger.unverified_seen.len() <= UNVERIFIED_SEEN_MAX);
+        // A clock that jumps back does not silence reports until it catches up.
+        assert_eq!(flood(&mut u, NOON - 3_600_000, 1, 1), 1);
+    }
+
+    #[test]
+    fn the_remembered_digests_are_bounded() {
+        let mut u = updater();
+        for i in 0..(3 * UNVERIFIED_SEEN_MAX as u64) {
+            let now = NOON + i * UNVERIFIED_WINDOW_MS;
+            u.handle(now, unverified(TOPIC, &i.to_be_bytes(), None));
+        }
+        assert_eq!(u.ledger.unverified_seen.len(), UNVERIFIED_SEEN_MAX);
     }
 
     #[test]

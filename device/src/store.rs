@@ -1,5 +1,5 @@
-//! What the agent keeps on disk: `agent.json` (the [`Ledger`] and the message counter's
-//! reservation) and `outbox.json` (status events not yet acknowledged by the platform). Both are
+//! What the agent keeps on disk: `agent.json` (the [`Ledger`], the message counter's
+//! reservation and the platform key followed along the key chain) and `outbox.json` (status events not yet acknowledged by the platform). Both are
 //! replaced atomically on every change.
 
 use std::collections::VecDeque;
@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::fsutil::write_atomic;
 use crate::machine::Ledger;
+use crate::trust::FollowedKey;
 
 /// Counter values reserved on disk at a time: a restart continues after the reservation, so
 /// `ctr` never repeats even if the agent dies between two saves.
@@ -41,6 +42,9 @@ struct AgentFile {
     /// Counter values below this may have been used.
     #[serde(default)]
     ctr_reserved: u64,
+    /// The newest platform key reached along the key chain (absent: the config's key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    platform_key: Option<FollowedKey>,
 }
 
 struct Inner {
@@ -82,6 +86,21 @@ impl Store {
 
     pub fn ledger(&self) -> Ledger {
         self.lock().file.ledger.clone()
+    }
+
+    pub fn platform_key(&self) -> Option<FollowedKey> {
+        self.lock().file.platform_key
+    }
+
+    /// Persists a newly followed platform key; only once this returns may it be used.
+    pub fn save_platform_key(&self, key: FollowedKey) -> Result<(), StoreError> {
+        let mut inner = self.lock();
+        let before = inner.file.platform_key.replace(key);
+        if let Err(e) = self.write(&inner.file) {
+            inner.file.platform_key = before;
+            return Err(e);
+        }
+        Ok(())
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -195,6 +214,29 @@ mod tests {
         let next = again.next_ctr().unwrap();
         assert!(next > 5, "{next}");
         assert_eq!(next, CTR_BLOCK + 1);
+    }
+
+    #[test]
+    fn a_followed_platform_key_survives_a_restart_with_the_ledger_and_counter() {
+        use crate::trust::TrustedKey;
+        use fleetcast_proto::auth::PlatformKey;
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.platform_key(), None);
+        let key = |seed, generation| TrustedKey {
+            generation,
+            key: PlatformKey::from_seed([seed; 32]).public(),
+        };
+        let followed = FollowedKey {
+            root: key(1, 0),
+            current: key(2, 2),
+        };
+        let ctr = store.next_ctr().unwrap();
+        store.save_platform_key(followed).unwrap();
+        store.save_ledger(&Ledger::default()).unwrap();
+        let again = Store::open(dir.path()).unwrap();
+        assert_eq!(again.platform_key(), Some(followed));
+        assert!(again.next_ctr().unwrap() > ctr);
     }
 
     #[test]
