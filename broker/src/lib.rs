@@ -6,15 +6,23 @@
 //!   packets), and `drive`, the one task that owns an event loop and reconnects with backoff.
 //! - [`embedded`] (feature `embedded`): rumqttd configured in code with every field set, auth
 //!   by `client_id == username` plus a password check, sized segment logs for bulk topics.
+//! - [`gateway`] (feature `embedded`): the authorizing gateway in front of rumqttd: per-packet
+//!   topic ACLs from `proto::acl`, TLS, TCP_NODELAY, rate limits, kick; rumqttd on loopback only.
 //! - [`testing`] (feature `testing`): a real Mosquitto on a free loopback port, for tests.
 
 pub mod admin;
 pub mod client;
 #[cfg(feature = "embedded")]
 pub mod embedded;
+#[cfg(feature = "embedded")]
+pub mod gateway;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use client::{BrokerUrl, MqttEvent};
+pub use client::{BrokerUrl, MqttEvent, TlsTrust};
 #[cfg(feature = "embedded")]
 pub use embedded::{BrokerSettings, EmbeddedBroker};
+#[cfg(feature = "embedded")]
+pub use gateway::{
+    start_secured, Authenticator, GatewayHandle, SecureBrokerSettings, SecuredBroker,
+};
