@@ -84,12 +84,15 @@ impl Limiter {
         }
     }
 
-    /// Accounts one packet of `len` bytes; how long to wait before forwarding it.
-    pub fn take(&mut self, len: usize, now: Instant) -> Duration {
-        let m = self
-            .messages
-            .as_mut()
-            .map_or(Duration::ZERO, |b| b.take(1, now));
+    /// Accounts one packet of `len` bytes; how long to wait before forwarding it. Only
+    /// `counted` packets (publishes and (un)subscribes: the ones that make the broker work)
+    /// take a message token. Acks and pings do not: a machine acking a fast QoS 1 download
+    /// sends one PUBACK per chunk, and the broker's inflight limit already bounds those.
+    pub fn take(&mut self, len: usize, counted: bool, now: Instant) -> Duration {
+        let m = match self.messages.as_mut() {
+            Some(b) if counted => b.take(1, now),
+            _ => Duration::ZERO,
+        };
         let b = self
             .bytes
             .as_mut()
@@ -122,24 +125,24 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Limiter::new(limit(10, 3), t0);
         for _ in 0..3 {
-            assert_eq!(l.take(100, t0), Duration::ZERO);
+            assert_eq!(l.take(100, true, t0), Duration::ZERO);
         }
-        assert!(same(l.take(100, t0), Duration::from_millis(100)));
+        assert!(same(l.take(100, true, t0), Duration::from_millis(100)));
         // Each further packet waits one more interval: the debt accumulates.
-        assert!(same(l.take(100, t0), Duration::from_millis(200)));
+        assert!(same(l.take(100, true, t0), Duration::from_millis(200)));
     }
 
     #[test]
     fn tokens_refill_at_the_rate_and_never_above_the_burst() {
         let t0 = Instant::now();
         let mut l = Limiter::new(limit(10, 2), t0);
-        assert_eq!(l.take(1, t0), Duration::ZERO);
-        assert_eq!(l.take(1, t0), Duration::ZERO);
+        assert_eq!(l.take(1, true, t0), Duration::ZERO);
+        assert_eq!(l.take(1, true, t0), Duration::ZERO);
         let later = t0 + Duration::from_secs(60);
-        assert_eq!(l.take(1, later), Duration::ZERO);
-        assert_eq!(l.take(1, later), Duration::ZERO);
+        assert_eq!(l.take(1, true, later), Duration::ZERO);
+        assert_eq!(l.take(1, true, later), Duration::ZERO);
         assert!(
-            l.take(1, later) > Duration::ZERO,
+            l.take(1, true, later) > Duration::ZERO,
             "a long pause refills only the burst"
         );
     }
@@ -157,7 +160,7 @@ mod tests {
             },
             t0,
         );
-        assert!(same(l.take(3000, t0), Duration::from_secs(2)));
+        assert!(same(l.take(3000, true, t0), Duration::from_secs(2)));
     }
 
     #[test]
@@ -167,8 +170,33 @@ mod tests {
         let mut l = Limiter::new(RateLimit::MACHINE, t0);
         for i in 0..60 * 21 {
             let now = t0 + Duration::from_millis(i * 1000 / 21);
-            assert_eq!(l.take(200, now), Duration::ZERO, "packet {i}");
+            assert_eq!(l.take(200, true, now), Duration::ZERO, "packet {i}");
         }
+    }
+
+    #[test]
+    fn acks_and_pings_take_no_message_token_but_do_take_bytes() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(
+            RateLimit {
+                messages: Some(Rate {
+                    per_sec: 1,
+                    burst: 1,
+                }),
+                bytes: Some(Rate {
+                    per_sec: 100,
+                    burst: 100,
+                }),
+            },
+            t0,
+        );
+        for _ in 0..25 {
+            assert_eq!(l.take(4, false, t0), Duration::ZERO);
+        }
+        assert!(
+            l.take(4, false, t0) > Duration::ZERO,
+            "the byte bucket still counts"
+        );
     }
 
     #[test]
@@ -182,7 +210,7 @@ mod tests {
             t0,
         );
         for _ in 0..10_000 {
-            assert_eq!(l.take(1 << 20, t0), Duration::ZERO);
+            assert_eq!(l.take(1 << 20, true, t0), Duration::ZERO);
         }
     }
 }

@@ -223,7 +223,11 @@ impl Session<'_> {
                     return violation;
                 }
                 if let Some(limiter) = limiter.as_mut() {
-                    let wait = limiter.take(frame.len, Instant::now());
+                    let counted = matches!(
+                        frame.kind,
+                        PacketType::Publish | PacketType::Subscribe | PacketType::Unsubscribe
+                    );
+                    let wait = limiter.take(frame.len, counted, Instant::now());
                     if !wait.is_zero() {
                         if let Err(e) = wr.write_all(&buf[..checked]).await {
                             return e.into();
