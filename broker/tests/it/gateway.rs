@@ -716,47 +716,127 @@ async fn a_flooding_machine_is_slowed_not_disconnected() {
 }
 
 /// Not a check: prints how 64 KiB publishes to one subscriber compare directly on rumqttd and
-/// through the gateway. Run with
+/// through the gateway. The publisher keeps a window of 32 chunks in flight end to end, as
+/// fleetcast's chunk requests do (an unpaced publisher outruns rumqttd's per-filter log and the
+/// subscriber loses messages on either path). Run with
 /// `cargo test --release -p fleetcast-broker --test it gateway::throughput -- --ignored --nocapture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore]
 async fn throughput_of_64k_publishes_direct_and_through_the_gateway() {
-    const N: usize = 2000;
+    const N: usize = 4000;
+    const WINDOW: usize = 32;
+    let pki = test_pki();
+    let gw = start_gateway(|s| {
+        s.tls = Some(TlsListen {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cert_chain_pem: pki.cert_pem.clone().into_bytes(),
+            key_pem: pki.key_pem.clone().into_bytes(),
+        });
+    })
+    .await;
+    let tls_url = BrokerUrl::mqtt("127.0.0.1", gw.secured.tls_addr().unwrap().port())
+        .with_ca(pki.ca_pem.clone().into_bytes())
+        .unwrap();
+    let topic = Topics::default().machine_chunks(&MachineId::new("vm-1").unwrap());
+    let run = |sub: Client, publ: AsyncClient, topic: String, qos: QoS| async move {
+        let (sub, mut sub_rx) = sub;
+        sub.subscribe(topic.as_str(), qos).await.unwrap();
+        client::wait_for(&mut sub_rx, WAIT, |e| matches!(e, MqttEvent::SubAck(_)))
+            .await
+            .unwrap();
+        let window = Arc::new(tokio::sync::Semaphore::new(WINDOW));
+        let start = std::time::Instant::now();
+        let sender = tokio::spawn({
+            let (window, topic) = (window.clone(), topic.clone());
+            async move {
+                let payload = bytes::Bytes::from(vec![7u8; 64 * 1024]);
+                for _ in 0..N {
+                    window.acquire().await.unwrap().forget();
+                    publ.publish_bytes(topic.as_str(), qos, false, payload.clone())
+                        .await
+                        .unwrap();
+                }
+            }
+        });
+        for _ in 0..N {
+            next_publish(&mut sub_rx, Duration::from_secs(10), "a chunk").await;
+            window.add_permits(1);
+        }
+        let rate = (N * 64 * 1024) as f64 / start.elapsed().as_secs_f64() / 1e6;
+        sender.await.unwrap();
+        // Out of the next run's way.
+        sub.unsubscribe(topic).await.unwrap();
+        rate
+    };
+    let (publ, mut publ_rx) = gw.platform("fleetcast-platform.pub").await;
+    // Its driver waits when its events are not read: read them (PUBACKs).
+    tokio::spawn(async move { while publ_rx.recv().await.is_some() {} });
+    for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+        let direct_sub = gw.platform("bench-direct").await;
+        let direct = run(direct_sub, publ.clone(), topic.clone(), qos).await;
+        let gated_sub = gw.machine("vm-1").await;
+        let gated = run(gated_sub, publ.clone(), topic.clone(), qos).await;
+        let (c, mut rx) = connected(&tls_url, "vm-1", Some("pw-vm-1"), &gw.shutdown);
+        next_connected(&mut rx).await.unwrap();
+        let tls = run((c, rx), publ.clone(), topic.clone(), qos).await;
+        println!(
+            "64 KiB {qos:?} publishes, {N} to one subscriber, window {WINDOW}: rumqttd direct \
+             {direct:.0} MB/s; subscriber through the gateway {gated:.0} MB/s (ratio {:.2}), \
+             over TLS {tls:.0} MB/s (ratio {:.2})",
+            gated / direct,
+            tls / direct
+        );
+    }
+}
+
+/// Not a check: prints the stop-and-wait round trip (a small request from the machine, a 64 KiB
+/// answer from the platform, then the next request), directly on rumqttd and through the
+/// gateway: the shape that exposed the 44 ms Nagle/delayed-ACK stall. Run like the one above.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn stop_and_wait_round_trip_direct_and_through_the_gateway() {
+    const ROUNDS: u32 = 200;
     let gw = start_gateway(|_| {}).await;
     let topics = Topics::default();
     let vm1 = MachineId::new("vm-1").unwrap();
-    let topic = topics.machine_chunks(&vm1);
-    let run = |sub: Client, publ: AsyncClient, topic: String| async move {
-        let (sub, mut sub_rx) = sub;
-        subscribe(&sub, &mut sub_rx, &topic).await;
-        let filter = topic.clone();
-        let start = std::time::Instant::now();
-        let payload = vec![7u8; 64 * 1024];
-        let sender = tokio::spawn(async move {
-            for _ in 0..N {
-                publ.publish(topic.as_str(), QoS::AtLeastOnce, false, payload.clone())
-                    .await
-                    .unwrap();
+    let (platform, mut platform_rx) = gw.platform("fleetcast-platform.rtt").await;
+    subscribe(&platform, &mut platform_rx, &topics.chunk_request(&vm1)).await;
+    // The platform answers every request with one chunk.
+    let answer_topic = topics.machine_chunks(&vm1);
+    tokio::spawn(async move {
+        let chunk = bytes::Bytes::from(vec![1u8; 64 * 1024]);
+        while let Some(e) = platform_rx.recv().await {
+            if let MqttEvent::Publish(_) = e {
+                let _ = platform
+                    .publish_bytes(answer_topic.as_str(), QoS::AtMostOnce, false, chunk.clone())
+                    .await;
             }
-        });
-        let mut got = 0;
-        while got < N {
-            next_publish(&mut sub_rx, Duration::from_secs(30), "a chunk").await;
-            got += 1;
         }
-        sender.await.unwrap();
-        // Out of the next run's way.
-        sub.unsubscribe(filter).await.unwrap();
-        (N * 64 * 1024) as f64 / start.elapsed().as_secs_f64() / 1e6
-    };
-    let (publ, _p_rx) = gw.platform("fleetcast-platform.pub").await;
-    let direct_sub = gw.platform("bench-direct").await;
-    let direct = run(direct_sub, publ.clone(), topic.clone()).await;
-    let gated_sub = gw.machine("vm-1").await;
-    let gated = run(gated_sub, publ, topic.clone()).await;
-    println!(
-        "64 KiB QoS 1 publishes, {N} to one subscriber: rumqttd direct {direct:.0} MB/s, \
-         subscriber through the gateway {gated:.0} MB/s, ratio {:.2}",
-        gated / direct
-    );
+    });
+    let mut results = Vec::new();
+    for (path, (machine, mut rx)) in [
+        ("direct", gw.platform("bench-direct").await),
+        ("gateway", gw.machine("vm-1").await),
+    ] {
+        subscribe(&machine, &mut rx, &topics.machine_chunks(&vm1)).await;
+        let start = std::time::Instant::now();
+        for _ in 0..ROUNDS {
+            machine
+                .publish(
+                    topics.chunk_request(&vm1),
+                    QoS::AtMostOnce,
+                    false,
+                    vec![0u8; 60],
+                )
+                .await
+                .unwrap();
+            next_publish(&mut rx, WAIT, "the answer").await;
+        }
+        results.push((path, start.elapsed() / ROUNDS));
+        machine
+            .unsubscribe(topics.machine_chunks(&vm1))
+            .await
+            .unwrap();
+    }
+    println!("stop-and-wait round trip with a 64 KiB answer: {results:?}");
 }
