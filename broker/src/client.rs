@@ -5,12 +5,20 @@
 //! ~40 ms per request/response round trip (Nagle + delayed ACK); its default max packet size is
 //! 10 KiB; `poll()` reconnects immediately, so the driver backs off; publishes must never be
 //! awaited from the task that polls.
+//!
+//! TLS (`mqtts://`): the rustls `ClientConfig` is built here with the aws-lc-rs provider named
+//! explicitly (the provider rumqttc's rustls 0.23 is built with), so no process-wide default
+//! provider has to be installed and a second provider in the build cannot make it ambiguous.
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
-use rumqttc::{AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish};
+use rumqttc::{
+    AsyncClient, Event, EventLoop, Incoming, MqttOptions, Outgoing, Publish, TlsConfiguration,
+    Transport,
+};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -18,19 +26,82 @@ use tokio_util::sync::CancellationToken;
 pub const MAX_PACKET: usize = 2 * 1024 * 1024;
 /// Default broker address of the embedded broker.
 pub const DEFAULT_BROKER: &str = "mqtt://127.0.0.1:1883";
+/// Default port of `mqtts://` URLs.
+pub const DEFAULT_TLS_PORT: u16 = 8883;
 
-/// `mqtt://host:port` (port defaults to 1883).
+/// `mqtt://host:port` (port defaults to 1883) or `mqtts://host:port` (TLS, port defaults to
+/// 8883). A TLS URL trusts the operating system's roots unless a CA is pinned with
+/// [`BrokerUrl::with_ca`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BrokerUrl {
     pub host: String,
     pub port: u16,
+    /// Some: connect with TLS, trusting this.
+    pub tls: Option<TlsTrust>,
+}
+
+/// Which server certificates a TLS client accepts.
+#[derive(Clone, PartialEq, Eq)]
+pub enum TlsTrust {
+    /// The operating system's root certificates (`rustls-native-certs`). When none can be
+    /// loaded the client still starts, logs a warning, and every handshake fails with an
+    /// unknown-issuer error: a clear failure, never an unverified connection.
+    NativeRoots,
+    /// Only certificates that chain to these CA certificates (PEM).
+    Pinned(Arc<Vec<u8>>),
+}
+
+impl fmt::Debug for TlsTrust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TlsTrust::NativeRoots => f.write_str("NativeRoots"),
+            TlsTrust::Pinned(pem) => write!(f, "Pinned({} bytes of PEM)", pem.len()),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("bad broker address {input:?}: {why} (expected mqtt://host:port)")]
+#[error("bad broker address {input:?}: {why} (expected mqtt://host:port or mqtts://host:port)")]
 pub struct BrokerUrlError {
     pub input: String,
     pub why: &'static str,
+}
+
+impl BrokerUrl {
+    /// Plain MQTT.
+    pub fn mqtt(host: impl Into<String>, port: u16) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            tls: None,
+        }
+    }
+
+    /// MQTT over TLS, trusting the operating system's roots (pin a CA with [`Self::with_ca`]).
+    pub fn mqtts(host: impl Into<String>, port: u16) -> Self {
+        Self {
+            host: host.into(),
+            port,
+            tls: Some(TlsTrust::NativeRoots),
+        }
+    }
+
+    /// Switches to TLS that trusts only the CA certificates in `ca_pem`. Fails when the PEM
+    /// holds no certificate.
+    pub fn with_ca(mut self, ca_pem: Vec<u8>) -> Result<Self, BrokerUrlError> {
+        if pem_certificates(&ca_pem).is_empty() {
+            return Err(BrokerUrlError {
+                input: self.to_string(),
+                why: "the CA file holds no PEM certificate",
+            });
+        }
+        self.tls = Some(TlsTrust::Pinned(Arc::new(ca_pem)));
+        Ok(self)
+    }
+
+    pub fn is_tls(&self) -> bool {
+        self.tls.is_some()
+    }
 }
 
 impl FromStr for BrokerUrl {
@@ -40,34 +111,77 @@ impl FromStr for BrokerUrl {
             input: input.to_owned(),
             why,
         };
-        let rest = match input.split_once("://") {
-            Some(("mqtt" | "tcp", rest)) => rest,
-            Some(_) => return Err(err("only mqtt:// is supported")),
-            None => input,
+        let (rest, tls) = match input.split_once("://") {
+            Some(("mqtt" | "tcp", rest)) => (rest, false),
+            Some(("mqtts" | "ssl", rest)) => (rest, true),
+            Some(_) => return Err(err("only mqtt:// and mqtts:// are supported")),
+            None => (input, false),
         };
         let rest = rest.trim_end_matches('/');
+        let default_port = if tls { DEFAULT_TLS_PORT } else { 1883 };
         let (host, port) = match rest.rsplit_once(':') {
             Some((h, p)) => (h, p.parse().map_err(|_| err("port is not a number"))?),
-            None => (rest, 1883),
+            None => (rest, default_port),
         };
         if host.is_empty() || host.contains('/') {
             return Err(err("missing host"));
         }
-        Ok(Self {
-            host: host.to_owned(),
-            port,
+        Ok(if tls {
+            Self::mqtts(host, port)
+        } else {
+            Self::mqtt(host, port)
         })
     }
 }
 
 impl fmt::Display for BrokerUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "mqtt://{}:{}", self.host, self.port)
+        let scheme = if self.is_tls() { "mqtts" } else { "mqtt" };
+        write!(f, "{scheme}://{}:{}", self.host, self.port)
     }
 }
 
+/// The certificates in a PEM text; unparsable sections are skipped.
+pub(crate) fn pem_certificates(pem: &[u8]) -> Vec<rustls::pki_types::CertificateDer<'static>> {
+    rustls_pemfile::certs(&mut &pem[..])
+        .filter_map(Result::ok)
+        .collect()
+}
+
+/// The one crypto provider fleetcast's TLS uses, on both ends.
+pub(crate) fn crypto_provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::aws_lc_rs::default_provider())
+}
+
+/// A rustls client config that trusts `trust`.
+fn tls_client_config(broker: &BrokerUrl, trust: &TlsTrust) -> Arc<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    match trust {
+        TlsTrust::NativeRoots => {
+            let found = rustls_native_certs::load_native_certs();
+            for e in &found.errors {
+                tracing::warn!(error = %e, "loading the system's root certificates");
+            }
+            roots.add_parsable_certificates(found.certs);
+        }
+        TlsTrust::Pinned(pem) => {
+            roots.add_parsable_certificates(pem_certificates(pem));
+        }
+    }
+    if roots.is_empty() {
+        tracing::warn!(broker = %broker, trust = ?trust, "no usable CA certificate: every TLS handshake will fail");
+    }
+    let config = rustls::ClientConfig::builder_with_provider(crypto_provider())
+        .with_safe_default_protocol_versions()
+        .expect("aws-lc-rs supports rustls' default protocol versions")
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Arc::new(config)
+}
+
 /// Options for one fleetcast client: raised packet limits, keep-alive, credentials
-/// (`username == client_id`, as the embedded broker requires).
+/// (`username == client_id`, as the embedded broker requires), and TLS for `mqtts://` URLs
+/// (TCP_NODELAY is set below the TLS layer by [`connect`] either way).
 pub fn options(broker: &BrokerUrl, client_id: &str, password: Option<&str>) -> MqttOptions {
     options_as(broker, client_id, client_id, password)
 }
@@ -81,6 +195,10 @@ pub fn options_as(
     password: Option<&str>,
 ) -> MqttOptions {
     let mut o = MqttOptions::new(client_id, broker.host.clone(), broker.port);
+    if let Some(trust) = &broker.tls {
+        let config = tls_client_config(broker, trust);
+        o.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(config)));
+    }
     o.set_max_packet_size(MAX_PACKET, MAX_PACKET);
     o.set_keep_alive(Duration::from_secs(10));
     if let Some(p) = password {
@@ -203,9 +321,14 @@ mod tests {
     fn broker_urls_parse_with_and_without_scheme_and_port() {
         let u: BrokerUrl = "mqtt://127.0.0.1:1884".parse().unwrap();
         assert_eq!((u.host.as_str(), u.port), ("127.0.0.1", 1884));
+        assert!(!u.is_tls());
         let u: BrokerUrl = "broker.local".parse().unwrap();
         assert_eq!((u.host.as_str(), u.port), ("broker.local", 1883));
         assert_eq!(u.to_string(), "mqtt://broker.local:1883");
+        let u: BrokerUrl = "mqtts://broker.local".parse().unwrap();
+        assert_eq!((u.host.as_str(), u.port), ("broker.local", 8883));
+        assert_eq!(u.tls, Some(TlsTrust::NativeRoots));
+        assert_eq!(u.to_string(), "mqtts://broker.local:8883");
         for bad in [
             "http://x:1",
             "mqtt://:1883",
@@ -214,5 +337,28 @@ mod tests {
         ] {
             assert!(bad.parse::<BrokerUrl>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_pinned_ca_must_hold_a_certificate() {
+        let url = BrokerUrl::mqtt("127.0.0.1", 1883);
+        let err = url.clone().with_ca(b"not a pem".to_vec()).unwrap_err();
+        assert!(err.to_string().contains("no PEM certificate"), "{err}");
+        let ca = rcgen::generate_simple_self_signed(vec!["ca".to_owned()]).unwrap();
+        let pinned = url.with_ca(ca.cert.pem().into_bytes()).unwrap();
+        assert!(matches!(pinned.tls, Some(TlsTrust::Pinned(_))));
+        assert_eq!(pinned.to_string(), "mqtts://127.0.0.1:1883");
+    }
+
+    #[test]
+    fn an_mqtts_url_makes_options_with_a_tls_transport() {
+        let ca = rcgen::generate_simple_self_signed(vec!["ca".to_owned()]).unwrap();
+        let url = BrokerUrl::mqtt("127.0.0.1", 8883)
+            .with_ca(ca.cert.pem().into_bytes())
+            .unwrap();
+        let o = options(&url, "vm-1", Some("pw"));
+        assert!(matches!(o.transport(), Transport::Tls(_)));
+        let o = options(&BrokerUrl::mqtt("127.0.0.1", 1883), "vm-1", None);
+        assert!(matches!(o.transport(), Transport::Tcp));
     }
 }

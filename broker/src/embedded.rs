@@ -122,6 +122,13 @@ pub enum BrokerError {
     NotListening { addr: SocketAddr, secs: u64 },
     #[error("could not start the broker thread: {0}")]
     Thread(std::io::Error),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("TLS listener: {0}")]
+    Tls(String),
 }
 
 /// A running embedded broker. It lives until the process exits (rumqttd has no shutdown).
@@ -159,10 +166,7 @@ impl EmbeddedBroker {
     }
 
     pub fn url(&self) -> crate::client::BrokerUrl {
-        crate::client::BrokerUrl {
-            host: self.addr.ip().to_string(),
-            port: self.addr.port(),
-        }
+        crate::client::BrokerUrl::mqtt(self.addr.ip().to_string(), self.addr.port())
     }
 }
 

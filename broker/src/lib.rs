@@ -7,16 +7,24 @@
 //! - [`embedded`] (feature `embedded`): rumqttd configured in code with every field set, auth
 //!   by `client_id == username` plus a password check, sized segment logs for bulk topics.
 //! - [`mosquitto`]: the broker policy (`proto::acl`) as Mosquitto password and ACL files.
+//! - [`gateway`] (feature `embedded`): the authorizing gateway in front of rumqttd: per-packet
+//!   topic ACLs from `proto::acl`, TLS, TCP_NODELAY, rate limits, kick; rumqttd on loopback only.
 //! - [`testing`] (feature `testing`): a real Mosquitto on a free loopback port, for tests.
 
 pub mod admin;
 pub mod client;
 #[cfg(feature = "embedded")]
 pub mod embedded;
+#[cfg(feature = "embedded")]
+pub mod gateway;
 pub mod mosquitto;
 #[cfg(feature = "testing")]
 pub mod testing;
 
-pub use client::{BrokerUrl, MqttEvent};
+pub use client::{BrokerUrl, MqttEvent, TlsTrust};
 #[cfg(feature = "embedded")]
 pub use embedded::{BrokerSettings, EmbeddedBroker};
+#[cfg(feature = "embedded")]
+pub use gateway::{
+    start_secured, Authenticator, GatewayHandle, SecureBrokerSettings, SecuredBroker,
+};

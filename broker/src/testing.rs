@@ -134,10 +134,7 @@ impl Mosquitto {
                         bin: bin.clone(),
                         conf,
                         dir,
-                        url: BrokerUrl {
-                            host: "127.0.0.1".into(),
-                            port,
-                        },
+                        url: BrokerUrl::mqtt("127.0.0.1", port),
                     });
                 }
                 if let Ok(Some(_)) = child.try_wait() {

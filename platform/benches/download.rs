@@ -101,6 +101,7 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
             data_dir: data.clone(),
             broker: broker.clone(),
             embedded_listen: None,
+            tls: None,
             topic_prefix: "fleet".into(),
             limits: Default::default(),
         },

@@ -5,6 +5,7 @@
 use std::sync::{Arc, RwLock};
 
 use fleetcast_proto::acl::{Claim, Principal};
+use fleetcast_proto::ArtifactId;
 
 use crate::store::Store;
 
@@ -21,7 +22,7 @@ pub struct StoreAuth {
 
 impl StoreAuth {
     /// The principal holding these credentials, or None.
-    pub fn authenticate(&self, username: &str, password: &str) -> Option<Principal> {
+    pub fn principal(&self, username: &str, password: &str) -> Option<Principal> {
         let claim = Claim::parse(username)?;
         if let Claim::Platform = claim {
             return (password == self.platform_password).then_some(Principal::Platform);
@@ -59,7 +60,34 @@ impl StoreAuth {
 
     /// A client may connect when its credentials name a principal that accepts its client id.
     pub fn check(&self, client_id: &str, username: &str, password: &str) -> bool {
-        self.authenticate(username, password)
+        self.principal(username, password)
             .is_some_and(|p| p.accepts_client_id(client_id))
+    }
+}
+
+impl fleetcast_broker::Authenticator for StoreAuth {
+    fn authenticate(&self, username: &str, password: &[u8]) -> Option<Principal> {
+        self.principal(username, std::str::from_utf8(password).ok()?)
+    }
+
+    /// A machine may read an artifact's broadcast only while a release of it is assigned to
+    /// the machine (the static policy already allows only concrete artifact ids).
+    fn may_subscribe(&self, principal: &Principal, filter: &str) -> bool {
+        let Principal::Machine { id, .. } = principal else {
+            return true;
+        };
+        let Some(artifact) = filter
+            .rsplit('/')
+            .nth(1)
+            .filter(|_| filter.ends_with("/chunks") && filter.contains("/artifacts/"))
+            .and_then(|a| a.parse::<ArtifactId>().ok())
+        else {
+            return true;
+        };
+        let guard = self.store.read().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .and_then(|s| s.machine_artifacts(id).ok())
+            .is_some_and(|arts| arts.contains(&artifact))
     }
 }

@@ -14,7 +14,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use fleetcast_broker::client::{self, BrokerUrl, MqttEvent};
-use fleetcast_broker::{BrokerSettings, EmbeddedBroker};
+use fleetcast_broker::gateway::TlsListen;
+use fleetcast_broker::{start_secured, SecureBrokerSettings};
 use fleetcast_proto::{Route, Topics};
 use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use tokio::sync::mpsc;
@@ -40,8 +41,11 @@ pub const SERVE_CLIENT_ID: &str = "fleetcast-platform.serve";
 pub struct ServeOptions {
     pub data_dir: PathBuf,
     pub broker: BrokerUrl,
-    /// Some: start the embedded broker on this address (with machine/admin auth) first.
+    /// Some: start the embedded broker (rumqttd behind fleetcast's authorizing gateway) with a
+    /// plain MQTT listener on this address. Keep it on loopback in production; use `tls`.
     pub embedded_listen: Option<SocketAddr>,
+    /// Some: the embedded broker also (or only) serves MQTT over TLS.
+    pub tls: Option<TlsListen>,
     pub topic_prefix: String,
     /// What each machine may take (chunk rate, stored events).
     pub limits: MachineLimits,
@@ -54,9 +58,23 @@ pub struct Deps {
     pub keys: Arc<Keys>,
     pub topics: Topics,
     pub broker: BrokerUrl,
+    /// The (username, password) each platform client connects with, by client id.
+    pub login: Login,
     pub data_dir: PathBuf,
     pub sessions: Arc<dyn SessionControl>,
     pub limits: MachineLimits,
+}
+
+/// The (username, password) a platform client with this client id connects with.
+pub type Login = Arc<dyn Fn(&str) -> (String, String) + Send + Sync>;
+
+/// Revocation on the embedded broker: the gateway closes the sessions at once.
+struct GatewaySessions(fleetcast_broker::GatewayHandle);
+
+impl SessionControl for GatewaySessions {
+    fn close_sessions(&self, username: &str) -> usize {
+        self.0.kick(username)
+    }
 }
 
 /// Runs the platform until `shutdown` is cancelled or a task fails.
@@ -71,62 +89,65 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> Result<()
             })?,
         );
     identities::ensure_bootstrap_admin(&store, &keys)?;
+    let topics = Topics::new(&opts.topic_prefix);
     let auth: AuthStore = Arc::new(RwLock::new(Some(store.clone())));
-    if let Some(listen) = opts.embedded_listen {
-        start_embedded_broker(
-            listen,
-            &keys,
-            &Topics::new(&opts.topic_prefix),
-            auth.clone(),
-        )?;
-    }
+    let broker_stop = CancellationToken::new();
+    let platform_password = keys.platform_mqtt_password();
+    let (broker, login, sessions): (BrokerUrl, Login, Arc<dyn SessionControl>) =
+        if opts.embedded_listen.is_some() || opts.tls.is_some() {
+            let mut settings = SecureBrokerSettings::new(topics.clone());
+            settings.plain = opts.embedded_listen;
+            settings.tls = opts.tls.clone();
+            let check = Arc::new(StoreAuth {
+                store: auth.clone(),
+                platform_password,
+            });
+            let secured = Arc::new(start_secured(settings, check, broker_stop.clone()).await?);
+            if let Some(a) = secured.plain_addr() {
+                tracing::info!(listen = %a, "embedded broker: plain MQTT");
+            }
+            if let Some(a) = secured.tls_addr() {
+                tracing::info!(listen = %a, "embedded broker: MQTT over TLS");
+            }
+            let internal = secured.clone();
+            (
+                secured.internal_url(),
+                Arc::new(move |client: &str| {
+                    (client.to_owned(), internal.internal_password(client))
+                }),
+                Arc::new(GatewaySessions(secured.handle())),
+            )
+        } else {
+            (
+                opts.broker.clone(),
+                Arc::new(move |_: &str| (PLATFORM_USER.to_owned(), platform_password.clone())),
+                Arc::new(NoSessionControl),
+            )
+        };
     let deps = Deps {
         store,
         files,
         keys: Arc::new(keys),
-        topics: Topics::new(&opts.topic_prefix),
-        broker: opts.broker.clone(),
+        topics,
+        broker,
+        login,
         data_dir: opts.data_dir.clone(),
-        sessions: Arc::new(NoSessionControl),
+        sessions,
         limits: opts.limits,
     };
     let result = run(deps, shutdown).await;
+    broker_stop.cancel();
     *auth.write().unwrap_or_else(|p| p.into_inner()) = None;
     result
-}
-
-/// Starts rumqttd with fleetcast's auth: each client's credentials must name a principal
-/// (platform, operator, integrator, provisioned machine) that accepts its client id.
-pub fn start_embedded_broker(
-    listen: SocketAddr,
-    keys: &Keys,
-    topics: &Topics,
-    auth: AuthStore,
-) -> Result<EmbeddedBroker, PlatformError> {
-    let check = StoreAuth {
-        store: auth,
-        platform_password: keys.platform_mqtt_password(),
-    };
-    let mut settings = BrokerSettings::new(listen);
-    settings.auth = Some(Arc::new(move |client: &str, user: &str, pass: &str| {
-        check.check(client, user, pass)
-    }));
-    settings.bulk_filters = topics.chunk_filters();
-    Ok(EmbeddedBroker::start(settings)?)
 }
 
 /// The service proper: connections and tasks over already opened dependencies.
 pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), PlatformError> {
     let tasks_stop = shutdown.child_token();
-    let password = deps.keys.platform_mqtt_password();
     let mut tasks: JoinSet<(&'static str, Result<(), PlatformError>)> = JoinSet::new();
 
-    let mut serve_opts = client::options_as(
-        &deps.broker,
-        SERVE_CLIENT_ID,
-        PLATFORM_USER,
-        Some(&password),
-    );
+    let (user, password) = (deps.login)(SERVE_CLIENT_ID);
+    let mut serve_opts = client::options_as(&deps.broker, SERVE_CLIENT_ID, &user, Some(&password));
     serve_opts.set_clean_session(true);
     let (serve_client, serve_loop) = client::connect(serve_opts, 512);
     let (serve_tx, serve_rx) = mpsc::channel(1024);
@@ -138,12 +159,9 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
         });
     }
 
-    let mut ingest_opts = client::options_as(
-        &deps.broker,
-        INGEST_CLIENT_ID,
-        PLATFORM_USER,
-        Some(&password),
-    );
+    let (user, password) = (deps.login)(INGEST_CLIENT_ID);
+    let mut ingest_opts =
+        client::options_as(&deps.broker, INGEST_CLIENT_ID, &user, Some(&password));
     ingest_opts.set_clean_session(false);
     ingest_opts.set_manual_acks(true);
     let (ingest_client, ingest_loop) = client::connect(ingest_opts, 1024);

@@ -1,5 +1,7 @@
 //! Broker integration tests: a real rumqttd on a free loopback port, real rumqttc clients.
 
+mod gateway;
+
 use std::time::Duration;
 
 use fleetcast_broker::client::{self, MqttEvent};

@@ -1198,10 +1198,7 @@ async fn an_agent_started_before_its_broker_connects_once_the_broker_is_up() {
         .await
         .unwrap();
     let addr = listener.local_addr().unwrap();
-    let url = BrokerUrl {
-        host: "127.0.0.1".into(),
-        port: addr.port(),
-    };
+    let url = BrokerUrl::mqtt("127.0.0.1", addr.port());
     let dir = tempfile::tempdir().unwrap();
     let secret = Secret::from_bytes(rand::random());
     // The platform key must be known before the platform connects: build it from a fixed seed.

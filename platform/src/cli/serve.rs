@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Args;
+use fleetcast_broker::gateway::TlsListen;
 use fleetcast_broker::BrokerUrl;
 use tokio_util::sync::CancellationToken;
 
@@ -16,9 +17,23 @@ pub struct ServeArgs {
     /// Data directory (keys, database, artifacts).
     #[arg(long, default_value = "./fleetcast-data")]
     pub data: PathBuf,
-    /// Where the embedded broker listens (ignored with --broker).
+    /// Where the embedded broker listens for plain MQTT (ignored with --broker). Keep it on
+    /// loopback and serve other hosts over TLS (--tls-listen).
     #[arg(long, default_value = "127.0.0.1:1883")]
     pub listen: SocketAddr,
+    /// No plain MQTT listener: TLS only.
+    #[arg(long, requires = "tls_listen")]
+    pub no_plain: bool,
+    /// Where the embedded broker serves MQTT over TLS, e.g. 0.0.0.0:8883 (needs --tls-cert and
+    /// --tls-key).
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    pub tls_listen: Option<SocketAddr>,
+    /// The broker's certificate chain (PEM, leaf first).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// The broker's private key (PEM).
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
     /// Use this external broker (e.g. Mosquitto) instead of the embedded one.
     #[arg(long)]
     pub broker: Option<String>,
@@ -29,13 +44,30 @@ pub struct ServeArgs {
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let (broker, embedded_listen) = match &args.broker {
         Some(b) => (b.parse::<BrokerUrl>()?, None),
-        None => {
-            let url = BrokerUrl {
-                host: args.listen.ip().to_string(),
-                port: args.listen.port(),
+        None if args.no_plain => (BrokerUrl::mqtt("127.0.0.1", 0), None),
+        None => (
+            BrokerUrl::mqtt(args.listen.ip().to_string(), args.listen.port()),
+            Some(args.listen),
+        ),
+    };
+    let tls = match (&args.broker, args.tls_listen) {
+        (None, Some(addr)) => {
+            let read = |p: &Option<PathBuf>| -> anyhow::Result<Vec<u8>> {
+                let p = p
+                    .as_ref()
+                    .context("--tls-listen needs --tls-cert and --tls-key")?;
+                std::fs::read(p).with_context(|| format!("reading {}", p.display()))
             };
-            (url, Some(args.listen))
+            Some(TlsListen {
+                addr,
+                cert_chain_pem: read(&args.tls_cert)?,
+                key_pem: read(&args.tls_key)?,
+            })
         }
+        (Some(_), Some(_)) => anyhow::bail!(
+            "--tls-listen is for the embedded broker; it cannot be used with --broker"
+        ),
+        _ => None,
     };
     let keys = load_or_create_keys(&args.data)
         .with_context(|| format!("preparing data dir {}", args.data.display()))?;
@@ -50,9 +82,19 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         "  admin secret:    {}",
         admin_secret_path(&args.data).display()
     );
-    match embedded_listen {
-        Some(l) => println!("  broker:          embedded, listening on mqtt://{l}"),
-        None => println!("  broker:          external, {broker}"),
+    match (&embedded_listen, &tls, &args.broker) {
+        (_, _, Some(_)) => println!("  broker:          external, {broker}"),
+        (plain, tls, None) => {
+            if let Some(l) = plain {
+                println!("  broker:          embedded, listening on mqtt://{l}");
+            }
+            if let Some(t) = tls {
+                println!(
+                    "  broker:          embedded, listening on mqtts://{}",
+                    t.addr
+                );
+            }
+        }
     }
     println!("  topic prefix:    {}", args.topic_prefix);
     drop(keys);
@@ -70,6 +112,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         data_dir: args.data,
         broker,
         embedded_listen,
+        tls,
         topic_prefix: args.topic_prefix,
         limits: Default::default(),
     };

@@ -86,6 +86,7 @@ fn start_platform(broker: &BrokerUrl, data: &Path) -> Platform {
         data_dir: data.to_owned(),
         broker: broker.clone(),
         embedded_listen: None,
+        tls: None,
         topic_prefix: "fleet".into(),
         limits: Default::default(),
     };

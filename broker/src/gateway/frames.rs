@@ -1,0 +1,256 @@
+//! Raw MQTT 3.1.1 frames as the gateway sees them: split a byte stream into whole packets
+//! without copying, read a PUBLISH's topic in place, and build the few packets the gateway
+//! writes itself (the rewritten CONNECT, a refusing CONNACK). Pure functions over bytes.
+
+use bytes::BytesMut;
+use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Login, Packet};
+use rumqttc::mqttbytes::{self, PacketType};
+
+use crate::client::MAX_PACKET;
+
+/// One whole packet at the front of a buffer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Frame {
+    pub kind: PacketType,
+    /// Fixed header + variable header + payload.
+    pub len: usize,
+}
+
+/// Why a client's bytes cannot be framed: the connection is closed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("malformed packet: {0}")]
+    Malformed(String),
+    #[error("packet of {0} bytes is over the {MAX_PACKET} byte limit")]
+    TooLarge(usize),
+}
+
+/// The packet at the front of `buf`: `Ok(None)` while it is incomplete.
+pub fn next_frame(buf: &[u8]) -> Result<Option<Frame>, FrameError> {
+    match mqttbytes::check(buf.iter(), MAX_PACKET) {
+        Ok(header) => {
+            let kind = header
+                .packet_type()
+                .map_err(|e| FrameError::Malformed(e.to_string()))?;
+            Ok(Some(Frame {
+                kind,
+                len: header.frame_length(),
+            }))
+        }
+        Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+        Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => Err(FrameError::TooLarge(n)),
+        Err(e) => Err(FrameError::Malformed(e.to_string())),
+    }
+}
+
+/// Length of the fixed header of a whole frame: the type byte and 1 to 4 length bytes.
+fn fixed_header_len(frame: &[u8]) -> usize {
+    1 + frame[1..]
+        .iter()
+        .take(4)
+        .position(|b| b & 0x80 == 0)
+        .map_or(4, |i| i + 1)
+}
+
+/// The topic of a whole PUBLISH frame, borrowed from it (no allocation on the hot path).
+pub fn publish_topic(frame: &[u8]) -> Result<&str, FrameError> {
+    let bad = |why: &str| FrameError::Malformed(format!("PUBLISH {why}"));
+    let rest = frame
+        .get(fixed_header_len(frame)..)
+        .ok_or_else(|| bad("too short"))?;
+    let [hi, lo, rest @ ..] = rest else {
+        return Err(bad("without a topic"));
+    };
+    let len = usize::from(u16::from_be_bytes([*hi, *lo]));
+    let topic = rest
+        .get(..len)
+        .ok_or_else(|| bad("topic runs past the packet"))?;
+    std::str::from_utf8(topic).map_err(|_| bad("topic is not UTF-8"))
+}
+
+/// The filters of a whole SUBSCRIBE frame (subscribes are rare: parsing allocates).
+pub fn subscribe_filters(frame: &[u8]) -> Result<Vec<String>, FrameError> {
+    match Packet::read(&mut BytesMut::from(frame), MAX_PACKET) {
+        Ok(Packet::Subscribe(s)) => Ok(s.filters.into_iter().map(|f| f.path).collect()),
+        Ok(other) => Err(FrameError::Malformed(format!(
+            "expected SUBSCRIBE, parsed {other:?}"
+        ))),
+        Err(e) => Err(FrameError::Malformed(e.to_string())),
+    }
+}
+
+/// The CONNECT at the front of `buf`, removed from it; `Ok(None)` while it is incomplete.
+/// Any other first packet is an error.
+pub fn take_connect(buf: &mut BytesMut) -> Result<Option<Connect>, FrameError> {
+    let Some(frame) = next_frame(buf)? else {
+        return Ok(None);
+    };
+    if frame.kind != PacketType::Connect {
+        return Err(FrameError::Malformed(format!(
+            "first packet is {:?}, not CONNECT",
+            frame.kind
+        )));
+    }
+    match Packet::read(buf, MAX_PACKET) {
+        Ok(Packet::Connect(c)) => Ok(Some(c)),
+        Ok(other) => Err(FrameError::Malformed(format!(
+            "expected CONNECT, parsed {other:?}"
+        ))),
+        Err(e) => Err(FrameError::Malformed(e.to_string())),
+    }
+}
+
+/// `connect` re-encoded with the broker-internal credentials `(client_id, password)`; will,
+/// keep-alive and clean-session are kept.
+pub fn upstream_connect(mut connect: Connect, password: &str) -> Result<BytesMut, FrameError> {
+    connect.login = Some(Login::new(connect.client_id.clone(), password));
+    let mut out = BytesMut::with_capacity(connect.size());
+    Packet::Connect(connect)
+        .write(&mut out, MAX_PACKET)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    Ok(out)
+}
+
+/// A CONNACK refusing the connection with `code`.
+pub fn refusal(code: ConnectReturnCode) -> BytesMut {
+    let mut out = BytesMut::with_capacity(4);
+    ConnAck::new(code, false)
+        .write(&mut out)
+        .expect("a CONNACK always encodes");
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rumqttc::mqttbytes::v4::{LastWill, Publish, Subscribe};
+    use rumqttc::mqttbytes::QoS;
+
+    fn encode(p: Packet) -> BytesMut {
+        let mut out = BytesMut::new();
+        p.write(&mut out, MAX_PACKET).unwrap();
+        out
+    }
+
+    #[test]
+    fn frames_are_found_whole_and_incomplete_ones_wait_for_more_bytes() {
+        let mut bytes = encode(Packet::Publish(Publish::new(
+            "a/b",
+            QoS::AtMostOnce,
+            vec![0u8; 300],
+        )));
+        bytes.extend_from_slice(&encode(Packet::PingReq));
+        let first = next_frame(&bytes).unwrap().unwrap();
+        assert_eq!(first.kind, PacketType::Publish);
+        assert_eq!(first.len, bytes.len() - 2);
+        let second = next_frame(&bytes[first.len..]).unwrap().unwrap();
+        assert_eq!((second.kind, second.len), (PacketType::PingReq, 2));
+        assert_eq!(next_frame(&bytes[..first.len - 1]).unwrap(), None);
+        assert_eq!(next_frame(&bytes[..1]).unwrap(), None);
+    }
+
+    #[test]
+    fn an_oversized_or_unknown_packet_is_an_error() {
+        // PUBLISH announcing 268 MB.
+        assert!(matches!(
+            next_frame(&[0x30, 0xff, 0xff, 0xff, 0x7f]),
+            Err(FrameError::TooLarge(_))
+        ));
+        assert!(matches!(
+            next_frame(&[0x00, 0x00]),
+            Err(FrameError::Malformed(_))
+        ));
+    }
+
+    #[test]
+    fn the_publish_topic_is_read_for_every_length_encoding() {
+        // 1, 2 and 3 byte remaining lengths.
+        for payload in [0, 200, 70_000] {
+            for qos in [QoS::AtMostOnce, QoS::AtLeastOnce] {
+                let mut p = Publish::new("fleet/machines/vm-1/status", qos, vec![1u8; payload]);
+                p.pkid = u16::from(qos != QoS::AtMostOnce);
+                let frame = encode(Packet::Publish(p));
+                assert_eq!(
+                    publish_topic(&frame).unwrap(),
+                    "fleet/machines/vm-1/status",
+                    "{payload} {qos:?}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn a_publish_whose_topic_runs_past_the_frame_is_malformed() {
+        // Remaining length 4: topic length 16 but only 2 bytes follow.
+        assert!(publish_topic(&[0x30, 0x04, 0x00, 0x10, b'a', b'b']).is_err());
+        assert!(publish_topic(&[0x30, 0x01, 0x00]).is_err());
+        assert!(publish_topic(&[0x30, 0x04, 0x00, 0x02, 0xff, 0xfe]).is_err());
+    }
+
+    #[test]
+    fn subscribe_filters_are_all_listed() {
+        let mut s = Subscribe::new("fleet/machines/vm-1/command", QoS::AtLeastOnce);
+        s.add("#".to_owned(), QoS::AtMostOnce);
+        s.pkid = 7;
+        let frame = encode(Packet::Subscribe(s));
+        assert_eq!(
+            subscribe_filters(&frame).unwrap(),
+            vec!["fleet/machines/vm-1/command".to_owned(), "#".to_owned()]
+        );
+    }
+
+    #[test]
+    fn the_upstream_connect_swaps_only_the_credentials() {
+        let mut c = Connect::new("vm-1");
+        c.keep_alive = 33;
+        c.clean_session = false;
+        c.last_will = Some(LastWill::new(
+            "fleet/machines/vm-1/online",
+            "false",
+            QoS::AtLeastOnce,
+            true,
+        ));
+        c.set_login("vm-1", "machine-secret");
+        let mut wire = encode(Packet::Connect(c.clone()));
+        wire.extend_from_slice(&encode(Packet::PingReq));
+        let parsed = take_connect(&mut wire).unwrap().unwrap();
+        assert_eq!(parsed, c);
+        assert_eq!(
+            &wire[..],
+            &[0xc0, 0x00],
+            "the next packet stays in the buffer"
+        );
+
+        let mut up = upstream_connect(parsed, "internal").unwrap();
+        let Some(Packet::Connect(rewritten)) = Packet::read(&mut up, MAX_PACKET).ok() else {
+            panic!("not a CONNECT");
+        };
+        assert_eq!(rewritten.login, Some(Login::new("vm-1", "internal")));
+        assert_eq!(
+            (
+                rewritten.keep_alive,
+                rewritten.clean_session,
+                &rewritten.last_will
+            ),
+            (33, false, &c.last_will)
+        );
+    }
+
+    #[test]
+    fn a_first_packet_other_than_connect_is_refused() {
+        let mut wire = encode(Packet::PingReq);
+        assert!(take_connect(&mut wire).is_err());
+        let mut partial = encode(Packet::Connect(Connect::new("vm-1")));
+        partial.truncate(5);
+        assert_eq!(take_connect(&mut partial).unwrap(), None);
+    }
+
+    #[test]
+    fn a_refusal_is_a_connack_with_the_code() {
+        let mut wire = refusal(ConnectReturnCode::NotAuthorized);
+        let Ok(Packet::ConnAck(ack)) = Packet::read(&mut wire, MAX_PACKET) else {
+            panic!("not a CONNACK");
+        };
+        assert_eq!(ack.code, ConnectReturnCode::NotAuthorized);
+    }
+}

@@ -1,0 +1,216 @@
+//! Per-connection inbound rate limits: token buckets on messages and bytes. A packet over the
+//! limit is not refused: the gateway waits before forwarding it and stops reading meanwhile,
+//! so the sender is slowed by TCP backpressure and stays connected.
+
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A sustained rate and the burst allowed on top of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub per_sec: u64,
+    pub burst: u64,
+}
+
+/// How fast one connection may send. `None` leaves that dimension unlimited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimit {
+    pub messages: Option<Rate>,
+    pub bytes: Option<Rate>,
+}
+
+impl RateLimit {
+    /// For machines: they send a status now and then and 10 to 20 chunk requests a second while
+    /// downloading, so 200 messages/s (burst 400) and 4 MiB/s (burst 8 MiB) never slow an honest
+    /// one but keep a stolen credential from flooding the broker.
+    pub const MACHINE: RateLimit = RateLimit {
+        messages: Some(Rate {
+            per_sec: 200,
+            burst: 400,
+        }),
+        bytes: Some(Rate {
+            per_sec: 4 * 1024 * 1024,
+            burst: 8 * 1024 * 1024,
+        }),
+    };
+}
+
+/// One token bucket. Tokens may go negative: a packet larger than the burst still passes, after
+/// a proportionally longer wait.
+#[derive(Debug)]
+struct Bucket {
+    rate: Rate,
+    tokens: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(rate: Rate, now: Instant) -> Self {
+        Self {
+            rate,
+            tokens: rate.burst as f64,
+            last: now,
+        }
+    }
+
+    /// Takes `n` tokens; how long to wait before the packet may go.
+    fn take(&mut self, n: u64, now: Instant) -> Duration {
+        let per_sec = self.rate.per_sec.max(1) as f64;
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * per_sec).min(self.rate.burst as f64);
+        self.tokens -= n as f64;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / per_sec)
+        }
+    }
+}
+
+/// The buckets of one connection.
+#[derive(Debug)]
+pub struct Limiter {
+    messages: Option<Bucket>,
+    bytes: Option<Bucket>,
+}
+
+impl Limiter {
+    pub fn new(limit: RateLimit, now: Instant) -> Self {
+        Self {
+            messages: limit.messages.map(|r| Bucket::new(r, now)),
+            bytes: limit.bytes.map(|r| Bucket::new(r, now)),
+        }
+    }
+
+    /// Accounts one packet of `len` bytes; how long to wait before forwarding it. Only
+    /// `counted` packets (publishes and (un)subscribes: the ones that make the broker work)
+    /// take a message token. Acks and pings do not: a machine acking a fast QoS 1 download
+    /// sends one PUBACK per chunk, and the broker's inflight limit already bounds those.
+    pub fn take(&mut self, len: usize, counted: bool, now: Instant) -> Duration {
+        let m = match self.messages.as_mut() {
+            Some(b) if counted => b.take(1, now),
+            _ => Duration::ZERO,
+        };
+        let b = self
+            .bytes
+            .as_mut()
+            .map_or(Duration::ZERO, |b| b.take(len as u64, now));
+        m.max(b)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Equal to the nanosecond (float rounding aside).
+    fn same(a: Duration, b: Duration) -> bool {
+        a.abs_diff(b) < Duration::from_micros(1)
+    }
+
+    fn limit(msgs: u64, burst: u64) -> RateLimit {
+        RateLimit {
+            messages: Some(Rate {
+                per_sec: msgs,
+                burst,
+            }),
+            bytes: None,
+        }
+    }
+
+    #[test]
+    fn a_burst_passes_at_once_and_the_next_packet_waits_one_interval() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(limit(10, 3), t0);
+        for _ in 0..3 {
+            assert_eq!(l.take(100, true, t0), Duration::ZERO);
+        }
+        assert!(same(l.take(100, true, t0), Duration::from_millis(100)));
+        // Each further packet waits one more interval: the debt accumulates.
+        assert!(same(l.take(100, true, t0), Duration::from_millis(200)));
+    }
+
+    #[test]
+    fn tokens_refill_at_the_rate_and_never_above_the_burst() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(limit(10, 2), t0);
+        assert_eq!(l.take(1, true, t0), Duration::ZERO);
+        assert_eq!(l.take(1, true, t0), Duration::ZERO);
+        let later = t0 + Duration::from_secs(60);
+        assert_eq!(l.take(1, true, later), Duration::ZERO);
+        assert_eq!(l.take(1, true, later), Duration::ZERO);
+        assert!(
+            l.take(1, true, later) > Duration::ZERO,
+            "a long pause refills only the burst"
+        );
+    }
+
+    #[test]
+    fn a_packet_larger_than_the_byte_burst_passes_after_a_longer_wait() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(
+            RateLimit {
+                messages: None,
+                bytes: Some(Rate {
+                    per_sec: 1000,
+                    burst: 1000,
+                }),
+            },
+            t0,
+        );
+        assert!(same(l.take(3000, true, t0), Duration::from_secs(2)));
+    }
+
+    #[test]
+    fn the_machine_default_never_slows_an_honest_machine() {
+        // 20 chunk requests and a status a second for a minute, 200 bytes each.
+        let t0 = Instant::now();
+        let mut l = Limiter::new(RateLimit::MACHINE, t0);
+        for i in 0..60 * 21 {
+            let now = t0 + Duration::from_millis(i * 1000 / 21);
+            assert_eq!(l.take(200, true, now), Duration::ZERO, "packet {i}");
+        }
+    }
+
+    #[test]
+    fn acks_and_pings_take_no_message_token_but_do_take_bytes() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(
+            RateLimit {
+                messages: Some(Rate {
+                    per_sec: 1,
+                    burst: 1,
+                }),
+                bytes: Some(Rate {
+                    per_sec: 100,
+                    burst: 100,
+                }),
+            },
+            t0,
+        );
+        for _ in 0..25 {
+            assert_eq!(l.take(4, false, t0), Duration::ZERO);
+        }
+        assert!(
+            l.take(4, false, t0) > Duration::ZERO,
+            "the byte bucket still counts"
+        );
+    }
+
+    #[test]
+    fn unlimited_dimensions_never_wait() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(
+            RateLimit {
+                messages: None,
+                bytes: None,
+            },
+            t0,
+        );
+        for _ in 0..10_000 {
+            assert_eq!(l.take(1 << 20, true, t0), Duration::ZERO);
+        }
+    }
+}

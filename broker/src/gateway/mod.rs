@@ -1,0 +1,421 @@
+//! The authorizing MQTT gateway: the only public door to the embedded rumqttd.
+//!
+//! Why it exists (rumqttd 0.20 facts): rumqttd has no per-topic authorization; its auth hook
+//! sees `(client_id, username, password)` once at CONNECT and nothing after, so any client it
+//! admits may subscribe to `#` and publish anywhere. It also never sets TCP_NODELAY on the
+//! sockets it accepts (a 44 ms Nagle + delayed-ACK stall per request/response round trip), it
+//! has no usable TLS on the rustls line the rest of fleetcast uses, and it cannot report a port
+//! it bound. So rumqttd listens on loopback only and this gateway sits in front of it.
+//!
+//! What it enforces, per client connection:
+//! - **CONNECT first, within 10 s**, MQTT 3.1.1 only. The [`Authenticator`] maps
+//!   `(username, password)` to a [`Principal`]; unknown credentials get CONNACK 4, a client id
+//!   the principal may not use ([`Principal::accepts_client_id`]: a machine only its own id, so
+//!   nobody takes over another machine's session) or a will on a topic it may not publish
+//!   (e.g. another machine's `online`) get CONNACK 5. Then the socket closes. (rumqttd alone
+//!   answers a refusal by dropping the socket, which clients report as a network error.)
+//! - **Every PUBLISH** is checked with [`Principal::may_publish`] and **every SUBSCRIBE filter**
+//!   with [`Principal::may_subscribe`] and then [`Authenticator::may_subscribe`] (dynamic rules).
+//!   MQTT 3.1.1 cannot refuse a publish, and a SUBACK failure code is easy to ignore, so a
+//!   violation closes the connection (logged with client and topic): the attack fails visibly
+//!   and nothing of it reaches the broker. Everything else is forwarded byte for byte.
+//! - **Broker -> client is a plain copy**: the broker only delivers what the checked
+//!   subscriptions match. This is the hot path (64 KiB chunk frames to every machine), so it
+//!   neither parses nor allocates per packet.
+//! - **Inbound rate limits** per principal kind ([`InboundLimits`]): over the limit the gateway
+//!   delays forwarding and stops reading (TCP backpressure), it never disconnects. Machines and
+//!   integrators are limited by default; the platform and operators (who upload artifacts
+//!   through the gateway) are not.
+//! - **TCP_NODELAY** on every accepted socket and on every upstream socket.
+//! - **Kick**: [`GatewayHandle::kick`] ends every live session of a username at once (machine
+//!   revocation).
+//!
+//! Nobody can bypass it by dialing rumqttd directly: rumqttd admits a client only when
+//! `password == internal_token(client_id)`, a keyed blake3 hash under a key drawn at random
+//! per process and never written anywhere. The gateway rewrites each admitted CONNECT to those
+//! credentials (keeping will, keep-alive and clean-session); the platform's own clients dial the
+//! internal URL with [`SecuredBroker::internal_password`] and skip the extra hop.
+//!
+//! Not covered: a client with `clean_session = false` keeps its rumqttd session, including
+//! subscriptions checked when they were made, across reconnects; a rule that later narrows
+//! (a machine leaving a group) does not remove them. fleetcast's machines connect with clean
+//! sessions, so only the platform's own (internal) clients keep sessions.
+//!
+//! Layout: `frames` (raw packet bytes), `limit` (token buckets), `registry` (sessions,
+//! kick, counters), `session` (one connection's pumps), `tls` (server config).
+
+mod frames;
+mod limit;
+mod registry;
+mod session;
+mod tls;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fleetcast_proto::acl::Principal;
+use fleetcast_proto::Topics;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio::time::Instant;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+
+pub use limit::{Rate, RateLimit};
+pub use registry::{GatewayHandle, GatewayStats};
+
+use crate::client::BrokerUrl;
+use crate::embedded::{start_on_free_port, BrokerError, BrokerSettings, EmbeddedBroker};
+use registry::Registry;
+
+/// Decides who a client is. The platform implements it over its store.
+///
+/// Both methods run on tokio's blocking pool (`spawn_blocking`): a quick store read is fine.
+/// `authenticate` runs once per CONNECT, `may_subscribe` once per SUBSCRIBE packet that the
+/// static policy allowed.
+pub trait Authenticator: Send + Sync + 'static {
+    /// Checks credentials; the principal, or None to refuse.
+    fn authenticate(&self, username: &str, password: &[u8]) -> Option<Principal>;
+    /// A dynamic check after the static policy allowed a subscription (e.g. only artifacts that
+    /// a release targets this machine with). Default: true.
+    fn may_subscribe(&self, _principal: &Principal, _filter: &str) -> bool {
+        true
+    }
+}
+
+/// A TLS listener: address and the server's certificate chain (leaf first) and key, as PEM.
+#[derive(Clone)]
+pub struct TlsListen {
+    pub addr: SocketAddr,
+    pub cert_chain_pem: Vec<u8>,
+    pub key_pem: Vec<u8>,
+}
+
+impl std::fmt::Debug for TlsListen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsListen")
+            .field("addr", &self.addr)
+            .field("key_pem", &"..")
+            .finish_non_exhaustive()
+    }
+}
+
+/// Inbound rate limits by principal kind. The platform and operators are never limited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InboundLimits {
+    pub machine: Option<RateLimit>,
+    pub integrator: Option<RateLimit>,
+}
+
+impl Default for InboundLimits {
+    fn default() -> Self {
+        Self {
+            machine: Some(RateLimit::MACHINE),
+            integrator: Some(RateLimit::MACHINE),
+        }
+    }
+}
+
+impl InboundLimits {
+    fn for_principal(&self, principal: &Principal) -> Option<RateLimit> {
+        match principal {
+            Principal::Machine { .. } => self.machine,
+            Principal::Integrator { .. } => self.integrator,
+            Principal::Platform | Principal::Operator { .. } => None,
+        }
+    }
+}
+
+/// How to run rumqttd behind the gateway.
+#[derive(Clone)]
+pub struct SecureBrokerSettings {
+    /// Plain MQTT listener (port 0 picks one; see [`SecuredBroker::plain_addr`]).
+    pub plain: Option<SocketAddr>,
+    /// MQTT over TLS listener (port 0 picks one; see [`SecuredBroker::tls_addr`]).
+    pub tls: Option<TlsListen>,
+    pub topics: Topics,
+    pub limits: InboundLimits,
+    /// How long a new connection has for its TLS handshake and CONNECT.
+    pub connect_timeout: Duration,
+    /// rumqttd's sizing. Its `listen` and `auth` are ignored: rumqttd always listens on a free
+    /// loopback port and admits only the gateway's internal credentials.
+    pub broker: BrokerSettings,
+}
+
+impl SecureBrokerSettings {
+    /// No listener yet; rumqttd sized by [`BrokerSettings::new`] with the chunk topics of
+    /// `topics` as bulk filters.
+    pub fn new(topics: Topics) -> Self {
+        let mut broker = BrokerSettings::new(SocketAddr::from(([127, 0, 0, 1], 0)));
+        broker.bulk_filters = topics.chunk_filters();
+        Self {
+            plain: None,
+            tls: None,
+            topics,
+            limits: InboundLimits::default(),
+            connect_timeout: Duration::from_secs(10),
+            broker,
+        }
+    }
+}
+
+/// The per-process key behind rumqttd's internal passwords. Never printed, never stored.
+struct InternalKey([u8; 32]);
+
+impl InternalKey {
+    fn random() -> Self {
+        Self(rand::random())
+    }
+
+    /// The password rumqttd expects from `client_id`: 16 bytes of a keyed blake3 hash, hex.
+    fn token(&self, client_id: &str) -> String {
+        blake3::keyed_hash(&self.0, client_id.as_bytes()).to_hex()[..32].to_owned()
+    }
+
+    fn accepts(&self, client_id: &str, password: &str) -> bool {
+        let want = self.token(client_id);
+        let (a, b) = (want.as_bytes(), password.as_bytes());
+        // Constant time in the password's content.
+        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+    }
+}
+
+/// What every session needs.
+struct Shared {
+    topics: Topics,
+    auth: Arc<dyn Authenticator>,
+    internal: Arc<InternalKey>,
+    upstream: SocketAddr,
+    limits: InboundLimits,
+    connect_timeout: Duration,
+    registry: Arc<Registry>,
+}
+
+/// rumqttd on loopback and the gateway's listeners in front of it.
+pub struct SecuredBroker {
+    broker: EmbeddedBroker,
+    internal: Arc<InternalKey>,
+    handle: GatewayHandle,
+    plain: Option<SocketAddr>,
+    tls: Option<SocketAddr>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+/// Starts rumqttd on a free loopback port and the gateway's listeners. The listeners and their
+/// sessions stop on `shutdown`; rumqttd itself runs until the process exits (it has no
+/// shutdown), refusing everyone who lacks the internal credentials.
+pub async fn start_secured(
+    settings: SecureBrokerSettings,
+    auth: Arc<dyn Authenticator>,
+    shutdown: CancellationToken,
+) -> Result<SecuredBroker, BrokerError> {
+    let tls = match &settings.tls {
+        Some(t) => Some((
+            t.addr,
+            tls::acceptor(&t.cert_chain_pem, &t.key_pem).map_err(BrokerError::Tls)?,
+        )),
+        None => None,
+    };
+    // Bind the public side first: a taken port fails before rumqttd's thread exists.
+    let plain = match settings.plain {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let tls = match tls {
+        Some((addr, acceptor)) => Some((bind(addr).await?, acceptor)),
+        None => None,
+    };
+    let internal = Arc::new(InternalKey::random());
+    let sizing = settings.broker.clone();
+    let key = internal.clone();
+    let broker = tokio::task::spawn_blocking(move || {
+        start_on_free_port(|s| {
+            let key = key.clone();
+            let mut internal_only = sizing.clone();
+            internal_only.listen = s.listen;
+            internal_only.with_auth(move |client, pass| key.accepts(client, pass))
+        })
+    })
+    .await
+    .map_err(|e| BrokerError::Thread(std::io::Error::other(e)))??;
+
+    let registry = Arc::new(Registry::default());
+    let shared = Arc::new(Shared {
+        topics: settings.topics,
+        auth,
+        internal: internal.clone(),
+        upstream: broker.addr,
+        limits: settings.limits,
+        connect_timeout: settings.connect_timeout,
+        registry: registry.clone(),
+    });
+    let mut listeners = Vec::new();
+    let plain_addr = plain.as_ref().map(|(_, a)| *a);
+    let tls_addr = tls.as_ref().map(|((_, a), _)| *a);
+    if let Some((listener, addr)) = plain {
+        tracing::info!(%addr, internal = %broker.addr, "gateway listening (mqtt)");
+        listeners.push(tokio::spawn(accept_loop(
+            listener,
+            None,
+            shared.clone(),
+            shutdown.clone(),
+        )));
+    }
+    if let Some(((listener, addr), acceptor)) = tls {
+        tracing::info!(%addr, internal = %broker.addr, "gateway listening (mqtts)");
+        listeners.push(tokio::spawn(accept_loop(
+            listener,
+            Some(acceptor),
+            shared.clone(),
+            shutdown.clone(),
+        )));
+    }
+    Ok(SecuredBroker {
+        broker,
+        internal,
+        handle: GatewayHandle { registry },
+        plain: plain_addr,
+        tls: tls_addr,
+        listeners,
+    })
+}
+
+impl SecuredBroker {
+    /// rumqttd's own loopback address, for the platform's trusted clients.
+    pub fn internal_url(&self) -> BrokerUrl {
+        self.broker.url()
+    }
+
+    /// The password rumqttd expects from a client connecting to [`Self::internal_url`] as
+    /// `client_id` (its username must be `client_id` too, as `client::options` sets it).
+    pub fn internal_password(&self, client_id: &str) -> String {
+        self.internal.token(client_id)
+    }
+
+    pub fn handle(&self) -> GatewayHandle {
+        self.handle.clone()
+    }
+
+    /// The bound plain MQTT address (the real port when 0 was asked for).
+    pub fn plain_addr(&self) -> Option<SocketAddr> {
+        self.plain
+    }
+
+    /// The bound TLS address (the real port when 0 was asked for).
+    pub fn tls_addr(&self) -> Option<SocketAddr> {
+        self.tls
+    }
+
+    /// Waits until the listeners and all their sessions have stopped (after `shutdown`).
+    pub async fn closed(self) {
+        for l in self.listeners {
+            let _ = l.await;
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BrokerError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| BrokerError::Bind { addr, source })?;
+    let bound = listener
+        .local_addr()
+        .map_err(|source| BrokerError::Bind { addr, source })?;
+    Ok((listener, bound))
+}
+
+/// Accepts until `shutdown`, one task per connection, owned here and awaited before returning.
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared>,
+    shutdown: CancellationToken,
+) {
+    let mut sessions = JoinSet::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    sessions.spawn(connection(
+                        shared.clone(),
+                        tcp,
+                        peer,
+                        tls.clone(),
+                        shutdown.clone(),
+                    ));
+                }
+                Err(e) => {
+                    // Out of file descriptors, mostly: wait instead of spinning.
+                    tracing::warn!(error = %e, "gateway accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+        }
+    }
+    while sessions.join_next().await.is_some() {}
+}
+
+/// One accepted socket: nodelay, the TLS handshake if any, then the session.
+async fn connection(
+    shared: Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shutdown: CancellationToken,
+) {
+    if let Err(e) = tcp.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
+    }
+    let deadline = Instant::now() + shared.connect_timeout;
+    let Some(acceptor) = tls else {
+        return session::serve(shared, tcp, peer, deadline, shutdown).await;
+    };
+    let handshake = tokio::select! {
+        _ = shutdown.cancelled() => return,
+        h = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => h,
+    };
+    match handshake {
+        Ok(Ok(stream)) => session::serve(shared, stream, peer, deadline, shutdown).await,
+        Ok(Err(e)) => tracing::info!(%peer, error = %e, "gateway TLS handshake failed"),
+        Err(_) => tracing::info!(%peer, "gateway TLS handshake timed out"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn internal_tokens_are_per_client_and_per_process() {
+        let (a, b) = (InternalKey::random(), InternalKey::random());
+        let t = a.token("vm-1");
+        assert_eq!(t.len(), 32);
+        assert!(a.accepts("vm-1", &t));
+        assert!(!a.accepts("vm-2", &t));
+        assert!(!b.accepts("vm-1", &t));
+        assert!(!a.accepts("vm-1", &t[..31]));
+        assert!(!a.accepts("vm-1", ""));
+    }
+
+    #[test]
+    fn only_machines_and_integrators_are_rate_limited_by_default() {
+        let l = InboundLimits::default();
+        let machine = Principal::Machine {
+            id: fleetcast_proto::MachineId::new("vm-1").unwrap(),
+            groups: vec![],
+        };
+        assert_eq!(l.for_principal(&machine), Some(RateLimit::MACHINE));
+        assert!(l
+            .for_principal(&Principal::Integrator { name: "erp".into() })
+            .is_some());
+        assert_eq!(l.for_principal(&Principal::Platform), None);
+        let op = Principal::Operator {
+            name: "alice".into(),
+            role: fleetcast_proto::acl::Role::Admin,
+        };
+        assert_eq!(l.for_principal(&op), None);
+    }
+}

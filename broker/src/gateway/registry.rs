@@ -1,0 +1,166 @@
+//! The live sessions by username, so one call can end every session of a revoked principal, and
+//! the gateway's counters.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio_util::sync::CancellationToken;
+
+/// What the gateway has seen since it started.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GatewayStats {
+    /// Sessions that passed authentication and were connected to the broker.
+    pub connections: u64,
+    /// Sessions open now.
+    pub active: usize,
+    /// CONNECTs refused (bad credentials, a client id or will the principal may not use).
+    pub refused: u64,
+    /// Sessions closed for a publish or subscribe the principal may not make (or a will at
+    /// CONNECT, which is also counted as refused).
+    pub violations: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Registry {
+    sessions: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
+    next_id: AtomicU64,
+    connections: AtomicU64,
+    refused: AtomicU64,
+    violations: AtomicU64,
+}
+
+impl Registry {
+    fn sessions(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<u64, CancellationToken>>> {
+        // The map stays consistent even if a holder panicked: every change is one insert/remove.
+        self.sessions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers a session of `username`; it is dropped from the registry with the guard.
+    pub(crate) fn register(
+        self: &Arc<Self>,
+        username: &str,
+        stop: CancellationToken,
+    ) -> SessionGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        self.sessions()
+            .entry(username.to_owned())
+            .or_default()
+            .insert(id, stop);
+        self.connections.fetch_add(1, Ordering::Relaxed);
+        SessionGuard {
+            registry: self.clone(),
+            username: username.to_owned(),
+            id,
+        }
+    }
+
+    pub(crate) fn refused(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn violation(&self) {
+        self.violations.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Ends every live session of `username`; how many there were.
+    pub(crate) fn kick(&self, username: &str) -> usize {
+        let sessions = self.sessions().remove(username).unwrap_or_default();
+        for stop in sessions.values() {
+            stop.cancel();
+        }
+        sessions.len()
+    }
+
+    pub(crate) fn stats(&self) -> GatewayStats {
+        GatewayStats {
+            connections: self.connections.load(Ordering::Relaxed),
+            active: self.sessions().values().map(HashMap::len).sum(),
+            refused: self.refused.load(Ordering::Relaxed),
+            violations: self.violations.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Removes its session from the registry when the session ends.
+pub(crate) struct SessionGuard {
+    registry: Arc<Registry>,
+    username: String,
+    id: u64,
+}
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        let mut sessions = self.registry.sessions();
+        if let Some(mine) = sessions.get_mut(&self.username) {
+            mine.remove(&self.id);
+            if mine.is_empty() {
+                sessions.remove(&self.username);
+            }
+        }
+    }
+}
+
+/// Controls a running gateway: cheap to clone.
+#[derive(Clone)]
+pub struct GatewayHandle {
+    pub(crate) registry: Arc<Registry>,
+}
+
+impl GatewayHandle {
+    /// Closes every live session of `username` now (both sockets; the broker publishes the
+    /// client's will) and returns how many were closed. Revoke the credentials first, or the
+    /// client simply reconnects.
+    pub fn kick(&self, username: &str) -> usize {
+        let n = self.registry.kick(username);
+        if n > 0 {
+            tracing::info!(
+                username,
+                sessions = n,
+                "gateway closed the sessions of a kicked user"
+            );
+        }
+        n
+    }
+
+    pub fn stats(&self) -> GatewayStats {
+        self.registry.stats()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kick_cancels_every_session_of_the_user_and_only_those() {
+        let r = Arc::new(Registry::default());
+        let (a1, a2, b) = (
+            CancellationToken::new(),
+            CancellationToken::new(),
+            CancellationToken::new(),
+        );
+        let _g1 = r.register("vm-a", a1.clone());
+        let _g2 = r.register("vm-a", a2.clone());
+        let _g3 = r.register("vm-b", b.clone());
+        assert_eq!(r.stats().active, 3);
+        assert_eq!(r.kick("vm-a"), 2);
+        assert!(a1.is_cancelled() && a2.is_cancelled() && !b.is_cancelled());
+        assert_eq!(r.kick("vm-a"), 0);
+        assert_eq!(r.stats().active, 1);
+        assert_eq!(r.stats().connections, 3);
+    }
+
+    #[test]
+    fn an_ended_session_leaves_the_registry() {
+        let r = Arc::new(Registry::default());
+        let stop = CancellationToken::new();
+        let guard = r.register("vm-a", stop.clone());
+        drop(guard);
+        assert_eq!(r.stats().active, 0);
+        assert_eq!(r.kick("vm-a"), 0);
+        assert!(!stop.is_cancelled());
+    }
+}
