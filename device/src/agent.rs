@@ -106,10 +106,7 @@ pub async fn run_with(
         reason,
     };
     config.validate().map_err(bad)?;
-    let url: BrokerUrl = config
-        .broker
-        .parse()
-        .map_err(|e: client::BrokerUrlError| bad(e.to_string()))?;
+    let url: BrokerUrl = config.broker_url().map_err(bad)?;
     std::fs::create_dir_all(&config.data_dir).map_err(|error| AgentError::DataDir {
         machine: machine.clone(),
         path: config.data_dir.clone(),

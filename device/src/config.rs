@@ -74,6 +74,10 @@ pub struct MachineConfig {
     pub topic_prefix: String,
     #[serde(default = "default_broker")]
     pub broker: String,
+    /// The CA certificate (PEM) that signs the broker's TLS certificate, for `mqtts://`
+    /// brokers; without it the system's roots are used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
     pub data_dir: PathBuf,
     /// Local time offset east of UTC, used by `window` policies without an explicit offset.
     #[serde(default)]
@@ -104,11 +108,26 @@ impl MachineConfig {
         Ok(config)
     }
 
-    /// Checks what serde cannot: the broker address and the topic prefix.
-    pub fn validate(&self) -> Result<(), String> {
-        self.broker
+    /// The broker address, with the pinned CA when `ca_file` is set.
+    pub fn broker_url(&self) -> Result<fleetcast_broker::BrokerUrl, String> {
+        let url = self
+            .broker
             .parse::<fleetcast_broker::BrokerUrl>()
             .map_err(|e| e.to_string())?;
+        match &self.ca_file {
+            None => Ok(url),
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).map_err(|e| format!("ca_file {}: {e}", path.display()))?;
+                url.with_ca(pem)
+                    .map_err(|e| format!("ca_file {}: {e}", path.display()))
+            }
+        }
+    }
+
+    /// Checks what serde cannot: the broker address (and CA file) and the topic prefix.
+    pub fn validate(&self) -> Result<(), String> {
+        self.broker_url()?;
         let p = self.topic_prefix.trim_end_matches('/');
         if p.is_empty() || p.contains(['+', '#']) {
             return Err(format!(
@@ -128,11 +147,10 @@ impl MachineConfig {
             groups: p.groups.clone(),
             secret: p.secret.clone(),
             platform_key: p.platform_key,
-            // `ProvisionedMachine` does not say which generation its key is: correct only while
-            // the platform has never rotated (see docs/_device_keys.md).
-            platform_key_gen: 0,
+            platform_key_gen: p.platform_key_gen,
             topic_prefix: p.topic_prefix.clone(),
             broker: broker.to_owned(),
+            ca_file: None,
             data_dir,
             utc_offset_minutes: 0,
             installers: BTreeMap::new(),
@@ -168,6 +186,7 @@ mod tests {
             groups: vec![GroupId::new("a").unwrap()],
             secret: Secret::from_bytes([7; 32]),
             platform_key: PlatformKey::from_seed([1; 32]).public(),
+            platform_key_gen: 0,
             topic_prefix: "fleet".into(),
         };
         let mut c = MachineConfig::from_provisioned(&p, "mqtt://127.0.0.1:1883", "/tmp/x".into());

@@ -57,6 +57,9 @@ enum Cmd {
         fail_health: Vec<String>,
         #[arg(long, default_value = "fleet")]
         topic_prefix: String,
+        /// CA certificate (PEM) to pin for an mqtts:// broker.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -110,6 +113,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             initial,
             fail_health,
             topic_prefix,
+            ca_file,
         } => {
             let opts = SimulateOptions {
                 count,
@@ -122,6 +126,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 initial_versions: parse_initial(&initial)?,
                 start_index,
                 fail_health,
+                ca_file,
             };
             fleetcast_device::simulate::run(opts, ctrl_c_token()).await?;
         }

@@ -32,6 +32,8 @@ pub struct SimulateOptions {
     pub start_index: usize,
     /// Versions whose health check fails on every simulated machine.
     pub fail_health: Vec<String>,
+    /// CA certificate (PEM) to pin for an mqtts:// broker (the CLI's and every machine's).
+    pub ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -63,12 +65,19 @@ pub fn machine_name(prefix: &str, index: usize) -> String {
 }
 
 pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(), SimulateError> {
-    let url: BrokerUrl =
+    let mut url: BrokerUrl =
         opts.broker
             .parse()
             .map_err(|e: fleetcast_broker::client::BrokerUrlError| {
                 SimulateError::Broker(e.to_string())
             })?;
+    if let Some(ca) = &opts.ca_file {
+        let pem = std::fs::read(ca)
+            .map_err(|e| SimulateError::Broker(format!("ca file {}: {e}", ca.display())))?;
+        url = url
+            .with_ca(pem)
+            .map_err(|e| SimulateError::Broker(e.to_string()))?;
+    }
     let first = opts.start_index;
     let last = first + opts.count.saturating_sub(1);
     let mut machines = Vec::with_capacity(opts.count);
@@ -115,6 +124,7 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
         let dir = opts.data_dir.join(machine.as_str());
         let mut config = MachineConfig::from_provisioned(&provisioned, &opts.broker, dir.clone());
         config.initial_versions = opts.initial_versions.clone();
+        config.ca_file = opts.ca_file.clone();
         let path = dir.join("machine.toml");
         write_atomic(&path, config.to_toml().as_bytes())
             .map_err(|error| SimulateError::Write { path, error })?;

@@ -138,6 +138,7 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
             initial_versions: BTreeMap::from([(app.clone(), "1.0.0".to_owned())]),
             start_index: 1,
             fail_health: vec![],
+            ca_file: None,
         },
         token.clone(),
     ));

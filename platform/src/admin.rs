@@ -697,6 +697,7 @@ impl Admin {
                 groups: info.groups,
                 secret,
                 platform_key: self.ctx.keys().public,
+                platform_key_gen: self.ctx.keys().generation(),
                 topic_prefix: self.ctx.topics.prefix().to_owned(),
             },
         })

@@ -526,6 +526,9 @@ pub struct ProvisionedMachine {
     pub groups: Vec<GroupId>,
     pub secret: Secret,
     pub platform_key: PlatformPublicKey,
+    /// Generation of `platform_key` in the key chain (0 until the first rotation).
+    #[serde(default)]
+    pub platform_key_gen: u32,
     pub topic_prefix: String,
 }
 

@@ -567,31 +567,7 @@ async fn kick_ends_every_live_session_of_a_user_at_once() {
     assert!(other_rx.try_recv().is_err(), "vm-2 saw no event");
 }
 
-/// A throw-away CA and a server certificate for 127.0.0.1 and localhost that it signed.
-struct TestPki {
-    ca_pem: String,
-    cert_pem: String,
-    key_pem: String,
-}
-
-fn test_pki() -> TestPki {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(DnType::CommonName, "fleetcast test CA");
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let params =
-        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-    let cert = params.signed_by(&key, &ca).unwrap();
-    TestPki {
-        ca_pem: ca.pem(),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-    }
-}
+use fleetcast_broker::testing::test_pki;
 
 #[tokio::test]
 async fn tls_clients_that_pin_the_ca_connect_and_all_others_fail() {

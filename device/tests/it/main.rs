@@ -1110,6 +1110,7 @@ async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
                                 groups,
                                 secret: Secret::from_bytes(rand::random()),
                                 platform_key,
+                                platform_key_gen: 0,
                                 topic_prefix: "fleet".into(),
                             },
                         };
@@ -1157,6 +1158,7 @@ async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
         initial_versions: [(app(), "1.0.0".to_owned())].into(),
         start_index: 1,
         fail_health: vec![],
+        ca_file: None,
     };
     let sim_stop = CancellationToken::new();
     let sim = tokio::spawn(fleetcast_device::simulate::run(opts, sim_stop.clone()));

@@ -257,6 +257,7 @@ pub fn profile_toml(p: &OperatorProfile, broker: &str) -> String {
         platform_key: p.platform_key,
         topic_prefix: p.topic_prefix.clone(),
         broker: Some(broker.to_owned()),
+        ca_file: None,
     };
     format!(
         "# fleetcast operator profile for {} (role {}). Keep it secret: it is this operator's key.\n# Use it with: fleetcast --profile FILE ...  (or FLEETCAST_PROFILE=FILE)\n{}",

@@ -94,9 +94,15 @@ struct MachineConfigToml<'a> {
     groups: &'a [GroupId],
     secret: &'a Secret,
     platform_key: &'a PlatformPublicKey,
+    #[serde(skip_serializing_if = "is_zero")]
+    platform_key_gen: u32,
     topic_prefix: &'a str,
     broker: &'a str,
     data_dir: &'a PathBuf,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 /// The machine's config file, as the device agent reads it.
@@ -106,6 +112,7 @@ pub fn config_toml(p: &ProvisionedMachine, broker: &str, data_dir: &PathBuf) -> 
         groups: &p.groups,
         secret: &p.secret,
         platform_key: &p.platform_key,
+        platform_key_gen: p.platform_key_gen,
         topic_prefix: &p.topic_prefix,
         broker,
         data_dir,
@@ -205,6 +212,7 @@ mod tests {
             groups: vec![GroupId::new("g").unwrap()],
             secret: Secret::from_bytes([1; 32]),
             platform_key: fleetcast_proto::auth::PlatformKey::from_seed([2; 32]).public(),
+            platform_key_gen: 3,
             topic_prefix: "fleet".into(),
         };
         let text = config_toml(&p, "mqtt://127.0.0.1:1883", &PathBuf::from("/var/lib/vm"));
@@ -217,6 +225,7 @@ mod tests {
             Some(p.platform_key.to_hex().as_str())
         );
         assert_eq!(v["topic_prefix"].as_str(), Some("fleet"));
+        assert_eq!(v["platform_key_gen"].as_integer(), Some(3));
         assert_eq!(v["broker"].as_str(), Some("mqtt://127.0.0.1:1883"));
         assert_eq!(v["data_dir"].as_str(), Some("/var/lib/vm"));
         // The device agent reads exactly this file: the two sides cannot drift apart.

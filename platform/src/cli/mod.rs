@@ -85,6 +85,10 @@ pub struct ClientArgs {
     /// Broker the platform listens on [default: the profile's, else mqtt://127.0.0.1:1883].
     #[arg(long, env = "FLEETCAST_BROKER", global = true)]
     pub broker: Option<String>,
+    /// CA certificate (PEM) to pin for an mqtts:// broker [default: the profile's, else the
+    /// system roots].
+    #[arg(long, env = "FLEETCAST_CA_FILE", global = true)]
+    pub ca_file: Option<PathBuf>,
     /// Operator profile (TOML from `fleetcast operator add`).
     #[arg(long, env = "FLEETCAST_PROFILE", global = true)]
     pub profile: Option<PathBuf>,
@@ -122,6 +126,9 @@ pub struct Profile {
     pub topic_prefix: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub broker: Option<String>,
+    /// CA certificate (PEM) to pin for an mqtts:// broker.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
 }
 
 impl Profile {
@@ -162,7 +169,18 @@ impl ClientArgs {
     }
 
     pub fn broker_url(&self) -> anyhow::Result<BrokerUrl> {
-        Ok(self.broker()?.parse::<BrokerUrl>()?)
+        let url = self.broker()?.parse::<BrokerUrl>()?;
+        let ca = match &self.ca_file {
+            Some(f) => Some(f.clone()),
+            None => self.loaded_profile()?.and_then(|p| p.ca_file),
+        };
+        match ca {
+            None => Ok(url),
+            Some(f) => {
+                let pem = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
+                Ok(url.with_ca(pem)?)
+            }
+        }
     }
 
     /// Connects, sends one request, and disconnects.

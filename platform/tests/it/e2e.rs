@@ -28,6 +28,7 @@ fn simulated(
         initial_versions: BTreeMap::from([(app(), "1.0.0".to_owned())]),
         start_index: 1,
         fail_health: vec![],
+        ca_file: None,
     }
 }
 

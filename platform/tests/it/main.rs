@@ -5,6 +5,7 @@
 
 mod crash;
 mod e2e;
+mod gateway;
 mod reconcile;
 mod security;
 

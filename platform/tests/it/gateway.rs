@@ -1,0 +1,207 @@
+//! The platform with its embedded broker as a fleet would run it: rumqttd behind fleetcast's
+//! authorizing gateway, clients over TLS with a pinned CA. One machine's credentials open
+//! nothing else, integrators read with their own read-only credentials, a revoked machine is
+//! cut off at once, and a rollout completes around the attacks.
+
+use super::*;
+use fleetcast_broker::gateway::TlsListen;
+use fleetcast_broker::testing::test_pki;
+
+/// The platform with its embedded broker: a plain listener and a TLS one.
+struct Embedded {
+    dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    platform: Platform,
+    /// mqtts:// with the test CA pinned.
+    tls: BrokerUrl,
+}
+
+async fn embedded() -> Embedded {
+    let pki = test_pki();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let plain = client::free_loopback_port().unwrap();
+    let tls_port = client::free_loopback_port().unwrap();
+    let shutdown = CancellationToken::new();
+    let opts = ServeOptions {
+        data_dir: data_dir.clone(),
+        broker: BrokerUrl::mqtt("127.0.0.1", plain),
+        embedded_listen: Some(([127, 0, 0, 1], plain).into()),
+        tls: Some(TlsListen {
+            addr: ([127, 0, 0, 1], tls_port).into(),
+            cert_chain_pem: pki.cert_pem.into_bytes(),
+            key_pem: pki.key_pem.into_bytes(),
+        }),
+        topic_prefix: "fleet".into(),
+        limits: Default::default(),
+    };
+    let task = tokio::spawn(serve(opts, shutdown.clone()));
+    let tls = BrokerUrl::mqtts("127.0.0.1", tls_port)
+        .with_ca(pki.ca_pem.into_bytes())
+        .unwrap();
+    Embedded {
+        dir,
+        data_dir,
+        platform: Platform { shutdown, task },
+        tls,
+    }
+}
+
+/// Waits until the broker ends `peer`'s connection.
+async fn closed(peer: &mut Peer, what: &str) {
+    peer.wait_event(what, |e| {
+        matches!(e, MqttEvent::Disconnected(_)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn over_tls_one_machines_credentials_open_nothing_else_and_the_rollout_completes() {
+    let Embedded {
+        dir,
+        data_dir,
+        platform,
+        tls,
+    } = embedded().await;
+    let admin = super::admin(&tls, &data_dir).await;
+    let info = upload(&admin, dir.path(), "a.bin", &data(3000, 9), "1.0")
+        .await
+        .unwrap();
+    let mut vm1 = provision(&admin, &tls, "vm-1", &["g1"]).await;
+    let mut vm2 = provision(&admin, &tls, "vm-2", &["g2"]).await;
+    let evil = provisioned(&admin, "vm-evil", &["g1"]).await;
+    let evil_password = evil.secret.mqtt_password();
+    let AdminReply::IntegratorCreated { integrator } = admin
+        .request(AdminOp::IntegratorAdd { name: "erp".into() })
+        .await
+        .unwrap()
+    else {
+        panic!("integrator_created expected")
+    };
+    let mut erp = peer_with(&tls, &integrator.username, Some(&integrator.password)).await;
+    erp.subscribe("fleet/events").await;
+    vm2.peer.subscribe("fleet/groups/g2/release/+").await;
+
+    // Each attack with vm-evil's credentials ends its connection.
+    for filter in [
+        "#",
+        "fleet/#",
+        "fleet/machines/vm-2/command",
+        "fleet/admin/+/response",
+        "fleet/events",
+    ] {
+        let mut attacker = peer_with(&tls, "vm-evil", Some(&evil_password)).await;
+        attacker
+            .client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        closed(&mut attacker, &format!("close after subscribing {filter}")).await;
+    }
+    let forged_notice = {
+        let fake = fleetcast_proto::auth::PlatformKey::from_seed([3; 32]);
+        let n = ReleaseNotice {
+            release: ReleaseId::new("r-000001").unwrap(),
+            seq: 1_000_000,
+            target: Target::Group(g("g2")),
+            kind: app(),
+            version: "6.6.6".into(),
+            artifact: fleetcast_proto::release::ArtifactRef {
+                id: ArtifactId::of(b"evil"),
+                size: 4,
+                chunk_size: 65536,
+                name: "evil.bin".into(),
+            },
+            policy: InstallPolicy::Immediate,
+            rollback: false,
+            issued_at_ms: 0,
+        };
+        fake.sign(Purpose::Release, &n)
+    };
+    for (topic, payload, retain) in [
+        ("fleet/machines/vm-2/online", b"false".to_vec(), true),
+        ("fleet/groups/g2/release/app", forged_notice, true),
+        ("fleet/machines/vm-2/status", b"{}".to_vec(), false),
+    ] {
+        let mut attacker = peer_with(&tls, "vm-evil", Some(&evil_password)).await;
+        attacker
+            .client
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .unwrap();
+        closed(&mut attacker, &format!("close after publishing on {topic}")).await;
+    }
+    // Its credentials cannot take over another machine's session either.
+    let stop = CancellationToken::new();
+    let (_c, el) = client::connect(
+        client::options_as(&tls, "vm-2", "vm-evil", Some(&evil_password)),
+        8,
+    );
+    let (tx, mut rx) = mpsc::channel(8);
+    tokio::spawn(client::drive(el, tx, stop.clone()));
+    let refused =
+        client::wait_for(&mut rx, WAIT, |e| matches!(e, MqttEvent::Connected { .. })).await;
+    stop.cancel();
+    assert!(refused.is_err(), "vm-evil connected as vm-2");
+
+    // The rollout completes; nothing forged reached anyone.
+    let r = release(&admin, "1.0", &[], &["g2"]).await.release;
+    let notice = vm2
+        .peer
+        .next(|p| p.topic == "fleet/groups/g2/release/app")
+        .await;
+    let n: ReleaseNotice = public_key(&data_dir)
+        .verify(Purpose::Release, &notice.payload)
+        .expect("the first notice vm-2 sees is the platform's");
+    assert_eq!((n.release, n.artifact.id), (r.id.clone(), info.id));
+    for phase in [
+        Phase::Notified,
+        Phase::Downloading,
+        Phase::Downloaded,
+        Phase::Installing,
+    ] {
+        vm2.report(Some(&r.id), "1.0", phase).await;
+    }
+    vm2.report_recorded(&admin, &r.id, "1.0", Phase::Installed)
+        .await;
+    let ms = machines(&admin).await;
+    assert!(
+        ms.iter().any(|x| x.id.as_str() == "vm-2" && x.online),
+        "vm-2 still online"
+    );
+    // The integrator read every event, signed.
+    let mut phases = Vec::new();
+    while phases.len() < 5 {
+        let p = erp.next(|p| p.topic == "fleet/events").await;
+        let e: FleetEvent = public_key(&data_dir)
+            .verify(Purpose::Event, &p.payload)
+            .unwrap();
+        phases.push(e.phase);
+    }
+    assert_eq!(phases.last(), Some(&Phase::Installed));
+    // An integrator cannot publish.
+    erp.client
+        .publish("fleet/events", QoS::AtLeastOnce, false, "{}")
+        .await
+        .unwrap();
+    closed(&mut erp, "integrator closed after publishing").await;
+
+    // Revoking vm-1 closes its live session now, and it cannot come back.
+    admin
+        .request(AdminOp::MachineRevoke { machine: m("vm-1") })
+        .await
+        .unwrap();
+    closed(&mut vm1.peer, "revoked machine's session closed").await;
+    let stop = CancellationToken::new();
+    let (_c, el) = client::connect(
+        client::options(&tls, "vm-1", Some(&vm1.secret.mqtt_password())),
+        8,
+    );
+    let (tx, mut rx) = mpsc::channel(8);
+    tokio::spawn(client::drive(el, tx, stop.clone()));
+    let back = client::wait_for(&mut rx, WAIT, |e| matches!(e, MqttEvent::Connected { .. })).await;
+    stop.cancel();
+    assert!(back.is_err(), "a revoked machine reconnected");
+    admin.close().await;
+    platform.stop().await;
+}
