@@ -129,30 +129,58 @@ pub async fn integrator(cmd: IntegratorCmd) -> anyhow::Result<()> {
     }
 }
 
-pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
-    let admin = args.client.connect().await?;
-    let mut all: Vec<AuditEntry> = Vec::new();
-    let mut since = args.since;
+/// Fetches pages from `since` until the platform says there is no more, or `wanted` items.
+/// `page(since, limit)` makes the request; `split` takes a reply apart into (items, next, more).
+async fn fetch_pages<T>(
+    client: &ClientArgs,
+    since: u64,
+    wanted: u64,
+    page: impl Fn(u64, Option<u32>) -> AdminOp,
+    split: impl Fn(AdminReply) -> Option<(Vec<T>, u64, bool)>,
+) -> anyhow::Result<Vec<T>> {
+    let admin = client.connect().await?;
+    let mut all: Vec<T> = Vec::new();
+    let mut since = since;
     let result = loop {
-        let reply = admin.request(AdminOp::Audit { since, limit: None }).await;
-        match reply {
-            Ok(AdminReply::Audit {
-                entries,
-                next,
-                more,
-            }) => {
-                all.extend(entries);
-                since = next;
-                if !more {
-                    break Ok(());
+        let left = wanted.saturating_sub(all.len() as u64);
+        if left == 0 {
+            break Ok(());
+        }
+        let limit = (left < u32::MAX as u64).then_some(left as u32);
+        match admin.request(page(since, limit)).await {
+            Ok(reply) => match split(reply) {
+                Some((items, next, more)) => {
+                    all.extend(items);
+                    since = next;
+                    if !more {
+                        break Ok(());
+                    }
                 }
-            }
-            Ok(_) => break Err(anyhow::anyhow!("unexpected reply to audit")),
+                None => break Err(anyhow::anyhow!("unexpected reply")),
+            },
             Err(e) => break Err(e.into()),
         }
     };
     admin.close().await;
-    result?;
+    result.map(|()| all)
+}
+
+pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+    let all = fetch_pages(
+        &args.client,
+        args.since,
+        u64::MAX,
+        |since, limit| AdminOp::Audit { since, limit },
+        |reply| match reply {
+            AdminReply::Audit {
+                entries,
+                next,
+                more,
+            } => Some((entries, next, more)),
+            _ => None,
+        },
+    )
+    .await?;
     if args.json {
         return print_json(&all);
     }
@@ -161,30 +189,17 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
 }
 
 pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
-    let admin = args.client.connect().await?;
-    let mut all: Vec<FleetEvent> = Vec::new();
-    let mut since = args.since;
-    let wanted = args.limit.unwrap_or(u64::MAX);
-    let result = loop {
-        let left = wanted.saturating_sub(all.len() as u64);
-        if left == 0 {
-            break Ok(());
-        }
-        let limit = Some(left.min(u32::MAX as u64) as u32);
-        match admin.request(AdminOp::EventsSince { since, limit }).await {
-            Ok(AdminReply::Events { events, next, more }) => {
-                all.extend(events);
-                since = next;
-                if !more {
-                    break Ok(());
-                }
-            }
-            Ok(_) => break Err(anyhow::anyhow!("unexpected reply to events")),
-            Err(e) => break Err(e.into()),
-        }
-    };
-    admin.close().await;
-    result?;
+    let all = fetch_pages(
+        &args.client,
+        args.since,
+        args.limit.unwrap_or(u64::MAX),
+        |since, limit| AdminOp::EventsSince { since, limit },
+        |reply| match reply {
+            AdminReply::Events { events, next, more } => Some((events, next, more)),
+            _ => None,
+        },
+    )
+    .await?;
     if args.json {
         return print_json(&all);
     }

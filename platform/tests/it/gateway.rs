@@ -71,13 +71,7 @@ async fn over_tls_one_machines_credentials_open_nothing_else_and_the_rollout_com
     let mut vm2 = provision(&admin, &tls, "vm-2", &["g2"]).await;
     let evil = provisioned(&admin, "vm-evil", &["g1"]).await;
     let evil_password = evil.secret.mqtt_password();
-    let AdminReply::IntegratorCreated { integrator } = admin
-        .request(AdminOp::IntegratorAdd { name: "erp".into() })
-        .await
-        .unwrap()
-    else {
-        panic!("integrator_created expected")
-    };
+    let integrator = super::security::add_integrator(&admin, "erp").await;
     let mut erp = peer_with(&tls, &integrator.username, Some(&integrator.password)).await;
     erp.subscribe("fleet/events").await;
     vm2.peer.subscribe("fleet/groups/g2/release/+").await;

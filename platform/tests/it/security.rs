@@ -18,8 +18,43 @@ async fn seen_text(spy: &mut Peer) -> String {
         .collect()
 }
 
+/// Creates integrator `name`.
+pub(super) async fn add_integrator(
+    admin: &AdminClient,
+    name: &str,
+) -> fleetcast_proto::admin::IntegratorProfile {
+    match admin
+        .request(AdminOp::IntegratorAdd { name: name.into() })
+        .await
+        .unwrap()
+    {
+        AdminReply::IntegratorCreated { integrator } => integrator,
+        other => panic!("integrator_created expected, got {other:?}"),
+    }
+}
+
+/// Every stored event (one page of up to 500), and whether more follow.
+async fn stored_events(admin: &AdminClient) -> (Vec<FleetEvent>, bool) {
+    match admin
+        .request(AdminOp::EventsSince {
+            since: 0,
+            limit: None,
+        })
+        .await
+        .unwrap()
+    {
+        AdminReply::Events { events, more, .. } => (events, more),
+        other => panic!("events expected, got {other:?}"),
+    }
+}
+
 /// Installs `release` on `vm` through the reports a machine sends, and waits for the record.
-async fn install(admin: &AdminClient, vm: &mut Machine, release: &ReleaseId, version: &str) {
+pub(super) async fn install(
+    admin: &AdminClient,
+    vm: &mut Machine,
+    release: &ReleaseId,
+    version: &str,
+) {
     for phase in [
         Phase::Notified,
         Phase::Downloading,
@@ -55,13 +90,7 @@ async fn a_reader_of_everything_learns_no_secret_while_identities_are_created() 
     else {
         panic!("operator_created expected")
     };
-    let AdminReply::IntegratorCreated { integrator } = admin
-        .request(AdminOp::IntegratorAdd { name: "erp".into() })
-        .await
-        .unwrap()
-    else {
-        panic!("integrator_created expected")
-    };
+    let integrator = add_integrator(&admin, "erp").await;
     let text = seen_text(&mut spy).await;
     assert!(
         text.contains("fleet/admin/"),
@@ -178,13 +207,7 @@ async fn forged_progress_and_events_do_not_verify_and_integrators_catch_up_on_wh
         admin,
     } = env(&url).await;
     let key = public_key(&data_dir);
-    let AdminReply::IntegratorCreated { integrator } = admin
-        .request(AdminOp::IntegratorAdd { name: "erp".into() })
-        .await
-        .unwrap()
-    else {
-        panic!("integrator_created expected")
-    };
+    let integrator = add_integrator(&admin, "erp").await;
     upload(&admin, dir.path(), "a.bin", &data(3000, 2), "1.0")
         .await
         .unwrap();
@@ -277,16 +300,7 @@ async fn forged_progress_and_events_do_not_verify_and_integrators_catch_up_on_wh
         "ids increase by one"
     );
     // The operator CLI's view is the same.
-    let AdminReply::Events { events, more, .. } = admin
-        .request(AdminOp::EventsSince {
-            since: 0,
-            limit: None,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("events expected")
-    };
+    let (events, more) = stored_events(&admin).await;
     assert_eq!((events, more), (got, false));
     // Someone who is not a registered integrator gets no answer.
     let mut stranger = peer(&url, "fleetcast-int-nobody").await;
@@ -401,16 +415,7 @@ async fn machines_get_chunks_only_of_their_releases_and_cannot_flood_the_event_s
         }
     }
     install(&admin, &mut other, &r.id, "1.0").await;
-    let AdminReply::Events { events, .. } = admin
-        .request(AdminOp::EventsSince {
-            since: 0,
-            limit: None,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("events expected")
-    };
+    let (events, _) = stored_events(&admin).await;
     assert!(
         events.iter().all(|e| e.machine.as_str() == "vm-002"),
         "nothing vm-001 said about a release that is not its own was kept"
@@ -630,13 +635,7 @@ async fn the_documented_python_integrator_catches_up_and_verifies_every_event() 
     let mut vm = provision(&admin, &url, "vm-001", &[]).await;
     let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
     install(&admin, &mut vm, &r.id, "1.0").await;
-    let AdminReply::IntegratorCreated { integrator } = admin
-        .request(AdminOp::IntegratorAdd { name: "erp".into() })
-        .await
-        .unwrap()
-    else {
-        panic!("integrator_created expected")
-    };
+    let integrator = add_integrator(&admin, "erp").await;
     let cfg = dir.path().join("erp.toml");
     std::fs::write(
         &cfg,
