@@ -604,3 +604,91 @@ async fn next_ack(
             .expect("ack is signed by the platform"),
     )
 }
+
+/// A forged, unsigned retained notice on a group's release topic, naming the release that is
+/// about to be published: the real agents report it rejected *without* that release, so no
+/// record is touched, and the genuine release then installs everywhere. On a broker that
+/// enforces nothing (the worst case).
+#[tokio::test]
+async fn a_forged_group_notice_falsifies_no_record_and_the_real_release_installs() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir: data,
+        platform,
+        admin,
+    } = env(&url).await;
+    let sim = dir.path().join("machines");
+    let sim_token = CancellationToken::new();
+    let sim_task = tokio::spawn(fleetcast_device::simulate::run(
+        simulated(&data, &sim, &url, 3, &["north"]),
+        sim_token.clone(),
+    ));
+    wait_online(&admin, 3).await;
+    let new = artifact_file(dir.path(), "app-1.1.0.bin", 3 * 65536, 4);
+    let info = upload(&admin, &new, "1.1.0").await;
+    let created = create_release(&admin, &app(), "1.1.0", InstallPolicy::Immediate).await;
+
+    // The attacker's notice: the real release id and artifact, a huge seq, no valid signature.
+    let forged = ReleaseNotice {
+        release: created.id.clone(),
+        seq: 1_000_000,
+        target: Target::Group(g("north")),
+        kind: app(),
+        version: "1.1.0".into(),
+        artifact: created.artifact.clone(),
+        policy: InstallPolicy::Immediate,
+        rollback: false,
+        issued_at_ms: 0,
+    };
+    let envelope = serde_json::json!({
+        "body": serde_json::to_string(&forged).unwrap(),
+        "sig": "00".repeat(64),
+    });
+    let mut attacker = peer(&url, "vm-evil").await;
+    attacker
+        .publish_acked(
+            "fleet/groups/north/release/app",
+            true,
+            serde_json::to_vec(&envelope).unwrap(),
+        )
+        .await;
+    // Every machine reports the forgery, without the release it claims.
+    let rejected = poll_until(
+        E2E_WAIT,
+        "three rejections of the forged notice",
+        || async {
+            match admin
+                .request(AdminOp::EventsSince {
+                    since: 0,
+                    limit: None,
+                })
+                .await
+                .unwrap()
+            {
+                AdminReply::Events { events, .. } => events
+                    .into_iter()
+                    .filter(|e| e.phase == Phase::Rejected)
+                    .collect::<Vec<_>>(),
+                other => panic!("{other:?}"),
+            }
+        },
+        |r| r.len() >= 3,
+    )
+    .await;
+    assert!(rejected.iter().all(|e| e.release.is_none()), "{rejected:?}");
+
+    let plan = publish(&admin, &created.id, &[], &["north"]).await;
+    assert_eq!(plan.targets.len(), 3);
+    let s = until_finished(&admin, &created.id, 3).await;
+    assert_all_installed(&s);
+    for vm in ["vm-001", "vm-002", "vm-003"] {
+        assert_active_slot(&sim, vm, &new);
+    }
+    assert_eq!(s.release.artifact.id, info.id);
+    sim_token.cancel();
+    joined(sim_task, "simulator").await;
+    admin.close().await;
+    platform.stop().await;
+}
