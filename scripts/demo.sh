@@ -81,6 +81,20 @@ fc release status "$RB"
 step "Fleet"
 fc machines
 
+step "Who did what (audit log, last entries)"
+fc audit >"$DIR/audit.txt"
+head -1 "$DIR/audit.txt"
+tail -5 "$DIR/audit.txt"
+
+step "An integrator catches up on every signed event (read-only credentials)"
+fc integrator add demo-erp >"$DIR/erp.toml"
+if python3 -c "import paho.mqtt.client, cryptography" 2>/dev/null; then
+    python3 scripts/integrator.py "$DIR/erp.toml" --state "$DIR/erp.state" --once | tail -3
+    echo "  ... $(cat "$DIR/erp.state") events, each signature verified (scripts/integrator.py)"
+else
+    echo "  (pip install paho-mqtt cryptography to run scripts/integrator.py here)"
+fi
+
 echo
-echo "Integrators can follow all of this live: mosquitto_sub -h 127.0.0.1 -p $PORT -t 'fleet/events' -t 'fleet/rollouts/+/progress' -v"
+echo "Integrators follow all of this live with their own read-only credentials: see docs/integrators.md."
 echo "Demo done; stopping the platform and the simulated machines."
