@@ -11,6 +11,7 @@ use fleetcast_broker::admin::AdminClient;
 use fleetcast_broker::client::{self, MqttEvent};
 use fleetcast_broker::BrokerUrl;
 use fleetcast_proto::admin::{AdminOp, AdminReply, FleetEvent};
+use fleetcast_proto::auth::{PlatformPublicKey, Purpose};
 use fleetcast_proto::{GroupId, InstallPolicy, Kind, Phase, Topics};
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
@@ -103,7 +104,12 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
             embedded_listen: None,
             tls: None,
             topic_prefix: "fleet".into(),
-            limits: Default::default(),
+            // The pipeline, not the per-machine byte budget (64 MiB/s by default), is measured.
+            limits: fleetcast_platform::limits::MachineLimits {
+                bytes_per_sec: 1e12,
+                byte_burst: 1e12,
+                ..Default::default()
+            },
         },
         token.clone(),
     ));
@@ -160,6 +166,11 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
         .await
         .unwrap();
 
+    let platform_key: PlatformPublicKey =
+        std::fs::read_to_string(fleetcast_platform::public_key_path(&data))
+            .unwrap()
+            .parse()
+            .unwrap();
     // Watch the events topic for this machine's download phases.
     let (ev, mut ev_rx) = connected(broker, "bench-events", 256, &token).await;
     subscribe(&ev, &mut ev_rx, "fleet/events").await;
@@ -199,7 +210,8 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
     while end.is_none() {
         match tokio::time::timeout(Duration::from_secs(120), ev_rx.recv()).await {
             Ok(Some(MqttEvent::Publish(p))) => {
-                let Ok(e) = serde_json::from_slice::<FleetEvent>(&p.payload) else {
+                // Events are signed by the platform.
+                let Ok(e) = platform_key.verify::<FleetEvent>(Purpose::Event, &p.payload) else {
                     continue;
                 };
                 match e.phase {

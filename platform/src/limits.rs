@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 /// Limits the platform applies to each machine.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MachineLimits {
-    /// Chunk requests per second (a machine keeps ~16 chunks in flight, so ~10-50/s).
+    /// Chunk requests per second. The agent tops its window up with one request per chunk
+    /// received, so this must allow the byte rate below in 64 KiB requests (1,024/s).
     pub requests_per_sec: f64,
     pub request_burst: f64,
     /// Chunk bytes per second served on request.
@@ -21,8 +22,8 @@ pub struct MachineLimits {
 impl Default for MachineLimits {
     fn default() -> Self {
         Self {
-            requests_per_sec: 200.0,
-            request_burst: 400.0,
+            requests_per_sec: 2000.0,
+            request_burst: 4000.0,
             bytes_per_sec: 64.0 * 1024.0 * 1024.0,
             byte_burst: 32.0 * 1024.0 * 1024.0,
             events_per_release: 1000,
