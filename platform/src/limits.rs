@@ -140,6 +140,16 @@ mod tests {
     }
 
     #[test]
+    fn the_default_request_budget_lets_a_machine_use_its_whole_byte_budget() {
+        // The agent sends one request per chunk it receives; at the default 64 KiB chunks the
+        // request budget must not be the tighter limit (a 200/s budget capped downloads at
+        // 13 MB/s).
+        let l = MachineLimits::default();
+        assert!(l.requests_per_sec * 65536.0 >= 1.5 * l.bytes_per_sec);
+        assert!(l.request_burst * 65536.0 >= l.byte_burst);
+    }
+
+    #[test]
     fn a_chunk_budget_serves_the_part_of_a_request_that_fits() {
         let limits = MachineLimits {
             bytes_per_sec: 1000.0,
