@@ -108,7 +108,15 @@ impl PlatformKey {
 
     /// Serializes `body` and signs it for `purpose`; returns the envelope's bytes.
     pub fn sign<T: Serialize>(&self, purpose: Purpose, body: &T) -> Vec<u8> {
-        let body = serde_json::to_string(body).expect("message types serialize");
+        self.sign_text(
+            purpose,
+            serde_json::to_string(body).expect("message types serialize"),
+        )
+    }
+
+    /// Signs `body` exactly as given (JSON text, not re-encoded) for `purpose`; returns the
+    /// envelope's bytes. For bodies that no message type would serialize to: tests and fuzzing.
+    pub fn sign_text(&self, purpose: Purpose, body: String) -> Vec<u8> {
         let sig = self.0.sign(&tagged(purpose, body.as_bytes()));
         let env = SignedEnvelope {
             body,
@@ -196,7 +204,15 @@ impl Secret {
 
     /// Serializes `body` and MACs it for `purpose`; returns the envelope's bytes.
     pub fn seal<T: Serialize>(&self, purpose: Purpose, body: &T) -> Vec<u8> {
-        let body = serde_json::to_string(body).expect("message types serialize");
+        self.seal_text(
+            purpose,
+            serde_json::to_string(body).expect("message types serialize"),
+        )
+    }
+
+    /// MACs `body` exactly as given (JSON text, not re-encoded) for `purpose`; returns the
+    /// envelope's bytes. For bodies that no message type would serialize to: tests and fuzzing.
+    pub fn seal_text(&self, purpose: Purpose, body: String) -> Vec<u8> {
         let mac = self.mac_of(purpose, body.as_bytes()).to_hex().to_string();
         serde_json::to_vec(&MacEnvelope { body, mac }).expect("envelope serializes")
     }
@@ -355,6 +371,29 @@ mod tests {
         assert!(matches!(
             secret.open::<Msg>(Purpose::Status, br#"{"body":"{}","mac":"00"}"#),
             Err(AuthError::MacFormat)
+        ));
+    }
+
+    #[test]
+    fn a_body_signed_or_sealed_as_text_fails_only_at_parsing_when_it_is_malformed() {
+        let key = PlatformKey::from_seed(seed());
+        let bytes = key.sign_text(Purpose::Command, r#"{"a":"x"}"#.to_owned());
+        assert!(matches!(
+            key.public().verify::<Msg>(Purpose::Command, &bytes),
+            Err(AuthError::Body(_))
+        ));
+        let bytes = key.sign_text(Purpose::Command, r#"{"a":3}"#.to_owned());
+        assert_eq!(
+            key.public()
+                .verify::<Msg>(Purpose::Command, &bytes)
+                .unwrap(),
+            Msg { a: 3 }
+        );
+        let secret = Secret::from_bytes(seed());
+        let bytes = secret.seal_text(Purpose::State, "[".to_owned());
+        assert!(matches!(
+            secret.open::<Msg>(Purpose::State, &bytes),
+            Err(AuthError::Body(_))
         ));
     }
 
