@@ -55,13 +55,11 @@ pub struct Store {
     inner: Arc<Mutex<Inner>>,
 }
 
-fn read_json<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, StoreError> {
+/// The file's bytes, or `None` when there is no file yet.
+fn read_file(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| StoreError::Corrupt {
-            path: path.to_owned(),
-            error,
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(StoreError::Read {
             path: path.to_owned(),
             error,
@@ -69,10 +67,31 @@ fn read_json<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, S
     }
 }
 
+fn parse_json<T: for<'de> Deserialize<'de> + Default>(
+    path: &Path,
+    bytes: Option<&[u8]>,
+) -> Result<T, StoreError> {
+    let Some(bytes) = bytes else {
+        return Ok(T::default());
+    };
+    serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
+        path: path.to_owned(),
+        error,
+    })
+}
+
 impl Store {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("agent.json");
-        let file: AgentFile = read_json(&path)?;
+        let bytes = read_file(&path)?;
+        Self::decode(path, bytes.as_deref())
+    }
+
+    /// What [`Store::open`] makes of the bytes it read from `path` (`None`: no file yet).
+    /// Nothing is written until the first change. Separate so tests and fuzzing reach the
+    /// decoder without a disk.
+    pub fn decode(path: PathBuf, bytes: Option<&[u8]>) -> Result<Self, StoreError> {
+        let file: AgentFile = parse_json(&path, bytes)?;
         let next_ctr = file.ctr_reserved + 1;
         Ok(Self {
             path,
@@ -136,7 +155,13 @@ pub struct Outbox {
 impl Outbox {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("outbox.json");
-        let entries: VecDeque<OutboxEntry> = read_json(&path)?;
+        let bytes = read_file(&path)?;
+        Self::decode(path, bytes.as_deref())
+    }
+
+    /// What [`Outbox::open`] makes of the bytes it read from `path` (`None`: no file yet).
+    pub fn decode(path: PathBuf, bytes: Option<&[u8]>) -> Result<Self, StoreError> {
+        let entries: VecDeque<OutboxEntry> = parse_json(&path, bytes)?;
         Ok(Self { path, entries })
     }
 
