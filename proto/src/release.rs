@@ -67,13 +67,17 @@ pub struct PolicyError {
     pub why: String,
 }
 
-/// Minutes after midnight of an "HH:MM" string.
+/// Minutes after midnight of an "HH:MM" string: two ASCII digits each, nothing else.
 pub fn parse_hhmm(s: &str) -> Option<u32> {
+    // Digits checked first: `u32::from_str` alone also takes "+1".
+    let two_digits = |p: &str| match p.as_bytes() {
+        &[a, b] if a.is_ascii_digit() && b.is_ascii_digit() => {
+            Some(u32::from((a - b'0') * 10 + (b - b'0')))
+        }
+        _ => None,
+    };
     let (h, m) = s.split_once(':')?;
-    if h.len() != 2 || m.len() != 2 {
-        return None;
-    }
-    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    let (h, m) = (two_digits(h)?, two_digits(m)?);
     (h < 24 && m < 60).then_some(h * 60 + m)
 }
 
@@ -299,6 +303,27 @@ mod tests {
             let err = bad.parse::<InstallPolicy>().unwrap_err();
             assert_eq!(err.input, bad);
         }
+    }
+
+    #[test]
+    fn window_times_are_two_digits_each_and_a_sign_is_not_a_digit() {
+        assert_eq!(parse_hhmm("02:30"), Some(150));
+        assert_eq!(parse_hhmm("23:59"), Some(23 * 60 + 59));
+        // Found by fuzzing (release_policy): u32's parser takes a leading '+'.
+        for bad in [
+            "+2:20", "02:+5", "+0:+0", "2:300", "24:00", "12:60", " 1:00", "12:00 ",
+        ] {
+            assert_eq!(parse_hhmm(bad), None, "{bad}");
+        }
+        assert!("window:+2:20-04:00".parse::<InstallPolicy>().is_err());
+        let wire = InstallPolicy::Window {
+            start: "+2:20".into(),
+            end: "04:00".into(),
+            utc_offset_minutes: None,
+        };
+        assert!(wire.validate().is_err());
+        assert_eq!(parse_offset("+-1:00"), None);
+        assert_eq!(parse_offset("++1:00"), None);
     }
 
     #[test]
