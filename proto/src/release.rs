@@ -111,7 +111,9 @@ impl InstallPolicy {
             if s == e {
                 return Err(err("window start and end are equal"));
             }
-            if utc_offset_minutes.is_some_and(|o| o.abs() > 14 * 60) {
+            // unsigned_abs: i32::MIN.abs() overflows (a panic in debug; in release it stays
+            // negative and passed this check).
+            if utc_offset_minutes.is_some_and(|o| o.unsigned_abs() > 14 * 60) {
                 return Err(err("UTC offset beyond +-14:00"));
             }
         }
@@ -165,7 +167,8 @@ impl fmt::Display for InstallPolicy {
                 write!(f, "window:{start}-{end}")?;
                 if let Some(o) = utc_offset_minutes {
                     let sign = if *o < 0 { '-' } else { '+' };
-                    write!(f, "@{sign}{:02}:{:02}", o.abs() / 60, o.abs() % 60)?;
+                    let minutes = o.unsigned_abs();
+                    write!(f, "@{sign}{:02}:{:02}", minutes / 60, minutes % 60)?;
                 }
                 Ok(())
             }
@@ -324,6 +327,25 @@ mod tests {
         assert!(wire.validate().is_err());
         assert_eq!(parse_offset("+-1:00"), None);
         assert_eq!(parse_offset("++1:00"), None);
+    }
+
+    #[test]
+    fn the_most_negative_offset_is_refused_and_printed_without_overflow() {
+        let p: InstallPolicy = serde_json::from_str(
+            r#"{"type":"window","start":"02:00","end":"04:00","utc_offset_minutes":-2147483648}"#,
+        )
+        .unwrap();
+        let err = p.validate().unwrap_err();
+        assert_eq!(err.why, "UTC offset beyond +-14:00");
+        assert_eq!(err.input, "window:02:00-04:00@-35791394:08");
+        let most = InstallPolicy::Window {
+            start: "02:00".into(),
+            end: "04:00".into(),
+            utc_offset_minutes: Some(i32::MAX),
+        };
+        assert!(most.validate().is_err());
+        let edge: InstallPolicy = "window:02:00-04:00@-14:00".parse().unwrap();
+        assert_eq!(edge.to_string(), "window:02:00-04:00@-14:00");
     }
 
     #[test]
