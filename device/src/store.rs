@@ -32,6 +32,9 @@ pub enum StoreError {
         path: PathBuf,
         error: serde_json::Error,
     },
+    /// Every counter value is used up (or the file says so): sending more would repeat one.
+    #[error("{path}: the message counter is exhausted; the machine needs new credentials")]
+    CounterExhausted { path: PathBuf },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -92,7 +95,10 @@ impl Store {
     /// decoder without a disk.
     pub fn decode(path: PathBuf, bytes: Option<&[u8]>) -> Result<Self, StoreError> {
         let file: AgentFile = parse_json(&path, bytes)?;
-        let next_ctr = file.ctr_reserved + 1;
+        let next_ctr = file
+            .ctr_reserved
+            .checked_add(1)
+            .ok_or_else(|| StoreError::CounterExhausted { path: path.clone() })?;
         Ok(Self {
             path,
             inner: Arc::new(Mutex::new(Inner { file, next_ctr })),
@@ -126,14 +132,20 @@ impl Store {
     pub fn next_ctr(&self) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         let ctr = inner.next_ctr;
+        // u64::MAX itself is never handed out, so the counter after it always exists.
+        let after = ctr
+            .checked_add(1)
+            .ok_or_else(|| StoreError::CounterExhausted {
+                path: self.path.clone(),
+            })?;
         if ctr > inner.file.ctr_reserved {
-            inner.file.ctr_reserved = ctr + CTR_BLOCK - 1;
+            inner.file.ctr_reserved = ctr.saturating_add(CTR_BLOCK - 1);
             if let Err(e) = self.write(&inner.file) {
                 inner.file.ctr_reserved = ctr - 1;
                 return Err(e);
             }
         }
-        inner.next_ctr += 1;
+        inner.next_ctr = after;
         Ok(ctr)
     }
 }
@@ -220,6 +232,34 @@ mod tests {
         let next = again.next_ctr().unwrap();
         assert!(next > 5, "{next}");
         assert_eq!(next, CTR_BLOCK + 1);
+    }
+
+    #[test]
+    fn a_reservation_at_the_end_of_the_counter_is_refused_not_wrapped_to_zero() {
+        // Before: ctr_reserved + 1 overflowed (a panic in debug; in release the counter
+        // restarted at 0, every message a replay to the platform).
+        let path = PathBuf::from("/dev/null/agent.json");
+        let at_max = format!(r#"{{"ctr_reserved":{}}}"#, u64::MAX);
+        assert!(matches!(
+            Store::decode(path.clone(), Some(at_max.as_bytes())),
+            Err(StoreError::CounterExhausted { .. })
+        ));
+
+        // Near the end the reservation stops at u64::MAX, and u64::MAX is never handed out.
+        let dir = tempfile::tempdir().unwrap();
+        let near = format!(r#"{{"ctr_reserved":{}}}"#, u64::MAX - 3);
+        std::fs::write(dir.path().join("agent.json"), near).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.next_ctr().unwrap(), u64::MAX - 2);
+        assert_eq!(store.next_ctr().unwrap(), u64::MAX - 1);
+        assert!(matches!(
+            store.next_ctr(),
+            Err(StoreError::CounterExhausted { .. })
+        ));
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::CounterExhausted { .. })
+        ));
     }
 
     #[test]
