@@ -37,7 +37,7 @@ pub fn signed<T>(purpose: Purpose, data: &[u8], check: impl Fn(&T)) -> Verdict
 where
     T: DeserializeOwned + Serialize + PartialEq + Debug,
 {
-    body(data, check, |body| {
+    body(data, check, Cost::Signature, |body| {
         let envelope = platform_key().sign_text(purpose, body);
         platform_public().verify::<T>(purpose, &envelope)
     })
@@ -48,15 +48,25 @@ pub fn sealed<T>(purpose: Purpose, data: &[u8], check: impl Fn(&T)) -> Verdict
 where
     T: DeserializeOwned + Serialize + PartialEq + Debug,
 {
-    body(data, check, |body| {
+    body(data, check, Cost::Mac, |body| {
         let envelope = secret().seal_text(purpose, body);
         secret().open::<T>(purpose, &envelope)
     })
 }
 
+/// What sending a body through the authenticated path costs.
+enum Cost {
+    /// blake3: cheap, every input goes through it.
+    Mac,
+    /// ed25519 sign + verify: ~10 times the parse. Every body that parses goes through it, and
+    /// one in eight of the rest (picked by content, so a run stays reproducible).
+    Signature,
+}
+
 fn body<T>(
     data: &[u8],
     check: impl Fn(&T),
+    cost: Cost,
     authenticated: impl Fn(String) -> Result<T, AuthError>,
 ) -> Verdict
 where
@@ -67,8 +77,14 @@ where
         round_trip(msg);
         check(msg);
     }
+    let send = match cost {
+        Cost::Mac => true,
+        Cost::Signature => {
+            direct.is_ok() || data.iter().fold(0u8, |a, b| a.wrapping_add(*b)) % 8 == 0
+        }
+    };
     // Envelope bodies are JSON strings, so only UTF-8 bodies can be sent at all.
-    if let Ok(text) = std::str::from_utf8(data) {
+    if let (true, Ok(text)) = (send, std::str::from_utf8(data)) {
         match (&direct, authenticated(text.to_owned())) {
             (Ok(d), Ok(a)) => assert_eq!(d, &a, "verified body differs from the direct parse"),
             (Err(_), Err(AuthError::Body(_))) => {}

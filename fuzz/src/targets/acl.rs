@@ -3,8 +3,9 @@
 //!
 //! Input: a selector byte, then lines: username, client id, topic (or filter), groups.
 //! Properties: nothing panics; a claimed username names its principal back; nobody publishes
-//! on a wildcard; no one but the platform subscribes to a filter with `#`; whatever concrete
-//! topic a machine may publish or subscribe to is one of its own.
+//! on a wildcard; no one but the platform subscribes to a filter with `#`; a `+` stands only
+//! where every topic it matches is readable; whatever concrete topic a machine may publish or
+//! subscribe to is one of its own.
 
 use fleetcast_proto::acl::{Claim, Principal, Role};
 use fleetcast_proto::{GroupId, Route, Topics};
@@ -66,6 +67,20 @@ pub fn run(data: &[u8]) -> Verdict {
             principal == Principal::Platform || !topic.contains('#'),
             "{principal:?} may subscribe to {topic:?}"
         );
+        // A '+' only where every topic it stands for is readable: try a few of them.
+        if topic.contains('+') && principal.accepts_client_id(client_id) {
+            for level in ["x", "vm-002", client_id] {
+                let concrete = topic
+                    .split('/')
+                    .map(|l| if l == "+" { level } else { l })
+                    .collect::<Vec<_>>()
+                    .join("/");
+                assert!(
+                    principal.may_subscribe(&topics, client_id, &concrete),
+                    "{principal:?} may subscribe to {topic:?} but not to {concrete:?}"
+                );
+            }
+        }
         if let Principal::Machine { id, groups } = &principal {
             if !topic.contains('+') {
                 let ok = match topics.parse(topic) {
