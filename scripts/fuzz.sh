@@ -6,9 +6,9 @@
 # Coverage comes from LLVM's SanitizerCoverage, switched on with stable `-C` flags only (no
 # nightly, no RUSTC_BOOTSTRAP, no cargo-fuzz); libFuzzer itself is built from the
 # libfuzzer-sys crate. Each target starts from its committed corpus fuzz/corpus/<target> plus
-# a working corpus in target/fuzz/corpus/<target>; afterwards both are merged into the smallest
-# set with the same coverage, which replaces fuzz/corpus/<target> (seeds stay; FUZZ_MERGE=0
-# skips this), ready to commit.
+# a working corpus in target/fuzz/corpus/<target>; afterwards the inputs that reach new edges
+# are added to fuzz/corpus/<target>, ready to commit (FUZZ_MERGE=0 skips this;
+# FUZZ_MERGE=minimize re-minimises the committed corpus instead).
 # Crash inputs land in target/fuzz/artifacts/<target>/. Exits non-zero if any target found
 # a crash, a timeout (> 10 s for one input) or ran out of memory (> 2 GiB).
 # How it works and how to add a target: docs/fuzzing.md.
@@ -58,15 +58,22 @@ else
     TARGETS=("${ALL[@]}")
 fi
 
-# Replaces the committed corpus (seeds aside) with a small set of inputs (greedy set cover)
-# that reaches every edge the committed and the working corpus reach: it grows with coverage,
-# not with fuzzing time. The working corpus keeps everything for the next local run.
+# Adds to the committed corpus the working-corpus inputs that reach an edge it does not reach
+# yet (edges only, not hit counts): it grows with coverage, not with fuzzing time, and files
+# already committed stay, so git sees only what is new.
+merge() {
+    FLEETCAST_FUZZ_TARGET="$1" "$BIN" -merge=1 -use_counters=0 \
+        "fuzz/corpus/$1" "target/fuzz/corpus/$1" >"$LOGS/$1.merge.log" 2>&1
+}
+
+# Replaces the committed corpus (seeds aside) with a small set (greedy set cover) that reaches
+# every edge the committed and the working corpus reach. Renames many files: run it rarely.
 minimize() {
     local t=$1 committed="fuzz/corpus/$1" fresh="target/fuzz/merged/$1"
     rm -rf "$fresh"
     mkdir -p "$fresh"
-    FLEETCAST_FUZZ_TARGET="$t" "$BIN" -set_cover_merge=1 -use_counters=0 "$fresh" "$committed" "target/fuzz/corpus/$t" \
-        >"$LOGS/$t.merge.log" 2>&1
+    FLEETCAST_FUZZ_TARGET="$t" "$BIN" -set_cover_merge=1 -use_counters=0 \
+        "$fresh" "$committed" "target/fuzz/corpus/$t" >"$LOGS/$t.merge.log" 2>&1
     # Seeds keep their names; drop the copies the merge made under their SHA-1.
     for seed in "$committed"/seed-*; do
         rm -f "$fresh/$(sha1sum <"$seed" | cut -d' ' -f1)"
@@ -101,9 +108,11 @@ for t in "${TARGETS[@]}"; do
     ft=$(sed -n 's/.* ft: \([0-9]*\).*/\1/p' <<<"$last")
     if [ "$rc" -eq 0 ]; then
         result=ok
-        if [ "${FUZZ_MERGE:-1}" != 0 ]; then
-            minimize "$t"
-        fi
+        case "${FUZZ_MERGE:-add}" in
+            0) ;;
+            minimize) minimize "$t" ;;
+            *) merge "$t" ;;
+        esac
     else
         found=$(grep -oE "(crash|timeout|oom|leak|slow-unit)-[0-9a-f]+" "$log" | tail -1 || true)
         result="FAILED (exit $rc): $artifacts/${found:-?}; log $log"
