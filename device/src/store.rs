@@ -33,6 +33,9 @@ pub enum StoreError {
         path: PathBuf,
         error: serde_json::Error,
     },
+    /// Every counter value is used up (or the file says so): sending more would repeat one.
+    #[error("{path}: the message counter is exhausted; the machine needs new credentials")]
+    CounterExhausted { path: PathBuf },
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -59,13 +62,11 @@ pub struct Store {
     inner: Arc<Mutex<Inner>>,
 }
 
-fn read_json<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, StoreError> {
+/// The file's bytes, or `None` when there is no file yet.
+fn read_file(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
     match std::fs::read(path) {
-        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|error| StoreError::Corrupt {
-            path: path.to_owned(),
-            error,
-        }),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(T::default()),
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(error) => Err(StoreError::Read {
             path: path.to_owned(),
             error,
@@ -73,11 +74,35 @@ fn read_json<T: for<'de> Deserialize<'de> + Default>(path: &Path) -> Result<T, S
     }
 }
 
+fn parse_json<T: for<'de> Deserialize<'de> + Default>(
+    path: &Path,
+    bytes: Option<&[u8]>,
+) -> Result<T, StoreError> {
+    let Some(bytes) = bytes else {
+        return Ok(T::default());
+    };
+    serde_json::from_slice(bytes).map_err(|error| StoreError::Corrupt {
+        path: path.to_owned(),
+        error,
+    })
+}
+
 impl Store {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("agent.json");
-        let file: AgentFile = read_json(&path)?;
-        let next_ctr = file.ctr_reserved + 1;
+        let bytes = read_file(&path)?;
+        Self::decode(path, bytes.as_deref())
+    }
+
+    /// What [`Store::open`] makes of the bytes it read from `path` (`None`: no file yet).
+    /// Nothing is written until the first change. Separate so tests and fuzzing reach the
+    /// decoder without a disk.
+    pub fn decode(path: PathBuf, bytes: Option<&[u8]>) -> Result<Self, StoreError> {
+        let file: AgentFile = parse_json(&path, bytes)?;
+        let next_ctr = file
+            .ctr_reserved
+            .checked_add(1)
+            .ok_or_else(|| StoreError::CounterExhausted { path: path.clone() })?;
         Ok(Self {
             path,
             inner: Arc::new(Mutex::new(Inner { file, next_ctr })),
@@ -126,14 +151,20 @@ impl Store {
     pub fn next_ctr(&self) -> Result<u64, StoreError> {
         let mut inner = self.lock();
         let ctr = inner.next_ctr;
+        // u64::MAX itself is never handed out, so the counter after it always exists.
+        let after = ctr
+            .checked_add(1)
+            .ok_or_else(|| StoreError::CounterExhausted {
+                path: self.path.clone(),
+            })?;
         if ctr > inner.file.ctr_reserved {
-            inner.file.ctr_reserved = ctr + CTR_BLOCK - 1;
+            inner.file.ctr_reserved = ctr.saturating_add(CTR_BLOCK - 1);
             if let Err(e) = self.write(&inner.file) {
                 inner.file.ctr_reserved = ctr - 1;
                 return Err(e);
             }
         }
-        inner.next_ctr += 1;
+        inner.next_ctr = after;
         Ok(ctr)
     }
 }
@@ -155,7 +186,13 @@ pub struct Outbox {
 impl Outbox {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("outbox.json");
-        let entries: VecDeque<OutboxEntry> = read_json(&path)?;
+        let bytes = read_file(&path)?;
+        Self::decode(path, bytes.as_deref())
+    }
+
+    /// What [`Outbox::open`] makes of the bytes it read from `path` (`None`: no file yet).
+    pub fn decode(path: PathBuf, bytes: Option<&[u8]>) -> Result<Self, StoreError> {
+        let entries: VecDeque<OutboxEntry> = parse_json(&path, bytes)?;
         Ok(Self { path, entries })
     }
 
@@ -237,6 +274,34 @@ mod tests {
         let again = Store::open(dir.path()).unwrap();
         assert_eq!(again.platform_key(), Some(followed));
         assert!(again.next_ctr().unwrap() > ctr);
+    }
+
+    #[test]
+    fn a_reservation_at_the_end_of_the_counter_is_refused_not_wrapped_to_zero() {
+        // Before: ctr_reserved + 1 overflowed (a panic in debug; in release the counter
+        // restarted at 0, every message a replay to the platform).
+        let path = PathBuf::from("/dev/null/agent.json");
+        let at_max = format!(r#"{{"ctr_reserved":{}}}"#, u64::MAX);
+        assert!(matches!(
+            Store::decode(path.clone(), Some(at_max.as_bytes())),
+            Err(StoreError::CounterExhausted { .. })
+        ));
+
+        // Near the end the reservation stops at u64::MAX, and u64::MAX is never handed out.
+        let dir = tempfile::tempdir().unwrap();
+        let near = format!(r#"{{"ctr_reserved":{}}}"#, u64::MAX - 3);
+        std::fs::write(dir.path().join("agent.json"), near).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(store.next_ctr().unwrap(), u64::MAX - 2);
+        assert_eq!(store.next_ctr().unwrap(), u64::MAX - 1);
+        assert!(matches!(
+            store.next_ctr(),
+            Err(StoreError::CounterExhausted { .. })
+        ));
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::CounterExhausted { .. })
+        ));
     }
 
     #[test]

@@ -67,13 +67,17 @@ pub struct PolicyError {
     pub why: String,
 }
 
-/// Minutes after midnight of an "HH:MM" string.
+/// Minutes after midnight of an "HH:MM" string: two ASCII digits each, nothing else.
 pub fn parse_hhmm(s: &str) -> Option<u32> {
+    // Digits checked first: `u32::from_str` alone also takes "+1".
+    let two_digits = |p: &str| match p.as_bytes() {
+        &[a, b] if a.is_ascii_digit() && b.is_ascii_digit() => {
+            Some(u32::from((a - b'0') * 10 + (b - b'0')))
+        }
+        _ => None,
+    };
     let (h, m) = s.split_once(':')?;
-    if h.len() != 2 || m.len() != 2 {
-        return None;
-    }
-    let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+    let (h, m) = (two_digits(h)?, two_digits(m)?);
     (h < 24 && m < 60).then_some(h * 60 + m)
 }
 
@@ -107,7 +111,9 @@ impl InstallPolicy {
             if s == e {
                 return Err(err("window start and end are equal"));
             }
-            if utc_offset_minutes.is_some_and(|o| o.abs() > 14 * 60) {
+            // unsigned_abs: i32::MIN.abs() overflows (a panic in debug; in release it stays
+            // negative and passed this check).
+            if utc_offset_minutes.is_some_and(|o| o.unsigned_abs() > 14 * 60) {
                 return Err(err("UTC offset beyond +-14:00"));
             }
         }
@@ -161,7 +167,8 @@ impl fmt::Display for InstallPolicy {
                 write!(f, "window:{start}-{end}")?;
                 if let Some(o) = utc_offset_minutes {
                     let sign = if *o < 0 { '-' } else { '+' };
-                    write!(f, "@{sign}{:02}:{:02}", o.abs() / 60, o.abs() % 60)?;
+                    let minutes = o.unsigned_abs();
+                    write!(f, "@{sign}{:02}:{:02}", minutes / 60, minutes % 60)?;
                 }
                 Ok(())
             }
@@ -299,6 +306,46 @@ mod tests {
             let err = bad.parse::<InstallPolicy>().unwrap_err();
             assert_eq!(err.input, bad);
         }
+    }
+
+    #[test]
+    fn window_times_are_two_digits_each_and_a_sign_is_not_a_digit() {
+        assert_eq!(parse_hhmm("02:30"), Some(150));
+        assert_eq!(parse_hhmm("23:59"), Some(23 * 60 + 59));
+        // Found by fuzzing (release_policy): u32's parser takes a leading '+'.
+        for bad in [
+            "+2:20", "02:+5", "+0:+0", "2:300", "24:00", "12:60", " 1:00", "12:00 ",
+        ] {
+            assert_eq!(parse_hhmm(bad), None, "{bad}");
+        }
+        assert!("window:+2:20-04:00".parse::<InstallPolicy>().is_err());
+        let wire = InstallPolicy::Window {
+            start: "+2:20".into(),
+            end: "04:00".into(),
+            utc_offset_minutes: None,
+        };
+        assert!(wire.validate().is_err());
+        assert_eq!(parse_offset("+-1:00"), None);
+        assert_eq!(parse_offset("++1:00"), None);
+    }
+
+    #[test]
+    fn the_most_negative_offset_is_refused_and_printed_without_overflow() {
+        let p: InstallPolicy = serde_json::from_str(
+            r#"{"type":"window","start":"02:00","end":"04:00","utc_offset_minutes":-2147483648}"#,
+        )
+        .unwrap();
+        let err = p.validate().unwrap_err();
+        assert_eq!(err.why, "UTC offset beyond +-14:00");
+        assert_eq!(err.input, "window:02:00-04:00@-35791394:08");
+        let most = InstallPolicy::Window {
+            start: "02:00".into(),
+            end: "04:00".into(),
+            utc_offset_minutes: Some(i32::MAX),
+        };
+        assert!(most.validate().is_err());
+        let edge: InstallPolicy = "window:02:00-04:00@-14:00".parse().unwrap();
+        assert_eq!(edge.to_string(), "window:02:00-04:00@-14:00");
     }
 
     #[test]
