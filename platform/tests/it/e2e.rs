@@ -659,20 +659,11 @@ async fn a_forged_group_notice_falsifies_no_record_and_the_real_release_installs
         E2E_WAIT,
         "three rejections of the forged notice",
         || async {
-            match admin
-                .request(AdminOp::EventsSince {
-                    since: 0,
-                    limit: None,
-                })
-                .await
-                .unwrap()
-            {
-                AdminReply::Events { events, .. } => events
-                    .into_iter()
-                    .filter(|e| e.phase == Phase::Rejected)
-                    .collect::<Vec<_>>(),
-                other => panic!("{other:?}"),
-            }
+            let (events, _) = super::security::stored_events(&admin).await;
+            events
+                .into_iter()
+                .filter(|e| e.phase == Phase::Rejected)
+                .collect::<Vec<_>>()
         },
         |r| r.len() >= 3,
     )

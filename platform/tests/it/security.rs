@@ -34,7 +34,7 @@ pub(super) async fn add_integrator(
 }
 
 /// Every stored event (one page of up to 500), and whether more follow.
-async fn stored_events(admin: &AdminClient) -> (Vec<FleetEvent>, bool) {
+pub(super) async fn stored_events(admin: &AdminClient) -> (Vec<FleetEvent>, bool) {
     match admin
         .request(AdminOp::EventsSince {
             since: 0,
