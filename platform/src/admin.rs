@@ -76,6 +76,10 @@ struct ClientSeen {
     responses: std::collections::VecDeque<(u64, AdminResponse)>,
 }
 
+/// Most parts one upload may have: the platform keeps a flag per part while it uploads, so this
+/// bounds what one `upload_begin` can make it allocate (4 Mi parts: 256 GiB at 64 KiB chunks).
+pub const MAX_UPLOAD_PARTS: u32 = 1 << 22;
+
 /// Responses kept per client for retries.
 const KEPT_RESPONSES: usize = 16;
 
@@ -535,6 +539,12 @@ impl Admin {
         }
         let layout = Layout::new(size, chunk_size)
             .map_err(|e| OpError::Refused(format!("cannot upload: {e}")))?;
+        if layout.chunks > MAX_UPLOAD_PARTS {
+            return refused(format!(
+                "cannot upload: {} parts of {chunk_size} bytes is more than {MAX_UPLOAD_PARTS}; use a larger chunk size",
+                layout.chunks
+            ));
+        }
         if let Some(old) = self.uploads.remove(&artifact) {
             self.ctx.files.discard(old.upload);
         }
@@ -960,6 +970,32 @@ mod tests {
         );
         assert!(f.admin.uploads.is_empty());
         assert!(!f.admin.ctx.files.exists(&artifact));
+    }
+
+    #[tokio::test]
+    async fn an_upload_with_more_parts_than_the_platform_tracks_is_refused_before_allocating() {
+        let mut f = fixture();
+        let op = operator(&f.admin);
+        let err = f
+            .admin
+            .handle(
+                "fleetcast-op-admin.a",
+                &op,
+                AdminOp::UploadBegin {
+                    kind: Kind::new("app").unwrap(),
+                    version: "9.9".into(),
+                    name: "huge.bin".into(),
+                    size: (MAX_UPLOAD_PARTS as u64 + 1) * 1024,
+                    artifact: ArtifactId::of(b"huge"),
+                    chunk_size: 1024,
+                    notes: None,
+                },
+            )
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("larger chunk size"), "{err}");
+        assert!(f.admin.uploads.is_empty());
+        assert_eq!(staging_files(&f), 0);
     }
 
     #[test]
