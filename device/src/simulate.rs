@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use fleetcast_broker::admin::{AdminClient, AdminError};
 use fleetcast_broker::BrokerUrl;
-use fleetcast_proto::admin::{AdminOp, AdminReply};
+use fleetcast_proto::admin::{AdminOp, AdminReply, MachineSpec, MAX_PROVISION_BATCH};
 use fleetcast_proto::auth::Secret;
 use fleetcast_proto::{GroupId, Kind, MachineId, Topics};
 use tokio::task::JoinSet;
@@ -99,36 +99,48 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
     .await
     .map_err(SimulateError::Admin)?;
     let mut configs = Vec::with_capacity(machines.len());
-    for (machine, group) in &machines {
-        let op = AdminOp::MachineProvision {
-            machine: machine.clone(),
-            groups: group.iter().cloned().collect(),
+    // One admin round trip per batch, not per machine.
+    for batch in machines.chunks(MAX_PROVISION_BATCH) {
+        let op = AdminOp::MachineProvisionBatch {
+            machines: batch
+                .iter()
+                .map(|(machine, group)| MachineSpec {
+                    machine: machine.clone(),
+                    groups: group.iter().cloned().collect(),
+                })
+                .collect(),
         };
+        let first = batch[0].0.to_string();
         let provisioned = match admin.request(op).await {
-            Ok(AdminReply::Provisioned { machine }) => machine,
+            Ok(AdminReply::ProvisionedBatch { machines }) if machines.len() == batch.len() => {
+                machines
+            }
             Ok(other) => {
                 admin.close().await;
                 return Err(SimulateError::Provision {
-                    machine: machine.to_string(),
+                    machine: first,
                     reason: format!("unexpected reply {other:?}"),
                 });
             }
             Err(e) => {
                 admin.close().await;
                 return Err(SimulateError::Provision {
-                    machine: machine.to_string(),
+                    machine: first,
                     reason: e.to_string(),
                 });
             }
         };
-        let dir = opts.data_dir.join(machine.as_str());
-        let mut config = MachineConfig::from_provisioned(&provisioned, &opts.broker, dir.clone());
-        config.initial_versions = opts.initial_versions.clone();
-        config.ca_file = opts.ca_file.clone();
-        let path = dir.join("machine.toml");
-        write_atomic(&path, config.to_toml().as_bytes())
-            .map_err(|error| SimulateError::Write { path, error })?;
-        configs.push(config);
+        for provisioned in provisioned {
+            let dir = opts.data_dir.join(provisioned.machine.as_str());
+            let mut config =
+                MachineConfig::from_provisioned(&provisioned, &opts.broker, dir.clone());
+            config.initial_versions = opts.initial_versions.clone();
+            config.ca_file = opts.ca_file.clone();
+            let path = dir.join("machine.toml");
+            write_atomic(&path, config.to_toml().as_bytes())
+                .map_err(|error| SimulateError::Write { path, error })?;
+            configs.push(config);
+        }
     }
     admin.close().await;
 

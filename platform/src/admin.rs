@@ -8,15 +8,14 @@ use std::time::Duration;
 
 use fleetcast_proto::acl::{operator_of_client, Role};
 use fleetcast_proto::admin::{
-    AdminOp, AdminReply, AdminRequest, AdminResponse, ArtifactInfo, AuditEntry, MachineInfo,
-    ProvisionedMachine, ReleaseInfo, ReleaseStatus, ResponseEnvelope, ADMIN_FRESHNESS_MS,
+    AdminOp, AdminReply, AdminRequest, AdminResponse, ArtifactInfo, AuditEntry, MachineSpec,
+    ReleaseInfo, ReleaseStatus, ResponseEnvelope, ADMIN_FRESHNESS_MS,
 };
 use fleetcast_proto::auth::{peek_body, Purpose, Secret};
 use fleetcast_proto::chunk::{open_upload_frame, Layout};
 use fleetcast_proto::events::MAX_BATCH_EVENTS;
 use fleetcast_proto::release::{compare_versions, validate_version, ArtifactRef};
-use fleetcast_proto::{ArtifactId, GroupId, InstallPolicy, Kind, MachineId, Target};
-use rand::RngCore;
+use fleetcast_proto::{ArtifactId, InstallPolicy, Kind, Target};
 use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -439,7 +438,16 @@ impl Admin {
             AdminOp::Machines => Ok(AdminReply::Machines {
                 machines: store.machines()?,
             }),
-            AdminOp::MachineProvision { machine, groups } => self.provision(machine, groups).await,
+            AdminOp::MachineProvision { machine, groups } => {
+                let spec = MachineSpec { machine, groups };
+                let mut done = identities::provision(&self.ctx, vec![spec]).await?;
+                Ok(AdminReply::Provisioned {
+                    machine: done.pop().expect("one machine provisioned"),
+                })
+            }
+            AdminOp::MachineProvisionBatch { machines } => Ok(AdminReply::ProvisionedBatch {
+                machines: identities::provision(&self.ctx, machines).await?,
+            }),
             AdminOp::Rollback { target, kind, to } => self.rollback(target, kind, to).await,
             AdminOp::Activate { release, machines } => {
                 let sent = publish::activate(&self.ctx, &release, &machines).await?;
@@ -664,53 +672,6 @@ impl Admin {
         store.put_release(&release)?;
         store.flush_async().await?;
         Ok(release)
-    }
-
-    async fn provision(
-        &self,
-        machine: MachineId,
-        groups: Vec<GroupId>,
-    ) -> Result<AdminReply, OpError> {
-        if machine.as_str().starts_with("fleetcast-") {
-            return refused(format!(
-                "machine id {machine} is reserved: ids starting with fleetcast- are operator and platform clients"
-            ));
-        }
-        let store = &self.ctx.store;
-        let (secret, info) = {
-            let _records = store.lock_records();
-            let secret = match store.secret(&machine)? {
-                Some(s) => s,
-                None => {
-                    let mut b = [0u8; 32];
-                    rand::thread_rng().fill_bytes(&mut b);
-                    let s = Secret::from_bytes(b);
-                    store.put_secret(&machine, &s)?;
-                    s
-                }
-            };
-            let mut info = store
-                .machine(&machine)?
-                .unwrap_or_else(|| MachineInfo::new(machine.clone(), now_ms()));
-            for g in groups {
-                if !info.groups.contains(&g) {
-                    info.groups.push(g);
-                }
-            }
-            store.put_machine(&info)?;
-            (secret, info)
-        };
-        store.flush_async().await?;
-        Ok(AdminReply::Provisioned {
-            machine: ProvisionedMachine {
-                machine,
-                groups: info.groups,
-                secret,
-                platform_key: self.ctx.keys().public,
-                platform_key_gen: self.ctx.keys().generation(),
-                topic_prefix: self.ctx.topics.prefix().to_owned(),
-            },
-        })
     }
 
     async fn rollback(

@@ -3,7 +3,10 @@
 //! the broker never holds a secret, and revoking one identity touches no other.
 
 use fleetcast_proto::acl::{integrator_username, validate_name, Principal, Role};
-use fleetcast_proto::admin::{IntegratorProfile, OperatorInfo, OperatorProfile};
+use fleetcast_proto::admin::{
+    IntegratorProfile, MachineInfo, MachineSpec, OperatorInfo, OperatorProfile, ProvisionedMachine,
+    MAX_PROVISION_BATCH,
+};
 use fleetcast_proto::auth::Secret;
 use fleetcast_proto::MachineId;
 use rand::RngCore;
@@ -137,6 +140,65 @@ pub async fn integrator_add(
         platform_key: ctx.keys().public,
         topic_prefix: ctx.topics.prefix().to_owned(),
     })
+}
+
+/// Registers machines (or re-issues the config of existing ones, adding groups), under one lock
+/// and one flush. A revoked machine provisioned again gets a new secret and is no longer revoked.
+pub async fn provision(
+    ctx: &Ctx,
+    specs: Vec<MachineSpec>,
+) -> Result<Vec<ProvisionedMachine>, OpError> {
+    if specs.len() > MAX_PROVISION_BATCH {
+        return refused(format!(
+            "{} machines in one request; at most {MAX_PROVISION_BATCH}",
+            specs.len()
+        ));
+    }
+    if let Some(s) = specs
+        .iter()
+        .find(|s| s.machine.as_str().starts_with("fleetcast-"))
+    {
+        return refused(format!(
+            "machine id {} is reserved: ids starting with fleetcast- are operator and platform clients",
+            s.machine
+        ));
+    }
+    let keys = ctx.keys();
+    let mut out = Vec::with_capacity(specs.len());
+    {
+        let _records = ctx.store.lock_records();
+        for MachineSpec { machine, groups } in specs {
+            let secret = match ctx.store.secret(&machine)? {
+                Some(s) => s,
+                None => {
+                    let s = random_secret();
+                    ctx.store.put_secret(&machine, &s)?;
+                    s
+                }
+            };
+            let mut info = ctx
+                .store
+                .machine(&machine)?
+                .unwrap_or_else(|| MachineInfo::new(machine.clone(), now_ms()));
+            info.revoked_at_ms = None;
+            for g in groups {
+                if !info.groups.contains(&g) {
+                    info.groups.push(g);
+                }
+            }
+            ctx.store.put_machine(&info)?;
+            out.push(ProvisionedMachine {
+                machine,
+                groups: info.groups,
+                secret,
+                platform_key: keys.public,
+                platform_key_gen: keys.generation(),
+                topic_prefix: ctx.topics.prefix().to_owned(),
+            });
+        }
+    }
+    ctx.store.flush_async().await?;
+    Ok(out)
 }
 
 /// Revokes a machine: its secret is forgotten (nothing it sends verifies, the broker refuses

@@ -19,6 +19,18 @@ use crate::ids::{ArtifactId, GroupId, Kind, MachineId, ReleaseId};
 use crate::release::{ArtifactRef, InstallPolicy, Target};
 use crate::status::{KindState, Phase, Progress};
 
+/// Most machines one `machine_provision_batch` may register (its answer carries a secret and
+/// the platform key for each: ~0.5 KiB sealed, so a batch stays far below the packet limit).
+pub const MAX_PROVISION_BATCH: usize = 1000;
+
+/// One machine to register, and the groups it joins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineSpec {
+    pub machine: MachineId,
+    #[serde(default)]
+    pub groups: Vec<GroupId>,
+}
+
 /// How far an admin request's clock may be from the platform's.
 pub const ADMIN_FRESHNESS_MS: u64 = 5 * 60 * 1000;
 
@@ -105,6 +117,11 @@ pub enum AdminOp {
         #[serde(default)]
         machines: Vec<MachineId>,
     },
+    /// Register many machines in one round trip (at most [`MAX_PROVISION_BATCH`]).
+    /// Reply: `provisioned_batch`, in request order.
+    MachineProvisionBatch {
+        machines: Vec<MachineSpec>,
+    },
     /// Revoke a machine: its secret stops working at once and its broker session is closed.
     /// Reply: `done`.
     MachineRevoke {
@@ -161,6 +178,7 @@ impl AdminOp {
             AdminOp::Rollback { .. } => "rollback",
             AdminOp::Activate { .. } => "activate",
             AdminOp::MachineRevoke { .. } => "machine_revoke",
+            AdminOp::MachineProvisionBatch { .. } => "machine_provision_batch",
             AdminOp::OperatorAdd { .. } => "operator_add",
             AdminOp::OperatorList => "operator_list",
             AdminOp::OperatorRevoke { .. } => "operator_revoke",
@@ -188,6 +206,7 @@ impl AdminOp {
             | AdminOp::Rollback { .. }
             | AdminOp::Activate { .. } => Role::Operator,
             AdminOp::MachineProvision { .. }
+            | AdminOp::MachineProvisionBatch { .. }
             | AdminOp::MachineRevoke { .. }
             | AdminOp::OperatorAdd { .. }
             | AdminOp::OperatorList
@@ -294,6 +313,9 @@ pub enum AdminReply {
     },
     Provisioned {
         machine: ProvisionedMachine,
+    },
+    ProvisionedBatch {
+        machines: Vec<ProvisionedMachine>,
     },
     Done {
         message: String,

@@ -1101,18 +1101,29 @@ async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
                         let req: AdminRequest = admin_secret
                             .open(Purpose::Admin, &p.payload)
                             .expect("admin MAC");
-                        let AdminOp::MachineProvision { machine, groups } = req.op else {
-                            continue;
+                        let provisioned = |machine, groups| ProvisionedMachine {
+                            machine,
+                            groups,
+                            secret: Secret::from_bytes(rand::random()),
+                            platform_key,
+                            platform_key_gen: 0,
+                            topic_prefix: "fleet".into(),
                         };
-                        let reply = AdminReply::Provisioned {
-                            machine: ProvisionedMachine {
-                                machine,
-                                groups,
-                                secret: Secret::from_bytes(rand::random()),
-                                platform_key,
-                                platform_key_gen: 0,
-                                topic_prefix: "fleet".into(),
-                            },
+                        let reply = match req.op {
+                            AdminOp::MachineProvision { machine, groups } => {
+                                AdminReply::Provisioned {
+                                    machine: provisioned(machine, groups),
+                                }
+                            }
+                            AdminOp::MachineProvisionBatch { machines } => {
+                                AdminReply::ProvisionedBatch {
+                                    machines: machines
+                                        .into_iter()
+                                        .map(|s| provisioned(s.machine, s.groups))
+                                        .collect(),
+                                }
+                            }
+                            _ => continue,
                         };
                         let resp = AdminResponse::ok(req.id, req.ctr, reply);
                         let env = ResponseEnvelope {

@@ -2,8 +2,11 @@
 
 use std::path::PathBuf;
 
+use anyhow::Context;
 use clap::{Args, Subcommand};
-use fleetcast_proto::admin::{AdminOp, AdminReply, MachineInfo, ProvisionedMachine};
+use fleetcast_proto::admin::{
+    AdminOp, AdminReply, MachineInfo, MachineSpec, ProvisionedMachine, MAX_PROVISION_BATCH,
+};
 use fleetcast_proto::auth::{PlatformPublicKey, Secret};
 use fleetcast_proto::{GroupId, MachineId};
 use serde::Serialize;
@@ -21,13 +24,21 @@ pub struct MachinesArgs {
 #[derive(Subcommand)]
 pub enum MachineCmd {
     /// Register a machine (or re-print an existing one's config, adding groups) and print its
-    /// TOML config to stdout.
+    /// TOML config to stdout; or, with --from-file, register every machine of a list in batches
+    /// (one round trip per 1,000) and write one config per machine into --out-dir.
     Provision {
-        machine: MachineId,
+        #[arg(required_unless_present = "from_file", conflicts_with = "from_file")]
+        machine: Option<MachineId>,
         /// Comma-separated group ids.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "from_file")]
         groups: Option<String>,
-        /// `data_dir` written into the config.
+        /// A list of machines: one per line, `machine[,group;group...]`; `#` starts a comment.
+        #[arg(long, requires = "out_dir")]
+        from_file: Option<PathBuf>,
+        /// Where --from-file writes `<machine>.toml` (mode 0600: each holds a machine's key).
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+        /// `data_dir` written into the config(s) [default: ./fleetcast-device-<machine>].
         #[arg(long)]
         data_dir: Option<PathBuf>,
         #[command(flatten)]
@@ -58,10 +69,18 @@ pub async fn list(args: MachinesArgs) -> anyhow::Result<()> {
 pub async fn run(cmd: MachineCmd) -> anyhow::Result<()> {
     match cmd {
         MachineCmd::Provision {
-            machine,
+            from_file: Some(file),
+            out_dir: Some(out_dir),
+            data_dir,
+            client,
+            ..
+        } => provision_from_file(&file, &out_dir, data_dir, &client).await,
+        MachineCmd::Provision {
+            machine: Some(machine),
             groups,
             data_dir,
             client,
+            ..
         } => {
             let groups: Vec<GroupId> = parse_list(&groups)?;
             let reply = client
@@ -76,6 +95,9 @@ pub async fn run(cmd: MachineCmd) -> anyhow::Result<()> {
             print!("{}", config_toml(&machine, &client.broker()?, &data_dir));
             Ok(())
         }
+        MachineCmd::Provision { .. } => {
+            anyhow::bail!("name a machine, or pass --from-file FILE --out-dir DIR")
+        }
         MachineCmd::Revoke { machine, client } => {
             let reply = client.request(AdminOp::MachineRevoke { machine }).await;
             let AdminReply::Done { message } = reply? else {
@@ -85,6 +107,79 @@ pub async fn run(cmd: MachineCmd) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Parses a machine list: `machine[,group;group...]` per line, `#` comments, blank lines.
+pub fn parse_machine_list(text: &str) -> anyhow::Result<Vec<MachineSpec>> {
+    let mut out = Vec::new();
+    let mut seen = std::collections::BTreeSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let at = || format!("line {}", n + 1);
+        let (machine, groups) = line.split_once(',').unwrap_or((line, ""));
+        let machine = MachineId::new(machine.trim()).with_context(at)?;
+        let groups = groups
+            .split([';', ','])
+            .map(str::trim)
+            .filter(|g| !g.is_empty())
+            .map(GroupId::new)
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(at)?;
+        anyhow::ensure!(
+            seen.insert(machine.clone()),
+            "{}: {machine} is listed twice",
+            at()
+        );
+        out.push(MachineSpec { machine, groups });
+    }
+    Ok(out)
+}
+
+async fn provision_from_file(
+    file: &std::path::Path,
+    out_dir: &std::path::Path,
+    data_dir: Option<PathBuf>,
+    client: &ClientArgs,
+) -> anyhow::Result<()> {
+    let text =
+        std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
+    let specs = parse_machine_list(&text).with_context(|| format!("{}", file.display()))?;
+    std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
+    let broker = client.broker()?;
+    let admin = client.connect().await?;
+    let mut written = 0;
+    let result = async {
+        for batch in specs.chunks(MAX_PROVISION_BATCH) {
+            let reply = admin
+                .request(AdminOp::MachineProvisionBatch {
+                    machines: batch.to_vec(),
+                })
+                .await?;
+            let AdminReply::ProvisionedBatch { machines } = reply else {
+                anyhow::bail!("unexpected reply to machine provision --from-file");
+            };
+            for m in machines {
+                let dir = data_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(format!("./fleetcast-device-{}", m.machine)));
+                let path = out_dir.join(format!("{}.toml", m.machine));
+                crate::keys::write_atomic(&path, config_toml(&m, &broker, &dir).as_bytes(), 0o600)?;
+                written += 1;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    admin.close().await;
+    result?;
+    println!(
+        "provisioned {written} machine(s); configs in {}",
+        out_dir.display()
+    );
+    Ok(())
 }
 
 /// The device's `MachineConfig` keys.
@@ -203,6 +298,35 @@ mod tests {
             "MACHINE  ONLINE  LAST SEEN            GROUPS    VERSIONS                BUSY\n\
              vm-001   yes     1970-01-01 00:00:03  shanghai  app=2.4.1 firmware=1.0  idle\n"
         );
+    }
+
+    #[test]
+    fn a_machine_list_reads_ids_and_groups_and_names_the_bad_line() {
+        let specs = parse_machine_list(
+            "# shop list\nvm-001,shanghai;north\n\nvm-002\nvm-003, beijing # new\n",
+        )
+        .unwrap();
+        let got: Vec<(String, Vec<String>)> = specs
+            .iter()
+            .map(|s| {
+                (
+                    s.machine.to_string(),
+                    s.groups.iter().map(|g| g.to_string()).collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ("vm-001".into(), vec!["shanghai".into(), "north".into()]),
+                ("vm-002".into(), vec![]),
+                ("vm-003".into(), vec!["beijing".into()]),
+            ]
+        );
+        let err = parse_machine_list("vm-1\nvm/2\n").unwrap_err();
+        assert!(format!("{err:#}").contains("line 2"), "{err:#}");
+        let err = parse_machine_list("vm-1\nvm-1,g\n").unwrap_err();
+        assert!(err.to_string().contains("twice"), "{err}");
     }
 
     #[test]

@@ -759,3 +759,73 @@ async fn on_mosquitto_with_the_generated_files_one_machine_cannot_touch_another(
     admin.close().await;
     platform.stop().await;
 }
+
+#[tokio::test]
+async fn machines_are_provisioned_in_bulk_from_a_list_with_one_private_config_each() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    let list = dir.path().join("machines.csv");
+    let mut text = String::from("# machine,groups\n");
+    for i in 1..=1203 {
+        let group = if i % 2 == 0 { "north" } else { "south;east" };
+        text.push_str(&format!("vm-{i:04},{group}\n"));
+    }
+    std::fs::write(&list, text).unwrap();
+    let out = dir.path().join("configs");
+    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .args(["machine", "provision", "--from-file"])
+        .arg(&list)
+        .arg("--out-dir")
+        .arg(&out)
+        .args(["--broker", &url.to_string(), "--admin-secret-file"])
+        .arg(admin_secret_path(&data_dir))
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let cfg = out.join("vm-1203.toml");
+    assert_eq!(
+        std::fs::metadata(&cfg).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    let parsed: fleetcast_device::config::MachineConfig =
+        toml::from_str(&std::fs::read_to_string(&cfg).unwrap()).unwrap();
+    assert_eq!(parsed.groups, vec![g("south"), g("east")]);
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 1203);
+    let ms = machines(&admin).await;
+    assert_eq!(ms.len(), 1203);
+    assert!(ms
+        .iter()
+        .any(|m| m.id.as_str() == "vm-0002" && m.groups == vec![g("north")]));
+    // The config's secret is the one the platform checks: that machine reports and is heard.
+    let mut vm = Machine {
+        peer: peer_with(&url, "vm-1203", Some(&parsed.secret.mqtt_password())).await,
+        id: m("vm-1203"),
+        secret: parsed.secret.clone(),
+        ctr: 0,
+    };
+    vm.report_state(&["south", "east"], 0).await;
+    poll_until(
+        WAIT,
+        "vm-1203 seen",
+        || machines(&admin),
+        |ms| {
+            ms.iter()
+                .any(|x| x.id.as_str() == "vm-1203" && x.agent_version.is_some())
+        },
+    )
+    .await;
+    admin.close().await;
+    platform.stop().await;
+}
