@@ -439,25 +439,32 @@ pub async fn publish_key_chain(ctx: &Ctx) -> Result<(), rumqttc::ClientError> {
 /// notice with it, and publishes the chain and the notices. Returns the new generation.
 pub async fn rotate_key(ctx: &Ctx) -> Result<u32, OpError> {
     let new_keys = {
-        let mut keys = ctx.keys.write().unwrap_or_else(|p| p.into_inner());
-        let old = keys.clone();
-        let new_keys = Arc::new(
-            crate::keys::rotate(&ctx.data_dir, &old, now_ms())
-                .map_err(|e| OpError::Refused(format!("key rotation failed: {e}")))?,
-        );
+        // Lock order everywhere: records, then keys (ingest reads the keys while it holds the
+        // records lock). Holding records also keeps any publish from signing with the old key
+        // between the re-signing below and the swap.
         let _records = ctx.store.lock_records();
-        for mut n in ctx.store.all_desired()? {
+        let old = ctx.keys();
+        // Everything that can fail on a stored notice fails before the key files change.
+        let mut desired = Vec::new();
+        for n in ctx.store.all_desired()? {
             let notice: ReleaseNotice = old
                 .public
                 .verify(Purpose::Release, n.payload.as_bytes())
                 .map_err(|e| {
                 OpError::Refused(format!("stored notice on {} does not verify: {e}", n.topic))
             })?;
+            desired.push((n, notice));
+        }
+        let new_keys = Arc::new(
+            crate::keys::rotate(&ctx.data_dir, &old, now_ms())
+                .map_err(|e| OpError::Refused(format!("key rotation failed: {e}")))?,
+        );
+        for (mut n, notice) in desired {
             let payload = new_keys.platform.sign(Purpose::Release, &notice);
             n.payload = String::from_utf8(payload).expect("signed envelopes are JSON");
             ctx.store.put_desired(&n)?;
         }
-        *keys = new_keys.clone();
+        *ctx.keys.write().unwrap_or_else(|p| p.into_inner()) = new_keys.clone();
         new_keys
     };
     ctx.store.flush_async().await?;
