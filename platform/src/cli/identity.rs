@@ -407,6 +407,43 @@ mod tests {
     }
 
     #[test]
+    fn audit_and_event_tables_show_who_what_and_the_result() {
+        let entry = AuditEntry {
+            id: 4,
+            at_ms: 0,
+            operator: "val".into(),
+            client: "fleetcast-op-val.1".into(),
+            action: "release_publish".into(),
+            request: serde_json::json!({"op": "release_publish", "release": "r-000001"}),
+            result: "operator val has role viewer; release_publish needs operator".into(),
+        };
+        let text = audit_text(&[entry]);
+        let row = text.lines().nth(1).unwrap();
+        for want in ["4", "val", "release_publish", "r-000001", "role viewer"] {
+            assert!(row.contains(want), "{want} missing: {row}");
+        }
+        assert!(!row.contains("\"op\""), "the action is not repeated: {row}");
+        let event = FleetEvent {
+            id: 9,
+            recorded_at_ms: 0,
+            machine: fleetcast_proto::MachineId::new("vm-1").unwrap(),
+            release: None,
+            kind: fleetcast_proto::Kind::new("app").unwrap(),
+            version: String::new(),
+            phase: fleetcast_proto::Phase::Rejected,
+            at_ms: 0,
+            attempt: 1,
+            progress: None,
+            error: Some("bad signature".into()),
+            detail: None,
+        };
+        let row = events_text(&[event]).lines().nth(1).unwrap().to_owned();
+        for want in ["9", "vm-1", " - ", "rejected", "bad signature"] {
+            assert!(row.contains(want), "{want} missing: {row}");
+        }
+    }
+
+    #[test]
     fn an_integrator_config_names_its_credentials_and_topics() {
         let p = IntegratorProfile {
             name: "erp".into(),
