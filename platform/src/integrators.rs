@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use fleetcast_proto::acl::{Claim, INTEGRATOR_PREFIX};
+use fleetcast_proto::acl::integrator_of_client;
 use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::events::{EventBatch, EventsRequest};
 use rumqttc::QoS;
@@ -30,14 +30,7 @@ pub struct Integrators {
 impl Integrators {
     /// Handles one request from `client` (a client id). Returns why it was refused, if it was.
     pub async fn request(&mut self, ctx: &Ctx, client: &str, payload: &[u8]) -> Result<(), String> {
-        let name = client
-            .strip_prefix(INTEGRATOR_PREFIX)
-            .map(|rest| rest.split('.').next().unwrap_or(rest))
-            .ok_or("not an integrator client id")?;
-        let username = format!("{INTEGRATOR_PREFIX}{name}");
-        if !matches!(Claim::parse(&username), Some(Claim::Integrator(_))) {
-            return Err("not an integrator client id".into());
-        }
+        let name = integrator_of_client(client).ok_or("not an integrator client id")?;
         if ctx
             .store
             .integrator(name)

@@ -144,7 +144,16 @@ pub fn integrator_username(name: &str) -> String {
 
 /// The operator a client id belongs to (`fleetcast-op-<name>` or `fleetcast-op-<name>.<s>`).
 pub fn operator_of_client(client_id: &str) -> Option<&str> {
-    let rest = client_id.strip_prefix(OPERATOR_PREFIX)?;
+    name_of_client(OPERATOR_PREFIX, client_id)
+}
+
+/// The integrator a client id belongs to (`fleetcast-int-<name>[.<s>]`).
+pub fn integrator_of_client(client_id: &str) -> Option<&str> {
+    name_of_client(INTEGRATOR_PREFIX, client_id)
+}
+
+fn name_of_client<'a>(prefix: &str, client_id: &'a str) -> Option<&'a str> {
+    let rest = client_id.strip_prefix(prefix)?;
     let name = match rest.split_once('.') {
         Some((name, suffix)) if is_session_suffix(suffix) => name,
         Some(_) => return None,
@@ -452,6 +461,8 @@ mod tests {
         assert_eq!(operator_of_client("fleetcast-op-alice.a.b"), None);
         assert_eq!(operator_of_client("fleetcast-int-alice"), None);
         assert_eq!(operator_of_client("vm-1"), None);
+        assert_eq!(integrator_of_client("fleetcast-int-erp.x"), Some("erp"));
+        assert_eq!(integrator_of_client("fleetcast-op-erp"), None);
     }
 
     #[test]
