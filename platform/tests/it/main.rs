@@ -82,6 +82,15 @@ struct Platform {
 }
 
 fn start_platform(broker: &BrokerUrl, data: &Path) -> Platform {
+    start_platform_with(broker, data, Default::default())
+}
+
+/// The platform with these per-machine limits.
+fn start_platform_with(
+    broker: &BrokerUrl,
+    data: &Path,
+    limits: fleetcast_platform::limits::MachineLimits,
+) -> Platform {
     let shutdown = CancellationToken::new();
     let opts = ServeOptions {
         data_dir: data.to_owned(),
@@ -89,7 +98,7 @@ fn start_platform(broker: &BrokerUrl, data: &Path) -> Platform {
         embedded_listen: None,
         tls: None,
         topic_prefix: "fleet".into(),
-        limits: Default::default(),
+        limits,
     };
     let task = tokio::spawn(serve(opts, shutdown.clone()));
     Platform { shutdown, task }

@@ -829,3 +829,32 @@ async fn machines_are_provisioned_in_bulk_from_a_list_with_one_private_config_ea
     admin.close().await;
     platform.stop().await;
 }
+
+#[tokio::test]
+async fn a_machine_cannot_grow_the_event_log_past_its_cap_but_its_record_still_finishes() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let limits = fleetcast_platform::limits::MachineLimits {
+        events_per_release: 3,
+        ..Default::default()
+    };
+    let platform = start_platform_with(&url, &data_dir, limits);
+    let admin = super::admin(&url, &data_dir).await;
+    upload(&admin, dir.path(), "a.bin", &data(3000, 10), "1.0")
+        .await
+        .unwrap();
+    let mut vm = provision(&admin, &url, "vm-001", &[]).await;
+    let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
+    for _ in 0..20 {
+        vm.report(Some(&r.id), "1.0", Phase::Downloading).await;
+    }
+    install(&admin, &mut vm, &r.id, "1.0").await;
+    let (events, _) = stored_events(&admin).await;
+    assert_eq!(events.len(), 3, "{events:?}");
+    let s = status(&admin, &r.id).await;
+    assert_eq!(phase_of(&s, "vm-001"), Phase::Installed);
+    admin.close().await;
+    platform.stop().await;
+}
