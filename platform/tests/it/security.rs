@@ -858,3 +858,46 @@ async fn a_machine_cannot_grow_the_event_log_past_its_cap_but_its_record_still_f
     admin.close().await;
     platform.stop().await;
 }
+
+#[tokio::test]
+async fn an_integrator_flooding_requests_gets_answers_only_up_to_its_budget() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir: _dir,
+        platform,
+        admin,
+        ..
+    } = env(&url).await;
+    let integrator = add_integrator(&admin, "erp").await;
+    let client = integrator.username.clone();
+    let mut int = peer_with(&url, &client, Some(&integrator.password)).await;
+    let answers = format!("fleet/integrators/{client}/events");
+    int.subscribe(&answers).await;
+    let ask = serde_json::to_vec(&EventsRequest {
+        since: 0,
+        limit: None,
+    })
+    .unwrap();
+    for _ in 0..100 {
+        int.client
+            .publish(
+                format!("{answers}/get"),
+                QoS::AtLeastOnce,
+                false,
+                ask.clone(),
+            )
+            .await
+            .unwrap();
+    }
+    let got = int
+        .drain(Duration::from_secs(2))
+        .await
+        .into_iter()
+        .filter(|p| p.topic == answers)
+        .count();
+    // Burst 20 plus 5/s while the flood and the drain last (a few seconds at most).
+    assert!((20..=40).contains(&got), "{got} answers to 100 requests");
+    admin.close().await;
+    platform.stop().await;
+}
