@@ -115,6 +115,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             topic_prefix,
             ca_file,
         } => {
+            // One socket per simulated machine.
+            if let Err(e) = fleetcast_broker::fdlimit::raise_open_file_limit() {
+                tracing::warn!(error = %e, "cannot raise the open-file limit");
+            }
             let opts = SimulateOptions {
                 count,
                 groups,

@@ -42,6 +42,13 @@ pub struct ServeArgs {
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    match fleetcast_broker::fdlimit::raise_open_file_limit() {
+        Ok(n) => tracing::info!(
+            open_files = n,
+            "open-file limit (three per connected machine)"
+        ),
+        Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
+    }
     let (broker, embedded_listen) = match &args.broker {
         Some(b) => (b.parse::<BrokerUrl>()?, None),
         None if args.no_plain => (BrokerUrl::mqtt("127.0.0.1", 0), None),
