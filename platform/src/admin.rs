@@ -493,6 +493,9 @@ impl Admin {
                     more,
                 })
             }
+            AdminOp::Stats => Ok(AdminReply::Stats {
+                stats: self.ctx.stats.snapshot(),
+            }),
             AdminOp::KeyRotate => {
                 let generation = publish::rotate_key(&self.ctx).await?;
                 Ok(AdminReply::Done {

@@ -120,6 +120,7 @@ impl ChunkServer {
             ));
         }
         self.ctrs.insert(m.clone(), req.ctr);
+        self.ctx.stats.chunk_request();
         // Not flushed: a replayed chunk request after a crash only costs bandwidth.
         store
             .set_counter(m, "chunks", req.ctr)
@@ -242,6 +243,8 @@ impl ChunkServer {
     }
 
     async fn send(&self, topic: &str, frame: Vec<u8>) -> Result<(), String> {
+        let broadcast = topic.ends_with("/chunks") && !topic.contains("/machines/");
+        self.ctx.stats.frame_sent(frame.len(), broadcast);
         self.ctx
             .mqtt
             .publish(topic, QoS::AtMostOnce, false, frame)

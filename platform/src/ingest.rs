@@ -195,6 +195,11 @@ impl Ingest {
         for p in &batch {
             self.client.ack(p).await?;
         }
+        let stored = after
+            .iter()
+            .filter(|a| matches!(a, After::Event(_)))
+            .count();
+        self.ctx.stats.batch_flushed(stored);
         for a in after {
             self.after(a)?;
         }

@@ -15,6 +15,7 @@
 //! - [`identities`]: operators with roles, integrators, machine revocation.
 //! - [`admin`]: operator requests: uploads, releases, publishing, rollback, activate.
 //! - [`publish`]: signing and bookkeeping of notices and commands, shared by admin and ingest.
+//! - [`stats`]: counters of the running platform (`fleetcast stats`).
 //! - [`cli`]: the `fleetcast` command line (one module per command family).
 
 pub mod admin;
@@ -31,6 +32,7 @@ pub mod limits;
 pub mod publish;
 pub mod rollout;
 pub mod serve;
+pub mod stats;
 pub mod store;
 
 pub use error::PlatformError;

@@ -33,6 +33,7 @@ pub struct Ctx {
     pub data_dir: std::path::PathBuf,
     /// What each machine may take.
     pub limits: MachineLimits,
+    pub stats: crate::stats::Stats,
 }
 
 impl Ctx {
@@ -58,6 +59,7 @@ impl Ctx {
             sessions: Arc::new(NoSessionControl),
             data_dir: dir.to_owned(),
             limits: MachineLimits::default(),
+            stats: Default::default(),
         }
     }
 }

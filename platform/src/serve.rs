@@ -183,6 +183,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
         sessions: deps.sessions,
         data_dir: deps.data_dir,
         limits: deps.limits,
+        stats: Default::default(),
     });
     let (chunk_tx, chunk_rx) = mpsc::channel(1024);
     let (admin_tx, admin_rx) = mpsc::channel(8192);

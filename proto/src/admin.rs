@@ -159,6 +159,8 @@ pub enum AdminOp {
     KeyRotate,
     /// Mosquitto password and ACL files for the whole fleet. Reply: `mosquitto_files`.
     MosquittoConfig,
+    /// The platform's counters since it started (traffic, ingestion). Reply: `stats`.
+    Stats,
 }
 
 impl AdminOp {
@@ -187,6 +189,7 @@ impl AdminOp {
             AdminOp::Audit { .. } => "audit",
             AdminOp::KeyRotate => "key_rotate",
             AdminOp::MosquittoConfig => "mosquitto_config",
+            AdminOp::Stats => "stats",
         }
     }
 
@@ -198,7 +201,8 @@ impl AdminOp {
             | AdminOp::ReleaseList
             | AdminOp::ReleaseStatus { .. }
             | AdminOp::Machines
-            | AdminOp::EventsSince { .. } => Role::Viewer,
+            | AdminOp::EventsSince { .. }
+            | AdminOp::Stats => Role::Viewer,
             AdminOp::UploadBegin { .. }
             | AdminOp::UploadCommit { .. }
             | AdminOp::ReleaseCreate { .. }
@@ -230,6 +234,7 @@ impl AdminOp {
                 | AdminOp::EventsSince { .. }
                 | AdminOp::Audit { .. }
                 | AdminOp::OperatorList
+                | AdminOp::Stats
         )
     }
 }
@@ -339,6 +344,9 @@ pub enum AdminReply {
         next: u64,
         more: bool,
     },
+    Stats {
+        stats: PlatformStats,
+    },
     /// Mosquitto's `password_file` and `acl_file` contents for the whole fleet.
     MosquittoFiles {
         passwd: String,
@@ -377,6 +385,24 @@ pub struct IntegratorProfile {
     pub password: String,
     pub platform_key: PlatformPublicKey,
     pub topic_prefix: String,
+}
+
+/// Counters of a running platform (`fleetcast stats`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlatformStats {
+    /// Since the platform process started.
+    pub uptime_ms: u64,
+    /// Chunk requests that passed their MAC and replay checks.
+    pub chunk_requests: u64,
+    /// Chunk, manifest and error frames published, and their bytes (frame headers included).
+    pub chunk_frames_sent: u64,
+    pub chunk_bytes_sent: u64,
+    /// The part of `chunk_bytes_sent` published once for every machine fetching the artifact.
+    pub chunk_bytes_broadcast: u64,
+    /// Status events stored (each acknowledged only after its batch was flushed).
+    pub status_events_stored: u64,
+    /// Ingest batches flushed.
+    pub ingest_flushes: u64,
 }
 
 /// One operator action, recorded before its answer is sent.

@@ -73,6 +73,14 @@ pub struct EventsArgs {
     pub client: ClientArgs,
 }
 
+#[derive(Args)]
+pub struct StatsArgs {
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub client: ClientArgs,
+}
+
 #[derive(Subcommand)]
 pub enum KeyCmd {
     /// Rotate the platform signing key: the new key is announced under the old one, machines
@@ -204,6 +212,32 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
         return print_json(&all);
     }
     print!("{}", events_text(&all));
+    Ok(())
+}
+
+pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
+    let AdminReply::Stats { stats } = args.client.request(AdminOp::Stats).await? else {
+        anyhow::bail!("unexpected reply to stats");
+    };
+    if args.json {
+        return print_json(&stats);
+    }
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    println!(
+        "uptime                 {:.1} s",
+        stats.uptime_ms as f64 / 1000.0
+    );
+    println!("chunk requests         {}", stats.chunk_requests);
+    println!(
+        "chunk frames sent      {} ({:.1} MiB, {:.1} MiB of it broadcast)",
+        stats.chunk_frames_sent,
+        mib(stats.chunk_bytes_sent),
+        mib(stats.chunk_bytes_broadcast)
+    );
+    println!(
+        "status events stored   {} in {} flushes",
+        stats.status_events_stored, stats.ingest_flushes
+    );
     Ok(())
 }
 

@@ -66,6 +66,8 @@ pub enum Command {
     Audit(identity::AuditArgs),
     /// Stored events after an event id (integrators catching up use this or MQTT).
     Events(identity::EventsArgs),
+    /// The platform's counters since it started: chunk traffic, stored events.
+    Stats(identity::StatsArgs),
     /// The platform's signing key.
     #[command(subcommand)]
     Key(identity::KeyCmd),
@@ -238,6 +240,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Operator(cmd) => identity::operator(cmd).await,
         Command::Integrator(cmd) => identity::integrator(cmd).await,
         Command::Audit(args) => identity::audit(args).await,
+        Command::Stats(args) => identity::stats(args).await,
         Command::Events(args) => identity::events(args).await,
         Command::Key(cmd) => identity::key(cmd).await,
         Command::Broker(cmd) => identity::broker(cmd).await,

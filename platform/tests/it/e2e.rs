@@ -191,6 +191,15 @@ async fn whole_flow(broker: BrokerUrl, restart: bool) {
     for vm in ["vm-001", "vm-002", "vm-003"] {
         assert_active_slot(&sim, vm, &new);
     }
+    // The counters saw the transfer: every byte of the artifact went out at least once, and
+    // each machine's results (at least notified, downloaded, installed) were stored.
+    let AdminReply::Stats { stats } = admin_client.request(AdminOp::Stats).await.unwrap() else {
+        panic!("stats: unexpected reply");
+    };
+    assert!(stats.chunk_bytes_sent >= info.size, "{stats:?}");
+    assert!(stats.chunk_requests >= 3, "{stats:?}");
+    assert!(stats.status_events_stored >= 9, "{stats:?}");
+    assert!(stats.ingest_flushes >= 1, "{stats:?}");
 
     // Roll vm-001 back to the stable version; the others keep 1.1.0.
     let plan = rollback(
