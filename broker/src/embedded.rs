@@ -5,13 +5,16 @@
 //! it runs on its own thread for the life of the process; it cannot report the port it bound, so
 //! callers pass a concrete address (tests pick a free one first); a publish larger than
 //! `max_payload_size` silently drops the connection; every distinct subscription filter keeps an
-//! in-memory log of up to `max_segment_size * max_segment_count` bytes that is never freed.
+//! in-memory log of up to `max_segment_size * max_segment_count` bytes that is never freed, and
+//! a log drops its oldest segment when full even if a subscriber has not read it (so each log
+//! must hold what its slowest reader may lag behind; see `BrokerSettings`).
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fleetcast_proto::Topics;
 use rumqttd::{Config, ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings};
 
 use crate::client::MAX_PACKET;
@@ -26,13 +29,23 @@ pub struct BrokerSettings {
     pub max_connections: usize,
     /// Largest accepted publish payload. Bigger publishes drop the sender's connection.
     pub max_payload: usize,
-    /// Per-filter log for ordinary topics.
+    /// Per-filter log for ordinary topics: a machine's own topics, read by one subscriber
+    /// as they come, so small. rumqttd never frees a log, so this is kept per machine.
     pub segment_size: usize,
     pub segment_count: usize,
-    /// Filters (wildcards allowed) that carry bulk chunk frames, with their own log size.
+    /// Filters (wildcards allowed) that carry bulk chunk frames, with their own log size
+    /// (default: fleetcast's chunk topics under the default prefix).
     pub bulk_filters: Vec<String>,
     pub bulk_segment_size: usize,
     pub bulk_segment_count: usize,
+    /// The platform's wildcard filters, which gather what every machine sends: their log must
+    /// hold whatever the platform has not read yet.
+    pub inbound_filters: Vec<String>,
+    pub inbound_segment_size: usize,
+    pub inbound_segment_count: usize,
+    /// Publishes handed to one connection per router pass (QoS 0). rumqttd writes a pass's
+    /// publishes through one buffer per connection that keeps its largest size: this bounds it.
+    pub max_outgoing_packets: usize,
     /// None accepts anyone (a broker on loopback for tests and demos).
     pub auth: Option<AuthFn>,
 }
@@ -43,11 +56,15 @@ impl BrokerSettings {
             listen,
             max_connections: 10_000,
             max_payload: MAX_PACKET,
-            segment_size: 1024 * 1024,
-            segment_count: 4,
-            bulk_filters: Vec::new(),
-            bulk_segment_size: 4 * 1024 * 1024,
-            bulk_segment_count: 2,
+            segment_size: 8 * 1024,
+            segment_count: 2,
+            bulk_filters: Topics::default().chunk_filters(),
+            bulk_segment_size: 1024 * 1024,
+            bulk_segment_count: 4,
+            inbound_filters: Topics::default().platform_inbound_filters(),
+            inbound_segment_size: 1024 * 1024,
+            inbound_segment_count: 32,
+            max_outgoing_packets: 16,
             auth: None,
         }
     }
@@ -61,22 +78,29 @@ impl BrokerSettings {
     }
 
     fn rumqttd_config(&self) -> Config {
+        // rumqttd panics on segments under 1 KiB.
+        let segment = |size: usize, count: usize| SegmentConfig {
+            max_segment_size: size.max(1024),
+            max_segment_count: count.max(1),
+        };
+        let bulk = segment(self.bulk_segment_size, self.bulk_segment_count);
+        let inbound = segment(self.inbound_segment_size, self.inbound_segment_count);
         let custom_segment = self
             .bulk_filters
             .iter()
-            .map(|f| {
-                let seg = SegmentConfig {
-                    max_segment_size: self.bulk_segment_size,
-                    max_segment_count: self.bulk_segment_count,
-                };
-                (f.clone(), seg)
-            })
+            .map(|f| (f.clone(), bulk.clone()))
+            .chain(
+                self.inbound_filters
+                    .iter()
+                    .map(|f| (f.clone(), inbound.clone())),
+            )
             .collect::<HashMap<_, _>>();
+        let ordinary = segment(self.segment_size, self.segment_count);
         let router = RouterConfig {
             max_connections: self.max_connections,
-            max_outgoing_packet_count: 200,
-            max_segment_size: self.segment_size.max(self.max_payload + 1024),
-            max_segment_count: self.segment_count.max(1),
+            max_outgoing_packet_count: self.max_outgoing_packets.max(1) as u64,
+            max_segment_size: ordinary.max_segment_size,
+            max_segment_count: ordinary.max_segment_count,
             custom_segment: (!custom_segment.is_empty()).then_some(custom_segment),
             initialized_filters: None,
             shared_subscriptions_strategy: Default::default(),

@@ -287,28 +287,32 @@ impl Agent {
     }
 
     fn subscribe_all(&self) {
+        // Chunk frames are QoS 0 (a lost one is re-requested). Subscribing to them with QoS 1
+        // would let rumqttd hand a connection its whole inflight window of 64 KiB frames at
+        // once, through a write buffer it keeps at that size for the life of the connection.
+        let (reliable, chunks) = (QoS::AtLeastOnce, QoS::AtMostOnce);
         // The key chain first: a notice signed by a newer key is only ignored when it arrives
         // before the chain.
         let mut filters = vec![
-            self.topics.platform_keys(),
-            self.topics.machine_release_filter(self.me()),
-            self.topics.command(self.me()),
-            self.topics.status_ack(self.me()),
-            self.topics.machine_chunks(self.me()),
+            (self.topics.platform_keys(), reliable),
+            (self.topics.machine_release_filter(self.me()), reliable),
+            (self.topics.command(self.me()), reliable),
+            (self.topics.status_ack(self.me()), reliable),
+            (self.topics.machine_chunks(self.me()), chunks),
         ];
         filters.extend(
             self.config
                 .groups
                 .iter()
-                .map(|g| self.topics.group_release_filter(g)),
+                .map(|g| (self.topics.group_release_filter(g), reliable)),
         );
         filters.extend(
             self.downloads
                 .values()
-                .map(|d| self.topics.artifact_chunks(&d.artifact)),
+                .map(|d| (self.topics.artifact_chunks(&d.artifact), chunks)),
         );
-        for f in filters {
-            if let Err(e) = self.client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
+        for (f, qos) in filters {
+            if let Err(e) = self.client.try_subscribe(f.clone(), qos) {
                 tracing::warn!(machine = %self.me(), filter = %f, "cannot subscribe: {e}");
             }
         }
@@ -589,7 +593,7 @@ impl Agent {
         if self.connected {
             let _ = self
                 .client
-                .try_subscribe(self.topics.artifact_chunks(&artifact), QoS::AtLeastOnce);
+                .try_subscribe(self.topics.artifact_chunks(&artifact), QoS::AtMostOnce);
         }
         self.downloads.insert(
             kind.clone(),

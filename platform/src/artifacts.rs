@@ -46,6 +46,12 @@ pub enum ArtifactError {
         expected: ArtifactId,
         got: ArtifactId,
     },
+    #[error("artifact {artifact}: manifest file is {got} bytes, its layout says {expected}")]
+    ManifestSize {
+        artifact: ArtifactId,
+        got: usize,
+        expected: usize,
+    },
     #[error("artifact {artifact}: file is {got} bytes, expected {expected}")]
     Size {
         artifact: ArtifactId,

@@ -64,11 +64,17 @@ impl Ctx {
     }
 }
 
-/// Closes live broker sessions of a username: the embedded broker's gateway does; an external
-/// broker cannot be told (its own tools or a restart do it).
+/// What the embedded broker's gateway does for the platform beyond MQTT: close a username's
+/// live sessions (an external broker cannot be told; its own tools or a restart do it), and
+/// deliver chunk frames to the sessions subscribed to an artifact topic itself.
 pub trait SessionControl: Send + Sync {
     /// Closes every session of `username`; returns how many were closed.
     fn close_sessions(&self, username: &str) -> usize;
+    /// Delivers `payload` on artifact topic `topic` to its subscribers, if this broker can
+    /// (`None`: publish it over MQTT instead).
+    fn deliver(&self, _topic: &str, _payload: &[u8]) -> Option<usize> {
+        None
+    }
 }
 
 /// For an external broker: nothing to close from here.

@@ -75,6 +75,10 @@ impl SessionControl for GatewaySessions {
     fn close_sessions(&self, username: &str) -> usize {
         self.0.kick(username)
     }
+
+    fn deliver(&self, topic: &str, payload: &[u8]) -> Option<usize> {
+        Some(self.0.deliver(topic, payload))
+    }
 }
 
 /// Runs the platform until `shutdown` is cancelled or a task fails.

@@ -152,11 +152,27 @@ impl Topics {
     pub fn platform_chunk_request_filter(&self) -> String {
         format!("{}/machines/+/chunks/get", self.prefix)
     }
-    /// The filters that carry bulk chunk frames (brokers size their logs for these).
+    /// The filters that may carry bulk chunk frames (brokers size their logs for these). The
+    /// platform sends every chunk and manifest frame to the artifact's topic and only error
+    /// frames to a machine's own; a log takes memory only for what it holds, so sizing both
+    /// costs nothing while a machine's own topic stays quiet.
     pub fn chunk_filters(&self) -> Vec<String> {
         vec![
             format!("{}/machines/+/chunks", self.prefix),
             format!("{}/artifacts/+/chunks", self.prefix),
+        ]
+    }
+    /// The platform's wildcard subscriptions: one filter each for what every machine, operator
+    /// and integrator sends, so each must hold the platform's backlog.
+    pub fn platform_inbound_filters(&self) -> Vec<String> {
+        vec![
+            self.platform_status_filter(),
+            self.platform_state_filter(),
+            self.platform_online_filter(),
+            self.platform_chunk_request_filter(),
+            self.platform_admin_request_filter(),
+            self.platform_admin_upload_filter(),
+            self.platform_integrator_request_filter(),
         ]
     }
     pub fn platform_admin_request_filter(&self) -> String {
@@ -284,6 +300,9 @@ mod tests {
             t.chunk_filters(),
             vec!["fleet/machines/+/chunks", "fleet/artifacts/+/chunks"]
         );
+        assert!(t
+            .platform_inbound_filters()
+            .contains(&"fleet/machines/+/status".to_owned()));
         assert_eq!(t.status(&m("vm-001")), "fleet/machines/vm-001/status");
         assert_eq!(
             t.group_release(&GroupId::new("g").unwrap(), &Kind::new("firmware").unwrap()),

@@ -79,6 +79,31 @@ pub fn subscribe_filters(frame: &[u8]) -> Result<Vec<String>, FrameError> {
     }
 }
 
+/// The filters of a whole UNSUBSCRIBE frame.
+pub fn unsubscribe_filters(frame: &[u8]) -> Result<Vec<String>, FrameError> {
+    match Packet::read(&mut BytesMut::from(frame), MAX_PACKET) {
+        Ok(Packet::Unsubscribe(u)) => Ok(u.topics),
+        Ok(other) => Err(FrameError::Malformed(format!(
+            "expected UNSUBSCRIBE, parsed {other:?}"
+        ))),
+        Err(e) => Err(FrameError::Malformed(e.to_string())),
+    }
+}
+
+/// A whole QoS 0 PUBLISH packet, encoded once and written as is to every receiver.
+pub fn qos0_publish(topic: &str, payload: &[u8]) -> Result<bytes::Bytes, FrameError> {
+    let publish = rumqttc::mqttbytes::v4::Publish::new(
+        topic,
+        rumqttc::mqttbytes::QoS::AtMostOnce,
+        payload.to_vec(),
+    );
+    let mut out = BytesMut::with_capacity(topic.len() + payload.len() + 8);
+    publish
+        .write(&mut out)
+        .map_err(|e| FrameError::Malformed(e.to_string()))?;
+    Ok(out.freeze())
+}
+
 /// The CONNECT at the front of `buf`, removed from it; `Ok(None)` while it is incomplete.
 /// Any other first packet is an error.
 pub fn take_connect(buf: &mut BytesMut) -> Result<Option<Connect>, FrameError> {

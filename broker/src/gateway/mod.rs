@@ -41,9 +41,13 @@
 //! (a machine leaving a group) does not remove them. fleetcast's machines connect with clean
 //! sessions, so only the platform's own (internal) clients keep sessions.
 //!
-//! Layout: `frames` (raw packet bytes), `limit` (token buckets), `registry` (sessions,
-//! kick, counters), `session` (one connection's pumps), `tls` (server config).
+//! Layout: `buffer` (read buffers that follow the traffic), `fanout` (chunk frames delivered
+//! by the gateway itself), `frames` (raw packet bytes),
+//! `limit` (token buckets), `registry` (sessions, kick, counters), `session` (one
+//! connection's pumps), `tls` (server config).
 
+mod buffer;
+mod fanout;
 mod frames;
 mod limit;
 mod registry;
@@ -149,6 +153,7 @@ impl SecureBrokerSettings {
     pub fn new(topics: Topics) -> Self {
         let mut broker = BrokerSettings::new(SocketAddr::from(([127, 0, 0, 1], 0)));
         broker.bulk_filters = topics.chunk_filters();
+        broker.inbound_filters = topics.platform_inbound_filters();
         Self {
             plain: None,
             tls: None,

@@ -19,6 +19,10 @@ pub struct GatewayStats {
     /// Sessions closed for a publish or subscribe the principal may not make (or a will at
     /// CONNECT, which is also counted as refused).
     pub violations: u64,
+    /// Chunk frames the gateway delivered itself (one per receiving session), and those it
+    /// dropped because a session's queue was full.
+    pub fanout_delivered: u64,
+    pub fanout_dropped: u64,
 }
 
 #[derive(Default)]
@@ -28,6 +32,7 @@ pub(crate) struct Registry {
     connections: AtomicU64,
     refused: AtomicU64,
     violations: AtomicU64,
+    pub(crate) fanout: super::fanout::Fanout,
 }
 
 impl Registry {
@@ -80,6 +85,8 @@ impl Registry {
             active: self.sessions().values().map(HashMap::len).sum(),
             refused: self.refused.load(Ordering::Relaxed),
             violations: self.violations.load(Ordering::Relaxed),
+            fanout_delivered: self.fanout.counts().0,
+            fanout_dropped: self.fanout.counts().1,
         }
     }
 }
@@ -91,8 +98,15 @@ pub(crate) struct SessionGuard {
     id: u64,
 }
 
+impl SessionGuard {
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        self.registry.fanout.remove_session(self.id);
         let mut sessions = self.registry.sessions();
         if let Some(mine) = sessions.get_mut(&self.username) {
             mine.remove(&self.id);
@@ -127,6 +141,18 @@ impl GatewayHandle {
 
     pub fn stats(&self) -> GatewayStats {
         self.registry.stats()
+    }
+
+    /// Delivers `payload` as a QoS 0 PUBLISH on `topic` to every session whose subscription
+    /// to it the gateway accepted (the artifact chunk topics; see `fanout`). How many took it.
+    pub fn deliver(&self, topic: &str, payload: &[u8]) -> usize {
+        match super::frames::qos0_publish(topic, payload) {
+            Ok(packet) => self.registry.fanout.deliver(topic, &packet),
+            Err(e) => {
+                tracing::warn!(topic, error = %e, "cannot encode a frame for delivery");
+                0
+            }
+        }
     }
 }
 

@@ -10,15 +10,20 @@ use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode};
 use rumqttc::mqttbytes::PacketType;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use super::buffer::ReadBuf;
+use super::fanout;
 use super::frames::{self, FrameError};
 use super::limit::Limiter;
 use super::Shared;
 
-/// Read size on both pumps. Chunk frames are 64 KiB: one read carries several.
-const READ_SIZE: usize = 256 * 1024;
+/// Room made for each read from a client; a bigger packet grows the buffer as it arrives.
+const CLIENT_READ: usize = 4 * 1024;
+/// A client buffer above this is given back once everything in it was forwarded.
+const CLIENT_KEEP: usize = 64 * 1024;
 
 /// How a session ended (for the log).
 #[derive(Debug, thiserror::Error)]
@@ -87,17 +92,20 @@ pub(super) async fn serve<S>(
     let (up_rd, up_wr) = upstream.into_split();
     let username = principal.username();
     let stop = shutdown.child_token();
-    let _registered = shared.registry.register(&username, stop.clone());
+    let registered = shared.registry.register(&username, stop.clone());
     tracing::debug!(%peer, client = %client_id, "gateway session open");
+    let (inject, injected) = mpsc::channel(fanout::SESSION_QUEUE);
     let session = Session {
         shared: &shared,
         principal: &principal,
         client_id: &client_id,
+        id: registered.id(),
+        inject,
     };
     let end = tokio::select! {
         _ = stop.cancelled() => End::Closed("kicked or shut down"),
         e = session.client_to_broker(&mut client_rd, up_wr, buf) => e,
-        e = broker_to_client(up_rd, &mut client_wr) => e,
+        e = broker_to_client(up_rd, &mut client_wr, injected) => e,
     };
     match end {
         End::Violation { what, topic } => {
@@ -191,6 +199,10 @@ struct Session<'a> {
     shared: &'a Shared,
     principal: &'a Principal,
     client_id: &'a str,
+    /// The registry's id of this session (fan-out subscriptions are keyed by it).
+    id: u64,
+    /// Where fanned-out chunk frames for this session are queued.
+    inject: mpsc::Sender<bytes::Bytes>,
 }
 
 impl Session<'_> {
@@ -245,14 +257,27 @@ impl Session<'_> {
                 }
                 buf.advance(checked);
             }
-            // Reuses the allocation once the forwarded bytes are gone; a large packet grows it.
-            buf.reserve(READ_SIZE);
+            // Reuses the allocation once the forwarded bytes are gone; a large packet (an
+            // upload part) grows it, and it is given back once that packet has gone through.
+            if buf.is_empty() && buf.capacity() > CLIENT_KEEP {
+                buf = BytesMut::with_capacity(CLIENT_READ);
+            }
+            buf.reserve(CLIENT_READ);
             match rd.read_buf(&mut buf).await {
                 Ok(0) => return End::Closed("client closed"),
                 Ok(_) => {}
                 Err(e) => return e.into(),
             }
         }
+    }
+
+    /// Whether the gateway delivers what is published on `filter` itself (an artifact's chunk
+    /// topic, named exactly).
+    fn is_fanned_out(&self, filter: &str) -> bool {
+        matches!(
+            self.shared.topics.parse(filter),
+            Some(fleetcast_proto::Route::ArtifactChunks(_))
+        )
     }
 
     /// Whether one whole packet may pass.
@@ -293,6 +318,18 @@ impl Session<'_> {
                         topic: f,
                     });
                 }
+                for f in frames::subscribe_filters(frame).map_err(End::Frame)? {
+                    if self.is_fanned_out(&f) {
+                        shared.registry.fanout.subscribe(&f, self.id, &self.inject);
+                    }
+                }
+            }
+            PacketType::Unsubscribe => {
+                for f in frames::unsubscribe_filters(frame).map_err(End::Frame)? {
+                    if self.is_fanned_out(&f) {
+                        shared.registry.fanout.unsubscribe(&f, self.id);
+                    }
+                }
             }
             PacketType::Connect => {
                 return Err(End::Frame(FrameError::Malformed(
@@ -305,28 +342,130 @@ impl Session<'_> {
     }
 }
 
-/// Broker -> client: a plain copy. The broker only delivers what the checked subscriptions
-/// match, so nothing here needs parsing.
-async fn broker_to_client<R, W>(mut rd: R, wr: &mut W) -> End
+/// Broker -> client: the broker's bytes as they come, cut only at packet boundaries so that
+/// chunk frames the gateway delivers itself ([`fanout`]) can go in between. The broker only
+/// delivers what the checked subscriptions match, so nothing here is checked.
+async fn broker_to_client<R, W>(
+    mut rd: R,
+    wr: &mut W,
+    mut injected: mpsc::Receiver<bytes::Bytes>,
+) -> End
 where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buf = vec![0u8; READ_SIZE];
+    let mut buf = ReadBuf::default();
+    // The start of a packet the broker has not finished sending.
+    let mut partial = BytesMut::new();
     loop {
-        let n = match rd.read(&mut buf).await {
-            Ok(0) => return End::Closed("broker closed"),
-            Ok(n) => n,
-            Err(e) => return e.into(),
+        let written = tokio::select! {
+            read = buf.read_from(&mut rd) => {
+                let bytes = match read {
+                    Ok([]) => return End::Closed("broker closed"),
+                    Ok(bytes) => bytes,
+                    Err(e) => return e.into(),
+                };
+                if partial.is_empty() {
+                    // Usual case: write the whole packets straight from the read buffer.
+                    let whole = match whole_packets(bytes) {
+                        Ok(n) => n,
+                        Err(e) => return End::Frame(e),
+                    };
+                    partial.extend_from_slice(&bytes[whole..]);
+                    wr.write_all(&bytes[..whole]).await
+                } else {
+                    partial.extend_from_slice(bytes);
+                    let whole = match whole_packets(&partial) {
+                        Ok(n) => n,
+                        Err(e) => return End::Frame(e),
+                    };
+                    let packets = partial.split_to(whole);
+                    if partial.is_empty() && partial.capacity() > 64 * 1024 {
+                        partial = BytesMut::new();
+                    }
+                    wr.write_all(&packets).await
+                }
+            }
+            Some(frame) = injected.recv() => {
+                // Between whole packets: the partial one waits in `partial`.
+                let mut r = wr.write_all(&frame).await;
+                while r.is_ok() {
+                    match injected.try_recv() {
+                        Ok(frame) => r = wr.write_all(&frame).await,
+                        Err(_) => break,
+                    }
+                }
+                r
+            }
         };
         // flush: TLS keeps records in its buffer until flushed; plain TCP ignores it.
         if let Err(e) = async {
-            wr.write_all(&buf[..n]).await?;
+            written?;
             wr.flush().await
         }
         .await
         {
             return e.into();
         }
+    }
+}
+
+/// How many bytes at the front of `bytes` are whole MQTT packets.
+fn whole_packets(bytes: &[u8]) -> Result<usize, FrameError> {
+    let mut at = 0;
+    while let Some(frame) = frames::next_frame(&bytes[at..])? {
+        if at + frame.len > bytes.len() {
+            break;
+        }
+        at += frame.len;
+    }
+    Ok(at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn packets(mut bytes: &[u8]) -> Vec<Vec<u8>> {
+        let mut out = Vec::new();
+        while let Some(f) = frames::next_frame(bytes).unwrap() {
+            out.push(bytes[..f.len].to_vec());
+            bytes = &bytes[f.len..];
+        }
+        assert!(bytes.is_empty(), "a torn packet at the end");
+        out
+    }
+
+    #[tokio::test]
+    async fn a_delivered_frame_goes_between_whole_packets_of_the_broker_stream() {
+        let (mut broker, broker_side) = tokio::io::duplex(1 << 20);
+        let (mut client_side, mut client) = tokio::io::duplex(1 << 20);
+        let (inject, injected) = mpsc::channel(4);
+        let pump =
+            tokio::spawn(
+                async move { broker_to_client(broker_side, &mut client_side, injected).await },
+            );
+        let first = frames::qos0_publish("fleet/machines/m/release/app", &[1; 100]).unwrap();
+        let big = frames::qos0_publish("fleet/machines/m/status/ack", &[2; 70_000]).unwrap();
+        let delivered = frames::qos0_publish("fleet/artifacts/a/chunks", &[3; 5000]).unwrap();
+        // The broker sends one whole packet and half of the next; a frame is delivered while
+        // the second half is still on its way.
+        let half = big.len() / 2;
+        broker.write_all(&first).await.unwrap();
+        broker.write_all(&big[..half]).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        inject.send(delivered.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        broker.write_all(&big[half..]).await.unwrap();
+        drop(broker);
+        let end = pump.await.unwrap();
+        assert!(matches!(end, End::Closed(_)), "{end}");
+        let mut got = Vec::new();
+        client.read_to_end(&mut got).await.unwrap();
+        assert_eq!(
+            packets(&got),
+            vec![first.to_vec(), delivered.to_vec(), big.to_vec()]
+        );
     }
 }

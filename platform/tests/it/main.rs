@@ -795,8 +795,12 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
         ]
     );
 
-    // Chunks: manifest first, then every chunk, verified.
+    // Chunks: manifest first, then every chunk, verified. Frames come on the artifact's topic
+    // (subscribed before asking); errors on the machine's own.
     vm1.peer.subscribe("fleet/machines/vm-001/chunks").await;
+    vm1.peer
+        .subscribe(&format!("fleet/artifacts/{}/chunks", info.id))
+        .await;
     let layout = Layout::new(info.size, info.chunk_size).unwrap();
     vm1.request_chunks(info.id, true, vec![(0, layout.chunks)])
         .await;
