@@ -3,12 +3,13 @@
 # MQTT with visible progress, a rollback, and the final status. Stops everything it started.
 #
 #   scripts/demo.sh            # build (release) and run
-#   DEMO_MACHINES=50 scripts/demo.sh
+#   MACHINES=1000 scripts/demo.sh   # a bigger fleet (DEMO_MACHINES works too)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MACHINES=${DEMO_MACHINES:-20}
-SIZE_MB=${DEMO_ARTIFACT_MB:-32}
+MACHINES=${MACHINES:-${DEMO_MACHINES:-20}}
+# Big fleets get a smaller file by default: every machine downloads it.
+if [ "$MACHINES" -le 100 ]; then SIZE_MB=${DEMO_ARTIFACT_MB:-32}; else SIZE_MB=${DEMO_ARTIFACT_MB:-2}; fi
 free_port() {
     local p
     while :; do
@@ -48,11 +49,17 @@ step "Starting $MACHINES simulated vending machines in groups shanghai and beiji
     --data "$DIR/machines" --broker "$BROKER" --admin-secret-file "$DIR/platform/admin.secret" \
     --initial app=2.4.0 >"$DIR/machines.log" 2>&1 &
 PIDS+=($!)
-for _ in $(seq 100); do
+started=$SECONDS
+while :; do
     n=$(fc machines --json 2>/dev/null | grep -o '"online": *true' | wc -l || true)
+    printf '\r  %d of %d machines online (%d s)' "$n" "$MACHINES" $((SECONDS - started))
     [ "$n" -ge "$MACHINES" ] && break
-    sleep 0.2
+    if [ $((SECONDS - started)) -gt $((60 + MACHINES / 50)) ]; then
+        echo; echo "machines did not come online; see $DIR/machines.log" >&2; exit 1
+    fi
+    sleep $((MACHINES > 500 ? 1 : 0)).2
 done
+echo
 fc machines | head -8; echo "  ..."
 
 step "Uploading version files: app 2.4.0 (stable) and app 2.4.1 ($SIZE_MB MB)"
@@ -68,7 +75,7 @@ echo "release: $R"
 fc release publish "$R" --groups shanghai --machines vm-002,vm-004 --yes
 
 step "Rollout progress"
-fc release watch "$R" --timeout 300
+fc release watch "$R" --timeout $((300 + MACHINES / 10))
 
 step "Rolling vm-001 back to the stable app 2.4.0"
 RB=$(fc rollback --machine vm-001 --kind app --to 2.4.0 --yes --quiet)
