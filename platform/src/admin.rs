@@ -110,7 +110,7 @@ pub async fn run(
         };
         match item {
             AdminInput::Request { client, payload } => admin.request(&client, &payload).await,
-            AdminInput::Upload { client, payload } => admin.part(&client, &payload),
+            AdminInput::Upload { client, payload } => admin.part(&client, &payload).await,
             AdminInput::IntegratorEvents { client, payload } => {
                 if let Err(why) = integrators.request(&admin.ctx, &client, &payload).await {
                     tracing::warn!(client, reason = %why, "integrator request refused");
@@ -320,7 +320,7 @@ impl Admin {
         }
     }
 
-    fn part(&mut self, client: &str, payload: &[u8]) {
+    async fn part(&mut self, client: &str, payload: &[u8]) {
         let secret = match self.operator(client) {
             Ok(Some(op)) if op.role() >= Role::Operator => op.secret,
             Ok(_) => {
@@ -350,10 +350,33 @@ impl Admin {
             return;
         }
         staged.touched = Instant::now();
-        if let Err(e) = staged.upload.write_part(header.index, bytes) {
-            tracing::warn!(client, artifact = %header.artifact.short(), error = %e, "upload part not stored");
-            if matches!(e, crate::artifacts::ArtifactError::Io { .. }) {
-                staged.failed = Some(e.to_string());
+        // The write runs on the blocking pool; this loop waits for it (parts arrive in order
+        // from one client, and the disk is the limit anyway).
+        let written = match staged.upload.part(header.index, bytes.len()) {
+            Ok(part) => {
+                let bytes = bytes.to_vec();
+                match tokio::task::spawn_blocking(move || part.write(&bytes).map(|()| part.index))
+                    .await
+                {
+                    Ok(r) => r,
+                    Err(e) => {
+                        tracing::error!(client, error = %e, "upload write task failed");
+                        return;
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        let Some(staged) = self.uploads.get_mut(&header.artifact) else {
+            return;
+        };
+        match written {
+            Ok(index) => staged.upload.mark_received(index),
+            Err(e) => {
+                tracing::warn!(client, artifact = %header.artifact.short(), error = %e, "upload part not stored");
+                if matches!(e, crate::artifacts::ArtifactError::Io { .. }) {
+                    staged.failed = Some(e.to_string());
+                }
             }
         }
     }
@@ -829,7 +852,13 @@ mod tests {
         artifact
     }
 
-    fn send_part(admin: &mut Admin, client: &str, artifact: ArtifactId, data: &[u8], index: u32) {
+    async fn send_part(
+        admin: &mut Admin,
+        client: &str,
+        artifact: ArtifactId,
+        data: &[u8],
+        index: u32,
+    ) {
         let header = FrameHeader {
             frame_type: FrameType::UploadPart,
             artifact,
@@ -839,7 +868,9 @@ mod tests {
         let start = index as usize * 1024;
         let part = &data[start..data.len().min(start + 1024)];
         let secret = operator(admin).secret;
-        admin.part(client, &encode_upload_frame(&secret, &header, part));
+        admin
+            .part(client, &encode_upload_frame(&secret, &header, part))
+            .await;
     }
 
     async fn commit(
@@ -866,8 +897,8 @@ mod tests {
         let a = begin(&mut f.admin, "fleetcast-op-admin.a", "1.0", &one).await;
         let b = begin(&mut f.admin, "fleetcast-op-admin.b", "2.0", &two).await;
         for i in 0..3 {
-            send_part(&mut f.admin, "fleetcast-op-admin.a", a, &one, i);
-            send_part(&mut f.admin, "fleetcast-op-admin.b", b, &two, 2 - i);
+            send_part(&mut f.admin, "fleetcast-op-admin.a", a, &one, i).await;
+            send_part(&mut f.admin, "fleetcast-op-admin.b", b, &two, 2 - i).await;
         }
         // A part for no upload in progress changes nothing.
         send_part(
@@ -876,7 +907,8 @@ mod tests {
             ArtifactId::of(b"none"),
             &one,
             0,
-        );
+        )
+        .await;
         for (client, id) in [("fleetcast-op-admin.a", a), ("fleetcast-op-admin.b", b)] {
             let reply = commit(&mut f.admin, client, id).await.unwrap();
             assert!(matches!(reply, AdminReply::Artifact { .. }), "{reply:?}");
@@ -890,7 +922,7 @@ mod tests {
         let mut f = fixture();
         let data = bytes(7);
         let a = begin(&mut f.admin, "fleetcast-op-admin.a", "1.0", &data).await;
-        send_part(&mut f.admin, "fleetcast-op-admin.a", a, &data, 0);
+        send_part(&mut f.admin, "fleetcast-op-admin.a", a, &data, 0).await;
         assert_eq!(staging_files(&f), 1);
         f.admin.drop_abandoned_uploads();
         assert_eq!(f.admin.uploads.len(), 1, "an active upload is kept");
@@ -922,7 +954,7 @@ mod tests {
         std::os::unix::fs::symlink("/dev/full", &staging).unwrap();
         begin(&mut f.admin, "fleetcast-op-admin.a", "1.0", &data).await;
         for i in 0..3 {
-            send_part(&mut f.admin, "fleetcast-op-admin.a", artifact, &data, i);
+            send_part(&mut f.admin, "fleetcast-op-admin.a", artifact, &data, i).await;
         }
         let err = commit(&mut f.admin, "fleetcast-op-admin.a", artifact)
             .await

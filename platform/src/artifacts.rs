@@ -73,14 +73,45 @@ pub struct Upload {
     pub artifact: ArtifactId,
     pub layout: Layout,
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     received: Vec<bool>,
+}
+
+/// Where one checked upload part goes; [`PartWrite::write`] is the blocking write, done off the
+/// async runtime, and [`Upload::mark_received`] records it afterwards.
+pub struct PartWrite {
+    file: Arc<File>,
+    path: PathBuf,
+    offset: u64,
+    pub index: u32,
+}
+
+impl PartWrite {
+    /// Blocking: a positioned write into the staging file.
+    pub fn write(&self, bytes: &[u8]) -> Result<(), ArtifactError> {
+        self.file
+            .write_all_at(bytes, self.offset)
+            .map_err(io("write", &self.path))
+    }
 }
 
 impl Upload {
     /// Writes one part at its offset. A repeated part is written again (same bytes or not:
-    /// the commit hash decides).
+    /// the commit hash decides). Blocking.
     pub fn write_part(&mut self, index: u32, bytes: &[u8]) -> Result<(), ArtifactError> {
+        self.part(index, bytes.len())?.write(bytes)?;
+        self.mark_received(index);
+        Ok(())
+    }
+
+    pub fn mark_received(&mut self, index: u32) {
+        if let Some(r) = self.received.get_mut(index as usize) {
+            *r = true;
+        }
+    }
+
+    /// Checks part `index` of `len` bytes against the layout and says where it goes.
+    pub fn part(&self, index: u32, len: usize) -> Result<PartWrite, ArtifactError> {
         if index >= self.layout.chunks {
             return Err(ArtifactError::PartIndex {
                 artifact: self.artifact,
@@ -89,19 +120,20 @@ impl Upload {
             });
         }
         let expected = self.layout.chunk_len(index);
-        if bytes.len() != expected {
+        if len != expected {
             return Err(ArtifactError::PartLength {
                 artifact: self.artifact,
                 index,
-                got: bytes.len(),
+                got: len,
                 expected,
             });
         }
-        self.file
-            .write_all_at(bytes, self.layout.offset(index))
-            .map_err(io("write", &self.path))?;
-        self.received[index as usize] = true;
-        Ok(())
+        Ok(PartWrite {
+            file: self.file.clone(),
+            path: self.path.clone(),
+            offset: self.layout.offset(index),
+            index,
+        })
     }
 
     /// Ranges of parts not received yet.
@@ -173,6 +205,7 @@ impl ArtifactStore {
             .truncate(true)
             .open(&path)
             .map_err(io("create", &path))?;
+        let file = Arc::new(file);
         Ok(Upload {
             artifact,
             layout,
