@@ -320,10 +320,22 @@ impl SecuredBroker {
     }
 }
 
+/// Connections waiting to be accepted. A fleet reconnects all at once after a restart: with
+/// the usual 1,024 the kernel falls back to SYN cookies and drops some (the kernel caps this
+/// at `net.core.somaxconn`).
+const ACCEPT_BACKLOG: u32 = 8192;
+
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BrokerError> {
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| BrokerError::Bind { addr, source })?;
+    let err = |source| BrokerError::Bind { addr, source };
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(err)?;
+    socket.set_reuseaddr(true).map_err(err)?;
+    socket.bind(addr).map_err(err)?;
+    let listener = socket.listen(ACCEPT_BACKLOG).map_err(err)?;
     let bound = listener
         .local_addr()
         .map_err(|source| BrokerError::Bind { addr, source })?;
