@@ -39,7 +39,10 @@ pub struct BrokerSettings {
     pub bulk_segment_size: usize,
     pub bulk_segment_count: usize,
     /// The platform's wildcard filters, which gather what every machine sends: their log must
-    /// hold whatever the platform has not read yet.
+    /// hold whatever the platform has not read yet, but no more: each stored publish keeps
+    /// the sender's whole network read buffer alive (rumqttd stores slices of it), so a big
+    /// log of small messages costs many times its nominal size. The platform reads at once,
+    /// and what a full log drops is sent again (outbox, state on change, chunk re-requests).
     pub inbound_filters: Vec<String>,
     pub inbound_segment_size: usize,
     pub inbound_segment_count: usize,
@@ -62,8 +65,8 @@ impl BrokerSettings {
             bulk_segment_size: 1024 * 1024,
             bulk_segment_count: 4,
             inbound_filters: Topics::default().platform_inbound_filters(),
-            inbound_segment_size: 1024 * 1024,
-            inbound_segment_count: 32,
+            inbound_segment_size: 256 * 1024,
+            inbound_segment_count: 4,
             max_outgoing_packets: 16,
             auth: None,
         }
