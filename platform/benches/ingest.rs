@@ -180,7 +180,7 @@ async fn fleetcast_ingest(
             complete.clone(),
             resent.clone(),
             last_done.clone(),
-            platform_key.clone(),
+            platform_key,
             release.clone(),
         );
         tasks.spawn(async move {

@@ -604,6 +604,9 @@ fn one_line(s: &str) -> String {
     s.lines().next().unwrap_or("").chars().take(300).collect()
 }
 
+/// A plotted line: name, colour, (fleet size, value) points.
+type Series = (&'static str, &'static str, Vec<(usize, Option<f64>)>);
+
 /// Rollout time (fleetcast and raw) and `serve` RSS against fleet size, as a hand-written SVG.
 fn plot_svg(results: &[SizeResult]) -> String {
     let pts: Vec<&SizeResult> = results.iter().filter(|r| r.n > 0).collect();
@@ -622,11 +625,7 @@ fn plot_svg(results: &[SizeResult]) -> String {
         h + 40.0
     ));
     svg.push_str(r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let panel = |svg: &mut String,
-                 ox: f64,
-                 title: &str,
-                 unit: &str,
-                 series: &[(&str, &str, Vec<(usize, Option<f64>)>)]| {
+    let panel = |svg: &mut String, ox: f64, title: &str, unit: &str, series: &[Series]| {
         let ymax = series
             .iter()
             .flat_map(|(_, _, s)| s.iter().filter_map(|(_, v)| *v))
