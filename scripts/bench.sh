@@ -45,7 +45,9 @@ raise_open_files() {
 
 build_device() {
     # The fleet benches start `fleetcast-device simulate`, found next to the `fleetcast` binary.
-    cargo build --locked -q --release -p fleetcast-device
+    # Both packages together: built alone, fleetcast-device unifies features differently and
+    # recompiles.
+    cargo build --locked -q --release -p fleetcast-platform -p fleetcast-device
 }
 
 # Runs one bench with the given environment; prints its output; appends what follows its
