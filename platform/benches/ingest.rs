@@ -1,0 +1,381 @@
+//! Benchmark: status ingestion end to end, against raw sled insert + flush of the same records
+//! in the same run.
+//!
+//! fleetcast: `fleetcast serve` (embedded broker, child process); M machines are provisioned
+//! (`ing-…`, group `ingest`) and a release of `app` is published to them, so every status event
+//! they send names a release that targets them and is stored (at most `INGEST_EVENTS` ≤ 1,000
+//! per machine, the platform's per-(machine, release) cap). Then M MQTT clients, each with its
+//! own machine credentials, send `downloading` status events with rising progress, MAC'd with
+//! the machine's secret exactly as the agent seals them, QoS 1, with up to `INGEST_WINDOW`
+//! unacknowledged events each; an event counts when the platform's signed `StatusAck` covering
+//! its counter arrives (sent only after the batch holding it was flushed to sled). An event not
+//! acknowledged within 2 s is sent again (the platform acknowledges a replay without storing
+//! it again), as the agent does. Rate = M × E ÷ (first send → last acknowledgement).
+//!
+//! Baseline: a fresh sled database (default config, as the platform opens its own) in a temp
+//! dir; the same number of records, each the JSON of the `FleetEvent` the platform stores for
+//! such an event, under 8-byte big-endian keys, inserted in batches of 256 with one
+//! `flush_async` per batch (the platform's largest ingest batch). Run before and after the
+//! fleetcast measurement; the better is used. When the platform reports its counters, a second
+//! baseline row uses the platform's mean batch size in this run.
+
+mod common;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use common::{now_ms, stat_u64, Platform};
+use fleetcast_broker::client;
+use fleetcast_proto::admin::{AdminOp, AdminReply, FleetEvent};
+use fleetcast_proto::auth::{PlatformPublicKey, Purpose};
+use fleetcast_proto::status::Progress;
+use fleetcast_proto::{
+    GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId, StatusAck, StatusEvent, Topics,
+};
+use rumqttc::{Event, Incoming, QoS};
+use tokio_util::sync::CancellationToken;
+
+fn env_usize(name: &str, default: usize) -> usize {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(default)
+}
+
+fn event(machine: &MachineId, release: &ReleaseId, ctr: u64, total: u64) -> StatusEvent {
+    StatusEvent {
+        machine: machine.clone(),
+        ctr,
+        at_ms: now_ms(),
+        release: Some(release.clone()),
+        kind: Kind::new("app").expect("valid kind"),
+        version: "2.0.0".into(),
+        phase: Phase::Downloading,
+        progress: Some(Progress {
+            bytes: ctr * 65536,
+            total,
+        }),
+        attempt: 1,
+        error: None,
+        detail: None,
+    }
+}
+
+/// The record the platform stores for `ev` (its `FleetEvent` JSON).
+fn record_of(ev: &StatusEvent, id: u64) -> Vec<u8> {
+    serde_json::to_vec(&FleetEvent {
+        id,
+        recorded_at_ms: now_ms(),
+        machine: ev.machine.clone(),
+        release: ev.release.clone(),
+        kind: ev.kind.clone(),
+        version: ev.version.clone(),
+        phase: ev.phase,
+        at_ms: ev.at_ms,
+        attempt: ev.attempt,
+        progress: ev.progress,
+        error: None,
+        detail: None,
+    })
+    .expect("events serialize")
+}
+
+/// Inserts `count` copies of `record` (distinct keys) into a fresh sled db, `batch` per flush.
+async fn sled_baseline(root: &Path, count: usize, record: &[u8], batch: usize) -> Result<Duration> {
+    let dir = tempfile::tempdir_in(root)?;
+    let db = sled::Config::new().path(dir.path().join("db")).open()?;
+    let tree = db.open_tree("events")?;
+    let started = Instant::now();
+    let mut id = 0u64;
+    while (id as usize) < count {
+        let end = (id as usize + batch).min(count) as u64;
+        while id < end {
+            id += 1;
+            tree.insert(id.to_be_bytes(), record)?;
+        }
+        db.flush_async().await?;
+    }
+    let elapsed = started.elapsed();
+    drop(tree);
+    drop(db);
+    Ok(elapsed)
+}
+
+struct Run {
+    time: Duration,
+    events: usize,
+    resent: u64,
+    payload_bytes: usize,
+}
+
+async fn fleetcast_ingest(
+    p: &Platform,
+    machines: usize,
+    per_machine: usize,
+    window: usize,
+) -> Result<Run> {
+    let group = GroupId::new("ingest")?;
+    let ids: Vec<MachineId> = (1..=machines)
+        .map(|i| MachineId::new(format!("ing-{i:04}")))
+        .collect::<Result<_, _>>()?;
+    let provisioned = p.provision(&ids, &group).await?;
+    let file = p.data.join("../ingest-app.bin");
+    std::fs::write(&file, common::artifact_bytes(65536, 7))?;
+    let app = Kind::new("app")?;
+    p.admin
+        .upload(&file, app.clone(), "2.0.0".into(), None, 65536, |_, _| {})
+        .await
+        .context("upload")?;
+    let release = match p
+        .request(AdminOp::ReleaseCreate {
+            kind: app,
+            version: "2.0.0".into(),
+            policy: InstallPolicy::DownloadOnly,
+            notes: None,
+        })
+        .await?
+    {
+        AdminReply::Release { release } => release.id,
+        other => bail!("unexpected reply to release create: {other:?}"),
+    };
+    p.request(AdminOp::ReleasePublish {
+        release: release.clone(),
+        machines: ids.clone(),
+        groups: vec![],
+    })
+    .await?;
+    let platform_key: PlatformPublicKey =
+        std::fs::read_to_string(fleetcast_platform::public_key_path(&p.data))?
+            .trim()
+            .parse()
+            .map_err(|e| anyhow::anyhow!("platform.pub: {e:?}"))?;
+    let topics = Topics::default();
+    let stop = CancellationToken::new();
+    let _stop_guard = stop.clone().drop_guard();
+    let go = CancellationToken::new();
+    let ready = Arc::new(AtomicUsize::new(0));
+    let complete = Arc::new(AtomicUsize::new(0));
+    let resent = Arc::new(AtomicU64::new(0));
+    let last_done: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let total = per_machine as u64;
+    let payload_bytes = provisioned[0]
+        .secret
+        .seal(Purpose::Status, &event(&ids[0], &release, 1, total * 65536))
+        .len();
+    let mut tasks = tokio::task::JoinSet::new();
+    for m in provisioned {
+        let me = m.machine.clone();
+        let mut opts = client::options(&p.url, me.as_str(), Some(&m.secret.mqtt_password()));
+        opts.set_clean_session(true);
+        let (c, mut el) = client::connect(opts, window * 2 + 16);
+        let ack_topic = topics.status_ack(&me);
+        let status_topic = topics.status(&me);
+        let (stop, go, ready, complete, resent, last_done, key, release) = (
+            stop.clone(),
+            go.clone(),
+            ready.clone(),
+            complete.clone(),
+            resent.clone(),
+            last_done.clone(),
+            platform_key,
+            release.clone(),
+        );
+        tasks.spawn(async move {
+            let (mut sent, mut acked) = (0u64, 0u64);
+            let mut last_progress = Instant::now();
+            let mut started = false;
+            let send = |ctr: u64| {
+                let ev = event(&me, &release, ctr, total * 65536);
+                let payload = m.secret.seal(Purpose::Status, &ev);
+                c.try_publish(&status_topic, QoS::AtLeastOnce, false, payload)
+                    .is_ok()
+            };
+            let mut tick = tokio::time::interval(Duration::from_millis(200));
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = go.cancelled(), if !started => {
+                        started = true;
+                        last_progress = Instant::now();
+                    }
+                    _ = tick.tick() => {
+                        // Unacknowledged for 2 s: send the window again, as the agent would.
+                        if started && acked < total && last_progress.elapsed() > Duration::from_secs(2) {
+                            for ctr in acked + 1..=sent {
+                                if send(ctr) {
+                                    resent.fetch_add(1, Ordering::Relaxed);
+                                }
+                            }
+                            last_progress = Instant::now();
+                        }
+                    }
+                    polled = el.poll() => match polled {
+                        Ok(Event::Incoming(Incoming::ConnAck(_))) => {
+                            let _ = c.try_subscribe(ack_topic.clone(), QoS::AtLeastOnce);
+                        }
+                        Ok(Event::Incoming(Incoming::SubAck(_))) => {
+                            ready.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(Event::Incoming(Incoming::Publish(p))) if p.topic == ack_topic => {
+                            if let Ok(ack) = key.verify::<StatusAck>(Purpose::StatusAck, &p.payload) {
+                                if ack.ctr > acked && ack.ctr <= sent {
+                                    acked = ack.ctr;
+                                    last_progress = Instant::now();
+                                    if acked == total {
+                                        *last_done.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+                                        complete.fetch_add(1, Ordering::SeqCst);
+                                    }
+                                }
+                            }
+                        }
+                        Ok(_) => {}
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    },
+                }
+                while started && sent < total && sent - acked < window as u64 && send(sent + 1) {
+                    sent += 1;
+                }
+            }
+        });
+    }
+    let setup = Duration::from_secs(30);
+    let t = Instant::now();
+    while ready.load(Ordering::SeqCst) < machines {
+        if t.elapsed() > setup {
+            bail!(
+                "only {} of {machines} clients connected and subscribed",
+                ready.load(Ordering::SeqCst)
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let events = machines * per_machine;
+    let limit = Duration::from_secs(60) + Duration::from_millis(events as u64);
+    let t0 = Instant::now();
+    go.cancel();
+    while complete.load(Ordering::SeqCst) < machines {
+        if t0.elapsed() > limit {
+            bail!(
+                "only {} of {machines} machines had all {per_machine} events acknowledged after {} s",
+                complete.load(Ordering::SeqCst),
+                limit.as_secs()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let end = last_done
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .unwrap_or_else(Instant::now);
+    stop.cancel();
+    while tasks.join_next().await.is_some() {}
+    Ok(Run {
+        time: end.duration_since(t0),
+        events,
+        resent: resent.load(Ordering::Relaxed),
+        payload_bytes,
+    })
+}
+
+async fn run() -> Result<()> {
+    let machines = env_usize("INGEST_MACHINES", 100).max(1);
+    let per_machine = env_usize("INGEST_EVENTS", 500).clamp(1, 1000);
+    let window = env_usize("INGEST_WINDOW", 8).max(1);
+    let count = machines * per_machine;
+    let root = std::env::temp_dir();
+    let sample = event(
+        &MachineId::new("ing-0001")?,
+        &ReleaseId::new("r-000001")?,
+        123,
+        per_machine as u64 * 65536,
+    );
+    let record = record_of(&sample, 12345);
+    let base1 = sled_baseline(&root, count, &record, 256).await?;
+    eprintln!(
+        "sled baseline: {count} records in {:.2} s",
+        base1.as_secs_f64()
+    );
+
+    let dir = tempfile::tempdir_in(&root)?;
+    let mut p = Platform::start(dir.path(), None).await?;
+    let stats_before = p.stats();
+    let result = fleetcast_ingest(&p, machines, per_machine, window).await;
+    let stats_after = p.stats();
+    p.proc.check_alive()?;
+    p.admin.close().await;
+    drop(p.proc);
+    drop(dir);
+    let run = result?;
+    let base2 = sled_baseline(&root, count, &record, 256).await?;
+    let base = base1.min(base2);
+    let delta = |f: &str| {
+        stat_u64(&stats_after, f)
+            .zip(stat_u64(&stats_before, f))
+            .map(|(a, b)| a.saturating_sub(b))
+    };
+    let stored = delta("status_events_stored");
+    let flushes = delta("ingest_flushes");
+    let mean_batch = stored
+        .zip(flushes)
+        .filter(|(_, f)| *f > 0)
+        .map(|(s, f)| s as f64 / f as f64);
+    let base_mean = match mean_batch {
+        Some(b) => Some((
+            b,
+            sled_baseline(&root, count, &record, (b.round() as usize).max(1)).await?,
+        )),
+        None => None,
+    };
+
+    let rate = |d: Duration| count as f64 / d.as_secs_f64();
+    let fc = rate(run.time);
+    println!("--- results ---");
+    println!(
+        "{machines} machines × {per_machine} status events (window {window} per machine, {} B MAC'd payload, {} B stored record); {} re-sent after 2 s without an ack.",
+        run.payload_bytes,
+        record.len(),
+        run.resent
+    );
+    println!();
+    println!("| what | events | time | events/s | ratio to sled |");
+    println!("|---|---|---|---|---|");
+    println!(
+        "| raw sled: insert + `flush_async` per 256 records, fresh db (best of 2) | {count} | {:.2} s | {:.0} | 1.00 |",
+        base.as_secs_f64(),
+        rate(base)
+    );
+    if let Some((b, d)) = base_mean {
+        println!(
+            "| raw sled, one flush per {:.0} records (the platform's mean batch in this run) | {count} | {:.2} s | {:.0} | {:.2} |",
+            b.round().max(1.0),
+            d.as_secs_f64(),
+            rate(d),
+            rate(d) / rate(base)
+        );
+    }
+    println!(
+        "| fleetcast: sent, verified, stored, flushed, `StatusAck` received | {} | {:.2} s | {:.0} | {:.2} |",
+        run.events,
+        run.time.as_secs_f64(),
+        fc,
+        fc / rate(base)
+    );
+    match (stored, flushes) {
+        (Some(s), Some(f)) => println!(
+            "\nPlatform counters over the run (`fleetcast stats`): {s} status events stored, {f} ingest flushes."
+        ),
+        _ => println!("\nPlatform counters: n/a (`fleetcast stats --json` not available)."),
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = common::until_signal(run()).await {
+        eprintln!("ingest bench failed: {e:#}");
+        std::process::exit(1);
+    }
+}

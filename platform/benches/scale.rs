@@ -1,0 +1,807 @@
+//! Benchmark: a fleet of simulated machines on one `fleetcast serve` (issue 6), each number
+//! beside a baseline measured in the same run.
+//!
+//! Per fleet size N (`SCALE_SIZES`, default `100,1000`), in one fresh data dir:
+//! 1. `fleetcast serve` starts (embedded broker on a free loopback port, or `--broker` on a
+//!    Mosquitto started for the run when `SCALE_BROKER=mosquitto`); its RSS is read.
+//! 2. Raw fan-out baseline: N extra machines (`raw-…`, group `rawbench`) are provisioned, connect
+//!    as plain rumqttc subscribers, and the platform principal publishes the rollout's artifact
+//!    bytes as 64 KiB QoS 1 messages; time until every subscriber has every byte (checked per
+//!    subscriber). Then they disconnect. This runs before the simulated fleet starts, so the
+//!    broker never holds 2 N connections.
+//! 3. Onboarding: one `fleetcast-device simulate --count N` process; time from its start until
+//!    every machine is online with its first state.
+//! 4. Rollouts (`SCALE_ROLLOUTS`, default 10 at N = 1,000 and 1 otherwise): upload, create,
+//!    publish to the fleet's groups; time from the publish request until the last `installed`
+//!    event (platform clock); notice → `notified` latency per machine; platform egress from
+//!    `fleetcast stats --json`; RSS of `serve` and the simulator after each.
+//!
+//! `SCALE_DOWNLOAD_MB=200` instead runs one machine and one artifact of that size (item 7's
+//! shape) and reports the machine's `downloading` → `downloaded` time beside raw pub/sub of the
+//! same bytes to one subscriber.
+//!
+//! Prints markdown after a `--- results ---` line; scripts/bench.sh records it. `SCALE_SVG=path`
+//! also writes a plot.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use common::{
+    artifact_bytes, now_ms, percentile, raw_fanout, stat_u64, EventFeed, Mem, Platform, Proc,
+    RawResult,
+};
+use fleetcast_broker::mosquitto::{mosquitto_files, BrokerIdentity, MosquittoFiles};
+use fleetcast_broker::testing::Mosquitto;
+use fleetcast_proto::acl::{Principal, Role};
+use fleetcast_proto::admin::{AdminOp, AdminReply};
+use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, Topics};
+
+const MSG: usize = 64 * 1024;
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum BrokerKind {
+    Embedded,
+    Mosquitto,
+}
+
+impl BrokerKind {
+    fn label(self) -> &'static str {
+        match self {
+            BrokerKind::Embedded => "embedded rumqttd (behind the gateway)",
+            BrokerKind::Mosquitto => "Mosquitto (external, generated password and ACL files)",
+        }
+    }
+}
+
+/// One rollout's outcome.
+#[derive(Debug, Clone, Default)]
+struct Rollout {
+    installed: usize,
+    failed: usize,
+    /// Publish request → last `installed` event stored (platform clock), when all installed.
+    time: Option<Duration>,
+    /// How long we waited when not all installed.
+    waited: Duration,
+    notified_ms: Vec<u64>,
+    /// First `downloading` → `downloaded` (machine clock), for the one-machine download.
+    download: Option<Duration>,
+    egress_bytes: Option<u64>,
+    serve: Mem,
+    sim: Mem,
+}
+
+#[derive(Debug, Clone, Default)]
+struct SizeResult {
+    n: usize,
+    artifact: usize,
+    error: Option<String>,
+    raw: Option<RawResult>,
+    raw_error: Option<String>,
+    onboarding: Option<Duration>,
+    onboarded: usize,
+    serve_before: Mem,
+    serve_after_raw: Mem,
+    serve_idle: Mem,
+    sim_idle: Mem,
+    rollouts: Vec<Rollout>,
+}
+
+fn sizes() -> Vec<usize> {
+    std::env::var("SCALE_SIZES")
+        .unwrap_or_else(|_| "100,1000".into())
+        .split(',')
+        .filter_map(|s| s.trim().replace('_', "").parse().ok())
+        .filter(|n| *n > 0)
+        .collect()
+}
+
+/// Starts Mosquitto with fleetcast's files for the platform and the bootstrap operator (the
+/// only identities before `serve` first runs), creating the platform's keys in `data` first
+/// exactly as `serve` would.
+fn start_mosquitto(data: &Path) -> Result<Mosquitto> {
+    let keys = fleetcast_platform::load_or_create_keys(data)?;
+    let ids = [
+        BrokerIdentity {
+            principal: Principal::Platform,
+            password: keys.platform_mqtt_password(),
+        },
+        BrokerIdentity {
+            principal: Principal::Operator {
+                name: fleetcast_broker::admin::BOOTSTRAP_OPERATOR.into(),
+                role: Role::Admin,
+            },
+            password: keys.admin.mqtt_password(),
+        },
+    ];
+    let files = mosquitto_files(&Topics::default(), &ids)?;
+    Mosquitto::start_with_files(&files).context("starting mosquitto")
+}
+
+/// What `fleetcast broker mosquitto-config` writes (the same admin op), loaded into Mosquitto
+/// with a SIGHUP: needed after every provisioning.
+async fn reload_mosquitto(m: &Mosquitto, p: &Platform) -> Result<()> {
+    match p.request(AdminOp::MosquittoConfig).await? {
+        AdminReply::MosquittoFiles { passwd, acl } => {
+            m.rewrite_files(&MosquittoFiles { passwd, acl })?;
+            m.reload()?;
+            Ok(())
+        }
+        other => bail!("unexpected reply to mosquitto_config: {other:?}"),
+    }
+}
+
+fn groups_for(n: usize) -> Vec<GroupId> {
+    let all = ["g1", "g2"];
+    all[..n.clamp(1, 2)]
+        .iter()
+        .map(|g| GroupId::new(*g).expect("valid group"))
+        .collect()
+}
+
+async fn run_size(
+    n: usize,
+    artifact: usize,
+    rollouts: usize,
+    broker: BrokerKind,
+    root: &Path,
+) -> SizeResult {
+    let mut r = SizeResult {
+        n,
+        artifact,
+        ..Default::default()
+    };
+    if let Err(e) = fleet(&mut r, rollouts, broker, root).await {
+        r.error = Some(format!("{e:#}"));
+        eprintln!("N={n}: {e:#}");
+    }
+    r
+}
+
+async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &Path) -> Result<()> {
+    let n = r.n;
+    let dir = tempfile::tempdir_in(root)?;
+    let mosquitto = match broker {
+        BrokerKind::Mosquitto => Some(start_mosquitto(&dir.path().join("platform"))?),
+        BrokerKind::Embedded => None,
+    };
+    let mut p = Platform::start(dir.path(), mosquitto.as_ref().map(|m| &m.url)).await?;
+    eprintln!("N={n}: platform up on {}", p.url);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    r.serve_before = p.proc.mem();
+
+    // Every rollout's artifact, and the raw baseline sends the first one's bytes.
+    let payloads: Vec<Vec<u8>> = (0..rollouts.max(1))
+        .map(|i| artifact_bytes(r.artifact, (n * 100 + i + 1) as u64))
+        .collect();
+
+    // 2. Raw fan-out through the same broker, before the fleet starts.
+    let raw_group = GroupId::new("rawbench")?;
+    let raw_ids: Vec<MachineId> = (1..=n)
+        .map(|i| MachineId::new(format!("raw-{i:05}")))
+        .collect::<Result<_, _>>()?;
+    let raw_machines = p.provision(&raw_ids, &raw_group).await?;
+    if let Some(m) = &mosquitto {
+        reload_mosquitto(m, &p).await?;
+    }
+    let raw_timeout = Duration::from_secs(30 + (n * r.artifact / (50 << 20)) as u64);
+    match raw_fanout(
+        &p.url,
+        &p.platform_password()?,
+        &raw_machines,
+        &raw_group,
+        &payloads[0],
+        MSG,
+        raw_timeout,
+    )
+    .await
+    {
+        Ok(raw) => {
+            eprintln!(
+                "N={n}: raw fan-out {:.2} s, {} of {n} complete",
+                raw.time.as_secs_f64(),
+                raw.complete
+            );
+            r.raw = Some(raw);
+        }
+        Err(e) => r.raw_error = Some(format!("{e:#}")),
+    }
+    drop(raw_machines);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    r.serve_after_raw = p.proc.mem();
+
+    // 3. Onboarding.
+    let groups = groups_for(n);
+    let group_list: Vec<&str> = groups.iter().map(|g| g.as_str()).collect();
+    let mut cmd = Command::new(common::device_bin()?);
+    cmd.arg("simulate")
+        .arg("--count")
+        .arg(n.to_string())
+        .arg("--groups")
+        .arg(group_list.join(","))
+        .arg("--prefix")
+        .arg("vm-")
+        .arg("--data")
+        .arg(dir.path().join("machines"))
+        .arg("--broker")
+        .arg(p.url.to_string())
+        .arg("--admin-secret-file")
+        .arg(&p.secret_file)
+        .arg("--initial")
+        .arg("app=1.0.0");
+    let started = Instant::now();
+    let mut sim = Proc::spawn(
+        "fleetcast-device simulate",
+        &mut cmd,
+        dir.path().join("sim.log"),
+    )?;
+    let limit = Duration::from_secs(30) + Duration::from_millis(20 * n as u64);
+    let every = Duration::from_millis(if n > 2000 { 1000 } else { 500 });
+    let mut reloaded = mosquitto.is_none();
+    loop {
+        sim.check_alive()?;
+        p.proc.check_alive()?;
+        let machines = p.machines().await?;
+        let ours: Vec<_> = machines
+            .iter()
+            .filter(|m| m.id.as_str().starts_with("vm-"))
+            .collect();
+        if !reloaded && ours.len() >= n {
+            // Mosquitto knows a machine only once its files are regenerated.
+            reload_mosquitto(mosquitto.as_ref().expect("mosquitto"), &p).await?;
+            reloaded = true;
+        }
+        r.onboarded = ours
+            .iter()
+            .filter(|m| m.online && m.agent_version.is_some())
+            .count();
+        if r.onboarded >= n {
+            r.onboarding = Some(started.elapsed());
+            break;
+        }
+        if started.elapsed() > limit {
+            bail!(
+                "onboarding: {} of {n} machines online with a state after {} s",
+                r.onboarded,
+                limit.as_secs()
+            );
+        }
+        tokio::time::sleep(every).await;
+    }
+    eprintln!(
+        "N={n}: onboarded in {:.1} s",
+        r.onboarding.unwrap_or_default().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    r.serve_idle = p.proc.mem();
+    r.sim_idle = sim.mem();
+
+    // 4. Rollouts.
+    let app = Kind::new("app")?;
+    for (i, bytes) in payloads.iter().enumerate() {
+        let version = format!("2.{}.0", i + 1);
+        let file = dir.path().join(format!("app-{version}.bin"));
+        std::fs::write(&file, bytes)?;
+        p.admin
+            .upload(
+                &file,
+                app.clone(),
+                version.clone(),
+                None,
+                MSG as u32,
+                |_, _| {},
+            )
+            .await
+            .with_context(|| format!("uploading {version}"))?;
+        let release = match p
+            .request(AdminOp::ReleaseCreate {
+                kind: app.clone(),
+                version: version.clone(),
+                policy: InstallPolicy::Immediate,
+                notes: None,
+            })
+            .await?
+        {
+            AdminReply::Release { release } => release.id,
+            other => bail!("unexpected reply to release create: {other:?}"),
+        };
+        let mut feed = EventFeed::at_end(&p).await?;
+        let stats_before = p.stats();
+        let published_ms = now_ms();
+        p.request(AdminOp::ReleasePublish {
+            release: release.clone(),
+            machines: vec![],
+            groups: groups.clone(),
+        })
+        .await?;
+        let limit = Duration::from_secs(60)
+            + Duration::from_millis(120 * n as u64)
+            + Duration::from_secs((r.artifact >> 20) as u64);
+        let mut installed: HashMap<MachineId, u64> = HashMap::new();
+        let mut failed: HashSet<MachineId> = HashSet::new();
+        let mut notified: HashMap<MachineId, u64> = HashMap::new();
+        let (mut dl_start, mut dl_end) = (None, None);
+        let started = Instant::now();
+        loop {
+            for e in feed.poll(&p).await? {
+                if e.release.as_ref() != Some(&release) {
+                    continue;
+                }
+                match e.phase {
+                    Phase::Installed => {
+                        installed.insert(e.machine, e.recorded_at_ms);
+                    }
+                    Phase::Notified => {
+                        notified.entry(e.machine).or_insert(e.at_ms);
+                    }
+                    Phase::Downloading => {
+                        dl_start.get_or_insert(e.at_ms);
+                    }
+                    Phase::Downloaded => dl_end = Some(e.at_ms),
+                    ph if ph.is_failure() => {
+                        failed.insert(e.machine);
+                    }
+                    _ => {}
+                }
+            }
+            if installed.len() + failed.len() >= n || started.elapsed() > limit {
+                break;
+            }
+            sim.check_alive()?;
+            tokio::time::sleep(every).await;
+        }
+        let stats_after = p.stats();
+        let mut notified_ms: Vec<u64> = notified
+            .values()
+            .map(|at| at.saturating_sub(published_ms))
+            .collect();
+        notified_ms.sort_unstable();
+        let all = installed.len() >= n;
+        let rollout = Rollout {
+            installed: installed.len(),
+            failed: failed.len(),
+            time: all.then(|| {
+                let last = installed.values().copied().max().unwrap_or(published_ms);
+                Duration::from_millis(last.saturating_sub(published_ms))
+            }),
+            waited: started.elapsed(),
+            notified_ms,
+            download: dl_start
+                .zip(dl_end)
+                .map(|(s, e)| Duration::from_millis(e.saturating_sub(s))),
+            egress_bytes: stat_u64(&stats_after, "chunk_bytes_sent")
+                .zip(stat_u64(&stats_before, "chunk_bytes_sent"))
+                .map(|(a, b)| a.saturating_sub(b)),
+            serve: p.proc.mem(),
+            sim: sim.mem(),
+        };
+        eprintln!(
+            "N={n}: rollout {} — {} installed, {} failed, {}",
+            i + 1,
+            rollout.installed,
+            rollout.failed,
+            rollout
+                .time
+                .map(|t| format!("{:.1} s", t.as_secs_f64()))
+                .unwrap_or_else(|| format!("not all after {:.0} s", rollout.waited.as_secs_f64()))
+        );
+        r.rollouts.push(rollout);
+        if !all {
+            break; // a stuck fleet: the next rollout would measure the backlog
+        }
+    }
+    drop(sim);
+    p.admin.close().await;
+    drop(p.proc);
+    drop(mosquitto);
+    Ok(())
+}
+
+// ---------- output ----------
+
+fn mb(m: Mem) -> String {
+    if m.rss_kib == 0 {
+        return "—".into();
+    }
+    format!("{:.0} MB", m.rss_mb())
+}
+
+fn raw_cell(r: &SizeResult) -> String {
+    match (&r.raw, &r.raw_error) {
+        (Some(raw), _) if raw.ok() => format!("{:.2} s", raw.time.as_secs_f64()),
+        (Some(raw), _) => format!(
+            "FAILED: {} of {} subscribers got every byte (fewest: {} of {} bytes)",
+            raw.complete, raw.subscribers, raw.min_bytes, raw.total_bytes
+        ),
+        (None, Some(e)) => format!("FAILED: {e}"),
+        (None, None) => "not run".into(),
+    }
+}
+
+fn rollout_cell(n: usize, ro: Option<&Rollout>) -> String {
+    match ro {
+        None => "not run".into(),
+        Some(ro) => match ro.time {
+            Some(t) => format!("{:.2} s", t.as_secs_f64()),
+            None => format!(
+                "FAILED: {} of {n} installed, {} failed, after {:.0} s",
+                ro.installed,
+                ro.failed,
+                ro.waited.as_secs_f64()
+            ),
+        },
+    }
+}
+
+fn ratio(a: Option<Duration>, base: Option<&RawResult>) -> String {
+    match (a, base) {
+        (Some(a), Some(b)) if b.ok() && !b.time.is_zero() => {
+            format!("{:.1}", a.as_secs_f64() / b.time.as_secs_f64())
+        }
+        _ => "—".into(),
+    }
+}
+
+fn egress_cell(ro: Option<&Rollout>, artifact: usize) -> String {
+    match ro.and_then(|r| r.egress_bytes) {
+        Some(b) => format!("{:.2}", b as f64 / artifact as f64),
+        None => "n/a".into(),
+    }
+}
+
+fn latency_cell(ro: Option<&Rollout>) -> String {
+    let Some(ro) = ro else { return "—".into() };
+    match (
+        percentile(&ro.notified_ms, 50.0),
+        percentile(&ro.notified_ms, 99.0),
+    ) {
+        (Some(p50), Some(p99)) => format!(
+            "{:.2} s / {:.2} s ({} machines)",
+            p50 as f64 / 1e3,
+            p99 as f64 / 1e3,
+            ro.notified_ms.len()
+        ),
+        _ => "—".into(),
+    }
+}
+
+fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
+    println!("Broker: {}. Artifact 1 MiB (64 KiB chunks), policy `immediate`, groups g1,g2. Raw fan-out: the same 1 MiB as 16 × 64 KiB QoS 1 from the platform principal to N plain rumqttc subscribers (machines `raw-…` in group `rawbench`), run after `serve` started and before the simulated fleet, every subscriber's byte count checked.", broker.label());
+    println!();
+    println!("| machines | onboarding (provision + connect + first state) | raw fan-out 1 MiB | fleetcast rollout 1 MiB (publish → all `installed`) | ratio to raw | notice → `notified` p50 / p99 | platform egress ÷ artifact |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in results {
+        let first = r.rollouts.first();
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.n,
+            match (r.onboarding, &r.error) {
+                (Some(d), _) => format!("{:.1} s", d.as_secs_f64()),
+                (None, Some(_)) => format!("FAILED: {} of {} online", r.onboarded, r.n),
+                (None, None) => "—".into(),
+            },
+            raw_cell(r),
+            rollout_cell(r.n, first),
+            ratio(first.and_then(|f| f.time), r.raw.as_ref()),
+            latency_cell(first),
+            egress_cell(first, r.artifact),
+        );
+    }
+    for r in results {
+        if let Some(e) = &r.error {
+            println!();
+            println!("N = {}: stopped with an error: `{}`", r.n, one_line(e));
+        }
+    }
+    println!();
+    println!("| machines | `serve` RSS before | after the raw baseline | idle with N machines | per idle machine | after rollout 1 (VmHWM) | simulator idle | per simulated machine | simulator after rollout 1 (VmHWM) |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for r in results {
+        let first = r.rollouts.first();
+        let per = |a: Mem, b: Mem| {
+            if a.rss_kib == 0 || b.rss_kib == 0 {
+                return "—".to_string();
+            }
+            format!(
+                "{:.0} KiB",
+                (a.rss_kib as f64 - b.rss_kib as f64) / r.n as f64
+            )
+        };
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.n,
+            mb(r.serve_before),
+            mb(r.serve_after_raw),
+            mb(r.serve_idle),
+            per(r.serve_idle, r.serve_after_raw),
+            first
+                .map(|f| format!("{} ({:.0} MB)", mb(f.serve), f.serve.hwm_mb()))
+                .unwrap_or("—".into()),
+            mb(r.sim_idle),
+            if r.sim_idle.rss_kib == 0 {
+                "—".into()
+            } else {
+                format!("{:.0} KiB", r.sim_idle.rss_kib as f64 / r.n as f64)
+            },
+            first
+                .map(|f| format!("{} ({:.0} MB)", mb(f.sim), f.sim.hwm_mb()))
+                .unwrap_or("—".into()),
+        );
+    }
+    for r in results.iter().filter(|r| r.rollouts.len() > 1) {
+        println!();
+        println!("Rollouts in a row to {} machines (1 MiB each):", r.n);
+        println!();
+        println!("| rollout | publish → all `installed` | notified p50 / p99 | egress ÷ artifact | `serve` RSS (VmHWM) | simulator RSS (VmHWM) |");
+        println!("|---|---|---|---|---|---|");
+        for (i, ro) in r.rollouts.iter().enumerate() {
+            println!(
+                "| {} | {} | {} | {} | {} ({:.0} MB) | {} ({:.0} MB) |",
+                i + 1,
+                rollout_cell(r.n, Some(ro)),
+                latency_cell(Some(ro)),
+                egress_cell(Some(ro), r.artifact),
+                mb(ro.serve),
+                ro.serve.hwm_mb(),
+                mb(ro.sim),
+                ro.sim.hwm_mb()
+            );
+        }
+        if let (Some(a), Some(b)) = (r.rollouts.first(), r.rollouts.last()) {
+            println!();
+            println!(
+                "`serve` RSS after rollout {} vs after rollout 1: {:+.0} % (target: within 10 %).",
+                r.rollouts.len(),
+                (b.serve.rss_kib as f64 / a.serve.rss_kib.max(1) as f64 - 1.0) * 100.0
+            );
+        }
+    }
+}
+
+fn print_download(r: &SizeResult, broker: BrokerKind) {
+    let mbytes = r.artifact as f64 / 1e6;
+    let ro = r.rollouts.first();
+    println!("Broker: {}. One simulated machine, one artifact of {:.0} MB through `fleetcast serve` (child process, default per-machine byte budget of 64 MiB/s in force); raw: the same bytes as 64 KiB QoS 1 messages from the platform principal to one subscriber, run just before the machine started.", broker.label(), mbytes);
+    println!();
+    println!("| what | size | time | throughput | ratio to raw |");
+    println!("|---|---|---|---|---|");
+    let raw_ok = r.raw.as_ref().filter(|x| x.ok());
+    match raw_ok {
+        Some(raw) => println!(
+            "| raw rumqttc pub/sub, 64 KiB QoS 1 | {mbytes:.0} MB | {:.2} s | {:.1} MB/s | 1.00 |",
+            raw.time.as_secs_f64(),
+            mbytes / raw.time.as_secs_f64()
+        ),
+        None => println!(
+            "| raw rumqttc pub/sub, 64 KiB QoS 1 | {mbytes:.0} MB | {} | — | — |",
+            raw_cell(r)
+        ),
+    }
+    match ro.and_then(|ro| ro.download) {
+        Some(d) => println!(
+            "| fleetcast download (`downloading` → `downloaded`, machine clock) | {mbytes:.0} MB | {:.2} s | {:.1} MB/s | {} |",
+            d.as_secs_f64(),
+            mbytes / d.as_secs_f64(),
+            raw_ok
+                .map(|raw| format!("{:.2}", raw.time.as_secs_f64() / d.as_secs_f64()))
+                .unwrap_or("—".into())
+        ),
+        None => println!(
+            "| fleetcast download | {mbytes:.0} MB | FAILED: {} | — | — |",
+            r.error
+                .as_deref()
+                .map(one_line)
+                .unwrap_or_else(|| rollout_cell(1, ro))
+        ),
+    }
+}
+
+fn one_line(s: &str) -> String {
+    s.lines().next().unwrap_or("").chars().take(300).collect()
+}
+
+/// A plotted line: name, colour, (fleet size, value) points.
+type Series = (&'static str, &'static str, Vec<(usize, Option<f64>)>);
+
+/// Rollout time (fleetcast and raw) and `serve` RSS against fleet size, as a hand-written SVG.
+fn plot_svg(results: &[SizeResult]) -> String {
+    let pts: Vec<&SizeResult> = results.iter().filter(|r| r.n > 0).collect();
+    let (w, h, pad) = (360.0, 240.0, 50.0);
+    let xs: Vec<f64> = pts.iter().map(|r| (r.n as f64).log10()).collect();
+    let (xmin, xmax) = (
+        xs.iter().cloned().fold(f64::INFINITY, f64::min),
+        xs.iter().cloned().fold(f64::NEG_INFINITY, f64::max),
+    );
+    let xspan = if xmax > xmin { xmax - xmin } else { 1.0 };
+    let x_at = |n: usize, ox: f64| ox + pad + ((n as f64).log10() - xmin) / xspan * (w - 2.0 * pad);
+    let mut svg = String::new();
+    svg.push_str(&format!(
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{}" height="{}" font-family="sans-serif" font-size="11">"#,
+        2.0 * w + 20.0,
+        h + 40.0
+    ));
+    svg.push_str(r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let panel = |svg: &mut String, ox: f64, title: &str, unit: &str, series: &[Series]| {
+        let ymax = series
+            .iter()
+            .flat_map(|(_, _, s)| s.iter().filter_map(|(_, v)| *v))
+            .fold(0.0f64, f64::max)
+            .max(1e-9)
+            * 1.1;
+        let y_at = |v: f64| h - pad + 20.0 - v / ymax * (h - 2.0 * pad);
+        svg.push_str(&format!(
+            r#"<text x="{}" y="16" font-size="13">{title}</text>"#,
+            ox + pad
+        ));
+        // axes
+        svg.push_str(&format!(
+            r#"<line x1="{x0}" y1="{yb}" x2="{x1}" y2="{yb}" stroke="black"/><line x1="{x0}" y1="{yb}" x2="{x0}" y2="{yt}" stroke="black"/>"#,
+            x0 = ox + pad,
+            x1 = ox + w - pad,
+            yb = y_at(0.0),
+            yt = y_at(ymax)
+        ));
+        for k in 0..=4 {
+            let v = ymax * k as f64 / 4.0;
+            svg.push_str(&format!(
+                r#"<text x="{}" y="{}" text-anchor="end">{:.1}</text>"#,
+                ox + pad - 4.0,
+                y_at(v) + 4.0,
+                v
+            ));
+        }
+        svg.push_str(&format!(
+            r#"<text x="{}" y="{}" text-anchor="middle">{unit}</text>"#,
+            ox + 14.0,
+            y_at(ymax) - 8.0
+        ));
+        for r in &pts {
+            svg.push_str(&format!(
+                r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+                x_at(r.n, ox),
+                y_at(0.0) + 14.0,
+                r.n
+            ));
+        }
+        svg.push_str(&format!(
+            r#"<text x="{}" y="{}" text-anchor="middle">machines (log scale)</text>"#,
+            ox + w / 2.0,
+            y_at(0.0) + 28.0
+        ));
+        for (k, (name, color, s)) in series.iter().enumerate() {
+            let line: Vec<String> = s
+                .iter()
+                .filter_map(|(n, v)| v.map(|v| format!("{:.1},{:.1}", x_at(*n, ox), y_at(v))))
+                .collect();
+            svg.push_str(&format!(
+                r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#,
+                line.join(" ")
+            ));
+            for p in &line {
+                let (x, y) = p.split_once(',').expect("x,y");
+                svg.push_str(&format!(
+                    r#"<circle cx="{x}" cy="{y}" r="3" fill="{color}"/>"#
+                ));
+            }
+            svg.push_str(&format!(
+                r#"<text x="{}" y="{}" fill="{color}">{name}</text>"#,
+                ox + pad + 8.0,
+                34.0 + 13.0 * k as f64
+            ));
+        }
+    };
+    let series_time = [
+        (
+            "fleetcast rollout (publish → all installed)",
+            "#c0392b",
+            pts.iter()
+                .map(|r| {
+                    (
+                        r.n,
+                        r.rollouts
+                            .first()
+                            .and_then(|f| f.time)
+                            .map(|t| t.as_secs_f64()),
+                    )
+                })
+                .collect(),
+        ),
+        (
+            "raw fan-out of the same bytes",
+            "#2471a3",
+            pts.iter()
+                .map(|r| {
+                    (
+                        r.n,
+                        r.raw
+                            .as_ref()
+                            .filter(|x| x.ok())
+                            .map(|x| x.time.as_secs_f64()),
+                    )
+                })
+                .collect(),
+        ),
+    ];
+    panel(&mut svg, 0.0, "1 MiB rollout time", "s", &series_time);
+    let series_mem = [
+        (
+            "serve RSS idle with N machines",
+            "#2471a3",
+            pts.iter()
+                .map(|r| {
+                    (
+                        r.n,
+                        (r.serve_idle.rss_kib > 0).then(|| r.serve_idle.rss_mb()),
+                    )
+                })
+                .collect(),
+        ),
+        (
+            "serve RSS after rollout 1",
+            "#c0392b",
+            pts.iter()
+                .map(|r| (r.n, r.rollouts.first().map(|f| f.serve.rss_mb())))
+                .collect(),
+        ),
+    ];
+    panel(
+        &mut svg,
+        w + 20.0,
+        "fleetcast serve memory",
+        "MB",
+        &series_mem,
+    );
+    svg.push_str("</svg>\n");
+    svg
+}
+
+async fn run() -> Result<()> {
+    let broker = match std::env::var("SCALE_BROKER").as_deref() {
+        Ok("mosquitto") => BrokerKind::Mosquitto,
+        _ => BrokerKind::Embedded,
+    };
+    if broker == BrokerKind::Mosquitto && fleetcast_broker::testing::mosquitto_binary().is_none() {
+        println!("--- results ---");
+        println!("Skipped: `mosquitto` is not installed (apt-get install mosquitto).");
+        return Ok(());
+    }
+    let root: PathBuf = std::env::temp_dir();
+    if let Some(mbytes) = std::env::var("SCALE_DOWNLOAD_MB")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+    {
+        let r = run_size(1, mbytes * 1_000_000, 1, broker, &root).await;
+        println!("--- results ---");
+        print_download(&r, broker);
+        return Ok(());
+    }
+    let mut results = Vec::new();
+    for n in sizes() {
+        let default_rollouts = if n == 1000 { 10 } else { 1 };
+        let rollouts = match std::env::var("SCALE_ROLLOUTS") {
+            Ok(v) => v.parse().unwrap_or(default_rollouts),
+            Err(_) => default_rollouts,
+        };
+        let rollouts = if n == 1000 { rollouts } else { 1 };
+        results.push(run_size(n, 1 << 20, rollouts.max(1), broker, &root).await);
+    }
+    println!("--- results ---");
+    print_fleet(&results, broker);
+    if let Ok(path) = std::env::var("SCALE_SVG") {
+        std::fs::write(&path, plot_svg(&results)).with_context(|| format!("writing {path}"))?;
+        eprintln!("plot written to {path}");
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() {
+    if let Err(e) = common::until_signal(run()).await {
+        eprintln!("scale bench failed: {e:#}");
+        std::process::exit(1);
+    }
+}
