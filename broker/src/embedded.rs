@@ -57,7 +57,7 @@ impl BrokerSettings {
     pub fn new(listen: SocketAddr) -> Self {
         Self {
             listen,
-            max_connections: 10_000,
+            max_connections: 100_000,
             max_payload: MAX_PACKET,
             segment_size: 8 * 1024,
             segment_count: 2,
