@@ -29,7 +29,9 @@ use crate::{now_ms, rollout};
 
 pub const MAX_BATCH: usize = 256;
 pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
-/// Rollout progress of one release is published at most this often (and always on a final phase).
+/// Rollout progress of one release is published at most this often, and its last change within
+/// this (the periodic tick). Progress reads every target of the release: publishing it on each
+/// final phase, as this once did, cost a full scan per machine of a rollout.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 /// A machine behind its desired notice gets that notice re-published at most this often (a
 /// newer desired notice is sent at once).
@@ -45,7 +47,6 @@ enum After {
     Event(FleetEvent),
     Progress {
         release: ReleaseId,
-        now: bool,
     },
     Republish(DesiredNotice),
     /// A machine trusts an older platform key: send the key chain again.
@@ -231,12 +232,12 @@ impl Ingest {
                     tracing::debug!(error = %err, "fleet event not published");
                 }
             }
-            After::Progress { release, now } => {
+            After::Progress { release } => {
                 let due = self
                     .progress_sent
                     .get(&release)
                     .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
-                if now || due {
+                if due {
                     publish::publish_progress(ctx, &release)?;
                     self.progress_sent.insert(release.clone(), Instant::now());
                     self.progress_dirty.remove(&release);
@@ -430,7 +431,6 @@ impl Ingest {
                 store.put_target(&rec).map_err(Err)?;
                 after.push(After::Progress {
                     release: rec.release.clone(),
-                    now: rec.phase.is_final(),
                 });
             }
             Err(why) => {
@@ -486,10 +486,7 @@ impl Ingest {
         let mut after: Vec<After> = publish::ensure_group_targets(store, m, &info.groups, now)
             .map_err(Err)?
             .into_iter()
-            .map(|release| After::Progress {
-                release,
-                now: false,
-            })
+            .map(|release| After::Progress { release })
             .collect();
         if st.key_gen < self.ctx.keys().generation()
             && self
