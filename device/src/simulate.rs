@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentError, AgentOptions};
 use crate::config::MachineConfig;
-use crate::fsutil::write_atomic;
+use crate::durable;
 
 #[derive(Debug, Clone)]
 pub struct SimulateOptions {
@@ -99,6 +99,8 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
     .await
     .map_err(SimulateError::Admin)?;
     let mut configs = Vec::with_capacity(machines.len());
+    // Written while the next batch is provisioned, and durable before any agent starts.
+    let mut writes = JoinSet::new();
     // One admin round trip per batch, not per machine.
     for batch in machines.chunks(MAX_PROVISION_BATCH) {
         let op = AdminOp::MachineProvisionBatch {
@@ -137,12 +139,23 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
             config.initial_versions = opts.initial_versions.clone();
             config.ca_file = opts.ca_file.clone();
             let path = dir.join("machine.toml");
-            write_atomic(&path, config.to_toml().as_bytes())
-                .map_err(|error| SimulateError::Write { path, error })?;
+            let toml = config.to_toml().into_bytes();
+            writes.spawn(async move {
+                durable::shared()
+                    .write(&path, toml)
+                    .await
+                    .map_err(|error| SimulateError::Write { path, error })
+            });
             configs.push(config);
         }
     }
     admin.close().await;
+    while let Some(written) = writes.join_next().await {
+        written.map_err(|e| SimulateError::Write {
+            path: opts.data_dir.clone(),
+            error: std::io::Error::other(e),
+        })??;
+    }
 
     let groups: Vec<&str> = opts.groups.iter().map(|g| g.as_str()).collect();
     let range = if opts.count == 0 {
