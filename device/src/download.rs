@@ -41,6 +41,8 @@ pub struct Tuning {
     pub attempts: u32,
     /// Persist the bitmap after this many new bytes.
     pub persist_every: u64,
+    /// At most one `downloading` report per this long (besides the one at each attempt's start).
+    pub report_every: Duration,
 }
 
 impl Default for Tuning {
@@ -51,6 +53,7 @@ impl Default for Tuning {
             attempt_timeout: Duration::from_secs(30),
             attempts: 3,
             persist_every: 1024 * 1024,
+            report_every: Duration::from_secs(5),
         }
     }
 }
@@ -494,8 +497,13 @@ impl<'a> Transfer<'a> {
         let mut outstanding: HashMap<u32, Instant> = HashMap::new();
         let mut cursor = 0u32;
         let mut unpersisted = 0u64;
-        let step = (self.layout.size / 10).max(1);
-        let mut next_report = self.have_bytes + step;
+        // The caller reported the attempt's start.
+        let mut reports = ProgressReports::new(
+            self.layout.size,
+            self.have_bytes,
+            attempt_started,
+            tuning.report_every,
+        );
         loop {
             if self.have.count == self.layout.chunks {
                 self.persist().await?;
@@ -572,8 +580,7 @@ impl<'a> Transfer<'a> {
                                 unpersisted = 0;
                                 self.persist().await?;
                             }
-                            if self.have_bytes >= next_report && !complete {
-                                next_report = self.have_bytes + step;
+                            if !complete && reports.due(self.have_bytes, Instant::now()) {
                                 report(self.progress());
                             }
                         }
@@ -642,6 +649,38 @@ impl<'a> Transfer<'a> {
     }
 }
 
+/// When a download reports `downloading`: at most every ~10 % of the file and at most once per
+/// `every` (1,000 machines fetching 1 MiB in a second report once each, not ten times).
+struct ProgressReports {
+    step: u64,
+    every: Duration,
+    next_bytes: u64,
+    last: Instant,
+}
+
+impl ProgressReports {
+    /// `have` bytes were reported at `at` (the attempt's start).
+    fn new(size: u64, have: u64, at: Instant, every: Duration) -> Self {
+        let step = (size / 10).max(1);
+        Self {
+            step,
+            every,
+            next_bytes: have + step,
+            last: at,
+        }
+    }
+
+    /// Whether `have` bytes at `now` are worth a report; if so, counts it as made.
+    fn due(&mut self, have: u64, now: Instant) -> bool {
+        if have < self.next_bytes || now.duration_since(self.last) < self.every {
+            return false;
+        }
+        self.next_bytes = have + self.step;
+        self.last = now;
+        true
+    }
+}
+
 #[cfg(unix)]
 fn write_at(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, data, offset)
@@ -649,7 +688,8 @@ fn write_at(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<(
 
 /// Downloads `artifact` into `{data}/artifacts/{id}` and returns its path. `frames` carries
 /// every chunk frame received for this artifact; `report(progress, attempt)` is called at the
-/// start of each attempt and roughly every 10 %.
+/// start of each attempt, then at most once per `tuning.report_every` and at most every ~10 %
+/// (a download that finishes within `report_every` reports once).
 pub async fn download(
     ctx: &DownloadContext,
     artifact: &ArtifactRef,
@@ -684,4 +724,35 @@ pub async fn download(
         }
     }
     Err((last.expect("at least one attempt"), ctx.tuning.attempts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fast_download_reports_only_at_its_start_and_a_slow_one_every_few_seconds() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(5);
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mib = 1024 * 1024;
+        // 1 MiB in one second: every 10 % passes, none is reported (the start was).
+        let mut fast = ProgressReports::new(mib, 0, t0, every);
+        assert!((1..=10).all(|i| !fast.due(i * mib / 10, ms(i * 100))));
+        // 100 MiB in 100 s: once per 5 s, each at least 10 % after the previous one.
+        let mut slow = ProgressReports::new(100 * mib, 0, t0, every);
+        let reported: Vec<u64> = (1..=100)
+            .filter(|&s| slow.due(s * mib, ms(s * 1000)))
+            .collect();
+        assert_eq!(reported, vec![10, 20, 30, 40, 50, 60, 70, 80, 90, 100]);
+        // 100 MiB in 10 s: time is the limit, not bytes.
+        let mut quick = ProgressReports::new(100 * mib, 0, t0, every);
+        let reported: Vec<u64> = (1..=100)
+            .filter(|&p| quick.due(p * mib, ms(p * 100)))
+            .collect();
+        assert_eq!(reported, vec![50, 100]);
+        // A resumed attempt counts from what it already has.
+        let mut resumed = ProgressReports::new(100 * mib, 95 * mib, t0, every);
+        assert!(!resumed.due(100 * mib, ms(6000)));
+    }
 }
