@@ -33,6 +33,15 @@ use crate::machine::{Action, Input, InstallOutcome, StatusReport, UnverifiedNoti
 use crate::store::{Outbox, OutboxEntry, Store, StoreError};
 use crate::trust::{ChainStep, Checked, FollowedKey, TrustedKey};
 
+/// MQTT events waiting for the agent loop. Mostly chunk frames (64 KiB each) while the loop
+/// waits for the disk; when full, the driver stops reading the socket. 256 let a simulator of
+/// 1,000 machines hold gigabytes of frames during a rollout.
+const MQTT_EVENTS_QUEUED: usize = 32;
+/// Chunk frames waiting for a download: twice its window. On the shared artifact topic most
+/// frames are other machines' (a chunk this one has, or is about to get); one dropped when the
+/// queue is full is asked for again.
+const FRAMES_QUEUED: usize = 32;
+
 /// Resend the outbox head if the broker has not acknowledged it within this time.
 const RESEND_AFTER: Duration = Duration::from_secs(10);
 
@@ -130,7 +139,7 @@ pub async fn run_with(
         true,
     ));
     let (client, eventloop) = client::connect(mqtt, 1024);
-    let (mqtt_tx, mut mqtt_rx) = mpsc::channel(256);
+    let (mqtt_tx, mut mqtt_rx) = mpsc::channel(MQTT_EVENTS_QUEUED);
     let driver_stop = CancellationToken::new();
     let driver = tokio::spawn(client::drive(eventloop, mqtt_tx, driver_stop.clone()));
     let (inputs, mut input_rx) = mpsc::channel(256);
@@ -581,7 +590,7 @@ impl Agent {
             old.cancel.cancel();
             self.unsubscribe_if_unused(&old.artifact);
         }
-        let (frames_tx, frames_rx) = mpsc::channel(256);
+        let (frames_tx, frames_rx) = mpsc::channel(FRAMES_QUEUED);
         let cancel = self.shutdown.child_token();
         let artifact = notice.artifact.id;
         if self.connected {
