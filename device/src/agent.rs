@@ -33,6 +33,15 @@ use crate::machine::{Action, Input, InstallOutcome, StatusReport, UnverifiedNoti
 use crate::store::{Outbox, OutboxEntry, Store, StoreError};
 use crate::trust::{ChainStep, Checked, FollowedKey, TrustedKey};
 
+/// MQTT events waiting for the agent loop. Mostly chunk frames (64 KiB each) while the loop
+/// waits for the disk; when full, the driver stops reading the socket. 256 let a simulator of
+/// 1,000 machines hold gigabytes of frames during a rollout.
+const MQTT_EVENTS_QUEUED: usize = 32;
+/// Chunk frames waiting for a download: twice its window. On the shared artifact topic most
+/// frames are other machines' (a chunk this one has, or is about to get); one dropped when the
+/// queue is full is asked for again.
+const FRAMES_QUEUED: usize = 32;
+
 /// Resend the outbox head if the broker has not acknowledged it within this time.
 const RESEND_AFTER: Duration = Duration::from_secs(10);
 
@@ -107,17 +116,7 @@ pub async fn run_with(
     };
     config.validate().map_err(bad)?;
     let url: BrokerUrl = config.broker_url().map_err(bad)?;
-    std::fs::create_dir_all(&config.data_dir).map_err(|error| AgentError::DataDir {
-        machine: machine.clone(),
-        path: config.data_dir.clone(),
-        error,
-    })?;
-    let store_err = |error| AgentError::Store {
-        machine: machine.clone(),
-        error,
-    };
-    let store = Store::open(&config.data_dir).map_err(store_err)?;
-    let outbox = Outbox::open(&config.data_dir).map_err(store_err)?;
+    let (store, outbox) = open_data_dir(&machine, config.data_dir.clone()).await?;
     let updater = Updater::new(
         config.machine.clone(),
         config.groups.clone(),
@@ -140,7 +139,7 @@ pub async fn run_with(
         true,
     ));
     let (client, eventloop) = client::connect(mqtt, 1024);
-    let (mqtt_tx, mut mqtt_rx) = mpsc::channel(256);
+    let (mqtt_tx, mut mqtt_rx) = mpsc::channel(MQTT_EVENTS_QUEUED);
     let driver_stop = CancellationToken::new();
     let driver = tokio::spawn(client::drive(eventloop, mqtt_tx, driver_stop.clone()));
     let (inputs, mut input_rx) = mpsc::channel(256);
@@ -162,20 +161,20 @@ pub async fn run_with(
         shutdown: shutdown.child_token(),
     };
     tracing::info!(machine = %agent.config.machine, broker = %url, key_gen = agent.trust.generation, "agent starting");
-    agent.handle(Input::Resume);
-    agent.remove_unused_files();
+    agent.handle(Input::Resume).await;
+    agent.remove_unused_files().await;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             event = mqtt_rx.recv() => match event {
-                Some(event) => agent.on_mqtt(event),
+                Some(event) => agent.on_mqtt(event).await,
                 None => break,
             },
-            Some(input) = input_rx.recv() => agent.on_task_result(input),
-            _ = tick.tick() => agent.on_tick(),
+            Some(input) = input_rx.recv() => agent.on_task_result(input).await,
+            _ = tick.tick() => agent.on_tick().await,
             Some(_) = agent.tasks.join_next(), if !agent.tasks.is_empty() => {
-                agent.remove_unused_files();
+                agent.remove_unused_files().await;
             }
         }
     }
@@ -210,16 +209,16 @@ impl Agent {
         &self.config.machine
     }
 
-    fn handle(&mut self, input: Input) {
+    async fn handle(&mut self, input: Input) {
         let actions = self.updater.handle(now_ms(), input);
-        self.apply(actions);
+        self.apply(actions).await;
     }
 
-    fn apply(&mut self, actions: Vec<Action>) {
+    async fn apply(&mut self, actions: Vec<Action>) {
         let mut persist = false;
         for action in actions {
             match action {
-                Action::Report(r) => self.enqueue_status(r),
+                Action::Report(r) => self.enqueue_status(r).await,
                 Action::PublishState => self.state_dirty = true,
                 Action::StartDownload { kind, notice } => self.start_download(kind, notice),
                 Action::CancelDownload { kind, release } => self.stop_download(&kind, &release),
@@ -232,21 +231,25 @@ impl Agent {
             }
         }
         if persist {
-            if let Err(e) = self.store.save_ledger(&self.updater.ledger) {
+            if let Err(e) = self.store.save_ledger_async(&self.updater.ledger).await {
                 tracing::error!(machine = %self.me(), "cannot persist agent state: {e}");
             }
-            self.remove_unused_files();
+            self.remove_unused_files().await;
         }
         if self.state_dirty {
-            self.publish_state();
+            self.publish_state().await;
         }
     }
 
     /// Drops staged and downloaded artifacts no job, installed version or rollback slot needs.
     /// Also run when a task ends: a cancelled download may write its staging state on the way out.
-    fn remove_unused_files(&self) {
+    async fn remove_unused_files(&self) {
         let keep = self.updater.ledger.artifacts_in_use();
-        match download::remove_unused(&self.config.data_dir, &keep) {
+        let dir = self.config.data_dir.clone();
+        let removed = tokio::task::spawn_blocking(move || download::remove_unused(&dir, &keep))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match removed {
             Ok(0) => {}
             Ok(n) => tracing::debug!(machine = %self.me(), "removed {n} unused artifact files"),
             Err(e) => {
@@ -255,7 +258,7 @@ impl Agent {
         }
     }
 
-    fn on_mqtt(&mut self, event: MqttEvent) {
+    async fn on_mqtt(&mut self, event: MqttEvent) {
         match event {
             MqttEvent::Connected { .. } => {
                 tracing::info!(machine = %self.me(), "connected");
@@ -268,7 +271,7 @@ impl Agent {
                     true,
                     b"true".to_vec(),
                 );
-                self.publish_state();
+                self.publish_state().await;
                 self.send_head();
             }
             MqttEvent::Disconnected(why) => {
@@ -281,7 +284,7 @@ impl Agent {
                 self.head_sent_at = None;
             }
             MqttEvent::Sent(_) | MqttEvent::PubAck(_) => {}
-            MqttEvent::Publish(p) => self.on_publish(&p.topic, p.payload),
+            MqttEvent::Publish(p) => self.on_publish(&p.topic, p.payload).await,
             MqttEvent::SubAck(_) => {}
         }
     }
@@ -318,17 +321,17 @@ impl Agent {
         }
     }
 
-    fn on_publish(&mut self, topic: &str, payload: Bytes) {
+    async fn on_publish(&mut self, topic: &str, payload: Bytes) {
         match self.topics.parse(topic) {
             Some(Route::MachineRelease(m, kind)) if &m == self.me() => {
-                self.on_notice(topic, kind, &payload)
+                self.on_notice(topic, kind, &payload).await
             }
             Some(Route::GroupRelease(g, kind)) if self.config.groups.contains(&g) => {
-                self.on_notice(topic, kind, &payload)
+                self.on_notice(topic, kind, &payload).await
             }
             Some(Route::Command(m)) if &m == self.me() => {
                 match self.trust.check::<Command>(Purpose::Command, &payload) {
-                    Checked::Verified(cmd) => self.handle(Input::Command(cmd)),
+                    Checked::Verified(cmd) => self.handle(Input::Command(cmd)).await,
                     Checked::NewerKey { gen } => {
                         tracing::debug!(machine = %self.me(), gen, trusted = self.trust.generation,
                             "command signed by a newer key than the one followed so far; ignored")
@@ -338,15 +341,15 @@ impl Agent {
                     }
                 }
             }
-            Some(Route::PlatformKeys) => self.on_key_chain(&payload),
-            Some(Route::StatusAck(m)) if &m == self.me() => self.on_status_ack(&payload),
+            Some(Route::PlatformKeys) => self.on_key_chain(&payload).await,
+            Some(Route::StatusAck(m)) if &m == self.me() => self.on_status_ack(&payload).await,
             Some(Route::MachineChunks(m)) if &m == self.me() => self.route_frame(payload, false),
             Some(Route::ArtifactChunks(_)) => self.route_frame(payload, true),
             _ => tracing::debug!(machine = %self.me(), topic, "unexpected message dropped"),
         }
     }
 
-    fn on_status_ack(&mut self, payload: &[u8]) {
+    async fn on_status_ack(&mut self, payload: &[u8]) {
         let ack = match self.trust.check::<StatusAck>(Purpose::StatusAck, payload) {
             Checked::Verified(ack) if &ack.machine == self.me() => ack,
             Checked::Verified(ack) => {
@@ -364,7 +367,7 @@ impl Agent {
                 return;
             }
         };
-        match self.outbox.ack(ack.ctr) {
+        match self.outbox.ack_async(ack.ctr).await {
             Ok(true) => {
                 self.head_sent_at = None;
                 self.send_head();
@@ -374,13 +377,13 @@ impl Agent {
         }
     }
 
-    fn on_notice(&mut self, topic: &str, kind: Kind, payload: &[u8]) {
+    async fn on_notice(&mut self, topic: &str, kind: Kind, payload: &[u8]) {
         if payload.is_empty() {
             tracing::debug!(machine = %self.me(), %kind, "cleared release topic; ignored");
             return;
         }
         match self.trust.check::<ReleaseNotice>(Purpose::Release, payload) {
-            Checked::Verified(notice) => self.handle(Input::Notice(notice)),
+            Checked::Verified(notice) => self.handle(Input::Notice(notice)).await,
             // Not rejected and not remembered: once the chain is followed, the platform sends
             // its desired notice again to a machine whose state is behind.
             Checked::NewerKey { gen } => {
@@ -395,14 +398,15 @@ impl Agent {
                     digest: *blake3::hash(payload).as_bytes(),
                     error: format!("notice refused: {e}"),
                     claimed: claimed_release(payload),
-                }));
+                }))
+                .await;
             }
         }
     }
 
     /// Follows the retained key chain. A newer key is persisted before it is trusted; a chain
     /// that does not verify from the trusted key changes nothing.
-    fn on_key_chain(&mut self, payload: &[u8]) {
+    async fn on_key_chain(&mut self, payload: &[u8]) {
         let next = match self.trust.follow(payload) {
             ChainStep::Advanced(next) => next,
             ChainStep::Unchanged => {
@@ -419,7 +423,7 @@ impl Agent {
             root: self.config.configured_key(),
             current: next,
         };
-        if let Err(e) = self.store.save_platform_key(followed) {
+        if let Err(e) = self.store.save_platform_key_async(followed).await {
             tracing::error!(machine = %self.me(), key_gen = next.generation,
                 "newer platform key not persisted, so not used yet: {e}");
             return;
@@ -427,7 +431,7 @@ impl Agent {
         tracing::info!(machine = %self.me(), from = self.trust.generation, to = next.generation,
             key = %next.key, "following the platform key chain");
         self.trust = next;
-        self.publish_state();
+        self.publish_state().await;
     }
 
     fn route_frame(&mut self, frame: Bytes, broadcast: bool) {
@@ -452,23 +456,26 @@ impl Agent {
         }
     }
 
-    fn on_task_result(&mut self, input: Input) {
+    async fn on_task_result(&mut self, input: Input) {
         if let Input::DownloadFinished { kind, release }
         | Input::DownloadFailed { kind, release, .. } = &input
         {
             let (kind, release) = (kind.clone(), release.clone());
             self.stop_download(&kind, &release);
         }
-        self.handle(input);
+        self.handle(input).await;
     }
 
-    fn on_tick(&mut self) {
+    async fn on_tick(&mut self) {
         // The vending application marks a customer session by creating `{data_dir}/busy`.
-        let busy = self.config.data_dir.join("busy").exists();
+        // An error (not a missing file) keeps the last answer.
+        let busy = tokio::fs::try_exists(self.config.data_dir.join("busy"))
+            .await
+            .unwrap_or(self.updater.busy());
         if busy != self.updater.busy() {
-            self.handle(Input::Busy(busy));
+            self.handle(Input::Busy(busy)).await;
         }
-        self.handle(Input::Tick);
+        self.handle(Input::Tick).await;
         if self
             .head_sent_at
             .is_some_and(|t| t.elapsed() > RESEND_AFTER)
@@ -477,7 +484,7 @@ impl Agent {
         }
         self.send_head();
         if self.state_dirty {
-            self.publish_state();
+            self.publish_state().await;
         }
     }
 
@@ -494,8 +501,8 @@ impl Agent {
         }
     }
 
-    fn enqueue_status(&mut self, r: StatusReport) {
-        let ctr = match self.store.next_ctr() {
+    async fn enqueue_status(&mut self, r: StatusReport) {
+        let ctr = match self.store.next_ctr_async().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(machine = %self.me(), "status {} not sent: {e}", r.phase);
@@ -521,7 +528,7 @@ impl Agent {
             ctr,
             payload: String::from_utf8(payload).expect("a JSON envelope is UTF-8"),
         };
-        if let Err(e) = self.outbox.push(entry) {
+        if let Err(e) = self.outbox.push_async(entry).await {
             tracing::error!(machine = %self.me(), "status {} not persisted: {e}", event.phase);
             return;
         }
@@ -543,12 +550,12 @@ impl Agent {
         }
     }
 
-    fn publish_state(&mut self) {
+    async fn publish_state(&mut self) {
         if !self.connected {
             self.state_dirty = true;
             return;
         }
-        let ctr = match self.store.next_ctr() {
+        let ctr = match self.store.next_ctr_async().await {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(machine = %self.me(), "state not sent: {e}");
@@ -587,7 +594,7 @@ impl Agent {
             old.cancel.cancel();
             self.unsubscribe_if_unused(&old.artifact);
         }
-        let (frames_tx, frames_rx) = mpsc::channel(256);
+        let (frames_tx, frames_rx) = mpsc::channel(FRAMES_QUEUED);
         let cancel = self.shutdown.child_token();
         let artifact = notice.artifact.id;
         if self.connected {
@@ -693,6 +700,33 @@ impl Agent {
                 .await;
         });
     }
+}
+
+/// Creates the data dir and reads `agent.json` and `outbox.json`, off the runtime's threads.
+async fn open_data_dir(machine: &str, dir: PathBuf) -> Result<(Store, Outbox), AgentError> {
+    let (m, path) = (machine.to_owned(), dir.clone());
+    tokio::task::spawn_blocking(move || {
+        std::fs::create_dir_all(&dir).map_err(|error| AgentError::DataDir {
+            machine: m.clone(),
+            path: dir.clone(),
+            error,
+        })?;
+        let store_err = |error| AgentError::Store {
+            machine: m.clone(),
+            error,
+        };
+        let store = Store::open(&dir).map_err(store_err)?;
+        let outbox = Outbox::open(&dir).map_err(store_err)?;
+        Ok((store, outbox))
+    })
+    .await
+    .unwrap_or_else(|e| {
+        Err(AgentError::DataDir {
+            machine: machine.to_owned(),
+            path,
+            error: std::io::Error::other(e),
+        })
+    })
 }
 
 /// The release id an unverified notice claims, for the operator's eyes only.

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,7 +25,8 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::fsutil::{sync_dir, write_atomic};
+use crate::durable;
+use crate::fsutil::sync_dir;
 use crate::store::Store;
 
 /// Knobs of the transfer; the defaults are the protocol's recommendations.
@@ -39,6 +41,8 @@ pub struct Tuning {
     pub attempts: u32,
     /// Persist the bitmap after this many new bytes.
     pub persist_every: u64,
+    /// At most one `downloading` report per this long (besides the one at each attempt's start).
+    pub report_every: Duration,
 }
 
 impl Default for Tuning {
@@ -49,6 +53,7 @@ impl Default for Tuning {
             attempt_timeout: Duration::from_secs(30),
             attempts: 3,
             persist_every: 1024 * 1024,
+            report_every: Duration::from_secs(5),
         }
     }
 }
@@ -194,9 +199,22 @@ impl Bitmap {
     }
 }
 
-struct Transfer<'a> {
-    ctx: &'a DownloadContext,
+fn io_error(
     artifact: ArtifactId,
+    op: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> DownloadError {
+    let path = path.to_owned();
+    move |error| DownloadError::Io {
+        artifact,
+        op,
+        path,
+        error,
+    }
+}
+
+/// What [`Transfer::open_blocking`] found or created on disk.
+struct Staged {
     layout: Layout,
     part_path: PathBuf,
     state_path: PathBuf,
@@ -207,25 +225,60 @@ struct Transfer<'a> {
     have_bytes: u64,
 }
 
+struct Transfer<'a> {
+    ctx: &'a DownloadContext,
+    artifact: ArtifactId,
+    layout: Layout,
+    part_path: PathBuf,
+    state_path: PathBuf,
+    /// Shared with the blocking tasks that write and sync it.
+    file: Arc<std::fs::File>,
+    have: Bitmap,
+    verifier: Option<ChunkVerifier>,
+    manifest: Option<Vec<u8>>,
+    have_bytes: u64,
+}
+
 impl<'a> Transfer<'a> {
     fn io(&self, op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError {
-        let (artifact, path) = (self.artifact, path.to_owned());
-        move |error| DownloadError::Io {
-            artifact,
-            op,
-            path,
-            error,
-        }
+        io_error(self.artifact, op, path)
     }
 
-    fn open(ctx: &'a DownloadContext, artifact: &ArtifactRef) -> Result<Self, DownloadError> {
+    /// Opens (or resumes) the staging file, off the runtime's threads.
+    async fn open(ctx: &'a DownloadContext, artifact: &ArtifactRef) -> Result<Self, DownloadError> {
+        let (ctx_dir, artifact_ref) = (ctx.data_dir.clone(), artifact.clone());
+        let id = artifact.id;
+        let staged =
+            tokio::task::spawn_blocking(move || Self::open_blocking(&ctx_dir, &artifact_ref))
+                .await
+                .map_err(|e| DownloadError::Io {
+                    artifact: id,
+                    op: "open",
+                    path: ctx.data_dir.join("staging"),
+                    error: std::io::Error::other(e),
+                })??;
+        Ok(Self {
+            ctx,
+            artifact: id,
+            layout: staged.layout,
+            part_path: staged.part_path,
+            state_path: staged.state_path,
+            file: Arc::new(staged.file),
+            have: staged.have,
+            verifier: staged.verifier,
+            manifest: staged.manifest,
+            have_bytes: staged.have_bytes,
+        })
+    }
+
+    fn open_blocking(data_dir: &Path, artifact: &ArtifactRef) -> Result<Staged, DownloadError> {
         let id = artifact.id;
         let layout =
             Layout::new(artifact.size, artifact.chunk_size).map_err(|e| DownloadError::Layout {
                 artifact: id,
                 reason: e.to_string(),
             })?;
-        let staging = ctx.data_dir.join("staging");
+        let staging = data_dir.join("staging");
         let io = |op, path: &Path| {
             let path = path.to_owned();
             move |error| DownloadError::Io {
@@ -271,9 +324,7 @@ impl<'a> Transfer<'a> {
             .filter(|&i| have.has(i))
             .map(|i| layout.chunk_len(i) as u64)
             .sum();
-        Ok(Self {
-            ctx,
-            artifact: id,
+        Ok(Staged {
             layout,
             part_path,
             state_path,
@@ -292,16 +343,22 @@ impl<'a> Transfer<'a> {
         }
     }
 
-    fn persist(&self) -> Result<(), DownloadError> {
-        self.file
-            .sync_data()
+    /// Makes the received chunks durable, then the bitmap that claims them.
+    async fn persist(&self) -> Result<(), DownloadError> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
             .map_err(self.io("fsync", &self.part_path))?;
         let state = StagingState {
             have: hex::encode(&self.have.bits),
             manifest: self.manifest.as_ref().map(hex::encode),
         };
         let bytes = serde_json::to_vec(&state).expect("staging state serializes");
-        write_atomic(&self.state_path, &bytes).map_err(self.io("write", &self.state_path))
+        durable::shared()
+            .write(&self.state_path, bytes)
+            .await
+            .map_err(self.io("write", &self.state_path))
     }
 
     async fn request(&self, manifest: bool, chunks: &[u32]) -> Result<(), DownloadError> {
@@ -315,14 +372,15 @@ impl<'a> Transfer<'a> {
                 (chunks.is_empty() && manifest).then_some(None),
             )
         {
-            let ctr = self
-                .ctx
-                .store
-                .next_ctr()
-                .map_err(|e| DownloadError::Counter {
-                    artifact: self.artifact,
-                    reason: e.to_string(),
-                })?;
+            let ctr =
+                self.ctx
+                    .store
+                    .next_ctr_async()
+                    .await
+                    .map_err(|e| DownloadError::Counter {
+                        artifact: self.artifact,
+                        reason: e.to_string(),
+                    })?;
             let req = ChunkRequest {
                 machine: self.ctx.machine.clone(),
                 ctr,
@@ -402,7 +460,7 @@ impl<'a> Transfer<'a> {
                                         Ok(v) => {
                                             self.verifier = Some(v);
                                             self.manifest = Some(manifest);
-                                            self.persist()?;
+                                            self.persist().await?;
                                             break;
                                         }
                                         Err(e) => {
@@ -439,11 +497,16 @@ impl<'a> Transfer<'a> {
         let mut outstanding: HashMap<u32, Instant> = HashMap::new();
         let mut cursor = 0u32;
         let mut unpersisted = 0u64;
-        let step = (self.layout.size / 10).max(1);
-        let mut next_report = self.have_bytes + step;
+        // The caller reported the attempt's start.
+        let mut reports = ProgressReports::new(
+            self.layout.size,
+            self.have_bytes,
+            attempt_started,
+            tuning.report_every,
+        );
         loop {
             if self.have.count == self.layout.chunks {
-                self.persist()?;
+                self.persist().await?;
                 return Ok(());
             }
             // Top up the window from the first missing chunk on.
@@ -467,12 +530,12 @@ impl<'a> Transfer<'a> {
             }
             tokio::select! {
                 _ = cancel.cancelled() => {
-                    let _ = self.persist();
+                    let _ = self.persist().await;
                     return Err(DownloadError::Cancelled { artifact: self.artifact });
                 }
                 frame = frames.recv() => {
                     let Some(frame) = frame else {
-                        let _ = self.persist();
+                        let _ = self.persist().await;
                         return Err(DownloadError::Cancelled { artifact: self.artifact });
                     };
                     let (h, payload) = match decode_frame(&frame) {
@@ -485,7 +548,7 @@ impl<'a> Transfer<'a> {
                     if h.artifact != self.artifact { continue }
                     match h.frame_type {
                         FrameType::Error => {
-                            let _ = self.persist();
+                            let _ = self.persist().await;
                             return Err(DownloadError::Platform {
                                 artifact: self.artifact,
                                 reason: String::from_utf8_lossy(payload).into_owned(),
@@ -501,18 +564,23 @@ impl<'a> Transfer<'a> {
                                 continue;
                             }
                             let offset = self.layout.offset(h.index);
-                            write_at(&self.file, payload, offset).map_err(self.io("write", &self.part_path))?;
+                            let (file, data) = (self.file.clone(), frame.slice_ref(payload));
+                            tokio::task::spawn_blocking(move || write_at(&file, &data, offset))
+                                .await
+                                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                                .map_err(self.io("write", &self.part_path))?;
                             self.have.set(h.index);
                             self.have_bytes += payload.len() as u64;
                             unpersisted += payload.len() as u64;
                             outstanding.remove(&h.index);
                             last_progress = Instant::now();
-                            if unpersisted >= tuning.persist_every {
+                            let complete = self.have.count == self.layout.chunks;
+                            // The last chunk is persisted with the whole file, right after.
+                            if unpersisted >= tuning.persist_every && !complete {
                                 unpersisted = 0;
-                                self.persist()?;
+                                self.persist().await?;
                             }
-                            if self.have_bytes >= next_report && self.have.count < self.layout.chunks {
-                                next_report = self.have_bytes + step;
+                            if !complete && reports.due(self.have_bytes, Instant::now()) {
                                 report(self.progress());
                             }
                         }
@@ -521,7 +589,7 @@ impl<'a> Transfer<'a> {
                 }
                 _ = tick.tick() => {
                     if last_progress.elapsed() > tuning.attempt_timeout {
-                        let _ = self.persist();
+                        let _ = self.persist().await;
                         return Err(stalled(self));
                     }
                     let stale: Vec<u32> = outstanding
@@ -557,22 +625,59 @@ impl<'a> Transfer<'a> {
             // Start over: every chunk verified, yet the whole does not: trust nothing.
             self.have = Bitmap::new(self.layout.chunks);
             self.have_bytes = 0;
-            let _ = self.persist();
+            let _ = self.persist().await;
             return Err(DownloadError::WholeFileMismatch {
                 artifact: self.artifact,
                 got: hashed,
             });
         }
-        self.file
-            .sync_all()
-            .map_err(self.io("fsync", &self.part_path))?;
+        let (file, artifact) = (self.file.clone(), self.artifact);
+        let (part, state) = (self.part_path.clone(), self.state_path.clone());
         let dest = artifact_path(&self.ctx.data_dir, &self.artifact);
-        let dir = dest.parent().expect("artifacts dir");
-        std::fs::create_dir_all(dir).map_err(self.io("create", dir))?;
-        std::fs::rename(&self.part_path, &dest).map_err(self.io("rename", &dest))?;
-        sync_dir(dir).map_err(self.io("fsync", dir))?;
-        let _ = std::fs::remove_file(&self.state_path);
-        Ok(dest)
+        tokio::task::spawn_blocking(move || {
+            file.sync_all()
+                .map_err(io_error(artifact, "fsync", &part))?;
+            let dir = dest.parent().expect("artifacts dir");
+            std::fs::create_dir_all(dir).map_err(io_error(artifact, "create", dir))?;
+            std::fs::rename(&part, &dest).map_err(io_error(artifact, "rename", &dest))?;
+            sync_dir(dir).map_err(io_error(artifact, "fsync", dir))?;
+            let _ = std::fs::remove_file(&state);
+            Ok(dest)
+        })
+        .await
+        .map_err(|e| self.io("rename", &self.part_path)(std::io::Error::other(e)))?
+    }
+}
+
+/// When a download reports `downloading`: at most every ~10 % of the file and at most once per
+/// `every` (1,000 machines fetching 1 MiB in a second report once each, not ten times).
+struct ProgressReports {
+    step: u64,
+    every: Duration,
+    next_bytes: u64,
+    last: Instant,
+}
+
+impl ProgressReports {
+    /// `have` bytes were reported at `at` (the attempt's start).
+    fn new(size: u64, have: u64, at: Instant, every: Duration) -> Self {
+        let step = (size / 10).max(1);
+        Self {
+            step,
+            every,
+            next_bytes: have + step,
+            last: at,
+        }
+    }
+
+    /// Whether `have` bytes at `now` are worth a report; if so, counts it as made.
+    fn due(&mut self, have: u64, now: Instant) -> bool {
+        if have < self.next_bytes || now.duration_since(self.last) < self.every {
+            return false;
+        }
+        self.next_bytes = have + self.step;
+        self.last = now;
+        true
     }
 }
 
@@ -583,7 +688,8 @@ fn write_at(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<(
 
 /// Downloads `artifact` into `{data}/artifacts/{id}` and returns its path. `frames` carries
 /// every chunk frame received for this artifact; `report(progress, attempt)` is called at the
-/// start of each attempt and roughly every 10 %.
+/// start of each attempt, then at most once per `tuning.report_every` and at most every ~10 %
+/// (a download that finishes within `report_every` reports once).
 pub async fn download(
     ctx: &DownloadContext,
     artifact: &ArtifactRef,
@@ -592,10 +698,10 @@ pub async fn download(
     mut report: impl FnMut(Progress, u32),
 ) -> Result<PathBuf, (DownloadError, u32)> {
     let dest = artifact_path(&ctx.data_dir, &artifact.id);
-    if dest.exists() {
+    if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
         return Ok(dest);
     }
-    let mut t = Transfer::open(ctx, artifact).map_err(|e| (e, 1))?;
+    let mut t = Transfer::open(ctx, artifact).await.map_err(|e| (e, 1))?;
     let mut last = None;
     for attempt in 1..=ctx.tuning.attempts {
         report(t.progress(), attempt);
@@ -618,4 +724,35 @@ pub async fn download(
         }
     }
     Err((last.expect("at least one attempt"), ctx.tuning.attempts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_fast_download_reports_only_at_its_start_and_a_slow_one_every_few_seconds() {
+        let t0 = Instant::now();
+        let every = Duration::from_secs(5);
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mib = 1024 * 1024;
+        // 1 MiB in one second: every 10 % passes, none is reported (the start was).
+        let mut fast = ProgressReports::new(mib, 0, t0, every);
+        assert!((1..=10).all(|i| !fast.due(i * mib / 10, ms(i * 100))));
+        // 100 MiB in 100 s: once per 5 s, each at least 10 % after the previous one.
+        let mut slow = ProgressReports::new(100 * mib, 0, t0, every);
+        let reported: Vec<u64> = (1..=100)
+            .filter(|&s| slow.due(s * mib, ms(s * 1000)))
+            .collect();
+        assert_eq!(reported, vec![10, 20, 30, 40, 50, 60, 70, 80, 90, 100]);
+        // 100 MiB in 10 s: time is the limit, not bytes.
+        let mut quick = ProgressReports::new(100 * mib, 0, t0, every);
+        let reported: Vec<u64> = (1..=100)
+            .filter(|&p| quick.due(p * mib, ms(p * 100)))
+            .collect();
+        assert_eq!(reported, vec![50, 100]);
+        // A resumed attempt counts from what it already has.
+        let mut resumed = ProgressReports::new(100 * mib, 95 * mib, t0, every);
+        assert!(!resumed.due(100 * mib, ms(6000)));
+    }
 }

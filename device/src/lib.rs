@@ -10,11 +10,13 @@
 //!   outbox.
 //! - [`trust`]: which platform key is trusted: the configured one, advanced along the key chain.
 //! - [`simulate`]: many agents in one process, provisioned through the platform.
-//! - [`fsutil`]: atomic file writes.
+//! - [`durable`]: the group-commit writer: durable file writes off the runtime's threads.
+//! - [`fsutil`]: atomic file writes (blocking).
 
 pub mod agent;
 pub mod config;
 pub mod download;
+pub mod durable;
 pub mod fsutil;
 pub mod install;
 pub mod machine;

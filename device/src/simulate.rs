@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agent::{self, AgentError, AgentOptions};
 use crate::config::MachineConfig;
-use crate::fsutil::write_atomic;
+use crate::durable;
 
 #[derive(Debug, Clone)]
 pub struct SimulateOptions {
@@ -99,6 +99,8 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
     .await
     .map_err(SimulateError::Admin)?;
     let mut configs = Vec::with_capacity(machines.len());
+    // Written while the next batch is provisioned, and durable before any agent starts.
+    let mut writes = JoinSet::new();
     // One admin round trip per batch, not per machine.
     for batch in machines.chunks(MAX_PROVISION_BATCH) {
         let op = AdminOp::MachineProvisionBatch {
@@ -137,12 +139,23 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
             config.initial_versions = opts.initial_versions.clone();
             config.ca_file = opts.ca_file.clone();
             let path = dir.join("machine.toml");
-            write_atomic(&path, config.to_toml().as_bytes())
-                .map_err(|error| SimulateError::Write { path, error })?;
+            let toml = config.to_toml().into_bytes();
+            writes.spawn(async move {
+                durable::shared()
+                    .write(&path, toml)
+                    .await
+                    .map_err(|error| SimulateError::Write { path, error })
+            });
             configs.push(config);
         }
     }
     admin.close().await;
+    while let Some(written) = writes.join_next().await {
+        written.map_err(|e| SimulateError::Write {
+            path: opts.data_dir.clone(),
+            error: std::io::Error::other(e),
+        })??;
+    }
 
     let groups: Vec<&str> = opts.groups.iter().map(|g| g.as_str()).collect();
     let range = if opts.count == 0 {
@@ -164,6 +177,7 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
         }
     );
 
+    let trimmer = tokio::spawn(return_freed_memory(shutdown.clone()));
     let mut agents = JoinSet::new();
     for config in configs {
         let options = AgentOptions {
@@ -184,9 +198,31 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
             Err(e) => tracing::error!("agent task failed: {e}"),
         }
     }
+    trimmer.abort();
+    let _ = trimmer.await;
     match first_error {
         Some(e) => Err(e.into()),
         None => Ok(()),
+    }
+}
+
+/// How often freed heap memory is handed back to the system.
+const TRIM_EVERY: Duration = Duration::from_secs(10);
+
+/// Hands memory freed inside glibc's heaps back to the system, every [`TRIM_EVERY`] until
+/// `shutdown`. A rollout passes thousands of 64 KiB frames through every connection; once they
+/// are freed, glibc keeps the pages (1,000 machines: 2.7 GB resident after a 1 MiB rollout,
+/// 113 MB after one `malloc_trim`).
+async fn return_freed_memory(shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(TRIM_EVERY);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only walks the allocator's own lists; any thread may call it.
+        let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
     }
 }
 

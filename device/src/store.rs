@@ -1,6 +1,6 @@
 //! What the agent keeps on disk: `agent.json` (the [`Ledger`], the message counter's
-//! reservation and the platform key followed along the key chain) and `outbox.json` (status events not yet acknowledged by the platform). Both are
-//! replaced atomically on every change.
+//! reservation and the platform key followed along the key chain) and `outbox.json` (status
+//! events not yet acknowledged by the platform). Both are replaced atomically on every change.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
+use crate::durable;
 use crate::fsutil::write_atomic;
 use crate::machine::Ledger;
 use crate::trust::FollowedKey;
@@ -38,7 +39,7 @@ pub enum StoreError {
     CounterExhausted { path: PathBuf },
 }
 
-#[derive(Debug, Default, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct AgentFile {
     #[serde(default)]
     ledger: Ledger,
@@ -51,15 +52,22 @@ struct AgentFile {
 }
 
 struct Inner {
+    /// What is on disk: a change is adopted here only once it is durable.
     file: AgentFile,
     next_ctr: u64,
 }
 
 /// `agent.json`, shared by the agent loop (ledger) and every sender of MAC'd messages (counter).
+///
+/// Every change is made to a copy, written, and adopted once durable, so a counter is never
+/// handed out from a reservation that is not on disk yet. The `async` methods write through the
+/// process's [`durable`] writer; the blocking ones (tools, tests) write on the caller's thread.
 #[derive(Clone)]
 pub struct Store {
     path: PathBuf,
     inner: Arc<Mutex<Inner>>,
+    /// One change on its way to the disk at a time: a change starts from the adopted file.
+    saving: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// The file's bytes, or `None` when there is no file yet.
@@ -88,6 +96,7 @@ fn parse_json<T: for<'de> Deserialize<'de> + Default>(
 }
 
 impl Store {
+    /// Reads `agent.json` (blocking).
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join("agent.json");
         let bytes = read_file(&path)?;
@@ -106,6 +115,7 @@ impl Store {
         Ok(Self {
             path,
             inner: Arc::new(Mutex::new(Inner { file, next_ctr })),
+            saving: Arc::new(tokio::sync::Mutex::new(())),
         })
     }
 
@@ -117,38 +127,72 @@ impl Store {
         self.lock().file.platform_key
     }
 
-    /// Persists a newly followed platform key; only once this returns may it be used.
-    pub fn save_platform_key(&self, key: FollowedKey) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        let before = inner.file.platform_key.replace(key);
-        if let Err(e) = self.write(&inner.file) {
-            inner.file.platform_key = before;
-            return Err(e);
-        }
-        Ok(())
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
         // A panic while holding the lock cannot leave the data half-written: recover it.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn write(&self, file: &AgentFile) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec_pretty(file).expect("agent file serializes");
-        write_atomic(&self.path, &bytes).map_err(|error| StoreError::Write {
+    fn write_error(&self, error: std::io::Error) -> StoreError {
+        StoreError::Write {
             path: self.path.clone(),
             error,
-        })
+        }
     }
 
+    /// The adopted file with `change` applied (it also sees the next counter to hand out).
+    fn changed(&self, change: impl FnOnce(&mut AgentFile, u64)) -> AgentFile {
+        let inner = self.lock();
+        let mut next = inner.file.clone();
+        change(&mut next, inner.next_ctr);
+        next
+    }
+
+    fn encode(file: &AgentFile) -> Vec<u8> {
+        serde_json::to_vec_pretty(file).expect("agent file serializes")
+    }
+
+    /// Applies `change` and returns once it is durable; on a failed write nothing changes.
+    async fn save(&self, change: impl FnOnce(&mut AgentFile, u64)) -> Result<(), StoreError> {
+        let _saving = self.saving.lock().await;
+        let next = self.changed(change);
+        durable::shared()
+            .write(&self.path, Self::encode(&next))
+            .await
+            .map_err(|e| self.write_error(e))?;
+        self.lock().file = next;
+        Ok(())
+    }
+
+    /// [`Store::save`] on the caller's thread.
+    fn save_blocking(&self, change: impl FnOnce(&mut AgentFile, u64)) -> Result<(), StoreError> {
+        let _saving = self.saving.blocking_lock();
+        let next = self.changed(change);
+        write_atomic(&self.path, &Self::encode(&next)).map_err(|e| self.write_error(e))?;
+        self.lock().file = next;
+        Ok(())
+    }
+
+    /// Persists a newly followed platform key; only once this returns may it be used.
+    pub async fn save_platform_key_async(&self, key: FollowedKey) -> Result<(), StoreError> {
+        self.save(|f, _| f.platform_key = Some(key)).await
+    }
+
+    /// Blocking [`Store::save_platform_key_async`].
+    pub fn save_platform_key(&self, key: FollowedKey) -> Result<(), StoreError> {
+        self.save_blocking(|f, _| f.platform_key = Some(key))
+    }
+
+    pub async fn save_ledger_async(&self, ledger: &Ledger) -> Result<(), StoreError> {
+        self.save(|f, _| f.ledger = ledger.clone()).await
+    }
+
+    /// Blocking [`Store::save_ledger_async`].
     pub fn save_ledger(&self, ledger: &Ledger) -> Result<(), StoreError> {
-        let mut inner = self.lock();
-        inner.file.ledger = ledger.clone();
-        self.write(&inner.file)
+        self.save_blocking(|f, _| f.ledger = ledger.clone())
     }
 
-    /// The next message counter, strictly above every counter used before, across restarts.
-    pub fn next_ctr(&self) -> Result<u64, StoreError> {
+    /// The next counter if the reservation on disk covers it.
+    fn take_reserved(&self) -> Result<Option<u64>, StoreError> {
         let mut inner = self.lock();
         let ctr = inner.next_ctr;
         // u64::MAX itself is never handed out, so the counter after it always exists.
@@ -158,14 +202,38 @@ impl Store {
                 path: self.path.clone(),
             })?;
         if ctr > inner.file.ctr_reserved {
-            inner.file.ctr_reserved = ctr.saturating_add(CTR_BLOCK - 1);
-            if let Err(e) = self.write(&inner.file) {
-                inner.file.ctr_reserved = ctr - 1;
-                return Err(e);
-            }
+            return Ok(None);
         }
         inner.next_ctr = after;
-        Ok(ctr)
+        Ok(Some(ctr))
+    }
+
+    /// Reserves the next block from the counter about to be handed out (never lowers it).
+    fn reserve(file: &mut AgentFile, next_ctr: u64) {
+        file.ctr_reserved = file
+            .ctr_reserved
+            .max(next_ctr.saturating_add(CTR_BLOCK - 1));
+    }
+
+    /// The next message counter, strictly above every counter used before, across restarts.
+    /// Waits for the disk only when a new block has to be reserved.
+    pub async fn next_ctr_async(&self) -> Result<u64, StoreError> {
+        loop {
+            if let Some(ctr) = self.take_reserved()? {
+                return Ok(ctr);
+            }
+            self.save(Self::reserve).await?;
+        }
+    }
+
+    /// Blocking [`Store::next_ctr_async`].
+    pub fn next_ctr(&self) -> Result<u64, StoreError> {
+        loop {
+            if let Some(ctr) = self.take_reserved()? {
+                return Ok(ctr);
+            }
+            self.save_blocking(Self::reserve)?;
+        }
     }
 }
 
@@ -196,35 +264,69 @@ impl Outbox {
         Ok(Self { path, entries })
     }
 
-    fn save(&self) -> Result<(), StoreError> {
-        let bytes = serde_json::to_vec(&self.entries).expect("outbox serializes");
-        write_atomic(&self.path, &bytes).map_err(|error| StoreError::Write {
-            path: self.path.clone(),
-            error,
-        })
+    fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.entries).expect("outbox serializes")
     }
 
+    fn write_error(&self, error: std::io::Error) -> StoreError {
+        StoreError::Write {
+            path: self.path.clone(),
+            error,
+        }
+    }
+
+    async fn save(&self) -> Result<(), StoreError> {
+        durable::shared()
+            .write(&self.path, self.encode())
+            .await
+            .map_err(|e| self.write_error(e))
+    }
+
+    fn save_blocking(&self) -> Result<(), StoreError> {
+        write_atomic(&self.path, &self.encode()).map_err(|e| self.write_error(e))
+    }
+
+    /// Appends `entry` and returns once the outbox holding it is durable.
+    pub async fn push_async(&mut self, entry: OutboxEntry) -> Result<(), StoreError> {
+        self.entries.push_back(entry);
+        self.save().await
+    }
+
+    /// Blocking [`Outbox::push_async`].
     pub fn push(&mut self, entry: OutboxEntry) -> Result<(), StoreError> {
         self.entries.push_back(entry);
-        self.save()
+        self.save_blocking()
     }
 
     pub fn head(&self) -> Option<&OutboxEntry> {
         self.entries.front()
     }
 
-    /// Drops the head if it is `ctr` (acknowledged).
-    /// The platform stored every event up to `ctr`: drop them. Returns whether any was dropped
-    /// (an old or repeated ack drops nothing).
-    pub fn ack(&mut self, ctr: u64) -> Result<bool, StoreError> {
+    /// Drops every entry up to `ctr`; whether any was dropped.
+    fn drop_acked(&mut self, ctr: u64) -> bool {
         let before = self.entries.len();
         while self.entries.front().is_some_and(|e| e.ctr <= ctr) {
             self.entries.pop_front();
         }
-        if self.entries.len() == before {
+        self.entries.len() != before
+    }
+
+    /// The platform stored every event up to `ctr`: drop them. Returns whether any was dropped
+    /// (an old or repeated ack drops nothing).
+    pub async fn ack_async(&mut self, ctr: u64) -> Result<bool, StoreError> {
+        if !self.drop_acked(ctr) {
             return Ok(false);
         }
-        self.save()?;
+        self.save().await?;
+        Ok(true)
+    }
+
+    /// Blocking [`Outbox::ack_async`].
+    pub fn ack(&mut self, ctr: u64) -> Result<bool, StoreError> {
+        if !self.drop_acked(ctr) {
+            return Ok(false);
+        }
+        self.save_blocking()?;
         Ok(true)
     }
 
@@ -301,6 +403,56 @@ mod tests {
         assert!(matches!(
             Store::open(dir.path()),
             Err(StoreError::CounterExhausted { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_counter_and_an_outbox_entry_are_given_out_only_once_they_are_durable() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut outbox = Outbox::open(dir.path()).unwrap();
+        let held = durable::shared().hold();
+        let s = store.clone();
+        let ctr = tokio::spawn(async move { s.next_ctr_async().await });
+        let push = tokio::spawn(async move {
+            outbox
+                .push_async(OutboxEntry {
+                    ctr: 1,
+                    payload: "p1".into(),
+                })
+                .await
+                .map(|()| outbox)
+        });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        assert!(
+            !ctr.is_finished(),
+            "a counter from a reservation not on disk yet"
+        );
+        assert!(!push.is_finished(), "an outbox entry not on disk yet");
+        drop(held);
+        assert_eq!(ctr.await.unwrap().unwrap(), 1);
+        push.await.unwrap().unwrap();
+        assert_eq!(Outbox::open(dir.path()).unwrap().len(), 1);
+        let again = Store::open(dir.path()).unwrap();
+        assert_eq!(again.next_ctr_async().await.unwrap(), CTR_BLOCK + 1);
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_changes_nothing_and_names_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // A file where the data dir should be.
+        std::fs::write(dir.path().join("data"), b"").unwrap();
+        let store = Store::decode(dir.path().join("data/agent.json"), None).unwrap();
+        let ledger = Ledger {
+            last_command_seq: 7,
+            ..Ledger::default()
+        };
+        let err = store.save_ledger_async(&ledger).await.unwrap_err();
+        assert!(err.to_string().contains("agent.json"), "{err}");
+        assert_eq!(store.ledger().last_command_seq, 0);
+        assert!(matches!(
+            store.next_ctr_async().await,
+            Err(StoreError::Write { .. })
         ));
     }
 

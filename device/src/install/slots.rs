@@ -128,12 +128,13 @@ impl SlotsInstaller {
                 reason: format!("install task failed: {e}"),
             })??;
         if let Err(reason) = self.health.check(version).await {
-            match switched {
-                Some(back) => self.switch_to(back)?,
+            self.off_runtime(move |this| match switched {
+                Some(back) => this.switch_to(back),
                 // Nothing was current before this install (the machine ran its shipped
                 // version): restore exactly that, so the unhealthy version is not left active.
-                None => self.clear_current()?,
-            }
+                None => this.clear_current(),
+            })
+            .await?;
             return Err(InstallError::Unhealthy {
                 kind: self.kind.clone(),
                 version: version.to_owned(),
@@ -178,8 +179,23 @@ impl SlotsInstaller {
         Ok(active)
     }
 
+    /// Runs `work` (file system calls) on the blocking pool, not on the runtime's threads.
+    async fn off_runtime<T: Send + 'static>(
+        &self,
+        work: impl FnOnce(&Self) -> Result<T, InstallError> + Send + 'static,
+    ) -> Result<T, InstallError> {
+        let this = self.clone();
+        tokio::task::spawn_blocking(move || work(&this))
+            .await
+            .unwrap_or_else(|e| Err(self.io("switch", &self.root)(std::io::Error::other(e))))
+    }
+
     /// Makes the other slot active, if it holds anything.
     pub async fn rollback(&self) -> Result<(), InstallError> {
+        self.off_runtime(Self::rollback_blocking).await
+    }
+
+    fn rollback_blocking(&self) -> Result<(), InstallError> {
         let Some(active) = self.active() else {
             return Err(InstallError::Failed {
                 kind: self.kind.clone(),
