@@ -241,9 +241,29 @@ pub enum MqttEvent {
 /// exponential backoff (100 ms doubling to 5 s). When `events` is full the driver waits, which
 /// stops reading from the socket: backpressure reaches the broker instead of memory.
 pub async fn drive(
+    eventloop: EventLoop,
+    events: mpsc::Sender<MqttEvent>,
+    shutdown: CancellationToken,
+) {
+    drive_with(eventloop, events, shutdown, Overload::Wait).await
+}
+
+/// What the driver does with an incoming publish while `events` is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overload {
+    /// Wait for room (stops reading the socket, so the keep-alive answer waits too).
+    Wait,
+    /// Drop a QoS 0 publish (QoS 0 may be lost; fleetcast's are chunk frames, asked for again)
+    /// and keep polling, so a burst of frames never starves the keep-alive; wait for the rest.
+    ShedQos0,
+}
+
+/// [`drive`] with a choice of what to do when `events` is full.
+pub async fn drive_with(
     mut eventloop: EventLoop,
     events: mpsc::Sender<MqttEvent>,
     shutdown: CancellationToken,
+    overload: Overload,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
@@ -275,6 +295,19 @@ pub async fn drive(
                 backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
+        };
+        let event = match (overload, event) {
+            (Overload::ShedQos0, MqttEvent::Publish(p)) if p.qos == rumqttc::QoS::AtMostOnce => {
+                match events.try_send(MqttEvent::Publish(p)) {
+                    Ok(()) => continue,
+                    Err(mpsc::error::TrySendError::Full(MqttEvent::Publish(p))) => {
+                        tracing::debug!(topic = %p.topic, "QoS 0 publish dropped: consumer busy");
+                        continue;
+                    }
+                    Err(_) => return,
+                }
+            }
+            (_, event) => event,
         };
         tokio::select! {
             _ = shutdown.cancelled() => return,

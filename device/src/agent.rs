@@ -141,7 +141,14 @@ pub async fn run_with(
     let (client, eventloop) = client::connect(mqtt, 1024);
     let (mqtt_tx, mut mqtt_rx) = mpsc::channel(MQTT_EVENTS_QUEUED);
     let driver_stop = CancellationToken::new();
-    let driver = tokio::spawn(client::drive(eventloop, mqtt_tx, driver_stop.clone()));
+    // Chunk frames (QoS 0) beyond what the agent keeps up with are dropped by the driver and
+    // asked for again, rather than stopping it from answering the broker's keep-alive.
+    let driver = tokio::spawn(client::drive_with(
+        eventloop,
+        mqtt_tx,
+        driver_stop.clone(),
+        client::Overload::ShedQos0,
+    ));
     let (inputs, mut input_rx) = mpsc::channel(256);
     let mut agent = Agent {
         config,

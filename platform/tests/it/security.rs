@@ -249,11 +249,11 @@ async fn forged_progress_and_events_do_not_verify_and_integrators_catch_up_on_wh
     // the install, the final one follows within that.
     let progress = loop {
         let p = watcher.next(|p| p.topic == topic).await;
-        let progress: RolloutProgress = key
-            .verify(Purpose::Progress, &p.payload)
-            .unwrap_or_else(|e| {
-                panic!("the retained progress after the rollout is the platform's: {e}")
-            });
+        let progress: RolloutProgress =
+            key.verify(Purpose::Progress, &p.payload)
+                .unwrap_or_else(|e| {
+                    panic!("the retained progress after the rollout is the platform's: {e}")
+                });
         if progress.finished == 1 {
             break progress;
         }
