@@ -394,12 +394,20 @@ async fn a_broker_killed_mid_transfer_is_survived() {
     let mut mosq = fleetcast_broker::testing::Mosquitto::start("")
         .expect("mosquitto (apt-get install mosquitto)");
     let broker = mosq.url.clone();
-    let Env {
-        dir,
-        data_dir: data,
-        platform,
-        admin: admin_client,
-    } = env(&broker).await;
+    // Served at 4 MiB/s, the 48 MiB download takes about 12 s: the agent reports progress
+    // (at most every 5 s) well before it ends, and the broker dies mid-transfer.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let platform = start_platform_with(
+        &broker,
+        &data,
+        fleetcast_platform::limits::MachineLimits {
+            bytes_per_sec: 4.0 * 1024.0 * 1024.0,
+            byte_burst: 4.0 * 1024.0 * 1024.0,
+            ..Default::default()
+        },
+    );
+    let admin_client = admin(&broker, &data).await;
     let sim = dir.path().join("machines");
     let sim_token = CancellationToken::new();
     let sim_task = tokio::spawn(fleetcast_device::simulate::run(
