@@ -188,13 +188,52 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
     if let Some(m) = &mosquitto {
         reload_mosquitto(m, &p).await?;
     }
+    // The raw bytes travel on an artifact topic, which the broker sizes for bulk (a machine's
+    // own and group topics get small logs) and which a machine may read only for an artifact
+    // released to it: so the raw group gets a real release of an artifact of the same size.
+    let raw_kind = Kind::new("rawbench")?;
+    let raw_bytes = artifact_bytes(r.artifact, (n * 100) as u64);
+    let raw_file = dir.path().join("rawbench.bin");
+    std::fs::write(&raw_file, &raw_bytes)?;
+    let raw_artifact = p
+        .admin
+        .upload(
+            &raw_file,
+            raw_kind.clone(),
+            "1.0".into(),
+            None,
+            MSG as u32,
+            |_, _| {},
+        )
+        .await
+        .context("uploading the raw baseline's artifact")?
+        .id;
+    let raw_release = match p
+        .request(AdminOp::ReleaseCreate {
+            kind: raw_kind,
+            version: "1.0".into(),
+            policy: InstallPolicy::DownloadOnly,
+            notes: None,
+        })
+        .await?
+    {
+        AdminReply::Release { release } => release.id,
+        other => bail!("unexpected reply to release create: {other:?}"),
+    };
+    p.request(AdminOp::ReleasePublish {
+        release: raw_release,
+        machines: vec![],
+        groups: vec![raw_group.clone()],
+    })
+    .await?;
+    let raw_topic = Topics::default().artifact_chunks(&raw_artifact);
     let raw_timeout = Duration::from_secs(30 + (n * r.artifact / (50 << 20)) as u64);
     match raw_fanout(
         &p.url,
         &p.platform_password()?,
         &raw_machines,
-        &raw_group,
-        &payloads[0],
+        &raw_topic,
+        &raw_bytes,
         MSG,
         raw_timeout,
     )
@@ -470,7 +509,7 @@ fn latency_cell(ro: Option<&Rollout>) -> String {
 }
 
 fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
-    println!("Broker: {}. Artifact 1 MiB (64 KiB chunks), policy `immediate`, groups g1,g2. Raw fan-out: the same 1 MiB as 16 × 64 KiB QoS 1 from the platform principal to N plain rumqttc subscribers (machines `raw-…` in group `rawbench`), run after `serve` started and before the simulated fleet, every subscriber's byte count checked.", broker.label());
+    println!("Broker: {}. Artifact 1 MiB (64 KiB chunks), policy `immediate`, groups g1,g2. Raw fan-out: the same 1 MiB as 16 × 64 KiB QoS 1 from the platform principal to N plain rumqttc subscribers (machines `raw-…` in group `rawbench`, on an artifact topic released to them, through rumqttd), run after `serve` started and before the simulated fleet, every subscriber's byte count checked.", broker.label());
     println!();
     println!("| machines | onboarding (provision + connect + first state) | raw fan-out 1 MiB | fleetcast rollout 1 MiB (publish → all `installed`) | ratio to raw | notice → `notified` p50 / p99 | platform egress ÷ artifact |");
     println!("|---|---|---|---|---|---|---|");

@@ -368,20 +368,20 @@ impl RawResult {
 /// Raw MQTT through the same broker: every machine in `subs` connects with its own credentials
 /// (client id = username = machine id), subscribes QoS 1 to `fleet/groups/{group}/release/+`;
 /// then one publisher as the platform principal publishes `payload` in `msg_size` messages,
-/// QoS 1, not retained, to `fleet/groups/{group}/release/raw`. Time from the first publish
-/// until every subscriber has every byte. Every subscriber's byte count is checked.
+/// QoS 1, not retained, to `topic` (an artifact topic the subscribers may read). Time from
+/// the first publish until every subscriber has every byte. Every subscriber's byte count is
+/// checked.
 pub async fn raw_fanout(
     url: &BrokerUrl,
     platform_password: &str,
     subs: &[ProvisionedMachine],
-    group: &GroupId,
+    topic: &str,
     payload: &[u8],
     msg_size: usize,
     timeout: Duration,
 ) -> Result<RawResult> {
-    let topics = Topics::default();
-    let filter = format!("{}/groups/{group}/release/+", topics.prefix());
-    let topic = format!("{}/groups/{group}/release/raw", topics.prefix());
+    let filter = topic.to_owned();
+    let topic = topic.to_owned();
     let total = payload.len();
     let n = subs.len();
     let stop = CancellationToken::new();
