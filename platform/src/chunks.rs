@@ -4,9 +4,12 @@
 //! machines fetch it. Error frames answer one machine, on `machines/{m}/chunks`.
 //!
 //! A frame sent less than [`RESEND_AFTER`] ago is not sent again at once: it is owed, and sent
-//! once when that time is up, for every machine that asked meanwhile (a machine asking just
-//! after a broadcast may have subscribed too late to see it). So a frame goes out at most once
-//! per [`RESEND_AFTER`] however many machines ask, and nobody waits for its re-request.
+//! once when that time is up, for the machines that asked meanwhile (a machine asking just
+//! after a broadcast may have subscribed too late to see it, or lost it). So a frame goes out
+//! at most once per [`RESEND_AFTER`] however many machines ask, and nobody waits for its
+//! re-request. On the embedded broker the gateway sends an owed frame only to the machines that
+//! asked for it: re-broadcasting it to a thousand machines that already have it was what kept a
+//! rollout busy (29x the artifact in platform egress); other brokers get it broadcast.
 //!
 //! Everything bulky travels on the per-artifact topic for a second reason: a broker keeps a log
 //! per subscription filter (rumqttd never frees one), and one log per artifact costs far less
@@ -16,7 +19,7 @@
 //! Reads use positioned reads on cached open files, on tokio's blocking threads (a slow disk
 //! must not stall the runtime); an artifact is never loaded whole.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -60,8 +63,9 @@ struct ChunkServer {
     layouts: HashMap<ArtifactId, Layout>,
     /// When each frame was last broadcast.
     sent_at: HashMap<FrameKey, Instant>,
-    /// Frames asked for while they were fresh: sent when their [`RESEND_AFTER`] is up.
-    owed: HashMap<FrameKey, Instant>,
+    /// Frames asked for while they were fresh: sent when their [`RESEND_AFTER`] is up, to the
+    /// machines that asked.
+    owed: HashMap<FrameKey, (Instant, HashSet<MachineId>)>,
 }
 
 pub async fn run(
@@ -151,7 +155,7 @@ impl ChunkServer {
 
     /// When the earliest owed frame is due.
     fn next_due(&self) -> Option<Instant> {
-        self.owed.values().min().copied()
+        self.owed.values().map(|(at, _)| *at).min()
     }
 
     async fn handle(&mut self, m: &MachineId, payload: &[u8]) -> Result<(), String> {
@@ -250,10 +254,15 @@ impl ChunkServer {
         for key in keys {
             match self.sent_at.get(&key) {
                 Some(t) if now.duration_since(*t) < RESEND_AFTER => {
-                    self.owed.entry(key).or_insert(*t + RESEND_AFTER);
+                    let due = *t + RESEND_AFTER;
+                    self.owed
+                        .entry(key)
+                        .or_insert_with(|| (due, HashSet::new()))
+                        .1
+                        .insert(m.clone());
                 }
                 _ => {
-                    if let Err(e) = self.broadcast(key, &layout).await {
+                    if let Err(e) = self.broadcast(key, &layout, None).await {
                         self.error_frame(&own_topic, req.artifact, "artifact unreadable")
                             .await;
                         return Err(e);
@@ -308,14 +317,33 @@ impl ChunkServer {
         Ok(Some(layout))
     }
 
-    /// Reads and publishes one frame on the artifact's topic.
-    async fn broadcast(&mut self, key: FrameKey, layout: &Layout) -> Result<(), String> {
+    /// Reads one frame and sends it on the artifact's topic: to every machine fetching it, or,
+    /// where the broker can address them (the embedded one), to the machines in `only`.
+    async fn broadcast(
+        &mut self,
+        key: FrameKey,
+        layout: &Layout,
+        only: Option<HashSet<MachineId>>,
+    ) -> Result<(), String> {
         let files = self.ctx.files.clone();
         let layout_owned = *layout;
         let frame = blocking(move || read_frame(&files, key, &layout_owned)).await?;
         let topic = self.ctx.topics.artifact_chunks(&key.artifact);
         self.sent_at.insert(key, Instant::now());
         self.owed.remove(&key);
+        if let Some(only) = only {
+            let names: Vec<&str> = only.iter().map(MachineId::as_str).collect();
+            self.ctx.stats.frame_sent(frame.len(), false);
+            if self
+                .ctx
+                .sessions
+                .deliver(&topic, &frame, Some(&names))
+                .is_some()
+            {
+                return Ok(());
+            }
+            return self.publish(&topic, frame).await;
+        }
         self.send(&topic, frame, true).await
     }
 
@@ -325,17 +353,18 @@ impl ChunkServer {
         let due: Vec<FrameKey> = self
             .owed
             .iter()
-            .filter(|(_, at)| **at <= now)
+            .filter(|(_, (at, _))| *at <= now)
             .map(|(k, _)| *k)
             .collect();
         for key in due {
-            let Some(layout) = self.layouts.get(&key.artifact).copied() else {
-                self.owed.remove(&key);
+            let Some((_, askers)) = self.owed.remove(&key) else {
                 continue;
             };
-            if let Err(e) = self.broadcast(key, &layout).await {
+            let Some(layout) = self.layouts.get(&key.artifact).copied() else {
+                continue;
+            };
+            if let Err(e) = self.broadcast(key, &layout, Some(askers)).await {
                 // Those who asked re-request after their timeout.
-                self.owed.remove(&key);
                 tracing::warn!(artifact = %key.artifact.short(), index = key.index, "owed frame not sent: {e}");
             }
         }
@@ -345,9 +374,13 @@ impl ChunkServer {
         self.ctx.stats.frame_sent(frame.len(), broadcast);
         // The embedded broker's gateway delivers artifact topics itself (see
         // fleetcast_broker's gateway `fanout`); any other broker gets an MQTT publish.
-        if broadcast && self.ctx.sessions.deliver(topic, &frame).is_some() {
+        if broadcast && self.ctx.sessions.deliver(topic, &frame, None).is_some() {
             return Ok(());
         }
+        self.publish(topic, frame).await
+    }
+
+    async fn publish(&self, topic: &str, frame: Vec<u8>) -> Result<(), String> {
         self.ctx
             .mqtt
             .publish(topic, QoS::AtMostOnce, false, frame)
@@ -541,8 +574,10 @@ mod tests {
         );
         assert!(server.owed.is_empty());
         assert_eq!(server.next_due(), None);
+        // The first sends went to everyone, the owed ones to those who asked (here over MQTT,
+        // which cannot address them, so to the topic).
         let stats = server.ctx.stats.snapshot();
-        assert_eq!(stats.chunk_bytes_broadcast, stats.chunk_bytes_sent);
+        assert_eq!(stats.chunk_bytes_broadcast * 2, stats.chunk_bytes_sent);
     }
 
     #[tokio::test]

@@ -70,9 +70,9 @@ impl Ctx {
 pub trait SessionControl: Send + Sync {
     /// Closes every session of `username`; returns how many were closed.
     fn close_sessions(&self, username: &str) -> usize;
-    /// Delivers `payload` on artifact topic `topic` to its subscribers, if this broker can
-    /// (`None`: publish it over MQTT instead).
-    fn deliver(&self, _topic: &str, _payload: &[u8]) -> Option<usize> {
+    /// Delivers `payload` on artifact topic `topic` to its subscribers (or only to those of the
+    /// machines in `only`), if this broker can (`None`: publish it over MQTT instead, to all).
+    fn deliver(&self, _topic: &str, _payload: &[u8], _only: Option<&[&str]>) -> Option<usize> {
         None
     }
 }

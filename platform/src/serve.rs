@@ -76,8 +76,8 @@ impl SessionControl for GatewaySessions {
         self.0.kick(username)
     }
 
-    fn deliver(&self, topic: &str, payload: &[u8]) -> Option<usize> {
-        Some(self.0.deliver(topic, payload))
+    fn deliver(&self, topic: &str, payload: &[u8], only: Option<&[&str]>) -> Option<usize> {
+        Some(self.0.deliver_to(topic, payload, only))
     }
 }
 

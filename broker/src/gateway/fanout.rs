@@ -25,25 +25,40 @@ use tokio::sync::mpsc;
 /// shared with every other receiver of the same frame).
 pub const SESSION_QUEUE: usize = 64;
 
+/// One subscribed session: who it is (the principal's username) and its queue.
+struct Receiver {
+    username: String,
+    tx: mpsc::Sender<Bytes>,
+}
+
+type Topics = HashMap<String, HashMap<u64, Receiver>>;
+
 #[derive(Default)]
 pub(crate) struct Fanout {
-    topics: Mutex<HashMap<String, HashMap<u64, mpsc::Sender<Bytes>>>>,
+    topics: Mutex<Topics>,
     delivered: AtomicU64,
     dropped: AtomicU64,
 }
 
 impl Fanout {
-    fn topics(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<u64, mpsc::Sender<Bytes>>>> {
+    fn topics(&self) -> std::sync::MutexGuard<'_, Topics> {
         self.topics.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub(crate) fn subscribe(&self, topic: &str, session: u64, tx: &mpsc::Sender<Bytes>) {
-        self.topics()
-            .entry(topic.to_owned())
-            .or_default()
-            .insert(session, tx.clone());
+    pub(crate) fn subscribe(
+        &self,
+        topic: &str,
+        session: u64,
+        username: &str,
+        tx: &mpsc::Sender<Bytes>,
+    ) {
+        self.topics().entry(topic.to_owned()).or_default().insert(
+            session,
+            Receiver {
+                username: username.to_owned(),
+                tx: tx.clone(),
+            },
+        );
     }
 
     pub(crate) fn unsubscribe(&self, topic: &str, session: u64) {
@@ -64,20 +79,24 @@ impl Fanout {
         });
     }
 
-    /// Queues `packet` (a whole PUBLISH) for every session subscribed to `topic`; how many
-    /// took it.
-    pub(crate) fn deliver(&self, topic: &str, packet: &Bytes) -> usize {
+    /// Queues `packet` (a whole PUBLISH) for every session subscribed to `topic`, or only for
+    /// the sessions of `only` (usernames); how many took it.
+    pub(crate) fn deliver(&self, topic: &str, packet: &Bytes, only: Option<&[&str]>) -> usize {
         let topics = self.topics();
         let Some(sessions) = topics.get(topic) else {
             return 0;
         };
-        let mut took = 0;
-        for tx in sessions.values() {
-            if tx.try_send(packet.clone()).is_ok() {
+        let (mut took, mut missed) = (0, 0);
+        for r in sessions.values() {
+            if only.is_some_and(|names| !names.contains(&r.username.as_str())) {
+                continue;
+            }
+            if r.tx.try_send(packet.clone()).is_ok() {
                 took += 1;
+            } else {
+                missed += 1;
             }
         }
-        let missed = sessions.len() - took;
         drop(topics);
         self.delivered.fetch_add(took as u64, Ordering::Relaxed);
         self.dropped.fetch_add(missed as u64, Ordering::Relaxed);
@@ -102,21 +121,32 @@ mod tests {
         let fanout = Fanout::default();
         let (tx1, mut rx1) = mpsc::channel(1);
         let (tx2, mut rx2) = mpsc::channel(1);
-        fanout.subscribe("fleet/artifacts/a/chunks", 1, &tx1);
-        fanout.subscribe("fleet/artifacts/b/chunks", 2, &tx2);
+        fanout.subscribe("fleet/artifacts/a/chunks", 1, "vm-1", &tx1);
+        fanout.subscribe("fleet/artifacts/b/chunks", 2, "vm-2", &tx2);
         let frame = Bytes::from_static(b"frame");
-        assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame), 1);
+        assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame, None), 1);
         assert_eq!(rx1.try_recv().unwrap(), frame);
         assert!(rx2.try_recv().is_err(), "not subscribed to a");
         // Queue of one: the second frame is dropped for session 1.
-        assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame), 1);
-        assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame), 0);
+        assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame, None), 1);
+        assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame, None), 0);
         assert_eq!(fanout.counts(), (2, 1));
+
+        // Delivery to named machines only.
+        let _ = rx1.try_recv();
+        assert_eq!(
+            fanout.deliver("fleet/artifacts/a/chunks", &frame, Some(&["vm-9"])),
+            0
+        );
+        assert_eq!(
+            fanout.deliver("fleet/artifacts/a/chunks", &frame, Some(&["vm-1"])),
+            1
+        );
         fanout.unsubscribe("fleet/artifacts/a/chunks", 1);
         let _ = rx1.try_recv();
-        assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame), 0);
+        assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame, None), 0);
         fanout.remove_session(2);
-        assert_eq!(fanout.deliver("fleet/artifacts/b/chunks", &frame), 0);
+        assert_eq!(fanout.deliver("fleet/artifacts/b/chunks", &frame, None), 0);
         assert!(fanout.topics().is_empty());
     }
 }

@@ -146,8 +146,14 @@ impl GatewayHandle {
     /// Delivers `payload` as a QoS 0 PUBLISH on `topic` to every session whose subscription
     /// to it the gateway accepted (the artifact chunk topics; see `fanout`). How many took it.
     pub fn deliver(&self, topic: &str, payload: &[u8]) -> usize {
+        self.deliver_to(topic, payload, None)
+    }
+
+    /// [`GatewayHandle::deliver`] to the subscribed sessions of these usernames only (`None`:
+    /// every subscriber).
+    pub fn deliver_to(&self, topic: &str, payload: &[u8], only: Option<&[&str]>) -> usize {
         match super::frames::qos0_publish(topic, payload) {
-            Ok(packet) => self.registry.fanout.deliver(topic, &packet),
+            Ok(packet) => self.registry.fanout.deliver(topic, &packet, only),
             Err(e) => {
                 tracing::warn!(topic, error = %e, "cannot encode a frame for delivery");
                 0

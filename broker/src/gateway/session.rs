@@ -320,7 +320,11 @@ impl Session<'_> {
                 }
                 for f in frames::subscribe_filters(frame).map_err(End::Frame)? {
                     if self.is_fanned_out(&f) {
-                        shared.registry.fanout.subscribe(&f, self.id, &self.inject);
+                        let username = self.principal.username();
+                        shared
+                            .registry
+                            .fanout
+                            .subscribe(&f, self.id, &username, &self.inject);
                     }
                 }
             }
