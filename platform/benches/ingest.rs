@@ -26,10 +26,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use common::{now_ms, stat_u64, Platform};
 use fleetcast_broker::client;
-use fleetcast_proto::admin::{AdminOp, AdminReply, FleetEvent};
+use fleetcast_proto::admin::FleetEvent;
 use fleetcast_proto::auth::{PlatformPublicKey, Purpose};
 use fleetcast_proto::status::Progress;
 use fleetcast_proto::{
@@ -122,31 +122,16 @@ async fn fleetcast_ingest(
         .map(|i| MachineId::new(format!("ing-{i:04}")))
         .collect::<Result<_, _>>()?;
     let provisioned = p.provision(&ids, &group).await?;
-    let file = p.data.join("../ingest-app.bin");
-    std::fs::write(&file, common::artifact_bytes(65536, 7))?;
-    let app = Kind::new("app")?;
-    p.admin
-        .upload(&file, app.clone(), "2.0.0".into(), None, 65536, |_, _| {})
-        .await
-        .context("upload")?;
-    let release = match p
-        .request(AdminOp::ReleaseCreate {
-            kind: app,
-            version: "2.0.0".into(),
-            policy: InstallPolicy::DownloadOnly,
-            notes: None,
-        })
-        .await?
-    {
-        AdminReply::Release { release } => release.id,
-        other => bail!("unexpected reply to release create: {other:?}"),
-    };
-    p.request(AdminOp::ReleasePublish {
-        release: release.clone(),
-        machines: ids.clone(),
-        groups: vec![],
-    })
-    .await?;
+    let (_, release) = p
+        .create_release(
+            &p.data.join("../ingest-app.bin"),
+            &common::artifact_bytes(65536, 7),
+            &Kind::new("app")?,
+            "2.0.0",
+            InstallPolicy::DownloadOnly,
+        )
+        .await?;
+    p.publish(&release, ids.clone(), vec![]).await?;
     let platform_key: PlatformPublicKey =
         std::fs::read_to_string(fleetcast_platform::public_key_path(&p.data))?
             .trim()

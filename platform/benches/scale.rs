@@ -191,41 +191,18 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
     // The raw bytes travel on an artifact topic, which the broker sizes for bulk (a machine's
     // own and group topics get small logs) and which a machine may read only for an artifact
     // released to it: so the raw group gets a real release of an artifact of the same size.
-    let raw_kind = Kind::new("rawbench")?;
     let raw_bytes = artifact_bytes(r.artifact, (n * 100) as u64);
-    let raw_file = dir.path().join("rawbench.bin");
-    std::fs::write(&raw_file, &raw_bytes)?;
-    let raw_artifact = p
-        .admin
-        .upload(
-            &raw_file,
-            raw_kind.clone(),
-            "1.0".into(),
-            None,
-            MSG as u32,
-            |_, _| {},
+    let (raw_artifact, raw_release) = p
+        .create_release(
+            &dir.path().join("rawbench.bin"),
+            &raw_bytes,
+            &Kind::new("rawbench")?,
+            "1.0",
+            InstallPolicy::DownloadOnly,
         )
-        .await
-        .context("uploading the raw baseline's artifact")?
-        .id;
-    let raw_release = match p
-        .request(AdminOp::ReleaseCreate {
-            kind: raw_kind,
-            version: "1.0".into(),
-            policy: InstallPolicy::DownloadOnly,
-            notes: None,
-        })
-        .await?
-    {
-        AdminReply::Release { release } => release.id,
-        other => bail!("unexpected reply to release create: {other:?}"),
-    };
-    p.request(AdminOp::ReleasePublish {
-        release: raw_release,
-        machines: vec![],
-        groups: vec![raw_group.clone()],
-    })
-    .await?;
+        .await?;
+    p.publish(&raw_release, vec![], vec![raw_group.clone()])
+        .await?;
     let raw_topic = Topics::default().artifact_chunks(&raw_artifact);
     let raw_timeout = Duration::from_secs(30 + (n * r.artifact / (50 << 20)) as u64);
     match raw_fanout(
@@ -323,31 +300,15 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
     let app = Kind::new("app")?;
     for (i, bytes) in payloads.iter().enumerate() {
         let version = format!("2.{}.0", i + 1);
-        let file = dir.path().join(format!("app-{version}.bin"));
-        std::fs::write(&file, bytes)?;
-        p.admin
-            .upload(
-                &file,
-                app.clone(),
-                version.clone(),
-                None,
-                MSG as u32,
-                |_, _| {},
+        let (_, release) = p
+            .create_release(
+                &dir.path().join(format!("app-{version}.bin")),
+                bytes,
+                &app,
+                &version,
+                InstallPolicy::Immediate,
             )
-            .await
-            .with_context(|| format!("uploading {version}"))?;
-        let release = match p
-            .request(AdminOp::ReleaseCreate {
-                kind: app.clone(),
-                version: version.clone(),
-                policy: InstallPolicy::Immediate,
-                notes: None,
-            })
-            .await?
-        {
-            AdminReply::Release { release } => release.id,
-            other => bail!("unexpected reply to release create: {other:?}"),
-        };
+            .await?;
         let mut feed = EventFeed::at_end(&p).await?;
         let stats_before = p.stats();
         let published_ms = now_ms();

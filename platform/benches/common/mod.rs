@@ -23,7 +23,7 @@ use fleetcast_proto::admin::{
     MAX_PROVISION_BATCH,
 };
 use fleetcast_proto::auth::Secret;
-use fleetcast_proto::{GroupId, MachineId, Topics};
+use fleetcast_proto::{ArtifactId, GroupId, InstallPolicy, Kind, MachineId, ReleaseId, Topics};
 use rumqttc::{Event, Incoming, QoS};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -220,6 +220,48 @@ impl Platform {
             .request_with_timeout(op, ADMIN_TIMEOUT)
             .await
             .with_context(|| format!("admin request {name}"))
+    }
+
+    /// Uploads `bytes` as `kind` `version` (64 KiB chunks) and creates a release of it.
+    pub async fn create_release(
+        &self,
+        file: &Path,
+        bytes: &[u8],
+        kind: &Kind,
+        version: &str,
+        policy: InstallPolicy,
+    ) -> Result<(ArtifactId, ReleaseId)> {
+        std::fs::write(file, bytes)?;
+        let artifact = self
+            .admin
+            .upload(file, kind.clone(), version.into(), None, 65536, |_, _| {})
+            .await
+            .with_context(|| format!("uploading {kind} {version}"))?
+            .id;
+        let op = AdminOp::ReleaseCreate {
+            kind: kind.clone(),
+            version: version.into(),
+            policy,
+            notes: None,
+        };
+        match self.request(op).await? {
+            AdminReply::Release { release } => Ok((artifact, release.id)),
+            other => bail!("unexpected reply to release create: {other:?}"),
+        }
+    }
+
+    pub async fn publish(
+        &self,
+        release: &ReleaseId,
+        machines: Vec<MachineId>,
+        groups: Vec<GroupId>,
+    ) -> Result<()> {
+        let op = AdminOp::ReleasePublish {
+            release: release.clone(),
+            machines,
+            groups,
+        };
+        self.request(op).await.map(|_| ())
     }
 
     pub async fn machines(&self) -> Result<Vec<MachineInfo>> {
