@@ -53,6 +53,28 @@ enum After {
     KeyChain,
 }
 
+/// One signed ack per machine per batch: an ack says "every event up to `ctr` is stored", so the
+/// highest one covers the rest (signing is the largest cost of ingest). It goes where that
+/// machine's first ack was, so acks keep their order relative to other work.
+fn coalesce_acks(after: Vec<After>) -> Vec<After> {
+    let mut highest: HashMap<MachineId, u64> = HashMap::new();
+    for a in &after {
+        if let After::StatusAck { machine, ctr } = a {
+            let h = highest.entry(machine.clone()).or_insert(*ctr);
+            *h = (*h).max(*ctr);
+        }
+    }
+    after
+        .into_iter()
+        .filter_map(|a| match a {
+            After::StatusAck { machine, .. } => highest
+                .remove(&machine)
+                .map(|ctr| After::StatusAck { machine, ctr }),
+            other => Some(other),
+        })
+        .collect()
+}
+
 /// The sender and counter of a MAC'd body, for the replay check.
 trait Sent {
     fn sender(&self) -> (&MachineId, u64);
@@ -201,7 +223,7 @@ impl Ingest {
             .filter(|a| matches!(a, After::Event(_)))
             .count();
         self.ctx.stats.batch_flushed(stored);
-        for a in after {
+        for a in coalesce_acks(after) {
             self.after(a)?;
         }
         Ok(())
@@ -550,5 +572,32 @@ impl Ingest {
         info.last_seen_ms = Some(now_ms());
         store.put_machine(&info).map_err(Err)?;
         Ok(vec![])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_batch_acknowledges_each_machine_once_with_its_highest_counter() {
+        let m = |s: &str| MachineId::new(s).unwrap();
+        let ack = |s: &str, ctr| After::StatusAck { machine: m(s), ctr };
+        let out = coalesce_acks(vec![
+            ack("vm-1", 3),
+            ack("vm-2", 9),
+            After::KeyChain,
+            ack("vm-1", 5),
+            ack("vm-1", 4),
+        ]);
+        let acks: Vec<(String, u64)> = out
+            .iter()
+            .filter_map(|a| match a {
+                After::StatusAck { machine, ctr } => Some((machine.to_string(), *ctr)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(acks, vec![("vm-1".into(), 5), ("vm-2".into(), 9)]);
+        assert_eq!(out.len(), 3, "the key chain re-publish stays");
     }
 }
