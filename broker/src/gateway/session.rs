@@ -19,6 +19,7 @@ use super::fanout;
 use super::frames::{self, FrameError};
 use super::limit::Limiter;
 use super::Shared;
+use crate::client::MAX_PACKET;
 
 /// Room made for each read from a client; a bigger packet grows the buffer as it arrives.
 const CLIENT_READ: usize = 4 * 1024;
@@ -417,7 +418,8 @@ where
 /// How many bytes at the front of `bytes` are whole MQTT packets.
 fn whole_packets(bytes: &[u8]) -> Result<usize, FrameError> {
     let mut at = 0;
-    while let Some(frame) = frames::next_frame(&bytes[at..])? {
+    // The broker already enforced its limits: only protect against nonsense lengths.
+    while let Some(frame) = frames::next_frame_within(&bytes[at..], 4 * MAX_PACKET)? {
         if at + frame.len > bytes.len() {
             break;
         }
