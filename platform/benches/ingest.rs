@@ -68,17 +68,7 @@ fn event(machine: &MachineId, release: &ReleaseId, ctr: u64, total: u64) -> Stat
 fn record_of(ev: &StatusEvent, id: u64) -> Vec<u8> {
     serde_json::to_vec(&FleetEvent {
         id,
-        recorded_at_ms: now_ms(),
-        machine: ev.machine.clone(),
-        release: ev.release.clone(),
-        kind: ev.kind.clone(),
-        version: ev.version.clone(),
-        phase: ev.phase,
-        at_ms: ev.at_ms,
-        attempt: ev.attempt,
-        progress: ev.progress,
-        error: None,
-        detail: None,
+        ..FleetEvent::recorded(ev, now_ms())
     })
     .expect("events serialize")
 }

@@ -412,20 +412,7 @@ impl Ingest {
             .map_err(Err)?;
         let cap = self.ctx.limits.events_per_release;
         if stored <= cap {
-            let mut event = FleetEvent {
-                id: 0,
-                recorded_at_ms: now,
-                machine: ev.machine.clone(),
-                release: ev.release.clone(),
-                kind: ev.kind.clone(),
-                version: ev.version.clone(),
-                phase: ev.phase,
-                at_ms: ev.at_ms,
-                attempt: ev.attempt,
-                progress: ev.progress,
-                error: ev.error.clone(),
-                detail: ev.detail.clone(),
-            };
+            let mut event = FleetEvent::recorded(&ev, now);
             store.append_event(&mut event).map_err(Err)?;
             after.push(After::Event(event));
         } else if stored == cap + 1 {

@@ -604,6 +604,26 @@ pub struct FleetEvent {
     pub detail: Option<String>,
 }
 
+impl FleetEvent {
+    /// A machine's status event as the platform stores it: `id` 0 until the log assigns one.
+    pub fn recorded(ev: &crate::status::StatusEvent, recorded_at_ms: u64) -> Self {
+        Self {
+            id: 0,
+            recorded_at_ms,
+            machine: ev.machine.clone(),
+            release: ev.release.clone(),
+            kind: ev.kind.clone(),
+            version: ev.version.clone(),
+            phase: ev.phase,
+            at_ms: ev.at_ms,
+            attempt: ev.attempt,
+            progress: ev.progress,
+            error: ev.error.clone(),
+            detail: ev.detail.clone(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
