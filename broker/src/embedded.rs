@@ -61,7 +61,7 @@ impl BrokerSettings {
             max_payload: MAX_PACKET,
             segment_size: 8 * 1024,
             segment_count: 2,
-            bulk_filters: Topics::default().chunk_filters(),
+            bulk_filters: Topics::default().bulk_filters(),
             bulk_segment_size: 1024 * 1024,
             bulk_segment_count: 4,
             inbound_filters: Topics::default().platform_inbound_filters(),

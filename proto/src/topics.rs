@@ -162,8 +162,15 @@ impl Topics {
             format!("{}/artifacts/+/chunks", self.prefix),
         ]
     }
-    /// The platform's wildcard subscriptions: one filter each for what every machine, operator
-    /// and integrator sends, so each must hold the platform's backlog.
+    /// Every filter that carries bulk frames: the chunk topics and operators' upload parts
+    /// (up to 32 parts of 64 KiB in flight per upload).
+    pub fn bulk_filters(&self) -> Vec<String> {
+        let mut all = self.chunk_filters();
+        all.push(self.platform_admin_upload_filter());
+        all
+    }
+    /// The platform's wildcard subscriptions for small messages: one filter each for what
+    /// every machine, operator and integrator sends, so each must hold the platform's backlog.
     pub fn platform_inbound_filters(&self) -> Vec<String> {
         vec![
             self.platform_status_filter(),
@@ -171,7 +178,6 @@ impl Topics {
             self.platform_online_filter(),
             self.platform_chunk_request_filter(),
             self.platform_admin_request_filter(),
-            self.platform_admin_upload_filter(),
             self.platform_integrator_request_filter(),
         ]
     }
@@ -303,6 +309,9 @@ mod tests {
         assert!(t
             .platform_inbound_filters()
             .contains(&"fleet/machines/+/status".to_owned()));
+        assert!(t
+            .bulk_filters()
+            .contains(&"fleet/admin/+/upload".to_owned()));
         assert_eq!(t.status(&m("vm-001")), "fleet/machines/vm-001/status");
         assert_eq!(
             t.group_release(&GroupId::new("g").unwrap(), &Kind::new("firmware").unwrap()),

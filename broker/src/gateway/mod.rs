@@ -152,7 +152,7 @@ impl SecureBrokerSettings {
     /// `topics` as bulk filters.
     pub fn new(topics: Topics) -> Self {
         let mut broker = BrokerSettings::new(SocketAddr::from(([127, 0, 0, 1], 0)));
-        broker.bulk_filters = topics.chunk_filters();
+        broker.bulk_filters = topics.bulk_filters();
         broker.inbound_filters = topics.platform_inbound_filters();
         Self {
             plain: None,

@@ -420,9 +420,7 @@ fn whole_packets(bytes: &[u8]) -> Result<usize, FrameError> {
     let mut at = 0;
     // The broker already enforced its limits: only protect against nonsense lengths.
     while let Some(frame) = frames::next_frame_within(&bytes[at..], 4 * MAX_PACKET)? {
-        if at + frame.len > bytes.len() {
-            break;
-        }
+        // `next_frame` answers only for a packet wholly in the slice.
         at += frame.len;
     }
     Ok(at)
