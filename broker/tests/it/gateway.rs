@@ -54,10 +54,15 @@ impl TestAuth {
             name: "alice".into(),
             role: Role::Operator,
         };
-        let users = [machine("vm-1", "g1"), machine("vm-2", "g2"), alice]
-            .into_iter()
-            .map(|p| (p.username(), p))
-            .collect();
+        let users = [
+            machine("vm-1", "g1"),
+            machine("vm-2", "g2"),
+            machine("vm-3", "g2"),
+            alice,
+        ]
+        .into_iter()
+        .map(|p| (p.username(), p))
+        .collect();
         Arc::new(Self { users })
     }
 }
@@ -565,6 +570,62 @@ async fn kick_ends_every_live_session_of_a_user_at_once() {
     assert_eq!(handle.kick("vm-9"), 0);
     // vm-2 was not touched.
     assert!(other_rx.try_recv().is_err(), "vm-2 saw no event");
+}
+
+/// The gateway's own delivery of chunk frames: sessions subscribed to that exact artifact
+/// topic get a frame; one refused the artifact is closed; a delivery addressed to one machine
+/// reaches no other; an unsubscribed session gets nothing.
+#[tokio::test]
+async fn delivered_chunk_frames_reach_only_sessions_allowed_on_that_artifact() {
+    let gw = start_gateway(|_| {}).await;
+    let handle = gw.secured.handle();
+    let topics = Topics::default();
+    let allowed = topics.artifact_chunks(&ArtifactId::of(b"app v2"));
+    let denied = topics.artifact_chunks(&denied_artifact());
+    let (vm1, mut vm1_rx) = gw.machine("vm-1").await;
+    let (vm2, mut vm2_rx) = gw.machine("vm-2").await;
+    subscribe(&vm1, &mut vm1_rx, &allowed).await;
+    subscribe(&vm2, &mut vm2_rx, &allowed).await;
+    // vm-3 tries the artifact the platform refuses it: its connection is closed, so no frame
+    // of that artifact has anywhere to go.
+    let (vm3, mut vm3_rx) = gw.machine("vm-3").await;
+    vm3.subscribe(&denied, QoS::AtMostOnce).await.unwrap();
+    let next = tokio::time::timeout(WAIT, vm3_rx.recv())
+        .await
+        .expect("an event");
+    assert!(matches!(next, Some(MqttEvent::Disconnected(_))), "{next:?}");
+    assert_eq!(handle.deliver(&denied, b"secret frame"), 0);
+
+    assert_eq!(handle.deliver(&allowed, b"frame-1"), 2);
+    for rx in [&mut vm1_rx, &mut vm2_rx] {
+        let got = next_publish(rx, WAIT, "the delivered frame").await;
+        assert_eq!(
+            (&*got.topic, &got.payload[..]),
+            (allowed.as_str(), &b"frame-1"[..])
+        );
+    }
+    // Addressed to vm-2 only.
+    assert_eq!(handle.deliver_to(&allowed, b"frame-2", Some(&["vm-2"])), 1);
+    let got = next_publish(&mut vm2_rx, WAIT, "the frame for vm-2").await;
+    assert_eq!(&got.payload[..], b"frame-2");
+    // vm-1 leaves the topic: nothing more for it.
+    vm1.unsubscribe(&allowed).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(handle.deliver(&allowed, b"frame-3"), 1);
+    let got = next_publish(&mut vm2_rx, WAIT, "frame-3 for vm-2").await;
+    assert_eq!(&got.payload[..], b"frame-3");
+    let quiet = tokio::time::timeout(Duration::from_millis(300), async {
+        loop {
+            if let Some(MqttEvent::Publish(p)) = vm1_rx.recv().await {
+                return p;
+            }
+        }
+    })
+    .await;
+    assert!(
+        quiet.is_err(),
+        "vm-1 got a frame after unsubscribing: {quiet:?}"
+    );
 }
 
 use fleetcast_broker::testing::test_pki;
