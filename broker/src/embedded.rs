@@ -46,8 +46,10 @@ pub struct BrokerSettings {
     pub inbound_filters: Vec<String>,
     pub inbound_segment_size: usize,
     pub inbound_segment_count: usize,
-    /// Publishes handed to one connection per router pass (QoS 0). rumqttd writes a pass's
-    /// publishes through one buffer per connection that keeps its largest size: this bounds it.
+    /// Publishes handed to one connection per router pass (QoS 0 reads). rumqttd writes what a
+    /// connection has queued (up to 200 publishes, fixed) through one buffer that keeps its
+    /// largest size; smaller passes keep that queue shorter when the link keeps up, but do not
+    /// bound it, which is why bulk frames bypass rumqttd (gateway `fanout`).
     pub max_outgoing_packets: usize,
     /// None accepts anyone (a broker on loopback for tests and demos).
     pub auth: Option<AuthFn>,
