@@ -14,8 +14,8 @@
 //!
 //! Baseline: a fresh sled database (default config, as the platform opens its own) in a temp
 //! dir; the same number of records, each the JSON of the `FleetEvent` the platform stores for
-//! such an event, under 8-byte big-endian keys, inserted in batches of 256 with one
-//! `flush_async` per batch (the platform's largest ingest batch). Run before and after the
+//! such an event, under 8-byte big-endian keys, inserted in batches of `ingest::MAX_BATCH` with
+//! one `flush_async` per batch (the platform's largest ingest batch). Run before and after the
 //! fleetcast measurement; the better is used. When the platform reports its counters, a second
 //! baseline row uses the platform's mean batch size in this run.
 
@@ -29,6 +29,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Result};
 use common::{now_ms, stat_u64, Platform};
 use fleetcast_broker::client;
+use fleetcast_platform::ingest::MAX_BATCH;
 use fleetcast_proto::admin::FleetEvent;
 use fleetcast_proto::auth::{PlatformPublicKey, Purpose};
 use fleetcast_proto::status::Progress;
@@ -268,7 +269,7 @@ async fn run() -> Result<()> {
         per_machine as u64 * 65536,
     );
     let record = record_of(&sample, 12345);
-    let base1 = sled_baseline(&root, count, &record, 256).await?;
+    let base1 = sled_baseline(&root, count, &record, MAX_BATCH).await?;
     eprintln!(
         "sled baseline: {count} records in {:.2} s",
         base1.as_secs_f64()
@@ -284,7 +285,7 @@ async fn run() -> Result<()> {
     drop(p.proc);
     drop(dir);
     let run = result?;
-    let base2 = sled_baseline(&root, count, &record, 256).await?;
+    let base2 = sled_baseline(&root, count, &record, MAX_BATCH).await?;
     let base = base1.min(base2);
     let delta = |f: &str| {
         stat_u64(&stats_after, f)
@@ -318,7 +319,7 @@ async fn run() -> Result<()> {
     println!("| what | events | time | events/s | ratio to sled |");
     println!("|---|---|---|---|---|");
     println!(
-        "| raw sled: insert + `flush_async` per 256 records, fresh db (best of 2) | {count} | {:.2} s | {:.0} | 1.00 |",
+        "| raw sled: insert + `flush_async` per {MAX_BATCH} records, fresh db (best of 2) | {count} | {:.2} s | {:.0} | 1.00 |",
         base.as_secs_f64(),
         rate(base)
     );

@@ -1,12 +1,14 @@
-//! The ingest connection (`fleetcast-platform-ingest`): a persistent session with manual acks
-//! for what machines report on `machines/+/status`, `/state` and `/online`.
+//! The ingest connection (`fleetcast-platform-ingest`): a persistent session for what machines
+//! report on `machines/+/status`, `/state` and `/online`.
 //!
 //! Each batch (everything available, up to [`MAX_BATCH`] messages or [`BATCH_WINDOW`]) is
-//! verified, applied and written to sled, flushed once, and only then acknowledged, in receive
-//! order: a status the broker saw acknowledged is on disk. Invalid messages (bad MAC, unknown
-//! machine, malformed, oversized, replayed) are logged, acknowledged so they are not
-//! redelivered forever, and change nothing. Integrator messages (`fleet/events`, rollout
-//! progress) and reconciler re-publishes go out after the flush.
+//! verified, applied and written to sled, and flushed once; only then does each machine get its
+//! signed `StatusAck` (one per machine per batch), which is what lets it drop the event from its
+//! outbox. The broker's PUBACK goes out on receipt and promises nothing: an event lost between
+//! it and the flush (a crash) was never acknowledged to the machine, which sends it again.
+//! Invalid messages (bad MAC, unknown machine, malformed, oversized, replayed) are logged and
+//! change nothing. Integrator messages (`fleet/events`, rollout progress) and reconciler
+//! re-publishes go out after the flush.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -27,7 +29,7 @@ use crate::publish::{self, Ctx};
 use crate::store::{DesiredNotice, StoreError};
 use crate::{now_ms, rollout};
 
-pub const MAX_BATCH: usize = 256;
+pub const MAX_BATCH: usize = 1024;
 pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
 /// Rollout progress of one release is published at most this often, and its last change within
 /// this (the periodic tick). Progress reads every target of the release: publishing it on each
@@ -118,8 +120,8 @@ struct Ingest {
     chain_sent: Option<Instant>,
 }
 
-/// Runs the ingest loop until shutdown. A store error stops the service without acking the
-/// batch (the broker keeps it for the next start).
+/// Runs the ingest loop until shutdown. A store error stops the service before any of the
+/// batch is acknowledged to its machines (they send it again).
 pub async fn run(
     ctx: Arc<Ctx>,
     client: AsyncClient,
@@ -215,9 +217,6 @@ impl Ingest {
             tracing::error!(error = %e, "flush failed; retrying");
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        for p in &batch {
-            self.client.ack(p).await?;
-        }
         let stored = after
             .iter()
             .filter(|a| matches!(a, After::Event(_)))
@@ -247,11 +246,15 @@ impl Ingest {
             }
             After::Event(e) => {
                 let payload = ctx.keys().platform.sign(Purpose::Event, &e);
-                if let Err(err) =
-                    ctx.mqtt
-                        .try_publish(ctx.topics.events(), QoS::AtMostOnce, false, payload)
-                {
-                    tracing::debug!(error = %err, "fleet event not published");
+                let topic = ctx.topics.events();
+                // The embedded broker's gateway delivers events itself: through rumqttd, a
+                // topic nobody subscribes to is matched against every filter on each publish
+                // (its match cache keeps only topics that matched something), which made
+                // ingest pay for the size of the fleet on every stored event.
+                if ctx.sessions.deliver(&topic, &payload, None).is_none() {
+                    if let Err(err) = ctx.mqtt.try_publish(topic, QoS::AtMostOnce, false, payload) {
+                        tracing::debug!(error = %err, "fleet event not published");
+                    }
                 }
             }
             After::Progress { release } => {

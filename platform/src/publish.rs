@@ -66,12 +66,13 @@ impl Ctx {
 
 /// What the embedded broker's gateway does for the platform beyond MQTT: close a username's
 /// live sessions (an external broker cannot be told; its own tools or a restart do it), and
-/// deliver chunk frames to the sessions subscribed to an artifact topic itself.
+/// deliver what is published on the topics it fans out itself (artifact chunk topics and
+/// `fleet/events`) to the sessions subscribed to them.
 pub trait SessionControl: Send + Sync {
     /// Closes every session of `username`; returns how many were closed.
     fn close_sessions(&self, username: &str) -> usize;
-    /// Delivers `payload` on artifact topic `topic` to its subscribers (or only to those of the
-    /// machines in `only`), if this broker can (`None`: publish it over MQTT instead, to all).
+    /// Delivers `payload` on fanned-out topic `topic` to its subscribers (or only to those of
+    /// the machines in `only`), if this broker can (`None`: publish it over MQTT instead, to all).
     fn deliver(&self, _topic: &str, _payload: &[u8], _only: Option<&[&str]>) -> Option<usize> {
         None
     }

@@ -3,7 +3,7 @@
 //! - the serve connection (`fleetcast-platform-serve`, clean session) and its dispatcher, which
 //!   routes chunk requests to [`crate::chunks`] and admin input to [`crate::admin`] without
 //!   ever blocking (a full queue drops the message: machines and the CLI retry);
-//! - the ingest connection (`fleetcast-platform-ingest`, persistent, manual acks) and
+//! - the ingest connection (`fleetcast-platform-ingest`, persistent session) and
 //!   [`crate::ingest`].
 //!
 //! Every task is owned by a `JoinSet`; the first task to fail stops the others. The sled
@@ -166,8 +166,11 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
     let (user, password) = (deps.login)(INGEST_CLIENT_ID);
     let mut ingest_opts =
         client::options_as(&deps.broker, INGEST_CLIENT_ID, &user, Some(&password));
+    // Persistent, so the broker keeps what machines report while the platform restarts. The
+    // broker's PUBACK goes out on receipt: what a machine relies on is the signed StatusAck the
+    // ingest sends after its flush (protocol.md §6.1), and rumqttd lets at most 100 deliveries
+    // per connection wait for a PUBACK, which capped every ingest batch at 100 events.
     ingest_opts.set_clean_session(false);
-    ingest_opts.set_manual_acks(true);
     let (ingest_client, ingest_loop) = client::connect(ingest_opts, 1024);
     let (ingest_tx, ingest_rx) = mpsc::channel(1024);
     {

@@ -144,7 +144,8 @@ impl GatewayHandle {
     }
 
     /// Delivers `payload` as a QoS 0 PUBLISH on `topic` to every session whose subscription
-    /// to it the gateway accepted (the artifact chunk topics; see `fanout`). How many took it.
+    /// to it the gateway accepted (artifact chunk topics and `fleet/events`; see `fanout`). How
+    /// many took it.
     pub fn deliver(&self, topic: &str, payload: &[u8]) -> usize {
         self.deliver_to(topic, payload, None)
     }

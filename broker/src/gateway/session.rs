@@ -273,11 +273,11 @@ impl Session<'_> {
     }
 
     /// Whether the gateway delivers what is published on `filter` itself (an artifact's chunk
-    /// topic, named exactly).
+    /// topic, named exactly, and the integrators' live event topic).
     fn is_fanned_out(&self, filter: &str) -> bool {
         matches!(
             self.shared.topics.parse(filter),
-            Some(fleetcast_proto::Route::ArtifactChunks(_))
+            Some(fleetcast_proto::Route::ArtifactChunks(_) | fleetcast_proto::Route::Events)
         )
     }
 

@@ -1,16 +1,22 @@
 //! kill -9 recovery: the real `fleetcast serve` binary is killed with SIGKILL while a machine
 //! streams status events; after a restart on the same data dir every event is in sled exactly
-//! once. Acknowledged events were flushed before their PUBACK; unacknowledged ones are
-//! redelivered by the broker to the persistent ingest session; redeliveries of events that were
-//! flushed but not yet acked are dropped by the counter check.
+//! once. The machine here does what protocol.md §6.1 asks of an agent: one event at a time, kept
+//! until the platform's signed `StatusAck` covers it and sent again after a timeout. The platform
+//! signs that ack only after the flush, so whatever the kill caught between the broker's PUBACK
+//! and the flush comes again, and replays of events stored before the kill are dropped by the
+//! counter check.
 
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use fleetcast_platform::store::Store;
 
 use super::*;
 
-const EVENTS: u64 = 400;
+const EVENTS: u64 = 200;
+/// The machine's resend timeout (the reference agent waits 10 s; shorter keeps the test short).
+const RESEND: Duration = Duration::from_millis(500);
 
 fn spawn_platform(data: &Path, broker: &BrokerUrl) -> Child {
     Command::new(env!("CARGO_BIN_EXE_fleetcast"))
@@ -42,23 +48,40 @@ async fn kill9_loses_nothing(broker: BrokerUrl) {
         .unwrap();
     let release = release(&adm, "1.0", &["vm-crash"], &[]).await.release.id;
 
-    // The machine: QoS 1 status events with growing progress, paced so the kill lands mid-stream.
+    // The machine: QoS 1 status events with growing progress, one at a time, each until a
+    // StatusAck covers it.
     let Machine {
         id: vm,
         secret,
-        peer:
-            Peer {
-                client: mc,
-                mut rx,
-                _stop: machine_connection,
-                ..
-            },
+        mut peer,
         ..
     } = vm;
-    tokio::spawn(async move { while rx.recv().await.is_some() {} });
+    let ack_topic = Topics::default().status_ack(&vm);
+    peer.subscribe(&ack_topic).await;
+    let Peer {
+        client: mc,
+        mut rx,
+        _stop: machine_connection,
+        ..
+    } = peer;
+    let acked = Arc::new(AtomicU64::new(0));
+    {
+        let (acked, key) = (acked.clone(), public_key(&data));
+        tokio::spawn(async move {
+            while let Some(e) = rx.recv().await {
+                let MqttEvent::Publish(p) = e else { continue };
+                if p.topic == ack_topic {
+                    let ack: fleetcast_proto::StatusAck = key
+                        .verify(Purpose::StatusAck, &p.payload)
+                        .expect("the status ack verifies");
+                    acked.fetch_max(ack.ctr, Ordering::SeqCst);
+                }
+            }
+        });
+    }
     let topic = Topics::default().status(&vm);
     let publisher = {
-        let release = release.clone();
+        let (release, acked) = (release.clone(), acked.clone());
         tokio::spawn(async move {
             for i in 1..=EVENTS {
                 let ev = StatusEvent {
@@ -77,15 +100,21 @@ async fn kill9_loses_nothing(broker: BrokerUrl) {
                     error: None,
                     detail: None,
                 };
-                mc.publish(
-                    topic.clone(),
-                    QoS::AtLeastOnce,
-                    false,
-                    secret.seal(Purpose::Status, &ev),
-                )
-                .await
-                .unwrap();
-                tokio::time::sleep(Duration::from_millis(3)).await;
+                let payload = secret.seal(Purpose::Status, &ev);
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+                while acked.load(Ordering::SeqCst) < i {
+                    assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "event {i} never acknowledged"
+                    );
+                    mc.publish(topic.clone(), QoS::AtLeastOnce, false, payload.clone())
+                        .await
+                        .unwrap();
+                    let sent = tokio::time::Instant::now();
+                    while acked.load(Ordering::SeqCst) < i && sent.elapsed() < RESEND {
+                        tokio::time::sleep(Duration::from_millis(2)).await;
+                    }
+                }
             }
             mc
         })
@@ -103,9 +132,8 @@ async fn kill9_loses_nothing(broker: BrokerUrl) {
     platform.kill().expect("SIGKILL");
     platform.wait().unwrap();
     adm.close().await;
-    let _mc = publisher.await.unwrap();
 
-    // Restart on the same data dir; the broker redelivers what was not acknowledged.
+    // Restart on the same data dir; the machine goes on where its acks left it.
     let mut platform = spawn_platform(&data, &broker);
     let adm = admin(&broker, &data).await;
     // Events sent while the platform was dead arrive.
@@ -113,6 +141,7 @@ async fn kill9_loses_nothing(broker: BrokerUrl) {
         progress_bytes(s) >= EVENTS
     })
     .await;
+    let _mc = publisher.await.unwrap();
     // What an integrator catching up by event id gets: every event, including those persisted
     // just before the kill and never published live.
     let mut fetched = Vec::new();
