@@ -9,7 +9,8 @@
 //! - [`store`]: sled persistence, one tree per record family (layout documented there).
 //! - [`artifacts`]: artifact files: staged uploads, atomic commit, manifests, chunk reads.
 //! - [`rollout`]: the pure per-(release, machine) state machine and rollout progress.
-//! - [`ingest`]: the persistent, manually acked connection for status, state and online.
+//! - [`domain`]: pure state machines of the domain (staged rollouts with their waves).
+//! - [`ingest`]: the persistent connection for status, state and online.
 //! - [`integrators`]: integrators' requests for stored events (signed batches).
 //! - [`chunks`]: the chunk server (per machine or broadcast).
 //! - [`identities`]: operators with roles, integrators, machine revocation.
@@ -23,6 +24,7 @@ pub mod artifacts;
 pub mod broker_auth;
 pub mod chunks;
 pub mod cli;
+pub mod domain;
 pub mod error;
 pub mod identities;
 pub mod ingest;

@@ -4,6 +4,7 @@
 //! - [`ids`]: validated id newtypes (`MachineId`, `GroupId`, `ReleaseId`, `Kind`, `ArtifactId`).
 //! - [`topics`]: every MQTT topic, built and parsed.
 //! - [`release`]: signed release notices, install policies, version ordering.
+//! - [`rollout`]: staged rollouts: wave plans, rollout state and its recorded transitions.
 //! - [`command`]: signed commands (activate, cancel, report).
 //! - [`status`]: phases, status events and the retained machine state.
 //! - [`chunk`]: the binary chunk frame, chunk requests, per-chunk blake3 verification.
@@ -23,6 +24,7 @@ pub mod events;
 pub mod ids;
 pub mod keychain;
 pub mod release;
+pub mod rollout;
 pub mod status;
 pub mod topics;
 

@@ -1,0 +1,525 @@
+//! A staged rollout as a pure state machine: which machines each wave holds, when a wave is
+//! done, when the rollout stops by itself, and what pause, resume and cancel do. It decides;
+//! the caller persists the `RolloutInfo` and carries out the [`Effect`]s (publishing notices,
+//! sending cancel commands). No I/O, no clock: time is passed in.
+//!
+//! Counting: every share is taken over the machines notified so far (waves `0..=wave`).
+//! *Succeeded* is `installed` (and `deferred` for download-only releases, which wait for an
+//! operator's activate); *failed* is `download_failed`, `install_failed`, `rolled_back` or
+//! `rejected` (not `cancelled` or `superseded`: an operator's doing).
+
+use fleetcast_proto::rollout::{
+    share_text, RolloutInfo, RolloutState, RolloutTransition, WavePlan, ALL_BP,
+};
+use fleetcast_proto::{MachineId, Phase, ReleaseId};
+
+/// What the caller must do after a decision.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// A wave started: publish the release's notice to these machines.
+    Notify(Vec<MachineId>),
+    /// Cancelled: tell these machines (notified, not yet installing) to drop the release.
+    Cancel(Vec<MachineId>),
+}
+
+/// The machines notified so far, by outcome.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Tally {
+    pub notified: usize,
+    pub succeeded: usize,
+    pub failed: usize,
+}
+
+/// Why an operator's command does nothing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("rollout of {release} is {state}: cannot {command}")]
+pub struct Refused {
+    pub release: ReleaseId,
+    pub state: &'static str,
+    pub command: &'static str,
+}
+
+/// Every target in wave order: ascending blake3(release id, 0x00, machine id). Stable across
+/// restarts and independent of how the targets were listed; a different sample per release.
+pub fn order(release: &ReleaseId, machines: impl IntoIterator<Item = MachineId>) -> Vec<MachineId> {
+    let mut keyed: Vec<([u8; 32], MachineId)> = machines
+        .into_iter()
+        .map(|m| {
+            let mut h = blake3::Hasher::new();
+            h.update(release.as_str().as_bytes());
+            h.update(&[0]);
+            h.update(m.as_str().as_bytes());
+            (*h.finalize().as_bytes(), m)
+        })
+        .collect();
+    keyed.sort();
+    keyed.dedup_by(|a, b| a.1 == b.1);
+    keyed.into_iter().map(|(_, m)| m).collect()
+}
+
+/// Whether `phase` counts as succeeded for a rollout (`download_only`: `deferred` too).
+pub fn succeeded(phase: Phase, download_only: bool) -> bool {
+    phase == Phase::Installed || (download_only && phase == Phase::Deferred)
+}
+
+/// Whether `phase` counts as failed for a rollout.
+pub fn failed(phase: Phase) -> bool {
+    phase.is_failure() && phase != Phase::Cancelled
+}
+
+/// Counts the machines of waves `0..=r.wave` by the phase `phase_of` gives (unknown: pending).
+pub fn tally(
+    r: &RolloutInfo,
+    download_only: bool,
+    phase_of: impl Fn(&MachineId) -> Option<Phase>,
+) -> Tally {
+    let notified = notified(r);
+    let mut t = Tally {
+        notified: notified.len(),
+        ..Tally::default()
+    };
+    for m in notified {
+        match phase_of(m) {
+            Some(p) if succeeded(p, download_only) => t.succeeded += 1,
+            Some(p) if failed(p) => t.failed += 1,
+            _ => {}
+        }
+    }
+    t
+}
+
+/// The machines notified so far.
+pub fn notified(r: &RolloutInfo) -> &[MachineId] {
+    &r.order[..r.plan.cumulative(r.wave, r.order.len())]
+}
+
+fn log(r: &mut RolloutInfo, now_ms: u64, what: &str, reason: String, by: Option<&str>) {
+    r.log.push(RolloutTransition {
+        at_ms: now_ms,
+        wave: r.wave,
+        what: what.to_owned(),
+        reason,
+        by: by.map(str::to_owned),
+    });
+}
+
+fn pct(part: usize, whole: usize) -> String {
+    if whole == 0 {
+        return "0%".into();
+    }
+    share_text(((part as u64 * ALL_BP as u64) / whole as u64) as u32)
+}
+
+/// A new rollout of `release` over `targets`, with its first wave to notify.
+pub fn start(
+    release: &ReleaseId,
+    plan: WavePlan,
+    targets: impl IntoIterator<Item = MachineId>,
+    now_ms: u64,
+) -> (RolloutInfo, Vec<Effect>) {
+    let mut r = RolloutInfo {
+        release: release.clone(),
+        plan,
+        order: order(release, targets),
+        wave: 0,
+        wave_started_ms: now_ms,
+        state: RolloutState::Running,
+        failures_accepted: 0,
+        log: Vec::new(),
+    };
+    let first = notified(&r).to_vec();
+    let reason = format!(
+        "wave 1 of {}: {} of {} machines",
+        r.plan.waves_bp.len(),
+        first.len(),
+        r.order.len()
+    );
+    log(&mut r, now_ms, "started", reason, None);
+    let effects = if first.is_empty() {
+        vec![]
+    } else {
+        vec![Effect::Notify(first)]
+    };
+    (r, effects)
+}
+
+/// Re-evaluates a running rollout against what its machines reported: pauses it past the
+/// failure threshold or the wave timeout, starts the next wave once this one succeeded, and
+/// completes it when the last wave did. Anything but a running rollout is left alone.
+pub fn observe(r: &mut RolloutInfo, t: Tally, now_ms: u64) -> Vec<Effect> {
+    if r.state != RolloutState::Running {
+        return vec![];
+    }
+    let wave_no = r.wave + 1;
+    let failures = t.failed.saturating_sub(r.failures_accepted);
+    if failures as u64 * ALL_BP as u64 > r.plan.failure_bp as u64 * t.notified as u64 {
+        let reason = format!(
+            "wave {wave_no}: {failures} of {} machines failed ({}), above the failure threshold {}",
+            t.notified,
+            pct(failures, t.notified),
+            share_text(r.plan.failure_bp)
+        );
+        r.state = RolloutState::Paused {
+            reason: reason.clone(),
+        };
+        log(r, now_ms, "paused", reason, None);
+        return vec![];
+    }
+    if t.succeeded as u64 * ALL_BP as u64 >= r.plan.success_bp as u64 * t.notified as u64 {
+        let reason = format!(
+            "wave {wave_no}: {} of {} machines succeeded ({}), threshold {}",
+            t.succeeded,
+            t.notified,
+            pct(t.succeeded, t.notified),
+            share_text(r.plan.success_bp)
+        );
+        if r.wave + 1 >= r.plan.waves_bp.len() {
+            r.state = RolloutState::Completed;
+            log(r, now_ms, "completed", reason, None);
+            return vec![];
+        }
+        return advance(r, reason, None, now_ms);
+    }
+    let ran = now_ms.saturating_sub(r.wave_started_ms);
+    if r.plan.wave_timeout_ms > 0 && ran >= r.plan.wave_timeout_ms {
+        let reason = format!(
+            "wave {wave_no} timed out after {} s: {} of {} machines succeeded ({}), below {}",
+            ran / 1000,
+            t.succeeded,
+            t.notified,
+            pct(t.succeeded, t.notified),
+            share_text(r.plan.success_bp)
+        );
+        r.state = RolloutState::Paused {
+            reason: reason.clone(),
+        };
+        log(r, now_ms, "paused", reason, None);
+    }
+    vec![]
+}
+
+fn advance(r: &mut RolloutInfo, reason: String, by: Option<&str>, now_ms: u64) -> Vec<Effect> {
+    let before = notified(r).len();
+    r.wave += 1;
+    r.wave_started_ms = now_ms;
+    let next = r.order[before..r.plan.cumulative(r.wave, r.order.len())].to_vec();
+    let reason = format!(
+        "{reason}; wave {} of {}: {} more machines",
+        r.wave + 1,
+        r.plan.waves_bp.len(),
+        next.len()
+    );
+    log(r, now_ms, "advanced", reason, by);
+    if next.is_empty() {
+        vec![]
+    } else {
+        vec![Effect::Notify(next)]
+    }
+}
+
+fn refused(r: &RolloutInfo, command: &'static str) -> Refused {
+    Refused {
+        release: r.release.clone(),
+        state: r.state.name(),
+        command,
+    }
+}
+
+/// An operator pauses a running rollout: no further wave starts until `resume`.
+pub fn pause(r: &mut RolloutInfo, by: &str, now_ms: u64) -> Result<(), Refused> {
+    if r.state != RolloutState::Running {
+        return Err(refused(r, "pause"));
+    }
+    let reason = format!("paused by {by}");
+    r.state = RolloutState::Paused {
+        reason: reason.clone(),
+    };
+    log(r, now_ms, "paused", reason, Some(by));
+    Ok(())
+}
+
+/// An operator resumes a paused rollout. The failures seen so far are accepted (only new ones
+/// count against the threshold) and the wave's timer starts again; with `advance`, the next
+/// wave starts at once instead of waiting for this one to succeed.
+pub fn resume(
+    r: &mut RolloutInfo,
+    by: &str,
+    advance_now: bool,
+    t: Tally,
+    now_ms: u64,
+) -> Result<Vec<Effect>, Refused> {
+    if !matches!(r.state, RolloutState::Paused { .. }) {
+        return Err(refused(r, "resume"));
+    }
+    r.state = RolloutState::Running;
+    r.failures_accepted = t.failed;
+    r.wave_started_ms = now_ms;
+    log(
+        r,
+        now_ms,
+        "resumed",
+        format!("resumed by {by}; {} failures accepted", t.failed),
+        Some(by),
+    );
+    if advance_now {
+        if r.wave + 1 >= r.plan.waves_bp.len() {
+            r.state = RolloutState::Completed;
+            log(
+                r,
+                now_ms,
+                "completed",
+                format!("completed by {by}"),
+                Some(by),
+            );
+            return Ok(vec![]);
+        }
+        return Ok(advance(r, format!("advanced by {by}"), Some(by), now_ms));
+    }
+    Ok(observe(r, t, now_ms))
+}
+
+/// An operator cancels a running or paused rollout: no further notices, and the notified
+/// machines for which `drop` holds (they have not begun installing) are told to drop it.
+pub fn cancel(
+    r: &mut RolloutInfo,
+    by: &str,
+    now_ms: u64,
+    drop: impl Fn(&MachineId) -> bool,
+) -> Result<Vec<Effect>, Refused> {
+    if !matches!(r.state, RolloutState::Running | RolloutState::Paused { .. }) {
+        return Err(refused(r, "cancel"));
+    }
+    let told: Vec<MachineId> = notified(r).iter().filter(|m| drop(m)).cloned().collect();
+    let reason = format!(
+        "cancelled by {by} in wave {}; {} machines told to drop the release",
+        r.wave + 1,
+        told.len()
+    );
+    r.state = RolloutState::Cancelled {
+        reason: reason.clone(),
+    };
+    log(r, now_ms, "cancelled", reason, Some(by));
+    Ok(if told.is_empty() {
+        vec![]
+    } else {
+        vec![Effect::Cancel(told)]
+    })
+}
+
+/// Whether a machine in `phase` has not begun installing, so a cancel still stops it.
+pub fn droppable(phase: Phase) -> bool {
+    matches!(
+        phase,
+        Phase::Pending | Phase::Notified | Phase::Downloading | Phase::Downloaded | Phase::Deferred
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn ids(n: usize) -> Vec<MachineId> {
+        (0..n)
+            .map(|i| MachineId::new(format!("vm-{i:03}")).unwrap())
+            .collect()
+    }
+
+    fn rel() -> ReleaseId {
+        ReleaseId::new("r-000001").unwrap()
+    }
+
+    fn plan(timeout_ms: u64) -> WavePlan {
+        WavePlan::new(vec![100, 1000, 5000], 9500, 500, timeout_ms).unwrap()
+    }
+
+    /// Phases by machine, as the store would give them.
+    struct Fleet(HashMap<MachineId, Phase>);
+
+    impl Fleet {
+        fn set(&mut self, ms: &[MachineId], p: Phase) {
+            for m in ms {
+                self.0.insert(m.clone(), p);
+            }
+        }
+        fn tally(&self, r: &RolloutInfo) -> Tally {
+            tally(r, false, |m| self.0.get(m).copied())
+        }
+    }
+
+    fn step(r: &mut RolloutInfo, fleet: &Fleet, now_ms: u64) -> Vec<Effect> {
+        let t = fleet.tally(r);
+        observe(r, t, now_ms)
+    }
+
+    fn notify_of(effects: &[Effect]) -> Vec<MachineId> {
+        match effects {
+            [Effect::Notify(ms)] => ms.clone(),
+            other => panic!("expected one Notify, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn order_is_stable_a_permutation_and_differs_per_release() {
+        let a = order(&rel(), ids(50));
+        let mut shuffled = ids(50);
+        shuffled.reverse();
+        assert_eq!(
+            order(&rel(), shuffled),
+            a,
+            "independent of the listing order"
+        );
+        let mut sorted = a.clone();
+        sorted.sort();
+        assert_eq!(sorted, ids(50));
+        assert_ne!(order(&ReleaseId::new("r-000002").unwrap(), ids(50)), a);
+    }
+
+    #[test]
+    fn waves_advance_on_success_and_complete_after_the_last() {
+        let mut fleet = Fleet(HashMap::new());
+        let (mut r, fx) = start(&rel(), plan(0), ids(200), 0);
+        let w1 = notify_of(&fx);
+        assert_eq!(w1.len(), 2);
+        assert_eq!(w1, r.order[..2]);
+        // Nothing reported: nothing happens.
+        assert!(step(&mut r, &fleet, 10).is_empty());
+        fleet.set(&w1, Phase::Installed);
+        let w2 = notify_of(&step(&mut r, &fleet, 20));
+        assert_eq!((r.wave, w2.len()), (1, 18));
+        assert_eq!(w2, r.order[2..20]);
+        // 18 of 20 installed is 90 %: below 95 %, no advance.
+        fleet.set(&w2[..16], Phase::Installed);
+        assert!(step(&mut r, &fleet, 30).is_empty());
+        fleet.set(&w2[16..], Phase::Installed);
+        let w3 = notify_of(&step(&mut r, &fleet, 40));
+        assert_eq!(w3.len(), 80);
+        fleet.set(&w3, Phase::Installed);
+        let w4 = notify_of(&step(&mut r, &fleet, 50));
+        assert_eq!(w4.len(), 100);
+        fleet.set(&w4, Phase::Installed);
+        assert!(step(&mut r, &fleet, 60).is_empty());
+        assert_eq!(r.state, RolloutState::Completed);
+        let whats: Vec<&str> = r.log.iter().map(|t| t.what.as_str()).collect();
+        assert_eq!(
+            whats,
+            ["started", "advanced", "advanced", "advanced", "completed"]
+        );
+        // A completed rollout ignores further reports.
+        assert!(step(&mut r, &fleet, 70).is_empty());
+    }
+
+    #[test]
+    fn failures_past_the_threshold_pause_with_the_reason_and_resume_accepts_them() {
+        let mut fleet = Fleet(HashMap::new());
+        let (mut r, _) = start(&rel(), plan(0), ids(200), 0);
+        fleet.set(&r.order[..2].to_vec(), Phase::Installed);
+        step(&mut r, &fleet, 1);
+        assert_eq!(r.wave, 1);
+        // Wave 2 (20 machines notified): one failure is 5 %, not above 5 %; two are.
+        fleet.set(&r.order[2..3].to_vec(), Phase::InstallFailed);
+        assert!(step(&mut r, &fleet, 2).is_empty());
+        assert_eq!(r.state, RolloutState::Running);
+        fleet.set(&r.order[3..4].to_vec(), Phase::RolledBack);
+        assert!(step(&mut r, &fleet, 3).is_empty());
+        let RolloutState::Paused { reason } = &r.state else {
+            panic!("{:?}", r.state)
+        };
+        assert_eq!(
+            reason,
+            "wave 2: 2 of 20 machines failed (10%), above the failure threshold 5%"
+        );
+        // Paused: successes do not advance it.
+        fleet.set(&r.order[4..20].to_vec(), Phase::Installed);
+        assert!(step(&mut r, &fleet, 4).is_empty());
+        assert_eq!(r.wave, 1);
+        // Resume accepts the two failures; 18 of 20 is below 95 %, so it waits for them.
+        let t = fleet.tally(&r);
+        assert!(resume(&mut r, "ops", false, t, 5).unwrap().is_empty());
+        assert_eq!(
+            (r.state.clone(), r.failures_accepted),
+            (RolloutState::Running, 2)
+        );
+        // A retry makes them succeed: the wave is done.
+        fleet.set(&r.order[2..4].to_vec(), Phase::Installed);
+        let w3 = notify_of(&step(&mut r, &fleet, 6));
+        assert_eq!((r.wave, w3.len()), (2, 80));
+        // Cancelled and superseded machines are not failures.
+        fleet.set(&w3[..40], Phase::Cancelled);
+        assert_eq!(fleet.tally(&r).failed, 0);
+    }
+
+    #[test]
+    fn a_wave_that_runs_past_its_timeout_pauses_and_resume_restarts_the_timer() {
+        let mut fleet = Fleet(HashMap::new());
+        let (mut r, _) = start(&rel(), plan(60_000), ids(200), 1_000);
+        fleet.set(&r.order[..1].to_vec(), Phase::Installed);
+        assert!(step(&mut r, &fleet, 60_999).is_empty());
+        assert_eq!(r.state, RolloutState::Running);
+        step(&mut r, &fleet, 61_000);
+        let RolloutState::Paused { reason } = &r.state else {
+            panic!("{:?}", r.state)
+        };
+        assert_eq!(
+            reason,
+            "wave 1 timed out after 60 s: 1 of 2 machines succeeded (50%), below 95%"
+        );
+        let t = fleet.tally(&r);
+        resume(&mut r, "ops", false, t, 70_000).unwrap();
+        assert!(step(&mut r, &fleet, 129_999).is_empty());
+        assert_eq!(r.state, RolloutState::Running);
+        // Or the operator moves on without waiting.
+        step(&mut r, &fleet, 130_000);
+        let t = fleet.tally(&r);
+        let next = notify_of(&resume(&mut r, "ops", true, t, 131_000).unwrap());
+        assert_eq!((r.wave, next.len()), (1, 18));
+        assert_eq!(r.log.last().unwrap().by.as_deref(), Some("ops"));
+    }
+
+    #[test]
+    fn pause_and_cancel_stop_new_waves_and_cancel_names_those_not_installing() {
+        let mut fleet = Fleet(HashMap::new());
+        let (mut r, _) = start(&rel(), plan(0), ids(200), 0);
+        pause(&mut r, "ops", 1).unwrap();
+        assert!(pause(&mut r, "ops", 2).is_err(), "already paused");
+        fleet.set(&r.order[..2].to_vec(), Phase::Installed);
+        assert!(step(&mut r, &fleet, 3).is_empty());
+        let t = fleet.tally(&r);
+        let w2 = notify_of(&resume(&mut r, "ops", false, t, 4).unwrap());
+        fleet.set(&w2[..5], Phase::Installing);
+        fleet.set(&w2[5..10], Phase::Installed);
+        fleet.set(&w2[10..], Phase::Downloading);
+        let fx = cancel(&mut r, "ops", 5, |m| {
+            fleet.0.get(m).is_none_or(|p| droppable(*p))
+        })
+        .unwrap();
+        assert_eq!(fx, [Effect::Cancel(w2[10..].to_vec())]);
+        assert!(matches!(r.state, RolloutState::Cancelled { .. }));
+        // Nothing moves a cancelled rollout.
+        fleet.set(&w2, Phase::Installed);
+        assert!(step(&mut r, &fleet, 6).is_empty());
+        let t = fleet.tally(&r);
+        assert!(resume(&mut r, "ops", true, t, 7).is_err());
+        assert!(cancel(&mut r, "ops", 8, |_| true).is_err());
+        assert_eq!(r.wave, 1);
+    }
+
+    #[test]
+    fn an_empty_rollout_notifies_nobody_and_completes() {
+        let (mut r, fx) = start(&rel(), plan(0), ids(0), 0);
+        assert!(fx.is_empty());
+        observe(&mut r, Tally::default(), 1);
+        assert!(r.wave <= 3);
+        while r.state == RolloutState::Running {
+            observe(&mut r, Tally::default(), 2);
+        }
+        assert_eq!(r.state, RolloutState::Completed);
+    }
+
+    #[test]
+    fn download_only_counts_deferred_as_succeeded() {
+        assert!(succeeded(Phase::Deferred, true));
+        assert!(!succeeded(Phase::Deferred, false));
+        assert!(failed(Phase::Rejected) && !failed(Phase::Cancelled) && !failed(Phase::Superseded));
+    }
+}

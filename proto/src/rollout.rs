@@ -1,0 +1,234 @@
+//! Staged rollouts as the operator and the CLI see them: the wave plan given at publish, and
+//! the rollout's state, waves and recorded transitions (`fleetcast rollout status`).
+//!
+//! Shares are in basis points (1 % = 100 bp) so that `0.5%` is exact and plans compare equal.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{MachineId, ReleaseId};
+
+/// 100 %.
+pub const ALL_BP: u32 = 10_000;
+
+/// How a release widens: cumulative waves, and when it advances or stops by itself.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WavePlan {
+    /// Cumulative share of the targets notified by the end of each wave, rising, the last
+    /// always 100 % (`[100, 1000, 5000, 10000]` is 1 %, 10 %, 50 %, 100 %).
+    pub waves_bp: Vec<u32>,
+    /// A wave is done, and the next one starts, once this share of the machines notified so far
+    /// installed the release.
+    pub success_bp: u32,
+    /// The rollout pauses once more than this share of the machines notified so far failed
+    /// (download_failed, install_failed, rolled_back, rejected).
+    pub failure_bp: u32,
+    /// A wave that has not succeeded after this long pauses the rollout (0: never).
+    #[serde(default)]
+    pub wave_timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error(
+        "invalid share {0:?}: expected a percentage such as 10% or 0.5% (at most two decimals)"
+    )]
+    Share(String),
+    #[error("waves must rise and stay within 0% < wave <= 100%; got {0}")]
+    Waves(String),
+    #[error("{what} must be between 0% and 100%; got {value}")]
+    Threshold { what: &'static str, value: String },
+}
+
+/// Parses `12%`, `12.5%`, `0.25%` (the `%` is optional) into basis points.
+pub fn parse_share(text: &str) -> Result<u32, PlanError> {
+    let bad = || PlanError::Share(text.to_owned());
+    let t = text.trim();
+    let t = t.strip_suffix('%').unwrap_or(t).trim();
+    let (whole, frac) = t.split_once('.').unwrap_or((t, ""));
+    if whole.is_empty()
+        || frac.len() > 2
+        || !(whole.chars().chain(frac.chars())).all(|c| c.is_ascii_digit())
+    {
+        return Err(bad());
+    }
+    let whole: u32 = whole.parse().map_err(|_| bad())?;
+    let frac: u32 = format!("{frac:0<2}").parse().map_err(|_| bad())?;
+    whole
+        .checked_mul(100)
+        .and_then(|w| w.checked_add(frac))
+        .ok_or_else(bad)
+}
+
+/// `1234` -> `12.34%`, `1000` -> `10%`.
+pub fn share_text(bp: u32) -> String {
+    if bp.is_multiple_of(100) {
+        format!("{}%", bp / 100)
+    } else if bp.is_multiple_of(10) {
+        format!("{}.{}%", bp / 100, (bp % 100) / 10)
+    } else {
+        format!("{}.{:02}%", bp / 100, bp % 100)
+    }
+}
+
+impl WavePlan {
+    /// A checked plan. Waves must rise within (0, 100 %]; 100 % is appended when the last wave
+    /// stops short of it (the last wave always takes everyone left).
+    pub fn new(
+        mut waves_bp: Vec<u32>,
+        success_bp: u32,
+        failure_bp: u32,
+        wave_timeout_ms: u64,
+    ) -> Result<Self, PlanError> {
+        let text = || {
+            waves_bp
+                .iter()
+                .map(|w| share_text(*w))
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        if waves_bp.is_empty()
+            || waves_bp.windows(2).any(|w| w[0] >= w[1])
+            || waves_bp.first().is_some_and(|w| *w == 0)
+            || waves_bp.last().is_some_and(|w| *w > ALL_BP)
+        {
+            return Err(PlanError::Waves(text()));
+        }
+        if waves_bp.last() != Some(&ALL_BP) {
+            waves_bp.push(ALL_BP);
+        }
+        for (what, v) in [
+            ("success threshold", success_bp),
+            ("failure threshold", failure_bp),
+        ] {
+            if v > ALL_BP {
+                return Err(PlanError::Threshold {
+                    what,
+                    value: share_text(v),
+                });
+            }
+        }
+        Ok(Self {
+            waves_bp,
+            success_bp,
+            failure_bp,
+            wave_timeout_ms,
+        })
+    }
+
+    /// How many of `n` targets waves `0..=wave` hold together: the share rounded up, at least
+    /// one more than the wave before while any are left, all of them for the last wave.
+    pub fn cumulative(&self, wave: usize, n: usize) -> usize {
+        let mut end = 0usize;
+        for (i, bp) in self.waves_bp.iter().enumerate().take(wave + 1) {
+            let share = (n as u64 * *bp as u64).div_ceil(ALL_BP as u64) as usize;
+            end = share.max((end + 1).min(n));
+            if i + 1 == self.waves_bp.len() {
+                end = n;
+            }
+        }
+        end.min(n)
+    }
+}
+
+/// Where a rollout is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum RolloutState {
+    /// Notices are out to every machine of waves `0..=wave`; waiting for the wave to succeed.
+    Running,
+    /// Stopped by the operator or by itself (a threshold or a timeout); nothing more is sent
+    /// until `resume`.
+    Paused { reason: String },
+    /// Every wave succeeded or the last one was reached: the release is out to every target.
+    Completed,
+    /// Stopped for good: no further notices; machines not yet installing were told to drop it.
+    Cancelled { reason: String },
+}
+
+impl RolloutState {
+    pub fn name(&self) -> &'static str {
+        match self {
+            RolloutState::Running => "running",
+            RolloutState::Paused { .. } => "paused",
+            RolloutState::Completed => "completed",
+            RolloutState::Cancelled { .. } => "cancelled",
+        }
+    }
+}
+
+/// One recorded change: what happened, why, when, and who asked (absent: the platform).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutTransition {
+    pub at_ms: u64,
+    /// The wave the rollout was at afterwards (0-based).
+    pub wave: usize,
+    /// `started`, `advanced`, `paused`, `resumed`, `completed`, `cancelled`.
+    pub what: String,
+    pub reason: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<String>,
+}
+
+/// A staged rollout of one release, as stored and as shown.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutInfo {
+    pub release: ReleaseId,
+    pub plan: WavePlan,
+    /// Every target in the order waves take them: ascending blake3(release id, 0x00, machine
+    /// id), so the first wave is a stable, unbiased sample that does not change on a restart.
+    pub order: Vec<MachineId>,
+    /// The current wave (0-based).
+    pub wave: usize,
+    pub wave_started_ms: u64,
+    #[serde(flatten)]
+    pub state: RolloutState,
+    /// Failures an operator already saw and resumed past: the failure threshold counts only
+    /// failures beyond these.
+    #[serde(default)]
+    pub failures_accepted: usize,
+    #[serde(default)]
+    pub log: Vec<RolloutTransition>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_parse_in_basis_points_and_print_back() {
+        assert_eq!(parse_share("1%"), Ok(100));
+        assert_eq!(parse_share("12.5%"), Ok(1250));
+        assert_eq!(parse_share("0.25"), Ok(25));
+        assert_eq!(parse_share(" 100 % "), Ok(10_000));
+        for bad in ["", "%", "1.234%", "-1%", "1e2%", "ten%", ".5%"] {
+            assert!(parse_share(bad).is_err(), "{bad:?}");
+        }
+        for bp in [1, 25, 100, 1250, 9999, 10_000] {
+            assert_eq!(parse_share(&share_text(bp)), Ok(bp));
+        }
+    }
+
+    #[test]
+    fn plans_rise_end_at_everyone_and_refuse_nonsense() {
+        let p = WavePlan::new(vec![100, 1000, 5000], 9500, 500, 0).unwrap();
+        assert_eq!(p.waves_bp, [100, 1000, 5000, 10_000]);
+        assert!(WavePlan::new(vec![], 9500, 500, 0).is_err());
+        assert!(WavePlan::new(vec![1000, 1000], 9500, 500, 0).is_err());
+        assert!(WavePlan::new(vec![5000, 1000], 9500, 500, 0).is_err());
+        assert!(WavePlan::new(vec![0, 1000], 9500, 500, 0).is_err());
+        assert!(WavePlan::new(vec![1000, 20_000], 9500, 500, 0).is_err());
+        assert!(WavePlan::new(vec![1000], 10_001, 500, 0).is_err());
+    }
+
+    #[test]
+    fn waves_round_up_take_at_least_one_more_each_and_end_with_all() {
+        let p = WavePlan::new(vec![100, 1000, 5000], 9500, 500, 0).unwrap();
+        let ends: Vec<usize> = (0..4).map(|w| p.cumulative(w, 200)).collect();
+        assert_eq!(ends, [2, 20, 100, 200]);
+        // Small fleets: every wave still adds a machine while any are left.
+        let ends: Vec<usize> = (0..4).map(|w| p.cumulative(w, 3)).collect();
+        assert_eq!(ends, [1, 2, 3, 3]);
+        assert_eq!(p.cumulative(0, 0), 0);
+        assert_eq!(p.cumulative(3, 0), 0);
+    }
+}
