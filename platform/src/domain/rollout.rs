@@ -413,14 +413,14 @@ mod tests {
     fn failures_past_the_threshold_pause_with_the_reason_and_resume_accepts_them() {
         let mut fleet = Fleet(HashMap::new());
         let (mut r, _) = start(&rel(), plan(0), ids(200), 0);
-        fleet.set(&r.order[..2].to_vec(), Phase::Installed);
+        fleet.set(&r.order[..2], Phase::Installed);
         step(&mut r, &fleet, 1);
         assert_eq!(r.wave, 1);
         // Wave 2 (20 machines notified): one failure is 5 %, not above 5 %; two are.
-        fleet.set(&r.order[2..3].to_vec(), Phase::InstallFailed);
+        fleet.set(&r.order[2..3], Phase::InstallFailed);
         assert!(step(&mut r, &fleet, 2).is_empty());
         assert_eq!(r.state, RolloutState::Running);
-        fleet.set(&r.order[3..4].to_vec(), Phase::RolledBack);
+        fleet.set(&r.order[3..4], Phase::RolledBack);
         assert!(step(&mut r, &fleet, 3).is_empty());
         let RolloutState::Paused { reason } = &r.state else {
             panic!("{:?}", r.state)
@@ -430,7 +430,7 @@ mod tests {
             "wave 2: 2 of 20 machines failed (10%), above the failure threshold 5%"
         );
         // Paused: successes do not advance it.
-        fleet.set(&r.order[4..20].to_vec(), Phase::Installed);
+        fleet.set(&r.order[4..20], Phase::Installed);
         assert!(step(&mut r, &fleet, 4).is_empty());
         assert_eq!(r.wave, 1);
         // Resume accepts the two failures; 18 of 20 is below 95 %, so it waits for them.
@@ -441,7 +441,7 @@ mod tests {
             (RolloutState::Running, 2)
         );
         // A retry makes them succeed: the wave is done.
-        fleet.set(&r.order[2..4].to_vec(), Phase::Installed);
+        fleet.set(&r.order[2..4], Phase::Installed);
         let w3 = notify_of(&step(&mut r, &fleet, 6));
         assert_eq!((r.wave, w3.len()), (2, 80));
         // Cancelled and superseded machines are not failures.
@@ -453,7 +453,7 @@ mod tests {
     fn a_wave_that_runs_past_its_timeout_pauses_and_resume_restarts_the_timer() {
         let mut fleet = Fleet(HashMap::new());
         let (mut r, _) = start(&rel(), plan(60_000), ids(200), 1_000);
-        fleet.set(&r.order[..1].to_vec(), Phase::Installed);
+        fleet.set(&r.order[..1], Phase::Installed);
         assert!(step(&mut r, &fleet, 60_999).is_empty());
         assert_eq!(r.state, RolloutState::Running);
         step(&mut r, &fleet, 61_000);
@@ -482,7 +482,7 @@ mod tests {
         let (mut r, _) = start(&rel(), plan(0), ids(200), 0);
         pause(&mut r, "ops", 1).unwrap();
         assert!(pause(&mut r, "ops", 2).is_err(), "already paused");
-        fleet.set(&r.order[..2].to_vec(), Phase::Installed);
+        fleet.set(&r.order[..2], Phase::Installed);
         assert!(step(&mut r, &fleet, 3).is_empty());
         let t = fleet.tally(&r);
         let w2 = notify_of(&resume(&mut r, "ops", false, t, 4).unwrap());
