@@ -821,18 +821,23 @@ mod tests {
             panic!("{:?}", show(&out));
         };
         assert_eq!((*offset, &bytes[..]), (2048, &art.chunk_bytes(2)[..]));
-        // Written: the window moves on from the first chunk neither in nor asked for.
+        assert_eq!(show(&f.handle(at(2), art.chunk(3))), ["write 3"]);
+        // Written: the window moves on from the first chunk neither in nor asked for, and
+        // counts the chunk still being written.
         assert_eq!(
-            show(&f.handle(at(2), Input::Written { index: 2 })),
+            show(&f.handle(at(3), Input::Written { index: 2 })),
             ["ask [4]"]
         );
+        assert_eq!(
+            show(&f.handle(at(3), Input::Written { index: 3 })),
+            ["ask [5]"]
+        );
         let mut seen = Vec::new();
-        for i in [3, 0, 5, 4, 1, 7, 6, 9, 8] {
-            seen.extend(show(&deliver(&mut f, &art, at(3), i)));
+        for i in [0, 5, 4, 1, 7, 6, 9, 8] {
+            seen.extend(show(&deliver(&mut f, &art, at(4), i)));
         }
         #[rustfmt::skip]
         assert_eq!(seen, [
-            "write 3", "ask [5]",
             "write 0", "ask [6]",
             "write 5", "ask [7]",
             "write 4", "ask [8]",

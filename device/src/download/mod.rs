@@ -7,7 +7,7 @@
 //! once more, fsynced and renamed into `artifacts/`.
 //!
 //! Layout:
-//! - [`fetch`]: the transfer's decisions (manifest, window, stalls, timeouts, when to persist
+//! - `fetch`: the transfer's decisions (manifest, window, stalls, timeouts, when to persist
 //!   and report), pure.
 //! - this module: the edge that carries them out: the staging files, sealed requests over
 //!   MQTT, chunk writes off the runtime's threads, fsync and the saved state, the final hash
