@@ -4,7 +4,8 @@
 //! - [`config`]: `machine.toml` (identity, keys, broker, data dir, installers).
 //! - [`machine`]: the update logic as a pure state machine (`Updater::handle`), no I/O.
 //! - [`agent`]: the async loop around it: MQTT, verification, outbox, download/install tasks.
-//! - [`download`]: fetching an artifact in verified chunks, resumable across restarts.
+//! - [`download`]: fetching an artifact in verified chunks, resumable across restarts: the
+//!   transfer's decisions a pure state machine (`download::fetch`), the files and MQTT around it.
 //! - [`install`]: installers (A/B slots with health check and switch-back; external command).
 //! - [`store`]: the persisted agent state, message counter, followed platform key and status
 //!   outbox.

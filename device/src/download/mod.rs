@@ -1,0 +1,504 @@
+//! Fetching one artifact in verified chunks over MQTT (see `fleetcast_proto::chunk`).
+//!
+//! Manifest first (unless the artifact is one chunk), then a window of chunks in flight; each
+//! chunk is checked against the manifest on arrival and written at its offset into a pre-sized
+//! staging file. The received bitmap and the manifest are persisted beside it, so an attempt,
+//! or a restarted agent, resumes where the last one stopped. The finished file is hashed whole
+//! once more, fsynced and renamed into `artifacts/`.
+//!
+//! Layout:
+//! - `fetch`: the transfer's decisions (manifest, window, stalls, timeouts, when to persist
+//!   and report), pure.
+//! - this module: the edge that carries them out: the staging files, sealed requests over
+//!   MQTT, chunk writes off the runtime's threads, fsync and the saved state, the final hash
+//!   and rename, cancellation.
+
+mod fetch;
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use fleetcast_proto::auth::{Purpose, Secret};
+use fleetcast_proto::chunk::{decode_frame, to_ranges, ChunkRequest, Layout};
+use fleetcast_proto::release::ArtifactRef;
+use fleetcast_proto::status::Progress;
+use fleetcast_proto::{ArtifactId, MachineId, Topics};
+use rumqttc::{AsyncClient, QoS};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::durable;
+use crate::fsutil::sync_dir;
+use crate::store::Store;
+use fetch::{Effect, Fetch, Input, StagingState};
+
+/// How often the transfer checks for stalls and the attempt timeout.
+const TICK: Duration = Duration::from_millis(200);
+
+/// Knobs of the transfer; the defaults are the protocol's recommendations.
+#[derive(Debug, Clone)]
+pub struct Tuning {
+    /// Chunks requested and not yet received.
+    pub window: usize,
+    /// Re-request everything outstanding after this long without a verified chunk.
+    pub stall: Duration,
+    /// An attempt fails after this long without progress.
+    pub attempt_timeout: Duration,
+    pub attempts: u32,
+    /// Persist the bitmap after this many new bytes.
+    pub persist_every: u64,
+    /// At most one `downloading` report per this long (besides the one at each attempt's start).
+    pub report_every: Duration,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            window: 16,
+            stall: Duration::from_secs(2),
+            attempt_timeout: Duration::from_secs(30),
+            attempts: 3,
+            persist_every: 1024 * 1024,
+            report_every: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("artifact {artifact}: {op} {path}: {error}")]
+    Io {
+        artifact: ArtifactId,
+        op: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("artifact {artifact}: invalid layout: {reason}")]
+    Layout {
+        artifact: ArtifactId,
+        reason: String,
+    },
+    #[error("artifact {artifact}: platform says: {reason}")]
+    Platform {
+        artifact: ArtifactId,
+        reason: String,
+    },
+    #[error("artifact {artifact}: no progress for {secs} s ({have}/{chunks} chunks)")]
+    Stalled {
+        artifact: ArtifactId,
+        secs: u64,
+        have: u32,
+        chunks: u32,
+    },
+    #[error("artifact {artifact}: the assembled file hashes to {got}")]
+    WholeFileMismatch {
+        artifact: ArtifactId,
+        got: ArtifactId,
+    },
+    #[error("artifact {artifact}: cannot reserve a message counter: {reason}")]
+    Counter {
+        artifact: ArtifactId,
+        reason: String,
+    },
+    #[error("artifact {artifact}: cancelled")]
+    Cancelled { artifact: ArtifactId },
+}
+
+/// What a download needs from the agent.
+#[derive(Clone)]
+pub struct DownloadContext {
+    pub machine: MachineId,
+    pub topics: Topics,
+    pub client: AsyncClient,
+    pub secret: Secret,
+    pub store: Store,
+    pub data_dir: PathBuf,
+    pub tuning: Tuning,
+}
+
+pub fn artifact_path(data_dir: &Path, artifact: &ArtifactId) -> PathBuf {
+    data_dir.join("artifacts").join(artifact.to_hex())
+}
+
+/// Deletes staged downloads and downloaded artifacts that are not in `keep` (superseded,
+/// cancelled or failed downloads, versions no longer installed nor in the rollback slot), so
+/// the data dir does not grow with every release. Files it does not recognise are left alone.
+/// Returns how many files it removed.
+pub fn remove_unused(
+    data_dir: &Path,
+    keep: &std::collections::HashSet<ArtifactId>,
+) -> std::io::Result<usize> {
+    let mut removed = 0;
+    for (dir, suffixes) in [
+        (data_dir.join("staging"), &[".part", ".state.json"][..]),
+        (data_dir.join("artifacts"), &[""][..]),
+    ] {
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let id = suffixes.iter().find_map(|s| {
+                name.strip_suffix(s)
+                    .and_then(|hex| hex.parse::<ArtifactId>().ok())
+            });
+            if id.is_some_and(|id| !keep.contains(&id)) {
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => removed += 1,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
+fn io_error(
+    artifact: ArtifactId,
+    op: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> DownloadError {
+    let path = path.to_owned();
+    move |error| DownloadError::Io {
+        artifact,
+        op,
+        path,
+        error,
+    }
+}
+
+/// What [`Staging::open_blocking`] found or created on disk.
+struct Opened {
+    part_path: PathBuf,
+    state_path: PathBuf,
+    file: std::fs::File,
+    fetch: Fetch,
+}
+
+/// The staging file of one download, and the way the transfer's effects reach it and the
+/// platform.
+struct Staging<'a> {
+    ctx: &'a DownloadContext,
+    artifact: ArtifactId,
+    part_path: PathBuf,
+    state_path: PathBuf,
+    /// Shared with the blocking tasks that write and sync it.
+    file: Arc<std::fs::File>,
+}
+
+impl<'a> Staging<'a> {
+    fn io(&self, op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError {
+        io_error(self.artifact, op, path)
+    }
+
+    /// Opens (or resumes) the staging file, off the runtime's threads.
+    async fn open(
+        ctx: &'a DownloadContext,
+        artifact: &ArtifactRef,
+    ) -> Result<(Self, Fetch), DownloadError> {
+        let (data_dir, artifact_ref) = (ctx.data_dir.clone(), artifact.clone());
+        let tuning = ctx.tuning.clone();
+        let id = artifact.id;
+        let opened = tokio::task::spawn_blocking(move || {
+            Self::open_blocking(&data_dir, &artifact_ref, tuning)
+        })
+        .await
+        .map_err(|e| DownloadError::Io {
+            artifact: id,
+            op: "open",
+            path: ctx.data_dir.join("staging"),
+            error: std::io::Error::other(e),
+        })??;
+        let staging = Self {
+            ctx,
+            artifact: id,
+            part_path: opened.part_path,
+            state_path: opened.state_path,
+            file: Arc::new(opened.file),
+        };
+        Ok((staging, opened.fetch))
+    }
+
+    /// Opens the part file, pre-sized, and resumes the transfer from the state saved beside it
+    /// if the part file survived at full size.
+    fn open_blocking(
+        data_dir: &Path,
+        artifact: &ArtifactRef,
+        tuning: Tuning,
+    ) -> Result<Opened, DownloadError> {
+        let id = artifact.id;
+        let layout =
+            Layout::new(artifact.size, artifact.chunk_size).map_err(|e| DownloadError::Layout {
+                artifact: id,
+                reason: e.to_string(),
+            })?;
+        let staging = data_dir.join("staging");
+        std::fs::create_dir_all(&staging).map_err(io_error(id, "create", &staging))?;
+        let part_path = staging.join(format!("{}.part", id.to_hex()));
+        let state_path = staging.join(format!("{}.state.json", id.to_hex()));
+        let part_ok = std::fs::metadata(&part_path).is_ok_and(|m| m.len() == layout.size);
+        let saved: Option<StagingState> = part_ok
+            .then(|| std::fs::read(&state_path).ok())
+            .flatten()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&part_path)
+            .map_err(io_error(id, "open", &part_path))?;
+        file.set_len(layout.size)
+            .map_err(io_error(id, "size", &part_path))?;
+        Ok(Opened {
+            fetch: Fetch::resume(id, layout, tuning, saved),
+            part_path,
+            state_path,
+            file,
+        })
+    }
+
+    /// One attempt: carries out what `fetch` decides until it is done or fails, or the download
+    /// is cancelled. An attempt that ends early saves what it has, best effort (the reason it
+    /// ended matters more than a failed save).
+    async fn attempt(
+        &self,
+        fetch: &mut Fetch,
+        frames: &mut mpsc::Receiver<Bytes>,
+        cancel: &CancellationToken,
+        report: &mut impl FnMut(Progress),
+    ) -> Result<(), DownloadError> {
+        let result = self.drive(fetch, frames, cancel, report).await;
+        if result.is_err() {
+            self.save_unsaved(fetch).await;
+        }
+        result
+    }
+
+    /// Saves what `fetch` has not persisted yet, if anything; best effort.
+    async fn save_unsaved(&self, fetch: &mut Fetch) {
+        if let Some(state) = fetch.unsaved_state() {
+            if let Err(e) = self.persist(state).await {
+                tracing::debug!(artifact = %self.artifact.short(), "staging state not saved: {e}");
+            }
+        }
+    }
+
+    async fn drive(
+        &self,
+        fetch: &mut Fetch,
+        frames: &mut mpsc::Receiver<Bytes>,
+        cancel: &CancellationToken,
+        report: &mut impl FnMut(Progress),
+    ) -> Result<(), DownloadError> {
+        let cancelled = || DownloadError::Cancelled {
+            artifact: self.artifact,
+        };
+        let mut tick = tokio::time::interval(TICK);
+        let mut effects = fetch.begin(now());
+        loop {
+            if self.carry_out(fetch, effects, report).await? {
+                return Ok(());
+            }
+            effects = tokio::select! {
+                _ = cancel.cancelled() => return Err(cancelled()),
+                frame = frames.recv() => {
+                    let Some(frame) = frame else { return Err(cancelled()) };
+                    match decode_frame(&frame) {
+                        Ok((header, payload)) => {
+                            let payload = frame.slice_ref(payload);
+                            fetch.handle(now(), Input::Frame { header, payload })
+                        }
+                        Err(e) => {
+                            tracing::warn!(artifact = %self.artifact.short(), "malformed chunk frame dropped: {e}");
+                            Vec::new()
+                        }
+                    }
+                }
+                _ = tick.tick() => fetch.handle(now(), Input::Tick),
+            };
+        }
+    }
+
+    /// Carries out `effects` in order, and what finished writes lead to; `true` once the
+    /// attempt is done.
+    async fn carry_out(
+        &self,
+        fetch: &mut Fetch,
+        effects: Vec<Effect>,
+        report: &mut impl FnMut(Progress),
+    ) -> Result<bool, DownloadError> {
+        let mut queue = VecDeque::from(effects);
+        while let Some(effect) = queue.pop_front() {
+            match effect {
+                Effect::Request { manifest, chunks } => self.request(manifest, &chunks).await?,
+                Effect::Write {
+                    index,
+                    offset,
+                    bytes,
+                } => {
+                    self.write(offset, bytes).await?;
+                    queue.extend(fetch.handle(now(), Input::Written { index }));
+                }
+                Effect::Persist(state) => self.persist(state).await?,
+                Effect::Report(progress) => report(progress),
+                Effect::Done => return Ok(true),
+                Effect::Fail(e) => return Err(e),
+            }
+        }
+        Ok(false)
+    }
+
+    async fn write(&self, offset: u64, bytes: Bytes) -> Result<(), DownloadError> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || write_at(&file, &bytes, offset))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(self.io("write", &self.part_path))
+    }
+
+    /// Makes the written chunks durable, then the state that claims them.
+    async fn persist(&self, state: StagingState) -> Result<(), DownloadError> {
+        let file = self.file.clone();
+        tokio::task::spawn_blocking(move || file.sync_data())
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+            .map_err(self.io("fsync", &self.part_path))?;
+        let bytes = serde_json::to_vec(&state).expect("staging state serializes");
+        durable::shared()
+            .write(&self.state_path, bytes)
+            .await
+            .map_err(self.io("write", &self.state_path))
+    }
+
+    async fn request(&self, manifest: bool, chunks: &[u32]) -> Result<(), DownloadError> {
+        let ctr = self
+            .ctx
+            .store
+            .next_ctr_async()
+            .await
+            .map_err(|e| DownloadError::Counter {
+                artifact: self.artifact,
+                reason: e.to_string(),
+            })?;
+        let req = ChunkRequest {
+            machine: self.ctx.machine.clone(),
+            ctr,
+            artifact: self.artifact,
+            manifest,
+            chunks: to_ranges(chunks.iter().copied()),
+        };
+        let payload = self.ctx.secret.seal(Purpose::ChunkRequest, &req);
+        if let Err(e) = self
+            .ctx
+            .client
+            .publish(
+                self.ctx.topics.chunk_request(&self.ctx.machine),
+                QoS::AtMostOnce,
+                false,
+                payload,
+            )
+            .await
+        {
+            // The client is gone (agent stopping); the stall timer would retry anyway.
+            tracing::debug!(artifact = %self.artifact.short(), "chunk request not queued: {e}");
+        }
+        Ok(())
+    }
+
+    /// Hashes the assembled file, then moves it into `artifacts/`.
+    async fn finish(&self, fetch: &mut Fetch) -> Result<PathBuf, DownloadError> {
+        let path = self.part_path.clone();
+        let hashed = tokio::task::spawn_blocking(move || {
+            std::fs::File::open(&path)
+                .and_then(ArtifactId::of_reader)
+                .map(|(id, _)| id)
+        })
+        .await
+        .map_err(|e| self.io("hash", &self.part_path)(std::io::Error::other(e)))?
+        .map_err(self.io("hash", &self.part_path))?;
+        if hashed != self.artifact {
+            fetch.forget_chunks();
+            self.save_unsaved(fetch).await;
+            return Err(DownloadError::WholeFileMismatch {
+                artifact: self.artifact,
+                got: hashed,
+            });
+        }
+        let (file, artifact) = (self.file.clone(), self.artifact);
+        let (part, state) = (self.part_path.clone(), self.state_path.clone());
+        let dest = artifact_path(&self.ctx.data_dir, &self.artifact);
+        tokio::task::spawn_blocking(move || {
+            file.sync_all()
+                .map_err(io_error(artifact, "fsync", &part))?;
+            let dir = dest.parent().expect("artifacts dir");
+            std::fs::create_dir_all(dir).map_err(io_error(artifact, "create", dir))?;
+            std::fs::rename(&part, &dest).map_err(io_error(artifact, "rename", &dest))?;
+            sync_dir(dir).map_err(io_error(artifact, "fsync", dir))?;
+            let _ = std::fs::remove_file(&state);
+            Ok(dest)
+        })
+        .await
+        .map_err(|e| self.io("rename", &self.part_path)(std::io::Error::other(e)))?
+    }
+}
+
+/// The transfer's clock: tokio's, so a paused test runtime pauses it too.
+fn now() -> std::time::Instant {
+    Instant::now().into_std()
+}
+
+#[cfg(unix)]
+fn write_at(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(file, data, offset)
+}
+
+/// Downloads `artifact` into `{data}/artifacts/{id}` and returns its path. `frames` carries
+/// every chunk frame received for this artifact; `report(progress, attempt)` is called at the
+/// start of each attempt, then at most once per `tuning.report_every` and at most every ~10 %
+/// (a download that finishes within `report_every` reports once).
+pub async fn download(
+    ctx: &DownloadContext,
+    artifact: &ArtifactRef,
+    mut frames: mpsc::Receiver<Bytes>,
+    cancel: CancellationToken,
+    mut report: impl FnMut(Progress, u32),
+) -> Result<PathBuf, (DownloadError, u32)> {
+    let dest = artifact_path(&ctx.data_dir, &artifact.id);
+    if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
+        return Ok(dest);
+    }
+    let (staging, mut fetch) = Staging::open(ctx, artifact).await.map_err(|e| (e, 1))?;
+    let mut last = None;
+    for attempt in 1..=ctx.tuning.attempts {
+        let result = match staging
+            .attempt(&mut fetch, &mut frames, &cancel, &mut |p| {
+                report(p, attempt)
+            })
+            .await
+        {
+            Ok(()) => staging.finish(&mut fetch).await,
+            Err(e) => Err(e),
+        };
+        match result {
+            Ok(path) => return Ok(path),
+            Err(e @ DownloadError::Cancelled { .. }) => return Err((e, attempt)),
+            Err(e) => {
+                tracing::warn!(artifact = %artifact.id.short(), attempt, "download attempt failed: {e}");
+                last = Some(e);
+                // Frames left from the failed attempt are stale.
+                while frames.try_recv().is_ok() {}
+            }
+        }
+    }
+    Err((last.expect("at least one attempt"), ctx.tuning.attempts))
+}
