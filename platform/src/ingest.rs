@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::PlatformError;
 use crate::publish::{self, Ctx};
 use crate::store::{DesiredNotice, StoreError};
-use crate::{now_ms, rollout};
+use crate::{now_ms, rollout, staged};
 
 pub const MAX_BATCH: usize = 1024;
 pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
@@ -118,6 +118,11 @@ struct Ingest {
     /// When the key chain was last re-published for a machine behind it (one retained message
     /// serves every machine, so once per interval is enough).
     chain_sent: Option<Instant>,
+    /// Releases whose records changed since their staged rollout (if any) was last evaluated,
+    /// and when each was (at most once per [`PROGRESS_INTERVAL`]; all every `staged::SWEEP`).
+    rollouts_dirty: HashSet<ReleaseId>,
+    rollouts_checked: HashMap<ReleaseId, Instant>,
+    rollouts_swept: Instant,
 }
 
 /// Runs the ingest loop until shutdown. A store error stops the service before any of the
@@ -135,6 +140,9 @@ pub async fn run(
         progress_dirty: HashSet::new(),
         republished: HashMap::new(),
         chain_sent: None,
+        rollouts_dirty: HashSet::new(),
+        rollouts_checked: HashMap::new(),
+        rollouts_swept: Instant::now(),
     };
     let mut tick = tokio::time::interval(PROGRESS_INTERVAL / 2);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -143,6 +151,7 @@ pub async fn run(
             _ = shutdown.cancelled() => return Ok(()),
             _ = tick.tick() => {
                 ingest.flush_progress();
+                ingest.rollouts().await;
                 ingest.republished.retain(|_, (_, t)| t.elapsed() < REPUBLISH_INTERVAL);
                 continue
             }
@@ -165,6 +174,7 @@ pub async fn run(
         }
         if !batch.is_empty() {
             ingest.process(batch).await?;
+            ingest.rollouts().await;
         }
     }
 }
@@ -258,6 +268,7 @@ impl Ingest {
                 }
             }
             After::Progress { release } => {
+                self.rollouts_dirty.insert(release.clone());
                 let due = self
                     .progress_sent
                     .get(&release)
@@ -292,6 +303,37 @@ impl Ingest {
             }
         }
         Ok(())
+    }
+
+    /// Re-evaluates the staged rollouts of releases whose records changed (each at most once
+    /// per [`PROGRESS_INTERVAL`]) and, every `staged::SWEEP`, every running one (wave timeouts,
+    /// and rollouts a restart left mid-wave). A failure is logged and tried again later.
+    async fn rollouts(&mut self) {
+        if self.rollouts_swept.elapsed() >= staged::SWEEP {
+            self.rollouts_swept = Instant::now();
+            self.rollouts_checked
+                .retain(|_, t| t.elapsed() < staged::SWEEP);
+            if let Err(e) = staged::evaluate_all(&self.ctx).await {
+                tracing::warn!(error = %e, "staged rollouts not evaluated");
+            }
+        }
+        let due: Vec<ReleaseId> = self
+            .rollouts_dirty
+            .iter()
+            .filter(|r| {
+                self.rollouts_checked
+                    .get(*r)
+                    .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL)
+            })
+            .cloned()
+            .collect();
+        for r in due {
+            self.rollouts_dirty.remove(&r);
+            self.rollouts_checked.insert(r.clone(), Instant::now());
+            if let Err(e) = staged::evaluate(&self.ctx, &r).await {
+                tracing::warn!(release = %r, error = %e, "staged rollout not evaluated");
+            }
+        }
     }
 
     fn flush_progress(&mut self) {

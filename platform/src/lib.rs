@@ -10,6 +10,7 @@
 //! - [`artifacts`]: artifact files: staged uploads, atomic commit, manifests, chunk reads.
 //! - [`rollout`]: the pure per-(release, machine) state machine and rollout progress.
 //! - [`domain`]: pure state machines of the domain (staged rollouts with their waves).
+//! - [`staged`]: staged rollouts, the I/O side: waves' notices, pause/resume/cancel.
 //! - [`ingest`]: the persistent connection for status, state and online.
 //! - [`integrators`]: integrators' requests for stored events (signed batches).
 //! - [`chunks`]: the chunk server (per machine or broadcast).
@@ -34,6 +35,7 @@ pub mod limits;
 pub mod publish;
 pub mod rollout;
 pub mod serve;
+pub mod staged;
 pub mod stats;
 pub mod store;
 

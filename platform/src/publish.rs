@@ -196,7 +196,12 @@ pub fn plan(
     })
 }
 
-fn sign_notice(ctx: &Ctx, release: &ReleaseInfo, seq: u64, target: Target) -> DesiredNotice {
+pub(crate) fn sign_notice(
+    ctx: &Ctx,
+    release: &ReleaseInfo,
+    seq: u64,
+    target: Target,
+) -> DesiredNotice {
     let topic = ctx.topics.release(&target, &release.kind);
     let notice = ReleaseNotice {
         release: release.id.clone(),
@@ -401,7 +406,7 @@ pub fn publish_progress(ctx: &Ctx, release: &ReleaseId) -> Result<(), StoreError
 }
 
 /// Publishes a desired notice, retained, on its topic.
-async fn send_desired(ctx: &Ctx, n: &DesiredNotice) -> Result<(), rumqttc::ClientError> {
+pub(crate) async fn send_desired(ctx: &Ctx, n: &DesiredNotice) -> Result<(), rumqttc::ClientError> {
     ctx.mqtt
         .publish(
             n.topic.clone(),

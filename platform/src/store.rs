@@ -20,6 +20,7 @@
 //! | `integrators` | integrator name | [`IntegratorRecord`]: its secret (the broker password derives from it) |
 //! | `audit` | u64 BE entry id | `AuditEntry`: every operator action and refusal, with who and when |
 //! | `event_counts` | `machine/release` (`machine/-` without a release) | u64 BE: events stored for that pair (capped) |
+//! | `rollouts` | release id | `RolloutInfo`: a staged rollout's plan, wave order, state and transitions |
 //!
 //! Ids cannot hold `/`, so `a/b` keys are unambiguous and prefix scans (`release/`) are exact.
 //! Writes become durable only at [`Store::flush`]; callers flush before acknowledging anything.
@@ -33,6 +34,7 @@ use fleetcast_proto::admin::{
     ArtifactInfo, AuditEntry, FleetEvent, MachineInfo, OperatorInfo, ReleaseInfo, TargetRecord,
 };
 use fleetcast_proto::auth::Secret;
+use fleetcast_proto::rollout::RolloutInfo;
 use fleetcast_proto::{ArtifactId, Kind, MachineId, ReleaseId, Target};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -195,6 +197,7 @@ pub struct Store {
     integrators: T,
     audit: T,
     event_counts: T,
+    rollouts: T,
     /// Serialises read-modify-write of records between the admin and ingest tasks.
     records: Mutex<()>,
 }
@@ -246,6 +249,7 @@ impl Store {
             integrators: tree("integrators")?,
             audit: tree("audit")?,
             event_counts: tree("event_counts")?,
+            rollouts: tree("rollouts")?,
             records: Mutex::new(()),
             db,
         };
@@ -358,6 +362,20 @@ impl Store {
 
     pub fn releases(&self) -> Result<Vec<ReleaseInfo>, StoreError> {
         self.releases.scan("")
+    }
+
+    /// The staged rollout of `release`, if it was published in waves.
+    pub fn rollout(&self, release: &ReleaseId) -> Result<Option<RolloutInfo>, StoreError> {
+        self.rollouts.get(release.as_str())
+    }
+
+    pub fn put_rollout(&self, info: &RolloutInfo) -> Result<(), StoreError> {
+        self.rollouts.put(info.release.as_str(), info)
+    }
+
+    /// Every staged rollout, oldest release first.
+    pub fn rollouts(&self) -> Result<Vec<RolloutInfo>, StoreError> {
+        self.rollouts.scan("")
     }
 
     pub fn target(
@@ -627,6 +645,15 @@ impl Store {
     pub fn put_desired(&self, notice: &DesiredNotice) -> Result<(), StoreError> {
         self.desired
             .put(&Self::desired_key(&notice.target, &notice.kind), notice)
+    }
+
+    /// Forgets the notice desired on `target` for `kind` (a cancelled rollout's).
+    pub fn remove_desired(&self, target: &Target, kind: &Kind) -> Result<(), StoreError> {
+        self.desired
+            .tree
+            .remove(Self::desired_key(target, kind).as_str())
+            .map_err(self.desired.err("remove"))?;
+        Ok(())
     }
 
     /// Desired notices under `target` (all kinds).
