@@ -390,7 +390,30 @@ impl Agent {
             return;
         }
         match self.trust.check::<ReleaseNotice>(Purpose::Release, payload) {
-            Checked::Verified(notice) => self.handle(Input::Notice(notice)).await,
+            Checked::Verified(notice) => {
+                // The platform publishes a notice only on its own target's and kind's topic. A
+                // signed notice elsewhere is a copy (anyone may publish on a broker without
+                // ACLs): acting on it, or remembering its seq as refused, would let the copy
+                // stand in for the genuine notice. So it is treated like an unverified one.
+                let home = self.topics.release(&notice.target, &notice.kind);
+                if home != topic {
+                    tracing::warn!(machine = %self.me(), %kind, topic, home, release = %notice.release,
+                        "signed notice on another notice's topic refused");
+                    self.handle(Input::Unverified(UnverifiedNotice {
+                        topic: topic.to_owned(),
+                        kind,
+                        digest: *blake3::hash(payload).as_bytes(),
+                        error: format!(
+                            "notice refused: release {} belongs on {home}, not on this topic",
+                            notice.release
+                        ),
+                        claimed: None,
+                    }))
+                    .await;
+                    return;
+                }
+                self.handle(Input::Notice(notice)).await
+            }
             // Not rejected and not remembered: once the chain is followed, the platform sends
             // its desired notice again to a machine whose state is behind.
             Checked::NewerKey { gen } => {

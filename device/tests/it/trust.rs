@@ -341,3 +341,73 @@ async fn a_forged_retained_notice_is_reported_once_without_its_release_and_block
     assert_eq!(m.installed(), art.bytes);
     m.stop().await;
 }
+
+#[tokio::test]
+async fn a_signed_notice_copied_onto_another_release_topic_is_refused_and_shadows_nothing() {
+    let mut s = setup().await;
+    let mut cfg = s.config();
+    cfg.groups = vec![group()];
+    let m = start(cfg, AgentOptions::default());
+    let art = s.platform.add(Artifact::new(40 * 1024, 25));
+    let art2 = s.platform.add(Artifact::new(40 * 1024, 26));
+    let for_group = ReleaseNotice {
+        target: Target::Group(group()),
+        ..s.platform
+            .notice("r-1", "1.1.0", &art, InstallPolicy::Immediate)
+    };
+    let for_machine = s
+        .platform
+        .notice("r-2", "1.2.0", &art2, InstallPolicy::Immediate);
+    // Genuine, signed notices, each copied as it is onto a release topic of this machine that
+    // is not its own: the group's onto the machine's app topic (another target), the machine's
+    // onto its firmware topic (another kind).
+    let firmware = Kind::new("firmware").unwrap();
+    let copies = [
+        (
+            &for_group,
+            s.platform.topics.machine_release(&machine(), &app()),
+        ),
+        (
+            &for_machine,
+            s.platform.topics.machine_release(&machine(), &firmware),
+        ),
+    ];
+    for (notice, topic) in copies {
+        s.platform
+            .client
+            .publish(
+                topic.clone(),
+                QoS::AtLeastOnce,
+                true,
+                s.platform.key.sign(Purpose::Release, notice),
+            )
+            .await
+            .unwrap();
+        let seen = s.platform.wait_unverified().await;
+        assert!(seen.iter().all(|e| e.release.is_none()), "{seen:?}");
+        let r = seen.last().unwrap();
+        let home = s.platform.topics.release(&notice.target, &notice.kind);
+        assert!(
+            r.error
+                .as_deref()
+                .unwrap_or("")
+                .contains(&format!("belongs on {home}, not on this topic")),
+            "{r:?}"
+        );
+        let topic_kind = topic.rsplit('/').next().unwrap();
+        assert_eq!(r.kind.as_str(), topic_kind, "{r:?}");
+    }
+    assert_eq!(
+        s.platform.control.requested.lock().unwrap().len(),
+        0,
+        "a copy on the wrong topic was acted on"
+    );
+    // Neither copy used up its notice's seq: both genuine notices, on their own topics, apply.
+    s.platform.publish(&for_group).await;
+    s.platform.wait_for("r-1", Phase::Installed).await;
+    s.platform.publish(&for_machine).await;
+    s.platform.wait_for("r-2", Phase::Installed).await;
+    assert_eq!(m.installed_version(), "1.2.0");
+    assert_eq!(m.installed(), art2.bytes);
+    m.stop().await;
+}
