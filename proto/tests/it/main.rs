@@ -1,6 +1,8 @@
 //! Decoders never panic on hostile input: random and mutated bytes through every parser the
 //! network reaches. (A cheap stand-in for cargo-fuzz that runs in every test run.)
 
+mod vectors;
+
 use fleetcast_proto::admin::AdminRequest;
 use fleetcast_proto::auth::{PlatformKey, Purpose, Secret};
 use fleetcast_proto::chunk::{decode_frame, encode_frame, ChunkRequest, FrameHeader, FrameType};
