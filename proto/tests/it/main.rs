@@ -1,6 +1,7 @@
 //! Decoders never panic on hostile input: random and mutated bytes through every parser the
 //! network reaches. (A cheap stand-in for cargo-fuzz that runs in every test run.)
 
+mod asyncapi;
 mod vectors;
 
 use fleetcast_proto::admin::AdminRequest;

@@ -149,13 +149,13 @@ fn next_platform_key() -> PlatformKey {
     PlatformKey::with_generation(std::array::from_fn(|i| 0xa0 + i as u8), 1)
 }
 
-fn vm() -> MachineId {
+pub(crate) fn vm() -> MachineId {
     MachineId::new("vm-001").unwrap()
 }
 fn app() -> Kind {
     Kind::new("app").unwrap()
 }
-fn r7() -> ReleaseId {
+pub(crate) fn r7() -> ReleaseId {
     ReleaseId::new("r-000007").unwrap()
 }
 /// The artifact of the worked example in §7.1: 2,500 bytes at 1,024-byte chunks.
@@ -360,7 +360,7 @@ fn chunk_vectors_are_reproduced_from_the_compression_function_alone() {
 
 // --- MACs ---
 
-fn status_event() -> StatusEvent {
+pub(crate) fn status_event() -> StatusEvent {
     StatusEvent {
         machine: vm(),
         ctr: 1042,
@@ -379,7 +379,7 @@ fn status_event() -> StatusEvent {
     }
 }
 
-fn machine_state() -> MachineState {
+pub(crate) fn machine_state() -> MachineState {
     MachineState {
         machine: vm(),
         ctr: 1043,
@@ -402,7 +402,7 @@ fn machine_state() -> MachineState {
     }
 }
 
-fn chunk_request() -> ChunkRequest {
+pub(crate) fn chunk_request() -> ChunkRequest {
     let (bytes, _) = example_artifact();
     ChunkRequest {
         machine: vm(),
@@ -413,7 +413,7 @@ fn chunk_request() -> ChunkRequest {
     }
 }
 
-fn admin_request() -> AdminRequest {
+pub(crate) fn admin_request() -> AdminRequest {
     AdminRequest {
         client: "fleetcast-op-alice.1a2b3c4d".into(),
         id: 1,
@@ -608,7 +608,7 @@ fn mqtt_password_vectors_match_the_code() {
 
 // --- signatures ---
 
-fn release_notice() -> ReleaseNotice {
+pub(crate) fn release_notice() -> ReleaseNotice {
     let (bytes, _) = example_artifact();
     ReleaseNotice {
         release: r7(),
@@ -628,7 +628,7 @@ fn release_notice() -> ReleaseNotice {
     }
 }
 
-fn fleet_event() -> FleetEvent {
+pub(crate) fn fleet_event() -> FleetEvent {
     let mut e = FleetEvent::recorded(
         &StatusEvent {
             phase: Phase::Installed,
