@@ -6,16 +6,22 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 export PATH="$PATH:/usr/sbin"
 
-if ! command -v mosquitto >/dev/null 2>&1; then
+# Mosquitto for the external-broker tests; its clients, jq, xxd and openssl for the test that
+# runs the mosquitto_sub commands of docs/integrators.md as written.
+PACKAGES="mosquitto mosquitto-clients jq xxd openssl"
+if ! command -v mosquitto >/dev/null 2>&1 || ! command -v mosquitto_sub >/dev/null 2>&1 ||
+   ! command -v jq >/dev/null 2>&1 || ! command -v xxd >/dev/null 2>&1 ||
+   ! command -v openssl >/dev/null 2>&1; then
     SUDO=""
     [ "$(id -u)" -ne 0 ] && SUDO="sudo -n"
-    echo "installing mosquitto (needed by the external-broker tests)..." >&2
+    echo "installing $PACKAGES (needed by the external-broker and integrator tests)..." >&2
     if ! { $SUDO env DEBIAN_FRONTEND=noninteractive apt-get update -qq &&
-           $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends mosquitto >/dev/null; }; then
-        echo "error: could not install mosquitto; install it yourself (apt-get install mosquitto) and rerun" >&2
+           $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $PACKAGES >/dev/null; }; then
+        echo "error: could not install them; install them yourself (apt-get install $PACKAGES) and rerun" >&2
         exit 1
     fi
 fi
+export FLEETCAST_REQUIRE_SHELL_TOOLS=1
 # The integrator example (scripts/integrator.py) is run by a test: it needs paho-mqtt and
 # cryptography from PyPI. With FLEETCAST_REQUIRE_PYTHON set, that test fails instead of skipping.
 if ! python3 -c "import paho.mqtt.client, cryptography" >/dev/null 2>&1; then

@@ -686,6 +686,187 @@ async fn the_documented_python_integrator_catches_up_and_verifies_every_event() 
     platform.stop().await;
 }
 
+/// Whether mosquitto_sub, jq, xxd and openssl are here. `scripts/test.sh` installs them and sets
+/// FLEETCAST_REQUIRE_SHELL_TOOLS=1, so there a missing one fails instead of skipping.
+fn shell_tools() -> bool {
+    let missing: Vec<&str> = ["mosquitto_sub", "jq", "xxd", "openssl"]
+        .into_iter()
+        .filter(|tool| {
+            !std::process::Command::new("sh")
+                .args(["-c", &format!("command -v {tool}")])
+                .stdout(std::process::Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success())
+        })
+        .collect();
+    if !missing.is_empty() {
+        assert!(
+            std::env::var("FLEETCAST_REQUIRE_SHELL_TOOLS").is_err(),
+            "{missing:?} required (apt-get install mosquitto-clients jq xxd openssl)"
+        );
+        eprintln!("SKIPPED: {missing:?} not installed");
+    }
+    missing.is_empty()
+}
+
+/// The `sh` blocks of docs/integrators.md §6 as written, the first (which profile, which
+/// release) replaced by `settings`.
+fn mosquitto_sub_blocks(settings: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/integrators.md"),
+    )
+    .unwrap();
+    let section = doc
+        .split("\n## 6. With mosquitto_sub")
+        .nth(1)
+        .expect("integrators.md has §6")
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let mut blocks: Vec<String> = section
+        .split("```sh\n")
+        .skip(1)
+        .map(|b| b.split("\n```").next().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        blocks.len(),
+        5,
+        "settings, credentials, verify, progress, live events"
+    );
+    assert!(
+        blocks[0]
+            .lines()
+            .all(|l| l.starts_with("PROFILE=") || l.starts_with("RELEASE=")),
+        "the first block only says which profile and release: {}",
+        blocks[0]
+    );
+    blocks[0] = settings.to_owned();
+    blocks
+}
+
+async fn bash(script: String) -> std::process::Output {
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("bash")
+            .args(["-euo", "pipefail", "-c", &script])
+            .output(),
+    )
+    .await
+    .expect("the script ends within 30 s")
+    .unwrap()
+}
+
+#[tokio::test]
+async fn the_documented_mosquitto_sub_commands_follow_a_rollout() {
+    if !shell_tools() {
+        return;
+    }
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        platform,
+        admin,
+        ..
+    } = env(&url).await;
+    upload(&admin, dir.path(), "a.bin", &data(3000, 9), "1.0")
+        .await
+        .unwrap();
+    upload(&admin, dir.path(), "b.bin", &data(3000, 10), "2.0")
+        .await
+        .unwrap();
+    let mut vm = provision(&admin, &url, "vm-001", &[]).await;
+    let r1 = release(&admin, "1.0", &["vm-001"], &[]).await.release;
+    install(&admin, &mut vm, &r1.id, "1.0").await;
+    let integrator = add_integrator(&admin, "erp").await;
+    let profile = dir.path().join("erp.toml");
+    std::fs::write(
+        &profile,
+        fleetcast_platform::cli::identity::integrator_toml(&integrator, &url.to_string()),
+    )
+    .unwrap();
+    let blocks = mosquitto_sub_blocks(&format!(
+        "PROFILE='{}'\nRELEASE={}",
+        profile.display(),
+        r1.id
+    ));
+    let prelude = blocks[..3].join("\n");
+
+    // Where the rollout stands: its retained progress, verified.
+    let progress = poll_until(
+        WAIT,
+        "the retained progress shows the finished rollout",
+        || bash(format!("{prelude}\n{}", blocks[3])),
+        |out| serde_json::from_slice::<RolloutProgress>(&out.stdout).is_ok_and(|p| p.finished == 1),
+    )
+    .await;
+    let shown: RolloutProgress = serde_json::from_slice(&progress.stdout).unwrap();
+    assert_eq!((shown.release.clone(), shown.total), (r1.id.clone(), 1));
+
+    // A message the platform key did not sign is dropped, body and all.
+    let forged = String::from_utf8(
+        fleetcast_proto::auth::PlatformKey::from_seed([9; 32]).sign(Purpose::Progress, &shown),
+    )
+    .unwrap();
+    let out = bash(format!(
+        "{prelude}\nprintf '%s' '{forged}' | verify fleetcast/v1/progress"
+    ))
+    .await;
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("dropped"));
+
+    // Live events of the next rollout, each verified, as they are stored.
+    let mut live = tokio::process::Command::new("bash")
+        .args(["-c", &format!("{prelude}\n{}", blocks[4])])
+        .stdout(std::process::Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let group = live.id().expect("running");
+    // mosquitto_sub connects and subscribes in milliseconds; events published before that
+    // would be missed (QoS 0, not retained).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r2 = release(&admin, "2.0", &["vm-001"], &[]).await.release;
+    install(&admin, &mut vm, &r2.id, "2.0").await;
+    let mut lines =
+        tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(live.stdout.take().unwrap()));
+    let mut phases = Vec::new();
+    while phases.last() != Some(&Phase::Installed) {
+        let line = tokio::time::timeout(WAIT, lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("no verified event within {WAIT:?}; saw {phases:?}"))
+            .unwrap()
+            .expect("mosquitto_sub still running");
+        let event: FleetEvent = serde_json::from_str(&line).unwrap();
+        if event.release.as_ref() == Some(&r2.id) {
+            phases.push(event.phase);
+        }
+    }
+    // Ends only what this test started: the script's own process group.
+    let _ = std::process::Command::new("kill")
+        .args(["--", &format!("-{group}")])
+        .status();
+    let _ = live.wait().await;
+    assert_eq!(
+        phases,
+        [
+            Phase::Notified,
+            Phase::Downloading,
+            Phase::Downloaded,
+            Phase::Installing,
+            Phase::Installed
+        ]
+    );
+    admin.close().await;
+    platform.stop().await;
+}
+
 #[tokio::test]
 async fn on_mosquitto_with_the_generated_files_one_machine_cannot_touch_another() {
     // The files come from the platform's own identities.
