@@ -82,6 +82,13 @@ fn read_file(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
     }
 }
 
+/// Microseconds since the Unix epoch: where a fresh agent's counter starts.
+fn clock_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(1, |d| d.as_micros() as u64)
+}
+
 fn parse_json<T: for<'de> Deserialize<'de> + Default>(
     path: &Path,
     bytes: Option<&[u8]>,
@@ -107,11 +114,19 @@ impl Store {
     /// Nothing is written until the first change. Separate so tests and fuzzing reach the
     /// decoder without a disk.
     pub fn decode(path: PathBuf, bytes: Option<&[u8]>) -> Result<Self, StoreError> {
+        let fresh = bytes.is_none();
         let file: AgentFile = parse_json(&path, bytes)?;
-        let next_ctr = file
+        let mut next_ctr = file
             .ctr_reserved
             .checked_add(1)
             .ok_or_else(|| StoreError::CounterExhausted { path: path.clone() })?;
+        if fresh {
+            // No agent.json: a new machine, or one whose data dir was wiped. The platform
+            // remembers the old counters for ever, so start above anything a previous agent
+            // of this id can have used: the clock in microseconds (a counter advances by one
+            // per message, far slower).
+            next_ctr = next_ctr.max(clock_seed());
+        }
         Ok(Self {
             path,
             inner: Arc::new(Mutex::new(Inner { file, next_ctr })),
@@ -348,11 +363,22 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let first: Vec<u64> = (0..5).map(|_| store.next_ctr().unwrap()).collect();
-        assert_eq!(first, vec![1, 2, 3, 4, 5]);
+        let s = first[0];
+        assert_eq!(first, vec![s, s + 1, s + 2, s + 3, s + 4]);
         let again = Store::open(dir.path()).unwrap();
         let next = again.next_ctr().unwrap();
-        assert!(next > 5, "{next}");
-        assert_eq!(next, CTR_BLOCK + 1);
+        assert_eq!(next, s + CTR_BLOCK);
+    }
+
+    #[test]
+    fn a_fresh_data_dir_counts_from_the_clock_so_a_wiped_machine_is_not_a_replay() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = clock_seed();
+        let wiped = Store::open(dir.path()).unwrap().next_ctr().unwrap();
+        assert!(wiped >= before, "{wiped} < {before}");
+        // What its previous life used: a counter started from an earlier clock and advanced
+        // by a million messages is still below.
+        assert!(before - 1_000_000_000 + 1_000_000 < wiped);
     }
 
     #[test]
@@ -430,11 +456,11 @@ mod tests {
         );
         assert!(!push.is_finished(), "an outbox entry not on disk yet");
         drop(held);
-        assert_eq!(ctr.await.unwrap().unwrap(), 1);
+        let first = ctr.await.unwrap().unwrap();
         push.await.unwrap().unwrap();
         assert_eq!(Outbox::open(dir.path()).unwrap().len(), 1);
         let again = Store::open(dir.path()).unwrap();
-        assert_eq!(again.next_ctr_async().await.unwrap(), CTR_BLOCK + 1);
+        assert_eq!(again.next_ctr_async().await.unwrap(), first + CTR_BLOCK);
     }
 
     #[tokio::test]
