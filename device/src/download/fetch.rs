@@ -4,11 +4,18 @@
 //!
 //! An attempt ([`Fetch::begin`]) first assembles the manifest from its parts and checks it
 //! against the artifact id (unless the artifact is one chunk or a saved manifest verified), then
-//! keeps a window of chunks requested. Each chunk is verified on arrival, handed out to be
-//! written, and counted once [`Input::Written`] comes back. The bitmap of written chunks and the
-//! verified manifest outlive the attempt, and through [`StagingState`] a restart.
+//! keeps a window of chunks requested. The first request asks for the manifest and the first
+//! window together, so a machine needs one round trip, not two; chunk frames that arrive before
+//! the manifest verifies (its own, or those other machines asked for on the shared topic) are
+//! kept, a window of them, and checked once it does. Each chunk is verified on arrival, handed
+//! out to be written, and counted once [`Input::Written`] comes back. The bitmap of written
+//! chunks and the verified manifest outlive the attempt, and through [`StagingState`] a restart.
+//!
+//! [`Fetch::handle_all`] takes the inputs that queued up together and hands out all their
+//! writes in one [`Effect::Write`], so the edge makes one trip off the runtime per batch rather
+//! than per chunk.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::ops::ControlFlow::{self, Break, Continue};
 use std::time::{Duration, Instant};
 
@@ -43,22 +50,20 @@ pub enum Input {
     Frame { header: FrameHeader, payload: Bytes },
     /// Time passed: checks for stalls and the attempt timeout.
     Tick,
-    /// The chunk of an [`Effect::Write`] is in the staging file.
-    Written { index: u32 },
+    /// The chunks of an [`Effect::Write`] are in the staging file.
+    Written { indices: Vec<u32> },
 }
 
 #[derive(Debug)]
 pub enum Effect {
-    /// Ask the platform for every manifest part (`manifest`) or for `chunks` (sorted, at most
-    /// [`CHUNKS_PER_REQUEST`]); one sealed request each.
+    /// Ask the platform for every manifest part (`manifest`) and for `chunks` (sorted, at most
+    /// [`CHUNKS_PER_REQUEST`]); one sealed request each. The platform sends the manifest parts
+    /// of a request before its chunks.
     Request { manifest: bool, chunks: Vec<u32> },
-    /// Write a verified chunk at `offset` of the staging file, then hand back
-    /// [`Input::Written`].
-    Write {
-        index: u32,
-        offset: u64,
-        bytes: Bytes,
-    },
+    /// Write verified chunks (one or more, distinct), each at its offset of the staging file,
+    /// then hand back [`Input::Written`] with their indices. Nothing that follows in the same
+    /// list depends on them having been written.
+    Write(Vec<ChunkWrite>),
     /// Make the written chunks durable, then save this state that claims them.
     Persist(StagingState),
     /// Report `downloading`.
@@ -67,6 +72,14 @@ pub enum Effect {
     Done,
     /// The attempt failed. Always the last effect.
     Fail(DownloadError),
+}
+
+/// A verified chunk and where it goes in the staging file.
+#[derive(Debug)]
+pub struct ChunkWrite {
+    pub index: u32,
+    pub offset: u64,
+    pub bytes: Bytes,
 }
 
 /// The download of one artifact, across its attempts.
@@ -103,7 +116,17 @@ struct Attempt {
 enum Phase {
     Manifest {
         parts: Vec<Option<Bytes>>,
+        /// When the manifest (and `asked`) was last requested.
         last_request: Instant,
+        /// The chunks asked for with the manifest, sorted: the first window of missing ones.
+        asked: Vec<u32>,
+        /// Chunk frames that came before the manifest, unverified: at most `tuning.window`
+        /// indices, the first frame of each. `Bytes` share the frame's buffer, so keeping them
+        /// costs no copy.
+        early: BTreeMap<u32, Bytes>,
+        /// Chunks of `asked` whose frame came when `early` was full: asked for again once the
+        /// manifest verifies, as nothing else would bring them.
+        turned_away: BTreeSet<u32>,
     },
     Chunks {
         verifier: ChunkVerifier,
@@ -117,10 +140,11 @@ enum Phase {
 }
 
 impl Phase {
-    fn chunks(verifier: ChunkVerifier) -> Self {
+    /// The chunk phase, with `outstanding` already asked for.
+    fn chunks(verifier: ChunkVerifier, outstanding: HashMap<u32, Instant>) -> Self {
         Self::Chunks {
             verifier,
-            outstanding: HashMap::new(),
+            outstanding,
             writing: BTreeSet::new(),
             cursor: 0,
         }
@@ -184,15 +208,21 @@ impl Fetch {
     pub fn begin(&mut self, now: Instant) -> Vec<Effect> {
         let mut out = vec![Effect::Report(self.progress())];
         let phase = match &self.verifier {
-            Some(verifier) => Phase::chunks(verifier.clone()),
+            Some(verifier) => Phase::chunks(verifier.clone(), HashMap::new()),
             None => {
-                out.push(Effect::Request {
-                    manifest: true,
-                    chunks: Vec::new(),
-                });
+                // The manifest and the first window in one request: the platform sends the
+                // manifest parts first, and the chunks are kept until they can be checked.
+                let asked: Vec<u32> = (0..self.layout.chunks)
+                    .filter(|&i| !self.have.has(i))
+                    .take(self.tuning.window)
+                    .collect();
+                request(true, asked.clone(), &mut out);
                 Phase::Manifest {
                     parts: vec![None; self.layout.manifest_parts() as usize],
                     last_request: now,
+                    asked,
+                    early: BTreeMap::new(),
+                    turned_away: BTreeSet::new(),
                 }
             }
         };
@@ -217,21 +247,37 @@ impl Fetch {
     /// One input of the running attempt. Between attempts (after `Done` or `Fail`) inputs are
     /// stale and ignored.
     pub fn handle(&mut self, now: Instant, input: Input) -> Vec<Effect> {
+        self.handle_all(now, [input])
+    }
+
+    /// Inputs that arrived together (frames queued while the edge was busy), in order, as one:
+    /// their writes are gathered into one [`Effect::Write`] after the other effects (a
+    /// [`Effect::Persist`] claims only chunks already [`Input::Written`], so none waits for
+    /// it) and before a closing `Done` or `Fail`.
+    pub fn handle_all(
+        &mut self,
+        now: Instant,
+        inputs: impl IntoIterator<Item = Input>,
+    ) -> Vec<Effect> {
         let mut out = Vec::new();
-        let Some(mut attempt) = self.attempt.take() else {
-            return out;
-        };
-        let flow = match input {
-            Input::Frame { header, payload } => {
-                self.on_frame(&mut attempt, now, header, payload, &mut out)
+        for input in inputs {
+            let Some(mut attempt) = self.attempt.take() else {
+                break;
+            };
+            let flow = match input {
+                Input::Frame { header, payload } => {
+                    self.on_frame(&mut attempt, now, header, payload, &mut out)
+                }
+                Input::Written { indices } => {
+                    self.on_written(&mut attempt, now, &indices, &mut out)
+                }
+                Input::Tick => self.on_tick(&mut attempt, now, &mut out),
+            };
+            if flow.is_continue() {
+                self.attempt = Some(attempt);
             }
-            Input::Written { index } => self.on_written(&mut attempt, now, index, &mut out),
-            Input::Tick => self.on_tick(&mut attempt, now, &mut out),
-        };
-        if flow.is_continue() {
-            self.attempt = Some(attempt);
         }
-        out
+        gather_writes(out)
     }
 
     /// The state to save when an attempt ends early (failed or cancelled), if it changed since
@@ -305,12 +351,23 @@ impl Fetch {
             FrameType::Manifest if in_manifest => {
                 self.on_manifest_part(attempt, now, header, payload, out)
             }
-            FrameType::Chunk if !in_manifest => {
-                self.on_chunk(attempt, now, header, payload, out);
+            FrameType::Chunk => {
+                // Frames for other machines bring chunks this one has too.
+                let index = header.index;
+                if header.total == self.layout.chunks
+                    && index < self.layout.chunks
+                    && !self.have.has(index)
+                {
+                    if in_manifest {
+                        self.keep_early(attempt, index, payload);
+                    } else {
+                        self.on_chunk(attempt, now, index, payload, out);
+                    }
+                }
                 Continue(())
             }
-            // A chunk cannot be checked before the manifest, a manifest after it is not
-            // needed, and upload parts are not for machines.
+            // A manifest after it verified is not needed, and upload parts are not for
+            // machines.
             _ => Continue(()),
         }
     }
@@ -326,6 +383,9 @@ impl Fetch {
         let Phase::Manifest {
             parts,
             last_request,
+            asked,
+            early,
+            turned_away,
         } = &mut attempt.phase
         else {
             return Continue(());
@@ -347,18 +407,34 @@ impl Fetch {
         let manifest: Vec<u8> = parts.iter().flatten().flatten().copied().collect();
         match ChunkVerifier::from_manifest(self.artifact, self.layout, &manifest) {
             Ok(verifier) => {
+                // The chunks asked for with the manifest are in flight, but for those turned
+                // away: they are asked for again now. The kept frames are checked as if they
+                // had just arrived.
+                let mut outstanding: HashMap<u32, Instant> =
+                    asked.iter().map(|&i| (i, *last_request)).collect();
+                let again: Vec<u32> = std::mem::take(turned_away).into_iter().collect();
+                outstanding.extend(again.iter().map(|&i| (i, now)));
+                let early = std::mem::take(early);
                 self.verifier = Some(verifier.clone());
                 self.manifest = Some(manifest);
                 self.persist(out);
-                attempt.phase = Phase::chunks(verifier);
+                attempt.phase = Phase::chunks(verifier, outstanding);
+                request(false, again, out);
+                for (index, payload) in early {
+                    self.on_chunk(attempt, now, index, payload, out);
+                }
                 self.fill_window(attempt, now, out)
             }
             Err(e) => {
                 // Like a bad chunk: drop it and ask again after the stall time (a forged part
                 // on the shared topic must not cost the attempt). Its parts were no progress:
-                // the attempt timeout still ends a manifest that never verifies.
+                // the attempt timeout still ends a manifest that never verifies. The kept
+                // chunks go too (whoever forged the manifest may have sent them); the
+                // re-request asks for them again.
                 tracing::warn!(artifact = %self.artifact.short(), "manifest refused: {e}; fetching it again");
                 parts.fill(None);
+                early.clear();
+                turned_away.clear();
                 *last_request = now;
                 attempt.last_progress = attempt.started;
                 Continue(())
@@ -366,11 +442,37 @@ impl Fetch {
         }
     }
 
+    /// Keeps chunk `index` (of this artifact, not in) that came before the manifest, if there
+    /// is room: the first frame of each index, at most a window of indices.
+    fn keep_early(&self, attempt: &mut Attempt, index: u32, payload: Bytes) {
+        let Phase::Manifest {
+            asked,
+            early,
+            turned_away,
+            ..
+        } = &mut attempt.phase
+        else {
+            return;
+        };
+        if early.contains_key(&index) {
+            return;
+        }
+        if early.len() >= self.tuning.window {
+            if asked.binary_search(&index).is_ok() {
+                turned_away.insert(index);
+            }
+            return;
+        }
+        early.insert(index, payload);
+    }
+
+    /// Chunk `index` (of this artifact, not in) arrived, or was kept until the manifest
+    /// verified.
     fn on_chunk(
         &mut self,
         attempt: &mut Attempt,
         now: Instant,
-        header: FrameHeader,
+        index: u32,
         payload: Bytes,
         out: &mut Vec<Effect>,
     ) {
@@ -383,13 +485,8 @@ impl Fetch {
         else {
             return;
         };
-        let index = header.index;
-        // Frames for other machines bring chunks this one has, or is writing, too.
-        if header.total != self.layout.chunks
-            || index >= self.layout.chunks
-            || self.have.has(index)
-            || writing.contains(&index)
-        {
+        // A copy of a chunk being written.
+        if writing.contains(&index) {
             return;
         }
         if let Err(e) = verifier.verify(index, &payload) {
@@ -405,30 +502,37 @@ impl Fetch {
         }
         outstanding.remove(&index);
         writing.insert(index);
-        out.push(Effect::Write {
+        out.push(Effect::Write(vec![ChunkWrite {
             index,
             offset: self.layout.offset(index),
             bytes: payload,
-        });
+        }]));
     }
 
     fn on_written(
         &mut self,
         attempt: &mut Attempt,
         now: Instant,
-        index: u32,
+        indices: &[u32],
         out: &mut Vec<Effect>,
     ) -> ControlFlow<()> {
         let Phase::Chunks { writing, .. } = &mut attempt.phase else {
             return Continue(());
         };
-        if !writing.remove(&index) {
+        let mut any = false;
+        for &index in indices {
+            if !writing.remove(&index) {
+                continue;
+            }
+            let len = self.layout.chunk_len(index) as u64;
+            self.have.set(index);
+            self.have_bytes += len;
+            self.unpersisted += len;
+            any = true;
+        }
+        if !any {
             return Continue(());
         }
-        let len = self.layout.chunk_len(index) as u64;
-        self.have.set(index);
-        self.have_bytes += len;
-        self.unpersisted += len;
         self.unsaved = true;
         attempt.last_progress = now;
         // The last chunk is persisted with the whole file, and reported as `downloaded`.
@@ -459,13 +563,25 @@ impl Fetch {
             return Continue(());
         }
         match &mut attempt.phase {
-            Phase::Manifest { last_request, .. } => {
+            Phase::Manifest {
+                last_request,
+                asked,
+                early,
+                turned_away,
+                ..
+            } => {
+                // Asked again the way it was asked first: the manifest with the chunks of the
+                // first window not kept yet (a kept one, if forged, is asked for alone once the
+                // manifest shows it).
                 if now.saturating_duration_since(*last_request) > stall {
                     *last_request = now;
-                    out.push(Effect::Request {
-                        manifest: true,
-                        chunks: Vec::new(),
-                    });
+                    turned_away.clear();
+                    let missing = asked
+                        .iter()
+                        .filter(|i| !early.contains_key(i))
+                        .copied()
+                        .collect();
+                    request(true, missing, out);
                 }
             }
             Phase::Chunks { outstanding, .. } => {
@@ -476,7 +592,7 @@ impl Fetch {
                     let all: Vec<u32> = outstanding.keys().copied().collect();
                     outstanding.values_mut().for_each(|asked| *asked = now);
                     tracing::debug!(artifact = %self.artifact.short(), n = all.len(), "no progress: re-requesting outstanding chunks");
-                    request_chunks(all, out);
+                    request(false, all, out);
                 }
             }
         }
@@ -523,22 +639,48 @@ impl Fetch {
             outstanding.insert(*cursor, now);
             fresh.push(*cursor);
         }
-        request_chunks(fresh, out);
+        request(false, fresh, out);
         Continue(())
     }
 }
 
-/// Requests for `chunks`, sorted, [`CHUNKS_PER_REQUEST`] at a time.
-fn request_chunks(mut chunks: Vec<u32>, out: &mut Vec<Effect>) {
+/// Requests for the manifest (if `manifest`, with the first of them) and for `chunks`, sorted,
+/// [`CHUNKS_PER_REQUEST`] at a time.
+fn request(manifest: bool, mut chunks: Vec<u32>, out: &mut Vec<Effect>) {
     chunks.sort_unstable();
+    if manifest && chunks.is_empty() {
+        out.push(Effect::Request {
+            manifest,
+            chunks: Vec::new(),
+        });
+    }
     out.extend(
         chunks
             .chunks(CHUNKS_PER_REQUEST)
-            .map(|batch| Effect::Request {
-                manifest: false,
+            .enumerate()
+            .map(|(n, batch)| Effect::Request {
+                manifest: manifest && n == 0,
                 chunks: batch.to_vec(),
             }),
     );
+}
+
+/// `effects` with every write gathered into one [`Effect::Write`], after the others and before
+/// a closing `Done` or `Fail`.
+fn gather_writes(effects: Vec<Effect>) -> Vec<Effect> {
+    let mut writes = Vec::new();
+    let mut out: Vec<Effect> = Vec::with_capacity(effects.len());
+    for effect in effects {
+        match effect {
+            Effect::Write(batch) => writes.extend(batch),
+            other => out.push(other),
+        }
+    }
+    if !writes.is_empty() {
+        let closing = matches!(out.last(), Some(Effect::Done | Effect::Fail(_)));
+        out.insert(out.len() - usize::from(closing), Effect::Write(writes));
+    }
+    out
 }
 
 #[derive(Debug)]
@@ -728,9 +870,19 @@ mod tests {
         effects
             .iter()
             .map(|e| match e {
-                Effect::Request { manifest: true, .. } => "ask manifest".to_owned(),
+                Effect::Request {
+                    manifest: true,
+                    chunks,
+                } if chunks.is_empty() => "ask manifest".to_owned(),
+                Effect::Request {
+                    manifest: true,
+                    chunks,
+                } => format!("ask manifest {chunks:?}"),
                 Effect::Request { chunks, .. } => format!("ask {chunks:?}"),
-                Effect::Write { index, .. } => format!("write {index}"),
+                Effect::Write(chunks) => match &chunks[..] {
+                    [one] => format!("write {}", one.index),
+                    _ => format!("write {:?}", indices(chunks)),
+                },
                 Effect::Persist(_) => "persist".to_owned(),
                 Effect::Report(p) => format!("report {}/{}", p.bytes, p.total),
                 Effect::Done => "done".to_owned(),
@@ -749,24 +901,88 @@ mod tests {
             .collect()
     }
 
-    /// What the edge does with a chunk frame: hands it in and, once written, says so.
-    fn deliver(fetch: &mut Fetch, art: &Art, now: Instant, i: u32) -> Vec<Effect> {
-        let mut out = fetch.handle(now, art.chunk(i));
-        if let Some(&Effect::Write { index, .. }) = out.last() {
-            out.extend(fetch.handle(now, Input::Written { index }));
+    fn indices(chunks: &[ChunkWrite]) -> Vec<u32> {
+        chunks.iter().map(|c| c.index).collect()
+    }
+
+    /// The chunks written by `effects`.
+    fn written(effects: &[Effect]) -> Vec<u32> {
+        effects
+            .iter()
+            .flat_map(|e| match e {
+                Effect::Write(chunks) => indices(chunks),
+                _ => Vec::new(),
+            })
+            .collect()
+    }
+
+    fn written_input(indices: &[u32]) -> Input {
+        Input::Written {
+            indices: indices.to_vec(),
+        }
+    }
+
+    /// What the edge does with inputs: hands them in and, once their chunks are written, says
+    /// so.
+    fn feed(fetch: &mut Fetch, now: Instant, inputs: Vec<Input>) -> Vec<Effect> {
+        let mut out = fetch.handle_all(now, inputs);
+        let done = written(&out);
+        if !done.is_empty() {
+            out.extend(fetch.handle(now, written_input(&done)));
         }
         out
     }
 
+    /// [`feed`] with chunk `i`.
+    fn deliver(fetch: &mut Fetch, art: &Art, now: Instant, i: u32) -> Vec<Effect> {
+        feed(fetch, now, vec![art.chunk(i)])
+    }
+
     #[test]
-    fn a_fresh_download_asks_for_the_manifest_then_for_a_window_of_chunks() {
+    fn a_fresh_download_asks_for_the_manifest_and_the_first_window_in_one_request() {
         let at = clock();
         let art = Art::new(10);
         let mut f = art.fresh(tuning());
-        assert_eq!(show(&f.begin(at(0))), ["report 0/10140", "ask manifest"]);
+        assert_eq!(
+            show(&f.begin(at(0))),
+            ["report 0/10140", "ask manifest [0, 1, 2, 3]"]
+        );
+        // The window is in flight already: the manifest asks for nothing more.
         let out = f.handle(at(10), art.part(0));
-        assert_eq!(show(&out), ["persist", "ask [0, 1, 2, 3]"]);
+        assert_eq!(show(&out), ["persist"]);
         assert_eq!(persisted(&out), [art.saved(&[], true)]);
+        assert_eq!(
+            show(&deliver(&mut f, &art, at(20), 0)),
+            ["write 0", "ask [4]"]
+        );
+        // The chunks asked for with the manifest count as asked for then.
+        assert!(f.handle(at(2000), Input::Tick).is_empty());
+        assert_eq!(show(&f.handle(at(2100), Input::Tick)), ["ask [1, 2, 3, 4]"]);
+    }
+
+    #[test]
+    fn a_window_wider_than_64_chunks_is_asked_for_with_the_manifest_64_at_a_time() {
+        let at = clock();
+        let art = Art::new(150);
+        let mut f = art.fresh(Tuning {
+            window: 100,
+            ..tuning()
+        });
+        let asked: Vec<(bool, Vec<u32>)> = f
+            .begin(at(0))
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Request { manifest, chunks } => Some((manifest, chunks)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            asked,
+            [
+                (true, (0..64).collect::<Vec<_>>()),
+                (false, (64..100).collect())
+            ]
+        );
     }
 
     #[test]
@@ -812,11 +1028,14 @@ mod tests {
             ["report 0/10140", "ask [0, 1, 2, 3]"]
         );
         let out = f.handle(at(1), art.chunk(2));
-        let [Effect::Write {
+        let [Effect::Write(chunks)] = &out[..] else {
+            panic!("{:?}", show(&out));
+        };
+        let [ChunkWrite {
             index: 2,
             offset,
             bytes,
-        }] = &out[..]
+        }] = &chunks[..]
         else {
             panic!("{:?}", show(&out));
         };
@@ -824,14 +1043,8 @@ mod tests {
         assert_eq!(show(&f.handle(at(2), art.chunk(3))), ["write 3"]);
         // Written: the window moves on from the first chunk neither in nor asked for, and
         // counts the chunk still being written.
-        assert_eq!(
-            show(&f.handle(at(3), Input::Written { index: 2 })),
-            ["ask [4]"]
-        );
-        assert_eq!(
-            show(&f.handle(at(3), Input::Written { index: 3 })),
-            ["ask [5]"]
-        );
+        assert_eq!(show(&f.handle(at(3), written_input(&[2]))), ["ask [4]"]);
+        assert_eq!(show(&f.handle(at(3), written_input(&[3]))), ["ask [5]"]);
         let mut seen = Vec::new();
         for i in [0, 5, 4, 1, 7, 6, 9, 8] {
             seen.extend(show(&deliver(&mut f, &art, at(4), i)));
@@ -876,17 +1089,14 @@ mod tests {
             art.frame(FrameType::Chunk, 12, 10, art.chunk_bytes(2)),
             art.frame(FrameType::UploadPart, 2, 10, art.chunk_bytes(2)),
             art.part(0),
-            Input::Written { index: 7 },
+            written_input(&[7]),
         ];
         for input in ignored {
             let what = format!("{input:?}");
             assert!(f.handle(at(5), input).is_empty(), "{what}");
         }
-        assert_eq!(
-            show(&f.handle(at(6), Input::Written { index: 1 })),
-            ["ask [5]"]
-        );
-        assert!(f.handle(at(7), Input::Written { index: 1 }).is_empty());
+        assert_eq!(show(&f.handle(at(6), written_input(&[1]))), ["ask [5]"]);
+        assert!(f.handle(at(7), written_input(&[1])).is_empty());
         assert_eq!(f.progress().bytes, 2048);
     }
 
@@ -988,10 +1198,10 @@ mod tests {
         assert!(f.handle(at(1), art.part(2)).is_empty());
         assert!(f.handle(at(2), art.part(0)).is_empty());
         assert!(f.handle(at(3), art.part(0)).is_empty());
-        // Chunks cannot be checked yet.
+        // Chunks cannot be checked yet: kept until they can.
         assert!(f.handle(at(4), art.chunk(0)).is_empty());
         let out = f.handle(at(5), art.part(1));
-        assert_eq!(show(&out), ["persist", "ask [0, 1, 2, 3]"]);
+        assert_eq!(show(&out), ["persist", "write 0"]);
         assert_eq!(persisted(&out), [art.saved(&[], true)]);
     }
 
@@ -1012,10 +1222,7 @@ mod tests {
             .is_empty());
         let wrong_total = art.frame(FrameType::Manifest, 0, 4, part0);
         assert!(f.handle(at(5), wrong_total).is_empty());
-        assert_eq!(
-            show(&f.handle(at(6), art.part(0))),
-            ["persist", "ask [0, 1, 2, 3]"]
-        );
+        assert_eq!(show(&f.handle(at(6), art.part(0))), ["persist"]);
     }
 
     #[test]
@@ -1028,21 +1235,25 @@ mod tests {
         forged[5] ^= 1;
         f.handle(at(100), art.part(0));
         f.handle(at(100), art.part(1));
+        f.handle(at(150), art.chunk(1));
+        f.handle(at(150), art.chunk(9));
         assert!(f
             .handle(at(200), art.part_with(2, forged.clone()))
             .is_empty());
         let mut tick = |ms| show(&f.handle(at(ms), Input::Tick));
         assert!(tick(1000).is_empty());
         // The parts were no progress (2.1 s since the start), but the manifest was last asked
-        // for with the forged part.
+        // for with the forged part. The chunks kept went with it: all of the first window is
+        // asked for again.
         assert!(tick(2100).is_empty());
-        assert_eq!(tick(2300), ["ask manifest"]);
+        assert_eq!(tick(2300), ["ask manifest [0, 1, 2, 3]"]);
         // Every part is needed again: the good ones may have been forged as well.
         assert!(f.handle(at(2400), art.part(2)).is_empty());
         f.handle(at(2400), art.part(0));
+        f.handle(at(2400), art.chunk(2));
         assert_eq!(
             show(&f.handle(at(2400), art.part(1))),
-            ["persist", "ask [0, 1, 2, 3]"]
+            ["persist", "write 2"]
         );
 
         // A manifest that never verifies still ends the attempt, counted from its start.
@@ -1062,6 +1273,167 @@ mod tests {
         else {
             panic!("{:?}", show(&out));
         };
+    }
+
+    #[test]
+    fn chunk_frames_before_the_manifest_are_written_once_it_verifies_and_not_asked_for_again() {
+        let at = clock();
+        let art = Art::new(70);
+        let mut f = art.fresh(tuning());
+        assert_eq!(
+            show(&f.begin(at(0))),
+            ["report 0/71580", "ask manifest [0, 1, 2, 3]"]
+        );
+        // Two of its own and one another machine asked for, on the shared topic, all before
+        // the manifest is complete; a copy, one of the wrong artifact and one of the wrong
+        // total are not kept.
+        let other = Art::new(12);
+        for input in [
+            art.part(2),
+            art.chunk(2),
+            art.chunk(9),
+            art.chunk(2),
+            other.chunk(3),
+            art.frame(FrameType::Chunk, 3, 71, art.chunk_bytes(3)),
+            art.chunk(1),
+            art.part(0),
+        ] {
+            let what = format!("{input:?}");
+            assert!(f.handle(at(100), input).is_empty(), "{what}");
+        }
+        let out = f.handle(at(200), art.part(1));
+        assert_eq!(show(&out), ["persist", "write [1, 2, 9]"]);
+        let Some(Effect::Write(chunks)) = out.last() else {
+            unreachable!()
+        };
+        for c in chunks {
+            assert_eq!(c.offset, art.layout.offset(c.index));
+            assert_eq!(&c.bytes[..], &art.chunk_bytes(c.index)[..]);
+        }
+        // Written: the window (0 and 3 in flight) moves on past them.
+        assert_eq!(
+            show(&f.handle(at(300), written_input(&[1, 2, 9]))),
+            ["ask [4, 5]"]
+        );
+        assert_eq!(f.progress().bytes, 3 * 1024);
+        // A stall asks again for what is outstanding, none of the kept ones.
+        assert_eq!(show(&f.handle(at(2400), Input::Tick)), ["ask [0, 3, 4, 5]"]);
+    }
+
+    #[test]
+    fn a_forged_chunk_kept_before_the_manifest_is_dropped_and_asked_for_again_alone() {
+        let at = clock();
+        let art = Art::new(70);
+        let mut f = art.fresh(tuning());
+        f.begin(at(0));
+        let forge = |i| {
+            let mut bytes = art.chunk_bytes(i);
+            bytes[3] ^= 1;
+            art.chunk_with(i, bytes)
+        };
+        f.handle(at(100), forge(1));
+        // First come: the good copy after a forged one is not kept.
+        f.handle(at(100), art.chunk(1));
+        f.handle(at(100), art.chunk(2));
+        // Not asked for (another machine's): dropped, not asked for.
+        f.handle(at(100), forge(8));
+        f.handle(at(200), art.part(0));
+        f.handle(at(200), art.part(1));
+        assert_eq!(
+            show(&f.handle(at(200), art.part(2))),
+            ["persist", "ask [1]", "write 2"]
+        );
+        assert_eq!(show(&f.handle(at(300), written_input(&[2]))), ["ask [4]"]);
+        assert_eq!(
+            show(&deliver(&mut f, &art, at(400), 1)),
+            ["write 1", "ask [5]"]
+        );
+        assert_eq!(f.progress().bytes, 2 * 1024);
+    }
+
+    #[test]
+    fn chunk_frames_beyond_a_window_before_the_manifest_are_ignored() {
+        let at = clock();
+        let art = Art::new(70);
+        let mut f = art.fresh(tuning());
+        f.begin(at(0));
+        // Four other machines' chunks fill the window; a fifth, and then one of its own, find
+        // no room.
+        for i in [10, 11, 12, 13, 14, 0] {
+            assert!(f.handle(at(100), art.chunk(i)).is_empty());
+        }
+        // A stall before the manifest asks for it again with the rest of the first window.
+        assert_eq!(
+            show(&f.handle(at(2100), Input::Tick)),
+            ["ask manifest [0, 1, 2, 3]"]
+        );
+        // Turned away again: nothing else would bring it, so it is asked for as soon as the
+        // manifest verifies, though the window is full.
+        assert!(f.handle(at(2200), art.chunk(0)).is_empty());
+        f.handle(at(2300), art.part(0));
+        f.handle(at(2300), art.part(1));
+        let out = f.handle(at(2300), art.part(2));
+        assert_eq!(show(&out), ["persist", "ask [0]", "write [10, 11, 12, 13]"]);
+        // 14 is asked for when the window reaches it.
+        let mut seen = Vec::new();
+        seen.extend(show(&f.handle(at(2400), written_input(&[10, 11, 12, 13]))));
+        for i in 0..4 {
+            seen.extend(show(&deliver(&mut f, &art, at(2500), i)));
+        }
+        assert_eq!(
+            seen,
+            [
+                "write 0", "ask [4]", "write 1", "ask [5]", "write 2", "ask [6]", "write 3",
+                "ask [7]"
+            ]
+        );
+    }
+
+    #[test]
+    fn frames_handled_together_are_written_in_one_batch_and_topped_up_in_one_request() {
+        let at = clock();
+        let art = Art::new(10);
+        let mut f = art.resumed(tuning(), &[]);
+        f.begin(at(0));
+        let mut forged = art.chunk_bytes(2);
+        forged[0] ^= 1;
+        let out = f.handle_all(
+            at(1),
+            [
+                art.chunk(0),
+                art.chunk(1),
+                art.chunk_with(2, forged),
+                art.chunk(3),
+                art.chunk(1),
+            ],
+        );
+        assert_eq!(show(&out), ["ask [2]", "write [0, 1, 3]"]);
+        assert_eq!(
+            show(&f.handle(at(2), written_input(&[0, 1, 3]))),
+            ["ask [4, 5, 6]"]
+        );
+        assert_eq!(f.progress().bytes, 3 * 1024);
+        // A batch that ends the attempt: its writes still come before the closing effect.
+        let out = f.handle_all(
+            at(3),
+            [art.chunk(4), art.error("rate limited"), art.chunk(5)],
+        );
+        assert_eq!(
+            show(&out),
+            ["write 4", "fail: artifact {}: platform says: rate limited"]
+                .map(|s| s.replace("{}", &art.id.to_string()))
+        );
+    }
+
+    #[test]
+    fn the_last_chunks_written_together_persist_once_and_end_the_attempt() {
+        let at = clock();
+        let art = Art::new(4);
+        let mut f = art.resumed(tuning(), &[]);
+        f.begin(at(0));
+        let out = feed(&mut f, at(1), (0..4).map(|i| art.chunk(i)).collect());
+        assert_eq!(show(&out), ["write [0, 1, 2, 3]", "persist", "done"]);
+        assert_eq!(persisted(&out), [art.saved(&[0, 1, 2, 3], true)]);
     }
 
     #[test]
@@ -1105,12 +1477,23 @@ mod tests {
             show(&f.begin(at(0))),
             ["report 10140/10140", "persist", "done"]
         );
-        // A manifest that does not verify is fetched again; the bitmap stays (the whole-file
-        // hash checks it).
+        // A manifest that does not verify is fetched again, with the first missing chunks; the
+        // bitmap stays (the whole-file hash checks it).
         let mut saved = art.saved(&[0, 1, 3], true);
         saved.manifest = saved.manifest.map(|m| m.replacen('a', "b", 1));
+        let mut f = resume(saved.clone());
+        assert_eq!(
+            show(&f.begin(at(0))),
+            ["report 3072/10140", "ask manifest [2, 4, 5, 6]"]
+        );
+        // Every chunk in but the manifest: only the manifest is asked for.
+        saved.have = art.saved(&all, true).have;
         let mut f = resume(saved);
-        assert_eq!(show(&f.begin(at(0))), ["report 3072/10140", "ask manifest"]);
+        assert_eq!(
+            show(&f.begin(at(0))),
+            ["report 10140/10140", "ask manifest"]
+        );
+        assert_eq!(show(&f.handle(at(1), art.part(0))), ["persist", "done"]);
         // A bitmap of the wrong size is not this artifact's.
         let mut saved = art.saved(&[0, 1, 3], true);
         saved.have.push_str("00");

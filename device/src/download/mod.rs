@@ -1,8 +1,8 @@
 //! Fetching one artifact in verified chunks over MQTT (see `fleetcast_proto::chunk`).
 //!
-//! Manifest first (unless the artifact is one chunk), then a window of chunks in flight; each
-//! chunk is checked against the manifest on arrival and written at its offset into a pre-sized
-//! staging file. The received bitmap and the manifest are persisted beside it, so an attempt,
+//! The manifest (unless the artifact is one chunk) asked for with the first window of chunks,
+//! then a window of chunks in flight; each chunk is checked against the manifest (chunks that
+//! came before it, once it is in) and written at its offset into a pre-sized staging file. The received bitmap and the manifest are persisted beside it, so an attempt,
 //! or a restarted agent, resumes where the last one stopped. The finished file is hashed whole
 //! once more, fsynced and renamed into `artifacts/`.
 //!
@@ -10,8 +10,9 @@
 //! - `fetch`: the transfer's decisions (manifest, window, stalls, timeouts, when to persist
 //!   and report), pure.
 //! - this module: the edge that carries them out: the staging files, sealed requests over
-//!   MQTT, chunk writes off the runtime's threads, fsync and the saved state, the final hash
-//!   and rename, cancellation.
+//!   MQTT, chunk writes off the runtime's threads (the frames that queued up meanwhile, one
+//!   blocking task for all their writes), fsync and the saved state, the final hash and rename,
+//!   cancellation.
 
 mod fetch;
 
@@ -34,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use crate::durable;
 use crate::fsutil::sync_dir;
 use crate::store::Store;
-use fetch::{Effect, Fetch, Input, StagingState};
+use fetch::{ChunkWrite, Effect, Fetch, Input, StagingState};
 
 /// How often the transfer checks for stalls and the attempt timeout.
 const TICK: Duration = Duration::from_millis(200);
@@ -305,6 +306,9 @@ impl<'a> Staging<'a> {
         };
         let mut tick = tokio::time::interval(TICK);
         let mut effects = fetch.begin(now());
+        // A window's worth of frames at most per round: enough to write a burst in one trip
+        // off the runtime, few enough that requests and ticks are not held up.
+        let batch = self.ctx.tuning.window.max(1);
         loop {
             if self.carry_out(fetch, effects, report).await? {
                 return Ok(());
@@ -313,19 +317,27 @@ impl<'a> Staging<'a> {
                 _ = cancel.cancelled() => return Err(cancelled()),
                 frame = frames.recv() => {
                     let Some(frame) = frame else { return Err(cancelled()) };
-                    match decode_frame(&frame) {
-                        Ok((header, payload)) => {
-                            let payload = frame.slice_ref(payload);
-                            fetch.handle(now(), Input::Frame { header, payload })
-                        }
-                        Err(e) => {
-                            tracing::warn!(artifact = %self.artifact.short(), "malformed chunk frame dropped: {e}");
-                            Vec::new()
-                        }
-                    }
+                    let inputs: Vec<Input> = queued(frame, frames, batch)
+                        .into_iter()
+                        .filter_map(|frame| self.decode(frame))
+                        .collect();
+                    fetch.handle_all(now(), inputs)
                 }
                 _ = tick.tick() => fetch.handle(now(), Input::Tick),
             };
+        }
+    }
+
+    fn decode(&self, frame: Bytes) -> Option<Input> {
+        match decode_frame(&frame) {
+            Ok((header, payload)) => {
+                let payload = frame.slice_ref(payload);
+                Some(Input::Frame { header, payload })
+            }
+            Err(e) => {
+                tracing::warn!(artifact = %self.artifact.short(), "malformed chunk frame dropped: {e}");
+                None
+            }
         }
     }
 
@@ -341,13 +353,9 @@ impl<'a> Staging<'a> {
         while let Some(effect) = queue.pop_front() {
             match effect {
                 Effect::Request { manifest, chunks } => self.request(manifest, &chunks).await?,
-                Effect::Write {
-                    index,
-                    offset,
-                    bytes,
-                } => {
-                    self.write(offset, bytes).await?;
-                    queue.extend(fetch.handle(now(), Input::Written { index }));
+                Effect::Write(chunks) => {
+                    let indices = self.write(chunks).await?;
+                    queue.extend(fetch.handle(now(), Input::Written { indices }));
                 }
                 Effect::Persist(state) => self.persist(state).await?,
                 Effect::Report(progress) => report(progress),
@@ -358,9 +366,10 @@ impl<'a> Staging<'a> {
         Ok(false)
     }
 
-    async fn write(&self, offset: u64, bytes: Bytes) -> Result<(), DownloadError> {
+    /// Writes `chunks` in one blocking task; returns their indices.
+    async fn write(&self, chunks: Vec<ChunkWrite>) -> Result<Vec<u32>, DownloadError> {
         let file = self.file.clone();
-        tokio::task::spawn_blocking(move || write_at(&file, &bytes, offset))
+        tokio::task::spawn_blocking(move || write_chunks(&file, chunks))
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
             .map_err(self.io("write", &self.part_path))
@@ -457,6 +466,28 @@ fn now() -> std::time::Instant {
     Instant::now().into_std()
 }
 
+/// `first` and the frames queued behind it, `max` in all at most.
+fn queued(first: Bytes, frames: &mut mpsc::Receiver<Bytes>, max: usize) -> Vec<Bytes> {
+    let mut out = vec![first];
+    while out.len() < max {
+        match frames.try_recv() {
+            Ok(frame) => out.push(frame),
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Writes each chunk at its offset; returns their indices. Blocking.
+fn write_chunks(file: &std::fs::File, chunks: Vec<ChunkWrite>) -> std::io::Result<Vec<u32>> {
+    let mut indices = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        write_at(file, &chunk.bytes, chunk.offset)?;
+        indices.push(chunk.index);
+    }
+    Ok(indices)
+}
+
 #[cfg(unix)]
 fn write_at(file: &std::fs::File, data: &[u8], offset: u64) -> std::io::Result<()> {
     std::os::unix::fs::FileExt::write_all_at(file, data, offset)
@@ -501,4 +532,57 @@ pub async fn download(
         }
     }
     Err((last.expect("at least one attempt"), ctx.tuning.attempts))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn frames_queued_behind_the_first_are_taken_together_up_to_the_bound() {
+        let (tx, mut rx) = mpsc::channel(32);
+        for i in 0u8..20 {
+            tx.send(Bytes::from(vec![i])).await.unwrap();
+        }
+        let first = rx.recv().await.unwrap();
+        let taken = queued(first, &mut rx, 16);
+        let firsts: Vec<u8> = taken.iter().map(|b| b[0]).collect();
+        assert_eq!(firsts, (0..16).collect::<Vec<_>>());
+        // The rest waits for the next round; an empty queue ends a round at once.
+        let first = rx.recv().await.unwrap();
+        assert_eq!(queued(first, &mut rx, 16).len(), 4);
+        tx.send(Bytes::from_static(b"x")).await.unwrap();
+        let first = rx.recv().await.unwrap();
+        assert_eq!(queued(first, &mut rx, 16).len(), 1);
+    }
+
+    #[test]
+    fn chunks_written_together_land_at_their_offsets() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.part");
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(40).unwrap();
+        let chunk = |index: u32, fill: u8, len: usize| ChunkWrite {
+            index,
+            offset: index as u64 * 10,
+            bytes: Bytes::from(vec![fill; len]),
+        };
+        let written = write_chunks(
+            &file,
+            vec![chunk(3, b'd', 10), chunk(0, b'a', 10), chunk(2, b'c', 4)],
+        )
+        .unwrap();
+        assert_eq!(written, [3, 0, 2]);
+        let mut expected = [0u8; 40];
+        expected[..10].fill(b'a');
+        expected[20..24].fill(b'c');
+        expected[30..].fill(b'd');
+        assert_eq!(std::fs::read(&path).unwrap(), expected);
+    }
 }

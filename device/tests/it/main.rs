@@ -70,6 +70,8 @@ impl Artifact {
 struct ServeControl {
     /// Chunk indices requested, in order.
     requested: Mutex<Vec<u32>>,
+    /// Every chunk request: whether it asked for the manifest, and its chunk indices.
+    requests: Mutex<Vec<(bool, Vec<u32>)>>,
     /// Chunk indices served, in order.
     served: Mutex<Vec<u32>>,
     /// Serve at most this many chunks (u32::MAX: all).
@@ -231,6 +233,10 @@ async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> P
                     let req: ChunkRequest = secret
                         .open(Purpose::ChunkRequest, &p.payload)
                         .expect("request MAC verifies");
+                    ctl.requests
+                        .lock()
+                        .unwrap()
+                        .push((req.manifest, req.indices().collect()));
                     let art = arts.lock().unwrap().get(&req.artifact).cloned();
                     let Some(art) = art else {
                         let h = FrameHeader {
@@ -693,6 +699,25 @@ async fn an_immediate_release_downloads_installs_into_a_slot_and_reports_every_p
     );
     assert_eq!(m.installed(), art.bytes);
     assert_eq!(m.installed_version(), "1.1.0");
+    m.stop().await;
+}
+
+#[tokio::test]
+async fn a_fresh_download_of_one_window_needs_one_request_for_the_manifest_and_its_chunks() {
+    let mut s = setup().await;
+    // No re-request within the test: every request is the agent's first choice.
+    let m = s.machine(one_attempt(Duration::from_secs(60)));
+    let art = s.platform.add(Artifact::new(200 * 1024, 11));
+    assert!(art.layout.chunks > 1 && art.layout.chunks <= 16);
+    s.platform
+        .announce("r-1", "1.1.0", &art, InstallPolicy::Immediate)
+        .await;
+    s.platform.wait_for("r-1", Phase::Installed).await;
+    assert_eq!(
+        *s.platform.control.requests.lock().unwrap(),
+        [(true, (0..art.layout.chunks).collect::<Vec<_>>())]
+    );
+    assert_eq!(m.installed(), art.bytes);
     m.stop().await;
 }
 
