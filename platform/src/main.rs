@@ -1,4 +1,4 @@
-//! `fleetcast`: the platform service and the operator CLI.
+//! `fleetcast`: the platform service and the operator CLI. Exit statuses: docs/cli.md.
 
 use clap::Parser;
 
@@ -10,7 +10,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(fleetcast_platform::cli::exit_code(&e))
         }
     }
 }

@@ -544,6 +544,7 @@ async fn publish(
             release: release.clone(),
             machines: machines.iter().map(|x| m(x)).collect(),
             groups: groups.iter().map(|x| g(x)).collect(),
+            allow_empty: false,
         })
         .await
         .unwrap();
@@ -577,6 +578,7 @@ async fn rollback(
             target,
             kind: kind.clone(),
             to: to.map(Into::into),
+            allow_empty: false,
         })
         .await
         .unwrap();
@@ -725,6 +727,7 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
             release: release.id.clone(),
             machines: vec![m("vm-404")],
             groups: vec![],
+            allow_empty: false,
         })
         .await;
     assert!(
@@ -737,6 +740,7 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
             release: release.id.clone(),
             machines: vec![m("vm-003"), m("vm-001")],
             groups: vec![g("shanghai")],
+            allow_empty: false,
         })
         .await
         .unwrap()
@@ -1118,6 +1122,7 @@ async fn rollback_publishes_a_signed_rollback_notice_for_the_previous_version() 
             target: Target::Group(g("nobody")),
             kind: app(),
             to: Some("9.9".into()),
+            allow_empty: false,
         })
         .await;
     assert!(
