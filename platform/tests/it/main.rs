@@ -1,8 +1,10 @@
 //! Platform integration tests: a real embedded broker on a free loopback port, `serve` on a
 //! temp data dir, the real `AdminClient`, and machines played with proto types.
 //!
-//! The helpers here serve every module of this test binary (`crash`, `e2e`, `reconcile`).
+//! The helpers here serve every module of this test binary (`cli`, `crash`, `e2e`, `gateway`,
+//! `reconcile`, `security`).
 
+mod cli;
 mod crash;
 mod e2e;
 mod gateway;
