@@ -122,15 +122,13 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     }
 }
 
-/// How a client command reaches the platform, and as whom. These options are global: they go
-/// before or after the subcommand (`fleetcast --broker URL release status R` or
-/// `fleetcast release status R --broker URL`).
-///
-/// Credentials are searched in the order [`profile`] documents: `--profile` /
-/// `FLEETCAST_PROFILE`, `--admin-secret` / `FLEETCAST_ADMIN_SECRET`, `--admin-secret-file`, the
-/// saved profile (`fleetcast profile save`), `$FLEETCAST_DATA/admin.secret`, then
-/// `./fleetcast-data/admin.secret`.
+// How a client command reaches the platform, and as whom. These options are global: they go
+// before or after the subcommand (`fleetcast --broker URL release status R` or
+// `fleetcast release status R --broker URL`). Credentials are searched in the order
+// [`profile`] documents. (Plain comments: a doc comment here would become every command's
+// help text.)
 #[derive(Args, Clone, Debug, Default)]
+#[command(next_help_heading = "Client options (before or after the subcommand)")]
 pub struct ClientArgs {
     /// Broker the platform listens on [env: FLEETCAST_BROKER] [default: the profile's, else
     /// mqtt://127.0.0.1:1883].
@@ -155,8 +153,8 @@ pub struct ClientArgs {
         global = true
     )]
     pub operator: String,
-    /// File holding the operator's secret (hex) [default: $FLEETCAST_DATA/admin.secret, else
-    /// ./fleetcast-data/admin.secret, after a saved profile].
+    /// File holding the operator's secret (hex) [default: the saved profile, else
+    /// $FLEETCAST_DATA/admin.secret, else ./fleetcast-data/admin.secret].
     #[arg(long, global = true, value_name = "FILE")]
     pub admin_secret_file: Option<PathBuf>,
     /// The operator's secret itself (hex); overrides --admin-secret-file.
