@@ -56,7 +56,7 @@ pub enum ReleaseCmd {
         json: bool,
     },
     /// Follow a release live until every machine has finished (progress bars on a terminal,
-    /// one line per change otherwise). Exits non-zero if any machine failed.
+    /// one line per change otherwise). Exit status 3 if any machine failed.
     Watch {
         release: ReleaseId,
         /// Give up after this many seconds (0 = never).
