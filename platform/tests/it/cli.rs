@@ -604,6 +604,8 @@ async fn serve_logs_have_no_colour_codes_and_no_error_for_an_ordinary_disconnect
         .env("FLEETCAST_DATA", &data_dir)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap())
+        // A failing assertion below must not leave a platform running.
+        .kill_on_drop(true)
         .spawn()
         .expect("fleetcast serve starts");
     let url = BrokerUrl::mqtt("127.0.0.1", port);
