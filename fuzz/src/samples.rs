@@ -220,11 +220,13 @@ pub fn admin_ops() -> Vec<AdminOp> {
             release: release(),
             machines: vec![machine()],
             groups: vec![group()],
+            allow_empty: false,
         },
         AdminOp::ReleasePublish {
             release: release(),
             machines: vec![],
             groups: vec![group()],
+            allow_empty: true,
         },
         AdminOp::ReleaseList,
         AdminOp::ReleaseStatus { release: release() },
@@ -237,6 +239,7 @@ pub fn admin_ops() -> Vec<AdminOp> {
             target: Target::Group(group()),
             kind: kind(),
             to: Some("2.3.0".into()),
+            allow_empty: false,
         },
         AdminOp::Activate {
             release: release(),

@@ -203,6 +203,7 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
             release,
             machines: vec![],
             groups: vec![GroupId::new("bench").unwrap()],
+            allow_empty: false,
         })
         .await
         .unwrap();

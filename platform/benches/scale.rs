@@ -316,6 +316,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
             release: release.clone(),
             machines: vec![],
             groups: groups.clone(),
+            allow_empty: false,
         })
         .await?;
         let limit = Duration::from_secs(60)

@@ -425,19 +425,22 @@ impl Admin {
                 release,
                 machines,
                 groups,
+                allow_empty,
             } => {
                 let info = publish::known_release(store, &release)?;
                 Ok(AdminReply::Plan {
-                    plan: publish::plan(&self.ctx, &info, &machines, &groups)?,
+                    plan: publish::plan(&self.ctx, &info, &machines, &groups, allow_empty)?,
                 })
             }
             AdminOp::ReleasePublish {
                 release,
                 machines,
                 groups,
+                allow_empty,
             } => {
                 let info = publish::known_release(store, &release)?;
-                let plan = publish::publish(&self.ctx, &info, &machines, &groups).await?;
+                let plan =
+                    publish::publish(&self.ctx, &info, &machines, &groups, allow_empty).await?;
                 tracing::info!(release = %release, targets = plan.targets.len(), "release published");
                 Ok(AdminReply::Plan { plan })
             }
@@ -471,7 +474,12 @@ impl Admin {
             AdminOp::MachineProvisionBatch { machines } => Ok(AdminReply::ProvisionedBatch {
                 machines: identities::provision(&self.ctx, machines).await?,
             }),
-            AdminOp::Rollback { target, kind, to } => self.rollback(target, kind, to).await,
+            AdminOp::Rollback {
+                target,
+                kind,
+                to,
+                allow_empty,
+            } => self.rollback(target, kind, to, allow_empty).await,
             AdminOp::Activate { release, machines } => {
                 let sent = publish::activate(&self.ctx, &release, &machines).await?;
                 let names: Vec<String> = sent.iter().map(|m| m.to_string()).collect();
@@ -705,6 +713,7 @@ impl Admin {
         target: Target,
         kind: Kind,
         to: Option<String>,
+        allow_empty: bool,
     ) -> Result<AdminReply, OpError> {
         let store = &self.ctx.store;
         let to = match (&target, to) {
@@ -761,6 +770,12 @@ impl Admin {
                 "cannot roll back to {kind} {to}: no such uploaded artifact"
             ));
         }
+        let (machines, groups) = match &target {
+            Target::Machine(m) => (vec![m.clone()], vec![]),
+            Target::Group(g) => (vec![], vec![g.clone()]),
+        };
+        // Refused targets (a group nobody is in) are refused before the rollback release exists.
+        publish::resolve(&self.ctx, &kind, &machines, &groups, allow_empty)?;
         let release = self
             .create_release(
                 kind,
@@ -770,11 +785,7 @@ impl Admin {
                 true,
             )
             .await?;
-        let (machines, groups) = match target {
-            Target::Machine(m) => (vec![m], vec![]),
-            Target::Group(g) => (vec![], vec![g]),
-        };
-        let plan = publish::publish(&self.ctx, &release, &machines, &groups).await?;
+        let plan = publish::publish(&self.ctx, &release, &machines, &groups, allow_empty).await?;
         tracing::info!(release = %release.id, version = %to, "rollback published");
         Ok(AdminReply::Plan { plan })
     }

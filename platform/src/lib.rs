@@ -19,6 +19,7 @@
 //! - [`publish`]: signing and bookkeeping of notices and commands, shared by admin and ingest.
 //! - [`stats`]: counters of the running platform (`fleetcast stats`).
 //! - [`cli`]: the `fleetcast` command line (one module per command family).
+//! - [`logs`]: the binary's log output (no colour off a terminal, the default filter).
 
 pub mod admin;
 pub mod artifacts;
@@ -32,6 +33,7 @@ pub mod ingest;
 pub mod integrators;
 pub mod keys;
 pub mod limits;
+pub mod logs;
 pub mod publish;
 pub mod rollout;
 pub mod serve;

@@ -1,22 +1,16 @@
-//! `fleetcast`: the platform service and the operator CLI.
+//! `fleetcast`: the platform service and the operator CLI. Exit statuses: docs/cli.md.
 
 use clap::Parser;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info,sled=warn,rumqttd=off".into()),
-        )
-        .init();
+    fleetcast_platform::logs::init();
     let cli = fleetcast_platform::cli::Cli::parse();
     match fleetcast_platform::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(fleetcast_platform::cli::exit_code(&e))
         }
     }
 }

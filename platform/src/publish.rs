@@ -119,12 +119,15 @@ pub struct Resolved {
 }
 
 /// Resolves named machines (all must be provisioned) and groups (members = provisioned
-/// machines listing the group; an empty group is allowed).
+/// machines listing the group). A group no machine belongs to is most likely a typo, and its
+/// retained notice would wait for machines that never come: it is refused unless
+/// `allow_empty` (publishing ahead of a group's first machine).
 pub fn resolve(
     ctx: &Ctx,
     kind: &Kind,
     machines: &[MachineId],
     groups: &[GroupId],
+    allow_empty: bool,
 ) -> Result<Resolved, OpError> {
     if machines.is_empty() && groups.is_empty() {
         return refused("name at least one machine or group to publish to");
@@ -151,6 +154,18 @@ pub fn resolve(
         return refused(format!(
             "unknown machine(s): {} (provision them first); nothing was sent",
             unknown.join(", ")
+        ));
+    }
+    let empty: Vec<String> = groups
+        .iter()
+        .filter(|g| !known.iter().any(|k| k.groups.contains(g)))
+        .map(|g| g.to_string())
+        .collect();
+    if !empty.is_empty() && !allow_empty {
+        return refused(format!(
+            "unknown group(s): {} (no provisioned machine belongs to them); nothing was sent. \
+             To publish to a group before its first machine joins, pass --allow-empty",
+            empty.join(", ")
         ));
     }
     let mut targets: BTreeMap<MachineId, Option<GroupId>> =
@@ -187,8 +202,9 @@ pub fn plan(
     release: &ReleaseInfo,
     machines: &[MachineId],
     groups: &[GroupId],
+    allow_empty: bool,
 ) -> Result<PublishPlan, OpError> {
-    let r = resolve(ctx, &release.kind, machines, groups)?;
+    let r = resolve(ctx, &release.kind, machines, groups, allow_empty)?;
     Ok(PublishPlan {
         release: release.clone(),
         topics: r.topics,
@@ -256,14 +272,16 @@ pub fn assign_target(
     Ok(touched)
 }
 
-/// Signs, records (durably) and publishes `release` to `machines` and `groups`.
+/// Signs, records (durably) and publishes `release` to `machines` and `groups` (see
+/// [`resolve`] for what is refused before anything is stored).
 pub async fn publish(
     ctx: &Ctx,
     release: &ReleaseInfo,
     machines: &[MachineId],
     groups: &[GroupId],
+    allow_empty: bool,
 ) -> Result<PublishPlan, OpError> {
-    let r = resolve(ctx, &release.kind, machines, groups)?;
+    let r = resolve(ctx, &release.kind, machines, groups, allow_empty)?;
     let now = now_ms();
     let (release, notices, touched) = {
         let _records = ctx.store.lock_records();

@@ -81,14 +81,21 @@ pub enum AdminOp {
         machines: Vec<MachineId>,
         #[serde(default)]
         groups: Vec<GroupId>,
+        /// See [`AdminOp::ReleasePublish`].
+        #[serde(default, skip_serializing_if = "is_false")]
+        allow_empty: bool,
     },
-    /// Reply: `plan` (what was sent).
+    /// Reply: `plan` (what was sent). Refused, with nothing stored or sent, when a named group
+    /// has no machine (a typo, most likely) unless `allow_empty`: a group's notice is retained,
+    /// so machines that join the group later still get it.
     ReleasePublish {
         release: ReleaseId,
         #[serde(default)]
         machines: Vec<MachineId>,
         #[serde(default)]
         groups: Vec<GroupId>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        allow_empty: bool,
     },
     ReleaseList,
     /// Reply: `release_status`.
@@ -104,12 +111,15 @@ pub enum AdminOp {
         groups: Vec<GroupId>,
     },
     /// Roll a machine's or group's kind back to a stable version (default: the version
-    /// installed before the current one). Reply: `plan`.
+    /// installed before the current one). Reply: `plan`. A group no machine belongs to is
+    /// refused unless `allow_empty` (as for `release_publish`).
     Rollback {
         target: Target,
         kind: Kind,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         to: Option<String>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        allow_empty: bool,
     },
     /// Install a downloaded `download_only` release now. Reply: `done`.
     Activate {
@@ -161,6 +171,10 @@ pub enum AdminOp {
     MosquittoConfig,
     /// The platform's counters since it started (traffic, ingestion). Reply: `stats`.
     Stats,
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 impl AdminOp {
@@ -701,10 +715,34 @@ mod tests {
             release: ReleaseId::new("r-1").unwrap(),
             machines: vec![],
             groups: vec![],
+            allow_empty: false,
         };
         assert_eq!(publish.required_role(), Role::Operator);
         assert!(publish.is_change());
         assert_eq!(AdminOp::KeyRotate.required_role(), Role::Admin);
+    }
+
+    #[test]
+    fn allow_empty_is_off_unless_sent_and_absent_from_the_wire_when_off() {
+        let old_client: AdminOp =
+            serde_json::from_str(r#"{"op":"release_publish","release":"r-1","groups":["g"]}"#)
+                .unwrap();
+        let AdminOp::ReleasePublish { allow_empty, .. } = &old_client else {
+            panic!("{old_client:?}")
+        };
+        assert!(!allow_empty);
+        assert!(!serde_json::to_string(&old_client)
+            .unwrap()
+            .contains("allow_empty"));
+        let rollback = AdminOp::Rollback {
+            target: Target::Group(GroupId::new("g").unwrap()),
+            kind: Kind::new("app").unwrap(),
+            to: None,
+            allow_empty: true,
+        };
+        let json = serde_json::to_value(&rollback).unwrap();
+        assert_eq!(json["allow_empty"], true);
+        assert_eq!(serde_json::from_value::<AdminOp>(json).unwrap(), rollback);
     }
 
     #[test]

@@ -1263,3 +1263,38 @@ async fn an_agent_started_before_its_broker_connects_once_the_broker_is_up() {
     p.wait_for("r-1", Phase::Installed).await;
     m.stop().await;
 }
+
+#[test]
+fn the_agents_log_has_no_colour_codes_when_stderr_is_not_a_terminal() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("machine.toml");
+    let port = client::free_loopback_port().unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "machine = \"vm-log\"\nsecret = \"{}\"\nplatform_key = \"{}\"\n\
+             broker = \"mqtt://127.0.0.1:{port}\"\ndata_dir = \"{}\"\n",
+            "11".repeat(32),
+            PlatformKey::from_seed([5; 32]).public().to_hex(),
+            dir.path().join("data").display()
+        ),
+    )
+    .unwrap();
+    // Nothing listens on the port: the agent logs its connection attempts (debug) until killed.
+    let mut agent = std::process::Command::new(env!("CARGO_BIN_EXE_fleetcast-device"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("RUST_LOG", "debug")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    agent.kill().unwrap();
+    let out = agent.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(log.contains("DEBUG"), "the agent logged: {log}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a pipe: {log:?}");
+}

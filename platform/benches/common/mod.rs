@@ -260,6 +260,7 @@ impl Platform {
             release: release.clone(),
             machines,
             groups,
+            allow_empty: false,
         };
         self.request(op).await.map(|_| ())
     }

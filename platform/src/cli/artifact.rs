@@ -26,19 +26,15 @@ pub enum ArtifactCmd {
         /// Bytes per chunk: a power of two from 1 KiB to 1 MiB.
         #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
         chunk_size: u32,
-        #[command(flatten)]
-        client: ClientArgs,
     },
     /// List uploaded version files.
     List {
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        client: ClientArgs,
     },
 }
 
-pub async fn run(cmd: ArtifactCmd) -> anyhow::Result<()> {
+pub async fn run(cmd: ArtifactCmd, client: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
         ArtifactCmd::Upload {
             file,
@@ -46,7 +42,6 @@ pub async fn run(cmd: ArtifactCmd) -> anyhow::Result<()> {
             version,
             notes,
             chunk_size,
-            client,
         } => {
             let admin = client.connect().await?;
             let bar = ProgressBar::new(0);
@@ -78,7 +73,7 @@ pub async fn run(cmd: ArtifactCmd) -> anyhow::Result<()> {
             print!("{}", uploaded(&info));
             Ok(())
         }
-        ArtifactCmd::List { json, client } => {
+        ArtifactCmd::List { json } => {
             let reply = client.request(AdminOp::ArtifactList).await;
             let AdminReply::Artifacts { artifacts } = reply? else {
                 anyhow::bail!("unexpected reply to artifact list");

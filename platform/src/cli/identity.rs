@@ -13,39 +13,34 @@ use super::{print_json, table, ClientArgs, Profile};
 #[derive(Subcommand)]
 pub enum OperatorCmd {
     /// Create an operator and print its profile (TOML) to stdout: keep it secret, and pass it
-    /// with --profile or FLEETCAST_PROFILE.
+    /// with --profile or FLEETCAST_PROFILE, or save it with `fleetcast profile save FILE`.
     Add {
         name: String,
         /// viewer (read only), operator (releases, rollbacks), or admin (also identities, keys).
         #[arg(long)]
         role: Role,
-        #[command(flatten)]
-        client: ClientArgs,
+        /// Save the new profile as your own default (as `fleetcast profile save` does) instead
+        /// of printing it: later commands act as this operator.
+        #[arg(long)]
+        save_profile: bool,
+        /// With --save-profile: replace a saved profile that is already there.
+        #[arg(long, requires = "save_profile")]
+        force: bool,
     },
     /// List operators and their roles.
     List {
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        client: ClientArgs,
     },
     /// Revoke an operator's credentials.
-    Revoke {
-        name: String,
-        #[command(flatten)]
-        client: ClientArgs,
-    },
+    Revoke { name: String },
 }
 
 #[derive(Subcommand)]
 pub enum IntegratorCmd {
     /// Create a read-only integrator and print its config (TOML): broker username and password
     /// and the platform key to verify what it reads.
-    Add {
-        name: String,
-        #[command(flatten)]
-        client: ClientArgs,
-    },
+    Add { name: String },
 }
 
 #[derive(Args)]
@@ -55,8 +50,6 @@ pub struct AuditArgs {
     pub since: u64,
     #[arg(long)]
     pub json: bool,
-    #[command(flatten)]
-    pub client: ClientArgs,
 }
 
 #[derive(Args)]
@@ -69,39 +62,64 @@ pub struct EventsArgs {
     pub limit: Option<u64>,
     #[arg(long)]
     pub json: bool,
-    #[command(flatten)]
-    pub client: ClientArgs,
 }
 
 #[derive(Args)]
 pub struct StatsArgs {
     #[arg(long)]
     pub json: bool,
-    #[command(flatten)]
-    pub client: ClientArgs,
 }
 
 #[derive(Subcommand)]
 pub enum KeyCmd {
     /// Rotate the platform signing key: the new key is announced under the old one, machines
     /// follow it, and everything is signed with the new key from now on.
-    Rotate {
-        #[command(flatten)]
-        client: ClientArgs,
-    },
+    Rotate,
 }
 
-pub async fn operator(cmd: OperatorCmd) -> anyhow::Result<()> {
+pub async fn operator(cmd: OperatorCmd, client: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
-        OperatorCmd::Add { name, role, client } => {
+        OperatorCmd::Add {
+            name,
+            role,
+            save_profile,
+            force,
+        } => {
+            let env = super::profile::SearchEnv::from_process();
+            if save_profile {
+                // Before the operator exists: a profile that cannot be saved is never made.
+                super::profile::save_path(&env, force)?;
+            }
+            let broker = client.broker()?;
             let reply = client.request(AdminOp::OperatorAdd { name, role }).await?;
             let AdminReply::OperatorCreated { operator } = reply else {
                 anyhow::bail!("unexpected reply to operator add");
             };
-            print!("{}", profile_toml(&operator, &client.broker()?));
-            Ok(())
+            let text = profile_toml(&operator, &broker);
+            if !save_profile {
+                print!("{text}");
+                return Ok(());
+            }
+            match super::profile::save(&text, &env, force) {
+                Ok(path) => {
+                    println!(
+                        "created operator {} (role {}); profile saved to {}: fleetcast now acts as {} unless told otherwise",
+                        operator.operator,
+                        operator.role,
+                        path.display(),
+                        operator.operator
+                    );
+                    Ok(())
+                }
+                Err(e) => {
+                    // The operator exists now and its secret is nowhere else: print it.
+                    print!("{text}");
+                    Err(e
+                        .context("operator created, but its profile (printed above) was not saved"))
+                }
+            }
         }
-        OperatorCmd::List { json, client } => {
+        OperatorCmd::List { json } => {
             let AdminReply::Operators { operators } = client.request(AdminOp::OperatorList).await?
             else {
                 anyhow::bail!("unexpected reply to operator list");
@@ -112,7 +130,7 @@ pub async fn operator(cmd: OperatorCmd) -> anyhow::Result<()> {
             print!("{}", operators_text(&operators));
             Ok(())
         }
-        OperatorCmd::Revoke { name, client } => {
+        OperatorCmd::Revoke { name } => {
             let AdminReply::Done { message } =
                 client.request(AdminOp::OperatorRevoke { name }).await?
             else {
@@ -124,9 +142,9 @@ pub async fn operator(cmd: OperatorCmd) -> anyhow::Result<()> {
     }
 }
 
-pub async fn integrator(cmd: IntegratorCmd) -> anyhow::Result<()> {
+pub async fn integrator(cmd: IntegratorCmd, client: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
-        IntegratorCmd::Add { name, client } => {
+        IntegratorCmd::Add { name } => {
             let reply = client.request(AdminOp::IntegratorAdd { name }).await?;
             let AdminReply::IntegratorCreated { integrator } = reply else {
                 anyhow::bail!("unexpected reply to integrator add");
@@ -173,9 +191,9 @@ async fn fetch_pages<T>(
     result.map(|()| all)
 }
 
-pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
+pub async fn audit(args: AuditArgs, client: &ClientArgs) -> anyhow::Result<()> {
     let all = fetch_pages(
-        &args.client,
+        client,
         args.since,
         u64::MAX,
         |since, limit| AdminOp::Audit { since, limit },
@@ -196,9 +214,9 @@ pub async fn audit(args: AuditArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
+pub async fn events(args: EventsArgs, client: &ClientArgs) -> anyhow::Result<()> {
     let all = fetch_pages(
-        &args.client,
+        client,
         args.since,
         args.limit.unwrap_or(u64::MAX),
         |since, limit| AdminOp::EventsSince { since, limit },
@@ -215,8 +233,8 @@ pub async fn events(args: EventsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
-    let AdminReply::Stats { stats } = args.client.request(AdminOp::Stats).await? else {
+pub async fn stats(args: StatsArgs, client: &ClientArgs) -> anyhow::Result<()> {
+    let AdminReply::Stats { stats } = client.request(AdminOp::Stats).await? else {
         anyhow::bail!("unexpected reply to stats");
     };
     if args.json {
@@ -241,9 +259,9 @@ pub async fn stats(args: StatsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn key(cmd: KeyCmd) -> anyhow::Result<()> {
+pub async fn key(cmd: KeyCmd, client: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
-        KeyCmd::Rotate { client } => {
+        KeyCmd::Rotate => {
             let AdminReply::Done { message } = client.request(AdminOp::KeyRotate).await? else {
                 anyhow::bail!("unexpected reply to key rotate");
             };
@@ -261,15 +279,13 @@ pub enum BrokerCmd {
     MosquittoConfig {
         #[arg(long)]
         out: std::path::PathBuf,
-        #[command(flatten)]
-        client: ClientArgs,
     },
 }
 
-pub async fn broker(cmd: BrokerCmd) -> anyhow::Result<()> {
+pub async fn broker(cmd: BrokerCmd, client: &ClientArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     match cmd {
-        BrokerCmd::MosquittoConfig { out, client } => {
+        BrokerCmd::MosquittoConfig { out } => {
             let AdminReply::MosquittoFiles { passwd, acl } =
                 client.request(AdminOp::MosquittoConfig).await?
             else {
@@ -309,7 +325,7 @@ pub fn profile_toml(p: &OperatorProfile, broker: &str) -> String {
         ca_file: None,
     };
     format!(
-        "# fleetcast operator profile for {} (role {}). Keep it secret: it is this operator's key.\n# Use it with: fleetcast --profile FILE ...  (or FLEETCAST_PROFILE=FILE)\n{}",
+        "# fleetcast operator profile for {} (role {}). Keep it secret: it is this operator's key.\n# Use it with: fleetcast --profile FILE ...  (or FLEETCAST_PROFILE=FILE), or once: fleetcast profile save FILE\n{}",
         p.operator,
         p.role,
         toml::to_string(&profile).expect("profile serializes")

@@ -17,8 +17,6 @@ use super::{parse_list, print_json, table, ClientArgs};
 pub struct MachinesArgs {
     #[arg(long)]
     pub json: bool,
-    #[command(flatten)]
-    pub client: ClientArgs,
 }
 
 #[derive(Subcommand)]
@@ -41,20 +39,14 @@ pub enum MachineCmd {
         /// `data_dir` written into the config(s) [default: ./fleetcast-device-<machine>].
         #[arg(long)]
         data_dir: Option<PathBuf>,
-        #[command(flatten)]
-        client: ClientArgs,
     },
     /// Revoke a machine: its secret stops working at once, and on the embedded broker its live
     /// session is closed now (an external broker drops it at its next connect).
-    Revoke {
-        machine: MachineId,
-        #[command(flatten)]
-        client: ClientArgs,
-    },
+    Revoke { machine: MachineId },
 }
 
-pub async fn list(args: MachinesArgs) -> anyhow::Result<()> {
-    let reply = args.client.request(AdminOp::Machines).await;
+pub async fn list(args: MachinesArgs, client: &ClientArgs) -> anyhow::Result<()> {
+    let reply = client.request(AdminOp::Machines).await;
     let AdminReply::Machines { mut machines } = reply? else {
         anyhow::bail!("unexpected reply to machines");
     };
@@ -66,20 +58,18 @@ pub async fn list(args: MachinesArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn run(cmd: MachineCmd) -> anyhow::Result<()> {
+pub async fn run(cmd: MachineCmd, client: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
         MachineCmd::Provision {
             from_file: Some(file),
             out_dir: Some(out_dir),
             data_dir,
-            client,
             ..
-        } => provision_from_file(&file, &out_dir, data_dir, &client).await,
+        } => provision_from_file(&file, &out_dir, data_dir, client).await,
         MachineCmd::Provision {
             machine: Some(machine),
             groups,
             data_dir,
-            client,
             ..
         } => {
             let groups: Vec<GroupId> = parse_list(&groups)?;
@@ -95,10 +85,10 @@ pub async fn run(cmd: MachineCmd) -> anyhow::Result<()> {
             print!("{}", config_toml(&machine, &client.broker()?, &data_dir));
             Ok(())
         }
-        MachineCmd::Provision { .. } => {
-            anyhow::bail!("name a machine, or pass --from-file FILE --out-dir DIR")
-        }
-        MachineCmd::Revoke { machine, client } => {
+        MachineCmd::Provision { .. } => Err(super::usage(
+            "name a machine, or pass --from-file FILE --out-dir DIR",
+        )),
+        MachineCmd::Revoke { machine } => {
             let reply = client.request(AdminOp::MachineRevoke { machine }).await;
             let AdminReply::Done { message } = reply? else {
                 anyhow::bail!("unexpected reply to machine revoke");

@@ -1,18 +1,23 @@
 //! The `fleetcast` command line: `serve` runs the platform; every other command is an admin
 //! request to a running platform through the broker. Output formatting lives in pure
 //! functions (tested below each module); `anyhow` is used only here and in `main`.
+//! docs/cli.md is the user's side: options, credentials, exit codes, JSON schemas.
 //!
 //! Layout: [`serve`], [`artifact`], [`release`], [`machines`] (list, provision, revoke),
 //! [`rollback`] (rollback, activate), [`identity`] (operators, integrators, audit, events,
-//! key rotation), [`table`] (table and time formatting).
+//! key rotation), [`profile`] (where credentials come from, the saved profile), [`table`]
+//! (table and time formatting).
 
 pub mod artifact;
 pub mod identity;
 pub mod machines;
+pub mod profile;
 pub mod release;
 pub mod rollback;
 pub mod serve;
 pub mod table;
+
+pub use profile::Profile;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;
@@ -23,16 +28,19 @@ use clap::{Args, Parser, Subcommand};
 use fleetcast_broker::admin::AdminClient;
 use fleetcast_broker::BrokerUrl;
 use fleetcast_proto::admin::{AdminOp, AdminReply};
-use fleetcast_proto::auth::Secret;
 use fleetcast_proto::Topics;
 
 #[derive(Parser)]
 #[command(
     name = "fleetcast",
     version,
-    about = "Update a fleet of vending machines over MQTT"
+    about = "Update a fleet of vending machines over MQTT",
+    after_help = "Exit status: 0 ok, 1 error, 2 usage error, 3 `release watch`: machines failed. \
+                  See docs/cli.md."
 )]
 pub struct Cli {
+    #[command(flatten)]
+    pub client: ClientArgs,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -74,18 +82,60 @@ pub enum Command {
     /// Files for an external broker.
     #[command(subcommand)]
     Broker(identity::BrokerCmd),
+    /// Your saved operator profile, and where the CLI finds its credentials.
+    #[command(subcommand)]
+    Profile(profile::ProfileCmd),
 }
 
-/// How a client command reaches the platform, and as whom.
-///
-/// Credentials: `--profile FILE` (or `FLEETCAST_PROFILE`), the TOML printed by
-/// `fleetcast operator add`; without one, operator `--operator` (default `admin`) with the
-/// secret in `--admin-secret-file` (default `./fleetcast-data/admin.secret`, which
-/// `fleetcast serve` creates for the first admin) or `FLEETCAST_ADMIN_SECRET`.
-#[derive(Args, Clone)]
+/// Exit statuses of `fleetcast` (docs/cli.md). clap exits with [`exit::USAGE`] by itself.
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// Anything that went wrong: unreachable platform, refused request, I/O.
+    pub const ERROR: u8 = 1;
+    /// The command line cannot be right (clap's own errors, and the checks clap cannot make).
+    pub const USAGE: u8 = 2;
+    /// `release watch`: every machine finished, and some of them failed.
+    pub const MACHINES_FAILED: u8 = 3;
+}
+
+/// An error that ends `fleetcast` with its own exit status (any other error exits with
+/// [`exit::ERROR`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Exit {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    MachinesFailed(String),
+}
+
+/// A usage error (exit status 2), for what clap's definitions cannot check.
+pub fn usage(text: impl Into<String>) -> anyhow::Error {
+    Exit::Usage(text.into()).into()
+}
+
+/// The exit status for an error `run` returned.
+pub fn exit_code(e: &anyhow::Error) -> u8 {
+    match e.downcast_ref::<Exit>() {
+        Some(Exit::Usage(_)) => exit::USAGE,
+        Some(Exit::MachinesFailed(_)) => exit::MACHINES_FAILED,
+        None => exit::ERROR,
+    }
+}
+
+// How a client command reaches the platform, and as whom. These options are global: they go
+// before or after the subcommand (`fleetcast --broker URL release status R` or
+// `fleetcast release status R --broker URL`). Credentials are searched in the order
+// [`profile`] documents. (Plain comments: a doc comment here would become every command's
+// help text.)
+#[derive(Args, Clone, Debug, Default)]
+#[command(next_help_heading = "Client options (before or after the subcommand)")]
 pub struct ClientArgs {
-    /// Broker the platform listens on [default: the profile's, else mqtt://127.0.0.1:1883].
-    #[arg(long, env = "FLEETCAST_BROKER", global = true)]
+    /// Broker the platform listens on [env: FLEETCAST_BROKER] [default: the profile's, else
+    /// mqtt://127.0.0.1:1883].
+    // FLEETCAST_BROKER is read in code, not by clap: `serve --broker` shares this option, and
+    // an environment meant for client commands must not turn `fleetcast serve` into a client
+    // of an external broker.
+    #[arg(long, global = true, value_name = "URL")]
     pub broker: Option<String>,
     /// CA certificate (PEM) to pin for an mqtts:// broker [default: the profile's, else the
     /// system roots].
@@ -94,17 +144,19 @@ pub struct ClientArgs {
     /// Operator profile (TOML from `fleetcast operator add`).
     #[arg(long, env = "FLEETCAST_PROFILE", global = true)]
     pub profile: Option<PathBuf>,
-    /// Operator name, when no profile is given.
+    /// Operator name for a secret given without a profile (--admin-secret,
+    /// --admin-secret-file, FLEETCAST_DATA, ./fleetcast-data).
     #[arg(
         long,
         env = "FLEETCAST_OPERATOR",
-        default_value = "admin",
+        default_value = fleetcast_broker::admin::BOOTSTRAP_OPERATOR,
         global = true
     )]
     pub operator: String,
-    /// File holding the operator's secret (hex), when no profile is given.
-    #[arg(long, default_value = "./fleetcast-data/admin.secret", global = true)]
-    pub admin_secret_file: PathBuf,
+    /// File holding the operator's secret (hex) [default: the saved profile, else
+    /// $FLEETCAST_DATA/admin.secret, else ./fleetcast-data/admin.secret].
+    #[arg(long, global = true, value_name = "FILE")]
+    pub admin_secret_file: Option<PathBuf>,
     /// The operator's secret itself (hex); overrides --admin-secret-file.
     #[arg(
         long = "admin-secret",
@@ -113,76 +165,99 @@ pub struct ClientArgs {
         global = true
     )]
     pub admin_secret: Option<String>,
-    #[arg(long, default_value = fleetcast_proto::topics::DEFAULT_PREFIX, global = true)]
-    pub topic_prefix: String,
+    /// MQTT topic prefix [default: the profile's, else fleet].
+    #[arg(long, global = true)]
+    pub topic_prefix: Option<String>,
 }
 
-/// The operator profile file (`fleetcast operator add` prints it).
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Profile {
-    pub operator: String,
-    pub role: fleetcast_proto::acl::Role,
-    pub secret: Secret,
-    pub platform_key: fleetcast_proto::auth::PlatformPublicKey,
-    pub topic_prefix: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub broker: Option<String>,
-    /// CA certificate (PEM) to pin for an mqtts:// broker.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+/// Everything a client command needs to reach the platform, resolved from flags, environment
+/// and files.
+pub struct Resolved {
+    pub credentials: profile::Credentials,
+    pub broker: String,
     pub ca_file: Option<PathBuf>,
+    pub topic_prefix: String,
 }
 
-impl Profile {
-    pub fn load(path: &std::path::Path) -> anyhow::Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading operator profile {}", path.display()))?;
-        toml::from_str(&text).with_context(|| format!("operator profile {}", path.display()))
+impl Resolved {
+    /// What `fleetcast profile show` prints: no secret.
+    pub fn describe(&self) -> String {
+        let c = &self.credentials;
+        let mut out = format!(
+            "operator:      {}
+",
+            c.operator
+        );
+        if let Some(p) = &c.profile {
+            out.push_str(&format!(
+                "role:          {}
+",
+                p.role
+            ));
+        }
+        out.push_str(&format!(
+            "credentials:   {}
+",
+            c.source
+        ));
+        out.push_str(&format!(
+            "broker:        {}
+",
+            self.broker
+        ));
+        if let Some(ca) = &self.ca_file {
+            out.push_str(&format!(
+                "ca file:       {}
+",
+                ca.display()
+            ));
+        }
+        out.push_str(&format!(
+            "topic prefix:  {}
+",
+            self.topic_prefix
+        ));
+        out
     }
 }
 
 impl ClientArgs {
-    fn loaded_profile(&self) -> anyhow::Result<Option<Profile>> {
-        self.profile.as_deref().map(Profile::load).transpose()
+    /// Credentials, broker, CA and topic prefix: each from its flag (or environment), else the
+    /// profile the credentials came from, else the default.
+    pub fn resolve_in(&self, env: &profile::SearchEnv) -> anyhow::Result<Resolved> {
+        let source = profile::locate(self, env)?;
+        let credentials = profile::load(source, &self.operator, self)?;
+        let from_profile = credentials.profile.as_ref();
+        let broker = self
+            .broker
+            .clone()
+            .or_else(|| env.broker.clone())
+            .or_else(|| from_profile.and_then(|p| p.broker.clone()))
+            .unwrap_or_else(|| fleetcast_broker::client::DEFAULT_BROKER.to_owned());
+        let ca_file = self
+            .ca_file
+            .clone()
+            .or_else(|| from_profile.and_then(|p| p.ca_file.clone()));
+        let topic_prefix = self
+            .topic_prefix
+            .clone()
+            .or_else(|| from_profile.map(|p| p.topic_prefix.clone()))
+            .unwrap_or_else(|| fleetcast_proto::topics::DEFAULT_PREFIX.to_owned());
+        Ok(Resolved {
+            credentials,
+            broker,
+            ca_file,
+            topic_prefix,
+        })
     }
 
-    /// The operator name and secret this command acts with.
-    pub fn credentials(&self) -> anyhow::Result<(String, Secret)> {
-        if let Some(p) = self.loaded_profile()? {
-            return Ok((p.operator, p.secret));
-        }
-        let secret = fleetcast_broker::admin::load_secret(
-            self.admin_secret.as_deref(),
-            &self.admin_secret_file,
-        )
-        .map_err(anyhow::Error::msg)?;
-        Ok((self.operator.clone(), secret))
+    pub fn resolve(&self) -> anyhow::Result<Resolved> {
+        self.resolve_in(&profile::SearchEnv::from_process())
     }
 
-    /// The broker address: the flag or environment, else the profile's, else the default.
+    /// The broker address commands print into configs they write.
     pub fn broker(&self) -> anyhow::Result<String> {
-        if let Some(b) = &self.broker {
-            return Ok(b.clone());
-        }
-        Ok(self
-            .loaded_profile()?
-            .and_then(|p| p.broker)
-            .unwrap_or_else(|| fleetcast_broker::client::DEFAULT_BROKER.to_owned()))
-    }
-
-    pub fn broker_url(&self) -> anyhow::Result<BrokerUrl> {
-        let url = self.broker()?.parse::<BrokerUrl>()?;
-        let ca = match &self.ca_file {
-            Some(f) => Some(f.clone()),
-            None => self.loaded_profile()?.and_then(|p| p.ca_file),
-        };
-        match ca {
-            None => Ok(url),
-            Some(f) => {
-                let pem = std::fs::read(&f).with_context(|| format!("reading {}", f.display()))?;
-                Ok(url.with_ca(pem)?)
-            }
-        }
+        Ok(self.resolve()?.broker)
     }
 
     /// Connects, sends one request, and disconnects.
@@ -194,17 +269,26 @@ impl ClientArgs {
     }
 
     pub async fn connect(&self) -> anyhow::Result<AdminClient> {
-        let url = self.broker_url()?;
-        let (operator, secret) = self.credentials()?;
+        let r = self.resolve()?;
+        let mut url = r.broker.parse::<BrokerUrl>()?;
+        if let Some(f) = &r.ca_file {
+            let pem = std::fs::read(f).with_context(|| format!("reading {}", f.display()))?;
+            url = url.with_ca(pem)?;
+        }
         let client = AdminClient::connect_as(
             &url,
-            Topics::new(&self.topic_prefix),
-            &operator,
-            secret,
+            Topics::new(&r.topic_prefix),
+            &r.credentials.operator,
+            r.credentials.secret,
             Duration::from_secs(10),
         )
         .await
-        .with_context(|| format!("cannot reach the platform via {url}"))?;
+        .with_context(|| {
+            format!(
+                "cannot reach the platform via {url} as operator {} ({})",
+                r.credentials.operator, r.credentials.source
+            )
+        })?;
         Ok(client)
     }
 }
@@ -229,21 +313,23 @@ pub fn confirm(question: &str, yes: bool) -> anyhow::Result<bool> {
 
 /// Runs one parsed command.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client = &cli.client;
     match cli.command {
         Command::Serve(args) => serve::run(args).await,
-        Command::Artifact(cmd) => artifact::run(cmd).await,
-        Command::Release(cmd) => release::run(cmd).await,
-        Command::Machines(args) => machines::list(args).await,
-        Command::Machine(cmd) => machines::run(cmd).await,
-        Command::Rollback(args) => rollback::rollback(args).await,
-        Command::Activate(args) => rollback::activate(args).await,
-        Command::Operator(cmd) => identity::operator(cmd).await,
-        Command::Integrator(cmd) => identity::integrator(cmd).await,
-        Command::Audit(args) => identity::audit(args).await,
-        Command::Stats(args) => identity::stats(args).await,
-        Command::Events(args) => identity::events(args).await,
-        Command::Key(cmd) => identity::key(cmd).await,
-        Command::Broker(cmd) => identity::broker(cmd).await,
+        Command::Artifact(cmd) => artifact::run(cmd, client).await,
+        Command::Release(cmd) => release::run(cmd, client).await,
+        Command::Machines(args) => machines::list(args, client).await,
+        Command::Machine(cmd) => machines::run(cmd, client).await,
+        Command::Rollback(args) => rollback::rollback(args, client).await,
+        Command::Activate(args) => rollback::activate(args, client).await,
+        Command::Operator(cmd) => identity::operator(cmd, client).await,
+        Command::Integrator(cmd) => identity::integrator(cmd, client).await,
+        Command::Audit(args) => identity::audit(args, client).await,
+        Command::Stats(args) => identity::stats(args, client).await,
+        Command::Events(args) => identity::events(args, client).await,
+        Command::Key(cmd) => identity::key(cmd, client).await,
+        Command::Broker(cmd) => identity::broker(cmd, client).await,
+        Command::Profile(cmd) => profile::run(cmd, client).await,
     }
 }
 
@@ -253,7 +339,7 @@ pub fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Comma-separated ids from the command line.
+/// Comma-separated ids from the command line (a bad one is a usage error).
 pub fn parse_list<T: std::str::FromStr>(text: &Option<String>) -> anyhow::Result<Vec<T>>
 where
     T::Err: std::fmt::Display,
@@ -262,7 +348,7 @@ where
     text.split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<T>().map_err(|e| anyhow::anyhow!("{e}")))
+        .map(|s| s.parse::<T>().map_err(|e| usage(e.to_string())))
         .collect()
 }
 
@@ -277,10 +363,167 @@ mod tests {
     }
 
     #[test]
-    fn comma_lists_parse_and_bad_ids_are_reported() {
+    fn comma_lists_parse_and_bad_ids_are_usage_errors() {
         let ok: Vec<fleetcast_proto::MachineId> = parse_list(&Some("vm-1, vm-2,".into())).unwrap();
         assert_eq!(ok.len(), 2);
         let err = parse_list::<fleetcast_proto::MachineId>(&Some("vm-1,a/b".into())).unwrap_err();
         assert!(err.to_string().contains("a/b"), "{err}");
+        assert_eq!(exit_code(&err), exit::USAGE);
+    }
+
+    fn parse(argv: &[&str]) -> Cli {
+        Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
+    }
+
+    /// The client options as one comparable line.
+    fn client_of(cli: &Cli) -> String {
+        format!("{:?}", cli.client)
+    }
+
+    #[test]
+    fn client_options_go_before_or_after_the_subcommand() {
+        let options = [
+            "--broker",
+            "mqtt://h:1",
+            "--profile",
+            "/p.toml",
+            "--operator",
+            "alice",
+            "--admin-secret-file",
+            "/s",
+            "--topic-prefix",
+            "t",
+            "--ca-file",
+            "/ca.pem",
+        ];
+        let commands: [&[&str]; 6] = [
+            &["release", "status", "r-1"],
+            &["machines", "--json"],
+            &["artifact", "list"],
+            &["rollback", "--group", "g", "--kind", "app", "--yes"],
+            &["operator", "add", "bob", "--role", "viewer"],
+            &["profile", "show"],
+        ];
+        for command in commands {
+            let before: Vec<&str> = ["fleetcast"]
+                .iter()
+                .chain(&options)
+                .chain(command)
+                .copied()
+                .collect();
+            let after: Vec<&str> = ["fleetcast"]
+                .iter()
+                .chain(command)
+                .chain(&options)
+                .copied()
+                .collect();
+            let (b, a) = (parse(&before), parse(&after));
+            assert_eq!(client_of(&b), client_of(&a), "{command:?}");
+            assert_eq!(b.client.broker.as_deref(), Some("mqtt://h:1"));
+            assert_eq!(b.client.operator, "alice");
+            assert_eq!(b.client.admin_secret_file, Some(PathBuf::from("/s")));
+            assert_eq!(b.client.topic_prefix.as_deref(), Some("t"));
+        }
+        // Split on both sides, and the later of two wins as clap's usual rule.
+        let split = parse(&[
+            "fleetcast",
+            "--broker",
+            "mqtt://h:1",
+            "release",
+            "status",
+            "r-1",
+            "--operator",
+            "alice",
+        ]);
+        assert_eq!(split.client.broker.as_deref(), Some("mqtt://h:1"));
+        assert_eq!(split.client.operator, "alice");
+        assert!(Cli::try_parse_from(["fleetcast", "--no-such", "machines"]).is_err());
+    }
+
+    #[test]
+    fn serve_takes_its_broker_and_prefix_from_either_side_too() {
+        let Command::Serve(a) = parse(&["fleetcast", "--broker", "mqtt://x:1", "serve"]).command
+        else {
+            panic!()
+        };
+        assert_eq!(a.broker.as_deref(), Some("mqtt://x:1"));
+        let Command::Serve(a) = parse(&["fleetcast", "serve"]).command else {
+            panic!()
+        };
+        assert_eq!((a.broker, a.topic_prefix.as_str()), (None, "fleet"));
+    }
+
+    #[test]
+    fn the_broker_comes_from_the_flag_then_the_environment_then_the_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let profile = dir.path().join("p.toml");
+        let key = fleetcast_proto::auth::PlatformKey::from_seed([4; 32]).public();
+        std::fs::write(
+            &profile,
+            format!(
+                "operator = \"alice\"\nrole = \"viewer\"\nsecret = \"{}\"\n\
+                 platform_key = \"{}\"\ntopic_prefix = \"p\"\nbroker = \"mqtt://profile:1\"\n",
+                "ab".repeat(32),
+                key.to_hex()
+            ),
+        )
+        .unwrap();
+        let with = |argv: &[&str], env_broker: Option<&str>| {
+            let mut full = vec!["fleetcast", "--profile", profile.to_str().unwrap()];
+            full.extend_from_slice(argv);
+            full.push("machines");
+            let env = profile::SearchEnv {
+                broker: env_broker.map(Into::into),
+                ..Default::default()
+            };
+            let r = parse(&full).client.resolve_in(&env).unwrap();
+            (r.broker, r.topic_prefix, r.credentials.operator)
+        };
+        assert_eq!(
+            with(&[], None),
+            ("mqtt://profile:1".into(), "p".into(), "alice".into())
+        );
+        assert_eq!(with(&[], Some("mqtt://env:1")).0, "mqtt://env:1");
+        assert_eq!(
+            with(
+                &["--broker", "mqtt://flag:1", "--topic-prefix", "f"],
+                Some("mqtt://env:1")
+            ),
+            ("mqtt://flag:1".into(), "f".into(), "alice".into())
+        );
+        // Without a profile: the default broker and prefix, and the --operator name.
+        let secret = dir.path().join("admin.secret");
+        std::fs::write(&secret, "cd".repeat(32)).unwrap();
+        let r = parse(&[
+            "fleetcast",
+            "machines",
+            "--admin-secret-file",
+            secret.to_str().unwrap(),
+            "--operator",
+            "ops",
+        ])
+        .client
+        .resolve_in(&profile::SearchEnv::default())
+        .unwrap();
+        assert_eq!(
+            (
+                r.broker.as_str(),
+                r.topic_prefix.as_str(),
+                r.credentials.operator.as_str()
+            ),
+            ("mqtt://127.0.0.1:1883", "fleet", "ops")
+        );
+        assert!(r.describe().contains(secret.to_str().unwrap()));
+    }
+
+    #[test]
+    fn exit_codes_follow_the_error_kind_through_context() {
+        let plain = anyhow::anyhow!("no answer");
+        assert_eq!(exit_code(&plain), exit::ERROR);
+        let failed = anyhow::Error::from(Exit::MachinesFailed("2 failed".into())).context("watch");
+        assert_eq!(exit_code(&failed), exit::MACHINES_FAILED);
+        assert_eq!(exit_code(&usage("name a target")), exit::USAGE);
+        let clap_err = Cli::try_parse_from(["fleetcast", "--bogus"]).err().unwrap();
+        assert_eq!(clap_err.exit_code(), exit::USAGE as i32);
     }
 }

@@ -1,6 +1,6 @@
 //! `fleetcast release create|publish|status|list`.
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use clap::Subcommand;
@@ -9,7 +9,7 @@ use fleetcast_proto::admin::{
 };
 use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId};
 
-use super::{confirm, parse_list, print_json, table, ClientArgs};
+use super::{confirm, parse_list, print_json, table, usage, ClientArgs, Exit};
 
 #[derive(Subcommand)]
 pub enum ReleaseCmd {
@@ -24,8 +24,6 @@ pub enum ReleaseCmd {
         policy: InstallPolicy,
         #[arg(long)]
         notes: Option<String>,
-        #[command(flatten)]
-        client: ClientArgs,
     },
     /// Show the plan, confirm, and send the release notices.
     Publish {
@@ -36,47 +34,49 @@ pub enum ReleaseCmd {
         /// Comma-separated group ids.
         #[arg(long)]
         groups: Option<String>,
+        /// Publish to groups no machine belongs to yet (refused otherwise: most likely a typo).
+        /// Machines that join such a group later get its retained notice.
+        #[arg(long)]
+        allow_empty: bool,
         /// Do not ask for confirmation.
         #[arg(long)]
         yes: bool,
-        #[command(flatten)]
-        client: ClientArgs,
+        /// Show every target machine and topic in the plan, not a summary.
+        #[arg(long)]
+        list: bool,
+        /// Print what was published as JSON on stdout (the plan shown before confirming goes
+        /// to stderr).
+        #[arg(long)]
+        json: bool,
     },
     /// Per-machine results of a release.
     Status {
         release: ReleaseId,
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        client: ClientArgs,
     },
     /// Follow a release live until every machine has finished (progress bars on a terminal,
-    /// one line per change otherwise). Exits non-zero if any machine failed.
+    /// one line per change otherwise). Exit status 3 if any machine failed.
     Watch {
         release: ReleaseId,
         /// Give up after this many seconds (0 = never).
         #[arg(long, default_value_t = 0)]
         timeout: u64,
-        #[command(flatten)]
-        client: ClientArgs,
     },
     /// All releases.
     List {
         #[arg(long)]
         json: bool,
-        #[command(flatten)]
-        client: ClientArgs,
     },
 }
 
-pub async fn run(cmd: ReleaseCmd) -> anyhow::Result<()> {
+pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
         ReleaseCmd::Create {
             kind,
             version,
             policy,
             notes,
-            client,
         } => {
             let reply = client
                 .request(AdminOp::ReleaseCreate {
@@ -100,13 +100,15 @@ pub async fn run(cmd: ReleaseCmd) -> anyhow::Result<()> {
             release,
             machines,
             groups,
+            allow_empty,
             yes,
-            client,
+            list,
+            json,
         } => {
             let machines: Vec<MachineId> = parse_list(&machines)?;
             let groups: Vec<GroupId> = parse_list(&groups)?;
             if machines.is_empty() && groups.is_empty() {
-                anyhow::bail!("name the targets with --machines and/or --groups");
+                return Err(usage("name the targets with --machines and/or --groups"));
             }
             let admin = client.connect().await?;
             let result = async {
@@ -115,12 +117,18 @@ pub async fn run(cmd: ReleaseCmd) -> anyhow::Result<()> {
                         release: release.clone(),
                         machines: machines.clone(),
                         groups: groups.clone(),
+                        allow_empty,
                     })
                     .await?;
                 let AdminReply::Plan { plan } = plan_reply else {
                     anyhow::bail!("unexpected reply to release plan");
                 };
-                print!("{}", plan_text(&plan, &groups));
+                let text = plan_text(&plan, &groups, list);
+                if json {
+                    eprint!("{text}");
+                } else {
+                    print!("{text}");
+                }
                 if !confirm("Publish?", yes)? {
                     anyhow::bail!("not published");
                 }
@@ -129,11 +137,15 @@ pub async fn run(cmd: ReleaseCmd) -> anyhow::Result<()> {
                         release,
                         machines,
                         groups,
+                        allow_empty,
                     })
                     .await?
                 else {
                     anyhow::bail!("unexpected reply to release publish");
                 };
+                if json {
+                    return print_json(&plan);
+                }
                 println!(
                     "published {} (seq {}) to {} machine(s)",
                     plan.release.id,
@@ -146,11 +158,7 @@ pub async fn run(cmd: ReleaseCmd) -> anyhow::Result<()> {
             admin.close().await;
             result
         }
-        ReleaseCmd::Status {
-            release,
-            json,
-            client,
-        } => {
+        ReleaseCmd::Status { release, json } => {
             let reply = client.request(AdminOp::ReleaseStatus { release }).await;
             let AdminReply::ReleaseStatus { status } = reply? else {
                 anyhow::bail!("unexpected reply to release status");
@@ -161,17 +169,13 @@ pub async fn run(cmd: ReleaseCmd) -> anyhow::Result<()> {
             print!("{}", status_text(&status));
             Ok(())
         }
-        ReleaseCmd::Watch {
-            release,
-            timeout,
-            client,
-        } => {
+        ReleaseCmd::Watch { release, timeout } => {
             let admin = client.connect().await?;
             let result = watch(&admin, release, timeout).await;
             admin.close().await;
             result
         }
-        ReleaseCmd::List { json, client } => {
+        ReleaseCmd::List { json } => {
             let reply = client.request(AdminOp::ReleaseList).await;
             let AdminReply::Releases { releases } = reply? else {
                 anyhow::bail!("unexpected reply to release list");
@@ -247,11 +251,11 @@ async fn watch(
                 status.release.id, view.total, status.progress.succeeded, status.progress.failed
             );
             if status.progress.failed > 0 {
-                anyhow::bail!(
+                return Err(Exit::MachinesFailed(format!(
                     "{} machine(s) failed; see `fleetcast release status {}`",
-                    status.progress.failed,
-                    status.release.id
-                );
+                    status.progress.failed, status.release.id
+                ))
+                .into());
             }
             return Ok(());
         }
@@ -308,9 +312,20 @@ pub fn watch_view(status: &ReleaseStatus) -> WatchView {
     }
 }
 
-/// What a publish will send, for the confirmation prompt.
-pub fn plan_text(plan: &PublishPlan, groups: &[GroupId]) -> String {
+/// How many topics and target machines a plan shows before "and N more" (`--list`: all).
+pub const PLAN_SHOWN: usize = 10;
+
+/// What a publish will send, for the confirmation prompt: the release, the retained notices,
+/// and the target machines, counted per group; the first [`PLAN_SHOWN`] topics and machines
+/// are listed, or all of them with `list`.
+pub fn plan_text(plan: &PublishPlan, groups: &[GroupId], list: bool) -> String {
     let r = &plan.release;
+    let shown = if list { usize::MAX } else { PLAN_SHOWN };
+    let more = |out: &mut String, total: usize| {
+        if total > shown {
+            let _ = writeln!(out, "  and {} more (--list shows all)", total - shown);
+        }
+    };
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -327,24 +342,39 @@ pub fn plan_text(plan: &PublishPlan, groups: &[GroupId]) -> String {
         r.policy,
         if r.rollback { " (rollback)" } else { "" }
     );
-    let _ = writeln!(out, "notices (retained):");
-    for t in &plan.topics {
+    let _ = writeln!(out, "notices (retained): {}", plan.topics.len());
+    for t in plan.topics.iter().take(shown) {
         let _ = writeln!(out, "  {t}");
     }
-    let reached: BTreeSet<&GroupId> = plan
-        .targets
-        .iter()
-        .filter_map(|(_, g)| g.as_ref())
-        .collect();
+    more(&mut out, plan.topics.len());
+    let mut per_group: BTreeMap<Option<&GroupId>, usize> = BTreeMap::new();
+    for (_, via) in &plan.targets {
+        *per_group.entry(via.as_ref()).or_default() += 1;
+    }
     for g in groups {
-        if !reached.contains(g) {
+        if !per_group.contains_key(&Some(g)) {
             let _ = writeln!(out, "note: no machine is reached only through group {g} (no provisioned members yet, or all named directly); machines that join it later still get the notice");
         }
     }
-    let _ = writeln!(out, "target machines ({}):", plan.targets.len());
+    let _ = writeln!(out, "target machines: {}", plan.targets.len());
+    let width = plan.targets.len().to_string().len();
+    // Groups by name, then the machines named directly.
+    let mut counts: Vec<(Option<&GroupId>, usize)> = per_group.into_iter().collect();
+    let direct_first = counts.first().is_some_and(|(g, _)| g.is_none());
+    counts.rotate_left(usize::from(direct_first));
+    for (via, n) in counts {
+        let _ = match via {
+            Some(g) => writeln!(out, "  {n:>width$}  via group {g}"),
+            None => writeln!(out, "  {n:>width$}  named directly"),
+        };
+    }
+    if plan.targets.is_empty() {
+        return out;
+    }
     let rows: Vec<Vec<String>> = plan
         .targets
         .iter()
+        .take(shown)
         .map(|(m, via)| {
             vec![
                 m.to_string(),
@@ -357,6 +387,7 @@ pub fn plan_text(plan: &PublishPlan, groups: &[GroupId]) -> String {
     for line in table::render(&["MACHINE", "VIA"], &rows).lines() {
         let _ = writeln!(out, "  {line}");
     }
+    more(&mut out, plan.targets.len());
     out
 }
 
@@ -475,7 +506,6 @@ pub fn list_text(releases: &[ReleaseInfo]) -> String {
 mod tests {
     use super::*;
     use fleetcast_proto::admin::{RolloutProgress, TargetRecord};
-    use std::collections::BTreeMap;
 
     fn release() -> ReleaseInfo {
         let mut r = crate::fixtures::release("r-000001", "2.4.1");
@@ -608,12 +638,126 @@ vm-001   shanghai  installed  1970-01-01 00:00:03  ok 1970-01-01 00:00:04  ok 19
             ],
             targets: vec![(MachineId::new("vm-001").unwrap(), None)],
         };
-        let text = plan_text(&plan, &[GroupId::new("empty").unwrap()]);
+        let text = plan_text(&plan, &[GroupId::new("empty").unwrap()], false);
         assert!(
             text.contains("  fleet/groups/empty/release/app\n"),
             "{text}"
         );
         assert!(text.contains("only through group empty"), "{text}");
         assert!(text.contains("  vm-001   direct\n"), "{text}");
+    }
+
+    /// A plan to `n` machines: every third named directly, the others via group a or b.
+    fn plan_to(n: usize) -> PublishPlan {
+        let targets: Vec<(MachineId, Option<GroupId>)> = (1..=n)
+            .map(|i| {
+                let via = match i % 3 {
+                    0 => None,
+                    1 => Some(GroupId::new("a").unwrap()),
+                    _ => Some(GroupId::new("b").unwrap()),
+                };
+                (MachineId::new(format!("vm-{i:05}")).unwrap(), via)
+            })
+            .collect();
+        let mut topics: Vec<String> = vec![
+            "fleet/groups/a/release/app".into(),
+            "fleet/groups/b/release/app".into(),
+        ];
+        topics.extend(
+            targets
+                .iter()
+                .filter(|(_, via)| via.is_none())
+                .map(|(m, _)| format!("fleet/machines/{m}/release/app")),
+        );
+        PublishPlan {
+            release: release(),
+            topics,
+            targets,
+        }
+    }
+
+    fn groups_ab() -> Vec<GroupId> {
+        vec![GroupId::new("a").unwrap(), GroupId::new("b").unwrap()]
+    }
+
+    #[test]
+    fn a_plan_to_30_machines_counts_them_per_group_and_lists_the_first_ten() {
+        let plan = plan_to(30);
+        let text = plan_text(&plan, &groups_ab(), false);
+        let expected_head = "\
+release r-000001: app 2.4.1 (artifact XXXX, 2.0 KiB)
+policy:  immediate
+notices (retained): 12
+  fleet/groups/a/release/app
+  fleet/groups/b/release/app
+  fleet/machines/vm-00003/release/app
+";
+        let head: String = text.lines().take(6).map(|l| format!("{l}\n")).collect();
+        assert_eq!(
+            head,
+            expected_head.replace("XXXX", &plan.release.artifact.id.short())
+        );
+        assert!(
+            text.contains("  and 2 more (--list shows all)\ntarget machines: 30\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "target machines: 30\n  10  via group a\n  10  via group b\n  10  named directly\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "  MACHINE   VIA\n  vm-00001  group a\n  vm-00002  group b\n  vm-00003  direct\n"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("vm-00010"), "{text}");
+        assert!(!text.contains("vm-00011"), "{text}");
+        assert!(
+            text.ends_with("  vm-00010  group a\n  and 20 more (--list shows all)\n"),
+            "{text}"
+        );
+        assert!(!text.contains("only through group"), "{text}");
+
+        let all = plan_text(&plan, &groups_ab(), true);
+        assert!(all.contains("vm-00030"), "{all}");
+        assert!(!all.contains("more (--list"), "{all}");
+        assert_eq!(all.lines().filter(|l| l.contains("  vm-")).count(), 30);
+    }
+
+    #[test]
+    fn a_plan_to_10000_machines_stays_a_screenful_unless_listed() {
+        let plan = plan_to(10_000);
+        let text = plan_text(&plan, &groups_ab(), false);
+        assert!(
+            text.lines().count() <= 35,
+            "{} lines:\n{text}",
+            text.lines().count()
+        );
+        assert!(
+            text.contains(
+                "target machines: 10000\n   3334  via group a\n   3333  via group b\n   3333  named directly\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("  and 9990 more (--list shows all)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  and 3325 more (--list shows all)\n"),
+            "{text}"
+        );
+        let all = plan_text(&plan, &groups_ab(), true);
+        assert_eq!(
+            all.lines().filter(|l| l.starts_with("  vm-")).count(),
+            10_000
+        );
+        assert_eq!(
+            all.lines().filter(|l| l.starts_with("  fleet/")).count(),
+            2 + 3333
+        );
     }
 }

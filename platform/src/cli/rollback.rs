@@ -5,7 +5,7 @@ use fleetcast_proto::admin::{AdminOp, AdminReply};
 use fleetcast_proto::{GroupId, Kind, MachineId, ReleaseId, Target};
 
 use super::release::plan_text;
-use super::{confirm, parse_list, ClientArgs};
+use super::{confirm, parse_list, print_json, ClientArgs};
 
 #[derive(Args)]
 #[command(group(ArgGroup::new("target").required(true).args(["machine", "group"])))]
@@ -22,11 +22,18 @@ pub struct RollbackArgs {
     /// Do not ask for confirmation.
     #[arg(long)]
     pub yes: bool,
-    /// Print only the rollback release's id (for scripts).
+    /// Roll back a group no machine belongs to (refused otherwise: most likely a typo).
     #[arg(long)]
+    pub allow_empty: bool,
+    /// Print only the rollback release's id (for scripts).
+    #[arg(long, conflicts_with = "json")]
     pub quiet: bool,
-    #[command(flatten)]
-    pub client: ClientArgs,
+    /// Show every target machine of the rollback, not a summary.
+    #[arg(long)]
+    pub list: bool,
+    /// Print the published rollback (its plan) as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Args)]
@@ -35,15 +42,13 @@ pub struct ActivateArgs {
     /// Comma-separated machine ids (default: every target of the release).
     #[arg(long)]
     pub machines: Option<String>,
-    #[command(flatten)]
-    pub client: ClientArgs,
 }
 
-pub async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
+pub async fn rollback(args: RollbackArgs, client: &ClientArgs) -> anyhow::Result<()> {
     let target = match (args.machine, args.group) {
         (Some(m), None) => Target::Machine(m),
         (None, Some(g)) => Target::Group(g),
-        _ => anyhow::bail!("pass exactly one of --machine and --group"),
+        _ => return Err(super::usage("pass exactly one of --machine and --group")),
     };
     let what = match &args.to {
         Some(v) => format!("Roll {target} {} back to {v}?", args.kind),
@@ -52,12 +57,12 @@ pub async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
     if !confirm(&what, args.yes)? {
         anyhow::bail!("not rolled back");
     }
-    let reply = args
-        .client
+    let reply = client
         .request(AdminOp::Rollback {
             target,
             kind: args.kind,
             to: args.to,
+            allow_empty: args.allow_empty,
         })
         .await;
     let AdminReply::Plan { plan } = reply? else {
@@ -67,7 +72,10 @@ pub async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
         println!("{}", plan.release.id);
         return Ok(());
     }
-    print!("{}", plan_text(&plan, &plan.release.groups));
+    if args.json {
+        return print_json(&plan);
+    }
+    print!("{}", plan_text(&plan, &plan.release.groups, args.list));
     println!(
         "published rollback {} (seq {})",
         plan.release.id, plan.release.seq
@@ -75,10 +83,9 @@ pub async fn rollback(args: RollbackArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn activate(args: ActivateArgs) -> anyhow::Result<()> {
+pub async fn activate(args: ActivateArgs, client: &ClientArgs) -> anyhow::Result<()> {
     let machines: Vec<MachineId> = parse_list(&args.machines)?;
-    let reply = args
-        .client
+    let reply = client
         .request(AdminOp::Activate {
             release: args.release,
             machines,

@@ -14,8 +14,9 @@ use crate::serve::{serve, ServeOptions};
 
 #[derive(Args)]
 pub struct ServeArgs {
-    /// Data directory (keys, database, artifacts).
-    #[arg(long, default_value = "./fleetcast-data")]
+    /// Data directory (keys, database, artifacts). Client commands find the admin secret in
+    /// the same FLEETCAST_DATA.
+    #[arg(long, env = "FLEETCAST_DATA", default_value = "./fleetcast-data")]
     pub data: PathBuf,
     /// Where the embedded broker listens for plain MQTT (ignored with --broker). Keep it on
     /// loopback and serve other hosts over TLS (--tls-listen).

@@ -1,8 +1,10 @@
 //! Platform integration tests: a real embedded broker on a free loopback port, `serve` on a
 //! temp data dir, the real `AdminClient`, and machines played with proto types.
 //!
-//! The helpers here serve every module of this test binary (`crash`, `e2e`, `reconcile`).
+//! The helpers here serve every module of this test binary (`cli`, `crash`, `e2e`, `gateway`,
+//! `reconcile`, `security`).
 
+mod cli;
 mod crash;
 mod e2e;
 mod gateway;
@@ -544,6 +546,7 @@ async fn publish(
             release: release.clone(),
             machines: machines.iter().map(|x| m(x)).collect(),
             groups: groups.iter().map(|x| g(x)).collect(),
+            allow_empty: false,
         })
         .await
         .unwrap();
@@ -577,6 +580,7 @@ async fn rollback(
             target,
             kind: kind.clone(),
             to: to.map(Into::into),
+            allow_empty: false,
         })
         .await
         .unwrap();
@@ -725,6 +729,7 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
             release: release.id.clone(),
             machines: vec![m("vm-404")],
             groups: vec![],
+            allow_empty: false,
         })
         .await;
     assert!(
@@ -737,6 +742,7 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
             release: release.id.clone(),
             machines: vec![m("vm-003"), m("vm-001")],
             groups: vec![g("shanghai")],
+            allow_empty: false,
         })
         .await
         .unwrap()
@@ -1118,6 +1124,7 @@ async fn rollback_publishes_a_signed_rollback_notice_for_the_previous_version() 
             target: Target::Group(g("nobody")),
             kind: app(),
             to: Some("9.9".into()),
+            allow_empty: false,
         })
         .await;
     assert!(

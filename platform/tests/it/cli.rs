@@ -1,0 +1,657 @@
+//! The `fleetcast` binary as an operator runs it, against a real platform: client options on
+//! either side of the subcommand, credentials found without flags, typos in targets refused
+//! with nothing stored or sent, every `--json` output valid against its schema in
+//! docs/schemas/, and `serve` logs without colour codes or routine ERROR lines.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Stdio;
+
+use fleetcast_platform::store::Store;
+use serde_json::Value;
+
+use super::*;
+
+/// One run of the binary.
+#[derive(Debug)]
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+impl Run {
+    /// Stdout of a run that must have succeeded.
+    fn ok(self) -> String {
+        assert_eq!(self.code, 0, "failed: {self:#?}");
+        self.stdout
+    }
+
+    /// Stdout of a successful run, as JSON.
+    fn json(self) -> Value {
+        let out = self.ok();
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
+    }
+}
+
+/// The `fleetcast` binary in an environment of its own: nothing inherited (no FLEETCAST_*,
+/// RUST_LOG, or the developer's saved profile), HOME in a temp dir, run in `cwd`.
+struct Fleetcast {
+    home: PathBuf,
+    cwd: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Fleetcast {
+    fn new(root: &Path) -> Self {
+        let (home, cwd) = (root.join("home"), root.join("cwd"));
+        std::fs::create_dir_all(&home).unwrap();
+        std::fs::create_dir_all(&cwd).unwrap();
+        Self {
+            home,
+            cwd,
+            env: vec![],
+        }
+    }
+
+    /// The same, with `name=value` set.
+    fn with(&self, name: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+        let mut env = self.env.clone();
+        env.push((name.into(), value.as_ref().to_string_lossy().into_owned()));
+        Self {
+            home: self.home.clone(),
+            cwd: self.cwd.clone(),
+            env,
+        }
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"));
+        cmd.args(args)
+            .env_clear()
+            .env("HOME", &self.home)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&self.cwd)
+            .stdin(Stdio::null());
+        cmd
+    }
+
+    async fn run(&self, args: &[&str]) -> Run {
+        let out = tokio::time::timeout(Duration::from_secs(60), self.command(args).output())
+            .await
+            .unwrap_or_else(|_| panic!("fleetcast {args:?} did not finish within 60 s"))
+            .expect("fleetcast runs");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    }
+}
+
+/// Everything the CLI should never have sent or stored, checked in the stopped platform's
+/// database: which desired notices (topics) exist, and every release with its seq.
+fn stored(data_dir: &Path) -> (BTreeSet<String>, Vec<(String, u64, bool)>) {
+    let store = Store::open(&data_dir.join("db")).unwrap();
+    let topics = store
+        .all_desired()
+        .unwrap()
+        .into_iter()
+        .map(|n| n.topic)
+        .collect();
+    let releases = store
+        .releases()
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.id.to_string(), r.seq, r.rollback))
+        .collect();
+    (topics, releases)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_options_work_before_and_after_the_subcommand_and_credentials_need_no_flag() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url().to_string();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&broker.url()).await;
+    provisioned(&admin, "vm-001", &["g1"]).await;
+    let fc = Fleetcast::new(dir.path());
+    let secret_file = admin_secret_path(&data_dir);
+    let secret_file = secret_file.to_str().unwrap();
+
+    let before = fc
+        .run(&[
+            "--broker",
+            &url,
+            "--admin-secret-file",
+            secret_file,
+            "machines",
+            "--json",
+        ])
+        .await
+        .json();
+    let after = fc
+        .run(&[
+            "machines",
+            "--json",
+            "--broker",
+            &url,
+            "--admin-secret-file",
+            secret_file,
+        ])
+        .await
+        .json();
+    assert_eq!(before[0]["id"], "vm-001");
+    assert_eq!(before, after);
+
+    // No credentials anywhere: exit 1, and every place tried is named.
+    let none = fc.run(&["--broker", &url, "machines"]).await;
+    assert_eq!(none.code, 1, "{none:#?}");
+    for place in [
+        "--profile",
+        "--admin-secret-file",
+        ".config/fleetcast/profile.toml",
+        "FLEETCAST_DATA",
+        "fleetcast-data/admin.secret",
+    ] {
+        assert!(none.stderr.contains(place), "{place}: {}", none.stderr);
+    }
+    // The data dir of `fleetcast serve` in FLEETCAST_DATA, the broker in FLEETCAST_BROKER.
+    let served = fc
+        .with("FLEETCAST_DATA", &data_dir)
+        .with("FLEETCAST_BROKER", &url);
+    assert_eq!(served.run(&["machines", "--json"]).await.json(), before);
+
+    // Save a new operator's profile once; then it is who the CLI is, with no flag or env.
+    let saved = served
+        .run(&[
+            "operator",
+            "add",
+            "alice",
+            "--role",
+            "viewer",
+            "--save-profile",
+        ])
+        .await
+        .ok();
+    let profile = fc.home.join(".config/fleetcast/profile.toml");
+    assert!(saved.contains(profile.to_str().unwrap()), "{saved}");
+    assert!(
+        !saved.contains("secret"),
+        "the secret is not printed: {saved}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&profile).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    assert_eq!(fc.run(&["machines", "--json"]).await.json(), before);
+    let as_alice = fc.run(&["audit"]).await;
+    assert_eq!(as_alice.code, 1);
+    assert!(
+        as_alice.stderr.contains("operator alice has role viewer"),
+        "{as_alice:#?}"
+    );
+    let shown = fc.run(&["profile", "show"]).await.ok();
+    assert!(
+        shown.contains("operator:      alice") && shown.contains("saved profile"),
+        "{shown}"
+    );
+    // The saved profile outranks FLEETCAST_DATA; a flag outranks the saved profile.
+    let shown = served.run(&["profile", "show"]).await.ok();
+    assert!(shown.contains("alice"), "{shown}");
+    let shown = served
+        .run(&["profile", "show", "--admin-secret-file", secret_file])
+        .await
+        .ok();
+    assert!(shown.contains("operator:      admin"), "{shown}");
+    // A second --save-profile is refused before the operator is created.
+    let again = served
+        .run(&[
+            "--admin-secret-file",
+            secret_file,
+            "operator",
+            "add",
+            "bob",
+            "--role",
+            "viewer",
+            "--save-profile",
+        ])
+        .await;
+    assert_eq!(again.code, 1, "{again:#?}");
+    assert!(again.stderr.contains("--force"), "{again:#?}");
+    let AdminReply::Operators { operators } = admin.request(AdminOp::OperatorList).await.unwrap()
+    else {
+        panic!()
+    };
+    let names: Vec<&str> = operators.iter().map(|o| o.name.as_str()).collect();
+    assert_eq!(names, ["admin", "alice"]);
+
+    admin.close().await;
+    platform.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_typo_in_the_targets_publishes_and_stores_nothing_unless_allowed() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    upload(&admin, dir.path(), "a.bin", &data(1500, 3), "1.0")
+        .await
+        .unwrap();
+    provisioned(&admin, "vm-001", &["shanghai"]).await;
+    let release = create_release(&admin, &app(), "1.0", InstallPolicy::Immediate).await;
+    let r = release.id.as_str();
+    let mut observer = peer(&url, "observer").await;
+    observer.subscribe("fleet/+/+/release/+").await;
+    let fc = Fleetcast::new(dir.path())
+        .with("FLEETCAST_DATA", &data_dir)
+        .with("FLEETCAST_BROKER", url.to_string());
+
+    let typo = fc
+        .run(&["release", "publish", r, "--groups", "shanghi", "--yes"])
+        .await;
+    assert_eq!(typo.code, 1, "{typo:#?}");
+    assert!(
+        typo.stderr.contains("unknown group(s): shanghi") && typo.stderr.contains("--allow-empty"),
+        "{typo:#?}"
+    );
+    assert!(
+        !typo.stdout.contains("target machines"),
+        "refused before the plan is shown: {typo:#?}"
+    );
+    let typo = fc
+        .run(&[
+            "release",
+            "publish",
+            r,
+            "--groups",
+            "shanghai",
+            "--machines",
+            "vm-0001",
+            "--yes",
+        ])
+        .await;
+    assert_eq!(typo.code, 1, "{typo:#?}");
+    assert!(typo.stderr.contains("vm-0001"), "{typo:#?}");
+    let typo = fc
+        .run(&[
+            "rollback", "--group", "nogroup", "--kind", "app", "--to", "1.0", "--yes",
+        ])
+        .await;
+    assert_eq!(typo.code, 1, "{typo:#?}");
+    assert!(typo.stderr.contains("nogroup"), "{typo:#?}");
+    let bad_id = fc
+        .run(&["release", "publish", r, "--groups", "a/b", "--yes"])
+        .await;
+    assert_eq!(
+        bad_id.code, 2,
+        "a malformed id is a usage error: {bad_id:#?}"
+    );
+
+    let sent = observer.drain(Duration::from_millis(500)).await;
+    assert!(
+        sent.is_empty(),
+        "nothing retained: {:?}",
+        sent.iter().map(|p| &p.topic).collect::<Vec<_>>()
+    );
+    // Stop the platform to read its database: nothing was stored either.
+    admin.close().await;
+    platform.stop().await;
+    let (topics, releases) = stored(&data_dir);
+    assert!(topics.is_empty(), "{topics:?}");
+    assert_eq!(
+        releases,
+        vec![(r.to_owned(), 0, false)],
+        "no rollback release"
+    );
+
+    // With --allow-empty both go ahead: the group's notice waits, retained, for its machines.
+    let platform = start_platform(&url, &data_dir);
+    super::admin(&url, &data_dir).await.close().await;
+    let published = fc
+        .run(&[
+            "release",
+            "publish",
+            r,
+            "--groups",
+            "shanghi",
+            "--allow-empty",
+            "--yes",
+        ])
+        .await;
+    let out = published.ok();
+    assert!(out.contains("target machines: 0"), "{out}");
+    observer
+        .next(|p| p.topic == "fleet/groups/shanghi/release/app")
+        .await;
+    // Retained: a machine that joins the group later gets it on subscribing.
+    let mut later = peer(&url, "later").await;
+    later.subscribe("fleet/groups/shanghi/release/app").await;
+    assert!(later.next(|_| true).await.retain);
+    let rollback = fc
+        .run(&[
+            "rollback",
+            "--group",
+            "nogroup",
+            "--kind",
+            "app",
+            "--to",
+            "1.0",
+            "--yes",
+            "--allow-empty",
+            "--quiet",
+        ])
+        .await
+        .ok();
+    observer
+        .next(|p| p.topic == "fleet/groups/nogroup/release/app")
+        .await;
+    platform.stop().await;
+    let (topics, releases) = stored(&data_dir);
+    assert_eq!(
+        topics,
+        BTreeSet::from([
+            "fleet/groups/nogroup/release/app".to_owned(),
+            "fleet/groups/shanghi/release/app".to_owned()
+        ])
+    );
+    assert_eq!(releases.len(), 2);
+    assert_eq!(releases[1].0, rollback.trim());
+    assert!(releases.iter().all(|(_, seq, _)| *seq > 0));
+}
+
+/// Every schema under docs/schemas/, by file name.
+fn schemas() -> BTreeMap<String, Value> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/schemas");
+    std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| {
+            let path = e.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            let schema: Value =
+                serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            (
+                path.file_name().unwrap().to_string_lossy().into_owned(),
+                schema,
+            )
+        })
+        .collect()
+}
+
+/// `instance` is valid against `schema` (and `schema` is a valid draft 2020-12 schema).
+fn assert_valid(name: &str, schema: &Value, instance: &Value) {
+    if let Err(e) = jsonschema::draft202012::meta::validate(schema) {
+        panic!("{name} is not a valid 2020-12 schema: {e}");
+    }
+    let validator = jsonschema::draft202012::new(schema).unwrap();
+    let errors: Vec<String> = validator
+        .iter_errors(instance)
+        .map(|e| format!("{} at {}", e, e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "output does not match {name}:\n{}\n{instance:#}",
+        errors.join("\n")
+    );
+    // Strict: an object the code does not produce (an unknown field) fails.
+    let mut extra = instance.clone();
+    let object = match &mut extra {
+        Value::Array(items) => items.first_mut(),
+        other => Some(other),
+    }
+    .and_then(Value::as_object_mut)
+    .unwrap_or_else(|| panic!("{name}: the test needs a non-empty output"));
+    object.insert("no_such_field".into(), Value::Bool(true));
+    assert!(!validator.is_valid(&extra), "{name} accepts unknown fields");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_json_output_matches_its_schema_in_docs() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    let fc = Fleetcast::new(dir.path())
+        .with("FLEETCAST_DATA", &data_dir)
+        .with("FLEETCAST_BROKER", url.to_string());
+    // A little of everything, so optional fields appear: notes, a window policy with an
+    // offset, progress, errors, results with times, a revoked operator's audit trail.
+    let file = dir.path().join("app-1.0.bin");
+    std::fs::write(&file, data(3000, 9)).unwrap();
+    admin
+        .upload(
+            &file,
+            app(),
+            "1.0".into(),
+            Some("first".into()),
+            1024,
+            |_, _| {},
+        )
+        .await
+        .unwrap();
+    let mut vm1 = provision(&admin, &url, "vm-001", &["g1"]).await;
+    let mut vm2 = provision(&admin, &url, "vm-002", &["g1"]).await;
+    provisioned(&admin, "vm-003", &[]).await;
+    vm1.report_state(&["g1"], 0).await;
+    let id = fc
+        .run(&[
+            "release",
+            "create",
+            "--kind",
+            "app",
+            "--version",
+            "1.0",
+            "--policy",
+            "window:02:00-04:00@+08:00",
+            "--notes",
+            "window rollout",
+        ])
+        .await
+        .ok();
+    let release = ReleaseId::new(id.trim()).unwrap();
+    let mut outputs: Vec<(&str, &str, Value)> = vec![];
+    let plan = fc
+        .run(&[
+            "release",
+            "publish",
+            release.as_str(),
+            "--groups",
+            "g1",
+            "--machines",
+            "vm-003",
+            "--yes",
+            "--json",
+        ])
+        .await
+        .json();
+    assert_eq!(plan["targets"][2], serde_json::json!(["vm-003", null]));
+    outputs.push(("release publish", "plan.json", plan));
+    vm1.report(Some(&release), "1.0", Phase::Notified).await;
+    let mut downloading = vm1.status(Some(&release), "1.0", Phase::Downloading);
+    downloading.progress = Some(Progress {
+        bytes: 1024,
+        total: 3000,
+    });
+    vm1.send_status(&downloading).await;
+    vm1.report(Some(&release), "1.0", Phase::Downloaded).await;
+    vm1.report(Some(&release), "1.0", Phase::Installing).await;
+    vm1.report_recorded(&admin, &release, "1.0", Phase::Installed)
+        .await;
+    let mut downloading = vm2.status(Some(&release), "1.0", Phase::Downloading);
+    downloading.progress = Some(Progress {
+        bytes: 2048,
+        total: 3000,
+    });
+    vm2.send_status(&downloading).await;
+    let mut failed = vm2.status(Some(&release), "1.0", Phase::DownloadFailed);
+    failed.error = Some("disk full".into());
+    vm2.send_status(&failed).await;
+    wait_status(&admin, &release, |s| {
+        phase_of(s, "vm-002") == Phase::DownloadFailed
+    })
+    .await;
+    let rollback = fc
+        .run(&[
+            "rollback",
+            "--machine",
+            "vm-001",
+            "--kind",
+            "app",
+            "--to",
+            "1.0",
+            "--yes",
+            "--json",
+        ])
+        .await
+        .json();
+    outputs.push(("rollback", "plan.json", rollback));
+    fc.run(&["operator", "add", "val", "--role", "viewer"])
+        .await
+        .ok();
+    fc.run(&["operator", "revoke", "val"]).await.ok();
+
+    for (what, args, schema) in [
+        ("machines", &["machines", "--json"][..], "machines.json"),
+        (
+            "artifact list",
+            &["artifact", "list", "--json"],
+            "artifacts.json",
+        ),
+        (
+            "release list",
+            &["release", "list", "--json"],
+            "releases.json",
+        ),
+        (
+            "release status",
+            &["release", "status", release.as_str(), "--json"],
+            "release-status.json",
+        ),
+        ("events", &["events", "--json"], "events.json"),
+        ("audit", &["audit", "--json"], "audit.json"),
+        (
+            "operator list",
+            &["operator", "list", "--json"],
+            "operators.json",
+        ),
+        ("stats", &["stats", "--json"], "stats.json"),
+    ] {
+        outputs.push((what, schema, fc.run(args).await.json()));
+    }
+    admin.close().await;
+    platform.stop().await;
+
+    // The data reached the optional fields the schemas describe.
+    let find = |what: &str| &outputs.iter().find(|(w, _, _)| *w == what).unwrap().2;
+    let status = find("release status");
+    assert!(status["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t.get("upgrade").is_some()));
+    assert!(status["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|t| t.get("error").is_some() && t.get("progress").is_some()));
+    assert_eq!(
+        status["release"]["policy"]["utc_offset_minutes"],
+        serde_json::json!(480)
+    );
+    assert_eq!(find("artifact list")[0]["notes"], "first");
+    assert!(find("events")
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|e| e.get("error").is_some()));
+
+    let schemas = schemas();
+    for (what, name, output) in &outputs {
+        let schema = schemas
+            .get(*name)
+            .unwrap_or_else(|| panic!("no docs/schemas/{name} for {what}"));
+        assert_valid(name, schema, output);
+    }
+    let used: BTreeSet<&str> = outputs.iter().map(|(_, name, _)| *name).collect();
+    let files: BTreeSet<&str> = schemas.keys().map(String::as_str).collect();
+    assert_eq!(used, files, "every schema file is checked by this test");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_logs_have_no_colour_codes_and_no_error_for_an_ordinary_disconnect() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let log = dir.path().join("serve.log");
+    let port = client::free_loopback_port().unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    let fc = Fleetcast::new(dir.path());
+    // stderr is a file, as under systemd or `2> log`: not a terminal.
+    let mut serve = fc
+        .command(&["serve", "--listen", &listen])
+        .env("FLEETCAST_DATA", &data_dir)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        // A failing assertion below must not leave a platform running.
+        .kill_on_drop(true)
+        .spawn()
+        .expect("fleetcast serve starts");
+    let url = BrokerUrl::mqtt("127.0.0.1", port);
+    // Clients connect and disconnect: the test's own admin client once the broker listens,
+    // then the CLI twice.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let adm = loop {
+        if data_dir.join("admin.secret").exists() {
+            let secret = admin_secret(&data_dir);
+            match AdminClient::connect(&url, Topics::default(), secret, WAIT).await {
+                Ok(c) => break c,
+                Err(e) => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "serve not reachable: {e}; log: {}",
+                    std::fs::read_to_string(&log).unwrap_or_default()
+                ),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    adm.request(AdminOp::Machines).await.unwrap();
+    adm.close().await;
+    let client = fc
+        .with("FLEETCAST_DATA", &data_dir)
+        .with("FLEETCAST_BROKER", url.to_string());
+    client.run(&["machines"]).await.ok();
+    client.run(&["stats"]).await.ok();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    std::process::Command::new("kill")
+        .args(["-INT", &serve.id().unwrap().to_string()])
+        .status()
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(20), serve.wait())
+        .await
+        .expect("serve stops on SIGINT")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        text.contains("INFO") && text.contains("serve connection up"),
+        "the log has its usual lines: {text}"
+    );
+    assert!(
+        !text.contains('\u{1b}'),
+        "colour codes in a log file: {text:?}"
+    );
+    let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
+    assert!(errors.is_empty(), "{errors:#?}");
+}
