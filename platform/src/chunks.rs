@@ -8,10 +8,8 @@
 //! after a broadcast may have subscribed too late to see it, or lost it). So a frame goes out
 //! at most once per [`RESEND_AFTER`] however many machines ask, and nobody waits for its
 //! re-request. On the embedded broker the gateway sends an owed frame only to the machines that
-//! asked for it, unless they are a quarter of its subscribers or more: re-broadcasting every owed
-//! frame to a thousand machines that already had it was what kept a rollout busy (29x the
-//! artifact in platform egress), and sending one that most need once per asker cost as much.
-//! Other brokers get it broadcast.
+//! asked for it: re-broadcasting it to a thousand machines that already have it was what kept a
+//! rollout busy (29x the artifact in platform egress); other brokers get it broadcast.
 //!
 //! Everything bulky travels on the per-artifact topic for a second reason: a broker keeps a log
 //! per subscription filter (rumqttd never frees one), and one log per artifact costs far less
@@ -41,9 +39,6 @@ use crate::publish::Ctx;
 
 /// A frame is broadcast at most once per this long (the rest is owed, see the module doc).
 pub const RESEND_AFTER: Duration = Duration::from_millis(500);
-/// An owed frame goes to everyone again, not to each asker, once at least one subscriber of its
-/// artifact topic in this many asked for it.
-const OWED_BROADCAST_SHARE: usize = 4;
 /// How long a machine's "may fetch this artifact" yes is reused before the store is asked again
 /// (a withdrawn assignment stops serving within this; a new one serves at once).
 const ALLOWED_TTL: Duration = Duration::from_secs(1);
@@ -368,17 +363,7 @@ impl ChunkServer {
             let Some(layout) = self.layouts.get(&key.artifact).copied() else {
                 continue;
             };
-            // Many askers (machines that were still fetching the manifest, or subscribed
-            // late, when it went out): once more for everyone costs less than once per asker.
-            let subscribers = self
-                .ctx
-                .sessions
-                .subscribers(&self.ctx.topics.artifact_chunks(&key.artifact));
-            let only = match subscribers {
-                Some(all) if askers.len() * OWED_BROADCAST_SHARE >= all => None,
-                _ => Some(askers),
-            };
-            if let Err(e) = self.broadcast(key, &layout, only).await {
+            if let Err(e) = self.broadcast(key, &layout, Some(askers)).await {
                 // Those who asked re-request after their timeout.
                 tracing::warn!(artifact = %key.artifact.short(), index = key.index, "owed frame not sent: {e}");
             }

@@ -76,10 +76,6 @@ pub trait SessionControl: Send + Sync {
     fn deliver(&self, _topic: &str, _payload: &[u8], _only: Option<&[&str]>) -> Option<usize> {
         None
     }
-    /// How many sessions [`SessionControl::deliver`] would reach on `topic` (`None`: unknown).
-    fn subscribers(&self, _topic: &str) -> Option<usize> {
-        None
-    }
 }
 
 /// For an external broker: nothing to close from here.

@@ -79,9 +79,6 @@ impl SessionControl for GatewaySessions {
     fn deliver(&self, topic: &str, payload: &[u8], only: Option<&[&str]>) -> Option<usize> {
         Some(self.0.deliver_to(topic, payload, only))
     }
-    fn subscribers(&self, topic: &str) -> Option<usize> {
-        Some(self.0.subscribers(topic))
-    }
 }
 
 /// Runs the platform until `shutdown` is cancelled or a task fails.

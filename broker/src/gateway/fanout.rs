@@ -103,11 +103,6 @@ impl Fanout {
         took
     }
 
-    /// How many sessions are registered on `topic`.
-    pub(crate) fn subscribers(&self, topic: &str) -> usize {
-        self.topics().get(topic).map_or(0, HashMap::len)
-    }
-
     /// (delivered, dropped for a full queue) since the start.
     pub(crate) fn counts(&self) -> (u64, u64) {
         (

@@ -150,11 +150,6 @@ impl GatewayHandle {
         self.deliver_to(topic, payload, None)
     }
 
-    /// How many sessions [`GatewayHandle::deliver`] reaches on `topic`.
-    pub fn subscribers(&self, topic: &str) -> usize {
-        self.registry.fanout.subscribers(topic)
-    }
-
     /// [`GatewayHandle::deliver`] to the subscribed sessions of these usernames only (`None`:
     /// every subscriber).
     pub fn deliver_to(&self, topic: &str, payload: &[u8], only: Option<&[&str]>) -> usize {
