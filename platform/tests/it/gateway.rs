@@ -14,6 +14,8 @@ struct Embedded {
     platform: Platform,
     /// mqtts:// with the test CA pinned.
     tls: BrokerUrl,
+    /// mqtt:// on loopback.
+    plain: BrokerUrl,
 }
 
 async fn embedded() -> Embedded {
@@ -44,6 +46,7 @@ async fn embedded() -> Embedded {
         data_dir,
         platform: Platform { shutdown, task },
         tls,
+        plain: BrokerUrl::mqtt("127.0.0.1", plain),
     }
 }
 
@@ -62,6 +65,7 @@ async fn over_tls_one_machines_credentials_open_nothing_else_and_the_rollout_com
         data_dir,
         platform,
         tls,
+        ..
     } = embedded().await;
     let admin = super::admin(&tls, &data_dir).await;
     let info = upload(&admin, dir.path(), "a.bin", &data(3000, 9), "1.0")
@@ -196,6 +200,93 @@ async fn over_tls_one_machines_credentials_open_nothing_else_and_the_rollout_com
     let back = client::wait_for(&mut rx, WAIT, |e| matches!(e, MqttEvent::Connected { .. })).await;
     stop.cancel();
     assert!(back.is_err(), "a revoked machine reconnected");
+    admin.close().await;
+    platform.stop().await;
+}
+
+/// A frame asked for again right after it went out is owed: sent once more, when due, only to
+/// the machines that asked (the embedded broker's gateway can address them; other brokers get
+/// every owed frame on the topic).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn owed_frames_go_only_to_the_machines_that_asked() {
+    let Embedded {
+        dir,
+        data_dir,
+        platform,
+        plain: url,
+        ..
+    } = embedded().await;
+    let port = url.to_string().rsplit(':').next().unwrap().to_owned();
+    poll_until(
+        WAIT,
+        "the embedded broker listens",
+        || async {
+            tokio::net::TcpStream::connect(format!("127.0.0.1:{port}"))
+                .await
+                .is_ok()
+        },
+        |&up| up,
+    )
+    .await;
+    let admin = super::admin(&url, &data_dir).await;
+    let info = upload(&admin, dir.path(), "a.bin", &data(4096, 7), "1.0")
+        .await
+        .unwrap();
+    let names: Vec<String> = (0..8).map(|i| format!("vm-o{i}")).collect();
+    let mut vms = Vec::new();
+    for n in &names {
+        vms.push(provision(&admin, &url, n, &[]).await);
+    }
+    let targets: Vec<&str> = names.iter().map(String::as_str).collect();
+    release(&admin, "1.0", &targets, &[]).await;
+    let topic = format!("fleet/artifacts/{}/chunks", info.id);
+    for vm in &mut vms {
+        vm.peer.subscribe(&topic).await;
+    }
+    let chunk_index = |p: &Publish| {
+        let (h, _) = decode_frame(&p.payload).unwrap();
+        assert_eq!((h.frame_type, h.artifact), (FrameType::Chunk, info.id));
+        h.index
+    };
+    // The first request: chunks 0 and 1 go out once, to all eight.
+    vms[0].request_chunks(info.id, false, vec![(0, 2)]).await;
+    for vm in &mut vms {
+        let mut got = vec![
+            chunk_index(&vm.peer.next(|p| p.topic == topic).await),
+            chunk_index(&vm.peer.next(|p| p.topic == topic).await),
+        ];
+        got.sort_unstable();
+        assert_eq!(got, [0, 1], "{}", vm.id);
+    }
+    // Right after: one machine asks for chunk 0 again, two ask for chunk 1.
+    vms[1].request_chunks(info.id, false, vec![(0, 1)]).await;
+    vms[2].request_chunks(info.id, false, vec![(1, 2)]).await;
+    vms[3].request_chunks(info.id, false, vec![(1, 2)]).await;
+    let wait = Duration::from_millis(1500);
+    let indices = |ps: Vec<Publish>| {
+        let mut v: Vec<u32> = ps
+            .iter()
+            .filter(|p| p.topic == topic)
+            .map(chunk_index)
+            .collect();
+        v.sort_unstable();
+        v
+    };
+    assert_eq!(indices(vms[1].peer.drain(wait).await), [0], "vm-o1");
+    for i in [2, 3] {
+        assert_eq!(
+            indices(vms[i].peer.drain(Duration::from_millis(100)).await),
+            [1],
+            "vm-o{i}"
+        );
+    }
+    for i in [0, 4, 7] {
+        assert_eq!(
+            indices(vms[i].peer.drain(Duration::from_millis(100)).await),
+            [0u32; 0],
+            "vm-o{i} asked for nothing again"
+        );
+    }
     admin.close().await;
     platform.stop().await;
 }
