@@ -227,6 +227,7 @@ pub fn admin_ops() -> Vec<AdminOp> {
             machines: vec![],
             groups: vec![group()],
             allow_empty: true,
+            waves: None,
         },
         AdminOp::ReleaseList,
         AdminOp::ReleaseStatus { release: release() },
@@ -294,6 +295,7 @@ pub fn admin_responses() -> Vec<AdminResponse> {
         release: release_info(),
         topics: vec!["fleet/groups/shanghai/release/app".into()],
         targets: vec![(machine(), Some(group())), (machine(), None)],
+        rollout: None,
     };
     let record = TargetRecord {
         release: release(),

@@ -204,6 +204,7 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
             machines: vec![],
             groups: vec![GroupId::new("bench").unwrap()],
             allow_empty: false,
+            waves: None,
         })
         .await
         .unwrap();

@@ -317,6 +317,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
             machines: vec![],
             groups: groups.clone(),
             allow_empty: false,
+            waves: None,
         })
         .await?;
         let limit = Duration::from_secs(60)

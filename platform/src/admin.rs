@@ -27,7 +27,7 @@ use crate::integrators::Integrators;
 use crate::now_ms;
 use crate::publish::{self, refused, Ctx, OpError};
 use crate::store::{OperatorRecord, StoreError};
-use crate::{identities, rollout};
+use crate::{identities, rollout, staged};
 
 /// What the serve connection forwards to the admin task.
 #[derive(Debug)]
@@ -437,13 +437,58 @@ impl Admin {
                 machines,
                 groups,
                 allow_empty,
+                waves,
             } => {
                 let info = publish::known_release(store, &release)?;
-                let plan =
-                    publish::publish(&self.ctx, &info, &machines, &groups, allow_empty).await?;
+                let plan = match waves {
+                    Some(waves) => {
+                        staged::publish(&self.ctx, &info, &machines, &groups, allow_empty, waves)
+                            .await?
+                    }
+                    None => {
+                        publish::publish(&self.ctx, &info, &machines, &groups, allow_empty).await?
+                    }
+                };
                 tracing::info!(release = %release, targets = plan.targets.len(), "release published");
                 Ok(AdminReply::Plan { plan })
             }
+            AdminOp::ReleaseRetry {
+                release,
+                machines,
+                failed,
+            } => Ok(AdminReply::Plan {
+                plan: publish::retry(&self.ctx, &release, &machines, failed).await?,
+            }),
+            AdminOp::RolloutStatus { release } => Ok(AdminReply::Rollout {
+                rollout: staged::status(&self.ctx, &release)?,
+            }),
+            AdminOp::RolloutPause { release } => Ok(AdminReply::Rollout {
+                rollout: staged::control(
+                    &self.ctx,
+                    &release,
+                    staged::Control::Pause,
+                    &operator.info.name,
+                )
+                .await?,
+            }),
+            AdminOp::RolloutResume { release, advance } => Ok(AdminReply::Rollout {
+                rollout: staged::control(
+                    &self.ctx,
+                    &release,
+                    staged::Control::Resume { advance },
+                    &operator.info.name,
+                )
+                .await?,
+            }),
+            AdminOp::RolloutCancel { release } => Ok(AdminReply::Rollout {
+                rollout: staged::control(
+                    &self.ctx,
+                    &release,
+                    staged::Control::Cancel,
+                    &operator.info.name,
+                )
+                .await?,
+            }),
             AdminOp::ReleaseList => {
                 let mut releases = store.releases()?;
                 releases.sort_by(|a, b| a.id.cmp(&b.id));

@@ -205,6 +205,7 @@ pub fn plan(
         release: release.clone(),
         topics: r.topics,
         targets: r.targets,
+        rollout: None,
     })
 }
 
@@ -324,7 +325,49 @@ pub async fn publish(
         release,
         topics: r.topics,
         targets: r.targets,
+        rollout: None,
     })
+}
+
+/// Sends `release` again to `machines`, or with `failed` to every target whose record is a
+/// failure (each starts a new round: a higher seq, attempt 1 again).
+pub async fn retry(
+    ctx: &Ctx,
+    release: &ReleaseId,
+    machines: &[MachineId],
+    failed: bool,
+) -> Result<PublishPlan, OpError> {
+    let info = known_release(&ctx.store, release)?;
+    let targets = ctx.store.targets_of(release)?;
+    let mut chosen: Vec<MachineId> = if failed {
+        targets
+            .iter()
+            .filter(|t| t.phase.is_failure() && t.phase != fleetcast_proto::Phase::Cancelled)
+            .map(|t| t.machine.clone())
+            .collect()
+    } else {
+        for m in machines {
+            if !targets.iter().any(|t| &t.machine == m) {
+                return refused(format!(
+                    "machine {m} is not a target of release {release}; nothing was sent"
+                ));
+            }
+        }
+        machines.to_vec()
+    };
+    for m in machines {
+        if !chosen.contains(m) {
+            chosen.push(m.clone());
+        }
+    }
+    if chosen.is_empty() {
+        return refused(if failed {
+            format!("release {release} has no failed machines; nothing was sent")
+        } else {
+            "name machines to retry (--machines) or ask for every failed one (--failed)".into()
+        });
+    }
+    publish(ctx, &info, &chosen, &[], false).await
 }
 
 /// The release `id`, or the operator's "unknown release" error.

@@ -12,7 +12,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
-use fleetcast_proto::admin::ReleaseInfo;
+use fleetcast_proto::admin::{PublishPlan, ReleaseInfo};
 use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::command::{Command, CommandAction};
 use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan};
@@ -127,15 +127,18 @@ fn apply(
     Ok(())
 }
 
-/// Starts a staged rollout of `release` over `targets` (machine, and the group it was named
-/// through): records it and notifies its first wave. The release must already be recorded as
-/// published (its seq set).
-pub async fn start(
+/// Publishes `release` in waves: resolves the targets like [`publish::publish`] (and refuses
+/// the same typos), records the release as published and the rollout, and notifies the first
+/// wave. What the first wave was sent is in the plan's `topics`.
+pub async fn publish(
     ctx: &Ctx,
     release: &ReleaseInfo,
+    machines: &[MachineId],
+    groups: &[GroupId],
+    allow_empty: bool,
     plan: WavePlan,
-    targets: &[(MachineId, Option<GroupId>)],
-) -> Result<RolloutInfo, OpError> {
+) -> Result<PublishPlan, OpError> {
+    let resolved = publish::resolve(ctx, &release.kind, machines, groups, allow_empty)?;
     if let Some(r) = ctx.store.rollout(&release.id)? {
         if matches!(r.state, RolloutState::Running | RolloutState::Paused { .. }) {
             return refused(format!(
@@ -145,25 +148,51 @@ pub async fn start(
             ));
         }
     }
-    let via: HashMap<MachineId, GroupId> = targets
+    let via: HashMap<MachineId, GroupId> = resolved
+        .targets
         .iter()
         .filter_map(|(m, g)| g.clone().map(|g| (m.clone(), g)))
         .collect();
     let mut out = Outbox::default();
-    let rollout = {
+    let (release, rollout) = {
         let _records = ctx.store.lock_records();
+        let now = now_ms();
+        let mut release = ctx
+            .store
+            .release(&release.id)?
+            .unwrap_or_else(|| release.clone());
+        release.seq = ctx.store.next_seq()?;
+        release.published_at_ms.get_or_insert(now);
+        for m in &resolved.machines {
+            if !release.machines.contains(m) {
+                release.machines.push(m.clone());
+            }
+        }
+        for g in &resolved.groups {
+            if !release.groups.contains(g) {
+                release.groups.push(g.clone());
+            }
+        }
+        ctx.store.put_release(&release)?;
         let (rollout, effects) = core::start(
             &release.id,
             plan,
-            targets.iter().map(|(m, _)| m.clone()),
-            now_ms(),
+            resolved.targets.iter().map(|(m, _)| m.clone()),
+            now,
         );
         ctx.store.put_rollout(&rollout)?;
-        apply(ctx, release, effects, &via, &mut out)?;
-        rollout
+        apply(ctx, &release, effects, &via, &mut out)?;
+        (release, rollout)
     };
+    let topics = out.notices.iter().map(|n| n.topic.clone()).collect();
     out.send(ctx).await?;
-    Ok(rollout)
+    tracing::info!(release = %release.id, targets = rollout.order.len(), waves = rollout.plan.waves_bp.len(), "staged rollout started");
+    Ok(PublishPlan {
+        release,
+        topics,
+        targets: resolved.targets,
+        rollout: Some(rollout),
+    })
 }
 
 fn download_only(release: &ReleaseInfo) -> bool {
@@ -192,6 +221,16 @@ fn via_of(ctx: &Ctx, release: &ReleaseInfo) -> Result<HashMap<MachineId, GroupId
         }
     }
     Ok(via)
+}
+
+/// The rollout of `release`, or the operator's error.
+pub fn status(ctx: &Ctx, release: &ReleaseId) -> Result<RolloutInfo, OpError> {
+    known_release(&ctx.store, release)?;
+    ctx.store.rollout(release)?.ok_or_else(|| {
+        OpError::Refused(format!(
+            "release {release} was not published in waves (release publish --waves)"
+        ))
+    })
 }
 
 /// Re-evaluates the running rollout of `release` (if any) and carries out what it decides.

@@ -17,6 +17,7 @@ use crate::acl::Role;
 use crate::auth::{PlatformPublicKey, Secret};
 use crate::ids::{ArtifactId, GroupId, Kind, MachineId, ReleaseId};
 use crate::release::{ArtifactRef, InstallPolicy, Target};
+use crate::rollout::{RolloutInfo, WavePlan};
 use crate::status::{KindState, Phase, Progress};
 
 /// Most machines one `machine_provision_batch` may register (its answer carries a secret and
@@ -88,6 +89,10 @@ pub enum AdminOp {
     /// Reply: `plan` (what was sent). Refused, with nothing stored or sent, when a named group
     /// has no machine (a typo, most likely) unless `allow_empty`: a group's notice is retained,
     /// so machines that join the group later still get it.
+    ///
+    /// With `waves`, a staged rollout: the targets are ordered (see [`RolloutInfo::order`]),
+    /// only the first wave is notified now, each on its own machine topic, and the platform
+    /// widens, pauses or completes it by itself (`rollout_*` ops follow and steer it).
     ReleasePublish {
         release: ReleaseId,
         #[serde(default)]
@@ -96,6 +101,8 @@ pub enum AdminOp {
         groups: Vec<GroupId>,
         #[serde(default, skip_serializing_if = "is_false")]
         allow_empty: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        waves: Option<WavePlan>,
     },
     ReleaseList,
     /// Reply: `release_status`.
@@ -171,6 +178,35 @@ pub enum AdminOp {
     MosquittoConfig,
     /// The platform's counters since it started (traffic, ingestion). Reply: `stats`.
     Stats,
+    /// A staged rollout: its waves, state and recorded transitions. Reply: `rollout`.
+    RolloutStatus {
+        release: ReleaseId,
+    },
+    /// No further wave starts until `rollout_resume`. Reply: `rollout`.
+    RolloutPause {
+        release: ReleaseId,
+    },
+    /// Go on with a paused rollout: the failures so far are accepted and the wave's timer
+    /// restarts; with `advance`, the next wave starts at once. Reply: `rollout`.
+    RolloutResume {
+        release: ReleaseId,
+        #[serde(default, skip_serializing_if = "is_false")]
+        advance: bool,
+    },
+    /// Stop a rollout for good: no further notices; machines notified that have not begun
+    /// installing get a `cancel` command and their notice is cleared. Reply: `rollout`.
+    RolloutCancel {
+        release: ReleaseId,
+    },
+    /// Send the release again to `machines`, or (with `failed`) to every target whose record
+    /// is a failure: each starts a new round. Reply: `plan`.
+    ReleaseRetry {
+        release: ReleaseId,
+        #[serde(default)]
+        machines: Vec<MachineId>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        failed: bool,
+    },
 }
 
 fn is_false(b: &bool) -> bool {
@@ -204,6 +240,11 @@ impl AdminOp {
             AdminOp::KeyRotate => "key_rotate",
             AdminOp::MosquittoConfig => "mosquitto_config",
             AdminOp::Stats => "stats",
+            AdminOp::RolloutStatus { .. } => "rollout_status",
+            AdminOp::RolloutPause { .. } => "rollout_pause",
+            AdminOp::RolloutResume { .. } => "rollout_resume",
+            AdminOp::RolloutCancel { .. } => "rollout_cancel",
+            AdminOp::ReleaseRetry { .. } => "release_retry",
         }
     }
 
@@ -216,13 +257,18 @@ impl AdminOp {
             | AdminOp::ReleaseStatus { .. }
             | AdminOp::Machines
             | AdminOp::EventsSince { .. }
-            | AdminOp::Stats => Role::Viewer,
+            | AdminOp::Stats
+            | AdminOp::RolloutStatus { .. } => Role::Viewer,
             AdminOp::UploadBegin { .. }
             | AdminOp::UploadCommit { .. }
             | AdminOp::ReleaseCreate { .. }
             | AdminOp::ReleasePublish { .. }
             | AdminOp::Rollback { .. }
-            | AdminOp::Activate { .. } => Role::Operator,
+            | AdminOp::Activate { .. }
+            | AdminOp::RolloutPause { .. }
+            | AdminOp::RolloutResume { .. }
+            | AdminOp::RolloutCancel { .. }
+            | AdminOp::ReleaseRetry { .. } => Role::Operator,
             AdminOp::MachineProvision { .. }
             | AdminOp::MachineProvisionBatch { .. }
             | AdminOp::MachineRevoke { .. }
@@ -249,6 +295,7 @@ impl AdminOp {
                 | AdminOp::Audit { .. }
                 | AdminOp::OperatorList
                 | AdminOp::Stats
+                | AdminOp::RolloutStatus { .. }
         )
     }
 }
@@ -366,6 +413,9 @@ pub enum AdminReply {
         passwd: String,
         acl: String,
     },
+    Rollout {
+        rollout: RolloutInfo,
+    },
 }
 
 /// An operator as the platform records it (without its secret).
@@ -480,6 +530,9 @@ pub struct PublishPlan {
     pub topics: Vec<String>,
     /// Each targeted machine, with the group it was reached through (None = named directly).
     pub targets: Vec<(MachineId, Option<GroupId>)>,
+    /// A staged publish: the rollout it started (only its first wave was notified).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutInfo>,
 }
 
 /// One step's result for one machine.
@@ -716,6 +769,7 @@ mod tests {
             machines: vec![],
             groups: vec![],
             allow_empty: false,
+            waves: None,
         };
         assert_eq!(publish.required_role(), Role::Operator);
         assert!(publish.is_change());

@@ -261,6 +261,7 @@ impl Platform {
             machines,
             groups,
             allow_empty: false,
+            waves: None,
         };
         self.request(op).await.map(|_| ())
     }

@@ -14,6 +14,7 @@ pub mod machines;
 pub mod profile;
 pub mod release;
 pub mod rollback;
+pub mod rollout;
 pub mod serve;
 pub mod table;
 
@@ -60,6 +61,10 @@ pub enum Command {
     /// Register machines.
     #[command(subcommand)]
     Machine(machines::MachineCmd),
+    /// Follow and steer a staged rollout (`release publish --waves`): status, pause, resume,
+    /// cancel.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCmd),
     /// Roll a machine's or group's version type back to a stable version.
     Rollback(rollback::RollbackArgs),
     /// Install a downloaded `download-only` release now.
@@ -320,6 +325,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Release(cmd) => release::run(cmd, client).await,
         Command::Machines(args) => machines::list(args, client).await,
         Command::Machine(cmd) => machines::run(cmd, client).await,
+        Command::Rollout(cmd) => rollout::run(cmd, client).await,
         Command::Rollback(args) => rollback::rollback(args, client).await,
         Command::Activate(args) => rollback::activate(args, client).await,
         Command::Operator(cmd) => identity::operator(cmd, client).await,

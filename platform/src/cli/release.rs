@@ -1,4 +1,4 @@
-//! `fleetcast release create|publish|status|list`.
+//! `fleetcast release create|publish|retry|status|watch|list`.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -7,6 +7,7 @@ use clap::Subcommand;
 use fleetcast_proto::admin::{
     AdminOp, AdminReply, PublishPlan, ReleaseInfo, ReleaseStatus, StepResult,
 };
+use fleetcast_proto::rollout::{parse_share, WavePlan};
 use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId};
 
 use super::{confirm, parse_list, print_json, table, usage, ClientArgs, Exit};
@@ -46,6 +47,36 @@ pub enum ReleaseCmd {
         list: bool,
         /// Print what was published as JSON on stdout (the plan shown before confirming goes
         /// to stderr).
+        #[arg(long)]
+        json: bool,
+        /// Publish in waves: cumulative shares of the targets, e.g. `1%,10%,50%,100%` (the last
+        /// wave always takes everyone left). Which machines go first is fixed by a hash of the
+        /// release and machine ids. Follow and steer it with `fleetcast rollout`.
+        #[arg(long)]
+        waves: Option<String>,
+        /// With --waves: the next wave starts once this share of the machines notified so far
+        /// installed the release.
+        #[arg(long, default_value = "95%", requires = "waves")]
+        success_threshold: String,
+        /// With --waves: the rollout pauses by itself once more than this share of the machines
+        /// notified so far failed.
+        #[arg(long, default_value = "5%", requires = "waves")]
+        failure_threshold: String,
+        /// With --waves: a wave that has not succeeded after this long pauses the rollout
+        /// (`90s`, `30m`, `2h`; `0` = wait for ever).
+        #[arg(long, default_value = "0", requires = "waves")]
+        wave_timeout: String,
+    },
+    /// Send a release again to machines where it failed (or to named targets): each starts a
+    /// new round.
+    Retry {
+        release: ReleaseId,
+        /// Comma-separated machine ids (targets of the release).
+        #[arg(long, required_unless_present = "failed")]
+        machines: Option<String>,
+        /// Every target whose last result is a failure.
+        #[arg(long)]
+        failed: bool,
         #[arg(long)]
         json: bool,
     },
@@ -104,9 +135,19 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             yes,
             list,
             json,
+            waves,
+            success_threshold,
+            failure_threshold,
+            wave_timeout,
         } => {
             let machines: Vec<MachineId> = parse_list(&machines)?;
             let groups: Vec<GroupId> = parse_list(&groups)?;
+            let waves = waves
+                .map(|w| {
+                    wave_plan(&w, &success_threshold, &failure_threshold, &wave_timeout)
+                        .map_err(|e| usage(e.to_string()))
+                })
+                .transpose()?;
             if machines.is_empty() && groups.is_empty() {
                 return Err(usage("name the targets with --machines and/or --groups"));
             }
@@ -123,7 +164,10 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
                 let AdminReply::Plan { plan } = plan_reply else {
                     anyhow::bail!("unexpected reply to release plan");
                 };
-                let text = plan_text(&plan, &groups, list);
+                let mut text = plan_text(&plan, &groups, list);
+                if let Some(w) = &waves {
+                    text.push_str(&super::rollout::waves_text(w, plan.targets.len()));
+                }
                 if json {
                     eprint!("{text}");
                 } else {
@@ -138,6 +182,7 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
                         machines,
                         groups,
                         allow_empty,
+                        waves,
                     })
                     .await?
                 else {
@@ -145,6 +190,18 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
                 };
                 if json {
                     return print_json(&plan);
+                }
+                if let Some(r) = &plan.rollout {
+                    println!(
+                        "published {} (seq {}) in {} waves: wave 1 sent to {} of {} machine(s); follow it with `fleetcast rollout status {}`",
+                        plan.release.id,
+                        plan.release.seq,
+                        r.plan.waves_bp.len(),
+                        plan.topics.len(),
+                        plan.targets.len(),
+                        plan.release.id
+                    );
+                    return Ok(());
                 }
                 println!(
                     "published {} (seq {}) to {} machine(s)",
@@ -157,6 +214,36 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             .await;
             admin.close().await;
             result
+        }
+        ReleaseCmd::Retry {
+            release,
+            machines,
+            failed,
+            json,
+        } => {
+            let machines: Vec<MachineId> = parse_list(&machines)?;
+            let reply = client
+                .request(AdminOp::ReleaseRetry {
+                    release,
+                    machines,
+                    failed,
+                })
+                .await;
+            let AdminReply::Plan { plan } = reply? else {
+                anyhow::bail!("unexpected reply to release retry");
+            };
+            if json {
+                return print_json(&plan);
+            }
+            let names: Vec<&str> = plan.targets.iter().map(|(m, _)| m.as_str()).collect();
+            println!(
+                "sent {} again (seq {}) to {} machine(s): {}",
+                plan.release.id,
+                plan.release.seq,
+                names.len(),
+                names.join(", ")
+            );
+            Ok(())
         }
         ReleaseCmd::Status { release, json } => {
             let reply = client.request(AdminOp::ReleaseStatus { release }).await;
@@ -187,6 +274,43 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The wave plan from the command line's shares and timeout.
+pub fn wave_plan(
+    waves: &str,
+    success: &str,
+    failure: &str,
+    timeout: &str,
+) -> anyhow::Result<WavePlan> {
+    let waves_bp = waves
+        .split(',')
+        .map(parse_share)
+        .collect::<Result<Vec<u32>, _>>()?;
+    let timeout_ms = parse_duration_ms(timeout)?;
+    Ok(WavePlan::new(
+        waves_bp,
+        parse_share(success)?,
+        parse_share(failure)?,
+        timeout_ms,
+    )?)
+}
+
+/// `90s`, `30m`, `2h`, `1d`, or a number of seconds; `0` is none.
+pub fn parse_duration_ms(text: &str) -> anyhow::Result<u64> {
+    let t = text.trim();
+    let (num, unit) = t.split_at(t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| anyhow::anyhow!("invalid duration {text:?}: expected e.g. 90s, 30m, 2h"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => anyhow::bail!("invalid duration {text:?}: expected e.g. 90s, 30m, 2h"),
+    };
+    Ok(secs * 1000)
 }
 
 /// Polls the release's status and shows it until every target is in a final phase.
@@ -637,6 +761,7 @@ vm-001   shanghai  installed  1970-01-01 00:00:03  ok 1970-01-01 00:00:04  ok 19
                 "fleet/groups/empty/release/app".into(),
             ],
             targets: vec![(MachineId::new("vm-001").unwrap(), None)],
+            rollout: None,
         };
         let text = plan_text(&plan, &[GroupId::new("empty").unwrap()], false);
         assert!(
@@ -673,6 +798,7 @@ vm-001   shanghai  installed  1970-01-01 00:00:03  ok 1970-01-01 00:00:04  ok 19
             release: release(),
             topics,
             targets,
+            rollout: None,
         }
     }
 

@@ -547,6 +547,7 @@ async fn publish(
             machines: machines.iter().map(|x| m(x)).collect(),
             groups: groups.iter().map(|x| g(x)).collect(),
             allow_empty: false,
+            waves: None,
         })
         .await
         .unwrap();
@@ -730,6 +731,7 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
             machines: vec![m("vm-404")],
             groups: vec![],
             allow_empty: false,
+            waves: None,
         })
         .await;
     assert!(

@@ -482,6 +482,7 @@ async fn viewers_change_nothing_revoked_identities_stop_working_and_every_action
         machines: vec![m("vm-001")],
         groups: vec![],
         allow_empty: false,
+        waves: None,
     };
     let err = viewer.request(publish.clone()).await.unwrap_err();
     assert!(err.to_string().contains("role viewer"), "{err}");

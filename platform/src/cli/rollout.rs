@@ -1,0 +1,182 @@
+//! `fleetcast rollout status|pause|resume|cancel`: follow and steer a staged rollout (a release
+//! published with `--waves`).
+
+use std::fmt::Write;
+
+use clap::Subcommand;
+use fleetcast_proto::admin::{AdminOp, AdminReply};
+use fleetcast_proto::rollout::{share_text, RolloutInfo, RolloutState, WavePlan};
+use fleetcast_proto::ReleaseId;
+
+use super::{confirm, print_json, table, ClientArgs};
+
+#[derive(Subcommand)]
+pub enum RolloutCmd {
+    /// Waves, state, why it is where it is, and every recorded transition.
+    Status {
+        release: ReleaseId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start no further wave until `resume` (recorded in the audit log).
+    Pause {
+        release: ReleaseId,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Go on with a paused rollout: the failures so far are accepted and the wave's timer
+    /// restarts.
+    Resume {
+        release: ReleaseId,
+        /// Start the next wave now instead of waiting for this one to succeed.
+        #[arg(long)]
+        advance: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop for good: no further notices; notified machines that have not begun installing
+    /// drop the release and report `cancelled`; installed machines stay as they are.
+    Cancel {
+        release: ReleaseId,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+pub async fn run(cmd: RolloutCmd, client: &ClientArgs) -> anyhow::Result<()> {
+    let (op, json) = match cmd {
+        RolloutCmd::Status { release, json } => (AdminOp::RolloutStatus { release }, json),
+        RolloutCmd::Pause { release, json } => (AdminOp::RolloutPause { release }, json),
+        RolloutCmd::Resume {
+            release,
+            advance,
+            json,
+        } => (AdminOp::RolloutResume { release, advance }, json),
+        RolloutCmd::Cancel { release, yes, json } => {
+            if !confirm(&format!("Cancel the rollout of {release}?"), yes)? {
+                anyhow::bail!("not cancelled");
+            }
+            (AdminOp::RolloutCancel { release }, json)
+        }
+    };
+    let reply = client.request(op).await;
+    let AdminReply::Rollout { rollout } = reply? else {
+        anyhow::bail!("unexpected reply to a rollout command");
+    };
+    if json {
+        return print_json(&rollout);
+    }
+    print!("{}", rollout_text(&rollout));
+    Ok(())
+}
+
+/// What a publish with `plan` over `targets` machines will do, for the confirmation.
+pub fn waves_text(plan: &WavePlan, targets: usize) -> String {
+    let mut out = String::from("waves (cumulative):");
+    for w in 0..plan.waves_bp.len() {
+        let _ = write!(
+            out,
+            " {} = {}",
+            share_text(plan.waves_bp[w]),
+            plan.cumulative(w, targets)
+        );
+        if w + 1 < plan.waves_bp.len() {
+            out.push(',');
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nnext wave when {} of those notified installed; pause when more than {} failed{}",
+        share_text(plan.success_bp),
+        share_text(plan.failure_bp),
+        if plan.wave_timeout_ms > 0 {
+            format!(" or a wave runs {} s", plan.wave_timeout_ms / 1000)
+        } else {
+            String::new()
+        }
+    );
+    out
+}
+
+pub fn rollout_text(r: &RolloutInfo) -> String {
+    let mut out = String::new();
+    let n = r.order.len();
+    let state = match &r.state {
+        RolloutState::Paused { reason } => format!("paused: {reason}"),
+        RolloutState::Cancelled { reason } => format!("cancelled: {reason}"),
+        other => other.name().to_owned(),
+    };
+    let _ = writeln!(out, "rollout of {}: {state}", r.release);
+    let _ = writeln!(
+        out,
+        "wave {} of {}: {} of {} machines notified",
+        r.wave + 1,
+        r.plan.waves_bp.len(),
+        r.plan.cumulative(r.wave, n),
+        n
+    );
+    out.push_str(&waves_text(&r.plan, n));
+    if r.failures_accepted > 0 {
+        let _ = writeln!(out, "failures accepted at resume: {}", r.failures_accepted);
+    }
+    let mut rows = Vec::new();
+    for t in &r.log {
+        rows.push(vec![
+            table::time(Some(t.at_ms)),
+            (t.wave + 1).to_string(),
+            t.what.clone(),
+            t.by.clone().unwrap_or_else(|| "-".into()),
+            t.reason.clone(),
+        ]);
+    }
+    out.push_str(&table::render(
+        &["WHEN", "WAVE", "WHAT", "BY", "WHY"],
+        &rows,
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcast_proto::rollout::RolloutTransition;
+    use fleetcast_proto::MachineId;
+
+    #[test]
+    fn a_paused_rollout_says_where_and_why() {
+        let plan = WavePlan::new(vec![100, 1000, 5000], 9500, 500, 3_600_000).unwrap();
+        let r = RolloutInfo {
+            release: ReleaseId::new("r-000007").unwrap(),
+            plan: plan.clone(),
+            order: (0..200)
+                .map(|i| MachineId::new(format!("vm-{i}")).unwrap())
+                .collect(),
+            wave: 1,
+            wave_started_ms: 0,
+            state: RolloutState::Paused {
+                reason: "wave 2: 2 of 20 machines failed (10%), above the failure threshold 5%"
+                    .into(),
+            },
+            failures_accepted: 0,
+            log: vec![RolloutTransition {
+                at_ms: 1_795_600_000_000,
+                wave: 1,
+                what: "paused".into(),
+                reason: "wave 2: 2 of 20 machines failed".into(),
+                by: None,
+            }],
+        };
+        let text = rollout_text(&r);
+        assert!(text.starts_with("rollout of r-000007: paused: wave 2: 2 of 20 machines failed (10%), above the failure threshold 5%\nwave 2 of 4: 20 of 200 machines notified\n"), "{text}");
+        assert!(text.contains("waves (cumulative): 1% = 2, 10% = 20, 50% = 100, 100% = 200"));
+        assert!(text.contains("or a wave runs 3600 s"));
+        assert!(text.contains("paused"));
+        assert_eq!(
+            waves_text(&plan, 3),
+            "waves (cumulative): 1% = 1, 10% = 2, 50% = 3, 100% = 3\nnext wave when 95% of those notified installed; pause when more than 5% failed or a wave runs 3600 s\n"
+        );
+    }
+}
