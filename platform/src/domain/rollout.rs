@@ -145,18 +145,21 @@ pub fn start(
 
 /// Re-evaluates a running rollout against what its machines reported: pauses it past the
 /// failure threshold or the wave timeout, starts the next wave once this one succeeded, and
-/// completes it when the last wave did. Anything but a running rollout is left alone.
+/// completes it when the last wave did. Anything but a running rollout is left alone. Failures
+/// accepted at a resume count for neither threshold.
 pub fn observe(r: &mut RolloutInfo, t: Tally, now_ms: u64) -> Vec<Effect> {
     if r.state != RolloutState::Running {
         return vec![];
     }
     let wave_no = r.wave + 1;
+    // Failures an operator resumed past count for neither threshold: neither as failures nor
+    // among the machines the shares are taken over.
     let failures = t.failed.saturating_sub(r.failures_accepted);
-    if failures as u64 * ALL_BP as u64 > r.plan.failure_bp as u64 * t.notified as u64 {
+    let counted = t.notified.saturating_sub(r.failures_accepted.min(t.failed));
+    if failures as u64 * ALL_BP as u64 > r.plan.failure_bp as u64 * counted as u64 {
         let reason = format!(
-            "wave {wave_no}: {failures} of {} machines failed ({}), above the failure threshold {}",
-            t.notified,
-            pct(failures, t.notified),
+            "wave {wave_no}: {failures} of {counted} machines failed ({}), above the failure threshold {}",
+            pct(failures, counted),
             share_text(r.plan.failure_bp)
         );
         r.state = RolloutState::Paused {
@@ -165,12 +168,11 @@ pub fn observe(r: &mut RolloutInfo, t: Tally, now_ms: u64) -> Vec<Effect> {
         log(r, now_ms, "paused", reason, None);
         return vec![];
     }
-    if t.succeeded as u64 * ALL_BP as u64 >= r.plan.success_bp as u64 * t.notified as u64 {
+    if t.succeeded as u64 * ALL_BP as u64 >= r.plan.success_bp as u64 * counted as u64 {
         let reason = format!(
-            "wave {wave_no}: {} of {} machines succeeded ({}), threshold {}",
+            "wave {wave_no}: {} of {counted} machines succeeded ({}), threshold {}",
             t.succeeded,
-            t.notified,
-            pct(t.succeeded, t.notified),
+            pct(t.succeeded, counted),
             share_text(r.plan.success_bp)
         );
         if r.wave + 1 >= r.plan.waves_bp.len() {
@@ -183,11 +185,10 @@ pub fn observe(r: &mut RolloutInfo, t: Tally, now_ms: u64) -> Vec<Effect> {
     let ran = now_ms.saturating_sub(r.wave_started_ms);
     if r.plan.wave_timeout_ms > 0 && ran >= r.plan.wave_timeout_ms {
         let reason = format!(
-            "wave {wave_no} timed out after {} s: {} of {} machines succeeded ({}), below {}",
+            "wave {wave_no} timed out after {} s: {} of {counted} machines succeeded ({}), below {}",
             ran / 1000,
             t.succeeded,
-            t.notified,
-            pct(t.succeeded, t.notified),
+            pct(t.succeeded, counted),
             share_text(r.plan.success_bp)
         );
         r.state = RolloutState::Paused {
@@ -433,20 +434,38 @@ mod tests {
         fleet.set(&r.order[4..20], Phase::Installed);
         assert!(step(&mut r, &fleet, 4).is_empty());
         assert_eq!(r.wave, 1);
-        // Resume accepts the two failures; 18 of 20 is below 95 %, so it waits for them.
+        // Resume accepts the two failures: they count for neither threshold, so the 18 others
+        // (all installed) are the whole wave and the next one starts.
         let t = fleet.tally(&r);
-        assert!(resume(&mut r, "ops", false, t, 5).unwrap().is_empty());
+        let w3 = notify_of(&resume(&mut r, "ops", false, t, 5).unwrap());
         assert_eq!(
             (r.state.clone(), r.failures_accepted),
             (RolloutState::Running, 2)
         );
-        // A retry makes them succeed: the wave is done.
-        fleet.set(&r.order[2..4], Phase::Installed);
-        let w3 = notify_of(&step(&mut r, &fleet, 6));
         assert_eq!((r.wave, w3.len()), (2, 80));
+        assert_eq!(
+            r.log.last().unwrap().reason,
+            "wave 2: 18 of 18 machines succeeded (100%), threshold 95%; wave 3 of 4: 80 more machines"
+        );
+        // Four new failures among the 98 counted (100 notified, 2 accepted) are 4.08%: fine;
+        // six are 6.12%: paused again, counting only the new ones.
+        fleet.set(&w3[..74], Phase::Installed);
+        fleet.set(&w3[74..78], Phase::InstallFailed);
+        assert!(step(&mut r, &fleet, 6).is_empty());
+        assert_eq!(r.state, RolloutState::Running);
+        fleet.set(&w3[78..80], Phase::Rejected);
+        step(&mut r, &fleet, 7);
+        assert_eq!(
+            r.state,
+            RolloutState::Paused {
+                reason: "wave 3: 6 of 98 machines failed (6.12%), above the failure threshold 5%"
+                    .into()
+            }
+        );
         // Cancelled and superseded machines are not failures.
         fleet.set(&w3[..40], Phase::Cancelled);
-        assert_eq!(fleet.tally(&r).failed, 0);
+        fleet.set(&w3[40..], Phase::Superseded);
+        assert_eq!(fleet.tally(&r).failed, 2);
     }
 
     #[test]

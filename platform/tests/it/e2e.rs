@@ -7,10 +7,10 @@ use std::collections::BTreeMap;
 use super::*;
 
 /// Rollouts here move real artifacts through real agents: allow more than `WAIT`.
-const E2E_WAIT: Duration = Duration::from_secs(90);
+pub(super) const E2E_WAIT: Duration = Duration::from_secs(90);
 
 /// `count` simulated machines (vm-001...) running app 1.0.0, provisioned with the platform in `data`.
-fn simulated(
+pub(super) fn simulated(
     data: &Path,
     sim: &Path,
     broker: &BrokerUrl,
@@ -45,14 +45,14 @@ fn machine_config(
     )
 }
 
-fn artifact_file(dir: &Path, name: &str, size: usize, seed: u8) -> PathBuf {
+pub(super) fn artifact_file(dir: &Path, name: &str, size: usize, seed: u8) -> PathBuf {
     let path = dir.join(name);
     std::fs::write(&path, data(size, seed)).unwrap();
     path
 }
 
 /// Uploads `path` as app `version` in 64 KiB chunks.
-async fn upload(admin: &AdminClient, path: &Path, version: &str) -> ArtifactInfo {
+pub(super) async fn upload(admin: &AdminClient, path: &Path, version: &str) -> ArtifactInfo {
     upload_file(admin, path, &app(), version, 65536)
         .await
         .unwrap_or_else(|e| panic!("upload {version}: {e}"))
@@ -137,7 +137,7 @@ async fn machines_versions(admin: &AdminClient) -> BTreeMap<MachineId, Option<St
 }
 
 /// Waits until `count` machines are online and have reported their app version.
-async fn wait_online(admin: &AdminClient, count: usize) {
+pub(super) async fn wait_online(admin: &AdminClient, count: usize) {
     poll_until(
         E2E_WAIT,
         "machines online",

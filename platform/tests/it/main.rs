@@ -10,6 +10,7 @@ mod e2e;
 mod gateway;
 mod reconcile;
 mod security;
+mod staged;
 
 use std::collections::VecDeque;
 use std::fmt::Debug;

@@ -1,0 +1,392 @@
+//! Staged rollouts with real agents (the simulator): a 200-machine rollout with injected
+//! failures pauses at the wave the failures predict, with the reason, and resuming finishes it;
+//! cancel mid-wave stops it there; a platform restart mid-wave loses nothing.
+
+use fleetcast_platform::domain::rollout::order;
+use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan};
+
+use super::e2e::{artifact_file, simulated, upload, wait_online, E2E_WAIT};
+use super::*;
+
+async fn rollout_op(admin: &AdminClient, op: AdminOp) -> RolloutInfo {
+    let reply = admin.request(op).await.unwrap();
+    let AdminReply::Rollout { rollout } = reply else {
+        panic!("{reply:?}")
+    };
+    rollout
+}
+
+async fn rollout_status(admin: &AdminClient, release: &ReleaseId) -> RolloutInfo {
+    rollout_op(
+        admin,
+        AdminOp::RolloutStatus {
+            release: release.clone(),
+        },
+    )
+    .await
+}
+
+/// Polls the rollout until `done` holds.
+async fn rollout_until(
+    admin: &AdminClient,
+    release: &ReleaseId,
+    what: &str,
+    done: impl Fn(&RolloutInfo) -> bool,
+) -> RolloutInfo {
+    poll_until(
+        E2E_WAIT,
+        what,
+        || rollout_status(admin, release),
+        |r| done(r),
+    )
+    .await
+}
+
+async fn publish_waves(
+    admin: &AdminClient,
+    release: &ReleaseId,
+    groups: &[&str],
+    plan: WavePlan,
+) -> PublishPlan {
+    let reply = admin
+        .request(AdminOp::ReleasePublish {
+            release: release.clone(),
+            machines: vec![],
+            groups: groups.iter().map(|x| g(x)).collect(),
+            allow_empty: false,
+            waves: Some(plan),
+        })
+        .await
+        .unwrap();
+    let AdminReply::Plan { plan } = reply else {
+        panic!("{reply:?}")
+    };
+    plan
+}
+
+fn ids(range: std::ops::RangeInclusive<usize>) -> Vec<MachineId> {
+    range.map(|i| m(&format!("vm-{i:03}"))).collect()
+}
+
+/// Runs a simulator task for machines `first..first+count` with `fail_health` versions.
+fn simulator(
+    data: &Path,
+    sim: &Path,
+    broker: &BrokerUrl,
+    first: usize,
+    count: usize,
+    fail_health: &[&str],
+    stop: &CancellationToken,
+) -> JoinHandle<Result<(), fleetcast_device::simulate::SimulateError>> {
+    let mut opts = simulated(data, sim, broker, count, &["fleet"]);
+    opts.start_index = first;
+    opts.fail_health = fail_health.iter().map(|v| v.to_string()).collect();
+    tokio::spawn(fleetcast_device::simulate::run(opts, stop.clone()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_machines_pause_at_the_wave_failures_predict_and_resume_finishes() {
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&broker).await;
+    let sim = dir.path().join("machines");
+    let stop = CancellationToken::new();
+    // vm-001..vm-180 healthy; vm-181..vm-200 fail the health check of 2.0.0 and roll back.
+    let healthy = simulator(&data_dir, &sim, &broker, 1, 180, &[], &stop);
+    let failing = simulator(&data_dir, &sim, &broker, 181, 20, &["2.0.0"], &stop);
+    wait_online(&admin, 200).await;
+    let file = artifact_file(dir.path(), "app-2.0.0.bin", 3_000, 4);
+    upload(&admin, &file, "2.0.0").await;
+    let release = create_release(&admin, &app(), "2.0.0", InstallPolicy::Immediate)
+        .await
+        .id;
+    let plan = WavePlan::new(vec![100, 1000, 5000], 9500, 500, 0).unwrap();
+    let published = publish_waves(&admin, &release, &["fleet"], plan.clone()).await;
+    let r = published
+        .rollout
+        .expect("a staged publish returns its rollout");
+    assert_eq!(published.targets.len(), 200);
+    assert_eq!(
+        r.order,
+        order(&release, ids(1..=200)),
+        "the documented order"
+    );
+    assert_eq!(published.topics.len(), 2, "wave 1 is 1% of 200");
+    assert!(published
+        .topics
+        .iter()
+        .all(|t| t.starts_with("fleet/machines/")));
+
+    // Where it must pause: the first wave whose share of failing machines passes 5%.
+    let failing_ids = ids(181..=200);
+    let (pause_wave, wave_end, failing_in_wave) = (0..4)
+        .map(|w| {
+            let end = plan.cumulative(w, 200);
+            let f = r.order[..end]
+                .iter()
+                .filter(|m| failing_ids.contains(m))
+                .count();
+            (w, end, f)
+        })
+        .find(|&(_, end, f)| f * 10_000 > 500 * end)
+        .expect("20 of 200 failing is above 5% by the last wave at the latest");
+    let paused = rollout_until(&admin, &release, "rollout paused", |r| {
+        matches!(r.state, RolloutState::Paused { .. })
+    })
+    .await;
+    assert_eq!(paused.wave, pause_wave, "{paused:?}");
+    let RolloutState::Paused { reason } = &paused.state else {
+        unreachable!()
+    };
+    let prefix = format!("wave {}: ", pause_wave + 1);
+    let suffix = format!(" of {wave_end} machines failed");
+    assert!(
+        reason.starts_with(&prefix)
+            && reason.contains(&suffix)
+            && reason.ends_with("above the failure threshold 5%"),
+        "{reason}"
+    );
+    let counted: usize = reason[prefix.len()..]
+        .split(' ')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        counted * 10_000 > 500 * wave_end && counted <= failing_in_wave,
+        "{reason}"
+    );
+    // Nobody beyond the paused wave heard of the release.
+    let s = status(&admin, &release).await;
+    let notified: Vec<&MachineId> = s.targets.iter().map(|t| &t.machine).collect();
+    assert_eq!(notified.len(), wave_end, "{notified:?}");
+    assert!(r.order[..wave_end].iter().all(|m| notified.contains(&m)));
+    // And it stays paused.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(rollout_status(&admin, &release).await.wave, pause_wave);
+
+    // Resume (accepting the failures each time it pauses again) until it completes.
+    for _ in 0..4 {
+        let r = rollout_until(&admin, &release, "rollout paused or completed", |r| {
+            matches!(
+                r.state,
+                RolloutState::Paused { .. } | RolloutState::Completed
+            )
+        })
+        .await;
+        if r.state == RolloutState::Completed {
+            break;
+        }
+        let resumed = rollout_op(
+            &admin,
+            AdminOp::RolloutResume {
+                release: release.clone(),
+                advance: false,
+            },
+        )
+        .await;
+        assert!(resumed.failures_accepted > 0);
+    }
+    let done = rollout_until(&admin, &release, "rollout completed", |r| {
+        r.state == RolloutState::Completed
+    })
+    .await;
+    assert_eq!(done.wave, 3);
+    let s = until_all_final(&admin, &release, 200).await;
+    let count = |p: Phase| s.targets.iter().filter(|t| t.phase == p).count();
+    assert_eq!(
+        (count(Phase::Installed), count(Phase::RolledBack)),
+        (180, 20)
+    );
+    let whats: Vec<&str> = done.log.iter().map(|t| t.what.as_str()).collect();
+    assert_eq!(whats.first(), Some(&"started"));
+    assert!(
+        whats.contains(&"paused") && whats.contains(&"resumed"),
+        "{whats:?}"
+    );
+    assert!(done
+        .log
+        .iter()
+        .any(|t| t.what == "resumed" && t.by.as_deref() == Some("admin")));
+
+    // Retry the failed ones: each gets the release again (and fails again here).
+    let reply = admin
+        .request(AdminOp::ReleaseRetry {
+            release: release.clone(),
+            machines: vec![],
+            failed: true,
+        })
+        .await
+        .unwrap();
+    let AdminReply::Plan { plan } = reply else {
+        panic!("{reply:?}")
+    };
+    let mut retried: Vec<MachineId> = plan.targets.into_iter().map(|(m, _)| m).collect();
+    retried.sort();
+    assert_eq!(retried, failing_ids);
+
+    stop.cancel();
+    let _ = tokio::join!(healthy, failing);
+    admin.close().await;
+    platform.stop().await;
+}
+
+async fn until_all_final(admin: &AdminClient, release: &ReleaseId, n: usize) -> ReleaseStatus {
+    wait_status_within(admin, release, E2E_WAIT, |s| {
+        s.targets.len() == n && s.targets.iter().all(|t| t.phase.is_final())
+    })
+    .await
+}
+
+/// A window that opens in two hours (UTC): machines download now and wait.
+fn closed_window() -> InstallPolicy {
+    let minute = (fleetcast_platform::now_ms() / 60_000 % (24 * 60)) as u32;
+    let hhmm = |m: u32| format!("{:02}:{:02}", (m / 60) % 24, m % 60);
+    format!(
+        "window:{}-{}@+00:00",
+        hhmm(minute + 120),
+        hhmm(minute + 180)
+    )
+    .parse()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_mid_wave_drops_the_release_where_not_installed_and_notifies_no_one_else() {
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&broker).await;
+    let sim = dir.path().join("machines");
+    let stop = CancellationToken::new();
+    let machines = simulator(&data_dir, &sim, &broker, 1, 30, &[], &stop);
+    wait_online(&admin, 30).await;
+    let file = artifact_file(dir.path(), "app-2.0.0.bin", 3_000, 5);
+    upload(&admin, &file, "2.0.0").await;
+    // Deferred (downloaded, waiting for its window) is not success: wave 1 never completes.
+    let release = create_release(&admin, &app(), "2.0.0", closed_window())
+        .await
+        .id;
+    let plan = WavePlan::new(vec![1000, 5000], 9500, 500, 0).unwrap();
+    let r = publish_waves(&admin, &release, &["fleet"], plan)
+        .await
+        .rollout
+        .unwrap();
+    let first: Vec<MachineId> = r.order[..3].to_vec();
+    wait_status_within(&admin, &release, E2E_WAIT, |s| {
+        s.targets.len() == 3 && s.targets.iter().all(|t| t.phase == Phase::Deferred)
+    })
+    .await;
+    assert_eq!(rollout_status(&admin, &release).await.wave, 0);
+
+    let cancelled = rollout_op(
+        &admin,
+        AdminOp::RolloutCancel {
+            release: release.clone(),
+        },
+    )
+    .await;
+    let RolloutState::Cancelled { reason } = &cancelled.state else {
+        panic!("{:?}", cancelled.state)
+    };
+    assert!(reason.contains("3 machines told to drop"), "{reason}");
+    // The three drop it and say so; nobody else was ever notified.
+    let s = wait_status_within(&admin, &release, E2E_WAIT, |s| {
+        s.targets.iter().all(|t| t.phase == Phase::Cancelled)
+    })
+    .await;
+    let mut got: Vec<MachineId> = s.targets.iter().map(|t| t.machine.clone()).collect();
+    got.sort();
+    let mut want = first.clone();
+    want.sort();
+    assert_eq!(got, want);
+    // Cancelled for good: resume and a second cancel are refused, and nothing advances.
+    let err = admin
+        .request(AdminOp::RolloutResume {
+            release: release.clone(),
+            advance: true,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(status(&admin, &release).await.targets.len(), 3);
+    // Their retained notices were cleared: a late subscriber finds none.
+    let mut observer = peer(&broker, "observer").await;
+    observer.subscribe("fleet/machines/+/release/app").await;
+    let retained = observer.drain(Duration::from_secs(1)).await;
+    assert!(
+        retained.iter().all(|p| p.payload.is_empty()),
+        "{:?}",
+        retained.iter().map(|p| &p.topic).collect::<Vec<_>>()
+    );
+    let audit = admin
+        .request(AdminOp::Audit {
+            since: 0,
+            limit: None,
+        })
+        .await
+        .unwrap();
+    let AdminReply::Audit { entries, .. } = audit else {
+        panic!()
+    };
+    assert!(entries
+        .iter()
+        .any(|e| e.action == "rollout_cancel" && e.result == "ok"));
+
+    stop.cancel();
+    let _ = machines.await;
+    admin.close().await;
+    platform.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_platform_restart_mid_wave_loses_nothing_and_the_rollout_finishes() {
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&broker).await;
+    let sim = dir.path().join("machines");
+    let stop = CancellationToken::new();
+    let machines = simulator(&data_dir, &sim, &broker, 1, 20, &[], &stop);
+    wait_online(&admin, 20).await;
+    let file = artifact_file(dir.path(), "app-2.0.0.bin", 3_000, 6);
+    upload(&admin, &file, "2.0.0").await;
+    let release = create_release(&admin, &app(), "2.0.0", InstallPolicy::Immediate)
+        .await
+        .id;
+    let plan = WavePlan::new(vec![1000, 5000], 9500, 500, 0).unwrap();
+    publish_waves(&admin, &release, &["fleet"], plan).await;
+    // Stop the platform at once: wave 1's machines install while it is down.
+    admin.close().await;
+    platform.stop().await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let platform = start_platform(&broker, &data_dir);
+    let admin = super::admin(&broker, &data_dir).await;
+    let done = rollout_until(&admin, &release, "rollout completed after restart", |r| {
+        r.state == RolloutState::Completed
+    })
+    .await;
+    let whats: Vec<&str> = done.log.iter().map(|t| t.what.as_str()).collect();
+    assert_eq!(whats, ["started", "advanced", "advanced", "completed"]);
+    let s = until_all_final(&admin, &release, 20).await;
+    assert!(
+        s.targets.iter().all(|t| t.phase == Phase::Installed),
+        "{s:?}"
+    );
+
+    stop.cancel();
+    let _ = machines.await;
+    admin.close().await;
+    platform.stop().await;
+}
