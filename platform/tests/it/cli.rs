@@ -518,6 +518,41 @@ async fn every_json_output_matches_its_schema_in_docs() {
         .await
         .json();
     outputs.push(("rollback", "plan.json", rollback));
+    // A staged rollout: its publish, then pause (a state with a reason) and status.
+    let staged = fc
+        .run(&["release", "create", "--kind", "app", "--version", "1.0"])
+        .await
+        .ok();
+    let staged = staged.trim();
+    let plan = fc
+        .run(&[
+            "release",
+            "publish",
+            staged,
+            "--groups",
+            "g1",
+            "--waves",
+            "50%",
+            "--wave-timeout",
+            "30m",
+            "--yes",
+            "--json",
+        ])
+        .await
+        .json();
+    assert_eq!(
+        plan["rollout"]["plan"]["waves_bp"],
+        serde_json::json!([5000, 10000])
+    );
+    outputs.push(("release publish --waves", "plan.json", plan));
+    let paused = fc.run(&["rollout", "pause", staged, "--json"]).await.json();
+    assert_eq!(paused["state"], "paused");
+    outputs.push(("rollout pause", "rollout.json", paused));
+    let status = fc
+        .run(&["rollout", "status", staged, "--json"])
+        .await
+        .json();
+    outputs.push(("rollout status", "rollout.json", status));
     fc.run(&["operator", "add", "val", "--role", "viewer"])
         .await
         .ok();
