@@ -162,6 +162,16 @@ async fn run_size(
     r
 }
 
+/// Where simulated machines keep their data: `SCALE_SIM_DIR`, else /dev/shm when it exists
+/// (`SCALE_SIM_DIR=disk` keeps them beside the platform's data).
+fn sim_root() -> Option<PathBuf> {
+    match std::env::var("SCALE_SIM_DIR") {
+        Ok(d) if d == "disk" => None,
+        Ok(d) if !d.is_empty() => Some(PathBuf::from(d)),
+        _ => Some(PathBuf::from("/dev/shm")).filter(|p| p.is_dir()),
+    }
+}
+
 async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &Path) -> Result<()> {
     let n = r.n;
     let dir = tempfile::tempdir_in(root)?;
@@ -230,7 +240,13 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
     tokio::time::sleep(Duration::from_secs(1)).await;
     r.serve_after_raw = p.proc.mem();
 
-    // 3. Onboarding.
+    // 3. Onboarding. The simulated machines keep their data in memory (tmpfs) when the host
+    // has one: a real fleet has a disk per machine, not one disk for all of them, and 1,000
+    // agents writing and fsyncing 1 GiB to one disk would measure that disk.
+    let sim_dir = match sim_root() {
+        Some(root) => tempfile::tempdir_in(root)?,
+        None => tempfile::tempdir_in(dir.path())?,
+    };
     let groups = groups_for(n);
     let group_list: Vec<&str> = groups.iter().map(|g| g.as_str()).collect();
     let mut cmd = Command::new(common::device_bin()?);
@@ -242,7 +258,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
         .arg("--prefix")
         .arg("vm-")
         .arg("--data")
-        .arg(dir.path().join("machines"))
+        .arg(sim_dir.path())
         .arg("--broker")
         .arg(p.url.to_string())
         .arg("--admin-secret-file")
@@ -472,7 +488,7 @@ fn latency_cell(ro: Option<&Rollout>) -> String {
 }
 
 fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
-    println!("Broker: {}. Artifact 1 MiB (64 KiB chunks), policy `immediate`, groups g1,g2. Raw fan-out: the same 1 MiB as 16 × 64 KiB QoS 1 from the platform principal to N plain rumqttc subscribers (machines `raw-…` in group `rawbench`, on an artifact topic released to them, through rumqttd), run after `serve` started and before the simulated fleet, every subscriber's byte count checked.", broker.label());
+    println!("Broker: {}. Artifact 1 MiB (64 KiB chunks), policy `immediate`, groups g1,g2. Raw fan-out: the same 1 MiB as 16 × 64 KiB QoS 1 from the platform principal to N plain rumqttc subscribers (machines `raw-…` in group `rawbench`, on an artifact topic released to them, through rumqttd), run after `serve` started and before the simulated fleet, every subscriber's byte count checked. Simulated machines' data: {}.", broker.label(), sim_root().map_or_else(|| "on disk beside the platform's (SCALE_SIM_DIR=disk)".to_owned(), |d| format!("in {} (tmpfs: a fleet has a disk per machine; SCALE_SIM_DIR=disk for one shared disk)", d.display())));
     println!();
     println!("| machines | onboarding (provision + connect + first state) | raw fan-out 1 MiB | fleetcast rollout 1 MiB (publish → all `installed`) | ratio to raw | notice → `notified` p50 / p99 | platform egress ÷ artifact |");
     println!("|---|---|---|---|---|---|---|");
