@@ -22,12 +22,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::artifacts::Upload;
+use crate::domain::target;
 use crate::error::PlatformError;
 use crate::integrators::Integrators;
 use crate::now_ms;
 use crate::publish::{self, refused, Ctx, OpError};
 use crate::store::{OperatorRecord, StoreError};
-use crate::{identities, rollout, staged};
+use crate::{identities, staged};
 
 /// What the serve connection forwards to the admin task.
 #[derive(Debug)]
@@ -497,7 +498,7 @@ impl Admin {
             AdminOp::ReleaseStatus { release } => {
                 let info = publish::known_release(store, &release)?;
                 let targets = store.targets_of(&release)?;
-                let progress = rollout::progress(&info, &targets, now_ms());
+                let progress = target::progress(&info, &targets, now_ms());
                 Ok(AdminReply::ReleaseStatus {
                     status: ReleaseStatus {
                         release: info,

@@ -24,10 +24,11 @@ use rumqttc::{AsyncClient, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::domain::target;
 use crate::error::PlatformError;
 use crate::publish::{self, Ctx};
 use crate::store::{DesiredNotice, StoreError};
-use crate::{now_ms, rollout, staged};
+use crate::{now_ms, staged};
 
 pub const MAX_BATCH: usize = 1024;
 pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
@@ -480,7 +481,7 @@ impl Ingest {
             }
             store.put_machine(&info).map_err(Err)?;
         }
-        match rollout::apply(&mut rec, &ev, now) {
+        match target::apply(&mut rec, &ev, now) {
             Ok(()) => {
                 store.put_target(&rec).map_err(Err)?;
                 after.push(After::Progress {

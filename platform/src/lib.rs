@@ -8,8 +8,8 @@
 //! - [`keys`]: the platform's signing key and the admin secret in the data dir.
 //! - [`store`]: sled persistence, one tree per record family (layout documented there).
 //! - [`artifacts`]: artifact files: staged uploads, atomic commit, manifests, chunk reads.
-//! - [`rollout`]: the pure per-(release, machine) state machine and rollout progress.
-//! - [`domain`]: pure state machines of the domain (staged rollouts with their waves).
+//! - [`domain`]: the domain's pure state machines: a target (one machine's record for one
+//!   release) and a staged rollout with its waves.
 //! - [`staged`]: staged rollouts, the I/O side: waves' notices, pause/resume/cancel.
 //! - [`ingest`]: the persistent connection for status, state and online.
 //! - [`integrators`]: integrators' requests for stored events (signed batches).
@@ -35,7 +35,6 @@ pub mod keys;
 pub mod limits;
 pub mod logs;
 pub mod publish;
-pub mod rollout;
 pub mod serve;
 pub mod staged;
 pub mod stats;

@@ -12,10 +12,10 @@ use fleetcast_proto::{GroupId, Kind, MachineId, ReleaseId, ReleaseNotice, Target
 use rumqttc::{AsyncClient, QoS};
 
 use crate::artifacts::{ArtifactError, ArtifactStore};
+use crate::domain::target;
 use crate::keys::Keys;
 use crate::limits::MachineLimits;
 use crate::now_ms;
-use crate::rollout;
 use crate::store::{DesiredNotice, Store, StoreError};
 
 /// Everything the service's tasks share.
@@ -253,12 +253,12 @@ pub fn assign_target(
     let mut touched = vec![release.id.clone()];
     match store.target(&release.id, machine)? {
         Some(rec) if !rec.phase.is_final() => {}
-        _ => store.put_target(&rollout::new_target(release, machine.clone(), via, now))?,
+        _ => store.put_target(&target::new_target(release, machine.clone(), via, now))?,
     }
     if let Some(prev) = store.current(machine, &release.kind)? {
         if prev != release.id {
             if let Some(mut rec) = store.target(&prev, machine)? {
-                if rollout::supersede(&mut rec, now) {
+                if target::supersede(&mut rec, now) {
                     store.put_target(&rec)?;
                     touched.push(prev);
                 }
@@ -438,7 +438,7 @@ pub fn progress_of(
         return Ok(None);
     };
     let targets = store.targets_of(release)?;
-    Ok(Some(rollout::progress(&info, &targets, now_ms())))
+    Ok(Some(target::progress(&info, &targets, now_ms())))
 }
 
 /// `release`'s progress as the retained message for its progress topic.
@@ -662,7 +662,7 @@ mod tests {
             error: None,
             detail: None,
         };
-        rollout::apply(&mut rec, &ev, 1)
+        target::apply(&mut rec, &ev, 1)
             .unwrap_or_else(|why| panic!("{phase} (attempt {attempt}) refused: {why}"));
         store.put_target(&rec).unwrap();
     }
