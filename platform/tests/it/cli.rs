@@ -519,6 +519,38 @@ async fn every_json_output_matches_its_schema_in_docs() {
         .json();
     let rollback_id = rollback["release"]["id"].as_str().unwrap().to_owned();
     outputs.push(("rollback", "plan.json", rollback));
+    // Inventory, before the staged rollout below makes another release current.
+    for (what, args, schema) in [
+        (
+            "machines filtered",
+            &[
+                "machines",
+                "--kind",
+                "app",
+                "--phase",
+                "download_failed",
+                "--json",
+            ][..],
+            "machines.json",
+        ),
+        (
+            "versions",
+            &["versions", "--kind", "app", "--json"],
+            "versions.json",
+        ),
+        (
+            "history",
+            &["history", "--machine", "vm-001", "--json"],
+            "history.json",
+        ),
+        (
+            "history of a failure",
+            &["history", "--machine", "vm-002", "--kind", "app", "--json"],
+            "history.json",
+        ),
+    ] {
+        outputs.push((what, schema, fc.run(args).await.json()));
+    }
     // A staged rollout: its publish, then pause (a state with a reason) and status.
     let staged = fc
         .run(&["release", "create", "--kind", "app", "--version", "1.0"])
@@ -584,33 +616,6 @@ async fn every_json_output_matches_its_schema_in_docs() {
             "operators.json",
         ),
         ("stats", &["stats", "--json"], "stats.json"),
-        (
-            "machines filtered",
-            &[
-                "machines",
-                "--kind",
-                "app",
-                "--phase",
-                "download_failed",
-                "--json",
-            ],
-            "machines.json",
-        ),
-        (
-            "versions",
-            &["versions", "--kind", "app", "--json"],
-            "versions.json",
-        ),
-        (
-            "history",
-            &["history", "--machine", "vm-001", "--json"],
-            "history.json",
-        ),
-        (
-            "history of a failure",
-            &["history", "--machine", "vm-002", "--kind", "app", "--json"],
-            "history.json",
-        ),
     ] {
         outputs.push((what, schema, fc.run(args).await.json()));
     }
