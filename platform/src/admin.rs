@@ -28,7 +28,7 @@ use crate::integrators::Integrators;
 use crate::now_ms;
 use crate::publish::{self, refused, Ctx, OpError};
 use crate::store::{OperatorRecord, StoreError};
-use crate::{identities, staged};
+use crate::{identities, inventory, staged};
 
 /// What the serve connection forwards to the admin task.
 #[derive(Debug)]
@@ -589,6 +589,33 @@ impl Admin {
                     passwd: files.passwd,
                     acl: files.acl,
                 })
+            }
+            AdminOp::MachineQuery {
+                filter,
+                after,
+                limit,
+            } => {
+                inventory::off_thread(store, move |s| {
+                    inventory::query(s, &filter, after.as_ref(), limit)
+                })
+                .await
+            }
+            AdminOp::Versions { kind, release } => {
+                inventory::off_thread(store, move |s| {
+                    inventory::versions(s, &kind, release.as_ref())
+                })
+                .await
+            }
+            AdminOp::History {
+                machine,
+                kind,
+                before,
+                limit,
+            } => {
+                inventory::off_thread(store, move |s| {
+                    inventory::history(s, &machine, kind.as_ref(), before.as_ref(), limit)
+                })
+                .await
             }
         }
     }

@@ -16,6 +16,8 @@
 //! - [`chunks`]: the chunk server (per machine or broadcast).
 //! - [`identities`]: operators with roles, integrators, machine revocation.
 //! - [`admin`]: operator requests: uploads, releases, publishing, rollback, activate.
+//! - [`inventory`]: machines by filter, installed versions and compliance, a machine's release
+//!   history (read-only, paged, aggregated on the platform).
 //! - [`publish`]: signing and bookkeeping of notices and commands, shared by admin and ingest.
 //! - [`stats`]: counters of the running platform (`fleetcast stats`).
 //! - [`cli`]: the `fleetcast` command line (one module per command family).
@@ -31,6 +33,7 @@ pub mod error;
 pub mod identities;
 pub mod ingest;
 pub mod integrators;
+pub mod inventory;
 pub mod keys;
 pub mod limits;
 pub mod logs;

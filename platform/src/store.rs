@@ -9,6 +9,7 @@
 //! | `artifact_versions` | `kind/version` | artifact id (hex). A kind+version names one set of bytes forever |
 //! | `releases` | release id (`r-000001`) | `ReleaseInfo` |
 //! | `targets` | `release/machine` | `TargetRecord` (one per machine a release reached) |
+//! | `machine_targets` | `machine/release` | empty: an index of `targets` by machine, so one machine's history reads its own records rather than every release's (written before its target record; built from `targets` once, at the first open by a build that has it, marked by `meta` `machine_targets`) |
 //! | `current` | `machine/kind` | release id of the newest release targeting that machine for that kind (to mark the previous one superseded) |
 //! | `machines` | machine id | `MachineInfo` (provisioned groups, online, last seen, reported state) |
 //! | `secrets` | machine id | `Secret` (hex) |
@@ -178,6 +179,13 @@ fn range_after<V: DeserializeOwned>(
     Ok((out, false))
 }
 
+/// Whether opening failed because another `Db` (a previous instance whose background threads
+/// are still letting go) holds the file lock. sled 0.34 reports that as `Other` with this text,
+/// not as `WouldBlock`.
+fn lock_held(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
+}
+
 /// The platform's database. Cheap to share behind an `Arc`.
 pub struct Store {
     db: sled::Db,
@@ -186,6 +194,7 @@ pub struct Store {
     artifact_versions: T,
     releases: T,
     targets: T,
+    machine_targets: T,
     current: T,
     machines: T,
     secrets: T,
@@ -210,9 +219,7 @@ impl Store {
         let db = loop {
             match sled::Config::new().path(path).open() {
                 Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if attempt < 50 && e.kind() == std::io::ErrorKind::WouldBlock =>
-                {
+                Err(sled::Error::Io(e)) if attempt < 50 && lock_held(&e) => {
                     attempt += 1;
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -238,6 +245,7 @@ impl Store {
             artifact_versions: tree("artifact_versions")?,
             releases: tree("releases")?,
             targets: tree("targets")?,
+            machine_targets: tree("machine_targets")?,
             current: tree("current")?,
             machines: tree("machines")?,
             secrets: tree("secrets")?,
@@ -261,7 +269,41 @@ impl Store {
             Some(SCHEMA_VERSION) => {}
             Some(found) => return Err(StoreError::Schema { found }),
         }
+        store.index_machine_targets()?;
         Ok(store)
+    }
+
+    /// Builds the `machine_targets` index from `targets` once: a database written before the
+    /// index existed has target records without index entries.
+    fn index_machine_targets(&self) -> Result<(), StoreError> {
+        if self.meta.get_u64("machine_targets")?.is_some() {
+            return Ok(());
+        }
+        let mut indexed = 0u64;
+        for item in self.targets.tree.iter() {
+            let (k, v) = item.map_err(self.targets.err("scan"))?;
+            let rec: TargetRecord = self.targets.decode(&String::from_utf8_lossy(&k), &v)?;
+            self.index_target(&rec)?;
+            indexed += 1;
+        }
+        self.meta.put_u64("machine_targets", 1)?;
+        self.flush()?;
+        if indexed > 0 {
+            tracing::info!(records = indexed, "indexed target records by machine");
+        }
+        Ok(())
+    }
+
+    fn index_target(&self, rec: &TargetRecord) -> Result<(), StoreError> {
+        // Only the first write of a record creates its entry: status events rewrite records
+        // often, and an unconditional insert would grow the log each time.
+        let key = format!("{}/{}", rec.machine, rec.release);
+        self.machine_targets
+            .tree
+            .compare_and_swap(key.as_str(), None as Option<&[u8]>, Some(&[][..]))
+            .map_err(self.machine_targets.err("write"))?
+            .ok();
+        Ok(())
     }
 
     /// Makes every write so far durable.
@@ -386,9 +428,32 @@ impl Store {
         self.targets.get(&format!("{release}/{machine}"))
     }
 
+    /// Stores a target record, and its `machine_targets` entry first: a record that reaches
+    /// the disk is never missing from its machine's index.
     pub fn put_target(&self, rec: &TargetRecord) -> Result<(), StoreError> {
+        self.index_target(rec)?;
         self.targets
             .put(&format!("{}/{}", rec.release, rec.machine), rec)
+    }
+
+    /// Every target record of `machine` (any release, any kind), in no particular order.
+    /// Reads the machine's index entries and their records: O(its own records).
+    pub fn targets_of_machine(&self, machine: &MachineId) -> Result<Vec<TargetRecord>, StoreError> {
+        let prefix = format!("{machine}/");
+        let mut out = Vec::new();
+        for item in self.machine_targets.tree.scan_prefix(prefix.as_bytes()) {
+            let (k, _) = item.map_err(self.machine_targets.err("scan"))?;
+            let key = String::from_utf8_lossy(&k);
+            let Some(release) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            // An entry whose record never reached the disk (a crash between the two writes)
+            // names nothing.
+            if let Some(rec) = self.targets.get(&format!("{release}/{machine}"))? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
     }
 
     pub fn targets_of(&self, release: &ReleaseId) -> Result<Vec<TargetRecord>, StoreError> {
@@ -424,6 +489,26 @@ impl Store {
 
     pub fn machines(&self) -> Result<Vec<MachineInfo>, StoreError> {
         self.machines.scan("")
+    }
+
+    /// Machines in id order, starting after `after` (from the first without), read lazily so
+    /// a caller can stop once a page is full.
+    pub fn machines_after(
+        &self,
+        after: Option<&MachineId>,
+    ) -> impl Iterator<Item = Result<MachineInfo, StoreError>> + '_ {
+        use std::ops::Bound;
+        let start = match after {
+            Some(m) => Bound::Excluded(sled::IVec::from(m.as_str())),
+            None => Bound::Unbounded,
+        };
+        let t = &self.machines;
+        t.tree
+            .range::<sled::IVec, _>((start, Bound::Unbounded))
+            .map(move |item| {
+                let (k, v) = item.map_err(t.err("scan"))?;
+                t.decode(&String::from_utf8_lossy(&k), &v)
+            })
     }
 
     pub fn secret(&self, id: &MachineId) -> Result<Option<Secret>, StoreError> {
@@ -706,6 +791,20 @@ mod tests {
     }
 
     #[test]
+    fn opening_waits_for_a_previous_instance_to_let_go_of_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let first = Store::open(&path).unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(first);
+        });
+        let second = Store::open(&path);
+        closer.join().unwrap();
+        assert!(second.is_ok(), "{:?}", second.err());
+    }
+
+    #[test]
     fn events_are_numbered_in_order() {
         let (_d, s) = open();
         for phase in [Phase::Notified, Phase::Downloading, Phase::Installed] {
@@ -795,5 +894,76 @@ mod tests {
             s.targets_of(&ReleaseId::new("r-1").unwrap()).unwrap().len(),
             2
         );
+    }
+
+    fn target(r: &str, mach: &str) -> TargetRecord {
+        crate::domain::target::new_target(&crate::fixtures::release(r, "1.0"), m(mach), None, 0)
+    }
+
+    fn releases_of(s: &Store, mach: &str) -> Vec<String> {
+        let mut rs: Vec<String> = s
+            .targets_of_machine(&m(mach))
+            .unwrap()
+            .into_iter()
+            .map(|t| t.release.to_string())
+            .collect();
+        rs.sort();
+        rs
+    }
+
+    #[test]
+    fn a_machines_targets_are_found_through_the_index_and_only_its_own() {
+        let (_d, s) = open();
+        for (r, mach) in [("r-1", "a"), ("r-1", "ab"), ("r-2", "a"), ("r-2", "b")] {
+            s.put_target(&target(r, mach)).unwrap();
+        }
+        // Rewriting a record (every status event does) keeps one entry.
+        let mut again = target("r-2", "a");
+        again.phase = Phase::Downloading;
+        s.put_target(&again).unwrap();
+        assert_eq!(releases_of(&s, "a"), ["r-1", "r-2"]);
+        assert_eq!(releases_of(&s, "ab"), ["r-1"]);
+        assert_eq!(releases_of(&s, "c"), Vec::<String>::new());
+        assert_eq!(s.machine_targets.tree.len(), 4);
+        let found = s.targets_of_machine(&m("a")).unwrap();
+        assert!(found.iter().any(|t| t.phase == Phase::Downloading));
+    }
+
+    #[test]
+    fn a_database_from_before_the_index_is_indexed_at_its_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            // What an older build left: records, no index entries, no marker.
+            for (r, mach) in [("r-1", "a"), ("r-2", "a"), ("r-2", "b")] {
+                let rec = target(r, mach);
+                s.targets.put(&format!("{r}/{mach}"), &rec).unwrap();
+            }
+            s.meta.tree.remove("machine_targets").unwrap();
+            s.flush().unwrap();
+            assert_eq!(releases_of(&s, "a"), Vec::<String>::new());
+        }
+        let s = Store::open(&path).unwrap();
+        assert_eq!(releases_of(&s, "a"), ["r-1", "r-2"]);
+        assert_eq!(releases_of(&s, "b"), ["r-2"]);
+    }
+
+    #[test]
+    fn machines_are_read_in_id_order_after_a_cursor() {
+        let (_d, s) = open();
+        for id in ["vm-3", "vm-1", "vm-2"] {
+            s.put_machine(&MachineInfo::new(m(id), 0)).unwrap();
+        }
+        let ids = |after: Option<&str>| -> Vec<String> {
+            let after = after.map(m);
+            s.machines_after(after.as_ref())
+                .map(|r| r.unwrap().id.to_string())
+                .collect()
+        };
+        assert_eq!(ids(None), ["vm-1", "vm-2", "vm-3"]);
+        assert_eq!(ids(Some("vm-1")), ["vm-2", "vm-3"]);
+        assert_eq!(ids(Some("vm-10")), ["vm-2", "vm-3"]);
+        assert_eq!(ids(Some("vm-3")), Vec::<String>::new());
     }
 }

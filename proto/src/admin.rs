@@ -207,6 +207,33 @@ pub enum AdminOp {
         #[serde(default, skip_serializing_if = "is_false")]
         failed: bool,
     },
+    /// The machines matching `filter`, by id, one page after `after`. Reply: `machine_page`.
+    MachineQuery {
+        #[serde(flatten)]
+        filter: MachineFilter,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<MachineId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
+    /// Installed versions of `kind` across the fleet, and compliance with `release` (default:
+    /// the newest published release of `kind`). Reply: `versions`.
+    Versions {
+        kind: Kind,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        release: Option<ReleaseId>,
+    },
+    /// The target records of every release that reached `machine`, newest release first, one
+    /// page before `before`. Reply: `history`.
+    History {
+        machine: MachineId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        kind: Option<Kind>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        before: Option<ReleaseId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
 }
 
 fn is_false(b: &bool) -> bool {
@@ -245,6 +272,9 @@ impl AdminOp {
             AdminOp::RolloutResume { .. } => "rollout_resume",
             AdminOp::RolloutCancel { .. } => "rollout_cancel",
             AdminOp::ReleaseRetry { .. } => "release_retry",
+            AdminOp::MachineQuery { .. } => "machine_query",
+            AdminOp::Versions { .. } => "versions",
+            AdminOp::History { .. } => "history",
         }
     }
 
@@ -258,7 +288,10 @@ impl AdminOp {
             | AdminOp::Machines
             | AdminOp::EventsSince { .. }
             | AdminOp::Stats
-            | AdminOp::RolloutStatus { .. } => Role::Viewer,
+            | AdminOp::RolloutStatus { .. }
+            | AdminOp::MachineQuery { .. }
+            | AdminOp::Versions { .. }
+            | AdminOp::History { .. } => Role::Viewer,
             AdminOp::UploadBegin { .. }
             | AdminOp::UploadCommit { .. }
             | AdminOp::ReleaseCreate { .. }
@@ -296,6 +329,9 @@ impl AdminOp {
                 | AdminOp::OperatorList
                 | AdminOp::Stats
                 | AdminOp::RolloutStatus { .. }
+                | AdminOp::MachineQuery { .. }
+                | AdminOp::Versions { .. }
+                | AdminOp::History { .. }
         )
     }
 }
@@ -415,6 +451,24 @@ pub enum AdminReply {
     },
     Rollout {
         rollout: RolloutInfo,
+    },
+    /// One page of `machine_query`: ask again with `after = next` while `more`.
+    MachinePage {
+        machines: Vec<MachineInfo>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<MachineId>,
+        more: bool,
+    },
+    Versions {
+        report: VersionReport,
+    },
+    /// One page of `history`: ask again with `before = next` while `more`.
+    History {
+        machine: MachineId,
+        targets: Vec<TargetRecord>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<ReleaseId>,
+        more: bool,
     },
 }
 
@@ -634,6 +688,87 @@ impl MachineInfo {
     }
 }
 
+/// Which machines `machine_query` returns: a machine matches when every field that is set
+/// holds (docs/cli.md, `fleetcast machines`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MachineFilter {
+    /// Provisioned in this group.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupId>,
+    /// Reports a state for this kind, or a release of it reached the machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kind: Option<Kind>,
+    /// Installed version of `kind` (of any kind without `kind`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online: Option<bool>,
+    /// Phase of the platform's target record of the machine's current release of `kind`
+    /// (needs `kind`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+}
+
+/// Installed versions of one kind across the fleet (revoked machines left out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionReport {
+    pub kind: Kind,
+    /// Machines counted: provisioned and not revoked.
+    pub machines: u32,
+    /// Each installed version with its machines, in version order (oldest first).
+    pub versions: Vec<VersionCount>,
+    /// Machines with no installed version of `kind`.
+    pub without: u32,
+    /// Revoked machines, not counted anywhere else.
+    pub revoked: u32,
+    /// Absent when no release of `kind` was published (and none was named).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compliance: Option<Compliance>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VersionCount {
+    pub version: String,
+    pub machines: u32,
+}
+
+/// Where the fleet stands with one release. Every counted machine is in exactly one bucket,
+/// taken in this order (docs/cli.md, `fleetcast versions`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compliance {
+    pub release: ReleaseId,
+    pub version: String,
+    /// Runs `version`.
+    pub on_target: u32,
+    /// The release never reached it.
+    pub not_targeted: u32,
+    /// Its record of the release ended in a failure phase.
+    pub failed: u32,
+    /// Its record ended without failure (installed, or superseded), yet it runs another
+    /// version now.
+    pub replaced: u32,
+    /// Its record is in a non-final phase and the machine is not online.
+    pub offline: u32,
+    /// Its record is in a non-final phase and the machine is online.
+    pub in_progress: u32,
+}
+
+impl Compliance {
+    /// No machine counted yet.
+    pub fn new(release: ReleaseId, version: String) -> Self {
+        Self {
+            release,
+            version,
+            on_target: 0,
+            not_targeted: 0,
+            failed: 0,
+            replaced: 0,
+            offline: 0,
+            in_progress: 0,
+        }
+    }
+}
+
 /// Everything a machine needs to join: printed by `fleetcast machine provision`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProvisionedMachine {
@@ -806,5 +941,119 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.to_string().contains("format_disk"), "{err}");
+    }
+
+    #[test]
+    fn a_machine_query_carries_its_filter_beside_the_op_and_an_empty_one_is_just_the_op() {
+        let q = AdminOp::MachineQuery {
+            filter: MachineFilter {
+                group: Some(GroupId::new("shanghai").unwrap()),
+                kind: Some(Kind::new("app").unwrap()),
+                version: Some("2.4.1".into()),
+                online: Some(false),
+                phase: Some(Phase::InstallFailed),
+            },
+            after: Some(MachineId::new("vm-9").unwrap()),
+            limit: Some(10),
+        };
+        let json = serde_json::to_value(&q).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"op": "machine_query", "group": "shanghai", "kind": "app",
+                "version": "2.4.1", "online": false, "phase": "install_failed",
+                "after": "vm-9", "limit": 10})
+        );
+        assert_eq!(serde_json::from_value::<AdminOp>(json).unwrap(), q);
+        // Inside a request, itself flattened, too.
+        let req = AdminRequest {
+            client: "c".into(),
+            id: 1,
+            ctr: 2,
+            at_ms: 3,
+            op: q,
+        };
+        let text = serde_json::to_string(&req).unwrap();
+        assert_eq!(serde_json::from_str::<AdminRequest>(&text).unwrap(), req);
+        let all: AdminOp = serde_json::from_str(r#"{"op":"machine_query"}"#).unwrap();
+        assert_eq!(
+            all,
+            AdminOp::MachineQuery {
+                filter: MachineFilter::default(),
+                after: None,
+                limit: None
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&all).unwrap(),
+            r#"{"op":"machine_query"}"#
+        );
+        assert!(
+            serde_json::from_str::<AdminOp>(r#"{"op":"machine_query","phase":"done"}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn inventory_ops_are_read_only_for_viewers_and_named_as_on_the_wire() {
+        let ops = [
+            AdminOp::MachineQuery {
+                filter: MachineFilter::default(),
+                after: None,
+                limit: None,
+            },
+            AdminOp::Versions {
+                kind: Kind::new("app").unwrap(),
+                release: None,
+            },
+            AdminOp::History {
+                machine: MachineId::new("vm-1").unwrap(),
+                kind: None,
+                before: Some(ReleaseId::new("r-000003").unwrap()),
+                limit: Some(5),
+            },
+        ];
+        for op in ops {
+            let json = serde_json::to_value(&op).unwrap();
+            assert_eq!(json["op"], op.name());
+            assert_eq!(op.required_role(), Role::Viewer);
+            assert!(!op.is_change());
+            assert_eq!(serde_json::from_value::<AdminOp>(json).unwrap(), op);
+        }
+    }
+
+    #[test]
+    fn version_reports_and_history_pages_round_trip() {
+        let report = AdminReply::Versions {
+            report: VersionReport {
+                kind: Kind::new("app").unwrap(),
+                machines: 3,
+                versions: vec![VersionCount {
+                    version: "1.0".into(),
+                    machines: 2,
+                }],
+                without: 1,
+                revoked: 0,
+                compliance: Some(Compliance {
+                    on_target: 2,
+                    offline: 1,
+                    ..Compliance::new(ReleaseId::new("r-000001").unwrap(), "1.0".into())
+                }),
+            },
+        };
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["reply"], "versions");
+        assert_eq!(json["report"]["compliance"]["on_target"], 2);
+        assert_eq!(serde_json::from_value::<AdminReply>(json).unwrap(), report);
+        let page = AdminReply::History {
+            machine: MachineId::new("vm-1").unwrap(),
+            targets: vec![],
+            next: None,
+            more: false,
+        };
+        let json = serde_json::to_string(&page).unwrap();
+        assert_eq!(
+            json,
+            r#"{"reply":"history","machine":"vm-1","targets":[],"more":false}"#
+        );
+        assert_eq!(serde_json::from_str::<AdminReply>(&json).unwrap(), page);
     }
 }

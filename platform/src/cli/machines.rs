@@ -5,18 +5,55 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use fleetcast_proto::admin::{
-    AdminOp, AdminReply, MachineInfo, MachineSpec, ProvisionedMachine, MAX_PROVISION_BATCH,
+    AdminOp, AdminReply, MachineFilter, MachineInfo, MachineSpec, ProvisionedMachine,
+    MAX_PROVISION_BATCH,
 };
 use fleetcast_proto::auth::{PlatformPublicKey, Secret};
-use fleetcast_proto::{GroupId, MachineId};
+use fleetcast_proto::{GroupId, Kind, MachineId, Phase};
 use serde::Serialize;
 
 use super::{parse_list, print_json, table, ClientArgs};
 
 #[derive(Args)]
 pub struct MachinesArgs {
+    /// Only machines provisioned in this group.
+    #[arg(long)]
+    pub group: Option<GroupId>,
+    /// Only machines that report this version type, or that a release of it reached.
+    #[arg(long)]
+    pub kind: Option<Kind>,
+    /// Only machines with this version installed (of --kind; without --kind, of any kind).
+    #[arg(long, value_name = "VERSION")]
+    pub version: Option<String>,
+    /// Only machines online now.
+    #[arg(long, conflicts_with = "offline")]
+    pub online: bool,
+    /// Only machines not online now.
+    #[arg(long)]
+    pub offline: bool,
+    /// Only machines whose current release of --kind is in this phase in the platform's
+    /// records (pending, notified, deferred, downloading, downloaded, download_failed,
+    /// installing, installed, install_failed, rolled_back, rejected, cancelled, superseded).
+    #[arg(long, requires = "kind")]
+    pub phase: Option<Phase>,
     #[arg(long)]
     pub json: bool,
+}
+
+impl MachinesArgs {
+    pub fn filter(&self) -> MachineFilter {
+        MachineFilter {
+            group: self.group.clone(),
+            kind: self.kind.clone(),
+            version: self.version.clone(),
+            online: match (self.online, self.offline) {
+                (true, _) => Some(true),
+                (_, true) => Some(false),
+                _ => None,
+            },
+            phase: self.phase,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -45,11 +82,28 @@ pub enum MachineCmd {
     Revoke { machine: MachineId },
 }
 
+/// The machines passing the filters, fetched a page at a time (the platform filters, so a
+/// narrow question about a large fleet is a short answer).
 pub async fn list(args: MachinesArgs, client: &ClientArgs) -> anyhow::Result<()> {
-    let reply = client.request(AdminOp::Machines).await;
-    let AdminReply::Machines { mut machines } = reply? else {
-        anyhow::bail!("unexpected reply to machines");
-    };
+    let filter = args.filter();
+    let mut machines = super::inventory::fetch_all(
+        client,
+        None,
+        |after, limit| AdminOp::MachineQuery {
+            filter: filter.clone(),
+            after,
+            limit,
+        },
+        |reply| match reply {
+            AdminReply::MachinePage {
+                machines,
+                next,
+                more,
+            } => Some((machines, next, more)),
+            _ => None,
+        },
+    )
+    .await?;
     machines.sort_by(|a, b| a.id.cmp(&b.id));
     if args.json {
         return print_json(&machines);
@@ -254,7 +308,6 @@ pub fn machines_text(machines: &[MachineInfo]) -> String {
 mod tests {
     use super::*;
     use fleetcast_proto::status::KindState;
-    use fleetcast_proto::Kind;
 
     #[test]
     fn the_machine_table_shows_versions_per_kind() {
@@ -288,6 +341,57 @@ mod tests {
             "MACHINE  ONLINE  LAST SEEN            GROUPS    VERSIONS                BUSY\n\
              vm-001   yes     1970-01-01 00:00:03  shanghai  app=2.4.1 firmware=1.0  idle\n"
         );
+    }
+
+    fn machines_args(argv: &[&str]) -> Result<MachinesArgs, clap::Error> {
+        use clap::Parser;
+        let cli = crate::cli::Cli::try_parse_from(["fleetcast", "machines"].iter().chain(argv))?;
+        match cli.command {
+            crate::cli::Command::Machines(args) => Ok(args),
+            _ => panic!("not machines"),
+        }
+    }
+
+    #[test]
+    fn machine_filters_combine_and_a_phase_needs_a_kind() {
+        let args = machines_args(&[
+            "--group",
+            "shanghai",
+            "--kind",
+            "app",
+            "--version",
+            "2.4.1",
+            "--offline",
+            "--phase",
+            "install_failed",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.filter(),
+            MachineFilter {
+                group: Some(GroupId::new("shanghai").unwrap()),
+                kind: Some(Kind::new("app").unwrap()),
+                version: Some("2.4.1".into()),
+                online: Some(false),
+                phase: Some(Phase::InstallFailed),
+            }
+        );
+        assert_eq!(
+            machines_args(&[]).unwrap().filter(),
+            MachineFilter::default()
+        );
+        assert_eq!(
+            machines_args(&["--online"]).unwrap().filter().online,
+            Some(true)
+        );
+        for bad in [
+            &["--phase", "installed"][..],
+            &["--online", "--offline"],
+            &["--kind", "app", "--phase", "finished"],
+            &["--group", "a/b"],
+        ] {
+            assert!(machines_args(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -4,12 +4,14 @@
 //! docs/cli.md is the user's side: options, credentials, exit codes, JSON schemas.
 //!
 //! Layout: [`serve`], [`artifact`], [`release`], [`machines`] (list, provision, revoke),
+//! [`inventory`] (versions, history, paged listings),
 //! [`rollback`] (rollback, activate), [`identity`] (operators, integrators, audit, events,
 //! key rotation), [`profile`] (where credentials come from, the saved profile), [`table`]
 //! (table and time formatting).
 
 pub mod artifact;
 pub mod identity;
+pub mod inventory;
 pub mod machines;
 pub mod profile;
 pub mod release;
@@ -56,7 +58,7 @@ pub enum Command {
     /// Create, publish and follow releases.
     #[command(subcommand)]
     Release(release::ReleaseCmd),
-    /// List machines with their state.
+    /// List machines with their state; filters combine (a machine must pass every one given).
     Machines(machines::MachinesArgs),
     /// Register machines.
     #[command(subcommand)]
@@ -65,6 +67,11 @@ pub enum Command {
     /// cancel.
     #[command(subcommand)]
     Rollout(rollout::RolloutCmd),
+    /// Installed versions of a version type across the fleet, and how far the fleet is with
+    /// its newest published release.
+    Versions(inventory::VersionsArgs),
+    /// Every release that targeted a machine, with its result and times, newest first.
+    History(inventory::HistoryArgs),
     /// Roll a machine's or group's version type back to a stable version.
     Rollback(rollback::RollbackArgs),
     /// Install a downloaded `download-only` release now.
@@ -326,6 +333,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Machines(args) => machines::list(args, client).await,
         Command::Machine(cmd) => machines::run(cmd, client).await,
         Command::Rollout(cmd) => rollout::run(cmd, client).await,
+        Command::Versions(args) => inventory::versions(args, client).await,
+        Command::History(args) => inventory::history(args, client).await,
         Command::Rollback(args) => rollback::rollback(args, client).await,
         Command::Activate(args) => rollback::activate(args, client).await,
         Command::Operator(cmd) => identity::operator(cmd, client).await,

@@ -515,7 +515,8 @@ pub fn plan_text(plan: &PublishPlan, groups: &[GroupId], list: bool) -> String {
     out
 }
 
-fn step(s: &Option<StepResult>) -> String {
+/// A step result as `ok 2026-11-25 12:00:03`, or `-`.
+pub(super) fn step(s: &Option<StepResult>) -> String {
     match s {
         None => "-".into(),
         Some(s) => format!(

@@ -517,7 +517,40 @@ async fn every_json_output_matches_its_schema_in_docs() {
         ])
         .await
         .json();
+    let rollback_id = rollback["release"]["id"].as_str().unwrap().to_owned();
     outputs.push(("rollback", "plan.json", rollback));
+    // Inventory, before the staged rollout below makes another release current.
+    for (what, args, schema) in [
+        (
+            "machines filtered",
+            &[
+                "machines",
+                "--kind",
+                "app",
+                "--phase",
+                "download_failed",
+                "--json",
+            ][..],
+            "machines.json",
+        ),
+        (
+            "versions",
+            &["versions", "--kind", "app", "--json"],
+            "versions.json",
+        ),
+        (
+            "history",
+            &["history", "--machine", "vm-001", "--json"],
+            "history.json",
+        ),
+        (
+            "history of a failure",
+            &["history", "--machine", "vm-002", "--kind", "app", "--json"],
+            "history.json",
+        ),
+    ] {
+        outputs.push((what, schema, fc.run(args).await.json()));
+    }
     // A staged rollout: its publish, then pause (a state with a reason) and status.
     let staged = fc
         .run(&["release", "create", "--kind", "app", "--version", "1.0"])
@@ -607,6 +640,30 @@ async fn every_json_output_matches_its_schema_in_docs() {
         serde_json::json!(480)
     );
     assert_eq!(find("artifact list")[0]["notes"], "first");
+    assert_eq!(find("machines").as_array().unwrap().len(), 3);
+    let filtered: Vec<&str> = find("machines filtered")
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(filtered, ["vm-002"]);
+    // The newest published app release is the rollback of vm-001 to 1.0, which it runs.
+    let versions = find("versions");
+    assert_eq!(
+        versions["versions"],
+        serde_json::json!([{"version": "1.0", "machines": 1}])
+    );
+    assert_eq!(versions["compliance"]["version"], "1.0");
+    assert_eq!(versions["compliance"]["on_target"], 1);
+    let history = find("history").as_array().unwrap();
+    let released: Vec<&str> = history
+        .iter()
+        .map(|t| t["release"].as_str().unwrap())
+        .collect();
+    assert_eq!(released, [rollback_id.as_str(), release.as_str()]);
+    assert!(history[1].get("upgrade").is_some() && history[1].get("via").is_some());
+    assert_eq!(find("history of a failure")[0]["error"], "disk full");
     assert!(find("events")
         .as_array()
         .unwrap()
