@@ -3,10 +3,11 @@
 //!
 //! rumqttd 0.20 logs at ERROR on every ordinary disconnect ("router-drop" with
 //! `Recv(Disconnected)`: the router ended the link after the client's DISCONNECT) and for a
-//! connection closed before its CONNECT (the gateway's readiness probe). Those share their
-//! target and level with rumqttd's real errors (a failed accept, a refused link), so no
-//! `EnvFilter` directive can tell them apart; [`RoutineDisconnects`] drops exactly those two
-//! and lets every other rumqttd error through. It applies only to the default filter: with
+//! connection closed before its CONNECT (the gateway's readiness probe), and its router logs
+//! "no-connection id N is already gone" when a client's DISCONNECT and its closed socket both
+//! reach it. Those share their target and level with rumqttd's real errors (a failed accept, a
+//! refused link), so no `EnvFilter` directive can tell them apart; [`RoutineDisconnects`] drops
+//! exactly those three and lets every other rumqttd error through. It applies only to the default filter: with
 //! `RUST_LOG` set, the operator sees everything they asked for.
 
 use std::io::IsTerminal;
@@ -68,14 +69,21 @@ impl Visit for Fields {
 }
 
 /// Whether a rumqttd ERROR event (its target, message and `error` field, Debug-formatted) is
-/// one of the two that every ordinary disconnect produces.
+/// one of those that ordinary disconnects produce.
 pub fn is_routine_disconnect(target: &str, message: &str, error: &str) -> bool {
-    target == "rumqttd::server::broker"
-        && match message {
+    match target {
+        "rumqttd::server::broker" => match message {
             "router-drop" => error == "Recv(Disconnected)",
             "Error while handling MQTT connect packet" => error.contains("ConnectionAborted"),
             _ => false,
+        },
+        // A client that sends DISCONNECT and then closes makes the router see two disconnects
+        // (rumqttd's own comment says so); the second finds the connection gone.
+        "rumqttd::router::routing" => {
+            message.starts_with("no-connection id ") && message.ends_with(" is already gone")
         }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -102,6 +110,22 @@ mod tests {
             "Network(Io(Kind(TimedOut)))"
         ));
         assert!(!is_routine_disconnect(broker, "router-drop", "Send(..)"));
+        let routing = "rumqttd::router::routing";
+        assert!(is_routine_disconnect(
+            routing,
+            "no-connection id 2 is already gone",
+            ""
+        ));
+        assert!(!is_routine_disconnect(
+            routing,
+            "no-connection id 2 is closing",
+            ""
+        ));
+        assert!(!is_routine_disconnect(
+            broker,
+            "no-connection id 2 is already gone",
+            ""
+        ));
         assert!(!is_routine_disconnect(
             broker,
             "Unable to accept socket.",
