@@ -2,6 +2,7 @@
 //! platform's side of the protocol played here with proto types only.
 
 mod faults;
+mod package;
 mod real;
 mod trust;
 

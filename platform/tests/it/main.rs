@@ -2,12 +2,13 @@
 //! temp data dir, the real `AdminClient`, and machines played with proto types.
 //!
 //! The helpers here serve every module of this test binary (`cli`, `crash`, `e2e`, `gateway`,
-//! `reconcile`, `security`).
+//! `package`, `reconcile`, `security`, `staged`).
 
 mod cli;
 mod crash;
 mod e2e;
 mod gateway;
+mod package;
 mod reconcile;
 mod security;
 mod staged;
