@@ -118,17 +118,18 @@ fn idle_rss(pid: u32, within: Duration) -> (u64, u64) {
     (mean, s.iter().copied().max().unwrap_or(0))
 }
 
-/// The agent downloads `bytes` as kind `fp{mb}` (download-only).
+/// The agent downloads `bytes` as kind `fp{index}` (download-only).
 async fn agent_download(
     p: &Platform,
     dir: &Path,
+    index: usize,
     agent: &mut Proc,
     machine: &MachineId,
     raw: &MachineId,
     bytes: &[u8],
 ) -> Result<(Transfer, fleetcast_proto::ArtifactId)> {
     let mb = bytes.len() as f64 / 1e6;
-    let kind = Kind::new(format!("fp{}", bytes.len() / 1_000_000))?;
+    let kind = Kind::new(format!("fp{index}"))?;
     let file = dir.join("upload.bin");
     let (artifact, release) = p
         .create_release(&file, bytes, &kind, "1.0.0", InstallPolicy::DownloadOnly)
@@ -450,6 +451,7 @@ async fn run() -> Result<()> {
         match agent_download(
             &p,
             dir.path(),
+            i,
             &mut agent,
             agent_id,
             &raw_machine.machine,
