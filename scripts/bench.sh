@@ -12,7 +12,10 @@
 #                                (INGEST_MACHINES=100 INGEST_EVENTS=500 INGEST_WINDOW=8)
 #   scripts/bench.sh mosquitto   a rollout to MOSQ_SIZES (default 1000) machines and a BENCH_MB
 #                                (default 200) download, on Mosquitto as the external broker
-#   scripts/bench.sh all         download (200 MB), scale, ingest, mosquitto
+#   scripts/bench.sh footprint   the agent process (`fleetcast-device run`): RSS idle and while
+#                                downloading FOOTPRINT_SIZES MB (default 50,200), CPU time per MB,
+#                                vs a raw rumqttc subscriber process receiving the same bytes
+#   scripts/bench.sh all         download (200 MB), scale, ingest, mosquitto, footprint
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-download}
@@ -120,20 +123,29 @@ mosquitto() {
         SCALE_BROKER=mosquitto SCALE_DOWNLOAD_MB="${BENCH_MB:-200}"
 }
 
+footprint() {
+    local sizes=${FOOTPRINT_SIZES:-50,200}
+    build_device
+    run_recorded "agent footprint (issue 8), downloads of $sizes MB" footprint \
+        FOOTPRINT_SIZES="$sizes"
+}
+
 case "$MODE" in
     download) download ;;
     scale) scale ;;
     ingest) ingest ;;
     mosquitto) mosquitto ;;
+    footprint) footprint ;;
     all)
         export BENCH_MB=${BENCH_MB:-200}
         download
         scale
         ingest
         mosquitto
+        footprint
         ;;
     *)
-        echo "usage: scripts/bench.sh [download|scale|ingest|mosquitto|all]" >&2
+        echo "usage: scripts/bench.sh [download|scale|ingest|mosquitto|footprint|all]" >&2
         exit 2
         ;;
 esac

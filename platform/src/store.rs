@@ -41,6 +41,11 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub const SCHEMA_VERSION: u64 = 1;
+/// sled's page cache. Its default (1 GiB) let `serve` grow by the size of what it stored, for
+/// months, until the cache filled: the event log grows with every rollout. What ingest and the
+/// admin requests read is recent (targets of live releases, machines), so a small cache holds
+/// the working set; older records are read from disk when asked for.
+pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -217,7 +222,11 @@ impl Store {
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let mut attempt = 0;
         let db = loop {
-            match sled::Config::new().path(path).open() {
+            match sled::Config::new()
+                .path(path)
+                .cache_capacity(CACHE_BYTES)
+                .open()
+            {
                 Ok(db) => break db,
                 Err(sled::Error::Io(e)) if attempt < 50 && lock_held(&e) => {
                     attempt += 1;

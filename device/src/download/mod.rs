@@ -424,6 +424,33 @@ impl<'a> Staging<'a> {
         Ok(())
     }
 
+    /// Deletes the staging files and closes the part file (its blocks are freed only then).
+    async fn discard(self) {
+        let Self {
+            part_path,
+            state_path,
+            file,
+            artifact,
+            ..
+        } = self;
+        let removed = tokio::task::spawn_blocking(move || {
+            drop(file);
+            for path in [&part_path, &state_path] {
+                match std::fs::remove_file(path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(())
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        if let Err(e) = removed {
+            tracing::warn!(artifact = %artifact.short(), "cannot remove the staged download: {e}");
+        }
+    }
+
     /// Hashes the assembled file, then moves it into `artifacts/`.
     async fn finish(&self, fetch: &mut Fetch) -> Result<PathBuf, DownloadError> {
         let path = self.part_path.clone();
@@ -531,6 +558,10 @@ pub async fn download(
             }
         }
     }
+    // Giving up ends the job, and its staging would be removed once that is persisted. It goes
+    // first: a download that failed on a full disk holds the space that the failure report
+    // and the agent's state need.
+    staging.discard().await;
     Err((last.expect("at least one attempt"), ctx.tuning.attempts))
 }
 

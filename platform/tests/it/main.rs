@@ -2,13 +2,14 @@
 //! temp data dir, the real `AdminClient`, and machines played with proto types.
 //!
 //! The helpers here serve every module of this test binary (`cli`, `crash`, `e2e`, `gateway`,
-//! `inventory`, `reconcile`, `security`).
+//! `inventory`, `package`, `reconcile`, `security`, `staged`).
 
 mod cli;
 mod crash;
 mod e2e;
 mod gateway;
 mod inventory;
+mod package;
 mod reconcile;
 mod security;
 mod staged;
