@@ -137,15 +137,6 @@ pub async fn publish(
     plan: WavePlan,
 ) -> Result<PublishPlan, OpError> {
     let resolved = publish::resolve(ctx, &release.kind, machines, groups, allow_empty)?;
-    if let Some(r) = ctx.store.rollout(&release.id)? {
-        if matches!(r.state, RolloutState::Running | RolloutState::Paused { .. }) {
-            return refused(format!(
-                "release {} already has a {} staged rollout; cancel it first",
-                release.id,
-                r.state.name()
-            ));
-        }
-    }
     let via: HashMap<MachineId, GroupId> = resolved
         .targets
         .iter()
@@ -153,6 +144,15 @@ pub async fn publish(
         .collect();
     let mut out = Outbox::default();
     let (release, rollout) = ctx.store.transaction(|rec| -> Result<_, OpError> {
+        if let Some(r) = rec.rollout(&release.id)? {
+            if matches!(r.state, RolloutState::Running | RolloutState::Paused { .. }) {
+                return refused(format!(
+                    "release {} already has a {} staged rollout; cancel it first",
+                    release.id,
+                    r.state.name()
+                ));
+            }
+        }
         let now = now_ms();
         let mut release = rec.release(&release.id)?.unwrap_or_else(|| release.clone());
         release.seq = ctx.store.next_seq()?;
@@ -449,5 +449,22 @@ mod tests {
         // Nothing more goes out once it is cancelled.
         evaluate(&f.ctx, &f.release.id).await.unwrap();
         assert_eq!(notified(&f), [first[0].clone()]);
+    }
+
+    #[tokio::test]
+    async fn a_release_has_one_live_staged_rollout_at_a_time() {
+        let f = fixture();
+        let again = || publish(&f.ctx, &f.release, &f.machines, &[], false, halves());
+        again().await.unwrap();
+        let err = again().await.unwrap_err().to_string();
+        assert!(
+            err.contains("already has a running staged rollout"),
+            "{err}"
+        );
+        control(&f.ctx, &f.release.id, Control::Cancel, "admin")
+            .await
+            .unwrap();
+        let plan = again().await.unwrap();
+        assert_eq!(plan.rollout.unwrap().state, RolloutState::Running);
     }
 }

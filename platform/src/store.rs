@@ -7,12 +7,13 @@
 //! - [`Records`]: the writes of records that the admin and ingest tasks both read, change and
 //!   write back (releases, targets, current releases, rollouts, desired notices, history,
 //!   machines and secrets, operators and integrators). A `&dyn Records` exists only inside
-//!   [`Store::transaction`], which holds the store's records lock: code that changes these
+//!   `store.transaction(|tx| ...)` (on `dyn Store` and on each implementation, over
+//!   [`Store::with_records`]), which holds the store's records lock: code that changes these
 //!   records cannot forget the lock. Read what you are about to change through it too.
 //! - [`Store`]: [`Reads`], plus what needs no lock: durability ([`Store::flush`]), allocators
 //!   (notice/command seq, release ids), append-only logs (events, audit, numbered by the store),
 //!   single-key atomic updates (replay counters, event counts), immutable records (artifacts),
-//!   and [`Store::transaction`].
+//!   and transactions.
 //!
 //! What an implementation must provide (the conformance tests in `store/conformance.rs` run the
 //! same assertions against every implementation):
@@ -288,7 +289,7 @@ pub trait Reads {
 }
 
 /// Writes of records that several tasks read, change and write back. Reachable only inside
-/// [`Store::transaction`] (records lock held).
+/// `transaction` (records lock held; see [`Store::with_records`]).
 pub trait Records: Reads {
     fn put_release(&self, info: &ReleaseInfo) -> Result<(), StoreError>;
 
