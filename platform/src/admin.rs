@@ -388,7 +388,7 @@ impl Admin {
         operator: &OperatorRecord,
         op: AdminOp,
     ) -> Result<AdminReply, OpError> {
-        let store = &self.ctx.store;
+        let store = &*self.ctx.store;
         match op {
             AdminOp::UploadBegin {
                 kind,
@@ -595,13 +595,13 @@ impl Admin {
                 after,
                 limit,
             } => {
-                inventory::off_thread(store, move |s| {
+                inventory::off_thread(&self.ctx.store, move |s| {
                     inventory::query(s, &filter, after.as_ref(), limit)
                 })
                 .await
             }
             AdminOp::Versions { kind, release } => {
-                inventory::off_thread(store, move |s| {
+                inventory::off_thread(&self.ctx.store, move |s| {
                     inventory::versions(s, &kind, release.as_ref())
                 })
                 .await
@@ -612,7 +612,7 @@ impl Admin {
                 before,
                 limit,
             } => {
-                inventory::off_thread(store, move |s| {
+                inventory::off_thread(&self.ctx.store, move |s| {
                     inventory::history(s, &machine, kind.as_ref(), before.as_ref(), limit)
                 })
                 .await
@@ -776,7 +776,7 @@ impl Admin {
             machines: vec![],
             groups: vec![],
         };
-        store.put_release(&release)?;
+        store.transaction(|tx| tx.put_release(&release))?;
         store.flush_async().await?;
         Ok(release)
     }

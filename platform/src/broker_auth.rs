@@ -11,7 +11,7 @@ use crate::store::Store;
 
 /// The store as the broker sees it; emptied when `serve` returns, because the broker thread
 /// outlives it.
-pub type AuthStore = Arc<RwLock<Option<Arc<Store>>>>;
+pub type AuthStore = Arc<RwLock<Option<Arc<dyn Store>>>>;
 
 /// Checks broker credentials against the platform's identities.
 pub struct StoreAuth {

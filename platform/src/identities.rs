@@ -27,23 +27,29 @@ fn random_secret() -> Secret {
 
 /// Creates the first admin operator from `admin.secret` on the platform's first start (once:
 /// an operator revoked later is not brought back by a restart).
-pub fn ensure_bootstrap_admin(store: &Store, keys: &Keys) -> Result<(), StoreError> {
-    if store.bootstrapped()? {
-        return Ok(());
+pub fn ensure_bootstrap_admin(store: &dyn Store, keys: &Keys) -> Result<(), StoreError> {
+    let created = store.transaction(|tx| {
+        if tx.bootstrapped()? {
+            return Ok(false);
+        }
+        if tx.operator(BOOTSTRAP_OPERATOR)?.is_none() {
+            tx.put_operator(&OperatorRecord {
+                info: OperatorInfo {
+                    name: BOOTSTRAP_OPERATOR.into(),
+                    role: Role::Admin,
+                    created_at_ms: now_ms(),
+                    created_by: "platform".into(),
+                },
+                secret: keys.admin.clone(),
+            })?;
+        }
+        tx.set_bootstrapped()?;
+        Ok(true)
+    })?;
+    if created {
+        store.flush()?;
     }
-    if store.operator(BOOTSTRAP_OPERATOR)?.is_none() {
-        store.put_operator(&OperatorRecord {
-            info: OperatorInfo {
-                name: BOOTSTRAP_OPERATOR.into(),
-                role: Role::Admin,
-                created_at_ms: now_ms(),
-                created_by: "platform".into(),
-            },
-            secret: keys.admin.clone(),
-        })?;
-    }
-    store.set_bootstrapped()?;
-    store.flush()
+    Ok(())
 }
 
 pub async fn operator_add(
@@ -53,9 +59,8 @@ pub async fn operator_add(
     role: Role,
 ) -> Result<OperatorProfile, OpError> {
     validate_name(&name).map_err(OpError::Refused)?;
-    let rec = {
-        let _records = ctx.store.lock_records();
-        if ctx.store.operator(&name)?.is_some() {
+    let rec = ctx.store.transaction(|tx| {
+        if tx.operator(&name)?.is_some() {
             return refused(format!("operator {name} exists already"));
         }
         let rec = OperatorRecord {
@@ -67,9 +72,9 @@ pub async fn operator_add(
             },
             secret: random_secret(),
         };
-        ctx.store.put_operator(&rec)?;
-        rec
-    };
+        tx.put_operator(&rec)?;
+        Ok(rec)
+    })?;
     ctx.store.flush_async().await?;
     Ok(OperatorProfile {
         operator: name,
@@ -81,13 +86,11 @@ pub async fn operator_add(
 }
 
 pub async fn operator_revoke(ctx: &Ctx, name: &str) -> Result<String, OpError> {
-    {
-        let _records = ctx.store.lock_records();
-        let Some(rec) = ctx.store.operator(name)? else {
+    ctx.store.transaction(|tx| {
+        let Some(rec) = tx.operator(name)? else {
             return refused(format!("unknown operator {name}"));
         };
-        let admins = ctx
-            .store
+        let admins = tx
             .operators()?
             .into_iter()
             .filter(|o| o.role() == Role::Admin)
@@ -97,8 +100,9 @@ pub async fn operator_revoke(ctx: &Ctx, name: &str) -> Result<String, OpError> {
                 "operator {name} is the last admin; add another admin first"
             ));
         }
-        ctx.store.remove_operator(name)?;
-    }
+        tx.remove_operator(name)?;
+        Ok(())
+    })?;
     ctx.store.flush_async().await?;
     let closed = ctx.sessions.close_sessions(
         &Principal::Operator {
@@ -118,9 +122,8 @@ pub async fn integrator_add(
     name: String,
 ) -> Result<IntegratorProfile, OpError> {
     validate_name(&name).map_err(OpError::Refused)?;
-    let rec = {
-        let _records = ctx.store.lock_records();
-        if ctx.store.integrator(&name)?.is_some() {
+    let rec = ctx.store.transaction(|tx| {
+        if tx.integrator(&name)?.is_some() {
             return refused(format!("integrator {name} exists already"));
         }
         let rec = IntegratorRecord {
@@ -129,9 +132,9 @@ pub async fn integrator_add(
             created_at_ms: now_ms(),
             created_by: by.to_owned(),
         };
-        ctx.store.put_integrator(&rec)?;
-        rec
-    };
+        tx.put_integrator(&rec)?;
+        Ok(rec)
+    })?;
     ctx.store.flush_async().await?;
     Ok(IntegratorProfile {
         username: integrator_username(&name),
@@ -165,19 +168,17 @@ pub async fn provision(
     }
     let keys = ctx.keys();
     let mut out = Vec::with_capacity(specs.len());
-    {
-        let _records = ctx.store.lock_records();
+    ctx.store.transaction(|tx| -> Result<(), OpError> {
         for MachineSpec { machine, groups } in specs {
-            let secret = match ctx.store.secret(&machine)? {
+            let secret = match tx.secret(&machine)? {
                 Some(s) => s,
                 None => {
                     let s = random_secret();
-                    ctx.store.put_secret(&machine, &s)?;
+                    tx.put_secret(&machine, &s)?;
                     s
                 }
             };
-            let mut info = ctx
-                .store
+            let mut info = tx
                 .machine(&machine)?
                 .unwrap_or_else(|| MachineInfo::new(machine.clone(), now_ms()));
             info.revoked_at_ms = None;
@@ -186,7 +187,7 @@ pub async fn provision(
                     info.groups.push(g);
                 }
             }
-            ctx.store.put_machine(&info)?;
+            tx.put_machine(&info)?;
             out.push(ProvisionedMachine {
                 machine,
                 groups: info.groups,
@@ -196,7 +197,8 @@ pub async fn provision(
                 topic_prefix: ctx.topics.prefix().to_owned(),
             });
         }
-    }
+        Ok(())
+    })?;
     ctx.store.flush_async().await?;
     Ok(out)
 }
@@ -204,16 +206,16 @@ pub async fn provision(
 /// Revokes a machine: its secret is forgotten (nothing it sends verifies, the broker refuses
 /// it at its next connect) and its live broker session is closed now.
 pub async fn machine_revoke(ctx: &Ctx, machine: &MachineId) -> Result<String, OpError> {
-    {
-        let _records = ctx.store.lock_records();
-        let Some(mut info) = ctx.store.machine(machine)? else {
+    ctx.store.transaction(|tx| {
+        let Some(mut info) = tx.machine(machine)? else {
             return refused(format!("unknown machine {machine}"));
         };
-        ctx.store.remove_secret(machine)?;
+        tx.remove_secret(machine)?;
         info.revoked_at_ms.get_or_insert(now_ms());
         info.online = false;
-        ctx.store.put_machine(&info)?;
-    }
+        tx.put_machine(&info)?;
+        Ok(())
+    })?;
     ctx.store.flush_async().await?;
     let closed = ctx.sessions.close_sessions(machine.as_str());
     Ok(format!(
@@ -224,7 +226,7 @@ pub async fn machine_revoke(ctx: &Ctx, machine: &MachineId) -> Result<String, Op
 /// Every identity the broker must know, with its broker password: the platform, operators,
 /// integrators, and machines that are not revoked.
 pub fn broker_identities(
-    store: &Store,
+    store: &dyn Store,
     keys: &Keys,
 ) -> Result<Vec<fleetcast_broker::mosquitto::BrokerIdentity>, StoreError> {
     use fleetcast_broker::mosquitto::BrokerIdentity;

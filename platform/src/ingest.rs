@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::domain::target;
 use crate::error::PlatformError;
 use crate::publish::{self, Ctx};
-use crate::store::{DesiredNotice, StoreError};
+use crate::store::{DesiredNotice, Records, Store, StoreError};
 use crate::{now_ms, staged};
 
 pub const MAX_BATCH: usize = 1024;
@@ -404,12 +404,11 @@ impl Ingest {
         if sender != m {
             return reject(format!("body names machine {sender}, topic names {m}"));
         }
-        let last = self.ctx.store.counter(m, channel).map_err(Err)?;
+        let last = self.ctx.store.raise_counter(m, channel, ctr).map_err(Err)?;
         if ctr <= last {
             tracing::debug!(machine = %m, channel, ctr, last, "replayed counter");
             return Ok(Opened::Replay(body));
         }
-        self.ctx.store.set_counter(m, channel, ctr).map_err(Err)?;
         Ok(Opened::Fresh(body))
     }
 
@@ -429,70 +428,14 @@ impl Ingest {
                 }])
             }
         };
-        let store = &self.ctx.store;
         let now = now_ms();
-        let _records = store.lock_records();
         let ack = After::StatusAck {
             machine: m.clone(),
             ctr: ev.ctr,
         };
-        // Only what is consistent changes anything: an event naming a release that does not
-        // target this machine is acknowledged (so the machine's outbox moves on) and dropped.
-        let record = match &ev.release {
-            Some(release) => match store.target(release, m).map_err(Err)? {
-                Some(rec) if rec.kind == ev.kind => Some(rec),
-                Some(rec) => {
-                    tracing::warn!(machine = %m, release = %release, kind = %ev.kind, expected = %rec.kind, "status names the wrong kind for its release: dropped");
-                    return Ok(vec![ack]);
-                }
-                None => {
-                    tracing::warn!(machine = %m, release = %release, phase = %ev.phase, "status for a release that does not target this machine: dropped");
-                    return Ok(vec![ack]);
-                }
-            },
-            None => None,
-        };
-        let mut after = vec![ack];
-        let stored = store
-            .bump_event_count(m, ev.release.as_ref())
-            .map_err(Err)?;
         let cap = self.ctx.limits.events_per_release;
-        if stored <= cap {
-            let mut event = FleetEvent::recorded(&ev, now);
-            store.append_event(&mut event).map_err(Err)?;
-            after.push(After::Event(event));
-        } else if stored == cap + 1 {
-            tracing::warn!(machine = %m, release = ?ev.release, cap, "event cap reached: further events of this machine for this release update its record but are not kept");
-        }
-        let Some(mut rec) = record else {
-            return Ok(after);
-        };
-        if let Some(mut info) = store.machine(m).map_err(Err)? {
-            info.last_seen_ms = Some(now);
-            info.online = true;
-            if ev.phase == Phase::Installed && !ev.version.is_empty() {
-                let k = info.kinds.entry(ev.kind.clone()).or_default();
-                k.version = Some(ev.version.clone());
-                store.push_history(m, &ev.kind, &ev.version).map_err(Err)?;
-            }
-            if let Some(k) = info.kinds.get_mut(&ev.kind) {
-                k.release = ev.release.clone();
-                k.phase = Some(ev.phase);
-            }
-            store.put_machine(&info).map_err(Err)?;
-        }
-        match target::apply(&mut rec, &ev, now) {
-            Ok(()) => {
-                store.put_target(&rec).map_err(Err)?;
-                after.push(After::Progress {
-                    release: rec.release.clone(),
-                });
-            }
-            Err(why) => {
-                tracing::warn!(machine = %m, release = %rec.release, phase = %ev.phase, reason = %why, "status recorded as an event but not applied")
-            }
-        }
-        Ok(after)
+        let store = &*self.ctx.store;
+        store.transaction(|tx| apply_status(store, tx, m, &ev, ack, cap, now))
     }
 
     fn state(
@@ -510,39 +453,12 @@ impl Ingest {
                 quiet: p.retain,
             }));
         };
-        let store = &self.ctx.store;
         let now = now_ms();
-        let _records = store.lock_records();
-        let mut info = store
-            .machine(m)
-            .map_err(Err)?
-            .unwrap_or_else(|| MachineInfo::new(m.clone(), now));
-        info.last_seen_ms = Some(now);
-        info.online = true;
-        info.agent_version = Some(st.agent_version.clone());
-        info.busy = st.busy;
-        // Group membership is the operator's (provisioning): a machine claiming a group it was
-        // not given would otherwise become a target of that group's releases.
-        let claimed: Vec<&GroupId> = st
-            .groups
-            .iter()
-            .filter(|g| !info.groups.contains(g))
-            .collect();
-        if !claimed.is_empty() {
-            tracing::warn!(machine = %m, groups = ?claimed, "machine reports groups it was not provisioned in: ignored");
-        }
-        for (kind, k) in &st.kinds {
-            if let Some(v) = &k.version {
-                store.push_history(m, kind, v).map_err(Err)?;
-            }
-        }
-        info.kinds = st.kinds.clone();
-        store.put_machine(&info).map_err(Err)?;
-        let mut after: Vec<After> = publish::ensure_group_targets(store, m, &info.groups, now)
-            .map_err(Err)?
-            .into_iter()
-            .map(|release| After::Progress { release })
-            .collect();
+        let (mut after, behind) = self
+            .ctx
+            .store
+            .transaction(|tx| apply_state(tx, m, &st, now))
+            .map_err(Err)?;
         if st.key_gen < self.ctx.keys().generation()
             && self
                 .chain_sent
@@ -552,16 +468,7 @@ impl Ingest {
             self.chain_sent = Some(Instant::now());
             after.push(After::KeyChain);
         }
-        for (kind, notice) in publish::desired_for_machine(store, m, &info.groups).map_err(Err)? {
-            let reported = st.kinds.get(&kind).map(|k| k.seq).unwrap_or(0);
-            if reported >= notice.seq {
-                continue;
-            }
-            if let Some(rec) = store.target(&notice.release, m).map_err(Err)? {
-                if rec.phase.is_final() {
-                    continue; // it answered (e.g. rejected); re-sending would not change that
-                }
-            }
+        for (kind, notice) in behind {
             let key = (m.clone(), kind);
             if self
                 .republished
@@ -592,25 +499,338 @@ impl Ingest {
                 }))
             }
         };
-        let store = &self.ctx.store;
-        let _records = store.lock_records();
-        let Some(mut info) = store.machine(m).map_err(Err)? else {
-            return Err(Ok(Reject {
-                machine: m.to_string(),
-                reason: "unknown machine (not provisioned)".into(),
-                quiet: true,
-            }));
-        };
-        info.online = online;
-        info.last_seen_ms = Some(now_ms());
-        store.put_machine(&info).map_err(Err)?;
-        Ok(vec![])
+        self.ctx.store.transaction(|tx| {
+            let Some(mut info) = tx.machine(m).map_err(Err)? else {
+                return Err(Ok(Reject {
+                    machine: m.to_string(),
+                    reason: "unknown machine (not provisioned)".into(),
+                    quiet: true,
+                }));
+            };
+            info.online = online;
+            info.last_seen_ms = Some(now_ms());
+            tx.put_machine(&info).map_err(Err)?;
+            Ok(vec![])
+        })
     }
+}
+
+/// Applies a fresh status event in a transaction (`tx`): stores it (up to `cap` per machine
+/// and release), and updates the machine and its target record.
+fn apply_status(
+    store: &dyn Store,
+    tx: &dyn Records,
+    m: &MachineId,
+    ev: &StatusEvent,
+    ack: After,
+    cap: u64,
+    now: u64,
+) -> Result<Vec<After>, Result<Reject, StoreError>> {
+    // Only what is consistent changes anything: an event naming a release that does not
+    // target this machine is acknowledged (so the machine's outbox moves on) and dropped.
+    let record = match &ev.release {
+        Some(release) => match tx.target(release, m).map_err(Err)? {
+            Some(rec) if rec.kind == ev.kind => Some(rec),
+            Some(rec) => {
+                tracing::warn!(machine = %m, release = %release, kind = %ev.kind, expected = %rec.kind, "status names the wrong kind for its release: dropped");
+                return Ok(vec![ack]);
+            }
+            None => {
+                tracing::warn!(machine = %m, release = %release, phase = %ev.phase, "status for a release that does not target this machine: dropped");
+                return Ok(vec![ack]);
+            }
+        },
+        None => None,
+    };
+    let mut after = vec![ack];
+    let stored = store
+        .bump_event_count(m, ev.release.as_ref())
+        .map_err(Err)?;
+    if stored <= cap {
+        let mut event = FleetEvent::recorded(ev, now);
+        store.append_event(&mut event).map_err(Err)?;
+        after.push(After::Event(event));
+    } else if stored == cap + 1 {
+        tracing::warn!(machine = %m, release = ?ev.release, cap, "event cap reached: further events of this machine for this release update its record but are not kept");
+    }
+    let Some(mut rec) = record else {
+        return Ok(after);
+    };
+    if let Some(mut info) = tx.machine(m).map_err(Err)? {
+        info.last_seen_ms = Some(now);
+        info.online = true;
+        if ev.phase == Phase::Installed && !ev.version.is_empty() {
+            let k = info.kinds.entry(ev.kind.clone()).or_default();
+            k.version = Some(ev.version.clone());
+            tx.push_history(m, &ev.kind, &ev.version).map_err(Err)?;
+        }
+        if let Some(k) = info.kinds.get_mut(&ev.kind) {
+            k.release = ev.release.clone();
+            k.phase = Some(ev.phase);
+        }
+        tx.put_machine(&info).map_err(Err)?;
+    }
+    match target::apply(&mut rec, ev, now) {
+        Ok(()) => {
+            tx.put_target(&rec).map_err(Err)?;
+            after.push(After::Progress {
+                release: rec.release.clone(),
+            });
+        }
+        Err(why) => {
+            tracing::warn!(machine = %m, release = %rec.release, phase = %ev.phase, reason = %why, "status recorded as an event but not applied")
+        }
+    }
+    Ok(after)
+}
+
+/// Desired notices a machine is behind on, by kind.
+type Behind = Vec<(Kind, DesiredNotice)>;
+
+/// Applies a fresh machine state in a transaction (`tx`): updates the machine and its history,
+/// gives it the target records of its groups' releases. Returns the post-flush work, and the
+/// desired notices the machine is behind on and has not answered (to re-publish).
+fn apply_state(
+    tx: &dyn Records,
+    m: &MachineId,
+    st: &MachineState,
+    now: u64,
+) -> Result<(Vec<After>, Behind), StoreError> {
+    let mut info = tx
+        .machine(m)?
+        .unwrap_or_else(|| MachineInfo::new(m.clone(), now));
+    info.last_seen_ms = Some(now);
+    info.online = true;
+    info.agent_version = Some(st.agent_version.clone());
+    info.busy = st.busy;
+    // Group membership is the operator's (provisioning): a machine claiming a group it was
+    // not given would otherwise become a target of that group's releases.
+    let claimed: Vec<&GroupId> = st
+        .groups
+        .iter()
+        .filter(|g| !info.groups.contains(g))
+        .collect();
+    if !claimed.is_empty() {
+        tracing::warn!(machine = %m, groups = ?claimed, "machine reports groups it was not provisioned in: ignored");
+    }
+    for (kind, k) in &st.kinds {
+        if let Some(v) = &k.version {
+            tx.push_history(m, kind, v)?;
+        }
+    }
+    info.kinds = st.kinds.clone();
+    tx.put_machine(&info)?;
+    let after: Vec<After> = publish::ensure_group_targets(tx, m, &info.groups, now)?
+        .into_iter()
+        .map(|release| After::Progress { release })
+        .collect();
+    let mut behind = Vec::new();
+    for (kind, notice) in publish::desired_for_machine(tx, m, &info.groups)? {
+        let reported = st.kinds.get(&kind).map(|k| k.seq).unwrap_or(0);
+        if reported >= notice.seq {
+            continue;
+        }
+        if let Some(rec) = tx.target(&notice.release, m)? {
+            if rec.phase.is_final() {
+                continue; // it answered (e.g. rejected); re-sending would not change that
+            }
+        }
+        behind.push((kind, notice));
+    }
+    Ok((after, behind))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::{MemStore, Reads};
+    use fleetcast_proto::admin::ReleaseInfo;
+    use fleetcast_proto::status::KindState;
+    use fleetcast_proto::Target;
+    use std::collections::BTreeMap;
+
+    fn m(s: &str) -> MachineId {
+        MachineId::new(s).unwrap()
+    }
+
+    fn app() -> Kind {
+        Kind::new("app").unwrap()
+    }
+
+    /// A store with release r-000001 (app 1.0) assigned to provisioned machine vm-1.
+    fn assigned() -> (MemStore, ReleaseInfo) {
+        let store = MemStore::new();
+        let release = crate::fixtures::release("r-000001", "1.0");
+        store
+            .transaction(|tx| {
+                tx.put_machine(&MachineInfo::new(m("vm-1"), 0))?;
+                tx.put_release(&release)?;
+                publish::assign_target(tx, &release, &m("vm-1"), None, 0)
+            })
+            .unwrap();
+        (store, release)
+    }
+
+    fn status(machine: &str, release: &ReleaseInfo, phase: Phase, ctr: u64) -> StatusEvent {
+        StatusEvent {
+            machine: m(machine),
+            ctr,
+            at_ms: ctr,
+            release: Some(release.id.clone()),
+            kind: release.kind.clone(),
+            version: release.version.clone(),
+            phase,
+            progress: None,
+            attempt: 1,
+            error: None,
+            detail: None,
+        }
+    }
+
+    /// Applies `ev` as ingest does; returns what it leaves for after the flush, by name.
+    fn apply(store: &MemStore, ev: &StatusEvent, cap: u64) -> Vec<&'static str> {
+        let ack = After::StatusAck {
+            machine: ev.machine.clone(),
+            ctr: ev.ctr,
+        };
+        let after = store
+            .transaction(|tx| apply_status(store, tx, &ev.machine, ev, ack, cap, 7))
+            .unwrap_or_else(|_| panic!("{} refused", ev.phase));
+        after
+            .iter()
+            .map(|a| match a {
+                After::StatusAck { .. } => "ack",
+                After::Event(_) => "event",
+                After::Progress { .. } => "progress",
+                After::Republish(_) => "republish",
+                After::KeyChain => "key chain",
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_status_moves_the_target_record_and_the_machine_and_is_logged() {
+        let (store, r) = assigned();
+        for (ctr, phase) in [Phase::Notified, Phase::Downloading, Phase::Installed]
+            .into_iter()
+            .enumerate()
+        {
+            let after = apply(&store, &status("vm-1", &r, phase, ctr as u64 + 1), 1000);
+            assert_eq!(after, ["ack", "event", "progress"], "{phase}");
+        }
+        let rec = store.target(&r.id, &m("vm-1")).unwrap().unwrap();
+        assert_eq!(rec.phase, Phase::Installed);
+        let info = store.machine(&m("vm-1")).unwrap().unwrap();
+        assert_eq!(info.kinds[&app()].version.as_deref(), Some("1.0"));
+        assert_eq!((info.online, info.last_seen_ms), (true, Some(7)));
+        assert_eq!(store.history(&m("vm-1"), &app()).unwrap(), ["1.0"]);
+        let events = store.events().unwrap();
+        assert_eq!(events.iter().map(|e| e.id).collect::<Vec<_>>(), [1, 2, 3]);
+    }
+
+    #[test]
+    fn a_status_for_a_release_that_does_not_target_the_machine_is_acknowledged_and_dropped() {
+        let (store, r) = assigned();
+        store
+            .transaction(|tx| tx.put_machine(&MachineInfo::new(m("vm-2"), 0)))
+            .unwrap();
+        assert_eq!(
+            apply(&store, &status("vm-2", &r, Phase::Notified, 1), 1000),
+            ["ack"]
+        );
+        let mut wrong_kind = status("vm-1", &r, Phase::Notified, 1);
+        wrong_kind.kind = Kind::new("os").unwrap();
+        assert_eq!(apply(&store, &wrong_kind, 1000), ["ack"]);
+        assert_eq!(store.events().unwrap(), []);
+        assert_eq!(store.target(&r.id, &m("vm-2")).unwrap(), None);
+        assert_eq!(
+            store.target(&r.id, &m("vm-1")).unwrap().unwrap().phase,
+            Phase::Pending
+        );
+    }
+
+    #[test]
+    fn events_beyond_the_cap_move_the_record_but_are_not_kept() {
+        let (store, r) = assigned();
+        let after = apply(&store, &status("vm-1", &r, Phase::Notified, 1), 1);
+        assert_eq!(after, ["ack", "event", "progress"]);
+        let after = apply(&store, &status("vm-1", &r, Phase::Downloading, 2), 1);
+        assert_eq!(after, ["ack", "progress"]);
+        assert_eq!(store.events().unwrap().len(), 1);
+        assert_eq!(
+            store.target(&r.id, &m("vm-1")).unwrap().unwrap().phase,
+            Phase::Downloading
+        );
+    }
+
+    #[test]
+    fn a_state_brings_its_groups_releases_and_names_the_notices_it_is_behind_on() {
+        let store = MemStore::new();
+        let g = |s: &str| GroupId::new(s).unwrap();
+        let mut provisioned = MachineInfo::new(m("vm-1"), 0);
+        provisioned.groups = vec![g("g")];
+        let mut ours = crate::fixtures::release("r-000001", "1.0");
+        let mut other = crate::fixtures::release("r-000002", "2.0");
+        other.kind = Kind::new("os").unwrap();
+        store
+            .transaction(|tx| {
+                tx.put_machine(&provisioned)?;
+                for (r, group) in [(&mut ours, "g"), (&mut other, "h")] {
+                    r.seq = store.next_seq()?;
+                    tx.put_release(r)?;
+                    tx.put_desired(&DesiredNotice {
+                        topic: format!("groups/{group}/{}", r.kind),
+                        seq: r.seq,
+                        release: r.id.clone(),
+                        kind: r.kind.clone(),
+                        target: Target::Group(g(group)),
+                        payload: "{}".into(),
+                    })?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        // The machine claims group h too: it was not provisioned in it.
+        let mut st = MachineState {
+            machine: m("vm-1"),
+            ctr: 1,
+            at_ms: 1,
+            agent_version: "0.1.0".into(),
+            groups: vec![g("g"), g("h")],
+            busy: false,
+            kinds: BTreeMap::new(),
+            key_gen: 0,
+        };
+        let (after, behind) = store
+            .transaction(|tx| apply_state(tx, &m("vm-1"), &st, 5))
+            .unwrap();
+        assert!(matches!(&after[..], [After::Progress { release }] if *release == ours.id));
+        let rec = store.target(&ours.id, &m("vm-1")).unwrap().unwrap();
+        assert_eq!((rec.phase, rec.via), (Phase::Pending, Some(g("g"))));
+        assert_eq!(store.target(&other.id, &m("vm-1")).unwrap(), None);
+        assert_eq!(
+            behind
+                .iter()
+                .map(|(k, n)| (k.clone(), n.seq))
+                .collect::<Vec<_>>(),
+            [(app(), ours.seq)]
+        );
+        assert_eq!(store.machine(&m("vm-1")).unwrap().unwrap().groups, [g("g")]);
+        // Once it reports the notice's seq, it is behind on nothing; its record stays.
+        st.kinds.insert(
+            app(),
+            KindState {
+                version: Some("0.9".into()),
+                seq: ours.seq,
+                ..Default::default()
+            },
+        );
+        let (after, behind) = store
+            .transaction(|tx| apply_state(tx, &m("vm-1"), &st, 6))
+            .unwrap();
+        assert!(after.is_empty() && behind.is_empty());
+        assert_eq!(store.history(&m("vm-1"), &app()).unwrap(), ["0.9"]);
+    }
 
     #[test]
     fn a_batch_acknowledges_each_machine_once_with_its_highest_counter() {

@@ -26,11 +26,11 @@ use crate::store::{Store, StoreError};
 /// Runs a read of the whole fleet on the blocking pool: it can take a while at 10,000
 /// machines, and the async threads carry the ingest meanwhile.
 pub async fn off_thread(
-    store: &Arc<Store>,
-    read: impl FnOnce(&Store) -> Result<AdminReply, OpError> + Send + 'static,
+    store: &Arc<dyn Store>,
+    read: impl FnOnce(&dyn Store) -> Result<AdminReply, OpError> + Send + 'static,
 ) -> Result<AdminReply, OpError> {
     let store = store.clone();
-    tokio::task::spawn_blocking(move || read(&store))
+    tokio::task::spawn_blocking(move || read(&*store))
         .await
         .map_err(|e| OpError::Refused(format!("inventory task failed: {e}")))?
 }
@@ -107,7 +107,7 @@ pub fn matches(m: &MachineInfo, f: &MachineFilter, assigned: Option<Phase>) -> b
 
 /// The phase of `machine`'s record of its current release of `kind`, if one reached it.
 fn current_phase(
-    store: &Store,
+    store: &dyn Store,
     machine: &MachineId,
     kind: &Kind,
 ) -> Result<Option<Phase>, StoreError> {
@@ -119,7 +119,7 @@ fn current_phase(
 
 /// One page of the machines matching `filter`, in id order after `after`.
 pub fn query(
-    store: &Store,
+    store: &dyn Store,
     filter: &MachineFilter,
     after: Option<&MachineId>,
     limit: Option<u32>,
@@ -274,7 +274,7 @@ impl Tally {
 /// The versions of `kind` across the fleet, and its standing with `release` (default: the
 /// newest published release of `kind`).
 pub fn versions(
-    store: &Store,
+    store: &dyn Store,
     kind: &Kind,
     release: Option<&ReleaseId>,
 ) -> Result<AdminReply, OpError> {
@@ -325,7 +325,7 @@ pub fn newest_first(
 
 /// One page of `machine`'s history: the record of every release that reached it.
 pub fn history(
-    store: &Store,
+    store: &dyn Store,
     machine: &MachineId,
     kind: Option<&Kind>,
     before: Option<&ReleaseId>,

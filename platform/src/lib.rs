@@ -6,7 +6,9 @@
 //! - [`broker_auth`]: which principal holds a broker client's credentials (the store's view).
 //! - [`limits`]: per-machine limits (chunk requests and bytes per second, stored events).
 //! - [`keys`]: the platform's signing key and the admin secret in the data dir.
-//! - [`store`]: sled persistence, one tree per record family (layout documented there).
+//! - [`store`]: the database behind the `Store` trait (reads, transactions for records, flush);
+//!   sled is the embedded implementation (layout documented in `store::sled`), an in-memory
+//!   one serves unit tests.
 //! - [`artifacts`]: artifact files: staged uploads, atomic commit, manifests, chunk reads.
 //! - [`domain`]: the domain's pure state machines: a target (one machine's record for one
 //!   release) and a staged rollout with its waves.

@@ -16,11 +16,11 @@ use crate::domain::target;
 use crate::keys::Keys;
 use crate::limits::MachineLimits;
 use crate::now_ms;
-use crate::store::{DesiredNotice, Store, StoreError};
+use crate::store::{DesiredNotice, Reads, Records, Store, StoreError};
 
 /// Everything the service's tasks share.
 pub struct Ctx {
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Store>,
     pub files: Arc<ArtifactStore>,
     /// The current keys; replaced whole by a key rotation.
     pub keys: RwLock<Arc<Keys>>,
@@ -45,11 +45,12 @@ impl Ctx {
 
 #[cfg(test)]
 impl Ctx {
-    /// A context over a fresh store and keys in `dir`, publishing into `mqtt` (never polled).
+    /// A context over a fresh in-memory store, and keys and artifact files in `dir`, publishing
+    /// into `mqtt` (never polled).
     pub fn for_tests(dir: &std::path::Path, mqtt: AsyncClient) -> Self {
-        let store = Arc::new(Store::open(&dir.join("db")).unwrap());
+        let store: Arc<dyn Store> = Arc::new(crate::store::MemStore::new());
         let keys = crate::keys::load_or_create_keys(dir).unwrap();
-        crate::identities::ensure_bootstrap_admin(&store, &keys).unwrap();
+        crate::identities::ensure_bootstrap_admin(&*store, &keys).unwrap();
         Ctx {
             store,
             files: Arc::new(ArtifactStore::open(dir).unwrap()),
@@ -242,9 +243,9 @@ pub(crate) fn sign_notice(
 /// unfinished release of that kind superseded. A record that already finished (failed,
 /// cancelled, superseded, or installed before something else replaced it) starts a new round:
 /// the new notice has a higher seq, so the machine starts over at attempt 1. An unfinished
-/// record is kept. Caller holds the records lock. Returns the releases whose records changed.
+/// record is kept. Returns the releases whose records changed.
 pub fn assign_target(
-    store: &Store,
+    store: &dyn Records,
     release: &ReleaseInfo,
     machine: &MachineId,
     via: Option<GroupId>,
@@ -280,12 +281,8 @@ pub async fn publish(
 ) -> Result<PublishPlan, OpError> {
     let r = resolve(ctx, &release.kind, machines, groups, allow_empty)?;
     let now = now_ms();
-    let (release, notices, touched) = {
-        let _records = ctx.store.lock_records();
-        let mut release = ctx
-            .store
-            .release(&release.id)?
-            .unwrap_or_else(|| release.clone());
+    let (release, notices, touched) = ctx.store.transaction(|rec| -> Result<_, OpError> {
+        let mut release = rec.release(&release.id)?.unwrap_or_else(|| release.clone());
         let seq = ctx.store.next_seq()?;
         let notices: Vec<DesiredNotice> = r
             .notices
@@ -304,16 +301,16 @@ pub async fn publish(
                 release.groups.push(g.clone());
             }
         }
-        ctx.store.put_release(&release)?;
+        rec.put_release(&release)?;
         for n in &notices {
-            ctx.store.put_desired(n)?;
+            rec.put_desired(n)?;
         }
         let mut touched = BTreeSet::new();
         for (m, via) in &r.targets {
-            touched.extend(assign_target(&ctx.store, &release, m, via.clone(), now)?);
+            touched.extend(assign_target(rec, &release, m, via.clone(), now)?);
         }
-        (release, notices, touched)
-    };
+        Ok((release, notices, touched))
+    })?;
     ctx.store.flush_async().await?;
     for n in &notices {
         send_desired(ctx, n).await?;
@@ -337,7 +334,7 @@ pub async fn retry(
     machines: &[MachineId],
     failed: bool,
 ) -> Result<PublishPlan, OpError> {
-    let info = known_release(&ctx.store, release)?;
+    let info = known_release(&*ctx.store, release)?;
     let targets = ctx.store.targets_of(release)?;
     let mut chosen: Vec<MachineId> = if failed {
         targets
@@ -371,7 +368,7 @@ pub async fn retry(
 }
 
 /// The release `id`, or the operator's "unknown release" error.
-pub fn known_release(store: &Store, id: &ReleaseId) -> Result<ReleaseInfo, OpError> {
+pub fn known_release<S: Reads + ?Sized>(store: &S, id: &ReleaseId) -> Result<ReleaseInfo, OpError> {
     store
         .release(id)?
         .ok_or_else(|| OpError::Refused(format!("unknown release {id}")))
@@ -383,7 +380,7 @@ pub async fn activate(
     release: &ReleaseId,
     machines: &[MachineId],
 ) -> Result<Vec<MachineId>, OpError> {
-    known_release(&ctx.store, release)?;
+    known_release(&*ctx.store, release)?;
     let targets: Vec<MachineId> = if machines.is_empty() {
         ctx.store
             .targets_of(release)?
@@ -431,7 +428,7 @@ pub async fn activate(
 
 /// The current rollout progress of `release`.
 pub fn progress_of(
-    store: &Store,
+    store: &dyn Store,
     release: &ReleaseId,
 ) -> Result<Option<RolloutProgress>, StoreError> {
     let Some(info) = store.release(release)? else {
@@ -446,7 +443,7 @@ fn progress_message(
     ctx: &Ctx,
     release: &ReleaseId,
 ) -> Result<Option<(String, Vec<u8>)>, StoreError> {
-    Ok(progress_of(&ctx.store, release)?.map(|p| {
+    Ok(progress_of(&*ctx.store, release)?.map(|p| {
         let payload = ctx.keys().platform.sign(Purpose::Progress, &p);
         (ctx.topics.rollout_progress(release.as_str()), payload)
     }))
@@ -513,15 +510,14 @@ pub async fn publish_key_chain(ctx: &Ctx) -> Result<(), rumqttc::ClientError> {
 /// Rotates the platform key: announces the new key under the old one, re-signs every desired
 /// notice with it, and publishes the chain and the notices. Returns the new generation.
 pub async fn rotate_key(ctx: &Ctx) -> Result<u32, OpError> {
-    let new_keys = {
-        // Lock order everywhere: records, then keys (ingest reads the keys while it holds the
-        // records lock). Holding records also keeps any publish from signing with the old key
-        // between the re-signing below and the swap.
-        let _records = ctx.store.lock_records();
+    // Lock order everywhere: records, then keys (publishing signs notices, reading the keys,
+    // inside a transaction). Holding records also keeps any publish from signing with the old key
+    // between the re-signing below and the swap.
+    let new_keys = ctx.store.transaction(|rec| -> Result<_, OpError> {
         let old = ctx.keys();
         // Everything that can fail on a stored notice fails before the key files change.
         let mut desired = Vec::new();
-        for n in ctx.store.all_desired()? {
+        for n in rec.all_desired()? {
             let notice: ReleaseNotice = old
                 .public
                 .verify(Purpose::Release, n.payload.as_bytes())
@@ -537,11 +533,11 @@ pub async fn rotate_key(ctx: &Ctx) -> Result<u32, OpError> {
         for (mut n, notice) in desired {
             let payload = new_keys.platform.sign(Purpose::Release, &notice);
             n.payload = String::from_utf8(payload).expect("signed envelopes are JSON");
-            ctx.store.put_desired(&n)?;
+            rec.put_desired(&n)?;
         }
         *ctx.keys.write().unwrap_or_else(|p| p.into_inner()) = new_keys.clone();
-        new_keys
-    };
+        Ok(new_keys)
+    })?;
     ctx.store.flush_async().await?;
     republish_all(ctx).await?;
     Ok(new_keys.generation())
@@ -549,8 +545,8 @@ pub async fn rotate_key(ctx: &Ctx) -> Result<u32, OpError> {
 
 /// The notice each kind of `machine` should follow: the highest seq over its own and its
 /// groups' desired notices.
-pub fn desired_for_machine(
-    store: &Store,
+pub fn desired_for_machine<S: Reads + ?Sized>(
+    store: &S,
     machine: &MachineId,
     groups: &[GroupId],
 ) -> Result<BTreeMap<Kind, DesiredNotice>, StoreError> {
@@ -571,10 +567,10 @@ pub fn desired_for_machine(
 }
 
 /// Gives `machine` target records for the group releases it should follow but has none for
-/// (a machine that joined a group, or was first seen after the publish). Caller holds the
-/// records lock. Returns the releases whose records changed.
+/// (a machine that joined a group, or was first seen after the publish). Returns the releases
+/// whose records changed.
 pub fn ensure_group_targets(
-    store: &Store,
+    store: &dyn Records,
     machine: &MachineId,
     groups: &[GroupId],
     now: u64,
@@ -606,6 +602,7 @@ pub fn ensure_group_targets(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::MemStore;
     use fleetcast_proto::{Phase, StatusEvent};
 
     fn m(s: &str) -> MachineId {
@@ -616,38 +613,40 @@ mod tests {
         GroupId::new(s).unwrap()
     }
 
-    fn open() -> (tempfile::TempDir, Store) {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(&dir.path().join("db")).unwrap();
-        (dir, store)
-    }
-
-    fn release(store: &Store, id: &str, version: &str) -> ReleaseInfo {
+    fn release(store: &MemStore, id: &str, version: &str) -> ReleaseInfo {
         let mut r = crate::fixtures::release(id, version);
         r.artifact.chunk_size = 1024;
-        store.put_release(&r).unwrap();
+        store.transaction(|rec| rec.put_release(&r)).unwrap();
         r
     }
 
+    fn assign(store: &MemStore, r: &ReleaseInfo, machine: &str, now: u64) {
+        store
+            .transaction(|rec| assign_target(rec, r, &m(machine), None, now))
+            .unwrap();
+    }
+
     /// What `publish` stores for one target, without signing or sending.
-    fn desire(store: &Store, r: &mut ReleaseInfo, target: Target) -> u64 {
+    fn desire(store: &MemStore, r: &mut ReleaseInfo, target: Target) -> u64 {
         let seq = store.next_seq().unwrap();
         r.seq = seq;
-        store.put_release(r).unwrap();
         store
-            .put_desired(&DesiredNotice {
-                topic: format!("{target}"),
-                seq,
-                release: r.id.clone(),
-                kind: r.kind.clone(),
-                target,
-                payload: "{}".into(),
+            .transaction(|rec| {
+                rec.put_release(r)?;
+                rec.put_desired(&DesiredNotice {
+                    topic: format!("{target}"),
+                    seq,
+                    release: r.id.clone(),
+                    kind: r.kind.clone(),
+                    target,
+                    payload: "{}".into(),
+                })
             })
             .unwrap();
         seq
     }
 
-    fn report(store: &Store, r: &ReleaseInfo, machine: &str, phase: Phase, attempt: u32) {
+    fn report(store: &MemStore, r: &ReleaseInfo, machine: &str, phase: Phase, attempt: u32) {
         let mut rec = store.target(&r.id, &m(machine)).unwrap().unwrap();
         let ev = StatusEvent {
             machine: m(machine),
@@ -664,28 +663,28 @@ mod tests {
         };
         target::apply(&mut rec, &ev, 1)
             .unwrap_or_else(|why| panic!("{phase} (attempt {attempt}) refused: {why}"));
-        store.put_target(&rec).unwrap();
+        store.transaction(|tx| tx.put_target(&rec)).unwrap();
     }
 
     #[test]
     fn republishing_a_release_starts_a_new_round_for_machines_that_finished_it() {
-        let (_d, store) = open();
+        let store = MemStore::new();
         let r1 = release(&store, "r-000001", "1.0");
         let r2 = release(&store, "r-000002", "2.0");
-        assign_target(&store, &r1, &m("vm-1"), None, 1).unwrap();
+        assign(&store, &r1, "vm-1", 1);
         report(&store, &r1, "vm-1", Phase::DownloadFailed, 3);
         // An operator publishes it again: the machine gets a new notice and starts over at
         // attempt 1, which the record must take.
-        assign_target(&store, &r1, &m("vm-1"), None, 2).unwrap();
+        assign(&store, &r1, "vm-1", 2);
         let rec = store.target(&r1.id, &m("vm-1")).unwrap().unwrap();
         assert_eq!((rec.phase, rec.attempts), (Phase::Pending, 0));
         for p in [Phase::Notified, Phase::Downloading, Phase::Installed] {
             report(&store, &r1, "vm-1", p, 1);
         }
         // Superseded by r2, then r1 is published again (a manual roll back to it).
-        assign_target(&store, &r2, &m("vm-1"), None, 3).unwrap();
+        assign(&store, &r2, "vm-1", 3);
         report(&store, &r2, "vm-1", Phase::Notified, 1);
-        assign_target(&store, &r1, &m("vm-1"), None, 4).unwrap();
+        assign(&store, &r1, "vm-1", 4);
         assert_eq!(
             store.target(&r2.id, &m("vm-1")).unwrap().unwrap().phase,
             Phase::Superseded
@@ -693,22 +692,24 @@ mod tests {
         for p in [Phase::Notified, Phase::Downloading, Phase::Installing] {
             report(&store, &r1, "vm-1", p, 1);
         }
-        assign_target(&store, &r2, &m("vm-1"), None, 5).unwrap();
-        assign_target(&store, &r1, &m("vm-1"), None, 6).unwrap();
+        assign(&store, &r2, "vm-1", 5);
+        assign(&store, &r1, "vm-1", 6);
         report(&store, &r1, "vm-1", Phase::Installed, 1);
     }
 
     #[test]
     fn a_machine_that_joins_a_group_follows_its_release_even_if_its_own_was_republished_since() {
-        let (_d, store) = open();
+        let store = MemStore::new();
         let mut r1 = release(&store, "r-000001", "1.0");
         let mut r2 = release(&store, "r-000002", "2.0");
         desire(&store, &mut r1, Target::Machine(m("vm-1")));
-        assign_target(&store, &r1, &m("vm-1"), None, 1).unwrap();
+        assign(&store, &r1, "vm-1", 1);
         let group_seq = desire(&store, &mut r2, Target::Group(g("g")));
         // r1 goes to another machine later: its release seq is now above the group's.
         assert!(desire(&store, &mut r1, Target::Machine(m("vm-3"))) > group_seq);
-        let touched = ensure_group_targets(&store, &m("vm-1"), &[g("g")], 2).unwrap();
+        let touched = store
+            .transaction(|rec| ensure_group_targets(rec, &m("vm-1"), &[g("g")], 2))
+            .unwrap();
         assert!(touched.contains(&r2.id), "{touched:?}");
         let rec = store.target(&r2.id, &m("vm-1")).unwrap().unwrap();
         assert_eq!((rec.phase, rec.via), (Phase::Pending, Some(g("g"))));
@@ -721,7 +722,8 @@ mod tests {
             Some(r2.id.clone())
         );
         // Nothing changes when it reports again.
-        assert!(ensure_group_targets(&store, &m("vm-1"), &[g("g")], 3)
+        assert!(store
+            .transaction(|rec| ensure_group_targets(rec, &m("vm-1"), &[g("g")], 3))
             .unwrap()
             .is_empty());
     }

@@ -30,7 +30,7 @@ use crate::identities;
 use crate::keys::{load_or_create_keys, Keys};
 use crate::limits::MachineLimits;
 use crate::publish::{Ctx, NoSessionControl, SessionControl};
-use crate::store::Store;
+use crate::store::{SledStore, Store};
 use crate::{chunks, ingest};
 use fleetcast_proto::acl::PLATFORM_USER;
 
@@ -53,7 +53,7 @@ pub struct ServeOptions {
 
 /// Everything `run` needs, opened by `serve`.
 pub struct Deps {
-    pub store: Arc<Store>,
+    pub store: Arc<dyn Store>,
     pub files: Arc<ArtifactStore>,
     pub keys: Arc<Keys>,
     pub topics: Topics,
@@ -84,7 +84,7 @@ impl SessionControl for GatewaySessions {
 /// Runs the platform until `shutdown` is cancelled or a task fails.
 pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> Result<(), PlatformError> {
     let keys = load_or_create_keys(&opts.data_dir)?;
-    let store = Arc::new(Store::open(&opts.data_dir.join("db"))?);
+    let store: Arc<dyn Store> = Arc::new(SledStore::open(&opts.data_dir.join("db"))?);
     let files =
         Arc::new(
             ArtifactStore::open(&opts.data_dir).map_err(|e| PlatformError::BadFile {
@@ -92,7 +92,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> Result<()
                 reason: e.to_string(),
             })?,
         );
-    identities::ensure_bootstrap_admin(&store, &keys)?;
+    identities::ensure_bootstrap_admin(&*store, &keys)?;
     let topics = Topics::new(&opts.topic_prefix);
     let auth: AuthStore = Arc::new(RwLock::new(Some(store.clone())));
     let broker_stop = CancellationToken::new();

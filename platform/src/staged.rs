@@ -22,7 +22,7 @@ use rumqttc::QoS;
 use crate::domain::rollout::{self as core, Effect, Tally};
 use crate::now_ms;
 use crate::publish::{self, known_release, refused, Ctx, OpError};
-use crate::store::{DesiredNotice, StoreError};
+use crate::store::{DesiredNotice, Records, StoreError};
 
 /// Running rollouts are re-evaluated at least this often (a wave's timeout is checked then).
 pub const SWEEP: Duration = Duration::from_secs(5);
@@ -60,10 +60,11 @@ impl Outbox {
     }
 }
 
-/// Carries out `effects` for `release` (records lock held). `via` names the group a machine
-/// was reached through, for its target record.
+/// Carries out `effects` for `release` in a transaction (`rec`). `via` names the group a
+/// machine was reached through, for its target record.
 fn apply(
     ctx: &Ctx,
+    rec: &dyn Records,
     release: &ReleaseInfo,
     effects: Vec<Effect>,
     via: &HashMap<MachineId, GroupId>,
@@ -76,21 +77,18 @@ fn apply(
                 let seq = ctx.store.next_seq()?;
                 for m in machines {
                     // A newer release of this kind reached the machine since: leave it be.
-                    if let Some(current) = ctx.store.current(&m, &release.kind)? {
+                    if let Some(current) = rec.current(&m, &release.kind)? {
                         let newer = current != release.id
-                            && ctx
-                                .store
-                                .release(&current)?
-                                .is_some_and(|c| c.seq > release.seq);
+                            && rec.release(&current)?.is_some_and(|c| c.seq > release.seq);
                         if newer {
                             continue;
                         }
                     }
                     let n = publish::sign_notice(ctx, release, seq, Target::Machine(m.clone()));
-                    ctx.store.put_desired(&n)?;
+                    rec.put_desired(&n)?;
                     out.notices.push(n);
                     out.touched.extend(publish::assign_target(
-                        &ctx.store,
+                        rec,
                         release,
                         &m,
                         via.get(&m).cloned(),
@@ -113,9 +111,9 @@ fn apply(
                         ctx.keys().platform.sign(Purpose::Command, &cmd),
                     ));
                     let target = Target::Machine(m.clone());
-                    if let Some(n) = ctx.store.desired(&target, &release.kind)? {
+                    if let Some(n) = rec.desired(&target, &release.kind)? {
                         if n.release == release.id {
-                            ctx.store.remove_desired(&target, &release.kind)?;
+                            rec.remove_desired(&target, &release.kind)?;
                             out.cleared.push(n.topic);
                         }
                     }
@@ -139,28 +137,24 @@ pub async fn publish(
     plan: WavePlan,
 ) -> Result<PublishPlan, OpError> {
     let resolved = publish::resolve(ctx, &release.kind, machines, groups, allow_empty)?;
-    if let Some(r) = ctx.store.rollout(&release.id)? {
-        if matches!(r.state, RolloutState::Running | RolloutState::Paused { .. }) {
-            return refused(format!(
-                "release {} already has a {} staged rollout; cancel it first",
-                release.id,
-                r.state.name()
-            ));
-        }
-    }
     let via: HashMap<MachineId, GroupId> = resolved
         .targets
         .iter()
         .filter_map(|(m, g)| g.clone().map(|g| (m.clone(), g)))
         .collect();
     let mut out = Outbox::default();
-    let (release, rollout) = {
-        let _records = ctx.store.lock_records();
+    let (release, rollout) = ctx.store.transaction(|rec| -> Result<_, OpError> {
+        if let Some(r) = rec.rollout(&release.id)? {
+            if matches!(r.state, RolloutState::Running | RolloutState::Paused { .. }) {
+                return refused(format!(
+                    "release {} already has a {} staged rollout; cancel it first",
+                    release.id,
+                    r.state.name()
+                ));
+            }
+        }
         let now = now_ms();
-        let mut release = ctx
-            .store
-            .release(&release.id)?
-            .unwrap_or_else(|| release.clone());
+        let mut release = rec.release(&release.id)?.unwrap_or_else(|| release.clone());
         release.seq = ctx.store.next_seq()?;
         release.published_at_ms.get_or_insert(now);
         for m in &resolved.machines {
@@ -173,17 +167,17 @@ pub async fn publish(
                 release.groups.push(g.clone());
             }
         }
-        ctx.store.put_release(&release)?;
+        rec.put_release(&release)?;
         let (rollout, effects) = core::start(
             &release.id,
             plan,
             resolved.targets.iter().map(|(m, _)| m.clone()),
             now,
         );
-        ctx.store.put_rollout(&rollout)?;
-        apply(ctx, &release, effects, &via, &mut out)?;
-        (release, rollout)
-    };
+        rec.put_rollout(&rollout)?;
+        apply(ctx, rec, &release, effects, &via, &mut out)?;
+        Ok((release, rollout))
+    })?;
     let topics = out.notices.iter().map(|n| n.topic.clone()).collect();
     out.send(ctx).await?;
     tracing::info!(release = %release.id, targets = rollout.order.len(), waves = rollout.plan.waves_bp.len(), "staged rollout started");
@@ -200,9 +194,12 @@ fn download_only(release: &ReleaseInfo) -> bool {
 }
 
 /// The tally of `r`'s notified machines from their target records.
-fn tally_of(ctx: &Ctx, release: &ReleaseInfo, r: &RolloutInfo) -> Result<Tally, StoreError> {
-    let phases: HashMap<MachineId, Phase> = ctx
-        .store
+fn tally_of(
+    store: &dyn Records,
+    release: &ReleaseInfo,
+    r: &RolloutInfo,
+) -> Result<Tally, StoreError> {
+    let phases: HashMap<MachineId, Phase> = store
         .targets_of(&release.id)?
         .into_iter()
         .map(|t| (t.machine, t.phase))
@@ -213,9 +210,12 @@ fn tally_of(ctx: &Ctx, release: &ReleaseInfo, r: &RolloutInfo) -> Result<Tally, 
 }
 
 /// Which group each target of `r` was reached through (for new target records).
-fn via_of(ctx: &Ctx, release: &ReleaseInfo) -> Result<HashMap<MachineId, GroupId>, StoreError> {
+fn via_of(
+    store: &dyn Records,
+    release: &ReleaseInfo,
+) -> Result<HashMap<MachineId, GroupId>, StoreError> {
     let mut via = HashMap::new();
-    for info in ctx.store.machines()? {
+    for info in store.machines()? {
         if let Some(g) = info.groups.iter().find(|g| release.groups.contains(g)) {
             via.insert(info.id, g.clone());
         }
@@ -225,7 +225,7 @@ fn via_of(ctx: &Ctx, release: &ReleaseInfo) -> Result<HashMap<MachineId, GroupId
 
 /// The rollout of `release`, or the operator's error.
 pub fn status(ctx: &Ctx, release: &ReleaseId) -> Result<RolloutInfo, OpError> {
-    known_release(&ctx.store, release)?;
+    known_release(&*ctx.store, release)?;
     ctx.store.rollout(release)?.ok_or_else(|| {
         OpError::Refused(format!(
             "release {release} was not published in waves (release publish --waves)"
@@ -236,27 +236,30 @@ pub fn status(ctx: &Ctx, release: &ReleaseId) -> Result<RolloutInfo, OpError> {
 /// Re-evaluates the running rollout of `release` (if any) and carries out what it decides.
 pub async fn evaluate(ctx: &Ctx, release: &ReleaseId) -> Result<(), OpError> {
     let mut out = Outbox::default();
-    {
-        let _records = ctx.store.lock_records();
-        let Some(mut r) = ctx.store.rollout(release)? else {
-            return Ok(());
+    let changed = ctx.store.transaction(|rec| -> Result<bool, OpError> {
+        let Some(mut r) = rec.rollout(release)? else {
+            return Ok(false);
         };
         if r.state != RolloutState::Running {
-            return Ok(());
+            return Ok(false);
         }
-        let info = known_release(&ctx.store, release)?;
-        let t = tally_of(ctx, &info, &r)?;
+        let info = known_release(rec, release)?;
+        let t = tally_of(rec, &info, &r)?;
         let before = (r.wave, r.state.clone());
         let effects = core::observe(&mut r, t, now_ms());
         if (r.wave, r.state.clone()) == before {
-            return Ok(());
+            return Ok(false);
         }
         for t in &r.log[r.log.len().saturating_sub(1)..] {
             tracing::info!(release = %release, wave = t.wave + 1, what = %t.what, reason = %t.reason, "rollout");
         }
-        ctx.store.put_rollout(&r)?;
-        let via = via_of(ctx, &info)?;
-        apply(ctx, &info, effects, &via, &mut out)?;
+        rec.put_rollout(&r)?;
+        let via = via_of(rec, &info)?;
+        apply(ctx, rec, &info, effects, &via, &mut out)?;
+        Ok(true)
+    })?;
+    if !changed {
+        return Ok(());
     }
     out.send(ctx).await
 }
@@ -287,10 +290,9 @@ pub async fn control(
     by: &str,
 ) -> Result<RolloutInfo, OpError> {
     let mut out = Outbox::default();
-    let r = {
-        let _records = ctx.store.lock_records();
-        let info = known_release(&ctx.store, release)?;
-        let Some(mut r) = ctx.store.rollout(release)? else {
+    let r = ctx.store.transaction(|rec| -> Result<_, OpError> {
+        let info = known_release(rec, release)?;
+        let Some(mut r) = rec.rollout(release)? else {
             return refused(format!(
                 "release {release} was not published in waves (publish --waves); nothing to {}",
                 match command {
@@ -304,12 +306,11 @@ pub async fn control(
         let effects = match command {
             Control::Pause => core::pause(&mut r, by, now).map(|()| vec![]),
             Control::Resume { advance } => {
-                let t = tally_of(ctx, &info, &r)?;
+                let t = tally_of(rec, &info, &r)?;
                 core::resume(&mut r, by, advance, t, now)
             }
             Control::Cancel => {
-                let phases: HashMap<MachineId, Phase> = ctx
-                    .store
+                let phases: HashMap<MachineId, Phase> = rec
                     .targets_of(release)?
                     .into_iter()
                     .map(|t| (t.machine, t.phase))
@@ -320,11 +321,150 @@ pub async fn control(
             }
         }
         .map_err(|e| OpError::Refused(e.to_string()))?;
-        ctx.store.put_rollout(&r)?;
-        let via = via_of(ctx, &info)?;
-        apply(ctx, &info, effects, &via, &mut out)?;
-        r
-    };
+        rec.put_rollout(&r)?;
+        let via = via_of(rec, &info)?;
+        apply(ctx, rec, &info, effects, &via, &mut out)?;
+        Ok(r)
+    })?;
     out.send(ctx).await?;
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcast_proto::admin::MachineInfo;
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        /// Keeps the client's request queue open; never polled.
+        _eventloop: rumqttc::EventLoop,
+        ctx: Ctx,
+        release: ReleaseInfo,
+        machines: Vec<MachineId>,
+    }
+
+    /// Four provisioned machines and an unpublished release, over an in-memory store.
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let (mqtt, eventloop) =
+            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 4096);
+        let ctx = Ctx::for_tests(dir.path(), mqtt);
+        let release = crate::fixtures::release("r-000001", "1.0");
+        let machines: Vec<MachineId> = (1..=4)
+            .map(|i| MachineId::new(format!("vm-{i}")).unwrap())
+            .collect();
+        ctx.store
+            .transaction(|tx| {
+                for m in &machines {
+                    tx.put_machine(&MachineInfo::new(m.clone(), 0))?;
+                }
+                tx.put_release(&release)
+            })
+            .unwrap();
+        Fixture {
+            _dir: dir,
+            _eventloop: eventloop,
+            ctx,
+            release,
+            machines,
+        }
+    }
+
+    /// Machines with a desired notice of the release, in id order.
+    fn notified(f: &Fixture) -> Vec<String> {
+        f.ctx
+            .store
+            .all_desired()
+            .unwrap()
+            .into_iter()
+            .filter(|n| n.release == f.release.id)
+            .map(|n| match n.target {
+                Target::Machine(m) => m.to_string(),
+                Target::Group(g) => panic!("a wave notice went to group {g}"),
+            })
+            .collect()
+    }
+
+    fn report(f: &Fixture, machine: &str, phase: Phase) {
+        let m = MachineId::new(machine).unwrap();
+        f.ctx
+            .store
+            .transaction(|tx| {
+                let mut rec = tx.target(&f.release.id, &m)?.expect("a target record");
+                rec.phase = phase;
+                tx.put_target(&rec)
+            })
+            .unwrap();
+    }
+
+    fn halves() -> WavePlan {
+        WavePlan {
+            waves_bp: vec![5000, 10000],
+            success_bp: 10000,
+            failure_bp: 10000,
+            wave_timeout_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn the_next_wave_is_notified_once_the_first_succeeded_and_not_before() {
+        let f = fixture();
+        let plan = publish(&f.ctx, &f.release, &f.machines, &[], false, halves())
+            .await
+            .unwrap();
+        let first = notified(&f);
+        assert_eq!(first.len(), 2, "{first:?}");
+        assert_eq!(plan.topics.len(), 2);
+        evaluate(&f.ctx, &f.release.id).await.unwrap();
+        assert_eq!(notified(&f), first, "nothing installed yet");
+        report(&f, &first[0], Phase::Installed);
+        evaluate(&f.ctx, &f.release.id).await.unwrap();
+        assert_eq!(notified(&f), first, "half of the wave is not enough");
+        report(&f, &first[1], Phase::Installed);
+        evaluate(&f.ctx, &f.release.id).await.unwrap();
+        assert_eq!(notified(&f), ["vm-1", "vm-2", "vm-3", "vm-4"]);
+        let r = f.ctx.store.rollout(&f.release.id).unwrap().unwrap();
+        assert_eq!((r.wave, r.state), (1, RolloutState::Running));
+        assert_eq!(f.ctx.store.targets_of(&f.release.id).unwrap().len(), 4);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_rollout_forgets_the_notices_of_machines_that_did_not_start() {
+        let f = fixture();
+        publish(&f.ctx, &f.release, &f.machines, &[], false, halves())
+            .await
+            .unwrap();
+        let first = notified(&f);
+        report(&f, &first[0], Phase::Installing);
+        let r = control(&f.ctx, &f.release.id, Control::Cancel, "admin")
+            .await
+            .unwrap();
+        assert!(matches!(r.state, RolloutState::Cancelled { .. }), "{r:?}");
+        assert_eq!(
+            notified(&f),
+            [first[0].clone()],
+            "the installing one keeps it"
+        );
+        // Nothing more goes out once it is cancelled.
+        evaluate(&f.ctx, &f.release.id).await.unwrap();
+        assert_eq!(notified(&f), [first[0].clone()]);
+    }
+
+    #[tokio::test]
+    async fn a_release_has_one_live_staged_rollout_at_a_time() {
+        let f = fixture();
+        let again = || publish(&f.ctx, &f.release, &f.machines, &[], false, halves());
+        again().await.unwrap();
+        let err = again().await.unwrap_err().to_string();
+        assert!(
+            err.contains("already has a running staged rollout"),
+            "{err}"
+        );
+        control(&f.ctx, &f.release.id, Control::Cancel, "admin")
+            .await
+            .unwrap();
+        let plan = again().await.unwrap();
+        assert_eq!(plan.rollout.unwrap().state, RolloutState::Running);
+    }
 }

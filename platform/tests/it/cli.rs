@@ -6,7 +6,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Stdio;
 
-use fleetcast_platform::store::Store;
+use fleetcast_platform::store::{Reads, SledStore};
 use serde_json::Value;
 
 use super::*;
@@ -91,7 +91,7 @@ impl Fleetcast {
 /// Everything the CLI should never have sent or stored, checked in the stopped platform's
 /// database: which desired notices (topics) exist, and every release with its seq.
 fn stored(data_dir: &Path) -> (BTreeSet<String>, Vec<(String, u64, bool)>) {
-    let store = Store::open(&data_dir.join("db")).unwrap();
+    let store = SledStore::open(&data_dir.join("db")).unwrap();
     let topics = store
         .all_desired()
         .unwrap()

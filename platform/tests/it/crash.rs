@@ -10,7 +10,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use fleetcast_platform::store::Store;
+use fleetcast_platform::store::{Reads, SledStore};
 
 use super::*;
 
@@ -186,7 +186,7 @@ async fn kill9_loses_nothing(broker: BrokerUrl) {
     .await;
     drop(machine_connection);
 
-    let store = Store::open(&data.join("db")).unwrap();
+    let store = SledStore::open(&data.join("db")).unwrap();
     let mut seen: Vec<u64> = store
         .events()
         .unwrap()

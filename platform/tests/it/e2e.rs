@@ -594,7 +594,8 @@ async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_a
     drop(vm);
     admin_client.close().await;
     platform.stop().await;
-    let events = fleetcast_platform::store::Store::open(&data.join("db"))
+    use fleetcast_platform::store::Reads;
+    let events = fleetcast_platform::store::SledStore::open(&data.join("db"))
         .unwrap()
         .events()
         .unwrap();

@@ -1,0 +1,863 @@
+//! [`SledStore`]: the embedded [`Store`], on sled. One tree per record family, values are JSON
+//! of the proto record types. The records lock is a mutex beside the database; sled's own
+//! writes are atomic per key, which the allocators and single-key updates use.
+//!
+//! ## Layout (schema version 1)
+//!
+//! | tree | key | value |
+//! |---|---|---|
+//! | `meta` | `schema` / `seq` / `event` / `release` / `audit` | u64 big-endian: schema version; last notice/command `seq` (one platform-wide counter); last event id; last release number; last audit entry id. Markers (`bootstrapped`, `machine_targets`): present once done |
+//! | `artifacts` | artifact id (hex) | `ArtifactInfo` |
+//! | `artifact_versions` | `kind/version` | artifact id (hex). A kind+version names one set of bytes forever |
+//! | `releases` | release id (`r-000001`) | `ReleaseInfo` |
+//! | `targets` | `release/machine` | `TargetRecord` (one per machine a release reached) |
+//! | `machine_targets` | `machine/release` | empty: an index of `targets` by machine, so one machine's history reads its own records rather than every release's (written before its target record; built from `targets` once, at the first open by a build that has it, marked by `meta` `machine_targets`) |
+//! | `current` | `machine/kind` | release id of the newest release targeting that machine for that kind (to mark the previous one superseded) |
+//! | `machines` | machine id | `MachineInfo` (provisioned groups, online, last seen, reported state) |
+//! | `secrets` | machine id | `Secret` (hex) |
+//! | `counters` | `machine/channel` (`status`, `state`, `chunks`) | u64 BE: last accepted MAC'd counter (replay protection) |
+//! | `events` | u64 BE event id | `FleetEvent`: every accepted status event with machine and platform times |
+//! | `desired` | `machine/{m}/{kind}` or `group/{g}/{kind}` | [`DesiredNotice`]: the signed notice currently desired there, re-published by the reconciler |
+//! | `history` | `machine/kind` | JSON list of versions the machine reported installed, oldest first (default rollback target) |
+//! | `operators` | operator name | [`OperatorRecord`]: role, who created it, its secret |
+//! | `integrators` | integrator name | [`IntegratorRecord`]: its secret (the broker password derives from it) |
+//! | `audit` | u64 BE entry id | `AuditEntry`: every operator action and refusal, with who and when |
+//! | `event_counts` | `machine/release` (`machine/-` without a release) | u64 BE: events stored for that pair (capped) |
+//! | `rollouts` | release id | `RolloutInfo`: a staged rollout's plan, wave order, state and transitions |
+//!
+//! Ids cannot hold `/`, so `a/b` keys are unambiguous and prefix scans (`release/`) are exact.
+//! Writes become durable only at [`Store::flush`]; callers flush before acknowledging anything.
+//! Composite keys come from [`super::key`].
+
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use fleetcast_proto::admin::{
+    ArtifactInfo, AuditEntry, FleetEvent, MachineInfo, ReleaseInfo, TargetRecord,
+};
+use fleetcast_proto::auth::Secret;
+use fleetcast_proto::rollout::RolloutInfo;
+use fleetcast_proto::{ArtifactId, Kind, MachineId, ReleaseId, Target};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::{
+    key, DesiredNotice, Flush, IntegratorRecord, OperatorRecord, Reads, ReadsThrough, Records,
+    Store, StoreError,
+};
+
+pub const SCHEMA_VERSION: u64 = 1;
+/// sled's page cache. Its default (1 GiB) let `serve` grow by the size of what it stored, for
+/// months, until the cache filled: the event log grows with every rollout. What ingest and the
+/// admin requests read is recent (targets of live releases, machines), so a small cache holds
+/// the working set; older records are read from disk when asked for.
+pub const CACHE_BYTES: u64 = 64 * 1024 * 1024;
+
+fn backend(op: &'static str, tree: &'static str) -> impl FnOnce(::sled::Error) -> StoreError {
+    move |source| StoreError::Backend {
+        op,
+        tree,
+        source: Box::new(source),
+    }
+}
+
+/// One tree and its name (for errors).
+#[derive(Clone)]
+struct T {
+    name: &'static str,
+    tree: ::sled::Tree,
+}
+
+impl T {
+    fn err(&self, op: &'static str) -> impl FnOnce(::sled::Error) -> StoreError {
+        backend(op, self.name)
+    }
+
+    fn get<V: DeserializeOwned>(&self, key: &str) -> Result<Option<V>, StoreError> {
+        match self.tree.get(key).map_err(self.err("read"))? {
+            None => Ok(None),
+            Some(bytes) => self.decode(key, &bytes).map(Some),
+        }
+    }
+
+    fn decode<V: DeserializeOwned>(&self, key: &str, bytes: &[u8]) -> Result<V, StoreError> {
+        serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt {
+            tree: self.name,
+            key: key.to_owned(),
+            reason: e.to_string(),
+        })
+    }
+
+    fn put<V: Serialize + ?Sized>(&self, key: &str, value: &V) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).expect("records serialize");
+        self.tree.insert(key, bytes).map_err(self.err("write"))?;
+        Ok(())
+    }
+
+    fn remove(&self, key: &str) -> Result<bool, StoreError> {
+        Ok(self.tree.remove(key).map_err(self.err("remove"))?.is_some())
+    }
+
+    fn scan<V: DeserializeOwned>(&self, prefix: &str) -> Result<Vec<V>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.tree.scan_prefix(prefix) {
+            let (k, v) = item.map_err(self.err("scan"))?;
+            out.push(self.decode(&String::from_utf8_lossy(&k), &v)?);
+        }
+        Ok(out)
+    }
+
+    fn get_u64(&self, key: &str) -> Result<Option<u64>, StoreError> {
+        Ok(self
+            .tree
+            .get(key)
+            .map_err(self.err("read"))?
+            .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    fn put_u64(&self, key: &str, value: u64) -> Result<(), StoreError> {
+        self.tree
+            .insert(key, &value.to_be_bytes())
+            .map_err(self.err("write"))?;
+        Ok(())
+    }
+
+    /// Adds one to the u64 under `key` (0 when absent), atomically; returns the new value.
+    fn increment(&self, key: &str) -> Result<u64, StoreError> {
+        let next = self
+            .tree
+            .update_and_fetch(key, |old| {
+                let n = old
+                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                Some((n + 1).to_be_bytes().to_vec())
+            })
+            .map_err(self.err("update"))?
+            .expect("update_and_fetch returned the new value");
+        Ok(u64::from_be_bytes(
+            <[u8; 8]>::try_from(next.as_ref()).expect("8 bytes"),
+        ))
+    }
+
+    /// Stores `value` under the u64 BE id `id`.
+    fn put_numbered<V: Serialize>(&self, id: u64, value: &V) -> Result<(), StoreError> {
+        let bytes = serde_json::to_vec(value).expect("records serialize");
+        self.tree
+            .insert(id.to_be_bytes(), bytes)
+            .map_err(self.err("write"))?;
+        Ok(())
+    }
+
+    /// Records keyed by u64 BE id above `since`, at most `limit`, and whether more follow.
+    fn range_after<V: DeserializeOwned>(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<(Vec<V>, bool), StoreError> {
+        let mut out = Vec::new();
+        let start = since.saturating_add(1).to_be_bytes();
+        for item in self.tree.range(start..) {
+            let (k, v) = item.map_err(self.err("scan"))?;
+            if out.len() == limit {
+                return Ok((out, true));
+            }
+            out.push(self.decode(&hex::encode(&k), &v)?);
+        }
+        Ok((out, false))
+    }
+}
+
+/// Whether opening failed because another `Db` (a previous instance whose background threads
+/// are still letting go) holds the file lock. sled 0.34 reports that as `Other` with this text,
+/// not as `WouldBlock`.
+fn lock_held(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
+}
+
+/// The trees. Reads and [`Records`] writes; the latter only through
+/// [`SledStore::with_records`], which is the one place that hands out a `&Tables`.
+struct Tables {
+    meta: T,
+    artifacts: T,
+    artifact_versions: T,
+    releases: T,
+    targets: T,
+    machine_targets: T,
+    current: T,
+    machines: T,
+    secrets: T,
+    counters: T,
+    events: T,
+    desired: T,
+    history: T,
+    operators: T,
+    integrators: T,
+    audit: T,
+    event_counts: T,
+    rollouts: T,
+}
+
+/// The platform's database on sled. Cheap to share behind an `Arc`.
+pub struct SledStore {
+    db: ::sled::Db,
+    t: Tables,
+    /// Serialises transactions (read-modify-write of records) between the admin and ingest tasks.
+    records: Mutex<()>,
+}
+
+impl SledStore {
+    /// Opens (or creates) the database. Retries briefly while a previous instance in this
+    /// process is still releasing the file lock.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let mut attempt = 0;
+        let db = loop {
+            match ::sled::Config::new()
+                .path(path)
+                .cache_capacity(CACHE_BYTES)
+                .open()
+            {
+                Ok(db) => break db,
+                Err(::sled::Error::Io(e)) if attempt < 50 && lock_held(&e) => {
+                    attempt += 1;
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                Err(source) => {
+                    return Err(StoreError::Open {
+                        path: path.to_owned(),
+                        source: Box::new(source),
+                    })
+                }
+            }
+        };
+        let tree = |name: &'static str| -> Result<T, StoreError> {
+            let tree = db.open_tree(name).map_err(backend("open", name))?;
+            Ok(T { name, tree })
+        };
+        let t = Tables {
+            meta: tree("meta")?,
+            artifacts: tree("artifacts")?,
+            artifact_versions: tree("artifact_versions")?,
+            releases: tree("releases")?,
+            targets: tree("targets")?,
+            machine_targets: tree("machine_targets")?,
+            current: tree("current")?,
+            machines: tree("machines")?,
+            secrets: tree("secrets")?,
+            counters: tree("counters")?,
+            events: tree("events")?,
+            desired: tree("desired")?,
+            history: tree("history")?,
+            operators: tree("operators")?,
+            integrators: tree("integrators")?,
+            audit: tree("audit")?,
+            event_counts: tree("event_counts")?,
+            rollouts: tree("rollouts")?,
+        };
+        let store = SledStore {
+            db,
+            t,
+            records: Mutex::new(()),
+        };
+        match store.t.meta.get_u64("schema")? {
+            None => {
+                store.t.meta.put_u64("schema", SCHEMA_VERSION)?;
+                store.flush()?;
+            }
+            Some(SCHEMA_VERSION) => {}
+            Some(found) => return Err(StoreError::Schema { found }),
+        }
+        store.index_machine_targets()?;
+        Ok(store)
+    }
+
+    /// See [`Store::with_records`].
+    pub fn transaction<T>(&self, f: impl FnOnce(&dyn Records) -> T) -> T {
+        super::run_transaction(self, f)
+    }
+
+    /// Builds the `machine_targets` index from `targets` once: a database written before the
+    /// index existed has target records without index entries.
+    fn index_machine_targets(&self) -> Result<(), StoreError> {
+        if self.t.meta.get_u64("machine_targets")?.is_some() {
+            return Ok(());
+        }
+        let mut indexed = 0u64;
+        for item in self.t.targets.tree.iter() {
+            let (k, v) = item.map_err(self.t.targets.err("scan"))?;
+            let rec: TargetRecord = self.t.targets.decode(&String::from_utf8_lossy(&k), &v)?;
+            self.t.index_target(&rec)?;
+            indexed += 1;
+        }
+        self.t.meta.put_u64("machine_targets", 1)?;
+        self.flush()?;
+        if indexed > 0 {
+            tracing::info!(records = indexed, "indexed target records by machine");
+        }
+        Ok(())
+    }
+}
+
+impl Tables {
+    fn index_target(&self, rec: &TargetRecord) -> Result<(), StoreError> {
+        // Only the first write of a record creates its entry: status events rewrite records
+        // often, and an unconditional insert would grow the log each time.
+        let key = key::machine_target(&rec.machine, &rec.release);
+        self.machine_targets
+            .tree
+            .compare_and_swap(key.as_str(), None as Option<&[u8]>, Some(&[][..]))
+            .map_err(self.machine_targets.err("write"))?
+            .ok();
+        Ok(())
+    }
+}
+
+impl ReadsThrough for SledStore {
+    fn reads(&self) -> &dyn Reads {
+        &self.t
+    }
+}
+
+impl Store for SledStore {
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(backend("flush", "*"))
+    }
+
+    fn flush_async(&self) -> Flush<'_> {
+        Box::pin(async move {
+            self.db
+                .flush_async()
+                .await
+                .map(|_| ())
+                .map_err(backend("flush", "*"))
+        })
+    }
+
+    fn with_records(&self, f: &mut dyn FnMut(&dyn Records)) {
+        let _records = self.records.lock().unwrap_or_else(|p| p.into_inner());
+        f(&self.t)
+    }
+
+    fn next_seq(&self) -> Result<u64, StoreError> {
+        self.t.meta.increment("seq")
+    }
+
+    fn next_release_id(&self) -> Result<ReleaseId, StoreError> {
+        Ok(key::release_id(self.t.meta.increment("release")?))
+    }
+
+    fn put_artifact(&self, info: &ArtifactInfo) -> Result<(), StoreError> {
+        self.t.artifacts.put(&info.id.to_hex(), info)?;
+        self.t
+            .artifact_versions
+            .put(&key::artifact_version(&info.kind, &info.version), &info.id)
+    }
+
+    fn append_event(&self, event: &mut FleetEvent) -> Result<(), StoreError> {
+        event.id = self.t.meta.increment("event")?;
+        self.t.events.put_numbered(event.id, event)
+    }
+
+    fn append_audit(&self, entry: &mut AuditEntry) -> Result<(), StoreError> {
+        entry.id = self.t.meta.increment("audit")?;
+        self.t.audit.put_numbered(entry.id, entry)
+    }
+
+    fn raise_counter(
+        &self,
+        machine: &MachineId,
+        channel: &str,
+        ctr: u64,
+    ) -> Result<u64, StoreError> {
+        let t = &self.t.counters;
+        let key = key::counter(machine, channel);
+        loop {
+            let old = t.tree.get(&key).map_err(t.err("read"))?;
+            let last = old
+                .as_ref()
+                .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+                .map(u64::from_be_bytes)
+                .unwrap_or(0);
+            if ctr <= last {
+                return Ok(last);
+            }
+            let swapped = t
+                .tree
+                .compare_and_swap(key.as_str(), old, Some(&ctr.to_be_bytes()[..]))
+                .map_err(t.err("write"))?;
+            if swapped.is_ok() {
+                return Ok(last);
+            }
+        }
+    }
+
+    fn bump_event_count(
+        &self,
+        machine: &MachineId,
+        release: Option<&ReleaseId>,
+    ) -> Result<u64, StoreError> {
+        self.t
+            .event_counts
+            .increment(&key::event_count(machine, release))
+    }
+}
+
+impl Reads for Tables {
+    fn artifact(&self, id: &ArtifactId) -> Result<Option<ArtifactInfo>, StoreError> {
+        self.artifacts.get(&id.to_hex())
+    }
+
+    fn artifact_for_version(
+        &self,
+        kind: &Kind,
+        version: &str,
+    ) -> Result<Option<ArtifactInfo>, StoreError> {
+        let Some(id) = self
+            .artifact_versions
+            .get::<ArtifactId>(&key::artifact_version(kind, version))?
+        else {
+            return Ok(None);
+        };
+        self.artifact(&id)
+    }
+
+    fn artifacts(&self) -> Result<Vec<ArtifactInfo>, StoreError> {
+        self.artifacts.scan("")
+    }
+
+    fn release(&self, id: &ReleaseId) -> Result<Option<ReleaseInfo>, StoreError> {
+        self.releases.get(id.as_str())
+    }
+
+    fn releases(&self) -> Result<Vec<ReleaseInfo>, StoreError> {
+        self.releases.scan("")
+    }
+
+    fn target(
+        &self,
+        release: &ReleaseId,
+        machine: &MachineId,
+    ) -> Result<Option<TargetRecord>, StoreError> {
+        self.targets.get(&key::target(release, machine))
+    }
+
+    fn targets_of(&self, release: &ReleaseId) -> Result<Vec<TargetRecord>, StoreError> {
+        self.targets.scan(&format!("{release}/"))
+    }
+
+    /// Reads the machine's index entries and their records.
+    fn targets_of_machine(&self, machine: &MachineId) -> Result<Vec<TargetRecord>, StoreError> {
+        let prefix = format!("{machine}/");
+        let mut out = Vec::new();
+        for item in self.machine_targets.tree.scan_prefix(prefix.as_bytes()) {
+            let (k, _) = item.map_err(self.machine_targets.err("scan"))?;
+            let key = String::from_utf8_lossy(&k);
+            let Some(release) = key.strip_prefix(&prefix) else {
+                continue;
+            };
+            // An entry whose record never reached the disk (a crash between the two writes)
+            // names nothing.
+            if let Some(rec) = self.targets.get(&format!("{release}/{machine}"))? {
+                out.push(rec);
+            }
+        }
+        Ok(out)
+    }
+
+    fn current(&self, machine: &MachineId, kind: &Kind) -> Result<Option<ReleaseId>, StoreError> {
+        self.current.get(&key::machine_kind(machine, kind))
+    }
+
+    fn current_releases(&self, machine: &MachineId) -> Result<Vec<ReleaseId>, StoreError> {
+        self.current.scan(&format!("{machine}/"))
+    }
+
+    fn rollout(&self, release: &ReleaseId) -> Result<Option<RolloutInfo>, StoreError> {
+        self.rollouts.get(release.as_str())
+    }
+
+    fn rollouts(&self) -> Result<Vec<RolloutInfo>, StoreError> {
+        self.rollouts.scan("")
+    }
+
+    fn machine(&self, id: &MachineId) -> Result<Option<MachineInfo>, StoreError> {
+        self.machines.get(id.as_str())
+    }
+
+    fn machines(&self) -> Result<Vec<MachineInfo>, StoreError> {
+        self.machines.scan("")
+    }
+
+    fn machines_after<'a>(
+        &'a self,
+        after: Option<&MachineId>,
+    ) -> Box<dyn Iterator<Item = Result<MachineInfo, StoreError>> + 'a> {
+        use std::ops::Bound;
+        let start = match after {
+            Some(m) => Bound::Excluded(::sled::IVec::from(m.as_str())),
+            None => Bound::Unbounded,
+        };
+        let t = &self.machines;
+        Box::new(
+            t.tree
+                .range::<::sled::IVec, _>((start, Bound::Unbounded))
+                .map(move |item| {
+                    let (k, v) = item.map_err(t.err("scan"))?;
+                    t.decode(&String::from_utf8_lossy(&k), &v)
+                }),
+        )
+    }
+
+    fn secret(&self, id: &MachineId) -> Result<Option<Secret>, StoreError> {
+        self.secrets.get(id.as_str())
+    }
+
+    fn history(&self, machine: &MachineId, kind: &Kind) -> Result<Vec<String>, StoreError> {
+        Ok(self
+            .history
+            .get(&key::machine_kind(machine, kind))?
+            .unwrap_or_default())
+    }
+
+    fn bootstrapped(&self) -> Result<bool, StoreError> {
+        Ok(self.meta.get_u64("bootstrapped")?.is_some())
+    }
+
+    fn operator(&self, name: &str) -> Result<Option<OperatorRecord>, StoreError> {
+        self.operators.get(name)
+    }
+
+    fn operators(&self) -> Result<Vec<OperatorRecord>, StoreError> {
+        self.operators.scan("")
+    }
+
+    fn integrator(&self, name: &str) -> Result<Option<IntegratorRecord>, StoreError> {
+        self.integrators.get(name)
+    }
+
+    fn integrators(&self) -> Result<Vec<IntegratorRecord>, StoreError> {
+        self.integrators.scan("")
+    }
+
+    fn counter(&self, machine: &MachineId, channel: &str) -> Result<u64, StoreError> {
+        Ok(self
+            .counters
+            .get_u64(&key::counter(machine, channel))?
+            .unwrap_or(0))
+    }
+
+    fn events_since(
+        &self,
+        since: u64,
+        limit: usize,
+    ) -> Result<(Vec<FleetEvent>, bool), StoreError> {
+        self.events.range_after(since, limit)
+    }
+
+    fn events(&self) -> Result<Vec<FleetEvent>, StoreError> {
+        Ok(self.events.range_after(0, usize::MAX)?.0)
+    }
+
+    fn audit_since(&self, since: u64, limit: usize) -> Result<(Vec<AuditEntry>, bool), StoreError> {
+        self.audit.range_after(since, limit)
+    }
+
+    fn desired(&self, target: &Target, kind: &Kind) -> Result<Option<DesiredNotice>, StoreError> {
+        self.desired.get(&key::desired(target, kind))
+    }
+
+    fn desired_for(&self, target: &Target) -> Result<Vec<DesiredNotice>, StoreError> {
+        self.desired.scan(&key::desired_prefix(target))
+    }
+
+    fn all_desired(&self) -> Result<Vec<DesiredNotice>, StoreError> {
+        self.desired.scan("")
+    }
+}
+
+impl Records for Tables {
+    fn put_release(&self, info: &ReleaseInfo) -> Result<(), StoreError> {
+        self.releases.put(info.id.as_str(), info)
+    }
+
+    /// Stores the record and its `machine_targets` entry first: a record that reaches the disk
+    /// is never missing from its machine's index.
+    fn put_target(&self, rec: &TargetRecord) -> Result<(), StoreError> {
+        self.index_target(rec)?;
+        self.targets
+            .put(&key::target(&rec.release, &rec.machine), rec)
+    }
+
+    fn set_current(
+        &self,
+        machine: &MachineId,
+        kind: &Kind,
+        release: &ReleaseId,
+    ) -> Result<(), StoreError> {
+        self.current.put(&key::machine_kind(machine, kind), release)
+    }
+
+    fn put_rollout(&self, info: &RolloutInfo) -> Result<(), StoreError> {
+        self.rollouts.put(info.release.as_str(), info)
+    }
+
+    fn put_desired(&self, notice: &DesiredNotice) -> Result<(), StoreError> {
+        self.desired
+            .put(&key::desired(&notice.target, &notice.kind), notice)
+    }
+
+    fn remove_desired(&self, target: &Target, kind: &Kind) -> Result<(), StoreError> {
+        self.desired.remove(&key::desired(target, kind))?;
+        Ok(())
+    }
+
+    fn put_machine(&self, info: &MachineInfo) -> Result<(), StoreError> {
+        self.machines.put(info.id.as_str(), info)
+    }
+
+    fn put_secret(&self, id: &MachineId, secret: &Secret) -> Result<(), StoreError> {
+        self.secrets.put(id.as_str(), secret)
+    }
+
+    fn remove_secret(&self, id: &MachineId) -> Result<bool, StoreError> {
+        self.secrets.remove(id.as_str())
+    }
+
+    fn put_history(
+        &self,
+        machine: &MachineId,
+        kind: &Kind,
+        versions: &[String],
+    ) -> Result<(), StoreError> {
+        self.history
+            .put(&key::machine_kind(machine, kind), versions)
+    }
+
+    fn set_bootstrapped(&self) -> Result<(), StoreError> {
+        self.meta.put_u64("bootstrapped", 1)
+    }
+
+    fn put_operator(&self, rec: &OperatorRecord) -> Result<(), StoreError> {
+        self.operators.put(&rec.info.name, rec)
+    }
+
+    fn remove_operator(&self, name: &str) -> Result<bool, StoreError> {
+        self.operators.remove(name)
+    }
+
+    fn put_integrator(&self, rec: &IntegratorRecord) -> Result<(), StoreError> {
+        self.integrators.put(&rec.name, rec)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcast_proto::{GroupId, Phase};
+
+    fn m(s: &str) -> MachineId {
+        MachineId::new(s).unwrap()
+    }
+
+    fn open() -> (tempfile::TempDir, SledStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SledStore::open(&dir.path().join("db")).unwrap();
+        (dir, store)
+    }
+
+    fn event(machine: &str) -> FleetEvent {
+        FleetEvent {
+            id: 0,
+            recorded_at_ms: 1,
+            machine: m(machine),
+            release: None,
+            kind: Kind::new("app").unwrap(),
+            version: "1".into(),
+            phase: Phase::Installed,
+            at_ms: 2,
+            attempt: 1,
+            progress: None,
+            error: None,
+            detail: None,
+        }
+    }
+
+    #[test]
+    fn counters_survive_a_reopen_and_never_repeat() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = SledStore::open(&path).unwrap();
+            assert_eq!(s.next_seq().unwrap(), 1);
+            assert_eq!(s.next_seq().unwrap(), 2);
+            assert_eq!(s.next_release_id().unwrap().as_str(), "r-000001");
+            assert_eq!(s.raise_counter(&m("vm-1"), "status", 42).unwrap(), 0);
+            s.append_event(&mut event("vm-1")).unwrap();
+            s.flush().unwrap();
+        }
+        let s = SledStore::open(&path).unwrap();
+        assert_eq!(s.next_seq().unwrap(), 3);
+        assert_eq!(s.next_release_id().unwrap().as_str(), "r-000002");
+        assert_eq!(s.counter(&m("vm-1"), "status").unwrap(), 42);
+        assert_eq!(s.counter(&m("vm-1"), "state").unwrap(), 0);
+        let mut e = event("vm-1");
+        s.append_event(&mut e).unwrap();
+        assert_eq!(e.id, 2);
+    }
+
+    #[test]
+    fn opening_waits_for_a_previous_instance_to_let_go_of_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let first = SledStore::open(&path).unwrap();
+        let closer = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            drop(first);
+        });
+        let second = SledStore::open(&path);
+        closer.join().unwrap();
+        assert!(second.is_ok(), "{:?}", second.err());
+    }
+
+    #[test]
+    fn a_corrupt_record_is_reported_not_panicked() {
+        let (_d, s) = open();
+        s.t.machines
+            .tree
+            .insert("vm-9", b"not json".to_vec())
+            .unwrap();
+        let err = s.machine(&m("vm-9")).unwrap_err();
+        assert!(err.to_string().contains("machines"), "{err}");
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let db = ::sled::open(&path).unwrap();
+            let meta = db.open_tree("meta").unwrap();
+            meta.insert("schema", &2u64.to_be_bytes()).unwrap();
+            db.flush().unwrap();
+        }
+        match SledStore::open(&path) {
+            Err(StoreError::Schema { found: 2 }) => {}
+            other => panic!("{:?}", other.err()),
+        }
+    }
+
+    fn json<V: Serialize>(v: &V) -> Vec<u8> {
+        serde_json::to_vec(v).unwrap()
+    }
+
+    fn target(r: &str, mach: &str) -> TargetRecord {
+        crate::domain::target::new_target(&crate::fixtures::release(r, "1.0"), m(mach), None, 0)
+    }
+
+    fn releases_of(s: &SledStore, mach: &str) -> Vec<String> {
+        s.targets_of_machine(&m(mach))
+            .unwrap()
+            .into_iter()
+            .map(|t| t.release.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn rewriting_a_target_record_keeps_one_index_entry() {
+        let (_d, s) = open();
+        for (r, mach) in [("r-1", "a"), ("r-1", "ab"), ("r-2", "a"), ("r-2", "b")] {
+            s.transaction(|rec| rec.put_target(&target(r, mach)))
+                .unwrap();
+        }
+        // Every status event rewrites its record.
+        let mut again = target("r-2", "a");
+        again.phase = Phase::Downloading;
+        s.transaction(|rec| rec.put_target(&again)).unwrap();
+        assert_eq!(s.t.machine_targets.tree.len(), 4);
+        assert_eq!(releases_of(&s, "a"), ["r-1", "r-2"]);
+    }
+
+    #[test]
+    fn a_database_from_before_the_index_is_indexed_at_its_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = SledStore::open(&path).unwrap();
+            // What an older build left: records, no index entries, no marker.
+            for (r, mach) in [("r-1", "a"), ("r-2", "a"), ("r-2", "b")] {
+                let rec = target(r, mach);
+                s.t.targets.put(&format!("{r}/{mach}"), &rec).unwrap();
+            }
+            s.t.meta.tree.remove("machine_targets").unwrap();
+            s.flush().unwrap();
+            assert_eq!(releases_of(&s, "a"), Vec::<String>::new());
+        }
+        let s = SledStore::open(&path).unwrap();
+        assert_eq!(releases_of(&s, "a"), ["r-1", "r-2"]);
+        assert_eq!(releases_of(&s, "b"), ["r-2"]);
+    }
+
+    /// The layout table above, written with plain sled (as an existing data dir has it), is what
+    /// this implementation reads: tree names, keys, JSON values and big-endian counters.
+    #[test]
+    fn a_database_laid_out_as_documented_opens_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let app = Kind::new("app").unwrap();
+        let r3 = ReleaseId::new("r-000003").unwrap();
+        let release = crate::fixtures::release("r-000003", "1.0");
+        let rec = target("r-000003", "vm-1");
+        let group = Target::Group(GroupId::new("g").unwrap());
+        let notice = DesiredNotice {
+            topic: "fleet/groups/g/release/app".into(),
+            seq: 7,
+            release: r3.clone(),
+            kind: app.clone(),
+            target: group.clone(),
+            payload: "{}".into(),
+        };
+        let mut stored_event = event("vm-1");
+        stored_event.id = 1;
+        {
+            let db = ::sled::open(&path).unwrap();
+            let put = |tree: &str, key: &[u8], value: &[u8]| {
+                db.open_tree(tree).unwrap().insert(key, value).unwrap();
+            };
+            for (k, v) in [("schema", 1u64), ("seq", 7), ("release", 3), ("event", 1)] {
+                put("meta", k.as_bytes(), &v.to_be_bytes());
+            }
+            put("meta", b"machine_targets", &1u64.to_be_bytes());
+            put("releases", b"r-000003", &json(&release));
+            put("targets", b"r-000003/vm-1", &json(&rec));
+            put("machine_targets", b"vm-1/r-000003", b"");
+            put("current", b"vm-1/app", b"\"r-000003\"");
+            put("counters", b"vm-1/status", &9u64.to_be_bytes());
+            put("event_counts", b"vm-1/r-000003", &1u64.to_be_bytes());
+            put("history", b"vm-1/app", br#"["0.9","1.0"]"#);
+            put("desired", b"group/g/app", &json(&notice));
+            put("events", &1u64.to_be_bytes(), &json(&stored_event));
+            db.flush().unwrap();
+        }
+        let s = SledStore::open(&path).unwrap();
+        assert_eq!(s.next_seq().unwrap(), 8);
+        assert_eq!(s.next_release_id().unwrap().as_str(), "r-000004");
+        assert_eq!(s.release(&r3).unwrap(), Some(release.clone()));
+        assert_eq!(s.target(&r3, &m("vm-1")).unwrap().as_ref(), Some(&rec));
+        assert_eq!(s.targets_of_machine(&m("vm-1")).unwrap(), [rec]);
+        assert_eq!(s.current(&m("vm-1"), &app).unwrap(), Some(r3.clone()));
+        assert_eq!(
+            s.machine_artifacts(&m("vm-1")).unwrap(),
+            [release.artifact.id]
+        );
+        assert_eq!(s.raise_counter(&m("vm-1"), "status", 9).unwrap(), 9);
+        assert_eq!(s.bump_event_count(&m("vm-1"), Some(&r3)).unwrap(), 2);
+        assert_eq!(s.history(&m("vm-1"), &app).unwrap(), ["0.9", "1.0"]);
+        assert_eq!(s.desired(&group, &app).unwrap(), Some(notice));
+        assert_eq!(s.events().unwrap(), [stored_event]);
+        let mut next = event("vm-1");
+        s.append_event(&mut next).unwrap();
+        assert_eq!(next.id, 2);
+    }
+}
