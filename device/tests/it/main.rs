@@ -1,6 +1,7 @@
 //! Device integration tests: a real rumqttd on a free loopback port, a real agent, and the
 //! platform's side of the protocol played here with proto types only.
 
+mod config;
 mod trust;
 
 use std::collections::HashMap;
