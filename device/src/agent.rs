@@ -30,6 +30,7 @@ use crate::download::{self, artifact_path, DownloadContext, Tuning};
 use crate::fsutil::now_ms;
 use crate::install::{InstallError, Installer};
 use crate::machine::{Action, Input, InstallOutcome, StatusReport, UnverifiedNotice, Updater};
+use crate::sale_lock::{InstallGuard, SaleLock};
 use crate::store::{Outbox, OutboxEntry, Store, StoreError};
 use crate::trust::{ChainStep, Checked, FollowedKey, TrustedKey};
 
@@ -57,6 +58,11 @@ pub enum AgentError {
     },
     #[error("machine {machine}: {error}")]
     Store { machine: String, error: StoreError },
+    #[error("machine {machine}: cannot create the sale lock: {error}")]
+    SaleLock {
+        machine: String,
+        error: std::io::Error,
+    },
 }
 
 /// Extra knobs for tests and the simulator.
@@ -99,6 +105,13 @@ struct Agent {
     head_sent_at: Option<Instant>,
     state_dirty: bool,
     downloads: HashMap<Kind, JobHandle>,
+    /// Sales and installs exclude each other through this lock ([`crate::sale_lock`]).
+    sale_lock: SaleLock,
+    /// The exclusive lock, taken on a tick for an `idle` job about to start: that install
+    /// begins with the lock already held, so no sale can begin between the look and the install.
+    preheld: Option<InstallGuard>,
+    /// The deprecated `{data_dir}/busy` file was seen (warned about once).
+    busy_file_seen: bool,
     tasks: JoinSet<()>,
     inputs: mpsc::Sender<Input>,
     shutdown: CancellationToken,
@@ -117,6 +130,15 @@ pub async fn run_with(
     config.validate().map_err(bad)?;
     let url: BrokerUrl = config.broker_url().map_err(bad)?;
     let (store, outbox) = open_data_dir(&machine, config.data_dir.clone()).await?;
+    let sale_lock = SaleLock::new(config.sale_lock_path());
+    let lock = sale_lock.clone();
+    tokio::task::spawn_blocking(move || lock.create())
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(|error| AgentError::SaleLock {
+            machine: machine.clone(),
+            error,
+        })?;
     let updater = Updater::new(
         config.machine.clone(),
         config.groups.clone(),
@@ -163,6 +185,9 @@ pub async fn run_with(
         head_sent_at: None,
         state_dirty: true,
         downloads: HashMap::new(),
+        sale_lock,
+        preheld: None,
+        busy_file_seen: false,
         tasks: JoinSet::new(),
         inputs,
         shutdown: shutdown.child_token(),
@@ -497,15 +522,13 @@ impl Agent {
     }
 
     async fn on_tick(&mut self) {
-        // The vending application marks a customer session by creating `{data_dir}/busy`.
-        // An error (not a missing file) keeps the last answer.
-        let busy = tokio::fs::try_exists(self.config.data_dir.join("busy"))
-            .await
-            .unwrap_or(self.updater.busy());
+        let busy = self.look_for_sale().await;
         if busy != self.updater.busy() {
             self.handle(Input::Busy(busy)).await;
         }
         self.handle(Input::Tick).await;
+        // Taken for an idle job that did not start after all (e.g. cancelled): let go.
+        self.preheld = None;
         if self
             .head_sent_at
             .is_some_and(|t| t.elapsed() > RESEND_AFTER)
@@ -516,6 +539,55 @@ impl Agent {
         if self.state_dirty {
             self.publish_state().await;
         }
+    }
+
+    /// Whether the machine is serving a customer: a shared holder of the sale lock (or, the
+    /// deprecated way, a `{data_dir}/busy` file). When it is not and an `idle` job waits, the
+    /// exclusive lock is taken now, into `preheld`, for the install this tick starts.
+    async fn look_for_sale(&mut self) -> bool {
+        let lock = self.sale_lock.clone();
+        let busy_file = self.config.data_dir.join("busy");
+        let wants_lock = self.updater.waits_for_idle();
+        let last = self.updater.busy();
+        let looked = tokio::task::spawn_blocking(move || {
+            let file = busy_file.try_exists().unwrap_or(false);
+            let sale = lock.sale_in_progress();
+            let busy = file || matches!(sale, Ok(Some(true)));
+            let known = file || matches!(sale, Ok(Some(_)));
+            let guard = if wants_lock && known && !busy {
+                Some(lock.try_exclusive())
+            } else {
+                None
+            };
+            (file, sale, guard)
+        })
+        .await;
+        let Ok((file, sale, guard)) = looked else {
+            return last;
+        };
+        if file && !self.busy_file_seen {
+            tracing::warn!(machine = %self.me(), path = %self.config.data_dir.join("busy").display(),
+                lock = %self.sale_lock.path().display(),
+                "the busy file is deprecated and leaves a window between its check and an install: hold a shared flock on the sale lock instead (docs/device.md)");
+        }
+        self.busy_file_seen |= file;
+        let mut busy = match sale {
+            Ok(Some(sale)) => sale || file,
+            // Cannot tell (an install of ours holds the lock): keep the last answer.
+            Ok(None) => last || file,
+            Err(e) => {
+                tracing::warn!(machine = %self.me(), "cannot look at the sale lock: {e}");
+                last || file
+            }
+        };
+        match guard {
+            Some(Ok(Some(guard))) => self.preheld = Some(guard),
+            // A sale began between the look and the try.
+            Some(Ok(None)) => busy = true,
+            Some(Err(e)) => tracing::warn!(machine = %self.me(), "cannot take the sale lock: {e}"),
+            None => {}
+        }
+        busy
     }
 
     /// Queues a publish without waiting. State and `online` go at QoS 0 (the next one
@@ -700,6 +772,9 @@ impl Agent {
         }
     }
 
+    /// Installs under the exclusive sale lock, whatever the policy: taken already for an `idle`
+    /// job (`preheld`), otherwise waited for, so an `immediate` or `window` install (and an
+    /// install resumed after a restart) starts once the current sale has ended.
     fn start_install(&mut self, kind: Kind, notice: ReleaseNotice, from_previous: bool) {
         let installer = Installer::from_config(
             &self.config.installer_for(&kind),
@@ -709,17 +784,39 @@ impl Agent {
         );
         let path = artifact_path(&self.config.data_dir, &notice.artifact.id);
         let inputs = self.inputs.clone();
+        let (held, lock, stop) = (
+            self.preheld.take(),
+            self.sale_lock.clone(),
+            self.shutdown.clone(),
+        );
         tracing::info!(machine = %self.me(), %kind, version = %notice.version, from_previous, "installing");
         self.tasks.spawn(async move {
-            let outcome = match installer
-                .install(&notice.version, notice.artifact.id, &path)
-                .await
-            {
-                Ok(()) => InstallOutcome::Installed,
-                Err(e @ InstallError::Unhealthy { .. }) => {
-                    InstallOutcome::RolledBack(e.to_string())
+            let guard = match held {
+                Some(guard) => Ok(guard),
+                None => lock.exclusive(&stop).await.transpose().unwrap_or_else(|| {
+                    // Shutting down: the step stays `installing` on disk and re-runs at start.
+                    Err(std::io::Error::other("shutting down"))
+                }),
+            };
+            let outcome = match guard {
+                Err(_) if stop.is_cancelled() => return,
+                Err(e) => InstallOutcome::Failed(format!(
+                    "not installed: cannot take the sale lock {}: {e}",
+                    lock.path().display()
+                )),
+                Ok(guard) => {
+                    let result = installer
+                        .install(&notice.version, notice.artifact.id, &path)
+                        .await;
+                    drop(guard);
+                    match result {
+                        Ok(()) => InstallOutcome::Installed,
+                        Err(e @ InstallError::Unhealthy { .. }) => {
+                            InstallOutcome::RolledBack(e.to_string())
+                        }
+                        Err(e) => InstallOutcome::Failed(e.to_string()),
+                    }
                 }
-                Err(e) => InstallOutcome::Failed(e.to_string()),
             };
             let _ = inputs
                 .send(Input::InstallFinished {

@@ -281,6 +281,16 @@ impl Updater {
         self.busy
     }
 
+    /// Whether a downloaded `idle` job waits for the machine to be free (and nothing else,
+    /// such as an `activate`, lets it install now).
+    pub fn waits_for_idle(&self) -> bool {
+        self.ledger.kinds.values().any(|r| {
+            r.job.as_ref().is_some_and(|j| {
+                j.step == Step::Deferred && !j.activated && j.notice.policy == InstallPolicy::Idle
+            })
+        })
+    }
+
     /// Per-kind inventory for the retained state message.
     pub fn kind_states(&self) -> BTreeMap<Kind, KindState> {
         self.ledger

@@ -2,6 +2,7 @@
 //! platform's side of the protocol played here with proto types only.
 
 mod config;
+mod sale_lock;
 mod trust;
 
 use std::collections::HashMap;
