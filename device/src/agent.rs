@@ -31,7 +31,7 @@ use crate::fsutil::now_ms;
 use crate::install::{InstallError, Installer};
 use crate::machine::{Action, Input, InstallOutcome, StatusReport, UnverifiedNotice, Updater};
 use crate::sale_lock::{InstallGuard, SaleLock};
-use crate::store::{Outbox, OutboxEntry, Store, StoreError};
+use crate::store::{Contact, Outbox, OutboxEntry, Store, StoreError};
 use crate::trust::{ChainStep, Checked, FollowedKey, TrustedKey};
 
 /// MQTT events waiting for the agent loop. Mostly chunk frames (64 KiB each) while the loop
@@ -45,6 +45,9 @@ const FRAMES_QUEUED: usize = 32;
 
 /// Resend the outbox head if the broker has not acknowledged it within this time.
 const RESEND_AFTER: Duration = Duration::from_secs(10);
+
+/// `contact.json` is written at most this often (and when the agent stops).
+const CONTACT_SAVED_EVERY: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -112,6 +115,12 @@ struct Agent {
     preheld: Option<InstallGuard>,
     /// The deprecated `{data_dir}/busy` file was seen (warned about once).
     busy_file_seen: bool,
+    /// When the platform and the broker were last reached, as `contact.json` will say.
+    contact: Contact,
+    contact_dirty: bool,
+    contact_saved_at: Option<Instant>,
+    /// The platform was heard from since the agent started (the first time is written at once).
+    heard_since_start: bool,
     tasks: JoinSet<()>,
     inputs: mpsc::Sender<Input>,
     shutdown: CancellationToken,
@@ -129,7 +138,7 @@ pub async fn run_with(
     };
     config.validate().map_err(bad)?;
     let url: BrokerUrl = config.broker_url().map_err(bad)?;
-    let (store, outbox) = open_data_dir(&machine, config.data_dir.clone()).await?;
+    let (store, outbox, contact) = open_data_dir(&machine, config.data_dir.clone()).await?;
     let sale_lock = SaleLock::new(config.sale_lock_path());
     let lock = sale_lock.clone();
     tokio::task::spawn_blocking(move || lock.create())
@@ -188,6 +197,10 @@ pub async fn run_with(
         sale_lock,
         preheld: None,
         busy_file_seen: false,
+        contact,
+        contact_dirty: false,
+        contact_saved_at: None,
+        heard_since_start: false,
         tasks: JoinSet::new(),
         inputs,
         shutdown: shutdown.child_token(),
@@ -232,6 +245,7 @@ pub async fn run_with(
     driver_stop.cancel();
     let _ = driver.await;
     agent.tasks.shutdown().await;
+    agent.save_contact(true).await;
     tracing::info!(machine = %agent.config.machine, "agent stopped");
     Ok(())
 }
@@ -239,6 +253,31 @@ pub async fn run_with(
 impl Agent {
     fn me(&self) -> &fleetcast_proto::MachineId {
         &self.config.machine
+    }
+
+    /// A message from the platform verified: remember when, for `fleetcast-device status`.
+    async fn heard_from_platform(&mut self, what: &str) {
+        self.contact.platform_at_ms = Some(now_ms());
+        self.contact.platform_message = Some(what.to_owned());
+        self.contact_dirty = true;
+        let first = !std::mem::replace(&mut self.heard_since_start, true);
+        self.save_contact(first).await;
+    }
+
+    /// Writes `contact.json` if it changed, at most every [`CONTACT_SAVED_EVERY`] unless `now`
+    /// (the first word from the platform since the start, and the stop).
+    async fn save_contact(&mut self, now: bool) {
+        let due = !matches!(self.contact_saved_at, Some(t) if t.elapsed() < CONTACT_SAVED_EVERY);
+        if !self.contact_dirty || !(now || due) {
+            return;
+        }
+        match self.contact.write(&self.config.data_dir).await {
+            Ok(()) => {
+                self.contact_dirty = false;
+                self.contact_saved_at = Some(Instant::now());
+            }
+            Err(e) => tracing::warn!(machine = %self.me(), "cannot record the last contact: {e}"),
+        }
     }
 
     async fn handle(&mut self, input: Input) {
@@ -295,6 +334,9 @@ impl Agent {
             MqttEvent::Connected { .. } => {
                 tracing::info!(machine = %self.me(), "connected");
                 self.connected = true;
+                self.contact.broker_at_ms = Some(now_ms());
+                self.contact_dirty = true;
+                self.save_contact(false).await;
                 self.head_sent_at = None;
                 self.subscribe_all();
                 self.publish(
@@ -363,7 +405,10 @@ impl Agent {
             }
             Some(Route::Command(m)) if &m == self.me() => {
                 match self.trust.check::<Command>(Purpose::Command, &payload) {
-                    Checked::Verified(cmd) => self.handle(Input::Command(cmd)).await,
+                    Checked::Verified(cmd) => {
+                        self.heard_from_platform("command").await;
+                        self.handle(Input::Command(cmd)).await
+                    }
                     Checked::NewerKey { gen } => {
                         tracing::debug!(machine = %self.me(), gen, trusted = self.trust.generation,
                             "command signed by a newer key than the one followed so far; ignored")
@@ -383,7 +428,10 @@ impl Agent {
 
     async fn on_status_ack(&mut self, payload: &[u8]) {
         let ack = match self.trust.check::<StatusAck>(Purpose::StatusAck, payload) {
-            Checked::Verified(ack) if &ack.machine == self.me() => ack,
+            Checked::Verified(ack) if &ack.machine == self.me() => {
+                self.heard_from_platform("status_ack").await;
+                ack
+            }
             Checked::Verified(ack) => {
                 tracing::warn!(machine = %self.me(), other = %ack.machine, "status ack for another machine refused");
                 return;
@@ -437,6 +485,7 @@ impl Agent {
                     .await;
                     return;
                 }
+                self.heard_from_platform("notice").await;
                 self.handle(Input::Notice(notice)).await
             }
             // Not rejected and not remembered: once the chain is followed, the platform sends
@@ -486,6 +535,7 @@ impl Agent {
         tracing::info!(machine = %self.me(), from = self.trust.generation, to = next.generation,
             key = %next.key, "following the platform key chain");
         self.trust = next;
+        self.heard_from_platform("key_chain").await;
         self.publish_state().await;
     }
 
@@ -539,6 +589,7 @@ impl Agent {
         if self.state_dirty {
             self.publish_state().await;
         }
+        self.save_contact(false).await;
     }
 
     /// Whether the machine is serving a customer: a shared holder of the sale lock (or, the
@@ -829,8 +880,12 @@ impl Agent {
     }
 }
 
-/// Creates the data dir and reads `agent.json` and `outbox.json`, off the runtime's threads.
-async fn open_data_dir(machine: &str, dir: PathBuf) -> Result<(Store, Outbox), AgentError> {
+/// Creates the data dir and reads `agent.json`, `outbox.json` and `contact.json`, off the
+/// runtime's threads.
+async fn open_data_dir(
+    machine: &str,
+    dir: PathBuf,
+) -> Result<(Store, Outbox, Contact), AgentError> {
     let (m, path) = (machine.to_owned(), dir.clone());
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir).map_err(|error| AgentError::DataDir {
@@ -844,7 +899,12 @@ async fn open_data_dir(machine: &str, dir: PathBuf) -> Result<(Store, Outbox), A
         };
         let store = Store::open(&dir).map_err(store_err)?;
         let outbox = Outbox::open(&dir).map_err(store_err)?;
-        Ok((store, outbox))
+        // Only for people: a damaged file is started afresh.
+        let contact = Contact::read(&dir).unwrap_or_else(|e| {
+            tracing::warn!(machine = %m, "{e}; the last contact starts afresh");
+            Contact::default()
+        });
+        Ok((store, outbox, contact))
     })
     .await
     .unwrap_or_else(|e| {

@@ -158,13 +158,35 @@ impl MachineConfig {
 
     /// [`MachineConfig::load`] of `text`, read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
-        let invalid = |problems| ConfigError::Invalid {
+        let (config, problems) = Self::parse_lenient(path, text)?;
+        if problems.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                problems,
+            })
+        }
+    }
+
+    /// Like [`MachineConfig::load`], but what serde cannot check (a missing program, an
+    /// unreadable CA file, ...) is returned beside the config instead of refusing it: for
+    /// `fleetcast-device status`, which should show the rest anyway.
+    pub fn load_lenient(path: impl AsRef<Path>) -> Result<(Self, Vec<Problem>), ConfigError> {
+        let path = path.as_ref();
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            problems,
-        };
-        let config: MachineConfig =
-            toml::from_str(text).map_err(|e| invalid(vec![locate::toml_problem(text, &e)]))?;
-        let problems: Vec<Problem> = config
+            error,
+        })?;
+        Self::parse_lenient(path, &text)
+    }
+
+    fn parse_lenient(path: &Path, text: &str) -> Result<(Self, Vec<Problem>), ConfigError> {
+        let config: MachineConfig = toml::from_str(text).map_err(|e| ConfigError::Invalid {
+            path: path.to_owned(),
+            problems: vec![locate::toml_problem(text, &e)],
+        })?;
+        let problems = config
             .problems()
             .into_iter()
             .map(|(key, what, fix)| Problem {
@@ -173,11 +195,7 @@ impl MachineConfig {
                 fix,
             })
             .collect();
-        if problems.is_empty() {
-            Ok(config)
-        } else {
-            Err(invalid(problems))
-        }
+        Ok((config, problems))
     }
 
     /// What serde cannot check, each with the key it is about and a fix.

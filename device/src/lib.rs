@@ -12,6 +12,7 @@
 //! - [`store`]: the persisted agent state, message counter, followed platform key and status
 //!   outbox.
 //! - [`trust`]: which platform key is trusted: the configured one, advanced along the key chain.
+//! - [`status`]: `fleetcast-device status`, the technician's view from the data dir alone.
 //! - [`simulate`]: many agents in one process, provisioned through the platform.
 //! - [`durable`]: the group-commit writer: durable file writes off the runtime's threads.
 //! - [`fsutil`]: atomic file writes (blocking).
@@ -25,6 +26,7 @@ pub mod install;
 pub mod machine;
 pub mod sale_lock;
 pub mod simulate;
+pub mod status;
 pub mod store;
 pub mod trust;
 

@@ -10,6 +10,9 @@ use fleetcast_proto::auth::Secret;
 use fleetcast_proto::{GroupId, Kind};
 use tokio_util::sync::CancellationToken;
 
+/// Where the packaged agent's config lives (docs/device.md).
+const DEFAULT_CONFIG: &str = "/etc/fleetcast/device.toml";
+
 #[derive(Parser)]
 #[command(
     name = "fleetcast-device",
@@ -30,6 +33,16 @@ enum Cmd {
         /// Overrides the broker in the config, e.g. mqtt://127.0.0.1:1883.
         #[arg(long)]
         broker: Option<String>,
+    },
+    /// What this machine runs and where it stands, from its config and data dir alone (no
+    /// broker needed): versions per kind and the active slot, the job in progress, status
+    /// events not yet acknowledged, the last contact with the platform, the last error.
+    Status {
+        #[arg(long, env = "FLEETCAST_DEVICE_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// JSON (docs/schemas/device-status.json) instead of text.
+        #[arg(long)]
+        json: bool,
     },
     /// Provision and run many simulated machines in this process until Ctrl-C.
     Simulate {
@@ -101,6 +114,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.broker = b;
             }
             fleetcast_device::run(cfg, ctrl_c_token()).await?;
+        }
+        Cmd::Status { config, json } => {
+            let (cfg, problems) = MachineConfig::load_lenient(&config)?;
+            let status = tokio::task::spawn_blocking(move || {
+                fleetcast_device::status::collect(&cfg, &config, &problems)
+            })
+            .await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!(
+                    "{}",
+                    fleetcast_device::status::render_text(
+                        &status,
+                        fleetcast_device::fsutil::now_ms()
+                    )
+                );
+            }
         }
         Cmd::Simulate {
             count,

@@ -52,6 +52,15 @@ struct ProcId {
     ino: u64,
 }
 
+/// The flocks held on the lock file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Holders {
+    /// Sales in progress.
+    pub shared: usize,
+    /// An install (0 or 1).
+    pub exclusive: usize,
+}
+
 /// The exclusive lock, held until dropped.
 #[derive(Debug)]
 pub struct InstallGuard {
@@ -198,6 +207,23 @@ impl SaleLock {
         Ok(Some(self.try_exclusive()?.is_none()))
     }
 
+    /// Who holds the lock now, as `/proc/locks` names the file by its `stat` device and inode
+    /// (blocking; opens nothing, locks nothing: for `fleetcast-device status`). `None` when
+    /// the file does not exist or `/proc/locks` cannot be read.
+    pub fn holders(&self) -> io::Result<Option<Holders>> {
+        let meta = match std::fs::metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Ok(text) = std::fs::read_to_string("/proc/locks") else {
+            return Ok(None);
+        };
+        let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+        let name = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+        Ok(Some(proc_locks::holders(&text, &name)))
+    }
+
     /// Finds the line of `/proc/locks` that is our exclusive lock, so later looks can find the
     /// file's shared locks by its name there.
     fn learn_proc_name(&self, guard: &InstallGuard) -> io::Result<()> {
@@ -259,6 +285,21 @@ mod proc_locks {
             .filter(|l| l.file.rsplit(':').next().and_then(|i| i.parse().ok()) == Some(ino))
             .map(|l| l.file.to_owned())
             .collect()
+    }
+
+    /// The flocks held (not waited for) on `file`.
+    pub fn holders(text: &str, file: &str) -> super::Holders {
+        let mut h = super::Holders::default();
+        for l in text.lines().filter_map(parse) {
+            if l.flock && !l.waiting && l.file == file {
+                if l.write {
+                    h.exclusive += 1;
+                } else {
+                    h.shared += 1;
+                }
+            }
+        }
+        h
     }
 
     /// Whether someone holds a shared flock on `file`.
@@ -347,6 +388,8 @@ mod tests {
         assert_eq!(lock.sale_in_progress().unwrap(), Some(false));
         let s = sale(lock.path());
         assert_eq!(lock.sale_in_progress().unwrap(), Some(true));
+        let h = lock.holders().unwrap().expect("/proc/locks names the file");
+        assert_eq!((h.shared, h.exclusive), (1, 0));
         // The look did not take the lock: a second sale with LOCK_NB is never refused.
         for _ in 0..200 {
             let other = File::open(lock.path()).unwrap();
@@ -358,6 +401,7 @@ mod tests {
         // An install of ours is not a sale.
         let install = lock.try_exclusive().unwrap().unwrap();
         assert_eq!(lock.sale_in_progress().unwrap(), Some(false));
+        assert_eq!(lock.holders().unwrap().unwrap().exclusive, 1);
         drop(install);
     }
 

@@ -3,6 +3,7 @@
 
 mod config;
 mod sale_lock;
+mod status;
 mod trust;
 
 use std::collections::HashMap;

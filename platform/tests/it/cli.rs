@@ -678,7 +678,12 @@ async fn every_json_output_matches_its_schema_in_docs() {
         assert_valid(name, schema, output);
     }
     let used: BTreeSet<&str> = outputs.iter().map(|(_, name, _)| *name).collect();
-    let files: BTreeSet<&str> = schemas.keys().map(String::as_str).collect();
+    // device-*.json describe fleetcast-device's output: device/tests/it checks those.
+    let files: BTreeSet<&str> = schemas
+        .keys()
+        .map(String::as_str)
+        .filter(|f| !f.starts_with("device-"))
+        .collect();
     assert_eq!(used, files, "every schema file is checked by this test");
 }
 
