@@ -51,7 +51,10 @@ enum Cmd {
         /// Comma-separated groups, assigned round-robin.
         #[arg(long, value_delimiter = ',')]
         groups: Vec<GroupId>,
-        #[arg(long, default_value = "vm-")]
+        /// Machines are named PREFIX001, PREFIX002, ... The simulator provisions only ids it
+        /// created itself (recorded in --data): an id that exists on the platform otherwise,
+        /// such as a real machine's, is refused.
+        #[arg(long, default_value = "sim-")]
         prefix: String,
         #[arg(long, default_value_t = 1)]
         start_index: usize,
