@@ -4,7 +4,8 @@
 //! the updater, and carries out its actions: status events through the persisted outbox (one
 //! in flight, removed on the platform's signed `StatusAck`), the retained state, download and
 //! install tasks. It also follows the platform's key chain ([`crate::trust`]): a newer key is
-//! persisted before anything is checked with it.
+//! persisted before anything is checked with it. Every install runs under the exclusive sale
+//! lock ([`crate::sale_lock`]), so it never overlaps a sale.
 
 use std::collections::HashMap;
 use std::path::PathBuf;

@@ -66,7 +66,7 @@ fn read_fix(error: &std::io::Error) -> &'static str {
             "create it (docs/device.md lists every key) or pass --config with the right path"
         }
         std::io::ErrorKind::PermissionDenied => {
-            "make it readable by the user the agent runs as (as packaged: chown root:fleetcast, chmod 0640)"
+            "make it readable by the user the agent runs as (e.g. mode 0640, group of that user; it holds the machine's secret, so not world-readable)"
         }
         _ => "check that the path names a readable file",
     }

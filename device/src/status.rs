@@ -271,7 +271,7 @@ pub fn collect(
 fn waiting_for(policy: &InstallPolicy) -> String {
     match policy {
         InstallPolicy::Window { start, end, .. } => format!("window {start}-{end}"),
-        InstallPolicy::Idle => "idle (no sale in progress)".into(),
+        InstallPolicy::Idle => "idle".into(),
         InstallPolicy::DownloadOnly => "activate".into(),
         InstallPolicy::Immediate => "nothing (installs next)".into(),
     }

@@ -61,3 +61,67 @@ fn a_bad_config_is_refused_before_connecting_with_its_line_and_fix() {
         "the agent created its data dir with a bad config"
     );
 }
+
+/// Every key a config can hold has a row in the configuration reference of docs/device.md.
+#[test]
+fn every_config_key_is_in_the_reference_in_docs_device_md() {
+    use fleetcast_device::{InstallerConfig, MachineConfig};
+    use fleetcast_proto::admin::ProvisionedMachine;
+    use fleetcast_proto::auth::Secret;
+    use fleetcast_proto::{GroupId, Kind, MachineId};
+
+    let p = ProvisionedMachine {
+        machine: MachineId::new("vm-001").unwrap(),
+        groups: vec![GroupId::new("g").unwrap()],
+        secret: Secret::from_bytes([1; 32]),
+        platform_key: PlatformKey::from_seed([2; 32]).public(),
+        platform_key_gen: 1,
+        topic_prefix: "fleet".into(),
+    };
+    // Every optional key set, so that every key is printed.
+    let mut c = MachineConfig::from_provisioned(&p, "mqtt://h:1", "/d".into());
+    c.ca_file = Some("/ca.pem".into());
+    c.sale_lock = Some("/run/sale.lock".into());
+    c.utc_offset_minutes = 60;
+    c.initial_versions
+        .insert(Kind::new("app").unwrap(), "1.0".into());
+    c.installers.insert(
+        Kind::new("app").unwrap(),
+        InstallerConfig::Slots {
+            health_cmd: Some("true".into()),
+        },
+    );
+    c.installers.insert(
+        Kind::new("fw").unwrap(),
+        InstallerConfig::Command {
+            cmd: "x {file}".into(),
+        },
+    );
+    let table: toml::Table = toml::from_str(&c.to_toml()).unwrap();
+    let mut keys: Vec<String> = table.keys().cloned().collect();
+    for installer in table["installers"].as_table().unwrap().values() {
+        keys.extend(
+            installer
+                .as_table()
+                .unwrap()
+                .keys()
+                .map(|k| format!("installers.KIND.{k}")),
+        );
+    }
+    assert!(keys.len() >= 15, "{keys:?}");
+    let doc = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/device.md"),
+    )
+    .unwrap();
+    let reference = doc
+        .split("\n## Configuration")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("docs/device.md has a Configuration section");
+    for key in keys {
+        assert!(
+            reference.contains(&format!("| `{key}` |")),
+            "docs/device.md, Configuration, has no row for `{key}`"
+        );
+    }
+}
