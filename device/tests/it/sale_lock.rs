@@ -393,7 +393,7 @@ async fn an_install_waits_for_the_sale_in_progress_and_the_state_says_busy() {
     .await;
 
     // A sale is in progress: the state says busy; an idle release waits for it...
-    let sale = long_sale(&lock, 3000);
+    let sale = long_sale(&lock, 6000);
     eventually(
         Duration::from_secs(5),
         || state_busy(&s.platform) == Some(true),
