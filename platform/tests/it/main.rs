@@ -357,11 +357,19 @@ async fn provisioned_with(
 /// Provisions `id` and connects it; returns once the platform has taken in its `online`
 /// report, so the platform is listening to what it reports.
 async fn provision(admin: &AdminClient, broker: &BrokerUrl, id: &str, groups: &[&str]) -> Machine {
+    connected(admin, broker, provisioned(admin, id, groups).await).await
+}
+
+/// The provisioned machine `p`, connected; returns once the platform has taken in its `online`
+/// report.
+async fn connected(admin: &AdminClient, broker: &BrokerUrl, p: ProvisionedMachine) -> Machine {
     let ProvisionedMachine {
         machine: mid,
         secret,
         ..
-    } = provisioned(admin, id, groups).await;
+    } = p;
+    let id = mid.to_string();
+    let id = id.as_str();
     let mut vm = Machine {
         peer: peer_with(broker, id, Some(&secret.mqtt_password())).await,
         id: mid,
