@@ -4,7 +4,8 @@
 //! the updater, and carries out its actions: status events through the persisted outbox (one
 //! in flight, removed on the platform's signed `StatusAck`), the retained state, download and
 //! install tasks. It also follows the platform's key chain ([`crate::trust`]): a newer key is
-//! persisted before anything is checked with it.
+//! persisted before anything is checked with it. Every install runs under the exclusive sale
+//! lock ([`crate::sale_lock`]), so it never overlaps a sale.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -30,7 +31,8 @@ use crate::download::{self, artifact_path, DownloadContext, Tuning};
 use crate::fsutil::now_ms;
 use crate::install::{InstallError, Installer};
 use crate::machine::{Action, Input, InstallOutcome, StatusReport, UnverifiedNotice, Updater};
-use crate::store::{Outbox, OutboxEntry, Store, StoreError};
+use crate::sale_lock::{InstallGuard, SaleLock};
+use crate::store::{Contact, Outbox, OutboxEntry, Store, StoreError};
 use crate::trust::{ChainStep, Checked, FollowedKey, TrustedKey};
 
 /// MQTT events waiting for the agent loop. Mostly chunk frames (64 KiB each) while the loop
@@ -45,6 +47,9 @@ const FRAMES_QUEUED: usize = 32;
 /// Resend the outbox head if the broker has not acknowledged it within this time.
 const RESEND_AFTER: Duration = Duration::from_secs(10);
 
+/// `contact.json` is written at most this often (and when the agent stops).
+const CONTACT_SAVED_EVERY: Duration = Duration::from_secs(60);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("machine {machine}: invalid config: {reason}")]
@@ -57,6 +62,11 @@ pub enum AgentError {
     },
     #[error("machine {machine}: {error}")]
     Store { machine: String, error: StoreError },
+    #[error("machine {machine}: cannot create the sale lock: {error}")]
+    SaleLock {
+        machine: String,
+        error: std::io::Error,
+    },
 }
 
 /// Extra knobs for tests and the simulator.
@@ -99,6 +109,19 @@ struct Agent {
     head_sent_at: Option<Instant>,
     state_dirty: bool,
     downloads: HashMap<Kind, JobHandle>,
+    /// Sales and installs exclude each other through this lock ([`crate::sale_lock`]).
+    sale_lock: SaleLock,
+    /// The exclusive lock, taken on a tick for an `idle` job about to start: that install
+    /// begins with the lock already held, so no sale can begin between the look and the install.
+    preheld: Option<InstallGuard>,
+    /// The deprecated `{data_dir}/busy` file was seen (warned about once).
+    busy_file_seen: bool,
+    /// When the platform and the broker were last reached, as `contact.json` will say.
+    contact: Contact,
+    contact_dirty: bool,
+    contact_saved_at: Option<Instant>,
+    /// The platform was heard from since the agent started (the first time is written at once).
+    heard_since_start: bool,
     tasks: JoinSet<()>,
     inputs: mpsc::Sender<Input>,
     shutdown: CancellationToken,
@@ -116,7 +139,16 @@ pub async fn run_with(
     };
     config.validate().map_err(bad)?;
     let url: BrokerUrl = config.broker_url().map_err(bad)?;
-    let (store, outbox) = open_data_dir(&machine, config.data_dir.clone()).await?;
+    let (store, outbox, contact) = open_data_dir(&machine, config.data_dir.clone()).await?;
+    let sale_lock = SaleLock::new(config.sale_lock_path());
+    let lock = sale_lock.clone();
+    tokio::task::spawn_blocking(move || lock.create())
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(|error| AgentError::SaleLock {
+            machine: machine.clone(),
+            error,
+        })?;
     let updater = Updater::new(
         config.machine.clone(),
         config.groups.clone(),
@@ -163,6 +195,13 @@ pub async fn run_with(
         head_sent_at: None,
         state_dirty: true,
         downloads: HashMap::new(),
+        sale_lock,
+        preheld: None,
+        busy_file_seen: false,
+        contact,
+        contact_dirty: false,
+        contact_saved_at: None,
+        heard_since_start: false,
         tasks: JoinSet::new(),
         inputs,
         shutdown: shutdown.child_token(),
@@ -207,6 +246,7 @@ pub async fn run_with(
     driver_stop.cancel();
     let _ = driver.await;
     agent.tasks.shutdown().await;
+    agent.save_contact(true).await;
     tracing::info!(machine = %agent.config.machine, "agent stopped");
     Ok(())
 }
@@ -214,6 +254,31 @@ pub async fn run_with(
 impl Agent {
     fn me(&self) -> &fleetcast_proto::MachineId {
         &self.config.machine
+    }
+
+    /// A message from the platform verified: remember when, for `fleetcast-device status`.
+    async fn heard_from_platform(&mut self, what: &str) {
+        self.contact.platform_at_ms = Some(now_ms());
+        self.contact.platform_message = Some(what.to_owned());
+        self.contact_dirty = true;
+        let first = !std::mem::replace(&mut self.heard_since_start, true);
+        self.save_contact(first).await;
+    }
+
+    /// Writes `contact.json` if it changed, at most every [`CONTACT_SAVED_EVERY`] unless `now`
+    /// (the first word from the platform since the start, and the stop).
+    async fn save_contact(&mut self, now: bool) {
+        let due = !matches!(self.contact_saved_at, Some(t) if t.elapsed() < CONTACT_SAVED_EVERY);
+        if !self.contact_dirty || !(now || due) {
+            return;
+        }
+        match self.contact.write(&self.config.data_dir).await {
+            Ok(()) => {
+                self.contact_dirty = false;
+                self.contact_saved_at = Some(Instant::now());
+            }
+            Err(e) => tracing::warn!(machine = %self.me(), "cannot record the last contact: {e}"),
+        }
     }
 
     async fn handle(&mut self, input: Input) {
@@ -270,6 +335,9 @@ impl Agent {
             MqttEvent::Connected { .. } => {
                 tracing::info!(machine = %self.me(), "connected");
                 self.connected = true;
+                self.contact.broker_at_ms = Some(now_ms());
+                self.contact_dirty = true;
+                self.save_contact(false).await;
                 self.head_sent_at = None;
                 self.subscribe_all();
                 self.publish(
@@ -338,7 +406,10 @@ impl Agent {
             }
             Some(Route::Command(m)) if &m == self.me() => {
                 match self.trust.check::<Command>(Purpose::Command, &payload) {
-                    Checked::Verified(cmd) => self.handle(Input::Command(cmd)).await,
+                    Checked::Verified(cmd) => {
+                        self.heard_from_platform("command").await;
+                        self.handle(Input::Command(cmd)).await
+                    }
                     Checked::NewerKey { gen } => {
                         tracing::debug!(machine = %self.me(), gen, trusted = self.trust.generation,
                             "command signed by a newer key than the one followed so far; ignored")
@@ -358,7 +429,10 @@ impl Agent {
 
     async fn on_status_ack(&mut self, payload: &[u8]) {
         let ack = match self.trust.check::<StatusAck>(Purpose::StatusAck, payload) {
-            Checked::Verified(ack) if &ack.machine == self.me() => ack,
+            Checked::Verified(ack) if &ack.machine == self.me() => {
+                self.heard_from_platform("status_ack").await;
+                ack
+            }
             Checked::Verified(ack) => {
                 tracing::warn!(machine = %self.me(), other = %ack.machine, "status ack for another machine refused");
                 return;
@@ -412,6 +486,7 @@ impl Agent {
                     .await;
                     return;
                 }
+                self.heard_from_platform("notice").await;
                 self.handle(Input::Notice(notice)).await
             }
             // Not rejected and not remembered: once the chain is followed, the platform sends
@@ -461,6 +536,7 @@ impl Agent {
         tracing::info!(machine = %self.me(), from = self.trust.generation, to = next.generation,
             key = %next.key, "following the platform key chain");
         self.trust = next;
+        self.heard_from_platform("key_chain").await;
         self.publish_state().await;
     }
 
@@ -497,15 +573,13 @@ impl Agent {
     }
 
     async fn on_tick(&mut self) {
-        // The vending application marks a customer session by creating `{data_dir}/busy`.
-        // An error (not a missing file) keeps the last answer.
-        let busy = tokio::fs::try_exists(self.config.data_dir.join("busy"))
-            .await
-            .unwrap_or(self.updater.busy());
+        let busy = self.look_for_sale().await;
         if busy != self.updater.busy() {
             self.handle(Input::Busy(busy)).await;
         }
         self.handle(Input::Tick).await;
+        // Taken for an idle job that did not start after all (e.g. cancelled): let go.
+        self.preheld = None;
         if self
             .head_sent_at
             .is_some_and(|t| t.elapsed() > RESEND_AFTER)
@@ -516,6 +590,56 @@ impl Agent {
         if self.state_dirty {
             self.publish_state().await;
         }
+        self.save_contact(false).await;
+    }
+
+    /// Whether the machine is serving a customer: a shared holder of the sale lock (or, the
+    /// deprecated way, a `{data_dir}/busy` file). When it is not and an `idle` job waits, the
+    /// exclusive lock is taken now, into `preheld`, for the install this tick starts.
+    async fn look_for_sale(&mut self) -> bool {
+        let lock = self.sale_lock.clone();
+        let busy_file = self.config.data_dir.join("busy");
+        let wants_lock = self.updater.waits_for_idle();
+        let last = self.updater.busy();
+        let looked = tokio::task::spawn_blocking(move || {
+            let file = busy_file.try_exists().unwrap_or(false);
+            let sale = lock.sale_in_progress();
+            let busy = file || matches!(sale, Ok(Some(true)));
+            let known = file || matches!(sale, Ok(Some(_)));
+            let guard = if wants_lock && known && !busy {
+                Some(lock.try_exclusive())
+            } else {
+                None
+            };
+            (file, sale, guard)
+        })
+        .await;
+        let Ok((file, sale, guard)) = looked else {
+            return last;
+        };
+        if file && !self.busy_file_seen {
+            tracing::warn!(machine = %self.me(), path = %self.config.data_dir.join("busy").display(),
+                lock = %self.sale_lock.path().display(),
+                "the busy file is deprecated and leaves a window between its check and an install: hold a shared flock on the sale lock instead (docs/device.md)");
+        }
+        self.busy_file_seen |= file;
+        let mut busy = match sale {
+            Ok(Some(sale)) => sale || file,
+            // Cannot tell (an install of ours holds the lock): keep the last answer.
+            Ok(None) => last || file,
+            Err(e) => {
+                tracing::warn!(machine = %self.me(), "cannot look at the sale lock: {e}");
+                last || file
+            }
+        };
+        match guard {
+            Some(Ok(Some(guard))) => self.preheld = Some(guard),
+            // A sale began between the look and the try.
+            Some(Ok(None)) => busy = true,
+            Some(Err(e)) => tracing::warn!(machine = %self.me(), "cannot take the sale lock: {e}"),
+            None => {}
+        }
+        busy
     }
 
     /// Queues a publish without waiting. State and `online` go at QoS 0 (the next one
@@ -700,6 +824,9 @@ impl Agent {
         }
     }
 
+    /// Installs under the exclusive sale lock, whatever the policy: taken already for an `idle`
+    /// job (`preheld`), otherwise waited for, so an `immediate` or `window` install (and an
+    /// install resumed after a restart) starts once the current sale has ended.
     fn start_install(&mut self, kind: Kind, notice: ReleaseNotice, from_previous: bool) {
         let installer = Installer::from_config(
             &self.config.installer_for(&kind),
@@ -709,17 +836,39 @@ impl Agent {
         );
         let path = artifact_path(&self.config.data_dir, &notice.artifact.id);
         let inputs = self.inputs.clone();
+        let (held, lock, stop) = (
+            self.preheld.take(),
+            self.sale_lock.clone(),
+            self.shutdown.clone(),
+        );
         tracing::info!(machine = %self.me(), %kind, version = %notice.version, from_previous, "installing");
         self.tasks.spawn(async move {
-            let outcome = match installer
-                .install(&notice.version, notice.artifact.id, &path)
-                .await
-            {
-                Ok(()) => InstallOutcome::Installed,
-                Err(e @ InstallError::Unhealthy { .. }) => {
-                    InstallOutcome::RolledBack(e.to_string())
+            let guard = match held {
+                Some(guard) => Ok(guard),
+                None => lock.exclusive(&stop).await.transpose().unwrap_or_else(|| {
+                    // Shutting down: the step stays `installing` on disk and re-runs at start.
+                    Err(std::io::Error::other("shutting down"))
+                }),
+            };
+            let outcome = match guard {
+                Err(_) if stop.is_cancelled() => return,
+                Err(e) => InstallOutcome::Failed(format!(
+                    "not installed: cannot take the sale lock {}: {e}",
+                    lock.path().display()
+                )),
+                Ok(guard) => {
+                    let result = installer
+                        .install(&notice.version, notice.artifact.id, &path)
+                        .await;
+                    drop(guard);
+                    match result {
+                        Ok(()) => InstallOutcome::Installed,
+                        Err(e @ InstallError::Unhealthy { .. }) => {
+                            InstallOutcome::RolledBack(e.to_string())
+                        }
+                        Err(e) => InstallOutcome::Failed(e.to_string()),
+                    }
                 }
-                Err(e) => InstallOutcome::Failed(e.to_string()),
             };
             let _ = inputs
                 .send(Input::InstallFinished {
@@ -732,8 +881,12 @@ impl Agent {
     }
 }
 
-/// Creates the data dir and reads `agent.json` and `outbox.json`, off the runtime's threads.
-async fn open_data_dir(machine: &str, dir: PathBuf) -> Result<(Store, Outbox), AgentError> {
+/// Creates the data dir and reads `agent.json`, `outbox.json` and `contact.json`, off the
+/// runtime's threads.
+async fn open_data_dir(
+    machine: &str,
+    dir: PathBuf,
+) -> Result<(Store, Outbox, Contact), AgentError> {
     let (m, path) = (machine.to_owned(), dir.clone());
     tokio::task::spawn_blocking(move || {
         std::fs::create_dir_all(&dir).map_err(|error| AgentError::DataDir {
@@ -747,7 +900,12 @@ async fn open_data_dir(machine: &str, dir: PathBuf) -> Result<(Store, Outbox), A
         };
         let store = Store::open(&dir).map_err(store_err)?;
         let outbox = Outbox::open(&dir).map_err(store_err)?;
-        Ok((store, outbox))
+        // Only for people: a damaged file is started afresh.
+        let contact = Contact::read(&dir).unwrap_or_else(|e| {
+            tracing::warn!(machine = %m, "{e}; the last contact starts afresh");
+            Contact::default()
+        });
+        Ok((store, outbox, contact))
     })
     .await
     .unwrap_or_else(|e| {

@@ -7,9 +7,12 @@
 //! - [`download`]: fetching an artifact in verified chunks, resumable across restarts: the
 //!   transfer's decisions a pure state machine (`download::fetch`), the files and MQTT around it.
 //! - [`install`]: installers (A/B slots with health check and switch-back; external command).
+//! - [`sale_lock`]: the `flock` that keeps sales and installs apart (the vending application's
+//!   side is in docs/device.md).
 //! - [`store`]: the persisted agent state, message counter, followed platform key and status
 //!   outbox.
 //! - [`trust`]: which platform key is trusted: the configured one, advanced along the key chain.
+//! - [`status`]: `fleetcast-device status`, the technician's view from the data dir alone.
 //! - [`simulate`]: many agents in one process, provisioned through the platform.
 //! - [`durable`]: the group-commit writer: durable file writes off the runtime's threads.
 //! - [`fsutil`]: atomic file writes (blocking).
@@ -21,7 +24,9 @@ pub mod durable;
 pub mod fsutil;
 pub mod install;
 pub mod machine;
+pub mod sale_lock;
 pub mod simulate;
+pub mod status;
 pub mod store;
 pub mod trust;
 

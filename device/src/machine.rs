@@ -139,6 +139,24 @@ pub struct Ledger {
     /// seq the notice claims: a forgery must not mark a genuine notice's seq as seen.
     #[serde(default, skip_serializing_if = "VecDeque::is_empty")]
     pub unverified_seen: VecDeque<String>,
+    /// The latest failure reported (a job that failed, a notice refused), for a technician's
+    /// `fleetcast-device status`: the per-kind `last` is overwritten by the next job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<LastError>,
+}
+
+/// A failure the machine reported, with the time it did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LastError {
+    pub at_ms: u64,
+    pub kind: Kind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release: Option<ReleaseId>,
+    /// Empty for a notice that did not verify (nothing it claims is trusted).
+    #[serde(default)]
+    pub version: String,
+    pub phase: Phase,
+    pub error: String,
 }
 
 impl Ledger {
@@ -281,6 +299,16 @@ impl Updater {
         self.busy
     }
 
+    /// Whether a downloaded `idle` job waits for the machine to be free (and nothing else,
+    /// such as an `activate`, lets it install now).
+    pub fn waits_for_idle(&self) -> bool {
+        self.ledger.kinds.values().any(|r| {
+            r.job.as_ref().is_some_and(|j| {
+                j.step == Step::Deferred && !j.activated && j.notice.policy == InstallPolicy::Idle
+            })
+        })
+    }
+
     /// Per-kind inventory for the retained state message.
     pub fn kind_states(&self) -> BTreeMap<Kind, KindState> {
         self.ledger
@@ -332,6 +360,17 @@ impl Updater {
                         if let Some(rec) = self.ledger.kinds.get_mut(&r.kind) {
                             rec.last = Some(r.clone());
                         }
+                    }
+                    if let (true, Some(error)) = (r.phase.is_failure(), &r.error) {
+                        // Every failure report comes with `Persist`.
+                        self.ledger.last_error = Some(LastError {
+                            at_ms: now_ms,
+                            kind: r.kind.clone(),
+                            release: r.release.clone(),
+                            version: r.version.clone(),
+                            phase: r.phase,
+                            error: error.clone(),
+                        });
                     }
                 }
             }
@@ -1312,6 +1351,63 @@ mod tests {
         assert!(u
             .handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")))
             .is_empty());
+    }
+
+    #[test]
+    fn the_last_failure_is_kept_for_the_technician_until_the_next_one() {
+        let mut u = updater();
+        assert_eq!(u.ledger.last_error, None);
+        u.handle(NOON, Input::Notice(notice("r-1", 1, "1.1.0")));
+        finish_download(&mut u, "r-1");
+        let a = finish_install(
+            &mut u,
+            "r-1",
+            InstallOutcome::RolledBack("unhealthy".into()),
+        );
+        assert!(a.contains(&Action::Persist));
+        let e = u.ledger.last_error.clone().unwrap();
+        assert_eq!(
+            (
+                e.at_ms,
+                e.phase,
+                e.release,
+                e.version.as_str(),
+                e.error.as_str()
+            ),
+            (
+                NOON,
+                Phase::RolledBack,
+                Some(rid("r-1")),
+                "1.1.0",
+                "unhealthy"
+            )
+        );
+        // A success does not clear it; the next failure replaces it.
+        u.handle(NOON + 1, Input::Notice(notice("r-2", 2, "1.2.0")));
+        finish_download(&mut u, "r-2");
+        finish_install(&mut u, "r-2", InstallOutcome::Installed);
+        assert_eq!(
+            u.ledger.last_error.as_ref().unwrap().phase,
+            Phase::RolledBack
+        );
+        u.handle(NOON + 2, Input::Notice(notice("r-3", 3, "1.0.0")));
+        let e = u.ledger.last_error.clone().unwrap();
+        assert_eq!((e.at_ms, e.phase), (NOON + 2, Phase::Rejected));
+        assert!(e.error.contains("downgrade"), "{e:?}");
+    }
+
+    #[test]
+    fn only_a_downloaded_idle_job_waits_for_idle() {
+        let mut u = updater();
+        u.handle(NOON, Input::Busy(true));
+        let mut n = notice("r-1", 1, "1.1.0");
+        n.policy = InstallPolicy::Idle;
+        u.handle(NOON, Input::Notice(n));
+        assert!(!u.waits_for_idle(), "still downloading");
+        finish_download(&mut u, "r-1");
+        assert!(u.waits_for_idle());
+        u.handle(NOON, Input::Busy(false));
+        assert!(!u.waits_for_idle(), "installing");
     }
 
     #[test]

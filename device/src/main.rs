@@ -10,6 +10,9 @@ use fleetcast_proto::auth::Secret;
 use fleetcast_proto::{GroupId, Kind};
 use tokio_util::sync::CancellationToken;
 
+/// Where the packaged agent's config lives (docs/device.md).
+const DEFAULT_CONFIG: &str = "/etc/fleetcast/device.toml";
+
 #[derive(Parser)]
 #[command(
     name = "fleetcast-device",
@@ -31,6 +34,16 @@ enum Cmd {
         #[arg(long)]
         broker: Option<String>,
     },
+    /// What this machine runs and where it stands, from its config and data dir alone (no
+    /// broker needed): versions per kind and the active slot, the job in progress, status
+    /// events not yet acknowledged, the last contact with the platform, the last error.
+    Status {
+        #[arg(long, env = "FLEETCAST_DEVICE_CONFIG", default_value = DEFAULT_CONFIG)]
+        config: PathBuf,
+        /// JSON (docs/schemas/device-status.json) instead of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Provision and run many simulated machines in this process until Ctrl-C.
     Simulate {
         #[arg(long, default_value_t = 10)]
@@ -38,7 +51,10 @@ enum Cmd {
         /// Comma-separated groups, assigned round-robin.
         #[arg(long, value_delimiter = ',')]
         groups: Vec<GroupId>,
-        #[arg(long, default_value = "vm-")]
+        /// Machines are named PREFIX001, PREFIX002, ... The simulator provisions only ids it
+        /// created itself (recorded in --data): an id that exists on the platform otherwise,
+        /// such as a real machine's, is refused.
+        #[arg(long, default_value = "sim-")]
         prefix: String,
         #[arg(long, default_value_t = 1)]
         start_index: usize,
@@ -101,6 +117,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.broker = b;
             }
             fleetcast_device::run(cfg, ctrl_c_token()).await?;
+        }
+        Cmd::Status { config, json } => {
+            let (cfg, problems) = MachineConfig::load_lenient(&config)?;
+            let status = tokio::task::spawn_blocking(move || {
+                fleetcast_device::status::collect(&cfg, &config, &problems)
+            })
+            .await??;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&status)?);
+            } else {
+                print!(
+                    "{}",
+                    fleetcast_device::status::render_text(
+                        &status,
+                        fleetcast_device::fsutil::now_ms()
+                    )
+                );
+            }
         }
         Cmd::Simulate {
             count,

@@ -1,8 +1,15 @@
 //! A fleet in one process: provisions `count` machines through the platform's admin API, writes
 //! each one's `machine.toml`, and runs every agent on its own MQTT connection.
+//!
+//! The simulator never touches a machine it did not create: it records the machines it
+//! provisioned in `{data_dir}/simulated.json`. A machine in its records is provisioned again with
+//! `rotate` (a new secret; the platform may have been reset since). Any other id is provisioned
+//! without `rotate`, which the platform refuses, changing nothing, if the id exists: so
+//! `simulate` next to a real `vm-001` fails with the platform's reason instead of taking the
+//! real machine's identity over.
 
-use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use fleetcast_broker::admin::{AdminClient, AdminError};
@@ -16,6 +23,15 @@ use tokio_util::sync::CancellationToken;
 use crate::agent::{self, AgentError, AgentOptions};
 use crate::config::MachineConfig;
 use crate::durable;
+
+/// What the simulator provisioned, in its data dir.
+pub const RECORDS: &str = "simulated.json";
+
+#[derive(Debug, Default, serde::Serialize, serde::Deserialize)]
+struct Records {
+    /// Every machine this data dir's simulator provisioned.
+    machines: BTreeSet<MachineId>,
+}
 
 #[derive(Debug, Clone)]
 pub struct SimulateOptions {
@@ -46,6 +62,15 @@ pub enum SimulateError {
     Admin(AdminError),
     #[error("provisioning {machine}: {reason}")]
     Provision { machine: String, reason: String },
+    #[error("provisioning {first}..{last}: the platform refused: {reason}\n  The simulator provisions only machines it created (recorded in {records}); it never takes over an existing machine. Pick another --prefix (default sim-) or --start-index, or the --data dir of the simulator that created them.")]
+    NotOurs {
+        first: String,
+        last: String,
+        reason: String,
+        records: PathBuf,
+    },
+    #[error("cannot read {path}: {error}")]
+    Records { path: PathBuf, error: String },
     #[error("cannot write {path}: {error}")]
     Write {
         path: PathBuf,
@@ -98,11 +123,21 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
     )
     .await
     .map_err(SimulateError::Admin)?;
-    let mut configs = Vec::with_capacity(machines.len());
+    let records_path = opts.data_dir.join(RECORDS);
+    let mut records = read_records(&records_path)?;
+    let (ours, new): (Vec<_>, Vec<_>) = machines
+        .into_iter()
+        .partition(|(m, _)| records.machines.contains(m));
+    let mut configs = Vec::with_capacity(ours.len() + new.len());
     // Written while the next batch is provisioned, and durable before any agent starts.
     let mut writes = JoinSet::new();
-    // One admin round trip per batch, not per machine.
-    for batch in machines.chunks(MAX_PROVISION_BATCH) {
+    // New machines first: if the platform refuses one, none of ours was touched yet. One admin
+    // round trip per batch, not per machine.
+    let batches = new
+        .chunks(MAX_PROVISION_BATCH)
+        .map(|b| (b, false))
+        .chain(ours.chunks(MAX_PROVISION_BATCH).map(|b| (b, true)));
+    for (batch, rotate) in batches {
         let op = AdminOp::MachineProvisionBatch {
             machines: batch
                 .iter()
@@ -111,6 +146,7 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
                     groups: group.iter().cloned().collect(),
                 })
                 .collect(),
+            rotate,
         };
         let first = batch[0].0.to_string();
         let provisioned = match admin.request(op).await {
@@ -124,6 +160,15 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
                     reason: format!("unexpected reply {other:?}"),
                 });
             }
+            Err(AdminError::Refused(reason)) if !rotate => {
+                admin.close().await;
+                return Err(SimulateError::NotOurs {
+                    first,
+                    last: batch[batch.len() - 1].0.to_string(),
+                    reason,
+                    records: records_path,
+                });
+            }
             Err(e) => {
                 admin.close().await;
                 return Err(SimulateError::Provision {
@@ -132,6 +177,15 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
                 });
             }
         };
+        if !rotate {
+            records
+                .machines
+                .extend(provisioned.iter().map(|p| p.machine.clone()));
+            if let Err(e) = write_records(&records_path, &records).await {
+                admin.close().await;
+                return Err(e);
+            }
+        }
         for provisioned in provisioned {
             let dir = opts.data_dir.join(provisioned.machine.as_str());
             let mut config =
@@ -204,6 +258,33 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
         Some(e) => Err(e.into()),
         None => Ok(()),
     }
+}
+
+fn read_records(path: &Path) -> Result<Records, SimulateError> {
+    match std::fs::read(path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| SimulateError::Records {
+            path: path.to_owned(),
+            error: e.to_string(),
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Records::default()),
+        Err(e) => Err(SimulateError::Records {
+            path: path.to_owned(),
+            error: e.to_string(),
+        }),
+    }
+}
+
+/// Durable before the machines' configs: a machine provisioned but not recorded would be
+/// refused (as someone else's) at the next start.
+async fn write_records(path: &Path, records: &Records) -> Result<(), SimulateError> {
+    let bytes = serde_json::to_vec_pretty(records).expect("records serialize");
+    durable::shared()
+        .write(path, bytes)
+        .await
+        .map_err(|error| SimulateError::Write {
+            path: path.to_owned(),
+            error,
+        })
 }
 
 /// How often freed heap memory is handed back to the system.

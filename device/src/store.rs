@@ -1,6 +1,8 @@
 //! What the agent keeps on disk: `agent.json` (the [`Ledger`], the message counter's
 //! reservation and the platform key followed along the key chain) and `outbox.json` (status
 //! events not yet acknowledged by the platform). Both are replaced atomically on every change.
+//! `contact.json` ([`Contact`]) says when the platform and the broker were last reached; it is
+//! only for people (`fleetcast-device status`), so it is written at most once a minute.
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -354,6 +356,43 @@ impl Outbox {
     }
 }
 
+/// When this machine last heard from the platform and reached its broker (`contact.json`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Contact {
+    /// When a message signed or MAC'd by the platform last verified here.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_at_ms: Option<u64>,
+    /// What it was: `status_ack`, `notice` or `command`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub platform_message: Option<String>,
+    /// When the broker last accepted the connection (CONNACK).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker_at_ms: Option<u64>,
+}
+
+impl Contact {
+    pub fn path(data_dir: &Path) -> PathBuf {
+        data_dir.join("contact.json")
+    }
+
+    /// The file's contents, or nothing recorded yet (blocking).
+    pub fn read(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = Self::path(data_dir);
+        let bytes = read_file(&path)?;
+        parse_json(&path, bytes.as_deref())
+    }
+
+    /// Replaces the file durably.
+    pub async fn write(&self, data_dir: &Path) -> Result<(), StoreError> {
+        let path = Self::path(data_dir);
+        let bytes = serde_json::to_vec(self).expect("contact serializes");
+        durable::shared()
+            .write(&path, bytes)
+            .await
+            .map_err(|error| StoreError::Write { path, error })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -502,5 +541,18 @@ mod tests {
         assert!(ob.ack(2).unwrap());
         let ob = Outbox::open(dir.path()).unwrap();
         assert_eq!(ob.head().unwrap().ctr, 3, "acks are persisted");
+    }
+
+    #[tokio::test]
+    async fn the_last_contact_survives_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(Contact::read(dir.path()).unwrap(), Contact::default());
+        let c = Contact {
+            platform_at_ms: Some(5),
+            platform_message: Some("status_ack".into()),
+            broker_at_ms: Some(4),
+        };
+        c.write(dir.path()).await.unwrap();
+        assert_eq!(Contact::read(dir.path()).unwrap(), c);
     }
 }

@@ -235,6 +235,7 @@ pub fn admin_ops() -> Vec<AdminOp> {
         AdminOp::MachineProvision {
             machine: machine(),
             groups: vec![group()],
+            rotate: true,
         },
         AdminOp::Rollback {
             target: Target::Group(group()),

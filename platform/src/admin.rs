@@ -510,16 +510,22 @@ impl Admin {
             AdminOp::Machines => Ok(AdminReply::Machines {
                 machines: store.machines()?,
             }),
-            AdminOp::MachineProvision { machine, groups } => {
+            AdminOp::MachineProvision {
+                machine,
+                groups,
+                rotate,
+            } => {
                 let spec = MachineSpec { machine, groups };
-                let mut done = identities::provision(&self.ctx, vec![spec]).await?;
+                let mut done = identities::provision(&self.ctx, vec![spec], rotate).await?;
                 Ok(AdminReply::Provisioned {
                     machine: done.pop().expect("one machine provisioned"),
                 })
             }
-            AdminOp::MachineProvisionBatch { machines } => Ok(AdminReply::ProvisionedBatch {
-                machines: identities::provision(&self.ctx, machines).await?,
-            }),
+            AdminOp::MachineProvisionBatch { machines, rotate } => {
+                Ok(AdminReply::ProvisionedBatch {
+                    machines: identities::provision(&self.ctx, machines, rotate).await?,
+                })
+            }
             AdminOp::Rollback {
                 target,
                 kind,

@@ -145,11 +145,17 @@ pub async fn integrator_add(
     })
 }
 
-/// Registers machines (or re-issues the config of existing ones, adding groups), under one lock
-/// and one flush. A revoked machine provisioned again gets a new secret and is no longer revoked.
+/// Registers machines under one lock and one flush. A machine that exists already (revoked or
+/// not) is refused, and with it the whole request, unless `rotate`: provisioning an id again by
+/// mistake must not hand out a live machine's secret. With `rotate`, every machine named gets a
+/// new secret (a revoked one is no longer revoked), the groups are added to its own, and the
+/// old secret stops working at once: nothing it MACs verifies, the broker refuses it at its
+/// next connect, and a live session on the embedded broker is closed now, as `machine_revoke`
+/// does.
 pub async fn provision(
     ctx: &Ctx,
-    specs: Vec<MachineSpec>,
+    mut specs: Vec<MachineSpec>,
+    rotate: bool,
 ) -> Result<Vec<ProvisionedMachine>, OpError> {
     if specs.len() > MAX_PROVISION_BATCH {
         return refused(format!(
@@ -168,19 +174,29 @@ pub async fn provision(
     }
     let keys = ctx.keys();
     let mut out = Vec::with_capacity(specs.len());
+    let mut rotated = Vec::new();
     ctx.store.transaction(|tx| -> Result<(), OpError> {
-        for MachineSpec { machine, groups } in specs {
-            let secret = match tx.secret(&machine)? {
-                Some(s) => s,
-                None => {
-                    let s = random_secret();
-                    tx.put_secret(&machine, &s)?;
-                    s
+        if !rotate {
+            let mut existing = Vec::new();
+            for s in &specs {
+                if tx.machine(&s.machine)?.is_some() {
+                    existing.push(s.machine.to_string());
                 }
+            }
+            if !existing.is_empty() {
+                return refused(exists_already(&existing));
+            }
+        }
+        for MachineSpec { machine, groups } in specs.drain(..) {
+            let secret = random_secret();
+            tx.put_secret(&machine, &secret)?;
+            let mut info = match tx.machine(&machine)? {
+                Some(info) => {
+                    rotated.push(machine.clone());
+                    info
+                }
+                None => MachineInfo::new(machine.clone(), now_ms()),
             };
-            let mut info = tx
-                .machine(&machine)?
-                .unwrap_or_else(|| MachineInfo::new(machine.clone(), now_ms()));
             info.revoked_at_ms = None;
             for g in groups {
                 if !info.groups.contains(&g) {
@@ -200,7 +216,25 @@ pub async fn provision(
         Ok(())
     })?;
     ctx.store.flush_async().await?;
+    for machine in &rotated {
+        let closed = ctx.sessions.close_sessions(machine.as_str());
+        tracing::info!(%machine, closed, "machine secret rotated; the old one no longer verifies");
+    }
     Ok(out)
+}
+
+/// Why provisioning existing machines without `rotate` is refused, naming a few of them.
+fn exists_already(ids: &[String]) -> String {
+    const NAMED: usize = 5;
+    let mut names = ids[..ids.len().min(NAMED)].join(", ");
+    if ids.len() > NAMED {
+        names.push_str(&format!(" and {} more", ids.len() - NAMED));
+    }
+    format!(
+        "{names} {} provisioned already; nothing was changed. To give {} a new secret (the old one stops working at once), provision again with rotate (fleetcast machine provision ID --rotate)",
+        if ids.len() == 1 { "is" } else { "are" },
+        if ids.len() == 1 { "it" } else { "them" },
+    )
 }
 
 /// Revokes a machine: its secret is forgotten (nothing it sends verifies, the broker refuses

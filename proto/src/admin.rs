@@ -111,11 +111,15 @@ pub enum AdminOp {
     },
     /// Reply: `machines`.
     Machines,
-    /// Register a machine (or return the existing one's config). Reply: `provisioned`.
+    /// Register a machine. Reply: `provisioned`. A machine that exists (revoked or not) is
+    /// refused unless `rotate`: then it gets a new secret (and the groups are added), the old
+    /// secret stops working at once and its broker session is closed.
     MachineProvision {
         machine: MachineId,
         #[serde(default)]
         groups: Vec<GroupId>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        rotate: bool,
     },
     /// Roll a machine's or group's kind back to a stable version (default: the version
     /// installed before the current one). Reply: `plan`. A group no machine belongs to is
@@ -135,9 +139,12 @@ pub enum AdminOp {
         machines: Vec<MachineId>,
     },
     /// Register many machines in one round trip (at most [`MAX_PROVISION_BATCH`]).
-    /// Reply: `provisioned_batch`, in request order.
+    /// Reply: `provisioned_batch`, in request order. Existing machines: as for
+    /// `machine_provision` (without `rotate`, the whole batch is refused and nothing changes).
     MachineProvisionBatch {
         machines: Vec<MachineSpec>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        rotate: bool,
     },
     /// Revoke a machine: its secret stops working at once and its broker session is closed.
     /// Reply: `done`.
@@ -840,12 +847,27 @@ mod tests {
             op: AdminOp::MachineProvision {
                 machine: MachineId::new("vm-1").unwrap(),
                 groups: vec![GroupId::new("g").unwrap()],
+                rotate: false,
             },
         };
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["op"], "machine_provision");
         assert_eq!(json["machine"], "vm-1");
+        assert!(json.get("rotate").is_none(), "left out when false: {json}");
         assert_eq!(serde_json::from_value::<AdminRequest>(json).unwrap(), r);
+        let rotate = AdminRequest {
+            op: AdminOp::MachineProvisionBatch {
+                machines: vec![],
+                rotate: true,
+            },
+            ..r.clone()
+        };
+        let json = serde_json::to_value(&rotate).unwrap();
+        assert_eq!(json["rotate"], true);
+        assert_eq!(
+            serde_json::from_value::<AdminRequest>(json).unwrap(),
+            rotate
+        );
         let list: AdminRequest =
             serde_json::from_str(r#"{"client":"c","id":1,"ctr":1,"at_ms":1,"op":"machines"}"#)
                 .unwrap();

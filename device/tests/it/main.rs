@@ -1,9 +1,12 @@
 //! Device integration tests: a real rumqttd on a free loopback port, a real agent, and the
 //! platform's side of the protocol played here with proto types only.
 
+mod config;
 mod faults;
 mod package;
 mod real;
+mod sale_lock;
+mod status;
 mod trust;
 
 use std::collections::HashMap;
@@ -1097,16 +1100,19 @@ async fn a_group_notice_older_than_the_machine_notice_is_ignored() {
     m.stop().await;
 }
 
-#[tokio::test]
-async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
+/// A stand-in for the platform's provisioning: it knows `existing` machines (a real one) and,
+/// like the platform, refuses to provision a known id again without `rotate`.
+async fn fake_provisioning(
+    url: &BrokerUrl,
+    admin_secret: Secret,
+    existing: &[&str],
+) -> (Arc<Mutex<HashMap<String, String>>>, CancellationToken) {
     use fleetcast_proto::admin::{
-        AdminOp, AdminReply, AdminRequest, AdminResponse, ProvisionedMachine, ResponseEnvelope,
+        AdminOp, AdminReply, AdminRequest, AdminResponse, MachineSpec, ProvisionedMachine,
+        ResponseEnvelope,
     };
-    let broker = start_on_free_port(|s| s).unwrap();
-    let url = broker.url();
-    let admin_secret = Secret::from_bytes(rand::random());
     let platform_key = PlatformKey::from_seed(rand::random()).public();
-    let (c, mut rx, stop) = connect_peer(&url, "fake-platform").await;
+    let (c, mut rx, stop) = connect_peer(url, "fake-platform").await;
     let topics = Topics::default();
     subscribe_all(
         &c,
@@ -1118,119 +1124,189 @@ async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
     )
     .await;
     let online: Arc<Mutex<HashMap<String, String>>> = Arc::default();
-    {
-        let (c, topics, online, admin_secret) = (
-            c.clone(),
-            topics.clone(),
-            online.clone(),
-            admin_secret.clone(),
-        );
-        tokio::spawn(async move {
-            while let Some(ev) = rx.recv().await {
-                let MqttEvent::Publish(p) = ev else { continue };
-                match topics.parse(&p.topic) {
-                    Some(Route::AdminRequest(client)) => {
-                        let req: AdminRequest = admin_secret
-                            .open(Purpose::Admin, &p.payload)
-                            .expect("admin MAC");
-                        let provisioned = |machine, groups| ProvisionedMachine {
-                            machine,
-                            groups,
-                            secret: Secret::from_bytes(rand::random()),
-                            platform_key,
-                            platform_key_gen: 0,
-                            topic_prefix: "fleet".into(),
-                        };
-                        let reply = match req.op {
-                            AdminOp::MachineProvision { machine, groups } => {
-                                AdminReply::Provisioned {
-                                    machine: provisioned(machine, groups),
-                                }
-                            }
-                            AdminOp::MachineProvisionBatch { machines } => {
-                                AdminReply::ProvisionedBatch {
-                                    machines: machines
-                                        .into_iter()
-                                        .map(|s| provisioned(s.machine, s.groups))
-                                        .collect(),
-                                }
-                            }
-                            _ => continue,
-                        };
-                        let resp = AdminResponse::ok(req.id, req.ctr, reply);
-                        let env = ResponseEnvelope {
-                            id: req.id,
-                            sealed: Some(admin_secret.seal_box(
-                                Purpose::AdminResponse,
-                                &client,
-                                &resp,
-                            )),
-                            unverified_error: None,
-                        };
-                        let resp = serde_json::to_vec(&env).unwrap();
-                        c.publish(
-                            topics.admin_response(&client),
-                            QoS::AtLeastOnce,
-                            false,
-                            resp,
+    let mut known: std::collections::HashSet<MachineId> = existing
+        .iter()
+        .map(|m| MachineId::new(*m).unwrap())
+        .collect();
+    let online_task = online.clone();
+    tokio::spawn(async move {
+        while let Some(ev) = rx.recv().await {
+            let MqttEvent::Publish(p) = ev else { continue };
+            match topics.parse(&p.topic) {
+                Some(Route::AdminRequest(client)) => {
+                    let req: AdminRequest = admin_secret
+                        .open(Purpose::Admin, &p.payload)
+                        .expect("admin MAC");
+                    let AdminOp::MachineProvisionBatch { machines, rotate } = req.op else {
+                        continue;
+                    };
+                    let taken: Vec<String> = machines
+                        .iter()
+                        .filter(|s| known.contains(&s.machine))
+                        .map(|s| s.machine.to_string())
+                        .collect();
+                    let resp = if !rotate && !taken.is_empty() {
+                        AdminResponse::error(
+                            req.id,
+                            req.ctr,
+                            format!(
+                                "{} provisioned already; nothing was changed",
+                                taken.join(", ")
+                            ),
                         )
-                        .await
-                        .unwrap();
-                    }
-                    Some(Route::Online(m)) => {
-                        online.lock().unwrap().insert(
-                            m.to_string(),
-                            String::from_utf8_lossy(&p.payload).into_owned(),
-                        );
-                    }
-                    _ => {}
+                    } else {
+                        let provisioned = machines
+                            .into_iter()
+                            .map(|MachineSpec { machine, groups }| {
+                                known.insert(machine.clone());
+                                ProvisionedMachine {
+                                    machine,
+                                    groups,
+                                    secret: Secret::from_bytes(rand::random()),
+                                    platform_key,
+                                    platform_key_gen: 0,
+                                    topic_prefix: "fleet".into(),
+                                }
+                            })
+                            .collect();
+                        AdminResponse::ok(
+                            req.id,
+                            req.ctr,
+                            AdminReply::ProvisionedBatch {
+                                machines: provisioned,
+                            },
+                        )
+                    };
+                    let env = ResponseEnvelope {
+                        id: req.id,
+                        sealed: Some(admin_secret.seal_box(Purpose::AdminResponse, &client, &resp)),
+                        unverified_error: None,
+                    };
+                    c.publish(
+                        topics.admin_response(&client),
+                        QoS::AtLeastOnce,
+                        false,
+                        serde_json::to_vec(&env).unwrap(),
+                    )
+                    .await
+                    .unwrap();
                 }
+                Some(Route::Online(m)) => {
+                    online_task.lock().unwrap().insert(
+                        m.to_string(),
+                        String::from_utf8_lossy(&p.payload).into_owned(),
+                    );
+                }
+                _ => {}
             }
-        });
-    }
+        }
+    });
+    (online, stop)
+}
+
+#[tokio::test]
+async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let admin_secret = Secret::from_bytes(rand::random());
+    // vm-004 is a real machine, provisioned by an operator.
+    let (online, stop) = fake_provisioning(&url, admin_secret.clone(), &["vm-004"]).await;
     let dir = tempfile::tempdir().unwrap();
     let g = |s: &str| fleetcast_proto::GroupId::new(s).unwrap();
-    let opts = fleetcast_device::SimulateOptions {
-        count: 3,
+    let opts = |data: &Path, count: usize, start_index: usize| fleetcast_device::SimulateOptions {
+        count,
         groups: vec![g("a"), g("b")],
         prefix: "vm-".into(),
-        data_dir: dir.path().to_owned(),
+        data_dir: data.to_owned(),
         broker: url.to_string(),
         topic_prefix: "fleet".into(),
-        admin_secret,
+        admin_secret: admin_secret.clone(),
         initial_versions: [(app(), "1.0.0".to_owned())].into(),
-        start_index: 1,
+        start_index,
         fail_health: vec![],
         ca_file: None,
     };
-    let sim_stop = CancellationToken::new();
-    let sim = tokio::spawn(fleetcast_device::simulate::run(opts, sim_stop.clone()));
-    eventually(
-        Duration::from_secs(15),
-        || {
-            online
-                .lock()
+    let run_until_online = |opts: fleetcast_device::SimulateOptions| {
+        let online = online.clone();
+        async move {
+            online.lock().unwrap().clear();
+            let count = opts.count;
+            let sim_stop = CancellationToken::new();
+            let sim = tokio::spawn(fleetcast_device::simulate::run(opts, sim_stop.clone()));
+            eventually(
+                Duration::from_secs(15),
+                || {
+                    online
+                        .lock()
+                        .unwrap()
+                        .values()
+                        .filter(|v| *v == "true")
+                        .count()
+                        == count
+                },
+                || format!("machines online: {:?}", online.lock().unwrap()),
+            )
+            .await;
+            sim_stop.cancel();
+            tokio::time::timeout(Duration::from_secs(10), sim)
+                .await
+                .expect("simulator stops")
                 .unwrap()
-                .values()
-                .filter(|v| *v == "true")
-                .count()
-                == 3
-        },
-        || format!("machines online: {:?}", online.lock().unwrap()),
-    )
-    .await;
+                .unwrap();
+        }
+    };
+    let secret_of = |name: &str| {
+        MachineConfig::load(dir.path().join(name).join("machine.toml"))
+            .unwrap()
+            .secret
+    };
+    let records = || std::fs::read_to_string(dir.path().join("simulated.json")).unwrap();
+
+    run_until_online(opts(dir.path(), 3, 1)).await;
     for (name, group) in [("vm-001", "a"), ("vm-002", "b"), ("vm-003", "a")] {
         let cfg = MachineConfig::load(dir.path().join(name).join("machine.toml")).unwrap();
         assert_eq!(cfg.groups, vec![g(group)], "{name}");
         assert_eq!(cfg.data_dir, dir.path().join(name));
         assert_eq!(cfg.initial_versions[&app()], "1.0.0");
+        assert!(
+            records().contains(name),
+            "{name} is recorded: {}",
+            records()
+        );
     }
-    sim_stop.cancel();
-    tokio::time::timeout(Duration::from_secs(10), sim)
+    // Started again on its own data dir, it takes its machines back (with new secrets).
+    let before = secret_of("vm-001");
+    run_until_online(opts(dir.path(), 3, 1)).await;
+    assert_ne!(secret_of("vm-001"), before, "provisioned again with rotate");
+
+    // It never takes over a machine it did not create: a real one...
+    let kept = secret_of("vm-001");
+    let err = fleetcast_device::simulate::run(opts(dir.path(), 2, 4), CancellationToken::new())
         .await
-        .expect("simulator stops")
-        .unwrap()
-        .unwrap();
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("vm-004 provisioned already"), "{err}");
+    assert!(
+        err.contains("simulated.json") && err.contains("--prefix"),
+        "{err}"
+    );
+    assert!(
+        !records().contains("vm-005"),
+        "nothing of a refused batch is recorded"
+    );
+    assert!(!dir.path().join("vm-005").exists());
+    // ...or another simulator's.
+    let other = tempfile::tempdir().unwrap();
+    let err = fleetcast_device::simulate::run(opts(other.path(), 3, 1), CancellationToken::new())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("vm-001, vm-002, vm-003 provisioned already"),
+        "{err}"
+    );
+    assert!(!other.path().join("vm-001").exists());
+    assert_eq!(secret_of("vm-001"), kept, "refused runs touch no machine");
     stop.cancel();
 }
 

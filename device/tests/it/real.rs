@@ -86,6 +86,7 @@ impl RealPlatform {
         let op = AdminOp::MachineProvision {
             machine: MachineId::new(id).unwrap(),
             groups: groups.iter().map(|g| GroupId::new(*g).unwrap()).collect(),
+            rotate: false,
         };
         match self.request(op).await {
             AdminReply::Provisioned { machine } => machine,

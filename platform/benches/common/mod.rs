@@ -289,6 +289,7 @@ impl Platform {
                         groups: vec![group.clone()],
                     })
                     .collect(),
+                rotate: false,
             };
             match self.request(op).await? {
                 AdminReply::ProvisionedBatch { machines } if machines.len() == batch.len() => {

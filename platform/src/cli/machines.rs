@@ -58,9 +58,9 @@ impl MachinesArgs {
 
 #[derive(Subcommand)]
 pub enum MachineCmd {
-    /// Register a machine (or re-print an existing one's config, adding groups) and print its
-    /// TOML config to stdout; or, with --from-file, register every machine of a list in batches
-    /// (one round trip per 1,000) and write one config per machine into --out-dir.
+    /// Register a machine and print its TOML config to stdout; or, with --from-file, register
+    /// every machine of a list in batches (one round trip per 1,000) and write one config per
+    /// machine into --out-dir. A machine that exists already is refused unless --rotate.
     Provision {
         #[arg(required_unless_present = "from_file", conflicts_with = "from_file")]
         machine: Option<MachineId>,
@@ -76,6 +76,11 @@ pub enum MachineCmd {
         /// `data_dir` written into the config(s) [default: ./fleetcast-device-<machine>].
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// Provision machines that exist already: each gets a new secret (and the --groups are
+        /// added); the old secret stops working at once and a live session on the embedded
+        /// broker is closed. Install the new config on the machine.
+        #[arg(long)]
+        rotate: bool,
     },
     /// Revoke a machine: its secret stops working at once, and on the embedded broker its live
     /// session is closed now (an external broker drops it at its next connect).
@@ -118,17 +123,23 @@ pub async fn run(cmd: MachineCmd, client: &ClientArgs) -> anyhow::Result<()> {
             from_file: Some(file),
             out_dir: Some(out_dir),
             data_dir,
+            rotate,
             ..
-        } => provision_from_file(&file, &out_dir, data_dir, client).await,
+        } => provision_from_file(&file, &out_dir, data_dir, rotate, client).await,
         MachineCmd::Provision {
             machine: Some(machine),
             groups,
             data_dir,
+            rotate,
             ..
         } => {
             let groups: Vec<GroupId> = parse_list(&groups)?;
             let reply = client
-                .request(AdminOp::MachineProvision { machine, groups })
+                .request(AdminOp::MachineProvision {
+                    machine,
+                    groups,
+                    rotate,
+                })
                 .await;
             let AdminReply::Provisioned { machine } = reply? else {
                 anyhow::bail!("unexpected reply to machine provision");
@@ -186,6 +197,7 @@ async fn provision_from_file(
     file: &std::path::Path,
     out_dir: &std::path::Path,
     data_dir: Option<PathBuf>,
+    rotate: bool,
     client: &ClientArgs,
 ) -> anyhow::Result<()> {
     let text =
@@ -200,6 +212,7 @@ async fn provision_from_file(
             let reply = admin
                 .request(AdminOp::MachineProvisionBatch {
                     machines: batch.to_vec(),
+                    rotate,
                 })
                 .await?;
             let AdminReply::ProvisionedBatch { machines } = reply else {

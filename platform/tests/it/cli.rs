@@ -678,7 +678,12 @@ async fn every_json_output_matches_its_schema_in_docs() {
         assert_valid(name, schema, output);
     }
     let used: BTreeSet<&str> = outputs.iter().map(|(_, name, _)| *name).collect();
-    let files: BTreeSet<&str> = schemas.keys().map(String::as_str).collect();
+    // device-*.json describe fleetcast-device's output: device/tests/it checks those.
+    let files: BTreeSet<&str> = schemas
+        .keys()
+        .map(String::as_str)
+        .filter(|f| !f.starts_with("device-"))
+        .collect();
     assert_eq!(used, files, "every schema file is checked by this test");
 }
 
@@ -746,4 +751,85 @@ async fn serve_logs_have_no_colour_codes_and_no_error_for_an_ordinary_disconnect
     );
     let errors: Vec<&str> = text.lines().filter(|l| l.contains("ERROR")).collect();
     assert!(errors.is_empty(), "{errors:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machine_provision_refuses_an_existing_machine_unless_rotate() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&broker.url()).await;
+    let first = provisioned(&admin, "vm-001", &["g1"]).await;
+    let fc = Fleetcast::new(dir.path())
+        .with("FLEETCAST_DATA", &data_dir)
+        .with("FLEETCAST_BROKER", broker.url().to_string());
+
+    // By mistake: refused, naming the way to do it on purpose, and nothing changes.
+    let again = fc
+        .run(&["machine", "provision", "vm-001", "--groups", "g2"])
+        .await;
+    assert_ne!(again.code, 0, "{again:#?}");
+    assert!(
+        again.stderr.contains("vm-001 is provisioned already") && again.stderr.contains("--rotate"),
+        "{again:#?}"
+    );
+    assert!(again.stdout.is_empty(), "no config printed: {again:#?}");
+    let list = dir.path().join("machines.csv");
+    std::fs::write(&list, "vm-002,g1\nvm-001\n").unwrap();
+    let out_dir = dir.path().join("configs");
+    let out_dir_arg = out_dir.to_str().unwrap();
+    let batch = fc
+        .run(&[
+            "machine",
+            "provision",
+            "--from-file",
+            list.to_str().unwrap(),
+            "--out-dir",
+            out_dir_arg,
+        ])
+        .await;
+    assert_ne!(batch.code, 0, "{batch:#?}");
+    assert!(
+        batch.stderr.contains("vm-001 is provisioned already"),
+        "{batch:#?}"
+    );
+    let known: Vec<String> = machines(&admin)
+        .await
+        .into_iter()
+        .map(|m| m.id.to_string())
+        .collect();
+    assert_eq!(known, ["vm-001"], "nothing of a refused batch is stored");
+
+    // On purpose: a new secret, the groups added.
+    let toml_text = fc
+        .run(&[
+            "machine",
+            "provision",
+            "vm-001",
+            "--groups",
+            "g2",
+            "--rotate",
+        ])
+        .await
+        .ok();
+    let config: fleetcast_device::config::MachineConfig = toml::from_str(&toml_text).unwrap();
+    assert!(config.secret != first.secret, "a new secret");
+    assert_eq!(config.groups, vec![g("g1"), g("g2")]);
+    fc.run(&[
+        "machine",
+        "provision",
+        "--from-file",
+        list.to_str().unwrap(),
+        "--out-dir",
+        out_dir_arg,
+        "--rotate",
+    ])
+    .await
+    .ok();
+    assert!(out_dir.join("vm-001.toml").exists() && out_dir.join("vm-002.toml").exists());
+    admin.close().await;
+    platform.stop().await;
 }

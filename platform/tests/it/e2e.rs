@@ -447,8 +447,9 @@ async fn a_broker_killed_mid_transfer_is_survived() {
     platform.stop().await;
 }
 
-/// `idle` installs only once the machine stops serving a customer (the vending application's
-/// `busy` file); a `window` that is closed now keeps the release downloaded but deferred.
+/// `idle` installs only once the machine stops serving a customer (the vending application holds
+/// a shared flock on the sale lock, here with util-linux `flock`); a `window` that is closed now
+/// keeps the release downloaded but deferred.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
     let broker = start_on_free_port(|s| s).unwrap().url();
@@ -461,9 +462,24 @@ async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
     let p = provisioned(&admin_client, "vm-i", &[]).await;
     let mut config = machine_config(&p, &broker, dir.path());
     config.initial_versions = BTreeMap::from([(app(), "1.0.0".to_owned())]);
-    let busy = config.data_dir.join("busy");
     std::fs::create_dir_all(&config.data_dir).unwrap();
-    std::fs::write(&busy, b"serving").unwrap();
+    let serving = dir.path().join("serving");
+    // The sale lasts until its stdin closes.
+    let mut sale = std::process::Command::new("flock")
+        .arg("--shared")
+        .arg(config.sale_lock_path())
+        .arg("-c")
+        .arg(format!("touch '{}' && cat >/dev/null", serving.display()))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("flock(1) from util-linux");
+    poll_until(
+        WAIT,
+        "the sale holds the lock",
+        || async { serving.exists() },
+        |held| *held,
+    )
+    .await;
     let agents = CancellationToken::new();
     let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
     wait_online(&admin_client, 1).await;
@@ -496,7 +512,8 @@ async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
         "installed while busy: {:?}",
         s.targets[0]
     );
-    std::fs::remove_file(&busy).unwrap();
+    drop(sale.stdin.take());
+    assert!(sale.wait().unwrap().success());
     let s = wait_phase(idle, Phase::Installed).await;
     assert_all_installed(&s);
 
@@ -699,5 +716,80 @@ async fn a_forged_group_notice_falsifies_no_record_and_the_real_release_installs
     sim_token.cancel();
     joined(sim_task, "simulator").await;
     admin.close().await;
+    platform.stop().await;
+}
+
+/// The simulator never takes over a machine it did not create: next to a real, connected
+/// `vm-001` it refuses to start with `--prefix vm-` and provisions nothing, so the real machine
+/// keeps its secret and its session; under its own prefix it runs, and runs again after a
+/// restart on the same data dir (its own machines get new secrets).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_simulator_never_takes_over_a_machine_it_did_not_create() {
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let Env {
+        dir,
+        data_dir: data,
+        platform,
+        admin: admin_client,
+    } = env(&broker).await;
+    let real = provisioned(&admin_client, "vm-001", &["north"]).await;
+    let mut vm = peer_with(&broker, "vm-001", Some(&real.secret.mqtt_password())).await;
+    let sim = dir.path().join("machines");
+    let err = fleetcast_device::simulate::run(
+        simulated(&data, &sim, &broker, 3, &["north"]),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("vm-001 is provisioned already") && err.contains("--prefix"),
+        "{err}"
+    );
+    let ids =
+        |ms: Vec<MachineInfo>| -> Vec<String> { ms.iter().map(|m| m.id.to_string()).collect() };
+    assert_eq!(ids(machines(&admin_client).await), ["vm-001"]);
+    assert!(!sim.join("vm-002").exists());
+    vm.publish_acked("fleet/machines/vm-001/online", true, b"true".to_vec())
+        .await;
+
+    let own = || fleetcast_device::simulate::SimulateOptions {
+        prefix: "sim-".into(),
+        ..simulated(&data, &sim, &broker, 2, &["north"])
+    };
+    for _start in 0..2 {
+        let token = CancellationToken::new();
+        let task = tokio::spawn(fleetcast_device::simulate::run(own(), token.clone()));
+        poll_until(
+            E2E_WAIT,
+            "sim-001 and sim-002 online",
+            || machines(&admin_client),
+            |ms| {
+                ms.iter()
+                    .filter(|m| m.id.as_str().starts_with("sim-") && m.online)
+                    .count()
+                    == 2
+            },
+        )
+        .await;
+        token.cancel();
+        joined(task, "simulator").await;
+        poll_until(
+            E2E_WAIT,
+            "the simulated machines offline",
+            || machines(&admin_client),
+            |ms| {
+                ms.iter()
+                    .all(|m| !(m.id.as_str().starts_with("sim-") && m.online))
+            },
+        )
+        .await;
+    }
+    let mut all = ids(machines(&admin_client).await);
+    all.sort();
+    assert_eq!(all, ["sim-001", "sim-002", "vm-001"]);
+    vm.publish_acked("fleet/machines/vm-001/online", true, b"true".to_vec())
+        .await;
+    admin_client.close().await;
     platform.stop().await;
 }

@@ -204,6 +204,100 @@ async fn over_tls_one_machines_credentials_open_nothing_else_and_the_rollout_com
     platform.stop().await;
 }
 
+/// Whether `id` can connect with `secret`'s password now.
+async fn connects(broker: &BrokerUrl, id: &str, secret: &Secret) -> bool {
+    let stop = CancellationToken::new();
+    let (_c, el) = client::connect(
+        client::options(broker, id, Some(&secret.mqtt_password())),
+        8,
+    );
+    let (tx, mut rx) = mpsc::channel(8);
+    tokio::spawn(client::drive(el, tx, stop.clone()));
+    let back = client::wait_for(&mut rx, Duration::from_secs(3), |e| {
+        matches!(e, MqttEvent::Connected { .. })
+    })
+    .await;
+    stop.cancel();
+    back.is_ok()
+}
+
+/// Provisioning an id that exists hands out nothing unless asked: `rotate` issues a new
+/// secret, and the old one stops working at once, its live session closed as a revoke does.
+#[tokio::test]
+async fn an_existing_machine_is_provisioned_again_only_with_rotate_which_cuts_the_old_secret_off() {
+    let Embedded {
+        data_dir,
+        platform,
+        plain,
+        ..
+    } = embedded().await;
+    let admin = super::admin(&plain, &data_dir).await;
+    let mut vm = provision(&admin, &plain, "vm-1", &["g1"]).await;
+    let old = vm.secret.clone();
+    let spec = |id: &str| fleetcast_proto::admin::MachineSpec {
+        machine: m(id),
+        groups: vec![],
+    };
+    for op in [
+        AdminOp::MachineProvision {
+            machine: m("vm-1"),
+            groups: vec![],
+            rotate: false,
+        },
+        AdminOp::MachineProvisionBatch {
+            machines: vec![spec("vm-2"), spec("vm-1")],
+            rotate: false,
+        },
+    ] {
+        let err = admin.request(op).await.unwrap_err();
+        assert!(
+            matches!(&err, AdminError::Refused(r) if r.contains("vm-1 is provisioned already")),
+            "{err}"
+        );
+    }
+    assert!(
+        machines(&admin)
+            .await
+            .iter()
+            .all(|x| x.id.as_str() != "vm-2"),
+        "nothing of a refused batch is stored"
+    );
+    // The machine did not notice.
+    vm.send_raw("online", b"true".to_vec()).await;
+
+    let rotated = provisioned_with(&admin, "vm-1", &["g2"], true).await;
+    assert!(rotated.secret != old, "a new secret");
+    assert_eq!(rotated.groups, vec![g("g1"), g("g2")]);
+    closed(&mut vm.peer, "the old secret's session closed").await;
+    assert!(
+        !connects(&plain, "vm-1", &old).await,
+        "the old secret still connects"
+    );
+    assert!(
+        connects(&plain, "vm-1", &rotated.secret).await,
+        "the new secret connects"
+    );
+
+    // A revoked machine exists too; rotate brings it back with a new secret.
+    admin
+        .request(AdminOp::MachineRevoke { machine: m("vm-1") })
+        .await
+        .unwrap();
+    let err = admin
+        .request(AdminOp::MachineProvision {
+            machine: m("vm-1"),
+            groups: vec![],
+            rotate: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AdminError::Refused(_)), "{err}");
+    let back = provisioned_with(&admin, "vm-1", &[], true).await;
+    assert!(connects(&plain, "vm-1", &back.secret).await);
+    admin.close().await;
+    platform.stop().await;
+}
+
 /// A frame asked for again right after it went out is owed: sent once more, when due, only to
 /// the machines that asked (the embedded broker's gateway can address them; other brokers get
 /// every owed frame on the topic).

@@ -331,10 +331,21 @@ struct Machine {
 
 /// Provisions `id` in `groups`.
 async fn provisioned(admin: &AdminClient, id: &str, groups: &[&str]) -> ProvisionedMachine {
+    provisioned_with(admin, id, groups, false).await
+}
+
+/// Provisions `id` in `groups`, with `rotate` (a new secret for a machine that exists).
+async fn provisioned_with(
+    admin: &AdminClient,
+    id: &str,
+    groups: &[&str],
+    rotate: bool,
+) -> ProvisionedMachine {
     let reply = admin
         .request(AdminOp::MachineProvision {
             machine: m(id),
             groups: groups.iter().map(|x| g(x)).collect(),
+            rotate,
         })
         .await
         .unwrap();
@@ -347,11 +358,19 @@ async fn provisioned(admin: &AdminClient, id: &str, groups: &[&str]) -> Provisio
 /// Provisions `id` and connects it; returns once the platform has taken in its `online`
 /// report, so the platform is listening to what it reports.
 async fn provision(admin: &AdminClient, broker: &BrokerUrl, id: &str, groups: &[&str]) -> Machine {
+    connected(admin, broker, provisioned(admin, id, groups).await).await
+}
+
+/// The provisioned machine `p`, connected; returns once the platform has taken in its `online`
+/// report.
+async fn connected(admin: &AdminClient, broker: &BrokerUrl, p: ProvisionedMachine) -> Machine {
     let ProvisionedMachine {
         machine: mid,
         secret,
         ..
-    } = provisioned(admin, id, groups).await;
+    } = p;
+    let id = mid.to_string();
+    let id = id.as_str();
     let mut vm = Machine {
         peer: peer_with(broker, id, Some(&secret.mqtt_password())).await,
         id: mid,
@@ -370,6 +389,16 @@ async fn provision(admin: &AdminClient, broker: &BrokerUrl, id: &str, groups: &[
 }
 
 impl Machine {
+    /// The same machine connected again with `secret` (after a rotation), its counter kept.
+    async fn reconnect(self, broker: &BrokerUrl, secret: Secret) -> Machine {
+        let peer = peer_with(broker, self.id.as_str(), Some(&secret.mqtt_password())).await;
+        Machine {
+            peer,
+            secret,
+            ..self
+        }
+    }
+
     fn status(&mut self, release: Option<&ReleaseId>, version: &str, phase: Phase) -> StatusEvent {
         self.ctr += 1;
         StatusEvent {

@@ -92,7 +92,7 @@ async fn a_machine_first_seen_in_a_group_becomes_a_target_of_its_release() {
         .await
         .unwrap();
     let _member = provision(&admin, &url, "vm-001", &["g"]).await;
-    let mut late = provision(&admin, &url, "vm-002", &[]).await;
+    let late = provision(&admin, &url, "vm-002", &[]).await;
     let mut observer = peer(&url, "observer").await;
     observer.subscribe("fleet/groups/g/release/app").await;
     let plan = release(&admin, "1.0", &[], &["g"]).await;
@@ -103,8 +103,11 @@ async fn a_machine_first_seen_in_a_group_becomes_a_target_of_its_release() {
     // A machine cannot join a group by claiming it: membership is the operator's.
     let mut claimer = provision(&admin, &url, "vm-003", &[]).await;
     claimer.report_state(&["g"], 0).await;
-    // The operator adds vm-002 to the group; its next state report makes it a target.
-    provisioned(&admin, "vm-002", &["g"]).await;
+    // The operator adds vm-002 to the group (provisioning it again, with rotate: it gets a new
+    // secret and config); its next state report makes it a target.
+    let rotated = provisioned_with(&admin, "vm-002", &["g"], true).await;
+    assert!(rotated.secret != late.secret, "a new secret");
+    let mut late = late.reconnect(&url, rotated.secret).await;
     late.report_state(&["g"], 0).await;
     let s = wait_status(&admin, &r1.id, |s| s.targets.len() == 2).await;
     let rec = target(&s, "vm-002");

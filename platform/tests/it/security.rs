@@ -119,7 +119,7 @@ async fn a_reader_of_everything_learns_no_secret_while_identities_are_created() 
     upload(&admin, dir.path(), "a.bin", &data(3000, 1), "1.0")
         .await
         .unwrap();
-    let mut m1 = provision(&admin, &url, "vm-001", &["g"]).await;
+    let mut m1 = connected(&admin, &url, vm).await;
     let r = release(&admin, "1.0", &[], &["g"]).await.release;
     install(&admin, &mut m1, &r.id, "1.0").await;
     admin.close().await;
@@ -883,8 +883,8 @@ async fn on_mosquitto_with_the_generated_files_one_machine_cannot_touch_another(
     upload(&admin, dir.path(), "a.bin", &data(3000, 8), "1.0")
         .await
         .unwrap();
-    provisioned(&admin, "vm-1", &["g1"]).await;
-    provisioned(&admin, "vm-2", &["g2"]).await;
+    let p1 = provisioned(&admin, "vm-1", &["g1"]).await;
+    let p2 = provisioned(&admin, "vm-2", &["g2"]).await;
     let AdminReply::MosquittoFiles { passwd, acl } =
         admin.request(AdminOp::MosquittoConfig).await.unwrap()
     else {
@@ -900,8 +900,8 @@ async fn on_mosquitto_with_the_generated_files_one_machine_cannot_touch_another(
     // The platform, its operator and its machines run on it with their own credentials.
     let platform = start_platform(&url, &data_dir);
     let admin = super::admin(&url, &data_dir).await;
-    let mut vm1 = provision(&admin, &url, "vm-1", &["g1"]).await;
-    let mut vm2 = provision(&admin, &url, "vm-2", &["g2"]).await;
+    let mut vm1 = connected(&admin, &url, p1).await;
+    let mut vm2 = connected(&admin, &url, p2).await;
     vm1.peer.subscribe("#").await;
     vm2.peer.subscribe("fleet/machines/vm-2/release/+").await;
     let r = release(&admin, "1.0", &["vm-2"], &[]).await.release;

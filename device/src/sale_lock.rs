@@ -1,0 +1,447 @@
+//! Sales and installs exclude each other through an advisory lock, `flock(2)`, on one file
+//! (`sale_lock` in the config, default `{data_dir}/sale.lock`; docs/device.md has the protocol
+//! for vending-application developers):
+//!
+//! - the vending application holds a SHARED lock (`LOCK_SH`) for the whole of a sale; it
+//!   chooses to wait for a running install (`LOCK_SH`) or to refuse the customer
+//!   (`LOCK_SH | LOCK_NB`, `EWOULDBLOCK`);
+//! - the agent holds the EXCLUSIVE lock (`LOCK_EX`) for the whole of every install, the slot
+//!   switch and the health check (and the switch back) included. It only ever tries without
+//!   blocking, so no thread sleeps in `flock` and shutdown is never held up by a long sale.
+//!
+//! A flock belongs to an open file description and is released when the last descriptor on it
+//! is closed, also when the process dies: a crashed sale or agent never leaves the machine
+//! locked. Both sides open the file by path, so it must never be deleted or replaced.
+//!
+//! Whether a sale is in progress (the `busy` of the machine's state, and what an `idle` install
+//! waits for) is read from `/proc/locks` without touching the lock, so the agent's look never
+//! refuses a customer. Where `/proc/locks` does not show this file's locks, the agent falls
+//! back to a non-blocking exclusive try, released at once.
+
+use std::collections::HashSet;
+use std::fs::File;
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// How often an install waiting for a sale to end tries the lock again.
+pub const RETRY_EVERY: Duration = Duration::from_millis(50);
+
+/// The lock file of one machine.
+#[derive(Debug, Clone)]
+pub struct SaleLock {
+    path: PathBuf,
+    /// Exclusive locks this process holds on the file (installs running).
+    held: Arc<AtomicUsize>,
+    /// How `/proc/locks` names the file, learnt while holding the lock.
+    seen_as: Arc<Mutex<Option<ProcId>>>,
+}
+
+/// The file as `/proc/locks` names it (`MAJOR:MINOR:INODE`), and the file's identity from
+/// `stat` when that was learnt: a replaced file must be learnt again.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ProcId {
+    name: String,
+    dev: u64,
+    ino: u64,
+}
+
+/// The flocks held on the lock file.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Holders {
+    /// Sales in progress.
+    pub shared: usize,
+    /// An install (0 or 1).
+    pub exclusive: usize,
+}
+
+/// The exclusive lock, held until dropped.
+#[derive(Debug)]
+pub struct InstallGuard {
+    file: File,
+    held: Arc<AtomicUsize>,
+}
+
+impl Drop for InstallGuard {
+    fn drop(&mut self) {
+        // The file closes after this, which releases the lock.
+        self.held.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// `flock(file, op)`: `Ok(false)` when a non-blocking request would block.
+fn flock(file: &File, op: libc::c_int) -> io::Result<bool> {
+    loop {
+        // SAFETY: flock only reads the descriptor number, which `file` keeps open.
+        if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EWOULDBLOCK) => return Ok(false),
+            _ => return Err(e),
+        }
+    }
+}
+
+impl SaleLock {
+    pub fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            held: Arc::default(),
+            seen_as: Arc::default(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Opens the file read-only (all `flock` needs, so a file the vending application created
+    /// will do), creating it with mode 0644 if it does not exist.
+    fn open(&self) -> io::Result<File> {
+        let named =
+            |e: io::Error| io::Error::new(e.kind(), format!("{}: {e}", self.path.display()));
+        match File::open(&self.path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o644)
+                .open(&self.path)
+                .map_err(named),
+            other => other.map_err(named),
+        }
+    }
+
+    /// Creates the file if it does not exist yet (the agent does at start, so the vending
+    /// application finds it).
+    pub fn create(&self) -> io::Result<()> {
+        self.open().map(drop)
+    }
+
+    /// The exclusive lock if no sale (and no other install) holds the file now.
+    pub fn try_exclusive(&self) -> io::Result<Option<InstallGuard>> {
+        let file = self.open()?;
+        if !flock(&file, libc::LOCK_EX | libc::LOCK_NB)
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.path.display())))?
+        {
+            return Ok(None);
+        }
+        self.held.fetch_add(1, Ordering::SeqCst);
+        let guard = InstallGuard {
+            file,
+            held: self.held.clone(),
+        };
+        if let Err(e) = self.learn_proc_name(&guard) {
+            tracing::debug!(path = %self.path.display(), "/proc/locks cannot show the sale lock: {e}");
+        }
+        Ok(Some(guard))
+    }
+
+    /// Waits for the exclusive lock, trying every [`RETRY_EVERY`]; `None` if `cancel` fires
+    /// first.
+    pub async fn exclusive(&self, cancel: &CancellationToken) -> io::Result<Option<InstallGuard>> {
+        let mut waiting_since = None;
+        loop {
+            let this = self.clone();
+            let tried = tokio::task::spawn_blocking(move || this.try_exclusive())
+                .await
+                .unwrap_or_else(|e| Err(io::Error::other(e)))?;
+            if let Some(guard) = tried {
+                if let Some(since) = waiting_since {
+                    let waited: Duration = tokio::time::Instant::now() - since;
+                    tracing::info!(path = %self.path.display(), ?waited, "sale lock taken; installing");
+                }
+                return Ok(Some(guard));
+            }
+            if waiting_since.is_none() {
+                tracing::info!(path = %self.path.display(), "a sale holds the lock; the install waits for it to end");
+                waiting_since = Some(tokio::time::Instant::now());
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(RETRY_EVERY) => {}
+            }
+        }
+    }
+
+    /// Whether a sale holds the lock now (blocking: reads `/proc/locks`). `None` when it
+    /// cannot be told without disturbing an install of this process.
+    pub fn sale_in_progress(&self) -> io::Result<Option<bool>> {
+        let meta = match std::fs::metadata(&self.path) {
+            Ok(m) => m,
+            // No file: nobody can hold a lock on it. Create it for the application.
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.create()?;
+                return Ok(Some(false));
+            }
+            Err(e) => return Err(e),
+        };
+        let known = self
+            .seen_as
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        match known {
+            Some(id) if id.dev == meta.dev() && id.ino == meta.ino() => {
+                if let Ok(text) = std::fs::read_to_string("/proc/locks") {
+                    return Ok(Some(proc_locks::has_shared(&text, &id.name)));
+                }
+            }
+            _ => {}
+        }
+        if self.held.load(Ordering::SeqCst) > 0 {
+            // An install of ours holds it: a try would fail for that reason alone.
+            return Ok(None);
+        }
+        // Learn the name (or tell without /proc): a try, released at once.
+        Ok(Some(self.try_exclusive()?.is_none()))
+    }
+
+    /// Who holds the lock now, as `/proc/locks` names the file by its `stat` device and inode
+    /// (blocking; opens nothing, locks nothing: for `fleetcast-device status`). `None` when
+    /// the file does not exist or `/proc/locks` cannot be read.
+    pub fn holders(&self) -> io::Result<Option<Holders>> {
+        let meta = match std::fs::metadata(&self.path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(e),
+        };
+        let Ok(text) = std::fs::read_to_string("/proc/locks") else {
+            return Ok(None);
+        };
+        let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
+        let name = format!("{major:02x}:{minor:02x}:{}", meta.ino());
+        Ok(Some(proc_locks::holders(&text, &name)))
+    }
+
+    /// Finds the line of `/proc/locks` that is our exclusive lock, so later looks can find the
+    /// file's shared locks by its name there.
+    fn learn_proc_name(&self, guard: &InstallGuard) -> io::Result<()> {
+        let meta = guard.file.metadata()?;
+        let text = std::fs::read_to_string("/proc/locks")?;
+        let ours: HashSet<String> =
+            proc_locks::exclusive_flocks(&text, std::process::id(), meta.ino());
+        let mut ours = ours.into_iter();
+        let (Some(name), None) = (ours.next(), ours.next()) else {
+            return Err(io::Error::other(
+                "no single exclusive flock of this process on the file's inode",
+            ));
+        };
+        *self.seen_as.lock().unwrap_or_else(|p| p.into_inner()) = Some(ProcId {
+            name,
+            dev: meta.dev(),
+            ino: meta.ino(),
+        });
+        Ok(())
+    }
+}
+
+/// Reading `/proc/locks` lines, e.g. `3: FLOCK  ADVISORY  READ  1234 fd:01:393228 0 EOF` (a
+/// waiter has `->` after the number).
+mod proc_locks {
+    use std::collections::HashSet;
+
+    struct Line<'a> {
+        flock: bool,
+        waiting: bool,
+        write: bool,
+        pid: u32,
+        file: &'a str,
+    }
+
+    fn parse(line: &str) -> Option<Line<'_>> {
+        let mut words = line.split_whitespace().skip(1).peekable();
+        let waiting = words.next_if_eq(&"->").is_some();
+        let class = words.next()?;
+        let _advisory = words.next()?;
+        let mode = words.next()?;
+        let pid = words.next()?.parse().ok()?;
+        let file = words.next()?;
+        Some(Line {
+            flock: class == "FLOCK",
+            waiting,
+            write: mode == "WRITE",
+            pid,
+            file,
+        })
+    }
+
+    /// The names of the files on which `pid` holds an exclusive flock, among those with inode
+    /// `ino`.
+    pub fn exclusive_flocks(text: &str, pid: u32, ino: u64) -> HashSet<String> {
+        text.lines()
+            .filter_map(parse)
+            .filter(|l| l.flock && !l.waiting && l.write && l.pid == pid)
+            .filter(|l| l.file.rsplit(':').next().and_then(|i| i.parse().ok()) == Some(ino))
+            .map(|l| l.file.to_owned())
+            .collect()
+    }
+
+    /// The flocks held (not waited for) on `file`.
+    pub fn holders(text: &str, file: &str) -> super::Holders {
+        let mut h = super::Holders::default();
+        for l in text.lines().filter_map(parse) {
+            if l.flock && !l.waiting && l.file == file {
+                if l.write {
+                    h.exclusive += 1;
+                } else {
+                    h.shared += 1;
+                }
+            }
+        }
+        h
+    }
+
+    /// Whether someone holds a shared flock on `file`.
+    pub fn has_shared(text: &str, file: &str) -> bool {
+        text.lines()
+            .filter_map(parse)
+            .any(|l| l.flock && !l.waiting && !l.write && l.file == file)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        const SAMPLE: &str = "\
+1: POSIX  ADVISORY  READ 77 fd:01:500 0 EOF
+2: FLOCK  ADVISORY  WRITE 42 fd:01:393228 0 EOF
+2: -> FLOCK  ADVISORY  READ 43 fd:01:393228 0 EOF
+3: FLOCK  ADVISORY  READ 44 fd:01:393229 0 EOF
+4: OFDLCK ADVISORY  READ -1 fd:01:393228 0 EOF
+";
+
+        #[test]
+        fn a_waiting_shared_lock_or_another_kind_of_lock_is_not_a_sale() {
+            assert!(!has_shared(SAMPLE, "fd:01:393228"));
+            assert!(has_shared(SAMPLE, "fd:01:393229"));
+            assert!(
+                !has_shared(SAMPLE, "fd:01:500"),
+                "a POSIX lock is not a flock"
+            );
+        }
+
+        #[test]
+        fn our_exclusive_lock_is_found_by_pid_and_inode() {
+            let found = exclusive_flocks(SAMPLE, 42, 393228);
+            assert_eq!(found.into_iter().collect::<Vec<_>>(), ["fd:01:393228"]);
+            assert!(exclusive_flocks(SAMPLE, 42, 393229).is_empty());
+            assert!(exclusive_flocks(SAMPLE, 44, 393229).is_empty(), "shared");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A sale: a shared lock on its own open file description, as another process would hold.
+    fn sale(path: &Path) -> File {
+        let f = File::open(path).unwrap();
+        assert!(flock(&f, libc::LOCK_SH | libc::LOCK_NB).unwrap());
+        f
+    }
+
+    #[test]
+    fn a_sale_keeps_installs_out_and_an_install_keeps_sales_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = SaleLock::new(dir.path().join("sale.lock"));
+        lock.create().unwrap();
+        let s = sale(lock.path());
+        assert!(lock.try_exclusive().unwrap().is_none());
+        drop(s);
+        let install = lock
+            .try_exclusive()
+            .unwrap()
+            .expect("no sale: the lock is free");
+        let f = File::open(lock.path()).unwrap();
+        assert!(
+            !flock(&f, libc::LOCK_SH | libc::LOCK_NB).unwrap(),
+            "a sale started during an install"
+        );
+        drop(install);
+        assert!(flock(&f, libc::LOCK_SH | libc::LOCK_NB).unwrap());
+    }
+
+    #[test]
+    fn a_sale_in_progress_is_seen_without_taking_the_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = SaleLock::new(dir.path().join("sale.lock"));
+        assert_eq!(lock.sale_in_progress().unwrap(), Some(false), "no file yet");
+        assert!(lock.path().exists(), "created for the application");
+        // Learnt from /proc/locks on this machine (Linux).
+        drop(lock.try_exclusive().unwrap().unwrap());
+        assert!(
+            lock.seen_as.lock().unwrap().is_some(),
+            "/proc/locks shows the file"
+        );
+        assert_eq!(lock.sale_in_progress().unwrap(), Some(false));
+        let s = sale(lock.path());
+        assert_eq!(lock.sale_in_progress().unwrap(), Some(true));
+        let h = lock.holders().unwrap().expect("/proc/locks names the file");
+        assert_eq!((h.shared, h.exclusive), (1, 0));
+        // The look did not take the lock: a second sale with LOCK_NB is never refused.
+        for _ in 0..200 {
+            let other = File::open(lock.path()).unwrap();
+            assert!(flock(&other, libc::LOCK_SH | libc::LOCK_NB).unwrap());
+            assert_eq!(lock.sale_in_progress().unwrap(), Some(true));
+        }
+        drop(s);
+        assert_eq!(lock.sale_in_progress().unwrap(), Some(false));
+        // An install of ours is not a sale.
+        let install = lock.try_exclusive().unwrap().unwrap();
+        assert_eq!(lock.sale_in_progress().unwrap(), Some(false));
+        assert_eq!(lock.holders().unwrap().unwrap().exclusive, 1);
+        drop(install);
+    }
+
+    #[test]
+    fn a_replaced_lock_file_is_learnt_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = SaleLock::new(dir.path().join("sale.lock"));
+        drop(lock.try_exclusive().unwrap().unwrap());
+        std::fs::remove_file(lock.path()).unwrap();
+        lock.create().unwrap();
+        let s = sale(lock.path());
+        assert_eq!(lock.sale_in_progress().unwrap(), Some(true));
+        drop(s);
+        assert_eq!(lock.sale_in_progress().unwrap(), Some(false));
+    }
+
+    #[tokio::test]
+    async fn an_install_waits_for_the_sale_to_end_and_gives_up_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let lock = SaleLock::new(dir.path().join("sale.lock"));
+        lock.create().unwrap();
+        let s = sale(lock.path());
+        let cancel = CancellationToken::new();
+        let (l, c) = (lock.clone(), cancel.clone());
+        let waiting = tokio::spawn(async move { l.exclusive(&c).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "installed during a sale");
+        drop(s);
+        let guard = tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the install starts once the sale ended")
+            .unwrap()
+            .unwrap();
+        assert!(guard.is_some());
+        // While it holds the lock, another install waits, until shutdown.
+        let (l, c) = (lock.clone(), cancel.clone());
+        let second = tokio::spawn(async move { l.exclusive(&c).await });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!second.is_finished());
+        cancel.cancel();
+        assert!(second.await.unwrap().unwrap().is_none());
+    }
+}
