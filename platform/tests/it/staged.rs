@@ -242,6 +242,35 @@ async fn until_all_final(admin: &AdminClient, release: &ReleaseId, n: usize) -> 
     .await
 }
 
+/// `n` simulated machines in group `fleet` on a platform, online, and a release of app 2.0.0
+/// with `policy` created (not published).
+struct Fleet {
+    broker: BrokerUrl,
+    env: Env,
+    stop: CancellationToken,
+    machines: JoinHandle<Result<(), fleetcast_device::simulate::SimulateError>>,
+    release: ReleaseId,
+}
+
+async fn fleet(n: usize, policy: InstallPolicy) -> Fleet {
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let env = env(&broker).await;
+    let sim = env.dir.path().join("machines");
+    let stop = CancellationToken::new();
+    let machines = simulator(&env.data_dir, &sim, &broker, 1, n, &[], &stop);
+    wait_online(&env.admin, n).await;
+    let file = artifact_file(env.dir.path(), "app-2.0.0.bin", 3_000, 5);
+    upload(&env.admin, &file, "2.0.0").await;
+    let release = create_release(&env.admin, &app(), "2.0.0", policy).await.id;
+    Fleet {
+        broker,
+        env,
+        stop,
+        machines,
+        release,
+    }
+}
+
 /// A window that opens in two hours (UTC): machines download now and wait.
 fn closed_window() -> InstallPolicy {
     let minute = (fleetcast_platform::now_ms() / 60_000 % (24 * 60)) as u32;
@@ -257,23 +286,20 @@ fn closed_window() -> InstallPolicy {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_mid_wave_drops_the_release_where_not_installed_and_notifies_no_one_else() {
-    let broker = start_on_free_port(|s| s).unwrap().url();
-    let Env {
-        dir,
-        data_dir,
-        platform,
-        admin,
-    } = env(&broker).await;
-    let sim = dir.path().join("machines");
-    let stop = CancellationToken::new();
-    let machines = simulator(&data_dir, &sim, &broker, 1, 30, &[], &stop);
-    wait_online(&admin, 30).await;
-    let file = artifact_file(dir.path(), "app-2.0.0.bin", 3_000, 5);
-    upload(&admin, &file, "2.0.0").await;
     // Deferred (downloaded, waiting for its window) is not success: wave 1 never completes.
-    let release = create_release(&admin, &app(), "2.0.0", closed_window())
-        .await
-        .id;
+    let Fleet {
+        broker,
+        env:
+            Env {
+                dir: _dir,
+                platform,
+                admin,
+                ..
+            },
+        stop,
+        machines,
+        release,
+    } = fleet(30, closed_window()).await;
     let plan = WavePlan::new(vec![1000, 5000], 9500, 500, 0).unwrap();
     let r = publish_waves(&admin, &release, &["fleet"], plan)
         .await
@@ -349,22 +375,19 @@ async fn cancel_mid_wave_drops_the_release_where_not_installed_and_notifies_no_o
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_platform_restart_mid_wave_loses_nothing_and_the_rollout_finishes() {
-    let broker = start_on_free_port(|s| s).unwrap().url();
-    let Env {
-        dir,
-        data_dir,
-        platform,
-        admin,
-    } = env(&broker).await;
-    let sim = dir.path().join("machines");
-    let stop = CancellationToken::new();
-    let machines = simulator(&data_dir, &sim, &broker, 1, 20, &[], &stop);
-    wait_online(&admin, 20).await;
-    let file = artifact_file(dir.path(), "app-2.0.0.bin", 3_000, 6);
-    upload(&admin, &file, "2.0.0").await;
-    let release = create_release(&admin, &app(), "2.0.0", InstallPolicy::Immediate)
-        .await
-        .id;
+    let Fleet {
+        broker,
+        env:
+            Env {
+                dir: _dir,
+                data_dir,
+                platform,
+                admin,
+            },
+        stop,
+        machines,
+        release,
+    } = fleet(20, InstallPolicy::Immediate).await;
     let plan = WavePlan::new(vec![1000, 5000], 9500, 500, 0).unwrap();
     publish_waves(&admin, &release, &["fleet"], plan).await;
     // Stop the platform at once: wave 1's machines install while it is down.
