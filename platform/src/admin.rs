@@ -67,8 +67,9 @@ struct Staged {
 /// staging file and state are dropped.
 pub const UPLOAD_IDLE: Duration = Duration::from_secs(600);
 
-/// What the platform remembers of one admin client: its last counter and its recent responses,
-/// so a retried request (same counter) gets the same answer instead of running twice.
+/// What the platform remembers of one admin client: its last counter and the responses to its
+/// recent changes, so a retried change (same counter) gets the same answer instead of running
+/// twice. A retried read is run again.
 #[derive(Default)]
 struct ClientSeen {
     last_ctr: u64,
@@ -207,6 +208,7 @@ impl Admin {
         self.ctrs
             .retain(|_, seen| now.abs_diff(seen.last_at_ms) <= 2 * ADMIN_FRESHNESS_MS);
         let seen = self.ctrs.entry(client.to_owned()).or_default();
+        let change = req.op.is_change();
         if req.ctr <= seen.last_ctr {
             if let Some((_, cached)) = seen.responses.iter().find(|(c, _)| *c == req.ctr) {
                 tracing::debug!(
@@ -216,17 +218,22 @@ impl Admin {
                 );
                 let cached = cached.clone();
                 self.respond(client, &operator.secret, &cached).await;
-            } else {
+                return;
+            }
+            if change {
                 tracing::warn!(
                     client,
                     ctr = req.ctr,
                     last = seen.last_ctr,
                     "admin request refused: replayed counter"
                 );
+                return;
             }
-            return;
+            // A read seen before (retried, or replayed: its answer is sealed for the operator,
+            // and reading twice changes nothing) is answered by reading again.
+        } else {
+            seen.last_ctr = req.ctr;
         }
-        seen.last_ctr = req.ctr;
         seen.last_at_ms = now;
         let audited = req.op.is_change() || operator.role() < req.op.required_role();
         let audit_request = audited.then(|| serde_json::to_value(&req.op).unwrap_or_default());
@@ -269,7 +276,10 @@ impl Admin {
                 tracing::error!(client, action, error = %e, "audit entry not stored");
             }
         }
-        if let Some(seen) = self.ctrs.get_mut(client) {
+        // Only changes keep their response for a retry: a read is simply run again, and keeping
+        // reads (a 1,000-machine `release_status` is about 300 KB) for every polling client for
+        // ten minutes held hundreds of megabytes.
+        if let Some(seen) = self.ctrs.get_mut(client).filter(|_| change) {
             seen.responses.push_back((req.ctr, response.clone()));
             while seen.responses.len() > KEPT_RESPONSES {
                 seen.responses.pop_front();
@@ -906,6 +916,53 @@ mod tests {
                 uploads: HashMap::new(),
             },
         }
+    }
+
+    /// Sends `op` as the bootstrap admin on client `fleetcast-op-admin.t` with counter `ctr`,
+    /// through the whole request path (MAC, freshness, counter, role, audit, response).
+    async fn send(admin: &mut Admin, ctr: u64, op: AdminOp) {
+        let client = "fleetcast-op-admin.t";
+        let req = AdminRequest {
+            client: client.into(),
+            id: ctr,
+            ctr,
+            at_ms: now_ms(),
+            op,
+        };
+        let payload = operator(admin).secret.seal(Purpose::Admin, &req);
+        admin.request(client, &payload).await;
+    }
+
+    #[tokio::test]
+    async fn a_retried_change_is_answered_from_memory_and_a_retried_read_is_run_again_unkept() {
+        let f = fixture();
+        let mut admin = f.admin;
+        let add = AdminOp::OperatorAdd {
+            name: "ops".into(),
+            role: fleetcast_proto::acl::Role::Operator,
+        };
+        send(&mut admin, 10, add.clone()).await;
+        send(&mut admin, 10, add).await;
+        let seen = &admin.ctrs["fleetcast-op-admin.t"];
+        assert_eq!(seen.responses.len(), 1, "the change's response is kept");
+        assert!(
+            seen.responses[0].1.error.is_none(),
+            "{:?}",
+            seen.responses[0].1
+        );
+        assert_eq!(
+            admin.ctx.store.operators().unwrap().len(),
+            2,
+            "a retried change does not run twice"
+        );
+        // Reads keep nothing, however often they are retried.
+        for _ in 0..3 {
+            send(&mut admin, 11, AdminOp::ReleaseList).await;
+        }
+        send(&mut admin, 12, AdminOp::Machines).await;
+        let seen = &admin.ctrs["fleetcast-op-admin.t"];
+        assert_eq!(seen.responses.len(), 1);
+        assert_eq!(seen.last_ctr, 12);
     }
 
     fn bytes(seed: u8) -> Vec<u8> {
