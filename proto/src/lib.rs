@@ -18,6 +18,7 @@
 pub mod acl;
 pub mod admin;
 pub mod auth;
+pub mod calls;
 pub mod chunk;
 pub mod command;
 pub mod events;
