@@ -23,6 +23,8 @@ pub trait Call: Into<AdminOp> {
     /// The typed reply, or the reply itself (boxed: it is rare and may be large) when it is
     /// not the one this call expects.
     fn reply(r: AdminReply) -> Result<Self::Reply, Box<AdminReply>>;
+    /// The reply on the wire: the inverse of [`Call::reply`] (what the platform sends).
+    fn wrap(reply: Self::Reply) -> AdminReply;
 }
 
 /// The wire name (`reply` tag) of a reply variant.
@@ -37,7 +39,7 @@ macro_rules! calls {
     ($(
         $(#[$doc:meta])*
         $name:ident = $op:literal { $($field:ident : $ty:ty),* $(,)? }
-            -> $reply:literal $rty:ty { $pat:pat => $out:expr }
+            -> $reply:literal $rty:ty { $pat:pat => $out:expr; $r:ident => $back:expr }
     )*) => {$(
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq)]
@@ -62,8 +64,24 @@ macro_rules! calls {
                     other => Err(Box::new(other)),
                 }
             }
+            fn wrap($r: $rty) -> AdminReply {
+                $back
+            }
         }
-    )*};
+    )*
+
+        /// Any admin operation as its typed call: what the platform dispatches on.
+        #[derive(Debug, Clone, PartialEq)]
+        pub enum AnyCall { $($name($name)),* }
+
+        impl From<AdminOp> for AnyCall {
+            fn from(op: AdminOp) -> AnyCall {
+                match op {
+                    $(AdminOp::$name { $($field),* } => AnyCall::$name($name { $($field),* }),)*
+                }
+            }
+        }
+    };
 }
 
 /// Answer to `upload_begin`: send the parts, or the bytes are already stored.
@@ -112,6 +130,10 @@ calls! {
             AdminReply::UploadReady { parts, part_size } => UploadStart::Ready { parts, part_size },
             AdminReply::Artifact { artifact } => UploadStart::Stored(artifact),
             _ => unreachable!(),
+        };
+        r => match r {
+            UploadStart::Ready { parts, part_size } => AdminReply::UploadReady { parts, part_size },
+            UploadStart::Stored(artifact) => AdminReply::Artifact { artifact },
         }
     }
     /// See [`AdminOp::UploadCommit`].
@@ -120,93 +142,91 @@ calls! {
             AdminReply::Artifact { artifact } => UploadEnd::Stored(artifact),
             AdminReply::UploadMissing { parts } => UploadEnd::Missing(parts),
             _ => unreachable!(),
+        };
+        r => match r {
+            UploadEnd::Stored(artifact) => AdminReply::Artifact { artifact },
+            UploadEnd::Missing(parts) => AdminReply::UploadMissing { parts },
         }
     }
-    ArtifactList = "artifact_list" {} -> "artifacts" Vec<ArtifactInfo> {
-        AdminReply::Artifacts { artifacts } => artifacts
-    }
+    ArtifactList = "artifact_list" {} -> "artifacts" Vec<ArtifactInfo> { AdminReply::Artifacts { artifacts } => artifacts; r => AdminReply::Artifacts { artifacts: r } }
     ReleaseCreate = "release_create" {
         kind: Kind, version: String, policy: InstallPolicy, notes: Option<String>,
-    } -> "release" ReleaseInfo { AdminReply::Release { release } => release }
+    } -> "release" ReleaseInfo { AdminReply::Release { release } => release; r => AdminReply::Release { release: r } }
     ReleasePlan = "release_plan" {
         release: ReleaseId, machines: Vec<MachineId>, groups: Vec<GroupId>, allow_empty: bool,
-    } -> "plan" PublishPlan { AdminReply::Plan { plan } => plan }
+    } -> "plan" PublishPlan { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
     ReleasePublish = "release_publish" {
         release: ReleaseId, machines: Vec<MachineId>, groups: Vec<GroupId>, allow_empty: bool,
         waves: Option<WavePlan>,
-    } -> "plan" PublishPlan { AdminReply::Plan { plan } => plan }
-    ReleaseList = "release_list" {} -> "releases" Vec<ReleaseInfo> {
-        AdminReply::Releases { releases } => releases
-    }
+    } -> "plan" PublishPlan { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
+    ReleaseList = "release_list" {} -> "releases" Vec<ReleaseInfo> { AdminReply::Releases { releases } => releases; r => AdminReply::Releases { releases: r } }
     ReleaseStatus = "release_status" { release: ReleaseId }
-        -> "release_status" crate::admin::ReleaseStatus {
-        AdminReply::ReleaseStatus { status } => status
-    }
-    Machines = "machines" {} -> "machines" Vec<MachineInfo> {
-        AdminReply::Machines { machines } => machines
-    }
+        -> "release_status" crate::admin::ReleaseStatus { AdminReply::ReleaseStatus { status } => status; r => AdminReply::ReleaseStatus { status: r } }
+    Machines = "machines" {} -> "machines" Vec<MachineInfo> { AdminReply::Machines { machines } => machines; r => AdminReply::Machines { machines: r } }
     MachineProvision = "machine_provision" {
         machine: MachineId, groups: Vec<GroupId>, rotate: bool,
-    } -> "provisioned" ProvisionedMachine { AdminReply::Provisioned { machine } => machine }
+    } -> "provisioned" ProvisionedMachine { AdminReply::Provisioned { machine } => machine; r => AdminReply::Provisioned { machine: r } }
     Rollback = "rollback" {
         target: Target, kind: Kind, to: Option<String>, allow_empty: bool,
-    } -> "plan" PublishPlan { AdminReply::Plan { plan } => plan }
+    } -> "plan" PublishPlan { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
     Activate = "activate" { release: ReleaseId, machines: Vec<MachineId> }
-        -> "done" String { AdminReply::Done { message } => message }
+        -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
     MachineProvisionBatch = "machine_provision_batch" { machines: Vec<MachineSpec>, rotate: bool }
-        -> "provisioned_batch" Vec<ProvisionedMachine> {
-        AdminReply::ProvisionedBatch { machines } => machines
-    }
+        -> "provisioned_batch" Vec<ProvisionedMachine> { AdminReply::ProvisionedBatch { machines } => machines; r => AdminReply::ProvisionedBatch { machines: r } }
     MachineRevoke = "machine_revoke" { machine: MachineId }
-        -> "done" String { AdminReply::Done { message } => message }
+        -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
     OperatorAdd = "operator_add" { name: String, role: Role }
-        -> "operator_created" OperatorProfile {
-        AdminReply::OperatorCreated { operator } => operator
-    }
-    OperatorList = "operator_list" {} -> "operators" Vec<OperatorInfo> {
-        AdminReply::Operators { operators } => operators
-    }
+        -> "operator_created" OperatorProfile { AdminReply::OperatorCreated { operator } => operator; r => AdminReply::OperatorCreated { operator: r } }
+    OperatorList = "operator_list" {} -> "operators" Vec<OperatorInfo> { AdminReply::Operators { operators } => operators; r => AdminReply::Operators { operators: r } }
     OperatorRevoke = "operator_revoke" { name: String }
-        -> "done" String { AdminReply::Done { message } => message }
+        -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
     IntegratorAdd = "integrator_add" { name: String }
-        -> "integrator_created" IntegratorProfile {
-        AdminReply::IntegratorCreated { integrator } => integrator
-    }
+        -> "integrator_created" IntegratorProfile { AdminReply::IntegratorCreated { integrator } => integrator; r => AdminReply::IntegratorCreated { integrator: r } }
     EventsSince = "events_since" { since: u64, limit: Option<u32> }
         -> "events" Page<FleetEvent, u64> {
-        AdminReply::Events { events, next, more } => Page { items: events, next, more }
+        AdminReply::Events { events, next, more } => Page { items: events, next, more };
+        p => AdminReply::Events { events: p.items, next: p.next, more: p.more }
     }
     Audit = "audit" { since: u64, limit: Option<u32> } -> "audit" Page<AuditEntry, u64> {
-        AdminReply::Audit { entries, next, more } => Page { items: entries, next, more }
+        AdminReply::Audit { entries, next, more } => Page { items: entries, next, more };
+        p => AdminReply::Audit { entries: p.items, next: p.next, more: p.more }
     }
-    KeyRotate = "key_rotate" {} -> "done" String { AdminReply::Done { message } => message }
+    KeyRotate = "key_rotate" {} -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
     MosquittoConfig = "mosquitto_config" {} -> "mosquitto_files" MosquittoFiles {
-        AdminReply::MosquittoFiles { passwd, acl } => MosquittoFiles { passwd, acl }
+        AdminReply::MosquittoFiles { passwd, acl } => MosquittoFiles { passwd, acl };
+        f => AdminReply::MosquittoFiles { passwd: f.passwd, acl: f.acl }
     }
-    Stats = "stats" {} -> "stats" PlatformStats { AdminReply::Stats { stats } => stats }
+    Stats = "stats" {} -> "stats" PlatformStats { AdminReply::Stats { stats } => stats; r => AdminReply::Stats { stats: r } }
     RolloutStatus = "rollout_status" { release: ReleaseId }
-        -> "rollout" RolloutInfo { AdminReply::Rollout { rollout } => rollout }
+        -> "rollout" RolloutInfo { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
     RolloutPause = "rollout_pause" { release: ReleaseId }
-        -> "rollout" RolloutInfo { AdminReply::Rollout { rollout } => rollout }
+        -> "rollout" RolloutInfo { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
     RolloutResume = "rollout_resume" { release: ReleaseId, advance: bool }
-        -> "rollout" RolloutInfo { AdminReply::Rollout { rollout } => rollout }
+        -> "rollout" RolloutInfo { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
     RolloutCancel = "rollout_cancel" { release: ReleaseId }
-        -> "rollout" RolloutInfo { AdminReply::Rollout { rollout } => rollout }
+        -> "rollout" RolloutInfo { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
     ReleaseRetry = "release_retry" { release: ReleaseId, machines: Vec<MachineId>, failed: bool }
-        -> "plan" PublishPlan { AdminReply::Plan { plan } => plan }
+        -> "plan" PublishPlan { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
     MachineQuery = "machine_query" {
         filter: MachineFilter, after: Option<MachineId>, limit: Option<u32>,
     } -> "machine_page" Page<MachineInfo, Option<MachineId>> {
-        AdminReply::MachinePage { machines, next, more } => Page { items: machines, next, more }
+        AdminReply::MachinePage { machines, next, more } => Page { items: machines, next, more };
+        p => AdminReply::MachinePage { machines: p.items, next: p.next, more: p.more }
     }
     Versions = "versions" { kind: Kind, release: Option<ReleaseId> }
-        -> "versions" VersionReport { AdminReply::Versions { report } => report }
+        -> "versions" VersionReport { AdminReply::Versions { report } => report; r => AdminReply::Versions { report: r } }
     History = "history" {
         machine: MachineId, kind: Option<Kind>, before: Option<ReleaseId>, limit: Option<u32>,
     } -> "history" HistoryPage {
         AdminReply::History { machine, targets, next, more } => HistoryPage {
             machine,
             page: Page { items: targets, next, more },
+        };
+        h => AdminReply::History {
+            machine: h.machine,
+            targets: h.page.items,
+            next: h.page.next,
+            more: h.page.more,
         }
     }
 }
@@ -432,6 +452,64 @@ mod tests {
             json!({"op": "history", "machine": "vm-1", "kind": "app", "before": "r-5",
                 "limit": 10}),
         );
+    }
+
+    #[test]
+    fn wrap_is_the_inverse_of_reply_and_any_op_is_its_call() {
+        fn round<C: Call>(reply: AdminReply)
+        where
+            C::Reply: std::fmt::Debug,
+        {
+            let typed = C::reply(reply.clone()).unwrap();
+            assert_eq!(C::wrap(typed), reply, "{}", C::OP);
+            let name = reply_name(&reply);
+            assert!(C::REPLY.split(" or ").any(|n| n == name), "{name}");
+        }
+        round::<KeyRotate>(AdminReply::Done {
+            message: "m".into(),
+        });
+        round::<EventsSince>(AdminReply::Events {
+            events: vec![],
+            next: 4,
+            more: true,
+        });
+        round::<Audit>(AdminReply::Audit {
+            entries: vec![],
+            next: 2,
+            more: false,
+        });
+        round::<MosquittoConfig>(AdminReply::MosquittoFiles {
+            passwd: "p".into(),
+            acl: "a".into(),
+        });
+        round::<MachineQuery>(AdminReply::MachinePage {
+            machines: vec![],
+            next: Some(m("vm-1")),
+            more: true,
+        });
+        round::<History>(AdminReply::History {
+            machine: m("vm-1"),
+            targets: vec![],
+            next: Some(r("r-3")),
+            more: true,
+        });
+        round::<UploadBegin>(AdminReply::UploadReady {
+            parts: 2,
+            part_size: 8,
+        });
+        round::<UploadCommit>(AdminReply::UploadMissing {
+            parts: vec![(0, 1)],
+        });
+        let call = ReleaseRetry {
+            release: r("r-1"),
+            machines: vec![m("vm-1")],
+            failed: true,
+        };
+        assert_eq!(
+            AnyCall::from(AdminOp::from(call.clone())),
+            AnyCall::ReleaseRetry(call)
+        );
+        assert_eq!(AnyCall::from(AdminOp::Stats), AnyCall::Stats(Stats {}));
     }
 
     #[test]
