@@ -39,6 +39,7 @@ pub mod inventory;
 pub mod keys;
 pub mod limits;
 pub mod logs;
+pub mod ops;
 pub mod publish;
 pub mod serve;
 pub mod staged;
