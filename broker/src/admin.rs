@@ -14,6 +14,7 @@ use fleetcast_proto::admin::{
     AdminOp, AdminReply, AdminRequest, AdminResponse, ArtifactInfo, ResponseEnvelope,
 };
 use fleetcast_proto::auth::{Purpose, Secret};
+use fleetcast_proto::calls::{self, Call, UploadEnd, UploadStart};
 use fleetcast_proto::chunk::{encode_upload_frame, FrameHeader, FrameType, Layout};
 use fleetcast_proto::{ArtifactId, Kind, Topics};
 use rumqttc::{AsyncClient, QoS};
@@ -43,6 +44,14 @@ pub enum AdminError {
     BadName(String),
     #[error("unexpected reply to {op}: {reply}")]
     UnexpectedReply { op: String, reply: String },
+    /// The platform answered, but not with the reply the operation calls for (a platform of
+    /// another version, most likely).
+    #[error("the platform answered {op} with `{got}`, expected `{expected}`")]
+    WrongReply {
+        op: &'static str,
+        expected: &'static str,
+        got: String,
+    },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -230,7 +239,19 @@ impl AdminClient {
         }
     }
 
-    /// Sends one request and waits for its response.
+    /// Sends one typed call and waits for the reply it calls for; any other reply is
+    /// [`AdminError::WrongReply`].
+    pub async fn call<C: Call>(&self, call: C) -> Result<C::Reply, AdminError> {
+        let reply = self.request(call.into()).await?;
+        C::reply(reply).map_err(|other| AdminError::WrongReply {
+            op: C::OP,
+            expected: C::REPLY,
+            got: calls::reply_name(&other),
+        })
+    }
+
+    /// Sends one request and waits for its response, whatever reply it is (prefer
+    /// [`AdminClient::call`]).
     pub async fn request(&self, op: AdminOp) -> Result<AdminReply, AdminError> {
         self.request_with_timeout(op, REQUEST_TIMEOUT).await
     }
@@ -337,7 +358,7 @@ impl AdminClient {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "artifact".into());
-        let begin = AdminOp::UploadBegin {
+        let begin = calls::UploadBegin {
             kind,
             version,
             name,
@@ -346,17 +367,25 @@ impl AdminClient {
             chunk_size,
             notes,
         };
-        let parts = match self.request(begin).await? {
-            AdminReply::Artifact { artifact } => {
+        let parts = match self.call(begin).await? {
+            UploadStart::Stored(artifact) => {
                 progress(size, size);
                 return Ok(artifact);
             }
-            AdminReply::UploadReady { parts, part_size }
+            UploadStart::Ready { parts, part_size }
                 if part_size == chunk_size && parts == layout.chunks =>
             {
                 parts
             }
-            other => return Err(unexpected("upload_begin", &other)),
+            UploadStart::Ready { parts, part_size } => {
+                return Err(AdminError::UnexpectedReply {
+                    op: "upload_begin".into(),
+                    reply: format!(
+                        "{parts} parts of {part_size} bytes, expected {} of {chunk_size}",
+                        layout.chunks
+                    ),
+                })
+            }
         };
         let mut file = std::fs::File::open(path).map_err(io)?;
         let mut todo: Vec<(u32, u32)> = vec![(0, parts)];
@@ -369,21 +398,20 @@ impl AdminClient {
                 })?;
             // Parts and the commit travel on different topics, so the commit can overtake the
             // last parts inside the broker: ask twice before resending anything.
-            let mut reply = self.request(AdminOp::UploadCommit { artifact }).await?;
-            if matches!(reply, AdminReply::UploadMissing { .. }) {
+            let mut reply = self.call(calls::UploadCommit { artifact }).await?;
+            if matches!(reply, UploadEnd::Missing(_)) {
                 tokio::time::sleep(Duration::from_millis(500)).await;
-                reply = self.request(AdminOp::UploadCommit { artifact }).await?;
+                reply = self.call(calls::UploadCommit { artifact }).await?;
             }
             match reply {
-                AdminReply::Artifact { artifact } => return Ok(artifact),
-                AdminReply::UploadMissing { parts } => {
+                UploadEnd::Stored(artifact) => return Ok(artifact),
+                UploadEnd::Missing(parts) => {
                     tracing::info!(
                         missing = parts.len(),
                         "platform is missing upload parts; resending"
                     );
                     todo = parts;
                 }
-                other => return Err(unexpected("upload_commit", &other)),
             }
         }
         Err(AdminError::Refused(
@@ -508,13 +536,6 @@ async fn wait_ack(acks: &mut mpsc::UnboundedReceiver<u16>) -> Result<(), SendErr
         Err(_) => Err(SendError::Mqtt(
             "broker stopped acknowledging upload parts".into(),
         )),
-    }
-}
-
-fn unexpected(op: &str, reply: &AdminReply) -> AdminError {
-    AdminError::UnexpectedReply {
-        op: op.into(),
-        reply: serde_json::to_string(reply).unwrap_or_default(),
     }
 }
 

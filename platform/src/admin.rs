@@ -8,27 +8,26 @@ use std::time::Duration;
 
 use fleetcast_proto::acl::{operator_of_client, Role};
 use fleetcast_proto::admin::{
-    AdminOp, AdminReply, AdminRequest, AdminResponse, ArtifactInfo, AuditEntry, MachineSpec,
-    ReleaseInfo, ReleaseStatus, ResponseEnvelope, ADMIN_FRESHNESS_MS,
+    AdminOp, AdminReply, AdminRequest, AdminResponse, ArtifactInfo, AuditEntry, ResponseEnvelope,
+    ADMIN_FRESHNESS_MS,
 };
 use fleetcast_proto::auth::{peek_body, Purpose, Secret};
+use fleetcast_proto::calls::{self, Call, UploadEnd, UploadStart};
 use fleetcast_proto::chunk::{open_upload_frame, Layout};
-use fleetcast_proto::events::MAX_BATCH_EVENTS;
-use fleetcast_proto::release::{compare_versions, validate_version, ArtifactRef};
-use fleetcast_proto::{ArtifactId, InstallPolicy, Kind, Target};
+use fleetcast_proto::release::validate_version;
+use fleetcast_proto::{ArtifactId, Kind};
 use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::artifacts::Upload;
-use crate::domain::target;
 use crate::error::PlatformError;
 use crate::integrators::Integrators;
 use crate::now_ms;
+use crate::ops::{artifacts, events, identities, inventory, keys, machines, releases, rollouts};
 use crate::publish::{self, refused, Ctx, OpError};
 use crate::store::{OperatorRecord, StoreError};
-use crate::{identities, inventory, staged};
 
 /// What the serve connection forwards to the admin task.
 #[derive(Debug)]
@@ -392,262 +391,101 @@ impl Admin {
         }
     }
 
+    /// Runs one authenticated, authorized operation: a thin dispatch to [`crate::ops`], each
+    /// function taking its typed call and returning its typed reply.
     async fn handle(
         &mut self,
         client: &str,
         operator: &OperatorRecord,
         op: AdminOp,
     ) -> Result<AdminReply, OpError> {
-        let store = &*self.ctx.store;
-        match op {
-            AdminOp::UploadBegin {
-                kind,
-                version,
-                name,
-                size,
-                artifact,
-                chunk_size,
-                notes,
-            } => self.upload_begin(
-                client, kind, version, name, size, artifact, chunk_size, notes,
-            ),
-            AdminOp::UploadCommit { artifact } => self.upload_commit(client, artifact).await,
-            AdminOp::ArtifactList => {
-                let mut artifacts = store.artifacts()?;
-                artifacts.sort_by(|a, b| {
-                    a.kind
-                        .cmp(&b.kind)
-                        .then(compare_versions(&a.version, &b.version))
-                });
-                Ok(AdminReply::Artifacts { artifacts })
-            }
-            AdminOp::ReleaseCreate {
-                kind,
-                version,
-                policy,
-                notes,
-            } => {
-                let release = self
-                    .create_release(kind, version, policy, notes, false)
-                    .await?;
-                Ok(AdminReply::Release { release })
-            }
-            AdminOp::ReleasePlan {
-                release,
-                machines,
-                groups,
-                allow_empty,
-            } => {
-                let info = publish::known_release(store, &release)?;
-                Ok(AdminReply::Plan {
-                    plan: publish::plan(&self.ctx, &info, &machines, &groups, allow_empty)?,
-                })
-            }
-            AdminOp::ReleasePublish {
-                release,
-                machines,
-                groups,
-                allow_empty,
-                waves,
-            } => {
-                let info = publish::known_release(store, &release)?;
-                let plan = match waves {
-                    Some(waves) => {
-                        staged::publish(&self.ctx, &info, &machines, &groups, allow_empty, waves)
-                            .await?
-                    }
-                    None => {
-                        publish::publish(&self.ctx, &info, &machines, &groups, allow_empty).await?
-                    }
-                };
-                tracing::info!(release = %release, targets = plan.targets.len(), "release published");
-                Ok(AdminReply::Plan { plan })
-            }
-            AdminOp::ReleaseRetry {
-                release,
-                machines,
-                failed,
-            } => Ok(AdminReply::Plan {
-                plan: publish::retry(&self.ctx, &release, &machines, failed).await?,
-            }),
-            AdminOp::RolloutStatus { release } => Ok(AdminReply::Rollout {
-                rollout: staged::status(&self.ctx, &release)?,
-            }),
-            AdminOp::RolloutPause { release } => Ok(AdminReply::Rollout {
-                rollout: staged::control(
-                    &self.ctx,
-                    &release,
-                    staged::Control::Pause,
-                    &operator.info.name,
-                )
-                .await?,
-            }),
-            AdminOp::RolloutResume { release, advance } => Ok(AdminReply::Rollout {
-                rollout: staged::control(
-                    &self.ctx,
-                    &release,
-                    staged::Control::Resume { advance },
-                    &operator.info.name,
-                )
-                .await?,
-            }),
-            AdminOp::RolloutCancel { release } => Ok(AdminReply::Rollout {
-                rollout: staged::control(
-                    &self.ctx,
-                    &release,
-                    staged::Control::Cancel,
-                    &operator.info.name,
-                )
-                .await?,
-            }),
-            AdminOp::ReleaseList => {
-                let mut releases = store.releases()?;
-                releases.sort_by(|a, b| a.id.cmp(&b.id));
-                Ok(AdminReply::Releases { releases })
-            }
-            AdminOp::ReleaseStatus { release } => {
-                let info = publish::known_release(store, &release)?;
-                let targets = store.targets_of(&release)?;
-                let progress = target::progress(&info, &targets, now_ms());
-                Ok(AdminReply::ReleaseStatus {
-                    status: ReleaseStatus {
-                        release: info,
-                        targets,
-                        progress,
-                    },
-                })
-            }
-            AdminOp::Machines => Ok(AdminReply::Machines {
-                machines: store.machines()?,
-            }),
-            AdminOp::MachineProvision {
-                machine,
-                groups,
-                rotate,
-            } => {
-                let spec = MachineSpec { machine, groups };
-                let mut done = identities::provision(&self.ctx, vec![spec], rotate).await?;
-                Ok(AdminReply::Provisioned {
-                    machine: done.pop().expect("one machine provisioned"),
-                })
-            }
-            AdminOp::MachineProvisionBatch { machines, rotate } => {
-                Ok(AdminReply::ProvisionedBatch {
-                    machines: identities::provision(&self.ctx, machines, rotate).await?,
-                })
-            }
-            AdminOp::Rollback {
-                target,
-                kind,
-                to,
-                allow_empty,
-            } => self.rollback(target, kind, to, allow_empty).await,
-            AdminOp::Activate { release, machines } => {
-                let sent = publish::activate(&self.ctx, &release, &machines).await?;
-                let names: Vec<String> = sent.iter().map(|m| m.to_string()).collect();
-                Ok(AdminReply::Done {
-                    message: format!(
-                        "activate {release} sent to {} machine(s): {}",
-                        sent.len(),
-                        names.join(", ")
-                    ),
-                })
-            }
-            AdminOp::MachineRevoke { machine } => Ok(AdminReply::Done {
-                message: identities::machine_revoke(&self.ctx, &machine).await?,
-            }),
-            AdminOp::OperatorAdd { name, role } => Ok(AdminReply::OperatorCreated {
-                operator: identities::operator_add(&self.ctx, &operator.info.name, name, role)
-                    .await?,
-            }),
-            AdminOp::OperatorList => Ok(AdminReply::Operators {
-                operators: store.operators()?.into_iter().map(|o| o.info).collect(),
-            }),
-            AdminOp::OperatorRevoke { name } => Ok(AdminReply::Done {
-                message: identities::operator_revoke(&self.ctx, &name).await?,
-            }),
-            AdminOp::IntegratorAdd { name } => Ok(AdminReply::IntegratorCreated {
-                integrator: identities::integrator_add(&self.ctx, &operator.info.name, name)
-                    .await?,
-            }),
-            AdminOp::EventsSince { since, limit } => {
-                let limit = limit.unwrap_or(MAX_BATCH_EVENTS).clamp(1, MAX_BATCH_EVENTS);
-                let (events, more) = store.events_since(since, limit as usize)?;
-                let next = events.last().map_or(since, |e| e.id);
-                Ok(AdminReply::Events { events, next, more })
-            }
-            AdminOp::Audit { since, limit } => {
-                let limit = limit.unwrap_or(MAX_BATCH_EVENTS).clamp(1, MAX_BATCH_EVENTS);
-                let (entries, more) = store.audit_since(since, limit as usize)?;
-                let next = entries.last().map_or(since, |e| e.id);
-                Ok(AdminReply::Audit {
-                    entries,
-                    next,
-                    more,
-                })
-            }
-            AdminOp::Stats => Ok(AdminReply::Stats {
-                stats: self.ctx.stats.snapshot(),
-            }),
-            AdminOp::KeyRotate => {
-                let generation = publish::rotate_key(&self.ctx).await?;
-                Ok(AdminReply::Done {
-                    message: format!(
-                        "platform key rotated to generation {generation}; machines follow the announced chain"
-                    ),
-                })
-            }
-            AdminOp::MosquittoConfig => {
-                let ids = identities::broker_identities(store, &self.ctx.keys())?;
-                let files = fleetcast_broker::mosquitto::mosquitto_files(&self.ctx.topics, &ids)
-                    .map_err(|e| OpError::Refused(e.to_string()))?;
-                Ok(AdminReply::MosquittoFiles {
-                    passwd: files.passwd,
-                    acl: files.acl,
-                })
-            }
-            AdminOp::MachineQuery {
-                filter,
-                after,
-                limit,
-            } => {
-                inventory::off_thread(&self.ctx.store, move |s| {
-                    inventory::query(s, &filter, after.as_ref(), limit)
-                })
+        use fleetcast_proto::calls::{self as c, AnyCall};
+        // Its own handle on the context: the upload steps borrow `self` mutably.
+        let ctx_handle = self.ctx.clone();
+        let ctx = &*ctx_handle;
+        let by = operator.info.name.as_str();
+        match AnyCall::from(op) {
+            AnyCall::UploadBegin(call) => self.upload_begin(client, call).map(c::UploadBegin::wrap),
+            AnyCall::UploadCommit(call) => self
+                .upload_commit(client, call)
                 .await
-            }
-            AdminOp::Versions { kind, release } => {
-                inventory::off_thread(&self.ctx.store, move |s| {
-                    inventory::versions(s, &kind, release.as_ref())
-                })
+                .map(c::UploadCommit::wrap),
+            AnyCall::ArtifactList(call) => artifacts::list(ctx, call).map(c::ArtifactList::wrap),
+            AnyCall::ReleaseCreate(call) => releases::create(ctx, call)
                 .await
-            }
-            AdminOp::History {
-                machine,
-                kind,
-                before,
-                limit,
-            } => {
-                inventory::off_thread(&self.ctx.store, move |s| {
-                    inventory::history(s, &machine, kind.as_ref(), before.as_ref(), limit)
-                })
+                .map(c::ReleaseCreate::wrap),
+            AnyCall::ReleasePlan(call) => releases::plan(ctx, call).map(c::ReleasePlan::wrap),
+            AnyCall::ReleasePublish(call) => releases::publish(ctx, call)
                 .await
+                .map(c::ReleasePublish::wrap),
+            AnyCall::ReleaseRetry(call) => {
+                releases::retry(ctx, call).await.map(c::ReleaseRetry::wrap)
             }
+            AnyCall::ReleaseList(call) => releases::list(ctx, call).map(c::ReleaseList::wrap),
+            AnyCall::ReleaseStatus(call) => releases::status(ctx, call).map(c::ReleaseStatus::wrap),
+            AnyCall::Rollback(call) => releases::rollback(ctx, call).await.map(c::Rollback::wrap),
+            AnyCall::Activate(call) => releases::activate(ctx, call).await.map(c::Activate::wrap),
+            AnyCall::RolloutStatus(call) => rollouts::status(ctx, call).map(c::RolloutStatus::wrap),
+            AnyCall::RolloutPause(call) => rollouts::pause(ctx, by, call)
+                .await
+                .map(c::RolloutPause::wrap),
+            AnyCall::RolloutResume(call) => rollouts::resume(ctx, by, call)
+                .await
+                .map(c::RolloutResume::wrap),
+            AnyCall::RolloutCancel(call) => rollouts::cancel(ctx, by, call)
+                .await
+                .map(c::RolloutCancel::wrap),
+            AnyCall::Machines(call) => machines::list(ctx, call).map(c::Machines::wrap),
+            AnyCall::MachineProvision(call) => machines::provision(ctx, call)
+                .await
+                .map(c::MachineProvision::wrap),
+            AnyCall::MachineProvisionBatch(call) => machines::provision_batch(ctx, call)
+                .await
+                .map(c::MachineProvisionBatch::wrap),
+            AnyCall::MachineRevoke(call) => machines::revoke(ctx, call)
+                .await
+                .map(c::MachineRevoke::wrap),
+            AnyCall::OperatorAdd(call) => identities::operator_add(ctx, by, call)
+                .await
+                .map(c::OperatorAdd::wrap),
+            AnyCall::OperatorList(call) => {
+                identities::operator_list(ctx, call).map(c::OperatorList::wrap)
+            }
+            AnyCall::OperatorRevoke(call) => identities::operator_revoke(ctx, call)
+                .await
+                .map(c::OperatorRevoke::wrap),
+            AnyCall::IntegratorAdd(call) => identities::integrator_add(ctx, by, call)
+                .await
+                .map(c::IntegratorAdd::wrap),
+            AnyCall::EventsSince(call) => events::since(ctx, call).map(c::EventsSince::wrap),
+            AnyCall::Audit(call) => events::audit(ctx, call).map(c::Audit::wrap),
+            AnyCall::Stats(call) => events::stats(ctx, call).map(c::Stats::wrap),
+            AnyCall::KeyRotate(call) => keys::rotate(ctx, call).await.map(c::KeyRotate::wrap),
+            AnyCall::MosquittoConfig(call) => {
+                keys::mosquitto_config(ctx, call).map(c::MosquittoConfig::wrap)
+            }
+            AnyCall::MachineQuery(call) => inventory::machine_query(ctx, call)
+                .await
+                .map(c::MachineQuery::wrap),
+            AnyCall::Versions(call) => inventory::versions(ctx, call).await.map(c::Versions::wrap),
+            AnyCall::History(call) => inventory::history(ctx, call).await.map(c::History::wrap),
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn upload_begin(
         &mut self,
         client: &str,
-        kind: Kind,
-        version: String,
-        name: String,
-        size: u64,
-        artifact: ArtifactId,
-        chunk_size: u32,
-        notes: Option<String>,
-    ) -> Result<AdminReply, OpError> {
+        call: calls::UploadBegin,
+    ) -> Result<UploadStart, OpError> {
+        let calls::UploadBegin {
+            kind,
+            version,
+            name,
+            size,
+            artifact,
+            chunk_size,
+            notes,
+        } = call;
         validate_version(&version).map_err(OpError::Refused)?;
         if name.len() > 255 || notes.as_ref().is_some_and(|n| n.len() > 4096) {
             return refused("file name (255) or notes (4096 bytes) too long");
@@ -655,7 +493,7 @@ impl Admin {
         let store = &self.ctx.store;
         if let Some(existing) = store.artifact_for_version(&kind, &version)? {
             if existing.id == artifact && self.ctx.files.exists(&artifact) {
-                return Ok(AdminReply::Artifact { artifact: existing });
+                return Ok(UploadStart::Stored(existing));
             }
             return refused(format!(
                 "{kind} {version} is already uploaded with different bytes (artifact {}); versions are immutable: upload under a new version",
@@ -693,7 +531,7 @@ impl Admin {
                 touched: Instant::now(),
             },
         );
-        Ok(AdminReply::UploadReady {
+        Ok(UploadStart::Ready {
             parts: layout.chunks,
             part_size: chunk_size,
         })
@@ -702,11 +540,12 @@ impl Admin {
     async fn upload_commit(
         &mut self,
         client: &str,
-        artifact: ArtifactId,
-    ) -> Result<AdminReply, OpError> {
+        call: calls::UploadCommit,
+    ) -> Result<UploadEnd, OpError> {
+        let artifact = call.artifact;
         let Some(mut staged) = self.uploads.remove(&artifact) else {
             if let Some(info) = self.ctx.store.artifact(&artifact)? {
-                return Ok(AdminReply::Artifact { artifact: info });
+                return Ok(UploadEnd::Stored(info));
             }
             return refused(format!(
                 "no upload of artifact {} in progress (start with upload_begin)",
@@ -725,7 +564,7 @@ impl Admin {
         if !missing.is_empty() {
             staged.touched = Instant::now();
             self.uploads.insert(artifact, staged);
-            return Ok(AdminReply::UploadMissing { parts: missing });
+            return Ok(UploadEnd::Missing(missing));
         }
         let Staged {
             upload,
@@ -753,141 +592,8 @@ impl Admin {
         self.ctx.store.put_artifact(&info)?;
         self.ctx.store.flush_async().await?;
         tracing::info!(artifact = %artifact.short(), kind = %info.kind, version = %info.version, size = info.size, "artifact stored");
-        Ok(AdminReply::Artifact { artifact: info })
+        Ok(UploadEnd::Stored(info))
     }
-
-    async fn create_release(
-        &self,
-        kind: Kind,
-        version: String,
-        policy: InstallPolicy,
-        notes: Option<String>,
-        rollback: bool,
-    ) -> Result<ReleaseInfo, OpError> {
-        policy
-            .validate()
-            .map_err(|e| OpError::Refused(e.to_string()))?;
-        let store = &self.ctx.store;
-        let Some(artifact) = store.artifact_for_version(&kind, &version)? else {
-            return refused(format!(
-                "no artifact uploaded for {kind} {version} (run `fleetcast artifact upload` first)"
-            ));
-        };
-        let release = ReleaseInfo {
-            id: store.next_release_id()?,
-            kind,
-            version,
-            artifact: ArtifactRef {
-                id: artifact.id,
-                size: artifact.size,
-                chunk_size: artifact.chunk_size,
-                name: artifact.name,
-            },
-            policy,
-            rollback,
-            notes,
-            created_at_ms: now_ms(),
-            published_at_ms: None,
-            seq: 0,
-            machines: vec![],
-            groups: vec![],
-        };
-        store.transaction(|tx| tx.put_release(&release))?;
-        store.flush_async().await?;
-        Ok(release)
-    }
-
-    async fn rollback(
-        &self,
-        target: Target,
-        kind: Kind,
-        to: Option<String>,
-        allow_empty: bool,
-    ) -> Result<AdminReply, OpError> {
-        let store = &self.ctx.store;
-        let to = match (&target, to) {
-            (_, Some(v)) => v,
-            (Target::Machine(m), None) => {
-                let Some(info) = store.machine(m)? else {
-                    return refused(format!("unknown machine {m}"));
-                };
-                let history = store.history(m, &kind)?;
-                let current = info
-                    .kinds
-                    .get(&kind)
-                    .and_then(|k| k.version.clone())
-                    .or_else(|| history.last().cloned());
-                match previous_version(&history, current.as_deref()) {
-                    Some(v) => v,
-                    None => {
-                        return refused(format!(
-                            "no earlier {kind} version known for machine {m}; pass --to VERSION"
-                        ))
-                    }
-                }
-            }
-            (Target::Group(g), None) => {
-                let mut releases: Vec<ReleaseInfo> = store
-                    .releases()?
-                    .into_iter()
-                    .filter(|r| r.kind == kind && r.seq > 0 && r.groups.contains(g))
-                    .collect();
-                releases.sort_by_key(|r| r.seq);
-                let Some(current) = releases.pop() else {
-                    return refused(format!(
-                        "group {g} has no {kind} release yet; pass --to VERSION"
-                    ));
-                };
-                match releases.iter().rev().find(|r| r.version != current.version) {
-                    Some(r) => r.version.clone(),
-                    None => {
-                        return refused(format!(
-                            "group {g} had no {kind} release before {}; pass --to VERSION",
-                            current.version
-                        ))
-                    }
-                }
-            }
-        };
-        if let Target::Machine(m) = &target {
-            if store.machine(m)?.is_none() {
-                return refused(format!("unknown machine {m}"));
-            }
-        }
-        if store.artifact_for_version(&kind, &to)?.is_none() {
-            return refused(format!(
-                "cannot roll back to {kind} {to}: no such uploaded artifact"
-            ));
-        }
-        let (machines, groups) = match &target {
-            Target::Machine(m) => (vec![m.clone()], vec![]),
-            Target::Group(g) => (vec![], vec![g.clone()]),
-        };
-        // Refused targets (a group nobody is in) are refused before the rollback release exists.
-        publish::resolve(&self.ctx, &kind, &machines, &groups, allow_empty)?;
-        let release = self
-            .create_release(
-                kind,
-                to.clone(),
-                InstallPolicy::Immediate,
-                Some(format!("rollback of {target} to {to}")),
-                true,
-            )
-            .await?;
-        let plan = publish::publish(&self.ctx, &release, &machines, &groups, allow_empty).await?;
-        tracing::info!(release = %release.id, version = %to, "rollback published");
-        Ok(AdminReply::Plan { plan })
-    }
-}
-
-/// The version a machine ran before `current`: the latest history entry that differs from it.
-pub fn previous_version(history: &[String], current: Option<&str>) -> Option<String> {
-    let current = current?;
-    let pos = history
-        .iter()
-        .rposition(|v| v == current)
-        .unwrap_or(history.len());
-    history[..pos].iter().rev().find(|v| *v != current).cloned()
 }
 
 #[cfg(test)]
@@ -1139,22 +845,5 @@ mod tests {
         assert!(err.to_string().contains("larger chunk size"), "{err}");
         assert!(f.admin.uploads.is_empty());
         assert_eq!(staging_files(&f), 0);
-    }
-
-    #[test]
-    fn the_previous_version_is_the_one_before_the_current_one() {
-        let h: Vec<String> = ["1.0", "2.0", "3.0"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        assert_eq!(previous_version(&h, Some("3.0")).as_deref(), Some("2.0"));
-        assert_eq!(previous_version(&h, Some("2.0")).as_deref(), Some("1.0"));
-        assert_eq!(previous_version(&h, Some("1.0")), None);
-        assert_eq!(previous_version(&h, None), None);
-        let back: Vec<String> = ["1.0", "2.0", "1.0"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        assert_eq!(previous_version(&back, Some("1.0")).as_deref(), Some("2.0"));
     }
 }

@@ -13,9 +13,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use fleetcast_proto::admin::{
-    AdminReply, Compliance, MachineFilter, MachineInfo, ReleaseInfo, TargetRecord, VersionCount,
-    VersionReport,
+    Compliance, MachineFilter, MachineInfo, ReleaseInfo, TargetRecord, VersionCount, VersionReport,
 };
+use fleetcast_proto::calls::{HistoryPage, Page};
 use fleetcast_proto::release::compare_versions;
 use fleetcast_proto::{Kind, MachineId, Phase, ReleaseId};
 use serde::Serialize;
@@ -25,10 +25,10 @@ use crate::store::{Store, StoreError};
 
 /// Runs a read of the whole fleet on the blocking pool: it can take a while at 10,000
 /// machines, and the async threads carry the ingest meanwhile.
-pub async fn off_thread(
+pub async fn off_thread<T: Send + 'static>(
     store: &Arc<dyn Store>,
-    read: impl FnOnce(&dyn Store) -> Result<AdminReply, OpError> + Send + 'static,
-) -> Result<AdminReply, OpError> {
+    read: impl FnOnce(&dyn Store) -> Result<T, OpError> + Send + 'static,
+) -> Result<T, OpError> {
     let store = store.clone();
     tokio::task::spawn_blocking(move || read(&*store))
         .await
@@ -123,7 +123,7 @@ pub fn query(
     filter: &MachineFilter,
     after: Option<&MachineId>,
     limit: Option<u32>,
-) -> Result<AdminReply, OpError> {
+) -> Result<Page<MachineInfo, Option<MachineId>>, OpError> {
     if filter.phase.is_some() && filter.kind.is_none() {
         return refused("a phase filter needs a kind: the phase is that of the machine's current release of the kind");
     }
@@ -143,8 +143,8 @@ pub fn query(
     });
     let (machines, more) = page(matching, page_limit(limit), PAGE_BYTES)?;
     let next = machines.last().map(|m| m.id.clone());
-    Ok(AdminReply::MachinePage {
-        machines,
+    Ok(Page {
+        items: machines,
         next,
         more,
     })
@@ -277,7 +277,7 @@ pub fn versions(
     store: &dyn Store,
     kind: &Kind,
     release: Option<&ReleaseId>,
-) -> Result<AdminReply, OpError> {
+) -> Result<VersionReport, OpError> {
     let reference = match release {
         Some(id) => {
             let r = known_release(store, id)?;
@@ -303,9 +303,7 @@ pub fn versions(
     for m in store.machines_after(None) {
         tally.add(&m?);
     }
-    Ok(AdminReply::Versions {
-        report: tally.finish(),
-    })
+    Ok(tally.finish())
 }
 
 /// `records` of one machine, newest release first, only those of `kind` and older than
@@ -330,7 +328,7 @@ pub fn history(
     kind: Option<&Kind>,
     before: Option<&ReleaseId>,
     limit: Option<u32>,
-) -> Result<AdminReply, OpError> {
+) -> Result<HistoryPage, OpError> {
     if store.machine(machine)?.is_none() {
         return refused(format!("unknown machine {machine}"));
     }
@@ -341,11 +339,13 @@ pub fn history(
         PAGE_BYTES,
     )?;
     let next = targets.last().map(|t| t.release.clone());
-    Ok(AdminReply::History {
+    Ok(HistoryPage {
         machine: machine.clone(),
-        targets,
-        next,
-        more,
+        page: Page {
+            items: targets,
+            next,
+            more,
+        },
     })
 }
 
@@ -505,7 +505,7 @@ mod tests {
         let fleet = std::iter::repeat_n(m, 10_000).map(Ok::<_, ()>);
         let (machines, more) = page(fleet, MAX_PAGE_ITEMS as usize, PAGE_BYTES).unwrap();
         assert!(more);
-        let reply = AdminReply::MachinePage {
+        let reply = fleetcast_proto::admin::AdminReply::MachinePage {
             next: Some(machines[0].id.clone()),
             machines,
             more,

@@ -17,7 +17,10 @@
 //! - [`integrators`]: integrators' requests for stored events (signed batches).
 //! - [`chunks`]: the chunk server (per machine or broadcast).
 //! - [`identities`]: operators with roles, integrators, machine revocation.
-//! - [`admin`]: operator requests: uploads, releases, publishing, rollback, activate.
+//! - [`admin`]: the operator request loop: authentication, roles, audit, retried requests,
+//!   sealed responses and uploads; every other operation is dispatched to [`ops`].
+//! - [`ops`]: one function per admin operation (typed call in, typed reply out), one module
+//!   per family: artifacts, releases, rollouts, machines, identities, inventory, events, keys.
 //! - [`inventory`]: machines by filter, installed versions and compliance, a machine's release
 //!   history (read-only, paged, aggregated on the platform).
 //! - [`publish`]: signing and bookkeeping of notices and commands, shared by admin and ingest.
@@ -39,6 +42,7 @@ pub mod inventory;
 pub mod keys;
 pub mod limits;
 pub mod logs;
+pub mod ops;
 pub mod publish;
 pub mod serve;
 pub mod staged;

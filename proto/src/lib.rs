@@ -12,12 +12,15 @@
 //! - [`events`]: what integrators read: signed events, progress, event batches on request.
 //! - [`keychain`]: platform key rotation (each new key announced under the previous one).
 //! - [`admin`]: operator CLI <-> platform requests, and the records the platform keeps.
+//! - [`calls`]: the same requests typed: one struct per operation, naming the reply it gets
+//!   (the wire format stays that of [`admin`]).
 //! - [`acl`]: principals (platform, operators with roles, integrators, machines) and where
 //!   each may publish and subscribe.
 
 pub mod acl;
 pub mod admin;
 pub mod auth;
+pub mod calls;
 pub mod chunk;
 pub mod command;
 pub mod events;

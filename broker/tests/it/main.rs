@@ -1,5 +1,6 @@
 //! Broker integration tests: a real rumqttd on a free loopback port, real rumqttc clients.
 
+mod admin_call;
 mod gateway;
 
 use std::time::Duration;

@@ -4,7 +4,8 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::Subcommand;
-use fleetcast_proto::admin::{AdminOp, AdminReply, ArtifactInfo};
+use fleetcast_proto::admin::ArtifactInfo;
+use fleetcast_proto::calls;
 use fleetcast_proto::chunk::DEFAULT_CHUNK_SIZE;
 use fleetcast_proto::Kind;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -74,10 +75,7 @@ pub async fn run(cmd: ArtifactCmd, client: &ClientArgs) -> anyhow::Result<()> {
             Ok(())
         }
         ArtifactCmd::List { json } => {
-            let reply = client.request(AdminOp::ArtifactList).await;
-            let AdminReply::Artifacts { artifacts } = reply? else {
-                anyhow::bail!("unexpected reply to artifact list");
-            };
+            let artifacts = client.call(calls::ArtifactList {}).await?;
             if json {
                 return print_json(&artifacts);
             }

@@ -4,8 +4,9 @@
 use clap::{Args, Subcommand};
 use fleetcast_proto::acl::Role;
 use fleetcast_proto::admin::{
-    AdminOp, AdminReply, AuditEntry, FleetEvent, IntegratorProfile, OperatorInfo, OperatorProfile,
+    AuditEntry, FleetEvent, IntegratorProfile, OperatorInfo, OperatorProfile,
 };
+use fleetcast_proto::calls::{self, Call, Page};
 use serde::Serialize;
 
 use super::{print_json, table, ClientArgs, Profile};
@@ -91,10 +92,7 @@ pub async fn operator(cmd: OperatorCmd, client: &ClientArgs) -> anyhow::Result<(
                 super::profile::save_path(&env, force)?;
             }
             let broker = client.broker()?;
-            let reply = client.request(AdminOp::OperatorAdd { name, role }).await?;
-            let AdminReply::OperatorCreated { operator } = reply else {
-                anyhow::bail!("unexpected reply to operator add");
-            };
+            let operator = client.call(calls::OperatorAdd { name, role }).await?;
             let text = profile_toml(&operator, &broker);
             if !save_profile {
                 print!("{text}");
@@ -120,10 +118,7 @@ pub async fn operator(cmd: OperatorCmd, client: &ClientArgs) -> anyhow::Result<(
             }
         }
         OperatorCmd::List { json } => {
-            let AdminReply::Operators { operators } = client.request(AdminOp::OperatorList).await?
-            else {
-                anyhow::bail!("unexpected reply to operator list");
-            };
+            let operators = client.call(calls::OperatorList {}).await?;
             if json {
                 return print_json(&operators);
             }
@@ -131,11 +126,7 @@ pub async fn operator(cmd: OperatorCmd, client: &ClientArgs) -> anyhow::Result<(
             Ok(())
         }
         OperatorCmd::Revoke { name } => {
-            let AdminReply::Done { message } =
-                client.request(AdminOp::OperatorRevoke { name }).await?
-            else {
-                anyhow::bail!("unexpected reply to operator revoke");
-            };
+            let message = client.call(calls::OperatorRevoke { name }).await?;
             println!("{message}");
             Ok(())
         }
@@ -145,10 +136,7 @@ pub async fn operator(cmd: OperatorCmd, client: &ClientArgs) -> anyhow::Result<(
 pub async fn integrator(cmd: IntegratorCmd, client: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
         IntegratorCmd::Add { name } => {
-            let reply = client.request(AdminOp::IntegratorAdd { name }).await?;
-            let AdminReply::IntegratorCreated { integrator } = reply else {
-                anyhow::bail!("unexpected reply to integrator add");
-            };
+            let integrator = client.call(calls::IntegratorAdd { name }).await?;
             print!("{}", integrator_toml(&integrator, &client.broker()?));
             Ok(())
         }
@@ -156,14 +144,16 @@ pub async fn integrator(cmd: IntegratorCmd, client: &ClientArgs) -> anyhow::Resu
 }
 
 /// Fetches pages from `since` until the platform says there is no more, or `wanted` items.
-/// `page(since, limit)` makes the request; `split` takes a reply apart into (items, next, more).
-async fn fetch_pages<T>(
+/// `page(since, limit)` makes the call.
+async fn fetch_pages<C, T>(
     client: &ClientArgs,
     since: u64,
     wanted: u64,
-    page: impl Fn(u64, Option<u32>) -> AdminOp,
-    split: impl Fn(AdminReply) -> Option<(Vec<T>, u64, bool)>,
-) -> anyhow::Result<Vec<T>> {
+    page: impl Fn(u64, Option<u32>) -> C,
+) -> anyhow::Result<Vec<T>>
+where
+    C: Call<Reply = Page<T, u64>>,
+{
     let admin = client.connect().await?;
     let mut all: Vec<T> = Vec::new();
     let mut since = since;
@@ -173,17 +163,14 @@ async fn fetch_pages<T>(
             break Ok(());
         }
         let limit = (left < u32::MAX as u64).then_some(left as u32);
-        match admin.request(page(since, limit)).await {
-            Ok(reply) => match split(reply) {
-                Some((items, next, more)) => {
-                    all.extend(items);
-                    since = next;
-                    if !more {
-                        break Ok(());
-                    }
+        match admin.call(page(since, limit)).await {
+            Ok(Page { items, next, more }) => {
+                all.extend(items);
+                since = next;
+                if !more {
+                    break Ok(());
                 }
-                None => break Err(anyhow::anyhow!("unexpected reply")),
-            },
+            }
             Err(e) => break Err(e.into()),
         }
     };
@@ -192,20 +179,10 @@ async fn fetch_pages<T>(
 }
 
 pub async fn audit(args: AuditArgs, client: &ClientArgs) -> anyhow::Result<()> {
-    let all = fetch_pages(
-        client,
-        args.since,
-        u64::MAX,
-        |since, limit| AdminOp::Audit { since, limit },
-        |reply| match reply {
-            AdminReply::Audit {
-                entries,
-                next,
-                more,
-            } => Some((entries, next, more)),
-            _ => None,
-        },
-    )
+    let all = fetch_pages(client, args.since, u64::MAX, |since, limit| calls::Audit {
+        since,
+        limit,
+    })
     .await?;
     if args.json {
         return print_json(&all);
@@ -219,11 +196,7 @@ pub async fn events(args: EventsArgs, client: &ClientArgs) -> anyhow::Result<()>
         client,
         args.since,
         args.limit.unwrap_or(u64::MAX),
-        |since, limit| AdminOp::EventsSince { since, limit },
-        |reply| match reply {
-            AdminReply::Events { events, next, more } => Some((events, next, more)),
-            _ => None,
-        },
+        |since, limit| calls::EventsSince { since, limit },
     )
     .await?;
     if args.json {
@@ -234,9 +207,7 @@ pub async fn events(args: EventsArgs, client: &ClientArgs) -> anyhow::Result<()>
 }
 
 pub async fn stats(args: StatsArgs, client: &ClientArgs) -> anyhow::Result<()> {
-    let AdminReply::Stats { stats } = client.request(AdminOp::Stats).await? else {
-        anyhow::bail!("unexpected reply to stats");
-    };
+    let stats = client.call(calls::Stats {}).await?;
     if args.json {
         return print_json(&stats);
     }
@@ -262,9 +233,7 @@ pub async fn stats(args: StatsArgs, client: &ClientArgs) -> anyhow::Result<()> {
 pub async fn key(cmd: KeyCmd, client: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
         KeyCmd::Rotate => {
-            let AdminReply::Done { message } = client.request(AdminOp::KeyRotate).await? else {
-                anyhow::bail!("unexpected reply to key rotate");
-            };
+            let message = client.call(calls::KeyRotate {}).await?;
             println!("{message}");
             Ok(())
         }
@@ -286,11 +255,8 @@ pub async fn broker(cmd: BrokerCmd, client: &ClientArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     match cmd {
         BrokerCmd::MosquittoConfig { out } => {
-            let AdminReply::MosquittoFiles { passwd, acl } =
-                client.request(AdminOp::MosquittoConfig).await?
-            else {
-                anyhow::bail!("unexpected reply to broker mosquitto-config");
-            };
+            let calls::MosquittoFiles { passwd, acl } =
+                client.call(calls::MosquittoConfig {}).await?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let out = std::fs::canonicalize(&out)?;
             let (p, a, c) = (

@@ -4,7 +4,8 @@
 use std::fmt::Write;
 
 use clap::Args;
-use fleetcast_proto::admin::{AdminOp, AdminReply, TargetRecord, VersionReport};
+use fleetcast_proto::admin::{TargetRecord, VersionReport};
+use fleetcast_proto::calls::{self, Call, Page};
 use fleetcast_proto::{Kind, MachineId, ReleaseId};
 
 use super::{print_json, table, ClientArgs};
@@ -36,13 +37,13 @@ pub struct HistoryArgs {
 }
 
 /// Asks for pages until the platform says there are no more (or `wanted` items came): `op`
-/// builds the request for a cursor (None: from the start) and a page size, `split` takes a
-/// reply apart into items, the next cursor and whether more follow.
-pub async fn fetch_all<C, T>(
+/// builds the call for a cursor (None: from the start) and a page size, `page` takes the
+/// page out of its reply.
+pub async fn fetch_all<Q: Call, C, T>(
     client: &ClientArgs,
     wanted: Option<u32>,
-    op: impl Fn(Option<C>, Option<u32>) -> AdminOp,
-    split: impl Fn(AdminReply) -> Option<(Vec<T>, Option<C>, bool)>,
+    op: impl Fn(Option<C>, Option<u32>) -> Q,
+    page: impl Fn(Q::Reply) -> Page<T, Option<C>>,
 ) -> anyhow::Result<Vec<T>> {
     let admin = client.connect().await?;
     let mut all: Vec<T> = Vec::new();
@@ -52,12 +53,9 @@ pub async fn fetch_all<C, T>(
         if left == Some(0) {
             break Ok(());
         }
-        let reply = match admin.request(op(cursor.take(), left)).await {
-            Ok(r) => r,
+        let Page { items, next, more } = match admin.call(op(cursor.take(), left)).await {
+            Ok(r) => page(r),
             Err(e) => break Err(e.into()),
-        };
-        let Some((items, next, more)) = split(reply) else {
-            break Err(anyhow::anyhow!("unexpected reply"));
         };
         all.extend(items);
         // A page that names no cursor cannot be continued, whatever it says.
@@ -71,15 +69,12 @@ pub async fn fetch_all<C, T>(
 }
 
 pub async fn versions(args: VersionsArgs, client: &ClientArgs) -> anyhow::Result<()> {
-    let reply = client
-        .request(AdminOp::Versions {
+    let report = client
+        .call(calls::Versions {
             kind: args.kind,
             release: args.release,
         })
         .await?;
-    let AdminReply::Versions { report } = reply else {
-        anyhow::bail!("unexpected reply to versions");
-    };
     if args.json {
         return print_json(&report);
     }
@@ -93,21 +88,13 @@ pub async fn history(args: HistoryArgs, client: &ClientArgs) -> anyhow::Result<(
     let targets = fetch_all(
         client,
         args.limit,
-        |before, limit| AdminOp::History {
+        |before, limit| calls::History {
             machine: machine.clone(),
             kind: kind.clone(),
             before,
             limit,
         },
-        |reply| match reply {
-            AdminReply::History {
-                targets,
-                next,
-                more,
-                ..
-            } => Some((targets, next, more)),
-            _ => None,
-        },
+        |history| history.page,
     )
     .await?;
     if args.json {

@@ -5,10 +5,10 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use fleetcast_proto::admin::{
-    AdminOp, AdminReply, MachineFilter, MachineInfo, MachineSpec, ProvisionedMachine,
-    MAX_PROVISION_BATCH,
+    MachineFilter, MachineInfo, MachineSpec, ProvisionedMachine, MAX_PROVISION_BATCH,
 };
 use fleetcast_proto::auth::{PlatformPublicKey, Secret};
+use fleetcast_proto::calls;
 use fleetcast_proto::{GroupId, Kind, MachineId, Phase};
 use serde::Serialize;
 
@@ -94,19 +94,12 @@ pub async fn list(args: MachinesArgs, client: &ClientArgs) -> anyhow::Result<()>
     let mut machines = super::inventory::fetch_all(
         client,
         None,
-        |after, limit| AdminOp::MachineQuery {
+        |after, limit| calls::MachineQuery {
             filter: filter.clone(),
             after,
             limit,
         },
-        |reply| match reply {
-            AdminReply::MachinePage {
-                machines,
-                next,
-                more,
-            } => Some((machines, next, more)),
-            _ => None,
-        },
+        |page| page,
     )
     .await?;
     machines.sort_by(|a, b| a.id.cmp(&b.id));
@@ -134,16 +127,13 @@ pub async fn run(cmd: MachineCmd, client: &ClientArgs) -> anyhow::Result<()> {
             ..
         } => {
             let groups: Vec<GroupId> = parse_list(&groups)?;
-            let reply = client
-                .request(AdminOp::MachineProvision {
+            let machine = client
+                .call(calls::MachineProvision {
                     machine,
                     groups,
                     rotate,
                 })
-                .await;
-            let AdminReply::Provisioned { machine } = reply? else {
-                anyhow::bail!("unexpected reply to machine provision");
-            };
+                .await?;
             let data_dir = data_dir.unwrap_or_else(|| {
                 PathBuf::from(format!("./fleetcast-device-{}", machine.machine))
             });
@@ -154,10 +144,7 @@ pub async fn run(cmd: MachineCmd, client: &ClientArgs) -> anyhow::Result<()> {
             "name a machine, or pass --from-file FILE --out-dir DIR",
         )),
         MachineCmd::Revoke { machine } => {
-            let reply = client.request(AdminOp::MachineRevoke { machine }).await;
-            let AdminReply::Done { message } = reply? else {
-                anyhow::bail!("unexpected reply to machine revoke");
-            };
+            let message = client.call(calls::MachineRevoke { machine }).await?;
             println!("{message}");
             Ok(())
         }
@@ -207,17 +194,14 @@ async fn provision_from_file(
     let broker = client.broker()?;
     let admin = client.connect().await?;
     let mut written = 0;
-    let result = async {
+    let result: anyhow::Result<()> = async {
         for batch in specs.chunks(MAX_PROVISION_BATCH) {
-            let reply = admin
-                .request(AdminOp::MachineProvisionBatch {
+            let machines = admin
+                .call(calls::MachineProvisionBatch {
                     machines: batch.to_vec(),
                     rotate,
                 })
                 .await?;
-            let AdminReply::ProvisionedBatch { machines } = reply else {
-                anyhow::bail!("unexpected reply to machine provision --from-file");
-            };
             for m in machines {
                 let dir = data_dir
                     .clone()

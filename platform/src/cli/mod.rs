@@ -30,7 +30,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use fleetcast_broker::admin::AdminClient;
 use fleetcast_broker::BrokerUrl;
-use fleetcast_proto::admin::{AdminOp, AdminReply};
+use fleetcast_proto::calls::Call;
 use fleetcast_proto::Topics;
 
 #[derive(Parser)]
@@ -272,10 +272,10 @@ impl ClientArgs {
         Ok(self.resolve()?.broker)
     }
 
-    /// Connects, sends one request, and disconnects.
-    pub async fn request(&self, op: AdminOp) -> anyhow::Result<AdminReply> {
+    /// Connects, sends one typed call, and disconnects.
+    pub async fn call<C: Call>(&self, call: C) -> anyhow::Result<C::Reply> {
         let admin = self.connect().await?;
-        let reply = admin.request(op).await;
+        let reply = admin.call(call).await;
         admin.close().await;
         Ok(reply?)
     }

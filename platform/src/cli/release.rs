@@ -4,9 +4,8 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use clap::Subcommand;
-use fleetcast_proto::admin::{
-    AdminOp, AdminReply, PublishPlan, ReleaseInfo, ReleaseStatus, StepResult,
-};
+use fleetcast_proto::admin::{PublishPlan, ReleaseInfo, ReleaseStatus, StepResult};
+use fleetcast_proto::calls;
 use fleetcast_proto::rollout::{parse_share, WavePlan};
 use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId};
 
@@ -109,17 +108,14 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             policy,
             notes,
         } => {
-            let reply = client
-                .request(AdminOp::ReleaseCreate {
+            let release = client
+                .call(calls::ReleaseCreate {
                     kind,
                     version,
                     policy,
                     notes,
                 })
-                .await;
-            let AdminReply::Release { release } = reply? else {
-                anyhow::bail!("unexpected reply to release create");
-            };
+                .await?;
             println!("{}", release.id);
             eprintln!(
                 "created {} for {} {} (policy {})",
@@ -153,17 +149,14 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             }
             let admin = client.connect().await?;
             let result = async {
-                let plan_reply = admin
-                    .request(AdminOp::ReleasePlan {
+                let plan = admin
+                    .call(calls::ReleasePlan {
                         release: release.clone(),
                         machines: machines.clone(),
                         groups: groups.clone(),
                         allow_empty,
                     })
                     .await?;
-                let AdminReply::Plan { plan } = plan_reply else {
-                    anyhow::bail!("unexpected reply to release plan");
-                };
                 let mut text = plan_text(&plan, &groups, list);
                 if let Some(w) = &waves {
                     text.push_str(&super::rollout::waves_text(w, plan.targets.len()));
@@ -176,18 +169,15 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
                 if !confirm("Publish?", yes)? {
                     anyhow::bail!("not published");
                 }
-                let AdminReply::Plan { plan } = admin
-                    .request(AdminOp::ReleasePublish {
+                let plan = admin
+                    .call(calls::ReleasePublish {
                         release,
                         machines,
                         groups,
                         allow_empty,
                         waves,
                     })
-                    .await?
-                else {
-                    anyhow::bail!("unexpected reply to release publish");
-                };
+                    .await?;
                 if json {
                     return print_json(&plan);
                 }
@@ -222,16 +212,13 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             json,
         } => {
             let machines: Vec<MachineId> = parse_list(&machines)?;
-            let reply = client
-                .request(AdminOp::ReleaseRetry {
+            let plan = client
+                .call(calls::ReleaseRetry {
                     release,
                     machines,
                     failed,
                 })
-                .await;
-            let AdminReply::Plan { plan } = reply? else {
-                anyhow::bail!("unexpected reply to release retry");
-            };
+                .await?;
             if json {
                 return print_json(&plan);
             }
@@ -246,10 +233,7 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             Ok(())
         }
         ReleaseCmd::Status { release, json } => {
-            let reply = client.request(AdminOp::ReleaseStatus { release }).await;
-            let AdminReply::ReleaseStatus { status } = reply? else {
-                anyhow::bail!("unexpected reply to release status");
-            };
+            let status = client.call(calls::ReleaseStatus { release }).await?;
             if json {
                 return print_json(&status);
             }
@@ -263,10 +247,7 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             result
         }
         ReleaseCmd::List { json } => {
-            let reply = client.request(AdminOp::ReleaseList).await;
-            let AdminReply::Releases { releases } = reply? else {
-                anyhow::bail!("unexpected reply to release list");
-            };
+            let releases = client.call(calls::ReleaseList {}).await?;
             if json {
                 return print_json(&releases);
             }
@@ -345,14 +326,11 @@ async fn watch(
     bytes.set_prefix("download");
     let mut last_line = String::new();
     loop {
-        let AdminReply::ReleaseStatus { status } = admin
-            .request(AdminOp::ReleaseStatus {
+        let status = admin
+            .call(calls::ReleaseStatus {
                 release: release.clone(),
             })
-            .await?
-        else {
-            anyhow::bail!("unexpected reply to release status");
-        };
+            .await?;
         let view = watch_view(&status);
         machines.set_length(view.total);
         machines.set_position(view.finished);

@@ -1,7 +1,7 @@
 //! `fleetcast rollback` and `fleetcast activate`.
 
 use clap::{ArgGroup, Args};
-use fleetcast_proto::admin::{AdminOp, AdminReply};
+use fleetcast_proto::calls;
 use fleetcast_proto::{GroupId, Kind, MachineId, ReleaseId, Target};
 
 use super::release::plan_text;
@@ -57,17 +57,14 @@ pub async fn rollback(args: RollbackArgs, client: &ClientArgs) -> anyhow::Result
     if !confirm(&what, args.yes)? {
         anyhow::bail!("not rolled back");
     }
-    let reply = client
-        .request(AdminOp::Rollback {
+    let plan = client
+        .call(calls::Rollback {
             target,
             kind: args.kind,
             to: args.to,
             allow_empty: args.allow_empty,
         })
-        .await;
-    let AdminReply::Plan { plan } = reply? else {
-        anyhow::bail!("unexpected reply to rollback");
-    };
+        .await?;
     if args.quiet {
         println!("{}", plan.release.id);
         return Ok(());
@@ -85,15 +82,12 @@ pub async fn rollback(args: RollbackArgs, client: &ClientArgs) -> anyhow::Result
 
 pub async fn activate(args: ActivateArgs, client: &ClientArgs) -> anyhow::Result<()> {
     let machines: Vec<MachineId> = parse_list(&args.machines)?;
-    let reply = client
-        .request(AdminOp::Activate {
+    let message = client
+        .call(calls::Activate {
             release: args.release,
             machines,
         })
-        .await;
-    let AdminReply::Done { message } = reply? else {
-        anyhow::bail!("unexpected reply to activate");
-    };
+        .await?;
     println!("{message}");
     Ok(())
 }

@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use clap::Subcommand;
-use fleetcast_proto::admin::{AdminOp, AdminReply};
+use fleetcast_proto::calls;
 use fleetcast_proto::rollout::{share_text, RolloutInfo, RolloutState, WavePlan};
 use fleetcast_proto::ReleaseId;
 
@@ -47,24 +47,29 @@ pub enum RolloutCmd {
 }
 
 pub async fn run(cmd: RolloutCmd, client: &ClientArgs) -> anyhow::Result<()> {
-    let (op, json) = match cmd {
-        RolloutCmd::Status { release, json } => (AdminOp::RolloutStatus { release }, json),
-        RolloutCmd::Pause { release, json } => (AdminOp::RolloutPause { release }, json),
+    let (rollout, json) = match cmd {
+        RolloutCmd::Status { release, json } => {
+            (client.call(calls::RolloutStatus { release }).await?, json)
+        }
+        RolloutCmd::Pause { release, json } => {
+            (client.call(calls::RolloutPause { release }).await?, json)
+        }
         RolloutCmd::Resume {
             release,
             advance,
             json,
-        } => (AdminOp::RolloutResume { release, advance }, json),
+        } => (
+            client
+                .call(calls::RolloutResume { release, advance })
+                .await?,
+            json,
+        ),
         RolloutCmd::Cancel { release, yes, json } => {
             if !confirm(&format!("Cancel the rollout of {release}?"), yes)? {
                 anyhow::bail!("not cancelled");
             }
-            (AdminOp::RolloutCancel { release }, json)
+            (client.call(calls::RolloutCancel { release }).await?, json)
         }
-    };
-    let reply = client.request(op).await;
-    let AdminReply::Rollout { rollout } = reply? else {
-        anyhow::bail!("unexpected reply to a rollout command");
     };
     if json {
         return print_json(&rollout);

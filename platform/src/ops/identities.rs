@@ -1,0 +1,32 @@
+//! `operator_add`, `operator_list`, `operator_revoke`, `integrator_add`.
+
+use fleetcast_proto::admin::{IntegratorProfile, OperatorInfo, OperatorProfile};
+use fleetcast_proto::calls;
+
+use crate::identities;
+use crate::publish::{Ctx, OpError};
+
+/// `by`: the operator creating it (recorded as its creator).
+pub async fn operator_add(
+    ctx: &Ctx,
+    by: &str,
+    c: calls::OperatorAdd,
+) -> Result<OperatorProfile, OpError> {
+    identities::operator_add(ctx, by, c.name, c.role).await
+}
+
+pub fn operator_list(ctx: &Ctx, _: calls::OperatorList) -> Result<Vec<OperatorInfo>, OpError> {
+    Ok(ctx.store.operators()?.into_iter().map(|o| o.info).collect())
+}
+
+pub async fn operator_revoke(ctx: &Ctx, c: calls::OperatorRevoke) -> Result<String, OpError> {
+    identities::operator_revoke(ctx, &c.name).await
+}
+
+pub async fn integrator_add(
+    ctx: &Ctx,
+    by: &str,
+    c: calls::IntegratorAdd,
+) -> Result<IntegratorProfile, OpError> {
+    identities::integrator_add(ctx, by, c.name).await
+}

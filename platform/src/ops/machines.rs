@@ -1,0 +1,34 @@
+//! `machines`, `machine_provision`, `machine_provision_batch`, `machine_revoke`.
+
+use fleetcast_proto::admin::{MachineInfo, MachineSpec, ProvisionedMachine};
+use fleetcast_proto::calls;
+
+use crate::identities;
+use crate::publish::{Ctx, OpError};
+
+pub fn list(ctx: &Ctx, _: calls::Machines) -> Result<Vec<MachineInfo>, OpError> {
+    Ok(ctx.store.machines()?)
+}
+
+pub async fn provision(
+    ctx: &Ctx,
+    c: calls::MachineProvision,
+) -> Result<ProvisionedMachine, OpError> {
+    let spec = MachineSpec {
+        machine: c.machine,
+        groups: c.groups,
+    };
+    let mut done = identities::provision(ctx, vec![spec], c.rotate).await?;
+    Ok(done.pop().expect("one machine provisioned"))
+}
+
+pub async fn provision_batch(
+    ctx: &Ctx,
+    c: calls::MachineProvisionBatch,
+) -> Result<Vec<ProvisionedMachine>, OpError> {
+    identities::provision(ctx, c.machines, c.rotate).await
+}
+
+pub async fn revoke(ctx: &Ctx, c: calls::MachineRevoke) -> Result<String, OpError> {
+    identities::machine_revoke(ctx, &c.machine).await
+}
