@@ -413,3 +413,49 @@ async fn a_platform_restart_mid_wave_loses_nothing_and_the_rollout_finishes() {
     admin.close().await;
     platform.stop().await;
 }
+
+/// A broker restart mid-rollout (Mosquitto without persistence: every retained notice is gone)
+/// loses nothing: the platform re-publishes the waves' notices on reconnect and the rollout
+/// finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_restart_mid_rollout_loses_nothing_and_the_rollout_finishes() {
+    let mut mosq = fleetcast_broker::testing::Mosquitto::start("")
+        .expect("mosquitto (apt-get install mosquitto)");
+    let broker = mosq.url.clone();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&broker).await;
+    let sim = dir.path().join("machines");
+    let stop = CancellationToken::new();
+    let machines = simulator(&data_dir, &sim, &broker, 1, 20, &[], &stop);
+    wait_online(&admin, 20).await;
+    let file = artifact_file(dir.path(), "app-2.0.0.bin", 3_000, 8);
+    upload(&admin, &file, "2.0.0").await;
+    let release = create_release(&admin, &app(), "2.0.0", InstallPolicy::Immediate)
+        .await
+        .id;
+    let plan = WavePlan::new(vec![1000, 5000], 9500, 500, 0).unwrap();
+    publish_waves(&admin, &release, &["fleet"], plan).await;
+    mosq.restart().expect("mosquitto restarts on the same port");
+    let done = rollout_until(
+        &admin,
+        &release,
+        "rollout completed after a broker restart",
+        |r| r.state == RolloutState::Completed,
+    )
+    .await;
+    assert_eq!(done.wave, 2);
+    let s = until_all_final(&admin, &release, 20).await;
+    assert!(
+        s.targets.iter().all(|t| t.phase == Phase::Installed),
+        "{s:?}"
+    );
+
+    stop.cancel();
+    let _ = machines.await;
+    admin.close().await;
+    platform.stop().await;
+}
