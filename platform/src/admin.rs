@@ -68,12 +68,15 @@ pub const UPLOAD_IDLE: Duration = Duration::from_secs(600);
 
 /// What the platform remembers of one admin client: its last counter and the responses to its
 /// recent changes, so a retried change (same counter) gets the same answer instead of running
-/// twice. A retried read is run again.
+/// twice. A retried recent read is run again, a bounded number of times.
 #[derive(Default)]
 struct ClientSeen {
     last_ctr: u64,
     last_at_ms: u64,
     responses: std::collections::VecDeque<(u64, AdminResponse)>,
+    /// The counters of this client's recent reads and how often each ran again: a retry is
+    /// answered, a replay cannot make the platform read over and over.
+    reads: std::collections::VecDeque<(u64, u8)>,
 }
 
 /// Most parts one upload may have: the platform keeps a flag per part while it uploads, so this
@@ -82,6 +85,8 @@ pub const MAX_UPLOAD_PARTS: u32 = 1 << 22;
 
 /// Responses kept per client for retries.
 const KEPT_RESPONSES: usize = 16;
+/// How often one read (one counter) may run again.
+const READ_RETRIES: u8 = 3;
 
 struct Admin {
     ctx: Arc<Ctx>,
@@ -219,19 +224,33 @@ impl Admin {
                 self.respond(client, &operator.secret, &cached).await;
                 return;
             }
-            if change {
-                tracing::warn!(
-                    client,
-                    ctr = req.ctr,
-                    last = seen.last_ctr,
-                    "admin request refused: replayed counter"
-                );
-                return;
+            // A recent read seen before (retried, or replayed: its answer is sealed for the
+            // operator, and reading twice changes nothing) is answered by reading again, at
+            // most READ_RETRIES times.
+            let rerun = seen
+                .reads
+                .iter_mut()
+                .find(|(c, n)| *c == req.ctr && *n < READ_RETRIES);
+            match rerun {
+                Some((_, n)) if !change => *n += 1,
+                _ => {
+                    tracing::warn!(
+                        client,
+                        ctr = req.ctr,
+                        last = seen.last_ctr,
+                        "admin request refused: replayed counter"
+                    );
+                    return;
+                }
             }
-            // A read seen before (retried, or replayed: its answer is sealed for the operator,
-            // and reading twice changes nothing) is answered by reading again.
         } else {
             seen.last_ctr = req.ctr;
+            if !change {
+                seen.reads.push_back((req.ctr, 0));
+                while seen.reads.len() > KEPT_RESPONSES {
+                    seen.reads.pop_front();
+                }
+            }
         }
         seen.last_at_ms = now;
         let audited = req.op.is_change() || operator.role() < req.op.required_role();
@@ -661,14 +680,18 @@ mod tests {
             2,
             "a retried change does not run twice"
         );
-        // Reads keep nothing, however often they are retried.
-        for _ in 0..3 {
+        // Reads keep no response; a retried read runs again, at most READ_RETRIES times.
+        for _ in 0..6 {
             send(&mut admin, 11, AdminOp::ReleaseList).await;
         }
         send(&mut admin, 12, AdminOp::Machines).await;
         let seen = &admin.ctrs["fleetcast-op-admin.t"];
         assert_eq!(seen.responses.len(), 1);
         assert_eq!(seen.last_ctr, 12);
+        assert_eq!(
+            seen.reads.iter().copied().collect::<Vec<_>>(),
+            [(11, READ_RETRIES), (12, 0)]
+        );
     }
 
     fn bytes(seed: u8) -> Vec<u8> {
