@@ -931,6 +931,27 @@ mod tests {
         assert_eq!(publish.required_role(), Role::Operator);
         assert!(publish.is_change());
         assert_eq!(AdminOp::KeyRotate.required_role(), Role::Admin);
+        // Staged rollouts: a viewer may look; steering one is an operator's change (audited).
+        let r = || ReleaseId::new("r-1").unwrap();
+        let status = AdminOp::RolloutStatus { release: r() };
+        assert_eq!(status.required_role(), Role::Viewer);
+        assert!(!status.is_change());
+        for steer in [
+            AdminOp::RolloutPause { release: r() },
+            AdminOp::RolloutResume {
+                release: r(),
+                advance: true,
+            },
+            AdminOp::RolloutCancel { release: r() },
+            AdminOp::ReleaseRetry {
+                release: r(),
+                machines: vec![],
+                failed: true,
+            },
+        ] {
+            assert_eq!(steer.required_role(), Role::Operator, "{}", steer.name());
+            assert!(steer.is_change(), "{}", steer.name());
+        }
     }
 
     #[test]
