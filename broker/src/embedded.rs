@@ -1,8 +1,9 @@
 //! The embedded rumqttd broker, configured in code with every field set.
 //!
 //! rumqttd facts this works around (0.20): `RouterConfig::default()` is all zeros (refuses every
-//! client, and segments under 1 KiB panic); `Broker::start()` blocks forever with no shutdown, so
-//! it runs on its own thread for the life of the process; it cannot report the port it bound, so
+//! client, and segments under 1 KiB panic); `Broker::start()` blocks forever with no shutdown and
+//! cannot hand out in-process links while it runs, so fleetcast starts rumqttd's router and TCP
+//! server itself, each on its own thread for the life of the process; it cannot report the port it bound, so
 //! callers pass a concrete address (tests pick a free one first); a publish larger than
 //! `max_payload_size` silently drops the connection; every distinct subscription filter keeps an
 //! in-memory log of up to `max_segment_size * max_segment_count` bytes that is never freed, and
@@ -15,6 +16,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleetcast_proto::Topics;
+use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
+use rumqttd::protocol::v4::V4;
 use rumqttd::{Config, ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings};
 
 use crate::client::MAX_PACKET;
@@ -161,13 +164,48 @@ pub enum BrokerError {
 }
 
 /// A running embedded broker. It lives until the process exits (rumqttd has no shutdown).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct EmbeddedBroker {
     pub addr: SocketAddr,
+    links: Links,
+}
+
+impl std::fmt::Debug for EmbeddedBroker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EmbeddedBroker")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Opens sessions on the broker's router in-process: no socket, no second MQTT encoding. The
+/// gateway gives each client one (see `gateway::link`).
+///
+/// Why not `rumqttd::Broker::link`: `Broker::start` takes `&mut self` and blocks forever, so a
+/// running broker cannot be asked for links. fleetcast therefore assembles the same parts
+/// itself: the router on its thread, the loopback TCP server on another, and this handle to
+/// the router's channel (whose type rumqttd does not export, hence the closure).
+#[derive(Clone)]
+pub struct Links(Arc<OpenLink>);
+
+type OpenLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), LinkRefused> + Send + Sync;
+
+/// The router did not take a new session (e.g. its connection limit), with rumqttd's reason.
+#[derive(Debug, thiserror::Error)]
+#[error("the broker refused a session: {0}")]
+pub struct LinkRefused(String);
+
+impl Links {
+    /// A clean session for `client_id`. A live session with the same id is dropped by the
+    /// router. Blocks until the router answers (microseconds; run it off the async workers).
+    pub fn open(&self, client_id: &str) -> Result<(LinkTx, LinkRx), LinkRefused> {
+        (self.0)(client_id)
+    }
 }
 
 impl EmbeddedBroker {
-    /// Starts rumqttd on its own thread and returns once its port accepts connections.
+    /// Starts rumqttd (router and loopback TCP server, each on its own thread) and returns once
+    /// its port accepts connections.
     pub fn start(settings: BrokerSettings) -> Result<Self, BrokerError> {
         let addr = settings.listen;
         // rumqttd would log a bind failure on its thread and never listen: check first.
@@ -175,19 +213,44 @@ impl EmbeddedBroker {
             TcpListener::bind(addr).map_err(|_| BrokerError::AddrInUse { addr })?;
         }
         let config = settings.rumqttd_config();
-        std::thread::Builder::new()
-            .name("rumqttd".into())
-            .spawn(move || {
-                let mut broker = rumqttd::Broker::new(config);
-                if let Err(e) = broker.start() {
-                    tracing::error!(error = %e, "embedded broker stopped");
-                }
-            })
-            .map_err(BrokerError::Thread)?;
+        let router_tx = rumqttd::Router::new(config.id, config.router.clone()).spawn();
+        let links = {
+            let router_tx = router_tx.clone();
+            Links(Arc::new(move |client_id: &str| {
+                let (tx, rx, _connack) = LinkBuilder::new(client_id, router_tx.clone())
+                    .clean_session(true)
+                    // Like the TCP server's sessions: a publish on a topic nobody subscribed
+                    // to is taken (and kept in a log of its own) rather than refused.
+                    .dynamic_filters(true)
+                    .build()
+                    .map_err(|e| LinkRefused(e.to_string()))?;
+                Ok((tx, rx))
+            }))
+        };
+        for (_, server) in config.v4.clone().unwrap_or_default() {
+            let mut server = rumqttd::Server::new(server, router_tx.clone(), V4);
+            std::thread::Builder::new()
+                .name("rumqttd".into())
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build();
+                    let result = match runtime {
+                        Ok(rt) => rt
+                            .block_on(server.start(rumqttd::LinkType::Remote))
+                            .map_err(|e| e.to_string()),
+                        Err(e) => Err(e.to_string()),
+                    };
+                    if let Err(e) = result {
+                        tracing::error!(error = %e, "embedded broker stopped");
+                    }
+                })
+                .map_err(BrokerError::Thread)?;
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
             if TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_ok() {
-                return Ok(Self { addr });
+                return Ok(Self { addr, links });
             }
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -196,6 +259,11 @@ impl EmbeddedBroker {
 
     pub fn url(&self) -> crate::client::BrokerUrl {
         crate::client::BrokerUrl::mqtt(self.addr.ip().to_string(), self.addr.port())
+    }
+
+    /// In-process sessions on this broker's router.
+    pub fn links(&self) -> Links {
+        self.links.clone()
     }
 }
 

@@ -1,6 +1,6 @@
-//! Open-file limits. Every machine costs the platform three descriptors with the embedded
-//! broker (the client's socket at the gateway, the gateway's socket to rumqttd and rumqttd's
-//! end of it) and a simulator one per machine, so the usual soft limit of 1,024 (or a
+//! Open-file limits. Every machine costs the platform one descriptor with the embedded broker
+//! (its socket at the gateway; the gateway's session on rumqttd is an in-process link) and a
+//! simulator one per machine, so the usual soft limit of 1,024 (or a
 //! container's 20,000) caps a fleet long before memory or CPU do.
 
 /// Raises this process's soft open-file limit to its hard limit (as Go's runtime does) and

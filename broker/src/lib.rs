@@ -6,7 +6,7 @@
 //!   packets), and `drive`, the one task that owns an event loop and reconnects with backoff.
 //! - [`embedded`] (feature `embedded`): rumqttd configured in code with every field set, auth
 //!   by `client_id == username` plus a password check, sized segment logs for bulk topics.
-//! - [`fdlimit`]: raise the open-file limit (three descriptors per machine on the platform).
+//! - [`fdlimit`]: raise the open-file limit (one descriptor per machine on the platform).
 //! - [`mosquitto`]: the broker policy (`proto::acl`) as Mosquitto password and ACL files.
 //! - [`gateway`] (feature `embedded`): the authorizing gateway in front of rumqttd: per-packet
 //!   topic ACLs from `proto::acl`, TLS, TCP_NODELAY, rate limits, kick; rumqttd on loopback only.

@@ -3,7 +3,7 @@
 //! writes itself (the rewritten CONNECT, a refusing CONNACK). Pure functions over bytes.
 
 use bytes::BytesMut;
-use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Login, Packet};
+use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::{self, PacketType};
 
 use crate::client::MAX_PACKET;
@@ -131,15 +131,13 @@ pub fn take_connect(buf: &mut BytesMut) -> Result<Option<Connect>, FrameError> {
     }
 }
 
-/// `connect` re-encoded with the broker-internal credentials `(client_id, password)`; will,
-/// keep-alive and clean-session are kept.
-pub fn upstream_connect(mut connect: Connect, password: &str) -> Result<BytesMut, FrameError> {
-    connect.login = Some(Login::new(connect.client_id.clone(), password));
-    let mut out = BytesMut::with_capacity(connect.size());
-    Packet::Connect(connect)
-        .write(&mut out, MAX_PACKET)
-        .map_err(|e| FrameError::Malformed(e.to_string()))?;
-    Ok(out)
+/// The CONNACK accepting a clean session.
+pub fn accepted() -> BytesMut {
+    let mut out = BytesMut::with_capacity(4);
+    ConnAck::new(ConnectReturnCode::Success, false)
+        .write(&mut out)
+        .expect("a CONNACK always encodes");
+    out
 }
 
 /// A CONNACK refusing the connection with `code`.
@@ -231,7 +229,7 @@ mod tests {
     }
 
     #[test]
-    fn the_upstream_connect_swaps_only_the_credentials() {
+    fn a_connect_is_taken_whole_with_its_will_and_the_next_packet_stays() {
         let mut c = Connect::new("vm-1");
         c.keep_alive = 33;
         c.clean_session = false;
@@ -250,20 +248,6 @@ mod tests {
             &wire[..],
             &[0xc0, 0x00],
             "the next packet stays in the buffer"
-        );
-
-        let mut up = upstream_connect(parsed, "internal").unwrap();
-        let Some(Packet::Connect(rewritten)) = Packet::read(&mut up, MAX_PACKET).ok() else {
-            panic!("not a CONNECT");
-        };
-        assert_eq!(rewritten.login, Some(Login::new("vm-1", "internal")));
-        assert_eq!(
-            (
-                rewritten.keep_alive,
-                rewritten.clean_session,
-                &rewritten.last_will
-            ),
-            (33, false, &c.last_will)
         );
     }
 

@@ -18,35 +18,36 @@
 //!   with [`Principal::may_subscribe`] and then [`Authenticator::may_subscribe`] (dynamic rules).
 //!   MQTT 3.1.1 cannot refuse a publish, and a SUBACK failure code is easy to ignore, so a
 //!   violation closes the connection (logged with client and topic): the attack fails visibly
-//!   and nothing of it reaches the broker. Everything else is forwarded byte for byte.
-//! - **Broker -> client is a plain copy**: the broker only delivers what the checked
-//!   subscriptions match. This is the hot path (64 KiB chunk frames to every machine), so it
-//!   neither parses nor allocates per packet.
+//!   and nothing of it reaches the broker. Everything else is handed on unchanged.
+//! - **Sessions are in-process links** to rumqttd's router (`embedded::Links`): no second
+//!   socket and no second MQTT encoding per client. The gateway answers CONNECT itself, hands
+//!   each allowed packet to the router parsed, and encodes what the router delivers (only what
+//!   the checked subscriptions match, so nothing on the way out is checked). It enforces the
+//!   keep-alive (1.5 x) and publishes the client's will when the connection ends without
+//!   DISCONNECT. One descriptor per client instead of three (client socket, gateway -> rumqttd
+//!   socket, rumqttd's end of it): 10,000 machines fit under a 20,000 open-file limit.
 //! - **Inbound rate limits** per principal kind ([`InboundLimits`]): over the limit the gateway
 //!   delays forwarding and stops reading (TCP backpressure), it never disconnects. Machines and
 //!   integrators are limited by default; the platform and operators (who upload artifacts
 //!   through the gateway) are not.
-//! - **TCP_NODELAY** on every accepted socket and on every upstream socket.
+//! - **TCP_NODELAY** on every accepted socket.
 //! - **Kick**: [`GatewayHandle::kick`] ends every live session of a username at once (machine
 //!   revocation).
 //!
-//! Nobody can bypass it by dialing rumqttd directly: rumqttd admits a client only when
-//! `password == internal_token(client_id)`, a keyed blake3 hash under a key drawn at random
-//! per process and never written anywhere. The gateway rewrites each admitted CONNECT to those
-//! credentials (keeping will, keep-alive and clean-session); the platform's own clients dial the
-//! internal URL with [`SecuredBroker::internal_password`] and skip the extra hop.
+//! Nobody can bypass it by dialing rumqttd directly: rumqttd's own TCP listener is on loopback
+//! and admits a client only when `password == internal_token(client_id)`, a keyed blake3 hash
+//! under a key drawn at random per process and never written anywhere. Only the platform's
+//! own clients dial it ([`SecuredBroker::internal_url`], [`SecuredBroker::internal_password`]).
 //!
-//! Not covered: a client with `clean_session = false` keeps its rumqttd session, including
-//! subscriptions checked when they were made, across reconnects; a rule that later narrows
-//! (a machine leaving a group) does not remove them. fleetcast's machines connect with clean
-//! sessions, so only the platform's own (internal) clients keep sessions.
+//! Every session through the gateway is clean (CONNACK session-present is always 0): a client
+//! asking for a persistent session gets a fresh one on every CONNECT and must subscribe again.
+//! This also closes what persistent sessions left open before: subscriptions checked once and
+//! kept across reconnects after a rule narrowed (a machine leaving a group).
 //!
-//! Layout: `buffer` (read buffers that follow the traffic), `fanout` (chunk frames delivered
-//! by the gateway itself), `frames` (raw packet bytes),
-//! `limit` (token buckets), `registry` (sessions, kick, counters), `session` (one
-//! connection's pumps), `tls` (server config).
+//! Layout: `fanout` (chunk frames delivered by the gateway itself), `frames` (raw packet
+//! bytes), `limit` (token buckets), `registry` (sessions, kick, counters), `session` (one
+//! connection: CONNECT, its link, its pumps), `tls` (server config).
 
-mod buffer;
 mod fanout;
 mod frames;
 mod limit;
@@ -190,8 +191,8 @@ impl InternalKey {
 struct Shared {
     topics: Topics,
     auth: Arc<dyn Authenticator>,
-    internal: Arc<InternalKey>,
-    upstream: SocketAddr,
+    /// In-process sessions on rumqttd's router, one per admitted client.
+    links: crate::embedded::Links,
     limits: InboundLimits,
     connect_timeout: Duration,
     registry: Arc<Registry>,
@@ -249,8 +250,7 @@ pub async fn start_secured(
     let shared = Arc::new(Shared {
         topics: settings.topics,
         auth,
-        internal: internal.clone(),
-        upstream: broker.addr,
+        links: broker.links(),
         limits: settings.limits,
         connect_timeout: settings.connect_timeout,
         registry: registry.clone(),

@@ -877,3 +877,199 @@ async fn stop_and_wait_round_trip_direct_and_through_the_gateway() {
     }
     println!("stop-and-wait round trip with a 64 KiB answer: {results:?}");
 }
+
+/// A raw machine session `id` whose will marks it offline (retained, QoS 1, like the agent's).
+async fn with_will(gw: &Gateway, id: &str, keep_alive: u16) -> Raw {
+    let topics = Topics::default();
+    let mut connect = login(id, id, &format!("pw-{id}"));
+    connect.keep_alive = keep_alive;
+    connect.last_will = Some(LastWill::new(
+        topics.online(&MachineId::new(id).unwrap()),
+        format!("will-of-{id}"),
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let (raw, code) = Raw::connect(gw.plain(), connect).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success), "{id} connects");
+    raw
+}
+
+/// Publishes a marker as `id` (through the gateway) and returns the first online message the
+/// platform sees after everything before it: the will if one fired, else the marker.
+async fn first_online_after(
+    gw: &Gateway,
+    platform_rx: &mut mpsc::Receiver<MqttEvent>,
+    id: &str,
+) -> String {
+    let (m, _rx) = gw.machine(id).await;
+    m.publish(
+        Topics::default().online(&MachineId::new(id).unwrap()),
+        QoS::AtLeastOnce,
+        false,
+        "marker",
+    )
+    .await
+    .unwrap();
+    let got = next_publish(platform_rx, WAIT, "an online message").await;
+    String::from_utf8(got.payload.to_vec()).unwrap()
+}
+
+/// The gateway's sessions are in-process links, so the gateway itself stands in for what a
+/// broker does when a connection ends: the will fires when the socket drops or the client goes
+/// silent past 1.5 x its keep-alive, and not after a DISCONNECT or when a newer connection
+/// took the client id over (a machine that reconnected must not be marked offline by its
+/// stale session).
+#[tokio::test]
+async fn the_will_fires_on_a_dropped_or_silent_connection_only() {
+    let gw = start_gateway(|_| {}).await;
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    subscribe(
+        &platform,
+        &mut platform_rx,
+        &Topics::default().platform_online_filter(),
+    )
+    .await;
+
+    // Socket dropped without DISCONNECT: the will.
+    let raw = with_will(&gw, "vm-1", 60).await;
+    drop(raw);
+    let got = next_publish(&mut platform_rx, WAIT, "the will of a dropped connection").await;
+    assert_eq!(got.payload[..], b"will-of-vm-1"[..]);
+    assert_eq!(
+        got.topic,
+        Topics::default().online(&MachineId::new("vm-1").unwrap())
+    );
+
+    // DISCONNECT first: no will; the next message is the marker.
+    let mut raw = with_will(&gw, "vm-2", 60).await;
+    raw.send(Packet::Disconnect).await;
+    assert!(raw.next().await.is_none(), "closed after DISCONNECT");
+    assert_eq!(
+        first_online_after(&gw, &mut platform_rx, "vm-2").await,
+        "marker"
+    );
+
+    // Taken over by a newer connection with the same id: the old one is closed, no will.
+    let mut old = with_will(&gw, "vm-3", 60).await;
+    let newer = with_will(&gw, "vm-3", 60).await;
+    assert!(old.next().await.is_none(), "the older session is closed");
+    drop(newer);
+    let got = next_publish(&mut platform_rx, WAIT, "the newer session's will").await;
+    assert_eq!(
+        got.payload[..],
+        b"will-of-vm-3"[..],
+        "exactly one will, the newer's"
+    );
+    assert_eq!(
+        first_online_after(&gw, &mut platform_rx, "vm-3").await,
+        "marker"
+    );
+
+    // Silent past the keep-alive: closed after 1.5 x 1 s, and the will fires.
+    let mut silent = with_will(&gw, "vm-1", 1).await;
+    let started = std::time::Instant::now();
+    assert!(silent.next().await.is_none(), "a silent client is closed");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "closed only after 1.5 x the keep-alive, not {waited:?}"
+    );
+    let got = next_publish(&mut platform_rx, WAIT, "the will of a silent client").await;
+    assert_eq!(got.payload[..], b"will-of-vm-1"[..]);
+
+    // A client that pings in time stays, and its pings are answered.
+    let mut pinging = with_will(&gw, "vm-2", 1).await;
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        pinging.send(Packet::PingReq).await;
+        assert_eq!(pinging.next().await, Some(Packet::PingResp), "PINGRESP");
+    }
+}
+
+/// A client asking for a persistent session gets a clean one (session-present 0 every time)
+/// and its subscriptions end with the connection: nothing reaches a session that is gone,
+/// and the next connection starts empty.
+#[tokio::test]
+async fn every_session_through_the_gateway_is_clean() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let (platform, _platform_rx) = gw.platform(PLATFORM).await;
+    let persistent = || {
+        let mut c = login("vm-1", "vm-1", "pw-vm-1");
+        c.clean_session = false;
+        c
+    };
+    let stream = TcpStream::connect(gw.plain()).await.unwrap();
+    let mut raw = Raw {
+        stream,
+        buf: BytesMut::new(),
+    };
+    raw.send(Packet::Connect(persistent())).await;
+    let Some(Packet::ConnAck(ack)) = raw.next().await else {
+        panic!("no CONNACK");
+    };
+    assert_eq!(
+        (ack.code, ack.session_present),
+        (ConnectReturnCode::Success, false)
+    );
+    raw.send(raw_subscribe(&topics.command(&vm1))).await;
+    assert!(matches!(raw.next().await, Some(Packet::SubAck(_))));
+    raw.send(Packet::Disconnect).await;
+    assert!(raw.next().await.is_none());
+
+    platform
+        .publish(topics.command(&vm1), QoS::AtLeastOnce, false, "while away")
+        .await
+        .unwrap();
+    let (mut again, code) = Raw::connect(gw.plain(), persistent()).await;
+    assert_eq!(code, Some(ConnectReturnCode::Success));
+    again.send(Packet::PingReq).await;
+    assert_eq!(
+        again.next().await,
+        Some(Packet::PingResp),
+        "nothing kept for the old session: the first packet is the ping's answer"
+    );
+}
+
+/// Open descriptors of this process.
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// Each client costs the gateway's process one descriptor (its socket): the session on rumqttd
+/// is an in-process link, not a second TCP connection (which cost two more, one per end).
+/// Client and gateway share this process, so a connection shows up as two here (the
+/// client's end and the accepted one); other tests running at the same time add noise, hence
+/// the margin, which is still far below the four per connection of a proxied session.
+#[tokio::test]
+async fn a_session_costs_one_descriptor_in_the_gateway() {
+    let gw = start_gateway(|_| {}).await;
+    const N: usize = 200;
+    let before = open_fds();
+    let mut live = Vec::with_capacity(N);
+    for i in 0..N {
+        let mut c = login(
+            &format!("fleetcast-op-alice.{i}"),
+            "fleetcast-op-alice",
+            "pw-fleetcast-op-alice",
+        );
+        c.keep_alive = 60;
+        let (raw, code) = Raw::connect(gw.plain(), c).await;
+        assert_eq!(code, Some(ConnectReturnCode::Success));
+        live.push(raw);
+    }
+    assert_eq!(gw.secured.handle().stats().active, N);
+    let grown = open_fds().saturating_sub(before);
+    assert!(
+        grown <= 2 * N + N / 2,
+        "{grown} descriptors for {N} connections (2 per connection expected in one process, \
+         4 if the gateway proxied each session over TCP)"
+    );
+    assert!(
+        grown >= 2 * N - N / 4,
+        "the count sees the connections: {grown}"
+    );
+}

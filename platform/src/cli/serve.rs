@@ -46,7 +46,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     match fleetcast_broker::fdlimit::raise_open_file_limit() {
         Ok(n) => tracing::info!(
             open_files = n,
-            "open-file limit (three per connected machine)"
+            "open-file limit (one per connected machine)"
         ),
         Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
     }
