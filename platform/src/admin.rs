@@ -22,11 +22,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::artifacts::Upload;
+use crate::context::Ctx;
 use crate::error::PlatformError;
 use crate::integrators::Integrators;
 use crate::now_ms;
 use crate::ops::{artifacts, events, identities, inventory, keys, machines, releases, rollouts};
-use crate::publish::{self, refused, Ctx, OpError};
+use crate::ops::{refused, OpError};
+use crate::publish;
 use crate::store::{OperatorRecord, StoreError};
 
 /// What the serve connection forwards to the admin task.

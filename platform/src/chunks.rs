@@ -33,9 +33,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::artifacts::{ArtifactError, ArtifactStore};
+use crate::context::Ctx;
 use crate::error::PlatformError;
 use crate::limits::{ChunkBudget, BUDGET_SWEEP};
-use crate::publish::Ctx;
 
 /// A frame is broadcast at most once per this long (the rest is owed, see the module doc).
 pub const RESEND_AFTER: Duration = Duration::from_millis(500);

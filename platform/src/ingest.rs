@@ -24,9 +24,10 @@ use rumqttc::{AsyncClient, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::context::Ctx;
 use crate::domain::target;
 use crate::error::PlatformError;
-use crate::publish::{self, Ctx};
+use crate::publish;
 use crate::store::{DesiredNotice, Records, Store, StoreError};
 use crate::{now_ms, staged};
 

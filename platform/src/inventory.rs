@@ -20,7 +20,7 @@ use fleetcast_proto::release::compare_versions;
 use fleetcast_proto::{Kind, MachineId, Phase, ReleaseId};
 use serde::Serialize;
 
-use crate::publish::{known_release, refused, OpError};
+use crate::ops::{known_release, refused, OpError};
 use crate::store::{Store, StoreError};
 
 /// Runs a read of the whole fleet on the blocking pool: it can take a while at 10,000

@@ -3,6 +3,8 @@
 //! Layout:
 //! - [`serve`]: `serve(opts, shutdown)`, the service: opens the data dir, optionally starts the
 //!   embedded broker, runs the connections and tasks below until shutdown.
+//! - [`context`]: `Ctx`, what every task shares (store, files, keys, MQTT client, session
+//!   control, limits, counters).
 //! - [`broker_auth`]: which principal holds a broker client's credentials (the store's view).
 //! - [`limits`]: per-machine limits (chunk requests and bytes per second, stored events).
 //! - [`keys`]: the platform's signing key and the admin secret in the data dir.
@@ -20,7 +22,8 @@
 //! - [`admin`]: the operator request loop: authentication, roles, audit, retried requests,
 //!   sealed responses and uploads; every other operation is dispatched to [`ops`].
 //! - [`ops`]: one function per admin operation (typed call in, typed reply out), one module
-//!   per family: artifacts, releases, rollouts, machines, identities, inventory, events, keys.
+//!   per family: artifacts, releases, rollouts, machines, identities, inventory, events, keys;
+//!   and `OpError`, why an operation failed.
 //! - [`inventory`]: machines by filter, installed versions and compliance, a machine's release
 //!   history (read-only, paged, aggregated on the platform).
 //! - [`publish`]: signing and bookkeeping of notices and commands, shared by admin and ingest.
@@ -33,6 +36,7 @@ pub mod artifacts;
 pub mod broker_auth;
 pub mod chunks;
 pub mod cli;
+pub mod context;
 pub mod domain;
 pub mod error;
 pub mod identities;

@@ -3,107 +3,19 @@
 //! and (re-)publishing them and rollout progress.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use fleetcast_proto::admin::{PublishPlan, ReleaseInfo, RolloutProgress};
 use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::command::{Command, CommandAction};
-use fleetcast_proto::{GroupId, Kind, MachineId, ReleaseId, ReleaseNotice, Target, Topics};
-use rumqttc::{AsyncClient, QoS};
+use fleetcast_proto::{GroupId, Kind, MachineId, ReleaseId, ReleaseNotice, Target};
+use rumqttc::QoS;
 
-use crate::artifacts::{ArtifactError, ArtifactStore};
+use crate::context::Ctx;
 use crate::domain::target;
-use crate::keys::Keys;
-use crate::limits::MachineLimits;
 use crate::now_ms;
+use crate::ops::{known_release, refused, OpError};
 use crate::store::{DesiredNotice, Reads, Records, Store, StoreError};
-
-/// Everything the service's tasks share.
-pub struct Ctx {
-    pub store: Arc<dyn Store>,
-    pub files: Arc<ArtifactStore>,
-    /// The current keys; replaced whole by a key rotation.
-    pub keys: RwLock<Arc<Keys>>,
-    pub topics: Topics,
-    /// Client of the serve connection; every platform publish goes through it.
-    pub mqtt: AsyncClient,
-    /// Closes broker sessions (revocation); a no-op on an external broker.
-    pub sessions: Arc<dyn SessionControl>,
-    /// The data dir (keys live there).
-    pub data_dir: std::path::PathBuf,
-    /// What each machine may take.
-    pub limits: MachineLimits,
-    pub stats: crate::stats::Stats,
-}
-
-impl Ctx {
-    /// The keys in force now.
-    pub fn keys(&self) -> Arc<Keys> {
-        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-#[cfg(test)]
-impl Ctx {
-    /// A context over a fresh in-memory store, and keys and artifact files in `dir`, publishing
-    /// into `mqtt` (never polled).
-    pub fn for_tests(dir: &std::path::Path, mqtt: AsyncClient) -> Self {
-        let store: Arc<dyn Store> = Arc::new(crate::store::MemStore::new());
-        let keys = crate::keys::load_or_create_keys(dir).unwrap();
-        crate::identities::ensure_bootstrap_admin(&*store, &keys).unwrap();
-        Ctx {
-            store,
-            files: Arc::new(ArtifactStore::open(dir).unwrap()),
-            keys: RwLock::new(Arc::new(keys)),
-            topics: Topics::default(),
-            mqtt,
-            sessions: Arc::new(NoSessionControl),
-            data_dir: dir.to_owned(),
-            limits: MachineLimits::default(),
-            stats: Default::default(),
-        }
-    }
-}
-
-/// What the embedded broker's gateway does for the platform beyond MQTT: close a username's
-/// live sessions (an external broker cannot be told; its own tools or a restart do it), and
-/// deliver what is published on the topics it fans out itself (artifact chunk topics and
-/// `fleet/events`) to the sessions subscribed to them.
-pub trait SessionControl: Send + Sync {
-    /// Closes every session of `username`; returns how many were closed.
-    fn close_sessions(&self, username: &str) -> usize;
-    /// Delivers `payload` on fanned-out topic `topic` to its subscribers (or only to those of
-    /// the machines in `only`), if this broker can (`None`: publish it over MQTT instead, to all).
-    fn deliver(&self, _topic: &str, _payload: &[u8], _only: Option<&[&str]>) -> Option<usize> {
-        None
-    }
-}
-
-/// For an external broker: nothing to close from here.
-pub struct NoSessionControl;
-
-impl SessionControl for NoSessionControl {
-    fn close_sessions(&self, _username: &str) -> usize {
-        0
-    }
-}
-
-/// Why an operator request failed; the text goes back to the CLI.
-#[derive(Debug, thiserror::Error)]
-pub enum OpError {
-    #[error("{0}")]
-    Refused(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Artifact(#[from] ArtifactError),
-    #[error("cannot publish: {0}")]
-    Mqtt(#[from] rumqttc::ClientError),
-}
-
-pub fn refused<T>(text: impl Into<String>) -> Result<T, OpError> {
-    Err(OpError::Refused(text.into()))
-}
 
 /// Machines reached by a publish, the topics it uses, and groups without members.
 pub struct Resolved {
@@ -365,13 +277,6 @@ pub async fn retry(
         });
     }
     publish(ctx, &info, &chosen, &[], false).await
-}
-
-/// The release `id`, or the operator's "unknown release" error.
-pub fn known_release<S: Reads + ?Sized>(store: &S, id: &ReleaseId) -> Result<ReleaseInfo, OpError> {
-    store
-        .release(id)?
-        .ok_or_else(|| OpError::Refused(format!("unknown release {id}")))
 }
 
 /// Sends a signed `activate` for `release` to each machine. Returns the machines.

@@ -19,9 +19,11 @@ use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan};
 use fleetcast_proto::{GroupId, InstallPolicy, MachineId, Phase, ReleaseId, Target};
 use rumqttc::QoS;
 
+use crate::context::Ctx;
 use crate::domain::rollout::{self as core, Effect, Tally};
 use crate::now_ms;
-use crate::publish::{self, known_release, refused, Ctx, OpError};
+use crate::ops::{known_release, refused, OpError};
+use crate::publish;
 use crate::store::{DesiredNotice, Records, StoreError};
 
 /// Running rollouts are re-evaluated at least this often (a wave's timeout is checked then).

@@ -4,7 +4,8 @@ use fleetcast_proto::admin::ArtifactInfo;
 use fleetcast_proto::calls;
 use fleetcast_proto::release::compare_versions;
 
-use crate::publish::{Ctx, OpError};
+use crate::context::Ctx;
+use crate::ops::OpError;
 
 /// Every stored artifact, by kind, then version.
 pub fn list(ctx: &Ctx, _: calls::ArtifactList) -> Result<Vec<ArtifactInfo>, OpError> {

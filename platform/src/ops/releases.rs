@@ -6,9 +6,11 @@ use fleetcast_proto::calls;
 use fleetcast_proto::release::ArtifactRef;
 use fleetcast_proto::{InstallPolicy, Kind, Target};
 
+use crate::context::Ctx;
 use crate::domain::target;
 use crate::now_ms;
-use crate::publish::{self, refused, Ctx, OpError};
+use crate::ops::{known_release, refused, OpError};
+use crate::publish;
 use crate::staged;
 
 pub async fn create(ctx: &Ctx, c: calls::ReleaseCreate) -> Result<ReleaseInfo, OpError> {
@@ -17,13 +19,13 @@ pub async fn create(ctx: &Ctx, c: calls::ReleaseCreate) -> Result<ReleaseInfo, O
 
 /// What publishing would send, without sending.
 pub fn plan(ctx: &Ctx, c: calls::ReleasePlan) -> Result<PublishPlan, OpError> {
-    let info = publish::known_release(&*ctx.store, &c.release)?;
+    let info = known_release(&*ctx.store, &c.release)?;
     publish::plan(ctx, &info, &c.machines, &c.groups, c.allow_empty)
 }
 
 /// Publishes at once, or (with waves) starts a staged rollout.
 pub async fn publish(ctx: &Ctx, c: calls::ReleasePublish) -> Result<PublishPlan, OpError> {
-    let info = publish::known_release(&*ctx.store, &c.release)?;
+    let info = known_release(&*ctx.store, &c.release)?;
     let (machines, groups, allow_empty) = (&c.machines, &c.groups, c.allow_empty);
     let plan = match c.waves {
         Some(waves) => staged::publish(ctx, &info, machines, groups, allow_empty, waves).await?,
@@ -45,7 +47,7 @@ pub fn list(ctx: &Ctx, _: calls::ReleaseList) -> Result<Vec<ReleaseInfo>, OpErro
 
 pub fn status(ctx: &Ctx, c: calls::ReleaseStatus) -> Result<ReleaseStatus, OpError> {
     let store = &*ctx.store;
-    let info = publish::known_release(store, &c.release)?;
+    let info = known_release(store, &c.release)?;
     let targets = store.targets_of(&c.release)?;
     let progress = target::progress(&info, &targets, now_ms());
     Ok(ReleaseStatus {
