@@ -20,7 +20,8 @@
 //! - [`chunks`]: the chunk server (per machine or broadcast).
 //! - [`identities`]: operators with roles, integrators, machine revocation.
 //! - [`admin`]: the operator request loop: authentication, roles, audit, retried requests,
-//!   sealed responses and uploads; every other operation is dispatched to [`ops`].
+//!   sealed responses; uploads go to [`uploads`], every other operation to [`ops`].
+//! - [`uploads`]: artifact uploads in progress (staging, parts, commit, abandoned uploads).
 //! - [`ops`]: one function per admin operation (typed call in, typed reply out), one module
 //!   per family: artifacts, releases, rollouts, machines, identities, inventory, events, keys;
 //!   and `OpError`, why an operation failed.
@@ -52,6 +53,7 @@ pub mod serve;
 pub mod staged;
 pub mod stats;
 pub mod store;
+pub mod uploads;
 
 pub use error::PlatformError;
 pub use keys::{admin_secret_path, load_or_create_keys, public_key_path, Keys};

@@ -1,4 +1,4 @@
-//! `artifact_list` (uploads are in [`crate::admin`], which keeps their staging state).
+//! `artifact_list` (uploads are in [`crate::uploads`], whose staging state the admin task owns).
 
 use fleetcast_proto::admin::ArtifactInfo;
 use fleetcast_proto::calls;

@@ -1,7 +1,7 @@
 //! One function per admin operation, grouped by family: each takes its typed call
 //! ([`fleetcast_proto::calls`]) and returns its typed reply. Authentication, role checks, the
 //! audit log, retries and response sealing happen once, in [`crate::admin`], which dispatches
-//! here. Uploads stay in `admin`: their staging state lives with the admin task.
+//! here. Uploads are in [`crate::uploads`]: their staging state lives with the admin task.
 //!
 //! [`OpError`] is what every operation returns when it fails: its text goes back to the CLI.
 
