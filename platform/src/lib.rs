@@ -12,8 +12,9 @@
 //!   sled is the embedded implementation (layout documented in `store::sled`), an in-memory
 //!   one serves unit tests.
 //! - [`artifacts`]: artifact files: staged uploads, atomic commit, manifests, chunk reads.
-//! - [`domain`]: the domain's pure state machines: a target (one machine's record for one
-//!   release) and a staged rollout with its waves.
+//! - [`domain`]: the domain's pure state machines: a release (publishing, progress, retry,
+//!   activate, rollback's version), a target (one machine's record for one release) and a
+//!   staged rollout with its waves.
 //! - [`staged`]: staged rollouts, the I/O side: waves' notices, pause/resume/cancel.
 //! - [`ingest`]: the persistent connection for status, state and online.
 //! - [`integrators`]: integrators' requests for stored events (signed batches).

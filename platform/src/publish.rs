@@ -12,9 +12,9 @@ use fleetcast_proto::{GroupId, Kind, MachineId, ReleaseId, ReleaseNotice, Target
 use rumqttc::QoS;
 
 use crate::context::Ctx;
-use crate::domain::target;
+use crate::domain::{self, target};
 use crate::now_ms;
-use crate::ops::{known_release, refused, OpError};
+use crate::ops::{refused, OpError};
 use crate::store::{DesiredNotice, Reads, Records, Store, StoreError};
 
 /// Machines reached by a publish, the topics it uses, and groups without members.
@@ -201,18 +201,7 @@ pub async fn publish(
             .iter()
             .map(|t| sign_notice(ctx, &release, seq, t.clone()))
             .collect();
-        release.seq = seq;
-        release.published_at_ms.get_or_insert(now);
-        for m in &r.machines {
-            if !release.machines.contains(m) {
-                release.machines.push(m.clone());
-            }
-        }
-        for g in &r.groups {
-            if !release.groups.contains(g) {
-                release.groups.push(g.clone());
-            }
-        }
+        domain::release::record_publish(&mut release, seq, now, &r.machines, &r.groups);
         rec.put_release(&release)?;
         for n in &notices {
             rec.put_desired(n)?;
@@ -238,77 +227,15 @@ pub async fn publish(
     })
 }
 
-/// Sends `release` again to `machines`, or with `failed` to every target whose record is a
-/// failure (each starts a new round: a higher seq, attempt 1 again).
-pub async fn retry(
+/// Sends a signed `activate` for `release` to each of `machines` (chosen by
+/// [`domain::release::activate_targets`]).
+pub async fn send_activate(
     ctx: &Ctx,
     release: &ReleaseId,
     machines: &[MachineId],
-    failed: bool,
-) -> Result<PublishPlan, OpError> {
-    let info = known_release(&*ctx.store, release)?;
-    let targets = ctx.store.targets_of(release)?;
-    let mut chosen: Vec<MachineId> = if failed {
-        targets
-            .iter()
-            .filter(|t| t.phase.is_failure() && t.phase != fleetcast_proto::Phase::Cancelled)
-            .map(|t| t.machine.clone())
-            .collect()
-    } else {
-        for m in machines {
-            if !targets.iter().any(|t| &t.machine == m) {
-                return refused(format!(
-                    "machine {m} is not a target of release {release}; nothing was sent"
-                ));
-            }
-        }
-        machines.to_vec()
-    };
-    for m in machines {
-        if !chosen.contains(m) {
-            chosen.push(m.clone());
-        }
-    }
-    if chosen.is_empty() {
-        return refused(if failed {
-            format!("release {release} has no failed machines; nothing was sent")
-        } else {
-            "name machines to retry (--machines) or ask for every failed one (--failed)".into()
-        });
-    }
-    publish(ctx, &info, &chosen, &[], false).await
-}
-
-/// Sends a signed `activate` for `release` to each machine. Returns the machines.
-pub async fn activate(
-    ctx: &Ctx,
-    release: &ReleaseId,
-    machines: &[MachineId],
-) -> Result<Vec<MachineId>, OpError> {
-    known_release(&*ctx.store, release)?;
-    let targets: Vec<MachineId> = if machines.is_empty() {
-        ctx.store
-            .targets_of(release)?
-            .into_iter()
-            .map(|t| t.machine)
-            .collect()
-    } else {
-        let mut out = Vec::new();
-        for m in machines {
-            if ctx.store.target(release, m)?.is_none() {
-                return refused(format!(
-                    "machine {m} is not a target of release {release}; nothing was sent"
-                ));
-            }
-            out.push(m.clone());
-        }
-        out
-    };
-    if targets.is_empty() {
-        return refused(format!("release {release} has no target machines yet"));
-    }
+) -> Result<(), OpError> {
     let mut commands = Vec::new();
-    for m in &targets {
+    for m in machines {
         let cmd = Command {
             machine: m.clone(),
             seq: ctx.store.next_seq()?,
@@ -328,7 +255,7 @@ pub async fn activate(
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await?;
     }
-    Ok(targets)
+    Ok(())
 }
 
 /// The current rollout progress of `release`.
@@ -340,7 +267,7 @@ pub fn progress_of(
         return Ok(None);
     };
     let targets = store.targets_of(release)?;
-    Ok(Some(target::progress(&info, &targets, now_ms())))
+    Ok(Some(domain::release::progress(&info, &targets, now_ms())))
 }
 
 /// `release`'s progress as the retained message for its progress topic.
@@ -385,7 +312,12 @@ pub async fn republish_all(ctx: &Ctx) -> Result<(usize, usize), OpError> {
         send_desired(ctx, n).await?;
     }
     let mut progress = 0;
-    for r in ctx.store.releases()?.into_iter().filter(|r| r.seq > 0) {
+    for r in ctx
+        .store
+        .releases()?
+        .into_iter()
+        .filter(domain::release::is_published)
+    {
         if let Some((topic, payload)) = progress_message(ctx, &r.id)? {
             ctx.mqtt
                 .publish(topic, QoS::AtLeastOnce, true, payload)

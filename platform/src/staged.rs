@@ -20,7 +20,7 @@ use fleetcast_proto::{GroupId, InstallPolicy, MachineId, Phase, ReleaseId, Targe
 use rumqttc::QoS;
 
 use crate::context::Ctx;
-use crate::domain::rollout::{self as core, Effect, Tally};
+use crate::domain::{self, rollout as core, rollout::Effect, rollout::Tally};
 use crate::now_ms;
 use crate::ops::{known_release, refused, OpError};
 use crate::publish;
@@ -146,29 +146,18 @@ pub async fn publish(
         .collect();
     let mut out = Outbox::default();
     let (release, rollout) = ctx.store.transaction(|rec| -> Result<_, OpError> {
-        if let Some(r) = rec.rollout(&release.id)? {
-            if matches!(r.state, RolloutState::Running | RolloutState::Paused { .. }) {
-                return refused(format!(
-                    "release {} already has a {} staged rollout; cancel it first",
-                    release.id,
-                    r.state.name()
-                ));
-            }
-        }
+        let previous = rec.rollout(&release.id)?;
+        domain::release::may_stage(&release.id, previous.as_ref().map(|r| &r.state))?;
         let now = now_ms();
         let mut release = rec.release(&release.id)?.unwrap_or_else(|| release.clone());
-        release.seq = ctx.store.next_seq()?;
-        release.published_at_ms.get_or_insert(now);
-        for m in &resolved.machines {
-            if !release.machines.contains(m) {
-                release.machines.push(m.clone());
-            }
-        }
-        for g in &resolved.groups {
-            if !release.groups.contains(g) {
-                release.groups.push(g.clone());
-            }
-        }
+        let seq = ctx.store.next_seq()?;
+        domain::release::record_publish(
+            &mut release,
+            seq,
+            now,
+            &resolved.machines,
+            &resolved.groups,
+        );
         rec.put_release(&release)?;
         let (rollout, effects) = core::start(
             &release.id,

@@ -33,6 +33,12 @@ pub enum OpError {
     Mqtt(#[from] rumqttc::ClientError),
 }
 
+impl From<crate::domain::release::Refused> for OpError {
+    fn from(e: crate::domain::release::Refused) -> Self {
+        OpError::Refused(e.to_string())
+    }
+}
+
 pub fn refused<T>(text: impl Into<String>) -> Result<T, OpError> {
     Err(OpError::Refused(text.into()))
 }
