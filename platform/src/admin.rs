@@ -431,10 +431,7 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let (mqtt, eventloop) =
-            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 4096);
-        let ctx = Arc::new(Ctx::for_tests(dir.path(), mqtt));
+        let (dir, eventloop, ctx) = Ctx::for_tests_in_temp_dir();
         Fixture {
             _dir: dir,
             _eventloop: eventloop,

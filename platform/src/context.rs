@@ -57,6 +57,17 @@ impl Ctx {
             stats: Default::default(),
         }
     }
+
+    /// [`Ctx::for_tests`] in a fresh temp dir, publishing into a client whose event loop is
+    /// returned unpolled: keep both while the context is used (dropping the event loop closes
+    /// the client's queue, dropping the dir deletes the files).
+    pub fn for_tests_in_temp_dir() -> (tempfile::TempDir, rumqttc::EventLoop, Arc<Ctx>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (mqtt, eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 4096);
+        let ctx = Arc::new(Ctx::for_tests(dir.path(), mqtt));
+        (dir, eventloop, ctx)
+    }
 }
 
 /// What the embedded broker's gateway does for the platform beyond MQTT: close a username's

@@ -644,15 +644,12 @@ fn apply_state(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::m;
     use crate::store::{MemStore, Reads};
     use fleetcast_proto::admin::ReleaseInfo;
     use fleetcast_proto::status::KindState;
     use fleetcast_proto::Target;
     use std::collections::BTreeMap;
-
-    fn m(s: &str) -> MachineId {
-        MachineId::new(s).unwrap()
-    }
 
     fn app() -> Kind {
         Kind::new("app").unwrap()

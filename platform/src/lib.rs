@@ -73,7 +73,15 @@ pub fn now_ms() -> u64 {
 pub(crate) mod fixtures {
     use fleetcast_proto::admin::ReleaseInfo;
     use fleetcast_proto::release::ArtifactRef;
-    use fleetcast_proto::{ArtifactId, InstallPolicy, Kind, ReleaseId};
+    use fleetcast_proto::{ArtifactId, GroupId, InstallPolicy, Kind, MachineId, ReleaseId};
+
+    pub fn m(id: &str) -> MachineId {
+        MachineId::new(id).unwrap()
+    }
+
+    pub fn g(id: &str) -> GroupId {
+        GroupId::new(id).unwrap()
+    }
 
     /// An unpublished `app` release of `version` (artifact: the version's bytes, one byte long).
     pub fn release(id: &str, version: &str) -> ReleaseInfo {

@@ -439,16 +439,9 @@ pub fn ensure_group_targets(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{g, m};
     use crate::store::MemStore;
     use fleetcast_proto::{Phase, StatusEvent};
-
-    fn m(s: &str) -> MachineId {
-        MachineId::new(s).unwrap()
-    }
-
-    fn g(s: &str) -> GroupId {
-        GroupId::new(s).unwrap()
-    }
 
     fn release(store: &MemStore, id: &str, version: &str) -> ReleaseInfo {
         let mut r = crate::fixtures::release(id, version);

@@ -330,17 +330,14 @@ mod tests {
         _dir: tempfile::TempDir,
         /// Keeps the client's request queue open; never polled.
         _eventloop: rumqttc::EventLoop,
-        ctx: Ctx,
+        ctx: std::sync::Arc<Ctx>,
         release: ReleaseInfo,
         machines: Vec<MachineId>,
     }
 
     /// Four provisioned machines and an unpublished release, over an in-memory store.
     fn fixture() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let (mqtt, eventloop) =
-            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 4096);
-        let ctx = Ctx::for_tests(dir.path(), mqtt);
+        let (dir, eventloop, ctx) = Ctx::for_tests_in_temp_dir();
         let release = crate::fixtures::release("r-000001", "1.0");
         let machines: Vec<MachineId> = (1..=4)
             .map(|i| MachineId::new(format!("vm-{i}")).unwrap())

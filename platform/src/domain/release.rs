@@ -141,15 +141,7 @@ pub fn retry_targets(
             .map(|t| t.machine.clone())
             .collect()
     } else {
-        for m in machines {
-            if !targets.iter().any(|t| &t.machine == m) {
-                return Err(Refused::NotATarget {
-                    release: release.clone(),
-                    machine: m.clone(),
-                });
-            }
-        }
-        machines.to_vec()
+        named_targets(release, targets, machines)?
     };
     for m in machines {
         if !chosen.contains(m) {
@@ -166,6 +158,24 @@ pub fn retry_targets(
     Ok(chosen)
 }
 
+/// The named `machines`, each of which must be one of `targets`.
+fn named_targets(
+    release: &ReleaseId,
+    targets: &[TargetRecord],
+    machines: &[MachineId],
+) -> Result<Vec<MachineId>, Refused> {
+    match machines
+        .iter()
+        .find(|m| !targets.iter().any(|t| &t.machine == *m))
+    {
+        Some(m) => Err(Refused::NotATarget {
+            release: release.clone(),
+            machine: m.clone(),
+        }),
+        None => Ok(machines.to_vec()),
+    }
+}
+
 /// The machines an `activate` of `release` goes to: the named `machines` (each must be a
 /// target), or every target when none is named.
 pub fn activate_targets(
@@ -176,15 +186,7 @@ pub fn activate_targets(
     let chosen: Vec<MachineId> = if machines.is_empty() {
         targets.iter().map(|t| t.machine.clone()).collect()
     } else {
-        for m in machines {
-            if !targets.iter().any(|t| &t.machine == m) {
-                return Err(Refused::NotATarget {
-                    release: release.clone(),
-                    machine: m.clone(),
-                });
-            }
-        }
-        machines.to_vec()
+        named_targets(release, targets, machines)?
     };
     if chosen.is_empty() {
         return Err(Refused::NoTargets(release.clone()));
@@ -276,14 +278,7 @@ pub fn group_rollback_version(
 mod tests {
     use super::*;
     use crate::domain::target;
-
-    fn m(s: &str) -> MachineId {
-        MachineId::new(s).unwrap()
-    }
-
-    fn g(s: &str) -> GroupId {
-        GroupId::new(s).unwrap()
-    }
+    use crate::fixtures::{g, m};
 
     fn rel(id: &str) -> ReleaseId {
         ReleaseId::new(id).unwrap()
