@@ -193,9 +193,7 @@ async fn whole_flow(broker: BrokerUrl, restart: bool) {
     }
     // The counters saw the transfer: every byte of the artifact went out at least once, and
     // each machine's results (at least notified, downloaded, installed) were stored.
-    let AdminReply::Stats { stats } = admin_client.request(AdminOp::Stats).await.unwrap() else {
-        panic!("stats: unexpected reply");
-    };
+    let stats = admin_client.call(calls::Stats {}).await.unwrap();
     assert!(stats.chunk_bytes_sent >= info.size, "{stats:?}");
     assert!(stats.chunk_requests >= 3, "{stats:?}");
     assert!(stats.status_events_stored >= 9, "{stats:?}");
@@ -350,17 +348,13 @@ async fn offline_machine_catches_up_and_download_only_waits_for_activate() {
     .await;
 
     // Activate: both install through the command installer.
-    match admin_client
-        .request(AdminOp::Activate {
+    admin_client
+        .call(calls::Activate {
             release: release.clone(),
             machines: vec![],
         })
         .await
-        .unwrap()
-    {
-        AdminReply::Done { .. } => {}
-        other => panic!("unexpected {other:?}"),
-    }
+        .unwrap();
     let s = until_finished(&admin_client, &release, 2).await;
     assert_all_installed(&s);
     let log = std::fs::read_to_string(&installed_log).unwrap();

@@ -26,10 +26,11 @@ use fleetcast_broker::embedded::start_on_free_port;
 use fleetcast_broker::BrokerUrl;
 use fleetcast_platform::{admin_secret_path, public_key_path, serve, ServeOptions};
 use fleetcast_proto::admin::{
-    AdminOp, AdminReply, ArtifactInfo, FleetEvent, MachineInfo, ProvisionedMachine, PublishPlan,
-    ReleaseInfo, ReleaseStatus, RolloutProgress,
+    AdminOp, ArtifactInfo, FleetEvent, MachineInfo, ProvisionedMachine, PublishPlan, ReleaseInfo,
+    ReleaseStatus, RolloutProgress,
 };
 use fleetcast_proto::auth::{PlatformPublicKey, Purpose, Secret};
+use fleetcast_proto::calls;
 use fleetcast_proto::chunk::{decode_frame, ChunkRequest, ChunkVerifier, FrameType, Layout};
 use fleetcast_proto::status::Progress;
 use fleetcast_proto::{
@@ -341,18 +342,14 @@ async fn provisioned_with(
     groups: &[&str],
     rotate: bool,
 ) -> ProvisionedMachine {
-    let reply = admin
-        .request(AdminOp::MachineProvision {
+    admin
+        .call(calls::MachineProvision {
             machine: m(id),
             groups: groups.iter().map(|x| g(x)).collect(),
             rotate,
         })
         .await
-        .unwrap();
-    let AdminReply::Provisioned { machine } = reply else {
-        panic!("{reply:?}")
-    };
-    machine
+        .unwrap()
 }
 
 /// Provisions `id` and connects it; returns once the platform has taken in its `online`
@@ -552,19 +549,15 @@ async fn create_release(
     version: &str,
     policy: InstallPolicy,
 ) -> ReleaseInfo {
-    let reply = admin
-        .request(AdminOp::ReleaseCreate {
+    admin
+        .call(calls::ReleaseCreate {
             kind: kind.clone(),
             version: version.into(),
             policy,
             notes: None,
         })
         .await
-        .unwrap();
-    let AdminReply::Release { release } = reply else {
-        panic!("{reply:?}")
-    };
-    release
+        .unwrap()
 }
 
 async fn publish(
@@ -573,8 +566,8 @@ async fn publish(
     machines: &[&str],
     groups: &[&str],
 ) -> PublishPlan {
-    let reply = admin
-        .request(AdminOp::ReleasePublish {
+    admin
+        .call(calls::ReleasePublish {
             release: release.clone(),
             machines: machines.iter().map(|x| m(x)).collect(),
             groups: groups.iter().map(|x| g(x)).collect(),
@@ -582,11 +575,7 @@ async fn publish(
             waves: None,
         })
         .await
-        .unwrap();
-    let AdminReply::Plan { plan } = reply else {
-        panic!("{reply:?}")
-    };
-    plan
+        .unwrap()
 }
 
 /// Creates an immediate app release of `version` and publishes it; the plan carries the
@@ -608,40 +597,63 @@ async fn rollback(
     kind: &Kind,
     to: Option<&str>,
 ) -> PublishPlan {
-    let reply = admin
-        .request(AdminOp::Rollback {
+    admin
+        .call(calls::Rollback {
             target,
             kind: kind.clone(),
             to: to.map(Into::into),
             allow_empty: false,
         })
         .await
-        .unwrap();
-    let AdminReply::Plan { plan } = reply else {
-        panic!("{reply:?}")
-    };
-    plan
+        .unwrap()
 }
 
 async fn status(admin: &AdminClient, release: &ReleaseId) -> ReleaseStatus {
-    let reply = admin
-        .request(AdminOp::ReleaseStatus {
+    admin
+        .call(calls::ReleaseStatus {
             release: release.clone(),
         })
         .await
-        .unwrap();
-    let AdminReply::ReleaseStatus { status } = reply else {
-        panic!("{reply:?}")
-    };
-    status
+        .unwrap()
 }
 
 async fn machines(admin: &AdminClient) -> Vec<MachineInfo> {
-    let reply = admin.request(AdminOp::Machines).await.unwrap();
-    let AdminReply::Machines { machines } = reply else {
-        panic!("{reply:?}")
-    };
-    machines
+    admin.call(calls::Machines {}).await.unwrap()
+}
+
+/// Revokes machine `id`.
+async fn revoke(admin: &AdminClient, id: &str) {
+    admin
+        .call(calls::MachineRevoke { machine: m(id) })
+        .await
+        .unwrap();
+}
+
+/// Adds operator `name` with `role`; its profile carries its secret.
+async fn add_operator(
+    admin: &AdminClient,
+    name: &str,
+    role: fleetcast_proto::acl::Role,
+) -> fleetcast_proto::admin::OperatorProfile {
+    admin
+        .call(calls::OperatorAdd {
+            name: name.into(),
+            role,
+        })
+        .await
+        .unwrap()
+}
+
+/// The audit log's first page (up to 500 entries).
+async fn audit(admin: &AdminClient) -> Vec<fleetcast_proto::admin::AuditEntry> {
+    let page = admin
+        .call(calls::Audit {
+            since: 0,
+            limit: None,
+        })
+        .await
+        .unwrap();
+    page.items
 }
 
 /// Polls release status until `pred` holds, for at most `within`.
@@ -711,7 +723,7 @@ async fn uploads_are_immutable_per_kind_and_version_and_empty_files_are_refused(
         "{err}"
     );
     let reply = admin
-        .request(AdminOp::UploadBegin {
+        .call(calls::UploadBegin {
             kind: app(),
             version: "0.0.0".into(),
             name: "empty".into(),
@@ -725,10 +737,7 @@ async fn uploads_are_immutable_per_kind_and_version_and_empty_files_are_refused(
         matches!(&reply, Err(AdminError::Refused(t)) if t.contains("empty")),
         "{reply:?}"
     );
-    let AdminReply::Artifacts { artifacts } = admin.request(AdminOp::ArtifactList).await.unwrap()
-    else {
-        panic!()
-    };
+    let artifacts = admin.call(calls::ArtifactList {}).await.unwrap();
     assert_eq!(artifacts.len(), 1);
     let stored = std::fs::read(data_dir.join("artifacts").join(info.id.to_hex())).unwrap();
     assert_eq!(stored, bytes);
@@ -758,7 +767,7 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
     let release = create_release(&admin, &app(), "2.4.1", InstallPolicy::Immediate).await;
 
     let unknown = admin
-        .request(AdminOp::ReleasePublish {
+        .call(calls::ReleasePublish {
             release: release.id.clone(),
             machines: vec![m("vm-404")],
             groups: vec![],
@@ -771,18 +780,15 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
         "{unknown:?}"
     );
 
-    let AdminReply::Plan { plan } = admin
-        .request(AdminOp::ReleasePlan {
+    let plan = admin
+        .call(calls::ReleasePlan {
             release: release.id.clone(),
             machines: vec![m("vm-003"), m("vm-001")],
             groups: vec![g("shanghai")],
             allow_empty: false,
         })
         .await
-        .unwrap()
-    else {
-        panic!()
-    };
+        .unwrap();
     assert_eq!(plan.release.seq, 0, "a plan sends nothing");
     let published = publish(&admin, &release.id, &["vm-003", "vm-001"], &["shanghai"]).await;
     assert_eq!(published.targets, plan.targets);
@@ -1154,7 +1160,7 @@ async fn rollback_publishes_a_signed_rollback_notice_for_the_previous_version() 
     assert!(n.seq > r2.seq);
 
     let bad = admin
-        .request(AdminOp::Rollback {
+        .call(calls::Rollback {
             target: Target::Group(g("nobody")),
             kind: app(),
             to: Some("9.9".into()),

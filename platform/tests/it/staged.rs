@@ -8,22 +8,13 @@ use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan};
 use super::e2e::{artifact_file, simulated, upload, wait_online, E2E_WAIT};
 use super::*;
 
-async fn rollout_op(admin: &AdminClient, op: AdminOp) -> RolloutInfo {
-    let reply = admin.request(op).await.unwrap();
-    let AdminReply::Rollout { rollout } = reply else {
-        panic!("{reply:?}")
-    };
-    rollout
-}
-
 async fn rollout_status(admin: &AdminClient, release: &ReleaseId) -> RolloutInfo {
-    rollout_op(
-        admin,
-        AdminOp::RolloutStatus {
+    admin
+        .call(calls::RolloutStatus {
             release: release.clone(),
-        },
-    )
-    .await
+        })
+        .await
+        .unwrap()
 }
 
 /// Polls the rollout until `done` holds.
@@ -48,8 +39,8 @@ async fn publish_waves(
     groups: &[&str],
     plan: WavePlan,
 ) -> PublishPlan {
-    let reply = admin
-        .request(AdminOp::ReleasePublish {
+    admin
+        .call(calls::ReleasePublish {
             release: release.clone(),
             machines: vec![],
             groups: groups.iter().map(|x| g(x)).collect(),
@@ -57,11 +48,7 @@ async fn publish_waves(
             waves: Some(plan),
         })
         .await
-        .unwrap();
-    let AdminReply::Plan { plan } = reply else {
-        panic!("{reply:?}")
-    };
-    plan
+        .unwrap()
 }
 
 fn ids(range: std::ops::RangeInclusive<usize>) -> Vec<MachineId> {
@@ -181,14 +168,13 @@ async fn two_hundred_machines_pause_at_the_wave_failures_predict_and_resume_fini
         if r.state == RolloutState::Completed {
             break;
         }
-        let resumed = rollout_op(
-            &admin,
-            AdminOp::RolloutResume {
+        let resumed = admin
+            .call(calls::RolloutResume {
                 release: release.clone(),
                 advance: false,
-            },
-        )
-        .await;
+            })
+            .await
+            .unwrap();
         assert!(resumed.failures_accepted > 0);
     }
     let done = rollout_until(&admin, &release, "rollout completed", |r| {
@@ -214,17 +200,14 @@ async fn two_hundred_machines_pause_at_the_wave_failures_predict_and_resume_fini
         .any(|t| t.what == "resumed" && t.by.as_deref() == Some("admin")));
 
     // Retry the failed ones: each gets the release again (and fails again here).
-    let reply = admin
-        .request(AdminOp::ReleaseRetry {
+    let plan = admin
+        .call(calls::ReleaseRetry {
             release: release.clone(),
             machines: vec![],
             failed: true,
         })
         .await
         .unwrap();
-    let AdminReply::Plan { plan } = reply else {
-        panic!("{reply:?}")
-    };
     let mut retried: Vec<MachineId> = plan.targets.into_iter().map(|(m, _)| m).collect();
     retried.sort();
     assert_eq!(retried, failing_ids);
@@ -312,13 +295,12 @@ async fn cancel_mid_wave_drops_the_release_where_not_installed_and_notifies_no_o
     .await;
     assert_eq!(rollout_status(&admin, &release).await.wave, 0);
 
-    let cancelled = rollout_op(
-        &admin,
-        AdminOp::RolloutCancel {
+    let cancelled = admin
+        .call(calls::RolloutCancel {
             release: release.clone(),
-        },
-    )
-    .await;
+        })
+        .await
+        .unwrap();
     let RolloutState::Cancelled { reason } = &cancelled.state else {
         panic!("{:?}", cancelled.state)
     };
@@ -335,7 +317,7 @@ async fn cancel_mid_wave_drops_the_release_where_not_installed_and_notifies_no_o
     assert_eq!(got, want);
     // Cancelled for good: resume and a second cancel are refused, and nothing advances.
     let err = admin
-        .request(AdminOp::RolloutResume {
+        .call(calls::RolloutResume {
             release: release.clone(),
             advance: true,
         })
@@ -353,17 +335,8 @@ async fn cancel_mid_wave_drops_the_release_where_not_installed_and_notifies_no_o
         "{:?}",
         retained.iter().map(|p| &p.topic).collect::<Vec<_>>()
     );
-    let audit = admin
-        .request(AdminOp::Audit {
-            since: 0,
-            limit: None,
-        })
+    assert!(audit(&admin)
         .await
-        .unwrap();
-    let AdminReply::Audit { entries, .. } = audit else {
-        panic!()
-    };
-    assert!(entries
         .iter()
         .any(|e| e.action == "rollout_cancel" && e.result == "ok"));
 
