@@ -14,7 +14,7 @@ mod reconcile;
 mod security;
 mod staged;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -566,13 +566,24 @@ async fn publish(
     machines: &[&str],
     groups: &[&str],
 ) -> PublishPlan {
+    publish_with(admin, release, machines, groups, None).await
+}
+
+/// Publishes `release` at once, or with `waves` as a staged rollout.
+async fn publish_with(
+    admin: &AdminClient,
+    release: &ReleaseId,
+    machines: &[&str],
+    groups: &[&str],
+    waves: Option<fleetcast_proto::rollout::WavePlan>,
+) -> PublishPlan {
     admin
         .call(calls::ReleasePublish {
             release: release.clone(),
             machines: machines.iter().map(|x| m(x)).collect(),
             groups: groups.iter().map(|x| g(x)).collect(),
             allow_empty: false,
-            waves: None,
+            waves,
         })
         .await
         .unwrap()
@@ -690,6 +701,113 @@ fn target<'a>(s: &'a ReleaseStatus, m: &str) -> &'a fleetcast_proto::admin::Targ
 
 fn phase_of(s: &ReleaseStatus, m: &str) -> Phase {
     target(s, m).phase
+}
+
+/// Rollouts through real agents (the simulator) move real artifacts: allow more than `WAIT`.
+const E2E_WAIT: Duration = Duration::from_secs(90);
+
+/// `count` simulated machines (vm-001...) running app 1.0.0, provisioned with the platform in `data`.
+fn simulated(
+    data: &Path,
+    sim: &Path,
+    broker: &BrokerUrl,
+    count: usize,
+    groups: &[&str],
+) -> fleetcast_device::simulate::SimulateOptions {
+    fleetcast_device::simulate::SimulateOptions {
+        count,
+        groups: groups.iter().map(|x| g(x)).collect(),
+        prefix: "vm-".into(),
+        data_dir: sim.to_owned(),
+        broker: broker.to_string(),
+        topic_prefix: "fleet".into(),
+        admin_secret: admin_secret(data),
+        initial_versions: BTreeMap::from([(app(), "1.0.0".to_owned())]),
+        start_index: 1,
+        fail_health: vec![],
+        ca_file: None,
+    }
+}
+
+/// Writes `size` bytes (see [`data`]) to `dir/name`.
+fn artifact_file(dir: &Path, name: &str, size: usize, seed: u8) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, data(size, seed)).unwrap();
+    path
+}
+
+/// Uploads `path` as app `version` in 64 KiB chunks.
+async fn upload_app(admin: &AdminClient, path: &Path, version: &str) -> ArtifactInfo {
+    upload_file(admin, path, &app(), version, 65536)
+        .await
+        .unwrap_or_else(|e| panic!("upload {version}: {e}"))
+}
+
+/// Polls until `release` has `expect_targets` targets, all in a final phase.
+async fn until_finished(
+    admin: &AdminClient,
+    release: &ReleaseId,
+    expect_targets: usize,
+) -> ReleaseStatus {
+    wait_status_within(admin, release, E2E_WAIT, |s| {
+        s.targets.len() == expect_targets && s.targets.iter().all(|t| t.phase.is_final())
+    })
+    .await
+}
+
+/// Waits until `count` machines are online and have reported their app version.
+async fn wait_online(admin: &AdminClient, count: usize) {
+    poll_until(
+        E2E_WAIT,
+        "machines online",
+        || machines(admin),
+        |ms| {
+            ms.iter()
+                .filter(|x| x.online && x.kinds.contains_key(&app()))
+                .count()
+                >= count
+        },
+    )
+    .await;
+}
+
+/// Simulated machines (the device crate's simulator), running until [`Sims::stop`].
+#[derive(Default)]
+struct Sims {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<Result<(), fleetcast_device::simulate::SimulateError>>>,
+}
+
+impl Sims {
+    /// Starts the machines `opts` describes (see [`simulated`]).
+    fn start(&mut self, opts: fleetcast_device::simulate::SimulateOptions) {
+        let run = fleetcast_device::simulate::run(opts, self.stop.clone());
+        self.tasks.push(tokio::spawn(run));
+    }
+
+    /// Stops every machine and waits for each simulator to end without error.
+    async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            joined(task, "simulator").await;
+        }
+    }
+}
+
+/// Writes `size` bytes (seeded with `seed`) to `dir/app-{version}.bin`, uploads them as app
+/// `version` and creates a release of them with `policy` (not published). Returns the file and
+/// the release.
+async fn app_release(
+    admin: &AdminClient,
+    dir: &Path,
+    version: &str,
+    size: usize,
+    seed: u8,
+    policy: InstallPolicy,
+) -> (PathBuf, ReleaseInfo) {
+    let file = artifact_file(dir, &format!("app-{version}.bin"), size, seed);
+    upload_app(admin, &file, version).await;
+    (file, create_release(admin, &app(), version, policy).await)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
