@@ -10,8 +10,9 @@ use std::time::{Duration, Instant};
 use fleetcast_broker::admin::AdminClient;
 use fleetcast_broker::client::{self, MqttEvent};
 use fleetcast_broker::BrokerUrl;
-use fleetcast_proto::admin::{AdminOp, AdminReply, FleetEvent};
+use fleetcast_proto::admin::FleetEvent;
 use fleetcast_proto::auth::{PlatformPublicKey, Purpose};
+use fleetcast_proto::calls;
 use fleetcast_proto::{GroupId, InstallPolicy, Kind, Phase, Topics};
 use rumqttc::{AsyncClient, QoS};
 use tokio::sync::mpsc;
@@ -177,16 +178,15 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
     // Wait for the machine to be online before publishing.
     let started = Instant::now();
     loop {
-        if let AdminReply::Machines { machines } = admin.request(AdminOp::Machines).await.unwrap() {
-            if machines.iter().any(|m| m.online) {
-                break;
-            }
+        let machines = admin.call(calls::Machines {}).await.unwrap();
+        if machines.iter().any(|m| m.online) {
+            break;
         }
         assert!(started.elapsed() < SETUP, "the machine did not come online");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let release = match admin
-        .request(AdminOp::ReleaseCreate {
+    let release = admin
+        .call(calls::ReleaseCreate {
             kind: app,
             version: "2.0.0".into(),
             policy: InstallPolicy::DownloadOnly,
@@ -194,12 +194,9 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
         })
         .await
         .unwrap()
-    {
-        AdminReply::Release { release } => release.id,
-        other => panic!("{other:?}"),
-    };
+        .id;
     admin
-        .request(AdminOp::ReleasePublish {
+        .call(calls::ReleasePublish {
             release,
             machines: vec![],
             groups: vec![GroupId::new("bench").unwrap()],

@@ -38,7 +38,7 @@ use common::{
 use fleetcast_broker::mosquitto::{mosquitto_files, BrokerIdentity, MosquittoFiles};
 use fleetcast_broker::testing::Mosquitto;
 use fleetcast_proto::acl::{Principal, Role};
-use fleetcast_proto::admin::{AdminOp, AdminReply};
+use fleetcast_proto::calls;
 use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, Topics};
 
 const MSG: usize = 64 * 1024;
@@ -125,14 +125,10 @@ fn start_mosquitto(data: &Path) -> Result<Mosquitto> {
 /// What `fleetcast broker mosquitto-config` writes (the same admin op), loaded into Mosquitto
 /// with a SIGHUP: needed after every provisioning.
 async fn reload_mosquitto(m: &Mosquitto, p: &Platform) -> Result<()> {
-    match p.request(AdminOp::MosquittoConfig).await? {
-        AdminReply::MosquittoFiles { passwd, acl } => {
-            m.rewrite_files(&MosquittoFiles { passwd, acl })?;
-            m.reload()?;
-            Ok(())
-        }
-        other => bail!("unexpected reply to mosquitto_config: {other:?}"),
-    }
+    let calls::MosquittoFiles { passwd, acl } = p.call(calls::MosquittoConfig {}).await?;
+    m.rewrite_files(&MosquittoFiles { passwd, acl })?;
+    m.reload()?;
+    Ok(())
 }
 
 fn groups_for(n: usize) -> Vec<GroupId> {
@@ -328,14 +324,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
         let mut feed = EventFeed::at_end(&p).await?;
         let stats_before = p.stats();
         let published_ms = now_ms();
-        p.request(AdminOp::ReleasePublish {
-            release: release.clone(),
-            machines: vec![],
-            groups: groups.clone(),
-            allow_empty: false,
-            waves: None,
-        })
-        .await?;
+        p.publish(&release, vec![], groups.clone()).await?;
         let limit = Duration::from_secs(60)
             + Duration::from_millis(120 * n as u64)
             + Duration::from_secs((r.artifact >> 20) as u64);

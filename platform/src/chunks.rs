@@ -33,9 +33,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::artifacts::{ArtifactError, ArtifactStore};
+use crate::context::Ctx;
 use crate::error::PlatformError;
 use crate::limits::{ChunkBudget, BUDGET_SWEEP};
-use crate::publish::Ctx;
 
 /// A frame is broadcast at most once per this long (the rest is owed, see the module doc).
 pub const RESEND_AFTER: Duration = Duration::from_millis(500);
@@ -417,10 +417,7 @@ mod tests {
     }
 
     fn fixture() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let (mqtt, eventloop) =
-            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 4096);
-        let ctx = Arc::new(Ctx::for_tests(dir.path(), mqtt));
+        let (dir, eventloop, ctx) = Ctx::for_tests_in_temp_dir();
         let secret = Secret::from_bytes([7; 32]);
         ctx.store
             .transaction(|tx| {

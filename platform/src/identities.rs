@@ -11,9 +11,10 @@ use fleetcast_proto::auth::Secret;
 use fleetcast_proto::MachineId;
 use rand::RngCore;
 
+use crate::context::Ctx;
 use crate::keys::Keys;
 use crate::now_ms;
-use crate::publish::{refused, Ctx, OpError};
+use crate::ops::{refused, OpError};
 use crate::store::{IntegratorRecord, OperatorRecord, Store, StoreError};
 
 /// Name of the operator every platform starts with; its secret is `<data>/admin.secret`.

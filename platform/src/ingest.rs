@@ -24,9 +24,10 @@ use rumqttc::{AsyncClient, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
+use crate::context::Ctx;
 use crate::domain::target;
 use crate::error::PlatformError;
-use crate::publish::{self, Ctx};
+use crate::publish;
 use crate::store::{DesiredNotice, Records, Store, StoreError};
 use crate::{now_ms, staged};
 
@@ -643,15 +644,12 @@ fn apply_state(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::m;
     use crate::store::{MemStore, Reads};
     use fleetcast_proto::admin::ReleaseInfo;
     use fleetcast_proto::status::KindState;
     use fleetcast_proto::Target;
     use std::collections::BTreeMap;
-
-    fn m(s: &str) -> MachineId {
-        MachineId::new(s).unwrap()
-    }
 
     fn app() -> Kind {
         Kind::new("app").unwrap()

@@ -12,8 +12,8 @@ use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::events::{EventBatch, EventsRequest};
 use rumqttc::QoS;
 
+use crate::context::Ctx;
 use crate::limits::TokenBucket;
-use crate::publish::Ctx;
 
 /// Largest request accepted.
 const MAX_REQUEST: usize = 4096;

@@ -20,7 +20,8 @@ use fleetcast_proto::release::compare_versions;
 use fleetcast_proto::{Kind, MachineId, Phase, ReleaseId};
 use serde::Serialize;
 
-use crate::publish::{known_release, refused, OpError};
+use crate::domain;
+use crate::ops::{known_release, refused, OpError};
 use crate::store::{Store, StoreError};
 
 /// Runs a read of the whole fleet on the blocking pool: it can take a while at 10,000
@@ -161,7 +162,7 @@ pub fn release_order(a: &ReleaseId, b: &ReleaseId) -> Ordering {
 pub fn newest_published<'a>(releases: &'a [ReleaseInfo], kind: &Kind) -> Option<&'a ReleaseInfo> {
     releases
         .iter()
-        .filter(|r| &r.kind == kind && r.seq > 0)
+        .filter(|r| &r.kind == kind && domain::release::is_published(r))
         .max_by(|a, b| release_order(&a.id, &b.id))
 }
 

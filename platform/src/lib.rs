@@ -3,6 +3,8 @@
 //! Layout:
 //! - [`serve`]: `serve(opts, shutdown)`, the service: opens the data dir, optionally starts the
 //!   embedded broker, runs the connections and tasks below until shutdown.
+//! - [`context`]: `Ctx`, what every task shares (store, files, keys, MQTT client, session
+//!   control, limits, counters).
 //! - [`broker_auth`]: which principal holds a broker client's credentials (the store's view).
 //! - [`limits`]: per-machine limits (chunk requests and bytes per second, stored events).
 //! - [`keys`]: the platform's signing key and the admin secret in the data dir.
@@ -10,17 +12,20 @@
 //!   sled is the embedded implementation (layout documented in `store::sled`), an in-memory
 //!   one serves unit tests.
 //! - [`artifacts`]: artifact files: staged uploads, atomic commit, manifests, chunk reads.
-//! - [`domain`]: the domain's pure state machines: a target (one machine's record for one
-//!   release) and a staged rollout with its waves.
+//! - [`domain`]: the domain's pure state machines: a release (publishing, progress, retry,
+//!   activate, rollback's version), a target (one machine's record for one release) and a
+//!   staged rollout with its waves.
 //! - [`staged`]: staged rollouts, the I/O side: waves' notices, pause/resume/cancel.
 //! - [`ingest`]: the persistent connection for status, state and online.
 //! - [`integrators`]: integrators' requests for stored events (signed batches).
 //! - [`chunks`]: the chunk server (per machine or broadcast).
 //! - [`identities`]: operators with roles, integrators, machine revocation.
 //! - [`admin`]: the operator request loop: authentication, roles, audit, retried requests,
-//!   sealed responses and uploads; every other operation is dispatched to [`ops`].
+//!   sealed responses; uploads go to [`uploads`], every other operation to [`ops`].
+//! - [`uploads`]: artifact uploads in progress (staging, parts, commit, abandoned uploads).
 //! - [`ops`]: one function per admin operation (typed call in, typed reply out), one module
-//!   per family: artifacts, releases, rollouts, machines, identities, inventory, events, keys.
+//!   per family: artifacts, releases, rollouts, machines, identities, inventory, events, keys;
+//!   and `OpError`, why an operation failed.
 //! - [`inventory`]: machines by filter, installed versions and compliance, a machine's release
 //!   history (read-only, paged, aggregated on the platform).
 //! - [`publish`]: signing and bookkeeping of notices and commands, shared by admin and ingest.
@@ -33,6 +38,7 @@ pub mod artifacts;
 pub mod broker_auth;
 pub mod chunks;
 pub mod cli;
+pub mod context;
 pub mod domain;
 pub mod error;
 pub mod identities;
@@ -48,6 +54,7 @@ pub mod serve;
 pub mod staged;
 pub mod stats;
 pub mod store;
+pub mod uploads;
 
 pub use error::PlatformError;
 pub use keys::{admin_secret_path, load_or_create_keys, public_key_path, Keys};
@@ -66,7 +73,15 @@ pub fn now_ms() -> u64 {
 pub(crate) mod fixtures {
     use fleetcast_proto::admin::ReleaseInfo;
     use fleetcast_proto::release::ArtifactRef;
-    use fleetcast_proto::{ArtifactId, InstallPolicy, Kind, ReleaseId};
+    use fleetcast_proto::{ArtifactId, GroupId, InstallPolicy, Kind, MachineId, ReleaseId};
+
+    pub fn m(id: &str) -> MachineId {
+        MachineId::new(id).unwrap()
+    }
+
+    pub fn g(id: &str) -> GroupId {
+        GroupId::new(id).unwrap()
+    }
 
     /// An unpublished `app` release of `version` (artifact: the version's bytes, one byte long).
     pub fn release(id: &str, version: &str) -> ReleaseInfo {

@@ -3,107 +3,19 @@
 //! and (re-)publishing them and rollout progress.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 
 use fleetcast_proto::admin::{PublishPlan, ReleaseInfo, RolloutProgress};
 use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::command::{Command, CommandAction};
-use fleetcast_proto::{GroupId, Kind, MachineId, ReleaseId, ReleaseNotice, Target, Topics};
-use rumqttc::{AsyncClient, QoS};
+use fleetcast_proto::{GroupId, Kind, MachineId, ReleaseId, ReleaseNotice, Target};
+use rumqttc::QoS;
 
-use crate::artifacts::{ArtifactError, ArtifactStore};
-use crate::domain::target;
-use crate::keys::Keys;
-use crate::limits::MachineLimits;
+use crate::context::Ctx;
+use crate::domain::{self, target};
 use crate::now_ms;
+use crate::ops::{refused, OpError};
 use crate::store::{DesiredNotice, Reads, Records, Store, StoreError};
-
-/// Everything the service's tasks share.
-pub struct Ctx {
-    pub store: Arc<dyn Store>,
-    pub files: Arc<ArtifactStore>,
-    /// The current keys; replaced whole by a key rotation.
-    pub keys: RwLock<Arc<Keys>>,
-    pub topics: Topics,
-    /// Client of the serve connection; every platform publish goes through it.
-    pub mqtt: AsyncClient,
-    /// Closes broker sessions (revocation); a no-op on an external broker.
-    pub sessions: Arc<dyn SessionControl>,
-    /// The data dir (keys live there).
-    pub data_dir: std::path::PathBuf,
-    /// What each machine may take.
-    pub limits: MachineLimits,
-    pub stats: crate::stats::Stats,
-}
-
-impl Ctx {
-    /// The keys in force now.
-    pub fn keys(&self) -> Arc<Keys> {
-        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-}
-
-#[cfg(test)]
-impl Ctx {
-    /// A context over a fresh in-memory store, and keys and artifact files in `dir`, publishing
-    /// into `mqtt` (never polled).
-    pub fn for_tests(dir: &std::path::Path, mqtt: AsyncClient) -> Self {
-        let store: Arc<dyn Store> = Arc::new(crate::store::MemStore::new());
-        let keys = crate::keys::load_or_create_keys(dir).unwrap();
-        crate::identities::ensure_bootstrap_admin(&*store, &keys).unwrap();
-        Ctx {
-            store,
-            files: Arc::new(ArtifactStore::open(dir).unwrap()),
-            keys: RwLock::new(Arc::new(keys)),
-            topics: Topics::default(),
-            mqtt,
-            sessions: Arc::new(NoSessionControl),
-            data_dir: dir.to_owned(),
-            limits: MachineLimits::default(),
-            stats: Default::default(),
-        }
-    }
-}
-
-/// What the embedded broker's gateway does for the platform beyond MQTT: close a username's
-/// live sessions (an external broker cannot be told; its own tools or a restart do it), and
-/// deliver what is published on the topics it fans out itself (artifact chunk topics and
-/// `fleet/events`) to the sessions subscribed to them.
-pub trait SessionControl: Send + Sync {
-    /// Closes every session of `username`; returns how many were closed.
-    fn close_sessions(&self, username: &str) -> usize;
-    /// Delivers `payload` on fanned-out topic `topic` to its subscribers (or only to those of
-    /// the machines in `only`), if this broker can (`None`: publish it over MQTT instead, to all).
-    fn deliver(&self, _topic: &str, _payload: &[u8], _only: Option<&[&str]>) -> Option<usize> {
-        None
-    }
-}
-
-/// For an external broker: nothing to close from here.
-pub struct NoSessionControl;
-
-impl SessionControl for NoSessionControl {
-    fn close_sessions(&self, _username: &str) -> usize {
-        0
-    }
-}
-
-/// Why an operator request failed; the text goes back to the CLI.
-#[derive(Debug, thiserror::Error)]
-pub enum OpError {
-    #[error("{0}")]
-    Refused(String),
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    #[error(transparent)]
-    Artifact(#[from] ArtifactError),
-    #[error("cannot publish: {0}")]
-    Mqtt(#[from] rumqttc::ClientError),
-}
-
-pub fn refused<T>(text: impl Into<String>) -> Result<T, OpError> {
-    Err(OpError::Refused(text.into()))
-}
 
 /// Machines reached by a publish, the topics it uses, and groups without members.
 pub struct Resolved {
@@ -289,18 +201,7 @@ pub async fn publish(
             .iter()
             .map(|t| sign_notice(ctx, &release, seq, t.clone()))
             .collect();
-        release.seq = seq;
-        release.published_at_ms.get_or_insert(now);
-        for m in &r.machines {
-            if !release.machines.contains(m) {
-                release.machines.push(m.clone());
-            }
-        }
-        for g in &r.groups {
-            if !release.groups.contains(g) {
-                release.groups.push(g.clone());
-            }
-        }
+        domain::release::record_publish(&mut release, seq, now, &r.machines, &r.groups);
         rec.put_release(&release)?;
         for n in &notices {
             rec.put_desired(n)?;
@@ -326,84 +227,15 @@ pub async fn publish(
     })
 }
 
-/// Sends `release` again to `machines`, or with `failed` to every target whose record is a
-/// failure (each starts a new round: a higher seq, attempt 1 again).
-pub async fn retry(
+/// Sends a signed `activate` for `release` to each of `machines` (chosen by
+/// [`domain::release::activate_targets`]).
+pub async fn send_activate(
     ctx: &Ctx,
     release: &ReleaseId,
     machines: &[MachineId],
-    failed: bool,
-) -> Result<PublishPlan, OpError> {
-    let info = known_release(&*ctx.store, release)?;
-    let targets = ctx.store.targets_of(release)?;
-    let mut chosen: Vec<MachineId> = if failed {
-        targets
-            .iter()
-            .filter(|t| t.phase.is_failure() && t.phase != fleetcast_proto::Phase::Cancelled)
-            .map(|t| t.machine.clone())
-            .collect()
-    } else {
-        for m in machines {
-            if !targets.iter().any(|t| &t.machine == m) {
-                return refused(format!(
-                    "machine {m} is not a target of release {release}; nothing was sent"
-                ));
-            }
-        }
-        machines.to_vec()
-    };
-    for m in machines {
-        if !chosen.contains(m) {
-            chosen.push(m.clone());
-        }
-    }
-    if chosen.is_empty() {
-        return refused(if failed {
-            format!("release {release} has no failed machines; nothing was sent")
-        } else {
-            "name machines to retry (--machines) or ask for every failed one (--failed)".into()
-        });
-    }
-    publish(ctx, &info, &chosen, &[], false).await
-}
-
-/// The release `id`, or the operator's "unknown release" error.
-pub fn known_release<S: Reads + ?Sized>(store: &S, id: &ReleaseId) -> Result<ReleaseInfo, OpError> {
-    store
-        .release(id)?
-        .ok_or_else(|| OpError::Refused(format!("unknown release {id}")))
-}
-
-/// Sends a signed `activate` for `release` to each machine. Returns the machines.
-pub async fn activate(
-    ctx: &Ctx,
-    release: &ReleaseId,
-    machines: &[MachineId],
-) -> Result<Vec<MachineId>, OpError> {
-    known_release(&*ctx.store, release)?;
-    let targets: Vec<MachineId> = if machines.is_empty() {
-        ctx.store
-            .targets_of(release)?
-            .into_iter()
-            .map(|t| t.machine)
-            .collect()
-    } else {
-        let mut out = Vec::new();
-        for m in machines {
-            if ctx.store.target(release, m)?.is_none() {
-                return refused(format!(
-                    "machine {m} is not a target of release {release}; nothing was sent"
-                ));
-            }
-            out.push(m.clone());
-        }
-        out
-    };
-    if targets.is_empty() {
-        return refused(format!("release {release} has no target machines yet"));
-    }
+) -> Result<(), OpError> {
     let mut commands = Vec::new();
-    for m in &targets {
+    for m in machines {
         let cmd = Command {
             machine: m.clone(),
             seq: ctx.store.next_seq()?,
@@ -423,7 +255,7 @@ pub async fn activate(
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await?;
     }
-    Ok(targets)
+    Ok(())
 }
 
 /// The current rollout progress of `release`.
@@ -435,7 +267,7 @@ pub fn progress_of(
         return Ok(None);
     };
     let targets = store.targets_of(release)?;
-    Ok(Some(target::progress(&info, &targets, now_ms())))
+    Ok(Some(domain::release::progress(&info, &targets, now_ms())))
 }
 
 /// `release`'s progress as the retained message for its progress topic.
@@ -480,7 +312,12 @@ pub async fn republish_all(ctx: &Ctx) -> Result<(usize, usize), OpError> {
         send_desired(ctx, n).await?;
     }
     let mut progress = 0;
-    for r in ctx.store.releases()?.into_iter().filter(|r| r.seq > 0) {
+    for r in ctx
+        .store
+        .releases()?
+        .into_iter()
+        .filter(domain::release::is_published)
+    {
         if let Some((topic, payload)) = progress_message(ctx, &r.id)? {
             ctx.mqtt
                 .publish(topic, QoS::AtLeastOnce, true, payload)
@@ -602,16 +439,9 @@ pub fn ensure_group_targets(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::{g, m};
     use crate::store::MemStore;
     use fleetcast_proto::{Phase, StatusEvent};
-
-    fn m(s: &str) -> MachineId {
-        MachineId::new(s).unwrap()
-    }
-
-    fn g(s: &str) -> GroupId {
-        GroupId::new(s).unwrap()
-    }
 
     fn release(store: &MemStore, id: &str, version: &str) -> ReleaseInfo {
         let mut r = crate::fixtures::release(id, version);

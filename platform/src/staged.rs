@@ -19,9 +19,11 @@ use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan};
 use fleetcast_proto::{GroupId, InstallPolicy, MachineId, Phase, ReleaseId, Target};
 use rumqttc::QoS;
 
-use crate::domain::rollout::{self as core, Effect, Tally};
+use crate::context::Ctx;
+use crate::domain::{self, rollout as core, rollout::Effect, rollout::Tally};
 use crate::now_ms;
-use crate::publish::{self, known_release, refused, Ctx, OpError};
+use crate::ops::{known_release, refused, OpError};
+use crate::publish;
 use crate::store::{DesiredNotice, Records, StoreError};
 
 /// Running rollouts are re-evaluated at least this often (a wave's timeout is checked then).
@@ -144,29 +146,18 @@ pub async fn publish(
         .collect();
     let mut out = Outbox::default();
     let (release, rollout) = ctx.store.transaction(|rec| -> Result<_, OpError> {
-        if let Some(r) = rec.rollout(&release.id)? {
-            if matches!(r.state, RolloutState::Running | RolloutState::Paused { .. }) {
-                return refused(format!(
-                    "release {} already has a {} staged rollout; cancel it first",
-                    release.id,
-                    r.state.name()
-                ));
-            }
-        }
+        let previous = rec.rollout(&release.id)?;
+        domain::release::may_stage(&release.id, previous.as_ref().map(|r| &r.state))?;
         let now = now_ms();
         let mut release = rec.release(&release.id)?.unwrap_or_else(|| release.clone());
-        release.seq = ctx.store.next_seq()?;
-        release.published_at_ms.get_or_insert(now);
-        for m in &resolved.machines {
-            if !release.machines.contains(m) {
-                release.machines.push(m.clone());
-            }
-        }
-        for g in &resolved.groups {
-            if !release.groups.contains(g) {
-                release.groups.push(g.clone());
-            }
-        }
+        let seq = ctx.store.next_seq()?;
+        domain::release::record_publish(
+            &mut release,
+            seq,
+            now,
+            &resolved.machines,
+            &resolved.groups,
+        );
         rec.put_release(&release)?;
         let (rollout, effects) = core::start(
             &release.id,
@@ -339,17 +330,14 @@ mod tests {
         _dir: tempfile::TempDir,
         /// Keeps the client's request queue open; never polled.
         _eventloop: rumqttc::EventLoop,
-        ctx: Ctx,
+        ctx: std::sync::Arc<Ctx>,
         release: ReleaseInfo,
         machines: Vec<MachineId>,
     }
 
     /// Four provisioned machines and an unpublished release, over an in-memory store.
     fn fixture() -> Fixture {
-        let dir = tempfile::tempdir().unwrap();
-        let (mqtt, eventloop) =
-            rumqttc::AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 4096);
-        let ctx = Ctx::for_tests(dir.path(), mqtt);
+        let (dir, eventloop, ctx) = Ctx::for_tests_in_temp_dir();
         let release = crate::fixtures::release("r-000001", "1.0");
         let machines: Vec<MachineId> = (1..=4)
             .map(|i| MachineId::new(format!("vm-{i}")).unwrap())

@@ -19,10 +19,10 @@ use fleetcast_broker::admin::AdminClient;
 use fleetcast_broker::client;
 use fleetcast_broker::BrokerUrl;
 use fleetcast_proto::admin::{
-    AdminOp, AdminReply, FleetEvent, MachineInfo, MachineSpec, ProvisionedMachine,
-    MAX_PROVISION_BATCH,
+    FleetEvent, MachineInfo, MachineSpec, ProvisionedMachine, MAX_PROVISION_BATCH,
 };
 use fleetcast_proto::auth::Secret;
+use fleetcast_proto::calls::{self, Call};
 use fleetcast_proto::{ArtifactId, GroupId, InstallPolicy, Kind, MachineId, ReleaseId, Topics};
 use rumqttc::{Event, Incoming, QoS};
 use tokio::sync::Semaphore;
@@ -213,13 +213,22 @@ impl Platform {
         Ok(fleetcast_platform::load_or_create_keys(&self.data)?.platform_mqtt_password())
     }
 
-    pub async fn request(&self, op: AdminOp) -> Result<AdminReply> {
-        let name = format!("{op:?}");
-        let name: String = name.chars().take(40).collect();
-        self.admin
-            .request_with_timeout(op, ADMIN_TIMEOUT)
+    /// Sends one typed call, waiting up to [`ADMIN_TIMEOUT`] (a busy platform answers late),
+    /// and takes the reply it calls for.
+    pub async fn call<C: Call>(&self, call: C) -> Result<C::Reply> {
+        let reply = self
+            .admin
+            .request_with_timeout(call.into(), ADMIN_TIMEOUT)
             .await
-            .with_context(|| format!("admin request {name}"))
+            .with_context(|| format!("admin request {}", C::OP))?;
+        C::reply(reply).map_err(|other| {
+            anyhow!(
+                "unexpected reply to {}: {} (expected {})",
+                C::OP,
+                calls::reply_name(&other),
+                C::REPLY
+            )
+        })
     }
 
     /// Uploads `bytes` as `kind` `version` (64 KiB chunks) and creates a release of it.
@@ -238,16 +247,15 @@ impl Platform {
             .await
             .with_context(|| format!("uploading {kind} {version}"))?
             .id;
-        let op = AdminOp::ReleaseCreate {
-            kind: kind.clone(),
-            version: version.into(),
-            policy,
-            notes: None,
-        };
-        match self.request(op).await? {
-            AdminReply::Release { release } => Ok((artifact, release.id)),
-            other => bail!("unexpected reply to release create: {other:?}"),
-        }
+        let release = self
+            .call(calls::ReleaseCreate {
+                kind: kind.clone(),
+                version: version.into(),
+                policy,
+                notes: None,
+            })
+            .await?;
+        Ok((artifact, release.id))
     }
 
     pub async fn publish(
@@ -256,21 +264,18 @@ impl Platform {
         machines: Vec<MachineId>,
         groups: Vec<GroupId>,
     ) -> Result<()> {
-        let op = AdminOp::ReleasePublish {
+        let publish = calls::ReleasePublish {
             release: release.clone(),
             machines,
             groups,
             allow_empty: false,
             waves: None,
         };
-        self.request(op).await.map(|_| ())
+        self.call(publish).await.map(|_| ())
     }
 
     pub async fn machines(&self) -> Result<Vec<MachineInfo>> {
-        match self.request(AdminOp::Machines).await? {
-            AdminReply::Machines { machines } => Ok(machines),
-            other => bail!("unexpected reply to machines: {other:?}"),
-        }
+        self.call(calls::Machines {}).await
     }
 
     /// Provisions `ids` in `group`, 1,000 per round trip.
@@ -281,7 +286,7 @@ impl Platform {
     ) -> Result<Vec<ProvisionedMachine>> {
         let mut out = Vec::with_capacity(ids.len());
         for batch in ids.chunks(MAX_PROVISION_BATCH) {
-            let op = AdminOp::MachineProvisionBatch {
+            let provision = calls::MachineProvisionBatch {
                 machines: batch
                     .iter()
                     .map(|m| MachineSpec {
@@ -291,12 +296,15 @@ impl Platform {
                     .collect(),
                 rotate: false,
             };
-            match self.request(op).await? {
-                AdminReply::ProvisionedBatch { machines } if machines.len() == batch.len() => {
-                    out.extend(machines)
-                }
-                other => bail!("unexpected reply to provisioning: {other:?}"),
+            let machines = self.call(provision).await?;
+            if machines.len() != batch.len() {
+                bail!(
+                    "provisioning {} machines answered {}",
+                    batch.len(),
+                    machines.len()
+                );
             }
+            out.extend(machines);
         }
         Ok(out)
     }
@@ -344,7 +352,7 @@ async fn connect_admin(proc: &mut Proc, data: &Path, url: &BrokerUrl) -> Result<
                     AdminClient::connect(url, Topics::default(), secret, Duration::from_secs(5))
                         .await
                 {
-                    if admin.request(AdminOp::Machines).await.is_ok() {
+                    if admin.call(calls::Machines {}).await.is_ok() {
                         return Ok(admin);
                     }
                     admin.close().await;
@@ -355,7 +363,7 @@ async fn connect_admin(proc: &mut Proc, data: &Path, url: &BrokerUrl) -> Result<
     }
 }
 
-/// Reads stored events incrementally (`AdminOp::EventsSince`).
+/// Reads stored events incrementally (`events_since`).
 pub struct EventFeed {
     pub next: u64,
 }
@@ -371,21 +379,16 @@ impl EventFeed {
     pub async fn poll(&mut self, p: &Platform) -> Result<Vec<FleetEvent>> {
         let mut out = Vec::new();
         loop {
-            match p
-                .request(AdminOp::EventsSince {
+            let page = p
+                .call(calls::EventsSince {
                     since: self.next,
                     limit: None,
                 })
-                .await?
-            {
-                AdminReply::Events { events, next, more } => {
-                    out.extend(events);
-                    self.next = next;
-                    if !more {
-                        return Ok(out);
-                    }
-                }
-                other => bail!("unexpected reply to events: {other:?}"),
+                .await?;
+            out.extend(page.items);
+            self.next = page.next;
+            if !page.more {
+                return Ok(out);
             }
         }
     }

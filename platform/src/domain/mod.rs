@@ -1,9 +1,11 @@
 //! The platform's domain core: pure state machines, tested without a broker or a disk. The
 //! callers (admin, ingest, staged) load records, ask these what follows, store the result and
 //! carry out the effects.
-//! - [`target`]: what a machine's status event does to its record for one release, and the
-//!   aggregate rollout progress.
+//! - [`release`]: a release's life: what a publish records on it, its progress over its
+//!   targets, which machines a retry or an activate reaches, where a rollback goes.
+//! - [`target`]: what a machine's status event does to its record for one release.
 //! - [`rollout`]: a staged rollout: wave order, advancing, pausing by itself, operator commands.
 
+pub mod release;
 pub mod rollout;
 pub mod target;

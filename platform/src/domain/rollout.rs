@@ -13,6 +13,8 @@ use fleetcast_proto::rollout::{
 };
 use fleetcast_proto::{MachineId, Phase, ReleaseId};
 
+use super::release::failed;
+
 /// What the caller must do after a decision.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
@@ -60,11 +62,6 @@ pub fn order(release: &ReleaseId, machines: impl IntoIterator<Item = MachineId>)
 /// Whether `phase` counts as succeeded for a rollout (`download_only`: `deferred` too).
 pub fn succeeded(phase: Phase, download_only: bool) -> bool {
     phase == Phase::Installed || (download_only && phase == Phase::Deferred)
-}
-
-/// Whether `phase` counts as failed for a rollout.
-pub fn failed(phase: Phase) -> bool {
-    phase.is_failure() && phase != Phase::Cancelled
 }
 
 /// Counts the machines of waves `0..=r.wave` by the phase `phase_of` gives (unknown: pending).
@@ -538,6 +535,5 @@ mod tests {
     fn download_only_counts_deferred_as_succeeded() {
         assert!(succeeded(Phase::Deferred, true));
         assert!(!succeeded(Phase::Deferred, false));
-        assert!(failed(Phase::Rejected) && !failed(Phase::Cancelled) && !failed(Phase::Superseded));
     }
 }

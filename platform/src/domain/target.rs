@@ -1,9 +1,8 @@
-//! Release bookkeeping as a pure state machine: what a machine's status event does to its
-//! `TargetRecord` for one release, and the aggregate `RolloutProgress`. No I/O.
+//! One machine's record for one release as a pure state machine: what a machine's status
+//! event does to its `TargetRecord`. (The release's aggregate over its records is
+//! [`super::release::progress`].) No I/O.
 
-use std::collections::BTreeMap;
-
-use fleetcast_proto::admin::{ReleaseInfo, RolloutProgress, StepResult, TargetRecord};
+use fleetcast_proto::admin::{ReleaseInfo, StepResult, TargetRecord};
 use fleetcast_proto::{GroupId, MachineId, Phase, StatusEvent};
 
 /// Why an event does not change a record. The event is still stored as a fleet event.
@@ -199,29 +198,6 @@ pub fn apply(rec: &mut TargetRecord, ev: &StatusEvent, now_ms: u64) -> Result<()
         rec.notified_at_ms = Some(at);
     }
     Ok(())
-}
-
-/// The aggregate of one release over its target records.
-pub fn progress(release: &ReleaseInfo, targets: &[TargetRecord], now_ms: u64) -> RolloutProgress {
-    let mut phases = BTreeMap::new();
-    let (mut finished, mut succeeded, mut failed) = (0, 0, 0);
-    for t in targets {
-        *phases.entry(t.phase).or_insert(0) += 1;
-        finished += u32::from(t.phase.is_final());
-        succeeded += u32::from(t.phase == Phase::Installed);
-        failed += u32::from(t.phase.is_failure());
-    }
-    RolloutProgress {
-        release: release.id.clone(),
-        kind: release.kind.clone(),
-        version: release.version.clone(),
-        total: targets.len() as u32,
-        phases,
-        finished,
-        succeeded,
-        failed,
-        updated_at_ms: now_ms,
-    }
 }
 
 #[cfg(test)]
@@ -548,22 +524,5 @@ mod tests {
             }
             assert_eq!(r.phase, end, "{name}");
         }
-    }
-
-    #[test]
-    fn progress_counts_machines_per_phase_and_outcome() {
-        let mut a = rec();
-        apply(&mut a, &ev(Phase::Installed, 1), 1).unwrap();
-        let mut b = rec();
-        b.machine = MachineId::new("vm-2").unwrap();
-        let mut f = ev(Phase::InstallFailed, 1);
-        f.machine = b.machine.clone();
-        apply(&mut b, &f, 1).unwrap();
-        let mut c = rec();
-        c.machine = MachineId::new("vm-3").unwrap();
-        let p = progress(&release(), &[a, b, c], 7);
-        assert_eq!((p.total, p.finished, p.succeeded, p.failed), (3, 2, 1, 1));
-        assert_eq!(p.phases.get(&Phase::Pending), Some(&1));
-        assert_eq!(p.updated_at_ms, 7);
     }
 }

@@ -1,10 +1,11 @@
-//! `artifact_list` (uploads are in [`crate::admin`], which keeps their staging state).
+//! `artifact_list` (uploads are in [`crate::uploads`], whose staging state the admin task owns).
 
 use fleetcast_proto::admin::ArtifactInfo;
 use fleetcast_proto::calls;
 use fleetcast_proto::release::compare_versions;
 
-use crate::publish::{Ctx, OpError};
+use crate::context::Ctx;
+use crate::ops::OpError;
 
 /// Every stored artifact, by kind, then version.
 pub fn list(ctx: &Ctx, _: calls::ArtifactList) -> Result<Vec<ArtifactInfo>, OpError> {

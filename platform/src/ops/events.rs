@@ -4,7 +4,8 @@ use fleetcast_proto::admin::{AuditEntry, FleetEvent, PlatformStats};
 use fleetcast_proto::calls::{self, Page};
 use fleetcast_proto::events::MAX_BATCH_EVENTS;
 
-use crate::publish::{Ctx, OpError};
+use crate::context::Ctx;
+use crate::ops::OpError;
 
 pub fn since(ctx: &Ctx, c: calls::EventsSince) -> Result<Page<FleetEvent, u64>, OpError> {
     let limit = c

@@ -3,8 +3,9 @@
 use fleetcast_proto::admin::{IntegratorProfile, OperatorInfo, OperatorProfile};
 use fleetcast_proto::calls;
 
+use crate::context::Ctx;
 use crate::identities;
-use crate::publish::{Ctx, OpError};
+use crate::ops::OpError;
 
 /// `by`: the operator creating it (recorded as its creator).
 pub async fn operator_add(

@@ -5,8 +5,9 @@ use fleetcast_proto::admin::{MachineInfo, VersionReport};
 use fleetcast_proto::calls::{self, HistoryPage, Page};
 use fleetcast_proto::MachineId;
 
+use crate::context::Ctx;
 use crate::inventory::{self, off_thread};
-use crate::publish::{Ctx, OpError};
+use crate::ops::OpError;
 
 pub async fn machine_query(
     ctx: &Ctx,

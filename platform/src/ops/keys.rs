@@ -2,8 +2,10 @@
 
 use fleetcast_proto::calls::{self, MosquittoFiles};
 
+use crate::context::Ctx;
 use crate::identities;
-use crate::publish::{self, Ctx, OpError};
+use crate::ops::OpError;
+use crate::publish;
 
 pub async fn rotate(ctx: &Ctx, _: calls::KeyRotate) -> Result<String, OpError> {
     let generation = publish::rotate_key(ctx).await?;

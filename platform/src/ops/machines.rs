@@ -3,8 +3,9 @@
 use fleetcast_proto::admin::{MachineInfo, MachineSpec, ProvisionedMachine};
 use fleetcast_proto::calls;
 
+use crate::context::Ctx;
 use crate::identities;
-use crate::publish::{Ctx, OpError};
+use crate::ops::OpError;
 
 pub fn list(ctx: &Ctx, _: calls::Machines) -> Result<Vec<MachineInfo>, OpError> {
     Ok(ctx.store.machines()?)

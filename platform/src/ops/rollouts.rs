@@ -4,7 +4,8 @@
 use fleetcast_proto::calls;
 use fleetcast_proto::rollout::RolloutInfo;
 
-use crate::publish::{Ctx, OpError};
+use crate::context::Ctx;
+use crate::ops::OpError;
 use crate::staged::{self, Control};
 
 pub fn status(ctx: &Ctx, c: calls::RolloutStatus) -> Result<RolloutInfo, OpError> {

@@ -655,11 +655,8 @@ impl Records for Tables {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fixtures::m;
     use fleetcast_proto::{GroupId, Phase};
-
-    fn m(s: &str) -> MachineId {
-        MachineId::new(s).unwrap()
-    }
 
     fn open() -> (tempfile::TempDir, SledStore) {
         let dir = tempfile::tempdir().unwrap();

@@ -223,10 +223,7 @@ async fn client_options_work_before_and_after_the_subcommand_and_credentials_nee
         .await;
     assert_eq!(again.code, 1, "{again:#?}");
     assert!(again.stderr.contains("--force"), "{again:#?}");
-    let AdminReply::Operators { operators } = admin.request(AdminOp::OperatorList).await.unwrap()
-    else {
-        panic!()
-    };
+    let operators = admin.call(calls::OperatorList {}).await.unwrap();
     let names: Vec<&str> = operators.iter().map(|o| o.name.as_str()).collect();
     assert_eq!(names, ["admin", "alice"]);
 
@@ -723,7 +720,7 @@ async fn serve_logs_have_no_colour_codes_and_no_error_for_an_ordinary_disconnect
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
-    adm.request(AdminOp::Machines).await.unwrap();
+    adm.call(calls::Machines {}).await.unwrap();
     adm.close().await;
     let client = fc
         .with("FLEETCAST_DATA", &data_dir)

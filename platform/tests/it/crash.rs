@@ -147,21 +147,18 @@ async fn kill9_loses_nothing(broker: BrokerUrl) {
     let mut fetched = Vec::new();
     let mut since = 0;
     loop {
-        let reply = adm
-            .request(AdminOp::EventsSince { since, limit: None })
+        let page = adm
+            .call(calls::EventsSince { since, limit: None })
             .await
             .unwrap();
-        let AdminReply::Events { events, next, more } = reply else {
-            panic!("{reply:?}")
-        };
         fetched.extend(
-            events
+            page.items
                 .into_iter()
                 .filter(|e| e.machine.as_str() == "vm-crash")
                 .map(|e| e.progress.expect("progress kept").bytes),
         );
-        since = next;
-        if !more {
+        since = page.next;
+        if !page.more {
             break;
         }
     }

@@ -6,32 +6,6 @@ use std::collections::BTreeMap;
 
 use super::*;
 
-/// Rollouts here move real artifacts through real agents: allow more than `WAIT`.
-pub(super) const E2E_WAIT: Duration = Duration::from_secs(90);
-
-/// `count` simulated machines (vm-001...) running app 1.0.0, provisioned with the platform in `data`.
-pub(super) fn simulated(
-    data: &Path,
-    sim: &Path,
-    broker: &BrokerUrl,
-    count: usize,
-    groups: &[&str],
-) -> fleetcast_device::simulate::SimulateOptions {
-    fleetcast_device::simulate::SimulateOptions {
-        count,
-        groups: groups.iter().map(|x| g(x)).collect(),
-        prefix: "vm-".into(),
-        data_dir: sim.to_owned(),
-        broker: broker.to_string(),
-        topic_prefix: "fleet".into(),
-        admin_secret: admin_secret(data),
-        initial_versions: BTreeMap::from([(app(), "1.0.0".to_owned())]),
-        start_index: 1,
-        fail_health: vec![],
-        ca_file: None,
-    }
-}
-
 /// The config of a provisioned machine with its data in `dir/<machine>`.
 fn machine_config(
     p: &ProvisionedMachine,
@@ -43,31 +17,6 @@ fn machine_config(
         &broker.to_string(),
         dir.join(p.machine.as_str()),
     )
-}
-
-pub(super) fn artifact_file(dir: &Path, name: &str, size: usize, seed: u8) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, data(size, seed)).unwrap();
-    path
-}
-
-/// Uploads `path` as app `version` in 64 KiB chunks.
-pub(super) async fn upload(admin: &AdminClient, path: &Path, version: &str) -> ArtifactInfo {
-    upload_file(admin, path, &app(), version, 65536)
-        .await
-        .unwrap_or_else(|e| panic!("upload {version}: {e}"))
-}
-
-/// Polls until `release` has `expect_targets` targets, all in a final phase.
-async fn until_finished(
-    admin: &AdminClient,
-    release: &ReleaseId,
-    expect_targets: usize,
-) -> ReleaseStatus {
-    wait_status_within(admin, release, E2E_WAIT, |s| {
-        s.targets.len() == expect_targets && s.targets.iter().all(|t| t.phase.is_final())
-    })
-    .await
 }
 
 /// The status of `release` after `quiet` in which nothing is expected to happen.
@@ -136,22 +85,6 @@ async fn machines_versions(admin: &AdminClient) -> BTreeMap<MachineId, Option<St
         .collect()
 }
 
-/// Waits until `count` machines are online and have reported their app version.
-pub(super) async fn wait_online(admin: &AdminClient, count: usize) {
-    poll_until(
-        E2E_WAIT,
-        "machines online",
-        || machines(admin),
-        |ms| {
-            ms.iter()
-                .filter(|x| x.online && x.kinds.contains_key(&app()))
-                .count()
-                >= count
-        },
-    )
-    .await;
-}
-
 /// Upload, create, publish to one group + one machine (3 machines), all install, results and
 /// times recorded, rollback of one machine; with `restart`, the platform is stopped and started
 /// again in the middle of a second rollout, and nothing acknowledged is lost.
@@ -170,15 +103,14 @@ async fn whole_flow(broker: BrokerUrl, restart: bool) {
     } = env(&broker).await;
     let sim = dir.path().join("machines");
 
-    let sim_token = CancellationToken::new();
-    let sim_opts = simulated(&data, &sim, &broker, 3, &["north", "south"]);
-    let sim_task = tokio::spawn(fleetcast_device::simulate::run(sim_opts, sim_token.clone()));
+    let mut sims = Sims::default();
+    sims.start(simulated(&data, &sim, &broker, 3, &["north", "south"]));
     wait_online(&admin_client, 3).await;
 
     let stable = artifact_file(dir.path(), "app-1.0.0.bin", 100_000, 1);
     let new = artifact_file(dir.path(), "app-1.1.0.bin", 5 * 65536 + 1, 2);
-    upload(&admin_client, &stable, "1.0.0").await;
-    let info = upload(&admin_client, &new, "1.1.0").await;
+    upload_app(&admin_client, &stable, "1.0.0").await;
+    let info = upload_app(&admin_client, &new, "1.1.0").await;
     assert_eq!(info.size, 5 * 65536 + 1);
 
     // vm-001 and vm-003 are in "north"; vm-002 is named directly.
@@ -193,9 +125,7 @@ async fn whole_flow(broker: BrokerUrl, restart: bool) {
     }
     // The counters saw the transfer: every byte of the artifact went out at least once, and
     // each machine's results (at least notified, downloaded, installed) were stored.
-    let AdminReply::Stats { stats } = admin_client.request(AdminOp::Stats).await.unwrap() else {
-        panic!("stats: unexpected reply");
-    };
+    let stats = admin_client.call(calls::Stats {}).await.unwrap();
     assert!(stats.chunk_bytes_sent >= info.size, "{stats:?}");
     assert!(stats.chunk_requests >= 3, "{stats:?}");
     assert!(stats.status_events_stored >= 9, "{stats:?}");
@@ -221,7 +151,7 @@ async fn whole_flow(broker: BrokerUrl, restart: bool) {
     if restart {
         // A bigger release to every machine; stop the platform while it is under way.
         let big = artifact_file(dir.path(), "app-1.2.0.bin", 3 * 1024 * 1024 + 7, 3);
-        upload(&admin_client, &big, "1.2.0").await;
+        upload_app(&admin_client, &big, "1.2.0").await;
         let r2 = release(&admin_client, "1.2.0", &[], &["north", "south"])
             .await
             .release
@@ -259,8 +189,7 @@ async fn whole_flow(broker: BrokerUrl, restart: bool) {
         admin_client.close().await;
     }
 
-    sim_token.cancel();
-    joined(sim_task, "simulator").await;
+    sims.stop().await;
     platform.stop().await;
 }
 
@@ -350,17 +279,13 @@ async fn offline_machine_catches_up_and_download_only_waits_for_activate() {
     .await;
 
     // Activate: both install through the command installer.
-    match admin_client
-        .request(AdminOp::Activate {
+    admin_client
+        .call(calls::Activate {
             release: release.clone(),
             machines: vec![],
         })
         .await
-        .unwrap()
-    {
-        AdminReply::Done { .. } => {}
-        other => panic!("unexpected {other:?}"),
-    }
+        .unwrap();
     let s = until_finished(&admin_client, &release, 2).await;
     assert_all_installed(&s);
     let log = std::fs::read_to_string(&installed_log).unwrap();
@@ -409,14 +334,11 @@ async fn a_broker_killed_mid_transfer_is_survived() {
     );
     let admin_client = admin(&broker, &data).await;
     let sim = dir.path().join("machines");
-    let sim_token = CancellationToken::new();
-    let sim_task = tokio::spawn(fleetcast_device::simulate::run(
-        simulated(&data, &sim, &broker, 1, &["field"]),
-        sim_token.clone(),
-    ));
+    let mut sims = Sims::default();
+    sims.start(simulated(&data, &sim, &broker, 1, &["field"]));
     wait_online(&admin_client, 1).await;
     let big = artifact_file(dir.path(), "app-2.0.0.bin", 48 * 1024 * 1024 + 3, 9);
-    upload(&admin_client, &big, "2.0.0").await;
+    upload_app(&admin_client, &big, "2.0.0").await;
     let release = release(&admin_client, "2.0.0", &[], &["field"])
         .await
         .release
@@ -442,8 +364,7 @@ async fn a_broker_killed_mid_transfer_is_survived() {
     assert_all_installed(&s);
     assert_active_slot(&sim, "vm-001", &big);
     admin_client.close().await;
-    sim_token.cancel();
-    joined(sim_task, "simulator").await;
+    sims.stop().await;
     platform.stop().await;
 }
 
@@ -495,7 +416,7 @@ async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
     };
 
     let v2 = artifact_file(dir.path(), "app-2.0.0.bin", 150_000, 6);
-    upload(&admin_client, &v2, "2.0.0").await;
+    upload_app(&admin_client, &v2, "2.0.0").await;
     let idle = create_release(&admin_client, &app(), "2.0.0", InstallPolicy::Idle)
         .await
         .id;
@@ -519,7 +440,7 @@ async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
 
     // A window that opens in two hours (UTC): downloaded now, installed later.
     let v3 = artifact_file(dir.path(), "app-3.0.0.bin", 90_000, 7);
-    upload(&admin_client, &v3, "3.0.0").await;
+    upload_app(&admin_client, &v3, "3.0.0").await;
     let minute = (fleetcast_platform::now_ms() / 60_000 % (24 * 60)) as u32;
     let hhmm = |m: u32| format!("{:02}:{:02}", (m / 60) % 24, m % 60);
     let policy: InstallPolicy = format!(
@@ -655,15 +576,18 @@ async fn a_forged_group_notice_falsifies_no_record_and_the_real_release_installs
         admin,
     } = env(&url).await;
     let sim = dir.path().join("machines");
-    let sim_token = CancellationToken::new();
-    let sim_task = tokio::spawn(fleetcast_device::simulate::run(
-        simulated(&data, &sim, &url, 3, &["north"]),
-        sim_token.clone(),
-    ));
+    let mut sims = Sims::default();
+    sims.start(simulated(&data, &sim, &url, 3, &["north"]));
     wait_online(&admin, 3).await;
-    let new = artifact_file(dir.path(), "app-1.1.0.bin", 3 * 65536, 4);
-    let info = upload(&admin, &new, "1.1.0").await;
-    let created = create_release(&admin, &app(), "1.1.0", InstallPolicy::Immediate).await;
+    let (new, created) = app_release(
+        &admin,
+        dir.path(),
+        "1.1.0",
+        3 * 65536,
+        4,
+        InstallPolicy::Immediate,
+    )
+    .await;
 
     // The attacker's notice: the real release id and artifact, a huge seq, no valid signature.
     let forged = ReleaseNotice {
@@ -712,9 +636,11 @@ async fn a_forged_group_notice_falsifies_no_record_and_the_real_release_installs
     for vm in ["vm-001", "vm-002", "vm-003"] {
         assert_active_slot(&sim, vm, &new);
     }
-    assert_eq!(s.release.artifact.id, info.id);
-    sim_token.cancel();
-    joined(sim_task, "simulator").await;
+    assert_eq!(
+        s.release.artifact.id,
+        ArtifactId::of(&std::fs::read(&new).unwrap())
+    );
+    sims.stop().await;
     admin.close().await;
     platform.stop().await;
 }

@@ -185,10 +185,7 @@ async fn over_tls_one_machines_credentials_open_nothing_else_and_the_rollout_com
     closed(&mut erp, "integrator closed after publishing").await;
 
     // Revoking vm-1 closes its live session now, and it cannot come back.
-    admin
-        .request(AdminOp::MachineRevoke { machine: m("vm-1") })
-        .await
-        .unwrap();
+    revoke(&admin, "vm-1").await;
     closed(&mut vm1.peer, "revoked machine's session closed").await;
     let stop = CancellationToken::new();
     let (_c, el) = client::connect(
@@ -238,18 +235,19 @@ async fn an_existing_machine_is_provisioned_again_only_with_rotate_which_cuts_th
         machine: m(id),
         groups: vec![],
     };
-    for op in [
-        AdminOp::MachineProvision {
-            machine: m("vm-1"),
-            groups: vec![],
-            rotate: false,
-        },
-        AdminOp::MachineProvisionBatch {
-            machines: vec![spec("vm-2"), spec("vm-1")],
-            rotate: false,
-        },
+    let single = calls::MachineProvision {
+        machine: m("vm-1"),
+        groups: vec![],
+        rotate: false,
+    };
+    let batch = calls::MachineProvisionBatch {
+        machines: vec![spec("vm-2"), spec("vm-1")],
+        rotate: false,
+    };
+    for err in [
+        admin.call(single).await.unwrap_err(),
+        admin.call(batch).await.unwrap_err(),
     ] {
-        let err = admin.request(op).await.unwrap_err();
         assert!(
             matches!(&err, AdminError::Refused(r) if r.contains("vm-1 is provisioned already")),
             "{err}"
@@ -279,12 +277,9 @@ async fn an_existing_machine_is_provisioned_again_only_with_rotate_which_cuts_th
     );
 
     // A revoked machine exists too; rotate brings it back with a new secret.
-    admin
-        .request(AdminOp::MachineRevoke { machine: m("vm-1") })
-        .await
-        .unwrap();
+    revoke(&admin, "vm-1").await;
     let err = admin
-        .request(AdminOp::MachineProvision {
+        .call(calls::MachineProvision {
             machine: m("vm-1"),
             groups: vec![],
             rotate: false,

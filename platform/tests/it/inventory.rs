@@ -5,6 +5,7 @@
 use std::collections::BTreeMap;
 
 use fleetcast_proto::admin::{MachineFilter, TargetRecord, VersionReport};
+use fleetcast_proto::calls::Call;
 use fleetcast_proto::status::KindState;
 use fleetcast_proto::MachineState;
 
@@ -45,24 +46,16 @@ async fn query_page(
     after: Option<&str>,
     limit: Option<u32>,
 ) -> (Vec<String>, Option<String>, bool) {
-    let reply = admin
-        .request(AdminOp::MachineQuery {
+    let page = admin
+        .call(calls::MachineQuery {
             filter,
             after: after.map(m),
             limit,
         })
         .await
         .unwrap();
-    let AdminReply::MachinePage {
-        machines,
-        next,
-        more,
-    } = reply
-    else {
-        panic!("{reply:?}")
-    };
-    let ids = machines.iter().map(|x| x.id.to_string()).collect();
-    (ids, next.map(|n| n.to_string()), more)
+    let ids = page.items.iter().map(|x| x.id.to_string()).collect();
+    (ids, page.next.map(|n| n.to_string()), page.more)
 }
 
 async fn query(admin: &AdminClient, filter: MachineFilter) -> Vec<String> {
@@ -72,17 +65,13 @@ async fn query(admin: &AdminClient, filter: MachineFilter) -> Vec<String> {
 }
 
 async fn versions(admin: &AdminClient, release: Option<&ReleaseId>) -> VersionReport {
-    let reply = admin
-        .request(AdminOp::Versions {
+    admin
+        .call(calls::Versions {
             kind: app(),
             release: release.cloned(),
         })
         .await
-        .unwrap();
-    let AdminReply::Versions { report } = reply else {
-        panic!("{reply:?}")
-    };
-    report
+        .unwrap()
 }
 
 async fn history(
@@ -92,8 +81,8 @@ async fn history(
     before: Option<&ReleaseId>,
     limit: Option<u32>,
 ) -> (Vec<TargetRecord>, Option<ReleaseId>, bool) {
-    let reply = admin
-        .request(AdminOp::History {
+    let h = admin
+        .call(calls::History {
             machine: m(machine),
             kind,
             before: before.cloned(),
@@ -101,17 +90,8 @@ async fn history(
         })
         .await
         .unwrap();
-    let AdminReply::History {
-        machine: named,
-        targets,
-        next,
-        more,
-    } = reply
-    else {
-        panic!("{reply:?}")
-    };
-    assert_eq!(named.as_str(), machine);
-    (targets, next, more)
+    assert_eq!(h.machine.as_str(), machine);
+    (h.page.items, h.page.next, h.page.more)
 }
 
 fn releases(targets: &[TargetRecord]) -> Vec<String> {
@@ -141,12 +121,7 @@ async fn filters_counts_and_history_come_from_what_machines_reported() {
     provisioned(&admin, "vm-004", &["g1"]).await;
     let mut vm5 = provision(&admin, &url, "vm-005", &["g2"]).await;
     provisioned(&admin, "vm-006", &[]).await;
-    admin
-        .request(AdminOp::MachineRevoke {
-            machine: m("vm-006"),
-        })
-        .await
-        .unwrap();
+    revoke(&admin, "vm-006").await;
     vm2.report_app(&["g1"], Some("1.0")).await;
     vm5.report_app(&["g2"], Some("1.0")).await;
     poll_until(
@@ -234,7 +209,7 @@ async fn filters_counts_and_history_come_from_what_machines_reported() {
     };
     assert!(query(&admin, none).await.is_empty());
     let err = admin
-        .request(AdminOp::MachineQuery {
+        .call(calls::MachineQuery {
             filter: MachineFilter {
                 phase: Some(Phase::Pending),
                 ..MachineFilter::default()
@@ -327,7 +302,7 @@ async fn filters_counts_and_history_come_from_what_machines_reported() {
     let (nothing, _, _) = history(&admin, "vm-005", None, None, None).await;
     assert!(nothing.is_empty());
     let err = admin
-        .request(AdminOp::History {
+        .call(calls::History {
             machine: m("vm-404"),
             kind: None,
             before: None,
@@ -352,42 +327,34 @@ async fn a_viewer_may_ask_for_inventory_and_history() {
         admin,
     } = env(&url).await;
     provisioned(&admin, "vm-001", &["g1"]).await;
-    let AdminReply::OperatorCreated { operator } = admin
-        .request(AdminOp::OperatorAdd {
-            name: "val".into(),
-            role: fleetcast_proto::acl::Role::Viewer,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!()
-    };
+    let operator = add_operator(&admin, "val", fleetcast_proto::acl::Role::Viewer).await;
     let viewer = AdminClient::connect_as(&url, Topics::default(), "val", operator.secret, WAIT)
         .await
         .unwrap();
-    for op in [
-        AdminOp::MachineQuery {
-            filter: MachineFilter::default(),
-            after: None,
-            limit: None,
-        },
-        AdminOp::Versions {
-            kind: app(),
-            release: None,
-        },
-        AdminOp::History {
-            machine: m("vm-001"),
-            kind: None,
-            before: None,
-            limit: None,
-        },
-    ] {
-        let name = op.name();
-        viewer
-            .request(op)
-            .await
-            .unwrap_or_else(|e| panic!("{name}: {e}"));
+    /// `call` is answered for the viewer.
+    async fn answered<C: Call>(viewer: &AdminClient, call: C) {
+        if let Err(e) = viewer.call(call).await {
+            panic!("{}: {e}", C::OP);
+        }
     }
+    let machine_query = calls::MachineQuery {
+        filter: MachineFilter::default(),
+        after: None,
+        limit: None,
+    };
+    answered(&viewer, machine_query).await;
+    let versions = calls::Versions {
+        kind: app(),
+        release: None,
+    };
+    answered(&viewer, versions).await;
+    let history = calls::History {
+        machine: m("vm-001"),
+        kind: None,
+        before: None,
+        limit: None,
+    };
+    answered(&viewer, history).await;
     viewer.close().await;
     admin.close().await;
     platform.stop().await;

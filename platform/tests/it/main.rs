@@ -14,7 +14,7 @@ mod reconcile;
 mod security;
 mod staged;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Debug;
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -26,10 +26,11 @@ use fleetcast_broker::embedded::start_on_free_port;
 use fleetcast_broker::BrokerUrl;
 use fleetcast_platform::{admin_secret_path, public_key_path, serve, ServeOptions};
 use fleetcast_proto::admin::{
-    AdminOp, AdminReply, ArtifactInfo, FleetEvent, MachineInfo, ProvisionedMachine, PublishPlan,
-    ReleaseInfo, ReleaseStatus, RolloutProgress,
+    AdminOp, ArtifactInfo, FleetEvent, MachineInfo, ProvisionedMachine, PublishPlan, ReleaseInfo,
+    ReleaseStatus, RolloutProgress,
 };
 use fleetcast_proto::auth::{PlatformPublicKey, Purpose, Secret};
+use fleetcast_proto::calls;
 use fleetcast_proto::chunk::{decode_frame, ChunkRequest, ChunkVerifier, FrameType, Layout};
 use fleetcast_proto::status::Progress;
 use fleetcast_proto::{
@@ -341,18 +342,14 @@ async fn provisioned_with(
     groups: &[&str],
     rotate: bool,
 ) -> ProvisionedMachine {
-    let reply = admin
-        .request(AdminOp::MachineProvision {
+    admin
+        .call(calls::MachineProvision {
             machine: m(id),
             groups: groups.iter().map(|x| g(x)).collect(),
             rotate,
         })
         .await
-        .unwrap();
-    let AdminReply::Provisioned { machine } = reply else {
-        panic!("{reply:?}")
-    };
-    machine
+        .unwrap()
 }
 
 /// Provisions `id` and connects it; returns once the platform has taken in its `online`
@@ -552,19 +549,15 @@ async fn create_release(
     version: &str,
     policy: InstallPolicy,
 ) -> ReleaseInfo {
-    let reply = admin
-        .request(AdminOp::ReleaseCreate {
+    admin
+        .call(calls::ReleaseCreate {
             kind: kind.clone(),
             version: version.into(),
             policy,
             notes: None,
         })
         .await
-        .unwrap();
-    let AdminReply::Release { release } = reply else {
-        panic!("{reply:?}")
-    };
-    release
+        .unwrap()
 }
 
 async fn publish(
@@ -573,20 +566,27 @@ async fn publish(
     machines: &[&str],
     groups: &[&str],
 ) -> PublishPlan {
-    let reply = admin
-        .request(AdminOp::ReleasePublish {
+    publish_with(admin, release, machines, groups, None).await
+}
+
+/// Publishes `release` at once, or with `waves` as a staged rollout.
+async fn publish_with(
+    admin: &AdminClient,
+    release: &ReleaseId,
+    machines: &[&str],
+    groups: &[&str],
+    waves: Option<fleetcast_proto::rollout::WavePlan>,
+) -> PublishPlan {
+    admin
+        .call(calls::ReleasePublish {
             release: release.clone(),
             machines: machines.iter().map(|x| m(x)).collect(),
             groups: groups.iter().map(|x| g(x)).collect(),
             allow_empty: false,
-            waves: None,
+            waves,
         })
         .await
-        .unwrap();
-    let AdminReply::Plan { plan } = reply else {
-        panic!("{reply:?}")
-    };
-    plan
+        .unwrap()
 }
 
 /// Creates an immediate app release of `version` and publishes it; the plan carries the
@@ -608,40 +608,63 @@ async fn rollback(
     kind: &Kind,
     to: Option<&str>,
 ) -> PublishPlan {
-    let reply = admin
-        .request(AdminOp::Rollback {
+    admin
+        .call(calls::Rollback {
             target,
             kind: kind.clone(),
             to: to.map(Into::into),
             allow_empty: false,
         })
         .await
-        .unwrap();
-    let AdminReply::Plan { plan } = reply else {
-        panic!("{reply:?}")
-    };
-    plan
+        .unwrap()
 }
 
 async fn status(admin: &AdminClient, release: &ReleaseId) -> ReleaseStatus {
-    let reply = admin
-        .request(AdminOp::ReleaseStatus {
+    admin
+        .call(calls::ReleaseStatus {
             release: release.clone(),
         })
         .await
-        .unwrap();
-    let AdminReply::ReleaseStatus { status } = reply else {
-        panic!("{reply:?}")
-    };
-    status
+        .unwrap()
 }
 
 async fn machines(admin: &AdminClient) -> Vec<MachineInfo> {
-    let reply = admin.request(AdminOp::Machines).await.unwrap();
-    let AdminReply::Machines { machines } = reply else {
-        panic!("{reply:?}")
-    };
-    machines
+    admin.call(calls::Machines {}).await.unwrap()
+}
+
+/// Revokes machine `id`.
+async fn revoke(admin: &AdminClient, id: &str) {
+    admin
+        .call(calls::MachineRevoke { machine: m(id) })
+        .await
+        .unwrap();
+}
+
+/// Adds operator `name` with `role`; its profile carries its secret.
+async fn add_operator(
+    admin: &AdminClient,
+    name: &str,
+    role: fleetcast_proto::acl::Role,
+) -> fleetcast_proto::admin::OperatorProfile {
+    admin
+        .call(calls::OperatorAdd {
+            name: name.into(),
+            role,
+        })
+        .await
+        .unwrap()
+}
+
+/// The audit log's first page (up to 500 entries).
+async fn audit(admin: &AdminClient) -> Vec<fleetcast_proto::admin::AuditEntry> {
+    let page = admin
+        .call(calls::Audit {
+            since: 0,
+            limit: None,
+        })
+        .await
+        .unwrap();
+    page.items
 }
 
 /// Polls release status until `pred` holds, for at most `within`.
@@ -680,6 +703,113 @@ fn phase_of(s: &ReleaseStatus, m: &str) -> Phase {
     target(s, m).phase
 }
 
+/// Rollouts through real agents (the simulator) move real artifacts: allow more than `WAIT`.
+const E2E_WAIT: Duration = Duration::from_secs(90);
+
+/// `count` simulated machines (vm-001...) running app 1.0.0, provisioned with the platform in `data`.
+fn simulated(
+    data: &Path,
+    sim: &Path,
+    broker: &BrokerUrl,
+    count: usize,
+    groups: &[&str],
+) -> fleetcast_device::simulate::SimulateOptions {
+    fleetcast_device::simulate::SimulateOptions {
+        count,
+        groups: groups.iter().map(|x| g(x)).collect(),
+        prefix: "vm-".into(),
+        data_dir: sim.to_owned(),
+        broker: broker.to_string(),
+        topic_prefix: "fleet".into(),
+        admin_secret: admin_secret(data),
+        initial_versions: BTreeMap::from([(app(), "1.0.0".to_owned())]),
+        start_index: 1,
+        fail_health: vec![],
+        ca_file: None,
+    }
+}
+
+/// Writes `size` bytes (see [`data`]) to `dir/name`.
+fn artifact_file(dir: &Path, name: &str, size: usize, seed: u8) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, data(size, seed)).unwrap();
+    path
+}
+
+/// Uploads `path` as app `version` in 64 KiB chunks.
+async fn upload_app(admin: &AdminClient, path: &Path, version: &str) -> ArtifactInfo {
+    upload_file(admin, path, &app(), version, 65536)
+        .await
+        .unwrap_or_else(|e| panic!("upload {version}: {e}"))
+}
+
+/// Polls until `release` has `expect_targets` targets, all in a final phase.
+async fn until_finished(
+    admin: &AdminClient,
+    release: &ReleaseId,
+    expect_targets: usize,
+) -> ReleaseStatus {
+    wait_status_within(admin, release, E2E_WAIT, |s| {
+        s.targets.len() == expect_targets && s.targets.iter().all(|t| t.phase.is_final())
+    })
+    .await
+}
+
+/// Waits until `count` machines are online and have reported their app version.
+async fn wait_online(admin: &AdminClient, count: usize) {
+    poll_until(
+        E2E_WAIT,
+        "machines online",
+        || machines(admin),
+        |ms| {
+            ms.iter()
+                .filter(|x| x.online && x.kinds.contains_key(&app()))
+                .count()
+                >= count
+        },
+    )
+    .await;
+}
+
+/// Simulated machines (the device crate's simulator), running until [`Sims::stop`].
+#[derive(Default)]
+struct Sims {
+    stop: CancellationToken,
+    tasks: Vec<JoinHandle<Result<(), fleetcast_device::simulate::SimulateError>>>,
+}
+
+impl Sims {
+    /// Starts the machines `opts` describes (see [`simulated`]).
+    fn start(&mut self, opts: fleetcast_device::simulate::SimulateOptions) {
+        let run = fleetcast_device::simulate::run(opts, self.stop.clone());
+        self.tasks.push(tokio::spawn(run));
+    }
+
+    /// Stops every machine and waits for each simulator to end without error.
+    async fn stop(self) {
+        self.stop.cancel();
+        for task in self.tasks {
+            joined(task, "simulator").await;
+        }
+    }
+}
+
+/// Writes `size` bytes (seeded with `seed`) to `dir/app-{version}.bin`, uploads them as app
+/// `version` and creates a release of them with `policy` (not published). Returns the file and
+/// the release.
+async fn app_release(
+    admin: &AdminClient,
+    dir: &Path,
+    version: &str,
+    size: usize,
+    seed: u8,
+    policy: InstallPolicy,
+) -> (PathBuf, ReleaseInfo) {
+    let file = artifact_file(dir, &format!("app-{version}.bin"), size, seed);
+    upload_app(admin, &file, version).await;
+    (file, create_release(admin, &app(), version, policy).await)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn uploads_are_immutable_per_kind_and_version_and_empty_files_are_refused() {
     let broker = start_on_free_port(|s| s).unwrap();
@@ -711,7 +841,7 @@ async fn uploads_are_immutable_per_kind_and_version_and_empty_files_are_refused(
         "{err}"
     );
     let reply = admin
-        .request(AdminOp::UploadBegin {
+        .call(calls::UploadBegin {
             kind: app(),
             version: "0.0.0".into(),
             name: "empty".into(),
@@ -725,10 +855,7 @@ async fn uploads_are_immutable_per_kind_and_version_and_empty_files_are_refused(
         matches!(&reply, Err(AdminError::Refused(t)) if t.contains("empty")),
         "{reply:?}"
     );
-    let AdminReply::Artifacts { artifacts } = admin.request(AdminOp::ArtifactList).await.unwrap()
-    else {
-        panic!()
-    };
+    let artifacts = admin.call(calls::ArtifactList {}).await.unwrap();
     assert_eq!(artifacts.len(), 1);
     let stored = std::fs::read(data_dir.join("artifacts").join(info.id.to_hex())).unwrap();
     assert_eq!(stored, bytes);
@@ -758,7 +885,7 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
     let release = create_release(&admin, &app(), "2.4.1", InstallPolicy::Immediate).await;
 
     let unknown = admin
-        .request(AdminOp::ReleasePublish {
+        .call(calls::ReleasePublish {
             release: release.id.clone(),
             machines: vec![m("vm-404")],
             groups: vec![],
@@ -771,18 +898,15 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
         "{unknown:?}"
     );
 
-    let AdminReply::Plan { plan } = admin
-        .request(AdminOp::ReleasePlan {
+    let plan = admin
+        .call(calls::ReleasePlan {
             release: release.id.clone(),
             machines: vec![m("vm-003"), m("vm-001")],
             groups: vec![g("shanghai")],
             allow_empty: false,
         })
         .await
-        .unwrap()
-    else {
-        panic!()
-    };
+        .unwrap();
     assert_eq!(plan.release.seq, 0, "a plan sends nothing");
     let published = publish(&admin, &release.id, &["vm-003", "vm-001"], &["shanghai"]).await;
     assert_eq!(published.targets, plan.targets);
@@ -1154,7 +1278,7 @@ async fn rollback_publishes_a_signed_rollback_notice_for_the_previous_version() 
     assert!(n.seq > r2.seq);
 
     let bad = admin
-        .request(AdminOp::Rollback {
+        .call(calls::Rollback {
             target: Target::Group(g("nobody")),
             kind: app(),
             to: Some("9.9".into()),

@@ -146,7 +146,7 @@ async fn the_platform_package_installs_its_files_and_its_binary_serves_a_machine
         }
         if let Ok(secret) = fleetcast_broker::admin::load_secret(None, &admin_secret_path(&data)) {
             if let Ok(c) = AdminClient::connect(&url, Topics::default(), secret, WAIT).await {
-                let answered = c.request(AdminOp::Machines).await.is_ok();
+                let answered = c.call(calls::Machines {}).await.is_ok();
                 c.close().await;
                 if answered {
                     break;

@@ -4,7 +4,7 @@
 
 use super::*;
 use fleetcast_proto::acl::Role;
-use fleetcast_proto::admin::{AuditEntry, ResponseEnvelope};
+use fleetcast_proto::admin::{AdminReply, AuditEntry, ResponseEnvelope};
 use fleetcast_proto::chunk::{encode_frame, encode_upload_frame, FrameHeader};
 use fleetcast_proto::events::{EventBatch, EventsRequest};
 use fleetcast_proto::keychain::KeyChain;
@@ -23,29 +23,22 @@ pub(super) async fn add_integrator(
     admin: &AdminClient,
     name: &str,
 ) -> fleetcast_proto::admin::IntegratorProfile {
-    match admin
-        .request(AdminOp::IntegratorAdd { name: name.into() })
+    admin
+        .call(calls::IntegratorAdd { name: name.into() })
         .await
         .unwrap()
-    {
-        AdminReply::IntegratorCreated { integrator } => integrator,
-        other => panic!("integrator_created expected, got {other:?}"),
-    }
 }
 
 /// Every stored event (one page of up to 500), and whether more follow.
 pub(super) async fn stored_events(admin: &AdminClient) -> (Vec<FleetEvent>, bool) {
-    match admin
-        .request(AdminOp::EventsSince {
+    let page = admin
+        .call(calls::EventsSince {
             since: 0,
             limit: None,
         })
         .await
-        .unwrap()
-    {
-        AdminReply::Events { events, more, .. } => (events, more),
-        other => panic!("events expected, got {other:?}"),
-    }
+        .unwrap();
+    (page.items, page.more)
 }
 
 /// Installs `release` on `vm` through the reports a machine sends, and waits for the record.
@@ -80,16 +73,7 @@ async fn a_reader_of_everything_learns_no_secret_while_identities_are_created() 
     let mut spy = peer(&url, "vm-spy").await;
     spy.subscribe("#").await;
     let vm = provisioned(&admin, "vm-001", &["g"]).await;
-    let AdminReply::OperatorCreated { operator } = admin
-        .request(AdminOp::OperatorAdd {
-            name: "bob".into(),
-            role: Role::Operator,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("operator_created expected")
-    };
+    let operator = add_operator(&admin, "bob", Role::Operator).await;
     let integrator = add_integrator(&admin, "erp").await;
     let text = seen_text(&mut spy).await;
     assert!(
@@ -450,16 +434,7 @@ async fn viewers_change_nothing_revoked_identities_stop_working_and_every_action
         .unwrap();
     let mut vm = provision(&admin, &url, "vm-001", &[]).await;
     let r = create_release(&admin, &app(), "1.0", InstallPolicy::Immediate).await;
-    let AdminReply::OperatorCreated { operator } = admin
-        .request(AdminOp::OperatorAdd {
-            name: "val".into(),
-            role: Role::Viewer,
-        })
-        .await
-        .unwrap()
-    else {
-        panic!("operator_created expected")
-    };
+    let operator = add_operator(&admin, "val", Role::Viewer).await;
     let viewer = AdminClient::connect_as(
         &url,
         Topics::default(),
@@ -469,22 +444,15 @@ async fn viewers_change_nothing_revoked_identities_stop_working_and_every_action
     )
     .await
     .unwrap();
-    assert_eq!(
-        match viewer.request(AdminOp::Machines).await.unwrap() {
-            AdminReply::Machines { machines } => machines.len(),
-            other => panic!("{other:?}"),
-        },
-        1,
-        "a viewer reads"
-    );
-    let publish = AdminOp::ReleasePublish {
+    assert_eq!(machines(&viewer).await.len(), 1, "a viewer reads");
+    let publish = calls::ReleasePublish {
         release: r.id.clone(),
         machines: vec![m("vm-001")],
         groups: vec![],
         allow_empty: false,
         waves: None,
     };
-    let err = viewer.request(publish.clone()).await.unwrap_err();
+    let err = viewer.call(publish.clone()).await.unwrap_err();
     assert!(err.to_string().contains("role viewer"), "{err}");
     assert_eq!(
         status(&admin, &r.id).await.targets.len(),
@@ -501,24 +469,19 @@ async fn viewers_change_nothing_revoked_identities_stop_working_and_every_action
     )
     .await
     .unwrap();
-    let err = impostor.request(AdminOp::Machines).await.unwrap_err();
+    let err = impostor.call(calls::Machines {}).await.unwrap_err();
     assert!(matches!(err, AdminError::Unverified(_)), "{err}");
     impostor.close().await;
     // The operator revokes the viewer and the machine.
     admin
-        .request(AdminOp::OperatorRevoke { name: "val".into() })
+        .call(calls::OperatorRevoke { name: "val".into() })
         .await
         .unwrap();
-    let err = viewer.request(AdminOp::Machines).await.unwrap_err();
+    let err = viewer.call(calls::Machines {}).await.unwrap_err();
     assert!(matches!(err, AdminError::Unverified(_)), "{err}");
     viewer.close().await;
-    admin
-        .request(AdminOp::MachineRevoke {
-            machine: m("vm-001"),
-        })
-        .await
-        .unwrap();
-    admin.request(publish).await.unwrap();
+    revoke(&admin, "vm-001").await;
+    admin.call(publish).await.unwrap();
     vm.report(Some(&r.id), "1.0", Phase::Installed).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
@@ -526,17 +489,8 @@ async fn viewers_change_nothing_revoked_identities_stop_working_and_every_action
         Phase::Pending,
         "a revoked machine's report changes nothing"
     );
-    let AdminReply::Audit { entries, .. } = admin
-        .request(AdminOp::Audit {
-            since: 0,
-            limit: None,
-        })
+    let summary: Vec<(String, String, bool)> = audit(&admin)
         .await
-        .unwrap()
-    else {
-        panic!("audit expected")
-    };
-    let summary: Vec<(String, String, bool)> = entries
         .iter()
         .map(|e: &AuditEntry| (e.operator.clone(), e.action.clone(), e.result == "ok"))
         .collect();
@@ -581,7 +535,7 @@ async fn a_rotated_key_is_announced_under_the_old_one_and_signs_every_desired_no
     watcher.subscribe("fleet/platform/keys").await;
     watcher.subscribe("fleet/machines/vm-001/release/app").await;
     let _ = watcher.drain(Duration::from_millis(200)).await;
-    admin.request(AdminOp::KeyRotate).await.unwrap();
+    admin.call(calls::KeyRotate {}).await.unwrap();
     let chain = watcher.next(|p| p.topic == "fleet/platform/keys").await;
     let chain = KeyChain::parse(&chain.payload).unwrap();
     let (generation, newest) = chain.follow(0, first).unwrap();
@@ -885,11 +839,8 @@ async fn on_mosquitto_with_the_generated_files_one_machine_cannot_touch_another(
         .unwrap();
     let p1 = provisioned(&admin, "vm-1", &["g1"]).await;
     let p2 = provisioned(&admin, "vm-2", &["g2"]).await;
-    let AdminReply::MosquittoFiles { passwd, acl } =
-        admin.request(AdminOp::MosquittoConfig).await.unwrap()
-    else {
-        panic!("mosquitto_files expected")
-    };
+    let calls::MosquittoFiles { passwd, acl } =
+        admin.call(calls::MosquittoConfig {}).await.unwrap();
     admin.close().await;
     platform.stop().await;
     let files = fleetcast_broker::mosquitto::MosquittoFiles { passwd, acl };

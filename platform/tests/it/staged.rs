@@ -5,25 +5,15 @@
 use fleetcast_platform::domain::rollout::order;
 use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan};
 
-use super::e2e::{artifact_file, simulated, upload, wait_online, E2E_WAIT};
 use super::*;
 
-async fn rollout_op(admin: &AdminClient, op: AdminOp) -> RolloutInfo {
-    let reply = admin.request(op).await.unwrap();
-    let AdminReply::Rollout { rollout } = reply else {
-        panic!("{reply:?}")
-    };
-    rollout
-}
-
 async fn rollout_status(admin: &AdminClient, release: &ReleaseId) -> RolloutInfo {
-    rollout_op(
-        admin,
-        AdminOp::RolloutStatus {
+    admin
+        .call(calls::RolloutStatus {
             release: release.clone(),
-        },
-    )
-    .await
+        })
+        .await
+        .unwrap()
 }
 
 /// Polls the rollout until `done` holds.
@@ -42,77 +32,77 @@ async fn rollout_until(
     .await
 }
 
-async fn publish_waves(
-    admin: &AdminClient,
-    release: &ReleaseId,
-    groups: &[&str],
-    plan: WavePlan,
-) -> PublishPlan {
-    let reply = admin
-        .request(AdminOp::ReleasePublish {
-            release: release.clone(),
-            machines: vec![],
-            groups: groups.iter().map(|x| g(x)).collect(),
-            allow_empty: false,
-            waves: Some(plan),
-        })
-        .await
-        .unwrap();
-    let AdminReply::Plan { plan } = reply else {
-        panic!("{reply:?}")
-    };
-    plan
-}
-
 fn ids(range: std::ops::RangeInclusive<usize>) -> Vec<MachineId> {
     range.map(|i| m(&format!("vm-{i:03}"))).collect()
 }
 
-/// Runs a simulator task for machines `first..first+count` with `fail_health` versions.
-fn simulator(
-    data: &Path,
-    sim: &Path,
-    broker: &BrokerUrl,
-    first: usize,
-    count: usize,
-    fail_health: &[&str],
-    stop: &CancellationToken,
-) -> JoinHandle<Result<(), fleetcast_device::simulate::SimulateError>> {
-    let mut opts = simulated(data, sim, broker, count, &["fleet"]);
-    opts.start_index = first;
-    opts.fail_health = fail_health.iter().map(|v| v.to_string()).collect();
-    tokio::spawn(fleetcast_device::simulate::run(opts, stop.clone()))
+/// `n` simulated machines in group `fleet` on a platform, online, and a release of app 2.0.0
+/// with `policy` created (not published).
+struct Fleet {
+    broker: BrokerUrl,
+    env: Env,
+    sims: Sims,
+    release: ReleaseId,
+}
+
+/// A fleet on a platform on `broker`: `healthy` machines (vm-001...), then `failing` ones that
+/// fail the health check of 2.0.0 and roll back.
+async fn fleet_on(
+    broker: BrokerUrl,
+    healthy: usize,
+    failing: usize,
+    policy: InstallPolicy,
+) -> Fleet {
+    let env = env(&broker).await;
+    let sim = env.dir.path().join("machines");
+    let mut sims = Sims::default();
+    sims.start(simulated(&env.data_dir, &sim, &broker, healthy, &["fleet"]));
+    if failing > 0 {
+        sims.start(fleetcast_device::simulate::SimulateOptions {
+            start_index: healthy + 1,
+            fail_health: vec!["2.0.0".into()],
+            ..simulated(&env.data_dir, &sim, &broker, failing, &["fleet"])
+        });
+    }
+    wait_online(&env.admin, healthy + failing).await;
+    let (_, release) = app_release(&env.admin, env.dir.path(), "2.0.0", 3_000, 5, policy).await;
+    Fleet {
+        broker,
+        env,
+        sims,
+        release: release.id,
+    }
+}
+
+impl Fleet {
+    /// Stops the machines, the admin client and the platform.
+    async fn stop(self) {
+        self.sims.stop().await;
+        self.env.admin.close().await;
+        self.env.platform.stop().await;
+    }
+}
+
+/// `n` healthy machines on the embedded broker.
+async fn fleet(n: usize, policy: InstallPolicy) -> Fleet {
+    fleet_on(start_on_free_port(|s| s).unwrap().url(), n, 0, policy).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_hundred_machines_pause_at_the_wave_failures_predict_and_resume_finishes() {
-    let broker = start_on_free_port(|s| s).unwrap().url();
-    let Env {
-        dir,
-        data_dir,
-        platform,
-        admin,
-    } = env(&broker).await;
-    let sim = dir.path().join("machines");
-    let stop = CancellationToken::new();
     // vm-001..vm-180 healthy; vm-181..vm-200 fail the health check of 2.0.0 and roll back.
-    let healthy = simulator(&data_dir, &sim, &broker, 1, 180, &[], &stop);
-    let failing = simulator(&data_dir, &sim, &broker, 181, 20, &["2.0.0"], &stop);
-    wait_online(&admin, 200).await;
-    let file = artifact_file(dir.path(), "app-2.0.0.bin", 3_000, 4);
-    upload(&admin, &file, "2.0.0").await;
-    let release = create_release(&admin, &app(), "2.0.0", InstallPolicy::Immediate)
-        .await
-        .id;
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let f = fleet_on(broker, 180, 20, InstallPolicy::Immediate).await;
+    let (admin, release) = (&f.env.admin, &f.release);
     let plan = WavePlan::new(vec![100, 1000, 5000], 9500, 500, 0).unwrap();
-    let published = publish_waves(&admin, &release, &["fleet"], plan.clone()).await;
+    let published = publish_with(admin, release, &[], &["fleet"], Some(plan.clone())).await;
     let r = published
         .rollout
         .expect("a staged publish returns its rollout");
     assert_eq!(published.targets.len(), 200);
     assert_eq!(
         r.order,
-        order(&release, ids(1..=200)),
+        order(release, ids(1..=200)),
         "the documented order"
     );
     assert_eq!(published.topics.len(), 2, "wave 1 is 1% of 200");
@@ -134,7 +124,7 @@ async fn two_hundred_machines_pause_at_the_wave_failures_predict_and_resume_fini
         })
         .find(|&(_, end, f)| f * 10_000 > 500 * end)
         .expect("20 of 200 failing is above 5% by the last wave at the latest");
-    let paused = rollout_until(&admin, &release, "rollout paused", |r| {
+    let paused = rollout_until(admin, release, "rollout paused", |r| {
         matches!(r.state, RolloutState::Paused { .. })
     })
     .await;
@@ -161,17 +151,17 @@ async fn two_hundred_machines_pause_at_the_wave_failures_predict_and_resume_fini
         "{reason}"
     );
     // Nobody beyond the paused wave heard of the release.
-    let s = status(&admin, &release).await;
+    let s = status(admin, release).await;
     let notified: Vec<&MachineId> = s.targets.iter().map(|t| &t.machine).collect();
     assert_eq!(notified.len(), wave_end, "{notified:?}");
     assert!(r.order[..wave_end].iter().all(|m| notified.contains(&m)));
     // And it stays paused.
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(rollout_status(&admin, &release).await.wave, pause_wave);
+    assert_eq!(rollout_status(admin, release).await.wave, pause_wave);
 
     // Resume (accepting the failures each time it pauses again) until it completes.
     for _ in 0..4 {
-        let r = rollout_until(&admin, &release, "rollout paused or completed", |r| {
+        let r = rollout_until(admin, release, "rollout paused or completed", |r| {
             matches!(
                 r.state,
                 RolloutState::Paused { .. } | RolloutState::Completed
@@ -181,22 +171,21 @@ async fn two_hundred_machines_pause_at_the_wave_failures_predict_and_resume_fini
         if r.state == RolloutState::Completed {
             break;
         }
-        let resumed = rollout_op(
-            &admin,
-            AdminOp::RolloutResume {
+        let resumed = admin
+            .call(calls::RolloutResume {
                 release: release.clone(),
                 advance: false,
-            },
-        )
-        .await;
+            })
+            .await
+            .unwrap();
         assert!(resumed.failures_accepted > 0);
     }
-    let done = rollout_until(&admin, &release, "rollout completed", |r| {
+    let done = rollout_until(admin, release, "rollout completed", |r| {
         r.state == RolloutState::Completed
     })
     .await;
     assert_eq!(done.wave, 3);
-    let s = until_all_final(&admin, &release, 200).await;
+    let s = until_finished(admin, release, 200).await;
     let count = |p: Phase| s.targets.iter().filter(|t| t.phase == p).count();
     assert_eq!(
         (count(Phase::Installed), count(Phase::RolledBack)),
@@ -214,61 +203,19 @@ async fn two_hundred_machines_pause_at_the_wave_failures_predict_and_resume_fini
         .any(|t| t.what == "resumed" && t.by.as_deref() == Some("admin")));
 
     // Retry the failed ones: each gets the release again (and fails again here).
-    let reply = admin
-        .request(AdminOp::ReleaseRetry {
+    let plan = admin
+        .call(calls::ReleaseRetry {
             release: release.clone(),
             machines: vec![],
             failed: true,
         })
         .await
         .unwrap();
-    let AdminReply::Plan { plan } = reply else {
-        panic!("{reply:?}")
-    };
     let mut retried: Vec<MachineId> = plan.targets.into_iter().map(|(m, _)| m).collect();
     retried.sort();
     assert_eq!(retried, failing_ids);
 
-    stop.cancel();
-    let _ = tokio::join!(healthy, failing);
-    admin.close().await;
-    platform.stop().await;
-}
-
-async fn until_all_final(admin: &AdminClient, release: &ReleaseId, n: usize) -> ReleaseStatus {
-    wait_status_within(admin, release, E2E_WAIT, |s| {
-        s.targets.len() == n && s.targets.iter().all(|t| t.phase.is_final())
-    })
-    .await
-}
-
-/// `n` simulated machines in group `fleet` on a platform, online, and a release of app 2.0.0
-/// with `policy` created (not published).
-struct Fleet {
-    broker: BrokerUrl,
-    env: Env,
-    stop: CancellationToken,
-    machines: JoinHandle<Result<(), fleetcast_device::simulate::SimulateError>>,
-    release: ReleaseId,
-}
-
-async fn fleet(n: usize, policy: InstallPolicy) -> Fleet {
-    let broker = start_on_free_port(|s| s).unwrap().url();
-    let env = env(&broker).await;
-    let sim = env.dir.path().join("machines");
-    let stop = CancellationToken::new();
-    let machines = simulator(&env.data_dir, &sim, &broker, 1, n, &[], &stop);
-    wait_online(&env.admin, n).await;
-    let file = artifact_file(env.dir.path(), "app-2.0.0.bin", 3_000, 5);
-    upload(&env.admin, &file, "2.0.0").await;
-    let release = create_release(&env.admin, &app(), "2.0.0", policy).await.id;
-    Fleet {
-        broker,
-        env,
-        stop,
-        machines,
-        release,
-    }
+    f.stop().await;
 }
 
 /// A window that opens in two hours (UTC): machines download now and wait.
@@ -287,44 +234,32 @@ fn closed_window() -> InstallPolicy {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_mid_wave_drops_the_release_where_not_installed_and_notifies_no_one_else() {
     // Deferred (downloaded, waiting for its window) is not success: wave 1 never completes.
-    let Fleet {
-        broker,
-        env:
-            Env {
-                dir: _dir,
-                platform,
-                admin,
-                ..
-            },
-        stop,
-        machines,
-        release,
-    } = fleet(30, closed_window()).await;
+    let f = fleet(30, closed_window()).await;
+    let (admin, release) = (&f.env.admin, &f.release);
     let plan = WavePlan::new(vec![1000, 5000], 9500, 500, 0).unwrap();
-    let r = publish_waves(&admin, &release, &["fleet"], plan)
+    let r = publish_with(admin, release, &[], &["fleet"], Some(plan))
         .await
         .rollout
         .unwrap();
     let first: Vec<MachineId> = r.order[..3].to_vec();
-    wait_status_within(&admin, &release, E2E_WAIT, |s| {
+    wait_status_within(admin, release, E2E_WAIT, |s| {
         s.targets.len() == 3 && s.targets.iter().all(|t| t.phase == Phase::Deferred)
     })
     .await;
-    assert_eq!(rollout_status(&admin, &release).await.wave, 0);
+    assert_eq!(rollout_status(admin, release).await.wave, 0);
 
-    let cancelled = rollout_op(
-        &admin,
-        AdminOp::RolloutCancel {
+    let cancelled = admin
+        .call(calls::RolloutCancel {
             release: release.clone(),
-        },
-    )
-    .await;
+        })
+        .await
+        .unwrap();
     let RolloutState::Cancelled { reason } = &cancelled.state else {
         panic!("{:?}", cancelled.state)
     };
     assert!(reason.contains("3 machines told to drop"), "{reason}");
     // The three drop it and say so; nobody else was ever notified.
-    let s = wait_status_within(&admin, &release, E2E_WAIT, |s| {
+    let s = wait_status_within(admin, release, E2E_WAIT, |s| {
         s.targets.iter().all(|t| t.phase == Phase::Cancelled)
     })
     .await;
@@ -335,7 +270,7 @@ async fn cancel_mid_wave_drops_the_release_where_not_installed_and_notifies_no_o
     assert_eq!(got, want);
     // Cancelled for good: resume and a second cancel are refused, and nothing advances.
     let err = admin
-        .request(AdminOp::RolloutResume {
+        .call(calls::RolloutResume {
             release: release.clone(),
             advance: true,
         })
@@ -343,9 +278,9 @@ async fn cancel_mid_wave_drops_the_release_where_not_installed_and_notifies_no_o
         .unwrap_err();
     assert!(err.to_string().contains("cancelled"), "{err}");
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    assert_eq!(status(&admin, &release).await.targets.len(), 3);
+    assert_eq!(status(admin, release).await.targets.len(), 3);
     // Their retained notices were cleared: a late subscriber finds none.
-    let mut observer = peer(&broker, "observer").await;
+    let mut observer = peer(&f.broker, "observer").await;
     observer.subscribe("fleet/machines/+/release/app").await;
     let retained = observer.drain(Duration::from_secs(1)).await;
     assert!(
@@ -353,24 +288,12 @@ async fn cancel_mid_wave_drops_the_release_where_not_installed_and_notifies_no_o
         "{:?}",
         retained.iter().map(|p| &p.topic).collect::<Vec<_>>()
     );
-    let audit = admin
-        .request(AdminOp::Audit {
-            since: 0,
-            limit: None,
-        })
+    assert!(audit(admin)
         .await
-        .unwrap();
-    let AdminReply::Audit { entries, .. } = audit else {
-        panic!()
-    };
-    assert!(entries
         .iter()
         .any(|e| e.action == "rollout_cancel" && e.result == "ok"));
 
-    stop.cancel();
-    let _ = machines.await;
-    admin.close().await;
-    platform.stop().await;
+    f.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -384,12 +307,11 @@ async fn a_platform_restart_mid_wave_loses_nothing_and_the_rollout_finishes() {
                 platform,
                 admin,
             },
-        stop,
-        machines,
+        sims,
         release,
     } = fleet(20, InstallPolicy::Immediate).await;
     let plan = WavePlan::new(vec![1000, 5000], 9500, 500, 0).unwrap();
-    publish_waves(&admin, &release, &["fleet"], plan).await;
+    publish_with(&admin, &release, &[], &["fleet"], Some(plan)).await;
     // Stop the platform at once: wave 1's machines install while it is down.
     admin.close().await;
     platform.stop().await;
@@ -402,14 +324,13 @@ async fn a_platform_restart_mid_wave_loses_nothing_and_the_rollout_finishes() {
     .await;
     let whats: Vec<&str> = done.log.iter().map(|t| t.what.as_str()).collect();
     assert_eq!(whats, ["started", "advanced", "advanced", "completed"]);
-    let s = until_all_final(&admin, &release, 20).await;
+    let s = until_finished(&admin, &release, 20).await;
     assert!(
         s.targets.iter().all(|t| t.phase == Phase::Installed),
         "{s:?}"
     );
 
-    stop.cancel();
-    let _ = machines.await;
+    sims.stop().await;
     admin.close().await;
     platform.stop().await;
 }
@@ -422,40 +343,24 @@ async fn a_broker_restart_mid_rollout_loses_nothing_and_the_rollout_finishes() {
     let mut mosq = fleetcast_broker::testing::Mosquitto::start("")
         .expect("mosquitto (apt-get install mosquitto)");
     let broker = mosq.url.clone();
-    let Env {
-        dir,
-        data_dir,
-        platform,
-        admin,
-    } = env(&broker).await;
-    let sim = dir.path().join("machines");
-    let stop = CancellationToken::new();
-    let machines = simulator(&data_dir, &sim, &broker, 1, 20, &[], &stop);
-    wait_online(&admin, 20).await;
-    let file = artifact_file(dir.path(), "app-2.0.0.bin", 3_000, 8);
-    upload(&admin, &file, "2.0.0").await;
-    let release = create_release(&admin, &app(), "2.0.0", InstallPolicy::Immediate)
-        .await
-        .id;
+    let f = fleet_on(broker, 20, 0, InstallPolicy::Immediate).await;
+    let (admin, release) = (&f.env.admin, &f.release);
     let plan = WavePlan::new(vec![1000, 5000], 9500, 500, 0).unwrap();
-    publish_waves(&admin, &release, &["fleet"], plan).await;
+    publish_with(admin, release, &[], &["fleet"], Some(plan)).await;
     mosq.restart().expect("mosquitto restarts on the same port");
     let done = rollout_until(
-        &admin,
-        &release,
+        admin,
+        release,
         "rollout completed after a broker restart",
         |r| r.state == RolloutState::Completed,
     )
     .await;
     assert_eq!(done.wave, 2);
-    let s = until_all_final(&admin, &release, 20).await;
+    let s = until_finished(admin, release, 20).await;
     assert!(
         s.targets.iter().all(|t| t.phase == Phase::Installed),
         "{s:?}"
     );
 
-    stop.cancel();
-    let _ = machines.await;
-    admin.close().await;
-    platform.stop().await;
+    f.stop().await;
 }

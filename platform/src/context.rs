@@ -1,0 +1,94 @@
+//! The context every task of the service shares: the store, artifact files, keys, the serve
+//! connection's MQTT client, the broker's session control, limits and counters. Built once by
+//! [`crate::serve`]; `Ctx::for_tests` builds one over an in-memory store for unit tests.
+
+use std::sync::{Arc, RwLock};
+
+use fleetcast_proto::Topics;
+use rumqttc::AsyncClient;
+
+use crate::artifacts::ArtifactStore;
+use crate::keys::Keys;
+use crate::limits::MachineLimits;
+use crate::store::Store;
+
+/// Everything the service's tasks share.
+pub struct Ctx {
+    pub store: Arc<dyn Store>,
+    pub files: Arc<ArtifactStore>,
+    /// The current keys; replaced whole by a key rotation.
+    pub keys: RwLock<Arc<Keys>>,
+    pub topics: Topics,
+    /// Client of the serve connection; every platform publish goes through it.
+    pub mqtt: AsyncClient,
+    /// Closes broker sessions (revocation); a no-op on an external broker.
+    pub sessions: Arc<dyn SessionControl>,
+    /// The data dir (keys live there).
+    pub data_dir: std::path::PathBuf,
+    /// What each machine may take.
+    pub limits: MachineLimits,
+    pub stats: crate::stats::Stats,
+}
+
+impl Ctx {
+    /// The keys in force now.
+    pub fn keys(&self) -> Arc<Keys> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+impl Ctx {
+    /// A context over a fresh in-memory store, and keys and artifact files in `dir`, publishing
+    /// into `mqtt` (never polled).
+    pub fn for_tests(dir: &std::path::Path, mqtt: AsyncClient) -> Self {
+        let store: Arc<dyn Store> = Arc::new(crate::store::MemStore::new());
+        let keys = crate::keys::load_or_create_keys(dir).unwrap();
+        crate::identities::ensure_bootstrap_admin(&*store, &keys).unwrap();
+        Ctx {
+            store,
+            files: Arc::new(ArtifactStore::open(dir).unwrap()),
+            keys: RwLock::new(Arc::new(keys)),
+            topics: Topics::default(),
+            mqtt,
+            sessions: Arc::new(NoSessionControl),
+            data_dir: dir.to_owned(),
+            limits: MachineLimits::default(),
+            stats: Default::default(),
+        }
+    }
+
+    /// [`Ctx::for_tests`] in a fresh temp dir, publishing into a client whose event loop is
+    /// returned unpolled: keep both while the context is used (dropping the event loop closes
+    /// the client's queue, dropping the dir deletes the files).
+    pub fn for_tests_in_temp_dir() -> (tempfile::TempDir, rumqttc::EventLoop, Arc<Ctx>) {
+        let dir = tempfile::tempdir().unwrap();
+        let (mqtt, eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("t", "127.0.0.1", 1), 4096);
+        let ctx = Arc::new(Ctx::for_tests(dir.path(), mqtt));
+        (dir, eventloop, ctx)
+    }
+}
+
+/// What the embedded broker's gateway does for the platform beyond MQTT: close a username's
+/// live sessions (an external broker cannot be told; its own tools or a restart do it), and
+/// deliver what is published on the topics it fans out itself (artifact chunk topics and
+/// `fleet/events`) to the sessions subscribed to them.
+pub trait SessionControl: Send + Sync {
+    /// Closes every session of `username`; returns how many were closed.
+    fn close_sessions(&self, username: &str) -> usize;
+    /// Delivers `payload` on fanned-out topic `topic` to its subscribers (or only to those of
+    /// the machines in `only`), if this broker can (`None`: publish it over MQTT instead, to all).
+    fn deliver(&self, _topic: &str, _payload: &[u8], _only: Option<&[&str]>) -> Option<usize> {
+        None
+    }
+}
+
+/// For an external broker: nothing to close from here.
+pub struct NoSessionControl;
+
+impl SessionControl for NoSessionControl {
+    fn close_sessions(&self, _username: &str) -> usize {
+        0
+    }
+}
