@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use fleetcast_proto::Topics;
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
+use rumqttd::protocol::Packet;
 use rumqttd::{Config, ConnectionSettings, RouterConfig, SegmentConfig, ServerSettings};
 
 use crate::client::MAX_PACKET;
@@ -197,7 +198,8 @@ pub struct LinkRefused(String);
 
 impl Links {
     /// A clean session for `client_id`. A live session with the same id is dropped by the
-    /// router. Blocks until the router answers (microseconds; run it off the async workers).
+    /// router (the gateway ends it first: see `gateway::registry`). Blocks until the router
+    /// answers, which is at its next pass (run it off the async workers).
     pub fn open(&self, client_id: &str) -> Result<(LinkTx, LinkRx), LinkRefused> {
         (self.0)(client_id)
     }
@@ -227,6 +229,7 @@ impl EmbeddedBroker {
                 Ok((tx, rx))
             }))
         };
+        start_ticker(&links)?;
         for (_, server) in config.v4.clone().unwrap_or_default() {
             let mut server = rumqttd::Server::new(server, router_tx.clone(), V4);
             std::thread::Builder::new()
@@ -265,6 +268,57 @@ impl EmbeddedBroker {
     pub fn links(&self) -> Links {
         self.links.clone()
     }
+}
+
+/// How often the ticker wakes the router.
+const TICK: Duration = Duration::from_millis(10);
+
+/// Wakes rumqttd's router every [`TICK`] with a PINGREQ of a session of its own.
+///
+/// Why (rumqttd 0.20, `Router::run_inner`): the router serves its queue of ready sessions and
+/// blocks for the next event as soon as `consume()` answers None, which it also does when the
+/// session at the front of the queue has disconnected (`Scheduler::poll` finds no tracker).
+/// The sessions behind it then wait for whatever event comes next. Over TCP, pings and traffic
+/// keep coming; an in-process session opening (`LinkBuilder::build`, which blocks until its
+/// CONNACK is served from that queue) sends none. With 10,000 machines connecting and
+/// reconnecting, the gateway's opens stalled for good (seen: 512 blocked, no event left to
+/// come). The ticker bounds such a stall to one tick, for about 100 small events a second.
+/// (A bare "ready" event would be cheaper, but the router asserts, in debug builds, that only a
+/// session it paused as busy sends one.)
+fn start_ticker(links: &Links) -> Result<(), BrokerError> {
+    // ':' is in no machine, operator or integrator id: no client can take this session over.
+    const ID: &str = "fleetcast:router-ticker";
+    let first = links
+        .open(ID)
+        .map_err(|e| BrokerError::Thread(std::io::Error::other(e)))?;
+    let links = links.clone();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(BrokerError::Thread)?;
+    std::thread::Builder::new()
+        .name("rumqttd-ticker".into())
+        .spawn(move || {
+            let mut link = Some(first);
+            loop {
+                if let Some((tx, rx)) = &mut link {
+                    loop {
+                        let ping = Packet::PingReq(rumqttd::protocol::PingReq);
+                        if runtime.block_on(tx.send(ping)).is_err() {
+                            break;
+                        }
+                        // Takes the answers (its PINGRESPs) until the next tick is due.
+                        let next = Instant::now() + TICK;
+                        while rx.recv_deadline(next).is_ok() {}
+                        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                    }
+                }
+                // The router stopped taking events: try again, slowly.
+                std::thread::sleep(Duration::from_secs(1));
+                link = links.open(ID).ok();
+            }
+        })
+        .map_err(BrokerError::Thread)?;
+    Ok(())
 }
 
 /// A loopback port that was free a moment ago. rumqttd cannot report the port it bound, so tests

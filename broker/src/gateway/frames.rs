@@ -74,6 +74,22 @@ pub fn publish_topic(frame: &[u8]) -> Result<&str, FrameError> {
     std::str::from_utf8(topic).map_err(|_| bad("topic is not UTF-8"))
 }
 
+/// A whole PUBLISH frame's QoS (0, 1 or 2, from its fixed header) and, above 0, its packet id.
+pub fn publish_qos_pkid(frame: &[u8]) -> Result<(u8, Option<u16>), FrameError> {
+    let qos = frame.first().map(|b| (b >> 1) & 0b11).unwrap_or(0);
+    if qos == 0 {
+        return Ok((0, None));
+    }
+    let topic_len = publish_topic(frame)?.len();
+    let at = fixed_header_len(frame) + 2 + topic_len;
+    match frame.get(at..at + 2) {
+        Some([hi, lo]) => Ok((qos, Some(u16::from_be_bytes([*hi, *lo])))),
+        _ => Err(FrameError::Malformed(
+            "PUBLISH without a packet id".to_owned(),
+        )),
+    }
+}
+
 /// The filters of a whole SUBSCRIBE frame (subscribes are rare: parsing allocates).
 pub fn subscribe_filters(frame: &[u8]) -> Result<Vec<String>, FrameError> {
     match Packet::read(&mut BytesMut::from(frame), MAX_PACKET) {

@@ -30,6 +30,8 @@ pub(crate) struct Registry {
     sessions: Mutex<HashMap<String, HashMap<u64, CancellationToken>>>,
     next_id: AtomicU64,
     connections: AtomicU64,
+    /// The live session of each client id (see [`Registry::claim`]).
+    client_ids: Mutex<HashMap<String, Claimed>>,
     refused: AtomicU64,
     violations: AtomicU64,
     pub(crate) fanout: super::fanout::Fanout,
@@ -62,6 +64,61 @@ impl Registry {
         }
     }
 
+    fn client_ids(&self) -> std::sync::MutexGuard<'_, HashMap<String, Claimed>> {
+        self.client_ids.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes `client_id` for a new connection: the session that holds it now is told it was
+    /// taken over, and this waits until it has ended (its last packets handed to the broker)
+    /// for at most `wait`. None if that did not happen in time, or if a still newer connection
+    /// took the id meanwhile.
+    ///
+    /// Why the gateway does this rather than leave it to rumqttd's router: a router that drops
+    /// a session itself races with that session's next "ready" event, and rumqttd 0.20 panics
+    /// (`Scheduler::reschedule` unwraps) on a ready event for a session it no longer has,
+    /// which stops the broker for everyone. Ending the old session first, and opening the new
+    /// one only after, keeps every event of the old one ahead of the new one's CONNECT.
+    pub(crate) async fn claim(
+        self: &Arc<Self>,
+        client_id: &str,
+        wait: std::time::Duration,
+    ) -> Option<ClientClaim> {
+        let session = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let takeover = CancellationToken::new();
+        let (previous, ended) = {
+            let mut ids = self.client_ids();
+            let ended = ids
+                .get(client_id)
+                .map(|c| c.ended.clone())
+                .unwrap_or_default();
+            let previous = ids.insert(
+                client_id.to_owned(),
+                Claimed {
+                    session,
+                    takeover: takeover.clone(),
+                    ended: ended.clone(),
+                },
+            );
+            (previous, ended)
+        };
+        let mut claim = ClientClaim {
+            registry: self.clone(),
+            client_id: client_id.to_owned(),
+            session,
+            takeover,
+            _ended: None,
+        };
+        if let Some(previous) = previous {
+            previous.takeover.cancel();
+        }
+        let held = tokio::select! {
+            _ = claim.takeover.cancelled() => return None,
+            held = tokio::time::timeout(wait, ended.lock_owned()) => held.ok()?,
+        };
+        claim._ended = Some(held);
+        Some(claim)
+    }
+
     pub(crate) fn refused(&self) {
         self.refused.fetch_add(1, Ordering::Relaxed);
     }
@@ -87,6 +144,40 @@ impl Registry {
             violations: self.violations.load(Ordering::Relaxed),
             fanout_delivered: self.fanout.counts().0,
             fanout_dropped: self.fanout.counts().1,
+        }
+    }
+}
+
+/// The live session of one client id.
+struct Claimed {
+    session: u64,
+    /// Cancelled when a newer connection takes the client id.
+    takeover: CancellationToken,
+    /// Held by the live session until it has ended.
+    ended: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// A session's hold on its client id, released when dropped.
+pub(crate) struct ClientClaim {
+    registry: Arc<Registry>,
+    client_id: String,
+    session: u64,
+    takeover: CancellationToken,
+    _ended: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl ClientClaim {
+    /// Resolves once a newer connection takes the client id.
+    pub(crate) async fn taken_over(&self) {
+        self.takeover.cancelled().await
+    }
+}
+
+impl Drop for ClientClaim {
+    fn drop(&mut self) {
+        let mut ids = self.registry.client_ids();
+        if ids.get(&self.client_id).map(|c| c.session) == Some(self.session) {
+            ids.remove(&self.client_id);
         }
     }
 }

@@ -38,13 +38,16 @@ enum End {
     /// The client closed the connection, or the gateway shut down / kicked the session.
     #[error("closed: {0}")]
     Closed(&'static str),
+    /// A newer connection with the same client id took the session over: no will.
+    #[error("taken over by a newer connection with the same client id")]
+    TakenOver,
     /// The client said DISCONNECT: no will.
     #[error("client disconnected")]
     Disconnected,
-    /// The router ended the session: another connection took its client id, or the client
-    /// broke the protocol there (e.g. acknowledged a packet it was never sent). Nothing more
-    /// goes to the router on this link (its id may already belong to the new session).
-    #[error("ended by the broker (client id taken over, or a protocol error)")]
+    /// The router ended the session. The gateway keeps clients from giving it a reason (it
+    /// handles take-overs itself and closes a client that acknowledges what it was not sent),
+    /// so this is the broker stopping. Nothing more goes to the router on this link.
+    #[error("ended by the broker")]
     Dropped,
     #[error("no packet within 1.5 x the keep-alive of {0} s")]
     KeepAlive(u16),
@@ -93,6 +96,15 @@ pub(super) async fn serve<S>(
             return refuse(&mut client_wr, code).await;
         }
     };
+    // A connection with a client id that is live takes it over: the old session ends first.
+    let Some(claim) = shared
+        .registry
+        .claim(&client_id, shared.connect_timeout)
+        .await
+    else {
+        tracing::info!(%peer, client = %client_id, "client id still held or taken again: closed");
+        return refuse(&mut client_wr, ConnectReturnCode::ServiceUnavailable).await;
+    };
     let links = shared.links.clone();
     let id = client_id.clone();
     // The router answers a new link at once, but through a blocking channel.
@@ -124,20 +136,27 @@ pub(super) async fn serve<S>(
     let registered = shared.registry.register(&username, stop.clone());
     tracing::debug!(%peer, client = %client_id, "gateway session open");
     let (inject, injected) = mpsc::channel(fanout::SESSION_QUEUE);
+    let unacked = Unacked::default();
     let session = Session {
         shared: &shared,
         principal: &principal,
         client_id: &client_id,
         id: registered.id(),
         inject,
+        unacked: &unacked,
     };
     let end = tokio::select! {
         _ = stop.cancelled() => End::Closed("kicked or shut down"),
+        _ = claim.taken_over() => End::TakenOver,
         e = session.client_to_router(&mut client_rd, &mut link_tx, buf, connect.keep_alive) => e,
-        e = router_to_client(link_rx, &mut client_wr, injected) => e,
+        e = router_to_client(link_rx, &mut client_wr, injected, &unacked) => e,
     };
     match &end {
         End::Disconnected | End::Dropped => {}
+        // A newer connection of the same client is live: no will, only the end.
+        End::TakenOver => {
+            send_to_router(&mut link_tx, vec![disconnect()]).await;
+        }
         _ => {
             // Like a broker that saw the connection drop: the will (e.g. a machine's
             // `online = false`), then the end of the router's session.
@@ -275,6 +294,21 @@ struct Session<'a> {
     id: u64,
     /// Where fanned-out chunk frames for this session are queued.
     inject: mpsc::Sender<bytes::Bytes>,
+    /// What the router sent at QoS 1 and the client has not acknowledged.
+    unacked: &'a Unacked,
+}
+
+/// Packet ids of QoS 1 deliveries to the client not yet acknowledged. rumqttd's router drops
+/// a session that acknowledges an id it did not send, and a router that drops a session
+/// itself can crash on that session's next event (see `Registry::claim`), so the gateway
+/// refuses such an acknowledgement before the router sees it.
+#[derive(Default)]
+struct Unacked(std::sync::Mutex<std::collections::HashSet<u16>>);
+
+impl Unacked {
+    fn ids(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u16>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Session<'_> {
@@ -317,6 +351,16 @@ impl Session<'_> {
                     Ok(p) => p,
                     Err(e) => return End::Frame(FrameError::Malformed(e.to_string())),
                 };
+                let mut packet = packet;
+                if let Packet::Subscribe(subscribe, _) = &mut packet {
+                    // Granted at most QoS 1 (SUBACK says so), so the router never starts a
+                    // QoS 2 flow with the client.
+                    for f in &mut subscribe.filters {
+                        if f.qos == rumqttd::protocol::QoS::ExactlyOnce {
+                            f.qos = rumqttd::protocol::QoS::AtLeastOnce;
+                        }
+                    }
+                }
                 let disconnect = matches!(packet, Packet::Disconnect(..));
                 packets.push(packet);
                 if disconnect {
@@ -382,6 +426,32 @@ impl Session<'_> {
                         topic: topic.to_owned(),
                     });
                 }
+                // fleetcast uses QoS 0 and 1; QoS 2 would need flows the gateway does not
+                // check (see `Unacked`).
+                if frames::publish_qos_pkid(frame).map_err(End::Frame)?.0 > 1 {
+                    return Err(End::Violation {
+                        what: "QoS 2 publish",
+                        topic: topic.to_owned(),
+                    });
+                }
+            }
+            PacketType::PubAck => {
+                let pkid = match frame.get(2..4) {
+                    Some([hi, lo]) => u16::from_be_bytes([*hi, *lo]),
+                    _ => return Err(End::Frame(FrameError::Malformed("short PUBACK".into()))),
+                };
+                if !self.unacked.ids().remove(&pkid) {
+                    return Err(End::Violation {
+                        what: "PUBACK of a packet id never sent",
+                        topic: pkid.to_string(),
+                    });
+                }
+            }
+            PacketType::PubRec | PacketType::PubRel | PacketType::PubComp => {
+                return Err(End::Violation {
+                    what: "QoS 2 acknowledgement",
+                    topic: String::new(),
+                });
             }
             PacketType::Subscribe => {
                 let filters = frames::subscribe_filters(frame).map_err(End::Frame)?;
@@ -443,6 +513,7 @@ async fn router_to_client<W>(
     mut link: LinkRx,
     wr: &mut W,
     mut injected: mpsc::Receiver<Bytes>,
+    unacked: &Unacked,
 ) -> End
 where
     W: AsyncWrite + Unpin,
@@ -460,8 +531,15 @@ where
                         Ok(Some(notification)) => {
                             match Option::<Packet>::from(notification) {
                                 Some(packet) => {
+                                    let publish = matches!(packet, Packet::Publish(..));
+                                    let at = out.len();
                                     if let Err(e) = V4.write(packet, &mut out) {
                                         return End::Frame(FrameError::Malformed(e.to_string()));
+                                    }
+                                    if publish {
+                                        if let Ok((_, Some(pkid))) = frames::publish_qos_pkid(&out[at..]) {
+                                            unacked.ids().insert(pkid);
+                                        }
                                     }
                                 }
                                 None => unscheduled = true,

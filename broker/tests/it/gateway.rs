@@ -1073,3 +1073,141 @@ async fn a_session_costs_one_descriptor_in_the_gateway() {
         "the count sees the connections: {grown}"
     );
 }
+
+/// What would make rumqttd's router drop a session on its own (and then, racing with that
+/// session's next event, crash for everyone) is refused at the gateway: an acknowledgement of
+/// a packet id the client was never sent, and QoS 2 (fleetcast uses 0 and 1). A QoS 2
+/// subscription is granted QoS 1. The broker keeps serving: an honest machine still gets its
+/// command afterwards.
+#[tokio::test]
+async fn acks_the_broker_never_asked_for_and_qos_2_close_the_connection() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let (platform, _platform_rx) = gw.platform(PLATFORM).await;
+
+    let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+    let mut sub = Subscribe::new(topics.command(&vm1), QoS::ExactlyOnce);
+    sub.pkid = 7;
+    raw.send(Packet::Subscribe(sub)).await;
+    let Some(Packet::SubAck(ack)) = raw.next().await else {
+        panic!("no SUBACK");
+    };
+    assert_eq!(
+        ack.return_codes,
+        vec![rumqttc::mqttbytes::v4::SubscribeReasonCode::Success(
+            QoS::AtLeastOnce
+        )],
+        "QoS 2 is granted as QoS 1"
+    );
+    platform
+        .publish(topics.command(&vm1), QoS::ExactlyOnce, false, "cmd")
+        .await
+        .unwrap();
+    let Some(Packet::Publish(p)) = raw.next().await else {
+        panic!("no delivery");
+    };
+    assert_eq!(p.qos, QoS::AtLeastOnce);
+    // Its real id is accepted; an id never sent closes the connection.
+    raw.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(p.pkid)))
+        .await;
+    raw.closed_after(
+        Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(
+            p.pkid.wrapping_add(100),
+        )),
+        "a PUBACK of an id never sent",
+    )
+    .await;
+
+    let mut qos2 = RawPublish::new(topics.state(&vm1), QoS::ExactlyOnce, b"{}".to_vec());
+    qos2.pkid = 1;
+    Raw::accepted(gw.plain(), "vm-1")
+        .await
+        .closed_after(Packet::Publish(qos2), "a QoS 2 publish")
+        .await;
+    Raw::accepted(gw.plain(), "vm-1")
+        .await
+        .closed_after(
+            Packet::PubRel(rumqttc::mqttbytes::v4::PubRel::new(3)),
+            "a PUBREL nobody asked for",
+        )
+        .await;
+
+    let (m, mut m_rx) = gw.machine("vm-1").await;
+    subscribe(&m, &mut m_rx, &topics.command(&vm1)).await;
+    platform
+        .publish(
+            topics.command(&vm1),
+            QoS::AtLeastOnce,
+            false,
+            "still served",
+        )
+        .await
+        .unwrap();
+    let got = next_publish(&mut m_rx, WAIT, "a command after the attacks").await;
+    assert_eq!(got.payload[..], b"still served"[..]);
+}
+
+/// A machine reconnecting again and again while the platform keeps sending it QoS 1
+/// messages: each new connection takes the session over from the last (which the gateway
+/// ends first, see `Registry::claim`), nothing crashes, and the last connection gets what is
+/// sent after it subscribed.
+#[tokio::test]
+async fn rapid_take_overs_under_traffic_leave_the_broker_serving() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    // Its event loop waits while its events are not taken.
+    tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
+    let stop = CancellationToken::new();
+    let sender = {
+        let (platform, topic, stop) = (platform.clone(), topics.command(&vm1), stop.clone());
+        tokio::spawn(async move {
+            while !stop.is_cancelled() {
+                let _ = platform
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, vec![b'x'; 2048])
+                    .await;
+                tokio::time::sleep(Duration::from_micros(200)).await;
+            }
+        })
+    };
+    let mut sessions = Vec::new();
+    for _ in 0..40 {
+        // Subscribed, and never reading: deliveries pile up while the next one takes over.
+        let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+        raw.send(raw_subscribe(&topics.command(&vm1))).await;
+        sessions.push(raw);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    stop.cancel();
+    sender.await.unwrap();
+    for (i, mut old) in sessions.into_iter().rev().skip(1).enumerate() {
+        // Every older connection was closed (after whatever it had been sent).
+        let closed =
+            tokio::time::timeout(WAIT, async { while old.next().await.is_some() {} }).await;
+        assert!(closed.is_ok(), "older session {i} closed");
+    }
+    let (m, mut m_rx) = gw.machine("vm-1").await;
+    subscribe(&m, &mut m_rx, &topics.command(&vm1)).await;
+    platform
+        .publish(
+            topics.command(&vm1),
+            QoS::AtLeastOnce,
+            false,
+            "after the storm",
+        )
+        .await
+        .unwrap();
+    let got = tokio::time::timeout(WAIT, async {
+        loop {
+            let p = next_publish(&mut m_rx, WAIT, "a command").await;
+            if p.payload[..] == b"after the storm"[..] {
+                return p;
+            }
+        }
+    })
+    .await
+    .expect("the broker still serves");
+    assert_eq!(got.topic, topics.command(&vm1));
+}
