@@ -372,9 +372,10 @@ impl ChunkServer {
 
     async fn send(&self, topic: &str, frame: Vec<u8>, broadcast: bool) -> Result<(), String> {
         self.ctx.stats.frame_sent(frame.len(), broadcast);
-        // The embedded broker's gateway delivers artifact topics itself (see
-        // fleetcast_broker's gateway `fanout`); any other broker gets an MQTT publish.
-        if broadcast && self.ctx.sessions.deliver(topic, &frame, None).is_some() {
+        // The embedded broker's gateway delivers artifact topics and each machine's own chunk
+        // topic itself (see fleetcast_broker's gateway `fanout`); any other broker gets an
+        // MQTT publish.
+        if self.ctx.sessions.deliver(topic, &frame, None).is_some() {
             return Ok(());
         }
         self.publish(topic, frame).await

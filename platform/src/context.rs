@@ -72,8 +72,9 @@ impl Ctx {
 
 /// What the embedded broker's gateway does for the platform beyond MQTT: close a username's
 /// live sessions (an external broker cannot be told; its own tools or a restart do it), and
-/// deliver what is published on the topics it fans out itself (artifact chunk topics and
-/// `fleet/events`) to the sessions subscribed to them.
+/// deliver what is published on the topics it fans out itself (artifact chunk topics,
+/// `fleet/events`, and each machine's `status/ack` and `chunks`) to the sessions subscribed to
+/// them.
 pub trait SessionControl: Send + Sync {
     /// Closes every session of `username`; returns how many were closed.
     fn close_sessions(&self, username: &str) -> usize;

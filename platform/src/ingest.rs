@@ -246,12 +246,13 @@ impl Ingest {
             After::StatusAck { machine, ctr } => {
                 let ack = fleetcast_proto::StatusAck { machine, ctr };
                 let payload = ctx.keys().platform.sign(Purpose::StatusAck, &ack);
-                if let Err(err) = ctx.mqtt.try_publish(
-                    ctx.topics.status_ack(&ack.machine),
-                    QoS::AtMostOnce,
-                    false,
-                    payload,
-                ) {
+                let topic = ctx.topics.status_ack(&ack.machine);
+                // The embedded broker's gateway delivers each machine's acks itself (a filter
+                // per machine in rumqttd would cost its topic matching the size of the fleet).
+                if ctx.sessions.deliver(&topic, &payload, None).is_some() {
+                    return Ok(());
+                }
+                if let Err(err) = ctx.mqtt.try_publish(topic, QoS::AtMostOnce, false, payload) {
                     // The machine sends the event again and gets the ack then.
                     tracing::debug!(machine = %ack.machine, error = %err, "status ack not queued");
                 }

@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::fanout;
 use super::frames::{self, FrameError};
 use super::limit::Limiter;
+use super::registry::ClientClaim;
 use super::Shared;
 use crate::client::MAX_PACKET;
 
@@ -105,20 +106,8 @@ pub(super) async fn serve<S>(
         tracing::info!(%peer, client = %client_id, "client id still held or taken again: closed");
         return refuse(&mut client_wr, ConnectReturnCode::ServiceUnavailable).await;
     };
-    let links = shared.links.clone();
-    let id = client_id.clone();
-    // The router answers a new link at once, but through a blocking channel.
-    let link = tokio::task::spawn_blocking(move || links.open(&id)).await;
-    let (mut link_tx, link_rx) = match link {
-        Ok(Ok(link)) => link,
-        Ok(Err(e)) => {
-            tracing::warn!(client = %client_id, error = %e, "the broker refused a session");
-            return refuse(&mut client_wr, ConnectReturnCode::ServiceUnavailable).await;
-        }
-        Err(e) => {
-            tracing::warn!(client = %client_id, error = %e, "opening a broker session failed");
-            return refuse(&mut client_wr, ConnectReturnCode::ServiceUnavailable).await;
-        }
+    let Some((mut link_tx, link_rx, claim)) = open_link(&shared, &client_id, claim).await else {
+        return refuse(&mut client_wr, ConnectReturnCode::ServiceUnavailable).await;
     };
     // Every session through the gateway is clean: it ends with the connection.
     if let Err(e) = async {
@@ -248,6 +237,41 @@ async fn refuse<W: AsyncWrite + Unpin>(client: &mut W, code: ConnectReturnCode) 
     let _ = client.shutdown().await;
 }
 
+/// Opens the client's session on the router, waiting at most the connect timeout. The router
+/// answers at its next pass, which a fleet connecting all at once can delay; a client refused
+/// here (CONNACK 3) retries with its backoff instead of piling up waiting connections. A link
+/// that opens after the wait was given up is ended at once, and the client id stays claimed
+/// until then (so a newer connection's session cannot meet it at the router).
+async fn open_link(
+    shared: &Shared,
+    client_id: &str,
+    claim: ClientClaim,
+) -> Option<(LinkTx, LinkRx, ClientClaim)> {
+    let (links, id) = (shared.links.clone(), client_id.to_owned());
+    let mut opening = tokio::task::spawn_blocking(move || links.open(&id));
+    match tokio::time::timeout(shared.connect_timeout, &mut opening).await {
+        Ok(Ok(Ok((tx, rx)))) => Some((tx, rx, claim)),
+        Ok(Ok(Err(e))) => {
+            tracing::warn!(client = %client_id, error = %e, "the broker refused a session");
+            None
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(client = %client_id, error = %e, "opening a broker session failed");
+            None
+        }
+        Err(_) => {
+            tracing::warn!(client = %client_id, "the broker did not open a session in time");
+            tokio::spawn(async move {
+                if let Ok(Ok((mut tx, _rx))) = opening.await {
+                    send_to_router(&mut tx, vec![disconnect()]).await;
+                }
+                drop(claim);
+            });
+            None
+        }
+    }
+}
+
 /// The will as the PUBLISH the broker would make of it, with its QoS (rumqttd's `Publish`
 /// builds only QoS 0, so the packet is encoded and parsed back; a QoS 1/2 publish needs an id).
 fn will_publish(will: LastWill) -> Result<Packet, FrameError> {
@@ -361,11 +385,17 @@ impl Session<'_> {
                         }
                     }
                 }
-                let disconnect = matches!(packet, Packet::Disconnect(..));
-                packets.push(packet);
-                if disconnect {
-                    send_to_router(link, packets).await;
-                    return End::Disconnected;
+                if let Some(answer) = self.local_answer(&packet) {
+                    if self.inject.send(answer).await.is_err() {
+                        return End::Closed("session ending");
+                    }
+                } else {
+                    let disconnect = matches!(packet, Packet::Disconnect(..));
+                    packets.push(packet);
+                    if disconnect {
+                        send_to_router(link, packets).await;
+                        return End::Disconnected;
+                    }
                 }
                 if let Some(limiter) = limiter.as_mut() {
                     let counted = matches!(
@@ -408,10 +438,57 @@ impl Session<'_> {
     /// Whether the gateway delivers what is published on `filter` itself (an artifact's chunk
     /// topic, named exactly, and the integrators' live event topic).
     fn is_fanned_out(&self, filter: &str) -> bool {
+        use fleetcast_proto::Route;
         matches!(
             self.shared.topics.parse(filter),
-            Some(fleetcast_proto::Route::ArtifactChunks(_) | fleetcast_proto::Route::Events)
+            Some(
+                Route::ArtifactChunks(_)
+                    | Route::Events
+                    | Route::StatusAck(_)
+                    | Route::MachineChunks(_)
+            )
         )
+    }
+
+    /// Whether a subscription to `filter` lives in the gateway only: a machine's own status
+    /// acknowledgements and error frames, which only the platform sends, through the gateway.
+    /// rumqttd never sees them: each would be a filter of its own per machine, which rumqttd
+    /// matches against every topic it has seen (and every later topic against it), so a fleet's
+    /// onboarding would cost rumqttd the square of its size once more.
+    fn is_gateway_only(&self, filter: &str) -> bool {
+        use fleetcast_proto::Route;
+        matches!(
+            self.shared.topics.parse(filter),
+            Some(Route::StatusAck(_) | Route::MachineChunks(_))
+        )
+    }
+
+    /// The gateway's own answer to a SUBSCRIBE or UNSUBSCRIBE whose filters are all
+    /// gateway-only (QoS 0 granted: that is how it delivers), or None to hand it to rumqttd.
+    fn local_answer(&self, packet: &Packet) -> Option<Bytes> {
+        use rumqttc::mqttbytes::v4::{SubAck, SubscribeReasonCode, UnsubAck};
+        let mut out = BytesMut::new();
+        match packet {
+            Packet::Subscribe(sub, _)
+                if !sub.filters.is_empty()
+                    && sub.filters.iter().all(|f| self.is_gateway_only(&f.path)) =>
+            {
+                let codes = sub
+                    .filters
+                    .iter()
+                    .map(|_| SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtMostOnce))
+                    .collect();
+                SubAck::new(sub.pkid, codes).write(&mut out).ok()?;
+            }
+            Packet::Unsubscribe(unsub, _)
+                if !unsub.filters.is_empty()
+                    && unsub.filters.iter().all(|f| self.is_gateway_only(f)) =>
+            {
+                UnsubAck::new(unsub.pkid).write(&mut out).ok()?;
+            }
+            _ => return None,
+        }
+        Some(out.freeze())
     }
 
     /// Whether one whole packet may pass.

@@ -662,6 +662,7 @@ async fn tls_clients_that_pin_the_ca_connect_and_all_others_fail() {
     next_connected(&mut machine_rx)
         .await
         .expect("TLS with the pinned CA connects");
+    subscribe(&machine, &mut machine_rx, &topics.command(&vm1)).await;
     subscribe(&machine, &mut machine_rx, &topics.machine_chunks(&vm1)).await;
     machine
         .publish(
@@ -674,17 +675,22 @@ async fn tls_clients_that_pin_the_ca_connect_and_all_others_fail() {
         .unwrap();
     let status = next_publish(&mut platform_rx, WAIT, "the status sent over TLS").await;
     assert_eq!(&status.payload[..], b"over tls");
-    let chunk = vec![0x5au8; 3 * 64 * 1024];
+    // A large message through rumqttd, and one the gateway delivers itself.
+    let big = vec![0x5au8; 3 * 64 * 1024];
     platform
-        .publish(
-            topics.machine_chunks(&vm1),
-            QoS::AtLeastOnce,
-            false,
-            chunk.clone(),
-        )
+        .publish(topics.command(&vm1), QoS::AtLeastOnce, false, big.clone())
         .await
         .unwrap();
-    let got = next_publish(&mut machine_rx, WAIT, "a chunk over TLS").await;
+    let got = next_publish(&mut machine_rx, WAIT, "a large message over TLS").await;
+    assert_eq!(got.payload[..], big[..]);
+    let chunk = vec![0xa5u8; 3 * 64 * 1024];
+    assert_eq!(
+        gw.secured
+            .handle()
+            .deliver(&topics.machine_chunks(&vm1), &chunk),
+        1
+    );
+    let got = next_publish(&mut machine_rx, WAIT, "a chunk frame over TLS").await;
     assert_eq!(got.payload[..], chunk[..]);
 
     let other_ca = test_pki().ca_pem;
@@ -1210,4 +1216,70 @@ async fn rapid_take_overs_under_traffic_leave_the_broker_serving() {
     .await
     .expect("the broker still serves");
     assert_eq!(got.topic, topics.command(&vm1));
+}
+
+/// A machine's own `status/ack` and `chunks` subscriptions live in the gateway only: the
+/// gateway answers the SUBSCRIBE itself (QoS 0 granted), delivers what the platform hands it
+/// there, and rumqttd never holds a filter for them (a publish through rumqttd on the topic
+/// reaches nobody). Another machine still cannot subscribe to them.
+#[tokio::test]
+async fn a_machines_ack_and_chunk_topics_are_served_by_the_gateway_alone() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
+
+    let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+    raw.send(raw_subscribe(&topics.status_ack(&vm1))).await;
+    let Some(Packet::SubAck(ack)) = raw.next().await else {
+        panic!("no SUBACK");
+    };
+    assert_eq!(
+        ack.return_codes,
+        vec![rumqttc::mqttbytes::v4::SubscribeReasonCode::Success(
+            QoS::AtMostOnce
+        )]
+    );
+    platform
+        .publish(
+            topics.status_ack(&vm1),
+            QoS::AtLeastOnce,
+            false,
+            "via rumqttd",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        gw.secured
+            .handle()
+            .deliver(&topics.status_ack(&vm1), b"via the gateway"),
+        1
+    );
+    let Some(Packet::Publish(p)) = raw.next().await else {
+        panic!("no delivery");
+    };
+    assert_eq!(
+        p.payload[..],
+        b"via the gateway"[..],
+        "what went through rumqttd reached nobody"
+    );
+    let mut unsub = rumqttc::mqttbytes::v4::Unsubscribe::new(topics.status_ack(&vm1));
+    unsub.pkid = 9;
+    raw.send(Packet::Unsubscribe(unsub)).await;
+    assert!(matches!(raw.next().await, Some(Packet::UnsubAck(a)) if a.pkid == 9));
+    assert_eq!(
+        gw.secured
+            .handle()
+            .deliver(&topics.status_ack(&vm1), b"after"),
+        0
+    );
+
+    Raw::accepted(gw.plain(), "vm-2")
+        .await
+        .closed_after(
+            raw_subscribe(&topics.status_ack(&vm1)),
+            "another machine's acks",
+        )
+        .await;
 }
