@@ -238,8 +238,8 @@ pub enum MqttEvent {
 }
 
 /// Polls `eventloop` until `shutdown`, forwarding events to `events`. Reconnects with
-/// exponential backoff (100 ms doubling to 5 s). When `events` is full the driver waits, which
-/// stops reading from the socket: backpressure reaches the broker instead of memory.
+/// exponential backoff and jitter (see [`Backoff`]). When `events` is full the driver waits,
+/// which stops reading from the socket: backpressure reaches the broker instead of memory.
 pub async fn drive(
     eventloop: EventLoop,
     events: mpsc::Sender<MqttEvent>,
@@ -265,7 +265,7 @@ pub async fn drive_with(
     shutdown: CancellationToken,
     overload: Overload,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::default();
     loop {
         let polled = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -273,7 +273,7 @@ pub async fn drive_with(
         };
         let event = match polled {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
-                backoff = Duration::from_millis(100);
+                backoff = Backoff::default();
                 MqttEvent::Connected {
                     session_present: ack.session_present,
                 }
@@ -284,15 +284,21 @@ pub async fn drive_with(
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => MqttEvent::Sent(pkid),
             Ok(_) => continue,
             Err(e) => {
+                let busy = matches!(
+                    e,
+                    rumqttc::ConnectionError::ConnectionRefused(
+                        rumqttc::ConnectReturnCode::ServiceUnavailable
+                    )
+                );
                 let text = e.to_string();
                 if events.send(MqttEvent::Disconnected(text)).await.is_err() {
                     return;
                 }
+                let wait = backoff.next(busy, rand::random::<f64>());
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
                 continue;
             }
         };
@@ -346,8 +352,64 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
         .port())
 }
 
+/// How long to wait before reconnecting: doubling from 100 ms to 5 s, or to 60 s while the
+/// broker answers "server unavailable" (CONNACK 3: the embedded broker's gateway says so when
+/// it cannot open a session in time, i.e. when it is swamped), each wait drawn at random from
+/// its upper half. Without the jitter a fleet that lost its broker at once comes back at once,
+/// wave after wave; without the longer ceiling a swamped broker spends itself on refusals.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    current: Duration,
+}
+
+impl Default for Backoff {
+    fn default() -> Self {
+        Self {
+            current: Self::FIRST,
+        }
+    }
+}
+
+impl Backoff {
+    pub const FIRST: Duration = Duration::from_millis(100);
+    pub const MAX: Duration = Duration::from_secs(5);
+    pub const MAX_BUSY: Duration = Duration::from_secs(60);
+
+    /// The wait before the next attempt (`unit`: a random number in [0, 1)), and the ceiling
+    /// doubled for the one after.
+    pub fn next(&mut self, busy: bool, unit: f64) -> Duration {
+        let ceiling = if busy { Self::MAX_BUSY } else { Self::MAX };
+        let upper = self.current.min(ceiling);
+        self.current = (upper * 2).min(ceiling);
+        upper.mul_f64(0.5 + 0.5 * unit.clamp(0.0, 1.0))
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn backoff_doubles_with_jitter_to_5_s_or_to_60_s_while_the_broker_is_busy() {
+        use super::Backoff;
+        use std::time::Duration;
+        let mut b = Backoff::default();
+        let waits: Vec<_> = (0..8).map(|_| b.next(false, 1.0)).collect();
+        assert_eq!(waits[0], Duration::from_millis(100));
+        assert_eq!(waits[1], Duration::from_millis(200));
+        assert_eq!(waits[7], Duration::from_secs(5), "capped");
+        let mut b = Backoff::default();
+        assert_eq!(
+            b.next(false, 0.0),
+            Duration::from_millis(50),
+            "lower half of the range"
+        );
+        let mut busy = Backoff::default();
+        let last = (0..12).map(|_| busy.next(true, 1.0)).last().unwrap();
+        assert_eq!(last, Duration::from_secs(60));
+        // A busy answer after ordinary failures keeps growing past 5 s; an ordinary one after
+        // busy ones comes back under 5 s.
+        assert_eq!(busy.next(false, 1.0), Duration::from_secs(5));
+    }
+
     use super::*;
 
     #[test]
