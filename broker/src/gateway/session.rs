@@ -463,12 +463,18 @@ impl Session<'_> {
         )
     }
 
-    /// The gateway's own answer to a SUBSCRIBE or UNSUBSCRIBE whose filters are all
-    /// gateway-only (QoS 0 granted: that is how it delivers), or None to hand it to rumqttd.
+    /// The gateway's own answer to a PINGREQ (the keep-alive is between client and gateway:
+    /// a router busy with a fleet coming online answered pings late, and clients that waited
+    /// too long reconnected, which made it busier), or to a SUBSCRIBE or UNSUBSCRIBE whose
+    /// filters are all gateway-only (QoS 0 granted: that is how it delivers). None: hand the
+    /// packet to rumqttd.
     fn local_answer(&self, packet: &Packet) -> Option<Bytes> {
-        use rumqttc::mqttbytes::v4::{SubAck, SubscribeReasonCode, UnsubAck};
+        use rumqttc::mqttbytes::v4::{PingResp, SubAck, SubscribeReasonCode, UnsubAck};
         let mut out = BytesMut::new();
         match packet {
+            Packet::PingReq(_) => {
+                PingResp.write(&mut out).ok()?;
+            }
             Packet::Subscribe(sub, _)
                 if !sub.filters.is_empty()
                     && sub.filters.iter().all(|f| self.is_gateway_only(&f.path)) =>
