@@ -44,11 +44,13 @@
 //! This also closes what persistent sessions left open before: subscriptions checked once and
 //! kept across reconnects after a rule narrowed (a machine leaving a group).
 //!
-//! Layout: `fanout` (chunk frames delivered by the gateway itself), `frames` (raw packet
+//! Layout: `fanout` (chunk frames delivered by the gateway itself), `feeder` (one thread
+//! hands packets to rumqttd's router, whose channel blocks while full), `frames` (raw packet
 //! bytes), `limit` (token buckets), `registry` (sessions, kick, counters), `session` (one
 //! connection: CONNECT, its link, its pumps), `tls` (server config).
 
 mod fanout;
+mod feeder;
 mod frames;
 mod limit;
 mod registry;
@@ -193,6 +195,8 @@ struct Shared {
     auth: Arc<dyn Authenticator>,
     /// In-process sessions on rumqttd's router, one per admitted client.
     links: crate::embedded::Links,
+    /// Hands every session's packets to the router from one thread.
+    feeder: feeder::Feeder,
     limits: InboundLimits,
     connect_timeout: Duration,
     registry: Arc<Registry>,
@@ -251,6 +255,7 @@ pub async fn start_secured(
         topics: settings.topics,
         auth,
         links: broker.links(),
+        feeder: feeder::Feeder::start().map_err(BrokerError::Thread)?,
         limits: settings.limits,
         connect_timeout: settings.connect_timeout,
         registry: registry.clone(),

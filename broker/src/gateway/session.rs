@@ -11,7 +11,7 @@ use bytes::{Buf, Bytes, BytesMut};
 use fleetcast_proto::acl::Principal;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, LastWill};
 use rumqttc::mqttbytes::PacketType;
-use rumqttd::local::{LinkRx, LinkTx};
+use rumqttd::local::LinkRx;
 use rumqttd::protocol::v4::V4;
 use rumqttd::protocol::{Disconnect, DisconnectReasonCode, Packet, Protocol};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -20,6 +20,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::fanout;
+use super::feeder::ToRouter;
 use super::frames::{self, FrameError};
 use super::limit::Limiter;
 use super::registry::ClientClaim;
@@ -106,7 +107,7 @@ pub(super) async fn serve<S>(
         tracing::info!(%peer, client = %client_id, "client id still held or taken again: closed");
         return refuse(&mut client_wr, ConnectReturnCode::ServiceUnavailable).await;
     };
-    let Some((mut link_tx, link_rx, claim)) = open_link(&shared, &client_id, claim).await else {
+    let Some((mut to_router, link_rx, claim)) = open_link(&shared, &client_id, claim).await else {
         return refuse(&mut client_wr, ConnectReturnCode::ServiceUnavailable).await;
     };
     // Every session through the gateway is clean: it ends with the connection.
@@ -117,7 +118,7 @@ pub(super) async fn serve<S>(
     .await
     {
         tracing::debug!(%peer, client = %client_id, error = %e, "client gone before CONNACK");
-        send_to_router(&mut link_tx, vec![disconnect()]).await;
+        to_router.close_after(vec![disconnect()]).await;
         return;
     }
     let username = principal.username();
@@ -137,15 +138,13 @@ pub(super) async fn serve<S>(
     let end = tokio::select! {
         _ = stop.cancelled() => End::Closed("kicked or shut down"),
         _ = claim.taken_over() => End::TakenOver,
-        e = session.client_to_router(&mut client_rd, &mut link_tx, buf, connect.keep_alive) => e,
+        e = session.client_to_router(&mut client_rd, &mut to_router, buf, connect.keep_alive) => e,
         e = router_to_client(link_rx, &mut client_wr, injected, &unacked) => e,
     };
     match &end {
-        End::Disconnected | End::Dropped => {}
+        End::Disconnected | End::Dropped => to_router.close_after(vec![]).await,
         // A newer connection of the same client is live: no will, only the end.
-        End::TakenOver => {
-            send_to_router(&mut link_tx, vec![disconnect()]).await;
-        }
+        End::TakenOver => to_router.close_after(vec![disconnect()]).await,
         _ => {
             // Like a broker that saw the connection drop: the will (e.g. a machine's
             // `online = false`), then the end of the router's session.
@@ -158,7 +157,7 @@ pub(super) async fn serve<S>(
                 None => {}
             }
             last.push(disconnect());
-            send_to_router(&mut link_tx, last).await;
+            to_router.close_after(last).await;
         }
     }
     match end {
@@ -246,11 +245,11 @@ async fn open_link(
     shared: &Shared,
     client_id: &str,
     claim: ClientClaim,
-) -> Option<(LinkTx, LinkRx, ClientClaim)> {
+) -> Option<(ToRouter, LinkRx, ClientClaim)> {
     let (links, id) = (shared.links.clone(), client_id.to_owned());
     let mut opening = tokio::task::spawn_blocking(move || links.open(&id));
     match tokio::time::timeout(shared.connect_timeout, &mut opening).await {
-        Ok(Ok(Ok((tx, rx)))) => Some((tx, rx, claim)),
+        Ok(Ok(Ok((tx, rx)))) => Some((shared.feeder.attach(tx).await, rx, claim)),
         Ok(Ok(Err(e))) => {
             tracing::warn!(client = %client_id, error = %e, "the broker refused a session");
             None
@@ -261,9 +260,14 @@ async fn open_link(
         }
         Err(_) => {
             tracing::warn!(client = %client_id, "the broker did not open a session in time");
+            let feeder = shared.feeder.clone();
             tokio::spawn(async move {
-                if let Ok(Ok((mut tx, _rx))) = opening.await {
-                    send_to_router(&mut tx, vec![disconnect()]).await;
+                if let Ok(Ok((tx, _rx))) = opening.await {
+                    feeder
+                        .attach(tx)
+                        .await
+                        .close_after(vec![disconnect()])
+                        .await;
                 }
                 drop(claim);
             });
@@ -298,18 +302,6 @@ fn disconnect() -> Packet {
     )
 }
 
-/// Hands `packets` to the router with one wake-up; false once the router has dropped the
-/// session. rumqttd's channel to its router is bounded (1,000 wake-ups) and `LinkTx::send`
-/// blocks the thread while it is full; the router drains it on its own thread, so this waits
-/// at most for its current pass.
-async fn send_to_router(link: &mut LinkTx, mut packets: Vec<Packet>) -> bool {
-    let Some(last) = packets.pop() else {
-        return true;
-    };
-    link.buffer().extend(packets);
-    link.send(last).await.is_ok()
-}
-
 struct Session<'a> {
     shared: &'a Shared,
     principal: &'a Principal,
@@ -342,7 +334,7 @@ impl Session<'_> {
     async fn client_to_router<R>(
         &self,
         rd: &mut R,
-        link: &mut LinkTx,
+        link: &mut ToRouter,
         mut buf: BytesMut,
         keep_alive: u16,
     ) -> End
@@ -364,7 +356,7 @@ impl Session<'_> {
             } {
                 if let Err(violation) = self.check(frame.kind, &buf[..frame.len]).await {
                     // Hand on what was allowed before it, then close.
-                    send_to_router(link, packets).await;
+                    link.send(packets).await;
                     return violation;
                 }
                 // A packet of its own: the router keeps publishes in its logs, and a slice would
@@ -393,7 +385,7 @@ impl Session<'_> {
                     let disconnect = matches!(packet, Packet::Disconnect(..));
                     packets.push(packet);
                     if disconnect {
-                        send_to_router(link, packets).await;
+                        link.send(packets).await;
                         return End::Disconnected;
                     }
                 }
@@ -404,14 +396,14 @@ impl Session<'_> {
                     );
                     let wait = limiter.take(frame.len, counted, Instant::now());
                     if !wait.is_zero() {
-                        if !send_to_router(link, std::mem::take(&mut packets)).await {
+                        if !link.send(std::mem::take(&mut packets)).await {
                             return End::Dropped;
                         }
                         tokio::time::sleep(wait).await;
                     }
                 }
             }
-            if !send_to_router(link, std::mem::take(&mut packets)).await {
+            if !link.send(std::mem::take(&mut packets)).await {
                 return End::Dropped;
             }
             // Reuses the allocation once everything in it was handed on; a large packet (an
