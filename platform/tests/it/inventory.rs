@@ -2,40 +2,20 @@
 //! the broker, then `machine_query` filters and pages, `versions` counts and compliance, and
 //! `history` reads a machine's records through the platform's index.
 
-use std::collections::BTreeMap;
-
 use fleetcast_proto::admin::{MachineFilter, TargetRecord, VersionReport};
 use fleetcast_proto::calls::Call;
 use fleetcast_proto::status::KindState;
-use fleetcast_proto::MachineState;
 
 use super::*;
 
 impl Machine {
     /// Publishes a MAC'd state in `groups` running app `version` (None: no app installed).
     async fn report_app(&mut self, groups: &[&str], version: Option<&str>) {
-        self.ctr += 1;
-        let mut kinds = BTreeMap::new();
-        kinds.insert(
-            app(),
-            KindState {
-                version: version.map(Into::into),
-                ..Default::default()
-            },
-        );
-        let st = MachineState {
-            machine: self.id.clone(),
-            ctr: self.ctr,
-            at_ms: T0_MS + self.ctr * 1000,
-            agent_version: "test".into(),
-            groups: groups.iter().map(|x| g(x)).collect(),
-            busy: false,
-            kinds,
-            key_gen: 0,
+        let app_state = KindState {
+            version: version.map(Into::into),
+            ..Default::default()
         };
-        let topic = format!("fleet/machines/{}/state", self.id);
-        let sealed = self.secret.seal(Purpose::State, &st);
-        self.peer.publish_acked(&topic, true, sealed).await;
+        self.publish_state(groups, app_state).await;
     }
 }
 

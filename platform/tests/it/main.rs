@@ -452,15 +452,21 @@ impl Machine {
 
     /// Publishes a MAC'd state claiming `groups` and, for kind `app`, the highest accepted `seq`.
     async fn report_state(&mut self, groups: &[&str], seq: u64) {
+        let app_state = fleetcast_proto::status::KindState {
+            seq,
+            ..Default::default()
+        };
+        self.publish_state(groups, app_state).await;
+    }
+
+    /// Publishes a MAC'd state claiming `groups` with `app_state` for kind `app`, retained.
+    async fn publish_state(
+        &mut self,
+        groups: &[&str],
+        app_state: fleetcast_proto::status::KindState,
+    ) {
         self.ctr += 1;
-        let mut kinds = std::collections::BTreeMap::new();
-        kinds.insert(
-            app(),
-            fleetcast_proto::status::KindState {
-                seq,
-                ..Default::default()
-            },
-        );
+        let kinds = std::collections::BTreeMap::from([(app(), app_state)]);
         let st = fleetcast_proto::MachineState {
             machine: self.id.clone(),
             ctr: self.ctr,
