@@ -187,7 +187,10 @@ impl std::fmt::Debug for EmbeddedBroker {
 /// itself: the router on its thread, the loopback TCP server on another, and this handle to
 /// the router's channel (whose type rumqttd does not export, hence the closure).
 #[derive(Clone)]
-pub struct Links(Arc<OpenLink>);
+pub struct Links {
+    open: Arc<OpenLink>,
+    queued: Arc<dyn Fn() -> usize + Send + Sync>,
+}
 
 type OpenLink = dyn Fn(&str) -> Result<(LinkTx, LinkRx), LinkRefused> + Send + Sync;
 
@@ -201,7 +204,13 @@ impl Links {
     /// router (the gateway ends it first: see `gateway::registry`). Blocks until the router
     /// answers, which is at its next pass (run it off the async workers).
     pub fn open(&self, client_id: &str) -> Result<(LinkTx, LinkRx), LinkRefused> {
-        (self.0)(client_id)
+        (self.open)(client_id)
+    }
+
+    /// Events waiting in the channel to the router (it holds [`ROUTER_QUEUE`]; sending to a
+    /// full one blocks the sending thread).
+    pub fn router_queue(&self) -> usize {
+        (self.queued)()
     }
 }
 
@@ -218,7 +227,9 @@ impl EmbeddedBroker {
         let router_tx = rumqttd::Router::new(config.id, config.router.clone()).spawn();
         let links = {
             let router_tx = router_tx.clone();
-            Links(Arc::new(move |client_id: &str| {
+            let probe = router_tx.clone();
+            let queued = Arc::new(move || probe.len());
+            let open = Arc::new(move |client_id: &str| {
                 let (tx, rx, _connack) = LinkBuilder::new(client_id, router_tx.clone())
                     .clean_session(true)
                     // Like the TCP server's sessions: a publish on a topic nobody subscribed
@@ -227,7 +238,8 @@ impl EmbeddedBroker {
                     .build()
                     .map_err(|e| LinkRefused(e.to_string()))?;
                 Ok((tx, rx))
-            }))
+            });
+            Links { open, queued }
         };
         start_ticker(&links)?;
         for (_, server) in config.v4.clone().unwrap_or_default() {
@@ -269,6 +281,9 @@ impl EmbeddedBroker {
         self.links.clone()
     }
 }
+
+/// Events rumqttd's channel to its router holds (`Router::new`: `bounded(1000)`).
+pub const ROUTER_QUEUE: usize = 1000;
 
 /// How often the ticker wakes the router.
 const TICK: Duration = Duration::from_millis(10);

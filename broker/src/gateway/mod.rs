@@ -255,7 +255,7 @@ pub async fn start_secured(
         topics: settings.topics,
         auth,
         links: broker.links(),
-        feeder: feeder::Feeder::start().map_err(BrokerError::Thread)?,
+        feeder: feeder::Feeder::start(broker.links()).map_err(BrokerError::Thread)?,
         limits: settings.limits,
         connect_timeout: settings.connect_timeout,
         registry: registry.clone(),

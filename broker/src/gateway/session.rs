@@ -31,6 +31,9 @@ use crate::client::MAX_PACKET;
 const CLIENT_READ: usize = 4 * 1024;
 /// A buffer above this is given back once everything in it was handed on.
 const KEEP: usize = 64 * 1024;
+/// The gateway's own answers queued for a client (a client that pings or subscribes faster
+/// than it reads waits for room).
+const CONTROL_QUEUE: usize = 16;
 /// Bytes of encoded router output gathered before they are written to the client.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -126,6 +129,8 @@ pub(super) async fn serve<S>(
     let registered = shared.registry.register(&username, stop.clone());
     tracing::debug!(%peer, client = %client_id, "gateway session open");
     let (inject, injected) = mpsc::channel(fanout::SESSION_QUEUE);
+    // The gateway's own answers (PINGRESP, local SUBACK): never queued behind chunk frames.
+    let (control, controls) = mpsc::channel(CONTROL_QUEUE);
     let unacked = Unacked::default();
     let session = Session {
         shared: &shared,
@@ -133,13 +138,14 @@ pub(super) async fn serve<S>(
         client_id: &client_id,
         id: registered.id(),
         inject,
+        control,
         unacked: &unacked,
     };
     let end = tokio::select! {
         _ = stop.cancelled() => End::Closed("kicked or shut down"),
         _ = claim.taken_over() => End::TakenOver,
         e = session.client_to_router(&mut client_rd, &mut to_router, buf, connect.keep_alive) => e,
-        e = router_to_client(link_rx, &mut client_wr, injected, &unacked) => e,
+        e = router_to_client(link_rx, &mut client_wr, injected, controls, &unacked) => e,
     };
     match &end {
         End::Disconnected | End::Dropped => to_router.close_after(vec![]).await,
@@ -310,6 +316,8 @@ struct Session<'a> {
     id: u64,
     /// Where fanned-out chunk frames for this session are queued.
     inject: mpsc::Sender<bytes::Bytes>,
+    /// Where the gateway's own answers to this client are queued (written first).
+    control: mpsc::Sender<bytes::Bytes>,
     /// What the router sent at QoS 1 and the client has not acknowledged.
     unacked: &'a Unacked,
 }
@@ -378,7 +386,7 @@ impl Session<'_> {
                     }
                 }
                 if let Some(answer) = self.local_answer(&packet) {
-                    if self.inject.send(answer).await.is_err() {
+                    if self.control.send(answer).await.is_err() {
                         return End::Closed("session ending");
                     }
                 } else {
@@ -588,6 +596,7 @@ async fn router_to_client<W>(
     mut link: LinkRx,
     wr: &mut W,
     mut injected: mpsc::Receiver<Bytes>,
+    mut controls: mpsc::Receiver<Bytes>,
     unacked: &Unacked,
 ) -> End
 where
@@ -598,6 +607,12 @@ where
         // The router paused this session until it has written what it was given.
         let mut unscheduled = false;
         tokio::select! {
+            biased;
+            Some(answer) = controls.recv() => {
+                if let Err(e) = write_frames(wr, answer, &mut controls).await {
+                    return e.into();
+                }
+            }
             next = link.next() => {
                 let mut next = next;
                 loop {
