@@ -30,9 +30,8 @@ pub fn next_frame(buf: &[u8]) -> Result<Option<Frame>, FrameError> {
     next_frame_within(buf, MAX_PACKET)
 }
 
-/// [`next_frame`] with another size limit (the broker's own packets: a payload of the full
-/// `MAX_PACKET` plus its topic and header).
-pub fn next_frame_within(buf: &[u8], limit: usize) -> Result<Option<Frame>, FrameError> {
+/// [`next_frame`] with a size limit.
+fn next_frame_within(buf: &[u8], limit: usize) -> Result<Option<Frame>, FrameError> {
     match mqttbytes::check(buf.iter(), limit) {
         Ok(header) => {
             let kind = header
