@@ -34,7 +34,7 @@ pub mod topics;
 pub use ids::{ArtifactId, GroupId, IdError, Kind, MachineId, ReleaseId};
 pub use release::{InstallPolicy, ReleaseNotice, Target};
 pub use status::{MachineState, Phase, StatusAck, StatusEvent};
-pub use topics::{Route, Topics};
+pub use topics::{ReleaseFilter, Route, Topics};
 
 /// The agent and platform version, reported in machine state.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

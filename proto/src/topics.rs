@@ -40,6 +40,14 @@ pub enum Route {
     PlatformKeys,
 }
 
+/// One of the release filters a machine subscribes with, parsed: every kind's notice for one
+/// target ([`Topics::machine_release_filter`], [`Topics::group_release_filter`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReleaseFilter {
+    Machine(MachineId),
+    Group(GroupId),
+}
+
 impl Default for Topics {
     fn default() -> Self {
         Self::new(DEFAULT_PREFIX)
@@ -223,6 +231,20 @@ impl Topics {
     }
 }
 
+impl Topics {
+    /// Parses one of the release filters machines subscribe with (exactly as
+    /// [`Topics::machine_release_filter`] and [`Topics::group_release_filter`] build them).
+    /// `None` for any other filter.
+    pub fn parse_release_filter(&self, filter: &str) -> Option<ReleaseFilter> {
+        let rest = filter.strip_prefix(&self.prefix)?.strip_prefix('/')?;
+        match rest.split('/').collect::<Vec<_>>().as_slice() {
+            ["machines", m, "release", "+"] => MachineId::new(*m).ok().map(ReleaseFilter::Machine),
+            ["groups", g, "release", "+"] => GroupId::new(*g).ok().map(ReleaseFilter::Group),
+            _ => None,
+        }
+    }
+}
+
 fn valid_client(s: &str) -> Option<String> {
     MachineId::new(s).ok().map(String::from)
 }
@@ -318,6 +340,30 @@ mod tests {
             "fleet/groups/g/release/firmware"
         );
         assert_eq!(t.platform_status_filter(), "fleet/machines/+/status");
+    }
+
+    #[test]
+    fn release_filters_parse_back_and_nothing_else_does() {
+        let t = Topics::default();
+        let g = GroupId::new("g-1").unwrap();
+        assert_eq!(
+            t.parse_release_filter(&t.machine_release_filter(&m("vm-1"))),
+            Some(ReleaseFilter::Machine(m("vm-1")))
+        );
+        assert_eq!(
+            t.parse_release_filter(&t.group_release_filter(&g)),
+            Some(ReleaseFilter::Group(g))
+        );
+        for other in [
+            "fleet/machines/vm-1/release/app",
+            "fleet/machines/+/release/+",
+            "fleet/machines/vm-1/release/#",
+            "fleet/groups/a b/release/+",
+            "other/groups/g/release/+",
+            "fleet/machines/vm-1/command",
+        ] {
+            assert_eq!(t.parse_release_filter(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -1,25 +1,33 @@
-//! Direct delivery of chunk frames to the sessions that subscribed to their artifact topic.
+//! Delivery by the gateway itself, by exact filter, to the sessions whose SUBSCRIBE it accepted.
 //!
-//! Why: rumqttd hands each subscriber up to 200 queued publishes at a time and encodes them
-//! into a write buffer that keeps its largest size for the life of the connection, and one
-//! thread writes for every connection of a listener. A 1 MiB rollout to 1,000 machines left
-//! 1.3 GB of such buffers in the platform process (heaptrack: `rumqttd::link::network::
-//! Network::writev`). The gateway already holds every client's socket, so for the artifact
-//! topics it delivers itself: the PUBLISH packet is encoded once, shared by reference, and
-//! written to each subscriber's socket between whole packets of the broker's stream.
+//! Two kinds of topic are delivered this way:
+//! - **Bulk** (artifact chunk frames, a machine's own error frames and status acks, the live
+//!   event stream): QoS 0, and a session whose queue is full misses the frame (its agent asks
+//!   again, as after any loss). Why: rumqttd hands each subscriber up to 200 queued publishes
+//!   at a time through a write buffer that keeps its largest size for the life of the
+//!   connection; a 1 MiB rollout to 1,000 machines left 1.3 GB of such buffers (heaptrack:
+//!   `rumqttd::link::network::Network::writev`). Here a frame is encoded once and shared.
+//! - **Served** (release notices per machine and per group, commands, the key chain: see
+//!   `relay`): QoS 0 on the session's control queue, which is written before anything else,
+//!   and never dropped: a session that cannot take one is closed (its agent reconnects and gets
+//!   the current notices again). On the notice and key topics the latest message is kept (the
+//!   platform publishes them retained) and handed to each new subscriber first, with the
+//!   retain flag, as a broker hands out retained messages. Why: each of these filters is one
+//!   of a kind per machine, and rumqttd matches every filter against every topic it has seen
+//!   and every new topic against every filter, so a fleet coming online cost it the square of
+//!   its size.
 //!
-//! A session's SUBSCRIBE to an artifact topic is still checked exactly like any other (static
-//! policy, then the platform's dynamic check) and still forwarded to rumqttd (which answers
-//! the SUBACK and never sees a publish there). Only sessions whose SUBSCRIBE passed are
-//! registered; UNSUBSCRIBE and the end of the session remove them. Delivery is QoS 0: a
-//! session whose queue is full misses the frame and its agent asks again, as after any loss.
+//! A SUBSCRIBE is checked exactly like any other (static policy, then the platform's dynamic
+//! check) before a session is registered here; UNSUBSCRIBE and the end of the session remove
+//! it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Frames queued per session before further ones are dropped for it (64 KiB frames: 4 MiB,
 /// shared with every other receiver of the same frame).
@@ -29,86 +37,220 @@ pub const SESSION_QUEUE: usize = 64;
 struct Receiver {
     username: String,
     tx: mpsc::Sender<Bytes>,
+    /// Served topics: closes the session when its queue is full (nothing is dropped).
+    close_when_full: Option<CancellationToken>,
 }
 
-type Topics = HashMap<String, HashMap<u64, Receiver>>;
+#[derive(Default)]
+struct State {
+    /// Filter -> session id -> receiver.
+    filters: HashMap<String, HashMap<u64, Receiver>>,
+    /// Session id -> its filters here (so a session's end costs only its own).
+    sessions: HashMap<u64, HashSet<String>>,
+    /// Served filter -> topic -> the latest message on it, encoded with the retain flag.
+    kept: HashMap<String, BTreeMap<String, Bytes>>,
+}
+
+impl State {
+    fn insert(&mut self, filter: &str, session: u64, receiver: Receiver) {
+        self.filters
+            .entry(filter.to_owned())
+            .or_default()
+            .insert(session, receiver);
+        self.sessions
+            .entry(session)
+            .or_default()
+            .insert(filter.to_owned());
+    }
+}
 
 #[derive(Default)]
 pub(crate) struct Fanout {
-    topics: Mutex<Topics>,
+    state: Mutex<State>,
     delivered: AtomicU64,
     dropped: AtomicU64,
+    served: AtomicU64,
+    closed_full: AtomicU64,
+}
+
+/// What [`Fanout::counts`] reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(crate) struct Counts {
+    pub delivered: u64,
+    pub dropped: u64,
+    pub served: u64,
+    pub closed_full: u64,
 }
 
 impl Fanout {
-    fn topics(&self) -> std::sync::MutexGuard<'_, Topics> {
-        self.topics.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        // Every change keeps the maps consistent: a panicked holder leaves nothing half done
+        // that matters.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Registers a session for a bulk filter (a full queue drops frames).
     pub(crate) fn subscribe(
         &self,
-        topic: &str,
+        filter: &str,
         session: u64,
         username: &str,
         tx: &mpsc::Sender<Bytes>,
     ) {
-        self.topics().entry(topic.to_owned()).or_default().insert(
-            session,
-            Receiver {
-                username: username.to_owned(),
-                tx: tx.clone(),
-            },
-        );
+        let receiver = Receiver {
+            username: username.to_owned(),
+            tx: tx.clone(),
+            close_when_full: None,
+        };
+        self.state().insert(filter, session, receiver);
     }
 
-    pub(crate) fn unsubscribe(&self, topic: &str, session: u64) {
-        let mut topics = self.topics();
-        if let Some(sessions) = topics.get_mut(topic) {
+    /// Registers a session for a served filter: queues the messages kept for it first (in one
+    /// step with the registration, so nothing newer can come before them), and closes the
+    /// session (`stop`) if its queue cannot take them.
+    pub(crate) fn subscribe_served(
+        &self,
+        filter: &str,
+        session: u64,
+        username: &str,
+        tx: &mpsc::Sender<Bytes>,
+        stop: &CancellationToken,
+    ) {
+        let mut state = self.state();
+        if let Some(kept) = state.kept.get(filter) {
+            for packet in kept.values() {
+                if tx.try_send(packet.clone()).is_err() {
+                    self.close_full(stop, username, filter);
+                    return;
+                }
+                self.served.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let receiver = Receiver {
+            username: username.to_owned(),
+            tx: tx.clone(),
+            close_when_full: Some(stop.clone()),
+        };
+        state.insert(filter, session, receiver);
+    }
+
+    pub(crate) fn unsubscribe(&self, filter: &str, session: u64) {
+        let mut state = self.state();
+        if let Some(sessions) = state.filters.get_mut(filter) {
             sessions.remove(&session);
             if sessions.is_empty() {
-                topics.remove(topic);
+                state.filters.remove(filter);
             }
+        }
+        if let Some(mine) = state.sessions.get_mut(&session) {
+            mine.remove(filter);
         }
     }
 
     /// Forgets a session everywhere (it ended).
     pub(crate) fn remove_session(&self, session: u64) {
-        self.topics().retain(|_, sessions| {
-            sessions.remove(&session);
-            !sessions.is_empty()
-        });
+        let mut state = self.state();
+        for filter in state.sessions.remove(&session).unwrap_or_default() {
+            if let Some(sessions) = state.filters.get_mut(&filter) {
+                sessions.remove(&session);
+                if sessions.is_empty() {
+                    state.filters.remove(&filter);
+                }
+            }
+        }
     }
 
-    /// Queues `packet` (a whole PUBLISH) for every session subscribed to `topic`, or only for
+    /// Queues `packet` (a whole PUBLISH) for every session subscribed to `filter`, or only for
     /// the sessions of `only` (usernames); how many took it.
-    pub(crate) fn deliver(&self, topic: &str, packet: &Bytes, only: Option<&[&str]>) -> usize {
-        let topics = self.topics();
-        let Some(sessions) = topics.get(topic) else {
+    pub(crate) fn deliver(&self, filter: &str, packet: &Bytes, only: Option<&[&str]>) -> usize {
+        let state = self.state();
+        self.deliver_locked(&state, filter, packet, only)
+    }
+
+    /// A message on a served topic: kept as the latest on `topic` when `keep` (an empty payload
+    /// forgets it, like an empty retained message), then queued for every session subscribed to
+    /// `filter`. `live` is the packet as delivered, `retained` the same with the retain flag.
+    pub(crate) fn serve(
+        &self,
+        filter: &str,
+        topic: &str,
+        keep: Option<Option<Bytes>>,
+        live: &Bytes,
+    ) -> usize {
+        let mut state = self.state();
+        match keep {
+            Some(Some(retained)) => {
+                state
+                    .kept
+                    .entry(filter.to_owned())
+                    .or_default()
+                    .insert(topic.to_owned(), retained);
+            }
+            Some(None) => {
+                if let Some(kept) = state.kept.get_mut(filter) {
+                    kept.remove(topic);
+                    if kept.is_empty() {
+                        state.kept.remove(filter);
+                    }
+                }
+            }
+            None => {}
+        }
+        self.deliver_locked(&state, filter, live, None)
+    }
+
+    fn deliver_locked(
+        &self,
+        state: &State,
+        filter: &str,
+        packet: &Bytes,
+        only: Option<&[&str]>,
+    ) -> usize {
+        let Some(sessions) = state.filters.get(filter) else {
             return 0;
         };
-        let (mut took, mut missed) = (0, 0);
+        let (mut took, mut missed, mut served) = (0, 0, 0);
         for r in sessions.values() {
             if only.is_some_and(|names| !names.contains(&r.username.as_str())) {
                 continue;
             }
-            if r.tx.try_send(packet.clone()).is_ok() {
-                took += 1;
-            } else {
-                missed += 1;
+            let sent = r.tx.try_send(packet.clone()).is_ok();
+            match (&r.close_when_full, sent) {
+                (None, true) => took += 1,
+                (None, false) => missed += 1,
+                (Some(_), true) => served += 1,
+                (Some(stop), false) => self.close_full(stop, &r.username, filter),
             }
         }
-        drop(topics);
         self.delivered.fetch_add(took as u64, Ordering::Relaxed);
         self.dropped.fetch_add(missed as u64, Ordering::Relaxed);
-        took
+        self.served.fetch_add(served as u64, Ordering::Relaxed);
+        took + served
     }
 
-    /// (delivered, dropped for a full queue) since the start.
-    pub(crate) fn counts(&self) -> (u64, u64) {
-        (
-            self.delivered.load(Ordering::Relaxed),
-            self.dropped.load(Ordering::Relaxed),
-        )
+    fn close_full(&self, stop: &CancellationToken, username: &str, filter: &str) {
+        if !stop.is_cancelled() {
+            self.closed_full.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(user = %username, filter = %filter,
+                "gateway closed a session that did not read what it was sent (it gets the current notices again when it reconnects)");
+            stop.cancel();
+        }
+    }
+
+    /// Totals since the start.
+    pub(crate) fn counts(&self) -> Counts {
+        Counts {
+            delivered: self.delivered.load(Ordering::Relaxed),
+            dropped: self.dropped.load(Ordering::Relaxed),
+            served: self.served.load(Ordering::Relaxed),
+            closed_full: self.closed_full.load(Ordering::Relaxed),
+        }
+    }
+
+    /// How many topics have a kept message (for tests and stats).
+    #[cfg(test)]
+    fn kept_topics(&self) -> usize {
+        self.state().kept.values().map(BTreeMap::len).sum()
     }
 }
 
@@ -130,7 +272,8 @@ mod tests {
         // Queue of one: the second frame is dropped for session 1.
         assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame, None), 1);
         assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame, None), 0);
-        assert_eq!(fanout.counts(), (2, 1));
+        let c = fanout.counts();
+        assert_eq!((c.delivered, c.dropped), (2, 1));
 
         // Delivery to named machines only.
         let _ = rx1.try_recv();
@@ -147,6 +290,84 @@ mod tests {
         assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame, None), 0);
         fanout.remove_session(2);
         assert_eq!(fanout.deliver("fleet/artifacts/b/chunks", &frame, None), 0);
-        assert!(fanout.topics().is_empty());
+        let state = fanout.state();
+        assert!(state.filters.is_empty());
+        assert!(state.sessions.values().all(HashSet::is_empty));
+    }
+
+    #[test]
+    fn a_new_subscriber_gets_the_kept_message_first_and_an_empty_one_forgets_it() {
+        let fanout = Fanout::default();
+        let filter = "fleet/groups/g/release/+";
+        let (topic_a, topic_b) = ("fleet/groups/g/release/app", "fleet/groups/g/release/fw");
+        let old = (
+            Bytes::from_static(b"old-live"),
+            Bytes::from_static(b"old-kept"),
+        );
+        assert_eq!(
+            fanout.serve(filter, topic_a, Some(Some(old.1.clone())), &old.0),
+            0
+        );
+        fanout.serve(
+            filter,
+            topic_b,
+            Some(Some(Bytes::from_static(b"fw"))),
+            &old.0,
+        );
+        let (tx, mut rx) = mpsc::channel(8);
+        let stop = CancellationToken::new();
+        fanout.subscribe_served(filter, 1, "vm-1", &tx, &stop);
+        assert_eq!(
+            rx.try_recv().unwrap(),
+            old.1,
+            "kept message, by topic order"
+        );
+        assert_eq!(rx.try_recv().unwrap(), Bytes::from_static(b"fw"));
+        assert!(rx.try_recv().is_err());
+
+        let new = Bytes::from_static(b"new-live");
+        assert_eq!(fanout.serve(filter, topic_a, Some(None), &new), 1);
+        assert_eq!(rx.try_recv().unwrap(), new);
+        assert_eq!(
+            fanout.kept_topics(),
+            1,
+            "the empty message forgot app, fw stays"
+        );
+
+        // A command is delivered and not kept.
+        fanout.serve(
+            "fleet/machines/vm-1/command",
+            "fleet/machines/vm-1/command",
+            None,
+            &new,
+        );
+        assert_eq!(fanout.kept_topics(), 1);
+        assert!(!stop.is_cancelled());
+    }
+
+    #[test]
+    fn a_served_session_that_does_not_read_is_closed_not_skipped() {
+        let fanout = Fanout::default();
+        let filter = "fleet/machines/vm-1/command";
+        let (tx, _rx) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        fanout.subscribe_served(filter, 7, "vm-1", &tx, &stop);
+        let cmd = Bytes::from_static(b"cmd");
+        assert_eq!(fanout.serve(filter, filter, None, &cmd), 1);
+        assert!(!stop.is_cancelled());
+        assert_eq!(fanout.serve(filter, filter, None, &cmd), 0);
+        assert!(stop.is_cancelled(), "a notice is never silently dropped");
+        assert_eq!(fanout.counts().closed_full, 1);
+
+        // Kept messages that do not fit close a new subscriber too.
+        let releases = "fleet/machines/vm-2/release/+";
+        for kind in ["a", "b"] {
+            let topic = format!("fleet/machines/vm-2/release/{kind}");
+            fanout.serve(releases, &topic, Some(Some(cmd.clone())), &cmd);
+        }
+        let (tx, _rx) = mpsc::channel(1);
+        let stop = CancellationToken::new();
+        fanout.subscribe_served(releases, 8, "vm-2", &tx, &stop);
+        assert!(stop.is_cancelled());
     }
 }

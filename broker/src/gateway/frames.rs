@@ -113,11 +113,22 @@ pub fn unsubscribe_filters(frame: &[u8]) -> Result<Vec<String>, FrameError> {
 
 /// A whole QoS 0 PUBLISH packet, encoded once and written as is to every receiver.
 pub fn qos0_publish(topic: &str, payload: &[u8]) -> Result<bytes::Bytes, FrameError> {
-    let publish = rumqttc::mqttbytes::v4::Publish::new(
+    publish_packet(topic, payload, false)
+}
+
+/// [`qos0_publish`] with the retain flag as given (set on a kept message handed to a new
+/// subscriber).
+pub fn publish_packet(
+    topic: &str,
+    payload: &[u8],
+    retain: bool,
+) -> Result<bytes::Bytes, FrameError> {
+    let mut publish = rumqttc::mqttbytes::v4::Publish::new(
         topic,
         rumqttc::mqttbytes::QoS::AtMostOnce,
         payload.to_vec(),
     );
+    publish.retain = retain;
     let mut out = BytesMut::with_capacity(topic.len() + payload.len() + 8);
     publish
         .write(&mut out)

@@ -54,6 +54,7 @@ mod feeder;
 mod frames;
 mod limit;
 mod registry;
+mod relay;
 mod session;
 mod tls;
 
@@ -156,6 +157,9 @@ impl SecureBrokerSettings {
     pub fn new(topics: Topics) -> Self {
         let mut broker = BrokerSettings::new(SocketAddr::from(([127, 0, 0, 1], 0)));
         broker.bulk_filters = topics.bulk_filters();
+        // The relay's filters carry every notice and command for the whole fleet (a staged
+        // wave publishes one notice per machine at once): bulk-sized logs.
+        broker.bulk_filters.extend(relay::router_filters(&topics));
         broker.inbound_filters = topics.platform_inbound_filters();
         Self {
             plain: None,
@@ -251,6 +255,8 @@ pub async fn start_secured(
     .map_err(|e| BrokerError::Thread(std::io::Error::other(e)))??;
 
     let registry = Arc::new(Registry::default());
+    relay::start(broker.links(), settings.topics.clone(), registry.clone())
+        .map_err(BrokerError::Thread)?;
     let shared = Arc::new(Shared {
         topics: settings.topics,
         auth,

@@ -23,6 +23,10 @@ pub struct GatewayStats {
     /// dropped because a session's queue was full.
     pub fanout_delivered: u64,
     pub fanout_dropped: u64,
+    /// Release notices, commands and key chains the gateway delivered itself (one per
+    /// receiving session; see `relay`), and sessions it closed because they did not read them.
+    pub served: u64,
+    pub closed_unread: u64,
 }
 
 #[derive(Default)]
@@ -137,13 +141,16 @@ impl Registry {
     }
 
     pub(crate) fn stats(&self) -> GatewayStats {
+        let fanout = self.fanout.counts();
         GatewayStats {
             connections: self.connections.load(Ordering::Relaxed),
             active: self.sessions().values().map(HashMap::len).sum(),
             refused: self.refused.load(Ordering::Relaxed),
             violations: self.violations.load(Ordering::Relaxed),
-            fanout_delivered: self.fanout.counts().0,
-            fanout_dropped: self.fanout.counts().1,
+            fanout_delivered: fanout.delivered,
+            fanout_dropped: fanout.dropped,
+            served: fanout.served,
+            closed_unread: fanout.closed_full,
         }
     }
 }

@@ -24,6 +24,7 @@ use super::feeder::ToRouter;
 use super::frames::{self, FrameError};
 use super::limit::Limiter;
 use super::registry::ClientClaim;
+use super::relay;
 use super::Shared;
 use crate::client::MAX_PACKET;
 
@@ -31,9 +32,10 @@ use crate::client::MAX_PACKET;
 const CLIENT_READ: usize = 4 * 1024;
 /// A buffer above this is given back once everything in it was handed on.
 const KEEP: usize = 64 * 1024;
-/// The gateway's own answers queued for a client (a client that pings or subscribes faster
-/// than it reads waits for room).
-const CONTROL_QUEUE: usize = 16;
+/// The gateway's own answers and the messages it serves itself (notices, commands, the key
+/// chain: see `relay`) queued for a client. A client that pings or subscribes faster than it
+/// reads waits for room; one that leaves served messages unread this long is closed.
+const CONTROL_QUEUE: usize = 64;
 /// Bytes of encoded router output gathered before they are written to the client.
 const WRITE_BATCH: usize = 64 * 1024;
 
@@ -139,6 +141,7 @@ pub(super) async fn serve<S>(
         id: registered.id(),
         inject,
         control,
+        stop: stop.clone(),
         unacked: &unacked,
     };
     let end = tokio::select! {
@@ -316,8 +319,11 @@ struct Session<'a> {
     id: u64,
     /// Where fanned-out chunk frames for this session are queued.
     inject: mpsc::Sender<bytes::Bytes>,
-    /// Where the gateway's own answers to this client are queued (written first).
+    /// Where the gateway's own answers to this client are queued (written first), and what it
+    /// serves itself (`relay`).
     control: mpsc::Sender<bytes::Bytes>,
+    /// Ends the session (a served message it did not read in time).
+    stop: CancellationToken,
     /// What the router sent at QoS 1 and the client has not acknowledged.
     unacked: &'a Unacked,
 }
@@ -435,8 +441,9 @@ impl Session<'_> {
         }
     }
 
-    /// Whether the gateway delivers what is published on `filter` itself (an artifact's chunk
-    /// topic, named exactly, and the integrators' live event topic).
+    /// Whether the gateway delivers bulk frames published on `filter` itself (an artifact's
+    /// chunk topic, named exactly, a machine's acks and error frames, and the integrators' live
+    /// event topic).
     fn is_fanned_out(&self, filter: &str) -> bool {
         use fleetcast_proto::Route;
         matches!(
@@ -450,17 +457,19 @@ impl Session<'_> {
         )
     }
 
-    /// Whether a subscription to `filter` lives in the gateway only: a machine's own status
-    /// acknowledgements and error frames, which only the platform sends, through the gateway.
-    /// rumqttd never sees them: each would be a filter of its own per machine, which rumqttd
-    /// matches against every topic it has seen (and every later topic against it), so a fleet's
-    /// onboarding would cost rumqttd the square of its size once more.
+    /// Whether a subscription to `filter` lives in the gateway only, never on rumqttd: a
+    /// machine's own status acknowledgements and error frames (only the platform sends them,
+    /// through the gateway), and what the relay serves (release notices, commands, the key
+    /// chain). Each would be a filter of its own per machine, which rumqttd matches against
+    /// every topic it has seen (and every later topic against it), so a fleet's onboarding
+    /// would cost rumqttd the square of its size.
     fn is_gateway_only(&self, filter: &str) -> bool {
         use fleetcast_proto::Route;
-        matches!(
-            self.shared.topics.parse(filter),
-            Some(Route::StatusAck(_) | Route::MachineChunks(_))
-        )
+        relay::is_served(&self.shared.topics, filter)
+            || matches!(
+                self.shared.topics.parse(filter),
+                Some(Route::StatusAck(_) | Route::MachineChunks(_))
+            )
     }
 
     /// The gateway's own answer to a PINGREQ (the keep-alive is between client and gateway:
@@ -561,19 +570,23 @@ impl Session<'_> {
                         topic: f,
                     });
                 }
-                for f in frames::subscribe_filters(frame).map_err(End::Frame)? {
-                    if self.is_fanned_out(&f) {
-                        let username = self.principal.username();
-                        shared
-                            .registry
-                            .fanout
-                            .subscribe(&f, self.id, &username, &self.inject);
+                let filters = frames::subscribe_filters(frame).map_err(End::Frame)?;
+                // Served filters in a SUBSCRIBE that also names others go to rumqttd with
+                // them (it answers the whole SUBACK), and rumqttd delivers them.
+                let local = filters.iter().all(|f| self.is_gateway_only(f));
+                let username = self.principal.username();
+                let fanout = &shared.registry.fanout;
+                for f in filters {
+                    if local && relay::is_served(&shared.topics, &f) {
+                        fanout.subscribe_served(&f, self.id, &username, &self.control, &self.stop);
+                    } else if self.is_fanned_out(&f) {
+                        fanout.subscribe(&f, self.id, &username, &self.inject);
                     }
                 }
             }
             PacketType::Unsubscribe => {
                 for f in frames::unsubscribe_filters(frame).map_err(End::Frame)? {
-                    if self.is_fanned_out(&f) {
+                    if self.is_fanned_out(&f) || relay::is_served(&shared.topics, &f) {
                         shared.registry.fanout.unsubscribe(&f, self.id);
                     }
                 }

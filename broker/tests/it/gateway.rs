@@ -1083,8 +1083,8 @@ async fn a_session_costs_one_descriptor_in_the_gateway() {
 /// What would make rumqttd's router drop a session on its own (and then, racing with that
 /// session's next event, crash for everyone) is refused at the gateway: an acknowledgement of
 /// a packet id the client was never sent, and QoS 2 (fleetcast uses 0 and 1). A QoS 2
-/// subscription is granted QoS 1. The broker keeps serving: an honest machine still gets its
-/// command afterwards.
+/// subscription is granted QoS 1. The broker keeps serving: an honest machine still gets what
+/// is sent to it afterwards.
 #[tokio::test]
 async fn acks_the_broker_never_asked_for_and_qos_2_close_the_connection() {
     let gw = start_gateway(|_| {}).await;
@@ -1093,7 +1093,7 @@ async fn acks_the_broker_never_asked_for_and_qos_2_close_the_connection() {
     let (platform, _platform_rx) = gw.platform(PLATFORM).await;
 
     let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
-    let mut sub = Subscribe::new(topics.command(&vm1), QoS::ExactlyOnce);
+    let mut sub = Subscribe::new(routed(&vm1), QoS::ExactlyOnce);
     sub.pkid = 7;
     raw.send(Packet::Subscribe(sub)).await;
     let Some(Packet::SubAck(ack)) = raw.next().await else {
@@ -1107,7 +1107,7 @@ async fn acks_the_broker_never_asked_for_and_qos_2_close_the_connection() {
         "QoS 2 is granted as QoS 1"
     );
     platform
-        .publish(topics.command(&vm1), QoS::ExactlyOnce, false, "cmd")
+        .publish(routed(&vm1), QoS::ExactlyOnce, false, "cmd")
         .await
         .unwrap();
     let Some(Packet::Publish(p)) = raw.next().await else {
@@ -1149,14 +1149,13 @@ async fn acks_the_broker_never_asked_for_and_qos_2_close_the_connection() {
 #[tokio::test]
 async fn rapid_take_overs_under_traffic_leave_the_broker_serving() {
     let gw = start_gateway(|_| {}).await;
-    let topics = Topics::default();
     let vm1 = MachineId::new("vm-1").unwrap();
     let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
     // Its event loop waits while its events are not taken.
     tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
     let stop = CancellationToken::new();
     let sender = {
-        let (platform, topic, stop) = (platform.clone(), topics.command(&vm1), stop.clone());
+        let (platform, topic, stop) = (platform.clone(), routed(&vm1), stop.clone());
         tokio::spawn(async move {
             while !stop.is_cancelled() {
                 let _ = platform
@@ -1170,7 +1169,7 @@ async fn rapid_take_overs_under_traffic_leave_the_broker_serving() {
     for _ in 0..40 {
         // Subscribed, and never reading: deliveries pile up while the next one takes over.
         let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
-        raw.send(raw_subscribe(&topics.command(&vm1))).await;
+        raw.send(raw_subscribe(&routed(&vm1))).await;
         sessions.push(raw);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -1189,7 +1188,7 @@ async fn rapid_take_overs_under_traffic_leave_the_broker_serving() {
 /// subscribed (anything older that still arrives first is skipped).
 async fn assert_still_serves(gw: &Gateway, platform: &AsyncClient, marker: &str) {
     let vm1 = MachineId::new("vm-1").unwrap();
-    let topic = Topics::default().command(&vm1);
+    let topic = routed(&vm1);
     let (m, mut m_rx) = gw.machine("vm-1").await;
     subscribe(&m, &mut m_rx, &topic).await;
     platform
@@ -1197,7 +1196,7 @@ async fn assert_still_serves(gw: &Gateway, platform: &AsyncClient, marker: &str)
         .await
         .unwrap();
     let served = tokio::time::timeout(WAIT, async {
-        while next_publish(&mut m_rx, WAIT, "a command").await.payload[..] != *marker.as_bytes() {}
+        while next_publish(&mut m_rx, WAIT, "a release").await.payload[..] != *marker.as_bytes() {}
     })
     .await;
     assert!(served.is_ok(), "the broker still serves: {marker}");
@@ -1267,4 +1266,150 @@ async fn a_machines_ack_and_chunk_topics_are_served_by_the_gateway_alone() {
             "another machine's acks",
         )
         .await;
+}
+
+/// A topic of vm-1 that rumqttd's router delivers (not the gateway's relay): one release topic
+/// named in full, which a machine may subscribe to, rather than the release filter the relay
+/// serves. For the tests of what the router does with QoS 1 deliveries.
+fn routed(m: &MachineId) -> String {
+    Topics::default().machine_release(m, &"app".parse().unwrap())
+}
+
+/// Release notices (per machine and per group), commands and the key chain are served by the
+/// gateway's relay: the SUBSCRIBE is answered by the gateway (QoS 0 granted), the latest
+/// notice and key chain come first with the retain flag, later ones live without it, an empty
+/// notice forgets the kept one, commands are never kept, and another machine still cannot
+/// subscribe to them.
+#[tokio::test]
+async fn notices_commands_and_keys_are_served_by_the_gateway() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let g1 = GroupId::new("g1").unwrap();
+    let app = "app".parse().unwrap();
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
+    for (topic, payload, retain) in [
+        (topics.machine_release(&vm1, &app), "mine-1", true),
+        (topics.group_release(&g1, &app), "group-1", true),
+        (topics.platform_keys(), "keys-1", true),
+        (topics.command(&vm1), "command-before", false),
+    ] {
+        platform
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .unwrap();
+    }
+    // The relay has them once a subscriber that connects after gets them.
+    let first_delivery = |topic: String| {
+        let gw = &gw;
+        async move {
+            let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+            let mut sub = Subscribe::new(topic, QoS::AtLeastOnce);
+            sub.pkid = 5;
+            raw.send(Packet::Subscribe(sub)).await;
+            let mut got = Vec::new();
+            while let Ok(Some(p)) =
+                tokio::time::timeout(Duration::from_millis(300), raw.next()).await
+            {
+                got.push(p);
+            }
+            (raw, got)
+        }
+    };
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let (mut raw, got) = loop {
+        let (raw, got) = first_delivery(topics.machine_release_filter(&vm1)).await;
+        if got.iter().any(|p| matches!(p, Packet::Publish(_)))
+            || tokio::time::Instant::now() > deadline
+        {
+            break (raw, got);
+        }
+    };
+    let suback = got.iter().find_map(|p| match p {
+        Packet::SubAck(a) => Some(a.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        suback.map(|a| (a.pkid, a.return_codes)),
+        Some((
+            5,
+            vec![rumqttc::mqttbytes::v4::SubscribeReasonCode::Success(
+                QoS::AtMostOnce
+            )]
+        )),
+        "answered by the gateway, QoS 0 granted"
+    );
+    let publishes: Vec<_> = got
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some((p.topic.clone(), p.payload.clone(), p.retain, p.qos)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        publishes,
+        vec![(
+            topics.machine_release(&vm1, &app),
+            bytes::Bytes::from("mine-1"),
+            true,
+            QoS::AtMostOnce
+        )],
+        "the kept notice, once, with the retain flag"
+    );
+    raw.send(raw_subscribe(&topics.command(&vm1))).await;
+    raw.send(raw_subscribe(&topics.group_release_filter(&g1)))
+        .await;
+    raw.send(raw_subscribe(&topics.platform_keys())).await;
+    let mut kept = Vec::new();
+    while let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(300), raw.next()).await {
+        if let Packet::Publish(p) = p {
+            assert!(p.retain);
+            kept.push(String::from_utf8_lossy(&p.payload).into_owned());
+        }
+    }
+    kept.sort();
+    assert_eq!(kept, ["group-1", "keys-1"], "no command is kept");
+
+    // Live: without the retain flag, in order.
+    for (topic, payload, retain) in [
+        (topics.machine_release(&vm1, &app), "mine-2", true),
+        (topics.command(&vm1), "command-live", false),
+        (topics.group_release(&g1, &app), "", true),
+    ] {
+        platform
+            .publish(topic, QoS::AtLeastOnce, retain, payload)
+            .await
+            .unwrap();
+    }
+    for want in ["mine-2", "command-live", ""] {
+        let Some(Packet::Publish(p)) = raw.next().await else {
+            panic!("no live delivery of {want:?}");
+        };
+        assert_eq!((&p.payload[..], p.retain), (want.as_bytes(), false));
+    }
+    assert!(gw.secured.handle().stats().served >= 5);
+
+    // The empty notice forgot the group's; the machine's latest is mine-2.
+    let (_raw, got) = first_delivery(topics.group_release_filter(&g1)).await;
+    assert!(
+        !got.iter().any(|p| matches!(p, Packet::Publish(_))),
+        "{got:?}"
+    );
+    let (_raw, got) = first_delivery(topics.machine_release_filter(&vm1)).await;
+    let payloads: Vec<_> = got
+        .iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(p.payload.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(payloads, [bytes::Bytes::from("mine-2")]);
+
+    for filter in [topics.machine_release_filter(&vm1), topics.command(&vm1)] {
+        Raw::accepted(gw.plain(), "vm-2")
+            .await
+            .closed_after(raw_subscribe(&filter), "another machine's notices")
+            .await;
+    }
 }
