@@ -9,7 +9,9 @@
 //! at most once per [`RESEND_AFTER`] however many machines ask, and nobody waits for its
 //! re-request. On the embedded broker the gateway sends an owed frame only to the machines that
 //! asked for it: re-broadcasting it to a thousand machines that already have it was what kept a
-//! rollout busy (29x the artifact in platform egress); other brokers get it broadcast.
+//! rollout busy (29x the artifact in platform egress); other brokers get it broadcast. For the
+//! same reason a frame broadcast less than [`BROADCAST_HOLDS`] ago goes only to whoever asks
+//! for it again (on the embedded broker).
 //!
 //! Everything bulky travels on the per-artifact topic for a second reason: a broker keeps a log
 //! per subscription filter (rumqttd never frees one), and one log per artifact costs far less
@@ -39,6 +41,12 @@ use crate::limits::{ChunkBudget, BUDGET_SWEEP};
 
 /// A frame is broadcast at most once per this long (the rest is owed, see the module doc).
 pub const RESEND_AFTER: Duration = Duration::from_millis(500);
+/// After a frame went to every machine fetching its artifact, later requests for it within
+/// this long are answered to the machines that asked only, where the broker can address them
+/// (the embedded one). Why: with 10,000 machines fetching, someone always asks again, and each
+/// re-broadcast sent 64 KiB to all 10,000 (655 MB) every [`RESEND_AFTER`]; the gateway's
+/// queues overflowed, dropped frames were asked for again, and the rollout collapsed.
+pub const BROADCAST_HOLDS: Duration = Duration::from_secs(30);
 /// How long a machine's "may fetch this artifact" yes is reused before the store is asked again
 /// (a withdrawn assignment stops serving within this; a new one serves at once).
 const ALLOWED_TTL: Duration = Duration::from_secs(1);
@@ -61,8 +69,10 @@ struct ChunkServer {
     allowed: HashMap<MachineId, (Instant, Vec<ArtifactId>)>,
     /// Layouts of artifacts served lately (owed frames are read with them).
     layouts: HashMap<ArtifactId, Layout>,
-    /// When each frame was last broadcast.
+    /// When each frame was last sent (to all or to some).
     sent_at: HashMap<FrameKey, Instant>,
+    /// When each frame was last sent to every machine fetching its artifact.
+    broadcast_at: HashMap<FrameKey, Instant>,
     /// Frames asked for while they were fresh: sent when their [`RESEND_AFTER`] is up, to the
     /// machines that asked.
     owed: HashMap<FrameKey, (Instant, HashSet<MachineId>)>,
@@ -149,6 +159,7 @@ impl ChunkServer {
             allowed: HashMap::new(),
             layouts: HashMap::new(),
             sent_at: HashMap::new(),
+            broadcast_at: HashMap::new(),
             owed: HashMap::new(),
         }
     }
@@ -197,6 +208,8 @@ impl ChunkServer {
                 .retain(|_, (at, _)| now.duration_since(*at) < ALLOWED_TTL);
             self.sent_at
                 .retain(|_, t| now.duration_since(*t) < RESEND_AFTER);
+            self.broadcast_at
+                .retain(|_, t| now.duration_since(*t) < BROADCAST_HOLDS);
             let layouts = &mut self.layouts;
             let owed = &self.owed;
             layouts.retain(|a, _| owed.keys().any(|k| &k.artifact == a));
@@ -262,7 +275,14 @@ impl ChunkServer {
                         .insert(m.clone());
                 }
                 _ => {
-                    if let Err(e) = self.broadcast(key, &layout, None).await {
+                    // Sent to all lately: only the asker is still missing it (the embedded
+                    // broker addresses it alone; another broker gets it to all, as before).
+                    let only = self
+                        .broadcast_at
+                        .get(&key)
+                        .is_some_and(|t| now.duration_since(*t) < BROADCAST_HOLDS)
+                        .then(|| HashSet::from([m.clone()]));
+                    if let Err(e) = self.broadcast(key, &layout, only).await {
                         self.error_frame(&own_topic, req.artifact, "artifact unreadable")
                             .await;
                         return Err(e);
@@ -329,7 +349,8 @@ impl ChunkServer {
         let layout_owned = *layout;
         let frame = blocking(move || read_frame(&files, key, &layout_owned)).await?;
         let topic = self.ctx.topics.artifact_chunks(&key.artifact);
-        self.sent_at.insert(key, Instant::now());
+        let now = Instant::now();
+        self.sent_at.insert(key, now);
         self.owed.remove(&key);
         if let Some(only) = only {
             let names: Vec<&str> = only.iter().map(MachineId::as_str).collect();
@@ -342,8 +363,10 @@ impl ChunkServer {
             {
                 return Ok(());
             }
+            self.broadcast_at.insert(key, now);
             return self.publish(&topic, frame).await;
         }
+        self.broadcast_at.insert(key, now);
         self.send(&topic, frame, true).await
     }
 
@@ -581,6 +604,39 @@ mod tests {
         // which cannot address them, so to the topic).
         let stats = server.ctx.stats.snapshot();
         assert_eq!(stats.chunk_bytes_broadcast * 2, stats.chunk_bytes_sent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_sent_to_all_lately_goes_to_the_asker_alone() {
+        let f = fixture();
+        let a = add_artifact(&f.ctx, 1);
+        let mut server = server(&f.ctx);
+        let vm1 = MachineId::new("vm-1").unwrap();
+        let counts = |s: &ChunkServer| {
+            let st = s.ctx.stats.snapshot();
+            (st.chunk_frames_sent, st.chunk_bytes_broadcast)
+        };
+        server
+            .handle(&vm1, &request(&f, "vm-1", 1, a))
+            .await
+            .unwrap();
+        let (sent, broadcast) = counts(&server);
+        assert_eq!(sent, 3);
+        // Asked again once the resend pause is over: to the asker alone, not to all again.
+        tokio::time::advance(RESEND_AFTER + Duration::from_millis(1)).await;
+        server
+            .handle(&vm1, &request(&f, "vm-1", 2, a))
+            .await
+            .unwrap();
+        assert_eq!(counts(&server), (6, broadcast), "sent again, not broadcast");
+        // Long after the broadcast: to all again (a new wave of machines may be starting).
+        tokio::time::advance(BROADCAST_HOLDS).await;
+        server
+            .handle(&vm1, &request(&f, "vm-1", 3, a))
+            .await
+            .unwrap();
+        let (sent, again) = counts(&server);
+        assert_eq!((sent, again), (9, 2 * broadcast));
     }
 
     #[tokio::test]

@@ -17,7 +17,7 @@ use std::sync::Arc;
 
 use rumqttd::local::LinkTx;
 use rumqttd::protocol::Packet;
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::embedded::{Links, ROUTER_QUEUE};
 
@@ -37,7 +37,8 @@ struct Link {
 enum Feed {
     Open(u64, Arc<Link>),
     Packets(u64, Vec<Packet>),
-    Close(u64),
+    /// The session's last packets are with the router: forget it, then say so.
+    Close(u64, Option<oneshot::Sender<()>>),
 }
 
 /// The queue to the feeding thread; cheap to clone.
@@ -72,8 +73,11 @@ impl Feeder {
                                 open.remove(&id);
                             }
                         }
-                        Feed::Close(id) => {
+                        Feed::Close(id, done) => {
                             open.remove(&id);
+                            if let Some(done) = done {
+                                let _ = done.send(());
+                            }
                         }
                     }
                 }
@@ -141,11 +145,24 @@ impl ToRouter {
         queued.is_ok()
     }
 
-    /// Hands `packets` on and then ends this session's sending half.
+    /// Hands `packets` on and then ends this session's sending half. Returns once they are
+    /// with the router, so whatever the caller does next (a new session with the same client
+    /// id: `Registry::claim`) reaches the router after them. (Returning once they were only
+    /// queued at the feeder let a take-over's CONNECT overtake the old session's DISCONNECT:
+    /// rumqttd then dropped the old session itself, logging "Duplicate client_id".)
     pub(crate) async fn close_after(mut self, packets: Vec<Packet>) {
         self.send(packets).await;
         self.closed = true;
-        let _ = self.feeder.tx.send(Feed::Close(self.id)).await;
+        let (done, sent) = oneshot::channel();
+        if self
+            .feeder
+            .tx
+            .send(Feed::Close(self.id, Some(done)))
+            .await
+            .is_ok()
+        {
+            let _ = sent.await;
+        }
     }
 }
 
@@ -153,7 +170,7 @@ impl Drop for ToRouter {
     fn drop(&mut self) {
         if !self.closed {
             // Best effort: a full queue leaves the link to the feeder until the router drops it.
-            let _ = self.feeder.tx.try_send(Feed::Close(self.id));
+            let _ = self.feeder.tx.try_send(Feed::Close(self.id, None));
         }
     }
 }
