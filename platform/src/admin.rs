@@ -414,7 +414,9 @@ impl Admin {
                 releases::retry(ctx, call).await.map(c::ReleaseRetry::wrap)
             }
             AnyCall::ReleaseList(call) => releases::list(ctx, call).map(c::ReleaseList::wrap),
-            AnyCall::ReleaseStatus(call) => releases::status(ctx, call).map(c::ReleaseStatus::wrap),
+            AnyCall::ReleaseStatus(call) => releases::status(ctx, call)
+                .await
+                .map(c::ReleaseStatus::wrap),
             AnyCall::Rollback(call) => releases::rollback(ctx, call).await.map(c::Rollback::wrap),
             AnyCall::Activate(call) => releases::activate(ctx, call).await.map(c::Activate::wrap),
             AnyCall::RolloutStatus(call) => rollouts::status(ctx, call).map(c::RolloutStatus::wrap),

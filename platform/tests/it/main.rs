@@ -626,11 +626,9 @@ async fn rollback(
         .unwrap()
 }
 
+/// The release's status with every target, joined from its pages (as the CLI does).
 async fn status(admin: &AdminClient, release: &ReleaseId) -> ReleaseStatus {
-    admin
-        .call(calls::ReleaseStatus {
-            release: release.clone(),
-        })
+    fleetcast_platform::cli::release::status_all(admin, release.clone(), None)
         .await
         .unwrap()
 }
