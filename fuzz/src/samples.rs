@@ -230,7 +230,11 @@ pub fn admin_ops() -> Vec<AdminOp> {
             waves: None,
         },
         AdminOp::ReleaseList,
-        AdminOp::ReleaseStatus { release: release() },
+        AdminOp::ReleaseStatus {
+            release: release(),
+            after: None,
+            limit: Some(2),
+        },
         AdminOp::Machines,
         AdminOp::MachineProvision {
             machine: machine(),
@@ -370,6 +374,10 @@ pub fn admin_responses() -> Vec<AdminResponse> {
                     failed: 0,
                     updated_at_ms: 1_760_000_002_100,
                 },
+                next: Some(machine()),
+                more: true,
+                bytes_done: 3072,
+                bytes_total: 6144,
             },
         },
         AdminReply::Machines {

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use fleetcast_broker::client::MAX_PACKET;
 use fleetcast_proto::acl::{operator_of_client, Role};
 use fleetcast_proto::admin::{
     AdminOp, AdminReply, AdminRequest, AdminResponse, AuditEntry, ResponseEnvelope,
@@ -117,6 +118,39 @@ pub async fn run(
     Ok(())
 }
 
+/// Room left in a packet for its MQTT header (fixed header, topic length, packet id) and
+/// then some: rumqttc refuses to send a larger packet by closing the whole connection.
+const PACKET_HEADROOM: usize = 1024;
+
+/// The largest response payload that fits one packet on `topic`.
+fn response_limit(topic: &str) -> usize {
+    MAX_PACKET.saturating_sub(PACKET_HEADROOM + topic.len())
+}
+
+/// The response sealed for `client`, in its envelope: the bytes published.
+fn sealed_response(client: &str, secret: &Secret, response: &AdminResponse) -> Vec<u8> {
+    let env = ResponseEnvelope {
+        id: response.id,
+        sealed: Some(secret.seal_box(Purpose::AdminResponse, client, response)),
+        unverified_error: None,
+    };
+    serde_json::to_vec(&env).expect("responses serialize")
+}
+
+/// What the operator hears instead of a reply of `bytes` that does not fit a packet.
+fn too_large(op: &str, change: bool, bytes: usize) -> String {
+    let limit = format!("{} MiB", MAX_PACKET >> 20);
+    if change {
+        format!(
+            "{op} was done, but its reply of {bytes} bytes is over the {limit} packet limit and was not sent; read the result with a paged call"
+        )
+    } else {
+        format!(
+            "reply of {bytes} bytes to {op} is over the {limit} packet limit; ask for pages (`--limit`/`after`)"
+        )
+    }
+}
+
 impl Admin {
     /// The operator a client id belongs to, if it exists.
     fn operator(&self, client: &str) -> Result<Option<OperatorRecord>, StoreError> {
@@ -166,7 +200,8 @@ impl Admin {
             );
             tracing::warn!(client, "{text}");
             let response = AdminResponse::error(req.id, req.ctr, text);
-            self.respond(client, &operator.secret, &response).await;
+            self.respond(client, &operator.secret, &response, req.op.name(), false)
+                .await;
             return;
         }
         // Forget clients whose requests could no longer pass the freshness check anyway.
@@ -182,7 +217,8 @@ impl Admin {
                     "retried admin request: sending its response again"
                 );
                 let cached = cached.clone();
-                self.respond(client, &operator.secret, &cached).await;
+                self.respond(client, &operator.secret, &cached, req.op.name(), change)
+                    .await;
                 return;
             }
             // A recent read seen before (retried, or replayed: its answer is sealed for the
@@ -264,7 +300,8 @@ impl Admin {
                 seen.responses.pop_front();
             }
         }
-        self.respond(client, &operator.secret, &response).await;
+        self.respond(client, &operator.secret, &response, action, change)
+            .await;
     }
 
     /// Answers a request the platform could not authenticate. It has no key to seal with, so
@@ -281,29 +318,38 @@ impl Admin {
             sealed: None,
             unverified_error: Some(text.to_owned()),
         };
-        self.send_response(client, &env).await;
+        let payload = serde_json::to_vec(&env).expect("responses serialize");
+        let topic = self.ctx.topics.admin_response(client);
+        self.send_response(client, topic, payload).await;
     }
 
-    async fn respond(&self, client: &str, secret: &Secret, response: &AdminResponse) {
-        let env = ResponseEnvelope {
-            id: response.id,
-            sealed: Some(secret.seal_box(Purpose::AdminResponse, client, response)),
-            unverified_error: None,
-        };
-        self.send_response(client, &env).await;
+    /// Seals `response` for the operator and sends it; a response too large for one packet is
+    /// replaced by an error saying so (`op` names the request, `change` whether it ran one).
+    async fn respond(
+        &self,
+        client: &str,
+        secret: &Secret,
+        response: &AdminResponse,
+        op: &str,
+        change: bool,
+    ) {
+        let topic = self.ctx.topics.admin_response(client);
+        let limit = response_limit(&topic);
+        let mut payload = sealed_response(client, secret, response);
+        if payload.len() > limit {
+            let text = too_large(op, change, payload.len());
+            tracing::warn!(client, op, bytes = payload.len(), limit, "{text}");
+            let refusal = AdminResponse::error(response.id, response.ctr, text);
+            payload = sealed_response(client, secret, &refusal);
+        }
+        self.send_response(client, topic, payload).await;
     }
 
-    async fn send_response(&self, client: &str, env: &ResponseEnvelope) {
-        let payload = serde_json::to_vec(env).expect("responses serialize");
+    async fn send_response(&self, client: &str, topic: String, payload: Vec<u8>) {
         if let Err(e) = self
             .ctx
             .mqtt
-            .publish(
-                self.ctx.topics.admin_response(client),
-                QoS::AtLeastOnce,
-                false,
-                payload,
-            )
+            .publish(topic, QoS::AtLeastOnce, false, payload)
             .await
         {
             tracing::warn!(client, error = %e, "admin response not sent");
@@ -368,7 +414,9 @@ impl Admin {
                 releases::retry(ctx, call).await.map(c::ReleaseRetry::wrap)
             }
             AnyCall::ReleaseList(call) => releases::list(ctx, call).map(c::ReleaseList::wrap),
-            AnyCall::ReleaseStatus(call) => releases::status(ctx, call).map(c::ReleaseStatus::wrap),
+            AnyCall::ReleaseStatus(call) => releases::status(ctx, call)
+                .await
+                .map(c::ReleaseStatus::wrap),
             AnyCall::Rollback(call) => releases::rollback(ctx, call).await.map(c::Rollback::wrap),
             AnyCall::Activate(call) => releases::activate(ctx, call).await.map(c::Activate::wrap),
             AnyCall::RolloutStatus(call) => rollouts::status(ctx, call).map(c::RolloutStatus::wrap),

@@ -105,9 +105,15 @@ pub enum AdminOp {
         waves: Option<WavePlan>,
     },
     ReleaseList,
-    /// Reply: `release_status`.
+    /// The release, its aggregate over every target, and one page of its target records by
+    /// machine id after `after` (at most `limit`, default and cap [`MAX_STATUS_PAGE`]; `0`
+    /// gives the aggregate alone). Reply: `release_status`.
     ReleaseStatus {
         release: ReleaseId,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<MachineId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
     },
     /// Reply: `machines`.
     Machines,
@@ -634,11 +640,31 @@ pub struct TargetRecord {
     pub updated_at_ms: u64,
 }
 
+/// Most target records in one `release_status` page, and the page size when none is asked
+/// for. The platform also ends a page before its records pass 1 MiB of JSON, so a page of
+/// records with long error texts still fits the broker's 2 MiB packet once sealed.
+pub const MAX_STATUS_PAGE: u32 = 1000;
+
+/// One page of a release's status: `release`, `progress` and the download bytes count every
+/// target; `targets` is the page (by machine id). Ask again with `after = next` while `more`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ReleaseStatus {
     pub release: ReleaseInfo,
     pub targets: Vec<TargetRecord>,
     pub progress: RolloutProgress,
+    /// The last machine of this page: where the next page starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<MachineId>,
+    /// Whether targets follow this page.
+    #[serde(default)]
+    pub more: bool,
+    /// Artifact bytes the targets have verified (a finished download counts the whole
+    /// artifact, a failed or running one its last reported progress), over every target.
+    #[serde(default)]
+    pub bytes_done: u64,
+    /// The artifact's size times the number of targets.
+    #[serde(default)]
+    pub bytes_total: u64,
 }
 
 /// Aggregate of one release, retained on `fleet/rollouts/{r}/progress`.
@@ -1061,6 +1087,83 @@ mod tests {
             assert!(!op.is_change());
             assert_eq!(serde_json::from_value::<AdminOp>(json).unwrap(), op);
         }
+    }
+
+    #[test]
+    fn a_release_status_page_keeps_its_fields_and_an_unpaged_reply_still_parses() {
+        let reply: AdminReply = serde_json::from_value(serde_json::json!({
+            "reply": "release_status",
+            "status": {
+                "release": {"id": "r-000007", "kind": "app", "version": "2.4.1",
+                    "artifact": {"id": ArtifactId::of(b"a").to_hex(), "size": 2048,
+                        "chunk_size": 1024, "name": "app.bin"},
+                    "policy": {"type": "immediate"}, "created_at_ms": 1},
+                "targets": [],
+                "progress": {"release": "r-000007", "kind": "app", "version": "2.4.1",
+                    "total": 3, "phases": {"installed": 3}, "finished": 3, "succeeded": 3,
+                    "failed": 0, "updated_at_ms": 2}
+            }
+        }))
+        .unwrap();
+        // A reply from before paging: one page holding everything.
+        let AdminReply::ReleaseStatus { mut status } = reply else {
+            panic!("{reply:?}")
+        };
+        assert_eq!((status.next.as_ref(), status.more), (None, false));
+        assert_eq!((status.bytes_done, status.bytes_total), (0, 0));
+        status.next = Some(MachineId::new("vm-2").unwrap());
+        status.more = true;
+        status.bytes_done = 5000;
+        status.bytes_total = 6144;
+        let json = serde_json::to_value(AdminReply::ReleaseStatus {
+            status: status.clone(),
+        })
+        .unwrap();
+        let fields: Vec<&str> = json["status"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "bytes_done",
+                "bytes_total",
+                "more",
+                "next",
+                "progress",
+                "release",
+                "targets"
+            ]
+        );
+        assert_eq!(json["status"]["next"], "vm-2");
+        assert_eq!(json["status"]["more"], true);
+        assert_eq!(json["status"]["progress"]["total"], 3);
+        assert_eq!(
+            serde_json::from_value::<AdminReply>(json).unwrap(),
+            AdminReply::ReleaseStatus { status }
+        );
+    }
+
+    #[test]
+    fn a_release_status_request_without_a_page_is_the_old_request() {
+        let old: AdminOp =
+            serde_json::from_str(r#"{"op":"release_status","release":"r-1"}"#).unwrap();
+        assert_eq!(
+            old,
+            AdminOp::ReleaseStatus {
+                release: ReleaseId::new("r-1").unwrap(),
+                after: None,
+                limit: None,
+            }
+        );
+        assert_eq!(
+            serde_json::to_string(&old).unwrap(),
+            r#"{"op":"release_status","release":"r-1"}"#
+        );
+        assert_eq!(old.required_role(), Role::Viewer);
+        assert!(!old.is_change());
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! The wire format is [`AdminOp`] and [`AdminReply`], unchanged: a call is converted into its
 //! `AdminOp` before it is sent, and [`Call::reply`] takes the one reply variant that answers
 //! it (anything else comes back as `Err`, for the client to report). So a caller writes
-//! `client.call(ReleaseStatus { release }).await?` and gets a [`ReleaseStatus`](crate::admin::ReleaseStatus)
+//! `client.call(ReleaseCreate { .. }).await?` and gets a [`ReleaseInfo`](crate::admin::ReleaseInfo)
 //! record, not an `AdminReply` to match by hand.
 
 use crate::acl::Role;
@@ -160,7 +160,7 @@ calls! {
         waves: Option<WavePlan>,
     } -> "plan" PublishPlan { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
     ReleaseList = "release_list" {} -> "releases" Vec<ReleaseInfo> { AdminReply::Releases { releases } => releases; r => AdminReply::Releases { releases: r } }
-    ReleaseStatus = "release_status" { release: ReleaseId }
+    ReleaseStatus = "release_status" { release: ReleaseId, after: Option<MachineId>, limit: Option<u32> }
         -> "release_status" crate::admin::ReleaseStatus { AdminReply::ReleaseStatus { status } => status; r => AdminReply::ReleaseStatus { status: r } }
     Machines = "machines" {} -> "machines" Vec<MachineInfo> { AdminReply::Machines { machines } => machines; r => AdminReply::Machines { machines: r } }
     MachineProvision = "machine_provision" {
@@ -317,8 +317,20 @@ mod tests {
         );
         wire(ReleaseList {}, json!({"op": "release_list"}));
         wire(
-            ReleaseStatus { release: r("r-2") },
+            ReleaseStatus {
+                release: r("r-2"),
+                after: None,
+                limit: None,
+            },
             json!({"op": "release_status", "release": "r-2"}),
+        );
+        wire(
+            ReleaseStatus {
+                release: r("r-2"),
+                after: Some(m("vm-9")),
+                limit: Some(0),
+            },
+            json!({"op": "release_status", "release": "r-2", "after": "vm-9", "limit": 0}),
         );
         wire(Machines {}, json!({"op": "machines"}));
         wire(

@@ -141,6 +141,8 @@ impl RealPlatform {
         match self
             .request(AdminOp::ReleaseStatus {
                 release: release.clone(),
+                after: None,
+                limit: None,
             })
             .await
         {

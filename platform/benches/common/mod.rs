@@ -274,8 +274,25 @@ impl Platform {
         self.call(publish).await.map(|_| ())
     }
 
+    /// Every machine, a page at a time (the unpaged `machines` reply of a 10,000-machine fleet
+    /// is over the packet limit).
     pub async fn machines(&self) -> Result<Vec<MachineInfo>> {
-        self.call(calls::Machines {}).await
+        let mut all = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .call(calls::MachineQuery {
+                    filter: Default::default(),
+                    after: after.take(),
+                    limit: None,
+                })
+                .await?;
+            all.extend(page.items);
+            match page.next {
+                Some(next) if page.more => after = Some(next),
+                _ => return Ok(all),
+            }
+        }
     }
 
     /// Provisions `ids` in `group`, 1,000 per round trip.

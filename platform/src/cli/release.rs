@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use clap::Subcommand;
-use fleetcast_proto::admin::{PublishPlan, ReleaseInfo, ReleaseStatus, StepResult};
+use fleetcast_proto::admin::{
+    PublishPlan, ReleaseInfo, ReleaseStatus, RolloutProgress, StepResult,
+};
 use fleetcast_proto::calls;
 use fleetcast_proto::rollout::{parse_share, WavePlan};
 use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId};
@@ -79,11 +81,15 @@ pub enum ReleaseCmd {
         #[arg(long)]
         json: bool,
     },
-    /// Per-machine results of a release.
+    /// Per-machine results of a release (fetched a page at a time), and the counts per phase.
     Status {
         release: ReleaseId,
         #[arg(long)]
         json: bool,
+        /// Only the release and its counts, without the per-machine table (one short reply
+        /// however many machines the release reached).
+        #[arg(long)]
+        summary: bool,
     },
     /// Follow a release live until every machine has finished (progress bars on a terminal,
     /// one line per change otherwise). Exit status 3 if any machine failed.
@@ -232,12 +238,27 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        ReleaseCmd::Status { release, json } => {
-            let status = client.call(calls::ReleaseStatus { release }).await?;
+        ReleaseCmd::Status {
+            release,
+            json,
+            summary,
+        } => {
+            let status = if summary {
+                client.call(summary_call(release)).await?
+            } else {
+                let admin = client.connect().await?;
+                let status = status_all(&admin, release, None).await;
+                admin.close().await;
+                status?
+            };
             if json {
                 return print_json(&status);
             }
-            print!("{}", status_text(&status));
+            if summary {
+                print!("{}", summary_text(&status));
+            } else {
+                print!("{}", status_text(&status));
+            }
             Ok(())
         }
         ReleaseCmd::Watch { release, timeout } => {
@@ -294,6 +315,46 @@ pub fn parse_duration_ms(text: &str) -> anyhow::Result<u64> {
     Ok(secs * 1000)
 }
 
+/// The release's aggregates without any target record.
+fn summary_call(release: ReleaseId) -> calls::ReleaseStatus {
+    calls::ReleaseStatus {
+        release,
+        after: None,
+        limit: Some(0),
+    }
+}
+
+/// The release's status with every target record, asked for in pages of `limit` (None: the
+/// platform's default): one status as if the platform had sent it whole (the aggregates are
+/// those of the last page, the newest).
+pub async fn status_all(
+    admin: &fleetcast_broker::admin::AdminClient,
+    release: ReleaseId,
+    limit: Option<u32>,
+) -> Result<ReleaseStatus, fleetcast_broker::admin::AdminError> {
+    let mut targets = Vec::new();
+    let mut after = None;
+    loop {
+        let mut page = admin
+            .call(calls::ReleaseStatus {
+                release: release.clone(),
+                after: after.take(),
+                limit,
+            })
+            .await?;
+        targets.append(&mut page.targets);
+        // A page that names no cursor cannot be continued, whatever it says.
+        match page.next.take() {
+            Some(next) if page.more => after = Some(next),
+            _ => {
+                page.targets = targets;
+                page.more = false;
+                return Ok(page);
+            }
+        }
+    }
+}
+
 /// Polls the release's status and shows it until every target is in a final phase.
 async fn watch(
     admin: &fleetcast_broker::admin::AdminClient,
@@ -326,11 +387,7 @@ async fn watch(
     bytes.set_prefix("download");
     let mut last_line = String::new();
     loop {
-        let status = admin
-            .call(calls::ReleaseStatus {
-                release: release.clone(),
-            })
-            .await?;
+        let status = admin.call(summary_call(release.clone())).await?;
         let view = watch_view(&status);
         machines.set_length(view.total);
         machines.set_position(view.finished);
@@ -383,34 +440,22 @@ pub struct WatchView {
     pub bytes_total: u64,
 }
 
+/// The view of a status page: everything comes from the aggregates over all targets, so the
+/// page itself may be empty (`watch` asks for none).
 pub fn watch_view(status: &ReleaseStatus) -> WatchView {
-    let size = status.release.artifact.size;
-    let mut bytes_done = 0;
-    for t in &status.targets {
-        bytes_done += match t.phase {
-            Phase::Downloading => t.progress.map(|p| p.bytes.min(size)).unwrap_or(0),
-            Phase::Pending
-            | Phase::Notified
-            | Phase::Rejected
-            | Phase::Cancelled
-            | Phase::Superseded => 0,
-            Phase::DownloadFailed => t.progress.map(|p| p.bytes.min(size)).unwrap_or(0),
-            _ => size,
-        };
-    }
-    let phases = status
-        .progress
+    let p = &status.progress;
+    let phases = p
         .phases
         .iter()
         .map(|(phase, n)| format!("{phase}={n}"))
         .collect::<Vec<_>>()
         .join(" ");
     WatchView {
-        total: status.targets.len() as u64,
-        finished: status.targets.iter().filter(|t| t.phase.is_final()).count() as u64,
+        total: u64::from(p.total),
+        finished: u64::from(p.finished),
         phases,
-        bytes_done,
-        bytes_total: size * status.targets.len() as u64,
+        bytes_done: status.bytes_done,
+        bytes_total: status.bytes_total,
     }
 }
 
@@ -505,18 +550,9 @@ pub(super) fn step(s: &Option<StepResult>) -> String {
     }
 }
 
-/// The per-machine table and a summary of counts per phase.
+/// The release line, the per-machine table and a summary of counts per phase.
 pub fn status_text(status: &ReleaseStatus) -> String {
-    let r = &status.release;
-    let mut out = format!(
-        "release {}: {} {} policy {}{} published {}\n",
-        r.id,
-        r.kind,
-        r.version,
-        r.policy,
-        if r.rollback { " (rollback)" } else { "" },
-        table::time(r.published_at_ms)
-    );
+    let mut out = release_line(&status.release);
     let rows: Vec<Vec<String>> = status
         .targets
         .iter()
@@ -548,15 +584,35 @@ pub fn status_text(status: &ReleaseStatus) -> String {
         ],
         &rows,
     ));
-    let p = &status.progress;
+    out.push_str(&counts_line(&status.progress));
+    out
+}
+
+/// `release status --summary`: the release line and the counts, without the table.
+pub fn summary_text(status: &ReleaseStatus) -> String {
+    release_line(&status.release) + &counts_line(&status.progress)
+}
+
+fn release_line(r: &ReleaseInfo) -> String {
+    format!(
+        "release {}: {} {} policy {}{} published {}\n",
+        r.id,
+        r.kind,
+        r.version,
+        r.policy,
+        if r.rollback { " (rollback)" } else { "" },
+        table::time(r.published_at_ms)
+    )
+}
+
+fn counts_line(p: &RolloutProgress) -> String {
     let counts: Vec<String> = p
         .phases
         .iter()
         .map(|(phase, n)| format!("{phase}={n}"))
         .collect();
-    let _ = writeln!(
-        out,
-        "{} machine(s): {}; finished {}, succeeded {}, failed {}",
+    format!(
+        "{} machine(s): {}; finished {}, succeeded {}, failed {}\n",
         p.total,
         if counts.is_empty() {
             "none".into()
@@ -566,8 +622,7 @@ pub fn status_text(status: &ReleaseStatus) -> String {
         p.finished,
         p.succeeded,
         p.failed
-    );
-    out
+    )
 }
 
 pub fn list_text(releases: &[ReleaseInfo]) -> String {
@@ -608,7 +663,7 @@ pub fn list_text(releases: &[ReleaseInfo]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetcast_proto::admin::{RolloutProgress, TargetRecord};
+    use fleetcast_proto::admin::TargetRecord;
 
     fn release() -> ReleaseInfo {
         let mut r = crate::fixtures::release("r-000001", "2.4.1");
@@ -663,6 +718,10 @@ mod tests {
                 failed: 0,
                 updated_at_ms: 0,
             },
+            next: None,
+            more: false,
+            bytes_done: 2048,
+            bytes_total: 2048,
         };
         let expected = "\
 release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
@@ -672,36 +731,25 @@ vm-001   shanghai  installed  1970-01-01 00:00:03  ok 1970-01-01 00:00:04  ok 19
 "
         .replace("0UPGRADE", "UPGRADE");
         assert_eq!(status_text(&status), expected);
+        // --summary: the same first and last lines, no table (so no page of targets needed).
+        let summary = ReleaseStatus {
+            targets: vec![],
+            ..status
+        };
+        assert_eq!(
+            summary_text(&summary),
+            "\
+release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
+1 machine(s): installed=1; finished 1, succeeded 1, failed 0
+"
+        );
     }
 
     #[test]
-    fn watch_counts_finished_machines_and_verified_bytes() {
-        let target = |m: &str, phase: Phase, bytes: Option<u64>| TargetRecord {
-            release: release().id,
-            machine: MachineId::new(m).unwrap(),
-            kind: Kind::new("app").unwrap(),
-            version: "2.4.1".into(),
-            via: None,
-            phase,
-            phase_at_ms: 0,
-            notified_at_ms: None,
-            download: None,
-            upgrade: None,
-            error: None,
-            attempts: 1,
-            progress: bytes.map(|b| fleetcast_proto::status::Progress {
-                bytes: b,
-                total: 2048,
-            }),
-            updated_at_ms: 0,
-        };
+    fn watch_shows_the_aggregates_of_all_targets_from_a_page_without_any() {
         let status = ReleaseStatus {
             release: release(),
-            targets: vec![
-                target("vm-001", Phase::Installed, None),
-                target("vm-002", Phase::Downloading, Some(1024)),
-                target("vm-003", Phase::Pending, None),
-            ],
+            targets: vec![],
             progress: RolloutProgress {
                 release: release().id,
                 kind: Kind::new("app").unwrap(),
@@ -717,6 +765,10 @@ vm-001   shanghai  installed  1970-01-01 00:00:03  ok 1970-01-01 00:00:04  ok 19
                 failed: 0,
                 updated_at_ms: 0,
             },
+            next: None,
+            more: true,
+            bytes_done: 2048 + 1024,
+            bytes_total: 3 * 2048,
         };
         let view = watch_view(&status);
         assert_eq!(

@@ -605,6 +605,11 @@ async fn every_json_output_matches_its_schema_in_docs() {
             &["release", "status", release.as_str(), "--json"],
             "release-status.json",
         ),
+        (
+            "release status --summary",
+            &["release", "status", release.as_str(), "--summary", "--json"],
+            "release-status.json",
+        ),
         ("events", &["events", "--json"], "events.json"),
         ("audit", &["audit", "--json"], "audit.json"),
         (
@@ -616,6 +621,32 @@ async fn every_json_output_matches_its_schema_in_docs() {
     ] {
         outputs.push((what, schema, fc.run(args).await.json()));
     }
+    // As text, --summary is the first and last lines of the listing, and `release watch` reads
+    // the same counts (vm-003 never answers: it gives up after its timeout).
+    let listing = fc.run(&["release", "status", release.as_str()]).await.ok();
+    let lines: Vec<&str> = listing.lines().collect();
+    assert_eq!(lines.iter().filter(|l| l.starts_with("vm-00")).count(), 3);
+    let summary = fc
+        .run(&["release", "status", release.as_str(), "--summary"])
+        .await
+        .ok();
+    assert_eq!(
+        summary,
+        format!("{}\n{}\n", lines[0], lines[lines.len() - 1])
+    );
+    let watch = fc
+        .run(&["release", "watch", release.as_str(), "--timeout", "1"])
+        .await;
+    assert_eq!(watch.code, 1, "{watch:#?}");
+    let counts = "2/3 finished; pending=1 download_failed=1 installed=1";
+    assert!(
+        watch.stdout.starts_with(&format!("{release}: {counts}\n")),
+        "{watch:#?}"
+    );
+    assert!(
+        watch.stderr.contains("not finished after 1 s"),
+        "{watch:#?}"
+    );
     admin.close().await;
     platform.stop().await;
 
@@ -636,6 +667,24 @@ async fn every_json_output_matches_its_schema_in_docs() {
         status["release"]["policy"]["utc_offset_minutes"],
         serde_json::json!(480)
     );
+    // vm-001 installed (3000 bytes), vm-002 failed after 2048, vm-003 never began.
+    assert_eq!(
+        (
+            &status["bytes_done"],
+            &status["bytes_total"],
+            &status["more"]
+        ),
+        (
+            &serde_json::json!(5048),
+            &serde_json::json!(9000),
+            &Value::Bool(false)
+        )
+    );
+    let summary = find("release status --summary");
+    assert_eq!(summary["targets"], serde_json::json!([]));
+    assert_eq!(summary["progress"]["total"], 3);
+    assert_eq!(summary["bytes_done"], status["bytes_done"]);
+    assert_eq!(summary["more"], true);
     assert_eq!(find("artifact list")[0]["notes"], "first");
     assert_eq!(find("machines").as_array().unwrap().len(), 3);
     let filtered: Vec<&str> = find("machines filtered")

@@ -2,7 +2,7 @@
 //! temp data dir, the real `AdminClient`, and machines played with proto types.
 //!
 //! The helpers here serve every module of this test binary (`cli`, `crash`, `e2e`, `gateway`,
-//! `inventory`, `package`, `reconcile`, `security`, `staged`).
+//! `inventory`, `package`, `pages`, `reconcile`, `security`, `staged`).
 
 mod cli;
 mod crash;
@@ -10,6 +10,7 @@ mod e2e;
 mod gateway;
 mod inventory;
 mod package;
+mod pages;
 mod reconcile;
 mod security;
 mod staged;
@@ -625,11 +626,9 @@ async fn rollback(
         .unwrap()
 }
 
+/// The release's status with every target, joined from its pages (as the CLI does).
 async fn status(admin: &AdminClient, release: &ReleaseId) -> ReleaseStatus {
-    admin
-        .call(calls::ReleaseStatus {
-            release: release.clone(),
-        })
+    fleetcast_platform::cli::release::status_all(admin, release.clone(), None)
         .await
         .unwrap()
 }

@@ -419,7 +419,11 @@ pub(crate) fn admin_request() -> AdminRequest {
         id: 1,
         ctr: 1795600000000123,
         at_ms: 1795600000000,
-        op: AdminOp::ReleaseStatus { release: r7() },
+        op: AdminOp::ReleaseStatus {
+            release: r7(),
+            after: None,
+            limit: None,
+        },
     }
 }
 
