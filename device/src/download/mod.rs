@@ -18,7 +18,6 @@ mod fetch;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -181,7 +180,6 @@ fn io_error(
 struct Opened {
     part_path: PathBuf,
     state_path: PathBuf,
-    file: std::fs::File,
     fetch: Fetch,
 }
 
@@ -190,10 +188,10 @@ struct Opened {
 struct Staging<'a> {
     ctx: &'a DownloadContext,
     artifact: ArtifactId,
+    /// Opened for each write and sync, not held: a simulator runs 10,000 agents in one process,
+    /// and a descriptor per download besides each connection's went over its open-file limit.
     part_path: PathBuf,
     state_path: PathBuf,
-    /// Shared with the blocking tasks that write and sync it.
-    file: Arc<std::fs::File>,
 }
 
 impl<'a> Staging<'a> {
@@ -224,7 +222,6 @@ impl<'a> Staging<'a> {
             artifact: id,
             part_path: opened.part_path,
             state_path: opened.state_path,
-            file: Arc::new(opened.file),
         };
         Ok((staging, opened.fetch))
     }
@@ -264,7 +261,6 @@ impl<'a> Staging<'a> {
             fetch: Fetch::resume(id, layout, tuning, saved),
             part_path,
             state_path,
-            file,
         })
     }
 
@@ -368,17 +364,21 @@ impl<'a> Staging<'a> {
 
     /// Writes `chunks` in one blocking task; returns their indices.
     async fn write(&self, chunks: Vec<ChunkWrite>) -> Result<Vec<u32>, DownloadError> {
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || write_chunks(&file, chunks))
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-            .map_err(self.io("write", &self.part_path))
+        let part = self.part_path.clone();
+        tokio::task::spawn_blocking(move || {
+            let file = std::fs::OpenOptions::new().write(true).open(&part)?;
+            write_chunks(&file, chunks)
+        })
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+        .map_err(self.io("write", &self.part_path))
     }
 
     /// Makes the written chunks durable, then the state that claims them.
     async fn persist(&self, state: StagingState) -> Result<(), DownloadError> {
-        let file = self.file.clone();
-        tokio::task::spawn_blocking(move || file.sync_data())
+        let part = self.part_path.clone();
+        // fsync makes the file's data durable whichever descriptor wrote it.
+        tokio::task::spawn_blocking(move || std::fs::File::open(&part)?.sync_data())
             .await
             .unwrap_or_else(|e| Err(std::io::Error::other(e)))
             .map_err(self.io("fsync", &self.part_path))?;
@@ -424,17 +424,15 @@ impl<'a> Staging<'a> {
         Ok(())
     }
 
-    /// Deletes the staging files and closes the part file (its blocks are freed only then).
+    /// Deletes the staging files.
     async fn discard(self) {
         let Self {
             part_path,
             state_path,
-            file,
             artifact,
             ..
         } = self;
         let removed = tokio::task::spawn_blocking(move || {
-            drop(file);
             for path in [&part_path, &state_path] {
                 match std::fs::remove_file(path) {
                     Ok(()) => {}
@@ -470,11 +468,12 @@ impl<'a> Staging<'a> {
                 got: hashed,
             });
         }
-        let (file, artifact) = (self.file.clone(), self.artifact);
+        let artifact = self.artifact;
         let (part, state) = (self.part_path.clone(), self.state_path.clone());
         let dest = artifact_path(&self.ctx.data_dir, &self.artifact);
         tokio::task::spawn_blocking(move || {
-            file.sync_all()
+            std::fs::File::open(&part)
+                .and_then(|f| f.sync_all())
                 .map_err(io_error(artifact, "fsync", &part))?;
             let dir = dest.parent().expect("artifacts dir");
             std::fs::create_dir_all(dir).map_err(io_error(artifact, "create", dir))?;
