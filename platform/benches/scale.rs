@@ -436,7 +436,6 @@ async fn raw_phase(
     Ok(())
 }
 
-
 // ---------- output ----------
 
 fn mb(m: Mem) -> String {
