@@ -168,6 +168,18 @@ fn sim_root() -> Option<PathBuf> {
     }
 }
 
+/// [`sim_root`] for a fleet of `n`: from [`DISK_FROM`] machines on, on disk unless
+/// `SCALE_SIM_DIR` says otherwise (10,000 machines keep about 20 GB of artifacts and slots,
+/// which in tmpfs, beside the simulator's own peak of 10 GB, ran this 24 GB host out of memory).
+fn sim_root_for(n: usize) -> Option<PathBuf> {
+    if n >= DISK_FROM && std::env::var_os("SCALE_SIM_DIR").is_none() {
+        return None;
+    }
+    sim_root()
+}
+
+const DISK_FROM: usize = 10_000;
+
 async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &Path) -> Result<()> {
     let n = r.n;
     let dir = tempfile::tempdir_in(root)?;
@@ -198,7 +210,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
     // 3. Onboarding. The simulated machines keep their data in memory (tmpfs) when the host
     // has one: a real fleet has a disk per machine, not one disk for all of them, and 1,000
     // agents writing and fsyncing 1 GiB to one disk would measure that disk.
-    let sim_dir = match sim_root() {
+    let sim_dir = match sim_root_for(n) {
         Some(root) => tempfile::tempdir_in(root)?,
         None => tempfile::tempdir_in(dir.path())?,
     };
@@ -505,7 +517,7 @@ fn latency_cell(ro: Option<&Rollout>) -> String {
 }
 
 fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
-    println!("Broker: {}. Artifact 1 MiB (64 KiB chunks), policy `immediate`, groups g1,g2. Raw fan-out: the same 1 MiB as 16 × 64 KiB QoS 1 from the platform principal to N plain rumqttc subscribers (machines `raw-…` in group `rawbench`, on an artifact topic released to them, through rumqttd), run after `serve` started and before the simulated fleet (from {RAW_LAST_FROM} machines on: after the rollouts, with the simulator stopped), every subscriber's byte count checked. Simulated machines' data: {}.", broker.label(), sim_root().map_or_else(|| "on disk beside the platform's (SCALE_SIM_DIR=disk)".to_owned(), |d| format!("in {} (tmpfs: a fleet has a disk per machine; SCALE_SIM_DIR=disk for one shared disk)", d.display())));
+    println!("Broker: {}. Artifact 1 MiB (64 KiB chunks), policy `immediate`, groups g1,g2. Raw fan-out: the same 1 MiB as 16 × 64 KiB QoS 1 from the platform principal to N plain rumqttc subscribers (machines `raw-…` in group `rawbench`, on an artifact topic released to them, through rumqttd), run after `serve` started and before the simulated fleet (from {RAW_LAST_FROM} machines on: after the rollouts, with the simulator stopped), every subscriber's byte count checked. Simulated machines' data: {} (from {DISK_FROM} machines on: on disk).", broker.label(), sim_root().map_or_else(|| "on disk beside the platform's (SCALE_SIM_DIR=disk)".to_owned(), |d| format!("in {} (tmpfs: a fleet has a disk per machine; SCALE_SIM_DIR=disk for one shared disk)", d.display())));
     println!();
     println!("| machines | onboarding (provision + connect + first state) | raw fan-out 1 MiB | fleetcast rollout 1 MiB (publish → all `installed`) | ratio to raw | notice → `notified` p50 / p99 | platform egress ÷ artifact |");
     println!("|---|---|---|---|---|---|---|");
