@@ -564,7 +564,16 @@ fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
             mb(r.serve_before),
             mb(r.serve_after_raw),
             mb(r.serve_idle),
-            per(r.serve_idle, r.serve_after_raw),
+            // The raw baseline ran last from RAW_LAST_FROM machines on: idle is then measured
+            // against `serve` before anything.
+            per(
+                r.serve_idle,
+                if r.n >= RAW_LAST_FROM {
+                    r.serve_before
+                } else {
+                    r.serve_after_raw
+                }
+            ),
             first
                 .map(|f| format!("{} ({:.0} MB)", mb(f.serve), f.serve.hwm_mb()))
                 .unwrap_or("—".into()),
