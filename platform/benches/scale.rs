@@ -401,7 +401,7 @@ async fn raw_phase(
         .collect::<Result<_, _>>()?;
     let raw_machines = p.provision(&raw_ids, &raw_group).await?;
     if let Some(m) = mosquitto {
-        reload_mosquitto(m, &p).await?;
+        reload_mosquitto(m, p).await?;
     }
     // The raw bytes travel on an artifact topic, which the broker sizes for bulk (a machine's
     // own and group topics get small logs) and which a machine may read only for an artifact
