@@ -179,9 +179,6 @@ fn tls_client_config(broker: &BrokerUrl, trust: &TlsTrust) -> Arc<rustls::Client
     Arc::new(config)
 }
 
-/// Options for one fleetcast client: raised packet limits, keep-alive, credentials
-/// (`username == client_id`, as the embedded broker requires), and TLS for `mqtts://` URLs
-/// (TCP_NODELAY is set below the TLS layer by [`connect`] either way).
 /// The keep-alive every fleetcast client asks for. 30 s rather than 10: with 10,000 agents
 /// in one simulator process busy with a rollout, agents whose event loop ran late took a
 /// PINGRESP that was on its way as a dead connection, all reconnected at once, and the storm of
@@ -189,6 +186,9 @@ fn tls_client_config(broker: &BrokerUrl, trust: &TlsTrust) -> Arc<rustls::Client
 /// closes it after 1.5 x this and publishes the machine's will).
 pub const KEEP_ALIVE: Duration = Duration::from_secs(30);
 
+/// Options for one fleetcast client: raised packet limits, keep-alive ([`KEEP_ALIVE`]),
+/// credentials (`username == client_id`, as the embedded broker requires), and TLS for
+/// `mqtts://` URLs (TCP_NODELAY is set below the TLS layer by [`connect`] either way).
 pub fn options(broker: &BrokerUrl, client_id: &str, password: Option<&str>) -> MqttOptions {
     options_as(broker, client_id, client_id, password)
 }

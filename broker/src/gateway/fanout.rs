@@ -73,6 +73,16 @@ pub(crate) struct Fanout {
     closed_full: AtomicU64,
 }
 
+/// What a served message does to the message kept on its topic for new subscribers.
+pub(crate) enum Keep {
+    /// Nothing (a command).
+    Nothing,
+    /// It becomes the kept one: the packet as a new subscriber gets it (retain flag set).
+    Latest(Bytes),
+    /// The kept one is forgotten (an empty message, like an empty retained one).
+    Forget,
+}
+
 /// What [`Fanout::counts`] reports.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Counts {
@@ -167,26 +177,20 @@ impl Fanout {
         self.deliver_locked(&state, filter, packet, only)
     }
 
-    /// A message on a served topic: kept as the latest on `topic` when `keep` (an empty payload
-    /// forgets it, like an empty retained message), then queued for every session subscribed to
-    /// `filter`. `live` is the packet as delivered, `retained` the same with the retain flag.
-    pub(crate) fn serve(
-        &self,
-        filter: &str,
-        topic: &str,
-        keep: Option<Option<Bytes>>,
-        live: &Bytes,
-    ) -> usize {
+    /// A message on a served topic: what `keep` says is done to the message kept on `topic`,
+    /// then `live` (the packet as delivered) is queued for every session subscribed to
+    /// `filter`.
+    pub(crate) fn serve(&self, filter: &str, topic: &str, keep: Keep, live: &Bytes) -> usize {
         let mut state = self.state();
         match keep {
-            Some(Some(retained)) => {
+            Keep::Latest(retained) => {
                 state
                     .kept
                     .entry(filter.to_owned())
                     .or_default()
                     .insert(topic.to_owned(), retained);
             }
-            Some(None) => {
+            Keep::Forget => {
                 if let Some(kept) = state.kept.get_mut(filter) {
                     kept.remove(topic);
                     if kept.is_empty() {
@@ -194,7 +198,7 @@ impl Fanout {
                     }
                 }
             }
-            None => {}
+            Keep::Nothing => {}
         }
         self.deliver_locked(&state, filter, live, None)
     }
@@ -305,13 +309,13 @@ mod tests {
             Bytes::from_static(b"old-kept"),
         );
         assert_eq!(
-            fanout.serve(filter, topic_a, Some(Some(old.1.clone())), &old.0),
+            fanout.serve(filter, topic_a, Keep::Latest(old.1.clone()), &old.0),
             0
         );
         fanout.serve(
             filter,
             topic_b,
-            Some(Some(Bytes::from_static(b"fw"))),
+            Keep::Latest(Bytes::from_static(b"fw")),
             &old.0,
         );
         let (tx, mut rx) = mpsc::channel(8);
@@ -326,7 +330,7 @@ mod tests {
         assert!(rx.try_recv().is_err());
 
         let new = Bytes::from_static(b"new-live");
-        assert_eq!(fanout.serve(filter, topic_a, Some(None), &new), 1);
+        assert_eq!(fanout.serve(filter, topic_a, Keep::Forget, &new), 1);
         assert_eq!(rx.try_recv().unwrap(), new);
         assert_eq!(
             fanout.kept_topics(),
@@ -335,12 +339,8 @@ mod tests {
         );
 
         // A command is delivered and not kept.
-        fanout.serve(
-            "fleet/machines/vm-1/command",
-            "fleet/machines/vm-1/command",
-            None,
-            &new,
-        );
+        let cmd = "fleet/machines/vm-1/command";
+        fanout.serve(cmd, cmd, Keep::Nothing, &new);
         assert_eq!(fanout.kept_topics(), 1);
         assert!(!stop.is_cancelled());
     }
@@ -353,9 +353,9 @@ mod tests {
         let stop = CancellationToken::new();
         fanout.subscribe_served(filter, 7, "vm-1", &tx, &stop);
         let cmd = Bytes::from_static(b"cmd");
-        assert_eq!(fanout.serve(filter, filter, None, &cmd), 1);
+        assert_eq!(fanout.serve(filter, filter, Keep::Nothing, &cmd), 1);
         assert!(!stop.is_cancelled());
-        assert_eq!(fanout.serve(filter, filter, None, &cmd), 0);
+        assert_eq!(fanout.serve(filter, filter, Keep::Nothing, &cmd), 0);
         assert!(stop.is_cancelled(), "a notice is never silently dropped");
         assert_eq!(fanout.counts().closed_full, 1);
 
@@ -363,7 +363,7 @@ mod tests {
         let releases = "fleet/machines/vm-2/release/+";
         for kind in ["a", "b"] {
             let topic = format!("fleet/machines/vm-2/release/{kind}");
-            fanout.serve(releases, &topic, Some(Some(cmd.clone())), &cmd);
+            fanout.serve(releases, &topic, Keep::Latest(cmd.clone()), &cmd);
         }
         let (tx, _rx) = mpsc::channel(1);
         let stop = CancellationToken::new();

@@ -44,9 +44,11 @@
 //! This also closes what persistent sessions left open before: subscriptions checked once and
 //! kept across reconnects after a rule narrowed (a machine leaving a group).
 //!
-//! Layout: `fanout` (chunk frames delivered by the gateway itself), `feeder` (one thread
-//! hands packets to rumqttd's router, whose channel blocks while full), `frames` (raw packet
-//! bytes), `limit` (token buckets), `registry` (sessions, kick, counters), `session` (one
+//! Layout: `fanout` (what the gateway delivers itself, by exact filter: chunk frames, acks,
+//! events, and what the relay serves), `feeder` (one thread hands packets to rumqttd's router,
+//! whose channel blocks while full), `frames` (raw packet bytes), `limit` (token buckets),
+//! `registry` (sessions, kick, counters), `relay` (one session of its own on rumqttd takes
+//! release notices, commands and the key chain for every machine), `session` (one
 //! connection: CONNECT, its link, its pumps), `tls` (server config).
 
 mod fanout;

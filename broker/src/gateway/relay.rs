@@ -23,6 +23,7 @@ use fleetcast_proto::{Route, Topics};
 use rumqttd::local::{LinkRx, LinkTx};
 use rumqttd::Notification;
 
+use super::fanout::Keep;
 use super::frames;
 use super::registry::Registry;
 use crate::embedded::Links;
@@ -112,17 +113,22 @@ fn relay(mut rx: LinkRx, topics: &Topics, registry: &Registry) -> String {
                     continue;
                 };
                 let encode = |retain| frames::publish_packet(topic, &publish.payload, retain);
-                let (live, kept) = match (encode(false), keep.then(|| encode(true))) {
-                    (Ok(live), None) => (live, None),
-                    (Ok(live), Some(Ok(kept))) => {
-                        (live, Some((!publish.payload.is_empty()).then_some(kept)))
+                let encoded = encode(false).and_then(|live| {
+                    let kept = if !keep {
+                        Keep::Nothing
+                    } else if publish.payload.is_empty() {
+                        Keep::Forget
+                    } else {
+                        Keep::Latest(encode(true)?)
+                    };
+                    Ok((live, kept))
+                });
+                match encoded {
+                    Ok((live, kept)) => {
+                        registry.fanout.serve(&filter, topic, kept, &live);
                     }
-                    (Err(e), _) | (_, Some(Err(e))) => {
-                        tracing::warn!(topic, error = %e, "cannot encode a served message");
-                        continue;
-                    }
-                };
-                registry.fanout.serve(&filter, topic, kept, &live);
+                    Err(e) => tracing::warn!(topic, error = %e, "cannot encode a served message"),
+                }
             }
             // The router paused the session until it has taken what it was given: it has.
             Ok(Some(Notification::Unschedule)) => {

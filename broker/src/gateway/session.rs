@@ -131,7 +131,8 @@ pub(super) async fn serve<S>(
     let registered = shared.registry.register(&username, stop.clone());
     tracing::debug!(%peer, client = %client_id, "gateway session open");
     let (inject, injected) = mpsc::channel(fanout::SESSION_QUEUE);
-    // The gateway's own answers (PINGRESP, local SUBACK): never queued behind chunk frames.
+    // The gateway's own answers (PINGRESP, local SUBACK) and what the relay serves (notices,
+    // commands, the key chain): never queued behind chunk frames.
     let (control, controls) = mpsc::channel(CONTROL_QUEUE);
     let unacked = Unacked::default();
     let session = Session {
@@ -559,18 +560,29 @@ impl Session<'_> {
                 let auth = shared.auth.clone();
                 let who = principal.clone();
                 // The dynamic check may read the platform's store, like `authenticate`.
-                let refused = tokio::task::spawn_blocking(move || {
-                    filters.into_iter().find(|f| !auth.may_subscribe(&who, f))
+                let checked = tokio::task::spawn_blocking(move || {
+                    let refused = filters
+                        .iter()
+                        .find(|f| !auth.may_subscribe(&who, f))
+                        .cloned();
+                    (filters, refused)
                 })
-                .await
-                .unwrap_or_else(|_| Some("(authenticator panicked)".to_owned()));
-                if let Some(f) = refused {
-                    return Err(End::Violation {
-                        what: "subscribe (dynamic check)",
-                        topic: f,
-                    });
-                }
-                let filters = frames::subscribe_filters(frame).map_err(End::Frame)?;
+                .await;
+                let filters = match checked {
+                    Ok((filters, None)) => filters,
+                    Ok((_, Some(f))) => {
+                        return Err(End::Violation {
+                            what: "subscribe (dynamic check)",
+                            topic: f,
+                        })
+                    }
+                    Err(_) => {
+                        return Err(End::Violation {
+                            what: "subscribe (dynamic check)",
+                            topic: "(authenticator panicked)".to_owned(),
+                        })
+                    }
+                };
                 // Served filters in a SUBSCRIBE that also names others go to rumqttd with
                 // them (it answers the whole SUBACK), and rumqttd delivers them.
                 let local = filters.iter().all(|f| self.is_gateway_only(f));
