@@ -1,6 +1,7 @@
 //! The relay: one session of the gateway's own on rumqttd that takes everything the platform
-//! publishes for machines to read (release notices per machine and per group, commands, the
-//! key chain) and hands it to the subscribed sessions by exact filter (`fanout`).
+//! publishes for one reader (release notices per machine and per group, commands, the key
+//! chain, replies to operators) and hands it to the subscribed sessions by exact filter
+//! (`fanout`).
 //!
 //! Why: each machine subscribes to its own release filter and command topic. On rumqttd (0.20)
 //! those are two filters of its own per machine, and rumqttd keeps no index: every new filter is
@@ -10,6 +11,12 @@
 //! with the router thread in `rumqttd::protocol::matches`. With the relay, rumqttd holds four
 //! filters for all machines together, and a machine's subscriptions to these topics never
 //! reach it.
+//!
+//! Operators' replies: each CLI connection has a client id of its own and subscribes to its own
+//! reply topic. rumqttd never frees a filter's log (an empty one is about 124 KiB, and it keeps
+//! the last replies it carried), so every CLI call used to leave its reply log behind for the
+//! life of the broker: a monitoring script calling `fleetcast stats` every ten seconds would
+//! have grown the server by over a gigabyte a day.
 //!
 //! What the relay keeps: the latest message on each release topic and on the key chain (the
 //! platform publishes those retained, and re-publishes them all when it (re)connects), which a
@@ -32,7 +39,8 @@ use crate::embedded::Links;
 /// client can take it over.
 const ID: &str = "fleetcast:gateway-relay";
 
-/// The filters the relay holds on rumqttd: four, whatever the size of the fleet.
+/// The filters the relay holds on rumqttd: five, whatever the size of the fleet and however
+/// many operators' connections come and go.
 pub(crate) fn router_filters(topics: &Topics) -> Vec<String> {
     let p = topics.prefix();
     vec![
@@ -40,17 +48,19 @@ pub(crate) fn router_filters(topics: &Topics) -> Vec<String> {
         format!("{p}/machines/+/command"),
         format!("{p}/groups/+/release/+"),
         topics.platform_keys(),
+        format!("{p}/admin/+/response"),
     ]
 }
 
 /// Whether the gateway serves a subscription to `filter` itself: a machine's or a group's
-/// release filter exactly as the protocol builds it, a machine's command topic, or the key
-/// chain. Any other filter (say one release topic named in full) goes to rumqttd as before.
+/// release filter exactly as the protocol builds it, a machine's command topic, the key chain,
+/// or an operator's reply topic. Any other filter (say one release topic named in full) goes to
+/// rumqttd as before.
 pub(crate) fn is_served(topics: &Topics, filter: &str) -> bool {
     topics.parse_release_filter(filter).is_some()
         || matches!(
             topics.parse(filter),
-            Some(Route::Command(_) | Route::PlatformKeys)
+            Some(Route::Command(_) | Route::PlatformKeys | Route::AdminResponse(_))
         )
 }
 
@@ -60,7 +70,7 @@ fn served_by(topics: &Topics, topic: &str) -> Option<(String, bool)> {
     Some(match topics.parse(topic)? {
         Route::MachineRelease(m, _) => (topics.machine_release_filter(&m), true),
         Route::GroupRelease(g, _) => (topics.group_release_filter(&g), true),
-        Route::Command(_) => (topic.to_owned(), false),
+        Route::Command(_) | Route::AdminResponse(_) => (topic.to_owned(), false),
         Route::PlatformKeys => (topic.to_owned(), true),
         _ => return None,
     })
@@ -158,6 +168,7 @@ mod tests {
             t.group_release_filter(&g),
             t.command(&m),
             t.platform_keys(),
+            t.admin_response("ops.0a1b2c3d"),
         ] {
             assert!(is_served(&t, &served), "{served}");
         }
@@ -180,12 +191,16 @@ mod tests {
             Some((t.group_release_filter(&g), true))
         );
         assert_eq!(served_by(&t, &t.command(&m)), Some((t.command(&m), false)));
+        let reply = t.admin_response("ops.0a1b2c3d");
+        assert_eq!(served_by(&t, &reply), Some((reply.clone(), false)));
+        assert_eq!(served_by(&t, &t.admin_request("ops.0a1b2c3d")), None);
         assert_eq!(served_by(&t, &t.status(&m)), None);
         for topic in [
             t.machine_release(&m, &app),
             t.group_release(&g, &app),
             t.command(&m),
             t.platform_keys(),
+            reply,
         ] {
             assert!(
                 router_filters(&t)

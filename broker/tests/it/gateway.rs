@@ -38,8 +38,8 @@ fn denied_artifact() -> ArtifactId {
     ArtifactId::of(b"not released to anyone")
 }
 
-/// Users `vm-1` (group g1), `vm-2` (group g2), operator `alice`, each with password
-/// `pw-<username>`.
+/// Users `vm-1` (group g1), `vm-2` and `vm-3` (group g2), operators `alice` and `bob`, each
+/// with password `pw-<username>`.
 struct TestAuth {
     users: HashMap<String, Principal>,
 }
@@ -50,15 +50,16 @@ impl TestAuth {
             id: MachineId::new(id).unwrap(),
             groups: vec![GroupId::new(group).unwrap()],
         };
-        let alice = Principal::Operator {
-            name: "alice".into(),
+        let operator = |name: &str| Principal::Operator {
+            name: name.into(),
             role: Role::Operator,
         };
         let users = [
             machine("vm-1", "g1"),
             machine("vm-2", "g2"),
             machine("vm-3", "g2"),
-            alice,
+            operator("alice"),
+            operator("bob"),
         ]
         .into_iter()
         .map(|p| (p.username(), p))
@@ -1411,5 +1412,105 @@ async fn notices_commands_and_keys_are_served_by_the_gateway() {
             .await
             .closed_after(raw_subscribe(&filter), "another machine's notices")
             .await;
+    }
+}
+
+/// Operators' reply topics are served by the gateway too: every CLI connection has a client id
+/// and so a reply topic of its own, and a filter rumqttd had seen would keep its log (and the
+/// replies in it) until the broker restarts. Each short-lived connection here gets its reply
+/// through the relay (QoS 0 granted by the gateway, the `served` counter counts it), a reply
+/// is not kept for a later subscriber, and an operator still cannot read another client's
+/// replies.
+#[tokio::test]
+async fn operators_replies_are_served_by_the_gateway_and_not_kept() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
+    let served_before = gw.secured.handle().stats().served;
+    const CALLS: u64 = 5;
+    for i in 0..CALLS {
+        let client = format!("fleetcast-op-alice.{i:08x}");
+        let reply = topics.admin_response(&client);
+        let mut raw = Raw::connect(
+            gw.plain(),
+            login(&client, "fleetcast-op-alice", "pw-fleetcast-op-alice"),
+        )
+        .await
+        .0;
+        let mut sub = Subscribe::new(reply.clone(), QoS::AtLeastOnce);
+        sub.pkid = 3;
+        raw.send(Packet::Subscribe(sub)).await;
+        let Some(Packet::SubAck(ack)) = raw.next().await else {
+            panic!("no SUBACK for {reply}");
+        };
+        assert_eq!(
+            ack.return_codes,
+            vec![rumqttc::mqttbytes::v4::SubscribeReasonCode::Success(
+                QoS::AtMostOnce
+            )],
+            "answered by the gateway, QoS 0 granted"
+        );
+        // The relay is a hop behind the platform's publish: publish until it arrives.
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let got = loop {
+            platform
+                .publish(reply.clone(), QoS::AtLeastOnce, false, format!("reply-{i}"))
+                .await
+                .unwrap();
+            match tokio::time::timeout(Duration::from_millis(300), raw.next()).await {
+                Ok(Some(Packet::Publish(p))) => break p,
+                Ok(other) => panic!("{other:?} instead of the reply"),
+                Err(_) => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "no reply on {reply}"
+                ),
+            }
+        };
+        assert_eq!(
+            (&got.payload[..], got.qos, got.retain),
+            (format!("reply-{i}").as_bytes(), QoS::AtMostOnce, false)
+        );
+    }
+    assert!(
+        gw.secured.handle().stats().served >= served_before + CALLS,
+        "the replies went through the relay"
+    );
+
+    // Nothing is kept: a new subscriber to the last reply topic gets nothing.
+    let client = format!("fleetcast-op-alice.{:08x}", CALLS - 1);
+    let mut raw = Raw::connect(
+        gw.plain(),
+        login(&client, "fleetcast-op-alice", "pw-fleetcast-op-alice"),
+    )
+    .await
+    .0;
+    raw.send(raw_subscribe(&topics.admin_response(&client)))
+        .await;
+    assert!(matches!(raw.next().await, Some(Packet::SubAck(_))));
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), raw.next())
+            .await
+            .is_err(),
+        "a reply was kept"
+    );
+
+    // Another operator's replies, or everyone's, stay closed.
+    for filter in [
+        topics.admin_response("fleetcast-op-alice.00000000"),
+        format!("{}/admin/+/response", topics.prefix()),
+    ] {
+        Raw::connect(
+            gw.plain(),
+            login(
+                "fleetcast-op-bob.1",
+                "fleetcast-op-bob",
+                "pw-fleetcast-op-bob",
+            ),
+        )
+        .await
+        .0
+        .closed_after(raw_subscribe(&filter), "another operator's replies")
+        .await;
     }
 }
