@@ -17,6 +17,13 @@
 //! waits for) is read from `/proc/locks` without touching the lock, so the agent's look never
 //! refuses a customer. Where `/proc/locks` does not show this file's locks, the agent falls
 //! back to a non-blocking exclusive try, released at once.
+//!
+//! `/proc/locks` lists every lock on the host, and the kernel takes a host-wide lock to write
+//! it out. One agent reads it once a tick; a simulator of a thousand agents in one process
+//! would read a thousand-line file a thousand times a second (a quarter of its CPU, and every
+//! `flock` on the host stalled meanwhile), so it calls [`share_proc_locks_reads`] and its agents
+//! share one read for a short while. The lock itself is never cached: a look that is a little
+//! old can only delay an install by a tick, since the install still has to take the lock.
 
 use std::collections::HashSet;
 use std::fs::File;
@@ -24,14 +31,44 @@ use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 /// How often an install waiting for a sale to end tries the lock again.
 pub const RETRY_EVERY: Duration = Duration::from_millis(50);
+
+/// For how long one read of `/proc/locks` serves the looks of the sale locks made after
+/// [`share_proc_locks_reads`] (milliseconds; zero: each look reads it).
+static SHARE_FOR_MS: AtomicU64 = AtomicU64::new(0);
+/// The last read of `/proc/locks` shared that way.
+static SHARED_READ: Mutex<Option<(Instant, Arc<str>)>> = Mutex::new(None);
+
+/// Lets the sale locks this process makes from now on use a read of `/proc/locks` for up to
+/// `fresh` (the simulator: many machines in one process). An agent on a machine never calls it.
+pub fn share_proc_locks_reads(fresh: Duration) {
+    let ms = u64::try_from(fresh.as_millis()).unwrap_or(u64::MAX);
+    SHARE_FOR_MS.store(ms, Ordering::Relaxed);
+}
+
+/// `/proc/locks` now, or as read by this process less than `fresh` ago (zero: now).
+fn proc_locks_text(fresh: Duration) -> io::Result<Arc<str>> {
+    if fresh.is_zero() {
+        return Ok(std::fs::read_to_string("/proc/locks")?.into());
+    }
+    // Held while reading: the looks that come meanwhile wait for this read, not make their own.
+    let mut shared = SHARED_READ.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((at, text)) = &*shared {
+        if at.elapsed() < fresh {
+            return Ok(text.clone());
+        }
+    }
+    let text: Arc<str> = std::fs::read_to_string("/proc/locks")?.into();
+    *shared = Some((Instant::now(), text.clone()));
+    Ok(text)
+}
 
 /// The lock file of one machine.
 #[derive(Debug, Clone)]
@@ -41,6 +78,8 @@ pub struct SaleLock {
     held: Arc<AtomicUsize>,
     /// How `/proc/locks` names the file, learnt while holding the lock.
     seen_as: Arc<Mutex<Option<ProcId>>>,
+    /// How old a shared read of `/proc/locks` a look may use ([`share_proc_locks_reads`]).
+    shared_look: Duration,
 }
 
 /// The file as `/proc/locks` names it (`MAJOR:MINOR:INODE`), and the file's identity from
@@ -93,10 +132,18 @@ fn flock(file: &File, op: libc::c_int) -> io::Result<bool> {
 
 impl SaleLock {
     pub fn new(path: PathBuf) -> Self {
+        let shared_look = Duration::from_millis(SHARE_FOR_MS.load(Ordering::Relaxed));
+        Self::with_shared_look(path, shared_look)
+    }
+
+    /// A lock whose looks may use a read of `/proc/locks` up to `fresh` old, shared with every
+    /// other such lock of this process.
+    fn with_shared_look(path: PathBuf, fresh: Duration) -> Self {
         Self {
             path,
             held: Arc::default(),
             seen_as: Arc::default(),
+            shared_look: fresh,
         }
     }
 
@@ -193,7 +240,7 @@ impl SaleLock {
             .clone();
         match known {
             Some(id) if id.dev == meta.dev() && id.ino == meta.ino() => {
-                if let Ok(text) = std::fs::read_to_string("/proc/locks") {
+                if let Ok(text) = proc_locks_text(self.shared_look) {
                     return Ok(Some(proc_locks::has_shared(&text, &id.name)));
                 }
             }
@@ -228,6 +275,15 @@ impl SaleLock {
     /// file's shared locks by its name there.
     fn learn_proc_name(&self, guard: &InstallGuard) -> io::Result<()> {
         let meta = guard.file.metadata()?;
+        let known = self
+            .seen_as
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if known.is_some_and(|id| id.dev == meta.dev() && id.ino == meta.ino()) {
+            return Ok(());
+        }
+        // Read now, never shared: the line of the lock just taken must be in it.
         let text = std::fs::read_to_string("/proc/locks")?;
         let ours: HashSet<String> =
             proc_locks::exclusive_flocks(&text, std::process::id(), meta.ino());
@@ -371,6 +427,38 @@ mod tests {
         );
         drop(install);
         assert!(flock(&f, libc::LOCK_SH | libc::LOCK_NB).unwrap());
+    }
+
+    /// Simulated machines share one read of `/proc/locks` for a while: a sale that began
+    /// after the read is seen once the read is older than that, and the install still has to
+    /// take the lock (never cached).
+    #[test]
+    fn looks_may_share_a_recent_read_of_proc_locks() {
+        let fresh = Duration::from_millis(400);
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let [a, b] =
+            [0, 1].map(|i| SaleLock::with_shared_look(dirs[i].path().join("sale.lock"), fresh));
+        for lock in [&a, &b] {
+            lock.create().unwrap();
+            drop(lock.try_exclusive().unwrap().unwrap());
+        }
+        let read_at = Instant::now();
+        assert_eq!(a.sale_in_progress().unwrap(), Some(false));
+        let s = sale(b.path());
+        if read_at.elapsed() < fresh / 2 {
+            assert_eq!(
+                b.sale_in_progress().unwrap(),
+                Some(false),
+                "b used a's read, made before the sale"
+            );
+        }
+        assert!(
+            b.try_exclusive().unwrap().is_none(),
+            "the lock is never cached"
+        );
+        std::thread::sleep(fresh);
+        assert_eq!(b.sale_in_progress().unwrap(), Some(true), "read again");
+        drop(s);
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
             .with_ca(pem)
             .map_err(|e| SimulateError::Broker(e.to_string()))?;
     }
+    // Many machines in one process: one read of /proc/locks serves their sale-lock looks for
+    // half a tick (each would otherwise read every machine's lock once a second).
+    crate::sale_lock::share_proc_locks_reads(Duration::from_millis(500));
     let first = opts.start_index;
     let last = first + opts.count.saturating_sub(1);
     let mut machines = Vec::with_capacity(opts.count);
