@@ -221,6 +221,8 @@ pub fn admin_ops() -> Vec<AdminOp> {
             machines: vec![machine()],
             groups: vec![group()],
             allow_empty: false,
+            after: None,
+            limit: None,
         },
         AdminOp::ReleasePublish {
             release: release(),
@@ -229,7 +231,10 @@ pub fn admin_ops() -> Vec<AdminOp> {
             allow_empty: true,
             waves: None,
         },
-        AdminOp::ReleaseList,
+        AdminOp::ReleaseList {
+            after: None,
+            limit: None,
+        },
         AdminOp::ReleaseStatus {
             release: release(),
             after: None,
@@ -357,8 +362,10 @@ pub fn admin_responses() -> Vec<AdminResponse> {
         },
         AdminReply::Releases {
             releases: vec![release_info()],
+            next: None,
+            more: false,
         },
-        AdminReply::Plan { plan },
+        AdminReply::Plan { plan: plan.into() },
         AdminReply::ReleaseStatus {
             status: ReleaseStatus {
                 release: release_info(),

@@ -123,7 +123,7 @@ pub async fn run(
 const PACKET_HEADROOM: usize = 1024;
 
 /// The largest response payload that fits one packet on `topic`.
-fn response_limit(topic: &str) -> usize {
+pub(crate) fn response_limit(topic: &str) -> usize {
     MAX_PACKET.saturating_sub(PACKET_HEADROOM + topic.len())
 }
 
@@ -455,9 +455,9 @@ impl Admin {
             AnyCall::Audit(call) => events::audit(ctx, call).map(c::Audit::wrap),
             AnyCall::Stats(call) => events::stats(ctx, call).map(c::Stats::wrap),
             AnyCall::KeyRotate(call) => keys::rotate(ctx, call).await.map(c::KeyRotate::wrap),
-            AnyCall::MosquittoConfig(call) => {
-                keys::mosquitto_config(ctx, call).map(c::MosquittoConfig::wrap)
-            }
+            AnyCall::MosquittoConfig(call) => keys::mosquitto_config(ctx, call)
+                .await
+                .map(c::MosquittoConfig::wrap),
             AnyCall::MachineQuery(call) => inventory::machine_query(ctx, call)
                 .await
                 .map(c::MachineQuery::wrap),
@@ -530,7 +530,15 @@ mod tests {
         );
         // Reads keep no response; a retried read runs again, at most READ_RETRIES times.
         for _ in 0..6 {
-            send(&mut admin, 11, AdminOp::ReleaseList).await;
+            send(
+                &mut admin,
+                11,
+                AdminOp::ReleaseList {
+                    after: None,
+                    limit: None,
+                },
+            )
+            .await;
         }
         send(&mut admin, 12, AdminOp::Machines).await;
         let seen = &admin.ctrs["fleetcast-op-admin.t"];
