@@ -15,7 +15,8 @@ use crate::inventory::PAGE_BYTES;
 use crate::ops::OpError;
 use crate::store::StoreError;
 
-/// Entries read from the store at a time while a page fills.
+/// Entries read from the store at first, and at most at a time, while a page fills.
+const FIRST_READ: usize = 16;
 const READ_STEP: usize = 64;
 
 /// Entries with an id above `since`, read with `read(since, n)` (at most `n` entries after
@@ -29,9 +30,15 @@ pub fn bounded_since<T: Serialize>(
     limit: usize,
     budget: usize,
 ) -> Result<(Vec<T>, u64, bool), StoreError> {
-    let (mut out, mut next, mut used) = (Vec::new(), since, 0);
+    let (mut out, mut next, mut used) = (Vec::new(), since, 0usize);
     loop {
-        let want = limit.saturating_sub(out.len()).min(READ_STEP);
+        // Past the first read, about as many as the budget has room for at the size so far:
+        // large entries are not read by the dozen only to be left out.
+        let room = match used.checked_div(out.len()) {
+            None => FIRST_READ,
+            Some(average) => budget.saturating_sub(used) / average.max(1) + 1,
+        };
+        let want = limit.saturating_sub(out.len()).min(room).min(READ_STEP);
         if want == 0 {
             return Ok((out, next, true));
         }
@@ -134,10 +141,10 @@ mod tests {
             size: 100,
             reads: 0,
         };
-        // By count: 150 entries need three reads of at most 64.
+        // By count: 150 entries need reads of 16, then at most 64.
         let (ids, next, more) = run(&mut log, 0, 150, usize::MAX);
         assert_eq!((ids.len(), ids[0], next, more), (150, 1, 150, true));
-        assert_eq!(log.reads, 3);
+        assert_eq!(log.reads, 4);
         // By bytes: each entry is ~110 bytes of JSON; 1,000 bytes hold nine.
         let (ids, next, more) = run(&mut log, 10, 500, 1000);
         assert_eq!((ids.len(), ids[0], next, more), (9, 11, 19, true));
@@ -151,6 +158,28 @@ mod tests {
         assert_eq!(run(&mut log, 200, 500, 1), (vec![], 200, false));
         // Exactly `limit` left: no more, known from the read itself.
         assert!(!run(&mut log, 195, 5, usize::MAX).2);
+    }
+
+    #[test]
+    fn large_entries_are_read_about_as_many_as_fit() {
+        let mut log = Log {
+            n: 500,
+            size: 100_000,
+            reads: 0,
+        };
+        let (ids, _, more) = run(&mut log, 0, 500, 1 << 20);
+        assert_eq!((ids.len(), more), (10, true));
+        // The first read (16) holds more than fit.
+        assert_eq!(log.reads, 1);
+        let mut log = Log {
+            n: 500,
+            size: 20_000,
+            reads: 0,
+        };
+        let (ids, _, _) = run(&mut log, 0, 500, 1 << 20);
+        assert_eq!(ids.len(), 52);
+        // 16, then about what the rest of the budget holds (37): the page ends inside it.
+        assert_eq!(log.reads, 2);
     }
 
     #[test]

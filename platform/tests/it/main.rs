@@ -4,6 +4,7 @@
 //! The helpers here serve every module of this test binary (`cli`, `crash`, `e2e`, `gateway`,
 //! `inventory`, `package`, `pages`, `reconcile`, `security`, `staged`).
 
+mod bounded;
 mod cli;
 mod crash;
 mod e2e;
