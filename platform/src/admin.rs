@@ -250,7 +250,7 @@ impl Admin {
             }
         }
         seen.last_at_ms = now;
-        let audited = req.op.is_change() || operator.role() < req.op.required_role();
+        let audited = req.op.is_audited() || operator.role() < req.op.required_role();
         let audit_request = audited.then(|| serde_json::to_value(&req.op).unwrap_or_default());
         let action = req.op.name();
         let result = if operator.role() < req.op.required_role() {

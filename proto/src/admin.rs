@@ -350,11 +350,13 @@ impl AdminOp {
         }
     }
 
-    /// Whether the operation changes anything (recorded in the audit log).
+    /// Whether the operation changes anything (recorded in the audit log; a retry is answered
+    /// from memory, not run again).
     pub fn is_change(&self) -> bool {
         !matches!(
             self,
             AdminOp::ArtifactList
+                | AdminOp::MosquittoConfig { .. }
                 | AdminOp::ReleasePlan { .. }
                 | AdminOp::ReleaseList { .. }
                 | AdminOp::ReleaseStatus { .. }
@@ -368,6 +370,14 @@ impl AdminOp {
                 | AdminOp::Versions { .. }
                 | AdminOp::History { .. }
         )
+    }
+
+    /// Whether the request is recorded in the audit log: every change, and the start of an
+    /// export of the broker's credentials (`mosquitto_config` without `after`: once per export,
+    /// not once per page). Exporting changes nothing, so a retried page is read again rather
+    /// than kept in memory (a 50,000-machine export is ~50 pages of up to 1.4 MB).
+    pub fn is_audited(&self) -> bool {
+        self.is_change() || matches!(self, AdminOp::MosquittoConfig { after: None, .. })
     }
 }
 
@@ -1490,14 +1500,22 @@ mod tests {
             assert_eq!(serde_json::from_str::<AdminOp>(text).unwrap(), op);
             assert_eq!(serde_json::to_string(&op).unwrap(), text);
         }
-        assert_eq!(
-            AdminOp::MosquittoConfig {
-                after: Some(MachineId::new("vm-1").unwrap()),
-                limit: Some(10),
-            }
-            .required_role(),
-            Role::Admin
-        );
+        // An export: admins only, changes nothing, audited once (at its first page).
+        let first = AdminOp::MosquittoConfig {
+            after: None,
+            limit: Some(10),
+        };
+        let next = AdminOp::MosquittoConfig {
+            after: Some(MachineId::new("vm-1").unwrap()),
+            limit: Some(10),
+        };
+        for op in [&first, &next] {
+            assert_eq!(op.required_role(), Role::Admin);
+            assert!(!op.is_change());
+        }
+        assert!(first.is_audited() && !next.is_audited());
+        assert!(AdminOp::KeyRotate.is_audited());
+        assert!(!AdminOp::Stats.is_audited());
         let releases: AdminReply = serde_json::from_value(serde_json::json!({
             "reply": "releases", "releases": [release_json()]
         }))

@@ -59,18 +59,20 @@ fn sealed_len<T: serde::Serialize>(value: &T) -> usize {
 /// The most a sealed response may be: a 2 MiB packet, less its header and topic.
 const PACKET: usize = 2 * 1024 * 1024;
 
-/// The size the platform names in its error for a reply over the limit: `<op> was done, but
-/// its reply of N bytes is over the 2 MiB packet limit …` (an op the audit log records).
+/// The size the platform names in its error for a reply over the limit: `reply of N bytes to
+/// <op> is over the 2 MiB packet limit; ask for pages …`.
 fn refused_bytes(err: &AdminError, op: &str) -> usize {
     let AdminError::Refused(text) = err else {
         panic!("expected the platform's error, got {err}")
     };
-    let prefix = format!("{op} was done, but its reply of ");
     assert!(
-        text.starts_with(&prefix) && text.contains("bytes is over the 2 MiB packet limit"),
+        text.starts_with("reply of ")
+            && text.contains(&format!(
+                "bytes to {op} is over the 2 MiB packet limit; ask for pages"
+            )),
         "{text}"
     );
-    text[prefix.len()..]
+    text["reply of ".len()..]
         .split(' ')
         .next()
         .unwrap()
@@ -169,6 +171,13 @@ async fn mosquitto_files_for_a_large_fleet_come_in_pages_that_append_to_the_whol
     assert!(acl == expected.acl, "the ACL file the CLI wrote differs");
     let passwd = std::fs::read_to_string(out.join("fleetcast.passwd")).unwrap();
     assert_eq!(users(&passwd), users(&expected.passwd));
+    // The audit log has each export once (its first page), and the refused one.
+    let exports = audit(&admin)
+        .await
+        .into_iter()
+        .filter(|e| e.action == "mosquitto_config")
+        .count();
+    assert_eq!(exports, 3);
 
     admin.close().await;
     platform.stop().await;
