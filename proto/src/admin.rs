@@ -77,7 +77,8 @@ pub enum AdminOp {
     },
     /// What publishing would send, without sending. Reply: `plan`, with one page of its
     /// targets by machine id after `after` (at most `limit`, default and cap
-    /// [`MAX_PLAN_PAGE`]) and the counts over all of them.
+    /// [`MAX_PLAN_PAGE`]) and the counts over all of them; without `after` and `limit` (a
+    /// request from before paging), every target.
     ReleasePlan {
         release: ReleaseId,
         #[serde(default)]
@@ -111,7 +112,8 @@ pub enum AdminOp {
         waves: Option<WavePlan>,
     },
     /// Releases in the order they were made, one page after `after` (at most `limit`,
-    /// default and cap [`MAX_RELEASE_PAGE`]). Reply: `releases`.
+    /// default and cap [`MAX_RELEASE_PAGE`]); without `after` and `limit` (a request from
+    /// before paging), all of them. Reply: `releases`.
     ReleaseList {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         after: Option<ReleaseId>,

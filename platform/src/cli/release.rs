@@ -6,7 +6,8 @@ use std::fmt::Write;
 use clap::Subcommand;
 use fleetcast_broker::admin::{AdminClient, AdminError};
 use fleetcast_proto::admin::{
-    PlanReport, ReleaseInfo, ReleaseStatus, RolloutProgress, StepResult, RELEASE_MACHINES_SHOWN,
+    PlanReport, ReleaseInfo, ReleaseStatus, RolloutProgress, StepResult, MAX_PLAN_PAGE,
+    MAX_RELEASE_PAGE, RELEASE_MACHINES_SHOWN,
 };
 use fleetcast_proto::calls;
 use fleetcast_proto::rollout::{parse_share, WavePlan};
@@ -162,7 +163,7 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
                     groups: groups.clone(),
                     allow_empty,
                     after: None,
-                    limit: None,
+                    limit: Some(MAX_PLAN_PAGE),
                 };
                 // The summary needs the first page only (it has every count); --list, all.
                 let plan = if list {
@@ -272,7 +273,10 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             let releases = super::inventory::fetch_all(
                 client,
                 None,
-                |after, limit| calls::ReleaseList { after, limit },
+                |after, limit| calls::ReleaseList {
+                    after,
+                    limit: limit.or(Some(MAX_RELEASE_PAGE)),
+                },
                 |page| page,
             )
             .await?;
@@ -467,12 +471,14 @@ pub fn watch_view(status: &ReleaseStatus) -> WatchView {
 }
 
 /// The plan `ask` names, every page of its targets joined into one (`first`: its first page,
-/// when already at hand), as if the platform had sent it whole.
+/// when already at hand), as if the platform had sent it whole. Pages are of `ask.limit`
+/// targets (None: the platform's most).
 pub async fn plan_all(
     admin: &AdminClient,
     mut ask: calls::ReleasePlan,
     first: Option<PlanReport>,
 ) -> Result<PlanReport, AdminError> {
+    ask.limit.get_or_insert(MAX_PLAN_PAGE);
     let mut plan = match first {
         Some(p) => p,
         None => admin.call(ask.clone()).await?,

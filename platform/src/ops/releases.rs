@@ -30,10 +30,15 @@ pub async fn create(ctx: &Ctx, c: calls::ReleaseCreate) -> Result<ReleaseInfo, O
         .map(shown)
 }
 
-/// What publishing would send, without sending: one page of it.
+/// What publishing would send, without sending: one page of it, or (asked without `after`
+/// and `limit`, as before paging) all of it.
 pub fn plan(ctx: &Ctx, c: calls::ReleasePlan) -> Result<PlanReport, OpError> {
     let info = known_release(&*ctx.store, &c.release)?;
-    let plan = publish::plan(ctx, &info, &c.machines, &c.groups, c.allow_empty)?;
+    let mut plan = publish::plan(ctx, &info, &c.machines, &c.groups, c.allow_empty)?;
+    if c.after.is_none() && c.limit.is_none() {
+        plan.release = shown(plan.release);
+        return Ok(PlanReport::from(plan));
+    }
     Ok(plan_report(plan, c.after.as_ref(), c.limit))
 }
 
@@ -59,36 +64,41 @@ pub async fn retry(ctx: &Ctx, c: calls::ReleaseRetry) -> Result<PlanReport, OpEr
     Ok(plan_report(plan, None, None))
 }
 
-/// One page of the releases, in the order they were made.
+/// The releases in the order they were made: one page, or (asked without `after` and `limit`,
+/// as before paging) all of them.
 pub fn list(
     ctx: &Ctx,
     c: calls::ReleaseList,
 ) -> Result<Page<ReleaseInfo, Option<ReleaseId>>, OpError> {
-    Ok(release_page(
-        ctx.store.releases()?,
-        c.after.as_ref(),
-        c.limit,
-    ))
+    let page = match (&c.after, c.limit) {
+        (None, None) => None,
+        (_, limit) => Some(limit.unwrap_or(MAX_RELEASE_PAGE)),
+    };
+    Ok(release_page(ctx.store.releases()?, c.after.as_ref(), page))
 }
 
-/// The releases made after `after` (in [`inventory::release_order`]), at most `limit` (capped
-/// at [`MAX_RELEASE_PAGE`]) and [`PAGE_BYTES`] of JSON (at least one), each [`shown`].
+/// The releases made after `after` (in [`inventory::release_order`]), each [`shown`]: at most
+/// `page` of them (capped at [`MAX_RELEASE_PAGE`]) and [`PAGE_BYTES`] of JSON (at least one),
+/// or all of them without `page`.
 pub fn release_page(
     mut releases: Vec<ReleaseInfo>,
     after: Option<&ReleaseId>,
-    limit: Option<u32>,
+    page: Option<u32>,
 ) -> Page<ReleaseInfo, Option<ReleaseId>> {
     releases.sort_by(|a, b| inventory::release_order(&a.id, &b.id));
     let start = after.map_or(0, |a| {
         releases.partition_point(|r| inventory::release_order(&r.id, a).is_le())
     });
-    let limit = limit.unwrap_or(MAX_RELEASE_PAGE).min(MAX_RELEASE_PAGE) as usize;
+    let (limit, budget) = match page {
+        Some(limit) => (limit.min(MAX_RELEASE_PAGE) as usize, PAGE_BYTES),
+        None => (usize::MAX, usize::MAX),
+    };
     let rest = releases
         .into_iter()
         .skip(start)
         .map(shown)
         .map(Ok::<_, Infallible>);
-    let (items, more) = match inventory::page(rest, limit, PAGE_BYTES) {
+    let (items, more) = match inventory::page(rest, limit, budget) {
         Ok(p) => p,
         Err(never) => match never {},
     };
@@ -701,11 +711,17 @@ mod tests {
             (first.next.clone().unwrap().as_str(), first.more),
             ("r-000005", true)
         );
-        let last = release_page(all.clone(), ReleaseId::new("r-000010").ok().as_ref(), None);
+        let last = release_page(
+            all.clone(),
+            ReleaseId::new("r-000010").ok().as_ref(),
+            Some(MAX_RELEASE_PAGE),
+        );
         assert_eq!(ids(&last), ["r-000011", "r-000012", "r-1000000"]);
         assert!(!last.more);
+        // No page asked for (a request from before paging): all of them, still naming few.
         let whole = release_page(all, None, None);
-        assert_eq!(whole.items.len(), 13);
+        assert_eq!((whole.items.len(), whole.more), (13, false));
+        assert_eq!(whole.items[0].machines.len(), RELEASE_MACHINES_SHOWN);
     }
 
     #[test]

@@ -210,7 +210,7 @@ async fn a_staged_release_to_a_large_fleet_answers_counts_and_bounded_lists() {
         groups: vec![group.clone()],
         allow_empty: false,
         after: None,
-        limit: None,
+        limit: Some(MAX_PLAN_PAGE),
     };
 
     // The plan: every count, the first page of targets; a page asked for after a machine.
@@ -366,7 +366,7 @@ async fn plan_and_release_pages_join_whole_and_many_named_machines_are_counted()
         after: None,
         limit: Some(7),
     };
-    let whole = plan_all(&admin, ask, None).await.unwrap();
+    let whole = plan_all(&admin, ask.clone(), None).await.unwrap();
     assert_eq!((whole.next.as_ref(), whole.more), (None, false));
     let expected: Vec<(MachineId, Option<GroupId>)> = ids
         .iter()
@@ -390,6 +390,13 @@ async fn plan_and_release_pages_join_whole_and_many_named_machines_are_counted()
         "{text}"
     );
     assert_eq!(text.lines().filter(|l| l.starts_with("  vm-")).count(), 150);
+    // Asked as before paging (no `after`, no `limit`): the whole plan at once.
+    let unpaged = admin
+        .call(calls::ReleasePlan { limit: None, ..ask })
+        .await
+        .unwrap();
+    assert_eq!(unpaged.plan.targets, expected);
+    assert!(!unpaged.more);
 
     // A release named to 150 machines names its first 100 in every reply.
     let named: Vec<&str> = ids.iter().map(|m| m.as_str()).collect();
@@ -435,6 +442,14 @@ async fn plan_and_release_pages_join_whole_and_many_named_machines_are_counted()
         .unwrap();
     let listed: Vec<&ReleaseId> = page.items.iter().map(|r| &r.id).collect();
     assert_eq!((listed, page.more), (vec![&second.id], false));
+    let unpaged = admin
+        .call(calls::ReleaseList {
+            after: None,
+            limit: None,
+        })
+        .await
+        .unwrap();
+    assert_eq!((unpaged.items.len(), unpaged.more), (2, false));
     let fc = Fleetcast::new(dir.path())
         .with("FLEETCAST_DATA", &data_dir)
         .with("FLEETCAST_BROKER", url.to_string());
