@@ -231,10 +231,7 @@ pub fn admin_ops() -> Vec<AdminOp> {
             allow_empty: true,
             waves: None,
         },
-        AdminOp::ReleaseList {
-            after: None,
-            limit: None,
-        },
+        AdminOp::ReleaseList,
         AdminOp::ReleaseStatus {
             release: release(),
             after: None,
@@ -362,8 +359,6 @@ pub fn admin_responses() -> Vec<AdminResponse> {
         },
         AdminReply::Releases {
             releases: vec![release_info()],
-            next: None,
-            more: false,
         },
         AdminReply::Plan { plan: plan.into() },
         AdminReply::ReleaseStatus {

@@ -414,6 +414,7 @@ impl Admin {
                 releases::retry(ctx, call).await.map(c::ReleaseRetry::wrap)
             }
             AnyCall::ReleaseList(call) => releases::list(ctx, call).map(c::ReleaseList::wrap),
+            AnyCall::ReleaseQuery(call) => releases::query(ctx, call).map(c::ReleaseQuery::wrap),
             AnyCall::ReleaseStatus(call) => releases::status(ctx, call)
                 .await
                 .map(c::ReleaseStatus::wrap),
@@ -530,15 +531,7 @@ mod tests {
         );
         // Reads keep no response; a retried read runs again, at most READ_RETRIES times.
         for _ in 0..6 {
-            send(
-                &mut admin,
-                11,
-                AdminOp::ReleaseList {
-                    after: None,
-                    limit: None,
-                },
-            )
-            .await;
+            send(&mut admin, 11, AdminOp::ReleaseList).await;
         }
         send(&mut admin, 12, AdminOp::Machines).await;
         let seen = &admin.ctrs["fleetcast-op-admin.t"];

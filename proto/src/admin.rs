@@ -111,15 +111,9 @@ pub enum AdminOp {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         waves: Option<WavePlan>,
     },
-    /// Releases in the order they were made, one page after `after` (at most `limit`,
-    /// default and cap [`MAX_RELEASE_PAGE`]); without `after` and `limit` (a request from
-    /// before paging), all of them. Reply: `releases`.
-    ReleaseList {
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        after: Option<ReleaseId>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        limit: Option<u32>,
-    },
+    /// Every release at once. Reply: `releases`. A long history (or releases naming many
+    /// machines) passes the packet limit: [`AdminOp::ReleaseQuery`] pages them.
+    ReleaseList,
     /// The release, its aggregate over every target, and one page of its target records by
     /// machine id after `after` (at most `limit`, default and cap [`MAX_STATUS_PAGE`]; `0`
     /// gives the aggregate alone). Reply: `release_status`.
@@ -271,6 +265,14 @@ pub enum AdminOp {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
     },
+    /// Releases in the order they were made, one page after `after` (at most `limit`, default
+    /// and cap [`MAX_RELEASE_PAGE`]). Reply: `release_page`.
+    ReleaseQuery {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<ReleaseId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
 }
 
 fn is_false(b: &bool) -> bool {
@@ -287,7 +289,7 @@ impl AdminOp {
             AdminOp::ReleaseCreate { .. } => "release_create",
             AdminOp::ReleasePlan { .. } => "release_plan",
             AdminOp::ReleasePublish { .. } => "release_publish",
-            AdminOp::ReleaseList { .. } => "release_list",
+            AdminOp::ReleaseList => "release_list",
             AdminOp::ReleaseStatus { .. } => "release_status",
             AdminOp::Machines => "machines",
             AdminOp::MachineProvision { .. } => "machine_provision",
@@ -312,6 +314,7 @@ impl AdminOp {
             AdminOp::MachineQuery { .. } => "machine_query",
             AdminOp::Versions { .. } => "versions",
             AdminOp::History { .. } => "history",
+            AdminOp::ReleaseQuery { .. } => "release_query",
         }
     }
 
@@ -320,7 +323,8 @@ impl AdminOp {
         match self {
             AdminOp::ArtifactList
             | AdminOp::ReleasePlan { .. }
-            | AdminOp::ReleaseList { .. }
+            | AdminOp::ReleaseList
+            | AdminOp::ReleaseQuery { .. }
             | AdminOp::ReleaseStatus { .. }
             | AdminOp::Machines
             | AdminOp::EventsSince { .. }
@@ -360,7 +364,8 @@ impl AdminOp {
             AdminOp::ArtifactList
                 | AdminOp::MosquittoConfig { .. }
                 | AdminOp::ReleasePlan { .. }
-                | AdminOp::ReleaseList { .. }
+                | AdminOp::ReleaseList
+                | AdminOp::ReleaseQuery { .. }
                 | AdminOp::ReleaseStatus { .. }
                 | AdminOp::Machines
                 | AdminOp::EventsSince { .. }
@@ -448,13 +453,8 @@ pub enum AdminReply {
     Release {
         release: ReleaseInfo,
     },
-    /// One page of `release_list`: ask again with `after = next` while `more`.
     Releases {
         releases: Vec<ReleaseInfo>,
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        next: Option<ReleaseId>,
-        #[serde(default)]
-        more: bool,
     },
     Plan {
         plan: PlanReport,
@@ -523,6 +523,13 @@ pub enum AdminReply {
     History {
         machine: MachineId,
         targets: Vec<TargetRecord>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<ReleaseId>,
+        more: bool,
+    },
+    /// One page of `release_query`: ask again with `after = next` while `more`.
+    ReleasePage {
+        releases: Vec<ReleaseInfo>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         next: Option<ReleaseId>,
         more: bool,
@@ -1482,26 +1489,28 @@ mod tests {
     }
 
     #[test]
-    fn paged_release_lists_and_mosquitto_files_are_the_old_requests_and_replies_when_unpaged() {
-        for (text, op) in [
-            (
-                r#"{"op":"release_list"}"#,
-                AdminOp::ReleaseList {
-                    after: None,
-                    limit: None,
-                },
-            ),
-            (
-                r#"{"op":"mosquitto_config"}"#,
-                AdminOp::MosquittoConfig {
-                    after: None,
-                    limit: None,
-                },
-            ),
-        ] {
-            assert_eq!(serde_json::from_str::<AdminOp>(text).unwrap(), op);
-            assert_eq!(serde_json::to_string(&op).unwrap(), text);
-        }
+    fn release_pages_are_a_read_and_unpaged_mosquitto_files_are_the_old_request_and_reply() {
+        let old: AdminOp = serde_json::from_str(r#"{"op":"mosquitto_config"}"#).unwrap();
+        let unpaged = AdminOp::MosquittoConfig {
+            after: None,
+            limit: None,
+        };
+        assert_eq!(old, unpaged);
+        assert_eq!(
+            serde_json::to_string(&unpaged).unwrap(),
+            r#"{"op":"mosquitto_config"}"#
+        );
+        let query = AdminOp::ReleaseQuery {
+            after: Some(ReleaseId::new("r-000009").unwrap()),
+            limit: Some(2),
+        };
+        assert_eq!(
+            serde_json::to_value(&query).unwrap(),
+            serde_json::json!({"op": "release_query", "after": "r-000009", "limit": 2})
+        );
+        assert_eq!(query.name(), "release_query");
+        assert_eq!(query.required_role(), Role::Viewer);
+        assert!(!query.is_change() && !query.is_audited());
         // An export: admins only, changes nothing, audited once (at its first page).
         let first = AdminOp::MosquittoConfig {
             after: None,
@@ -1518,19 +1527,18 @@ mod tests {
         assert!(first.is_audited() && !next.is_audited());
         assert!(AdminOp::KeyRotate.is_audited());
         assert!(!AdminOp::Stats.is_audited());
-        let releases: AdminReply = serde_json::from_value(serde_json::json!({
-            "reply": "releases", "releases": [release_json()]
-        }))
-        .unwrap();
-        let AdminReply::Releases {
-            releases,
-            next,
-            more,
-        } = releases
-        else {
-            panic!()
+        let page = AdminReply::ReleasePage {
+            releases: vec![serde_json::from_value(release_json()).unwrap()],
+            next: Some(ReleaseId::new("r-000007").unwrap()),
+            more: true,
         };
-        assert_eq!((releases.len(), next, more), (1, None, false));
+        let json = serde_json::to_value(&page).unwrap();
+        assert_eq!(json["reply"], "release_page");
+        assert_eq!(
+            (&json["next"], &json["more"]),
+            (&serde_json::json!("r-000007"), &serde_json::json!(true))
+        );
+        assert_eq!(serde_json::from_value::<AdminReply>(json).unwrap(), page);
         let files: AdminReply =
             serde_json::from_str(r#"{"reply":"mosquitto_files","passwd":"p\n","acl":"a\n"}"#)
                 .unwrap();

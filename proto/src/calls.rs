@@ -163,11 +163,7 @@ calls! {
         release: ReleaseId, machines: Vec<MachineId>, groups: Vec<GroupId>, allow_empty: bool,
         waves: Option<WavePlan>,
     } -> "plan" PlanReport { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
-    ReleaseList = "release_list" { after: Option<ReleaseId>, limit: Option<u32> }
-        -> "releases" Page<ReleaseInfo, Option<ReleaseId>> {
-        AdminReply::Releases { releases, next, more } => Page { items: releases, next, more };
-        p => AdminReply::Releases { releases: p.items, next: p.next, more: p.more }
-    }
+    ReleaseList = "release_list" {} -> "releases" Vec<ReleaseInfo> { AdminReply::Releases { releases } => releases; r => AdminReply::Releases { releases: r } }
     ReleaseStatus = "release_status" { release: ReleaseId, after: Option<MachineId>, limit: Option<u32> }
         -> "release_status" crate::admin::ReleaseStatus { AdminReply::ReleaseStatus { status } => status; r => AdminReply::ReleaseStatus { status: r } }
     Machines = "machines" {} -> "machines" Vec<MachineInfo> { AdminReply::Machines { machines } => machines; r => AdminReply::Machines { machines: r } }
@@ -237,6 +233,11 @@ calls! {
             next: h.page.next,
             more: h.page.more,
         }
+    }
+    ReleaseQuery = "release_query" { after: Option<ReleaseId>, limit: Option<u32> }
+        -> "release_page" Page<ReleaseInfo, Option<ReleaseId>> {
+        AdminReply::ReleasePage { releases, next, more } => Page { items: releases, next, more };
+        p => AdminReply::ReleasePage { releases: p.items, next: p.next, more: p.more }
     }
 }
 
@@ -338,19 +339,20 @@ mod tests {
             json!({"op": "release_publish", "release": "r-1", "machines": [], "groups": ["lab"],
                 "waves": waves}),
         );
+        wire(ReleaseList {}, json!({"op": "release_list"}));
         wire(
-            ReleaseList {
+            ReleaseQuery {
                 after: None,
                 limit: None,
             },
-            json!({"op": "release_list"}),
+            json!({"op": "release_query"}),
         );
         wire(
-            ReleaseList {
+            ReleaseQuery {
                 after: Some(r("r-000009")),
                 limit: Some(50),
             },
-            json!({"op": "release_list", "after": "r-000009", "limit": 50}),
+            json!({"op": "release_query", "after": "r-000009", "limit": 50}),
         );
         wire(
             ReleaseStatus {
@@ -545,7 +547,7 @@ mod tests {
             next: Some(m("vm-2")),
             more: true,
         });
-        round::<ReleaseList>(AdminReply::Releases {
+        round::<ReleaseQuery>(AdminReply::ReleasePage {
             releases: vec![],
             next: Some(r("r-000002")),
             more: true,

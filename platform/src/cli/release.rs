@@ -7,7 +7,7 @@ use clap::Subcommand;
 use fleetcast_broker::admin::{AdminClient, AdminError};
 use fleetcast_proto::admin::{
     PlanReport, ReleaseInfo, ReleaseStatus, RolloutProgress, StepResult, MAX_PLAN_PAGE,
-    MAX_RELEASE_PAGE, RELEASE_MACHINES_SHOWN,
+    RELEASE_MACHINES_SHOWN,
 };
 use fleetcast_proto::calls;
 use fleetcast_proto::rollout::{parse_share, WavePlan};
@@ -273,10 +273,7 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             let releases = super::inventory::fetch_all(
                 client,
                 None,
-                |after, limit| calls::ReleaseList {
-                    after,
-                    limit: limit.or(Some(MAX_RELEASE_PAGE)),
-                },
+                |after, limit| calls::ReleaseQuery { after, limit },
                 |page| page,
             )
             .await?;

@@ -1,5 +1,5 @@
 //! `release_create`, `release_plan`, `release_publish`, `release_retry`, `release_list`,
-//! `release_status`, `rollback`, `activate`.
+//! `release_query`, `release_status`, `rollback`, `activate`.
 //!
 //! Every reply stays bounded however many machines a release reaches: plans answer counts and
 //! one page of targets ([`plan_report`]), releases name at most
@@ -64,17 +64,22 @@ pub async fn retry(ctx: &Ctx, c: calls::ReleaseRetry) -> Result<PlanReport, OpEr
     Ok(plan_report(plan, None, None))
 }
 
-/// The releases in the order they were made: one page, or (asked without `after` and `limit`,
-/// as before paging) all of them.
-pub fn list(
+/// Every release at once, in the order they were made.
+pub fn list(ctx: &Ctx, _: calls::ReleaseList) -> Result<Vec<ReleaseInfo>, OpError> {
+    Ok(release_page(ctx.store.releases()?, None, None).items)
+}
+
+/// One page of the releases, in the order they were made.
+pub fn query(
     ctx: &Ctx,
-    c: calls::ReleaseList,
+    c: calls::ReleaseQuery,
 ) -> Result<Page<ReleaseInfo, Option<ReleaseId>>, OpError> {
-    let page = match (&c.after, c.limit) {
-        (None, None) => None,
-        (_, limit) => Some(limit.unwrap_or(MAX_RELEASE_PAGE)),
-    };
-    Ok(release_page(ctx.store.releases()?, c.after.as_ref(), page))
+    let limit = c.limit.unwrap_or(MAX_RELEASE_PAGE);
+    Ok(release_page(
+        ctx.store.releases()?,
+        c.after.as_ref(),
+        Some(limit),
+    ))
 }
 
 /// The releases made after `after` (in [`inventory::release_order`]), each [`shown`]: at most
