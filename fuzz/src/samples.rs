@@ -221,6 +221,8 @@ pub fn admin_ops() -> Vec<AdminOp> {
             machines: vec![machine()],
             groups: vec![group()],
             allow_empty: false,
+            after: None,
+            limit: None,
         },
         AdminOp::ReleasePublish {
             release: release(),
@@ -358,7 +360,7 @@ pub fn admin_responses() -> Vec<AdminResponse> {
         AdminReply::Releases {
             releases: vec![release_info()],
         },
-        AdminReply::Plan { plan },
+        AdminReply::Plan { plan: plan.into() },
         AdminReply::ReleaseStatus {
             status: ReleaseStatus {
                 release: release_info(),

@@ -122,10 +122,24 @@ fn start_mosquitto(data: &Path) -> Result<Mosquitto> {
     Mosquitto::start_with_files(&files).context("starting mosquitto")
 }
 
-/// What `fleetcast broker mosquitto-config` writes (the same admin op), loaded into Mosquitto
-/// with a SIGHUP: needed after every provisioning.
+/// What `fleetcast broker mosquitto-config` writes (the same admin op, page by page), loaded
+/// into Mosquitto with a SIGHUP: needed after every provisioning.
 async fn reload_mosquitto(m: &Mosquitto, p: &Platform) -> Result<()> {
-    let calls::MosquittoFiles { passwd, acl } = p.call(calls::MosquittoConfig {}).await?;
+    let (mut passwd, mut acl, mut after) = (String::new(), String::new(), None);
+    loop {
+        let page = p
+            .call(calls::MosquittoConfig {
+                after: after.take(),
+                limit: Some(fleetcast_proto::admin::MAX_MOSQUITTO_PAGE),
+            })
+            .await?;
+        passwd.push_str(&page.passwd);
+        acl.push_str(&page.acl);
+        match page.next {
+            Some(next) if page.more => after = Some(next),
+            _ => break,
+        }
+    }
     m.rewrite_files(&MosquittoFiles { passwd, acl })?;
     m.reload()?;
     Ok(())

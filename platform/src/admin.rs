@@ -123,7 +123,7 @@ pub async fn run(
 const PACKET_HEADROOM: usize = 1024;
 
 /// The largest response payload that fits one packet on `topic`.
-fn response_limit(topic: &str) -> usize {
+pub(crate) fn response_limit(topic: &str) -> usize {
     MAX_PACKET.saturating_sub(PACKET_HEADROOM + topic.len())
 }
 
@@ -209,6 +209,8 @@ impl Admin {
             .retain(|_, seen| now.abs_diff(seen.last_at_ms) <= 2 * ADMIN_FRESHNESS_MS);
         let seen = self.ctrs.entry(client.to_owned()).or_default();
         let change = req.op.is_change();
+        // A read run again for a retry is in the audit log once already (if it is audited).
+        let mut read_again = false;
         if req.ctr <= seen.last_ctr {
             if let Some((_, cached)) = seen.responses.iter().find(|(c, _)| *c == req.ctr) {
                 tracing::debug!(
@@ -229,7 +231,10 @@ impl Admin {
                 .iter_mut()
                 .find(|(c, n)| *c == req.ctr && *n < READ_RETRIES);
             match rerun {
-                Some((_, n)) if !change => *n += 1,
+                Some((_, n)) if !change => {
+                    *n += 1;
+                    read_again = true;
+                }
                 _ => {
                     tracing::warn!(
                         client,
@@ -250,7 +255,8 @@ impl Admin {
             }
         }
         seen.last_at_ms = now;
-        let audited = req.op.is_change() || operator.role() < req.op.required_role();
+        let audited =
+            !read_again && (req.op.is_audited() || operator.role() < req.op.required_role());
         let audit_request = audited.then(|| serde_json::to_value(&req.op).unwrap_or_default());
         let action = req.op.name();
         let result = if operator.role() < req.op.required_role() {
@@ -414,6 +420,7 @@ impl Admin {
                 releases::retry(ctx, call).await.map(c::ReleaseRetry::wrap)
             }
             AnyCall::ReleaseList(call) => releases::list(ctx, call).map(c::ReleaseList::wrap),
+            AnyCall::ReleaseQuery(call) => releases::query(ctx, call).map(c::ReleaseQuery::wrap),
             AnyCall::ReleaseStatus(call) => releases::status(ctx, call)
                 .await
                 .map(c::ReleaseStatus::wrap),
@@ -455,9 +462,9 @@ impl Admin {
             AnyCall::Audit(call) => events::audit(ctx, call).map(c::Audit::wrap),
             AnyCall::Stats(call) => events::stats(ctx, call).map(c::Stats::wrap),
             AnyCall::KeyRotate(call) => keys::rotate(ctx, call).await.map(c::KeyRotate::wrap),
-            AnyCall::MosquittoConfig(call) => {
-                keys::mosquitto_config(ctx, call).map(c::MosquittoConfig::wrap)
-            }
+            AnyCall::MosquittoConfig(call) => keys::mosquitto_config(ctx, call)
+                .await
+                .map(c::MosquittoConfig::wrap),
             AnyCall::MachineQuery(call) => inventory::machine_query(ctx, call)
                 .await
                 .map(c::MachineQuery::wrap),
@@ -540,6 +547,34 @@ mod tests {
             seen.reads.iter().copied().collect::<Vec<_>>(),
             [(11, READ_RETRIES), (12, 0)]
         );
+    }
+
+    #[tokio::test]
+    async fn an_export_retried_is_read_again_but_audited_once() {
+        let f = fixture();
+        let mut admin = f.admin;
+        let export = AdminOp::MosquittoConfig {
+            after: None,
+            limit: Some(10),
+        };
+        for _ in 0..3 {
+            send(&mut admin, 20, export.clone()).await;
+        }
+        let seen = &admin.ctrs["fleetcast-op-admin.t"];
+        assert!(seen.responses.is_empty(), "an export is not kept");
+        assert_eq!(seen.reads.iter().copied().collect::<Vec<_>>(), [(20, 2)]);
+        let (entries, _) = admin.ctx.store.audit_since(0, 100).unwrap();
+        let exports: Vec<&str> = entries.iter().map(|e| e.action.as_str()).collect();
+        assert_eq!(exports, ["mosquitto_config"]);
+        // Its next pages are not audited; the next export is.
+        let next = AdminOp::MosquittoConfig {
+            after: Some(fleetcast_proto::MachineId::new("vm-1").unwrap()),
+            limit: Some(10),
+        };
+        send(&mut admin, 21, next).await;
+        send(&mut admin, 22, export).await;
+        let (entries, _) = admin.ctx.store.audit_since(0, 100).unwrap();
+        assert_eq!(entries.len(), 2);
     }
 
     /// The bootstrap admin, who runs every request in these tests.

@@ -17,7 +17,7 @@ use crate::acl::Role;
 use crate::auth::{PlatformPublicKey, Secret};
 use crate::ids::{ArtifactId, GroupId, Kind, MachineId, ReleaseId};
 use crate::release::{ArtifactRef, InstallPolicy, Target};
-use crate::rollout::{RolloutInfo, WavePlan};
+use crate::rollout::{RolloutInfo, RolloutReport, WavePlan};
 use crate::status::{KindState, Phase, Progress};
 
 /// Most machines one `machine_provision_batch` may register (its answer carries a secret and
@@ -75,7 +75,10 @@ pub enum AdminOp {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         notes: Option<String>,
     },
-    /// What publishing would send, without sending. Reply: `plan`.
+    /// What publishing would send, without sending. Reply: `plan`, with one page of its
+    /// targets by machine id after `after` (at most `limit`, default and cap
+    /// [`MAX_PLAN_PAGE`]) and the counts over all of them; without `after` and `limit` (a
+    /// request from before paging), every target.
     ReleasePlan {
         release: ReleaseId,
         #[serde(default)]
@@ -85,6 +88,10 @@ pub enum AdminOp {
         /// See [`AdminOp::ReleasePublish`].
         #[serde(default, skip_serializing_if = "is_false")]
         allow_empty: bool,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<MachineId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
     },
     /// Reply: `plan` (what was sent). Refused, with nothing stored or sent, when a named group
     /// has no machine (a typo, most likely) unless `allow_empty`: a group's notice is retained,
@@ -104,6 +111,8 @@ pub enum AdminOp {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         waves: Option<WavePlan>,
     },
+    /// Every release at once. Reply: `releases`. A long history (or releases naming many
+    /// machines) passes the packet limit: [`AdminOp::ReleaseQuery`] pages them.
     ReleaseList,
     /// The release, its aggregate over every target, and one page of its target records by
     /// machine id after `after` (at most `limit`, default and cap [`MAX_STATUS_PAGE`]; `0`
@@ -187,8 +196,17 @@ pub enum AdminOp {
     },
     /// Rotate the platform signing key (announced under the old key). Reply: `done`.
     KeyRotate,
-    /// Mosquitto password and ACL files for the whole fleet. Reply: `mosquitto_files`.
-    MosquittoConfig,
+    /// Mosquitto password and ACL files. Without `after` and `limit`: for the whole fleet at
+    /// once. With either: one page, the platform's own, operator and integrator users first,
+    /// then machines by id after `after` (at most `limit`, default and cap
+    /// [`MAX_MOSQUITTO_PAGE`]); the pages, appended in order, are the whole files.
+    /// Reply: `mosquitto_files`.
+    MosquittoConfig {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<MachineId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
     /// The platform's counters since it started (traffic, ingestion). Reply: `stats`.
     Stats,
     /// A staged rollout: its waves, state and recorded transitions. Reply: `rollout`.
@@ -247,6 +265,14 @@ pub enum AdminOp {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
     },
+    /// Releases in the order they were made, one page after `after` (at most `limit`, default
+    /// and cap [`MAX_RELEASE_PAGE`]). Reply: `release_page`.
+    ReleaseQuery {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<ReleaseId>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limit: Option<u32>,
+    },
 }
 
 fn is_false(b: &bool) -> bool {
@@ -278,7 +304,7 @@ impl AdminOp {
             AdminOp::EventsSince { .. } => "events_since",
             AdminOp::Audit { .. } => "audit",
             AdminOp::KeyRotate => "key_rotate",
-            AdminOp::MosquittoConfig => "mosquitto_config",
+            AdminOp::MosquittoConfig { .. } => "mosquitto_config",
             AdminOp::Stats => "stats",
             AdminOp::RolloutStatus { .. } => "rollout_status",
             AdminOp::RolloutPause { .. } => "rollout_pause",
@@ -288,6 +314,7 @@ impl AdminOp {
             AdminOp::MachineQuery { .. } => "machine_query",
             AdminOp::Versions { .. } => "versions",
             AdminOp::History { .. } => "history",
+            AdminOp::ReleaseQuery { .. } => "release_query",
         }
     }
 
@@ -297,6 +324,7 @@ impl AdminOp {
             AdminOp::ArtifactList
             | AdminOp::ReleasePlan { .. }
             | AdminOp::ReleaseList
+            | AdminOp::ReleaseQuery { .. }
             | AdminOp::ReleaseStatus { .. }
             | AdminOp::Machines
             | AdminOp::EventsSince { .. }
@@ -324,17 +352,20 @@ impl AdminOp {
             | AdminOp::IntegratorAdd { .. }
             | AdminOp::Audit { .. }
             | AdminOp::KeyRotate
-            | AdminOp::MosquittoConfig => Role::Admin,
+            | AdminOp::MosquittoConfig { .. } => Role::Admin,
         }
     }
 
-    /// Whether the operation changes anything (recorded in the audit log).
+    /// Whether the operation changes anything (recorded in the audit log; a retry is answered
+    /// from memory, not run again).
     pub fn is_change(&self) -> bool {
         !matches!(
             self,
             AdminOp::ArtifactList
+                | AdminOp::MosquittoConfig { .. }
                 | AdminOp::ReleasePlan { .. }
                 | AdminOp::ReleaseList
+                | AdminOp::ReleaseQuery { .. }
                 | AdminOp::ReleaseStatus { .. }
                 | AdminOp::Machines
                 | AdminOp::EventsSince { .. }
@@ -346,6 +377,14 @@ impl AdminOp {
                 | AdminOp::Versions { .. }
                 | AdminOp::History { .. }
         )
+    }
+
+    /// Whether the request is recorded in the audit log: every change, and the start of an
+    /// export of the broker's credentials (`mosquitto_config` without `after`: once per export,
+    /// not once per page). Exporting changes nothing, so a retried page is read again rather
+    /// than kept in memory (a 50,000-machine export is ~50 pages of up to 1.4 MB).
+    pub fn is_audited(&self) -> bool {
+        self.is_change() || matches!(self, AdminOp::MosquittoConfig { after: None, .. })
     }
 }
 
@@ -418,7 +457,7 @@ pub enum AdminReply {
         releases: Vec<ReleaseInfo>,
     },
     Plan {
-        plan: PublishPlan,
+        plan: PlanReport,
     },
     ReleaseStatus {
         status: ReleaseStatus,
@@ -457,13 +496,18 @@ pub enum AdminReply {
     Stats {
         stats: PlatformStats,
     },
-    /// Mosquitto's `password_file` and `acl_file` contents for the whole fleet.
+    /// Mosquitto's `password_file` and `acl_file` contents (one page of them when asked for
+    /// pages: append the next, from `after = next`, while `more`).
     MosquittoFiles {
         passwd: String,
         acl: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<MachineId>,
+        #[serde(default)]
+        more: bool,
     },
     Rollout {
-        rollout: RolloutInfo,
+        rollout: RolloutReport,
     },
     /// One page of `machine_query`: ask again with `after = next` while `more`.
     MachinePage {
@@ -479,6 +523,13 @@ pub enum AdminReply {
     History {
         machine: MachineId,
         targets: Vec<TargetRecord>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        next: Option<ReleaseId>,
+        more: bool,
+    },
+    /// One page of `release_query`: ask again with `after = next` while `more`.
+    ReleasePage {
+        releases: Vec<ReleaseInfo>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         next: Option<ReleaseId>,
         more: bool,
@@ -600,6 +651,118 @@ pub struct PublishPlan {
     /// A staged publish: the rollout it started (only its first wave was notified).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<RolloutInfo>,
+}
+
+/// Most targets in one page of a plan (`release_plan`), and in the first page that a publish,
+/// retry or rollback answers with. A page also ends before its targets pass about 1 MiB of
+/// JSON, less what the rest of the reply takes.
+pub const MAX_PLAN_PAGE: u32 = 1000;
+
+/// Most notice topics a plan reply lists (the first, in publish order); `topics_total` counts
+/// them all.
+pub const PLAN_TOPICS_SHOWN: usize = 1000;
+
+/// Most machines a [`ReleaseInfo`] lists in `machines` in a reply (the first named): a release
+/// retried or published to thousands of machines by name would otherwise carry them all in
+/// every reply that names the release. Every target is in `release_status`.
+pub const RELEASE_MACHINES_SHOWN: usize = 100;
+
+/// Most releases in one `release_list` page (and the default); a page also ends before its
+/// records pass about 1 MiB of JSON.
+pub const MAX_RELEASE_PAGE: u32 = 1000;
+
+/// Most machines in one `mosquitto_config` page (and the default when paging); a page also
+/// ends before its text passes about 1 MiB.
+pub const MAX_MOSQUITTO_PAGE: u32 = 1000;
+
+/// How many target machines a plan reached through one group (`group` absent: named directly).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupCount {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<GroupId>,
+    pub machines: u32,
+}
+
+/// A [`PublishPlan`] as the operator is told it (reply `plan`): the counts over every target and
+/// topic, and bounded lists. `plan.targets` is one page of the targets by machine id (ask
+/// `release_plan` again with `after = next` while `more`), `plan.topics` the first
+/// [`PLAN_TOPICS_SHOWN`] topics, `plan.rollout`'s `order` the first
+/// [`crate::rollout::ROLLOUT_ORDER_SHOWN`] machines, and `plan.release.machines` the first
+/// [`RELEASE_MACHINES_SHOWN`]. On the wire the plan's fields and these sit in one object.
+///
+/// A reply from a platform before bounded plans has no counts: its lists are whole, and the
+/// methods below count them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PlanReport {
+    #[serde(flatten)]
+    pub plan: PublishPlan,
+    /// Every target machine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub targets_total: Option<u32>,
+    /// Every notice topic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topics_total: Option<u32>,
+    /// Every target, counted per group it was reached through: named directly first, then by
+    /// group id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub via: Option<Vec<GroupCount>>,
+    /// The last machine of `plan.targets`: where the next page starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<MachineId>,
+    /// Whether targets follow this page.
+    #[serde(default)]
+    pub more: bool,
+}
+
+impl PlanReport {
+    /// How many machines the plan reaches.
+    pub fn target_count(&self) -> usize {
+        self.targets_total
+            .map_or(self.plan.targets.len(), |n| n as usize)
+    }
+
+    /// How many notices the plan publishes.
+    pub fn topic_count(&self) -> usize {
+        self.topics_total
+            .map_or(self.plan.topics.len(), |n| n as usize)
+    }
+
+    /// The targets per group they were reached through (named directly first).
+    pub fn per_group(&self) -> Vec<GroupCount> {
+        if let Some(via) = &self.via {
+            return via.clone();
+        }
+        let mut counts: BTreeMap<Option<&GroupId>, u32> = BTreeMap::new();
+        for (_, via) in &self.plan.targets {
+            *counts.entry(via.as_ref()).or_default() += 1;
+        }
+        counts
+            .into_iter()
+            .map(|(group, machines)| GroupCount {
+                group: group.cloned(),
+                machines,
+            })
+            .collect()
+    }
+}
+
+impl From<PublishPlan> for PlanReport {
+    /// The whole plan, its lists uncut, as one page.
+    fn from(plan: PublishPlan) -> Self {
+        let mut report = PlanReport {
+            plan,
+            targets_total: None,
+            topics_total: None,
+            via: None,
+            next: None,
+            more: false,
+        };
+        report.via = Some(report.per_group());
+        report.targets_total = Some(report.plan.targets.len() as u32);
+        report.topics_total = Some(report.plan.topics.len() as u32);
+        report.next = report.plan.targets.last().map(|(m, _)| m.clone());
+        report
+    }
 }
 
 /// One step's result for one machine.
@@ -1201,5 +1364,205 @@ mod tests {
             r#"{"reply":"history","machine":"vm-1","targets":[],"more":false}"#
         );
         assert_eq!(serde_json::from_str::<AdminReply>(&json).unwrap(), page);
+    }
+    fn release_json() -> serde_json::Value {
+        serde_json::json!({"id": "r-000007", "kind": "app", "version": "2.4.1",
+            "artifact": {"id": ArtifactId::of(b"a").to_hex(), "size": 2048,
+                "chunk_size": 1024, "name": "app.bin"},
+            "policy": {"type": "immediate"}, "created_at_ms": 1,
+            "machines": ["vm-1"], "groups": ["lab"]})
+    }
+
+    #[test]
+    fn a_plan_reply_carries_its_counts_beside_the_plan_and_an_old_one_counts_its_lists() {
+        // From a platform before bounded plans: whole lists, no counts.
+        let old: AdminReply = serde_json::from_value(serde_json::json!({
+            "reply": "plan",
+            "plan": {"release": release_json(),
+                "topics": ["fleet/machines/vm-1/release/app", "fleet/groups/lab/release/app"],
+                "targets": [["vm-1", null], ["vm-2", "lab"], ["vm-3", "lab"]]}
+        }))
+        .unwrap();
+        let AdminReply::Plan { plan: mut report } = old else {
+            panic!("{old:?}")
+        };
+        assert_eq!((report.target_count(), report.topic_count()), (3, 2));
+        let lab = GroupId::new("lab").unwrap();
+        assert_eq!(
+            report.per_group(),
+            [
+                GroupCount {
+                    group: None,
+                    machines: 1
+                },
+                GroupCount {
+                    group: Some(lab.clone()),
+                    machines: 2
+                }
+            ]
+        );
+        assert_eq!((report.next.as_ref(), report.more), (None, false));
+        // A page of a larger plan: the counts are over everything, the lists a part.
+        report.plan.targets.truncate(1);
+        report.plan.topics.truncate(1);
+        report.targets_total = Some(50_000);
+        report.topics_total = Some(2);
+        report.via = Some(vec![
+            GroupCount {
+                group: None,
+                machines: 1,
+            },
+            GroupCount {
+                group: Some(lab),
+                machines: 49_999,
+            },
+        ]);
+        report.next = Some(MachineId::new("vm-1").unwrap());
+        report.more = true;
+        let json = serde_json::to_value(AdminReply::Plan {
+            plan: report.clone(),
+        })
+        .unwrap();
+        let fields: Vec<&str> = json["plan"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        assert_eq!(
+            fields,
+            [
+                "more",
+                "next",
+                "release",
+                "targets",
+                "targets_total",
+                "topics",
+                "topics_total",
+                "via"
+            ]
+        );
+        assert_eq!(
+            json["plan"]["via"],
+            serde_json::json!([{"machines": 1}, {"group": "lab", "machines": 49_999}])
+        );
+        assert_eq!(json["plan"]["targets"], serde_json::json!([["vm-1", null]]));
+        let back: AdminReply = serde_json::from_value(json).unwrap();
+        assert_eq!(
+            back,
+            AdminReply::Plan {
+                plan: report.clone()
+            }
+        );
+        assert_eq!((report.target_count(), report.topic_count()), (50_000, 2));
+        assert_eq!(report.per_group()[1].machines, 49_999);
+    }
+
+    #[test]
+    fn a_plan_with_a_rollout_keeps_the_rollout_whole_through_the_flattened_plan() {
+        let plan = WavePlan::new(vec![5000], 9500, 500, 0).unwrap();
+        let rollout = RolloutInfo {
+            release: ReleaseId::new("r-000007").unwrap(),
+            plan,
+            order: vec![MachineId::new("vm-2").unwrap()],
+            wave: 0,
+            wave_started_ms: 5,
+            state: crate::rollout::RolloutState::Paused {
+                reason: "by hand".into(),
+            },
+            failures_accepted: 1,
+            log: vec![],
+        };
+        let mut report = PlanReport::from(PublishPlan {
+            release: serde_json::from_value(release_json()).unwrap(),
+            topics: vec![],
+            targets: vec![(MachineId::new("vm-2").unwrap(), None)],
+            rollout: Some(rollout),
+        });
+        report.more = true;
+        let text = serde_json::to_string(&report).unwrap();
+        assert!(
+            text.contains(r#""state":"paused","reason":"by hand""#),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<PlanReport>(&text).unwrap(), report);
+    }
+
+    #[test]
+    fn release_pages_are_a_read_and_unpaged_mosquitto_files_are_the_old_request_and_reply() {
+        let old: AdminOp = serde_json::from_str(r#"{"op":"mosquitto_config"}"#).unwrap();
+        let unpaged = AdminOp::MosquittoConfig {
+            after: None,
+            limit: None,
+        };
+        assert_eq!(old, unpaged);
+        assert_eq!(
+            serde_json::to_string(&unpaged).unwrap(),
+            r#"{"op":"mosquitto_config"}"#
+        );
+        let query = AdminOp::ReleaseQuery {
+            after: Some(ReleaseId::new("r-000009").unwrap()),
+            limit: Some(2),
+        };
+        assert_eq!(
+            serde_json::to_value(&query).unwrap(),
+            serde_json::json!({"op": "release_query", "after": "r-000009", "limit": 2})
+        );
+        assert_eq!(query.name(), "release_query");
+        assert_eq!(query.required_role(), Role::Viewer);
+        assert!(!query.is_change() && !query.is_audited());
+        // An export: admins only, changes nothing, audited once (at its first page).
+        let first = AdminOp::MosquittoConfig {
+            after: None,
+            limit: Some(10),
+        };
+        let next = AdminOp::MosquittoConfig {
+            after: Some(MachineId::new("vm-1").unwrap()),
+            limit: Some(10),
+        };
+        for op in [&first, &next] {
+            assert_eq!(op.required_role(), Role::Admin);
+            assert!(!op.is_change());
+        }
+        assert!(first.is_audited() && !next.is_audited());
+        assert!(AdminOp::KeyRotate.is_audited());
+        assert!(!AdminOp::Stats.is_audited());
+        let page = AdminReply::ReleasePage {
+            releases: vec![serde_json::from_value(release_json()).unwrap()],
+            next: Some(ReleaseId::new("r-000007").unwrap()),
+            more: true,
+        };
+        let json = serde_json::to_value(&page).unwrap();
+        assert_eq!(json["reply"], "release_page");
+        assert_eq!(
+            (&json["next"], &json["more"]),
+            (&serde_json::json!("r-000007"), &serde_json::json!(true))
+        );
+        assert_eq!(serde_json::from_value::<AdminReply>(json).unwrap(), page);
+        let files: AdminReply =
+            serde_json::from_str(r#"{"reply":"mosquitto_files","passwd":"p\n","acl":"a\n"}"#)
+                .unwrap();
+        assert_eq!(
+            files,
+            AdminReply::MosquittoFiles {
+                passwd: "p\n".into(),
+                acl: "a\n".into(),
+                next: None,
+                more: false
+            }
+        );
+        let page = AdminReply::MosquittoFiles {
+            passwd: String::new(),
+            acl: String::new(),
+            next: Some(MachineId::new("vm-9").unwrap()),
+            more: true,
+        };
+        let json = serde_json::to_value(&page).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"reply": "mosquitto_files", "passwd": "", "acl": "",
+                "next": "vm-9", "more": true})
+        );
+        assert_eq!(serde_json::from_value::<AdminReply>(json).unwrap(), page);
     }
 }

@@ -10,7 +10,7 @@ use crate::acl::Role;
 use crate::admin::*;
 use crate::ids::{ArtifactId, GroupId, Kind, MachineId, ReleaseId};
 use crate::release::{InstallPolicy, Target};
-use crate::rollout::{RolloutInfo, WavePlan};
+use crate::rollout::{RolloutReport, WavePlan};
 
 /// One admin operation and the reply that answers it.
 pub trait Call: Into<AdminOp> {
@@ -106,11 +106,14 @@ pub struct Page<T, N> {
     pub more: bool,
 }
 
-/// Mosquitto's `password_file` and `acl_file` contents.
+/// Mosquitto's `password_file` and `acl_file` contents, or one page of them: append the page
+/// from `after = next` while `more`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MosquittoFiles {
     pub passwd: String,
     pub acl: String,
+    pub next: Option<MachineId>,
+    pub more: bool,
 }
 
 /// One page of `history` for `machine`.
@@ -154,11 +157,12 @@ calls! {
     } -> "release" ReleaseInfo { AdminReply::Release { release } => release; r => AdminReply::Release { release: r } }
     ReleasePlan = "release_plan" {
         release: ReleaseId, machines: Vec<MachineId>, groups: Vec<GroupId>, allow_empty: bool,
-    } -> "plan" PublishPlan { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
+        after: Option<MachineId>, limit: Option<u32>,
+    } -> "plan" PlanReport { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
     ReleasePublish = "release_publish" {
         release: ReleaseId, machines: Vec<MachineId>, groups: Vec<GroupId>, allow_empty: bool,
         waves: Option<WavePlan>,
-    } -> "plan" PublishPlan { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
+    } -> "plan" PlanReport { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
     ReleaseList = "release_list" {} -> "releases" Vec<ReleaseInfo> { AdminReply::Releases { releases } => releases; r => AdminReply::Releases { releases: r } }
     ReleaseStatus = "release_status" { release: ReleaseId, after: Option<MachineId>, limit: Option<u32> }
         -> "release_status" crate::admin::ReleaseStatus { AdminReply::ReleaseStatus { status } => status; r => AdminReply::ReleaseStatus { status: r } }
@@ -168,7 +172,7 @@ calls! {
     } -> "provisioned" ProvisionedMachine { AdminReply::Provisioned { machine } => machine; r => AdminReply::Provisioned { machine: r } }
     Rollback = "rollback" {
         target: Target, kind: Kind, to: Option<String>, allow_empty: bool,
-    } -> "plan" PublishPlan { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
+    } -> "plan" PlanReport { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
     Activate = "activate" { release: ReleaseId, machines: Vec<MachineId> }
         -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
     MachineProvisionBatch = "machine_provision_batch" { machines: Vec<MachineSpec>, rotate: bool }
@@ -192,21 +196,22 @@ calls! {
         p => AdminReply::Audit { entries: p.items, next: p.next, more: p.more }
     }
     KeyRotate = "key_rotate" {} -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
-    MosquittoConfig = "mosquitto_config" {} -> "mosquitto_files" MosquittoFiles {
-        AdminReply::MosquittoFiles { passwd, acl } => MosquittoFiles { passwd, acl };
-        f => AdminReply::MosquittoFiles { passwd: f.passwd, acl: f.acl }
+    MosquittoConfig = "mosquitto_config" { after: Option<MachineId>, limit: Option<u32> }
+        -> "mosquitto_files" MosquittoFiles {
+        AdminReply::MosquittoFiles { passwd, acl, next, more } => MosquittoFiles { passwd, acl, next, more };
+        f => AdminReply::MosquittoFiles { passwd: f.passwd, acl: f.acl, next: f.next, more: f.more }
     }
     Stats = "stats" {} -> "stats" PlatformStats { AdminReply::Stats { stats } => stats; r => AdminReply::Stats { stats: r } }
     RolloutStatus = "rollout_status" { release: ReleaseId }
-        -> "rollout" RolloutInfo { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
+        -> "rollout" RolloutReport { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
     RolloutPause = "rollout_pause" { release: ReleaseId }
-        -> "rollout" RolloutInfo { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
+        -> "rollout" RolloutReport { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
     RolloutResume = "rollout_resume" { release: ReleaseId, advance: bool }
-        -> "rollout" RolloutInfo { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
+        -> "rollout" RolloutReport { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
     RolloutCancel = "rollout_cancel" { release: ReleaseId }
-        -> "rollout" RolloutInfo { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
+        -> "rollout" RolloutReport { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
     ReleaseRetry = "release_retry" { release: ReleaseId, machines: Vec<MachineId>, failed: bool }
-        -> "plan" PublishPlan { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
+        -> "plan" PlanReport { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
     MachineQuery = "machine_query" {
         filter: MachineFilter, after: Option<MachineId>, limit: Option<u32>,
     } -> "machine_page" Page<MachineInfo, Option<MachineId>> {
@@ -228,6 +233,11 @@ calls! {
             next: h.page.next,
             more: h.page.more,
         }
+    }
+    ReleaseQuery = "release_query" { after: Option<ReleaseId>, limit: Option<u32> }
+        -> "release_page" Page<ReleaseInfo, Option<ReleaseId>> {
+        AdminReply::ReleasePage { releases, next, more } => Page { items: releases, next, more };
+        p => AdminReply::ReleasePage { releases: p.items, next: p.next, more: p.more }
     }
 }
 
@@ -300,9 +310,23 @@ mod tests {
                 machines: vec![m("vm-1")],
                 groups: vec![g("lab")],
                 allow_empty: true,
+                after: None,
+                limit: None,
             },
             json!({"op": "release_plan", "release": "r-1", "machines": ["vm-1"],
                 "groups": ["lab"], "allow_empty": true}),
+        );
+        wire(
+            ReleasePlan {
+                release: r("r-1"),
+                machines: vec![],
+                groups: vec![g("lab")],
+                allow_empty: false,
+                after: Some(m("vm-7")),
+                limit: Some(2),
+            },
+            json!({"op": "release_plan", "release": "r-1", "machines": [], "groups": ["lab"],
+                "after": "vm-7", "limit": 2}),
         );
         wire(
             ReleasePublish {
@@ -316,6 +340,20 @@ mod tests {
                 "waves": waves}),
         );
         wire(ReleaseList {}, json!({"op": "release_list"}));
+        wire(
+            ReleaseQuery {
+                after: None,
+                limit: None,
+            },
+            json!({"op": "release_query"}),
+        );
+        wire(
+            ReleaseQuery {
+                after: Some(r("r-000009")),
+                limit: Some(50),
+            },
+            json!({"op": "release_query", "after": "r-000009", "limit": 50}),
+        );
         wire(
             ReleaseStatus {
                 release: r("r-2"),
@@ -404,7 +442,20 @@ mod tests {
             json!({"op": "audit", "since": 3}),
         );
         wire(KeyRotate {}, json!({"op": "key_rotate"}));
-        wire(MosquittoConfig {}, json!({"op": "mosquitto_config"}));
+        wire(
+            MosquittoConfig {
+                after: None,
+                limit: None,
+            },
+            json!({"op": "mosquitto_config"}),
+        );
+        wire(
+            MosquittoConfig {
+                after: Some(m("vm-9")),
+                limit: Some(500),
+            },
+            json!({"op": "mosquitto_config", "after": "vm-9", "limit": 500}),
+        );
         wire(Stats {}, json!({"op": "stats"}));
         for (op, call) in [
             (
@@ -493,6 +544,13 @@ mod tests {
         round::<MosquittoConfig>(AdminReply::MosquittoFiles {
             passwd: "p".into(),
             acl: "a".into(),
+            next: Some(m("vm-2")),
+            more: true,
+        });
+        round::<ReleaseQuery>(AdminReply::ReleasePage {
+            releases: vec![],
+            next: Some(r("r-000002")),
+            more: true,
         });
         round::<MachineQuery>(AdminReply::MachinePage {
             machines: vec![],

@@ -190,6 +190,41 @@ pub struct RolloutInfo {
     pub log: Vec<RolloutTransition>,
 }
 
+/// Most machines of a rollout's `order` a reply lists (the first, so the first waves are
+/// shown whole); [`RolloutReport::order_total`] counts them all.
+pub const ROLLOUT_ORDER_SHOWN: usize = 1000;
+
+/// A rollout as a reply carries it (reply `rollout`): `order` cut to its first
+/// [`ROLLOUT_ORDER_SHOWN`] machines, so the reply stays small however many machines the
+/// rollout has. On the wire, `order_total` sits beside the rollout's own fields.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutReport {
+    #[serde(flatten)]
+    pub rollout: RolloutInfo,
+    /// How many machines the whole `order` holds. Absent from a platform before this field:
+    /// `order` is whole.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_total: Option<u32>,
+}
+
+impl RolloutReport {
+    /// The reply for `rollout`: its order cut, its length kept.
+    pub fn new(mut rollout: RolloutInfo) -> Self {
+        let total = rollout.order.len() as u32;
+        rollout.order.truncate(ROLLOUT_ORDER_SHOWN);
+        Self {
+            rollout,
+            order_total: Some(total),
+        }
+    }
+
+    /// How many machines the rollout has.
+    pub fn targets(&self) -> usize {
+        self.order_total
+            .map_or(self.rollout.order.len(), |n| n as usize)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -230,5 +265,43 @@ mod tests {
         assert_eq!(ends, [1, 2, 3, 3]);
         assert_eq!(p.cumulative(0, 0), 0);
         assert_eq!(p.cumulative(3, 0), 0);
+    }
+    fn rollout(n: usize) -> RolloutInfo {
+        RolloutInfo {
+            release: crate::ids::ReleaseId::new("r-000007").unwrap(),
+            plan: WavePlan::new(vec![100, 1000], 9500, 500, 0).unwrap(),
+            order: (0..n)
+                .map(|i| MachineId::new(format!("vm-{i:05}")).unwrap())
+                .collect(),
+            wave: 1,
+            wave_started_ms: 5,
+            state: RolloutState::Cancelled {
+                reason: "by hand".into(),
+            },
+            failures_accepted: 0,
+            log: vec![],
+        }
+    }
+
+    #[test]
+    fn a_rollout_reply_cuts_its_order_and_counts_it_beside_the_rollout_fields() {
+        let whole = rollout(ROLLOUT_ORDER_SHOWN + 7);
+        let report = RolloutReport::new(whole.clone());
+        assert_eq!(report.rollout.order, whole.order[..ROLLOUT_ORDER_SHOWN]);
+        assert_eq!(report.targets(), ROLLOUT_ORDER_SHOWN + 7);
+        let json = serde_json::to_value(&report).unwrap();
+        assert_eq!(json["order_total"], ROLLOUT_ORDER_SHOWN as u64 + 7);
+        assert_eq!(json["state"], "cancelled");
+        assert_eq!(json["reason"], "by hand");
+        assert_eq!(json["order"].as_array().unwrap().len(), ROLLOUT_ORDER_SHOWN);
+        assert_eq!(
+            serde_json::from_value::<RolloutReport>(json).unwrap(),
+            report
+        );
+        // From a platform before `order_total`: the order is whole.
+        let old = serde_json::to_value(rollout(3)).unwrap();
+        let read: RolloutReport = serde_json::from_value(old).unwrap();
+        assert_eq!((read.order_total, read.targets()), (None, 3));
+        assert_eq!(read.rollout, rollout(3));
     }
 }

@@ -2,9 +2,10 @@
 //! stored events and key rotation.
 
 use clap::{Args, Subcommand};
+use fleetcast_broker::admin::{AdminClient, AdminError};
 use fleetcast_proto::acl::Role;
 use fleetcast_proto::admin::{
-    AuditEntry, FleetEvent, IntegratorProfile, OperatorInfo, OperatorProfile,
+    AuditEntry, FleetEvent, IntegratorProfile, OperatorInfo, OperatorProfile, MAX_MOSQUITTO_PAGE,
 };
 use fleetcast_proto::calls::{self, Call, Page};
 use serde::Serialize;
@@ -255,8 +256,10 @@ pub async fn broker(cmd: BrokerCmd, client: &ClientArgs) -> anyhow::Result<()> {
     use anyhow::Context;
     match cmd {
         BrokerCmd::MosquittoConfig { out } => {
-            let calls::MosquittoFiles { passwd, acl } =
-                client.call(calls::MosquittoConfig {}).await?;
+            let admin = client.connect().await?;
+            let files = mosquitto_files_all(&admin, None).await;
+            admin.close().await;
+            let calls::MosquittoFiles { passwd, acl, .. } = files?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let out = std::fs::canonicalize(&out)?;
             let (p, a, c) = (
@@ -277,6 +280,33 @@ pub async fn broker(cmd: BrokerCmd, client: &ClientArgs) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// Mosquitto's files for the whole fleet, asked for in pages of `limit` machines (None: the
+/// platform's most) and appended in order.
+pub async fn mosquitto_files_all(
+    admin: &AdminClient,
+    limit: Option<u32>,
+) -> Result<calls::MosquittoFiles, AdminError> {
+    let limit = Some(limit.unwrap_or(MAX_MOSQUITTO_PAGE));
+    let mut files = admin
+        .call(calls::MosquittoConfig { after: None, limit })
+        .await?;
+    // A page that names no cursor cannot be continued, whatever it says.
+    while let (Some(after), true) = (files.next.take(), files.more) {
+        let page = admin
+            .call(calls::MosquittoConfig {
+                after: Some(after),
+                limit,
+            })
+            .await?;
+        files.passwd.push_str(&page.passwd);
+        files.acl.push_str(&page.acl);
+        files.next = page.next;
+        files.more = page.more;
+    }
+    files.more = false;
+    Ok(files)
 }
 
 /// The operator's profile, as `--profile` reads it.

@@ -4,8 +4,10 @@ use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use clap::Subcommand;
+use fleetcast_broker::admin::{AdminClient, AdminError};
 use fleetcast_proto::admin::{
-    PublishPlan, ReleaseInfo, ReleaseStatus, RolloutProgress, StepResult,
+    PlanReport, ReleaseInfo, ReleaseStatus, RolloutProgress, StepResult, MAX_PLAN_PAGE,
+    RELEASE_MACHINES_SHOWN,
 };
 use fleetcast_proto::calls;
 use fleetcast_proto::rollout::{parse_share, WavePlan};
@@ -155,17 +157,23 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             }
             let admin = client.connect().await?;
             let result = async {
-                let plan = admin
-                    .call(calls::ReleasePlan {
-                        release: release.clone(),
-                        machines: machines.clone(),
-                        groups: groups.clone(),
-                        allow_empty,
-                    })
-                    .await?;
+                let ask = calls::ReleasePlan {
+                    release: release.clone(),
+                    machines: machines.clone(),
+                    groups: groups.clone(),
+                    allow_empty,
+                    after: None,
+                    limit: Some(MAX_PLAN_PAGE),
+                };
+                // The summary needs the first page only (it has every count); --list, all.
+                let plan = if list {
+                    plan_all(&admin, ask, None).await?
+                } else {
+                    admin.call(ask).await?
+                };
                 let mut text = plan_text(&plan, &groups, list);
                 if let Some(w) = &waves {
-                    text.push_str(&super::rollout::waves_text(w, plan.targets.len()));
+                    text.push_str(&super::rollout::waves_text(w, plan.target_count()));
                 }
                 if json {
                     eprint!("{text}");
@@ -187,23 +195,24 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
                 if json {
                     return print_json(&plan);
                 }
-                if let Some(r) = &plan.rollout {
+                let r = &plan.plan.release;
+                if let Some(rollout) = &plan.plan.rollout {
                     println!(
                         "published {} (seq {}) in {} waves: wave 1 sent to {} of {} machine(s); follow it with `fleetcast rollout status {}`",
-                        plan.release.id,
-                        plan.release.seq,
-                        r.plan.waves_bp.len(),
-                        plan.topics.len(),
-                        plan.targets.len(),
-                        plan.release.id
+                        r.id,
+                        r.seq,
+                        rollout.plan.waves_bp.len(),
+                        plan.topic_count(),
+                        plan.target_count(),
+                        r.id
                     );
                     return Ok(());
                 }
                 println!(
                     "published {} (seq {}) to {} machine(s)",
-                    plan.release.id,
-                    plan.release.seq,
-                    plan.targets.len()
+                    r.id,
+                    r.seq,
+                    plan.target_count()
                 );
                 Ok(())
             }
@@ -228,14 +237,7 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             if json {
                 return print_json(&plan);
             }
-            let names: Vec<&str> = plan.targets.iter().map(|(m, _)| m.as_str()).collect();
-            println!(
-                "sent {} again (seq {}) to {} machine(s): {}",
-                plan.release.id,
-                plan.release.seq,
-                names.len(),
-                names.join(", ")
-            );
+            println!("{}", retry_text(&plan));
             Ok(())
         }
         ReleaseCmd::Status {
@@ -268,7 +270,13 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             result
         }
         ReleaseCmd::List { json } => {
-            let releases = client.call(calls::ReleaseList {}).await?;
+            let releases = super::inventory::fetch_all(
+                client,
+                None,
+                |after, limit| calls::ReleaseQuery { after, limit },
+                |page| page,
+            )
+            .await?;
             if json {
                 return print_json(&releases);
             }
@@ -459,18 +467,76 @@ pub fn watch_view(status: &ReleaseStatus) -> WatchView {
     }
 }
 
+/// The plan `ask` names, every page of its targets joined into one (`first`: its first page,
+/// when already at hand), as if the platform had sent it whole. Pages are of `ask.limit`
+/// targets (None: the platform's most).
+pub async fn plan_all(
+    admin: &AdminClient,
+    mut ask: calls::ReleasePlan,
+    first: Option<PlanReport>,
+) -> Result<PlanReport, AdminError> {
+    ask.limit.get_or_insert(MAX_PLAN_PAGE);
+    let mut plan = match first {
+        Some(p) => p,
+        None => admin.call(ask.clone()).await?,
+    };
+    // A page that names no cursor cannot be continued, whatever it says.
+    while let (Some(next), true) = (plan.next.take(), plan.more) {
+        ask.after = Some(next);
+        let mut page = admin.call(ask.clone()).await?;
+        plan.plan.targets.append(&mut page.plan.targets);
+        plan.next = page.next;
+        plan.more = page.more;
+    }
+    plan.more = false;
+    Ok(plan)
+}
+
+/// Machines `release retry` names; the others are counted.
+pub const RETRY_SHOWN: usize = 20;
+
+/// What `release retry` says it did.
+pub fn retry_text(plan: &PlanReport) -> String {
+    let names: Vec<&str> = plan
+        .plan
+        .targets
+        .iter()
+        .take(RETRY_SHOWN)
+        .map(|(m, _)| m.as_str())
+        .collect();
+    let total = plan.target_count();
+    let more = match total.saturating_sub(names.len()) {
+        0 => String::new(),
+        n => format!(" and {n} more (`fleetcast release status` lists them)"),
+    };
+    format!(
+        "sent {} again (seq {}) to {total} machine(s): {}{more}",
+        plan.plan.release.id,
+        plan.plan.release.seq,
+        names.join(", ")
+    )
+}
+
 /// How many topics and target machines a plan shows before "and N more" (`--list`: all).
 pub const PLAN_SHOWN: usize = 10;
 
 /// What a publish will send, for the confirmation prompt: the release, the retained notices,
 /// and the target machines, counted per group; the first [`PLAN_SHOWN`] topics and machines
-/// are listed, or all of them with `list`.
-pub fn plan_text(plan: &PublishPlan, groups: &[GroupId], list: bool) -> String {
+/// are listed, or all that `plan` holds with `list` (every target once [`plan_all`] fetched
+/// them; the platform names the first [`fleetcast_proto::admin::PLAN_TOPICS_SHOWN`] topics).
+pub fn plan_text(report: &PlanReport, groups: &[GroupId], list: bool) -> String {
+    let plan = &report.plan;
     let r = &plan.release;
     let shown = if list { usize::MAX } else { PLAN_SHOWN };
-    let more = |out: &mut String, total: usize| {
-        if total > shown {
-            let _ = writeln!(out, "  and {} more (--list shows all)", total - shown);
+    let more = |out: &mut String, listed: usize, total: usize| {
+        let listed = listed.min(shown);
+        if total > listed {
+            let hint = if list {
+                "not listed"
+            } else {
+                "--list shows all"
+            };
+            let _ = writeln!(out, "  and {} more ({hint})", total - listed);
         }
     };
     let mut out = String::new();
@@ -489,24 +555,26 @@ pub fn plan_text(plan: &PublishPlan, groups: &[GroupId], list: bool) -> String {
         r.policy,
         if r.rollback { " (rollback)" } else { "" }
     );
-    let _ = writeln!(out, "notices (retained): {}", plan.topics.len());
+    let _ = writeln!(out, "notices (retained): {}", report.topic_count());
     for t in plan.topics.iter().take(shown) {
         let _ = writeln!(out, "  {t}");
     }
-    more(&mut out, plan.topics.len());
-    let mut per_group: BTreeMap<Option<&GroupId>, usize> = BTreeMap::new();
-    for (_, via) in &plan.targets {
-        *per_group.entry(via.as_ref()).or_default() += 1;
-    }
+    more(&mut out, plan.topics.len(), report.topic_count());
+    let per_group: BTreeMap<Option<GroupId>, u32> = report
+        .per_group()
+        .into_iter()
+        .map(|c| (c.group, c.machines))
+        .collect();
     for g in groups {
-        if !per_group.contains_key(&Some(g)) {
+        if !per_group.contains_key(&Some(g.clone())) {
             let _ = writeln!(out, "note: no machine is reached only through group {g} (no provisioned members yet, or all named directly); machines that join it later still get the notice");
         }
     }
-    let _ = writeln!(out, "target machines: {}", plan.targets.len());
-    let width = plan.targets.len().to_string().len();
+    let total = report.target_count();
+    let _ = writeln!(out, "target machines: {total}");
+    let width = total.to_string().len();
     // Groups by name, then the machines named directly.
-    let mut counts: Vec<(Option<&GroupId>, usize)> = per_group.into_iter().collect();
+    let mut counts: Vec<(Option<GroupId>, u32)> = per_group.into_iter().collect();
     let direct_first = counts.first().is_some_and(|(g, _)| g.is_none());
     counts.rotate_left(usize::from(direct_first));
     for (via, n) in counts {
@@ -534,7 +602,7 @@ pub fn plan_text(plan: &PublishPlan, groups: &[GroupId], list: bool) -> String {
     for line in table::render(&["MACHINE", "VIA"], &rows).lines() {
         let _ = writeln!(out, "  {line}");
     }
-    more(&mut out, plan.targets.len());
+    more(&mut out, plan.targets.len(), total);
     out
 }
 
@@ -629,7 +697,12 @@ pub fn list_text(releases: &[ReleaseInfo]) -> String {
     let rows: Vec<Vec<String>> = releases
         .iter()
         .map(|r| {
-            let mut targets: Vec<String> = r.machines.iter().map(|m| m.to_string()).collect();
+            // The platform names at most the first RELEASE_MACHINES_SHOWN: past that, a count.
+            let mut targets: Vec<String> = if r.machines.len() >= RELEASE_MACHINES_SHOWN {
+                vec![format!("{}+ machines", r.machines.len())]
+            } else {
+                r.machines.iter().map(|m| m.to_string()).collect()
+            };
             targets.extend(r.groups.iter().map(|g| format!("group:{g}")));
             vec![
                 r.id.to_string(),
@@ -663,7 +736,7 @@ pub fn list_text(releases: &[ReleaseInfo]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetcast_proto::admin::TargetRecord;
+    use fleetcast_proto::admin::{PublishPlan, TargetRecord};
 
     fn release() -> ReleaseInfo {
         let mut r = crate::fixtures::release("r-000001", "2.4.1");
@@ -785,7 +858,7 @@ release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
 
     #[test]
     fn the_plan_lists_topics_targets_and_groups_without_members() {
-        let plan = PublishPlan {
+        let plan = PlanReport::from(PublishPlan {
             release: release(),
             topics: vec![
                 "fleet/machines/vm-001/release/app".into(),
@@ -793,7 +866,7 @@ release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
             ],
             targets: vec![(MachineId::new("vm-001").unwrap(), None)],
             rollout: None,
-        };
+        });
         let text = plan_text(&plan, &[GroupId::new("empty").unwrap()], false);
         assert!(
             text.contains("  fleet/groups/empty/release/app\n"),
@@ -804,7 +877,7 @@ release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
     }
 
     /// A plan to `n` machines: every third named directly, the others via group a or b.
-    fn plan_to(n: usize) -> PublishPlan {
+    fn plan_to(n: usize) -> PlanReport {
         let targets: Vec<(MachineId, Option<GroupId>)> = (1..=n)
             .map(|i| {
                 let via = match i % 3 {
@@ -825,12 +898,12 @@ release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
                 .filter(|(_, via)| via.is_none())
                 .map(|(m, _)| format!("fleet/machines/{m}/release/app")),
         );
-        PublishPlan {
+        PlanReport::from(PublishPlan {
             release: release(),
             topics,
             targets,
             rollout: None,
-        }
+        })
     }
 
     fn groups_ab() -> Vec<GroupId> {
@@ -852,7 +925,7 @@ notices (retained): 12
         let head: String = text.lines().take(6).map(|l| format!("{l}\n")).collect();
         assert_eq!(
             head,
-            expected_head.replace("XXXX", &plan.release.artifact.id.short())
+            expected_head.replace("XXXX", &plan.plan.release.artifact.id.short())
         );
         assert!(
             text.contains("  and 2 more (--list shows all)\ntarget machines: 30\n"),

@@ -4,7 +4,7 @@ use clap::{ArgGroup, Args};
 use fleetcast_proto::calls;
 use fleetcast_proto::{GroupId, Kind, MachineId, ReleaseId, Target};
 
-use super::release::plan_text;
+use super::release::{plan_all, plan_text};
 use super::{confirm, parse_list, print_json, ClientArgs};
 
 #[derive(Args)]
@@ -57,26 +57,47 @@ pub async fn rollback(args: RollbackArgs, client: &ClientArgs) -> anyhow::Result
     if !confirm(&what, args.yes)? {
         anyhow::bail!("not rolled back");
     }
-    let plan = client
-        .call(calls::Rollback {
-            target,
-            kind: args.kind,
-            to: args.to,
-            allow_empty: args.allow_empty,
-        })
-        .await?;
+    let admin = client.connect().await?;
+    let result = async {
+        let (machines, groups) = match &target {
+            Target::Machine(m) => (vec![m.clone()], vec![]),
+            Target::Group(g) => (vec![], vec![g.clone()]),
+        };
+        let mut plan = admin
+            .call(calls::Rollback {
+                target,
+                kind: args.kind,
+                to: args.to,
+                allow_empty: args.allow_empty,
+            })
+            .await?;
+        if args.list && plan.more {
+            // The rest of the targets, as the rollback release's plan names them now.
+            let ask = calls::ReleasePlan {
+                release: plan.plan.release.id.clone(),
+                machines,
+                groups,
+                allow_empty: args.allow_empty,
+                after: None,
+                limit: None,
+            };
+            plan = plan_all(&admin, ask, Some(plan)).await?;
+        }
+        anyhow::Ok(plan)
+    }
+    .await;
+    admin.close().await;
+    let plan = result?;
+    let release = &plan.plan.release;
     if args.quiet {
-        println!("{}", plan.release.id);
+        println!("{}", release.id);
         return Ok(());
     }
     if args.json {
         return print_json(&plan);
     }
-    print!("{}", plan_text(&plan, &plan.release.groups, args.list));
-    println!(
-        "published rollback {} (seq {})",
-        plan.release.id, plan.release.seq
-    );
+    print!("{}", plan_text(&plan, &release.groups, args.list));
+    println!("published rollback {} (seq {})", release.id, release.seq);
     Ok(())
 }
 

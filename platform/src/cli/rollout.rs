@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use clap::Subcommand;
 use fleetcast_proto::calls;
-use fleetcast_proto::rollout::{share_text, RolloutInfo, RolloutState, WavePlan};
+use fleetcast_proto::rollout::{share_text, RolloutReport, RolloutState, WavePlan};
 use fleetcast_proto::ReleaseId;
 
 use super::{confirm, print_json, table, ClientArgs};
@@ -106,9 +106,10 @@ pub fn waves_text(plan: &WavePlan, targets: usize) -> String {
     out
 }
 
-pub fn rollout_text(r: &RolloutInfo) -> String {
+pub fn rollout_text(report: &RolloutReport) -> String {
     let mut out = String::new();
-    let n = r.order.len();
+    let r = &report.rollout;
+    let n = report.targets();
     let state = match &r.state {
         RolloutState::Paused { reason } => format!("paused: {reason}"),
         RolloutState::Cancelled { reason } => format!("cancelled: {reason}"),
@@ -147,7 +148,7 @@ pub fn rollout_text(r: &RolloutInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use fleetcast_proto::rollout::RolloutTransition;
+    use fleetcast_proto::rollout::{RolloutInfo, RolloutTransition};
     use fleetcast_proto::MachineId;
 
     #[test]
@@ -174,7 +175,7 @@ mod tests {
                 by: None,
             }],
         };
-        let text = rollout_text(&r);
+        let text = rollout_text(&RolloutReport::new(r));
         assert!(text.starts_with("rollout of r-000007: paused: wave 2: 2 of 20 machines failed (10%), above the failure threshold 5%\nwave 2 of 4: 20 of 200 machines notified\n"), "{text}");
         assert!(text.contains("waves (cumulative): 1% = 2, 10% = 20, 50% = 100, 100% = 200"));
         assert!(text.contains("or a wave runs 3600 s"));

@@ -1,13 +1,20 @@
 //! `release_create`, `release_plan`, `release_publish`, `release_retry`, `release_list`,
-//! `release_status`, `rollback`, `activate`.
+//! `release_query`, `release_status`, `rollback`, `activate`.
+//!
+//! Every reply stays bounded however many machines a release reaches: plans answer counts and
+//! one page of targets ([`plan_report`]), releases name at most
+//! [`RELEASE_MACHINES_SHOWN`] machines ([`shown`]), and lists come in pages.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 
 use fleetcast_proto::admin::{
-    PublishPlan, ReleaseInfo, ReleaseStatus, TargetRecord, MAX_STATUS_PAGE,
+    GroupCount, PlanReport, PublishPlan, ReleaseInfo, ReleaseStatus, TargetRecord, MAX_PLAN_PAGE,
+    MAX_RELEASE_PAGE, MAX_STATUS_PAGE, PLAN_TOPICS_SHOWN, RELEASE_MACHINES_SHOWN,
 };
-use fleetcast_proto::calls;
-use fleetcast_proto::{InstallPolicy, Kind, MachineId, Phase, Target};
+use fleetcast_proto::calls::{self, Page};
+use fleetcast_proto::rollout::ROLLOUT_ORDER_SHOWN;
+use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId, Target};
 
 use crate::context::Ctx;
 use crate::domain::release;
@@ -18,17 +25,25 @@ use crate::publish;
 use crate::staged;
 
 pub async fn create(ctx: &Ctx, c: calls::ReleaseCreate) -> Result<ReleaseInfo, OpError> {
-    create_release(ctx, c.kind, c.version, c.policy, c.notes, false).await
+    create_release(ctx, c.kind, c.version, c.policy, c.notes, false)
+        .await
+        .map(shown)
 }
 
-/// What publishing would send, without sending.
-pub fn plan(ctx: &Ctx, c: calls::ReleasePlan) -> Result<PublishPlan, OpError> {
+/// What publishing would send, without sending: one page of it, or (asked without `after`
+/// and `limit`, as before paging) all of it.
+pub fn plan(ctx: &Ctx, c: calls::ReleasePlan) -> Result<PlanReport, OpError> {
     let info = known_release(&*ctx.store, &c.release)?;
-    publish::plan(ctx, &info, &c.machines, &c.groups, c.allow_empty)
+    let mut plan = publish::plan(ctx, &info, &c.machines, &c.groups, c.allow_empty)?;
+    if c.after.is_none() && c.limit.is_none() {
+        plan.release = shown(plan.release);
+        return Ok(PlanReport::from(plan));
+    }
+    Ok(plan_report(plan, c.after.as_ref(), c.limit))
 }
 
 /// Publishes at once, or (with waves) starts a staged rollout.
-pub async fn publish(ctx: &Ctx, c: calls::ReleasePublish) -> Result<PublishPlan, OpError> {
+pub async fn publish(ctx: &Ctx, c: calls::ReleasePublish) -> Result<PlanReport, OpError> {
     let info = known_release(&*ctx.store, &c.release)?;
     let (machines, groups, allow_empty) = (&c.machines, &c.groups, c.allow_empty);
     let plan = match c.waves {
@@ -36,22 +51,130 @@ pub async fn publish(ctx: &Ctx, c: calls::ReleasePublish) -> Result<PublishPlan,
         None => publish::publish(ctx, &info, machines, groups, allow_empty).await?,
     };
     tracing::info!(release = %c.release, targets = plan.targets.len(), "release published");
-    Ok(plan)
+    Ok(plan_report(plan, None, None))
 }
 
 /// Sends the release again to the named machines, or with `failed` to every failed target
 /// (each starts a new round: a higher seq, attempt 1 again).
-pub async fn retry(ctx: &Ctx, c: calls::ReleaseRetry) -> Result<PublishPlan, OpError> {
+pub async fn retry(ctx: &Ctx, c: calls::ReleaseRetry) -> Result<PlanReport, OpError> {
     let info = known_release(&*ctx.store, &c.release)?;
     let targets = ctx.store.targets_of(&c.release)?;
     let chosen = release::retry_targets(&c.release, &targets, &c.machines, c.failed)?;
-    publish::publish(ctx, &info, &chosen, &[], false).await
+    let plan = publish::publish(ctx, &info, &chosen, &[], false).await?;
+    Ok(plan_report(plan, None, None))
 }
 
+/// Every release at once, in the order they were made.
 pub fn list(ctx: &Ctx, _: calls::ReleaseList) -> Result<Vec<ReleaseInfo>, OpError> {
-    let mut releases = ctx.store.releases()?;
-    releases.sort_by(|a, b| a.id.cmp(&b.id));
-    Ok(releases)
+    Ok(release_page(ctx.store.releases()?, None, None).items)
+}
+
+/// One page of the releases, in the order they were made.
+pub fn query(
+    ctx: &Ctx,
+    c: calls::ReleaseQuery,
+) -> Result<Page<ReleaseInfo, Option<ReleaseId>>, OpError> {
+    let limit = c.limit.unwrap_or(MAX_RELEASE_PAGE);
+    Ok(release_page(
+        ctx.store.releases()?,
+        c.after.as_ref(),
+        Some(limit),
+    ))
+}
+
+/// The releases made after `after` (in [`inventory::release_order`]), each [`shown`]: at most
+/// `page` of them (capped at [`MAX_RELEASE_PAGE`]) and [`PAGE_BYTES`] of JSON (at least one),
+/// or all of them without `page`.
+pub fn release_page(
+    mut releases: Vec<ReleaseInfo>,
+    after: Option<&ReleaseId>,
+    page: Option<u32>,
+) -> Page<ReleaseInfo, Option<ReleaseId>> {
+    releases.sort_by(|a, b| inventory::release_order(&a.id, &b.id));
+    let start = after.map_or(0, |a| {
+        releases.partition_point(|r| inventory::release_order(&r.id, a).is_le())
+    });
+    let (limit, budget) = match page {
+        Some(limit) => (limit.min(MAX_RELEASE_PAGE) as usize, PAGE_BYTES),
+        None => (usize::MAX, usize::MAX),
+    };
+    let rest = releases
+        .into_iter()
+        .skip(start)
+        .map(shown)
+        .map(Ok::<_, Infallible>);
+    let (items, more) = match inventory::page(rest, limit, budget) {
+        Ok(p) => p,
+        Err(never) => match never {},
+    };
+    let next = items.last().map(|r| r.id.clone()).or(after.cloned());
+    Page { items, next, more }
+}
+
+/// `release` as a reply names it: at most its first [`RELEASE_MACHINES_SHOWN`] named machines.
+pub fn shown(mut release: ReleaseInfo) -> ReleaseInfo {
+    release.machines.truncate(RELEASE_MACHINES_SHOWN);
+    release
+}
+
+/// Bytes of `value` as JSON.
+fn json_len<T: serde::Serialize>(value: &T) -> usize {
+    serde_json::to_vec(value).map_or(0, |v| v.len())
+}
+
+/// `plan` as the operator is told it: the counts of every target, topic and group, and the
+/// page of targets (by machine id) after `after`, at most `limit` (capped at
+/// [`MAX_PLAN_PAGE`]; `0`: the counts alone) and what is left of [`PAGE_BYTES`] of JSON after
+/// the rest of the reply (at least one target). Topics, the rollout's order and the release's
+/// named machines are cut to their first few.
+pub fn plan_report(plan: PublishPlan, after: Option<&MachineId>, limit: Option<u32>) -> PlanReport {
+    let PublishPlan {
+        release,
+        mut topics,
+        mut targets,
+        mut rollout,
+    } = plan;
+    targets.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut per_group: BTreeMap<Option<&GroupId>, u32> = BTreeMap::new();
+    for (_, via) in &targets {
+        *per_group.entry(via.as_ref()).or_default() += 1;
+    }
+    let via: Vec<GroupCount> = per_group
+        .into_iter()
+        .map(|(group, machines)| GroupCount {
+            group: group.cloned(),
+            machines,
+        })
+        .collect();
+    let targets_total = targets.len() as u32;
+    let topics_total = topics.len() as u32;
+    topics.truncate(PLAN_TOPICS_SHOWN);
+    if let Some(r) = &mut rollout {
+        r.order.truncate(ROLLOUT_ORDER_SHOWN);
+    }
+    let release = shown(release);
+    let rest = json_len(&release) + json_len(&topics) + json_len(&rollout) + json_len(&via);
+    let start = after.map_or(0, |a| targets.partition_point(|(m, _)| m <= a));
+    let limit = limit.unwrap_or(MAX_PLAN_PAGE).min(MAX_PLAN_PAGE) as usize;
+    let page = targets.into_iter().skip(start).map(Ok::<_, Infallible>);
+    let (page, more) = match inventory::page(page, limit, PAGE_BYTES.saturating_sub(rest)) {
+        Ok(p) => p,
+        Err(never) => match never {},
+    };
+    let next = page.last().map(|(m, _)| m.clone()).or(after.cloned());
+    PlanReport {
+        plan: PublishPlan {
+            release,
+            topics,
+            targets: page,
+            rollout,
+        },
+        targets_total: Some(targets_total),
+        topics_total: Some(topics_total),
+        via: Some(via),
+        next,
+        more,
+    }
 }
 
 /// One page of the release's target records, with the aggregates over all of them. Read off
@@ -94,7 +217,7 @@ pub fn status_page(
     // An empty page (limit 0) continues where it was asked to start.
     let next = page.last().map(|t| t.machine.clone()).or(after.cloned());
     ReleaseStatus {
-        release,
+        release: shown(release),
         targets: page,
         progress,
         next,
@@ -131,13 +254,28 @@ pub async fn activate(ctx: &Ctx, c: calls::Activate) -> Result<String, OpError> 
     let targets = ctx.store.targets_of(&c.release)?;
     let sent = release::activate_targets(&c.release, &targets, &c.machines)?;
     publish::send_activate(ctx, &c.release, &sent).await?;
-    let names: Vec<String> = sent.iter().map(|m| m.to_string()).collect();
-    Ok(format!(
-        "activate {} sent to {} machine(s): {}",
-        c.release,
+    Ok(activated(&c.release, &sent))
+}
+
+/// Machines an `activate` answer names; the others are counted.
+pub const ACTIVATED_SHOWN: usize = 20;
+
+/// What `activate` answers: how many machines were sent the command, and the first few.
+pub fn activated(release: &ReleaseId, sent: &[MachineId]) -> String {
+    let names: Vec<&str> = sent
+        .iter()
+        .take(ACTIVATED_SHOWN)
+        .map(|m| m.as_str())
+        .collect();
+    let more = match sent.len().saturating_sub(ACTIVATED_SHOWN) {
+        0 => String::new(),
+        n => format!(" and {n} more"),
+    };
+    format!(
+        "activate {release} sent to {} machine(s): {}{more}",
         sent.len(),
         names.join(", ")
-    ))
+    )
 }
 
 pub(crate) async fn create_release(
@@ -170,7 +308,7 @@ pub(crate) async fn create_release(
     Ok(release)
 }
 
-pub async fn rollback(ctx: &Ctx, c: calls::Rollback) -> Result<PublishPlan, OpError> {
+pub async fn rollback(ctx: &Ctx, c: calls::Rollback) -> Result<PlanReport, OpError> {
     let calls::Rollback {
         target,
         kind,
@@ -216,12 +354,13 @@ pub async fn rollback(ctx: &Ctx, c: calls::Rollback) -> Result<PublishPlan, OpEr
     .await?;
     let plan = publish::publish(ctx, &release, &machines, &groups, allow_empty).await?;
     tracing::info!(release = %release.id, version = %to, "rollback published");
-    Ok(plan)
+    Ok(plan_report(plan, None, None))
 }
 
 #[cfg(test)]
 mod tests {
     use fleetcast_proto::admin::StepResult;
+    use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan};
     use fleetcast_proto::status::Progress;
     use fleetcast_proto::{GroupId, ReleaseId};
 
@@ -393,5 +532,217 @@ mod tests {
         // Sealed: base64 of a 24-byte nonce, the JSON and a 16-byte tag; plus the envelope.
         let sealed = (json.len() + 40).div_ceil(3) * 4 + 64;
         assert!(sealed < 2 * 1024 * 1024 - 1024, "{sealed} bytes");
+    }
+    /// Bytes of `reply` once sealed and put in its envelope, as `admin` sends it: base64 of a
+    /// 24-byte nonce, the response JSON and a 16-byte tag, plus the envelope.
+    fn sealed_len(reply: fleetcast_proto::admin::AdminReply) -> usize {
+        let json =
+            serde_json::to_vec(&fleetcast_proto::admin::AdminResponse::ok(1, 1, reply)).unwrap();
+        (json.len() + 40).div_ceil(3) * 4 + 64
+    }
+
+    /// The most a sealed response may be (a 2 MiB packet, less 1 KiB for its header and topic).
+    const SEALED_LIMIT: usize = 2 * 1024 * 1024 - 1024 - 64;
+
+    fn g(s: &str) -> GroupId {
+        GroupId::new(s).unwrap()
+    }
+
+    /// A plan to `n` machines `vm-00000`.. (every third named directly, the others via group a
+    /// or b), with a notice topic for each named machine and each group.
+    fn plan_to(n: usize) -> PublishPlan {
+        let targets: Vec<(MachineId, Option<GroupId>)> = (0..n)
+            .map(|i| {
+                let via = match i % 3 {
+                    0 => None,
+                    1 => Some(g("a")),
+                    _ => Some(g("b")),
+                };
+                (m(&format!("vm-{i:05}")), via)
+            })
+            .collect();
+        let mut topics = vec!["fleet/groups/a/release/app".to_owned()];
+        topics.extend(
+            targets
+                .iter()
+                .filter(|(_, via)| via.is_none())
+                .map(|(m, _)| format!("fleet/machines/{m}/release/app")),
+        );
+        PublishPlan {
+            release: release("r-000001", "2.4.1"),
+            topics,
+            targets,
+            rollout: None,
+        }
+    }
+
+    #[test]
+    fn a_plan_reply_counts_everything_and_its_pages_list_every_target_once() {
+        let whole = plan_to(3500);
+        let first = plan_report(whole.clone(), None, None);
+        assert_eq!(first.targets_total, Some(3500));
+        assert_eq!(first.topics_total, Some(1 + 1167));
+        assert_eq!(first.plan.topics, whole.topics[..PLAN_TOPICS_SHOWN]);
+        let via = first.via.clone().unwrap();
+        assert_eq!(
+            via.iter()
+                .map(|c| (c.group.as_ref().map(|g| g.as_str()), c.machines))
+                .collect::<Vec<_>>(),
+            [(None, 1167), (Some("a"), 1167), (Some("b"), 1166)]
+        );
+        assert_eq!(first.plan.targets.len(), MAX_PLAN_PAGE as usize);
+        assert_eq!(
+            (first.next.as_ref(), first.more),
+            (Some(&m("vm-00999")), true)
+        );
+        let mut listed = first.plan.targets.clone();
+        let mut after = first.next.clone();
+        while let Some(a) = after.take() {
+            let page = plan_report(whole.clone(), Some(&a), Some(700));
+            assert_eq!(
+                page.targets_total,
+                Some(3500),
+                "every page counts everything"
+            );
+            listed.extend(page.plan.targets.iter().cloned());
+            if page.more {
+                after = page.next;
+            }
+        }
+        assert_eq!(listed, whole.targets);
+        // `limit: 0`: the counts alone.
+        let counts = plan_report(whole.clone(), None, Some(0));
+        assert!(counts.plan.targets.is_empty() && counts.more);
+        assert_eq!(counts.via.unwrap(), via);
+        // A small plan is one page holding everything.
+        let small = plan_report(plan_to(5), None, None);
+        assert_eq!((small.plan.targets.len(), small.more), (5, false));
+        assert_eq!(small.plan.topics.len(), 3);
+    }
+
+    #[test]
+    fn a_staged_plan_to_50000_machines_with_the_longest_ids_fits_a_packet_once_sealed() {
+        let id = |i: usize| m(&format!("{i:0>64}"));
+        let group = g(&"g".repeat(64));
+        let mut r = release("r-000001", "2.4.1");
+        r.machines = (0..20_000).map(id).collect();
+        r.groups = vec![group.clone()];
+        let n = 50_000;
+        let targets: Vec<(MachineId, Option<GroupId>)> =
+            (0..n).map(|i| (id(i), Some(group.clone()))).collect();
+        let order: Vec<MachineId> = targets.iter().map(|(m, _)| m.clone()).collect();
+        let plan = PublishPlan {
+            release: r,
+            // Every machine in the first wave, each on its own topic.
+            topics: order
+                .iter()
+                .map(|m| format!("fleet/machines/{m}/release/app"))
+                .collect(),
+            targets,
+            rollout: Some(RolloutInfo {
+                release: ReleaseId::new("r-000001").unwrap(),
+                plan: WavePlan::new(vec![10_000], 9500, 500, 0).unwrap(),
+                order,
+                wave: 0,
+                wave_started_ms: 0,
+                state: RolloutState::Running,
+                failures_accepted: 0,
+                log: vec![],
+            }),
+        };
+        let old = sealed_len(fleetcast_proto::admin::AdminReply::Plan {
+            plan: PlanReport {
+                plan: plan.clone(),
+                ..PlanReport::from(plan_to(0))
+            },
+        });
+        assert!(old > 10 * SEALED_LIMIT, "the whole plan: {old} bytes");
+        let report = plan_report(plan, None, None);
+        assert_eq!(report.target_count(), n);
+        assert_eq!(report.topic_count(), n);
+        assert_eq!(report.plan.release.machines.len(), RELEASE_MACHINES_SHOWN);
+        assert_eq!(
+            report.plan.rollout.as_ref().unwrap().order.len(),
+            ROLLOUT_ORDER_SHOWN
+        );
+        let sent = sealed_len(fleetcast_proto::admin::AdminReply::Plan { plan: report });
+        assert!(sent < SEALED_LIMIT / 2, "{sent} bytes");
+    }
+
+    #[test]
+    fn a_plan_whose_counts_alone_are_large_shrinks_its_page_to_fit() {
+        // 12,000 machines, each reached through a group of its own with a 64-character name:
+        // the per-group counts alone are over 1 MiB of JSON.
+        let targets: Vec<(MachineId, Option<GroupId>)> = (0..12_000)
+            .map(|i| (m(&format!("vm-{i:05}")), Some(g(&format!("{i:0>64}")))))
+            .collect();
+        let plan = PublishPlan {
+            release: release("r-000001", "2.4.1"),
+            topics: vec![],
+            targets,
+            rollout: None,
+        };
+        let report = plan_report(plan, None, None);
+        assert_eq!(report.via.as_ref().unwrap().len(), 12_000);
+        assert_eq!(
+            report.plan.targets.len(),
+            1,
+            "at least one target, however large"
+        );
+        assert!(report.more);
+        let sent = sealed_len(fleetcast_proto::admin::AdminReply::Plan { plan: report });
+        assert!(sent < SEALED_LIMIT, "{sent} bytes");
+    }
+
+    #[test]
+    fn releases_come_in_pages_in_the_order_they_were_made_each_naming_few_machines() {
+        let mut all: Vec<ReleaseInfo> = (1..=12)
+            .map(|i| release(&format!("r-{i:06}"), "1.0"))
+            .collect();
+        // Past r-999999 ids grow longer; they still come last.
+        all.push(release("r-1000000", "1.0"));
+        all[0].machines = (0..500).map(|i| m(&format!("vm-{i:03}"))).collect();
+        all.reverse();
+        let first = release_page(all.clone(), None, Some(5));
+        let ids = |p: &Page<ReleaseInfo, Option<ReleaseId>>| {
+            p.items.iter().map(|r| r.id.to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ids(&first),
+            ["r-000001", "r-000002", "r-000003", "r-000004", "r-000005"]
+        );
+        assert_eq!(first.items[0].machines.len(), RELEASE_MACHINES_SHOWN);
+        assert_eq!(
+            (first.next.clone().unwrap().as_str(), first.more),
+            ("r-000005", true)
+        );
+        let last = release_page(
+            all.clone(),
+            ReleaseId::new("r-000010").ok().as_ref(),
+            Some(MAX_RELEASE_PAGE),
+        );
+        assert_eq!(ids(&last), ["r-000011", "r-000012", "r-1000000"]);
+        assert!(!last.more);
+        // No page asked for (a request from before paging): all of them, still naming few.
+        let whole = release_page(all, None, None);
+        assert_eq!((whole.items.len(), whole.more), (13, false));
+        assert_eq!(whole.items[0].machines.len(), RELEASE_MACHINES_SHOWN);
+    }
+
+    #[test]
+    fn an_activate_answer_names_the_first_machines_and_counts_the_rest() {
+        let r = ReleaseId::new("r-000001").unwrap();
+        assert_eq!(
+            activated(&r, &[m("vm-1"), m("vm-2")]),
+            "activate r-000001 sent to 2 machine(s): vm-1, vm-2"
+        );
+        let many: Vec<MachineId> = (0..50_000).map(|i| m(&format!("{i:0>64}"))).collect();
+        let text = activated(&r, &many);
+        assert!(
+            text.starts_with("activate r-000001 sent to 50000 machine(s): 0000"),
+            "{text}"
+        );
+        assert!(text.ends_with(" and 49980 more"), "{text}");
+        assert!(text.len() < 2000, "{} bytes", text.len());
     }
 }

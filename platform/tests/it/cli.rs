@@ -13,21 +13,21 @@ use super::*;
 
 /// One run of the binary.
 #[derive(Debug)]
-struct Run {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(super) struct Run {
+    pub(super) code: i32,
+    pub(super) stdout: String,
+    pub(super) stderr: String,
 }
 
 impl Run {
     /// Stdout of a run that must have succeeded.
-    fn ok(self) -> String {
+    pub(super) fn ok(self) -> String {
         assert_eq!(self.code, 0, "failed: {self:#?}");
         self.stdout
     }
 
     /// Stdout of a successful run, as JSON.
-    fn json(self) -> Value {
+    pub(super) fn json(self) -> Value {
         let out = self.ok();
         serde_json::from_str(&out).unwrap_or_else(|e| panic!("not JSON ({e}): {out}"))
     }
@@ -35,14 +35,14 @@ impl Run {
 
 /// The `fleetcast` binary in an environment of its own: nothing inherited (no FLEETCAST_*,
 /// RUST_LOG, or the developer's saved profile), HOME in a temp dir, run in `cwd`.
-struct Fleetcast {
+pub(super) struct Fleetcast {
     home: PathBuf,
     cwd: PathBuf,
     env: Vec<(String, String)>,
 }
 
 impl Fleetcast {
-    fn new(root: &Path) -> Self {
+    pub(super) fn new(root: &Path) -> Self {
         let (home, cwd) = (root.join("home"), root.join("cwd"));
         std::fs::create_dir_all(&home).unwrap();
         std::fs::create_dir_all(&cwd).unwrap();
@@ -54,7 +54,7 @@ impl Fleetcast {
     }
 
     /// The same, with `name=value` set.
-    fn with(&self, name: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
+    pub(super) fn with(&self, name: &str, value: impl AsRef<std::ffi::OsStr>) -> Self {
         let mut env = self.env.clone();
         env.push((name.into(), value.as_ref().to_string_lossy().into_owned()));
         Self {
@@ -75,7 +75,7 @@ impl Fleetcast {
         cmd
     }
 
-    async fn run(&self, args: &[&str]) -> Run {
+    pub(super) async fn run(&self, args: &[&str]) -> Run {
         let out = tokio::time::timeout(Duration::from_secs(60), self.command(args).output())
             .await
             .unwrap_or_else(|_| panic!("fleetcast {args:?} did not finish within 60 s"))

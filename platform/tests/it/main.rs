@@ -4,6 +4,7 @@
 //! The helpers here serve every module of this test binary (`cli`, `crash`, `e2e`, `gateway`,
 //! `inventory`, `package`, `pages`, `reconcile`, `security`, `staged`).
 
+mod bounded;
 mod cli;
 mod crash;
 mod e2e;
@@ -576,7 +577,8 @@ async fn publish(
     publish_with(admin, release, machines, groups, None).await
 }
 
-/// Publishes `release` at once, or with `waves` as a staged rollout.
+/// Publishes `release` at once, or with `waves` as a staged rollout: the plan (its first page of
+/// targets).
 async fn publish_with(
     admin: &AdminClient,
     release: &ReleaseId,
@@ -594,6 +596,7 @@ async fn publish_with(
         })
         .await
         .unwrap()
+        .plan
 }
 
 /// Creates an immediate app release of `version` and publishes it; the plan carries the
@@ -624,6 +627,7 @@ async fn rollback(
         })
         .await
         .unwrap()
+        .plan
 }
 
 /// The release's status with every target, joined from its pages (as the CLI does).
@@ -909,9 +913,12 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
             machines: vec![m("vm-003"), m("vm-001")],
             groups: vec![g("shanghai")],
             allow_empty: false,
+            after: None,
+            limit: None,
         })
         .await
-        .unwrap();
+        .unwrap()
+        .plan;
     assert_eq!(plan.release.seq, 0, "a plan sends nothing");
     let published = publish(&admin, &release.id, &["vm-003", "vm-001"], &["shanghai"]).await;
     assert_eq!(published.targets, plan.targets);

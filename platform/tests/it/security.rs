@@ -839,8 +839,11 @@ async fn on_mosquitto_with_the_generated_files_one_machine_cannot_touch_another(
         .unwrap();
     let p1 = provisioned(&admin, "vm-1", &["g1"]).await;
     let p2 = provisioned(&admin, "vm-2", &["g2"]).await;
-    let calls::MosquittoFiles { passwd, acl } =
-        admin.call(calls::MosquittoConfig {}).await.unwrap();
+    // As `fleetcast broker mosquitto-config` asks for them: in pages, here of one machine.
+    let calls::MosquittoFiles { passwd, acl, .. } =
+        fleetcast_platform::cli::identity::mosquitto_files_all(&admin, Some(1))
+            .await
+            .unwrap();
     admin.close().await;
     platform.stop().await;
     let files = fleetcast_broker::mosquitto::MosquittoFiles { passwd, acl };

@@ -14,6 +14,7 @@ async fn rollout_status(admin: &AdminClient, release: &ReleaseId) -> RolloutInfo
         })
         .await
         .unwrap()
+        .rollout
 }
 
 /// Polls the rollout until `done` holds.
@@ -178,7 +179,7 @@ async fn two_hundred_machines_pause_at_the_wave_failures_predict_and_resume_fini
             })
             .await
             .unwrap();
-        assert!(resumed.failures_accepted > 0);
+        assert!(resumed.rollout.failures_accepted > 0);
     }
     let done = rollout_until(admin, release, "rollout completed", |r| {
         r.state == RolloutState::Completed
@@ -211,7 +212,7 @@ async fn two_hundred_machines_pause_at_the_wave_failures_predict_and_resume_fini
         })
         .await
         .unwrap();
-    let mut retried: Vec<MachineId> = plan.targets.into_iter().map(|(m, _)| m).collect();
+    let mut retried: Vec<MachineId> = plan.plan.targets.into_iter().map(|(m, _)| m).collect();
     retried.sort();
     assert_eq!(retried, failing_ids);
 
@@ -253,7 +254,8 @@ async fn cancel_mid_wave_drops_the_release_where_not_installed_and_notifies_no_o
             release: release.clone(),
         })
         .await
-        .unwrap();
+        .unwrap()
+        .rollout;
     let RolloutState::Cancelled { reason } = &cancelled.state else {
         panic!("{:?}", cancelled.state)
     };
