@@ -37,8 +37,14 @@ pub const BATCH_WINDOW: Duration = Duration::from_millis(10);
 /// this (the periodic tick). Progress reads every target of the release: publishing it on each
 /// final phase, as this once did, cost a full scan per machine of a rollout.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
-/// A machine behind its desired notice gets that notice re-published at most this often (a
-/// newer desired notice is sent at once).
+/// A desired notice that machines report being behind on is re-published at most this often,
+/// per topic: a group's notice goes to every machine of the group, so re-publishing it once per
+/// machine behind it (as this once did) sent a 10,000-machine group N x N notices right after
+/// the publish, when every state in flight still showed the old release, and the gateway
+/// closed every session that could not read them. The first machine seen behind on a notice
+/// starts the clock instead of re-publishing: the platform has just published it (at the
+/// publish, and again each time its broker connection comes up), and a machine gets it again
+/// whenever it subscribes.
 pub const REPUBLISH_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Work that waits for the batch's flush.
@@ -115,8 +121,9 @@ struct Ingest {
     client: AsyncClient,
     progress_sent: HashMap<ReleaseId, Instant>,
     progress_dirty: HashSet<ReleaseId>,
-    /// When each (machine, kind) last got which desired notice (seq) re-published.
-    republished: HashMap<(MachineId, Kind), (u64, Instant)>,
+    /// Per notice topic: which notice (seq) was last sent there, and when (or when a machine
+    /// was first seen behind on it).
+    republished: HashMap<String, (u64, Instant)>,
     /// When the key chain was last re-published for a machine behind it (one retained message
     /// serves every machine, so once per interval is enough).
     chain_sent: Option<Instant>,
@@ -154,7 +161,8 @@ pub async fn run(
             _ = tick.tick() => {
                 ingest.flush_progress();
                 ingest.rollouts().await;
-                ingest.republished.retain(|_, (_, t)| t.elapsed() < REPUBLISH_INTERVAL);
+                let keep = 4 * ingest.ctx.limits.republish_every;
+                ingest.republished.retain(|_, (_, t)| t.elapsed() < keep);
                 continue
             }
             e = events.recv() => match e { Some(e) => e, None => return Ok(()) },
@@ -470,17 +478,11 @@ impl Ingest {
             self.chain_sent = Some(Instant::now());
             after.push(After::KeyChain);
         }
-        for (kind, notice) in behind {
-            let key = (m.clone(), kind);
-            if self
-                .republished
-                .get(&key)
-                .is_some_and(|(seq, t)| *seq == notice.seq && t.elapsed() < REPUBLISH_INTERVAL)
-            {
-                continue;
+        for (_, notice) in behind {
+            let every = self.ctx.limits.republish_every;
+            if republish_now(&mut self.republished, &notice, Instant::now(), every) {
+                after.push(After::Republish(notice));
             }
-            self.republished.insert(key, (notice.seq, Instant::now()));
-            after.push(After::Republish(notice));
         }
         Ok(after)
     }
@@ -586,6 +588,30 @@ fn apply_status(
     Ok(after)
 }
 
+/// Whether `notice`, which a machine reports being behind on, goes out again now: only once
+/// `every` has passed on its topic since it was last sent there (or since the first machine was
+/// seen behind on it); the time is noted in `sent`.
+fn republish_now(
+    sent: &mut HashMap<String, (u64, Instant)>,
+    notice: &DesiredNotice,
+    now: Instant,
+    every: Duration,
+) -> bool {
+    match sent.get_mut(&notice.topic) {
+        Some((seq, at)) if *seq == notice.seq => {
+            if now.duration_since(*at) < every {
+                return false;
+            }
+            *at = now;
+            true
+        }
+        _ => {
+            sent.insert(notice.topic.clone(), (notice.seq, now));
+            false
+        }
+    }
+}
+
 /// Desired notices a machine is behind on, by kind.
 type Behind = Vec<(Kind, DesiredNotice)>;
 
@@ -654,6 +680,37 @@ mod tests {
 
     fn app() -> Kind {
         Kind::new("app").unwrap()
+    }
+
+    /// A group's notice goes to every machine of the group: however many of them report being
+    /// behind on it, it goes out again at most once per interval, and not at all right after
+    /// it was published (the first machine behind starts the clock). A newer notice on the
+    /// topic starts again.
+    #[test]
+    fn a_notice_many_machines_are_behind_on_is_re_published_once_per_interval() {
+        let notice = |seq| DesiredNotice {
+            topic: "fleet/groups/g/release/app".into(),
+            seq,
+            release: ReleaseId::new("r-000001").unwrap(),
+            kind: app(),
+            target: Target::Group(GroupId::new("g").unwrap()),
+            payload: "{}".into(),
+        };
+        let mut sent = HashMap::new();
+        let t0 = Instant::now();
+        let count = |sent: &mut HashMap<_, _>, seq, at| {
+            (0..5_000)
+                .filter(|_| republish_now(sent, &notice(seq), at, REPUBLISH_INTERVAL))
+                .count()
+        };
+        assert_eq!(count(&mut sent, 1, t0), 0, "just published");
+        assert_eq!(count(&mut sent, 1, t0 + REPUBLISH_INTERVAL / 2), 0);
+        assert_eq!(count(&mut sent, 1, t0 + REPUBLISH_INTERVAL), 1);
+        assert_eq!(count(&mut sent, 1, t0 + REPUBLISH_INTERVAL * 3 / 2), 0);
+        assert_eq!(count(&mut sent, 1, t0 + REPUBLISH_INTERVAL * 2), 1);
+        // A newer notice on the topic: the platform has just sent it.
+        assert_eq!(count(&mut sent, 2, t0 + REPUBLISH_INTERVAL * 2), 0);
+        assert_eq!(count(&mut sent, 2, t0 + REPUBLISH_INTERVAL * 3), 1);
     }
 
     /// A store with release r-000001 (app 1.0) assigned to provisioned machine vm-1.

@@ -1,8 +1,34 @@
 //! The reconciler: a machine whose reported state is behind its desired notice gets that notice
-//! again, the notice with the later seq (machine or group) is the one desired, and a machine
-//! first seen in a group becomes a target of the group's release.
+//! again (once the topic's re-publish interval has passed: not right after the publish, which
+//! every state in flight then is behind on), the notice with the later seq (machine or group)
+//! is the one desired, and a machine first seen in a group becomes a target of the group's
+//! release.
 
 use super::*;
+
+/// The re-publish interval of these tests (30 s in a fleet).
+const EVERY: Duration = Duration::from_millis(300);
+
+/// Reports `seq` as the machine's state: the first report behind a notice starts its topic's
+/// clock and sends nothing; reported again once `EVERY` has passed, the notice goes out again.
+async fn behind(
+    vm: &mut Machine,
+    observer: &mut Peer,
+    data: &Path,
+    topic: &str,
+    seq: u64,
+) -> ReleaseNotice {
+    vm.report_state(&["g"], seq).await;
+    assert!(
+        tokio::time::timeout(EVERY / 2, observer.next(|p| p.topic == topic))
+            .await
+            .is_err(),
+        "re-published at once"
+    );
+    tokio::time::sleep(EVERY).await;
+    vm.report_state(&["g"], seq).await;
+    next_notice(observer, data, topic).await
+}
 
 /// The next release notice on `observer` for `topic`, verified.
 async fn next_notice(observer: &mut Peer, data: &Path, topic: &str) -> ReleaseNotice {
@@ -16,12 +42,14 @@ async fn next_notice(observer: &mut Peer, data: &Path, topic: &str) -> ReleaseNo
 async fn a_machine_behind_gets_the_latest_desired_notice_machine_rollback_or_group_release() {
     let broker = start_on_free_port(|s| s).unwrap();
     let url = broker.url();
-    let Env {
-        dir,
-        data_dir,
-        platform,
-        admin,
-    } = env(&url).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let limits = fleetcast_platform::limits::MachineLimits {
+        republish_every: EVERY,
+        ..Default::default()
+    };
+    let platform = start_platform_with(&url, &data_dir, limits);
+    let admin = admin(&url, &data_dir).await;
     for (i, v) in ["1.0", "2.0", "3.0"].into_iter().enumerate() {
         upload(
             &admin,
@@ -45,8 +73,7 @@ async fn a_machine_behind_gets_the_latest_desired_notice_machine_rollback_or_gro
     let sent = next_notice(&mut observer, &data_dir, group_topic).await;
     assert_eq!(sent.release, r2.id);
     // A machine that never got it (seq 0) gets the group notice again.
-    vm.report_state(&["g"], 0).await;
-    let again = next_notice(&mut observer, &data_dir, group_topic).await;
+    let again = behind(&mut vm, &mut observer, &data_dir, group_topic, 0).await;
     assert_eq!((again.release, again.seq), (r2.id.clone(), sent.seq));
 
     // A per-machine rollback has the later seq: it is what the machine must follow now.
@@ -54,9 +81,8 @@ async fn a_machine_behind_gets_the_latest_desired_notice_machine_rollback_or_gro
     let rollback = next_notice(&mut observer, &data_dir, own_topic).await;
     assert_eq!(rollback.release, plan.release.id);
     // Behind on the rollback (it still reports the group release's seq): the rollback is
-    // re-sent, even though a re-publish for this machine and kind just happened.
-    vm.report_state(&["g"], sent.seq).await;
-    let again = next_notice(&mut observer, &data_dir, own_topic).await;
+    // re-sent, even though the group's notice was re-published just before.
+    let again = behind(&mut vm, &mut observer, &data_dir, own_topic, sent.seq).await;
     assert_eq!(
         (again.release, again.seq),
         (plan.release.id.clone(), rollback.seq)
@@ -66,8 +92,7 @@ async fn a_machine_behind_gets_the_latest_desired_notice_machine_rollback_or_gro
     let r3 = release(&admin, "3.0", &[], &["g"]).await.release;
     let newer = next_notice(&mut observer, &data_dir, group_topic).await;
     assert!(newer.seq > rollback.seq);
-    vm.report_state(&["g"], rollback.seq).await;
-    let again = next_notice(&mut observer, &data_dir, group_topic).await;
+    let again = behind(&mut vm, &mut observer, &data_dir, group_topic, rollback.seq).await;
     assert_eq!((again.release, again.seq), (r3.id.clone(), newer.seq));
 
     let s = status(&admin, &plan.release.id).await;
@@ -116,8 +141,20 @@ async fn a_machine_first_seen_in_a_group_becomes_a_target_of_its_release() {
         (Phase::Pending, Some("g"))
     );
     assert_eq!(s.progress.total, 2);
-    let again = next_notice(&mut observer, &data_dir, "fleet/groups/g/release/app").await;
-    assert_eq!(again.seq, sent.seq);
+    // The group's notice reaches it as it subscribes, as it reaches any machine (retained); the
+    // platform does not send it to the whole group again for one machine behind it.
+    late.peer.subscribe("fleet/groups/g/release/app").await;
+    let got = next_notice(&mut late.peer, &data_dir, "fleet/groups/g/release/app").await;
+    assert_eq!((got.release, got.seq), (r1.id.clone(), sent.seq));
+    assert!(
+        tokio::time::timeout(
+            Duration::from_millis(300),
+            observer.next(|p| p.topic == "fleet/groups/g/release/app")
+        )
+        .await
+        .is_err(),
+        "re-published to the whole group"
+    );
     // Its reports now count.
     late.report_recorded(&admin, &r1.id, "1.0", Phase::Installed)
         .await;
