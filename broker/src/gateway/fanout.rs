@@ -213,9 +213,15 @@ impl Fanout {
         let Some(sessions) = state.filters.get(filter) else {
             return 0;
         };
+        // Looked up once per subscriber: thousands of askers of a frame against thousands of
+        // subscribers would be millions of string compares as a list.
+        let only: Option<HashSet<&str>> = only.map(|names| names.iter().copied().collect());
         let (mut took, mut missed, mut served) = (0, 0, 0);
         for r in sessions.values() {
-            if only.is_some_and(|names| !names.contains(&r.username.as_str())) {
+            if only
+                .as_ref()
+                .is_some_and(|names| !names.contains(r.username.as_str()))
+            {
                 continue;
             }
             let sent = r.tx.try_send(packet.clone()).is_ok();

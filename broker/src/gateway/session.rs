@@ -459,17 +459,21 @@ impl Session<'_> {
     }
 
     /// Whether a subscription to `filter` lives in the gateway only, never on rumqttd: a
-    /// machine's own status acknowledgements and error frames (only the platform sends them,
-    /// through the gateway), and what the relay serves (release notices, commands, the key
-    /// chain). Each would be a filter of its own per machine, which rumqttd matches against
-    /// every topic it has seen (and every later topic against it), so a fleet's onboarding
-    /// would cost rumqttd the square of its size.
+    /// machine's own status acknowledgements and error frames and an artifact's chunk topic
+    /// (only the platform sends on them, through the gateway), and what the relay serves
+    /// (release notices, commands, the key chain, operators' replies). Each machine's own
+    /// would be a filter of its own per machine, which rumqttd matches against every topic it
+    /// has seen (and every later topic against it), so a fleet's onboarding would cost rumqttd
+    /// the square of its size; and rumqttd answers every SUBSCRIBE by matching the filter
+    /// against every retained message (each machine's `online` and `state`), so a rollout's
+    /// 10,000 subscriptions to its artifact's topic cost it 200 million matches, with the
+    /// platform's own sessions waiting behind them until their keep-alive ran out.
     fn is_gateway_only(&self, filter: &str) -> bool {
         use fleetcast_proto::Route;
         relay::is_served(&self.shared.topics, filter)
             || matches!(
                 self.shared.topics.parse(filter),
-                Some(Route::StatusAck(_) | Route::MachineChunks(_))
+                Some(Route::StatusAck(_) | Route::MachineChunks(_) | Route::ArtifactChunks(_))
             )
     }
 

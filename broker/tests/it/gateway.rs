@@ -275,16 +275,14 @@ async fn an_honest_machine_reads_and_writes_its_own_topics_through_the_gateway()
         .unwrap();
     let live = next_publish(&mut machine_rx, WAIT, "the live group notice").await;
     assert_eq!(&live.payload[..], b"group-notice");
+    // Chunk frames go through the gateway, as the platform sends them on the embedded broker.
     let chunk = vec![0xc5u8; 64 * 1024 + 40];
-    platform
-        .publish(
-            topics.artifact_chunks(&artifact),
-            QoS::AtLeastOnce,
-            false,
-            chunk.clone(),
-        )
-        .await
-        .unwrap();
+    assert_eq!(
+        gw.secured
+            .handle()
+            .deliver(&topics.artifact_chunks(&artifact), &chunk),
+        1
+    );
     let got = next_publish(&mut machine_rx, WAIT, "the artifact chunk").await;
     assert_eq!(got.payload[..], chunk[..]);
 
@@ -1203,62 +1201,54 @@ async fn assert_still_serves(gw: &Gateway, platform: &AsyncClient, marker: &str)
     assert!(served.is_ok(), "the broker still serves: {marker}");
 }
 
-/// A machine's own `status/ack` and `chunks` subscriptions live in the gateway only: the
-/// gateway answers the SUBSCRIBE itself (QoS 0 granted), delivers what the platform hands it
-/// there, and rumqttd never holds a filter for them (a publish through rumqttd on the topic
-/// reaches nobody). Another machine still cannot subscribe to them.
+/// A machine's own `status/ack` and `chunks` subscriptions, and its subscription to an
+/// artifact's chunk topic, live in the gateway only: the gateway answers the SUBSCRIBE itself
+/// (QoS 0 granted, where rumqttd would grant the QoS 1 asked for), delivers what the platform
+/// hands it there, and rumqttd never holds a filter for them (a publish through rumqttd on the
+/// topic reaches nobody). Another machine still cannot subscribe to a machine's own.
 #[tokio::test]
-async fn a_machines_ack_and_chunk_topics_are_served_by_the_gateway_alone() {
+async fn a_machines_ack_chunk_and_artifact_topics_are_served_by_the_gateway_alone() {
     let gw = start_gateway(|_| {}).await;
     let topics = Topics::default();
     let vm1 = MachineId::new("vm-1").unwrap();
     let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
     tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
 
-    let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
-    raw.send(raw_subscribe(&topics.status_ack(&vm1))).await;
-    let Some(Packet::SubAck(ack)) = raw.next().await else {
-        panic!("no SUBACK");
-    };
-    assert_eq!(
-        ack.return_codes,
-        vec![rumqttc::mqttbytes::v4::SubscribeReasonCode::Success(
-            QoS::AtMostOnce
-        )]
-    );
-    platform
-        .publish(
-            topics.status_ack(&vm1),
-            QoS::AtLeastOnce,
-            false,
-            "via rumqttd",
-        )
-        .await
-        .unwrap();
-    assert_eq!(
-        gw.secured
-            .handle()
-            .deliver(&topics.status_ack(&vm1), b"via the gateway"),
-        1
-    );
-    let Some(Packet::Publish(p)) = raw.next().await else {
-        panic!("no delivery");
-    };
-    assert_eq!(
-        p.payload[..],
-        b"via the gateway"[..],
-        "what went through rumqttd reached nobody"
-    );
-    let mut unsub = rumqttc::mqttbytes::v4::Unsubscribe::new(topics.status_ack(&vm1));
-    unsub.pkid = 9;
-    raw.send(Packet::Unsubscribe(unsub)).await;
-    assert!(matches!(raw.next().await, Some(Packet::UnsubAck(a)) if a.pkid == 9));
-    assert_eq!(
-        gw.secured
-            .handle()
-            .deliver(&topics.status_ack(&vm1), b"after"),
-        0
-    );
+    for topic in [
+        topics.status_ack(&vm1),
+        topics.artifact_chunks(&ArtifactId::of(b"app v2")),
+    ] {
+        let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+        raw.send(raw_subscribe(&topic)).await;
+        let Some(Packet::SubAck(ack)) = raw.next().await else {
+            panic!("no SUBACK");
+        };
+        assert_eq!(
+            ack.return_codes,
+            vec![rumqttc::mqttbytes::v4::SubscribeReasonCode::Success(
+                QoS::AtMostOnce
+            )],
+            "{topic}: answered by the gateway"
+        );
+        platform
+            .publish(topic.clone(), QoS::AtLeastOnce, false, "via rumqttd")
+            .await
+            .unwrap();
+        assert_eq!(gw.secured.handle().deliver(&topic, b"via the gateway"), 1);
+        let Some(Packet::Publish(p)) = raw.next().await else {
+            panic!("no delivery");
+        };
+        assert_eq!(
+            p.payload[..],
+            b"via the gateway"[..],
+            "{topic}: what went through rumqttd reached nobody"
+        );
+        let mut unsub = rumqttc::mqttbytes::v4::Unsubscribe::new(topic.clone());
+        unsub.pkid = 9;
+        raw.send(Packet::Unsubscribe(unsub)).await;
+        assert!(matches!(raw.next().await, Some(Packet::UnsubAck(a)) if a.pkid == 9));
+        assert_eq!(gw.secured.handle().deliver(&topic, b"after"), 0);
+    }
 
     Raw::accepted(gw.plain(), "vm-2")
         .await
