@@ -373,7 +373,7 @@ async fn raw_subscriber() -> Result<()> {
     loop {
         match el.poll().await {
             Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                c.subscribe(&topic, QoS::AtLeastOnce).await?;
+                c.subscribe_many(common::raw_filters(&id, &topic)).await?;
             }
             Ok(Event::Incoming(Incoming::SubAck(_))) => {
                 writeln!(out, "ready")?;

@@ -430,8 +430,27 @@ impl RawResult {
     }
 }
 
+/// The filters a raw subscriber (machine `id`) sends in its one SUBSCRIBE to read an artifact's
+/// `topic` through rumqttd. On the embedded broker the gateway serves a subscription to an
+/// artifact topic alone itself (the platform hands it the frames), so a publish through rumqttd
+/// would reach nobody; a SUBSCRIBE that names another filter beside it goes to rumqttd
+/// (docs/protocol.md §2), and the machine's own release topic for a kind nobody publishes is
+/// one it may read.
+pub fn raw_filters(id: &str, topic: &str) -> Vec<rumqttc::SubscribeFilter> {
+    let machine = MachineId::new(id).expect("a machine id");
+    let unused = Kind::new("raw-baseline").expect("a kind");
+    [
+        topic.to_owned(),
+        Topics::default().machine_release(&machine, &unused),
+    ]
+    .into_iter()
+    .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce))
+    .collect()
+}
+
 /// Raw MQTT through the same broker: every machine in `subs` connects with its own credentials
-/// (client id = username = machine id), subscribes QoS 1 to `fleet/groups/{group}/release/+`;
+/// (client id = username = machine id), subscribes QoS 1 to `topic` (through rumqttd: see
+/// [`raw_filters`]);
 /// then one publisher as the platform principal publishes `payload` in `msg_size` messages,
 /// QoS 1, not retained, to `topic` (an artifact topic the subscribers may read). Time from
 /// the first publish until every subscriber has every byte. Every subscriber's byte count is
@@ -483,7 +502,7 @@ pub async fn raw_fanout(
                 };
                 match polled {
                     Ok(Event::Incoming(Incoming::ConnAck(_))) => {
-                        let _ = c.try_subscribe(filter.clone(), QoS::AtLeastOnce);
+                        let _ = c.try_subscribe_many(raw_filters(&id, &filter));
                     }
                     Ok(Event::Incoming(Incoming::SubAck(_))) => {
                         permit.take();
