@@ -1282,12 +1282,7 @@ mod tests {
             status: status.clone(),
         })
         .unwrap();
-        let fields: Vec<&str> = json["status"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let fields = field_names(&json["status"]);
         assert_eq!(
             fields,
             [
@@ -1365,6 +1360,16 @@ mod tests {
         );
         assert_eq!(serde_json::from_str::<AdminReply>(&json).unwrap(), page);
     }
+    /// The field names of a JSON object, in order.
+    fn field_names(object: &serde_json::Value) -> Vec<&str> {
+        object
+            .as_object()
+            .expect("a JSON object")
+            .keys()
+            .map(String::as_str)
+            .collect()
+    }
+
     fn release_json() -> serde_json::Value {
         serde_json::json!({"id": "r-000007", "kind": "app", "version": "2.4.1",
             "artifact": {"id": ArtifactId::of(b"a").to_hex(), "size": 2048,
@@ -1423,12 +1428,7 @@ mod tests {
             plan: report.clone(),
         })
         .unwrap();
-        let fields: Vec<&str> = json["plan"]
-            .as_object()
-            .unwrap()
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let fields = field_names(&json["plan"]);
         assert_eq!(
             fields,
             [

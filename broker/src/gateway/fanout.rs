@@ -7,8 +7,8 @@
 //!   at a time through a write buffer that keeps its largest size for the life of the
 //!   connection; a 1 MiB rollout to 1,000 machines left 1.3 GB of such buffers (heaptrack:
 //!   `rumqttd::link::network::Network::writev`). Here a frame is encoded once and shared.
-//! - **Served** (release notices per machine and per group, commands, the key chain: see
-//!   `relay`): QoS 0 on the session's control queue, which is written before anything else,
+//! - **Served** (release notices per machine and per group, commands, the key chain,
+//!   operators' replies: see `relay`): QoS 0 on the session's control queue, which is written before anything else,
 //!   and never dropped: a session that cannot take one is closed (its agent reconnects and gets
 //!   the current notices again). On the notice and key topics the latest message is kept (the
 //!   platform publishes them retained) and handed to each new subscriber first, with the

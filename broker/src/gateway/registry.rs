@@ -23,7 +23,7 @@ pub struct GatewayStats {
     /// dropped because a session's queue was full.
     pub fanout_delivered: u64,
     pub fanout_dropped: u64,
-    /// Release notices, commands and key chains the gateway delivered itself (one per
+    /// Release notices, commands, key chains and operators' replies the gateway delivered itself (one per
     /// receiving session; see `relay`), and sessions it closed because they did not read them.
     pub served: u64,
     pub closed_unread: u64,
