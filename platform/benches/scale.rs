@@ -165,11 +165,43 @@ async fn run_size(
         artifact,
         ..Default::default()
     };
-    if let Err(e) = fleet(&mut r, rollouts, broker, root).await {
+    let dir = match tempfile::tempdir_in(root) {
+        Ok(d) => d,
+        Err(e) => {
+            r.error = Some(format!("a temporary directory in {}: {e}", root.display()));
+            return r;
+        }
+    };
+    if let Err(e) = fleet(&mut r, rollouts, broker, dir.path()).await {
+        let kept = keep_logs(dir.path(), n);
         r.error = Some(format!("{e:#}"));
-        eprintln!("N={n}: {e:#}");
+        eprintln!("N={n}: {e:#} ({kept})");
     }
     r
+}
+
+/// Copies the logs of a failed run (`serve`, the simulator) out of its temporary directory,
+/// which is removed, to `target/bench-failed/scale-N/`; says where, or why not.
+fn keep_logs(dir: &Path, n: usize) -> String {
+    let to = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../target/bench-failed")
+        .join(format!("scale-{n}"));
+    let copy = || -> std::io::Result<usize> {
+        std::fs::create_dir_all(&to)?;
+        let mut copied = 0;
+        for entry in std::fs::read_dir(dir)? {
+            let path = entry?.path();
+            if path.extension().is_some_and(|e| e == "log") {
+                std::fs::copy(&path, to.join(path.file_name().unwrap_or_default()))?;
+                copied += 1;
+            }
+        }
+        Ok(copied)
+    };
+    match copy() {
+        Ok(copied) => format!("{copied} logs kept in {}", to.display()),
+        Err(e) => format!("logs not kept: {e}"),
+    }
 }
 
 /// Where simulated machines keep their data: `SCALE_SIM_DIR`, else /dev/shm when it exists
@@ -194,14 +226,14 @@ fn sim_root_for(n: usize) -> Option<PathBuf> {
 
 const DISK_FROM: usize = 10_000;
 
-async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &Path) -> Result<()> {
+/// One fleet of `r.n` machines, its files in `dir` (removed by the caller).
+async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Path) -> Result<()> {
     let n = r.n;
-    let dir = tempfile::tempdir_in(root)?;
     let mosquitto = match broker {
-        BrokerKind::Mosquitto => Some(start_mosquitto(&dir.path().join("platform"))?),
+        BrokerKind::Mosquitto => Some(start_mosquitto(&dir.join("platform"))?),
         BrokerKind::Embedded => None,
     };
-    let mut p = Platform::start(dir.path(), mosquitto.as_ref().map(|m| &m.url)).await?;
+    let mut p = Platform::start(dir, mosquitto.as_ref().map(|m| &m.url)).await?;
     eprintln!("N={n}: platform up on {}", p.url);
     tokio::time::sleep(Duration::from_secs(1)).await;
     r.serve_before = p.proc.mem();
@@ -218,7 +250,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
     // host's hard limit.
     let raw_last = n >= RAW_LAST_FROM;
     if !raw_last {
-        raw_phase(r, &p, mosquitto.as_ref(), dir.path()).await?;
+        raw_phase(r, &p, mosquitto.as_ref(), dir).await?;
     }
 
     // 3. Onboarding. The simulated machines keep their data in memory (tmpfs) when the host
@@ -226,7 +258,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
     // agents writing and fsyncing 1 GiB to one disk would measure that disk.
     let sim_dir = match sim_root_for(n) {
         Some(root) => tempfile::tempdir_in(root)?,
-        None => tempfile::tempdir_in(dir.path())?,
+        None => tempfile::tempdir_in(dir)?,
     };
     let groups = groups_for(n);
     let group_list: Vec<&str> = groups.iter().map(|g| g.as_str()).collect();
@@ -247,11 +279,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
         .arg("--initial")
         .arg("app=1.0.0");
     let started = Instant::now();
-    let mut sim = Proc::spawn(
-        "fleetcast-device simulate",
-        &mut cmd,
-        dir.path().join("sim.log"),
-    )?;
+    let mut sim = Proc::spawn("fleetcast-device simulate", &mut cmd, dir.join("sim.log"))?;
     let limit = Duration::from_secs(30) + Duration::from_millis(20 * n as u64);
     let every = Duration::from_millis(if n > 2000 { 1000 } else { 500 });
     let mut reloaded = mosquitto.is_none();
@@ -299,7 +327,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
         let version = format!("2.{}.0", i + 1);
         let (_, release) = p
             .create_release(
-                &dir.path().join(format!("app-{version}.bin")),
+                &dir.join(format!("app-{version}.bin")),
                 bytes,
                 &app,
                 &version,
@@ -389,7 +417,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, root: &P
     drop(sim);
     if raw_last {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        raw_phase(r, &p, mosquitto.as_ref(), dir.path()).await?;
+        raw_phase(r, &p, mosquitto.as_ref(), dir).await?;
     }
     p.admin.close().await;
     drop(p.proc);
