@@ -75,6 +75,41 @@ pub struct AgentOptions {
     /// Simulated health check: these versions fail it (overrides `health_cmd`).
     pub fail_health: Option<Vec<String>>,
     pub tuning: Tuning,
+    pub state_repeats: StateRepeats,
+}
+
+/// When the agent sends its state again although nothing changed. The state is a retained QoS 0
+/// message with no acknowledgement, and a broker may drop one the platform has not read yet
+/// (rumqttd drops the oldest part of a full log: a 10,000-machine onboarding once lost 4,600
+/// first states). Each repeat is a fresh state (new `ctr`), so the platform takes it; a random
+/// delay in each range keeps machines that connected together from repeating together.
+#[derive(Debug, Clone)]
+pub struct StateRepeats {
+    /// After the first state of a connection (connects come in storms: a broker restart, a
+    /// fleet switched on).
+    pub first: (Duration, Duration),
+    /// After every later state.
+    pub every: (Duration, Duration),
+}
+
+impl Default for StateRepeats {
+    fn default() -> Self {
+        Self {
+            first: (Duration::from_secs(20), Duration::from_secs(40)),
+            every: (Duration::from_secs(5 * 60), Duration::from_secs(10 * 60)),
+        }
+    }
+}
+
+impl StateRepeats {
+    /// The delay before the next repeat, after the `sent`th state of this connection.
+    fn next(&self, sent: u32) -> Duration {
+        let (lo, hi) = if sent <= 1 { self.first } else { self.every };
+        if hi <= lo {
+            return lo;
+        }
+        lo + (hi - lo).mul_f64(rand::random::<f64>())
+    }
 }
 
 /// Runs the agent until `shutdown`. Survives broker restarts (reconnects with backoff).
@@ -108,6 +143,10 @@ struct Agent {
     /// platform stores it once and acknowledges it again).
     head_sent_at: Option<Instant>,
     state_dirty: bool,
+    /// States sent since the connection came up, and when to send it again unchanged
+    /// ([`StateRepeats`]).
+    states_sent: u32,
+    state_repeat_at: Option<Instant>,
     downloads: HashMap<Kind, JobHandle>,
     /// Sales and installs exclude each other through this lock ([`crate::sale_lock`]).
     sale_lock: SaleLock,
@@ -194,6 +233,8 @@ pub async fn run_with(
         connected: false,
         head_sent_at: None,
         state_dirty: true,
+        states_sent: 0,
+        state_repeat_at: None,
         downloads: HashMap::new(),
         sale_lock,
         preheld: None,
@@ -339,6 +380,7 @@ impl Agent {
                 self.contact_dirty = true;
                 self.save_contact(false).await;
                 self.head_sent_at = None;
+                self.states_sent = 0;
                 self.subscribe_all();
                 self.publish(
                     self.topics.online(self.me()),
@@ -587,6 +629,9 @@ impl Agent {
             self.head_sent_at = None;
         }
         self.send_head();
+        if self.connected && self.state_repeat_at.is_some_and(|t| t <= Instant::now()) {
+            self.state_dirty = true;
+        }
         if self.state_dirty {
             self.publish_state().await;
         }
@@ -729,6 +774,11 @@ impl Agent {
         let payload = self.config.secret.seal(Purpose::State, &state);
         let topic = self.topics.state(self.me());
         self.state_dirty = !self.publish(topic, QoS::AtMostOnce, true, payload);
+        if !self.state_dirty {
+            self.states_sent = self.states_sent.saturating_add(1);
+            let after = self.options.state_repeats.next(self.states_sent);
+            self.state_repeat_at = Some(Instant::now() + after);
+        }
     }
 
     fn download_context(&self) -> DownloadContext {

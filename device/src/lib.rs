@@ -30,6 +30,6 @@ pub mod status;
 pub mod store;
 pub mod trust;
 
-pub use agent::{run, run_with, AgentError, AgentOptions};
+pub use agent::{run, run_with, AgentError, AgentOptions, StateRepeats};
 pub use config::{ConfigError, InstallerConfig, MachineConfig};
 pub use simulate::{SimulateError, SimulateOptions};

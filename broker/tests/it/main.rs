@@ -6,7 +6,7 @@ mod gateway;
 use std::time::Duration;
 
 use fleetcast_broker::client::{self, MqttEvent};
-use fleetcast_broker::embedded::start_on_free_port;
+use fleetcast_broker::embedded::{start_on_free_port, BrokerSettings};
 use rumqttc::{AsyncClient, MqttOptions, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -143,4 +143,78 @@ async fn the_client_plumbing_works_against_mosquitto() {
     .await;
     assert_eq!(got.payload.len(), 300_000);
     shutdown.cancel();
+}
+
+/// What the platform's wildcard inbound filter receives when its reader falls `n` publishes of
+/// 1 KiB behind (it stops reading, as the platform's connection does while the router is busy
+/// with a storm of connects), on a broker configured by `configure`.
+async fn inbound_backlog_received(
+    n: usize,
+    configure: impl Fn(BrokerSettings) -> BrokerSettings,
+) -> usize {
+    let broker = start_on_free_port(configure).unwrap();
+    let url = broker.url();
+    let stop = CancellationToken::new();
+    let topics = fleetcast_proto::Topics::default();
+    // The reader: small socket buffers, so the backlog sits in rumqttd's log, not the kernel's.
+    let (reader, mut el) = client::connect(client::options(&url, "platform-reader", None), 64);
+    let mut net = rumqttc::NetworkOptions::new();
+    net.set_tcp_nodelay(true);
+    net.set_tcp_recv_buffer_size(4096);
+    el.set_network_options(net);
+    let (tx, mut rx) = mpsc::channel(16);
+    tokio::spawn(client::drive(el, tx, stop.clone()));
+    next_connected(&mut rx).await.unwrap();
+    subscribe(&reader, &mut rx, &topics.platform_state_filter()).await;
+    // The writers: many machines, as at onboarding; every publish acknowledged by the broker.
+    let (writer, mut wrx) = connected(&url, "machines", None, &stop);
+    next_connected(&mut wrx).await.unwrap();
+    let acks = tokio::spawn(async move {
+        let mut acked = 0;
+        while acked < n {
+            match tokio::time::timeout(Duration::from_secs(30), wrx.recv()).await {
+                Ok(Some(MqttEvent::PubAck(_))) => acked += 1,
+                Ok(Some(_)) => {}
+                other => panic!("the broker acknowledged {acked} of {n}: {other:?}"),
+            }
+        }
+    });
+    let body = vec![b's'; 1024];
+    for i in 0..n {
+        let m = fleetcast_proto::MachineId::new(format!("vm-{i}")).unwrap();
+        writer
+            .publish(topics.state(&m), QoS::AtLeastOnce, false, body.clone())
+            .await
+            .unwrap();
+    }
+    acks.await.unwrap();
+    // The reader catches up.
+    let mut received = 0;
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_secs(2), rx.recv()).await {
+        if matches!(event, MqttEvent::Publish(_)) {
+            received += 1;
+        }
+    }
+    stop.cancel();
+    received
+}
+
+/// 10,000 machines coming online at once put the platform's reader of their states more than
+/// 1 MiB behind, and rumqttd drops the oldest part of a full log whether it was read or not:
+/// the inbound logs hold 8 MiB (they once held 1 MiB and lost 3,900-4,600 first states).
+#[tokio::test]
+async fn the_platforms_inbound_log_holds_a_burst_of_states_it_has_not_read_yet() {
+    let n = 7_000;
+    let received = inbound_backlog_received(n, |s| s).await;
+    assert_eq!(received, n, "states lost from a 7 MB backlog");
+    let old = inbound_backlog_received(n, |s| BrokerSettings {
+        inbound_segment_count: 4,
+        ..s
+    })
+    .await;
+    eprintln!("a backlog of {n} states: {received} received; with the old log {old}");
+    assert!(
+        old < n,
+        "the old 4 x 256 KiB log kept all {n}: this test no longer shows what it is for"
+    );
 }

@@ -18,7 +18,7 @@ use std::time::Duration;
 use fleetcast_broker::client::{self, BrokerUrl, MqttEvent};
 use fleetcast_broker::embedded::start_on_free_port;
 use fleetcast_device::store::OutboxEntry;
-use fleetcast_device::{AgentOptions, MachineConfig};
+use fleetcast_device::{AgentOptions, MachineConfig, StateRepeats};
 use fleetcast_proto::auth::{PlatformKey, PlatformPublicKey, Purpose, Secret};
 use fleetcast_proto::chunk::{
     encode_frame, ChunkRequest, FrameHeader, FrameType, Layout, ManifestBuilder,
@@ -633,6 +633,67 @@ fn one_attempt(stall: Duration) -> AgentOptions {
         },
         ..Default::default()
     }
+}
+
+/// A state is a retained QoS 0 message that a broker may drop before the platform reads it
+/// (rumqttd drops the oldest part of a full log): the agent sends it again, unchanged but with
+/// a fresh counter, soon after it connects and then now and then.
+#[tokio::test]
+async fn the_state_is_sent_again_without_a_change_so_a_dropped_one_heals() {
+    let s = setup().await;
+    let ms = Duration::from_millis;
+    let m = s.machine(AgentOptions {
+        state_repeats: StateRepeats {
+            first: (ms(300), ms(400)),
+            every: (ms(700), ms(800)),
+        },
+        ..Default::default()
+    });
+    let ctr = || s.platform.state.lock().unwrap().as_ref().map(|st| st.ctr);
+    eventually(
+        Duration::from_secs(10),
+        || ctr().is_some(),
+        || "no state".into(),
+    )
+    .await;
+    let first = ctr().unwrap();
+    let first_state = s.platform.state.lock().unwrap().clone().unwrap();
+    let started = tokio::time::Instant::now();
+    let mut seen = vec![first];
+    while seen.len() < 4 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "states seen without a change: {seen:?}"
+        );
+        let now = ctr().unwrap();
+        if now != *seen.last().unwrap() {
+            assert!(
+                now > *seen.last().unwrap(),
+                "a repeat reuses a counter: {seen:?}, {now}"
+            );
+            seen.push(now);
+        }
+        tokio::time::sleep(ms(20)).await;
+    }
+    // Three repeats: one after ~0.35 s, then one every ~0.75 s (ticks are a second apart, so
+    // each waits for the next tick).
+    assert!(
+        started.elapsed() >= ms(1000),
+        "repeats came faster than asked: {:?}",
+        started.elapsed()
+    );
+    let last = s.platform.state.lock().unwrap().clone().unwrap();
+    assert_eq!(
+        (last.groups, last.kinds, last.busy, last.key_gen),
+        (
+            first_state.groups,
+            first_state.kinds,
+            first_state.busy,
+            first_state.key_gen
+        ),
+        "a repeat says what the first said"
+    );
+    m.stop().await;
 }
 
 #[tokio::test]
