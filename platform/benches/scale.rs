@@ -244,10 +244,10 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
         .collect();
 
     // 2. Raw fan-out through the same broker, before the fleet starts. From 10,000 machines on
-    // it runs after the rollouts, with the simulator stopped: right after 10,000 raw sessions
-    // ended, only 4,936 of 10,000 simulated machines had come online after 230 s (2026-11-26;
-    // not yet understood), and both at once would need 20,000 descriptors in `serve`, this
-    // host's hard limit.
+    // it runs after the rollouts, with the simulator stopped: both at once would need 20,000
+    // descriptors in `serve` (one per session), this host's hard limit. (Right after 10,000 raw
+    // sessions ended, only 4,936 of 10,000 simulated machines once came online with a state:
+    // the platform's inbound log was 1 MiB and lost first states, fixed since.)
     let raw_last = n >= RAW_LAST_FROM;
     if !raw_last {
         raw_phase(r, &p, mosquitto.as_ref(), dir).await?;
