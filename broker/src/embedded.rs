@@ -43,17 +43,22 @@ pub struct BrokerSettings {
     pub bulk_segment_size: usize,
     pub bulk_segment_count: usize,
     /// The platform's wildcard filters, which gather what every machine sends: their log must
-    /// hold whatever the platform has not read yet. When 10,000 machines come online together
-    /// the platform falls behind by more than 1 MiB of states (rumqttd hands its connection a
-    /// few publishes per router pass, and the router is busy with the connects): at 4 x 256 KiB
-    /// a 10,000-machine onboarding lost 3,900-4,600 first states in one "jumping to head". So
-    /// 32 x 256 KiB (8 MiB, allocated only as it fills): 10,000 states are about 5 MB. The
-    /// gateway hands rumqttd each packet in an allocation of its own, so a stored publish costs
-    /// its own size; the platform's own clients publish little here. What a full log still
-    /// drops is sent again (outbox, the state's repeats, chunk re-requests).
+    /// hold whatever the platform has not read yet, and no more: a log is allocated as it fills
+    /// and never given back (with 32 x 256 KiB for all of them `serve` grew 37 MB more over ten
+    /// 1,000-machine rollouts, as status events and chunk requests filled theirs). What a full
+    /// log drops is sent again (outbox, the state's repeats, chunk re-requests).
     pub inbound_filters: Vec<String>,
     pub inbound_segment_size: usize,
     pub inbound_segment_count: usize,
+    /// Inbound filters that take a whole fleet's message at once: every machine's state and
+    /// `online` when a fleet (re)connects together. The platform falls behind by more than
+    /// 1 MiB of states then (rumqttd hands its connection a few publishes per router pass, and
+    /// the router is busy with the connects): at 4 x 256 KiB a 10,000-machine onboarding lost
+    /// 3,900-4,600 first states in one "jumping to head". A state is about 500 bytes; the
+    /// default of 16 x 256 KiB holds 8,000 unread, and the state's repeats heal the rest.
+    pub burst_filters: Vec<String>,
+    pub burst_segment_size: usize,
+    pub burst_segment_count: usize,
     /// Publishes handed to one connection per router pass (QoS 0 reads). rumqttd writes what a
     /// connection has queued (up to 200 publishes, fixed) through one buffer that keeps its
     /// largest size; smaller passes keep that queue shorter when the link keeps up, but do not
@@ -76,7 +81,10 @@ impl BrokerSettings {
             bulk_segment_count: 4,
             inbound_filters: Topics::default().platform_inbound_filters(),
             inbound_segment_size: 256 * 1024,
-            inbound_segment_count: 32,
+            inbound_segment_count: 4,
+            burst_filters: Topics::default().platform_burst_filters(),
+            burst_segment_size: 256 * 1024,
+            burst_segment_count: 16,
             max_outgoing_packets: 16,
             auth: None,
         }
@@ -98,6 +106,7 @@ impl BrokerSettings {
         };
         let bulk = segment(self.bulk_segment_size, self.bulk_segment_count);
         let inbound = segment(self.inbound_segment_size, self.inbound_segment_count);
+        let burst = segment(self.burst_segment_size, self.burst_segment_count);
         let custom_segment = self
             .bulk_filters
             .iter()
@@ -106,6 +115,12 @@ impl BrokerSettings {
                 self.inbound_filters
                     .iter()
                     .map(|f| (f.clone(), inbound.clone())),
+            )
+            // After the inbound filters: a burst filter is one of them, with its own size.
+            .chain(
+                self.burst_filters
+                    .iter()
+                    .map(|f| (f.clone(), burst.clone())),
             )
             .collect::<HashMap<_, _>>();
         let ordinary = segment(self.segment_size, self.segment_count);

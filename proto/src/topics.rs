@@ -189,6 +189,11 @@ impl Topics {
             self.platform_integrator_request_filter(),
         ]
     }
+    /// The inbound filters that take a whole fleet's message at once when it (re)connects
+    /// together: states and `online`.
+    pub fn platform_burst_filters(&self) -> Vec<String> {
+        vec![self.platform_state_filter(), self.platform_online_filter()]
+    }
     pub fn platform_admin_request_filter(&self) -> String {
         format!("{}/admin/+/request", self.prefix)
     }

@@ -163,6 +163,7 @@ impl SecureBrokerSettings {
         // wave publishes one notice per machine at once): bulk-sized logs.
         broker.bulk_filters.extend(relay::router_filters(&topics));
         broker.inbound_filters = topics.platform_inbound_filters();
+        broker.burst_filters = topics.platform_burst_filters();
         Self {
             plain: None,
             tls: None,

@@ -147,6 +147,7 @@ fn topic_methods() -> BTreeMap<&'static str, Vec<String>> {
         ("chunk_filters", t.chunk_filters()),
         ("bulk_filters", t.bulk_filters()),
         ("platform_inbound_filters", t.platform_inbound_filters()),
+        ("platform_burst_filters", t.platform_burst_filters()),
         (
             "platform_admin_request_filter",
             one(t.platform_admin_request_filter()),
