@@ -313,7 +313,7 @@ impl SaleLock {
         }
         // Read now, never shared: the line of the lock just taken must be in it. The kernel
         // hands `/proc/locks` out a page at a time and a lock released between two pages shifts
-        // the rest, so one read can skip a line (seen: 0.6 % of reads while other threads lock
+        // the rest, so one read can skip a line (seen: 0.6-10 % of reads while other threads lock
         // and unlock). The lock is ours and held, so a read without it is such a read: read
         // again.
         let mut found = HashSet::new();
