@@ -54,8 +54,9 @@ pub struct BrokerSettings {
     /// `online` when a fleet (re)connects together. The platform falls behind by more than
     /// 1 MiB of states then (rumqttd hands its connection a few publishes per router pass, and
     /// the router is busy with the connects): at 4 x 256 KiB a 10,000-machine onboarding lost
-    /// 3,900-4,600 first states in one "jumping to head". A state is about 500 bytes; the
-    /// default of 16 x 256 KiB holds 8,000 unread, and the state's repeats heal the rest.
+    /// 3,900-4,600 first states in one "jumping to head". A state is 300-500 bytes (a simulated
+    /// machine's, in its envelope); the default of 16 x 256 KiB holds 8,000 or more unread, and
+    /// the state's repeats heal the rest.
     pub burst_filters: Vec<String>,
     pub burst_segment_size: usize,
     pub burst_segment_count: usize,
