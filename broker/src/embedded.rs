@@ -45,7 +45,8 @@ pub struct BrokerSettings {
     /// The platform's wildcard filters, which gather what every machine sends: their log must
     /// hold whatever the platform has not read yet, and no more: a log is allocated as it fills
     /// and never given back (with 32 x 256 KiB for all of them `serve` grew 37 MB more over ten
-    /// 1,000-machine rollouts, as status events and chunk requests filled theirs). What a full
+    /// 1,000-machine rollouts, one recorded run against another, as status events and chunk
+    /// requests filled theirs). What a full
     /// log drops is sent again (outbox, the state's repeats, chunk re-requests).
     pub inbound_filters: Vec<String>,
     pub inbound_segment_size: usize,
