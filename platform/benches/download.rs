@@ -244,7 +244,7 @@ async fn main() {
     // that holds the whole transfer, so the baseline measures throughput, not loss.
     let log = (total / 4 + (1 << 20)).max(8 << 20);
     let broker = fleetcast_broker::embedded::start_on_free_port(|mut s| {
-        s.bulk_filters = Topics::default().chunk_filters();
+        // The default bulk filters (chunk topics and operators' upload parts) and the raw one.
         s.bulk_filters.push("bench/raw".into());
         s.bulk_segment_size = log;
         s.bulk_segment_count = 5;

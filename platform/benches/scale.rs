@@ -663,7 +663,13 @@ fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
 fn print_download(r: &SizeResult, broker: BrokerKind) {
     let mbytes = r.artifact as f64 / 1e6;
     let ro = r.rollouts.first();
-    println!("Broker: {}. One simulated machine, one artifact of {:.0} MB through `fleetcast serve` (child process, default per-machine byte budget of 64 MiB/s in force); raw: the same bytes as 64 KiB QoS 1 messages from the platform principal to one subscriber, run just before the machine started.", broker.label(), mbytes);
+    let budget = match common::machine_rate() {
+        Some(rate) => {
+            format!("per-machine byte budget raised to {rate} MiB/s with `--machine-rate`")
+        }
+        None => "default per-machine byte budget of 64 MiB/s in force".into(),
+    };
+    println!("Broker: {}. One simulated machine, one artifact of {:.0} MB through `fleetcast serve` (child process, {budget}); raw: the same bytes as 64 KiB QoS 1 messages from the platform principal to one subscriber, paced to stay at most 2 MiB ahead of it, run just before the machine started.", broker.label(), mbytes);
     println!();
     println!("| what | size | time | throughput | ratio to raw |");
     println!("|---|---|---|---|---|");

@@ -153,6 +153,13 @@ pub struct Platform {
     pub admin: AdminClient,
 }
 
+/// `SCALE_MACHINE_RATE`: `serve --machine-rate` (MiB/s of chunks per machine), if set.
+pub fn machine_rate() -> Option<String> {
+    std::env::var("SCALE_MACHINE_RATE")
+        .ok()
+        .filter(|v| !v.is_empty())
+}
+
 impl Platform {
     /// Starts `fleetcast serve --data DIR/platform` with its embedded broker on a free loopback
     /// port (`external: None`) or on `external`.
@@ -181,6 +188,9 @@ impl Platform {
                     (BrokerUrl::mqtt("127.0.0.1", port), cmd)
                 }
             };
+            if let Some(rate) = machine_rate() {
+                cmd.arg("--machine-rate").arg(rate);
+            }
             let log = dir.join(format!("serve-{attempt}.log"));
             let mut proc = Proc::spawn("fleetcast serve", &mut cmd, log)?;
             match connect_admin(&mut proc, &data, &url).await {
@@ -455,6 +465,11 @@ pub fn raw_filters(id: &str, topic: &str) -> Vec<rumqttc::SubscribeFilter> {
 /// QoS 1, not retained, to `topic` (an artifact topic the subscribers may read). Time from
 /// the first publish until every subscriber has every byte. Every subscriber's byte count is
 /// checked.
+/// How far the raw publisher may run ahead of its slowest subscriber: within the embedded
+/// gateway's queue per session (`SESSION_QUEUE`, 64 frames of 64 KiB), which drops frames for
+/// a session that cannot take them (chunk frames are asked for again; raw bytes are lost).
+const RAW_AHEAD: usize = 2 << 20;
+
 pub async fn raw_fanout(
     url: &BrokerUrl,
     platform_password: &str,
@@ -570,10 +585,26 @@ pub async fn raw_fanout(
         .map_err(|_| anyhow!("raw baseline: the publisher did not connect"))?;
 
     let t0 = Instant::now();
+    let mut sent = 0;
     for part in payload.chunks(msg_size) {
+        // A publisher far ahead of a subscriber loses bytes (rumqttd's full logs and the
+        // gateway's full queues drop them; 200 MB to one subscriber lost 5 MB). Stay at most
+        // RAW_AHEAD ahead of the slowest; a 1 MiB fan-out is never held.
+        while sent > RAW_AHEAD && t0.elapsed() < timeout {
+            let slowest = received
+                .iter()
+                .map(|b| b.load(Ordering::Relaxed) as usize)
+                .min()
+                .unwrap_or(sent);
+            if sent - slowest <= RAW_AHEAD {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         publ.publish(&topic, QoS::AtLeastOnce, false, part.to_vec())
             .await
             .context("raw publish")?;
+        sent += part.len();
     }
     while complete.load(Ordering::SeqCst) < n && t0.elapsed() < timeout {
         tokio::time::sleep(Duration::from_millis(5)).await;
