@@ -297,6 +297,27 @@ impl<'a> Staging<'a> {
         cancel: &CancellationToken,
         report: &mut impl FnMut(Progress),
     ) -> Result<(), DownloadError> {
+        let mut saver = Saver::default();
+        let result = self
+            .drive_saving(fetch, frames, cancel, report, &mut saver)
+            .await;
+        if result.is_err() {
+            // What the transfer claimed is saved before the attempt's own best-effort save.
+            if let Err(e) = saver.drain(self).await {
+                tracing::debug!(artifact = %self.artifact.short(), "staging state not saved: {e}");
+            }
+        }
+        result
+    }
+
+    async fn drive_saving(
+        &self,
+        fetch: &mut Fetch,
+        frames: &mut mpsc::Receiver<Bytes>,
+        cancel: &CancellationToken,
+        report: &mut impl FnMut(Progress),
+        saver: &mut Saver,
+    ) -> Result<(), DownloadError> {
         let cancelled = || DownloadError::Cancelled {
             artifact: self.artifact,
         };
@@ -306,7 +327,7 @@ impl<'a> Staging<'a> {
         // off the runtime, few enough that requests and ticks are not held up.
         let batch = self.ctx.tuning.window.max(1);
         loop {
-            if self.carry_out(fetch, effects, report).await? {
+            if self.carry_out(fetch, effects, report, saver).await? {
                 return Ok(());
             }
             effects = tokio::select! {
@@ -318,6 +339,11 @@ impl<'a> Staging<'a> {
                         .filter_map(|frame| self.decode(frame))
                         .collect();
                     fetch.handle_all(now(), inputs)
+                }
+                saved = saver.saved(self), if saver.busy() => {
+                    saved?;
+                    saver.next(self);
+                    Vec::new()
                 }
                 _ = tick.tick() => fetch.handle(now(), Input::Tick),
             };
@@ -344,6 +370,7 @@ impl<'a> Staging<'a> {
         fetch: &mut Fetch,
         effects: Vec<Effect>,
         report: &mut impl FnMut(Progress),
+        saver: &mut Saver,
     ) -> Result<bool, DownloadError> {
         let mut queue = VecDeque::from(effects);
         while let Some(effect) = queue.pop_front() {
@@ -353,7 +380,14 @@ impl<'a> Staging<'a> {
                     let indices = self.write(chunks).await?;
                     queue.extend(fetch.handle(now(), Input::Written { indices }));
                 }
-                Effect::Persist(state) => self.persist(state).await?,
+                // The state that ends the transfer is saved before it is reported done, after
+                // any still being saved (it supersedes one waiting).
+                Effect::Persist(state) if matches!(queue.front(), Some(Effect::Done)) => {
+                    saver.drain_superseded(self).await?;
+                    self.persist(state).await?
+                }
+                // Others are saved beside the transfer, never more than one at a time.
+                Effect::Persist(state) => saver.submit(self, state),
                 Effect::Report(progress) => report(progress),
                 Effect::Done => return Ok(true),
                 Effect::Fail(e) => return Err(e),
@@ -375,18 +409,29 @@ impl<'a> Staging<'a> {
     }
 
     /// Makes the written chunks durable, then the state that claims them.
-    async fn persist(&self, state: StagingState) -> Result<(), DownloadError> {
-        let part = self.part_path.clone();
-        // fsync makes the file's data durable whichever descriptor wrote it.
-        tokio::task::spawn_blocking(move || std::fs::File::open(&part)?.sync_data())
-            .await
-            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-            .map_err(self.io("fsync", &self.part_path))?;
-        let bytes = serde_json::to_vec(&state).expect("staging state serializes");
-        durable::shared()
-            .write(&self.state_path, bytes)
-            .await
-            .map_err(self.io("write", &self.state_path))
+    fn persist(
+        &self,
+        state: StagingState,
+    ) -> impl std::future::Future<Output = Result<(), DownloadError>> + Send + 'static {
+        let (artifact, part, state_path) = (
+            self.artifact,
+            self.part_path.clone(),
+            self.state_path.clone(),
+        );
+        async move {
+            let sync_part = part.clone();
+            // fsync makes the file's data durable whichever descriptor wrote it, and it covers
+            // every write that finished before it started: all those `state` claims.
+            tokio::task::spawn_blocking(move || std::fs::File::open(&sync_part)?.sync_data())
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                .map_err(io_error(artifact, "fsync", &part))?;
+            let bytes = serde_json::to_vec(&state).expect("staging state serializes");
+            durable::shared()
+                .write(&state_path, bytes)
+                .await
+                .map_err(io_error(artifact, "write", &state_path))
+        }
     }
 
     async fn request(&self, manifest: bool, chunks: &[u32]) -> Result<(), DownloadError> {
@@ -487,6 +532,71 @@ impl<'a> Staging<'a> {
     }
 }
 
+/// Saves staging states beside the transfer (group commit): one save at a time, and while it
+/// runs only the newest state waits, replacing older ones. A save of 1 MiB of chunks costs two
+/// fsyncs; awaited in line they held the transfer up (200 MB took 1.33 s instead of 0.89 s on
+/// loopback). A state claims only chunks whose writes finished before it was made, and the
+/// fsync that precedes its write starts later still, so what it claims is on disk.
+#[derive(Default)]
+struct Saver {
+    running: Option<tokio::task::JoinHandle<Result<(), DownloadError>>>,
+    waiting: Option<StagingState>,
+}
+
+impl Saver {
+    fn busy(&self) -> bool {
+        self.running.is_some()
+    }
+
+    fn submit(&mut self, staging: &Staging<'_>, state: StagingState) {
+        self.waiting = Some(state);
+        if !self.busy() {
+            self.next(staging);
+        }
+    }
+
+    /// Starts saving the waiting state, if any.
+    fn next(&mut self, staging: &Staging<'_>) {
+        if let Some(state) = self.waiting.take() {
+            self.running = Some(tokio::spawn(staging.persist(state)));
+        }
+    }
+
+    /// The running save's outcome (pending forever when none runs; guard with [`Self::busy`]).
+    async fn saved(&mut self, staging: &Staging<'_>) -> Result<(), DownloadError> {
+        let Some(running) = self.running.as_mut() else {
+            return std::future::pending().await;
+        };
+        let outcome = running.await;
+        self.running = None;
+        outcome.unwrap_or_else(|e| {
+            Err(staging.io("save", &staging.state_path)(
+                std::io::Error::other(e),
+            ))
+        })
+    }
+
+    /// Waits for the running save; drops the waiting state (a newer one follows).
+    async fn drain_superseded(&mut self, staging: &Staging<'_>) -> Result<(), DownloadError> {
+        self.waiting = None;
+        if self.busy() {
+            self.saved(staging).await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the running save, then saves the waiting state.
+    async fn drain(&mut self, staging: &Staging<'_>) -> Result<(), DownloadError> {
+        if self.busy() {
+            self.saved(staging).await?;
+        }
+        if let Some(state) = self.waiting.take() {
+            staging.persist(state).await?;
+        }
+        Ok(())
+    }
+}
+
 /// The transfer's clock: tokio's, so a paused test runtime pauses it too.
 fn now() -> std::time::Instant {
     Instant::now().into_std()
@@ -584,6 +694,60 @@ mod tests {
         tx.send(Bytes::from_static(b"x")).await.unwrap();
         let first = rx.recv().await.unwrap();
         assert_eq!(queued(first, &mut rx, 16).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn states_are_saved_beside_the_transfer_one_at_a_time_the_newest_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let (client, _eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("saver-test", "127.0.0.1", 1), 8);
+        let ctx = DownloadContext {
+            machine: MachineId::new("vm-1").unwrap(),
+            topics: Topics::default(),
+            client,
+            secret: Secret::from_bytes([7; 32]),
+            store: Store::open(dir.path()).unwrap(),
+            data_dir: dir.path().to_owned(),
+            tuning: Tuning::default(),
+        };
+        let artifact = ArtifactRef {
+            id: ArtifactId::from_bytes([9; 32]),
+            size: 3 * 65536,
+            chunk_size: 65536,
+            name: "a.bin".into(),
+        };
+        let (staging, _fetch) = Staging::open(&ctx, &artifact).await.unwrap();
+        let state = |have: &str| StagingState {
+            have: have.into(),
+            manifest: None,
+        };
+        let saved = || -> Option<StagingState> {
+            serde_json::from_slice(&std::fs::read(&staging.state_path).ok()?).ok()
+        };
+        let mut saver = Saver::default();
+        // The disk is stalled: submitting does not wait for it.
+        let held = durable::shared().hold();
+        for have in ["01", "03", "07"] {
+            saver.submit(&staging, state(have));
+        }
+        assert!(saver.busy());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(saved(), None, "saved while the disk was held");
+        drop(held);
+        // The first state, then only the newest of those that waited.
+        saver.saved(&staging).await.unwrap();
+        assert_eq!(saved(), Some(state("01")));
+        saver.next(&staging);
+        assert!(saver.busy());
+        saver.saved(&staging).await.unwrap();
+        assert_eq!(saved(), Some(state("07")));
+        saver.next(&staging);
+        assert!(!saver.busy(), "a state was saved twice");
+        // What waits when the transfer stops is saved by the drain.
+        saver.submit(&staging, state("0f"));
+        saver.submit(&staging, state("1f"));
+        saver.drain(&staging).await.unwrap();
+        assert_eq!(saved(), Some(state("1f")));
     }
 
     #[test]
