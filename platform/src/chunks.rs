@@ -254,17 +254,38 @@ impl ChunkServer {
         });
         let wanted = req.indices().count() as u32;
         let budget = self.budgets.get_mut(m).expect("inserted above");
-        let admitted = budget.admit_chunks(wanted, layout.chunk_size, now_std);
-        if admitted < wanted {
-            tracing::debug!(machine = %m, wanted, admitted, "chunk byte budget: serving part of a request");
+        let dues = budget.schedule_chunks(wanted, layout.chunk_size, now_std);
+        let refused = dues.iter().filter(|d| d.is_none()).count();
+        if refused > 0 {
+            tracing::debug!(machine = %m, wanted, refused, "chunk byte budget: part of a request refused");
         }
-        let chunks = req.indices().take(admitted as usize).map(|index| FrameKey {
-            artifact: req.artifact,
-            manifest: false,
-            index,
+        let chunks = req.indices().zip(dues).filter_map(|(index, due)| {
+            let key = FrameKey {
+                artifact: req.artifact,
+                manifest: false,
+                index,
+            };
+            due.map(|due| (key, Instant::from_std(due)))
         });
-        let keys: Vec<FrameKey> = manifest.into_iter().flatten().chain(chunks).collect();
-        for key in keys {
+        let keys: Vec<(FrameKey, Instant)> = manifest
+            .into_iter()
+            .flatten()
+            .map(|key| (key, now))
+            .chain(chunks)
+            .collect();
+        let mut send_now = Vec::new();
+        for (key, due) in keys {
+            if due > now {
+                // Over the byte budget: paced, owed to this machine when its budget allows.
+                let owed = self
+                    .owed
+                    .entry(key)
+                    .or_insert_with(|| (due, HashSet::new()));
+                // Due as soon as anyone's: bytes already counted against a budget.
+                owed.0 = owed.0.min(due);
+                owed.1.insert(m.clone());
+                continue;
+            }
             match self.sent_at.get(&key) {
                 Some(t) if now.duration_since(*t) < RESEND_AFTER => {
                     let due = *t + RESEND_AFTER;
@@ -282,13 +303,23 @@ impl ChunkServer {
                         .get(&key)
                         .is_some_and(|t| now.duration_since(*t) < BROADCAST_HOLDS)
                         .then(|| HashSet::from([m.clone()]));
-                    if let Err(e) = self.broadcast(key, &layout, only).await {
-                        self.error_frame(&own_topic, req.artifact, "artifact unreadable")
-                            .await;
-                        return Err(e);
-                    }
+                    send_now.push((key, only));
                 }
             }
+        }
+        // One trip to the blocking pool for the whole request: a trip per frame, awaited in
+        // turn, was most of a window's round trip for a single machine.
+        let keys = send_now.iter().map(|(key, _)| *key).collect();
+        let frames = match self.read_frames(keys, &layout).await {
+            Ok(frames) => frames,
+            Err(e) => {
+                self.error_frame(&own_topic, req.artifact, "artifact unreadable")
+                    .await;
+                return Err(e);
+            }
+        };
+        for ((key, only), frame) in send_now.into_iter().zip(frames) {
+            self.send_frame(key, frame, only).await?;
         }
         Ok(())
     }
@@ -345,13 +376,56 @@ impl ChunkServer {
         layout: &Layout,
         only: Option<HashSet<MachineId>>,
     ) -> Result<(), String> {
+        let frame = self
+            .read_frames(vec![key], layout)
+            .await?
+            .pop()
+            .expect("one frame read");
+        self.send_frame(key, frame, only).await
+    }
+
+    /// Reads and encodes the frames of `keys`, in one task on the blocking pool.
+    async fn read_frames(
+        &self,
+        keys: Vec<FrameKey>,
+        layout: &Layout,
+    ) -> Result<Vec<Vec<u8>>, String> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
         let files = self.ctx.files.clone();
-        let layout_owned = *layout;
-        let frame = blocking(move || read_frame(&files, key, &layout_owned)).await?;
+        let layout = *layout;
+        blocking(move || {
+            keys.iter()
+                .map(|key| read_frame(&files, *key, &layout))
+                .collect()
+        })
+        .await
+    }
+
+    /// Sends a frame read for `key`, as [`Self::broadcast`] does.
+    async fn send_frame(
+        &mut self,
+        key: FrameKey,
+        frame: Vec<u8>,
+        only: Option<HashSet<MachineId>>,
+    ) -> Result<(), String> {
         let topic = self.ctx.topics.artifact_chunks(&key.artifact);
         let now = Instant::now();
         self.sent_at.insert(key, now);
-        self.owed.remove(&key);
+        // Whoever this reaches owes nothing more; others still wait for theirs (a frame paced
+        // for one machine while another is answered at once).
+        match (&only, self.owed.get_mut(&key)) {
+            (Some(only), Some((_, askers))) => {
+                askers.retain(|a| !only.contains(a));
+                if askers.is_empty() {
+                    self.owed.remove(&key);
+                }
+            }
+            _ => {
+                self.owed.remove(&key);
+            }
+        }
         if let Some(only) = only {
             let names: Vec<&str> = only.iter().map(MachineId::as_str).collect();
             self.ctx.stats.frame_sent(frame.len(), false);
@@ -428,6 +502,7 @@ impl ChunkServer {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::MachineLimits;
     use fleetcast_proto::admin::ArtifactInfo;
     use fleetcast_proto::auth::Secret;
     use fleetcast_proto::Kind;
@@ -604,6 +679,44 @@ mod tests {
         // which cannot address them, so to the topic).
         let stats = server.ctx.stats.snapshot();
         assert_eq!(stats.chunk_bytes_broadcast * 2, stats.chunk_bytes_sent);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn chunks_over_the_byte_budget_are_paced_not_dropped() {
+        let mut f = fixture();
+        Arc::get_mut(&mut f.ctx).expect("not shared yet").limits = MachineLimits {
+            bytes_per_sec: 2048.0,
+            byte_burst: 1024.0,
+            ..MachineLimits::default()
+        };
+        let a = add_artifact(&f.ctx, 1);
+        let mut server = server(&f.ctx);
+        let vm1 = MachineId::new("vm-1").unwrap();
+        let sent = |s: &ChunkServer| s.ctx.stats.snapshot().chunk_frames_sent;
+        let t0 = Instant::now();
+        // Three 1 KiB chunks against a 1 KiB burst at 2 KiB/s: one now, one each 0.5 s.
+        server
+            .handle(&vm1, &request(&f, "vm-1", 1, a))
+            .await
+            .unwrap();
+        assert_eq!(sent(&server), 1);
+        assert_eq!(server.owed.len(), 2);
+        for (i, after) in [(2, 500), (3, 1000)] {
+            let due = server.next_due().expect("a paced chunk is owed");
+            assert_eq!(due, t0 + Duration::from_millis(after));
+            tokio::time::sleep_until(due).await;
+            server.send_owed().await;
+            assert_eq!(sent(&server), i);
+        }
+        assert!(server.owed.is_empty());
+        // Asking faster than the budget earns: paced up to a second ahead, the rest refused
+        // (the agent asks again after its stall time).
+        server
+            .handle(&vm1, &request(&f, "vm-1", 2, a))
+            .await
+            .unwrap();
+        assert_eq!(server.owed.len(), 2, "two paced, one refused");
+        assert_eq!(sent(&server), 3);
     }
 
     #[tokio::test(start_paused = true)]

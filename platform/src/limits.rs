@@ -35,6 +35,22 @@ impl Default for MachineLimits {
     }
 }
 
+impl MachineLimits {
+    /// The defaults with a chunk byte rate of `mib_per_sec` MiB/s: a burst of half a second of
+    /// it, and requests in proportion (the agent sends one per 64 KiB chunk it receives).
+    pub fn with_rate(mib_per_sec: f64) -> Self {
+        let defaults = Self::default();
+        let scale = mib_per_sec * 1024.0 * 1024.0 / defaults.bytes_per_sec;
+        Self {
+            requests_per_sec: defaults.requests_per_sec * scale.max(1.0),
+            request_burst: defaults.request_burst * scale.max(1.0),
+            bytes_per_sec: defaults.bytes_per_sec * scale,
+            byte_burst: defaults.byte_burst * scale,
+            ..defaults
+        }
+    }
+}
+
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {
@@ -72,16 +88,32 @@ impl TokenBucket {
         }
     }
 
-    /// How many of `items` tokens of size `each` can be taken now; takes them.
-    pub fn take_up_to(&mut self, items: u32, each: f64, now: Instant) -> u32 {
+    /// Schedules `items` items of `each` tokens: when each may go. Tokens not saved up yet are
+    /// lent against what the bucket earns within `horizon` (the bucket goes below zero and
+    /// earns its way back); an item beyond that is refused (`None`), and so is every one after
+    /// it.
+    pub fn schedule(
+        &mut self,
+        items: u32,
+        each: f64,
+        now: Instant,
+        horizon: Duration,
+    ) -> Vec<Option<Instant>> {
         self.refill(now);
-        let fit = if each <= 0.0 {
-            items
-        } else {
-            ((self.tokens / each).floor() as u64).min(items as u64) as u32
-        };
-        self.tokens -= fit as f64 * each;
-        fit
+        let floor = -self.rate * horizon.as_secs_f64();
+        (0..items)
+            .map(|_| {
+                if self.tokens - each < floor {
+                    return None;
+                }
+                self.tokens -= each;
+                Some(if self.tokens >= 0.0 {
+                    now
+                } else {
+                    now + Duration::from_secs_f64(-self.tokens / self.rate)
+                })
+            })
+            .collect()
     }
 
     /// Whether the bucket is full again (nothing to remember about this machine).
@@ -111,9 +143,18 @@ impl ChunkBudget {
         self.requests.take(1.0, now)
     }
 
-    /// How many of `chunks` chunks of `chunk_len` bytes may be sent now.
-    pub fn admit_chunks(&mut self, chunks: u32, chunk_len: u32, now: Instant) -> u32 {
-        self.bytes.take_up_to(chunks, chunk_len as f64, now)
+    /// When each of `chunks` chunks of `chunk_len` bytes may be sent: at once while the byte
+    /// budget lasts, then paced at its rate (shaped, not dropped: a dropped chunk cost the
+    /// machine its 2 s stall before it asked again). `None` for chunks beyond
+    /// [`BUDGET_HORIZON`] of pacing: a machine asking faster than that is refused as before.
+    pub fn schedule_chunks(
+        &mut self,
+        chunks: u32,
+        chunk_len: u32,
+        now: Instant,
+    ) -> Vec<Option<Instant>> {
+        self.bytes
+            .schedule(chunks, chunk_len as f64, now, BUDGET_HORIZON)
     }
 
     /// Both buckets full: the machine has been quiet long enough to forget.
@@ -121,6 +162,11 @@ impl ChunkBudget {
         self.requests.is_full(now) && self.bytes.is_full(now)
     }
 }
+
+/// How far ahead chunks over a machine's byte budget are scheduled; beyond, they are refused.
+/// It bounds what the chunk server keeps for a machine that asks too fast: at most this long of
+/// its byte rate in owed frames (their keys, not their bytes).
+pub const BUDGET_HORIZON: Duration = Duration::from_secs(1);
 
 /// How long after its last request a quiet machine's budget is kept at most.
 pub const BUDGET_SWEEP: Duration = Duration::from_secs(30);
@@ -154,18 +200,54 @@ mod tests {
     }
 
     #[test]
-    fn a_chunk_budget_serves_the_part_of_a_request_that_fits() {
+    fn a_machine_rate_scales_bytes_and_requests_together() {
+        assert_eq!(MachineLimits::with_rate(64.0), MachineLimits::default());
+        let fast = MachineLimits::with_rate(512.0);
+        assert_eq!(fast.bytes_per_sec, 512.0 * 1024.0 * 1024.0);
+        assert_eq!(fast.byte_burst, 256.0 * 1024.0 * 1024.0);
+        assert!(fast.requests_per_sec * 65536.0 >= 1.5 * fast.bytes_per_sec);
+        // A slow rate keeps the default request budget (manifests, re-requests).
+        let slow = MachineLimits::with_rate(1.0);
+        assert_eq!(
+            slow.requests_per_sec,
+            MachineLimits::default().requests_per_sec
+        );
+        assert_eq!(slow.byte_burst, 512.0 * 1024.0);
+    }
+
+    #[test]
+    fn a_chunk_budget_sends_what_it_holds_at_once_and_paces_the_rest() {
         let limits = MachineLimits {
             bytes_per_sec: 1000.0,
             byte_burst: 1000.0,
             ..MachineLimits::default()
         };
         let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
         let mut b = ChunkBudget::new(&limits, t0);
-        assert_eq!(b.admit_chunks(16, 300, t0), 3);
-        assert_eq!(b.admit_chunks(16, 300, t0), 0);
-        assert_eq!(b.admit_chunks(16, 300, t0 + Duration::from_millis(600)), 2);
-        assert!(!b.is_idle(t0 + Duration::from_millis(600)));
-        assert!(b.is_idle(t0 + Duration::from_secs(5)));
+        // 3 x 300 bytes from the burst; then one each 300 ms, up to 1 s ahead (3 more).
+        let first = b.schedule_chunks(8, 300, t0);
+        assert_eq!(
+            first,
+            [
+                Some(t0),
+                Some(t0),
+                Some(t0),
+                Some(ms(200)),
+                Some(ms(500)),
+                Some(ms(800)),
+                None,
+                None
+            ]
+        );
+        // Asking again at once: the budget is lent out a second ahead; nothing more.
+        assert_eq!(b.schedule_chunks(2, 300, t0), [None, None]);
+        // 600 ms later the bucket has earned 600 bytes back: two more, paced after the rest.
+        assert_eq!(
+            b.schedule_chunks(3, 300, ms(600)),
+            [Some(ms(1100)), Some(ms(1400)), None]
+        );
+        assert!(!b.is_idle(ms(1400)));
+        assert!(b.is_idle(ms(5000)));
     }
 }

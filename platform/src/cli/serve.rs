@@ -10,6 +10,7 @@ use fleetcast_broker::BrokerUrl;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::{admin_secret_path, load_or_create_keys, public_key_path};
+use crate::limits::MachineLimits;
 use crate::serve::{serve, ServeOptions};
 
 #[derive(Args)]
@@ -40,6 +41,18 @@ pub struct ServeArgs {
     pub broker: Option<String>,
     #[arg(long, default_value = fleetcast_proto::topics::DEFAULT_PREFIX)]
     pub topic_prefix: String,
+    /// Chunk bytes served to one machine, in MiB per second (half of it as a burst; chunk
+    /// requests are allowed in proportion). A bound on what one machine, or a stolen machine
+    /// config, can take of the platform; real machines' links are far below the default.
+    #[arg(long, default_value_t = 64.0, value_parser = positive_rate)]
+    pub machine_rate: f64,
+}
+
+fn positive_rate(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if r.is_finite() && r > 0.0 => Ok(r),
+        _ => Err(format!("{s:?} is not a positive number of MiB/s")),
+    }
 }
 
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
@@ -105,6 +118,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     println!("  topic prefix:    {}", args.topic_prefix);
+    println!("  per machine:     {} MiB/s of chunks", args.machine_rate);
     drop(keys);
     let shutdown = CancellationToken::new();
     let ctrl_c = tokio::spawn({
@@ -122,7 +136,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         embedded_listen,
         tls,
         topic_prefix: args.topic_prefix,
-        limits: Default::default(),
+        limits: MachineLimits::with_rate(args.machine_rate),
     };
     let result = serve(opts, shutdown).await;
     ctrl_c.abort();
