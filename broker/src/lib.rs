@@ -28,5 +28,6 @@ pub use client::{BrokerUrl, MqttEvent, TlsTrust};
 pub use embedded::{BrokerSettings, EmbeddedBroker};
 #[cfg(feature = "embedded")]
 pub use gateway::{
-    start_secured, Authenticator, GatewayHandle, SecureBrokerSettings, SecuredBroker,
+    start_secured, Authenticator, ChunkRequestSink, GatewayHandle, SecureBrokerSettings,
+    SecuredBroker,
 };

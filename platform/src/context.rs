@@ -83,6 +83,11 @@ pub trait SessionControl: Send + Sync {
     fn deliver(&self, _topic: &str, _payload: &[u8], _only: Option<&[&str]>) -> Option<usize> {
         None
     }
+    /// Has machines' chunk requests handed to `sink` in process, if this broker can (`false`:
+    /// they arrive over MQTT).
+    fn take_chunk_requests(&self, _sink: fleetcast_broker::ChunkRequestSink) -> bool {
+        false
+    }
 }
 
 /// For an external broker: nothing to close from here.

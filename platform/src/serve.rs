@@ -79,6 +79,10 @@ impl SessionControl for GatewaySessions {
     fn deliver(&self, topic: &str, payload: &[u8], only: Option<&[&str]>) -> Option<usize> {
         Some(self.0.deliver_to(topic, payload, only))
     }
+
+    fn take_chunk_requests(&self, sink: fleetcast_broker::ChunkRequestSink) -> bool {
+        self.0.take_chunk_requests(sink)
+    }
 }
 
 /// Runs the platform until `shutdown` is cancelled or a task fails.
@@ -193,6 +197,11 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
         stats: Default::default(),
     });
     let (chunk_tx, chunk_rx) = mpsc::channel(1024);
+    // On the embedded broker, chunk requests come straight from the gateway; the MQTT
+    // subscription below stays for any other broker.
+    if ctx.sessions.take_chunk_requests(chunk_tx.clone()) {
+        tracing::debug!("chunk requests taken in process from the gateway");
+    }
     let (admin_tx, admin_rx) = mpsc::channel(8192);
     tasks.spawn({
         let (ctx, stop) = (ctx.clone(), tasks_stop.clone());

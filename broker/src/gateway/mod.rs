@@ -73,7 +73,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use limit::{Rate, RateLimit};
-pub use registry::{GatewayHandle, GatewayStats};
+pub use registry::{ChunkRequestSink, GatewayHandle, GatewayStats};
 
 use crate::client::BrokerUrl;
 use crate::embedded::{start_on_free_port, BrokerError, BrokerSettings, EmbeddedBroker};

@@ -27,6 +27,9 @@ pub struct GatewayStats {
     /// receiving session; see `relay`), and sessions it closed because they did not read them.
     pub served: u64,
     pub closed_unread: u64,
+    /// Chunk requests dropped because the platform's in-process queue was full
+    /// ([`GatewayHandle::take_chunk_requests`]); the agents ask again.
+    pub chunk_requests_dropped: u64,
 }
 
 #[derive(Default)]
@@ -39,9 +42,34 @@ pub(crate) struct Registry {
     refused: AtomicU64,
     violations: AtomicU64,
     pub(crate) fanout: super::fanout::Fanout,
+    /// Where machines' chunk requests go in process, if the platform took them
+    /// ([`GatewayHandle::take_chunk_requests`]).
+    chunk_requests: std::sync::OnceLock<ChunkRequestSink>,
+    /// Chunk requests dropped because that queue was full.
+    chunk_requests_dropped: AtomicU64,
 }
 
+/// A machine's chunk request (its id, from its authenticated session, and the sealed body).
+pub type ChunkRequestSink = tokio::sync::mpsc::Sender<(fleetcast_proto::MachineId, bytes::Bytes)>;
+
 impl Registry {
+    /// Hands a chunk request to the platform in process; `false` if nobody took them (the
+    /// request goes to the broker). A full queue drops it: requests are QoS 0, and the agent
+    /// asks again after its stall time.
+    pub(crate) fn chunk_request(
+        &self,
+        machine: fleetcast_proto::MachineId,
+        body: bytes::Bytes,
+    ) -> bool {
+        let Some(sink) = self.chunk_requests.get() else {
+            return false;
+        };
+        if sink.try_send((machine, body)).is_err() {
+            self.chunk_requests_dropped.fetch_add(1, Ordering::Relaxed);
+        }
+        true
+    }
+
     fn sessions(
         &self,
     ) -> std::sync::MutexGuard<'_, HashMap<String, HashMap<u64, CancellationToken>>> {
@@ -151,6 +179,7 @@ impl Registry {
             fanout_dropped: fanout.dropped,
             served: fanout.served,
             closed_unread: fanout.closed_full,
+            chunk_requests_dropped: self.chunk_requests_dropped.load(Ordering::Relaxed),
         }
     }
 }
@@ -239,6 +268,15 @@ impl GatewayHandle {
 
     pub fn stats(&self) -> GatewayStats {
         self.registry.stats()
+    }
+
+    /// From now on, machines' chunk requests (`machines/{m}/chunks/get`, QoS 0, from the
+    /// session of machine `m`: the gateway's ACL already holds each to its own topic) go to
+    /// `sink` instead of through rumqttd. Through rumqttd each took a router pass and the
+    /// platform's own connection on its way, most of a single machine's round trip for a window
+    /// of chunks. Once only; `false` if they were already taken.
+    pub fn take_chunk_requests(&self, sink: ChunkRequestSink) -> bool {
+        self.registry.chunk_requests.set(sink).is_ok()
     }
 
     /// Delivers `payload` as a QoS 0 PUBLISH on `topic` to every session whose subscription

@@ -374,6 +374,8 @@ impl Session<'_> {
                     link.send(packets).await;
                     return violation;
                 }
+                let qos0_publish = frame.kind == PacketType::Publish
+                    && frames::publish_qos_pkid(&buf[..frame.len]).is_ok_and(|(qos, _)| qos == 0);
                 // A packet of its own: the router keeps publishes in its logs, and a slice would
                 // keep this whole read buffer alive with them.
                 let mut one = BytesMut::from(&buf[..frame.len]);
@@ -392,11 +394,14 @@ impl Session<'_> {
                         }
                     }
                 }
-                if let Some(answer) = self.local_answer(&packet) {
+                // `None`: a chunk request handed to the platform in process; it still counts
+                // against the session's rate limit below.
+                let packet = self.chunk_request(packet, qos0_publish);
+                if let Some(answer) = packet.as_ref().and_then(|p| self.local_answer(p)) {
                     if self.control.send(answer).await.is_err() {
                         return End::Closed("session ending");
                     }
-                } else {
+                } else if let Some(packet) = packet {
                     let disconnect = matches!(packet, Packet::Disconnect(..));
                     packets.push(packet);
                     if disconnect {
@@ -509,6 +514,36 @@ impl Session<'_> {
             _ => return None,
         }
         Some(out.freeze())
+    }
+
+    /// A QoS 0 chunk request on the machine's own topic goes to the platform in process, if it
+    /// took them ([`super::GatewayHandle::take_chunk_requests`]); `None` then. Anything else
+    /// comes back, for the broker. [`Self::check`] has already held the topic to this
+    /// session's principal.
+    fn chunk_request(&self, packet: Packet, qos0_publish: bool) -> Option<Packet> {
+        let Packet::Publish(publish, _) = &packet else {
+            return Some(packet);
+        };
+        if !qos0_publish {
+            return Some(packet);
+        }
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return Some(packet);
+        };
+        let Some(fleetcast_proto::Route::ChunkRequest(machine)) = self.shared.topics.parse(topic)
+        else {
+            return Some(packet);
+        };
+        if !matches!(self.principal, fleetcast_proto::acl::Principal::Machine { id, .. } if *id == machine)
+        {
+            return Some(packet);
+        }
+        let body = publish.payload.clone();
+        if self.shared.registry.chunk_request(machine, body) {
+            None
+        } else {
+            Some(packet)
+        }
     }
 
     /// Whether one whole packet may pass.

@@ -757,6 +757,80 @@ async fn a_flooding_machine_is_slowed_not_disconnected() {
     assert_eq!(gw.secured.handle().stats().active, 1);
 }
 
+#[tokio::test]
+async fn chunk_requests_go_to_the_platform_in_process_and_still_count_against_the_limit() {
+    let gw = start_gateway(|s| {
+        s.limits.machine = Some(RateLimit {
+            messages: Some(Rate {
+                per_sec: 20,
+                burst: 20,
+            }),
+            bytes: None,
+        });
+    })
+    .await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    // Whatever reaches rumqttd on the chunk request filter, the platform's MQTT path.
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    subscribe(
+        &platform,
+        &mut platform_rx,
+        &topics.platform_chunk_request_filter(),
+    )
+    .await;
+    let (sink, mut taken) = mpsc::channel(4096);
+    assert!(gw.secured.handle().take_chunk_requests(sink.clone()));
+    assert!(
+        !gw.secured.handle().take_chunk_requests(sink),
+        "taken once only"
+    );
+    let (machine, _machine_rx) = gw.machine("vm-1").await;
+    const SENT: usize = 500;
+    for i in 0..SENT {
+        machine
+            .publish(
+                topics.chunk_request(&vm1),
+                QoS::AtMostOnce,
+                false,
+                format!("{i}"),
+            )
+            .await
+            .unwrap();
+    }
+    let first = tokio::time::timeout(Duration::from_secs(5), taken.recv())
+        .await
+        .expect("a chunk request reaches the sink")
+        .unwrap();
+    assert_eq!(first, (vm1.clone(), bytes::Bytes::from_static(b"0")));
+    // The rate limit holds them as it holds any publish: about burst + rate in one second.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut got = 1;
+    while taken.try_recv().is_ok() {
+        got += 1;
+    }
+    assert!(
+        got < SENT / 4,
+        "{got} of {SENT} passed the limit in a second"
+    );
+    // None of them went through rumqttd.
+    let via_mqtt = std::iter::from_fn(|| platform_rx.try_recv().ok())
+        .filter(|e| matches!(e, MqttEvent::Publish(_)))
+        .count();
+    assert_eq!(via_mqtt, 0);
+    // Another machine's request topic is still refused (the connection closes).
+    let (raw, _) = Raw::connect(gw.plain(), login("vm-2", "vm-2", "pw-vm-2")).await;
+    raw.closed_after(
+        raw_publish(&topics.chunk_request(&vm1), false, b"forged"),
+        "a chunk request on another machine's topic",
+    )
+    .await;
+    assert!(
+        taken.try_recv().is_err(),
+        "the forged request was handed on"
+    );
+}
+
 /// Not a check: prints how 64 KiB publishes to one subscriber compare directly on rumqttd and
 /// through the gateway. The publisher keeps a window of 32 chunks in flight end to end, as
 /// fleetcast's chunk requests do (an unpaced publisher outruns rumqttd's per-filter log and the
