@@ -97,6 +97,8 @@ pub struct Fetch {
     /// Encoded once: a 200 MB artifact's manifest is 200 KB of hex, and encoding it for each
     /// saved state took 14 % of the agent's CPU in a download.
     manifest: Option<String>,
+    /// Whether `have` came (in part) from a saved state: see [`Fetch::has_unverified_chunks`].
+    resumed_chunks: bool,
     /// Bytes written since the last [`Effect::Persist`].
     unpersisted: u64,
     /// Whether `have` changed since the last [`Effect::Persist`].
@@ -192,6 +194,7 @@ impl Fetch {
             have_bytes,
             verifier,
             manifest,
+            resumed_chunks: have_bytes > 0,
             unpersisted: 0,
             unsaved: false,
             attempt: None,
@@ -292,10 +295,19 @@ impl Fetch {
         Some(self.staging_state())
     }
 
+    /// Whether the file holds chunks this transfer did not verify itself (claimed by a state
+    /// saved before a restart), so the whole file must be hashed before it is trusted. Each
+    /// chunk verified here was checked against the manifest, and the manifest against the
+    /// artifact id: the same computation as hashing the file (protocol.md §7).
+    pub fn has_unverified_chunks(&self) -> bool {
+        self.resumed_chunks
+    }
+
     /// Every chunk verified, yet the whole file does not: trust none of them. The verified
     /// manifest stays.
     pub fn forget_chunks(&mut self) {
         self.have = Bitmap::new(self.layout.chunks);
+        self.resumed_chunks = false;
         self.have_bytes = 0;
         self.unsaved = true;
         self.attempt = None;
@@ -1573,6 +1585,21 @@ mod tests {
             show(&f.begin(at(1))),
             ["report 0/10140", "ask [0, 1, 2, 3]"]
         );
+    }
+
+    #[test]
+    fn only_chunks_from_before_a_restart_call_for_hashing_the_whole_file() {
+        let art = Art::new(10);
+        assert!(!art.fresh(tuning()).has_unverified_chunks());
+        assert!(!art.resumed(tuning(), &[]).has_unverified_chunks());
+        let mut f = art.resumed(tuning(), &[3]);
+        assert!(
+            f.has_unverified_chunks(),
+            "chunk 3 was claimed by a saved state"
+        );
+        // Forgotten, every chunk is fetched and verified again.
+        f.forget_chunks();
+        assert!(!f.has_unverified_chunks());
     }
 
     #[test]
