@@ -396,7 +396,7 @@ impl Session<'_> {
                 }
                 // `None`: a chunk request handed to the platform in process; it still counts
                 // against the session's rate limit below.
-                let packet = self.chunk_request(packet, qos0_publish);
+                let packet = self.chunk_request(packet, qos0_publish).await;
                 if let Some(answer) = packet.as_ref().and_then(|p| self.local_answer(p)) {
                     if self.control.send(answer).await.is_err() {
                         return End::Closed("session ending");
@@ -520,7 +520,7 @@ impl Session<'_> {
     /// took them ([`super::GatewayHandle::take_chunk_requests`]); `None` then. Anything else
     /// comes back, for the broker. [`Self::check`] has already held the topic to this
     /// session's principal.
-    fn chunk_request(&self, packet: Packet, qos0_publish: bool) -> Option<Packet> {
+    async fn chunk_request(&self, packet: Packet, qos0_publish: bool) -> Option<Packet> {
         let Packet::Publish(publish, _) = &packet else {
             return Some(packet);
         };
@@ -539,7 +539,7 @@ impl Session<'_> {
             return Some(packet);
         }
         let body = publish.payload.clone();
-        if self.shared.registry.chunk_request(machine, body) {
+        if self.shared.registry.chunk_request(machine, body).await {
             None
         } else {
             Some(packet)

@@ -708,18 +708,20 @@ async fn tls_clients_that_pin_the_ca_connect_and_all_others_fail() {
     assert_eq!(gw.secured.handle().stats().connections, 1);
 }
 
+/// Machines may publish 20 messages a second, 20 at once.
+fn machines_at_20_messages_a_second(s: &mut SecureBrokerSettings) {
+    s.limits.machine = Some(RateLimit {
+        messages: Some(Rate {
+            per_sec: 20,
+            burst: 20,
+        }),
+        bytes: None,
+    });
+}
+
 #[tokio::test]
 async fn a_flooding_machine_is_slowed_not_disconnected() {
-    let gw = start_gateway(|s| {
-        s.limits.machine = Some(RateLimit {
-            messages: Some(Rate {
-                per_sec: 20,
-                burst: 20,
-            }),
-            bytes: None,
-        });
-    })
-    .await;
+    let gw = start_gateway(machines_at_20_messages_a_second).await;
     let topics = Topics::default();
     let vm1 = MachineId::new("vm-1").unwrap();
     let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
@@ -759,16 +761,7 @@ async fn a_flooding_machine_is_slowed_not_disconnected() {
 
 #[tokio::test]
 async fn chunk_requests_go_to_the_platform_in_process_and_still_count_against_the_limit() {
-    let gw = start_gateway(|s| {
-        s.limits.machine = Some(RateLimit {
-            messages: Some(Rate {
-                per_sec: 20,
-                burst: 20,
-            }),
-            bytes: None,
-        });
-    })
-    .await;
+    let gw = start_gateway(machines_at_20_messages_a_second).await;
     let topics = Topics::default();
     let vm1 = MachineId::new("vm-1").unwrap();
     // Whatever reaches rumqttd on the chunk request filter, the platform's MQTT path.
