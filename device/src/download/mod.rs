@@ -389,7 +389,12 @@ impl<'a> Staging<'a> {
                 // Others are saved beside the transfer, never more than one at a time.
                 Effect::Persist(state) => saver.submit(self, state),
                 Effect::Report(progress) => report(progress),
-                Effect::Done => return Ok(true),
+                Effect::Done => {
+                    // Nothing may still be saving once the file moves on (a state written
+                    // after it would outlive the download).
+                    saver.drain(self).await?;
+                    return Ok(true);
+                }
                 Effect::Fail(e) => return Err(e),
             }
         }
