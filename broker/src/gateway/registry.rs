@@ -45,7 +45,7 @@ pub(crate) struct Registry {
     /// Where machines' chunk requests go in process, if the platform took them
     /// ([`GatewayHandle::take_chunk_requests`]).
     chunk_requests: std::sync::OnceLock<ChunkRequestSink>,
-    /// Chunk requests dropped because that queue was full.
+    /// Chunk requests dropped because that queue was gone (the platform stopped).
     chunk_requests_dropped: AtomicU64,
 }
 
