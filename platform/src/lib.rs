@@ -28,6 +28,7 @@
 //!   and `OpError`, why an operation failed.
 //! - [`inventory`]: machines by filter, installed versions and compliance, a machine's release
 //!   history (read-only, paged, aggregated on the platform).
+//! - [`retention`]: deletes the oldest stored events beyond what the platform keeps.
 //! - [`publish`]: signing and bookkeeping of notices and commands, shared by admin and ingest.
 //! - [`stats`]: counters of the running platform (`fleetcast stats`).
 //! - [`cli`]: the `fleetcast` command line (one module per command family).
@@ -50,6 +51,7 @@ pub mod limits;
 pub mod logs;
 pub mod ops;
 pub mod publish;
+pub mod retention;
 pub mod serve;
 pub mod staged;
 pub mod stats;

@@ -17,6 +17,9 @@ pub struct MachineLimits {
     /// Status events stored per (machine, release); later ones still update the record but are
     /// not kept in the event log.
     pub events_per_release: u64,
+    /// Events the platform's event log keeps, by id: the newest this many; older ones are
+    /// deleted in the background (`retention`). Target records keep each machine's outcome.
+    pub events_kept: u64,
     /// A desired notice that machines report being behind on is sent again at most this often
     /// per topic (`ingest::REPUBLISH_INTERVAL`).
     pub republish_every: Duration,
@@ -30,6 +33,7 @@ impl Default for MachineLimits {
             bytes_per_sec: 64.0 * 1024.0 * 1024.0,
             byte_burst: 32.0 * 1024.0 * 1024.0,
             events_per_release: 1000,
+            events_kept: crate::retention::DEFAULT_EVENTS_KEPT,
             republish_every: crate::ingest::REPUBLISH_INTERVAL,
         }
     }

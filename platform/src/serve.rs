@@ -31,7 +31,7 @@ use crate::identities;
 use crate::keys::{load_or_create_keys, Keys};
 use crate::limits::MachineLimits;
 use crate::store::{SledStore, Store};
-use crate::{chunks, ingest};
+use crate::{chunks, ingest, retention};
 use fleetcast_proto::acl::PLATFORM_USER;
 
 pub const INGEST_CLIENT_ID: &str = "fleetcast-platform.ingest";
@@ -219,6 +219,14 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
     tasks.spawn({
         let (ctx, stop) = (ctx.clone(), tasks_stop.clone());
         async move { ("admin", admin::run(ctx, admin_rx, stop).await) }
+    });
+    tasks.spawn({
+        let (store, kept, stop) = (
+            ctx.store.clone(),
+            ctx.limits.events_kept,
+            tasks_stop.clone(),
+        );
+        async move { ("event retention", retention::run(store, kept, stop).await) }
     });
     tasks.spawn({
         let (topics, client, stop) = (ctx.topics.clone(), serve_client.clone(), tasks_stop.clone());

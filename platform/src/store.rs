@@ -388,6 +388,11 @@ pub trait Store: Reads + Send + Sync {
     /// Stores an audit entry under the next entry id, which it fills in.
     fn append_audit(&self, entry: &mut AuditEntry) -> Result<(), StoreError>;
 
+    /// Deletes stored events whose id is `keep` or more below the newest id handed out, oldest
+    /// first, at most `batch` of them; returns how many it deleted (fewer than `batch`: none
+    /// left to delete). Not durable by itself: a delete lost in a crash is made again.
+    fn prune_events(&self, keep: u64, batch: usize) -> Result<usize, StoreError>;
+
     /// Raises `machine`'s replay counter on `channel` to `ctr` if `ctr` is above it, atomically.
     /// Returns the counter before: `ctr` was fresh if it is above that, a replay otherwise.
     fn raise_counter(

@@ -469,6 +469,24 @@ mod tests {
     }
 
     #[test]
+    fn serve_keeps_a_million_events_unless_told_and_never_none() {
+        let Command::Serve(a) = parse(&["fleetcast", "serve"]).command else {
+            panic!()
+        };
+        assert_eq!(a.keep_events, 1_000_000);
+        let Command::Serve(a) = parse(&["fleetcast", "serve", "--keep-events", "500"]).command
+        else {
+            panic!()
+        };
+        assert_eq!(a.keep_events, 500);
+        let refused = Cli::try_parse_from(["fleetcast", "serve", "--keep-events", "0"]);
+        assert!(
+            refused.is_err(),
+            "keeping no events would lose each one as it is stored"
+        );
+    }
+
+    #[test]
     fn the_broker_comes_from_the_flag_then_the_environment_then_the_profile() {
         let dir = tempfile::tempdir().unwrap();
         let profile = dir.path().join("p.toml");

@@ -46,6 +46,10 @@ pub struct ServeArgs {
     /// config, can take of the platform; real machines' links are far below the default.
     #[arg(long, default_value_t = 64.0, value_parser = positive_rate)]
     pub machine_rate: f64,
+    /// Status events the event log keeps (the newest; older ones are deleted in the
+    /// background). Each machine's outcome per release stays in its target record.
+    #[arg(long, default_value_t = crate::retention::DEFAULT_EVENTS_KEPT, value_parser = clap::value_parser!(u64).range(1..))]
+    pub keep_events: u64,
 }
 
 fn positive_rate(s: &str) -> Result<f64, String> {
@@ -119,6 +123,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     println!("  topic prefix:    {}", args.topic_prefix);
     println!("  per machine:     {} MiB/s of chunks", args.machine_rate);
+    println!("  event log:       the newest {} events", args.keep_events);
     drop(keys);
     let shutdown = CancellationToken::new();
     let ctrl_c = tokio::spawn({
@@ -136,7 +141,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         embedded_listen,
         tls,
         topic_prefix: args.topic_prefix,
-        limits: MachineLimits::with_rate(args.machine_rate),
+        limits: MachineLimits {
+            events_kept: args.keep_events,
+            ..MachineLimits::with_rate(args.machine_rate)
+        },
     };
     let result = serve(opts, shutdown).await;
     ctrl_c.abort();

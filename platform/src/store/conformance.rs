@@ -215,6 +215,34 @@ fn events_page_by_id(s: &dyn Store) {
     assert_eq!(all[4].phase, Phase::Installed);
 }
 
+fn events_are_pruned_oldest_first_to_the_newest_kept(s: &dyn Store) {
+    assert_eq!(
+        s.prune_events(3, 100).unwrap(),
+        0,
+        "nothing stored: nothing to delete"
+    );
+    for _ in 0..10 {
+        s.append_event(&mut event("vm-1", Phase::Notified)).unwrap();
+    }
+    let ids = || -> Vec<u64> { s.events().unwrap().iter().map(|e| e.id).collect() };
+    assert_eq!(s.prune_events(3, 4).unwrap(), 4, "at most a batch");
+    assert_eq!(ids(), [5, 6, 7, 8, 9, 10]);
+    assert_eq!(s.prune_events(3, 4).unwrap(), 3, "fewer than a batch: done");
+    assert_eq!(ids(), [8, 9, 10]);
+    assert_eq!(s.prune_events(3, 4).unwrap(), 0);
+    let (page, more) = s.events_since(0, 10).unwrap();
+    assert_eq!(page.iter().map(|e| e.id).collect::<Vec<_>>(), [8, 9, 10]);
+    assert!(!more);
+    s.append_event(&mut event("vm-1", Phase::Installed))
+        .unwrap();
+    assert_eq!(ids(), [8, 9, 10, 11], "ids go on from the newest");
+    assert_eq!(
+        s.prune_events(u64::MAX, 4).unwrap(),
+        0,
+        "keeping everything"
+    );
+}
+
 fn audit_pages_by_id(s: &dyn Store) {
     for action in ["a", "b", "c"] {
         s.append_audit(&mut audit(action)).unwrap();
@@ -483,6 +511,7 @@ conformance!(
     scans_by_prefix_take_only_their_own_keys,
     rewriting_a_target_record_replaces_it,
     events_page_by_id,
+    events_are_pruned_oldest_first_to_the_newest_kept,
     audit_pages_by_id,
     desired_notices_are_keyed_by_target_and_kind,
     rollouts_are_stored_by_release,

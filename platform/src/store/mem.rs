@@ -143,6 +143,21 @@ impl Store for MemStore {
         Ok(())
     }
 
+    fn prune_events(&self, keep: u64, batch: usize) -> Result<usize, StoreError> {
+        let mut d = self.t.lock();
+        let below = d.last_event.saturating_sub(keep);
+        let mut deleted = 0;
+        while deleted < batch
+            && d.events
+                .first_key_value()
+                .is_some_and(|(id, _)| *id <= below)
+        {
+            d.events.pop_first();
+            deleted += 1;
+        }
+        Ok(deleted)
+    }
+
     fn append_audit(&self, entry: &mut AuditEntry) -> Result<(), StoreError> {
         let mut d = self.t.lock();
         d.last_audit += 1;

@@ -16,7 +16,7 @@
 //! | `machines` | machine id | `MachineInfo` (provisioned groups, online, last seen, reported state) |
 //! | `secrets` | machine id | `Secret` (hex) |
 //! | `counters` | `machine/channel` (`status`, `state`, `chunks`) | u64 BE: last accepted MAC'd counter (replay protection) |
-//! | `events` | u64 BE event id | `FleetEvent`: every accepted status event with machine and platform times |
+//! | `events` | u64 BE event id | `FleetEvent`: every accepted status event with machine and platform times; the newest `events_kept` (`retention`) |
 //! | `desired` | `machine/{m}/{kind}` or `group/{g}/{kind}` | [`DesiredNotice`]: the signed notice currently desired there, re-published by the reconciler |
 //! | `history` | `machine/kind` | JSON list of versions the machine reported installed, oldest first (default rollback target) |
 //! | `operators` | operator name | [`OperatorRecord`]: role, who created it, its secret |
@@ -363,6 +363,32 @@ impl Store for SledStore {
     fn append_event(&self, event: &mut FleetEvent) -> Result<(), StoreError> {
         event.id = self.t.meta.increment("event")?;
         self.t.events.put_numbered(event.id, event)
+    }
+
+    fn prune_events(&self, keep: u64, batch: usize) -> Result<usize, StoreError> {
+        let newest = self.t.meta.get_u64("event")?.unwrap_or(0);
+        let below = newest.saturating_sub(keep);
+        if below == 0 {
+            return Ok(0);
+        }
+        // One remove at a time, each under its own epoch guard: a `Batch` of 5,000 removes made
+        // `serve` grow by 20-30 MB per pass (1,000 machines, 20,000 kept: 100 -> 327 MB over
+        // twenty rollouts against 104 -> 213 MB without pruning; one at a time: 99 -> 204 MB
+        // over sixteen, against 104 -> 200 MB). Why, not profiled: perhaps the node versions
+        // a batch replaces all wait for its end to be freed.
+        let events = &self.t.events;
+        let mut deleted = 0;
+        while deleted < batch {
+            let Some((key, _)) = events.tree.first().map_err(events.err("scan"))? else {
+                break;
+            };
+            if key.as_ref() > below.to_be_bytes().as_slice() {
+                break;
+            }
+            events.tree.remove(key).map_err(events.err("delete"))?;
+            deleted += 1;
+        }
+        Ok(deleted)
     }
 
     fn append_audit(&self, entry: &mut AuditEntry) -> Result<(), StoreError> {
