@@ -176,12 +176,15 @@ async fn run_size(
         let kept = keep_logs(dir.path(), n);
         r.error = Some(format!("{e:#}"));
         eprintln!("N={n}: {e:#} ({kept})");
+    } else if std::env::var_os("SCALE_KEEP_LOGS").is_some() {
+        eprintln!("N={n}: {}", keep_logs(dir.path(), n));
     }
     r
 }
 
-/// Copies the logs of a failed run (`serve`, the simulator) out of its temporary directory,
-/// which is removed, to `target/bench-failed/scale-N/`; says where, or why not.
+/// Copies the logs of a failed run (`serve`, the simulator; of any run with `SCALE_KEEP_LOGS`
+/// set) out of its temporary directory, which is removed, to `target/bench-failed/scale-N/`;
+/// says where, or why not.
 fn keep_logs(dir: &Path, n: usize) -> String {
     let to = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../target/bench-failed")
@@ -345,6 +348,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
         let mut failed: HashSet<MachineId> = HashSet::new();
         let mut notified: HashMap<MachineId, u64> = HashMap::new();
         let (mut dl_start, mut dl_end) = (None, None);
+        let mut late: Vec<String> = Vec::new();
         let started = Instant::now();
         loop {
             for e in feed.poll(&p).await? {
@@ -353,6 +357,16 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
                 }
                 match e.phase {
                     Phase::Installed => {
+                        // Same host, same clock: a status stored seconds after the machine
+                        // made it waited in the agent, or was lost on the way and sent again
+                        // (agent::RESEND_AFTER, 10 s).
+                        if e.recorded_at_ms > e.at_ms + 2000 {
+                            late.push(format!(
+                                "{} {:.1} s",
+                                e.machine,
+                                (e.recorded_at_ms - e.at_ms) as f64 / 1000.0
+                            ));
+                        }
                         installed.insert(e.machine, e.recorded_at_ms);
                     }
                     Phase::Notified => {
@@ -400,14 +414,22 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
             sim: sim.mem(),
         };
         eprintln!(
-            "N={n}: rollout {} — {} installed, {} failed, {}",
+            "N={n}: rollout {} — {} installed, {} failed, {}{}",
             i + 1,
             rollout.installed,
             rollout.failed,
             rollout
                 .time
                 .map(|t| format!("{:.1} s", t.as_secs_f64()))
-                .unwrap_or_else(|| format!("not all after {:.0} s", rollout.waited.as_secs_f64()))
+                .unwrap_or_else(|| format!("not all after {:.0} s", rollout.waited.as_secs_f64())),
+            if late.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    "; `installed` stored over 2 s after the machine made it: {}",
+                    late.join(", ")
+                )
+            }
         );
         r.rollouts.push(rollout);
         if !all {
