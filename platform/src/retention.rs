@@ -3,9 +3,9 @@
 //!
 //! Every status event a machine reports is stored (`events`, for integrators' replay and
 //! `fleetcast events`), so the log grows with fleet size times rollouts: 50,000 events for ten
-//! rollouts to 1,000 machines, about 0.9 MB of records. Unbounded, it grows the disk and, through
-//! sled's page cache, `serve`'s memory for as long as the platform runs (docs/architecture.md,
-//! "Capacity"). What a machine ended with in each release stays in its target record, which
+//! rollouts to 1,000 machines, about 0.9 MB of records. Unbounded, it grows the disk for as long as
+//! the platform runs. Deleting does not give back the memory sled took for what it deleted
+//! (measured: docs/architecture.md, "Capacity"); the page cache's bound is what bounds that. What a machine ended with in each release stays in its target record, which
 //! retention does not touch.
 //!
 //! [`MachineLimits::events_kept`]: crate::limits::MachineLimits::events_kept

@@ -52,11 +52,12 @@ pub const SCHEMA_VERSION: u64 = 1;
 /// months, until the cache filled: the event log grows with every rollout. What ingest and the
 /// admin requests read is recent (targets of live releases, machines), so a small cache holds
 /// the working set; older records are read from disk when asked for. sled counts what it
-/// caches by its size on disk; in memory it takes two to three times that. At 64 MiB, `serve`
-/// grew 102 -> 278 MB over thirty 1,000-machine rollouts (the cache filling with events and
-/// target records), at 16 MiB 104 -> 233 MB (ad hoc, 2026-11-26), and the ingest bench stored
-/// 10,100-10,400 events/s against 10,300-10,500 (within its noise). 16 MiB still holds the
-/// records of 10,000 machines and one release's targets for them.
+/// caches by its size on disk, and takes more than that in memory (spacejam/sled#986). At
+/// 64 MiB, `serve` grew 102 -> 278 MB over thirty 1,000-machine rollouts (the cache filling
+/// with events and target records), at 16 MiB 104 -> 233 MB (ad hoc, 2026-11-26), and the
+/// ingest bench stored 10,100-10,400 events/s against 10,300-10,500 (within its noise). By
+/// their sizes, 16 MiB holds the machine, secret and counter records of 10,000 machines and
+/// one release's targets for them (about 8 MB on disk); not measured at 10,000.
 pub const CACHE_BYTES: u64 = 16 * 1024 * 1024;
 
 fn backend(op: &'static str, tree: &'static str) -> impl FnOnce(::sled::Error) -> StoreError {
