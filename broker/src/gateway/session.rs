@@ -32,8 +32,8 @@ use crate::client::MAX_PACKET;
 const CLIENT_READ: usize = 4 * 1024;
 /// A buffer above this is given back once everything in it was handed on.
 const KEEP: usize = 64 * 1024;
-/// The gateway's own answers and the messages it serves itself (notices, commands, the key
-/// chain: see `relay`) queued for a client. A client that pings or subscribes faster than it
+/// The gateway's own answers, the messages it serves itself (notices, commands, the key
+/// chain: see `relay`) and a machine's status acks and chunk error frames, queued for a client. A client that pings or subscribes faster than it
 /// reads waits for room; one that leaves served messages unread this long is closed.
 const CONTROL_QUEUE: usize = 64;
 /// Bytes of encoded router output gathered before they are written to the client.
@@ -131,8 +131,8 @@ pub(super) async fn serve<S>(
     let registered = shared.registry.register(&username, stop.clone());
     tracing::debug!(%peer, client = %client_id, "gateway session open");
     let (inject, injected) = mpsc::channel(fanout::SESSION_QUEUE);
-    // The gateway's own answers (PINGRESP, local SUBACK) and what the relay serves (notices,
-    // commands, the key chain): never queued behind chunk frames.
+    // The gateway's own answers (PINGRESP, local SUBACK), what the relay serves (notices,
+    // commands, the key chain) and a machine's acks: never queued behind chunk frames.
     let (control, controls) = mpsc::channel(CONTROL_QUEUE);
     let unacked = Unacked::default();
     let session = Session {
@@ -320,8 +320,8 @@ struct Session<'a> {
     id: u64,
     /// Where fanned-out chunk frames for this session are queued.
     inject: mpsc::Sender<bytes::Bytes>,
-    /// Where the gateway's own answers to this client are queued (written first), and what it
-    /// serves itself (`relay`).
+    /// Where the gateway's own answers to this client are queued (written first), what it
+    /// serves itself (`relay`), and the machine's acks and error frames ([`Self::queue_for`]).
     control: mpsc::Sender<bytes::Bytes>,
     /// Ends the session (a served message it did not read in time).
     stop: CancellationToken,
@@ -461,6 +461,20 @@ impl Session<'_> {
                     | Route::MachineChunks(_)
             )
         )
+    }
+
+    /// The queue a fanned-out subscription delivers into. A machine's status acks and chunk
+    /// error frames are small, rare, and costly to lose (a lost ack holds the machine's outbox
+    /// for 10 s until it sends the event again; a lost error frame, its request timeout), so
+    /// they go with the gateway's own answers, written first; chunk frames and integrators'
+    /// events go to the bulk queue, whose frames a slow reader loses while it is full (a machine
+    /// asks for missing chunks again). Each queue keeps its own order.
+    fn queue_for(&self, filter: &str) -> &mpsc::Sender<Bytes> {
+        use fleetcast_proto::Route;
+        match self.shared.topics.parse(filter) {
+            Some(Route::StatusAck(_) | Route::MachineChunks(_)) => &self.control,
+            _ => &self.inject,
+        }
     }
 
     /// Whether a subscription to `filter` lives in the gateway only, never on rumqttd: a
@@ -631,7 +645,7 @@ impl Session<'_> {
                     if local && relay::is_served(&shared.topics, &f) {
                         fanout.subscribe_served(&f, self.id, &username, &self.control, &self.stop);
                     } else if self.is_fanned_out(&f) {
-                        fanout.subscribe(&f, self.id, &username, &self.inject);
+                        fanout.subscribe(&f, self.id, &username, self.queue_for(&f));
                     }
                 }
             }

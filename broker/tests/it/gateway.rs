@@ -1571,3 +1571,53 @@ async fn operators_replies_are_served_by_the_gateway_and_not_kept() {
         .await;
     }
 }
+
+/// A machine's status acks and error frames are not queued behind the chunk frames the gateway
+/// fans out to it. A machine that reads slower than the broadcast (a slow link, or a busy
+/// agent) has its queue of chunk frames full for much of a download, and an ack dropped there
+/// held its outbox for the 10 s until it sent the event again: one rollout in five or ten
+/// took 12-14 s instead of 4-5 at 1,000 machines.
+#[tokio::test]
+async fn a_machines_acks_pass_its_full_queue_of_chunk_frames() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let artifact = topics.artifact_chunks(&ArtifactId::of(b"app v2"));
+    let (ack, error) = (topics.status_ack(&vm1), topics.machine_chunks(&vm1));
+    let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+    for (pkid, topic) in [&artifact, &ack, &error].into_iter().enumerate() {
+        let mut s = Subscribe::new(topic, QoS::AtMostOnce);
+        s.pkid = pkid as u16 + 1;
+        raw.send(Packet::Subscribe(s)).await;
+        assert!(
+            matches!(raw.next().await, Some(Packet::SubAck(_))),
+            "{topic}"
+        );
+    }
+    // The machine reads nothing while frames come: its socket, then its queue, fill up.
+    let frame = vec![7u8; 64 * 1024];
+    let handle = gw.secured.handle();
+    let mut sent = 0;
+    while handle.deliver(&artifact, &frame) == 1 {
+        sent += 1;
+        assert!(sent < 4_000, "the queue of chunk frames never filled");
+    }
+    assert_eq!(handle.deliver(&ack, b"the ack"), 1, "ack queued");
+    assert_eq!(
+        handle.deliver(&error, b"the error"),
+        1,
+        "error frame queued"
+    );
+    let mut seen = Vec::new();
+    for _ in 0..=sent + 2 {
+        match raw.next().await {
+            Some(Packet::Publish(p)) if p.topic != artifact => seen.push(p.payload.to_vec()),
+            Some(Packet::Publish(_)) => {}
+            other => panic!("expected the frames and the ack, got {other:?}"),
+        }
+        if seen.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(seen, [b"the ack".to_vec(), b"the error".to_vec()]);
+}
