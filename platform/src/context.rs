@@ -88,6 +88,10 @@ pub trait SessionControl: Send + Sync {
     fn take_chunk_requests(&self, _sink: fleetcast_broker::ChunkRequestSink) -> bool {
         false
     }
+    /// The gateway's counters, if this broker has one.
+    fn gateway_counters(&self) -> Option<fleetcast_proto::admin::GatewayCounters> {
+        None
+    }
 }
 
 /// For an external broker: nothing to close from here.

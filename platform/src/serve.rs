@@ -83,6 +83,20 @@ impl SessionControl for GatewaySessions {
     fn take_chunk_requests(&self, sink: fleetcast_broker::ChunkRequestSink) -> bool {
         self.0.take_chunk_requests(sink)
     }
+
+    fn gateway_counters(&self) -> Option<fleetcast_proto::admin::GatewayCounters> {
+        let s = self.0.stats();
+        Some(fleetcast_proto::admin::GatewayCounters {
+            connections: s.connections,
+            active: s.active as u64,
+            refused: s.refused,
+            violations: s.violations,
+            frames_delivered: s.fanout_delivered,
+            frames_dropped: s.fanout_dropped,
+            served: s.served,
+            closed_unread: s.closed_unread,
+        })
+    }
 }
 
 /// Runs the platform until `shutdown` is cancelled or a task fails.

@@ -59,6 +59,7 @@ impl Stats {
             chunk_bytes_broadcast: self.chunk_bytes_broadcast.load(Relaxed),
             status_events_stored: self.status_events_stored.load(Relaxed),
             ingest_flushes: self.ingest_flushes.load(Relaxed),
+            gateway: None,
         }
     }
 }

@@ -585,6 +585,31 @@ pub struct PlatformStats {
     pub status_events_stored: u64,
     /// Ingest batches flushed.
     pub ingest_flushes: u64,
+    /// The embedded broker's gateway (absent on an external broker, whose own tools count).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateway: Option<GatewayCounters>,
+}
+
+/// What the embedded broker's gateway has seen since the platform started.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GatewayCounters {
+    /// Sessions that passed authentication, and those open now.
+    pub connections: u64,
+    pub active: u64,
+    /// CONNECTs refused (bad credentials, a client id or will the principal may not use).
+    pub refused: u64,
+    /// Sessions closed for a publish or subscribe their principal may not make: an attack, or
+    /// a misconfigured client.
+    pub violations: u64,
+    /// Frames the gateway delivered itself (chunk frames, acks, events; one per receiving
+    /// session), and those it dropped because a session's queue was full (a machine reading
+    /// slower than the broadcast; it asks for the missing chunks again).
+    pub frames_delivered: u64,
+    pub frames_dropped: u64,
+    /// Notices, commands, key chains and operators' replies served from the gateway, and
+    /// sessions closed because they did not read them.
+    pub served: u64,
+    pub closed_unread: u64,
 }
 
 /// One operator action, recorded before its answer is sent.

@@ -1602,6 +1602,7 @@ async fn a_machines_acks_pass_its_full_queue_of_chunk_frames() {
         sent += 1;
         assert!(sent < 4_000, "the queue of chunk frames never filled");
     }
+    assert_eq!(handle.stats().fanout_dropped, 1, "the frame that did not fit is counted");
     assert_eq!(handle.deliver(&ack, b"the ack"), 1, "ack queued");
     assert_eq!(
         handle.deliver(&error, b"the error"),

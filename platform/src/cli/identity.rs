@@ -228,6 +228,16 @@ pub async fn stats(args: StatsArgs, client: &ClientArgs) -> anyhow::Result<()> {
         "status events stored   {} in {} flushes",
         stats.status_events_stored, stats.ingest_flushes
     );
+    if let Some(g) = &stats.gateway {
+        println!(
+            "gateway sessions       {} open, {} since start, {} refused, {} closed for a violation",
+            g.active, g.connections, g.refused, g.violations
+        );
+        println!(
+            "gateway frames         {} delivered, {} dropped (queue full); {} served, {} sessions closed unread",
+            g.frames_delivered, g.frames_dropped, g.served, g.closed_unread
+        );
+    }
     Ok(())
 }
 

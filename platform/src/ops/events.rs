@@ -97,7 +97,10 @@ pub fn audit(ctx: &Ctx, c: calls::Audit) -> Result<Page<AuditEntry, u64>, OpErro
 }
 
 pub fn stats(ctx: &Ctx, _: calls::Stats) -> Result<PlatformStats, OpError> {
-    Ok(ctx.stats.snapshot())
+    Ok(PlatformStats {
+        gateway: ctx.sessions.gateway_counters(),
+        ..ctx.stats.snapshot()
+    })
 }
 
 #[cfg(test)]

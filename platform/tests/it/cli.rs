@@ -775,6 +775,15 @@ async fn serve_logs_have_no_colour_codes_and_no_error_for_an_ordinary_disconnect
         .with("FLEETCAST_DATA", &data_dir)
         .with("FLEETCAST_BROKER", url.to_string());
     client.run(&["machines"]).await.ok();
+    // `serve` runs the embedded broker: its gateway's counters are in the stats (with their
+    // schema), and nobody broke a rule.
+    let stats = client.run(&["stats", "--json"]).await.json();
+    assert_valid("stats.json", &schemas()["stats.json"], &stats);
+    let gateway = &stats["gateway"];
+    assert!(gateway["connections"].as_u64() >= Some(2), "{stats}");
+    assert!(gateway["active"].as_u64() >= Some(1), "{stats}");
+    assert_eq!(gateway["violations"].as_u64(), Some(0), "{stats}");
+    assert_eq!(gateway["refused"].as_u64(), Some(0), "{stats}");
     client.run(&["stats"]).await.ok();
     tokio::time::sleep(Duration::from_millis(300)).await;
     std::process::Command::new("kill")
