@@ -326,6 +326,16 @@ async fn a_subscription_outside_the_principals_topics_closes_its_connection() {
         ("fleetcast-op-alice", "fleet/admin/+/response".to_owned()),
         // Allowed by the static policy, refused by the authenticator's dynamic hook.
         ("vm-2", topics.artifact_chunks(&denied_artifact())),
+        // Its own release topics with a concrete kind: each would be a filter (and a log,
+        // never freed) on rumqttd; a million of them took `serve` to 5.7 GB.
+        (
+            "vm-2",
+            topics.machine_release(&MachineId::new("vm-2").unwrap(), &"app".parse().unwrap()),
+        ),
+        (
+            "vm-2",
+            topics.group_release(&GroupId::new("g2").unwrap(), &"k-1".parse().unwrap()),
+        ),
     ];
     for (i, (attacker, filter)) in attacks.iter().enumerate() {
         let raw = Raw::accepted(gw.plain(), attacker).await;
@@ -1149,7 +1159,7 @@ async fn a_session_costs_one_descriptor_in_the_gateway() {
 /// What would make rumqttd's router drop a session on its own (and then, racing with that
 /// session's next event, crash for everyone) is refused at the gateway: an acknowledgement of
 /// a packet id the client was never sent, and QoS 2 (fleetcast uses 0 and 1). A QoS 2
-/// subscription is granted QoS 1. The broker keeps serving: an honest machine still gets what
+/// subscription is granted QoS 1. The broker keeps serving: an honest client still gets what
 /// is sent to it afterwards.
 #[tokio::test]
 async fn acks_the_broker_never_asked_for_and_qos_2_close_the_connection() {
@@ -1158,8 +1168,8 @@ async fn acks_the_broker_never_asked_for_and_qos_2_close_the_connection() {
     let vm1 = MachineId::new("vm-1").unwrap();
     let (platform, _platform_rx) = gw.platform(PLATFORM).await;
 
-    let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
-    let mut sub = Subscribe::new(routed(&vm1), QoS::ExactlyOnce);
+    let mut raw = Raw::accepted(gw.plain(), ROUTED_USER).await;
+    let mut sub = Subscribe::new(routed(), QoS::ExactlyOnce);
     sub.pkid = 7;
     raw.send(Packet::Subscribe(sub)).await;
     let Some(Packet::SubAck(ack)) = raw.next().await else {
@@ -1173,7 +1183,7 @@ async fn acks_the_broker_never_asked_for_and_qos_2_close_the_connection() {
         "QoS 2 is granted as QoS 1"
     );
     platform
-        .publish(routed(&vm1), QoS::ExactlyOnce, false, "cmd")
+        .publish(routed(), QoS::ExactlyOnce, false, "cmd")
         .await
         .unwrap();
     let Some(Packet::Publish(p)) = raw.next().await else {
@@ -1208,20 +1218,19 @@ async fn acks_the_broker_never_asked_for_and_qos_2_close_the_connection() {
     assert_still_serves(&gw, &platform, "still served").await;
 }
 
-/// A machine reconnecting again and again while the platform keeps sending it QoS 1
-/// messages: each new connection takes the session over from the last (which the gateway
+/// A client (an operator's id) reconnecting again and again while the platform keeps sending
+/// it QoS 1 messages: each new connection takes the session over from the last (which the gateway
 /// ends first, see `Registry::claim`), nothing crashes, and the last connection gets what is
 /// sent after it subscribed.
 #[tokio::test]
 async fn rapid_take_overs_under_traffic_leave_the_broker_serving() {
     let gw = start_gateway(|_| {}).await;
-    let vm1 = MachineId::new("vm-1").unwrap();
     let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
     // Its event loop waits while its events are not taken.
     tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
     let stop = CancellationToken::new();
     let sender = {
-        let (platform, topic, stop) = (platform.clone(), routed(&vm1), stop.clone());
+        let (platform, topic, stop) = (platform.clone(), routed(), stop.clone());
         tokio::spawn(async move {
             while !stop.is_cancelled() {
                 let _ = platform
@@ -1234,8 +1243,8 @@ async fn rapid_take_overs_under_traffic_leave_the_broker_serving() {
     let mut sessions = Vec::new();
     for _ in 0..40 {
         // Subscribed, and never reading: deliveries pile up while the next one takes over.
-        let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
-        raw.send(raw_subscribe(&routed(&vm1))).await;
+        let mut raw = Raw::accepted(gw.plain(), ROUTED_USER).await;
+        raw.send(raw_subscribe(&routed())).await;
         sessions.push(raw);
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
@@ -1250,19 +1259,22 @@ async fn rapid_take_overs_under_traffic_leave_the_broker_serving() {
     assert_still_serves(&gw, &platform, "after the storm").await;
 }
 
-/// A fresh vm-1 session subscribes to its commands and gets `marker`, published after it
-/// subscribed (anything older that still arrives first is skipped).
+/// A fresh session of [`ROUTED_USER`] subscribes to [`routed`] and gets `marker`, published
+/// after it subscribed (anything older that still arrives first is skipped).
 async fn assert_still_serves(gw: &Gateway, platform: &AsyncClient, marker: &str) {
-    let vm1 = MachineId::new("vm-1").unwrap();
-    let topic = routed(&vm1);
-    let (m, mut m_rx) = gw.machine("vm-1").await;
+    let topic = routed();
+    let (m, mut m_rx) = gw.machine(ROUTED_USER).await;
     subscribe(&m, &mut m_rx, &topic).await;
     platform
         .publish(topic, QoS::AtLeastOnce, false, marker.to_owned())
         .await
         .unwrap();
     let served = tokio::time::timeout(WAIT, async {
-        while next_publish(&mut m_rx, WAIT, "a release").await.payload[..] != *marker.as_bytes() {}
+        while next_publish(&mut m_rx, WAIT, "a progress message")
+            .await
+            .payload[..]
+            != *marker.as_bytes()
+        {}
     })
     .await;
     assert!(served.is_ok(), "the broker still serves: {marker}");
@@ -1326,11 +1338,15 @@ async fn a_machines_ack_chunk_and_artifact_topics_are_served_by_the_gateway_alon
         .await;
 }
 
-/// A topic of vm-1 that rumqttd's router delivers (not the gateway's relay): one release topic
-/// named in full, which a machine may subscribe to, rather than the release filter the relay
-/// serves. For the tests of what the router does with QoS 1 deliveries.
-fn routed(m: &MachineId) -> String {
-    Topics::default().machine_release(m, &"app".parse().unwrap())
+/// The client that tests what rumqttd's router does with QoS 1 deliveries through the gateway:
+/// an operator (a machine may subscribe to nothing the router delivers; everything of a
+/// machine's is served by the gateway).
+const ROUTED_USER: &str = "fleetcast-op-alice";
+
+/// A topic rumqttd's router delivers (not the gateway's relay or fan-out) that
+/// [`ROUTED_USER`] may subscribe to.
+fn routed() -> String {
+    Topics::default().rollout_progress("r-1")
 }
 
 /// Release notices (per machine and per group), commands and the key chain are served by the
@@ -1602,7 +1618,11 @@ async fn a_machines_acks_pass_its_full_queue_of_chunk_frames() {
         sent += 1;
         assert!(sent < 4_000, "the queue of chunk frames never filled");
     }
-    assert_eq!(handle.stats().fanout_dropped, 1, "the frame that did not fit is counted");
+    assert_eq!(
+        handle.stats().fanout_dropped,
+        1,
+        "the frame that did not fit is counted"
+    );
     assert_eq!(handle.deliver(&ack, b"the ack"), 1, "ack queued");
     assert_eq!(
         handle.deliver(&error, b"the error"),
