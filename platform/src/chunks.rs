@@ -61,7 +61,10 @@ struct FrameKey {
 
 struct ChunkServer {
     ctx: Arc<Ctx>,
-    ctrs: HashMap<MachineId, u64>,
+    /// The last accepted request counter of each machine, under the secret it was MAC'd with:
+    /// a new secret (`machine provision --rotate`) starts from the store's counter again,
+    /// which the rotation reset.
+    ctrs: HashMap<MachineId, (fleetcast_proto::auth::Secret, u64)>,
     /// Per-machine request and byte budgets (machines that authenticated only).
     budgets: HashMap<MachineId, ChunkBudget>,
     budgets_swept_at: Instant,
@@ -186,7 +189,7 @@ impl ChunkServer {
         }
         // A replay the cache knows of costs no store access.
         let last = match self.ctrs.get(m) {
-            Some(c) if req.ctr <= *c => *c,
+            Some((under, c)) if *under == secret && req.ctr <= *c => *c,
             // Not flushed: a replayed chunk request after a crash only costs bandwidth.
             _ => store
                 .raise_counter(m, "chunks", req.ctr)
@@ -198,7 +201,7 @@ impl ChunkServer {
                 req.ctr
             ));
         }
-        self.ctrs.insert(m.clone(), req.ctr);
+        self.ctrs.insert(m.clone(), (secret, req.ctr));
         self.ctx.stats.chunk_request();
         let now = Instant::now();
         let now_std = now.into_std();

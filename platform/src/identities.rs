@@ -216,6 +216,11 @@ pub async fn provision(
         }
         Ok(())
     })?;
+    // Counters the old secret raised (a stolen config can raise them to u64::MAX) would refuse
+    // everything the machine sends with its new secret as a replay.
+    for machine in &rotated {
+        ctx.store.reset_counters(machine)?;
+    }
     ctx.store.flush_async().await?;
     for machine in &rotated {
         let closed = ctx.sessions.close_sessions(machine.as_str());

@@ -102,6 +102,19 @@ fn replay_counters_keep_the_highest_and_report_the_previous(s: &dyn Store) {
     assert_eq!(s.counter(&vm1, "status").unwrap(), 9);
 }
 
+fn resetting_a_machines_counters_leaves_every_other_machines(s: &dyn Store) {
+    let (vm1, vm10) = (m("vm-1"), m("vm-10"));
+    for (machine, channel) in [(&vm1, "status"), (&vm1, "chunks"), (&vm10, "status")] {
+        s.raise_counter(machine, channel, u64::MAX).unwrap();
+    }
+    s.reset_counters(&vm1).unwrap();
+    assert_eq!(s.counter(&vm1, "status").unwrap(), 0);
+    assert_eq!(s.counter(&vm1, "chunks").unwrap(), 0);
+    // `vm-10` starts with `vm-1`: only the machine's own keys go.
+    assert_eq!(s.counter(&vm10, "status").unwrap(), u64::MAX);
+    assert_eq!(s.raise_counter(&vm1, "status", 1).unwrap(), 0, "fresh again");
+}
+
 fn event_counts_are_per_machine_and_release(s: &dyn Store) {
     let (vm1, r1) = (m("vm-1"), r("r-1"));
     assert_eq!(s.bump_event_count(&vm1, Some(&r1)).unwrap(), 1);
@@ -507,6 +520,7 @@ macro_rules! conformance {
 conformance!(
     ids_and_seqs_start_at_one_and_only_grow,
     replay_counters_keep_the_highest_and_report_the_previous,
+    resetting_a_machines_counters_leaves_every_other_machines,
     event_counts_are_per_machine_and_release,
     scans_by_prefix_take_only_their_own_keys,
     rewriting_a_target_record_replaces_it,

@@ -182,6 +182,15 @@ impl Store for MemStore {
         Ok(last)
     }
 
+    fn reset_counters(&self, machine: &MachineId) -> Result<(), StoreError> {
+        let prefix = format!("{machine}/");
+        self.t
+            .lock()
+            .counters
+            .retain(|key, _| !key.starts_with(&prefix));
+        Ok(())
+    }
+
     fn bump_event_count(
         &self,
         machine: &MachineId,

@@ -425,6 +425,16 @@ impl Store for SledStore {
         }
     }
 
+    fn reset_counters(&self, machine: &MachineId) -> Result<(), StoreError> {
+        let t = &self.t.counters;
+        let prefix = format!("{machine}/");
+        for item in t.tree.scan_prefix(prefix.as_bytes()) {
+            let (key, _) = item.map_err(t.err("read"))?;
+            t.tree.remove(key).map_err(t.err("write"))?;
+        }
+        Ok(())
+    }
+
     fn bump_event_count(
         &self,
         machine: &MachineId,

@@ -403,7 +403,7 @@ impl Machine {
         StatusEvent {
             machine: self.id.clone(),
             ctr: self.ctr,
-            at_ms: T0_MS + self.ctr * 1000,
+            at_ms: T0_MS + (self.ctr % 1_000_000) * 1000,
             release: release.cloned(),
             kind: app(),
             version: version.into(),
@@ -472,7 +472,7 @@ impl Machine {
         let st = fleetcast_proto::MachineState {
             machine: self.id.clone(),
             ctr: self.ctr,
-            at_ms: T0_MS + self.ctr * 1000,
+            at_ms: T0_MS + (self.ctr % 1_000_000) * 1000,
             agent_version: "test".into(),
             groups: groups.iter().map(|x| g(x)).collect(),
             busy: false,

@@ -1045,3 +1045,68 @@ async fn an_integrator_flooding_requests_gets_answers_only_up_to_its_budget() {
     admin.close().await;
     platform.stop().await;
 }
+
+/// A stolen config raises the machine's counters as far as they go, on every channel: each
+/// later report of the machine looked like a replay, for ever, and rotating its secret did not
+/// help (the counters were kept). Rotation forgets them: the machine with its new secret is
+/// heard again (status stored, state applied, chunk requests served), and the old secret stays
+/// dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_a_stolen_config_raised_are_forgotten_when_its_secret_is_rotated() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir: _data,
+        platform,
+        admin,
+    } = env(&url).await;
+    let info = upload(&admin, dir.path(), "a.bin", &data(3000, 11), "1.0")
+        .await
+        .unwrap();
+    let mut thief = provision(&admin, &url, "vm-001", &[]).await;
+    let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
+    thief.ctr = u64::MAX - 1;
+    thief
+        .report_recorded(&admin, &r.id, "1.0", Phase::Downloading)
+        .await;
+    thief.ctr = u64::MAX - 1;
+    thief.report_state(&[], 0).await;
+    thief.ctr = u64::MAX - 1;
+    thief.request_chunks(info.id, true, vec![]).await;
+    let stolen = thief.secret.clone();
+
+    let fresh = provisioned_with(&admin, "vm-001", &[], true).await;
+    let mut vm = thief.reconnect(&url, fresh.secret).await;
+    vm.ctr = 100;
+    vm.report_recorded(&admin, &r.id, "1.0", Phase::Downloaded)
+        .await;
+    let applied = fleetcast_proto::status::KindState {
+        version: Some("0.9".into()),
+        ..Default::default()
+    };
+    vm.publish_state(&[], applied).await;
+    poll_until(
+        WAIT,
+        "the new secret's state applied",
+        || machines(&admin),
+        |ms| ms[0].kinds.get(&app()).and_then(|k| k.version.as_deref()) == Some("0.9"),
+    )
+    .await;
+    let chunks = format!("fleet/artifacts/{}/chunks", info.id);
+    vm.peer.subscribe(&chunks).await;
+    vm.request_chunks(info.id, true, vec![(0, 1)]).await;
+    vm.peer.next(|p| p.topic == chunks).await;
+
+    // The old secret is dead: what it MACs changes nothing.
+    let mut old = vm.status(Some(&r.id), "1.0", Phase::InstallFailed);
+    old.ctr = 1_000;
+    vm.send_raw("status", stolen.seal(Purpose::Status, &old))
+        .await;
+    vm.report_recorded(&admin, &r.id, "1.0", Phase::Installing)
+        .await;
+    let s = status(&admin, &r.id).await;
+    assert_eq!(target(&s, "vm-001").error, None, "{s:?}");
+    admin.close().await;
+    platform.stop().await;
+}
