@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use fleetcast_broker::MqttEvent;
 use fleetcast_proto::admin::{FleetEvent, MachineInfo};
 use fleetcast_proto::auth::Purpose;
+use fleetcast_proto::release::validate_version;
 use fleetcast_proto::{
     GroupId, Kind, MachineId, MachineState, Phase, ReleaseId, Route, StatusEvent,
 };
@@ -46,6 +47,14 @@ pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(500);
 /// publish, and again each time its broker connection comes up), and a machine gets it again
 /// whenever it subscribes.
 pub const REPUBLISH_INTERVAL: Duration = Duration::from_secs(30);
+/// Kinds one state may name, and kinds one machine keeps a version history of. A vending
+/// machine has a handful (application, firmware, configuration, ...); without a bound one
+/// machine's credentials grew the store by 165 MiB in six seconds with states naming thousands
+/// of new kinds each, and slowed everyone's acknowledgements to seconds.
+pub const MAX_KINDS: usize = 32;
+/// A status event's `error` and `detail` are kept to this many bytes (the rest is cut, and the
+/// cut says how much): one machine's 250 KB details filled the event log 14 MiB per 40 events.
+pub const MAX_TEXT: usize = 4 * 1024;
 
 /// Work that waits for the batch's flush.
 enum After {
@@ -427,7 +436,7 @@ impl Ingest {
         m: &MachineId,
         p: &Publish,
     ) -> Result<Vec<After>, Result<Reject, StoreError>> {
-        let ev = match self.open::<StatusEvent>(m, "status", Purpose::Status, &p.payload)? {
+        let mut ev = match self.open::<StatusEvent>(m, "status", Purpose::Status, &p.payload)? {
             Opened::Fresh(ev) => ev,
             // Stored before (the machine missed our ack, or the broker redelivered): acknowledge
             // it again so the machine can move on, and change nothing.
@@ -438,6 +447,13 @@ impl Ingest {
                 }])
             }
         };
+        if let Err(reason) = check_status(&mut ev) {
+            return Err(Ok(Reject {
+                machine: m.to_string(),
+                reason,
+                quiet: false,
+            }));
+        }
         let now = now_ms();
         let ack = After::StatusAck {
             machine: m.clone(),
@@ -463,6 +479,13 @@ impl Ingest {
                 quiet: p.retain,
             }));
         };
+        if let Err(reason) = check_state(&st) {
+            return Err(Ok(Reject {
+                machine: m.to_string(),
+                reason,
+                quiet: false,
+            }));
+        }
         let now = now_ms();
         let (mut after, behind) = self
             .ctx
@@ -618,6 +641,57 @@ type Behind = Vec<(Kind, DesiredNotice)>;
 /// Applies a fresh machine state in a transaction (`tx`): updates the machine and its history,
 /// gives it the target records of its groups' releases. Returns the post-flush work, and the
 /// desired notices the machine is behind on and has not answered (to re-publish).
+/// What a state must be to be applied: at most [`MAX_KINDS`] kinds, versions as the protocol
+/// defines them (1 to 64 printable ASCII characters), an agent version of at most 64 printable
+/// ASCII characters. Operators read these in tables and terminals.
+fn check_state(st: &MachineState) -> Result<(), String> {
+    if st.kinds.len() > MAX_KINDS {
+        return Err(format!(
+            "state names {} kinds; at most {MAX_KINDS}",
+            st.kinds.len()
+        ));
+    }
+    for (kind, k) in &st.kinds {
+        if let Some(v) = &k.version {
+            validate_version(v).map_err(|e| format!("state, kind {kind}: {e}"))?;
+        }
+    }
+    let agent = &st.agent_version;
+    if agent.len() > 64 || !agent.chars().all(|c| c.is_ascii_graphic() || c == ' ') {
+        return Err(format!(
+            "state: agent_version must be at most 64 printable ASCII characters ({} bytes given)",
+            agent.len()
+        ));
+    }
+    Ok(())
+}
+
+/// What a status event must be to be stored: a version as the protocol defines it (or `""`,
+/// for a notice that did not verify); `error` and `detail` are cut to [`MAX_TEXT`] bytes.
+fn check_status(ev: &mut StatusEvent) -> Result<(), String> {
+    if !ev.version.is_empty() {
+        validate_version(&ev.version).map_err(|e| format!("status: {e}"))?;
+    }
+    for text in [&mut ev.error, &mut ev.detail].into_iter().flatten() {
+        cut_text(text, MAX_TEXT);
+    }
+    Ok(())
+}
+
+/// Cuts `text` to at most `max` bytes (on a character boundary), saying how much was cut.
+fn cut_text(text: &mut String, max: usize) {
+    if text.len() <= max {
+        return;
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    let cut = text.len() - end;
+    text.truncate(end);
+    text.push_str(&format!(" [{cut} bytes cut]"));
+}
+
 fn apply_state(
     tx: &dyn Records,
     m: &MachineId,
@@ -643,6 +717,12 @@ fn apply_state(
     }
     for (kind, k) in &st.kinds {
         if let Some(v) = &k.version {
+            // A kind new to the machine's history only while it has fewer than MAX_KINDS: the
+            // history is kept for ever, and states name other kinds at will.
+            if tx.history(m, kind)?.is_empty() && tx.history_kinds(m)? >= MAX_KINDS {
+                tracing::warn!(machine = %m, %kind, "machine's version history holds {MAX_KINDS} kinds already: this kind's versions are not kept");
+                continue;
+            }
             tx.push_history(m, kind, v)?;
         }
     }
@@ -817,6 +897,101 @@ mod tests {
             store.target(&r.id, &m("vm-1")).unwrap().unwrap().phase,
             Phase::Downloading
         );
+    }
+
+    fn state_with(kinds: impl IntoIterator<Item = (String, &'static str)>) -> MachineState {
+        MachineState {
+            machine: m("vm-1"),
+            ctr: 1,
+            at_ms: 1,
+            agent_version: "0.1.0".into(),
+            groups: vec![],
+            busy: false,
+            kinds: kinds
+                .into_iter()
+                .map(|(k, v)| {
+                    let state = KindState {
+                        version: Some(v.into()),
+                        ..Default::default()
+                    };
+                    (Kind::new(&k).unwrap(), state)
+                })
+                .collect(),
+            key_gen: 0,
+        }
+    }
+
+    /// What one machine's credentials put in a state is bounded: kinds, versions and the agent
+    /// version; an honest state passes.
+    #[test]
+    fn states_with_too_many_kinds_or_bad_versions_are_refused() {
+        let kinds = |n: usize| (0..n).map(|i| (format!("k{i}"), "1.0"));
+        assert_eq!(check_state(&state_with(kinds(MAX_KINDS))), Ok(()));
+        let too_many = check_state(&state_with(kinds(MAX_KINDS + 1))).unwrap_err();
+        assert!(too_many.contains("at most 32"), "{too_many}");
+        let long = "9".repeat(70_000);
+        let long: &'static str = Box::leak(long.into_boxed_str());
+        for bad in [long, "1.0\n", "1.0\u{1b}[31m", "", "1 0"] {
+            let err = check_state(&state_with([("app".to_owned(), bad)])).unwrap_err();
+            assert!(err.contains("kind app"), "{bad:?}: {err}");
+        }
+        let mut agent = state_with([]);
+        agent.agent_version = "x\n".repeat(10);
+        assert!(check_state(&agent).is_err());
+        agent.agent_version = "fleetcast-device 0.1.0".into();
+        assert_eq!(check_state(&agent), Ok(()));
+    }
+
+    #[test]
+    fn status_texts_are_cut_and_bad_versions_refused() {
+        let mut ev = StatusEvent {
+            machine: m("vm-1"),
+            ctr: 1,
+            at_ms: 1,
+            release: None,
+            kind: app(),
+            version: String::new(),
+            phase: Phase::Rejected,
+            progress: None,
+            attempt: 1,
+            error: Some("é".repeat(250_000)),
+            detail: Some("short".into()),
+        };
+        assert_eq!(check_status(&mut ev), Ok(()));
+        let error = ev.error.as_deref().unwrap();
+        assert!(error.len() <= MAX_TEXT + 32, "{}", error.len());
+        assert!(
+            error.ends_with(" [495904 bytes cut]"),
+            "{}",
+            &error[error.len() - 30..]
+        );
+        assert_eq!(ev.detail.as_deref(), Some("short"));
+        ev.version = "1.0\n".into();
+        assert!(check_status(&mut ev).is_err());
+    }
+
+    /// States naming new kinds, one after another, stop adding to the history once it holds
+    /// MAX_KINDS kinds; the kinds it has keep their versions.
+    #[test]
+    fn a_machines_history_keeps_at_most_max_kinds() {
+        let store = MemStore::new();
+        for round in 0..3 {
+            let st = state_with((0..MAX_KINDS).map(|i| (format!("k{round}-{i}"), "1.0")));
+            store
+                .transaction(|tx| apply_state(tx, &m("vm-1"), &st, 5))
+                .unwrap();
+        }
+        assert_eq!(store.history_kinds(&m("vm-1")).unwrap(), MAX_KINDS);
+        let again = state_with([("k0-0".to_owned(), "2.0")]);
+        store
+            .transaction(|tx| apply_state(tx, &m("vm-1"), &again, 6))
+            .unwrap();
+        let k = Kind::new("k0-0").unwrap();
+        assert_eq!(store.history(&m("vm-1"), &k).unwrap(), ["1.0", "2.0"]);
+        assert!(store
+            .history(&m("vm-1"), &Kind::new("k1-0").unwrap())
+            .unwrap()
+            .is_empty());
     }
 
     #[test]

@@ -247,6 +247,9 @@ pub trait Reads {
     /// Versions of `kind` the machine reported installed, oldest first.
     fn history(&self, machine: &MachineId, kind: &Kind) -> Result<Vec<String>, StoreError>;
 
+    /// How many kinds the machine has a history of.
+    fn history_kinds(&self, machine: &MachineId) -> Result<usize, StoreError>;
+
     // --- operators, integrators ---
 
     /// Whether the first admin operator was created (once per database).
@@ -507,6 +510,9 @@ impl<S: ReadsThrough> Reads for S {
     }
     fn history(&self, machine: &MachineId, kind: &Kind) -> Result<Vec<String>, StoreError> {
         self.reads().history(machine, kind)
+    }
+    fn history_kinds(&self, machine: &MachineId) -> Result<usize, StoreError> {
+        self.reads().history_kinds(machine)
     }
     fn bootstrapped(&self) -> Result<bool, StoreError> {
         self.reads().bootstrapped()

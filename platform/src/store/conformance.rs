@@ -112,7 +112,11 @@ fn resetting_a_machines_counters_leaves_every_other_machines(s: &dyn Store) {
     assert_eq!(s.counter(&vm1, "chunks").unwrap(), 0);
     // `vm-10` starts with `vm-1`: only the machine's own keys go.
     assert_eq!(s.counter(&vm10, "status").unwrap(), u64::MAX);
-    assert_eq!(s.raise_counter(&vm1, "status", 1).unwrap(), 0, "fresh again");
+    assert_eq!(
+        s.raise_counter(&vm1, "status", 1).unwrap(),
+        0,
+        "fresh again"
+    );
 }
 
 fn event_counts_are_per_machine_and_release(s: &dyn Store) {
@@ -382,6 +386,15 @@ fn history_skips_repeats_and_keeps_the_latest(s: &dyn Store) {
         s.history(&vm1, &Kind::new("os").unwrap()).unwrap(),
         Vec::<String>::new()
     );
+    // Kinds with a history, counted per machine (`vm-10` starts with `vm-1`).
+    s.transaction(|rec| {
+        rec.push_history(&vm1, &Kind::new("os").unwrap(), "7")?;
+        rec.push_history(&m("vm-10"), &app(), "1.0")
+    })
+    .unwrap();
+    assert_eq!(s.history_kinds(&vm1).unwrap(), 2);
+    assert_eq!(s.history_kinds(&m("vm-10")).unwrap(), 1);
+    assert_eq!(s.history_kinds(&m("vm-2")).unwrap(), 0);
     for i in 0..HISTORY_LEN + 5 {
         push(&format!("3.{i}"));
     }

@@ -323,6 +323,16 @@ impl Reads for Tables {
             .unwrap_or_default())
     }
 
+    fn history_kinds(&self, machine: &MachineId) -> Result<usize, StoreError> {
+        let prefix = format!("{machine}/");
+        Ok(self
+            .lock()
+            .history
+            .keys()
+            .filter(|k| k.starts_with(&prefix))
+            .count())
+    }
+
     fn bootstrapped(&self) -> Result<bool, StoreError> {
         Ok(self.lock().bootstrapped)
     }

@@ -563,6 +563,16 @@ impl Reads for Tables {
             .unwrap_or_default())
     }
 
+    fn history_kinds(&self, machine: &MachineId) -> Result<usize, StoreError> {
+        let t = &self.history;
+        let mut n = 0;
+        for item in t.tree.scan_prefix(format!("{machine}/")) {
+            item.map_err(t.err("scan"))?;
+            n += 1;
+        }
+        Ok(n)
+    }
+
     fn bootstrapped(&self) -> Result<bool, StoreError> {
         Ok(self.meta.get_u64("bootstrapped")?.is_some())
     }

@@ -1110,3 +1110,70 @@ async fn counters_a_stolen_config_raised_are_forgotten_when_its_secret_is_rotate
     admin.close().await;
     platform.stop().await;
 }
+
+/// What one machine puts in its reports is bounded where the platform keeps it: a state with a
+/// 70,000-character version (it crashed operators' tables) or with too many kinds is dropped,
+/// a status event's huge `error` is stored cut to 4 KiB, and an event with a bad version is
+/// refused; the machine's honest reports after them are applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_or_malformed_fields_of_one_machine_are_refused_or_cut() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir: _data,
+        platform,
+        admin,
+    } = env(&url).await;
+    upload(&admin, dir.path(), "a.bin", &data(3000, 12), "1.0")
+        .await
+        .unwrap();
+    let mut vm = provision(&admin, &url, "vm-001", &[]).await;
+    let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
+    let long = fleetcast_proto::status::KindState {
+        version: Some("9".repeat(70_000)),
+        ..Default::default()
+    };
+    vm.publish_state(&[], long).await;
+    let honest = fleetcast_proto::status::KindState {
+        version: Some("0.9".into()),
+        ..Default::default()
+    };
+    vm.publish_state(&[], honest).await;
+    let shown = poll_until(
+        WAIT,
+        "the honest state applied",
+        || machines(&admin),
+        |ms| ms[0].kinds.get(&app()).and_then(|k| k.version.as_deref()) == Some("0.9"),
+    )
+    .await;
+    assert!(
+        !format!("{shown:?}").contains("99999"),
+        "the long version never showed"
+    );
+
+    let mut bad = vm.status(Some(&r.id), "1.0\n0.0.1-COMPROMISED", Phase::Notified);
+    vm.send_status(&bad).await;
+    bad = vm.status(Some(&r.id), "1.0", Phase::DownloadFailed);
+    bad.error = Some("x".repeat(250_000));
+    vm.send_status(&bad).await;
+    wait_status(&admin, &r.id, |s| {
+        phase_of(s, "vm-001") == Phase::DownloadFailed
+    })
+    .await;
+    let (events, _) = stored_events(&admin).await;
+    assert_eq!(
+        events.len(),
+        1,
+        "the bad version was not stored: {events:?}"
+    );
+    let error = events[0].error.as_deref().unwrap();
+    assert!(error.len() < 4_200, "{}", error.len());
+    assert!(
+        error.ends_with(" [245904 bytes cut]"),
+        "{}",
+        &error[4_000..]
+    );
+    admin.close().await;
+    platform.stop().await;
+}
