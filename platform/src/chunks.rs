@@ -11,7 +11,8 @@
 //! asked for it: re-broadcasting it to a thousand machines that already have it was what kept a
 //! rollout busy (29x the artifact in platform egress); other brokers get it broadcast. For the
 //! same reason a frame broadcast less than [`BROADCAST_HOLDS`] ago goes only to whoever asks
-//! for it again (on the embedded broker).
+//! for it again (on the embedded broker), and after that only another machine's request sends
+//! it to everyone again ([`BROADCAST_MEMORY`]: one machine asking again cannot).
 //!
 //! Everything bulky travels on the per-artifact topic for a second reason: a broker keeps a log
 //! per subscription filter (rumqttd never frees one), and one log per artifact costs far less
@@ -47,6 +48,12 @@ pub const RESEND_AFTER: Duration = Duration::from_millis(500);
 /// re-broadcast sent 64 KiB to all 10,000 (655 MB) every [`RESEND_AFTER`]; the gateway's
 /// queues overflowed, dropped frames were asked for again, and the rollout collapsed.
 pub const BROADCAST_HOLDS: Duration = Duration::from_secs(30);
+/// How long the chunk server remembers which machine made a frame go to everyone. Past
+/// [`BROADCAST_HOLDS`], a frame goes to everyone again only when another machine asks for it
+/// (a new wave starting); the machine that made the last broadcast gets it alone. Why: asking
+/// for every chunk of its artifact each 30 s, one machine's credentials sent the whole file
+/// to every machine fetching it each time, its byte budget multiplied by their number.
+pub const BROADCAST_MEMORY: Duration = Duration::from_secs(3600);
 /// How long a machine's "may fetch this artifact" yes is reused before the store is asked again
 /// (a withdrawn assignment stops serving within this; a new one serves at once).
 const ALLOWED_TTL: Duration = Duration::from_secs(1);
@@ -74,8 +81,9 @@ struct ChunkServer {
     layouts: HashMap<ArtifactId, Layout>,
     /// When each frame was last sent (to all or to some).
     sent_at: HashMap<FrameKey, Instant>,
-    /// When each frame was last sent to every machine fetching its artifact.
-    broadcast_at: HashMap<FrameKey, Instant>,
+    /// When each frame was last sent to every machine fetching its artifact, and for whose
+    /// request (none: for several machines' at once).
+    broadcast_at: HashMap<FrameKey, (Instant, Option<MachineId>)>,
     /// Frames asked for while they were fresh: sent when their [`RESEND_AFTER`] is up, to the
     /// machines that asked.
     owed: HashMap<FrameKey, (Instant, HashSet<MachineId>)>,
@@ -212,7 +220,7 @@ impl ChunkServer {
             self.sent_at
                 .retain(|_, t| now.duration_since(*t) < RESEND_AFTER);
             self.broadcast_at
-                .retain(|_, t| now.duration_since(*t) < BROADCAST_HOLDS);
+                .retain(|_, (t, _)| now.duration_since(*t) < BROADCAST_MEMORY);
             let layouts = &mut self.layouts;
             let owed = &self.owed;
             layouts.retain(|a, _| owed.keys().any(|k| &k.artifact == a));
@@ -299,14 +307,15 @@ impl ChunkServer {
                         .insert(m.clone());
                 }
                 _ => {
-                    // Sent to all lately: only the asker is still missing it (the embedded
-                    // broker addresses it alone; another broker gets it to all, as before).
-                    let only = self
-                        .broadcast_at
-                        .get(&key)
-                        .is_some_and(|t| now.duration_since(*t) < BROADCAST_HOLDS)
-                        .then(|| HashSet::from([m.clone()]));
-                    send_now.push((key, only));
+                    // Sent to all lately, or last sent to all for this same machine: only the
+                    // asker is missing it (the embedded broker addresses it alone; another
+                    // broker gets it to all, as before).
+                    let alone = match self.broadcast_at.get(&key) {
+                        Some((t, _)) if now.duration_since(*t) < BROADCAST_HOLDS => true,
+                        Some((_, Some(by))) => by == m,
+                        _ => false,
+                    };
+                    send_now.push((key, alone.then(|| HashSet::from([m.clone()]))));
                 }
             }
         }
@@ -322,7 +331,7 @@ impl ChunkServer {
             }
         };
         for ((key, only), frame) in send_now.into_iter().zip(frames) {
-            self.send_frame(key, frame, only).await?;
+            self.send_frame(key, frame, only, Some(m)).await?;
         }
         Ok(())
     }
@@ -384,7 +393,7 @@ impl ChunkServer {
             .await?
             .pop()
             .expect("one frame read");
-        self.send_frame(key, frame, only).await
+        self.send_frame(key, frame, only, None).await
     }
 
     /// Reads and encodes the frames of `keys`, in one task on the blocking pool.
@@ -412,6 +421,7 @@ impl ChunkServer {
         key: FrameKey,
         frame: Vec<u8>,
         only: Option<HashSet<MachineId>>,
+        by: Option<&MachineId>,
     ) -> Result<(), String> {
         let topic = self.ctx.topics.artifact_chunks(&key.artifact);
         let now = Instant::now();
@@ -440,10 +450,10 @@ impl ChunkServer {
             {
                 return Ok(());
             }
-            self.broadcast_at.insert(key, now);
+            self.broadcast_at.insert(key, (now, by.cloned()));
             return self.publish(&topic, frame).await;
         }
-        self.broadcast_at.insert(key, now);
+        self.broadcast_at.insert(key, (now, by.cloned()));
         self.send(&topic, frame, true).await
     }
 
@@ -745,14 +755,33 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(counts(&server), (6, broadcast), "sent again, not broadcast");
-        // Long after the broadcast: to all again (a new wave of machines may be starting).
+        // Long after the broadcast, the machine that made it asks again: to it alone. A
+        // machine's credentials alone cannot make the platform send a whole file to everyone
+        // fetching it each time the hold is over.
         tokio::time::advance(BROADCAST_HOLDS).await;
         server
             .handle(&vm1, &request(&f, "vm-1", 3, a))
             .await
             .unwrap();
+        assert_eq!(counts(&server), (9, broadcast), "the same machine: alone");
+        // Another machine asking after the hold: to all again (a new wave may be starting).
+        // (Over MQTT, as here, a frame for one machine goes to the topic, and counts as sent
+        // to all for the hold.)
+        let vm2 = MachineId::new("vm-2").unwrap();
+        tokio::time::advance(BROADCAST_HOLDS).await;
+        server
+            .handle(&vm2, &request(&f, "vm-2", 1, a))
+            .await
+            .unwrap();
         let (sent, again) = counts(&server);
-        assert_eq!((sent, again), (9, 2 * broadcast));
+        assert_eq!((sent, again), (12, 2 * broadcast));
+        // Now vm-2 made the last broadcast: after the hold, it gets the frames alone.
+        tokio::time::advance(BROADCAST_HOLDS).await;
+        server
+            .handle(&vm2, &request(&f, "vm-2", 2, a))
+            .await
+            .unwrap();
+        assert_eq!(counts(&server), (15, 2 * broadcast));
     }
 
     #[tokio::test]
