@@ -273,6 +273,10 @@ pub async fn drive_with(
     overload: Overload,
 ) {
     let mut backoff = Backoff::default();
+    // When the current connection was accepted: the backoff starts over only after a
+    // connection that lasted (one closed right after its CONNACK, e.g. by a gateway refusing a
+    // subscription, reconnected 12 times a second).
+    let mut connected_at: Option<tokio::time::Instant> = None;
     loop {
         let polled = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -280,7 +284,7 @@ pub async fn drive_with(
         };
         let event = match polled {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
-                backoff = Backoff::default();
+                connected_at = Some(tokio::time::Instant::now());
                 MqttEvent::Connected {
                     session_present: ack.session_present,
                 }
@@ -300,6 +304,12 @@ pub async fn drive_with(
                 let text = e.to_string();
                 if events.send(MqttEvent::Disconnected(text)).await.is_err() {
                     return;
+                }
+                if connected_at
+                    .take()
+                    .is_some_and(|at| at.elapsed() >= Backoff::STABLE)
+                {
+                    backoff = Backoff::default();
                 }
                 let wait = backoff.next(busy, rand::random::<f64>());
                 tokio::select! {
@@ -381,6 +391,8 @@ impl Backoff {
     pub const FIRST: Duration = Duration::from_millis(100);
     pub const MAX: Duration = Duration::from_secs(5);
     pub const MAX_BUSY: Duration = Duration::from_secs(60);
+    /// A connection that lasted this long starts the backoff over when it drops.
+    pub const STABLE: Duration = Duration::from_secs(10);
 
     /// The wait before the next attempt (`unit`: a random number in [0, 1)), and the ceiling
     /// doubled for the one after.

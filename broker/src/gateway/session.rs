@@ -144,6 +144,7 @@ pub(super) async fn serve<S>(
         control,
         stop: stop.clone(),
         unacked: &unacked,
+        refused_now: Default::default(),
     };
     let end = tokio::select! {
         _ = stop.cancelled() => End::Closed("kicked or shut down"),
@@ -327,6 +328,9 @@ struct Session<'a> {
     stop: CancellationToken,
     /// What the router sent at QoS 1 and the client has not acknowledged.
     unacked: &'a Unacked,
+    /// Filters of the SUBSCRIBE being handled that the platform's dynamic check refused: its
+    /// SUBACK answers them with a failure.
+    refused_now: std::sync::Mutex<std::collections::HashSet<String>>,
 }
 
 /// Packet ids of QoS 1 deliveries to the client not yet acknowledged. rumqttd's router drops
@@ -512,10 +516,17 @@ impl Session<'_> {
                 if !sub.filters.is_empty()
                     && sub.filters.iter().all(|f| self.is_gateway_only(&f.path)) =>
             {
+                let mut refused = self.refused_now.lock().unwrap_or_else(|p| p.into_inner());
                 let codes = sub
                     .filters
                     .iter()
-                    .map(|_| SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtMostOnce))
+                    .map(|f| {
+                        if refused.remove(&f.path) {
+                            SubscribeReasonCode::Failure
+                        } else {
+                            SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtMostOnce)
+                        }
+                    })
                     .collect();
                 SubAck::new(sub.pkid, codes).write(&mut out).ok()?;
             }
@@ -614,31 +625,43 @@ impl Session<'_> {
                 let who = principal.clone();
                 // The dynamic check may read the platform's store, like `authenticate`.
                 let checked = tokio::task::spawn_blocking(move || {
-                    let refused = filters
-                        .iter()
-                        .find(|f| !auth.may_subscribe(&who, f))
-                        .cloned();
-                    (filters, refused)
+                    let (allowed, refused): (Vec<String>, Vec<String>) = filters
+                        .into_iter()
+                        .partition(|f| auth.may_subscribe(&who, f));
+                    (allowed, refused)
                 })
                 .await;
-                let filters = match checked {
-                    Ok((filters, None)) => filters,
-                    Ok((_, Some(f))) => {
-                        return Err(End::Violation {
-                            what: "subscribe (dynamic check)",
-                            topic: f,
-                        })
-                    }
-                    Err(_) => {
-                        return Err(End::Violation {
-                            what: "subscribe (dynamic check)",
-                            topic: "(authenticator panicked)".to_owned(),
-                        })
-                    }
+                let Ok((filters, refused)) = checked else {
+                    return Err(End::Violation {
+                        what: "subscribe (dynamic check)",
+                        topic: "(authenticator panicked)".to_owned(),
+                    });
                 };
                 // Served filters in a SUBSCRIBE that also names others go to rumqttd with
                 // them (it answers the whole SUBACK), and rumqttd delivers them.
-                let local = filters.iter().all(|f| self.is_gateway_only(f));
+                let local = filters
+                    .iter()
+                    .chain(&refused)
+                    .all(|f| self.is_gateway_only(f));
+                if let Some(f) = refused.first() {
+                    if !local {
+                        return Err(End::Violation {
+                            what: "subscribe (dynamic check)",
+                            topic: f.clone(),
+                        });
+                    }
+                    // Allowed by the policy, not now by the platform: e.g. the chunk topic of
+                    // an artifact no longer (or not yet) assigned to this machine, which an
+                    // agent resuming an old download asks for. A refusal in the SUBACK, not a
+                    // closed connection: closing it made such an agent reconnect and ask again
+                    // for ever, and its other reports never got through.
+                    tracing::info!(client = %client_id, filters = ?refused,
+                        "subscription refused by the platform (not assigned now): SUBACK failure");
+                    self.refused_now
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(refused);
+                }
                 let username = self.principal.username();
                 let fanout = &shared.registry.fanout;
                 for f in filters {

@@ -218,3 +218,45 @@ async fn the_platforms_inbound_log_holds_a_burst_of_states_it_has_not_read_yet()
         "the old 4 x 256 KiB log kept all {n}: this test no longer shows what it is for"
     );
 }
+
+/// A server that accepts each connection and closes it right after the CONNACK (as a gateway
+/// does to a client whose subscription it refuses): the client's reconnects slow down, as
+/// after a refused connection. The backoff once started over at every CONNACK, so such a
+/// client reconnected 12 times a second for ever.
+#[tokio::test]
+async fn a_connection_closed_right_after_its_connack_is_retried_with_a_growing_backoff() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = accepted.clone();
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let mut connect = [0u8; 256];
+            let _ = socket.read(&mut connect).await;
+            let _ = socket.write_all(&[0x20, 0x02, 0x00, 0x00]).await;
+            drop(socket);
+        }
+    });
+    let shutdown = CancellationToken::new();
+    let url = fleetcast_broker::BrokerUrl::mqtt("127.0.0.1", port);
+    let (_c, mut rx) = connected(&url, "vm-1", None, &shutdown);
+    let watching = tokio::time::sleep(Duration::from_secs(3));
+    tokio::pin!(watching);
+    let mut connacks = 0;
+    loop {
+        tokio::select! {
+            _ = &mut watching => break,
+            e = rx.recv() => if let Some(MqttEvent::Connected { .. }) = e { connacks += 1 },
+        }
+    }
+    shutdown.cancel();
+    let n = accepted.load(std::sync::atomic::Ordering::Relaxed);
+    // Waits of 50-100 ms, then doubling: at most 7 connections in 3 s (30 or more without).
+    assert!(
+        (2..=8).contains(&n),
+        "{n} connections in 3 s ({connacks} CONNACKs)"
+    );
+    assert!(connacks >= 2, "it did reconnect: {connacks}");
+}
