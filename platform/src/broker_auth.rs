@@ -71,9 +71,10 @@ impl fleetcast_broker::Authenticator for StoreAuth {
     }
 
     /// A machine may read an artifact's broadcast only while a release of it is assigned to
-    /// the machine (the static policy already allows only concrete artifact ids).
+    /// the machine or desired for it or its groups (`publish::fetchable_artifacts`; the static
+    /// policy already allows only concrete artifact ids).
     fn may_subscribe(&self, principal: &Principal, filter: &str) -> bool {
-        let Principal::Machine { id, .. } = principal else {
+        let Principal::Machine { id, groups } = principal else {
             return true;
         };
         let Some(artifact) = filter
@@ -87,7 +88,7 @@ impl fleetcast_broker::Authenticator for StoreAuth {
         let guard = self.store.read().unwrap_or_else(|p| p.into_inner());
         guard
             .as_ref()
-            .and_then(|s| s.machine_artifacts(id).ok())
+            .and_then(|s| crate::publish::fetchable_artifacts(&**s, id, groups).ok())
             .is_some_and(|arts| arts.contains(&artifact))
     }
 }

@@ -75,7 +75,8 @@ struct ChunkServer {
     /// Per-machine request and byte budgets (machines that authenticated only).
     budgets: HashMap<MachineId, ChunkBudget>,
     budgets_swept_at: Instant,
-    /// Which artifacts each machine may fetch, and since when that answer is known.
+    /// Which artifacts each machine may fetch (`publish::fetchable_artifacts`), and since when
+    /// that answer is known.
     allowed: HashMap<MachineId, (Instant, Vec<ArtifactId>)>,
     /// Layouts of artifacts served lately (owed frames are read with them).
     layouts: HashMap<ArtifactId, Layout>,
@@ -349,10 +350,13 @@ impl ChunkServer {
                 return Ok(true);
             }
         }
-        let artifacts = self
-            .ctx
-            .store
-            .machine_artifacts(m)
+        let store = &*self.ctx.store;
+        let artifacts = store
+            .machine(m)
+            .and_then(|info| {
+                let groups = info.map(|i| i.groups).unwrap_or_default();
+                crate::publish::fetchable_artifacts(store, m, &groups)
+            })
             .map_err(|e| e.to_string())?;
         let ok = artifacts.contains(artifact);
         self.allowed.insert(m.clone(), (now, artifacts));

@@ -403,6 +403,27 @@ pub fn desired_for_machine<S: Reads + ?Sized>(
     Ok(best)
 }
 
+/// The artifacts `machine` may fetch: those of the releases assigned to it (its target
+/// records), and those of the notices desired for it and for `groups` (the groups it was
+/// provisioned in). The second part covers a machine that joined a group, or was first seen,
+/// after the group's publish: it acts on the group's notice before the platform has taken in the
+/// state that gives it its record, and was refused the artifact until then.
+pub fn fetchable_artifacts<S: Reads + ?Sized>(
+    store: &S,
+    machine: &MachineId,
+    groups: &[GroupId],
+) -> Result<Vec<fleetcast_proto::ArtifactId>, StoreError> {
+    let mut out = store.machine_artifacts(machine)?;
+    for notice in desired_for_machine(store, machine, groups)?.values() {
+        if let Some(release) = store.release(&notice.release)? {
+            if !out.contains(&release.artifact.id) {
+                out.push(release.artifact.id);
+            }
+        }
+    }
+    Ok(out)
+}
+
 /// Gives `machine` target records for the group releases it should follow but has none for
 /// (a machine that joined a group, or was first seen after the publish). Returns the releases
 /// whose records changed.

@@ -1177,3 +1177,43 @@ async fn oversized_or_malformed_fields_of_one_machine_are_refused_or_cut() {
     admin.close().await;
     platform.stop().await;
 }
+
+/// A machine provisioned into a group after the group's publish acts on the group's notice
+/// before the platform has taken in its first state (which gives it its target record): it may
+/// fetch the group's artifact already (it was refused it, and a refused subscription lost the
+/// agent its first download). A machine of another group still may not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_new_to_a_group_fetches_the_groups_artifact_before_its_first_state() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir: _data,
+        platform,
+        admin,
+    } = env(&url).await;
+    let one = upload(&admin, dir.path(), "a.bin", &data(3000, 13), "1.0")
+        .await
+        .unwrap();
+    let _first = provision(&admin, &url, "vm-001", &["g1"]).await;
+    release(&admin, "1.0", &[], &["g1"]).await;
+    for (id, group, allowed) in [("vm-002", "g1", true), ("vm-003", "g2", false)] {
+        let mut vm = provision(&admin, &url, id, &[group]).await;
+        let (own, artifact) = (
+            format!("fleet/machines/{id}/chunks"),
+            format!("fleet/artifacts/{}/chunks", one.id),
+        );
+        vm.peer.subscribe(&own).await;
+        vm.peer.subscribe(&artifact).await;
+        vm.request_chunks(one.id, false, vec![(0, 1)]).await;
+        let p = vm
+            .peer
+            .next(|p| p.topic == own || p.topic == artifact)
+            .await;
+        let (h, _) = decode_frame(&p.payload).unwrap();
+        let served = p.topic == artifact && h.frame_type == FrameType::Chunk;
+        assert_eq!(served, allowed, "{id} in {group}: {:?}", h.frame_type);
+    }
+    admin.close().await;
+    platform.stop().await;
+}
