@@ -1,6 +1,85 @@
 //! Plain-text tables and human-readable UTC times for CLI output.
+//!
+//! # Cells are made safe to print
+//!
+//! Table cells may hold strings a machine sent (versions, `error`, ...). [`render`] passes every
+//! cell (and header) through [`cell`] before measuring or printing it, so no cell can add a
+//! line, move the cursor, change colours or reorder text in the operator's terminal:
+//!
+//! - Control characters are shown as a visible escape instead of being printed:
+//!   `\n`, `\r` and `\t` for those three; `\xNN` (two lowercase hex digits) for the other C0
+//!   controls U+0000–U+001F and DEL U+007F (so ESC prints as `\x1b`); `\u{NNNN}` (lowercase
+//!   hex) for the C1 controls U+0080–U+009F and for the Unicode bidi and line controls
+//!   U+061C, U+200E, U+200F, U+2028, U+2029, U+202A–U+202E and U+2066–U+2069 (so a
+//!   right-to-left override prints as `\u{202e}`). A backslash already in the text is printed
+//!   as is: the text shown is not meant to be parsed back; `--json` gives the exact value.
+//! - A cell longer than [`MAX_CELL_CHARS`] characters (counted after escaping) keeps its first
+//!   [`MAX_CELL_CHARS`] characters followed by `…(+N chars)`, where N is how many characters
+//!   of the escaped text were left out.
+//!
+//! Everything else, including non-ASCII text such as `é` or `上海`, is printed unchanged.
+//! Columns are padded by hand to the widest cell counted in characters, so no width, however
+//! large, can make formatting panic. `--json` output does not go through this module and
+//! stays exact.
 
 use chrono::{TimeZone, Utc};
+
+/// Longest cell a table prints, in characters. Ids and versions are at most 64 characters and
+/// times 19, so a single value never comes near it; only a list (a machine's groups or
+/// versions, a release's targets) or a free-text `error` can, and past this a cell wraps over
+/// several lines of an ordinary terminal and the table can no longer be read anyway. The full
+/// value is in `--json`.
+pub const MAX_CELL_CHARS: usize = 200;
+
+/// Whether `c` is printed as an escape (see the module doc).
+fn is_control(c: char) -> bool {
+    matches!(c,
+        '\u{0}'..='\u{1f}'
+        | '\u{7f}'..='\u{9f}'
+        | '\u{61c}'
+        | '\u{200e}'
+        | '\u{200f}'
+        | '\u{2028}'
+        | '\u{2029}'
+        | '\u{202a}'..='\u{202e}'
+        | '\u{2066}'..='\u{2069}')
+}
+
+/// `s` made safe for one table cell: control characters escaped, and cut to
+/// [`MAX_CELL_CHARS`] characters with a `…(+N chars)` marker (see the module doc).
+pub fn cell(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(MAX_CELL_CHARS * 4));
+    let mut kept = 0usize;
+    let mut dropped = 0usize;
+    let mut push = |piece: &str| {
+        for c in piece.chars() {
+            if kept < MAX_CELL_CHARS {
+                out.push(c);
+                kept += 1;
+            } else {
+                dropped += 1;
+            }
+        }
+    };
+    for c in s.chars() {
+        if !is_control(c) {
+            push(c.encode_utf8(&mut [0; 4]));
+            continue;
+        }
+        let escaped = match c {
+            '\n' => "\\n".to_owned(),
+            '\r' => "\\r".to_owned(),
+            '\t' => "\\t".to_owned(),
+            c if (c as u32) < 0x80 => format!("\\x{:02x}", c as u32),
+            c => format!("\\u{{{:x}}}", c as u32),
+        };
+        push(&escaped);
+    }
+    if dropped > 0 {
+        out.push_str(&format!("…(+{dropped} chars)"));
+    }
+    out
+}
 
 /// `2026-11-25 12:00:03` (UTC), or `-` for none.
 pub fn time(ms: Option<u64>) -> String {
@@ -26,30 +105,38 @@ pub fn bytes(n: u64) -> String {
     }
 }
 
-/// Left-aligned columns separated by two spaces; no trailing spaces.
+/// Left-aligned columns separated by two spaces; no trailing spaces. Every cell goes through
+/// [`cell`] first, so each row is one line whatever the cells hold.
 pub fn render(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let headers: Vec<String> = headers.iter().map(|h| cell(h)).collect();
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|row| row.iter().map(|c| cell(c)).collect())
+        .collect();
     let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
-    for row in rows {
-        for (i, cell) in row.iter().enumerate() {
+    for row in &rows {
+        for (i, c) in row.iter().enumerate() {
             if i < widths.len() {
-                widths[i] = widths[i].max(cell.chars().count());
+                widths[i] = widths[i].max(c.chars().count());
             }
         }
     }
-    let line = |cells: Vec<&str>| {
+    let line = |cells: &[String]| {
         let mut out = String::new();
         for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(c);
-            } else {
-                out.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            out.push_str(c);
+            if i + 1 < cells.len() {
+                // Padded by hand: `{:<w$}` panics on a width over u16::MAX.
+                let width = widths.get(i).copied().unwrap_or(0);
+                let pad = width.saturating_sub(c.chars().count()) + 2;
+                out.push_str(&" ".repeat(pad));
             }
         }
         out.trim_end().to_owned() + "\n"
     };
-    let mut out = line(headers.to_vec());
-    for row in rows {
-        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    let mut out = line(&headers);
+    for row in &rows {
+        out.push_str(&line(row));
     }
     out
 }
@@ -77,5 +164,73 @@ mod tests {
     fn byte_sizes_are_human() {
         assert_eq!(bytes(10), "10 B");
         assert_eq!(bytes(1536), "1.5 KiB");
+    }
+
+    #[test]
+    fn control_characters_are_escaped_and_stay_on_one_line() {
+        let evil = "1.0\nvic-1  yes  app=0.0.1-COMPROMISED\r\x1b[31mred\x1b[8m";
+        let t = render(
+            &["MACHINE", "VERSIONS", "BUSY"],
+            &[vec!["vm-1".into(), evil.into(), "idle".into()]],
+        );
+        assert_eq!(t.lines().count(), 2, "{t:?}");
+        let row = t.lines().nth(1).unwrap();
+        assert!(
+            row.contains("1.0\\nvic-1  yes  app=0.0.1-COMPROMISED\\r\\x1b[31mred\\x1b[8m  idle"),
+            "{row:?}"
+        );
+        assert!(!t.contains('\x1b') && !t.contains('\r'), "{t:?}");
+        assert_eq!(cell("a\tb\0c\x7fd"), "a\\tb\\x00c\\x7fd");
+        assert_eq!(cell("\u{85}\u{9b}31m"), "\\u{85}\\u{9b}31m");
+        assert_eq!(
+            cell("abc\u{202e}fed\u{2066}x\u{2069}"),
+            "abc\\u{202e}fed\\u{2066}x\\u{2069}"
+        );
+        assert_eq!(cell("a\u{2028}b"), "a\\u{2028}b");
+    }
+
+    #[test]
+    fn a_huge_cell_is_truncated_without_panicking() {
+        let huge = "9".repeat(70_000);
+        let t = render(
+            &["VERSION", "MACHINES"],
+            &[
+                vec![huge.clone(), "1".into()],
+                vec!["2.0".into(), "3".into()],
+            ],
+        );
+        let row = t.lines().nth(1).unwrap();
+        let shown = format!(
+            "{}…(+{} chars)",
+            "9".repeat(MAX_CELL_CHARS),
+            70_000 - MAX_CELL_CHARS
+        );
+        assert_eq!(row, format!("{shown}  1"));
+        // The other rows are padded to the truncated cell, not to 70,000 characters.
+        let width = shown.chars().count();
+        assert_eq!(t.lines().nth(2).unwrap(), format!("{:<width$}  3", "2.0"));
+        // The escaped text is what counts: 150 newlines are 300 characters shown.
+        assert_eq!(
+            cell(&"\n".repeat(150)),
+            format!("{}…(+100 chars)", "\\n".repeat(100))
+        );
+        // At the cap exactly, nothing is cut.
+        let full = "x".repeat(MAX_CELL_CHARS);
+        assert_eq!(cell(&full), full);
+    }
+
+    #[test]
+    fn ordinary_text_is_unchanged_and_aligned() {
+        for s in ["2.4.1", "café", "上海-北区", "é", "", "C:\\path\\x41"] {
+            assert_eq!(cell(s), s);
+        }
+        let t = render(
+            &["GROUP", "NOTE"],
+            &[
+                vec!["上海".into(), "é".into()],
+                vec!["shanghai".into(), "ok".into()],
+            ],
+        );
+        assert_eq!(t, "GROUP     NOTE\n上海        é\nshanghai  ok\n");
     }
 }
