@@ -67,8 +67,13 @@ pub fn run(data: &[u8]) -> Verdict {
             principal == Principal::Platform || !topic.contains('#'),
             "{principal:?} may subscribe to {topic:?}"
         );
-        // A '+' only where every topic it stands for is readable: try a few of them.
-        if topic.contains('+') && principal.accepts_client_id(client_id) {
+        // A '+' only where every topic it stands for is readable: try a few of them. (A
+        // machine's release filters are the exception the other way: the `+` filter is the
+        // only way to read them, a concrete kind is refused so that it never becomes a filter
+        // of its own on rumqttd; what the filter reads is the machine's or its groups' own.)
+        let release_filter = matches!(principal, Principal::Machine { .. })
+            && topics.parse_release_filter(topic).is_some();
+        if topic.contains('+') && principal.accepts_client_id(client_id) && !release_filter {
             for level in ["x", "vm-002", client_id] {
                 let concrete = topic
                     .split('/')
