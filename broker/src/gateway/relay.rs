@@ -1,7 +1,7 @@
 //! The relay: one session of the gateway's own on rumqttd that takes everything the platform
 //! publishes for one reader (release notices per machine and per group, commands, the key
-//! chain, replies to operators) and hands it to the subscribed sessions by exact filter
-//! (`fanout`).
+//! chain, replies to operators) or for the gateway's subscribers of an artifact's chunks, and
+//! hands it to the subscribed sessions by exact filter (`fanout`).
 //!
 //! Why: each machine subscribes to its own release filter and command topic. On rumqttd (0.20)
 //! those are two filters of its own per machine, and rumqttd keeps no index: every new filter is
@@ -40,7 +40,7 @@ use crate::embedded::Links;
 /// client can take it over.
 const ID: &str = "fleetcast:gateway-relay";
 
-/// The filters the relay holds on rumqttd: five, whatever the size of the fleet and however
+/// The filters the relay holds on rumqttd: six, whatever the size of the fleet and however
 /// many operators' connections come and go.
 pub(crate) fn router_filters(topics: &Topics) -> Vec<String> {
     let p = topics.prefix();
@@ -50,6 +50,7 @@ pub(crate) fn router_filters(topics: &Topics) -> Vec<String> {
         format!("{p}/groups/+/release/+"),
         topics.platform_keys(),
         format!("{p}/admin/+/response"),
+        format!("{p}/artifacts/+/chunks"),
     ]
 }
 
@@ -73,6 +74,11 @@ fn served_by(topics: &Topics, topic: &str) -> Option<(String, bool)> {
         Route::GroupRelease(g, _) => (topics.group_release_filter(&g), true),
         Route::Command(_) | Route::AdminResponse(_) => (topic.to_owned(), false),
         Route::PlatformKeys => (topic.to_owned(), true),
+        // The platform's chunk server hands its frames to the gateway in process; what a
+        // platform client publishes on an artifact topic through rumqttd (the benches' raw
+        // fan-out baseline, a platform on another broker connection) reaches the same
+        // subscribers, never kept.
+        Route::ArtifactChunks(_) => (topic.to_owned(), false),
         _ => return None,
     })
 }
@@ -196,12 +202,15 @@ mod tests {
         assert_eq!(served_by(&t, &reply), Some((reply.clone(), false)));
         assert_eq!(served_by(&t, &t.admin_request("ops.0a1b2c3d")), None);
         assert_eq!(served_by(&t, &t.status(&m)), None);
+        let chunks = t.artifact_chunks(&fleetcast_proto::ArtifactId::of(b"x"));
+        assert_eq!(served_by(&t, &chunks), Some((chunks.clone(), false)));
         for topic in [
             t.machine_release(&m, &app),
             t.group_release(&g, &app),
             t.command(&m),
             t.platform_keys(),
             reply,
+            chunks,
         ] {
             assert!(
                 router_filters(&t)

@@ -441,26 +441,20 @@ impl RawResult {
 }
 
 /// The filters a raw subscriber (machine `id`) sends in its one SUBSCRIBE to read an artifact's
-/// `topic` through rumqttd. On the embedded broker the gateway serves a subscription to an
-/// artifact topic alone itself (the platform hands it the frames), so a publish through rumqttd
-/// would reach nobody; a SUBSCRIBE that names another filter beside it goes to rumqttd
-/// (docs/protocol.md §2), and the machine's own release topic for a kind nobody publishes is
-/// one it may read.
-pub fn raw_filters(id: &str, topic: &str) -> Vec<rumqttc::SubscribeFilter> {
-    let machine = MachineId::new(id).expect("a machine id");
-    let unused = Kind::new("raw-baseline").expect("a kind");
-    [
+/// `topic`: that topic alone. On the embedded broker the gateway serves it, and what the
+/// platform principal publishes there through rumqttd reaches the subscribers through the
+/// gateway's relay (one rumqttd subscriber, fanned out by the gateway: the path of every
+/// notice); a machine may subscribe to nothing rumqttd delivers itself. On Mosquitto it is an
+/// ordinary subscription.
+pub fn raw_filters(_id: &str, topic: &str) -> Vec<rumqttc::SubscribeFilter> {
+    vec![rumqttc::SubscribeFilter::new(
         topic.to_owned(),
-        Topics::default().machine_release(&machine, &unused),
-    ]
-    .into_iter()
-    .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce))
-    .collect()
+        QoS::AtLeastOnce,
+    )]
 }
 
 /// Raw MQTT through the same broker: every machine in `subs` connects with its own credentials
-/// (client id = username = machine id), subscribes QoS 1 to `topic` (through rumqttd: see
-/// [`raw_filters`]);
+/// (client id = username = machine id), subscribes QoS 1 to `topic` (see [`raw_filters`]);
 /// then one publisher as the platform principal publishes `payload` in `msg_size` messages,
 /// QoS 1, not retained, to `topic` (an artifact topic the subscribers may read). Time from
 /// the first publish until every subscriber has every byte. Every subscriber's byte count is
