@@ -290,10 +290,15 @@ async fn open_link(
 /// The will as the PUBLISH the broker would make of it, with its QoS (rumqttd's `Publish`
 /// builds only QoS 0, so the packet is encoded and parsed back; a QoS 1/2 publish needs an id).
 fn will_publish(will: LastWill) -> Result<Packet, FrameError> {
-    let mut publish =
-        rumqttc::mqttbytes::v4::Publish::from_bytes(will.topic, will.qos, will.message);
+    // At most QoS 1, as every publish through the gateway: a QoS 2 flow would start with a
+    // session that is ending.
+    let qos = match will.qos {
+        rumqttc::mqttbytes::QoS::ExactlyOnce => rumqttc::mqttbytes::QoS::AtLeastOnce,
+        q => q,
+    };
+    let mut publish = rumqttc::mqttbytes::v4::Publish::from_bytes(will.topic, qos, will.message);
     publish.retain = will.retain;
-    if will.qos != rumqttc::mqttbytes::QoS::AtMostOnce {
+    if qos != rumqttc::mqttbytes::QoS::AtMostOnce {
         publish.pkid = 1;
     }
     let mut wire = BytesMut::new();

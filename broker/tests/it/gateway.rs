@@ -960,13 +960,17 @@ async fn stop_and_wait_round_trip_direct_and_through_the_gateway() {
 
 /// A raw machine session `id` whose will marks it offline (retained, QoS 1, like the agent's).
 async fn with_will(gw: &Gateway, id: &str, keep_alive: u16) -> Raw {
+    with_will_qos(gw, id, keep_alive, QoS::AtLeastOnce).await
+}
+
+async fn with_will_qos(gw: &Gateway, id: &str, keep_alive: u16, qos: QoS) -> Raw {
     let topics = Topics::default();
     let mut connect = login(id, id, &format!("pw-{id}"));
     connect.keep_alive = keep_alive;
     connect.last_will = Some(LastWill::new(
         topics.online(&MachineId::new(id).unwrap()),
         format!("will-of-{id}"),
-        QoS::AtLeastOnce,
+        qos,
         true,
     ));
     let (raw, code) = Raw::connect(gw.plain(), connect).await;
@@ -1056,6 +1060,15 @@ async fn the_will_fires_on_a_dropped_or_silent_connection_only() {
     );
     let got = next_publish(&mut platform_rx, WAIT, "the will of a silent client").await;
     assert_eq!(got.payload[..], b"will-of-vm-1"[..]);
+
+    // A QoS 2 will (fleetcast uses 0 and 1) fires at QoS 1, again and again, and the broker
+    // keeps serving.
+    for round in 0..5 {
+        drop(with_will_qos(&gw, "vm-1", 60, QoS::ExactlyOnce).await);
+        let got = next_publish(&mut platform_rx, WAIT, "a QoS 2 will").await;
+        assert_eq!(got.payload[..], b"will-of-vm-1"[..], "round {round}");
+        assert_eq!(got.qos, QoS::AtLeastOnce);
+    }
 
     // A client that pings in time stays, and its pings are answered.
     let mut pinging = with_will(&gw, "vm-2", 1).await;
