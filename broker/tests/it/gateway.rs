@@ -60,6 +60,7 @@ impl TestAuth {
             machine("vm-3", "g2"),
             operator("alice"),
             operator("bob"),
+            Principal::Integrator { name: "erp".into() },
         ]
         .into_iter()
         .map(|p| (p.username(), p))
@@ -1514,8 +1515,8 @@ async fn notices_commands_and_keys_are_served_by_the_gateway() {
     }
 }
 
-/// Operators' reply topics are served by the gateway too: every CLI connection has a client id
-/// and so a reply topic of its own, and a filter rumqttd had seen would keep its log (and the
+/// Operators' reply topics (and integrators' event batch topics) are served by the gateway
+/// too: every CLI or integrator connection has a client id and so a reply topic of its own, and a filter rumqttd had seen would keep its log (and the
 /// replies in it) until the broker restarts. Each short-lived connection here gets its reply
 /// through the relay (QoS 0 granted by the gateway, the `served` counter counts it), a reply
 /// is not kept for a later subscriber, and an operator still cannot read another client's
@@ -1528,15 +1529,19 @@ async fn operators_replies_are_served_by_the_gateway_and_not_kept() {
     tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
     let served_before = gw.secured.handle().stats().served;
     const CALLS: u64 = 5;
-    for i in 0..CALLS {
-        let client = format!("fleetcast-op-alice.{i:08x}");
-        let reply = topics.admin_response(&client);
-        let mut raw = Raw::connect(
-            gw.plain(),
-            login(&client, "fleetcast-op-alice", "pw-fleetcast-op-alice"),
-        )
-        .await
-        .0;
+    // An operator's replies, and an integrator's event batches (the same: a topic per client
+    // id, which each connection has of its own).
+    let reply_topics: [(&str, fn(&Topics, &str) -> String); 2] = [
+        ("fleetcast-op-alice", Topics::admin_response),
+        ("fleetcast-int-erp", Topics::integrator_events),
+    ];
+    for i in 0..CALLS * 2 {
+        let (user, reply_of) = reply_topics[(i % 2) as usize];
+        let client = format!("{user}.{i:08x}");
+        let reply = reply_of(&topics, &client);
+        let mut raw = Raw::connect(gw.plain(), login(&client, user, &format!("pw-{user}")))
+            .await
+            .0;
         let mut sub = Subscribe::new(reply.clone(), QoS::AtLeastOnce);
         sub.pkid = 3;
         raw.send(Packet::Subscribe(sub)).await;
@@ -1572,12 +1577,12 @@ async fn operators_replies_are_served_by_the_gateway_and_not_kept() {
         );
     }
     assert!(
-        gw.secured.handle().stats().served >= served_before + CALLS,
+        gw.secured.handle().stats().served >= served_before + 2 * CALLS,
         "the replies went through the relay"
     );
 
     // Nothing is kept: a new subscriber to the last reply topic gets nothing.
-    let client = format!("fleetcast-op-alice.{:08x}", CALLS - 1);
+    let client = format!("fleetcast-op-alice.{:08x}", 2 * CALLS - 2);
     let mut raw = Raw::connect(
         gw.plain(),
         login(&client, "fleetcast-op-alice", "pw-fleetcast-op-alice"),
