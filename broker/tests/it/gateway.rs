@@ -1531,7 +1531,8 @@ async fn operators_replies_are_served_by_the_gateway_and_not_kept() {
     const CALLS: u64 = 5;
     // An operator's replies, and an integrator's event batches (the same: a topic per client
     // id, which each connection has of its own).
-    let reply_topics: [(&str, fn(&Topics, &str) -> String); 2] = [
+    type ReplyTopic = fn(&Topics, &str) -> String;
+    let reply_topics: [(&str, ReplyTopic); 2] = [
         ("fleetcast-op-alice", Topics::admin_response),
         ("fleetcast-int-erp", Topics::integrator_events),
     ];
