@@ -1053,17 +1053,10 @@ async fn an_integrator_flooding_requests_gets_answers_only_up_to_its_budget() {
 /// dead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_a_stolen_config_raised_are_forgotten_when_its_secret_is_rotated() {
-    let broker = start_on_free_port(|s| s).unwrap();
-    let url = broker.url();
+    let (_broker, url, env, info) = with_one_artifact(11).await;
     let Env {
-        dir,
-        data_dir: _data,
-        platform,
-        admin,
-    } = env(&url).await;
-    let info = upload(&admin, dir.path(), "a.bin", &data(3000, 11), "1.0")
-        .await
-        .unwrap();
+        platform, admin, ..
+    } = env;
     let mut thief = provision(&admin, &url, "vm-001", &[]).await;
     let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
     thief.ctr = u64::MAX - 1;
@@ -1117,17 +1110,10 @@ async fn counters_a_stolen_config_raised_are_forgotten_when_its_secret_is_rotate
 /// refused; the machine's honest reports after them are applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_or_malformed_fields_of_one_machine_are_refused_or_cut() {
-    let broker = start_on_free_port(|s| s).unwrap();
-    let url = broker.url();
+    let (_broker, url, env, _) = with_one_artifact(12).await;
     let Env {
-        dir,
-        data_dir: _data,
-        platform,
-        admin,
-    } = env(&url).await;
-    upload(&admin, dir.path(), "a.bin", &data(3000, 12), "1.0")
-        .await
-        .unwrap();
+        platform, admin, ..
+    } = env;
     let mut vm = provision(&admin, &url, "vm-001", &[]).await;
     let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
     let long = fleetcast_proto::status::KindState {
@@ -1184,17 +1170,10 @@ async fn oversized_or_malformed_fields_of_one_machine_are_refused_or_cut() {
 /// agent its first download). A machine of another group still may not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_machine_new_to_a_group_fetches_the_groups_artifact_before_its_first_state() {
-    let broker = start_on_free_port(|s| s).unwrap();
-    let url = broker.url();
+    let (_broker, url, env, one) = with_one_artifact(13).await;
     let Env {
-        dir,
-        data_dir: _data,
-        platform,
-        admin,
-    } = env(&url).await;
-    let one = upload(&admin, dir.path(), "a.bin", &data(3000, 13), "1.0")
-        .await
-        .unwrap();
+        platform, admin, ..
+    } = env;
     let _first = provision(&admin, &url, "vm-001", &["g1"]).await;
     release(&admin, "1.0", &[], &["g1"]).await;
     for (id, group, allowed) in [("vm-002", "g1", true), ("vm-003", "g2", false)] {
@@ -1216,4 +1195,29 @@ async fn a_machine_new_to_a_group_fetches_the_groups_artifact_before_its_first_s
     }
     admin.close().await;
     platform.stop().await;
+}
+
+/// A platform on a broker of its own with one artifact (3,000 bytes from `seed`, app 1.0): the
+/// opening of the attacks below. Keep the broker and the env while the test runs.
+async fn with_one_artifact(
+    seed: u8,
+) -> (
+    fleetcast_broker::embedded::EmbeddedBroker,
+    BrokerUrl,
+    Env,
+    ArtifactInfo,
+) {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let env = env(&url).await;
+    let info = upload(
+        &env.admin,
+        env.dir.path(),
+        "a.bin",
+        &data(3000, seed),
+        "1.0",
+    )
+    .await
+    .unwrap();
+    (broker, url, env, info)
 }
