@@ -899,7 +899,7 @@ mod tests {
         );
     }
 
-    fn state_with(kinds: impl IntoIterator<Item = (String, &'static str)>) -> MachineState {
+    fn state_with(kinds: impl IntoIterator<Item = (String, String)>) -> MachineState {
         MachineState {
             machine: m("vm-1"),
             ctr: 1,
@@ -911,7 +911,7 @@ mod tests {
                 .into_iter()
                 .map(|(k, v)| {
                     let state = KindState {
-                        version: Some(v.into()),
+                        version: Some(v),
                         ..Default::default()
                     };
                     (Kind::new(&k).unwrap(), state)
@@ -925,14 +925,13 @@ mod tests {
     /// version; an honest state passes.
     #[test]
     fn states_with_too_many_kinds_or_bad_versions_are_refused() {
-        let kinds = |n: usize| (0..n).map(|i| (format!("k{i}"), "1.0"));
+        let kinds = |n: usize| (0..n).map(|i| (format!("k{i}"), "1.0".to_owned()));
         assert_eq!(check_state(&state_with(kinds(MAX_KINDS))), Ok(()));
         let too_many = check_state(&state_with(kinds(MAX_KINDS + 1))).unwrap_err();
         assert!(too_many.contains("at most 32"), "{too_many}");
         let long = "9".repeat(70_000);
-        let long: &'static str = Box::leak(long.into_boxed_str());
-        for bad in [long, "1.0\n", "1.0\u{1b}[31m", "", "1 0"] {
-            let err = check_state(&state_with([("app".to_owned(), bad)])).unwrap_err();
+        for bad in [long.as_str(), "1.0\n", "1.0\u{1b}[31m", "", "1 0"] {
+            let err = check_state(&state_with([("app".to_owned(), bad.to_owned())])).unwrap_err();
             assert!(err.contains("kind app"), "{bad:?}: {err}");
         }
         let mut agent = state_with([]);
@@ -976,13 +975,13 @@ mod tests {
     fn a_machines_history_keeps_at_most_max_kinds() {
         let store = MemStore::new();
         for round in 0..3 {
-            let st = state_with((0..MAX_KINDS).map(|i| (format!("k{round}-{i}"), "1.0")));
+            let st = state_with((0..MAX_KINDS).map(|i| (format!("k{round}-{i}"), "1.0".into())));
             store
                 .transaction(|tx| apply_state(tx, &m("vm-1"), &st, 5))
                 .unwrap();
         }
         assert_eq!(store.history_kinds(&m("vm-1")).unwrap(), MAX_KINDS);
-        let again = state_with([("k0-0".to_owned(), "2.0")]);
+        let again = state_with([("k0-0".to_owned(), "2.0".to_owned())]);
         store
             .transaction(|tx| apply_state(tx, &m("vm-1"), &again, 6))
             .unwrap();

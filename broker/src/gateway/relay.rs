@@ -13,11 +13,12 @@
 //! reach it.
 //!
 //! Operators' replies (and integrators' event batches, the same way): each CLI connection has a
-//! client id of its own and subscribes to its own reply topic. rumqttd never frees a filter's log (an empty one allocates about 124 KiB, most
-//! of it never written, and it keeps the last replies it carried), so every CLI call used to
-//! leave its reply log behind for the life of the broker. Measured on an idle `serve`, 1,500
-//! `fleetcast stats` calls: RSS grew 8.6 KiB per call before, 4.5 KiB after (what is left:
-//! rumqttd remembers each ended session and each request topic it routed, and the allocator).
+//! client id of its own and subscribes to its own reply topic. rumqttd never frees a filter's log
+//! (an empty one allocates about 124 KiB, most of it never written, and it keeps the last replies
+//! it carried), so every CLI call used to leave its reply log behind for the life of the broker.
+//! Measured on an idle `serve`, 1,500 `fleetcast stats` calls: RSS grew 8.6 KiB per call before,
+//! 4.5 KiB after (what is left: rumqttd remembers each ended session and each request topic it
+//! routed, and the allocator).
 //!
 //! What the relay keeps: the latest message on each release topic and on the key chain (the
 //! platform publishes those retained, and re-publishes them all when it (re)connects), which a

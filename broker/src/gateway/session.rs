@@ -33,8 +33,10 @@ const CLIENT_READ: usize = 4 * 1024;
 /// A buffer above this is given back once everything in it was handed on.
 const KEEP: usize = 64 * 1024;
 /// The gateway's own answers, the messages it serves itself (notices, commands, the key
-/// chain: see `relay`) and a machine's status acks and chunk error frames, queued for a client. A client that pings or subscribes faster than it
-/// reads waits for room; one that leaves served messages unread this long is closed.
+/// chain: see `relay`) and a machine's status acks and chunk error frames, queued for a
+/// client. A client that pings or subscribes faster than it reads waits for room; one that
+/// leaves served messages unread this long is closed (acks and error frames that do not fit
+/// are dropped: the machine sends the event, or the request, again).
 const CONTROL_QUEUE: usize = 64;
 /// Bytes of encoded router output gathered before they are written to the client.
 const WRITE_BATCH: usize = 64 * 1024;
