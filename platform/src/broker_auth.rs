@@ -65,6 +65,33 @@ impl StoreAuth {
     }
 }
 
+impl StoreAuth {
+    /// An operator or integrator may follow the progress of a release that exists (or of all,
+    /// with `+`). Each concrete progress filter is a filter of its own on rumqttd, kept until it
+    /// restarts: ids that name no release would let one credential grow the broker without
+    /// bound.
+    fn may_follow(&self, filter: &str) -> bool {
+        let Some(release) = filter
+            .strip_suffix("/progress")
+            .and_then(|f| f.rsplit_once("/rollouts/"))
+            .map(|(_, r)| r)
+        else {
+            return true;
+        };
+        if release == "+" {
+            return true;
+        }
+        let Ok(id) = fleetcast_proto::ReleaseId::new(release) else {
+            return false;
+        };
+        let guard = self.store.read().unwrap_or_else(|p| p.into_inner());
+        guard
+            .as_ref()
+            .and_then(|s| s.release(&id).ok())
+            .is_some_and(|r| r.is_some())
+    }
+}
+
 impl fleetcast_broker::Authenticator for StoreAuth {
     fn authenticate(&self, username: &str, password: &[u8]) -> Option<Principal> {
         self.principal(username, std::str::from_utf8(password).ok()?)
@@ -75,7 +102,7 @@ impl fleetcast_broker::Authenticator for StoreAuth {
     /// policy already allows only concrete artifact ids).
     fn may_subscribe(&self, principal: &Principal, filter: &str) -> bool {
         let Principal::Machine { id, groups } = principal else {
-            return true;
+            return self.may_follow(filter);
         };
         let Some(artifact) = filter
             .rsplit('/')
@@ -90,5 +117,35 @@ impl fleetcast_broker::Authenticator for StoreAuth {
             .as_ref()
             .and_then(|s| crate::publish::fetchable_artifacts(&**s, id, groups).ok())
             .is_some_and(|arts| arts.contains(&artifact))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fleetcast_broker::Authenticator;
+    use fleetcast_proto::acl::Principal;
+
+    use super::*;
+    use crate::store::{MemStore, Records};
+
+    #[test]
+    fn progress_is_followed_only_for_releases_that_exist() {
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let release = crate::fixtures::release("r-000001", "1.0");
+        store.transaction(|tx| tx.put_release(&release)).unwrap();
+        let auth = StoreAuth {
+            store: Arc::new(RwLock::new(Some(store))),
+            platform_password: "p".into(),
+        };
+        let erp = Principal::Integrator { name: "erp".into() };
+        for (filter, ok) in [
+            ("fleet/rollouts/r-000001/progress", true),
+            ("fleet/rollouts/+/progress", true),
+            ("fleet/rollouts/r-000002/progress", false),
+            ("fleet/rollouts/no-such-id-0001/progress", false),
+            ("fleet/events", true),
+        ] {
+            assert_eq!(auth.may_subscribe(&erp, filter), ok, "{filter}");
+        }
     }
 }
