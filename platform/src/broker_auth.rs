@@ -126,7 +126,7 @@ mod tests {
     use fleetcast_proto::acl::Principal;
 
     use super::*;
-    use crate::store::{MemStore, Records};
+    use crate::store::MemStore;
 
     #[test]
     fn progress_is_followed_only_for_releases_that_exist() {
