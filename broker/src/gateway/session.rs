@@ -528,13 +528,16 @@ impl Session<'_> {
                     .filters
                     .iter()
                     .map(|f| {
-                        if refused.remove(&f.path) {
+                        if refused.contains(&f.path) {
                             SubscribeReasonCode::Failure
                         } else {
                             SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtMostOnce)
                         }
                     })
                     .collect();
+                // Every copy of a refused filter in this SUBSCRIBE is refused; then forgotten.
+                refused.clear();
+                drop(refused);
                 SubAck::new(sub.pkid, codes).write(&mut out).ok()?;
             }
             Packet::Unsubscribe(unsub, _)
