@@ -406,9 +406,10 @@ pub trait Store: Reads + Send + Sync {
     ) -> Result<u64, StoreError>;
 
     /// Forgets every replay counter of `machine` (all channels), so counting starts again from
-    /// 0. Only for a machine whose secret was just replaced: nothing MAC'd with the old one
-    /// verifies any more, and counters the old one raised (a stolen config can raise them to
-    /// `u64::MAX`) must not lock out the machine that holds the new one. Not durable by itself.
+    /// 0, and its stored-event counts (per release). Only for a machine whose secret was just
+    /// replaced: nothing MAC'd with the old one verifies any more, and counters the old one
+    /// raised (a stolen config can raise them to `u64::MAX`, and use up the event cap of its
+    /// releases) must not lock out the machine that holds the new one. Not durable by itself.
     fn reset_counters(&self, machine: &MachineId) -> Result<(), StoreError>;
 
     /// Counts one more stored event for `(machine, release)`, atomically; returns the new count.

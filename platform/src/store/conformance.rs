@@ -107,7 +107,15 @@ fn resetting_a_machines_counters_leaves_every_other_machines(s: &dyn Store) {
     for (machine, channel) in [(&vm1, "status"), (&vm1, "chunks"), (&vm10, "status")] {
         s.raise_counter(machine, channel, u64::MAX).unwrap();
     }
+    let r1 = r("r-1");
+    for machine in [&vm1, &vm10] {
+        s.bump_event_count(machine, Some(&r1)).unwrap();
+        s.bump_event_count(machine, None).unwrap();
+    }
     s.reset_counters(&vm1).unwrap();
+    assert_eq!(s.bump_event_count(&vm1, Some(&r1)).unwrap(), 1);
+    assert_eq!(s.bump_event_count(&vm1, None).unwrap(), 1);
+    assert_eq!(s.bump_event_count(&vm10, Some(&r1)).unwrap(), 2);
     assert_eq!(s.counter(&vm1, "status").unwrap(), 0);
     assert_eq!(s.counter(&vm1, "chunks").unwrap(), 0);
     // `vm-10` starts with `vm-1`: only the machine's own keys go.

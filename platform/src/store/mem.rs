@@ -184,10 +184,9 @@ impl Store for MemStore {
 
     fn reset_counters(&self, machine: &MachineId) -> Result<(), StoreError> {
         let prefix = format!("{machine}/");
-        self.t
-            .lock()
-            .counters
-            .retain(|key, _| !key.starts_with(&prefix));
+        let mut d = self.t.lock();
+        d.counters.retain(|key, _| !key.starts_with(&prefix));
+        d.event_counts.retain(|key, _| !key.starts_with(&prefix));
         Ok(())
     }
 

@@ -426,11 +426,12 @@ impl Store for SledStore {
     }
 
     fn reset_counters(&self, machine: &MachineId) -> Result<(), StoreError> {
-        let t = &self.t.counters;
         let prefix = format!("{machine}/");
-        for item in t.tree.scan_prefix(prefix.as_bytes()) {
-            let (key, _) = item.map_err(t.err("read"))?;
-            t.tree.remove(key).map_err(t.err("write"))?;
+        for t in [&self.t.counters, &self.t.event_counts] {
+            for item in t.tree.scan_prefix(prefix.as_bytes()) {
+                let (key, _) = item.map_err(t.err("read"))?;
+                t.tree.remove(key).map_err(t.err("write"))?;
+            }
         }
         Ok(())
     }

@@ -975,7 +975,8 @@ async fn machines_are_provisioned_in_bulk_from_a_list_with_one_private_config_ea
 }
 
 #[tokio::test]
-async fn a_machine_cannot_grow_the_event_log_past_its_cap_but_its_record_still_finishes() {
+async fn a_machine_cannot_grow_the_event_log_past_its_cap_but_its_record_still_finishes_and_a_rotation_lifts_it(
+) {
     let broker = start_on_free_port(|s| s).unwrap();
     let url = broker.url();
     let dir = tempfile::tempdir().unwrap();
@@ -999,6 +1000,19 @@ async fn a_machine_cannot_grow_the_event_log_past_its_cap_but_its_record_still_f
     assert_eq!(events.len(), 3, "{events:?}");
     let s = status(&admin, &r.id).await;
     assert_eq!(phase_of(&s, "vm-001"), Phase::Installed);
+
+    // Had a thief used the cap up with a stolen config, the operator's `--rotate` gives the
+    // machine its events back, as it gives its counters.
+    let fresh = provisioned_with(&admin, "vm-001", &[], true).await;
+    let mut vm = vm.reconnect(&url, fresh.secret).await;
+    vm.report(Some(&r.id), "1.0", Phase::Installed).await;
+    poll_until(
+        WAIT,
+        "the event after the rotation stored",
+        || stored_events(&admin),
+        |(events, _)| events.len() == 4,
+    )
+    .await;
     admin.close().await;
     platform.stop().await;
 }
