@@ -16,6 +16,7 @@ use fleetcast_proto::admin::{
 use fleetcast_proto::auth::{peek_body, Purpose, Secret};
 use fleetcast_proto::calls::Call;
 use fleetcast_proto::chunk::open_upload_frame;
+use fleetcast_proto::text::shown;
 use rumqttc::QoS;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -99,7 +100,11 @@ pub async fn run(
             AdminInput::Upload { client, payload } => admin.upload_part(&client, &payload).await,
             AdminInput::IntegratorEvents { client, payload } => {
                 if let Err(why) = integrators.request(&admin.ctx, &client, &payload).await {
-                    tracing::warn!(client, reason = %why, "integrator request refused");
+                    if let Some(quiet_before) = admin.ctx.should_log(&client) {
+                        let (client, why) = (shown(&client), why.to_string());
+                        let reason = shown(&why);
+                        tracing::warn!(%client, %reason, quiet_before, "integrator request refused");
+                    }
                 }
             }
             AdminInput::Republish => match publish::republish_all(&admin.ctx).await {
@@ -164,7 +169,10 @@ impl Admin {
         let operator = match self.operator(client) {
             Ok(Some(op)) => op,
             Ok(None) => {
-                tracing::warn!(client, "admin request refused: no such operator");
+                if let Some(quiet_before) = self.ctx.should_log(client) {
+                    let client = shown(client);
+                    tracing::warn!(%client, quiet_before, "admin request refused: no such operator");
+                }
                 self.refuse_unverified(client, payload, "no such operator (revoked?)")
                     .await;
                 return;
@@ -177,7 +185,11 @@ impl Admin {
         let req: AdminRequest = match operator.secret.open(Purpose::Admin, payload) {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(client, reason = %e, "admin request refused");
+                if let Some(quiet_before) = self.ctx.should_log(client) {
+                    let reason = e.to_string();
+                    let (client, reason) = (shown(client), shown(&reason));
+                    tracing::warn!(%client, %reason, quiet_before, "admin request refused");
+                }
                 self.refuse_unverified(
                     client,
                     payload,
@@ -188,7 +200,10 @@ impl Admin {
             }
         };
         if req.client != client {
-            tracing::warn!(client, claimed = %req.client, "admin request refused: client does not match its topic");
+            if let Some(quiet_before) = self.ctx.should_log(client) {
+                let (client, claimed) = (shown(client), shown(&req.client));
+                tracing::warn!(%client, %claimed, quiet_before, "admin request refused: client does not match its topic");
+            }
             return;
         }
         let now = now_ms();
@@ -366,10 +381,10 @@ impl Admin {
         let secret = match self.operator(client) {
             Ok(Some(op)) if op.role() >= Role::Operator => op.secret,
             Ok(_) => {
-                tracing::warn!(
-                    client,
-                    "upload frame from no operator allowed to upload dropped"
-                );
+                if let Some(quiet_before) = self.ctx.should_log(client) {
+                    let client = shown(client);
+                    tracing::warn!(%client, quiet_before, "upload frame from no operator allowed to upload dropped");
+                }
                 return;
             }
             Err(e) => {
@@ -380,7 +395,11 @@ impl Admin {
         let (header, bytes) = match open_upload_frame(&secret, payload) {
             Ok(f) => f,
             Err(e) => {
-                tracing::warn!(client, reason = %e, "upload frame dropped");
+                if let Some(quiet_before) = self.ctx.should_log(client) {
+                    let reason = e.to_string();
+                    let (client, reason) = (shown(client), shown(&reason));
+                    tracing::warn!(%client, %reason, quiet_before, "upload frame dropped");
+                }
                 return;
             }
         };

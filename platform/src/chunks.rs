@@ -30,6 +30,7 @@ use tokio::time::Instant;
 
 use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::chunk::{encode_frame, ChunkRequest, FrameHeader, FrameType, Layout};
+use fleetcast_proto::text::shown;
 use fleetcast_proto::{ArtifactId, MachineId};
 use rumqttc::QoS;
 use tokio::sync::mpsc;
@@ -103,7 +104,12 @@ pub async fn run(
             r = requests.recv() => match r {
                 Some((machine, payload)) => {
                     if let Err(reason) = server.handle(&machine, &payload).await {
-                        tracing::warn!(machine = %machine, reason = %reason, "chunk request refused");
+                        server.ctx.stats.chunk_request_refused();
+                        if let Some(quiet_before) = server.ctx.should_log(machine.as_str()) {
+                            let reason = reason.to_string();
+                            let reason = shown(&reason);
+                            tracing::warn!(%machine, %reason, quiet_before, "chunk request refused");
+                        }
                     }
                 }
                 None => return Ok(()),

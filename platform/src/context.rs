@@ -28,12 +28,25 @@ pub struct Ctx {
     /// What each machine may take.
     pub limits: MachineLimits,
     pub stats: crate::stats::Stats,
+    /// Warnings caused by one machine (or client): a few per key per minute are logged, the
+    /// rest counted, so one machine cannot fill the log.
+    pub log_gate: fleetcast_proto::text::LogGate,
 }
 
 impl Ctx {
     /// The keys in force now.
     pub fn keys(&self) -> Arc<Keys> {
         self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Whether a warning caused by `key` (a machine id, a client id) is logged now: `Some(n)`,
+    /// n being how many of its warnings were left out before this one; `None`: leave it out.
+    /// Log the client's own text through [`fleetcast_proto::text::shown`].
+    pub fn should_log(&self, key: &str) -> Option<u64> {
+        match self.log_gate.admit(key) {
+            fleetcast_proto::text::Admit::Log { quiet_before } => Some(quiet_before),
+            fleetcast_proto::text::Admit::Quiet => None,
+        }
     }
 }
 
@@ -55,6 +68,7 @@ impl Ctx {
             data_dir: dir.to_owned(),
             limits: MachineLimits::default(),
             stats: Default::default(),
+            log_gate: fleetcast_proto::text::LogGate::per_minute(),
         }
     }
 

@@ -18,6 +18,7 @@ use fleetcast_broker::MqttEvent;
 use fleetcast_proto::admin::{FleetEvent, MachineInfo};
 use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::release::validate_version;
+use fleetcast_proto::text::shown;
 use fleetcast_proto::{
     GroupId, Kind, MachineId, MachineState, Phase, ReleaseId, Route, StatusEvent,
 };
@@ -70,6 +71,12 @@ enum After {
     Republish(DesiredNotice),
     /// A machine trusts an older platform key: send the key chain again.
     KeyChain,
+    /// What a machine sent was kept only in part, or not applied: logged after the batch (not
+    /// in the transaction, which may run more than once), through the per-machine log gate.
+    Warn {
+        machine: MachineId,
+        what: String,
+    },
 }
 
 /// One signed ack per machine per batch: an ack says "every event up to `ctr` is stored", so the
@@ -92,6 +99,13 @@ fn coalesce_acks(after: Vec<After>) -> Vec<After> {
             other => Some(other),
         })
         .collect()
+}
+
+fn warn(machine: &MachineId, what: String) -> After {
+    After::Warn {
+        machine: machine.clone(),
+        what,
+    }
 }
 
 /// The sender and counter of a MAC'd body, for the replay check.
@@ -228,10 +242,15 @@ impl Ingest {
             match self.handle(p) {
                 Ok(mut a) => after.append(&mut a),
                 Err(Ok(reject)) => {
+                    let (machine, topic) = (shown(&reject.machine), shown(&p.topic));
+                    let reason = shown(&reject.reason);
+                    if !reject.quiet {
+                        self.ctx.stats.report_dropped();
+                    }
                     if reject.quiet {
-                        tracing::debug!(machine = %reject.machine, topic = %p.topic, reason = %reject.reason, "message dropped");
-                    } else {
-                        tracing::warn!(machine = %reject.machine, topic = %p.topic, reason = %reject.reason, "message dropped");
+                        tracing::debug!(%machine, %topic, %reason, "message dropped");
+                    } else if let Some(quiet_before) = self.ctx.should_log(&reject.machine) {
+                        tracing::warn!(%machine, %topic, %reason, quiet_before, "message dropped");
                     }
                 }
                 Err(Err(e)) => return Err(e.into()),
@@ -310,6 +329,11 @@ impl Ingest {
                     keys.chain.to_bytes(),
                 ) {
                     tracing::warn!(error = %err, "key chain re-publish not queued");
+                }
+            }
+            After::Warn { machine, what } => {
+                if let Some(quiet_before) = ctx.should_log(machine.as_str()) {
+                    tracing::warn!(%machine, quiet_before, "{what}");
                 }
             }
             After::Republish(n) => {
@@ -559,12 +583,18 @@ fn apply_status(
         Some(release) => match tx.target(release, m).map_err(Err)? {
             Some(rec) if rec.kind == ev.kind => Some(rec),
             Some(rec) => {
-                tracing::warn!(machine = %m, release = %release, kind = %ev.kind, expected = %rec.kind, "status names the wrong kind for its release: dropped");
-                return Ok(vec![ack]);
+                let what = format!(
+                    "status for release {release} names kind {}, the release's is {}: dropped",
+                    ev.kind, rec.kind
+                );
+                return Ok(vec![ack, warn(m, what)]);
             }
             None => {
-                tracing::warn!(machine = %m, release = %release, phase = %ev.phase, "status for a release that does not target this machine: dropped");
-                return Ok(vec![ack]);
+                let what = format!(
+                    "status ({}) for release {release}, which does not target this machine: dropped",
+                    ev.phase
+                );
+                return Ok(vec![ack, warn(m, what)]);
             }
         },
         None => None,
@@ -578,7 +608,8 @@ fn apply_status(
         store.append_event(&mut event).map_err(Err)?;
         after.push(After::Event(event));
     } else if stored == cap + 1 {
-        tracing::warn!(machine = %m, release = ?ev.release, cap, "event cap reached: further events of this machine for this release update its record but are not kept");
+        let release = ev.release.as_ref().map_or("-", |r| r.as_str());
+        after.push(warn(m, format!("event cap ({cap}) reached for release {release}: further events of this machine for it update its record but are not kept")));
     }
     let Some(mut rec) = record else {
         return Ok(after);
@@ -604,9 +635,15 @@ fn apply_status(
                 release: rec.release.clone(),
             });
         }
-        Err(why) => {
-            tracing::warn!(machine = %m, release = %rec.release, phase = %ev.phase, reason = %why, "status recorded as an event but not applied")
-        }
+        Err(why) => after.push(warn(
+            m,
+            format!(
+                "status ({}) for release {} recorded as an event but not applied: {}",
+                ev.phase,
+                rec.release,
+                shown(&why.to_string())
+            ),
+        )),
     }
     Ok(after)
 }
@@ -712,15 +749,22 @@ fn apply_state(
         .iter()
         .filter(|g| !info.groups.contains(g))
         .collect();
-    if !claimed.is_empty() {
-        tracing::warn!(machine = %m, groups = ?claimed, "machine reports groups it was not provisioned in: ignored");
+    let mut after = Vec::new();
+    if let Some(first) = claimed.first() {
+        // Counted, not listed: a state may name thousands.
+        let what = format!(
+            "machine reports {} group(s) it was not provisioned in (first: {first}): ignored",
+            claimed.len()
+        );
+        after.push(warn(m, what));
     }
     for (kind, k) in &st.kinds {
         if let Some(v) = &k.version {
             // A kind new to the machine's history only while it has fewer than MAX_KINDS: the
             // history is kept for ever, and states name other kinds at will.
             if tx.history(m, kind)?.is_empty() && tx.history_kinds(m)? >= MAX_KINDS {
-                tracing::warn!(machine = %m, %kind, "machine's version history holds {MAX_KINDS} kinds already: this kind's versions are not kept");
+                let what = format!("machine's version history holds {MAX_KINDS} kinds already: versions of kind {kind} are not kept");
+                after.push(warn(m, what));
                 continue;
             }
             tx.push_history(m, kind, v)?;
@@ -728,10 +772,11 @@ fn apply_state(
     }
     info.kinds = st.kinds.clone();
     tx.put_machine(&info)?;
-    let after: Vec<After> = publish::ensure_group_targets(tx, m, &info.groups, now)?
-        .into_iter()
-        .map(|release| After::Progress { release })
-        .collect();
+    after.extend(
+        publish::ensure_group_targets(tx, m, &info.groups, now)?
+            .into_iter()
+            .map(|release| After::Progress { release }),
+    );
     let mut behind = Vec::new();
     for (kind, notice) in publish::desired_for_machine(tx, m, &info.groups)? {
         let reported = st.kinds.get(&kind).map(|k| k.seq).unwrap_or(0);
@@ -840,6 +885,7 @@ mod tests {
                 After::Progress { .. } => "progress",
                 After::Republish(_) => "republish",
                 After::KeyChain => "key chain",
+                After::Warn { .. } => "warn",
             })
             .collect()
     }
@@ -872,11 +918,11 @@ mod tests {
             .unwrap();
         assert_eq!(
             apply(&store, &status("vm-2", &r, Phase::Notified, 1), 1000),
-            ["ack"]
+            ["ack", "warn"]
         );
         let mut wrong_kind = status("vm-1", &r, Phase::Notified, 1);
         wrong_kind.kind = Kind::new("os").unwrap();
-        assert_eq!(apply(&store, &wrong_kind, 1000), ["ack"]);
+        assert_eq!(apply(&store, &wrong_kind, 1000), ["ack", "warn"]);
         assert_eq!(store.events().unwrap(), []);
         assert_eq!(store.target(&r.id, &m("vm-2")).unwrap(), None);
         assert_eq!(
@@ -891,11 +937,13 @@ mod tests {
         let after = apply(&store, &status("vm-1", &r, Phase::Notified, 1), 1);
         assert_eq!(after, ["ack", "event", "progress"]);
         let after = apply(&store, &status("vm-1", &r, Phase::Downloading, 2), 1);
+        assert_eq!(after, ["ack", "warn", "progress"], "the cap is logged once");
+        let after = apply(&store, &status("vm-1", &r, Phase::Downloaded, 3), 1);
         assert_eq!(after, ["ack", "progress"]);
         assert_eq!(store.events().unwrap().len(), 1);
         assert_eq!(
             store.target(&r.id, &m("vm-1")).unwrap().unwrap().phase,
-            Phase::Downloading
+            Phase::Downloaded
         );
     }
 
@@ -1034,7 +1082,10 @@ mod tests {
         let (after, behind) = store
             .transaction(|tx| apply_state(tx, &m("vm-1"), &st, 5))
             .unwrap();
-        assert!(matches!(&after[..], [After::Progress { release }] if *release == ours.id));
+        // It claims `h`, which it was not provisioned in: logged, not applied.
+        assert!(matches!(&after[..],
+            [After::Warn { what, .. }, After::Progress { release }]
+                if *release == ours.id && what.contains("1 group(s) it was not provisioned in (first: h)")));
         let rec = store.target(&ours.id, &m("vm-1")).unwrap().unwrap();
         assert_eq!((rec.phase, rec.via), (Phase::Pending, Some(g("g"))));
         assert_eq!(store.target(&other.id, &m("vm-1")).unwrap(), None);
@@ -1058,7 +1109,7 @@ mod tests {
         let (after, behind) = store
             .transaction(|tx| apply_state(tx, &m("vm-1"), &st, 6))
             .unwrap();
-        assert!(after.is_empty() && behind.is_empty());
+        assert!(matches!(&after[..], [After::Warn { .. }]) && behind.is_empty());
         assert_eq!(store.history(&m("vm-1"), &app()).unwrap(), ["0.9"]);
     }
 

@@ -15,6 +15,8 @@ pub struct Stats {
     chunk_bytes_broadcast: AtomicU64,
     status_events_stored: AtomicU64,
     ingest_flushes: AtomicU64,
+    reports_dropped: AtomicU64,
+    chunk_requests_refused: AtomicU64,
 }
 
 impl Default for Stats {
@@ -27,6 +29,8 @@ impl Default for Stats {
             chunk_bytes_broadcast: AtomicU64::new(0),
             status_events_stored: AtomicU64::new(0),
             ingest_flushes: AtomicU64::new(0),
+            reports_dropped: AtomicU64::new(0),
+            chunk_requests_refused: AtomicU64::new(0),
         }
     }
 }
@@ -44,6 +48,14 @@ impl Stats {
         }
     }
 
+    pub fn report_dropped(&self) {
+        self.reports_dropped.fetch_add(1, Relaxed);
+    }
+
+    pub fn chunk_request_refused(&self) {
+        self.chunk_requests_refused.fetch_add(1, Relaxed);
+    }
+
     pub fn batch_flushed(&self, status_events: usize) {
         self.ingest_flushes.fetch_add(1, Relaxed);
         self.status_events_stored
@@ -59,6 +71,8 @@ impl Stats {
             chunk_bytes_broadcast: self.chunk_bytes_broadcast.load(Relaxed),
             status_events_stored: self.status_events_stored.load(Relaxed),
             ingest_flushes: self.ingest_flushes.load(Relaxed),
+            reports_dropped: self.reports_dropped.load(Relaxed),
+            chunk_requests_refused: self.chunk_requests_refused.load(Relaxed),
             gateway: None,
         }
     }

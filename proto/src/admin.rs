@@ -585,6 +585,14 @@ pub struct PlatformStats {
     pub status_events_stored: u64,
     /// Ingest batches flushed.
     pub ingest_flushes: u64,
+    /// Machine reports (status, state, online) dropped: bad MAC, unknown machine, malformed or
+    /// out-of-bounds body, replayed counter (retained states a reconnect brings back are not
+    /// counted). An attack, or a misconfigured machine; logged a few per machine per minute.
+    #[serde(default)]
+    pub reports_dropped: u64,
+    /// Chunk requests refused (bad MAC, replay, an artifact not the machine's, over budget).
+    #[serde(default)]
+    pub chunk_requests_refused: u64,
     /// The embedded broker's gateway (absent on an external broker, whose own tools count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayCounters>,

@@ -16,6 +16,8 @@
 //!   (the wire format stays that of [`admin`]).
 //! - [`acl`]: principals (platform, operators with roles, integrators, machines) and where
 //!   each may publish and subscribe.
+//! - [`text`]: outside text made safe to show in a terminal or a log line, and a per-client
+//!   gate on log lines.
 
 pub mod acl;
 pub mod admin;
@@ -29,6 +31,7 @@ pub mod keychain;
 pub mod release;
 pub mod rollout;
 pub mod status;
+pub mod text;
 pub mod topics;
 
 pub use ids::{ArtifactId, GroupId, IdError, Kind, MachineId, ReleaseId};

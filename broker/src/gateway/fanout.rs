@@ -241,7 +241,7 @@ impl Fanout {
     fn close_full(&self, stop: &CancellationToken, username: &str, filter: &str) {
         if !stop.is_cancelled() {
             self.closed_full.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(user = %username, filter = %filter,
+            tracing::warn!(user = %fleetcast_proto::text::shown(username), filter = %fleetcast_proto::text::shown(filter),
                 "gateway closed a session that did not read what it was sent (it gets the current notices again when it reconnects)");
             stop.cancel();
         }

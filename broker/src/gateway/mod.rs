@@ -207,6 +207,8 @@ struct Shared {
     limits: InboundLimits,
     connect_timeout: Duration,
     registry: Arc<Registry>,
+    /// Refusals and violations: a few lines per user name (or peer address) per minute.
+    log_gate: fleetcast_proto::text::LogGate,
 }
 
 /// rumqttd on loopback and the gateway's listeners in front of it.
@@ -268,6 +270,7 @@ pub async fn start_secured(
         limits: settings.limits,
         connect_timeout: settings.connect_timeout,
         registry: registry.clone(),
+        log_gate: fleetcast_proto::text::LogGate::per_minute(),
     });
     let mut listeners = Vec::new();
     let plain_addr = plain.as_ref().map(|(_, a)| *a);

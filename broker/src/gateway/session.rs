@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use fleetcast_proto::acl::Principal;
+use fleetcast_proto::text::{shown, Admit};
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, LastWill};
 use rumqttc::mqttbytes::PacketType;
 use rumqttd::local::LinkRx;
@@ -111,7 +112,9 @@ pub(super) async fn serve<S>(
         .claim(&client_id, shared.connect_timeout)
         .await
     else {
-        tracing::info!(%peer, client = %client_id, "client id still held or taken again: closed");
+        if let Some(quiet_before) = should_log(&shared, &peer.ip().to_string()) {
+            tracing::info!(%peer, client = %shown(&client_id), quiet_before, "client id still held or taken again: closed");
+        }
         return refuse(&mut client_wr, ConnectReturnCode::ServiceUnavailable).await;
     };
     let Some((mut to_router, link_rx, claim)) = open_link(&shared, &client_id, claim).await else {
@@ -124,14 +127,14 @@ pub(super) async fn serve<S>(
     }
     .await
     {
-        tracing::debug!(%peer, client = %client_id, error = %e, "client gone before CONNACK");
+        tracing::debug!(%peer, client = %shown(&client_id), error = %e, "client gone before CONNACK");
         to_router.close_after(vec![disconnect()]).await;
         return;
     }
     let username = principal.username();
     let stop = shutdown.child_token();
     let registered = shared.registry.register(&username, stop.clone());
-    tracing::debug!(%peer, client = %client_id, "gateway session open");
+    tracing::debug!(%peer, client = %shown(&client_id), "gateway session open");
     let (inject, injected) = mpsc::channel(fanout::SESSION_QUEUE);
     // The gateway's own answers (PINGRESP, local SUBACK), what the relay serves (notices,
     // commands, the key chain) and a machine's acks: never queued behind chunk frames.
@@ -165,7 +168,7 @@ pub(super) async fn serve<S>(
             match connect.last_will.map(will_publish) {
                 Some(Ok(will)) => last.push(will),
                 Some(Err(e)) => {
-                    tracing::warn!(client = %client_id, error = %e, "cannot publish the will")
+                    tracing::warn!(client = %shown(&client_id), error = %e, "cannot publish the will")
                 }
                 None => {}
             }
@@ -176,10 +179,14 @@ pub(super) async fn serve<S>(
     match end {
         End::Violation { what, topic } => {
             shared.registry.violation();
-            tracing::warn!(%peer, client = %client_id, user = %username, what, topic = %topic,
-                "gateway closed a session: not allowed for this principal");
+            if let Some(quiet_before) = should_log(&shared, &username) {
+                tracing::warn!(%peer, client = %shown(&client_id), user = %shown(&username), what, topic = %shown(&topic),
+                    quiet_before, "gateway closed a session: not allowed for this principal");
+            }
         }
-        other => tracing::debug!(%peer, client = %client_id, end = %other, "gateway session ended"),
+        other => {
+            tracing::debug!(%peer, client = %shown(&client_id), end = %other, "gateway session ended")
+        }
     }
 }
 
@@ -210,7 +217,9 @@ async fn admit(
         return Err(ConnectReturnCode::RefusedProtocolVersion);
     }
     let Some(login) = connect.login.clone() else {
-        tracing::info!(%peer, client = %client_id, "gateway refused a CONNECT without credentials");
+        if let Some(quiet_before) = should_log(shared, &peer.ip().to_string()) {
+            tracing::info!(%peer, client = %shown(client_id), quiet_before, "gateway refused a CONNECT without credentials");
+        }
         return Err(ConnectReturnCode::NotAuthorized);
     };
     let auth = shared.auth.clone();
@@ -223,23 +232,38 @@ async fn admit(
     .ok()
     .flatten();
     let Some(principal) = principal else {
-        tracing::info!(%peer, client = %client_id, user = %username, "gateway refused bad credentials");
+        if let Some(quiet_before) = should_log(shared, &peer.ip().to_string()) {
+            tracing::info!(%peer, client = %shown(client_id), user = %shown(&username), quiet_before, "gateway refused bad credentials");
+        }
         return Err(ConnectReturnCode::BadUserNamePassword);
     };
     if !principal.accepts_client_id(client_id) {
-        tracing::warn!(%peer, client = %client_id, user = %username,
-            "gateway refused a client id this principal may not use");
+        if let Some(quiet_before) = should_log(shared, &username) {
+            tracing::warn!(%peer, client = %shown(client_id), user = %shown(&username),
+                quiet_before, "gateway refused a client id this principal may not use");
+        }
         return Err(ConnectReturnCode::NotAuthorized);
     }
     if let Some(will) = &connect.last_will {
         if !principal.may_publish(&shared.topics, client_id, &will.topic) {
             shared.registry.violation();
-            tracing::warn!(%peer, client = %client_id, user = %username, topic = %will.topic,
-                "gateway refused a will on a topic this principal may not publish");
+            if let Some(quiet_before) = should_log(shared, &username) {
+                tracing::warn!(%peer, client = %shown(client_id), user = %shown(&username), topic = %shown(&will.topic),
+                    quiet_before, "gateway refused a will on a topic this principal may not publish");
+            }
             return Err(ConnectReturnCode::NotAuthorized);
         }
     }
     Ok(principal)
+}
+
+/// Whether a line about `key` (a user name, a peer address) is logged now: `Some(n)`, n being
+/// how many were left out before it; `None`: leave it out. One client cannot fill the log.
+fn should_log(shared: &Shared, key: &str) -> Option<u64> {
+    match shared.log_gate.admit(key) {
+        Admit::Log { quiet_before } => Some(quiet_before),
+        Admit::Quiet => None,
+    }
 }
 
 /// Answers with a refusing CONNACK and closes.
@@ -264,15 +288,15 @@ async fn open_link(
     match tokio::time::timeout(shared.connect_timeout, &mut opening).await {
         Ok(Ok(Ok((tx, rx)))) => Some((shared.feeder.attach(tx).await, rx, claim)),
         Ok(Ok(Err(e))) => {
-            tracing::warn!(client = %client_id, error = %e, "the broker refused a session");
+            tracing::warn!(client = %shown(client_id), error = %e, "the broker refused a session");
             None
         }
         Ok(Err(e)) => {
-            tracing::warn!(client = %client_id, error = %e, "opening a broker session failed");
+            tracing::warn!(client = %shown(client_id), error = %e, "opening a broker session failed");
             None
         }
         Err(_) => {
-            tracing::warn!(client = %client_id, "the broker did not open a session in time");
+            tracing::warn!(client = %shown(client_id), "the broker did not open a session in time");
             let feeder = shared.feeder.clone();
             tokio::spawn(async move {
                 if let Ok(Ok((tx, _rx))) = opening.await {
@@ -665,8 +689,12 @@ impl Session<'_> {
                     // agent resuming an old download asks for. A refusal in the SUBACK, not a
                     // closed connection: closing it made such an agent reconnect and ask again
                     // for ever, and its other reports never got through.
-                    tracing::info!(client = %client_id, filters = ?refused,
-                        "subscription refused by the platform (not assigned now): SUBACK failure");
+                    let username = self.principal.username();
+                    if let Some(quiet_before) = should_log(shared, &username) {
+                        // Counted, not listed: one SUBSCRIBE may name thousands.
+                        tracing::info!(client = %shown(client_id), refused = refused.len(), first = %shown(f),
+                            quiet_before, "subscription refused by the platform (not assigned now): SUBACK failure");
+                    }
                     self.refused_now
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())

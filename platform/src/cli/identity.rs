@@ -228,6 +228,10 @@ pub async fn stats(args: StatsArgs, client: &ClientArgs) -> anyhow::Result<()> {
         "status events stored   {} in {} flushes",
         stats.status_events_stored, stats.ingest_flushes
     );
+    println!(
+        "refused                {} machine reports, {} chunk requests",
+        stats.reports_dropped, stats.chunk_requests_refused
+    );
     if let Some(g) = &stats.gateway {
         println!(
             "gateway sessions       {} open, {} since start, {} refused, {} closed for a violation",

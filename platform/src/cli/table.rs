@@ -6,13 +6,9 @@
 //! cell (and header) through [`cell`] before measuring or printing it, so no cell can add a
 //! line, move the cursor, change colours or reorder text in the operator's terminal:
 //!
-//! - Control characters are shown as a visible escape instead of being printed:
-//!   `\n`, `\r` and `\t` for those three; `\xNN` (two lowercase hex digits) for the other C0
-//!   controls U+0000–U+001F and DEL U+007F (so ESC prints as `\x1b`); `\u{NNNN}` (lowercase
-//!   hex) for the C1 controls U+0080–U+009F and for the Unicode bidi and line controls
-//!   U+061C, U+200E, U+200F, U+2028, U+2029, U+202A–U+202E and U+2066–U+2069 (so a
-//!   right-to-left override prints as `\u{202e}`). A backslash already in the text is printed
-//!   as is: the text shown is not meant to be parsed back; `--json` gives the exact value.
+//! - Control characters are shown as a visible escape instead of being printed (`\n`, `\x1b`,
+//!   `\u{202e}`, ...: the rules are those of [`fleetcast_proto::text`], shared with the
+//!   platform's log lines); `--json` gives the exact value.
 //! - A cell longer than [`MAX_CELL_CHARS`] characters (counted after escaping) keeps its first
 //!   [`MAX_CELL_CHARS`] characters followed by `…(+N chars)`, where N is how many characters
 //!   of the escaped text were left out.
@@ -31,54 +27,10 @@ use chrono::{TimeZone, Utc};
 /// value is in `--json`.
 pub const MAX_CELL_CHARS: usize = 200;
 
-/// Whether `c` is printed as an escape (see the module doc).
-fn is_control(c: char) -> bool {
-    matches!(c,
-        '\u{0}'..='\u{1f}'
-        | '\u{7f}'..='\u{9f}'
-        | '\u{61c}'
-        | '\u{200e}'
-        | '\u{200f}'
-        | '\u{2028}'
-        | '\u{2029}'
-        | '\u{202a}'..='\u{202e}'
-        | '\u{2066}'..='\u{2069}')
-}
-
 /// `s` made safe for one table cell: control characters escaped, and cut to
 /// [`MAX_CELL_CHARS`] characters with a `…(+N chars)` marker (see the module doc).
 pub fn cell(s: &str) -> String {
-    let mut out = String::with_capacity(s.len().min(MAX_CELL_CHARS * 4));
-    let mut kept = 0usize;
-    let mut dropped = 0usize;
-    let mut push = |piece: &str| {
-        for c in piece.chars() {
-            if kept < MAX_CELL_CHARS {
-                out.push(c);
-                kept += 1;
-            } else {
-                dropped += 1;
-            }
-        }
-    };
-    for c in s.chars() {
-        if !is_control(c) {
-            push(c.encode_utf8(&mut [0; 4]));
-            continue;
-        }
-        let escaped = match c {
-            '\n' => "\\n".to_owned(),
-            '\r' => "\\r".to_owned(),
-            '\t' => "\\t".to_owned(),
-            c if (c as u32) < 0x80 => format!("\\x{:02x}", c as u32),
-            c => format!("\\u{{{:x}}}", c as u32),
-        };
-        push(&escaped);
-    }
-    if dropped > 0 {
-        out.push_str(&format!("…(+{dropped} chars)"));
-    }
-    out
+    fleetcast_proto::text::shown_max(s, MAX_CELL_CHARS).to_string()
 }
 
 /// `2026-11-25 12:00:03` (UTC), or `-` for none.

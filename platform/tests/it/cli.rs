@@ -733,46 +733,87 @@ async fn every_json_output_matches_its_schema_in_docs() {
     assert_eq!(used, files, "every schema file is checked by this test");
 }
 
+/// `fleetcast serve` started as a process on a free loopback port, its log (stderr) going to
+/// a file as under systemd or `2> log`: not a terminal.
+struct LoggedServe {
+    serve: tokio::process::Child,
+    log: PathBuf,
+    data_dir: PathBuf,
+    url: BrokerUrl,
+    adm: AdminClient,
+}
+
+impl LoggedServe {
+    async fn start(dir: &Path) -> LoggedServe {
+        let data_dir = dir.join("data");
+        let log = dir.join("serve.log");
+        let port = client::free_loopback_port().unwrap();
+        let listen = format!("127.0.0.1:{port}");
+        let fc = Fleetcast::new(dir);
+        let serve = fc
+            .command(&["serve", "--listen", &listen])
+            .env("FLEETCAST_DATA", &data_dir)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            // A failing assertion below must not leave a platform running.
+            .kill_on_drop(true)
+            .spawn()
+            .expect("fleetcast serve starts");
+        let url = BrokerUrl::mqtt("127.0.0.1", port);
+        // The test's own admin client, once the broker listens.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let adm = loop {
+            if data_dir.join("admin.secret").exists() {
+                let secret = admin_secret(&data_dir);
+                match AdminClient::connect(&url, Topics::default(), secret, WAIT).await {
+                    Ok(c) => break c,
+                    Err(e) => assert!(
+                        tokio::time::Instant::now() < deadline,
+                        "serve not reachable: {e}; log: {}",
+                        std::fs::read_to_string(&log).unwrap_or_default()
+                    ),
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        LoggedServe {
+            serve,
+            log,
+            data_dir,
+            url,
+            adm,
+        }
+    }
+
+    fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap()
+    }
+
+    /// Stops it with SIGINT; it must exit cleanly.
+    async fn stop(mut self) {
+        self.adm.close().await;
+        std::process::Command::new("kill")
+            .args(["-INT", &self.serve.id().unwrap().to_string()])
+            .status()
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(20), self.serve.wait())
+            .await
+            .expect("serve stops on SIGINT")
+            .unwrap();
+        assert!(status.success(), "{status:?}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_logs_have_no_colour_codes_and_no_error_for_an_ordinary_disconnect() {
     let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("data");
-    let log = dir.path().join("serve.log");
-    let port = client::free_loopback_port().unwrap();
-    let listen = format!("127.0.0.1:{port}");
+    let serve = LoggedServe::start(dir.path()).await;
+    let (adm, url, data_dir) = (&serve.adm, &serve.url, &serve.data_dir);
     let fc = Fleetcast::new(dir.path());
-    // stderr is a file, as under systemd or `2> log`: not a terminal.
-    let mut serve = fc
-        .command(&["serve", "--listen", &listen])
-        .env("FLEETCAST_DATA", &data_dir)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        // A failing assertion below must not leave a platform running.
-        .kill_on_drop(true)
-        .spawn()
-        .expect("fleetcast serve starts");
-    let url = BrokerUrl::mqtt("127.0.0.1", port);
-    // Clients connect and disconnect: the test's own admin client once the broker listens,
-    // then the CLI twice.
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    let adm = loop {
-        if data_dir.join("admin.secret").exists() {
-            let secret = admin_secret(&data_dir);
-            match AdminClient::connect(&url, Topics::default(), secret, WAIT).await {
-                Ok(c) => break c,
-                Err(e) => assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "serve not reachable: {e}; log: {}",
-                    std::fs::read_to_string(&log).unwrap_or_default()
-                ),
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // Clients connect and disconnect: the test's own admin client, then the CLI twice.
     adm.call(calls::Machines {}).await.unwrap();
-    adm.close().await;
     let client = fc
-        .with("FLEETCAST_DATA", &data_dir)
+        .with("FLEETCAST_DATA", data_dir)
         .with("FLEETCAST_BROKER", url.to_string());
     client.run(&["machines"]).await.ok();
     // `serve` runs the embedded broker: its gateway's counters are in the stats (with their
@@ -786,15 +827,8 @@ async fn serve_logs_have_no_colour_codes_and_no_error_for_an_ordinary_disconnect
     assert_eq!(gateway["refused"].as_u64(), Some(0), "{stats}");
     client.run(&["stats"]).await.ok();
     tokio::time::sleep(Duration::from_millis(300)).await;
-    std::process::Command::new("kill")
-        .args(["-INT", &serve.id().unwrap().to_string()])
-        .status()
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(20), serve.wait())
-        .await
-        .expect("serve stops on SIGINT")
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    let log = serve.log.clone();
+    serve.stop().await;
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(
         text.contains("INFO") && text.contains("serve connection up"),
@@ -808,6 +842,71 @@ async fn serve_logs_have_no_colour_codes_and_no_error_for_an_ordinary_disconnect
     assert!(errors.is_empty(), "{errors:#?}");
 }
 
+/// An attacker holding one machine's config sends what the platform refuses, as fast as it
+/// can: 60,000-character values with a forged log line in them, states claiming hundreds of
+/// groups. The log gets a few lines about that machine, each one line long and cut, not one
+/// line (of the whole value) per message: before, 200 such messages wrote 12 MB of log, and a
+/// newline in a value started a line of the attacker's choosing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_machine_cannot_fill_the_platforms_log_or_forge_lines_in_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let serve = LoggedServe::start(dir.path()).await;
+    let mut vm = provision(&serve.adm, &serve.url, "vm-001", &[]).await;
+    let before = serve.log_text().len();
+    let forged = "2026-11-26T00:00:00.000000Z  INFO fleetcast_platform::ingest: vm-002 installed";
+    let phase = format!("x\n{forged}\n{}", "y".repeat(60_000));
+    for _ in 0..200 {
+        let mut ev = serde_json::to_value(vm.status(None, "1.0", Phase::Notified)).unwrap();
+        ev["phase"] = Value::String(phase.clone());
+        let sealed = vm.secret.seal(Purpose::Status, &ev);
+        vm.send_raw("status", sealed).await;
+    }
+    let claimed: Vec<String> = (0..500).map(|i| format!("group-{i:04}")).collect();
+    let claimed: Vec<&str> = claimed.iter().map(String::as_str).collect();
+    for _ in 0..50 {
+        vm.publish_state(&claimed, Default::default()).await;
+    }
+    // An honest report after them: once it is applied, ingest has read everything before it.
+    let honest = fleetcast_proto::status::KindState {
+        version: Some("0.9".into()),
+        ..Default::default()
+    };
+    vm.publish_state(&[], honest).await;
+    poll_until(
+        WAIT,
+        "the honest state applied",
+        || machines(&serve.adm),
+        |ms| ms[0].kinds.get(&app()).and_then(|k| k.version.as_deref()) == Some("0.9"),
+    )
+    .await;
+    // Not logged, but counted.
+    let stats = serve.adm.call(calls::Stats {}).await.unwrap();
+    assert!(stats.reports_dropped >= 200, "{stats:?}");
+    let text = serve.log_text();
+    let flood = &text[before..];
+    assert!(
+        !text.lines().any(|l| l.starts_with(forged)),
+        "a forged line in the log: {flood}"
+    );
+    let about_vm: Vec<&str> = flood.lines().filter(|l| l.contains("vm-001")).collect();
+    assert!(
+        (1..=5).contains(&about_vm.len()),
+        "a few lines about the machine, not one per message: {} lines",
+        about_vm.len()
+    );
+    assert!(
+        about_vm
+            .iter()
+            .any(|l| l.contains(&format!("x\\n{forged}\\ny"))),
+        "what it sent is shown escaped: {about_vm:#?}"
+    );
+    assert!(
+        flood.len() < 8 * 1024,
+        "250 refused messages wrote {} bytes of log",
+        flood.len()
+    );
+    serve.stop().await;
+}
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn machine_provision_refuses_an_existing_machine_unless_rotate() {
     let broker = start_on_free_port(|s| s).unwrap();
