@@ -18,12 +18,31 @@ pub struct Rate {
 pub struct RateLimit {
     pub messages: Option<Rate>,
     pub bytes: Option<Rate>,
+    /// Reports (a machine's status, state and online publishes), on top of `messages`: each
+    /// costs the platform a store transaction, where a chunk request costs it a lookup.
+    pub reports: Option<Rate>,
+}
+
+/// What a packet costs its sender (see [`Limiter::take`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cost {
+    /// Acks and pings: bytes only.
+    Bytes,
+    /// Publishes and (un)subscribes: a message token and bytes.
+    Message,
+    /// A report: a report token, a message token and bytes.
+    Report,
 }
 
 impl RateLimit {
     /// For machines: a status now and then, and while downloading one small chunk request per
     /// chunk received. 2,000 messages/s (burst 4,000) and 4 MiB/s (burst 8 MiB) never slow an
     /// honest one but keep a stolen credential from flooding the broker.
+    ///
+    /// Reports: 50 a second, burst 200. An honest agent has one status in flight at a time
+    /// (each waits for the platform's signed ack) and sends a state when something changes;
+    /// one that sends 2,000 valid states a second made the platform's ack latency for every
+    /// other machine double.
     pub const MACHINE: RateLimit = RateLimit {
         // A downloading machine sends one chunk request per 64 KiB chunk it receives: 2,000/s
         // leaves room for 125 MiB/s, above the platform's per-machine byte budget.
@@ -34,6 +53,10 @@ impl RateLimit {
         bytes: Some(Rate {
             per_sec: 4 * 1024 * 1024,
             burst: 8 * 1024 * 1024,
+        }),
+        reports: Some(Rate {
+            per_sec: 50,
+            burst: 200,
         }),
     };
 }
@@ -76,6 +99,7 @@ impl Bucket {
 pub struct Limiter {
     messages: Option<Bucket>,
     bytes: Option<Bucket>,
+    reports: Option<Bucket>,
 }
 
 impl Limiter {
@@ -83,23 +107,23 @@ impl Limiter {
         Self {
             messages: limit.messages.map(|r| Bucket::new(r, now)),
             bytes: limit.bytes.map(|r| Bucket::new(r, now)),
+            reports: limit.reports.map(|r| Bucket::new(r, now)),
         }
     }
 
     /// Accounts one packet of `len` bytes; how long to wait before forwarding it. Only
-    /// `counted` packets (publishes and (un)subscribes: the ones that make the broker work)
-    /// take a message token. Acks and pings do not: a machine acking a fast QoS 1 download
-    /// sends one PUBACK per chunk, and the broker's inflight limit already bounds those.
-    pub fn take(&mut self, len: usize, counted: bool, now: Instant) -> Duration {
-        let m = match self.messages.as_mut() {
-            Some(b) if counted => b.take(1, now),
+    /// publishes and (un)subscribes (the packets that make the broker work) take a message
+    /// token. Acks and pings do not: a machine acking a fast QoS 1 download sends one PUBACK
+    /// per chunk, and the broker's inflight limit already bounds those.
+    pub fn take(&mut self, len: usize, cost: Cost, now: Instant) -> Duration {
+        let take = |bucket: &mut Option<Bucket>, n: u64, applies: bool| match bucket {
+            Some(b) if applies => b.take(n, now),
             _ => Duration::ZERO,
         };
-        let b = self
-            .bytes
-            .as_mut()
-            .map_or(Duration::ZERO, |b| b.take(len as u64, now));
-        m.max(b)
+        let r = take(&mut self.reports, 1, cost == Cost::Report);
+        let m = take(&mut self.messages, 1, cost != Cost::Bytes);
+        let b = take(&mut self.bytes, len as u64, true);
+        r.max(m).max(b)
     }
 }
 
@@ -119,6 +143,7 @@ mod tests {
                 burst,
             }),
             bytes: None,
+            reports: None,
         }
     }
 
@@ -127,24 +152,30 @@ mod tests {
         let t0 = Instant::now();
         let mut l = Limiter::new(limit(10, 3), t0);
         for _ in 0..3 {
-            assert_eq!(l.take(100, true, t0), Duration::ZERO);
+            assert_eq!(l.take(100, Cost::Message, t0), Duration::ZERO);
         }
-        assert!(same(l.take(100, true, t0), Duration::from_millis(100)));
+        assert!(same(
+            l.take(100, Cost::Message, t0),
+            Duration::from_millis(100)
+        ));
         // Each further packet waits one more interval: the debt accumulates.
-        assert!(same(l.take(100, true, t0), Duration::from_millis(200)));
+        assert!(same(
+            l.take(100, Cost::Message, t0),
+            Duration::from_millis(200)
+        ));
     }
 
     #[test]
     fn tokens_refill_at_the_rate_and_never_above_the_burst() {
         let t0 = Instant::now();
         let mut l = Limiter::new(limit(10, 2), t0);
-        assert_eq!(l.take(1, true, t0), Duration::ZERO);
-        assert_eq!(l.take(1, true, t0), Duration::ZERO);
+        assert_eq!(l.take(1, Cost::Message, t0), Duration::ZERO);
+        assert_eq!(l.take(1, Cost::Message, t0), Duration::ZERO);
         let later = t0 + Duration::from_secs(60);
-        assert_eq!(l.take(1, true, later), Duration::ZERO);
-        assert_eq!(l.take(1, true, later), Duration::ZERO);
+        assert_eq!(l.take(1, Cost::Message, later), Duration::ZERO);
+        assert_eq!(l.take(1, Cost::Message, later), Duration::ZERO);
         assert!(
-            l.take(1, true, later) > Duration::ZERO,
+            l.take(1, Cost::Message, later) > Duration::ZERO,
             "a long pause refills only the burst"
         );
     }
@@ -159,10 +190,14 @@ mod tests {
                     per_sec: 1000,
                     burst: 1000,
                 }),
+                reports: None,
             },
             t0,
         );
-        assert!(same(l.take(3000, true, t0), Duration::from_secs(2)));
+        assert!(same(
+            l.take(3000, Cost::Message, t0),
+            Duration::from_secs(2)
+        ));
     }
 
     #[test]
@@ -172,7 +207,36 @@ mod tests {
         let mut l = Limiter::new(RateLimit::MACHINE, t0);
         for i in 0..60 * 21 {
             let now = t0 + Duration::from_millis(i * 1000 / 21);
-            assert_eq!(l.take(200, true, now), Duration::ZERO, "packet {i}");
+            let cost = if i % 21 == 0 {
+                Cost::Report
+            } else {
+                Cost::Message
+            };
+            assert_eq!(l.take(200, cost, now), Duration::ZERO, "packet {i}");
+        }
+        // An outbox of 200 events sent back to back after a long time offline, each after the
+        // ack of the one before: not slowed either.
+        let t1 = t0 + Duration::from_secs(3600);
+        for i in 0..200 {
+            let now = t1 + Duration::from_millis(i * 2);
+            assert_eq!(l.take(300, Cost::Report, now), Duration::ZERO, "report {i}");
+        }
+    }
+
+    #[test]
+    fn reports_are_held_to_their_own_lower_rate() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(RateLimit::MACHINE, t0);
+        let mut waited = Duration::ZERO;
+        for _ in 0..1200 {
+            waited = l.take(300, Cost::Report, t0);
+        }
+        // 1,000 over the burst of 200, at 50 a second.
+        assert!(same(waited, Duration::from_secs(20)), "{waited:?}");
+        // Chunk requests are not held back by the reports' debt beyond their own bucket.
+        let mut m = Limiter::new(RateLimit::MACHINE, t0);
+        for _ in 0..1200 {
+            assert_eq!(m.take(100, Cost::Message, t0), Duration::ZERO);
         }
     }
 
@@ -189,14 +253,15 @@ mod tests {
                     per_sec: 100,
                     burst: 100,
                 }),
+                reports: None,
             },
             t0,
         );
         for _ in 0..25 {
-            assert_eq!(l.take(4, false, t0), Duration::ZERO);
+            assert_eq!(l.take(4, Cost::Bytes, t0), Duration::ZERO);
         }
         assert!(
-            l.take(4, false, t0) > Duration::ZERO,
+            l.take(4, Cost::Bytes, t0) > Duration::ZERO,
             "the byte bucket still counts"
         );
     }
@@ -208,11 +273,12 @@ mod tests {
             RateLimit {
                 messages: None,
                 bytes: None,
+                reports: None,
             },
             t0,
         );
         for _ in 0..10_000 {
-            assert_eq!(l.take(1 << 20, true, t0), Duration::ZERO);
+            assert_eq!(l.take(1 << 20, Cost::Message, t0), Duration::ZERO);
         }
     }
 }

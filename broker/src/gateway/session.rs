@@ -10,6 +10,7 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use fleetcast_proto::acl::Principal;
 use fleetcast_proto::text::{shown, Admit};
+use fleetcast_proto::Route;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, LastWill};
 use rumqttc::mqttbytes::PacketType;
 use rumqttd::local::LinkRx;
@@ -23,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 use super::fanout;
 use super::feeder::ToRouter;
 use super::frames::{self, FrameError};
-use super::limit::Limiter;
+use super::limit::{Cost, Limiter};
 use super::registry::ClientClaim;
 use super::relay;
 use super::Shared;
@@ -429,6 +430,13 @@ impl Session<'_> {
                         }
                     }
                 }
+                let cost = match &packet {
+                    Packet::Publish(p, _) if self.is_report(&p.topic) => Cost::Report,
+                    Packet::Publish(..) | Packet::Subscribe(..) | Packet::Unsubscribe(..) => {
+                        Cost::Message
+                    }
+                    _ => Cost::Bytes,
+                };
                 // `None`: a chunk request handed to the platform in process; it still counts
                 // against the session's rate limit below.
                 let packet = self.chunk_request(packet, qos0_publish).await;
@@ -445,11 +453,7 @@ impl Session<'_> {
                     }
                 }
                 if let Some(limiter) = limiter.as_mut() {
-                    let counted = matches!(
-                        frame.kind,
-                        PacketType::Publish | PacketType::Subscribe | PacketType::Unsubscribe
-                    );
-                    let wait = limiter.take(frame.len, counted, Instant::now());
+                    let wait = limiter.take(frame.len, cost, Instant::now());
                     if !wait.is_zero() {
                         if !link.send(std::mem::take(&mut packets)).await {
                             return End::Dropped;
@@ -573,6 +577,17 @@ impl Session<'_> {
             _ => return None,
         }
         Some(out.freeze())
+    }
+
+    /// Whether a publish on `topic` is a machine's report (status, state, online), which the
+    /// platform stores: these have a rate limit of their own.
+    fn is_report(&self, topic: &[u8]) -> bool {
+        std::str::from_utf8(topic).is_ok_and(|t| {
+            matches!(
+                self.shared.topics.parse(t),
+                Some(Route::Status(_) | Route::State(_) | Route::Online(_))
+            )
+        })
     }
 
     /// A QoS 0 chunk request on the machine's own topic goes to the platform in process, if it
