@@ -189,6 +189,7 @@ impl ChunkServer {
 
     async fn handle(&mut self, m: &MachineId, payload: &[u8]) -> Result<(), String> {
         let store = &self.ctx.store;
+        let secrets = self.ctx.secrets.read().unwrap_or_else(|p| p.into_inner());
         let secret = store
             .secret(m)
             .map_err(|e| e.to_string())?
@@ -210,6 +211,7 @@ impl ChunkServer {
                 .raise_counter(m, "chunks", req.ctr)
                 .map_err(|e| e.to_string())?,
         };
+        drop(secrets);
         if req.ctr <= last {
             return Err(format!(
                 "replayed chunk request counter {} (last {last})",

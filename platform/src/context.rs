@@ -31,6 +31,11 @@ pub struct Ctx {
     /// Warnings caused by one machine (or client): a few per key per minute are logged, the
     /// rest counted, so one machine cannot fill the log.
     pub log_gate: fleetcast_proto::text::LogGate,
+    /// Held (read) from reading a machine's secret to raising its replay counter with what that
+    /// secret verified; held (write) while a secret is replaced and the counters reset. Without
+    /// it, a message of a stolen config verified just before a rotation could raise the counter
+    /// just after the reset, and lock the machine's new secret out again.
+    pub secrets: std::sync::RwLock<()>,
 }
 
 impl Ctx {
@@ -69,6 +74,7 @@ impl Ctx {
             limits: MachineLimits::default(),
             stats: Default::default(),
             log_gate: fleetcast_proto::text::LogGate::per_minute(),
+            secrets: Default::default(),
         }
     }
 

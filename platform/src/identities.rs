@@ -176,6 +176,7 @@ pub async fn provision(
     let keys = ctx.keys();
     let mut out = Vec::with_capacity(specs.len());
     let mut rotated = Vec::new();
+    let secrets = ctx.secrets.write().unwrap_or_else(|p| p.into_inner());
     ctx.store.transaction(|tx| -> Result<(), OpError> {
         if !rotate {
             let mut existing = Vec::new();
@@ -221,6 +222,7 @@ pub async fn provision(
     for machine in &rotated {
         ctx.store.reset_counters(machine)?;
     }
+    drop(secrets);
     ctx.store.flush_async().await?;
     for machine in &rotated {
         let closed = ctx.sessions.close_sessions(machine.as_str());

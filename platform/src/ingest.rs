@@ -436,6 +436,7 @@ impl Ingest {
                 quiet: false,
             }))
         };
+        let _secrets = self.ctx.secrets.read().unwrap_or_else(|p| p.into_inner());
         let Some(secret) = self.ctx.store.secret(m).map_err(Err)? else {
             return reject("unknown machine (not provisioned)".into());
         };

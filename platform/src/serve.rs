@@ -210,6 +210,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
         limits: deps.limits,
         stats: Default::default(),
         log_gate: fleetcast_proto::text::LogGate::per_minute(),
+        secrets: Default::default(),
     });
     let (chunk_tx, chunk_rx) = mpsc::channel(1024);
     // On the embedded broker, chunk requests come straight from the gateway; the MQTT
