@@ -717,6 +717,48 @@ async fn tls_clients_that_pin_the_ca_connect_and_all_others_fail() {
     assert_eq!(gw.secured.handle().stats().connections, 1);
 }
 
+/// vm-1 publishes 2,000 QoS 0 messages on `topic_of(vm-1)` as fast as it can, through a
+/// gateway configured by `configure`; returns how many reach the platform within `window`.
+/// The flooder must stay connected (it is slowed, not disconnected).
+async fn flood(
+    configure: impl FnOnce(&mut SecureBrokerSettings),
+    topic_of: fn(&Topics, &MachineId) -> String,
+    window: Duration,
+) -> usize {
+    let gw = start_gateway(configure).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let topic = topic_of(&topics, &vm1);
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    subscribe(&platform, &mut platform_rx, &topic).await;
+    let (machine, mut machine_rx) = gw.machine("vm-1").await;
+    for i in 0..FLOOD {
+        machine
+            .publish(topic.clone(), QoS::AtMostOnce, false, format!("{i}"))
+            .await
+            .unwrap();
+    }
+    let mut received = 0;
+    let window = tokio::time::sleep(window);
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            _ = &mut window => break,
+            e = platform_rx.recv() => if let Some(MqttEvent::Publish(_)) = e { received += 1 },
+        }
+    }
+    while let Ok(e) = machine_rx.try_recv() {
+        assert!(
+            !matches!(e, MqttEvent::Disconnected(_)),
+            "the flooder stays connected: {e:?}"
+        );
+    }
+    assert_eq!(gw.secured.handle().stats().active, 1);
+    received
+}
+
+const FLOOD: usize = 2000;
+
 /// Machines may publish 20 messages a second, 20 at once.
 fn machines_at_20_messages_a_second(s: &mut SecureBrokerSettings) {
     s.limits.machine = Some(RateLimit {
@@ -731,42 +773,18 @@ fn machines_at_20_messages_a_second(s: &mut SecureBrokerSettings) {
 
 #[tokio::test]
 async fn a_flooding_machine_is_slowed_not_disconnected() {
-    let gw = start_gateway(machines_at_20_messages_a_second).await;
-    let topics = Topics::default();
-    let vm1 = MachineId::new("vm-1").unwrap();
-    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
-    subscribe(&platform, &mut platform_rx, &topics.status(&vm1)).await;
-    let (machine, mut machine_rx) = gw.machine("vm-1").await;
-
-    const SENT: usize = 2000;
-    for i in 0..SENT {
-        machine
-            .publish(topics.status(&vm1), QoS::AtMostOnce, false, format!("{i}"))
-            .await
-            .unwrap();
-    }
-    // Count what reaches the platform in one second: about burst + rate = 40.
-    let mut received = 0;
-    let window = tokio::time::sleep(Duration::from_secs(1));
-    tokio::pin!(window);
-    loop {
-        tokio::select! {
-            _ = &mut window => break,
-            e = platform_rx.recv() => if let Some(MqttEvent::Publish(_)) = e { received += 1 },
-        }
-    }
+    // What reaches the platform in one second: about burst + rate = 40.
+    let received = flood(
+        machines_at_20_messages_a_second,
+        Topics::status,
+        Duration::from_secs(1),
+    )
+    .await;
     assert!(received > 0, "the flood is slowed, not stopped");
     assert!(
-        received < SENT / 4,
-        "{received} of {SENT} got through in one second"
+        received < FLOOD / 4,
+        "{received} of {FLOOD} got through in one second"
     );
-    while let Ok(e) = machine_rx.try_recv() {
-        assert!(
-            !matches!(e, MqttEvent::Disconnected(_)),
-            "the flooder stays connected: {e:?}"
-        );
-    }
-    assert_eq!(gw.secured.handle().stats().active, 1);
 }
 
 /// With the default limits, a machine publishing states as fast as it can gets its burst of
@@ -775,41 +793,12 @@ async fn a_flooding_machine_is_slowed_not_disconnected() {
 /// platform's ack latency for all others). It stays connected.
 #[tokio::test]
 async fn a_machine_flooding_reports_is_held_to_the_report_rate() {
-    let gw = start_gateway(|_| {}).await;
-    let topics = Topics::default();
-    let vm1 = MachineId::new("vm-1").unwrap();
-    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
-    subscribe(&platform, &mut platform_rx, &topics.state(&vm1)).await;
-    let (machine, mut machine_rx) = gw.machine("vm-1").await;
-
-    const SENT: usize = 2000;
-    for i in 0..SENT {
-        machine
-            .publish(topics.state(&vm1), QoS::AtMostOnce, false, format!("{i}"))
-            .await
-            .unwrap();
-    }
     // In two seconds: the burst (200) and about 100 more; without the report rate, all 2,000.
-    let mut received = 0;
-    let window = tokio::time::sleep(Duration::from_secs(2));
-    tokio::pin!(window);
-    loop {
-        tokio::select! {
-            _ = &mut window => break,
-            e = platform_rx.recv() => if let Some(MqttEvent::Publish(_)) = e { received += 1 },
-        }
-    }
+    let received = flood(|_| {}, Topics::state, Duration::from_secs(2)).await;
     assert!(
         (200..=500).contains(&received),
-        "{received} of {SENT} states got through in two seconds"
+        "{received} of {FLOOD} states got through in two seconds"
     );
-    while let Ok(e) = machine_rx.try_recv() {
-        assert!(
-            !matches!(e, MqttEvent::Disconnected(_)),
-            "the flooder stays connected: {e:?}"
-        );
-    }
-    assert_eq!(gw.secured.handle().stats().active, 1);
 }
 
 #[tokio::test]
