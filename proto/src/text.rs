@@ -156,6 +156,12 @@ pub enum Admit {
     Quiet,
 }
 
+impl Default for LogGate {
+    fn default() -> Self {
+        Self::per_minute()
+    }
+}
+
 impl LogGate {
     /// Keys kept at most; past this, keys whose window has ended are forgotten (with their
     /// counts), and if none has, the new key is logged without being remembered.

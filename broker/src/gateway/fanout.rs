@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use bytes::Bytes;
+use fleetcast_proto::text::{shown, Admit, LogGate};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -71,6 +72,8 @@ pub(crate) struct Fanout {
     dropped: AtomicU64,
     served: AtomicU64,
     closed_full: AtomicU64,
+    /// A few lines per user name per minute about sessions closed full.
+    log_gate: LogGate,
 }
 
 /// What a served message does to the message kept on its topic for new subscribers.
@@ -239,12 +242,15 @@ impl Fanout {
     }
 
     fn close_full(&self, stop: &CancellationToken, username: &str, filter: &str) {
-        if !stop.is_cancelled() {
-            self.closed_full.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(user = %fleetcast_proto::text::shown(username), filter = %fleetcast_proto::text::shown(filter),
-                "gateway closed a session that did not read what it was sent (it gets the current notices again when it reconnects)");
-            stop.cancel();
+        if stop.is_cancelled() {
+            return;
         }
+        self.closed_full.fetch_add(1, Ordering::Relaxed);
+        if let Admit::Log { quiet_before } = self.log_gate.admit(username) {
+            tracing::warn!(quiet_before, user = %shown(username), filter = %shown(filter),
+                "gateway closed a session that did not read what it was sent (it gets the current notices again when it reconnects)");
+        }
+        stop.cancel();
     }
 
     /// Totals since the start.

@@ -1,6 +1,10 @@
-//! Per-connection inbound rate limits: token buckets on messages and bytes. A packet over the
-//! limit is not refused: the gateway waits before forwarding it and stops reading meanwhile,
-//! so the sender is slowed by TCP backpressure and stays connected.
+//! Inbound rate limits per principal: token buckets on messages, reports and bytes, and on
+//! connects. A packet over the limit is not refused: the gateway waits before forwarding it
+//! and stops reading meanwhile, so the sender is slowed by TCP backpressure and stays
+//! connected. The buckets belong to the principal, not to one connection (the gateway's
+//! registry keeps them while the principal connects again): with a bucket per connection, a
+//! machine that reconnected after each burst sent 36,000 states a second. A CONNECT over the
+//! connect rate is refused (CONNACK 3, server unavailable, which makes agents back off).
 
 use std::time::Duration;
 
@@ -21,6 +25,8 @@ pub struct RateLimit {
     /// Reports (a machine's status, state and online publishes), on top of `messages`: each
     /// costs the platform a store transaction, where a chunk request costs it a lookup.
     pub reports: Option<Rate>,
+    /// Connections accepted for the principal (after authentication).
+    pub connects: Option<Rate>,
 }
 
 /// What a packet costs its sender (see [`Limiter::take`]).
@@ -58,6 +64,11 @@ impl RateLimit {
             per_sec: 50,
             burst: 200,
         }),
+        // An agent waits at least 100 ms before connecting again, doubling to 5 s.
+        connects: Some(Rate {
+            per_sec: 1,
+            burst: 10,
+        }),
     };
 }
 
@@ -79,6 +90,15 @@ impl Bucket {
         }
     }
 
+    /// Takes one token if there is one.
+    fn try_take(&mut self, now: Instant) -> bool {
+        if self.take(1, now).is_zero() {
+            return true;
+        }
+        self.tokens += 1.0;
+        false
+    }
+
     /// Takes `n` tokens; how long to wait before the packet may go.
     fn take(&mut self, n: u64, now: Instant) -> Duration {
         let per_sec = self.rate.per_sec.max(1) as f64;
@@ -94,12 +114,13 @@ impl Bucket {
     }
 }
 
-/// The buckets of one connection.
+/// The buckets of one principal.
 #[derive(Debug)]
 pub struct Limiter {
     messages: Option<Bucket>,
     bytes: Option<Bucket>,
     reports: Option<Bucket>,
+    connects: Option<Bucket>,
 }
 
 impl Limiter {
@@ -108,7 +129,13 @@ impl Limiter {
             messages: limit.messages.map(|r| Bucket::new(r, now)),
             bytes: limit.bytes.map(|r| Bucket::new(r, now)),
             reports: limit.reports.map(|r| Bucket::new(r, now)),
+            connects: limit.connects.map(|r| Bucket::new(r, now)),
         }
+    }
+
+    /// Accounts one accepted connection; `false` if it is over the connect rate (refuse it).
+    pub fn connect(&mut self, now: Instant) -> bool {
+        self.connects.as_mut().is_none_or(|b| b.try_take(now))
     }
 
     /// Accounts one packet of `len` bytes; how long to wait before forwarding it. Only
@@ -144,6 +171,7 @@ mod tests {
             }),
             bytes: None,
             reports: None,
+            connects: None,
         }
     }
 
@@ -191,6 +219,7 @@ mod tests {
                     burst: 1000,
                 }),
                 reports: None,
+                connects: None,
             },
             t0,
         );
@@ -224,6 +253,21 @@ mod tests {
     }
 
     #[test]
+    fn connects_over_the_rate_are_refused_and_cost_nothing() {
+        let t0 = Instant::now();
+        let mut l = Limiter::new(RateLimit::MACHINE, t0);
+        for i in 0..10 {
+            assert!(l.connect(t0), "connect {i} of the burst");
+        }
+        for _ in 0..100 {
+            assert!(!l.connect(t0));
+        }
+        // Refused ones took no token: one second later, one more is accepted.
+        assert!(l.connect(t0 + Duration::from_secs(1)));
+        assert!(!l.connect(t0 + Duration::from_secs(1)));
+    }
+
+    #[test]
     fn reports_are_held_to_their_own_lower_rate() {
         let t0 = Instant::now();
         let mut l = Limiter::new(RateLimit::MACHINE, t0);
@@ -254,6 +298,7 @@ mod tests {
                     burst: 100,
                 }),
                 reports: None,
+                connects: None,
             },
             t0,
         );
@@ -274,6 +319,7 @@ mod tests {
                 messages: None,
                 bytes: None,
                 reports: None,
+                connects: None,
             },
             t0,
         );

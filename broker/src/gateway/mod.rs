@@ -128,7 +128,7 @@ impl Default for InboundLimits {
 }
 
 impl InboundLimits {
-    fn for_principal(&self, principal: &Principal) -> Option<RateLimit> {
+    pub(crate) fn for_principal(&self, principal: &Principal) -> Option<RateLimit> {
         match principal {
             Principal::Machine { .. } => self.machine,
             Principal::Integrator { .. } => self.integrator,

@@ -5,7 +5,14 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use super::limit::{Limiter, RateLimit};
+
+/// How long after its last connect a principal's buckets are surely full again (the longest
+/// refill, reports': a burst of 200 at 50 a second, 4 s) and may be forgotten.
+const REST: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What the gateway has seen since it started.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -47,12 +54,49 @@ pub(crate) struct Registry {
     chunk_requests: std::sync::OnceLock<ChunkRequestSink>,
     /// Chunk requests dropped because that queue was gone (the platform stopped).
     chunk_requests_dropped: AtomicU64,
+    /// Each rate-limited principal's buckets, kept across its connections.
+    limiters: Mutex<Limiters>,
 }
+
+#[derive(Default)]
+struct Limiters {
+    by_user: HashMap<String, (SharedLimiter, Instant)>,
+    /// Forget rested limiters once there are this many (doubles when all are in use).
+    prune_at: usize,
+}
+
+/// A principal's buckets, shared by its sessions.
+pub(crate) type SharedLimiter = Arc<Mutex<Limiter>>;
 
 /// A machine's chunk request (its id, from its authenticated session, and the sealed body).
 pub type ChunkRequestSink = tokio::sync::mpsc::Sender<(fleetcast_proto::MachineId, bytes::Bytes)>;
 
 impl Registry {
+    /// The buckets of `username` (new ones at `limit` the first time), if a connection of it
+    /// may be accepted now; `None`: over its connect rate, refuse it. A limiter no session
+    /// holds is forgotten a minute after it was last handed out, by then as full as a new one
+    /// would be.
+    pub(crate) fn limiter(&self, username: &str, limit: RateLimit) -> Option<SharedLimiter> {
+        let now = Instant::now();
+        let mut l = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
+        if !l.by_user.contains_key(username) && l.by_user.len() >= l.prune_at.max(1024) {
+            l.by_user.retain(|_, (limiter, at)| {
+                Arc::strong_count(limiter) > 1 || now.duration_since(*at) < REST
+            });
+            l.prune_at = l.by_user.len() * 2;
+        }
+        let (limiter, at) = l
+            .by_user
+            .entry(username.to_owned())
+            .or_insert_with(|| (Arc::new(Mutex::new(Limiter::new(limit, now))), now));
+        *at = now;
+        let accepted = limiter
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .connect(now);
+        accepted.then(|| limiter.clone())
+    }
+
     /// Hands a chunk request to the platform in process; `false` if nobody took them (the
     /// request goes to the broker). A full queue holds the session up (it stops reading its
     /// socket, as a slow broker would) rather than drop the request: a dropped one cost its

@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use super::fanout;
 use super::feeder::ToRouter;
 use super::frames::{self, FrameError};
-use super::limit::{Cost, Limiter};
-use super::registry::ClientClaim;
+use super::limit::Cost;
+use super::registry::{ClientClaim, SharedLimiter};
 use super::relay;
 use super::Shared;
 use crate::client::MAX_PACKET;
@@ -107,6 +107,21 @@ pub(super) async fn serve<S>(
             return refuse(&mut client_wr, code).await;
         }
     };
+    // The principal's buckets, shared with its other and later connections; a CONNECT over
+    // its connect rate is refused.
+    let limiter = match shared.limits.for_principal(&principal) {
+        None => None,
+        Some(limit) => match shared.registry.limiter(&principal.username(), limit) {
+            Some(l) => Some(l),
+            None => {
+                shared.registry.refused();
+                if let Some(quiet_before) = should_log(&shared, &principal.username()) {
+                    tracing::info!(%peer, client = %shown(&client_id), quiet_before, "connecting too often: refused (server unavailable)");
+                }
+                return refuse(&mut client_wr, ConnectReturnCode::ServiceUnavailable).await;
+            }
+        },
+    };
     // A connection with a client id that is live takes it over: the old session ends first.
     let Some(claim) = shared
         .registry
@@ -151,6 +166,7 @@ pub(super) async fn serve<S>(
         stop: stop.clone(),
         unacked: &unacked,
         refused_now: Default::default(),
+        limiter,
     };
     let end = tokio::select! {
         _ = stop.cancelled() => End::Closed("kicked or shut down"),
@@ -363,6 +379,8 @@ struct Session<'a> {
     /// Filters of the SUBSCRIBE being handled that the platform's dynamic check refused: its
     /// SUBACK answers them with a failure.
     refused_now: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The principal's rate limits (none for the platform and operators).
+    limiter: Option<SharedLimiter>,
 }
 
 /// Packet ids of QoS 1 deliveries to the client not yet acknowledged. rumqttd's router drops
@@ -392,11 +410,6 @@ impl Session<'_> {
     where
         R: AsyncRead + Unpin,
     {
-        let mut limiter = self
-            .shared
-            .limits
-            .for_principal(self.principal)
-            .map(|l| Limiter::new(l, Instant::now()));
         // MQTT 3.1.1 §3.1.2.10: 0 turns the keep-alive off.
         let idle = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         let mut packets = Vec::new();
@@ -452,8 +465,12 @@ impl Session<'_> {
                         return End::Disconnected;
                     }
                 }
-                if let Some(limiter) = limiter.as_mut() {
-                    let wait = limiter.take(frame.len, cost, Instant::now());
+                if let Some(limiter) = &self.limiter {
+                    let wait = limiter.lock().unwrap_or_else(|p| p.into_inner()).take(
+                        frame.len,
+                        cost,
+                        Instant::now(),
+                    );
                     if !wait.is_zero() {
                         if !link.send(std::mem::take(&mut packets)).await {
                             return End::Dropped;

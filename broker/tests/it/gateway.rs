@@ -738,15 +738,7 @@ async fn flood(
             .await
             .unwrap();
     }
-    let mut received = 0;
-    let window = tokio::time::sleep(window);
-    tokio::pin!(window);
-    loop {
-        tokio::select! {
-            _ = &mut window => break,
-            e = platform_rx.recv() => if let Some(MqttEvent::Publish(_)) = e { received += 1 },
-        }
-    }
+    let received = publishes_within(&mut platform_rx, window).await;
     while let Ok(e) = machine_rx.try_recv() {
         assert!(
             !matches!(e, MqttEvent::Disconnected(_)),
@@ -759,6 +751,19 @@ async fn flood(
 
 const FLOOD: usize = 2000;
 
+/// How many publishes `rx` receives within `window`.
+async fn publishes_within(rx: &mut mpsc::Receiver<MqttEvent>, window: Duration) -> usize {
+    let mut received = 0;
+    let window = tokio::time::sleep(window);
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            _ = &mut window => return received,
+            e = rx.recv() => if let Some(MqttEvent::Publish(_)) = e { received += 1 },
+        }
+    }
+}
+
 /// Machines may publish 20 messages a second, 20 at once.
 fn machines_at_20_messages_a_second(s: &mut SecureBrokerSettings) {
     s.limits.machine = Some(RateLimit {
@@ -768,6 +773,7 @@ fn machines_at_20_messages_a_second(s: &mut SecureBrokerSettings) {
         }),
         bytes: None,
         reports: None,
+        connects: None,
     });
 }
 
@@ -799,6 +805,53 @@ async fn a_machine_flooding_reports_is_held_to_the_report_rate() {
         (200..=500).contains(&received),
         "{received} of {FLOOD} states got through in two seconds"
     );
+}
+
+/// The limits belong to the machine, not to one connection: a machine that sends a burst and
+/// connects again five times gets one burst through, not five (with buckets per connection,
+/// an attacker reconnecting after each burst sent 36,000 states a second).
+#[tokio::test]
+async fn a_machine_cannot_refill_its_limits_by_connecting_again() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    subscribe(&platform, &mut platform_rx, &topics.state(&vm1)).await;
+    for round in 0..5 {
+        let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+        for i in 0..400 {
+            let p = RawPublish::new(topics.state(&vm1), QoS::AtMostOnce, format!("{round}-{i}"));
+            raw.send(Packet::Publish(p)).await;
+        }
+        // Let the gateway read what it may before the connection goes.
+        raw.send(Packet::PingReq).await;
+        let _ = tokio::time::timeout(Duration::from_millis(300), raw.next()).await;
+    }
+    let received = publishes_within(&mut platform_rx, Duration::from_secs(2)).await;
+    assert!(
+        (200..=600).contains(&received),
+        "{received} states of 2,000 sent on five connections got through"
+    );
+}
+
+/// Ten connections at once, then one a second: a machine connecting in a loop (each CONNECT
+/// costs an authentication and a broker session) is refused with CONNACK 3, which makes the
+/// reference agent back off, and a refused attempt costs it no token.
+#[tokio::test]
+async fn a_machine_connecting_in_a_loop_is_refused_past_its_connect_rate() {
+    let gw = start_gateway(|_| {}).await;
+    for i in 0..10 {
+        let (_raw, code) = Raw::connect(gw.plain(), login("vm-1", "vm-1", "pw-vm-1")).await;
+        assert_eq!(code, Some(ConnectReturnCode::Success), "connect {i}");
+    }
+    for _ in 0..5 {
+        let (_raw, code) = Raw::connect(gw.plain(), login("vm-1", "vm-1", "pw-vm-1")).await;
+        assert_eq!(code, Some(ConnectReturnCode::ServiceUnavailable));
+    }
+    // Another machine is not held back.
+    Raw::accepted(gw.plain(), "vm-2").await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    Raw::accepted(gw.plain(), "vm-1").await;
 }
 
 #[tokio::test]
