@@ -57,6 +57,11 @@ pub const MAX_KINDS: usize = 32;
 /// cut says how much): one machine's 250 KB details filled the event log 14 MiB per 40 events.
 pub const MAX_TEXT: usize = 4 * 1024;
 
+/// Highest `attempt` a status event may carry. The reference agent makes at most 3 attempts
+/// per job; an event with 4,294,967,295 made a stolen config's false final record outlive the
+/// machine's rotation (a final record changes only with a higher attempt).
+pub const MAX_ATTEMPT: u32 = 100;
+
 /// Work that waits for the batch's flush.
 enum After {
     /// Tell the machine its status events up to `ctr` are stored (signed, after the flush).
@@ -707,6 +712,12 @@ fn check_state(st: &MachineState) -> Result<(), String> {
 /// What a status event must be to be stored: a version as the protocol defines it (or `""`,
 /// for a notice that did not verify); `error` and `detail` are cut to [`MAX_TEXT`] bytes.
 fn check_status(ev: &mut StatusEvent) -> Result<(), String> {
+    if ev.attempt > MAX_ATTEMPT {
+        return Err(format!(
+            "status: attempt {} over the limit of {MAX_ATTEMPT}",
+            ev.attempt
+        ));
+    }
     if !ev.version.is_empty() {
         validate_version(&ev.version).map_err(|e| format!("status: {e}"))?;
     }
@@ -991,7 +1002,7 @@ mod tests {
     }
 
     #[test]
-    fn status_texts_are_cut_and_bad_versions_refused() {
+    fn status_texts_are_cut_and_bad_versions_and_attempts_refused() {
         let mut ev = StatusEvent {
             machine: m("vm-1"),
             ctr: 1,
@@ -1014,6 +1025,11 @@ mod tests {
             &error[error.len() - 30..]
         );
         assert_eq!(ev.detail.as_deref(), Some("short"));
+        ev.attempt = MAX_ATTEMPT;
+        assert_eq!(check_status(&mut ev), Ok(()));
+        ev.attempt = u32::MAX;
+        assert!(check_status(&mut ev).is_err(), "absurd attempt");
+        ev.attempt = 1;
         ev.version = "1.0\n".into();
         assert!(check_status(&mut ev).is_err());
     }
