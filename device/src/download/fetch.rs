@@ -201,6 +201,11 @@ impl Fetch {
         }
     }
 
+    /// Whether a verified manifest is in (always, for a one-chunk artifact).
+    pub fn has_manifest(&self) -> bool {
+        self.verifier.is_some()
+    }
+
     pub fn progress(&self) -> Progress {
         Progress {
             bytes: self.have_bytes,
