@@ -330,6 +330,22 @@ impl ArtifactStore {
             .map_err(io("read", &self.path(id)))
     }
 
+    /// Appends chunk `index` to `buf` (a frame's header already in it): read in place, with
+    /// no buffer of its own to copy from.
+    pub fn append_chunk(
+        &self,
+        id: &ArtifactId,
+        layout: &Layout,
+        index: u32,
+        buf: &mut Vec<u8>,
+    ) -> Result<(), ArtifactError> {
+        let at = buf.len();
+        buf.resize(at + layout.chunk_len(index), 0);
+        self.file(id)?
+            .read_exact_at(&mut buf[at..], layout.offset(index))
+            .map_err(io("read", &self.path(id)))
+    }
+
     pub fn read_manifest(&self, id: &ArtifactId) -> Result<Vec<u8>, ArtifactError> {
         let path = self.manifest_path(id);
         std::fs::read(&path).map_err(io("read", &path))
