@@ -495,13 +495,7 @@ impl ChunkServer {
             return self.publish(&topic, frame).await;
         }
         self.broadcast_at.insert(key, (now, by.cloned()));
-        self.ctx.stats.frame_sent(frame.len(), true);
-        // The embedded broker's gateway copies the frame out (see `send`).
-        if self.ctx.sessions.deliver(&topic, &frame, None).is_some() {
-            self.recycle(frame);
-            return Ok(());
-        }
-        self.publish(&topic, frame).await
+        self.send(&topic, frame, true).await
     }
 
     /// Sends every owed frame whose time has come.
@@ -527,12 +521,13 @@ impl ChunkServer {
         }
     }
 
-    async fn send(&self, topic: &str, frame: Vec<u8>, broadcast: bool) -> Result<(), String> {
+    async fn send(&mut self, topic: &str, frame: Vec<u8>, broadcast: bool) -> Result<(), String> {
         self.ctx.stats.frame_sent(frame.len(), broadcast);
         // The embedded broker's gateway delivers artifact topics and each machine's own chunk
-        // topic itself (see fleetcast_broker's gateway `fanout`); any other broker gets an
-        // MQTT publish.
+        // topic itself (see fleetcast_broker's gateway `fanout`), copying the frame out, so its
+        // buffer is kept for a later read; any other broker gets an MQTT publish.
         if self.ctx.sessions.deliver(topic, &frame, None).is_some() {
+            self.recycle(frame);
             return Ok(());
         }
         self.publish(topic, frame).await
@@ -546,7 +541,7 @@ impl ChunkServer {
             .map_err(|e| format!("cannot publish chunk frame: {e}"))
     }
 
-    async fn error_frame(&self, topic: &str, artifact: ArtifactId, reason: &str) {
+    async fn error_frame(&mut self, topic: &str, artifact: ArtifactId, reason: &str) {
         let header = FrameHeader {
             frame_type: FrameType::Error,
             artifact,
