@@ -443,16 +443,31 @@ impl Session<'_> {
                         }
                     }
                 }
-                let cost = match &packet {
-                    Packet::Publish(p, _) if self.is_report(&p.topic) => Cost::Report,
-                    Packet::Publish(..) | Packet::Subscribe(..) | Packet::Unsubscribe(..) => {
+                // Where a publish goes, parsed once: it decides its cost and whether the
+                // platform takes it in process.
+                let route = match &packet {
+                    Packet::Publish(p, _) => std::str::from_utf8(&p.topic)
+                        .ok()
+                        .and_then(|t| self.shared.topics.parse(t)),
+                    _ => None,
+                };
+                let cost = match (&packet, &route) {
+                    (_, Some(Route::Status(_) | Route::State(_) | Route::Online(_))) => {
+                        Cost::Report
+                    }
+                    (Packet::Publish(..) | Packet::Subscribe(..) | Packet::Unsubscribe(..), _) => {
                         Cost::Message
                     }
                     _ => Cost::Bytes,
                 };
                 // `None`: a chunk request handed to the platform in process; it still counts
                 // against the session's rate limit below.
-                let packet = self.chunk_request(packet, qos0_publish).await;
+                let packet = match route {
+                    Some(Route::ChunkRequest(machine)) if qos0_publish => {
+                        self.chunk_request(packet, machine).await
+                    }
+                    _ => Some(packet),
+                };
                 if let Some(answer) = packet.as_ref().and_then(|p| self.local_answer(p)) {
                     if self.control.send(answer).await.is_err() {
                         return End::Closed("session ending");
@@ -596,33 +611,16 @@ impl Session<'_> {
         Some(out.freeze())
     }
 
-    /// Whether a publish on `topic` is a machine's report (status, state, online), which the
-    /// platform stores: these have a rate limit of their own.
-    fn is_report(&self, topic: &[u8]) -> bool {
-        std::str::from_utf8(topic).is_ok_and(|t| {
-            matches!(
-                self.shared.topics.parse(t),
-                Some(Route::Status(_) | Route::State(_) | Route::Online(_))
-            )
-        })
-    }
-
-    /// A QoS 0 chunk request on the machine's own topic goes to the platform in process, if it
-    /// took them ([`super::GatewayHandle::take_chunk_requests`]); `None` then. Anything else
-    /// comes back, for the broker. [`Self::check`] has already held the topic to this
-    /// session's principal.
-    async fn chunk_request(&self, packet: Packet, qos0_publish: bool) -> Option<Packet> {
+    /// A QoS 0 chunk request (`packet`, on `machine`'s request topic) goes to the platform in
+    /// process if it is the machine's own and the platform took them
+    /// ([`super::GatewayHandle::take_chunk_requests`]); `None` then. Otherwise it comes back,
+    /// for the broker. [`Self::check`] has already held the topic to this session's principal.
+    async fn chunk_request(
+        &self,
+        packet: Packet,
+        machine: fleetcast_proto::MachineId,
+    ) -> Option<Packet> {
         let Packet::Publish(publish, _) = &packet else {
-            return Some(packet);
-        };
-        if !qos0_publish {
-            return Some(packet);
-        }
-        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
-            return Some(packet);
-        };
-        let Some(fleetcast_proto::Route::ChunkRequest(machine)) = self.shared.topics.parse(topic)
-        else {
             return Some(packet);
         };
         if !matches!(self.principal, fleetcast_proto::acl::Principal::Machine { id, .. } if *id == machine)
