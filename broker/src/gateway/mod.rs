@@ -92,6 +92,15 @@ pub trait Authenticator: Send + Sync + 'static {
     fn may_subscribe(&self, _principal: &Principal, _filter: &str) -> bool {
         true
     }
+    /// [`Self::may_subscribe`] for each filter of one SUBSCRIBE, one answer per filter, in
+    /// order. An implementation that reads a store for a check should read it once here: one
+    /// SUBSCRIBE may name thousands of filters. Default: `may_subscribe` for each.
+    fn may_subscribe_each(&self, principal: &Principal, filters: &[String]) -> Vec<bool> {
+        filters
+            .iter()
+            .map(|f| self.may_subscribe(principal, f))
+            .collect()
+    }
 }
 
 /// A TLS listener: address and the server's certificate chain (leaf first) and key, as PEM.

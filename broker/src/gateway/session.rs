@@ -689,10 +689,15 @@ impl Session<'_> {
                 let who = principal.clone();
                 // The dynamic check may read the platform's store, like `authenticate`.
                 let checked = tokio::task::spawn_blocking(move || {
-                    let (allowed, refused): (Vec<String>, Vec<String>) = filters
+                    let answers = auth.may_subscribe_each(&who, &filters);
+                    let (allowed, refused): (Vec<_>, Vec<_>) = filters
                         .into_iter()
-                        .partition(|f| auth.may_subscribe(&who, f));
-                    (allowed, refused)
+                        .zip(answers.into_iter().chain(std::iter::repeat(false)))
+                        .partition(|(_, ok)| *ok);
+                    let names = |v: Vec<(String, bool)>| {
+                        v.into_iter().map(|(f, _)| f).collect::<Vec<String>>()
+                    };
+                    (names(allowed), names(refused))
                 })
                 .await;
                 let Ok((filters, refused)) = checked else {
