@@ -755,20 +755,26 @@ mod tests {
         assert_eq!(queued(first, &mut rx, 16).len(), 1);
     }
 
-    #[tokio::test]
-    async fn states_are_saved_beside_the_transfer_one_at_a_time_the_newest_waiting() {
-        let dir = tempfile::tempdir().unwrap();
-        let (client, _eventloop) =
-            AsyncClient::new(rumqttc::MqttOptions::new("saver-test", "127.0.0.1", 1), 8);
+    /// A download context over `dir`, its MQTT client never connected (keep the event loop).
+    fn test_context(dir: &Path) -> (DownloadContext, rumqttc::EventLoop) {
+        let (client, eventloop) =
+            AsyncClient::new(rumqttc::MqttOptions::new("staging-test", "127.0.0.1", 1), 8);
         let ctx = DownloadContext {
             machine: MachineId::new("vm-1").unwrap(),
             topics: Topics::default(),
             client,
             secret: Secret::from_bytes([7; 32]),
-            store: Store::open(dir.path()).unwrap(),
-            data_dir: dir.path().to_owned(),
+            store: Store::open(dir).unwrap(),
+            data_dir: dir.to_owned(),
             tuning: Tuning::default(),
         };
+        (ctx, eventloop)
+    }
+
+    #[tokio::test]
+    async fn states_are_saved_beside_the_transfer_one_at_a_time_the_newest_waiting() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, _eventloop) = test_context(dir.path());
         let artifact = ArtifactRef {
             id: ArtifactId::from_bytes([9; 32]),
             size: 3 * 65536,
@@ -813,19 +819,7 @@ mod tests {
     async fn the_manifest_is_saved_once_in_its_own_file_and_resumed_from_it() {
         use fleetcast_proto::chunk::ManifestBuilder;
         let dir = tempfile::tempdir().unwrap();
-        let (client, _eventloop) = AsyncClient::new(
-            rumqttc::MqttOptions::new("manifest-test", "127.0.0.1", 1),
-            8,
-        );
-        let ctx = DownloadContext {
-            machine: MachineId::new("vm-1").unwrap(),
-            topics: Topics::default(),
-            client,
-            secret: Secret::from_bytes([7; 32]),
-            store: Store::open(dir.path()).unwrap(),
-            data_dir: dir.path().to_owned(),
-            tuning: Tuning::default(),
-        };
+        let (ctx, _eventloop) = test_context(dir.path());
         let bytes: Vec<u8> = (0..3 * 1024u32 - 7).map(|i| (i * 7 % 251) as u8).collect();
         let layout = Layout::new(bytes.len() as u64, 1024).unwrap();
         let mut builder = ManifestBuilder::new(layout);
