@@ -73,9 +73,10 @@ pub type ChunkRequestSink = tokio::sync::mpsc::Sender<(fleetcast_proto::MachineI
 
 impl Registry {
     /// The buckets of `username` (new ones at `limit` the first time), if a connection of it
-    /// may be accepted now; `None`: over its connect rate, refuse it. A limiter no session
-    /// holds is forgotten a minute after it was last handed out, by then as full as a new one
-    /// would be.
+    /// may be accepted now; `None`: over its connect rate, refuse it. Once 1,024 principals'
+    /// limiters are kept (or twice as many as were in use at the last pruning), those no
+    /// session holds and last handed out over a minute ago are forgotten: by then as full as
+    /// new ones would be.
     pub(crate) fn limiter(&self, username: &str, limit: RateLimit) -> Option<SharedLimiter> {
         let now = Instant::now();
         let mut l = self.limiters.lock().unwrap_or_else(|p| p.into_inner());
@@ -366,6 +367,29 @@ mod tests {
         assert_eq!(r.kick("vm-a"), 0);
         assert_eq!(r.stats().active, 1);
         assert_eq!(r.stats().connections, 3);
+    }
+
+    /// Limiters are kept across connections, and do not pile up: once 1,024 are kept, those
+    /// no session holds and not handed out for a minute go.
+    #[tokio::test(start_paused = true)]
+    async fn principals_limiters_are_kept_across_connections_and_rested_ones_forgotten() {
+        let r = Registry::default();
+        let limit = super::super::RateLimit::MACHINE;
+        let held = r.limiter("vm-held", limit).unwrap();
+        for i in 0..1023 {
+            drop(r.limiter(&format!("vm-{i}"), limit).unwrap());
+        }
+        let kept = || r.limiters.lock().unwrap().by_user.len();
+        // The same machine gets its own buckets back.
+        assert_eq!(kept(), 1024);
+        let again = r.limiter("vm-held", limit).unwrap();
+        assert!(Arc::ptr_eq(&held, &again));
+        drop(again);
+        tokio::time::advance(std::time::Duration::from_secs(61)).await;
+        drop(r.limiter("vm-new", limit).unwrap());
+        // At 1,024 kept, a new one prunes: the held one and the new one stay, the rested
+        // 1,023 go.
+        assert_eq!(kept(), 2);
     }
 
     #[test]
