@@ -182,6 +182,28 @@ async fn run_size(
     r
 }
 
+/// The `installed` events stored over 2 s after their machine made them (delay in ms, machine):
+/// how many, the median and the longest delays, and the five slowest machines.
+fn late_summary(late: &mut [(u64, String)]) -> String {
+    if late.is_empty() {
+        return String::new();
+    }
+    late.sort_unstable();
+    let secs = |ms: u64| ms as f64 / 1000.0;
+    let slowest: Vec<String> = late
+        .iter()
+        .rev()
+        .take(5)
+        .map(|(ms, m)| format!("{m} {:.1} s", secs(*ms)))
+        .collect();
+    format!(
+        "; {} `installed` stored over 2 s after the machine made it (median {:.1} s, longest {}) ",
+        late.len(),
+        secs(late[late.len() / 2].0),
+        slowest.join(", ")
+    )
+}
+
 /// Copies the logs of a failed run (`serve`, the simulator; of any run with `SCALE_KEEP_LOGS`
 /// set) out of its temporary directory, which is removed, to `target/bench-failed/scale-N/`;
 /// says where, or why not.
@@ -348,7 +370,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
         let mut failed: HashSet<MachineId> = HashSet::new();
         let mut notified: HashMap<MachineId, u64> = HashMap::new();
         let (mut dl_start, mut dl_end) = (None, None);
-        let mut late: Vec<String> = Vec::new();
+        let mut late: Vec<(u64, String)> = Vec::new();
         let started = Instant::now();
         loop {
             for e in feed.poll(&p).await? {
@@ -361,11 +383,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
                         // made it waited in the agent, or was lost on the way and sent again
                         // (agent::RESEND_AFTER, 10 s).
                         if e.recorded_at_ms > e.at_ms + 2000 {
-                            late.push(format!(
-                                "{} {:.1} s",
-                                e.machine,
-                                (e.recorded_at_ms - e.at_ms) as f64 / 1000.0
-                            ));
+                            late.push((e.recorded_at_ms - e.at_ms, e.machine.to_string()));
                         }
                         installed.insert(e.machine, e.recorded_at_ms);
                     }
@@ -422,14 +440,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
                 .time
                 .map(|t| format!("{:.1} s", t.as_secs_f64()))
                 .unwrap_or_else(|| format!("not all after {:.0} s", rollout.waited.as_secs_f64())),
-            if late.is_empty() {
-                String::new()
-            } else {
-                format!(
-                    "; `installed` stored over 2 s after the machine made it: {}",
-                    late.join(", ")
-                )
-            }
+            late_summary(&mut late)
         );
         r.rollouts.push(rollout);
         if !all {

@@ -112,6 +112,8 @@ struct Attempt {
     started: Instant,
     /// The last manifest part or written chunk.
     last_progress: Instant,
+    /// Re-requests since `last_progress` (each doubles the wait for the next).
+    stalls: u32,
     reports: ProgressReports,
     phase: Phase,
 }
@@ -239,6 +241,7 @@ impl Fetch {
         let mut attempt = Attempt {
             started: now,
             last_progress: now,
+            stalls: 0,
             // The report above counts as made.
             reports: ProgressReports::new(
                 self.layout.size,
@@ -420,6 +423,7 @@ impl Fetch {
         }
         parts[index as usize] = Some(payload);
         attempt.last_progress = now;
+        attempt.stalls = 0;
         if parts.iter().any(Option::is_none) {
             return Continue(());
         }
@@ -554,6 +558,7 @@ impl Fetch {
         }
         self.unsaved = true;
         attempt.last_progress = now;
+        attempt.stalls = 0;
         // The last chunk is persisted with the whole file, and reported as `downloaded`.
         if self.have.count < self.layout.chunks {
             if self.unpersisted >= self.tuning.persist_every {
@@ -572,13 +577,20 @@ impl Fetch {
         now: Instant,
         out: &mut Vec<Effect>,
     ) -> ControlFlow<()> {
-        let stall = self.tuning.stall;
         let quiet = now.saturating_duration_since(attempt.last_progress);
         if quiet > self.tuning.attempt_timeout {
             out.push(Effect::Fail(self.stalled()));
             return Break(());
         }
-        if quiet <= stall {
+        // Asking a platform too busy to answer again and again only makes it busier: each
+        // re-request without progress doubles the wait for the next (a whole fleet asking every
+        // 2 s for what a busy server had not sent yet once multiplied what it was asked for).
+        let stall = self
+            .tuning
+            .stall
+            .saturating_mul(1 << attempt.stalls.min(16))
+            .min(self.tuning.stall_max.max(self.tuning.stall));
+        if quiet <= self.tuning.stall {
             return Continue(());
         }
         match &mut attempt.phase {
@@ -601,6 +613,7 @@ impl Fetch {
                         .copied()
                         .collect();
                     request(true, missing, out);
+                    attempt.stalls += 1;
                 }
             }
             Phase::Chunks { outstanding, .. } => {
@@ -612,6 +625,7 @@ impl Fetch {
                     outstanding.values_mut().for_each(|asked| *asked = now);
                     tracing::debug!(artifact = %self.artifact.short(), n = all.len(), "no progress: re-requesting outstanding chunks");
                     request(false, all, out);
+                    attempt.stalls += 1;
                 }
             }
         }
@@ -873,8 +887,10 @@ mod tests {
         Tuning {
             window: 4,
             stall: Duration::from_secs(2),
+            stall_max: Duration::from_secs(8),
             attempt_timeout: Duration::from_secs(30),
             attempts: 1,
+            retry_pause: Duration::from_secs(10),
             persist_every: 1024 * 1024,
             report_every: Duration::from_secs(5),
         }
@@ -1148,7 +1164,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stall_asks_again_for_everything_outstanding_once_per_stall_period() {
+    fn a_stall_asks_again_for_everything_outstanding_waiting_twice_as_long_each_time() {
         let at = clock();
         let art = Art::new(10);
         let mut f = art.resumed(tuning(), &[]);
@@ -1158,18 +1174,24 @@ mod tests {
         assert!(tick(2000).is_empty());
         assert_eq!(tick(2100), ["ask [0, 1, 2, 3]"]);
         assert!(tick(2300).is_empty());
-        assert!(tick(4000).is_empty());
-        assert_eq!(tick(4200), ["ask [0, 1, 2, 3]"]);
-        // Progress holds the next one off for a stall period...
+        // Nothing came: the next waits 4 s, then 8 s, which is the most (`stall_max`).
+        assert!(tick(6000).is_empty());
+        assert_eq!(tick(6200), ["ask [0, 1, 2, 3]"]);
+        assert!(tick(14_100).is_empty());
+        assert_eq!(tick(14_300), ["ask [0, 1, 2, 3]"]);
+        assert!(tick(22_200).is_empty());
+        assert_eq!(tick(22_400), ["ask [0, 1, 2, 3]"]);
+        // Progress brings the wait back to one stall period...
         assert_eq!(
-            show(&deliver(&mut f, &art, at(4500), 2)),
-            ["write 2", "ask [4]"]
+            show(&deliver(&mut f, &art, at(22_500), 2)),
+            ["write 2", "report 1024/10140", "ask [4]"]
         );
         let mut tick = |ms| show(&f.handle(at(ms), Input::Tick));
-        assert!(tick(6300).is_empty());
+        assert!(tick(24_300).is_empty());
         // ...then everything outstanding goes again, the chunk asked for last too.
-        assert_eq!(tick(6600), ["ask [0, 1, 3, 4]"]);
-        assert!(tick(6800).is_empty());
+        assert_eq!(tick(24_600), ["ask [0, 1, 3, 4]"]);
+        assert!(tick(26_500).is_empty());
+        assert_eq!(tick(28_700), ["ask [0, 1, 3, 4]"]);
     }
 
     #[test]

@@ -46,11 +46,19 @@ const TICK: Duration = Duration::from_millis(200);
 pub struct Tuning {
     /// Chunks requested and not yet received.
     pub window: usize,
-    /// Re-request everything outstanding after this long without a verified chunk.
+    /// Re-request everything outstanding after this long without a verified chunk. Each
+    /// re-request that brings nothing doubles the wait for the next, up to `stall_max`; progress
+    /// brings it back to `stall`.
     pub stall: Duration,
+    pub stall_max: Duration,
     /// An attempt fails after this long without progress.
     pub attempt_timeout: Duration,
     pub attempts: u32,
+    /// After an attempt that failed for want of progress, the next starts after this long,
+    /// doubled for each such attempt before it, each time between half and 1.5 times that at
+    /// random: a platform too busy to answer a fleet at once is not asked again by all of it at
+    /// the same moment. Other failures are tried again at once.
+    pub retry_pause: Duration,
     /// Persist the bitmap after this many new bytes.
     pub persist_every: u64,
     /// At most one `downloading` report per this long (besides the one at each attempt's start).
@@ -62,8 +70,10 @@ impl Default for Tuning {
         Self {
             window: 16,
             stall: Duration::from_secs(2),
+            stall_max: Duration::from_secs(16),
             attempt_timeout: Duration::from_secs(30),
-            attempts: 3,
+            attempts: 5,
+            retry_pause: Duration::from_secs(10),
             persist_every: 1024 * 1024,
             report_every: Duration::from_secs(5),
         }
@@ -704,7 +714,7 @@ pub async fn download(
         return Ok(dest);
     }
     let (staging, mut fetch) = Staging::open(ctx, artifact).await.map_err(|e| (e, 1))?;
-    let mut last = None;
+    let (mut last, mut stalled) = (None, 0);
     for attempt in 1..=ctx.tuning.attempts {
         let result = match staging
             .attempt(&mut fetch, &mut frames, &cancel, &mut |p| {
@@ -719,8 +729,23 @@ pub async fn download(
             Ok(path) => return Ok(path),
             Err(e @ DownloadError::Cancelled { .. }) => return Err((e, attempt)),
             Err(e) => {
-                tracing::warn!(artifact = %artifact.id.short(), attempt, "download attempt failed: {e}");
+                let pause = match e {
+                    DownloadError::Stalled { .. } if attempt < ctx.tuning.attempts => {
+                        stalled += 1;
+                        retry_pause(&ctx.tuning, stalled)
+                    }
+                    _ => Duration::ZERO,
+                };
+                tracing::warn!(artifact = %artifact.id.short(), attempt, next_in_s = pause.as_secs(), "download attempt failed: {e}");
                 last = Some(e);
+                if !pause.is_zero() {
+                    tokio::select! {
+                        _ = cancel.cancelled() => {
+                            return Err((DownloadError::Cancelled { artifact: artifact.id }, attempt));
+                        }
+                        _ = tokio::time::sleep(pause) => {}
+                    }
+                }
                 // Frames left from the failed attempt are stale.
                 while frames.try_recv().is_ok() {}
             }
@@ -733,9 +758,37 @@ pub async fn download(
     Err((last.expect("at least one attempt"), ctx.tuning.attempts))
 }
 
+/// The pause before the attempt that follows the `stalled`-th one to fail for want of progress
+/// (see [`Tuning::retry_pause`]).
+fn retry_pause(tuning: &Tuning, stalled: u32) -> Duration {
+    let base = tuning
+        .retry_pause
+        .saturating_mul(1 << stalled.saturating_sub(1).min(16));
+    base.mul_f64(rand::Rng::gen_range(&mut rand::thread_rng(), 0.5..1.5))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_pause_after_a_stalled_attempt_doubles_each_time_and_is_drawn_around_it() {
+        let tuning = Tuning::default();
+        for (stalled, base) in [(1, 10.0), (2, 20.0), (3, 40.0), (4, 80.0)] {
+            let pauses: Vec<f64> = (0..200)
+                .map(|_| retry_pause(&tuning, stalled).as_secs_f64())
+                .collect();
+            assert!(
+                pauses
+                    .iter()
+                    .all(|&p| (base * 0.5..base * 1.5).contains(&p)),
+                "{stalled}: {pauses:?}"
+            );
+            let spread = pauses.iter().cloned().fold(f64::MIN, f64::max)
+                - pauses.iter().cloned().fold(f64::MAX, f64::min);
+            assert!(spread > base * 0.5, "drawn at random: {pauses:?}");
+        }
+    }
 
     #[tokio::test]
     async fn frames_queued_behind_the_first_are_taken_together_up_to_the_bound() {
