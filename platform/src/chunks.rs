@@ -10,9 +10,9 @@
 //! re-request. On the embedded broker the gateway sends an owed frame only to the machines that
 //! asked for it: re-broadcasting it to a thousand machines that already have it was what kept a
 //! rollout busy (29x the artifact in platform egress); other brokers get it broadcast. For the
-//! same reason a frame broadcast less than [`BROADCAST_HOLDS`] ago goes only to whoever asks
-//! for it again (on the embedded broker), and after that only another machine's request sends
-//! it to everyone again ([`BROADCAST_MEMORY`]: one machine asking again cannot).
+//! same reason a frame goes to everyone fetching its artifact once per [`BROADCAST_MEMORY`]:
+//! the first request for it does that (a group rollout's machines all need it), and later ones
+//! get it only for the machines that asked (on the embedded broker).
 //!
 //! Everything bulky travels on the per-artifact topic for a second reason: a broker keeps a log
 //! per subscription filter (rumqttd never frees one), and one log per artifact costs far less
@@ -45,15 +45,14 @@ use crate::limits::{ChunkBudget, BUDGET_SWEEP};
 pub const RESEND_AFTER: Duration = Duration::from_millis(500);
 /// After a frame went to every machine fetching its artifact, later requests for it within
 /// this long are answered to the machines that asked only, where the broker can address them
-/// (the embedded one). Why: with 10,000 machines fetching, someone always asks again, and each
-/// re-broadcast sent 64 KiB to all 10,000 (655 MB) every [`RESEND_AFTER`]; the gateway's
-/// queues overflowed, dropped frames were asked for again, and the rollout collapsed.
-pub const BROADCAST_HOLDS: Duration = Duration::from_secs(30);
-/// How long the chunk server remembers which machine made a frame go to everyone. Past
-/// [`BROADCAST_HOLDS`], a frame goes to everyone again only when another machine asks for it
-/// (a new wave starting); the machine that made the last broadcast gets it alone. Why: asking
-/// for every chunk of its artifact each 30 s, one machine's credentials sent the whole file
-/// to every machine fetching it each time, its byte budget multiplied by their number.
+/// (the embedded one); the first request after it sends it to everyone again. Why: with
+/// 10,000 machines fetching, someone always asks again. Each re-broadcast every
+/// [`RESEND_AFTER`] sent 64 KiB to all 10,000 (655 MB); the gateway's queues overflowed,
+/// dropped frames were asked for again, and the rollout collapsed. Re-broadcast every 30 s
+/// when another machine asked, a 10,000-machine rollout slowed by a busy host still delivered
+/// 1.8 million frames (111 GiB) for a 1 MiB artifact, ten times the 170,000 its machines
+/// needed. And one machine's credentials, asking for every chunk, could send the whole
+/// file to every machine fetching it no more than once in this time.
 pub const BROADCAST_MEMORY: Duration = Duration::from_secs(3600);
 /// How long a machine's "may fetch this artifact" yes is reused before the store is asked again
 /// (a withdrawn assignment stops serving within this; a new one serves at once).
@@ -83,9 +82,8 @@ struct ChunkServer {
     layouts: HashMap<ArtifactId, Layout>,
     /// When each frame was last sent (to all or to some).
     sent_at: HashMap<FrameKey, Instant>,
-    /// When each frame was last sent to every machine fetching its artifact, and for whose
-    /// request (none: for several machines' at once).
-    broadcast_at: HashMap<FrameKey, (Instant, Option<MachineId>)>,
+    /// When each frame was last sent to every machine fetching its artifact.
+    broadcast_at: HashMap<FrameKey, Instant>,
     /// Frames asked for while they were fresh: sent when their [`RESEND_AFTER`] is up, to the
     /// machines that asked.
     owed: HashMap<FrameKey, (Instant, HashSet<MachineId>)>,
@@ -246,7 +244,7 @@ impl ChunkServer {
             self.sent_at
                 .retain(|_, t| now.duration_since(*t) < RESEND_AFTER);
             self.broadcast_at
-                .retain(|_, (t, _)| now.duration_since(*t) < BROADCAST_MEMORY);
+                .retain(|_, t| now.duration_since(*t) < BROADCAST_MEMORY);
             let layouts = &mut self.layouts;
             let owed = &self.owed;
             layouts.retain(|a, _| owed.keys().any(|k| &k.artifact == a));
@@ -333,14 +331,12 @@ impl ChunkServer {
                         .insert(m.clone());
                 }
                 _ => {
-                    // Sent to all lately, or last sent to all for this same machine: only the
-                    // asker is missing it (the embedded broker addresses it alone; another
-                    // broker gets it to all, as before).
-                    let alone = match self.broadcast_at.get(&key) {
-                        Some((t, _)) if now.duration_since(*t) < BROADCAST_HOLDS => true,
-                        Some((_, Some(by))) => by == m,
-                        _ => false,
-                    };
+                    // Sent to all lately: only the asker is missing it (the embedded broker
+                    // addresses it alone; another broker gets it to all, as before).
+                    let alone = self
+                        .broadcast_at
+                        .get(&key)
+                        .is_some_and(|t| now.duration_since(*t) < BROADCAST_MEMORY);
                     send_now.push((key, alone.then(|| HashSet::from([m.clone()]))));
                 }
             }
@@ -357,7 +353,7 @@ impl ChunkServer {
             }
         };
         for ((key, only), frame) in send_now.into_iter().zip(frames) {
-            self.send_frame(key, frame, only, Some(m)).await?;
+            self.send_frame(key, frame, only).await?;
         }
         Ok(())
     }
@@ -422,7 +418,7 @@ impl ChunkServer {
             .await?
             .pop()
             .expect("one frame read");
-        self.send_frame(key, frame, only, None).await
+        self.send_frame(key, frame, only).await
     }
 
     /// Reads and encodes the frames of `keys`, in one task on the blocking pool, into spare
@@ -461,7 +457,6 @@ impl ChunkServer {
         key: FrameKey,
         frame: Vec<u8>,
         only: Option<HashSet<MachineId>>,
-        by: Option<&MachineId>,
     ) -> Result<(), String> {
         let topic = self.ctx.topics.artifact_chunks(&key.artifact);
         let now = Instant::now();
@@ -491,10 +486,10 @@ impl ChunkServer {
                 self.recycle(frame);
                 return Ok(());
             }
-            self.broadcast_at.insert(key, (now, by.cloned()));
+            self.broadcast_at.insert(key, now);
             return self.publish(&topic, frame).await;
         }
-        self.broadcast_at.insert(key, (now, by.cloned()));
+        self.broadcast_at.insert(key, now);
         self.send(&topic, frame, true).await
     }
 
@@ -775,11 +770,12 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn a_frame_sent_to_all_lately_goes_to_the_asker_alone() {
+    async fn a_frame_goes_to_all_once_and_then_only_to_those_who_ask() {
         let f = fixture();
         let a = add_artifact(&f.ctx, 1);
         let mut server = server(&f.ctx);
         let vm1 = MachineId::new("vm-1").unwrap();
+        let vm2 = MachineId::new("vm-2").unwrap();
         let counts = |s: &ChunkServer| {
             let st = s.ctx.stats.snapshot();
             (st.chunk_frames_sent, st.chunk_bytes_broadcast)
@@ -790,6 +786,7 @@ mod tests {
             .unwrap();
         let (sent, broadcast) = counts(&server);
         assert_eq!(sent, 3);
+        assert!(broadcast > 0, "the first request sends to all");
         // Asked again once the resend pause is over: to the asker alone, not to all again.
         tokio::time::advance(RESEND_AFTER + Duration::from_millis(1)).await;
         server
@@ -797,28 +794,24 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(counts(&server), (6, broadcast), "sent again, not broadcast");
-        // Long after the broadcast, the machine that made it asks again: to it alone. A
-        // machine's credentials alone cannot make the platform send a whole file to everyone
-        // fetching it each time the hold is over.
-        tokio::time::advance(BROADCAST_HOLDS).await;
-        server
-            .handle(&vm1, &request(&f, "vm-1", 3, a))
-            .await
-            .unwrap();
-        assert_eq!(counts(&server), (9, broadcast), "the same machine: alone");
-        // Another machine asking after the hold: to all again (a new wave may be starting).
-        // (Over MQTT, as here, a frame for one machine goes to the topic, and counts as sent
-        // to all for the hold.)
-        let vm2 = MachineId::new("vm-2").unwrap();
-        tokio::time::advance(BROADCAST_HOLDS).await;
+        // Another machine, later: to it alone too. Neither one machine's credentials nor a
+        // fleet's stragglers make the platform send the file to everyone fetching it again.
+        tokio::time::advance(Duration::from_secs(60)).await;
         server
             .handle(&vm2, &request(&f, "vm-2", 1, a))
             .await
             .unwrap();
-        let (sent, again) = counts(&server);
-        assert_eq!((sent, again), (12, 2 * broadcast));
-        // Now vm-2 made the last broadcast: after the hold, it gets the frames alone.
-        tokio::time::advance(BROADCAST_HOLDS).await;
+        assert_eq!(counts(&server), (9, broadcast), "another machine: alone");
+        tokio::time::advance(Duration::from_secs(600)).await;
+        server
+            .handle(&vm1, &request(&f, "vm-1", 3, a))
+            .await
+            .unwrap();
+        assert_eq!(counts(&server), (12, broadcast));
+        // Once the last send to the topic is forgotten, the next request goes to all (a wave
+        // starting hours later). (Over MQTT, as here, a frame for one machine goes to the
+        // topic, and counts as sent to all for the memory.)
+        tokio::time::advance(BROADCAST_MEMORY + Duration::from_secs(1)).await;
         server
             .handle(&vm2, &request(&f, "vm-2", 2, a))
             .await

@@ -471,10 +471,11 @@ impl Ingest {
             // Stored before (the machine missed our ack, or the broker redelivered): acknowledge
             // it again so the machine can move on, and change nothing.
             Opened::Replay(ev) => {
+                self.ctx.stats.status_resent();
                 return Ok(vec![After::StatusAck {
                     machine: m.clone(),
                     ctr: ev.ctr,
-                }])
+                }]);
             }
         };
         if let Err(reason) = check_status(&mut ev) {

@@ -15,6 +15,7 @@ pub struct Stats {
     chunk_bytes_broadcast: AtomicU64,
     status_events_stored: AtomicU64,
     ingest_flushes: AtomicU64,
+    status_events_resent: AtomicU64,
     reports_dropped: AtomicU64,
     chunk_requests_refused: AtomicU64,
 }
@@ -29,6 +30,7 @@ impl Default for Stats {
             chunk_bytes_broadcast: AtomicU64::new(0),
             status_events_stored: AtomicU64::new(0),
             ingest_flushes: AtomicU64::new(0),
+            status_events_resent: AtomicU64::new(0),
             reports_dropped: AtomicU64::new(0),
             chunk_requests_refused: AtomicU64::new(0),
         }
@@ -46,6 +48,10 @@ impl Stats {
         if broadcast {
             self.chunk_bytes_broadcast.fetch_add(bytes as u64, Relaxed);
         }
+    }
+
+    pub fn status_resent(&self) {
+        self.status_events_resent.fetch_add(1, Relaxed);
     }
 
     pub fn report_dropped(&self) {
@@ -71,6 +77,7 @@ impl Stats {
             chunk_bytes_broadcast: self.chunk_bytes_broadcast.load(Relaxed),
             status_events_stored: self.status_events_stored.load(Relaxed),
             ingest_flushes: self.ingest_flushes.load(Relaxed),
+            status_events_resent: self.status_events_resent.load(Relaxed),
             reports_dropped: self.reports_dropped.load(Relaxed),
             chunk_requests_refused: self.chunk_requests_refused.load(Relaxed),
             gateway: None,

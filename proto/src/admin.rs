@@ -585,6 +585,11 @@ pub struct PlatformStats {
     pub status_events_stored: u64,
     /// Ingest batches flushed.
     pub ingest_flushes: u64,
+    /// Status events received again after they were stored, and acknowledged again: a
+    /// machine resent what it had not seen acknowledged (10 s without an ack: a lost or late
+    /// acknowledgement, or a connection that dropped). Many mean acks are being lost.
+    #[serde(default)]
+    pub status_events_resent: u64,
     /// Machine reports (status, state, online) dropped: bad MAC, unknown machine, malformed or
     /// out-of-bounds body, replayed counter (retained states a reconnect brings back are not
     /// counted). An attack, or a misconfigured machine; logged a few per machine per minute.

@@ -225,8 +225,8 @@ pub async fn stats(args: StatsArgs, client: &ClientArgs) -> anyhow::Result<()> {
         mib(stats.chunk_bytes_broadcast)
     );
     println!(
-        "status events stored   {} in {} flushes",
-        stats.status_events_stored, stats.ingest_flushes
+        "status events stored   {} in {} flushes ({} received again after they were stored)",
+        stats.status_events_stored, stats.ingest_flushes, stats.status_events_resent
     );
     println!(
         "refused                {} machine reports, {} chunk requests",

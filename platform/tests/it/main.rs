@@ -1238,6 +1238,11 @@ async fn forged_unknown_replayed_malformed_and_oversized_reports_change_nothing(
         vec![Phase::Downloading, Phase::Installed, Phase::Downloading],
         "only genuine reports became events"
     );
+    // The genuinely MAC'd event with a stored counter was acknowledged again and counted as
+    // received again; the others as dropped.
+    let stats = admin.call(calls::Stats {}).await.unwrap();
+    assert_eq!(stats.status_events_resent, 1, "{stats:?}");
+    assert!(stats.reports_dropped >= 5, "{stats:?}");
     admin.close().await;
     platform.stop().await;
 }
