@@ -36,8 +36,9 @@ use crate::store::{Contact, Outbox, OutboxEntry, Store, StoreError};
 use crate::trust::{ChainStep, Checked, FollowedKey, TrustedKey};
 
 /// MQTT events waiting for the agent loop. Mostly chunk frames (64 KiB each) while the loop
-/// waits for the disk; when full, the driver stops reading the socket. 256 let a simulator of
-/// 1,000 machines hold gigabytes of frames during a rollout.
+/// waits for the disk, which the driver drops once fewer than `client::SHED_HEADROOM` places
+/// are free; when full, the driver stops reading the socket. 256 let a simulator of 1,000
+/// machines hold gigabytes of frames during a rollout.
 const MQTT_EVENTS_QUEUED: usize = 32;
 /// Chunk frames waiting for a download: twice its window. On the shared artifact topic most
 /// frames are other machines' (a chunk this one has, or is about to get); one dropped when the
@@ -209,16 +210,23 @@ pub async fn run_with(
         QoS::AtLeastOnce,
         true,
     ));
-    let (client, eventloop) = client::connect(mqtt, 1024);
+    let (client, eventloop) = client::connect_machine(mqtt, 1024);
     let (mqtt_tx, mut mqtt_rx) = mpsc::channel(MQTT_EVENTS_QUEUED);
     let driver_stop = CancellationToken::new();
-    // Chunk frames (QoS 0) beyond what the agent keeps up with are dropped by the driver and
-    // asked for again, rather than stopping it from answering the broker's keep-alive.
+    // Chunk frames beyond what the agent keeps up with are dropped by the driver and asked for
+    // again, rather than stopping it from reading the socket; acks and notices always find room.
+    let frames = topics.clone();
+    let sheddable = move |p: &rumqttc::Publish| {
+        matches!(
+            frames.parse(&p.topic),
+            Some(fleetcast_proto::Route::ArtifactChunks(_))
+        )
+    };
     let driver = tokio::spawn(client::drive_with(
         eventloop,
         mqtt_tx,
         driver_stop.clone(),
-        client::Overload::ShedQos0,
+        client::Overload::Shed(std::sync::Arc::new(sheddable)),
     ));
     let (inputs, mut input_rx) = mpsc::channel(256);
     let mut agent = Agent {

@@ -3,6 +3,7 @@
 mod admin_call;
 mod gateway;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use fleetcast_broker::client::{self, MqttEvent};
@@ -259,4 +260,66 @@ async fn a_connection_closed_right_after_its_connack_is_retried_with_a_growing_b
         "{n} connections in 3 s ({connacks} CONNACKs)"
     );
     assert!(connacks >= 2, "it did reconnect: {connacks}");
+}
+
+/// A consumer busy with a burst of chunk frames loses frames (the driver sheds them and keeps
+/// reading the socket), never the acknowledgement or the notice that came behind them: the
+/// driver keeps `SHED_HEADROOM` places for those.
+#[tokio::test]
+async fn a_busy_consumer_loses_frames_but_not_the_ack_or_notice_behind_them() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let shutdown = CancellationToken::new();
+    const QUEUE: usize = 16;
+    let (sub, el) = client::connect(client::options(&url, "sub", None), 64);
+    let (tx, mut rx) = mpsc::channel(QUEUE);
+    let frames_only = client::Overload::Shed(Arc::new(|p: &Publish| p.topic == "t/frames"));
+    tokio::spawn(client::drive_with(el, tx, shutdown.clone(), frames_only));
+    next_connected(&mut rx).await.unwrap();
+    // QoS 0 subscriptions for what is sent at QoS 0 (rumqttd delivers at the subscription's).
+    for (filter, qos) in [
+        ("t/frames", QoS::AtMostOnce),
+        ("t/ack", QoS::AtMostOnce),
+        ("t/notice", QoS::AtLeastOnce),
+    ] {
+        sub.subscribe(filter, qos).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !matches!(rx.recv().await, Some(MqttEvent::SubAck(_))) {}
+        })
+        .await
+        .expect("SUBACK");
+    }
+    let (publ, mut pub_rx) = connected(&url, "pub", None, &shutdown);
+    next_connected(&mut pub_rx).await.unwrap();
+    // The consumer reads nothing while 200 frames, a QoS 0 ack and a QoS 1 notice come.
+    for i in 0..200u32 {
+        publ.publish("t/frames", QoS::AtMostOnce, false, vec![i as u8; 1024])
+            .await
+            .unwrap();
+    }
+    publ.publish("t/ack", QoS::AtMostOnce, false, "ack")
+        .await
+        .unwrap();
+    publ.publish("t/notice", QoS::AtLeastOnce, false, "notice")
+        .await
+        .unwrap();
+    // Frames take the places down to the headroom; then the ack and the notice.
+    let kept = QUEUE - client::SHED_HEADROOM + 1;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while rx.len() < kept + 2 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("{} of {} events queued", rx.len(), kept + 2));
+    let mut topics = Vec::new();
+    while let Ok(event) = rx.try_recv() {
+        if let MqttEvent::Publish(p) = event {
+            topics.push(p.topic);
+        }
+    }
+    let frames = topics.iter().filter(|t| *t == "t/frames").count();
+    assert_eq!(frames, kept, "{topics:?}");
+    assert_eq!(topics[kept..], ["t/ack", "t/notice"], "{topics:?}");
+    shutdown.cancel();
 }
