@@ -15,6 +15,7 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fleetcast_proto::text::{shown, Admit};
 use fleetcast_proto::Topics;
 use rumqttd::local::{LinkBuilder, LinkRx, LinkTx};
 use rumqttd::protocol::v4::V4;
@@ -144,10 +145,16 @@ impl BrokerSettings {
             dynamic_filters: true,
         };
         if let Some(auth) = self.auth.clone() {
+            // One gate for every refusal: the client id is the client's own text (a new one
+            // per attempt would pass a gate per id), and behind the gateway only the
+            // platform's own clients are ever let in, so any refusal is worth a few lines.
+            let log_gate = fleetcast_proto::text::LogGate::per_minute();
             connections.set_auth_handler(move |client: String, user: String, pass: String| {
                 let ok = auth(&client, &user, &pass);
                 if !ok {
-                    tracing::warn!(client = %client, "broker refused a client: bad credentials");
+                    if let Admit::Log { quiet_before } = log_gate.admit("refused") {
+                        tracing::warn!(client = %shown(&client), quiet_before, "broker refused a client: bad credentials");
+                    }
                 }
                 std::future::ready(ok)
             });
