@@ -1,10 +1,12 @@
 //! Who the embedded broker lets in, and as what: the platform's answer to "which principal holds
 //! these credentials?", from its own store. Machines and operators authenticate with passwords
-//! derived from their secrets; a revoked identity has no secret, so it is refused.
+//! derived from their secrets, compared in constant time; a revoked identity has no secret, so
+//! it is refused.
 
 use std::sync::{Arc, RwLock};
 
 use fleetcast_proto::acl::{Claim, Principal};
+use fleetcast_proto::auth::constant_time_eq;
 use fleetcast_proto::ArtifactId;
 
 use crate::store::Store;
@@ -25,7 +27,8 @@ impl StoreAuth {
     pub fn principal(&self, username: &str, password: &str) -> Option<Principal> {
         let claim = Claim::parse(username)?;
         if let Claim::Platform = claim {
-            return (password == self.platform_password).then_some(Principal::Platform);
+            return constant_time_eq(password.as_bytes(), self.platform_password.as_bytes())
+                .then_some(Principal::Platform);
         }
         let guard = self.store.read().unwrap_or_else(|p| p.into_inner());
         let store = guard.as_ref()?;
@@ -33,18 +36,22 @@ impl StoreAuth {
             Claim::Platform => None,
             Claim::Operator(name) => {
                 let op = store.operator(&name).ok().flatten()?;
-                (op.secret.mqtt_password() == password).then(|| Principal::Operator {
-                    name,
-                    role: op.role(),
-                })
+                op.secret
+                    .accepts_mqtt_password(password)
+                    .then(|| Principal::Operator {
+                        name,
+                        role: op.role(),
+                    })
             }
             Claim::Integrator(name) => {
                 let int = store.integrator(&name).ok().flatten()?;
-                (int.secret.mqtt_password() == password).then_some(Principal::Integrator { name })
+                int.secret
+                    .accepts_mqtt_password(password)
+                    .then_some(Principal::Integrator { name })
             }
             Claim::Machine(id) => {
                 let secret = store.secret(&id).ok().flatten()?;
-                if secret.mqtt_password() != password {
+                if !secret.accepts_mqtt_password(password) {
                     return None;
                 }
                 let groups = store
@@ -205,5 +212,45 @@ mod tests {
             .collect();
         assert_eq!(one_by_one, [true, false, true, true]);
         assert_eq!(auth.may_subscribe_each(&vm1, &filters), one_by_one);
+    }
+
+    #[test]
+    fn only_the_exact_password_lets_a_machine_or_the_platform_in() {
+        use crate::fixtures::m;
+        use fleetcast_proto::auth::Secret;
+        let store: Arc<dyn Store> = Arc::new(MemStore::new());
+        let secret = Secret::from_bytes([9; 32]);
+        store
+            .transaction(|tx| tx.put_secret(&m("vm-1"), &secret))
+            .unwrap();
+        let auth = StoreAuth {
+            store: Arc::new(RwLock::new(Some(store))),
+            platform_password: "platform-pw".into(),
+        };
+        let password = secret.mqtt_password();
+        assert!(matches!(
+            auth.principal("vm-1", &password),
+            Some(Principal::Machine { .. })
+        ));
+        let mut last_wrong = password.clone().into_bytes();
+        last_wrong[31] = if last_wrong[31] == b'0' { b'1' } else { b'0' };
+        let last_wrong = String::from_utf8(last_wrong).unwrap();
+        for wrong in [&password[..31], &format!("{password}0"), &last_wrong, ""] {
+            assert!(auth.principal("vm-1", wrong).is_none(), "{wrong:?}");
+        }
+        assert!(
+            auth.principal("vm-2", &password).is_none(),
+            "another machine"
+        );
+        assert!(matches!(
+            auth.principal("fleetcast-platform", "platform-pw"),
+            Some(Principal::Platform)
+        ));
+        for wrong in ["platform-p", "platform-pw ", "platform-px", ""] {
+            assert!(
+                auth.principal("fleetcast-platform", wrong).is_none(),
+                "{wrong:?}"
+            );
+        }
     }
 }

@@ -367,6 +367,25 @@ impl Secret {
     pub fn mqtt_password(&self) -> String {
         hex::encode(&blake3::derive_key("fleetcast v1 mqtt password", &self.0)[..16])
     }
+
+    /// Whether `password` is [`Secret::mqtt_password`], compared in constant time.
+    pub fn accepts_mqtt_password(&self, password: &str) -> bool {
+        constant_time_eq(self.mqtt_password().as_bytes(), password.as_bytes())
+    }
+}
+
+/// Whether `a == b`, in time that depends on their lengths only, not on where they differ
+/// (a password or token compared with `==` stops at the first wrong byte, which tells a
+/// guesser how far it got). Lengths are not secret here: every password is 32 hex digits.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0u8, |acc, (x, y)| acc | std::hint::black_box(x ^ y));
+    std::hint::black_box(diff) == 0
 }
 
 impl FromStr for Secret {
@@ -598,5 +617,28 @@ mod tests {
             Secret::from_bytes(seed()).mqtt_password()
         );
         assert_eq!(PlatformKey::from_seed(key.seed()).public(), public);
+    }
+
+    #[test]
+    fn constant_time_eq_says_equal_only_for_the_same_bytes() {
+        assert!(constant_time_eq(b"", b""));
+        assert!(constant_time_eq(b"0123abcd", b"0123abcd"));
+        assert!(!constant_time_eq(b"0123abcd", b"0123abce"), "last byte");
+        assert!(!constant_time_eq(b"0123abcd", b"1123abcd"), "first byte");
+        assert!(!constant_time_eq(b"0123abcd", b"0123abc"), "shorter");
+        assert!(!constant_time_eq(b"0123abc", b"0123abcd"), "longer");
+        assert!(!constant_time_eq(b"", b"0"));
+    }
+
+    #[test]
+    fn a_secret_accepts_its_own_mqtt_password_only() {
+        let s = Secret::from_bytes(seed());
+        let password = s.mqtt_password();
+        assert!(s.accepts_mqtt_password(&password));
+        assert!(!s.accepts_mqtt_password(&password[..31]));
+        assert!(!s.accepts_mqtt_password(&format!("{password}0")));
+        assert!(!s.accepts_mqtt_password(&password.to_uppercase()));
+        assert!(!s.accepts_mqtt_password(""));
+        assert!(!Secret::from_bytes(seed()).accepts_mqtt_password(&password));
     }
 }

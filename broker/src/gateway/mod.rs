@@ -198,10 +198,10 @@ impl InternalKey {
     }
 
     fn accepts(&self, client_id: &str, password: &str) -> bool {
-        let want = self.token(client_id);
-        let (a, b) = (want.as_bytes(), password.as_bytes());
-        // Constant time in the password's content.
-        a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+        fleetcast_proto::auth::constant_time_eq(
+            self.token(client_id).as_bytes(),
+            password.as_bytes(),
+        )
     }
 }
 
