@@ -66,6 +66,24 @@ struct FrameKey {
     index: u32,
 }
 
+/// What a fresh, admitted request gets (see [`ChunkServer::decide`]).
+enum Answer {
+    /// An error frame saying `reason` to the machine alone; the request is refused for
+    /// `refusal` (logged).
+    Error {
+        artifact: ArtifactId,
+        reason: String,
+        refusal: String,
+    },
+    /// Frames of `artifact`, each with the time it may go (now, or later where the machine's
+    /// byte budget paces it).
+    Frames {
+        artifact: ArtifactId,
+        layout: Layout,
+        keys: Vec<(FrameKey, Instant)>,
+    },
+}
+
 struct ChunkServer {
     ctx: Arc<Ctx>,
     /// The last accepted request counter of each machine, under the secret it was MAC'd with:
@@ -202,112 +220,26 @@ impl ChunkServer {
         self.owed.values().map(|(at, _)| *at).min()
     }
 
+    /// Answers one chunk request: decides what it gets ([`Self::decide`]), then sends it.
     async fn handle(&mut self, m: &MachineId, payload: &[u8]) -> Result<(), String> {
-        let store = &self.ctx.store;
-        let secrets = self.ctx.secrets.read().unwrap_or_else(|p| p.into_inner());
-        let secret = store
-            .secret(m)
-            .map_err(|e| e.to_string())?
-            .ok_or("unknown machine (not provisioned)")?;
-        let req: ChunkRequest = secret
-            .open(Purpose::ChunkRequest, payload)
-            .map_err(|e| e.to_string())?;
-        if &req.machine != m {
-            return Err(format!(
-                "body names machine {}, topic names {m}",
-                req.machine
-            ));
-        }
-        // A replay the cache knows of costs no store access.
-        let last = match self.ctrs.get(m) {
-            Some((under, c)) if *under == secret && req.ctr <= *c => *c,
-            // Not flushed: a replayed chunk request after a crash only costs bandwidth.
-            _ => store
-                .raise_counter(m, "chunks", req.ctr)
-                .map_err(|e| e.to_string())?,
-        };
-        drop(secrets);
-        if req.ctr <= last {
-            return Err(format!(
-                "replayed chunk request counter {} (last {last})",
-                req.ctr
-            ));
-        }
-        self.ctrs.insert(m.clone(), (secret, req.ctr));
-        self.ctx.stats.chunk_request();
         let now = Instant::now();
-        let now_std = now.into_std();
-        if now.duration_since(self.budgets_swept_at) >= BUDGET_SWEEP {
-            self.budgets.retain(|_, b| !b.is_idle(now_std));
-            self.allowed
-                .retain(|_, (at, _)| now.duration_since(*at) < ALLOWED_TTL);
-            self.sent_at
-                .retain(|_, t| now.duration_since(*t) < RESEND_AFTER);
-            self.broadcast_at
-                .retain(|_, t| now.duration_since(*t) < BROADCAST_MEMORY);
-            let layouts = &mut self.layouts;
-            let owed = &self.owed;
-            layouts.retain(|a, _| owed.keys().any(|k| &k.artifact == a));
-            self.budgets_swept_at = now;
-        }
-        let limits = self.ctx.limits;
-        let budget = self
-            .budgets
-            .entry(m.clone())
-            .or_insert_with(|| ChunkBudget::new(&limits, now_std));
-        if !budget.admit_request(now_std) {
-            // Dropped, not answered: an honest machine re-requests after its timeout.
-            return Err("over its chunk request rate; request dropped".into());
-        }
-        let own_topic = self.ctx.topics.machine_chunks(m);
-        // Only artifacts of releases assigned to this machine; anything else looks unknown,
-        // so the answer tells nothing about which artifacts exist.
-        if !self.may_fetch(m, &req.artifact, now)? {
-            self.error_frame(&own_topic, req.artifact, "unknown artifact")
-                .await;
-            return Err(format!("unknown artifact {}", req.artifact.short()));
-        }
-        let layout = match self.layout(&req.artifact)? {
-            Some(l) => l,
-            None => {
-                self.error_frame(&own_topic, req.artifact, "unknown artifact")
-                    .await;
-                return Err(format!("unknown artifact {}", req.artifact.short()));
+        let (artifact, layout, keys) = match self.decide(m, payload, now)? {
+            Answer::Frames {
+                artifact,
+                layout,
+                keys,
+            } => (artifact, layout, keys),
+            Answer::Error {
+                artifact,
+                reason,
+                refusal,
+            } => {
+                let own_topic = self.ctx.topics.machine_chunks(m);
+                self.error_frame(&own_topic, artifact, &reason).await;
+                return Err(refusal);
             }
         };
-        if let Err(e) = req.validate(layout.chunks) {
-            self.error_frame(&own_topic, req.artifact, &format!("bad chunk request: {e}"))
-                .await;
-            return Err(e);
-        }
-        let manifest = req.manifest.then(|| {
-            (0..layout.manifest_parts()).map(|index| FrameKey {
-                artifact: req.artifact,
-                manifest: true,
-                index,
-            })
-        });
-        let wanted = req.indices().count() as u32;
-        let budget = self.budgets.get_mut(m).expect("inserted above");
-        let dues = budget.schedule_chunks(wanted, layout.chunk_size, now_std);
-        let refused = dues.iter().filter(|d| d.is_none()).count();
-        if refused > 0 {
-            tracing::debug!(machine = %m, wanted, refused, "chunk byte budget: part of a request refused");
-        }
-        let chunks = req.indices().zip(dues).filter_map(|(index, due)| {
-            let key = FrameKey {
-                artifact: req.artifact,
-                manifest: false,
-                index,
-            };
-            due.map(|due| (key, Instant::from_std(due)))
-        });
-        let keys: Vec<(FrameKey, Instant)> = manifest
-            .into_iter()
-            .flatten()
-            .map(|key| (key, now))
-            .chain(chunks)
-            .collect();
+        let own_topic = self.ctx.topics.machine_chunks(m);
         let mut send_now = Vec::new();
         for (key, due) in keys {
             if due > now {
@@ -347,7 +279,7 @@ impl ChunkServer {
         let frames = match self.read_frames(keys, &layout).await {
             Ok(frames) => frames,
             Err(e) => {
-                self.error_frame(&own_topic, req.artifact, "artifact unreadable")
+                self.error_frame(&own_topic, artifact, "artifact unreadable")
                     .await;
                 return Err(e);
             }
@@ -356,6 +288,151 @@ impl ChunkServer {
             self.send_frame(key, frame, only).await?;
         }
         Ok(())
+    }
+
+    /// Everything about a request that needs no sending, under the secrets lock: its MAC and
+    /// counter, the machine's budgets, whether it may fetch the artifact, and when each frame
+    /// may go. The counter is raised in the store only for a request that gets an answer, as
+    /// the last step: a request refused for a budget costs no store write (each raise was a
+    /// sled write, and a machine over its budget could make 2,000 of them a second). Such a
+    /// request still cannot be replayed while the server runs (the counter it names is kept
+    /// here); after a crash a replay of it only costs the machine's own budget.
+    fn decide(&mut self, m: &MachineId, payload: &[u8], now: Instant) -> Result<Answer, String> {
+        let ctx = self.ctx.clone();
+        let store = &ctx.store;
+        let _secrets = ctx.secrets.read().unwrap_or_else(|p| p.into_inner());
+        let secret = store
+            .secret(m)
+            .map_err(|e| e.to_string())?
+            .ok_or("unknown machine (not provisioned)")?;
+        let req: ChunkRequest = secret
+            .open(Purpose::ChunkRequest, payload)
+            .map_err(|e| e.to_string())?;
+        if &req.machine != m {
+            return Err(format!(
+                "body names machine {}, topic names {m}",
+                req.machine
+            ));
+        }
+        // The counter known here under this secret, else the store's (a new secret, or the
+        // first request since the start): a read, never a write.
+        let last = match self.ctrs.get(m) {
+            Some((under, c)) if *under == secret => *c,
+            _ => store.counter(m, "chunks").map_err(|e| e.to_string())?,
+        };
+        if req.ctr <= last {
+            return Err(format!(
+                "replayed chunk request counter {} (last {last})",
+                req.ctr
+            ));
+        }
+        self.ctrs.insert(m.clone(), (secret, req.ctr));
+        self.ctx.stats.chunk_request();
+        let now_std = now.into_std();
+        if now.duration_since(self.budgets_swept_at) >= BUDGET_SWEEP {
+            self.budgets.retain(|_, b| !b.is_idle(now_std));
+            self.allowed
+                .retain(|_, (at, _)| now.duration_since(*at) < ALLOWED_TTL);
+            self.sent_at
+                .retain(|_, t| now.duration_since(*t) < RESEND_AFTER);
+            self.broadcast_at
+                .retain(|_, t| now.duration_since(*t) < BROADCAST_MEMORY);
+            let layouts = &mut self.layouts;
+            let owed = &self.owed;
+            layouts.retain(|a, _| owed.keys().any(|k| &k.artifact == a));
+            self.budgets_swept_at = now;
+        }
+        let limits = self.ctx.limits;
+        let budget = self
+            .budgets
+            .entry(m.clone())
+            .or_insert_with(|| ChunkBudget::new(&limits, now_std));
+        if !budget.admit_request(now_std) {
+            // Dropped, not answered: an honest machine re-requests after its timeout.
+            return Err("over its chunk request rate; request dropped".into());
+        }
+        let answer = self.answer(m, &req, now, now_std)?;
+        // Counted once answered. Not flushed: a replayed chunk request after a crash only
+        // costs bandwidth.
+        let stored = store
+            .raise_counter(m, "chunks", req.ctr)
+            .map_err(|e| e.to_string())?;
+        if req.ctr <= stored {
+            return Err(format!(
+                "replayed chunk request counter {} (last {stored})",
+                req.ctr
+            ));
+        }
+        Ok(answer)
+    }
+
+    /// What an admitted request gets: an error frame, or its frames with the time each may go;
+    /// an error if the byte budget refuses all of them (nothing is sent or owed then).
+    fn answer(
+        &mut self,
+        m: &MachineId,
+        req: &ChunkRequest,
+        now: Instant,
+        now_std: std::time::Instant,
+    ) -> Result<Answer, String> {
+        let unknown = || Answer::Error {
+            artifact: req.artifact,
+            reason: "unknown artifact".into(),
+            refusal: format!("unknown artifact {}", req.artifact.short()),
+        };
+        // Only artifacts of releases assigned to this machine; anything else looks unknown,
+        // so the answer tells nothing about which artifacts exist.
+        if !self.may_fetch(m, &req.artifact, now)? {
+            return Ok(unknown());
+        }
+        let Some(layout) = self.layout(&req.artifact)? else {
+            return Ok(unknown());
+        };
+        if let Err(e) = req.validate(layout.chunks) {
+            return Ok(Answer::Error {
+                artifact: req.artifact,
+                reason: format!("bad chunk request: {e}"),
+                refusal: e,
+            });
+        }
+        let manifest = req.manifest.then(|| {
+            (0..layout.manifest_parts()).map(|index| FrameKey {
+                artifact: req.artifact,
+                manifest: true,
+                index,
+            })
+        });
+        let wanted = req.indices().count() as u32;
+        let budget = self.budgets.get_mut(m).expect("admitted by its budget");
+        let dues = budget.schedule_chunks(wanted, layout.chunk_size, now_std);
+        let refused = dues.iter().filter(|d| d.is_none()).count();
+        if refused > 0 {
+            tracing::debug!(machine = %m, wanted, refused, "chunk byte budget: part of a request refused");
+        }
+        let chunks = req.indices().zip(dues).filter_map(|(index, due)| {
+            let key = FrameKey {
+                artifact: req.artifact,
+                manifest: false,
+                index,
+            };
+            due.map(|due| (key, Instant::from_std(due)))
+        });
+        let keys: Vec<(FrameKey, Instant)> = manifest
+            .into_iter()
+            .flatten()
+            .map(|key| (key, now))
+            .chain(chunks)
+            .collect();
+        if keys.is_empty() && refused > 0 {
+            return Err(format!(
+                "over its chunk byte budget; {refused} chunks refused"
+            ));
+        }
+        Ok(Answer::Frames {
+            artifact: req.artifact,
+            layout,
+            keys,
+        })
     }
 
     /// Whether `m` may fetch `artifact`: a release assigned to it ships it.
@@ -567,6 +644,24 @@ mod tests {
 
     fn fixture() -> Fixture {
         let (dir, eventloop, ctx) = Ctx::for_tests_in_temp_dir();
+        with_machines(dir, eventloop, ctx)
+    }
+
+    /// [`fixture`] on a sled store in its temp dir, with `limits`.
+    fn sled_fixture(limits: MachineLimits) -> Fixture {
+        let (dir, eventloop, mut ctx) = Ctx::for_tests_in_temp_dir();
+        let c = Arc::get_mut(&mut ctx).expect("not shared yet");
+        c.store = Arc::new(crate::store::SledStore::open(&dir.path().join("db")).unwrap());
+        c.limits = limits;
+        with_machines(dir, eventloop, ctx)
+    }
+
+    /// vm-1 and vm-2 provisioned with one secret.
+    fn with_machines(
+        dir: tempfile::TempDir,
+        eventloop: rumqttc::EventLoop,
+        ctx: Arc<Ctx>,
+    ) -> Fixture {
         let secret = Secret::from_bytes([7; 32]);
         ctx.store
             .transaction(|tx| {
@@ -767,6 +862,55 @@ mod tests {
             .unwrap();
         assert_eq!(server.owed.len(), 2, "two paced, one refused");
         assert_eq!(sent(&server), 3);
+    }
+
+    /// A machine past its budgets costs the store nothing: its replay counter is raised in the
+    /// store only by requests that were answered. Raised first, each refused request was a
+    /// sled write, up to 2,000 a second from one machine.
+    #[tokio::test(start_paused = true)]
+    async fn requests_refused_for_a_budget_write_nothing_to_the_store() {
+        // 10 requests at once, 1 KiB at once and 1 KiB a second.
+        let f = sled_fixture(MachineLimits {
+            requests_per_sec: 10.0,
+            request_burst: 10.0,
+            bytes_per_sec: 1024.0,
+            byte_burst: 1024.0,
+            ..MachineLimits::default()
+        });
+        let a = add_artifact(&f.ctx, 1);
+        let mut server = server(&f.ctx);
+        let vm1 = MachineId::new("vm-1").unwrap();
+        let stored = |s: &ChunkServer| s.ctx.store.counter(&vm1, "chunks").unwrap();
+        let sent = |s: &ChunkServer| s.ctx.stats.snapshot().chunk_frames_sent;
+        // Three 1 KiB chunks: one now, one paced a second ahead, one refused.
+        server
+            .handle(&vm1, &request(&f, "vm-1", 1, a))
+            .await
+            .unwrap();
+        assert_eq!((stored(&server), sent(&server)), (1, 1));
+        // Nine more over the byte budget, then ninety over the request rate.
+        for ctr in 2..=100 {
+            let _ = server.handle(&vm1, &request(&f, "vm-1", ctr, a)).await;
+        }
+        assert_eq!(sent(&server), 1, "nothing more served");
+        assert_eq!(
+            stored(&server),
+            1,
+            "no refused request raised the stored counter"
+        );
+        // A refused request's counter is still spent while the server runs.
+        let err = server
+            .handle(&vm1, &request(&f, "vm-1", 50, a))
+            .await
+            .unwrap_err();
+        assert!(err.contains("replayed"), "{err}");
+        // Once the budgets have earned again, a request is served and counted.
+        tokio::time::advance(Duration::from_secs(3)).await;
+        server
+            .handle(&vm1, &request(&f, "vm-1", 101, a))
+            .await
+            .unwrap();
+        assert_eq!((stored(&server), sent(&server)), (101, 2));
     }
 
     #[tokio::test(start_paused = true)]
