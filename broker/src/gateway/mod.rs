@@ -18,7 +18,8 @@
 //!   with [`Principal::may_subscribe`] and then [`Authenticator::may_subscribe`] (dynamic rules).
 //!   MQTT 3.1.1 cannot refuse a publish, and a SUBACK failure code is easy to ignore, so a
 //!   violation closes the connection (logged with client and topic): the attack fails visibly
-//!   and nothing of it reaches the broker. Everything else is handed on unchanged.
+//!   and nothing of it reaches the broker. So does a machine's SUBSCRIBE of more than
+//!   [`MAX_SUBSCRIBE_FILTERS`] filters. Everything else is handed on unchanged.
 //! - **Sessions are in-process links** to rumqttd's router (`embedded::Links`): no second
 //!   socket and no second MQTT encoding per client. The gateway answers CONNECT itself, hands
 //!   each allowed packet to the router parsed, and encodes what the router delivers (only what
@@ -78,6 +79,15 @@ pub use registry::{ChunkRequestSink, GatewayHandle, GatewayStats};
 use crate::client::BrokerUrl;
 use crate::embedded::{start_on_free_port, BrokerError, BrokerSettings, EmbeddedBroker};
 use registry::Registry;
+
+/// Filters one SUBSCRIBE of a machine may name (copies of one filter count); over it the
+/// connection is closed (a violation). The reference agent names one filter per SUBSCRIBE;
+/// everything a machine subscribes to is the key chain and its four own filters, one per group
+/// and one per artifact it downloads (one download per kind), so an agent naming them all at
+/// once stays far below this unless it is in over 200 groups. Why a cap: a SUBSCRIBE is
+/// checked, registered and answered filter by filter while the session reads nothing else,
+/// and one packet (up to 2 MiB) could name tens of thousands of filters.
+pub const MAX_SUBSCRIBE_FILTERS: usize = 256;
 
 /// Decides who a client is. The platform implements it over its store.
 ///

@@ -675,7 +675,19 @@ impl Session<'_> {
                 });
             }
             PacketType::Subscribe => {
-                let filters = frames::subscribe_filters(frame).map_err(End::Frame)?;
+                let mut filters = frames::subscribe_filters(frame).map_err(End::Frame)?;
+                if matches!(principal, Principal::Machine { .. })
+                    && filters.len() > super::MAX_SUBSCRIBE_FILTERS
+                {
+                    return Err(End::Violation {
+                        what: "a SUBSCRIBE of too many filters",
+                        topic: format!(
+                            "{} filters (at most {})",
+                            filters.len(),
+                            super::MAX_SUBSCRIBE_FILTERS
+                        ),
+                    });
+                }
                 if let Some(f) = filters
                     .iter()
                     .find(|f| !principal.may_subscribe(&shared.topics, client_id, f))
@@ -685,6 +697,11 @@ impl Session<'_> {
                         topic: f.clone(),
                     });
                 }
+                // Each filter once, however often the SUBSCRIBE names it: registering a served
+                // filter queues its kept messages, and a SUBSCRIBE naming one 100 times queued
+                // them 100 times (its SUBACK still answers every copy).
+                let mut named = std::collections::HashSet::new();
+                filters.retain(|f| named.insert(f.clone()));
                 let auth = shared.auth.clone();
                 let who = principal.clone();
                 // The dynamic check may read the platform's store, like `authenticate`.

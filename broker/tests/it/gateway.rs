@@ -1829,3 +1829,152 @@ async fn a_subscription_the_platform_refuses_now_gets_a_failure_and_the_session_
     assert_eq!(p.payload[..], b"ack"[..]);
     assert_eq!(handle.stats().violations, 0);
 }
+
+/// A SUBSCRIBE naming `filters`, each at QoS 0.
+fn subscribe_all(filters: &[String], pkid: u16) -> Packet {
+    let mut s = Subscribe::new_many(
+        filters
+            .iter()
+            .map(|f| rumqttc::mqttbytes::v4::SubscribeFilter::new(f.clone(), QoS::AtMostOnce)),
+    );
+    s.pkid = pkid;
+    Packet::Subscribe(s)
+}
+
+/// A machine's SUBSCRIBE names at most `MAX_SUBSCRIBE_FILTERS` filters: one at the cap is
+/// answered in full; one over it closes the connection without a SUBACK (a violation, as for a
+/// filter outside the machine's topics), and the gateway serves on: another machine's commands
+/// still flow, and the offender connects again and gets its own.
+#[tokio::test]
+async fn a_subscribe_of_too_many_filters_closes_its_connection_and_the_gateway_serves_on() {
+    use fleetcast_broker::gateway::MAX_SUBSCRIBE_FILTERS;
+    use rumqttc::mqttbytes::v4::SubscribeReasonCode;
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let (vm1, vm2) = (
+        MachineId::new("vm-1").unwrap(),
+        MachineId::new("vm-2").unwrap(),
+    );
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
+    let (victim, mut victim_rx) = gw.machine("vm-2").await;
+    subscribe(&victim, &mut victim_rx, &topics.command(&vm2)).await;
+    // Distinct filters a machine may name: chunk topics of concrete artifacts.
+    let filters = |n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| topics.artifact_chunks(&ArtifactId::of(&i.to_be_bytes())))
+            .collect()
+    };
+
+    let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+    raw.send(subscribe_all(&filters(MAX_SUBSCRIBE_FILTERS), 3))
+        .await;
+    let Some(Packet::SubAck(ack)) = raw.next().await else {
+        panic!("no SUBACK at the cap");
+    };
+    assert_eq!(
+        ack.return_codes,
+        vec![SubscribeReasonCode::Success(QoS::AtMostOnce); MAX_SUBSCRIBE_FILTERS]
+    );
+    raw.closed_after(
+        subscribe_all(&filters(MAX_SUBSCRIBE_FILTERS + 1), 4),
+        "a SUBSCRIBE of one filter over the cap",
+    )
+    .await;
+    assert_eq!(gw.secured.handle().stats().violations, 1);
+
+    platform
+        .publish(topics.command(&vm2), QoS::AtLeastOnce, false, "to vm-2")
+        .await
+        .unwrap();
+    let got = next_publish(&mut victim_rx, WAIT, "the other machine's command").await;
+    assert_eq!(got.payload[..], b"to vm-2"[..]);
+    let (again, mut again_rx) = gw.machine("vm-1").await;
+    subscribe(&again, &mut again_rx, &topics.command(&vm1)).await;
+    platform
+        .publish(topics.command(&vm1), QoS::AtLeastOnce, false, "to vm-1")
+        .await
+        .unwrap();
+    let got = next_publish(&mut again_rx, WAIT, "the offender's own command").await;
+    assert_eq!(got.payload[..], b"to vm-1"[..]);
+}
+
+/// Everything `raw` gets within a short while of sending `packet` (until 300 ms pass quietly).
+async fn gets(raw: &mut Raw, packet: Packet) -> Vec<Packet> {
+    raw.send(packet).await;
+    let mut got = Vec::new();
+    while let Ok(Some(p)) = tokio::time::timeout(Duration::from_millis(300), raw.next()).await {
+        got.push(p);
+    }
+    got
+}
+
+/// A SUBSCRIBE naming one served filter 100 times is answered for every copy and hands over
+/// the kept message once: each copy queued it again, and 64 copies filled the session's queue
+/// and closed it. The session stays and gets the next message once.
+#[tokio::test]
+async fn a_subscribe_naming_one_served_filter_100_times_gets_its_kept_message_once() {
+    use rumqttc::mqttbytes::v4::SubscribeReasonCode;
+    let gw = start_gateway(|_| {}).await;
+    let keys = Topics::default().platform_keys();
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
+    platform
+        .publish(keys.clone(), QoS::AtLeastOnce, true, "keys-1")
+        .await
+        .unwrap();
+    let kept = |got: &[Packet]| -> Vec<bytes::Bytes> {
+        got.iter()
+            .filter_map(|p| match p {
+                Packet::Publish(p) if p.retain => Some(p.payload.clone()),
+                _ => None,
+            })
+            .collect()
+    };
+    // The relay has the key chain once a session subscribing to it gets it kept.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut probe = Raw::accepted(gw.plain(), "vm-2").await;
+        if !kept(&gets(&mut probe, raw_subscribe(&keys)).await).is_empty() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay never kept the key chain"
+        );
+    }
+
+    let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+    let got = gets(&mut raw, subscribe_all(&vec![keys.clone(); 100], 6)).await;
+    let acks: Vec<_> = got
+        .iter()
+        .filter_map(|p| match p {
+            Packet::SubAck(a) => Some(a.return_codes.clone()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        acks,
+        [vec![SubscribeReasonCode::Success(QoS::AtMostOnce); 100]],
+        "one SUBACK, a code for every copy"
+    );
+    assert_eq!(kept(&got), ["keys-1"], "the kept message once");
+    platform
+        .publish(keys.clone(), QoS::AtLeastOnce, true, "keys-2")
+        .await
+        .unwrap();
+    let live: Vec<_> = gets(&mut raw, Packet::PingReq)
+        .await
+        .into_iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) => Some(p.payload),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        live,
+        ["keys-2"],
+        "the session stays and gets the next one once"
+    );
+    assert_eq!(gw.secured.handle().stats().violations, 0);
+}
