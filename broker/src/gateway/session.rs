@@ -839,8 +839,13 @@ where
                     };
                 }
             }
+            // One frame at a time, then the answers again: written together, a full queue of
+            // frames (4 MiB) kept refilling while it drained, and a PINGRESP or status ack
+            // queued meanwhile waited until the machine had read all of it (a minute for a
+            // machine reading at 70 KB/s: it resent its events and took its connection for
+            // dead).
             Some(frame) = injected.recv() => {
-                if let Err(e) = write_frames(wr, frame, &mut injected).await {
+                if let Err(e) = wr.write_all(&frame).await {
                     return e.into();
                 }
             }
@@ -864,7 +869,7 @@ where
     }
 }
 
-/// Writes `first` and whatever else is queued for the session now.
+/// Writes `first` and whatever else is queued for the session now (answers: small).
 async fn write_frames<W: AsyncWrite + Unpin>(
     wr: &mut W,
     first: Bytes,

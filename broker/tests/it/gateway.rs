@@ -1786,6 +1786,50 @@ async fn a_machines_acks_pass_its_full_queue_of_chunk_frames() {
     assert_eq!(seen, [b"the ack".to_vec(), b"the error".to_vec()]);
 }
 
+/// A PINGRESP and a status ack wait behind at most the frame being written, not behind the
+/// machine's whole queue of chunk frames: written together, a full queue (4 MiB) refilled as
+/// it drained, and a machine reading at 70 KB/s (10,000 sharing one host) got its PINGRESP a
+/// minute late, took the connection for dead and reconnected (8,000 times in one rollout).
+#[tokio::test]
+async fn a_pingresp_and_an_ack_overtake_the_queued_chunk_frames() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let artifact = topics.artifact_chunks(&ArtifactId::of(b"app v2"));
+    let ack = topics.status_ack(&vm1);
+    let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+    for (pkid, topic) in [&artifact, &ack].into_iter().enumerate() {
+        let mut s = Subscribe::new(topic, QoS::AtMostOnce);
+        s.pkid = pkid as u16 + 1;
+        raw.send(Packet::Subscribe(s)).await;
+        assert!(matches!(raw.next().await, Some(Packet::SubAck(_))));
+    }
+    // The machine reads nothing while frames come: its socket, then its queue, fill up.
+    let frame = vec![7u8; 64 * 1024];
+    let handle = gw.secured.handle();
+    let mut queued = 0;
+    while handle.deliver(&artifact, &frame) == 1 {
+        queued += 1;
+        assert!(queued < 4_000, "the queue of chunk frames never filled");
+    }
+    raw.send(Packet::PingReq).await;
+    assert_eq!(handle.deliver(&ack, b"the ack"), 1, "ack queued");
+    let (mut frames_before, mut pong, mut acked) = (0, false, false);
+    while !(pong && acked) {
+        match raw.next().await {
+            Some(Packet::Publish(p)) if p.topic == artifact => frames_before += 1,
+            Some(Packet::Publish(p)) if p.topic == ack => acked = true,
+            Some(Packet::PingResp) => pong = true,
+            other => panic!("expected frames, the ack and a PINGRESP, got {other:?}"),
+        }
+    }
+    // What was already in the sockets comes first (a few frames); not the queue.
+    assert!(
+        frames_before < queued / 2,
+        "{frames_before} of {queued} queued frames came before the PINGRESP and the ack"
+    );
+}
+
 /// A subscription the policy allows but the platform refuses now (the authenticator's dynamic
 /// hook: the chunk topic of an artifact not assigned to the machine, which an agent resuming an
 /// old download asks for) gets a failure in its SUBACK, and the connection stays: closing it
