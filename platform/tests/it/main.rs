@@ -155,9 +155,19 @@ async fn admin(broker: &BrokerUrl, data: &Path) -> AdminClient {
         |&exists| exists,
     )
     .await;
-    let c = AdminClient::connect(broker, Topics::default(), admin_secret(data), WAIT)
-        .await
-        .unwrap();
+    // The secret is written before the platform's listeners are up: a refused connection
+    // right after it is the platform still starting (it failed under a loaded test run).
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let c = loop {
+        match AdminClient::connect(broker, Topics::default(), admin_secret(data), WAIT).await {
+            Ok(c) => break c,
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                eprintln!("admin client: {e}; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => panic!("the admin client cannot connect: {e}"),
+        }
+    };
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
         match c
