@@ -267,7 +267,15 @@ pub async fn run_with(
                 None => break,
             },
             Some(input) = input_rx.recv() => agent.on_task_result(input).await,
-            _ = tick.tick() => agent.on_tick().await,
+            _ = tick.tick() => {
+                // What came while the agent was busy (an ack among the frames) is taken before
+                // the tick decides that an ack is missing and sends the event again.
+                for _ in 0..MQTT_EVENTS_QUEUED {
+                    let Ok(event) = mqtt_rx.try_recv() else { break };
+                    agent.on_mqtt(event).await;
+                }
+                agent.on_tick().await
+            }
             Some(_) = agent.tasks.join_next(), if !agent.tasks.is_empty() => {
                 agent.remove_unused_files().await;
             }
@@ -623,6 +631,17 @@ impl Agent {
     }
 
     async fn on_tick(&mut self) {
+        // Before anything that may wait (the sale lock is looked at on a blocking thread, which
+        // 10,000 simulated machines' disk writes kept busy for seconds): an ack that came
+        // during such a wait must not find the head already sent again. 10,000 machines sent
+        // more events again than they had stored, each ack having waited in the queue.
+        if self
+            .head_sent_at
+            .is_some_and(|t| t.elapsed() > RESEND_AFTER)
+        {
+            self.head_sent_at = None;
+        }
+        self.send_head();
         let busy = self.look_for_sale().await;
         if busy != self.updater.busy() {
             self.handle(Input::Busy(busy)).await;
@@ -630,12 +649,7 @@ impl Agent {
         self.handle(Input::Tick).await;
         // Taken for an idle job that did not start after all (e.g. cancelled): let go.
         self.preheld = None;
-        if self
-            .head_sent_at
-            .is_some_and(|t| t.elapsed() > RESEND_AFTER)
-        {
-            self.head_sent_at = None;
-        }
+        // A new event of this tick goes now.
         self.send_head();
         if self.connected && self.state_repeat_at.is_some_and(|t| t <= Instant::now()) {
             self.state_dirty = true;
