@@ -223,6 +223,7 @@ impl ChunkServer {
     /// Answers one chunk request: decides what it gets ([`Self::decide`]), then sends it.
     async fn handle(&mut self, m: &MachineId, payload: &[u8]) -> Result<(), String> {
         let now = Instant::now();
+        let own_topic = self.ctx.topics.machine_chunks(m);
         let (artifact, layout, keys) = match self.decide(m, payload, now)? {
             Answer::Frames {
                 artifact,
@@ -234,12 +235,10 @@ impl ChunkServer {
                 reason,
                 refusal,
             } => {
-                let own_topic = self.ctx.topics.machine_chunks(m);
                 self.error_frame(&own_topic, artifact, &reason).await;
                 return Err(refusal);
             }
         };
-        let own_topic = self.ctx.topics.machine_chunks(m);
         let mut send_now = Vec::new();
         for (key, due) in keys {
             if due > now {
