@@ -103,6 +103,11 @@ pub trait SessionControl: Send + Sync {
     fn deliver(&self, _topic: &str, _payload: &[u8], _only: Option<&[&str]>) -> Option<usize> {
         None
     }
+    /// Whether anyone is subscribed to fanned-out topic `topic` now, if this broker can tell
+    /// (`None`: an external broker; publish anyway).
+    fn subscribed(&self, _topic: &str) -> Option<bool> {
+        None
+    }
     /// Has machines' chunk requests handed to `sink` in process, if this broker can (`false`:
     /// they arrive over MQTT).
     fn take_chunk_requests(&self, _sink: fleetcast_broker::ChunkRequestSink) -> bool {

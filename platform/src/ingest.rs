@@ -147,6 +147,8 @@ struct Reject {
 struct Ingest {
     ctx: Arc<Ctx>,
     client: AsyncClient,
+    /// Each flushed batch's acks and events, to [`send_signed`].
+    signed: mpsc::Sender<ToSign>,
     progress_sent: HashMap<ReleaseId, Instant>,
     progress_dirty: HashSet<ReleaseId>,
     /// Per notice topic: which notice (seq) was last sent there, and when (or when a machine
@@ -162,17 +164,77 @@ struct Ingest {
     rollouts_swept: Instant,
 }
 
+/// A flushed batch's signed messages: each machine's ack and the integrators' events. An
+/// Ed25519 signature each is most of what ingest costs (about 20 µs, against about 30 µs to
+/// verify and store an event), so [`send_signed`] signs them on a blocking thread while the
+/// loop verifies and stores the next batch.
+#[derive(Default)]
+struct ToSign {
+    acks: Vec<fleetcast_proto::StatusAck>,
+    events: Vec<FleetEvent>,
+}
+
+/// Signs and sends each batch's acks and events, in the order the batches were flushed.
+async fn send_signed(ctx: Arc<Ctx>, mut batches: mpsc::Receiver<ToSign>) {
+    while let Some(batch) = batches.recv().await {
+        let ctx = ctx.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || sign_and_send(&ctx, batch)).await {
+            tracing::error!(error = %e, "status acks not sent; machines will send again");
+        }
+    }
+}
+
+fn sign_and_send(ctx: &Ctx, batch: ToSign) {
+    let keys = ctx.keys();
+    for ack in batch.acks {
+        let payload = keys.platform.sign(Purpose::StatusAck, &ack);
+        let topic = ctx.topics.status_ack(&ack.machine);
+        // The embedded broker's gateway delivers each machine's acks itself (a filter per
+        // machine in rumqttd would cost its topic matching the size of the fleet).
+        if ctx.sessions.deliver(&topic, &payload, None).is_some() {
+            continue;
+        }
+        if let Err(err) = ctx.mqtt.try_publish(topic, QoS::AtMostOnce, false, payload) {
+            // The machine sends the event again and gets the ack then.
+            tracing::debug!(machine = %ack.machine, error = %err, "status ack not queued");
+        }
+    }
+    let topic = ctx.topics.events();
+    // The embedded broker's gateway delivers events itself: through rumqttd, a topic nobody
+    // subscribes to is matched against every filter on each publish (its match cache keeps only
+    // topics that matched something), which made ingest pay for the size of the fleet on every
+    // stored event. It also knows whether anyone listens: with no integrator subscribed, no
+    // event is signed (half of ingest's signatures). `fleet/events` is live and best effort.
+    if ctx.sessions.subscribed(&topic) == Some(false) {
+        return;
+    }
+    for e in batch.events {
+        let payload = keys.platform.sign(Purpose::Event, &e);
+        if ctx.sessions.deliver(&topic, &payload, None).is_none() {
+            if let Err(err) = ctx
+                .mqtt
+                .try_publish(&topic, QoS::AtMostOnce, false, payload)
+            {
+                tracing::debug!(error = %err, "fleet event not published");
+            }
+        }
+    }
+}
+
 /// Runs the ingest loop until shutdown. A store error stops the service before any of the
 /// batch is acknowledged to its machines (they send it again).
 pub async fn run(
     ctx: Arc<Ctx>,
     client: AsyncClient,
-    mut events: mpsc::Receiver<MqttEvent>,
+    events: mpsc::Receiver<MqttEvent>,
     shutdown: CancellationToken,
 ) -> Result<(), PlatformError> {
+    let (signed, to_sign) = mpsc::channel(1);
+    let sender = tokio::spawn(send_signed(ctx.clone(), to_sign));
     let mut ingest = Ingest {
         ctx,
         client,
+        signed,
         progress_sent: HashMap::new(),
         progress_dirty: HashSet::new(),
         republished: HashMap::new(),
@@ -181,43 +243,58 @@ pub async fn run(
         rollouts_checked: HashMap::new(),
         rollouts_swept: Instant::now(),
     };
-    let mut tick = tokio::time::interval(PROGRESS_INTERVAL / 2);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        let first = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            _ = tick.tick() => {
-                ingest.flush_progress();
-                ingest.rollouts().await;
-                let keep = 4 * ingest.ctx.limits.republish_every;
-                ingest.republished.retain(|_, (_, t)| t.elapsed() < keep);
-                continue
-            }
-            e = events.recv() => match e { Some(e) => e, None => return Ok(()) },
-        };
-        let mut batch = Vec::new();
-        ingest.take(first, &mut batch);
-        let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
-        while batch.len() < MAX_BATCH {
-            match events.try_recv() {
-                Ok(e) => ingest.take(e, &mut batch),
-                Err(mpsc::error::TryRecvError::Empty) => {
-                    match tokio::time::timeout_at(deadline, events.recv()).await {
-                        Ok(Some(e)) => ingest.take(e, &mut batch),
-                        _ => break,
-                    }
-                }
-                Err(mpsc::error::TryRecvError::Disconnected) => break,
-            }
-        }
-        if !batch.is_empty() {
-            ingest.process(batch).await?;
-            ingest.rollouts().await;
-        }
+    let result = ingest.run(events, shutdown).await;
+    // What was flushed is still acknowledged; the sender ends once the loop's handle is gone.
+    drop(ingest);
+    if let Err(e) = sender.await {
+        tracing::error!(error = %e, "status acks not sent");
     }
+    result
 }
 
 impl Ingest {
+    async fn run(
+        &mut self,
+        mut events: mpsc::Receiver<MqttEvent>,
+        shutdown: CancellationToken,
+    ) -> Result<(), PlatformError> {
+        let ingest = self;
+        let mut tick = tokio::time::interval(PROGRESS_INTERVAL / 2);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let first = tokio::select! {
+                _ = shutdown.cancelled() => return Ok(()),
+                _ = tick.tick() => {
+                    ingest.flush_progress();
+                    ingest.rollouts().await;
+                    let keep = 4 * ingest.ctx.limits.republish_every;
+                    ingest.republished.retain(|_, (_, t)| t.elapsed() < keep);
+                    continue
+                }
+                e = events.recv() => match e { Some(e) => e, None => return Ok(()) },
+            };
+            let mut batch = Vec::new();
+            ingest.take(first, &mut batch);
+            let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+            while batch.len() < MAX_BATCH {
+                match events.try_recv() {
+                    Ok(e) => ingest.take(e, &mut batch),
+                    Err(mpsc::error::TryRecvError::Empty) => {
+                        match tokio::time::timeout_at(deadline, events.recv()).await {
+                            Ok(Some(e)) => ingest.take(e, &mut batch),
+                            _ => break,
+                        }
+                    }
+                    Err(mpsc::error::TryRecvError::Disconnected) => break,
+                }
+            }
+            if !batch.is_empty() {
+                ingest.process(batch).await?;
+                ingest.rollouts().await;
+            }
+        }
+    }
+
     fn take(&self, event: MqttEvent, batch: &mut Vec<Publish>) {
         match event {
             MqttEvent::Publish(p) => batch.push(p),
@@ -275,42 +352,28 @@ impl Ingest {
             .filter(|a| matches!(a, After::Event(_)))
             .count();
         self.ctx.stats.batch_flushed(stored);
+        let mut to_sign = ToSign::default();
         for a in coalesce_acks(after) {
-            self.after(a)?;
+            self.after(a, &mut to_sign)?;
+        }
+        if !to_sign.acks.is_empty() || !to_sign.events.is_empty() {
+            // At most one batch waits while another is signed: the loop stores the next batch
+            // meanwhile, and waits here when signing falls behind.
+            if self.signed.send(to_sign).await.is_err() {
+                tracing::error!("status ack sender gone; machines will send again");
+            }
         }
         Ok(())
     }
 
-    fn after(&mut self, a: After) -> Result<(), StoreError> {
+    /// Does `a`, or for what needs a signature, adds it to `to_sign`.
+    fn after(&mut self, a: After, to_sign: &mut ToSign) -> Result<(), StoreError> {
         let ctx = &self.ctx;
         match a {
-            After::StatusAck { machine, ctr } => {
-                let ack = fleetcast_proto::StatusAck { machine, ctr };
-                let payload = ctx.keys().platform.sign(Purpose::StatusAck, &ack);
-                let topic = ctx.topics.status_ack(&ack.machine);
-                // The embedded broker's gateway delivers each machine's acks itself (a filter
-                // per machine in rumqttd would cost its topic matching the size of the fleet).
-                if ctx.sessions.deliver(&topic, &payload, None).is_some() {
-                    return Ok(());
-                }
-                if let Err(err) = ctx.mqtt.try_publish(topic, QoS::AtMostOnce, false, payload) {
-                    // The machine sends the event again and gets the ack then.
-                    tracing::debug!(machine = %ack.machine, error = %err, "status ack not queued");
-                }
-            }
-            After::Event(e) => {
-                let payload = ctx.keys().platform.sign(Purpose::Event, &e);
-                let topic = ctx.topics.events();
-                // The embedded broker's gateway delivers events itself: through rumqttd, a
-                // topic nobody subscribes to is matched against every filter on each publish
-                // (its match cache keeps only topics that matched something), which made
-                // ingest pay for the size of the fleet on every stored event.
-                if ctx.sessions.deliver(&topic, &payload, None).is_none() {
-                    if let Err(err) = ctx.mqtt.try_publish(topic, QoS::AtMostOnce, false, payload) {
-                        tracing::debug!(error = %err, "fleet event not published");
-                    }
-                }
-            }
+            After::StatusAck { machine, ctr } => to_sign
+                .acks
+                .push(fleetcast_proto::StatusAck { machine, ctr }),
+            After::Event(e) => to_sign.events.push(e),
             After::Progress { release } => {
                 self.rollouts_dirty.insert(release.clone());
                 let due = self

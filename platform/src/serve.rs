@@ -80,6 +80,10 @@ impl SessionControl for GatewaySessions {
         Some(self.0.deliver_to(topic, payload, only))
     }
 
+    fn subscribed(&self, topic: &str) -> Option<bool> {
+        Some(self.0.subscribed(topic))
+    }
+
     fn take_chunk_requests(&self, sink: fleetcast_broker::ChunkRequestSink) -> bool {
         self.0.take_chunk_requests(sink)
     }

@@ -173,6 +173,11 @@ impl Fanout {
         }
     }
 
+    /// Whether any session is subscribed to `filter` now.
+    pub(crate) fn subscribed(&self, filter: &str) -> bool {
+        self.state().filters.contains_key(filter)
+    }
+
     /// Queues `packet` (a whole PUBLISH) for every session subscribed to `filter`, or only for
     /// the sessions of `only` (usernames); how many took it.
     pub(crate) fn deliver(&self, filter: &str, packet: &Bytes, only: Option<&[&str]>) -> usize {

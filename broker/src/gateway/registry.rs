@@ -333,6 +333,12 @@ impl GatewayHandle {
         self.deliver_to(topic, payload, None)
     }
 
+    /// Whether any session is subscribed to fanned-out topic `topic` now (what is built only to
+    /// be delivered need not be built for nobody).
+    pub fn subscribed(&self, topic: &str) -> bool {
+        self.registry.fanout.subscribed(topic)
+    }
+
     /// [`GatewayHandle::deliver`] to the subscribed sessions of these usernames only (`None`:
     /// every subscriber).
     pub fn deliver_to(&self, topic: &str, payload: &[u8], only: Option<&[&str]>) -> usize {
