@@ -11,7 +11,7 @@
 #                                fan-out, notice latency, egress, memory, ten rollouts at 1,000;
 #                                writes docs/scale.svg
 #   scripts/bench.sh ingest      status events/s acknowledged by the platform vs raw sled
-#                                (INGEST_MACHINES=500 INGEST_EVENTS=100 INGEST_WINDOW=8)
+#                                (INGEST_MACHINES=2000 INGEST_EVENTS=25, one event in flight each)
 #   scripts/bench.sh mosquitto   a rollout to MOSQ_SIZES (default 1000) machines and a BENCH_MB
 #                                (default 200) download, on Mosquitto as the external broker
 #   scripts/bench.sh footprint   the agent process (`fleetcast-device run`): RSS idle and while
