@@ -29,5 +29,5 @@ pub use embedded::{BrokerSettings, EmbeddedBroker};
 #[cfg(feature = "embedded")]
 pub use gateway::{
     start_secured, Authenticator, ChunkRequestSink, GatewayHandle, SecureBrokerSettings,
-    SecuredBroker,
+    SecuredBroker, StatusEventSink,
 };

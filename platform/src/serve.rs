@@ -88,6 +88,10 @@ impl SessionControl for GatewaySessions {
         self.0.take_chunk_requests(sink)
     }
 
+    fn take_status_events(&self, sink: fleetcast_broker::StatusEventSink) -> bool {
+        self.0.take_status_events(sink)
+    }
+
     fn gateway_counters(&self) -> Option<fleetcast_proto::admin::GatewayCounters> {
         let s = self.0.stats();
         Some(fleetcast_proto::admin::GatewayCounters {
@@ -195,6 +199,9 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
     ingest_opts.set_clean_session(false);
     let (ingest_client, ingest_loop) = client::connect(ingest_opts, 1024);
     let (ingest_tx, ingest_rx) = mpsc::channel(1024);
+    // On the embedded broker, machines' status events come from the gateway in process; state
+    // and `online` (retained on the broker) still come through the ingest connection.
+    deps.sessions.take_status_events(ingest_tx.clone());
     {
         let stop = tasks_stop.clone();
         tasks.spawn(async move {

@@ -166,6 +166,15 @@ pub fn accepted() -> BytesMut {
     out
 }
 
+/// The PUBACK of the QoS 1 publish `pkid`.
+pub fn puback(pkid: u16) -> bytes::Bytes {
+    let mut out = BytesMut::with_capacity(4);
+    rumqttc::mqttbytes::v4::PubAck::new(pkid)
+        .write(&mut out)
+        .expect("a PUBACK always encodes");
+    out.freeze()
+}
+
 /// A CONNACK refusing the connection with `code`.
 pub fn refusal(code: ConnectReturnCode) -> BytesMut {
     let mut out = BytesMut::with_capacity(4);

@@ -54,6 +54,9 @@ pub(crate) struct Registry {
     chunk_requests: std::sync::OnceLock<ChunkRequestSink>,
     /// Chunk requests dropped because that queue was gone (the platform stopped).
     chunk_requests_dropped: AtomicU64,
+    /// Where machines' status events go in process, if the platform took them
+    /// ([`GatewayHandle::take_status_events`]).
+    status_events: std::sync::OnceLock<StatusEventSink>,
     /// Each rate-limited principal's buckets, kept across its connections.
     limiters: Mutex<Limiters>,
 }
@@ -70,6 +73,10 @@ pub(crate) type SharedLimiter = Arc<Mutex<Limiter>>;
 
 /// A machine's chunk request (its id, from its authenticated session, and the sealed body).
 pub type ChunkRequestSink = tokio::sync::mpsc::Sender<(fleetcast_proto::MachineId, bytes::Bytes)>;
+
+/// A machine's status event, as the platform's ingest connection would have received it over
+/// MQTT (topic, QoS and payload as the machine sent them).
+pub type StatusEventSink = tokio::sync::mpsc::Sender<crate::MqttEvent>;
 
 impl Registry {
     /// The buckets of `username` (new ones at `limit` the first time), if a connection of it
@@ -115,6 +122,16 @@ impl Registry {
             self.chunk_requests_dropped.fetch_add(1, Ordering::Relaxed);
         }
         true
+    }
+
+    /// Hands a machine's status event to the platform in process, waiting while its queue is
+    /// full; `false` if the platform did not take status events or has stopped (the event goes
+    /// through the broker then).
+    pub(crate) async fn status_event(&self, publish: rumqttc::Publish) -> bool {
+        match self.status_events.get() {
+            Some(sink) => sink.send(crate::MqttEvent::Publish(publish)).await.is_ok(),
+            None => false,
+        }
     }
 
     fn sessions(
@@ -324,6 +341,16 @@ impl GatewayHandle {
     /// of chunks. Once only; `false` if they were already taken.
     pub fn take_chunk_requests(&self, sink: ChunkRequestSink) -> bool {
         self.registry.chunk_requests.set(sink).is_ok()
+    }
+
+    /// From now on, machines' status events (`machines/{m}/status`, from the session of
+    /// machine `m`) go to `sink`, and the gateway sends the PUBACK once the event is queued
+    /// there, instead of through rumqttd's router and the platform's ingest connection (for
+    /// each event a router pass, a loopback TCP hop both ways and a second MQTT parse). The
+    /// PUBACK promises nothing more than rumqttd's did: the signed StatusAck after the flush is
+    /// the promise. Once only; `false` if they were already taken.
+    pub fn take_status_events(&self, sink: StatusEventSink) -> bool {
+        self.registry.status_events.set(sink).is_ok()
     }
 
     /// Delivers `payload` as a QoS 0 PUBLISH on `topic` to every session whose subscription

@@ -423,8 +423,10 @@ impl Session<'_> {
                     link.send(packets).await;
                     return violation;
                 }
-                let qos0_publish = frame.kind == PacketType::Publish
-                    && frames::publish_qos_pkid(&buf[..frame.len]).is_ok_and(|(qos, _)| qos == 0);
+                let qos_pkid = (frame.kind == PacketType::Publish)
+                    .then(|| frames::publish_qos_pkid(&buf[..frame.len]).ok())
+                    .flatten();
+                let qos0_publish = matches!(qos_pkid, Some((0, _)));
                 // A packet of its own: the router keeps publishes in its logs, and a slice would
                 // keep this whole read buffer alive with them.
                 let mut one = BytesMut::from(&buf[..frame.len]);
@@ -465,6 +467,12 @@ impl Session<'_> {
                 let packet = match route {
                     Some(Route::ChunkRequest(machine)) if qos0_publish => {
                         self.chunk_request(packet, machine).await
+                    }
+                    Some(Route::Status(machine)) => {
+                        match self.status_event(packet, machine, qos_pkid).await {
+                            Ok(packet) => packet,
+                            Err(end) => return end,
+                        }
                     }
                     _ => Some(packet),
                 };
@@ -633,6 +641,45 @@ impl Session<'_> {
         } else {
             Some(packet)
         }
+    }
+
+    /// A status event (`packet`, on `machine`'s status topic) goes to the platform in process
+    /// if it is the machine's own and the platform took them
+    /// ([`super::GatewayHandle::take_status_events`]), and the gateway answers a QoS 1 one
+    /// with its PUBACK; `Ok(None)` then. Otherwise it comes back, for the broker.
+    /// [`Self::check`] has already held the topic to this session's principal.
+    async fn status_event(
+        &self,
+        packet: Packet,
+        machine: fleetcast_proto::MachineId,
+        qos_pkid: Option<(u8, Option<u16>)>,
+    ) -> Result<Option<Packet>, End> {
+        let Packet::Publish(publish, _) = &packet else {
+            return Ok(Some(packet));
+        };
+        if !matches!(self.principal, fleetcast_proto::acl::Principal::Machine { id, .. } if *id == machine)
+        {
+            return Ok(Some(packet));
+        }
+        let (qos, pkid) = match qos_pkid {
+            Some((0, _)) => (rumqttc::QoS::AtMostOnce, None),
+            Some((1, Some(pkid))) => (rumqttc::QoS::AtLeastOnce, Some(pkid)),
+            // QoS 2 is refused by `check`.
+            _ => return Ok(Some(packet)),
+        };
+        let Ok(topic) = std::str::from_utf8(&publish.topic) else {
+            return Ok(Some(packet));
+        };
+        let event = rumqttc::Publish::from_bytes(topic, qos, publish.payload.clone());
+        if !self.shared.registry.status_event(event).await {
+            return Ok(Some(packet));
+        }
+        if let Some(pkid) = pkid {
+            if self.control.send(frames::puback(pkid)).await.is_err() {
+                return Err(End::Closed("session ending"));
+            }
+        }
+        Ok(None)
     }
 
     /// Whether one whole packet may pass.

@@ -919,6 +919,76 @@ async fn chunk_requests_go_to_the_platform_in_process_and_still_count_against_th
     );
 }
 
+#[tokio::test]
+async fn status_events_go_to_the_platform_in_process_and_are_acked_once_queued_there() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    // Whatever reaches rumqttd on the status filter, the platform's MQTT path.
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    subscribe(
+        &platform,
+        &mut platform_rx,
+        &topics.platform_status_filter(),
+    )
+    .await;
+    // Room for one: the second event waits in the gateway, and so does its PUBACK.
+    let (sink, mut taken) = mpsc::channel(1);
+    assert!(gw.secured.handle().take_status_events(sink.clone()));
+    assert!(
+        !gw.secured.handle().take_status_events(sink),
+        "taken once only"
+    );
+    let (machine, mut machine_rx) = gw.machine("vm-1").await;
+    for i in 0..3 {
+        machine
+            .publish(
+                topics.status(&vm1),
+                QoS::AtLeastOnce,
+                false,
+                format!("ev{i}"),
+            )
+            .await
+            .unwrap();
+    }
+    let pubacks = |rx: &mut mpsc::Receiver<MqttEvent>| {
+        std::iter::from_fn(|| rx.try_recv().ok())
+            .filter(|e| matches!(e, MqttEvent::PubAck(_)))
+            .count()
+    };
+    let mut acked = 0;
+    let mut got = Vec::new();
+    for expected in 1..=3 {
+        // Until the platform takes one, no more PUBACKs than events queued there come.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        acked += pubacks(&mut machine_rx);
+        assert_eq!(acked, expected, "PUBACKs with {} taken of 3", got.len());
+        let Some(MqttEvent::Publish(p)) = tokio::time::timeout(WAIT, taken.recv()).await.unwrap()
+        else {
+            panic!("a status event reaches the sink")
+        };
+        assert_eq!(
+            (p.topic.as_str(), p.qos),
+            (topics.status(&vm1).as_str(), QoS::AtLeastOnce)
+        );
+        got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+    }
+    assert_eq!(got, ["ev0", "ev1", "ev2"]);
+    // None of them went through rumqttd.
+    let via_mqtt = std::iter::from_fn(|| platform_rx.try_recv().ok())
+        .filter(|e| matches!(e, MqttEvent::Publish(_)))
+        .count();
+    assert_eq!(via_mqtt, 0);
+    // Another machine's status topic is still refused (the connection closes).
+    let (raw, _) = Raw::connect(gw.plain(), login("vm-2", "vm-2", "pw-vm-2")).await;
+    raw.closed_after(
+        raw_publish(&topics.status(&vm1), false, b"forged"),
+        "a status event on another machine's topic",
+    )
+    .await;
+    assert!(taken.try_recv().is_err(), "the forged event was handed on");
+}
+
 /// Not a check: prints how 64 KiB publishes to one subscriber compare directly on rumqttd and
 /// through the gateway. The publisher keeps a window of 32 chunks in flight end to end, as
 /// fleetcast's chunk requests do (an unpaced publisher outruns rumqttd's per-filter log and the
