@@ -99,6 +99,9 @@ async fn sled_baseline(root: &Path, count: usize, record: &[u8], batch: usize) -
 
 struct Run {
     time: Duration,
+    /// CPU time `serve` and this process (the machines' clients) used over the run.
+    serve_cpu: Option<Duration>,
+    bench_cpu: Option<Duration>,
     events: usize,
     resent: u64,
     payload_bytes: usize,
@@ -232,6 +235,8 @@ async fn fleetcast_ingest(
     }
     let events = machines * per_machine;
     let limit = Duration::from_secs(60) + Duration::from_millis(events as u64);
+    let serve_pid = p.proc.pid().to_string();
+    let cpu0 = (common::cpu_time(&serve_pid), common::cpu_time("self"));
     let t0 = Instant::now();
     go.cancel();
     while complete.load(Ordering::SeqCst) < machines {
@@ -248,10 +253,13 @@ async fn fleetcast_ingest(
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .unwrap_or_else(Instant::now);
+    let cpu1 = (common::cpu_time(&serve_pid), common::cpu_time("self"));
     stop.cancel();
     while tasks.join_next().await.is_some() {}
     Ok(Run {
         time: end.duration_since(t0),
+        serve_cpu: cpu1.0.zip(cpu0.0).map(|(b, a)| b.saturating_sub(a)),
+        bench_cpu: cpu1.1.zip(cpu0.1).map(|(b, a)| b.saturating_sub(a)),
         events,
         resent: resent.load(Ordering::Relaxed),
         payload_bytes,
@@ -346,6 +354,17 @@ async fn run() -> Result<()> {
         fc,
         fc / rate(base)
     );
+    if let (Some(serve), Some(bench)) = (run.serve_cpu, run.bench_cpu) {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        println!(
+            "\nCPU over the run ({cores} cores: {:.1} core-seconds available): `serve` {:.2} s ({:.0} µs per event), the bench's {machines} clients {:.2} s ({:.0} µs per event: sealing events, verifying acks).",
+            cores as f64 * run.time.as_secs_f64(),
+            serve.as_secs_f64(),
+            serve.as_secs_f64() * 1e6 / count as f64,
+            bench.as_secs_f64(),
+            bench.as_secs_f64() * 1e6 / count as f64,
+        );
+    }
     match (stored, flushes) {
         (Some(s), Some(f)) => println!(
             "\nPlatform counters over the run (`fleetcast stats`): {s} status events stored, {f} ingest flushes."

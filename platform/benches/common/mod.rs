@@ -119,6 +119,18 @@ impl Mem {
     }
 }
 
+/// CPU time (user + system) a process has used, from `/proc/PID/stat` (`self` for this one);
+/// `None` where there is no such file.
+pub fn cpu_time(pid: &str) -> Option<std::time::Duration> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces), closed by the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on Linux's every architecture's ABI.
+    Some(std::time::Duration::from_millis(ticks * 10))
+}
+
 /// The directory of the `fleetcast` binary built for this bench; `fleetcast-device` must be
 /// built there too (scripts/bench.sh does).
 pub fn fleetcast_bin() -> PathBuf {
