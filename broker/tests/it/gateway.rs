@@ -854,19 +854,34 @@ async fn a_machine_connecting_in_a_loop_is_refused_past_its_connect_rate() {
     Raw::accepted(gw.plain(), "vm-1").await;
 }
 
+/// The platform's MQTT session, subscribed to `filter`: what of it still goes through rumqttd.
+async fn platform_watching(gw: &Gateway, filter: &str) -> Client {
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    subscribe(&platform, &mut platform_rx, filter).await;
+    (platform, platform_rx)
+}
+
+/// How many publishes have arrived on `rx` so far.
+fn publishes(rx: &mut mpsc::Receiver<MqttEvent>) -> usize {
+    std::iter::from_fn(|| rx.try_recv().ok())
+        .filter(|e| matches!(e, MqttEvent::Publish(_)))
+        .count()
+}
+
+/// vm-2 publishing on `topic` (vm-1's) is a violation: the gateway closes the connection.
+async fn vm2_is_closed_for_publishing_on(gw: &Gateway, topic: &str, what: &str) {
+    let (raw, _) = Raw::connect(gw.plain(), login("vm-2", "vm-2", "pw-vm-2")).await;
+    raw.closed_after(raw_publish(topic, false, b"forged"), what)
+        .await;
+}
+
 #[tokio::test]
 async fn chunk_requests_go_to_the_platform_in_process_and_still_count_against_the_limit() {
     let gw = start_gateway(machines_at_20_messages_a_second).await;
     let topics = Topics::default();
     let vm1 = MachineId::new("vm-1").unwrap();
-    // Whatever reaches rumqttd on the chunk request filter, the platform's MQTT path.
-    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
-    subscribe(
-        &platform,
-        &mut platform_rx,
-        &topics.platform_chunk_request_filter(),
-    )
-    .await;
+    let (_platform, mut platform_rx) =
+        platform_watching(&gw, &topics.platform_chunk_request_filter()).await;
     let (sink, mut taken) = mpsc::channel(4096);
     assert!(gw.secured.handle().take_chunk_requests(sink.clone()));
     assert!(
@@ -901,15 +916,10 @@ async fn chunk_requests_go_to_the_platform_in_process_and_still_count_against_th
         got < SENT / 4,
         "{got} of {SENT} passed the limit in a second"
     );
-    // None of them went through rumqttd.
-    let via_mqtt = std::iter::from_fn(|| platform_rx.try_recv().ok())
-        .filter(|e| matches!(e, MqttEvent::Publish(_)))
-        .count();
-    assert_eq!(via_mqtt, 0);
-    // Another machine's request topic is still refused (the connection closes).
-    let (raw, _) = Raw::connect(gw.plain(), login("vm-2", "vm-2", "pw-vm-2")).await;
-    raw.closed_after(
-        raw_publish(&topics.chunk_request(&vm1), false, b"forged"),
+    assert_eq!(publishes(&mut platform_rx), 0, "none went through rumqttd");
+    vm2_is_closed_for_publishing_on(
+        &gw,
+        &topics.chunk_request(&vm1),
         "a chunk request on another machine's topic",
     )
     .await;
@@ -924,14 +934,8 @@ async fn status_events_go_to_the_platform_in_process_and_are_acked_once_queued_t
     let gw = start_gateway(|_| {}).await;
     let topics = Topics::default();
     let vm1 = MachineId::new("vm-1").unwrap();
-    // Whatever reaches rumqttd on the status filter, the platform's MQTT path.
-    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
-    subscribe(
-        &platform,
-        &mut platform_rx,
-        &topics.platform_status_filter(),
-    )
-    .await;
+    let (_platform, mut platform_rx) =
+        platform_watching(&gw, &topics.platform_status_filter()).await;
     // Room for one: the second event waits in the gateway, and so does its PUBACK.
     let (sink, mut taken) = mpsc::channel(1);
     assert!(gw.secured.handle().take_status_events(sink.clone()));
@@ -974,15 +978,10 @@ async fn status_events_go_to_the_platform_in_process_and_are_acked_once_queued_t
         got.push(String::from_utf8(p.payload.to_vec()).unwrap());
     }
     assert_eq!(got, ["ev0", "ev1", "ev2"]);
-    // None of them went through rumqttd.
-    let via_mqtt = std::iter::from_fn(|| platform_rx.try_recv().ok())
-        .filter(|e| matches!(e, MqttEvent::Publish(_)))
-        .count();
-    assert_eq!(via_mqtt, 0);
-    // Another machine's status topic is still refused (the connection closes).
-    let (raw, _) = Raw::connect(gw.plain(), login("vm-2", "vm-2", "pw-vm-2")).await;
-    raw.closed_after(
-        raw_publish(&topics.status(&vm1), false, b"forged"),
+    assert_eq!(publishes(&mut platform_rx), 0, "none went through rumqttd");
+    vm2_is_closed_for_publishing_on(
+        &gw,
+        &topics.status(&vm1),
         "a status event on another machine's topic",
     )
     .await;
