@@ -988,6 +988,36 @@ async fn status_events_go_to_the_platform_in_process_and_are_acked_once_queued_t
     assert!(taken.try_recv().is_err(), "the forged event was handed on");
 }
 
+/// Status events the platform takes in process are held to the report rate as those through
+/// rumqttd are: a machine sending 2,000 as fast as it can gets its burst of 200 through and
+/// about 50 a second after that, and stays connected.
+#[tokio::test]
+async fn status_events_taken_in_process_are_held_to_the_report_rate() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let (sink, mut taken) = mpsc::channel(4096);
+    assert!(gw.secured.handle().take_status_events(sink));
+    let (machine, mut machine_rx) = gw.machine("vm-1").await;
+    for i in 0..FLOOD {
+        machine
+            .publish(topics.status(&vm1), QoS::AtMostOnce, false, format!("{i}"))
+            .await
+            .unwrap();
+    }
+    let received = publishes_within(&mut taken, Duration::from_secs(2)).await;
+    assert!(
+        (200..=500).contains(&received),
+        "{received} of {FLOOD} status events got through in two seconds"
+    );
+    while let Ok(e) = machine_rx.try_recv() {
+        assert!(
+            !matches!(e, MqttEvent::Disconnected(_)),
+            "the flooder stays connected: {e:?}"
+        );
+    }
+}
+
 /// Not a check: prints how 64 KiB publishes to one subscriber compare directly on rumqttd and
 /// through the gateway. The publisher keeps a window of 32 chunks in flight end to end, as
 /// fleetcast's chunk requests do (an unpaced publisher outruns rumqttd's per-filter log and the
