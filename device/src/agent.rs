@@ -154,8 +154,6 @@ struct Agent {
     /// The exclusive lock, taken on a tick for an `idle` job about to start: that install
     /// begins with the lock already held, so no sale can begin between the look and the install.
     preheld: Option<InstallGuard>,
-    /// A look at the sale lock in flight on a blocking thread ([`Agent::start_sale_look`]).
-    sale_look: Option<tokio::task::JoinHandle<SaleLook>>,
     /// The deprecated `{data_dir}/busy` file was seen (warned about once).
     busy_file_seen: bool,
     /// When the platform and the broker were last reached, as `contact.json` will say.
@@ -167,24 +165,6 @@ struct Agent {
     tasks: JoinSet<()>,
     inputs: mpsc::Sender<Input>,
     shutdown: CancellationToken,
-}
-
-/// What a look at the sale lock found: the deprecated busy file, the lock's answer, and the
-/// exclusive lock if it was tried for an `idle` job.
-struct SaleLook {
-    file: bool,
-    sale: std::io::Result<Option<bool>>,
-    guard: Option<std::io::Result<Option<InstallGuard>>>,
-}
-
-/// The answer of the look in flight, if any (never ready without one).
-async fn sale_looked(
-    look: &mut Option<tokio::task::JoinHandle<SaleLook>>,
-) -> Result<SaleLook, tokio::task::JoinError> {
-    match look {
-        Some(handle) => handle.await,
-        None => std::future::pending().await,
-    }
 }
 
 pub async fn run_with(
@@ -266,7 +246,6 @@ pub async fn run_with(
         downloads: HashMap::new(),
         sale_lock,
         preheld: None,
-        sale_look: None,
         busy_file_seen: false,
         contact,
         contact_dirty: false,
@@ -296,10 +275,6 @@ pub async fn run_with(
                     agent.on_mqtt(event).await;
                 }
                 agent.on_tick().await
-            }
-            looked = sale_looked(&mut agent.sale_look) => {
-                agent.sale_look = None;
-                agent.on_sale_looked(looked).await
             }
             Some(_) = agent.tasks.join_next(), if !agent.tasks.is_empty() => {
                 agent.remove_unused_files().await;
@@ -656,6 +631,10 @@ impl Agent {
     }
 
     async fn on_tick(&mut self) {
+        // Before anything that may wait (the sale lock is looked at on a blocking thread, which
+        // 10,000 simulated machines' disk writes kept busy for seconds): an ack that came
+        // during such a wait must not find the head already sent again. 10,000 machines sent
+        // more events again than they had stored, each ack having waited in the queue.
         if self
             .head_sent_at
             .is_some_and(|t| t.elapsed() > RESEND_AFTER)
@@ -663,13 +642,15 @@ impl Agent {
             self.head_sent_at = None;
         }
         self.send_head();
-        // The sale lock is looked at on a blocking thread, which 10,000 simulated machines'
-        // disk writes kept busy for seconds; the loop goes on taking acks and frames meanwhile
-        // (it once waited here, and resent events whose acks sat in its queue), and what
-        // depends on the answer happens when it comes ([`Self::on_sale_looked`]).
-        if self.sale_look.is_none() {
-            self.sale_look = Some(self.start_sale_look());
+        let busy = self.look_for_sale().await;
+        if busy != self.updater.busy() {
+            self.handle(Input::Busy(busy)).await;
         }
+        self.handle(Input::Tick).await;
+        // Taken for an idle job that did not start after all (e.g. cancelled): let go.
+        self.preheld = None;
+        // A new event of this tick goes now.
+        self.send_head();
         if self.connected && self.state_repeat_at.is_some_and(|t| t <= Instant::now()) {
             self.state_dirty = true;
         }
@@ -679,35 +660,15 @@ impl Agent {
         self.save_contact(false).await;
     }
 
-    /// The rest of a tick, once the sale lock was looked at: whether the machine is busy, and
-    /// the time-driven inputs (a window opening, an idle install starting with the lock
-    /// already held).
-    async fn on_sale_looked(&mut self, looked: Result<SaleLook, tokio::task::JoinError>) {
-        let busy = match looked {
-            Ok(looked) => self.sale_seen(looked),
-            Err(_) => self.updater.busy(),
-        };
-        if busy != self.updater.busy() {
-            self.handle(Input::Busy(busy)).await;
-        }
-        self.handle(Input::Tick).await;
-        // Taken for an idle job that did not start after all (e.g. cancelled): let go.
-        self.preheld = None;
-        // A new event of this tick goes now.
-        self.send_head();
-        if self.state_dirty {
-            self.publish_state().await;
-        }
-    }
-
-    /// Looks, on a blocking thread, whether the machine is serving a customer: a shared holder
-    /// of the sale lock (or, the deprecated way, a `{data_dir}/busy` file). When it is not and
-    /// an `idle` job waits, the exclusive lock is taken, for the install the tick starts.
-    fn start_sale_look(&self) -> tokio::task::JoinHandle<SaleLook> {
+    /// Whether the machine is serving a customer: a shared holder of the sale lock (or, the
+    /// deprecated way, a `{data_dir}/busy` file). When it is not and an `idle` job waits, the
+    /// exclusive lock is taken now, into `preheld`, for the install this tick starts.
+    async fn look_for_sale(&mut self) -> bool {
         let lock = self.sale_lock.clone();
         let busy_file = self.config.data_dir.join("busy");
         let wants_lock = self.updater.waits_for_idle();
-        tokio::task::spawn_blocking(move || {
+        let last = self.updater.busy();
+        let looked = tokio::task::spawn_blocking(move || {
             let file = busy_file.try_exists().unwrap_or(false);
             let sale = lock.sale_in_progress();
             let busy = file || matches!(sale, Ok(Some(true)));
@@ -717,15 +678,12 @@ impl Agent {
             } else {
                 None
             };
-            SaleLook { file, sale, guard }
+            (file, sale, guard)
         })
-    }
-
-    /// Whether the machine is busy, from what the look found; a lock it took goes into
-    /// `preheld`.
-    fn sale_seen(&mut self, looked: SaleLook) -> bool {
-        let SaleLook { file, sale, guard } = looked;
-        let last = self.updater.busy();
+        .await;
+        let Ok((file, sale, guard)) = looked else {
+            return last;
+        };
         if file && !self.busy_file_seen {
             tracing::warn!(machine = %self.me(), path = %self.config.data_dir.join("busy").display(),
                 lock = %self.sale_lock.path().display(),
