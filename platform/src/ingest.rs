@@ -167,8 +167,9 @@ struct Ingest {
 }
 
 /// A flushed batch's signed messages: each machine's ack and the integrators' events. An
-/// Ed25519 signature each (about 20 µs) was the ingest loop's largest single cost (verifying
-/// and storing an event takes about 27 µs; perf over the ingest bench), so [`send_signed`]
+/// Ed25519 signature each (about 22 µs, two per event in the ingest bench) was half of the
+/// ingest loop's time (verifying and storing an event takes about 35 µs, 26 of them its sled
+/// transaction; perf over the ingest bench), so [`send_signed`]
 /// signs them on a blocking thread while the loop verifies and stores the next batch.
 #[derive(Default)]
 struct ToSign {
