@@ -182,6 +182,48 @@ async fn run_size(
     r
 }
 
+/// When each phase's events were made (machine clock) and stored (platform clock), in ms after
+/// the publish request; the same host, so one clock. Says where a rollout's time goes.
+#[derive(Default)]
+struct Timeline(Vec<(Phase, Vec<u64>, Vec<u64>)>);
+
+impl Timeline {
+    fn add(&mut self, phase: Phase, made: u64, stored: u64, published: u64) {
+        let i = match self.0.iter().position(|(p, ..)| *p == phase) {
+            Some(i) => i,
+            None => {
+                self.0.push((phase, Vec::new(), Vec::new()));
+                self.0.len() - 1
+            }
+        };
+        self.0[i].1.push(made.saturating_sub(published));
+        self.0[i].2.push(stored.saturating_sub(published));
+    }
+
+    /// Per phase: count, made p50/max, stored p50/max (seconds).
+    fn summary(&mut self) -> String {
+        let secs = |v: &mut Vec<u64>| {
+            v.sort_unstable();
+            (
+                v[v.len() / 2] as f64 / 1000.0,
+                v[v.len() - 1] as f64 / 1000.0,
+            )
+        };
+        self.0
+            .sort_by_key(|(_, made, _)| made.iter().min().copied());
+        self.0
+            .iter_mut()
+            .map(|(phase, made, stored)| {
+                let n = made.len();
+                let (m50, mmax) = secs(made);
+                let (s50, smax) = secs(stored);
+                format!("{phase:?} ×{n} made {m50:.2}/{mmax:.2} stored {s50:.2}/{smax:.2}")
+            })
+            .collect::<Vec<_>>()
+            .join("; ")
+    }
+}
+
 /// The `installed` events stored over 2 s after their machine made them (delay in ms, machine):
 /// how many, the median and the longest delays, and the five slowest machines.
 fn late_summary(late: &mut [(u64, String)]) -> String {
@@ -371,12 +413,14 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
         let mut notified: HashMap<MachineId, u64> = HashMap::new();
         let (mut dl_start, mut dl_end) = (None, None);
         let mut late: Vec<(u64, String)> = Vec::new();
+        let mut timeline = Timeline::default();
         let started = Instant::now();
         loop {
             for e in feed.poll(&p).await? {
                 if e.release.as_ref() != Some(&release) {
                     continue;
                 }
+                timeline.add(e.phase, e.at_ms, e.recorded_at_ms, published_ms);
                 match e.phase {
                     Phase::Installed => {
                         // Same host, same clock: a status stored seconds after the machine
@@ -442,6 +486,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
                 .unwrap_or_else(|| format!("not all after {:.0} s", rollout.waited.as_secs_f64())),
             late_summary(&mut late)
         );
+        eprintln!("N={n}: rollout {} timeline: {}", i + 1, timeline.summary());
         r.rollouts.push(rollout);
         if !all {
             break; // a stuck fleet: the next rollout would measure the backlog
