@@ -2,7 +2,7 @@
 //!
 //! One task owns the MQTT event loop (`client::drive`); this loop verifies what arrives, feeds
 //! the updater, and carries out its actions: status events through the persisted outbox (one
-//! in flight, removed on the platform's signed `StatusAck`), the retained state, download and
+//! in flight, removed on the platform's MAC'd `StatusAck`), the retained state, download and
 //! install tasks. It also follows the platform's key chain ([`crate::trust`]): a newer key is
 //! persisted before anything is checked with it. Every install runs under the exclusive sale
 //! lock ([`crate::sale_lock`]), so it never overlaps a sale.
@@ -137,7 +137,7 @@ struct Agent {
     /// reached along the key chain (and persisted).
     trust: TrustedKey,
     connected: bool,
-    /// When the outbox head was last sent. It leaves the outbox only on the platform's signed
+    /// When the outbox head was last sent. It leaves the outbox only on the platform's MAC'd
     /// `StatusAck` (after the platform flushed it to disk), not on the broker's PUBACK: a broker
     /// that accepted an event and died before delivering it does not lose it. Without an ack
     /// the head is sent again after `RESEND_AFTER` (a duplicate carries the same `ctr`; the
@@ -485,23 +485,24 @@ impl Agent {
         }
     }
 
+    /// An ack is MAC'd with this machine's own secret: only the platform and this machine hold
+    /// it (protocol.md §6.1).
     async fn on_status_ack(&mut self, payload: &[u8]) {
-        let ack = match self.trust.check::<StatusAck>(Purpose::StatusAck, payload) {
-            Checked::Verified(ack) if &ack.machine == self.me() => {
+        let ack = match self
+            .config
+            .secret
+            .open::<StatusAck>(Purpose::StatusAck, payload)
+        {
+            Ok(ack) if &ack.machine == self.me() => {
                 self.heard_from_platform("status_ack").await;
                 ack
             }
-            Checked::Verified(ack) => {
+            Ok(ack) => {
                 tracing::warn!(machine = %self.me(), other = %ack.machine, "status ack for another machine refused");
                 return;
             }
             // The head is sent again after RESEND_AFTER, and acknowledged again.
-            Checked::NewerKey { gen } => {
-                tracing::debug!(machine = %self.me(), gen, trusted = self.trust.generation,
-                    "status ack signed by a newer key than the one followed so far; ignored");
-                return;
-            }
-            Checked::Refused(e) => {
+            Err(e) => {
                 tracing::warn!(machine = %self.me(), "status ack refused: {e}");
                 return;
             }

@@ -1,4 +1,5 @@
-//! Signed (platform -> machine) and MAC'd (machine or operator -> platform) message families.
+//! Signed (platform -> machines) and MAC'd (machine or operator -> platform; status acks
+//! platform -> machine, with its secret) message families.
 //!
 //! A fuzzer practically never forges a signature or MAC, so raw envelopes (the `envelope`
 //! target) stop at the check. These helpers reach the code behind it: the input is the *body*;

@@ -7,7 +7,7 @@
 //! per machine, the platform's per-(machine, release) cap). Then M MQTT clients, each with its
 //! own machine credentials, send `downloading` status events with rising progress, MAC'd with
 //! the machine's secret exactly as the agent seals them, QoS 1, one unacknowledged event each
-//! as the protocol has agents send them (`INGEST_WINDOW` > 1 is for experiments only); an event counts when the platform's signed `StatusAck` covering
+//! as the protocol has agents send them (`INGEST_WINDOW` > 1 is for experiments only); an event counts when the platform's `StatusAck` (MAC'd with the machine's secret) covering
 //! its counter arrives (sent only after the batch holding it was flushed to sled). An event not
 //! acknowledged within 2 s is sent again (the platform acknowledges a replay without storing
 //! it again), as the agent does. Rate = M × E ÷ (first send → last acknowledgement). The
@@ -33,7 +33,7 @@ use common::{now_ms, stat_u64, Platform};
 use fleetcast_broker::client;
 use fleetcast_platform::ingest::MAX_BATCH;
 use fleetcast_proto::admin::FleetEvent;
-use fleetcast_proto::auth::{PlatformPublicKey, Purpose};
+use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::status::Progress;
 use fleetcast_proto::{
     GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId, StatusAck, StatusEvent, Topics,
@@ -128,11 +128,6 @@ async fn fleetcast_ingest(
         )
         .await?;
     p.publish(&release, ids.clone(), vec![]).await?;
-    let platform_key: PlatformPublicKey =
-        std::fs::read_to_string(fleetcast_platform::public_key_path(&p.data))?
-            .trim()
-            .parse()
-            .map_err(|e| anyhow::anyhow!("platform.pub: {e:?}"))?;
     let topics = Topics::default();
     let stop = CancellationToken::new();
     let _stop_guard = stop.clone().drop_guard();
@@ -154,14 +149,13 @@ async fn fleetcast_ingest(
         let (c, mut el) = client::connect(opts, window * 2 + 16);
         let ack_topic = topics.status_ack(&me);
         let status_topic = topics.status(&me);
-        let (stop, go, ready, complete, resent, last_done, key, release) = (
+        let (stop, go, ready, complete, resent, last_done, release) = (
             stop.clone(),
             go.clone(),
             ready.clone(),
             complete.clone(),
             resent.clone(),
             last_done.clone(),
-            platform_key,
             release.clone(),
         );
         tasks.spawn(async move {
@@ -201,7 +195,7 @@ async fn fleetcast_ingest(
                             ready.fetch_add(1, Ordering::SeqCst);
                         }
                         Ok(Event::Incoming(Incoming::Publish(p))) if p.topic == ack_topic => {
-                            if let Ok(ack) = key.verify::<StatusAck>(Purpose::StatusAck, &p.payload) {
+                            if let Ok(ack) = m.secret.open::<StatusAck>(Purpose::StatusAck, &p.payload) {
                                 if ack.ctr > acked && ack.ctr <= sent {
                                     acked = ack.ctr;
                                     last_progress = Instant::now();

@@ -3,8 +3,8 @@
 //!
 //! Each batch (everything available, up to [`MAX_BATCH`] messages or [`BATCH_WINDOW`]) is
 //! verified, applied and written to sled, and flushed once; only then does each machine get its
-//! signed `StatusAck` (one per machine per batch), which is what lets it drop the event from its
-//! outbox. The broker's PUBACK goes out on receipt and promises nothing: an event lost between
+//! `StatusAck` (one per machine per batch, MAC'd with the machine's own secret), which is what
+//! lets it drop the event from its outbox. The broker's PUBACK goes out on receipt and promises nothing: an event lost between
 //! it and the flush (a crash) was never acknowledged to the machine, which sends it again. On
 //! the embedded broker, status events come from the gateway in process instead
 //! ([`crate::context::SessionControl::take_status_events`]), into the same queue.
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use fleetcast_broker::MqttEvent;
 use fleetcast_proto::admin::{FleetEvent, MachineInfo};
-use fleetcast_proto::auth::Purpose;
+use fleetcast_proto::auth::{Purpose, Secret};
 use fleetcast_proto::release::validate_version;
 use fleetcast_proto::text::shown;
 use fleetcast_proto::{
@@ -66,10 +66,12 @@ pub const MAX_ATTEMPT: u32 = 100;
 
 /// Work that waits for the batch's flush.
 enum After {
-    /// Tell the machine its status events up to `ctr` are stored (signed, after the flush).
+    /// Tell the machine its status events up to `ctr` are stored (after the flush), MAC'd with
+    /// `secret`, the one its event was MAC'd with.
     StatusAck {
         machine: MachineId,
         ctr: u64,
+        secret: Secret,
     },
     Event(FleetEvent),
     Progress {
@@ -86,23 +88,38 @@ enum After {
     },
 }
 
-/// One signed ack per machine per batch: an ack says "every event up to `ctr` is stored", so the
-/// highest one covers the rest (signing is the largest cost of ingest). It goes where that
+/// One ack per machine per batch: an ack says "every event up to `ctr` is stored", so the
+/// highest one (with the secret of the event it names) covers the rest. It goes where that
 /// machine's first ack was, so acks keep their order relative to other work.
 fn coalesce_acks(after: Vec<After>) -> Vec<After> {
-    let mut highest: HashMap<MachineId, u64> = HashMap::new();
+    let mut highest: HashMap<MachineId, (u64, Secret)> = HashMap::new();
     for a in &after {
-        if let After::StatusAck { machine, ctr } = a {
-            let h = highest.entry(machine.clone()).or_insert(*ctr);
-            *h = (*h).max(*ctr);
+        if let After::StatusAck {
+            machine,
+            ctr,
+            secret,
+        } = a
+        {
+            let h = highest
+                .entry(machine.clone())
+                .or_insert_with(|| (*ctr, secret.clone()));
+            if *ctr > h.0 {
+                *h = (*ctr, secret.clone());
+            }
         }
     }
     after
         .into_iter()
         .filter_map(|a| match a {
-            After::StatusAck { machine, .. } => highest
-                .remove(&machine)
-                .map(|ctr| After::StatusAck { machine, ctr }),
+            After::StatusAck { machine, .. } => {
+                highest
+                    .remove(&machine)
+                    .map(|(ctr, secret)| After::StatusAck {
+                        machine,
+                        ctr,
+                        secret,
+                    })
+            }
             other => Some(other),
         })
         .collect()
@@ -132,10 +149,11 @@ impl Sent for MachineState {
     }
 }
 
-/// A MAC-valid body, newer than what was accepted before or not.
+/// A MAC-valid body, newer than what was accepted before or not, and the secret it was MAC'd
+/// with (its ack is MAC'd with the same).
 enum Opened<T> {
-    Fresh(T),
-    Replay(T),
+    Fresh(T, Secret),
+    Replay(T, Secret),
 }
 
 /// Why a message was dropped.
@@ -149,7 +167,7 @@ struct Reject {
 struct Ingest {
     ctx: Arc<Ctx>,
     client: AsyncClient,
-    /// Each flushed batch's acks and events, to [`send_signed`].
+    /// Each flushed batch's integrator events, to [`send_signed`].
     signed: mpsc::Sender<ToSign>,
     progress_sent: HashMap<ReleaseId, Instant>,
     progress_dirty: HashSet<ReleaseId>,
@@ -166,31 +184,24 @@ struct Ingest {
     rollouts_swept: Instant,
 }
 
-/// A flushed batch's signed messages: each machine's ack and the integrators' events. An
-/// Ed25519 signature each (about 22 µs, two per event in the ingest bench) was half of the
-/// ingest loop's time (verifying and storing an event takes about 35 µs, 26 of them its sled
-/// transaction; perf over the ingest bench), so [`send_signed`]
-/// signs them on a blocking thread while the loop verifies and stores the next batch.
+/// A flushed batch's events for integrators, to be signed. An Ed25519 signature (about 22 µs)
+/// was, with the one each ack had before acks were MAC'd, half of the ingest loop's time
+/// (verifying and storing an event takes about 35 µs, 26 of them its sled transaction; perf
+/// over the ingest bench), so [`send_signed`] signs them on a blocking thread while the loop
+/// verifies and stores the next batch.
 #[derive(Default)]
 struct ToSign {
-    acks: Vec<fleetcast_proto::StatusAck>,
     events: Vec<FleetEvent>,
 }
 
-/// Signs and sends each batch's acks and events, in the order the batches were flushed.
-async fn send_signed(ctx: Arc<Ctx>, mut batches: mpsc::Receiver<ToSign>) {
-    while let Some(batch) = batches.recv().await {
-        let ctx = ctx.clone();
-        if let Err(e) = tokio::task::spawn_blocking(move || sign_and_send(&ctx, batch)).await {
-            tracing::error!(error = %e, "status acks not sent; machines will send again");
-        }
-    }
-}
-
-fn sign_and_send(ctx: &Ctx, batch: ToSign) {
-    let keys = ctx.keys();
-    for ack in batch.acks {
-        let payload = keys.platform.sign(Purpose::StatusAck, &ack);
+/// Sends each machine's ack, MAC'd with its secret (about 1 µs: the ingest loop does it itself,
+/// right after the flush). Ed25519-signed acks cost `serve` a signature per acknowledged event
+/// and each machine a verification (about 50 µs on a small CPU), to prove what the machine's
+/// own secret proves as well: only the platform and that machine hold it, and another
+/// machine's credentials can neither forge it nor make one verify for this machine.
+fn send_acks(ctx: &Ctx, acks: Vec<(fleetcast_proto::StatusAck, Secret)>) {
+    for (ack, secret) in acks {
+        let payload = secret.seal(Purpose::StatusAck, &ack);
         let topic = ctx.topics.status_ack(&ack.machine);
         // The embedded broker's gateway delivers each machine's acks itself (a filter per
         // machine in rumqttd would cost its topic matching the size of the fleet).
@@ -202,12 +213,26 @@ fn sign_and_send(ctx: &Ctx, batch: ToSign) {
             tracing::debug!(machine = %ack.machine, error = %err, "status ack not queued");
         }
     }
+}
+
+/// Signs and sends each batch's events, in the order the batches were flushed.
+async fn send_signed(ctx: Arc<Ctx>, mut batches: mpsc::Receiver<ToSign>) {
+    while let Some(batch) = batches.recv().await {
+        let ctx = ctx.clone();
+        if let Err(e) = tokio::task::spawn_blocking(move || sign_and_send(&ctx, batch)).await {
+            tracing::error!(error = %e, "fleet events not published");
+        }
+    }
+}
+
+fn sign_and_send(ctx: &Ctx, batch: ToSign) {
+    let keys = ctx.keys();
     let topic = ctx.topics.events();
     // The embedded broker's gateway delivers events itself: through rumqttd, a topic nobody
     // subscribes to is matched against every filter on each publish (its match cache keeps only
     // topics that matched something), which made ingest pay for the size of the fleet on every
     // stored event. It also knows whether anyone listens: with no integrator subscribed, no
-    // event is signed (half of ingest's signatures). `fleet/events` is live and best effort.
+    // event is signed. `fleet/events` is live and best effort.
     if ctx.sessions.subscribed(&topic) == Some(false) {
         return;
     }
@@ -356,26 +381,35 @@ impl Ingest {
             .count();
         self.ctx.stats.batch_flushed(stored);
         let mut to_sign = ToSign::default();
+        let mut acks = Vec::new();
         for a in coalesce_acks(after) {
-            self.after(a, &mut to_sign)?;
+            self.after(a, &mut acks, &mut to_sign)?;
         }
-        if !to_sign.acks.is_empty() || !to_sign.events.is_empty() {
+        send_acks(&self.ctx, acks);
+        if !to_sign.events.is_empty() {
             // At most one batch waits while another is signed: the loop stores the next batch
             // meanwhile, and waits here when signing falls behind.
             if self.signed.send(to_sign).await.is_err() {
-                tracing::error!("status ack sender gone; machines will send again");
+                tracing::error!("fleet event signer gone; events not published");
             }
         }
         Ok(())
     }
 
-    /// Does `a`, or for what needs a signature, adds it to `to_sign`.
-    fn after(&mut self, a: After, to_sign: &mut ToSign) -> Result<(), StoreError> {
+    /// Does `a`; an ack goes to `acks`, what needs a signature to `to_sign`.
+    fn after(
+        &mut self,
+        a: After,
+        acks: &mut Vec<(fleetcast_proto::StatusAck, Secret)>,
+        to_sign: &mut ToSign,
+    ) -> Result<(), StoreError> {
         let ctx = &self.ctx;
         match a {
-            After::StatusAck { machine, ctr } => to_sign
-                .acks
-                .push(fleetcast_proto::StatusAck { machine, ctr }),
+            After::StatusAck {
+                machine,
+                ctr,
+                secret,
+            } => acks.push((fleetcast_proto::StatusAck { machine, ctr }, secret)),
             After::Event(e) => to_sign.events.push(e),
             After::Progress { release } => {
                 self.rollouts_dirty.insert(release.clone());
@@ -522,9 +556,9 @@ impl Ingest {
         let last = self.ctx.store.raise_counter(m, channel, ctr).map_err(Err)?;
         if ctr <= last {
             tracing::debug!(machine = %m, channel, ctr, last, "replayed counter");
-            return Ok(Opened::Replay(body));
+            return Ok(Opened::Replay(body, secret));
         }
-        Ok(Opened::Fresh(body))
+        Ok(Opened::Fresh(body, secret))
     }
 
     fn status(
@@ -532,18 +566,20 @@ impl Ingest {
         m: &MachineId,
         p: &Publish,
     ) -> Result<Vec<After>, Result<Reject, StoreError>> {
-        let mut ev = match self.open::<StatusEvent>(m, "status", Purpose::Status, &p.payload)? {
-            Opened::Fresh(ev) => ev,
-            // Stored before (the machine missed our ack, or the broker redelivered): acknowledge
-            // it again so the machine can move on, and change nothing.
-            Opened::Replay(ev) => {
-                self.ctx.stats.status_resent();
-                return Ok(vec![After::StatusAck {
-                    machine: m.clone(),
-                    ctr: ev.ctr,
-                }]);
-            }
-        };
+        let (mut ev, secret) =
+            match self.open::<StatusEvent>(m, "status", Purpose::Status, &p.payload)? {
+                Opened::Fresh(ev, secret) => (ev, secret),
+                // Stored before (the machine missed our ack, or the broker redelivered):
+                // acknowledge it again so the machine can move on, and change nothing.
+                Opened::Replay(ev, secret) => {
+                    self.ctx.stats.status_resent();
+                    return Ok(vec![After::StatusAck {
+                        machine: m.clone(),
+                        ctr: ev.ctr,
+                        secret,
+                    }]);
+                }
+            };
         if let Err(reason) = check_status(&mut ev) {
             return Err(Ok(Reject {
                 machine: m.to_string(),
@@ -555,6 +591,7 @@ impl Ingest {
         let ack = After::StatusAck {
             machine: m.clone(),
             ctr: ev.ctr,
+            secret,
         };
         let cap = self.ctx.limits.events_per_release;
         let store = &*self.ctx.store;
@@ -566,7 +603,7 @@ impl Ingest {
         m: &MachineId,
         p: &Publish,
     ) -> Result<Vec<After>, Result<Reject, StoreError>> {
-        let Opened::Fresh(st) =
+        let Opened::Fresh(st, _) =
             self.open::<MachineState>(m, "state", Purpose::State, &p.payload)?
         else {
             return Err(Ok(Reject {
@@ -952,6 +989,7 @@ mod tests {
         let ack = After::StatusAck {
             machine: ev.machine.clone(),
             ctr: ev.ctr,
+            secret: Secret::from_bytes([1; 32]),
         };
         let after = store
             .transaction(|tx| apply_status(store, tx, &ev.machine, ev, ack, cap, 7))
@@ -1200,7 +1238,13 @@ mod tests {
     #[test]
     fn a_batch_acknowledges_each_machine_once_with_its_highest_counter() {
         let m = |s: &str| MachineId::new(s).unwrap();
-        let ack = |s: &str, ctr| After::StatusAck { machine: m(s), ctr };
+        // The secret of the event an ack names is the one it is MAC'd with (a rotation may
+        // fall inside a batch).
+        let ack = |s: &str, ctr| After::StatusAck {
+            machine: m(s),
+            ctr,
+            secret: Secret::from_bytes([ctr as u8; 32]),
+        };
         let out = coalesce_acks(vec![
             ack("vm-1", 3),
             ack("vm-2", 9),
@@ -1208,21 +1252,33 @@ mod tests {
             ack("vm-1", 5),
             ack("vm-1", 4),
         ]);
-        let acks: Vec<(String, u64)> = out
+        let acks: Vec<(String, u64, bool)> = out
             .iter()
             .filter_map(|a| match a {
-                After::StatusAck { machine, ctr } => Some((machine.to_string(), *ctr)),
+                After::StatusAck {
+                    machine,
+                    ctr,
+                    secret,
+                } => Some((
+                    machine.to_string(),
+                    *ctr,
+                    *secret == Secret::from_bytes([*ctr as u8; 32]),
+                )),
                 _ => None,
             })
             .collect();
-        assert_eq!(acks, vec![("vm-1".into(), 5), ("vm-2".into(), 9)]);
+        assert_eq!(
+            acks,
+            vec![("vm-1".into(), 5, true), ("vm-2".into(), 9, true)]
+        );
         assert_eq!(out.len(), 3, "the key chain re-publish stays");
     }
 
-    /// A flushed batch hands the gateway every machine's ack, signed, and the integrators'
-    /// events only while someone listens on `fleet/events`: an event no one hears is not signed.
+    /// A flushed batch hands the gateway every machine's ack, MAC'd with that machine's secret,
+    /// and the integrators' events, signed, only while someone listens on `fleet/events`: an
+    /// event no one hears is not signed.
     #[test]
-    fn a_batch_signs_every_ack_and_events_only_while_someone_listens() {
+    fn a_batch_macs_every_ack_and_signs_events_only_while_someone_listens() {
         struct Gateway {
             listening: bool,
             delivered: std::sync::Mutex<Vec<(String, Vec<u8>)>>,
@@ -1251,17 +1307,22 @@ mod tests {
                 delivered: Default::default(),
             });
             ctx.sessions = gateway.clone();
+            let secret = |s: &str| Secret::from_bytes(*blake3::hash(s.as_bytes()).as_bytes());
+            send_acks(
+                &ctx,
+                ["vm-1", "vm-2"]
+                    .into_iter()
+                    .zip([3, 7])
+                    .map(|(machine, ctr)| {
+                        let ack = fleetcast_proto::StatusAck {
+                            machine: m(machine),
+                            ctr,
+                        };
+                        (ack, secret(machine))
+                    })
+                    .collect(),
+            );
             let batch = ToSign {
-                acks: vec![
-                    fleetcast_proto::StatusAck {
-                        machine: m("vm-1"),
-                        ctr: 3,
-                    },
-                    fleetcast_proto::StatusAck {
-                        machine: m("vm-2"),
-                        ctr: 7,
-                    },
-                ],
                 events: (1..=2)
                     .map(|ctr| {
                         let ev = status("vm-1", &release, Phase::Downloading, ctr);
@@ -1276,8 +1337,15 @@ mod tests {
                 .iter()
                 .filter(|(topic, _)| topic.ends_with("/status/ack"))
                 .map(|(topic, payload)| {
+                    let machine = topic.split('/').nth(2).unwrap();
                     let ack: fleetcast_proto::StatusAck =
-                        key.verify(Purpose::StatusAck, payload).unwrap();
+                        secret(machine).open(Purpose::StatusAck, payload).unwrap();
+                    assert!(
+                        secret("vm-3")
+                            .open::<fleetcast_proto::StatusAck>(Purpose::StatusAck, payload)
+                            .is_err(),
+                        "another machine's secret does not open it"
+                    );
                     assert_eq!(*topic, ctx.topics.status_ack(&ack.machine));
                     (ack.machine.to_string(), ack.ctr)
                 })

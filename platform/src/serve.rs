@@ -193,7 +193,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
     let mut ingest_opts =
         client::options_as(&deps.broker, INGEST_CLIENT_ID, &user, Some(&password));
     // Persistent, so the broker keeps what machines report while the platform restarts. The
-    // broker's PUBACK goes out on receipt: what a machine relies on is the signed StatusAck the
+    // broker's PUBACK goes out on receipt: what a machine relies on is the StatusAck (MAC'd) the
     // ingest sends after its flush (protocol.md §6.1), and rumqttd lets at most 100 deliveries
     // per connection wait for a PUBACK, which capped every ingest batch at 100 events.
     ingest_opts.set_clean_session(false);

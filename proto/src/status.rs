@@ -150,7 +150,8 @@ fn one() -> u32 {
     1
 }
 
-/// The signed body on `fleet/machines/{m}/status/ack`: the platform has durably stored every
+/// The body on `fleet/machines/{m}/status/ack`, MAC'd with the machine's own secret (only it
+/// and the platform hold it; protocol.md §6.1): the platform has durably stored every
 /// status event of `machine` up to and including counter `ctr`. A machine drops an event from
 /// its outbox only on this acknowledgement (not on the broker's PUBACK), so an event the broker
 /// accepted but lost before the platform stored it (a broker crash) is sent again. Replaying an

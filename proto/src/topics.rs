@@ -106,7 +106,8 @@ impl Topics {
     pub fn status(&self, m: &MachineId) -> String {
         format!("{}/machines/{m}/status", self.prefix)
     }
-    /// Signed acknowledgements of stored status events, platform -> machine.
+    /// Acknowledgements of stored status events (MAC'd with the machine's secret), platform ->
+    /// machine.
     pub fn status_ack(&self, m: &MachineId) -> String {
         format!("{}/machines/{m}/status/ack", self.prefix)
     }

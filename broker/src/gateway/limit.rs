@@ -46,7 +46,7 @@ impl RateLimit {
     /// honest one but keep a stolen credential from flooding the broker.
     ///
     /// Reports: 50 a second, burst 200. An honest agent has one status in flight at a time
-    /// (each waits for the platform's signed ack) and sends a state when something changes;
+    /// (each waits for the platform's ack) and sends a state when something changes;
     /// one that sends 2,000 valid states a second made the platform's ack latency for every
     /// other machine double.
     pub const MACHINE: RateLimit = RateLimit {

@@ -347,7 +347,7 @@ impl GatewayHandle {
     /// machine `m`) go to `sink`, and the gateway sends the PUBACK once the event is queued
     /// there, instead of through rumqttd's router and the platform's ingest connection (for
     /// each event a router pass, a loopback TCP hop both ways and a second MQTT parse). The
-    /// PUBACK promises nothing more than rumqttd's did: the signed StatusAck after the flush is
+    /// PUBACK promises nothing more than rumqttd's did: the StatusAck after the flush is
     /// the promise. Once only; `false` if they were already taken.
     pub fn take_status_events(&self, sink: StatusEventSink) -> bool {
         self.registry.status_events.set(sink).is_ok()

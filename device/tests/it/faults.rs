@@ -7,8 +7,7 @@
 //! hashes to the artifact it claims, and the platform's record (release status, the machine's
 //! state, the stored events) says what really happened.
 
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -198,55 +197,48 @@ impl Field {
     }
 }
 
-/// Killed while the new version is copied into the inactive slot (before the switch). The copy
-/// is held open by making the slot's temp file a FIFO that the test reads from: once bytes
-/// arrive, the agent is inside the copy, and stays there (the pipe is full) until killed. The
-/// test then leaves behind what a crash mid-copy leaves: the bytes copied so far.
+/// Killed before the switch, with the inactive slot half filled. The install is held back by a
+/// sale in progress (every install waits for the exclusive sale lock), the agent is killed
+/// there, and the test leaves in slot b what a crash inside the fill leaves: part of the image
+/// in `artifact.tmp` (a copy cut short, where the slots are on another file system than the
+/// downloads; on one file system the slot is a hard link, made at once) and no `artifact_id`.
+/// The old slot stays current, and on restart the install completes with the whole image.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_before_the_switch_the_old_slot_stays_current_and_the_install_completes_on_restart()
 {
     let mut f = Field::start(None).await;
-    let slot_b = f.slots().join("b");
-    std::fs::create_dir_all(&slot_b).unwrap();
-    let tmp = slot_b.join("artifact.tmp");
-    let c_path = std::ffi::CString::new(tmp.to_str().unwrap()).unwrap();
-    // SAFETY: mkfifo(3) with a valid NUL-terminated path.
-    assert_eq!(unsafe { libc::mkfifo(c_path.as_ptr(), 0o600) }, 0);
-    let mut fifo = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK)
-        .open(&tmp)
-        .unwrap();
+    let sale = std::fs::File::open(f.data.join("sale.lock")).unwrap();
+    // SAFETY: flock(2) on a descriptor `sale` keeps open.
+    assert_eq!(unsafe { libc::flock(sale.as_raw_fd(), libc::LOCK_SH) }, 0);
 
     let (v2, r2) = f.release(V2, 1024 * 1024, 2).await;
     f.platform.publish(&r2, &f.machine).await;
-    let mut copied = Vec::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    wait_for("the agent copies into slot b", || {
-        match fifo.read(&mut buf) {
-            Ok(n) => copied.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-            Err(e) => panic!("reading the slot's fifo: {e}"),
-        }
-        !copied.is_empty()
+    f.wait_phase(&r2, Phase::Installing).await;
+    let log = f.path("agent.log");
+    wait_for("the install waits for the sale", || {
+        std::fs::read_to_string(&log).is_ok_and(|l| l.contains("a sale holds the lock"))
     })
     .await;
     assert_eq!(
         f.current(),
         ("a".into(), V1.into(), f.v1),
-        "not switched yet"
+        "not switched during a sale"
     );
     f.kill_agent();
-    drop(fifo);
+    drop(sale);
 
-    // The crash left slot a current and complete; slot b claims nothing.
-    assert_eq!(f.current(), ("a".into(), V1.into(), f.v1));
+    let slot_b = f.slots().join("b");
     assert!(
         !slot_b.join("artifact_id").exists(),
-        "a slot being filled must not claim an artifact"
+        "a slot not yet filled must not claim an artifact"
     );
-    std::fs::remove_file(&tmp).unwrap();
-    std::fs::write(&tmp, &copied).unwrap();
+    std::fs::create_dir_all(&slot_b).unwrap();
+    std::fs::write(
+        slot_b.join("artifact.tmp"),
+        &artifact_bytes(1024 * 1024, 2)[..300 * 1024],
+    )
+    .unwrap();
+    assert_eq!(f.current(), ("a".into(), V1.into(), f.v1));
 
     f.spawn_agent();
     let t = f.wait_phase(&r2, Phase::Installed).await;

@@ -92,8 +92,8 @@ struct ServeControl {
 
 struct Platform {
     key: PlatformKey,
-    /// Seed and generation of the key status acks are signed with (`key`, shared with the task).
-    ack_key: Arc<Mutex<([u8; 32], u32)>>,
+    /// The machine's secret: status acks are MAC'd with it.
+    secret: Secret,
     topics: Topics,
     client: AsyncClient,
     statuses: mpsc::UnboundedReceiver<StatusEvent>,
@@ -176,7 +176,8 @@ async fn eventually(within: Duration, mut done: impl FnMut() -> bool, what: impl
 }
 
 /// The fake platform, signing with the key from `seed`. Like the real one, it acknowledges every
-/// status event it receives with a signed `StatusAck`, so the machine's outbox moves on.
+/// status event it receives with a `StatusAck` MAC'd with the machine's secret, so the
+/// machine's outbox moves on.
 async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> Platform {
     let (client, mut rx, stop) = connect_peer(url, "platform-test").await;
     let topics = Topics::default();
@@ -201,16 +202,15 @@ async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> P
         control.clone(),
         artifacts.clone(),
     );
-    let ack_key = Arc::new(Mutex::new((seed, 0)));
     let state: Arc<Mutex<Option<MachineState>>> = Arc::default();
-    let (ack_key_task, state_task) = (ack_key.clone(), state.clone());
+    let (secret_task, state_task) = (secret.clone(), state.clone());
     let mut seen_ctrs = std::collections::HashSet::new();
     tokio::spawn(async move {
         while let Some(ev) = rx.recv().await {
             let MqttEvent::Publish(p) = ev else { continue };
             match t.parse(&p.topic) {
                 Some(Route::Status(m)) => {
-                    let ev: StatusEvent = secret
+                    let ev: StatusEvent = secret_task
                         .open(Purpose::Status, &p.payload)
                         .expect("status MAC verifies");
                     let ack = StatusAck {
@@ -223,20 +223,18 @@ async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> P
                         }
                         continue;
                     }
-                    let (seed, generation) = *ack_key_task.lock().unwrap();
                     let _ = c.try_publish(
                         t.status_ack(&m),
                         QoS::AtMostOnce,
                         false,
-                        PlatformKey::with_generation(seed, generation)
-                            .sign(Purpose::StatusAck, &ack),
+                        secret_task.seal(Purpose::StatusAck, &ack),
                     );
                     if seen_ctrs.insert(ev.ctr) {
                         let _ = status_tx.send(ev);
                     }
                 }
                 Some(Route::ChunkRequest(m)) => {
-                    let req: ChunkRequest = secret
+                    let req: ChunkRequest = secret_task
                         .open(Purpose::ChunkRequest, &p.payload)
                         .expect("request MAC verifies");
                     ctl.requests
@@ -316,7 +314,7 @@ async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> P
                     }
                 }
                 Some(Route::State(_)) => {
-                    let st: MachineState = secret
+                    let st: MachineState = secret_task
                         .open(Purpose::State, &p.payload)
                         .expect("state MAC verifies");
                     *state_task.lock().unwrap() = Some(st);
@@ -327,7 +325,7 @@ async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> P
     });
     Platform {
         key: PlatformKey::from_seed(seed),
-        ack_key,
+        secret,
         topics,
         client,
         statuses,
@@ -441,6 +439,11 @@ impl Platform {
 
     /// Acknowledges every status event up to `ctr` (the platform stored them).
     fn ack(&self, ctr: u64) {
+        self.ack_as(ctr, &self.secret.clone());
+    }
+
+    /// An ack for the machine up to `ctr`, MAC'd with `secret` (another machine's: a forgery).
+    fn ack_as(&self, ctr: u64, secret: &Secret) {
         let ack = StatusAck {
             machine: machine(),
             ctr,
@@ -450,7 +453,7 @@ impl Platform {
                 self.topics.status_ack(&machine()),
                 QoS::AtMostOnce,
                 false,
-                self.key.sign(Purpose::StatusAck, &ack),
+                secret.seal(Purpose::StatusAck, &ack),
             )
             .unwrap();
     }
@@ -724,6 +727,31 @@ async fn status_stays_in_the_outbox_until_the_platform_acknowledges_it() {
         outbox.iter().any(|e| e.ctr == first.ctr),
         "the unacknowledged status left the outbox: {outbox:?}"
     );
+    // Acks MAC'd with another machine's secret, or signed with the platform's key instead of
+    // MAC'd, move nothing: only the platform and this machine hold its secret.
+    s.platform
+        .ack_as(first.ctr, &Secret::from_bytes(rand::random()));
+    s.platform
+        .client
+        .try_publish(
+            s.platform.topics.status_ack(&machine()),
+            QoS::AtMostOnce,
+            false,
+            s.platform.key.sign(
+                Purpose::StatusAck,
+                &StatusAck {
+                    machine: machine(),
+                    ctr: first.ctr,
+                },
+            ),
+        )
+        .unwrap();
+    s.platform
+        .assert_quiet(
+            Duration::from_millis(1500),
+            "a forged ack moved the outbox on",
+        )
+        .await;
     // Once the platform acknowledges, the rest follows in order.
     s.platform.control.hold_acks.store(false, Ordering::SeqCst);
     s.platform.ack(first.ctr);

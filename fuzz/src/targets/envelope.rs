@@ -21,8 +21,8 @@ pub fn run(data: &[u8]) -> Verdict {
     let oks = [
         key.verify::<ReleaseNotice>(Purpose::Release, data).is_ok(),
         key.verify::<Command>(Purpose::Command, data).is_ok(),
-        key.verify::<StatusAck>(Purpose::StatusAck, data).is_ok(),
         s.open::<StatusEvent>(Purpose::Status, data).is_ok(),
+        s.open::<StatusAck>(Purpose::StatusAck, data).is_ok(),
         s.open::<MachineState>(Purpose::State, data).is_ok(),
         s.open::<ChunkRequest>(Purpose::ChunkRequest, data).is_ok(),
         s.open::<AdminRequest>(Purpose::Admin, data).is_ok(),
@@ -38,7 +38,7 @@ pub fn seeds() -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     out.extend(notices().iter().map(|m| key.sign(Purpose::Release, m)));
     out.extend(commands().iter().map(|m| key.sign(Purpose::Command, m)));
-    out.extend(status_acks().iter().map(|m| key.sign(Purpose::StatusAck, m)));
+    out.extend(status_acks().iter().map(|m| s.seal(Purpose::StatusAck, m)));
     out.extend(status_events().iter().map(|m| s.seal(Purpose::Status, m)));
     out.extend(machine_states().iter().map(|m| s.seal(Purpose::State, m)));
     out.extend(chunk_requests().iter().map(|m| s.seal(Purpose::ChunkRequest, m)));

@@ -1,14 +1,15 @@
-//! `StatusAck` bodies: parsed directly and through `sign` + `verify`.
+//! `StatusAck` bodies: parsed directly and through `seal` + `open` (MAC'd with the machine's
+//! secret).
 
 use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::StatusAck;
 
-use crate::family::signed;
+use crate::family::sealed;
 use crate::samples::{json, status_acks};
 use crate::Verdict;
 
 pub fn run(data: &[u8]) -> Verdict {
-    signed(Purpose::StatusAck, data, |_: &StatusAck| {})
+    sealed(Purpose::StatusAck, data, |_: &StatusAck| {})
 }
 
 pub fn seeds() -> Vec<Vec<u8>> {

@@ -1,7 +1,7 @@
 //! kill -9 recovery: the real `fleetcast serve` binary is killed with SIGKILL while a machine
 //! streams status events; after a restart on the same data dir every event is in sled exactly
 //! once. The machine here does what protocol.md §6.1 asks of an agent: one event at a time, kept
-//! until the platform's signed `StatusAck` covers it and sent again after a timeout. The platform
+//! until the platform's `StatusAck` (MAC'd with its secret) covers it and sent again after a timeout. The platform
 //! signs that ack only after the flush, so whatever the kill caught between the broker's PUBACK
 //! and the flush comes again, and replays of events stored before the kill are dropped by the
 //! counter check.
@@ -66,13 +66,13 @@ async fn kill9_loses_nothing(broker: BrokerUrl) {
     } = peer;
     let acked = Arc::new(AtomicU64::new(0));
     {
-        let (acked, key) = (acked.clone(), public_key(&data));
+        let (acked, secret) = (acked.clone(), secret.clone());
         tokio::spawn(async move {
             while let Some(e) = rx.recv().await {
                 let MqttEvent::Publish(p) = e else { continue };
                 if p.topic == ack_topic {
-                    let ack: fleetcast_proto::StatusAck = key
-                        .verify(Purpose::StatusAck, &p.payload)
+                    let ack: fleetcast_proto::StatusAck = secret
+                        .open(Purpose::StatusAck, &p.payload)
                         .expect("the status ack verifies");
                     acked.fetch_max(ack.ctr, Ordering::SeqCst);
                 }

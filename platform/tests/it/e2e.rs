@@ -477,7 +477,8 @@ async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
     platform.stop().await;
 }
 
-/// The platform acknowledges a status event with a signed `StatusAck` only after storing it, and
+/// The platform acknowledges a status event with a `StatusAck` MAC'd with the machine's secret
+/// only after storing it, and
 /// acknowledges a repeat of it again (the machine missed the first ack); a forged one gets none.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_again() {
@@ -491,7 +492,6 @@ async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_a
         admin: admin_client,
     } = env(&broker).await;
     let p = provisioned(&admin_client, "vm-ack", &[]).await;
-    let public = public_key(&data);
     let topics = Topics::default();
     let mut vm = peer_with(&broker, "vm-ack", Some(&p.secret.mqtt_password())).await;
     vm.subscribe(&topics.status_ack(&m("vm-ack"))).await;
@@ -512,7 +512,7 @@ async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_a
     for round in 0..2 {
         vm.publish_acked(&topics.status(&m("vm-ack")), false, sealed.clone())
             .await;
-        let ack = next_ack(&public, &mut vm, WAIT)
+        let ack = next_ack(&p.secret, &mut vm, WAIT)
             .await
             .unwrap_or_else(|| panic!("no ack in round {round}"));
         assert_eq!(
@@ -527,7 +527,7 @@ async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_a
     vm.publish_acked(&topics.status(&m("vm-ack")), false, forged)
         .await;
     assert_eq!(
-        next_ack(&public, &mut vm, Duration::from_millis(1500)).await,
+        next_ack(&p.secret, &mut vm, Duration::from_millis(1500)).await,
         None,
         "a forged status was acknowledged"
     );
@@ -549,17 +549,17 @@ async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_a
     );
 }
 
-/// The next signed status ack `vm` receives, or None after `within`.
+/// The next status ack `vm` receives, MAC'd with its `secret`, or None after `within`.
 async fn next_ack(
-    public: &PlatformPublicKey,
+    secret: &Secret,
     vm: &mut Peer,
     within: Duration,
 ) -> Option<fleetcast_proto::StatusAck> {
     let p = vm.next_within(within, |_| true).await?;
     Some(
-        public
-            .verify(Purpose::StatusAck, &p.payload)
-            .expect("ack is signed by the platform"),
+        secret
+            .open(Purpose::StatusAck, &p.payload)
+            .expect("ack is MAC'd with the machine's secret"),
     )
 }
 

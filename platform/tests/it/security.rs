@@ -369,9 +369,9 @@ async fn machines_get_chunks_only_of_their_releases_and_cannot_flood_the_event_s
     let url = broker.url();
     let Env {
         dir,
-        data_dir,
         platform,
         admin,
+        ..
     } = env(&url).await;
     let one = upload(&admin, dir.path(), "a.bin", &data(3000, 4), "1.0")
         .await
@@ -398,9 +398,8 @@ async fn machines_get_chunks_only_of_their_releases_and_cannot_flood_the_event_s
     let last_ctr = vm.ctr;
     loop {
         let p = vm.peer.next(|p| p.topic == acks).await;
-        let ack: fleetcast_proto::StatusAck = public_key(&data_dir)
-            .verify(Purpose::StatusAck, &p.payload)
-            .unwrap();
+        let ack: fleetcast_proto::StatusAck =
+            vm.secret.open(Purpose::StatusAck, &p.payload).unwrap();
         if ack.ctr == last_ctr {
             break;
         }

@@ -379,6 +379,14 @@ pub(crate) fn status_event() -> StatusEvent {
     }
 }
 
+/// The platform's acknowledgement of `status_event()`, MAC'd with the machine's secret.
+fn status_ack() -> StatusAck {
+    StatusAck {
+        machine: vm(),
+        ctr: status_event().ctr,
+    }
+}
+
 pub(crate) fn machine_state() -> MachineState {
     MachineState {
         machine: vm(),
@@ -499,13 +507,14 @@ fn mac_file() -> Value {
     aad.extend_from_slice(client.as_bytes());
     file(
         header(
-            "MACs (machine and operator -> platform). mac = hex(BLAKE3 keyed_hash(key = the 32-byte secret, message = tag || body)), tag = the ASCII text then one zero byte, body = the exact UTF-8 of the envelope's body string. `envelope` is the exact message the reference implementation publishes. `upload_part` MACs a binary frame instead of a body; `sealed_box` is an admin response sealed for the operator with a fixed nonce (the platform draws a random one).",
+            "MACs (machine and operator -> platform, and status acks platform -> machine with the machine's secret). mac = hex(BLAKE3 keyed_hash(key = the 32-byte secret, message = tag || body)), tag = the ASCII text then one zero byte, body = the exact UTF-8 of the envelope's body string. `envelope` is the exact message the reference implementation publishes. `upload_part` MACs a binary frame instead of a body; `sealed_box` is an admin response sealed for the operator with a fixed nonce (the platform draws a random one).",
             "§3, §6, §7.3, §8",
         ),
         json!({
             "secret": secret.to_hex(),
             "vectors": [
                 mac_vector(&secret, Purpose::Status, "status", &status_event()),
+                mac_vector(&secret, Purpose::StatusAck, "status-ack", &status_ack()),
                 mac_vector(&secret, Purpose::State, "state", &machine_state()),
                 mac_vector(&secret, Purpose::ChunkRequest, "chunks-get", &chunk_request()),
                 mac_vector(&secret, Purpose::Admin, "admin", &admin_request()),
@@ -535,10 +544,12 @@ fn mac_file() -> Value {
 fn mac_vectors_match_the_code_and_open() {
     let on_disk = check_file("macs.json", mac_file());
     let secret: Secret = str_of(&on_disk, "secret").parse().unwrap();
-    for v in on_disk["vectors"].as_array().unwrap() {
+    let vectors = on_disk["vectors"].as_array().unwrap();
+    for v in vectors {
         let envelope = str_of(v, "envelope");
         let purpose = match v["purpose"].as_str().unwrap() {
             "status" => Purpose::Status,
+            "status-ack" => Purpose::StatusAck,
             "state" => Purpose::State,
             "chunks-get" => Purpose::ChunkRequest,
             "admin" => Purpose::Admin,
@@ -549,6 +560,18 @@ fn mac_vectors_match_the_code_and_open() {
             body,
             serde_json::from_str::<Value>(&str_of(v, "body")).unwrap()
         );
+        // The TAG tells the families apart: an ack is not a status event, nor the other way.
+        for other in [
+            Purpose::Status,
+            Purpose::StatusAck,
+            Purpose::State,
+            Purpose::ChunkRequest,
+            Purpose::Admin,
+        ] {
+            if other != purpose {
+                assert!(secret.open::<Value>(other, envelope.as_bytes()).is_err());
+            }
+        }
         let mut tagged = str_of(v, "tag").into_bytes();
         tagged.extend_from_slice(str_of(v, "body").as_bytes());
         assert_eq!(
@@ -558,6 +581,8 @@ fn mac_vectors_match_the_code_and_open() {
             str_of(v, "mac")
         );
     }
+    // Each MAC'd purpose with a JSON body appears once.
+    assert_eq!(vectors.len(), 5);
     let up = &on_disk["upload_part"];
     let published = unhex(&str_of(up, "published"));
     let (header, payload) = open_upload_frame(&secret, &published).unwrap();
@@ -684,24 +709,15 @@ fn signature_file() -> Value {
         failed: 0,
         updated_at_ms: 1795600001010,
     };
-    let ack = StatusAck {
+    let command = Command {
         machine: vm(),
-        ctr: 1042,
+        seq: 43,
+        issued_at_ms: 1795600000000,
+        action: CommandAction::Activate { release: r7() },
     };
     let vectors = vec![
         signature_vector(&key, Purpose::Release, "release", &release_notice()),
-        signature_vector(
-            &key,
-            Purpose::Command,
-            "command",
-            &Command {
-                machine: vm(),
-                seq: 43,
-                issued_at_ms: 1795600000000,
-                action: CommandAction::Activate { release: r7() },
-            },
-        ),
-        signature_vector(&key, Purpose::StatusAck, "status-ack", &ack),
+        signature_vector(&key, Purpose::Command, "command", &command),
         signature_vector(&key, Purpose::Event, "event", &fleet_event()),
         signature_vector(&key, Purpose::Progress, "progress", &progress),
         signature_vector(&key, Purpose::EventBatch, "event-batch", &batch),
@@ -716,7 +732,7 @@ fn signature_file() -> Value {
             },
         ),
         // After the rotation: the generation-1 key signs, and the envelope says so.
-        signature_vector(&next, Purpose::StatusAck, "status-ack", &ack),
+        signature_vector(&next, Purpose::Command, "command", &command),
     ];
     file(
         header(
@@ -745,7 +761,6 @@ fn signature_vectors_match_the_code_and_verify() {
         let purpose = match v["purpose"].as_str().unwrap() {
             "release" => Purpose::Release,
             "command" => Purpose::Command,
-            "status-ack" => Purpose::StatusAck,
             "event" => Purpose::Event,
             "progress" => Purpose::Progress,
             "event-batch" => Purpose::EventBatch,
@@ -765,8 +780,8 @@ fn signature_vectors_match_the_code_and_verify() {
             .verify::<Value>(purpose, str_of(v, "envelope").as_bytes())
             .is_err());
     }
-    // Each signed purpose appears (the generation-1 ack repeats one).
-    assert_eq!(vectors.len(), 8);
+    // Each signed purpose appears (the generation-1 command repeats one).
+    assert_eq!(vectors.len(), 7);
 }
 
 // --- frames ---
