@@ -282,8 +282,11 @@ fn sim_root() -> Option<PathBuf> {
 }
 
 /// [`sim_root`] for a fleet of `n`: from [`DISK_FROM`] machines on, on disk unless
-/// `SCALE_SIM_DIR` says otherwise (10,000 machines keep about 20 GB of artifacts and slots,
-/// which in tmpfs, beside the simulator's own peak of 10 GB, ran this 24 GB host out of memory).
+/// `SCALE_SIM_DIR` says otherwise (10,000 machines kept about 20 GB of artifacts and slots,
+/// which in tmpfs, beside the simulator's own peak of 10 GB, ran this 24 GB host out of memory;
+/// since slots are hard links it is about 10 GB, which fitted once with little room to spare).
+/// On one disk the agents' fsyncs wait behind those writes: compare with `SCALE_SIM_DIR=/dev/shm`
+/// (docs/architecture.md, Limits).
 fn sim_root_for(n: usize) -> Option<PathBuf> {
     if n >= DISK_FROM && std::env::var_os("SCALE_SIM_DIR").is_none() {
         return None;
