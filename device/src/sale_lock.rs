@@ -291,12 +291,21 @@ impl SaleLock {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(e),
         };
-        let Ok(text) = std::fs::read_to_string("/proc/locks") else {
-            return Ok(None);
-        };
         let (major, minor) = (libc::major(meta.dev()), libc::minor(meta.dev()));
         let name = format!("{major:02x}:{minor:02x}:{}", meta.ino());
-        Ok(Some(proc_locks::holders(&text, &name)))
+        // A read can skip a line while other locks come and go (see `learn_proc_name`), which
+        // only ever hides a holder: the read that shows the most is taken.
+        let mut most: Option<Holders> = None;
+        for _ in 0..LOOK_READS {
+            let Ok(text) = std::fs::read_to_string("/proc/locks") else {
+                break;
+            };
+            let h = proc_locks::holders(&text, &name);
+            if most.is_none_or(|m| h.shared + h.exclusive > m.shared + m.exclusive) {
+                most = Some(h);
+            }
+        }
+        Ok(most)
     }
 
     /// Finds the line of `/proc/locks` that is our exclusive lock, so later looks can find the
