@@ -4,8 +4,9 @@
 //! Each batch (everything available, up to [`MAX_BATCH`] messages or [`BATCH_WINDOW`]) is
 //! verified, applied and written to sled, and flushed once; only then does each machine get its
 //! `StatusAck` (one per machine per batch, MAC'd with the machine's own secret), which is what
-//! lets it drop the event from its outbox. The broker's PUBACK goes out on receipt and promises nothing: an event lost between
-//! it and the flush (a crash) was never acknowledged to the machine, which sends it again. On
+//! lets it drop the event from its outbox. The broker's PUBACK goes out on receipt and promises
+//! nothing: an event lost between it and the flush (a crash) was never acknowledged to the
+//! machine, which sends it again. On
 //! the embedded broker, status events come from the gateway in process instead
 //! ([`crate::context::SessionControl::take_status_events`]), into the same queue.
 //! Invalid messages (bad MAC, unknown machine, malformed, oversized, replayed) are logged and
@@ -196,9 +197,10 @@ struct ToSign {
 
 /// Sends each machine's ack, MAC'd with its secret (about 1 µs: the ingest loop does it itself,
 /// right after the flush). Ed25519-signed acks cost `serve` a signature per acknowledged event
-/// and each machine a verification (about 50 µs on a small CPU), to prove what the machine's
-/// own secret proves as well: only the platform and that machine hold it, and another
-/// machine's credentials can neither forge it nor make one verify for this machine.
+/// and each machine a verification (about 40 µs here: the ingest bench's clients went from 73
+/// to 30-44 µs of CPU per event), to prove what the machine's own secret proves as well: only
+/// the platform and that machine hold it, and another machine's credentials can neither forge
+/// it nor make one verify for this machine.
 fn send_acks(ctx: &Ctx, acks: Vec<(fleetcast_proto::StatusAck, Secret)>) {
     for (ack, secret) in acks {
         let payload = secret.seal(Purpose::StatusAck, &ack);
