@@ -231,6 +231,7 @@ async fn fleetcast_ingest(
     let limit = Duration::from_secs(60) + Duration::from_millis(events as u64);
     let serve_pid = p.proc.pid().to_string();
     let cpu0 = (common::cpu_time(&serve_pid), common::cpu_time("self"));
+    eprintln!("ingest: {machines} clients subscribed, sending {events} events");
     let t0 = Instant::now();
     go.cancel();
     while complete.load(Ordering::SeqCst) < machines {

@@ -66,6 +66,20 @@ struct FrameKey {
     index: u32,
 }
 
+impl FrameKey {
+    /// The gateway's key for this frame, so that a machine asking again for what is still
+    /// queued for it does not get it queued twice (see `SessionControl::deliver`). Two frames
+    /// whose keys collide (a chance of about one in 2^64 per pair) only cost a machine a
+    /// re-request.
+    fn gateway_key(&self) -> u64 {
+        let id = self.artifact.as_bytes();
+        let head = u64::from_le_bytes(id[..8].try_into().expect("8 bytes"));
+        let which = (u64::from(self.index) << 1 | u64::from(self.manifest))
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        head ^ which
+    }
+}
+
 /// What a fresh, admitted request gets (see [`ChunkServer::decide`]).
 enum Answer {
     /// An error frame saying `reason` to the machine alone; the request is refused for
@@ -556,7 +570,7 @@ impl ChunkServer {
             if self
                 .ctx
                 .sessions
-                .deliver(&topic, &frame, Some(&names))
+                .deliver(&topic, &frame, Some(&names), Some(key.gateway_key()))
                 .is_some()
             {
                 self.recycle(frame);
@@ -566,7 +580,7 @@ impl ChunkServer {
             return self.publish(&topic, frame).await;
         }
         self.broadcast_at.insert(key, now);
-        self.send(&topic, frame, true).await
+        self.send(&topic, frame, Some(key)).await
     }
 
     /// Sends every owed frame whose time has come.
@@ -592,12 +606,26 @@ impl ChunkServer {
         }
     }
 
-    async fn send(&mut self, topic: &str, frame: Vec<u8>, broadcast: bool) -> Result<(), String> {
+    /// Sends `frame`: a chunk or manifest frame of `key` to everyone subscribed to its
+    /// artifact, or (`None`) an error frame on one machine's topic.
+    async fn send(
+        &mut self,
+        topic: &str,
+        frame: Vec<u8>,
+        key: Option<FrameKey>,
+    ) -> Result<(), String> {
+        let broadcast = key.is_some();
         self.ctx.stats.frame_sent(frame.len(), broadcast);
         // The embedded broker's gateway delivers artifact topics and each machine's own chunk
         // topic itself (see fleetcast_broker's gateway `fanout`), copying the frame out, so its
         // buffer is kept for a later read; any other broker gets an MQTT publish.
-        if self.ctx.sessions.deliver(topic, &frame, None).is_some() {
+        let key = key.as_ref().map(FrameKey::gateway_key);
+        if self
+            .ctx
+            .sessions
+            .deliver(topic, &frame, None, key)
+            .is_some()
+        {
             self.recycle(frame);
             return Ok(());
         }
@@ -620,7 +648,7 @@ impl ChunkServer {
             total: 0,
         };
         let _ = self
-            .send(topic, encode_frame(&header, reason.as_bytes()), false)
+            .send(topic, encode_frame(&header, reason.as_bytes()), None)
             .await;
     }
 }

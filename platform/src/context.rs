@@ -100,7 +100,15 @@ pub trait SessionControl: Send + Sync {
     fn close_sessions(&self, username: &str) -> usize;
     /// Delivers `payload` on fanned-out topic `topic` to its subscribers (or only to those of
     /// the machines in `only`), if this broker can (`None`: publish it over MQTT instead, to all).
-    fn deliver(&self, _topic: &str, _payload: &[u8], _only: Option<&[&str]>) -> Option<usize> {
+    /// A `key` names what the payload is (one chunk of one artifact): a session that has a
+    /// payload of that key queued and not yet written does not get it queued again.
+    fn deliver(
+        &self,
+        _topic: &str,
+        _payload: &[u8],
+        _only: Option<&[&str]>,
+        _key: Option<u64>,
+    ) -> Option<usize> {
         None
     }
     /// Whether anyone is subscribed to fanned-out topic `topic` now, if this broker can tell

@@ -207,7 +207,7 @@ fn send_acks(ctx: &Ctx, acks: Vec<(fleetcast_proto::StatusAck, Secret)>) {
         let topic = ctx.topics.status_ack(&ack.machine);
         // The embedded broker's gateway delivers each machine's acks itself (a filter per
         // machine in rumqttd would cost its topic matching the size of the fleet).
-        if ctx.sessions.deliver(&topic, &payload, None).is_some() {
+        if ctx.sessions.deliver(&topic, &payload, None, None).is_some() {
             continue;
         }
         if let Err(err) = ctx.mqtt.try_publish(topic, QoS::AtMostOnce, false, payload) {
@@ -240,7 +240,7 @@ fn sign_and_send(ctx: &Ctx, batch: ToSign) {
     }
     for e in batch.events {
         let payload = keys.platform.sign(Purpose::Event, &e);
-        if ctx.sessions.deliver(&topic, &payload, None).is_none() {
+        if ctx.sessions.deliver(&topic, &payload, None, None).is_none() {
             if let Err(err) = ctx
                 .mqtt
                 .try_publish(&topic, QoS::AtMostOnce, false, payload)
@@ -1289,7 +1289,13 @@ mod tests {
             fn close_sessions(&self, _: &str) -> usize {
                 0
             }
-            fn deliver(&self, topic: &str, payload: &[u8], _: Option<&[&str]>) -> Option<usize> {
+            fn deliver(
+                &self,
+                topic: &str,
+                payload: &[u8],
+                _: Option<&[&str]>,
+                _: Option<u64>,
+            ) -> Option<usize> {
                 let mut d = self.delivered.lock().unwrap();
                 d.push((topic.to_owned(), payload.to_vec()));
                 Some(1)

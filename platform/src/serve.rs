@@ -76,8 +76,14 @@ impl SessionControl for GatewaySessions {
         self.0.kick(username)
     }
 
-    fn deliver(&self, topic: &str, payload: &[u8], only: Option<&[&str]>) -> Option<usize> {
-        Some(self.0.deliver_to(topic, payload, only))
+    fn deliver(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        only: Option<&[&str]>,
+        key: Option<u64>,
+    ) -> Option<usize> {
+        Some(self.0.deliver_keyed(topic, payload, only, key))
     }
 
     fn subscribed(&self, topic: &str) -> Option<bool> {
@@ -101,6 +107,7 @@ impl SessionControl for GatewaySessions {
             violations: s.violations,
             frames_delivered: s.fanout_delivered,
             frames_dropped: s.fanout_dropped,
+            frames_already_queued: s.fanout_already_queued,
             served: s.served,
             closed_unread: s.closed_unread,
         })

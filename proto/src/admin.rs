@@ -619,6 +619,10 @@ pub struct GatewayCounters {
     /// slower than the broadcast; it asks for the missing chunks again).
     pub frames_delivered: u64,
     pub frames_dropped: u64,
+    /// Chunk frames not queued for a session again because the same frame was queued for it
+    /// and not yet written (its machine asked again before reading what it had asked for).
+    #[serde(default)]
+    pub frames_already_queued: u64,
     /// Notices, commands, key chains and operators' replies served from the gateway, and
     /// sessions closed because they did not read them.
     pub served: u64,

@@ -17,13 +17,21 @@
 //!   and every new topic against every filter, so a fleet coming online cost it the square of
 //!   its size.
 //!
+//! A bulk frame may carry a key (the chunk server's: one artifact chunk). A session that has a
+//! frame of that key queued and not yet written does not get it queued again: it will have it.
+//! Why: a machine that hears nothing for a while asks again for every chunk it is waiting for,
+//! and where the gateway's writes are what is slow (10,000 machines on one host), those chunks
+//! were still queued for it; queueing them again filled its queue with copies (833,000 frames
+//! delivered and 148,000 dropped on full queues for 170,000 needed) and made every session's
+//! wait longer, so more machines asked again.
+//!
 //! A SUBSCRIBE is checked exactly like any other (static policy, then the platform's dynamic
 //! check) before a session is registered here; UNSUBSCRIBE and the end of the session remove
 //! it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use fleetcast_proto::text::{shown, Admit, LogGate};
@@ -34,12 +42,87 @@ use tokio_util::sync::CancellationToken;
 /// shared with every other receiver of the same frame).
 pub const SESSION_QUEUE: usize = 64;
 
+/// A frame on a session's bulk queue, with its key if it has one.
+#[derive(Debug)]
+pub(crate) struct Queued {
+    pub packet: Bytes,
+    pub key: Option<u64>,
+}
+
+/// The keys of the frames queued for one session and not yet written. The session's writer
+/// calls [`QueuedKeys::written`] after writing each frame.
+#[derive(Debug, Default)]
+pub(crate) struct QueuedKeys(Mutex<HashSet<u64>>);
+
+impl QueuedKeys {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The frame was written: the next one of its key is queued again.
+    pub(crate) fn written(&self, frame: &Queued) {
+        if let Some(key) = frame.key {
+            self.lock().remove(&key);
+        }
+    }
+}
+
+/// Where a session's deliveries go.
+#[derive(Clone)]
+pub(crate) enum Queue {
+    /// The bulk queue: frames are dropped while it is full, and a frame whose key is queued
+    /// already is not queued again.
+    Bulk(mpsc::Sender<Queued>, Arc<QueuedKeys>),
+    /// The control queue (written first): a machine's acks and error frames.
+    Control(mpsc::Sender<Bytes>),
+}
+
 /// One subscribed session: who it is (the principal's username) and its queue.
 struct Receiver {
     username: String,
-    tx: mpsc::Sender<Bytes>,
+    tx: Queue,
     /// Served topics: closes the session when its queue is full (nothing is dropped).
     close_when_full: Option<CancellationToken>,
+}
+
+/// What one delivery did for one session.
+enum Took {
+    Queued,
+    /// A frame of the same key was queued for it and not yet written.
+    AlreadyQueued,
+    Full,
+}
+
+impl Receiver {
+    fn offer(&self, packet: &Bytes, key: Option<u64>) -> Took {
+        let took = |ok: bool| if ok { Took::Queued } else { Took::Full };
+        match (&self.tx, key) {
+            (Queue::Control(tx), _) => took(tx.try_send(packet.clone()).is_ok()),
+            (Queue::Bulk(tx, _), None) => took(
+                tx.try_send(Queued {
+                    packet: packet.clone(),
+                    key: None,
+                })
+                .is_ok(),
+            ),
+            (Queue::Bulk(tx, keys), Some(k)) => {
+                // Held while queueing: the writer's `written` for an earlier frame of this key
+                // cannot come between the check and the insert.
+                let mut queued = keys.lock();
+                if queued.contains(&k) {
+                    return Took::AlreadyQueued;
+                }
+                let sent = tx.try_send(Queued {
+                    packet: packet.clone(),
+                    key,
+                });
+                if sent.is_ok() {
+                    queued.insert(k);
+                }
+                took(sent.is_ok())
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -70,6 +153,7 @@ pub(crate) struct Fanout {
     state: Mutex<State>,
     delivered: AtomicU64,
     dropped: AtomicU64,
+    already_queued: AtomicU64,
     served: AtomicU64,
     closed_full: AtomicU64,
     /// A few lines per user name per minute about sessions closed full.
@@ -91,6 +175,8 @@ pub(crate) enum Keep {
 pub(crate) struct Counts {
     pub delivered: u64,
     pub dropped: u64,
+    /// Frames not queued for a session that had the same frame queued and not yet written.
+    pub already_queued: u64,
     pub served: u64,
     pub closed_full: u64,
 }
@@ -103,16 +189,10 @@ impl Fanout {
     }
 
     /// Registers a session for a bulk filter (a full queue drops frames).
-    pub(crate) fn subscribe(
-        &self,
-        filter: &str,
-        session: u64,
-        username: &str,
-        tx: &mpsc::Sender<Bytes>,
-    ) {
+    pub(crate) fn subscribe(&self, filter: &str, session: u64, username: &str, tx: Queue) {
         let receiver = Receiver {
             username: username.to_owned(),
-            tx: tx.clone(),
+            tx,
             close_when_full: None,
         };
         self.state().insert(filter, session, receiver);
@@ -141,7 +221,7 @@ impl Fanout {
         }
         let receiver = Receiver {
             username: username.to_owned(),
-            tx: tx.clone(),
+            tx: Queue::Control(tx.clone()),
             close_when_full: Some(stop.clone()),
         };
         state.insert(filter, session, receiver);
@@ -179,10 +259,17 @@ impl Fanout {
     }
 
     /// Queues `packet` (a whole PUBLISH) for every session subscribed to `filter`, or only for
-    /// the sessions of `only` (usernames); how many took it.
-    pub(crate) fn deliver(&self, filter: &str, packet: &Bytes, only: Option<&[&str]>) -> usize {
+    /// the sessions of `only` (usernames); how many took it or have it queued already. A
+    /// session's bulk queue does not take a packet with a `key` it holds a packet of already.
+    pub(crate) fn deliver(
+        &self,
+        filter: &str,
+        packet: &Bytes,
+        only: Option<&[&str]>,
+        key: Option<u64>,
+    ) -> usize {
         let state = self.state();
-        self.deliver_locked(&state, filter, packet, only)
+        self.deliver_locked(&state, filter, packet, only, key)
     }
 
     /// A message on a served topic: what `keep` says is done to the message kept on `topic`,
@@ -208,7 +295,7 @@ impl Fanout {
             }
             Keep::Nothing => {}
         }
-        self.deliver_locked(&state, filter, live, None)
+        self.deliver_locked(&state, filter, live, None, None)
     }
 
     fn deliver_locked(
@@ -217,6 +304,7 @@ impl Fanout {
         filter: &str,
         packet: &Bytes,
         only: Option<&[&str]>,
+        key: Option<u64>,
     ) -> usize {
         let Some(sessions) = state.filters.get(filter) else {
             return 0;
@@ -224,7 +312,7 @@ impl Fanout {
         // Looked up once per subscriber: thousands of askers of a frame against thousands of
         // subscribers would be millions of string compares as a list.
         let only: Option<HashSet<&str>> = only.map(|names| names.iter().copied().collect());
-        let (mut took, mut missed, mut served) = (0, 0, 0);
+        let (mut took, mut had, mut missed, mut served) = (0, 0, 0, 0);
         for r in sessions.values() {
             if only
                 .as_ref()
@@ -232,18 +320,19 @@ impl Fanout {
             {
                 continue;
             }
-            let sent = r.tx.try_send(packet.clone()).is_ok();
-            match (&r.close_when_full, sent) {
-                (None, true) => took += 1,
-                (None, false) => missed += 1,
-                (Some(_), true) => served += 1,
-                (Some(stop), false) => self.close_full(stop, &r.username, filter),
+            match (&r.close_when_full, r.offer(packet, key)) {
+                (None, Took::Queued) => took += 1,
+                (None, Took::AlreadyQueued) => had += 1,
+                (None, Took::Full) => missed += 1,
+                (Some(_), Took::Queued | Took::AlreadyQueued) => served += 1,
+                (Some(stop), Took::Full) => self.close_full(stop, &r.username, filter),
             }
         }
         self.delivered.fetch_add(took as u64, Ordering::Relaxed);
+        self.already_queued.fetch_add(had as u64, Ordering::Relaxed);
         self.dropped.fetch_add(missed as u64, Ordering::Relaxed);
         self.served.fetch_add(served as u64, Ordering::Relaxed);
-        took + served
+        took + had + served
     }
 
     fn close_full(&self, stop: &CancellationToken, username: &str, filter: &str) {
@@ -263,6 +352,7 @@ impl Fanout {
         Counts {
             delivered: self.delivered.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
+            already_queued: self.already_queued.load(Ordering::Relaxed),
             served: self.served.load(Ordering::Relaxed),
             closed_full: self.closed_full.load(Ordering::Relaxed),
         }
@@ -279,41 +369,97 @@ impl Fanout {
 mod tests {
     use super::*;
 
+    fn bulk(n: usize) -> (Queue, mpsc::Receiver<Queued>, Arc<QueuedKeys>) {
+        let (tx, rx) = mpsc::channel(n);
+        let keys = Arc::new(QueuedKeys::default());
+        (Queue::Bulk(tx, keys.clone()), rx, keys)
+    }
+
     #[test]
     fn only_subscribed_sessions_get_a_frame_and_a_full_queue_drops_it() {
         let fanout = Fanout::default();
-        let (tx1, mut rx1) = mpsc::channel(1);
-        let (tx2, mut rx2) = mpsc::channel(1);
-        fanout.subscribe("fleet/artifacts/a/chunks", 1, "vm-1", &tx1);
-        fanout.subscribe("fleet/artifacts/b/chunks", 2, "vm-2", &tx2);
+        let (q1, mut rx1, _) = bulk(1);
+        let (q2, mut rx2, _) = bulk(1);
+        fanout.subscribe("fleet/artifacts/a/chunks", 1, "vm-1", q1);
+        fanout.subscribe("fleet/artifacts/b/chunks", 2, "vm-2", q2);
         let frame = Bytes::from_static(b"frame");
-        assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame, None), 1);
-        assert_eq!(rx1.try_recv().unwrap(), frame);
+        let a = "fleet/artifacts/a/chunks";
+        assert_eq!(fanout.deliver(a, &frame, None, None), 1);
+        assert_eq!(rx1.try_recv().unwrap().packet, frame);
         assert!(rx2.try_recv().is_err(), "not subscribed to a");
         // Queue of one: the second frame is dropped for session 1.
-        assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame, None), 1);
-        assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame, None), 0);
+        assert_eq!(fanout.deliver(a, &frame, None, None), 1);
+        assert_eq!(fanout.deliver(a, &frame, None, None), 0);
         let c = fanout.counts();
         assert_eq!((c.delivered, c.dropped), (2, 1));
 
         // Delivery to named machines only.
         let _ = rx1.try_recv();
+        assert_eq!(fanout.deliver(a, &frame, Some(&["vm-9"]), None), 0);
+        assert_eq!(fanout.deliver(a, &frame, Some(&["vm-1"]), None), 1);
+        fanout.unsubscribe(a, 1);
+        let _ = rx1.try_recv();
+        assert_eq!(fanout.deliver(a, &frame, None, None), 0);
+        fanout.remove_session(2);
         assert_eq!(
-            fanout.deliver("fleet/artifacts/a/chunks", &frame, Some(&["vm-9"])),
+            fanout.deliver("fleet/artifacts/b/chunks", &frame, None, None),
             0
         );
-        assert_eq!(
-            fanout.deliver("fleet/artifacts/a/chunks", &frame, Some(&["vm-1"])),
-            1
-        );
-        fanout.unsubscribe("fleet/artifacts/a/chunks", 1);
-        let _ = rx1.try_recv();
-        assert_eq!(fanout.deliver("fleet/artifacts/a/chunks", &frame, None), 0);
-        fanout.remove_session(2);
-        assert_eq!(fanout.deliver("fleet/artifacts/b/chunks", &frame, None), 0);
         let state = fanout.state();
         assert!(state.filters.is_empty());
         assert!(state.sessions.values().all(HashSet::is_empty));
+    }
+
+    #[test]
+    fn a_frame_still_queued_for_a_session_is_not_queued_again_until_written() {
+        let fanout = Fanout::default();
+        let a = "fleet/artifacts/a/chunks";
+        let (q1, mut rx1, keys1) = bulk(8);
+        let (q2, mut rx2, _) = bulk(8);
+        fanout.subscribe(a, 1, "vm-1", q1);
+        fanout.subscribe(a, 2, "vm-2", q2);
+        let (chunk0, chunk1) = (Bytes::from_static(b"c0"), Bytes::from_static(b"c1"));
+        assert_eq!(fanout.deliver(a, &chunk0, Some(&["vm-1"]), Some(10)), 1);
+        // vm-1 asks again before reading it, and vm-2 asks for it too: vm-1 already has it
+        // queued (counted as taken), vm-2 gets it.
+        assert_eq!(fanout.deliver(a, &chunk0, None, Some(10)), 2);
+        assert_eq!(fanout.deliver(a, &chunk1, None, Some(11)), 2);
+        let c = fanout.counts();
+        assert_eq!((c.delivered, c.already_queued, c.dropped), (4, 1, 0));
+        let got: Vec<_> = std::iter::from_fn(|| rx1.try_recv().ok()).collect();
+        assert_eq!(
+            got.iter().map(|q| q.packet.clone()).collect::<Vec<_>>(),
+            [chunk0.clone(), chunk1.clone()],
+            "one copy of each"
+        );
+        assert_eq!(std::iter::from_fn(|| rx2.try_recv().ok()).count(), 2);
+        // Written: asked again, it is queued again (it may have been lost after the write).
+        got.iter().for_each(|q| keys1.written(q));
+        assert_eq!(fanout.deliver(a, &chunk0, Some(&["vm-1"]), Some(10)), 1);
+        assert_eq!(rx1.try_recv().unwrap().packet, chunk0);
+        // A frame without a key is always queued.
+        assert_eq!(fanout.deliver(a, &chunk1, Some(&["vm-1"]), None), 1);
+        assert_eq!(fanout.deliver(a, &chunk1, Some(&["vm-1"]), None), 1);
+        assert_eq!(std::iter::from_fn(|| rx1.try_recv().ok()).count(), 2);
+    }
+
+    #[test]
+    fn a_dropped_frame_is_queued_when_asked_again() {
+        let fanout = Fanout::default();
+        let a = "fleet/artifacts/a/chunks";
+        let (q, mut rx, keys) = bulk(1);
+        fanout.subscribe(a, 1, "vm-1", q);
+        let (c0, c1) = (Bytes::from_static(b"c0"), Bytes::from_static(b"c1"));
+        assert_eq!(fanout.deliver(a, &c0, None, Some(1)), 1);
+        assert_eq!(fanout.deliver(a, &c1, None, Some(2)), 0, "queue full");
+        let first = rx.try_recv().unwrap();
+        keys.written(&first);
+        assert_eq!(
+            fanout.deliver(a, &c1, None, Some(2)),
+            1,
+            "not held as queued"
+        );
+        assert_eq!(rx.try_recv().unwrap().packet, c1);
     }
 
     #[test]

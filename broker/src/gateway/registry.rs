@@ -30,6 +30,9 @@ pub struct GatewayStats {
     /// dropped because a session's queue was full.
     pub fanout_delivered: u64,
     pub fanout_dropped: u64,
+    /// Chunk frames not queued again for a session that had the same frame queued and not
+    /// yet written (its machine asked again before it had read them).
+    pub fanout_already_queued: u64,
     /// Release notices, commands, key chains and operators' replies the gateway delivered itself (one per
     /// receiving session; see `relay`), and sessions it closed because they did not read them.
     pub served: u64,
@@ -241,6 +244,7 @@ impl Registry {
             violations: self.violations.load(Ordering::Relaxed),
             fanout_delivered: fanout.delivered,
             fanout_dropped: fanout.dropped,
+            fanout_already_queued: fanout.already_queued,
             served: fanout.served,
             closed_unread: fanout.closed_full,
             chunk_requests_dropped: self.chunk_requests_dropped.load(Ordering::Relaxed),
@@ -369,8 +373,21 @@ impl GatewayHandle {
     /// [`GatewayHandle::deliver`] to the subscribed sessions of these usernames only (`None`:
     /// every subscriber).
     pub fn deliver_to(&self, topic: &str, payload: &[u8], only: Option<&[&str]>) -> usize {
+        self.deliver_keyed(topic, payload, only, None)
+    }
+
+    /// [`GatewayHandle::deliver_to`] for a frame with a key (e.g. one chunk of one artifact): a
+    /// session that has a frame of this key queued and not yet written is counted as having
+    /// taken it, and it is not queued for it again.
+    pub fn deliver_keyed(
+        &self,
+        topic: &str,
+        payload: &[u8],
+        only: Option<&[&str]>,
+        key: Option<u64>,
+    ) -> usize {
         match super::frames::qos0_publish(topic, payload) {
-            Ok(packet) => self.registry.fanout.deliver(topic, &packet, only),
+            Ok(packet) => self.registry.fanout.deliver(topic, &packet, only, key),
             Err(e) => {
                 tracing::warn!(topic, error = %e, "cannot encode a frame for delivery");
                 0

@@ -152,6 +152,7 @@ pub(super) async fn serve<S>(
     let registered = shared.registry.register(&username, stop.clone());
     tracing::debug!(%peer, client = %shown(&client_id), "gateway session open");
     let (inject, injected) = mpsc::channel(fanout::SESSION_QUEUE);
+    let queued = Arc::new(fanout::QueuedKeys::default());
     // The gateway's own answers (PINGRESP, local SUBACK), what the relay serves (notices,
     // commands, the key chain) and a machine's acks: never queued behind chunk frames.
     let (control, controls) = mpsc::channel(CONTROL_QUEUE);
@@ -161,7 +162,7 @@ pub(super) async fn serve<S>(
         principal: &principal,
         client_id: &client_id,
         id: registered.id(),
-        inject,
+        inject: fanout::Queue::Bulk(inject, queued.clone()),
         control,
         stop: stop.clone(),
         unacked: &unacked,
@@ -172,7 +173,7 @@ pub(super) async fn serve<S>(
         _ = stop.cancelled() => End::Closed("kicked or shut down"),
         _ = claim.taken_over() => End::TakenOver,
         e = session.client_to_router(&mut client_rd, &mut to_router, buf, connect.keep_alive) => e,
-        e = router_to_client(link_rx, &mut client_wr, injected, controls, &unacked) => e,
+        e = router_to_client(link_rx, &mut client_wr, (injected, &queued), controls, &unacked) => e,
     };
     match &end {
         End::Disconnected | End::Dropped => to_router.close_after(vec![]).await,
@@ -368,7 +369,7 @@ struct Session<'a> {
     /// The registry's id of this session (fan-out subscriptions are keyed by it).
     id: u64,
     /// Where fanned-out chunk frames for this session are queued.
-    inject: mpsc::Sender<bytes::Bytes>,
+    inject: fanout::Queue,
     /// Where the gateway's own answers to this client are queued (written first), what it
     /// serves itself (`relay`), and the machine's acks and error frames ([`Self::queue_for`]).
     control: mpsc::Sender<bytes::Bytes>,
@@ -548,11 +549,13 @@ impl Session<'_> {
     /// they go with the gateway's own answers, written first; chunk frames and integrators'
     /// events go to the bulk queue, whose frames a slow reader loses while it is full (a machine
     /// asks for missing chunks again). Each queue keeps its own order.
-    fn queue_for(&self, filter: &str) -> &mpsc::Sender<Bytes> {
+    fn queue_for(&self, filter: &str) -> fanout::Queue {
         use fleetcast_proto::Route;
         match self.shared.topics.parse(filter) {
-            Some(Route::StatusAck(_) | Route::MachineChunks(_)) => &self.control,
-            _ => &self.inject,
+            Some(Route::StatusAck(_) | Route::MachineChunks(_)) => {
+                fanout::Queue::Control(self.control.clone())
+            }
+            _ => self.inject.clone(),
         }
     }
 
@@ -833,7 +836,7 @@ impl Session<'_> {
 async fn router_to_client<W>(
     mut link: LinkRx,
     wr: &mut W,
-    mut injected: mpsc::Receiver<Bytes>,
+    (mut injected, queued): (mpsc::Receiver<fanout::Queued>, &fanout::QueuedKeys),
     mut controls: mpsc::Receiver<Bytes>,
     unacked: &Unacked,
 ) -> End
@@ -892,9 +895,10 @@ where
             // machine reading at 70 KB/s: it resent its events and took its connection for
             // dead).
             Some(frame) = injected.recv() => {
-                if let Err(e) = wr.write_all(&frame).await {
+                if let Err(e) = wr.write_all(&frame.packet).await {
                     return e.into();
                 }
+                queued.written(&frame);
             }
         }
         if !out.is_empty() {

@@ -238,8 +238,8 @@ pub async fn stats(args: StatsArgs, client: &ClientArgs) -> anyhow::Result<()> {
             g.active, g.connections, g.refused, g.violations
         );
         println!(
-            "gateway frames         {} delivered, {} dropped (queue full); {} served, {} sessions closed unread",
-            g.frames_delivered, g.frames_dropped, g.served, g.closed_unread
+            "gateway frames         {} delivered, {} dropped (queue full), {} already queued; {} served, {} sessions closed unread",
+            g.frames_delivered, g.frames_dropped, g.frames_already_queued, g.served, g.closed_unread
         );
     }
     Ok(())
