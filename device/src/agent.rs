@@ -16,7 +16,7 @@ use fleetcast_broker::client::{self, BrokerUrl, MqttEvent};
 use fleetcast_proto::auth::{Purpose, SignedEnvelope, MAX_JSON_MESSAGE};
 use fleetcast_proto::chunk::{decode_frame, FrameType};
 use fleetcast_proto::command::Command;
-use fleetcast_proto::status::MachineState;
+use fleetcast_proto::status::{MachineState, MAX_STATUS_BATCH};
 use fleetcast_proto::{
     ArtifactId, Kind, ReleaseId, ReleaseNotice, Route, StatusAck, StatusEvent, Topics,
 };
@@ -45,6 +45,8 @@ const MQTT_EVENTS_QUEUED: usize = 32;
 /// queue is full is asked for again.
 const FRAMES_QUEUED: usize = 32;
 
+/// A batch of status events is at most this large (the platform takes up to 256 KiB).
+const STATUS_BATCH_BYTES: usize = 64 * 1024;
 /// Resend the outbox head if the broker has not acknowledged it within this time.
 const RESEND_AFTER: Duration = Duration::from_secs(10);
 
@@ -762,10 +764,13 @@ impl Agent {
         if !self.connected || self.head_sent_at.is_some() {
             return;
         }
-        let Some(head) = self.outbox.head() else {
+        let Some((payload, events)) = self
+            .outbox
+            .head_message(MAX_STATUS_BATCH, STATUS_BATCH_BYTES)
+        else {
             return;
         };
-        let payload = head.payload.clone().into_bytes();
+        tracing::trace!(machine = %self.me(), events, "sending status");
         let topic = self.topics.status(self.me());
         if self.publish(topic, QoS::AtLeastOnce, false, payload) {
             self.head_sent_at = Some(Instant::now());

@@ -319,6 +319,36 @@ impl Outbox {
         self.entries.front()
     }
 
+    /// The oldest events as one status message, and how many it holds: the head alone, or,
+    /// with more waiting, a batch (a JSON array of their envelopes, protocol.md §6.1) of at
+    /// most `max` events and `max_bytes` (the head goes whatever its size). A machine that was
+    /// offline, or whose platform is slow to acknowledge, sends its backlog a batch per round
+    /// trip instead of an event per round trip.
+    pub fn head_message(&self, max: usize, max_bytes: usize) -> Option<(Vec<u8>, usize)> {
+        let head = self.entries.front()?;
+        if self.entries.len() == 1 || max <= 1 {
+            return Some((head.payload.clone().into_bytes(), 1));
+        }
+        let mut out = Vec::with_capacity(max_bytes.min(64 * 1024));
+        out.push(b'[');
+        let mut n = 0;
+        for e in self.entries.iter().take(max) {
+            if n > 0 && out.len() + 1 + e.payload.len() + 1 > max_bytes {
+                break;
+            }
+            if n > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(e.payload.as_bytes());
+            n += 1;
+        }
+        if n == 1 {
+            return Some((head.payload.clone().into_bytes(), 1));
+        }
+        out.push(b']');
+        Some((out, n))
+    }
+
     /// Drops every entry up to `ctr`; whether any was dropped.
     fn drop_acked(&mut self, ctr: u64) -> bool {
         let before = self.entries.len();
@@ -541,6 +571,52 @@ mod tests {
         assert!(ob.ack(2).unwrap());
         let ob = Outbox::open(dir.path()).unwrap();
         assert_eq!(ob.head().unwrap().ctr, 3, "acks are persisted");
+    }
+
+    #[test]
+    fn the_outbox_sends_its_head_alone_or_its_oldest_events_as_one_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ob = Outbox::open(dir.path()).unwrap();
+        assert!(ob.head_message(64, 1024).is_none());
+        let entry = |ctr: u64| OutboxEntry {
+            ctr,
+            payload: format!("{{\"e\":{ctr}}}"),
+        };
+        ob.push(entry(1)).unwrap();
+        let (alone, n) = ob.head_message(64, 1024).unwrap();
+        assert_eq!(
+            (&alone[..], n),
+            (&b"{\"e\":1}"[..], 1),
+            "one event: its envelope"
+        );
+        for ctr in 2..=5 {
+            ob.push(entry(ctr)).unwrap();
+        }
+        let parsed =
+            |bytes: &[u8]| serde_json::from_slice::<Vec<serde_json::Value>>(bytes).unwrap();
+        let (all, n) = ob.head_message(64, 1024).unwrap();
+        assert_eq!(n, 5);
+        assert_eq!(
+            parsed(&all).len(),
+            5,
+            "oldest first: {}",
+            String::from_utf8_lossy(&all)
+        );
+        assert_eq!(parsed(&all)[0]["e"], 1);
+        let (three, n) = ob.head_message(3, 1024).unwrap();
+        assert_eq!((parsed(&three).len(), n), (3, 3), "at most `max`");
+        // Each envelope is 7 bytes: "[", 3 of them, 2 commas and "]" are 25 bytes.
+        let (cut, n) = ob.head_message(64, 25).unwrap();
+        assert_eq!((cut.len(), n), (25, 3), "at most `max_bytes`");
+        assert_eq!(ob.head_message(64, 24).unwrap().1, 2);
+        let (head, n) = ob.head_message(64, 2).unwrap();
+        assert_eq!(
+            (&head[..], n),
+            (&b"{\"e\":1}"[..], 1),
+            "the head goes whatever its size"
+        );
+        assert!(ob.ack(4).unwrap());
+        assert_eq!(ob.head_message(64, 1024).unwrap().1, 1);
     }
 
     #[tokio::test]

@@ -6,13 +6,18 @@
 //! they send names a release that targets them and is stored (at most `INGEST_EVENTS` ≤ 1,000
 //! per machine, the platform's per-(machine, release) cap). Then M MQTT clients, each with its
 //! own machine credentials, send `downloading` status events with rising progress, MAC'd with
-//! the machine's secret exactly as the agent seals them, QoS 1, one unacknowledged event each
-//! as the protocol has agents send them (`INGEST_WINDOW` > 1 is for experiments only); an event counts when the platform's `StatusAck` (MAC'd with the machine's secret) covering
-//! its counter arrives (sent only after the batch holding it was flushed to sled). An event not
+//! the machine's secret exactly as the agent seals them, QoS 1, one unacknowledged message each
+//! as the protocol has agents send them. Two runs, each on a fresh platform: one event per
+//! message (how events come while a rollout runs: the agent has one waiting at a time;
+//! `INGEST_WINDOW` > 1 is for experiments only), and each machine's events as the agent sends
+//! a backlog (after being offline, or while the platform is slow to acknowledge): batches of up
+//! to `INGEST_BATCH` (default and most 64, protocol.md §6.1) in one message. An event counts
+//! when the platform's `StatusAck` (MAC'd with the machine's secret) covering its counter
+//! arrives (sent only after the batch holding it was flushed to sled). What is not
 //! acknowledged within 2 s is sent again (the platform acknowledges a replay without storing
 //! it again), as the agent does. Rate = M × E ÷ (first send → last acknowledgement). The
-//! gateway lets one machine send 200 reports at once and 50 a second after that: past 200
-//! events per machine the bench measures that limit, not ingestion.
+//! gateway lets one machine send 200 reports (events) at once and 50 a second after that: past
+//! 200 events per machine the bench measures that limit, not ingestion.
 //!
 //! Baseline: a fresh sled database (default config, as the platform opens its own) in a temp
 //! dir; the same number of records, each the JSON of the `FleetEvent` the platform stores for
@@ -35,6 +40,7 @@ use fleetcast_platform::ingest::MAX_BATCH;
 use fleetcast_proto::admin::FleetEvent;
 use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::status::Progress;
+use fleetcast_proto::status::MAX_STATUS_BATCH;
 use fleetcast_proto::{
     GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId, StatusAck, StatusEvent, Topics,
 };
@@ -105,14 +111,29 @@ struct Run {
     events: usize,
     resent: u64,
     payload_bytes: usize,
+    /// Status messages sent (a batch counts once), re-sent ones included.
+    messages: u64,
+    /// The platform's counters over the run.
+    stored: Option<u64>,
+    flushes: Option<u64>,
+}
+
+/// How the bench's machines send their events.
+#[derive(Clone, Copy)]
+struct Mode {
+    /// Events in flight per machine (one message each).
+    window: usize,
+    /// Events per message, one message in flight (1: single events, `window` in flight).
+    batch: usize,
 }
 
 async fn fleetcast_ingest(
     p: &Platform,
     machines: usize,
     per_machine: usize,
-    window: usize,
+    mode: Mode,
 ) -> Result<Run> {
+    let Mode { window, batch } = mode;
     let group = GroupId::new("ingest")?;
     let ids: Vec<MachineId> = (1..=machines)
         .map(|i| MachineId::new(format!("ing-{i:04}")))
@@ -135,6 +156,7 @@ async fn fleetcast_ingest(
     let ready = Arc::new(AtomicUsize::new(0));
     let complete = Arc::new(AtomicUsize::new(0));
     let resent = Arc::new(AtomicU64::new(0));
+    let messages = Arc::new(AtomicU64::new(0));
     let last_done: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let total = per_machine as u64;
     let payload_bytes = provisioned[0]
@@ -149,7 +171,7 @@ async fn fleetcast_ingest(
         let (c, mut el) = client::connect(opts, window * 2 + 16);
         let ack_topic = topics.status_ack(&me);
         let status_topic = topics.status(&me);
-        let (stop, go, ready, complete, resent, last_done, release) = (
+        let (stop, go, ready, complete, resent, last_done, release, messages) = (
             stop.clone(),
             go.clone(),
             ready.clone(),
@@ -157,14 +179,26 @@ async fn fleetcast_ingest(
             resent.clone(),
             last_done.clone(),
             release.clone(),
+            messages.clone(),
         );
         tasks.spawn(async move {
             let (mut sent, mut acked) = (0u64, 0u64);
             let mut last_progress = Instant::now();
             let mut started = false;
-            let send = |ctr: u64| {
-                let ev = event(&me, &release, ctr, total * 65536);
-                let payload = m.secret.seal(Purpose::Status, &ev);
+            // Events `from..=to` in one message: one envelope, or a batch as the agent sends its
+            // backlog (protocol.md §6.1).
+            let send = |from: u64, to: u64| {
+                let seal = |ctr: u64| {
+                    m.secret
+                        .seal(Purpose::Status, &event(&me, &release, ctr, total * 65536))
+                };
+                let payload = if from == to {
+                    seal(from)
+                } else {
+                    let items: Vec<Vec<u8>> = (from..=to).map(seal).collect();
+                    [b"[".to_vec(), items.join(&b","[..]), b"]".to_vec()].concat()
+                };
+                messages.fetch_add(1, Ordering::Relaxed);
                 c.try_publish(&status_topic, QoS::AtLeastOnce, false, payload)
                     .is_ok()
             };
@@ -179,9 +213,15 @@ async fn fleetcast_ingest(
                     _ = tick.tick() => {
                         // Unacknowledged for 2 s: send the window again, as the agent would.
                         if started && acked < total && last_progress.elapsed() > Duration::from_secs(2) {
-                            for ctr in acked + 1..=sent {
-                                if send(ctr) {
-                                    resent.fetch_add(1, Ordering::Relaxed);
+                            if batch > 1 {
+                                if sent > acked && send(acked + 1, sent) {
+                                    resent.fetch_add(sent - acked, Ordering::Relaxed);
+                                }
+                            } else {
+                                for ctr in acked + 1..=sent {
+                                    if send(ctr, ctr) {
+                                        resent.fetch_add(1, Ordering::Relaxed);
+                                    }
                                 }
                             }
                             last_progress = Instant::now();
@@ -210,7 +250,18 @@ async fn fleetcast_ingest(
                         Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
                     },
                 }
-                while started && sent < total && sent - acked < window as u64 && send(sent + 1) {
+                if batch > 1 {
+                    let to = total.min(acked + batch as u64);
+                    if started && sent == acked && sent < total && send(acked + 1, to) {
+                        sent = to;
+                    }
+                }
+                while batch == 1
+                    && started
+                    && sent < total
+                    && sent - acked < window as u64
+                    && send(sent + 1, sent + 1)
+                {
                     sent += 1;
                 }
             }
@@ -258,6 +309,9 @@ async fn fleetcast_ingest(
         events,
         resent: resent.load(Ordering::Relaxed),
         payload_bytes,
+        messages: messages.load(Ordering::Relaxed),
+        stored: None,
+        flushes: None,
     })
 }
 
@@ -285,27 +339,30 @@ async fn run() -> Result<()> {
         base1.as_secs_f64()
     );
 
-    let dir = tempfile::tempdir_in(&root)?;
-    let mut p = Platform::start(dir.path(), None).await?;
-    let stats_before = p.stats();
-    let result = fleetcast_ingest(&p, machines, per_machine, window).await;
-    let stats_after = p.stats();
-    p.proc.check_alive()?;
-    p.admin.close().await;
-    drop(p.proc);
-    drop(dir);
-    let run = result?;
+    let batch = env_usize("INGEST_BATCH", MAX_STATUS_BATCH).clamp(2, MAX_STATUS_BATCH);
+    let modes = [
+        (
+            format!("one event per message, {window} in flight per machine (events as they come during a rollout)"),
+            Mode { window, batch: 1 },
+        ),
+        (
+            format!("each machine's {per_machine} events sent as the agent sends a backlog: batches of up to {batch}, one in flight"),
+            Mode { window: 1, batch },
+        ),
+    ];
+    let mut runs = Vec::new();
+    for (label, mode) in modes {
+        runs.push((
+            label,
+            ingest_once(&root, machines, per_machine, mode).await?,
+        ));
+    }
     let base2 = sled_baseline(&root, count, &record, MAX_BATCH).await?;
     let base = base1.min(base2);
-    let delta = |f: &str| {
-        stat_u64(&stats_after, f)
-            .zip(stat_u64(&stats_before, f))
-            .map(|(a, b)| a.saturating_sub(b))
-    };
-    let stored = delta("status_events_stored");
-    let flushes = delta("ingest_flushes");
-    let mean_batch = stored
-        .zip(flushes)
+    let mean_batch = runs[0]
+        .1
+        .stored
+        .zip(runs[0].1.flushes)
         .filter(|(_, f)| *f > 0)
         .map(|(s, f)| s as f64 / f as f64);
     let base_mean = match mean_batch {
@@ -317,13 +374,11 @@ async fn run() -> Result<()> {
     };
 
     let rate = |d: Duration| count as f64 / d.as_secs_f64();
-    let fc = rate(run.time);
     println!("--- results ---");
     println!(
-        "{machines} machines × {per_machine} status events (window {window} per machine, {} B MAC'd payload, {} B stored record); {} re-sent after 2 s without an ack.",
-        run.payload_bytes,
+        "{machines} machines × {per_machine} status events ({} B MAC'd payload, {} B stored record).",
+        runs[0].1.payload_bytes,
         record.len(),
-        run.resent
     );
     println!();
     println!("| what | events | time | events/s | ratio to sled |");
@@ -335,38 +390,70 @@ async fn run() -> Result<()> {
     );
     if let Some((b, d)) = base_mean {
         println!(
-            "| raw sled, one flush per {:.0} records (the platform's mean batch in this run) | {count} | {:.2} s | {:.0} | {:.2} |",
+            "| raw sled, one flush per {:.0} records (the platform's mean batch with one event per message) | {count} | {:.2} s | {:.0} | {:.2} |",
             b.round().max(1.0),
             d.as_secs_f64(),
             rate(d),
             rate(d) / rate(base)
         );
     }
-    println!(
-        "| fleetcast: sent, verified, stored, flushed, `StatusAck` received | {} | {:.2} s | {:.0} | {:.2} |",
-        run.events,
-        run.time.as_secs_f64(),
-        fc,
-        fc / rate(base)
-    );
-    if let (Some(serve), Some(bench)) = (run.serve_cpu, run.bench_cpu) {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (label, run) in &runs {
         println!(
-            "\nCPU over the run ({cores} cores: {:.1} core-seconds available): `serve` {:.2} s ({:.0} µs per event), the bench's {machines} clients {:.2} s ({:.0} µs per event: sealing events, verifying acks).",
-            cores as f64 * run.time.as_secs_f64(),
-            serve.as_secs_f64(),
-            serve.as_secs_f64() * 1e6 / count as f64,
-            bench.as_secs_f64(),
-            bench.as_secs_f64() * 1e6 / count as f64,
+            "| fleetcast, {label}: sent, verified, stored, flushed, `StatusAck` received | {} | {:.2} s | {:.0} | {:.2} |",
+            run.events,
+            run.time.as_secs_f64(),
+            rate(run.time),
+            rate(run.time) / rate(base)
         );
     }
-    match (stored, flushes) {
-        (Some(s), Some(f)) => println!(
-            "\nPlatform counters over the run (`fleetcast stats`): {s} status events stored, {f} ingest flushes."
-        ),
-        _ => println!("\nPlatform counters: n/a (`fleetcast stats --json` not available)."),
+    println!();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    for (label, run) in &runs {
+        let mut line = format!(
+            "- {label}: {} status messages ({} events re-sent after 2 s without an ack)",
+            run.messages, run.resent
+        );
+        if let (Some(serve), Some(bench)) = (run.serve_cpu, run.bench_cpu) {
+            line += &format!(
+                "; CPU ({cores} cores: {:.1} core-seconds available): `serve` {:.2} s ({:.0} µs per event), the bench's {machines} clients {:.2} s ({:.0} µs per event: sealing events, verifying acks)",
+                cores as f64 * run.time.as_secs_f64(),
+                serve.as_secs_f64(),
+                serve.as_secs_f64() * 1e6 / count as f64,
+                bench.as_secs_f64(),
+                bench.as_secs_f64() * 1e6 / count as f64,
+            );
+        }
+        match (run.stored, run.flushes) {
+            (Some(s), Some(f)) => {
+                line += &format!("; `fleetcast stats`: {s} events stored in {f} ingest flushes.")
+            }
+            _ => line += "; platform counters n/a.",
+        }
+        println!("{line}");
     }
     Ok(())
+}
+
+/// One fleetcast run on a fresh platform.
+async fn ingest_once(root: &Path, machines: usize, per_machine: usize, mode: Mode) -> Result<Run> {
+    let dir = tempfile::tempdir_in(root)?;
+    let mut p = Platform::start(dir.path(), None).await?;
+    let stats_before = p.stats();
+    let result = fleetcast_ingest(&p, machines, per_machine, mode).await;
+    let stats_after = p.stats();
+    p.proc.check_alive()?;
+    p.admin.close().await;
+    drop(p.proc);
+    drop(dir);
+    let mut run = result?;
+    let delta = |f: &str| {
+        stat_u64(&stats_after, f)
+            .zip(stat_u64(&stats_before, f))
+            .map(|(a, b)| a.saturating_sub(b))
+    };
+    run.stored = delta("status_events_stored");
+    run.flushes = delta("ingest_flushes");
+    Ok(run)
 }
 
 #[tokio::main]

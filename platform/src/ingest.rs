@@ -19,8 +19,9 @@ use std::time::{Duration, Instant};
 
 use fleetcast_broker::MqttEvent;
 use fleetcast_proto::admin::{FleetEvent, MachineInfo};
-use fleetcast_proto::auth::{Purpose, Secret};
+use fleetcast_proto::auth::{MacEnvelope, Purpose, Secret};
 use fleetcast_proto::release::validate_version;
+use fleetcast_proto::status::status_envelopes;
 use fleetcast_proto::text::shown;
 use fleetcast_proto::{
     GroupId, Kind, MachineId, MachineState, Phase, ReleaseId, Route, StatusEvent,
@@ -353,18 +354,7 @@ impl Ingest {
         for p in &batch {
             match self.handle(p) {
                 Ok(mut a) => after.append(&mut a),
-                Err(Ok(reject)) => {
-                    let (machine, topic) = (shown(&reject.machine), shown(&p.topic));
-                    let reason = shown(&reject.reason);
-                    if !reject.quiet {
-                        self.ctx.stats.report_dropped();
-                    }
-                    if reject.quiet {
-                        tracing::debug!(%machine, %topic, %reason, "message dropped");
-                    } else if let Some(quiet_before) = self.ctx.should_log(&reject.machine) {
-                        tracing::warn!(%machine, %topic, %reason, quiet_before, "message dropped");
-                    }
-                }
+                Err(Ok(reject)) => self.note_reject(&reject, &p.topic),
                 Err(Err(e)) => return Err(e.into()),
             }
         }
@@ -396,6 +386,20 @@ impl Ingest {
             }
         }
         Ok(())
+    }
+
+    /// Counts and logs a dropped message (or the rest of a batch, from the event refused).
+    fn note_reject(&self, reject: &Reject, topic: &str) {
+        let (machine, topic) = (shown(&reject.machine), shown(topic));
+        let reason = shown(&reject.reason);
+        if !reject.quiet {
+            self.ctx.stats.report_dropped();
+        }
+        if reject.quiet {
+            tracing::debug!(%machine, %topic, %reason, "message dropped");
+        } else if let Some(quiet_before) = self.ctx.should_log(&reject.machine) {
+            tracing::warn!(%machine, %topic, %reason, quiet_before, "message dropped");
+        }
     }
 
     /// Does `a`; an ack goes to `acks`, what needs a signature to `to_sign`.
@@ -536,6 +540,24 @@ impl Ingest {
         purpose: Purpose,
         payload: &[u8],
     ) -> Result<Opened<T>, Result<Reject, StoreError>> {
+        match MacEnvelope::parse(payload) {
+            Ok(env) => self.open_envelope(m, channel, purpose, &env),
+            Err(e) => Err(Ok(Reject {
+                machine: m.to_string(),
+                reason: e.to_string(),
+                quiet: false,
+            })),
+        }
+    }
+
+    /// [`Self::open`] for an envelope already parsed (one of a batch of status events).
+    fn open_envelope<T: serde::de::DeserializeOwned + Sent>(
+        &self,
+        m: &MachineId,
+        channel: &str,
+        purpose: Purpose,
+        env: &MacEnvelope,
+    ) -> Result<Opened<T>, Result<Reject, StoreError>> {
         let reject = |reason: String| {
             Err(Ok(Reject {
                 machine: m.to_string(),
@@ -547,7 +569,7 @@ impl Ingest {
         let Some(secret) = self.ctx.store.secret(m).map_err(Err)? else {
             return reject("unknown machine (not provisioned)".into());
         };
-        let body: T = match secret.open(purpose, payload) {
+        let body: T = match secret.open_envelope(purpose, env) {
             Ok(b) => b,
             Err(e) => return reject(e.to_string()),
         };
@@ -563,13 +585,51 @@ impl Ingest {
         Ok(Opened::Fresh(body, secret))
     }
 
+    /// A status message: one event, or a batch of them (protocol.md §6.1), each taken as if it
+    /// had come alone, in order. A batch stops at its first event that is refused: what came
+    /// before it is kept and acknowledged, the rest is dropped (the machine sends it again
+    /// after the ack, from its outbox). A batch refused whole gets no answer, as a lone event.
     fn status(
         &mut self,
         m: &MachineId,
         p: &Publish,
     ) -> Result<Vec<After>, Result<Reject, StoreError>> {
+        let envelopes = status_envelopes(&p.payload).map_err(|e| {
+            Ok(Reject {
+                machine: m.to_string(),
+                reason: e.to_string(),
+                quiet: false,
+            })
+        })?;
+        let mut after = Vec::new();
+        for (i, env) in envelopes.iter().enumerate() {
+            match self.status_event(m, env) {
+                Ok(mut a) => after.append(&mut a),
+                Err(Ok(mut reject)) if i > 0 => {
+                    let rest = envelopes.len() - i;
+                    reject.reason = format!(
+                        "{} (event {} of a batch of {}: it and the {} after it dropped)",
+                        reject.reason,
+                        i + 1,
+                        envelopes.len(),
+                        rest - 1
+                    );
+                    self.note_reject(&reject, &p.topic);
+                    break;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(after)
+    }
+
+    fn status_event(
+        &mut self,
+        m: &MachineId,
+        env: &MacEnvelope,
+    ) -> Result<Vec<After>, Result<Reject, StoreError>> {
         let (mut ev, secret) =
-            match self.open::<StatusEvent>(m, "status", Purpose::Status, &p.payload)? {
+            match self.open_envelope::<StatusEvent>(m, "status", Purpose::Status, env)? {
                 Opened::Fresh(ev, secret) => (ev, secret),
                 // Stored before (the machine missed our ack, or the broker redelivered):
                 // acknowledge it again so the machine can move on, and change nothing.

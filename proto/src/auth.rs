@@ -85,6 +85,8 @@ pub enum AuthError {
     BadMac,
     #[error("authenticated body is malformed: {0}")]
     Body(serde_json::Error),
+    #[error("a batch of {len} envelopes: 1 to {max} are allowed")]
+    BatchSize { len: usize, max: usize },
     #[error("sealed box is not base64 of a 24-byte nonce and a ciphertext")]
     BoxFormat,
     #[error("sealed box does not open with this key (wrong secret, or forged)")]
@@ -112,6 +114,13 @@ fn is_zero(n: &u32) -> bool {
 pub struct MacEnvelope {
     pub body: String,
     pub mac: String,
+}
+
+impl MacEnvelope {
+    /// Parses a MAC'd envelope (at most [`MAX_JSON_MESSAGE`] bytes) without checking it.
+    pub fn parse(bytes: &[u8]) -> Result<Self, AuthError> {
+        parse_envelope(bytes)
+    }
 }
 
 /// The platform's signing key (ed25519 seed) and its generation in the key chain.
@@ -284,7 +293,15 @@ impl Secret {
         purpose: Purpose,
         bytes: &[u8],
     ) -> Result<T, AuthError> {
-        let env: MacEnvelope = parse_envelope(bytes)?;
+        self.open_envelope(purpose, &parse_envelope(bytes)?)
+    }
+
+    /// [`Secret::open`] for an envelope already parsed (one of a batch).
+    pub fn open_envelope<T: DeserializeOwned>(
+        &self,
+        purpose: Purpose,
+        env: &MacEnvelope,
+    ) -> Result<T, AuthError> {
         let mac = blake3::Hash::from_hex(&env.mac).map_err(|_| AuthError::MacFormat)?;
         // blake3::Hash's PartialEq is constant-time.
         if self.mac_of(purpose, env.body.as_bytes()) != mac {
@@ -425,7 +442,7 @@ fn tagged(purpose: Purpose, body: &[u8]) -> Vec<u8> {
     out
 }
 
-fn parse_envelope<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AuthError> {
+pub(crate) fn parse_envelope<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, AuthError> {
     if bytes.len() > MAX_JSON_MESSAGE {
         return Err(AuthError::TooLarge { len: bytes.len() });
     }

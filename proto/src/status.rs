@@ -7,6 +7,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
+use crate::auth::{parse_envelope, AuthError, MacEnvelope, MAX_JSON_MESSAGE};
 use crate::ids::{ArtifactId, GroupId, Kind, MachineId, ReleaseId};
 
 /// Where one machine stands with one release. Machines report every phase but `pending` and
@@ -150,6 +151,44 @@ fn one() -> u32 {
     1
 }
 
+/// At most this many status events in one message (protocol.md §6.1, "Batches").
+pub const MAX_STATUS_BATCH: usize = 64;
+
+/// The envelopes of one message on `fleet/machines/{m}/status`: a single MAC'd envelope, or a
+/// JSON array of 1 to [`MAX_STATUS_BATCH`] of them, oldest first (an agent sending several
+/// events of its outbox at once). Each envelope is checked as if it had come alone.
+pub fn status_envelopes(payload: &[u8]) -> Result<Vec<MacEnvelope>, AuthError> {
+    if !is_batch(payload) {
+        return parse_envelope(payload).map(|env| vec![env]);
+    }
+    let envelopes: Vec<MacEnvelope> = parse_envelope(payload)?;
+    if envelopes.is_empty() || envelopes.len() > MAX_STATUS_BATCH {
+        return Err(AuthError::BatchSize {
+            len: envelopes.len(),
+            max: MAX_STATUS_BATCH,
+        });
+    }
+    Ok(envelopes)
+}
+
+/// How many status events a message on `fleet/machines/{m}/status` carries, without checking
+/// any (what a broker charges against the sender's report rate): the length of a batch, 1 for
+/// anything else (a message that does not parse is refused whole by the platform).
+pub fn status_count(payload: &[u8]) -> usize {
+    if !is_batch(payload) || payload.len() > MAX_JSON_MESSAGE {
+        return 1;
+    }
+    serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(payload).map_or(1, |v| v.len().max(1))
+}
+
+/// Whether `payload` is a JSON array (its first non-blank byte is `[`).
+fn is_batch(payload: &[u8]) -> bool {
+    payload
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|&b| b == b'[')
+}
+
 /// The body on `fleet/machines/{m}/status/ack`, MAC'd with the machine's own secret (only it
 /// and the platform hold it; protocol.md §6.1): the platform has durably stored every
 /// status event of `machine` up to and including counter `ctr`. A machine drops an event from
@@ -205,6 +244,43 @@ pub struct MachineState {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_status_message_is_one_envelope_or_an_array_of_1_to_64() {
+        use crate::auth::{Purpose, Secret};
+        let secret = Secret::from_bytes([7; 32]);
+        let one = secret.seal(Purpose::Status, &serde_json::json!({"ctr": 1}));
+        let lone = status_envelopes(&one).unwrap();
+        assert_eq!(lone.len(), 1);
+        assert_eq!(status_count(&one), 1);
+        let batch = |n: usize| {
+            let items: Vec<String> = (0..n)
+                .map(|_| String::from_utf8(one.clone()).unwrap())
+                .collect();
+            format!(" [{}]", items.join(",")).into_bytes()
+        };
+        let three = status_envelopes(&batch(3)).unwrap();
+        assert_eq!(three.len(), 3);
+        let opened: serde_json::Value = secret.open_envelope(Purpose::Status, &three[2]).unwrap();
+        assert_eq!(opened["ctr"], 1, "each envelope opens as if it came alone");
+        assert_eq!(status_count(&batch(3)), 3);
+        assert_eq!(status_envelopes(&batch(64)).unwrap().len(), 64);
+        for n in [0, 65] {
+            assert!(
+                matches!(
+                    status_envelopes(&batch(n)),
+                    Err(AuthError::BatchSize { len, max: 64 }) if len == n
+                ),
+                "{n}"
+            );
+        }
+        // What a broker charges: the array's length, whatever its items.
+        assert_eq!(status_count(&batch(65)), 65);
+        assert_eq!(status_count(b"[1, {\"a\": [2, 3]}, \"x\"]"), 3);
+        assert_eq!(status_count(b"[1, 2"), 1, "does not parse: refused whole");
+        assert!(status_envelopes(b"[1, 2]").is_err());
+        assert!(status_envelopes(b"[1, 2").is_err());
+    }
 
     #[test]
     fn phases_use_the_documented_names_both_ways() {

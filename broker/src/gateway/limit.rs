@@ -36,8 +36,9 @@ pub enum Cost {
     Bytes,
     /// Publishes and (un)subscribes: a message token and bytes.
     Message,
-    /// A report: a report token, a message token and bytes.
-    Report,
+    /// Reports: this many report tokens (a batch of status events costs one per event), a
+    /// message token and bytes.
+    Reports(u64),
 }
 
 impl RateLimit {
@@ -147,7 +148,11 @@ impl Limiter {
             Some(b) if applies => b.take(n, now),
             _ => Duration::ZERO,
         };
-        let r = take(&mut self.reports, 1, cost == Cost::Report);
+        let n = match cost {
+            Cost::Reports(n) => n,
+            _ => 0,
+        };
+        let r = take(&mut self.reports, n, n > 0);
         let m = take(&mut self.messages, 1, cost != Cost::Bytes);
         let b = take(&mut self.bytes, len as u64, true);
         r.max(m).max(b)
@@ -237,7 +242,7 @@ mod tests {
         for i in 0..60 * 21 {
             let now = t0 + Duration::from_millis(i * 1000 / 21);
             let cost = if i % 21 == 0 {
-                Cost::Report
+                Cost::Reports(1)
             } else {
                 Cost::Message
             };
@@ -248,7 +253,11 @@ mod tests {
         let t1 = t0 + Duration::from_secs(3600);
         for i in 0..200 {
             let now = t1 + Duration::from_millis(i * 2);
-            assert_eq!(l.take(300, Cost::Report, now), Duration::ZERO, "report {i}");
+            assert_eq!(
+                l.take(300, Cost::Reports(1), now),
+                Duration::ZERO,
+                "report {i}"
+            );
         }
     }
 
@@ -273,7 +282,7 @@ mod tests {
         let mut l = Limiter::new(RateLimit::MACHINE, t0);
         let mut waited = Duration::ZERO;
         for _ in 0..1200 {
-            waited = l.take(300, Cost::Report, t0);
+            waited = l.take(300, Cost::Reports(1), t0);
         }
         // 1,000 over the burst of 200, at 50 a second.
         assert!(same(waited, Duration::from_secs(20)), "{waited:?}");

@@ -455,8 +455,13 @@ impl Session<'_> {
                     _ => None,
                 };
                 let cost = match (&packet, &route) {
+                    // A batch of status events costs one report per event: a stolen credential
+                    // sending batches stays held to the rate of single events.
+                    (Packet::Publish(p, _), Some(Route::Status(_))) => {
+                        Cost::Reports(fleetcast_proto::status::status_count(&p.payload) as u64)
+                    }
                     (_, Some(Route::Status(_) | Route::State(_) | Route::Online(_))) => {
-                        Cost::Report
+                        Cost::Reports(1)
                     }
                     (Packet::Publish(..) | Packet::Subscribe(..) | Packet::Unsubscribe(..), _) => {
                         Cost::Message

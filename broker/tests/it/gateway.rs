@@ -1018,6 +1018,38 @@ async fn status_events_taken_in_process_are_held_to_the_report_rate() {
     }
 }
 
+/// A batch of status events costs one report per event (protocol.md §6.1): a machine sending
+/// batches of 64 gets no more events through than one sending them singly (without it, 64
+/// times as many: 12,800 at once, 3,200 a second).
+#[tokio::test]
+async fn batches_of_status_events_are_held_to_the_report_rate_per_event() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let (sink, mut taken) = mpsc::channel(4096);
+    assert!(gw.secured.handle().take_status_events(sink));
+    let (machine, mut machine_rx) = gw.machine("vm-1").await;
+    let batch = format!("[{}]", vec!["{}"; 64].join(","));
+    for _ in 0..100 {
+        machine
+            .publish(topics.status(&vm1), QoS::AtMostOnce, false, batch.clone())
+            .await
+            .unwrap();
+    }
+    let batches = publishes_within(&mut taken, Duration::from_secs(2)).await;
+    // The burst (200 reports: 3 batches and the 4th on credit) and 100 more in two seconds.
+    assert!(
+        (3..=8).contains(&batches),
+        "{batches} batches of 64 got through in two seconds"
+    );
+    while let Ok(e) = machine_rx.try_recv() {
+        assert!(
+            !matches!(e, MqttEvent::Disconnected(_)),
+            "the flooder stays connected: {e:?}"
+        );
+    }
+}
+
 /// Not a check: prints how 64 KiB publishes to one subscriber compare directly on rumqttd and
 /// through the gateway. The publisher keeps a window of 32 chunks in flight end to end, as
 /// fleetcast's chunk requests do (an unpaced publisher outruns rumqttd's per-filter log and the

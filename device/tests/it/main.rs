@@ -11,9 +11,9 @@ mod trust;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fleetcast_broker::client::{self, BrokerUrl, MqttEvent};
 use fleetcast_broker::embedded::start_on_free_port;
@@ -25,6 +25,7 @@ use fleetcast_proto::chunk::{
 };
 use fleetcast_proto::command::{Command, CommandAction};
 use fleetcast_proto::release::ArtifactRef;
+use fleetcast_proto::status::status_envelopes;
 use fleetcast_proto::{
     ArtifactId, InstallPolicy, Kind, MachineId, MachineState, Phase, ReleaseId, ReleaseNotice,
     Route, StatusAck, StatusEvent, Target, Topics,
@@ -88,6 +89,8 @@ struct ServeControl {
     corrupt_manifests: AtomicU32,
     /// Receive status events but do not acknowledge them (a platform that has not stored them).
     hold_acks: AtomicBool,
+    /// Status messages received (a batch counts once).
+    status_messages: AtomicUsize,
 }
 
 struct Platform {
@@ -210,28 +213,36 @@ async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> P
             let MqttEvent::Publish(p) = ev else { continue };
             match t.parse(&p.topic) {
                 Some(Route::Status(m)) => {
-                    let ev: StatusEvent = secret_task
-                        .open(Purpose::Status, &p.payload)
-                        .expect("status MAC verifies");
-                    let ack = StatusAck {
-                        machine: m.clone(),
-                        ctr: ev.ctr,
-                    };
-                    if ctl.hold_acks.load(Ordering::SeqCst) {
+                    // One event, or a batch of them (the agent's backlog).
+                    let events: Vec<StatusEvent> = status_envelopes(&p.payload)
+                        .expect("a status message")
+                        .iter()
+                        .map(|env| {
+                            secret_task
+                                .open_envelope(Purpose::Status, env)
+                                .expect("status MAC verifies")
+                        })
+                        .collect();
+                    ctl.status_messages.fetch_add(1, Ordering::SeqCst);
+                    let newest = events.last().expect("at least one").ctr;
+                    for ev in events {
                         if seen_ctrs.insert(ev.ctr) {
                             let _ = status_tx.send(ev);
                         }
+                    }
+                    if ctl.hold_acks.load(Ordering::SeqCst) {
                         continue;
                     }
+                    let ack = StatusAck {
+                        machine: m.clone(),
+                        ctr: newest,
+                    };
                     let _ = c.try_publish(
                         t.status_ack(&m),
                         QoS::AtMostOnce,
                         false,
                         secret_task.seal(Purpose::StatusAck, &ack),
                     );
-                    if seen_ctrs.insert(ev.ctr) {
-                        let _ = status_tx.send(ev);
-                    }
                 }
                 Some(Route::ChunkRequest(m)) => {
                     let req: ChunkRequest = secret_task
@@ -752,12 +763,29 @@ async fn status_stays_in_the_outbox_until_the_platform_acknowledges_it() {
             "a forged ack moved the outbox on",
         )
         .await;
-    // Once the platform acknowledges, the rest follows in order.
+    // The machine goes on meanwhile: its events wait in the outbox.
+    let read_outbox = || -> Vec<OutboxEntry> {
+        serde_json::from_slice(&std::fs::read(s.machine_dir.join("outbox.json")).unwrap()).unwrap()
+    };
+    let t0 = Instant::now();
+    while read_outbox().len() < 5 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "the install did not finish: {:?}",
+            read_outbox()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Once the platform acknowledges, the rest follows in order, as one batch.
+    let before = s.platform.control.status_messages.load(Ordering::SeqCst);
     s.platform.control.hold_acks.store(false, Ordering::SeqCst);
     s.platform.ack(first.ctr);
     let rest = s.platform.wait_for("r-1", Phase::Installed).await;
     assert_eq!(rest.first().map(|e| e.phase), Some(Phase::Downloading));
     assert!(rest.iter().all(|e| e.ctr > first.ctr));
+    assert!(rest.windows(2).all(|w| w[0].ctr < w[1].ctr), "in order");
+    let messages = s.platform.control.status_messages.load(Ordering::SeqCst) - before;
+    assert_eq!(messages, 1, "{} events in {messages} messages", rest.len());
     m.stop().await;
 }
 

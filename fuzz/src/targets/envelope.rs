@@ -6,6 +6,7 @@ use fleetcast_proto::admin::AdminRequest;
 use fleetcast_proto::auth::{peek_body, Purpose};
 use fleetcast_proto::chunk::ChunkRequest;
 use fleetcast_proto::command::Command;
+use fleetcast_proto::status::{status_count, status_envelopes};
 use fleetcast_proto::{MachineState, ReleaseNotice, StatusAck, StatusEvent};
 use serde_json::Value;
 
@@ -26,7 +27,14 @@ pub fn run(data: &[u8]) -> Verdict {
         s.open::<MachineState>(Purpose::State, data).is_ok(),
         s.open::<ChunkRequest>(Purpose::ChunkRequest, data).is_ok(),
         s.open::<AdminRequest>(Purpose::Admin, data).is_ok(),
+        // A batch of status events (protocol.md §6.1): the platform opens each envelope.
+        status_envelopes(data).is_ok_and(|envs| {
+            envs.iter()
+                .all(|e| s.open_envelope::<StatusEvent>(Purpose::Status, e).is_ok())
+        }),
     ];
+    // What the gateway charges a status message, before anything is checked.
+    let _ = status_count(data);
     // The platform peeks at a body (which machine?) before it looks up the secret.
     let _ = peek_body::<Value>(data);
     Verdict::from_ok(oks.contains(&true))
@@ -43,5 +51,10 @@ pub fn seeds() -> Vec<Vec<u8>> {
     out.extend(machine_states().iter().map(|m| s.seal(Purpose::State, m)));
     out.extend(chunk_requests().iter().map(|m| s.seal(Purpose::ChunkRequest, m)));
     out.extend(admin_requests().iter().map(|m| s.seal(Purpose::Admin, m)));
+    let batch: Vec<Vec<u8>> = status_events()
+        .iter()
+        .map(|m| s.seal(Purpose::Status, m))
+        .collect();
+    out.push([b"[".to_vec(), batch.join(&b","[..]), b"]".to_vec()].concat());
     out
 }

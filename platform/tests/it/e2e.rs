@@ -549,6 +549,78 @@ async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_a
     );
 }
 
+/// A batch of status events (an agent sending its backlog, protocol.md §6.1) is taken event by
+/// event: stored and acknowledged with its newest counter, a replayed event in it acknowledged
+/// and not stored again, a forged event ending it (what came before is kept), and a batch over
+/// 64 events or an empty one refused whole, unanswered.
+#[tokio::test]
+async fn a_batch_of_status_events_is_taken_event_by_event_and_stops_at_a_forged_one() {
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let Env {
+        dir: _dir,
+        data_dir: data,
+        platform,
+        admin: admin_client,
+    } = env(&broker).await;
+    let p = provisioned(&admin_client, "vm-batch", &[]).await;
+    let topics = Topics::default();
+    let topic = topics.status(&m("vm-batch"));
+    let mut vm = peer_with(&broker, "vm-batch", Some(&p.secret.mqtt_password())).await;
+    vm.subscribe(&topics.status_ack(&m("vm-batch"))).await;
+    let sealed = |secret: &Secret, ctr: u64| {
+        let ev = StatusEvent {
+            machine: m("vm-batch"),
+            ctr,
+            at_ms: fleetcast_platform::now_ms(),
+            release: None,
+            kind: app(),
+            version: "1.0".into(),
+            phase: Phase::Notified,
+            progress: None,
+            attempt: 1,
+            error: None,
+            detail: None,
+        };
+        String::from_utf8(secret.seal(Purpose::Status, &ev)).unwrap()
+    };
+    let batch = |items: Vec<String>| format!("[{}]", items.join(",")).into_bytes();
+    let mine = |ctrs: std::ops::RangeInclusive<u64>| -> Vec<String> {
+        ctrs.map(|c| sealed(&p.secret, c)).collect()
+    };
+    let acked = |ack: Option<fleetcast_proto::StatusAck>| ack.map(|a| a.ctr);
+
+    vm.publish_acked(&topic, false, batch(mine(1..=3))).await;
+    assert_eq!(acked(next_ack(&p.secret, &mut vm, WAIT).await), Some(3));
+    // Event 5 is forged: 4 is kept and acknowledged, 5 and 6 are not taken.
+    let forged = sealed(&Secret::from_bytes([9; 32]), 5);
+    let items = vec![sealed(&p.secret, 4), forged, sealed(&p.secret, 6)];
+    vm.publish_acked(&topic, false, batch(items)).await;
+    assert_eq!(acked(next_ack(&p.secret, &mut vm, WAIT).await), Some(4));
+    let quiet = Duration::from_millis(1500);
+    assert_eq!(acked(next_ack(&p.secret, &mut vm, quiet).await), None);
+    // Sent again from the outbox head: 3 is a replay (acknowledged, not stored), 5 and 6 new.
+    vm.publish_acked(&topic, false, batch(mine(3..=6))).await;
+    assert_eq!(acked(next_ack(&p.secret, &mut vm, WAIT).await), Some(6));
+    // Too many, or none: refused whole, no answer.
+    for refused in [batch(mine(7..=71)), b"[]".to_vec()] {
+        vm.publish_acked(&topic, false, refused).await;
+        assert_eq!(acked(next_ack(&p.secret, &mut vm, quiet).await), None);
+    }
+    drop(vm);
+    admin_client.close().await;
+    platform.stop().await;
+    use fleetcast_platform::store::Reads;
+    let stored: Vec<u64> = fleetcast_platform::store::SledStore::open(&data.join("db"))
+        .unwrap()
+        .events()
+        .unwrap()
+        .iter()
+        .filter(|e| e.machine.as_str() == "vm-batch")
+        .map(|e| e.at_ms)
+        .collect();
+    assert_eq!(stored.len(), 6, "events 1 to 6, each once");
+}
+
 /// The next status ack `vm` receives, MAC'd with its `secret`, or None after `within`.
 async fn next_ack(
     secret: &Secret,
