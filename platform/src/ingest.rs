@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleetcast_broker::MqttEvent;
-use fleetcast_proto::admin::{FleetEvent, MachineInfo};
-use fleetcast_proto::auth::{MacEnvelope, Purpose, Secret};
+use fleetcast_proto::admin::{FleetEvent, MachineInfo, TargetRecord};
+use fleetcast_proto::auth::{Purpose, Secret};
 use fleetcast_proto::release::validate_version;
 use fleetcast_proto::status::status_envelopes;
 use fleetcast_proto::text::shown;
@@ -139,23 +139,16 @@ trait Sent {
     fn sender(&self) -> (&MachineId, u64);
 }
 
-impl Sent for StatusEvent {
-    fn sender(&self) -> (&MachineId, u64) {
-        (&self.machine, self.ctr)
-    }
-}
-
 impl Sent for MachineState {
     fn sender(&self) -> (&MachineId, u64) {
         (&self.machine, self.ctr)
     }
 }
 
-/// A MAC-valid body, newer than what was accepted before or not, and the secret it was MAC'd
-/// with (its ack is MAC'd with the same).
+/// A MAC-valid body newer than what was accepted before, or a replay.
 enum Opened<T> {
-    Fresh(T, Secret),
-    Replay(T, Secret),
+    Fresh(T),
+    Replay,
 }
 
 /// Why a message was dropped.
@@ -532,31 +525,13 @@ impl Ingest {
     }
 
     /// Opens a MAC'd body sent by `m` on `channel` and checks its machine and counter, recording
-    /// a fresh counter.
+    /// a fresh counter. (Status messages, which may be batches, are opened by [`Self::status`].)
     fn open<T: serde::de::DeserializeOwned + Sent>(
         &self,
         m: &MachineId,
         channel: &str,
         purpose: Purpose,
         payload: &[u8],
-    ) -> Result<Opened<T>, Result<Reject, StoreError>> {
-        match MacEnvelope::parse(payload) {
-            Ok(env) => self.open_envelope(m, channel, purpose, &env),
-            Err(e) => Err(Ok(Reject {
-                machine: m.to_string(),
-                reason: e.to_string(),
-                quiet: false,
-            })),
-        }
-    }
-
-    /// [`Self::open`] for an envelope already parsed (one of a batch of status events).
-    fn open_envelope<T: serde::de::DeserializeOwned + Sent>(
-        &self,
-        m: &MachineId,
-        channel: &str,
-        purpose: Purpose,
-        env: &MacEnvelope,
     ) -> Result<Opened<T>, Result<Reject, StoreError>> {
         let reject = |reason: String| {
             Err(Ok(Reject {
@@ -569,7 +544,7 @@ impl Ingest {
         let Some(secret) = self.ctx.store.secret(m).map_err(Err)? else {
             return reject("unknown machine (not provisioned)".into());
         };
-        let body: T = match secret.open_envelope(purpose, env) {
+        let body: T = match secret.open(purpose, payload) {
             Ok(b) => b,
             Err(e) => return reject(e.to_string()),
         };
@@ -580,84 +555,111 @@ impl Ingest {
         let last = self.ctx.store.raise_counter(m, channel, ctr).map_err(Err)?;
         if ctr <= last {
             tracing::debug!(machine = %m, channel, ctr, last, "replayed counter");
-            return Ok(Opened::Replay(body, secret));
+            return Ok(Opened::Replay);
         }
-        Ok(Opened::Fresh(body, secret))
+        Ok(Opened::Fresh(body))
     }
 
     /// A status message: one event, or a batch of them (protocol.md §6.1), each taken as if it
     /// had come alone, in order. A batch stops at its first event that is refused: what came
     /// before it is kept and acknowledged, the rest is dropped (the machine sends it again
     /// after the ack, from its outbox). A batch refused whole gets no answer, as a lone event.
+    /// The machine's secret and status counter are read once per message, its record and its
+    /// target records once per message and written back once (a backlog of 25 events cost 25
+    /// of each).
     fn status(
         &mut self,
         m: &MachineId,
         p: &Publish,
     ) -> Result<Vec<After>, Result<Reject, StoreError>> {
-        let envelopes = status_envelopes(&p.payload).map_err(|e| {
-            Ok(Reject {
-                machine: m.to_string(),
-                reason: e.to_string(),
-                quiet: false,
-            })
-        })?;
-        let mut after = Vec::new();
+        let reject = |reason: String| Reject {
+            machine: m.to_string(),
+            reason,
+            quiet: false,
+        };
+        let envelopes = status_envelopes(&p.payload).map_err(|e| Ok(reject(e.to_string())))?;
+        let _secrets = self.ctx.secrets.read().unwrap_or_else(|p| p.into_inner());
+        let Some(secret) = self.ctx.store.secret(m).map_err(Err)? else {
+            return Err(Ok(reject("unknown machine (not provisioned)".into())));
+        };
+        // What each event would have met alone: its MAC and sender, then its counter (a
+        // replay is acknowledged and changes nothing), then its fields. The counter of an
+        // event refused for its fields is spent, as it would have been alone.
+        let store = &*self.ctx.store;
+        let last = store.raise_counter(m, "status", 0).map_err(Err)?;
+        let (mut top, mut after, mut fresh) = (last, Vec::new(), Vec::new());
+        let mut refused = None;
         for (i, env) in envelopes.iter().enumerate() {
-            match self.status_event(m, env) {
-                Ok(mut a) => after.append(&mut a),
-                Err(Ok(mut reject)) if i > 0 => {
-                    let rest = envelopes.len() - i;
-                    reject.reason = format!(
-                        "{} (event {} of a batch of {}: it and the {} after it dropped)",
-                        reject.reason,
-                        i + 1,
-                        envelopes.len(),
-                        rest - 1
-                    );
-                    self.note_reject(&reject, &p.topic);
+            let mut ev = match secret.open_envelope::<StatusEvent>(Purpose::Status, env) {
+                Ok(ev) if &ev.machine == m => ev,
+                Ok(ev) => {
+                    let other = &ev.machine;
+                    refused = Some((i, format!("body names machine {other}, topic names {m}")));
                     break;
                 }
-                Err(e) => return Err(e),
-            }
-        }
-        Ok(after)
-    }
-
-    fn status_event(
-        &mut self,
-        m: &MachineId,
-        env: &MacEnvelope,
-    ) -> Result<Vec<After>, Result<Reject, StoreError>> {
-        let (mut ev, secret) =
-            match self.open_envelope::<StatusEvent>(m, "status", Purpose::Status, env)? {
-                Opened::Fresh(ev, secret) => (ev, secret),
-                // Stored before (the machine missed our ack, or the broker redelivered):
-                // acknowledge it again so the machine can move on, and change nothing.
-                Opened::Replay(ev, secret) => {
-                    self.ctx.stats.status_resent();
-                    return Ok(vec![After::StatusAck {
-                        machine: m.clone(),
-                        ctr: ev.ctr,
-                        secret,
-                    }]);
+                Err(e) => {
+                    refused = Some((i, e.to_string()));
+                    break;
                 }
             };
-        if let Err(reason) = check_status(&mut ev) {
-            return Err(Ok(Reject {
-                machine: m.to_string(),
-                reason,
-                quiet: false,
-            }));
+            let ack = After::StatusAck {
+                machine: m.clone(),
+                ctr: ev.ctr,
+                secret: secret.clone(),
+            };
+            if ev.ctr <= top {
+                // Stored before (the machine missed our ack, or the broker redelivered):
+                // acknowledge it again so the machine can move on, and change nothing.
+                tracing::debug!(machine = %m, ctr = ev.ctr, last = top, "replayed counter");
+                self.ctx.stats.status_resent();
+                after.push(ack);
+                continue;
+            }
+            top = ev.ctr;
+            if let Err(reason) = check_status(&mut ev) {
+                refused = Some((i, reason));
+                break;
+            }
+            fresh.push((ev, ack));
+        }
+        if top > last {
+            store.raise_counter(m, "status", top).map_err(Err)?;
+        }
+        match refused {
+            Some((0, reason)) => return Err(Ok(reject(reason))),
+            Some((i, reason)) => {
+                let n = envelopes.len();
+                let why = format!(
+                    "{reason} (event {} of a batch of {n}: it and the {} after it dropped)",
+                    i + 1,
+                    n - i - 1
+                );
+                self.note_reject(&reject(why), &p.topic);
+            }
+            None => {}
+        }
+        if fresh.is_empty() {
+            return Ok(after);
         }
         let now = now_ms();
-        let ack = After::StatusAck {
-            machine: m.clone(),
-            ctr: ev.ctr,
-            secret,
-        };
         let cap = self.ctx.limits.events_per_release;
-        let store = &*self.ctx.store;
-        store.transaction(|tx| apply_status(store, tx, m, &ev, ack, cap, now))
+        store.transaction(|tx| {
+            let mut touched = Touched::default();
+            for (ev, ack) in fresh {
+                after.extend(apply_status(
+                    store,
+                    tx,
+                    &mut touched,
+                    m,
+                    &ev,
+                    ack,
+                    cap,
+                    now,
+                )?);
+            }
+            touched.write(tx).map_err(Err)?;
+            Ok(after)
+        })
     }
 
     fn state(
@@ -665,7 +667,7 @@ impl Ingest {
         m: &MachineId,
         p: &Publish,
     ) -> Result<Vec<After>, Result<Reject, StoreError>> {
-        let Opened::Fresh(st, _) =
+        let Opened::Fresh(st) =
             self.open::<MachineState>(m, "state", Purpose::State, &p.payload)?
         else {
             return Err(Ok(Reject {
@@ -738,11 +740,63 @@ impl Ingest {
     }
 }
 
+/// One machine's record and the target records of its events, read once for a message's
+/// events and written back once at its end ([`Touched::write`]).
+#[derive(Default)]
+struct Touched {
+    /// `None`: not read yet.
+    machine: Option<Option<MachineInfo>>,
+    machine_changed: bool,
+    targets: HashMap<ReleaseId, Option<TargetRecord>>,
+    targets_changed: HashSet<ReleaseId>,
+}
+
+impl Touched {
+    fn target(
+        &mut self,
+        tx: &dyn Records,
+        release: &ReleaseId,
+        m: &MachineId,
+    ) -> Result<Option<&mut TargetRecord>, StoreError> {
+        if !self.targets.contains_key(release) {
+            let rec = tx.target(release, m)?;
+            self.targets.insert(release.clone(), rec);
+        }
+        Ok(self.targets.get_mut(release).and_then(Option::as_mut))
+    }
+
+    fn machine(
+        &mut self,
+        tx: &dyn Records,
+        m: &MachineId,
+    ) -> Result<Option<&mut MachineInfo>, StoreError> {
+        if self.machine.is_none() {
+            self.machine = Some(tx.machine(m)?);
+        }
+        Ok(self.machine.as_mut().and_then(Option::as_mut))
+    }
+
+    fn write(self, tx: &dyn Records) -> Result<(), StoreError> {
+        if let (true, Some(Some(info))) = (self.machine_changed, &self.machine) {
+            tx.put_machine(info)?;
+        }
+        for release in &self.targets_changed {
+            if let Some(Some(rec)) = self.targets.get(release) {
+                tx.put_target(rec)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Applies a fresh status event in a transaction (`tx`): stores it (up to `cap` per machine
-/// and release), and updates the machine and its target record.
+/// and release), and updates the machine and its target record (in `touched`, written back
+/// by the caller).
+#[allow(clippy::too_many_arguments)]
 fn apply_status(
     store: &dyn Store,
     tx: &dyn Records,
+    touched: &mut Touched,
     m: &MachineId,
     ev: &StatusEvent,
     ack: After,
@@ -751,9 +805,9 @@ fn apply_status(
 ) -> Result<Vec<After>, Result<Reject, StoreError>> {
     // Only what is consistent changes anything: an event naming a release that does not
     // target this machine is acknowledged (so the machine's outbox moves on) and dropped.
-    let record = match &ev.release {
-        Some(release) => match tx.target(release, m).map_err(Err)? {
-            Some(rec) if rec.kind == ev.kind => Some(rec),
+    let release = match &ev.release {
+        Some(release) => match touched.target(tx, release, m).map_err(Err)? {
+            Some(rec) if rec.kind == ev.kind => Some(release),
             Some(rec) => {
                 let what = format!(
                     "status for release {release} names kind {}, the release's is {}: dropped",
@@ -783,10 +837,10 @@ fn apply_status(
         let release = ev.release.as_ref().map_or("-", |r| r.as_str());
         after.push(warn(m, format!("event cap ({cap}) reached for release {release}: further events of this machine for it update its record but are not kept")));
     }
-    let Some(mut rec) = record else {
+    let Some(release) = release else {
         return Ok(after);
     };
-    if let Some(mut info) = tx.machine(m).map_err(Err)? {
+    if let Some(info) = touched.machine(tx, m).map_err(Err)? {
         info.last_seen_ms = Some(now);
         info.online = true;
         if ev.phase == Phase::Installed && !ev.version.is_empty() {
@@ -798,13 +852,17 @@ fn apply_status(
             k.release = ev.release.clone();
             k.phase = Some(ev.phase);
         }
-        tx.put_machine(&info).map_err(Err)?;
+        touched.machine_changed = true;
     }
-    match target::apply(&mut rec, ev, now) {
+    let rec = touched
+        .target(tx, release, m)
+        .map_err(Err)?
+        .expect("read above");
+    match target::apply(rec, ev, now) {
         Ok(()) => {
-            tx.put_target(&rec).map_err(Err)?;
+            touched.targets_changed.insert(release.clone());
             after.push(After::Progress {
-                release: rec.release.clone(),
+                release: release.clone(),
             });
         }
         Err(why) => after.push(warn(
@@ -812,7 +870,7 @@ fn apply_status(
             format!(
                 "status ({}) for release {} recorded as an event but not applied: {}",
                 ev.phase,
-                rec.release,
+                release,
                 shown(&why.to_string())
             ),
         )),
@@ -1054,7 +1112,12 @@ mod tests {
             secret: Secret::from_bytes([1; 32]),
         };
         let after = store
-            .transaction(|tx| apply_status(store, tx, &ev.machine, ev, ack, cap, 7))
+            .transaction(|tx| {
+                let mut touched = Touched::default();
+                let after = apply_status(store, tx, &mut touched, &ev.machine, ev, ack, cap, 7)?;
+                touched.write(tx).map_err(Err)?;
+                Ok::<_, Result<Reject, StoreError>>(after)
+            })
             .unwrap_or_else(|_| panic!("{} refused", ev.phase));
         after
             .iter()
@@ -1067,6 +1130,74 @@ mod tests {
                 After::Warn { .. } => "warn",
             })
             .collect()
+    }
+
+    #[test]
+    fn a_batch_reads_and_writes_the_records_once_and_ends_as_its_events_one_by_one() {
+        let (batched, r) = assigned();
+        let (single, _) = assigned();
+        let events = [
+            status("vm-1", &r, Phase::Notified, 1),
+            status("vm-1", &r, Phase::Downloaded, 2),
+            // Backwards: stored as an event, not applied; what follows still is.
+            status("vm-1", &r, Phase::Downloading, 3),
+            status("vm-1", &r, Phase::Installed, 4),
+        ];
+        let ack = |ev: &StatusEvent| After::StatusAck {
+            machine: ev.machine.clone(),
+            ctr: ev.ctr,
+            secret: Secret::from_bytes([1; 32]),
+        };
+        let kinds = |after: Vec<After>| -> Vec<&'static str> {
+            after
+                .iter()
+                .map(|a| match a {
+                    After::Warn { .. } => "warn",
+                    After::Progress { .. } => "progress",
+                    After::Event(_) => "event",
+                    _ => "other",
+                })
+                .collect()
+        };
+        let in_batch = batched.transaction(|tx| {
+            let mut touched = Touched::default();
+            let mut after = Vec::new();
+            for ev in &events {
+                after.extend(
+                    apply_status(&batched, tx, &mut touched, &m("vm-1"), ev, ack(ev), 1000, 7)
+                        .unwrap_or_else(|_| panic!("refused")),
+                );
+            }
+            // Nothing written before the end of the batch.
+            assert_eq!(
+                tx.target(&r.id, &m("vm-1")).unwrap().unwrap().phase,
+                Phase::Pending
+            );
+            touched.write(tx).unwrap();
+            after
+        });
+        let one_by_one: Vec<&str> = events
+            .iter()
+            .flat_map(|ev| apply(&single, ev, 1000))
+            .collect();
+        assert_eq!(
+            kinds(in_batch)
+                .into_iter()
+                .filter(|k| *k != "other")
+                .collect::<Vec<_>>(),
+            one_by_one
+                .into_iter()
+                .filter(|k| *k != "ack")
+                .collect::<Vec<_>>()
+        );
+        for store in [&batched, &single] {
+            let rec = store.target(&r.id, &m("vm-1")).unwrap().unwrap();
+            assert_eq!((rec.phase, rec.attempts), (Phase::Installed, 1));
+            let info = store.machine(&m("vm-1")).unwrap().unwrap();
+            assert_eq!(info.kinds[&app()].version.as_deref(), Some("1.0"));
+            assert_eq!(info.kinds[&app()].phase, Some(Phase::Installed));
+            assert_eq!(store.events().unwrap().len(), 4);
+        }
     }
 
     #[test]
