@@ -586,7 +586,7 @@ impl Ingest {
         // replay is acknowledged and changes nothing), then its fields. The counter of an
         // event refused for its fields is spent, as it would have been alone.
         let store = &*self.ctx.store;
-        let last = store.raise_counter(m, "status", 0).map_err(Err)?;
+        let last = store.counter(m, "status").map_err(Err)?;
         let (mut top, mut after, mut fresh) = (last, Vec::new(), Vec::new());
         let mut refused = None;
         for (i, env) in envelopes.iter().enumerate() {
@@ -657,7 +657,7 @@ impl Ingest {
                     now,
                 )?);
             }
-            touched.write(tx).map_err(Err)?;
+            after.extend(touched.write(store, tx, m).map_err(Err)?);
             Ok(after)
         })
     }
@@ -740,8 +740,8 @@ impl Ingest {
     }
 }
 
-/// One machine's record and the target records of its events, read once for a message's
-/// events and written back once at its end ([`Touched::write`]).
+/// One machine's record, the target records and stored-event counts of its events, read once
+/// for a message's events, and what they store, written once at its end ([`Touched::write`]).
 #[derive(Default)]
 struct Touched {
     /// `None`: not read yet.
@@ -749,6 +749,10 @@ struct Touched {
     machine_changed: bool,
     targets: HashMap<ReleaseId, Option<TargetRecord>>,
     targets_changed: HashSet<ReleaseId>,
+    /// Per release (`None`: events without one): (stored count before, counted since).
+    counts: HashMap<Option<ReleaseId>, (u64, u64)>,
+    /// Events to store, in order (their ids are given at the end).
+    events: Vec<FleetEvent>,
 }
 
 impl Touched {
@@ -776,7 +780,31 @@ impl Touched {
         Ok(self.machine.as_mut().and_then(Option::as_mut))
     }
 
-    fn write(self, tx: &dyn Records) -> Result<(), StoreError> {
+    /// Counts one more event of `m` for `release`; the count with it.
+    fn count_event(
+        &mut self,
+        store: &dyn Store,
+        m: &MachineId,
+        release: Option<&ReleaseId>,
+    ) -> Result<u64, StoreError> {
+        let key = release.cloned();
+        if !self.counts.contains_key(&key) {
+            let before = store.event_count(m, release)?;
+            self.counts.insert(key.clone(), (before, 0));
+        }
+        let (before, since) = self.counts.get_mut(&key).expect("inserted above");
+        *since += 1;
+        Ok(*before + *since)
+    }
+
+    /// Writes what changed and stores the events; the events, with their ids, for the
+    /// integrators.
+    fn write(
+        self,
+        store: &dyn Store,
+        tx: &dyn Records,
+        m: &MachineId,
+    ) -> Result<Vec<After>, StoreError> {
         if let (true, Some(Some(info))) = (self.machine_changed, &self.machine) {
             tx.put_machine(info)?;
         }
@@ -785,7 +813,12 @@ impl Touched {
                 tx.put_target(rec)?;
             }
         }
-        Ok(())
+        for (release, (_, since)) in &self.counts {
+            store.bump_event_count(m, release.as_ref(), *since)?;
+        }
+        let mut events = self.events;
+        store.append_events(&mut events)?;
+        Ok(events.into_iter().map(After::Event).collect())
     }
 }
 
@@ -826,13 +859,12 @@ fn apply_status(
         None => None,
     };
     let mut after = vec![ack];
-    let stored = store
-        .bump_event_count(m, ev.release.as_ref())
+    let stored = touched
+        .count_event(store, m, ev.release.as_ref())
         .map_err(Err)?;
     if stored <= cap {
-        let mut event = FleetEvent::recorded(ev, now);
-        store.append_event(&mut event).map_err(Err)?;
-        after.push(After::Event(event));
+        // Stored, and sent to integrators, at the end of the message's events.
+        touched.events.push(FleetEvent::recorded(ev, now));
     } else if stored == cap + 1 {
         let release = ev.release.as_ref().map_or("-", |r| r.as_str());
         after.push(warn(m, format!("event cap ({cap}) reached for release {release}: further events of this machine for it update its record but are not kept")));
@@ -1114,8 +1146,9 @@ mod tests {
         let after = store
             .transaction(|tx| {
                 let mut touched = Touched::default();
-                let after = apply_status(store, tx, &mut touched, &ev.machine, ev, ack, cap, 7)?;
-                touched.write(tx).map_err(Err)?;
+                let mut after =
+                    apply_status(store, tx, &mut touched, &ev.machine, ev, ack, cap, 7)?;
+                after.extend(touched.write(store, tx, &ev.machine).map_err(Err)?);
                 Ok::<_, Result<Reject, StoreError>>(after)
             })
             .unwrap_or_else(|_| panic!("{} refused", ev.phase));
@@ -1148,7 +1181,7 @@ mod tests {
             ctr: ev.ctr,
             secret: Secret::from_bytes([1; 32]),
         };
-        let kinds = |after: Vec<After>| -> Vec<&'static str> {
+        let kinds = |after: &[After]| -> Vec<&'static str> {
             after
                 .iter()
                 .map(|a| match a {
@@ -1173,22 +1206,42 @@ mod tests {
                 tx.target(&r.id, &m("vm-1")).unwrap().unwrap().phase,
                 Phase::Pending
             );
-            touched.write(tx).unwrap();
+            after.extend(touched.write(&batched, tx, &m("vm-1")).unwrap());
             after
         });
         let one_by_one: Vec<&str> = events
             .iter()
             .flat_map(|ev| apply(&single, ev, 1000))
+            .filter(|k| *k != "ack")
+            .collect();
+        // The same, except that a batch's events go to the integrators at its end.
+        let batch_kinds: Vec<&str> = kinds(&in_batch)
+            .into_iter()
+            .filter(|k| *k != "other")
+            .collect();
+        let not_events = |k: &Vec<&str>| -> Vec<String> {
+            k.iter()
+                .filter(|k| **k != "event")
+                .map(|k| k.to_string())
+                .collect()
+        };
+        assert_eq!(not_events(&batch_kinds), not_events(&one_by_one));
+        assert_eq!(batch_kinds[batch_kinds.len() - 4..], ["event"; 4]);
+        let phases: Vec<(u64, Phase)> = in_batch
+            .iter()
+            .filter_map(|a| match a {
+                After::Event(e) => Some((e.id, e.phase)),
+                _ => None,
+            })
             .collect();
         assert_eq!(
-            kinds(in_batch)
-                .into_iter()
-                .filter(|k| *k != "other")
-                .collect::<Vec<_>>(),
-            one_by_one
-                .into_iter()
-                .filter(|k| *k != "ack")
-                .collect::<Vec<_>>()
+            phases,
+            [
+                (1, Phase::Notified),
+                (2, Phase::Downloaded),
+                (3, Phase::Downloading),
+                (4, Phase::Installed)
+            ]
         );
         for store in [&batched, &single] {
             let rec = store.target(&r.id, &m("vm-1")).unwrap().unwrap();
@@ -1208,7 +1261,7 @@ mod tests {
             .enumerate()
         {
             let after = apply(&store, &status("vm-1", &r, phase, ctr as u64 + 1), 1000);
-            assert_eq!(after, ["ack", "event", "progress"], "{phase}");
+            assert_eq!(after, ["ack", "progress", "event"], "{phase}");
         }
         let rec = store.target(&r.id, &m("vm-1")).unwrap().unwrap();
         assert_eq!(rec.phase, Phase::Installed);
@@ -1245,7 +1298,7 @@ mod tests {
     fn events_beyond_the_cap_move_the_record_but_are_not_kept() {
         let (store, r) = assigned();
         let after = apply(&store, &status("vm-1", &r, Phase::Notified, 1), 1);
-        assert_eq!(after, ["ack", "event", "progress"]);
+        assert_eq!(after, ["ack", "progress", "event"]);
         let after = apply(&store, &status("vm-1", &r, Phase::Downloading, 2), 1);
         assert_eq!(after, ["ack", "warn", "progress"], "the cap is logged once");
         let after = apply(&store, &status("vm-1", &r, Phase::Downloaded, 3), 1);

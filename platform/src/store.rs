@@ -412,12 +412,27 @@ pub trait Store: Reads + Send + Sync {
     /// releases) must not lock out the machine that holds the new one. Not durable by itself.
     fn reset_counters(&self, machine: &MachineId) -> Result<(), StoreError>;
 
-    /// Counts one more stored event for `(machine, release)`, atomically; returns the new count.
+    /// Counts `by` more stored events for `(machine, release)`, atomically; returns the new
+    /// count.
     fn bump_event_count(
         &self,
         machine: &MachineId,
         release: Option<&ReleaseId>,
+        by: u64,
     ) -> Result<u64, StoreError>;
+
+    /// The stored events counted for `(machine, release)`.
+    fn event_count(
+        &self,
+        machine: &MachineId,
+        release: Option<&ReleaseId>,
+    ) -> Result<u64, StoreError>;
+
+    /// Stores status events under the next event ids, in order, filling them in (one
+    /// [`Store::append_event`] each unless the store can take them together).
+    fn append_events(&self, events: &mut [FleetEvent]) -> Result<(), StoreError> {
+        events.iter_mut().try_for_each(|e| self.append_event(e))
+    }
 }
 
 impl dyn Store + '_ {

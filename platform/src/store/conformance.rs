@@ -84,6 +84,22 @@ fn ids_and_seqs_start_at_one_and_only_grow(s: &dyn Store) {
     );
     s.append_event(&mut e).unwrap();
     assert_eq!(e.id, 2);
+    // Several at once take the next ids in order, and one alone follows them.
+    let mut batch = [
+        event("vm-1", Phase::Downloading),
+        event("vm-1", Phase::Installed),
+    ];
+    s.append_events(&mut batch).unwrap();
+    assert_eq!((batch[0].id, batch[1].id), (3, 4));
+    s.append_events(&mut []).unwrap();
+    s.append_event(&mut e).unwrap();
+    assert_eq!(e.id, 5);
+    let stored = s.events().unwrap();
+    assert_eq!(
+        stored.iter().map(|e| e.id).collect::<Vec<_>>(),
+        [1, 2, 3, 4, 5]
+    );
+    assert_eq!(stored[3].phase, Phase::Installed);
 }
 
 fn replay_counters_keep_the_highest_and_report_the_previous(s: &dyn Store) {
@@ -109,13 +125,13 @@ fn resetting_a_machines_counters_leaves_every_other_machines(s: &dyn Store) {
     }
     let r1 = r("r-1");
     for machine in [&vm1, &vm10] {
-        s.bump_event_count(machine, Some(&r1)).unwrap();
-        s.bump_event_count(machine, None).unwrap();
+        s.bump_event_count(machine, Some(&r1), 1).unwrap();
+        s.bump_event_count(machine, None, 1).unwrap();
     }
     s.reset_counters(&vm1).unwrap();
-    assert_eq!(s.bump_event_count(&vm1, Some(&r1)).unwrap(), 1);
-    assert_eq!(s.bump_event_count(&vm1, None).unwrap(), 1);
-    assert_eq!(s.bump_event_count(&vm10, Some(&r1)).unwrap(), 2);
+    assert_eq!(s.bump_event_count(&vm1, Some(&r1), 1).unwrap(), 1);
+    assert_eq!(s.bump_event_count(&vm1, None, 1).unwrap(), 1);
+    assert_eq!(s.bump_event_count(&vm10, Some(&r1), 1).unwrap(), 2);
     assert_eq!(s.counter(&vm1, "status").unwrap(), 0);
     assert_eq!(s.counter(&vm1, "chunks").unwrap(), 0);
     // `vm-10` starts with `vm-1`: only the machine's own keys go.
@@ -129,11 +145,19 @@ fn resetting_a_machines_counters_leaves_every_other_machines(s: &dyn Store) {
 
 fn event_counts_are_per_machine_and_release(s: &dyn Store) {
     let (vm1, r1) = (m("vm-1"), r("r-1"));
-    assert_eq!(s.bump_event_count(&vm1, Some(&r1)).unwrap(), 1);
-    assert_eq!(s.bump_event_count(&vm1, Some(&r1)).unwrap(), 2);
-    assert_eq!(s.bump_event_count(&vm1, None).unwrap(), 1);
-    assert_eq!(s.bump_event_count(&vm1, Some(&r("r-10"))).unwrap(), 1);
-    assert_eq!(s.bump_event_count(&m("vm-2"), Some(&r1)).unwrap(), 1);
+    assert_eq!(s.bump_event_count(&vm1, Some(&r1), 1).unwrap(), 1);
+    assert_eq!(s.bump_event_count(&vm1, Some(&r1), 1).unwrap(), 2);
+    assert_eq!(s.bump_event_count(&vm1, None, 1).unwrap(), 1);
+    assert_eq!(s.bump_event_count(&vm1, Some(&r("r-10")), 1).unwrap(), 1);
+    assert_eq!(s.bump_event_count(&m("vm-2"), Some(&r1), 1).unwrap(), 1);
+    assert_eq!(s.event_count(&vm1, Some(&r1)).unwrap(), 2);
+    assert_eq!(
+        s.bump_event_count(&vm1, Some(&r1), 5).unwrap(),
+        7,
+        "several at once"
+    );
+    assert_eq!(s.event_count(&vm1, Some(&r1)).unwrap(), 7);
+    assert_eq!(s.event_count(&m("vm-3"), None).unwrap(), 0);
 }
 
 fn scans_by_prefix_take_only_their_own_keys(s: &dyn Store) {

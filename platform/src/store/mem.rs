@@ -194,14 +194,27 @@ impl Store for MemStore {
         &self,
         machine: &MachineId,
         release: Option<&ReleaseId>,
+        by: u64,
     ) -> Result<u64, StoreError> {
         let mut d = self.t.lock();
         let n = d
             .event_counts
             .entry(key::event_count(machine, release))
             .or_default();
-        *n += 1;
+        *n += by;
         Ok(*n)
+    }
+
+    fn event_count(
+        &self,
+        machine: &MachineId,
+        release: Option<&ReleaseId>,
+    ) -> Result<u64, StoreError> {
+        let d = self.t.lock();
+        Ok(d.event_counts
+            .get(&key::event_count(machine, release))
+            .copied()
+            .unwrap_or(0))
     }
 }
 

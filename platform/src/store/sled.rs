@@ -132,6 +132,11 @@ impl T {
 
     /// Adds one to the u64 under `key` (0 when absent), atomically; returns the new value.
     fn increment(&self, key: &str) -> Result<u64, StoreError> {
+        self.increment_by(key, 1)
+    }
+
+    /// Adds `by` to the u64 BE counter at `key` (absent: 0), atomically; the new value.
+    fn increment_by(&self, key: &str, by: u64) -> Result<u64, StoreError> {
         let next = self
             .tree
             .update_and_fetch(key, |old| {
@@ -139,7 +144,7 @@ impl T {
                     .and_then(|v| <[u8; 8]>::try_from(v).ok())
                     .map(u64::from_be_bytes)
                     .unwrap_or(0);
-                Some((n + 1).to_be_bytes().to_vec())
+                Some((n + by).to_be_bytes().to_vec())
             })
             .map_err(self.err("update"))?
             .expect("update_and_fetch returned the new value");
@@ -366,6 +371,19 @@ impl Store for SledStore {
         self.t.events.put_numbered(event.id, event)
     }
 
+    fn append_events(&self, events: &mut [FleetEvent]) -> Result<(), StoreError> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let last = self.t.meta.increment_by("event", events.len() as u64)?;
+        let first = last + 1 - events.len() as u64;
+        for (event, id) in events.iter_mut().zip(first..) {
+            event.id = id;
+            self.t.events.put_numbered(id, event)?;
+        }
+        Ok(())
+    }
+
     fn prune_events(&self, keep: u64, batch: usize) -> Result<usize, StoreError> {
         let newest = self.t.meta.get_u64("event")?.unwrap_or(0);
         let below = newest.saturating_sub(keep);
@@ -440,10 +458,23 @@ impl Store for SledStore {
         &self,
         machine: &MachineId,
         release: Option<&ReleaseId>,
+        by: u64,
     ) -> Result<u64, StoreError> {
         self.t
             .event_counts
-            .increment(&key::event_count(machine, release))
+            .increment_by(&key::event_count(machine, release), by)
+    }
+
+    fn event_count(
+        &self,
+        machine: &MachineId,
+        release: Option<&ReleaseId>,
+    ) -> Result<u64, StoreError> {
+        Ok(self
+            .t
+            .event_counts
+            .get_u64(&key::event_count(machine, release))?
+            .unwrap_or(0))
     }
 }
 
@@ -902,7 +933,7 @@ mod tests {
             [release.artifact.id]
         );
         assert_eq!(s.raise_counter(&m("vm-1"), "status", 9).unwrap(), 9);
-        assert_eq!(s.bump_event_count(&m("vm-1"), Some(&r3)).unwrap(), 2);
+        assert_eq!(s.bump_event_count(&m("vm-1"), Some(&r3), 1).unwrap(), 2);
         assert_eq!(s.history(&m("vm-1"), &app).unwrap(), ["0.9", "1.0"]);
         assert_eq!(s.desired(&group, &app).unwrap(), Some(notice));
         assert_eq!(s.events().unwrap(), [stored_event]);
