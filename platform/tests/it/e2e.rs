@@ -491,23 +491,9 @@ async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_a
         platform,
         admin: admin_client,
     } = env(&broker).await;
-    let p = provisioned(&admin_client, "vm-ack", &[]).await;
+    let (p, mut vm) = acked_peer(&broker, &admin_client, "vm-ack").await;
     let topics = Topics::default();
-    let mut vm = peer_with(&broker, "vm-ack", Some(&p.secret.mqtt_password())).await;
-    vm.subscribe(&topics.status_ack(&m("vm-ack"))).await;
-    let status = |ctr: u64| StatusEvent {
-        machine: m("vm-ack"),
-        ctr,
-        at_ms: fleetcast_platform::now_ms(),
-        release: None,
-        kind: app(),
-        version: "1.0".into(),
-        phase: Phase::Notified,
-        progress: None,
-        attempt: 1,
-        error: None,
-        detail: None,
-    };
+    let status = |ctr: u64| notified_event("vm-ack", ctr);
     let sealed = p.secret.seal(Purpose::Status, &status(7));
     for round in 0..2 {
         vm.publish_acked(&topics.status(&m("vm-ack")), false, sealed.clone())
@@ -534,19 +520,7 @@ async fn stored_status_is_acknowledged_end_to_end_and_repeats_are_acknowledged_a
     drop(vm);
     admin_client.close().await;
     platform.stop().await;
-    use fleetcast_platform::store::Reads;
-    let events = fleetcast_platform::store::SledStore::open(&data.join("db"))
-        .unwrap()
-        .events()
-        .unwrap();
-    assert_eq!(
-        events
-            .iter()
-            .filter(|e| e.machine.as_str() == "vm-ack")
-            .count(),
-        1,
-        "stored once"
-    );
+    assert_eq!(events_stored_for(&data, "vm-ack"), 1, "stored once");
 }
 
 /// A batch of status events (an agent sending its backlog, protocol.md §6.1) is taken event by
@@ -562,25 +536,10 @@ async fn a_batch_of_status_events_is_taken_event_by_event_and_stops_at_a_forged_
         platform,
         admin: admin_client,
     } = env(&broker).await;
-    let p = provisioned(&admin_client, "vm-batch", &[]).await;
-    let topics = Topics::default();
-    let topic = topics.status(&m("vm-batch"));
-    let mut vm = peer_with(&broker, "vm-batch", Some(&p.secret.mqtt_password())).await;
-    vm.subscribe(&topics.status_ack(&m("vm-batch"))).await;
+    let (p, mut vm) = acked_peer(&broker, &admin_client, "vm-batch").await;
+    let topic = Topics::default().status(&m("vm-batch"));
     let sealed = |secret: &Secret, ctr: u64| {
-        let ev = StatusEvent {
-            machine: m("vm-batch"),
-            ctr,
-            at_ms: fleetcast_platform::now_ms(),
-            release: None,
-            kind: app(),
-            version: "1.0".into(),
-            phase: Phase::Notified,
-            progress: None,
-            attempt: 1,
-            error: None,
-            detail: None,
-        };
+        let ev = notified_event("vm-batch", ctr);
         String::from_utf8(secret.seal(Purpose::Status, &ev)).unwrap()
     };
     let batch = |items: Vec<String>| format!("[{}]", items.join(",")).into_bytes();
@@ -609,16 +568,54 @@ async fn a_batch_of_status_events_is_taken_event_by_event_and_stops_at_a_forged_
     drop(vm);
     admin_client.close().await;
     platform.stop().await;
+    assert_eq!(
+        events_stored_for(&data, "vm-batch"),
+        6,
+        "events 1 to 6, each once"
+    );
+}
+
+/// A `notified` status event of `machine` with counter `ctr` and no release (stored, applied
+/// to no record).
+fn notified_event(machine: &str, ctr: u64) -> StatusEvent {
+    StatusEvent {
+        machine: m(machine),
+        ctr,
+        at_ms: fleetcast_platform::now_ms(),
+        release: None,
+        kind: app(),
+        version: "1.0".into(),
+        phase: Phase::Notified,
+        progress: None,
+        attempt: 1,
+        error: None,
+        detail: None,
+    }
+}
+
+/// A machine `name` provisioned on the platform of `admin`, connected to `broker` with its
+/// credentials and subscribed to its status acks.
+async fn acked_peer(
+    broker: &BrokerUrl,
+    admin: &AdminClient,
+    name: &str,
+) -> (ProvisionedMachine, Peer) {
+    let p = provisioned(admin, name, &[]).await;
+    let mut vm = peer_with(broker, name, Some(&p.secret.mqtt_password())).await;
+    vm.subscribe(&Topics::default().status_ack(&m(name))).await;
+    (p, vm)
+}
+
+/// How many events of `machine` the platform stored in `data` (read once it has stopped).
+fn events_stored_for(data: &std::path::Path, machine: &str) -> usize {
     use fleetcast_platform::store::Reads;
-    let stored: Vec<u64> = fleetcast_platform::store::SledStore::open(&data.join("db"))
+    fleetcast_platform::store::SledStore::open(&data.join("db"))
         .unwrap()
         .events()
         .unwrap()
         .iter()
-        .filter(|e| e.machine.as_str() == "vm-batch")
-        .map(|e| e.at_ms)
-        .collect();
-    assert_eq!(stored.len(), 6, "events 1 to 6, each once");
+        .filter(|e| e.machine.as_str() == machine)
+        .count()
 }
 
 /// The next status ack `vm` receives, MAC'd with its `secret`, or None after `within`.
