@@ -195,7 +195,18 @@ struct ToSign {
 /// to 30-44 µs of CPU per event), to prove what the machine's own secret proves as well: only
 /// the platform and that machine hold it, and another machine's credentials can neither forge
 /// it nor make one verify for this machine.
-fn send_acks(ctx: &Ctx, acks: Vec<(fleetcast_proto::StatusAck, Secret)>) {
+///
+/// On an external broker the acks go out on the ingest's own connection, waiting for room
+/// rather than dropped: on the platform's main connection they queued behind chunk frames, and
+/// a full queue dropped them (Mosquitto, 1,000 machines: 150 acks of three rollouts, two of
+/// which took 11 s instead of 2.5-2.8 s while machines waited 10 s to send again). If the
+/// connection takes none for [`ACK_QUEUE_WAIT`] (it is down), the rest is dropped: the machines
+/// send their events again and get their acks then.
+async fn send_acks(
+    ctx: &Ctx,
+    client: &AsyncClient,
+    acks: Vec<(fleetcast_proto::StatusAck, Secret)>,
+) {
     for (ack, secret) in acks {
         let payload = secret.seal(Purpose::StatusAck, &ack);
         let topic = ctx.topics.status_ack(&ack.machine);
@@ -204,12 +215,22 @@ fn send_acks(ctx: &Ctx, acks: Vec<(fleetcast_proto::StatusAck, Secret)>) {
         if ctx.sessions.deliver(&topic, &payload, None, None).is_some() {
             continue;
         }
-        if let Err(err) = ctx.mqtt.try_publish(topic, QoS::AtMostOnce, false, payload) {
-            // The machine sends the event again and gets the ack then.
-            tracing::debug!(machine = %ack.machine, error = %err, "status ack not queued");
+        let queued = client.publish(topic, QoS::AtMostOnce, false, payload);
+        match tokio::time::timeout(ACK_QUEUE_WAIT, queued).await {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::debug!(machine = %ack.machine, error = %err, "status ack not queued");
+            }
+            Err(_) => {
+                tracing::warn!(machine = %ack.machine, "status acks not queued: the ingest connection takes nothing (down?); machines will send their events again");
+                return;
+            }
         }
     }
 }
+
+/// How long the ingest waits for room on its connection for a status ack.
+const ACK_QUEUE_WAIT: Duration = Duration::from_secs(2);
 
 /// Signs and sends each batch's events, in the order the batches were flushed.
 async fn send_signed(ctx: Arc<Ctx>, mut batches: mpsc::Receiver<ToSign>) {
@@ -370,7 +391,7 @@ impl Ingest {
         for a in coalesce_acks(after) {
             self.after(a, &mut acks, &mut to_sign)?;
         }
-        send_acks(&self.ctx, acks);
+        send_acks(&self.ctx, &self.client, acks).await;
         if !to_sign.events.is_empty() {
             // At most one batch waits while another is signed: the loop stores the next batch
             // meanwhile, and waits here when signing falls behind.
@@ -1523,8 +1544,8 @@ mod tests {
     /// A flushed batch hands the gateway every machine's ack, MAC'd with that machine's secret,
     /// and the integrators' events, signed, only while someone listens on `fleet/events`: an
     /// event no one hears is not signed.
-    #[test]
-    fn a_batch_macs_every_ack_and_signs_events_only_while_someone_listens() {
+    #[tokio::test]
+    async fn a_batch_macs_every_ack_and_signs_events_only_while_someone_listens() {
         struct Gateway {
             listening: bool,
             delivered: std::sync::Mutex<Vec<(String, Vec<u8>)>>,
@@ -1560,8 +1581,11 @@ mod tests {
             });
             ctx.sessions = gateway.clone();
             let secret = |s: &str| Secret::from_bytes(*blake3::hash(s.as_bytes()).as_bytes());
+            let (ingest, _ingest_loop) =
+                AsyncClient::new(rumqttc::MqttOptions::new("i", "127.0.0.1", 1), 16);
             send_acks(
                 &ctx,
+                &ingest,
                 ["vm-1", "vm-2"]
                     .into_iter()
                     .zip([3, 7])
@@ -1573,7 +1597,8 @@ mod tests {
                         (ack, secret(machine))
                     })
                     .collect(),
-            );
+            )
+            .await;
             let batch = ToSign {
                 events: (1..=2)
                     .map(|ctr| {
