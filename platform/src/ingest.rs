@@ -164,6 +164,8 @@ struct Ingest {
     client: AsyncClient,
     /// Each flushed batch's integrator events, to [`send_signed`].
     signed: mpsc::Sender<ToSign>,
+    /// Each flushed batch's acks an external broker carries, to [`publish_acks`].
+    acks: mpsc::Sender<Vec<(String, Vec<u8>)>>,
     progress_sent: HashMap<ReleaseId, Instant>,
     progress_dirty: HashSet<ReleaseId>,
     /// Per notice topic: which notice (seq) was last sent there, and when (or when a machine
@@ -196,41 +198,42 @@ struct ToSign {
 /// the platform and that machine hold it, and another machine's credentials can neither forge
 /// it nor make one verify for this machine.
 ///
-/// On an external broker the acks go out on the ingest's own connection, waiting for room
-/// rather than dropped: on the platform's main connection they queued behind chunk frames, and
-/// a full queue dropped them (Mosquitto, 1,000 machines: 150 acks of three rollouts, two of
-/// which took 11 s instead of 2.5-2.8 s while machines waited 10 s to send again). If the
-/// connection takes none for [`ACK_QUEUE_WAIT`] (it is down), the rest is dropped: the machines
-/// send their events again and get their acks then.
-async fn send_acks(
-    ctx: &Ctx,
-    client: &AsyncClient,
-    acks: Vec<(fleetcast_proto::StatusAck, Secret)>,
-) {
+/// The embedded broker's gateway takes them at once. What it does not take (an external
+/// broker) is returned, as (topic, payload), for [`publish_acks`].
+fn send_acks(ctx: &Ctx, acks: Vec<(fleetcast_proto::StatusAck, Secret)>) -> Vec<(String, Vec<u8>)> {
+    let mut rest = Vec::new();
     for (ack, secret) in acks {
         let payload = secret.seal(Purpose::StatusAck, &ack);
         let topic = ctx.topics.status_ack(&ack.machine);
         // The embedded broker's gateway delivers each machine's acks itself (a filter per
         // machine in rumqttd would cost its topic matching the size of the fleet).
-        if ctx.sessions.deliver(&topic, &payload, None, None).is_some() {
-            continue;
+        if ctx.sessions.deliver(&topic, &payload, None, None).is_none() {
+            rest.push((topic, payload));
         }
-        let queued = client.publish(topic, QoS::AtMostOnce, false, payload);
-        match tokio::time::timeout(ACK_QUEUE_WAIT, queued).await {
-            Ok(Ok(())) => {}
-            Ok(Err(err)) => {
-                tracing::debug!(machine = %ack.machine, error = %err, "status ack not queued");
-            }
-            Err(_) => {
-                tracing::warn!(machine = %ack.machine, "status acks not queued: the ingest connection takes nothing (down?); machines will send their events again");
-                return;
+    }
+    rest
+}
+
+/// Publishes the acks an external broker carries, on the ingest's own connection, waiting for
+/// room rather than dropping them: on the platform's main connection they queued behind chunk
+/// frames, and a full queue dropped them (Mosquitto, 1,000 machines: 150 acks over three
+/// rollouts, two of which took 11 s instead of 2.8 s while machines waited 10 s to send
+/// again). A task of its own, because the connection's queue drains only while its driver
+/// polls, and the driver waits while the ingest loop's queue of incoming reports is full: a
+/// loop waiting here for room could wait on itself.
+async fn publish_acks(client: AsyncClient, mut batches: mpsc::Receiver<Vec<(String, Vec<u8>)>>) {
+    while let Some(batch) = batches.recv().await {
+        for (topic, payload) in batch {
+            if let Err(err) = client.publish(topic, QoS::AtMostOnce, false, payload).await {
+                tracing::debug!(error = %err, "status ack not queued");
             }
         }
     }
 }
 
-/// How long the ingest waits for room on its connection for a status ack.
-const ACK_QUEUE_WAIT: Duration = Duration::from_secs(2);
+/// Flushed batches of acks waiting for [`publish_acks`]; past this (the ingest connection is
+/// down or stuck) a batch's acks are dropped, and its machines send their events again.
+const ACK_BATCHES_QUEUED: usize = 16;
 
 /// Signs and sends each batch's events, in the order the batches were flushed.
 async fn send_signed(ctx: Arc<Ctx>, mut batches: mpsc::Receiver<ToSign>) {
@@ -276,10 +279,13 @@ pub async fn run(
 ) -> Result<(), PlatformError> {
     let (signed, to_sign) = mpsc::channel(1);
     let sender = tokio::spawn(send_signed(ctx.clone(), to_sign));
+    let (acks, to_publish) = mpsc::channel(ACK_BATCHES_QUEUED);
+    let publisher = tokio::spawn(publish_acks(client.clone(), to_publish));
     let mut ingest = Ingest {
         ctx,
         client,
         signed,
+        acks,
         progress_sent: HashMap::new(),
         progress_dirty: HashSet::new(),
         republished: HashMap::new(),
@@ -292,7 +298,16 @@ pub async fn run(
     // What was flushed is still acknowledged; the sender ends once the loop's handle is gone.
     drop(ingest);
     if let Err(e) = sender.await {
-        tracing::error!(error = %e, "status acks not sent");
+        tracing::error!(error = %e, "fleet events not sent");
+    }
+    // The acks of what was flushed, briefly (a connection that is down takes none).
+    if tokio::time::timeout(Duration::from_secs(2), publisher)
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "status acks not all published before shutdown; machines will send those events again"
+        );
     }
     result
 }
@@ -391,7 +406,10 @@ impl Ingest {
         for a in coalesce_acks(after) {
             self.after(a, &mut acks, &mut to_sign)?;
         }
-        send_acks(&self.ctx, &self.client, acks).await;
+        let rest = send_acks(&self.ctx, acks);
+        if !rest.is_empty() && self.acks.try_send(rest).is_err() {
+            tracing::warn!("status acks dropped: the ingest connection is not taking them (down?); machines will send those events again");
+        }
         if !to_sign.events.is_empty() {
             // At most one batch waits while another is signed: the loop stores the next batch
             // meanwhile, and waits here when signing falls behind.
@@ -1544,8 +1562,8 @@ mod tests {
     /// A flushed batch hands the gateway every machine's ack, MAC'd with that machine's secret,
     /// and the integrators' events, signed, only while someone listens on `fleet/events`: an
     /// event no one hears is not signed.
-    #[tokio::test]
-    async fn a_batch_macs_every_ack_and_signs_events_only_while_someone_listens() {
+    #[test]
+    fn a_batch_macs_every_ack_and_signs_events_only_while_someone_listens() {
         struct Gateway {
             listening: bool,
             delivered: std::sync::Mutex<Vec<(String, Vec<u8>)>>,
@@ -1581,11 +1599,8 @@ mod tests {
             });
             ctx.sessions = gateway.clone();
             let secret = |s: &str| Secret::from_bytes(*blake3::hash(s.as_bytes()).as_bytes());
-            let (ingest, _ingest_loop) =
-                AsyncClient::new(rumqttc::MqttOptions::new("i", "127.0.0.1", 1), 16);
-            send_acks(
+            let rest = send_acks(
                 &ctx,
-                &ingest,
                 ["vm-1", "vm-2"]
                     .into_iter()
                     .zip([3, 7])
@@ -1597,8 +1612,8 @@ mod tests {
                         (ack, secret(machine))
                     })
                     .collect(),
-            )
-            .await;
+            );
+            assert!(rest.is_empty(), "the gateway took every ack");
             let batch = ToSign {
                 events: (1..=2)
                     .map(|ctr| {
