@@ -116,13 +116,6 @@ pub struct MacEnvelope {
     pub mac: String,
 }
 
-impl MacEnvelope {
-    /// Parses a MAC'd envelope (at most [`MAX_JSON_MESSAGE`] bytes) without checking it.
-    pub fn parse(bytes: &[u8]) -> Result<Self, AuthError> {
-        parse_envelope(bytes)
-    }
-}
-
 /// The platform's signing key (ed25519 seed) and its generation in the key chain.
 pub struct PlatformKey(ed25519_dalek::SigningKey, u32);
 
