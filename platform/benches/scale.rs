@@ -748,7 +748,7 @@ fn print_download(r: &SizeResult, broker: BrokerKind) {
         Some(rate) => {
             format!("per-machine byte budget raised to {rate} MiB/s with `--machine-rate`")
         }
-        None => "default per-machine byte budget of 64 MiB/s in force".into(),
+        None => "default per-machine byte budget: the machine's first copy of each chunk at once, 64 MiB/s for chunks asked for again".into(),
     };
     println!("Broker: {}. One simulated machine, one artifact of {:.0} MB through `fleetcast serve` (child process, {budget}); raw: the same bytes as 64 KiB QoS 1 messages from the platform principal to one subscriber, paced to stay at most 2 MiB ahead of it, run just before the machine started.", broker.label(), mbytes);
     println!();

@@ -415,9 +415,9 @@ impl ChunkServer {
                 index,
             })
         });
-        let wanted = req.indices().count() as u32;
+        let wanted = req.indices().count();
         let budget = self.budgets.get_mut(m).expect("admitted by its budget");
-        let dues = budget.schedule_chunks(wanted, layout.chunk_size, now_std);
+        let dues = budget.schedule_chunks(&req.artifact, req.indices(), layout.chunk_size, now_std);
         let refused = dues.iter().filter(|d| d.is_none()).count();
         if refused > 0 {
             tracing::debug!(machine = %m, wanted, refused, "chunk byte budget: part of a request refused");
@@ -865,15 +865,25 @@ mod tests {
         let mut server = server(&f.ctx);
         let vm1 = MachineId::new("vm-1").unwrap();
         let sent = |s: &ChunkServer| s.ctx.stats.snapshot().chunk_frames_sent;
-        let t0 = Instant::now();
-        // Three 1 KiB chunks against a 1 KiB burst at 2 KiB/s: one now, one each 0.5 s.
+        // The machine's first copy of each chunk: all three at once, though they are three
+        // times its burst.
         server
             .handle(&vm1, &request(&f, "vm-1", 1, a))
             .await
             .unwrap();
-        assert_eq!(sent(&server), 1);
+        assert_eq!(sent(&server), 3);
+        assert!(server.owed.is_empty());
+        // The same three again (once the resend pause is over): three 1 KiB chunks against a 1
+        // KiB burst at 2 KiB/s, so one now and one each 0.5 s.
+        tokio::time::advance(RESEND_AFTER).await;
+        let t0 = Instant::now();
+        server
+            .handle(&vm1, &request(&f, "vm-1", 2, a))
+            .await
+            .unwrap();
+        assert_eq!(sent(&server), 4);
         assert_eq!(server.owed.len(), 2);
-        for (i, after) in [(2, 500), (3, 1000)] {
+        for (i, after) in [(5, 500), (6, 1000)] {
             let due = server.next_due().expect("a paced chunk is owed");
             assert_eq!(due, t0 + Duration::from_millis(after));
             tokio::time::sleep_until(due).await;
@@ -884,11 +894,33 @@ mod tests {
         // Asking faster than the budget earns: paced up to a second ahead, the rest refused
         // (the agent asks again after its stall time).
         server
-            .handle(&vm1, &request(&f, "vm-1", 2, a))
+            .handle(&vm1, &request(&f, "vm-1", 3, a))
             .await
             .unwrap();
         assert_eq!(server.owed.len(), 2, "two paced, one refused");
-        assert_eq!(sent(&server), 3);
+        assert_eq!(sent(&server), 6);
+    }
+
+    /// With first copies paced (`serve --pace-first-copies`), the first request is held to the
+    /// budget as well.
+    #[tokio::test(start_paused = true)]
+    async fn first_copies_can_be_paced_too() {
+        let mut f = fixture();
+        Arc::get_mut(&mut f.ctx).expect("not shared yet").limits = MachineLimits {
+            bytes_per_sec: 2048.0,
+            byte_burst: 1024.0,
+            first_copies_free: false,
+            ..MachineLimits::default()
+        };
+        let a = add_artifact(&f.ctx, 1);
+        let mut server = server(&f.ctx);
+        let vm1 = MachineId::new("vm-1").unwrap();
+        server
+            .handle(&vm1, &request(&f, "vm-1", 1, a))
+            .await
+            .unwrap();
+        assert_eq!(server.ctx.stats.snapshot().chunk_frames_sent, 1);
+        assert_eq!(server.owed.len(), 2);
     }
 
     /// A machine past its budgets costs the store nothing: its replay counter is raised in the
@@ -909,20 +941,27 @@ mod tests {
         let vm1 = MachineId::new("vm-1").unwrap();
         let stored = |s: &ChunkServer| s.ctx.store.counter(&vm1, "chunks").unwrap();
         let sent = |s: &ChunkServer| s.ctx.stats.snapshot().chunk_frames_sent;
-        // Three 1 KiB chunks: one now, one paced a second ahead, one refused.
+        // The first copies of three 1 KiB chunks: all at once.
         server
             .handle(&vm1, &request(&f, "vm-1", 1, a))
             .await
             .unwrap();
-        assert_eq!((stored(&server), sent(&server)), (1, 1));
-        // Nine more over the byte budget, then ninety over the request rate.
-        for ctr in 2..=100 {
+        assert_eq!((stored(&server), sent(&server)), (1, 3));
+        // The same three again: one now, one paced a second ahead, one refused.
+        tokio::time::advance(RESEND_AFTER).await;
+        server
+            .handle(&vm1, &request(&f, "vm-1", 2, a))
+            .await
+            .unwrap();
+        assert_eq!((stored(&server), sent(&server)), (2, 4));
+        // Eight more over the byte budget, then ninety over the request rate.
+        for ctr in 3..=100 {
             let _ = server.handle(&vm1, &request(&f, "vm-1", ctr, a)).await;
         }
-        assert_eq!(sent(&server), 1, "nothing more served");
+        assert_eq!(sent(&server), 4, "nothing more served");
         assert_eq!(
             stored(&server),
-            1,
+            2,
             "no refused request raised the stored counter"
         );
         // A refused request's counter is still spent while the server runs.
@@ -937,7 +976,7 @@ mod tests {
             .handle(&vm1, &request(&f, "vm-1", 101, a))
             .await
             .unwrap();
-        assert_eq!((stored(&server), sent(&server)), (101, 2));
+        assert_eq!((stored(&server), sent(&server)), (101, 5));
     }
 
     #[tokio::test(start_paused = true)]

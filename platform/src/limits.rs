@@ -2,7 +2,10 @@
 //! share: chunk requests per second, chunk bytes per second, and events stored per release.
 //! Token buckets are plain data over explicit instants, tested without a clock.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
+
+use fleetcast_proto::ArtifactId;
 
 /// Limits the platform applies to each machine.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -11,9 +14,18 @@ pub struct MachineLimits {
     /// received, so this must allow the byte rate below in 64 KiB requests (1,024/s).
     pub requests_per_sec: f64,
     pub request_burst: f64,
-    /// Chunk bytes per second served on request.
+    /// Chunk bytes per second served on request, beyond each machine's first copy of each
+    /// chunk (see [`Self::first_copies_free`]).
     pub bytes_per_sec: f64,
     pub byte_burst: f64,
+    /// Whether a machine's first copy of each chunk of an artifact (within
+    /// [`FIRST_COPY_MEMORY`]) goes at once, outside the byte budget. Why: the budget is there
+    /// to bound what a machine asking again and again can take, and charging the one copy an
+    /// honest machine needs capped a lone download at the budget (200 MB took 2.5 s at 64
+    /// MiB/s, against 0.3 s of raw pub/sub). A stolen config gains one copy of each artifact
+    /// released to it per hour, which it could have fetched anyway. `false` charges every
+    /// chunk (`serve --pace-first-copies`: a platform on a metered uplink).
+    pub first_copies_free: bool,
     /// Status events stored per (machine, release); later ones still update the record but are
     /// not kept in the event log.
     pub events_per_release: u64,
@@ -32,6 +44,7 @@ impl Default for MachineLimits {
             request_burst: 4000.0,
             bytes_per_sec: 64.0 * 1024.0 * 1024.0,
             byte_burst: 32.0 * 1024.0 * 1024.0,
+            first_copies_free: true,
             events_per_release: 1000,
             events_kept: crate::retention::DEFAULT_EVENTS_KEPT,
             republish_every: crate::ingest::REPUBLISH_INTERVAL,
@@ -132,6 +145,29 @@ impl TokenBucket {
 pub struct ChunkBudget {
     requests: TokenBucket,
     bytes: TokenBucket,
+    first_copies_free: bool,
+    /// Per artifact: which chunks this machine has had its first copy of, and since when.
+    had: HashMap<ArtifactId, FirstCopies>,
+}
+
+/// The chunks of one artifact a machine has had once (a bit each), since `since`.
+#[derive(Debug, Clone)]
+struct FirstCopies {
+    since: Instant,
+    bits: Vec<u64>,
+}
+
+impl FirstCopies {
+    /// Marks chunk `index` had; whether it was not before.
+    fn first(&mut self, index: u32) -> bool {
+        let (word, bit) = ((index / 64) as usize, 1u64 << (index % 64));
+        if self.bits.len() <= word {
+            self.bits.resize(word + 1, 0);
+        }
+        let new = self.bits[word] & bit == 0;
+        self.bits[word] |= bit;
+        new
+    }
 }
 
 impl ChunkBudget {
@@ -139,6 +175,8 @@ impl ChunkBudget {
         Self {
             requests: TokenBucket::new(limits.requests_per_sec, limits.request_burst, now),
             bytes: TokenBucket::new(limits.bytes_per_sec, limits.byte_burst, now),
+            first_copies_free: limits.first_copies_free,
+            had: HashMap::new(),
         }
     }
 
@@ -147,25 +185,64 @@ impl ChunkBudget {
         self.requests.take(1.0, now)
     }
 
-    /// When each of `chunks` chunks of `chunk_len` bytes may be sent: at once while the byte
-    /// budget lasts, then paced at its rate (shaped, not dropped: a dropped chunk cost the
-    /// machine its 2 s stall before it asked again). `None` for chunks beyond
-    /// [`BUDGET_HORIZON`] of pacing: a machine asking faster than that is refused as before.
+    /// When each chunk of `artifact` in `indices` (each `chunk_len` bytes) may be sent. The
+    /// machine's first copy of a chunk goes at once and costs its budget nothing (unless
+    /// first copies are paced too); others go at once while the byte budget lasts, then paced
+    /// at its rate (shaped, not dropped: a dropped chunk cost the machine its 2 s stall before
+    /// it asked again). `None` for chunks beyond [`BUDGET_HORIZON`] of pacing: a machine
+    /// asking faster than that is refused as before.
     pub fn schedule_chunks(
         &mut self,
-        chunks: u32,
+        artifact: &ArtifactId,
+        indices: impl IntoIterator<Item = u32>,
         chunk_len: u32,
         now: Instant,
     ) -> Vec<Option<Instant>> {
-        self.bytes
-            .schedule(chunks, chunk_len as f64, now, BUDGET_HORIZON)
+        let mut dues: Vec<Option<Instant>> = Vec::new();
+        let mut charged = Vec::new();
+        let mut had = self.first_copies_free.then(|| {
+            let had = self.had.entry(*artifact).or_insert_with(|| FirstCopies {
+                since: now,
+                bits: Vec::new(),
+            });
+            if now.saturating_duration_since(had.since) >= FIRST_COPY_MEMORY {
+                *had = FirstCopies {
+                    since: now,
+                    bits: Vec::new(),
+                };
+            }
+            had
+        });
+        for index in indices {
+            if had.as_mut().is_some_and(|h| h.first(index)) {
+                dues.push(Some(now));
+            } else {
+                charged.push(dues.len());
+                dues.push(None);
+            }
+        }
+        let paced =
+            self.bytes
+                .schedule(charged.len() as u32, chunk_len as f64, now, BUDGET_HORIZON);
+        for (at, due) in charged.into_iter().zip(paced) {
+            dues[at] = due;
+        }
+        dues
     }
 
-    /// Both buckets full: the machine has been quiet long enough to forget.
+    /// Both buckets full and no first copy remembered: the machine has been quiet long enough
+    /// to forget.
     pub fn is_idle(&mut self, now: Instant) -> bool {
-        self.requests.is_full(now) && self.bytes.is_full(now)
+        self.had
+            .retain(|_, h| now.saturating_duration_since(h.since) < FIRST_COPY_MEMORY);
+        self.requests.is_full(now) && self.bytes.is_full(now) && self.had.is_empty()
     }
 }
+
+/// How long the chunk server remembers which chunks of an artifact a machine has had its first
+/// copy of: a machine gets at most one copy of an artifact per this long outside its byte
+/// budget. It costs a bit per chunk per machine fetching, for this long.
+pub const FIRST_COPY_MEMORY: Duration = Duration::from_secs(3600);
 
 /// How far ahead chunks over a machine's byte budget are scheduled; beyond, they are refused.
 /// It bounds what the chunk server keeps for a machine that asks too fast: at most this long of
@@ -224,13 +301,15 @@ mod tests {
         let limits = MachineLimits {
             bytes_per_sec: 1000.0,
             byte_burst: 1000.0,
+            first_copies_free: false,
             ..MachineLimits::default()
         };
+        let a = ArtifactId::of(b"a");
         let t0 = Instant::now();
         let ms = |n: u64| t0 + Duration::from_millis(n);
         let mut b = ChunkBudget::new(&limits, t0);
         // 3 x 300 bytes from the burst; then one each 300 ms, up to 1 s ahead (3 more).
-        let first = b.schedule_chunks(8, 300, t0);
+        let first = b.schedule_chunks(&a, 0..8, 300, t0);
         assert_eq!(
             first,
             [
@@ -245,13 +324,67 @@ mod tests {
             ]
         );
         // Asking again at once: the budget is lent out a second ahead; nothing more.
-        assert_eq!(b.schedule_chunks(2, 300, t0), [None, None]);
+        assert_eq!(b.schedule_chunks(&a, 6..8, 300, t0), [None, None]);
         // 600 ms later the bucket has earned 600 bytes back: two more, paced after the rest.
         assert_eq!(
-            b.schedule_chunks(3, 300, ms(600)),
+            b.schedule_chunks(&a, 6..9, 300, ms(600)),
             [Some(ms(1100)), Some(ms(1400)), None]
         );
         assert!(!b.is_idle(ms(1400)));
         assert!(b.is_idle(ms(5000)));
+    }
+
+    #[test]
+    fn a_first_copy_of_each_chunk_is_free_and_every_copy_after_it_is_charged() {
+        let limits = MachineLimits {
+            bytes_per_sec: 1000.0,
+            byte_burst: 600.0,
+            ..MachineLimits::default()
+        };
+        let (a, other) = (ArtifactId::of(b"a"), ArtifactId::of(b"b"));
+        let t0 = Instant::now();
+        let ms = |n: u64| t0 + Duration::from_millis(n);
+        let mut b = ChunkBudget::new(&limits, t0);
+        // Ten first copies of 300 bytes, five times the burst: all at once, none charged.
+        assert_eq!(b.schedule_chunks(&a, 0..10, 300, t0), [Some(t0); 10]);
+        // Chunk 3 again with chunk 10 new: the new one at once, the copy from the burst.
+        assert_eq!(
+            b.schedule_chunks(&a, [3, 10], 300, t0),
+            [Some(t0), Some(t0)]
+        );
+        // Asking for what it had, again and again: held to the budget like any repeat (one
+        // more from the burst, then paced a second ahead at most, then refused).
+        assert_eq!(
+            b.schedule_chunks(&a, 0..6, 300, t0),
+            [
+                Some(t0),
+                Some(ms(300)),
+                Some(ms(600)),
+                Some(ms(900)),
+                None,
+                None
+            ]
+        );
+        // Another artifact is remembered on its own: its first copies are free too, and a
+        // machine switching between two artifacts does not get the first one free again.
+        assert_eq!(b.schedule_chunks(&other, 0..2, 300, t0), [Some(t0); 2]);
+        assert_eq!(b.schedule_chunks(&a, 0..1, 300, t0), [None]);
+        // Not idle while first copies are remembered, though the buckets fill in a second...
+        let later = t0 + FIRST_COPY_MEMORY - Duration::from_secs(1);
+        assert!(!b.is_idle(later));
+        assert_eq!(b.schedule_chunks(&a, [0], 300, later), [Some(later)]);
+        assert_eq!(
+            b.schedule_chunks(&a, [0, 0, 0], 300, later),
+            [
+                Some(later),
+                Some(later + Duration::from_millis(300)),
+                Some(later + Duration::from_millis(600))
+            ]
+        );
+        // ...and an hour after the first one, a copy of each is free again.
+        let hour = t0 + FIRST_COPY_MEMORY;
+        assert_eq!(b.schedule_chunks(&a, 0..4, 300, hour), [Some(hour); 4]);
+        assert!(!b.is_idle(hour + Duration::from_secs(10)));
+        assert!(b.is_idle(hour + FIRST_COPY_MEMORY));
     }
 }

@@ -42,10 +42,16 @@ pub struct ServeArgs {
     #[arg(long, default_value = fleetcast_proto::topics::DEFAULT_PREFIX)]
     pub topic_prefix: String,
     /// Chunk bytes served to one machine, in MiB per second (half of it as a burst; chunk
-    /// requests are allowed in proportion). A bound on what one machine, or a stolen machine
-    /// config, can take of the platform; real machines' links are far below the default.
+    /// requests are allowed in proportion), beyond its first copy of each chunk, which goes at
+    /// once. A bound on what one machine, or a stolen machine config, asking again and again
+    /// can take of the platform.
     #[arg(long, default_value_t = 64.0, value_parser = positive_rate)]
     pub machine_rate: f64,
+    /// Charge a machine's first copy of each chunk to --machine-rate too (by default it goes
+    /// at once): caps every download at that rate, e.g. to spread a rollout over a metered
+    /// uplink.
+    #[arg(long)]
+    pub pace_first_copies: bool,
     /// Status events the event log keeps (the newest; older ones are deleted in the
     /// background). Each machine's outcome per release stays in its target record.
     #[arg(long, default_value_t = crate::retention::DEFAULT_EVENTS_KEPT, value_parser = clap::value_parser!(u64).range(1..))]
@@ -122,7 +128,15 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     println!("  topic prefix:    {}", args.topic_prefix);
-    println!("  per machine:     {} MiB/s of chunks", args.machine_rate);
+    println!(
+        "  per machine:     {} MiB/s of chunks{}",
+        args.machine_rate,
+        if args.pace_first_copies {
+            ""
+        } else {
+            " asked for again (first copies at once)"
+        }
+    );
     println!("  event log:       the newest {} events", args.keep_events);
     drop(keys);
     let shutdown = CancellationToken::new();
@@ -143,6 +157,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         topic_prefix: args.topic_prefix,
         limits: MachineLimits {
             events_kept: args.keep_events,
+            first_copies_free: !args.pace_first_copies,
             ..MachineLimits::with_rate(args.machine_rate)
         },
     };

@@ -321,8 +321,9 @@ async fn a_broker_killed_mid_transfer_is_survived() {
     let mut mosq = fleetcast_broker::testing::Mosquitto::start("")
         .expect("mosquitto (apt-get install mosquitto)");
     let broker = mosq.url.clone();
-    // Served at 4 MiB/s, the 48 MiB download takes about 12 s: the agent reports progress
-    // (at most every 5 s) well before it ends, and the broker dies mid-transfer.
+    // Served at 4 MiB/s (first copies paced too), the 48 MiB download takes about 12 s: the
+    // agent reports progress (at most every 5 s) well before it ends, and the broker dies
+    // mid-transfer.
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let platform = start_platform_with(
@@ -331,6 +332,7 @@ async fn a_broker_killed_mid_transfer_is_survived() {
         fleetcast_platform::limits::MachineLimits {
             bytes_per_sec: 4.0 * 1024.0 * 1024.0,
             byte_burst: 4.0 * 1024.0 * 1024.0,
+            first_copies_free: false,
             ..Default::default()
         },
     );
