@@ -110,12 +110,85 @@ pub struct Fetch {
 #[derive(Debug)]
 struct Attempt {
     started: Instant,
-    /// The last manifest part or written chunk.
-    last_progress: Instant,
-    /// Re-requests since `last_progress` (each doubles the wait for the next).
-    stalls: u32,
+    wait: Wait,
     reports: ProgressReports,
     phase: Phase,
+}
+
+/// Progress, and how long to wait without it before asking again.
+#[derive(Debug)]
+struct Wait {
+    /// The last manifest part or written chunk.
+    last_progress: Instant,
+    /// How many times the wait has been doubled ([`Wait::stall`]): once per re-request, kept
+    /// across progress, and halved once the machine has gone a while without a gap between two
+    /// pieces of progress of even half the wait ([`Wait::calm`]).
+    stalls: u32,
+    /// Since when the longest gap between two pieces of progress is being watched...
+    calm_since: Instant,
+    /// ...and that longest gap.
+    longest_gap: Duration,
+}
+
+impl Wait {
+    fn new(now: Instant) -> Self {
+        Self {
+            last_progress: now,
+            stalls: 0,
+            calm_since: now,
+            longest_gap: Duration::ZERO,
+        }
+    }
+
+    /// How long without progress before asking again: `tuning.stall`, doubled per step in
+    /// [`Self::stalls`], at most `tuning.stall_max`.
+    fn stall(&self, tuning: &Tuning) -> Duration {
+        tuning
+            .stall
+            .saturating_mul(1 << self.stalls.min(16))
+            .min(tuning.stall_max.max(tuning.stall))
+    }
+
+    /// A manifest part or a chunk came at `now`.
+    fn progressed(&mut self, now: Instant, tuning: &Tuning) {
+        let gap = now.saturating_duration_since(self.last_progress);
+        self.longest_gap = self.longest_gap.max(gap);
+        self.last_progress = now;
+        self.calm(now, tuning);
+    }
+
+    /// The machine asked again for what it is waiting for: the next wait is twice as long.
+    /// Progress does not bring it back. Why: on a host serving 10,000 machines at once a
+    /// machine gets a chunk every 2-3 s; a wait that went back to 2 s at each chunk asked for
+    /// the whole window again between any two of them, and the platform sent 2.5 times the
+    /// frames the machines needed.
+    fn asked_again(&mut self, now: Instant, tuning: &Tuning) {
+        if self.stall(tuning) < tuning.stall_max {
+            self.stalls += 1;
+        }
+        self.calm_since = now;
+        self.longest_gap = Duration::ZERO;
+    }
+
+    /// Halves the wait once, for two waits in a row, no gap between two pieces of progress
+    /// (the one still open included) came to half of it: chunks come fast again. A gap that
+    /// held a re-request is at least a whole wait long, so the wait never shrinks on gaps the
+    /// machine may have shortened by asking again.
+    fn calm(&mut self, now: Instant, tuning: &Tuning) {
+        if self.stalls == 0 {
+            return;
+        }
+        let stall = self.stall(tuning);
+        if now.saturating_duration_since(self.calm_since) < stall * 2 {
+            return;
+        }
+        let open = now.saturating_duration_since(self.last_progress);
+        if self.longest_gap.max(open) < stall / 2 {
+            self.stalls -= 1;
+        }
+        self.calm_since = now;
+        self.longest_gap = Duration::ZERO;
+    }
 }
 
 #[derive(Debug)]
@@ -240,8 +313,7 @@ impl Fetch {
         };
         let mut attempt = Attempt {
             started: now,
-            last_progress: now,
-            stalls: 0,
+            wait: Wait::new(now),
             // The report above counts as made.
             reports: ProgressReports::new(
                 self.layout.size,
@@ -422,8 +494,7 @@ impl Fetch {
             return Continue(());
         }
         parts[index as usize] = Some(payload);
-        attempt.last_progress = now;
-        attempt.stalls = 0;
+        attempt.wait.progressed(now, &self.tuning);
         if parts.iter().any(Option::is_none) {
             return Continue(());
         }
@@ -459,7 +530,7 @@ impl Fetch {
                 early.clear();
                 turned_away.clear();
                 *last_request = now;
-                attempt.last_progress = attempt.started;
+                attempt.wait.last_progress = attempt.started;
                 Continue(())
             }
         }
@@ -557,8 +628,7 @@ impl Fetch {
             return Continue(());
         }
         self.unsaved = true;
-        attempt.last_progress = now;
-        attempt.stalls = 0;
+        attempt.wait.progressed(now, &self.tuning);
         // The last chunk is persisted with the whole file, and reported as `downloaded`.
         if self.have.count < self.layout.chunks {
             if self.unpersisted >= self.tuning.persist_every {
@@ -577,7 +647,7 @@ impl Fetch {
         now: Instant,
         out: &mut Vec<Effect>,
     ) -> ControlFlow<()> {
-        let quiet = now.saturating_duration_since(attempt.last_progress);
+        let quiet = now.saturating_duration_since(attempt.wait.last_progress);
         if quiet > self.tuning.attempt_timeout {
             out.push(Effect::Fail(self.stalled()));
             return Break(());
@@ -586,12 +656,9 @@ impl Fetch {
         // re-request without progress doubles the wait for the next (with a fixed 2 s and three
         // attempts, a 10,000-machine rollout on one busy host left 3,881 machines
         // `download_failed`; with this and the pauses between attempts, none).
-        let stall = self
-            .tuning
-            .stall
-            .saturating_mul(1 << attempt.stalls.min(16))
-            .min(self.tuning.stall_max.max(self.tuning.stall));
-        if quiet <= self.tuning.stall {
+        attempt.wait.calm(now, &self.tuning);
+        let stall = attempt.wait.stall(&self.tuning);
+        if quiet <= stall {
             return Continue(());
         }
         match &mut attempt.phase {
@@ -614,7 +681,7 @@ impl Fetch {
                         .copied()
                         .collect();
                     request(true, missing, out);
-                    attempt.stalls += 1;
+                    attempt.wait.asked_again(now, &self.tuning);
                 }
             }
             Phase::Chunks { outstanding, .. } => {
@@ -626,7 +693,7 @@ impl Fetch {
                     outstanding.values_mut().for_each(|asked| *asked = now);
                     tracing::debug!(artifact = %self.artifact.short(), n = all.len(), "no progress: re-requesting outstanding chunks");
                     request(false, all, out);
-                    attempt.stalls += 1;
+                    attempt.wait.asked_again(now, &self.tuning);
                 }
             }
         }
@@ -1182,17 +1249,69 @@ mod tests {
         assert_eq!(tick(14_300), ["ask [0, 1, 2, 3]"]);
         assert!(tick(22_200).is_empty());
         assert_eq!(tick(22_400), ["ask [0, 1, 2, 3]"]);
-        // Progress brings the wait back to one stall period...
+        // Progress does not bring the wait back: a machine that had to ask again is on a
+        // platform that answers slowly...
         assert_eq!(
             show(&deliver(&mut f, &art, at(22_500), 2)),
             ["write 2", "report 1024/10140", "ask [4]"]
         );
         let mut tick = |ms| show(&f.handle(at(ms), Input::Tick));
-        assert!(tick(24_300).is_empty());
-        // ...then everything outstanding goes again, the chunk asked for last too.
-        assert_eq!(tick(24_600), ["ask [0, 1, 3, 4]"]);
-        assert!(tick(26_500).is_empty());
-        assert_eq!(tick(28_700), ["ask [0, 1, 3, 4]"]);
+        assert!(tick(24_600).is_empty());
+        assert!(tick(30_400).is_empty());
+        // ...so everything outstanding goes again, the chunk asked for last too, after the
+        // whole wait.
+        assert_eq!(tick(30_600), ["ask [0, 1, 3, 4]"]);
+        assert!(tick(38_500).is_empty());
+        assert_eq!(tick(38_700), ["ask [0, 1, 3, 4]"]);
+    }
+
+    /// Ticks every 200 ms from `from` to `to` (ms), delivering chunks at the times given
+    /// (lowest first); returns the re-requests the ticks made.
+    fn run(
+        f: &mut Fetch,
+        art: &Art,
+        at: &impl Fn(u64) -> Instant,
+        (from, to): (u64, u64),
+        chunks: &mut std::collections::VecDeque<(u64, u32)>,
+    ) -> Vec<(u64, Vec<String>)> {
+        let mut asked = Vec::new();
+        let mut ms = from;
+        while ms <= to {
+            while chunks.front().is_some_and(|(t, _)| *t <= ms) {
+                let (t, i) = chunks.pop_front().unwrap();
+                deliver(f, art, at(t), i);
+            }
+            let out = show(&f.handle(at(ms), Input::Tick));
+            if !out.is_empty() {
+                asked.push((ms, out));
+            }
+            ms += 200;
+        }
+        asked
+    }
+
+    #[test]
+    fn a_machine_whose_chunks_come_slowly_asks_again_once_then_waits_and_fast_chunks_bring_the_wait_back(
+    ) {
+        let at = clock();
+        let art = Art::new(60);
+        let mut f = art.resumed(tuning(), &[]);
+        f.begin(at(0));
+        // A busy platform: a chunk every 3 s. The first 2 s without one asks again once (the
+        // wait doubles to 4 s); after that, chunks every 3 s are no stall.
+        let mut slow: std::collections::VecDeque<(u64, u32)> =
+            (0..10).map(|i| (3000 * (i + 1), i as u32)).collect();
+        let asked = run(&mut f, &art, &at, (0, 30_000), &mut slow);
+        assert_eq!(asked, [(2200, vec!["ask [0, 1, 2, 3]".to_owned()])]);
+        // Chunks every 0.5 s for 20 s: after two waits of 4 s without a gap of 2 s, the wait
+        // is 2 s again...
+        let mut fast: std::collections::VecDeque<(u64, u32)> = (10..50)
+            .map(|i| (30_000 + 500 * (i - 9), i as u32))
+            .collect();
+        assert!(run(&mut f, &art, &at, (30_200, 50_000), &mut fast).is_empty());
+        // ...so a silence after them is asked about after 2 s, not 4.
+        let asked = run(&mut f, &art, &at, (50_200, 56_000), &mut Default::default());
+        assert_eq!(asked.first().map(|(t, _)| *t), Some(52_200), "{asked:?}");
     }
 
     #[test]

@@ -47,8 +47,8 @@ pub struct Tuning {
     /// Chunks requested and not yet received.
     pub window: usize,
     /// Re-request everything outstanding after this long without a verified chunk. Each
-    /// re-request that brings nothing doubles the wait for the next, up to `stall_max`; progress
-    /// brings it back to `stall`.
+    /// re-request doubles the wait for the next, up to `stall_max`; chunks coming fast again
+    /// halve it back (`fetch::Wait`).
     pub stall: Duration,
     pub stall_max: Duration,
     /// An attempt fails after this long without progress.
