@@ -7,6 +7,7 @@
 //! - [`embedded`] (feature `embedded`): rumqttd configured in code with every field set, auth
 //!   by `client_id == username` plus a password check, sized segment logs for bulk topics.
 //! - [`fdlimit`]: raise the open-file limit (one descriptor per machine on the platform).
+//! - [`memory`]: hand freed heap memory back to the system (the platform, the simulator).
 //! - [`mosquitto`]: the broker policy (`proto::acl`) as Mosquitto password and ACL files.
 //! - [`gateway`] (feature `embedded`): the authorizing gateway in front of rumqttd: per-packet
 //!   topic ACLs from `proto::acl`, TLS, TCP_NODELAY, rate limits, kick; rumqttd on loopback only.
@@ -19,6 +20,7 @@ pub mod embedded;
 pub mod fdlimit;
 #[cfg(feature = "embedded")]
 pub mod gateway;
+pub mod memory;
 pub mod mosquitto;
 #[cfg(feature = "testing")]
 pub mod testing;

@@ -234,7 +234,10 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
         }
     );
 
-    let trimmer = tokio::spawn(return_freed_memory(shutdown.clone()));
+    let trimmer = tokio::spawn(fleetcast_broker::memory::return_freed_memory(
+        TRIM_EVERY,
+        shutdown.clone(),
+    ));
     let mut agents = JoinSet::new();
     for config in configs {
         let options = AgentOptions {
@@ -292,23 +295,6 @@ async fn write_records(path: &Path, records: &Records) -> Result<(), SimulateErr
 
 /// How often freed heap memory is handed back to the system.
 const TRIM_EVERY: Duration = Duration::from_secs(10);
-
-/// Hands memory freed inside glibc's heaps back to the system, every [`TRIM_EVERY`] until
-/// `shutdown`. A rollout passes thousands of 64 KiB frames through every connection; once they
-/// are freed, glibc keeps the pages (1,000 machines: 2.7 GB resident after a 1 MiB rollout,
-/// 113 MB after one `malloc_trim`).
-async fn return_freed_memory(shutdown: CancellationToken) {
-    let mut tick = tokio::time::interval(TRIM_EVERY);
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tick.tick() => {}
-        }
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only walks the allocator's own lists; any thread may call it.
-        let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
-    }
-}
 
 #[cfg(test)]
 mod tests {

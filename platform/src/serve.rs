@@ -36,6 +36,9 @@ use fleetcast_proto::acl::PLATFORM_USER;
 
 pub const INGEST_CLIENT_ID: &str = "fleetcast-platform.ingest";
 pub const SERVE_CLIENT_ID: &str = "fleetcast-platform.serve";
+/// How often freed heap memory is handed back to the system
+/// (`fleetcast_broker::memory::return_freed_memory`).
+const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -269,6 +272,13 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
                 "dispatcher",
                 dispatch(topics, client, serve_rx, chunk_tx, admin_tx, stop).await,
             )
+        }
+    });
+    tasks.spawn({
+        let stop = tasks_stop.clone();
+        async move {
+            fleetcast_broker::memory::return_freed_memory(TRIM_EVERY, stop).await;
+            ("memory trim", Ok(()))
         }
     });
     drop(ctx);
