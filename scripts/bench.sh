@@ -25,9 +25,18 @@ export CARGO_INCREMENTAL=0
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT
 
+# The commit measured; "-dirty" when the code differs from it (docs/ is not counted: the
+# benches write there).
+commit_id() {
+    local c
+    c=$(git rev-parse --short=7 HEAD 2>/dev/null) || { echo unknown; return; }
+    git diff --quiet HEAD -- . ':(exclude)docs' 2>/dev/null || c="$c-dirty"
+    echo "$c"
+}
+
 heading() {
     echo
-    echo "### $(date -u '+%Y-%m-%d %H:%M UTC') — $1, $(nproc) cores, $(uname -m), commit $(git describe --always --dirty --abbrev=7 2>/dev/null || echo unknown)"
+    echo "### $(date -u '+%Y-%m-%d %H:%M UTC') — $1, $(nproc) cores, $(uname -m), commit $(commit_id)"
     echo
 }
 
