@@ -295,7 +295,16 @@ impl<'a> Staging<'a> {
             .map_err(io_error(id, "open", &part_path))?;
         file.set_len(layout.size)
             .map_err(io_error(id, "size", &part_path))?;
+        let had_state = saved.is_some();
         let fetch = Fetch::resume(id, layout, tuning, saved);
+        tracing::debug!(
+            artifact = %id.short(),
+            part_ok,
+            had_state,
+            manifest = fetch.has_manifest(),
+            bytes = fetch.progress().bytes,
+            "staging opened"
+        );
         Ok(Opened {
             manifest_saved: manifest_from_file && fetch.has_manifest(),
             fetch,
