@@ -360,7 +360,7 @@ impl ChunkServer {
             .budgets
             .entry(m.clone())
             .or_insert_with(|| ChunkBudget::new(&limits, now_std));
-        if !budget.admit_request(now_std) {
+        if !budget.admit_request(&req, now_std) {
             // Dropped, not answered: an honest machine re-requests after its timeout.
             return Err("over its chunk request rate; request dropped".into());
         }
@@ -395,10 +395,16 @@ impl ChunkServer {
         };
         // Only artifacts of releases assigned to this machine; anything else looks unknown,
         // so the answer tells nothing about which artifacts exist.
-        if !self.may_fetch(m, &req.artifact, now)? {
-            return Ok(unknown());
-        }
-        let Some(layout) = self.layout(&req.artifact)? else {
+        let layout = match self.may_fetch(m, &req.artifact, now)? {
+            true => self.layout(&req.artifact)?,
+            false => None,
+        };
+        let Some(layout) = layout else {
+            // Its first copies, if any, were of an artifact it may not fetch any more: its
+            // requests for it take a token again.
+            if let Some(budget) = self.budgets.get_mut(m) {
+                budget.forget(&req.artifact);
+            }
             return Ok(unknown());
         };
         if let Err(e) = req.validate(layout.chunks) {
@@ -417,7 +423,12 @@ impl ChunkServer {
         });
         let wanted = req.indices().count();
         let budget = self.budgets.get_mut(m).expect("admitted by its budget");
-        let dues = budget.schedule_chunks(&req.artifact, req.indices(), layout.chunk_size, now_std);
+        let dues = budget.schedule_chunks(
+            &req.artifact,
+            (layout.chunks, layout.chunk_size),
+            req.indices(),
+            now_std,
+        );
         let refused = dues.iter().filter(|d| d.is_none()).count();
         if refused > 0 {
             tracing::debug!(machine = %m, wanted, refused, "chunk byte budget: part of a request refused");
@@ -921,6 +932,47 @@ mod tests {
             .unwrap();
         assert_eq!(server.ctx.stats.snapshot().chunk_frames_sent, 1);
         assert_eq!(server.owed.len(), 2);
+    }
+
+    /// A machine downloading faster than the request rate (one request per chunk it receives)
+    /// is not cut off by it while it asks for chunks it has not had; asking again is.
+    #[tokio::test(start_paused = true)]
+    async fn a_fast_download_is_not_cut_off_by_the_request_rate() {
+        let mut f = fixture();
+        Arc::get_mut(&mut f.ctx).expect("not shared yet").limits = MachineLimits {
+            requests_per_sec: 1.0,
+            request_burst: 1.0,
+            ..MachineLimits::default()
+        };
+        let a = add_artifact(&f.ctx, 1);
+        let mut server = server(&f.ctx);
+        let vm1 = MachineId::new("vm-1").unwrap();
+        let sent = |s: &ChunkServer| s.ctx.stats.snapshot().chunk_frames_sent;
+        let ask = |ctr, chunks| {
+            let req = ChunkRequest {
+                machine: vm1.clone(),
+                ctr,
+                artifact: a,
+                manifest: false,
+                chunks,
+            };
+            f.secret.seal(Purpose::ChunkRequest, &req)
+        };
+        server.handle(&vm1, &ask(1, vec![(0, 1)])).await.unwrap();
+        server.handle(&vm1, &ask(2, vec![(1, 2)])).await.unwrap();
+        server.handle(&vm1, &ask(3, vec![(2, 3)])).await.unwrap();
+        assert_eq!(
+            sent(&server),
+            3,
+            "one chunk per request, past a rate of 1 a second"
+        );
+        tokio::time::advance(RESEND_AFTER).await;
+        let err = server
+            .handle(&vm1, &ask(4, vec![(0, 1)]))
+            .await
+            .unwrap_err();
+        assert!(err.contains("request rate"), "{err}");
+        assert_eq!(sent(&server), 3);
     }
 
     /// A machine past its budgets costs the store nothing: its replay counter is raised in the

@@ -5,6 +5,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use fleetcast_proto::chunk::ChunkRequest;
 use fleetcast_proto::ArtifactId;
 
 /// Limits the platform applies to each machine.
@@ -150,14 +151,29 @@ pub struct ChunkBudget {
     had: HashMap<ArtifactId, FirstCopies>,
 }
 
-/// The chunks of one artifact a machine has had once (a bit each), since `since`.
+/// The chunks of one artifact (of `chunks` chunks) a machine has had once (a bit each), since
+/// `since`.
 #[derive(Debug, Clone)]
 struct FirstCopies {
     since: Instant,
+    chunks: u32,
     bits: Vec<u64>,
 }
 
 impl FirstCopies {
+    fn new(since: Instant, chunks: u32) -> Self {
+        Self {
+            since,
+            chunks,
+            bits: Vec::new(),
+        }
+    }
+
+    fn had(&self, index: u32) -> bool {
+        let (word, bit) = ((index / 64) as usize, 1u64 << (index % 64));
+        self.bits.get(word).is_some_and(|w| w & bit != 0)
+    }
+
     /// Marks chunk `index` had; whether it was not before.
     fn first(&mut self, index: u32) -> bool {
         let (word, bit) = ((index / 64) as usize, 1u64 << (index % 64));
@@ -180,9 +196,28 @@ impl ChunkBudget {
         }
     }
 
-    /// Whether one more request may be served now.
-    pub fn admit_request(&mut self, now: Instant) -> bool {
+    /// Whether one more request may be served now. A valid request that asks for a chunk of
+    /// an artifact this machine is fetching (it was served some of it within
+    /// [`FIRST_COPY_MEMORY`]) and has not had yet is always admitted: the agent sends a request
+    /// per chunk it receives, so a download going faster than the request rate (2,000 a second,
+    /// 131 MB/s in 64 KiB chunks) was cut off by it once first copies were not paced any more.
+    /// Such requests are bounded by the artifact's chunks. Any other takes a token.
+    pub fn admit_request(&mut self, req: &ChunkRequest, now: Instant) -> bool {
+        let fetching = self.had.get(&req.artifact).filter(|h| {
+            self.first_copies_free && now.saturating_duration_since(h.since) < FIRST_COPY_MEMORY
+        });
+        if let Some(h) = fetching {
+            if req.validate(h.chunks).is_ok() && req.indices().any(|i| !h.had(i)) {
+                return true;
+            }
+        }
         self.requests.take(1.0, now)
+    }
+
+    /// Forgets which chunks of `artifact` the machine has had (it may not fetch it any more):
+    /// its requests for it take a token again.
+    pub fn forget(&mut self, artifact: &ArtifactId) {
+        self.had.remove(artifact);
     }
 
     /// When each chunk of `artifact` in `indices` (each `chunk_len` bytes) may be sent. The
@@ -194,22 +229,19 @@ impl ChunkBudget {
     pub fn schedule_chunks(
         &mut self,
         artifact: &ArtifactId,
+        (chunks, chunk_len): (u32, u32),
         indices: impl IntoIterator<Item = u32>,
-        chunk_len: u32,
         now: Instant,
     ) -> Vec<Option<Instant>> {
         let mut dues: Vec<Option<Instant>> = Vec::new();
         let mut charged = Vec::new();
         let mut had = self.first_copies_free.then(|| {
-            let had = self.had.entry(*artifact).or_insert_with(|| FirstCopies {
-                since: now,
-                bits: Vec::new(),
-            });
+            let had = self
+                .had
+                .entry(*artifact)
+                .or_insert_with(|| FirstCopies::new(now, chunks));
             if now.saturating_duration_since(had.since) >= FIRST_COPY_MEMORY {
-                *had = FirstCopies {
-                    since: now,
-                    bits: Vec::new(),
-                };
+                *had = FirstCopies::new(now, chunks);
             }
             had
         });
@@ -309,7 +341,7 @@ mod tests {
         let ms = |n: u64| t0 + Duration::from_millis(n);
         let mut b = ChunkBudget::new(&limits, t0);
         // 3 x 300 bytes from the burst; then one each 300 ms, up to 1 s ahead (3 more).
-        let first = b.schedule_chunks(&a, 0..8, 300, t0);
+        let first = b.schedule_chunks(&a, (64, 300), 0..8, t0);
         assert_eq!(
             first,
             [
@@ -324,10 +356,10 @@ mod tests {
             ]
         );
         // Asking again at once: the budget is lent out a second ahead; nothing more.
-        assert_eq!(b.schedule_chunks(&a, 6..8, 300, t0), [None, None]);
+        assert_eq!(b.schedule_chunks(&a, (64, 300), 6..8, t0), [None, None]);
         // 600 ms later the bucket has earned 600 bytes back: two more, paced after the rest.
         assert_eq!(
-            b.schedule_chunks(&a, 6..9, 300, ms(600)),
+            b.schedule_chunks(&a, (64, 300), 6..9, ms(600)),
             [Some(ms(1100)), Some(ms(1400)), None]
         );
         assert!(!b.is_idle(ms(1400)));
@@ -346,16 +378,16 @@ mod tests {
         let ms = |n: u64| t0 + Duration::from_millis(n);
         let mut b = ChunkBudget::new(&limits, t0);
         // Ten first copies of 300 bytes, five times the burst: all at once, none charged.
-        assert_eq!(b.schedule_chunks(&a, 0..10, 300, t0), [Some(t0); 10]);
+        assert_eq!(b.schedule_chunks(&a, (64, 300), 0..10, t0), [Some(t0); 10]);
         // Chunk 3 again with chunk 10 new: the new one at once, the copy from the burst.
         assert_eq!(
-            b.schedule_chunks(&a, [3, 10], 300, t0),
+            b.schedule_chunks(&a, (64, 300), [3, 10], t0),
             [Some(t0), Some(t0)]
         );
         // Asking for what it had, again and again: held to the budget like any repeat (one
         // more from the burst, then paced a second ahead at most, then refused).
         assert_eq!(
-            b.schedule_chunks(&a, 0..6, 300, t0),
+            b.schedule_chunks(&a, (64, 300), 0..6, t0),
             [
                 Some(t0),
                 Some(ms(300)),
@@ -367,14 +399,17 @@ mod tests {
         );
         // Another artifact is remembered on its own: its first copies are free too, and a
         // machine switching between two artifacts does not get the first one free again.
-        assert_eq!(b.schedule_chunks(&other, 0..2, 300, t0), [Some(t0); 2]);
-        assert_eq!(b.schedule_chunks(&a, 0..1, 300, t0), [None]);
+        assert_eq!(
+            b.schedule_chunks(&other, (64, 300), 0..2, t0),
+            [Some(t0); 2]
+        );
+        assert_eq!(b.schedule_chunks(&a, (64, 300), 0..1, t0), [None]);
         // Not idle while first copies are remembered, though the buckets fill in a second...
         let later = t0 + FIRST_COPY_MEMORY - Duration::from_secs(1);
         assert!(!b.is_idle(later));
-        assert_eq!(b.schedule_chunks(&a, [0], 300, later), [Some(later)]);
+        assert_eq!(b.schedule_chunks(&a, (64, 300), [0], later), [Some(later)]);
         assert_eq!(
-            b.schedule_chunks(&a, [0, 0, 0], 300, later),
+            b.schedule_chunks(&a, (64, 300), [0, 0, 0], later),
             [
                 Some(later),
                 Some(later + Duration::from_millis(300)),
@@ -383,8 +418,63 @@ mod tests {
         );
         // ...and an hour after the first one, a copy of each is free again.
         let hour = t0 + FIRST_COPY_MEMORY;
-        assert_eq!(b.schedule_chunks(&a, 0..4, 300, hour), [Some(hour); 4]);
+        assert_eq!(
+            b.schedule_chunks(&a, (64, 300), 0..4, hour),
+            [Some(hour); 4]
+        );
         assert!(!b.is_idle(hour + Duration::from_secs(10)));
         assert!(b.is_idle(hour + FIRST_COPY_MEMORY));
+    }
+
+    fn ask(artifact: ArtifactId, chunks: Vec<(u32, u32)>) -> ChunkRequest {
+        ChunkRequest {
+            machine: fleetcast_proto::MachineId::new("vm-1").unwrap(),
+            ctr: 1,
+            artifact,
+            manifest: false,
+            chunks,
+        }
+    }
+
+    #[test]
+    fn a_request_for_a_chunk_not_had_yet_is_admitted_past_the_request_rate() {
+        let limits = MachineLimits {
+            requests_per_sec: 1.0,
+            request_burst: 1.0,
+            ..MachineLimits::default()
+        };
+        let (a, other) = (ArtifactId::of(b"a"), ArtifactId::of(b"b"));
+        let t0 = Instant::now();
+        let mut b = ChunkBudget::new(&limits, t0);
+        // Nothing fetched yet: the request rate decides.
+        assert!(b.admit_request(&ask(a, vec![(0, 1)]), t0));
+        assert!(!b.admit_request(&ask(a, vec![(0, 1)]), t0));
+        b.schedule_chunks(&a, (4, 300), [0], t0);
+        // Fetching `a` (4 chunks): a chunk it has not had goes past the rate, one it had does
+        // not, nor does a request that is not valid for `a`, nor another artifact.
+        assert!(b.admit_request(&ask(a, vec![(1, 2)]), t0));
+        assert!(b.admit_request(&ask(a, vec![(0, 4)]), t0));
+        assert!(!b.admit_request(&ask(a, vec![(0, 1)]), t0));
+        assert!(!b.admit_request(&ask(a, vec![(3, 5)]), t0));
+        assert!(!b.admit_request(&ask(a, vec![(1, 2), (2, 2)]), t0));
+        assert!(!b.admit_request(&ask(other, vec![(0, 1)]), t0));
+        // Taken (a copy each): asking for them again waits for the rate.
+        b.schedule_chunks(&a, (4, 300), 1..4, t0);
+        assert!(!b.admit_request(&ask(a, vec![(1, 2)]), t0));
+        // An artifact it may not fetch any more is forgotten.
+        b.schedule_chunks(&other, (4, 300), [0], t0);
+        b.forget(&other);
+        assert!(!b.admit_request(&ask(other, vec![(1, 2)]), t0));
+        // With first copies paced, every request takes a token.
+        let mut paced = ChunkBudget::new(
+            &MachineLimits {
+                first_copies_free: false,
+                ..limits
+            },
+            t0,
+        );
+        paced.schedule_chunks(&a, (4, 300), [0], t0);
+        assert!(paced.admit_request(&ask(a, vec![(1, 2)]), t0));
+        assert!(!paced.admit_request(&ask(a, vec![(2, 3)]), t0));
     }
 }
