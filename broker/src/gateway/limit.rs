@@ -76,6 +76,16 @@ impl RateLimit {
             burst: 10,
         }),
     };
+
+    /// For integrators: as machines, without a downloading machine's burst (an integrator asks
+    /// for events a few times a second; the platform answers 5 a second).
+    pub const INTEGRATOR: RateLimit = RateLimit {
+        messages: Some(Rate {
+            per_sec: 2000,
+            burst: 4000,
+        }),
+        ..Self::MACHINE
+    };
 }
 
 /// One token bucket. Tokens may go negative: a packet larger than the burst still passes, after

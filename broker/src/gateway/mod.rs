@@ -141,7 +141,7 @@ impl Default for InboundLimits {
     fn default() -> Self {
         Self {
             machine: Some(RateLimit::MACHINE),
-            integrator: Some(RateLimit::MACHINE),
+            integrator: Some(RateLimit::INTEGRATOR),
         }
     }
 }
@@ -474,9 +474,10 @@ mod tests {
             groups: vec![],
         };
         assert_eq!(l.for_principal(&machine), Some(RateLimit::MACHINE));
-        assert!(l
-            .for_principal(&Principal::Integrator { name: "erp".into() })
-            .is_some());
+        assert_eq!(
+            l.for_principal(&Principal::Integrator { name: "erp".into() }),
+            Some(RateLimit::INTEGRATOR)
+        );
         assert_eq!(l.for_principal(&Principal::Platform), None);
         let op = Principal::Operator {
             name: "alice".into(),
