@@ -685,6 +685,13 @@ mod tests {
         with_machines(dir, eventloop, ctx)
     }
 
+    /// [`fixture`] with `limits`.
+    fn limited(limits: MachineLimits) -> Fixture {
+        let mut f = fixture();
+        Arc::get_mut(&mut f.ctx).expect("not shared yet").limits = limits;
+        f
+    }
+
     /// [`fixture`] on a sled store in its temp dir, with `limits`.
     fn sled_fixture(limits: MachineLimits) -> Fixture {
         let (dir, eventloop, mut ctx) = Ctx::for_tests_in_temp_dir();
@@ -866,12 +873,11 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn chunks_over_the_byte_budget_are_paced_not_dropped() {
-        let mut f = fixture();
-        Arc::get_mut(&mut f.ctx).expect("not shared yet").limits = MachineLimits {
+        let f = limited(MachineLimits {
             bytes_per_sec: 2048.0,
             byte_burst: 1024.0,
             ..MachineLimits::default()
-        };
+        });
         let a = add_artifact(&f.ctx, 1);
         let mut server = server(&f.ctx);
         let vm1 = MachineId::new("vm-1").unwrap();
@@ -916,13 +922,12 @@ mod tests {
     /// budget as well.
     #[tokio::test(start_paused = true)]
     async fn first_copies_can_be_paced_too() {
-        let mut f = fixture();
-        Arc::get_mut(&mut f.ctx).expect("not shared yet").limits = MachineLimits {
+        let f = limited(MachineLimits {
             bytes_per_sec: 2048.0,
             byte_burst: 1024.0,
             first_copies_free: false,
             ..MachineLimits::default()
-        };
+        });
         let a = add_artifact(&f.ctx, 1);
         let mut server = server(&f.ctx);
         let vm1 = MachineId::new("vm-1").unwrap();
@@ -938,12 +943,11 @@ mod tests {
     /// is not cut off by it while it asks for chunks it has not had; asking again is.
     #[tokio::test(start_paused = true)]
     async fn a_fast_download_is_not_cut_off_by_the_request_rate() {
-        let mut f = fixture();
-        Arc::get_mut(&mut f.ctx).expect("not shared yet").limits = MachineLimits {
+        let f = limited(MachineLimits {
             requests_per_sec: 1.0,
             request_burst: 1.0,
             ..MachineLimits::default()
-        };
+        });
         let a = add_artifact(&f.ctx, 1);
         let mut server = server(&f.ctx);
         let vm1 = MachineId::new("vm-1").unwrap();
