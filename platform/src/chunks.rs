@@ -9,12 +9,10 @@
 //! at most once per [`RESEND_AFTER`] however many machines ask, and nobody waits for its
 //! re-request. On the embedded broker the gateway sends an owed frame only to the machines that
 //! asked for it: re-broadcasting it to a thousand machines that already have it was what kept a
-//! rollout busy (29x the artifact in platform egress). Other brokers cannot address one
-//! subscriber of a topic: a frame for a few machines goes to each one's `machines/{m}/chunks`
-//! ([`ADDRESSED_AT_MOST`]), for more to the artifact's topic. For the
+//! rollout busy (29x the artifact in platform egress); other brokers get it broadcast. For the
 //! same reason a frame goes to everyone fetching its artifact once per [`BROADCAST_MEMORY`]:
 //! the first request for it does that (a group rollout's machines all need it), and later ones
-//! get it only for the machines that asked.
+//! get it only for the machines that asked (on the embedded broker).
 //!
 //! Everything bulky travels on the per-artifact topic for a second reason: a broker keeps a log
 //! per subscription filter (rumqttd never frees one), and one log per artifact costs far less
@@ -56,9 +54,6 @@ pub const RESEND_AFTER: Duration = Duration::from_millis(500);
 /// needed. And one machine's credentials, asking for every chunk, could send the whole
 /// file to every machine fetching it no more than once in this time.
 pub const BROADCAST_MEMORY: Duration = Duration::from_secs(3600);
-/// On a broker that cannot address one subscriber, a frame for at most this many machines goes
-/// to each one's own `machines/{m}/chunks`; for more, to the artifact's topic.
-const ADDRESSED_AT_MOST: usize = 8;
 /// How long a machine's "may fetch this artifact" yes is reused before the store is asked again
 /// (a withdrawn assignment stops serving within this; a new one serves at once).
 const ALLOWED_TTL: Duration = Duration::from_secs(1);
@@ -282,7 +277,7 @@ impl ChunkServer {
                 }
                 _ => {
                     // Sent to all lately: only the asker is missing it (the embedded broker
-                    // addresses it alone; another broker, on its own topic).
+                    // addresses it alone; another broker gets it to all, as before).
                     let alone = self
                         .broadcast_at
                         .get(&key)
@@ -561,7 +556,7 @@ impl ChunkServer {
     async fn send_frame(
         &mut self,
         key: FrameKey,
-        mut frame: Vec<u8>,
+        frame: Vec<u8>,
         only: Option<HashSet<MachineId>>,
     ) -> Result<(), String> {
         let topic = self.ctx.topics.artifact_chunks(&key.artifact);
@@ -590,25 +585,6 @@ impl ChunkServer {
                 .is_some()
             {
                 self.recycle(frame);
-                return Ok(());
-            }
-            // A broker that cannot address one subscriber of the artifact's topic (Mosquitto):
-            // a few askers get the frame on their own topics, where nobody else listens. Sent
-            // to the artifact's topic, each went to every machine fetching it: 10,000 machines
-            // on Mosquitto made the platform send 76 times the artifact.
-            if only.len() <= ADDRESSED_AT_MOST {
-                let mut copies = only.len();
-                for m in &only {
-                    copies -= 1;
-                    let copy = if copies == 0 {
-                        std::mem::take(&mut frame)
-                    } else {
-                        self.ctx.stats.frame_sent(frame.len(), false);
-                        frame.clone()
-                    };
-                    self.publish(&self.ctx.topics.machine_chunks(m), copy)
-                        .await?;
-                }
                 return Ok(());
             }
             self.broadcast_at.insert(key, now);
@@ -882,18 +858,17 @@ mod tests {
         assert_eq!(server.owed.len(), 3);
         tokio::time::sleep_until(due).await;
         server.send_owed().await;
-        // Each owed chunk once more for both machines: here over MQTT, which cannot address
-        // one subscriber of the shared topic, so a copy on each machine's own topic.
         assert_eq!(
             sent(&server),
-            9,
-            "each owed chunk once more to each machine"
+            6,
+            "each owed chunk once more, for both machines"
         );
         assert!(server.owed.is_empty());
         assert_eq!(server.next_due(), None);
-        // The first sends went to everyone, the owed ones to those who asked.
+        // The first sends went to everyone, the owed ones to those who asked (here over MQTT,
+        // which cannot address them, so to the topic).
         let stats = server.ctx.stats.snapshot();
-        assert_eq!(stats.chunk_bytes_broadcast * 3, stats.chunk_bytes_sent);
+        assert_eq!(stats.chunk_bytes_broadcast * 2, stats.chunk_bytes_sent);
     }
 
     #[tokio::test(start_paused = true)]

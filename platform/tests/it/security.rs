@@ -418,51 +418,6 @@ async fn machines_get_chunks_only_of_their_releases_and_cannot_flood_the_event_s
     platform.stop().await;
 }
 
-/// On Mosquitto, which cannot address one subscriber of the artifact's topic, a chunk one
-/// machine asks for again goes to that machine's own topic: neither a stolen config nor a
-/// fleet's stragglers make the platform send it to every machine fetching the artifact.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn on_mosquitto_a_chunk_asked_for_again_goes_to_the_asker_alone() {
-    let mosq = fleetcast_broker::testing::Mosquitto::start("")
-        .expect("mosquitto (apt-get install mosquitto)");
-    let url = mosq.url.clone();
-    let Env {
-        dir,
-        platform,
-        admin,
-        ..
-    } = env(&url).await;
-    let art = upload(&admin, dir.path(), "a.bin", &data(3000, 4), "1.0")
-        .await
-        .unwrap();
-    let mut vm = provision(&admin, &url, "vm-001", &[]).await;
-    let mut other = provision(&admin, &url, "vm-002", &[]).await;
-    release(&admin, "1.0", &["vm-001", "vm-002"], &[]).await;
-    let shared = format!("fleet/artifacts/{}/chunks", art.id);
-    let own = "fleet/machines/vm-001/chunks";
-    vm.peer.subscribe(&shared).await;
-    vm.peer.subscribe(own).await;
-    other.peer.subscribe(&shared).await;
-    // The first request for a chunk: to everyone fetching the artifact.
-    vm.request_chunks(art.id, false, vec![(0, 1)]).await;
-    vm.peer.next(|p| p.topic == shared).await;
-    other.peer.next(|p| p.topic == shared).await;
-    // Asked for again (after the resend pause): to the asker's own topic, a chunk frame.
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    vm.request_chunks(art.id, false, vec![(0, 1)]).await;
-    let p = vm.peer.next(|p| p.topic == own).await;
-    let (h, _) = decode_frame(&p.payload).unwrap();
-    assert_eq!((h.frame_type, h.index), (FrameType::Chunk, 0));
-    let to_others = other.peer.drain(Duration::from_millis(500)).await;
-    assert!(
-        to_others.iter().all(|p| p.topic != shared),
-        "the re-sent chunk reached another machine: {:?}",
-        to_others.iter().map(|p| &p.topic).collect::<Vec<_>>()
-    );
-    admin.close().await;
-    platform.stop().await;
-}
-
 #[tokio::test]
 async fn viewers_change_nothing_revoked_identities_stop_working_and_every_action_is_audited() {
     let broker = start_on_free_port(|s| s).unwrap();
