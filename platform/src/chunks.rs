@@ -979,6 +979,55 @@ mod tests {
         assert_eq!(sent(&server), 3);
     }
 
+    /// An artifact no longer released to the machine is forgotten at its next request: asking
+    /// for its chunks is held to the request rate again, not admitted as first copies.
+    #[tokio::test(start_paused = true)]
+    async fn an_artifact_withdrawn_from_the_machine_is_held_to_the_request_rate_again() {
+        let f = limited(MachineLimits {
+            requests_per_sec: 0.1,
+            request_burst: 1.0,
+            ..MachineLimits::default()
+        });
+        let a = add_artifact(&f.ctx, 1);
+        let b = add_artifact(&f.ctx, 2);
+        let mut server = server(&f.ctx);
+        let vm1 = MachineId::new("vm-1").unwrap();
+        let ask = |ctr, chunks| {
+            let req = ChunkRequest {
+                machine: vm1.clone(),
+                ctr,
+                artifact: a,
+                manifest: false,
+                chunks,
+            };
+            f.secret.seal(Purpose::ChunkRequest, &req)
+        };
+        server.handle(&vm1, &ask(1, vec![(0, 1)])).await.unwrap();
+        // The kind that shipped `a` now ships `b` to vm-1.
+        let mut release = crate::fixtures::release("r-9", "1.9");
+        release.kind = Kind::new("app1").unwrap();
+        release.artifact.id = b;
+        f.ctx
+            .store
+            .transaction(|tx| {
+                tx.put_release(&release)?;
+                tx.set_current(&vm1, &release.kind, &release.id)?;
+                Ok::<_, crate::store::StoreError>(())
+            })
+            .unwrap();
+        tokio::time::advance(ALLOWED_TTL + Duration::from_millis(1)).await;
+        let err = server
+            .handle(&vm1, &ask(2, vec![(1, 2)]))
+            .await
+            .unwrap_err();
+        assert!(err.contains("unknown artifact"), "{err}");
+        let err = server
+            .handle(&vm1, &ask(3, vec![(2, 3)]))
+            .await
+            .unwrap_err();
+        assert!(err.contains("request rate"), "{err}");
+    }
+
     /// A machine past its budgets costs the store nothing: its replay counter is raised in the
     /// store only by requests that were answered. Raised first, each refused request was a
     /// sled write, up to 2,000 a second from one machine.

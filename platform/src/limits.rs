@@ -169,18 +169,23 @@ impl FirstCopies {
         }
     }
 
+    /// The word and the bit of chunk `index`.
+    fn slot(index: u32) -> (usize, u64) {
+        ((index / 64) as usize, 1u64 << (index % 64))
+    }
+
     fn had(&self, index: u32) -> bool {
-        let (word, bit) = ((index / 64) as usize, 1u64 << (index % 64));
+        let (word, bit) = Self::slot(index);
         self.bits.get(word).is_some_and(|w| w & bit != 0)
     }
 
     /// Marks chunk `index` had; whether it was not before.
     fn first(&mut self, index: u32) -> bool {
-        let (word, bit) = ((index / 64) as usize, 1u64 << (index % 64));
+        let new = !self.had(index);
+        let (word, bit) = Self::slot(index);
         if self.bits.len() <= word {
             self.bits.resize(word + 1, 0);
         }
-        let new = self.bits[word] & bit == 0;
         self.bits[word] |= bit;
         new
     }

@@ -54,7 +54,7 @@ impl RateLimit {
         // A downloading machine sends at most one chunk request per 64 KiB chunk it receives:
         // 2,000/s leaves room for 125 MiB/s asked for one chunk at a time. The burst lets a
         // download of 1 GiB go at the speed of the network: with a burst of 4,000, 600 MB on
-        // loopback took 1.4-1.8 s (0.44-0.53x raw; 0.71-0.84 s with the rate lifted). Over the
+        // loopback took 1.4-2.0 s (0.44-0.53x raw; 0.71-0.84 s with the rate lifted). Over the
         // rate the gateway reads more slowly; nothing is dropped. What a stolen credential
         // gains: 16,000 messages at once after it has been quiet, each a chunk request the
         // platform checks and, past its own budgets, drops.
