@@ -75,7 +75,8 @@ enum After {
         ctr: u64,
         secret: Secret,
     },
-    Event(FleetEvent),
+    /// A message's stored events, in order, for the integrators.
+    Events(Vec<FleetEvent>),
     Progress {
         release: ReleaseId,
     },
@@ -161,7 +162,6 @@ struct Reject {
 
 struct Ingest {
     ctx: Arc<Ctx>,
-    client: AsyncClient,
     /// Each flushed batch's integrator events, to [`send_signed`].
     signed: mpsc::Sender<ToSign>,
     /// Each flushed batch's acks an external broker carries, to [`publish_acks`].
@@ -281,9 +281,12 @@ pub async fn run(
     let sender = tokio::spawn(send_signed(ctx.clone(), to_sign));
     let (acks, to_publish) = mpsc::channel(ACK_BATCHES_QUEUED);
     let publisher = tokio::spawn(publish_acks(client.clone(), to_publish));
+    // One batch opened and waiting while the loop stores another, and the gatherer at work on
+    // a third at most.
+    let (opened, batches) = mpsc::channel(1);
+    let gatherer = tokio::spawn(gather(ctx.clone(), client, events, opened));
     let mut ingest = Ingest {
         ctx,
-        client,
         signed,
         acks,
         progress_sent: HashMap::new(),
@@ -294,9 +297,10 @@ pub async fn run(
         rollouts_checked: HashMap::new(),
         rollouts_swept: Instant::now(),
     };
-    let result = ingest.run(events, shutdown).await;
+    let result = ingest.run(batches, shutdown).await;
     // What was flushed is still acknowledged; the sender ends once the loop's handle is gone.
     drop(ingest);
+    gatherer.abort();
     if let Err(e) = sender.await {
         tracing::error!(error = %e, "fleet events not sent");
     }
@@ -312,17 +316,142 @@ pub async fn run(
     result
 }
 
+/// A message for the ingest loop; a status message comes opened ([`OpenedStatus`]).
+type Incoming = (Publish, Option<OpenedStatus>);
+
+/// A status message opened: parsed, and each event's MAC checked with the machine's secret
+/// and its body read. That is a sixth of the ingest loop's time with batched events (perf over
+/// the ingest bench); [`gather`] does it for the next batch, on a blocking thread, while the
+/// loop stores the one before. The loop uses it only if the machine's secret is still the one
+/// it was opened with ([`Ingest::status`]).
+struct OpenedStatus {
+    /// The machine's secret it was opened with (`None`: not provisioned, nothing opened).
+    secret: Option<Secret>,
+    /// The number of events in the message and each opened, in order, up to and including
+    /// the first that did not open; or why the message does not parse.
+    events: Result<(usize, Vec<Result<StatusEvent, String>>), String>,
+}
+
+impl OpenedStatus {
+    fn open(secret: Option<Secret>, payload: &[u8]) -> Self {
+        let events = status_envelopes(payload)
+            .map_err(|e| e.to_string())
+            .map(|envelopes| {
+                let mut opened = Vec::with_capacity(envelopes.len());
+                if let Some(secret) = &secret {
+                    for env in &envelopes {
+                        let ev = secret.open_envelope::<StatusEvent>(Purpose::Status, env);
+                        let failed = ev.is_err();
+                        opened.push(ev.map_err(|e| e.to_string()));
+                        if failed {
+                            break;
+                        }
+                    }
+                }
+                (envelopes.len(), opened)
+            });
+        OpenedStatus { secret, events }
+    }
+
+    /// `p` opened, if it is a status message and its machine's secret could be read.
+    fn ahead(ctx: &Ctx, p: &Publish) -> Option<Self> {
+        let Some(Route::Status(m)) = ctx.topics.parse(&p.topic) else {
+            return None;
+        };
+        let secret = ctx.store.secret(&m).ok()?;
+        Some(Self::open(secret, &p.payload))
+    }
+}
+
+/// Reads the ingest connection into batches (everything available, up to [`MAX_BATCH`]
+/// messages or [`BATCH_WINDOW`] after the first) and opens each batch's status messages on a
+/// blocking thread before handing it to the loop, so that the next batch is read and opened
+/// while the loop stores one.
+async fn gather(
+    ctx: Arc<Ctx>,
+    client: AsyncClient,
+    mut events: mpsc::Receiver<MqttEvent>,
+    batches: mpsc::Sender<Vec<Incoming>>,
+) {
+    loop {
+        let Some(first) = events.recv().await else {
+            return;
+        };
+        let mut batch = Vec::new();
+        take(&ctx, &client, first, &mut batch);
+        let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
+        while batch.len() < MAX_BATCH {
+            match events.try_recv() {
+                Ok(e) => take(&ctx, &client, e, &mut batch),
+                Err(mpsc::error::TryRecvError::Empty) => {
+                    match tokio::time::timeout_at(deadline, events.recv()).await {
+                        Ok(Some(e)) => take(&ctx, &client, e, &mut batch),
+                        _ => break,
+                    }
+                }
+                Err(mpsc::error::TryRecvError::Disconnected) => break,
+            }
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        let ctx = ctx.clone();
+        let opened = tokio::task::spawn_blocking(move || {
+            batch
+                .into_iter()
+                .map(|p| {
+                    let pre = OpenedStatus::ahead(&ctx, &p);
+                    (p, pre)
+                })
+                .collect()
+        })
+        .await;
+        match opened {
+            Ok(opened) => {
+                if batches.send(opened).await.is_err() {
+                    return;
+                }
+            }
+            // The batch is lost unacknowledged: its machines send it again.
+            Err(e) => tracing::error!(error = %e, "ingest batch not opened"),
+        }
+    }
+}
+
+fn take(ctx: &Ctx, client: &AsyncClient, event: MqttEvent, batch: &mut Vec<Publish>) {
+    match event {
+        MqttEvent::Publish(p) => batch.push(p),
+        MqttEvent::Connected { session_present } => {
+            let t = &ctx.topics;
+            let filters = [
+                t.platform_status_filter(),
+                t.platform_state_filter(),
+                t.platform_online_filter(),
+            ]
+            .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
+            if let Err(e) = client.try_subscribe_many(filters) {
+                tracing::warn!(error = %e, "ingest subscribe failed");
+            }
+            tracing::info!(session_present, "ingest connection up");
+        }
+        MqttEvent::Disconnected(e) => {
+            tracing::warn!(error = %e, "ingest connection lost; reconnecting")
+        }
+        MqttEvent::PubAck(_) | MqttEvent::Sent(_) | MqttEvent::SubAck(_) => {}
+    }
+}
+
 impl Ingest {
     async fn run(
         &mut self,
-        mut events: mpsc::Receiver<MqttEvent>,
+        mut batches: mpsc::Receiver<Vec<Incoming>>,
         shutdown: CancellationToken,
     ) -> Result<(), PlatformError> {
         let ingest = self;
         let mut tick = tokio::time::interval(PROGRESS_INTERVAL / 2);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let first = tokio::select! {
+            let batch = tokio::select! {
                 _ = shutdown.cancelled() => return Ok(()),
                 _ = tick.tick() => {
                     ingest.flush_progress();
@@ -331,57 +460,17 @@ impl Ingest {
                     ingest.republished.retain(|_, (_, t)| t.elapsed() < keep);
                     continue
                 }
-                e = events.recv() => match e { Some(e) => e, None => return Ok(()) },
+                b = batches.recv() => match b { Some(b) => b, None => return Ok(()) },
             };
-            let mut batch = Vec::new();
-            ingest.take(first, &mut batch);
-            let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
-            while batch.len() < MAX_BATCH {
-                match events.try_recv() {
-                    Ok(e) => ingest.take(e, &mut batch),
-                    Err(mpsc::error::TryRecvError::Empty) => {
-                        match tokio::time::timeout_at(deadline, events.recv()).await {
-                            Ok(Some(e)) => ingest.take(e, &mut batch),
-                            _ => break,
-                        }
-                    }
-                    Err(mpsc::error::TryRecvError::Disconnected) => break,
-                }
-            }
-            if !batch.is_empty() {
-                ingest.process(batch).await?;
-                ingest.rollouts().await;
-            }
+            ingest.process(batch).await?;
+            ingest.rollouts().await;
         }
     }
 
-    fn take(&self, event: MqttEvent, batch: &mut Vec<Publish>) {
-        match event {
-            MqttEvent::Publish(p) => batch.push(p),
-            MqttEvent::Connected { session_present } => {
-                let t = &self.ctx.topics;
-                let filters = [
-                    t.platform_status_filter(),
-                    t.platform_state_filter(),
-                    t.platform_online_filter(),
-                ]
-                .map(|f| rumqttc::SubscribeFilter::new(f, QoS::AtLeastOnce));
-                if let Err(e) = self.client.try_subscribe_many(filters) {
-                    tracing::warn!(error = %e, "ingest subscribe failed");
-                }
-                tracing::info!(session_present, "ingest connection up");
-            }
-            MqttEvent::Disconnected(e) => {
-                tracing::warn!(error = %e, "ingest connection lost; reconnecting")
-            }
-            MqttEvent::PubAck(_) | MqttEvent::Sent(_) | MqttEvent::SubAck(_) => {}
-        }
-    }
-
-    async fn process(&mut self, batch: Vec<Publish>) -> Result<(), PlatformError> {
+    async fn process(&mut self, batch: Vec<Incoming>) -> Result<(), PlatformError> {
         let mut after = Vec::new();
-        for p in &batch {
-            match self.handle(p) {
+        for (p, pre) in batch {
+            match self.handle(&p, pre) {
                 Ok(mut a) => after.append(&mut a),
                 Err(Ok(reject)) => self.note_reject(&reject, &p.topic),
                 Err(Err(e)) => return Err(e.into()),
@@ -398,8 +487,11 @@ impl Ingest {
         }
         let stored = after
             .iter()
-            .filter(|a| matches!(a, After::Event(_)))
-            .count();
+            .map(|a| match a {
+                After::Events(e) => e.len(),
+                _ => 0,
+            })
+            .sum();
         self.ctx.stats.batch_flushed(stored);
         let mut to_sign = ToSign::default();
         let mut acks = Vec::new();
@@ -448,7 +540,7 @@ impl Ingest {
                 ctr,
                 secret,
             } => acks.push((fleetcast_proto::StatusAck { machine, ctr }, secret)),
-            After::Event(e) => to_sign.events.push(e),
+            After::Events(mut e) => to_sign.events.append(&mut e),
             After::Progress { release } => {
                 self.rollouts_dirty.insert(release.clone());
                 let due = self
@@ -544,7 +636,11 @@ impl Ingest {
     }
 
     /// Ok: applied (with post-flush work). Err(Ok): rejected. Err(Err): the store failed.
-    fn handle(&mut self, p: &Publish) -> Result<Vec<After>, Result<Reject, StoreError>> {
+    fn handle(
+        &mut self,
+        p: &Publish,
+        pre: Option<OpenedStatus>,
+    ) -> Result<Vec<After>, Result<Reject, StoreError>> {
         let reject = |machine: &str, reason: String| {
             Err(Ok(Reject {
                 machine: machine.to_owned(),
@@ -556,7 +652,7 @@ impl Ingest {
             return reject("?", "not a fleetcast topic, or an invalid id in it".into());
         };
         match route {
-            Route::Status(m) => self.status(&m, p),
+            Route::Status(m) => self.status(&m, p, pre),
             Route::State(m) => self.state(&m, p),
             Route::Online(m) => self.online(&m, &p.payload),
             _ => reject("?", "unexpected topic on the ingest connection".into()),
@@ -605,31 +701,41 @@ impl Ingest {
     /// after the ack, from its outbox). A batch refused whole gets no answer, as a lone event.
     /// The machine's secret and status counter are read once per message, its record and its
     /// target records once per message and written back once (a backlog of 25 events cost 25
-    /// of each).
+    /// of each), and the message gets one ack, for its highest counter.
+    ///
+    /// `pre` is the message opened ahead of the loop ([`OpenedStatus`]); it is used only if
+    /// the machine's secret is still the one it was opened with, read here under
+    /// [`Ctx::secrets`] as before (else the message is opened again, here).
     fn status(
         &mut self,
         m: &MachineId,
         p: &Publish,
+        pre: Option<OpenedStatus>,
     ) -> Result<Vec<After>, Result<Reject, StoreError>> {
         let reject = |reason: String| Reject {
             machine: m.to_string(),
             reason,
             quiet: false,
         };
-        let envelopes = status_envelopes(&p.payload).map_err(|e| Ok(reject(e.to_string())))?;
         let _secrets = self.ctx.secrets.read().unwrap_or_else(|p| p.into_inner());
-        let Some(secret) = self.ctx.store.secret(m).map_err(Err)? else {
+        let store = &*self.ctx.store;
+        let secret = store.secret(m).map_err(Err)?;
+        let OpenedStatus { secret, events } = match pre {
+            Some(o) if o.secret == secret => o,
+            _ => OpenedStatus::open(secret, &p.payload),
+        };
+        let (n, events) = events.map_err(|e| Ok(reject(e)))?;
+        let Some(secret) = secret else {
             return Err(Ok(reject("unknown machine (not provisioned)".into())));
         };
         // What each event would have met alone: its MAC and sender, then its counter (a
         // replay is acknowledged and changes nothing), then its fields. The counter of an
         // event refused for its fields is spent, as it would have been alone.
-        let store = &*self.ctx.store;
         let last = store.counter(m, "status").map_err(Err)?;
-        let (mut top, mut after, mut fresh) = (last, Vec::new(), Vec::new());
+        let (mut top, mut acked, mut fresh) = (last, None, Vec::new());
         let mut refused = None;
-        for (i, env) in envelopes.iter().enumerate() {
-            let mut ev = match secret.open_envelope::<StatusEvent>(Purpose::Status, env) {
+        for (i, ev) in events.into_iter().enumerate() {
+            let mut ev = match ev {
                 Ok(ev) if &ev.machine == m => ev,
                 Ok(ev) => {
                     let other = &ev.machine;
@@ -637,21 +743,16 @@ impl Ingest {
                     break;
                 }
                 Err(e) => {
-                    refused = Some((i, e.to_string()));
+                    refused = Some((i, e));
                     break;
                 }
-            };
-            let ack = After::StatusAck {
-                machine: m.clone(),
-                ctr: ev.ctr,
-                secret: secret.clone(),
             };
             if ev.ctr <= top {
                 // Stored before (the machine missed our ack, or the broker redelivered):
                 // acknowledge it again so the machine can move on, and change nothing.
                 tracing::debug!(machine = %m, ctr = ev.ctr, last = top, "replayed counter");
                 self.ctx.stats.status_resent();
-                after.push(ack);
+                acked = acked.max(Some(ev.ctr));
                 continue;
             }
             top = ev.ctr;
@@ -659,7 +760,8 @@ impl Ingest {
                 refused = Some((i, reason));
                 break;
             }
-            fresh.push((ev, ack));
+            acked = Some(ev.ctr);
+            fresh.push(ev);
         }
         if top > last {
             store.raise_counter(m, "status", top).map_err(Err)?;
@@ -667,7 +769,6 @@ impl Ingest {
         match refused {
             Some((0, reason)) => return Err(Ok(reject(reason))),
             Some((i, reason)) => {
-                let n = envelopes.len();
                 let why = format!(
                     "{reason} (event {} of a batch of {n}: it and the {} after it dropped)",
                     i + 1,
@@ -677,6 +778,15 @@ impl Ingest {
             }
             None => {}
         }
+        // Every event acknowledged is stored or was before: one ack covers them all.
+        let mut after: Vec<After> = acked
+            .map(|ctr| After::StatusAck {
+                machine: m.clone(),
+                ctr,
+                secret,
+            })
+            .into_iter()
+            .collect();
         if fresh.is_empty() {
             return Ok(after);
         }
@@ -684,17 +794,8 @@ impl Ingest {
         let cap = self.ctx.limits.events_per_release;
         store.transaction(|tx| {
             let mut touched = Touched::default();
-            for (ev, ack) in fresh {
-                after.extend(apply_status(
-                    store,
-                    tx,
-                    &mut touched,
-                    m,
-                    &ev,
-                    ack,
-                    cap,
-                    now,
-                )?);
+            for ev in &fresh {
+                after.extend(apply_status(store, tx, &mut touched, m, ev, cap, now)?);
             }
             after.extend(touched.write(store, tx, m).map_err(Err)?);
             Ok(after)
@@ -857,21 +958,26 @@ impl Touched {
         }
         let mut events = self.events;
         store.append_events(&mut events)?;
-        Ok(events.into_iter().map(After::Event).collect())
+        let mut after: Vec<After> = (self.targets_changed.into_iter())
+            .map(|release| After::Progress { release })
+            .collect();
+        if !events.is_empty() {
+            after.push(After::Events(events));
+        }
+        Ok(after)
     }
 }
 
 /// Applies a fresh status event in a transaction (`tx`): stores it (up to `cap` per machine
 /// and release), and updates the machine and its target record (in `touched`, written back
-/// by the caller).
-#[allow(clippy::too_many_arguments)]
+/// by the caller, which also sends the message's one ack and each changed release's progress).
+/// Returns what to log after the flush.
 fn apply_status(
     store: &dyn Store,
     tx: &dyn Records,
     touched: &mut Touched,
     m: &MachineId,
     ev: &StatusEvent,
-    ack: After,
     cap: u64,
     now: u64,
 ) -> Result<Vec<After>, Result<Reject, StoreError>> {
@@ -885,19 +991,19 @@ fn apply_status(
                     "status for release {release} names kind {}, the release's is {}: dropped",
                     ev.kind, rec.kind
                 );
-                return Ok(vec![ack, warn(m, what)]);
+                return Ok(vec![warn(m, what)]);
             }
             None => {
                 let what = format!(
                     "status ({}) for release {release}, which does not target this machine: dropped",
                     ev.phase
                 );
-                return Ok(vec![ack, warn(m, what)]);
+                return Ok(vec![warn(m, what)]);
             }
         },
         None => None,
     };
-    let mut after = vec![ack];
+    let mut after = Vec::new();
     let stored = touched
         .count_event(store, m, ev.release.as_ref())
         .map_err(Err)?;
@@ -931,10 +1037,9 @@ fn apply_status(
         .expect("read above");
     match target::apply(rec, ev, now) {
         Ok(()) => {
-            touched.targets_changed.insert(release.clone());
-            after.push(After::Progress {
-                release: release.clone(),
-            });
+            if !touched.targets_changed.contains(release) {
+                touched.targets_changed.insert(release.clone());
+            }
         }
         Err(why) => after.push(warn(
             m,
@@ -1177,16 +1282,10 @@ mod tests {
 
     /// Applies `ev` as ingest does; returns what it leaves for after the flush, by name.
     fn apply(store: &MemStore, ev: &StatusEvent, cap: u64) -> Vec<&'static str> {
-        let ack = After::StatusAck {
-            machine: ev.machine.clone(),
-            ctr: ev.ctr,
-            secret: Secret::from_bytes([1; 32]),
-        };
         let after = store
             .transaction(|tx| {
                 let mut touched = Touched::default();
-                let mut after =
-                    apply_status(store, tx, &mut touched, &ev.machine, ev, ack, cap, 7)?;
+                let mut after = apply_status(store, tx, &mut touched, &ev.machine, ev, cap, 7)?;
                 after.extend(touched.write(store, tx, &ev.machine).map_err(Err)?);
                 Ok::<_, Result<Reject, StoreError>>(after)
             })
@@ -1195,7 +1294,7 @@ mod tests {
             .iter()
             .map(|a| match a {
                 After::StatusAck { .. } => "ack",
-                After::Event(_) => "event",
+                After::Events(_) => "event",
                 After::Progress { .. } => "progress",
                 After::Republish(_) => "republish",
                 After::KeyChain => "key chain",
@@ -1215,28 +1314,12 @@ mod tests {
             status("vm-1", &r, Phase::Downloading, 3),
             status("vm-1", &r, Phase::Installed, 4),
         ];
-        let ack = |ev: &StatusEvent| After::StatusAck {
-            machine: ev.machine.clone(),
-            ctr: ev.ctr,
-            secret: Secret::from_bytes([1; 32]),
-        };
-        let kinds = |after: &[After]| -> Vec<&'static str> {
-            after
-                .iter()
-                .map(|a| match a {
-                    After::Warn { .. } => "warn",
-                    After::Progress { .. } => "progress",
-                    After::Event(_) => "event",
-                    _ => "other",
-                })
-                .collect()
-        };
         let in_batch = batched.transaction(|tx| {
             let mut touched = Touched::default();
             let mut after = Vec::new();
             for ev in &events {
                 after.extend(
-                    apply_status(&batched, tx, &mut touched, &m("vm-1"), ev, ack(ev), 1000, 7)
+                    apply_status(&batched, tx, &mut touched, &m("vm-1"), ev, 1000, 7)
                         .unwrap_or_else(|_| panic!("refused")),
                 );
             }
@@ -1251,28 +1334,21 @@ mod tests {
         let one_by_one: Vec<&str> = events
             .iter()
             .flat_map(|ev| apply(&single, ev, 1000))
-            .filter(|k| *k != "ack")
             .collect();
-        // The same, except that a batch's events go to the integrators at its end.
-        let batch_kinds: Vec<&str> = kinds(&in_batch)
-            .into_iter()
-            .filter(|k| *k != "other")
-            .collect();
-        let not_events = |k: &Vec<&str>| -> Vec<String> {
-            k.iter()
-                .filter(|k| **k != "event")
-                .map(|k| k.to_string())
-                .collect()
+        assert_eq!(
+            one_by_one,
+            ["progress", "event", "progress", "event", "warn", "event", "progress", "event"]
+        );
+        // The same warning; the release's progress once, and the events, in order, for the
+        // integrators at the end.
+        let [After::Warn { what, .. }, After::Progress { release }, After::Events(stored)] =
+            &in_batch[..]
+        else {
+            panic!("a warning, progress and the events");
         };
-        assert_eq!(not_events(&batch_kinds), not_events(&one_by_one));
-        assert_eq!(batch_kinds[batch_kinds.len() - 4..], ["event"; 4]);
-        let phases: Vec<(u64, Phase)> = in_batch
-            .iter()
-            .filter_map(|a| match a {
-                After::Event(e) => Some((e.id, e.phase)),
-                _ => None,
-            })
-            .collect();
+        assert!(what.contains("not applied"), "{what}");
+        assert_eq!(*release, r.id);
+        let phases: Vec<(u64, Phase)> = stored.iter().map(|e| (e.id, e.phase)).collect();
         assert_eq!(
             phases,
             [
@@ -1300,7 +1376,7 @@ mod tests {
             .enumerate()
         {
             let after = apply(&store, &status("vm-1", &r, phase, ctr as u64 + 1), 1000);
-            assert_eq!(after, ["ack", "progress", "event"], "{phase}");
+            assert_eq!(after, ["progress", "event"], "{phase}");
         }
         let rec = store.target(&r.id, &m("vm-1")).unwrap().unwrap();
         assert_eq!(rec.phase, Phase::Installed);
@@ -1320,11 +1396,11 @@ mod tests {
             .unwrap();
         assert_eq!(
             apply(&store, &status("vm-2", &r, Phase::Notified, 1), 1000),
-            ["ack", "warn"]
+            ["warn"]
         );
         let mut wrong_kind = status("vm-1", &r, Phase::Notified, 1);
         wrong_kind.kind = Kind::new("os").unwrap();
-        assert_eq!(apply(&store, &wrong_kind, 1000), ["ack", "warn"]);
+        assert_eq!(apply(&store, &wrong_kind, 1000), ["warn"]);
         assert_eq!(store.events().unwrap(), []);
         assert_eq!(store.target(&r.id, &m("vm-2")).unwrap(), None);
         assert_eq!(
@@ -1337,11 +1413,11 @@ mod tests {
     fn events_beyond_the_cap_move_the_record_but_are_not_kept() {
         let (store, r) = assigned();
         let after = apply(&store, &status("vm-1", &r, Phase::Notified, 1), 1);
-        assert_eq!(after, ["ack", "progress", "event"]);
+        assert_eq!(after, ["progress", "event"]);
         let after = apply(&store, &status("vm-1", &r, Phase::Downloading, 2), 1);
-        assert_eq!(after, ["ack", "warn", "progress"], "the cap is logged once");
+        assert_eq!(after, ["warn", "progress"], "the cap is logged once");
         let after = apply(&store, &status("vm-1", &r, Phase::Downloaded, 3), 1);
-        assert_eq!(after, ["ack", "progress"]);
+        assert_eq!(after, ["progress"]);
         assert_eq!(store.events().unwrap().len(), 1);
         assert_eq!(
             store.target(&r.id, &m("vm-1")).unwrap().unwrap().phase,
@@ -1656,5 +1732,109 @@ mod tests {
                 "listening: {listening}"
             );
         }
+    }
+
+    /// An ingest over `ctx`, for calling its message handlers directly.
+    fn ingest_over(ctx: Arc<Ctx>) -> Ingest {
+        let (signed, _) = mpsc::channel(1);
+        let (acks, _) = mpsc::channel(1);
+        Ingest {
+            ctx,
+            signed,
+            acks,
+            progress_sent: HashMap::new(),
+            progress_dirty: HashSet::new(),
+            republished: HashMap::new(),
+            chain_sent: None,
+            rollouts_dirty: HashSet::new(),
+            rollouts_checked: HashMap::new(),
+            rollouts_swept: Instant::now(),
+        }
+    }
+
+    /// Status messages are opened ahead of the loop, with the secret their machine had then.
+    /// The loop takes what was opened only while that is still the machine's secret: a message
+    /// a stolen config sealed and got opened just before the machine was given a new secret is
+    /// opened again with the new one, and refused; one opened before its machine had a secret
+    /// is opened again once it has one. A message gets one ack, for its highest counter.
+    #[test]
+    fn a_status_opened_ahead_counts_only_while_its_secret_is_still_the_machines() {
+        let (_dir, _eventloop, ctx) = Ctx::for_tests_in_temp_dir();
+        let release = crate::fixtures::release("r-000001", "1.0");
+        ctx.store
+            .transaction(|tx| {
+                tx.put_release(&release)?;
+                for vm in ["vm-1", "vm-2"] {
+                    tx.put_machine(&MachineInfo::new(m(vm), 0))?;
+                    publish::assign_target(tx, &release, &m(vm), None, 0)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        let (old, new) = (Secret::from_bytes([1; 32]), Secret::from_bytes([2; 32]));
+        let put_secret = |vm: &str, secret: &Secret| {
+            ctx.store
+                .transaction(|tx| tx.put_secret(&m(vm), secret))
+                .unwrap()
+        };
+        put_secret("vm-1", &old);
+        let mut ingest = ingest_over(ctx.clone());
+        let sealed = |vm: &str, secret: &Secret, ctrs: &[u64]| {
+            let envelopes: Vec<String> = ctrs
+                .iter()
+                .map(|&ctr| {
+                    let ev = status(vm, &release, Phase::Notified, ctr);
+                    String::from_utf8(secret.seal(Purpose::Status, &ev)).unwrap()
+                })
+                .collect();
+            let payload = match envelopes.as_slice() {
+                [one] => one.clone(),
+                many => format!("[{}]", many.join(",")),
+            };
+            Publish::new(ctx.topics.status(&m(vm)), QoS::AtLeastOnce, payload)
+        };
+        let acks = |after: &[After]| -> Vec<u64> {
+            after
+                .iter()
+                .filter_map(|a| match a {
+                    After::StatusAck { ctr, .. } => Some(*ctr),
+                    _ => None,
+                })
+                .collect()
+        };
+        let counter = |vm: &str| ctx.store.counter(&m(vm), "status").unwrap();
+
+        let p = sealed("vm-1", &old, &[1]);
+        let ahead = OpenedStatus::ahead(&ctx, &p).expect("a status message");
+        assert!(matches!(&ahead.events, Ok((1, opened)) if opened[0].is_ok()));
+        put_secret("vm-1", &new);
+        assert!(
+            matches!(ingest.status(&m("vm-1"), &p, Some(ahead)), Err(Ok(_))),
+            "taken with a secret the machine no longer has"
+        );
+        assert_eq!(counter("vm-1"), 0);
+
+        // Two fresh events and one replayed: one ack, for the highest counter.
+        let p = sealed("vm-1", &new, &[1, 2]);
+        let after = ingest
+            .status(&m("vm-1"), &p, OpenedStatus::ahead(&ctx, &p))
+            .unwrap_or_else(|_| panic!("refused"));
+        assert_eq!(acks(&after), [2]);
+        let p = sealed("vm-1", &new, &[2, 3, 4]);
+        let after = ingest
+            .status(&m("vm-1"), &p, OpenedStatus::ahead(&ctx, &p))
+            .unwrap_or_else(|_| panic!("refused"));
+        assert_eq!(acks(&after), [4]);
+        assert_eq!(counter("vm-1"), 4);
+
+        let s2 = Secret::from_bytes([3; 32]);
+        let p = sealed("vm-2", &s2, &[1]);
+        let ahead = OpenedStatus::ahead(&ctx, &p).expect("a status message");
+        assert!(ahead.secret.is_none());
+        put_secret("vm-2", &s2);
+        let after = ingest
+            .status(&m("vm-2"), &p, Some(ahead))
+            .unwrap_or_else(|_| panic!("refused once provisioned"));
+        assert_eq!(acks(&after), [1]);
     }
 }
