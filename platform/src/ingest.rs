@@ -285,18 +285,7 @@ pub async fn run(
     // a third at most.
     let (opened, batches) = mpsc::channel(1);
     let gatherer = tokio::spawn(gather(ctx.clone(), client, events, opened));
-    let mut ingest = Ingest {
-        ctx,
-        signed,
-        acks,
-        progress_sent: HashMap::new(),
-        progress_dirty: HashSet::new(),
-        republished: HashMap::new(),
-        chain_sent: None,
-        rollouts_dirty: HashSet::new(),
-        rollouts_checked: HashMap::new(),
-        rollouts_swept: Instant::now(),
-    };
+    let mut ingest = Ingest::new(ctx, signed, acks);
     let result = ingest.run(batches, shutdown).await;
     // What was flushed is still acknowledged; the sender ends once the loop's handle is gone.
     drop(ingest);
@@ -442,6 +431,25 @@ fn take(ctx: &Ctx, client: &AsyncClient, event: MqttEvent, batch: &mut Vec<Publi
 }
 
 impl Ingest {
+    fn new(
+        ctx: Arc<Ctx>,
+        signed: mpsc::Sender<ToSign>,
+        acks: mpsc::Sender<Vec<(String, Vec<u8>)>>,
+    ) -> Self {
+        Ingest {
+            ctx,
+            signed,
+            acks,
+            progress_sent: HashMap::new(),
+            progress_dirty: HashSet::new(),
+            republished: HashMap::new(),
+            chain_sent: None,
+            rollouts_dirty: HashSet::new(),
+            rollouts_checked: HashMap::new(),
+            rollouts_swept: Instant::now(),
+        }
+    }
+
     async fn run(
         &mut self,
         mut batches: mpsc::Receiver<Vec<Incoming>>,
@@ -1738,18 +1746,7 @@ mod tests {
     fn ingest_over(ctx: Arc<Ctx>) -> Ingest {
         let (signed, _) = mpsc::channel(1);
         let (acks, _) = mpsc::channel(1);
-        Ingest {
-            ctx,
-            signed,
-            acks,
-            progress_sent: HashMap::new(),
-            progress_dirty: HashSet::new(),
-            republished: HashMap::new(),
-            chain_sent: None,
-            rollouts_dirty: HashSet::new(),
-            rollouts_checked: HashMap::new(),
-            rollouts_swept: Instant::now(),
-        }
+        Ingest::new(ctx, signed, acks)
     }
 
     /// Status messages are opened ahead of the loop, with the secret their machine had then.
