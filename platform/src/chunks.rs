@@ -54,6 +54,14 @@ pub const RESEND_AFTER: Duration = Duration::from_millis(500);
 /// needed. And one machine's credentials, asking for every chunk, could send the whole
 /// file to every machine fetching it no more than once in this time.
 pub const BROADCAST_MEMORY: Duration = Duration::from_secs(3600);
+/// Where the broker cannot address the machines that asked (any but the embedded one), every
+/// re-send of a frame goes to every machine fetching its artifact; so each one doubles how long
+/// the frame is held before the next (0.5, 1, 2, 4, then 8 s), for [`BROADCAST_MEMORY`]. What
+/// is asked for meanwhile is owed and goes out once when the hold is up. Why: 10,000 machines
+/// on Mosquitto re-broadcast each frame about every 1.6 s through a 122 s rollout (platform
+/// egress 76x the artifact, and the broker copied each to all 10,000), because machines the
+/// busy broker had not reached yet asked again. A machine asks again after 2-16 s itself.
+pub const MAX_RESEND_HOLD: Duration = Duration::from_secs(8);
 /// How long a machine's "may fetch this artifact" yes is reused before the store is asked again
 /// (a withdrawn assignment stops serving within this; a new one serves at once).
 const ALLOWED_TTL: Duration = Duration::from_secs(1);
@@ -114,8 +122,9 @@ struct ChunkServer {
     layouts: HashMap<ArtifactId, Layout>,
     /// When each frame was last sent (to all or to some).
     sent_at: HashMap<FrameKey, Instant>,
-    /// When each frame was last sent to every machine fetching its artifact.
-    broadcast_at: HashMap<FrameKey, Instant>,
+    /// When each frame was last sent to every machine fetching its artifact, and how many
+    /// times it was since the first within [`BROADCAST_MEMORY`].
+    broadcast_at: HashMap<FrameKey, (Instant, u32)>,
     /// Frames asked for while they were fresh: sent when their [`RESEND_AFTER`] is up, to the
     /// machines that asked.
     owed: HashMap<FrameKey, (Instant, HashSet<MachineId>)>,
@@ -266,9 +275,10 @@ impl ChunkServer {
                 owed.1.insert(m.clone());
                 continue;
             }
+            let hold = self.hold(&key, now);
             match self.sent_at.get(&key) {
-                Some(t) if now.duration_since(*t) < RESEND_AFTER => {
-                    let due = *t + RESEND_AFTER;
+                Some(t) if now.duration_since(*t) < hold => {
+                    let due = *t + hold;
                     self.owed
                         .entry(key)
                         .or_insert_with(|| (due, HashSet::new()))
@@ -281,7 +291,7 @@ impl ChunkServer {
                     let alone = self
                         .broadcast_at
                         .get(&key)
-                        .is_some_and(|t| now.duration_since(*t) < BROADCAST_MEMORY);
+                        .is_some_and(|(t, _)| now.duration_since(*t) < BROADCAST_MEMORY);
                     send_now.push((key, alone.then(|| HashSet::from([m.clone()]))));
                 }
             }
@@ -347,9 +357,9 @@ impl ChunkServer {
             self.allowed
                 .retain(|_, (at, _)| now.duration_since(*at) < ALLOWED_TTL);
             self.sent_at
-                .retain(|_, t| now.duration_since(*t) < RESEND_AFTER);
+                .retain(|_, t| now.duration_since(*t) < MAX_RESEND_HOLD);
             self.broadcast_at
-                .retain(|_, t| now.duration_since(*t) < BROADCAST_MEMORY);
+                .retain(|_, (t, _)| now.duration_since(*t) < BROADCAST_MEMORY);
             let layouts = &mut self.layouts;
             let owed = &self.owed;
             layouts.retain(|a, _| owed.keys().any(|k| &k.artifact == a));
@@ -587,11 +597,34 @@ impl ChunkServer {
                 self.recycle(frame);
                 return Ok(());
             }
-            self.broadcast_at.insert(key, now);
+            self.note_broadcast(key, now);
             return self.publish(&topic, frame).await;
         }
-        self.broadcast_at.insert(key, now);
+        self.note_broadcast(key, now);
         self.send(&topic, frame, Some(key)).await
+    }
+
+    /// Notes that `key` went to every machine fetching its artifact at `now`.
+    fn note_broadcast(&mut self, key: FrameKey, now: Instant) {
+        let times = self
+            .broadcast_at
+            .get(&key)
+            .filter(|(t, _)| now.duration_since(*t) < BROADCAST_MEMORY)
+            .map_or(0, |(_, n)| *n);
+        self.broadcast_at.insert(key, (now, times + 1));
+    }
+
+    /// How long after it was last sent `key` is held (what is asked meanwhile is owed):
+    /// [`RESEND_AFTER`], doubled for each time it went to everyone but the first within
+    /// [`BROADCAST_MEMORY`], at most [`MAX_RESEND_HOLD`]. On the embedded broker a frame goes
+    /// to everyone once and then to those who ask, so its hold stays [`RESEND_AFTER`].
+    fn hold(&self, key: &FrameKey, now: Instant) -> Duration {
+        let times = self
+            .broadcast_at
+            .get(key)
+            .filter(|(t, _)| now.duration_since(*t) < BROADCAST_MEMORY)
+            .map_or(1, |(_, n)| *n);
+        (RESEND_AFTER * 2u32.pow(times.saturating_sub(1).min(8))).min(MAX_RESEND_HOLD)
     }
 
     /// Sends every owed frame whose time has come.
@@ -869,6 +902,48 @@ mod tests {
         // which cannot address them, so to the topic).
         let stats = server.ctx.stats.snapshot();
         assert_eq!(stats.chunk_bytes_broadcast * 2, stats.chunk_bytes_sent);
+    }
+
+    /// Where the broker cannot address the machines that asked (here MQTT), every re-send goes
+    /// to everyone fetching the artifact, so each holds the frame twice as long as the last
+    /// before the next (0.5, 1, 2, 4, then 8 s): what is asked meanwhile goes at the end of
+    /// the hold, once.
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_re_sent_to_everyone_is_held_twice_as_long_each_time() {
+        let f = fixture();
+        let a = add_artifact(&f.ctx, 1);
+        let mut server = server(&f.ctx);
+        let vm1 = MachineId::new("vm-1").unwrap();
+        let vm2 = MachineId::new("vm-2").unwrap();
+        let sent = |s: &ChunkServer| s.ctx.stats.snapshot().chunk_frames_sent;
+        server
+            .handle(&vm1, &request(&f, "vm-1", 1, a))
+            .await
+            .unwrap();
+        assert_eq!(sent(&server), 3);
+        for (round, hold_ms) in [500, 1000, 2000, 4000, 8000, 8000].into_iter().enumerate() {
+            let sent_at = Instant::now();
+            // Both machines ask again right after a send, and again half way through the hold.
+            let ctr = 2 * round as u64 + 2;
+            for (m, vm) in [("vm-1", &vm1), ("vm-2", &vm2)] {
+                server.handle(vm, &request(&f, m, ctr, a)).await.unwrap();
+            }
+            let due = sent_at + Duration::from_millis(hold_ms);
+            assert_eq!(server.next_due(), Some(due), "round {round}");
+            tokio::time::sleep_until(sent_at + Duration::from_millis(hold_ms / 2)).await;
+            server
+                .handle(&vm1, &request(&f, "vm-1", ctr + 1, a))
+                .await
+                .unwrap();
+            assert_eq!(sent(&server), 3 * (round as u64 + 1), "held, round {round}");
+            tokio::time::sleep_until(due).await;
+            server.send_owed().await;
+            assert_eq!(
+                sent(&server),
+                3 * (round as u64 + 2),
+                "sent once, round {round}"
+            );
+        }
     }
 
     #[tokio::test(start_paused = true)]
