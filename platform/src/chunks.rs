@@ -801,14 +801,36 @@ mod tests {
         ChunkServer::new(ctx.clone())
     }
 
+    /// A chunk server over `f`, one artifact released to vm-1 and vm-2, and vm-1.
+    fn serving(f: &Fixture) -> (ChunkServer, ArtifactId, MachineId) {
+        let a = add_artifact(&f.ctx, 1);
+        (server(&f.ctx), a, MachineId::new("vm-1").unwrap())
+    }
+
+    /// The chunk frames `server` has sent so far.
+    fn frames_sent(server: &ChunkServer) -> u64 {
+        server.ctx.stats.snapshot().chunk_frames_sent
+    }
+
     fn request(f: &Fixture, m: &str, ctr: u64, artifact: ArtifactId) -> Vec<u8> {
+        request_chunks(f, m, ctr, artifact, vec![(0, 3)])
+    }
+
+    /// `m`'s request for the chunk ranges `chunks` of `artifact`, sealed.
+    fn request_chunks(
+        f: &Fixture,
+        m: &str,
+        ctr: u64,
+        artifact: ArtifactId,
+        chunks: Vec<(u32, u32)>,
+    ) -> Vec<u8> {
         let req = ChunkRequest {
             machine: MachineId::new(m).unwrap(),
             ctr,
             artifact,
             // Chunks only: the chunk read is the first thing that touches the disk.
             manifest: false,
-            chunks: vec![(0, 3)],
+            chunks,
         };
         f.secret.seal(Purpose::ChunkRequest, &req)
     }
@@ -867,19 +889,18 @@ mod tests {
             MachineId::new("vm-1").unwrap(),
             MachineId::new("vm-2").unwrap(),
         );
-        let sent = |s: &ChunkServer| s.ctx.stats.snapshot().chunk_frames_sent;
         server
             .handle(&vm1, &request(&f, "vm-1", 1, a))
             .await
             .unwrap();
-        assert_eq!(sent(&server), 3, "three chunks, broadcast");
+        assert_eq!(frames_sent(&server), 3, "three chunks, broadcast");
         // vm-2 asks for the same chunks right after: it may have subscribed too late to see
         // them, so they are owed, not dropped, and not sent twice at once.
         server
             .handle(&vm2, &request(&f, "vm-2", 1, a))
             .await
             .unwrap();
-        assert_eq!(sent(&server), 3);
+        assert_eq!(frames_sent(&server), 3);
         assert_eq!(server.owed.len(), 3);
         let due = server.next_due().unwrap();
         assert!(due > Instant::now());
@@ -892,7 +913,7 @@ mod tests {
         tokio::time::sleep_until(due).await;
         server.send_owed().await;
         assert_eq!(
-            sent(&server),
+            frames_sent(&server),
             6,
             "each owed chunk once more, for both machines"
         );
@@ -911,16 +932,13 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_frame_re_sent_to_everyone_is_held_twice_as_long_each_time() {
         let f = fixture();
-        let a = add_artifact(&f.ctx, 1);
-        let mut server = server(&f.ctx);
-        let vm1 = MachineId::new("vm-1").unwrap();
+        let (mut server, a, vm1) = serving(&f);
         let vm2 = MachineId::new("vm-2").unwrap();
-        let sent = |s: &ChunkServer| s.ctx.stats.snapshot().chunk_frames_sent;
         server
             .handle(&vm1, &request(&f, "vm-1", 1, a))
             .await
             .unwrap();
-        assert_eq!(sent(&server), 3);
+        assert_eq!(frames_sent(&server), 3);
         for (round, hold_ms) in [500, 1000, 2000, 4000, 8000, 8000].into_iter().enumerate() {
             let sent_at = Instant::now();
             // Both machines ask again right after a send, and again half way through the hold.
@@ -935,11 +953,15 @@ mod tests {
                 .handle(&vm1, &request(&f, "vm-1", ctr + 1, a))
                 .await
                 .unwrap();
-            assert_eq!(sent(&server), 3 * (round as u64 + 1), "held, round {round}");
+            assert_eq!(
+                frames_sent(&server),
+                3 * (round as u64 + 1),
+                "held, round {round}"
+            );
             tokio::time::sleep_until(due).await;
             server.send_owed().await;
             assert_eq!(
-                sent(&server),
+                frames_sent(&server),
                 3 * (round as u64 + 2),
                 "sent once, round {round}"
             );
@@ -953,17 +975,14 @@ mod tests {
             byte_burst: 1024.0,
             ..MachineLimits::default()
         });
-        let a = add_artifact(&f.ctx, 1);
-        let mut server = server(&f.ctx);
-        let vm1 = MachineId::new("vm-1").unwrap();
-        let sent = |s: &ChunkServer| s.ctx.stats.snapshot().chunk_frames_sent;
+        let (mut server, a, vm1) = serving(&f);
         // The machine's first copy of each chunk: all three at once, though they are three
         // times its burst.
         server
             .handle(&vm1, &request(&f, "vm-1", 1, a))
             .await
             .unwrap();
-        assert_eq!(sent(&server), 3);
+        assert_eq!(frames_sent(&server), 3);
         assert!(server.owed.is_empty());
         // The same three again (once the resend pause is over): three 1 KiB chunks against a 1
         // KiB burst at 2 KiB/s, so one now and one each 0.5 s.
@@ -973,14 +992,14 @@ mod tests {
             .handle(&vm1, &request(&f, "vm-1", 2, a))
             .await
             .unwrap();
-        assert_eq!(sent(&server), 4);
+        assert_eq!(frames_sent(&server), 4);
         assert_eq!(server.owed.len(), 2);
         for (i, after) in [(5, 500), (6, 1000)] {
             let due = server.next_due().expect("a paced chunk is owed");
             assert_eq!(due, t0 + Duration::from_millis(after));
             tokio::time::sleep_until(due).await;
             server.send_owed().await;
-            assert_eq!(sent(&server), i);
+            assert_eq!(frames_sent(&server), i);
         }
         assert!(server.owed.is_empty());
         // Asking faster than the budget earns: paced up to a second ahead, the rest refused
@@ -990,7 +1009,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(server.owed.len(), 2, "two paced, one refused");
-        assert_eq!(sent(&server), 6);
+        assert_eq!(frames_sent(&server), 6);
     }
 
     /// With first copies paced (`serve --pace-first-copies`), the first request is held to the
@@ -1003,14 +1022,12 @@ mod tests {
             first_copies_free: false,
             ..MachineLimits::default()
         });
-        let a = add_artifact(&f.ctx, 1);
-        let mut server = server(&f.ctx);
-        let vm1 = MachineId::new("vm-1").unwrap();
+        let (mut server, a, vm1) = serving(&f);
         server
             .handle(&vm1, &request(&f, "vm-1", 1, a))
             .await
             .unwrap();
-        assert_eq!(server.ctx.stats.snapshot().chunk_frames_sent, 1);
+        assert_eq!(frames_sent(&server), 1);
         assert_eq!(server.owed.len(), 2);
     }
 
@@ -1023,25 +1040,13 @@ mod tests {
             request_burst: 1.0,
             ..MachineLimits::default()
         });
-        let a = add_artifact(&f.ctx, 1);
-        let mut server = server(&f.ctx);
-        let vm1 = MachineId::new("vm-1").unwrap();
-        let sent = |s: &ChunkServer| s.ctx.stats.snapshot().chunk_frames_sent;
-        let ask = |ctr, chunks| {
-            let req = ChunkRequest {
-                machine: vm1.clone(),
-                ctr,
-                artifact: a,
-                manifest: false,
-                chunks,
-            };
-            f.secret.seal(Purpose::ChunkRequest, &req)
-        };
+        let (mut server, a, vm1) = serving(&f);
+        let ask = |ctr, chunks| request_chunks(&f, "vm-1", ctr, a, chunks);
         server.handle(&vm1, &ask(1, vec![(0, 1)])).await.unwrap();
         server.handle(&vm1, &ask(2, vec![(1, 2)])).await.unwrap();
         server.handle(&vm1, &ask(3, vec![(2, 3)])).await.unwrap();
         assert_eq!(
-            sent(&server),
+            frames_sent(&server),
             3,
             "one chunk per request, past a rate of 1 a second"
         );
@@ -1051,7 +1056,7 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.contains("request rate"), "{err}");
-        assert_eq!(sent(&server), 3);
+        assert_eq!(frames_sent(&server), 3);
     }
 
     /// An artifact no longer released to the machine is forgotten at its next request: asking
@@ -1067,16 +1072,7 @@ mod tests {
         let b = add_artifact(&f.ctx, 2);
         let mut server = server(&f.ctx);
         let vm1 = MachineId::new("vm-1").unwrap();
-        let ask = |ctr, chunks| {
-            let req = ChunkRequest {
-                machine: vm1.clone(),
-                ctr,
-                artifact: a,
-                manifest: false,
-                chunks,
-            };
-            f.secret.seal(Purpose::ChunkRequest, &req)
-        };
+        let ask = |ctr, chunks| request_chunks(&f, "vm-1", ctr, a, chunks);
         server.handle(&vm1, &ask(1, vec![(0, 1)])).await.unwrap();
         // The kind that shipped `a` now ships `b` to vm-1.
         let mut release = crate::fixtures::release("r-9", "1.9");
@@ -1116,29 +1112,26 @@ mod tests {
             byte_burst: 1024.0,
             ..MachineLimits::default()
         });
-        let a = add_artifact(&f.ctx, 1);
-        let mut server = server(&f.ctx);
-        let vm1 = MachineId::new("vm-1").unwrap();
+        let (mut server, a, vm1) = serving(&f);
         let stored = |s: &ChunkServer| s.ctx.store.counter(&vm1, "chunks").unwrap();
-        let sent = |s: &ChunkServer| s.ctx.stats.snapshot().chunk_frames_sent;
         // The first copies of three 1 KiB chunks: all at once.
         server
             .handle(&vm1, &request(&f, "vm-1", 1, a))
             .await
             .unwrap();
-        assert_eq!((stored(&server), sent(&server)), (1, 3));
+        assert_eq!((stored(&server), frames_sent(&server)), (1, 3));
         // The same three again: one now, one paced a second ahead, one refused.
         tokio::time::advance(RESEND_AFTER).await;
         server
             .handle(&vm1, &request(&f, "vm-1", 2, a))
             .await
             .unwrap();
-        assert_eq!((stored(&server), sent(&server)), (2, 4));
+        assert_eq!((stored(&server), frames_sent(&server)), (2, 4));
         // Eight more over the byte budget, then ninety over the request rate.
         for ctr in 3..=100 {
             let _ = server.handle(&vm1, &request(&f, "vm-1", ctr, a)).await;
         }
-        assert_eq!(sent(&server), 4, "nothing more served");
+        assert_eq!(frames_sent(&server), 4, "nothing more served");
         assert_eq!(
             stored(&server),
             2,
@@ -1156,15 +1149,13 @@ mod tests {
             .handle(&vm1, &request(&f, "vm-1", 101, a))
             .await
             .unwrap();
-        assert_eq!((stored(&server), sent(&server)), (101, 5));
+        assert_eq!((stored(&server), frames_sent(&server)), (101, 5));
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_frame_goes_to_all_once_and_then_only_to_those_who_ask() {
         let f = fixture();
-        let a = add_artifact(&f.ctx, 1);
-        let mut server = server(&f.ctx);
-        let vm1 = MachineId::new("vm-1").unwrap();
+        let (mut server, a, vm1) = serving(&f);
         let vm2 = MachineId::new("vm-2").unwrap();
         let counts = |s: &ChunkServer| {
             let st = s.ctx.stats.snapshot();
@@ -1212,9 +1203,7 @@ mod tests {
     #[tokio::test]
     async fn unknown_artifacts_bad_ranges_and_replays_are_refused() {
         let f = fixture();
-        let a = add_artifact(&f.ctx, 1);
-        let mut server = server(&f.ctx);
-        let vm1 = MachineId::new("vm-1").unwrap();
+        let (mut server, a, vm1) = serving(&f);
         let err = server
             .handle(&vm1, &request(&f, "vm-1", 1, ArtifactId::of(b"nope")))
             .await
