@@ -490,6 +490,11 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
             late_summary(&mut late)
         );
         eprintln!("N={n}: rollout {} timeline: {}", i + 1, timeline.summary());
+        eprintln!(
+            "N={n}: rollout {} counters: {}",
+            i + 1,
+            counter_deltas(stats_before.as_ref(), stats_after.as_ref())
+        );
         r.rollouts.push(rollout);
         if !all {
             break; // a stuck fleet: the next rollout would measure the backlog
@@ -504,6 +509,39 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
     drop(p.proc);
     drop(mosquitto);
     Ok(())
+}
+
+/// What the platform counted during a rollout (`fleetcast stats`, after minus before): where
+/// its chunk requests and frames went, and what the embedded broker's gateway dropped.
+fn counter_deltas(before: Option<&serde_json::Value>, after: Option<&serde_json::Value>) -> String {
+    const COUNTERS: [&str; 10] = [
+        "chunk_requests",
+        "chunk_requests_refused",
+        "chunk_frames_sent",
+        "chunk_bytes_broadcast",
+        "status_events_stored",
+        "status_events_resent",
+        "gateway.frames_delivered",
+        "gateway.frames_dropped",
+        "gateway.frames_already_queued",
+        "gateway.closed_unread",
+    ];
+    let (Some(before), Some(after)) = (before, after) else {
+        return "`fleetcast stats` did not answer".into();
+    };
+    let get = |v: &serde_json::Value, name: &str| {
+        name.split('.')
+            .try_fold(v, |v, part| v.get(part))
+            .and_then(serde_json::Value::as_u64)
+    };
+    COUNTERS
+        .iter()
+        .filter_map(|name| {
+            let (a, b) = (get(after, name)?, get(before, name)?);
+            Some(format!("{name} {}", a.saturating_sub(b)))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Fleet sizes from which the raw baseline runs after the rollouts (see `fleet`).
