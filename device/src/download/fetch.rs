@@ -110,6 +110,8 @@ pub struct Fetch {
 #[derive(Debug)]
 struct Attempt {
     started: Instant,
+    /// Frames of this artifact received in the attempt (said when it stalls).
+    frames: u64,
     wait: Wait,
     reports: ProgressReports,
     phase: Phase,
@@ -313,6 +315,7 @@ impl Fetch {
         };
         let mut attempt = Attempt {
             started: now,
+            frames: 0,
             wait: Wait::new(now),
             // The report above counts as made.
             reports: ProgressReports::new(
@@ -413,12 +416,14 @@ impl Fetch {
         }
     }
 
-    fn stalled(&self) -> DownloadError {
+    fn stalled(&self, attempt: &Attempt) -> DownloadError {
         DownloadError::Stalled {
             artifact: self.artifact,
             secs: self.tuning.attempt_timeout.as_secs(),
             have: self.have.count,
             chunks: self.layout.chunks,
+            frames: attempt.frames,
+            manifest: self.verifier.is_some(),
         }
     }
 
@@ -433,6 +438,7 @@ impl Fetch {
         if header.artifact != self.artifact {
             return Continue(());
         }
+        attempt.frames += 1;
         let in_manifest = matches!(attempt.phase, Phase::Manifest { .. });
         match header.frame_type {
             FrameType::Error => {
@@ -649,7 +655,7 @@ impl Fetch {
     ) -> ControlFlow<()> {
         let quiet = now.saturating_duration_since(attempt.wait.last_progress);
         if quiet > self.tuning.attempt_timeout {
-            out.push(Effect::Fail(self.stalled()));
+            out.push(Effect::Fail(self.stalled(attempt)));
             return Break(());
         }
         // Asking a platform too busy to answer again and again only makes it busier: each

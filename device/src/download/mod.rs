@@ -99,12 +99,17 @@ pub enum DownloadError {
         artifact: ArtifactId,
         reason: String,
     },
-    #[error("artifact {artifact}: no progress for {secs} s ({have}/{chunks} chunks)")]
+    /// `frames`: frames of the artifact that reached the download in the attempt (none: the
+    /// broker or the platform sent nothing, or the agent shed it; some: none of them was
+    /// usable), `manifest`: whether the manifest had verified.
+    #[error("artifact {artifact}: no progress for {secs} s ({have}/{chunks} chunks; {frames} frames received in the attempt, manifest {})", if *manifest { "verified" } else { "not received" })]
     Stalled {
         artifact: ArtifactId,
         secs: u64,
         have: u32,
         chunks: u32,
+        frames: u64,
+        manifest: bool,
     },
     #[error("artifact {artifact}: the assembled file hashes to {got}")]
     WholeFileMismatch {
@@ -745,7 +750,7 @@ pub async fn download(
                     }
                     _ => Duration::ZERO,
                 };
-                tracing::warn!(artifact = %artifact.id.short(), attempt, next_in_s = pause.as_secs(), "download attempt failed: {e}");
+                tracing::warn!(machine = %ctx.machine, artifact = %artifact.id.short(), attempt, next_in_s = pause.as_secs(), "download attempt failed: {e}");
                 last = Some(e);
                 if !pause.is_zero() {
                     tokio::select! {
