@@ -44,6 +44,25 @@ const MQTT_EVENTS_QUEUED: usize = 32;
 /// frames are other machines' (a chunk this one has, or is about to get); one dropped when the
 /// queue is full is asked for again.
 const FRAMES_QUEUED: usize = 32;
+/// Places in a download's frame queue that chunk frames leave free for its manifest parts:
+/// no chunk is of use before the manifest, and at 10,000 machines on one host a manifest
+/// dropped on a queue full of chunks was what ended a machine's first attempt (30 s without
+/// progress, every chunk it had kept unusable).
+const MANIFEST_HEADROOM: usize = 4;
+
+/// Queues `frame` for a download unless its queue is full, or, for a chunk frame, has no more
+/// than [`MANIFEST_HEADROOM`] places free; whether it was queued.
+fn offer_frame(queue: &mpsc::Sender<Bytes>, frame: &Bytes, manifest: bool) -> bool {
+    if !manifest && queue.capacity() <= MANIFEST_HEADROOM {
+        return false;
+    }
+    queue.try_send(frame.clone()).is_ok()
+}
+
+/// Whether `payload` is a chunk server frame carrying a manifest part.
+fn is_manifest(payload: &[u8]) -> bool {
+    decode_frame(payload).is_ok_and(|(h, _)| h.frame_type == FrameType::Manifest)
+}
 
 /// A batch of status events is at most this large (the platform takes up to 256 KiB).
 const STATUS_BATCH_BYTES: usize = 64 * 1024;
@@ -218,11 +237,13 @@ pub async fn run_with(
     // Chunk frames beyond what the agent keeps up with are dropped by the driver and asked for
     // again, rather than stopping it from reading the socket; acks and notices always find room.
     let frames = topics.clone();
+    // Manifest parts are never shed (see `MANIFEST_HEADROOM`): when the agent is that far
+    // behind, the driver waits for room for one.
     let sheddable = move |p: &rumqttc::Publish| {
         matches!(
             frames.parse(&p.topic),
             Some(fleetcast_proto::Route::ArtifactChunks(_))
-        )
+        ) && !is_manifest(&p.payload)
     };
     let driver = tokio::spawn(client::drive_with(
         eventloop,
@@ -615,10 +636,11 @@ impl Agent {
             tracing::debug!(machine = %self.me(), "error frame on the broadcast topic dropped");
             return;
         }
+        let manifest = header.frame_type == FrameType::Manifest;
         for job in self.downloads.values() {
             if job.artifact == header.artifact {
-                // A full queue drops the frame: the download re-requests what it misses.
-                let _ = job.frames.try_send(frame.clone());
+                // A frame not queued is asked for again by the download.
+                let _ = offer_frame(&job.frames, &frame, manifest);
             }
         }
     }
@@ -1003,4 +1025,36 @@ fn claimed_release(payload: &[u8]) -> Option<ReleaseId> {
     let env: SignedEnvelope = serde_json::from_slice(payload).ok()?;
     let body: serde_json::Value = serde_json::from_str(&env.body).ok()?;
     ReleaseId::new(body.get("release")?.as_str()?).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcast_proto::chunk::{encode_frame, FrameHeader};
+    use fleetcast_proto::ArtifactId;
+
+    fn frame(frame_type: FrameType) -> Bytes {
+        let header = FrameHeader {
+            frame_type,
+            artifact: ArtifactId::of(b"artifact"),
+            index: 0,
+            total: 1,
+        };
+        Bytes::from(encode_frame(&header, b"payload"))
+    }
+
+    #[test]
+    fn chunk_frames_leave_room_in_a_download_queue_for_its_manifest() {
+        let (queue, _rx) = mpsc::channel(FRAMES_QUEUED);
+        let (chunk, manifest) = (frame(FrameType::Chunk), frame(FrameType::Manifest));
+        assert!(!is_manifest(&chunk) && is_manifest(&manifest));
+        let taken = (0..FRAMES_QUEUED)
+            .filter(|_| offer_frame(&queue, &chunk, is_manifest(&chunk)))
+            .count();
+        assert_eq!(taken, FRAMES_QUEUED - MANIFEST_HEADROOM);
+        for _ in 0..MANIFEST_HEADROOM {
+            assert!(offer_frame(&queue, &manifest, is_manifest(&manifest)));
+        }
+        assert!(!offer_frame(&queue, &manifest, true), "full: dropped");
+    }
 }
