@@ -1907,9 +1907,10 @@ async fn a_machines_acks_pass_its_full_queue_of_chunk_frames() {
 
 /// A machine that asks again for chunks still queued for it does not get them queued twice
 /// (at 10,000 machines the copies filled the queues: 833,000 frames delivered for 170,000
-/// needed), and once a frame is written, asking again queues it again.
+/// needed), nor again at once once written (`fanout::WRITTEN_MEMORY`: it is on its way; the
+/// unit tests show it queued again after that).
 #[tokio::test]
-async fn a_frame_still_queued_for_a_machine_is_not_queued_again_until_written() {
+async fn a_frame_queued_or_just_written_for_a_machine_is_not_queued_for_it_again() {
     let gw = start_gateway(|_| {}).await;
     let topics = Topics::default();
     let artifact = topics.artifact_chunks(&ArtifactId::of(b"app v2"));
@@ -1957,13 +1958,12 @@ async fn a_frame_still_queued_for_a_machine_is_not_queued_again_until_written() 
         }
     }
     assert_eq!(copies, 1, "one copy written");
-    // Written: asking again queues it again (it may have been lost after the write).
+    // Written a moment ago: asking again counts it as taken and writes nothing.
     assert_eq!(handle.deliver_keyed(&artifact, chunk, only, Some(3)), 1);
-    match tokio::time::timeout(WAIT, raw.next()).await {
-        Ok(Some(Packet::Publish(p))) => assert_eq!(&p.payload[..], chunk),
-        other => panic!("expected the chunk again, got {other:?}"),
+    if let Ok(next) = tokio::time::timeout(Duration::from_millis(500), raw.next()).await {
+        panic!("nothing written again so soon, got {next:?}");
     }
-    assert_eq!(handle.stats().fanout_already_queued, 1);
+    assert_eq!(handle.stats().fanout_already_queued, 2);
 }
 
 /// A PINGRESP and a status ack wait behind at most the frame being written, not behind the
