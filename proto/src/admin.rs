@@ -620,8 +620,7 @@ pub struct GatewayCounters {
     pub frames_delivered: u64,
     pub frames_dropped: u64,
     /// Chunk frames not queued for a session again because the same frame was queued for it
-    /// and not yet written, or written to it less than 4 s ago (its machine asked again before
-    /// reading what it had asked for).
+    /// and not yet written (its machine asked again before reading what it had asked for).
     #[serde(default)]
     pub frames_already_queued: u64,
     /// Notices, commands, key chains and operators' replies served from the gateway, and

@@ -32,7 +32,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use fleetcast_proto::text::{shown, Admit, LogGate};
@@ -50,61 +49,20 @@ pub(crate) struct Queued {
     pub key: Option<u64>,
 }
 
-/// How long after a keyed frame was written to a session the same frame is not queued for it
-/// again. Why: with 10,000 machines on one host, a machine's agent reads its socket late and
-/// its stall timer (2 s without a verified chunk) asks again for frames written to it and not
-/// yet read; queued again, they were written twice (373,740 frames delivered for the 160,000
-/// needed, each 64 KiB written and read on the same two cores), so every machine waited
-/// longer and more asked again. What is written to a live connection arrives; only an agent
-/// too busy to keep a frame (it sheds frames under load) needs it again, and it asks again
-/// later than this (its waits double: 2, 4, 8 s).
-pub const WRITTEN_MEMORY: Duration = Duration::from_secs(4);
-
-/// Written keys kept before the old ones are forgotten.
-const WRITTEN_KEPT: usize = 64;
-
-/// The keys of the frames queued for one session and not yet written, and of those written to
-/// it less than [`WRITTEN_MEMORY`] ago. The session's writer calls [`QueuedKeys::written`]
-/// after writing each frame.
+/// The keys of the frames queued for one session and not yet written. The session's writer
+/// calls [`QueuedKeys::written`] after writing each frame.
 #[derive(Debug, Default)]
-pub(crate) struct QueuedKeys(Mutex<Keys>);
-
-#[derive(Debug, Default)]
-pub(crate) struct Keys {
-    queued: HashSet<u64>,
-    written: HashMap<u64, Instant>,
-}
-
-impl Keys {
-    /// Whether a frame of `key` is queued, or was written less than `memory` ago.
-    fn has(&self, key: u64, now: Instant, memory: Duration) -> bool {
-        self.queued.contains(&key)
-            || self
-                .written
-                .get(&key)
-                .is_some_and(|at| now.saturating_duration_since(*at) < memory)
-    }
-}
+pub(crate) struct QueuedKeys(Mutex<HashSet<u64>>);
 
 impl QueuedKeys {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Keys> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The frame was written: the next one of its key is queued again once [`WRITTEN_MEMORY`]
-    /// has passed.
+    /// The frame was written: the next one of its key is queued again.
     pub(crate) fn written(&self, frame: &Queued) {
-        self.written_at(frame, Instant::now());
-    }
-
-    fn written_at(&self, frame: &Queued, now: Instant) {
-        let Some(key) = frame.key else { return };
-        let mut keys = self.lock();
-        keys.queued.remove(&key);
-        keys.written.insert(key, now);
-        if keys.written.len() > WRITTEN_KEPT {
-            keys.written
-                .retain(|_, at| now.saturating_duration_since(*at) < WRITTEN_MEMORY);
+        if let Some(key) = frame.key {
+            self.lock().remove(&key);
         }
     }
 }
@@ -151,7 +109,7 @@ impl Receiver {
                 // Held while queueing: the writer's `written` for an earlier frame of this key
                 // cannot come between the check and the insert.
                 let mut queued = keys.lock();
-                if queued.has(k, Instant::now(), WRITTEN_MEMORY) {
+                if queued.contains(&k) {
                     return Took::AlreadyQueued;
                 }
                 let sent = tx.try_send(Queued {
@@ -159,7 +117,7 @@ impl Receiver {
                     key,
                 });
                 if sent.is_ok() {
-                    queued.queued.insert(k);
+                    queued.insert(k);
                 }
                 took(sent.is_ok())
             }
@@ -453,7 +411,7 @@ mod tests {
     }
 
     #[test]
-    fn a_frame_queued_or_just_written_for_a_session_is_not_queued_for_it_again() {
+    fn a_frame_still_queued_for_a_session_is_not_queued_again_until_written() {
         let fanout = Fanout::default();
         let a = "fleet/artifacts/a/chunks";
         let (q1, mut rx1, keys1) = bulk(8);
@@ -475,46 +433,14 @@ mod tests {
             "one copy of each"
         );
         assert_eq!(std::iter::from_fn(|| rx2.try_recv().ok()).count(), 2);
-        // Written: asked again at once, it is not queued again (it is on its way, or the
-        // machine has it unread)...
+        // Written: asked again, it is queued again (it may have been lost after the write).
         got.iter().for_each(|q| keys1.written(q));
-        assert_eq!(fanout.deliver(a, &chunk0, Some(&["vm-1"]), Some(10)), 1);
-        assert!(rx1.try_recv().is_err(), "written a moment ago: not again");
-        assert_eq!(fanout.counts().already_queued, 2);
-        // ...but once WRITTEN_MEMORY has passed it is (the agent may have shed it).
-        let long_ago = Instant::now()
-            .checked_sub(WRITTEN_MEMORY + Duration::from_millis(1))
-            .expect("the clock is past WRITTEN_MEMORY");
-        got.iter().for_each(|q| keys1.written_at(q, long_ago));
         assert_eq!(fanout.deliver(a, &chunk0, Some(&["vm-1"]), Some(10)), 1);
         assert_eq!(rx1.try_recv().unwrap().packet, chunk0);
         // A frame without a key is always queued.
         assert_eq!(fanout.deliver(a, &chunk1, Some(&["vm-1"]), None), 1);
         assert_eq!(fanout.deliver(a, &chunk1, Some(&["vm-1"]), None), 1);
         assert_eq!(std::iter::from_fn(|| rx1.try_recv().ok()).count(), 2);
-    }
-
-    #[test]
-    fn a_session_forgets_what_was_written_long_ago() {
-        let keys = QueuedKeys::default();
-        let long_ago = Instant::now()
-            .checked_sub(WRITTEN_MEMORY * 2)
-            .expect("the clock is past WRITTEN_MEMORY");
-        for key in 0..1000 {
-            let frame = Queued {
-                packet: Bytes::new(),
-                key: Some(key),
-            };
-            keys.written_at(&frame, long_ago);
-        }
-        assert!(!keys.lock().has(999, Instant::now(), WRITTEN_MEMORY));
-        // The next write forgets them all (each was written over WRITTEN_MEMORY before it).
-        let now = Queued {
-            packet: Bytes::new(),
-            key: Some(1000),
-        };
-        keys.written(&now);
-        assert_eq!(keys.lock().written.len(), 1);
     }
 
     #[test]
