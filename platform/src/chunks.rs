@@ -263,6 +263,11 @@ impl ChunkServer {
             }
         };
         let mut send_now = Vec::new();
+        // When this machine's manifest waits out its hold (every machine asks for it, so it
+        // was usually sent a moment ago), so do the chunks it asked for with it: of no use
+        // before the manifest, sent at once they went ahead of it on the machine's connection,
+        // and a manifest behind a dozen chunks reached a machine of 10,000 after 30 s.
+        let mut manifest_due: Option<Instant> = None;
         for (key, due) in keys {
             if due > now {
                 // Over the byte budget: paced, owed to this machine when its budget allows.
@@ -279,11 +284,24 @@ impl ChunkServer {
             match self.sent_at.get(&key) {
                 Some(t) if now.duration_since(*t) < hold => {
                     let due = *t + hold;
+                    if key.manifest {
+                        manifest_due = manifest_due.max(Some(due));
+                    }
                     self.owed
                         .entry(key)
                         .or_insert_with(|| (due, HashSet::new()))
                         .1
                         .insert(m.clone());
+                }
+                _ if !key.manifest && manifest_due.is_some() => {
+                    let due = manifest_due.expect("checked");
+                    let owed = self
+                        .owed
+                        .entry(key)
+                        .or_insert_with(|| (due, HashSet::new()));
+                    // Not before the manifest: owed frames due together go manifest first.
+                    owed.0 = owed.0.max(due);
+                    owed.1.insert(m.clone());
                 }
                 _ => {
                     // Sent to all lately: only the asker is missing it (the embedded broker
@@ -954,6 +972,64 @@ mod tests {
             self.0.lock().unwrap().push((h.frame_type, h.index, only));
             Some(1)
         }
+    }
+
+    /// A machine whose manifest waits out its hold gets the chunks it asked for with it after
+    /// it, not before, even where they could go at once.
+    #[tokio::test(start_paused = true)]
+    async fn chunks_asked_with_a_held_manifest_wait_for_it() {
+        let mut f = fixture();
+        let recorder = Arc::new(Recorder::default());
+        Arc::get_mut(&mut f.ctx)
+            .expect("the fixture's only")
+            .sessions = recorder.clone();
+        let (mut server, a, vm1) = serving(&f);
+        let vm2 = MachineId::new("vm-2").unwrap();
+        let ask = |m: &MachineId, ctr, manifest, chunks| {
+            let req = ChunkRequest {
+                machine: m.clone(),
+                ctr,
+                artifact: a,
+                manifest,
+                chunks,
+            };
+            f.secret.seal(Purpose::ChunkRequest, &req)
+        };
+        // The chunks go out, and later the manifest: the chunks' hold is over when vm-2 asks,
+        // the manifest's is not.
+        server
+            .handle(&vm1, &ask(&vm1, 1, false, vec![(0, 3)]))
+            .await
+            .unwrap();
+        tokio::time::advance(RESEND_AFTER + Duration::from_millis(100)).await;
+        server
+            .handle(&vm1, &ask(&vm1, 2, true, vec![]))
+            .await
+            .unwrap();
+        tokio::time::advance(Duration::from_millis(100)).await;
+        recorder.0.lock().unwrap().clear();
+        server
+            .handle(&vm2, &ask(&vm2, 1, true, vec![(0, 3)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            recorder.0.lock().unwrap().len(),
+            0,
+            "nothing ahead of the manifest"
+        );
+        tokio::time::advance(RESEND_AFTER).await;
+        server.send_owed().await;
+        let sent = recorder.0.lock().unwrap().clone();
+        let askers = Some(vec!["vm-2".to_string()]);
+        assert_eq!(
+            sent,
+            [
+                (FrameType::Manifest, 0, askers.clone()),
+                (FrameType::Chunk, 0, askers.clone()),
+                (FrameType::Chunk, 1, askers.clone()),
+                (FrameType::Chunk, 2, askers),
+            ]
+        );
     }
 
     /// Frames owed to machines go out manifest first: a machine can use no chunk before its
