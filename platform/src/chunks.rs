@@ -287,11 +287,15 @@ impl ChunkServer {
                     if key.manifest {
                         manifest_due = manifest_due.max(Some(due));
                     }
-                    self.owed
+                    // A chunk owed to others already goes when this machine's manifest does
+                    // if that is later (by at most a hold).
+                    let due = due.max(manifest_due.unwrap_or(due));
+                    let owed = self
+                        .owed
                         .entry(key)
-                        .or_insert_with(|| (due, HashSet::new()))
-                        .1
-                        .insert(m.clone());
+                        .or_insert_with(|| (due, HashSet::new()));
+                    owed.0 = owed.0.max(due);
+                    owed.1.insert(m.clone());
                 }
                 _ if !key.manifest && manifest_due.is_some() => {
                     let due = manifest_due.expect("checked");
@@ -995,18 +999,25 @@ mod tests {
             };
             f.secret.seal(Purpose::ChunkRequest, &req)
         };
-        // The chunks go out, and later the manifest: the chunks' hold is over when vm-2 asks,
-        // the manifest's is not.
+        // Chunk 0 goes out, 300 ms later chunk 2, 300 ms later the manifest. When vm-2 asks
+        // for all of them 100 ms after that, chunk 0's hold is over (it could go at once),
+        // chunk 2's ends before the manifest's, chunk 1 was never sent.
+        let ms = Duration::from_millis;
         server
-            .handle(&vm1, &ask(&vm1, 1, false, vec![(0, 3)]))
+            .handle(&vm1, &ask(&vm1, 1, false, vec![(0, 1)]))
             .await
             .unwrap();
-        tokio::time::advance(RESEND_AFTER + Duration::from_millis(100)).await;
+        tokio::time::advance(ms(300)).await;
         server
-            .handle(&vm1, &ask(&vm1, 2, true, vec![]))
+            .handle(&vm1, &ask(&vm1, 2, false, vec![(2, 3)]))
             .await
             .unwrap();
-        tokio::time::advance(Duration::from_millis(100)).await;
+        tokio::time::advance(ms(300)).await;
+        server
+            .handle(&vm1, &ask(&vm1, 3, true, vec![]))
+            .await
+            .unwrap();
+        tokio::time::advance(ms(100)).await;
         recorder.0.lock().unwrap().clear();
         server
             .handle(&vm2, &ask(&vm2, 1, true, vec![(0, 3)]))
@@ -1017,7 +1028,15 @@ mod tests {
             0,
             "nothing ahead of the manifest"
         );
-        tokio::time::advance(RESEND_AFTER).await;
+        // Chunk 2's own hold is over, the manifest's is not: chunk 2 waits for it.
+        tokio::time::advance(ms(150)).await;
+        server.send_owed().await;
+        assert_eq!(
+            recorder.0.lock().unwrap().len(),
+            0,
+            "chunk 2 waits for the manifest"
+        );
+        tokio::time::advance(ms(300)).await;
         server.send_owed().await;
         let sent = recorder.0.lock().unwrap().clone();
         let askers = Some(vec!["vm-2".to_string()]);
