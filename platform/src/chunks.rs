@@ -978,27 +978,58 @@ mod tests {
         }
     }
 
+    /// Has `f`'s chunk server hand its frames to a [`Recorder`], as to the embedded broker.
+    fn recording(f: &mut Fixture) -> Arc<Recorder> {
+        let recorder = Arc::new(Recorder::default());
+        Arc::get_mut(&mut f.ctx)
+            .expect("the fixture's only")
+            .sessions = recorder.clone();
+        recorder
+    }
+
+    /// `m`'s request for the manifest (or not) and the chunk ranges `chunks` of `artifact`,
+    /// sealed.
+    fn ask(
+        f: &Fixture,
+        m: &MachineId,
+        ctr: u64,
+        artifact: ArtifactId,
+        manifest: bool,
+        chunks: Vec<(u32, u32)>,
+    ) -> Vec<u8> {
+        let req = ChunkRequest {
+            machine: m.clone(),
+            ctr,
+            artifact,
+            manifest,
+            chunks,
+        };
+        f.secret.seal(Purpose::ChunkRequest, &req)
+    }
+
+    /// The manifest, then chunks 0, 1 and 2, each to vm-2 alone.
+    fn manifest_then_chunks_to_vm2() -> Vec<Handed> {
+        let askers = Some(vec!["vm-2".to_string()]);
+        [
+            (FrameType::Manifest, 0),
+            (FrameType::Chunk, 0),
+            (FrameType::Chunk, 1),
+            (FrameType::Chunk, 2),
+        ]
+        .into_iter()
+        .map(|(t, i)| (t, i, askers.clone()))
+        .collect()
+    }
+
     /// A machine whose manifest waits out its hold gets the chunks it asked for with it after
     /// it, not before, even where they could go at once.
     #[tokio::test(start_paused = true)]
     async fn chunks_asked_with_a_held_manifest_wait_for_it() {
         let mut f = fixture();
-        let recorder = Arc::new(Recorder::default());
-        Arc::get_mut(&mut f.ctx)
-            .expect("the fixture's only")
-            .sessions = recorder.clone();
+        let recorder = recording(&mut f);
         let (mut server, a, vm1) = serving(&f);
         let vm2 = MachineId::new("vm-2").unwrap();
-        let ask = |m: &MachineId, ctr, manifest, chunks| {
-            let req = ChunkRequest {
-                machine: m.clone(),
-                ctr,
-                artifact: a,
-                manifest,
-                chunks,
-            };
-            f.secret.seal(Purpose::ChunkRequest, &req)
-        };
+        let ask = |m: &MachineId, ctr, manifest, chunks| ask(&f, m, ctr, a, manifest, chunks);
         // Chunk 0 goes out, 300 ms later chunk 2, 300 ms later the manifest. When vm-2 asks
         // for all of them 100 ms after that, chunk 0's hold is over (it could go at once),
         // chunk 2's ends before the manifest's, chunk 1 was never sent.
@@ -1038,17 +1069,7 @@ mod tests {
         );
         tokio::time::advance(ms(300)).await;
         server.send_owed().await;
-        let sent = recorder.0.lock().unwrap().clone();
-        let askers = Some(vec!["vm-2".to_string()]);
-        assert_eq!(
-            sent,
-            [
-                (FrameType::Manifest, 0, askers.clone()),
-                (FrameType::Chunk, 0, askers.clone()),
-                (FrameType::Chunk, 1, askers.clone()),
-                (FrameType::Chunk, 2, askers),
-            ]
-        );
+        assert_eq!(*recorder.0.lock().unwrap(), manifest_then_chunks_to_vm2());
     }
 
     /// Frames owed to machines go out manifest first: a machine can use no chunk before its
@@ -1056,37 +1077,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn owed_frames_go_out_manifest_first_then_chunks_in_order() {
         let mut f = fixture();
-        let recorder = Arc::new(Recorder::default());
-        Arc::get_mut(&mut f.ctx)
-            .expect("the fixture's only")
-            .sessions = recorder.clone();
+        let recorder = recording(&mut f);
         let (mut server, a, vm1) = serving(&f);
         let vm2 = MachineId::new("vm-2").unwrap();
-        let everything = |m: &MachineId| ChunkRequest {
-            machine: m.clone(),
-            ctr: 1,
-            artifact: a,
-            manifest: true,
-            chunks: vec![(0, 3)],
-        };
-        let seal = |m: &MachineId| f.secret.seal(Purpose::ChunkRequest, &everything(m));
-        server.handle(&vm1, &seal(&vm1)).await.unwrap();
+        let everything = |m: &MachineId| ask(&f, m, 1, a, true, vec![(0, 3)]);
+        server.handle(&vm1, &everything(&vm1)).await.unwrap();
         // vm-2 asks for the same frames within their hold: all four are owed to it.
-        server.handle(&vm2, &seal(&vm2)).await.unwrap();
+        server.handle(&vm2, &everything(&vm2)).await.unwrap();
         recorder.0.lock().unwrap().clear();
         tokio::time::advance(RESEND_AFTER + Duration::from_millis(1)).await;
         server.send_owed().await;
-        let sent = recorder.0.lock().unwrap().clone();
-        let askers = Some(vec!["vm-2".to_string()]);
-        assert_eq!(
-            sent,
-            [
-                (FrameType::Manifest, 0, askers.clone()),
-                (FrameType::Chunk, 0, askers.clone()),
-                (FrameType::Chunk, 1, askers.clone()),
-                (FrameType::Chunk, 2, askers),
-            ]
-        );
+        assert_eq!(*recorder.0.lock().unwrap(), manifest_then_chunks_to_vm2());
     }
 
     /// Where the broker cannot address the machines that asked (here MQTT), every re-send goes
