@@ -238,6 +238,22 @@ impl ChunkServer {
         }
     }
 
+    /// Owes `key` to `m` at `due`, or at `merge` of it and the time it is owed to others at.
+    fn owe(
+        &mut self,
+        key: FrameKey,
+        m: &MachineId,
+        due: Instant,
+        merge: fn(Instant, Instant) -> Instant,
+    ) {
+        let owed = self
+            .owed
+            .entry(key)
+            .or_insert_with(|| (due, HashSet::new()));
+        owed.0 = merge(owed.0, due);
+        owed.1.insert(m.clone());
+    }
+
     /// When the earliest owed frame is due.
     fn next_due(&self) -> Option<Instant> {
         self.owed.values().map(|(at, _)| *at).min()
@@ -270,44 +286,24 @@ impl ChunkServer {
         let mut manifest_due: Option<Instant> = None;
         for (key, due) in keys {
             if due > now {
-                // Over the byte budget: paced, owed to this machine when its budget allows.
-                let owed = self
-                    .owed
-                    .entry(key)
-                    .or_insert_with(|| (due, HashSet::new()));
-                // Due as soon as anyone's: bytes already counted against a budget.
-                owed.0 = owed.0.min(due);
-                owed.1.insert(m.clone());
+                // Over the byte budget: paced, owed to this machine when its budget allows, as
+                // soon as anyone's (bytes already counted against a budget).
+                self.owe(key, m, due, std::cmp::min);
                 continue;
             }
             let hold = self.hold(&key, now);
-            match self.sent_at.get(&key) {
-                Some(t) if now.duration_since(*t) < hold => {
-                    let due = *t + hold;
-                    if key.manifest {
-                        manifest_due = manifest_due.max(Some(due));
-                    }
-                    // A chunk owed to others already goes when this machine's manifest does
-                    // if that is later (by at most a hold).
-                    let due = due.max(manifest_due.unwrap_or(due));
-                    let owed = self
-                        .owed
-                        .entry(key)
-                        .or_insert_with(|| (due, HashSet::new()));
-                    owed.0 = owed.0.max(due);
-                    owed.1.insert(m.clone());
-                }
-                _ if !key.manifest && manifest_due.is_some() => {
-                    let due = manifest_due.expect("checked");
-                    let owed = self
-                        .owed
-                        .entry(key)
-                        .or_insert_with(|| (due, HashSet::new()));
-                    // Not before the manifest: owed frames due together go manifest first.
-                    owed.0 = owed.0.max(due);
-                    owed.1.insert(m.clone());
-                }
-                _ => {
+            let held = (self.sent_at.get(&key))
+                .filter(|t| now.duration_since(**t) < hold)
+                .map(|t| *t + hold);
+            if key.manifest {
+                manifest_due = manifest_due.max(held);
+            }
+            // A chunk goes with this machine's held manifest if that is later than its own
+            // hold (by at most a hold), never before it: owed frames due together go manifest
+            // first.
+            match held.max(manifest_due.filter(|_| !key.manifest)) {
+                Some(due) => self.owe(key, m, due, std::cmp::max),
+                None => {
                     // Sent to all lately: only the asker is missing it (the embedded broker
                     // addresses it alone; another broker gets it to all, as before).
                     let alone = self
