@@ -848,15 +848,8 @@ mod tests {
         artifact: ArtifactId,
         chunks: Vec<(u32, u32)>,
     ) -> Vec<u8> {
-        let req = ChunkRequest {
-            machine: MachineId::new(m).unwrap(),
-            ctr,
-            artifact,
-            // Chunks only: the chunk read is the first thing that touches the disk.
-            manifest: false,
-            chunks,
-        };
-        f.secret.seal(Purpose::ChunkRequest, &req)
+        // Chunks only: the chunk read is the first thing that touches the disk.
+        ask(f, &MachineId::new(m).unwrap(), ctr, artifact, false, chunks)
     }
 
     #[test]

@@ -101,8 +101,9 @@ pub enum DownloadError {
     },
     /// `frames`: frames of the artifact that reached the download in the attempt (none: the
     /// broker or the platform sent nothing, or the agent shed it; some: none of them was
-    /// usable), `manifest`: whether the manifest had verified.
-    #[error("artifact {artifact}: no progress for {secs} s ({have}/{chunks} chunks; {frames} frames received in the attempt, manifest {})", if *manifest { "verified" } else { "not received" })]
+    /// usable), `manifest`: whether the manifest had verified (a manifest that does not verify
+    /// is logged as refused).
+    #[error("artifact {artifact}: no progress for {secs} s ({have}/{chunks} chunks; {frames} frames received in the attempt, manifest {})", if *manifest { "verified" } else { "not verified" })]
     Stalled {
         artifact: ArtifactId,
         secs: u64,
