@@ -961,7 +961,11 @@ mod tests {
             _: Option<u64>,
         ) -> Option<usize> {
             let (h, _) = fleetcast_proto::chunk::decode_frame(payload).unwrap();
-            let only = only.map(|o| o.iter().map(|s| s.to_string()).collect());
+            let only = only.map(|o| {
+                let mut names: Vec<String> = o.iter().map(|s| s.to_string()).collect();
+                names.sort();
+                names
+            });
             self.0.lock().unwrap().push((h.frame_type, h.index, only));
             Some(1)
         }
@@ -1059,6 +1063,58 @@ mod tests {
         tokio::time::advance(ms(300)).await;
         server.send_owed().await;
         assert_eq!(*recorder.0.lock().unwrap(), manifest_then_chunks_to_vm2());
+    }
+
+    /// One machine's credentials, asking for a manifest that waits out its hold with a chunk
+    /// others are owed, delay that chunk for them until the manifest goes: by less than one
+    /// hold, and no longer.
+    #[tokio::test(start_paused = true)]
+    async fn a_held_manifest_delays_a_chunk_owed_to_others_by_less_than_its_hold() {
+        let mut f = fixture();
+        let recorder = recording(&mut f);
+        let (mut server, a, vm1) = serving(&f);
+        let vm2 = MachineId::new("vm-2").unwrap();
+        let ms = Duration::from_millis;
+        server
+            .handle(&vm1, &ask(&f, &vm1, 1, a, false, vec![(0, 1)]))
+            .await
+            .unwrap();
+        tokio::time::advance(ms(300)).await;
+        server
+            .handle(&vm1, &ask(&f, &vm1, 2, a, true, vec![]))
+            .await
+            .unwrap();
+        // vm-1 asks for chunk 0 again: owed to it when its hold ends, 500 ms after it went.
+        tokio::time::advance(ms(50)).await;
+        server
+            .handle(&vm1, &ask(&f, &vm1, 3, a, false, vec![(0, 1)]))
+            .await
+            .unwrap();
+        // vm-2 asks for the manifest (held 450 ms more) and chunk 0.
+        tokio::time::advance(ms(50)).await;
+        server
+            .handle(&vm2, &ask(&f, &vm2, 1, a, true, vec![(0, 1)]))
+            .await
+            .unwrap();
+        recorder.0.lock().unwrap().clear();
+        tokio::time::advance(ms(150)).await;
+        server.send_owed().await;
+        assert_eq!(
+            recorder.0.lock().unwrap().len(),
+            0,
+            "chunk 0 waits with the manifest"
+        );
+        tokio::time::advance(ms(300)).await;
+        server.send_owed().await;
+        let both = Some(vec!["vm-1".to_string(), "vm-2".to_string()]);
+        assert_eq!(
+            *recorder.0.lock().unwrap(),
+            [
+                (FrameType::Manifest, 0, Some(vec!["vm-2".to_string()])),
+                (FrameType::Chunk, 0, both),
+            ],
+            "300 ms later than its own hold, with the manifest"
+        );
     }
 
     /// Frames owed to machines go out manifest first: a machine can use no chunk before its
