@@ -44,10 +44,13 @@ const MQTT_EVENTS_QUEUED: usize = 32;
 /// frames are other machines' (a chunk this one has, or is about to get); one dropped when the
 /// queue is full is asked for again.
 const FRAMES_QUEUED: usize = 32;
-/// Places in a download's frame queue that chunk frames leave free for its manifest parts:
-/// no chunk is of use before the manifest, and at 10,000 machines on one host a manifest
-/// dropped on a queue full of chunks was what ended a machine's first attempt (30 s without
-/// progress, every chunk it had kept unusable).
+/// Places in a download's frame queue that chunk frames leave free for its manifest parts: no
+/// chunk is of use before the manifest. At 10,000 machines on one host the agents dropped
+/// 200-300 manifest parts per rollout (23-34 shed by the MQTT reader, the rest on full
+/// download queues); the reader sheds none now, and with this headroom 220 were still dropped
+/// in one run (a download that does not read its queue at all fills these places too), so its
+/// own effect is not measured. What ended first attempts was mostly the platform's order of
+/// sending (docs/architecture.md).
 const MANIFEST_HEADROOM: usize = 4;
 
 /// Queues `frame` for a download unless its queue is full, or, for a chunk frame, has no more
