@@ -9,6 +9,7 @@
 //! - [`fdlimit`]: raise the open-file limit (one descriptor per machine on the platform).
 //! - [`memory`]: hand freed heap memory back to the system (the platform, the simulator).
 //! - [`mosquitto`]: the broker policy (`proto::acl`) as Mosquitto password and ACL files.
+//! - [`sigpipe`]: commands that print end quietly when their output pipe closes.
 //! - [`gateway`] (feature `embedded`): the authorizing gateway in front of rumqttd: per-packet
 //!   topic ACLs from `proto::acl`, TLS, TCP_NODELAY, rate limits, kick; rumqttd on loopback only.
 //! - [`testing`] (feature `testing`): a real Mosquitto on a free loopback port, for tests.
@@ -22,6 +23,7 @@ pub mod fdlimit;
 pub mod gateway;
 pub mod memory;
 pub mod mosquitto;
+pub mod sigpipe;
 #[cfg(feature = "testing")]
 pub mod testing;
 

@@ -119,6 +119,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fleetcast_device::run(cfg, ctrl_c_token()).await?;
         }
         Cmd::Status { config, json } => {
+            fleetcast_broker::sigpipe::end_on_closed_pipe();
             let (cfg, problems) = MachineConfig::load_lenient(&config)?;
             let status = tokio::task::spawn_blocking(move || {
                 fleetcast_device::status::collect(&cfg, &config, &problems)

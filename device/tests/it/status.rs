@@ -188,4 +188,19 @@ fn status_of_a_machine_that_never_ran_shows_its_config_problems() {
         "{text}"
     );
     assert!(!work.path().join("data").exists(), "status wrote nothing");
+
+    // Into a pipe its reader closed (`fleetcast-device status | head -1`): ended by SIGPIPE, as
+    // `ls` would be, not a panic with a backtrace on stderr.
+    use std::os::unix::process::ExitStatusExt as _;
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_fleetcast-device"))
+        .args(["status", "--config"])
+        .arg(&path)
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+    assert_eq!(stderr, "");
 }

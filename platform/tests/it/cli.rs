@@ -804,6 +804,43 @@ impl LoggedServe {
     }
 }
 
+/// `fleetcast machines | head` on a big fleet: the reader closes the pipe before the command has
+/// printed. The command ends as `ls` would (killed by SIGPIPE, nothing on stderr), not with a
+/// panic and a backtrace (as it did: a 5,000-machine `scripts/demo.sh` stopped there).
+#[tokio::test]
+async fn a_command_whose_output_pipe_closes_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt as _;
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("admin.secret");
+    std::fs::write(&secret, format!("{:064x}", 7)).unwrap();
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Fleetcast::new(dir.path())
+        .command(&[
+            "profile",
+            "show",
+            "--admin-secret-file",
+            secret.to_str().unwrap(),
+        ])
+        .stdout(writer)
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("fleetcast runs")
+        .wait_with_output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("fleetcast ends")
+        .expect("fleetcast runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.signal(),
+        Some(libc::SIGPIPE),
+        "{:?}, stderr: {stderr}",
+        out.status
+    );
+    assert_eq!(stderr, "", "nothing on stderr");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serve_logs_have_no_colour_codes_and_no_error_for_an_ordinary_disconnect() {
     let dir = tempfile::tempdir().unwrap();
