@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """Follow a fleetcast fleet as an integrator: every event and rollout progress, verified.
 
-Usage:  scripts/integrator.py INTEGRATOR.toml [--state FILE] [--once]
+Usage:  scripts/integrator.py INTEGRATOR.toml [--state FILE] [--once] [--page N]
 
 INTEGRATOR.toml is what `fleetcast integrator add NAME` prints. The script
 1. connects with the integrator's read-only credentials,
 2. asks the platform for every stored event after the last id it saw (kept in --state), page by
-   page, so nothing persisted while it was away is missed,
+   page, so nothing persisted while it was away is missed (within the platform's request rate,
+   asking again what goes unanswered),
 3. then prints live events and progress as they come,
 verifying the platform's Ed25519 signature on every message and dropping anything that does not
 verify, repeats an event id it has already seen, or answers another client.
@@ -17,6 +18,7 @@ import argparse
 import json
 import sys
 import threading
+import time
 import tomllib
 from pathlib import Path
 from urllib.parse import urlparse
@@ -47,6 +49,7 @@ def main():
     ap.add_argument("config")
     ap.add_argument("--state", default="integrator.state", help="file keeping the last event id")
     ap.add_argument("--once", action="store_true", help="catch up, print, and exit")
+    ap.add_argument("--page", type=int, default=500, help="events per request (at most 500)")
     args = ap.parse_args()
     cfg = tomllib.loads(Path(args.config).read_text())
     key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(cfg["platform_key"]))
@@ -54,26 +57,33 @@ def main():
     last = int(state.read_text()) if state.exists() else 0
     url = urlparse(cfg["broker"])
     client_id = cfg["username"]
-    caught_up = threading.Event()
+    caught_up = threading.Event()  # the stored events are all shown: live ones may follow
+    answered = threading.Event()  # an answer came
+    connected = threading.Event()  # (re)connected and subscribed: catch up (again)
+    refused = []
     lock = threading.Lock()
 
-    def show(event):
+    def show(events):
+        """Prints the events not seen yet, then keeps the last id (once per batch: a page is 500)."""
         nonlocal last
         with lock:
-            if event["id"] <= last:
-                return  # seen already (a replay, or the live copy of a fetched event)
-            last = event["id"]
-            state.write_text(str(last))
-        print(json.dumps({"event": event}), flush=True)
-
-    def ask(c):
-        c.publish(cfg["request_topic"], json.dumps({"since": last, "limit": 500}), qos=1)
+            fresh = [e for e in events if e["id"] > last]  # not a replay or a live copy seen
+            for e in fresh:
+                print(json.dumps({"event": e}))
+            sys.stdout.flush()
+            if fresh:
+                last = fresh[-1]["id"]
+                state.write_text(str(last))
 
     def on_connect(c, _userdata, _flags, rc, _properties=None):
         if rc != 0:
-            sys.exit(f"broker refused the connection (code {rc}): check username/password")
-        c.subscribe([(cfg["response_topic"], 1), (cfg["events_topic"], 1), (cfg["progress_topic"], 1)])
-        ask(c)
+            refused.append(f"broker refused the connection (code {rc}): check username/password")
+        else:
+            # Live events wait until the catch-up is done: shown first, they would move `last`
+            # past stored events not fetched yet.
+            caught_up.clear()
+            c.subscribe([(cfg["response_topic"], 1), (cfg["events_topic"], 1), (cfg["progress_topic"], 1)])
+        connected.set()
 
     def on_message(c, _userdata, msg):
         if msg.topic == cfg["response_topic"]:
@@ -81,18 +91,16 @@ def main():
             if batch is None or batch["client"] != client_id:
                 print("dropped an answer that does not verify", file=sys.stderr)
                 return
-            for e in batch["events"]:
-                show(e)
-            if batch["more"]:
-                ask(c)
-            else:
+            show(sorted(batch["events"], key=lambda e: e["id"]))
+            if not batch["more"]:
                 caught_up.set()
+            answered.set()
         elif msg.topic == cfg["events_topic"]:
             event = verify(key, "event", msg.payload)
             if event is None:
                 print("dropped an event that does not verify", file=sys.stderr)
             elif caught_up.is_set():
-                show(event)
+                show([event])
         else:
             progress = verify(key, "progress", msg.payload)
             if progress is None or not msg.topic.endswith(f"/{progress['release']}/progress"):
@@ -100,18 +108,55 @@ def main():
             else:
                 print(json.dumps({"progress": progress}), flush=True)
 
+    def catch_up(c):
+        """Asks page by page until the platform says there is no more. The platform answers at
+        most 5 requests a second (burst 20) and leaves one over that unanswered, so this keeps
+        a budget a little under it, and asks again what is unanswered for 2 s (an answer that
+        was only late is harmless: ids already shown are skipped). False after 30 s of silence."""
+        silent, tokens, at = 0.0, 20.0, time.monotonic()
+        while not caught_up.is_set():
+            now = time.monotonic()
+            tokens = min(20.0, tokens + (now - at) * 4.5)
+            at = now
+            if tokens < 1:
+                time.sleep((1 - tokens) / 4.5)
+                continue
+            tokens -= 1
+            answered.clear()
+            c.publish(cfg["request_topic"], json.dumps({"since": last, "limit": args.page}), qos=1)
+            if answered.wait(2):
+                silent = 0.0
+            else:
+                silent += 2
+                if silent >= 30:
+                    return False
+        return True
+
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=True)
     c.username_pw_set(cfg["username"], cfg["password"])
     c.on_connect = on_connect
     c.on_message = on_message
     c.connect(url.hostname, url.port or 1883)
-    if args.once:
-        c.loop_start()
-        ok = caught_up.wait(30)
+    c.loop_start()
+    try:
+        first = True
+        while True:
+            if not connected.wait(30 if first else None):
+                sys.exit("could not connect to the broker within 30 s")
+            first = False
+            connected.clear()
+            if refused:
+                sys.exit(refused[0])
+            if not catch_up(c):
+                if args.once:
+                    sys.exit("no answer from the platform within 30 s")
+                print("no answer from the platform within 30 s; still listening", file=sys.stderr)
+            if args.once:
+                return
+    except KeyboardInterrupt:
+        pass
+    finally:
         c.loop_stop()
-        sys.exit(0 if ok else "no answer from the platform within 30 s")
-    c.loop_forever()
-
 
 if __name__ == "__main__":
     main()
