@@ -183,6 +183,7 @@ pub fn chunk_requests() -> Vec<ChunkRequest> {
             ctr: 10_003,
             artifact: artifact(),
             manifest: true,
+            manifest_parts: None,
             chunks: vec![],
         },
         ChunkRequest {
@@ -190,7 +191,16 @@ pub fn chunk_requests() -> Vec<ChunkRequest> {
             ctr: 10_004,
             artifact: artifact(),
             manifest: false,
+            manifest_parts: None,
             chunks: vec![(0, 2), (4, 6)],
+        },
+        ChunkRequest {
+            machine: machine(),
+            ctr: 10_005,
+            artifact: artifact(),
+            manifest: true,
+            manifest_parts: Some((32, 64)),
+            chunks: vec![(0, 16)],
         },
     ]
 }

@@ -435,20 +435,20 @@ impl ChunkServer {
             }
             return Ok(unknown());
         };
-        if let Err(e) = req.validate(layout.chunks) {
+        if let Err(e) = req.validate(layout.chunks, layout.manifest_parts()) {
             return Ok(Answer::Error {
                 artifact: req.artifact,
                 reason: format!("bad chunk request: {e}"),
                 refusal: e,
             });
         }
-        let manifest = req.manifest.then(|| {
-            (0..layout.manifest_parts()).map(|index| FrameKey {
+        let manifest = req
+            .manifest_indices(layout.manifest_parts())
+            .map(|index| FrameKey {
                 artifact: req.artifact,
                 manifest: true,
                 index,
-            })
-        });
+            });
         let wanted = req.indices().count();
         let budget = self.budgets.get_mut(m).expect("admitted by its budget");
         let dues = budget.schedule_chunks(
@@ -469,12 +469,7 @@ impl ChunkServer {
             };
             due.map(|due| (key, Instant::from_std(due)))
         });
-        let keys: Vec<(FrameKey, Instant)> = manifest
-            .into_iter()
-            .flatten()
-            .map(|key| (key, now))
-            .chain(chunks)
-            .collect();
+        let keys: Vec<(FrameKey, Instant)> = manifest.map(|key| (key, now)).chain(chunks).collect();
         if keys.is_empty() && refused > 0 {
             return Err(format!(
                 "over its chunk byte budget; {refused} chunks refused"
@@ -995,6 +990,7 @@ mod tests {
             ctr,
             artifact,
             manifest,
+            manifest_parts: None,
             chunks,
         };
         f.secret.seal(Purpose::ChunkRequest, &req)
@@ -1424,6 +1420,7 @@ mod tests {
             ctr: 2,
             artifact: a,
             manifest: false,
+            manifest_parts: None,
             chunks: vec![(2, 4)],
         };
         let err = server

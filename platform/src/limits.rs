@@ -212,7 +212,8 @@ impl ChunkBudget {
             self.first_copies_free && now.saturating_duration_since(h.since) < FIRST_COPY_MEMORY
         });
         if let Some(h) = fetching {
-            if req.validate(h.chunks).is_ok() && req.indices().any(|i| !h.had(i)) {
+            // Its manifest parts are checked against the layout when the request is served.
+            if req.validate(h.chunks, u32::MAX).is_ok() && req.indices().any(|i| !h.had(i)) {
                 return true;
             }
         }
@@ -437,6 +438,7 @@ mod tests {
             ctr: 1,
             artifact,
             manifest: false,
+            manifest_parts: None,
             chunks,
         }
     }

@@ -42,6 +42,8 @@ pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024;
 pub const MAX_CHUNKS_PER_REQUEST: u32 = 256;
 /// Most ranges one request may list.
 pub const MAX_RANGES_PER_REQUEST: usize = 64;
+/// Most manifest parts one request may name with `manifest_parts`.
+pub const MAX_MANIFEST_PARTS_PER_REQUEST: u32 = 64;
 /// Bytes of one manifest entry (a blake3 chaining value).
 pub const CV_LEN: usize = 32;
 
@@ -174,17 +176,49 @@ pub struct ChunkRequest {
     pub machine: MachineId,
     pub ctr: u64,
     pub artifact: ArtifactId,
-    /// Send every manifest part.
+    /// Send the manifest: every part, or with `manifest_parts` those only.
     #[serde(default)]
     pub manifest: bool,
+    /// With `manifest`: only manifest parts `[start, end)`, at most
+    /// [`MAX_MANIFEST_PARTS_PER_REQUEST`]. A manifest of more parts than a session's queue on
+    /// the broker holds is fetched a window at a time (protocol.md §7.3); platforms before
+    /// 2026-11-27 ignore the field and send every part.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manifest_parts: Option<(u32, u32)>,
     /// Half-open ranges `[start, end)` of chunk indices wanted.
     #[serde(default)]
     pub chunks: Vec<(u32, u32)>,
 }
 
 impl ChunkRequest {
-    /// Checks the request's shape against the artifact's chunk count.
-    pub fn validate(&self, chunk_count: u32) -> Result<(), String> {
+    /// The manifest parts this request asks for, of a manifest of `parts` parts (none without
+    /// `manifest`). Call after [`ChunkRequest::validate`].
+    pub fn manifest_indices(&self, parts: u32) -> std::ops::Range<u32> {
+        match (self.manifest, self.manifest_parts) {
+            (false, _) => 0..0,
+            (true, None) => 0..parts,
+            (true, Some((start, end))) => start..end.min(parts),
+        }
+    }
+
+    /// Checks the request's shape against the artifact's chunk and manifest part counts.
+    pub fn validate(&self, chunk_count: u32, manifest_parts: u32) -> Result<(), String> {
+        if let Some((start, end)) = self.manifest_parts {
+            if !self.manifest {
+                return Err("manifest_parts without manifest".into());
+            }
+            if start >= end || end > manifest_parts {
+                return Err(format!(
+                    "manifest parts {start}..{end} are empty or beyond {manifest_parts} parts"
+                ));
+            }
+            if end - start > MAX_MANIFEST_PARTS_PER_REQUEST {
+                return Err(format!(
+                    "{} manifest parts requested, at most {MAX_MANIFEST_PARTS_PER_REQUEST}",
+                    end - start
+                ));
+            }
+        }
         if self.chunks.len() > MAX_RANGES_PER_REQUEST {
             return Err(format!(
                 "{} ranges, at most {MAX_RANGES_PER_REQUEST}",
@@ -704,15 +738,55 @@ mod tests {
             ctr: 1,
             artifact: ArtifactId::of(b"a"),
             manifest: false,
+            manifest_parts: None,
             chunks: vec![(0, 4), (8, 9)],
         };
-        r.validate(10).unwrap();
+        r.validate(10, 1).unwrap();
         assert_eq!(r.indices().collect::<Vec<_>>(), vec![0, 1, 2, 3, 8]);
         r.chunks = vec![(0, 11)];
-        assert!(r.validate(10).is_err());
+        assert!(r.validate(10, 1).is_err());
         r.chunks = vec![(3, 3)];
-        assert!(r.validate(10).is_err());
+        assert!(r.validate(10, 1).is_err());
         r.chunks = vec![(0, 300)];
-        assert!(r.validate(1000).unwrap_err().contains("at most"));
+        assert!(r.validate(1000, 1).unwrap_err().contains("at most"));
+    }
+
+    #[test]
+    fn a_request_names_a_window_of_manifest_parts_or_asks_for_all() {
+        let mut r = ChunkRequest {
+            machine: MachineId::new("vm-1").unwrap(),
+            ctr: 1,
+            artifact: ArtifactId::of(b"a"),
+            manifest: true,
+            manifest_parts: None,
+            chunks: vec![],
+        };
+        r.validate(10_000, 200).unwrap();
+        assert_eq!(r.manifest_indices(200), 0..200);
+        r.manifest_parts = Some((64, 128));
+        r.validate(10_000, 200).unwrap();
+        assert_eq!(r.manifest_indices(200), 64..128);
+        // Absent when not set: the request is byte for byte what older agents send.
+        let mut plain = r.clone();
+        plain.manifest_parts = None;
+        assert!(!serde_json::to_string(&plain)
+            .unwrap()
+            .contains("manifest_parts"));
+        for (bad, why) in [
+            ((64, 64), "empty"),
+            ((190, 201), "beyond"),
+            ((0, 65), "at most 64"),
+        ] {
+            r.manifest_parts = Some(bad);
+            let e = r.validate(10_000, 200).unwrap_err();
+            assert!(e.contains(why), "{bad:?}: {e}");
+        }
+        r.manifest_parts = Some((0, 10));
+        r.manifest = false;
+        assert!(r
+            .validate(10_000, 200)
+            .unwrap_err()
+            .contains("without manifest"));
+        assert_eq!(r.manifest_indices(200), 0..0);
     }
 }

@@ -56,10 +56,13 @@ pub enum Input {
 
 #[derive(Debug)]
 pub enum Effect {
-    /// Ask the platform for every manifest part (`manifest`) and for `chunks` (sorted, at most
+    /// Ask the platform for the manifest parts `manifest` and for `chunks` (sorted, at most
     /// [`CHUNKS_PER_REQUEST`]); one sealed request each. The platform sends the manifest parts
     /// of a request before its chunks.
-    Request { manifest: bool, chunks: Vec<u32> },
+    Request {
+        manifest: ManifestParts,
+        chunks: Vec<u32>,
+    },
     /// Write verified chunks (one or more, distinct), each at its offset of the staging file,
     /// then hand back [`Input::Written`] with their indices. Nothing that follows in the same
     /// list depends on them having been written.
@@ -193,12 +196,46 @@ impl Wait {
     }
 }
 
+/// The manifest parts a request asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ManifestParts {
+    Skip,
+    /// Every part (`"manifest": true`, what agents before 2026-11-27 always asked).
+    All,
+    /// Parts `[start, end)` (`"manifest_parts"`): a manifest of more than
+    /// [`MANIFEST_WINDOW`] parts is asked a window at a time.
+    Window(u32, u32),
+}
+
+/// Manifest parts asked for at once. A session's queue at the embedded broker's gateway holds
+/// 64 frames and drops what does not fit: a request for a manifest of more parts than that
+/// (1 KiB chunks from 2 MiB, 64 KiB chunks from 8 GiB) got the same first 64 every time, and
+/// the download never verified its manifest. Half the queue leaves room for the chunks asked
+/// with the first window.
+pub const MANIFEST_WINDOW: u32 = 32;
+
+/// The next window of manifest parts to ask for: from the first missing part, at most
+/// [`MANIFEST_WINDOW`]; [`ManifestParts::All`] when that is the whole manifest.
+fn manifest_window(parts: &[Option<Bytes>]) -> ManifestParts {
+    let total = parts.len() as u32;
+    let start = parts.iter().position(Option::is_none).unwrap_or(0) as u32;
+    let end = total.min(start + MANIFEST_WINDOW);
+    if start == 0 && end == total {
+        ManifestParts::All
+    } else {
+        ManifestParts::Window(start, end)
+    }
+}
+
 #[derive(Debug)]
 enum Phase {
     Manifest {
         parts: Vec<Option<Bytes>>,
         /// When the manifest (and `asked`) was last requested.
         last_request: Instant,
+        /// The end of the window of parts last asked for: once every part before it is in,
+        /// the next window is asked at once.
+        window_end: u32,
         /// The chunks asked for with the manifest, sorted: the first window of missing ones.
         asked: Vec<u32>,
         /// Chunk frames that came before the manifest, unverified: at most `tuning.window`
@@ -303,9 +340,12 @@ impl Fetch {
                     .filter(|&i| !self.have.has(i))
                     .take(self.tuning.window)
                     .collect();
-                request(true, asked.clone(), &mut out);
+                let parts = vec![None; self.layout.manifest_parts() as usize];
+                let window = manifest_window(&parts);
+                request(window, asked.clone(), &mut out);
                 Phase::Manifest {
-                    parts: vec![None; self.layout.manifest_parts() as usize],
+                    window_end: window_end_of(window, &parts),
+                    parts,
                     last_request: now,
                     asked,
                     early: BTreeMap::new(),
@@ -483,6 +523,7 @@ impl Fetch {
         let Phase::Manifest {
             parts,
             last_request,
+            window_end,
             asked,
             early,
             turned_away,
@@ -501,7 +542,14 @@ impl Fetch {
         }
         parts[index as usize] = Some(payload);
         attempt.wait.progressed(now, &self.tuning);
-        if parts.iter().any(Option::is_none) {
+        if let Some(missing) = parts.iter().position(Option::is_none) {
+            // The window asked for is in: the next one, without waiting for a stall.
+            if missing as u32 >= *window_end {
+                let window = manifest_window(parts);
+                *window_end = window_end_of(window, parts);
+                *last_request = now;
+                request(window, Vec::new(), out);
+            }
             return Continue(());
         }
         let manifest: Vec<u8> = parts.iter().flatten().flatten().copied().collect();
@@ -519,7 +567,7 @@ impl Fetch {
                 self.manifest = Some(hex::encode(manifest));
                 self.persist(out);
                 attempt.phase = Phase::chunks(verifier, outstanding);
-                request(false, again, out);
+                request(ManifestParts::Skip, again, out);
                 for (index, payload) in early {
                     self.on_chunk(attempt, now, index, payload, out);
                 }
@@ -594,7 +642,7 @@ impl Fetch {
             if let Some(asked) = outstanding.get_mut(&index) {
                 *asked = now;
                 out.push(Effect::Request {
-                    manifest: false,
+                    manifest: ManifestParts::Skip,
                     chunks: vec![index],
                 });
             }
@@ -669,11 +717,12 @@ impl Fetch {
         }
         match &mut attempt.phase {
             Phase::Manifest {
+                parts,
                 last_request,
+                window_end,
                 asked,
                 early,
                 turned_away,
-                ..
             } => {
                 // Asked again the way it was asked first: the manifest with the chunks of the
                 // first window not kept yet (a kept one, if forged, is asked for alone once the
@@ -686,7 +735,9 @@ impl Fetch {
                         .filter(|i| !early.contains_key(i))
                         .copied()
                         .collect();
-                    request(true, missing, out);
+                    let window = manifest_window(parts);
+                    *window_end = window_end_of(window, parts);
+                    request(window, missing, out);
                     attempt.wait.asked_again(now, &self.tuning);
                 }
             }
@@ -698,7 +749,7 @@ impl Fetch {
                     let all: Vec<u32> = outstanding.keys().copied().collect();
                     outstanding.values_mut().for_each(|asked| *asked = now);
                     tracing::debug!(artifact = %self.artifact.short(), n = all.len(), "no progress: re-requesting outstanding chunks");
-                    request(false, all, out);
+                    request(ManifestParts::Skip, all, out);
                     attempt.wait.asked_again(now, &self.tuning);
                 }
             }
@@ -746,16 +797,24 @@ impl Fetch {
             outstanding.insert(*cursor, now);
             fresh.push(*cursor);
         }
-        request(false, fresh, out);
+        request(ManifestParts::Skip, fresh, out);
         Continue(())
     }
 }
 
-/// Requests for the manifest (if `manifest`, with the first of them) and for `chunks`, sorted,
+/// The end of the parts `window` asks for, of a manifest of `parts`.
+fn window_end_of(window: ManifestParts, parts: &[Option<Bytes>]) -> u32 {
+    match window {
+        ManifestParts::Window(_, end) => end,
+        ManifestParts::All | ManifestParts::Skip => parts.len() as u32,
+    }
+}
+
+/// Requests for the `manifest` parts (with the first of them) and for `chunks`, sorted,
 /// [`CHUNKS_PER_REQUEST`] at a time.
-fn request(manifest: bool, mut chunks: Vec<u32>, out: &mut Vec<Effect>) {
+fn request(manifest: ManifestParts, mut chunks: Vec<u32>, out: &mut Vec<Effect>) {
     chunks.sort_unstable();
-    if manifest && chunks.is_empty() {
+    if manifest != ManifestParts::Skip && chunks.is_empty() {
         out.push(Effect::Request {
             manifest,
             chunks: Vec::new(),
@@ -766,7 +825,11 @@ fn request(manifest: bool, mut chunks: Vec<u32>, out: &mut Vec<Effect>) {
             .chunks(CHUNKS_PER_REQUEST)
             .enumerate()
             .map(|(n, batch)| Effect::Request {
-                manifest: manifest && n == 0,
+                manifest: if n == 0 {
+                    manifest
+                } else {
+                    ManifestParts::Skip
+                },
                 chunks: batch.to_vec(),
             }),
     );
@@ -980,13 +1043,21 @@ mod tests {
             .iter()
             .map(|e| match e {
                 Effect::Request {
-                    manifest: true,
+                    manifest: ManifestParts::All,
                     chunks,
                 } if chunks.is_empty() => "ask manifest".to_owned(),
                 Effect::Request {
-                    manifest: true,
+                    manifest: ManifestParts::All,
                     chunks,
                 } => format!("ask manifest {chunks:?}"),
+                Effect::Request {
+                    manifest: ManifestParts::Window(start, end),
+                    chunks,
+                } if chunks.is_empty() => format!("ask manifest {start}..{end}"),
+                Effect::Request {
+                    manifest: ManifestParts::Window(start, end),
+                    chunks,
+                } => format!("ask manifest {start}..{end} {chunks:?}"),
                 Effect::Request { chunks, .. } => format!("ask {chunks:?}"),
                 Effect::Write(chunks) => match &chunks[..] {
                     [one] => format!("write {}", one.index),
@@ -1069,6 +1140,48 @@ mod tests {
         assert_eq!(show(&f.handle(at(2100), Input::Tick)), ["ask [1, 2, 3, 4]"]);
     }
 
+    /// A manifest of 70 parts (1 KiB chunks, 2.2 MB) is asked 32 parts at a time: the next
+    /// window as soon as one is in, a stalled one again from its first missing part. Asked all
+    /// at once, a broker that queues 64 frames per session dropped the same parts every time.
+    #[test]
+    fn a_manifest_of_many_parts_is_asked_a_window_at_a_time() {
+        let at = clock();
+        let art = Art::new(70 * 32);
+        assert_eq!(art.layout.manifest_parts(), 70);
+        let mut f = art.fresh(tuning());
+        assert_eq!(
+            show(&f.begin(at(0))),
+            ["report 0/2293660", "ask manifest 0..32 [0, 1, 2, 3]"]
+        );
+        for p in 0..31 {
+            assert_eq!(show(&f.handle(at(10), art.part(p))), Vec::<String>::new());
+        }
+        assert_eq!(
+            show(&f.handle(at(10), art.part(31))),
+            ["ask manifest 32..64"]
+        );
+        // Part 40 of that window is lost: once the rest is in, nothing more until a stall,
+        // then again from part 40.
+        for p in (32..64).filter(|&p| p != 40) {
+            assert_eq!(show(&f.handle(at(20), art.part(p))), Vec::<String>::new());
+        }
+        assert!(f.handle(at(2000), Input::Tick).is_empty());
+        assert_eq!(
+            show(&f.handle(at(2100), Input::Tick)),
+            ["ask manifest 40..70 [0, 1, 2, 3]"]
+        );
+        assert_eq!(
+            show(&f.handle(at(2110), art.part(40))),
+            Vec::<String>::new()
+        );
+        for p in 64..69 {
+            assert_eq!(show(&f.handle(at(2120), art.part(p))), Vec::<String>::new());
+        }
+        // The last part: the manifest verifies.
+        assert_eq!(show(&f.handle(at(2130), art.part(69))), ["persist"]);
+        assert!(f.has_manifest());
+    }
+
     #[test]
     fn a_window_wider_than_64_chunks_is_asked_for_with_the_manifest_64_at_a_time() {
         let at = clock();
@@ -1077,7 +1190,7 @@ mod tests {
             window: 100,
             ..tuning()
         });
-        let asked: Vec<(bool, Vec<u32>)> = f
+        let asked: Vec<(ManifestParts, Vec<u32>)> = f
             .begin(at(0))
             .into_iter()
             .filter_map(|e| match e {
@@ -1088,8 +1201,8 @@ mod tests {
         assert_eq!(
             asked,
             [
-                (true, (0..64).collect::<Vec<_>>()),
-                (false, (64..100).collect())
+                (ManifestParts::All, (0..64).collect::<Vec<_>>()),
+                (ManifestParts::Skip, (64..100).collect())
             ]
         );
     }

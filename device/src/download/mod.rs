@@ -36,7 +36,7 @@ use tokio_util::sync::CancellationToken;
 use crate::durable;
 use crate::fsutil::sync_dir;
 use crate::store::Store;
-use fetch::{ChunkWrite, Effect, Fetch, Input, StagingState};
+use fetch::{ChunkWrite, Effect, Fetch, Input, ManifestParts, StagingState};
 
 /// How often the transfer checks for stalls and the attempt timeout.
 const TICK: Duration = Duration::from_millis(200);
@@ -508,7 +508,7 @@ impl<'a> Staging<'a> {
         }
     }
 
-    async fn request(&self, manifest: bool, chunks: &[u32]) -> Result<(), DownloadError> {
+    async fn request(&self, manifest: ManifestParts, chunks: &[u32]) -> Result<(), DownloadError> {
         let ctr = self
             .ctx
             .store
@@ -522,7 +522,11 @@ impl<'a> Staging<'a> {
             machine: self.ctx.machine.clone(),
             ctr,
             artifact: self.artifact,
-            manifest,
+            manifest: manifest != ManifestParts::Skip,
+            manifest_parts: match manifest {
+                ManifestParts::Window(start, end) => Some((start, end)),
+                ManifestParts::All | ManifestParts::Skip => None,
+            },
             chunks: to_ranges(chunks.iter().copied()),
         };
         let payload = self.ctx.secret.seal(Purpose::ChunkRequest, &req);

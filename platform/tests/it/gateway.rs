@@ -379,3 +379,49 @@ async fn owed_frames_go_only_to_the_machines_that_asked() {
     admin.close().await;
     platform.stop().await;
 }
+
+/// A manifest of many more parts than a session's queue at the gateway holds (64 frames): a
+/// 6.5 MB artifact in 1 KiB chunks has 200. Asked for all at once, the parts past the queue
+/// were dropped at each request and the download failed (found by an agent written from the
+/// docs; so did the reference agent, `download_failed` here); the agent now asks 32 parts at a
+/// time (`manifest_parts`, protocol.md §7.3).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manifest_of_more_parts_than_a_session_queue_holds_downloads_and_installs() {
+    let Embedded {
+        dir,
+        data_dir,
+        platform,
+        plain,
+        ..
+    } = embedded().await;
+    let admin = super::admin(&plain, &data_dir).await;
+    let bytes = data(200 * 32 * 1024 - 500, 3);
+    let info = upload(&admin, dir.path(), "big.bin", &bytes, "2.0")
+        .await
+        .unwrap();
+    let layout = Layout::new(info.size, info.chunk_size).unwrap();
+    assert_eq!(layout.manifest_parts(), 200);
+    let p = provisioned(&admin, "vm-1", &["g1"]).await;
+    let installed = dir.path().join("installed.bin");
+    let mut config = fleetcast_device::config::MachineConfig::from_provisioned(
+        &p,
+        &plain.to_string(),
+        dir.path().join("vm-1"),
+    );
+    config.installers.insert(
+        app(),
+        fleetcast_device::config::InstallerConfig::Command {
+            cmd: format!("cp {{file}} {}", installed.display()),
+        },
+    );
+    let agents = CancellationToken::new();
+    let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
+    let r = release(&admin, "2.0", &[], &["g1"]).await.release;
+    let s = until_finished(&admin, &r.id, 1).await;
+    assert_eq!(phase_of(&s, "vm-1"), Phase::Installed, "{s:?}");
+    assert_eq!(std::fs::read(&installed).unwrap(), bytes);
+    admin.close().await;
+    agents.cancel();
+    joined(agent, "agent vm-1").await;
+    platform.stop().await;
+}

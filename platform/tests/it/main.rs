@@ -506,6 +506,7 @@ impl Machine {
             ctr: self.ctr,
             artifact,
             manifest,
+            manifest_parts: None,
             chunks,
         };
         let topic = format!("fleet/machines/{}/chunks/get", self.id);

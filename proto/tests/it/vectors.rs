@@ -417,6 +417,7 @@ pub(crate) fn chunk_request() -> ChunkRequest {
         ctr: 1044,
         artifact: ArtifactId::of(&bytes),
         manifest: true,
+        manifest_parts: None,
         chunks: vec![(0, 2), (2, 3)],
     }
 }
