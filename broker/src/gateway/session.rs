@@ -202,6 +202,15 @@ pub(super) async fn serve<S>(
                     quiet_before, "gateway closed a session: not allowed for this principal");
             }
         }
+        // A packet over the size limit or one that does not parse: no honest client sends
+        // either, so it counts and shows as a violation (it used to end the session silently).
+        End::Frame(e) => {
+            shared.registry.violation();
+            if let Some(quiet_before) = should_log(&shared, &username) {
+                tracing::warn!(%peer, client = %shown(&client_id), user = %shown(&username), error = %e,
+                    quiet_before, "gateway closed a session: malformed or oversized packet");
+            }
+        }
         other => {
             tracing::debug!(%peer, client = %shown(&client_id), end = %other, "gateway session ended")
         }

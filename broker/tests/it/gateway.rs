@@ -416,6 +416,33 @@ async fn a_publish_outside_the_principals_topics_closes_its_connection_and_reach
     assert_eq!(gw.secured.handle().stats().violations, attacks.len() as u64);
 }
 
+/// A packet over the 2 MiB limit, and one that does not parse, end the connection as a
+/// violation (counted in the stats and logged), not silently.
+#[tokio::test]
+async fn an_oversized_or_malformed_packet_closes_its_connection_as_a_violation() {
+    let gw = start_gateway(|_| {}).await;
+    // A PUBLISH header announcing MAX_PACKET + 1 bytes, and a PUBLISH whose topic length runs
+    // past its end.
+    let mut oversized = vec![0x30];
+    let mut len = MAX_PACKET + 1;
+    loop {
+        let byte = (len % 128) as u8;
+        len /= 128;
+        oversized.push(if len > 0 { byte | 0x80 } else { byte });
+        if len == 0 {
+            break;
+        }
+    }
+    oversized.extend_from_slice(&[0; 16]);
+    let malformed = vec![0x30, 4, 0x00, 0x10, b'a', b'b'];
+    for (what, bytes) in [("oversized", oversized), ("malformed", malformed)] {
+        let mut raw = Raw::accepted(gw.plain(), "vm-2").await;
+        raw.stream.write_all(&bytes).await.unwrap();
+        assert!(raw.next().await.is_none(), "{what}: the gateway closes");
+    }
+    assert_eq!(gw.secured.handle().stats().violations, 2);
+}
+
 #[tokio::test]
 async fn a_connect_the_principal_may_not_make_is_refused_with_a_connack() {
     let gw = start_gateway(|_| {}).await;
