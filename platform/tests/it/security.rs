@@ -578,6 +578,49 @@ fn python_with_mqtt() -> bool {
     ok
 }
 
+/// Runs scripts/integrator.py `--once` (with `args`) as a new integrator "erp" of the platform
+/// at `url`, in `dir`: the events it printed, each as JSON, and the last id it kept.
+async fn integrator_catch_up(
+    admin: &AdminClient,
+    url: &BrokerUrl,
+    dir: &Path,
+    args: &[&str],
+) -> (Vec<serde_json::Value>, String) {
+    let integrator = add_integrator(admin, "erp").await;
+    let cfg = dir.join("erp.toml");
+    std::fs::write(
+        &cfg,
+        fleetcast_platform::cli::identity::integrator_toml(&integrator, &url.to_string()),
+    )
+    .unwrap();
+    let state = dir.join("erp.state");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/integrator.py");
+    let run = tokio::process::Command::new("python3")
+        .arg(&script)
+        .arg(&cfg)
+        .args(["--state".as_ref(), state.as_os_str()])
+        .arg("--once")
+        .args(args)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the script ends")
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|v| v.get("event").cloned())
+        .collect();
+    let kept = std::fs::read_to_string(&state).unwrap().trim().to_owned();
+    (events, kept)
+}
+
 #[tokio::test]
 async fn the_documented_python_integrator_catches_up_and_verifies_every_event() {
     if !python_with_mqtt() {
@@ -597,35 +640,8 @@ async fn the_documented_python_integrator_catches_up_and_verifies_every_event() 
     let mut vm = provision(&admin, &url, "vm-001", &[]).await;
     let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
     install(&admin, &mut vm, &r.id, "1.0").await;
-    let integrator = add_integrator(&admin, "erp").await;
-    let cfg = dir.path().join("erp.toml");
-    std::fs::write(
-        &cfg,
-        fleetcast_platform::cli::identity::integrator_toml(&integrator, &url.to_string()),
-    )
-    .unwrap();
-    let state = dir.path().join("erp.state");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/integrator.py");
-    let out = tokio::process::Command::new("python3")
-        .arg(&script)
-        .arg(&cfg)
-        .arg("--state")
-        .arg(&state)
-        .arg("--once")
-        .output()
-        .await
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let phases: Vec<String> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["event"]["phase"].as_str().map(str::to_owned))
-        .collect();
+    let (events, kept) = integrator_catch_up(&admin, &url, dir.path(), &[]).await;
+    let phases: Vec<&str> = events.iter().filter_map(|e| e["phase"].as_str()).collect();
     assert_eq!(
         phases,
         [
@@ -636,7 +652,7 @@ async fn the_documented_python_integrator_catches_up_and_verifies_every_event() 
             "installed"
         ]
     );
-    assert_eq!(std::fs::read_to_string(&state).unwrap().trim(), "5");
+    assert_eq!(kept, "5");
     admin.close().await;
     platform.stop().await;
 }
@@ -676,38 +692,10 @@ async fn the_python_integrator_catches_up_past_the_request_burst() {
     }
     let platform = start_platform(&url, &data_dir);
     let admin = admin(&url, &data_dir).await;
-    let integrator = add_integrator(&admin, "erp").await;
-    let cfg = dir.path().join("erp.toml");
-    std::fs::write(
-        &cfg,
-        fleetcast_platform::cli::identity::integrator_toml(&integrator, &url.to_string()),
-    )
-    .unwrap();
-    let state = dir.path().join("erp.state");
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/integrator.py");
-    let run = tokio::process::Command::new("python3")
-        .arg(&script)
-        .arg(&cfg)
-        .args(["--state".as_ref(), state.as_os_str()])
-        .args(["--once", "--page", "1"])
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(60), run)
-        .await
-        .expect("the script ends")
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let ids: Vec<u64> = stdout
-        .lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter_map(|v| v["event"]["id"].as_u64())
-        .collect();
+    let (events, kept) = integrator_catch_up(&admin, &url, dir.path(), &["--page", "1"]).await;
+    let ids: Vec<u64> = events.iter().filter_map(|e| e["id"].as_u64()).collect();
     assert_eq!(ids, (1..=40).collect::<Vec<u64>>());
-    assert_eq!(std::fs::read_to_string(&state).unwrap().trim(), "40");
+    assert_eq!(kept, "40");
     admin.close().await;
     platform.stop().await;
 }
