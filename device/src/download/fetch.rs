@@ -214,16 +214,16 @@ pub enum ManifestParts {
 /// with the first window.
 pub const MANIFEST_WINDOW: u32 = 32;
 
-/// The next window of manifest parts to ask for: from the first missing part, at most
-/// [`MANIFEST_WINDOW`]; [`ManifestParts::All`] when that is the whole manifest.
-fn manifest_window(parts: &[Option<Bytes>]) -> ManifestParts {
+/// The next window of manifest parts to ask for, and where it ends: from the first missing
+/// part, at most [`MANIFEST_WINDOW`]; [`ManifestParts::All`] when that is the whole manifest.
+fn manifest_window(parts: &[Option<Bytes>]) -> (ManifestParts, u32) {
     let total = parts.len() as u32;
     let start = parts.iter().position(Option::is_none).unwrap_or(0) as u32;
     let end = total.min(start + MANIFEST_WINDOW);
     if start == 0 && end == total {
-        ManifestParts::All
+        (ManifestParts::All, end)
     } else {
-        ManifestParts::Window(start, end)
+        (ManifestParts::Window(start, end), end)
     }
 }
 
@@ -341,10 +341,10 @@ impl Fetch {
                     .take(self.tuning.window)
                     .collect();
                 let parts = vec![None; self.layout.manifest_parts() as usize];
-                let window = manifest_window(&parts);
+                let (window, window_end) = manifest_window(&parts);
                 request(window, asked.clone(), &mut out);
                 Phase::Manifest {
-                    window_end: window_end_of(window, &parts),
+                    window_end,
                     parts,
                     last_request: now,
                     asked,
@@ -545,8 +545,8 @@ impl Fetch {
         if let Some(missing) = parts.iter().position(Option::is_none) {
             // The window asked for is in: the next one, without waiting for a stall.
             if missing as u32 >= *window_end {
-                let window = manifest_window(parts);
-                *window_end = window_end_of(window, parts);
+                let window;
+                (window, *window_end) = manifest_window(parts);
                 *last_request = now;
                 request(window, Vec::new(), out);
             }
@@ -735,8 +735,8 @@ impl Fetch {
                         .filter(|i| !early.contains_key(i))
                         .copied()
                         .collect();
-                    let window = manifest_window(parts);
-                    *window_end = window_end_of(window, parts);
+                    let window;
+                    (window, *window_end) = manifest_window(parts);
                     request(window, missing, out);
                     attempt.wait.asked_again(now, &self.tuning);
                 }
@@ -799,14 +799,6 @@ impl Fetch {
         }
         request(ManifestParts::Skip, fresh, out);
         Continue(())
-    }
-}
-
-/// The end of the parts `window` asks for, of a manifest of `parts`.
-fn window_end_of(window: ManifestParts, parts: &[Option<Bytes>]) -> u32 {
-    match window {
-        ManifestParts::Window(_, end) => end,
-        ManifestParts::All | ManifestParts::Skip => parts.len() as u32,
     }
 }
 
