@@ -147,16 +147,19 @@ def main():
             connected.clear()
             if refused:
                 sys.exit(refused[0])
-            if not catch_up(c):
+            # Live events are shown only after a catch-up, so one that got no answer is tried
+            # again (following for ever) rather than left.
+            while not catch_up(c):
                 if args.once:
                     sys.exit("no answer from the platform within 30 s")
-                print("no answer from the platform within 30 s; still listening", file=sys.stderr)
+                print("no answer from the platform within 30 s; asking again", file=sys.stderr)
             if args.once:
                 return
     except KeyboardInterrupt:
         pass
     finally:
         c.loop_stop()
+
 
 if __name__ == "__main__":
     main()
