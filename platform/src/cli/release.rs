@@ -402,10 +402,15 @@ async fn watch(
         machines.set_message(view.phases.clone());
         bytes.set_length(view.bytes_total);
         bytes.set_position(view.bytes_done);
-        let line = format!(
-            "{}: {}/{} finished; {}",
-            status.release.id, view.finished, view.total, view.phases
-        );
+        let line = if view.total == 0 {
+            // Before its publish (or while a publish is counting its targets).
+            format!("{}: no target machines yet", status.release.id)
+        } else {
+            format!(
+                "{}: {}/{} finished; {}",
+                status.release.id, view.finished, view.total, view.phases
+            )
+        };
         if !tty && line != last_line {
             println!("{line}");
         }

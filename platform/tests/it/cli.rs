@@ -647,6 +647,18 @@ async fn every_json_output_matches_its_schema_in_docs() {
         watch.stderr.contains("not finished after 1 s"),
         "{watch:#?}"
     );
+    // A release not published yet has no targets: said so, not "0/0 finished".
+    let draft = fc
+        .run(&["release", "create", "--kind", "app", "--version", "1.0"])
+        .await
+        .ok();
+    let draft = draft.trim();
+    let watch = fc.run(&["release", "watch", draft, "--timeout", "1"]).await;
+    assert_eq!(
+        watch.stdout,
+        format!("{draft}: no target machines yet\n"),
+        "{watch:#?}"
+    );
     admin.close().await;
     platform.stop().await;
 
