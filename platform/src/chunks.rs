@@ -967,6 +967,18 @@ mod tests {
     }
 
     /// Has `f`'s chunk server hand its frames to a [`Recorder`], as to the embedded broker.
+    /// What the chunk server has handed over once `wait` more has passed and it sent what it
+    /// owed.
+    async fn owed_after(
+        server: &mut ChunkServer,
+        recorder: &Recorder,
+        wait: Duration,
+    ) -> Vec<Handed> {
+        tokio::time::advance(wait).await;
+        server.send_owed().await;
+        recorder.0.lock().unwrap().clone()
+    }
+
     fn recording(f: &mut Fixture) -> Arc<Recorder> {
         let recorder = Arc::new(Recorder::default());
         Arc::get_mut(&mut f.ctx)
@@ -1049,16 +1061,15 @@ mod tests {
             "nothing ahead of the manifest"
         );
         // Chunk 2's own hold is over, the manifest's is not: chunk 2 waits for it.
-        tokio::time::advance(ms(150)).await;
-        server.send_owed().await;
         assert_eq!(
-            recorder.0.lock().unwrap().len(),
-            0,
+            owed_after(&mut server, &recorder, ms(150)).await,
+            [],
             "chunk 2 waits for the manifest"
         );
-        tokio::time::advance(ms(300)).await;
-        server.send_owed().await;
-        assert_eq!(*recorder.0.lock().unwrap(), manifest_then_chunks_to_vm2());
+        assert_eq!(
+            owed_after(&mut server, &recorder, ms(300)).await,
+            manifest_then_chunks_to_vm2()
+        );
     }
 
     /// One machine's credentials, asking for a manifest that waits out its hold with a chunk
@@ -1093,18 +1104,14 @@ mod tests {
             .await
             .unwrap();
         recorder.0.lock().unwrap().clear();
-        tokio::time::advance(ms(150)).await;
-        server.send_owed().await;
         assert_eq!(
-            recorder.0.lock().unwrap().len(),
-            0,
+            owed_after(&mut server, &recorder, ms(150)).await,
+            [],
             "chunk 0 waits with the manifest"
         );
-        tokio::time::advance(ms(300)).await;
-        server.send_owed().await;
         let both = Some(vec!["vm-1".to_string(), "vm-2".to_string()]);
         assert_eq!(
-            *recorder.0.lock().unwrap(),
+            owed_after(&mut server, &recorder, ms(300)).await,
             [
                 (FrameType::Manifest, 0, Some(vec!["vm-2".to_string()])),
                 (FrameType::Chunk, 0, both),
@@ -1126,9 +1133,15 @@ mod tests {
         // vm-2 asks for the same frames within their hold: all four are owed to it.
         server.handle(&vm2, &everything(&vm2)).await.unwrap();
         recorder.0.lock().unwrap().clear();
-        tokio::time::advance(RESEND_AFTER + Duration::from_millis(1)).await;
-        server.send_owed().await;
-        assert_eq!(*recorder.0.lock().unwrap(), manifest_then_chunks_to_vm2());
+        assert_eq!(
+            owed_after(
+                &mut server,
+                &recorder,
+                RESEND_AFTER + Duration::from_millis(1)
+            )
+            .await,
+            manifest_then_chunks_to_vm2()
+        );
     }
 
     /// Where the broker cannot address the machines that asked (here MQTT), every re-send goes
