@@ -75,7 +75,8 @@ enum After {
         ctr: u64,
         secret: Secret,
     },
-    /// A message's stored events, in order, for the integrators.
+    /// A message's events, in order: stored by [`store_events`] (which gives them their ids)
+    /// before the flush, then sent to the integrators.
     Events(Vec<FleetEvent>),
     Progress {
         release: ReleaseId,
@@ -126,6 +127,27 @@ fn coalesce_acks(after: Vec<After>) -> Vec<After> {
             other => Some(other),
         })
         .collect()
+}
+
+/// Stores the events of every message of a batch together, in the order they came, before
+/// the batch's flush: the store writes them in blocks (sled: one write per 16 events, where one
+/// per event was most of what storing a status cost), and a batch of single-event messages from
+/// many machines fills blocks as well as one machine's backlog does. Leaves them, with their
+/// ids, as one [`After::Events`] at the end.
+fn store_events(store: &dyn Store, after: &mut Vec<After>) -> Result<(), StoreError> {
+    let mut events = Vec::new();
+    after.retain_mut(|a| match a {
+        After::Events(e) => {
+            events.append(e);
+            false
+        }
+        _ => true,
+    });
+    store.append_events(&mut events)?;
+    if !events.is_empty() {
+        after.push(After::Events(events));
+    }
+    Ok(())
 }
 
 fn warn(machine: &MachineId, what: String) -> After {
@@ -484,6 +506,7 @@ impl Ingest {
                 Err(Err(e)) => return Err(e.into()),
             }
         }
+        store_events(&*self.ctx.store, &mut after)?;
         let mut tries = 0;
         while let Err(e) = self.ctx.store.flush_async().await {
             tries += 1;
@@ -945,8 +968,7 @@ impl Touched {
         Ok(*before + *since)
     }
 
-    /// Writes what changed and stores the events; the events, with their ids, for the
-    /// integrators.
+    /// Writes what changed; the events go to the batch's [`store_events`] as they are.
     fn write(
         self,
         store: &dyn Store,
@@ -964,8 +986,7 @@ impl Touched {
         for (release, (_, since)) in &self.counts {
             store.bump_event_count(m, release.as_ref(), *since)?;
         }
-        let mut events = self.events;
-        store.append_events(&mut events)?;
+        let events = self.events;
         let mut after: Vec<After> = (self.targets_changed.into_iter())
             .map(|release| After::Progress { release })
             .collect();
@@ -1290,7 +1311,7 @@ mod tests {
 
     /// Applies `ev` as ingest does; returns what it leaves for after the flush, by name.
     fn apply(store: &MemStore, ev: &StatusEvent, cap: u64) -> Vec<&'static str> {
-        let after = store
+        let mut after = store
             .transaction(|tx| {
                 let mut touched = Touched::default();
                 let mut after = apply_status(store, tx, &mut touched, &ev.machine, ev, cap, 7)?;
@@ -1298,6 +1319,7 @@ mod tests {
                 Ok::<_, Result<Reject, StoreError>>(after)
             })
             .unwrap_or_else(|_| panic!("{} refused", ev.phase));
+        store_events(store, &mut after).unwrap();
         after
             .iter()
             .map(|a| match a {
@@ -1322,7 +1344,7 @@ mod tests {
             status("vm-1", &r, Phase::Downloading, 3),
             status("vm-1", &r, Phase::Installed, 4),
         ];
-        let in_batch = batched.transaction(|tx| {
+        let mut in_batch = batched.transaction(|tx| {
             let mut touched = Touched::default();
             let mut after = Vec::new();
             for ev in &events {
@@ -1339,6 +1361,11 @@ mod tests {
             after.extend(touched.write(&batched, tx, &m("vm-1")).unwrap());
             after
         });
+        assert!(
+            batched.events().unwrap().is_empty(),
+            "stored with the batch"
+        );
+        store_events(&batched, &mut in_batch).unwrap();
         let one_by_one: Vec<&str> = events
             .iter()
             .flat_map(|ev| apply(&single, ev, 1000))

@@ -392,8 +392,11 @@ pub trait Store: Reads + Send + Sync {
     fn append_audit(&self, entry: &mut AuditEntry) -> Result<(), StoreError>;
 
     /// Deletes stored events whose id is `keep` or more below the newest id handed out, oldest
-    /// first, at most `batch` of them; returns how many it deleted (fewer than `batch`: none
-    /// left to delete). Not durable by itself: a delete lost in a crash is made again.
+    /// first, at most `batch` records; returns how many records it deleted (fewer than `batch`:
+    /// none left to delete). A record is one event, or a block of events stored together
+    /// ([`sled`] stores them so): a block goes once all of its events are that old, so up to
+    /// one block's worth more than `keep` may stay. Not durable by itself: a delete lost in a
+    /// crash is made again.
     fn prune_events(&self, keep: u64, batch: usize) -> Result<usize, StoreError>;
 
     /// Raises `machine`'s replay counter on `channel` to `ctr` if `ctr` is above it, atomically.
@@ -429,7 +432,8 @@ pub trait Store: Reads + Send + Sync {
     ) -> Result<u64, StoreError>;
 
     /// Stores status events under the next event ids, in order, filling them in (one
-    /// [`Store::append_event`] each unless the store can take them together).
+    /// [`Store::append_event`] each unless the store can take them together: [`sled`] stores
+    /// them in blocks, one write per block).
     fn append_events(&self, events: &mut [FleetEvent]) -> Result<(), StoreError> {
         events.iter_mut().try_for_each(|e| self.append_event(e))
     }

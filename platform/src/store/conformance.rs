@@ -292,6 +292,65 @@ fn events_are_pruned_oldest_first_to_the_newest_kept(s: &dyn Store) {
     );
 }
 
+/// Events stored together (as ingest stores a batch's, in blocks on sled) page from every
+/// cursor as if each were alone, and are pruned no further than the newest kept.
+fn events_stored_together_page_and_prune_as_if_alone(s: &dyn Store) {
+    s.append_event(&mut event("vm-first", Phase::Notified))
+        .unwrap();
+    let mut batch: Vec<FleetEvent> = (0..40)
+        .map(|i| {
+            let mut e = event(&format!("vm-{i}"), Phase::Downloading);
+            // Large texts close a block early on sled.
+            e.detail = (i % 7 == 3).then(|| "d".repeat(2_000));
+            e
+        })
+        .collect();
+    s.append_events(&mut batch).unwrap();
+    s.append_event(&mut event("vm-last", Phase::Installed))
+        .unwrap();
+    let newest = 42u64;
+    for since in 0..=newest + 1 {
+        for limit in [1, 2, 7, 16, 17, 33, 100] {
+            let (page, more) = s.events_since(since, limit).unwrap();
+            let expected: Vec<u64> = (since + 1..=newest).take(limit).collect();
+            let got: Vec<u64> = page.iter().map(|e| e.id).collect();
+            assert_eq!(got, expected, "since {since}, limit {limit}");
+            let left = newest.saturating_sub(since) as usize;
+            assert_eq!(more, left > limit, "since {since}, limit {limit}");
+            for e in &page {
+                let machine = match e.id {
+                    1 => "vm-first".to_owned(),
+                    42 => "vm-last".to_owned(),
+                    id => format!("vm-{}", id - 2),
+                };
+                assert_eq!(e.machine.as_str(), machine, "event {}", e.id);
+                assert_eq!(
+                    e.detail.is_some(),
+                    (2..42).contains(&e.id) && (e.id - 2) % 7 == 3
+                );
+            }
+        }
+    }
+    let kept = 10;
+    while s.prune_events(kept, 1).unwrap() == 1 {}
+    let ids: Vec<u64> = s.events().unwrap().iter().map(|e| e.id).collect();
+    let oldest = ids[0];
+    assert_eq!(
+        ids,
+        (oldest..=newest).collect::<Vec<_>>(),
+        "a suffix is kept"
+    );
+    assert!(
+        oldest <= newest - kept + 1,
+        "the newest {kept} stay: {ids:?}"
+    );
+    let block = crate::store::sled::EVENTS_PER_BLOCK as u64;
+    assert!(
+        oldest > newest - kept + 1 - block,
+        "at most a block more than kept stays: {ids:?}"
+    );
+}
+
 fn audit_pages_by_id(s: &dyn Store) {
     for action in ["a", "b", "c"] {
         s.append_audit(&mut audit(action)).unwrap();
@@ -571,6 +630,7 @@ conformance!(
     rewriting_a_target_record_replaces_it,
     events_page_by_id,
     events_are_pruned_oldest_first_to_the_newest_kept,
+    events_stored_together_page_and_prune_as_if_alone,
     audit_pages_by_id,
     desired_notices_are_keyed_by_target_and_kind,
     rollouts_are_stored_by_release,
