@@ -18,7 +18,9 @@
 //!
 //! `SCALE_DOWNLOAD_MB=200` instead runs one machine and one artifact of that size (item 7's
 //! shape) and reports the machine's `downloading` → `downloaded` time beside raw pub/sub of the
-//! same bytes to one subscriber.
+//! same bytes to one subscriber, as `SCALE_DOWNLOAD_RUNS` (default 3) pairs, each in a fresh
+//! `serve`, with the median of their ratios: at 200 MB both take about 0.3 s, and one pair's
+//! ratio moved from 0.57 to 0.89 between three runs in a row (2026-11-27, Mosquitto).
 //!
 //! Prints markdown after a `--- results ---` line; scripts/bench.sh records it. `SCALE_SVG=path`
 //! also writes a plot.
@@ -779,47 +781,78 @@ fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
     }
 }
 
-fn print_download(r: &SizeResult, broker: BrokerKind) {
-    let mbytes = r.artifact as f64 / 1e6;
-    let ro = r.rollouts.first();
+fn print_download(runs: &[SizeResult], broker: BrokerKind) {
+    let Some(first) = runs.first() else {
+        return;
+    };
+    let mbytes = first.artifact as f64 / 1e6;
     let budget = match common::machine_rate() {
         Some(rate) => {
             format!("per-machine byte budget raised to {rate} MiB/s with `--machine-rate`")
         }
         None => "default per-machine byte budget: the machine's first copy of each chunk at once, 64 MiB/s for chunks asked for again".into(),
     };
-    println!("Broker: {}. One simulated machine, one artifact of {:.0} MB through `fleetcast serve` (child process, {budget}); raw: the same bytes as 64 KiB QoS 1 messages from the platform principal to one subscriber, paced to stay at most 2 MiB ahead of it, run just before the machine started.", broker.label(), mbytes);
+    println!("Broker: {}. One simulated machine, one artifact of {:.0} MB through `fleetcast serve` (child process, {budget}); raw: the same bytes as 64 KiB QoS 1 messages from the platform principal to one subscriber, paced to stay at most 2 MiB ahead of it, run just before the machine started. {} pairs, each with a `serve` of its own; the ratio is the median of the pairs'.", broker.label(), mbytes, runs.len());
     println!();
     println!("| what | size | time | throughput | ratio to raw |");
     println!("|---|---|---|---|---|");
-    let raw_ok = r.raw.as_ref().filter(|x| x.ok());
-    match raw_ok {
-        Some(raw) => println!(
-            "| raw rumqttc pub/sub, 64 KiB QoS 1 | {mbytes:.0} MB | {:.2} s | {:.1} MB/s | 1.00 |",
-            raw.time.as_secs_f64(),
-            mbytes / raw.time.as_secs_f64()
-        ),
-        None => println!(
-            "| raw rumqttc pub/sub, 64 KiB QoS 1 | {mbytes:.0} MB | {} | — | — |",
-            raw_cell(r)
-        ),
+    let mut ratios = Vec::new();
+    for (i, r) in runs.iter().enumerate() {
+        let pair = if runs.len() > 1 {
+            format!(" (pair {})", i + 1)
+        } else {
+            String::new()
+        };
+        let raw_ok = r.raw.as_ref().filter(|x| x.ok());
+        match raw_ok {
+            Some(raw) => println!(
+                "| raw rumqttc pub/sub, 64 KiB QoS 1{pair} | {mbytes:.0} MB | {:.2} s | {:.1} MB/s | 1.00 |",
+                raw.time.as_secs_f64(),
+                mbytes / raw.time.as_secs_f64()
+            ),
+            None => println!(
+                "| raw rumqttc pub/sub, 64 KiB QoS 1{pair} | {mbytes:.0} MB | {} | — | — |",
+                raw_cell(r)
+            ),
+        }
+        let ro = r.rollouts.first();
+        match ro.and_then(|ro| ro.download) {
+            Some(d) => {
+                let ratio = raw_ok.map(|raw| raw.time.as_secs_f64() / d.as_secs_f64());
+                ratios.extend(ratio);
+                println!(
+                    "| fleetcast download (`downloading` → `downloaded`, machine clock){pair} | {mbytes:.0} MB | {:.2} s | {:.1} MB/s | {} |",
+                    d.as_secs_f64(),
+                    mbytes / d.as_secs_f64(),
+                    ratio.map(|x| format!("{x:.2}")).unwrap_or("—".into())
+                )
+            }
+            None => println!(
+                "| fleetcast download{pair} | {mbytes:.0} MB | FAILED: {} | — | — |",
+                r.error
+                    .as_deref()
+                    .map(one_line)
+                    .unwrap_or_else(|| rollout_cell(1, ro))
+            ),
+        }
     }
-    match ro.and_then(|ro| ro.download) {
-        Some(d) => println!(
-            "| fleetcast download (`downloading` → `downloaded`, machine clock) | {mbytes:.0} MB | {:.2} s | {:.1} MB/s | {} |",
-            d.as_secs_f64(),
-            mbytes / d.as_secs_f64(),
-            raw_ok
-                .map(|raw| format!("{:.2}", raw.time.as_secs_f64() / d.as_secs_f64()))
-                .unwrap_or("—".into())
-        ),
-        None => println!(
-            "| fleetcast download | {mbytes:.0} MB | FAILED: {} | — | — |",
-            r.error
-                .as_deref()
-                .map(one_line)
-                .unwrap_or_else(|| rollout_cell(1, ro))
-        ),
+    if runs.len() > 1 {
+        ratios.sort_by(f64::total_cmp);
+        let shown: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
+        match ratios.get(ratios.len() / 2) {
+            // A failed pair counts as no ratio: the median is of the pairs that finished.
+            Some(median) if ratios.len() == runs.len() => println!(
+                "| **median ratio of the {} pairs** ({}) | | | | **{median:.2}** |",
+                runs.len(),
+                shown.join(", ")
+            ),
+            _ => println!(
+                "| median ratio | | FAILED: {} of {} pairs finished ({}) | | — |",
+                ratios.len(),
+                runs.len(),
+                shown.join(", ")
+            ),
+        }
     }
 }
 
@@ -997,9 +1030,17 @@ async fn run() -> Result<()> {
         .ok()
         .and_then(|v| v.parse::<usize>().ok())
     {
-        let r = run_size(1, mbytes * 1_000_000, 1, broker, &root).await;
+        let runs = std::env::var("SCALE_DOWNLOAD_RUNS")
+            .ok()
+            .and_then(|v| v.parse::<usize>().ok())
+            .unwrap_or(3)
+            .max(1);
+        let mut results = Vec::new();
+        for _ in 0..runs {
+            results.push(run_size(1, mbytes * 1_000_000, 1, broker, &root).await);
+        }
         println!("--- results ---");
-        print_download(&r, broker);
+        print_download(&results, broker);
         return Ok(());
     }
     let mut results = Vec::new();
