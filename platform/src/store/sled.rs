@@ -16,7 +16,7 @@
 //! | `machines` | machine id | `MachineInfo` (provisioned groups, online, last seen, reported state) |
 //! | `secrets` | machine id | `Secret` (hex) |
 //! | `counters` | `machine/channel` (`status`, `state`, `chunks`) | u64 BE: last accepted MAC'd counter (replay protection) |
-//! | `events` | u64 BE id of the block's last event | JSON array of `FleetEvent`s with consecutive ids (a block: at most [`EVENTS_PER_BLOCK`] events, closed once it holds [`EVENT_BLOCK_BYTES`]): every accepted status event with machine and platform times; the newest `events_kept` (`retention`, whole blocks). Schema 1 stored each event alone, as an object under its own id; such a record is read as a block of one |
+//! | `events` | u64 BE id of the block's last event | JSON array of `FleetEvent`s with consecutive ids (a block: at most [`EVENTS_PER_BLOCK`] events and [`EVENT_BLOCK_BYTES`], or one larger event): every accepted status event with machine and platform times; the newest `events_kept` (`retention`, whole blocks). Schema 1 stored each event alone, as an object under its own id; such a record is read as a block of one |
 //! | `desired` | `machine/{m}/{kind}` or `group/{g}/{kind}` | [`DesiredNotice`]: the signed notice currently desired there, re-published by the reconciler |
 //! | `history` | `machine/kind` | JSON list of versions the machine reported installed, oldest first (default rollback target) |
 //! | `operators` | operator name | [`OperatorRecord`]: role, who created it, its secret |
