@@ -5,7 +5,8 @@
 #
 #   scripts/bench.sh             one machine downloads a 50 MB artifact vs raw pub/sub (BENCH_MB=200):
 #                                in process on plain rumqttd, then through `fleetcast serve` at the
-#                                default per-machine budget
+#                                default per-machine budget (SCALE_DOWNLOAD_RUNS=3 raw/fleetcast
+#                                pairs, each with its own `serve`; the median ratio is reported)
 #   scripts/bench.sh scale       fleets of SCALE_SIZES machines (default 100,1000; 10,000 is opt-in:
 #                                SCALE_SIZES=100,1000,10000): onboarding, 1 MiB rollout vs raw
 #                                fan-out, notice latency, egress, memory, ten rollouts at 1,000;
@@ -13,7 +14,8 @@
 #   scripts/bench.sh ingest      status events/s acknowledged by the platform vs raw sled
 #                                (INGEST_MACHINES=2000 INGEST_EVENTS=25, one event in flight each)
 #   scripts/bench.sh mosquitto   a rollout to MOSQ_SIZES (default 1000) machines and a BENCH_MB
-#                                (default 200) download, on Mosquitto as the external broker
+#                                (default 200) download (pairs as above), on Mosquitto as the
+#                                external broker
 #   scripts/bench.sh footprint   the agent process (`fleetcast-device run`): RSS idle and while
 #                                downloading FOOTPRINT_SIZES MB (default 50,200), CPU time per MB,
 #                                vs a raw rumqttc subscriber process receiving the same bytes
