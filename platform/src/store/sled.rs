@@ -175,8 +175,11 @@ impl T {
         Ok(())
     }
 
-    /// Records keyed by u64 BE id above `since`, at most `limit`, and whether more follow.
-    fn range_after<V: DeserializeOwned>(
+    /// Records numbered by u64 BE id above `since`, at most `limit`, and whether more follow.
+    /// A key is the id of its record, or of the last record of a block of them stored together
+    /// (a JSON array with consecutive ids: the event log's), so the first key above `since` is
+    /// the block that holds `since + 1`, and what a block holds up to `since` is skipped.
+    fn range_after<V: DeserializeOwned + Numbered>(
         &self,
         since: u64,
         limit: usize,
@@ -185,45 +188,36 @@ impl T {
         let start = since.saturating_add(1).to_be_bytes();
         for item in self.tree.range(start..) {
             let (k, v) = item.map_err(self.err("scan"))?;
-            if out.len() == limit {
-                return Ok((out, true));
-            }
-            out.push(self.decode(&hex::encode(&k), &v)?);
-        }
-        Ok((out, false))
-    }
-
-    /// A record of the `events` tree: a block (an array), or one event alone (schema 1).
-    fn decode_events(&self, key: &[u8], bytes: &[u8]) -> Result<Vec<FleetEvent>, StoreError> {
-        let key = hex::encode(key);
-        match bytes.first() {
-            Some(b'[') => self.decode(&key, bytes),
-            _ => self.decode(&key, bytes).map(|e| vec![e]),
-        }
-    }
-
-    /// Events above `since`, at most `limit`, and whether more follow. A block is keyed by its
-    /// last id, so the first key above `since` is the block that holds `since + 1`.
-    fn events_after(
-        &self,
-        since: u64,
-        limit: usize,
-    ) -> Result<(Vec<FleetEvent>, bool), StoreError> {
-        let mut out = Vec::new();
-        let start = since.saturating_add(1).to_be_bytes();
-        for item in self.tree.range(start..) {
-            let (k, v) = item.map_err(self.err("scan"))?;
-            for event in self.decode_events(&k, &v)? {
-                if event.id <= since {
-                    continue;
-                }
+            let key = hex::encode(&k);
+            let records = match v.first() {
+                Some(b'[') => self.decode(&key, &v)?,
+                _ => vec![self.decode(&key, &v)?],
+            };
+            for record in records.into_iter().filter(|r: &V| r.id() > since) {
                 if out.len() == limit {
                     return Ok((out, true));
                 }
-                out.push(event);
+                out.push(record);
             }
         }
         Ok((out, false))
+    }
+}
+
+/// A record numbered by the store (events, audit entries).
+trait Numbered {
+    fn id(&self) -> u64;
+}
+
+impl Numbered for FleetEvent {
+    fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+impl Numbered for AuditEntry {
+    fn id(&self) -> u64 {
+        self.id
     }
 }
 
@@ -715,11 +709,11 @@ impl Reads for Tables {
         since: u64,
         limit: usize,
     ) -> Result<(Vec<FleetEvent>, bool), StoreError> {
-        self.events.events_after(since, limit)
+        self.events.range_after(since, limit)
     }
 
     fn events(&self) -> Result<Vec<FleetEvent>, StoreError> {
-        Ok(self.events.events_after(0, usize::MAX)?.0)
+        Ok(self.events.range_after(0, usize::MAX)?.0)
     }
 
     fn audit_since(&self, since: u64, limit: usize) -> Result<(Vec<AuditEntry>, bool), StoreError> {
