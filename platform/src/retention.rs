@@ -24,8 +24,9 @@ pub const DEFAULT_EVENTS_KEPT: u64 = 1_000_000;
 /// How often the log is checked.
 pub const PRUNE_EVERY: Duration = Duration::from_secs(10);
 
-/// Events deleted per blocking call, so a long backlog (a lowered limit, a first start after an
-/// upgrade) never holds a blocking thread for long.
+/// Records (an event, or a block of up to 16 stored together) deleted per blocking call, so a
+/// long backlog (a lowered limit, a first start after an upgrade) never holds a blocking thread
+/// for long.
 const PRUNE_BATCH: usize = 1_000;
 
 /// Deletes what is beyond `kept` every [`PRUNE_EVERY`] until `stop`. A failed delete is logged
@@ -63,7 +64,7 @@ pub async fn run(
             }
         }
         if deleted > 0 {
-            tracing::debug!(deleted, kept, "old events deleted");
+            tracing::debug!(records = deleted, kept, "old events deleted");
         }
     }
 }
