@@ -19,8 +19,8 @@
 //! `SCALE_DOWNLOAD_MB=200` instead runs one machine and one artifact of that size (item 7's
 //! shape) and reports the machine's `downloading` → `downloaded` time beside raw pub/sub of the
 //! same bytes to one subscriber, as `SCALE_DOWNLOAD_RUNS` (default 3) pairs, each in a fresh
-//! `serve`, with the median of their ratios: at 200 MB both take about 0.3 s, and one pair's
-//! ratio moved from 0.57 to 0.89 between three runs in a row (2026-11-27, Mosquitto).
+//! `serve`, with the median of their ratios: at 200 MB both take about 0.3 s, and the ratio of
+//! single runs moved from 0.57 to 0.89 between three runs in a row (2026-11-27, Mosquitto).
 //!
 //! Prints markdown after a `--- results ---` line; scripts/bench.sh records it. `SCALE_SVG=path`
 //! also writes a plot.
@@ -792,7 +792,7 @@ fn print_download(runs: &[SizeResult], broker: BrokerKind) {
         }
         None => "default per-machine byte budget: the machine's first copy of each chunk at once, 64 MiB/s for chunks asked for again".into(),
     };
-    println!("Broker: {}. One simulated machine, one artifact of {:.0} MB through `fleetcast serve` (child process, {budget}); raw: the same bytes as 64 KiB QoS 1 messages from the platform principal to one subscriber, paced to stay at most 2 MiB ahead of it, run just before the machine started. {} pairs, each with a `serve` of its own; the ratio is the median of the pairs'.", broker.label(), mbytes, runs.len());
+    println!("Broker: {}. One simulated machine, one artifact of {:.0} MB through `fleetcast serve` (child process, {budget}); raw: the same bytes as 64 KiB QoS 1 messages from the platform principal to one subscriber, paced to stay at most 2 MiB ahead of it, run just before the machine started.{}", broker.label(), mbytes, if runs.len() > 1 { format!(" {} pairs, each with a `serve` of its own; the ratio is the median of the pairs'.", runs.len()) } else { String::new() });
     println!();
     println!("| what | size | time | throughput | ratio to raw |");
     println!("|---|---|---|---|---|");
@@ -840,7 +840,8 @@ fn print_download(runs: &[SizeResult], broker: BrokerKind) {
         ratios.sort_by(f64::total_cmp);
         let shown: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
         match ratios.get(ratios.len() / 2) {
-            // A failed pair counts as no ratio: the median is of the pairs that finished.
+            // Any failed pair makes the median FAILED: a median of the pairs that finished
+            // would hide the failure.
             Some(median) if ratios.len() == runs.len() => println!(
                 "| **median ratio of the {} pairs** ({}) | | | | **{median:.2}** |",
                 runs.len(),
