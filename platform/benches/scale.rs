@@ -839,7 +839,10 @@ fn print_download(runs: &[SizeResult], broker: BrokerKind) {
     if runs.len() > 1 {
         ratios.sort_by(f64::total_cmp);
         let shown: Vec<String> = ratios.iter().map(|x| format!("{x:.2}")).collect();
-        match ratios.get(ratios.len() / 2) {
+        // The middle one, or the mean of the middle two for an even count.
+        let n = ratios.len();
+        let median = (n > 0).then(|| (ratios[(n - 1) / 2] + ratios[n / 2]) / 2.0);
+        match median.as_ref() {
             // Any failed pair makes the median FAILED: a median of the pairs that finished
             // would hide the failure.
             Some(median) if ratios.len() == runs.len() => println!(
