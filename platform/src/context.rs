@@ -121,9 +121,10 @@ pub trait SessionControl: Send + Sync {
     fn take_chunk_requests(&self, _sink: fleetcast_broker::ChunkRequestSink) -> bool {
         false
     }
-    /// Has machines' status events handed to `sink` in process, as the ingest connection would
-    /// get them, if this broker can (`false`: they arrive over MQTT).
-    fn take_status_events(&self, _sink: fleetcast_broker::StatusEventSink) -> bool {
+    /// Has machines' reports (status events, state, `online`) handed to `sink` in process, as
+    /// the ingest connection would get them, if this broker can (`false`: they arrive over
+    /// MQTT).
+    fn take_reports(&self, _sink: fleetcast_broker::ReportSink) -> bool {
         false
     }
     /// The gateway's counters, if this broker has one.

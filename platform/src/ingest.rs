@@ -7,8 +7,8 @@
 //! lets it drop the event from its outbox. The broker's PUBACK goes out on receipt and promises
 //! nothing: an event lost between it and the flush (a crash) was never acknowledged to the
 //! machine, which sends it again. On
-//! the embedded broker, status events come from the gateway in process instead
-//! ([`crate::context::SessionControl::take_status_events`]), into the same queue.
+//! the embedded broker, status events, states and `online` come from the gateway in process
+//! instead ([`crate::context::SessionControl::take_reports`]), into the same queue.
 //! Invalid messages (bad MAC, unknown machine, malformed, oversized, replayed) are logged and
 //! change nothing. Integrator messages (`fleet/events`, rollout progress) and reconciler
 //! re-publishes go out after the flush.

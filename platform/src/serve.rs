@@ -97,8 +97,8 @@ impl SessionControl for GatewaySessions {
         self.0.take_chunk_requests(sink)
     }
 
-    fn take_status_events(&self, sink: fleetcast_broker::StatusEventSink) -> bool {
-        self.0.take_status_events(sink)
+    fn take_reports(&self, sink: fleetcast_broker::ReportSink) -> bool {
+        self.0.take_reports(sink)
     }
 
     fn gateway_counters(&self) -> Option<fleetcast_proto::admin::GatewayCounters> {
@@ -209,9 +209,12 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
     ingest_opts.set_clean_session(false);
     let (ingest_client, ingest_loop) = client::connect(ingest_opts, 1024);
     let (ingest_tx, ingest_rx) = mpsc::channel(1024);
-    // On the embedded broker, machines' status events come from the gateway in process; state
-    // and `online` (retained on the broker) still come through the ingest connection.
-    deps.sessions.take_status_events(ingest_tx.clone());
+    // On the embedded broker, what machines report (status events, state, `online` and the
+    // will on it) comes from the gateway in process; the ingest connection still gets what
+    // reached rumqttd before this (in the moment between the gateway's first accept and this
+    // line: retained there, so states and `online` are not lost) and all that an external
+    // broker delivers.
+    deps.sessions.take_reports(ingest_tx.clone());
     {
         let stop = tasks_stop.clone();
         tasks.spawn(async move {

@@ -57,9 +57,9 @@ pub(crate) struct Registry {
     chunk_requests: std::sync::OnceLock<ChunkRequestSink>,
     /// Chunk requests dropped because that queue was gone (the platform stopped).
     chunk_requests_dropped: AtomicU64,
-    /// Where machines' status events go in process, if the platform took them
-    /// ([`GatewayHandle::take_status_events`]).
-    status_events: std::sync::OnceLock<StatusEventSink>,
+    /// Where machines' reports (status events, state, `online`) go in process, if the
+    /// platform took them ([`GatewayHandle::take_reports`]).
+    reports: std::sync::OnceLock<ReportSink>,
     /// Each rate-limited principal's buckets, kept across its connections.
     limiters: Mutex<Limiters>,
 }
@@ -77,9 +77,10 @@ pub(crate) type SharedLimiter = Arc<Mutex<Limiter>>;
 /// A machine's chunk request (its id, from its authenticated session, and the sealed body).
 pub type ChunkRequestSink = tokio::sync::mpsc::Sender<(fleetcast_proto::MachineId, bytes::Bytes)>;
 
-/// A machine's status event, as the platform's ingest connection would have received it over
-/// MQTT (topic, QoS and payload as the machine sent them).
-pub type StatusEventSink = tokio::sync::mpsc::Sender<crate::MqttEvent>;
+/// A machine's report (a status event, its state or `online`), as the platform's ingest
+/// connection would have received it over MQTT (topic, QoS and payload as the machine sent
+/// them; never flagged retained: it is the live message).
+pub type ReportSink = tokio::sync::mpsc::Sender<crate::MqttEvent>;
 
 impl Registry {
     /// The buckets of `username` (new ones at `limit` the first time), if a connection of it
@@ -127,11 +128,11 @@ impl Registry {
         true
     }
 
-    /// Hands a machine's status event to the platform in process, waiting while its queue is
-    /// full; `false` if the platform did not take status events or has stopped (the event goes
-    /// through the broker then).
-    pub(crate) async fn status_event(&self, publish: rumqttc::Publish) -> bool {
-        match self.status_events.get() {
+    /// Hands a machine's report to the platform in process, waiting while its queue is full;
+    /// `false` if the platform did not take reports or has stopped (the report goes through
+    /// the broker then).
+    pub(crate) async fn report(&self, publish: rumqttc::Publish) -> bool {
+        match self.reports.get() {
             Some(sink) => sink.send(crate::MqttEvent::Publish(publish)).await.is_ok(),
             None => false,
         }
@@ -347,14 +348,19 @@ impl GatewayHandle {
         self.registry.chunk_requests.set(sink).is_ok()
     }
 
-    /// From now on, machines' status events (`machines/{m}/status`, from the session of
-    /// machine `m`) go to `sink`, and the gateway sends the PUBACK once the event is queued
-    /// there, instead of through rumqttd's router and the platform's ingest connection (for
-    /// each event a router pass, a loopback TCP hop both ways and a second MQTT parse). The
-    /// PUBACK promises nothing more than rumqttd's did: the StatusAck after the flush is
-    /// the promise. Once only; `false` if they were already taken.
-    pub fn take_status_events(&self, sink: StatusEventSink) -> bool {
-        self.registry.status_events.set(sink).is_ok()
+    /// From now on, machines' reports (`machines/{m}/status`, `/state` and `/online`, from
+    /// the session of machine `m`, and a machine's will on its `online`) go to `sink`, and the
+    /// gateway sends a status event's PUBACK once the event is queued there, instead of
+    /// through rumqttd's router and the platform's ingest connection (for each report a router
+    /// pass, a loopback TCP hop both ways and a second MQTT parse; and for state and `online`,
+    /// which a whole fleet sends at once when it connects, a log per filter in rumqttd that
+    /// drops what the platform has not read yet once it is full and is never given back). The
+    /// PUBACK promises nothing more than rumqttd's did: the StatusAck after the flush is the
+    /// promise. Nobody else may read these topics (`Principal::may_subscribe`), so nothing is
+    /// lost by their not being retained on rumqttd. Once only; `false` if they were already
+    /// taken.
+    pub fn take_reports(&self, sink: ReportSink) -> bool {
+        self.registry.reports.set(sink).is_ok()
     }
 
     /// Delivers `payload` as a QoS 0 PUBLISH on `topic` to every session whose subscription

@@ -183,7 +183,20 @@ pub(super) async fn serve<S>(
             // Like a broker that saw the connection drop: the will (e.g. a machine's
             // `online = false`), then the end of the router's session.
             let mut last = Vec::with_capacity(2);
-            match connect.last_will.map(will_publish) {
+            // A machine's will on its `online` goes where its `online` went while it lived.
+            let will = match connect.last_will {
+                Some(will) if will_is_a_report(&shared, &principal, &will) => {
+                    let qos = match will.qos {
+                        rumqttc::mqttbytes::QoS::AtMostOnce => rumqttc::QoS::AtMostOnce,
+                        _ => rumqttc::QoS::AtLeastOnce,
+                    };
+                    let report =
+                        rumqttc::Publish::from_bytes(&will.topic, qos, will.message.clone());
+                    (!shared.registry.report(report).await).then_some(will)
+                }
+                will => will,
+            };
+            match will.map(will_publish) {
                 Some(Ok(will)) => last.push(will),
                 Some(Err(e)) => {
                     tracing::warn!(client = %shown(&client_id), error = %e, "cannot publish the will")
@@ -340,6 +353,16 @@ async fn open_link(
     }
 }
 
+/// Whether `will` is a machine's own report (its `online`), which the platform may take in
+/// process ([`super::GatewayHandle::take_reports`]). `admit` has already held the will's topic
+/// to what the principal may publish.
+fn will_is_a_report(shared: &Shared, principal: &Principal, will: &LastWill) -> bool {
+    matches!(
+        (shared.topics.parse(&will.topic), principal),
+        (Some(fleetcast_proto::Route::Online(m)), Principal::Machine { id, .. }) if m == *id
+    )
+}
+
 /// The will as the PUBLISH the broker would make of it, with its QoS (rumqttd's `Publish`
 /// builds only QoS 0, so the packet is encoded and parsed back; a QoS 1/2 publish needs an id).
 fn will_publish(will: LastWill) -> Result<Packet, FrameError> {
@@ -483,12 +506,12 @@ impl Session<'_> {
                     Some(Route::ChunkRequest(machine)) if qos0_publish => {
                         self.chunk_request(packet, machine).await
                     }
-                    Some(Route::Status(machine)) => {
-                        match self.status_event(packet, machine, qos_pkid).await {
-                            Ok(packet) => packet,
-                            Err(end) => return end,
-                        }
-                    }
+                    Some(
+                        Route::Status(machine) | Route::State(machine) | Route::Online(machine),
+                    ) => match self.report(packet, machine, qos_pkid).await {
+                        Ok(packet) => packet,
+                        Err(end) => return end,
+                    },
                     _ => Some(packet),
                 };
                 if let Some(answer) = packet.as_ref().and_then(|p| self.local_answer(p)) {
@@ -660,12 +683,12 @@ impl Session<'_> {
         }
     }
 
-    /// A status event (`packet`, on `machine`'s status topic) goes to the platform in process
-    /// if it is the machine's own and the platform took them
-    /// ([`super::GatewayHandle::take_status_events`]), and the gateway answers a QoS 1 one
-    /// with its PUBACK; `Ok(None)` then. Otherwise it comes back, for the broker.
-    /// [`Self::check`] has already held the topic to this session's principal.
-    async fn status_event(
+    /// A report (`packet`, on `machine`'s status, state or `online` topic) goes to the
+    /// platform in process if it is the machine's own and the platform took them
+    /// ([`super::GatewayHandle::take_reports`]), and the gateway answers a QoS 1 one with its
+    /// PUBACK; `Ok(None)` then. Otherwise it comes back, for the broker. [`Self::check`] has
+    /// already held the topic to this session's principal.
+    async fn report(
         &self,
         packet: Packet,
         machine: fleetcast_proto::MachineId,
@@ -687,8 +710,8 @@ impl Session<'_> {
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return Ok(Some(packet));
         };
-        let event = rumqttc::Publish::from_bytes(topic, qos, publish.payload.clone());
-        if !self.shared.registry.status_event(event).await {
+        let report = rumqttc::Publish::from_bytes(topic, qos, publish.payload.clone());
+        if !self.shared.registry.report(report).await {
             return Ok(Some(packet));
         }
         if let Some(pkid) = pkid {

@@ -960,11 +960,8 @@ async fn status_events_go_to_the_platform_in_process_and_are_acked_once_queued_t
         platform_watching(&gw, &topics.platform_status_filter()).await;
     // Room for one: the second event waits in the gateway, and so does its PUBACK.
     let (sink, mut taken) = mpsc::channel(1);
-    assert!(gw.secured.handle().take_status_events(sink.clone()));
-    assert!(
-        !gw.secured.handle().take_status_events(sink),
-        "taken once only"
-    );
+    assert!(gw.secured.handle().take_reports(sink.clone()));
+    assert!(!gw.secured.handle().take_reports(sink), "taken once only");
     let (machine, mut machine_rx) = gw.machine("vm-1").await;
     for i in 0..3 {
         machine
@@ -1010,6 +1007,56 @@ async fn status_events_go_to_the_platform_in_process_and_are_acked_once_queued_t
     assert!(taken.try_recv().is_err(), "the forged event was handed on");
 }
 
+/// A machine's state and `online` go to the platform in process too (as the ingest connection
+/// would get them, never flagged retained), in the order sent with its status events, and none
+/// of them through rumqttd, whose per-filter logs would otherwise fill with a whole fleet's
+/// states when it connects. Another machine's state or `online` is still a violation.
+#[tokio::test]
+async fn state_and_online_go_to_the_platform_in_process() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let (_platform, mut through_rumqttd) = platform_watching(&gw, "fleet/machines/+/+").await;
+    let (sink, mut taken) = mpsc::channel(16);
+    assert!(gw.secured.handle().take_reports(sink));
+    let (machine, _machine_rx) = gw.machine("vm-1").await;
+    let sent = [
+        (topics.online(&vm1), QoS::AtMostOnce, true, "true"),
+        (topics.state(&vm1), QoS::AtMostOnce, true, "state-1"),
+        (topics.status(&vm1), QoS::AtLeastOnce, false, "event"),
+        (topics.state(&vm1), QoS::AtMostOnce, true, "state-2"),
+    ];
+    for (topic, qos, retain, payload) in &sent {
+        machine
+            .publish(topic, *qos, *retain, *payload)
+            .await
+            .unwrap();
+    }
+    for (topic, qos, _, payload) in &sent {
+        let Some(MqttEvent::Publish(p)) = tokio::time::timeout(WAIT, taken.recv()).await.unwrap()
+        else {
+            panic!("{payload} reaches the sink")
+        };
+        assert_eq!(
+            (p.topic.as_str(), p.qos, p.retain, &p.payload[..]),
+            (topic.as_str(), *qos, false, payload.as_bytes()),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        publishes(&mut through_rumqttd),
+        0,
+        "none went through rumqttd"
+    );
+    for (topic, what) in [
+        (topics.state(&vm1), "a state on another machine's topic"),
+        (topics.online(&vm1), "online on another machine's topic"),
+    ] {
+        vm2_is_closed_for_publishing_on(&gw, &topic, what).await;
+    }
+    assert!(taken.try_recv().is_err(), "nothing forged was handed on");
+}
+
 /// vm-1 publishes each of `payloads` on its status topic as fast as it can, with the platform
 /// taking status events in process; how many reach the platform in two seconds. vm-1 must
 /// stay connected.
@@ -1017,7 +1064,7 @@ async fn status_flood(payloads: impl Iterator<Item = String>) -> usize {
     let gw = start_gateway(|_| {}).await;
     let topic = Topics::default().status(&MachineId::new("vm-1").unwrap());
     let (sink, mut taken) = mpsc::channel(4096);
-    assert!(gw.secured.handle().take_status_events(sink));
+    assert!(gw.secured.handle().take_reports(sink));
     let (machine, mut machine_rx) = gw.machine("vm-1").await;
     for payload in payloads {
         machine
@@ -1238,14 +1285,32 @@ async fn first_online_after(
 /// stale session).
 #[tokio::test]
 async fn the_will_fires_on_a_dropped_or_silent_connection_only() {
+    wills_fire_on_a_dropped_or_silent_connection_only(false).await;
+}
+
+/// As above with the platform taking reports in process: a machine's will goes where its
+/// `online` goes, and none of it reaches rumqttd.
+#[tokio::test]
+async fn the_will_fires_on_a_dropped_or_silent_connection_only_in_process_too() {
+    wills_fire_on_a_dropped_or_silent_connection_only(true).await;
+}
+
+async fn wills_fire_on_a_dropped_or_silent_connection_only(in_process: bool) {
     let gw = start_gateway(|_| {}).await;
-    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    let (platform, mut through_rumqttd) = gw.platform(PLATFORM).await;
     subscribe(
         &platform,
-        &mut platform_rx,
+        &mut through_rumqttd,
         &Topics::default().platform_online_filter(),
     )
     .await;
+    let (sink, taken) = mpsc::channel(64);
+    let mut platform_rx = if in_process {
+        assert!(gw.secured.handle().take_reports(sink));
+        taken
+    } else {
+        through_rumqttd
+    };
 
     // Socket dropped without DISCONNECT: the will.
     let raw = with_will(&gw, "vm-1", 60).await;
@@ -1309,6 +1374,18 @@ async fn the_will_fires_on_a_dropped_or_silent_connection_only() {
         tokio::time::sleep(Duration::from_millis(600)).await;
         pinging.send(Packet::PingReq).await;
         assert_eq!(pinging.next().await, Some(Packet::PingResp), "PINGRESP");
+    }
+    if in_process {
+        let (_, mut through_rumqttd) = platform_watching(&gw, "fleet/machines/+/online").await;
+        drop(with_will(&gw, "vm-1", 60).await);
+        let got = next_publish(&mut platform_rx, WAIT, "the last will, in process").await;
+        assert_eq!(got.payload[..], b"will-of-vm-1"[..]);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(
+            publishes(&mut through_rumqttd),
+            0,
+            "no will through rumqttd"
+        );
     }
 }
 
