@@ -32,6 +32,6 @@ pub use client::{BrokerUrl, MqttEvent, TlsTrust};
 pub use embedded::{BrokerSettings, EmbeddedBroker};
 #[cfg(feature = "embedded")]
 pub use gateway::{
-    start_secured, Authenticator, ChunkRequestSink, GatewayHandle, ReportSink,
+    start_secured, AdminSink, Authenticator, ChunkRequestSink, GatewayHandle, ReportSink,
     SecureBrokerSettings, SecuredBroker,
 };

@@ -127,6 +127,12 @@ pub trait SessionControl: Send + Sync {
     fn take_reports(&self, _sink: fleetcast_broker::ReportSink) -> bool {
         false
     }
+    /// Has operators' admin requests and upload parts and integrators' requests for events
+    /// handed to `sink` in process, as the serve connection would get them, if this broker
+    /// can (`false`: they arrive over MQTT).
+    fn take_admin(&self, _sink: fleetcast_broker::AdminSink) -> bool {
+        false
+    }
     /// The gateway's counters, if this broker has one.
     fn gateway_counters(&self) -> Option<fleetcast_proto::admin::GatewayCounters> {
         None

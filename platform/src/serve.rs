@@ -101,6 +101,10 @@ impl SessionControl for GatewaySessions {
         self.0.take_reports(sink)
     }
 
+    fn take_admin(&self, sink: fleetcast_broker::AdminSink) -> bool {
+        self.0.take_admin(sink)
+    }
+
     fn gateway_counters(&self) -> Option<fleetcast_proto::admin::GatewayCounters> {
         let s = self.0.stats();
         Some(fleetcast_proto::admin::GatewayCounters {
@@ -243,6 +247,30 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
         tracing::debug!("chunk requests taken in process from the gateway");
     }
     let (admin_tx, admin_rx) = mpsc::channel(8192);
+    // On the embedded broker, operators' requests and upload parts and integrators' requests
+    // come from the gateway in process, and wait for room in the admin queue (over MQTT a full
+    // queue drops them: `dispatch` must not wait).
+    let (gateway_admin_tx, mut gateway_admin_rx) = mpsc::channel::<MqttEvent>(64);
+    if ctx.sessions.take_admin(gateway_admin_tx) {
+        let (topics, admin, stop) = (ctx.topics.clone(), admin_tx.clone(), tasks_stop.clone());
+        tasks.spawn(async move {
+            loop {
+                let event = tokio::select! {
+                    _ = stop.cancelled() => break,
+                    e = gateway_admin_rx.recv() => match e { Some(e) => e, None => break },
+                };
+                let MqttEvent::Publish(p) = event else {
+                    continue;
+                };
+                if let Some(input) = admin_input(&topics, p) {
+                    if admin.send(input).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            ("admin from the gateway", Ok(()))
+        });
+    }
     tasks.spawn({
         let (ctx, stop) = (ctx.clone(), tasks_stop.clone());
         async move {
@@ -350,36 +378,34 @@ async fn dispatch(
                 tracing::warn!(error = %e, "serve connection lost; reconnecting")
             }
             MqttEvent::Publish(p) => {
+                let topic = p.topic.clone();
                 let full = match topics.parse(&p.topic) {
                     Some(Route::ChunkRequest(m)) => chunks.try_send((m, p.payload)).is_err(),
-                    Some(Route::AdminRequest(client)) => admin
-                        .try_send(AdminInput::Request {
-                            client,
-                            payload: p.payload,
-                        })
-                        .is_err(),
-                    Some(Route::IntegratorEventsGet(client)) => admin
-                        .try_send(AdminInput::IntegratorEvents {
-                            client,
-                            payload: p.payload,
-                        })
-                        .is_err(),
-                    Some(Route::AdminUpload(client)) => admin
-                        .try_send(AdminInput::Upload {
-                            client,
-                            payload: p.payload,
-                        })
-                        .is_err(),
-                    _ => {
-                        tracing::debug!(topic = %p.topic, "unexpected topic on the serve connection");
-                        false
-                    }
+                    _ => match admin_input(&topics, p) {
+                        Some(input) => admin.try_send(input).is_err(),
+                        None => {
+                            tracing::debug!(topic = %topic, "unexpected topic on the serve connection");
+                            false
+                        }
+                    },
                 };
                 if full {
-                    tracing::warn!(topic = %p.topic, "queue full: message dropped (the sender retries)");
+                    tracing::warn!(topic = %topic, "queue full: message dropped (the sender retries)");
                 }
             }
             MqttEvent::PubAck(_) | MqttEvent::Sent(_) | MqttEvent::SubAck(_) => {}
         }
     }
+}
+
+/// What the admin task makes of a publish on an operator's request or upload topic or an
+/// integrator's request topic; `None` for any other topic.
+fn admin_input(topics: &Topics, p: rumqttc::Publish) -> Option<AdminInput> {
+    let payload = p.payload;
+    Some(match topics.parse(&p.topic)? {
+        Route::AdminRequest(client) => AdminInput::Request { client, payload },
+        Route::IntegratorEventsGet(client) => AdminInput::IntegratorEvents { client, payload },
+        Route::AdminUpload(client) => AdminInput::Upload { client, payload },
+        _ => return None,
+    })
 }

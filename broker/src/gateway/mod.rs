@@ -74,7 +74,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use limit::{Rate, RateLimit};
-pub use registry::{ChunkRequestSink, GatewayHandle, GatewayStats, ReportSink};
+pub use registry::{AdminSink, ChunkRequestSink, GatewayHandle, GatewayStats, ReportSink};
 
 use crate::client::BrokerUrl;
 use crate::embedded::{start_on_free_port, BrokerError, BrokerSettings, EmbeddedBroker};

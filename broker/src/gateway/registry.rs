@@ -60,6 +60,9 @@ pub(crate) struct Registry {
     /// Where machines' reports (status events, state, `online`) go in process, if the
     /// platform took them ([`GatewayHandle::take_reports`]).
     reports: std::sync::OnceLock<ReportSink>,
+    /// Where operators' admin requests and upload parts and integrators' requests for events
+    /// go in process, if the platform took them ([`GatewayHandle::take_admin`]).
+    admin: std::sync::OnceLock<AdminSink>,
     /// Each rate-limited principal's buckets, kept across its connections.
     limiters: Mutex<Limiters>,
 }
@@ -81,6 +84,10 @@ pub type ChunkRequestSink = tokio::sync::mpsc::Sender<(fleetcast_proto::MachineI
 /// connection would have received it over MQTT (topic, QoS and payload as the machine sent
 /// them; never flagged retained: it is the live message).
 pub type ReportSink = tokio::sync::mpsc::Sender<crate::MqttEvent>;
+
+/// An operator's admin request or upload part, or an integrator's request for events, as the
+/// platform's serve connection would have received it over MQTT.
+pub type AdminSink = tokio::sync::mpsc::Sender<crate::MqttEvent>;
 
 impl Registry {
     /// The buckets of `username` (new ones at `limit` the first time), if a connection of it
@@ -132,7 +139,19 @@ impl Registry {
     /// `false` if the platform did not take reports or has stopped (the report goes through
     /// the broker then).
     pub(crate) async fn report(&self, publish: rumqttc::Publish) -> bool {
-        match self.reports.get() {
+        Self::hand_on(self.reports.get(), publish).await
+    }
+
+    /// As [`Self::report`], for an operator's or integrator's message to the platform.
+    pub(crate) async fn admin(&self, publish: rumqttc::Publish) -> bool {
+        Self::hand_on(self.admin.get(), publish).await
+    }
+
+    async fn hand_on(
+        sink: Option<&tokio::sync::mpsc::Sender<crate::MqttEvent>>,
+        publish: rumqttc::Publish,
+    ) -> bool {
+        match sink {
             Some(sink) => sink.send(crate::MqttEvent::Publish(publish)).await.is_ok(),
             None => false,
         }
@@ -361,6 +380,18 @@ impl GatewayHandle {
     /// taken.
     pub fn take_reports(&self, sink: ReportSink) -> bool {
         self.registry.reports.set(sink).is_ok()
+    }
+
+    /// From now on, operators' admin requests and upload parts (`admin/{client}/request` and
+    /// `/upload`) and integrators' requests for events (`integrators/{client}/events/get`),
+    /// each from the session of that client, go to `sink`, and the gateway sends a QoS 1
+    /// one's PUBACK once it is queued there, instead of through rumqttd and the platform's
+    /// serve connection. Through rumqttd every upload part was copied into a log of 4 MiB for
+    /// the upload filter, kept for ever once filled, and a full queue on the platform's side
+    /// dropped parts the operator then had to send again; a full `sink` holds the sender up
+    /// instead (it stops reading its socket). Once only; `false` if they were already taken.
+    pub fn take_admin(&self, sink: AdminSink) -> bool {
+        self.registry.admin.set(sink).is_ok()
     }
 
     /// Delivers `payload` as a QoS 0 PUBLISH on `topic` to every session whose subscription

@@ -416,6 +416,14 @@ struct Session<'a> {
     limiter: Option<SharedLimiter>,
 }
 
+/// What a publish for the platform is, for [`Session::to_platform`].
+enum Inbound {
+    /// A machine's status event, state or `online`, on that machine's topic.
+    Report(fleetcast_proto::MachineId),
+    /// An operator's admin request or upload part, or an integrator's request for events.
+    Admin,
+}
+
 /// Packet ids of QoS 1 deliveries to the client not yet acknowledged. rumqttd's router drops
 /// a session that acknowledges an id it did not send, and a router that drops a session
 /// itself can crash on that session's next event (see `Registry::claim`), so the gateway
@@ -508,7 +516,18 @@ impl Session<'_> {
                     }
                     Some(
                         Route::Status(machine) | Route::State(machine) | Route::Online(machine),
-                    ) => match self.report(packet, machine, qos_pkid).await {
+                    ) => match self
+                        .to_platform(packet, Inbound::Report(machine), qos_pkid)
+                        .await
+                    {
+                        Ok(packet) => packet,
+                        Err(end) => return end,
+                    },
+                    Some(
+                        Route::AdminRequest(_)
+                        | Route::AdminUpload(_)
+                        | Route::IntegratorEventsGet(_),
+                    ) => match self.to_platform(packet, Inbound::Admin, qos_pkid).await {
                         Ok(packet) => packet,
                         Err(end) => return end,
                     },
@@ -683,22 +702,28 @@ impl Session<'_> {
         }
     }
 
-    /// A report (`packet`, on `machine`'s status, state or `online` topic) goes to the
-    /// platform in process if it is the machine's own and the platform took them
-    /// ([`super::GatewayHandle::take_reports`]), and the gateway answers a QoS 1 one with its
-    /// PUBACK; `Ok(None)` then. Otherwise it comes back, for the broker. [`Self::check`] has
-    /// already held the topic to this session's principal.
-    async fn report(
+    /// A publish for the platform (`packet`: a machine's report, an operator's admin request
+    /// or upload part, an integrator's request for events) goes to the platform in process if
+    /// the sender is who the topic says and the platform took such messages
+    /// ([`super::GatewayHandle::take_reports`], [`super::GatewayHandle::take_admin`]), and the
+    /// gateway answers a QoS 1 one with its PUBACK once it is queued there; `Ok(None)` then.
+    /// Otherwise it comes back, for the broker. [`Self::check`] has already held the topic to
+    /// this session's principal (an operator's or integrator's to its own client id).
+    async fn to_platform(
         &self,
         packet: Packet,
-        machine: fleetcast_proto::MachineId,
+        inbound: Inbound,
         qos_pkid: Option<(u8, Option<u16>)>,
     ) -> Result<Option<Packet>, End> {
         let Packet::Publish(publish, _) = &packet else {
             return Ok(Some(packet));
         };
-        if !matches!(self.principal, fleetcast_proto::acl::Principal::Machine { id, .. } if *id == machine)
-        {
+        let sender_is_owner = match (&inbound, self.principal) {
+            (Inbound::Report(machine), Principal::Machine { id, .. }) => id == machine,
+            (Inbound::Admin, Principal::Operator { .. } | Principal::Integrator { .. }) => true,
+            _ => false,
+        };
+        if !sender_is_owner {
             return Ok(Some(packet));
         }
         let (qos, pkid) = match qos_pkid {
@@ -710,8 +735,12 @@ impl Session<'_> {
         let Ok(topic) = std::str::from_utf8(&publish.topic) else {
             return Ok(Some(packet));
         };
-        let report = rumqttc::Publish::from_bytes(topic, qos, publish.payload.clone());
-        if !self.shared.registry.report(report).await {
+        let message = rumqttc::Publish::from_bytes(topic, qos, publish.payload.clone());
+        let taken = match inbound {
+            Inbound::Report(_) => self.shared.registry.report(message).await,
+            Inbound::Admin => self.shared.registry.admin(message).await,
+        };
+        if !taken {
             return Ok(Some(packet));
         }
         if let Some(pkid) = pkid {

@@ -28,7 +28,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::{assert_refused, connected, next_connected, next_publish, subscribe};
+use super::{assert_refused, connected, connected_with, next_connected, next_publish, subscribe};
 
 const PLATFORM: &str = "fleetcast-platform";
 const WAIT: Duration = Duration::from_secs(5);
@@ -1055,6 +1055,97 @@ async fn state_and_online_go_to_the_platform_in_process() {
         vm2_is_closed_for_publishing_on(&gw, &topic, what).await;
     }
     assert!(taken.try_recv().is_err(), "nothing forged was handed on");
+}
+
+/// Operators' admin requests and upload parts and integrators' requests for events go to the
+/// platform in process too, none through rumqttd (whose log for upload parts kept 4 MiB of
+/// them for ever), and a QoS 1 one is acknowledged only once queued there: a full queue holds
+/// the sender up instead of dropping parts. Another operator's topic is still a violation.
+#[tokio::test]
+async fn admin_messages_go_to_the_platform_in_process_and_wait_for_room() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let (platform, mut through_rumqttd) = platform_watching(&gw, "fleet/admin/+/+").await;
+    subscribe(
+        &platform,
+        &mut through_rumqttd,
+        "fleet/integrators/+/events/get",
+    )
+    .await;
+    // Room for one: the second message waits in the gateway, and so does its PUBACK.
+    let (sink, mut taken) = mpsc::channel(1);
+    assert!(gw.secured.handle().take_admin(sink.clone()));
+    assert!(!gw.secured.handle().take_admin(sink), "taken once only");
+    let session = "fleetcast-op-alice.a";
+    let mut o = client::options(&gw.url(), session, None);
+    o.set_credentials("fleetcast-op-alice", "pw-fleetcast-op-alice");
+    let (operator, mut operator_rx) = connected_with(o, &gw.shutdown);
+    next_connected(&mut operator_rx)
+        .await
+        .expect("operator connects");
+    let sent = [
+        (topics.admin_request(session), "request"),
+        (topics.admin_upload(session), "part-0"),
+        (topics.admin_upload(session), "part-1"),
+    ];
+    for (topic, payload) in &sent {
+        operator
+            .publish(topic, QoS::AtLeastOnce, false, *payload)
+            .await
+            .unwrap();
+    }
+    let mut acked = 0;
+    for (taken_before, (topic, payload)) in sent.iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        acked += std::iter::from_fn(|| operator_rx.try_recv().ok())
+            .filter(|e| matches!(e, MqttEvent::PubAck(_)))
+            .count();
+        assert_eq!(acked, taken_before + 1, "PUBACKs with {taken_before} taken");
+        let Some(MqttEvent::Publish(p)) = tokio::time::timeout(WAIT, taken.recv()).await.unwrap()
+        else {
+            panic!("{payload} reaches the sink")
+        };
+        assert_eq!(
+            (p.topic.as_str(), p.qos, &p.payload[..]),
+            (topic.as_str(), QoS::AtLeastOnce, payload.as_bytes())
+        );
+    }
+    let (erp, mut erp_rx) = connected(
+        &gw.url(),
+        "fleetcast-int-erp",
+        Some("pw-fleetcast-int-erp"),
+        &gw.shutdown,
+    );
+    next_connected(&mut erp_rx)
+        .await
+        .expect("integrator connects");
+    let get = topics.integrator_events_get("fleetcast-int-erp");
+    erp.publish(&get, QoS::AtLeastOnce, false, "get")
+        .await
+        .unwrap();
+    let got = next_publish(&mut taken, WAIT, "the integrator's request").await;
+    assert_eq!(got.topic, get);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        publishes(&mut through_rumqttd),
+        0,
+        "none went through rumqttd"
+    );
+    let (bob, _) = Raw::connect(
+        gw.plain(),
+        login(
+            "fleetcast-op-bob",
+            "fleetcast-op-bob",
+            "pw-fleetcast-op-bob",
+        ),
+    )
+    .await;
+    bob.closed_after(
+        raw_publish(&topics.admin_upload(session), false, b"forged"),
+        "an upload part on another operator's topic",
+    )
+    .await;
+    assert!(taken.try_recv().is_err(), "the forged part was handed on");
 }
 
 /// vm-1 publishes each of `payloads` on its status topic as fast as it can, with the platform
