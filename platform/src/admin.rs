@@ -367,6 +367,9 @@ impl Admin {
     }
 
     async fn send_response(&self, client: &str, topic: String, payload: Vec<u8>) {
+        if self.ctx.sessions.reply(&topic, &payload) {
+            return;
+        }
         if let Err(e) = self
             .ctx
             .mqtt

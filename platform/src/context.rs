@@ -133,6 +133,11 @@ pub trait SessionControl: Send + Sync {
     fn take_admin(&self, _sink: fleetcast_broker::AdminSink) -> bool {
         false
     }
+    /// Hands the platform's answer on an operator's reply topic or an integrator's event topic
+    /// to its subscriber in process, if this broker can (`false`: publish it over MQTT).
+    fn reply(&self, _topic: &str, _payload: &[u8]) -> bool {
+        false
+    }
     /// The gateway's counters, if this broker has one.
     fn gateway_counters(&self) -> Option<fleetcast_proto::admin::GatewayCounters> {
         None

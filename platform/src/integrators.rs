@@ -75,6 +75,9 @@ impl Integrators {
         let topic = ctx.topics.integrator_events(client);
         let limit = MAX_JSON_MESSAGE.min(response_limit(&topic));
         let payload = signed_batch(&ctx.keys().platform, client, req.since, events, more, limit)?;
+        if ctx.sessions.reply(&topic, &payload) {
+            return Ok(());
+        }
         ctx.mqtt
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await

@@ -105,6 +105,10 @@ impl SessionControl for GatewaySessions {
         self.0.take_admin(sink)
     }
 
+    fn reply(&self, topic: &str, payload: &[u8]) -> bool {
+        self.0.reply(topic, payload)
+    }
+
     fn gateway_counters(&self) -> Option<fleetcast_proto::admin::GatewayCounters> {
         let s = self.0.stats();
         Some(fleetcast_proto::admin::GatewayCounters {

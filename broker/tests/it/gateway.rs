@@ -1148,6 +1148,50 @@ async fn admin_messages_go_to_the_platform_in_process_and_wait_for_room() {
     assert!(taken.try_recv().is_err(), "the forged part was handed on");
 }
 
+/// The platform's answers on an operator's reply topic (and an integrator's event topic) can
+/// be handed to the gateway in process: they reach the subscribed session as the relay's would
+/// (QoS 0), and nothing of them goes through rumqttd, whose read buffer for the platform's
+/// connection grew to each large answer's size and was then kept alive by every small
+/// retained message read into it.
+#[tokio::test]
+async fn answers_reach_the_operator_in_process() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let (_platform, mut through_rumqttd) = platform_watching(&gw, "fleet/admin/+/response").await;
+    let session = "fleetcast-op-alice.a";
+    let mut o = client::options(&gw.url(), session, None);
+    o.set_credentials("fleetcast-op-alice", "pw-fleetcast-op-alice");
+    let (operator, mut operator_rx) = connected_with(o, &gw.shutdown);
+    next_connected(&mut operator_rx)
+        .await
+        .expect("operator connects");
+    let reply = topics.admin_response(session);
+    subscribe(&operator, &mut operator_rx, &reply).await;
+    let big = vec![b'x'; 300 * 1024];
+    assert!(gw.secured.handle().reply(&reply, &big));
+    let got = next_publish(&mut operator_rx, WAIT, "the answer").await;
+    assert_eq!(
+        (got.topic.as_str(), got.payload.len()),
+        (reply.as_str(), big.len())
+    );
+    // Another operator's reply topic: the answer goes to no one else.
+    assert!(gw
+        .secured
+        .handle()
+        .reply(&topics.admin_response("fleetcast-op-alice.b"), b"not yours"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(
+        publishes(&mut operator_rx),
+        0,
+        "only its own answer reaches a session"
+    );
+    assert_eq!(
+        publishes(&mut through_rumqttd),
+        0,
+        "none went through rumqttd"
+    );
+}
+
 /// vm-1 publishes each of `payloads` on its status topic as fast as it can, with the platform
 /// taking status events in process; how many reach the platform in two seconds. vm-1 must
 /// stay connected.
