@@ -123,6 +123,16 @@ impl Gateway {
         (c, rx)
     }
 
+    /// Operator alice through the gateway as client id `session` (`fleetcast-op-alice[.s]`),
+    /// connected.
+    async fn operator(&self, session: &str) -> Client {
+        let mut o = client::options(&self.url(), session, None);
+        o.set_credentials("fleetcast-op-alice", "pw-fleetcast-op-alice");
+        let (c, mut rx) = connected_with(o, &self.shutdown);
+        next_connected(&mut rx).await.expect("operator connects");
+        (c, rx)
+    }
+
     /// A machine through the gateway with its own credentials, connected.
     async fn machine(&self, id: &str) -> Client {
         let (c, mut rx) = connected(&self.url(), id, Some(&format!("pw-{id}")), &self.shutdown);
@@ -1077,12 +1087,7 @@ async fn admin_messages_go_to_the_platform_in_process_and_wait_for_room() {
     assert!(gw.secured.handle().take_admin(sink.clone()));
     assert!(!gw.secured.handle().take_admin(sink), "taken once only");
     let session = "fleetcast-op-alice.a";
-    let mut o = client::options(&gw.url(), session, None);
-    o.set_credentials("fleetcast-op-alice", "pw-fleetcast-op-alice");
-    let (operator, mut operator_rx) = connected_with(o, &gw.shutdown);
-    next_connected(&mut operator_rx)
-        .await
-        .expect("operator connects");
+    let (operator, mut operator_rx) = gw.operator(session).await;
     let sent = [
         (topics.admin_request(session), "request"),
         (topics.admin_upload(session), "part-0"),
@@ -1159,12 +1164,7 @@ async fn answers_reach_the_operator_in_process() {
     let topics = Topics::default();
     let (_platform, mut through_rumqttd) = platform_watching(&gw, "fleet/admin/+/response").await;
     let session = "fleetcast-op-alice.a";
-    let mut o = client::options(&gw.url(), session, None);
-    o.set_credentials("fleetcast-op-alice", "pw-fleetcast-op-alice");
-    let (operator, mut operator_rx) = connected_with(o, &gw.shutdown);
-    next_connected(&mut operator_rx)
-        .await
-        .expect("operator connects");
+    let (operator, mut operator_rx) = gw.operator(session).await;
     let reply = topics.admin_response(session);
     subscribe(&operator, &mut operator_rx, &reply).await;
     let big = vec![b'x'; 300 * 1024];
