@@ -134,7 +134,8 @@ pub trait SessionControl: Send + Sync {
         false
     }
     /// Hands the platform's answer on an operator's reply topic or an integrator's event topic
-    /// to its subscriber in process, if this broker can (`false`: publish it over MQTT).
+    /// to its subscriber in process, if this broker can and that subscriber is the gateway's
+    /// (`false`: publish it over MQTT).
     fn reply(&self, _topic: &str, _payload: &[u8]) -> bool {
         false
     }

@@ -396,20 +396,23 @@ impl GatewayHandle {
 
     /// Hands the platform's answer `payload` on an operator's reply topic or an integrator's
     /// event topic (`topic`, which must be one: the gateway serves these by exact filter) to
-    /// the session subscribed to it, as the relay hands on what the platform publishes there
-    /// through rumqttd (QoS 0, not kept; nobody subscribed: dropped, as there). Through rumqttd
-    /// an answer of a few hundred KiB (a page of targets, of events) grew the read buffer of
-    /// the platform's connection in rumqttd to its size, and every small retained message read
+    /// the session subscribed to it through the gateway, as the relay hands on what the
+    /// platform publishes there through rumqttd (QoS 0, not kept). Through rumqttd an answer
+    /// of a few hundred KiB (a page of targets, of events) grew the read buffer of the
+    /// platform's connection in rumqttd to its size, and every small retained message read
     /// into that buffer after it (a rollout's progress: one topic per rollout, kept for ever)
     /// kept the whole buffer alive: about 0.6 MB more per 1,000-machine rollout (heaptrack,
-    /// rollouts 10 to 30). `false` if the answer cannot be encoded.
+    /// rollouts 10 to 30). `false` if no session took it here, so the caller publishes it
+    /// through rumqttd: nobody is subscribed (it is dropped there too), or the subscriber named
+    /// the topic in a SUBSCRIBE together with filters rumqttd serves (the documented Python
+    /// integrator does), which the gateway hands to rumqttd whole, or it cannot be encoded.
     pub fn reply(&self, topic: &str, payload: &[u8]) -> bool {
         match super::frames::publish_packet(topic, payload, false) {
             Ok(live) => {
                 self.registry
                     .fanout
-                    .serve(topic, topic, super::fanout::Keep::Nothing, &live);
-                true
+                    .serve(topic, topic, super::fanout::Keep::Nothing, &live)
+                    > 0
             }
             Err(e) => {
                 tracing::warn!(topic, error = %e, "cannot encode an answer for delivery");

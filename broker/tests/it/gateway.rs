@@ -1174,8 +1174,9 @@ async fn answers_reach_the_operator_in_process() {
         (got.topic.as_str(), got.payload.len()),
         (reply.as_str(), big.len())
     );
-    // Another operator's reply topic: the answer goes to no one else.
-    assert!(gw
+    // Another session's reply topic, which nobody subscribed to through the gateway: nobody
+    // takes it here (the platform publishes it through rumqttd then), and not this session.
+    assert!(!gw
         .secured
         .handle()
         .reply(&topics.admin_response("fleetcast-op-alice.b"), b"not yours"));
@@ -1190,6 +1191,33 @@ async fn answers_reach_the_operator_in_process() {
         0,
         "none went through rumqttd"
     );
+
+    // A session naming its reply topic in one SUBSCRIBE with a filter rumqttd serves (as the
+    // documented Python integrator does) is subscribed on rumqttd, not here: `reply` says so,
+    // and what the platform then publishes through rumqttd reaches it.
+    let session = "fleetcast-op-alice.b";
+    let (mixed, mut mixed_rx) = gw.operator(session).await;
+    let reply = topics.admin_response(session);
+    mixed
+        .subscribe_many([
+            rumqttc::SubscribeFilter::new(reply.clone(), QoS::AtLeastOnce),
+            rumqttc::SubscribeFilter::new("fleet/rollouts/+/progress".into(), QoS::AtLeastOnce),
+        ])
+        .await
+        .unwrap();
+    tokio::time::timeout(WAIT, async {
+        while !matches!(mixed_rx.recv().await, Some(MqttEvent::SubAck(_))) {}
+    })
+    .await
+    .expect("SUBACK");
+    assert!(!gw.secured.handle().reply(&reply, b"through rumqttd"));
+    let (platform, _) = gw.platform(PLATFORM).await;
+    platform
+        .publish(&reply, QoS::AtLeastOnce, false, "through rumqttd")
+        .await
+        .unwrap();
+    let got = next_publish(&mut mixed_rx, WAIT, "the answer through rumqttd").await;
+    assert_eq!(got.payload[..], b"through rumqttd"[..]);
 }
 
 /// vm-1 publishes each of `payloads` on its status topic as fast as it can, with the platform

@@ -50,6 +50,48 @@ async fn embedded() -> Embedded {
     }
 }
 
+/// The documented Python integrator through the embedded broker as `serve` runs it: it names
+/// its answer topic in one SUBSCRIBE with `fleet/events` and the progress topics, which the
+/// gateway hands to rumqttd whole, so the platform's answer must reach it through rumqttd
+/// (answering in process only to the gateway's own subscriptions left it waiting 30 s for an
+/// answer that never came, and the demo with it).
+#[tokio::test]
+async fn the_documented_python_integrator_catches_up_through_the_gateway() {
+    if !super::security::python_with_mqtt() {
+        return;
+    }
+    let Embedded {
+        dir,
+        data_dir,
+        platform,
+        plain,
+        ..
+    } = embedded().await;
+    let admin = super::admin(&plain, &data_dir).await;
+    upload(&admin, dir.path(), "a.bin", &data(3000, 7), "1.0")
+        .await
+        .unwrap();
+    let mut vm = provision(&admin, &plain, "vm-001", &[]).await;
+    let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
+    super::security::install(&admin, &mut vm, &r.id, "1.0").await;
+    let (events, kept) =
+        super::security::integrator_catch_up(&admin, &plain, dir.path(), &[]).await;
+    let phases: Vec<&str> = events.iter().filter_map(|e| e["phase"].as_str()).collect();
+    assert_eq!(
+        phases,
+        [
+            "notified",
+            "downloading",
+            "downloaded",
+            "installing",
+            "installed"
+        ]
+    );
+    assert_eq!(kept, "5");
+    admin.close().await;
+    platform.stop().await;
+}
+
 /// Waits until the broker ends `peer`'s connection.
 async fn closed(peer: &mut Peer, what: &str) {
     peer.wait_event(what, |e| {

@@ -563,7 +563,7 @@ async fn a_rotated_key_is_announced_under_the_old_one_and_signs_every_desired_no
 
 /// Whether `python3` with paho-mqtt and cryptography is here. `scripts/test.sh` installs them
 /// and sets FLEETCAST_REQUIRE_PYTHON=1, so in CI a missing one fails instead of skipping.
-fn python_with_mqtt() -> bool {
+pub(super) fn python_with_mqtt() -> bool {
     let ok = std::process::Command::new("python3")
         .args(["-c", "import paho.mqtt.client, cryptography"])
         .status()
@@ -580,7 +580,7 @@ fn python_with_mqtt() -> bool {
 
 /// Runs scripts/integrator.py `--once` (with `args`) as a new integrator "erp" of the platform
 /// at `url`, in `dir`: the events it printed, each as JSON, and the last id it kept.
-async fn integrator_catch_up(
+pub(super) async fn integrator_catch_up(
     admin: &AdminClient,
     url: &BrokerUrl,
     dir: &Path,
