@@ -82,7 +82,10 @@ def main():
             # Live events wait until the catch-up is done: shown first, they would move `last`
             # past stored events not fetched yet.
             caught_up.clear()
-            c.subscribe([(cfg["response_topic"], 1), (cfg["events_topic"], 1), (cfg["progress_topic"], 1)])
+            # The answer topic alone first: on the embedded broker the platform then hands its
+            # answers to this connection itself (docs/integrators.md).
+            c.subscribe([(cfg["response_topic"], 1)])
+            c.subscribe([(cfg["events_topic"], 1), (cfg["progress_topic"], 1)])
         connected.set()
 
     def on_message(c, _userdata, msg):

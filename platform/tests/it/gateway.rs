@@ -50,11 +50,13 @@ async fn embedded() -> Embedded {
     }
 }
 
-/// The documented Python integrator through the embedded broker as `serve` runs it: it names
-/// its answer topic in one SUBSCRIBE with `fleet/events` and the progress topics, which the
-/// gateway hands to rumqttd whole, so the platform's answer must reach it through rumqttd
-/// (answering in process only to the gateway's own subscriptions left it waiting 30 s for an
-/// answer that never came, and the demo with it).
+/// The documented Python integrator through the embedded broker as `serve` runs it. It once
+/// named its answer topic in one SUBSCRIBE with `fleet/events` and the progress topics, which
+/// the gateway hands to rumqttd whole, and answering in process only to the gateway's own
+/// subscriptions left it waiting 30 s for an answer that never came (and the demo with it):
+/// such a client gets its answers through rumqttd now (broker test
+/// `gateway::answers_reach_the_operator_in_process`), and the script subscribes to its answer
+/// topic alone.
 #[tokio::test]
 async fn the_documented_python_integrator_catches_up_through_the_gateway() {
     if !super::security::python_with_mqtt() {
