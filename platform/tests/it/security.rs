@@ -580,7 +580,7 @@ pub(super) fn python_with_mqtt() -> bool {
 
 /// Runs scripts/integrator.py `--once` (with `args`) as a new integrator "erp" of the platform
 /// at `url`, in `dir`: the events it printed, each as JSON, and the last id it kept.
-pub(super) async fn integrator_catch_up(
+async fn integrator_catch_up(
     admin: &AdminClient,
     url: &BrokerUrl,
     dir: &Path,
@@ -634,13 +634,25 @@ async fn the_documented_python_integrator_catches_up_and_verifies_every_event() 
         admin,
         ..
     } = env(&url).await;
-    upload(&admin, dir.path(), "a.bin", &data(3000, 7), "1.0")
+    python_integrator_sees_one_install(&admin, &url, dir.path()).await;
+    admin.close().await;
+    platform.stop().await;
+}
+
+/// One machine installs one release through the platform at `url`; then scripts/integrator.py
+/// catches up and shows its five events, each verified, and keeps the last id.
+pub(super) async fn python_integrator_sees_one_install(
+    admin: &AdminClient,
+    url: &BrokerUrl,
+    dir: &Path,
+) {
+    upload(admin, dir, "a.bin", &data(3000, 7), "1.0")
         .await
         .unwrap();
-    let mut vm = provision(&admin, &url, "vm-001", &[]).await;
-    let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
-    install(&admin, &mut vm, &r.id, "1.0").await;
-    let (events, kept) = integrator_catch_up(&admin, &url, dir.path(), &[]).await;
+    let mut vm = provision(admin, url, "vm-001", &[]).await;
+    let r = release(admin, "1.0", &["vm-001"], &[]).await.release;
+    install(admin, &mut vm, &r.id, "1.0").await;
+    let (events, kept) = integrator_catch_up(admin, url, dir, &[]).await;
     let phases: Vec<&str> = events.iter().filter_map(|e| e["phase"].as_str()).collect();
     assert_eq!(
         phases,
@@ -653,8 +665,6 @@ async fn the_documented_python_integrator_catches_up_and_verifies_every_event() 
         ]
     );
     assert_eq!(kept, "5");
-    admin.close().await;
-    platform.stop().await;
 }
 
 /// A catch-up longer than the platform's burst of 20 requests (40 pages of one event): the
