@@ -150,9 +150,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             topic_prefix,
             ca_file,
         } => {
-            // One socket per simulated machine.
-            if let Err(e) = fleetcast_broker::fdlimit::raise_open_file_limit() {
-                tracing::warn!(error = %e, "cannot raise the open-file limit");
+            // One socket per simulated machine, and the files their agents write.
+            let needed = fleetcast_device::simulate::open_files_needed(count);
+            match fleetcast_broker::fdlimit::raise_open_file_limit() {
+                Ok(limit) if limit < needed => eprintln!(
+                    "warning: {count} simulated machines need about {needed} open files at their \
+                     peaks and this process may open {limit} (ulimit -Hn): machines will fail \
+                     to write their state and statuses (\"Too many open files\"); raise the \
+                     limit or simulate fewer per process"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "cannot raise the open-file limit"),
             }
             let opts = SimulateOptions {
                 count,
