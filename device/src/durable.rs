@@ -350,6 +350,8 @@ mod tests {
                 let mut peak = 0;
                 while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                     peak = peak.max(open_fds());
+                    // The files of a batch stay staged for its whole commit (a second or more).
+                    std::thread::sleep(Duration::from_millis(1));
                 }
                 peak
             })

@@ -91,7 +91,7 @@ pub fn group_of(index: usize, groups: &[GroupId]) -> Option<GroupId> {
 /// thousands install together, plus the process's own. Measured on 2026-11-28 under a limit of
 /// 20,000: 15,000 machines (7,502 of them installing) peaked at 16,534 descriptors in a
 /// half-second sampling and still failed one open ("Too many open files"); 10,000 machines
-/// (5,002 installing) finished with every one installed (the open-file errors not counted).
+/// (5,002 installing) all installed (whether any open failed there was not looked at).
 pub fn open_files_needed(count: usize) -> u64 {
     let count = count as u64;
     count + count / 3 + 500
