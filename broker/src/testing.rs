@@ -58,6 +58,11 @@ impl Mosquitto {
         })
     }
 
+    /// The broker's process id (benchmarks read its CPU time and memory).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Replaces the password and ACL files; [`Mosquitto::reload`] makes mosquitto read them.
     pub fn rewrite_files(&self, files: &MosquittoFiles) -> std::io::Result<()> {
         write_files(self.dir.path(), files)

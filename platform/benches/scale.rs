@@ -14,7 +14,10 @@
 //! 4. Rollouts (`SCALE_ROLLOUTS`, default 10 at N = 1,000 and 1 otherwise): upload, create,
 //!    publish to the fleet's groups; time from the publish request until the last `installed`
 //!    event (platform clock); notice → `notified` latency per machine; platform egress from
-//!    `fleetcast stats --json`; RSS of `serve` and the simulator after each.
+//!    `fleetcast stats --json`; RSS of `serve` and the simulator after each; the CPU time of
+//!    the server side (`serve`, and Mosquitto when it is the broker) and of the simulator from
+//!    the publish to the last `installed`, beside the raw baseline's (the server side's, and
+//!    the bench process's for its subscribers) over its transfer.
 //!
 //! `SCALE_DOWNLOAD_MB=200` instead runs one machine and one artifact of that size (item 7's
 //! shape) and reports the machine's `downloading` → `downloaded` time beside raw pub/sub of the
@@ -34,8 +37,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use common::{
-    artifact_bytes, now_ms, percentile, raw_fanout, stat_u64, EventFeed, Mem, Platform, Proc,
-    RawResult,
+    artifact_bytes, cpu_of, now_ms, percentile, raw_fanout, stat_u64, EventFeed, Mem, Platform,
+    Proc, RawResult, RawSend,
 };
 use fleetcast_broker::mosquitto::{mosquitto_files, BrokerIdentity, MosquittoFiles};
 use fleetcast_broker::testing::Mosquitto;
@@ -75,6 +78,10 @@ struct Rollout {
     egress_bytes: Option<u64>,
     serve: Mem,
     sim: Mem,
+    /// CPU time (user + system) from the publish until the last `installed` was seen: `serve`
+    /// (and Mosquitto when it is the broker), and the simulator.
+    server_cpu: Option<Duration>,
+    sim_cpu: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -307,6 +314,10 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
     };
     let mut p = Platform::start(dir, mosquitto.as_ref().map(|m| &m.url)).await?;
     eprintln!("N={n}: platform up on {}", p.url);
+    // The server side whose CPU is read: `serve`, and the broker when it is another process.
+    let server_pids: Vec<u32> = std::iter::once(p.proc.pid())
+        .chain(mosquitto.as_ref().map(Mosquitto::pid))
+        .collect();
     tokio::time::sleep(Duration::from_secs(1)).await;
     r.serve_before = p.proc.mem();
 
@@ -322,7 +333,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
     // the platform's inbound log was 1 MiB and lost first states, fixed since.)
     let raw_last = n >= RAW_LAST_FROM;
     if !raw_last {
-        raw_phase(r, &p, mosquitto.as_ref(), dir).await?;
+        raw_phase(r, &p, mosquitto.as_ref(), dir, &server_pids).await?;
     }
 
     // 3. Onboarding. The simulated machines keep their data in memory (tmpfs) when the host
@@ -408,6 +419,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
             .await?;
         let mut feed = EventFeed::at_end(&p).await?;
         let stats_before = p.stats();
+        let cpu_before = cpu_of(&server_pids).zip(cpu_of(&[sim.pid()]));
         let published_ms = now_ms();
         p.publish(&release, vec![], groups.clone()).await?;
         let limit = Duration::from_secs(60)
@@ -455,6 +467,10 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
             sim.check_alive()?;
             tokio::time::sleep(every).await;
         }
+        let cpu_after = cpu_of(&server_pids).zip(cpu_of(&[sim.pid()]));
+        let cpu = cpu_before
+            .zip(cpu_after)
+            .map(|((s0, m0), (s1, m1))| (s1.saturating_sub(s0), m1.saturating_sub(m0)));
         let stats_after = p.stats();
         let mut notified_ms: Vec<u64> = notified
             .values()
@@ -479,6 +495,8 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
                 .map(|(a, b)| a.saturating_sub(b)),
             serve: p.proc.mem(),
             sim: sim.mem(),
+            server_cpu: cpu.map(|(server, _)| server),
+            sim_cpu: cpu.map(|(_, sim)| sim),
         };
         eprintln!(
             "N={n}: rollout {} — {} installed, {} failed, {}{}",
@@ -505,7 +523,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
     drop(sim);
     if raw_last {
         tokio::time::sleep(Duration::from_secs(5)).await;
-        raw_phase(r, &p, mosquitto.as_ref(), dir).await?;
+        raw_phase(r, &p, mosquitto.as_ref(), dir, &server_pids).await?;
     }
     p.admin.close().await;
     drop(p.proc);
@@ -556,6 +574,7 @@ async fn raw_phase(
     p: &Platform,
     mosquitto: Option<&Mosquitto>,
     dir: &Path,
+    server_pids: &[u32],
 ) -> Result<()> {
     let n = r.n;
     let raw_group = GroupId::new("rawbench")?;
@@ -587,10 +606,13 @@ async fn raw_phase(
         &p.url,
         &p.platform_password()?,
         &raw_machines,
-        &raw_topic,
-        &raw_bytes,
-        MSG,
+        RawSend {
+            topic: &raw_topic,
+            payload: &raw_bytes,
+            msg_size: MSG,
+        },
         raw_timeout,
+        server_pids,
     )
     .await
     {
@@ -751,15 +773,16 @@ fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
                 .unwrap_or("—".into()),
         );
     }
+    print_cpu(results, broker);
     for r in results.iter().filter(|r| r.rollouts.len() > 1) {
         println!();
         println!("Rollouts in a row to {} machines (1 MiB each):", r.n);
         println!();
-        println!("| rollout | publish → all `installed` | notified p50 / p99 | egress ÷ artifact | `serve` RSS (VmHWM) | simulator RSS (VmHWM) |");
-        println!("|---|---|---|---|---|---|");
+        println!("| rollout | publish → all `installed` | notified p50 / p99 | egress ÷ artifact | `serve` RSS (VmHWM) | simulator RSS (VmHWM) | CPU: server side / simulator |");
+        println!("|---|---|---|---|---|---|---|");
         for (i, ro) in r.rollouts.iter().enumerate() {
             println!(
-                "| {} | {} | {} | {} | {} ({:.0} MB) | {} ({:.0} MB) |",
+                "| {} | {} | {} | {} | {} ({:.0} MB) | {} ({:.0} MB) | {} / {} |",
                 i + 1,
                 rollout_cell(r.n, Some(ro)),
                 latency_cell(Some(ro)),
@@ -767,7 +790,9 @@ fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
                 mb(ro.serve),
                 ro.serve.hwm_mb(),
                 mb(ro.sim),
-                ro.sim.hwm_mb()
+                ro.sim.hwm_mb(),
+                cpu_cell(ro.server_cpu),
+                cpu_cell(ro.sim_cpu),
             );
         }
         if let (Some(a), Some(b)) = (r.rollouts.first(), r.rollouts.last()) {
@@ -778,6 +803,54 @@ fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
                 (b.serve.rss_kib as f64 / a.serve.rss_kib.max(1) as f64 - 1.0) * 100.0
             );
         }
+    }
+}
+
+fn cpu_cell(d: Option<Duration>) -> String {
+    d.map_or_else(|| "—".into(), |d| format!("{:.2} s", d.as_secs_f64()))
+}
+
+fn cpu_ratio(a: Option<Duration>, b: Option<Duration>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if !b.is_zero() => format!("{:.1}", a.as_secs_f64() / b.as_secs_f64()),
+        _ => "—".into(),
+    }
+}
+
+/// Where the CPU went while the bytes moved, in the raw fan-out and in the first rollout: the
+/// server side against the server side, the receivers against the receivers. The rollout's
+/// wall-clock ratio mixes the two on a host where both share the cores; a real fleet brings a
+/// CPU per machine, so the server side's ratio is what an operator's server pays.
+fn print_cpu(results: &[SizeResult], broker: BrokerKind) {
+    let server = match broker {
+        BrokerKind::Embedded => "`serve` (its embedded broker included)",
+        BrokerKind::Mosquitto => "`serve` and Mosquitto",
+    };
+    println!();
+    println!("CPU time (user + system, seconds of one core) while the artifact moved. Server side: {server}. Receivers: in the raw fan-out the bench process (its N plain subscribers and the publisher), in the rollout the simulator (its N agents requesting, verifying, writing, installing and reporting). Raw: first publish → every subscriber complete; rollout: publish → the last `installed` seen (polled every 0.5-1 s).");
+    println!();
+    println!("| machines | server side: raw fan-out | server side: rollout 1 | ratio | receivers: raw fan-out | simulator: rollout 1 | ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in results {
+        let (raw, first) = (r.raw.as_ref(), r.rollouts.first());
+        let (raw_server, raw_clients) = (
+            raw.and_then(|x| x.server_cpu),
+            raw.and_then(|x| x.clients_cpu),
+        );
+        let (ro_server, ro_sim) = (
+            first.and_then(|f| f.server_cpu),
+            first.and_then(|f| f.sim_cpu),
+        );
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.n,
+            cpu_cell(raw_server),
+            cpu_cell(ro_server),
+            cpu_ratio(ro_server, raw_server),
+            cpu_cell(raw_clients),
+            cpu_cell(ro_sim),
+            cpu_ratio(ro_sim, raw_clients),
+        );
     }
 }
 

@@ -131,6 +131,11 @@ pub fn cpu_time(pid: &str) -> Option<std::time::Duration> {
     Some(std::time::Duration::from_millis(ticks * 10))
 }
 
+/// CPU time the processes `pids` have used together; `None` if any cannot be read.
+pub fn cpu_of(pids: &[u32]) -> Option<std::time::Duration> {
+    pids.iter().map(|p| cpu_time(&p.to_string())).sum()
+}
+
 /// The directory of the `fleetcast` binary built for this bench; `fleetcast-device` must be
 /// built there too (scripts/bench.sh does).
 pub fn fleetcast_bin() -> PathBuf {
@@ -433,6 +438,13 @@ impl EventFeed {
     }
 }
 
+/// What the raw fan-out baseline publishes: `payload` on `topic`, as messages of `msg_size`.
+pub struct RawSend<'a> {
+    pub topic: &'a str,
+    pub payload: &'a [u8],
+    pub msg_size: usize,
+}
+
 /// What the raw fan-out baseline reached.
 #[derive(Debug, Clone)]
 pub struct RawResult {
@@ -444,6 +456,11 @@ pub struct RawResult {
     pub total_bytes: usize,
     /// First publish to the last byte at the last complete subscriber.
     pub time: Duration,
+    /// CPU time (user + system) the processes named in `server_pids` used from the first
+    /// publish until every subscriber was complete (or the timeout): the broker's side.
+    pub server_cpu: Option<Duration>,
+    /// CPU time this process used over the same span: the publisher and the subscribers.
+    pub clients_cpu: Option<Duration>,
 }
 
 impl RawResult {
@@ -480,11 +497,15 @@ pub async fn raw_fanout(
     url: &BrokerUrl,
     platform_password: &str,
     subs: &[ProvisionedMachine],
-    topic: &str,
-    payload: &[u8],
-    msg_size: usize,
+    send: RawSend<'_>,
     timeout: Duration,
+    server_pids: &[u32],
 ) -> Result<RawResult> {
+    let RawSend {
+        topic,
+        payload,
+        msg_size,
+    } = send;
     let filter = topic.to_owned();
     let topic = topic.to_owned();
     let total = payload.len();
@@ -590,6 +611,7 @@ pub async fn raw_fanout(
         .await
         .map_err(|_| anyhow!("raw baseline: the publisher did not connect"))?;
 
+    let cpu_at_start = cpu_of(server_pids).zip(cpu_time("self"));
     let t0 = Instant::now();
     let mut sent = 0;
     for part in payload.chunks(msg_size) {
@@ -615,6 +637,10 @@ pub async fn raw_fanout(
     while complete.load(Ordering::SeqCst) < n && t0.elapsed() < timeout {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let cpu_at_end = cpu_of(server_pids).zip(cpu_time("self"));
+    let cpu = cpu_at_start
+        .zip(cpu_at_end)
+        .map(|((s0, c0), (s1, c1))| (s1.saturating_sub(s0), c1.saturating_sub(c0)));
     // Late bytes after a timeout would not change the verdict.
     let done = complete.load(Ordering::SeqCst);
     let min_bytes = received
@@ -635,6 +661,8 @@ pub async fn raw_fanout(
         min_bytes,
         total_bytes: total,
         time,
+        server_cpu: cpu.map(|(server, _)| server),
+        clients_cpu: cpu.map(|(_, clients)| clients),
     })
 }
 
