@@ -1213,13 +1213,14 @@ fn apply_state(
     }
     info.kinds = st.kinds.clone();
     tx.put_machine(&info)?;
+    let desired = publish::desired_for_machine(tx, m, &info.groups)?;
     after.extend(
-        publish::ensure_group_targets(tx, m, &info.groups, now)?
+        publish::ensure_group_targets(tx, m, &desired, now)?
             .into_iter()
             .map(|release| After::Progress { release }),
     );
     let mut behind = Vec::new();
-    for (kind, notice) in publish::desired_for_machine(tx, m, &info.groups)? {
+    for (kind, notice) in desired {
         let reported = st.kinds.get(&kind).map(|k| k.seq).unwrap_or(0);
         if reported >= notice.seq {
             continue;

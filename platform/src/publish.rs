@@ -425,16 +425,18 @@ pub fn fetchable_artifacts<S: Reads + ?Sized>(
 }
 
 /// Gives `machine` target records for the group releases it should follow but has none for
-/// (a machine that joined a group, or was first seen after the publish). Returns the releases
-/// whose records changed.
+/// (a machine that joined a group, or was first seen after the publish). `desired` is
+/// [`desired_for_machine`] for the machine and its groups (the caller also needs it, and each
+/// computation decodes every signed notice desired there). Returns the releases whose records
+/// changed.
 pub fn ensure_group_targets(
     store: &dyn Records,
     machine: &MachineId,
-    groups: &[GroupId],
+    desired: &BTreeMap<Kind, DesiredNotice>,
     now: u64,
 ) -> Result<Vec<ReleaseId>, StoreError> {
     let mut touched = Vec::new();
-    for (_, n) in desired_for_machine(store, machine, groups)? {
+    for n in desired.values() {
         let Target::Group(g) = &n.target else {
             continue;
         };
@@ -559,7 +561,10 @@ mod tests {
         // r1 goes to another machine later: its release seq is now above the group's.
         assert!(desire(&store, &mut r1, Target::Machine(m("vm-3"))) > group_seq);
         let touched = store
-            .transaction(|rec| ensure_group_targets(rec, &m("vm-1"), &[g("g")], 2))
+            .transaction(|rec| {
+                let desired = desired_for_machine(rec, &m("vm-1"), &[g("g")])?;
+                ensure_group_targets(rec, &m("vm-1"), &desired, 2)
+            })
             .unwrap();
         assert!(touched.contains(&r2.id), "{touched:?}");
         let rec = store.target(&r2.id, &m("vm-1")).unwrap().unwrap();
@@ -574,7 +579,10 @@ mod tests {
         );
         // Nothing changes when it reports again.
         assert!(store
-            .transaction(|rec| ensure_group_targets(rec, &m("vm-1"), &[g("g")], 3))
+            .transaction(|rec| {
+                let desired = desired_for_machine(rec, &m("vm-1"), &[g("g")])?;
+                ensure_group_targets(rec, &m("vm-1"), &desired, 3)
+            })
             .unwrap()
             .is_empty());
     }
