@@ -732,9 +732,9 @@ pub async fn download(
     if tokio::fs::try_exists(&dest).await.unwrap_or(false) {
         return Ok(dest);
     }
-    let (staging, mut fetch) = Staging::open(ctx, artifact).await.map_err(|e| (e, 1))?;
+    let (staging, mut fetch, first) = open_staging(ctx, artifact, &cancel).await?;
     let (mut last, mut stalled) = (None, 0);
-    for attempt in 1..=ctx.tuning.attempts {
+    for attempt in first..=ctx.tuning.attempts {
         let result = match staging
             .attempt(&mut fetch, &mut frames, &cancel, &mut |p| {
                 report(p, attempt)
@@ -777,6 +777,35 @@ pub async fn download(
     Err((last.expect("at least one attempt"), ctx.tuning.attempts))
 }
 
+/// Opens the staging file, trying again after a pause when the file system refuses (each
+/// try counts as an attempt, paused as after a stalled one): a passing "too many open files"
+/// or a disk that a moment later has room again must not end the job at once. A bad layout
+/// fails at once. Returns the staging, the transfer, and the attempt the transfer starts as.
+async fn open_staging<'a>(
+    ctx: &'a DownloadContext,
+    artifact: &ArtifactRef,
+    cancel: &CancellationToken,
+) -> Result<(Staging<'a>, Fetch, u32), (DownloadError, u32)> {
+    let mut attempt = 1;
+    loop {
+        match Staging::open(ctx, artifact).await {
+            Ok((staging, fetch)) => return Ok((staging, fetch, attempt)),
+            Err(e @ DownloadError::Io { .. }) if attempt < ctx.tuning.attempts => {
+                let pause = retry_pause(&ctx.tuning, attempt);
+                tracing::warn!(machine = %ctx.machine, artifact = %artifact.id.short(), attempt, next_in_s = pause.as_secs(), "download attempt failed: {e}");
+                tokio::select! {
+                    _ = cancel.cancelled() => {
+                        return Err((DownloadError::Cancelled { artifact: artifact.id }, attempt));
+                    }
+                    _ = tokio::time::sleep(pause) => {}
+                }
+                attempt += 1;
+            }
+            Err(e) => return Err((e, attempt)),
+        }
+    }
+}
+
 /// The pause before the attempt that follows the `stalled`-th one to fail for want of progress
 /// (see [`Tuning::retry_pause`]).
 fn retry_pause(tuning: &Tuning, stalled: u32) -> Duration {
@@ -807,6 +836,78 @@ mod tests {
                 - pauses.iter().cloned().fold(f64::MAX, f64::min);
             assert!(spread > base * 0.5, "drawn at random: {pauses:?}");
         }
+    }
+
+    fn tiny_artifact() -> ArtifactRef {
+        ArtifactRef {
+            id: ArtifactId::from_bytes([5; 32]),
+            size: 3 * 65536,
+            chunk_size: 65536,
+            name: "a.bin".into(),
+        }
+    }
+
+    /// A staging directory that cannot be created for a moment (here a file stands in its
+    /// way) costs an attempt and a pause, not the job: once it can be, the transfer starts, as
+    /// its next attempt.
+    #[tokio::test]
+    async fn a_staging_file_that_cannot_be_opened_is_tried_again_after_a_pause() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, _eventloop) = test_context(dir.path());
+        ctx.tuning.retry_pause = Duration::from_millis(500);
+        let blocker = dir.path().join("staging");
+        std::fs::write(&blocker, b"in the way").unwrap();
+        let (_tx, frames) = mpsc::channel(4);
+        let cancel = CancellationToken::new();
+        let clear = {
+            let blocker = blocker.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                std::fs::remove_file(blocker).unwrap();
+            })
+        };
+        let started = std::sync::Mutex::new(Vec::new());
+        let stop = cancel.clone();
+        let result = download(&ctx, &tiny_artifact(), frames, cancel, |_, attempt| {
+            started.lock().unwrap().push(attempt);
+            stop.cancel();
+        })
+        .await;
+        clear.await.unwrap();
+        assert_eq!(
+            *started.lock().unwrap(),
+            vec![2],
+            "the transfer starts as attempt 2"
+        );
+        assert!(
+            matches!(result, Err((DownloadError::Cancelled { .. }, 2))),
+            "{result:?}"
+        );
+        assert!(dir.path().join("staging").is_dir());
+    }
+
+    /// One that never can be fails the download after its attempts, with the file system's
+    /// error.
+    #[tokio::test]
+    async fn a_staging_file_that_never_opens_fails_the_download_after_every_attempt() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut ctx, _eventloop) = test_context(dir.path());
+        ctx.tuning.retry_pause = Duration::from_millis(5);
+        ctx.tuning.attempts = 3;
+        std::fs::write(dir.path().join("staging"), b"in the way").unwrap();
+        let (_tx, frames) = mpsc::channel(4);
+        let result = download(
+            &ctx,
+            &tiny_artifact(),
+            frames,
+            CancellationToken::new(),
+            |_, _| panic!("no transfer starts"),
+        )
+        .await;
+        assert!(
+            matches!(result, Err((DownloadError::Io { op: "create", .. }, 3))),
+            "{result:?}"
+        );
     }
 
     #[tokio::test]
