@@ -41,28 +41,11 @@ const MSG: usize = 64 * 1024;
 const RAW_WINDOW: u64 = 2 << 20;
 const SAMPLE_EVERY: Duration = Duration::from_millis(100);
 
-/// CPU time (user + system) of a process, from `/proc/PID/stat`.
+/// CPU time (user + system) of a process, in seconds ([`common::cpu_time`]).
 fn cpu_seconds(pid: u32) -> Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // The fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of stat(5); `rest` starts at field 3.
-    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
-    Ok(ticks as f64 / clock_ticks())
-}
-
-fn clock_ticks() -> f64 {
-    Command::new("getconf")
-        .arg("CLK_TCK")
-        .output()
-        .ok()
-        .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|s| s.trim().parse().ok())
-        .unwrap_or(100.0)
+    common::cpu_time(&pid.to_string())
+        .map(|t| t.as_secs_f64())
+        .ok_or_else(|| anyhow!("cannot read /proc/{pid}/stat"))
 }
 
 /// Resets the process's peak resident size (VmHWM) to its current one.
