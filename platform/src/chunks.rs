@@ -504,6 +504,9 @@ impl ChunkServer {
             })
             .map_err(|e| e.to_string())?;
         let ok = artifacts.contains(artifact);
+        if let Some(budget) = self.budgets.get_mut(m) {
+            budget.keep_only(&artifacts);
+        }
         self.allowed.insert(m.clone(), (now, artifacts));
         Ok(ok)
     }

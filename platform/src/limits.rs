@@ -226,6 +226,15 @@ impl ChunkBudget {
         self.had.remove(artifact);
     }
 
+    /// Forgets the first copies of every artifact not in `fetchable` (what the machine may
+    /// fetch now): a machine that moved on to a new release does not keep a record per
+    /// artifact it fetched within the hour. Without it, ten releases in an hour kept ten per
+    /// machine, the chunk server's part of `serve` growing with each rollout (heaptrack,
+    /// docs/architecture.md, "Memory over many rollouts").
+    pub fn keep_only(&mut self, fetchable: &[ArtifactId]) {
+        self.had.retain(|a, _| fetchable.contains(a));
+    }
+
     /// When each chunk of `artifact` in `indices` (each `chunk_len` bytes) may be sent. The
     /// machine's first copy of a chunk goes at once and costs its budget nothing (unless
     /// first copies are paced too); others go at once while the byte budget lasts, then paced
@@ -430,6 +439,40 @@ mod tests {
         );
         assert!(!b.is_idle(hour + Duration::from_secs(10)));
         assert!(b.is_idle(hour + FIRST_COPY_MEMORY));
+    }
+
+    #[test]
+    fn first_copies_of_an_artifact_no_longer_fetchable_are_forgotten() {
+        let limits = MachineLimits {
+            bytes_per_sec: 1000.0,
+            byte_burst: 600.0,
+            ..MachineLimits::default()
+        };
+        let (old, new) = (ArtifactId::of(b"old"), ArtifactId::of(b"new"));
+        let t0 = Instant::now();
+        let mut b = ChunkBudget::new(&limits, t0);
+        b.schedule_chunks(&old, (64, 300), 0..4, t0);
+        b.schedule_chunks(&new, (64, 300), 0..4, t0);
+        let soon = t0 + Duration::from_secs(10);
+        // Both remembered: not idle though the buckets are full again.
+        b.keep_only(&[old, new]);
+        assert!(!b.is_idle(soon));
+        // Only the new one fetchable: the new one's first copies are still remembered (a copy
+        // of chunk 0 is charged)...
+        b.keep_only(&[new]);
+        assert!(!b.is_idle(soon));
+        assert_eq!(
+            b.schedule_chunks(&new, (64, 300), [0, 0, 0], soon),
+            [
+                Some(soon),
+                Some(soon),
+                Some(soon + Duration::from_millis(300))
+            ]
+        );
+        // ...and once nothing is fetchable, nothing is kept: the budget is idle as soon as its
+        // buckets are full, long before the hour.
+        b.keep_only(&[]);
+        assert!(b.is_idle(soon + Duration::from_secs(10)));
     }
 
     fn ask(artifact: ArtifactId, chunks: Vec<(u32, u32)>) -> ChunkRequest {
