@@ -2,7 +2,7 @@
 //! without copying, read a PUBLISH's topic in place, and build the few packets the gateway
 //! writes itself (the rewritten CONNECT, a refusing CONNACK). Pure functions over bytes.
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet};
 use rumqttc::mqttbytes::{self, PacketType};
 
@@ -148,7 +148,14 @@ pub fn take_connect(buf: &mut BytesMut) -> Result<Option<Connect>, FrameError> {
             frame.kind
         )));
     }
-    match Packet::read(buf, MAX_PACKET) {
+    // Parsed from a copy: the CONNECT's will is kept for the whole session, and a slice of
+    // `buf` would keep the session's first read buffer alive beside the one that replaces it
+    // (8 KiB more per connected machine, taken the first time its reads outgrew the buffer:
+    // `serve` grew 8.5 MB over the first rollouts to 1,000 machines; jemalloc heap profile,
+    // 2026-11-28).
+    let mut one = BytesMut::from(&buf[..frame.len]);
+    buf.advance(frame.len);
+    match Packet::read(&mut one, MAX_PACKET) {
         Ok(Packet::Connect(c)) => Ok(Some(c)),
         Ok(other) => Err(FrameError::Malformed(format!(
             "expected CONNECT, parsed {other:?}"
@@ -277,6 +284,7 @@ mod tests {
         c.set_login("vm-1", "machine-secret");
         let mut wire = encode(Packet::Connect(c.clone()));
         wire.extend_from_slice(&encode(Packet::PingReq));
+        let room = wire.capacity();
         let parsed = take_connect(&mut wire).unwrap().unwrap();
         assert_eq!(parsed, c);
         assert_eq!(
@@ -284,6 +292,10 @@ mod tests {
             &[0xc0, 0x00],
             "the next packet stays in the buffer"
         );
+        // The will, kept for the session, holds no part of the read buffer: its whole room
+        // can be used again without a new allocation.
+        assert!(wire.try_reclaim(room - wire.len()));
+        drop(parsed);
     }
 
     #[test]
