@@ -404,8 +404,12 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
     r.serve_idle = p.proc.mem();
     r.sim_idle = sim.mem();
 
-    // 4. Rollouts.
+    // 4. Rollouts. One feed for all of them, reading only what is new: reading the whole
+    // event log before each rollout (to find its end) kept every event page sled read in
+    // `serve`'s memory, and `serve` grew by the log's size, a rollout's worth each time
+    // (docs/architecture.md, "Memory over many rollouts").
     let app = Kind::new("app")?;
+    let mut feed = EventFeed::at_end(&p).await?;
     for (i, bytes) in payloads.iter().enumerate() {
         let version = format!("2.{}.0", i + 1);
         let (_, release) = p
@@ -417,7 +421,8 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
                 InstallPolicy::Immediate,
             )
             .await?;
-        let mut feed = EventFeed::at_end(&p).await?;
+        // What came since the last rollout ended (its machines' late events), skipped.
+        feed.poll(&p).await?;
         let stats_before = p.stats();
         let cpu_before = cpu_of(&server_pids).zip(cpu_of(&[sim.pid()]));
         let published_ms = now_ms();
