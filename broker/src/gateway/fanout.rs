@@ -198,21 +198,33 @@ impl Fanout {
         self.state().insert(filter, session, receiver);
     }
 
+    /// How many messages are kept for `filter`: what [`Self::subscribe_served`] queues first.
+    pub(crate) fn kept_for(&self, filter: &str) -> usize {
+        self.state().kept.get(filter).map_or(0, BTreeMap::len)
+    }
+
     /// Registers a session for a served filter: queues the messages kept for it first (in one
-    /// step with the registration, so nothing newer can come before them), and closes the
-    /// session (`stop`) if its queue cannot take them.
-    pub(crate) fn subscribe_served(
+    /// step with the registration, so nothing newer can come before them), into `room` (places
+    /// the session reserved on its queue for them) and then into what the queue has free, and
+    /// closes the session (`stop`) if its queue cannot take them.
+    pub(crate) fn subscribe_served<'a>(
         &self,
         filter: &str,
         session: u64,
         username: &str,
-        tx: &mpsc::Sender<Bytes>,
+        (tx, room): (
+            &mpsc::Sender<Bytes>,
+            impl IntoIterator<Item = mpsc::Permit<'a, Bytes>>,
+        ),
         stop: &CancellationToken,
     ) {
+        let mut room = room.into_iter();
         let mut state = self.state();
         if let Some(kept) = state.kept.get(filter) {
             for packet in kept.values() {
-                if tx.try_send(packet.clone()).is_err() {
+                if let Some(place) = room.next() {
+                    place.send(packet.clone());
+                } else if tx.try_send(packet.clone()).is_err() {
                     self.close_full(stop, username, filter);
                     return;
                 }
@@ -483,7 +495,7 @@ mod tests {
         );
         let (tx, mut rx) = mpsc::channel(8);
         let stop = CancellationToken::new();
-        fanout.subscribe_served(filter, 1, "vm-1", &tx, &stop);
+        fanout.subscribe_served(filter, 1, "vm-1", (&tx, None), &stop);
         assert_eq!(
             rx.try_recv().unwrap(),
             old.1,
@@ -514,7 +526,7 @@ mod tests {
         let filter = "fleet/machines/vm-1/command";
         let (tx, _rx) = mpsc::channel(1);
         let stop = CancellationToken::new();
-        fanout.subscribe_served(filter, 7, "vm-1", &tx, &stop);
+        fanout.subscribe_served(filter, 7, "vm-1", (&tx, None), &stop);
         let cmd = Bytes::from_static(b"cmd");
         assert_eq!(fanout.serve(filter, filter, Keep::Nothing, &cmd), 1);
         assert!(!stop.is_cancelled());
@@ -530,7 +542,7 @@ mod tests {
         }
         let (tx, _rx) = mpsc::channel(1);
         let stop = CancellationToken::new();
-        fanout.subscribe_served(releases, 8, "vm-2", &tx, &stop);
+        fanout.subscribe_served(releases, 8, "vm-2", (&tx, None), &stop);
         assert!(stop.is_cancelled());
     }
 }

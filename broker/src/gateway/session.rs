@@ -427,16 +427,28 @@ enum Inbound {
     Admin,
 }
 
-/// Packet ids of QoS 1 deliveries to the client not yet acknowledged. rumqttd's router drops
-/// a session that acknowledges an id it did not send, and a router that drops a session
-/// itself can crash on that session's next event (see `Registry::claim`), so the gateway
-/// refuses such an acknowledgement before the router sees it.
+/// Packet ids of QoS 1 deliveries to the client not yet acknowledged, in the order they were
+/// written. rumqttd's router takes acknowledgements only in that order and drops a session
+/// that acknowledges any other id (`register_ack`), and a router that drops a session itself
+/// can crash on that session's next event (see `Registry::claim`), so the gateway refuses an
+/// acknowledgement of anything but the oldest before the router sees it.
 #[derive(Default)]
-struct Unacked(std::sync::Mutex<std::collections::HashSet<u16>>);
+struct Unacked(std::sync::Mutex<std::collections::VecDeque<u16>>);
 
 impl Unacked {
-    fn ids(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<u16>> {
+    fn ids(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<u16>> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes the acknowledgement of `pkid` if it is the oldest delivery not yet acknowledged.
+    fn acknowledge(&self, pkid: u16) -> bool {
+        let mut ids = self.ids();
+        if ids.front() == Some(&pkid) {
+            ids.pop_front();
+            true
+        } else {
+            false
+        }
     }
 }
 
@@ -470,7 +482,6 @@ impl Session<'_> {
                 let qos_pkid = (frame.kind == PacketType::Publish)
                     .then(|| frames::publish_qos_pkid(&buf[..frame.len]).ok())
                     .flatten();
-                let qos0_publish = matches!(qos_pkid, Some((0, _)));
                 // A packet of its own: the router keeps publishes in its logs, and a slice would
                 // keep this whole read buffer alive with them.
                 let mut one = BytesMut::from(&buf[..frame.len]);
@@ -514,8 +525,11 @@ impl Session<'_> {
                 // `None`: a chunk request handed to the platform in process; it still counts
                 // against the session's rate limit below.
                 let packet = match route {
-                    Some(Route::ChunkRequest(machine)) if qos0_publish => {
-                        self.chunk_request(packet, machine).await
+                    Some(Route::ChunkRequest(machine)) => {
+                        match self.chunk_request(packet, machine, qos_pkid).await {
+                            Ok(packet) => packet,
+                            Err(end) => return end,
+                        }
                     }
                     Some(
                         Route::Status(machine) | Route::State(machine) | Route::Online(machine),
@@ -684,28 +698,37 @@ impl Session<'_> {
         Some(out.freeze())
     }
 
-    /// A QoS 0 chunk request (`packet`, on `machine`'s request topic) goes to the platform in
-    /// process if it is the machine's own and the platform took them
-    /// ([`super::GatewayHandle::take_chunk_requests`]); `None` then. Otherwise it comes back,
-    /// for the broker. [`Self::check`] has already held the topic to this session's principal.
+    /// A chunk request (`packet`, on `machine`'s request topic) goes to the platform in process
+    /// if it is the machine's own and the platform took them
+    /// ([`super::GatewayHandle::take_chunk_requests`]); `Ok(None)` then. Otherwise it comes
+    /// back, for the broker. [`Self::check`] has already held the topic to this session's principal.
     async fn chunk_request(
         &self,
         packet: Packet,
         machine: fleetcast_proto::MachineId,
-    ) -> Option<Packet> {
+        qos_pkid: Option<(u8, Option<u16>)>,
+    ) -> Result<Option<Packet>, End> {
         let Packet::Publish(publish, _) = &packet else {
-            return Some(packet);
+            return Ok(Some(packet));
         };
         if !matches!(self.principal, fleetcast_proto::acl::Principal::Machine { id, .. } if *id == machine)
         {
-            return Some(packet);
+            return Ok(Some(packet));
         }
         let body = publish.payload.clone();
-        if self.shared.registry.chunk_request(machine, body).await {
-            None
-        } else {
-            Some(packet)
+        if !self.shared.registry.chunk_request(machine, body).await {
+            return Ok(Some(packet));
         }
+        // A QoS 1 request (the protocol asks for QoS 0) is acknowledged here, on the queue the
+        // session's writer drains: a client that sends them and never reads stops being read
+        // once that queue is full. Handed to the router, each one's PUBACK waited in the
+        // router's memory for as long as the session lived.
+        if let Some((1, Some(pkid))) = qos_pkid {
+            if self.control.send(frames::puback(pkid)).await.is_err() {
+                return Err(End::Closed("session ending"));
+            }
+        }
+        Ok(None)
     }
 
     /// A publish for the platform (`packet`: a machine's report, an operator's admin request
@@ -779,13 +802,19 @@ impl Session<'_> {
                 }
             }
             PacketType::PubAck => {
-                let pkid = match frame.get(2..4) {
-                    Some([hi, lo]) => u16::from_be_bytes([*hi, *lo]),
-                    _ => return Err(End::Frame(FrameError::Malformed("short PUBACK".into()))),
+                // MQTT 3.1.1 §3.4: a remaining length of 2, the packet id. A longer encoding
+                // of that length would put the id elsewhere for the router than here.
+                let pkid = match frame {
+                    [_, 2, hi, lo] => u16::from_be_bytes([*hi, *lo]),
+                    _ => {
+                        return Err(End::Frame(FrameError::Malformed(
+                            "PUBACK that is not 4 bytes".into(),
+                        )))
+                    }
                 };
-                if !self.unacked.ids().remove(&pkid) {
+                if !self.unacked.acknowledge(pkid) {
                     return Err(End::Violation {
-                        what: "PUBACK of a packet id never sent",
+                        what: "PUBACK of a packet id never sent or out of order",
                         topic: pkid.to_string(),
                     });
                 }
@@ -878,7 +907,21 @@ impl Session<'_> {
                 let fanout = &shared.registry.fanout;
                 for f in filters {
                     if local && relay::is_served(&shared.topics, &f) {
-                        fanout.subscribe_served(&f, self.id, &username, &self.control, &self.stop);
+                        // Room for what is kept for it first, waiting for the writer to make
+                        // it: a SUBSCRIBE naming many filters (a machine's own notices, its
+                        // groups', the key chain) keeps more than the queue holds at once, and
+                        // queueing it all in one go closed the session before its SUBACK.
+                        let kept = fanout.kept_for(&f).min(CONTROL_QUEUE);
+                        let Ok(room) = self.control.reserve_many(kept).await else {
+                            return Err(End::Closed("session ending"));
+                        };
+                        fanout.subscribe_served(
+                            &f,
+                            self.id,
+                            &username,
+                            (&self.control, room),
+                            &self.stop,
+                        );
                     } else if self.is_fanned_out(&f) {
                         fanout.subscribe(&f, self.id, &username, self.queue_for(&f));
                     }
@@ -941,7 +984,7 @@ where
                                     }
                                     if publish {
                                         if let Ok((_, Some(pkid))) = frames::publish_qos_pkid(&out[at..]) {
-                                            unacked.ids().insert(pkid);
+                                            unacked.ids().push_back(pkid);
                                         }
                                     }
                                 }

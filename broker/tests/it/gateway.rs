@@ -961,6 +961,86 @@ async fn chunk_requests_go_to_the_platform_in_process_and_still_count_against_th
     );
 }
 
+/// The protocol asks for chunk requests at QoS 0; one holding a machine's credentials that
+/// sends them at QoS 1 and never reads must not make the server hold a PUBACK per request.
+/// They go to the platform in process like QoS 0 ones and the gateway acknowledges each on the
+/// session's own queue, so once the client stops reading, the gateway stops reading it. Handed
+/// to rumqttd (as they were), each PUBACK waited in the router for the life of the session,
+/// however many the client sent.
+#[tokio::test]
+async fn qos_1_chunk_requests_from_a_client_that_never_reads_are_not_held_for_it() {
+    let gw = start_gateway(|s| s.limits.machine = None).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let (_platform, mut platform_rx) =
+        platform_watching(&gw, &topics.platform_chunk_request_filter()).await;
+    let (sink, mut taken) = mpsc::channel(1024);
+    assert!(gw.secured.handle().take_chunk_requests(sink));
+    let counted = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    tokio::spawn({
+        let counted = counted.clone();
+        async move {
+            while taken.recv().await.is_some() {
+                counted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    });
+
+    // A client that reads nothing after its CONNACK, with a small receive buffer.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(gw.plain()).await.unwrap();
+    let mut out = BytesMut::new();
+    Packet::Connect(login("vm-1", "vm-1", "pw-vm-1"))
+        .write(&mut out, MAX_PACKET)
+        .unwrap();
+    stream.write_all(&out).await.unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "vm-1 connects");
+
+    const SENT: usize = 200_000;
+    let topic = topics.chunk_request(&vm1);
+    let writer = tokio::spawn(async move {
+        let mut batch = BytesMut::new();
+        for i in 0..SENT {
+            let mut p = RawPublish::new(topic.as_str(), QoS::AtLeastOnce, b"r".to_vec());
+            p.pkid = (i % 65_535 + 1) as u16;
+            Packet::Publish(p).write(&mut batch, MAX_PACKET).unwrap();
+            if batch.len() > 64 * 1024 {
+                if stream.write_all(&batch).await.is_err() {
+                    return;
+                }
+                batch.clear();
+            }
+        }
+        let _ = stream.write_all(&batch).await;
+        // Held open (unread) until the test ends.
+        std::future::pending::<()>().await;
+    });
+    // Until nothing more is taken for a second (or the writer would have sent everything).
+    let mut last = usize::MAX;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = counted.load(std::sync::atomic::Ordering::Relaxed);
+        if now == last || now == SENT {
+            break;
+        }
+        last = now;
+    }
+    let got = counted.load(std::sync::atomic::Ordering::Relaxed);
+    writer.abort();
+    assert!(
+        got > 0,
+        "QoS 1 chunk requests reach the platform in process"
+    );
+    assert!(
+        got < SENT / 2,
+        "{got} of {SENT} QoS 1 requests taken from a client that reads none of their PUBACKs"
+    );
+    assert_eq!(publishes(&mut platform_rx), 0, "none went through rumqttd");
+}
+
 #[tokio::test]
 async fn status_events_go_to_the_platform_in_process_and_are_acked_once_queued_there() {
     let gw = start_gateway(|_| {}).await;
@@ -1702,6 +1782,73 @@ async fn acks_the_broker_never_asked_for_and_qos_2_close_the_connection() {
     assert_still_serves(&gw, &platform, "still served").await;
 }
 
+/// rumqttd takes acknowledgements only in the order it sent the deliveries, and reads a PUBACK's
+/// packet id after its real fixed header; a PUBACK the gateway let through that the router
+/// then refused made the router drop the session itself (which can bring the router down, see
+/// `Registry::claim`). The gateway closes the connection first, counted as a violation, for an
+/// acknowledgement out of order and for a PUBACK whose length is encoded in two bytes.
+#[tokio::test]
+async fn acks_out_of_order_or_oddly_encoded_are_closed_by_the_gateway_not_the_router() {
+    let gw = start_gateway(|_| {}).await;
+    let (platform, _platform_rx) = gw.platform(PLATFORM).await;
+    let deliveries = |n: usize| {
+        let (gw, platform) = (&gw, &platform);
+        async move {
+            let mut raw = Raw::accepted(gw.plain(), ROUTED_USER).await;
+            raw.send(raw_subscribe(&routed())).await;
+            assert!(
+                matches!(raw.next().await, Some(Packet::SubAck(_))),
+                "SUBACK"
+            );
+            for i in 0..n {
+                platform
+                    .publish(routed(), QoS::AtLeastOnce, false, format!("m{i}"))
+                    .await
+                    .unwrap();
+            }
+            let mut ids = Vec::new();
+            while ids.len() < n {
+                match raw.next().await {
+                    Some(Packet::Publish(p)) => ids.push(p.pkid),
+                    other => panic!("expected a delivery, got {other:?}"),
+                }
+            }
+            (raw, ids)
+        }
+    };
+    let before = gw.secured.handle().stats().violations;
+
+    let (raw, ids) = deliveries(2).await;
+    raw.closed_after(
+        Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(ids[1])),
+        "the second delivery acknowledged before the first",
+    )
+    .await;
+
+    let (mut raw, ids) = deliveries(1).await;
+    // Remaining length 2, encoded as 0x82 0x00: the router would read the id one byte later.
+    let [hi, lo] = ids[0].to_be_bytes();
+    let _ = raw.stream.write_all(&[0x40, 0x82, 0x00, hi, lo]).await;
+    assert!(
+        raw.next().await.is_none(),
+        "a PUBACK of a 2-byte length closes"
+    );
+
+    // In order, both are taken.
+    let (mut raw, ids) = deliveries(2).await;
+    for id in &ids {
+        raw.send(Packet::PubAck(rumqttc::mqttbytes::v4::PubAck::new(*id)))
+            .await;
+    }
+    raw.send(Packet::PingReq).await;
+    assert!(
+        matches!(raw.next().await, Some(Packet::PingResp)),
+        "acknowledged in order, the session goes on"
+    );
+    assert_eq!(gw.secured.handle().stats().violations, before + 2);
+    assert_still_serves(&gw, &platform, "still served").await;
+}
+
 /// A client (an operator's id) reconnecting again and again while the platform keeps sending
 /// it QoS 1 messages: each new connection takes the session over from the last (which the gateway
 /// ends first, see `Registry::claim`), nothing crashes, and the last connection gets what is
@@ -1842,6 +1989,77 @@ const ROUTED_USER: &str = "fleetcast-op-alice";
 /// [`ROUTED_USER`] may subscribe to.
 fn routed() -> String {
     Topics::default().rollout_progress("r-1")
+}
+
+/// One SUBSCRIBE naming a machine's own notices, its group's and the key chain, whose kept
+/// messages together are more than the session's queue holds at once (64), gets its SUBACK
+/// and every kept message: the gateway queues them as the session's writer makes room. It
+/// used to queue them all in one go and close the session, on every connect.
+#[tokio::test]
+async fn one_subscribe_whose_kept_notices_overflow_the_queue_gets_them_all() {
+    let gw = start_gateway(|_| {}).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let g1 = GroupId::new("g1").unwrap();
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
+    const KINDS: usize = 40;
+    let kinds: Vec<_> = (0..KINDS)
+        .map(|i| format!("k{i}").parse().unwrap())
+        .collect();
+    for kind in &kinds {
+        for topic in [
+            topics.machine_release(&vm1, kind),
+            topics.group_release(&g1, kind),
+        ] {
+            platform
+                .publish(topic, QoS::AtLeastOnce, true, "notice")
+                .await
+                .unwrap();
+        }
+    }
+    platform
+        .publish(topics.platform_keys(), QoS::AtLeastOnce, true, "keys")
+        .await
+        .unwrap();
+    let filters = [
+        topics.machine_release_filter(&vm1),
+        topics.group_release_filter(&g1),
+        topics.platform_keys(),
+    ];
+    let want = 2 * KINDS + 1;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+        let mut sub = Subscribe::new_many(
+            filters
+                .iter()
+                .map(|f| rumqttc::mqttbytes::v4::SubscribeFilter::new(f.clone(), QoS::AtMostOnce)),
+        );
+        sub.pkid = 9;
+        raw.send(Packet::Subscribe(sub)).await;
+        let (mut suback, mut kept, mut closed) = (None, 0, false);
+        while let Ok(next) = tokio::time::timeout(Duration::from_millis(500), raw.next()).await {
+            match next {
+                None => {
+                    closed = true;
+                    break;
+                }
+                Some(Packet::SubAck(a)) => suback = Some(a.return_codes.len()),
+                Some(Packet::Publish(p)) if p.retain => kept += 1,
+                Some(_) => {}
+            }
+        }
+        if kept < want && tokio::time::Instant::now() < deadline && suback.is_some() {
+            // The relay has not got every notice yet.
+            continue;
+        }
+        assert!(!closed, "the session was closed");
+        assert_eq!(suback, Some(3), "the SUBACK answers all three filters");
+        assert_eq!(kept, want, "every kept message");
+        break;
+    }
+    assert_still_serves(&gw, &platform, "still served").await;
 }
 
 /// Release notices (per machine and per group), commands and the key chain are served by the
