@@ -65,6 +65,9 @@ pub(crate) struct Registry {
     admin: std::sync::OnceLock<AdminSink>,
     /// Each rate-limited principal's buckets, kept across its connections.
     limiters: Mutex<Limiters>,
+    /// How many kicks there have been: a connection that authenticated before a kick and
+    /// registered its session after it was not there to be closed (see [`Registry::kicks`]).
+    kicks: AtomicU64,
 }
 
 #[derive(Default)]
@@ -247,7 +250,17 @@ impl Registry {
     }
 
     /// Ends every live session of `username`; how many there were.
+    /// How many kicks there have been. A connection reads it before it authenticates and
+    /// again once its session is registered: if it moved, a kick may have come between (and
+    /// missed the session), and the connection authenticates again.
+    pub(crate) fn kicks(&self) -> u64 {
+        self.kicks.load(Ordering::SeqCst)
+    }
+
     pub(crate) fn kick(&self, username: &str) -> usize {
+        // Before the sessions are taken: a session registered after this is seen by its
+        // connection's second reading of `kicks`.
+        self.kicks.fetch_add(1, Ordering::SeqCst);
         let sessions = self.sessions().remove(username).unwrap_or_default();
         for stop in sessions.values() {
             stop.cancel();

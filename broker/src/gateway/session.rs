@@ -103,6 +103,7 @@ pub(super) async fn serve<S>(
         Ok(Ok(c)) => c,
     };
     let client_id = connect.client_id.clone();
+    let kicks_before = shared.registry.kicks();
     let principal = match admit(&shared, &connect, peer).await {
         Ok(p) => p,
         Err(code) => {
@@ -153,6 +154,13 @@ pub(super) async fn serve<S>(
     let username = principal.username();
     let stop = shutdown.child_token();
     let registered = shared.registry.register(&username, stop.clone());
+    if shared.registry.kicks() != kicks_before
+        && !still_admitted(&shared, &connect, &principal).await
+    {
+        tracing::info!(%peer, client = %shown(&client_id), "credentials revoked while the session opened: closed");
+        to_router.close_after(vec![disconnect()]).await;
+        return;
+    }
     tracing::debug!(%peer, client = %shown(&client_id), "gateway session open");
     let (inject, injected) = mpsc::channel(fanout::SESSION_QUEUE);
     let queued = Arc::new(fanout::QueuedKeys::default());
@@ -417,6 +425,22 @@ struct Session<'a> {
     refused_now: std::sync::Mutex<std::collections::HashSet<String>>,
     /// The principal's rate limits (none for the platform and operators).
     limiter: Option<SharedLimiter>,
+}
+
+/// Whether `connect`'s credentials still authenticate as `principal` (a kick, e.g. a machine
+/// revoked, came while its session was being opened).
+async fn still_admitted(shared: &Arc<Shared>, connect: &Connect, principal: &Principal) -> bool {
+    let Some(login) = connect.login.clone() else {
+        return false;
+    };
+    let auth = shared.auth.clone();
+    let now = tokio::task::spawn_blocking(move || {
+        auth.authenticate(&login.username, login.password.as_bytes())
+    })
+    .await
+    .ok()
+    .flatten();
+    now.as_ref() == Some(principal)
 }
 
 /// What a publish for the platform is, for [`Session::to_platform`].

@@ -617,6 +617,77 @@ async fn kick_ends_every_live_session_of_a_user_at_once() {
     assert!(other_rx.try_recv().is_err(), "vm-2 saw no event");
 }
 
+/// vm-1's credentials, checked just before vm-1 is revoked, while the gateway is still
+/// authenticating them (here: slowly).
+struct RevokedWhileChecking {
+    revoked: std::sync::atomic::AtomicBool,
+    checking: tokio::sync::Notify,
+}
+
+impl Authenticator for RevokedWhileChecking {
+    fn authenticate(&self, username: &str, password: &[u8]) -> Option<Principal> {
+        let valid = username == "vm-1"
+            && password == b"pw-vm-1"
+            && !self.revoked.load(std::sync::atomic::Ordering::SeqCst);
+        self.checking.notify_one();
+        // The revocation and its kick land here, after the check said yes.
+        std::thread::sleep(Duration::from_millis(500));
+        valid.then(|| Principal::Machine {
+            id: MachineId::new("vm-1").unwrap(),
+            groups: vec![],
+        })
+    }
+}
+
+/// A kick (the platform revoked the machine) that comes while the machine's connection is
+/// being admitted, after its credentials were checked and before its session is registered,
+/// finds no session to close; the gateway sees that a kick came, checks the credentials again
+/// and closes the connection. Before, such a session lived on with the revoked credentials
+/// (reading its notices, commands and the artifacts it had subscribed to).
+#[tokio::test]
+async fn a_machine_revoked_while_its_connection_is_admitted_is_closed() {
+    let mut settings = SecureBrokerSettings::new(Topics::default());
+    settings.plain = Some(SocketAddr::from(([127, 0, 0, 1], 0)));
+    let shutdown = CancellationToken::new();
+    let auth = Arc::new(RevokedWhileChecking {
+        revoked: false.into(),
+        checking: tokio::sync::Notify::new(),
+    });
+    let secured = start_secured(settings, auth.clone(), shutdown.clone())
+        .await
+        .expect("gateway starts");
+    let gw = Gateway { secured, shutdown };
+    let addr = gw.plain();
+    let connecting =
+        tokio::spawn(async move { Raw::connect(addr, login("vm-1", "vm-1", "pw-vm-1")).await });
+    tokio::time::timeout(WAIT, auth.checking.notified())
+        .await
+        .expect("the gateway checks the credentials");
+    auth.revoked
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(gw.secured.handle().kick("vm-1"), 0, "no session yet");
+    let (mut raw, code) = connecting.await.unwrap();
+    assert_eq!(
+        code,
+        Some(ConnectReturnCode::Success),
+        "accepted before the kick"
+    );
+    raw.send(raw_subscribe(&Topics::default().platform_keys()))
+        .await;
+    let next = raw.next().await;
+    assert!(
+        next.is_none(),
+        "the session opened across the kick is closed: {next:?}"
+    );
+    let ended = tokio::time::timeout(WAIT, async {
+        while gw.secured.handle().stats().active > 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the session ended");
+}
+
 /// The gateway's own delivery of chunk frames: sessions subscribed to that exact artifact
 /// topic get a frame; one refused the artifact is closed; a delivery addressed to one machine
 /// reaches no other; an unsubscribed session gets nothing.
