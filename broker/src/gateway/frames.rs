@@ -21,8 +21,8 @@ pub struct Frame {
 pub enum FrameError {
     #[error("malformed packet: {0}")]
     Malformed(String),
-    #[error("packet of {0} bytes is over the {MAX_PACKET} byte limit")]
-    TooLarge(usize),
+    #[error("packet of {0} bytes is over the {1} byte limit")]
+    TooLarge(usize, usize),
 }
 
 /// The packet at the front of `buf`: `Ok(None)` while it is incomplete.
@@ -43,7 +43,7 @@ fn next_frame_within(buf: &[u8], limit: usize) -> Result<Option<Frame>, FrameErr
             }))
         }
         Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
-        Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => Err(FrameError::TooLarge(n)),
+        Err(mqttbytes::Error::PayloadSizeLimitExceeded(n)) => Err(FrameError::TooLarge(n, limit)),
         Err(e) => Err(FrameError::Malformed(e.to_string())),
     }
 }
@@ -136,10 +136,17 @@ pub fn publish_packet(
     Ok(out.freeze())
 }
 
+/// The largest CONNECT the gateway reads. A fleetcast CONNECT is a client id, a user name, a
+/// 32-digit password and a will of a few bytes: well under 1 KiB. Why a bound of its own: a
+/// CONNECT comes before any credential is checked, so up to [`MAX_PACKET`] (2 MiB) of it would
+/// be held for anyone who opens a connection, for up to the connect timeout, one per socket.
+pub const MAX_CONNECT: usize = 16 * 1024;
+
 /// The CONNECT at the front of `buf`, removed from it; `Ok(None)` while it is incomplete.
-/// Any other first packet is an error.
+/// Any other first packet, or a CONNECT over [`MAX_CONNECT`] (as soon as its length is read),
+/// is an error.
 pub fn take_connect(buf: &mut BytesMut) -> Result<Option<Connect>, FrameError> {
-    let Some(frame) = next_frame(buf)? else {
+    let Some(frame) = next_frame_within(buf, MAX_CONNECT)? else {
         return Ok(None);
     };
     if frame.kind != PacketType::Connect {
@@ -155,7 +162,7 @@ pub fn take_connect(buf: &mut BytesMut) -> Result<Option<Connect>, FrameError> {
     // 2026-11-28).
     let mut one = BytesMut::from(&buf[..frame.len]);
     buf.advance(frame.len);
-    match Packet::read(&mut one, MAX_PACKET) {
+    match Packet::read(&mut one, MAX_CONNECT) {
         Ok(Packet::Connect(c)) => Ok(Some(c)),
         Ok(other) => Err(FrameError::Malformed(format!(
             "expected CONNECT, parsed {other:?}"
@@ -225,7 +232,7 @@ mod tests {
         // PUBLISH announcing 268 MB.
         assert!(matches!(
             next_frame(&[0x30, 0xff, 0xff, 0xff, 0x7f]),
-            Err(FrameError::TooLarge(_))
+            Err(FrameError::TooLarge(..))
         ));
         assert!(matches!(
             next_frame(&[0x00, 0x00]),

@@ -617,6 +617,26 @@ async fn kick_ends_every_live_session_of_a_user_at_once() {
     assert!(other_rx.try_recv().is_err(), "vm-2 saw no event");
 }
 
+/// A CONNECT comes before any credential is checked: one announcing more than a CONNECT ever
+/// needs is refused as soon as its length is read, instead of being read (up to 2 MiB, per
+/// socket, for anyone) until the connect timeout.
+#[tokio::test]
+async fn a_connect_too_large_for_one_is_closed_before_it_is_read() {
+    let gw = start_gateway(|_| {}).await;
+    let mut stream = TcpStream::connect(gw.plain()).await.unwrap();
+    // CONNECT, remaining length 1 MiB (varint), then the start of it.
+    let mut head = vec![0x10, 0x80, 0x80, 0x40];
+    head.extend_from_slice(&[0u8; 1024]);
+    stream.write_all(&head).await.unwrap();
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut byte))
+        .await
+        .expect("closed at once, not after the connect timeout");
+    assert!(matches!(read, Ok(0) | Err(_)), "{read:?}");
+    // An honest CONNECT is still taken.
+    Raw::accepted(gw.plain(), "vm-1").await;
+}
+
 /// vm-1's credentials, checked just before vm-1 is revoked, while the gateway is still
 /// authenticating them (here: slowly).
 struct RevokedWhileChecking {
