@@ -324,6 +324,8 @@ pub async fn drive_with(
     // connection that lasted (one closed right after its CONNACK, e.g. by a gateway refusing a
     // subscription, reconnected 12 times a second).
     let mut connected_at: Option<tokio::time::Instant> = None;
+    // Whether refused credentials were logged since the last accepted connection.
+    let mut warned = false;
     loop {
         let polled = tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -332,6 +334,7 @@ pub async fn drive_with(
         let event = match polled {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                 connected_at = Some(tokio::time::Instant::now());
+                warned = false;
                 MqttEvent::Connected {
                     session_present: ack.session_present,
                 }
@@ -342,12 +345,16 @@ pub async fn drive_with(
             Ok(Event::Outgoing(Outgoing::Publish(pkid))) if pkid != 0 => MqttEvent::Sent(pkid),
             Ok(_) => continue,
             Err(e) => {
-                let busy = matches!(
-                    e,
-                    rumqttc::ConnectionError::ConnectionRefused(
-                        rumqttc::ConnectReturnCode::ServiceUnavailable
-                    )
-                );
+                let refusal = Refusal::of(&e);
+                if refusal == Refusal::Credentials && !warned {
+                    // Said once per run of refusals: the agent's own log is where someone at
+                    // the machine looks, and retrying quietly for ever hid a revoked machine.
+                    tracing::warn!(
+                        "the broker refused this client's credentials ({e}): not provisioned, \
+                         revoked, or a wrong secret; trying again at most once a minute"
+                    );
+                    warned = true;
+                }
                 let text = e.to_string();
                 if events.send(MqttEvent::Disconnected(text)).await.is_err() {
                     return;
@@ -358,7 +365,7 @@ pub async fn drive_with(
                 {
                     backoff = Backoff::default();
                 }
-                let wait = backoff.next(busy, rand::random::<f64>());
+                let wait = backoff.next(refusal != Refusal::None, rand::random::<f64>());
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     _ = tokio::time::sleep(wait) => {}
@@ -414,9 +421,36 @@ pub fn free_loopback_port() -> std::io::Result<u16> {
 
 /// How long to wait before reconnecting: doubling from 100 ms to 5 s, or to 60 s while the
 /// broker answers "server unavailable" (CONNACK 3: the embedded broker's gateway says so when
-/// it cannot open a session in time, i.e. when it is swamped), each wait drawn at random from
+/// it cannot open a session in time, i.e. when it is swamped) or refuses the credentials
+/// (CONNACK 4 or 5, [`Refusal::Credentials`]), each wait drawn at random from
 /// its upper half. Without the jitter a fleet that lost its broker at once comes back at once,
 /// wave after wave; without the longer ceiling a swamped broker spends itself on refusals.
+/// Why a broker refused a connection, as far as the backoff cares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Not refused by the broker (a network error, a closed connection).
+    None,
+    /// CONNACK 3, server unavailable: busy, or connecting too often.
+    Busy,
+    /// CONNACK 4 or 5: these credentials (or this client id, or will) are not accepted. Only
+    /// an operator changes that, so trying every few seconds only costs the broker (a fleet of
+    /// revoked machines would be thousands of refused CONNECTs a second).
+    Credentials,
+}
+
+impl Refusal {
+    pub fn of(e: &rumqttc::ConnectionError) -> Self {
+        use rumqttc::ConnectReturnCode as Code;
+        match e {
+            rumqttc::ConnectionError::ConnectionRefused(Code::ServiceUnavailable) => Self::Busy,
+            rumqttc::ConnectionError::ConnectionRefused(
+                Code::BadUserNamePassword | Code::NotAuthorized,
+            ) => Self::Credentials,
+            _ => Self::None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Backoff {
     current: Duration,
@@ -449,6 +483,28 @@ impl Backoff {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn refused_credentials_back_off_like_a_busy_broker_and_network_errors_do_not() {
+        use super::Refusal;
+        use rumqttc::{ConnectReturnCode as Code, ConnectionError as E};
+        assert_eq!(
+            Refusal::of(&E::ConnectionRefused(Code::ServiceUnavailable)),
+            Refusal::Busy
+        );
+        for code in [Code::BadUserNamePassword, Code::NotAuthorized] {
+            assert_eq!(
+                Refusal::of(&E::ConnectionRefused(code)),
+                Refusal::Credentials
+            );
+        }
+        assert_eq!(
+            Refusal::of(&E::Io(std::io::Error::from(
+                std::io::ErrorKind::ConnectionReset
+            ))),
+            Refusal::None
+        );
+    }
+
     #[test]
     fn backoff_doubles_with_jitter_to_5_s_or_to_60_s_while_the_broker_is_busy() {
         use super::Backoff;
