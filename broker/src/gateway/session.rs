@@ -273,16 +273,8 @@ async fn admit(
         }
         return Err(ConnectReturnCode::NotAuthorized);
     };
-    let auth = shared.auth.clone();
     let username = login.username.clone();
-    // The platform's authenticator reads its store: keep it off the async workers.
-    let principal = tokio::task::spawn_blocking(move || {
-        auth.authenticate(&login.username, login.password.as_bytes())
-    })
-    .await
-    .ok()
-    .flatten();
-    let Some(principal) = principal else {
+    let Some(principal) = authenticate(shared, login).await else {
         if let Some(quiet_before) = should_log(shared, &peer.ip().to_string()) {
             tracing::info!(%peer, client = %shown(client_id), user = %shown(&username), quiet_before, "gateway refused bad credentials");
         }
@@ -429,18 +421,23 @@ struct Session<'a> {
 
 /// Whether `connect`'s credentials still authenticate as `principal` (a kick, e.g. a machine
 /// revoked, came while its session was being opened).
-async fn still_admitted(shared: &Arc<Shared>, connect: &Connect, principal: &Principal) -> bool {
-    let Some(login) = connect.login.clone() else {
-        return false;
-    };
+async fn still_admitted(shared: &Shared, connect: &Connect, principal: &Principal) -> bool {
+    match connect.login.clone() {
+        Some(login) => authenticate(shared, login).await.as_ref() == Some(principal),
+        None => false,
+    }
+}
+
+/// The principal `login` authenticates as. The platform's authenticator reads its store: kept
+/// off the async workers.
+async fn authenticate(shared: &Shared, login: rumqttc::mqttbytes::v4::Login) -> Option<Principal> {
     let auth = shared.auth.clone();
-    let now = tokio::task::spawn_blocking(move || {
+    tokio::task::spawn_blocking(move || {
         auth.authenticate(&login.username, login.password.as_bytes())
     })
     .await
     .ok()
-    .flatten();
-    now.as_ref() == Some(principal)
+    .flatten()
 }
 
 /// What a publish for the platform is, for [`Session::to_platform`].
