@@ -249,7 +249,6 @@ impl Registry {
         self.violations.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Ends every live session of `username`; how many there were.
     /// How many kicks there have been. A connection reads it before it authenticates and
     /// again once its session is registered: if it moved, a kick may have come between (and
     /// missed the session), and the connection authenticates again.
@@ -257,6 +256,7 @@ impl Registry {
         self.kicks.load(Ordering::SeqCst)
     }
 
+    /// Ends every live session of `username`; how many there were.
     pub(crate) fn kick(&self, username: &str) -> usize {
         // Before the sessions are taken: a session registered after this is seen by its
         // connection's second reading of `kicks`.
