@@ -4,6 +4,7 @@
 //! with the chunk frames the gateway delivers itself ([`fanout`]) in between.
 
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -448,17 +449,36 @@ enum Inbound {
     Admin,
 }
 
-/// Packet ids of QoS 1 deliveries to the client not yet acknowledged, in the order they were
-/// written. rumqttd's router takes acknowledgements only in that order and drops a session
-/// that acknowledges any other id (`register_ack`), and a router that drops a session itself
-/// can crash on that session's next event (see `Registry::claim`), so the gateway refuses an
-/// acknowledgement of anything but the oldest before the router sees it.
+/// QoS 1 flows between the client and the router that are not finished.
+///
+/// Deliveries to the client: their packet ids, in the order they were written. rumqttd's
+/// router takes acknowledgements only in that order and drops a session that acknowledges any
+/// other id (`register_ack`), and a router that drops a session itself can crash on that
+/// session's next event (see `Registry::claim`), so the gateway refuses an acknowledgement of
+/// anything but the oldest before the router sees it.
+///
+/// Publishes from the client: how many the router has not acknowledged yet. The router queues
+/// a PUBACK for each, with no bound, and hands them over only as the session's writer takes
+/// them; a client that sends QoS 1 and never reads had them pile up in the router for as long
+/// as it stayed connected. Past [`ROUTER_ACKS_OWED`] the gateway stops reading the client.
 #[derive(Default)]
-struct Unacked(std::sync::Mutex<std::collections::VecDeque<u16>>);
+struct Unacked {
+    ids: std::sync::Mutex<std::collections::VecDeque<u16>>,
+    owed: std::sync::atomic::AtomicUsize,
+    paid: tokio::sync::Notify,
+}
+
+/// PUBACKs the router may owe one client before the gateway stops reading it.
+const ROUTER_ACKS_OWED: usize = 64;
+
+/// How long the gateway waits for the router's PUBACKs before it reads one more packet anyway
+/// (the router acknowledges every QoS 1 publish; if one were ever lost, the session would
+/// slow to one packet per wait instead of stopping).
+const ROUTER_ACKS_WAIT: Duration = Duration::from_secs(5);
 
 impl Unacked {
     fn ids(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<u16>> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+        self.ids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes the acknowledgement of `pkid` if it is the oldest delivery not yet acknowledged.
@@ -470,6 +490,35 @@ impl Unacked {
         } else {
             false
         }
+    }
+
+    /// A QoS 1 publish went to the router: it owes a PUBACK. Whether it owes too many.
+    fn owe(&self) -> bool {
+        self.owed.fetch_add(1, Ordering::Relaxed) + 1 >= ROUTER_ACKS_OWED
+    }
+
+    /// The router handed over a PUBACK.
+    fn paid(&self) {
+        let _ = self
+            .owed
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1));
+        self.paid.notify_waiters();
+    }
+
+    /// Until the router owes fewer than [`ROUTER_ACKS_OWED`], or [`ROUTER_ACKS_WAIT`].
+    async fn room(&self) {
+        let _ = tokio::time::timeout(ROUTER_ACKS_WAIT, async {
+            loop {
+                let paid = self.paid.notified();
+                tokio::pin!(paid);
+                paid.as_mut().enable();
+                if self.owed.load(Ordering::Relaxed) < ROUTER_ACKS_OWED {
+                    return;
+                }
+                paid.await;
+            }
+        })
+        .await;
     }
 }
 
@@ -577,10 +626,18 @@ impl Session<'_> {
                     }
                 } else if let Some(packet) = packet {
                     let disconnect = matches!(packet, Packet::Disconnect(..));
+                    let owes_ack =
+                        matches!(packet, Packet::Publish(..)) && matches!(qos_pkid, Some((1, _)));
                     packets.push(packet);
                     if disconnect {
                         link.send(packets).await;
                         return End::Disconnected;
+                    }
+                    if owes_ack && self.unacked.owe() {
+                        if !link.send(std::mem::take(&mut packets)).await {
+                            return End::Dropped;
+                        }
+                        self.unacked.room().await;
                     }
                 }
                 if let Some(limiter) = &self.limiter {
@@ -998,6 +1055,9 @@ where
                         Ok(Some(notification)) => {
                             match Option::<Packet>::from(notification) {
                                 Some(packet) => {
+                                    if matches!(packet, Packet::PubAck(..)) {
+                                        unacked.paid();
+                                    }
                                     let publish = matches!(packet, Packet::Publish(..));
                                     let at = out.len();
                                     if let Err(e) = V4.write(packet, &mut out) {

@@ -1132,6 +1132,76 @@ async fn qos_1_chunk_requests_from_a_client_that_never_reads_are_not_held_for_it
     assert_eq!(publishes(&mut platform_rx), 0, "none went through rumqttd");
 }
 
+/// Any QoS 1 publish the gateway hands to rumqttd (here a machine's state, with nobody taking
+/// reports in process) makes the router queue a PUBACK for the client, with no bound, until the
+/// session's writer takes it. A client that sends them and never reads is read no further once
+/// the router owes it 64: it cannot make the router hold its acknowledgements without end.
+#[tokio::test]
+async fn a_client_that_never_reads_its_pubacks_is_not_read_past_what_the_router_owes_it() {
+    let gw = start_gateway(|s| s.limits.machine = None).await;
+    let topics = Topics::default();
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let (_platform, mut platform_rx) =
+        platform_watching(&gw, &topics.platform_state_filter()).await;
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(gw.plain()).await.unwrap();
+    let mut out = BytesMut::new();
+    Packet::Connect(login("vm-1", "vm-1", "pw-vm-1"))
+        .write(&mut out, MAX_PACKET)
+        .unwrap();
+    stream.write_all(&out).await.unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "vm-1 connects");
+
+    // 1 KiB each, so what the sockets' buffers hold of them is a small part of what is sent;
+    // their PUBACKs (4 bytes each) fill the gateway's send buffer (256 KiB, doubled) after
+    // about 130,000.
+    const SENT: usize = 600_000;
+    let written = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writer = tokio::spawn({
+        let (topic, written) = (topics.state(&vm1), written.clone());
+        async move {
+            let mut batch = BytesMut::new();
+            let mut in_batch = 0;
+            for i in 0..SENT {
+                let mut p = RawPublish::new(topic.as_str(), QoS::AtLeastOnce, vec![b's'; 1024]);
+                p.pkid = (i % 65_535 + 1) as u16;
+                Packet::Publish(p).write(&mut batch, MAX_PACKET).unwrap();
+                in_batch += 1;
+                if batch.len() > 64 * 1024 || i + 1 == SENT {
+                    if stream.write_all(&batch).await.is_err() {
+                        return;
+                    }
+                    written.fetch_add(in_batch, std::sync::atomic::Ordering::Relaxed);
+                    batch.clear();
+                    in_batch = 0;
+                }
+            }
+            // Held open (unread) until the test ends.
+            std::future::pending::<()>().await;
+        }
+    });
+    let mut last = usize::MAX;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = written.load(std::sync::atomic::Ordering::Relaxed);
+        if now == last || now == SENT {
+            break;
+        }
+        last = now;
+    }
+    let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+    writer.abort();
+    assert!(publishes(&mut platform_rx) > 0, "its states reach rumqttd");
+    assert!(
+        sent < SENT / 3,
+        "{sent} of {SENT} QoS 1 publishes taken from a client that reads none of their PUBACKs"
+    );
+}
+
 #[tokio::test]
 async fn status_events_go_to_the_platform_in_process_and_are_acked_once_queued_there() {
     let gw = start_gateway(|_| {}).await;
