@@ -4,25 +4,6 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-/// Serves every allocation of at least `bytes` with a mapping of its own, unmapped when freed,
-/// instead of from glibc's heaps (`mallopt(M_MMAP_THRESHOLD)`, which also stops glibc from
-/// raising the threshold by itself; elsewhere, nothing). Whether it was set.
-pub fn map_allocations_from(bytes: usize) -> bool {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let Ok(bytes) = libc::c_int::try_from(bytes) else {
-            return false;
-        };
-        // SAFETY: mallopt only sets a parameter of the allocator; any thread may call it.
-        unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, bytes) == 1 }
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    {
-        let _ = bytes;
-        false
-    }
-}
-
 /// Hands memory freed inside glibc's heaps back to the system every `every` until `shutdown`
 /// (`malloc_trim`, on a blocking thread; elsewhere, nothing). glibc keeps freed pages for
 /// reuse, and what passes through a process in bursts (a rollout's chunk frames, status
@@ -41,17 +22,5 @@ pub async fn return_freed_memory(every: Duration, shutdown: CancellationToken) {
         #[cfg(all(target_os = "linux", target_env = "gnu"))]
         // SAFETY: malloc_trim only walks the allocator's own lists; any thread may call it.
         let _ = tokio::task::spawn_blocking(|| unsafe { libc::malloc_trim(0) }).await;
-    }
-}
-
-#[cfg(all(test, target_os = "linux", target_env = "gnu"))]
-mod tests {
-    use super::map_allocations_from;
-
-    #[test]
-    fn the_mapping_threshold_says_whether_glibc_took_it() {
-        assert!(map_allocations_from(64 * 1024));
-        // One that does not fit glibc's parameter is not passed on (it would wrap).
-        assert!(!map_allocations_from(usize::MAX));
     }
 }

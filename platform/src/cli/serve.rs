@@ -65,19 +65,7 @@ fn positive_rate(s: &str) -> Result<f64, String> {
     }
 }
 
-/// Allocations of this size or more get a mapping of their own (see [`run`]).
-const MAP_FROM: usize = 64 * 1024;
-
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
-    // What a rollout allocates in large pieces (encoded frames, grown buffers, sled's segment
-    // buffers, large answers) goes back to the system when freed instead of staying in glibc's
-    // heaps: `serve` held 10-15 MB less after each of ten 1,000-machine rollouts (109 -> 132
-    // MB against 112-117 -> 136-143 MB), the same CPU per rollout, no slower 200 MB download,
-    // and 883 mappings at most with 10,000 machines (ad hoc, 2026-11-28; docs/architecture.md,
-    // "Memory over many rollouts").
-    if !fleetcast_broker::memory::map_allocations_from(MAP_FROM) {
-        tracing::debug!("large allocations stay in the allocator's heaps (not glibc)");
-    }
     match fleetcast_broker::fdlimit::raise_open_file_limit() {
         Ok(n) => tracing::info!(
             open_files = n,
