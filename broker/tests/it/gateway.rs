@@ -1052,6 +1052,37 @@ async fn chunk_requests_go_to_the_platform_in_process_and_still_count_against_th
     );
 }
 
+/// A connection of `machine` through the gateway, CONNACK read, that reads nothing more (a
+/// small receive buffer, so what the gateway writes to it backs up soon).
+async fn unread_connection(gw: &Gateway, machine: &str) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stream = socket.connect(gw.plain()).await.unwrap();
+    let mut out = BytesMut::new();
+    Packet::Connect(login(machine, machine, &format!("pw-{machine}")))
+        .write(&mut out, MAX_PACKET)
+        .unwrap();
+    stream.write_all(&out).await.unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "{machine} connects");
+    stream
+}
+
+/// `count` once it has not moved for a second (or has reached `all`), within 30 s.
+async fn settled(count: &std::sync::atomic::AtomicUsize, all: usize) -> usize {
+    let mut last = usize::MAX;
+    for _ in 0..30 {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let now = count.load(std::sync::atomic::Ordering::Relaxed);
+        if now == last || now == all {
+            break;
+        }
+        last = now;
+    }
+    count.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// The protocol asks for chunk requests at QoS 0; one holding a machine's credentials that
 /// sends them at QoS 1 and never reads must not make the server hold a PUBACK per request.
 /// They go to the platform in process like QoS 0 ones and the gateway acknowledges each on the
@@ -1077,18 +1108,7 @@ async fn qos_1_chunk_requests_from_a_client_that_never_reads_are_not_held_for_it
         }
     });
 
-    // A client that reads nothing after its CONNACK, with a small receive buffer.
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(gw.plain()).await.unwrap();
-    let mut out = BytesMut::new();
-    Packet::Connect(login("vm-1", "vm-1", "pw-vm-1"))
-        .write(&mut out, MAX_PACKET)
-        .unwrap();
-    stream.write_all(&out).await.unwrap();
-    let mut connack = [0u8; 4];
-    stream.read_exact(&mut connack).await.unwrap();
-    assert_eq!(connack, [0x20, 2, 0, 0], "vm-1 connects");
+    let mut stream = unread_connection(&gw, "vm-1").await;
 
     const SENT: usize = 200_000;
     let topic = topics.chunk_request(&vm1);
@@ -1109,17 +1129,7 @@ async fn qos_1_chunk_requests_from_a_client_that_never_reads_are_not_held_for_it
         // Held open (unread) until the test ends.
         std::future::pending::<()>().await;
     });
-    // Until nothing more is taken for a second (or the writer would have sent everything).
-    let mut last = usize::MAX;
-    for _ in 0..30 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = counted.load(std::sync::atomic::Ordering::Relaxed);
-        if now == last || now == SENT {
-            break;
-        }
-        last = now;
-    }
-    let got = counted.load(std::sync::atomic::Ordering::Relaxed);
+    let got = settled(&counted, SENT).await;
     writer.abort();
     assert!(
         got > 0,
@@ -1144,17 +1154,7 @@ async fn a_client_that_never_reads_its_pubacks_is_not_read_past_what_the_router_
     let (_platform, mut platform_rx) =
         platform_watching(&gw, &topics.platform_state_filter()).await;
 
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    let mut stream = socket.connect(gw.plain()).await.unwrap();
-    let mut out = BytesMut::new();
-    Packet::Connect(login("vm-1", "vm-1", "pw-vm-1"))
-        .write(&mut out, MAX_PACKET)
-        .unwrap();
-    stream.write_all(&out).await.unwrap();
-    let mut connack = [0u8; 4];
-    stream.read_exact(&mut connack).await.unwrap();
-    assert_eq!(connack, [0x20, 2, 0, 0], "vm-1 connects");
+    let mut stream = unread_connection(&gw, "vm-1").await;
 
     // 1 KiB each, so what the sockets' buffers hold of them is a small part of what is sent;
     // their PUBACKs (4 bytes each) fill the gateway's send buffer (256 KiB, doubled) after
@@ -1184,16 +1184,7 @@ async fn a_client_that_never_reads_its_pubacks_is_not_read_past_what_the_router_
             std::future::pending::<()>().await;
         }
     });
-    let mut last = usize::MAX;
-    for _ in 0..30 {
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = written.load(std::sync::atomic::Ordering::Relaxed);
-        if now == last || now == SENT {
-            break;
-        }
-        last = now;
-    }
-    let sent = written.load(std::sync::atomic::Ordering::Relaxed);
+    let sent = settled(&written, SENT).await;
     writer.abort();
     assert!(publishes(&mut platform_rx) > 0, "its states reach rumqttd");
     assert!(
