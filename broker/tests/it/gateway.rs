@@ -1110,7 +1110,8 @@ async fn qos_1_chunk_requests_from_a_client_that_never_reads_are_not_held_for_it
 
     let mut stream = unread_connection(&gw, "vm-1").await;
 
-    const SENT: usize = 200_000;
+    // Their PUBACKs fill the gateway's send buffer after about 98,000 (three runs).
+    const SENT: usize = 600_000;
     let topic = topics.chunk_request(&vm1);
     let writer = tokio::spawn(async move {
         let mut batch = BytesMut::new();
@@ -1136,7 +1137,7 @@ async fn qos_1_chunk_requests_from_a_client_that_never_reads_are_not_held_for_it
         "QoS 1 chunk requests reach the platform in process"
     );
     assert!(
-        got < SENT / 2,
+        got < SENT / 3,
         "{got} of {SENT} QoS 1 requests taken from a client that reads none of their PUBACKs"
     );
     assert_eq!(publishes(&mut platform_rx), 0, "none went through rumqttd");
