@@ -326,17 +326,12 @@ fn chunk_vectors_match_the_code_and_verify() {
     }
 }
 
-/// The language-neutral definition (scripts/chunk_tree.py: the BLAKE3 compression function and
-/// nothing else) computes the same vectors.
-#[test]
-fn chunk_vectors_are_reproduced_from_the_compression_function_alone() {
-    // Written (when regenerating) before the script reads it.
-    check_file("chunks.json", chunk_file());
+/// Runs scripts/chunk_tree.py with `args`: its output, or `None` (skipped) without python3.
+fn chunk_tree_py(args: &[&std::ffi::OsStr]) -> Option<String> {
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/chunk_tree.py");
     let out = match std::process::Command::new("python3")
         .arg(&script)
-        .arg("--check")
-        .arg(dir().join("chunks.json"))
+        .args(args)
         .output()
     {
         Ok(out) => out,
@@ -346,16 +341,39 @@ fn chunk_vectors_are_reproduced_from_the_compression_function_alone() {
                 "python3 is required: {e}"
             );
             eprintln!("SKIPPED: no python3 ({e})");
-            return;
+            return None;
         }
     };
-    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
         "{stdout}{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("7 chunk vectors, 0 failed"), "{stdout}");
+    Some(stdout)
+}
+
+/// The language-neutral definition (scripts/chunk_tree.py: the BLAKE3 compression function and
+/// nothing else) computes the same vectors.
+#[test]
+fn chunk_vectors_are_reproduced_from_the_compression_function_alone() {
+    // Written (when regenerating) before the script reads it.
+    check_file("chunks.json", chunk_file());
+    let path = dir().join("chunks.json");
+    if let Some(stdout) = chunk_tree_py(&["--check".as_ref(), path.as_os_str()]) {
+        assert!(stdout.contains("7 chunk vectors, 0 failed"), "{stdout}");
+    }
+}
+
+/// The same script's keyed_hash and derive_key (BLAKE3's other two modes, from the compression
+/// function alone) compute the MAC and MQTT password vectors: an agent author without a BLAKE3
+/// library has all three modes to port.
+#[test]
+fn mac_and_password_vectors_are_reproduced_from_the_compression_function_alone() {
+    let dir = dir();
+    if let Some(stdout) = chunk_tree_py(&["--check-keyed".as_ref(), dir.as_os_str()]) {
+        assert!(stdout.contains("8 keyed vectors, 0 failed"), "{stdout}");
+    }
 }
 
 // --- MACs ---
