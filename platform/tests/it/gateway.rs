@@ -8,17 +8,17 @@ use fleetcast_broker::gateway::TlsListen;
 use fleetcast_broker::testing::test_pki;
 
 /// The platform with its embedded broker: a plain listener and a TLS one.
-struct Embedded {
-    dir: tempfile::TempDir,
-    data_dir: PathBuf,
-    platform: Platform,
+pub(super) struct Embedded {
+    pub(super) dir: tempfile::TempDir,
+    pub(super) data_dir: PathBuf,
+    pub(super) platform: Platform,
     /// mqtts:// with the test CA pinned.
-    tls: BrokerUrl,
+    pub(super) tls: BrokerUrl,
     /// mqtt:// on loopback.
-    plain: BrokerUrl,
+    pub(super) plain: BrokerUrl,
 }
 
-async fn embedded() -> Embedded {
+pub(super) async fn embedded() -> Embedded {
     let pki = test_pki();
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");

@@ -12,6 +12,7 @@ mod gateway;
 mod inventory;
 mod package;
 mod pages;
+mod python_agent;
 mod reconcile;
 mod security;
 mod staged;
