@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use fleetcast_broker::MqttEvent;
 use fleetcast_proto::admin::{FleetEvent, MachineInfo, TargetRecord};
-use fleetcast_proto::auth::{Purpose, Secret};
+use fleetcast_proto::auth::{AuthError, MacEnvelope, Purpose, Secret};
 use fleetcast_proto::release::validate_version;
 use fleetcast_proto::status::status_envelopes;
 use fleetcast_proto::text::shown;
@@ -340,7 +340,32 @@ struct OpenedStatus {
     secret: Option<Secret>,
     /// The number of events in the message and each opened, in order, up to and including
     /// the first that did not open; or why the message does not parse.
-    events: Result<(usize, Vec<Result<StatusEvent, String>>), String>,
+    events: Result<(usize, Vec<Result<StatusEvent, Unopened>>), String>,
+}
+
+/// A status event that did not open: why, and, when its MAC held but its body is not a
+/// status event (a `kind` that is no id, say), the machine and counter the body names, so
+/// that the counter is spent as a field-refused event's is and the machine's resend is
+/// acknowledged as a replay. Without that, an event the platform can never take would hold
+/// the machine's outbox for ever (protocol.md §6.1).
+struct Unopened {
+    reason: String,
+    sender: Option<(String, u64)>,
+}
+
+impl Unopened {
+    fn of(env: &MacEnvelope, e: AuthError) -> Self {
+        let sender = match &e {
+            AuthError::Body(_) => serde_json::from_str::<serde_json::Value>(&env.body)
+                .ok()
+                .and_then(|v| Some((v["machine"].as_str()?.to_owned(), v["ctr"].as_u64()?))),
+            _ => None,
+        };
+        Unopened {
+            reason: e.to_string(),
+            sender,
+        }
+    }
 }
 
 impl OpenedStatus {
@@ -353,7 +378,7 @@ impl OpenedStatus {
                     for env in &envelopes {
                         let ev = secret.open_envelope::<StatusEvent>(Purpose::Status, env);
                         let failed = ev.is_err();
-                        opened.push(ev.map_err(|e| e.to_string()));
+                        opened.push(ev.map_err(|e| Unopened::of(env, e)));
                         if failed {
                             break;
                         }
@@ -773,8 +798,23 @@ impl Ingest {
                     refused = Some((i, format!("body names machine {other}, topic names {m}")));
                     break;
                 }
-                Err(e) => {
-                    refused = Some((i, e));
+                // Its MAC held, so its counter is the machine's: spent like a field-refused
+                // event's below, or a replay of one.
+                Err(Unopened {
+                    reason,
+                    sender: Some((sender, ctr)),
+                }) if sender == m.as_str() => {
+                    if ctr <= top {
+                        self.ctx.stats.status_resent();
+                        acked = acked.max(Some(ctr));
+                        continue;
+                    }
+                    top = ctr;
+                    refused = Some((i, reason));
+                    break;
+                }
+                Err(Unopened { reason, .. }) => {
+                    refused = Some((i, reason));
                     break;
                 }
             };

@@ -1246,6 +1246,49 @@ async fn oversized_or_malformed_fields_of_one_machine_are_refused_or_cut() {
     platform.stop().await;
 }
 
+/// A genuinely MAC'd status event whose body is no status event (here a `kind` that is no id,
+/// which an agent following §3.1 to the letter once sent for a junk notice on such a topic) is
+/// refused, and its counter is spent: the machine's resend is acknowledged as a replay, so its
+/// outbox moves on to what comes after. Before, it was never acknowledged and held every later
+/// event of the machine for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_whose_mac_holds_but_whose_body_does_not_parse_spends_its_counter() {
+    let (_broker, url, env, _) = with_one_artifact(14).await;
+    let Env {
+        platform, admin, ..
+    } = env;
+    let mut vm = provision(&admin, &url, "vm-001", &[]).await;
+    let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
+    vm.peer.subscribe("fleet/machines/vm-001/status/ack").await;
+    let ev = vm.status(None, "", Phase::Rejected);
+    let mut body = serde_json::to_value(&ev).unwrap();
+    body["kind"] = "bad!kind".into();
+    let junk = vm.secret.seal_text(Purpose::Status, body.to_string());
+    let secret = vm.secret.clone();
+    let acked = move |p: &Publish| {
+        p.topic.ends_with("/status/ack")
+            && secret
+                .open::<fleetcast_proto::StatusAck>(Purpose::StatusAck, &p.payload)
+                .is_ok_and(|a| a.ctr == ev.ctr)
+    };
+    vm.send_raw("status", junk.clone()).await;
+    // Sent again, as an agent does when no ack comes.
+    vm.send_raw("status", junk).await;
+    // An ack for its counter comes (`next` fails the test after its wait otherwise).
+    vm.peer.next(&acked).await;
+    // What comes after it is taken.
+    vm.report_recorded(&admin, &r.id, "1.0", Phase::Downloading)
+        .await;
+    let (events, _) = stored_events(&admin).await;
+    assert_eq!(
+        events.iter().map(|e| e.phase).collect::<Vec<_>>(),
+        [Phase::Downloading],
+        "the junk was not stored"
+    );
+    admin.close().await;
+    platform.stop().await;
+}
+
 /// A machine provisioned into a group after the group's publish acts on the group's notice
 /// before the platform has taken in its first state (which gives it its target record): it may
 /// fetch the group's artifact already (it was refused it, and a refused subscription lost the
