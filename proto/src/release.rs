@@ -278,6 +278,21 @@ pub fn validate_version(v: &str) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    /// docs/asyncapi.yaml says a target has exactly one key: the one place where a field the
+    /// receiver does not know is not ignored.
+    #[test]
+    fn a_target_is_exactly_one_key() {
+        let t: Target = serde_json::from_str(r#"{"group":"g1"}"#).unwrap();
+        assert_eq!(t, Target::Group("g1".parse().unwrap()));
+        for other in [
+            r#"{"group":"g1","machine":"vm-1"}"#,
+            r#"{"machine":"vm-1","note":1}"#,
+            r#"{}"#,
+        ] {
+            assert!(serde_json::from_str::<Target>(other).is_err(), "{other}");
+        }
+    }
+
     #[test]
     fn policies_parse_from_their_cli_form_and_print_back() {
         for text in [

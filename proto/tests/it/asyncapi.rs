@@ -396,7 +396,12 @@ fn body_schemas_have_the_fields_the_code_writes_and_requires() {
     let state = vectors::machine_state();
     check_schema(&doc, "MachineState", &state, &state);
     let request = vectors::chunk_request();
-    check_schema::<ChunkRequest>(&doc, "ChunkRequest", &request, &request);
+    let windowed = ChunkRequest {
+        manifest: true,
+        manifest_parts: Some((0, 1)),
+        ..request.clone()
+    };
+    check_schema::<ChunkRequest>(&doc, "ChunkRequest", &windowed, &request);
     let response = ResponseEnvelope {
         id: 1,
         sealed: Some("x".into()),
