@@ -190,13 +190,19 @@ fn tally_of(
     release: &ReleaseInfo,
     r: &RolloutInfo,
 ) -> Result<Tally, StoreError> {
-    let phases: HashMap<MachineId, Phase> = store
+    let records: HashMap<MachineId, core::Record> = store
         .targets_of(&release.id)?
         .into_iter()
-        .map(|t| (t.machine, t.phase))
+        .map(|t| {
+            let rec = core::Record {
+                phase: t.phase,
+                at_ms: t.phase_at_ms,
+            };
+            (t.machine, rec)
+        })
         .collect();
     Ok(core::tally(r, download_only(release), |m| {
-        phases.get(m).copied()
+        records.get(m).copied()
     }))
 }
 

@@ -1513,6 +1513,7 @@ mod tests {
                 reason: "by hand".into(),
             },
             failures_accepted: 1,
+            accepted: vec![],
             log: vec![],
         };
         let mut report = PlanReport::from(PublishPlan {

@@ -6,6 +6,7 @@
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{MachineId, ReleaseId};
+use crate::status::Phase;
 
 /// 100 %.
 pub const ALL_BP: u32 = 10_000;
@@ -182,12 +183,28 @@ pub struct RolloutInfo {
     pub wave_started_ms: u64,
     #[serde(flatten)]
     pub state: RolloutState,
-    /// Failures an operator already saw and resumed past: the failure threshold counts only
-    /// failures beyond these.
+    /// How many failures the operator's last resume accepted (shown; [`Self::accepted`] says
+    /// which).
     #[serde(default)]
     pub failures_accepted: usize,
+    /// The failures an operator saw and resumed past, each as it stood: they count for neither
+    /// threshold while the machine's record still shows that failure. One that changes (the
+    /// machine installs after all, a retry starts a new round, it fails again) is no longer
+    /// accepted, so an accepted failure never stands in for another machine's new one. Empty
+    /// in rollouts resumed before this field: there `failures_accepted` alone is subtracted.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub accepted: Vec<AcceptedFailure>,
     #[serde(default)]
     pub log: Vec<RolloutTransition>,
+}
+
+/// One failure an operator resumed past: the machine, and its record's phase and the time of
+/// that phase when the operator resumed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AcceptedFailure {
+    pub machine: MachineId,
+    pub phase: Phase,
+    pub at_ms: u64,
 }
 
 /// Most machines of a rollout's `order` a reply lists (the first, so the first waves are
@@ -212,6 +229,8 @@ impl RolloutReport {
     pub fn new(mut rollout: RolloutInfo) -> Self {
         let total = rollout.order.len() as u32;
         rollout.order.truncate(ROLLOUT_ORDER_SHOWN);
+        // Which failures were accepted is the platform's to keep; a reply counts them.
+        rollout.accepted.clear();
         Self {
             rollout,
             order_total: Some(total),
@@ -279,6 +298,7 @@ mod tests {
                 reason: "by hand".into(),
             },
             failures_accepted: 0,
+            accepted: vec![],
             log: vec![],
         }
     }

@@ -167,6 +167,7 @@ mod tests {
                     .into(),
             },
             failures_accepted: 0,
+            accepted: vec![],
             log: vec![RolloutTransition {
                 at_ms: 1_795_600_000_000,
                 wave: 1,

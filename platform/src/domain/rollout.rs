@@ -9,7 +9,7 @@
 //! `rejected` (not `cancelled` or `superseded`: an operator's doing).
 
 use fleetcast_proto::rollout::{
-    share_text, RolloutInfo, RolloutState, RolloutTransition, WavePlan, ALL_BP,
+    share_text, AcceptedFailure, RolloutInfo, RolloutState, RolloutTransition, WavePlan, ALL_BP,
 };
 use fleetcast_proto::{MachineId, Phase, ReleaseId};
 
@@ -25,11 +25,22 @@ pub enum Effect {
 }
 
 /// The machines notified so far, by outcome.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Tally {
     pub notified: usize,
     pub succeeded: usize,
     pub failed: usize,
+    /// Of `failed`, those still showing the failure an operator accepted at a resume.
+    pub accepted: usize,
+    /// Every failed machine's failure as its record shows it (what a resume accepts).
+    pub failures: Vec<AcceptedFailure>,
+}
+
+/// What a target record says of a machine, for the tally: its phase, and since when.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    pub phase: Phase,
+    pub at_ms: u64,
 }
 
 /// Why an operator's command does nothing.
@@ -64,11 +75,12 @@ pub fn succeeded(phase: Phase, download_only: bool) -> bool {
     phase == Phase::Installed || (download_only && phase == Phase::Deferred)
 }
 
-/// Counts the machines of waves `0..=r.wave` by the phase `phase_of` gives (unknown: pending).
+/// Counts the machines of waves `0..=r.wave` by the record `record_of` gives (unknown:
+/// pending).
 pub fn tally(
     r: &RolloutInfo,
     download_only: bool,
-    phase_of: impl Fn(&MachineId) -> Option<Phase>,
+    record_of: impl Fn(&MachineId) -> Option<Record>,
 ) -> Tally {
     let notified = notified(r);
     let mut t = Tally {
@@ -76,11 +88,26 @@ pub fn tally(
         ..Tally::default()
     };
     for m in notified {
-        match phase_of(m) {
-            Some(p) if succeeded(p, download_only) => t.succeeded += 1,
-            Some(p) if failed(p) => t.failed += 1,
+        match record_of(m) {
+            Some(rec) if succeeded(rec.phase, download_only) => t.succeeded += 1,
+            Some(rec) if failed(rec.phase) => {
+                t.failed += 1;
+                let failure = AcceptedFailure {
+                    machine: m.clone(),
+                    phase: rec.phase,
+                    at_ms: rec.at_ms,
+                };
+                if r.accepted.contains(&failure) {
+                    t.accepted += 1;
+                }
+                t.failures.push(failure);
+            }
             _ => {}
         }
+    }
+    // A rollout resumed before failures were kept one by one: the count alone.
+    if r.accepted.is_empty() {
+        t.accepted = r.failures_accepted.min(t.failed);
     }
     t
 }
@@ -122,6 +149,7 @@ pub fn start(
         wave_started_ms: now_ms,
         state: RolloutState::Running,
         failures_accepted: 0,
+        accepted: Vec::new(),
         log: Vec::new(),
     };
     let first = notified(&r).to_vec();
@@ -151,8 +179,8 @@ pub fn observe(r: &mut RolloutInfo, t: Tally, now_ms: u64) -> Vec<Effect> {
     let wave_no = r.wave + 1;
     // Failures an operator resumed past count for neither threshold: neither as failures nor
     // among the machines the shares are taken over.
-    let failures = t.failed.saturating_sub(r.failures_accepted);
-    let counted = t.notified.saturating_sub(r.failures_accepted.min(t.failed));
+    let failures = t.failed - t.accepted;
+    let counted = t.notified - t.accepted;
     if failures as u64 * ALL_BP as u64 > r.plan.failure_bp as u64 * counted as u64 {
         let reason = format!(
             "wave {wave_no}: {failures} of {counted} machines failed ({}), above the failure threshold {}",
@@ -243,7 +271,7 @@ pub fn resume(
     r: &mut RolloutInfo,
     by: &str,
     advance_now: bool,
-    t: Tally,
+    mut t: Tally,
     now_ms: u64,
 ) -> Result<Vec<Effect>, Refused> {
     if !matches!(r.state, RolloutState::Paused { .. }) {
@@ -251,6 +279,8 @@ pub fn resume(
     }
     r.state = RolloutState::Running;
     r.failures_accepted = t.failed;
+    r.accepted = std::mem::take(&mut t.failures);
+    t.accepted = t.failed;
     r.wave_started_ms = now_ms;
     log(
         r,
@@ -331,13 +361,17 @@ mod tests {
         WavePlan::new(vec![100, 1000, 5000], 9500, 500, timeout_ms).unwrap()
     }
 
-    /// Phases by machine, as the store would give them.
-    struct Fleet(HashMap<MachineId, Phase>);
+    /// Records by machine, as the store would give them; each `set` enters its phase at a
+    /// later time than the one before.
+    #[derive(Default)]
+    struct Fleet(HashMap<MachineId, Record>, u64);
 
     impl Fleet {
-        fn set(&mut self, ms: &[MachineId], p: Phase) {
+        fn set(&mut self, ms: &[MachineId], phase: Phase) {
+            self.1 += 1;
             for m in ms {
-                self.0.insert(m.clone(), p);
+                let at_ms = self.1;
+                self.0.insert(m.clone(), Record { phase, at_ms });
             }
         }
         fn tally(&self, r: &RolloutInfo) -> Tally {
@@ -375,7 +409,7 @@ mod tests {
 
     #[test]
     fn waves_advance_on_success_and_complete_after_the_last() {
-        let mut fleet = Fleet(HashMap::new());
+        let mut fleet = Fleet::default();
         let (mut r, fx) = start(&rel(), plan(0), ids(200), 0);
         let w1 = notify_of(&fx);
         assert_eq!(w1.len(), 2);
@@ -409,7 +443,7 @@ mod tests {
 
     #[test]
     fn failures_past_the_threshold_pause_with_the_reason_and_resume_accepts_them() {
-        let mut fleet = Fleet(HashMap::new());
+        let mut fleet = Fleet::default();
         let (mut r, _) = start(&rel(), plan(0), ids(200), 0);
         fleet.set(&r.order[..2], Phase::Installed);
         step(&mut r, &fleet, 1);
@@ -465,9 +499,61 @@ mod tests {
         assert_eq!(fleet.tally(&r).failed, 2);
     }
 
+    /// A resume accepts those failures, not a number of failures: once an accepted one changes
+    /// (the machine installs after all, or a retry's new round fails anew), another machine's
+    /// new failure is not absorbed by it. Before, an accepted count of one let a machine that
+    /// failed, was resumed past and then reported `installed` (its own credentials suffice, or
+    /// an ordinary retry) hide a second machine's genuine failure behind a 0 % threshold.
+    #[test]
+    fn an_accepted_failure_that_changes_does_not_hide_a_new_one() {
+        let zero_failures = WavePlan::new(vec![5000], 10_000, 0, 0).unwrap();
+        // Wave 1 of two machines: the first fails, the rollout pauses, an operator resumes.
+        let paused_and_resumed = || {
+            let mut fleet = Fleet::default();
+            let (mut r, _) = start(&rel(), zero_failures.clone(), ids(4), 0);
+            let w1 = notified(&r).to_vec();
+            assert_eq!(w1.len(), 2);
+            fleet.set(&w1[..1], Phase::DownloadFailed);
+            step(&mut r, &fleet, 1);
+            assert!(matches!(r.state, RolloutState::Paused { .. }));
+            let t = fleet.tally(&r);
+            resume(&mut r, "ops", false, t, 2).unwrap();
+            assert_eq!(r.state, RolloutState::Running);
+            (fleet, r, w1)
+        };
+        let reason = |r: &RolloutInfo| match &r.state {
+            RolloutState::Paused { reason } => reason.clone(),
+            other => panic!("{other:?}"),
+        };
+
+        // The accepted machine installs after all, and so does the other: the last wave
+        // starts; one of its machines fails, which at 0 % pauses the rollout.
+        let (mut fleet, mut r, w1) = paused_and_resumed();
+        fleet.set(&w1, Phase::Installed);
+        let w2 = notify_of(&step(&mut r, &fleet, 3));
+        fleet.set(&w2[..1], Phase::InstallFailed);
+        fleet.set(&w2[1..], Phase::Installed);
+        step(&mut r, &fleet, 4);
+        assert_eq!(
+            reason(&r),
+            "wave 2: 1 of 4 machines failed (25%), above the failure threshold 0%"
+        );
+
+        // The accepted machine fails anew (a retry's new round): a new failure.
+        let (mut fleet, mut r, w1) = paused_and_resumed();
+        fleet.set(&w1[..1], Phase::Downloading);
+        step(&mut r, &fleet, 3);
+        fleet.set(&w1[..1], Phase::DownloadFailed);
+        step(&mut r, &fleet, 4);
+        assert_eq!(
+            reason(&r),
+            "wave 1: 1 of 2 machines failed (50%), above the failure threshold 0%"
+        );
+    }
+
     #[test]
     fn a_wave_that_runs_past_its_timeout_pauses_and_resume_restarts_the_timer() {
-        let mut fleet = Fleet(HashMap::new());
+        let mut fleet = Fleet::default();
         let (mut r, _) = start(&rel(), plan(60_000), ids(200), 1_000);
         fleet.set(&r.order[..1], Phase::Installed);
         assert!(step(&mut r, &fleet, 60_999).is_empty());
@@ -494,7 +580,7 @@ mod tests {
 
     #[test]
     fn pause_and_cancel_stop_new_waves_and_cancel_names_those_not_installing() {
-        let mut fleet = Fleet(HashMap::new());
+        let mut fleet = Fleet::default();
         let (mut r, _) = start(&rel(), plan(0), ids(200), 0);
         pause(&mut r, "ops", 1).unwrap();
         assert!(pause(&mut r, "ops", 2).is_err(), "already paused");
@@ -506,7 +592,7 @@ mod tests {
         fleet.set(&w2[5..10], Phase::Installed);
         fleet.set(&w2[10..], Phase::Downloading);
         let fx = cancel(&mut r, "ops", 5, |m| {
-            fleet.0.get(m).is_none_or(|p| droppable(*p))
+            fleet.0.get(m).is_none_or(|p| droppable(p.phase))
         })
         .unwrap();
         assert_eq!(fx, [Effect::Cancel(w2[10..].to_vec())]);

@@ -647,6 +647,7 @@ mod tests {
                 wave_started_ms: 0,
                 state: RolloutState::Running,
                 failures_accepted: 0,
+                accepted: vec![],
                 log: vec![],
             }),
         };
