@@ -33,11 +33,19 @@ pub fn cell(s: &str) -> String {
     fleetcast_proto::text::shown_max(s, MAX_CELL_CHARS).to_string()
 }
 
-/// `2026-11-25 12:00:03` (UTC), or `-` for none.
+/// `2026-11-25 12:00:03` (UTC), or `-` for none. A time past the year 9999 (a machine's
+/// clock is its own, and never checked: protocol.md §2) shows as its number, not wrapped into
+/// 1969 or shown as a year of five digits.
 pub fn time(ms: Option<u64>) -> String {
-    match ms.and_then(|ms| Utc.timestamp_millis_opt(ms as i64).single()) {
-        Some(t) => t.format("%Y-%m-%d %H:%M:%S").to_string(),
+    /// 9999-12-31 23:59:59.999 UTC.
+    const LAST_MS: u64 = 253_402_300_799_999;
+    match ms {
         None => "-".into(),
+        Some(ms) if ms > LAST_MS => format!("{ms} ms (not a date)"),
+        Some(ms) => match Utc.timestamp_millis_opt(ms as i64).single() {
+            Some(t) => t.format("%Y-%m-%d %H:%M:%S").to_string(),
+            None => format!("{ms} ms (not a date)"),
+        },
     }
 }
 
@@ -101,6 +109,13 @@ mod tests {
     fn times_print_as_utc_seconds() {
         assert_eq!(time(Some(1_795_608_003_000)), "2026-11-25 12:00:03");
         assert_eq!(time(None), "-");
+        // What a machine's own clock may say: never wrapped or shown past 9999.
+        assert_eq!(time(Some(253_402_300_799_999)), "9999-12-31 23:59:59");
+        assert_eq!(
+            time(Some(253_402_300_800_000)),
+            "253402300800000 ms (not a date)"
+        );
+        assert_eq!(time(Some(u64::MAX)), "18446744073709551615 ms (not a date)");
     }
 
     #[test]
