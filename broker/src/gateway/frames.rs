@@ -23,6 +23,10 @@ pub enum FrameError {
     Malformed(String),
     #[error("packet of {0} bytes is over the {1} byte limit")]
     TooLarge(usize, usize),
+    /// A CONNECT of another protocol than MQTT 3.1.1 (name `MQTT`, level 4): MQTT 3.1
+    /// (`MQIsdp`, 3), MQTT 5 (level 5), or anything else. Answered with CONNACK 1.
+    #[error("CONNECT of protocol {name:?} level {level}, not MQTT 3.1.1")]
+    Protocol { name: String, level: u8 },
 }
 
 /// The packet at the front of `buf`: `Ok(None)` while it is incomplete.
@@ -55,6 +59,51 @@ fn fixed_header_len(frame: &[u8]) -> usize {
         .take(4)
         .position(|b| b & 0x80 == 0)
         .map_or(4, |i| i + 1)
+}
+
+/// Whether a whole frame of `kind` from a client is what MQTT 3.1.1 allows a client to send,
+/// as far as its fixed header and packet id say: the fixed-header flags (§2.2.2: 0b0010 for
+/// PUBREL, SUBSCRIBE and UNSUBSCRIBE, 0 for every other packet but PUBLISH), no body on
+/// PINGREQ and DISCONNECT (§3.12, §3.14), a non-zero packet id on SUBSCRIBE and UNSUBSCRIBE
+/// (§2.3.1), and only packets a client sends (CONNACK, SUBACK, UNSUBACK and PINGRESP go from
+/// server to client). The server must close the connection on any of these (§4.8).
+pub fn check_client_packet(kind: PacketType, frame: &[u8]) -> Result<(), FrameError> {
+    let bad = |why: String| Err(FrameError::Malformed(why));
+    let flags = frame.first().map_or(0, |b| b & 0x0f);
+    let want = match kind {
+        PacketType::Publish => return Ok(()),
+        PacketType::ConnAck | PacketType::SubAck | PacketType::UnsubAck | PacketType::PingResp => {
+            return bad(format!(
+                "{kind:?} from a client (a server-to-client packet)"
+            ))
+        }
+        PacketType::PubRel | PacketType::Subscribe | PacketType::Unsubscribe => 0b0010,
+        _ => 0,
+    };
+    if flags != want {
+        return bad(format!(
+            "{kind:?} with fixed-header flags {flags:#06b} (must be {want:#06b})"
+        ));
+    }
+    match kind {
+        PacketType::PingReq | PacketType::Disconnect if frame.len() != 2 => {
+            bad(format!("{kind:?} with a body"))
+        }
+        PacketType::Subscribe | PacketType::Unsubscribe if packet_id(frame) == Some(0) => {
+            bad(format!("{kind:?} with packet id 0"))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// The packet id that follows the fixed header (PUBACK, SUBSCRIBE, UNSUBSCRIBE, ...), if the
+/// frame is long enough to hold one.
+fn packet_id(frame: &[u8]) -> Option<u16> {
+    let at = fixed_header_len(frame);
+    match frame.get(at..at + 2) {
+        Some([hi, lo]) => Some(u16::from_be_bytes([*hi, *lo])),
+        _ => None,
+    }
 }
 
 /// The topic of a whole PUBLISH frame, borrowed from it (no allocation on the hot path).
@@ -144,7 +193,9 @@ pub const MAX_CONNECT: usize = 16 * 1024;
 
 /// The CONNECT at the front of `buf`, removed from it; `Ok(None)` while it is incomplete.
 /// Any other first packet, or a CONNECT over [`MAX_CONNECT`] (as soon as its length is read),
-/// is an error.
+/// is an error; a CONNECT of another protocol version is [`FrameError::Protocol`], read from
+/// its protocol name and level before anything else in it (an MQTT 5 CONNECT, with its
+/// properties, does not parse as MQTT 3.1.1).
 pub fn take_connect(buf: &mut BytesMut) -> Result<Option<Connect>, FrameError> {
     let Some(frame) = next_frame_within(buf, MAX_CONNECT)? else {
         return Ok(None);
@@ -154,6 +205,19 @@ pub fn take_connect(buf: &mut BytesMut) -> Result<Option<Connect>, FrameError> {
             "first packet is {:?}, not CONNECT",
             frame.kind
         )));
+    }
+    let (name, level, connect_flags) = connect_protocol(&buf[..frame.len])?;
+    if name != b"MQTT" || level != 4 {
+        let name = String::from_utf8_lossy(name).into_owned();
+        buf.advance(frame.len);
+        return Err(FrameError::Protocol { name, level });
+    }
+    // MQTT 3.1.1 §2.2.2 and §3.1.2.3: the fixed header's flags and the reserved connect flag
+    // are 0, or the server closes the connection.
+    if buf[0] & 0x0f != 0 || connect_flags & 1 != 0 {
+        return Err(FrameError::Malformed(
+            "CONNECT with reserved flags set".to_owned(),
+        ));
     }
     // Parsed from a copy: the CONNECT's will is kept for the whole session, and a slice of
     // `buf` would keep the session's first read buffer alive beside the one that replaces it
@@ -168,6 +232,24 @@ pub fn take_connect(buf: &mut BytesMut) -> Result<Option<Connect>, FrameError> {
             "expected CONNECT, parsed {other:?}"
         ))),
         Err(e) => Err(FrameError::Malformed(e.to_string())),
+    }
+}
+
+/// A whole CONNECT frame's protocol name, protocol level and connect flags (MQTT 3.1.1 §3.1.2:
+/// the first fields of its variable header, in every version of MQTT).
+fn connect_protocol(frame: &[u8]) -> Result<(&[u8], u8, u8), FrameError> {
+    let bad = || FrameError::Malformed("CONNECT without a protocol name and level".to_owned());
+    let rest = frame.get(fixed_header_len(frame)..).ok_or_else(bad)?;
+    let [hi, lo, rest @ ..] = rest else {
+        return Err(bad());
+    };
+    let len = usize::from(u16::from_be_bytes([*hi, *lo]));
+    let name = rest.get(..len).ok_or_else(bad)?;
+    match rest.get(len..) {
+        Some([level, flags, ..]) => Ok((name, *level, *flags)),
+        // The level, then no flags: refused by its level if that is not 4.
+        Some([level]) if *level != 4 => Ok((name, *level, 0)),
+        _ => Err(bad()),
     }
 }
 

@@ -8,7 +8,8 @@
 //! it bound. So rumqttd listens on loopback only and this gateway sits in front of it.
 //!
 //! What it enforces, per client connection:
-//! - **CONNECT first, within 10 s**, MQTT 3.1.1 only. The [`Authenticator`] maps
+//! - **CONNECT first, within 10 s**, MQTT 3.1.1 only: any other protocol name or level
+//!   (MQTT 3.1, MQTT 5) gets CONNACK 1, read before the rest of the CONNECT. The [`Authenticator`] maps
 //!   `(username, password)` to a [`Principal`]; unknown credentials get CONNACK 4, a client id
 //!   the principal may not use ([`Principal::accepts_client_id`]: a machine only its own id, so
 //!   nobody takes over another machine's session) or a will on a topic it may not publish
@@ -19,7 +20,12 @@
 //!   MQTT 3.1.1 cannot refuse a publish, and a SUBACK failure code is easy to ignore, so a
 //!   violation closes the connection (logged with client and topic): the attack fails visibly
 //!   and nothing of it reaches the broker. So does a machine's SUBSCRIBE of more than
-//!   [`MAX_SUBSCRIBE_FILTERS`] filters. Everything else is handed on unchanged.
+//!   [`MAX_SUBSCRIBE_FILTERS`] filters, and a packet MQTT 3.1.1 forbids a client (wrong
+//!   fixed-header flags, a SUBSCRIBE or UNSUBSCRIBE with packet id 0 or without a filter, a
+//!   PINGREQ with a body, a server-to-client packet). Everything else is handed on unchanged,
+//!   except that an UNSUBSCRIBE reaches rumqttd naming only the filters the session holds
+//!   there, and is answered by the gateway if that is none: exactly one UNSUBACK each
+//!   (`session::Unsubacks`).
 //! - **Sessions are in-process links** to rumqttd's router (`embedded::Links`): no second
 //!   socket and no second MQTT encoding per client. The gateway answers CONNECT itself, hands
 //!   each allowed packet to the router parsed, and encodes what the router delivers (only what
@@ -48,7 +54,7 @@
 //! Layout: `fanout` (what the gateway delivers itself, by exact filter: chunk frames, acks,
 //! events, and what the relay serves), `feeder` (one thread hands packets to rumqttd's router,
 //! whose channel blocks while full), `frames` (raw packet bytes), `limit` (token buckets),
-//! `registry` (sessions, kick, counters), `relay` (one session of its own on rumqttd takes
+//! `logs` (how much it logs about clients, and about failed accepts), `registry` (sessions, kick, counters), `relay` (one session of its own on rumqttd takes
 //! release notices, commands and the key chain for every machine), `session` (one
 //! connection: CONNECT, its link, its pumps), `tls` (server config).
 
@@ -56,6 +62,7 @@ mod fanout;
 mod feeder;
 mod frames;
 mod limit;
+mod logs;
 mod registry;
 mod relay;
 mod session;
@@ -74,6 +81,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use limit::{Rate, RateLimit};
+pub use logs::CLIENT_LINES_PER_MINUTE;
 pub use registry::{AdminSink, ChunkRequestSink, GatewayHandle, GatewayStats, ReportSink};
 
 use crate::client::BrokerUrl;
@@ -226,8 +234,9 @@ struct Shared {
     limits: InboundLimits,
     connect_timeout: Duration,
     registry: Arc<Registry>,
-    /// Refusals and violations: a few lines per user name (or peer address) per minute.
-    log_gate: fleetcast_proto::text::LogGate,
+    /// Refusals and violations: a few lines per user name (or peer address) per minute, and
+    /// at most [`logs::CLIENT_LINES_PER_MINUTE`] in all.
+    log_gate: logs::LogLimit,
 }
 
 /// rumqttd on loopback and the gateway's listeners in front of it.
@@ -289,7 +298,7 @@ pub async fn start_secured(
         limits: settings.limits,
         connect_timeout: settings.connect_timeout,
         registry: registry.clone(),
-        log_gate: fleetcast_proto::text::LogGate::per_minute(),
+        log_gate: logs::LogLimit::default(),
     });
     let mut listeners = Vec::new();
     let plain_addr = plain.as_ref().map(|(_, a)| *a);
@@ -399,12 +408,14 @@ async fn accept_loop(
     shutdown: CancellationToken,
 ) {
     let mut sessions = JoinSet::new();
+    let mut errors = logs::AcceptErrors::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => break,
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    errors.accepted(Instant::now());
                     sessions.spawn(connection(
                         shared.clone(),
                         tcp,
@@ -414,9 +425,14 @@ async fn accept_loop(
                     ));
                 }
                 Err(e) => {
-                    // Out of file descriptors, mostly: wait instead of spinning.
-                    tracing::warn!(error = %e, "gateway accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    // Out of file descriptors, mostly: every accept fails until one is free.
+                    // Wait instead of spinning (longer while it lasts), and log it once a
+                    // minute, not once per failure.
+                    let wait = errors.failed(&e, Instant::now());
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(wait) => {}
+                    }
                 }
             },
         }

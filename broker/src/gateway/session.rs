@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
 use fleetcast_proto::acl::Principal;
-use fleetcast_proto::text::{shown, Admit};
+use fleetcast_proto::text::shown;
 use fleetcast_proto::Route;
 use rumqttc::mqttbytes::v4::{Connect, ConnectReturnCode, LastWill};
 use rumqttc::mqttbytes::PacketType;
@@ -26,6 +26,7 @@ use super::fanout;
 use super::feeder::ToRouter;
 use super::frames::{self, FrameError};
 use super::limit::Cost;
+use super::logs::peer_key;
 use super::registry::{ClientClaim, SharedLimiter};
 use super::relay;
 use super::Shared;
@@ -97,6 +98,16 @@ pub(super) async fn serve<S>(
             tracing::debug!(%peer, "no CONNECT in time: closed");
             return;
         }
+        // MQTT 3.1.1 §3.1.2.2: another protocol level is answered with CONNACK 1 (MQTT 3.1 and
+        // MQTT 5 clients report that, not a network error).
+        Ok(Err(End::Frame(FrameError::Protocol { name, level }))) => {
+            shared.registry.refused();
+            if let Some(quiet_before) = should_log(&shared, &peer_key(peer)) {
+                tracing::info!(%peer, protocol = %shown(&name), level, quiet_before,
+                    "gateway refused a CONNECT of another protocol version than MQTT 3.1.1 (CONNACK 1)");
+            }
+            return refuse(&mut client_wr, ConnectReturnCode::RefusedProtocolVersion).await;
+        }
         Ok(Err(e)) => {
             tracing::debug!(%peer, error = %e, "bad first packet: closed");
             return;
@@ -133,7 +144,7 @@ pub(super) async fn serve<S>(
         .claim(&client_id, shared.connect_timeout)
         .await
     else {
-        if let Some(quiet_before) = should_log(&shared, &peer.ip().to_string()) {
+        if let Some(quiet_before) = should_log(&shared, &peer_key(peer)) {
             tracing::info!(%peer, client = %shown(&client_id), quiet_before, "client id still held or taken again: closed");
         }
         return refuse(&mut client_wr, ConnectReturnCode::ServiceUnavailable).await;
@@ -169,6 +180,7 @@ pub(super) async fn serve<S>(
     // commands, the key chain) and a machine's acks: never queued behind chunk frames.
     let (control, controls) = mpsc::channel(CONTROL_QUEUE);
     let unacked = Unacked::default();
+    let unsubacks = Unsubacks::default();
     let session = Session {
         shared: &shared,
         principal: &principal,
@@ -178,6 +190,8 @@ pub(super) async fn serve<S>(
         control,
         stop: stop.clone(),
         unacked: &unacked,
+        unsubacks: &unsubacks,
+        broker_filters: Default::default(),
         refused_now: Default::default(),
         limiter,
     };
@@ -185,7 +199,7 @@ pub(super) async fn serve<S>(
         _ = stop.cancelled() => End::Closed("kicked or shut down"),
         _ = claim.taken_over() => End::TakenOver,
         e = session.client_to_router(&mut client_rd, &mut to_router, buf, connect.keep_alive) => e,
-        e = router_to_client(link_rx, &mut client_wr, (injected, &queued), controls, &unacked) => e,
+        e = router_to_client(link_rx, &mut client_wr, (injected, &queued), controls, (&unacked, &unsubacks)) => e,
     };
     match &end {
         End::Disconnected | End::Dropped => to_router.close_after(vec![]).await,
@@ -265,18 +279,17 @@ async fn admit(
     peer: SocketAddr,
 ) -> Result<Principal, ConnectReturnCode> {
     let client_id = &connect.client_id;
-    if connect.protocol != rumqttc::mqttbytes::Protocol::V4 {
-        return Err(ConnectReturnCode::RefusedProtocolVersion);
-    }
+    // `frames::take_connect` has refused every protocol but MQTT 3.1.1.
+    debug_assert_eq!(connect.protocol, rumqttc::mqttbytes::Protocol::V4);
     let Some(login) = connect.login.clone() else {
-        if let Some(quiet_before) = should_log(shared, &peer.ip().to_string()) {
+        if let Some(quiet_before) = should_log(shared, &peer_key(peer)) {
             tracing::info!(%peer, client = %shown(client_id), quiet_before, "gateway refused a CONNECT without credentials");
         }
         return Err(ConnectReturnCode::NotAuthorized);
     };
     let username = login.username.clone();
     let Some(principal) = authenticate(shared, login).await else {
-        if let Some(quiet_before) = should_log(shared, &peer.ip().to_string()) {
+        if let Some(quiet_before) = should_log(shared, &peer_key(peer)) {
             tracing::info!(%peer, client = %shown(client_id), user = %shown(&username), quiet_before, "gateway refused bad credentials");
         }
         return Err(ConnectReturnCode::BadUserNamePassword);
@@ -301,13 +314,11 @@ async fn admit(
     Ok(principal)
 }
 
-/// Whether a line about `key` (a user name, a peer address) is logged now: `Some(n)`, n being
-/// how many were left out before it; `None`: leave it out. One client cannot fill the log.
+/// Whether a line about `key` (a user name, a peer address's [`peer_key`]) is logged now:
+/// `Some(n)`, n being how many were left out before it; `None`: leave it out. One client
+/// cannot fill the log, nor can many together (`super::logs`).
 fn should_log(shared: &Shared, key: &str) -> Option<u64> {
-    match shared.log_gate.admit(key) {
-        Admit::Log { quiet_before } => Some(quiet_before),
-        Admit::Quiet => None,
-    }
+    shared.log_gate.admit(key)
 }
 
 /// Answers with a refusing CONNACK and closes.
@@ -413,6 +424,12 @@ struct Session<'a> {
     stop: CancellationToken,
     /// What the router sent at QoS 1 and the client has not acknowledged.
     unacked: &'a Unacked,
+    /// The UNSUBACKs the router owes for the UNSUBSCRIBEs handed to it.
+    unsubacks: &'a Unsubacks,
+    /// The filters this session holds on rumqttd's router: those of every SUBSCRIBE handed to
+    /// it, until an UNSUBSCRIBE names them. An UNSUBSCRIBE goes to the router with these only
+    /// (see [`Unsubacks`]).
+    broker_filters: std::sync::Mutex<std::collections::HashSet<String>>,
     /// Filters of the SUBSCRIBE being handled that the platform's dynamic check refused: its
     /// SUBACK answers them with a failure.
     refused_now: std::sync::Mutex<std::collections::HashSet<String>>,
@@ -466,6 +483,54 @@ struct Unacked {
     ids: std::sync::Mutex<std::collections::VecDeque<u16>>,
     owed: std::sync::atomic::AtomicUsize,
     paid: tokio::sync::Notify,
+}
+
+/// The UNSUBACKs rumqttd's router owes the session, per UNSUBSCRIBE handed to it, in order.
+///
+/// MQTT 3.1.1 §3.10.4 asks for exactly one UNSUBACK per UNSUBSCRIBE, whatever it names. The
+/// router answers one per filter it removed: none for an UNSUBSCRIBE of filters the session
+/// does not hold there (`#`, a filter the gateway serves, one already left), which left the
+/// client waiting for ever, and two for one naming two of its filters. So an UNSUBSCRIBE goes
+/// to the router naming only the filters the session holds there, each once
+/// ([`Session::broker_filters`]), and only if it names any: the router then answers one
+/// UNSUBACK per filter, and the session's writer passes on the last of them and drops the
+/// others. One that names none is answered by the gateway, like a SUBSCRIBE of filters the
+/// gateway serves ([`Session::local_answer`]), on the queue of its other answers (so, like its
+/// SUBACKs and PINGRESPs, ahead of what the router has not handed over yet; MQTT 3.1.1 orders
+/// only publishes and their acknowledgements, §4.6).
+#[derive(Default)]
+struct Unsubacks {
+    owed: std::sync::Mutex<std::collections::VecDeque<usize>>,
+}
+
+impl Unsubacks {
+    /// An UNSUBSCRIBE naming `filters` filters the session holds goes to the router.
+    fn expect(&self, filters: usize) {
+        if filters > 0 {
+            self.owed
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push_back(filters);
+        }
+    }
+
+    /// The router sent an UNSUBACK: whether it goes on to the client (the last one the router
+    /// sends for its UNSUBSCRIBE).
+    fn pass(&self) -> bool {
+        let mut owed = self.owed.lock().unwrap_or_else(|p| p.into_inner());
+        match owed.front_mut() {
+            Some(1) => {
+                owed.pop_front();
+                true
+            }
+            Some(n) => {
+                *n -= 1;
+                false
+            }
+            // Not one the gateway counted on: passed on rather than lost.
+            None => true,
+        }
+    }
 }
 
 /// PUBACKs the router may owe one client before the gateway stops reading it.
@@ -570,6 +635,12 @@ impl Session<'_> {
                         }
                     }
                 }
+                if let Packet::Unsubscribe(unsubscribe, _) = &mut packet {
+                    // Only what the router holds for the session, each once: the router
+                    // answers one UNSUBACK per filter it removes (`Unsubacks`). None left:
+                    // the gateway answers it (`local_answer`).
+                    unsubscribe.filters = self.held_by_broker(&unsubscribe.filters);
+                }
                 // Where a publish goes, parsed once: it decides its cost and whether the
                 // platform takes it in process.
                 let route = match &packet {
@@ -625,6 +696,9 @@ impl Session<'_> {
                         return End::Closed("session ending");
                     }
                 } else if let Some(packet) = packet {
+                    if let Packet::Unsubscribe(unsubscribe, _) = &packet {
+                        self.unsubacks.expect(unsubscribe.filters.len());
+                    }
                     let disconnect = matches!(packet, Packet::Disconnect(..));
                     let owes_ack =
                         matches!(packet, Packet::Publish(..)) && matches!(qos_pkid, Some((1, _)));
@@ -681,6 +755,16 @@ impl Session<'_> {
         }
     }
 
+    /// Which of `named` (an UNSUBSCRIBE's filters) the session holds on the router, each once;
+    /// they are forgotten here, as the router forgets them on the UNSUBSCRIBE.
+    fn held_by_broker(&self, named: &[String]) -> Vec<String> {
+        let mut held = self
+            .broker_filters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        named.iter().filter(|f| held.remove(*f)).cloned().collect()
+    }
+
     /// Whether the gateway delivers bulk frames published on `filter` itself (an artifact's
     /// chunk topic, named exactly, a machine's acks and error frames, and the integrators' live
     /// event topic).
@@ -734,9 +818,10 @@ impl Session<'_> {
 
     /// The gateway's own answer to a PINGREQ (the keep-alive is between client and gateway:
     /// a router busy with a fleet coming online answered pings late, and clients that waited
-    /// too long reconnected, which made it busier), or to a SUBSCRIBE or UNSUBSCRIBE whose
-    /// filters are all gateway-only (QoS 0 granted: that is how it delivers). None: hand the
-    /// packet to rumqttd.
+    /// too long reconnected, which made it busier), to a SUBSCRIBE whose filters are all
+    /// gateway-only (QoS 0 granted: that is how it delivers), or to an UNSUBSCRIBE naming no
+    /// filter the session holds on the router (already narrowed by [`Self::held_by_broker`]).
+    /// None: hand the packet to rumqttd.
     fn local_answer(&self, packet: &Packet) -> Option<Bytes> {
         use rumqttc::mqttbytes::v4::{PingResp, SubAck, SubscribeReasonCode, UnsubAck};
         let mut out = BytesMut::new();
@@ -765,10 +850,8 @@ impl Session<'_> {
                 drop(refused);
                 SubAck::new(sub.pkid, codes).write(&mut out).ok()?;
             }
-            Packet::Unsubscribe(unsub, _)
-                if !unsub.filters.is_empty()
-                    && unsub.filters.iter().all(|f| self.is_gateway_only(f)) =>
-            {
+            // Left with no filter the router holds for the session (`held_by_broker`).
+            Packet::Unsubscribe(unsub, _) if unsub.filters.is_empty() => {
                 UnsubAck::new(unsub.pkid).write(&mut out).ok()?;
             }
             _ => return None,
@@ -861,6 +944,8 @@ impl Session<'_> {
     /// Whether one whole packet may pass.
     async fn check(&self, kind: PacketType, frame: &[u8]) -> Result<(), End> {
         let (shared, principal, client_id) = (self.shared, self.principal, self.client_id);
+        // Flags, packet ids and packet types MQTT 3.1.1 forbids a client: closed as malformed.
+        frames::check_client_packet(kind, frame).map_err(End::Frame)?;
         match kind {
             PacketType::Publish => {
                 let topic = frames::publish_topic(frame).map_err(End::Frame)?;
@@ -981,6 +1066,14 @@ impl Session<'_> {
                         .unwrap_or_else(|p| p.into_inner())
                         .extend(refused);
                 }
+                if !local {
+                    // The router holds them all now, the served ones too: an UNSUBSCRIBE of
+                    // any of them goes to it (`Unsubacks`).
+                    self.broker_filters
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .extend(filters.iter().cloned());
+                }
                 let username = self.principal.username();
                 let fanout = &shared.registry.fanout;
                 for f in filters {
@@ -1006,7 +1099,14 @@ impl Session<'_> {
                 }
             }
             PacketType::Unsubscribe => {
-                for f in frames::unsubscribe_filters(frame).map_err(End::Frame)? {
+                let filters = frames::unsubscribe_filters(frame).map_err(End::Frame)?;
+                // MQTT 3.1.1 §3.10.3: at least one filter.
+                if filters.is_empty() {
+                    return Err(End::Frame(FrameError::Malformed(
+                        "UNSUBSCRIBE without a filter".to_owned(),
+                    )));
+                }
+                for f in filters {
                     if self.is_fanned_out(&f) || relay::is_served(&shared.topics, &f) {
                         shared.registry.fanout.unsubscribe(&f, self.id);
                     }
@@ -1031,7 +1131,7 @@ async fn router_to_client<W>(
     wr: &mut W,
     (mut injected, queued): (mpsc::Receiver<fanout::Queued>, &fanout::QueuedKeys),
     mut controls: mpsc::Receiver<Bytes>,
-    unacked: &Unacked,
+    (unacked, unsubacks): (&Unacked, &Unsubacks),
 ) -> End
 where
     W: AsyncWrite + Unpin,
@@ -1054,6 +1154,8 @@ where
                         Err(_) => return End::Dropped,
                         Ok(Some(notification)) => {
                             match Option::<Packet>::from(notification) {
+                                // One UNSUBACK per UNSUBSCRIBE, not one per filter.
+                                Some(Packet::UnsubAck(..)) if !unsubacks.pass() => {}
                                 Some(packet) => {
                                     if matches!(packet, Packet::PubAck(..)) {
                                         unacked.paid();
@@ -1127,4 +1229,19 @@ async fn write_frames<W: AsyncWrite + Unpin>(
         wr.write_all(&frame).await?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_unsuback_passes_per_unsubscribe_handed_to_the_router() {
+        let owed = Unsubacks::default();
+        owed.expect(0);
+        owed.expect(3);
+        owed.expect(1);
+        let passed: Vec<bool> = (0..5).map(|_| owed.pass()).collect();
+        assert_eq!(passed, [false, false, true, true, true]);
+    }
 }

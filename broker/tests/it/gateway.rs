@@ -2552,11 +2552,10 @@ async fn a_frame_still_queued_for_a_machine_is_not_queued_again_until_written() 
     let topics = Topics::default();
     let artifact = topics.artifact_chunks(&ArtifactId::of(b"app v2"));
     let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
-    raw.send(Packet::Subscribe(Subscribe::new(
-        &artifact,
-        QoS::AtMostOnce,
-    )))
-    .await;
+    let mut subscribe = Subscribe::new(&artifact, QoS::AtMostOnce);
+    // MQTT 3.1.1 §2.3.1: a packet id of 0 closes the connection.
+    subscribe.pkid = 1;
+    raw.send(Packet::Subscribe(subscribe)).await;
     assert!(matches!(raw.next().await, Some(Packet::SubAck(_))));
     let handle = gw.secured.handle();
     // The machine reads nothing for now: its socket, then its queue, fill up.
@@ -2839,4 +2838,361 @@ async fn a_subscribe_naming_one_served_filter_100_times_gets_its_kept_message_on
         "the session stays and gets the next one once"
     );
     assert_eq!(gw.secured.handle().stats().violations, 0);
+}
+
+/// Everything `raw` gets within a short while of sending `packet` and a PINGREQ, the PINGRESP
+/// left out.
+async fn answers(raw: &mut Raw, packet: Packet) -> Vec<Packet> {
+    raw.send(packet).await;
+    gets(raw, Packet::PingReq)
+        .await
+        .into_iter()
+        .filter(|p| !matches!(p, Packet::PingResp))
+        .collect()
+}
+
+fn raw_unsubscribe(filters: &[&str], pkid: u16) -> Packet {
+    let mut u = rumqttc::mqttbytes::v4::Unsubscribe::new("x");
+    u.topics = filters.iter().map(|f| f.to_string()).collect();
+    u.pkid = pkid;
+    Packet::Unsubscribe(u)
+}
+
+/// MQTT 3.1.1 §3.10.4: every UNSUBSCRIBE gets exactly one UNSUBACK with its packet id, whatever
+/// it names: filters the session never subscribed to (`#`, another client's), a filter named
+/// twice, a filter already left, one the gateway serves, several rumqttd holds (rumqttd answers
+/// one per filter it removes, and none when it removed nothing: the client waited for ever),
+/// or a mix. What was left is no longer delivered; an UNSUBSCRIBE without a filter (§3.10.3)
+/// closes the connection.
+#[tokio::test]
+async fn every_unsubscribe_gets_exactly_one_unsuback_whatever_it_names() {
+    let gw = start_gateway(|_| {}).await;
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
+    let other = Topics::default().rollout_progress("r-2");
+    let reply = "fleet/admin/fleetcast-op-alice/response";
+
+    let routed = routed();
+    let mut raw = Raw::accepted(gw.plain(), ROUTED_USER).await;
+    let subscribed = |got: Vec<Packet>| assert!(matches!(got[..], [Packet::SubAck(_)]), "{got:?}");
+    subscribed(answers(&mut raw, subscribe_all(&[routed.clone(), other.clone()], 1)).await);
+    let cases: [(&str, &[&str], Option<&str>); 7] = [
+        ("never subscribed: #", &["#"], None),
+        (
+            "another client's",
+            &["fleet/admin/fleetcast-op-bob/response"],
+            None,
+        ),
+        ("two held by rumqttd", &[&routed, &other], None),
+        ("already left", &[&routed], None),
+        ("a filter the gateway serves", &[reply], None),
+        (
+            "a held filter named twice",
+            &[&routed, &routed],
+            Some(&routed),
+        ),
+        ("a mix", &["a/b", &routed, reply], Some(&routed)),
+    ];
+    for (i, (what, filters, resubscribe)) in cases.into_iter().enumerate() {
+        let pkid = 10 + 2 * i as u16;
+        if let Some(filter) = resubscribe {
+            subscribed(answers(&mut raw, subscribe_all(&[filter.to_owned()], pkid + 1)).await);
+        }
+        let got = answers(&mut raw, raw_unsubscribe(filters, pkid)).await;
+        assert!(
+            matches!(got[..], [Packet::UnsubAck(ref a)] if a.pkid == pkid),
+            "{what}: expected one UNSUBACK {pkid}, got {got:?}"
+        );
+    }
+    // Nothing more is delivered on what was left.
+    for topic in [&routed, &other] {
+        platform
+            .publish(topic.clone(), QoS::AtLeastOnce, false, "after")
+            .await
+            .unwrap();
+    }
+    let got = answers(&mut raw, Packet::PingReq).await;
+    assert!(got.is_empty(), "delivered after UNSUBSCRIBE: {got:?}");
+    // A machine, whose filters are all the gateway's: `#` is answered too.
+    let mut machine = Raw::accepted(gw.plain(), "vm-1").await;
+    let got = answers(&mut machine, raw_unsubscribe(&["#"], 5)).await;
+    assert!(
+        matches!(got[..], [Packet::UnsubAck(ref a)] if a.pkid == 5),
+        "{got:?}"
+    );
+    assert_eq!(gw.secured.handle().stats().violations, 0);
+
+    let _ = raw.stream.write_all(&[0xa2, 0x02, 0x00, 0x07]).await;
+    assert!(
+        raw.next().await.is_none(),
+        "an UNSUBSCRIBE without a filter closes"
+    );
+    assert_eq!(gw.secured.handle().stats().violations, 1);
+    assert_still_serves(&gw, &platform, "still served").await;
+}
+
+/// A CONNECT as `user` (password `pw-<user>`, clean session, keep-alive 30) with protocol
+/// `name` and `level`, MQTT 5 properties (none) if `properties`.
+fn connect_bytes(name: &[u8], level: u8, properties: bool, user: &str) -> Vec<u8> {
+    let string = |s: &[u8]| {
+        let mut v = (s.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(s);
+        v
+    };
+    let mut body = string(name);
+    body.extend_from_slice(&[level, 0xc2, 0, 30]);
+    if properties {
+        body.push(0);
+    }
+    body.extend(string(user.as_bytes()));
+    body.extend(string(user.as_bytes()));
+    body.extend(string(format!("pw-{user}").as_bytes()));
+    let mut wire = vec![0x10, body.len() as u8];
+    wire.extend(body);
+    wire
+}
+
+/// MQTT 3.1.1 §3.1.2.2: a CONNECT of a protocol level the server does not speak is answered
+/// CONNACK 1 and closed, as docs/protocol.md promises; MQTT 3.1 and MQTT 5 clients were closed
+/// without a word (only MQTT 5 without properties got CONNACK 1), and reported a network error.
+#[tokio::test]
+async fn a_connect_of_another_protocol_version_gets_connack_1() {
+    let gw = start_gateway(|_| {}).await;
+    let cases: [(&str, &[u8], u8, bool); 6] = [
+        ("MQTT 3.1", b"MQIsdp", 3, false),
+        ("MQTT level 3", b"MQTT", 3, false),
+        ("MQTT 5 with properties", b"MQTT", 5, true),
+        ("MQTT 5 without properties", b"MQTT", 5, false),
+        ("MQTT level 6", b"MQTT", 6, false),
+        ("another protocol name", b"MQTX", 4, false),
+    ];
+    for (what, name, level, properties) in cases {
+        let mut stream = TcpStream::connect(gw.plain()).await.unwrap();
+        stream
+            .write_all(&connect_bytes(name, level, properties, "vm-1"))
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(WAIT, stream.read_to_end(&mut got)).await;
+        assert!(read.is_ok(), "{what}: the gateway closes");
+        assert_eq!(
+            got,
+            [0x20, 0x02, 0x00, 0x01],
+            "{what}: CONNACK 1, then closed"
+        );
+    }
+    assert_eq!(gw.secured.handle().stats().refused, cases.len() as u64);
+    // MQTT 3.1.1 itself still connects.
+    let mut stream = TcpStream::connect(gw.plain()).await.unwrap();
+    stream
+        .write_all(&connect_bytes(b"MQTT", 4, false, "vm-1"))
+        .await
+        .unwrap();
+    let mut connack = [0u8; 4];
+    stream.read_exact(&mut connack).await.unwrap();
+    assert_eq!(connack, [0x20, 0x02, 0x00, 0x00]);
+}
+
+/// MQTT 3.1.1 requires closing the connection on a malformed packet: fixed-header flags other
+/// than the spec's (§2.2.2), a SUBSCRIBE or UNSUBSCRIBE with packet id 0 (§2.3.1), a packet
+/// only a server sends, a PINGREQ with a body. Each was answered or ignored; now each closes
+/// the connection as a violation (counted), without an answer.
+#[tokio::test]
+async fn packets_mqtt_forbids_a_client_close_its_connection_as_violations() {
+    // One connection per case: more than a machine's connect rate.
+    let gw = start_gateway(|s| s.limits.machine = None).await;
+    let command = Topics::default().command(&MachineId::new("vm-1").unwrap());
+    let filter = {
+        let mut v = (command.len() as u16).to_be_bytes().to_vec();
+        v.extend_from_slice(command.as_bytes());
+        v
+    };
+    let packet = |header: u8, body: &[u8]| {
+        let mut v = vec![header, body.len() as u8];
+        v.extend_from_slice(body);
+        v
+    };
+    let with_id = |id: u16, qos: Option<u8>| {
+        let mut v = id.to_be_bytes().to_vec();
+        v.extend_from_slice(&filter);
+        v.extend(qos);
+        v
+    };
+    let cases = [
+        ("SUBSCRIBE with flags 0", packet(0x80, &with_id(1, Some(1)))),
+        (
+            "SUBSCRIBE with flags 0b0011",
+            packet(0x83, &with_id(1, Some(1))),
+        ),
+        (
+            "SUBSCRIBE with packet id 0",
+            packet(0x82, &with_id(0, Some(1))),
+        ),
+        ("UNSUBSCRIBE with flags 0", packet(0xa0, &with_id(1, None))),
+        (
+            "UNSUBSCRIBE with packet id 0",
+            packet(0xa2, &with_id(0, None)),
+        ),
+        ("UNSUBSCRIBE without a filter", packet(0xa2, &[0, 1])),
+        ("CONNACK from a client", packet(0x20, &[0, 0])),
+        ("SUBACK from a client", packet(0x90, &[0, 1, 0])),
+        ("UNSUBACK from a client", packet(0xb0, &[0, 1])),
+        ("PINGRESP from a client", packet(0xd0, &[])),
+        ("PINGREQ with a body", packet(0xc0, b"xx")),
+        ("PINGREQ with flags", packet(0xc1, &[])),
+    ];
+    for (what, bytes) in &cases {
+        let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+        let _ = raw.stream.write_all(bytes).await;
+        raw.closed_after(Packet::PingReq, what).await;
+    }
+    assert_eq!(gw.secured.handle().stats().violations, cases.len() as u64);
+    // The same packets as the spec has them are answered.
+    let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+    let _ = raw
+        .stream
+        .write_all(&packet(0x82, &with_id(1, Some(1))))
+        .await;
+    assert!(matches!(raw.next().await, Some(Packet::SubAck(_))));
+    let _ = raw.stream.write_all(&packet(0xa2, &with_id(2, None))).await;
+    assert!(matches!(raw.next().await, Some(Packet::UnsubAck(_))));
+}
+
+/// Log lines written while the guard lives, on this thread (a `#[tokio::test]` runs the
+/// gateway's tasks on its own thread).
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Captured {
+    fn start() -> (Self, tracing::subscriber::DefaultGuard) {
+        let captured = Captured::default();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(captured.clone())
+            .with_max_level(tracing::Level::INFO)
+            .with_ansi(false)
+            .finish();
+        (captured, tracing::subscriber::set_default(subscriber))
+    }
+
+    fn lines_with(&self, text: &str) -> usize {
+        String::from_utf8_lossy(&self.0.lock().unwrap())
+            .lines()
+            .filter(|l| l.contains(text))
+            .count()
+    }
+}
+
+/// Each peer address may have a few lines a minute about its refused CONNECTs; many addresses
+/// together (an attacker with a /64 of IPv6 or many IPv4 ones) are held to a cap a minute for
+/// all of them: 300 bad CONNECTs from 300 loopback addresses wrote 300 lines.
+#[tokio::test]
+async fn lines_about_refused_connects_are_capped_for_all_peer_addresses_together() {
+    use fleetcast_broker::gateway::CLIENT_LINES_PER_MINUTE;
+    let (log, _guard) = Captured::start();
+    let gw = start_gateway(|_| {}).await;
+    let attempts = CLIENT_LINES_PER_MINUTE as usize + 100;
+    for i in 0..attempts {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        let source = std::net::Ipv4Addr::new(127, 1, (i / 200) as u8, (i % 200 + 1) as u8);
+        socket.bind(SocketAddr::from((source, 0))).unwrap();
+        let mut stream = socket.connect(gw.plain()).await.unwrap();
+        let mut out = BytesMut::new();
+        Packet::Connect(login("x", &format!("x{i}"), "guess"))
+            .write(&mut out, MAX_PACKET)
+            .unwrap();
+        stream.write_all(&out).await.unwrap();
+        let mut connack = Vec::new();
+        let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut connack)).await;
+        assert_eq!(connack, [0x20, 2, 0, 4], "refused");
+    }
+    assert_eq!(gw.secured.handle().stats().refused, attempts as u64);
+    let lines = log.lines_with("gateway refused bad credentials");
+    assert_eq!(
+        lines, CLIENT_LINES_PER_MINUTE as usize,
+        "one line per address up to the cap, none past it"
+    );
+}
+
+/// Set in the child process of the test below.
+const ACCEPT_CHILD: &str = "FLEETCAST_TEST_ACCEPT_CHILD";
+
+/// Out of file descriptors, every accept fails until one is free: the gateway logged a warning
+/// per failure, ten a second for as long as it lasted. Now the first is logged, and then at
+/// most a line a minute, and it keeps serving once descriptors are free. Runs in a child
+/// process of its own (it lowers the open-file limit, which the other tests share).
+#[tokio::test]
+async fn failed_accepts_out_of_descriptors_are_logged_once_not_ten_times_a_second() {
+    if std::env::var_os(ACCEPT_CHILD).is_none() {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "gateway::failed_accepts_out_of_descriptors_are_logged_once_not_ten_times_a_second",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(ACCEPT_CHILD, "1")
+            .output()
+            .unwrap();
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "the child failed:\n{said}");
+        assert!(said.contains("1 passed"), "the child ran the test:\n{said}");
+        return;
+    }
+    let (log, _guard) = Captured::start();
+    let gw = start_gateway(|_| {}).await;
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read or write the struct passed by pointer.
+    assert_eq!(
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) },
+        0
+    );
+    let lowered = libc::rlimit {
+        rlim_cur: (open_fds() + 16) as libc::rlim_t,
+        rlim_max: limit.rlim_max,
+    };
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lowered) }, 0);
+    // Connections until this process has no descriptor left: the last ones wait in the
+    // listener's backlog, which the gateway cannot accept.
+    let mut held = Vec::new();
+    while let Ok(Ok(s)) =
+        tokio::time::timeout(Duration::from_secs(1), TcpStream::connect(gw.plain())).await
+    {
+        held.push(s);
+        assert!(held.len() < 100, "the lowered limit holds");
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let failed = log.lines_with("gateway accept failed");
+    // SAFETY: as above.
+    assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) }, 0);
+    drop(held);
+    assert_eq!(failed, 1, "one line in 3 s of failed accepts");
+    // Serving again once descriptors are free.
+    let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+    raw.send(Packet::PingReq).await;
+    assert!(matches!(raw.next().await, Some(Packet::PingResp)));
 }
