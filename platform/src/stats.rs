@@ -80,6 +80,7 @@ impl Stats {
             status_events_resent: self.status_events_resent.load(Relaxed),
             reports_dropped: self.reports_dropped.load(Relaxed),
             chunk_requests_refused: self.chunk_requests_refused.load(Relaxed),
+            last_event_id: 0,
             gateway: None,
         }
     }

@@ -277,6 +277,9 @@ pub trait Reads {
     /// Every stored event, oldest first.
     fn events(&self) -> Result<Vec<FleetEvent>, StoreError>;
 
+    /// The id of the newest event ever stored (0: none); ids are never reused.
+    fn last_event_id(&self) -> Result<u64, StoreError>;
+
     /// Audit entries with an id above `since`, oldest first, at most `limit`; and whether more
     /// follow.
     fn audit_since(&self, since: u64, limit: usize) -> Result<(Vec<AuditEntry>, bool), StoreError>;
@@ -561,6 +564,9 @@ impl<S: ReadsThrough> Reads for S {
     }
     fn events(&self) -> Result<Vec<FleetEvent>, StoreError> {
         self.reads().events()
+    }
+    fn last_event_id(&self) -> Result<u64, StoreError> {
+        self.reads().last_event_id()
     }
     fn audit_since(&self, since: u64, limit: usize) -> Result<(Vec<AuditEntry>, bool), StoreError> {
         self.reads().audit_since(since, limit)

@@ -598,6 +598,11 @@ pub struct PlatformStats {
     /// Chunk requests refused (bad MAC, replay, an artifact not the machine's, over budget).
     #[serde(default)]
     pub chunk_requests_refused: u64,
+    /// The id of the newest status event stored (not since the start: ever; 0 when none):
+    /// where a reader of the newest events starts (`fleetcast events --last N`). Absent (0)
+    /// from platforms before 2026-11-28.
+    #[serde(default)]
+    pub last_event_id: u64,
     /// The embedded broker's gateway (absent on an external broker, whose own tools count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayCounters>,

@@ -56,15 +56,24 @@ pub struct AuditArgs {
 
 #[derive(Args)]
 pub struct EventsArgs {
-    /// Events after this id (the last id you saw; 0 for all).
-    #[arg(long, default_value_t = 0)]
-    pub since: u64,
-    /// At most this many (default: all, fetched in batches).
+    /// Events after this id (the last id you saw; 0 for all), oldest first. Without it (and
+    /// without --last): the newest 100.
+    #[arg(long, conflicts_with = "last")]
+    pub since: Option<u64>,
+    /// The newest N events, oldest first.
+    #[arg(long, value_name = "N")]
+    pub last: Option<u64>,
+    /// With --since: at most this many (default: all, fetched in batches).
     #[arg(long)]
     pub limit: Option<u64>,
     #[arg(long)]
     pub json: bool,
 }
+
+/// What `fleetcast events` shows without --since or --last: a log of a fleet's every status
+/// event is millions of lines (five per machine per rollout), and reading it from the start
+/// holds pages of it in the platform's memory (docs/architecture.md, "Capacity").
+pub const EVENTS_SHOWN: u64 = 100;
 
 #[derive(Args)]
 pub struct StatsArgs {
@@ -193,12 +202,26 @@ pub async fn audit(args: AuditArgs, client: &ClientArgs) -> anyhow::Result<()> {
 }
 
 pub async fn events(args: EventsArgs, client: &ClientArgs) -> anyhow::Result<()> {
-    let all = fetch_pages(
-        client,
-        args.since,
-        args.limit.unwrap_or(u64::MAX),
-        |since, limit| calls::EventsSince { since, limit },
-    )
+    let (since, wanted) = match (args.since, args.last) {
+        (Some(since), _) => (since, args.limit.unwrap_or(u64::MAX)),
+        (None, last) => {
+            let n = last.unwrap_or(EVENTS_SHOWN);
+            let newest = client.call(calls::Stats {}).await?.last_event_id;
+            if last.is_none() && newest > n {
+                eprintln!(
+                    "(the newest {n} events, up to id {newest}: --since 0 for all, --last N for more)"
+                );
+            }
+            (
+                newest.saturating_sub(n),
+                n.min(args.limit.unwrap_or(u64::MAX)),
+            )
+        }
+    };
+    let all = fetch_pages(client, since, wanted, |since, limit| calls::EventsSince {
+        since,
+        limit,
+    })
     .await?;
     if args.json {
         return print_json(&all);

@@ -99,6 +99,7 @@ pub fn audit(ctx: &Ctx, c: calls::Audit) -> Result<Page<AuditEntry, u64>, OpErro
 pub fn stats(ctx: &Ctx, _: calls::Stats) -> Result<PlatformStats, OpError> {
     Ok(PlatformStats {
         gateway: ctx.sessions.gateway_counters(),
+        last_event_id: ctx.store.last_event_id()?,
         ..ctx.stats.snapshot()
     })
 }

@@ -270,6 +270,7 @@ fn events_are_pruned_oldest_first_to_the_newest_kept(s: &dyn Store) {
         0,
         "nothing stored: nothing to delete"
     );
+    assert_eq!(s.last_event_id().unwrap(), 0);
     for _ in 0..10 {
         s.append_event(&mut event("vm-1", Phase::Notified)).unwrap();
     }
@@ -285,6 +286,7 @@ fn events_are_pruned_oldest_first_to_the_newest_kept(s: &dyn Store) {
     s.append_event(&mut event("vm-1", Phase::Installed))
         .unwrap();
     assert_eq!(ids(), [8, 9, 10, 11], "ids go on from the newest");
+    assert_eq!(s.last_event_id().unwrap(), 11);
     assert_eq!(
         s.prune_events(u64::MAX, 4).unwrap(),
         0,

@@ -386,6 +386,10 @@ impl Reads for Tables {
         Ok(self.lock().events.values().cloned().collect())
     }
 
+    fn last_event_id(&self) -> Result<u64, StoreError> {
+        Ok(self.lock().last_event)
+    }
+
     fn audit_since(&self, since: u64, limit: usize) -> Result<(Vec<AuditEntry>, bool), StoreError> {
         Ok(page(&self.lock().audit, since, limit))
     }

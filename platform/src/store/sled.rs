@@ -716,6 +716,10 @@ impl Reads for Tables {
         Ok(self.events.range_after(0, usize::MAX)?.0)
     }
 
+    fn last_event_id(&self) -> Result<u64, StoreError> {
+        Ok(self.meta.get_u64("event")?.unwrap_or(0))
+    }
+
     fn audit_since(&self, since: u64, limit: usize) -> Result<(Vec<AuditEntry>, bool), StoreError> {
         self.audit.range_after(since, limit)
     }

@@ -621,6 +621,35 @@ async fn every_json_output_matches_its_schema_in_docs() {
     ] {
         outputs.push((what, schema, fc.run(args).await.json()));
     }
+    // `events` shows the newest (100 by default, N with --last N), `--since` reads from an id.
+    let ids = |v: serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_u64().unwrap())
+            .collect()
+    };
+    let all = ids(fc.run(&["events", "--since", "0", "--json"]).await.json());
+    assert!(all.len() >= 3 && all.len() <= 100, "{all:?}");
+    assert_eq!(ids(fc.run(&["events", "--json"]).await.json()), all);
+    assert_eq!(
+        ids(fc.run(&["events", "--last", "2", "--json"]).await.json()),
+        all[all.len() - 2..]
+    );
+    assert_eq!(
+        ids(fc
+            .run(&[
+                "events",
+                "--since",
+                &all[0].to_string(),
+                "--limit",
+                "1",
+                "--json"
+            ])
+            .await
+            .json()),
+        all[1..2]
+    );
     // As text, --summary is the first and last lines of the listing, and `release watch` reads
     // the same counts (vm-003 never answers: it gives up after its timeout).
     let listing = fc.run(&["release", "status", release.as_str()]).await.ok();
