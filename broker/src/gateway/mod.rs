@@ -81,7 +81,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use limit::{Rate, RateLimit};
-pub use logs::CLIENT_LINES_PER_MINUTE;
+pub use logs::{CLIENT_LINES_PER_MINUTE, OPENING_PER_ADDRESS};
 pub use registry::{AdminSink, ChunkRequestSink, GatewayHandle, GatewayStats, ReportSink};
 
 use crate::client::BrokerUrl;
@@ -237,6 +237,8 @@ struct Shared {
     /// Refusals and violations: a few lines per user name (or peer address) per minute, and
     /// at most [`logs::CLIENT_LINES_PER_MINUTE`] in all.
     log_gate: logs::LogLimit,
+    /// Connections not yet past their CONNECT, per peer address.
+    opening: Arc<logs::Opening>,
 }
 
 /// rumqttd on loopback and the gateway's listeners in front of it.
@@ -299,6 +301,7 @@ pub async fn start_secured(
         connect_timeout: settings.connect_timeout,
         registry: registry.clone(),
         log_gate: logs::LogLimit::default(),
+        opening: Default::default(),
     });
     let mut listeners = Vec::new();
     let plain_addr = plain.as_ref().map(|(_, a)| *a);
@@ -448,19 +451,28 @@ async fn connection(
     tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
+    let key = logs::peer_key(peer);
+    let Some(opening) = shared.opening.enter(key.clone()) else {
+        shared.registry.refused();
+        if let Some(quiet_before) = shared.log_gate.admit(&key) {
+            tracing::info!(%peer, quiet_before, limit = logs::OPENING_PER_ADDRESS,
+                "gateway closed a connection: too many from this address still opening");
+        }
+        return;
+    };
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
     let deadline = Instant::now() + shared.connect_timeout;
     let Some(acceptor) = tls else {
-        return session::serve(shared, tcp, peer, deadline, shutdown).await;
+        return session::serve(shared, tcp, peer, (deadline, opening), shutdown).await;
     };
     let handshake = tokio::select! {
         _ = shutdown.cancelled() => return,
         h = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => h,
     };
     match handshake {
-        Ok(Ok(stream)) => session::serve(shared, stream, peer, deadline, shutdown).await,
+        Ok(Ok(stream)) => session::serve(shared, stream, peer, (deadline, opening), shutdown).await,
         Ok(Err(e)) => tracing::info!(%peer, error = %e, "gateway TLS handshake failed"),
         Err(_) => tracing::info!(%peer, "gateway TLS handshake timed out"),
     }

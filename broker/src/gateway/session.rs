@@ -26,7 +26,7 @@ use super::fanout;
 use super::feeder::ToRouter;
 use super::frames::{self, FrameError};
 use super::limit::Cost;
-use super::logs::peer_key;
+use super::logs::{peer_key, OpeningSlot};
 use super::registry::{ClientClaim, SharedLimiter};
 use super::relay;
 use super::Shared;
@@ -77,12 +77,13 @@ enum End {
 }
 
 /// Serves one accepted client stream (TLS already done) until either side closes, a rule is
-/// broken, the session is kicked, or `shutdown`. `deadline` bounds the wait for CONNECT.
+/// broken, the session is kicked, or `shutdown`. `deadline` bounds the wait for CONNECT, and
+/// `opening` holds the connection's place among its address's opening ones until then.
 pub(super) async fn serve<S>(
     shared: Arc<Shared>,
     client: S,
     peer: SocketAddr,
-    deadline: Instant,
+    (deadline, opening): (Instant, OpeningSlot),
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -93,6 +94,7 @@ pub(super) async fn serve<S>(
         _ = shutdown.cancelled() => return,
         c = tokio::time::timeout_at(deadline, read_connect(&mut client_rd, &mut buf)) => c,
     };
+    drop(opening);
     let connect = match connect {
         Err(_) => {
             tracing::debug!(%peer, "no CONNECT in time: closed");

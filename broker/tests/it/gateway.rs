@@ -637,6 +637,53 @@ async fn a_connect_too_large_for_one_is_closed_before_it_is_read() {
     Raw::accepted(gw.plain(), "vm-1").await;
 }
 
+/// Connections that never send their CONNECT hold a descriptor and a buffer each until the
+/// connect timeout, before any credential is checked: one address may have
+/// `OPENING_PER_ADDRESS` of them at once, and the gateway closes the ones past that at once.
+/// Before, one host holding 20,000 such sockets took every descriptor `serve` had (a black-box
+/// test, 2026-11-28). Other addresses, and the same one once its sockets are gone, connect as
+/// usual.
+#[tokio::test]
+async fn connections_one_address_leaves_opening_are_bounded() {
+    use fleetcast_broker::gateway::OPENING_PER_ADDRESS;
+    let gw = start_gateway(|_| {}).await;
+    let flood = std::net::Ipv4Addr::new(127, 0, 0, 3);
+    let extra = 20;
+    let mut idle = Vec::new();
+    for _ in 0..OPENING_PER_ADDRESS + extra {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((flood, 0))).unwrap();
+        idle.push(socket.connect(gw.plain()).await.unwrap());
+    }
+    // Within 2 s (the connect timeout is 10 s): exactly the connections past the bound end.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    let mut closed = 0;
+    for s in &mut idle {
+        let mut byte = [0u8; 1];
+        let read = tokio::time::timeout_at(deadline, s.read(&mut byte)).await;
+        closed += usize::from(matches!(read, Ok(Ok(0) | Err(_))));
+    }
+    assert_eq!(closed, extra);
+    // Another address is not held back by it.
+    Raw::accepted(gw.plain(), "vm-1").await;
+    // The flooding address, once its sockets are gone, neither.
+    drop(idle);
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((flood, 0))).unwrap();
+    let mut stream = socket.connect(gw.plain()).await.unwrap();
+    let mut out = BytesMut::new();
+    Packet::Connect(login("vm-2", "vm-2", "pw-vm-2"))
+        .write(&mut out, MAX_PACKET)
+        .unwrap();
+    stream.write_all(&out).await.unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, stream.read_exact(&mut connack))
+        .await
+        .expect("a CONNACK")
+        .unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "accepted");
+}
+
 /// vm-1's credentials, checked just before vm-1 is revoked, while the gateway is still
 /// authenticating them (here: slowly).
 struct RevokedWhileChecking {
