@@ -21,6 +21,18 @@ fn platform_warnings() {
         .try_init();
 }
 
+/// The platform as `serve` runs it and an admin client of it, or `None` (the test is skipped)
+/// without python3's MQTT and crypto packages.
+async fn python_env() -> Option<(Embedded, AdminClient)> {
+    if !super::security::python_with_mqtt() {
+        return None;
+    }
+    platform_warnings();
+    let e = embedded().await;
+    let admin = super::admin(&e.plain, &e.data_dir).await;
+    Some((e, admin))
+}
+
 /// Writes the config `fleetcast machine provision` prints for `p` (its data dir under `dir`).
 fn machine_config(dir: &Path, p: &ProvisionedMachine, broker: &BrokerUrl) -> PathBuf {
     let data = dir.join(format!("{}-data", p.machine));
@@ -109,18 +121,18 @@ async fn installed_on(admin: &AdminClient, release: &ReleaseId, machine: &str) -
 /// second release: its counters continue across the restart.
 #[tokio::test]
 async fn the_python_agent_installs_releases_through_the_gateway() {
-    if !super::security::python_with_mqtt() {
+    let Some((
+        Embedded {
+            dir,
+            platform,
+            plain,
+            ..
+        },
+        admin,
+    )) = python_env().await
+    else {
         return;
-    }
-    platform_warnings();
-    let Embedded {
-        dir,
-        data_dir,
-        platform,
-        plain,
-        ..
-    } = embedded().await;
-    let admin = super::admin(&plain, &data_dir).await;
+    };
     let (bytes1, info1) = upload_64k(&admin, dir.path(), "1.0.0", 300_000, 3).await;
     let p = provisioned(&admin, "vm-py", &[]).await;
     let config = machine_config(dir.path(), &p, &plain);
@@ -135,15 +147,8 @@ async fn the_python_agent_installs_releases_through_the_gateway() {
     assert_eq!(installed(&out, &info1), (bytes1, "1.0.0".to_owned()));
 
     // Every phase the agent entered reached the platform as an event, in order.
-    let events = admin
-        .call(calls::EventsSince {
-            since: 0,
-            limit: None,
-        })
-        .await
-        .unwrap();
+    let (events, _) = super::security::stored_events(&admin).await;
     let phases: Vec<Phase> = events
-        .items
         .iter()
         .filter(|e| e.release.as_ref() == Some(&r1.id))
         .map(|e| e.phase)
@@ -185,18 +190,18 @@ async fn the_python_agent_installs_releases_through_the_gateway() {
 /// notice on the group's topic and installs it.
 #[tokio::test]
 async fn the_python_agent_installs_a_group_release() {
-    if !super::security::python_with_mqtt() {
+    let Some((
+        Embedded {
+            dir,
+            platform,
+            plain,
+            ..
+        },
+        admin,
+    )) = python_env().await
+    else {
         return;
-    }
-    platform_warnings();
-    let Embedded {
-        dir,
-        data_dir,
-        platform,
-        plain,
-        ..
-    } = embedded().await;
-    let admin = super::admin(&plain, &data_dir).await;
+    };
     let (bytes, info) = upload_64k(&admin, dir.path(), "2.0.0", 150_000, 9).await;
     let p = provisioned(&admin, "vm-grp", &["shop-1"]).await;
     let config = machine_config(dir.path(), &p, &plain);
@@ -233,18 +238,18 @@ async fn the_python_agent_installs_a_group_release() {
 /// signed `activate` command (§5) before it installs.
 #[tokio::test]
 async fn the_python_agent_follows_a_key_rotation_and_waits_for_activate() {
-    if !super::security::python_with_mqtt() {
+    let Some((
+        Embedded {
+            dir,
+            platform,
+            plain,
+            ..
+        },
+        admin,
+    )) = python_env().await
+    else {
         return;
-    }
-    platform_warnings();
-    let Embedded {
-        dir,
-        data_dir,
-        platform,
-        plain,
-        ..
-    } = embedded().await;
-    let admin = super::admin(&plain, &data_dir).await;
+    };
     let (bytes, info) = upload_64k(&admin, dir.path(), "3.0.0", 140_000, 11).await;
     let p = provisioned(&admin, "vm-rot", &[]).await;
     assert_eq!(p.platform_key_gen, 0);
@@ -286,18 +291,18 @@ async fn the_python_agent_follows_a_key_rotation_and_waits_for_activate() {
 /// for at once (§7.3, `manifest_parts`), and 1,172 chunks.
 #[tokio::test]
 async fn the_python_agent_fetches_a_long_manifest_in_windows() {
-    if !super::security::python_with_mqtt() {
+    let Some((
+        Embedded {
+            dir,
+            platform,
+            plain,
+            ..
+        },
+        admin,
+    )) = python_env().await
+    else {
         return;
-    }
-    platform_warnings();
-    let Embedded {
-        dir,
-        data_dir,
-        platform,
-        plain,
-        ..
-    } = embedded().await;
-    let admin = super::admin(&plain, &data_dir).await;
+    };
     let bytes = data(1_200_000, 21);
     let path = dir.path().join("long.bin");
     std::fs::write(&path, &bytes).unwrap();
@@ -322,18 +327,18 @@ async fn the_python_agent_fetches_a_long_manifest_in_windows() {
 /// `cancelled`, and then installs the next release.
 #[tokio::test]
 async fn the_python_agent_obeys_a_cancelled_rollout() {
-    if !super::security::python_with_mqtt() {
+    let Some((
+        Embedded {
+            dir,
+            platform,
+            plain,
+            ..
+        },
+        admin,
+    )) = python_env().await
+    else {
         return;
-    }
-    platform_warnings();
-    let Embedded {
-        dir,
-        data_dir,
-        platform,
-        plain,
-        ..
-    } = embedded().await;
-    let admin = super::admin(&plain, &data_dir).await;
+    };
     upload_64k(&admin, dir.path(), "4.0.0", 50_000, 13).await;
     let p = provisioned(&admin, "vm-c", &[]).await;
     let config = machine_config(dir.path(), &p, &plain);
@@ -444,16 +449,7 @@ async fn on_an_open_broker_the_python_agent_reports_forged_and_copied_notices() 
     let rejected = poll_until(
         AGENT_TIMEOUT,
         "both unverified notices reported",
-        || async {
-            admin
-                .call(calls::EventsSince {
-                    since: 0,
-                    limit: None,
-                })
-                .await
-                .unwrap()
-                .items
-        },
+        || async { super::security::stored_events(&admin).await.0 },
         |events| {
             events
                 .iter()
