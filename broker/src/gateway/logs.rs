@@ -21,61 +21,6 @@ use tokio::time::Instant;
 /// Lines about clients (refusals, violations) logged a minute at most, all keys together.
 pub const CLIENT_LINES_PER_MINUTE: u32 = 200;
 
-/// Connections from one peer address ([`peer_key`]) that may be opening at once: accepted,
-/// and their CONNECT not read yet (TLS handshake included). Each holds a file descriptor and a
-/// read buffer for up to the connect timeout (10 s), before any credential is checked: without
-/// a bound, one host that opened sockets and sent nothing held all of `serve`'s descriptors
-/// (20,000 of them, 374 MB; a black-box test, 2026-11-28) and honest clients waited for one
-/// to be freed. An honest client's CONNECT comes within milliseconds of its connect, so even
-/// thousands of machines behind one NAT address come nowhere near this after a restart (they
-/// reconnect over seconds, §2's backoff).
-pub const OPENING_PER_ADDRESS: usize = 256;
-
-/// How many connections from each peer address are opening ([`OPENING_PER_ADDRESS`]).
-#[derive(Default)]
-pub(crate) struct Opening {
-    counts: std::sync::Mutex<std::collections::HashMap<String, usize>>,
-}
-
-impl Opening {
-    /// A place for a connection from `key` to open in, or `None` if that address has
-    /// [`OPENING_PER_ADDRESS`] opening already. The place is freed when the slot is dropped.
-    pub(crate) fn enter(self: &std::sync::Arc<Self>, key: String) -> Option<OpeningSlot> {
-        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
-        let n = counts.entry(key.clone()).or_insert(0);
-        if *n >= OPENING_PER_ADDRESS {
-            return None;
-        }
-        *n += 1;
-        Some(OpeningSlot {
-            opening: self.clone(),
-            key,
-        })
-    }
-}
-
-/// One connection's place among its address's opening ones, until its CONNECT is read.
-pub(crate) struct OpeningSlot {
-    opening: std::sync::Arc<Opening>,
-    key: String,
-}
-
-impl Drop for OpeningSlot {
-    fn drop(&mut self) {
-        let mut counts = self
-            .opening
-            .counts
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = counts.get_mut(&self.key) {
-            *n -= 1;
-            if *n == 0 {
-                counts.remove(&self.key);
-            }
-        }
-    }
-}
-
 /// The gateway's per-key and global limits on lines about clients.
 pub(crate) struct LogLimit {
     per_key: LogGate,

@@ -63,6 +63,7 @@ mod feeder;
 mod frames;
 mod limit;
 mod logs;
+mod places;
 mod registry;
 mod relay;
 mod session;
@@ -81,7 +82,8 @@ use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 pub use limit::{Rate, RateLimit};
-pub use logs::{CLIENT_LINES_PER_MINUTE, OPENING_PER_ADDRESS};
+pub use logs::CLIENT_LINES_PER_MINUTE;
+pub use places::{OPENING_PER_ADDRESS, SESSIONS_PER_USER};
 pub use registry::{AdminSink, ChunkRequestSink, GatewayHandle, GatewayStats, ReportSink};
 
 use crate::client::BrokerUrl;
@@ -237,8 +239,10 @@ struct Shared {
     /// Refusals and violations: a few lines per user name (or peer address) per minute, and
     /// at most [`logs::CLIENT_LINES_PER_MINUTE`] in all.
     log_gate: logs::LogLimit,
-    /// Connections not yet past their CONNECT, per peer address.
-    opening: Arc<logs::Opening>,
+    /// Connections not yet past their CONNECT, per peer address; and the sessions of each
+    /// operator and integrator.
+    opening: Arc<places::Places>,
+    sessions: Arc<places::Places>,
 }
 
 /// rumqttd on loopback and the gateway's listeners in front of it.
@@ -302,6 +306,7 @@ pub async fn start_secured(
         registry: registry.clone(),
         log_gate: logs::LogLimit::default(),
         opening: Default::default(),
+        sessions: Default::default(),
     });
     let mut listeners = Vec::new();
     let plain_addr = plain.as_ref().map(|(_, a)| *a);
@@ -451,15 +456,9 @@ async fn connection(
     tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
-    let key = logs::peer_key(peer);
-    let Some(opening) = shared.opening.enter(key.clone()) else {
-        shared.registry.refused();
-        if let Some(quiet_before) = shared.log_gate.admit(&key) {
-            tracing::info!(%peer, quiet_before, limit = logs::OPENING_PER_ADDRESS,
-                "gateway closed a connection: too many from this address still opening");
-        }
-        return;
-    };
+    let opening = shared
+        .opening
+        .enter_evicting(&logs::peer_key(peer), places::OPENING_PER_ADDRESS);
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
@@ -469,6 +468,7 @@ async fn connection(
     };
     let handshake = tokio::select! {
         _ = shutdown.cancelled() => return,
+        _ = opening.closed.cancelled() => return,
         h = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => h,
     };
     match handshake {

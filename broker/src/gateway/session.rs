@@ -26,7 +26,8 @@ use super::fanout;
 use super::feeder::ToRouter;
 use super::frames::{self, FrameError};
 use super::limit::Cost;
-use super::logs::{peer_key, OpeningSlot};
+use super::logs::peer_key;
+use super::places::{Place, SESSIONS_PER_USER};
 use super::registry::{ClientClaim, SharedLimiter};
 use super::relay;
 use super::Shared;
@@ -83,7 +84,7 @@ pub(super) async fn serve<S>(
     shared: Arc<Shared>,
     client: S,
     peer: SocketAddr,
-    (deadline, opening): (Instant, OpeningSlot),
+    (deadline, opening): (Instant, Place),
     shutdown: CancellationToken,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
@@ -92,6 +93,11 @@ pub(super) async fn serve<S>(
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let connect = tokio::select! {
         _ = shutdown.cancelled() => return,
+        // 256 newer connections from its address came while it sent nothing.
+        _ = opening.closed.cancelled() => {
+            tracing::debug!(%peer, "no CONNECT yet, and newer connections from its address need the place: closed");
+            return;
+        }
         c = tokio::time::timeout_at(deadline, read_connect(&mut client_rd, &mut buf)) => c,
     };
     drop(opening);
@@ -139,6 +145,25 @@ pub(super) async fn serve<S>(
                 return refuse(&mut client_wr, ConnectReturnCode::ServiceUnavailable).await;
             }
         },
+    };
+    // An operator's or integrator's sessions are bounded (a machine has one: its client id is
+    // its name); the place is held until the session ends.
+    let _session_place = match &principal {
+        Principal::Operator { .. } | Principal::Integrator { .. } => {
+            let user = principal.username();
+            match shared.sessions.enter(&user, SESSIONS_PER_USER) {
+                Some(place) => Some(place),
+                None => {
+                    shared.registry.refused();
+                    if let Some(quiet_before) = should_log(&shared, &user) {
+                        tracing::info!(%peer, client = %shown(&client_id), quiet_before, limit = SESSIONS_PER_USER,
+                            "too many sessions of this operator or integrator: refused (server unavailable)");
+                    }
+                    return refuse(&mut client_wr, ConnectReturnCode::ServiceUnavailable).await;
+                }
+            }
+        }
+        Principal::Machine { .. } | Principal::Platform => None,
     };
     // A connection with a client id that is live takes it over: the old session ends first.
     let Some(claim) = shared

@@ -639,23 +639,27 @@ async fn a_connect_too_large_for_one_is_closed_before_it_is_read() {
 
 /// Connections that never send their CONNECT hold a descriptor and a buffer each until the
 /// connect timeout, before any credential is checked: one address may have
-/// `OPENING_PER_ADDRESS` of them at once, and the gateway closes the ones past that at once.
-/// Before, one host holding 20,000 such sockets took every descriptor `serve` had (a black-box
-/// test, 2026-11-28). Other addresses, and the same one once its sockets are gone, connect as
-/// usual.
+/// `OPENING_PER_ADDRESS` of them at once, and a newer one closes the oldest. Before, one host
+/// holding 20,000 such sockets took every descriptor `serve` had (a black-box test,
+/// 2026-11-28); and refusing the newest instead (as first done) locked out every honest client
+/// behind the same address while the host kept its sockets open.
 #[tokio::test]
 async fn connections_one_address_leaves_opening_are_bounded() {
     use fleetcast_broker::gateway::OPENING_PER_ADDRESS;
     let gw = start_gateway(|_| {}).await;
     let flood = std::net::Ipv4Addr::new(127, 0, 0, 3);
+    let open_from_flood = || async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((flood, 0))).unwrap();
+        socket.connect(gw.plain()).await.unwrap()
+    };
     let extra = 20;
     let mut idle = Vec::new();
     for _ in 0..OPENING_PER_ADDRESS + extra {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::from((flood, 0))).unwrap();
-        idle.push(socket.connect(gw.plain()).await.unwrap());
+        idle.push(open_from_flood().await);
     }
-    // Well before the connect timeout (10 s): exactly the connections past the bound end.
+    // Well before the connect timeout (10 s): exactly as many connections as were past the
+    // bound end, the oldest.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
     let mut closed = vec![false; idle.len()];
     while closed.iter().filter(|c| **c).count() < extra && tokio::time::Instant::now() < deadline {
@@ -666,13 +670,13 @@ async fn connections_one_address_leaves_opening_are_bounded() {
         }
     }
     assert_eq!(closed.iter().filter(|c| **c).count(), extra);
-    // Another address is not held back by it.
-    Raw::accepted(gw.plain(), "vm-1").await;
-    // The flooding address, once its sockets are gone, neither.
-    drop(idle);
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind(SocketAddr::from((flood, 0))).unwrap();
-    let mut stream = socket.connect(gw.plain()).await.unwrap();
+    assert!(
+        closed[..extra].iter().filter(|c| **c).count() >= extra / 2,
+        "the oldest go first: {closed:?}"
+    );
+    // An honest client behind the same address, while the silent sockets are still open, and
+    // one from another address, connect as usual.
+    let mut stream = open_from_flood().await;
     let mut out = BytesMut::new();
     Packet::Connect(login("vm-2", "vm-2", "pw-vm-2"))
         .write(&mut out, MAX_PACKET)
@@ -684,6 +688,51 @@ async fn connections_one_address_leaves_opening_are_bounded() {
         .expect("a CONNACK")
         .unwrap();
     assert_eq!(connack, [0x20, 2, 0, 0], "accepted");
+    Raw::accepted(gw.plain(), "vm-1").await;
+    drop(idle);
+}
+
+/// One operator's (or integrator's) credentials open at most `SESSIONS_PER_USER` sessions at
+/// once, each under a client id of its own: past that a CONNECT gets CONNACK 3, and once one
+/// ends another may open. Before, a viewer opened 20,600 sessions and took every descriptor
+/// `serve` had, and no machine could connect (a black-box test, 2026-11-28). Another
+/// operator, and machines, are not held back.
+#[tokio::test]
+async fn one_operator_holds_a_bounded_number_of_sessions() {
+    use fleetcast_broker::gateway::SESSIONS_PER_USER;
+    let gw = start_gateway(|_| {}).await;
+    let user = "fleetcast-op-alice";
+    let connect = |i: usize| {
+        Raw::connect(
+            gw.plain(),
+            login(&format!("{user}.s{i}"), user, &format!("pw-{user}")),
+        )
+    };
+    let mut held = Vec::new();
+    for i in 0..SESSIONS_PER_USER {
+        let (raw, code) = connect(i).await;
+        assert_eq!(code, Some(ConnectReturnCode::Success), "session {i}");
+        held.push(raw);
+    }
+    let (_, code) = connect(SESSIONS_PER_USER).await;
+    assert_eq!(
+        code,
+        Some(ConnectReturnCode::ServiceUnavailable),
+        "one more"
+    );
+    Raw::accepted(gw.plain(), "fleetcast-op-bob").await;
+    Raw::accepted(gw.plain(), "vm-1").await;
+    // One ends: another may open.
+    drop(held.pop());
+    let started = tokio::time::Instant::now();
+    loop {
+        let (_, code) = connect(SESSIONS_PER_USER + 1).await;
+        if code == Some(ConnectReturnCode::Success) {
+            break;
+        }
+        assert!(started.elapsed() < WAIT, "no place freed: {code:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 /// vm-1's credentials, checked just before vm-1 is revoked, while the gateway is still
@@ -1895,15 +1944,13 @@ fn open_fds() -> usize {
 #[tokio::test]
 async fn a_session_costs_one_descriptor_in_the_gateway() {
     let gw = start_gateway(|_| {}).await;
-    const N: usize = 200;
+    // As many sessions as two operators may hold.
+    const N: usize = 2 * fleetcast_broker::gateway::SESSIONS_PER_USER;
     let before = open_fds();
     let mut live = Vec::with_capacity(N);
     for i in 0..N {
-        let mut c = login(
-            &format!("fleetcast-op-alice.{i}"),
-            "fleetcast-op-alice",
-            "pw-fleetcast-op-alice",
-        );
+        let user = ["fleetcast-op-alice", "fleetcast-op-bob"][i % 2];
+        let mut c = login(&format!("{user}.{i}"), user, &format!("pw-{user}"));
         c.keep_alive = 60;
         let (raw, code) = Raw::connect(gw.plain(), c).await;
         assert_eq!(code, Some(ConnectReturnCode::Success));
