@@ -59,9 +59,6 @@ impl Places {
         let holders = held.entry(key.to_owned()).or_default();
         while holders.len() >= limit.max(1) {
             if !evict {
-                if holders.is_empty() {
-                    held.remove(key);
-                }
                 return None;
             }
             if let Some((_, oldest)) = holders.pop_front() {
