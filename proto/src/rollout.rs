@@ -200,7 +200,7 @@ pub struct RolloutInfo {
 
 /// One failure an operator resumed past: the machine, and its record's phase and the time of
 /// that phase when the operator resumed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct AcceptedFailure {
     pub machine: MachineId,
     pub phase: Phase,

@@ -87,6 +87,8 @@ pub fn tally(
         notified: notified.len(),
         ..Tally::default()
     };
+    // A set: this runs at every evaluation, and a large rollout may have accepted thousands.
+    let accepted: std::collections::HashSet<&AcceptedFailure> = r.accepted.iter().collect();
     for m in notified {
         match record_of(m) {
             Some(rec) if succeeded(rec.phase, download_only) => t.succeeded += 1,
@@ -97,7 +99,7 @@ pub fn tally(
                     phase: rec.phase,
                     at_ms: rec.at_ms,
                 };
-                if r.accepted.contains(&failure) {
+                if accepted.contains(&failure) {
                     t.accepted += 1;
                 }
                 t.failures.push(failure);
