@@ -153,47 +153,42 @@ pub async fn integrator(cmd: IntegratorCmd, client: &ClientArgs) -> anyhow::Resu
     }
 }
 
-/// Fetches pages from `since` until the platform says there is no more, or `wanted` items.
-/// `page(since, limit)` makes the call.
+/// Fetches pages over `admin` from `since` until the platform says there is no more, or
+/// `wanted` items. `page(since, limit)` makes the call.
 async fn fetch_pages<C, T>(
-    client: &ClientArgs,
-    since: u64,
+    admin: &AdminClient,
+    mut since: u64,
     wanted: u64,
     page: impl Fn(u64, Option<u32>) -> C,
 ) -> anyhow::Result<Vec<T>>
 where
     C: Call<Reply = Page<T, u64>>,
 {
-    let admin = client.connect().await?;
     let mut all: Vec<T> = Vec::new();
-    let mut since = since;
-    let result = loop {
+    loop {
         let left = wanted.saturating_sub(all.len() as u64);
         if left == 0 {
-            break Ok(());
+            return Ok(all);
         }
         let limit = (left < u32::MAX as u64).then_some(left as u32);
-        match admin.call(page(since, limit)).await {
-            Ok(Page { items, next, more }) => {
-                all.extend(items);
-                since = next;
-                if !more {
-                    break Ok(());
-                }
-            }
-            Err(e) => break Err(e.into()),
+        let Page { items, next, more } = admin.call(page(since, limit)).await?;
+        all.extend(items);
+        since = next;
+        if !more {
+            return Ok(all);
         }
-    };
-    admin.close().await;
-    result.map(|()| all)
+    }
 }
 
 pub async fn audit(args: AuditArgs, client: &ClientArgs) -> anyhow::Result<()> {
-    let all = fetch_pages(client, args.since, u64::MAX, |since, limit| calls::Audit {
+    let admin = client.connect().await?;
+    let all = fetch_pages(&admin, args.since, u64::MAX, |since, limit| calls::Audit {
         since,
         limit,
     })
-    .await?;
+    .await;
+    admin.close().await;
+    let all = all?;
     if args.json {
         return print_json(&all);
     }
@@ -202,11 +197,24 @@ pub async fn audit(args: AuditArgs, client: &ClientArgs) -> anyhow::Result<()> {
 }
 
 pub async fn events(args: EventsArgs, client: &ClientArgs) -> anyhow::Result<()> {
+    let admin = client.connect().await?;
+    let all = events_wanted(&admin, &args).await;
+    admin.close().await;
+    let all = all?;
+    if args.json {
+        return print_json(&all);
+    }
+    print!("{}", events_text(&all));
+    Ok(())
+}
+
+/// The events `args` ask for, over one connection: its newest id (`stats`), then the pages.
+async fn events_wanted(admin: &AdminClient, args: &EventsArgs) -> anyhow::Result<Vec<FleetEvent>> {
     let (since, wanted) = match (args.since, args.last) {
         (Some(since), _) => (since, args.limit.unwrap_or(u64::MAX)),
         (None, last) => {
             let n = last.unwrap_or(EVENTS_SHOWN);
-            let newest = client.call(calls::Stats {}).await?.last_event_id;
+            let newest = admin.call(calls::Stats {}).await?.last_event_id;
             if last.is_none() && newest > n {
                 eprintln!(
                     "(the newest {n} events, up to id {newest}: --since 0 for all, --last N for more)"
@@ -218,16 +226,11 @@ pub async fn events(args: EventsArgs, client: &ClientArgs) -> anyhow::Result<()>
             )
         }
     };
-    let all = fetch_pages(client, since, wanted, |since, limit| calls::EventsSince {
+    fetch_pages(admin, since, wanted, |since, limit| calls::EventsSince {
         since,
         limit,
     })
-    .await?;
-    if args.json {
-        return print_json(&all);
-    }
-    print!("{}", events_text(&all));
-    Ok(())
+    .await
 }
 
 pub async fn stats(args: StatsArgs, client: &ClientArgs) -> anyhow::Result<()> {
