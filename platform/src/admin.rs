@@ -28,7 +28,7 @@ use crate::now_ms;
 use crate::ops::OpError;
 use crate::ops::{artifacts, events, identities, inventory, keys, machines, releases, rollouts};
 use crate::publish;
-use crate::store::{OperatorRecord, StoreError};
+use crate::store::{AdminCounter, OperatorRecord, StoreError};
 use crate::uploads::{Uploads, UPLOAD_IDLE};
 
 /// What the serve connection forwards to the admin task.
@@ -81,9 +81,10 @@ pub async fn run(
     mut input: mpsc::Receiver<AdminInput>,
     shutdown: CancellationToken,
 ) -> Result<(), PlatformError> {
+    let ctrs = remembered_counters(&ctx, now_ms());
     let mut admin = Admin {
         ctx,
-        ctrs: HashMap::new(),
+        ctrs,
         uploads: Uploads::default(),
     };
     let mut integrators = Integrators::default();
@@ -121,6 +122,41 @@ pub async fn run(
     }
     admin.uploads.discard_all(&admin.ctx.files);
     Ok(())
+}
+
+/// How long a client's counter is kept after its last request: a request older than
+/// [`ADMIN_FRESHNESS_MS`] fails the freshness check anyway, and clocks may differ by as much.
+const COUNTER_KEPT_MS: u64 = 2 * ADMIN_FRESHNESS_MS;
+
+/// The admin clients' counters kept from before a restart (the stored ones still within
+/// [`COUNTER_KEPT_MS`]; older ones are removed), so a change replayed across a restart is
+/// refused as it would have been before. A store that cannot be read leaves the platform
+/// without them, said in the log: replay protection then starts from the restart, as it did
+/// before counters were stored.
+fn remembered_counters(ctx: &Ctx, now: u64) -> HashMap<String, ClientSeen> {
+    let stored = match ctx.store.admin_counters() {
+        Ok(stored) => stored,
+        Err(e) => {
+            tracing::error!(error = %e, "admin counters not read: changes made before the restart could be replayed for the next {} minutes", COUNTER_KEPT_MS / 60_000);
+            return HashMap::new();
+        }
+    };
+    let mut ctrs = HashMap::new();
+    for counter in stored {
+        if now.abs_diff(counter.at_ms) > COUNTER_KEPT_MS {
+            if let Err(e) = ctx.store.remove_admin_counter(&counter.client) {
+                tracing::warn!(error = %e, "stale admin counter not removed");
+            }
+            continue;
+        }
+        let seen = ClientSeen {
+            last_ctr: counter.ctr,
+            last_at_ms: counter.at_ms,
+            ..ClientSeen::default()
+        };
+        ctrs.insert(counter.client, seen);
+    }
+    ctrs
 }
 
 /// Room left in a packet for its MQTT header (fixed header, topic length, packet id) and
@@ -220,8 +256,16 @@ impl Admin {
             return;
         }
         // Forget clients whose requests could no longer pass the freshness check anyway.
-        self.ctrs
-            .retain(|_, seen| now.abs_diff(seen.last_at_ms) <= 2 * ADMIN_FRESHNESS_MS);
+        let store = &self.ctx.store;
+        self.ctrs.retain(|client, seen| {
+            let keep = now.abs_diff(seen.last_at_ms) <= COUNTER_KEPT_MS;
+            if !keep {
+                if let Err(e) = store.remove_admin_counter(client) {
+                    tracing::warn!(client, error = %e, "stale admin counter not removed");
+                }
+            }
+            keep
+        });
         let seen = self.ctrs.entry(client.to_owned()).or_default();
         let change = req.op.is_change();
         // A read run again for a retry is in the audit log once already (if it is audited).
@@ -250,6 +294,7 @@ impl Admin {
                     *n += 1;
                     read_again = true;
                 }
+                // A change under a read's counter is refused like any reused counter.
                 _ => {
                     tracing::warn!(
                         client,
@@ -257,10 +302,40 @@ impl Admin {
                         last = seen.last_ctr,
                         "admin request refused: replayed counter"
                     );
+                    // Sealed for the operator: only its own client can read it. The CLI
+                    // resending a change across a restart of the platform gets here.
+                    let text = format!(
+                        "request refused: its counter {} is not above {}, the last this client used; \
+                         if it was a change, it ran or was refused once already (`fleetcast audit` \
+                         shows which)",
+                        req.ctr, seen.last_ctr
+                    );
+                    let response = AdminResponse::error(req.id, req.ctr, text);
+                    self.respond(client, &operator.secret, &response, req.op.name(), false)
+                        .await;
                     return;
                 }
             }
         } else {
+            if change {
+                // Stored before the change runs, and made durable by the flush of its audit
+                // entry (every change is audited) before its response goes out: after a
+                // restart, the same request is still a replay.
+                let counter = AdminCounter {
+                    client: client.to_owned(),
+                    ctr: req.ctr,
+                    at_ms: now,
+                };
+                if let Err(e) = self.ctx.store.put_admin_counter(&counter) {
+                    tracing::error!(client, error = %e, "admin counter not stored; change refused");
+                    let text =
+                        format!("request refused: the platform could not store its counter: {e}");
+                    let response = AdminResponse::error(req.id, req.ctr, text);
+                    self.respond(client, &operator.secret, &response, req.op.name(), false)
+                        .await;
+                    return;
+                }
+            }
             seen.last_ctr = req.ctr;
             if !change {
                 seen.reads.push_back((req.ctr, 0));
@@ -597,6 +672,44 @@ mod tests {
         send(&mut admin, 22, export).await;
         let (entries, _) = admin.ctx.store.audit_since(0, 100).unwrap();
         assert_eq!(entries.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn changes_store_their_counter_and_a_restart_keeps_only_the_fresh_ones() {
+        let f = fixture();
+        let mut admin = f.admin;
+        send(&mut admin, 30, AdminOp::ReleaseList).await;
+        assert_eq!(
+            admin.ctx.store.admin_counters().unwrap(),
+            [],
+            "reads store none"
+        );
+        let add = AdminOp::OperatorAdd {
+            name: "ops".into(),
+            role: fleetcast_proto::acl::Role::Operator,
+        };
+        send(&mut admin, 31, add).await;
+        let stored = admin.ctx.store.admin_counters().unwrap();
+        assert_eq!(stored.len(), 1);
+        assert_eq!(
+            (stored[0].client.as_str(), stored[0].ctr),
+            ("fleetcast-op-admin.t", 31)
+        );
+        let old = AdminCounter {
+            client: "fleetcast-op-admin.old".into(),
+            ctr: 5,
+            at_ms: stored[0].at_ms - COUNTER_KEPT_MS - 1,
+        };
+        admin.ctx.store.put_admin_counter(&old).unwrap();
+        let now = stored[0].at_ms + 1;
+        let kept = remembered_counters(&admin.ctx, now);
+        assert_eq!(kept.keys().collect::<Vec<_>>(), ["fleetcast-op-admin.t"]);
+        assert_eq!(kept["fleetcast-op-admin.t"].last_ctr, 31);
+        assert_eq!(
+            admin.ctx.store.admin_counters().unwrap(),
+            stored,
+            "the stale counter is removed from the store"
+        );
     }
 
     /// The bootstrap admin, who runs every request in these tests.

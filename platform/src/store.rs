@@ -113,6 +113,16 @@ pub struct IntegratorRecord {
     pub created_by: String,
 }
 
+/// The last counter the platform accepted from one admin client (an operator's client id) for a
+/// change, and when: kept across restarts so a change replayed within the freshness window after
+/// a restart is refused, as it is before one.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminCounter {
+    pub client: String,
+    pub ctr: u64,
+    pub at_ms: u64,
+}
+
 /// The composite keys every implementation uses (sled's on-disk keys; see [`sled`]).
 pub mod key {
     use fleetcast_proto::{Kind, MachineId, ReleaseId, Target};
@@ -268,6 +278,9 @@ pub trait Reads {
     /// The last accepted MAC'd counter of `machine` on `channel` (0 when none).
     fn counter(&self, machine: &MachineId, channel: &str) -> Result<u64, StoreError>;
 
+    /// Every admin client's last accepted change counter, in client order.
+    fn admin_counters(&self) -> Result<Vec<AdminCounter>, StoreError>;
+
     // --- events and audit ---
 
     /// Events with an id above `since`, oldest first, at most `limit`; and whether more follow.
@@ -418,6 +431,15 @@ pub trait Store: Reads + Send + Sync {
     /// releases) must not lock out the machine that holds the new one. Not durable by itself.
     fn reset_counters(&self, machine: &MachineId) -> Result<(), StoreError>;
 
+    /// Stores `counter` as its client's last accepted change counter (replacing the one before).
+    /// Not durable by itself: the admin task writes it before it runs the change, and the
+    /// change's own flush makes both durable.
+    fn put_admin_counter(&self, counter: &AdminCounter) -> Result<(), StoreError>;
+
+    /// Forgets `client`'s admin counter (its requests could no longer pass the freshness
+    /// check). Not durable by itself.
+    fn remove_admin_counter(&self, client: &str) -> Result<(), StoreError>;
+
     /// Counts `by` more stored events for `(machine, release)`, atomically; returns the new
     /// count.
     fn bump_event_count(
@@ -554,6 +576,9 @@ impl<S: ReadsThrough> Reads for S {
     }
     fn counter(&self, machine: &MachineId, channel: &str) -> Result<u64, StoreError> {
         self.reads().counter(machine, channel)
+    }
+    fn admin_counters(&self) -> Result<Vec<AdminCounter>, StoreError> {
+        self.reads().admin_counters()
     }
     fn events_since(
         &self,

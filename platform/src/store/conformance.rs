@@ -421,6 +421,25 @@ fn rollouts_are_stored_by_release(s: &dyn Store) {
     assert_eq!(all[0], r1);
 }
 
+fn admin_counters_are_one_per_client_until_removed(s: &dyn Store) {
+    let counter = |client: &str, ctr, at_ms| AdminCounter {
+        client: client.into(),
+        ctr,
+        at_ms,
+    };
+    assert_eq!(s.admin_counters().unwrap(), []);
+    s.put_admin_counter(&counter("op-b.1", 4, 100)).unwrap();
+    s.put_admin_counter(&counter("op-a.1", 9, 200)).unwrap();
+    s.put_admin_counter(&counter("op-b.1", 5, 300)).unwrap();
+    assert_eq!(
+        s.admin_counters().unwrap(),
+        [counter("op-a.1", 9, 200), counter("op-b.1", 5, 300)]
+    );
+    s.remove_admin_counter("op-a.1").unwrap();
+    s.remove_admin_counter("op-c.1").unwrap();
+    assert_eq!(s.admin_counters().unwrap(), [counter("op-b.1", 5, 300)]);
+}
+
 fn machines_come_in_id_order_after_a_cursor(s: &dyn Store) {
     s.transaction(|rec| {
         for id in ["vm-3", "vm-1", "vm-2"] {
@@ -637,6 +656,7 @@ conformance!(
     desired_notices_are_keyed_by_target_and_kind,
     rollouts_are_stored_by_release,
     machines_come_in_id_order_after_a_cursor,
+    admin_counters_are_one_per_client_until_removed,
     secrets_are_kept_until_removed,
     history_skips_repeats_and_keeps_the_latest,
     operators_and_integrators,

@@ -15,8 +15,8 @@ use fleetcast_proto::rollout::RolloutInfo;
 use fleetcast_proto::{ArtifactId, Kind, MachineId, ReleaseId, Target};
 
 use super::{
-    key, DesiredNotice, Flush, IntegratorRecord, OperatorRecord, Reads, ReadsThrough, Records,
-    Store, StoreError,
+    key, AdminCounter, DesiredNotice, Flush, IntegratorRecord, OperatorRecord, Reads, ReadsThrough,
+    Records, Store, StoreError,
 };
 
 #[derive(Default)]
@@ -43,6 +43,7 @@ struct Data {
     audit: BTreeMap<u64, AuditEntry>,
     event_counts: BTreeMap<String, u64>,
     rollouts: BTreeMap<String, RolloutInfo>,
+    admin_counters: BTreeMap<String, AdminCounter>,
 }
 
 /// Values under keys starting with `prefix`, in key order.
@@ -187,6 +188,18 @@ impl Store for MemStore {
         let mut d = self.t.lock();
         d.counters.retain(|key, _| !key.starts_with(&prefix));
         d.event_counts.retain(|key, _| !key.starts_with(&prefix));
+        Ok(())
+    }
+
+    fn put_admin_counter(&self, counter: &AdminCounter) -> Result<(), StoreError> {
+        let mut d = self.t.lock();
+        d.admin_counters
+            .insert(counter.client.clone(), counter.clone());
+        Ok(())
+    }
+
+    fn remove_admin_counter(&self, client: &str) -> Result<(), StoreError> {
+        self.t.lock().admin_counters.remove(client);
         Ok(())
     }
 
@@ -363,6 +376,10 @@ impl Reads for Tables {
 
     fn integrators(&self) -> Result<Vec<IntegratorRecord>, StoreError> {
         Ok(scan(&self.lock().integrators, ""))
+    }
+
+    fn admin_counters(&self) -> Result<Vec<AdminCounter>, StoreError> {
+        Ok(scan(&self.lock().admin_counters, ""))
     }
 
     fn counter(&self, machine: &MachineId, channel: &str) -> Result<u64, StoreError> {

@@ -24,6 +24,7 @@
 //! | `audit` | u64 BE entry id | `AuditEntry`: every operator action and refusal, with who and when |
 //! | `event_counts` | `machine/release` (`machine/-` without a release) | u64 BE: events stored for that pair (capped) |
 //! | `rollouts` | release id | `RolloutInfo`: a staged rollout's plan, wave order, state and transitions |
+//! | `admin_counters` | admin client id | [`AdminCounter`]: the client's last accepted change counter and when (replay protection across restarts; entries older than the freshness window are removed) |
 //!
 //! Ids cannot hold `/`, so `a/b` keys are unambiguous and prefix scans (`release/`) are exact.
 //! Writes become durable only at [`Store::flush`]; callers flush before acknowledging anything.
@@ -43,8 +44,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use super::{
-    key, DesiredNotice, Flush, IntegratorRecord, OperatorRecord, Reads, ReadsThrough, Records,
-    Store, StoreError,
+    key, AdminCounter, DesiredNotice, Flush, IntegratorRecord, OperatorRecord, Reads, ReadsThrough,
+    Records, Store, StoreError,
 };
 
 /// 2: events are stored in blocks (an array under the id of its last event). A version 1
@@ -249,6 +250,7 @@ struct Tables {
     audit: T,
     event_counts: T,
     rollouts: T,
+    admin_counters: T,
 }
 
 /// The platform's database on sled. Cheap to share behind an `Arc`.
@@ -306,6 +308,7 @@ impl SledStore {
             audit: tree("audit")?,
             event_counts: tree("event_counts")?,
             rollouts: tree("rollouts")?,
+            admin_counters: tree("admin_counters")?,
         };
         let store = SledStore {
             db,
@@ -526,6 +529,14 @@ impl Store for SledStore {
         Ok(())
     }
 
+    fn put_admin_counter(&self, counter: &AdminCounter) -> Result<(), StoreError> {
+        self.t.admin_counters.put(&counter.client, counter)
+    }
+
+    fn remove_admin_counter(&self, client: &str) -> Result<(), StoreError> {
+        self.t.admin_counters.remove(client).map(drop)
+    }
+
     fn bump_event_count(
         &self,
         machine: &MachineId,
@@ -695,6 +706,10 @@ impl Reads for Tables {
 
     fn integrators(&self) -> Result<Vec<IntegratorRecord>, StoreError> {
         self.integrators.scan("")
+    }
+
+    fn admin_counters(&self) -> Result<Vec<AdminCounter>, StoreError> {
+        self.admin_counters.scan("")
     }
 
     fn counter(&self, machine: &MachineId, channel: &str) -> Result<u64, StoreError> {

@@ -1346,3 +1346,67 @@ async fn with_one_artifact(
     .unwrap();
     (broker, url, env, info)
 }
+
+/// On a broker that lets anyone read the admin topics (no ACLs, no TLS), a captured change is
+/// replayed after the platform restarts, within the five minutes its time stamp stays fresh:
+/// the platform remembers the counter across the restart and refuses it.
+#[tokio::test]
+async fn a_change_replayed_across_a_platform_restart_does_not_run_again() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir: _dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    let mut attacker = peer(&url, "vm-evil").await;
+    attacker.subscribe("fleet/admin/+/request").await;
+    let add = calls::OperatorAdd {
+        name: "ops".into(),
+        role: Role::Operator,
+    };
+    admin.call(add).await.unwrap();
+    let captured = attacker.next(|p| p.topic.ends_with("/request")).await;
+    let revoke = calls::OperatorRevoke { name: "ops".into() };
+    admin.call(revoke).await.unwrap();
+    let names = |ops: Vec<fleetcast_proto::admin::OperatorInfo>| -> Vec<String> {
+        ops.into_iter().map(|o| o.name).collect()
+    };
+    let before = names(admin.call(calls::OperatorList {}).await.unwrap());
+    assert_eq!(before, ["admin"]);
+    admin.close().await;
+    platform.stop().await;
+
+    let platform = start_platform(&url, &data_dir);
+    let admin = super::admin(&url, &data_dir).await;
+    let response_topic = captured.topic.replace("/request", "/response");
+    attacker.subscribe(&response_topic).await;
+    attacker
+        .client
+        .publish(
+            captured.topic.as_str(),
+            QoS::AtLeastOnce,
+            false,
+            captured.payload.to_vec(),
+        )
+        .await
+        .unwrap();
+    // The platform answers the replay (sealed for the operator, so the attacker learns
+    // nothing); once it has, the request has been handled one way or the other.
+    let id = fleetcast_proto::auth::peek_body::<serde_json::Value>(&captured.payload).unwrap()
+        ["id"]
+        .as_u64()
+        .unwrap();
+    attacker
+        .next(|p| {
+            p.topic == response_topic
+                && serde_json::from_slice::<ResponseEnvelope>(&p.payload)
+                    .is_ok_and(|env| env.id == id && env.sealed.is_some())
+        })
+        .await;
+    let after = names(admin.call(calls::OperatorList {}).await.unwrap());
+    assert_eq!(after, ["admin"], "the replayed operator_add ran again");
+    admin.close().await;
+    platform.stop().await;
+}
