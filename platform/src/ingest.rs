@@ -1254,8 +1254,28 @@ fn apply_state(
     info.kinds = st.kinds.clone();
     tx.put_machine(&info)?;
     let desired = publish::desired_for_machine(tx, m, &info.groups)?;
+    let created = publish::ensure_group_targets(tx, m, &desired, now)?;
+    // A record made now (a machine that joined a group after the publish) takes the phase
+    // this state reports for its release: the machine's events about it may have come before
+    // the record did, and were dropped. From then on its events move it.
+    for release in &created {
+        let Some(mut rec) = tx.target(release, m)? else {
+            continue;
+        };
+        let Some(k) = st.kinds.get(&rec.kind) else {
+            continue;
+        };
+        let (Some(reported), Some(phase)) = (&k.release, k.phase) else {
+            continue;
+        };
+        if reported == release
+            && target::take_from_state(&mut rec, phase, k.version.as_deref(), st.at_ms, now)
+        {
+            tx.put_target(&rec)?;
+        }
+    }
     after.extend(
-        publish::ensure_group_targets(tx, m, &desired, now)?
+        created
             .into_iter()
             .map(|release| After::Progress { release }),
     );
@@ -1670,6 +1690,93 @@ mod tests {
             .unwrap();
         assert!(matches!(&after[..], [After::Warn { .. }]) && behind.is_empty());
         assert_eq!(store.history(&m("vm-1"), &app()).unwrap(), ["0.9"]);
+        let rec = store.target(&ours.id, &m("vm-1")).unwrap().unwrap();
+        assert_eq!(
+            rec.phase,
+            Phase::Pending,
+            "a state naming no release moves no record"
+        );
+    }
+
+    /// A machine that joined a group after the publish and sent its events before its state:
+    /// the events were dropped (no record yet), and the record the state gives it takes the
+    /// phase the state reports, so it does not stay `pending` for ever (a staged rollout
+    /// would wait on it).
+    #[test]
+    fn a_new_group_members_record_takes_the_phase_its_state_reports() {
+        let store = MemStore::new();
+        let g = GroupId::new("g").unwrap();
+        let mut provisioned = MachineInfo::new(m("vm-1"), 0);
+        provisioned.groups = vec![g.clone()];
+        let mut r = crate::fixtures::release("r-000001", "1.0");
+        store
+            .transaction(|tx| {
+                tx.put_machine(&provisioned)?;
+                r.seq = store.next_seq()?;
+                tx.put_release(&r)?;
+                tx.put_desired(&DesiredNotice {
+                    topic: "groups/g/app".into(),
+                    seq: r.seq,
+                    release: r.id.clone(),
+                    kind: r.kind.clone(),
+                    target: Target::Group(g.clone()),
+                    payload: "{}".into(),
+                })
+            })
+            .unwrap();
+        // Its events came first: no record, dropped.
+        assert_eq!(
+            apply(&store, &status("vm-1", &r, Phase::Installed, 1), 1000),
+            ["warn"]
+        );
+        let state = |version: &str, phase| MachineState {
+            machine: m("vm-1"),
+            ctr: 2,
+            at_ms: 40,
+            agent_version: "0.1.0".into(),
+            groups: vec![g.clone()],
+            busy: false,
+            kinds: BTreeMap::from([(
+                app(),
+                KindState {
+                    version: Some(version.into()),
+                    release: Some(r.id.clone()),
+                    phase: Some(phase),
+                    seq: r.seq,
+                    ..Default::default()
+                },
+            )]),
+            key_gen: 0,
+        };
+        // A state claiming `installed` with another version proves nothing.
+        let mut odd = state("0.9", Phase::Installed);
+        odd.machine = m("vm-2");
+        store
+            .transaction(|tx| {
+                let mut vm2 = provisioned.clone();
+                vm2.id = m("vm-2");
+                tx.put_machine(&vm2)?;
+                apply_state(tx, &m("vm-2"), &odd, 50)
+            })
+            .unwrap();
+        let rec = store.target(&r.id, &m("vm-2")).unwrap().unwrap();
+        assert_eq!(rec.phase, Phase::Pending);
+        let (after, _) = store
+            .transaction(|tx| apply_state(tx, &m("vm-1"), &state("1.0", Phase::Installed), 60))
+            .unwrap();
+        assert!(matches!(&after[..], [After::Progress { release }] if *release == r.id));
+        let rec = store.target(&r.id, &m("vm-1")).unwrap().unwrap();
+        assert_eq!(
+            (rec.phase, rec.phase_at_ms, rec.attempts, rec.notified_at_ms),
+            (Phase::Installed, 40, 1, Some(40))
+        );
+        assert!(rec.upgrade.is_some_and(|u| u.ok));
+        // From then on the events decide: a later state moves nothing back or forth.
+        store
+            .transaction(|tx| apply_state(tx, &m("vm-1"), &state("1.0", Phase::InstallFailed), 70))
+            .unwrap();
+        let rec = store.target(&r.id, &m("vm-1")).unwrap().unwrap();
+        assert_eq!(rec.phase, Phase::Installed);
     }
 
     #[test]
