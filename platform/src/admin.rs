@@ -317,10 +317,11 @@ impl Admin {
                 }
             }
         } else {
-            if change {
+            if change && operator.role() >= req.op.required_role() {
                 // Stored before the change runs, and made durable by the flush of its audit
                 // entry (every change is audited) before its response goes out: after a
-                // restart, the same request is still a replay.
+                // restart, the same request is still a replay. (A change refused for its role
+                // runs nothing, so a viewer cycling client ids stores no counters.)
                 let counter = AdminCounter {
                     client: client.to_owned(),
                     ctr: req.ctr,
@@ -695,6 +696,32 @@ mod tests {
             (stored[0].client.as_str(), stored[0].ctr),
             ("fleetcast-op-admin.t", 31)
         );
+        // A change refused for its role runs nothing and stores no counter.
+        let viewer = OperatorRecord {
+            info: fleetcast_proto::admin::OperatorInfo {
+                name: "eve".into(),
+                role: Role::Viewer,
+                created_at_ms: 0,
+                created_by: "admin".into(),
+            },
+            secret: Secret::from_bytes([5; 32]),
+        };
+        admin
+            .ctx
+            .store
+            .transaction(|rec| rec.put_operator(&viewer))
+            .unwrap();
+        let refused = AdminRequest {
+            client: "fleetcast-op-eve.1".into(),
+            id: 1,
+            ctr: 1,
+            at_ms: now_ms(),
+            op: AdminOp::OperatorRevoke { name: "ops".into() },
+        };
+        let payload = viewer.secret.seal(Purpose::Admin, &refused);
+        admin.request("fleetcast-op-eve.1", &payload).await;
+        assert_eq!(admin.ctx.store.operators().unwrap().len(), 3, "nothing ran");
+        assert_eq!(admin.ctx.store.admin_counters().unwrap().len(), 1);
         let old = AdminCounter {
             client: "fleetcast-op-admin.old".into(),
             ctr: 5,
