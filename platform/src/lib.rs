@@ -40,6 +40,7 @@ pub mod broker_auth;
 pub mod chunks;
 pub mod cli;
 pub mod context;
+pub mod disk;
 pub mod domain;
 pub mod error;
 pub mod identities;

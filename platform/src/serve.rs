@@ -316,6 +316,13 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
             ("memory trim", Ok(()))
         }
     });
+    tasks.spawn({
+        let (dir, stop) = (ctx.data_dir.clone(), tasks_stop.clone());
+        async move {
+            crate::disk::watch(dir, stop).await;
+            ("disk space watch", Ok(()))
+        }
+    });
     drop(ctx);
 
     let mut result = Ok(());

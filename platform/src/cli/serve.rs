@@ -103,7 +103,20 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let keys = load_or_create_keys(&args.data)
         .with_context(|| format!("preparing data dir {}", args.data.display()))?;
     println!("fleetcast platform");
-    println!("  data dir:        {}", args.data.display());
+    match crate::disk::space(&args.data) {
+        Ok((free, total)) => println!(
+            "  data dir:        {} ({} MiB free of {} MiB{})",
+            args.data.display(),
+            free >> 20,
+            total >> 20,
+            if crate::disk::is_low(free, total) {
+                "; low: on a full disk serve stops, see docs/operations.md"
+            } else {
+                ""
+            }
+        ),
+        Err(_) => println!("  data dir:        {}", args.data.display()),
+    }
     println!(
         "  public key:      {} ({})",
         public_key_path(&args.data).display(),

@@ -1,0 +1,113 @@
+//! Free space where the platform keeps its data, watched so an operator hears of a filling disk
+//! before it is full.
+//!
+//! Why: on a full disk sled's write fails, and sled then refuses every later operation until the
+//! database is opened again (its "global error"), so `serve` stops with `No space left on device`
+//! rather than run on without storing. Nothing acknowledged is lost: machines keep what was not
+//! acknowledged and send it again once `serve` is back (docs/operations.md, "A full disk"). A
+//! warning ahead of that, in the log an operator already watches, is what leaves time to act.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+/// How often free space is read.
+pub const CHECK_EVERY: Duration = Duration::from_secs(60);
+/// While space stays low, the warning is repeated this often.
+pub const WARN_EVERY: Duration = Duration::from_secs(600);
+/// Free space under this is low, whatever the disk's size.
+pub const LOW_BYTES: u64 = 1 << 30;
+/// ... and so is under this share of the disk (per mille), on a disk large enough for it.
+pub const LOW_PER_MILLE: u64 = 50;
+
+/// Bytes free for an unprivileged writer, and the file system's size, where `path` is.
+pub fn space(path: &Path) -> std::io::Result<(u64, u64)> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a valid NUL-terminated path and `st` points to a statvfs to fill.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: statvfs returned 0, so it filled `st`.
+    let st = unsafe { st.assume_init() };
+    // `From`, not `as`: the fields are 32 bits wide on some targets (64 here, hence the allow).
+    #[allow(clippy::useless_conversion)]
+    let (unit, free, total) = (
+        u64::from(st.f_frsize),
+        u64::from(st.f_bavail),
+        u64::from(st.f_blocks),
+    );
+    Ok((free.saturating_mul(unit), total.saturating_mul(unit)))
+}
+
+/// Whether `free` of `total` bytes is low: under [`LOW_BYTES`], or under [`LOW_PER_MILLE`] of
+/// the disk.
+pub fn is_low(free: u64, total: u64) -> bool {
+    free < LOW_BYTES || (free as u128) * 1000 < (total as u128) * LOW_PER_MILLE as u128
+}
+
+/// Reads the free space under `dir` every [`CHECK_EVERY`] until `stop`; warns when it is low
+/// (at once, then every [`WARN_EVERY`] while it stays low) and says when it is no longer low.
+pub async fn watch(dir: PathBuf, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned: Option<tokio::time::Instant> = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let d = dir.clone();
+        let (free, total) = match tokio::task::spawn_blocking(move || space(&d)).await {
+            Ok(Ok(space)) => space,
+            Ok(Err(e)) => {
+                tracing::debug!(dir = %dir.display(), error = %e, "free space not read");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let mib = |b: u64| b >> 20;
+        if is_low(free, total) {
+            if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
+                tracing::warn!(
+                    dir = %dir.display(),
+                    free_mib = mib(free),
+                    total_mib = mib(total),
+                    "disk space low where the platform keeps its data: on a full disk `serve` stops (nothing acknowledged is lost); free space, or lower --keep-events"
+                );
+                warned = Some(tokio::time::Instant::now());
+            }
+        } else if warned.take().is_some() {
+            tracing::info!(dir = %dir.display(), free_mib = mib(free), "disk space no longer low");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn low_is_under_a_gibibyte_or_five_percent() {
+        const GIB: u64 = 1 << 30;
+        assert!(is_low(GIB - 1, 2 * GIB), "under 1 GiB");
+        assert!(!is_low(GIB, 2 * GIB));
+        assert!(is_low(4 * GIB, 100 * GIB), "4 % of a large disk");
+        assert!(!is_low(5 * GIB, 100 * GIB));
+        assert!(!is_low(u64::MAX, u64::MAX), "no overflow");
+        assert!(is_low(0, 0));
+    }
+
+    #[test]
+    fn the_space_of_a_real_directory_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (free, total) = space(dir.path()).unwrap();
+        assert!(total > 0 && free <= total, "{free} of {total}");
+        let missing = dir.path().join("missing");
+        assert!(space(&missing).is_err());
+    }
+}
