@@ -450,6 +450,20 @@ impl Machine {
         ev
     }
 
+    /// Waits for the platform's ack of every status event up to counter `ctr` (the machine
+    /// subscribed to its `status/ack` topic before sending them).
+    async fn acked_up_to(&mut self, ctr: u64) {
+        let acks = format!("fleet/machines/{}/status/ack", self.id);
+        loop {
+            let p = self.peer.next(|p| p.topic == acks).await;
+            let ack: fleetcast_proto::StatusAck =
+                self.secret.open(Purpose::StatusAck, &p.payload).unwrap();
+            if ack.ctr >= ctr {
+                return;
+            }
+        }
+    }
+
     /// Reports `phase` of `release` and waits until the platform shows it for this machine.
     async fn report_recorded(
         &mut self,

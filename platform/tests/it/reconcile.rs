@@ -203,21 +203,15 @@ async fn a_late_member_whose_events_came_before_its_state_is_recorded_as_its_sta
     let plan = release(&admin, "1.0", &[], &["g"]).await;
     let r1 = &plan.release;
     let mut late = provision(&admin, &url, "vm-002", &["g"]).await;
-    let acks = "fleet/machines/vm-002/status/ack";
-    late.peer.subscribe(acks).await;
+    late.peer
+        .subscribe("fleet/machines/vm-002/status/ack")
+        .await;
     for phase in [Phase::Notified, Phase::Downloading, Phase::Downloaded] {
         late.report(Some(&r1.id), "1.0", phase).await;
     }
     let installed = late.report(Some(&r1.id), "1.0", Phase::Installed).await;
     // Acknowledged, so the agent drops them from its outbox: the platform has what it keeps.
-    loop {
-        let p = late.peer.next(|p| p.topic == acks).await;
-        let ack: fleetcast_proto::StatusAck =
-            late.secret.open(Purpose::StatusAck, &p.payload).unwrap();
-        if ack.ctr == installed.ctr {
-            break;
-        }
-    }
+    late.acked_up_to(installed.ctr).await;
     let s = status(&admin, &r1.id).await;
     assert!(
         s.targets.iter().all(|t| t.machine.as_str() != "vm-002"),

@@ -396,14 +396,7 @@ async fn machines_get_chunks_only_of_their_releases_and_cannot_flood_the_event_s
         vm.report(Some(&r.id), "1.0", Phase::Installed).await;
     }
     let last_ctr = vm.ctr;
-    loop {
-        let p = vm.peer.next(|p| p.topic == acks).await;
-        let ack: fleetcast_proto::StatusAck =
-            vm.secret.open(Purpose::StatusAck, &p.payload).unwrap();
-        if ack.ctr == last_ctr {
-            break;
-        }
-    }
+    vm.acked_up_to(last_ctr).await;
     install(&admin, &mut other, &r.id, "1.0").await;
     let (events, _) = stored_events(&admin).await;
     assert!(
