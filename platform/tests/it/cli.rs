@@ -1065,3 +1065,52 @@ async fn machine_provision_refuses_an_existing_machine_unless_rotate() {
     admin.close().await;
     platform.stop().await;
 }
+
+/// `fleetcast events` without arguments shows the newest 100 of a longer log, and says on
+/// stderr that older ones exist and how to get them; `--last N` and `--since 0` get more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_shows_the_newest_hundred_of_a_longer_log_and_says_so() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    let fc = Fleetcast::new(dir.path())
+        .with("FLEETCAST_DATA", &data_dir)
+        .with("FLEETCAST_BROKER", url.to_string());
+    upload(&admin, dir.path(), "a.bin", &data(3000, 11), "1.0")
+        .await
+        .unwrap();
+    let mut vm = provision(&admin, &url, "vm-001", &[]).await;
+    let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
+    vm.peer.subscribe("fleet/machines/vm-001/status/ack").await;
+    for _ in 0..130 {
+        vm.report(Some(&r.id), "1.0", Phase::Downloading).await;
+    }
+    let last = vm.ctr;
+    vm.acked_up_to(last).await;
+    let ids = |v: serde_json::Value| -> Vec<u64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_u64().unwrap())
+            .collect()
+    };
+    let all = ids(fc.run(&["events", "--since", "0", "--json"]).await.json());
+    assert_eq!(all.len(), 130);
+    let default = fc.run(&["events", "--json"]).await;
+    assert!(
+        default.stderr.contains("the newest 100 events") && default.stderr.contains("--last N"),
+        "{default:#?}"
+    );
+    assert_eq!(ids(default.json()), all[30..]);
+    assert_eq!(
+        ids(fc.run(&["events", "--last", "500", "--json"]).await.json()),
+        all
+    );
+    admin.close().await;
+    platform.stop().await;
+}
