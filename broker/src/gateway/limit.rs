@@ -88,6 +88,34 @@ impl RateLimit {
     };
 }
 
+impl RateLimit {
+    /// For operators (all sessions of one operator together): generous enough that no upload
+    /// over a real network is slowed (a 200 MB upload fits the burst), bounded so that one
+    /// operator's credentials, a viewer's included, cannot make `serve` read gigabytes a
+    /// second: a viewer pushing upload frames, which the platform drops, held `serve` at
+    /// 93-119 % CPU at 2.7 GB/s (black-box attack, 2026-11-28). No connect rate: scripts run
+    /// the CLI in loops, and the number of sessions is bounded already (64 per operator).
+    pub const OPERATOR: RateLimit = RateLimit {
+        messages: Some(Rate {
+            per_sec: 10_000,
+            burst: 20_000,
+        }),
+        bytes: Some(Rate {
+            per_sec: 256 * 1024 * 1024,
+            burst: 512 * 1024 * 1024,
+        }),
+        reports: None,
+        connects: None,
+    };
+
+    /// For viewers: they send admin requests and upload nothing, so an integrator's message
+    /// and byte rates; like other operators, no connect rate.
+    pub const VIEWER: RateLimit = RateLimit {
+        connects: None,
+        ..Self::INTEGRATOR
+    };
+}
+
 /// One token bucket. Tokens may go negative: a packet larger than the burst still passes, after
 /// a proportionally longer wait.
 #[derive(Debug)]

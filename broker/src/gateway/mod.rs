@@ -34,9 +34,9 @@
 //!   DISCONNECT. One descriptor per client instead of three (client socket, gateway -> rumqttd
 //!   socket, rumqttd's end of it): 10,000 machines fit under a 20,000 open-file limit.
 //! - **Inbound rate limits** per principal kind ([`InboundLimits`]): over the limit the gateway
-//!   delays forwarding and stops reading (TCP backpressure), it never disconnects. Machines and
-//!   integrators are limited by default; the platform and operators (who upload artifacts
-//!   through the gateway) are not.
+//!   delays forwarding and stops reading (TCP backpressure), it never disconnects. Machines,
+//!   integrators and operators are limited by default (operators generously: they upload
+//!   artifacts through the gateway); the platform is not.
 //! - **TCP_NODELAY** on every accepted socket.
 //! - **Kick**: [`GatewayHandle::kick`] ends every live session of a username at once (machine
 //!   revocation).
@@ -73,7 +73,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use fleetcast_proto::acl::Principal;
+use fleetcast_proto::acl::{Principal, Role};
 use fleetcast_proto::Topics;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::{JoinHandle, JoinSet};
@@ -140,11 +140,15 @@ impl std::fmt::Debug for TlsListen {
     }
 }
 
-/// Inbound rate limits by principal kind. The platform and operators are never limited.
+/// Inbound rate limits by principal kind. The platform is never limited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct InboundLimits {
     pub machine: Option<RateLimit>,
     pub integrator: Option<RateLimit>,
+    /// Operators who may upload (role operator or admin).
+    pub operator: Option<RateLimit>,
+    /// Viewers: they send admin requests and upload nothing ([`RateLimit::VIEWER`]).
+    pub viewer: Option<RateLimit>,
 }
 
 impl Default for InboundLimits {
@@ -152,6 +156,8 @@ impl Default for InboundLimits {
         Self {
             machine: Some(RateLimit::MACHINE),
             integrator: Some(RateLimit::INTEGRATOR),
+            operator: Some(RateLimit::OPERATOR),
+            viewer: Some(RateLimit::VIEWER),
         }
     }
 }
@@ -161,7 +167,11 @@ impl InboundLimits {
         match principal {
             Principal::Machine { .. } => self.machine,
             Principal::Integrator { .. } => self.integrator,
-            Principal::Platform | Principal::Operator { .. } => None,
+            Principal::Operator {
+                role: Role::Viewer, ..
+            } => self.viewer,
+            Principal::Operator { .. } => self.operator,
+            Principal::Platform => None,
         }
     }
 }
@@ -495,7 +505,7 @@ mod tests {
     }
 
     #[test]
-    fn only_machines_and_integrators_are_rate_limited_by_default() {
+    fn everyone_but_the_platform_is_rate_limited_by_default() {
         let l = InboundLimits::default();
         let machine = Principal::Machine {
             id: fleetcast_proto::MachineId::new("vm-1").unwrap(),
@@ -507,10 +517,15 @@ mod tests {
             Some(RateLimit::INTEGRATOR)
         );
         assert_eq!(l.for_principal(&Principal::Platform), None);
-        let op = Principal::Operator {
+        let op = |role| Principal::Operator {
             name: "alice".into(),
-            role: fleetcast_proto::acl::Role::Admin,
+            role,
         };
-        assert_eq!(l.for_principal(&op), None);
+        assert_eq!(l.for_principal(&op(Role::Admin)), Some(RateLimit::OPERATOR));
+        assert_eq!(
+            l.for_principal(&op(Role::Operator)),
+            Some(RateLimit::OPERATOR)
+        );
+        assert_eq!(l.for_principal(&op(Role::Viewer)), Some(RateLimit::VIEWER));
     }
 }

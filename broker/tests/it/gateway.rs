@@ -3292,3 +3292,56 @@ async fn failed_accepts_out_of_descriptors_are_logged_once_not_ten_times_a_secon
     raw.send(Packet::PingReq).await;
     assert!(matches!(raw.next().await, Some(Packet::PingResp)));
 }
+
+/// An operator, a viewer's credentials included, is held to the operator byte rate: upload
+/// frames pushed as fast as it can reach the platform at that rate, and the operator stays
+/// connected (the platform drops a viewer's frames; before the limit one viewer made `serve`
+/// read 2.7 GB/s of them).
+#[tokio::test]
+async fn an_operator_flooding_upload_frames_is_held_to_its_byte_rate() {
+    const PART: usize = 16 * 1024;
+    let gw = start_gateway(|s| {
+        s.limits.operator = Some(RateLimit {
+            messages: None,
+            bytes: Some(Rate {
+                per_sec: 4 * PART as u64,
+                burst: 4 * PART as u64,
+            }),
+            reports: None,
+            connects: None,
+        })
+    })
+    .await;
+    let topics = Topics::default();
+    let (sink, mut taken) = mpsc::channel(1000);
+    assert!(gw.secured.handle().take_admin(sink));
+    let session = "fleetcast-op-alice.a";
+    let (operator, mut operator_rx) = gw.operator(session).await;
+    for _ in 0..40 {
+        operator
+            .publish(
+                topics.admin_upload(session),
+                QoS::AtMostOnce,
+                false,
+                vec![0u8; PART],
+            )
+            .await
+            .unwrap();
+    }
+    // In one second: the burst (4 parts) and about 4 more; without the limit, all 40.
+    let mut received = 0;
+    let window = tokio::time::sleep(Duration::from_secs(1));
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            _ = &mut window => break,
+            p = taken.recv() => if p.is_some() { received += 1 },
+        }
+    }
+    assert!(received > 0, "the flood is slowed, not stopped");
+    assert!(
+        received <= 12,
+        "{received} of 40 parts got through in one second"
+    );
+    assert_stayed_connected(&mut operator_rx);
+}
