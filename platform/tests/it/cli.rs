@@ -88,6 +88,15 @@ impl Fleetcast {
     }
 }
 
+/// The ids of `fleetcast events --json` output, in order.
+fn event_ids(v: Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect()
+}
+
 /// Everything the CLI should never have sent or stored, checked in the stopped platform's
 /// database: which desired notices (topics) exist, and every release with its seq.
 fn stored(data_dir: &Path) -> (BTreeSet<String>, Vec<(String, u64, bool)>) {
@@ -622,23 +631,16 @@ async fn every_json_output_matches_its_schema_in_docs() {
         outputs.push((what, schema, fc.run(args).await.json()));
     }
     // `events` shows the newest (100 by default, N with --last N), `--since` reads from an id.
-    let ids = |v: serde_json::Value| -> Vec<u64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["id"].as_u64().unwrap())
-            .collect()
-    };
-    let all = ids(fc.run(&["events", "--since", "0", "--json"]).await.json());
+    let all = event_ids(fc.run(&["events", "--since", "0", "--json"]).await.json());
     assert!(all.len() >= 3 && all.len() <= 100, "{all:?}");
-    assert_eq!(ids(fc.run(&["events", "--json"]).await.json()), all);
+    assert_eq!(event_ids(fc.run(&["events", "--json"]).await.json()), all);
     assert_eq!(
-        ids(fc.run(&["events", "--last", "2", "--json"]).await.json()),
+        event_ids(fc.run(&["events", "--last", "2", "--json"]).await.json()),
         all[all.len() - 2..]
     );
     assert_eq!(
-        ids(fc
-            .run(&[
+        event_ids(
+            fc.run(&[
                 "events",
                 "--since",
                 &all[0].to_string(),
@@ -647,7 +649,8 @@ async fn every_json_output_matches_its_schema_in_docs() {
                 "--json"
             ])
             .await
-            .json()),
+            .json()
+        ),
         all[1..2]
     );
     // As text, --summary is the first and last lines of the listing, and `release watch` reads
@@ -1092,23 +1095,16 @@ async fn events_shows_the_newest_hundred_of_a_longer_log_and_says_so() {
     }
     let last = vm.ctr;
     vm.acked_up_to(last).await;
-    let ids = |v: serde_json::Value| -> Vec<u64> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|e| e["id"].as_u64().unwrap())
-            .collect()
-    };
-    let all = ids(fc.run(&["events", "--since", "0", "--json"]).await.json());
+    let all = event_ids(fc.run(&["events", "--since", "0", "--json"]).await.json());
     assert_eq!(all.len(), 130);
     let default = fc.run(&["events", "--json"]).await;
     assert!(
         default.stderr.contains("the newest 100 events") && default.stderr.contains("--last N"),
         "{default:#?}"
     );
-    assert_eq!(ids(default.json()), all[30..]);
+    assert_eq!(event_ids(default.json()), all[30..]);
     assert_eq!(
-        ids(fc.run(&["events", "--last", "500", "--json"]).await.json()),
+        event_ids(fc.run(&["events", "--last", "500", "--json"]).await.json()),
         all
     );
     admin.close().await;
