@@ -993,6 +993,39 @@ impl Touched {
         Ok(self.targets.get_mut(release).and_then(Option::as_mut))
     }
 
+    /// Gives `m` its record of `release` if it has none and `release` is the group release
+    /// desired for one of the groups `m` was provisioned in: a machine that joined the group
+    /// after the publish reports on the group's notice, and its events may come before the
+    /// state that would have given it the record (`publish::ensure_group_targets`, as a state
+    /// does). Without this they were dropped, and its record stayed `pending` for good.
+    fn join_group_release(
+        &mut self,
+        tx: &dyn Records,
+        m: &MachineId,
+        release: &ReleaseId,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        if self.target(tx, release, m)?.is_some() {
+            return Ok(());
+        }
+        let groups = match self.machine(tx, m)? {
+            Some(info) if !info.groups.is_empty() => info.groups.clone(),
+            _ => return Ok(()),
+        };
+        let desired = publish::desired_for_machine(tx, m, &groups)?;
+        let joins = desired.values().any(|n| {
+            &n.release == release && matches!(n.target, fleetcast_proto::Target::Group(_))
+        });
+        if joins && !publish::ensure_group_targets(tx, m, &desired, now)?.is_empty() {
+            // Read again: the record is in the store now, and one it superseded may be among
+            // those read for this message; an event of the message applied to it later starts
+            // from the stored record. (One this message changed already keeps its change, as
+            // when a state and events cross.)
+            self.targets.retain(|r, _| self.targets_changed.contains(r));
+        }
+        Ok(())
+    }
+
     fn machine(
         &mut self,
         tx: &dyn Records,
@@ -1065,6 +1098,11 @@ fn apply_status(
 ) -> Result<Vec<After>, Result<Reject, StoreError>> {
     // Only what is consistent changes anything: an event naming a release that does not
     // target this machine is acknowledged (so the machine's outbox moves on) and dropped.
+    if let Some(release) = &ev.release {
+        touched
+            .join_group_release(tx, m, release, now)
+            .map_err(Err)?;
+    }
     let release = match &ev.release {
         Some(release) => match touched.target(tx, release, m).map_err(Err)? {
             Some(rec) if rec.kind == ev.kind => Some(release),
@@ -1274,25 +1312,6 @@ fn apply_state(
     tx.put_machine(&info)?;
     let desired = publish::desired_for_machine(tx, m, &info.groups)?;
     let created = publish::ensure_group_targets(tx, m, &desired, now)?;
-    // A record made now (a machine that joined a group after the publish) takes the phase
-    // this state reports for its release: the machine's events about it may have come before
-    // the record did, and were dropped. From then on its events move it.
-    for release in &created {
-        let Some(mut rec) = tx.target(release, m)? else {
-            continue;
-        };
-        let Some(k) = st.kinds.get(&rec.kind) else {
-            continue;
-        };
-        let (Some(reported), Some(phase)) = (&k.release, k.phase) else {
-            continue;
-        };
-        if reported == release
-            && target::take_from_state(&mut rec, phase, k.version.as_deref(), st.at_ms, now)
-        {
-            tx.put_target(&rec)?;
-        }
-    }
     after.extend(
         created
             .into_iter()
@@ -1730,22 +1749,24 @@ mod tests {
         );
     }
 
-    /// A machine that joined a group after the publish and sent its events before its state:
-    /// the events were dropped (no record yet), and the record the state gives it takes the
-    /// phase the state reports, so it does not stay `pending` for ever (a staged rollout
-    /// would wait on it).
+    /// A machine that joined a group after the publish and sends its events before its state:
+    /// its first event for the group's release gives it its record (as its state would), so
+    /// its events are applied and kept, and it does not stay `pending` for good (a staged
+    /// rollout would wait on it). A release not desired for its groups gets no record.
     #[test]
-    fn a_new_group_members_record_takes_the_phase_its_state_reports() {
+    fn a_new_group_members_first_event_gives_it_the_groups_release() {
         let store = MemStore::new();
         let g = GroupId::new("g").unwrap();
         let mut provisioned = MachineInfo::new(m("vm-1"), 0);
         provisioned.groups = vec![g.clone()];
         let mut r = crate::fixtures::release("r-000001", "1.0");
+        let other = crate::fixtures::release("r-000002", "2.0");
         store
             .transaction(|tx| {
                 tx.put_machine(&provisioned)?;
                 r.seq = store.next_seq()?;
                 tx.put_release(&r)?;
+                tx.put_release(&other)?;
                 tx.put_desired(&DesiredNotice {
                     topic: "groups/g/app".into(),
                     seq: r.seq,
@@ -1756,59 +1777,23 @@ mod tests {
                 })
             })
             .unwrap();
-        // Its events came first: no record, dropped.
         assert_eq!(
-            apply(&store, &status("vm-1", &r, Phase::Installed, 1), 1000),
-            ["warn"]
+            apply(&store, &status("vm-1", &other, Phase::Installed, 1), 1000),
+            ["warn"],
+            "a release not desired for its groups stays foreign"
         );
-        let state = |version: &str, phase| MachineState {
-            machine: m("vm-1"),
-            ctr: 2,
-            at_ms: 40,
-            agent_version: "0.1.0".into(),
-            groups: vec![g.clone()],
-            busy: false,
-            kinds: BTreeMap::from([(
-                app(),
-                KindState {
-                    version: Some(version.into()),
-                    release: Some(r.id.clone()),
-                    phase: Some(phase),
-                    seq: r.seq,
-                    ..Default::default()
-                },
-            )]),
-            key_gen: 0,
-        };
-        // A state claiming `installed` with another version proves nothing.
-        let mut odd = state("0.9", Phase::Installed);
-        odd.machine = m("vm-2");
-        store
-            .transaction(|tx| {
-                let mut vm2 = provisioned.clone();
-                vm2.id = m("vm-2");
-                tx.put_machine(&vm2)?;
-                apply_state(tx, &m("vm-2"), &odd, 50)
-            })
-            .unwrap();
-        let rec = store.target(&r.id, &m("vm-2")).unwrap().unwrap();
-        assert_eq!(rec.phase, Phase::Pending);
-        let (after, _) = store
-            .transaction(|tx| apply_state(tx, &m("vm-1"), &state("1.0", Phase::Installed), 60))
-            .unwrap();
-        assert!(matches!(&after[..], [After::Progress { release }] if *release == r.id));
+        assert_eq!(store.target(&other.id, &m("vm-1")).unwrap(), None);
+        for (ctr, phase) in [Phase::Notified, Phase::Downloading, Phase::Installed]
+            .into_iter()
+            .enumerate()
+        {
+            let after = apply(&store, &status("vm-1", &r, phase, ctr as u64 + 2), 1000);
+            assert_eq!(after, ["progress", "event"], "{phase}");
+        }
         let rec = store.target(&r.id, &m("vm-1")).unwrap().unwrap();
-        assert_eq!(
-            (rec.phase, rec.phase_at_ms, rec.attempts, rec.notified_at_ms),
-            (Phase::Installed, 40, 1, Some(40))
-        );
-        assert!(rec.upgrade.is_some_and(|u| u.ok));
-        // From then on the events decide: a later state moves nothing back or forth.
-        store
-            .transaction(|tx| apply_state(tx, &m("vm-1"), &state("1.0", Phase::InstallFailed), 70))
-            .unwrap();
-        let rec = store.target(&r.id, &m("vm-1")).unwrap().unwrap();
-        assert_eq!(rec.phase, Phase::Installed);
+        assert_eq!((rec.phase, rec.via), (Phase::Installed, Some(g)));
+        assert_eq!(store.events().unwrap().len(), 3, "its events are kept");
+        assert_eq!(store.current(&m("vm-1"), &app()).unwrap(), Some(r.id));
     }
 
     #[test]

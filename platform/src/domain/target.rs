@@ -87,48 +87,6 @@ pub fn supersede(rec: &mut TargetRecord, now_ms: u64) -> bool {
     true
 }
 
-/// Takes a record nothing has reported on yet (`pending`, no attempt) to `phase`, which the
-/// machine's own state reports for this release (its MAC'd `kinds[kind].release` and `phase`,
-/// at the machine's `at_ms`). For a machine whose events about the release came before it had
-/// a record, so were dropped: a machine that joined a group after the publish and sent its
-/// outbox before its state. `Installed` counts only with the release's version installed.
-/// Whether the record changed; a record anything was reported on is left to the events.
-pub fn take_from_state(
-    rec: &mut TargetRecord,
-    phase: Phase,
-    version: Option<&str>,
-    at_ms: u64,
-    now_ms: u64,
-) -> bool {
-    let unreported = rec.phase == Phase::Pending && rec.attempts == 0;
-    let platform_only = matches!(phase, Phase::Pending | Phase::Superseded);
-    let unproven = phase == Phase::Installed && version != Some(rec.version.as_str());
-    if !unreported || platform_only || unproven {
-        return false;
-    }
-    let step = |ok: bool| StepResult {
-        phase,
-        ok,
-        at_ms,
-        error: None,
-    };
-    rec.phase = phase;
-    rec.phase_at_ms = at_ms;
-    rec.attempts = 1;
-    rec.updated_at_ms = now_ms;
-    if phase != Phase::Rejected {
-        rec.notified_at_ms = Some(at_ms);
-    }
-    match phase {
-        Phase::Downloaded => rec.download = Some(step(true)),
-        Phase::DownloadFailed => rec.download = Some(step(false)),
-        Phase::Installed => rec.upgrade = Some(step(true)),
-        Phase::InstallFailed | Phase::RolledBack => rec.upgrade = Some(step(false)),
-        _ => {}
-    }
-    true
-}
-
 /// Applies one status event to the record of its (release, machine). On `Err` the record is
 /// unchanged.
 pub fn apply(rec: &mut TargetRecord, ev: &StatusEvent, now_ms: u64) -> Result<(), NotAllowed> {
