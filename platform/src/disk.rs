@@ -50,12 +50,45 @@ pub fn is_low(free: u64, total: u64) -> bool {
     free < LOW_BYTES || (free as u128) * 1000 < (total as u128) * LOW_PER_MILLE as u128
 }
 
-/// Reads the free space under `dir` every [`CHECK_EVERY`] until `stop`; warns when it is low
-/// (at once, then every [`WARN_EVERY`] while it stays low) and says when it is no longer low.
+/// What [`watch`] says after a reading.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Say {
+    /// Space is low: warn.
+    Low,
+    /// Space was low when last warned of, and is not any more.
+    Recovered,
+}
+
+/// When to speak of free space: warns at the first low reading, again every [`WARN_EVERY`]
+/// while readings stay low, and once when one is not low after a warning.
+#[derive(Debug, Default)]
+pub struct Warner {
+    warned: Option<tokio::time::Instant>,
+}
+
+impl Warner {
+    /// The reading `free` of `total` bytes, taken at `now`: what to say, if anything.
+    pub fn reading(&mut self, free: u64, total: u64, now: tokio::time::Instant) -> Option<Say> {
+        if is_low(free, total) {
+            let due = self
+                .warned
+                .is_none_or(|at| now.saturating_duration_since(at) >= WARN_EVERY);
+            due.then(|| {
+                self.warned = Some(now);
+                Say::Low
+            })
+        } else {
+            self.warned.take().map(|_| Say::Recovered)
+        }
+    }
+}
+
+/// Reads the free space under `dir` every [`CHECK_EVERY`] until `stop`; speaks as [`Warner`]
+/// decides.
 pub async fn watch(dir: PathBuf, stop: CancellationToken) {
     let mut tick = tokio::time::interval(CHECK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut warned: Option<tokio::time::Instant> = None;
+    let mut warner = Warner::default();
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -71,18 +104,17 @@ pub async fn watch(dir: PathBuf, stop: CancellationToken) {
             Err(_) => continue,
         };
         let mib = |b: u64| b >> 20;
-        if is_low(free, total) {
-            if warned.is_none_or(|at| at.elapsed() >= WARN_EVERY) {
-                tracing::warn!(
-                    dir = %dir.display(),
-                    free_mib = mib(free),
-                    total_mib = mib(total),
-                    "disk space low where the platform keeps its data: on a full disk `serve` stops (nothing acknowledged is lost); free space, or lower --keep-events"
-                );
-                warned = Some(tokio::time::Instant::now());
+        match warner.reading(free, total, tokio::time::Instant::now()) {
+            Some(Say::Low) => tracing::warn!(
+                dir = %dir.display(),
+                free_mib = mib(free),
+                total_mib = mib(total),
+                "disk space low where the platform keeps its data: on a full disk `serve` stops (nothing acknowledged is lost); free space, or lower --keep-events"
+            ),
+            Some(Say::Recovered) => {
+                tracing::info!(dir = %dir.display(), free_mib = mib(free), "disk space no longer low")
             }
-        } else if warned.take().is_some() {
-            tracing::info!(dir = %dir.display(), free_mib = mib(free), "disk space no longer low");
+            None => {}
         }
     }
 }
@@ -100,6 +132,53 @@ mod tests {
         assert!(!is_low(5 * GIB, 100 * GIB));
         assert!(!is_low(u64::MAX, u64::MAX), "no overflow");
         assert!(is_low(0, 0));
+    }
+
+    #[test]
+    fn a_low_disk_is_warned_of_at_once_then_every_ten_minutes_and_its_recovery_once() {
+        const GIB: u64 = 1 << 30;
+        let (low, fine) = ((GIB / 2, 100 * GIB), (50 * GIB, 100 * GIB));
+        let t0 = tokio::time::Instant::now();
+        let at = |d: Duration| t0 + d;
+        let mut w = Warner::default();
+        assert_eq!(
+            w.reading(fine.0, fine.1, t0),
+            None,
+            "nothing to say of a fine disk"
+        );
+        assert_eq!(
+            w.reading(low.0, low.1, at(CHECK_EVERY)),
+            Some(Say::Low),
+            "at once"
+        );
+        // Every minute's reading stays quiet until ten minutes after the warning.
+        for minute in 2..=10 {
+            assert_eq!(
+                w.reading(low.0, low.1, at(CHECK_EVERY * minute)),
+                None,
+                "minute {minute}"
+            );
+        }
+        assert_eq!(
+            w.reading(low.0, low.1, at(CHECK_EVERY * 11)),
+            Some(Say::Low),
+            "repeated"
+        );
+        assert_eq!(w.reading(low.0, low.1, at(CHECK_EVERY * 12)), None);
+        assert_eq!(
+            w.reading(fine.0, fine.1, at(CHECK_EVERY * 13)),
+            Some(Say::Recovered)
+        );
+        assert_eq!(
+            w.reading(fine.0, fine.1, at(CHECK_EVERY * 14)),
+            None,
+            "said once"
+        );
+        // Low again: a new warning at once, not ten minutes after the last one.
+        assert_eq!(
+            w.reading(low.0, low.1, at(CHECK_EVERY * 15)),
+            Some(Say::Low)
+        );
     }
 
     #[test]
