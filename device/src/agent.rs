@@ -180,6 +180,8 @@ struct Agent {
     preheld: Option<InstallGuard>,
     /// The deprecated `{data_dir}/busy` file was seen (warned about once).
     busy_file_seen: bool,
+    /// When the sale lock was last looked at (`on_tick`).
+    sale_looked_at: Option<std::time::Instant>,
     /// When the platform and the broker were last reached, as `contact.json` will say.
     contact: Contact,
     contact_dirty: bool,
@@ -273,6 +275,7 @@ pub async fn run_with(
         sale_lock,
         preheld: None,
         busy_file_seen: false,
+        sale_looked_at: None,
         contact,
         contact_dirty: false,
         contact_saved_at: None,
@@ -670,7 +673,16 @@ impl Agent {
             self.head_sent_at = None;
         }
         self.send_head();
-        let busy = self.look_for_sale().await;
+        let now = std::time::Instant::now();
+        let due = self
+            .sale_lock
+            .look_due(self.updater.waits_for_idle(), self.sale_looked_at, now);
+        let busy = if due {
+            self.sale_looked_at = Some(now);
+            self.look_for_sale().await
+        } else {
+            self.updater.busy()
+        };
         if busy != self.updater.busy() {
             self.handle(Input::Busy(busy)).await;
         }

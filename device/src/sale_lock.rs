@@ -54,6 +54,19 @@ static SHARE_FOR_MS: AtomicU64 = AtomicU64::new(0);
 /// The last read of `/proc/locks` shared that way.
 static SHARED_READ: Mutex<Option<(Instant, Arc<str>)>> = Mutex::new(None);
 
+/// How often an agent whose install does not wait for a sale looks for one (milliseconds; zero:
+/// every tick), for the sale locks made after [`look_at_most_every`].
+static LOOK_EVERY_MS: AtomicU64 = AtomicU64::new(0);
+
+/// Lets the agents of the sale locks this process makes from now on look for a sale only every
+/// `every` while no install of theirs waits for one (the simulator: each look is a task on the
+/// blocking pool, and 10,000 machines looking every second were a fifth of its CPU). An install
+/// that waits for a sale still looks every tick. An agent on a machine never calls it.
+pub fn look_at_most_every(every: Duration) {
+    let ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
+    LOOK_EVERY_MS.store(ms, Ordering::Relaxed);
+}
+
 /// Lets the sale locks this process makes from now on use a read of `/proc/locks` for up to
 /// `fresh` (the simulator: many machines in one process). An agent on a machine never calls it.
 pub fn share_proc_locks_reads(fresh: Duration) {
@@ -88,6 +101,8 @@ pub struct SaleLock {
     seen_as: Arc<Mutex<Option<ProcId>>>,
     /// How old a shared read of `/proc/locks` a look may use ([`share_proc_locks_reads`]).
     shared_look: Duration,
+    /// How often to look while no install waits for a sale ([`look_at_most_every`]).
+    look_every: Duration,
 }
 
 /// The file as `/proc/locks` names it (`MAJOR:MINOR:INODE`), and the file's identity from
@@ -141,18 +156,29 @@ fn flock(file: &File, op: libc::c_int) -> io::Result<bool> {
 impl SaleLock {
     pub fn new(path: PathBuf) -> Self {
         let shared_look = Duration::from_millis(SHARE_FOR_MS.load(Ordering::Relaxed));
-        Self::with_shared_look(path, shared_look)
+        let look_every = Duration::from_millis(LOOK_EVERY_MS.load(Ordering::Relaxed));
+        Self::with_looks(path, shared_look, look_every)
     }
 
     /// A lock whose looks may use a read of `/proc/locks` up to `fresh` old, shared with every
-    /// other such lock of this process.
-    fn with_shared_look(path: PathBuf, fresh: Duration) -> Self {
+    /// other such lock of this process, and whose agent looks every `look_every` while no
+    /// install waits.
+    fn with_looks(path: PathBuf, fresh: Duration, look_every: Duration) -> Self {
         Self {
             path,
             held: Arc::default(),
             seen_as: Arc::default(),
             shared_look: fresh,
+            look_every,
         }
+    }
+
+    /// Whether its agent should look for a sale now: on every tick while an install waits for
+    /// the sale to end, otherwise once [`look_at_most_every`]'s period (zero: every tick) has
+    /// passed since the last look, `looked_at`.
+    pub fn look_due(&self, install_waits: bool, looked_at: Option<Instant>, now: Instant) -> bool {
+        install_waits
+            || looked_at.is_none_or(|t| now.saturating_duration_since(t) >= self.look_every)
     }
 
     pub fn path(&self) -> &Path {
@@ -492,8 +518,8 @@ mod tests {
         let _alone = looking();
         let fresh = Duration::from_millis(400);
         let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
-        let [a, b] =
-            [0, 1].map(|i| SaleLock::with_shared_look(dirs[i].path().join("sale.lock"), fresh));
+        let [a, b] = [0, 1]
+            .map(|i| SaleLock::with_looks(dirs[i].path().join("sale.lock"), fresh, Duration::ZERO));
         for lock in [&a, &b] {
             lock.create().unwrap();
             drop(lock.try_exclusive().unwrap().unwrap());
@@ -515,6 +541,38 @@ mod tests {
         std::thread::sleep(fresh);
         assert_eq!(b.sale_in_progress().unwrap(), Some(true), "read again");
         drop(s);
+    }
+
+    /// A simulator's agents look less often, except while an install waits for a sale to end;
+    /// an agent on a machine looks on every tick.
+    #[test]
+    fn an_agent_looks_at_its_lock_as_often_as_its_process_allows_unless_an_install_waits() {
+        let path = PathBuf::from("/nonexistent/sale.lock");
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let every_tick = SaleLock::with_looks(path.clone(), Duration::ZERO, Duration::ZERO);
+        assert!(every_tick.look_due(false, None, t0));
+        assert!(
+            every_tick.look_due(false, Some(t0), at(1000)),
+            "the next tick"
+        );
+        assert!(
+            every_tick.look_due(false, Some(t0), t0),
+            "zero: every time asked"
+        );
+        let sim = SaleLock::with_looks(path, Duration::ZERO, Duration::from_secs(5));
+        assert!(sim.look_due(false, None, t0), "the first look at once");
+        for tick in 1..5 {
+            assert!(
+                !sim.look_due(false, Some(t0), at(tick * 1000)),
+                "tick {tick}"
+            );
+        }
+        assert!(sim.look_due(false, Some(t0), at(5000)));
+        assert!(
+            sim.look_due(true, Some(t0), at(1000)),
+            "an install waits: every tick"
+        );
     }
 
     #[test]

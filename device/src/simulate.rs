@@ -118,6 +118,9 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
     // Many machines in one process: one read of /proc/locks serves their sale-lock looks for
     // half a tick (each would otherwise read every machine's lock once a second).
     crate::sale_lock::share_proc_locks_reads(Duration::from_millis(500));
+    // And at most 2,000 looks a second in all: each is a task on the blocking pool.
+    let count = u64::try_from(opts.count).unwrap_or(u64::MAX);
+    crate::sale_lock::look_at_most_every(Duration::from_millis((count / 2).max(1000)));
     let first = opts.start_index;
     let last = first + opts.count.saturating_sub(1);
     let mut machines = Vec::with_capacity(opts.count);
