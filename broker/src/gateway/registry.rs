@@ -304,9 +304,10 @@ pub(crate) struct ClientClaim {
 }
 
 impl ClientClaim {
-    /// Resolves once a newer connection takes the client id.
-    pub(crate) async fn taken_over(&self) {
-        self.takeover.cancelled().await
+    /// Resolves once a newer connection takes the client id (owns what it waits on, so it can
+    /// be moved to a task of its own).
+    pub(crate) fn taken_over(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
+        self.takeover.clone().cancelled_owned()
     }
 }
 
