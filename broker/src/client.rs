@@ -292,11 +292,13 @@ pub enum Overload {
     Wait,
     /// Drop a QoS 0 publish the predicate calls sheddable (fleetcast's chunk frames, which a
     /// machine asks for again) once fewer than [`SHED_HEADROOM`] places are free, and keep
-    /// polling; wait for room for everything else. So frames never fill the last places: a
-    /// status acknowledgement or a notice behind a burst of frames is neither dropped (every
-    /// QoS 0 publish was shed before, status acks included, and the machine resent the event
-    /// after 10 s) nor makes the driver wait with the socket unread (rumqttc then finds its
-    /// PINGRESP unread when the next ping is due and calls the connection dead).
+    /// polling; hold everything else, up to [`HELD_WHILE_BUSY`] events, and keep polling, so
+    /// that the connection lives while the consumer is busy. So frames never fill the last
+    /// places: a status acknowledgement or a notice behind a burst of frames is neither
+    /// dropped (every QoS 0 publish was shed before, status acks included, and the machine
+    /// resent the event after 10 s) nor makes the driver stop reading the socket (rumqttc then
+    /// sends no PINGREQ and finds its PINGRESP unread when the next ping is due, and calls the
+    /// connection dead; the broker, hearing nothing for 1.5 keep-alives, closes it).
     Shed(Arc<dyn Fn(&Publish) -> bool + Send + Sync>),
 }
 
@@ -312,6 +314,14 @@ impl std::fmt::Debug for Overload {
 /// Places in the consumer's queue that [`Overload::Shed`] keeps for what may not be dropped.
 pub const SHED_HEADROOM: usize = 8;
 
+/// Events that may not be dropped that [`Overload::Shed`] holds while the consumer's queue is
+/// full, reading the socket on; beyond them it waits for room. Why: an agent busy for longer
+/// than a keep-alive (its disk slow; 10,000 simulated agents on one disk: 2,361 connections
+/// lost to a late PINGRESP in one rollout, 2026-11-28) lost its connection, and with it the
+/// frames on their way. What a machine is sent that may not be dropped (acks, notices,
+/// commands) is small and rate-limited by the broker, so this bounds little memory.
+pub const HELD_WHILE_BUSY: usize = 64;
+
 /// [`drive`] with a choice of what to do when `events` is full.
 pub async fn drive_with(
     mut eventloop: EventLoop,
@@ -326,10 +336,30 @@ pub async fn drive_with(
     let mut connected_at: Option<tokio::time::Instant> = None;
     // Whether refused credentials were logged since the last accepted connection.
     let mut warned = false;
+    // Events the consumer had no room for, oldest first; handed over before any later one.
+    // `Wait` holds one: the socket is not read while it waits.
+    let hold = match overload {
+        Overload::Wait => 1,
+        Overload::Shed(_) => HELD_WHILE_BUSY,
+    };
+    let mut held: std::collections::VecDeque<MqttEvent> = std::collections::VecDeque::new();
     loop {
-        let polled = tokio::select! {
-            _ = shutdown.cancelled() => return,
-            polled = eventloop.poll() => polled,
+        let polled = {
+            // Never dropped before it completes (but at shutdown): a poll cancelled midway
+            // could lose a request it had taken from the client's queue. While `held` is full
+            // it is not polled, which stops reading the socket.
+            let mut poll = std::pin::pin!(eventloop.poll());
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return,
+                    permit = events.reserve(), if !held.is_empty() => match permit {
+                        Ok(permit) => permit.send(held.pop_front().expect("held is not empty")),
+                        Err(_) => return,
+                    },
+                    polled = &mut poll, if held.len() < hold => break polled,
+                }
+            }
         };
         let event = match polled {
             Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
@@ -355,9 +385,13 @@ pub async fn drive_with(
                     );
                     warned = true;
                 }
-                let text = e.to_string();
-                if events.send(MqttEvent::Disconnected(text)).await.is_err() {
-                    return;
+                // After what came before it.
+                held.push_back(MqttEvent::Disconnected(e.to_string()));
+                for event in held.drain(..) {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return,
+                        sent = events.send(event) => if sent.is_err() { return },
+                    }
                 }
                 if connected_at
                     .take()
@@ -375,16 +409,21 @@ pub async fn drive_with(
         };
         if let (Overload::Shed(sheddable), MqttEvent::Publish(p)) = (&overload, &event) {
             if p.qos == rumqttc::QoS::AtMostOnce
-                && events.capacity() < SHED_HEADROOM
+                && (!held.is_empty() || events.capacity() < SHED_HEADROOM)
                 && sheddable(p)
             {
                 tracing::debug!(topic = %p.topic, "QoS 0 publish dropped: consumer busy");
                 continue;
             }
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            sent = events.send(event) => if sent.is_err() { return },
+        if !held.is_empty() {
+            held.push_back(event);
+            continue;
+        }
+        match events.try_send(event) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(event)) => held.push_back(event),
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
         }
     }
 }

@@ -37,8 +37,9 @@ use crate::trust::{ChainStep, Checked, FollowedKey, TrustedKey};
 
 /// MQTT events waiting for the agent loop. Mostly chunk frames (64 KiB each) while the loop
 /// waits for the disk, which the driver drops once fewer than `client::SHED_HEADROOM` places
-/// are free; when full, the driver stops reading the socket. 256 let a simulator of 1,000
-/// machines hold gigabytes of frames during a rollout.
+/// are free; when full, the driver holds up to `client::HELD_WHILE_BUSY` other events and
+/// reads the socket on (so the connection's pings go on), and only then stops reading. 256
+/// let a simulator of 1,000 machines hold gigabytes of frames during a rollout.
 const MQTT_EVENTS_QUEUED: usize = 32;
 /// Chunk frames waiting for a download: twice its window. On the shared artifact topic most
 /// frames are other machines' (a chunk this one has, or is about to get); one dropped when the

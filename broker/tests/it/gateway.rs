@@ -1144,10 +1144,14 @@ async fn chunk_requests_go_to_the_platform_in_process_and_still_count_against_th
         "a chunk request on another machine's topic",
     )
     .await;
-    assert!(
-        taken.try_recv().is_err(),
-        "the forged request was handed on"
-    );
+    // vm-1's own requests may still trickle in at its rate; the forged one must not.
+    while let Ok((from, payload)) = taken.try_recv() {
+        assert_ne!(
+            payload.as_ref(),
+            b"forged",
+            "the forged request was handed on (as {from}'s)"
+        );
+    }
 }
 
 /// A connection of `machine` through the gateway, CONNACK read, that reads nothing more (a

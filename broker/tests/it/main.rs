@@ -262,6 +262,55 @@ async fn a_connection_closed_right_after_its_connack_is_retried_with_a_growing_b
     assert!(connacks >= 2, "it did reconnect: {connacks}");
 }
 
+/// A consumer busy for longer than the keep-alive keeps its connection: the driver holds what
+/// it may not drop and reads the socket on, so pings go on; then it hands everything over, in
+/// order. (Before, it stopped reading once the queue was full, and the broker, hearing nothing,
+/// closed the connection.)
+#[tokio::test]
+async fn a_consumer_busy_past_the_keep_alive_keeps_its_connection_and_every_notice() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let shutdown = CancellationToken::new();
+    const QUEUE: usize = 4;
+    // More than the queue holds, fewer than it and the driver's held events together.
+    const NOTICES: usize = QUEUE + client::HELD_WHILE_BUSY / 2;
+    let mut options = client::options(&url, "busy", None);
+    options.set_keep_alive(Duration::from_secs(1));
+    let (sub, el) = client::connect(options, 64);
+    let (tx, mut rx) = mpsc::channel(QUEUE);
+    let frames_only = client::Overload::Shed(Arc::new(|p: &Publish| p.topic == "t/frames"));
+    tokio::spawn(client::drive_with(el, tx, shutdown.clone(), frames_only));
+    next_connected(&mut rx).await.unwrap();
+    sub.subscribe("t/notice", QoS::AtLeastOnce).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !matches!(rx.recv().await, Some(MqttEvent::SubAck(_))) {}
+    })
+    .await
+    .expect("SUBACK");
+    let (publ, mut pub_rx) = connected(&url, "pub", None, &shutdown);
+    next_connected(&mut pub_rx).await.unwrap();
+    for i in 0..NOTICES {
+        publ.publish("t/notice", QoS::AtLeastOnce, false, i.to_string())
+            .await
+            .unwrap();
+    }
+    // Busy for four keep-alives: nothing read.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let mut got = Vec::new();
+    while let Ok(Some(event)) = tokio::time::timeout(Duration::from_millis(1500), rx.recv()).await {
+        match event {
+            MqttEvent::Publish(p) => got.push(String::from_utf8(p.payload.to_vec()).unwrap()),
+            MqttEvent::Disconnected(why) => {
+                panic!("the connection was lost while the consumer was busy: {why} (after {got:?})")
+            }
+            _ => {}
+        }
+    }
+    let want: Vec<String> = (0..NOTICES).map(|i| i.to_string()).collect();
+    assert_eq!(got, want);
+    shutdown.cancel();
+}
+
 /// A consumer busy with a burst of chunk frames loses frames (the driver sheds them and keeps
 /// reading the socket), never the acknowledgement or the notice that came behind them: the
 /// driver keeps `SHED_HEADROOM` places for those.
