@@ -36,11 +36,17 @@ DIR=$(mktemp -d -t fleetcast-demo.XXXXXX)
 # Where the simulated machines keep their data. A real fleet has a disk per machine; thousands
 # of simulated ones on one disk queue their fsyncs behind each other's artifact writes, which
 # slowed a 10,000-machine demo (2 min against 1 in tmpfs). Above 1,000 machines they use tmpfs
-# (/dev/shm) when it has room for two copies of the file per machine; DEMO_SIM_DIR overrides.
+# (/dev/shm) when it, and the memory it takes from, have room for a copy of the file per
+# machine (half of them download it; slots are hard links) and for the simulator's own memory
+# (about 0.4 MB per machine at its peak); DEMO_SIM_DIR overrides.
 SIM_PARENT=${DEMO_SIM_DIR:-}
 if [ -z "$SIM_PARENT" ] && [ "$MACHINES" -gt 1000 ] && [ -d /dev/shm ]; then
     shm_free_mb=$(($(df -Pk /dev/shm | awk 'NR == 2 { print $4 }') / 1024))
-    [ "$shm_free_mb" -gt $((MACHINES * SIZE_MB * 2)) ] && SIM_PARENT=/dev/shm
+    mem_free_mb=$(($(awk '/^MemAvailable:/ { print $2 }' /proc/meminfo) / 1024))
+    need_mb=$((MACHINES * SIZE_MB))
+    if [ "$shm_free_mb" -gt "$need_mb" ] && [ "$mem_free_mb" -gt $((need_mb + MACHINES / 2)) ]; then
+        SIM_PARENT=/dev/shm
+    fi
 fi
 SIM_DIR=$(mktemp -d -p "${SIM_PARENT:-$DIR}" fleetcast-machines.XXXXXX)
 PIDS=()
