@@ -262,6 +262,30 @@ async fn a_connection_closed_right_after_its_connack_is_retried_with_a_growing_b
     assert!(connacks >= 2, "it did reconnect: {connacks}");
 }
 
+/// A client whose driver sheds what comes on `t/frames` when its queue of `queue` events is
+/// busy, connected and subscribed to `filters` (each SUBACK seen).
+async fn shedding_frames(
+    options: MqttOptions,
+    queue: usize,
+    filters: &[(&str, QoS)],
+    shutdown: &CancellationToken,
+) -> (AsyncClient, mpsc::Receiver<MqttEvent>) {
+    let (sub, el) = client::connect(options, 64);
+    let (tx, mut rx) = mpsc::channel(queue);
+    let frames_only = client::Overload::Shed(Arc::new(|p: &Publish| p.topic == "t/frames"));
+    tokio::spawn(client::drive_with(el, tx, shutdown.clone(), frames_only));
+    next_connected(&mut rx).await.unwrap();
+    for (filter, qos) in filters {
+        sub.subscribe(*filter, *qos).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !matches!(rx.recv().await, Some(MqttEvent::SubAck(_))) {}
+        })
+        .await
+        .expect("SUBACK");
+    }
+    (sub, rx)
+}
+
 /// A consumer busy for longer than the keep-alive keeps its connection: the driver holds what
 /// it may not drop and reads the socket on, so pings go on; then it hands everything over, in
 /// order. (Before, it stopped reading once the queue was full, and the broker, hearing nothing,
@@ -276,17 +300,8 @@ async fn a_consumer_busy_past_the_keep_alive_keeps_its_connection_and_every_noti
     const NOTICES: usize = QUEUE + client::HELD_WHILE_BUSY / 2;
     let mut options = client::options(&url, "busy", None);
     options.set_keep_alive(Duration::from_secs(1));
-    let (sub, el) = client::connect(options, 64);
-    let (tx, mut rx) = mpsc::channel(QUEUE);
-    let frames_only = client::Overload::Shed(Arc::new(|p: &Publish| p.topic == "t/frames"));
-    tokio::spawn(client::drive_with(el, tx, shutdown.clone(), frames_only));
-    next_connected(&mut rx).await.unwrap();
-    sub.subscribe("t/notice", QoS::AtLeastOnce).await.unwrap();
-    tokio::time::timeout(Duration::from_secs(5), async {
-        while !matches!(rx.recv().await, Some(MqttEvent::SubAck(_))) {}
-    })
-    .await
-    .expect("SUBACK");
+    let filters = [("t/notice", QoS::AtLeastOnce)];
+    let (_sub, mut rx) = shedding_frames(options, QUEUE, &filters, &shutdown).await;
     let (publ, mut pub_rx) = connected(&url, "pub", None, &shutdown);
     next_connected(&mut pub_rx).await.unwrap();
     for i in 0..NOTICES {
@@ -320,24 +335,14 @@ async fn a_busy_consumer_loses_frames_but_not_the_ack_or_notice_behind_them() {
     let url = broker.url();
     let shutdown = CancellationToken::new();
     const QUEUE: usize = 16;
-    let (sub, el) = client::connect(client::options(&url, "sub", None), 64);
-    let (tx, mut rx) = mpsc::channel(QUEUE);
-    let frames_only = client::Overload::Shed(Arc::new(|p: &Publish| p.topic == "t/frames"));
-    tokio::spawn(client::drive_with(el, tx, shutdown.clone(), frames_only));
-    next_connected(&mut rx).await.unwrap();
     // QoS 0 subscriptions for what is sent at QoS 0 (rumqttd delivers at the subscription's).
-    for (filter, qos) in [
+    let filters = [
         ("t/frames", QoS::AtMostOnce),
         ("t/ack", QoS::AtMostOnce),
         ("t/notice", QoS::AtLeastOnce),
-    ] {
-        sub.subscribe(filter, qos).await.unwrap();
-        tokio::time::timeout(Duration::from_secs(5), async {
-            while !matches!(rx.recv().await, Some(MqttEvent::SubAck(_))) {}
-        })
-        .await
-        .expect("SUBACK");
-    }
+    ];
+    let options = client::options(&url, "sub", None);
+    let (_sub, mut rx) = shedding_frames(options, QUEUE, &filters, &shutdown).await;
     let (publ, mut pub_rx) = connected(&url, "pub", None, &shutdown);
     next_connected(&mut pub_rx).await.unwrap();
     // The consumer reads nothing while 200 frames, a QoS 0 ack and a QoS 1 notice come.
