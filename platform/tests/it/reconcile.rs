@@ -219,15 +219,8 @@ async fn a_late_member_whose_events_come_before_its_state_is_recorded_by_them() 
         (Phase::Installed, Some("g"))
     );
     assert_eq!(s.progress.total, 2);
-    let page = admin
-        .call(calls::EventsSince {
-            since: 0,
-            limit: None,
-        })
-        .await
-        .unwrap();
-    let late_events = page
-        .items
+    let (events, _) = super::security::stored_events(&admin).await;
+    let late_events = events
         .iter()
         .filter(|e| e.machine.as_str() == "vm-002")
         .count();
