@@ -539,7 +539,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
 /// What the platform counted during a rollout (`fleetcast stats`, after minus before): where
 /// its chunk requests and frames went, and what the embedded broker's gateway dropped.
 fn counter_deltas(before: Option<&serde_json::Value>, after: Option<&serde_json::Value>) -> String {
-    const COUNTERS: [&str; 10] = [
+    const COUNTERS: [&str; 11] = [
         "chunk_requests",
         "chunk_requests_refused",
         "chunk_frames_sent",
@@ -549,6 +549,7 @@ fn counter_deltas(before: Option<&serde_json::Value>, after: Option<&serde_json:
         "gateway.frames_delivered",
         "gateway.frames_dropped",
         "gateway.frames_already_queued",
+        "gateway.frames_recently_written",
         "gateway.closed_unread",
     ];
     let (Some(before), Some(after)) = (before, after) else {

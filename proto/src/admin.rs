@@ -628,6 +628,10 @@ pub struct GatewayCounters {
     /// and not yet written (its machine asked again before reading what it had asked for).
     #[serde(default)]
     pub frames_already_queued: u64,
+    /// Chunk frames not sent to a session again because the same frame was written to it
+    /// less than 2 s before (on its way when its machine asked).
+    #[serde(default)]
+    pub frames_recently_written: u64,
     /// Notices, commands, key chains and operators' replies served from the gateway, and
     /// sessions closed because they did not read them.
     pub served: u64,

@@ -23,7 +23,8 @@
 //! and where the gateway's writes are what is slow (10,000 machines on one host), those chunks
 //! were still queued for it; queueing them again filled its queue with copies (833,000 frames
 //! delivered and 148,000 dropped on full queues for 170,000 needed) and made every session's
-//! wait longer, so more machines asked again.
+//! wait longer, so more machines asked again. Nor does a session get a frame of a key it was
+//! written less than [`RECENTLY_WRITTEN`] ago: it is on its way (see there).
 //!
 //! A SUBSCRIBE is checked exactly like any other (static policy, then the platform's dynamic
 //! check) before a session is registered here; UNSUBSCRIBE and the end of the session remove
@@ -49,20 +50,65 @@ pub(crate) struct Queued {
     pub key: Option<u64>,
 }
 
-/// The keys of the frames queued for one session and not yet written. The session's writer
-/// calls [`QueuedKeys::written`] after writing each frame.
+/// A session is not sent a frame of a key it was written less than this long ago. Why: a
+/// machine's request crosses the broadcast that answers it (it asked before the broadcast
+/// reached it, or its stall timeout ran out while the frames sat in its socket and its own
+/// queues), and the copy sent for that request was a second one of a frame on its way: at
+/// 10,000 machines, 364,000 frames written for 170,000 needed (2026-11-28, frames that were
+/// still queued already not counted). A frame really lost after the write is asked for again
+/// after the agent's stall timeout, which is at least this long (protocol §7.3: 2 s, doubled
+/// after each re-request), and then sent.
+pub const RECENTLY_WRITTEN: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Keys of the frames written last per session that [`RECENTLY_WRITTEN`] looks at: enough for
+/// a window of chunks and its manifest, small enough to keep for every session (a fast
+/// download writes more within 2 s than this; an older one is sent again when asked, as
+/// before).
+const WRITTEN_KEPT: usize = 32;
+
+/// The keys of the frames queued for one session and not yet written, and of the last ones
+/// written with when. The session's writer calls [`QueuedKeys::written`] after writing each
+/// frame.
 #[derive(Debug, Default)]
-pub(crate) struct QueuedKeys(Mutex<HashSet<u64>>);
+pub(crate) struct QueuedKeys(Mutex<Keys>);
+
+#[derive(Debug, Default)]
+struct Keys {
+    queued: HashSet<u64>,
+    /// Oldest first, at most [`WRITTEN_KEPT`].
+    written: std::collections::VecDeque<(u64, tokio::time::Instant)>,
+}
+
+impl Keys {
+    /// Whether a frame of `key` is queued, or was written less than [`RECENTLY_WRITTEN`] ago.
+    fn holds(&self, key: u64, now: tokio::time::Instant) -> Option<Took> {
+        if self.queued.contains(&key) {
+            return Some(Took::AlreadyQueued);
+        }
+        self.written
+            .iter()
+            .rev()
+            .take_while(|(_, at)| now.saturating_duration_since(*at) < RECENTLY_WRITTEN)
+            .any(|(k, _)| *k == key)
+            .then_some(Took::RecentlyWritten)
+    }
+}
 
 impl QueuedKeys {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<u64>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Keys> {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The frame was written: the next one of its key is queued again.
+    /// The frame was written: the next one of its key is queued again once
+    /// [`RECENTLY_WRITTEN`] has passed.
     pub(crate) fn written(&self, frame: &Queued) {
         if let Some(key) = frame.key {
-            self.lock().remove(&key);
+            let mut keys = self.lock();
+            keys.queued.remove(&key);
+            if keys.written.len() == WRITTEN_KEPT {
+                keys.written.pop_front();
+            }
+            keys.written.push_back((key, tokio::time::Instant::now()));
         }
     }
 }
@@ -90,6 +136,8 @@ enum Took {
     Queued,
     /// A frame of the same key was queued for it and not yet written.
     AlreadyQueued,
+    /// A frame of the same key was written to it less than [`RECENTLY_WRITTEN`] ago.
+    RecentlyWritten,
     Full,
 }
 
@@ -108,16 +156,16 @@ impl Receiver {
             (Queue::Bulk(tx, keys), Some(k)) => {
                 // Held while queueing: the writer's `written` for an earlier frame of this key
                 // cannot come between the check and the insert.
-                let mut queued = keys.lock();
-                if queued.contains(&k) {
-                    return Took::AlreadyQueued;
+                let mut keys = keys.lock();
+                if let Some(held) = keys.holds(k, tokio::time::Instant::now()) {
+                    return held;
                 }
                 let sent = tx.try_send(Queued {
                     packet: packet.clone(),
                     key,
                 });
                 if sent.is_ok() {
-                    queued.insert(k);
+                    keys.queued.insert(k);
                 }
                 took(sent.is_ok())
             }
@@ -190,6 +238,7 @@ pub(crate) struct Fanout {
     delivered: AtomicU64,
     dropped: AtomicU64,
     already_queued: AtomicU64,
+    recently_written: AtomicU64,
     served: AtomicU64,
     closed_full: AtomicU64,
     /// A few lines per user name per minute about sessions closed full.
@@ -213,6 +262,9 @@ pub(crate) struct Counts {
     pub dropped: u64,
     /// Frames not queued for a session that had the same frame queued and not yet written.
     pub already_queued: u64,
+    /// Frames not queued for a session that was written the same frame less than
+    /// [`RECENTLY_WRITTEN`] ago.
+    pub recently_written: u64,
     pub served: u64,
     pub closed_full: u64,
 }
@@ -373,21 +425,26 @@ impl Fanout {
                 )
             }
         };
-        let (mut took, mut had, mut missed, mut served) = (0, 0, 0, 0);
+        let (mut took, mut had, mut recent, mut missed, mut served) = (0, 0, 0, 0, 0);
         for r in receivers {
             match (&r.close_when_full, r.offer(packet, key)) {
                 (None, Took::Queued) => took += 1,
                 (None, Took::AlreadyQueued) => had += 1,
+                (None, Took::RecentlyWritten) => recent += 1,
                 (None, Took::Full) => missed += 1,
-                (Some(_), Took::Queued | Took::AlreadyQueued) => served += 1,
+                (Some(_), Took::Queued | Took::AlreadyQueued | Took::RecentlyWritten) => {
+                    served += 1
+                }
                 (Some(stop), Took::Full) => self.close_full(stop, &r.username, filter),
             }
         }
         self.delivered.fetch_add(took as u64, Ordering::Relaxed);
         self.already_queued.fetch_add(had as u64, Ordering::Relaxed);
+        self.recently_written
+            .fetch_add(recent as u64, Ordering::Relaxed);
         self.dropped.fetch_add(missed as u64, Ordering::Relaxed);
         self.served.fetch_add(served as u64, Ordering::Relaxed);
-        took + had + served
+        took + had + recent + served
     }
 
     fn close_full(&self, stop: &CancellationToken, username: &str, filter: &str) {
@@ -408,6 +465,7 @@ impl Fanout {
             delivered: self.delivered.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
             already_queued: self.already_queued.load(Ordering::Relaxed),
+            recently_written: self.recently_written.load(Ordering::Relaxed),
             served: self.served.load(Ordering::Relaxed),
             closed_full: self.closed_full.load(Ordering::Relaxed),
         }
@@ -504,8 +562,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_frame_still_queued_for_a_session_is_not_queued_again_until_written() {
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_queued_or_just_written_for_a_session_is_not_queued_again() {
         let fanout = Fanout::default();
         let a = "fleet/artifacts/a/chunks";
         let (q1, mut rx1, keys1) = bulk(8);
@@ -527,10 +585,42 @@ mod tests {
             "one copy of each"
         );
         assert_eq!(std::iter::from_fn(|| rx2.try_recv().ok()).count(), 2);
-        // Written: asked again, it is queued again (it may have been lost after the write).
+        // Written: asked again at once, it is on its way (counted as taken, not queued)...
         got.iter().for_each(|q| keys1.written(q));
         assert_eq!(fanout.deliver(a, &chunk0, Some(&["vm-1"]), Some(10)), 1);
+        assert!(rx1.try_recv().is_err(), "just written: not queued again");
+        assert_eq!(fanout.counts().recently_written, 1);
+        // ...and once that is a while ago, it is queued again (it may have been lost).
+        tokio::time::advance(RECENTLY_WRITTEN).await;
+        assert_eq!(fanout.deliver(a, &chunk0, Some(&["vm-1"]), Some(10)), 1);
         assert_eq!(rx1.try_recv().unwrap().packet, chunk0);
+        // Only the last few written are remembered: one written before as many others as
+        // are kept is queued again at once.
+        keys1.written(&Queued {
+            packet: chunk0.clone(),
+            key: Some(10),
+        });
+        for k in 0..WRITTEN_KEPT as u64 {
+            keys1.written(&Queued {
+                packet: chunk1.clone(),
+                key: Some(100 + k),
+            });
+        }
+        assert_eq!(fanout.deliver(a, &chunk0, Some(&["vm-1"]), Some(10)), 1);
+        assert_eq!(rx1.try_recv().unwrap().packet, chunk0);
+        assert_eq!(
+            fanout.deliver(
+                a,
+                &chunk1,
+                Some(&["vm-1"]),
+                Some(100 + WRITTEN_KEPT as u64 - 1)
+            ),
+            1
+        );
+        assert!(
+            rx1.try_recv().is_err(),
+            "the last one written is remembered"
+        );
         // A frame without a key is always queued.
         assert_eq!(fanout.deliver(a, &chunk1, Some(&["vm-1"]), None), 1);
         assert_eq!(fanout.deliver(a, &chunk1, Some(&["vm-1"]), None), 1);

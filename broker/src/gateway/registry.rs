@@ -33,6 +33,9 @@ pub struct GatewayStats {
     /// Chunk frames not queued again for a session that had the same frame queued and not
     /// yet written (its machine asked again before it had read them).
     pub fanout_already_queued: u64,
+    /// Chunk frames not queued again for a session that was written the same frame moments
+    /// before (`fanout::RECENTLY_WRITTEN`): it was on its way when its machine asked.
+    pub fanout_recently_written: u64,
     /// Release notices, commands, key chains and operators' replies the gateway delivered itself (one per
     /// receiving session; see `relay`), and sessions it closed because they did not read them.
     pub served: u64,
@@ -278,6 +281,7 @@ impl Registry {
             fanout_delivered: fanout.delivered,
             fanout_dropped: fanout.dropped,
             fanout_already_queued: fanout.already_queued,
+            fanout_recently_written: fanout.recently_written,
             served: fanout.served,
             closed_unread: fanout.closed_full,
             chunk_requests_dropped: self.chunk_requests_dropped.load(Ordering::Relaxed),

@@ -2645,7 +2645,8 @@ async fn a_machines_acks_pass_its_full_queue_of_chunk_frames() {
 
 /// A machine that asks again for chunks still queued for it does not get them queued twice
 /// (at 10,000 machines the copies filled the queues: 833,000 frames delivered for 170,000
-/// needed), and once a frame is written, asking again queues it again.
+/// needed), nor just after they were written (2 s, `fanout::RECENTLY_WRITTEN`); after that,
+/// asking again queues them again.
 #[tokio::test]
 async fn a_frame_still_queued_for_a_machine_is_not_queued_again_until_written() {
     let gw = start_gateway(|_| {}).await;
@@ -2694,7 +2695,17 @@ async fn a_frame_still_queued_for_a_machine_is_not_queued_again_until_written() 
         }
     }
     assert_eq!(copies, 1, "one copy written");
-    // Written: asking again queues it again (it may have been lost after the write).
+    // Just written: asked again at once, it is on its way and not queued again...
+    assert_eq!(handle.deliver_keyed(&artifact, chunk, only, Some(3)), 1);
+    assert_eq!(handle.stats().fanout_recently_written, 1);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), raw.next())
+            .await
+            .is_err(),
+        "a frame written moments ago was sent again"
+    );
+    // ...and asked again later, it is queued again (it may have been lost after the write).
+    tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(handle.deliver_keyed(&artifact, chunk, only, Some(3)), 1);
     match tokio::time::timeout(WAIT, raw.next()).await {
         Ok(Some(Packet::Publish(p))) => assert_eq!(&p.payload[..], chunk),
