@@ -13,8 +13,9 @@
 //!    every machine is online with its first state.
 //! 4. Rollouts (`SCALE_ROLLOUTS`, default 10 at N = 1,000 and 1 otherwise): upload, create,
 //!    publish to the fleet's groups; time from the publish request until the last `installed`
-//!    event (platform clock); notice → `notified` latency per machine; platform egress from
-//!    `fleetcast stats --json`; RSS of `serve` and the simulator after each; the CPU time of
+//!    event (platform clock); notice → `notified` latency per machine; platform egress, and
+//!    on the embedded broker the chunk frames its gateway wrote to machines against what they
+//!    needed, from `fleetcast stats --json`; RSS of `serve` and the simulator after each; the CPU time of
 //!    the server side (`serve`, and Mosquitto when it is the broker) and of the simulator from
 //!    the publish to the last `installed`, beside the raw baseline's (the server side's, and
 //!    the bench process's for its subscribers) over its transfer.
@@ -44,6 +45,7 @@ use fleetcast_broker::mosquitto::{mosquitto_files, BrokerIdentity, MosquittoFile
 use fleetcast_broker::testing::Mosquitto;
 use fleetcast_proto::acl::{Principal, Role};
 use fleetcast_proto::calls;
+use fleetcast_proto::chunk::{Layout, DEFAULT_CHUNK_SIZE};
 use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, Topics};
 
 const MSG: usize = 64 * 1024;
@@ -76,6 +78,9 @@ struct Rollout {
     /// First `downloading` → `downloaded` (machine clock), for the one-machine download.
     download: Option<Duration>,
     egress_bytes: Option<u64>,
+    /// Chunk and manifest frames the embedded broker's gateway wrote to machines' queues (one
+    /// per machine per frame: the broadcast's copies and those sent again).
+    chunk_frames: Option<u64>,
     serve: Mem,
     sim: Mem,
     /// CPU time (user + system) from the publish until the last `installed` was seen: `serve`
@@ -498,6 +503,9 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
             egress_bytes: stat_u64(&stats_after, "chunk_bytes_sent")
                 .zip(stat_u64(&stats_before, "chunk_bytes_sent"))
                 .map(|(a, b)| a.saturating_sub(b)),
+            chunk_frames: gateway_u64(stats_after.as_ref(), "chunk_frames_delivered")
+                .zip(gateway_u64(stats_before.as_ref(), "chunk_frames_delivered"))
+                .map(|(a, b)| a.saturating_sub(b)),
             serve: p.proc.mem(),
             sim: sim.mem(),
             server_cpu: cpu.map(|(server, _)| server),
@@ -691,6 +699,22 @@ fn egress_cell(ro: Option<&Rollout>, artifact: usize) -> String {
     }
 }
 
+/// A counter of the gateway's in `fleetcast stats --json` (embedded broker only).
+fn gateway_u64(stats: Option<&serde_json::Value>, field: &str) -> Option<u64> {
+    stats?.get("gateway")?.get(field)?.as_u64()
+}
+
+/// Chunk frames written to the machines ÷ what they needed (one copy of each frame of the
+/// artifact each): 1.00 is a broadcast that reached every machine once and nothing sent again.
+fn delivered_cell(ro: Option<&Rollout>, n: usize, artifact: usize) -> String {
+    let needed = Layout::new(artifact as u64, DEFAULT_CHUNK_SIZE)
+        .map(|l| u64::from(l.chunks + l.manifest_parts()) * n as u64);
+    match (ro.and_then(|r| r.chunk_frames), needed) {
+        (Some(sent), Ok(needed)) if needed > 0 => format!("{:.2}", sent as f64 / needed as f64),
+        _ => "n/a".into(),
+    }
+}
+
 fn latency_cell(ro: Option<&Rollout>) -> String {
     let Some(ro) = ro else { return "—".into() };
     match (
@@ -710,12 +734,12 @@ fn latency_cell(ro: Option<&Rollout>) -> String {
 fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
     println!("Broker: {}. Artifact 1 MiB (64 KiB chunks), policy `immediate`, groups g1,g2. Raw fan-out: the same 1 MiB as 16 × 64 KiB QoS 1 from the platform principal to N plain rumqttc subscribers (machines `raw-…` in group `rawbench`, on an artifact topic released to them; on the embedded broker through rumqttd and the gateway's relay), run after `serve` started and before the simulated fleet (from {RAW_LAST_FROM} machines on: after the rollouts, with the simulator stopped), every subscriber's byte count checked. Simulated machines' data: {} (from {DISK_FROM} machines on: on disk).", broker.label(), sim_root().map_or_else(|| "on disk beside the platform's (SCALE_SIM_DIR=disk)".to_owned(), |d| format!("in {} (tmpfs: a fleet has a disk per machine; SCALE_SIM_DIR=disk for one shared disk)", d.display())));
     println!();
-    println!("| machines | onboarding (provision + connect + first state) | raw fan-out 1 MiB | fleetcast rollout 1 MiB (publish → all `installed`) | ratio to raw | notice → `notified` p50 / p99 | platform egress ÷ artifact |");
-    println!("|---|---|---|---|---|---|---|");
+    println!("| machines | onboarding (provision + connect + first state) | raw fan-out 1 MiB | fleetcast rollout 1 MiB (publish → all `installed`) | ratio to raw | notice → `notified` p50 / p99 | platform egress ÷ artifact | chunk frames written to machines ÷ needed |");
+    println!("|---|---|---|---|---|---|---|---|");
     for r in results {
         let first = r.rollouts.first();
         println!(
-            "| {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} |",
             r.n,
             match (r.onboarding, &r.error) {
                 (Some(d), _) => format!("{:.1} s", d.as_secs_f64()),
@@ -727,6 +751,7 @@ fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
             ratio(first.and_then(|f| f.time), r.raw.as_ref()),
             latency_cell(first),
             egress_cell(first, r.artifact),
+            delivered_cell(first, r.n, r.artifact),
         );
     }
     for r in results {

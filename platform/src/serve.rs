@@ -119,6 +119,7 @@ impl SessionControl for GatewaySessions {
             frames_delivered: s.fanout_delivered,
             frames_dropped: s.fanout_dropped,
             frames_already_queued: s.fanout_already_queued,
+            chunk_frames_delivered: s.fanout_chunk_frames,
             frames_recently_written: s.fanout_recently_written,
             served: s.served,
             closed_unread: s.closed_unread,

@@ -628,6 +628,10 @@ pub struct GatewayCounters {
     /// and not yet written (its machine asked again before reading what it had asked for).
     #[serde(default)]
     pub frames_already_queued: u64,
+    /// Of `frames_delivered`, chunk and manifest frames: a group rollout needs one per machine
+    /// per frame of the artifact; what is above that is frames sent to a machine again.
+    #[serde(default)]
+    pub chunk_frames_delivered: u64,
     /// Chunk frames not sent to a session again because the same frame was written to it
     /// less than 2 s before (on its way when its machine asked).
     #[serde(default)]

@@ -236,6 +236,7 @@ impl State {
 pub(crate) struct Fanout {
     state: Mutex<State>,
     delivered: AtomicU64,
+    keyed_delivered: AtomicU64,
     dropped: AtomicU64,
     already_queued: AtomicU64,
     recently_written: AtomicU64,
@@ -259,6 +260,8 @@ pub(crate) enum Keep {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct Counts {
     pub delivered: u64,
+    /// Of `delivered`, frames with a key (the chunk server's chunk and manifest frames).
+    pub keyed_delivered: u64,
     pub dropped: u64,
     /// Frames not queued for a session that had the same frame queued and not yet written.
     pub already_queued: u64,
@@ -439,6 +442,10 @@ impl Fanout {
             }
         }
         self.delivered.fetch_add(took as u64, Ordering::Relaxed);
+        if key.is_some() {
+            self.keyed_delivered
+                .fetch_add(took as u64, Ordering::Relaxed);
+        }
         self.already_queued.fetch_add(had as u64, Ordering::Relaxed);
         self.recently_written
             .fetch_add(recent as u64, Ordering::Relaxed);
@@ -463,6 +470,7 @@ impl Fanout {
     pub(crate) fn counts(&self) -> Counts {
         Counts {
             delivered: self.delivered.load(Ordering::Relaxed),
+            keyed_delivered: self.keyed_delivered.load(Ordering::Relaxed),
             dropped: self.dropped.load(Ordering::Relaxed),
             already_queued: self.already_queued.load(Ordering::Relaxed),
             recently_written: self.recently_written.load(Ordering::Relaxed),

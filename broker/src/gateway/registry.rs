@@ -33,6 +33,9 @@ pub struct GatewayStats {
     /// Chunk frames not queued again for a session that had the same frame queued and not
     /// yet written (its machine asked again before it had read them).
     pub fanout_already_queued: u64,
+    /// Of `fanout_delivered`, the chunk server's frames (chunks and manifest parts): against
+    /// machines x frames of the artifact, how well a rollout's broadcast worked.
+    pub fanout_chunk_frames: u64,
     /// Chunk frames not queued again for a session that was written the same frame moments
     /// before (`fanout::RECENTLY_WRITTEN`): it was on its way when its machine asked.
     pub fanout_recently_written: u64,
@@ -281,6 +284,7 @@ impl Registry {
             fanout_delivered: fanout.delivered,
             fanout_dropped: fanout.dropped,
             fanout_already_queued: fanout.already_queued,
+            fanout_chunk_frames: fanout.keyed_delivered,
             fanout_recently_written: fanout.recently_written,
             served: fanout.served,
             closed_unread: fanout.closed_full,
