@@ -629,10 +629,18 @@ mod tests {
             rx1.try_recv().is_err(),
             "the last one written is remembered"
         );
-        // A frame without a key is always queued.
+        // A frame without a key is always queued, and not counted as a chunk frame.
+        let keyed = fanout.counts().keyed_delivered;
+        assert_eq!(
+            keyed,
+            fanout.counts().delivered,
+            "every frame so far had a key"
+        );
         assert_eq!(fanout.deliver(a, &chunk1, Some(&["vm-1"]), None), 1);
         assert_eq!(fanout.deliver(a, &chunk1, Some(&["vm-1"]), None), 1);
         assert_eq!(std::iter::from_fn(|| rx1.try_recv().ok()).count(), 2);
+        let c = fanout.counts();
+        assert_eq!((c.keyed_delivered, c.delivered), (keyed, keyed + 2));
     }
 
     #[test]
