@@ -183,9 +183,9 @@ impl Limiter {
     }
 
     /// Accounts one packet of `len` bytes; how long to wait before forwarding it. Only
-    /// publishes and (un)subscribes (the packets that make the broker work) take a message
-    /// token. Acks and pings do not: a machine acking a fast QoS 1 download sends one PUBACK
-    /// per chunk, and the broker's inflight limit already bounds those.
+    /// publishes, (un)subscribes and pings (the packets that make the broker work or answer)
+    /// take a message token. Acks do not: a machine acking a fast QoS 1 download sends one
+    /// PUBACK per chunk, and the broker's inflight limit already bounds those.
     pub fn take(&mut self, len: usize, cost: Cost, now: Instant) -> Duration {
         let take = |bucket: &mut Option<Bucket>, n: u64, applies: bool| match bucket {
             Some(b) if applies => b.take(n, now),

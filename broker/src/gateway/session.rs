@@ -719,9 +719,17 @@ impl Session<'_> {
                     (_, Some(Route::Status(_) | Route::State(_) | Route::Online(_))) => {
                         Cost::Reports(1)
                     }
-                    (Packet::Publish(..) | Packet::Subscribe(..) | Packet::Unsubscribe(..), _) => {
-                        Cost::Message
-                    }
+                    // A PINGREQ is answered by the broker as a publish is: charged the same. Why:
+                    // one machine's credentials sent 0.5-0.95 million a second, each answered,
+                    // and `serve` spent 80 % of a core on them (2026-11-28, red-team test). An
+                    // honest client pings once per keep-alive.
+                    (
+                        Packet::Publish(..)
+                        | Packet::Subscribe(..)
+                        | Packet::Unsubscribe(..)
+                        | Packet::PingReq(_),
+                        _,
+                    ) => Cost::Message,
                     _ => Cost::Bytes,
                 };
                 // `None`: a chunk request handed to the platform in process; it still counts
