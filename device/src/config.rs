@@ -156,6 +156,23 @@ impl MachineConfig {
         Self::parse(path, &text)
     }
 
+    /// What to say when the file at `path` may be read by other users than its owner (it
+    /// holds the machine's secret: whoever reads it can act as this machine); `None` when it
+    /// may not, or its mode cannot be read. `fleetcast machine provision ... > FILE` writes
+    /// with the shell's umask, often 0644 (`--out-dir` writes 0600).
+    pub fn readable_by_others(path: impl AsRef<Path>) -> Option<String> {
+        use std::os::unix::fs::PermissionsExt;
+        let path = path.as_ref();
+        let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
+        (mode & 0o077 != 0).then(|| {
+            format!(
+                "{} holds this machine's secret and other users may read it (mode {mode:o}): \
+                 chmod 600 it",
+                path.display()
+            )
+        })
+    }
+
     /// [`MachineConfig::load`] of `text`, read from `path`.
     pub fn parse(path: &Path, text: &str) -> Result<Self, ConfigError> {
         let (config, problems) = Self::parse_lenient(path, text)?;
@@ -692,6 +709,35 @@ mod tests {
         std::fs::write(&path, "machine = \"a/b\"").unwrap();
         let err = MachineConfig::load(&path).unwrap_err().to_string();
         assert!(err.contains("machine.toml"), "{err}");
+    }
+
+    /// A config file others may read is named with its mode and the fix; one only its owner
+    /// may read, and a missing one, are not.
+    #[test]
+    fn a_config_others_may_read_is_warned_of() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("vm-001.toml");
+        std::fs::write(&path, "secret = \"...\"").unwrap();
+        let chmod =
+            |mode| std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        chmod(0o644);
+        let warning = MachineConfig::readable_by_others(&path).expect("0644 is warned of");
+        assert!(
+            warning.contains("mode 644") && warning.contains("chmod 600"),
+            "{warning}"
+        );
+        chmod(0o640);
+        assert!(
+            MachineConfig::readable_by_others(&path).is_some(),
+            "group-readable"
+        );
+        chmod(0o600);
+        assert_eq!(MachineConfig::readable_by_others(&path), None);
+        assert_eq!(
+            MachineConfig::readable_by_others(dir.path().join("absent")),
+            None
+        );
     }
 
     /// A valid config followed by `extra`, loaded from a file in a temp dir.

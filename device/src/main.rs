@@ -113,6 +113,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::Run { config, broker } => {
             let mut cfg = MachineConfig::load(&config)?;
+            if let Some(warning) = MachineConfig::readable_by_others(&config) {
+                tracing::warn!("{warning}");
+            }
             if let Some(b) = broker {
                 cfg.broker = b;
             }
@@ -121,6 +124,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Status { config, json } => {
             fleetcast_broker::sigpipe::end_on_closed_pipe();
             let (cfg, problems) = MachineConfig::load_lenient(&config)?;
+            if let Some(warning) = MachineConfig::readable_by_others(&config) {
+                eprintln!("warning: {warning}");
+            }
             let status = tokio::task::spawn_blocking(move || {
                 fleetcast_device::status::collect(&cfg, &config, &problems)
             })

@@ -192,6 +192,9 @@ fn status_of_a_machine_that_never_ran_shows_its_config_problems() {
     // Into a pipe its reader closed (`fleetcast-device status | head -1`): ended by SIGPIPE, as
     // `ls` would be, not a panic with a backtrace on stderr.
     use std::os::unix::process::ExitStatusExt as _;
+    // Readable by its owner alone, as a config should be (otherwise status warns on stderr).
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
     let (reader, writer) = std::io::pipe().unwrap();
     drop(reader);
     let out = Command::new(env!("CARGO_BIN_EXE_fleetcast-device"))
