@@ -230,6 +230,19 @@ pub fn status(ctx: &Ctx, release: &ReleaseId) -> Result<RolloutInfo, OpError> {
     })
 }
 
+/// A retry of `release` started a new round for `machines`: the failures an operator accepted
+/// for them at a resume of its rollout (if any) count again ([`core::retried`]).
+pub fn retried(ctx: &Ctx, release: &ReleaseId, machines: &[MachineId]) -> Result<(), OpError> {
+    ctx.store.transaction(|rec| -> Result<(), OpError> {
+        if let Some(mut r) = rec.rollout(release)? {
+            if core::retried(&mut r, machines) {
+                rec.put_rollout(&r)?;
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Re-evaluates the running rollout of `release` (if any) and carries out what it decides.
 pub async fn evaluate(ctx: &Ctx, release: &ReleaseId) -> Result<(), OpError> {
     let mut out = Outbox::default();

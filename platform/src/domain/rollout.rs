@@ -30,7 +30,8 @@ pub struct Tally {
     pub notified: usize,
     pub succeeded: usize,
     pub failed: usize,
-    /// Of `failed`, those still showing the failure an operator accepted at a resume.
+    /// Of `failed`, the machines whose failure an operator accepted at a resume (and that were
+    /// not retried since).
     pub accepted: usize,
     /// Every failed machine's failure as its record shows it (what a resume accepts).
     pub failures: Vec<AcceptedFailure>,
@@ -88,7 +89,14 @@ pub fn tally(
         ..Tally::default()
     };
     // A set: this runs at every evaluation, and a large rollout may have accepted thousands.
-    let accepted: std::collections::HashSet<&AcceptedFailure> = r.accepted.iter().collect();
+    // By machine: a failure an operator resumed past stays accepted while the machine shows
+    // a failure, whatever it reports after, until a retry starts a new round for it
+    // ([`retried`]). Why: matched by phase and time, one machine's credentials re-reporting
+    // its failure with a higher attempt (a final record may change that way, protocol §6.1)
+    // made a new failure each time and paused the rollout again after every resume (red-team
+    // test, 2026-11-28).
+    let accepted: std::collections::HashSet<&MachineId> =
+        r.accepted.iter().map(|a| &a.machine).collect();
     for m in notified {
         match record_of(m) {
             Some(rec) if succeeded(rec.phase, download_only) => t.succeeded += 1,
@@ -99,7 +107,7 @@ pub fn tally(
                     phase: rec.phase,
                     at_ms: rec.at_ms,
                 };
-                if accepted.contains(&failure) {
+                if accepted.contains(&failure.machine) {
                     t.accepted += 1;
                 }
                 t.failures.push(failure);
@@ -251,6 +259,17 @@ fn refused(r: &RolloutInfo, command: &'static str) -> Refused {
         state: r.state.name(),
         command,
     }
+}
+
+/// A retry started a new round for `machines`: their accepted failures are forgotten, so a
+/// failure in the new round counts again.
+pub fn retried(r: &mut RolloutInfo, machines: &[MachineId]) -> bool {
+    let before = r.accepted.len();
+    r.accepted.retain(|a| !machines.contains(&a.machine));
+    let forgotten = before - r.accepted.len();
+    // The count is what rollouts resumed before failures were kept one by one go by.
+    r.failures_accepted = r.failures_accepted.saturating_sub(forgotten);
+    forgotten > 0
 }
 
 /// An operator pauses a running rollout: no further wave starts until `resume`.
@@ -541,8 +560,25 @@ mod tests {
             "wave 2: 1 of 4 machines failed (25%), above the failure threshold 0%"
         );
 
-        // The accepted machine fails anew (a retry's new round): a new failure.
+        // The accepted machine reports its failure again by itself (a higher attempt, as its
+        // own credentials may): still the accepted failure, no pause.
         let (mut fleet, mut r, w1) = paused_and_resumed();
+        fleet.set(&w1[..1], Phase::Downloading);
+        step(&mut r, &fleet, 3);
+        fleet.set(&w1[..1], Phase::DownloadFailed);
+        step(&mut r, &fleet, 4);
+        fleet.set(&w1[..1], Phase::InstallFailed);
+        step(&mut r, &fleet, 5);
+        assert_eq!(
+            r.state,
+            RolloutState::Running,
+            "the same machine's failure again"
+        );
+
+        // The accepted machine fails anew after a retry's new round: a new failure.
+        let (mut fleet, mut r, w1) = paused_and_resumed();
+        assert!(retried(&mut r, &w1[..1]));
+        assert!(!retried(&mut r, &w1[1..]), "not an accepted failure");
         fleet.set(&w1[..1], Phase::Downloading);
         step(&mut r, &fleet, 3);
         fleet.set(&w1[..1], Phase::DownloadFailed);

@@ -61,6 +61,7 @@ pub async fn retry(ctx: &Ctx, c: calls::ReleaseRetry) -> Result<PlanReport, OpEr
     let targets = ctx.store.targets_of(&c.release)?;
     let chosen = release::retry_targets(&c.release, &targets, &c.machines, c.failed)?;
     let plan = publish::publish(ctx, &info, &chosen, &[], false).await?;
+    staged::retried(ctx, &c.release, &chosen)?;
     Ok(plan_report(plan, None, None))
 }
 
