@@ -53,9 +53,11 @@ pub(crate) struct Queued {
 /// A session is not sent a frame of a key it was written less than this long ago. Why: a
 /// machine's request crosses the broadcast that answers it (it asked before the broadcast
 /// reached it, or its stall timeout ran out while the frames sat in its socket and its own
-/// queues), and the copy sent for that request was a second one of a frame on its way: at
-/// 10,000 machines, 364,000 frames written for 170,000 needed (2026-11-28, frames that were
-/// still queued already not counted). A frame really lost after the write is asked for again
+/// queues), and the copy sent for that request was a second one of a frame on its way. At
+/// 10,000 machines this skips 12,400-15,000 such copies per rollout, about 4 % of what the
+/// gateway delivers; the machines are still written about 1.6 copies of each chunk frame
+/// (`keyed_delivered`), mostly frames that were on their way for longer than this
+/// (2026-11-28, docs/benchmarks.md). A frame really lost after the write is asked for again
 /// after the agent's stall timeout, which is at least this long (protocol §7.3: 2 s, doubled
 /// after each re-request), and then sent.
 pub const RECENTLY_WRITTEN: std::time::Duration = std::time::Duration::from_secs(2);
