@@ -1,6 +1,7 @@
 //! Staged rollouts with real agents (the simulator): a 200-machine rollout with injected
 //! failures pauses at the wave the failures predict, with the reason, and resuming finishes it;
-//! cancel mid-wave stops it there; a platform restart mid-wave loses nothing.
+//! cancel mid-wave stops it there; a platform restart mid-wave loses nothing; a retry after a
+//! resume counts the retried machines' new failures again.
 
 use fleetcast_platform::domain::rollout::order;
 use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan};
@@ -365,4 +366,96 @@ async fn a_broker_restart_mid_rollout_loses_nothing_and_the_rollout_finishes() {
     );
 
     f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_after_resume_counts_the_new_rounds_failures_and_pauses_again() {
+    // vm-001..vm-008 are provisioned but never come online, so the one wave cannot succeed
+    // and the rollout stays running; vm-009 and vm-010 fail the health check of 2.0.0.
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let env = env(&broker).await;
+    let admin = &env.admin;
+    for i in 1..=8 {
+        provisioned(admin, &format!("vm-{i:03}"), &["fleet"]).await;
+    }
+    let mut sims = Sims::default();
+    sims.start(fleetcast_device::simulate::SimulateOptions {
+        start_index: 9,
+        fail_health: vec!["2.0.0".into()],
+        ..simulated(
+            &env.data_dir,
+            &env.dir.path().join("machines"),
+            &broker,
+            2,
+            &["fleet"],
+        )
+    });
+    wait_online(admin, 2).await;
+    let (_, release) = app_release(
+        admin,
+        env.dir.path(),
+        "2.0.0",
+        3_000,
+        5,
+        InstallPolicy::Immediate,
+    )
+    .await;
+    let release = &release.id;
+    let plan = WavePlan::new(vec![10_000], 9500, 500, 0).unwrap();
+    publish_with(admin, release, &[], &["fleet"], Some(plan)).await;
+    let paused_reason = |r: &RolloutInfo| match &r.state {
+        RolloutState::Paused { reason } => Some(reason.clone()),
+        _ => None,
+    };
+    let first = rollout_until(admin, release, "rollout paused", |r| {
+        paused_reason(r).is_some()
+    })
+    .await;
+    let reason = paused_reason(&first).unwrap();
+    assert!(reason.contains("2 of 10 machines failed"), "{reason}");
+
+    // Resumed past the two failures: it runs on (eight machines to go) and does not pause
+    // for the same two again.
+    let resumed = admin
+        .call(calls::RolloutResume {
+            release: release.clone(),
+            advance: false,
+        })
+        .await
+        .unwrap();
+    assert_eq!(resumed.rollout.failures_accepted, 2);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        rollout_status(admin, release).await.state,
+        RolloutState::Running
+    );
+
+    // A retry starts a new round for the two: failing again, they count again.
+    let retried = admin
+        .call(calls::ReleaseRetry {
+            release: release.clone(),
+            machines: vec![],
+            failed: true,
+        })
+        .await
+        .unwrap();
+    let mut again: Vec<MachineId> = retried.plan.targets.into_iter().map(|(m, _)| m).collect();
+    again.sort();
+    assert_eq!(again, ids(9..=10));
+    let second = rollout_until(admin, release, "rollout paused again", |r| {
+        paused_reason(r).is_some()
+    })
+    .await;
+    let reason = paused_reason(&second).unwrap();
+    assert!(reason.contains("2 of 10 machines failed"), "{reason}");
+    let whats: Vec<&str> = second.log.iter().map(|t| t.what.as_str()).collect();
+    assert_eq!(
+        whats,
+        ["started", "paused", "resumed", "paused"],
+        "{whats:?}"
+    );
+
+    sims.stop().await;
+    env.admin.close().await;
+    env.platform.stop().await;
 }
