@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use super::*;
 
 /// The config of a provisioned machine with its data in `dir/<machine>`.
-fn machine_config(
+pub(super) fn machine_config(
     p: &ProvisionedMachine,
     broker: &BrokerUrl,
     dir: &Path,

@@ -8,6 +8,7 @@ mod bounded;
 mod cli;
 mod crash;
 mod e2e;
+mod full_disk;
 mod gateway;
 mod inventory;
 mod package;

@@ -1,0 +1,189 @@
+//! A full disk under the platform (docs/operations.md, "A full disk"): the platform's data dir is
+//! a small tmpfs, filled to the last byte after a release is published; the machines then come
+//! online and report. The first store write that cannot be made stops the platform with the
+//! reason; started again on the full disk it stops at once with the reason; once space is freed
+//! it starts, the machines send what was never acknowledged, and every machine's events are
+//! stored exactly once. Needs root (a tmpfs mount); skipped with the reason otherwise.
+
+use std::io::Write;
+
+use fleetcast_proto::admin::FleetEvent;
+
+use super::e2e::machine_config;
+use super::*;
+
+const MACHINES: usize = 4;
+
+/// A tmpfs mounted on a directory, unmounted when dropped.
+struct SmallDisk(PathBuf);
+
+impl SmallDisk {
+    /// Mounts a tmpfs of `bytes` on `path`, or says why it cannot (not root, no mount
+    /// permission here).
+    fn mount(path: &Path, bytes: u64) -> Result<Self, String> {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return Err("not root, so no tmpfs can be mounted".into());
+        }
+        std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+        let out = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(path)
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        match out.status.success() {
+            true => Ok(Self(path.to_owned())),
+            false => Err(format!(
+                "mount failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )),
+        }
+    }
+
+    /// Writes a file on it until the disk is full; returns its path.
+    fn fill(&self) -> PathBuf {
+        let path = self.0.join("filler");
+        let mut f = std::fs::File::create(&path).unwrap();
+        let block = vec![0xA5u8; 4096];
+        loop {
+            match f.write_all(&block).and_then(|_| f.sync_data()) {
+                Ok(()) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling the disk: {e}"),
+            }
+        }
+        path
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// Waits for the platform to stop by itself; returns its error.
+async fn stopped_with_error(p: Platform, within: Duration) -> String {
+    let ended = tokio::time::timeout(within, p.task)
+        .await
+        .unwrap_or_else(|_| panic!("the platform did not stop within {within:?}"));
+    match ended.expect("serve task joined") {
+        Ok(()) => panic!("the platform stopped without an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+/// Every stored event of `release`.
+async fn events_of(admin: &AdminClient, release: &ReleaseId) -> Vec<FleetEvent> {
+    let mut all = Vec::new();
+    let mut since = 0;
+    loop {
+        let page = admin
+            .call(calls::EventsSince { since, limit: None })
+            .await
+            .unwrap();
+        all.extend(
+            page.items
+                .into_iter()
+                .filter(|e| e.release.as_ref() == Some(release)),
+        );
+        since = page.next;
+        if !page.more {
+            return all;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_stops_the_platform_with_the_reason_and_loses_nothing_acknowledged() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let disk = match SmallDisk::mount(&data, 32 * 1024 * 1024) {
+        Ok(d) => d,
+        Err(why) => {
+            eprintln!("skipped: a full disk needs a small file system: {why}");
+            return;
+        }
+    };
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let platform = start_platform(&broker, &data);
+    let adm = admin(&broker, &data).await;
+    let mut provisioned_machines = Vec::new();
+    for i in 1..=MACHINES {
+        provisioned_machines.push(provisioned(&adm, &format!("vm-{i}"), &["lab"]).await);
+    }
+    let (_, release) = app_release(
+        &adm,
+        dir.path(),
+        "2.0.0",
+        200_000,
+        3,
+        InstallPolicy::Immediate,
+    )
+    .await;
+    let release = release.id;
+    // Published while every machine is offline: they find the retained group notice when
+    // they come online, after the disk is full.
+    publish(&adm, &release, &[], &["lab"]).await;
+
+    let filler = disk.fill();
+    let agents = CancellationToken::new();
+    let running: Vec<_> = provisioned_machines
+        .iter()
+        .map(|p| {
+            let config = machine_config(p, &broker, dir.path());
+            tokio::spawn(fleetcast_device::agent::run(config, agents.clone()))
+        })
+        .collect();
+
+    // Their first reports cannot be stored: the platform stops, saying why.
+    let error = stopped_with_error(platform, Duration::from_secs(60)).await;
+    assert!(error.contains("No space left on device"), "{error}");
+    // Started again on the full disk, it stops at once, saying why.
+    let again = stopped_with_error(start_platform(&broker, &data), Duration::from_secs(30)).await;
+    assert!(again.contains("No space left on device"), "{again}");
+
+    // Space freed: it starts, and the machines' reports, kept until acknowledged, come in.
+    std::fs::remove_file(filler).unwrap();
+    let platform = start_platform(&broker, &data);
+    let s = until_finished(&adm, &release, MACHINES).await;
+    assert!(
+        s.targets.iter().all(|t| t.phase == Phase::Installed),
+        "{:?}",
+        s.targets
+    );
+    // Each machine's events, each stored once (a report sent again after the stop is not
+    // stored twice), its download and install there.
+    let events = events_of(&adm, &release).await;
+    for p in &provisioned_machines {
+        let mine: Vec<&FleetEvent> = events.iter().filter(|e| e.machine == p.machine).collect();
+        let once = |phase: Phase| mine.iter().filter(|e| e.phase == phase).count() == 1;
+        assert!(
+            once(Phase::Downloaded) && once(Phase::Installed),
+            "{}: {mine:?}",
+            p.machine
+        );
+        let mut seen = std::collections::HashSet::new();
+        for e in &mine {
+            let what = (e.phase, e.at_ms, e.attempt, e.progress.map(|p| p.bytes));
+            assert!(seen.insert(what), "{}: stored twice: {e:?}", p.machine);
+        }
+    }
+
+    agents.cancel();
+    for agent in running {
+        joined(agent, "agent").await;
+    }
+    adm.close().await;
+    platform.stop().await;
+    drop(disk);
+}
