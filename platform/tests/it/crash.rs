@@ -144,24 +144,12 @@ async fn kill9_loses_nothing(broker: BrokerUrl) {
     let _mc = publisher.await.unwrap();
     // What an integrator catching up by event id gets: every event, including those persisted
     // just before the kill and never published live.
-    let mut fetched = Vec::new();
-    let mut since = 0;
-    loop {
-        let page = adm
-            .call(calls::EventsSince { since, limit: None })
-            .await
-            .unwrap();
-        fetched.extend(
-            page.items
-                .into_iter()
-                .filter(|e| e.machine.as_str() == "vm-crash")
-                .map(|e| e.progress.expect("progress kept").bytes),
-        );
-        since = page.next;
-        if !page.more {
-            break;
-        }
-    }
+    let mut fetched: Vec<u64> = all_events(&adm)
+        .await
+        .into_iter()
+        .filter(|e| e.machine.as_str() == "vm-crash")
+        .map(|e| e.progress.expect("progress kept").bytes)
+        .collect();
     fetched.sort_unstable();
     assert_eq!(
         fetched,

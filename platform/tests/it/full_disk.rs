@@ -7,8 +7,6 @@
 
 use std::io::Write;
 
-use fleetcast_proto::admin::FleetEvent;
-
 use super::e2e::machine_config;
 use super::*;
 
@@ -82,27 +80,6 @@ async fn stopped_with_error(p: Platform, within: Duration) -> String {
     }
 }
 
-/// Every stored event of `release`.
-async fn events_of(admin: &AdminClient, release: &ReleaseId) -> Vec<FleetEvent> {
-    let mut all = Vec::new();
-    let mut since = 0;
-    loop {
-        let page = admin
-            .call(calls::EventsSince { since, limit: None })
-            .await
-            .unwrap();
-        all.extend(
-            page.items
-                .into_iter()
-                .filter(|e| e.release.as_ref() == Some(release)),
-        );
-        since = page.next;
-        if !page.more {
-            return all;
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_stops_the_platform_with_the_reason_and_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
@@ -163,7 +140,11 @@ async fn a_full_disk_stops_the_platform_with_the_reason_and_loses_nothing_acknow
     );
     // Each machine's events, each stored once (a report sent again after the stop is not
     // stored twice), its download and install there.
-    let events = events_of(&adm, &release).await;
+    let events: Vec<FleetEvent> = all_events(&adm)
+        .await
+        .into_iter()
+        .filter(|e| e.release.as_ref() == Some(&release))
+        .collect();
     for p in &provisioned_machines {
         let mine: Vec<&FleetEvent> = events.iter().filter(|e| e.machine == p.machine).collect();
         let once = |phase: Phase| mine.iter().filter(|e| e.phase == phase).count() == 1;

@@ -668,6 +668,23 @@ async fn machines(admin: &AdminClient) -> Vec<MachineInfo> {
     admin.call(calls::Machines {}).await.unwrap()
 }
 
+/// Every stored event, read in pages by event id as an integrator catching up reads them.
+async fn all_events(admin: &AdminClient) -> Vec<FleetEvent> {
+    let mut all = Vec::new();
+    let mut since = 0;
+    loop {
+        let page = admin
+            .call(calls::EventsSince { since, limit: None })
+            .await
+            .unwrap();
+        all.extend(page.items);
+        since = page.next;
+        if !page.more {
+            return all;
+        }
+    }
+}
+
 /// Revokes machine `id`.
 async fn revoke(admin: &AdminClient, id: &str) {
     admin

@@ -38,6 +38,33 @@ fn ids(range: std::ops::RangeInclusive<usize>) -> Vec<MachineId> {
     range.map(|i| m(&format!("vm-{i:03}"))).collect()
 }
 
+/// `rollout resume` (not advancing): the rollout it returns.
+async fn resume(admin: &AdminClient, release: &ReleaseId) -> RolloutInfo {
+    admin
+        .call(calls::RolloutResume {
+            release: release.clone(),
+            advance: false,
+        })
+        .await
+        .unwrap()
+        .rollout
+}
+
+/// `release retry --failed`: the machines it retried, sorted.
+async fn retry_failed(admin: &AdminClient, release: &ReleaseId) -> Vec<MachineId> {
+    let plan = admin
+        .call(calls::ReleaseRetry {
+            release: release.clone(),
+            machines: vec![],
+            failed: true,
+        })
+        .await
+        .unwrap();
+    let mut retried: Vec<MachineId> = plan.plan.targets.into_iter().map(|(m, _)| m).collect();
+    retried.sort();
+    retried
+}
+
 /// `n` simulated machines in group `fleet` on a platform, online, and a release of app 2.0.0
 /// with `policy` created (not published).
 struct Fleet {
@@ -173,14 +200,7 @@ async fn two_hundred_machines_pause_at_the_wave_failures_predict_and_resume_fini
         if r.state == RolloutState::Completed {
             break;
         }
-        let resumed = admin
-            .call(calls::RolloutResume {
-                release: release.clone(),
-                advance: false,
-            })
-            .await
-            .unwrap();
-        assert!(resumed.rollout.failures_accepted > 0);
+        assert!(resume(admin, release).await.failures_accepted > 0);
     }
     let done = rollout_until(admin, release, "rollout completed", |r| {
         r.state == RolloutState::Completed
@@ -205,17 +225,7 @@ async fn two_hundred_machines_pause_at_the_wave_failures_predict_and_resume_fini
         .any(|t| t.what == "resumed" && t.by.as_deref() == Some("admin")));
 
     // Retry the failed ones: each gets the release again (and fails again here).
-    let plan = admin
-        .call(calls::ReleaseRetry {
-            release: release.clone(),
-            machines: vec![],
-            failed: true,
-        })
-        .await
-        .unwrap();
-    let mut retried: Vec<MachineId> = plan.plan.targets.into_iter().map(|(m, _)| m).collect();
-    retried.sort();
-    assert_eq!(retried, failing_ids);
+    assert_eq!(retry_failed(admin, release).await, failing_ids);
 
     f.stop().await;
 }
@@ -416,14 +426,7 @@ async fn a_retry_after_resume_counts_the_new_rounds_failures_and_pauses_again() 
 
     // Resumed past the two failures: it runs on (eight machines to go) and does not pause
     // for the same two again.
-    let resumed = admin
-        .call(calls::RolloutResume {
-            release: release.clone(),
-            advance: false,
-        })
-        .await
-        .unwrap();
-    assert_eq!(resumed.rollout.failures_accepted, 2);
+    assert_eq!(resume(admin, release).await.failures_accepted, 2);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     assert_eq!(
         rollout_status(admin, release).await.state,
@@ -431,17 +434,7 @@ async fn a_retry_after_resume_counts_the_new_rounds_failures_and_pauses_again() 
     );
 
     // A retry starts a new round for the two: failing again, they count again.
-    let retried = admin
-        .call(calls::ReleaseRetry {
-            release: release.clone(),
-            machines: vec![],
-            failed: true,
-        })
-        .await
-        .unwrap();
-    let mut again: Vec<MachineId> = retried.plan.targets.into_iter().map(|(m, _)| m).collect();
-    again.sort();
-    assert_eq!(again, ids(9..=10));
+    assert_eq!(retry_failed(admin, release).await, ids(9..=10));
     let second = rollout_until(admin, release, "rollout paused again", |r| {
         paused_reason(r).is_some()
     })
