@@ -319,12 +319,23 @@ impl ChunkServer {
                 Some(due) => self.owe(key, m, due, std::cmp::max),
                 None => {
                     // Sent to all lately: only the asker is missing it (the embedded broker
-                    // addresses it alone; another broker gets it to all, as before).
+                    // addresses it alone; another broker gets it to all, as before), unless
+                    // it is on its way to it.
                     let alone = self
                         .broadcast_at
                         .get(&key)
                         .is_some_and(|(t, _)| now.duration_since(*t) < BROADCAST_MEMORY);
-                    send_now.push((key, alone.then(|| HashSet::from([m.clone()]))));
+                    if !alone {
+                        send_now.push((key, None));
+                        continue;
+                    }
+                    let mut only = HashSet::from([m.clone()]);
+                    Self::keep_lacking(&self.ctx, &key, &mut only);
+                    if only.is_empty() {
+                        self.ctx.stats.frame_unneeded();
+                    } else {
+                        send_now.push((key, Some(only)));
+                    }
                 }
             }
         }
@@ -660,6 +671,26 @@ impl ChunkServer {
         (RESEND_AFTER * 2u32.pow(times.saturating_sub(1).min(8))).min(MAX_RESEND_HOLD)
     }
 
+    /// Keeps in `askers` only the machines a frame of `key` would be queued for now: where the
+    /// broker can tell (the embedded one's gateway), not those that have it queued or were
+    /// written it moments ago, nor those no longer subscribed to its artifact. Why: the frames
+    /// owed after a broadcast were mostly on their way to the machines that asked (they asked
+    /// before it reached them); the gateway then queued them for no one, but each had been read,
+    /// encoded and counted as sent: platform egress 2-4x the artifact at 1,000 machines, where
+    /// every machine was written each frame once (2026-11-28).
+    fn keep_lacking(ctx: &Ctx, key: &FrameKey, askers: &mut HashSet<MachineId>) {
+        let topic = ctx.topics.artifact_chunks(&key.artifact);
+        let names: Vec<&str> = askers.iter().map(MachineId::as_str).collect();
+        let Some(lacking) = ctx.sessions.lacking(&topic, &names, key.gateway_key()) else {
+            return;
+        };
+        if lacking.len() == names.len() {
+            return;
+        }
+        let lacking: HashSet<String> = lacking.into_iter().map(str::to_owned).collect();
+        askers.retain(|a| lacking.contains(a.as_str()));
+    }
+
     /// Sends every owed frame whose time has come.
     async fn send_owed(&mut self) {
         let now = Instant::now();
@@ -687,8 +718,24 @@ impl ChunkServer {
                 .iter()
                 .take_while(|k| k.manifest == due[at].manifest && k.artifact == artifact)
                 .count();
-            let keys = due[at..at + run].to_vec();
+            // What every asker has on its way is neither read nor sent.
+            let mut keys = Vec::with_capacity(run);
+            for key in &due[at..at + run] {
+                let Some((_, askers)) = self.owed.get_mut(key) else {
+                    continue;
+                };
+                Self::keep_lacking(&self.ctx, key, askers);
+                if askers.is_empty() {
+                    self.owed.remove(key);
+                    self.ctx.stats.frame_unneeded();
+                } else {
+                    keys.push(*key);
+                }
+            }
             at += run;
+            if keys.is_empty() {
+                continue;
+            }
             let Some(layout) = self.layouts.get(&artifact).copied() else {
                 keys.iter().for_each(|k| {
                     self.owed.remove(k);
@@ -988,9 +1035,13 @@ mod tests {
     /// A frame handed to the gateway: its type, its index, and the machines it is for.
     type Handed = (FrameType, u32, Option<Vec<String>>);
 
-    /// Records what the chunk server hands the gateway.
+    /// Records what the chunk server hands the gateway; the machines named in `.1` have every
+    /// frame on its way (queued at the gateway or written moments ago).
     #[derive(Default)]
-    struct Recorder(std::sync::Mutex<Vec<Handed>>);
+    struct Recorder(
+        std::sync::Mutex<Vec<Handed>>,
+        std::sync::Mutex<HashSet<String>>,
+    );
 
     impl crate::context::SessionControl for Recorder {
         fn close_sessions(&self, _: &str) -> usize {
@@ -1011,6 +1062,16 @@ mod tests {
             });
             self.0.lock().unwrap().push((h.frame_type, h.index, only));
             Some(1)
+        }
+        fn lacking<'a>(&self, _: &str, names: &[&'a str], _: u64) -> Option<Vec<&'a str>> {
+            let on_its_way = self.1.lock().unwrap();
+            Some(
+                names
+                    .iter()
+                    .copied()
+                    .filter(|n| !on_its_way.contains(*n))
+                    .collect(),
+            )
         }
     }
 
@@ -1483,6 +1544,54 @@ mod tests {
             owed_after(&mut server, &recorder, RESEND_AFTER / 2).await,
             [(FrameType::Chunk, 0, alone("vm-1"))]
         );
+    }
+
+    /// A frame asked for while it is on its way to the asker (it asked before the broadcast
+    /// reached it) is neither read nor sent for it: owed after a broadcast, or asked for alone
+    /// after one. Once it is not on its way any more, the asker gets it.
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_on_its_way_to_every_asker_is_neither_read_nor_sent() {
+        let mut f = fixture();
+        let recorder = recording(&mut f);
+        let (mut server, a, vm1) = serving(&f);
+        let vm2 = MachineId::new("vm-2").unwrap();
+        let unneeded = |s: &ChunkServer| s.ctx.stats.snapshot().chunk_frames_unneeded;
+        server
+            .handle(&vm1, &ask(&f, &vm1, 1, a, false, vec![(0, 1)]))
+            .await
+            .unwrap();
+        // vm-2 asks while the broadcast is on its way to it: owed, then dropped, not sent.
+        recorder.1.lock().unwrap().insert("vm-2".into());
+        server
+            .handle(&vm2, &ask(&f, &vm2, 1, a, false, vec![(0, 1)]))
+            .await
+            .unwrap();
+        assert_eq!(server.owed.len(), 1);
+        assert_eq!(
+            owed_after(&mut server, &recorder, RESEND_AFTER).await,
+            [(FrameType::Chunk, 0, None)],
+            "the broadcast only"
+        );
+        assert!(server.owed.is_empty());
+        assert_eq!(unneeded(&server), 1);
+        // Asked again after the hold, still on its way: not sent either.
+        server
+            .handle(&vm2, &ask(&f, &vm2, 2, a, false, vec![(0, 1)]))
+            .await
+            .unwrap();
+        assert_eq!(recorder.0.lock().unwrap().len(), 1);
+        assert_eq!(unneeded(&server), 2);
+        // Not on its way any more (lost after the write): sent to it alone when it asks.
+        recorder.1.lock().unwrap().clear();
+        server
+            .handle(&vm2, &ask(&f, &vm2, 3, a, false, vec![(0, 1)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            recorder.0.lock().unwrap().last().cloned(),
+            Some((FrameType::Chunk, 0, Some(vec!["vm-2".to_string()])))
+        );
+        assert_eq!(frames_sent(&server), 2);
     }
 
     #[tokio::test(start_paused = true)]

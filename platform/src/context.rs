@@ -116,6 +116,12 @@ pub trait SessionControl: Send + Sync {
     fn subscribed(&self, _topic: &str) -> Option<bool> {
         None
     }
+    /// Which of the machines `names` a payload of `key` on fanned-out topic `topic` would be
+    /// queued for now by [`Self::deliver`] (subscribed, and none of that key queued or written
+    /// to them moments ago), if this broker can tell (`None`: an external broker; send to all).
+    fn lacking<'a>(&self, _topic: &str, _names: &[&'a str], _key: u64) -> Option<Vec<&'a str>> {
+        None
+    }
     /// Has machines' chunk requests handed to `sink` in process, if this broker can (`false`:
     /// they arrive over MQTT).
     fn take_chunk_requests(&self, _sink: fleetcast_broker::ChunkRequestSink) -> bool {

@@ -93,6 +93,10 @@ impl SessionControl for GatewaySessions {
         Some(self.0.subscribed(topic))
     }
 
+    fn lacking<'a>(&self, topic: &str, names: &[&'a str], key: u64) -> Option<Vec<&'a str>> {
+        Some(self.0.lacking(topic, names, key))
+    }
+
     fn take_chunk_requests(&self, sink: fleetcast_broker::ChunkRequestSink) -> bool {
         self.0.take_chunk_requests(sink)
     }

@@ -18,6 +18,7 @@ pub struct Stats {
     status_events_resent: AtomicU64,
     reports_dropped: AtomicU64,
     chunk_requests_refused: AtomicU64,
+    chunk_frames_unneeded: AtomicU64,
 }
 
 impl Default for Stats {
@@ -33,6 +34,7 @@ impl Default for Stats {
             status_events_resent: AtomicU64::new(0),
             reports_dropped: AtomicU64::new(0),
             chunk_requests_refused: AtomicU64::new(0),
+            chunk_frames_unneeded: AtomicU64::new(0),
         }
     }
 }
@@ -48,6 +50,12 @@ impl Stats {
         if broadcast {
             self.chunk_bytes_broadcast.fetch_add(bytes as u64, Relaxed);
         }
+    }
+
+    /// A chunk or manifest frame not read nor sent: every machine that asked for it had it
+    /// queued or was written it moments ago.
+    pub fn frame_unneeded(&self) {
+        self.chunk_frames_unneeded.fetch_add(1, Relaxed);
     }
 
     pub fn status_resent(&self) {
@@ -80,6 +88,7 @@ impl Stats {
             status_events_resent: self.status_events_resent.load(Relaxed),
             reports_dropped: self.reports_dropped.load(Relaxed),
             chunk_requests_refused: self.chunk_requests_refused.load(Relaxed),
+            chunk_frames_unneeded: self.chunk_frames_unneeded.load(Relaxed),
             last_event_id: 0,
             gateway: None,
         }

@@ -581,6 +581,12 @@ pub struct PlatformStats {
     pub chunk_bytes_sent: u64,
     /// The part of `chunk_bytes_sent` published once for every machine fetching the artifact.
     pub chunk_bytes_broadcast: u64,
+    /// Chunk and manifest frames asked for and not sent at all (nor read): every machine that
+    /// asked had the frame queued at the embedded broker's gateway or was written it less than
+    /// 2 s before (it asked while the frame was on its way). Absent (0) from platforms before
+    /// 2026-11-28 19:30.
+    #[serde(default)]
+    pub chunk_frames_unneeded: u64,
     /// Status events stored (each acknowledged only after its batch was flushed).
     pub status_events_stored: u64,
     /// Ingest batches flushed.

@@ -144,6 +144,15 @@ enum Took {
 }
 
 impl Receiver {
+    /// Whether a frame of `key` offered now would be queued (room aside): nothing of that key
+    /// is queued for the session or was written to it less than [`RECENTLY_WRITTEN`] ago.
+    fn lacks(&self, key: u64, now: tokio::time::Instant) -> bool {
+        match &self.tx {
+            Queue::Bulk(_, keys) => keys.lock().holds(key, now).is_none(),
+            Queue::Control(_) => true,
+        }
+    }
+
     fn offer(&self, packet: &Bytes, key: Option<u64>) -> Took {
         let took = |ok: bool| if ok { Took::Queued } else { Took::Full };
         match (&self.tx, key) {
@@ -377,6 +386,30 @@ impl Fanout {
         self.deliver_locked(&state, filter, packet, only, key)
     }
 
+    /// Which of `names` (usernames) have a session subscribed to `filter` that a frame of `key`
+    /// would be queued for now ([`Receiver::lacks`]): whom such a frame needs to be read,
+    /// encoded and handed over for at all.
+    pub(crate) fn lacking<'a>(&self, filter: &str, names: &[&'a str], key: u64) -> Vec<&'a str> {
+        let state = self.state();
+        let Some(subscribers) = state.filters.get(filter) else {
+            return Vec::new();
+        };
+        let now = tokio::time::Instant::now();
+        names
+            .iter()
+            .copied()
+            .filter(|name| {
+                subscribers
+                    .by_user
+                    .get(*name)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|session| subscribers.by_session.get(session))
+                    .any(|r| r.lacks(key, now))
+            })
+            .collect()
+    }
+
     /// A message on a served topic: what `keep` says is done to the message kept on `topic`,
     /// then `live` (the packet as delivered) is queued for every session subscribed to
     /// `filter`.
@@ -582,6 +615,10 @@ mod tests {
         fanout.subscribe(a, 2, "vm-2", q2);
         let (chunk0, chunk1) = (Bytes::from_static(b"c0"), Bytes::from_static(b"c1"));
         assert_eq!(fanout.deliver(a, &chunk0, Some(&["vm-1"]), Some(10)), 1);
+        // Whom a frame of that key would be queued for: not vm-1 (queued), not vm-9 (not
+        // subscribed).
+        assert_eq!(fanout.lacking(a, &["vm-1", "vm-2", "vm-9"], 10), ["vm-2"]);
+        assert_eq!(fanout.lacking(a, &["vm-1"], 11), ["vm-1"]);
         // vm-1 asks again before reading it, and vm-2 asks for it too: vm-1 already has it
         // queued (counted as taken), vm-2 gets it.
         assert_eq!(fanout.deliver(a, &chunk0, None, Some(10)), 2);
@@ -600,8 +637,10 @@ mod tests {
         assert_eq!(fanout.deliver(a, &chunk0, Some(&["vm-1"]), Some(10)), 1);
         assert!(rx1.try_recv().is_err(), "just written: not queued again");
         assert_eq!(fanout.counts().recently_written, 1);
+        assert!(fanout.lacking(a, &["vm-1"], 10).is_empty());
         // ...and once that is a while ago, it is queued again (it may have been lost).
         tokio::time::advance(RECENTLY_WRITTEN).await;
+        assert_eq!(fanout.lacking(a, &["vm-1"], 10), ["vm-1"]);
         assert_eq!(fanout.deliver(a, &chunk0, Some(&["vm-1"]), Some(10)), 1);
         assert_eq!(rx1.try_recv().unwrap().packet, chunk0);
         // Only the last few written are remembered: one written before as many others as

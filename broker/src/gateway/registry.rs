@@ -456,6 +456,13 @@ impl GatewayHandle {
         self.registry.fanout.subscribed(topic)
     }
 
+    /// Which of `names` (usernames) a frame of `key` on fanned-out topic `topic` would be
+    /// queued for now: they have a session subscribed to it, and none of that key queued or
+    /// written to it moments ago (see [`GatewayHandle::deliver_keyed`]).
+    pub fn lacking<'a>(&self, topic: &str, names: &[&'a str], key: u64) -> Vec<&'a str> {
+        self.registry.fanout.lacking(topic, names, key)
+    }
+
     /// [`GatewayHandle::deliver`] to the subscribed sessions of these usernames only (`None`:
     /// every subscriber).
     pub fn deliver_to(&self, topic: &str, payload: &[u8], only: Option<&[&str]>) -> usize {

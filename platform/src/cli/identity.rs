@@ -245,10 +245,11 @@ pub async fn stats(args: StatsArgs, client: &ClientArgs) -> anyhow::Result<()> {
     );
     println!("chunk requests         {}", stats.chunk_requests);
     println!(
-        "chunk frames sent      {} ({:.1} MiB, {:.1} MiB of it broadcast)",
+        "chunk frames sent      {} ({:.1} MiB, {:.1} MiB of it broadcast); {} not sent (every asker had it on its way)",
         stats.chunk_frames_sent,
         mib(stats.chunk_bytes_sent),
-        mib(stats.chunk_bytes_broadcast)
+        mib(stats.chunk_bytes_broadcast),
+        stats.chunk_frames_unneeded
     );
     println!(
         "status events stored   {} in {} flushes ({} received again after they were stored)",
