@@ -547,14 +547,16 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
 /// What the platform counted during a rollout (`fleetcast stats`, after minus before): where
 /// its chunk requests and frames went, and what the embedded broker's gateway dropped.
 fn counter_deltas(before: Option<&serde_json::Value>, after: Option<&serde_json::Value>) -> String {
-    const COUNTERS: [&str; 11] = [
+    const COUNTERS: [&str; 13] = [
         "chunk_requests",
         "chunk_requests_refused",
         "chunk_frames_sent",
+        "chunk_frames_unneeded",
         "chunk_bytes_broadcast",
         "status_events_stored",
         "status_events_resent",
         "gateway.frames_delivered",
+        "gateway.chunk_frames_delivered",
         "gateway.frames_dropped",
         "gateway.frames_already_queued",
         "gateway.frames_recently_written",
