@@ -273,11 +273,13 @@ class Agent:
         self.connected = True
         log("connected")
         me = f"machines/{self.me}"
-        filters = [("platform/keys", 1), (f"{me}/release/+", 1)]
+        filters = [("platform/keys", 1), (f"{me}/status/ack", 1), (f"{me}/command", 1)]
+        filters += [(f"{me}/chunks", 0), (f"{me}/release/+", 1)]
         filters += [(f"groups/{g}/release/+", 1) for g in self.groups]
-        filters += [(f"{me}/command", 1), (f"{me}/status/ack", 1), (f"{me}/chunks", 0)]
         filters += [(f"artifacts/{a}/chunks", 0) for a in {d.id for d in self.dls.values()}]
-        for f, qos in filters:  # one filter per SUBSCRIBE, the key chain first (§2, §3.1)
+        # One filter per SUBSCRIBE: the key chain first (§3.1), the release topics after the
+        # ack topic (their retained notices come at once, §2).
+        for f, qos in filters:
             self.c.subscribe(self.t(f), qos)
         self.c.publish(self.t(f"{me}/online"), b"true", qos=0, retain=True)
         self.publish_state()

@@ -458,13 +458,15 @@ impl Agent {
         // once, through a write buffer it keeps at that size for the life of the connection.
         let (reliable, chunks) = (QoS::AtLeastOnce, QoS::AtMostOnce);
         // The key chain first: a notice signed by a newer key is only ignored when it arrives
-        // before the chain.
+        // before the chain. The release topics last: their retained notices come as soon as
+        // those are granted, and the status event a notice makes must find the ack topic
+        // subscribed (protocol.md §2).
         let mut filters = vec![
             (self.topics.platform_keys(), reliable),
-            (self.topics.machine_release_filter(self.me()), reliable),
-            (self.topics.command(self.me()), reliable),
             (self.topics.status_ack(self.me()), reliable),
+            (self.topics.command(self.me()), reliable),
             (self.topics.machine_chunks(self.me()), chunks),
+            (self.topics.machine_release_filter(self.me()), reliable),
         ];
         filters.extend(
             self.config
