@@ -420,7 +420,10 @@ async fn watch(
             bytes.finish();
             println!(
                 "{}: all {} machine(s) finished: {} succeeded, {} failed",
-                status.release.id, view.total, status.progress.succeeded, status.progress.failed
+                status.release.id,
+                view.total,
+                status.progress.succeeded,
+                failed_text(&status.progress)
             );
             if status.progress.failed > 0 {
                 return Err(Exit::MachinesFailed(format!(
@@ -678,6 +681,16 @@ fn release_line(r: &ReleaseInfo) -> String {
     )
 }
 
+/// How many failed, saying how many of them an operator cancelled (`failed` counts every final
+/// phase but `installed` and `superseded`, protocol.md §9: a cancelled machine did not fail).
+fn failed_text(p: &RolloutProgress) -> String {
+    match p.phases.get(&Phase::Cancelled).copied().unwrap_or(0) {
+        0 => p.failed.to_string(),
+        n if n == p.failed => format!("{n} (all cancelled by an operator)"),
+        n => format!("{} ({n} of them cancelled by an operator)", p.failed),
+    }
+}
+
 fn counts_line(p: &RolloutProgress) -> String {
     let counts: Vec<String> = p
         .phases
@@ -694,7 +707,7 @@ fn counts_line(p: &RolloutProgress) -> String {
         },
         p.finished,
         p.succeeded,
-        p.failed
+        failed_text(p)
     )
 }
 
@@ -821,6 +834,33 @@ release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
 1 machine(s): installed=1; finished 1, succeeded 1, failed 0
 "
         );
+    }
+
+    #[test]
+    fn machines_an_operator_cancelled_are_named_among_the_failed() {
+        let progress = |phases: &[(Phase, u32)], failed: u32| RolloutProgress {
+            release: release().id,
+            kind: Kind::new("app").unwrap(),
+            version: "2.4.1".into(),
+            total: phases.iter().map(|(_, n)| n).sum(),
+            phases: phases.iter().copied().collect(),
+            finished: failed,
+            succeeded: 0,
+            failed,
+            updated_at_ms: 0,
+        };
+        assert_eq!(
+            counts_line(&progress(&[(Phase::Cancelled, 2)], 2)),
+            "2 machine(s): cancelled=2; finished 2, succeeded 0, failed 2 (all cancelled by an operator)\n"
+        );
+        assert_eq!(
+            failed_text(&progress(
+                &[(Phase::Cancelled, 2), (Phase::RolledBack, 1)],
+                3
+            )),
+            "3 (2 of them cancelled by an operator)"
+        );
+        assert_eq!(failed_text(&progress(&[(Phase::RolledBack, 1)], 1)), "1");
     }
 
     #[test]
