@@ -510,7 +510,7 @@ impl Admin {
             AnyCall::ReleaseCreate(call) => releases::create(ctx, call)
                 .await
                 .map(c::ReleaseCreate::wrap),
-            AnyCall::ReleasePlan(call) => releases::plan(ctx, call).map(c::ReleasePlan::wrap),
+            AnyCall::ReleasePlan(call) => releases::plan(ctx, call).await.map(c::ReleasePlan::wrap),
             AnyCall::ReleasePublish(call) => releases::publish(ctx, call)
                 .await
                 .map(c::ReleasePublish::wrap),

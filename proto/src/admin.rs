@@ -773,6 +773,12 @@ pub struct PlanReport {
     /// Whether targets follow this page.
     #[serde(default)]
     pub more: bool,
+    /// In a plan shown before publishing (`release_plan`): how many targets last reported a
+    /// version of the release's kind above the release's (protocol §1 order). Unless the
+    /// release is a rollback they will reject it as a downgrade. Absent from other replies,
+    /// and from platforms before 2026-11-28 19:30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub newer_installed: Option<u32>,
 }
 
 impl PlanReport {
@@ -817,6 +823,7 @@ impl From<PublishPlan> for PlanReport {
             via: None,
             next: None,
             more: false,
+            newer_installed: None,
         };
         report.via = Some(report.per_group());
         report.targets_total = Some(report.plan.targets.len() as u32);

@@ -580,6 +580,13 @@ pub fn plan_text(report: &PlanReport, groups: &[GroupId], list: bool) -> String 
     }
     let total = report.target_count();
     let _ = writeln!(out, "target machines: {total}");
+    if let Some(n) = report.newer_installed.filter(|n| *n > 0) {
+        let _ = writeln!(
+            out,
+            "warning: {n} of them report a newer {} than {}: they will reject it as a downgrade (to go back to an older version, use `fleetcast rollback`)",
+            r.kind, r.version
+        );
+    }
     let width = total.to_string().len();
     // Groups by name, then the machines named directly.
     let mut counts: Vec<(Option<GroupId>, u32)> = per_group.into_iter().collect();

@@ -32,14 +32,50 @@ pub async fn create(ctx: &Ctx, c: calls::ReleaseCreate) -> Result<ReleaseInfo, O
 
 /// What publishing would send, without sending: one page of it, or (asked without `after`
 /// and `limit`, as before paging) all of it.
-pub fn plan(ctx: &Ctx, c: calls::ReleasePlan) -> Result<PlanReport, OpError> {
+pub async fn plan(ctx: &Ctx, c: calls::ReleasePlan) -> Result<PlanReport, OpError> {
     let info = known_release(&*ctx.store, &c.release)?;
     let mut plan = publish::plan(ctx, &info, &c.machines, &c.groups, c.allow_empty)?;
-    if c.after.is_none() && c.limit.is_none() {
+    // A record read per target: off the async threads (10,000 of them for a large group).
+    let targets: Vec<MachineId> = plan.targets.iter().map(|(m, _)| m.clone()).collect();
+    let release = info.clone();
+    let newer = off_thread(&ctx.store, move |store| {
+        newer_installed(store, &release, &targets)
+    })
+    .await?;
+    let mut report = if c.after.is_none() && c.limit.is_none() {
         plan.release = shown(plan.release);
-        return Ok(PlanReport::from(plan));
+        PlanReport::from(plan)
+    } else {
+        plan_report(plan, c.after.as_ref(), c.limit)
+    };
+    report.newer_installed = newer;
+    Ok(report)
+}
+
+/// How many of `targets` last reported a version of `release`'s kind above its version: they
+/// will reject it as a downgrade. `None` for a rollback (it may go down).
+fn newer_installed(
+    store: &dyn crate::store::Store,
+    release: &ReleaseInfo,
+    targets: &[MachineId],
+) -> Result<Option<u32>, OpError> {
+    if release.rollback {
+        return Ok(None);
     }
-    Ok(plan_report(plan, c.after.as_ref(), c.limit))
+    let mut newer = 0;
+    for m in targets {
+        let installed = store.machine(m)?.and_then(|info| {
+            info.kinds
+                .get(&release.kind)
+                .and_then(|k| k.version.clone())
+        });
+        if installed.is_some_and(|v| {
+            fleetcast_proto::release::compare_versions(&v, &release.version).is_gt()
+        }) {
+            newer += 1;
+        }
+    }
+    Ok(Some(newer))
 }
 
 /// Publishes at once, or (with waves) starts a staged rollout.
@@ -175,6 +211,7 @@ pub fn plan_report(plan: PublishPlan, after: Option<&MachineId>, limit: Option<u
         via: Some(via),
         next,
         more,
+        newer_installed: None,
     }
 }
 

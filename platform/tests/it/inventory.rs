@@ -339,3 +339,61 @@ async fn a_viewer_may_ask_for_inventory_and_history() {
     admin.close().await;
     platform.stop().await;
 }
+
+/// The plan shown before publishing counts the targets that report a newer version of the
+/// kind (they would reject the release as a downgrade), by the protocol's version order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plan_counts_the_targets_that_run_a_newer_version() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir: _data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    upload(&admin, dir.path(), "a.bin", &data(1500, 2), "2.9.1")
+        .await
+        .unwrap();
+    let mut vm1 = provision(&admin, &url, "vm-001", &["g1"]).await;
+    let mut vm2 = provision(&admin, &url, "vm-002", &["g1"]).await;
+    let mut vm3 = provision(&admin, &url, "vm-003", &["g1"]).await;
+    provisioned(&admin, "vm-004", &["g1"]).await;
+    // 2.10.0 is above 2.9.1 (numeric parts); 2.9.1 is the same; 1.0 below; vm-004 reported
+    // nothing.
+    vm1.report_app(&["g1"], Some("2.10.0")).await;
+    vm2.report_app(&["g1"], Some("2.9.1")).await;
+    vm3.report_app(&["g1"], Some("1.0")).await;
+    poll_until(
+        WAIT,
+        "three machines report their app",
+        || machines(&admin),
+        |ms| ms.iter().filter(|x| x.kinds.contains_key(&app())).count() == 3,
+    )
+    .await;
+    let release = create_release(&admin, &app(), "2.9.1", InstallPolicy::Immediate).await;
+    let plan = |limit| calls::ReleasePlan {
+        release: release.id.clone(),
+        machines: vec![],
+        groups: vec![g("g1")],
+        allow_empty: false,
+        after: None,
+        limit,
+    };
+    for limit in [None, Some(2)] {
+        let report = admin.call(plan(limit)).await.unwrap();
+        assert_eq!(report.target_count(), 4);
+        assert_eq!(report.newer_installed, Some(1), "limit {limit:?}");
+    }
+    let text = fleetcast_platform::cli::release::plan_text(
+        &admin.call(plan(None)).await.unwrap(),
+        &[g("g1")],
+        false,
+    );
+    assert!(
+        text.contains("warning: 1 of them report a newer app than 2.9.1"),
+        "{text}"
+    );
+    admin.close().await;
+    platform.stop().await;
+}
