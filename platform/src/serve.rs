@@ -125,6 +125,7 @@ impl SessionControl for GatewaySessions {
             frames_already_queued: s.fanout_already_queued,
             chunk_frames_delivered: s.fanout_chunk_frames,
             frames_recently_written: s.fanout_recently_written,
+            frames_caught_up: s.fanout_caught_up,
             served: s.served,
             closed_unread: s.closed_unread,
         })

@@ -642,6 +642,11 @@ pub struct GatewayCounters {
     /// less than 2 s before (on its way when its machine asked).
     #[serde(default)]
     pub frames_recently_written: u64,
+    /// Of `chunk_frames_delivered`, frames queued for a machine when it subscribed to their
+    /// artifact, broadcast to the others less than 2 s before (it had subscribed too late for
+    /// them). Absent (0) from platforms before 2026-11-28 20:00.
+    #[serde(default)]
+    pub frames_caught_up: u64,
     /// Notices, commands, key chains and operators' replies served from the gateway, and
     /// sessions closed because they did not read them.
     pub served: u64,

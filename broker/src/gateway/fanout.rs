@@ -62,6 +62,24 @@ pub(crate) struct Queued {
 /// after each re-request), and then sent.
 pub const RECENTLY_WRITTEN: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// A session that subscribes to a bulk filter is queued the keyed frames delivered to every
+/// subscriber of it (a broadcast) less than this long before, oldest first, at most
+/// [`CAUGHT_UP_FRAMES`] of them. Why: a group rollout's machines take the notice over a
+/// second or more and subscribe to the artifact as they do; the chunk server broadcasts each
+/// frame at the first request, and every machine that subscribed after it asked for it and
+/// waited out the frame's 500 ms hold, so the platform sent each frame two to four times at
+/// 1,000 machines (each time to the machines whose request came during the last hold). What
+/// a machine is queued this way it does not ask for (its request finds it on its way: the chunk
+/// server does not send it again). A session that subscribes again within this time gains
+/// nothing: a frame queued or written to it less than [`RECENTLY_WRITTEN`] ago is not queued
+/// again.
+pub const CAUGHT_UP_FOR: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// At most this many frames per filter are kept for [`CAUGHT_UP_FOR`]: half of a session's
+/// queue ([`SESSION_QUEUE`]), so the frames a new subscriber asks for still find room (a
+/// manifest and a window of 16 chunks of a 1 MiB artifact are 17).
+pub const CAUGHT_UP_FRAMES: usize = SESSION_QUEUE / 2;
+
 /// Keys of the frames written last per session that [`RECENTLY_WRITTEN`] looks at: enough for
 /// a window of chunks and its manifest, small enough to keep for every session (a fast
 /// download writes more within 2 s than this; an older one is sent again when asked, as
@@ -228,6 +246,26 @@ struct State {
     sessions: HashMap<u64, HashSet<String>>,
     /// Served filter -> topic -> the latest message on it, encoded with the retain flag.
     kept: HashMap<String, BTreeMap<String, Bytes>>,
+    /// Bulk filter -> the keyed frames broadcast on it lately, oldest first: what a new
+    /// subscriber is queued ([`CAUGHT_UP_FOR`]).
+    recent: HashMap<String, std::collections::VecDeque<Broadcast>>,
+}
+
+/// A keyed frame delivered to every subscriber of its filter, and when.
+struct Broadcast {
+    at: tokio::time::Instant,
+    key: u64,
+    packet: Bytes,
+}
+
+/// Drops what is older than [`CAUGHT_UP_FOR`] from `frames` (oldest first).
+fn forget_old(frames: &mut std::collections::VecDeque<Broadcast>, now: tokio::time::Instant) {
+    while frames
+        .front()
+        .is_some_and(|b| now.saturating_duration_since(b.at) >= CAUGHT_UP_FOR)
+    {
+        frames.pop_front();
+    }
 }
 
 impl State {
@@ -253,6 +291,7 @@ pub(crate) struct Fanout {
     recently_written: AtomicU64,
     served: AtomicU64,
     closed_full: AtomicU64,
+    caught_up: AtomicU64,
     /// A few lines per user name per minute about sessions closed full.
     log_gate: LogGate,
 }
@@ -281,6 +320,9 @@ pub(crate) struct Counts {
     pub recently_written: u64,
     pub served: u64,
     pub closed_full: u64,
+    /// Of `keyed_delivered`, frames queued for a session when it subscribed, broadcast on the
+    /// filter less than [`CAUGHT_UP_FOR`] before.
+    pub caught_up: u64,
 }
 
 impl Fanout {
@@ -290,14 +332,31 @@ impl Fanout {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Registers a session for a bulk filter (a full queue drops frames).
+    /// Registers a session for a bulk filter (a full queue drops frames), and queues it what
+    /// was broadcast on the filter lately ([`CAUGHT_UP_FOR`]).
     pub(crate) fn subscribe(&self, filter: &str, session: u64, username: &str, tx: Queue) {
         let receiver = Receiver {
             username: username.to_owned(),
             tx,
             close_when_full: None,
         };
-        self.state().insert(filter, session, receiver);
+        let mut state = self.state();
+        if let Some(frames) = state.recent.get_mut(filter) {
+            forget_old(frames, tokio::time::Instant::now());
+            let mut took = 0;
+            for b in frames.iter() {
+                if let Took::Queued = receiver.offer(&b.packet, Some(b.key)) {
+                    took += 1;
+                }
+            }
+            if frames.is_empty() {
+                state.recent.remove(filter);
+            }
+            self.delivered.fetch_add(took, Ordering::Relaxed);
+            self.keyed_delivered.fetch_add(took, Ordering::Relaxed);
+            self.caught_up.fetch_add(took, Ordering::Relaxed);
+        }
+        state.insert(filter, session, receiver);
     }
 
     /// How many messages are kept for `filter`: what [`Self::subscribe_served`] queues first.
@@ -347,6 +406,7 @@ impl Fanout {
             sessions.remove(session);
             if sessions.is_empty() {
                 state.filters.remove(filter);
+                state.recent.remove(filter);
             }
         }
         if let Some(mine) = state.sessions.get_mut(&session) {
@@ -362,6 +422,7 @@ impl Fanout {
                 sessions.remove(session);
                 if sessions.is_empty() {
                     state.filters.remove(&filter);
+                    state.recent.remove(&filter);
                 }
             }
         }
@@ -382,7 +443,22 @@ impl Fanout {
         only: Option<&[&str]>,
         key: Option<u64>,
     ) -> usize {
-        let state = self.state();
+        let mut state = self.state();
+        if let (None, Some(key)) = (only, key) {
+            if state.filters.contains_key(filter) {
+                let now = tokio::time::Instant::now();
+                let frames = state.recent.entry(filter.to_owned()).or_default();
+                forget_old(frames, now);
+                if frames.len() == CAUGHT_UP_FRAMES {
+                    frames.pop_front();
+                }
+                frames.push_back(Broadcast {
+                    at: now,
+                    key,
+                    packet: packet.clone(),
+                });
+            }
+        }
         self.deliver_locked(&state, filter, packet, only, key)
     }
 
@@ -511,6 +587,7 @@ impl Fanout {
             recently_written: self.recently_written.load(Ordering::Relaxed),
             served: self.served.load(Ordering::Relaxed),
             closed_full: self.closed_full.load(Ordering::Relaxed),
+            caught_up: self.caught_up.load(Ordering::Relaxed),
         }
     }
 
@@ -529,6 +606,52 @@ mod tests {
         let (tx, rx) = mpsc::channel(n);
         let keys = Arc::new(QueuedKeys::default());
         (Queue::Bulk(tx, keys.clone()), rx, keys)
+    }
+
+    /// A session subscribing to a bulk filter is queued the keyed frames broadcast on it in
+    /// the last [`CAUGHT_UP_FOR`], oldest first, at most [`CAUGHT_UP_FRAMES`]; not frames sent
+    /// to named sessions only, nor unkeyed ones, nor anything older; subscribing again gains
+    /// nothing; nothing is kept once the filter has no subscriber.
+    #[tokio::test(start_paused = true)]
+    async fn a_late_subscriber_is_queued_what_was_broadcast_moments_before() {
+        let fanout = Fanout::default();
+        let a = "fleet/artifacts/a/chunks";
+        let (q1, _rx1, _) = bulk(SESSION_QUEUE);
+        fanout.subscribe(a, 1, "vm-1", q1);
+        let frame = |i: u64| Bytes::from(format!("f{i}"));
+        for i in 0..CAUGHT_UP_FRAMES as u64 + 3 {
+            assert_eq!(fanout.deliver(a, &frame(i), None, Some(i)), 1);
+        }
+        assert_eq!(
+            fanout.deliver(a, &frame(100), Some(&["vm-1"]), Some(100)),
+            1
+        );
+        assert_eq!(fanout.deliver(a, &frame(101), None, None), 1);
+        let (q2, mut rx2, keys2) = bulk(SESSION_QUEUE);
+        fanout.subscribe(a, 2, "vm-2", q2.clone());
+        let got: Vec<Queued> = std::iter::from_fn(|| rx2.try_recv().ok()).collect();
+        assert_eq!(
+            got.iter().map(|q| q.key.unwrap()).collect::<Vec<_>>(),
+            (3..CAUGHT_UP_FRAMES as u64 + 3).collect::<Vec<_>>(),
+            "the last {CAUGHT_UP_FRAMES} broadcast, oldest first"
+        );
+        assert_eq!(got[0].packet, frame(3));
+        assert_eq!(fanout.counts().caught_up, CAUGHT_UP_FRAMES as u64);
+        // Subscribing again (written meanwhile): nothing new.
+        got.iter().for_each(|q| keys2.written(q));
+        fanout.subscribe(a, 2, "vm-2", q2);
+        assert!(rx2.try_recv().is_err());
+        // Later than CAUGHT_UP_FOR: nothing for a new subscriber.
+        tokio::time::advance(CAUGHT_UP_FOR).await;
+        let (q3, mut rx3, _) = bulk(SESSION_QUEUE);
+        fanout.subscribe(a, 3, "vm-3", q3);
+        assert!(rx3.try_recv().is_err());
+        // A broadcast kept, then every subscriber gone: nothing kept.
+        assert_eq!(fanout.deliver(a, &frame(7), None, Some(7)), 3);
+        for session in 1..=3 {
+            fanout.remove_session(session);
+        }
+        assert!(fanout.state().recent.is_empty());
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct GatewayStats {
     /// Chunk frames not queued again for a session that was written the same frame moments
     /// before (`fanout::RECENTLY_WRITTEN`): it was on its way when its machine asked.
     pub fanout_recently_written: u64,
+    /// Of `fanout_chunk_frames`, frames queued for a session when it subscribed (broadcast on
+    /// the filter moments before).
+    pub fanout_caught_up: u64,
     /// Release notices, commands, key chains and operators' replies the gateway delivered itself (one per
     /// receiving session; see `relay`), and sessions it closed because they did not read them.
     pub served: u64,
@@ -286,6 +289,7 @@ impl Registry {
             fanout_already_queued: fanout.already_queued,
             fanout_chunk_frames: fanout.keyed_delivered,
             fanout_recently_written: fanout.recently_written,
+            fanout_caught_up: fanout.caught_up,
             served: fanout.served,
             closed_unread: fanout.closed_full,
             chunk_requests_dropped: self.chunk_requests_dropped.load(Ordering::Relaxed),
