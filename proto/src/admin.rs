@@ -778,7 +778,7 @@ pub struct PlanReport {
     /// Whether targets follow this page.
     #[serde(default)]
     pub more: bool,
-    /// In a plan shown before publishing (`release_plan`): how many targets last reported a
+    /// In a plan shown before publishing (`release_plan`, its first page): how many targets last reported a
     /// version of the release's kind above the release's (protocol §1 order). Unless the
     /// release is a rollback they will reject it as a downgrade. Absent from other replies,
     /// and from platforms before 2026-11-28 19:30.

@@ -385,6 +385,17 @@ async fn a_plan_counts_the_targets_that_run_a_newer_version() {
         assert_eq!(report.target_count(), 4);
         assert_eq!(report.newer_installed, Some(1), "limit {limit:?}");
     }
+    // Counted in the first page only: the pages after it do not read every target again.
+    let first = admin.call(plan(Some(2))).await.unwrap();
+    let second = admin
+        .call(calls::ReleasePlan {
+            after: first.next.clone(),
+            ..plan(Some(2))
+        })
+        .await
+        .unwrap();
+    assert_eq!(second.plan.targets.len(), 2);
+    assert_eq!(second.newer_installed, None);
     let text = fleetcast_platform::cli::release::plan_text(
         &admin.call(plan(None)).await.unwrap(),
         &[g("g1")],
