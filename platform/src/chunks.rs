@@ -298,6 +298,7 @@ impl ChunkServer {
         // before the manifest, sent at once they went ahead of it on the machine's connection,
         // and a manifest behind a dozen chunks reached a machine of 10,000 after 30 s.
         let mut manifest_due: Option<Instant> = None;
+        let artifact_topic = self.ctx.topics.artifact_chunks(&artifact);
         for (key, due) in keys {
             if due > now {
                 // Over the byte budget: paced, owed to this machine when its budget allows, as
@@ -330,7 +331,7 @@ impl ChunkServer {
                         continue;
                     }
                     let mut only = HashSet::from([m.clone()]);
-                    Self::keep_lacking(&self.ctx, &key, &mut only);
+                    Self::keep_lacking(&self.ctx, &artifact_topic, &key, &mut only);
                     if only.is_empty() {
                         self.ctx.stats.frame_unneeded();
                     } else {
@@ -671,17 +672,16 @@ impl ChunkServer {
         (RESEND_AFTER * 2u32.pow(times.saturating_sub(1).min(8))).min(MAX_RESEND_HOLD)
     }
 
-    /// Keeps in `askers` only the machines a frame of `key` would be queued for now: where the
+    /// Keeps in `askers` only the machines a frame of `key` on `topic` (its artifact's) would be queued for now: where the
     /// broker can tell (the embedded one's gateway), not those that have it queued or were
     /// written it moments ago, nor those no longer subscribed to its artifact. Why: the frames
     /// owed after a broadcast were mostly on their way to the machines that asked (they asked
     /// before it reached them); the gateway then queued them for no one, but each had been read,
     /// encoded and counted as sent: platform egress 2-4x the artifact at 1,000 machines, where
     /// every machine was written each frame once (2026-11-28).
-    fn keep_lacking(ctx: &Ctx, key: &FrameKey, askers: &mut HashSet<MachineId>) {
-        let topic = ctx.topics.artifact_chunks(&key.artifact);
+    fn keep_lacking(ctx: &Ctx, topic: &str, key: &FrameKey, askers: &mut HashSet<MachineId>) {
         let names: Vec<&str> = askers.iter().map(MachineId::as_str).collect();
-        let Some(lacking) = ctx.sessions.lacking(&topic, &names, key.gateway_key()) else {
+        let Some(lacking) = ctx.sessions.lacking(topic, &names, key.gateway_key()) else {
             return;
         };
         if lacking.len() == names.len() {
@@ -719,12 +719,13 @@ impl ChunkServer {
                 .take_while(|k| k.manifest == due[at].manifest && k.artifact == artifact)
                 .count();
             // What every asker has on its way is neither read nor sent.
+            let topic = self.ctx.topics.artifact_chunks(&artifact);
             let mut keys = Vec::with_capacity(run);
             for key in &due[at..at + run] {
                 let Some((_, askers)) = self.owed.get_mut(key) else {
                     continue;
                 };
-                Self::keep_lacking(&self.ctx, key, askers);
+                Self::keep_lacking(&self.ctx, &topic, key, askers);
                 if askers.is_empty() {
                     self.owed.remove(key);
                     self.ctx.stats.frame_unneeded();
