@@ -18,7 +18,8 @@ use fleetcast_proto::chunk::{decode_frame, FrameType};
 use fleetcast_proto::command::Command;
 use fleetcast_proto::status::{MachineState, MAX_STATUS_BATCH};
 use fleetcast_proto::{
-    ArtifactId, Kind, ReleaseId, ReleaseNotice, Route, StatusAck, StatusEvent, Topics,
+    ArtifactId, GroupId, Kind, MachineId, ReleaseId, ReleaseNotice, Route, StatusAck, StatusEvent,
+    Topics,
 };
 use rumqttc::{AsyncClient, LastWill, QoS};
 use tokio::sync::mpsc;
@@ -339,7 +340,7 @@ pub async fn run_with(
 }
 
 impl Agent {
-    fn me(&self) -> &fleetcast_proto::MachineId {
+    fn me(&self) -> &MachineId {
         &self.config.machine
     }
 
@@ -453,33 +454,8 @@ impl Agent {
     }
 
     fn subscribe_all(&self) {
-        // Chunk frames are QoS 0 (a lost one is re-requested). Subscribing to them with QoS 1
-        // would let rumqttd hand a connection its whole inflight window of 64 KiB frames at
-        // once, through a write buffer it keeps at that size for the life of the connection.
-        let (reliable, chunks) = (QoS::AtLeastOnce, QoS::AtMostOnce);
-        // The key chain first: a notice signed by a newer key is only ignored when it arrives
-        // before the chain. The release topics last: their retained notices come as soon as
-        // those are granted, and the status event a notice makes must find the ack topic
-        // subscribed (protocol.md §2).
-        let mut filters = vec![
-            (self.topics.platform_keys(), reliable),
-            (self.topics.status_ack(self.me()), reliable),
-            (self.topics.command(self.me()), reliable),
-            (self.topics.machine_chunks(self.me()), chunks),
-            (self.topics.machine_release_filter(self.me()), reliable),
-        ];
-        filters.extend(
-            self.config
-                .groups
-                .iter()
-                .map(|g| (self.topics.group_release_filter(g), reliable)),
-        );
-        filters.extend(
-            self.downloads
-                .values()
-                .map(|d| (self.topics.artifact_chunks(&d.artifact), chunks)),
-        );
-        for (f, qos) in filters {
+        let downloads = self.downloads.values().map(|d| &d.artifact);
+        for (f, qos) in subscriptions(&self.topics, self.me(), &self.config.groups, downloads) {
             if let Err(e) = self.client.try_subscribe(f.clone(), qos) {
                 tracing::warn!(machine = %self.me(), filter = %f, "cannot subscribe: {e}");
             }
@@ -1045,6 +1021,37 @@ fn claimed_release(payload: &[u8]) -> Option<ReleaseId> {
     ReleaseId::new(body.get("release")?.as_str()?).ok()
 }
 
+/// What a machine subscribes to after each connect, in the order it sends the SUBSCRIBEs.
+///
+/// The key chain first: a notice signed by a newer key is only ignored when it arrives before
+/// the chain. The release topics last: their retained notices come as soon as those are
+/// granted, and the status event a notice makes must find the ack topic subscribed
+/// (protocol.md §2). Chunk frames are QoS 0 (a lost one is re-requested): subscribed with
+/// QoS 1, rumqttd would hand a connection its whole inflight window of 64 KiB frames at once,
+/// through a write buffer it keeps at that size for the life of the connection.
+fn subscriptions<'a>(
+    topics: &Topics,
+    me: &MachineId,
+    groups: &[GroupId],
+    downloading: impl Iterator<Item = &'a ArtifactId>,
+) -> Vec<(String, QoS)> {
+    let (reliable, chunks) = (QoS::AtLeastOnce, QoS::AtMostOnce);
+    let mut filters = vec![
+        (topics.platform_keys(), reliable),
+        (topics.status_ack(me), reliable),
+        (topics.command(me), reliable),
+        (topics.machine_chunks(me), chunks),
+    ];
+    filters.extend(downloading.map(|a| (topics.artifact_chunks(a), chunks)));
+    filters.push((topics.machine_release_filter(me), reliable));
+    filters.extend(
+        groups
+            .iter()
+            .map(|g| (topics.group_release_filter(g), reliable)),
+    );
+    filters
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1074,5 +1081,44 @@ mod tests {
             assert!(offer_frame(&queue, &manifest, is_manifest(&manifest)));
         }
         assert!(!offer_frame(&queue, &manifest, true), "full: dropped");
+    }
+    #[test]
+    fn the_release_topics_are_subscribed_after_the_keys_the_ack_topic_and_the_chunks() {
+        let topics = Topics::new(fleetcast_proto::topics::DEFAULT_PREFIX);
+        let me = MachineId::new("vm-001").unwrap();
+        let groups = [
+            GroupId::new("north").unwrap(),
+            GroupId::new("south").unwrap(),
+        ];
+        let artifact = ArtifactId::of(b"artifact");
+        let subs = subscriptions(&topics, &me, &groups, std::iter::once(&artifact));
+        let at = |topic: String| {
+            subs.iter()
+                .position(|(f, _)| *f == topic)
+                .unwrap_or_else(|| panic!("{topic} not subscribed: {subs:?}"))
+        };
+        assert_eq!(at(topics.platform_keys()), 0, "the key chain first");
+        let before_notices = [
+            at(topics.status_ack(&me)),
+            at(topics.command(&me)),
+            at(topics.machine_chunks(&me)),
+            at(topics.artifact_chunks(&artifact)),
+        ];
+        let notices = [
+            at(topics.machine_release_filter(&me)),
+            at(topics.group_release_filter(&groups[0])),
+            at(topics.group_release_filter(&groups[1])),
+        ];
+        assert_eq!(subs.len(), 1 + before_notices.len() + notices.len());
+        let last_other = before_notices.iter().max().unwrap();
+        assert!(
+            notices.iter().all(|n| n > last_other),
+            "a retained notice must not come before the ack topic is subscribed: {subs:?}"
+        );
+        let qos = |topic: String| subs[at(topic)].1;
+        assert_eq!(qos(topics.artifact_chunks(&artifact)), QoS::AtMostOnce);
+        assert_eq!(qos(topics.machine_chunks(&me)), QoS::AtMostOnce);
+        assert_eq!(qos(topics.status_ack(&me)), QoS::AtLeastOnce);
+        assert_eq!(qos(topics.machine_release_filter(&me)), QoS::AtLeastOnce);
     }
 }
