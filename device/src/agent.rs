@@ -32,6 +32,7 @@ use crate::download::{self, artifact_path, DownloadContext, Tuning};
 use crate::fsutil::now_ms;
 use crate::install::{InstallError, Installer};
 use crate::machine::{Action, Input, InstallOutcome, StatusReport, UnverifiedNotice, Updater};
+use crate::resend::ResendTimer;
 use crate::sale_lock::{InstallGuard, SaleLock};
 use crate::store::{Contact, Outbox, OutboxEntry, Store, StoreError};
 use crate::trust::{ChainStep, Checked, FollowedKey, TrustedKey};
@@ -71,8 +72,6 @@ fn is_manifest(payload: &[u8]) -> bool {
 
 /// A batch of status events is at most this large (the platform takes up to 256 KiB).
 const STATUS_BATCH_BYTES: usize = 64 * 1024;
-/// Resend the outbox head if the broker has not acknowledged it within this time.
-const RESEND_AFTER: Duration = Duration::from_secs(10);
 
 /// `contact.json` is written at most this often (and when the agent stops).
 const CONTACT_SAVED_EVERY: Duration = Duration::from_secs(60);
@@ -166,9 +165,14 @@ struct Agent {
     /// When the outbox head was last sent. It leaves the outbox only on the platform's MAC'd
     /// `StatusAck` (after the platform flushed it to disk), not on the broker's PUBACK: a broker
     /// that accepted an event and died before delivering it does not lose it. Without an ack
-    /// the head is sent again after `RESEND_AFTER` (a duplicate carries the same `ctr`; the
+    /// the head is sent again after `resend.wait()` (a duplicate carries the same `ctr`; the
     /// platform stores it once and acknowledges it again).
     head_sent_at: Option<Instant>,
+    /// Whether the head was sent and not acknowledged (a send of it now is a resend), and
+    /// whether the last wait for its ack ran out.
+    head_unacked: bool,
+    head_timed_out: bool,
+    resend: ResendTimer,
     state_dirty: bool,
     /// States sent since the connection came up, and when to send it again unchanged
     /// ([`StateRepeats`]).
@@ -270,6 +274,9 @@ pub async fn run_with(
         trust,
         connected: false,
         head_sent_at: None,
+        head_unacked: false,
+        head_timed_out: false,
+        resend: ResendTimer::default(),
         state_dirty: true,
         states_sent: 0,
         state_repeat_at: None,
@@ -517,7 +524,10 @@ impl Agent {
         };
         match self.outbox.ack_async(ack.ctr).await {
             Ok(true) => {
-                self.head_sent_at = None;
+                if let Some(sent) = self.head_sent_at.take() {
+                    self.resend.acknowledged(sent.elapsed());
+                }
+                self.head_unacked = false;
                 self.send_head();
             }
             Ok(false) => {}
@@ -647,9 +657,10 @@ impl Agent {
         // more events again than they had stored, each ack having waited in the queue.
         if self
             .head_sent_at
-            .is_some_and(|t| t.elapsed() > RESEND_AFTER)
+            .is_some_and(|t| t.elapsed() > self.resend.wait())
         {
             self.head_sent_at = None;
+            self.head_timed_out = true;
         }
         self.send_head();
         let now = std::time::Instant::now();
@@ -790,6 +801,12 @@ impl Agent {
         let topic = self.topics.status(self.me());
         if self.publish(topic, QoS::AtLeastOnce, false, payload) {
             self.head_sent_at = Some(Instant::now());
+            if std::mem::replace(&mut self.head_unacked, true) {
+                self.resend
+                    .sending_again(std::mem::take(&mut self.head_timed_out));
+            } else {
+                self.resend.sent_first();
+            }
         }
     }
 

@@ -9,6 +9,7 @@
 //! - [`install`]: installers (A/B slots with health check and switch-back; external command).
 //! - [`sale_lock`]: the `flock` that keeps sales and installs apart (the vending application's
 //!   side is in docs/device.md).
+//! - [`resend`]: when to send an unacknowledged status event again (adapts to the ack's round trip).
 //! - [`store`]: the persisted agent state, message counter, followed platform key and status
 //!   outbox.
 //! - [`trust`]: which platform key is trusted: the configured one, advanced along the key chain.
@@ -24,6 +25,7 @@ pub mod durable;
 pub mod fsutil;
 pub mod install;
 pub mod machine;
+pub mod resend;
 pub mod sale_lock;
 pub mod simulate;
 pub mod status;
