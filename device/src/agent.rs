@@ -527,7 +527,7 @@ impl Agent {
                 if let Some(sent) = self.head_sent_at.take() {
                     self.resend.acknowledged(sent.elapsed());
                 }
-                self.head_unacked = false;
+                (self.head_unacked, self.head_timed_out) = (false, false);
                 self.send_head();
             }
             Ok(false) => {}

@@ -97,7 +97,11 @@ mod tests {
         let mut t = ResendTimer::default();
         t.sent_first();
         t.acknowledged(Duration::from_secs(15));
-        assert!(t.wait() > Duration::from_secs(30), "one slow ack: {:?}", t.wait());
+        assert!(
+            t.wait() > Duration::from_secs(30),
+            "one slow ack: {:?}",
+            t.wait()
+        );
         for _ in 0..30 {
             t.sent_first();
             t.acknowledged(Duration::from_secs(15));
