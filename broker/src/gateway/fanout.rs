@@ -246,25 +246,81 @@ struct State {
     sessions: HashMap<u64, HashSet<String>>,
     /// Served filter -> topic -> the latest message on it, encoded with the retain flag.
     kept: HashMap<String, BTreeMap<String, Bytes>>,
-    /// Bulk filter -> the keyed frames broadcast on it lately, oldest first: what a new
-    /// subscriber is queued ([`CAUGHT_UP_FOR`]).
-    recent: HashMap<String, std::collections::VecDeque<Broadcast>>,
+    /// Bulk filter -> the keyed frames broadcast on it lately: what a new subscriber is
+    /// queued ([`CAUGHT_UP_FOR`]).
+    recent: HashMap<String, Recent>,
 }
 
-/// A keyed frame delivered to every subscriber of its filter, and when.
+/// The keyed frames broadcast on one bulk filter lately, and who was caught up with them.
+#[derive(Default)]
+struct Recent {
+    /// Oldest first, numbered in the order they were broadcast.
+    frames: std::collections::VecDeque<Broadcast>,
+    /// The number the next broadcast gets.
+    next: u64,
+    /// User name -> the number of the next broadcast when it was last caught up: a user is
+    /// caught up only with what was broadcast after that. So a frame reaches a machine this
+    /// way at most once, however often it subscribes, from however many sessions, and
+    /// whatever it did meanwhile to push the frame out of what its session remembers writing
+    /// (red-team pass of 2026-11-28: pushing 32 keys out between subscriptions had the same
+    /// frames queued again, 53 MiB/s outside the machine's byte budget). Entries go once every
+    /// frame they could hold back is gone.
+    caught: HashMap<String, u64>,
+}
+
+/// A keyed frame delivered to every subscriber of its filter, when, and its number.
 struct Broadcast {
     at: tokio::time::Instant,
+    seq: u64,
     key: u64,
     packet: Bytes,
 }
 
-/// Drops what is older than [`CAUGHT_UP_FOR`] from `frames` (oldest first).
-fn forget_old(frames: &mut std::collections::VecDeque<Broadcast>, now: tokio::time::Instant) {
-    while frames
-        .front()
-        .is_some_and(|b| now.saturating_duration_since(b.at) >= CAUGHT_UP_FOR)
-    {
-        frames.pop_front();
+impl Recent {
+    /// Drops the frames older than [`CAUGHT_UP_FOR`] (oldest first), and who was caught up
+    /// before every frame left.
+    fn forget_old(&mut self, now: tokio::time::Instant) {
+        let before = self.frames.len();
+        while self
+            .frames
+            .front()
+            .is_some_and(|b| now.saturating_duration_since(b.at) >= CAUGHT_UP_FOR)
+        {
+            self.frames.pop_front();
+        }
+        if self.frames.len() != before {
+            self.forget_caught();
+        }
+    }
+
+    /// Forgets who was caught up before every frame still kept.
+    fn forget_caught(&mut self) {
+        let oldest = self.frames.front().map_or(self.next, |b| b.seq);
+        self.caught.retain(|_, next| *next > oldest);
+    }
+
+    fn push(&mut self, at: tokio::time::Instant, key: u64, packet: Bytes) {
+        if self.frames.len() == CAUGHT_UP_FRAMES {
+            self.frames.pop_front();
+            self.forget_caught();
+        }
+        self.frames.push_back(Broadcast {
+            at,
+            seq: self.next,
+            key,
+            packet,
+        });
+        self.next += 1;
+    }
+
+    /// The frames `username` was not caught up with yet, oldest first; from now on it has
+    /// been.
+    fn catch_up(&mut self, username: &str) -> impl Iterator<Item = &Broadcast> {
+        let since = self
+            .caught
+            .insert(username.to_owned(), self.next)
+            .unwrap_or(0);
+        self.frames.iter().filter(move |b| b.seq >= since)
     }
 }
 
@@ -341,15 +397,15 @@ impl Fanout {
             close_when_full: None,
         };
         let mut state = self.state();
-        if let Some(frames) = state.recent.get_mut(filter) {
-            forget_old(frames, tokio::time::Instant::now());
+        if let Some(recent) = state.recent.get_mut(filter) {
+            recent.forget_old(tokio::time::Instant::now());
             let mut took = 0;
-            for b in frames.iter() {
+            for b in recent.catch_up(username) {
                 if let Took::Queued = receiver.offer(&b.packet, Some(b.key)) {
                     took += 1;
                 }
             }
-            if frames.is_empty() {
+            if recent.frames.is_empty() {
                 state.recent.remove(filter);
             }
             self.delivered.fetch_add(took, Ordering::Relaxed);
@@ -447,16 +503,9 @@ impl Fanout {
         if let (None, Some(key)) = (only, key) {
             if state.filters.contains_key(filter) {
                 let now = tokio::time::Instant::now();
-                let frames = state.recent.entry(filter.to_owned()).or_default();
-                forget_old(frames, now);
-                if frames.len() == CAUGHT_UP_FRAMES {
-                    frames.pop_front();
-                }
-                frames.push_back(Broadcast {
-                    at: now,
-                    key,
-                    packet: packet.clone(),
-                });
+                let recent = state.recent.entry(filter.to_owned()).or_default();
+                recent.forget_old(now);
+                recent.push(now, key, packet.clone());
             }
         }
         self.deliver_locked(&state, filter, packet, only, key)
@@ -652,6 +701,72 @@ mod tests {
             fanout.remove_session(session);
         }
         assert!(fanout.state().recent.is_empty());
+    }
+
+    /// The residual a red-team pass measured (2026-11-28): a machine that had the frames it
+    /// was caught up with pushed out of its session's memory of what it was written (32 keys)
+    /// subscribed again and was queued them again, and again, outside its byte budget. Each
+    /// broadcast frame now reaches a machine by catch-up once, from any of its sessions; what
+    /// is broadcast after its last catch-up it is still caught up with.
+    #[tokio::test(start_paused = true)]
+    async fn a_machine_is_caught_up_with_a_broadcast_frame_once_however_often_it_subscribes() {
+        let fanout = Fanout::default();
+        let a = "fleet/artifacts/a/chunks";
+        let (q1, _rx1, _) = bulk(SESSION_QUEUE);
+        fanout.subscribe(a, 1, "vm-1", q1);
+        let frame = |i: u64| Bytes::from(format!("f{i}"));
+        for i in 0..4 {
+            fanout.deliver(a, &frame(i), None, Some(i));
+        }
+        let (q2, mut rx2, keys2) = bulk(SESSION_QUEUE);
+        let drain = |rx: &mut mpsc::Receiver<Queued>, keys: &QueuedKeys| {
+            let got: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
+                .map(|q| {
+                    keys.written(&q);
+                    q.key.unwrap()
+                })
+                .collect();
+            got
+        };
+        fanout.subscribe(a, 2, "vm-2", q2.clone());
+        assert_eq!(drain(&mut rx2, &keys2), [0, 1, 2, 3]);
+        // What it remembers writing pushed out by 32 other frames.
+        for k in 1000..1000 + WRITTEN_KEPT as u64 {
+            keys2.written(&Queued {
+                packet: frame(k),
+                key: Some(k),
+            });
+        }
+        fanout.unsubscribe(a, 2);
+        fanout.subscribe(a, 2, "vm-2", q2.clone());
+        assert_eq!(drain(&mut rx2, &keys2), Vec::<u64>::new(), "not again");
+        // Nor from a new session of the same machine.
+        let (q3, mut rx3, keys3) = bulk(SESSION_QUEUE);
+        fanout.subscribe(a, 3, "vm-2", q3);
+        assert_eq!(
+            drain(&mut rx3, &keys3),
+            Vec::<u64>::new(),
+            "not from a new session"
+        );
+        // A frame broadcast since: its subscribers have it; a later subscription of vm-2
+        // (unsubscribed from both) is caught up with it alone.
+        fanout.unsubscribe(a, 2);
+        fanout.unsubscribe(a, 3);
+        fanout.deliver(a, &frame(4), None, Some(4));
+        let (q4, mut rx4, keys4) = bulk(SESSION_QUEUE);
+        fanout.subscribe(a, 4, "vm-2", q4);
+        assert_eq!(drain(&mut rx4, &keys4), [4]);
+        // Another machine still gets everything kept.
+        let (q5, mut rx5, keys5) = bulk(SESSION_QUEUE);
+        fanout.subscribe(a, 5, "vm-3", q5);
+        assert_eq!(drain(&mut rx5, &keys5), [0, 1, 2, 3, 4]);
+        assert_eq!(fanout.counts().caught_up, 4 + 1 + 5);
+        // Once the frames are older than CAUGHT_UP_FOR, who was caught up is forgotten too.
+        tokio::time::advance(CAUGHT_UP_FOR).await;
+        fanout.deliver(a, &frame(5), None, Some(5));
+        let recent = &fanout.state().recent[a];
+        assert_eq!(recent.frames.len(), 1);
+        assert!(recent.caught.is_empty(), "{:?}", recent.caught);
     }
 
     #[test]
