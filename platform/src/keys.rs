@@ -102,9 +102,40 @@ pub fn write_atomic(path: &Path, text: &[u8], mode: u32) -> Result<(), PlatformE
     Ok(())
 }
 
-/// Loads the keys from `data_dir`, creating the directory and any missing key on first start.
+/// Creates `data_dir` readable by its owner alone (0700), or takes group and other access
+/// away from one that allows it: the database in it holds every identity's secret, the
+/// admin's included, and sled creates its files readable by all (0644 under the usual umask).
+/// Returns the mode it had when it was changed.
+pub fn private_data_dir(data_dir: &Path) -> Result<Option<u32>, PlatformError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let io = |e| PlatformError::io(data_dir, e);
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(data_dir)
+        .map_err(io)?;
+    let mode = std::fs::metadata(data_dir)
+        .map_err(io)?
+        .permissions()
+        .mode()
+        & 0o7777;
+    if mode & 0o077 == 0 {
+        return Ok(None);
+    }
+    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(mode & 0o700))
+        .map_err(io)?;
+    Ok(Some(mode))
+}
+
+/// Loads the keys from `data_dir`, creating the directory (owner only, [`private_data_dir`])
+/// and any missing key on first start.
 pub fn load_or_create_keys(data_dir: &Path) -> Result<Keys, PlatformError> {
-    std::fs::create_dir_all(data_dir).map_err(|e| PlatformError::io(data_dir, e))?;
+    if let Some(was) = private_data_dir(data_dir)? {
+        tracing::warn!(
+            "data dir {} was open to other users (mode {was:04o}); made it 0700: its database holds every identity's secret",
+            data_dir.display()
+        );
+    }
     let key_path = platform_key_path(data_dir);
     let seed = match read_hex32(&key_path)? {
         Some(s) => s,
@@ -230,6 +261,26 @@ mod tests {
         assert_eq!(mode & 0o777, 0o600);
         let text = std::fs::read_to_string(public_key_path(dir.path())).unwrap();
         assert_eq!(text.trim(), a.public.to_hex());
+    }
+
+    /// Red-team pass of 2026-11-28: `serve` made its data dir 0755 and sled its database
+    /// 0644, so any local user could read every secret in it, the admin's included.
+    #[test]
+    fn the_data_dir_is_made_and_kept_readable_by_its_owner_alone() {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        let parent = tempfile::tempdir().unwrap();
+        let fresh = parent.path().join("a/data");
+        load_or_create_keys(&fresh).unwrap();
+        assert_eq!(mode(&fresh), 0o700);
+        let open = parent.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(private_data_dir(&open).unwrap(), Some(0o755));
+        assert_eq!(mode(&open), 0o700);
+        assert_eq!(private_data_dir(&open).unwrap(), None, "left as it is now");
+        load_or_create_keys(&open).unwrap();
+        assert_eq!(mode(&open), 0o700);
     }
 
     #[test]
