@@ -89,9 +89,9 @@ pub fn tally(
         ..Tally::default()
     };
     // A set: this runs at every evaluation, and a large rollout may have accepted thousands.
-    // By machine: a failure an operator resumed past stays accepted while the machine shows
-    // a failure, whatever it reports after, until a retry starts a new round for it
-    // ([`retried`]). Why: matched by phase and time, one machine's credentials re-reporting
+    // By machine: a failure an operator resumed past stays accepted, whatever the machine
+    // reports after (a success and then a new failure too), until a retry starts a new round
+    // for it ([`retried`]). Why: matched by phase and time, one machine's credentials re-reporting
     // its failure with a higher attempt (a final record may change that way, protocol §6.1)
     // made a new failure each time and paused the rollout again after every resume (red-team
     // test, 2026-11-28).
