@@ -255,12 +255,16 @@ pub async fn evaluate(ctx: &Ctx, release: &ReleaseId) -> Result<(), OpError> {
         }
         let info = known_release(rec, release)?;
         let t = tally_of(rec, &info, &r)?;
-        let before = (r.wave, r.state.clone());
+        let before = (r.wave, r.state.clone(), r.log.len());
+        let accepted = r.accepted.len();
         let effects = core::observe(&mut r, t, now_ms());
-        if (r.wave, r.state.clone()) == before {
+        if (r.wave, r.state.clone(), r.log.len()) == before {
+            if r.accepted.len() != accepted {
+                rec.put_rollout(&r)?;
+            }
             return Ok(false);
         }
-        for t in &r.log[r.log.len().saturating_sub(1)..] {
+        for t in &r.log[before.2..] {
             tracing::info!(release = %release, wave = t.wave + 1, what = %t.what, reason = %t.reason, "rollout");
         }
         rec.put_rollout(&r)?;

@@ -35,6 +35,9 @@ pub struct Tally {
     pub accepted: usize,
     /// Every failed machine's failure as its record shows it (what a resume accepts).
     pub failures: Vec<AcceptedFailure>,
+    /// Machines whose failure an operator accepted that now show a success: a failure of
+    /// theirs after it is a new one ([`observe`] forgets their acceptance).
+    pub recovered: Vec<MachineId>,
 }
 
 /// What a target record says of a machine, for the tally: its phase, and since when.
@@ -89,9 +92,10 @@ pub fn tally(
         ..Tally::default()
     };
     // A set: this runs at every evaluation, and a large rollout may have accepted thousands.
-    // By machine: a failure an operator resumed past stays accepted, whatever the machine
-    // reports after (a success and then a new failure too), until a retry starts a new round
-    // for it ([`retried`]). Why: matched by phase and time, one machine's credentials re-reporting
+    // By machine: a failure an operator resumed past stays accepted, whatever failure the
+    // machine reports after, until a retry starts a new round for it ([`retried`]) or it is
+    // seen succeeding (`recovered`; a success and a new failure between two evaluations look
+    // like the failure re-reported). Why: matched by phase and time, one machine's credentials re-reporting
     // its failure with a higher attempt (a final record may change that way, protocol §6.1)
     // made a new failure each time and paused the rollout again after every resume (red-team
     // test, 2026-11-28).
@@ -99,7 +103,12 @@ pub fn tally(
         r.accepted.iter().map(|a| &a.machine).collect();
     for m in notified {
         match record_of(m) {
-            Some(rec) if succeeded(rec.phase, download_only) => t.succeeded += 1,
+            Some(rec) if succeeded(rec.phase, download_only) => {
+                t.succeeded += 1;
+                if accepted.contains(m) {
+                    t.recovered.push(m.clone());
+                }
+            }
             Some(rec) if failed(rec.phase) => {
                 t.failed += 1;
                 let failure = AcceptedFailure {
@@ -186,6 +195,7 @@ pub fn observe(r: &mut RolloutInfo, t: Tally, now_ms: u64) -> Vec<Effect> {
     if r.state != RolloutState::Running {
         return vec![];
     }
+    retried(r, &t.recovered);
     let wave_no = r.wave + 1;
     // Failures an operator resumed past count for neither threshold: neither as failures nor
     // among the machines the shares are taken over.
@@ -573,6 +583,19 @@ mod tests {
             r.state,
             RolloutState::Running,
             "the same machine's failure again"
+        );
+
+        // The accepted machine is seen installed, then fails: a new failure (red-team pass,
+        // 2026-11-28: it was absorbed as the accepted one).
+        let (mut fleet, mut r, w1) = paused_and_resumed();
+        fleet.set(&w1[..1], Phase::Installed);
+        step(&mut r, &fleet, 3);
+        assert!(r.accepted.is_empty(), "{:?}", r.accepted);
+        fleet.set(&w1[..1], Phase::DownloadFailed);
+        step(&mut r, &fleet, 4);
+        assert_eq!(
+            reason(&r),
+            "wave 1: 1 of 2 machines failed (50%), above the failure threshold 0%"
         );
 
         // The accepted machine fails anew after a retry's new round: a new failure.
