@@ -105,7 +105,8 @@ pub fn write_atomic(path: &Path, text: &[u8], mode: u32) -> Result<(), PlatformE
 /// Creates `data_dir` readable by its owner alone (0700), or takes group and other access
 /// away from one that allows it: the database in it holds every identity's secret, the
 /// admin's included, and sled creates its files readable by all (0644 under the usual umask).
-/// Returns the mode it had when it was changed.
+/// Returns the mode it had when it was changed; one it cannot change (another user owns it) is
+/// left as it is, with a warning.
 pub fn private_data_dir(data_dir: &Path) -> Result<Option<u32>, PlatformError> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
     let io = |e| PlatformError::io(data_dir, e);
@@ -122,8 +123,15 @@ pub fn private_data_dir(data_dir: &Path) -> Result<Option<u32>, PlatformError> {
     if mode & 0o077 == 0 {
         return Ok(None);
     }
-    std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(mode & 0o700))
-        .map_err(io)?;
+    if let Err(e) =
+        std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(mode & 0o700))
+    {
+        tracing::warn!(
+            "data dir {} is open to other users (mode {mode:04o}) and cannot be made 0700 ({e}): its database holds every identity's secret",
+            data_dir.display()
+        );
+        return Ok(None);
+    }
     Ok(Some(mode))
 }
 
