@@ -1499,6 +1499,35 @@ mod tests {
         assert_eq!((stored(&server), frames_sent(&server)), (101, 5));
     }
 
+    /// `m` asks for chunk 0 (broadcast: its first copy) and, once the hold is over, again:
+    /// sent to it alone. The recorder is cleared after.
+    async fn chunk_sent_alone(
+        server: &mut ChunkServer,
+        f: &Fixture,
+        recorder: &Recorder,
+        m: &MachineId,
+        a: ArtifactId,
+    ) {
+        server
+            .handle(m, &ask(f, m, 1, a, false, vec![(0, 1)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            recorder.0.lock().unwrap().clone(),
+            [(FrameType::Chunk, 0, None)]
+        );
+        tokio::time::advance(RESEND_AFTER).await;
+        server
+            .handle(m, &ask(f, m, 2, a, false, vec![(0, 1)]))
+            .await
+            .unwrap();
+        assert_eq!(
+            recorder.0.lock().unwrap().last().cloned(),
+            Some((FrameType::Chunk, 0, Some(vec![m.to_string()])))
+        );
+        recorder.0.lock().unwrap().clear();
+    }
+
     /// The bypass a red-team pass found (2026-11-28): another machine waiting
     /// [`OTHERS_JOIN_AFTER`] for a chunk last sent to the asker alone, the asker asks for it
     /// again (held: it was just sent it). The other machine still gets it after
@@ -1510,16 +1539,7 @@ mod tests {
         let (mut server, a, vm1) = serving(&f);
         let vm2 = MachineId::new("vm-2").unwrap();
         let ms = Duration::from_millis;
-        server
-            .handle(&vm1, &ask(&f, &vm1, 1, a, false, vec![(0, 1)]))
-            .await
-            .unwrap();
-        tokio::time::advance(RESEND_AFTER).await;
-        server
-            .handle(&vm1, &ask(&f, &vm1, 2, a, false, vec![(0, 1)]))
-            .await
-            .unwrap();
-        recorder.0.lock().unwrap().clear();
+        chunk_sent_alone(&mut server, &f, &recorder, &vm1, a).await;
         // vm-2 asks first, then vm-1 again.
         tokio::time::advance(ms(5)).await;
         server
@@ -1552,21 +1572,7 @@ mod tests {
         let vm2 = MachineId::new("vm-2").unwrap();
         let ms = Duration::from_millis;
         let alone = |m: &str| Some(vec![m.to_string()]);
-        server
-            .handle(&vm1, &ask(&f, &vm1, 1, a, false, vec![(0, 1)]))
-            .await
-            .unwrap();
-        assert_eq!(
-            recorder.0.lock().unwrap().clone(),
-            [(FrameType::Chunk, 0, None)]
-        );
-        // After the broadcast's hold, vm-1 asks again: sent to it alone.
-        tokio::time::advance(RESEND_AFTER).await;
-        server
-            .handle(&vm1, &ask(&f, &vm1, 2, a, false, vec![(0, 1)]))
-            .await
-            .unwrap();
-        recorder.0.lock().unwrap().clear();
+        chunk_sent_alone(&mut server, &f, &recorder, &vm1, a).await;
         // Right after, vm-1 asks yet again (held: it was just sent it) and vm-2 asks.
         tokio::time::advance(ms(10)).await;
         server
