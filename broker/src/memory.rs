@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 /// reuse, and what passes through a process in bursts (a rollout's chunk frames, status
 /// batches) leaves them resident: the simulator of 1,000 machines held 2.7 GB after a 1 MiB
 /// rollout and 113 MB after one trim; `fleetcast serve` 126 MB after a rollout to 1,000
-/// machines, 103 MB when trimmed every second (docs/architecture.md, "Memory over many
+/// machines, 103 MB when trimmed every second (docs/capacity-notes.md, "Memory over many
 /// rollouts").
 pub async fn return_freed_memory(every: Duration, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(every);

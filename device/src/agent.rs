@@ -53,7 +53,7 @@ const FRAMES_QUEUED: usize = 32;
 /// download queues); the reader sheds none now, and with this headroom 220 were still dropped
 /// in one run (a download that does not read its queue at all fills these places too), so its
 /// own effect is not measured. What ended first attempts was mostly the platform's order of
-/// sending (docs/architecture.md).
+/// sending (docs/capacity-notes.md, "What the 10,000-machine rollout found").
 const MANIFEST_HEADROOM: usize = 4;
 
 /// Queues `frame` for a download unless its queue is full, or, for a chunk frame, has no more

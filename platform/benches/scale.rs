@@ -300,7 +300,7 @@ fn sim_root() -> Option<PathBuf> {
 /// which in tmpfs, beside the simulator's own peak of 10 GB, ran this 24 GB host out of memory;
 /// since slots are hard links it is about 10 GB, which fitted once with little room to spare).
 /// On one disk the agents' fsyncs wait behind those writes: compare with `SCALE_SIM_DIR=/dev/shm`
-/// (docs/architecture.md, Limits).
+/// (docs/capacity-notes.md, "Limits, as they were found").
 fn sim_root_for(n: usize) -> Option<PathBuf> {
     if n >= DISK_FROM && std::env::var_os("SCALE_SIM_DIR").is_none() {
         return None;
@@ -412,7 +412,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
     // 4. Rollouts. One feed for all of them, reading only what is new: reading the whole
     // event log before each rollout (to find its end) kept every event page sled read in
     // `serve`'s memory, and `serve` grew by the log's size, a rollout's worth each time
-    // (docs/architecture.md, "Memory over many rollouts").
+    // (docs/capacity-notes.md, "Memory over many rollouts").
     let app = Kind::new("app")?;
     let mut feed = EventFeed::at_end(&p).await?;
     for (i, bytes) in payloads.iter().enumerate() {

@@ -230,7 +230,7 @@ impl ChunkBudget {
     /// fetch now): a machine that moved on to a new release does not keep a record per
     /// artifact it fetched within the hour. Without it, ten releases in an hour kept ten per
     /// machine, the chunk server's part of `serve` growing with each rollout (heaptrack,
-    /// docs/architecture.md, "Memory over many rollouts").
+    /// docs/capacity-notes.md, "Memory over many rollouts").
     pub fn keep_only(&mut self, fetchable: &[ArtifactId]) {
         self.had.retain(|a, _| fetchable.contains(a));
     }

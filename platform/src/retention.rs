@@ -5,7 +5,7 @@
 //! `fleetcast events`), so the log grows with fleet size times rollouts: 50,000 events for ten
 //! rollouts to 1,000 machines, about 0.9 MB of records. Unbounded, it grows the disk for as long as
 //! the platform runs. Deleting does not give back the memory sled took for what it deleted
-//! (measured: docs/architecture.md, "Capacity"); the page cache's bound is what bounds that. What a machine ended with in each release stays in its target record, which
+//! (measured: docs/capacity-notes.md, "Memory over many rollouts"); the page cache's bound is what bounds that. What a machine ended with in each release stays in its target record, which
 //! retention does not touch.
 //!
 //! [`MachineLimits::events_kept`]: crate::limits::MachineLimits::events_kept
