@@ -1280,6 +1280,7 @@ fn apply_state(
     info.online = true;
     info.agent_version = Some(st.agent_version.clone());
     info.busy = st.busy;
+    info.key_gen = st.key_gen;
     // Group membership is the operator's (provisioning): a machine claiming a group it was
     // not given would otherwise become a target of that group's releases.
     let claimed: Vec<&GroupId> = st
@@ -1669,6 +1670,21 @@ mod tests {
             .history(&m("vm-1"), &Kind::new("k1-0").unwrap())
             .unwrap()
             .is_empty());
+    }
+
+    /// After `key rotate`, an operator sees who followed the chain: the machine record keeps
+    /// the key generation of the machine's last state, up or down.
+    #[test]
+    fn a_machine_record_shows_the_key_generation_its_last_state_trusts() {
+        let store = MemStore::new();
+        let mut st = state_with([]);
+        for (gen, now) in [(2, 5), (1, 6)] {
+            st.key_gen = gen;
+            store
+                .transaction(|tx| apply_state(tx, &m("vm-1"), &st, now))
+                .unwrap();
+            assert_eq!(store.machine(&m("vm-1")).unwrap().unwrap().key_gen, gen);
+        }
     }
 
     #[test]

@@ -938,6 +938,11 @@ pub struct MachineInfo {
     /// Set when an operator revoked the machine: it can no longer connect or report.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub revoked_at_ms: Option<u64>,
+    /// Generation of the platform key the machine said it trusts in its last state (§6.2
+    /// `key_gen`; 0 until it says otherwise): after `key rotate`, the machines still below the
+    /// new generation have not followed the key chain yet.
+    #[serde(default)]
+    pub key_gen: u32,
 }
 
 impl MachineInfo {
@@ -953,6 +958,7 @@ impl MachineInfo {
             busy: false,
             kinds: BTreeMap::new(),
             revoked_at_ms: None,
+            key_gen: 0,
         }
     }
 }

@@ -285,6 +285,7 @@ pub fn machines_text(machines: &[MachineInfo]) -> String {
                     versions.join(" ")
                 },
                 if m.busy { "busy" } else { "idle" }.into(),
+                m.key_gen.to_string(),
             ]
         })
         .collect();
@@ -296,6 +297,7 @@ pub fn machines_text(machines: &[MachineInfo]) -> String {
             "GROUPS",
             "VERSIONS",
             "BUSY",
+            "KEY GEN",
         ],
         &rows,
     )
@@ -318,6 +320,7 @@ mod tests {
             busy: false,
             kinds: Default::default(),
             revoked_at_ms: None,
+            key_gen: 1,
         };
         m.kinds.insert(
             Kind::new("app").unwrap(),
@@ -335,8 +338,8 @@ mod tests {
         );
         assert_eq!(
             machines_text(&[m]),
-            "MACHINE  ONLINE  LAST SEEN            GROUPS    VERSIONS                BUSY\n\
-             vm-001   yes     1970-01-01 00:00:03  shanghai  app=2.4.1 firmware=1.0  idle\n"
+            "MACHINE  ONLINE  LAST SEEN            GROUPS    VERSIONS                BUSY  KEY GEN\n\
+             vm-001   yes     1970-01-01 00:00:03  shanghai  app=2.4.1 firmware=1.0  idle  1\n"
         );
     }
 

@@ -282,6 +282,23 @@ async fn the_python_agent_follows_a_key_rotation_and_waits_for_activate() {
         serde_json::from_slice(&std::fs::read(dir.path().join("vm-rot-data/agent.json")).unwrap())
             .unwrap();
     assert_eq!(state["current"]["gen"], 1, "{state:#}");
+    // The operator sees that it followed: its record carries its state's key generation.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let gen = machines(&admin)
+            .await
+            .into_iter()
+            .find(|m| m.id.as_str() == "vm-rot")
+            .map(|m| m.key_gen);
+        if gen == Some(1) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "vm-rot's record: key_gen {gen:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     admin.close().await;
     platform.stop().await;
