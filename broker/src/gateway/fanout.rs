@@ -87,49 +87,133 @@ pub const CAUGHT_UP_FRAMES: usize = SESSION_QUEUE / 2;
 const WRITTEN_KEPT: usize = 32;
 
 /// The keys of the frames queued for one session and not yet written, and of the last ones
-/// written with when. The session's writer calls [`QueuedKeys::written`] after writing each
-/// frame.
+/// written with when and where in the connection's byte stream they end. The session's writer
+/// counts what it writes ([`QueuedKeys::count_sent`]) and calls [`QueuedKeys::written`] after
+/// writing each frame.
 #[derive(Debug, Default)]
-pub(crate) struct QueuedKeys(Mutex<Keys>);
+pub(crate) struct QueuedKeys {
+    keys: Mutex<Keys>,
+    /// Bytes the session's writer has written to the connection.
+    sent: AtomicU64,
+}
 
 #[derive(Debug, Default)]
 struct Keys {
     queued: HashSet<u64>,
-    /// Oldest first, at most [`WRITTEN_KEPT`].
-    written: std::collections::VecDeque<(u64, tokio::time::Instant)>,
+    /// Oldest first, at most [`WRITTEN_KEPT`]: key, when, and the connection's byte count at
+    /// the frame's end.
+    written: std::collections::VecDeque<(u64, tokio::time::Instant, u64)>,
+    /// The connection's socket while the session holds it (see [`QueuedKeys::forget_socket`]).
+    socket: Option<Socket>,
+}
+
+/// What a session's socket has not had taken by the machine's TCP yet.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Socket(#[cfg_attr(not(target_os = "linux"), allow(dead_code))] i32);
+
+impl Socket {
+    pub(crate) fn new(fd: i32) -> Self {
+        Self(fd)
+    }
+
+    /// Bytes written to the socket and not yet acknowledged by the peer (Linux `SIOCOUTQ`):
+    /// still in this host's send queue or on the wire. `None` where it cannot be told.
+    fn unacknowledged(self) -> Option<u64> {
+        #[cfg(target_os = "linux")]
+        {
+            let mut n: libc::c_int = 0;
+            // SAFETY: the fd is the session's open socket (`QueuedKeys::forget_socket` runs
+            // before the session drops it, under the same lock as this call), and TIOCOUTQ
+            // (SIOCOUTQ for a socket) writes one int through the pointer.
+            let r = unsafe { libc::ioctl(self.0, libc::TIOCOUTQ, &mut n) };
+            (r == 0 && n >= 0).then_some(n as u64)
+        }
+        #[cfg(not(target_os = "linux"))]
+        None
+    }
 }
 
 impl Keys {
-    /// Whether a frame of `key` is queued, or was written less than [`RECENTLY_WRITTEN`] ago.
-    fn holds(&self, key: u64, now: tokio::time::Instant) -> Option<Took> {
+    /// Whether a frame of `key` is queued, or on its way: written less than
+    /// [`RECENTLY_WRITTEN`] ago, or still in the connection's send queue (`sent`: the bytes
+    /// written to it so far). Why the send queue: on a slow link a frame waits there for much
+    /// longer than 2 s (512 KiB at 30 KB/s is 17 s), the machine's stall timeout runs out,
+    /// and its request for the frames it is waiting for had them all sent again: a 1 MiB
+    /// download behind a 30 KB/s link was written 26 chunk frames for 17 (2026-11-29).
+    fn holds(&self, key: u64, now: tokio::time::Instant, sent: u64) -> Option<Took> {
         if self.queued.contains(&key) {
             return Some(Took::AlreadyQueued);
         }
-        self.written
-            .iter()
-            .rev()
-            .take_while(|(_, at)| now.saturating_duration_since(*at) < RECENTLY_WRITTEN)
-            .any(|(k, _)| *k == key)
-            .then_some(Took::RecentlyWritten)
+        let mut acknowledged = None;
+        for (k, at, end) in self.written.iter().rev() {
+            if *k != key {
+                continue;
+            }
+            if now.saturating_duration_since(*at) < RECENTLY_WRITTEN {
+                return Some(Took::RecentlyWritten);
+            }
+            // Asked for once, and only for a frame of this key written earlier.
+            let acked = *acknowledged.get_or_insert_with(|| {
+                self.socket
+                    .and_then(Socket::unacknowledged)
+                    .map(|unacked| sent.saturating_sub(unacked))
+            });
+            if acked.is_some_and(|acked| *end > acked) {
+                return Some(Took::RecentlyWritten);
+            }
+        }
+        None
     }
 }
 
 impl QueuedKeys {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Keys> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    /// For a session on `socket` (`None`: frames are on their way for [`RECENTLY_WRITTEN`]
+    /// after their write, as where the socket cannot be asked).
+    pub(crate) fn new(socket: Option<Socket>) -> Self {
+        Self {
+            keys: Mutex::new(Keys {
+                socket,
+                ..Keys::default()
+            }),
+            sent: AtomicU64::new(0),
+        }
     }
 
-    /// The frame was written: the next one of its key is queued again once
-    /// [`RECENTLY_WRITTEN`] has passed.
+    fn lock(&self) -> std::sync::MutexGuard<'_, Keys> {
+        self.keys.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn holds(&self, key: u64, now: tokio::time::Instant) -> Option<Took> {
+        // Read before the socket is asked: bytes written in between count as not yet
+        // acknowledged, which errs towards "on its way".
+        let sent = self.sent.load(Ordering::Acquire);
+        self.lock().holds(key, now, sent)
+    }
+
+    /// `n` more bytes were written to the connection.
+    pub(crate) fn count_sent(&self, n: usize) {
+        self.sent.fetch_add(n as u64, Ordering::Release);
+    }
+
+    /// The frame was written: the next one of its key is queued again once it is no longer on
+    /// its way ([`Keys::holds`]).
     pub(crate) fn written(&self, frame: &Queued) {
         if let Some(key) = frame.key {
+            let end = self.sent.load(Ordering::Acquire);
             let mut keys = self.lock();
             keys.queued.remove(&key);
             if keys.written.len() == WRITTEN_KEPT {
                 keys.written.pop_front();
             }
-            keys.written.push_back((key, tokio::time::Instant::now()));
+            keys.written
+                .push_back((key, tokio::time::Instant::now(), end));
         }
+    }
+
+    /// The session is about to close its socket: never ask it again (its descriptor may be
+    /// another file's next).
+    pub(crate) fn forget_socket(&self) {
+        self.lock().socket = None;
     }
 }
 
@@ -166,7 +250,7 @@ impl Receiver {
     /// is queued for the session or was written to it less than [`RECENTLY_WRITTEN`] ago.
     fn lacks(&self, key: u64, now: tokio::time::Instant) -> bool {
         match &self.tx {
-            Queue::Bulk(_, keys) => keys.lock().holds(key, now).is_none(),
+            Queue::Bulk(_, keys) => keys.holds(key, now).is_none(),
             Queue::Control(_) => true,
         }
     }
@@ -185,8 +269,9 @@ impl Receiver {
             (Queue::Bulk(tx, keys), Some(k)) => {
                 // Held while queueing: the writer's `written` for an earlier frame of this key
                 // cannot come between the check and the insert.
+                let sent = keys.sent.load(Ordering::Acquire);
                 let mut keys = keys.lock();
-                if let Some(held) = keys.holds(k, tokio::time::Instant::now()) {
+                if let Some(held) = keys.holds(k, tokio::time::Instant::now(), sent) {
                     return held;
                 }
                 let sent = tx.try_send(Queued {
@@ -653,7 +738,7 @@ mod tests {
 
     fn bulk(n: usize) -> (Queue, mpsc::Receiver<Queued>, Arc<QueuedKeys>) {
         let (tx, rx) = mpsc::channel(n);
-        let keys = Arc::new(QueuedKeys::default());
+        let keys = Arc::new(QueuedKeys::new(None));
         (Queue::Bulk(tx, keys.clone()), rx, keys)
     }
 
@@ -920,6 +1005,67 @@ mod tests {
         assert_eq!(std::iter::from_fn(|| rx1.try_recv().ok()).count(), 2);
         let c = fanout.counts();
         assert_eq!((c.keyed_delivered, c.delivered), (keyed, keyed + 2));
+    }
+
+    /// A frame written more than [`RECENTLY_WRITTEN`] ago that the machine's TCP has not taken
+    /// yet (a slow link: it is still in the session's socket) is on its way, and is not queued
+    /// again when asked for; once the machine has read it, it is (it may have been dropped).
+    #[cfg(target_os = "linux")]
+    #[tokio::test(start_paused = true)]
+    async fn a_frame_still_in_the_sessions_socket_is_on_its_way() {
+        use std::os::fd::AsRawFd;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpSocket::new_v4().unwrap();
+        listener.set_send_buffer_size(256 * 1024).unwrap();
+        listener.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = listener.listen(1).unwrap();
+        // The machine's side: a receive buffer far smaller than the frame, read only later.
+        let machine = tokio::net::TcpSocket::new_v4().unwrap();
+        machine.set_recv_buffer_size(4096).unwrap();
+        let mut machine = machine
+            .connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (mut server, _) = listener.accept().await.unwrap();
+        let keys = Arc::new(QueuedKeys::new(Some(Socket::new(server.as_raw_fd()))));
+        let (tx, _rx) = mpsc::channel(8);
+        let fanout = Fanout::default();
+        let a = "fleet/artifacts/a/chunks";
+        fanout.subscribe(a, 1, "vm-1", Queue::Bulk(tx, keys.clone()));
+        let frame = Queued {
+            packet: Bytes::from(vec![7u8; 64 * 1024]),
+            key: Some(10),
+        };
+        server.write_all(&frame.packet).await.unwrap();
+        keys.count_sent(frame.packet.len());
+        keys.written(&frame);
+        tokio::time::advance(RECENTLY_WRITTEN * 3).await;
+        assert!(
+            fanout.lacking(a, &["vm-1"], 10).is_empty(),
+            "unread by the machine: on its way"
+        );
+        assert_eq!(fanout.lacking(a, &["vm-1"], 11), ["vm-1"], "another key");
+        let mut read = vec![0u8; frame.packet.len()];
+        machine.read_exact(&mut read).await.unwrap();
+        // The machine's acknowledgements reach the server's socket on their own time.
+        let mut lacking = Vec::new();
+        for _ in 0..200 {
+            lacking = fanout.lacking(a, &["vm-1"], 10);
+            if !lacking.is_empty() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(lacking, ["vm-1"], "read: it may have been dropped since");
+        // Written again and not read: on its way, until the session forgets its socket (it is
+        // closing); then it goes by the time alone.
+        server.write_all(&frame.packet).await.unwrap();
+        keys.count_sent(frame.packet.len());
+        keys.written(&frame);
+        tokio::time::advance(RECENTLY_WRITTEN).await;
+        assert!(fanout.lacking(a, &["vm-1"], 10).is_empty());
+        keys.forget_socket();
+        assert_eq!(fanout.lacking(a, &["vm-1"], 10), ["vm-1"]);
     }
 
     #[test]

@@ -473,8 +473,12 @@ async fn connection(
         tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
     let deadline = Instant::now() + shared.connect_timeout;
+    #[cfg(unix)]
+    let socket = Some(fanout::Socket::new(std::os::fd::AsRawFd::as_raw_fd(&tcp)));
+    #[cfg(not(unix))]
+    let socket = None;
     let Some(acceptor) = tls else {
-        return session::serve(shared, tcp, peer, (deadline, opening), shutdown).await;
+        return session::serve(shared, (tcp, socket), peer, (deadline, opening), shutdown).await;
     };
     let handshake = tokio::select! {
         _ = shutdown.cancelled() => return,
@@ -482,7 +486,16 @@ async fn connection(
         h = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => h,
     };
     match handshake {
-        Ok(Ok(stream)) => session::serve(shared, stream, peer, (deadline, opening), shutdown).await,
+        Ok(Ok(stream)) => {
+            session::serve(
+                shared,
+                (stream, socket),
+                peer,
+                (deadline, opening),
+                shutdown,
+            )
+            .await
+        }
         Ok(Err(e)) => tracing::info!(%peer, error = %e, "gateway TLS handshake failed"),
         Err(_) => tracing::info!(%peer, "gateway TLS handshake timed out"),
     }

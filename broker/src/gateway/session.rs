@@ -82,7 +82,7 @@ enum End {
 /// `opening` holds the connection's place among its address's opening ones until then.
 pub(super) async fn serve<S>(
     shared: Arc<Shared>,
-    client: S,
+    (client, socket): (S, Option<fanout::Socket>),
     peer: SocketAddr,
     (deadline, opening): (Instant, Place),
     shutdown: CancellationToken,
@@ -202,7 +202,10 @@ pub(super) async fn serve<S>(
     }
     tracing::debug!(%peer, client = %shown(&client_id), "gateway session open");
     let (inject, injected) = mpsc::channel(fanout::SESSION_QUEUE);
-    let queued = Arc::new(fanout::QueuedKeys::default());
+    let queued = Arc::new(fanout::QueuedKeys::new(socket));
+    // Dropped before `client_rd` and `client_wr` (declared after them), so before the socket
+    // closes: nothing asks its descriptor afterwards.
+    let _socket_closing = ForgetSocket(&queued);
     // The gateway's own answers (PINGRESP, local SUBACK), what the relay serves (notices,
     // commands, the key chain) and a machine's acks: never queued behind chunk frames.
     let (control, controls) = mpsc::channel(CONTROL_QUEUE);
@@ -223,10 +226,14 @@ pub(super) async fn serve<S>(
         limiter,
     };
     let (mut ended_by, _watcher) = watch_for_end(&stop, &claim);
+    let mut counted = Counted {
+        inner: &mut client_wr,
+        keys: &queued,
+    };
     let end = tokio::select! {
         e = &mut ended_by => e.unwrap_or(End::Closed("session ending")),
         e = session.client_to_router(&mut client_rd, &mut to_router, buf, connect.keep_alive) => e,
-        e = router_to_client(link_rx, &mut client_wr, (injected, &queued), controls, (&unacked, &unsubacks)) => e,
+        e = router_to_client(link_rx, &mut counted, (injected, &queued), controls, (&unacked, &unsubacks)) => e,
     };
     match &end {
         End::Disconnected | End::Dropped => to_router.close_after(vec![]).await,
@@ -1284,6 +1291,50 @@ where
         if unscheduled && link.wake().await.is_err() {
             return End::Dropped;
         }
+    }
+}
+
+/// Forgets the session's socket in its [`fanout::QueuedKeys`] when dropped.
+struct ForgetSocket<'a>(&'a fanout::QueuedKeys);
+
+impl Drop for ForgetSocket<'_> {
+    fn drop(&mut self) {
+        self.0.forget_socket();
+    }
+}
+
+/// A writer that counts what it writes into the session's [`fanout::QueuedKeys`], which tells
+/// with the socket's send queue which frames have not reached the machine yet.
+struct Counted<'a, W> {
+    inner: &'a mut W,
+    keys: &'a fanout::QueuedKeys,
+}
+
+impl<W: AsyncWrite + Unpin> AsyncWrite for Counted<'_, W> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let polled = std::pin::Pin::new(&mut *self.inner).poll_write(cx, buf);
+        if let std::task::Poll::Ready(Ok(n)) = &polled {
+            self.keys.count_sent(*n);
+        }
+        polled
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut *self.inner).poll_shutdown(cx)
     }
 }
 
