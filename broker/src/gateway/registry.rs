@@ -37,7 +37,8 @@ pub struct GatewayStats {
     /// machines x frames of the artifact, how well a rollout's broadcast worked.
     pub fanout_chunk_frames: u64,
     /// Chunk frames not queued again for a session that was written the same frame moments
-    /// before (`fanout::RECENTLY_WRITTEN`): it was on its way when its machine asked.
+    /// before (`fanout::RECENTLY_WRITTEN`) or whose socket still holds it: it was on its way
+    /// when its machine asked.
     pub fanout_recently_written: u64,
     /// Of `fanout_chunk_frames`, frames queued for a session when it subscribed (broadcast on
     /// the filter moments before).

@@ -265,7 +265,7 @@ pub async fn stats(args: StatsArgs, client: &ClientArgs) -> anyhow::Result<()> {
             g.active, g.connections, g.refused, g.violations
         );
         println!(
-            "gateway frames         {} delivered ({} chunk frames, {} of them on subscribing), {} dropped (queue full), {} already queued, {} written moments before; {} served, {} sessions closed unread",
+            "gateway frames         {} delivered ({} chunk frames, {} of them on subscribing), {} dropped (queue full), {} already queued, {} on their way (written moments before or still in the socket); {} served, {} sessions closed unread",
             g.frames_delivered, g.chunk_frames_delivered, g.frames_caught_up, g.frames_dropped, g.frames_already_queued, g.frames_recently_written, g.served, g.closed_unread
         );
     }
