@@ -399,6 +399,39 @@ const ACCEPT_BACKLOG: u32 = 8192;
 /// backlog. 256 KiB keeps a 100 ms link at 20 Mbit/s busy.
 const SEND_BUFFER: u32 = 256 * 1024;
 
+/// The socket counts as writable only while less than this is waiting in it unsent
+/// (`TCP_NOTSENT_LOWAT`), so at most this and one frame wait there, ahead of any answer.
+///
+/// Why: [`SEND_BUFFER`] bounds what the kernel holds, but it is still 512 KiB (the kernel
+/// doubles it), 52 s behind a 10 KB/s link: a PINGRESP written after it came later than the
+/// machine's 30 s keep-alive allowed, and the machine took the connection for dead in the
+/// middle of its download (scripts/slowlink.sh 10000 524288, 2026-11-29). With the unsent part
+/// kept low, what waits stays in the session's queues, where answers go first.
+const UNSENT_LOW: libc::c_int = 16 * 1024;
+
+fn keep_unsent_low(tcp: &TcpStream) -> std::io::Result<()> {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: setsockopt reads one int through the pointer, of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                tcp.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&UNSENT_LOW as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = tcp;
+    Ok(())
+}
+
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BrokerError> {
     let err = |source| BrokerError::Bind { addr, source };
     let socket = if addr.is_ipv4() {
@@ -472,6 +505,9 @@ async fn connection(
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
+    if let Err(e) = keep_unsent_low(&tcp) {
+        tracing::debug!(%peer, error = %e, "cannot set TCP_NOTSENT_LOWAT");
+    }
     let deadline = Instant::now() + shared.connect_timeout;
     #[cfg(unix)]
     let socket = Some(fanout::Socket::new(std::os::fd::AsRawFd::as_raw_fd(&tcp)));
@@ -504,6 +540,38 @@ async fn connection(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An accepted socket keeps at most `UNSENT_LOW` unsent before it stops counting as
+    /// writable.
+    #[cfg(target_os = "linux")]
+    #[tokio::test]
+    async fn an_accepted_socket_keeps_little_unsent() {
+        use std::os::fd::AsRawFd;
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (tcp, _) = listener.accept().await.unwrap();
+        let read = |tcp: &TcpStream| {
+            let mut v: libc::c_int = 0;
+            let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+            // SAFETY: getsockopt writes at most `len` bytes through the pointer.
+            let r = unsafe {
+                libc::getsockopt(
+                    tcp.as_raw_fd(),
+                    libc::IPPROTO_TCP,
+                    libc::TCP_NOTSENT_LOWAT,
+                    (&mut v as *mut libc::c_int).cast(),
+                    &mut len,
+                )
+            };
+            assert_eq!(r, 0);
+            v
+        };
+        assert_ne!(read(&tcp), UNSENT_LOW, "not the kernel's default");
+        keep_unsent_low(&tcp).unwrap();
+        assert_eq!(read(&tcp), UNSENT_LOW);
+    }
 
     #[test]
     fn internal_tokens_are_per_client_and_per_process() {

@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# One machine behind a slow link: how many chunk frames it is written for what it needs, and
+# how long its download takes against the link's own time for the bytes.
+#
+#   scripts/slowlink.sh [RATE_BYTES_PER_S] [SIZE_BYTES]     # default 30000 and 1048576
+#
+# Starts `fleetcast serve` (embedded broker) on a free loopback port, one real agent
+# (`fleetcast-device run`) connected through scripts/slowlink_proxy.py, releases a SIZE-byte
+# file to it, waits for `installed`, and prints the platform's counters. Release binaries from
+# target/release (built if missing). Stops everything it started.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RATE=${1:-30000}
+SIZE=${2:-1048576}
+[ -x target/release/fleetcast ] && [ -x target/release/fleetcast-device ] ||
+    cargo build --release --locked -q -p fleetcast-platform -p fleetcast-device
+BIN=${SLOWLINK_BIN:-target/release}
+DIR=$(mktemp -d -t fleetcast-slowlink.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$DIR"
+}
+trap cleanup EXIT INT TERM
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT=$(free_port)
+LINK=$(free_port)
+"$BIN/fleetcast" serve --data "$DIR/platform" --listen "127.0.0.1:$PORT" >"$DIR/serve.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do [ -s "$DIR/platform/admin.secret" ] && break; sleep 0.1; done
+sleep 0.5
+export FLEETCAST_BROKER="mqtt://127.0.0.1:$PORT"
+fc() { "$BIN/fleetcast" "$@" --admin-secret-file "$DIR/platform/admin.secret"; }
+fc machine provision vm-1 --groups g --data-dir "$DIR/vm-1" >"$DIR/vm-1.toml"
+chmod 600 "$DIR/vm-1.toml"
+sed -i "s#127.0.0.1:$PORT#127.0.0.1:$LINK#" "$DIR/vm-1.toml"
+python3 scripts/slowlink_proxy.py "$LINK" "$PORT" "$RATE" &
+PIDS+=($!)
+sleep 0.3
+"$BIN/fleetcast-device" run --config "$DIR/vm-1.toml" >"$DIR/agent.log" 2>&1 &
+PIDS+=($!)
+sleep 2
+head -c "$SIZE" /dev/urandom >"$DIR/a.bin"
+fc artifact upload "$DIR/a.bin" --kind app --version 1.0 >/dev/null
+R=$(fc release create --kind app --version 1.0 --policy immediate 2>/dev/null | grep -o 'r-[0-9]*' | head -1)
+start=$(date +%s.%N)
+fc release publish "$R" --machines vm-1 --yes >/dev/null
+phase=pending
+for _ in $(seq $((SIZE / RATE * 4 + 120))); do
+    phase=$(fc release status "$R" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["targets"][0]["phase"])')
+    case $phase in installed | download_failed | install_failed) break ;; esac
+    sleep 1
+done
+end=$(date +%s.%N)
+fc stats --json >"$DIR/stats.json"
+python3 - "$DIR/stats.json" "$SIZE" "$RATE" "$start" "$end" "$phase" "$DIR/agent.log" <<'PY'
+import json, math, sys
+stats, size, rate, start, end, phase, log = sys.argv[1:]
+s = json.load(open(stats))
+size, rate, took = int(size), float(rate), float(end) - float(start)
+chunks = math.ceil(size / 65536)
+needed = chunks + (1 if chunks > 1 else 0)  # the chunks and one manifest part
+written = s["gateway"]["chunk_frames_delivered"]
+lost = sum("connection lost" in line for line in open(log))
+print(f"link {rate / 1000:.0f} KB/s, file {size} bytes: {phase} after {took:.1f} s "
+      f"({took / (size / rate):.2f}x the link's own time for the file, {size / rate:.1f} s)")
+print(f"chunk frames written to the machine: {written} for {needed} needed ({written / needed:.2f}x); "
+      f"asked again and not sent (on their way): {s['chunk_frames_unneeded']}; connections lost: {lost}")
+PY

@@ -1,0 +1,64 @@
+#!/usr/bin/env python3
+"""A slow link for one machine: a TCP proxy from 127.0.0.1:LISTEN to 127.0.0.1:UPSTREAM that
+passes what the broker sends on at RATE bytes/s (an idle link saves up at most 16 KiB of
+burst) and what the machine sends at once.
+
+    scripts/slowlink_proxy.py LISTEN UPSTREAM RATE
+
+It reads from the broker only as fast as it forwards, through small buffers (16 KiB), so what
+waits for the link waits in the broker's socket, as it does behind a slow radio link. Used by
+scripts/slowlink.sh."""
+import asyncio
+import socket
+import sys
+import time
+
+LISTEN, UPSTREAM, RATE = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
+SMALL = 16 * 1024
+
+
+async def to_broker(r, w):
+    try:
+        while data := await r.read(65536):
+            w.write(data)
+            await w.drain()
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        w.close()
+
+
+async def to_machine(r, w):
+    # The link is free again at `free`; an idle link saves up at most SMALL bytes of burst.
+    free = time.monotonic()
+    try:
+        while data := await r.read(4096):
+            free = max(free, time.monotonic() - SMALL / RATE) + len(data) / RATE
+            w.write(data)
+            await w.drain()
+            wait = free - time.monotonic()
+            if wait > 0:
+                await asyncio.sleep(wait)
+    except (ConnectionError, OSError):
+        pass
+    finally:
+        w.close()
+
+
+async def handle(machine_r, machine_w):
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL)
+    s.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", UPSTREAM))
+    broker_r, broker_w = await asyncio.open_connection(sock=s)
+    machine_w.transport.set_write_buffer_limits(high=SMALL)
+    await asyncio.gather(to_broker(machine_r, broker_w), to_machine(broker_r, machine_w))
+
+
+async def main():
+    server = await asyncio.start_server(handle, "127.0.0.1", LISTEN)
+    async with server:
+        await server.serve_forever()
+
+
+asyncio.run(main())
