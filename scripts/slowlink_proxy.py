@@ -17,28 +17,19 @@ LISTEN, UPSTREAM, RATE = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3])
 SMALL = 16 * 1024
 
 
-async def to_broker(r, w):
+async def pipe(r, w, rate=None):
+    """Copies r to w; with `rate`, at most that many bytes a second (an idle link saves up at
+    most SMALL bytes of burst)."""
+    free = time.monotonic()  # when the link is free again
     try:
-        while data := await r.read(65536):
+        while data := await r.read(4096 if rate else 65536):
             w.write(data)
             await w.drain()
-    except (ConnectionError, OSError):
-        pass
-    finally:
-        w.close()
-
-
-async def to_machine(r, w):
-    # The link is free again at `free`; an idle link saves up at most SMALL bytes of burst.
-    free = time.monotonic()
-    try:
-        while data := await r.read(4096):
-            free = max(free, time.monotonic() - SMALL / RATE) + len(data) / RATE
-            w.write(data)
-            await w.drain()
-            wait = free - time.monotonic()
-            if wait > 0:
-                await asyncio.sleep(wait)
+            if rate:
+                free = max(free, time.monotonic() - SMALL / rate) + len(data) / rate
+                wait = free - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
     except (ConnectionError, OSError):
         pass
     finally:
@@ -52,7 +43,7 @@ async def handle(machine_r, machine_w):
     await asyncio.get_running_loop().sock_connect(s, ("127.0.0.1", UPSTREAM))
     broker_r, broker_w = await asyncio.open_connection(sock=s)
     machine_w.transport.set_write_buffer_limits(high=SMALL)
-    await asyncio.gather(to_broker(machine_r, broker_w), to_machine(broker_r, machine_w))
+    await asyncio.gather(pipe(machine_r, broker_w), pipe(broker_r, machine_w, RATE))
 
 
 async def main():
