@@ -136,10 +136,12 @@ impl Socket {
 impl Keys {
     /// Whether a frame of `key` is queued, or on its way: written less than
     /// [`RECENTLY_WRITTEN`] ago, or still in the connection's send queue (`sent`: the bytes
-    /// written to it so far). Why the send queue: on a slow link a frame waits there for much
-    /// longer than 2 s (512 KiB at 30 KB/s is 17 s), the machine's stall timeout runs out,
-    /// and its request for the frames it is waiting for had them all sent again: a 1 MiB
-    /// download behind a 30 KB/s link was written 26 chunk frames for 17 (2026-11-29).
+    /// written to it so far). Why the send queue: on a slow link a frame can stay there for
+    /// much longer than 2 s (unsent, or sent and not yet acknowledged), the machine's stall
+    /// timeout runs out, and its request for the frames it is waiting for had them all sent
+    /// again: a 1 MiB download behind a 30 KB/s link was written 26 chunk frames for 17, with
+    /// 512 KiB (17 s of that link) unsent in the socket (2026-11-29, before the unsent part
+    /// was kept low: `UNSENT_LOW` in the gateway's module).
     fn holds(&self, key: u64, now: tokio::time::Instant, sent: u64) -> Option<Took> {
         if self.queued.contains(&key) {
             return Some(Took::AlreadyQueued);
