@@ -2004,6 +2004,46 @@ async fn a_session_costs_one_descriptor_in_the_gateway() {
     );
 }
 
+/// Every connection the gateway accepts keeps little unsent in its socket
+/// (`TCP_NOTSENT_LOWAT`, 16 KiB), so chunk frames wait in the session's queues behind its
+/// answers instead of in the kernel. The accepted socket is found among this process's
+/// descriptors by its two addresses.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn an_accepted_connection_keeps_little_unsent_in_its_socket() {
+    use std::os::fd::FromRawFd;
+    let gw = start_gateway(|_| {}).await;
+    let raw = Raw::accepted(gw.plain(), "vm-1").await;
+    let ours = raw.stream.local_addr().unwrap();
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(fd) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        // SAFETY: the stream is never dropped, so the descriptor (which may belong to anything
+        // in this process, or be closed by now) is only asked, never closed.
+        let s = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+        if s.peer_addr().ok() != Some(ours) || s.local_addr().ok() != Some(gw.plain()) {
+            continue;
+        }
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes through the pointer.
+        let r = unsafe {
+            libc::getsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NOTSENT_LOWAT,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        found.push(v);
+    }
+    assert_eq!(found, [16 * 1024], "the accepted socket, once");
+}
+
 /// What would make rumqttd's router drop a session on its own (and then, racing with that
 /// session's next event, crash for everyone) is refused at the gateway: an acknowledgement of
 /// a packet id the client was never sent, and QoS 2 (fleetcast uses 0 and 1). A QoS 2
