@@ -2785,6 +2785,68 @@ async fn a_frame_still_queued_for_a_machine_is_not_queued_again_until_written() 
     assert_eq!(handle.stats().fanout_already_queued, 1);
 }
 
+/// A chunk frame written to a machine more than 2 s ago that the machine's TCP has not taken
+/// yet (a slow link: it is still in the gateway's socket) is on its way: asking for it again
+/// gets nothing. Once the machine has read it, asking again queues it again.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn a_frame_still_in_a_slow_machines_socket_is_not_sent_again() {
+    let gw = start_gateway(|_| {}).await;
+    let artifact = Topics::default().artifact_chunks(&ArtifactId::of(b"app v2"));
+    // A machine whose receive buffer is far smaller than a chunk frame, and which reads
+    // nothing for now.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut raw = Raw {
+        stream: socket.connect(gw.plain()).await.unwrap(),
+        buf: BytesMut::new(),
+    };
+    raw.send(Packet::Connect(login("vm-1", "vm-1", "pw-vm-1")))
+        .await;
+    assert!(matches!(raw.next().await, Some(Packet::ConnAck(_))));
+    let mut subscribe = Subscribe::new(&artifact, QoS::AtMostOnce);
+    subscribe.pkid = 1;
+    raw.send(Packet::Subscribe(subscribe)).await;
+    assert!(matches!(raw.next().await, Some(Packet::SubAck(_))));
+    let handle = gw.secured.handle();
+    // Smaller than what the socket takes unsent (16 KiB), so the whole frame is written into
+    // it; larger than what the machine's TCP takes unread.
+    let chunk = vec![3u8; 12 * 1024];
+    let only = Some(&["vm-1"][..]);
+    assert_eq!(handle.deliver_keyed(&artifact, &chunk, only, Some(3)), 1);
+    tokio::time::sleep(Duration::from_millis(2_100)).await;
+    assert!(
+        handle.lacking(&artifact, &["vm-1"], 3).is_empty(),
+        "written 2 s ago and still in the socket: on its way"
+    );
+    assert_eq!(handle.deliver_keyed(&artifact, &chunk, only, Some(3)), 1);
+    assert_eq!(
+        handle.stats().fanout_recently_written,
+        1,
+        "counted, not queued"
+    );
+    match tokio::time::timeout(WAIT, raw.next()).await {
+        Ok(Some(Packet::Publish(p))) => assert_eq!(p.payload.len(), chunk.len()),
+        other => panic!("expected the chunk, got {other:?}"),
+    }
+    // Read: the machine's TCP took it, and it may have been dropped since.
+    let mut lacking = Vec::new();
+    for _ in 0..200 {
+        lacking = handle.lacking(&artifact, &["vm-1"], 3);
+        if !lacking.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(lacking, ["vm-1"]);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), raw.next())
+            .await
+            .is_err(),
+        "one copy only"
+    );
+}
+
 /// A PINGRESP and a status ack wait behind at most the frame being written, not behind the
 /// machine's whole queue of chunk frames: written together, a full queue (4 MiB) refilled as
 /// it drained, and a machine reading at 70 KB/s (10,000 sharing one host) got its PINGRESP a
