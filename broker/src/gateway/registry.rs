@@ -59,6 +59,9 @@ pub(crate) struct Registry {
     connections: AtomicU64,
     /// The live session of each client id (see [`Registry::claim`]).
     client_ids: Mutex<HashMap<String, Claimed>>,
+    /// Names of the router sessions of clients whose id is not bounded by the fleet (see
+    /// [`RouterName`]).
+    router_names: Mutex<NamePool>,
     refused: AtomicU64,
     violations: AtomicU64,
     pub(crate) fanout: super::fanout::Fanout,
@@ -200,6 +203,16 @@ impl Registry {
         self.client_ids.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    fn router_names(&self) -> std::sync::MutexGuard<'_, NamePool> {
+        self.router_names.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// How many router names the pool has handed out at most at once ([`RouterName`]).
+    #[cfg(test)]
+    pub(crate) fn router_names_made(&self) -> u32 {
+        self.router_names().next
+    }
+
     /// Takes `client_id` for a new connection: the session that holds it now is told it was
     /// taken over, and this waits until it has ended (its last packets handed to the broker)
     /// for at most `wait`. None if that did not happen in time, or if a still newer connection
@@ -210,9 +223,13 @@ impl Registry {
     /// (`Scheduler::reschedule` unwraps) on a ready event for a session it no longer has,
     /// which stops the broker for everyone. Ending the old session first, and opening the new
     /// one only after, keeps every event of the old one ahead of the new one's CONNECT.
+    ///
+    /// `pooled`: the session opens on the router under a name of the gateway's pool rather than
+    /// `client_id` ([`RouterName`]).
     pub(crate) async fn claim(
         self: &Arc<Self>,
         client_id: &str,
+        pooled: bool,
         wait: std::time::Duration,
     ) -> Option<ClientClaim> {
         let session = self.next_id.fetch_add(1, Ordering::Relaxed);
@@ -233,11 +250,17 @@ impl Registry {
             );
             (previous, ended)
         };
+        let router_name = if pooled {
+            RouterName::pooled(self)
+        } else {
+            RouterName::Own(client_id.to_owned())
+        };
         let mut claim = ClientClaim {
             registry: self.clone(),
             client_id: client_id.to_owned(),
             session,
             takeover,
+            router_name,
             _ended: None,
         };
         if let Some(previous) = previous {
@@ -313,10 +336,17 @@ pub(crate) struct ClientClaim {
     client_id: String,
     session: u64,
     takeover: CancellationToken,
+    /// Dropped with the claim, so after the session's end has reached the router.
+    router_name: RouterName,
     _ended: Option<tokio::sync::OwnedMutexGuard<()>>,
 }
 
 impl ClientClaim {
+    /// The name the client's session has on the router.
+    pub(crate) fn router_name(&self) -> &str {
+        self.router_name.as_str()
+    }
+
     /// Resolves once a newer connection takes the client id (owns what it waits on, so it can
     /// be moved to a task of its own).
     pub(crate) fn taken_over(&self) -> tokio_util::sync::WaitForCancellationFutureOwned {
@@ -329,6 +359,68 @@ impl Drop for ClientClaim {
         let mut ids = self.registry.client_ids();
         if ids.get(&self.client_id).map(|c| c.session) == Some(self.session) {
             ids.remove(&self.client_id);
+        }
+    }
+}
+
+/// The client id a session has on rumqttd's router. rumqttd 0.20 remembers every client id it
+/// has seen, also of clean sessions (its "graveyard" keeps each one's last connection events),
+/// and forgets one only when the same id connects again. Machines connect as their own id,
+/// so what it keeps grows with the fleet; operators and integrators connect as
+/// `{user}.{random}`, a new id per CLI call, and each call left about 1.3 KiB in `serve` for
+/// good (a script calling `fleetcast stats` every 10 s: some 11 MB a day). Their sessions
+/// therefore open on the router under a name from a pool (`~0`, `~1`, ...: `~` is in no client
+/// id the gateway accepts), taken while the session lives and given back after its end has
+/// reached the router, so the router knows at most as many of them as were ever live at once.
+/// Nothing on the router depends on the name: the gateway checks every client's topics and
+/// publishes wills itself.
+enum RouterName {
+    Own(String),
+    Pooled {
+        registry: Arc<Registry>,
+        slot: u32,
+        name: String,
+    },
+}
+
+/// Free slots of [`RouterName`]s: the lowest free one is taken first, so the names in use
+/// stay as few as the most sessions live at once.
+#[derive(Default)]
+struct NamePool {
+    free: std::collections::BTreeSet<u32>,
+    next: u32,
+}
+
+impl RouterName {
+    fn pooled(registry: &Arc<Registry>) -> Self {
+        let slot = {
+            let mut pool = registry.router_names();
+            match pool.free.pop_first() {
+                Some(slot) => slot,
+                None => {
+                    pool.next += 1;
+                    pool.next - 1
+                }
+            }
+        };
+        RouterName::Pooled {
+            registry: registry.clone(),
+            slot,
+            name: format!("~{slot}"),
+        }
+    }
+
+    fn as_str(&self) -> &str {
+        match self {
+            RouterName::Own(name) | RouterName::Pooled { name, .. } => name,
+        }
+    }
+}
+
+impl Drop for RouterName {
+    fn drop(&mut self) {
+        if let RouterName::Pooled { registry, slot, .. } = self {
+            registry.router_names().free.insert(*slot);
         }
     }
 }
@@ -538,6 +630,34 @@ mod tests {
         // At 1,024 kept, a new one prunes: the held one and the new one stay, the rested
         // 1,023 go.
         assert_eq!(kept(), 2);
+    }
+
+    /// Operators' and integrators' sessions open on the router under names from a pool, the
+    /// lowest free first, given back when the claim goes: a new client id per CLI call does not
+    /// make a new name on the router. A machine's session keeps its own id.
+    #[tokio::test]
+    async fn sessions_of_clients_with_unbounded_ids_share_a_few_router_names() {
+        let r = Arc::new(Registry::default());
+        let wait = std::time::Duration::from_secs(1);
+        let a = r.claim("fleetcast-op-alice.x1", true, wait).await.unwrap();
+        let b = r.claim("fleetcast-op-alice.x2", true, wait).await.unwrap();
+        let m = r.claim("vm-1", false, wait).await.unwrap();
+        assert_eq!((a.router_name(), b.router_name()), ("~0", "~1"));
+        assert_eq!(m.router_name(), "vm-1");
+        drop(a);
+        for i in 0..100 {
+            let c = r
+                .claim(&format!("fleetcast-op-alice.y{i}"), true, wait)
+                .await
+                .unwrap();
+            assert_eq!(c.router_name(), "~0");
+        }
+        assert_eq!(r.router_names_made(), 2);
+        // A take-over: the newer connection of the same client id gets a name of its own,
+        // while the old session may still be ending on the router under its name.
+        let c = r.claim("fleetcast-op-alice.x2", true, wait);
+        let (c, ()) = tokio::join!(c, async { drop(b) });
+        assert_eq!(c.unwrap().router_name(), "~0");
     }
 
     #[test]

@@ -168,7 +168,11 @@ pub(super) async fn serve<S>(
     // A connection with a client id that is live takes it over: the old session ends first.
     let Some(claim) = shared
         .registry
-        .claim(&client_id, shared.connect_timeout)
+        .claim(
+            &client_id,
+            !matches!(principal, Principal::Machine { .. }),
+            shared.connect_timeout,
+        )
         .await
     else {
         if let Some(quiet_before) = should_log(&shared, &peer_key(peer)) {
@@ -406,7 +410,9 @@ async fn open_link(
     client_id: &str,
     claim: ClientClaim,
 ) -> Option<(ToRouter, LinkRx, ClientClaim)> {
-    let (links, id) = (shared.links.clone(), client_id.to_owned());
+    // Under the claim's name for the router, which for operators and integrators is not their
+    // client id (`registry::RouterName`).
+    let (links, id) = (shared.links.clone(), claim.router_name().to_owned());
     let mut opening = tokio::task::spawn_blocking(move || links.open(&id));
     match tokio::time::timeout(shared.connect_timeout, &mut opening).await {
         Ok(Ok(Ok((tx, rx)))) => Some((shared.feeder.attach(tx).await, rx, claim)),
