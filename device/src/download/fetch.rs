@@ -15,7 +15,7 @@
 //! writes in one [`Effect::Write`], so the edge makes one trip off the runtime per batch rather
 //! than per chunk.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::ops::ControlFlow::{self, Break, Continue};
 use std::time::{Duration, Instant};
 
@@ -108,7 +108,22 @@ pub struct Fetch {
     unsaved: bool,
     /// `None` before the first attempt and once each one ends.
     attempt: Option<Attempt>,
+    /// How long a chunk has lately taken to come, across attempts: the longest gap between two
+    /// verified chunks, shrunk by a quarter at each chunk that came sooner. It sets how long
+    /// an attempt waits without progress ([`Fetch::attempt_timeout`]).
+    chunk_time: Duration,
+    /// When the last chunk verified (the first attempt's start before any did).
+    last_chunk_at: Option<Instant>,
+    /// The gaps before the last [`RECENT_GAPS`] chunks: the shortest is what the link needs
+    /// for a chunk at least ([`Fetch::stall_time`]).
+    recent_gaps: VecDeque<Duration>,
 }
+
+/// Chunk gaps kept for [`Fetch::stall_time`].
+const RECENT_GAPS: usize = 4;
+
+/// The most an attempt waits without progress however slow the link has been.
+pub const MAX_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
 
 #[derive(Debug)]
 struct Attempt {
@@ -312,7 +327,36 @@ impl Fetch {
             unpersisted: 0,
             unsaved: false,
             attempt: None,
+            chunk_time: Duration::ZERO,
+            last_chunk_at: None,
+            recent_gaps: VecDeque::with_capacity(RECENT_GAPS),
         }
+    }
+
+    /// How long without progress before asking again: the attempt's wait ([`Wait::stall`]),
+    /// or, once two chunks have come, one and a half times the shortest of the last gaps
+    /// between chunks where that is longer, at most `tuning.attempt_timeout`. Why: on a slow
+    /// link every chunk takes that long to come, so a re-request sooner asks for chunks on
+    /// their way (a 64 KiB chunk takes 22 s at 3 KB/s, and the stall timeout doubles only to
+    /// 16 s); through an external broker each such request sends them again. The shortest of
+    /// several gaps, and capped: a chunk lost and asked for again makes one long gap, which
+    /// must not make the next loss wait longer.
+    fn stall_time(&self, wait: &Wait) -> Duration {
+        let stall = wait.stall(&self.tuning);
+        if self.recent_gaps.len() < 2 {
+            return stall;
+        }
+        let link = self.recent_gaps.iter().min().copied().unwrap_or_default() * 3 / 2;
+        stall.max(link.min(self.tuning.attempt_timeout))
+    }
+
+    /// How long an attempt goes without progress before it fails: `tuning.attempt_timeout`,
+    /// or four times the time a chunk has lately taken to come where that is longer (at most
+    /// [`MAX_ATTEMPT_TIMEOUT`]). Why: on a link of 2 KB/s (a weak GPRS signal) a 64 KiB chunk
+    /// takes 33 s to come, and a fixed 30 s failed every attempt just before its chunk came.
+    pub fn attempt_timeout(&self) -> Duration {
+        let floor = self.tuning.attempt_timeout;
+        (self.chunk_time * 4).clamp(floor, MAX_ATTEMPT_TIMEOUT.max(floor))
     }
 
     /// Whether a verified manifest is in (always, for a one-chunk artifact).
@@ -329,7 +373,16 @@ impl Fetch {
 
     /// Starts an attempt: reports where the download stands, then asks for the manifest or for
     /// a window of missing chunks (or is done at once when every chunk is already in).
+    #[cfg(test)]
     pub fn begin(&mut self, now: Instant) -> Vec<Effect> {
+        self.begin_with(now, Vec::new())
+    }
+
+    /// [`Fetch::begin`], first taking `carried`: frames that came after the last attempt
+    /// ended. Chunks among them are not asked for again (on a slow link, the one that came
+    /// just after the attempt timed out took most of it to come).
+    pub fn begin_with(&mut self, now: Instant, carried: Vec<Input>) -> Vec<Effect> {
+        self.last_chunk_at.get_or_insert(now);
         let mut out = vec![Effect::Report(self.progress())];
         let phase = match &self.verifier {
             Some(verifier) => Phase::chunks(verifier.clone(), HashMap::new()),
@@ -366,10 +419,20 @@ impl Fetch {
             ),
             phase,
         };
+        for input in carried {
+            if let Input::Frame { header, payload } = input {
+                if self
+                    .on_frame(&mut attempt, now, header, payload, &mut out)
+                    .is_break()
+                {
+                    return gather_writes(out);
+                }
+            }
+        }
         if self.fill_window(&mut attempt, now, &mut out).is_continue() {
             self.attempt = Some(attempt);
         }
-        out
+        gather_writes(out)
     }
 
     /// One input of the running attempt. Between attempts (after `Done` or `Fail`) inputs are
@@ -459,7 +522,7 @@ impl Fetch {
     fn stalled(&self, attempt: &Attempt) -> DownloadError {
         DownloadError::Stalled {
             artifact: self.artifact,
-            secs: self.tuning.attempt_timeout.as_secs(),
+            secs: self.attempt_timeout().as_secs(),
             have: self.have.count,
             chunks: self.layout.chunks,
             frames: attempt.frames,
@@ -650,6 +713,14 @@ impl Fetch {
         }
         outstanding.remove(&index);
         writing.insert(index);
+        if let Some(last) = self.last_chunk_at.replace(now) {
+            let gap = now.saturating_duration_since(last);
+            self.chunk_time = gap.max(self.chunk_time * 3 / 4);
+            if self.recent_gaps.len() == RECENT_GAPS {
+                self.recent_gaps.pop_front();
+            }
+            self.recent_gaps.push_back(gap);
+        }
         out.push(Effect::Write(vec![ChunkWrite {
             index,
             offset: self.layout.offset(index),
@@ -702,7 +773,7 @@ impl Fetch {
         out: &mut Vec<Effect>,
     ) -> ControlFlow<()> {
         let quiet = now.saturating_duration_since(attempt.wait.last_progress);
-        if quiet > self.tuning.attempt_timeout {
+        if quiet > self.attempt_timeout() {
             out.push(Effect::Fail(self.stalled(attempt)));
             return Break(());
         }
@@ -711,7 +782,7 @@ impl Fetch {
         // attempts, a 10,000-machine rollout on one busy host left 3,881 machines
         // `download_failed`; with this and the pauses between attempts, none).
         attempt.wait.calm(now, &self.tuning);
-        let stall = attempt.wait.stall(&self.tuning);
+        let stall = self.stall_time(&attempt.wait);
         if quiet <= stall {
             return Continue(());
         }
@@ -1458,6 +1529,95 @@ mod tests {
             show(&f.begin(at(32_000))),
             ["report 2048/10140", "ask [2, 3, 4, 5]"]
         );
+    }
+
+    /// On a slow link an attempt waits four times as long as chunks have lately taken to
+    /// come, where that is longer than the attempt timeout; once chunks come fast again the
+    /// timeout shrinks back to the tuning's.
+    #[test]
+    fn an_attempt_on_a_slow_link_waits_as_long_as_its_chunks_take() {
+        let at = clock();
+        let art = Art::new(10);
+        let mut f = art.resumed(tuning(), &[]);
+        f.begin(at(0));
+        assert_eq!(f.attempt_timeout(), Duration::from_secs(30));
+        // A chunk every 20 s (a 64 KiB chunk at about 3 KB/s).
+        deliver(&mut f, &art, at(20_000), 0);
+        deliver(&mut f, &art, at(40_000), 1);
+        assert_eq!(f.attempt_timeout(), Duration::from_secs(80));
+        // 30 s without a chunk no longer ends the attempt; 80 s does.
+        let out = f.handle(at(120_000), Input::Tick);
+        assert!(
+            !matches!(out.last(), Some(Effect::Fail(_))),
+            "{:?}",
+            show(&out)
+        );
+        let out = f.handle(at(120_100), Input::Tick);
+        let [Effect::Fail(DownloadError::Stalled {
+            secs: 80, have: 2, ..
+        })] = &out[..]
+        else {
+            panic!("{:?}", show(&out));
+        };
+        // Chunks that come fast again bring the timeout back down, a quarter per chunk.
+        let mut g = art.resumed(tuning(), &[]);
+        g.begin(at(0));
+        deliver(&mut g, &art, at(20_000), 0);
+        for (i, t) in (1..8).zip((20_100..).step_by(100)) {
+            deliver(&mut g, &art, at(t), i);
+        }
+        assert_eq!(g.attempt_timeout(), Duration::from_secs(30));
+        // However slow the link, an attempt gives up after MAX_ATTEMPT_TIMEOUT.
+        let mut h = art.resumed(tuning(), &[]);
+        h.begin(at(0));
+        deliver(&mut h, &art, at(3_600_000), 0);
+        assert_eq!(h.attempt_timeout(), MAX_ATTEMPT_TIMEOUT);
+    }
+
+    /// Once chunks have come 20 s apart (a slow link), the machine asks again only after 30 s
+    /// without one, not after the stall timeout (at most 8 s in this tuning): a re-request
+    /// sooner would ask for what is on its way.
+    #[test]
+    fn on_a_slow_link_the_machine_asks_again_only_after_a_chunks_time_and_a_half() {
+        let at = clock();
+        let art = Art::new(10);
+        let mut f = art.resumed(tuning(), &[]);
+        f.begin(at(0));
+        let mut slow: std::collections::VecDeque<(u64, u32)> = [(20_000, 0), (40_000, 1)].into();
+        let before = run(&mut f, &art, &at, (0, 40_000), &mut slow);
+        assert!(
+            !before.is_empty(),
+            "before two chunks came the stall timeout applies"
+        );
+        let after = run(&mut f, &art, &at, (40_200, 80_000), &mut Default::default());
+        assert_eq!(after.first().map(|(t, _)| *t), Some(70_200), "{after:?}");
+    }
+
+    /// Frames that came after an attempt ended are taken by the next one before it asks: the
+    /// chunk among them is written, not asked for again.
+    #[test]
+    fn a_chunk_that_came_between_attempts_is_not_asked_for_again() {
+        let at = clock();
+        let art = Art::new(10);
+        let mut f = art.resumed(tuning(), &[]);
+        assert_eq!(
+            show(&f.begin(at(0))),
+            ["report 0/10140", "ask [0, 1, 2, 3]"]
+        );
+        let out = f.handle(at(30_100), Input::Tick);
+        assert!(
+            matches!(out.last(), Some(Effect::Fail(_))),
+            "{:?}",
+            show(&out)
+        );
+        let out = f.begin_with(at(40_000), vec![art.chunk(0)]);
+        assert_eq!(
+            show(&out),
+            ["report 0/10140", "ask [1, 2, 3]", "write 0"],
+            "the carried chunk is written (writes go last) and not asked for"
+        );
+        let out = f.handle(at(40_001), written_input(&[0]));
+        assert_eq!(show(&out), ["ask [4]"]);
     }
 
     #[test]

@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fleetcast_proto::auth::{Purpose, Secret};
-use fleetcast_proto::chunk::{decode_frame, to_ranges, ChunkRequest, Layout};
+use fleetcast_proto::chunk::{decode_frame, to_ranges, ChunkRequest, FrameType, Layout};
 use fleetcast_proto::release::ArtifactRef;
 use fleetcast_proto::status::Progress;
 use fleetcast_proto::{ArtifactId, MachineId, Topics};
@@ -327,10 +327,11 @@ impl<'a> Staging<'a> {
         &self,
         fetch: &mut Fetch,
         frames: &mut mpsc::Receiver<Bytes>,
+        carried: Vec<Bytes>,
         cancel: &CancellationToken,
         report: &mut impl FnMut(Progress),
     ) -> Result<(), DownloadError> {
-        let result = self.drive(fetch, frames, cancel, report).await;
+        let result = self.drive(fetch, frames, carried, cancel, report).await;
         if result.is_err() {
             self.save_unsaved(fetch).await;
         }
@@ -350,12 +351,13 @@ impl<'a> Staging<'a> {
         &self,
         fetch: &mut Fetch,
         frames: &mut mpsc::Receiver<Bytes>,
+        carried: Vec<Bytes>,
         cancel: &CancellationToken,
         report: &mut impl FnMut(Progress),
     ) -> Result<(), DownloadError> {
         let mut saver = Saver::default();
         let result = self
-            .drive_saving(fetch, frames, cancel, report, &mut saver)
+            .drive_saving(fetch, frames, carried, cancel, report, &mut saver)
             .await;
         if result.is_err() {
             // What the transfer claimed is saved before the attempt's own best-effort save.
@@ -370,6 +372,7 @@ impl<'a> Staging<'a> {
         &self,
         fetch: &mut Fetch,
         frames: &mut mpsc::Receiver<Bytes>,
+        carried: Vec<Bytes>,
         cancel: &CancellationToken,
         report: &mut impl FnMut(Progress),
         saver: &mut Saver,
@@ -378,7 +381,8 @@ impl<'a> Staging<'a> {
             artifact: self.artifact,
         };
         let mut tick = tokio::time::interval(TICK);
-        let mut effects = fetch.begin(now());
+        let carried = carried.into_iter().filter_map(|f| self.decode(f)).collect();
+        let mut effects = fetch.begin_with(now(), carried);
         // A window's worth of frames at most per round: enough to write a burst in one trip
         // off the runtime, few enough that requests and ticks are not held up.
         let batch = self.ctx.tuning.window.max(1);
@@ -733,10 +737,10 @@ pub async fn download(
         return Ok(dest);
     }
     let (staging, mut fetch, first) = open_staging(ctx, artifact, &cancel).await?;
-    let (mut last, mut stalled) = (None, 0);
+    let (mut last, mut stalled, mut carried) = (None, 0, Vec::new());
     for attempt in first..=ctx.tuning.attempts {
         let result = match staging
-            .attempt(&mut fetch, &mut frames, &cancel, &mut |p| {
+            .attempt(&mut fetch, &mut frames, carried, &cancel, &mut |p| {
                 report(p, attempt)
             })
             .await
@@ -765,8 +769,7 @@ pub async fn download(
                         _ = tokio::time::sleep(pause) => {}
                     }
                 }
-                // Frames left from the failed attempt are stale.
-                while frames.try_recv().is_ok() {}
+                carried = after_the_attempt(&mut frames);
             }
         }
     }
@@ -775,6 +778,20 @@ pub async fn download(
     // and the agent's state need.
     staging.discard().await;
     Err((last.expect("at least one attempt"), ctx.tuning.attempts))
+}
+
+/// The frames that came after an attempt ended, for the next one: its chunks and manifest
+/// parts, which on a slow link took most of the attempt to come (the next attempt asks for
+/// none of them again). The platform's error frames were answers to the failed attempt, and
+/// are dropped.
+fn after_the_attempt(frames: &mut mpsc::Receiver<Bytes>) -> Vec<Bytes> {
+    let mut kept = Vec::new();
+    while let Ok(frame) = frames.try_recv() {
+        if !matches!(decode_frame(&frame), Ok((h, _)) if h.frame_type == FrameType::Error) {
+            kept.push(frame);
+        }
+    }
+    kept
 }
 
 /// Opens the staging file, trying again after a pause when the file system refuses (each
@@ -818,6 +835,36 @@ fn retry_pause(tuning: &Tuning, stalled: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Between attempts, chunks and manifest parts that came are kept for the next attempt;
+    /// the platform's error frames (answers to the failed one) are not.
+    #[test]
+    fn frames_after_an_attempt_are_kept_but_the_platforms_errors() {
+        use fleetcast_proto::chunk::{encode_frame, FrameHeader};
+        let artifact = ArtifactId::of(b"x");
+        let frame = |frame_type, index| {
+            let header = FrameHeader {
+                frame_type,
+                artifact,
+                index,
+                total: 4,
+            };
+            Bytes::from(encode_frame(&header, b"payload"))
+        };
+        let (tx, mut rx) = mpsc::channel(8);
+        let sent = [
+            frame(FrameType::Chunk, 1),
+            frame(FrameType::Error, 0),
+            frame(FrameType::Manifest, 0),
+            frame(FrameType::Chunk, 2),
+        ];
+        for f in &sent {
+            tx.try_send(f.clone()).unwrap();
+        }
+        let kept = after_the_attempt(&mut rx);
+        assert_eq!(kept, [sent[0].clone(), sent[2].clone(), sent[3].clone()]);
+        assert!(rx.try_recv().is_err(), "the queue is emptied");
+    }
 
     #[test]
     fn the_pause_after_a_stalled_attempt_doubles_each_time_and_is_drawn_around_it() {
