@@ -3,6 +3,8 @@
 # how long its download takes against the link's own time for the bytes.
 #
 #   scripts/slowlink.sh [RATE_BYTES_PER_S] [SIZE_BYTES]     # default 30000 and 1048576
+#   SLOWLINK_KEEP_ALIVE=120 scripts/slowlink.sh 3000 262144  # the machine's keep_alive_secs
+#   SLOWLINK_CHUNK=16384 scripts/slowlink.sh 2000 262144     # the artifact's chunk size
 #
 # Starts `fleetcast serve` (embedded broker) on a free loopback port, one real agent
 # (`fleetcast-device run`) connected through scripts/slowlink_proxy.py, releases a SIZE-byte
@@ -34,6 +36,8 @@ export FLEETCAST_BROKER="mqtt://127.0.0.1:$PORT"
 fc() { "$BIN/fleetcast" "$@" --admin-secret-file "$DIR/platform/admin.secret"; }
 fc machine provision vm-1 --groups g --data-dir "$DIR/vm-1" >"$DIR/vm-1.toml"
 chmod 600 "$DIR/vm-1.toml"
+# SLOWLINK_KEEP_ALIVE=S: the machine's keep_alive_secs (docs/device.md, "Slow links").
+[ -n "${SLOWLINK_KEEP_ALIVE:-}" ] && sed -i "1i keep_alive_secs = $SLOWLINK_KEEP_ALIVE" "$DIR/vm-1.toml"
 sed -i "s#127.0.0.1:$PORT#127.0.0.1:$LINK#" "$DIR/vm-1.toml"
 python3 scripts/slowlink_proxy.py "$LINK" "$PORT" "$RATE" &
 PIDS+=($!)
@@ -42,7 +46,8 @@ sleep 0.3
 PIDS+=($!)
 sleep 2
 head -c "$SIZE" /dev/urandom >"$DIR/a.bin"
-fc artifact upload "$DIR/a.bin" --kind app --version 1.0 >/dev/null
+CHUNK=${SLOWLINK_CHUNK:-65536}
+fc artifact upload "$DIR/a.bin" --kind app --version 1.0 --chunk-size "$CHUNK" >/dev/null
 R=$(fc release create --kind app --version 1.0 --policy immediate 2>/dev/null | grep -o 'r-[0-9]*' | head -1)
 start=$(date +%s.%N)
 fc release publish "$R" --machines vm-1 --yes >/dev/null
@@ -54,13 +59,14 @@ for _ in $(seq $((SIZE / RATE * 4 + 120))); do
 done
 end=$(date +%s.%N)
 fc stats --json >"$DIR/stats.json"
-python3 - "$DIR/stats.json" "$SIZE" "$RATE" "$start" "$end" "$phase" "$DIR/agent.log" <<'PY'
+python3 - "$DIR/stats.json" "$SIZE" "$RATE" "$start" "$end" "$phase" "$DIR/agent.log" "$CHUNK" <<'PY'
 import json, math, sys
-stats, size, rate, start, end, phase, log = sys.argv[1:]
+stats, size, rate, start, end, phase, log, chunk = sys.argv[1:]
 s = json.load(open(stats))
 size, rate, took = int(size), float(rate), float(end) - float(start)
-chunks = math.ceil(size / 65536)
-needed = chunks + (1 if chunks > 1 else 0)  # the chunks and one manifest part
+chunks = math.ceil(size / int(chunk))
+parts = math.ceil(chunks * 32 / int(chunk)) if chunks > 1 else 0  # manifest parts, a chunk each
+needed = chunks + parts
 written = s["gateway"]["chunk_frames_delivered"]
 lost = sum("connection lost" in line for line in open(log))
 print(f"link {rate / 1000:.0f} KB/s, file {size} bytes: {phase} after {took:.1f} s "

@@ -236,6 +236,7 @@ pub async fn run_with(
         Some(&config.secret.mqtt_password()),
     );
     mqtt.set_clean_session(true);
+    mqtt.set_keep_alive(Duration::from_secs(config.keep_alive_secs.into()));
     mqtt.set_last_will(LastWill::new(
         topics.online(&config.machine),
         "false",

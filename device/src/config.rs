@@ -104,6 +104,17 @@ fn default_broker() -> String {
     fleetcast_broker::client::DEFAULT_BROKER.to_owned()
 }
 
+fn default_keep_alive() -> u16 {
+    fleetcast_broker::client::KEEP_ALIVE.as_secs() as u16
+}
+
+fn is_default_keep_alive(secs: &u16) -> bool {
+    *secs == default_keep_alive()
+}
+
+/// The keep-alives `keep_alive_secs` may name.
+pub const KEEP_ALIVE_RANGE: std::ops::RangeInclusive<u16> = 10..=1200;
+
 /// Unknown keys are refused: a misspelt key would otherwise be ignored silently.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -126,6 +137,14 @@ pub struct MachineConfig {
     /// brokers; without it the system's roots are used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ca_file: Option<PathBuf>,
+    /// The MQTT keep-alive, in seconds ([`KEEP_ALIVE_RANGE`]). Every PINGRESP must come within
+    /// it, behind whatever the link still carries, or the agent takes the connection for dead:
+    /// on a link slower than about 5 KB/s that is longer than the default 30 s (docs/device.md).
+    #[serde(
+        default = "default_keep_alive",
+        skip_serializing_if = "is_default_keep_alive"
+    )]
+    pub keep_alive_secs: u16,
     pub data_dir: PathBuf,
     /// The lock file sales and installs exclude each other with (docs/device.md): the vending
     /// application holds a shared `flock` on it while serving a customer, the agent an
@@ -236,6 +255,18 @@ impl MachineConfig {
                 &["ca_file"],
                 e,
                 "name a PEM file holding the CA certificate that signed the broker's, readable by the user the agent runs as",
+            );
+        }
+        if !KEEP_ALIVE_RANGE.contains(&self.keep_alive_secs) {
+            add(
+                &["keep_alive_secs"],
+                format!(
+                    "keep_alive_secs = {} is outside {} to {}",
+                    self.keep_alive_secs,
+                    KEEP_ALIVE_RANGE.start(),
+                    KEEP_ALIVE_RANGE.end()
+                ),
+                "use 30 (the default) on a good link, 120 or more on a link slower than about 5 KB/s (docs/device.md)",
             );
         }
         if let Err(e) = self.check_topic_prefix() {
@@ -355,6 +386,7 @@ impl MachineConfig {
             topic_prefix: p.topic_prefix.clone(),
             broker: broker.to_owned(),
             ca_file: None,
+            keep_alive_secs: default_keep_alive(),
             data_dir,
             sale_lock: None,
             utc_offset_minutes: 0,
@@ -901,6 +933,28 @@ mod tests {
         let err = MachineConfig::load(dir.path().join("absent.toml")).unwrap_err();
         assert!(err.to_string().contains("absent.toml"), "{err}");
         assert!(err.to_string().contains("fix: create it"), "{err}");
+    }
+
+    /// The keep-alive defaults to the one every fleetcast client asks for, a slow link's
+    /// longer one is kept, and one outside 10-1200 s is refused at its line.
+    #[test]
+    fn the_keep_alive_is_30_s_unless_set_and_must_be_10_to_1200() {
+        let (_dir, result) = load_with("");
+        let c = result.unwrap();
+        assert_eq!(c.keep_alive_secs, 30);
+        assert!(
+            !c.to_toml().contains("keep_alive_secs"),
+            "a default is not written"
+        );
+        let (_dir, result) = load_with("keep_alive_secs = 180\n");
+        let c = result.unwrap();
+        assert_eq!(c.keep_alive_secs, 180);
+        assert!(c.to_toml().contains("keep_alive_secs = 180"));
+        for bad in ["5", "1201", "0"] {
+            let (p, message) = problem(&format!("keep_alive_secs = {bad}\n"));
+            assert_eq!(p.at, Some((5, 1)), "{message}");
+            assert!(p.what.contains("outside 10 to 1200"), "{message}");
+        }
     }
 
     #[test]
