@@ -183,6 +183,38 @@ pub fn remove_unused(
     Ok(removed)
 }
 
+/// Allocates the staging file's blocks before anything is fetched, so a disk without room for
+/// the artifact fails the download at once, before the link has carried a byte of it. Why:
+/// with a sparse file the write that filled the disk found out, after most of the artifact had
+/// come (on a metered cellular link, paid for, and again at every retry). A file system that
+/// cannot allocate ahead keeps the sparse file. Blocks already written are left as they are,
+/// so a resumed download loses nothing.
+fn reserve(file: &std::fs::File, len: u64) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let Ok(len) = libc::off_t::try_from(len) else {
+        return Ok(());
+    };
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: fallocate on a descriptor this function borrows; mode 0 allocates the range's
+    // holes and changes no data.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, len) } == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::EOPNOTSUPP | libc::ENOSYS) => Ok(()),
+        _ => Err(e),
+    }
+}
+
+/// Whether `e` is the disk being full: trying again at once or after a pause will not help
+/// until someone frees space, and the operator should hear of it now.
+fn is_disk_full(e: &DownloadError) -> bool {
+    matches!(e, DownloadError::Io { error, .. } if error.kind() == std::io::ErrorKind::StorageFull)
+}
+
 fn io_error(
     artifact: ArtifactId,
     op: &'static str,
@@ -301,6 +333,7 @@ impl<'a> Staging<'a> {
             .map_err(io_error(id, "open", &part_path))?;
         file.set_len(layout.size)
             .map_err(io_error(id, "size", &part_path))?;
+        reserve(&file, layout.size).map_err(io_error(id, "reserve space for", &part_path))?;
         let had_state = saved.is_some();
         let fetch = Fetch::resume(id, layout, tuning, saved);
         tracing::debug!(
@@ -796,8 +829,9 @@ fn after_the_attempt(frames: &mut mpsc::Receiver<Bytes>) -> Vec<Bytes> {
 
 /// Opens the staging file, trying again after a pause when the file system refuses (each
 /// try counts as an attempt, paused as after a stalled one): a passing "too many open files"
-/// or a disk that a moment later has room again must not end the job at once. A bad layout
-/// fails at once. Returns the staging, the transfer, and the attempt the transfer starts as.
+/// must not end the job at once. A disk without room for the artifact ([`reserve`]) and a bad
+/// layout fail at once: the operator hears of the full disk now, and retries the release once
+/// there is room. Returns the staging, the transfer, and the attempt the transfer starts as.
 async fn open_staging<'a>(
     ctx: &'a DownloadContext,
     artifact: &ArtifactRef,
@@ -807,7 +841,9 @@ async fn open_staging<'a>(
     loop {
         match Staging::open(ctx, artifact).await {
             Ok((staging, fetch)) => return Ok((staging, fetch, attempt)),
-            Err(e @ DownloadError::Io { .. }) if attempt < ctx.tuning.attempts => {
+            Err(e @ DownloadError::Io { .. })
+                if attempt < ctx.tuning.attempts && !is_disk_full(&e) =>
+            {
                 let pause = retry_pause(&ctx.tuning, attempt);
                 tracing::warn!(machine = %ctx.machine, artifact = %artifact.id.short(), attempt, next_in_s = pause.as_secs(), "download attempt failed: {e}");
                 tokio::select! {
@@ -835,6 +871,31 @@ fn retry_pause(tuning: &Tuning, stalled: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The staging file's blocks are allocated when it opens (a sparse file takes none), and
+    /// what was written before stays.
+    #[test]
+    fn the_staging_file_is_reserved_whole_and_keeps_what_it_holds() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.part");
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        file.set_len(1 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&file, b"kept", 4096).unwrap();
+        assert!(file.metadata().unwrap().blocks() * 512 < 1 << 20);
+        reserve(&file, 1 << 20).unwrap();
+        assert!(file.metadata().unwrap().blocks() * 512 >= 1 << 20);
+        let mut back = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&file, &mut back, 4096).unwrap();
+        assert_eq!(&back, b"kept");
+        assert_eq!(file.metadata().unwrap().len(), 1 << 20);
+    }
 
     /// Between attempts, chunks and manifest parts that came are kept for the next attempt;
     /// the platform's error frames (answers to the failed one) are not.

@@ -411,8 +411,9 @@ fn staged(data: &Path, artifact: &ArtifactId) -> Vec<String> {
 }
 
 /// The machine's data dir is a 2 MiB file system and the new version is 3 MiB: the download
-/// fails with the reason, the old version stays current and running, the partial download is
-/// removed, and once there is space the operator's retry succeeds. Needs root (a tmpfs mount);
+/// fails with the reason before a byte of it is fetched (its space is reserved first), the old
+/// version stays current and running, the partial download is removed, and once there is space
+/// the operator's retry succeeds. Needs root (a tmpfs mount);
 /// skipped with the reason otherwise.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_fails_the_download_with_the_reason_keeps_the_old_version_and_cleans_up() {
@@ -427,9 +428,21 @@ async fn a_full_disk_fails_the_download_with_the_reason_keeps_the_old_version_an
     };
     let mut f = Field::start(Some(data.clone())).await;
     let (v2, r2) = f.release(V2, 3 * 1024 * 1024, 6).await;
+    let fetched = || async {
+        match f.platform.request(AdminOp::Stats).await {
+            AdminReply::Stats { stats } => (stats.chunk_requests, stats.chunk_bytes_sent),
+            other => panic!("unexpected reply to stats: {other:?}"),
+        }
+    };
+    let before = fetched().await;
     f.platform.publish(&r2, &f.machine).await;
 
     let t = f.wait_phase(&r2, Phase::DownloadFailed).await;
+    assert_eq!(
+        fetched().await,
+        before,
+        "chunks were asked for and sent for an artifact the disk has no room for"
+    );
     let error = t.error.clone().unwrap_or_default();
     assert!(
         error.contains("No space left on device"),
