@@ -230,20 +230,7 @@ pub async fn run_with(
     );
     let trust = TrustedKey::starting_point(config.configured_key(), store.platform_key());
     let topics = Topics::new(&config.topic_prefix);
-    let mut mqtt = client::options(
-        &url,
-        config.machine.as_str(),
-        Some(&config.secret.mqtt_password()),
-    );
-    mqtt.set_clean_session(true);
-    mqtt.set_keep_alive(Duration::from_secs(config.keep_alive_secs.into()));
-    mqtt.set_last_will(LastWill::new(
-        topics.online(&config.machine),
-        "false",
-        QoS::AtLeastOnce,
-        true,
-    ));
-    let (client, eventloop) = client::connect_machine(mqtt, 1024);
+    let (client, eventloop) = client::connect_machine(mqtt_options(&config, &url, &topics), 1024);
     let (mqtt_tx, mut mqtt_rx) = mpsc::channel(MQTT_EVENTS_QUEUED);
     let driver_stop = CancellationToken::new();
     // Chunk frames beyond what the agent keeps up with are dropped by the driver and asked for
@@ -1070,6 +1057,29 @@ fn subscriptions<'a>(
     filters
 }
 
+/// The agent's MQTT session: its machine's credentials, a clean session, the keep-alive of its
+/// config, and `online = false` as its will.
+fn mqtt_options(
+    config: &MachineConfig,
+    url: &fleetcast_broker::BrokerUrl,
+    topics: &Topics,
+) -> rumqttc::MqttOptions {
+    let mut mqtt = client::options(
+        url,
+        config.machine.as_str(),
+        Some(&config.secret.mqtt_password()),
+    );
+    mqtt.set_clean_session(true);
+    mqtt.set_keep_alive(Duration::from_secs(config.keep_alive_secs.into()));
+    mqtt.set_last_will(LastWill::new(
+        topics.online(&config.machine),
+        "false",
+        QoS::AtLeastOnce,
+        true,
+    ));
+    mqtt
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1084,6 +1094,37 @@ mod tests {
             total: 1,
         };
         Bytes::from(encode_frame(&header, b"payload"))
+    }
+
+    /// The session asks the broker for the config's keep-alive, and carries the machine's
+    /// credentials and its will.
+    #[test]
+    fn the_session_asks_for_the_configured_keep_alive() {
+        use fleetcast_proto::admin::ProvisionedMachine;
+        use fleetcast_proto::auth::{PlatformKey, Secret};
+        let p = ProvisionedMachine {
+            machine: MachineId::new("vm-001").unwrap(),
+            groups: vec![],
+            secret: Secret::from_bytes([7; 32]),
+            platform_key: PlatformKey::from_seed([1; 32]).public(),
+            platform_key_gen: 0,
+            topic_prefix: "fleet".into(),
+        };
+        let mut config =
+            MachineConfig::from_provisioned(&p, "mqtt://127.0.0.1:1883", "/tmp/x".into());
+        let url = config.broker_url().unwrap();
+        let topics = Topics::new(&config.topic_prefix);
+        let default = mqtt_options(&config, &url, &topics);
+        assert_eq!(default.keep_alive(), Duration::from_secs(30));
+        config.keep_alive_secs = 180;
+        let slow = mqtt_options(&config, &url, &topics);
+        assert_eq!(slow.keep_alive(), Duration::from_secs(180));
+        assert_eq!(slow.client_id(), "vm-001");
+        assert!(slow.clean_session());
+        assert_eq!(
+            slow.last_will().map(|w| w.topic),
+            Some(topics.online(&config.machine))
+        );
     }
 
     #[test]
