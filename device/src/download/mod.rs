@@ -872,21 +872,26 @@ fn retry_pause(tuning: &Tuning, stalled: u32) -> Duration {
 mod tests {
     use super::*;
 
+    /// A staging file of `len` bytes in `dir`, open for reading and writing.
+    fn part_file(dir: &tempfile::TempDir, len: u64) -> std::fs::File {
+        let file = std::fs::File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("a.part"))
+            .unwrap();
+        file.set_len(len).unwrap();
+        file
+    }
+
     /// The staging file's blocks are allocated when it opens (a sparse file takes none), and
     /// what was written before stays.
     #[test]
     fn the_staging_file_is_reserved_whole_and_keeps_what_it_holds() {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.part");
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(1 << 20).unwrap();
+        let file = part_file(&dir, 1 << 20);
         std::os::unix::fs::FileExt::write_all_at(&file, b"kept", 4096).unwrap();
         assert!(file.metadata().unwrap().blocks() * 512 < 1 << 20);
         reserve(&file, 1 << 20).unwrap();
@@ -1168,15 +1173,7 @@ mod tests {
     #[test]
     fn chunks_written_together_land_at_their_offsets() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("a.part");
-        let file = std::fs::File::options()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
-        file.set_len(40).unwrap();
+        let file = part_file(&dir, 40);
         let chunk = |index: u32, fill: u8, len: usize| ChunkWrite {
             index,
             offset: index as u64 * 10,
@@ -1192,6 +1189,6 @@ mod tests {
         expected[..10].fill(b'a');
         expected[20..24].fill(b'c');
         expected[30..].fill(b'd');
-        assert_eq!(std::fs::read(&path).unwrap(), expected);
+        assert_eq!(std::fs::read(dir.path().join("a.part")).unwrap(), expected);
     }
 }
