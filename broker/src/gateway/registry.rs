@@ -367,8 +367,9 @@ impl Drop for ClientClaim {
 /// has seen, also of clean sessions (its "graveyard" keeps each one's last connection events),
 /// and forgets one only when the same id connects again. Machines connect as their own id,
 /// so what it keeps grows with the fleet; operators and integrators connect as
-/// `{user}.{random}`, a new id per CLI call, and each call left about 1.3 KiB in `serve` for
-/// good (a script calling `fleetcast stats` every 10 s: some 11 MB a day). Their sessions
+/// `{user}.{random}`, a new id per CLI call, and each call left 0.8 KiB of `serve`'s memory for
+/// good (a script calling `fleetcast stats` every 10 s: some 7 MB a day; 0.06 KiB per call with
+/// the pool, docs/benchmarks.md). Their sessions
 /// therefore open on the router under a name from a pool (`~0`, `~1`, ...: `~` is in no client
 /// id the gateway accepts), taken while the session lives and given back after its end has
 /// reached the router, so the router knows at most as many of them as were ever live at once.
