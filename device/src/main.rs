@@ -76,6 +76,10 @@ enum Cmd {
         /// CA certificate (PEM) to pin for an mqtts:// broker.
         #[arg(long)]
         ca_file: Option<PathBuf>,
+        /// Every machine's MQTT keep-alive in seconds (10 to 1200; default 30): 120 for a fleet
+        /// on links of a few KB/s (docs/device.md, "Slow links").
+        #[arg(long, value_parser = clap::value_parser!(u16).range(10..=1200))]
+        keep_alive_secs: Option<u16>,
     },
 }
 
@@ -155,6 +159,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             fail_health,
             topic_prefix,
             ca_file,
+            keep_alive_secs,
         } => {
             // One socket per simulated machine, and the files their agents write.
             let needed = fleetcast_device::simulate::open_files_needed(count);
@@ -180,6 +185,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 start_index,
                 fail_health,
                 ca_file,
+                keep_alive_secs,
             };
             fleetcast_device::simulate::run(opts, ctrl_c_token()).await?;
         }

@@ -50,6 +50,9 @@ pub struct SimulateOptions {
     pub fail_health: Vec<String>,
     /// CA certificate (PEM) to pin for an mqtts:// broker (the CLI's and every machine's).
     pub ca_file: Option<PathBuf>,
+    /// Every machine's `keep_alive_secs` (the config's default when `None`): a fleet on slow
+    /// links (docs/device.md, "Slow links").
+    pub keep_alive_secs: Option<u16>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,6 +213,9 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
                 MachineConfig::from_provisioned(&provisioned, &opts.broker, dir.clone());
             config.initial_versions = opts.initial_versions.clone();
             config.ca_file = opts.ca_file.clone();
+            if let Some(secs) = opts.keep_alive_secs {
+                config.keep_alive_secs = secs;
+            }
             let path = dir.join("machine.toml");
             let toml = config.to_toml().into_bytes();
             writes.spawn(async move {

@@ -146,6 +146,7 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
             start_index: 1,
             fail_health: vec![],
             ca_file: None,
+            keep_alive_secs: None,
         },
         token.clone(),
     ));

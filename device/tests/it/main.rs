@@ -1348,6 +1348,7 @@ async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
         start_index,
         fail_health: vec![],
         ca_file: None,
+        keep_alive_secs: None,
     };
     let run_until_online = |opts: fleetcast_device::SimulateOptions| {
         let online = online.clone();
@@ -1391,16 +1392,24 @@ async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
         assert_eq!(cfg.groups, vec![g(group)], "{name}");
         assert_eq!(cfg.data_dir, dir.path().join(name));
         assert_eq!(cfg.initial_versions[&app()], "1.0.0");
+        assert_eq!(cfg.keep_alive_secs, 30, "{name}: the default keep-alive");
         assert!(
             records().contains(name),
             "{name} is recorded: {}",
             records()
         );
     }
-    // Started again on its own data dir, it takes its machines back (with new secrets).
+    // Started again on its own data dir, it takes its machines back (with new secrets), here
+    // as a fleet on slow links.
     let before = secret_of("vm-001");
-    run_until_online(opts(dir.path(), 3, 1)).await;
+    run_until_online(fleetcast_device::SimulateOptions {
+        keep_alive_secs: Some(120),
+        ..opts(dir.path(), 3, 1)
+    })
+    .await;
     assert_ne!(secret_of("vm-001"), before, "provisioned again with rotate");
+    let cfg = MachineConfig::load(dir.path().join("vm-002").join("machine.toml")).unwrap();
+    assert_eq!(cfg.keep_alive_secs, 120);
 
     // It never takes over a machine it did not create: a real one...
     let kept = secret_of("vm-001");

@@ -779,6 +779,7 @@ fn simulated(
         start_index: 1,
         fail_health: vec![],
         ca_file: None,
+        keep_alive_secs: None,
     }
 }
 

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# A fleet on slow links: N simulated machines, each on a link of its own at RATE bytes/s, and one
+# release of SIZE bytes to their group. Prints how long until all are `installed` against the
+# link's own time for the file, chunk frames written against needed, and lost connections.
+#
+#   scripts/slowfleet.sh [RATE_BYTES_PER_S] [SIZE_BYTES] [MACHINES]   # default 10000 262144 50
+#   SLOWFLEET_KEEP_ALIVE=120 scripts/slowfleet.sh 3000                # the machines' keep-alive
+#
+# Starts `fleetcast serve` (embedded broker) on a free loopback port, scripts/slowlink_proxy.py
+# in front of it (each connection through it gets RATE on its own), and `fleetcast-device
+# simulate` through the proxy. Release binaries from target/release (built if missing). Stops
+# everything it started. One machine, with its own log: scripts/slowlink.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+RATE=${1:-10000}
+SIZE=${2:-262144}
+N=${3:-50}
+[ -x target/release/fleetcast ] && [ -x target/release/fleetcast-device ] ||
+    cargo build --release --locked -q -p fleetcast-platform -p fleetcast-device
+BIN=${SLOWLINK_BIN:-target/release}
+DIR=$(mktemp -d -t fleetcast-slowfleet.XXXXXX)
+PIDS=()
+cleanup() {
+    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
+    rm -rf "$DIR"
+}
+trap cleanup EXIT INT TERM
+free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+PORT=$(free_port)
+LINK=$(free_port)
+"$BIN/fleetcast" serve --data "$DIR/platform" --listen "127.0.0.1:$PORT" >"$DIR/serve.log" 2>&1 &
+PIDS+=($!)
+for _ in $(seq 100); do [ -s "$DIR/platform/admin.secret" ] && break; sleep 0.1; done
+sleep 0.5
+export FLEETCAST_BROKER="mqtt://127.0.0.1:$PORT"
+fc() { "$BIN/fleetcast" "$@" --admin-secret-file "$DIR/platform/admin.secret"; }
+python3 scripts/slowlink_proxy.py "$LINK" "$PORT" "$RATE" &
+PIDS+=($!)
+sleep 0.3
+"$BIN/fleetcast-device" simulate --count "$N" --groups g --data "$DIR/sim" \
+    --broker "mqtt://127.0.0.1:$LINK" --admin-secret-file "$DIR/platform/admin.secret" \
+    --initial app=0.9 ${SLOWFLEET_KEEP_ALIVE:+--keep-alive-secs "$SLOWFLEET_KEEP_ALIVE"} \
+    >"$DIR/sim.log" 2>&1 &
+PIDS+=($!)
+online=0
+for _ in $(seq $((N / 10 + 60))); do
+    online=$(fc machines --json | python3 -c 'import json, sys; print(sum(m["online"] for m in json.load(sys.stdin)))')
+    [ "$online" -ge "$N" ] && break
+    sleep 1
+done
+[ "$online" -ge "$N" ] || { echo "only $online of $N machines came online" >&2; exit 1; }
+head -c "$SIZE" /dev/urandom >"$DIR/a.bin"
+fc artifact upload "$DIR/a.bin" --kind app --version 1.0 >/dev/null
+R=$(fc release create --kind app --version 1.0 --policy immediate 2>/dev/null | grep -o 'r-[0-9]*' | head -1)
+start=$(date +%s.%N)
+fc release publish "$R" --groups g --yes >/dev/null
+for _ in $(seq $((SIZE / RATE * 6 + 300))); do
+    finished=$(fc release status "$R" --json | python3 -c 'import json, sys; print(json.load(sys.stdin)["progress"]["finished"])')
+    [ "$finished" -ge "$N" ] && break
+    sleep 1
+done
+end=$(date +%s.%N)
+fc release status "$R" --json >"$DIR/status.json"
+fc stats --json >"$DIR/stats.json"
+python3 - "$DIR/stats.json" "$DIR/status.json" "$SIZE" "$RATE" "$start" "$end" "$N" "$DIR/sim.log" <<'PY'
+import json, math, sys
+stats, status, size, rate, start, end, n, log = sys.argv[1:]
+s, st = json.load(open(stats)), json.load(open(status))
+size, rate, n, took = int(size), float(rate), int(n), float(end) - float(start)
+chunks = math.ceil(size / 65536)
+needed = n * (chunks + (1 if chunks > 1 else 0))  # each machine: the chunks and one manifest part
+written = s["gateway"]["chunk_frames_delivered"]
+lost = sum("connection lost" in line for line in open(log))
+print(f"{n} machines, each on a {rate / 1000:.0f} KB/s link, file {size} bytes: {st['progress']['phases']} "
+      f"after {took:.1f} s ({took / (size / rate):.2f}x the link's own time for the file, {size / rate:.1f} s)")
+print(f"chunk frames written to the machines: {written} for {needed} needed ({written / needed:.2f}x); "
+      f"the platform sent {s['chunk_frames_sent']} frames; connections lost: {lost}")
+PY
