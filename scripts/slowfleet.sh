@@ -15,29 +15,7 @@ cd "$(dirname "$0")/.."
 RATE=${1:-10000}
 SIZE=${2:-262144}
 N=${3:-50}
-[ -x target/release/fleetcast ] && [ -x target/release/fleetcast-device ] ||
-    cargo build --release --locked -q -p fleetcast-platform -p fleetcast-device
-BIN=${SLOWLINK_BIN:-target/release}
-DIR=$(mktemp -d -t fleetcast-slowfleet.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$DIR"
-}
-trap cleanup EXIT INT TERM
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-PORT=$(free_port)
-LINK=$(free_port)
-"$BIN/fleetcast" serve --data "$DIR/platform" --listen "127.0.0.1:$PORT" >"$DIR/serve.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do [ -s "$DIR/platform/admin.secret" ] && break; sleep 0.1; done
-sleep 0.5
-export FLEETCAST_BROKER="mqtt://127.0.0.1:$PORT"
-fc() { "$BIN/fleetcast" "$@" --admin-secret-file "$DIR/platform/admin.secret"; }
-python3 scripts/slowlink_proxy.py "$LINK" "$PORT" "$RATE" &
-PIDS+=($!)
-sleep 0.3
+. scripts/slowlink_common.sh
 "$BIN/fleetcast-device" simulate --count "$N" --groups g --data "$DIR/sim" \
     --broker "mqtt://127.0.0.1:$LINK" --admin-secret-file "$DIR/platform/admin.secret" \
     --initial app=0.9 ${SLOWFLEET_KEEP_ALIVE:+--keep-alive-secs "$SLOWFLEET_KEEP_ALIVE"} \

@@ -14,34 +14,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 RATE=${1:-30000}
 SIZE=${2:-1048576}
-[ -x target/release/fleetcast ] && [ -x target/release/fleetcast-device ] ||
-    cargo build --release --locked -q -p fleetcast-platform -p fleetcast-device
-BIN=${SLOWLINK_BIN:-target/release}
-DIR=$(mktemp -d -t fleetcast-slowlink.XXXXXX)
-PIDS=()
-cleanup() {
-    for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-    for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-    rm -rf "$DIR"
-}
-trap cleanup EXIT INT TERM
-free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-PORT=$(free_port)
-LINK=$(free_port)
-"$BIN/fleetcast" serve --data "$DIR/platform" --listen "127.0.0.1:$PORT" >"$DIR/serve.log" 2>&1 &
-PIDS+=($!)
-for _ in $(seq 100); do [ -s "$DIR/platform/admin.secret" ] && break; sleep 0.1; done
-sleep 0.5
-export FLEETCAST_BROKER="mqtt://127.0.0.1:$PORT"
-fc() { "$BIN/fleetcast" "$@" --admin-secret-file "$DIR/platform/admin.secret"; }
+. scripts/slowlink_common.sh
 fc machine provision vm-1 --groups g --data-dir "$DIR/vm-1" >"$DIR/vm-1.toml"
 chmod 600 "$DIR/vm-1.toml"
 # SLOWLINK_KEEP_ALIVE=S: the machine's keep_alive_secs (docs/device.md, "Slow links").
 [ -n "${SLOWLINK_KEEP_ALIVE:-}" ] && sed -i "1i keep_alive_secs = $SLOWLINK_KEEP_ALIVE" "$DIR/vm-1.toml"
 sed -i "s#127.0.0.1:$PORT#127.0.0.1:$LINK#" "$DIR/vm-1.toml"
-python3 scripts/slowlink_proxy.py "$LINK" "$PORT" "$RATE" &
-PIDS+=($!)
-sleep 0.3
 "$BIN/fleetcast-device" run --config "$DIR/vm-1.toml" >"$DIR/agent.log" 2>&1 &
 PIDS+=($!)
 sleep 2
