@@ -139,7 +139,8 @@ pub struct MachineConfig {
     pub ca_file: Option<PathBuf>,
     /// The MQTT keep-alive, in seconds ([`KEEP_ALIVE_RANGE`]). Every PINGRESP must come within
     /// it, behind whatever the link still carries, or the agent takes the connection for dead:
-    /// on a link slower than about 5 KB/s that is longer than the default 30 s (docs/device.md).
+    /// at 2 KB/s a 64 KiB chunk frame alone takes 33 s, longer than the default 30 s (and
+    /// behind a deep network queue faster links wait as long; docs/device.md).
     #[serde(
         default = "default_keep_alive",
         skip_serializing_if = "is_default_keep_alive"
@@ -266,7 +267,7 @@ impl MachineConfig {
                     KEEP_ALIVE_RANGE.start(),
                     KEEP_ALIVE_RANGE.end()
                 ),
-                "use 30 (the default) on a good link, 120 or more on a link slower than about 5 KB/s (docs/device.md)",
+                "use 30 (the default) on a good link, 120 or more on a link of a few KB/s (docs/device.md)",
             );
         }
         if let Err(e) = self.check_topic_prefix() {

@@ -353,7 +353,8 @@ impl Fetch {
     /// How long an attempt goes without progress before it fails: `tuning.attempt_timeout`,
     /// or four times the time a chunk has lately taken to come where that is longer (at most
     /// [`MAX_ATTEMPT_TIMEOUT`]). Why: on a link of 2 KB/s (a weak GPRS signal) a 64 KiB chunk
-    /// takes 33 s to come, and a fixed 30 s failed every attempt just before its chunk came.
+    /// takes 33 s to come, and a fixed 30 s gave attempts up just before their chunk came (behind
+    /// a deep network queue, every attempt: the download failed).
     pub fn attempt_timeout(&self) -> Duration {
         let floor = self.tuning.attempt_timeout;
         (self.chunk_time * 4).clamp(floor, MAX_ATTEMPT_TIMEOUT.max(floor))
