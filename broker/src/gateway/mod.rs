@@ -30,9 +30,10 @@
 //!   socket and no second MQTT encoding per client. The gateway answers CONNECT itself, hands
 //!   each allowed packet to the router parsed, and encodes what the router delivers (only what
 //!   the checked subscriptions match, so nothing on the way out is checked). It enforces the
-//!   keep-alive (1.5 x) and publishes the client's will when the connection ends without
-//!   DISCONNECT. One descriptor per client instead of three (client socket, gateway -> rumqttd
-//!   socket, rumqttd's end of it): 10,000 machines fit under a 20,000 open-file limit.
+//!   keep-alive (1.5 x, at most [`MAX_KEEP_ALIVE`]) and publishes the client's will when the
+//!   connection ends without DISCONNECT. One descriptor per client instead of three (client
+//!   socket, gateway -> rumqttd socket, rumqttd's end of it): 10,000 machines fit under a
+//!   20,000 open-file limit.
 //! - **Inbound rate limits** per principal kind ([`InboundLimits`]): over the limit the gateway
 //!   delays forwarding and stops reading (TCP backpressure), it never disconnects. Machines,
 //!   integrators and operators are limited by default (operators generously: they upload
@@ -176,6 +177,12 @@ impl InboundLimits {
     }
 }
 
+/// The longest keep-alive the gateway honours (20 minutes, the longest a machine may set): a
+/// client asking for more, or for none (0, which MQTT 3.1.1 allows), is closed after 1.5 x this
+/// without a packet. Without a bound, a connection whose peer vanished without a FIN (power
+/// cut, NAT entry dropped) would hold its socket and session until `serve` restarted.
+pub const MAX_KEEP_ALIVE: u16 = 1200;
+
 /// How to run rumqttd behind the gateway.
 #[derive(Clone)]
 pub struct SecureBrokerSettings {
@@ -187,6 +194,9 @@ pub struct SecureBrokerSettings {
     pub limits: InboundLimits,
     /// How long a new connection has for its TLS handshake and CONNECT.
     pub connect_timeout: Duration,
+    /// The longest keep-alive the gateway honours, in seconds ([`MAX_KEEP_ALIVE`]): a client
+    /// asking for more, or for none (0), is held to this one.
+    pub max_keep_alive: u16,
     /// rumqttd's sizing. Its `listen` and `auth` are ignored: rumqttd always listens on a free
     /// loopback port and admits only the gateway's internal credentials.
     pub broker: BrokerSettings,
@@ -209,6 +219,7 @@ impl SecureBrokerSettings {
             topics,
             limits: InboundLimits::default(),
             connect_timeout: Duration::from_secs(10),
+            max_keep_alive: MAX_KEEP_ALIVE,
             broker,
         }
     }
@@ -245,6 +256,7 @@ struct Shared {
     feeder: feeder::Feeder,
     limits: InboundLimits,
     connect_timeout: Duration,
+    max_keep_alive: u16,
     registry: Arc<Registry>,
     /// Refusals and violations: a few lines per user name (or peer address) per minute, and
     /// at most [`logs::CLIENT_LINES_PER_MINUTE`] in all.
@@ -313,6 +325,7 @@ pub async fn start_secured(
         feeder: feeder::Feeder::start(broker.links()).map_err(BrokerError::Thread)?,
         limits: settings.limits,
         connect_timeout: settings.connect_timeout,
+        max_keep_alive: settings.max_keep_alive,
         registry: registry.clone(),
         log_gate: logs::LogLimit::default(),
         opening: Default::default(),

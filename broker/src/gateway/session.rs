@@ -236,7 +236,7 @@ pub(super) async fn serve<S>(
     };
     let end = tokio::select! {
         e = &mut ended_by => e.unwrap_or(End::Closed("session ending")),
-        e = session.client_to_router(&mut client_rd, &mut to_router, buf, connect.keep_alive) => e,
+        e = session.client_to_router(&mut client_rd, &mut to_router, buf, keep_alive(connect.keep_alive, shared.max_keep_alive)) => e,
         e = router_to_client(link_rx, &mut counted, (injected, &queued), controls, (&unacked, &unsubacks)) => e,
     };
     match &end {
@@ -474,6 +474,16 @@ fn will_publish(will: LastWill) -> Result<Packet, FrameError> {
         .map_err(|e| FrameError::Malformed(e.to_string()))
 }
 
+/// The keep-alive a session is held to: the client's, or `max` when it asks for none (0, which
+/// MQTT 3.1.1 §3.1.2.10 allows) or for more.
+fn keep_alive(asked: u16, max: u16) -> u16 {
+    if asked == 0 {
+        max
+    } else {
+        asked.min(max)
+    }
+}
+
 fn disconnect() -> Packet {
     Packet::Disconnect(
         Disconnect {
@@ -675,8 +685,7 @@ impl Session<'_> {
     where
         R: AsyncRead + Unpin,
     {
-        // MQTT 3.1.1 §3.1.2.10: 0 turns the keep-alive off.
-        let idle = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        let idle = Duration::from_millis(u64::from(keep_alive) * 1500);
         let mut packets = Vec::new();
         loop {
             while let Some(frame) = match frames::next_frame(&buf) {
@@ -822,12 +831,9 @@ impl Session<'_> {
             if buf.is_empty() && buf.capacity() > KEEP {
                 buf = BytesMut::with_capacity(CLIENT_READ);
             }
-            let read = match idle {
-                Some(idle) => match tokio::time::timeout(idle, rd.read_buf(&mut buf)).await {
-                    Ok(read) => read,
-                    Err(_) => return End::KeepAlive(keep_alive),
-                },
-                None => rd.read_buf(&mut buf).await,
+            let read = match tokio::time::timeout(idle, rd.read_buf(&mut buf)).await {
+                Ok(read) => read,
+                Err(_) => return End::KeepAlive(keep_alive),
             };
             match read {
                 Ok(0) => return End::Closed("client closed"),
@@ -1369,5 +1375,14 @@ mod tests {
         owed.expect(1);
         let passed: Vec<bool> = (0..5).map(|_| owed.pass()).collect();
         assert_eq!(passed, [false, false, true, true, true]);
+    }
+
+    #[test]
+    fn a_keep_alive_of_none_or_above_the_bound_is_held_to_the_bound() {
+        assert_eq!(keep_alive(30, 1200), 30);
+        assert_eq!(keep_alive(1200, 1200), 1200);
+        assert_eq!(keep_alive(1201, 1200), 1200);
+        assert_eq!(keep_alive(u16::MAX, 1200), 1200);
+        assert_eq!(keep_alive(0, 1200), 1200, "0 asks for no keep-alive at all");
     }
 }

@@ -1767,6 +1767,39 @@ async fn stop_and_wait_round_trip_direct_and_through_the_gateway() {
     println!("stop-and-wait round trip with a 64 KiB answer: {results:?}");
 }
 
+/// A client asking for no keep-alive (0) or a longer one than the gateway allows is held to
+/// the gateway's bound: a session whose peer vanished without closing (a machine losing power,
+/// a NAT entry dropped) ends, and its will fires, instead of holding its socket until `serve`
+/// restarts. Within the bound the client's own keep-alive is kept.
+#[tokio::test]
+async fn a_client_asking_for_no_keep_alive_or_a_longer_one_is_held_to_the_gateways_bound() {
+    let gw = start_gateway(|s| s.max_keep_alive = 2).await;
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    subscribe(
+        &platform,
+        &mut platform_rx,
+        &Topics::default().platform_online_filter(),
+    )
+    .await;
+    for (id, asked) in [("vm-1", 0), ("vm-2", 600), ("vm-3", 1)] {
+        let mut silent = with_will(&gw, id, asked).await;
+        let started = std::time::Instant::now();
+        assert!(
+            silent.next().await.is_none(),
+            "{id} (keep-alive {asked}) is closed once silent past 1.5 x the bound"
+        );
+        let waited = started.elapsed();
+        let held_to = if asked == 1 { 1500 } else { 3000 };
+        assert!(
+            waited >= Duration::from_millis(held_to - 100)
+                && waited < Duration::from_millis(held_to + 2500),
+            "{id} (keep-alive {asked}): closed after {waited:?}, expected about {held_to} ms"
+        );
+        let got = next_publish(&mut platform_rx, WAIT, "the will of a silent client").await;
+        assert_eq!(got.payload, format!("will-of-{id}").as_bytes());
+    }
+}
+
 /// A raw machine session `id` whose will marks it offline (retained, QoS 1, like the agent's).
 async fn with_will(gw: &Gateway, id: &str, keep_alive: u16) -> Raw {
     with_will_qos(gw, id, keep_alive, QoS::AtLeastOnce).await
