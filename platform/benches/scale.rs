@@ -96,6 +96,9 @@ struct SizeResult {
     error: Option<String>,
     raw: Option<RawResult>,
     raw_error: Option<String>,
+    /// The same fan-out, each subscriber also hashing and storing what it receives.
+    raw_stored: Option<RawResult>,
+    raw_stored_error: Option<String>,
     onboarding: Option<Duration>,
     onboarded: usize,
     serve_before: Mem,
@@ -618,30 +621,51 @@ async fn raw_phase(
         .await?;
     let raw_topic = Topics::default().artifact_chunks(&raw_artifact);
     let raw_timeout = Duration::from_secs(30 + (n * r.artifact / (50 << 20)) as u64);
-    match raw_fanout(
-        &p.url,
-        &p.platform_password()?,
-        &raw_machines,
-        RawSend {
-            topic: &raw_topic,
-            payload: &raw_bytes,
-            msg_size: MSG,
-        },
-        raw_timeout,
-        server_pids,
-    )
-    .await
-    {
-        Ok(raw) => {
+    // Then again with each subscriber storing what it receives, where the simulated machines
+    // keep their data: what receiving the artifact costs a fleet that keeps it, before
+    // anything fleetcast adds.
+    let stored_root = sim_root_for(n).unwrap_or_else(|| dir.to_owned());
+    let stored = tempfile::tempdir_in(&stored_root)
+        .with_context(|| format!("a directory in {}", stored_root.display()))?;
+    for store in [None, Some(stored.path())] {
+        let result = raw_fanout(
+            &p.url,
+            &p.platform_password()?,
+            &raw_machines,
+            RawSend {
+                topic: &raw_topic,
+                payload: &raw_bytes,
+                msg_size: MSG,
+                store,
+            },
+            raw_timeout,
+            server_pids,
+        )
+        .await;
+        let what = if store.is_some() {
+            "raw fan-out, storing"
+        } else {
+            "raw fan-out"
+        };
+        if let Ok(raw) = &result {
             eprintln!(
-                "N={n}: raw fan-out {:.2} s, {} of {n} complete",
+                "N={n}: {what} {:.2} s, {} of {n} complete",
                 raw.time.as_secs_f64(),
                 raw.complete
             );
-            r.raw = Some(raw);
         }
-        Err(e) => r.raw_error = Some(format!("{e:#}")),
+        let (ok, err) = match result {
+            Ok(raw) => (Some(raw), None),
+            Err(e) => (None, Some(format!("{e:#}"))),
+        };
+        if store.is_some() {
+            (r.raw_stored, r.raw_stored_error) = (ok, err);
+        } else {
+            (r.raw, r.raw_error) = (ok, err);
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
     }
+    drop(stored);
     drop(raw_machines);
     tokio::time::sleep(Duration::from_secs(1)).await;
     r.serve_after_raw = p.proc.mem();
@@ -659,7 +683,11 @@ fn mb(m: Mem) -> String {
 }
 
 fn raw_cell(r: &SizeResult) -> String {
-    match (&r.raw, &r.raw_error) {
+    raw_result_cell(&r.raw, &r.raw_error)
+}
+
+fn raw_result_cell(raw: &Option<RawResult>, error: &Option<String>) -> String {
+    match (raw, error) {
         (Some(raw), _) if raw.ok() => format!("{:.2} s", raw.time.as_secs_f64()),
         (Some(raw), _) => format!(
             "FAILED: {} of {} subscribers got every byte (fewest: {} of {} bytes)",
@@ -762,6 +790,7 @@ fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
             println!("N = {}: stopped with an error: `{}`", r.n, one_line(e));
         }
     }
+    print_stored(results);
     println!();
     println!("| machines | `serve` RSS before | after the raw baseline | idle with N machines | per idle machine | after rollout 1 (VmHWM) | simulator idle | per simulated machine | simulator after rollout 1 (VmHWM) |");
     println!("|---|---|---|---|---|---|---|---|---|");
@@ -836,6 +865,30 @@ fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
                 (b.serve.rss_kib as f64 / a.serve.rss_kib.max(1) as f64 - 1.0) * 100.0
             );
         }
+    }
+}
+
+/// The rollout against a raw fan-out whose subscribers also keep what they receive: how much
+/// of the rollout's time is what storing a verified copy on every machine costs this host
+/// (with the fleet on its cores) and how much is fleetcast's own.
+fn print_stored(results: &[SizeResult]) {
+    println!();
+    println!("Receiving and keeping: the same raw fan-out, each subscriber also hashing every message (blake3) and writing it at its offset into a file of its own where the simulated machines keep their data (no fsync, no final hash, no install, no report), run right after the plain one.");
+    println!();
+    println!("| machines | raw fan-out | raw fan-out, storing | its receivers' CPU | fleetcast rollout 1 | ratio to raw | ratio to raw, storing |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in results {
+        let first = r.rollouts.first().and_then(|f| f.time);
+        println!(
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            r.n,
+            raw_cell(r),
+            raw_result_cell(&r.raw_stored, &r.raw_stored_error),
+            cpu_cell(r.raw_stored.as_ref().and_then(|x| x.clients_cpu)),
+            rollout_cell(r.n, r.rollouts.first()),
+            ratio(first, r.raw.as_ref()),
+            ratio(first, r.raw_stored.as_ref()),
+        );
     }
 }
 

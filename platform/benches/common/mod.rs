@@ -443,6 +443,11 @@ pub struct RawSend<'a> {
     pub topic: &'a str,
     pub payload: &'a [u8],
     pub msg_size: usize,
+    /// Where each subscriber stores what it receives, or `None` to only count it. Storing: the
+    /// subscriber hashes each message (blake3) and writes it at its offset into a file of its
+    /// own in this directory, on its own task (no fsync, no second pass, no report): the least
+    /// an updater that verifies and keeps what it downloads does with each byte.
+    pub store: Option<&'a Path>,
 }
 
 /// What the raw fan-out baseline reached.
@@ -505,6 +510,7 @@ pub async fn raw_fanout(
         topic,
         payload,
         msg_size,
+        store,
     } = send;
     let filter = topic.to_owned();
     let topic = topic.to_owned();
@@ -520,6 +526,13 @@ pub async fn raw_fanout(
     let mut tasks = tokio::task::JoinSet::new();
     for (i, m) in subs.iter().enumerate() {
         let id = m.machine.to_string();
+        let file = match store {
+            Some(dir) => Some(
+                std::fs::File::create(dir.join(format!("{id}.raw")))
+                    .with_context(|| format!("raw baseline: a file in {}", dir.display()))?,
+            ),
+            None => None,
+        };
         let mut opts = client::options(url, &id, Some(&m.secret.mqtt_password()));
         opts.set_clean_session(true);
         let (c, mut el) = client::connect(opts, 64);
@@ -551,6 +564,17 @@ pub async fn raw_fanout(
                         ready.fetch_add(1, Ordering::SeqCst);
                     }
                     Ok(Event::Incoming(Incoming::Publish(p))) if p.topic == topic => {
+                        if let Some(file) = &file {
+                            std::hint::black_box(blake3::hash(&p.payload));
+                            if let Err(e) = std::os::unix::fs::FileExt::write_all_at(
+                                file,
+                                &p.payload,
+                                bytes as u64,
+                            ) {
+                                eprintln!("raw baseline: {id} cannot store what it received: {e}");
+                                return;
+                            }
+                        }
                         bytes += p.payload.len();
                         received[i].store(bytes as u64, Ordering::Relaxed);
                         if bytes == total {
