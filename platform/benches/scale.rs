@@ -44,6 +44,7 @@ use common::{
 use fleetcast_broker::mosquitto::{mosquitto_files, BrokerIdentity, MosquittoFiles};
 use fleetcast_broker::testing::Mosquitto;
 use fleetcast_proto::acl::{Principal, Role};
+use fleetcast_proto::admin::ProvisionedMachine;
 use fleetcast_proto::calls;
 use fleetcast_proto::chunk::{Layout, DEFAULT_CHUNK_SIZE};
 use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, Topics};
@@ -340,8 +341,12 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
     // sessions ended, only 4,936 of 10,000 simulated machines once came online with a state:
     // the platform's inbound log was 1 MiB and lost first states, fixed since.)
     let raw_last = n >= RAW_LAST_FROM;
+    let mut raw = None;
     if !raw_last {
-        raw_phase(r, &p, mosquitto.as_ref(), dir, &server_pids).await?;
+        let bench = raw_setup(r, &p, mosquitto.as_ref(), dir).await?;
+        raw_run(r, &p, &bench, None, &server_pids).await?;
+        r.serve_after_raw = p.proc.mem();
+        raw = Some(bench);
     }
 
     // 3. Onboarding. The simulated machines keep their data in memory (tmpfs) when the host
@@ -537,10 +542,17 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
         }
     }
     drop(sim);
-    if raw_last {
-        tokio::time::sleep(Duration::from_secs(5)).await;
-        raw_phase(r, &p, mosquitto.as_ref(), dir, &server_pids).await?;
-    }
+    tokio::time::sleep(Duration::from_secs(if raw_last { 5 } else { 1 })).await;
+    let raw = match raw {
+        Some(bench) => bench,
+        None => {
+            let bench = raw_setup(r, &p, mosquitto.as_ref(), dir).await?;
+            raw_run(r, &p, &bench, None, &server_pids).await?;
+            r.serve_after_raw = p.proc.mem();
+            bench
+        }
+    };
+    raw_stored_run(r, &p, &raw, dir, &server_pids).await?;
     p.admin.close().await;
     drop(p.proc);
     drop(mosquitto);
@@ -587,31 +599,38 @@ fn counter_deltas(before: Option<&serde_json::Value>, after: Option<&serde_json:
 const RAW_LAST_FROM: usize = 10_000;
 
 /// The raw fan-out baseline: N extra machines (`raw-…`) subscribe to an artifact topic released
-/// to them and the platform principal publishes the bytes through the same broker.
-async fn raw_phase(
-    r: &mut SizeResult,
+/// to them and the platform principal publishes the bytes through the same broker. These are
+/// its subscribers (in group `rawbench`) and what they are sent.
+struct RawBench {
+    machines: Vec<ProvisionedMachine>,
+    topic: String,
+    bytes: Vec<u8>,
+    timeout: Duration,
+}
+
+async fn raw_setup(
+    r: &SizeResult,
     p: &Platform,
     mosquitto: Option<&Mosquitto>,
     dir: &Path,
-    server_pids: &[u32],
-) -> Result<()> {
+) -> Result<RawBench> {
     let n = r.n;
     let raw_group = GroupId::new("rawbench")?;
     let raw_ids: Vec<MachineId> = (1..=n)
         .map(|i| MachineId::new(format!("raw-{i:05}")))
         .collect::<Result<_, _>>()?;
-    let raw_machines = p.provision(&raw_ids, &raw_group).await?;
+    let machines = p.provision(&raw_ids, &raw_group).await?;
     if let Some(m) = mosquitto {
         reload_mosquitto(m, p).await?;
     }
     // The raw bytes travel on an artifact topic, which the broker sizes for bulk (a machine's
     // own and group topics get small logs) and which a machine may read only for an artifact
     // released to it: so the raw group gets a real release of an artifact of the same size.
-    let raw_bytes = artifact_bytes(r.artifact, (n * 100) as u64);
+    let bytes = artifact_bytes(r.artifact, (n * 100) as u64);
     let (raw_artifact, raw_release) = p
         .create_release(
             &dir.join("rawbench.bin"),
-            &raw_bytes,
+            &bytes,
             &Kind::new("rawbench")?,
             "1.0",
             InstallPolicy::DownloadOnly,
@@ -619,58 +638,76 @@ async fn raw_phase(
         .await?;
     p.publish(&raw_release, vec![], vec![raw_group.clone()])
         .await?;
-    let raw_topic = Topics::default().artifact_chunks(&raw_artifact);
-    let raw_timeout = Duration::from_secs(30 + (n * r.artifact / (50 << 20)) as u64);
-    // Then again with each subscriber storing what it receives, where the simulated machines
-    // keep their data: what receiving the artifact costs a fleet that keeps it, before
-    // anything fleetcast adds.
-    let stored_root = sim_root_for(n).unwrap_or_else(|| dir.to_owned());
-    let stored = tempfile::tempdir_in(&stored_root)
-        .with_context(|| format!("a directory in {}", stored_root.display()))?;
-    for store in [None, Some(stored.path())] {
-        let result = raw_fanout(
-            &p.url,
-            &p.platform_password()?,
-            &raw_machines,
-            RawSend {
-                topic: &raw_topic,
-                payload: &raw_bytes,
-                msg_size: MSG,
-                store,
-            },
-            raw_timeout,
-            server_pids,
-        )
-        .await;
-        let what = if store.is_some() {
-            "raw fan-out, storing"
-        } else {
-            "raw fan-out"
-        };
-        if let Ok(raw) = &result {
-            eprintln!(
-                "N={n}: {what} {:.2} s, {} of {n} complete",
-                raw.time.as_secs_f64(),
-                raw.complete
-            );
-        }
-        let (ok, err) = match result {
-            Ok(raw) => (Some(raw), None),
-            Err(e) => (None, Some(format!("{e:#}"))),
-        };
-        if store.is_some() {
-            (r.raw_stored, r.raw_stored_error) = (ok, err);
-        } else {
-            (r.raw, r.raw_error) = (ok, err);
-        }
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    drop(stored);
-    drop(raw_machines);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    r.serve_after_raw = p.proc.mem();
+    Ok(RawBench {
+        machines,
+        topic: Topics::default().artifact_chunks(&raw_artifact),
+        bytes,
+        timeout: Duration::from_secs(30 + (n * r.artifact / (50 << 20)) as u64),
+    })
+}
 
+/// One raw fan-out to `raw`'s subscribers, storing what they receive in `store` or only
+/// counting it; its result goes into `r`.
+async fn raw_run(
+    r: &mut SizeResult,
+    p: &Platform,
+    raw: &RawBench,
+    store: Option<&Path>,
+    server_pids: &[u32],
+) -> Result<()> {
+    let n = r.n;
+    let result = raw_fanout(
+        &p.url,
+        &p.platform_password()?,
+        &raw.machines,
+        RawSend {
+            topic: &raw.topic,
+            payload: &raw.bytes,
+            msg_size: MSG,
+            store,
+        },
+        raw.timeout,
+        server_pids,
+    )
+    .await;
+    let what = match store {
+        Some(_) => "raw fan-out, storing",
+        None => "raw fan-out",
+    };
+    if let Ok(x) = &result {
+        eprintln!(
+            "N={n}: {what} {:.2} s, {} of {n} complete",
+            x.time.as_secs_f64(),
+            x.complete
+        );
+    }
+    let (ok, err) = match result {
+        Ok(x) => (Some(x), None),
+        Err(e) => (None, Some(format!("{e:#}"))),
+    };
+    match store {
+        Some(_) => (r.raw_stored, r.raw_stored_error) = (ok, err),
+        None => (r.raw, r.raw_error) = (ok, err),
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
     Ok(())
+}
+
+/// The fan-out again with each subscriber storing what it receives where the simulated
+/// machines keep their data: what receiving the artifact costs a fleet that keeps it, before
+/// anything fleetcast adds. Run last, after the rollouts and with the simulator stopped, so
+/// that it changes none of the memory readings.
+async fn raw_stored_run(
+    r: &mut SizeResult,
+    p: &Platform,
+    raw: &RawBench,
+    dir: &Path,
+    server_pids: &[u32],
+) -> Result<()> {
+    let root = sim_root_for(r.n).unwrap_or_else(|| dir.to_owned());
+    let stored = tempfile::tempdir_in(&root)
+        .with_context(|| format!("a directory in {}", root.display()))?;
+    raw_run(r, p, raw, Some(stored.path()), server_pids).await
 }
 
 // ---------- output ----------
@@ -873,7 +910,7 @@ fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
 /// (with the fleet on its cores) and how much is fleetcast's own.
 fn print_stored(results: &[SizeResult]) {
     println!();
-    println!("Receiving and keeping: the same raw fan-out, each subscriber also hashing every message (blake3) and writing it at its offset into a file of its own where the simulated machines keep their data (no fsync, no final hash, no install, no report), run right after the plain one.");
+    println!("Receiving and keeping: the same raw fan-out, each subscriber also hashing every message (blake3) and writing it at its offset into a file of its own where the simulated machines keep their data (no fsync, no final hash, no install, no report), run after the rollouts with the simulator stopped.");
     println!();
     println!("| machines | raw fan-out | raw fan-out, storing | its receivers' CPU | fleetcast rollout 1 | ratio to raw | ratio to raw, storing |");
     println!("|---|---|---|---|---|---|---|");
