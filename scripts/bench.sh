@@ -9,8 +9,10 @@
 #                                pairs, each with its own `serve`; the median ratio is reported)
 #   scripts/bench.sh scale       fleets of SCALE_SIZES machines (default 100,1000; 10,000 is opt-in:
 #                                SCALE_SIZES=100,1000,10000): onboarding, 1 MiB rollout vs raw
-#                                fan-out, notice latency, egress, memory, CPU of the server side
-#                                and of the receivers, ten rollouts at 1,000; writes docs/scale.svg
+#                                fan-out (and vs a fan-out whose subscribers hash and store what
+#                                they receive), notice latency, egress, memory, CPU of the server
+#                                side and of the receivers, ten rollouts at 1,000; writes
+#                                docs/scale.svg
 #   scripts/bench.sh ingest      status events/s acknowledged by the platform vs raw sled
 #                                (INGEST_MACHINES=2000 INGEST_EVENTS=25, one event in flight each)
 #   scripts/bench.sh mosquitto   a rollout to MOSQ_SIZES (default 1000) machines and a BENCH_MB
