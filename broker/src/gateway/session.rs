@@ -475,8 +475,9 @@ fn will_publish(will: LastWill) -> Result<Packet, FrameError> {
 }
 
 /// The keep-alive a session is held to: the client's, or `max` when it asks for none (0, which
-/// MQTT 3.1.1 §3.1.2.10 allows) or for more.
+/// MQTT 3.1.1 §3.1.2.10 allows) or for more; never 0 (a session closed at its first read).
 fn keep_alive(asked: u16, max: u16) -> u16 {
+    let max = max.max(1);
     if asked == 0 {
         max
     } else {
@@ -1384,5 +1385,10 @@ mod tests {
         assert_eq!(keep_alive(1201, 1200), 1200);
         assert_eq!(keep_alive(u16::MAX, 1200), 1200);
         assert_eq!(keep_alive(0, 1200), 1200, "0 asks for no keep-alive at all");
+        assert_eq!(
+            keep_alive(0, 0),
+            1,
+            "a bound of 0 would close every session at once"
+        );
     }
 }
