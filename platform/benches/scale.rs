@@ -38,8 +38,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use common::{
-    artifact_bytes, cpu_of, now_ms, percentile, raw_fanout, stat_u64, EventFeed, Mem, Platform,
-    Proc, RawResult, RawSend,
+    artifact_bytes, cpu_of, now_ms, percentile, raw_fanout, stat_u64, storing_does_not_fit,
+    EventFeed, Mem, Platform, Proc, RawResult, RawSend,
 };
 use fleetcast_broker::mosquitto::{mosquitto_files, BrokerIdentity, MosquittoFiles};
 use fleetcast_broker::testing::Mosquitto;
@@ -100,6 +100,8 @@ struct SizeResult {
     /// The same fan-out, each subscriber also hashing and storing what it receives.
     raw_stored: Option<RawResult>,
     raw_stored_error: Option<String>,
+    /// Why the storing fan-out was not run.
+    raw_stored_skipped: Option<String>,
     onboarding: Option<Duration>,
     onboarded: usize,
     serve_before: Mem,
@@ -704,6 +706,10 @@ async fn raw_stored_run(
     dir: &Path,
     server_pids: &[u32],
 ) -> Result<()> {
+    if let Some(why) = storing_does_not_fit(r.n) {
+        r.raw_stored_skipped = Some(why);
+        return Ok(());
+    }
     let root = sim_root_for(r.n).unwrap_or_else(|| dir.to_owned());
     let stored = tempfile::tempdir_in(&root)
         .with_context(|| format!("a directory in {}", root.display()))?;
@@ -920,7 +926,10 @@ fn print_stored(results: &[SizeResult]) {
             "| {} | {} | {} | {} | {} | {} | {} |",
             r.n,
             raw_cell(r),
-            raw_result_cell(&r.raw_stored, &r.raw_stored_error),
+            match &r.raw_stored_skipped {
+                Some(why) => format!("not run: {why}"),
+                None => raw_result_cell(&r.raw_stored, &r.raw_stored_error),
+            },
             cpu_cell(r.raw_stored.as_ref().and_then(|x| x.clients_cpu)),
             rollout_cell(r.n, r.rollouts.first()),
             ratio(first, r.raw.as_ref()),

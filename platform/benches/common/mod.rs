@@ -450,6 +450,17 @@ pub struct RawSend<'a> {
     pub store: Option<&'a Path>,
 }
 
+/// Why this process cannot hold a storing fan-out to `n` subscribers, if it cannot: each
+/// holds a socket and a file (15,000 of them stopped at this host's 20,000 with 4,986
+/// connected).
+pub fn storing_does_not_fit(n: usize) -> Option<String> {
+    let limit = fleetcast_broker::fdlimit::raise_open_file_limit().unwrap_or(1024);
+    let need = 2 * n as u64 + 256;
+    (need > limit).then(|| {
+        format!("needs about {need} open files (a socket and a file per subscriber); this process may hold {limit}")
+    })
+}
+
 /// What the raw fan-out baseline reached.
 #[derive(Debug, Clone)]
 pub struct RawResult {
@@ -516,15 +527,6 @@ pub async fn raw_fanout(
     let topic = topic.to_owned();
     let total = payload.len();
     let n = subs.len();
-    if store.is_some() {
-        // A socket and a file per subscriber: 15,000 of them stopped at this host's 20,000
-        // with 4,986 connected.
-        let limit = fleetcast_broker::fdlimit::raise_open_file_limit()?;
-        let need = 2 * n as u64 + 256;
-        if need > limit {
-            bail!("storing needs about {need} open files (a socket and a file per subscriber); this process may hold {limit}");
-        }
-    }
     let stop = CancellationToken::new();
     let _stop_guard = stop.clone().drop_guard();
     let ready = Arc::new(AtomicUsize::new(0));
