@@ -19,6 +19,10 @@
 //!    the server side (`serve`, and Mosquitto when it is the broker) and of the simulator from
 //!    the publish to the last `installed`, beside the raw baseline's (the server side's, and
 //!    the bench process's for its subscribers) over its transfer.
+//! 5. With the simulator stopped, the raw fan-out once more, each subscriber also hashing and
+//!    storing what it receives where the simulated machines keep their data: the least any
+//!    updater that keeps a verified copy does with the bytes, as a second baseline (not run
+//!    when a socket and a file per subscriber would not fit this process's open files).
 //!
 //! `SCALE_DOWNLOAD_MB=200` instead runs one machine and one artifact of that size (item 7's
 //! shape) and reports the machine's `downloading` → `downloaded` time beside raw pub/sub of the
