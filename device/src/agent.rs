@@ -1118,6 +1118,8 @@ fn mqtt_options(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fleetcast_proto::chunk::{encode_frame, FrameHeader};
+    use fleetcast_proto::ArtifactId;
 
     /// The data dir is cleaned after a ledger change only when an artifact in use since the
     /// last cleaning no longer is: not when a job starts, but when it is superseded even if
@@ -1150,8 +1152,6 @@ mod tests {
             "the installed one left"
         );
     }
-    use fleetcast_proto::chunk::{encode_frame, FrameHeader};
-    use fleetcast_proto::ArtifactId;
 
     fn frame(frame_type: FrameType) -> Bytes {
         let header = FrameHeader {
