@@ -404,6 +404,10 @@ impl Agent {
     /// Also run when a task ends: a cancelled download may write its staging state on the way out.
     async fn remove_unused_files(&mut self) {
         let keep = self.updater.ledger.artifacts_in_use();
+        self.remove_all_but(keep).await;
+    }
+
+    async fn remove_all_but(&mut self, keep: std::collections::HashSet<ArtifactId>) {
         let dir = self.config.data_dir.clone();
         let kept = keep.clone();
         let removed = tokio::task::spawn_blocking(move || download::remove_unused(&dir, &kept))
@@ -432,7 +436,7 @@ impl Agent {
     async fn remove_released_files(&mut self) {
         let keep = self.updater.ledger.artifacts_in_use();
         if released_since_cleaning(&mut self.in_use_since_cleaning, &keep) {
-            self.remove_unused_files().await;
+            self.remove_all_but(keep).await;
         }
     }
 
