@@ -407,6 +407,7 @@ impl Agent {
         self.remove_all_but(keep).await;
     }
 
+    /// Removes the files of every artifact not in `keep`, and remembers `keep` once that worked.
     async fn remove_all_but(&mut self, keep: std::collections::HashSet<ArtifactId>) {
         let dir = self.config.data_dir.clone();
         let kept = keep.clone();
