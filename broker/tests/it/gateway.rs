@@ -123,6 +123,18 @@ impl Gateway {
         (c, rx)
     }
 
+    /// The platform client, subscribed to every machine's `online` topic through rumqttd.
+    async fn platform_watching_online(&self) -> Client {
+        let (platform, mut rx) = self.platform(PLATFORM).await;
+        subscribe(
+            &platform,
+            &mut rx,
+            &Topics::default().platform_online_filter(),
+        )
+        .await;
+        (platform, rx)
+    }
+
     /// Operator alice through the gateway as client id `session` (`fleetcast-op-alice[.s]`),
     /// connected.
     async fn operator(&self, session: &str) -> Client {
@@ -458,13 +470,7 @@ async fn a_connect_the_principal_may_not_make_is_refused_with_a_connack() {
     let gw = start_gateway(|_| {}).await;
     let topics = Topics::default();
     let vm1 = MachineId::new("vm-1").unwrap();
-    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
-    subscribe(
-        &platform,
-        &mut platform_rx,
-        &topics.platform_online_filter(),
-    )
-    .await;
+    let (platform, mut platform_rx) = gw.platform_watching_online().await;
     let (victim, mut victim_rx) = gw.machine("vm-1").await;
     subscribe(&victim, &mut victim_rx, &topics.command(&vm1)).await;
 
@@ -1774,13 +1780,7 @@ async fn stop_and_wait_round_trip_direct_and_through_the_gateway() {
 #[tokio::test]
 async fn a_client_asking_for_no_keep_alive_or_a_longer_one_is_held_to_the_gateways_bound() {
     let gw = start_gateway(|s| s.max_keep_alive = 2).await;
-    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
-    subscribe(
-        &platform,
-        &mut platform_rx,
-        &Topics::default().platform_online_filter(),
-    )
-    .await;
+    let (_platform, mut platform_rx) = gw.platform_watching_online().await;
     for (id, asked) in [("vm-1", 0), ("vm-2", 600), ("vm-3", 1)] {
         let mut silent = with_will(&gw, id, asked).await;
         let started = std::time::Instant::now();
@@ -1859,13 +1859,7 @@ async fn the_will_fires_on_a_dropped_or_silent_connection_only_in_process_too() 
 
 async fn wills_fire_on_a_dropped_or_silent_connection_only(in_process: bool) {
     let gw = start_gateway(|_| {}).await;
-    let (platform, mut through_rumqttd) = gw.platform(PLATFORM).await;
-    subscribe(
-        &platform,
-        &mut through_rumqttd,
-        &Topics::default().platform_online_filter(),
-    )
-    .await;
+    let (_platform, through_rumqttd) = gw.platform_watching_online().await;
     let (sink, taken) = mpsc::channel(64);
     let mut platform_rx = if in_process {
         assert!(gw.secured.handle().take_reports(sink));
