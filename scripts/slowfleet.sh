@@ -47,7 +47,8 @@ stats, status, size, rate, start, end, n, log = sys.argv[1:]
 s, st = json.load(open(stats)), json.load(open(status))
 size, rate, n, took = int(size), float(rate), int(n), float(end) - float(start)
 chunks = math.ceil(size / 65536)
-needed = n * (chunks + (1 if chunks > 1 else 0))  # each machine: the chunks and one manifest part
+parts = math.ceil(chunks * 32 / 65536) if chunks > 1 else 0  # manifest parts, as slowlink.sh counts
+needed = n * (chunks + parts)  # each machine: the chunks and the manifest parts
 written = s["gateway"]["chunk_frames_delivered"]
 lost = sum("connection lost" in line for line in open(log))
 print(f"{n} machines, each on a {rate / 1000:.0f} KB/s link, file {size} bytes: {st['progress']['phases']} "
