@@ -220,6 +220,10 @@ pub fn admin_ops() -> Vec<AdminOp> {
             artifact: artifact(),
         },
         AdminOp::ArtifactList,
+        AdminOp::ArtifactRemove {
+            kind: kind(),
+            version: "2.4.0".into(),
+        },
         AdminOp::ReleaseCreate {
             kind: kind(),
             version: "2.4.1".into(),
@@ -307,6 +311,7 @@ pub fn admin_responses() -> Vec<AdminResponse> {
         chunk_size: 65536,
         notes: None,
         uploaded_at_ms: 1_760_000_000_000,
+        removed_at_ms: None,
     };
     let plan = PublishPlan {
         release: release_info(),

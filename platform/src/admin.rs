@@ -507,6 +507,9 @@ impl Admin {
                 .await
                 .map(c::UploadCommit::wrap),
             AnyCall::ArtifactList(call) => artifacts::list(ctx, call).map(c::ArtifactList::wrap),
+            AnyCall::ArtifactRemove(call) => artifacts::remove(ctx, call)
+                .await
+                .map(c::ArtifactRemove::wrap),
             AnyCall::ReleaseCreate(call) => releases::create(ctx, call)
                 .await
                 .map(c::ReleaseCreate::wrap),

@@ -281,6 +281,33 @@ impl ArtifactStore {
         Ok(())
     }
 
+    /// Deletes the artifact's bytes and manifest (either may be gone already), and drops its
+    /// open file from the cache, which would otherwise keep the disk space in use. Returns the
+    /// bytes freed. Blocking: run it off the async threads.
+    pub fn remove(&self, id: &ArtifactId) -> Result<u64, ArtifactError> {
+        self.open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        let mut freed = 0;
+        for path in [self.path(id), self.manifest_path(id)] {
+            let size = match std::fs::metadata(&path) {
+                Ok(m) => m.len(),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(io("stat", &path)(e)),
+            };
+            match std::fs::remove_file(&path) {
+                Ok(()) => freed += size,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io("remove", &path)(e)),
+            }
+        }
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("fsync", &self.dir))?;
+        Ok(freed)
+    }
+
     fn file(&self, id: &ArtifactId) -> Result<Arc<File>, ArtifactError> {
         let now = {
             let mut t = self.tick.lock().unwrap_or_else(|p| p.into_inner());

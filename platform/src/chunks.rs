@@ -568,7 +568,7 @@ impl ChunkServer {
         else {
             return Ok(None);
         };
-        if !self.ctx.files.exists(artifact) {
+        if info.removed_at_ms.is_some() || !self.ctx.files.exists(artifact) {
             return Ok(None);
         }
         let layout = Layout::new(info.size, info.chunk_size).map_err(|e| e.to_string())?;
@@ -913,6 +913,7 @@ mod tests {
                 chunk_size: 1024,
                 notes: None,
                 uploaded_at_ms: 0,
+                removed_at_ms: None,
             })
             .unwrap();
         // Released to vm-1 and vm-2 (one kind per artifact, so both can be current).
@@ -1706,6 +1707,24 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(counts(&server), (15, 2 * broadcast));
+    }
+
+    #[tokio::test]
+    async fn an_artifact_marked_removed_is_not_served_even_as_a_current_release() {
+        let f = fixture();
+        let a = add_artifact(&f.ctx, 1);
+        let mut info = f.ctx.store.artifact(&a).unwrap().unwrap();
+        // `artifact_remove` refuses this while vm-1 may fetch it; a record marked removed with
+        // its files still there is what a removal cut short leaves before the next start.
+        info.removed_at_ms = Some(1);
+        f.ctx.store.put_artifact(&info).unwrap();
+        assert!(f.ctx.files.exists(&a));
+        let vm1 = MachineId::new("vm-1").unwrap();
+        let err = server(&f.ctx)
+            .handle(&vm1, &request_chunks(&f, "vm-1", 1, a, vec![(0, 1)]))
+            .await
+            .unwrap_err();
+        assert!(err.contains("unknown artifact"), "{err}");
     }
 
     #[tokio::test]

@@ -109,7 +109,7 @@ pub async fn watch(dir: PathBuf, stop: CancellationToken) {
                 dir = %dir.display(),
                 free_mib = mib(free),
                 total_mib = mib(total),
-                "disk space low where the platform keeps its data: on a full disk `serve` stops (nothing acknowledged is lost); free space, or lower --keep-events"
+                "disk space low where the platform keeps its data: on a full disk `serve` stops (nothing acknowledged is lost); free space (`fleetcast artifact remove` for version files no machine needs), or lower --keep-events"
             ),
             Some(Say::Recovered) => {
                 tracing::info!(dir = %dir.display(), free_mib = mib(free), "disk space no longer low")

@@ -144,6 +144,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> Result<()
             })?,
         );
     identities::ensure_bootstrap_admin(&*store, &keys)?;
+    crate::ops::artifacts::sweep_removed(&*store, &files);
     let topics = Topics::new(&opts.topic_prefix);
     let auth: AuthStore = Arc::new(RwLock::new(Some(store.clone())));
     let broker_stop = CancellationToken::new();

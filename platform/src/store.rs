@@ -397,8 +397,9 @@ pub trait Store: Reads + Send + Sync {
     /// A release id never handed out before (`r-000001`, `r-000002`, ...).
     fn next_release_id(&self) -> Result<ReleaseId, StoreError>;
 
-    /// Records a committed artifact under its id and its kind/version (written once: an
-    /// artifact's record never changes).
+    /// Records a committed artifact under its id and its kind/version. Written again only to
+    /// mark its bytes removed (`artifact_remove`) or stored again (the same bytes uploaded
+    /// again): its id, kind and version never change.
     fn put_artifact(&self, info: &ArtifactInfo) -> Result<(), StoreError>;
 
     /// Stores a status event under the next event id, which it fills in.

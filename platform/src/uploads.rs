@@ -82,15 +82,22 @@ impl Uploads {
         }
         let store = &ctx.store;
         if let Some(existing) = store.artifact_for_version(&kind, &version)? {
-            if existing.id == artifact && ctx.files.exists(&artifact) {
+            if existing.id != artifact {
+                let removed = match existing.removed_at_ms {
+                    Some(_) => ", since removed",
+                    None => "",
+                };
+                return refused(format!(
+                    "{kind} {version} is already uploaded with different bytes (artifact {}{removed}); versions are immutable: upload under a new version",
+                    existing.id.short()
+                ));
+            }
+            if existing.removed_at_ms.is_none() && ctx.files.exists(&artifact) {
                 return Ok(UploadStart::Stored(existing));
             }
-            return refused(format!(
-                "{kind} {version} is already uploaded with different bytes (artifact {}); versions are immutable: upload under a new version",
-                existing.id.short()
-            ));
-        }
-        if let Some(existing) = store.artifact(&artifact)? {
+            // The same bytes again, after `artifact_remove` (or with its files lost): staged
+            // like a first upload, and stored again at commit.
+        } else if let Some(existing) = store.artifact(&artifact)? {
             return refused(format!(
                 "these exact bytes are already uploaded as {} {} (artifact {}); an artifact id is its content hash, so it has one kind and version",
                 existing.kind, existing.version, artifact.short()
@@ -181,7 +188,9 @@ impl Uploads {
         let artifact = call.artifact;
         let Some(mut staged) = self.staged.remove(&artifact) else {
             if let Some(info) = ctx.store.artifact(&artifact)? {
-                return Ok(UploadEnd::Stored(info));
+                if info.removed_at_ms.is_none() {
+                    return Ok(UploadEnd::Stored(info));
+                }
             }
             return refused(format!(
                 "no upload of artifact {} in progress (start with upload_begin)",
@@ -224,6 +233,7 @@ impl Uploads {
             chunk_size: layout.chunk_size,
             notes,
             uploaded_at_ms: now_ms(),
+            removed_at_ms: None,
         };
         ctx.store.put_artifact(&info)?;
         ctx.store.flush_async().await?;
@@ -367,6 +377,66 @@ mod tests {
             assert!(f.ctx.files.exists(&id));
         }
         assert_eq!(staging_files(&f), 0);
+    }
+
+    #[tokio::test]
+    async fn a_removed_artifact_comes_back_only_with_the_same_bytes() {
+        let mut f = fixture();
+        let data = bytes(3);
+        let client = "fleetcast-op-admin.a";
+        let a = begin(&mut f, client, "1.0", &data);
+        for i in 0..3 {
+            send_part(&mut f, client, a, &data, i).await;
+        }
+        commit(&mut f, client, a).await.unwrap();
+        crate::ops::artifacts::remove(
+            &f.ctx,
+            calls::ArtifactRemove {
+                kind: Kind::new("app").unwrap(),
+                version: "1.0".into(),
+            },
+        )
+        .await
+        .unwrap();
+        assert!(!f.ctx.files.exists(&a));
+        // Committing it again is no retry of a stored upload: it was removed.
+        let err = commit(&mut f, client, a).await.unwrap_err();
+        assert!(err.to_string().contains("no upload of artifact"), "{err}");
+        // Other bytes under the removed version: refused, versions are immutable.
+        let other = bytes(5);
+        let err = f
+            .uploads
+            .begin(
+                &f.ctx,
+                client,
+                calls::UploadBegin {
+                    kind: Kind::new("app").unwrap(),
+                    version: "1.0".into(),
+                    name: "a.bin".into(),
+                    size: other.len() as u64,
+                    artifact: ArtifactId::of(&other),
+                    chunk_size: 1024,
+                    notes: None,
+                },
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("already uploaded with different bytes")
+                && err.to_string().contains("since removed"),
+            "{err}"
+        );
+        // The same bytes: uploaded and stored again, no longer removed.
+        assert_eq!(begin(&mut f, client, "1.0", &data), a);
+        for i in 0..3 {
+            send_part(&mut f, client, a, &data, i).await;
+        }
+        let UploadEnd::Stored(info) = commit(&mut f, client, a).await.unwrap() else {
+            panic!("not stored");
+        };
+        assert_eq!(info.removed_at_ms, None);
+        assert_eq!(f.ctx.store.artifact(&a).unwrap(), Some(info));
+        assert!(f.ctx.files.exists(&a));
     }
 
     #[tokio::test]

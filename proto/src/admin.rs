@@ -68,6 +68,16 @@ pub enum AdminOp {
         artifact: ArtifactId,
     },
     ArtifactList,
+    /// Deletes the stored bytes of `kind` `version` to free disk space; its record stays,
+    /// marked removed, so the version stays bound to those bytes (uploading the same file again
+    /// restores it; other bytes under that version are refused). Refused while any machine may
+    /// still fetch it (the artifact of a notice desired for a machine or group, of a machine's
+    /// current release of that kind, or of a staged rollout not finished) or runs it (a
+    /// machine's last state). Reply: `artifact`.
+    ArtifactRemove {
+        kind: Kind,
+        version: String,
+    },
     ReleaseCreate {
         kind: Kind,
         version: String,
@@ -286,6 +296,7 @@ impl AdminOp {
             AdminOp::UploadBegin { .. } => "upload_begin",
             AdminOp::UploadCommit { .. } => "upload_commit",
             AdminOp::ArtifactList => "artifact_list",
+            AdminOp::ArtifactRemove { .. } => "artifact_remove",
             AdminOp::ReleaseCreate { .. } => "release_create",
             AdminOp::ReleasePlan { .. } => "release_plan",
             AdminOp::ReleasePublish { .. } => "release_publish",
@@ -335,6 +346,7 @@ impl AdminOp {
             | AdminOp::History { .. } => Role::Viewer,
             AdminOp::UploadBegin { .. }
             | AdminOp::UploadCommit { .. }
+            | AdminOp::ArtifactRemove { .. }
             | AdminOp::ReleaseCreate { .. }
             | AdminOp::ReleasePublish { .. }
             | AdminOp::Rollback { .. }
@@ -680,6 +692,9 @@ pub struct ArtifactInfo {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub notes: Option<String>,
     pub uploaded_at_ms: u64,
+    /// When its bytes were deleted (`artifact_remove`); absent while they are stored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removed_at_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -1165,6 +1180,10 @@ mod tests {
     fn every_op_name_matches_its_wire_tag() {
         let ops = [
             AdminOp::ArtifactList,
+            AdminOp::ArtifactRemove {
+                kind: Kind::new("app").unwrap(),
+                version: "1.0".into(),
+            },
             AdminOp::Machines,
             AdminOp::KeyRotate,
             AdminOp::EventsSince {
@@ -1198,6 +1217,12 @@ mod tests {
         };
         assert_eq!(publish.required_role(), Role::Operator);
         assert!(publish.is_change());
+        let remove = AdminOp::ArtifactRemove {
+            kind: Kind::new("app").unwrap(),
+            version: "1.0".into(),
+        };
+        assert_eq!(remove.required_role(), Role::Operator);
+        assert!(remove.is_change() && remove.is_audited());
         assert_eq!(AdminOp::KeyRotate.required_role(), Role::Admin);
         // Staged rollouts: a viewer may look; steering one is an operator's change (audited).
         let r = || ReleaseId::new("r-1").unwrap();

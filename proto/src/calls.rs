@@ -152,6 +152,9 @@ calls! {
         }
     }
     ArtifactList = "artifact_list" {} -> "artifacts" Vec<ArtifactInfo> { AdminReply::Artifacts { artifacts } => artifacts; r => AdminReply::Artifacts { artifacts: r } }
+    /// See [`AdminOp::ArtifactRemove`].
+    ArtifactRemove = "artifact_remove" { kind: Kind, version: String }
+        -> "artifact" ArtifactInfo { AdminReply::Artifact { artifact } => artifact; r => AdminReply::Artifact { artifact: r } }
     ReleaseCreate = "release_create" {
         kind: Kind, version: String, policy: InstallPolicy, notes: Option<String>,
     } -> "release" ReleaseInfo { AdminReply::Release { release } => release; r => AdminReply::Release { release: r } }
@@ -294,6 +297,13 @@ mod tests {
             json!({"op": "upload_commit", "artifact": a.to_hex()}),
         );
         wire(ArtifactList {}, json!({"op": "artifact_list"}));
+        wire(
+            ArtifactRemove {
+                kind: k("app"),
+                version: "1.2".into(),
+            },
+            json!({"op": "artifact_remove", "kind": "app", "version": "1.2"}),
+        );
         wire(
             ReleaseCreate {
                 kind: k("app"),

@@ -147,6 +147,14 @@ pub enum RolloutState {
 }
 
 impl RolloutState {
+    /// Completed or cancelled: it sends no more notices.
+    pub fn is_finished(&self) -> bool {
+        matches!(
+            self,
+            RolloutState::Completed | RolloutState::Cancelled { .. }
+        )
+    }
+
     pub fn name(&self) -> &'static str {
         match self {
             RolloutState::Running => "running",

@@ -1,4 +1,4 @@
-//! `fleetcast artifact upload|list`.
+//! `fleetcast artifact upload|list|remove`.
 
 use std::path::PathBuf;
 
@@ -10,7 +10,7 @@ use fleetcast_proto::chunk::DEFAULT_CHUNK_SIZE;
 use fleetcast_proto::Kind;
 use indicatif::{ProgressBar, ProgressStyle};
 
-use super::{print_json, table, ClientArgs};
+use super::{confirm, print_json, table, ClientArgs};
 
 #[derive(Subcommand)]
 pub enum ArtifactCmd {
@@ -28,10 +28,22 @@ pub enum ArtifactCmd {
         #[arg(long, default_value_t = DEFAULT_CHUNK_SIZE)]
         chunk_size: u32,
     },
-    /// List uploaded version files.
+    /// List uploaded version files (removed ones too: their bytes are gone, their versions
+    /// stay bound to them).
     List {
         #[arg(long)]
         json: bool,
+    },
+    /// Delete a version file's bytes to free the platform's disk. Refused while any machine
+    /// may still fetch it; uploading the same file again restores it.
+    Remove {
+        #[arg(long)]
+        kind: Kind,
+        #[arg(long)]
+        version: String,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -82,6 +94,30 @@ pub async fn run(cmd: ArtifactCmd, client: &ClientArgs) -> anyhow::Result<()> {
             print!("{}", list(&artifacts));
             Ok(())
         }
+        ArtifactCmd::Remove { kind, version, yes } => {
+            let question = format!(
+                "Delete the file of {kind} {version}? It can no longer be released or rolled back to until it is uploaded again."
+            );
+            if !confirm(&question, yes)? {
+                anyhow::bail!("not removed");
+            }
+            let info = client
+                .call(calls::ArtifactRemove {
+                    kind: kind.clone(),
+                    version: version.clone(),
+                })
+                .await
+                .with_context(|| format!("removing {kind} {version}"))?;
+            println!(
+                "removed {} {} ({}, {}): artifact {}",
+                info.kind,
+                info.version,
+                info.name,
+                table::bytes(info.size),
+                info.id.short()
+            );
+            Ok(())
+        }
     }
 }
 
@@ -107,13 +143,14 @@ pub fn list(artifacts: &[ArtifactInfo]) -> String {
                 table::bytes(a.size),
                 a.name.clone(),
                 table::time(Some(a.uploaded_at_ms)),
+                table::time(a.removed_at_ms),
                 a.notes.clone().unwrap_or_default(),
             ]
         })
         .collect();
     table::render(
         &[
-            "KIND", "VERSION", "ARTIFACT", "SIZE", "NAME", "UPLOADED", "NOTES",
+            "KIND", "VERSION", "ARTIFACT", "SIZE", "NAME", "UPLOADED", "REMOVED", "NOTES",
         ],
         &rows,
     )
@@ -135,12 +172,13 @@ mod tests {
             chunk_size: 65536,
             notes: None,
             uploaded_at_ms: 0,
+            removed_at_ms: None,
         };
         let out = list(std::slice::from_ref(&a));
         let short = a.id.short();
         assert_eq!(
             out,
-            format!("KIND  VERSION  ARTIFACT      SIZE     NAME     UPLOADED             NOTES\napp   2.4.1    {short}  2.0 KiB  app.bin  1970-01-01 00:00:00\n")
+            format!("KIND  VERSION  ARTIFACT      SIZE     NAME     UPLOADED             REMOVED  NOTES\napp   2.4.1    {short}  2.0 KiB  app.bin  1970-01-01 00:00:00  -\n")
         );
     }
 }

@@ -311,6 +311,7 @@ mod tests {
             chunk_size: 65536,
             notes: Some("artifact notes".into()),
             uploaded_at_ms: 1,
+            removed_at_ms: None,
         };
         let r = new(
             rel("r-000007"),

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 
 use fleetcast_proto::admin::{
-    GroupCount, PlanReport, PublishPlan, ReleaseInfo, ReleaseStatus, TargetRecord, MAX_PLAN_PAGE,
-    MAX_RELEASE_PAGE, MAX_STATUS_PAGE, PLAN_TOPICS_SHOWN, RELEASE_MACHINES_SHOWN,
+    ArtifactInfo, GroupCount, PlanReport, PublishPlan, ReleaseInfo, ReleaseStatus, TargetRecord,
+    MAX_PLAN_PAGE, MAX_RELEASE_PAGE, MAX_STATUS_PAGE, PLAN_TOPICS_SHOWN, RELEASE_MACHINES_SHOWN,
 };
 use fleetcast_proto::calls::{self, Page};
 use fleetcast_proto::rollout::ROLLOUT_ORDER_SHOWN;
@@ -33,7 +33,7 @@ pub async fn create(ctx: &Ctx, c: calls::ReleaseCreate) -> Result<ReleaseInfo, O
 /// What publishing would send, without sending: one page of it, or (asked without `after`
 /// and `limit`, as before paging) all of it.
 pub async fn plan(ctx: &Ctx, c: calls::ReleasePlan) -> Result<PlanReport, OpError> {
-    let info = known_release(&*ctx.store, &c.release)?;
+    let info = publishable(ctx, &c.release)?;
     let mut plan = publish::plan(ctx, &info, &c.machines, &c.groups, c.allow_empty)?;
     // In the first page only (the counts come with it; `--list` asks for the rest page by
     // page). A record read per target: off the async threads (10,000 of them for a large
@@ -85,9 +85,36 @@ fn newer_installed(
     Ok(Some(newer))
 }
 
+/// The release `id`, if its artifact's bytes are still stored (not `artifact_remove`d).
+fn publishable(ctx: &Ctx, id: &ReleaseId) -> Result<ReleaseInfo, OpError> {
+    let info = known_release(&*ctx.store, id)?;
+    match ctx.store.artifact(&info.artifact.id)? {
+        Some(artifact) => stored(&artifact)
+            .map_err(|e| OpError::Refused(format!("cannot send release {id}: {e}")))?,
+        None => {
+            return refused(format!(
+                "cannot send release {id}: its artifact {} is not stored",
+                info.artifact.id.short()
+            ))
+        }
+    }
+    Ok(info)
+}
+
+/// Refuses an artifact whose bytes were removed, saying how to bring them back.
+fn stored(artifact: &ArtifactInfo) -> Result<(), OpError> {
+    match artifact.removed_at_ms {
+        None => Ok(()),
+        Some(_) => refused(format!(
+            "{} {} was removed (`fleetcast artifact remove`); upload the same file again to use it",
+            artifact.kind, artifact.version
+        )),
+    }
+}
+
 /// Publishes at once, or (with waves) starts a staged rollout.
 pub async fn publish(ctx: &Ctx, c: calls::ReleasePublish) -> Result<PlanReport, OpError> {
-    let info = known_release(&*ctx.store, &c.release)?;
+    let info = publishable(ctx, &c.release)?;
     let (machines, groups, allow_empty) = (&c.machines, &c.groups, c.allow_empty);
     let plan = match c.waves {
         Some(waves) => staged::publish(ctx, &info, machines, groups, allow_empty, waves).await?,
@@ -100,7 +127,7 @@ pub async fn publish(ctx: &Ctx, c: calls::ReleasePublish) -> Result<PlanReport, 
 /// Sends the release again to the named machines, or with `failed` to every failed target
 /// (each starts a new round: a higher seq, attempt 1 again).
 pub async fn retry(ctx: &Ctx, c: calls::ReleaseRetry) -> Result<PlanReport, OpError> {
-    let info = known_release(&*ctx.store, &c.release)?;
+    let info = publishable(ctx, &c.release)?;
     let targets = ctx.store.targets_of(&c.release)?;
     let chosen = release::retry_targets(&c.release, &targets, &c.machines, c.failed)?;
     let plan = publish::publish(ctx, &info, &chosen, &[], false).await?;
@@ -340,6 +367,7 @@ pub(crate) async fn create_release(
             "no artifact uploaded for {kind} {version} (run `fleetcast artifact upload` first)"
         ));
     };
+    stored(&artifact)?;
     let release = release::new(
         store.next_release_id()?,
         artifact,
@@ -377,10 +405,14 @@ pub async fn rollback(ctx: &Ctx, c: calls::Rollback) -> Result<PlanReport, OpErr
             return refused(format!("unknown machine {m}"));
         }
     }
-    if store.artifact_for_version(&kind, &to)?.is_none() {
-        return refused(format!(
-            "cannot roll back to {kind} {to}: no such uploaded artifact"
-        ));
+    match store.artifact_for_version(&kind, &to)? {
+        None => {
+            return refused(format!(
+                "cannot roll back to {kind} {to}: no such uploaded artifact"
+            ))
+        }
+        Some(artifact) => stored(&artifact)
+            .map_err(|e| OpError::Refused(format!("cannot roll back to {kind} {to}: {e}")))?,
     }
     let (machines, groups) = match &target {
         Target::Machine(m) => (vec![m.clone()], vec![]),

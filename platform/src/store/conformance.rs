@@ -562,6 +562,7 @@ fn artifacts_are_found_by_id_and_by_kind_and_version(s: &dyn Store) {
         chunk_size: 1024,
         notes: None,
         uploaded_at_ms: 0,
+        removed_at_ms: None,
     };
     s.put_artifact(&info("1.0")).unwrap();
     s.put_artifact(&info("2.0")).unwrap();

@@ -1110,3 +1110,133 @@ async fn events_shows_the_newest_hundred_of_a_longer_log_and_says_so() {
     admin.close().await;
     platform.stop().await;
 }
+
+/// `artifact remove` as an operator runs it, with a real machine: the version the machine
+/// runs is refused with the reason, one it moved past loses its files, a rollback to it is
+/// refused until the same file is uploaded again, and then the machine installs it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn artifact_remove_frees_what_no_machine_needs_and_the_same_file_brings_it_back() {
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&broker).await;
+    let p = provisioned(&admin, "vm-001", &["shanghai"]).await;
+    let agents = CancellationToken::new();
+    let agent = tokio::spawn(fleetcast_device::agent::run(
+        super::e2e::machine_config(&p, &broker, dir.path()),
+        agents.clone(),
+    ));
+    let mut files = BTreeMap::new();
+    for (version, seed) in [("2.0", 2), ("3.0", 3)] {
+        let file = artifact_file(dir.path(), &format!("app-{version}.bin"), 150_000, seed);
+        let info = upload_app(&admin, &file, version).await;
+        files.insert(version, (file, info.id));
+        let r = create_release(&admin, &app(), version, InstallPolicy::Immediate).await;
+        publish(&admin, &r.id, &["vm-001"], &[]).await;
+        let s = until_finished(&admin, &r.id, 1).await;
+        assert_eq!(s.targets[0].phase, Phase::Installed, "{s:#?}");
+    }
+    let fc = Fleetcast::new(dir.path())
+        .with("FLEETCAST_DATA", &data_dir)
+        .with("FLEETCAST_BROKER", broker.to_string());
+    let remove = |version: &'static str| {
+        let fc = &fc;
+        async move {
+            fc.run(&[
+                "artifact",
+                "remove",
+                "--kind",
+                "app",
+                "--version",
+                version,
+                "--yes",
+            ])
+            .await
+        }
+    };
+    let stored = |version: &str| {
+        let id = files[version].1.to_hex();
+        let dir = data_dir.join("artifacts");
+        (
+            dir.join(&id).exists(),
+            dir.join(format!("{id}.manifest")).exists(),
+        )
+    };
+
+    // 3.0 is what vm-001 was last sent and runs: kept, with the reason.
+    let kept = remove("3.0").await;
+    assert_eq!(kept.code, 1, "{kept:#?}");
+    assert!(
+        kept.stderr.contains("app 3.0 is still needed") && kept.stderr.contains("vm-001"),
+        "{kept:#?}"
+    );
+    assert_eq!(stored("3.0"), (true, true));
+    // Without --yes and no terminal to ask on, nothing is removed.
+    let unconfirmed = fc
+        .run(&["artifact", "remove", "--kind", "app", "--version", "2.0"])
+        .await;
+    assert_eq!(unconfirmed.code, 1, "{unconfirmed:#?}");
+    assert!(unconfirmed.stderr.contains("--yes"), "{unconfirmed:#?}");
+    assert_eq!(stored("2.0"), (true, true));
+
+    // 2.0 it moved past: its files go, its record stays, marked.
+    let out = remove("2.0").await.ok();
+    assert!(out.contains("removed app 2.0"), "{out}");
+    assert_eq!(stored("2.0"), (false, false));
+    let listed = fc.run(&["artifact", "list", "--json"]).await.json();
+    assert_valid("artifacts.json", &schemas()["artifacts.json"], &listed);
+    let removed: Vec<(&str, bool)> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            (
+                a["version"].as_str().unwrap(),
+                a.get("removed_at_ms").is_some(),
+            )
+        })
+        .collect();
+    assert_eq!(removed, vec![("2.0", true), ("3.0", false)]);
+
+    // A rollback to it is refused until the same file is uploaded again.
+    let back = fc
+        .run(&[
+            "rollback",
+            "--machine",
+            "vm-001",
+            "--kind",
+            "app",
+            "--to",
+            "2.0",
+            "--yes",
+        ])
+        .await;
+    assert_eq!(back.code, 1, "{back:#?}");
+    assert!(back.stderr.contains("app 2.0 was removed"), "{back:#?}");
+    let file = files["2.0"].0.to_str().unwrap();
+    fc.run(&[
+        "artifact",
+        "upload",
+        file,
+        "--kind",
+        "app",
+        "--version",
+        "2.0",
+    ])
+    .await
+    .ok();
+    assert_eq!(stored("2.0"), (true, true));
+    let plan = rollback(&admin, Target::Machine(m("vm-001")), &app(), Some("2.0")).await;
+    let s = until_finished(&admin, &plan.release.id, 1).await;
+    assert_eq!(s.targets[0].phase, Phase::Installed, "{s:#?}");
+    // Now 3.0 is the one nothing needs.
+    remove("3.0").await.ok();
+    assert_eq!(stored("3.0"), (false, false));
+
+    agents.cancel();
+    joined(agent, "agent vm-001").await;
+    platform.stop().await;
+}
