@@ -714,6 +714,12 @@ impl Fetch {
         }
         outstanding.remove(&index);
         writing.insert(index);
+        // A verified chunk is progress as it comes, not once written: the link is what a
+        // stall is about. Counted at its write, a chunk that came with the tick in one batch
+        // (the writes go after the other effects) was no progress yet, and the tick asked
+        // again for the rest of the window, on its way. (A disk that never finishes a write
+        // holds the transfer in that write, not in a stall.)
+        attempt.wait.progressed(now, &self.tuning);
         if let Some(last) = self.last_chunk_at.replace(now) {
             let gap = now.saturating_duration_since(last);
             self.chunk_time = gap.max(self.chunk_time * 3 / 4);
@@ -754,7 +760,6 @@ impl Fetch {
             return Continue(());
         }
         self.unsaved = true;
-        attempt.wait.progressed(now, &self.tuning);
         // The last chunk is persisted with the whole file, and reported as `downloaded`.
         if self.have.count < self.layout.chunks {
             if self.unpersisted >= self.tuning.persist_every {
@@ -802,13 +807,14 @@ impl Fetch {
                 if now.saturating_duration_since(*last_request) > stall {
                     *last_request = now;
                     turned_away.clear();
-                    let missing = asked
+                    let missing: Vec<u32> = asked
                         .iter()
                         .filter(|i| !early.contains_key(i))
                         .copied()
                         .collect();
                     let window;
                     (window, *window_end) = manifest_window(parts);
+                    tracing::debug!(artifact = %self.artifact.short(), chunks = missing.len(), early = early.len(), parts = parts.iter().filter(|p| p.is_some()).count(), "no manifest yet: asking for it again");
                     request(window, missing, out);
                     attempt.wait.asked_again(now, &self.tuning);
                 }

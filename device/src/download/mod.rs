@@ -449,22 +449,13 @@ impl<'a> Staging<'a> {
                     saver.next(self);
                     Vec::new()
                 }
-                _ = tick.tick() => fetch.handle(now(), Input::Tick),
+                _ = tick.tick() => fetch.handle_all(now(), tick_inputs(&self.artifact, frames, batch)),
             };
         }
     }
 
     fn decode(&self, frame: Bytes) -> Option<Input> {
-        match decode_frame(&frame) {
-            Ok((header, payload)) => {
-                let payload = frame.slice_ref(payload);
-                Some(Input::Frame { header, payload })
-            }
-            Err(e) => {
-                tracing::warn!(artifact = %self.artifact.short(), "malformed chunk frame dropped: {e}");
-                None
-            }
-        }
+        decode(&self.artifact, frame)
     }
 
     /// Carries out `effects` in order, and what finished writes lead to; `true` once the
@@ -741,6 +732,45 @@ fn now() -> std::time::Instant {
 /// `first` and the frames queued behind it, `max` in all at most.
 fn queued(first: Bytes, frames: &mut mpsc::Receiver<Bytes>, max: usize) -> Vec<Bytes> {
     let mut out = vec![first];
+    out.extend(pending(frames, max.saturating_sub(1)));
+    out
+}
+
+/// A frame of `artifact` as the transfer takes it; a malformed one is dropped and logged.
+fn decode(artifact: &ArtifactId, frame: Bytes) -> Option<Input> {
+    match decode_frame(&frame) {
+        Ok((header, payload)) => {
+            let payload = frame.slice_ref(payload);
+            Some(Input::Frame { header, payload })
+        }
+        Err(e) => {
+            tracing::warn!(artifact = %artifact.short(), "malformed chunk frame dropped: {e}");
+            None
+        }
+    }
+}
+
+/// What a tick of the transfer's clock hands it: the frames waiting now (at most `max`), then
+/// the tick. Frames that came while the task was busy go before the clock, so a stall is time
+/// without frames, not time the task did not run: its writes wait for a blocking thread (4 of
+/// them for 10,000 simulated machines) or a slow disk, and the tick, ready at the same moment
+/// as the frames, was taken first about half the time and asked again for what was already in.
+fn tick_inputs(
+    artifact: &ArtifactId,
+    frames: &mut mpsc::Receiver<Bytes>,
+    max: usize,
+) -> Vec<Input> {
+    let mut inputs: Vec<Input> = pending(frames, max)
+        .into_iter()
+        .filter_map(|frame| decode(artifact, frame))
+        .collect();
+    inputs.push(Input::Tick);
+    inputs
+}
+
+/// The frames waiting in `frames` now, at most `max`.
+fn pending(frames: &mut mpsc::Receiver<Bytes>, max: usize) -> Vec<Bytes> {
+    let mut out = Vec::new();
     while out.len() < max {
         match frames.try_recv() {
             Ok(frame) => out.push(frame),
@@ -1049,6 +1079,65 @@ mod tests {
         tx.send(Bytes::from_static(b"x")).await.unwrap();
         let first = rx.recv().await.unwrap();
         assert_eq!(queued(first, &mut rx, 16).len(), 1);
+    }
+
+    #[test]
+    fn frames_waiting_when_the_clock_ticks_count_before_it() {
+        use fleetcast_proto::chunk::{encode_frame, FrameHeader, ManifestBuilder};
+
+        let bytes: Vec<u8> = (0..4096u32).map(|i| (i % 251) as u8).collect();
+        let (id, layout) = (ArtifactId::of(&bytes), Layout::new(4096, 1024).unwrap());
+        let mut manifest = ManifestBuilder::new(layout);
+        (0..4).for_each(|i| manifest.push_chunk(&bytes[i * 1024..(i + 1) * 1024]));
+        let saved = StagingState {
+            have: "00".into(),
+            manifest: Some(hex::encode(manifest.finish())),
+        };
+        let chunk = |i: u32| {
+            let header = FrameHeader {
+                frame_type: FrameType::Chunk,
+                artifact: id,
+                index: i,
+                total: 4,
+            };
+            let at = i as usize * 1024;
+            Bytes::from(encode_frame(&header, &bytes[at..at + 1024]))
+        };
+        let asked_again =
+            |effects: &[Effect]| effects.iter().any(|e| matches!(e, Effect::Request { .. }));
+        let tuning = Tuning {
+            window: 4,
+            ..Tuning::default()
+        };
+        let t0 = std::time::Instant::now();
+        let late = t0 + tuning.stall + Duration::from_millis(500);
+
+        // Chunks 0 and 1 came while the task was busy past the stall time.
+        let (tx, mut rx) = mpsc::channel(8);
+        tx.try_send(chunk(0)).unwrap();
+        tx.try_send(chunk(1)).unwrap();
+        let inputs = tick_inputs(&id, &mut rx, 16);
+        assert!(matches!(inputs.last(), Some(Input::Tick)));
+        assert_eq!(inputs.len(), 3);
+        let mut fetch = Fetch::resume(id, layout, tuning.clone(), Some(saved.clone()));
+        assert!(asked_again(&fetch.begin(t0)), "the first window");
+        let effects = fetch.handle_all(late, inputs);
+        assert!(
+            !asked_again(&effects),
+            "asked again for chunks it had: {effects:?}"
+        );
+        assert!(rx.try_recv().is_err(), "every waiting frame was taken");
+
+        // The tick taken first, as before: chunks 0..4 asked for again, 0 and 1 on their way.
+        let mut fetch = Fetch::resume(id, layout, tuning, Some(saved));
+        fetch.begin(t0);
+        let mut first = vec![Input::Tick];
+        first.extend(
+            [chunk(0), chunk(1)]
+                .into_iter()
+                .filter_map(|f| decode(&id, f)),
+        );
+        assert!(asked_again(&fetch.handle_all(late, first)));
     }
 
     /// A download context over `dir`, its MQTT client never connected (keep the event loop).
