@@ -835,7 +835,6 @@ impl ChunkServer {
 mod tests {
     use super::*;
     use crate::limits::MachineLimits;
-    use fleetcast_proto::admin::ArtifactInfo;
     use fleetcast_proto::auth::Secret;
     use fleetcast_proto::Kind;
 
@@ -893,29 +892,7 @@ mod tests {
 
     fn add_artifact(ctx: &Ctx, seed: u8) -> ArtifactId {
         let bytes: Vec<u8> = (0..3000u32).map(|i| (i as u8) ^ seed).collect();
-        let id = ArtifactId::of(&bytes);
-        let mut up = ctx
-            .files
-            .begin_upload(id, bytes.len() as u64, 1024)
-            .unwrap();
-        for i in 0..up.layout.chunks {
-            let (s, l) = (up.layout.offset(i) as usize, up.layout.chunk_len(i));
-            up.write_part(i, &bytes[s..s + l]).unwrap();
-        }
-        ctx.files.commit(up).unwrap();
-        ctx.store
-            .put_artifact(&ArtifactInfo {
-                id,
-                kind: Kind::new("app").unwrap(),
-                version: format!("1.{seed}"),
-                name: "a".into(),
-                size: bytes.len() as u64,
-                chunk_size: 1024,
-                notes: None,
-                uploaded_at_ms: 0,
-                removed_at_ms: None,
-            })
-            .unwrap();
+        let id = crate::fixtures::stored_artifact(ctx, &bytes, &format!("1.{seed}")).id;
         // Released to vm-1 and vm-2 (one kind per artifact, so both can be current).
         let mut release = crate::fixtures::release(&format!("r-{seed}"), &format!("1.{seed}"));
         release.kind = Kind::new(format!("app{seed}")).unwrap();

@@ -86,6 +86,38 @@ pub(crate) mod fixtures {
         GroupId::new(id).unwrap()
     }
 
+    /// Stores `bytes` as `app` `version` in chunks of 1 KiB: the files, committed as an upload
+    /// is, and the record.
+    pub fn stored_artifact(
+        ctx: &crate::context::Ctx,
+        bytes: &[u8],
+        version: &str,
+    ) -> fleetcast_proto::admin::ArtifactInfo {
+        let id = ArtifactId::of(bytes);
+        let mut up = ctx
+            .files
+            .begin_upload(id, bytes.len() as u64, 1024)
+            .unwrap();
+        for i in 0..up.layout.chunks {
+            let (s, l) = (up.layout.offset(i) as usize, up.layout.chunk_len(i));
+            up.write_part(i, &bytes[s..s + l]).unwrap();
+        }
+        ctx.files.commit(up).unwrap();
+        let info = fleetcast_proto::admin::ArtifactInfo {
+            id,
+            kind: Kind::new("app").unwrap(),
+            version: version.into(),
+            name: "a".into(),
+            size: bytes.len() as u64,
+            chunk_size: 1024,
+            notes: None,
+            uploaded_at_ms: 0,
+            removed_at_ms: None,
+        };
+        ctx.store.put_artifact(&info).unwrap();
+        info
+    }
+
     /// An unpublished `app` release of `version` (artifact: the version's bytes, one byte long).
     pub fn release(id: &str, version: &str) -> ReleaseInfo {
         ReleaseInfo {

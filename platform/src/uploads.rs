@@ -293,24 +293,32 @@ mod tests {
         (0..2500u32).map(|i| (i as u8).wrapping_mul(seed)).collect()
     }
 
+    /// `upload_begin` of `data` as app `version`, in parts of 1 KiB.
+    fn try_begin(
+        f: &mut Fixture,
+        client: &str,
+        version: &str,
+        data: &[u8],
+    ) -> Result<UploadStart, OpError> {
+        f.uploads.begin(
+            &f.ctx,
+            client,
+            calls::UploadBegin {
+                kind: Kind::new("app").unwrap(),
+                version: version.into(),
+                name: "a.bin".into(),
+                size: data.len() as u64,
+                artifact: ArtifactId::of(data),
+                chunk_size: 1024,
+                notes: None,
+            },
+        )
+    }
+
+    /// [`try_begin`], which must answer that the 3 parts are to be sent.
     fn begin(f: &mut Fixture, client: &str, version: &str, data: &[u8]) -> ArtifactId {
         let artifact = ArtifactId::of(data);
-        let reply = f
-            .uploads
-            .begin(
-                &f.ctx,
-                client,
-                calls::UploadBegin {
-                    kind: Kind::new("app").unwrap(),
-                    version: version.into(),
-                    name: "a.bin".into(),
-                    size: data.len() as u64,
-                    artifact,
-                    chunk_size: 1024,
-                    notes: None,
-                },
-            )
-            .unwrap();
+        let reply = try_begin(f, client, version, data).unwrap();
         assert!(
             matches!(reply, UploadStart::Ready { parts: 3, .. }),
             "{reply:?}"
@@ -403,23 +411,7 @@ mod tests {
         let err = commit(&mut f, client, a).await.unwrap_err();
         assert!(err.to_string().contains("no upload of artifact"), "{err}");
         // Other bytes under the removed version: refused, versions are immutable.
-        let other = bytes(5);
-        let err = f
-            .uploads
-            .begin(
-                &f.ctx,
-                client,
-                calls::UploadBegin {
-                    kind: Kind::new("app").unwrap(),
-                    version: "1.0".into(),
-                    name: "a.bin".into(),
-                    size: other.len() as u64,
-                    artifact: ArtifactId::of(&other),
-                    chunk_size: 1024,
-                    notes: None,
-                },
-            )
-            .unwrap_err();
+        let err = try_begin(&mut f, client, "1.0", &bytes(5)).unwrap_err();
         assert!(
             err.to_string()
                 .contains("already uploaded with different bytes")

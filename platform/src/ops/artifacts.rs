@@ -175,12 +175,10 @@ pub fn sweep_removed(store: &dyn Store, files: &crate::artifacts::ArtifactStore)
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use fleetcast_proto::admin::MachineInfo;
     use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan};
     use fleetcast_proto::status::KindState;
-    use fleetcast_proto::{ArtifactId, InstallPolicy, Kind, Target};
+    use fleetcast_proto::{InstallPolicy, Kind, Target};
 
     use super::*;
     use crate::domain::target::new_target;
@@ -188,50 +186,15 @@ mod tests {
     use crate::ops::releases;
     use crate::store::{DesiredNotice, StoreError};
 
-    struct Fixture {
-        _dir: tempfile::TempDir,
-        _eventloop: rumqttc::EventLoop,
-        ctx: Arc<Ctx>,
-    }
-
-    fn fixture() -> Fixture {
-        let (dir, eventloop, ctx) = Ctx::for_tests_in_temp_dir();
-        Fixture {
-            _dir: dir,
-            _eventloop: eventloop,
-            ctx,
-        }
-    }
-
     fn app() -> Kind {
         Kind::new("app").unwrap()
     }
 
     /// Stores `app` `version` (files and record), and a release `r-{version}` of it.
     fn add(ctx: &Ctx, version: &str) -> (ArtifactInfo, ReleaseId) {
-        let bytes: Vec<u8> = format!("the bytes of {version}").repeat(300).into_bytes();
-        let id = ArtifactId::of(&bytes);
-        let mut up = ctx
-            .files
-            .begin_upload(id, bytes.len() as u64, 1024)
-            .unwrap();
-        for i in 0..up.layout.chunks {
-            let (s, l) = (up.layout.offset(i) as usize, up.layout.chunk_len(i));
-            up.write_part(i, &bytes[s..s + l]).unwrap();
-        }
-        ctx.files.commit(up).unwrap();
-        let info = ArtifactInfo {
-            id,
-            kind: app(),
-            version: version.into(),
-            name: format!("app-{version}.bin"),
-            size: bytes.len() as u64,
-            chunk_size: 1024,
-            notes: None,
-            uploaded_at_ms: 1,
-            removed_at_ms: None,
-        };
-        ctx.store.put_artifact(&info).unwrap();
+        let bytes = format!("the bytes of {version}").repeat(300).into_bytes();
+        let info = crate::fixtures::stored_artifact(ctx, &bytes, version);
+        let id = info.id;
         let mut release = crate::fixtures::release(&format!("r-{version}"), version);
         release.artifact.id = id;
         ctx.store
@@ -260,19 +223,19 @@ mod tests {
 
     #[tokio::test]
     async fn an_artifact_no_machine_needs_loses_its_files_and_keeps_its_record() {
-        let f = fixture();
-        let (info, release) = add(&f.ctx, "2.3.0");
-        assert!(f.ctx.files.exists(&info.id));
-        let removed = remove_app(&f.ctx, "2.3.0").await.unwrap();
+        let (_dir, _eventloop, ctx) = Ctx::for_tests_in_temp_dir();
+        let (info, release) = add(&ctx, "2.3.0");
+        assert!(ctx.files.exists(&info.id));
+        let removed = remove_app(&ctx, "2.3.0").await.unwrap();
         assert!(removed.removed_at_ms.is_some());
-        assert!(!f.ctx.files.path(&info.id).exists());
-        assert!(!f.ctx.files.manifest_path(&info.id).exists());
-        let listed = list(&f.ctx, calls::ArtifactList {}).unwrap();
+        assert!(!ctx.files.path(&info.id).exists());
+        assert!(!ctx.files.manifest_path(&info.id).exists());
+        let listed = list(&ctx, calls::ArtifactList {}).unwrap();
         assert_eq!(listed, vec![removed.clone()]);
 
         // Nothing can send it any more, and each says why.
         let create = releases::create(
-            &f.ctx,
+            &ctx,
             calls::ReleaseCreate {
                 kind: app(),
                 version: "2.3.0".into(),
@@ -287,7 +250,7 @@ mod tests {
             "{create}"
         );
         let publish = releases::publish(
-            &f.ctx,
+            &ctx,
             calls::ReleasePublish {
                 release: release.clone(),
                 machines: vec![m("vm-1")],
@@ -304,7 +267,7 @@ mod tests {
             "{publish}"
         );
         let rollback = releases::rollback(
-            &f.ctx,
+            &ctx,
             calls::Rollback {
                 target: Target::Group(g("g1")),
                 kind: app(),
@@ -322,10 +285,10 @@ mod tests {
             "{rollback}"
         );
         // Removing it again is no error (and deletes whatever was left).
-        std::fs::write(f.ctx.files.path(&info.id), b"left over").unwrap();
-        remove_app(&f.ctx, "2.3.0").await.unwrap();
-        assert!(!f.ctx.files.path(&info.id).exists());
-        let unknown = refusal(remove_app(&f.ctx, "9.9.9").await);
+        std::fs::write(ctx.files.path(&info.id), b"left over").unwrap();
+        remove_app(&ctx, "2.3.0").await.unwrap();
+        assert!(!ctx.files.path(&info.id).exists());
+        let unknown = refusal(remove_app(&ctx, "9.9.9").await);
         assert!(
             unknown.contains("no artifact uploaded for app 9.9.9"),
             "{unknown}"
@@ -334,26 +297,26 @@ mod tests {
 
     #[tokio::test]
     async fn files_left_by_a_removal_cut_short_are_deleted_at_start() {
-        let f = fixture();
-        let (mut info, _) = add(&f.ctx, "2.3.0");
-        let (kept, _) = add(&f.ctx, "2.4.0");
+        let (_dir, _eventloop, ctx) = Ctx::for_tests_in_temp_dir();
+        let (mut info, _) = add(&ctx, "2.3.0");
+        let (kept, _) = add(&ctx, "2.4.0");
         // Marked removed, then the process stopped before the files went.
         info.removed_at_ms = Some(5);
-        f.ctx.store.put_artifact(&info).unwrap();
-        sweep_removed(&*f.ctx.store, &f.ctx.files);
-        assert!(!f.ctx.files.path(&info.id).exists());
-        assert!(!f.ctx.files.manifest_path(&info.id).exists());
+        ctx.store.put_artifact(&info).unwrap();
+        sweep_removed(&*ctx.store, &ctx.files);
+        assert!(!ctx.files.path(&info.id).exists());
+        assert!(!ctx.files.manifest_path(&info.id).exists());
         assert!(
-            f.ctx.files.exists(&kept.id),
+            ctx.files.exists(&kept.id),
             "a stored artifact is left alone"
         );
     }
 
     #[tokio::test]
     async fn an_artifact_a_machine_may_still_fetch_or_runs_is_kept_with_the_reason() {
-        let f = fixture();
-        let store = &f.ctx.store;
-        let (a, ra) = add(&f.ctx, "2.3.0");
+        let (_dir, _eventloop, ctx) = Ctx::for_tests_in_temp_dir();
+        let store = &ctx.store;
+        let (a, ra) = add(&ctx, "2.3.0");
         let notice = |release: &ReleaseId, target: Target| DesiredNotice {
             topic: "t".into(),
             seq: 1,
@@ -367,12 +330,12 @@ mod tests {
         store
             .transaction(|tx| tx.put_desired(&notice(&ra, Target::Group(g("g1")))))
             .unwrap();
-        let why = refusal(remove_app(&f.ctx, "2.3.0").await);
+        let why = refusal(remove_app(&ctx, "2.3.0").await);
         assert!(
             why.contains("release r-2.3.0 is what the platform wants on group g1"),
             "{why}"
         );
-        assert!(f.ctx.files.exists(&a.id), "nothing deleted when refused");
+        assert!(ctx.files.exists(&a.id), "nothing deleted when refused");
         store
             .transaction(|tx| tx.remove_desired(&Target::Group(g("g1")), &app()))
             .unwrap();
@@ -397,7 +360,7 @@ mod tests {
             log: vec![],
         };
         store.transaction(|tx| tx.put_rollout(&rollout)).unwrap();
-        let why = refusal(remove_app(&f.ctx, "2.3.0").await);
+        let why = refusal(remove_app(&ctx, "2.3.0").await);
         assert!(
             why.contains("staged rollout of release r-2.3.0 is paused"),
             "{why}"
@@ -417,13 +380,13 @@ mod tests {
                 Ok::<_, StoreError>(())
             })
             .unwrap();
-        let why = refusal(remove_app(&f.ctx, "2.3.0").await);
+        let why = refusal(remove_app(&ctx, "2.3.0").await);
         assert!(
             why.contains("release r-2.3.0 is the current app release of 6 machines (vm-1, vm-2, vm-3, vm-4, vm-5 and 1 more)"),
             "{why}"
         );
         // A newer release became their current one.
-        let (_, rb) = add(&f.ctx, "2.4.0");
+        let (_, rb) = add(&ctx, "2.4.0");
         let newer = store.release(&rb).unwrap().unwrap();
         store
             .transaction(|tx| {
@@ -448,7 +411,7 @@ mod tests {
             },
         );
         store.transaction(|tx| tx.put_machine(&runs)).unwrap();
-        let why = refusal(remove_app(&f.ctx, "2.3.0").await);
+        let why = refusal(remove_app(&ctx, "2.3.0").await);
         assert!(why.contains("1 machine (vm-7) runs it"), "{why}");
         let mut shipped = MachineInfo::new(m("vm-8"), 0);
         shipped.kinds.insert(
@@ -466,15 +429,15 @@ mod tests {
                 tx.put_machine(&shipped)
             })
             .unwrap();
-        let why = refusal(remove_app(&f.ctx, "2.3.0").await);
+        let why = refusal(remove_app(&ctx, "2.3.0").await);
         assert!(why.contains("1 machine (vm-8) runs it"), "{why}");
         // Revoked, it counts no more; then nothing holds it.
         shipped.revoked_at_ms = Some(1);
         store.transaction(|tx| tx.put_machine(&shipped)).unwrap();
-        remove_app(&f.ctx, "2.3.0").await.unwrap();
-        assert!(!f.ctx.files.path(&a.id).exists());
+        remove_app(&ctx, "2.3.0").await.unwrap();
+        assert!(!ctx.files.path(&a.id).exists());
         // 2.4.0 is the current release of six machines: kept.
-        let why = refusal(remove_app(&f.ctx, "2.4.0").await);
+        let why = refusal(remove_app(&ctx, "2.4.0").await);
         assert!(why.contains("current app release of 6 machines"), "{why}");
     }
 }
