@@ -129,6 +129,12 @@ else
     fc versions --kind app --release "$R"
 fi
 
+step "Freeing the platform's disk: a version a machine still runs is kept, and the reason given"
+if fc artifact remove --kind app --version 2.4.0 --yes 2>&1; then
+    echo "app 2.4.0 was removed while vm-001 runs it" >&2
+    exit 1
+fi
+
 step "Who did what (audit log, last entries)"
 fc audit >"$DIR/audit.txt"
 head -1 "$DIR/audit.txt"
