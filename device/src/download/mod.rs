@@ -425,7 +425,10 @@ impl<'a> Staging<'a> {
             artifact: self.artifact,
         };
         let mut tick = tokio::time::interval(TICK);
-        let carried = carried.into_iter().filter_map(|f| self.decode(f)).collect();
+        let carried = carried
+            .into_iter()
+            .filter_map(|f| decode(&self.artifact, f))
+            .collect();
         let mut effects = fetch.begin_with(now(), carried);
         // A window's worth of frames at most per round: enough to write a burst in one trip
         // off the runtime, few enough that requests and ticks are not held up.
@@ -440,7 +443,7 @@ impl<'a> Staging<'a> {
                     let Some(frame) = frame else { return Err(cancelled()) };
                     let inputs: Vec<Input> = queued(frame, frames, batch)
                         .into_iter()
-                        .filter_map(|frame| self.decode(frame))
+                        .filter_map(|frame| decode(&self.artifact, frame))
                         .collect();
                     fetch.handle_all(now(), inputs)
                 }
@@ -452,10 +455,6 @@ impl<'a> Staging<'a> {
                 _ = tick.tick() => fetch.handle_all(now(), tick_inputs(&self.artifact, frames, batch)),
             };
         }
-    }
-
-    fn decode(&self, frame: Bytes) -> Option<Input> {
-        decode(&self.artifact, frame)
     }
 
     /// Carries out `effects` in order, and what finished writes lead to; `true` once the

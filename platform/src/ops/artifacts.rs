@@ -14,7 +14,7 @@ use crate::now_ms;
 use crate::ops::{refused, OpError};
 use crate::store::Store;
 
-/// Machines named when an artifact is refused for being their current release.
+/// The most machines a refusal names (it says how many more there are).
 const MACHINES_NAMED: usize = 5;
 
 /// Every stored artifact, by kind, then version (removed ones too, marked).
