@@ -30,6 +30,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-download}
 export CARGO_INCREMENTAL=0
+# A record is of the commit built here, never of another build (benches/common: fleetcast_bin).
+unset BENCH_BIN_DIR
 OUT=$(mktemp)
 trap 'rm -f "$OUT"' EXIT
 

@@ -136,10 +136,16 @@ pub fn cpu_of(pids: &[u32]) -> Option<std::time::Duration> {
     pids.iter().map(|p| cpu_time(&p.to_string())).sum()
 }
 
-/// The directory of the `fleetcast` binary built for this bench; `fleetcast-device` must be
-/// built there too (scripts/bench.sh does).
+/// The `fleetcast` binary built for this bench; `fleetcast-device` must be built beside it too
+/// (scripts/bench.sh does). `BENCH_BIN_DIR` names another directory holding both, to compare
+/// builds with the same bench. Why: copying other builds over `target/release/` wrote into the
+/// files cargo hard-links there, so cargo, which checks sources and not its outputs, kept
+/// running the copies in later recorded benches (2026-11-29).
 pub fn fleetcast_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_fleetcast"))
+    match std::env::var_os("BENCH_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir).join("fleetcast"),
+        None => PathBuf::from(env!("CARGO_BIN_EXE_fleetcast")),
+    }
 }
 
 pub fn device_bin() -> Result<PathBuf> {
