@@ -131,9 +131,14 @@ pub fn conf_snippet(passwd: &Path, acl: &Path) -> Result<String, MosquittoFilesE
          password_file {}\n\
          acl_file {}\n\
          # Without it every request/response round trip waits ~40 ms on Nagle + delayed ACK.\n\
-         set_tcp_nodelay true\n",
+         set_tcp_nodelay true\n\
+         # fleetcast's clients read no packet larger: a client that sends one is disconnected\n\
+         # and nothing of it is kept. Without it one machine's retained 3 MiB state was read\n\
+         # by the platform at every (re)subscribe, and closed its connection each time.\n\
+         max_packet_size {}\n",
         line(passwd)?,
-        line(acl)?
+        line(acl)?,
+        crate::client::MAX_PACKET
     ))
 }
 
@@ -502,7 +507,8 @@ mod tests {
                 "allow_anonymous false",
                 "password_file /etc/m/f.passwd",
                 "acl_file /etc/m/f.acl",
-                "set_tcp_nodelay true"
+                "set_tcp_nodelay true",
+                "max_packet_size 2097152"
             ]
         );
         assert!(s.contains("per_listener_settings"));

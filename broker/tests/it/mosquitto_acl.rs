@@ -94,8 +94,20 @@ impl Fleet {
     /// Connects as `user` with `client_id` (not checked against each other by Mosquitto),
     /// until `until` is cancelled.
     async fn connect_as(&self, user: &str, client_id: &str, until: &CancellationToken) -> Conn {
+        self.connect_with(user, client_id, until, |_| {}).await
+    }
+
+    /// [`Self::connect_as`], with `adjust` applied to the client's options.
+    async fn connect_with(
+        &self,
+        user: &str,
+        client_id: &str,
+        until: &CancellationToken,
+        adjust: impl FnOnce(&mut rumqttc::MqttOptions),
+    ) -> Conn {
         let mut o = client::options(&self.mosq.url, client_id, None);
         o.set_credentials(user, self.password(user));
+        adjust(&mut o);
         let (c, mut rx) = connected_with(o, until);
         if let Err(e) = next_connected(&mut rx).await {
             panic!(
@@ -330,6 +342,57 @@ async fn a_machines_publishes_outside_its_own_reports_never_reach_the_platform()
     assert_eq!(
         received_until_marker(&mut listener_rx, "platform listener").await,
         expected
+    );
+}
+
+/// A stolen machine config leaves a retained message larger than the platform's clients read
+/// (`client::MAX_PACKET`) on the machine's own `state` topic. Mosquitto's default limit is 256 MiB:
+/// the platform's connections read it at every (re)subscribe and closed, again and again.
+/// The generated snippet's `max_packet_size` makes Mosquitto disconnect the sender and keep
+/// nothing, so the platform's next subscription gets what it can read, and only that.
+#[tokio::test]
+async fn a_machine_cannot_leave_a_message_too_large_for_the_platform() {
+    let Some(f) = Fleet::start() else { return };
+    let t = &f.t;
+    let vm1 = MachineId::new("vm-1").unwrap();
+    let attack = CancellationToken::new();
+    let (c, mut rx) = f
+        .connect_with("vm-1", "vm-1", &attack, |o| {
+            o.set_max_packet_size(8 << 20, 8 << 20);
+        })
+        .await;
+    c.publish(
+        t.state(&vm1),
+        QoS::AtLeastOnce,
+        true,
+        vec![b'x'; client::MAX_PACKET + (1 << 20)],
+    )
+    .await
+    .unwrap();
+    let dropped = tokio::time::timeout(Duration::from_secs(5), async {
+        loop {
+            match rx.recv().await {
+                Some(MqttEvent::Disconnected(_)) | None => return,
+                Some(MqttEvent::PubAck(_)) => panic!("mosquitto took the oversized publish"),
+                Some(_) => {}
+            }
+        }
+    })
+    .await;
+    attack.cancel();
+    assert!(
+        dropped.is_ok(),
+        "the sender of an oversized packet stays connected\nmosquitto log:\n{}",
+        f.mosq.log()
+    );
+    // The platform subscribes as it does at every start, and reads the machine's next state.
+    let (_listener, mut listener_rx) = f.platform_listener(&f.shutdown).await;
+    let c = drained(f.connect_as("vm-1", "vm-1", &f.shutdown).await);
+    publish_then_marker(&c, &[], &t.state(&vm1)).await;
+    assert_eq!(
+        received_until_marker(&mut listener_rx, "platform listener").await,
+        [t.state(&vm1)],
+        "nothing retained before the machine's next state"
     );
 }
 
