@@ -37,6 +37,7 @@ MAX_ENVELOPE = 256 * 1024
 WINDOW = 16                 # chunks in flight (§7.3)
 MANIFEST_WINDOW = 32        # manifest parts per request (§7.3)
 ATTEMPTS = 5                # download attempts (§6.1)
+STATUS_TAG = "fleetcast/v1/status"
 NO_PROGRESS_S = 30          # an attempt fails after this long without a verified chunk
 ACK_RESEND_S = 10           # resend the outbox head after this long without an ack (§6.1)
 
@@ -57,7 +58,11 @@ def mqtt_password(secret):
 
 def mac_envelope(secret, tag, body):
     """A MAC'd envelope (§3): the body travels as a JSON string, MAC over TAG\\0 || body."""
-    text = json.dumps(body, separators=(",", ":"))
+    return mac_text(secret, tag, json.dumps(body, separators=(",", ":")))
+
+
+def mac_text(secret, tag, text):
+    """A MAC'd envelope of `text` exactly as given (a body already encoded)."""
     mac = ct.keyed_hash(secret, tag.encode() + b"\0" + text.encode())
     return {"body": text, "mac": mac.hex()}
 
@@ -68,7 +73,7 @@ def mac_ok(secret, tag, env):
     if not isinstance(env, dict) or not isinstance(env.get("body"), str) or not isinstance(env.get("mac"), str):
         return False
     want = ct.keyed_hash(secret, tag.encode() + b"\0" + env["body"].encode()).hex()
-    return hmac.compare_digest(want, env["mac"])
+    return hmac.compare_digest(want, env["mac"].lower())  # §3: either case
 
 
 def sig_ok(key_hex, tag, env):
@@ -218,6 +223,15 @@ class Agent:
         self.ctr = self.st.get("ctr_reserved") or int(time.time() * 1e6)
         self.st["ctr_reserved"] = self.ctr
         self.outbox = load_json(self.data / "outbox.json", [])
+        # Events MAC'd with another secret (the config was rotated or corrected, §6.1) never
+        # verify again, and the head would hold every later event back: MAC them again with
+        # this secret, each body (and so its counter) unchanged.
+        stale = [e for e in self.outbox if not mac_ok(self.secret, STATUS_TAG, e["env"])]
+        for e in stale:
+            e["env"] = mac_text(self.secret, STATUS_TAG, e["env"]["body"])
+        if stale:
+            log(f"{len(stale)} queued status event(s) were MAC'd with another secret: MAC'd again")
+            write_atomic(self.data / "outbox.json", json.dumps(self.outbox).encode())
         self.save()
         self.q = queue.Queue()
         self.connected = False
@@ -316,7 +330,7 @@ class Agent:
         body.update({k: v for k, v in extra.items() if v is not None})
         body.setdefault("attempt", 1)
         log(f"report {kind} {phase}", {k: v for k, v in extra.items() if v is not None})
-        self.outbox.append({"ctr": body["ctr"], "env": mac_envelope(self.secret, "fleetcast/v1/status", body)})
+        self.outbox.append({"ctr": body["ctr"], "env": mac_envelope(self.secret, STATUS_TAG, body)})
         write_atomic(self.data / "outbox.json", json.dumps(self.outbox).encode())  # durable before sent
         if notice and phase != "rejected":
             ks = self.kind(kind)

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use fleetcast_broker::client::{self, BrokerUrl, MqttEvent};
-use fleetcast_proto::auth::{Purpose, SignedEnvelope, MAX_JSON_MESSAGE};
+use fleetcast_proto::auth::{Purpose, Secret, SignedEnvelope, MAX_JSON_MESSAGE};
 use fleetcast_proto::chunk::{decode_frame, FrameType};
 use fleetcast_proto::command::Command;
 use fleetcast_proto::status::{MachineState, MAX_STATUS_BATCH};
@@ -214,7 +214,8 @@ pub async fn run_with(
     };
     config.validate().map_err(bad)?;
     let url: BrokerUrl = config.broker_url().map_err(bad)?;
-    let (store, outbox, contact) = open_data_dir(&machine, config.data_dir.clone()).await?;
+    let (store, outbox, contact) =
+        open_data_dir(&machine, config.data_dir.clone(), config.secret.clone()).await?;
     let sale_lock = SaleLock::new(config.sale_lock_path());
     let lock = sale_lock.clone();
     tokio::task::spawn_blocking(move || lock.create())
@@ -1025,6 +1026,7 @@ fn released_since_cleaning(
 async fn open_data_dir(
     machine: &str,
     dir: PathBuf,
+    secret: Secret,
 ) -> Result<(Store, Outbox, Contact), AgentError> {
     let (m, path) = (machine.to_owned(), dir.clone());
     tokio::task::spawn_blocking(move || {
@@ -1038,7 +1040,14 @@ async fn open_data_dir(
             error,
         };
         let store = Store::open(&dir).map_err(store_err)?;
-        let outbox = Outbox::open(&dir).map_err(store_err)?;
+        let mut outbox = Outbox::open(&dir).map_err(store_err)?;
+        let resealed = outbox.reseal(&secret).map_err(store_err)?;
+        if resealed > 0 {
+            tracing::warn!(
+                machine = %m,
+                "{resealed} queued status event(s) were MAC'd with another secret (a rotated or corrected config): MAC'd again with this one"
+            );
+        }
         // Only for people: a damaged file is started afresh.
         let contact = Contact::read(&dir).unwrap_or_else(|e| {
             tracing::warn!(machine = %m, "{e}; the last contact starts afresh");

@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use fleetcast_proto::auth::{MacEnvelope, Purpose, Secret};
 use serde::{Deserialize, Serialize};
 
 use crate::durable;
@@ -319,6 +320,35 @@ impl Outbox {
         self.entries.front()
     }
 
+    /// MACs again with `secret` every event whose MAC is another secret's, keeping its body
+    /// (and so its counter) exactly; returns how many, after saving them. Why: the platform
+    /// checks a machine's reports with the secret it has now, and the outbox sends its head
+    /// until that is acknowledged, so after `machine provision --rotate` (or a corrected
+    /// secret) one event MAC'd with the old secret held every later one back for good. The
+    /// rotation reset the platform's counters, so the counters are accepted again; an event
+    /// stored before the rotation whose ack the outbox had not yet written away is stored twice.
+    pub fn reseal(&mut self, secret: &Secret) -> Result<usize, StoreError> {
+        let mut changed = 0;
+        for e in &mut self.entries {
+            let Ok(env) = serde_json::from_str::<MacEnvelope>(&e.payload) else {
+                continue;
+            };
+            if secret
+                .open_envelope::<serde_json::Value>(Purpose::Status, &env)
+                .is_ok()
+            {
+                continue;
+            }
+            let sealed = secret.seal_text(Purpose::Status, env.body);
+            e.payload = String::from_utf8(sealed).expect("a JSON envelope is UTF-8");
+            changed += 1;
+        }
+        if changed > 0 {
+            self.save_blocking()?;
+        }
+        Ok(changed)
+    }
+
     /// The oldest events as one status message, and how many it holds: the head alone, or,
     /// with more waiting, a batch (a JSON array of their envelopes, protocol.md §6.1) of at
     /// most `max` events and `max_bytes` (the head goes whatever its size). A machine that was
@@ -601,6 +631,38 @@ mod tests {
             0,
             "acks are persisted"
         );
+    }
+
+    #[test]
+    fn events_macd_with_another_secret_are_macd_again_keeping_their_bodies() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old, new) = (Secret::from_bytes([1; 32]), Secret::from_bytes([2; 32]));
+        let body = |ctr: u64| format!(r#"{{"ctr":{ctr},"x":"event {ctr}"}}"#);
+        let entry = |secret: &Secret, ctr: u64| OutboxEntry {
+            ctr,
+            payload: String::from_utf8(secret.seal_text(Purpose::Status, body(ctr))).unwrap(),
+        };
+        let mut ob = Outbox::open(dir.path()).unwrap();
+        for e in [entry(&old, 1), entry(&old, 2), entry(&new, 3)] {
+            ob.push(e).unwrap();
+        }
+        let kept = ob.entries[2].clone();
+        assert_eq!(ob.reseal(&new).unwrap(), 2);
+        let on_disk = Outbox::open(dir.path()).unwrap();
+        assert_eq!(
+            on_disk.entries[2], kept,
+            "an event MAC'd with this secret is left as it was"
+        );
+        for (i, e) in on_disk.entries.iter().enumerate() {
+            let ctr = i as u64 + 1;
+            assert_eq!(e.ctr, ctr);
+            let env: MacEnvelope = serde_json::from_str(&e.payload).unwrap();
+            assert_eq!(env.body, body(ctr), "the body is kept byte for byte");
+            new.open_envelope::<serde_json::Value>(Purpose::Status, &env)
+                .unwrap();
+        }
+        let mut again = Outbox::open(dir.path()).unwrap();
+        assert_eq!(again.reseal(&new).unwrap(), 0, "nothing left to MAC again");
     }
 
     #[test]

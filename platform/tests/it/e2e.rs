@@ -479,6 +479,92 @@ async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
     platform.stop().await;
 }
 
+/// An operator rotates a machine's secret (`machine provision --rotate`, what security.md says to
+/// do with a stolen config) before the machine has its new config: it installs a deferred
+/// release meanwhile, so its outbox holds events MAC'd with the old secret, which the platform
+/// no longer accepts. Started with its new config, it MACs them again and they are stored.
+/// Before, the outbox's head never verified again and held every later event back for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn events_queued_under_a_rotated_secret_are_delivered_with_the_new_one() {
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let Env {
+        dir,
+        platform,
+        admin: admin_client,
+        ..
+    } = env(&broker).await;
+    let p = provisioned(&admin_client, "vm-r", &[]).await;
+    let mut config = machine_config(&p, &broker, dir.path());
+    config.initial_versions = BTreeMap::from([(app(), "1.0.0".to_owned())]);
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    let serving = dir.path().join("serving");
+    let mut sale = std::process::Command::new("flock")
+        .arg("--shared")
+        .arg(config.sale_lock_path())
+        .arg("-c")
+        .arg(format!("touch '{}' && cat >/dev/null", serving.display()))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .expect("flock(1) from util-linux");
+    poll_until(
+        WAIT,
+        "the sale holds the lock",
+        || async { serving.exists() },
+        |held| *held,
+    )
+    .await;
+    let agents = CancellationToken::new();
+    let agent = tokio::spawn(fleetcast_device::agent::run(config.clone(), agents.clone()));
+    wait_online(&admin_client, 1).await;
+    let v2 = artifact_file(dir.path(), "app-2.0.0.bin", 60_000, 9);
+    upload_app(&admin_client, &v2, "2.0.0").await;
+    let idle = create_release(&admin_client, &app(), "2.0.0", InstallPolicy::Idle)
+        .await
+        .id;
+    publish(&admin_client, &idle, &["vm-r"], &[]).await;
+    wait_status_within(&admin_client, &idle, E2E_WAIT, |s| {
+        s.targets[0].phase == Phase::Deferred
+    })
+    .await;
+
+    // From the rotation on, the platform refuses what the old secret MACs (this broker checks
+    // no passwords, so the machine stays connected and keeps sending its outbox's head).
+    let fresh = provisioned_with(&admin_client, "vm-r", &[], true).await;
+    // The sale ends: the machine installs and queues its reports, MAC'd with the old secret.
+    drop(sale.stdin.take());
+    assert!(sale.wait().unwrap().success());
+    let outbox = config.data_dir.join("outbox.json");
+    poll_until(
+        WAIT,
+        "the install reported into the outbox",
+        || async { std::fs::read_to_string(&outbox).unwrap_or_default() },
+        |text| text.contains("installed"),
+    )
+    .await;
+    agents.cancel();
+    joined(agent, "agent vm-r with the old secret").await;
+
+    config.secret = fresh.secret;
+    let agents = CancellationToken::new();
+    let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
+    let s = wait_status_within(&admin_client, &idle, E2E_WAIT, |s| {
+        s.targets[0].phase == Phase::Installed
+    })
+    .await;
+    assert_all_installed(&s);
+    poll_until(
+        WAIT,
+        "the outbox emptied",
+        || async { std::fs::read_to_string(&outbox).unwrap_or_default() },
+        |text| text.trim() == "[]",
+    )
+    .await;
+    admin_client.close().await;
+    agents.cancel();
+    joined(agent, "agent vm-r with the new secret").await;
+    platform.stop().await;
+}
+
 /// The platform acknowledges a status event with a `StatusAck` MAC'd with the machine's secret
 /// only after storing it, and
 /// acknowledges a repeat of it again (the machine missed the first ack); a forged one gets none.
@@ -579,7 +665,7 @@ async fn a_batch_of_status_events_is_taken_event_by_event_and_stops_at_a_forged_
 
 /// A `notified` status event of `machine` with counter `ctr` and no release (stored, applied
 /// to no record).
-fn notified_event(machine: &str, ctr: u64) -> StatusEvent {
+pub(super) fn notified_event(machine: &str, ctr: u64) -> StatusEvent {
     StatusEvent {
         machine: m(machine),
         ctr,

@@ -186,6 +186,60 @@ async fn the_python_agent_installs_releases_through_the_gateway() {
     platform.stop().await;
 }
 
+/// The machine was provisioned again with `--rotate` while an event waited in its outbox,
+/// MAC'd with the old secret, which the platform no longer accepts. Started with the new
+/// config, the agent MACs it again with the new secret (protocol.md §6.1, "After a secret
+/// change"): it is stored, and the agent's own reports of a release after it. Before, the
+/// outbox's head was never acknowledged and `--once` never finished.
+#[tokio::test]
+async fn the_python_agent_macs_events_queued_under_a_rotated_secret_again() {
+    let Some((
+        Embedded {
+            dir,
+            platform,
+            plain,
+            ..
+        },
+        admin,
+    )) = python_env().await
+    else {
+        return;
+    };
+    let old = provisioned(&admin, "vm-py", &[]).await.secret;
+    let rotated = provisioned_with(&admin, "vm-py", &[], true).await;
+    let config = machine_config(dir.path(), &rotated, &plain);
+    // What the agent queued before it had its new config. Its counter is below the ones the
+    // agent takes on a fresh data dir (the clock in microseconds).
+    let mut queued = StatusEvent {
+        detail: Some("queued under the old secret".into()),
+        ..super::e2e::notified_event("vm-py", 0)
+    };
+    queued.ctr = fleetcast_platform::now_ms() * 1000 - 60_000_000;
+    let env: serde_json::Value =
+        serde_json::from_slice(&old.seal(Purpose::Status, &queued)).unwrap();
+    let data = dir.path().join("vm-py-data");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(
+        data.join("outbox.json"),
+        serde_json::to_vec(&serde_json::json!([{ "ctr": queued.ctr, "env": env }])).unwrap(),
+    )
+    .unwrap();
+    upload_64k(&admin, dir.path(), "1.0.0", 100_000, 5).await;
+    let agent = start_agent(&config, &dir.path().join("out"));
+    let r = release(&admin, "1.0.0", &["vm-py"], &[]).await.release;
+    agent_succeeds(agent, "after the rotation").await;
+    installed_on(&admin, &r.id, "vm-py").await;
+    let (events, _) = super::security::stored_events(&admin).await;
+    let details: Vec<Option<&str>> = events.iter().map(|e| e.detail.as_deref()).collect();
+    assert_eq!(
+        details.first().copied().flatten(),
+        Some("queued under the old secret"),
+        "{events:#?}"
+    );
+    admin.close().await;
+    platform.stop().await;
+}
+
 /// A release published to a group before the machine connects: the agent gets the retained
 /// notice on the group's topic and installs it.
 #[tokio::test]
