@@ -1477,6 +1477,46 @@ mod tests {
         assert_eq!((stored(&server), frames_sent(&server)), (101, 5));
     }
 
+    /// A request for a chunk not had yet skips the request rate only when it asks for no
+    /// manifest parts. With an out-of-range manifest window beside such a chunk, each request
+    /// got the error frame before the chunk was marked had, so the next one came in free too:
+    /// fifty a second past a rate of one, each a store write and an error frame.
+    #[tokio::test(start_paused = true)]
+    async fn manifest_parts_out_of_range_do_not_ride_the_free_first_copies() {
+        let f = sled_fixture(MachineLimits {
+            requests_per_sec: 1.0,
+            request_burst: 1.0,
+            ..MachineLimits::default()
+        });
+        let (mut server, a, vm1) = serving(&f);
+        let stored = |s: &ChunkServer| s.ctx.store.counter(&vm1, "chunks").unwrap();
+        server
+            .handle(&vm1, &request_chunks(&f, "vm-1", 1, a, vec![(0, 1)]))
+            .await
+            .unwrap();
+        let parts = server.layout(&a).unwrap().unwrap().manifest_parts();
+        for ctr in 2..=51 {
+            let req = ChunkRequest {
+                machine: vm1.clone(),
+                ctr,
+                artifact: a,
+                manifest: true,
+                manifest_parts: Some((parts, parts + 1)),
+                chunks: vec![(1, 2)],
+            };
+            let sealed = f.secret.seal(Purpose::ChunkRequest, &req);
+            let refused = server.handle(&vm1, &sealed).await.unwrap_err();
+            assert!(refused.contains("request rate"), "{refused}");
+        }
+        assert_eq!(stored(&server), 1, "the store was written for them");
+        // A request for the chunk alone still skips the rate.
+        server
+            .handle(&vm1, &request_chunks(&f, "vm-1", 52, a, vec![(1, 2)]))
+            .await
+            .unwrap();
+        assert_eq!(stored(&server), 52);
+    }
+
     /// `m` asks for chunk 0 (broadcast: its first copy) and, once the hold is over, again:
     /// sent to it alone. The recorder is cleared after.
     async fn chunk_sent_alone(

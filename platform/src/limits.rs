@@ -206,14 +206,22 @@ impl ChunkBudget {
     /// [`FIRST_COPY_MEMORY`]) and has not had yet is always admitted: the agent sends a request
     /// per chunk it receives, so a download going faster than the request rate (2,000 a second,
     /// 131 MB/s in 64 KiB chunks) was cut off by it once first copies were not paced any more.
-    /// Such requests are bounded by the artifact's chunks. Any other takes a token.
+    /// Such requests are bounded by the artifact's chunks. Any other takes a token, and so does
+    /// any request that asks for manifest parts too. Why: a manifest window is checked against
+    /// the manifest only when the request is answered, and one out of range was answered with
+    /// an error frame before its chunk was marked had; so the same request, with a new counter,
+    /// was admitted free again and again, each a store write and an error frame past the rate
+    /// (a review with one machine's config, 2026-11-29). An agent asks for the manifest with its
+    /// first window, before it has had anything, when there is no free path anyway.
     pub fn admit_request(&mut self, req: &ChunkRequest, now: Instant) -> bool {
         let fetching = self.had.get(&req.artifact).filter(|h| {
             self.first_copies_free && now.saturating_duration_since(h.since) < FIRST_COPY_MEMORY
         });
         if let Some(h) = fetching {
-            // Its manifest parts are checked against the layout when the request is served.
-            if req.validate(h.chunks, u32::MAX).is_ok() && req.indices().any(|i| !h.had(i)) {
+            if !req.manifest
+                && req.validate(h.chunks, 0).is_ok()
+                && req.indices().any(|i| !h.had(i))
+            {
                 return true;
             }
         }
