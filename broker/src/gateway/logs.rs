@@ -1,5 +1,6 @@
-//! How much the gateway logs about what clients do wrong: refused CONNECTs, violations, and
-//! failed accepts. Each is a line a client can cause at will, so none may fill the log.
+//! How much the gateway logs about what clients do wrong: refused CONNECTs, violations, failed
+//! TLS handshakes and failed accepts. Each is a line a client can cause at will, so none may
+//! fill the log.
 //!
 //! - Per key (a user name, or a peer address: an IPv4 address, or an IPv6 address's /64,
 //!   which one host usually holds whole, so that one host cannot pass the limit by cycling

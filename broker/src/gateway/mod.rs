@@ -545,8 +545,19 @@ async fn connection(
             )
             .await
         }
-        Ok(Err(e)) => tracing::info!(%peer, error = %e, "gateway TLS handshake failed"),
-        Err(_) => tracing::info!(%peer, "gateway TLS handshake timed out"),
+        // Anyone who can reach the port can fail a handshake: through the log gate, as every
+        // other line a client can cause (one line per connection filled a public server's log
+        // at the accept rate).
+        Ok(Err(e)) => {
+            if let Some(quiet_before) = shared.log_gate.admit(&logs::peer_key(peer)) {
+                tracing::info!(%peer, error = %e, quiet_before, "gateway TLS handshake failed");
+            }
+        }
+        Err(_) => {
+            if let Some(quiet_before) = shared.log_gate.admit(&logs::peer_key(peer)) {
+                tracing::info!(%peer, quiet_before, "gateway TLS handshake timed out");
+            }
+        }
     }
 }
 

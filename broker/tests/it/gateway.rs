@@ -3401,6 +3401,38 @@ async fn lines_about_refused_connects_are_capped_for_all_peer_addresses_together
     );
 }
 
+/// Anyone who reaches the TLS port can fail a handshake (no credentials needed): each was an
+/// info line, as fast as connections could be opened. Now they go through the log gate as
+/// every other line a client can cause: a few a minute per address.
+#[tokio::test]
+async fn failed_tls_handshakes_from_one_address_write_a_few_lines_not_one_each() {
+    let (log, _guard) = Captured::start();
+    let pki = test_pki();
+    let gw = start_gateway(|s| {
+        s.plain = None;
+        s.tls = Some(TlsListen {
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            cert_chain_pem: pki.cert_pem.clone().into_bytes(),
+            key_pem: pki.key_pem.clone().into_bytes(),
+        });
+    })
+    .await;
+    let tls = gw.secured.tls_addr().expect("a TLS listener");
+    for _ in 0..60 {
+        let mut stream = TcpStream::connect(tls).await.unwrap();
+        stream.write_all(b"GET / HTTP/1.0\r\n\r\n").await.unwrap();
+        let mut answer = Vec::new();
+        let _ = tokio::time::timeout(WAIT, stream.read_to_end(&mut answer)).await;
+    }
+    // The last connection's line, if any, is written as its task ends.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let lines = log.lines_with("gateway TLS handshake failed");
+    assert!(
+        (1..=5).contains(&lines),
+        "{lines} lines for 60 failed handshakes from one address"
+    );
+}
+
 /// Set in the child process of the test below.
 const ACCEPT_CHILD: &str = "FLEETCAST_TEST_ACCEPT_CHILD";
 
