@@ -348,6 +348,18 @@ async fn admit(
             }
             return Err(ConnectReturnCode::NotAuthorized);
         }
+        // Only a machine's `online` has a use for a will, and it goes to the platform in
+        // process. Any other (a machine's state, status or chunk request; an operator's
+        // request) went into rumqttd with the client's retain flag, past the per-machine
+        // report limits, and could stay retained there for every later subscriber.
+        if !will_is_a_report(shared, &principal, will) {
+            shared.registry.violation();
+            if let Some(quiet_before) = should_log(shared, &username) {
+                tracing::warn!(%peer, client = %shown(client_id), user = %shown(&username), topic = %shown(&will.topic),
+                    quiet_before, "gateway refused a will on a topic other than the machine's online");
+            }
+            return Err(ConnectReturnCode::NotAuthorized);
+        }
     }
     Ok(principal)
 }

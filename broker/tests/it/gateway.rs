@@ -481,6 +481,23 @@ async fn a_connect_the_principal_may_not_make_is_refused_with_a_connack() {
         QoS::AtLeastOnce,
         true,
     ));
+    // What a machine may publish, but not as a will: it went into rumqttd (past the
+    // per-machine report limits) and could stay retained there.
+    let vm2 = MachineId::new("vm-2").unwrap();
+    let mut will_own_state = login("vm-2", "vm-2", "pw-vm-2");
+    will_own_state.last_will = Some(LastWill::new(
+        topics.state(&vm2),
+        "{}",
+        QoS::AtLeastOnce,
+        true,
+    ));
+    let mut will_own_chunks = login("vm-2", "vm-2", "pw-vm-2");
+    will_own_chunks.last_will = Some(LastWill::new(
+        topics.chunk_request(&vm2),
+        "{}",
+        QoS::AtMostOnce,
+        false,
+    ));
     let refusals = [
         (
             "wrong password",
@@ -514,6 +531,16 @@ async fn a_connect_the_principal_may_not_make_is_refused_with_a_connack() {
         (
             "a will on another machine's online topic",
             will_on_victim,
+            ConnectReturnCode::NotAuthorized,
+        ),
+        (
+            "a retained will on its own state topic",
+            will_own_state,
+            ConnectReturnCode::NotAuthorized,
+        ),
+        (
+            "a will on its own chunk request topic",
+            will_own_chunks,
             ConnectReturnCode::NotAuthorized,
         ),
     ];
@@ -550,7 +577,7 @@ async fn a_connect_the_principal_may_not_make_is_refused_with_a_connack() {
         "no forged will arrived first"
     );
     let stats = gw.secured.handle().stats();
-    assert_eq!((stats.refused, stats.connections), (6, 1));
+    assert_eq!((stats.refused, stats.connections), (8, 1));
 }
 
 #[tokio::test]
