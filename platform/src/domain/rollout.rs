@@ -35,9 +35,6 @@ pub struct Tally {
     pub accepted: usize,
     /// Every failed machine's failure as its record shows it (what a resume accepts).
     pub failures: Vec<AcceptedFailure>,
-    /// Machines whose failure an operator accepted that now show a success: a failure of
-    /// theirs after it is a new one ([`observe`] forgets their acceptance).
-    pub recovered: Vec<MachineId>,
 }
 
 /// What a target record says of a machine, for the tally: its phase, and since when.
@@ -92,23 +89,21 @@ pub fn tally(
         ..Tally::default()
     };
     // A set: this runs at every evaluation, and a large rollout may have accepted thousands.
-    // By machine: a failure an operator resumed past stays accepted, whatever failure the
-    // machine reports after, until a retry starts a new round for it ([`retried`]) or it is
-    // seen succeeding (`recovered`; a success and a new failure between two evaluations look
-    // like the failure re-reported). Why: matched by phase and time, one machine's credentials re-reporting
-    // its failure with a higher attempt (a final record may change that way, protocol §6.1)
-    // made a new failure each time and paused the rollout again after every resume (red-team
-    // test, 2026-11-28).
+    // By machine: a failure an operator resumed past stays accepted, whatever the machine
+    // reports after, until a retry starts a new round for it ([`retried`]). Why: matched by
+    // phase and time, one machine's credentials re-reporting its failure with a higher attempt
+    // (a final record may change that way, protocol §6.1) made a new failure each time and
+    // paused the rollout again after every resume (red-team test, 2026-11-28). And forgotten
+    // once the machine was seen succeeding, the same credentials reported `installed`, then a
+    // failure again, and so paused the rollout about fifty times per release (a review with
+    // one machine's config, 2026-11-29). An honest agent reports no failure of a release after
+    // installing it unless a retry starts it again, so what keeping the acceptance hides is
+    // only that machine's own report, which its own credentials could hide as well.
     let accepted: std::collections::HashSet<&MachineId> =
         r.accepted.iter().map(|a| &a.machine).collect();
     for m in notified {
         match record_of(m) {
-            Some(rec) if succeeded(rec.phase, download_only) => {
-                t.succeeded += 1;
-                if accepted.contains(m) {
-                    t.recovered.push(m.clone());
-                }
-            }
+            Some(rec) if succeeded(rec.phase, download_only) => t.succeeded += 1,
             Some(rec) if failed(rec.phase) => {
                 t.failed += 1;
                 let failure = AcceptedFailure {
@@ -195,7 +190,6 @@ pub fn observe(r: &mut RolloutInfo, t: Tally, now_ms: u64) -> Vec<Effect> {
     if r.state != RolloutState::Running {
         return vec![];
     }
-    retried(r, &t.recovered);
     let wave_no = r.wave + 1;
     // Failures an operator resumed past count for neither threshold: neither as failures nor
     // among the machines the shares are taken over.
@@ -585,18 +579,18 @@ mod tests {
             "the same machine's failure again"
         );
 
-        // The accepted machine is seen installed, then fails: a new failure (red-team pass,
-        // 2026-11-28: it was absorbed as the accepted one).
+        // The accepted machine is seen installed, then fails, again and again (its own
+        // credentials, raising the attempt each time): still accepted, no pause. Forgotten at
+        // the success, it paused the rollout after each resume (a review, 2026-11-29).
         let (mut fleet, mut r, w1) = paused_and_resumed();
-        fleet.set(&w1[..1], Phase::Installed);
-        step(&mut r, &fleet, 3);
-        assert!(r.accepted.is_empty(), "{:?}", r.accepted);
-        fleet.set(&w1[..1], Phase::DownloadFailed);
-        step(&mut r, &fleet, 4);
-        assert_eq!(
-            reason(&r),
-            "wave 1: 1 of 2 machines failed (50%), above the failure threshold 0%"
-        );
+        for at in (3..13).step_by(2) {
+            fleet.set(&w1[..1], Phase::Installed);
+            step(&mut r, &fleet, at);
+            fleet.set(&w1[..1], Phase::DownloadFailed);
+            step(&mut r, &fleet, at + 1);
+            assert_eq!(r.state, RolloutState::Running, "at {at}");
+        }
+        assert_eq!(r.accepted.len(), 1, "{:?}", r.accepted);
 
         // The accepted machine fails anew after a retry's new round: a new failure.
         let (mut fleet, mut r, w1) = paused_and_resumed();
