@@ -69,6 +69,13 @@ impl MachineLimits {
     }
 }
 
+/// Chunk requests a second (and the burst) one machine may put into the chunk server's queue
+/// when they come through an external broker, which has no per-machine limits of its own: the
+/// embedded broker's gateway holds each machine to 2,000 messages a second with a burst of
+/// 16,000 (`fleetcast_broker`'s `RateLimit::MACHINE`), and this is the same. An honest agent
+/// sends one request per 64 KiB chunk it receives, 125 MiB/s at this rate.
+pub const EXTERNAL_CHUNK_REQUESTS: (f64, f64) = (2000.0, 16_000.0);
+
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
 #[derive(Debug, Clone)]
 pub struct TokenBucket {

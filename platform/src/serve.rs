@@ -9,13 +9,16 @@
 //! Every task is owned by a `JoinSet`; the first task to fail stops the others. The sled
 //! database is flushed and dropped before `serve` returns, so a new `serve` can open it.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
+use std::time::Instant;
 
 use fleetcast_broker::client::{self, BrokerUrl, MqttEvent};
 use fleetcast_broker::gateway::TlsListen;
 use fleetcast_broker::{start_secured, SecureBrokerSettings};
+use fleetcast_proto::text::{shown, Admit, LogGate};
 use fleetcast_proto::{Route, Topics};
 use rumqttc::{AsyncClient, QoS, SubscribeFilter};
 use tokio::sync::mpsc;
@@ -29,7 +32,7 @@ use crate::context::{Ctx, NoSessionControl, SessionControl};
 use crate::error::PlatformError;
 use crate::identities;
 use crate::keys::{load_or_create_keys, Keys};
-use crate::limits::MachineLimits;
+use crate::limits::{self, MachineLimits, TokenBucket};
 use crate::store::{SledStore, Store};
 use crate::{chunks, ingest, retention};
 use fleetcast_proto::acl::PLATFORM_USER;
@@ -369,6 +372,12 @@ async fn dispatch(
     admin: mpsc::Sender<AdminInput>,
     stop: CancellationToken,
 ) -> Result<(), PlatformError> {
+    let mut inbound = Inbound::new(
+        topics.clone(),
+        chunks,
+        admin.clone(),
+        std::time::Instant::now(),
+    );
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -396,23 +405,86 @@ async fn dispatch(
             MqttEvent::Disconnected(e) => {
                 tracing::warn!(error = %e, "serve connection lost; reconnecting")
             }
-            MqttEvent::Publish(p) => {
-                let topic = p.topic.clone();
-                let full = match topics.parse(&p.topic) {
-                    Some(Route::ChunkRequest(m)) => chunks.try_send((m, p.payload)).is_err(),
-                    _ => match admin_input(&topics, p) {
-                        Some(input) => admin.try_send(input).is_err(),
-                        None => {
-                            tracing::debug!(topic = %topic, "unexpected topic on the serve connection");
-                            false
-                        }
-                    },
-                };
-                if full {
-                    tracing::warn!(topic = %topic, "queue full: message dropped (the sender retries)");
+            MqttEvent::Publish(p) => inbound.route(p, std::time::Instant::now()),
+            MqttEvent::PubAck(_) | MqttEvent::Sent(_) | MqttEvent::SubAck(_) => {}
+        }
+    }
+}
+
+/// Hands what the serve connection receives to the chunk server's and the admin task's queues,
+/// never waiting. Chunk requests reach this connection only from an external broker (the
+/// embedded one's gateway hands them over in process, after its own per-machine limits), so
+/// here each machine is held to a rate before the one queue all machines share
+/// ([`limits::EXTERNAL_CHUNK_REQUESTS`]), and a full queue is logged through the log gate.
+/// Why: on Mosquitto one machine's credentials, asking as fast as the broker took it, filled
+/// the queue, so every machine's requests were dropped, each with a warning (a review with one
+/// machine's config, 2026-11-29).
+struct Inbound {
+    topics: Topics,
+    chunks: mpsc::Sender<(fleetcast_proto::MachineId, bytes::Bytes)>,
+    admin: mpsc::Sender<AdminInput>,
+    /// Per machine that asked lately, with when it last did (only provisioned machines can
+    /// publish on their own topics: the broker authenticates them).
+    rates: HashMap<fleetcast_proto::MachineId, (TokenBucket, Instant)>,
+    swept_at: Instant,
+    log_gate: LogGate,
+}
+
+impl Inbound {
+    fn new(
+        topics: Topics,
+        chunks: mpsc::Sender<(fleetcast_proto::MachineId, bytes::Bytes)>,
+        admin: mpsc::Sender<AdminInput>,
+        now: Instant,
+    ) -> Self {
+        Self {
+            topics,
+            chunks,
+            admin,
+            rates: HashMap::new(),
+            swept_at: now,
+            log_gate: LogGate::per_minute(),
+        }
+    }
+
+    /// Hands `p` to its queue, or drops it (logged through the gate).
+    fn route(&mut self, p: rumqttc::Publish, now: Instant) {
+        let (rate, burst) = limits::EXTERNAL_CHUNK_REQUESTS;
+        if now.saturating_duration_since(self.swept_at) >= limits::BUDGET_SWEEP {
+            // Idle that long, a bucket has filled up again: the same as a new one.
+            self.rates
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < limits::BUDGET_SWEEP);
+            self.swept_at = now;
+        }
+        let topic = p.topic.clone();
+        let (dropped, key) = match self.topics.parse(&p.topic) {
+            Some(Route::ChunkRequest(m)) => {
+                let (bucket, at) = self
+                    .rates
+                    .entry(m.clone())
+                    .or_insert_with(|| (TokenBucket::new(rate, burst, now), now));
+                *at = now;
+                if !bucket.take(1.0, now) {
+                    ("over the machine's chunk request rate", m.to_string())
+                } else if self.chunks.try_send((m.clone(), p.payload)).is_err() {
+                    ("queue full", m.to_string())
+                } else {
+                    return;
                 }
             }
-            MqttEvent::PubAck(_) | MqttEvent::Sent(_) | MqttEvent::SubAck(_) => {}
+            _ => match admin_input(&self.topics, p) {
+                Some(input) => match self.admin.try_send(input) {
+                    Ok(()) => return,
+                    Err(_) => ("queue full", topic.clone()),
+                },
+                None => {
+                    tracing::debug!(topic = %shown(&topic), "unexpected topic on the serve connection");
+                    return;
+                }
+            },
+        };
+        if let Admit::Log { quiet_before } = self.log_gate.admit(&key) {
+            tracing::warn!(topic = %shown(&topic), quiet_before, "{dropped}: message dropped (the sender retries)");
         }
     }
 }
@@ -427,4 +499,69 @@ fn admin_input(topics: &Topics, p: rumqttc::Publish) -> Option<AdminInput> {
         Route::AdminUpload(client) => AdminInput::Upload { client, payload },
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fleetcast_proto::MachineId;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::time::Duration;
+    use tracing_subscriber::layer::SubscriberExt;
+
+    /// Counts the warnings logged.
+    struct Warnings(Arc<AtomicUsize>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Warnings {
+        fn on_event(&self, e: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+            if *e.metadata().level() == tracing::Level::WARN {
+                self.0.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Through an external broker, one machine asking for chunks as fast as the broker takes
+    /// it gets its rate and no more, the others' requests still reach the chunk server, and the
+    /// drops are logged a few times, not once each.
+    #[test]
+    fn one_machine_flooding_chunk_requests_leaves_the_queue_to_the_others() {
+        let topics = Topics::default();
+        let (chunk_tx, mut chunk_rx) = mpsc::channel(1024);
+        let (admin_tx, _admin_rx) = mpsc::channel(8);
+        let now = Instant::now();
+        let mut inbound = Inbound::new(topics.clone(), chunk_tx, admin_tx, now);
+        let request = |m: &str| {
+            let topic = topics.chunk_request(&MachineId::new(m).unwrap());
+            rumqttc::Publish::new(topic, QoS::AtMostOnce, b"r".to_vec())
+        };
+        let (rate, burst) = limits::EXTERNAL_CHUNK_REQUESTS;
+        let warnings = Arc::new(AtomicUsize::new(0));
+        let subscriber = tracing_subscriber::registry().with(Warnings(warnings.clone()));
+        let mut taken = Vec::new();
+        let mut take = |rx: &mut mpsc::Receiver<(MachineId, bytes::Bytes)>| {
+            while let Ok((m, _)) = rx.try_recv() {
+                taken.push(m.to_string());
+            }
+        };
+        tracing::subscriber::with_default(subscriber, || {
+            // Its whole burst and 5,000 more at one instant, the chunk server keeping up.
+            for _ in 0..burst as usize + 5_000 {
+                inbound.route(request("vm-1"), now);
+                take(&mut chunk_rx);
+            }
+            inbound.route(request("vm-2"), now);
+            take(&mut chunk_rx);
+            // A second later, a second's worth again.
+            let later = now + Duration::from_secs(1);
+            for _ in 0..rate as usize + 100 {
+                inbound.route(request("vm-1"), later);
+                take(&mut chunk_rx);
+            }
+        });
+        let from = |m: &str| taken.iter().filter(|t| t.as_str() == m).count();
+        assert_eq!(from("vm-1"), (burst + rate) as usize);
+        assert_eq!(from("vm-2"), 1, "another machine's request was dropped");
+        let logged = warnings.load(Ordering::Relaxed);
+        assert!((1..=5).contains(&logged), "{logged} warnings");
+    }
 }
