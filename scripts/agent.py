@@ -166,7 +166,8 @@ def parse_notice(body):
           and isinstance(a.get("name"), str) and isinstance(t, dict) and isinstance(p, dict)
           and p.get("type") in ("immediate", "window", "idle", "download_only")
           and isinstance(n.get("rollback", False), bool) and is_int(n.get("issued_at_ms")))
-    if not ok or len([k for k in ("machine", "group") if k in t]) != 1 or not is_id(next(iter(t.values()))):
+    # §4: a target is exactly one key, "machine" or "group" (extra keys: not a valid notice).
+    if not ok or len(t) != 1 or next(iter(t)) not in ("machine", "group") or not is_id(next(iter(t.values()))):
         raise ValueError("not a valid notice")
     return n
 
@@ -209,7 +210,7 @@ class Agent:
         self.me = cfg["machine"]
         self.groups = list(cfg.get("groups", []))
         self.secret = bytes.fromhex(cfg["secret"])
-        self.p = cfg.get("topic_prefix", "fleet")
+        self.p = cfg.get("topic_prefix", "fleet").rstrip("/")  # §2: no trailing /
         self.data = Path(cfg["data_dir"])
         (self.data / "staging").mkdir(parents=True, exist_ok=True)
         root = {"key": cfg["platform_key"], "gen": cfg.get("platform_key_gen", 0)}
@@ -387,13 +388,13 @@ class Agent:
         if not isinstance(env, dict) or not isinstance(env.get("body"), str):
             return "not an envelope"
         sig, gen = env.get("sig"), env.get("gen", 0)
-        if not (isinstance(sig, str) and len(sig) == 128 and all(c in "0123456789abcdefABCDEF" for c in sig)):
-            return "sig is not 128 hex digits"
-        if not is_int(gen):
+        if not is_int(gen, 0, 2 ** 32 - 1):  # §3.1: a u32
             return "bad gen"
         cur = self.st["current"]
-        if gen > cur["gen"]:
+        if gen > cur["gen"]:  # before anything else about the message (§3.1)
             return "ignore"
+        if not (isinstance(sig, str) and len(sig) == 128 and all(c in "0123456789abcdefABCDEF" for c in sig)):
+            return "sig is not 128 hex digits"
         if gen < cur["gen"]:
             return f"signed by key generation {gen}, below the trusted {cur['gen']}"
         return "ok" if sig_ok(cur["key"], tag, env) else "bad signature"

@@ -470,9 +470,13 @@ impl Updater {
         let rec = rec.clone();
         if let Err(why) = self.check_notice(&n, &rec) {
             tracing::warn!(kind = %n.kind, release = %n.release, "notice rejected: {why}");
-            out.push(Action::Report(
-                StatusReport::new(&n, Phase::Rejected).error(why),
-            ));
+            let mut report = StatusReport::new(&n, Phase::Rejected).error(why);
+            // The platform refuses an event whose version breaks the protocol's rules
+            // (protocol.md §3.1): sent as it came, the refusal itself was never recorded.
+            if validate_version(&n.version).is_err() {
+                report.version = String::new();
+            }
+            out.push(Action::Report(report));
             if let Some(rec) = self.ledger.kinds.get_mut(&n.kind) {
                 rec.rejected_seq = n.seq;
             }
@@ -1167,6 +1171,26 @@ mod tests {
             phases(&u.handle(NOON, Input::Notice(n))),
             vec![Phase::Rejected]
         );
+    }
+
+    /// A verified notice whose version breaks §1 is reported `rejected` with `version: ""`
+    /// (protocol.md §3.1): the platform refuses an event with such a version, so the report of
+    /// the refusal itself was never recorded. Its release and kind are kept.
+    #[test]
+    fn a_notice_with_a_bad_version_is_rejected_with_the_version_left_out() {
+        let mut u = updater();
+        let a = u.handle(NOON, Input::Notice(notice("r-1", 1, "2.0 beta")));
+        assert_eq!(phases(&a), vec![Phase::Rejected]);
+        let Action::Report(r) = &a[0] else { panic!() };
+        assert_eq!(
+            (r.version.as_str(), r.release.is_some()),
+            ("", true),
+            "{r:?}"
+        );
+        // A downgrade's version is a valid one: reported as it is.
+        let a = u.handle(NOON, Input::Notice(notice("r-2", 2, "0.9.0")));
+        let Action::Report(r) = &a[0] else { panic!() };
+        assert_eq!(r.version, "0.9.0");
     }
 
     #[test]

@@ -66,7 +66,7 @@ pub const MAX_KINDS: usize = 32;
 /// cut says how much): one machine's 250 KB details filled the event log 14 MiB per 40 events.
 pub const MAX_TEXT: usize = 4 * 1024;
 
-/// Highest `attempt` a status event may carry. The reference agent makes at most 3 attempts
+/// Highest `attempt` a status event may carry. The reference agent makes at most 5 attempts
 /// per job; an event with 4,294,967,295 made a stolen config's false final record outlive the
 /// machine's rotation (a final record changes only with a higher attempt).
 pub const MAX_ATTEMPT: u32 = 100;
