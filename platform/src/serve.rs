@@ -372,12 +372,7 @@ async fn dispatch(
     admin: mpsc::Sender<AdminInput>,
     stop: CancellationToken,
 ) -> Result<(), PlatformError> {
-    let mut inbound = Inbound::new(
-        topics.clone(),
-        chunks,
-        admin.clone(),
-        std::time::Instant::now(),
-    );
+    let mut inbound = Inbound::new(topics.clone(), chunks, admin.clone(), Instant::now());
     loop {
         let event = tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -405,7 +400,7 @@ async fn dispatch(
             MqttEvent::Disconnected(e) => {
                 tracing::warn!(error = %e, "serve connection lost; reconnecting")
             }
-            MqttEvent::Publish(p) => inbound.route(p, std::time::Instant::now()),
+            MqttEvent::Publish(p) => inbound.route(p, Instant::now()),
             MqttEvent::PubAck(_) | MqttEvent::Sent(_) | MqttEvent::SubAck(_) => {}
         }
     }
