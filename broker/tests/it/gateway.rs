@@ -897,10 +897,9 @@ async fn delivered_chunk_frames_reach_only_sessions_allowed_on_that_artifact() {
 
 use fleetcast_broker::testing::test_pki;
 
-#[tokio::test]
-async fn tls_clients_that_pin_the_ca_connect_and_all_others_fail() {
-    let pki = test_pki();
-    let gw = start_gateway(|s| {
+/// A gateway with a TLS listener only, on a free port, with `pki`'s certificate.
+async fn start_tls_gateway(pki: &fleetcast_broker::testing::TestPki) -> Gateway {
+    start_gateway(|s| {
         s.plain = None;
         s.tls = Some(TlsListen {
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
@@ -908,7 +907,13 @@ async fn tls_clients_that_pin_the_ca_connect_and_all_others_fail() {
             key_pem: pki.key_pem.clone().into_bytes(),
         });
     })
-    .await;
+    .await
+}
+
+#[tokio::test]
+async fn tls_clients_that_pin_the_ca_connect_and_all_others_fail() {
+    let pki = test_pki();
+    let gw = start_tls_gateway(&pki).await;
     assert_eq!(gw.secured.plain_addr(), None);
     let port = gw.secured.tls_addr().expect("a TLS listener").port();
     let topics = Topics::default();
@@ -3435,15 +3440,7 @@ async fn lines_about_refused_connects_are_capped_for_all_peer_addresses_together
 async fn failed_tls_handshakes_from_one_address_write_a_few_lines_not_one_each() {
     let (log, _guard) = Captured::start();
     let pki = test_pki();
-    let gw = start_gateway(|s| {
-        s.plain = None;
-        s.tls = Some(TlsListen {
-            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-            cert_chain_pem: pki.cert_pem.clone().into_bytes(),
-            key_pem: pki.key_pem.clone().into_bytes(),
-        });
-    })
-    .await;
+    let gw = start_tls_gateway(&pki).await;
     let tls = gw.secured.tls_addr().expect("a TLS listener");
     for _ in 0..60 {
         let mut stream = TcpStream::connect(tls).await.unwrap();

@@ -372,25 +372,19 @@ async fn a_broker_killed_mid_transfer_is_survived() {
     platform.stop().await;
 }
 
-/// `idle` installs only once the machine stops serving a customer (the vending application holds
-/// a shared flock on the sale lock, here with util-linux `flock`); a `window` that is closed now
-/// keeps the release downloaded but deferred.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
-    let broker = start_on_free_port(|s| s).unwrap().url();
-    let Env {
-        dir,
-        platform,
-        admin: admin_client,
-        ..
-    } = env(&broker).await;
-    let p = provisioned(&admin_client, "vm-i", &[]).await;
-    let mut config = machine_config(&p, &broker, dir.path());
+/// The config of `p` (app 1.0.0 installed, data under `dir`), and a sale that holds the
+/// machine's sale lock (a shared flock, as the vending application takes it; util-linux
+/// `flock`) until its stdin closes.
+async fn serving_a_sale(
+    p: &ProvisionedMachine,
+    broker: &BrokerUrl,
+    dir: &Path,
+) -> (fleetcast_device::config::MachineConfig, std::process::Child) {
+    let mut config = machine_config(p, broker, dir);
     config.initial_versions = BTreeMap::from([(app(), "1.0.0".to_owned())]);
     std::fs::create_dir_all(&config.data_dir).unwrap();
-    let serving = dir.path().join("serving");
-    // The sale lasts until its stdin closes.
-    let mut sale = std::process::Command::new("flock")
+    let serving = dir.join(format!("{}-serving", p.machine));
+    let sale = std::process::Command::new("flock")
         .arg("--shared")
         .arg(config.sale_lock_path())
         .arg("-c")
@@ -405,6 +399,23 @@ async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
         |held| *held,
     )
     .await;
+    (config, sale)
+}
+
+/// `idle` installs only once the machine stops serving a customer (the vending application holds
+/// a shared flock on the sale lock, here with util-linux `flock`); a `window` that is closed now
+/// keeps the release downloaded but deferred.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_waits_for_the_machine_to_be_free_and_a_closed_window_defers() {
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let Env {
+        dir,
+        platform,
+        admin: admin_client,
+        ..
+    } = env(&broker).await;
+    let p = provisioned(&admin_client, "vm-i", &[]).await;
+    let (config, mut sale) = serving_a_sale(&p, &broker, dir.path()).await;
     let agents = CancellationToken::new();
     let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
     wait_online(&admin_client, 1).await;
@@ -494,25 +505,7 @@ async fn events_queued_under_a_rotated_secret_are_delivered_with_the_new_one() {
         ..
     } = env(&broker).await;
     let p = provisioned(&admin_client, "vm-r", &[]).await;
-    let mut config = machine_config(&p, &broker, dir.path());
-    config.initial_versions = BTreeMap::from([(app(), "1.0.0".to_owned())]);
-    std::fs::create_dir_all(&config.data_dir).unwrap();
-    let serving = dir.path().join("serving");
-    let mut sale = std::process::Command::new("flock")
-        .arg("--shared")
-        .arg(config.sale_lock_path())
-        .arg("-c")
-        .arg(format!("touch '{}' && cat >/dev/null", serving.display()))
-        .stdin(std::process::Stdio::piped())
-        .spawn()
-        .expect("flock(1) from util-linux");
-    poll_until(
-        WAIT,
-        "the sale holds the lock",
-        || async { serving.exists() },
-        |held| *held,
-    )
-    .await;
+    let (mut config, mut sale) = serving_a_sale(&p, &broker, dir.path()).await;
     let agents = CancellationToken::new();
     let agent = tokio::spawn(fleetcast_device::agent::run(config.clone(), agents.clone()));
     wait_online(&admin_client, 1).await;
