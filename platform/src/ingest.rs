@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use crate::context::Ctx;
 use crate::domain::target;
 use crate::error::PlatformError;
+use crate::limits::{self, MachineRates};
 use crate::publish;
 use crate::store::{DesiredNotice, Records, Store, StoreError};
 use crate::{now_ms, staged};
@@ -415,19 +416,20 @@ async fn gather(
     mut events: mpsc::Receiver<MqttEvent>,
     batches: mpsc::Sender<Vec<Incoming>>,
 ) {
+    let mut rates = MachineRates::new(limits::EXTERNAL_REPORTS, std::time::Instant::now());
     loop {
         let Some(first) = events.recv().await else {
             return;
         };
         let mut batch = Vec::new();
-        take(&ctx, &client, first, &mut batch);
+        take(&ctx, &client, &mut rates, first, &mut batch);
         let deadline = tokio::time::Instant::now() + BATCH_WINDOW;
         while batch.len() < MAX_BATCH {
             match events.try_recv() {
-                Ok(e) => take(&ctx, &client, e, &mut batch),
+                Ok(e) => take(&ctx, &client, &mut rates, e, &mut batch),
                 Err(mpsc::error::TryRecvError::Empty) => {
                     match tokio::time::timeout_at(deadline, events.recv()).await {
-                        Ok(Some(e)) => take(&ctx, &client, e, &mut batch),
+                        Ok(Some(e)) => take(&ctx, &client, &mut rates, e, &mut batch),
                         _ => break,
                     }
                 }
@@ -460,9 +462,34 @@ async fn gather(
     }
 }
 
-fn take(ctx: &Ctx, client: &AsyncClient, event: MqttEvent, batch: &mut Vec<Publish>) {
+/// Puts a report into `batch`, or handles a connection event. Reports reach this connection
+/// from an external broker only (the embedded one's gateway hands them over in process, after
+/// its own per-machine limits), so here each machine is held to a report rate first
+/// ([`limits::EXTERNAL_REPORTS`]); what is over it is dropped before anything is read or
+/// stored, and the machine sends it again (its status after its resend timeout, its state when
+/// it next changes or reconnects). Why: on Mosquitto nothing else holds one machine's
+/// credentials sending valid reports as fast as the broker takes them, which would fill the
+/// ingest's queue, and the broker's queue for the platform behind it, for every machine (found
+/// by reading the code in a review with one machine's config, 2026-11-29; not measured).
+fn take(
+    ctx: &Ctx,
+    client: &AsyncClient,
+    rates: &mut MachineRates,
+    event: MqttEvent,
+    batch: &mut Vec<Publish>,
+) {
     match event {
-        MqttEvent::Publish(p) => batch.push(p),
+        MqttEvent::Publish(p) => {
+            let sender = match ctx.topics.parse(&p.topic) {
+                Some(Route::Status(m) | Route::State(m) | Route::Online(m)) => m,
+                _ => return batch.push(p),
+            };
+            if rates.admit(&sender, std::time::Instant::now()) {
+                batch.push(p);
+            } else if let Some(quiet_before) = ctx.should_log(sender.as_str()) {
+                tracing::warn!(machine = %sender, quiet_before, "over its report rate: report dropped (the machine sends it again)");
+            }
+        }
         MqttEvent::Connected { session_present } => {
             let t = &ctx.topics;
             let filters = [
@@ -1955,6 +1982,36 @@ mod tests {
         let (signed, _) = mpsc::channel(1);
         let (acks, _) = mpsc::channel(1);
         Ingest::new(ctx, signed, acks)
+    }
+
+    /// Through an external broker, one machine sending valid reports as fast as the broker
+    /// takes them gets its report rate's burst into the ingest and no more; another machine's
+    /// report still gets in. (Each call is a message read from the connection.)
+    #[test]
+    fn one_machine_over_its_report_rate_leaves_the_ingest_to_the_others() {
+        let (_dir, _eventloop, ctx) = Ctx::for_tests_in_temp_dir();
+        let mut rates = MachineRates::new(limits::EXTERNAL_REPORTS, std::time::Instant::now());
+        let report = |vm: &str| {
+            let topic = ctx.topics.state(&m(vm));
+            MqttEvent::Publish(Publish::new(topic, QoS::AtLeastOnce, b"{}".to_vec()))
+        };
+        let mut batch = Vec::new();
+        let burst = limits::EXTERNAL_REPORTS.1 as usize;
+        for _ in 0..burst + 1_000 {
+            take(&ctx, &ctx.mqtt, &mut rates, report("vm-1"), &mut batch);
+        }
+        take(&ctx, &ctx.mqtt, &mut rates, report("vm-2"), &mut batch);
+        let from = |vm: &str| {
+            let topic = ctx.topics.state(&m(vm));
+            batch.iter().filter(|p| p.topic == topic).count()
+        };
+        // The loop takes well under the second a token takes to come back.
+        assert!(
+            (burst..=burst + 1).contains(&from("vm-1")),
+            "{}",
+            from("vm-1")
+        );
+        assert_eq!(from("vm-2"), 1, "another machine's report was dropped");
     }
 
     /// Status messages are opened ahead of the loop, with the secret their machine had then.

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use fleetcast_proto::chunk::ChunkRequest;
-use fleetcast_proto::ArtifactId;
+use fleetcast_proto::{ArtifactId, MachineId};
 
 /// Limits the platform applies to each machine.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -75,6 +75,52 @@ impl MachineLimits {
 /// 16,000 (`fleetcast_broker`'s `RateLimit::MACHINE`), and this is the same. An honest agent
 /// sends one request per 64 KiB chunk it receives, 125 MiB/s at this rate.
 pub const EXTERNAL_CHUNK_REQUESTS: (f64, f64) = (2000.0, 16_000.0);
+
+/// Reports (status, state and `online` messages) a second, and the burst, one machine may put
+/// into the ingest's queue when they come through an external broker: the gateway's report
+/// rate for machines (`RateLimit::MACHINE`'s reports), which the embedded broker applies before
+/// it hands reports over in process. A status message counts once, however many events it
+/// carries (at most 64): an honest agent has one in flight and sends a state when something
+/// changes.
+pub const EXTERNAL_REPORTS: (f64, f64) = (50.0, 200.0);
+
+/// A token bucket per machine that sent lately: what an external broker's messages are held to
+/// before the platform's shared queues, where the embedded broker's gateway would have held
+/// them. Only machines can be keys (an external broker lets a machine publish on its own topics
+/// only), and a machine idle for [`BUDGET_SWEEP`] is forgotten: its bucket would be full again.
+pub struct MachineRates {
+    rate: f64,
+    burst: f64,
+    buckets: HashMap<MachineId, (TokenBucket, Instant)>,
+    swept_at: Instant,
+}
+
+impl MachineRates {
+    pub fn new((rate, burst): (f64, f64), now: Instant) -> Self {
+        Self {
+            rate,
+            burst,
+            buckets: HashMap::new(),
+            swept_at: now,
+        }
+    }
+
+    /// Whether one more message of `m` may go on now (it takes a token).
+    pub fn admit(&mut self, m: &MachineId, now: Instant) -> bool {
+        if now.saturating_duration_since(self.swept_at) >= BUDGET_SWEEP {
+            self.buckets
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < BUDGET_SWEEP);
+            self.swept_at = now;
+        }
+        let (rate, burst) = (self.rate, self.burst);
+        let (bucket, at) = self
+            .buckets
+            .entry(m.clone())
+            .or_insert_with(|| (TokenBucket::new(rate, burst, now), now));
+        *at = now;
+        bucket.take(1.0, now)
+    }
+}
 
 /// A token bucket: `rate` tokens a second, at most `burst` saved up.
 #[derive(Debug, Clone)]

@@ -9,7 +9,6 @@
 //! Every task is owned by a `JoinSet`; the first task to fail stops the others. The sled
 //! database is flushed and dropped before `serve` returns, so a new `serve` can open it.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -32,7 +31,7 @@ use crate::context::{Ctx, NoSessionControl, SessionControl};
 use crate::error::PlatformError;
 use crate::identities;
 use crate::keys::{load_or_create_keys, Keys};
-use crate::limits::{self, MachineLimits, TokenBucket};
+use crate::limits::{self, MachineLimits, MachineRates};
 use crate::store::{SledStore, Store};
 use crate::{chunks, ingest, retention};
 use fleetcast_proto::acl::PLATFORM_USER;
@@ -418,10 +417,7 @@ struct Inbound {
     topics: Topics,
     chunks: mpsc::Sender<(fleetcast_proto::MachineId, bytes::Bytes)>,
     admin: mpsc::Sender<AdminInput>,
-    /// Per machine that asked lately, with when it last did (only provisioned machines can
-    /// publish on their own topics: the broker authenticates them).
-    rates: HashMap<fleetcast_proto::MachineId, (TokenBucket, Instant)>,
-    swept_at: Instant,
+    rates: MachineRates,
     log_gate: LogGate,
 }
 
@@ -436,30 +432,17 @@ impl Inbound {
             topics,
             chunks,
             admin,
-            rates: HashMap::new(),
-            swept_at: now,
+            rates: MachineRates::new(limits::EXTERNAL_CHUNK_REQUESTS, now),
             log_gate: LogGate::per_minute(),
         }
     }
 
     /// Hands `p` to its queue, or drops it (logged through the gate).
     fn route(&mut self, p: rumqttc::Publish, now: Instant) {
-        let (rate, burst) = limits::EXTERNAL_CHUNK_REQUESTS;
-        if now.saturating_duration_since(self.swept_at) >= limits::BUDGET_SWEEP {
-            // Idle that long, a bucket has filled up again: the same as a new one.
-            self.rates
-                .retain(|_, (_, at)| now.saturating_duration_since(*at) < limits::BUDGET_SWEEP);
-            self.swept_at = now;
-        }
         let topic = p.topic.clone();
         let (dropped, key) = match self.topics.parse(&p.topic) {
             Some(Route::ChunkRequest(m)) => {
-                let (bucket, at) = self
-                    .rates
-                    .entry(m.clone())
-                    .or_insert_with(|| (TokenBucket::new(rate, burst, now), now));
-                *at = now;
-                if !bucket.take(1.0, now) {
+                if !self.rates.admit(&m, now) {
                     ("over the machine's chunk request rate", m.to_string())
                 } else if self.chunks.try_send((m.clone(), p.payload)).is_err() {
                     ("queue full", m.to_string())
