@@ -410,9 +410,10 @@ async fn dispatch(
 /// embedded one's gateway hands them over in process, after its own per-machine limits), so
 /// here each machine is held to a rate before the one queue all machines share
 /// ([`limits::EXTERNAL_CHUNK_REQUESTS`]), and a full queue is logged through the log gate.
-/// Why: on Mosquitto one machine's credentials, asking as fast as the broker took it, filled
-/// the queue, so every machine's requests were dropped, each with a warning (a review with one
-/// machine's config, 2026-11-29).
+/// Why: on Mosquitto nothing else holds one machine's credentials asking as fast as the broker
+/// takes it, which would fill the queue, so that every machine's requests were dropped, each
+/// with a warning (found by reading the code in a review with one machine's config,
+/// 2026-11-29; not measured on Mosquitto).
 struct Inbound {
     topics: Topics,
     chunks: mpsc::Sender<(fleetcast_proto::MachineId, bytes::Bytes)>,
