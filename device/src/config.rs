@@ -176,18 +176,21 @@ impl MachineConfig {
         Self::parse(path, &text)
     }
 
-    /// What to say when the file at `path` may be read by other users than its owner (it
-    /// holds the machine's secret: whoever reads it can act as this machine); `None` when it
-    /// may not, or its mode cannot be read. `fleetcast machine provision ... > FILE` writes
-    /// with the shell's umask, often 0644 (`--out-dir` writes 0600).
+    /// What to say when every user may read (or write) the file at `path` (it holds the
+    /// machine's secret: whoever reads it can act as this machine); `None` when they may not,
+    /// or its mode cannot be read. `fleetcast machine provision ... > FILE` writes with the
+    /// shell's umask, often 0644 (`--out-dir` writes 0600). A file its group may read is the
+    /// packaged layout (owner root, group `fleetcast`, 0640: the service reads it through its
+    /// group), so that is not warned of. Until 2026-11-29 it was, with "chmod 600 it", which
+    /// left the packaged service unable to read its config.
     pub fn readable_by_others(path: impl AsRef<Path>) -> Option<String> {
         use std::os::unix::fs::PermissionsExt;
         let path = path.as_ref();
         let mode = std::fs::metadata(path).ok()?.permissions().mode() & 0o777;
-        (mode & 0o077 != 0).then(|| {
+        (mode & 0o007 != 0).then(|| {
             format!(
-                "{} holds this machine's secret and other users may read it (mode {mode:o}): \
-                 chmod 600 it",
+                "{} holds this machine's secret and every user may read it (mode {mode:o}): \
+                 chmod o-rwx it (0640 with the service's group, as the package sets it, or 0600)",
                 path.display()
             )
         })
@@ -744,8 +747,8 @@ mod tests {
         assert!(err.contains("machine.toml"), "{err}");
     }
 
-    /// A config file others may read is named with its mode and the fix; one only its owner
-    /// may read, and a missing one, are not.
+    /// A config file every user may read is named with its mode and the fix; one only its owner
+    /// or its group may read, and a missing one, are not.
     #[test]
     fn a_config_others_may_read_is_warned_of() {
         use std::os::unix::fs::PermissionsExt;
@@ -757,12 +760,14 @@ mod tests {
         chmod(0o644);
         let warning = MachineConfig::readable_by_others(&path).expect("0644 is warned of");
         assert!(
-            warning.contains("mode 644") && warning.contains("chmod 600"),
+            warning.contains("mode 644") && warning.contains("chmod o-rwx"),
             "{warning}"
         );
+        // The packaged layout: the service reads it through its group.
         chmod(0o640);
-        assert!(
-            MachineConfig::readable_by_others(&path).is_some(),
+        assert_eq!(
+            MachineConfig::readable_by_others(&path),
+            None,
             "group-readable"
         );
         chmod(0o600);

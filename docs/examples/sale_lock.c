@@ -9,7 +9,10 @@
  * may hold the lock at once. Closing the descriptor (or the process dying) releases it.
  *
  *     int fd = sale_begin("/var/lib/fleetcast/device/sale.lock", 0);
- *     if (fd < 0 && errno == EWOULDBLOCK) { show("Updating, back in a minute"); return; }
+ *     if (fd < 0) {  // any other error (no access to the file, say): no sale either
+ *         show(errno == EWOULDBLOCK ? "Updating, back in a minute" : "Out of service");
+ *         return;
+ *     }
  *     take_payment(); dispense();
  *     sale_end(fd);
  *
