@@ -44,8 +44,11 @@ usr/share/doc/$PKG/copyright
 usr/share/doc/$PKG/packaging.md"
 if [ "$PKG" = fleetcast-device ]; then
     EXPECTED="$EXPECTED
+usr/share/doc/$PKG/device.md
 usr/share/doc/$PKG/examples/device.toml
-usr/share/doc/$PKG/examples/installer-override.conf"
+usr/share/doc/$PKG/examples/installer-override.conf
+usr/share/doc/$PKG/examples/sale_lock.c
+usr/share/doc/$PKG/examples/sale_lock.py"
 fi
 ACTUAL=$(cd "$ROOT" && find . -type f -o -type l | sed 's|^\./||' | sort)
 [ "$ACTUAL" = "$(sort <<<"$EXPECTED")" ] ||

@@ -91,6 +91,11 @@ build_one() {
     if [ "$pkg" = fleetcast-device ]; then
         put "$SRC/$pkg/device.toml.example" "$doc/examples/device.toml" 0644
         put "$SRC/$pkg/installer-override.conf" "$doc/examples/installer-override.conf" 0644
+        # What a field engineer follows on the machine, and the vending application's side of
+        # the sale lock (docs/device.md).
+        put "$ROOT/docs/device.md" "$doc/device.md" 0644
+        put "$ROOT/docs/examples/sale_lock.c" "$doc/examples/sale_lock.c" 0644
+        put "$ROOT/docs/examples/sale_lock.py" "$doc/examples/sale_lock.py" 0644
     fi
 
     # Everything under /etc is a conffile.

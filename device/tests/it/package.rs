@@ -119,6 +119,11 @@ async fn the_agent_package_installs_its_files_and_its_binary_updates_a_machine()
     let example: MachineConfig = toml::from_str(&std::fs::read_to_string(example).unwrap())
         .unwrap_or_else(|e| panic!("the example device.toml does not parse: {e}"));
     assert_eq!(example.data_dir, Path::new("/var/lib/fleetcast/device"));
+    // What device.md tells a field engineer to run on the machine is on the machine.
+    for shipped in ["device.md", "examples/sale_lock.c", "examples/sale_lock.py"] {
+        let path = root.join("usr/share/doc/fleetcast-device").join(shipped);
+        assert!(path.is_file(), "{} is not in the package", path.display());
+    }
     let unit =
         std::fs::read_to_string(root.join("usr/lib/systemd/system/fleetcast-device.service"))
             .unwrap();
