@@ -389,10 +389,12 @@ async fn machines_get_chunks_only_of_their_releases_and_cannot_flood_the_event_s
         (FrameType::Error, &b"unknown artifact"[..]),
         "an artifact not released to the machine looks unknown"
     );
-    // 300 events naming a release that does not target vm-001: acknowledged, never stored.
+    // 150 events naming a release that does not target vm-001: acknowledged, never stored.
+    // (Fewer than a machine's report burst: on a broker other than the embedded one the
+    // platform drops a machine's reports past it, `limits::EXTERNAL_REPORTS`.)
     let acks = "fleet/machines/vm-001/status/ack";
     vm.peer.subscribe(acks).await;
-    for _ in 0..300 {
+    for _ in 0..150 {
         vm.report(Some(&r.id), "1.0", Phase::Installed).await;
     }
     let last_ctr = vm.ctr;
