@@ -754,17 +754,34 @@ impl Session<'_> {
                     (_, Some(Route::Status(_) | Route::State(_) | Route::Online(_))) => {
                         Cost::Reports(1)
                     }
+                    // A SUBSCRIBE of served filters queues what is kept for them (notices, the
+                    // key chain) again, as MQTT asks: each kept message queued costs a report.
+                    // Why: charged as one message, one machine's credentials re-subscribing
+                    // 2,000 times a second had every notice and the key chain sent that often,
+                    // an egress no budget saw (a review with one machine's config,
+                    // 2026-11-29). An honest agent subscribes once per connection.
+                    (Packet::Subscribe(subscribe, _), _) => {
+                        let fanout = &self.shared.registry.fanout;
+                        let mut named = std::collections::HashSet::new();
+                        let kept: usize = subscribe
+                            .filters
+                            .iter()
+                            .filter(|f| named.insert(f.path.as_str()))
+                            .filter(|f| relay::is_served(&self.shared.topics, &f.path))
+                            .map(|f| fanout.kept_for(&f.path))
+                            .sum();
+                        match kept {
+                            0 => Cost::Message,
+                            n => Cost::Reports(n as u64),
+                        }
+                    }
                     // A PINGREQ is answered by the broker as a publish is: charged the same. Why:
                     // one machine's credentials sent 0.5-0.95 million a second, each answered,
                     // and `serve` spent 80 % of a core on them (2026-11-28, red-team test). An
                     // honest client pings once per keep-alive.
-                    (
-                        Packet::Publish(..)
-                        | Packet::Subscribe(..)
-                        | Packet::Unsubscribe(..)
-                        | Packet::PingReq(_),
-                        _,
-                    ) => Cost::Message,
+                    (Packet::Publish(..) | Packet::Unsubscribe(..) | Packet::PingReq(_), _) => {
+                        Cost::Message
+                    }
                     _ => Cost::Bytes,
                 };
                 // `None`: a chunk request handed to the platform in process; it still counts

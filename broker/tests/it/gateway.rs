@@ -3073,6 +3073,58 @@ async fn gets(raw: &mut Raw, packet: Packet) -> Vec<Packet> {
     got
 }
 
+/// Every SUBSCRIBE of a served filter gets what is kept for it again (MQTT asks for that), and
+/// each kept message it queues costs the machine a report: re-subscribing 600 times at once, one
+/// machine's credentials get the key chain about the report burst's worth of times (200) in the
+/// next second, not 600. Charged as one message each, they were sent it every time.
+#[tokio::test]
+async fn re_subscribing_again_and_again_is_held_to_the_report_rate() {
+    let gw = start_gateway(|_| {}).await;
+    let keys = Topics::default().platform_keys();
+    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
+    tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
+    platform
+        .publish(keys.clone(), QoS::AtLeastOnce, true, "keys-1")
+        .await
+        .unwrap();
+    let retained = |got: &[Packet]| {
+        got.iter()
+            .filter(|p| matches!(p, Packet::Publish(p) if p.retain))
+            .count()
+    };
+    // The relay has the key chain once a session subscribing to it gets it kept.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while retained(
+        &gets(
+            &mut Raw::accepted(gw.plain(), "vm-2").await,
+            raw_subscribe(&keys),
+        )
+        .await,
+    ) == 0
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the relay never kept the key chain"
+        );
+    }
+    let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
+    let mut out = BytesMut::new();
+    for _ in 0..600 {
+        raw_subscribe(&keys).write(&mut out, MAX_PACKET).unwrap();
+    }
+    raw.stream.write_all(&out).await.unwrap();
+    let mut got = Vec::new();
+    let until = tokio::time::Instant::now() + Duration::from_secs(1);
+    while let Ok(Some(p)) = tokio::time::timeout_at(until, raw.next()).await {
+        got.push(p);
+    }
+    let sent = retained(&got);
+    assert!(
+        (150..=300).contains(&sent),
+        "the key chain went out {sent} times for 600 SUBSCRIBEs in a second"
+    );
+}
+
 /// A SUBSCRIBE naming one served filter 100 times is answered for every copy and hands over
 /// the kept message once: each copy queued it again, and 64 copies filled the session's queue
 /// and closed it. The session stays and gets the next message once.
