@@ -6,12 +6,13 @@ use std::collections::BTreeSet;
 use fleetcast_proto::admin::ArtifactInfo;
 use fleetcast_proto::calls;
 use fleetcast_proto::release::compare_versions;
-use fleetcast_proto::{MachineId, ReleaseId};
+use fleetcast_proto::{MachineId, ReleaseId, Target};
 
 use crate::context::Ctx;
 use crate::inventory::off_thread;
 use crate::now_ms;
 use crate::ops::{refused, OpError};
+use crate::publish;
 use crate::store::Store;
 
 /// The most machines a refusal names (it says how many more there are).
@@ -70,11 +71,30 @@ fn in_use(store: &dyn Store, artifact: &ArtifactInfo) -> Result<Option<String>, 
         .filter(|r| r.artifact.id == artifact.id)
         .map(|r| r.id)
         .collect();
-    if let Some(n) = store
+    for n in store
         .all_desired()?
         .into_iter()
-        .find(|n| releases.contains(&n.release))
+        .filter(|n| releases.contains(&n.release))
     {
+        // A machine's own notice counts only while it is the one the machine follows, as the
+        // chunk server decides (`publish::desired_for_machine`): a newer notice of the kind to
+        // one of its groups replaces it there, though it stays stored. Why: after a staged
+        // rollout (a notice per machine) or a retry, a later release to the group left every
+        // machine's old notice in place, and the version could never be removed (a review
+        // from an operator's side, 2026-11-29). A revoked machine fetches nothing.
+        if let Target::Machine(m) = &n.target {
+            let (revoked, groups) = match store.machine(m)? {
+                Some(info) => (info.revoked_at_ms.is_some(), info.groups),
+                None => (false, Vec::new()),
+            };
+            let followed = !revoked
+                && publish::desired_for_machine(store, m, &groups)?
+                    .get(&n.kind)
+                    .is_some_and(|d| d.seq == n.seq);
+            if !followed {
+                continue;
+            }
+        }
         return Ok(Some(format!(
             "release {} is what the platform wants on {} (a newer release of {} to it replaces that)",
             n.release, n.target, n.kind
@@ -94,7 +114,11 @@ fn in_use(store: &dyn Store, artifact: &ArtifactInfo) -> Result<Option<String>, 
     for release in &releases {
         let mut machines = Vec::new();
         for t in store.targets_of(release)? {
-            if store.current(&t.machine, &artifact.kind)?.as_ref() == Some(release) {
+            if store.current(&t.machine, &artifact.kind)?.as_ref() == Some(release)
+                && store
+                    .machine(&t.machine)?
+                    .is_none_or(|m| m.revoked_at_ms.is_none())
+            {
                 machines.push(t.machine);
             }
         }
@@ -293,6 +317,51 @@ mod tests {
             unknown.contains("no artifact uploaded for app 9.9.9"),
             "{unknown}"
         );
+    }
+
+    /// A machine's own notice (a staged rollout's wave, a retry, `--machines`) holds a version
+    /// only while the machine follows it: a newer release of the kind to its group replaces it
+    /// there, and a revoked machine follows nothing. Before, such notices stayed stored and the
+    /// version could never be removed.
+    #[tokio::test]
+    async fn a_machines_own_notice_a_group_release_replaced_holds_nothing() {
+        let (_dir, _eventloop, ctx) = Ctx::for_tests_in_temp_dir();
+        let store = &ctx.store;
+        let (a, ra) = add(&ctx, "2.3.0");
+        let (_, rb) = add(&ctx, "2.4.0");
+        let notice = |release: &ReleaseId, target: Target, seq: u64| DesiredNotice {
+            topic: format!("t-{target}"),
+            seq,
+            release: release.clone(),
+            kind: app(),
+            target,
+            payload: "{}".into(),
+        };
+        let mut vm1 = MachineInfo::new(m("vm-1"), 0);
+        vm1.groups = vec![g("g1")];
+        let vm2 = MachineInfo::new(m("vm-2"), 0);
+        store
+            .transaction(|tx| {
+                tx.put_machine(&vm1)?;
+                tx.put_machine(&vm2)?;
+                tx.put_desired(&notice(&ra, Target::Machine(m("vm-1")), 1))?;
+                tx.put_desired(&notice(&ra, Target::Machine(m("vm-2")), 2))
+            })
+            .unwrap();
+        let why = refusal(remove_app(&ctx, "2.3.0").await);
+        assert!(why.contains("wants on machine vm-1"), "{why}");
+        // 2.4.0 to vm-1's group: vm-1 follows that now; vm-2 still follows its own.
+        store
+            .transaction(|tx| tx.put_desired(&notice(&rb, Target::Group(g("g1")), 3)))
+            .unwrap();
+        let why = refusal(remove_app(&ctx, "2.3.0").await);
+        assert!(why.contains("wants on machine vm-2"), "{why}");
+        // vm-2 is revoked: it fetches nothing.
+        let mut revoked = vm2.clone();
+        revoked.revoked_at_ms = Some(5);
+        store.transaction(|tx| tx.put_machine(&revoked)).unwrap();
+        remove_app(&ctx, "2.3.0").await.unwrap();
+        assert!(!ctx.files.exists(&a.id));
     }
 
     #[tokio::test]
