@@ -27,8 +27,8 @@ pub struct Resolved {
     pub topics: Vec<String>,
 }
 
-/// Resolves named machines (all must be provisioned) and groups (members = provisioned
-/// machines listing the group). A group no machine belongs to is most likely a typo, and its
+/// Resolves named machines (all must be provisioned and not revoked) and groups (members =
+/// provisioned machines listing the group, revoked ones left out). A group no machine belongs to is most likely a typo, and its
 /// retained notice would wait for machines that never come: it is refused unless
 /// `allow_empty` (publishing ahead of a group's first machine).
 pub fn resolve(
@@ -65,6 +65,25 @@ pub fn resolve(
             unknown.join(", ")
         ));
     }
+    // A revoked machine can report nothing, so as a target it stayed `pending` for good: a
+    // release's watch never ended and a staged wave waited on it (a review from an operator's
+    // side, 2026-11-29). Named, it is refused; in a group, it is left out.
+    let revoked: Vec<String> = machines
+        .iter()
+        .filter(|m| {
+            known
+                .iter()
+                .any(|k| &k.id == *m && k.revoked_at_ms.is_some())
+        })
+        .map(|m| m.to_string())
+        .collect();
+    if !revoked.is_empty() {
+        return refused(format!(
+            "machine(s) revoked: {} (`fleetcast machine provision ID --rotate` brings one \
+             back); nothing was sent",
+            revoked.join(", ")
+        ));
+    }
     let empty: Vec<String> = groups
         .iter()
         .filter(|g| !known.iter().any(|k| k.groups.contains(g)))
@@ -80,7 +99,10 @@ pub fn resolve(
     let mut targets: BTreeMap<MachineId, Option<GroupId>> =
         machines.iter().map(|m| (m.clone(), None)).collect();
     for g in &groups {
-        for info in known.iter().filter(|i| i.groups.contains(g)) {
+        for info in known
+            .iter()
+            .filter(|i| i.groups.contains(g) && i.revoked_at_ms.is_none())
+        {
             targets
                 .entry(info.id.clone())
                 .or_insert_with(|| Some(g.clone()));
@@ -465,6 +487,33 @@ mod tests {
     use crate::fixtures::{g, m};
     use crate::store::MemStore;
     use fleetcast_proto::{Phase, StatusEvent};
+
+    /// A revoked machine is no target: named, the publish is refused; in a group, it is left
+    /// out. (As a target it could never report, so it stayed `pending` for good.)
+    #[test]
+    fn revoked_machines_are_no_targets() {
+        let (_dir, _eventloop, ctx) = Ctx::for_tests_in_temp_dir();
+        ctx.store
+            .transaction(|tx| {
+                for (id, revoked) in [("vm-1", None), ("vm-2", Some(5))] {
+                    let mut info = fleetcast_proto::admin::MachineInfo::new(m(id), 0);
+                    info.groups = vec![g("g1")];
+                    info.revoked_at_ms = revoked;
+                    tx.put_machine(&info)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        let app = Kind::new("app").unwrap();
+        let r = resolve(&ctx, &app, &[], &[g("g1")], false).unwrap();
+        assert_eq!(r.targets, vec![(m("vm-1"), Some(g("g1")))]);
+        let named = resolve(&ctx, &app, &[m("vm-2")], &[], false);
+        assert!(
+            matches!(&named, Err(OpError::Refused(why)) if why.contains("revoked: vm-2")),
+            "{:?}",
+            named.err()
+        );
+    }
 
     fn release(store: &MemStore, id: &str, version: &str) -> ReleaseInfo {
         let mut r = crate::fixtures::release(id, version);
