@@ -419,11 +419,18 @@ async fn watch(
             machines.finish();
             bytes.finish();
             println!(
-                "{}: all {} machine(s) finished: {} succeeded, {} failed",
+                "{}: all {} machine(s) finished: {} succeeded, {} failed{}",
                 status.release.id,
                 view.total,
                 status.progress.succeeded,
-                failed_text(&status.progress)
+                failed_text(&status.progress),
+                match view.waiting {
+                    0 => String::new(),
+                    n => format!(
+                        "; {n} downloaded, waiting for `fleetcast activate {}`",
+                        status.release.id
+                    ),
+                }
             );
             if status.progress.failed > 0 {
                 return Err(Exit::MachinesFailed(format!(
@@ -448,7 +455,10 @@ async fn watch(
 #[derive(Debug, PartialEq, Eq)]
 pub struct WatchView {
     pub total: u64,
+    /// Final, or (a `download-only` release) downloaded and waiting for `activate`.
     pub finished: u64,
+    /// Of `finished`: downloaded and waiting for `activate` (`download-only` only).
+    pub waiting: u64,
     /// "installed=3 downloading=2"
     pub phases: String,
     /// Bytes verified by all machines, and the bytes they need in all.
@@ -466,9 +476,19 @@ pub fn watch_view(status: &ReleaseStatus) -> WatchView {
         .map(|(phase, n)| format!("{phase}={n}"))
         .collect::<Vec<_>>()
         .join(" ");
+    // A download-only release waits, `deferred`, for `activate`: done as far as watching goes.
+    // Why: counted as not finished, `release watch` of one never ended (a review from an
+    // operator's side, 2026-11-29). The staged rollout counts it as a success the same way.
+    let waiting = match status.release.policy {
+        InstallPolicy::DownloadOnly => {
+            u64::from(p.phases.get(&Phase::Deferred).copied().unwrap_or(0))
+        }
+        _ => 0,
+    };
     WatchView {
         total: u64::from(p.total),
-        finished: u64::from(p.finished),
+        finished: u64::from(p.finished) + waiting,
+        waiting,
         phases,
         bytes_done: status.bytes_done,
         bytes_total: status.bytes_total,
@@ -901,11 +921,44 @@ release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
             WatchView {
                 total: 3,
                 finished: 1,
+                waiting: 0,
                 phases: "pending=1 downloading=1 installed=1".into(),
                 bytes_done: 2048 + 1024,
                 bytes_total: 3 * 2048,
             }
         );
+    }
+
+    /// Machines of a `download-only` release end `deferred`, waiting for `activate`: for the
+    /// watch they are done, and it says what they wait for. Before, it never ended.
+    #[test]
+    fn watch_counts_a_download_only_release_waiting_for_activate_as_done() {
+        let mut r = release();
+        r.policy = InstallPolicy::DownloadOnly;
+        let status = |release: ReleaseInfo| ReleaseStatus {
+            release,
+            targets: vec![],
+            progress: RolloutProgress {
+                release: r.id.clone(),
+                kind: Kind::new("app").unwrap(),
+                version: "2.4.1".into(),
+                total: 3,
+                phases: BTreeMap::from([(Phase::Deferred, 2), (Phase::DownloadFailed, 1)]),
+                finished: 1,
+                succeeded: 0,
+                failed: 1,
+                updated_at_ms: 0,
+            },
+            next: None,
+            more: true,
+            bytes_done: 0,
+            bytes_total: 0,
+        };
+        let view = watch_view(&status(r.clone()));
+        assert_eq!((view.finished, view.waiting), (3, 2));
+        // Any other policy's `deferred` waits for its window or for the machine to be idle.
+        let view = watch_view(&status(release()));
+        assert_eq!((view.finished, view.waiting), (1, 0));
     }
 
     #[test]
