@@ -474,8 +474,14 @@ async fn viewers_change_nothing_revoked_identities_stop_working_and_every_action
     let err = viewer.call(calls::Machines {}).await.unwrap_err();
     assert!(matches!(err, AdminError::Unverified(_)), "{err}");
     viewer.close().await;
+    admin.call(publish.clone()).await.unwrap();
     revoke(&admin, "vm-001").await;
-    admin.call(publish).await.unwrap();
+    // A revoked machine is no target any more, and what it reports changes nothing.
+    let again = admin.call(publish).await.unwrap_err();
+    assert!(
+        matches!(&again, AdminError::Refused(why) if why.contains("revoked: vm-001")),
+        "{again}"
+    );
     vm.report(Some(&r.id), "1.0", Phase::Installed).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(
