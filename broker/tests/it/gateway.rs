@@ -3073,12 +3073,19 @@ async fn gets(raw: &mut Raw, packet: Packet) -> Vec<Packet> {
     got
 }
 
-/// Every SUBSCRIBE of a served filter gets what is kept for it again (MQTT asks for that), and
-/// each kept message it queues costs the machine a report: re-subscribing 600 times at once, one
-/// machine's credentials get the key chain about the report burst's worth of times (200) in the
-/// next second, not 600. Charged as one message each, they were sent it every time.
-#[tokio::test]
-async fn re_subscribing_again_and_again_is_held_to_the_report_rate() {
+/// The kept (retained) publishes among `got`, by payload.
+fn kept_payloads(got: &[Packet]) -> Vec<bytes::Bytes> {
+    got.iter()
+        .filter_map(|p| match p {
+            Packet::Publish(p) if p.retain => Some(p.payload.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A gateway whose relay keeps the key chain `keys-1` the platform client (returned with it, and
+/// the key chain's topic) published: it returns once a session subscribing to it gets it.
+async fn gateway_keeping_the_key_chain() -> (Gateway, AsyncClient, String) {
     let gw = start_gateway(|_| {}).await;
     let keys = Topics::default().platform_keys();
     let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
@@ -3087,26 +3094,26 @@ async fn re_subscribing_again_and_again_is_held_to_the_report_rate() {
         .publish(keys.clone(), QoS::AtLeastOnce, true, "keys-1")
         .await
         .unwrap();
-    let retained = |got: &[Packet]| {
-        got.iter()
-            .filter(|p| matches!(p, Packet::Publish(p) if p.retain))
-            .count()
-    };
-    // The relay has the key chain once a session subscribing to it gets it kept.
     let deadline = tokio::time::Instant::now() + WAIT;
-    while retained(
-        &gets(
-            &mut Raw::accepted(gw.plain(), "vm-2").await,
-            raw_subscribe(&keys),
-        )
-        .await,
-    ) == 0
-    {
+    loop {
+        let mut probe = Raw::accepted(gw.plain(), "vm-2").await;
+        if !kept_payloads(&gets(&mut probe, raw_subscribe(&keys)).await).is_empty() {
+            return (gw, platform, keys);
+        }
         assert!(
             tokio::time::Instant::now() < deadline,
             "the relay never kept the key chain"
         );
     }
+}
+
+/// Every SUBSCRIBE of a served filter gets what is kept for it again (MQTT asks for that), and
+/// each kept message it queues costs the machine a report: re-subscribing 600 times at once, one
+/// machine's credentials get the key chain about the report burst's worth of times (200) in the
+/// next second, not 600. Charged as one message each, they were sent it every time.
+#[tokio::test]
+async fn re_subscribing_again_and_again_is_held_to_the_report_rate() {
+    let (gw, _platform, keys) = gateway_keeping_the_key_chain().await;
     let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
     let mut out = BytesMut::new();
     for _ in 0..600 {
@@ -3118,7 +3125,7 @@ async fn re_subscribing_again_and_again_is_held_to_the_report_rate() {
     while let Ok(Some(p)) = tokio::time::timeout_at(until, raw.next()).await {
         got.push(p);
     }
-    let sent = retained(&got);
+    let sent = kept_payloads(&got).len();
     assert!(
         (150..=300).contains(&sent),
         "the key chain went out {sent} times for 600 SUBSCRIBEs in a second"
@@ -3131,35 +3138,8 @@ async fn re_subscribing_again_and_again_is_held_to_the_report_rate() {
 #[tokio::test]
 async fn a_subscribe_naming_one_served_filter_100_times_gets_its_kept_message_once() {
     use rumqttc::mqttbytes::v4::SubscribeReasonCode;
-    let gw = start_gateway(|_| {}).await;
-    let keys = Topics::default().platform_keys();
-    let (platform, mut platform_rx) = gw.platform(PLATFORM).await;
-    tokio::spawn(async move { while platform_rx.recv().await.is_some() {} });
-    platform
-        .publish(keys.clone(), QoS::AtLeastOnce, true, "keys-1")
-        .await
-        .unwrap();
-    let kept = |got: &[Packet]| -> Vec<bytes::Bytes> {
-        got.iter()
-            .filter_map(|p| match p {
-                Packet::Publish(p) if p.retain => Some(p.payload.clone()),
-                _ => None,
-            })
-            .collect()
-    };
-    // The relay has the key chain once a session subscribing to it gets it kept.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let mut probe = Raw::accepted(gw.plain(), "vm-2").await;
-        if !kept(&gets(&mut probe, raw_subscribe(&keys)).await).is_empty() {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the relay never kept the key chain"
-        );
-    }
-
+    let (gw, platform, keys) = gateway_keeping_the_key_chain().await;
+    let kept = kept_payloads;
     let mut raw = Raw::accepted(gw.plain(), "vm-1").await;
     let got = gets(&mut raw, subscribe_all(&vec![keys.clone(); 100], 6)).await;
     let acks: Vec<_> = got
