@@ -238,6 +238,18 @@ mod tests {
         .await
     }
 
+    /// What `publish` stores for `target`: `release`'s notice of kind app, with `seq`.
+    fn notice(release: &ReleaseId, target: Target, seq: u64) -> DesiredNotice {
+        DesiredNotice {
+            topic: format!("t-{target}"),
+            seq,
+            release: release.clone(),
+            kind: app(),
+            target,
+            payload: "{}".into(),
+        }
+    }
+
     fn refusal(r: Result<ArtifactInfo, OpError>) -> String {
         match r {
             Err(OpError::Refused(why)) => why,
@@ -329,14 +341,6 @@ mod tests {
         let store = &ctx.store;
         let (a, ra) = add(&ctx, "2.3.0");
         let (_, rb) = add(&ctx, "2.4.0");
-        let notice = |release: &ReleaseId, target: Target, seq: u64| DesiredNotice {
-            topic: format!("t-{target}"),
-            seq,
-            release: release.clone(),
-            kind: app(),
-            target,
-            payload: "{}".into(),
-        };
         let mut vm1 = MachineInfo::new(m("vm-1"), 0);
         vm1.groups = vec![g("g1")];
         let vm2 = MachineInfo::new(m("vm-2"), 0);
@@ -386,18 +390,10 @@ mod tests {
         let (_dir, _eventloop, ctx) = Ctx::for_tests_in_temp_dir();
         let store = &ctx.store;
         let (a, ra) = add(&ctx, "2.3.0");
-        let notice = |release: &ReleaseId, target: Target| DesiredNotice {
-            topic: "t".into(),
-            seq: 1,
-            release: release.clone(),
-            kind: app(),
-            target,
-            payload: "{}".into(),
-        };
 
         // Wanted on a group: a machine joining it later fetches it.
         store
-            .transaction(|tx| tx.put_desired(&notice(&ra, Target::Group(g("g1")))))
+            .transaction(|tx| tx.put_desired(&notice(&ra, Target::Group(g("g1")), 1)))
             .unwrap();
         let why = refusal(remove_app(&ctx, "2.3.0").await);
         assert!(
