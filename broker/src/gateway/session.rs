@@ -756,10 +756,14 @@ impl Session<'_> {
                     }
                     // A SUBSCRIBE of served filters queues what is kept for them (notices, the
                     // key chain) again, as MQTT asks: each kept message queued costs a report.
-                    // Why: charged as one message, one machine's credentials re-subscribing
-                    // 2,000 times a second had every notice and the key chain sent that often,
-                    // an egress no budget saw (a review with one machine's config,
-                    // 2026-11-29). An honest agent subscribes once per connection.
+                    // Why: charged as one message, each of the 2,000 SUBSCRIBEs a second the
+                    // message rate lets one machine's credentials send got every notice and the
+                    // key chain again (600 sent at once drew 600 copies of the key chain:
+                    // `re_subscribing_again_and_again_is_held_to_the_report_rate`), an egress
+                    // no budget saw (a review with one machine's config,
+                    // 2026-11-29). An honest agent subscribes once per connection, to its own
+                    // and its groups' notices per kind and the key chain; one with more kept
+                    // messages than the burst (200) is slowed, not refused.
                     (Packet::Subscribe(subscribe, _), _) => {
                         let fanout = &self.shared.registry.fanout;
                         let mut named = std::collections::HashSet::new();
