@@ -15,7 +15,11 @@ pub struct Mosquitto {
     bin: PathBuf,
     conf: PathBuf,
     dir: tempfile::TempDir,
+    /// Where the platform, operators and integrators connect.
     pub url: BrokerUrl,
+    /// Where machines connect: a listener of their own under the generated files
+    /// ([`Mosquitto::start_with_files`]), else the same as `url`.
+    pub machine_url: BrokerUrl,
 }
 
 /// Where the mosquitto binary is, if installed (Debian puts it in /usr/sbin).
@@ -37,22 +41,41 @@ impl Mosquitto {
     /// Starts mosquitto with anonymous access, TCP_NODELAY, and no persistence. `extra` is
     /// appended to its config (e.g. ACL settings).
     pub fn start(extra: &str) -> std::io::Result<Self> {
-        Self::launch(|_dir| Ok(format!("allow_anonymous true\n{extra}\n")))
+        Self::launch(false, |_dir, port, _| {
+            Ok(format!(
+                "listener {port} 127.0.0.1\nset_tcp_nodelay true\nallow_anonymous true\n{extra}\n"
+            ))
+        })
     }
 
-    /// Starts mosquitto enforcing fleetcast's generated password and ACL files, which are
-    /// written into its temp dir and loaded with [`mosquitto::conf_snippet`]. Anonymous clients
-    /// are refused. Its log is kept: see [`Mosquitto::log`].
+    /// Starts mosquitto enforcing fleetcast's generated files as an operator would run them:
+    /// the password files and the ACL file written into its temp dir and loaded by
+    /// [`mosquitto::conf`], machines on one loopback listener ([`Mosquitto::machine_url`]) and
+    /// everyone else on another ([`Mosquitto::url`]). Anonymous clients are refused. Its log is
+    /// kept: see [`Mosquitto::log`].
     pub fn start_with_files(files: &MosquittoFiles) -> std::io::Result<Self> {
-        Self::launch(|dir| {
+        Self::launch(true, |dir, port, machine_port| {
             write_files(dir, files)?;
-            let snippet = mosquitto::conf_snippet(&dir.join(PASSWD), &dir.join(ACL))
-                .map_err(std::io::Error::other)?;
+            let on = |port| mosquitto::Listener {
+                bind: Some("127.0.0.1".into()),
+                port,
+                tls: None,
+            };
+            let conf = mosquitto::conf(
+                &mosquitto::ConfFiles {
+                    services_passwd: &dir.join(PASSWD),
+                    machines_passwd: &dir.join(MACHINES_PASSWD),
+                    acl: &dir.join(ACL),
+                },
+                &on(machine_port),
+                &on(port),
+            )
+            .map_err(std::io::Error::other)?;
             // As root, mosquitto drops to the `mosquitto` user before it reads the password and
             // ACL files, and could not read our private temp dir; `user root` keeps whoever
             // started it (a non-root mosquitto ignores the option).
             Ok(format!(
-                "{snippet}user root\nlog_dest file {}\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
+                "{conf}user root\nlog_dest file {}\nlog_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
                 dir.join(LOG).display()
             ))
         })
@@ -103,9 +126,12 @@ impl Mosquitto {
         std::fs::read_to_string(self.dir.path().join(LOG)).unwrap_or_default()
     }
 
-    /// Starts mosquitto on a free port with the common settings plus `settings(dir)`, retrying
-    /// on a port clash.
-    fn launch(settings: impl Fn(&Path) -> std::io::Result<String>) -> std::io::Result<Self> {
+    /// Starts mosquitto on a free port (and a second one for machines if `two`) with
+    /// `settings(dir, port, machine_port)` after the common settings, retrying on a port clash.
+    fn launch(
+        two: bool,
+        settings: impl Fn(&Path, u16, u16) -> std::io::Result<String>,
+    ) -> std::io::Result<Self> {
         let bin = mosquitto_binary().ok_or_else(|| {
             std::io::Error::new(
                 std::io::ErrorKind::NotFound,
@@ -115,14 +141,17 @@ impl Mosquitto {
         let mut last_err = None;
         for _ in 0..5 {
             let port = crate::client::free_loopback_port()?;
+            let machine_port = if two {
+                crate::client::free_loopback_port()?
+            } else {
+                port
+            };
             let dir = tempfile::tempdir()?;
             let conf = dir.path().join("mosquitto.conf");
-            let settings = settings(dir.path())?;
+            let settings = settings(dir.path(), port, machine_port)?;
             std::fs::write(
                 &conf,
-                format!(
-                    "listener {port} 127.0.0.1\nset_tcp_nodelay true\npersistence false\nmax_queued_messages 10000\n{settings}"
-                ),
+                format!("persistence false\nmax_queued_messages 10000\n{settings}"),
             )?;
             let mut child = Command::new(&bin)
                 .arg("-c")
@@ -130,16 +159,16 @@ impl Mosquitto {
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?;
-            let addr = SocketAddr::from(([127, 0, 0, 1], port));
             let deadline = Instant::now() + Duration::from_secs(5);
             while Instant::now() < deadline {
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                if listening(port) && listening(machine_port) {
                     return Ok(Self {
                         child,
                         bin: bin.clone(),
                         conf,
                         dir,
                         url: BrokerUrl::mqtt("127.0.0.1", port),
+                        machine_url: BrokerUrl::mqtt("127.0.0.1", machine_port),
                     });
                 }
                 if let Ok(Some(_)) = child.try_wait() {
@@ -150,20 +179,32 @@ impl Mosquitto {
             let _ = child.kill();
             let _ = child.wait();
             last_err = Some(std::io::Error::other(format!(
-                "mosquitto did not listen on {addr}"
+                "mosquitto did not listen on 127.0.0.1:{port} and :{machine_port}"
             )));
         }
         Err(last_err.expect("loop ran"))
     }
 }
 
+fn listening(port: u16) -> bool {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok()
+}
+
 const PASSWD: &str = "fleetcast.passwd";
+const MACHINES_PASSWD: &str = "fleetcast-machines.passwd";
 const ACL: &str = "fleetcast.acl";
 const LOG: &str = "mosquitto.log";
 
-/// Writes both files, readable by their owner only (the password file holds hashes).
+/// Writes the password files (split by [`mosquitto::split_passwd`]) and the ACL file, readable
+/// by their owner only (the password files hold hashes).
 fn write_files(dir: &Path, files: &MosquittoFiles) -> std::io::Result<()> {
-    for (name, text) in [(PASSWD, &files.passwd), (ACL, &files.acl)] {
+    let split = mosquitto::split_passwd(&files.passwd);
+    for (name, text) in [
+        (PASSWD, &split.services),
+        (MACHINES_PASSWD, &split.machines),
+        (ACL, &files.acl),
+    ] {
         let path = dir.join(name);
         std::fs::write(&path, text)?;
         #[cfg(unix)]
@@ -185,7 +226,7 @@ impl Mosquitto {
     /// Starts it again on the same port with the same config.
     pub fn restart(&mut self) -> std::io::Result<()> {
         self.kill();
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.url.port));
+        let (port, machine_port) = (self.url.port, self.machine_url.port);
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             self.child = Command::new(&self.bin)
@@ -196,7 +237,7 @@ impl Mosquitto {
                 .spawn()?;
             let started = Instant::now();
             while started.elapsed() < Duration::from_secs(2) {
-                if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                if listening(port) && listening(machine_port) {
                     return Ok(());
                 }
                 if let Ok(Some(_)) = self.child.try_wait() {
@@ -208,7 +249,7 @@ impl Mosquitto {
             let _ = self.child.wait();
             if Instant::now() > deadline {
                 return Err(std::io::Error::other(format!(
-                    "mosquitto did not listen again on {addr}"
+                    "mosquitto did not listen again on 127.0.0.1:{port} and :{machine_port}"
                 )));
             }
             std::thread::sleep(Duration::from_millis(200));

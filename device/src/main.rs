@@ -24,6 +24,8 @@ struct Cli {
     command: Cmd,
 }
 
+// Parsed once at start; boxing the simulator's options would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the agent of one machine until Ctrl-C.
@@ -62,6 +64,11 @@ enum Cmd {
         data: PathBuf,
         #[arg(long, default_value = fleetcast_broker::client::DEFAULT_BROKER)]
         broker: String,
+        /// Where the machines connect, if not to --broker (which provisions them, as an
+        /// operator): Mosquitto with fleetcast's generated files has a listener for machines
+        /// (docs/mosquitto.md).
+        #[arg(long)]
+        machine_broker: Option<String>,
         /// File holding the operator secret (hex). FLEETCAST_ADMIN_SECRET (hex) takes precedence.
         #[arg(long, default_value = "./fleetcast-data/admin.secret")]
         admin_secret_file: PathBuf,
@@ -154,6 +161,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             start_index,
             data,
             broker,
+            machine_broker,
             admin_secret_file,
             initial,
             fail_health,
@@ -178,6 +186,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 groups,
                 prefix,
                 data_dir: data,
+                machine_broker: machine_broker.unwrap_or_else(|| broker.clone()),
                 broker,
                 topic_prefix,
                 admin_secret: admin_secret(&admin_secret_file)?,

@@ -40,7 +40,10 @@ pub struct SimulateOptions {
     /// Machines are named `{prefix}{index:03}`.
     pub prefix: String,
     pub data_dir: PathBuf,
+    /// Where the simulator provisions its machines (as an operator).
     pub broker: String,
+    /// Where the machines connect: `broker`, or on Mosquitto the machines' own listener.
+    pub machine_broker: String,
     pub topic_prefix: String,
     pub admin_secret: Secret,
     pub initial_versions: BTreeMap<Kind, String>,
@@ -210,7 +213,7 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
         for provisioned in provisioned {
             let dir = opts.data_dir.join(provisioned.machine.as_str());
             let mut config =
-                MachineConfig::from_provisioned(&provisioned, &opts.broker, dir.clone());
+                MachineConfig::from_provisioned(&provisioned, &opts.machine_broker, dir.clone());
             config.initial_versions = opts.initial_versions.clone();
             config.ca_file = opts.ca_file.clone();
             if let Some(secs) = opts.keep_alive_secs {

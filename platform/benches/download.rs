@@ -140,6 +140,7 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
             prefix: "vm-".into(),
             data_dir: dir.path().join("machines"),
             broker: broker.to_string(),
+            machine_broker: broker.to_string(),
             topic_prefix: "fleet".into(),
             admin_secret: secret,
             initial_versions: BTreeMap::from([(app.clone(), "1.0.0".to_owned())]),

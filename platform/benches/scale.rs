@@ -47,6 +47,7 @@ use common::{
 };
 use fleetcast_broker::mosquitto::{mosquitto_files, BrokerIdentity, MosquittoFiles};
 use fleetcast_broker::testing::Mosquitto;
+use fleetcast_broker::BrokerUrl;
 use fleetcast_proto::acl::{Principal, Role};
 use fleetcast_proto::admin::ProvisionedMachine;
 use fleetcast_proto::calls;
@@ -376,6 +377,12 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
         .arg(sim_dir.path())
         .arg("--broker")
         .arg(p.url.to_string())
+        .arg("--machine-broker")
+        .arg(
+            mosquitto
+                .as_ref()
+                .map_or_else(|| p.url.to_string(), |m| m.machine_url.to_string()),
+        )
         .arg("--admin-secret-file")
         .arg(&p.secret_file)
         .arg("--initial")
@@ -609,6 +616,8 @@ const RAW_LAST_FROM: usize = 10_000;
 /// its subscribers (in group `rawbench`) and what they are sent.
 struct RawBench {
     machines: Vec<ProvisionedMachine>,
+    /// Where they connect (on Mosquitto, the machines' listener).
+    machine_url: BrokerUrl,
     topic: String,
     bytes: Vec<u8>,
     timeout: Duration,
@@ -646,6 +655,7 @@ async fn raw_setup(
         .await?;
     Ok(RawBench {
         machines,
+        machine_url: mosquitto.map_or_else(|| p.url.clone(), |m| m.machine_url.clone()),
         topic: Topics::default().artifact_chunks(&raw_artifact),
         bytes,
         timeout: Duration::from_secs(30 + (n * r.artifact / (50 << 20)) as u64),
@@ -664,6 +674,7 @@ async fn raw_run(
     let n = r.n;
     let result = raw_fanout(
         &p.url,
+        &raw.machine_url,
         &p.platform_password()?,
         &raw.machines,
         RawSend {

@@ -12,7 +12,7 @@ use fleetcast_broker::client;
 use fleetcast_broker::mosquitto::{mosquitto_files, BrokerIdentity, MosquittoFiles};
 use fleetcast_broker::testing::{mosquitto_binary, Mosquitto};
 use fleetcast_broker::MqttEvent;
-use fleetcast_proto::acl::{Principal, Role};
+use fleetcast_proto::acl::{Claim, Principal, Role};
 use fleetcast_proto::auth::Secret;
 use fleetcast_proto::{ArtifactId, GroupId, MachineId, Topics};
 use rumqttc::{AsyncClient, QoS};
@@ -91,8 +91,9 @@ impl Fleet {
         password(&self.identities, user)
     }
 
-    /// Connects as `user` with `client_id` (not checked against each other by Mosquitto),
-    /// until `until` is cancelled.
+    /// Connects as `user` with `client_id` until `until` is cancelled: a machine to the
+    /// machines' listener (where Mosquitto makes the client id the username), anyone else to the
+    /// service listener (where client ids are free).
     async fn connect_as(&self, user: &str, client_id: &str, until: &CancellationToken) -> Conn {
         self.connect_with(user, client_id, until, |_| {}).await
     }
@@ -105,7 +106,7 @@ impl Fleet {
         until: &CancellationToken,
         adjust: impl FnOnce(&mut rumqttc::MqttOptions),
     ) -> Conn {
-        let mut o = client::options(&self.mosq.url, client_id, None);
+        let mut o = client::options(self.url_of(user), client_id, None);
         o.set_credentials(user, self.password(user));
         adjust(&mut o);
         let (c, mut rx) = connected_with(o, until);
@@ -116,6 +117,14 @@ impl Fleet {
             );
         }
         (c, rx)
+    }
+
+    /// The listener `user` connects to.
+    fn url_of(&self, user: &str) -> &client::BrokerUrl {
+        match Claim::parse(user) {
+            Some(Claim::Machine(_)) => &self.mosq.machine_url,
+            _ => &self.mosq.url,
+        }
     }
 
     /// The platform as a publisher only.
@@ -203,32 +212,118 @@ fn strings(v: &[&str]) -> Vec<String> {
 #[tokio::test]
 async fn mosquitto_refuses_wrong_passwords_unknown_users_and_anonymous_clients() {
     let Some(f) = Fleet::start() else { return };
-    let url = &f.mosq.url;
+    let (services, machines) = (&f.mosq.url, &f.mosq.machine_url);
     // Control: the right password connects.
     f.connect_as("vm-1", "vm-1", &f.shutdown).await;
 
-    let mut o = client::options(url, "vm-1", None);
-    o.set_credentials("vm-1", f.password("vm-2"));
-    let (_c, mut rx) = connected_with(o, &f.shutdown);
-    assert_refused(&mut rx, "vm-1 with vm-2's password").await;
+    let refused = |url, user: &str, client_id: &str, password: Option<String>, what: &str| {
+        let mut o = client::options(url, client_id, None);
+        if let Some(p) = password {
+            o.set_credentials(user, p);
+        }
+        let (c, mut rx) = connected_with(o, &f.shutdown);
+        let what = what.to_owned();
+        async move {
+            // Kept until refused: a dropped client would end its loop, which reads as refused.
+            let _c = c;
+            assert_refused(&mut rx, &what).await
+        }
+    };
+    refused(
+        machines,
+        "vm-1",
+        "vm-1",
+        Some(f.password("vm-2")),
+        "vm-1 with vm-2's password",
+    )
+    .await;
+    refused(
+        machines,
+        "vm-1",
+        "vm-1",
+        Some("0123456789abcdef0123456789abcdef".into()),
+        "vm-1 with a wrong password",
+    )
+    .await;
+    refused(
+        services,
+        "fleetcast-platform",
+        "fleetcast-platform",
+        Some(f.password("vm-1")),
+        "the platform's username with a machine's password",
+    )
+    .await;
+    refused(
+        machines,
+        "vm-3",
+        "vm-3",
+        Some(f.password("vm-1")),
+        "a user not in the password file",
+    )
+    .await;
+    refused(
+        machines,
+        "",
+        "anon",
+        None,
+        "a client without credentials on the machines' listener",
+    )
+    .await;
+    refused(
+        services,
+        "",
+        "anon",
+        None,
+        "a client without credentials on the service listener",
+    )
+    .await;
+    // Each listener knows only its own users: a machine's right password on the service
+    // listener, where it could pick any client id, and the platform's on the machines'.
+    refused(
+        services,
+        "vm-1",
+        "vm-2",
+        Some(f.password("vm-1")),
+        "a machine on the service listener",
+    )
+    .await;
+    refused(
+        machines,
+        "fleetcast-platform",
+        "fleetcast-platform",
+        Some(f.password("fleetcast-platform")),
+        "the platform on the machines' listener",
+    )
+    .await;
+}
 
-    let mut o = client::options(url, "vm-1", None);
-    o.set_credentials("vm-1", "0123456789abcdef0123456789abcdef");
-    let (_c, mut rx) = connected_with(o, &f.shutdown);
-    assert_refused(&mut rx, "vm-1 with a wrong password").await;
+/// One machine's credentials, connecting again and again with another machine's client id,
+/// used to end that machine's session each time (Mosquitto ends the older session of a client
+/// id): the whole fleet could be kept offline from one stolen config. On the machines' listener
+/// the client id is the username, so vm-1 only ever replaces its own session.
+#[tokio::test]
+async fn one_machines_credentials_cannot_take_over_another_machines_session() {
+    let Some(f) = Fleet::start() else { return };
+    let t = &f.t;
+    let vm2 = MachineId::new("vm-2").unwrap();
+    let (vm2_c, mut vm2_rx) = f.connect_as("vm-2", "vm-2", &f.shutdown).await;
+    subscribe(&vm2_c, &mut vm2_rx, &t.command(&vm2)).await;
 
-    let mut o = client::options(url, "fleetcast-platform", None);
-    o.set_credentials("fleetcast-platform", f.password("vm-1"));
-    let (_c, mut rx) = connected_with(o, &f.shutdown);
-    assert_refused(&mut rx, "the platform's username with a machine's password").await;
+    for _ in 0..5 {
+        let attempt = CancellationToken::new();
+        f.connect_as("vm-1", "vm-2", &attempt).await;
+        attempt.cancel();
+    }
 
-    let mut o = client::options(url, "vm-3", None);
-    o.set_credentials("vm-3", f.password("vm-1"));
-    let (_c, mut rx) = connected_with(o, &f.shutdown);
-    assert_refused(&mut rx, "a user not in the password file").await;
-
-    let (_c, mut rx) = connected_with(client::options(url, "anon", None), &f.shutdown);
-    assert_refused(&mut rx, "a client without credentials").await;
+    // vm-2 was never disconnected (that fails here) and is still served.
+    let platform = f.platform().await;
+    publish_then_marker(&platform, &[], &t.command(&vm2)).await;
+    assert_eq!(
+        received_until_marker(&mut vm2_rx, "vm-2").await,
+        vec![t.command(&vm2)],
+        "mosquitto log:\n{}",
+        f.mosq.log()
+    );
 }
 
 #[tokio::test]
@@ -537,7 +632,7 @@ async fn a_machine_removed_from_the_files_is_disconnected_on_reload_and_refused_
         "the revoked vm-1 stays connected after the reload: {dropped:?}\nmosquitto log:\n{}",
         f.mosq.log()
     );
-    let mut o = client::options(&f.mosq.url, "vm-1", None);
+    let mut o = client::options(&f.mosq.machine_url, "vm-1", None);
     o.set_credentials("vm-1", f.password("vm-1"));
     let (_c, mut rx) = connected_with(o, &f.shutdown);
     assert_refused(&mut rx, "vm-1 reconnecting after its removal").await;

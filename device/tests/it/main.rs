@@ -1342,6 +1342,7 @@ async fn the_simulator_provisions_each_machine_and_runs_its_agent() {
         prefix: "vm-".into(),
         data_dir: data.to_owned(),
         broker: url.to_string(),
+        machine_broker: url.to_string(),
         topic_prefix: "fleet".into(),
         admin_secret: admin_secret.clone(),
         initial_versions: [(app(), "1.0.0".to_owned())].into(),

@@ -504,19 +504,23 @@ pub fn raw_filters(_id: &str, topic: &str) -> Vec<rumqttc::SubscribeFilter> {
     )]
 }
 
+/// How far the raw publisher may run ahead of its slowest subscriber: within the embedded
+/// gateway's queue per session (`SESSION_QUEUE`, 64 frames of 64 KiB), which drops frames for
+/// a session that cannot take them (chunk frames are asked for again; raw bytes are lost).
+const RAW_AHEAD: usize = 2 << 20;
+
 /// Raw MQTT through the same broker: every machine in `subs` connects with its own credentials
 /// (client id = username = machine id), subscribes QoS 1 to `topic` (see [`raw_filters`]);
 /// then one publisher as the platform principal publishes `payload` in `msg_size` messages,
 /// QoS 1, not retained, to `topic` (an artifact topic the subscribers may read). Time from
 /// the first publish until every subscriber has every byte. Every subscriber's byte count is
 /// checked.
-/// How far the raw publisher may run ahead of its slowest subscriber: within the embedded
-/// gateway's queue per session (`SESSION_QUEUE`, 64 frames of 64 KiB), which drops frames for
-/// a session that cannot take them (chunk frames are asked for again; raw bytes are lost).
-const RAW_AHEAD: usize = 2 << 20;
-
+///
+/// `url` is where the platform publishes, `machine_url` where the subscribers (machines) connect.
+#[allow(clippy::too_many_arguments)]
 pub async fn raw_fanout(
     url: &BrokerUrl,
+    machine_url: &BrokerUrl,
     platform_password: &str,
     subs: &[ProvisionedMachine],
     send: RawSend<'_>,
@@ -550,7 +554,7 @@ pub async fn raw_fanout(
             ),
             None => None,
         };
-        let mut opts = client::options(url, &id, Some(&m.secret.mqtt_password()));
+        let mut opts = client::options(machine_url, &id, Some(&m.secret.mqtt_password()));
         opts.set_clean_session(true);
         let (c, mut el) = client::connect(opts, 64);
         let (stop, ready, complete, received, last_done, connects, filter, topic) = (

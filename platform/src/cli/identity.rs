@@ -284,40 +284,147 @@ pub async fn key(cmd: KeyCmd, client: &ClientArgs) -> anyhow::Result<()> {
 
 #[derive(Subcommand)]
 pub enum BrokerCmd {
-    /// Write Mosquitto's password file, ACL file and a mosquitto.conf snippet for the whole
-    /// fleet into DIR (fleetcast.passwd, fleetcast.acl, fleetcast.conf). Run it again after
-    /// provisioning, revoking or adding identities, then reload Mosquitto (docs/mosquitto.md).
+    /// Write Mosquitto's files for the whole fleet into DIR: fleetcast.passwd (the platform,
+    /// operators, integrators), fleetcast-machines.passwd, fleetcast.acl, and fleetcast.conf,
+    /// which defines two listeners, one for machines and one for everyone else, for a directory
+    /// mosquitto.conf reads with include_dir. Run it again after provisioning, revoking or adding
+    /// identities, then reload Mosquitto (docs/mosquitto.md).
     MosquittoConfig {
         #[arg(long)]
         out: std::path::PathBuf,
+        /// The machines' listener, `[ADDR:]PORT`. A client's id is its username there, so one
+        /// machine's credentials cannot end another machine's session.
+        #[arg(long, default_value = "8883", value_parser = parse_listener)]
+        machines_listener: (Option<String>, u16),
+        /// The listener of the platform, operators and integrators, `[ADDR:]PORT`. Machines'
+        /// passwords do not work there.
+        #[arg(long, default_value = "127.0.0.1:1883", value_parser = parse_listener)]
+        services_listener: (Option<String>, u16),
+        /// Server certificate chain (PEM) for TLS on the listeners; with --key. A service
+        /// listener on a loopback address stays plain.
+        #[arg(long, requires = "key")]
+        cert: Option<std::path::PathBuf>,
+        /// The certificate's private key (PEM).
+        #[arg(long, requires = "cert")]
+        key: Option<std::path::PathBuf>,
     },
+}
+
+/// `[ADDR:]PORT`; `[v6]:PORT` for an IPv6 address.
+fn parse_listener(s: &str) -> Result<(Option<String>, u16), String> {
+    let (addr, port) = match s.rsplit_once(':') {
+        Some((a, p)) => (Some(a.trim_start_matches('[').trim_end_matches(']')), p),
+        None => (None, s),
+    };
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|p| *p > 0)
+        .ok_or_else(|| format!("{s:?}: expected [ADDR:]PORT with a port from 1 to 65535"))?;
+    match addr {
+        Some(a) if a.parse::<std::net::IpAddr>().is_err() => {
+            Err(format!("{s:?}: {a:?} is not an IP address"))
+        }
+        a => Ok((a.map(str::to_owned), port)),
+    }
 }
 
 pub async fn broker(cmd: BrokerCmd, client: &ClientArgs) -> anyhow::Result<()> {
     use anyhow::Context;
+    use fleetcast_broker::mosquitto::{self, Listener, ListenerTls};
     match cmd {
-        BrokerCmd::MosquittoConfig { out } => {
+        BrokerCmd::MosquittoConfig {
+            out,
+            machines_listener,
+            services_listener,
+            cert,
+            key,
+        } => {
             let admin = client.connect().await?;
             let files = mosquitto_files_all(&admin, None).await;
             admin.close().await;
             let calls::MosquittoFiles { passwd, acl, .. } = files?;
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let out = std::fs::canonicalize(&out)?;
-            let (p, a, c) = (
-                out.join("fleetcast.passwd"),
-                out.join("fleetcast.acl"),
-                out.join("fleetcast.conf"),
+            let absolute = |p: std::path::PathBuf| -> anyhow::Result<std::path::PathBuf> {
+                std::fs::canonicalize(&p).with_context(|| format!("{}", p.display()))
+            };
+            let tls = match (cert, key) {
+                (Some(cert), Some(key)) => Some(ListenerTls {
+                    certfile: absolute(cert)?,
+                    keyfile: absolute(key)?,
+                }),
+                _ => None,
+            };
+            let loopback = |a: &Option<String>| {
+                a.as_deref()
+                    .and_then(|a| a.parse::<std::net::IpAddr>().ok())
+                    .is_some_and(|ip| ip.is_loopback())
+            };
+            let machines = Listener {
+                bind: machines_listener.0,
+                port: machines_listener.1,
+                tls: tls.clone(),
+            };
+            let services = Listener {
+                tls: tls.filter(|_| !loopback(&services_listener.0)),
+                bind: services_listener.0,
+                port: services_listener.1,
+            };
+            anyhow::ensure!(
+                machines.port != services.port,
+                "the machines' and the service listener need ports of their own (both {})",
+                machines.port
             );
-            let conf = fleetcast_broker::mosquitto::conf_snippet(&p, &a)?;
-            crate::keys::write_atomic(&p, passwd.as_bytes(), 0o600)?;
+            let path = |name: &str| out.join(name);
+            let (sp, mp, a, c) = (
+                path("fleetcast.passwd"),
+                path("fleetcast-machines.passwd"),
+                path("fleetcast.acl"),
+                path("fleetcast.conf"),
+            );
+            let conf = mosquitto::conf(
+                &mosquitto::ConfFiles {
+                    services_passwd: &sp,
+                    machines_passwd: &mp,
+                    acl: &a,
+                },
+                &machines,
+                &services,
+            )?;
+            let split = mosquitto::split_passwd(&passwd);
+            crate::keys::write_atomic(&sp, split.services.as_bytes(), 0o600)?;
+            crate::keys::write_atomic(&mp, split.machines.as_bytes(), 0o600)?;
             crate::keys::write_atomic(&a, acl.as_bytes(), 0o644)?;
             crate::keys::write_atomic(&c, conf.as_bytes(), 0o644)?;
+            let at = |l: &Listener| {
+                let scheme = if l.tls.is_some() { "mqtts" } else { "mqtt" };
+                format!(
+                    "{scheme}://{}:{}",
+                    l.bind.as_deref().unwrap_or("HOST"),
+                    l.port
+                )
+            };
             println!(
-                "wrote {}, {} and {}\ninclude the .conf from mosquitto.conf, then reload Mosquitto (kill -HUP)",
-                p.display(),
+                "wrote {}, {}, {} and {}\n\
+                 machines connect to {} (their configs' `broker`), the platform, operators and \
+                 integrators to {}\n\
+                 read {} with include_dir from mosquitto.conf and define no listener there, then \
+                 reload Mosquitto (kill -HUP); a changed listener needs a restart",
+                sp.display(),
+                mp.display(),
                 a.display(),
-                c.display()
+                c.display(),
+                at(&machines),
+                at(&services),
+                out.display()
             );
+            if machines.tls.is_none() {
+                eprintln!(
+                    "warning: the machines' listener has no TLS (--cert, --key): their passwords \
+                     cross the network in clear"
+                );
+            }
             Ok(())
         }
     }
@@ -473,6 +580,19 @@ pub fn events_text(events: &[FleetEvent]) -> String {
 mod tests {
     use super::*;
     use fleetcast_proto::auth::{PlatformKey, Secret};
+
+    #[test]
+    fn a_listener_is_a_port_with_an_optional_ip_address() {
+        assert_eq!(parse_listener("8883"), Ok((None, 8883)));
+        assert_eq!(
+            parse_listener("127.0.0.1:1883"),
+            Ok((Some("127.0.0.1".into()), 1883))
+        );
+        assert_eq!(parse_listener("[::1]:1883"), Ok((Some("::1".into()), 1883)));
+        for bad in ["", "0", "65536", "host:1883", "127.0.0.1:", "1883 x"] {
+            assert!(parse_listener(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn an_operator_profile_reads_back_as_the_profile_the_cli_loads() {

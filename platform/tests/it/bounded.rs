@@ -169,8 +169,28 @@ async fn mosquitto_files_for_a_large_fleet_come_in_pages_that_append_to_the_whol
     assert!(run.starts_with("wrote "), "{run}");
     let acl = std::fs::read_to_string(out.join("fleetcast.acl")).unwrap();
     assert!(acl == expected.acl, "the ACL file the CLI wrote differs");
-    let passwd = std::fs::read_to_string(out.join("fleetcast.passwd")).unwrap();
-    assert_eq!(users(&passwd), users(&expected.passwd));
+    // The password file in two: the machines' listener loads one, the service listener the
+    // other (both in fleetcast.conf, with the machines' client ids tied to their usernames).
+    let services = std::fs::read_to_string(out.join("fleetcast.passwd")).unwrap();
+    let machines = std::fs::read_to_string(out.join("fleetcast-machines.passwd")).unwrap();
+    assert!(users(&services).iter().all(|u| u.starts_with("fleetcast-")));
+    assert!(!users(&machines).is_empty());
+    assert!(users(&machines)
+        .iter()
+        .all(|u| !u.starts_with("fleetcast-")));
+    assert_eq!(
+        [users(&services), users(&machines)].concat(),
+        users(&expected.passwd)
+    );
+    let conf = std::fs::read_to_string(out.join("fleetcast.conf")).unwrap();
+    let machines_block = conf.split("listener 8883\n").nth(1).unwrap();
+    let machines_block = machines_block.split("listener ").next().unwrap();
+    assert!(
+        machines_block.contains("fleetcast-machines.passwd")
+            && machines_block.contains("use_username_as_clientid true"),
+        "{conf}"
+    );
+    assert!(conf.contains("listener 1883 127.0.0.1\n"), "{conf}");
     // The audit log has each export once (its first page), and the refused one.
     let exports = audit(&admin)
         .await

@@ -773,6 +773,7 @@ fn simulated(
         prefix: "vm-".into(),
         data_dir: sim.to_owned(),
         broker: broker.to_string(),
+        machine_broker: broker.to_string(),
         topic_prefix: "fleet".into(),
         admin_secret: admin_secret(data),
         initial_versions: BTreeMap::from([(app(), "1.0.0".to_owned())]),

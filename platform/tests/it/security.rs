@@ -918,13 +918,14 @@ async fn on_mosquitto_with_the_generated_files_one_machine_cannot_touch_another(
     let files = fleetcast_broker::mosquitto::MosquittoFiles { passwd, acl };
     let mosq = fleetcast_broker::testing::Mosquitto::start_with_files(&files)
         .expect("mosquitto starts (scripts/test.sh installs it)");
-    let url = mosq.url.clone();
+    let (url, machine_url) = (mosq.url.clone(), mosq.machine_url.clone());
 
-    // The platform, its operator and its machines run on it with their own credentials.
+    // The platform, its operator and its machines run on it with their own credentials, the
+    // machines on their own listener.
     let platform = start_platform(&url, &data_dir);
     let admin = super::admin(&url, &data_dir).await;
-    let mut vm1 = connected(&admin, &url, p1).await;
-    let mut vm2 = connected(&admin, &url, p2).await;
+    let mut vm1 = connected(&admin, &machine_url, p1).await;
+    let mut vm2 = connected(&admin, &machine_url, p2).await;
     vm1.peer.subscribe("#").await;
     vm2.peer.subscribe("fleet/machines/vm-2/release/+").await;
     let r = release(&admin, "1.0", &["vm-2"], &[]).await.release;
