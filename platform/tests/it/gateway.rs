@@ -462,3 +462,163 @@ async fn a_manifest_of_more_parts_than_a_session_queue_holds_downloads_and_insta
     joined(agent, "agent vm-1").await;
     platform.stop().await;
 }
+
+/// Whether `client` can connect as `username` with `password` now.
+async fn connects_as(broker: &BrokerUrl, username: &str, password: &str) -> bool {
+    let stop = CancellationToken::new();
+    let (_c, el) = client::connect(client::options(broker, username, Some(password)), 8);
+    let (tx, mut rx) = mpsc::channel(8);
+    tokio::spawn(client::drive(el, tx, stop.clone()));
+    let back = client::wait_for(&mut rx, Duration::from_secs(3), |e| {
+        matches!(e, MqttEvent::Connected { .. })
+    })
+    .await;
+    stop.cancel();
+    back.is_ok()
+}
+
+/// A leaked integrator config is cut off like an operator's: a new password (`rotate`) or a
+/// revoke stops the old one at once and closes its live session, the list shows who is left,
+/// and a revoked name may be added again.
+#[tokio::test]
+async fn an_integrators_password_is_rotated_or_revoked_and_its_live_session_closed() {
+    let Embedded {
+        data_dir,
+        platform,
+        plain,
+        ..
+    } = embedded().await;
+    let admin = super::admin(&plain, &data_dir).await;
+    let first = super::security::add_integrator(&admin, "erp").await;
+    let mut erp = peer_with(&plain, &first.username, Some(&first.password)).await;
+    erp.subscribe("fleet/events").await;
+    let listed = admin.call(calls::IntegratorList {}).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|i| (i.name.as_str(), i.username.as_str()))
+            .collect::<Vec<_>>(),
+        [("erp", "fleetcast-int-erp")]
+    );
+    // Adding it again by mistake hands out nothing and cuts nothing off.
+    let err = admin
+        .call(calls::IntegratorAdd {
+            name: "erp".into(),
+            rotate: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, AdminError::Refused(r) if r.contains("exists already") && r.contains("--rotate")),
+        "{err}"
+    );
+    erp.subscribe("fleet/rollouts/+/progress").await;
+
+    let second = admin
+        .call(calls::IntegratorAdd {
+            name: "erp".into(),
+            rotate: true,
+        })
+        .await
+        .unwrap();
+    assert_ne!(second.password, first.password);
+    closed(&mut erp, "the old password's session closed").await;
+    drop(erp);
+    assert!(
+        !connects_as(&plain, &first.username, &first.password).await,
+        "the old password still connects"
+    );
+    let mut erp = peer_with(&plain, &second.username, Some(&second.password)).await;
+    erp.subscribe("fleet/events").await;
+
+    let said = admin
+        .call(calls::IntegratorRevoke { name: "erp".into() })
+        .await
+        .unwrap();
+    assert!(said.contains("1 broker session(s) closed"), "{said}");
+    closed(&mut erp, "the revoked integrator's session closed").await;
+    drop(erp);
+    assert!(
+        !connects_as(&plain, &second.username, &second.password).await,
+        "a revoked integrator connects"
+    );
+    assert!(admin
+        .call(calls::IntegratorList {})
+        .await
+        .unwrap()
+        .is_empty());
+    let err = admin
+        .call(calls::IntegratorRevoke { name: "erp".into() })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, AdminError::Refused(r) if r.contains("unknown integrator erp")),
+        "{err}"
+    );
+    // The name is free again.
+    let third = super::security::add_integrator(&admin, "erp").await;
+    assert!(connects_as(&plain, &third.username, &third.password).await);
+    admin.close().await;
+    platform.stop().await;
+}
+
+/// Moving a machine to another group keeps its secret. Removing a group closes its live
+/// session (whose subscription the old group granted), its group's topic is closed to it from
+/// then on (its retained notices no longer reach it), and the group's releases leave it out.
+#[tokio::test]
+async fn a_machine_removed_from_a_group_can_no_longer_subscribe_to_it_nor_be_its_target() {
+    let Embedded {
+        dir,
+        data_dir,
+        platform,
+        plain,
+        ..
+    } = embedded().await;
+    let admin = super::admin(&plain, &data_dir).await;
+    upload(&admin, dir.path(), "a.bin", &data(3000, 9), "1.0")
+        .await
+        .unwrap();
+    let vm1 = provisioned(&admin, "vm-1", &["shanghai"]).await;
+    provisioned(&admin, "vm-2", &["shanghai"]).await;
+    let password = vm1.secret.mqtt_password();
+    let mut peer = peer_with(&plain, "vm-1", Some(&password)).await;
+    peer.subscribe("fleet/groups/shanghai/release/+").await;
+    let change = |add: &[&str], remove: &[&str]| calls::MachineGroups {
+        machine: m("vm-1"),
+        add: add.iter().map(|x| g(x)).collect(),
+        remove: remove.iter().map(|x| g(x)).collect(),
+    };
+    // A group it is not in, and a change that names none, are refused.
+    for call in [change(&[], &["beijing"]), change(&[], &[])] {
+        let err = admin.call(call).await.unwrap_err();
+        assert!(matches!(err, AdminError::Refused(_)), "{err}");
+    }
+    let said = admin
+        .call(change(&["beijing"], &["shanghai"]))
+        .await
+        .unwrap();
+    assert!(
+        said.contains("is in group(s) beijing") && said.contains("1 broker session(s) closed"),
+        "{said}"
+    );
+    closed(&mut peer, "the session subscribed to shanghai closed").await;
+    drop(peer);
+    let ms = machines(&admin).await;
+    let vm = ms.iter().find(|x| x.id.as_str() == "vm-1").unwrap();
+    assert_eq!(vm.groups, vec![g("beijing")]);
+
+    // The same secret connects and reads beijing; shanghai closes the connection.
+    let mut peer = peer_with(&plain, "vm-1", Some(&password)).await;
+    peer.subscribe("fleet/groups/beijing/release/+").await;
+    peer.client
+        .subscribe("fleet/groups/shanghai/release/+", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    closed(&mut peer, "closed after subscribing to shanghai").await;
+    drop(peer);
+    let plan = release(&admin, "1.0", &[], &["shanghai"]).await;
+    let targets: Vec<&str> = plan.targets.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(targets, ["vm-2"], "shanghai's release leaves vm-1 out");
+    admin.close().await;
+    platform.stop().await;
+}
