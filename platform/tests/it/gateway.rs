@@ -622,3 +622,72 @@ async fn a_machine_removed_from_a_group_can_no_longer_subscribe_to_it_nor_be_its
     admin.close().await;
     platform.stop().await;
 }
+
+/// The move of docs/operations.md ("Moving a machine to another group") with the real agent.
+/// Moved in one command while its config still names the old group, it is disconnected at
+/// every connect (it subscribes to that group's topic); once its config names the new group
+/// only, it stays connected and installs the new group's release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_moved_to_another_group_installs_its_release_once_its_config_follows() {
+    let Embedded {
+        dir,
+        data_dir,
+        platform,
+        plain,
+        ..
+    } = embedded().await;
+    let admin = super::admin(&plain, &data_dir).await;
+    let p = provisioned(&admin, "vm-m", &["shanghai"]).await;
+    let mut config = super::e2e::machine_config(&p, &plain, dir.path());
+    config.initial_versions = BTreeMap::from([(app(), "1.0.0".to_owned())]);
+    let agents = CancellationToken::new();
+    let agent = tokio::spawn(fleetcast_device::agent::run(config.clone(), agents.clone()));
+    wait_online(&admin, 1).await;
+    let violations = || async {
+        let stats = admin.call(calls::Stats {}).await.unwrap();
+        stats
+            .gateway
+            .expect("the embedded gateway counts")
+            .violations
+    };
+    let before = violations().await;
+    admin
+        .call(calls::MachineGroups {
+            machine: m("vm-m"),
+            add: vec![g("beijing")],
+            remove: vec![g("shanghai")],
+        })
+        .await
+        .unwrap();
+    poll_until(
+        E2E_WAIT,
+        "the agent, still subscribing to shanghai, closed twice",
+        violations,
+        |v| *v >= before + 2,
+    )
+    .await;
+    agents.cancel();
+    joined(agent, "agent vm-m with shanghai in its config").await;
+
+    config.groups = vec![g("beijing")];
+    let agents = CancellationToken::new();
+    let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
+    let v2 = artifact_file(dir.path(), "app-2.0.0.bin", 60_000, 9);
+    upload_app(&admin, &v2, "2.0.0").await;
+    let r = release(&admin, "2.0.0", &[], &["beijing"]).await.release;
+    wait_status_within(&admin, &r.id, E2E_WAIT, |s| {
+        s.targets.len() == 1 && s.targets[0].phase == Phase::Installed
+    })
+    .await;
+    let settled = violations().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        violations().await,
+        settled,
+        "the moved agent stays connected"
+    );
+    admin.close().await;
+    agents.cancel();
+    joined(agent, "agent vm-m in beijing").await;
+    platform.stop().await;
+}
