@@ -544,6 +544,12 @@ impl Admin {
             AnyCall::MachineProvisionBatch(call) => machines::provision_batch(ctx, call)
                 .await
                 .map(c::MachineProvisionBatch::wrap),
+            AnyCall::MachineProvisionCheck(call) => {
+                machines::provision_check(ctx, call).map(c::MachineProvisionCheck::wrap)
+            }
+            AnyCall::MachineGroups(call) => machines::groups(ctx, call)
+                .await
+                .map(c::MachineGroups::wrap),
             AnyCall::MachineRevoke(call) => machines::revoke(ctx, call)
                 .await
                 .map(c::MachineRevoke::wrap),
@@ -559,6 +565,12 @@ impl Admin {
             AnyCall::IntegratorAdd(call) => identities::integrator_add(ctx, by, call)
                 .await
                 .map(c::IntegratorAdd::wrap),
+            AnyCall::IntegratorList(call) => {
+                identities::integrator_list(ctx, call).map(c::IntegratorList::wrap)
+            }
+            AnyCall::IntegratorRevoke(call) => identities::integrator_revoke(ctx, call)
+                .await
+                .map(c::IntegratorRevoke::wrap),
             AnyCall::EventsSince(call) => events::since(ctx, call).map(c::EventsSince::wrap),
             AnyCall::Audit(call) => events::audit(ctx, call).map(c::Audit::wrap),
             AnyCall::Stats(call) => events::stats(ctx, call).map(c::Stats::wrap),

@@ -8,14 +8,14 @@ use fleetcast_proto::admin::{
     MAX_PROVISION_BATCH,
 };
 use fleetcast_proto::auth::Secret;
-use fleetcast_proto::MachineId;
+use fleetcast_proto::{GroupId, MachineId};
 use rand::RngCore;
 
 use crate::context::Ctx;
 use crate::keys::Keys;
 use crate::now_ms;
 use crate::ops::{refused, OpError};
-use crate::store::{IntegratorRecord, OperatorRecord, Store, StoreError};
+use crate::store::{IntegratorRecord, OperatorRecord, Reads, Store, StoreError};
 
 /// Name of the operator every platform starts with; its secret is `<data>/admin.secret`.
 pub const BOOTSTRAP_OPERATOR: &str = fleetcast_broker::admin::BOOTSTRAP_OPERATOR;
@@ -117,15 +117,24 @@ pub async fn operator_revoke(ctx: &Ctx, name: &str) -> Result<String, OpError> {
     ))
 }
 
+/// Creates an integrator; one that exists is refused unless `rotate`, as for machines: adding
+/// a name twice by mistake must not cut a working integrator off. With `rotate`, it gets a new
+/// secret and the old password stops working at once: the broker refuses it at its next
+/// connect, its live sessions on the embedded broker are closed now, and the platform answers
+/// no event request of the old session (the request topic is checked against the store).
 pub async fn integrator_add(
     ctx: &Ctx,
     by: &str,
     name: String,
+    rotate: bool,
 ) -> Result<IntegratorProfile, OpError> {
     validate_name(&name).map_err(OpError::Refused)?;
-    let rec = ctx.store.transaction(|tx| {
-        if tx.integrator(&name)?.is_some() {
-            return refused(format!("integrator {name} exists already"));
+    let (rec, rotated) = ctx.store.transaction(|tx| {
+        let existed = tx.integrator(&name)?.is_some();
+        if existed && !rotate {
+            return refused(format!(
+                "integrator {name} exists already; to give it a new password (the old one stops working at once): fleetcast integrator add {name} --rotate"
+            ));
         }
         let rec = IntegratorRecord {
             name: name.clone(),
@@ -134,9 +143,13 @@ pub async fn integrator_add(
             created_by: by.to_owned(),
         };
         tx.put_integrator(&rec)?;
-        Ok(rec)
+        Ok((rec, existed))
     })?;
     ctx.store.flush_async().await?;
+    if rotated {
+        let closed = ctx.sessions.close_sessions(&integrator_username(&name));
+        tracing::info!(integrator = %name, closed, "integrator secret rotated; the old password no longer connects");
+    }
     Ok(IntegratorProfile {
         username: integrator_username(&name),
         password: rec.secret.mqtt_password(),
@@ -144,6 +157,65 @@ pub async fn integrator_add(
         platform_key: ctx.keys().public,
         topic_prefix: ctx.topics.prefix().to_owned(),
     })
+}
+
+/// Removes an integrator: its password stops working (the broker refuses it at its next
+/// connect, and the platform answers no request of its), its live broker sessions are closed
+/// now, as `operator_revoke` does, and its name may be added again.
+pub async fn integrator_revoke(ctx: &Ctx, name: &str) -> Result<String, OpError> {
+    ctx.store.transaction(|tx| {
+        if !tx.remove_integrator(name)? {
+            return refused(format!("unknown integrator {name}"));
+        }
+        Ok(())
+    })?;
+    ctx.store.flush_async().await?;
+    let closed = ctx.sessions.close_sessions(&integrator_username(name));
+    Ok(format!(
+        "integrator {name} revoked: its password no longer connects ({closed} broker session(s) closed)"
+    ))
+}
+
+/// Why `machine_provision_batch` with `specs` would be refused, if it would: too many, a
+/// reserved id, or (without `rotate`) machines that exist already.
+fn provision_refusal<S: Reads + ?Sized>(
+    store: &S,
+    specs: &[MachineSpec],
+    rotate: bool,
+) -> Result<(), OpError> {
+    if specs.len() > MAX_PROVISION_BATCH {
+        return refused(format!(
+            "{} machines in one request; at most {MAX_PROVISION_BATCH}",
+            specs.len()
+        ));
+    }
+    if let Some(s) = specs
+        .iter()
+        .find(|s| s.machine.as_str().starts_with("fleetcast-"))
+    {
+        return refused(format!(
+            "machine id {} is reserved: ids starting with fleetcast- are operator and platform clients; nothing in this batch was changed",
+            s.machine
+        ));
+    }
+    if !rotate {
+        let mut existing = Vec::new();
+        for s in specs {
+            if store.machine(&s.machine)?.is_some() {
+                existing.push(s.machine.to_string());
+            }
+        }
+        if !existing.is_empty() {
+            return refused(exists_already(&existing));
+        }
+    }
+    Ok(())
+}
+
+/// Whether provisioning `specs` would be accepted now; changes nothing.
+pub fn provision_check(ctx: &Ctx, specs: &[MachineSpec], rotate: bool) -> Result<String, OpError> {
+    provision_refusal(&*ctx.store, specs, rotate)?;
+    Ok(format!("{} machine(s) may be provisioned", specs.len()))
 }
 
 /// Registers machines under one lock and one flush. A machine that exists already (revoked or
@@ -158,37 +230,12 @@ pub async fn provision(
     mut specs: Vec<MachineSpec>,
     rotate: bool,
 ) -> Result<Vec<ProvisionedMachine>, OpError> {
-    if specs.len() > MAX_PROVISION_BATCH {
-        return refused(format!(
-            "{} machines in one request; at most {MAX_PROVISION_BATCH}",
-            specs.len()
-        ));
-    }
-    if let Some(s) = specs
-        .iter()
-        .find(|s| s.machine.as_str().starts_with("fleetcast-"))
-    {
-        return refused(format!(
-            "machine id {} is reserved: ids starting with fleetcast- are operator and platform clients",
-            s.machine
-        ));
-    }
     let keys = ctx.keys();
     let mut out = Vec::with_capacity(specs.len());
     let mut rotated = Vec::new();
     let secrets = ctx.secrets.write().unwrap_or_else(|p| p.into_inner());
     ctx.store.transaction(|tx| -> Result<(), OpError> {
-        if !rotate {
-            let mut existing = Vec::new();
-            for s in &specs {
-                if tx.machine(&s.machine)?.is_some() {
-                    existing.push(s.machine.to_string());
-                }
-            }
-            if !existing.is_empty() {
-                return refused(exists_already(&existing));
-            }
-        }
+        provision_refusal(tx, &specs, rotate)?;
         for MachineSpec { machine, groups } in specs.drain(..) {
             let secret = random_secret();
             tx.put_secret(&machine, &secret)?;
@@ -239,10 +286,82 @@ fn exists_already(ids: &[String]) -> String {
         names.push_str(&format!(" and {} more", ids.len() - NAMED));
     }
     format!(
-        "{names} {} provisioned already; nothing was changed. To give {} a new secret (the old one stops working at once), provision again with rotate (fleetcast machine provision ID --rotate)",
+        "{names} {} provisioned already; nothing in this batch was changed. To give {} a new secret (the old one stops working at once), provision again with rotate (fleetcast machine provision ID --rotate)",
         if ids.len() == 1 { "is" } else { "are" },
         if ids.len() == 1 { "it" } else { "them" },
     )
+}
+
+/// Changes the groups `machine` is in, keeping its secret: `add` first, then `remove`; a group
+/// to remove that it is not in is refused (a typo would otherwise change nothing, silently).
+/// Group membership is read from the record when the machine connects (it is what the broker
+/// lets it subscribe to) and whenever the platform resolves a group or serves chunks, so the
+/// new groups count at once for publishing, `artifact remove` and the chunk server. A removal
+/// also closes its live broker sessions: the subscriptions its old groups granted end there, and
+/// when it reconnects it may subscribe to its new groups only.
+pub async fn machine_groups(
+    ctx: &Ctx,
+    machine: &MachineId,
+    add: Vec<GroupId>,
+    remove: Vec<GroupId>,
+) -> Result<String, OpError> {
+    if add.is_empty() && remove.is_empty() {
+        return refused("name groups to add or to remove");
+    }
+    if let Some(g) = add.iter().find(|g| remove.contains(g)) {
+        return refused(format!("group {g} is both added and removed"));
+    }
+    let groups = ctx.store.transaction(|tx| {
+        let Some(mut info) = tx.machine(machine)? else {
+            return refused(format!("unknown machine {machine}"));
+        };
+        let missing: Vec<String> = remove
+            .iter()
+            .filter(|g| !info.groups.contains(g))
+            .map(|g| g.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return refused(format!(
+                "machine {machine} is not in group(s) {}; nothing was changed",
+                missing.join(", ")
+            ));
+        }
+        for g in &add {
+            if !info.groups.contains(g) {
+                info.groups.push(g.clone());
+            }
+        }
+        info.groups.retain(|g| !remove.contains(g));
+        tx.put_machine(&info)?;
+        Ok(info.groups)
+    })?;
+    ctx.store.flush_async().await?;
+    let closed = if remove.is_empty() {
+        0
+    } else {
+        ctx.sessions.close_sessions(machine.as_str())
+    };
+    let now = if groups.is_empty() {
+        "no group".to_owned()
+    } else {
+        format!("group(s) {}", join(&groups))
+    };
+    let mut message = format!("machine {machine} is in {now}");
+    if !remove.is_empty() {
+        message.push_str(&format!(
+            "; removed from {} ({closed} broker session(s) closed)",
+            join(&remove)
+        ));
+    }
+    Ok(message)
+}
+
+fn join(groups: &[GroupId]) -> String {
+    groups
+        .iter()
+        .map(|g| g.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// Revokes a machine: its secret is forgotten (nothing it sends verifies, the broker refuses

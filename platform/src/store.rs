@@ -374,6 +374,9 @@ pub trait Records: Reads {
     fn remove_operator(&self, name: &str) -> Result<bool, StoreError>;
 
     fn put_integrator(&self, rec: &IntegratorRecord) -> Result<(), StoreError>;
+
+    /// Returns whether the integrator existed.
+    fn remove_integrator(&self, name: &str) -> Result<bool, StoreError>;
 }
 
 /// What [`Store::flush_async`] returns.

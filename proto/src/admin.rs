@@ -187,9 +187,38 @@ pub enum AdminOp {
     OperatorRevoke {
         name: String,
     },
-    /// Create a read-only integrator. Reply: `integrator_created`.
+    /// Create a read-only integrator. Reply: `integrator_created`. One that exists is refused
+    /// unless `rotate`: then it gets a new secret, the old password stops working at once and
+    /// its broker sessions are closed (an integrator that does not exist is created).
     IntegratorAdd {
         name: String,
+        #[serde(default, skip_serializing_if = "is_false")]
+        rotate: bool,
+    },
+    /// Reply: `integrators` (no secrets).
+    IntegratorList,
+    /// Remove an integrator: its password stops working at once and its broker sessions are
+    /// closed; the name may be added again. Reply: `done`.
+    IntegratorRevoke {
+        name: String,
+    },
+    /// Change the groups a machine belongs to, without a new secret: `add` first, then
+    /// `remove` (each must name a group it is in). Removing closes its broker sessions, so the
+    /// subscriptions its old groups granted end. Reply: `done`.
+    MachineGroups {
+        machine: MachineId,
+        #[serde(default)]
+        add: Vec<GroupId>,
+        #[serde(default)]
+        remove: Vec<GroupId>,
+    },
+    /// Whether `machine_provision_batch` with these machines would be accepted, changing
+    /// nothing (at most [`MAX_PROVISION_BATCH`]): a long list is checked whole before its
+    /// first batch is applied. Reply: `done`, or the refusal the batch would get.
+    MachineProvisionCheck {
+        machines: Vec<MachineSpec>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        rotate: bool,
     },
     /// Stored events with an id above `since`, oldest first. Reply: `events`.
     EventsSince {
@@ -312,6 +341,10 @@ impl AdminOp {
             AdminOp::OperatorList => "operator_list",
             AdminOp::OperatorRevoke { .. } => "operator_revoke",
             AdminOp::IntegratorAdd { .. } => "integrator_add",
+            AdminOp::IntegratorList => "integrator_list",
+            AdminOp::IntegratorRevoke { .. } => "integrator_revoke",
+            AdminOp::MachineGroups { .. } => "machine_groups",
+            AdminOp::MachineProvisionCheck { .. } => "machine_provision_check",
             AdminOp::EventsSince { .. } => "events_since",
             AdminOp::Audit { .. } => "audit",
             AdminOp::KeyRotate => "key_rotate",
@@ -362,6 +395,10 @@ impl AdminOp {
             | AdminOp::OperatorList
             | AdminOp::OperatorRevoke { .. }
             | AdminOp::IntegratorAdd { .. }
+            | AdminOp::IntegratorList
+            | AdminOp::IntegratorRevoke { .. }
+            | AdminOp::MachineGroups { .. }
+            | AdminOp::MachineProvisionCheck { .. }
             | AdminOp::Audit { .. }
             | AdminOp::KeyRotate
             | AdminOp::MosquittoConfig { .. } => Role::Admin,
@@ -383,6 +420,8 @@ impl AdminOp {
                 | AdminOp::EventsSince { .. }
                 | AdminOp::Audit { .. }
                 | AdminOp::OperatorList
+                | AdminOp::IntegratorList
+                | AdminOp::MachineProvisionCheck { .. }
                 | AdminOp::Stats
                 | AdminOp::RolloutStatus { .. }
                 | AdminOp::MachineQuery { .. }
@@ -495,6 +534,9 @@ pub enum AdminReply {
     IntegratorCreated {
         integrator: IntegratorProfile,
     },
+    Integrators {
+        integrators: Vec<IntegratorInfo>,
+    },
     Events {
         events: Vec<FleetEvent>,
         next: u64,
@@ -579,6 +621,17 @@ pub struct IntegratorProfile {
     pub password: String,
     pub platform_key: PlatformPublicKey,
     pub topic_prefix: String,
+}
+
+/// An integrator as `integrator list` shows it (its secret stays on the platform).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IntegratorInfo {
+    pub name: String,
+    /// Its broker username (also its client id, optionally with a `.suffix`).
+    pub username: String,
+    pub created_at_ms: u64,
+    /// The operator who created it, or last gave it a new secret.
+    pub created_by: String,
 }
 
 /// Counters of a running platform (`fleetcast stats`).
@@ -1224,6 +1277,41 @@ mod tests {
         assert_eq!(remove.required_role(), Role::Operator);
         assert!(remove.is_change() && remove.is_audited());
         assert_eq!(AdminOp::KeyRotate.required_role(), Role::Admin);
+        // Identities: admins only; the list and the provisioning check change nothing.
+        let vm1 = MachineId::new("vm-1").unwrap();
+        for (op, change) in [
+            (AdminOp::IntegratorList, false),
+            (AdminOp::IntegratorRevoke { name: "erp".into() }, true),
+            (
+                AdminOp::IntegratorAdd {
+                    name: "erp".into(),
+                    rotate: true,
+                },
+                true,
+            ),
+            (
+                AdminOp::MachineGroups {
+                    machine: vm1.clone(),
+                    add: vec![],
+                    remove: vec![GroupId::new("g").unwrap()],
+                },
+                true,
+            ),
+            (
+                AdminOp::MachineProvisionCheck {
+                    machines: vec![MachineSpec {
+                        machine: vm1.clone(),
+                        groups: vec![],
+                    }],
+                    rotate: false,
+                },
+                false,
+            ),
+        ] {
+            assert_eq!(op.required_role(), Role::Admin, "{}", op.name());
+            assert_eq!(op.is_change(), change, "{}", op.name());
+            assert_eq!(op.is_audited(), change, "{}", op.name());
+        }
         // Staged rollouts: a viewer may look; steering one is an operator's change (audited).
         let r = || ReleaseId::new("r-1").unwrap();
         let status = AdminOp::RolloutStatus { release: r() };

@@ -187,8 +187,15 @@ calls! {
     OperatorList = "operator_list" {} -> "operators" Vec<OperatorInfo> { AdminReply::Operators { operators } => operators; r => AdminReply::Operators { operators: r } }
     OperatorRevoke = "operator_revoke" { name: String }
         -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
-    IntegratorAdd = "integrator_add" { name: String }
+    IntegratorAdd = "integrator_add" { name: String, rotate: bool }
         -> "integrator_created" IntegratorProfile { AdminReply::IntegratorCreated { integrator } => integrator; r => AdminReply::IntegratorCreated { integrator: r } }
+    IntegratorList = "integrator_list" {} -> "integrators" Vec<IntegratorInfo> { AdminReply::Integrators { integrators } => integrators; r => AdminReply::Integrators { integrators: r } }
+    IntegratorRevoke = "integrator_revoke" { name: String }
+        -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
+    MachineGroups = "machine_groups" { machine: MachineId, add: Vec<GroupId>, remove: Vec<GroupId> }
+        -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
+    MachineProvisionCheck = "machine_provision_check" { machines: Vec<MachineSpec>, rotate: bool }
+        -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
     EventsSince = "events_since" { since: u64, limit: Option<u32> }
         -> "events" Page<FleetEvent, u64> {
         AdminReply::Events { events, next, more } => Page { items: events, next, more };
@@ -434,8 +441,43 @@ mod tests {
             json!({"op": "operator_revoke", "name": "ann"}),
         );
         wire(
-            IntegratorAdd { name: "bi".into() },
+            IntegratorAdd {
+                name: "bi".into(),
+                rotate: false,
+            },
             json!({"op": "integrator_add", "name": "bi"}),
+        );
+        wire(
+            IntegratorAdd {
+                name: "bi".into(),
+                rotate: true,
+            },
+            json!({"op": "integrator_add", "name": "bi", "rotate": true}),
+        );
+        wire(IntegratorList {}, json!({"op": "integrator_list"}));
+        wire(
+            IntegratorRevoke { name: "bi".into() },
+            json!({"op": "integrator_revoke", "name": "bi"}),
+        );
+        wire(
+            MachineGroups {
+                machine: m("vm-1"),
+                add: vec![g("beijing")],
+                remove: vec![g("shanghai")],
+            },
+            json!({"op": "machine_groups", "machine": "vm-1",
+                "add": ["beijing"], "remove": ["shanghai"]}),
+        );
+        wire(
+            MachineProvisionCheck {
+                machines: vec![MachineSpec {
+                    machine: m("vm-3"),
+                    groups: vec![],
+                }],
+                rotate: true,
+            },
+            json!({"op": "machine_provision_check",
+                "machines": [{"machine": "vm-3", "groups": []}], "rotate": true}),
         );
         wire(
             EventsSince {

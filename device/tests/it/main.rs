@@ -1273,7 +1273,7 @@ async fn fake_provisioning(
                             req.id,
                             req.ctr,
                             format!(
-                                "{} provisioned already; nothing was changed",
+                                "{} provisioned already; nothing in this batch was changed",
                                 taken.join(", ")
                             ),
                         )

@@ -5,7 +5,8 @@ use clap::{Args, Subcommand};
 use fleetcast_broker::admin::{AdminClient, AdminError};
 use fleetcast_proto::acl::Role;
 use fleetcast_proto::admin::{
-    AuditEntry, FleetEvent, IntegratorProfile, OperatorInfo, OperatorProfile, MAX_MOSQUITTO_PAGE,
+    AuditEntry, FleetEvent, IntegratorInfo, IntegratorProfile, OperatorInfo, OperatorProfile,
+    MAX_MOSQUITTO_PAGE,
 };
 use fleetcast_proto::calls::{self, Call, Page};
 use serde::Serialize;
@@ -41,8 +42,23 @@ pub enum OperatorCmd {
 #[derive(Subcommand)]
 pub enum IntegratorCmd {
     /// Create a read-only integrator and print its config (TOML): broker username and password
-    /// and the platform key to verify what it reads.
-    Add { name: String },
+    /// and the platform key to verify what it reads. An integrator that exists is refused
+    /// unless --rotate.
+    Add {
+        name: String,
+        /// Give an existing integrator a new password (and print its new config): the old one
+        /// stops working at once and its live sessions on the embedded broker are closed.
+        #[arg(long)]
+        rotate: bool,
+    },
+    /// List integrators (no secrets).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Revoke an integrator: its password stops working at once, its live sessions on the
+    /// embedded broker are closed, and the name may be added again.
+    Revoke { name: String },
 }
 
 #[derive(Args)]
@@ -145,9 +161,22 @@ pub async fn operator(cmd: OperatorCmd, client: &ClientArgs) -> anyhow::Result<(
 
 pub async fn integrator(cmd: IntegratorCmd, client: &ClientArgs) -> anyhow::Result<()> {
     match cmd {
-        IntegratorCmd::Add { name } => {
-            let integrator = client.call(calls::IntegratorAdd { name }).await?;
+        IntegratorCmd::Add { name, rotate } => {
+            let integrator = client.call(calls::IntegratorAdd { name, rotate }).await?;
             print!("{}", integrator_toml(&integrator, &client.broker()?));
+            Ok(())
+        }
+        IntegratorCmd::List { json } => {
+            let integrators = client.call(calls::IntegratorList {}).await?;
+            if json {
+                return print_json(&integrators);
+            }
+            print!("{}", integrators_text(&integrators));
+            Ok(())
+        }
+        IntegratorCmd::Revoke { name } => {
+            let message = client.call(calls::IntegratorRevoke { name }).await?;
+            println!("{message}");
             Ok(())
         }
     }
@@ -525,6 +554,21 @@ pub fn operators_text(ops: &[OperatorInfo]) -> String {
         })
         .collect();
     table::render(&["OPERATOR", "ROLE", "CREATED", "BY"], &rows)
+}
+
+pub fn integrators_text(integrators: &[IntegratorInfo]) -> String {
+    let rows: Vec<Vec<String>> = integrators
+        .iter()
+        .map(|i| {
+            vec![
+                i.name.clone(),
+                i.username.clone(),
+                table::time(Some(i.created_at_ms)),
+                i.created_by.clone(),
+            ]
+        })
+        .collect();
+    table::render(&["INTEGRATOR", "USERNAME", "CREATED", "BY"], &rows)
 }
 
 pub fn audit_text(entries: &[AuditEntry]) -> String {

@@ -82,6 +82,19 @@ pub enum MachineCmd {
         #[arg(long)]
         rotate: bool,
     },
+    /// Change the groups a machine is in, keeping its secret: --add first, then --remove.
+    /// Removing closes its live session on the embedded broker, so the subscriptions the old
+    /// groups granted end. The machine's own config lists its groups too: change it to match
+    /// (docs/operations.md, "Moving a machine to another group").
+    Groups {
+        machine: MachineId,
+        /// Comma-separated groups to join.
+        #[arg(long, required_unless_present = "remove")]
+        add: Option<String>,
+        /// Comma-separated groups to leave (each must be one the machine is in).
+        #[arg(long)]
+        remove: Option<String>,
+    },
     /// Revoke a machine: its secret stops working at once, and on the embedded broker its live
     /// session is closed now (an external broker drops it at its next connect).
     Revoke { machine: MachineId },
@@ -143,6 +156,26 @@ pub async fn run(cmd: MachineCmd, client: &ClientArgs) -> anyhow::Result<()> {
         MachineCmd::Provision { .. } => Err(super::usage(
             "name a machine, or pass --from-file FILE --out-dir DIR",
         )),
+        MachineCmd::Groups {
+            machine,
+            add,
+            remove,
+        } => {
+            let (add, remove): (Vec<GroupId>, Vec<GroupId>) =
+                (parse_list(&add)?, parse_list(&remove)?);
+            let groups = client
+                .call(calls::MachineGroups {
+                    machine: machine.clone(),
+                    add,
+                    remove,
+                })
+                .await?;
+            println!("{groups}");
+            println!(
+                "the machine's config lists the groups it subscribes to: make its `groups` match and restart its agent (docs/operations.md); on Mosquitto, regenerate the ACL (fleetcast broker mosquitto-config) and reload it"
+            );
+            Ok(())
+        }
         MachineCmd::Revoke { machine } => {
             let message = client.call(calls::MachineRevoke { machine }).await?;
             println!("{message}");
@@ -193,8 +226,26 @@ async fn provision_from_file(
     std::fs::create_dir_all(out_dir).with_context(|| format!("creating {}", out_dir.display()))?;
     let broker = client.broker()?;
     let admin = client.connect().await?;
-    let mut written = 0;
+    let (mut provisioned, mut written) = (0, 0);
     let result: anyhow::Result<()> = async {
+        // One batch is applied whole or not at all; a longer list is checked whole first, so a
+        // refusal (an id provisioned already, a reserved id) leaves every batch unapplied.
+        if specs.len() > MAX_PROVISION_BATCH {
+            for batch in specs.chunks(MAX_PROVISION_BATCH) {
+                admin
+                    .call(calls::MachineProvisionCheck {
+                        machines: batch.to_vec(),
+                        rotate,
+                    })
+                    .await
+                    .with_context(|| {
+                        format!(
+                            "{} was checked before provisioning: nothing was provisioned",
+                            file.display()
+                        )
+                    })?;
+            }
+        }
         for batch in specs.chunks(MAX_PROVISION_BATCH) {
             let machines = admin
                 .call(calls::MachineProvisionBatch {
@@ -202,6 +253,7 @@ async fn provision_from_file(
                     rotate,
                 })
                 .await?;
+            provisioned += machines.len();
             for m in machines {
                 let dir = data_dir
                     .clone()
@@ -215,12 +267,60 @@ async fn provision_from_file(
     }
     .await;
     admin.close().await;
-    result?;
+    if let Err(e) = result {
+        if provisioned == 0 {
+            return Err(e);
+        }
+        return Err(e.context(partly_provisioned(
+            &specs,
+            provisioned,
+            written,
+            out_dir,
+            rotate,
+        )));
+    }
     println!(
         "provisioned {written} machine(s); configs in {}",
         out_dir.display()
     );
     Ok(())
+}
+
+/// What a `--from-file` run that failed after its first batch was applied did, and how to go
+/// on: the machines of `specs` before `provisioned` are provisioned, the configs of those
+/// before `written` are in `out_dir`.
+fn partly_provisioned(
+    specs: &[MachineSpec],
+    provisioned: usize,
+    written: usize,
+    out_dir: &std::path::Path,
+    rotate: bool,
+) -> String {
+    let total = specs.len();
+    let mut text = format!(
+        "provisioned {provisioned} of {total} machine(s) before this error; the configs of {written} are in {}",
+        out_dir.display()
+    );
+    if written < provisioned {
+        text.push_str(&format!(
+            "; {} machine(s) from {} on were provisioned but their configs not written: their secrets are lost, provision them again with --rotate",
+            provisioned - written,
+            specs[written].machine
+        ));
+    }
+    if provisioned < total {
+        let again = if rotate {
+            "rerun the same command"
+        } else {
+            "rerun with a file of the remaining lines only, or rerun the whole file with --rotate (which gives the machines provisioned already new secrets)"
+        };
+        text.push_str(&format!(
+            "; the {} from {} on were not provisioned (if the error was a timeout, `fleetcast machines` shows whether the last batch was): {again}",
+            total - provisioned,
+            specs[provisioned].machine
+        ));
+    }
+    text
 }
 
 /// The device's `MachineConfig` keys.
@@ -341,6 +441,34 @@ mod tests {
             "MACHINE  ONLINE  LAST SEEN            GROUPS    VERSIONS                BUSY  KEY GEN\n\
              vm-001   yes     1970-01-01 00:00:03  shanghai  app=2.4.1 firmware=1.0  idle  1\n"
         );
+    }
+
+    #[test]
+    fn a_list_failing_after_its_first_batch_says_what_was_provisioned_and_how_to_go_on() {
+        let specs: Vec<MachineSpec> = (1..=2500)
+            .map(|i| MachineSpec {
+                machine: MachineId::new(format!("vm-{i:04}")).unwrap(),
+                groups: vec![],
+            })
+            .collect();
+        let dir = std::path::Path::new("/tmp/configs");
+        let text = partly_provisioned(&specs, 2000, 2000, dir, false);
+        for want in [
+            "provisioned 2000 of 2500 machine(s) before this error",
+            "the configs of 2000 are in /tmp/configs",
+            "the 500 from vm-2001 on were not provisioned",
+            "--rotate",
+        ] {
+            assert!(text.contains(want), "{want} missing: {text}");
+        }
+        let lost = partly_provisioned(&specs, 1000, 999, dir, true);
+        assert!(
+            lost.contains(
+                "1 machine(s) from vm-1000 on were provisioned but their configs not written"
+            ),
+            "{lost}"
+        );
+        assert!(lost.contains("rerun the same command"), "{lost}");
     }
 
     fn machines_args(argv: &[&str]) -> Result<MachinesArgs, clap::Error> {

@@ -1,4 +1,5 @@
-//! `machines`, `machine_provision`, `machine_provision_batch`, `machine_revoke`.
+//! `machines`, `machine_provision`, `machine_provision_batch`, `machine_provision_check`,
+//! `machine_groups`, `machine_revoke`.
 
 use fleetcast_proto::admin::{MachineInfo, MachineSpec, ProvisionedMachine};
 use fleetcast_proto::calls;
@@ -28,6 +29,14 @@ pub async fn provision_batch(
     c: calls::MachineProvisionBatch,
 ) -> Result<Vec<ProvisionedMachine>, OpError> {
     identities::provision(ctx, c.machines, c.rotate).await
+}
+
+pub fn provision_check(ctx: &Ctx, c: calls::MachineProvisionCheck) -> Result<String, OpError> {
+    identities::provision_check(ctx, &c.machines, c.rotate)
+}
+
+pub async fn groups(ctx: &Ctx, c: calls::MachineGroups) -> Result<String, OpError> {
+    identities::machine_groups(ctx, &c.machine, c.add, c.remove).await
 }
 
 pub async fn revoke(ctx: &Ctx, c: calls::MachineRevoke) -> Result<String, OpError> {

@@ -550,6 +550,10 @@ fn operators_and_integrators(s: &dyn Store) {
     assert_eq!(s.integrator("dash").unwrap().unwrap().created_by, "admin");
     assert_eq!(s.integrator("nobody").unwrap(), None);
     assert_eq!(s.integrators().unwrap().len(), 1);
+    assert!(s.transaction(|rec| rec.remove_integrator("dash")).unwrap());
+    assert!(!s.transaction(|rec| rec.remove_integrator("dash")).unwrap());
+    assert_eq!(s.integrator("dash").unwrap(), None);
+    assert!(s.integrators().unwrap().is_empty());
 }
 
 fn artifacts_are_found_by_id_and_by_kind_and_version(s: &dyn Store) {

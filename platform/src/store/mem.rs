@@ -526,4 +526,8 @@ impl Records for Tables {
             .insert(rec.name.clone(), rec.clone());
         Ok(())
     }
+
+    fn remove_integrator(&self, name: &str) -> Result<bool, StoreError> {
+        Ok(self.lock().integrators.remove(name).is_some())
+    }
 }

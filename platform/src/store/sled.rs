@@ -825,6 +825,10 @@ impl Records for Tables {
     fn put_integrator(&self, rec: &IntegratorRecord) -> Result<(), StoreError> {
         self.integrators.put(&rec.name, rec)
     }
+
+    fn remove_integrator(&self, name: &str) -> Result<bool, StoreError> {
+        self.integrators.remove(name)
+    }
 }
 
 #[cfg(test)]

@@ -596,6 +596,7 @@ async fn every_json_output_matches_its_schema_in_docs() {
         .await
         .ok();
     fc.run(&["operator", "revoke", "val"]).await.ok();
+    fc.run(&["integrator", "add", "erp"]).await.ok();
 
     for (what, args, schema) in [
         ("machines", &["machines", "--json"][..], "machines.json"),
@@ -625,6 +626,11 @@ async fn every_json_output_matches_its_schema_in_docs() {
             "operator list",
             &["operator", "list", "--json"],
             "operators.json",
+        ),
+        (
+            "integrator list",
+            &["integrator", "list", "--json"],
+            "integrators.json",
         ),
         ("stats", &["stats", "--json"], "stats.json"),
     ] {

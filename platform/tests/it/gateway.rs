@@ -462,3 +462,232 @@ async fn a_manifest_of_more_parts_than_a_session_queue_holds_downloads_and_insta
     joined(agent, "agent vm-1").await;
     platform.stop().await;
 }
+
+/// Whether `client` can connect as `username` with `password` now.
+async fn connects_as(broker: &BrokerUrl, username: &str, password: &str) -> bool {
+    let stop = CancellationToken::new();
+    let (_c, el) = client::connect(client::options(broker, username, Some(password)), 8);
+    let (tx, mut rx) = mpsc::channel(8);
+    tokio::spawn(client::drive(el, tx, stop.clone()));
+    let back = client::wait_for(&mut rx, Duration::from_secs(3), |e| {
+        matches!(e, MqttEvent::Connected { .. })
+    })
+    .await;
+    stop.cancel();
+    back.is_ok()
+}
+
+/// A leaked integrator config is cut off like an operator's: a new password (`rotate`) or a
+/// revoke stops the old one at once and closes its live session, the list shows who is left,
+/// and a revoked name may be added again.
+#[tokio::test]
+async fn an_integrators_password_is_rotated_or_revoked_and_its_live_session_closed() {
+    let Embedded {
+        data_dir,
+        platform,
+        plain,
+        ..
+    } = embedded().await;
+    let admin = super::admin(&plain, &data_dir).await;
+    let first = super::security::add_integrator(&admin, "erp").await;
+    let mut erp = peer_with(&plain, &first.username, Some(&first.password)).await;
+    erp.subscribe("fleet/events").await;
+    let listed = admin.call(calls::IntegratorList {}).await.unwrap();
+    assert_eq!(
+        listed
+            .iter()
+            .map(|i| (i.name.as_str(), i.username.as_str()))
+            .collect::<Vec<_>>(),
+        [("erp", "fleetcast-int-erp")]
+    );
+    // Adding it again by mistake hands out nothing and cuts nothing off.
+    let err = admin
+        .call(calls::IntegratorAdd {
+            name: "erp".into(),
+            rotate: false,
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, AdminError::Refused(r) if r.contains("exists already") && r.contains("--rotate")),
+        "{err}"
+    );
+    erp.subscribe("fleet/rollouts/+/progress").await;
+
+    let second = admin
+        .call(calls::IntegratorAdd {
+            name: "erp".into(),
+            rotate: true,
+        })
+        .await
+        .unwrap();
+    assert_ne!(second.password, first.password);
+    closed(&mut erp, "the old password's session closed").await;
+    drop(erp);
+    assert!(
+        !connects_as(&plain, &first.username, &first.password).await,
+        "the old password still connects"
+    );
+    let mut erp = peer_with(&plain, &second.username, Some(&second.password)).await;
+    erp.subscribe("fleet/events").await;
+
+    let said = admin
+        .call(calls::IntegratorRevoke { name: "erp".into() })
+        .await
+        .unwrap();
+    assert!(said.contains("1 broker session(s) closed"), "{said}");
+    closed(&mut erp, "the revoked integrator's session closed").await;
+    drop(erp);
+    assert!(
+        !connects_as(&plain, &second.username, &second.password).await,
+        "a revoked integrator connects"
+    );
+    assert!(admin
+        .call(calls::IntegratorList {})
+        .await
+        .unwrap()
+        .is_empty());
+    let err = admin
+        .call(calls::IntegratorRevoke { name: "erp".into() })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, AdminError::Refused(r) if r.contains("unknown integrator erp")),
+        "{err}"
+    );
+    // The name is free again.
+    let third = super::security::add_integrator(&admin, "erp").await;
+    assert!(connects_as(&plain, &third.username, &third.password).await);
+    admin.close().await;
+    platform.stop().await;
+}
+
+/// Moving a machine to another group keeps its secret. Removing a group closes its live
+/// session (whose subscription the old group granted), its group's topic is closed to it from
+/// then on (its retained notices no longer reach it), and the group's releases leave it out.
+#[tokio::test]
+async fn a_machine_removed_from_a_group_can_no_longer_subscribe_to_it_nor_be_its_target() {
+    let Embedded {
+        dir,
+        data_dir,
+        platform,
+        plain,
+        ..
+    } = embedded().await;
+    let admin = super::admin(&plain, &data_dir).await;
+    upload(&admin, dir.path(), "a.bin", &data(3000, 9), "1.0")
+        .await
+        .unwrap();
+    let vm1 = provisioned(&admin, "vm-1", &["shanghai"]).await;
+    provisioned(&admin, "vm-2", &["shanghai"]).await;
+    let password = vm1.secret.mqtt_password();
+    let mut peer = peer_with(&plain, "vm-1", Some(&password)).await;
+    peer.subscribe("fleet/groups/shanghai/release/+").await;
+    let change = |add: &[&str], remove: &[&str]| calls::MachineGroups {
+        machine: m("vm-1"),
+        add: add.iter().map(|x| g(x)).collect(),
+        remove: remove.iter().map(|x| g(x)).collect(),
+    };
+    // A group it is not in, and a change that names none, are refused.
+    for call in [change(&[], &["beijing"]), change(&[], &[])] {
+        let err = admin.call(call).await.unwrap_err();
+        assert!(matches!(err, AdminError::Refused(_)), "{err}");
+    }
+    let said = admin
+        .call(change(&["beijing"], &["shanghai"]))
+        .await
+        .unwrap();
+    assert!(
+        said.contains("is in group(s) beijing") && said.contains("1 broker session(s) closed"),
+        "{said}"
+    );
+    closed(&mut peer, "the session subscribed to shanghai closed").await;
+    drop(peer);
+    let ms = machines(&admin).await;
+    let vm = ms.iter().find(|x| x.id.as_str() == "vm-1").unwrap();
+    assert_eq!(vm.groups, vec![g("beijing")]);
+
+    // The same secret connects and reads beijing; shanghai closes the connection.
+    let mut peer = peer_with(&plain, "vm-1", Some(&password)).await;
+    peer.subscribe("fleet/groups/beijing/release/+").await;
+    peer.client
+        .subscribe("fleet/groups/shanghai/release/+", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    closed(&mut peer, "closed after subscribing to shanghai").await;
+    drop(peer);
+    let plan = release(&admin, "1.0", &[], &["shanghai"]).await;
+    let targets: Vec<&str> = plan.targets.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(targets, ["vm-2"], "shanghai's release leaves vm-1 out");
+    admin.close().await;
+    platform.stop().await;
+}
+
+/// The move of docs/operations.md ("Moving a machine to another group") with the real agent.
+/// Moved in one command while its config still names the old group, it is disconnected at
+/// every connect (it subscribes to that group's topic); once its config names the new group
+/// only, it stays connected and installs the new group's release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_moved_to_another_group_installs_its_release_once_its_config_follows() {
+    let Embedded {
+        dir,
+        data_dir,
+        platform,
+        plain,
+        ..
+    } = embedded().await;
+    let admin = super::admin(&plain, &data_dir).await;
+    let p = provisioned(&admin, "vm-m", &["shanghai"]).await;
+    let mut config = super::e2e::machine_config(&p, &plain, dir.path());
+    config.initial_versions = BTreeMap::from([(app(), "1.0.0".to_owned())]);
+    let agents = CancellationToken::new();
+    let agent = tokio::spawn(fleetcast_device::agent::run(config.clone(), agents.clone()));
+    wait_online(&admin, 1).await;
+    let violations = || async {
+        let stats = admin.call(calls::Stats {}).await.unwrap();
+        stats
+            .gateway
+            .expect("the embedded gateway counts")
+            .violations
+    };
+    let before = violations().await;
+    admin
+        .call(calls::MachineGroups {
+            machine: m("vm-m"),
+            add: vec![g("beijing")],
+            remove: vec![g("shanghai")],
+        })
+        .await
+        .unwrap();
+    poll_until(
+        E2E_WAIT,
+        "the agent, still subscribing to shanghai, closed twice",
+        violations,
+        |v| *v >= before + 2,
+    )
+    .await;
+    agents.cancel();
+    joined(agent, "agent vm-m with shanghai in its config").await;
+
+    config.groups = vec![g("beijing")];
+    let agents = CancellationToken::new();
+    let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
+    let v2 = artifact_file(dir.path(), "app-2.0.0.bin", 60_000, 9);
+    upload_app(&admin, &v2, "2.0.0").await;
+    let r = release(&admin, "2.0.0", &[], &["beijing"]).await.release;
+    wait_status_within(&admin, &r.id, E2E_WAIT, |s| {
+        s.targets.len() == 1 && s.targets[0].phase == Phase::Installed
+    })
+    .await;
+    let settled = violations().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        violations().await,
+        settled,
+        "the moved agent stays connected"
+    );
+    admin.close().await;
+    agents.cancel();
+    joined(agent, "agent vm-m in beijing").await;
+    platform.stop().await;
+}

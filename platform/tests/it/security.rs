@@ -24,7 +24,10 @@ pub(super) async fn add_integrator(
     name: &str,
 ) -> fleetcast_proto::admin::IntegratorProfile {
     admin
-        .call(calls::IntegratorAdd { name: name.into() })
+        .call(calls::IntegratorAdd {
+            name: name.into(),
+            rotate: false,
+        })
         .await
         .unwrap()
 }
@@ -448,6 +451,24 @@ async fn viewers_change_nothing_revoked_identities_stop_working_and_every_action
     };
     let err = viewer.call(publish.clone()).await.unwrap_err();
     assert!(err.to_string().contains("role viewer"), "{err}");
+    // Identities are an admin's: a viewer can neither cut an integrator off nor move a machine.
+    add_integrator(&admin, "erp").await;
+    let err = viewer
+        .call(calls::IntegratorRevoke { name: "erp".into() })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("needs admin"), "{err}");
+    let err = viewer
+        .call(calls::MachineGroups {
+            machine: m("vm-001"),
+            add: vec![g("north")],
+            remove: vec![],
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("needs admin"), "{err}");
+    assert_eq!(admin.call(calls::IntegratorList {}).await.unwrap().len(), 1);
+    assert!(machines(&admin).await[0].groups.is_empty());
     assert_eq!(
         status(&admin, &r.id).await.targets.len(),
         0,
@@ -498,6 +519,8 @@ async fn viewers_change_nothing_revoked_identities_stop_working_and_every_action
         ("admin", "upload_begin", true),
         ("admin", "operator_add", true),
         ("val", "release_publish", false),
+        ("val", "integrator_revoke", false),
+        ("val", "machine_groups", false),
         ("admin", "operator_revoke", true),
         ("admin", "machine_revoke", true),
         ("admin", "release_publish", true),
@@ -1040,6 +1063,74 @@ async fn machines_are_provisioned_in_bulk_from_a_list_with_one_private_config_ea
         },
     )
     .await;
+    admin.close().await;
+    platform.stop().await;
+}
+
+/// A list longer than one batch is checked whole before the first batch is applied: one id
+/// provisioned already, in the second batch, refuses the run with nothing provisioned and no
+/// config written, and the error says so. A run that fails after its first batch was applied
+/// (here a config that cannot be written) says how many were provisioned, how many configs are
+/// in the directory, and where to go on from.
+#[tokio::test]
+async fn a_long_list_refused_in_a_later_batch_provisions_nothing_and_a_later_failure_says_how_far_it_got(
+) {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    provisioned(&admin, "vm-1100", &[]).await;
+    let list = dir.path().join("machines.csv");
+    let out = dir.path().join("configs");
+    let from_file = |except: &'static str| {
+        let text: String = (1..=1203)
+            .map(|i| format!("vm-{i:04}"))
+            .filter(|id| id != except)
+            .map(|id| format!("{id},north\n"))
+            .collect();
+        std::fs::write(&list, text).unwrap();
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+            .args(["machine", "provision", "--from-file"])
+            .arg(&list)
+            .arg("--out-dir")
+            .arg(&out)
+            .args(["--broker", &url.to_string(), "--admin-secret-file"])
+            .arg(admin_secret_path(&data_dir))
+            .output()
+    };
+    let run = from_file("").await.unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    for want in ["nothing was provisioned", "vm-1100 is provisioned already"] {
+        assert!(stderr.contains(want), "{want} missing: {stderr}");
+    }
+    assert_eq!(machines(&admin).await.len(), 1, "nothing was provisioned");
+    assert_eq!(
+        std::fs::read_dir(&out).unwrap().count(),
+        0,
+        "no config written"
+    );
+
+    // vm-0500's config cannot be written (a directory is in its place): the first batch is
+    // provisioned, the second is not sent.
+    std::fs::create_dir(out.join("vm-0500.toml")).unwrap();
+    let run = from_file("vm-1100").await.unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success(), "{stderr}");
+    for want in [
+        "provisioned 1000 of 1202 machine(s) before this error",
+        &format!("the configs of 499 are in {}", out.display()),
+        "501 machine(s) from vm-0500 on were provisioned but their configs not written",
+        "--rotate",
+        "the 202 from vm-1001 on were not provisioned",
+    ] {
+        assert!(stderr.contains(want), "{want} missing: {stderr}");
+    }
+    assert_eq!(machines(&admin).await.len(), 1001);
     admin.close().await;
     platform.stop().await;
 }
