@@ -15,7 +15,7 @@ use std::time::Duration;
 use fleetcast_proto::admin::{PublishPlan, ReleaseInfo};
 use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::command::{Command, CommandAction};
-use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan};
+use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan, WaveTally};
 use fleetcast_proto::{GroupId, InstallPolicy, MachineId, Phase, ReleaseId, Target};
 use rumqttc::QoS;
 
@@ -24,7 +24,7 @@ use crate::domain::{self, rollout as core, rollout::Effect, rollout::Tally};
 use crate::now_ms;
 use crate::ops::{known_release, refused, OpError};
 use crate::publish;
-use crate::store::{DesiredNotice, Records, StoreError};
+use crate::store::{DesiredNotice, Reads, Records, StoreError};
 
 /// Running rollouts are re-evaluated at least this often (a wave's timeout is checked then).
 pub const SWEEP: Duration = Duration::from_secs(5);
@@ -185,8 +185,8 @@ fn download_only(release: &ReleaseInfo) -> bool {
 }
 
 /// The tally of `r`'s notified machines from their target records.
-fn tally_of(
-    store: &dyn Records,
+fn tally_of<S: Reads + ?Sized>(
+    store: &S,
     release: &ReleaseInfo,
     r: &RolloutInfo,
 ) -> Result<Tally, StoreError> {
@@ -227,6 +227,19 @@ pub fn status(ctx: &Ctx, release: &ReleaseId) -> Result<RolloutInfo, OpError> {
         OpError::Refused(format!(
             "release {release} was not published in waves (release publish --waves)"
         ))
+    })
+}
+
+/// How `r`'s notified machines stand, as its thresholds count them (shown by `rollout
+/// status`: why a running wave has not advanced).
+pub fn wave_tally(ctx: &Ctx, r: &RolloutInfo) -> Result<WaveTally, OpError> {
+    let info = known_release(&*ctx.store, &r.release)?;
+    let t = tally_of(&*ctx.store, &info, r)?;
+    Ok(WaveTally {
+        notified: t.notified as u32,
+        succeeded: t.succeeded as u32,
+        failed: t.failed as u32,
+        accepted: t.accepted as u32,
     })
 }
 

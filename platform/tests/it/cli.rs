@@ -591,6 +591,7 @@ async fn every_json_output_matches_its_schema_in_docs() {
         .run(&["rollout", "status", staged, "--json"])
         .await
         .json();
+    assert_eq!(status["tally"]["notified"], 1, "{status}");
     outputs.push(("rollout status", "rollout.json", status));
     fc.run(&["operator", "add", "val", "--role", "viewer"])
         .await
