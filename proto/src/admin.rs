@@ -17,7 +17,7 @@ use crate::acl::Role;
 use crate::auth::{PlatformPublicKey, Secret};
 use crate::ids::{ArtifactId, GroupId, Kind, MachineId, ReleaseId};
 use crate::release::{ArtifactRef, InstallPolicy, Target};
-use crate::rollout::{RolloutInfo, RolloutReport, WavePlan};
+use crate::rollout::{RolloutInfo, RolloutReport, StagedProgress, WavePlan};
 use crate::status::{KindState, Phase, Progress};
 
 /// Most machines one `machine_provision_batch` may register (its answer carries a secret and
@@ -916,6 +916,11 @@ pub struct ReleaseStatus {
     /// The artifact's size times the number of targets.
     #[serde(default)]
     pub bytes_total: u64,
+    /// For a release published in waves: where its rollout stands. `targets` and `progress`
+    /// then cover only the machines notified so far. Absent otherwise, and from a platform
+    /// before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<StagedProgress>,
 }
 
 /// Aggregate of one release, retained on `fleet/rollouts/{r}/progress`.

@@ -249,6 +249,35 @@ pub struct WaveTally {
     pub accepted: u32,
 }
 
+/// Where a release's staged rollout stands, as `release status` carries it: `release status`
+/// and `release watch` see only the machines notified so far, and this says how many more
+/// there are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedProgress {
+    #[serde(flatten)]
+    pub state: RolloutState,
+    /// The current wave (0-based).
+    pub wave: usize,
+    pub waves: usize,
+    /// Machines of waves `0..=wave`.
+    pub notified: u32,
+    /// Machines in the rollout.
+    pub machines: u32,
+}
+
+impl StagedProgress {
+    pub fn of(r: &RolloutInfo) -> Self {
+        let machines = r.order.len();
+        Self {
+            state: r.state.clone(),
+            wave: r.wave,
+            waves: r.plan.waves_bp.len(),
+            notified: r.plan.cumulative(r.wave, machines) as u32,
+            machines: machines as u32,
+        }
+    }
+}
+
 impl RolloutReport {
     /// The reply for `rollout`: its order cut, its length kept.
     pub fn new(mut rollout: RolloutInfo) -> Self {

@@ -13,7 +13,7 @@ use fleetcast_proto::admin::{
     MAX_PLAN_PAGE, MAX_RELEASE_PAGE, MAX_STATUS_PAGE, PLAN_TOPICS_SHOWN, RELEASE_MACHINES_SHOWN,
 };
 use fleetcast_proto::calls::{self, Page};
-use fleetcast_proto::rollout::ROLLOUT_ORDER_SHOWN;
+use fleetcast_proto::rollout::{StagedProgress, ROLLOUT_ORDER_SHOWN};
 use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId, Target};
 
 use crate::context::Ctx;
@@ -255,13 +255,11 @@ pub async fn status(ctx: &Ctx, c: calls::ReleaseStatus) -> Result<ReleaseStatus,
     off_thread(&ctx.store, move |store| {
         let info = known_release(store, &c.release)?;
         let targets = store.targets_of(&c.release)?;
-        Ok(status_page(
-            info,
-            targets,
-            c.after.as_ref(),
-            c.limit,
-            now_ms(),
-        ))
+        let staged = store.rollout(&c.release)?.map(|r| StagedProgress::of(&r));
+        Ok(ReleaseStatus {
+            staged,
+            ..status_page(info, targets, c.after.as_ref(), c.limit, now_ms())
+        })
     })
     .await
 }
@@ -296,6 +294,7 @@ pub fn status_page(
         more,
         bytes_done,
         bytes_total,
+        staged: None,
     }
 }
 
