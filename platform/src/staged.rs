@@ -147,9 +147,10 @@ pub async fn publish(
     let mut out = Outbox::default();
     let (release, rollout) = ctx.store.transaction(|rec| -> Result<_, OpError> {
         let previous = rec.rollout(&release.id)?;
-        domain::release::may_stage(&release.id, previous.as_ref().map(|r| &r.state))?;
-        let now = now_ms();
         let mut release = rec.release(&release.id)?.unwrap_or_else(|| release.clone());
+        let sent = sent_to_group(rec, &release, &resolved.targets)?;
+        domain::release::may_stage(&release.id, previous.as_ref().map(|r| &r.state), &sent)?;
+        let now = now_ms();
         let seq = ctx.store.next_seq()?;
         domain::release::record_publish(
             &mut release,
@@ -178,6 +179,32 @@ pub async fn publish(
         targets: resolved.targets,
         rollout: Some(rollout),
     })
+}
+
+/// The groups whose live notice is `release` (published to them without waves) that one of
+/// `targets` belongs to: those targets were sent it already.
+fn sent_to_group(
+    rec: &dyn Records,
+    release: &ReleaseInfo,
+    targets: &[(MachineId, Option<GroupId>)],
+) -> Result<Vec<GroupId>, StoreError> {
+    let mut live = Vec::new();
+    for g in &release.groups {
+        let notice = rec.desired(&Target::Group(g.clone()), &release.kind)?;
+        if notice.is_some_and(|n| n.release == release.id) {
+            live.push(g.clone());
+        }
+    }
+    if live.is_empty() {
+        return Ok(live);
+    }
+    let mut reached = BTreeSet::new();
+    for (m, _) in targets {
+        if let Some(info) = rec.machine(m)? {
+            reached.extend(info.groups.into_iter().filter(|g| live.contains(g)));
+        }
+    }
+    Ok(reached.into_iter().collect())
 }
 
 fn download_only(release: &ReleaseInfo) -> bool {
@@ -490,5 +517,74 @@ mod tests {
             .unwrap();
         let plan = again().await.unwrap();
         assert_eq!(plan.rollout.unwrap().state, RolloutState::Running);
+    }
+
+    #[tokio::test]
+    async fn a_plain_publish_waits_for_a_live_rollout_and_after_a_cancel_reaches_those_told_to_drop_it(
+    ) {
+        let f = fixture();
+        publish(&f.ctx, &f.release, &f.machines, &[], false, halves())
+            .await
+            .unwrap();
+        let first = notified(&f);
+        let at_once = || publish::publish_at_once(&f.ctx, &f.release, &f.machines, &[], false);
+        let err = at_once().await.unwrap_err().to_string();
+        assert!(err.contains("has a running staged rollout"), "{err}");
+        control(&f.ctx, &f.release.id, Control::Pause, "admin")
+            .await
+            .unwrap();
+        let err = at_once().await.unwrap_err().to_string();
+        assert!(err.contains("has a paused staged rollout"), "{err}");
+        assert_eq!(notified(&f), first, "nothing sent past the waves");
+        // Cancelled: the first wave drops it (and says so); a plain publish is then the
+        // operator's choice, and reaches them again in a new round.
+        control(&f.ctx, &f.release.id, Control::Cancel, "admin")
+            .await
+            .unwrap();
+        for m in &first {
+            report(&f, m, Phase::Cancelled);
+        }
+        assert!(notified(&f).is_empty());
+        at_once().await.unwrap();
+        assert_eq!(notified(&f), ["vm-1", "vm-2", "vm-3", "vm-4"]);
+        let records = f.ctx.store.targets_of(&f.release.id).unwrap();
+        assert_eq!(records.len(), 4);
+        assert!(
+            records.iter().all(|t| t.phase == Phase::Pending),
+            "{records:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn waves_are_refused_over_a_group_the_release_was_published_to_at_once() {
+        let f = fixture();
+        let group = GroupId::new("north").unwrap();
+        f.ctx
+            .store
+            .transaction(|tx| {
+                for m in &f.machines[..2] {
+                    let mut info = MachineInfo::new(m.clone(), 0);
+                    info.groups = vec![group.clone()];
+                    tx.put_machine(&info)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        publish::publish_at_once(&f.ctx, &f.release, &[], std::slice::from_ref(&group), false)
+            .await
+            .unwrap();
+        // vm-1 is in the group (named directly here); vm-3 and vm-4 alone would be fine.
+        let err = publish(&f.ctx, &f.release, &f.machines[..1], &[], false, halves())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("was published to group north without waves"),
+            "{err}"
+        );
+        assert!(f.ctx.store.rollout(&f.release.id).unwrap().is_none());
+        publish(&f.ctx, &f.release, &f.machines[2..], &[], false, halves())
+            .await
+            .unwrap();
     }
 }

@@ -173,10 +173,13 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
                 } else {
                     admin.call(ask).await?
                 };
-                let mut text = plan_text(&plan, &groups, list);
-                if let Some(w) = &waves {
-                    text.push_str(&super::rollout::waves_text(w, plan.target_count()));
-                }
+                let text = match &waves {
+                    None => plan_text(&plan, &groups, list),
+                    Some(w) => {
+                        staged_plan_text(&plan, &groups, list, w)
+                            + &super::rollout::waves_text(w, plan.target_count())
+                    }
+                };
                 if json {
                     eprint!("{text}");
                 } else {
@@ -648,6 +651,27 @@ pub const PLAN_SHOWN: usize = 10;
 /// are listed, or all that `plan` holds with `list` (every target once [`plan_all`] fetched
 /// them; the platform names the first [`fleetcast_proto::admin::PLAN_TOPICS_SHOWN`] topics).
 pub fn plan_text(report: &PlanReport, groups: &[GroupId], list: bool) -> String {
+    plan_text_of(report, groups, list, None)
+}
+
+/// [`plan_text`] for a publish in waves: a staged publish sends no group notice, only one
+/// notice per machine of the first wave (each on its machine's topic), so the plan's group
+/// topics are not what will be sent and are not listed.
+pub fn staged_plan_text(
+    report: &PlanReport,
+    groups: &[GroupId],
+    list: bool,
+    waves: &WavePlan,
+) -> String {
+    plan_text_of(report, groups, list, Some(waves))
+}
+
+fn plan_text_of(
+    report: &PlanReport,
+    groups: &[GroupId],
+    list: bool,
+    waves: Option<&WavePlan>,
+) -> String {
     let plan = &report.plan;
     let r = &plan.release;
     let shown = if list { usize::MAX } else { PLAN_SHOWN };
@@ -678,11 +702,24 @@ pub fn plan_text(report: &PlanReport, groups: &[GroupId], list: bool) -> String 
         r.policy,
         if r.rollback { " (rollback)" } else { "" }
     );
-    let _ = writeln!(out, "notices (retained): {}", report.topic_count());
-    for t in plan.topics.iter().take(shown) {
-        let _ = writeln!(out, "  {t}");
+    match waves {
+        None => {
+            let _ = writeln!(out, "notices (retained): {}", report.topic_count());
+            for t in plan.topics.iter().take(shown) {
+                let _ = writeln!(out, "  {t}");
+            }
+            more(&mut out, plan.topics.len(), report.topic_count());
+        }
+        Some(w) => {
+            let total = report.target_count();
+            let _ = writeln!(
+                out,
+                "notices (retained): one per machine of wave 1, on the machine's own topic: {} of \
+                 {total} machine(s) now, the others' as their waves start (no group notice)",
+                w.cumulative(0, total)
+            );
+        }
     }
-    more(&mut out, plan.topics.len(), report.topic_count());
     let per_group: BTreeMap<Option<GroupId>, u32> = report
         .per_group()
         .into_iter()
@@ -1244,6 +1281,22 @@ release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
             targets,
             rollout: None,
         })
+    }
+
+    #[test]
+    fn a_staged_plan_says_one_notice_per_machine_of_wave_1_and_lists_no_group_topic() {
+        let plan = plan_to(200);
+        let waves = WavePlan::new(vec![100, 1000, 5000], 9500, 500, 0).unwrap();
+        let text = staged_plan_text(&plan, &groups_ab(), false, &waves);
+        assert!(
+            text.contains(
+                "notices (retained): one per machine of wave 1, on the machine's own topic: 2 of \
+                 200 machine(s) now, the others' as their waves start (no group notice)\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("fleet/groups/"), "{text}");
+        assert!(text.contains("target machines: 200\n"), "{text}");
     }
 
     fn groups_ab() -> Vec<GroupId> {

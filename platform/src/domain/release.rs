@@ -34,6 +34,22 @@ pub enum Refused {
         release: ReleaseId,
         state: &'static str,
     },
+    #[error(
+        "release {release} has a {state} staged rollout: publishing it without --waves would \
+         send it to its machines at once, past the waves; nothing was sent. Go on with the \
+         rollout (`fleetcast rollout resume {release}`, `--advance` starts the next wave now), \
+         or stop it first (`fleetcast rollout cancel {release}`) and then publish without waves"
+    )]
+    PublishDuringRollout {
+        release: ReleaseId,
+        state: &'static str,
+    },
+    #[error(
+        "release {release} was published to group {group} without waves: its members were sent \
+         it already, so waves cannot hold them back; nothing was sent. To stage a release, \
+         create a new one (`fleetcast release create`) and publish that with --waves"
+    )]
+    StagedOverGroupNotice { release: ReleaseId, group: GroupId },
     #[error("no earlier {kind} version known for machine {machine}; pass --to VERSION")]
     NoEarlierVersion { machine: MachineId, kind: Kind },
     #[error("group {group} has no {kind} release yet; pass --to VERSION")]
@@ -105,11 +121,47 @@ pub fn record_publish(
     }
 }
 
-/// A staged rollout may start unless the release's previous one is still running or paused.
-pub fn may_stage(release: &ReleaseId, rollout: Option<&RolloutState>) -> Result<(), Refused> {
+/// A staged rollout may start unless the release's previous one is still running or paused,
+/// or the release is the live notice of a group (`sent_to_group`: such groups a target belongs
+/// to). Why the second: a group notice already reached every member, so waves over them would
+/// hold back nobody, while `rollout status` and `cancel` would claim to steer them.
+pub fn may_stage(
+    release: &ReleaseId,
+    rollout: Option<&RolloutState>,
+    sent_to_group: &[GroupId],
+) -> Result<(), Refused> {
     match rollout {
         Some(state @ (RolloutState::Running | RolloutState::Paused { .. })) => {
             Err(Refused::RolloutInProgress {
+                release: release.clone(),
+                state: state.name(),
+            })
+        }
+        Some(RolloutState::Completed | RolloutState::Cancelled { .. }) | None => {
+            match sent_to_group.first() {
+                Some(group) => Err(Refused::StagedOverGroupNotice {
+                    release: release.clone(),
+                    group: group.clone(),
+                }),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// A publish without waves may go ahead unless the release's staged rollout is running or
+/// paused: it would reach the machines of later waves at once (a group's notice reaches every
+/// member), and `rollout cancel` only tells the waves' machines to drop it. After a completed
+/// rollout every target was notified, so publishing to more is an ordinary publish; after a
+/// cancelled one it is the operator's explicit choice: the machines told to drop it have a
+/// finished (`cancelled`) record, so they start a new round with the new notice.
+pub fn may_publish_at_once(
+    release: &ReleaseId,
+    rollout: Option<&RolloutState>,
+) -> Result<(), Refused> {
+    match rollout {
+        Some(state @ (RolloutState::Running | RolloutState::Paused { .. })) => {
+            Err(Refused::PublishDuringRollout {
                 release: release.clone(),
                 state: state.name(),
             })
@@ -353,17 +405,17 @@ mod tests {
     #[test]
     fn a_staged_rollout_may_not_start_while_the_previous_one_runs_or_is_paused() {
         let id = rel("r-000001");
-        assert_eq!(may_stage(&id, None), Ok(()));
-        assert_eq!(may_stage(&id, Some(&RolloutState::Completed)), Ok(()));
+        assert_eq!(may_stage(&id, None, &[]), Ok(()));
+        assert_eq!(may_stage(&id, Some(&RolloutState::Completed), &[]), Ok(()));
         let cancelled = RolloutState::Cancelled {
             reason: "by ops".into(),
         };
-        assert_eq!(may_stage(&id, Some(&cancelled)), Ok(()));
+        assert_eq!(may_stage(&id, Some(&cancelled), &[]), Ok(()));
         let paused = RolloutState::Paused {
             reason: "failures".into(),
         };
         for state in [RolloutState::Running, paused] {
-            let err = may_stage(&id, Some(&state)).unwrap_err();
+            let err = may_stage(&id, Some(&state), &[]).unwrap_err();
             assert!(err.to_string().contains("cancel it first"), "{err}");
         }
     }
@@ -416,6 +468,50 @@ mod tests {
             retry_targets(&r.id, &targets, &[], false),
             Err(Refused::NoMachinesNamed)
         );
+    }
+
+    #[test]
+    fn a_staged_rollout_may_not_start_over_a_group_the_release_was_sent_to_at_once() {
+        let id = rel("r-000001");
+        for previous in [None, Some(RolloutState::Completed)] {
+            let err = may_stage(&id, previous.as_ref(), &[g("shanghai")]).unwrap_err();
+            assert_eq!(
+                err,
+                Refused::StagedOverGroupNotice {
+                    release: id.clone(),
+                    group: g("shanghai")
+                }
+            );
+            assert!(
+                err.to_string().contains("create a new one"),
+                "says what to do: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_release_in_a_live_staged_rollout_is_not_published_at_once() {
+        let id = rel("r-000042");
+        let paused = RolloutState::Paused {
+            reason: "by ops".into(),
+        };
+        for state in [RolloutState::Running, paused] {
+            let err = may_publish_at_once(&id, Some(&state)).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("has a {} staged rollout", state.name()))
+                    && text.contains("fleetcast rollout resume r-000042")
+                    && text.contains("fleetcast rollout cancel r-000042"),
+                "{text}"
+            );
+        }
+        // Once it is over, publishing is the operator's plain choice.
+        let cancelled = RolloutState::Cancelled {
+            reason: "by ops".into(),
+        };
+        for state in [None, Some(RolloutState::Completed), Some(cancelled)] {
+            assert_eq!(may_publish_at_once(&id, state.as_ref()), Ok(()));
+        }
     }
 
     #[test]

@@ -118,7 +118,7 @@ pub async fn publish(ctx: &Ctx, c: calls::ReleasePublish) -> Result<PlanReport, 
     let (machines, groups, allow_empty) = (&c.machines, &c.groups, c.allow_empty);
     let plan = match c.waves {
         Some(waves) => staged::publish(ctx, &info, machines, groups, allow_empty, waves).await?,
-        None => publish::publish(ctx, &info, machines, groups, allow_empty).await?,
+        None => publish::publish_at_once(ctx, &info, machines, groups, allow_empty).await?,
     };
     tracing::info!(release = %c.release, targets = plan.targets.len(), "release published");
     Ok(plan_report(plan, None, None))

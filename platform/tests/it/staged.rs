@@ -460,6 +460,98 @@ fn fleetcast(f: &Fleet) -> super::cli::Fleetcast {
         .with("FLEETCAST_BROKER", f.broker.to_string())
 }
 
+/// `release publish` without waves would send a release in a live staged rollout to every
+/// member at once, past the waves, and `rollout cancel` could not take it back: it is refused
+/// while the rollout runs or is paused. After a cancel it is the operator's choice, and reaches
+/// the machines told to drop it too; waves are then refused over the group notice. `release
+/// watch` of the cancelled rollout ends without counting `cancelled` as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_rollout_is_not_published_at_once_and_after_a_cancel_a_plain_publish_reaches_all() {
+    // Deferred (waiting for its window) is not success: wave 1 never completes.
+    let f = fleet(10, closed_window()).await;
+    let (admin, release) = (&f.env.admin, &f.release);
+    let fc = fleetcast(&f);
+    let r = release.as_str();
+    let staged = fc
+        .run(&[
+            "release", "publish", r, "--groups", "fleet", "--waves", "20%", "--yes",
+        ])
+        .await;
+    let plan = staged.ok();
+    assert!(
+        plan.contains(
+            "notices (retained): one per machine of wave 1, on the machine's own topic: 2 of \
+             10 machine(s) now"
+        ) && !plan.contains("fleet/groups/"),
+        "{plan}"
+    );
+    wait_status_within(admin, release, E2E_WAIT, |s| {
+        s.targets.len() == 2 && s.targets.iter().all(|t| t.phase == Phase::Deferred)
+    })
+    .await;
+
+    // Running, then paused: a plain publish is refused, with what to do, and sends nothing.
+    for state in ["running", "paused"] {
+        if state == "paused" {
+            fc.run(&["rollout", "pause", r]).await.ok();
+        }
+        let plain = fc
+            .run(&["release", "publish", r, "--groups", "fleet", "--yes"])
+            .await;
+        assert_eq!(plain.code, 1, "{plain:#?}");
+        assert!(
+            plain
+                .stderr
+                .contains(&format!("has a {state} staged rollout"))
+                && plain.stderr.contains("fleetcast rollout cancel"),
+            "{plain:#?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(status(admin, release).await.targets.len(), 2);
+
+    // Cancelled: the two drop it; the watch ends, and `cancelled` is no failure.
+    fc.run(&["rollout", "cancel", r, "--yes"]).await.ok();
+    wait_status_within(admin, release, E2E_WAIT, |s| {
+        s.targets.iter().all(|t| t.phase == Phase::Cancelled)
+    })
+    .await;
+    let watch = fc.run(&["release", "watch", r, "--timeout", "20"]).await;
+    assert_eq!(watch.code, 0, "{watch:#?}");
+    assert!(
+        watch.stdout.contains("all 2 machine(s) finished")
+            && watch.stdout.contains("staged rollout cancelled"),
+        "{watch:#?}"
+    );
+    let summary = fc.run(&["release", "status", r, "--summary"]).await.ok();
+    assert!(summary.contains("8 of 10 were never notified"), "{summary}");
+
+    // Now a plain publish is the operator's choice: all ten get it, the two cancelled ones in
+    // a new round.
+    fc.run(&["release", "publish", r, "--groups", "fleet", "--yes"])
+        .await
+        .ok();
+    wait_status_within(admin, release, E2E_WAIT, |s| {
+        s.targets.len() == 10 && s.targets.iter().all(|t| t.phase == Phase::Deferred)
+    })
+    .await;
+    // Waves over the group notice would hold back nobody: refused.
+    let again = fc
+        .run(&[
+            "release", "publish", r, "--groups", "fleet", "--waves", "50%", "--yes",
+        ])
+        .await;
+    assert_eq!(again.code, 1, "{again:#?}");
+    assert!(
+        again
+            .stderr
+            .contains("was published to group fleet without waves"),
+        "{again:#?}"
+    );
+
+    f.stop().await;
+}
+
 /// Every machine fails the health check and the failure threshold is 100%: wave 1 finishes
 /// (all rolled back) but never succeeds, so the rollout keeps running. `release watch` follows
 /// it past that wave (it ended there, exit 3, with "all 2 machine(s) finished"), `release
