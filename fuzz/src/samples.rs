@@ -267,6 +267,7 @@ pub fn admin_ops() -> Vec<AdminOp> {
         AdminOp::Activate {
             release: release(),
             machines: vec![machine()],
+            groups: vec![group()],
         },
     ]
 }

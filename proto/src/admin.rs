@@ -157,11 +157,15 @@ pub enum AdminOp {
         #[serde(default, skip_serializing_if = "is_false")]
         allow_empty: bool,
     },
-    /// Install a downloaded `download_only` release now. Reply: `done`.
+    /// Install a downloaded `download_only` release now: on `machines` and the release's
+    /// targets in `groups` (neither: every target). Reply: `done`.
     Activate {
         release: ReleaseId,
         #[serde(default)]
         machines: Vec<MachineId>,
+        /// Absent from older clients: none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        groups: Vec<GroupId>,
     },
     /// Register many machines in one round trip (at most [`MAX_PROVISION_BATCH`]).
     /// Reply: `provisioned_batch`, in request order. Existing machines: as for
@@ -239,14 +243,18 @@ pub enum AdminOp {
     RolloutCancel {
         release: ReleaseId,
     },
-    /// Send the release again to `machines`, or (with `failed`) to every target whose record
-    /// is a failure: each starts a new round. Reply: `plan`.
+    /// Send the release again to `machines` and its targets in `groups`, or (with `failed`)
+    /// to every target whose record is a failure (in `groups`, if any are named) plus
+    /// `machines`: each starts a new round. Reply: `plan`.
     ReleaseRetry {
         release: ReleaseId,
         #[serde(default)]
         machines: Vec<MachineId>,
         #[serde(default, skip_serializing_if = "is_false")]
         failed: bool,
+        /// Absent from older clients: none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        groups: Vec<GroupId>,
     },
     /// The machines matching `filter`, by id, one page after `after`. Reply: `machine_page`.
     MachineQuery {
@@ -1245,6 +1253,7 @@ mod tests {
                 release: r(),
                 machines: vec![],
                 failed: true,
+                groups: vec![],
             },
         ] {
             assert_eq!(steer.required_role(), Role::Operator, "{}", steer.name());

@@ -75,8 +75,12 @@ pub enum ReleaseCmd {
     Retry {
         release: ReleaseId,
         /// Comma-separated machine ids (targets of the release).
-        #[arg(long, required_unless_present = "failed")]
+        #[arg(long, required_unless_present_any = ["failed", "groups"])]
         machines: Option<String>,
+        /// Comma-separated group ids: the release's targets in these groups (with --failed:
+        /// only the failed ones among them).
+        #[arg(long)]
+        groups: Option<String>,
         /// Every target whose last result is a failure.
         #[arg(long)]
         failed: bool,
@@ -228,15 +232,18 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
         ReleaseCmd::Retry {
             release,
             machines,
+            groups,
             failed,
             json,
         } => {
             let machines: Vec<MachineId> = parse_list(&machines)?;
+            let groups: Vec<GroupId> = parse_list(&groups)?;
             let plan = client
                 .call(calls::ReleaseRetry {
                     release,
                     machines,
                     failed,
+                    groups,
                 })
                 .await?;
             if json {

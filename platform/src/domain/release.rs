@@ -29,6 +29,11 @@ pub enum Refused {
     NoMachinesNamed,
     #[error("release {0} has no target machines yet")]
     NoTargets(ReleaseId),
+    #[error(
+        "no target of release {release} is in group {group} (`fleetcast release status \
+         {release}` lists them); nothing was sent"
+    )]
+    NoTargetInGroup { release: ReleaseId, group: GroupId },
     #[error("release {release} already has a {state} staged rollout; cancel it first")]
     RolloutInProgress {
         release: ReleaseId,
@@ -178,28 +183,31 @@ pub fn failed(phase: Phase) -> bool {
 }
 
 /// The machines a retry of `release` sends it to again: with `failed`, every target that
-/// [`failed`] plus the named `machines`; without, the named `machines`, each of which must be
-/// a target.
+/// [`failed`] (only those in `groups`, when groups are named) plus the named `machines`;
+/// without, the named `machines`, each of which must be a target, and every target in
+/// `groups`. `in_group` says whether a target is in a group ([`in_groups`]).
 pub fn retry_targets(
     release: &ReleaseId,
     targets: &[TargetRecord],
     machines: &[MachineId],
+    groups: &[GroupId],
     failed_ones: bool,
+    in_group: impl Fn(&TargetRecord, &GroupId) -> bool,
 ) -> Result<Vec<MachineId>, Refused> {
+    let grouped = in_groups(release, targets, groups, in_group)?;
     let mut chosen: Vec<MachineId> = if failed_ones {
         targets
             .iter()
             .filter(|t| failed(t.phase))
+            .filter(|t| groups.is_empty() || grouped.contains(&t.machine))
             .map(|t| t.machine.clone())
             .collect()
     } else {
-        named_targets(release, targets, machines)?
+        let mut named = named_targets(release, targets, machines)?;
+        add_missing(&mut named, &grouped);
+        named
     };
-    for m in machines {
-        if !chosen.contains(m) {
-            chosen.push(m.clone());
-        }
-    }
+    add_missing(&mut chosen, machines);
     if chosen.is_empty() {
         return Err(if failed_ones {
             Refused::NoFailedMachines(release.clone())
@@ -208,6 +216,39 @@ pub fn retry_targets(
         });
     }
     Ok(chosen)
+}
+
+fn add_missing(chosen: &mut Vec<MachineId>, more: &[MachineId]) {
+    for m in more {
+        if !chosen.contains(m) {
+            chosen.push(m.clone());
+        }
+    }
+}
+
+/// The targets of `release` in any of `groups` (`in_group`: reached through the group, or a
+/// member of it now), in record order. Each named group must hold one: a group that holds
+/// none is most likely a typo, as for a publish.
+pub fn in_groups(
+    release: &ReleaseId,
+    targets: &[TargetRecord],
+    groups: &[GroupId],
+    in_group: impl Fn(&TargetRecord, &GroupId) -> bool,
+) -> Result<Vec<MachineId>, Refused> {
+    if let Some(g) = groups
+        .iter()
+        .find(|g| !targets.iter().any(|t| in_group(t, g)))
+    {
+        return Err(Refused::NoTargetInGroup {
+            release: release.clone(),
+            group: g.clone(),
+        });
+    }
+    Ok(targets
+        .iter()
+        .filter(|t| groups.iter().any(|g| in_group(t, g)))
+        .map(|t| t.machine.clone())
+        .collect())
 }
 
 /// The named `machines`, each of which must be one of `targets`.
@@ -229,16 +270,20 @@ fn named_targets(
 }
 
 /// The machines an `activate` of `release` goes to: the named `machines` (each must be a
-/// target), or every target when none is named.
+/// target) and the targets in `groups` ([`in_groups`]), or every target when neither is named.
 pub fn activate_targets(
     release: &ReleaseId,
     targets: &[TargetRecord],
     machines: &[MachineId],
+    groups: &[GroupId],
+    in_group: impl Fn(&TargetRecord, &GroupId) -> bool,
 ) -> Result<Vec<MachineId>, Refused> {
-    let chosen: Vec<MachineId> = if machines.is_empty() {
+    let chosen: Vec<MachineId> = if machines.is_empty() && groups.is_empty() {
         targets.iter().map(|t| t.machine.clone()).collect()
     } else {
-        named_targets(release, targets, machines)?
+        let mut named = named_targets(release, targets, machines)?;
+        add_missing(&mut named, &in_groups(release, targets, groups, in_group)?);
+        named
     };
     if chosen.is_empty() {
         return Err(Refused::NoTargets(release.clone()));
@@ -421,56 +466,6 @@ mod tests {
     }
 
     #[test]
-    fn retrying_failed_machines_takes_failures_but_not_cancelled_or_finished_ones() {
-        assert!(failed(Phase::Rejected) && !failed(Phase::Cancelled) && !failed(Phase::Superseded));
-        let r = crate::fixtures::release("r-000001", "1.0");
-        let targets = records(
-            &r,
-            &[
-                ("vm-1", Phase::DownloadFailed),
-                ("vm-2", Phase::Installed),
-                ("vm-3", Phase::Cancelled),
-                ("vm-4", Phase::RolledBack),
-                ("vm-5", Phase::Downloading),
-            ],
-        );
-        assert_eq!(
-            retry_targets(&r.id, &targets, &[], true).unwrap(),
-            [m("vm-1"), m("vm-4")]
-        );
-        // Named machines are added to the failed ones.
-        assert_eq!(
-            retry_targets(&r.id, &targets, &[m("vm-2")], true).unwrap(),
-            [m("vm-1"), m("vm-4"), m("vm-2")]
-        );
-        assert_eq!(
-            retry_targets(&r.id, &targets, &[m("vm-5"), m("vm-2")], false).unwrap(),
-            [m("vm-5"), m("vm-2")]
-        );
-    }
-
-    #[test]
-    fn a_retry_refuses_machines_that_are_not_targets_and_a_retry_of_nobody() {
-        let r = crate::fixtures::release("r-000001", "1.0");
-        let targets = records(&r, &[("vm-1", Phase::Installed)]);
-        assert_eq!(
-            retry_targets(&r.id, &targets, &[m("vm-9")], false),
-            Err(Refused::NotATarget {
-                release: r.id.clone(),
-                machine: m("vm-9")
-            })
-        );
-        assert_eq!(
-            retry_targets(&r.id, &targets, &[], true),
-            Err(Refused::NoFailedMachines(r.id.clone()))
-        );
-        assert_eq!(
-            retry_targets(&r.id, &targets, &[], false),
-            Err(Refused::NoMachinesNamed)
-        );
-    }
-
-    #[test]
     fn a_staged_rollout_may_not_start_over_a_group_the_release_was_sent_to_at_once() {
         let id = rel("r-000001");
         for previous in [None, Some(RolloutState::Completed)] {
@@ -515,24 +510,150 @@ mod tests {
     }
 
     #[test]
+    fn retrying_failed_machines_takes_failures_but_not_cancelled_or_finished_ones() {
+        assert!(failed(Phase::Rejected) && !failed(Phase::Cancelled) && !failed(Phase::Superseded));
+        let r = crate::fixtures::release("r-000001", "1.0");
+        let targets = records(
+            &r,
+            &[
+                ("vm-1", Phase::DownloadFailed),
+                ("vm-2", Phase::Installed),
+                ("vm-3", Phase::Cancelled),
+                ("vm-4", Phase::RolledBack),
+                ("vm-5", Phase::Downloading),
+            ],
+        );
+        assert_eq!(
+            retry_targets(&r.id, &targets, &[], &[], true, no_group).unwrap(),
+            [m("vm-1"), m("vm-4")]
+        );
+        // Named machines are added to the failed ones.
+        assert_eq!(
+            retry_targets(&r.id, &targets, &[m("vm-2")], &[], true, no_group).unwrap(),
+            [m("vm-1"), m("vm-4"), m("vm-2")]
+        );
+        assert_eq!(
+            retry_targets(
+                &r.id,
+                &targets,
+                &[m("vm-5"), m("vm-2")],
+                &[],
+                false,
+                no_group
+            )
+            .unwrap(),
+            [m("vm-5"), m("vm-2")]
+        );
+    }
+
+    #[test]
+    fn a_retry_refuses_machines_that_are_not_targets_and_a_retry_of_nobody() {
+        let r = crate::fixtures::release("r-000001", "1.0");
+        let targets = records(&r, &[("vm-1", Phase::Installed)]);
+        assert_eq!(
+            retry_targets(&r.id, &targets, &[m("vm-9")], &[], false, no_group),
+            Err(Refused::NotATarget {
+                release: r.id.clone(),
+                machine: m("vm-9")
+            })
+        );
+        assert_eq!(
+            retry_targets(&r.id, &targets, &[], &[], true, no_group),
+            Err(Refused::NoFailedMachines(r.id.clone()))
+        );
+        assert_eq!(
+            retry_targets(&r.id, &targets, &[], &[], false, no_group),
+            Err(Refused::NoMachinesNamed)
+        );
+    }
+
+    #[test]
     fn activate_goes_to_every_target_or_to_the_named_targets_only() {
         let r = crate::fixtures::release("r-000001", "1.0");
         let targets = records(&r, &[("vm-1", Phase::Deferred), ("vm-2", Phase::Deferred)]);
         assert_eq!(
-            activate_targets(&r.id, &targets, &[]).unwrap(),
+            activate_targets(&r.id, &targets, &[], &[], no_group).unwrap(),
             [m("vm-1"), m("vm-2")]
         );
         assert_eq!(
-            activate_targets(&r.id, &targets, &[m("vm-2")]).unwrap(),
+            activate_targets(&r.id, &targets, &[m("vm-2")], &[], no_group).unwrap(),
             [m("vm-2")]
         );
         assert!(matches!(
-            activate_targets(&r.id, &targets, &[m("vm-2"), m("vm-3")]),
+            activate_targets(&r.id, &targets, &[m("vm-2"), m("vm-3")], &[], no_group),
             Err(Refused::NotATarget { machine, .. }) if machine == m("vm-3")
         ));
         assert_eq!(
-            activate_targets(&r.id, &[], &[]),
+            activate_targets(&r.id, &[], &[], &[], no_group),
             Err(Refused::NoTargets(r.id.clone()))
+        );
+    }
+
+    fn no_group(_: &TargetRecord, _: &GroupId) -> bool {
+        false
+    }
+
+    /// vm-1, vm-2 reached via group north; vm-3 named directly but a member of north now; vm-4
+    /// in south.
+    fn grouped(r: &ReleaseInfo) -> (Vec<TargetRecord>, impl Fn(&TargetRecord, &GroupId) -> bool) {
+        let mut targets = records(
+            r,
+            &[
+                ("vm-1", Phase::Deferred),
+                ("vm-2", Phase::DownloadFailed),
+                ("vm-3", Phase::InstallFailed),
+                ("vm-4", Phase::DownloadFailed),
+            ],
+        );
+        targets[0].via = Some(g("north"));
+        targets[1].via = Some(g("north"));
+        targets[3].via = Some(g("south"));
+        let in_group = |t: &TargetRecord, group: &GroupId| {
+            t.via.as_ref() == Some(group) || (t.machine == m("vm-3") && group == &g("north"))
+        };
+        (targets, in_group)
+    }
+
+    #[test]
+    fn activate_and_retry_take_a_releases_targets_in_the_named_groups() {
+        let r = crate::fixtures::release("r-000001", "1.0");
+        let (targets, in_group) = grouped(&r);
+        assert_eq!(
+            activate_targets(&r.id, &targets, &[], &[g("north")], &in_group).unwrap(),
+            [m("vm-1"), m("vm-2"), m("vm-3")]
+        );
+        assert_eq!(
+            activate_targets(&r.id, &targets, &[m("vm-4")], &[g("north")], &in_group).unwrap(),
+            [m("vm-4"), m("vm-1"), m("vm-2"), m("vm-3")]
+        );
+        // --failed --groups: the failed ones in the group; without --failed: all of them.
+        assert_eq!(
+            retry_targets(&r.id, &targets, &[], &[g("north")], true, &in_group).unwrap(),
+            [m("vm-2"), m("vm-3")]
+        );
+        assert_eq!(
+            retry_targets(&r.id, &targets, &[], &[g("south")], false, &in_group).unwrap(),
+            [m("vm-4")]
+        );
+        // A group holding no target is refused, as a typo.
+        let typo = Refused::NoTargetInGroup {
+            release: r.id.clone(),
+            group: g("nort"),
+        };
+        assert_eq!(
+            activate_targets(&r.id, &targets, &[], &[g("nort")], &in_group),
+            Err(typo.clone())
+        );
+        assert_eq!(
+            retry_targets(&r.id, &targets, &[], &[g("nort")], true, &in_group),
+            Err(typo)
+        );
+        // A group whose targets have not failed: nothing to retry.
+        let (mut targets, _) = grouped(&r);
+        targets[3].phase = Phase::Installed;
+        assert_eq!(
+            retry_targets(&r.id, &targets, &[], &[g("south")], true, &in_group),
+            Err(Refused::NoFailedMachines(r.id.clone()))
         );
     }
 

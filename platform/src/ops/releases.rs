@@ -5,7 +5,7 @@
 //! one page of targets ([`plan_report`]), releases name at most
 //! [`RELEASE_MACHINES_SHOWN`] machines ([`shown`]), and lists come in pages.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
 use fleetcast_proto::admin::{
@@ -129,10 +129,43 @@ pub async fn publish(ctx: &Ctx, c: calls::ReleasePublish) -> Result<PlanReport, 
 pub async fn retry(ctx: &Ctx, c: calls::ReleaseRetry) -> Result<PlanReport, OpError> {
     let info = publishable(ctx, &c.release)?;
     let targets = ctx.store.targets_of(&c.release)?;
-    let chosen = release::retry_targets(&c.release, &targets, &c.machines, c.failed)?;
+    let in_group = group_members(ctx, &c.groups)?;
+    let chosen = release::retry_targets(
+        &c.release,
+        &targets,
+        &c.machines,
+        &c.groups,
+        c.failed,
+        in_group,
+    )?;
     let plan = publish::publish(ctx, &info, &chosen, &[], false).await?;
     staged::retried(ctx, &c.release, &chosen)?;
     Ok(plan_report(plan, None, None))
+}
+
+/// Whether a target is in a group, for `activate` and `release retry --groups`: reached
+/// through it, or a member of it now (what `machines --group` lists). Machines are read only
+/// when groups are named.
+fn group_members(
+    ctx: &Ctx,
+    groups: &[GroupId],
+) -> Result<impl Fn(&TargetRecord, &GroupId) -> bool, OpError> {
+    let mut members: HashMap<MachineId, Vec<GroupId>> = HashMap::new();
+    if !groups.is_empty() {
+        for info in ctx.store.machines()? {
+            let of_these: Vec<GroupId> = info
+                .groups
+                .into_iter()
+                .filter(|g| groups.contains(g))
+                .collect();
+            if !of_these.is_empty() {
+                members.insert(info.id, of_these);
+            }
+        }
+    }
+    Ok(move |t: &TargetRecord, g: &GroupId| {
+        t.via.as_ref() == Some(g) || members.get(&t.machine).is_some_and(|gs| gs.contains(g))
+    })
 }
 
 /// Every release at once, in the order they were made.
@@ -323,7 +356,8 @@ pub fn download_bytes(size: u64, targets: &[TargetRecord]) -> (u64, u64) {
 pub async fn activate(ctx: &Ctx, c: calls::Activate) -> Result<String, OpError> {
     known_release(&*ctx.store, &c.release)?;
     let targets = ctx.store.targets_of(&c.release)?;
-    let sent = release::activate_targets(&c.release, &targets, &c.machines)?;
+    let in_group = group_members(ctx, &c.groups)?;
+    let sent = release::activate_targets(&c.release, &targets, &c.machines, &c.groups, in_group)?;
     publish::send_activate(ctx, &c.release, &sent).await?;
     Ok(activated(&c.release, &sent))
 }

@@ -57,6 +57,7 @@ async fn retry_failed(admin: &AdminClient, release: &ReleaseId) -> Vec<MachineId
             release: release.clone(),
             machines: vec![],
             failed: true,
+            groups: vec![],
         })
         .await
         .unwrap();
