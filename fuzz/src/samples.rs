@@ -11,6 +11,7 @@ use fleetcast_proto::admin::{
 use fleetcast_proto::chunk::ChunkRequest;
 use fleetcast_proto::command::{Command, CommandAction};
 use fleetcast_proto::release::ArtifactRef;
+use fleetcast_proto::rollout::{RolloutState, StagedProgress};
 use fleetcast_proto::status::{KindState, Progress};
 use fleetcast_proto::{
     ArtifactId, GroupId, InstallPolicy, Kind, MachineId, MachineState, Phase, ReleaseId,
@@ -266,6 +267,7 @@ pub fn admin_ops() -> Vec<AdminOp> {
         AdminOp::Activate {
             release: release(),
             machines: vec![machine()],
+            groups: vec![group()],
         },
     ]
 }
@@ -395,6 +397,15 @@ pub fn admin_responses() -> Vec<AdminResponse> {
                 more: true,
                 bytes_done: 3072,
                 bytes_total: 6144,
+                staged: Some(StagedProgress {
+                    state: RolloutState::Paused {
+                        reason: "paused by ops".into(),
+                    },
+                    wave: 1,
+                    waves: 4,
+                    notified: 20,
+                    machines: 200,
+                }),
             },
         },
         AdminReply::Machines {

@@ -205,7 +205,8 @@ pub fn assign_target(
 }
 
 /// Signs, records (durably) and publishes `release` to `machines` and `groups` (see
-/// [`resolve`] for what is refused before anything is stored).
+/// [`resolve`] for what is refused before anything is stored). For a retry or a rollback: the
+/// operator's own publish goes through [`publish_at_once`].
 pub async fn publish(
     ctx: &Ctx,
     release: &ReleaseInfo,
@@ -213,9 +214,39 @@ pub async fn publish(
     groups: &[GroupId],
     allow_empty: bool,
 ) -> Result<PublishPlan, OpError> {
+    publish_checked(ctx, release, machines, groups, allow_empty, |_| Ok(())).await
+}
+
+/// [`publish`], as `release publish` without waves asks it: refused while the release's staged
+/// rollout is running or paused ([`domain::release::may_publish_at_once`]), checked in the
+/// transaction that records the publish.
+pub async fn publish_at_once(
+    ctx: &Ctx,
+    release: &ReleaseInfo,
+    machines: &[MachineId],
+    groups: &[GroupId],
+    allow_empty: bool,
+) -> Result<PublishPlan, OpError> {
+    publish_checked(ctx, release, machines, groups, allow_empty, |rec| {
+        let rollout = rec.rollout(&release.id)?;
+        domain::release::may_publish_at_once(&release.id, rollout.as_ref().map(|r| &r.state))
+            .map_err(|e| OpError::Refused(e.to_string()))
+    })
+    .await
+}
+
+async fn publish_checked(
+    ctx: &Ctx,
+    release: &ReleaseInfo,
+    machines: &[MachineId],
+    groups: &[GroupId],
+    allow_empty: bool,
+    may: impl Fn(&dyn Records) -> Result<(), OpError>,
+) -> Result<PublishPlan, OpError> {
     let r = resolve(ctx, &release.kind, machines, groups, allow_empty)?;
     let now = now_ms();
     let (release, notices, touched) = ctx.store.transaction(|rec| -> Result<_, OpError> {
+        may(rec)?;
         let mut release = rec.release(&release.id)?.unwrap_or_else(|| release.clone());
         let seq = ctx.store.next_seq()?;
         let notices: Vec<DesiredNotice> = r

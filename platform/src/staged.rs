@@ -15,7 +15,7 @@ use std::time::Duration;
 use fleetcast_proto::admin::{PublishPlan, ReleaseInfo};
 use fleetcast_proto::auth::Purpose;
 use fleetcast_proto::command::{Command, CommandAction};
-use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan};
+use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan, WaveTally};
 use fleetcast_proto::{GroupId, InstallPolicy, MachineId, Phase, ReleaseId, Target};
 use rumqttc::QoS;
 
@@ -24,7 +24,7 @@ use crate::domain::{self, rollout as core, rollout::Effect, rollout::Tally};
 use crate::now_ms;
 use crate::ops::{known_release, refused, OpError};
 use crate::publish;
-use crate::store::{DesiredNotice, Records, StoreError};
+use crate::store::{DesiredNotice, Reads, Records, StoreError};
 
 /// Running rollouts are re-evaluated at least this often (a wave's timeout is checked then).
 pub const SWEEP: Duration = Duration::from_secs(5);
@@ -147,9 +147,10 @@ pub async fn publish(
     let mut out = Outbox::default();
     let (release, rollout) = ctx.store.transaction(|rec| -> Result<_, OpError> {
         let previous = rec.rollout(&release.id)?;
-        domain::release::may_stage(&release.id, previous.as_ref().map(|r| &r.state))?;
-        let now = now_ms();
         let mut release = rec.release(&release.id)?.unwrap_or_else(|| release.clone());
+        let sent = sent_to_group(rec, &release, &resolved.targets)?;
+        domain::release::may_stage(&release.id, previous.as_ref().map(|r| &r.state), &sent)?;
+        let now = now_ms();
         let seq = ctx.store.next_seq()?;
         domain::release::record_publish(
             &mut release,
@@ -180,13 +181,39 @@ pub async fn publish(
     })
 }
 
+/// The groups whose live notice is `release` (published to them without waves) that one of
+/// `targets` belongs to: those targets were sent it already.
+fn sent_to_group(
+    rec: &dyn Records,
+    release: &ReleaseInfo,
+    targets: &[(MachineId, Option<GroupId>)],
+) -> Result<Vec<GroupId>, StoreError> {
+    let mut live = Vec::new();
+    for g in &release.groups {
+        let notice = rec.desired(&Target::Group(g.clone()), &release.kind)?;
+        if notice.is_some_and(|n| n.release == release.id) {
+            live.push(g.clone());
+        }
+    }
+    if live.is_empty() {
+        return Ok(live);
+    }
+    let mut reached = BTreeSet::new();
+    for (m, _) in targets {
+        if let Some(info) = rec.machine(m)? {
+            reached.extend(info.groups.into_iter().filter(|g| live.contains(g)));
+        }
+    }
+    Ok(reached.into_iter().collect())
+}
+
 fn download_only(release: &ReleaseInfo) -> bool {
     matches!(release.policy, InstallPolicy::DownloadOnly)
 }
 
 /// The tally of `r`'s notified machines from their target records.
-fn tally_of(
-    store: &dyn Records,
+fn tally_of<S: Reads + ?Sized>(
+    store: &S,
     release: &ReleaseInfo,
     r: &RolloutInfo,
 ) -> Result<Tally, StoreError> {
@@ -227,6 +254,19 @@ pub fn status(ctx: &Ctx, release: &ReleaseId) -> Result<RolloutInfo, OpError> {
         OpError::Refused(format!(
             "release {release} was not published in waves (release publish --waves)"
         ))
+    })
+}
+
+/// How `r`'s notified machines stand, as its thresholds count them (shown by `rollout
+/// status`: why a running wave has not advanced).
+pub fn wave_tally(ctx: &Ctx, r: &RolloutInfo) -> Result<WaveTally, OpError> {
+    let info = known_release(&*ctx.store, &r.release)?;
+    let t = tally_of(&*ctx.store, &info, r)?;
+    Ok(WaveTally {
+        notified: t.notified as u32,
+        succeeded: t.succeeded as u32,
+        failed: t.failed as u32,
+        accepted: t.accepted as u32,
     })
 }
 
@@ -477,5 +517,74 @@ mod tests {
             .unwrap();
         let plan = again().await.unwrap();
         assert_eq!(plan.rollout.unwrap().state, RolloutState::Running);
+    }
+
+    #[tokio::test]
+    async fn a_plain_publish_waits_for_a_live_rollout_and_after_a_cancel_reaches_those_told_to_drop_it(
+    ) {
+        let f = fixture();
+        publish(&f.ctx, &f.release, &f.machines, &[], false, halves())
+            .await
+            .unwrap();
+        let first = notified(&f);
+        let at_once = || publish::publish_at_once(&f.ctx, &f.release, &f.machines, &[], false);
+        let err = at_once().await.unwrap_err().to_string();
+        assert!(err.contains("has a running staged rollout"), "{err}");
+        control(&f.ctx, &f.release.id, Control::Pause, "admin")
+            .await
+            .unwrap();
+        let err = at_once().await.unwrap_err().to_string();
+        assert!(err.contains("has a paused staged rollout"), "{err}");
+        assert_eq!(notified(&f), first, "nothing sent past the waves");
+        // Cancelled: the first wave drops it (and says so); a plain publish is then the
+        // operator's choice, and reaches them again in a new round.
+        control(&f.ctx, &f.release.id, Control::Cancel, "admin")
+            .await
+            .unwrap();
+        for m in &first {
+            report(&f, m, Phase::Cancelled);
+        }
+        assert!(notified(&f).is_empty());
+        at_once().await.unwrap();
+        assert_eq!(notified(&f), ["vm-1", "vm-2", "vm-3", "vm-4"]);
+        let records = f.ctx.store.targets_of(&f.release.id).unwrap();
+        assert_eq!(records.len(), 4);
+        assert!(
+            records.iter().all(|t| t.phase == Phase::Pending),
+            "{records:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn waves_are_refused_over_a_group_the_release_was_published_to_at_once() {
+        let f = fixture();
+        let group = GroupId::new("north").unwrap();
+        f.ctx
+            .store
+            .transaction(|tx| {
+                for m in &f.machines[..2] {
+                    let mut info = MachineInfo::new(m.clone(), 0);
+                    info.groups = vec![group.clone()];
+                    tx.put_machine(&info)?;
+                }
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
+        publish::publish_at_once(&f.ctx, &f.release, &[], std::slice::from_ref(&group), false)
+            .await
+            .unwrap();
+        // vm-1 is in the group (named directly here); vm-3 and vm-4 alone would be fine.
+        let err = publish(&f.ctx, &f.release, &f.machines[..1], &[], false, halves())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("was published to group north without waves"),
+            "{err}"
+        );
+        assert!(f.ctx.store.rollout(&f.release.id).unwrap().is_none());
+        publish(&f.ctx, &f.release, &f.machines[2..], &[], false, halves())
+            .await
+            .unwrap();
     }
 }

@@ -17,7 +17,7 @@ use crate::acl::Role;
 use crate::auth::{PlatformPublicKey, Secret};
 use crate::ids::{ArtifactId, GroupId, Kind, MachineId, ReleaseId};
 use crate::release::{ArtifactRef, InstallPolicy, Target};
-use crate::rollout::{RolloutInfo, RolloutReport, WavePlan};
+use crate::rollout::{RolloutInfo, RolloutReport, StagedProgress, WavePlan};
 use crate::status::{KindState, Phase, Progress};
 
 /// Most machines one `machine_provision_batch` may register (its answer carries a secret and
@@ -157,11 +157,15 @@ pub enum AdminOp {
         #[serde(default, skip_serializing_if = "is_false")]
         allow_empty: bool,
     },
-    /// Install a downloaded `download_only` release now. Reply: `done`.
+    /// Install a downloaded `download_only` release now: on `machines` and the release's
+    /// targets in `groups` (neither: every target). Reply: `done`.
     Activate {
         release: ReleaseId,
         #[serde(default)]
         machines: Vec<MachineId>,
+        /// Absent from older clients: none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        groups: Vec<GroupId>,
     },
     /// Register many machines in one round trip (at most [`MAX_PROVISION_BATCH`]).
     /// Reply: `provisioned_batch`, in request order. Existing machines: as for
@@ -268,14 +272,18 @@ pub enum AdminOp {
     RolloutCancel {
         release: ReleaseId,
     },
-    /// Send the release again to `machines`, or (with `failed`) to every target whose record
-    /// is a failure: each starts a new round. Reply: `plan`.
+    /// Send the release again to `machines` and its targets in `groups`, or (with `failed`)
+    /// to every target whose record is a failure (in `groups`, if any are named) plus
+    /// `machines`: each starts a new round. Reply: `plan`.
     ReleaseRetry {
         release: ReleaseId,
         #[serde(default)]
         machines: Vec<MachineId>,
         #[serde(default, skip_serializing_if = "is_false")]
         failed: bool,
+        /// Absent from older clients: none.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        groups: Vec<GroupId>,
     },
     /// The machines matching `filter`, by id, one page after `after`. Reply: `machine_page`.
     MachineQuery {
@@ -969,6 +977,11 @@ pub struct ReleaseStatus {
     /// The artifact's size times the number of targets.
     #[serde(default)]
     pub bytes_total: u64,
+    /// For a release published in waves: where its rollout stands. `targets` and `progress`
+    /// then cover only the machines notified so far. Absent otherwise, and from a platform
+    /// before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub staged: Option<StagedProgress>,
 }
 
 /// Aggregate of one release, retained on `fleet/rollouts/{r}/progress`.
@@ -1328,6 +1341,7 @@ mod tests {
                 release: r(),
                 machines: vec![],
                 failed: true,
+                groups: vec![],
             },
         ] {
             assert_eq!(steer.required_role(), Role::Operator, "{}", steer.name());

@@ -176,7 +176,7 @@ calls! {
     Rollback = "rollback" {
         target: Target, kind: Kind, to: Option<String>, allow_empty: bool,
     } -> "plan" PlanReport { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
-    Activate = "activate" { release: ReleaseId, machines: Vec<MachineId> }
+    Activate = "activate" { release: ReleaseId, machines: Vec<MachineId>, groups: Vec<GroupId> }
         -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
     MachineProvisionBatch = "machine_provision_batch" { machines: Vec<MachineSpec>, rotate: bool }
         -> "provisioned_batch" Vec<ProvisionedMachine> { AdminReply::ProvisionedBatch { machines } => machines; r => AdminReply::ProvisionedBatch { machines: r } }
@@ -220,7 +220,7 @@ calls! {
         -> "rollout" RolloutReport { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
     RolloutCancel = "rollout_cancel" { release: ReleaseId }
         -> "rollout" RolloutReport { AdminReply::Rollout { rollout } => rollout; r => AdminReply::Rollout { rollout: r } }
-    ReleaseRetry = "release_retry" { release: ReleaseId, machines: Vec<MachineId>, failed: bool }
+    ReleaseRetry = "release_retry" { release: ReleaseId, machines: Vec<MachineId>, failed: bool, groups: Vec<GroupId> }
         -> "plan" PlanReport { AdminReply::Plan { plan } => plan; r => AdminReply::Plan { plan: r } }
     MachineQuery = "machine_query" {
         filter: MachineFilter, after: Option<MachineId>, limit: Option<u32>,
@@ -410,8 +410,17 @@ mod tests {
             Activate {
                 release: r("r-1"),
                 machines: vec![m("vm-2")],
+                groups: vec![],
             },
             json!({"op": "activate", "release": "r-1", "machines": ["vm-2"]}),
+        );
+        wire(
+            Activate {
+                release: r("r-1"),
+                machines: vec![],
+                groups: vec![g("lab")],
+            },
+            json!({"op": "activate", "release": "r-1", "machines": [], "groups": ["lab"]}),
         );
         wire(
             MachineProvisionBatch {
@@ -534,8 +543,19 @@ mod tests {
                 release: r("r-1"),
                 machines: vec![],
                 failed: true,
+                groups: vec![],
             },
             json!({"op": "release_retry", "release": "r-1", "machines": [], "failed": true}),
+        );
+        wire(
+            ReleaseRetry {
+                release: r("r-1"),
+                machines: vec![],
+                failed: true,
+                groups: vec![g("lab")],
+            },
+            json!({"op": "release_retry", "release": "r-1", "machines": [], "failed": true,
+                "groups": ["lab"]}),
         );
         wire(
             MachineQuery {
@@ -626,6 +646,7 @@ mod tests {
             release: r("r-1"),
             machines: vec![m("vm-1")],
             failed: true,
+            groups: vec![g("lab")],
         };
         assert_eq!(
             AnyCall::from(AdminOp::from(call.clone())),

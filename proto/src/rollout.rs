@@ -230,6 +230,52 @@ pub struct RolloutReport {
     /// `order` is whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_total: Option<u32>,
+    /// How the machines notified so far stand, as the thresholds count them (why a running
+    /// wave has not advanced yet). Absent from a platform before this field.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tally: Option<WaveTally>,
+}
+
+/// The machines a rollout notified so far (waves `0..=wave`), by outcome.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WaveTally {
+    pub notified: u32,
+    /// `installed` (and `deferred` for a `download_only` release).
+    pub succeeded: u32,
+    /// `download_failed`, `install_failed`, `rolled_back`, `rejected`.
+    pub failed: u32,
+    /// Of `failed`: accepted at a resume, so counted for neither threshold (nor among the
+    /// machines the shares are taken over).
+    pub accepted: u32,
+}
+
+/// Where a release's staged rollout stands, as `release status` carries it: `release status`
+/// and `release watch` see only the machines notified so far, and this says how many more
+/// there are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StagedProgress {
+    #[serde(flatten)]
+    pub state: RolloutState,
+    /// The current wave (0-based).
+    pub wave: usize,
+    pub waves: usize,
+    /// Machines of waves `0..=wave`.
+    pub notified: u32,
+    /// Machines in the rollout.
+    pub machines: u32,
+}
+
+impl StagedProgress {
+    pub fn of(r: &RolloutInfo) -> Self {
+        let machines = r.order.len();
+        Self {
+            state: r.state.clone(),
+            wave: r.wave,
+            waves: r.plan.waves_bp.len(),
+            notified: r.plan.cumulative(r.wave, machines) as u32,
+            machines: machines as u32,
+        }
+    }
 }
 
 impl RolloutReport {
@@ -242,7 +288,14 @@ impl RolloutReport {
         Self {
             rollout,
             order_total: Some(total),
+            tally: None,
         }
+    }
+
+    /// The same, with the tally of the machines notified so far.
+    pub fn with_tally(mut self, tally: WaveTally) -> Self {
+        self.tally = Some(tally);
+        self
     }
 
     /// How many machines the rollout has.

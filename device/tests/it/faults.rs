@@ -486,6 +486,7 @@ async fn a_full_disk_fails_the_download_with_the_reason_keeps_the_old_version_an
             release: r2.clone(),
             machines: vec![],
             failed: true,
+            groups: vec![],
         })
         .await
     {

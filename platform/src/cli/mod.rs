@@ -38,8 +38,8 @@ use fleetcast_proto::Topics;
     name = "fleetcast",
     version,
     about = "Update a fleet of vending machines over MQTT",
-    after_help = "Exit status: 0 ok, 1 error, 2 usage error, 3 `release watch`: machines failed. \
-                  See docs/cli.md."
+    after_help = "Exit status: 0 ok, 1 error, 2 usage error; `release watch`: 3 machines failed, \
+                  4 --timeout passed, 5 staged rollout paused. See docs/cli.md."
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -108,6 +108,10 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// `release watch`: every machine finished, and some of them failed.
     pub const MACHINES_FAILED: u8 = 3;
+    /// `release watch --timeout`: not finished in time.
+    pub const TIMED_OUT: u8 = 4;
+    /// `release watch`: the release's staged rollout is paused (an operator must act).
+    pub const ROLLOUT_PAUSED: u8 = 5;
 }
 
 /// An error that ends `fleetcast` with its own exit status (any other error exits with
@@ -118,6 +122,10 @@ pub enum Exit {
     Usage(String),
     #[error("{0}")]
     MachinesFailed(String),
+    #[error("{0}")]
+    TimedOut(String),
+    #[error("{0}")]
+    RolloutPaused(String),
 }
 
 /// A usage error (exit status 2), for what clap's definitions cannot check.
@@ -130,6 +138,8 @@ pub fn exit_code(e: &anyhow::Error) -> u8 {
     match e.downcast_ref::<Exit>() {
         Some(Exit::Usage(_)) => exit::USAGE,
         Some(Exit::MachinesFailed(_)) => exit::MACHINES_FAILED,
+        Some(Exit::TimedOut(_)) => exit::TIMED_OUT,
+        Some(Exit::RolloutPaused(_)) => exit::ROLLOUT_PAUSED,
         None => exit::ERROR,
     }
 }
@@ -555,6 +565,10 @@ mod tests {
         assert_eq!(exit_code(&plain), exit::ERROR);
         let failed = anyhow::Error::from(Exit::MachinesFailed("2 failed".into())).context("watch");
         assert_eq!(exit_code(&failed), exit::MACHINES_FAILED);
+        let late = anyhow::Error::from(Exit::TimedOut("not finished".into()));
+        assert_eq!(exit_code(&late), exit::TIMED_OUT);
+        let paused = anyhow::Error::from(Exit::RolloutPaused("paused".into()));
+        assert_eq!(exit_code(&paused), exit::ROLLOUT_PAUSED);
         assert_eq!(exit_code(&usage("name a target")), exit::USAGE);
         let clap_err = Cli::try_parse_from(["fleetcast", "--bogus"]).err().unwrap();
         assert_eq!(clap_err.exit_code(), exit::USAGE as i32);

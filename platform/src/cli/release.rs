@@ -10,7 +10,7 @@ use fleetcast_proto::admin::{
     RELEASE_MACHINES_SHOWN,
 };
 use fleetcast_proto::calls;
-use fleetcast_proto::rollout::{parse_share, WavePlan};
+use fleetcast_proto::rollout::{parse_share, RolloutState, WavePlan};
 use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId};
 
 use super::{confirm, parse_list, print_json, table, usage, ClientArgs, Exit};
@@ -75,8 +75,12 @@ pub enum ReleaseCmd {
     Retry {
         release: ReleaseId,
         /// Comma-separated machine ids (targets of the release).
-        #[arg(long, required_unless_present = "failed")]
+        #[arg(long, required_unless_present_any = ["failed", "groups"])]
         machines: Option<String>,
+        /// Comma-separated group ids: the release's targets in these groups (with --failed:
+        /// only the failed ones among them).
+        #[arg(long)]
+        groups: Option<String>,
         /// Every target whose last result is a failure.
         #[arg(long)]
         failed: bool,
@@ -93,11 +97,13 @@ pub enum ReleaseCmd {
         #[arg(long)]
         summary: bool,
     },
-    /// Follow a release live until every machine has finished (progress bars on a terminal,
-    /// one line per change otherwise). Exit status 3 if any machine failed.
+    /// Follow a release live until every machine has finished, and a staged rollout of it
+    /// has completed or was cancelled (progress bars on a terminal, one line per change
+    /// otherwise). Exit status 3 if any machine failed, 4 after --timeout, 5 if the staged
+    /// rollout is paused.
     Watch {
         release: ReleaseId,
-        /// Give up after this many seconds (0 = never).
+        /// Give up after this many seconds (0 = never): exit status 4.
         #[arg(long, default_value_t = 0)]
         timeout: u64,
     },
@@ -171,10 +177,13 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
                 } else {
                     admin.call(ask).await?
                 };
-                let mut text = plan_text(&plan, &groups, list);
-                if let Some(w) = &waves {
-                    text.push_str(&super::rollout::waves_text(w, plan.target_count()));
-                }
+                let text = match &waves {
+                    None => plan_text(&plan, &groups, list),
+                    Some(w) => {
+                        staged_plan_text(&plan, &groups, list, w)
+                            + &super::rollout::waves_text(w, plan.target_count())
+                    }
+                };
                 if json {
                     eprint!("{text}");
                 } else {
@@ -223,15 +232,18 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
         ReleaseCmd::Retry {
             release,
             machines,
+            groups,
             failed,
             json,
         } => {
             let machines: Vec<MachineId> = parse_list(&machines)?;
+            let groups: Vec<GroupId> = parse_list(&groups)?;
             let plan = client
                 .call(calls::ReleaseRetry {
                     release,
                     machines,
                     failed,
+                    groups,
                 })
                 .await?;
             if json {
@@ -363,7 +375,8 @@ pub async fn status_all(
     }
 }
 
-/// Polls the release's status and shows it until every target is in a final phase.
+/// Polls the release's status and shows it until every target is in a final phase and, for
+/// a staged rollout, until the rollout is no longer running ([`watch_next`]).
 async fn watch(
     admin: &fleetcast_broker::admin::AdminClient,
     release: ReleaseId,
@@ -397,55 +410,48 @@ async fn watch(
     loop {
         let status = admin.call(summary_call(release.clone())).await?;
         let view = watch_view(&status);
-        machines.set_length(view.total);
+        machines.set_length(view.machines);
         machines.set_position(view.finished);
         machines.set_message(view.phases.clone());
         bytes.set_length(view.bytes_total);
         bytes.set_position(view.bytes_done);
-        let line = if view.total == 0 {
-            // Before its publish (or while a publish is counting its targets).
-            format!("{}: no target machines yet", status.release.id)
-        } else {
-            format!(
-                "{}: {}/{} finished; {}",
-                status.release.id, view.finished, view.total, view.phases
-            )
-        };
+        let line = watch_line(&status, &view);
         if !tty && line != last_line {
             println!("{line}");
         }
         last_line = line;
-        if view.total > 0 && view.finished == view.total {
-            machines.finish();
-            bytes.finish();
-            println!(
-                "{}: all {} machine(s) finished: {} succeeded, {} failed{}",
-                status.release.id,
-                view.total,
-                status.progress.succeeded,
-                failed_text(&status.progress),
-                match view.waiting {
-                    0 => String::new(),
-                    n => format!(
-                        "; {n} downloaded, waiting for `fleetcast activate {}`",
-                        status.release.id
-                    ),
-                }
-            );
-            if status.progress.failed > 0 {
-                return Err(Exit::MachinesFailed(format!(
-                    "{} machine(s) failed; see `fleetcast release status {}`",
-                    status.progress.failed, status.release.id
+        match watch_next(&status, &view) {
+            WatchNext::Wait => {}
+            WatchNext::Paused { reason } => {
+                machines.abandon();
+                bytes.abandon();
+                return Err(Exit::RolloutPaused(format!(
+                    "the staged rollout of {release} is paused: {reason}; nothing more is sent \
+                     until `fleetcast rollout resume {release}` (`fleetcast rollout status \
+                     {release}` shows it)"
                 ))
                 .into());
             }
-            return Ok(());
+            WatchNext::Finished { failed } => {
+                machines.finish();
+                bytes.finish();
+                println!("{}", finished_text(&status, &view));
+                if failed > 0 {
+                    return Err(Exit::MachinesFailed(format!(
+                        "{failed} machine(s) failed; see `fleetcast release status {}`",
+                        status.release.id
+                    ))
+                    .into());
+                }
+                return Ok(());
+            }
         }
         if timeout_secs > 0 && started.elapsed().as_secs() >= timeout_secs {
-            anyhow::bail!(
+            return Err(Exit::TimedOut(format!(
                 "release {release} not finished after {timeout_secs} s: {}",
                 view.phases
-            );
+            ))
+            .into());
         }
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
@@ -459,6 +465,11 @@ pub struct WatchView {
     pub finished: u64,
     /// Of `finished`: downloaded and waiting for `activate` (`download-only` only).
     pub waiting: u64,
+    /// Of `finished`: failed, not counting machines an operator's cancel stopped.
+    pub failed: u64,
+    /// What the machines bar counts to: the targets, or while a staged rollout still runs (or
+    /// is paused), every machine of the rollout.
+    pub machines: u64,
     /// "installed=3 downloading=2"
     pub phases: String,
     /// Bytes verified by all machines, and the bytes they need in all.
@@ -476,23 +487,117 @@ pub fn watch_view(status: &ReleaseStatus) -> WatchView {
         .map(|(phase, n)| format!("{phase}={n}"))
         .collect::<Vec<_>>()
         .join(" ");
+    let count = |phase: Phase| u64::from(p.phases.get(&phase).copied().unwrap_or(0));
     // A download-only release waits, `deferred`, for `activate`: done as far as watching goes.
     // Why: counted as not finished, `release watch` of one never ended (a review from an
     // operator's side, 2026-11-29). The staged rollout counts it as a success the same way.
     let waiting = match status.release.policy {
-        InstallPolicy::DownloadOnly => {
-            u64::from(p.phases.get(&Phase::Deferred).copied().unwrap_or(0))
-        }
+        InstallPolicy::DownloadOnly => count(Phase::Deferred),
         _ => 0,
     };
+    let total = u64::from(p.total);
+    let machines = match &status.staged {
+        Some(s) if !s.state.is_finished() => total.max(u64::from(s.machines)),
+        _ => total,
+    };
     WatchView {
-        total: u64::from(p.total),
+        total,
         finished: u64::from(p.finished) + waiting,
         waiting,
+        // `cancelled` is an operator's doing (a rollout's cancel), not a machine's failure.
+        failed: u64::from(p.failed).saturating_sub(count(Phase::Cancelled)),
+        machines,
         phases,
         bytes_done: status.bytes_done,
         bytes_total: status.bytes_total,
     }
+}
+
+/// What `release watch` does after a snapshot.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WatchNext {
+    /// Poll again.
+    Wait,
+    /// Every machine finished (and a staged rollout completed or was cancelled): `failed` of
+    /// them failed.
+    Finished { failed: u64 },
+    /// The staged rollout is paused: nothing more happens until an operator acts.
+    Paused { reason: String },
+}
+
+/// Whether the watch goes on. A staged rollout has target records only for the machines
+/// notified so far, so while it runs the watch goes on however many of those finished. Why:
+/// it printed "all 20 machine(s) finished" and ended for a 2,000-machine rollout after its
+/// first wave (a review from an operator's side, 2026-11-29).
+pub fn watch_next(status: &ReleaseStatus, view: &WatchView) -> WatchNext {
+    match status.staged.as_ref().map(|s| &s.state) {
+        Some(RolloutState::Running) => return WatchNext::Wait,
+        Some(RolloutState::Paused { reason }) => {
+            return WatchNext::Paused {
+                reason: reason.clone(),
+            }
+        }
+        Some(RolloutState::Completed | RolloutState::Cancelled { .. }) | None => {}
+    }
+    if view.total > 0 && view.finished == view.total {
+        WatchNext::Finished {
+            failed: view.failed,
+        }
+    } else {
+        WatchNext::Wait
+    }
+}
+
+/// One line of `release watch` without a terminal.
+pub fn watch_line(status: &ReleaseStatus, view: &WatchView) -> String {
+    let id = &status.release.id;
+    let mut line = if view.total == 0 {
+        // Before its publish (or while a publish is counting its targets).
+        format!("{id}: no target machines yet")
+    } else {
+        format!(
+            "{id}: {}/{} finished; {}",
+            view.finished, view.total, view.phases
+        )
+    };
+    if let Some(s) = &status.staged {
+        let _ = write!(
+            line,
+            " (staged rollout {}, wave {} of {}: {} of {} machines notified)",
+            s.state.name(),
+            s.wave + 1,
+            s.waves,
+            s.notified,
+            s.machines
+        );
+    }
+    line
+}
+
+/// The last line of a `release watch` that saw every machine finish.
+fn finished_text(status: &ReleaseStatus, view: &WatchView) -> String {
+    let id = &status.release.id;
+    let mut text = format!(
+        "{id}: all {} machine(s) finished: {} succeeded, {} failed{}",
+        view.total,
+        status.progress.succeeded,
+        failed_text(&status.progress),
+        match view.waiting {
+            0 => String::new(),
+            n => format!("; {n} downloaded, waiting for `fleetcast activate {id}`"),
+        }
+    );
+    if let Some(s) = &status.staged {
+        match &s.state {
+            RolloutState::Cancelled { reason } => {
+                let _ = write!(text, "; staged rollout cancelled: {reason}");
+            }
+            _ => {
+                let _ = write!(text, "; staged rollout {}", s.state.name());
+            }
+        }
+    }
+    text
 }
 
 /// The plan `ask` names, every page of its targets joined into one (`first`: its first page,
@@ -553,6 +658,27 @@ pub const PLAN_SHOWN: usize = 10;
 /// are listed, or all that `plan` holds with `list` (every target once [`plan_all`] fetched
 /// them; the platform names the first [`fleetcast_proto::admin::PLAN_TOPICS_SHOWN`] topics).
 pub fn plan_text(report: &PlanReport, groups: &[GroupId], list: bool) -> String {
+    plan_text_of(report, groups, list, None)
+}
+
+/// [`plan_text`] for a publish in waves: a staged publish sends no group notice, only one
+/// notice per machine of the first wave (each on its machine's topic), so the plan's group
+/// topics are not what will be sent and are not listed.
+pub fn staged_plan_text(
+    report: &PlanReport,
+    groups: &[GroupId],
+    list: bool,
+    waves: &WavePlan,
+) -> String {
+    plan_text_of(report, groups, list, Some(waves))
+}
+
+fn plan_text_of(
+    report: &PlanReport,
+    groups: &[GroupId],
+    list: bool,
+    waves: Option<&WavePlan>,
+) -> String {
     let plan = &report.plan;
     let r = &plan.release;
     let shown = if list { usize::MAX } else { PLAN_SHOWN };
@@ -583,11 +709,24 @@ pub fn plan_text(report: &PlanReport, groups: &[GroupId], list: bool) -> String 
         r.policy,
         if r.rollback { " (rollback)" } else { "" }
     );
-    let _ = writeln!(out, "notices (retained): {}", report.topic_count());
-    for t in plan.topics.iter().take(shown) {
-        let _ = writeln!(out, "  {t}");
+    match waves {
+        None => {
+            let _ = writeln!(out, "notices (retained): {}", report.topic_count());
+            for t in plan.topics.iter().take(shown) {
+                let _ = writeln!(out, "  {t}");
+            }
+            more(&mut out, plan.topics.len(), report.topic_count());
+        }
+        Some(w) => {
+            let total = report.target_count();
+            let _ = writeln!(
+                out,
+                "notices (retained): one per machine of wave 1, on the machine's own topic: {} of \
+                 {total} machine(s) now, the others' as their waves start (no group notice)",
+                w.cumulative(0, total)
+            );
+        }
     }
-    more(&mut out, plan.topics.len(), report.topic_count());
     let per_group: BTreeMap<Option<GroupId>, u32> = report
         .per_group()
         .into_iter()
@@ -655,7 +794,7 @@ pub(super) fn step(s: &Option<StepResult>) -> String {
 
 /// The release line, the per-machine table and a summary of counts per phase.
 pub fn status_text(status: &ReleaseStatus) -> String {
-    let mut out = release_line(&status.release);
+    let mut out = release_line(&status.release) + &staged_line(status);
     let rows: Vec<Vec<String>> = status
         .targets
         .iter()
@@ -693,7 +832,35 @@ pub fn status_text(status: &ReleaseStatus) -> String {
 
 /// `release status --summary`: the release line and the counts, without the table.
 pub fn summary_text(status: &ReleaseStatus) -> String {
-    release_line(&status.release) + &counts_line(&status.progress)
+    release_line(&status.release) + &staged_line(status) + &counts_line(&status.progress)
+}
+
+/// For a release published in waves, which machines its records cover: only those notified so
+/// far, so the counts below are not the whole rollout's while it runs. Empty otherwise.
+fn staged_line(status: &ReleaseStatus) -> String {
+    let Some(s) = &status.staged else {
+        return String::new();
+    };
+    let id = &status.release.id;
+    let left = s.machines.saturating_sub(s.notified);
+    let wave = format!("wave {} of {}", s.wave + 1, s.waves);
+    match &s.state {
+        RolloutState::Completed => {
+            format!("staged rollout completed ({wave}): every machine of it was notified\n")
+        }
+        RolloutState::Cancelled { .. } => format!(
+            "staged rollout cancelled in {wave}: only the {} machine(s) notified by then are \
+             listed; {left} of {} were never notified (`fleetcast rollout status {id}`)\n",
+            s.notified, s.machines
+        ),
+        RolloutState::Running | RolloutState::Paused { .. } => format!(
+            "staged rollout {} in {wave}: only the {} machine(s) notified so far are listed; \
+             {left} of {} are not notified yet (`fleetcast rollout status {id}`)\n",
+            s.state.name(),
+            s.notified,
+            s.machines
+        ),
+    }
 }
 
 fn release_line(r: &ReleaseInfo) -> String {
@@ -782,6 +949,7 @@ pub fn list_text(releases: &[ReleaseInfo]) -> String {
 mod tests {
     use super::*;
     use fleetcast_proto::admin::{PublishPlan, TargetRecord};
+    use fleetcast_proto::rollout::StagedProgress;
 
     fn release() -> ReleaseInfo {
         let mut r = crate::fixtures::release("r-000001", "2.4.1");
@@ -840,6 +1008,7 @@ mod tests {
             more: false,
             bytes_done: 2048,
             bytes_total: 2048,
+            staged: None,
         };
         let expected = "\
 release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
@@ -914,6 +1083,7 @@ release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
             more: true,
             bytes_done: 2048 + 1024,
             bytes_total: 3 * 2048,
+            staged: None,
         };
         let view = watch_view(&status);
         assert_eq!(
@@ -922,10 +1092,118 @@ release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
                 total: 3,
                 finished: 1,
                 waiting: 0,
+                failed: 0,
+                machines: 3,
                 phases: "pending=1 downloading=1 installed=1".into(),
                 bytes_done: 2048 + 1024,
                 bytes_total: 3 * 2048,
             }
+        );
+    }
+
+    /// A staged rollout's first wave of 20 machines, all finished (one installed, one
+    /// cancelled if `cancelled`), with the rollout in `state`.
+    fn staged_status(state: RolloutState, cancelled: bool) -> ReleaseStatus {
+        let r = release();
+        let mut phases = BTreeMap::from([(Phase::Installed, 19)]);
+        phases.insert(
+            if cancelled {
+                Phase::Cancelled
+            } else {
+                Phase::Installed
+            },
+            if cancelled { 1 } else { 20 },
+        );
+        ReleaseStatus {
+            progress: RolloutProgress {
+                release: r.id.clone(),
+                kind: Kind::new("app").unwrap(),
+                version: "2.4.1".into(),
+                total: 20,
+                phases,
+                finished: 20,
+                succeeded: if cancelled { 19 } else { 20 },
+                failed: u32::from(cancelled),
+                updated_at_ms: 0,
+            },
+            release: r,
+            targets: vec![],
+            next: None,
+            more: true,
+            bytes_done: 0,
+            bytes_total: 0,
+            staged: Some(StagedProgress {
+                state,
+                wave: 0,
+                waves: 3,
+                notified: 20,
+                machines: 2000,
+            }),
+        }
+    }
+
+    /// Before, the watch of a 2,000-machine staged rollout ended after its first wave: "all 20
+    /// machine(s) finished", exit 0.
+    #[test]
+    fn watch_follows_a_running_staged_rollout_past_its_finished_wave() {
+        let running = staged_status(RolloutState::Running, false);
+        let view = watch_view(&running);
+        assert_eq!((view.finished, view.total, view.machines), (20, 20, 2000));
+        assert_eq!(watch_next(&running, &view), WatchNext::Wait);
+        assert_eq!(
+            watch_line(&running, &view),
+            "r-000001: 20/20 finished; installed=20 (staged rollout running, wave 1 of 3: 20 \
+             of 2000 machines notified)"
+        );
+        let paused = staged_status(
+            RolloutState::Paused {
+                reason: "paused by ops".into(),
+            },
+            false,
+        );
+        assert_eq!(
+            watch_next(&paused, &watch_view(&paused)),
+            WatchNext::Paused {
+                reason: "paused by ops".into()
+            }
+        );
+        let completed = staged_status(RolloutState::Completed, false);
+        assert_eq!(
+            watch_next(&completed, &watch_view(&completed)),
+            WatchNext::Finished { failed: 0 }
+        );
+        assert!(staged_line(&running).contains("1980 of 2000 are not notified yet"));
+    }
+
+    #[test]
+    fn watch_counts_machines_a_cancel_stopped_as_no_failure() {
+        let cancelled = staged_status(
+            RolloutState::Cancelled {
+                reason: "cancelled by ops in wave 1".into(),
+            },
+            true,
+        );
+        let view = watch_view(&cancelled);
+        assert_eq!(
+            view.machines, 20,
+            "a cancelled rollout notifies no one else"
+        );
+        assert_eq!(
+            watch_next(&cancelled, &view),
+            WatchNext::Finished { failed: 0 }
+        );
+        let text = finished_text(&cancelled, &view);
+        assert!(
+            text.ends_with(
+                "19 succeeded, 1 (all cancelled by an operator) failed; staged rollout \
+                 cancelled: cancelled by ops in wave 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            staged_line(&cancelled).contains("1980 of 2000 were never notified"),
+            "{}",
+            staged_line(&cancelled)
         );
     }
 
@@ -953,6 +1231,7 @@ release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
             more: true,
             bytes_done: 0,
             bytes_total: 0,
+            staged: None,
         };
         let view = watch_view(&status(r.clone()));
         assert_eq!((view.finished, view.waiting), (3, 2));
@@ -1009,6 +1288,22 @@ release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
             targets,
             rollout: None,
         })
+    }
+
+    #[test]
+    fn a_staged_plan_says_one_notice_per_machine_of_wave_1_and_lists_no_group_topic() {
+        let plan = plan_to(200);
+        let waves = WavePlan::new(vec![100, 1000, 5000], 9500, 500, 0).unwrap();
+        let text = staged_plan_text(&plan, &groups_ab(), false, &waves);
+        assert!(
+            text.contains(
+                "notices (retained): one per machine of wave 1, on the machine's own topic: 2 of \
+                 200 machine(s) now, the others' as their waves start (no group notice)\n"
+            ),
+            "{text}"
+        );
+        assert!(!text.contains("fleet/groups/"), "{text}");
+        assert!(text.contains("target machines: 200\n"), "{text}");
     }
 
     fn groups_ab() -> Vec<GroupId> {

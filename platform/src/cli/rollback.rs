@@ -39,9 +39,13 @@ pub struct RollbackArgs {
 #[derive(Args)]
 pub struct ActivateArgs {
     pub release: ReleaseId,
-    /// Comma-separated machine ids (default: every target of the release).
+    /// Comma-separated machine ids (default, without --groups: every target of the release).
     #[arg(long)]
     pub machines: Option<String>,
+    /// Comma-separated group ids: the release's targets in these groups (with --machines:
+    /// those too).
+    #[arg(long)]
+    pub groups: Option<String>,
 }
 
 pub async fn rollback(args: RollbackArgs, client: &ClientArgs) -> anyhow::Result<()> {
@@ -103,10 +107,12 @@ pub async fn rollback(args: RollbackArgs, client: &ClientArgs) -> anyhow::Result
 
 pub async fn activate(args: ActivateArgs, client: &ClientArgs) -> anyhow::Result<()> {
     let machines: Vec<MachineId> = parse_list(&args.machines)?;
+    let groups: Vec<GroupId> = parse_list(&args.groups)?;
     let message = client
         .call(calls::Activate {
             release: args.release,
             machines,
+            groups,
         })
         .await?;
     println!("{message}");

@@ -5,7 +5,9 @@ use std::fmt::Write;
 
 use clap::Subcommand;
 use fleetcast_proto::calls;
-use fleetcast_proto::rollout::{share_text, RolloutReport, RolloutState, WavePlan};
+use fleetcast_proto::rollout::{
+    share_text, RolloutReport, RolloutState, WavePlan, WaveTally, ALL_BP,
+};
 use fleetcast_proto::ReleaseId;
 
 use super::{confirm, print_json, table, ClientArgs};
@@ -25,10 +27,12 @@ pub enum RolloutCmd {
         json: bool,
     },
     /// Go on with a paused rollout: the failures so far are accepted and the wave's timer
-    /// restarts.
+    /// restarts. With --advance, also on a running rollout: the next wave starts now.
     Resume {
         release: ReleaseId,
-        /// Start the next wave now instead of waiting for this one to succeed.
+        /// Start the next wave now instead of waiting for this one to succeed (a running
+        /// rollout too; no failure is accepted then, and the wave's unfinished machines stay
+        /// notified).
         #[arg(long)]
         advance: bool,
         #[arg(long)]
@@ -106,6 +110,46 @@ pub fn waves_text(plan: &WavePlan, targets: usize) -> String {
     out
 }
 
+/// Why a running wave has not advanced: how its machines stand against the thresholds (the
+/// shares are taken over the machines notified so far, less the failures accepted at a
+/// resume, as the platform takes them).
+pub fn waiting_line(wave: usize, plan: &WavePlan, t: &WaveTally) -> String {
+    let counted = t.notified.saturating_sub(t.accepted);
+    let share = |part: u32| match counted {
+        0 => "0%".to_owned(),
+        n => share_text((u64::from(part) * u64::from(ALL_BP) / u64::from(n)) as u32),
+    };
+    let failures = t.failed.saturating_sub(t.accepted);
+    let mut line = format!(
+        "wave {}: {} of {counted} machines succeeded ({}), {} {}",
+        wave + 1,
+        t.succeeded,
+        share(t.succeeded),
+        if u64::from(t.succeeded) * u64::from(ALL_BP)
+            >= u64::from(plan.success_bp) * u64::from(counted)
+        {
+            "reaching"
+        } else {
+            "below"
+        },
+        share_text(plan.success_bp)
+    );
+    if failures > 0 {
+        let _ = write!(
+            line,
+            "; {failures} failed ({}), pauses above {}",
+            share(failures),
+            share_text(plan.failure_bp)
+        );
+    }
+    let unfinished = counted.saturating_sub(t.succeeded + failures);
+    if unfinished > 0 {
+        let _ = write!(line, "; {unfinished} not finished");
+    }
+    line.push('\n');
+    line
+}
+
 pub fn rollout_text(report: &RolloutReport) -> String {
     let mut out = String::new();
     let r = &report.rollout;
@@ -124,6 +168,9 @@ pub fn rollout_text(report: &RolloutReport) -> String {
         r.plan.cumulative(r.wave, n),
         n
     );
+    if let (RolloutState::Running, Some(t)) = (&r.state, &report.tally) {
+        out.push_str(&waiting_line(r.wave, &r.plan, t));
+    }
     out.push_str(&waves_text(&r.plan, n));
     if r.failures_accepted > 0 {
         let _ = writeln!(out, "failures accepted at resume: {}", r.failures_accepted);
@@ -176,11 +223,34 @@ mod tests {
                 by: None,
             }],
         };
-        let text = rollout_text(&RolloutReport::new(r));
+        let text = rollout_text(&RolloutReport::new(r.clone()));
         assert!(text.starts_with("rollout of r-000007: paused: wave 2: 2 of 20 machines failed (10%), above the failure threshold 5%\nwave 2 of 4: 20 of 200 machines notified\n"), "{text}");
         assert!(text.contains("waves (cumulative): 1% = 2, 10% = 20, 50% = 100, 100% = 200"));
         assert!(text.contains("or a wave runs 3600 s"));
         assert!(text.contains("paused"));
+        let t = WaveTally {
+            notified: 100,
+            succeeded: 94,
+            failed: 3,
+            accepted: 0,
+        };
+        assert_eq!(
+            waiting_line(1, &plan, &t),
+            "wave 2: 94 of 100 machines succeeded (94%), below 95%; 3 failed (3%), pauses above 5%; 3 not finished\n"
+        );
+        let mut running = RolloutReport::new(RolloutInfo {
+            state: RolloutState::Running,
+            ..r.clone()
+        })
+        .with_tally(t);
+        assert!(
+            rollout_text(&running)
+                .contains("\nwave 2: 94 of 100 machines succeeded (94%), below 95%;"),
+            "{}",
+            rollout_text(&running)
+        );
+        running.tally = None;
+        assert!(!rollout_text(&running).contains("succeeded"));
         assert_eq!(
             waves_text(&plan, 3),
             "waves (cumulative): 1% = 1, 10% = 2, 50% = 3, 100% = 3\nnext wave when 95% of those notified installed; pause when more than 5% failed or a wave runs 3600 s\n"

@@ -29,11 +29,32 @@ pub enum Refused {
     NoMachinesNamed,
     #[error("release {0} has no target machines yet")]
     NoTargets(ReleaseId),
+    #[error(
+        "no target of release {release} is in group {group} (`fleetcast release status \
+         {release}` lists them); nothing was sent"
+    )]
+    NoTargetInGroup { release: ReleaseId, group: GroupId },
     #[error("release {release} already has a {state} staged rollout; cancel it first")]
     RolloutInProgress {
         release: ReleaseId,
         state: &'static str,
     },
+    #[error(
+        "release {release} has a {state} staged rollout: publishing it without --waves would \
+         send it to its machines at once, past the waves; nothing was sent. Go on with the \
+         rollout (`fleetcast rollout resume {release}`, `--advance` starts the next wave now), \
+         or stop it first (`fleetcast rollout cancel {release}`) and then publish without waves"
+    )]
+    PublishDuringRollout {
+        release: ReleaseId,
+        state: &'static str,
+    },
+    #[error(
+        "release {release} was published to group {group} without waves: its members were sent \
+         it already, so waves cannot hold them back; nothing was sent. To stage a release, \
+         create a new one (`fleetcast release create`) and publish that with --waves"
+    )]
+    StagedOverGroupNotice { release: ReleaseId, group: GroupId },
     #[error("no earlier {kind} version known for machine {machine}; pass --to VERSION")]
     NoEarlierVersion { machine: MachineId, kind: Kind },
     #[error("group {group} has no {kind} release yet; pass --to VERSION")]
@@ -105,11 +126,47 @@ pub fn record_publish(
     }
 }
 
-/// A staged rollout may start unless the release's previous one is still running or paused.
-pub fn may_stage(release: &ReleaseId, rollout: Option<&RolloutState>) -> Result<(), Refused> {
+/// A staged rollout may start unless the release's previous one is still running or paused,
+/// or the release is the live notice of a group (`sent_to_group`: such groups a target belongs
+/// to). Why the second: a group notice already reached every member, so waves over them would
+/// hold back nobody, while `rollout status` and `cancel` would claim to steer them.
+pub fn may_stage(
+    release: &ReleaseId,
+    rollout: Option<&RolloutState>,
+    sent_to_group: &[GroupId],
+) -> Result<(), Refused> {
     match rollout {
         Some(state @ (RolloutState::Running | RolloutState::Paused { .. })) => {
             Err(Refused::RolloutInProgress {
+                release: release.clone(),
+                state: state.name(),
+            })
+        }
+        Some(RolloutState::Completed | RolloutState::Cancelled { .. }) | None => {
+            match sent_to_group.first() {
+                Some(group) => Err(Refused::StagedOverGroupNotice {
+                    release: release.clone(),
+                    group: group.clone(),
+                }),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+/// A publish without waves may go ahead unless the release's staged rollout is running or
+/// paused: it would reach the machines of later waves at once (a group's notice reaches every
+/// member), and `rollout cancel` only tells the waves' machines to drop it. After a completed
+/// rollout every target was notified, so publishing to more is an ordinary publish; after a
+/// cancelled one it is the operator's explicit choice: the machines told to drop it have a
+/// finished (`cancelled`) record, so they start a new round with the new notice.
+pub fn may_publish_at_once(
+    release: &ReleaseId,
+    rollout: Option<&RolloutState>,
+) -> Result<(), Refused> {
+    match rollout {
+        Some(state @ (RolloutState::Running | RolloutState::Paused { .. })) => {
+            Err(Refused::PublishDuringRollout {
                 release: release.clone(),
                 state: state.name(),
             })
@@ -126,28 +183,31 @@ pub fn failed(phase: Phase) -> bool {
 }
 
 /// The machines a retry of `release` sends it to again: with `failed`, every target that
-/// [`failed`] plus the named `machines`; without, the named `machines`, each of which must be
-/// a target.
+/// [`failed`] (only those in `groups`, when groups are named) plus the named `machines`;
+/// without, the named `machines`, each of which must be a target, and every target in
+/// `groups`. `in_group` says whether a target is in a group ([`in_groups`]).
 pub fn retry_targets(
     release: &ReleaseId,
     targets: &[TargetRecord],
     machines: &[MachineId],
+    groups: &[GroupId],
     failed_ones: bool,
+    in_group: impl Fn(&TargetRecord, &GroupId) -> bool,
 ) -> Result<Vec<MachineId>, Refused> {
+    let grouped = in_groups(release, targets, groups, in_group)?;
     let mut chosen: Vec<MachineId> = if failed_ones {
         targets
             .iter()
             .filter(|t| failed(t.phase))
+            .filter(|t| groups.is_empty() || grouped.contains(&t.machine))
             .map(|t| t.machine.clone())
             .collect()
     } else {
-        named_targets(release, targets, machines)?
+        let mut named = named_targets(release, targets, machines)?;
+        add_missing(&mut named, &grouped);
+        named
     };
-    for m in machines {
-        if !chosen.contains(m) {
-            chosen.push(m.clone());
-        }
-    }
+    add_missing(&mut chosen, machines);
     if chosen.is_empty() {
         return Err(if failed_ones {
             Refused::NoFailedMachines(release.clone())
@@ -156,6 +216,39 @@ pub fn retry_targets(
         });
     }
     Ok(chosen)
+}
+
+fn add_missing(chosen: &mut Vec<MachineId>, more: &[MachineId]) {
+    for m in more {
+        if !chosen.contains(m) {
+            chosen.push(m.clone());
+        }
+    }
+}
+
+/// The targets of `release` in any of `groups` (`in_group`: reached through the group, or a
+/// member of it now), in record order. Each named group must hold one: a group that holds
+/// none is most likely a typo, as for a publish.
+pub fn in_groups(
+    release: &ReleaseId,
+    targets: &[TargetRecord],
+    groups: &[GroupId],
+    in_group: impl Fn(&TargetRecord, &GroupId) -> bool,
+) -> Result<Vec<MachineId>, Refused> {
+    if let Some(g) = groups
+        .iter()
+        .find(|g| !targets.iter().any(|t| in_group(t, g)))
+    {
+        return Err(Refused::NoTargetInGroup {
+            release: release.clone(),
+            group: g.clone(),
+        });
+    }
+    Ok(targets
+        .iter()
+        .filter(|t| groups.iter().any(|g| in_group(t, g)))
+        .map(|t| t.machine.clone())
+        .collect())
 }
 
 /// The named `machines`, each of which must be one of `targets`.
@@ -177,16 +270,20 @@ fn named_targets(
 }
 
 /// The machines an `activate` of `release` goes to: the named `machines` (each must be a
-/// target), or every target when none is named.
+/// target) and the targets in `groups` ([`in_groups`]), or every target when neither is named.
 pub fn activate_targets(
     release: &ReleaseId,
     targets: &[TargetRecord],
     machines: &[MachineId],
+    groups: &[GroupId],
+    in_group: impl Fn(&TargetRecord, &GroupId) -> bool,
 ) -> Result<Vec<MachineId>, Refused> {
-    let chosen: Vec<MachineId> = if machines.is_empty() {
+    let chosen: Vec<MachineId> = if machines.is_empty() && groups.is_empty() {
         targets.iter().map(|t| t.machine.clone()).collect()
     } else {
-        named_targets(release, targets, machines)?
+        let mut named = named_targets(release, targets, machines)?;
+        add_missing(&mut named, &in_groups(release, targets, groups, in_group)?);
+        named
     };
     if chosen.is_empty() {
         return Err(Refused::NoTargets(release.clone()));
@@ -353,18 +450,62 @@ mod tests {
     #[test]
     fn a_staged_rollout_may_not_start_while_the_previous_one_runs_or_is_paused() {
         let id = rel("r-000001");
-        assert_eq!(may_stage(&id, None), Ok(()));
-        assert_eq!(may_stage(&id, Some(&RolloutState::Completed)), Ok(()));
+        assert_eq!(may_stage(&id, None, &[]), Ok(()));
+        assert_eq!(may_stage(&id, Some(&RolloutState::Completed), &[]), Ok(()));
         let cancelled = RolloutState::Cancelled {
             reason: "by ops".into(),
         };
-        assert_eq!(may_stage(&id, Some(&cancelled)), Ok(()));
+        assert_eq!(may_stage(&id, Some(&cancelled), &[]), Ok(()));
         let paused = RolloutState::Paused {
             reason: "failures".into(),
         };
         for state in [RolloutState::Running, paused] {
-            let err = may_stage(&id, Some(&state)).unwrap_err();
+            let err = may_stage(&id, Some(&state), &[]).unwrap_err();
             assert!(err.to_string().contains("cancel it first"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_staged_rollout_may_not_start_over_a_group_the_release_was_sent_to_at_once() {
+        let id = rel("r-000001");
+        for previous in [None, Some(RolloutState::Completed)] {
+            let err = may_stage(&id, previous.as_ref(), &[g("shanghai")]).unwrap_err();
+            assert_eq!(
+                err,
+                Refused::StagedOverGroupNotice {
+                    release: id.clone(),
+                    group: g("shanghai")
+                }
+            );
+            assert!(
+                err.to_string().contains("create a new one"),
+                "says what to do: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_release_in_a_live_staged_rollout_is_not_published_at_once() {
+        let id = rel("r-000042");
+        let paused = RolloutState::Paused {
+            reason: "by ops".into(),
+        };
+        for state in [RolloutState::Running, paused] {
+            let err = may_publish_at_once(&id, Some(&state)).unwrap_err();
+            let text = err.to_string();
+            assert!(
+                text.contains(&format!("has a {} staged rollout", state.name()))
+                    && text.contains("fleetcast rollout resume r-000042")
+                    && text.contains("fleetcast rollout cancel r-000042"),
+                "{text}"
+            );
+        }
+        // Once it is over, publishing is the operator's plain choice.
+        let cancelled = RolloutState::Cancelled {
+            reason: "by ops".into(),
+        };
+        for state in [None, Some(RolloutState::Completed), Some(cancelled)] {
+            assert_eq!(may_publish_at_once(&id, state.as_ref()), Ok(()));
         }
     }
 
@@ -383,16 +524,24 @@ mod tests {
             ],
         );
         assert_eq!(
-            retry_targets(&r.id, &targets, &[], true).unwrap(),
+            retry_targets(&r.id, &targets, &[], &[], true, no_group).unwrap(),
             [m("vm-1"), m("vm-4")]
         );
         // Named machines are added to the failed ones.
         assert_eq!(
-            retry_targets(&r.id, &targets, &[m("vm-2")], true).unwrap(),
+            retry_targets(&r.id, &targets, &[m("vm-2")], &[], true, no_group).unwrap(),
             [m("vm-1"), m("vm-4"), m("vm-2")]
         );
         assert_eq!(
-            retry_targets(&r.id, &targets, &[m("vm-5"), m("vm-2")], false).unwrap(),
+            retry_targets(
+                &r.id,
+                &targets,
+                &[m("vm-5"), m("vm-2")],
+                &[],
+                false,
+                no_group
+            )
+            .unwrap(),
             [m("vm-5"), m("vm-2")]
         );
     }
@@ -402,18 +551,18 @@ mod tests {
         let r = crate::fixtures::release("r-000001", "1.0");
         let targets = records(&r, &[("vm-1", Phase::Installed)]);
         assert_eq!(
-            retry_targets(&r.id, &targets, &[m("vm-9")], false),
+            retry_targets(&r.id, &targets, &[m("vm-9")], &[], false, no_group),
             Err(Refused::NotATarget {
                 release: r.id.clone(),
                 machine: m("vm-9")
             })
         );
         assert_eq!(
-            retry_targets(&r.id, &targets, &[], true),
+            retry_targets(&r.id, &targets, &[], &[], true, no_group),
             Err(Refused::NoFailedMachines(r.id.clone()))
         );
         assert_eq!(
-            retry_targets(&r.id, &targets, &[], false),
+            retry_targets(&r.id, &targets, &[], &[], false, no_group),
             Err(Refused::NoMachinesNamed)
         );
     }
@@ -423,20 +572,88 @@ mod tests {
         let r = crate::fixtures::release("r-000001", "1.0");
         let targets = records(&r, &[("vm-1", Phase::Deferred), ("vm-2", Phase::Deferred)]);
         assert_eq!(
-            activate_targets(&r.id, &targets, &[]).unwrap(),
+            activate_targets(&r.id, &targets, &[], &[], no_group).unwrap(),
             [m("vm-1"), m("vm-2")]
         );
         assert_eq!(
-            activate_targets(&r.id, &targets, &[m("vm-2")]).unwrap(),
+            activate_targets(&r.id, &targets, &[m("vm-2")], &[], no_group).unwrap(),
             [m("vm-2")]
         );
         assert!(matches!(
-            activate_targets(&r.id, &targets, &[m("vm-2"), m("vm-3")]),
+            activate_targets(&r.id, &targets, &[m("vm-2"), m("vm-3")], &[], no_group),
             Err(Refused::NotATarget { machine, .. }) if machine == m("vm-3")
         ));
         assert_eq!(
-            activate_targets(&r.id, &[], &[]),
+            activate_targets(&r.id, &[], &[], &[], no_group),
             Err(Refused::NoTargets(r.id.clone()))
+        );
+    }
+
+    fn no_group(_: &TargetRecord, _: &GroupId) -> bool {
+        false
+    }
+
+    /// vm-1, vm-2 reached via group north; vm-3 named directly but a member of north now; vm-4
+    /// in south.
+    fn grouped(r: &ReleaseInfo) -> (Vec<TargetRecord>, impl Fn(&TargetRecord, &GroupId) -> bool) {
+        let mut targets = records(
+            r,
+            &[
+                ("vm-1", Phase::Deferred),
+                ("vm-2", Phase::DownloadFailed),
+                ("vm-3", Phase::InstallFailed),
+                ("vm-4", Phase::DownloadFailed),
+            ],
+        );
+        targets[0].via = Some(g("north"));
+        targets[1].via = Some(g("north"));
+        targets[3].via = Some(g("south"));
+        let in_group = |t: &TargetRecord, group: &GroupId| {
+            t.via.as_ref() == Some(group) || (t.machine == m("vm-3") && group == &g("north"))
+        };
+        (targets, in_group)
+    }
+
+    #[test]
+    fn activate_and_retry_take_a_releases_targets_in_the_named_groups() {
+        let r = crate::fixtures::release("r-000001", "1.0");
+        let (targets, in_group) = grouped(&r);
+        assert_eq!(
+            activate_targets(&r.id, &targets, &[], &[g("north")], &in_group).unwrap(),
+            [m("vm-1"), m("vm-2"), m("vm-3")]
+        );
+        assert_eq!(
+            activate_targets(&r.id, &targets, &[m("vm-4")], &[g("north")], &in_group).unwrap(),
+            [m("vm-4"), m("vm-1"), m("vm-2"), m("vm-3")]
+        );
+        // --failed --groups: the failed ones in the group; without --failed: all of them.
+        assert_eq!(
+            retry_targets(&r.id, &targets, &[], &[g("north")], true, &in_group).unwrap(),
+            [m("vm-2"), m("vm-3")]
+        );
+        assert_eq!(
+            retry_targets(&r.id, &targets, &[], &[g("south")], false, &in_group).unwrap(),
+            [m("vm-4")]
+        );
+        // A group holding no target is refused, as a typo.
+        let typo = Refused::NoTargetInGroup {
+            release: r.id.clone(),
+            group: g("nort"),
+        };
+        assert_eq!(
+            activate_targets(&r.id, &targets, &[], &[g("nort")], &in_group),
+            Err(typo.clone())
+        );
+        assert_eq!(
+            retry_targets(&r.id, &targets, &[], &[g("nort")], true, &in_group),
+            Err(typo)
+        );
+        // A group whose targets have not failed: nothing to retry.
+        let (mut targets, _) = grouped(&r);
+        targets[3].phase = Phase::Installed;
+        assert_eq!(
+            retry_targets(&r.id, &targets, &[], &[g("south")], true, &in_group),
+            Err(Refused::NoFailedMachines(r.id.clone()))
         );
     }
 

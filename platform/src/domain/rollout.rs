@@ -44,13 +44,14 @@ pub struct Record {
     pub at_ms: u64,
 }
 
-/// Why an operator's command does nothing.
+/// Why an operator's command does nothing, and (`hint`, may be empty) what would.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("rollout of {release} is {state}: cannot {command}")]
+#[error("rollout of {release} is {state}: cannot {command}{hint}")]
 pub struct Refused {
     pub release: ReleaseId,
     pub state: &'static str,
     pub command: &'static str,
+    pub hint: String,
 }
 
 /// Every target in wave order: ascending blake3(release id, 0x00, machine id). Stable across
@@ -262,6 +263,7 @@ fn refused(r: &RolloutInfo, command: &'static str) -> Refused {
         release: r.release.clone(),
         state: r.state.name(),
         command,
+        hint: String::new(),
     }
 }
 
@@ -292,6 +294,14 @@ pub fn pause(r: &mut RolloutInfo, by: &str, now_ms: u64) -> Result<(), Refused> 
 /// An operator resumes a paused rollout. The failures seen so far are accepted (only new ones
 /// count against the threshold) and the wave's timer starts again; with `advance`, the next
 /// wave starts at once instead of waiting for this one to succeed.
+///
+/// A running rollout takes `advance` too: the next wave starts now, and nothing else changes.
+/// The wave's machines that have not finished stay notified and count with the next wave's;
+/// no failure is accepted (a running wave is below the failure threshold, and accepting them
+/// is a paused rollout's resume). Why: `--advance` refused a running rollout, so a wave held
+/// below its success threshold by machines that were offline could be moved on only by a
+/// pause and a resume, which also accepted its failures (a review from an operator's side,
+/// 2026-11-29). After the last wave, `advance` completes the rollout.
 pub fn resume(
     r: &mut RolloutInfo,
     by: &str,
@@ -299,36 +309,68 @@ pub fn resume(
     mut t: Tally,
     now_ms: u64,
 ) -> Result<Vec<Effect>, Refused> {
-    if !matches!(r.state, RolloutState::Paused { .. }) {
-        return Err(refused(r, "resume"));
-    }
-    r.state = RolloutState::Running;
-    r.failures_accepted = t.failed;
-    r.accepted = std::mem::take(&mut t.failures);
-    t.accepted = t.failed;
-    r.wave_started_ms = now_ms;
-    log(
-        r,
-        now_ms,
-        "resumed",
-        format!("resumed by {by}; {} failures accepted", t.failed),
-        Some(by),
-    );
-    if advance_now {
-        if r.wave + 1 >= r.plan.waves_bp.len() {
-            r.state = RolloutState::Completed;
+    match (&r.state, advance_now) {
+        (RolloutState::Paused { .. }, _) => {
+            r.state = RolloutState::Running;
+            r.failures_accepted = t.failed;
+            r.accepted = std::mem::take(&mut t.failures);
+            t.accepted = t.failed;
+            r.wave_started_ms = now_ms;
             log(
                 r,
                 now_ms,
-                "completed",
-                format!("completed by {by}"),
+                "resumed",
+                format!("resumed by {by}; {} failures accepted", t.failed),
                 Some(by),
             );
-            return Ok(vec![]);
+            if advance_now {
+                return Ok(advance_or_complete(
+                    r,
+                    by,
+                    format!("advanced by {by}"),
+                    now_ms,
+                ));
+            }
+            Ok(observe(r, t, now_ms))
         }
-        return Ok(advance(r, format!("advanced by {by}"), Some(by), now_ms));
+        (RolloutState::Running, true) => {
+            let counted = t.notified - t.accepted;
+            let reason = format!(
+                "advanced by {by} in wave {}: {} of {counted} machines succeeded ({}), \
+                 threshold {}",
+                r.wave + 1,
+                t.succeeded,
+                pct(t.succeeded, counted),
+                share_text(r.plan.success_bp)
+            );
+            Ok(advance_or_complete(r, by, reason, now_ms))
+        }
+        (RolloutState::Running, false) => Err(Refused {
+            hint: format!(
+                " (it is not paused); `fleetcast rollout resume {} --advance` starts the next \
+                 wave now",
+                r.release
+            ),
+            ..refused(r, "resume")
+        }),
+        (RolloutState::Completed | RolloutState::Cancelled { .. }, _) => Err(refused(r, "resume")),
     }
-    Ok(observe(r, t, now_ms))
+}
+
+/// Starts the next wave for operator `by` (`reason`: why), or completes a rollout in its last.
+fn advance_or_complete(r: &mut RolloutInfo, by: &str, reason: String, now_ms: u64) -> Vec<Effect> {
+    if r.wave + 1 >= r.plan.waves_bp.len() {
+        r.state = RolloutState::Completed;
+        log(
+            r,
+            now_ms,
+            "completed",
+            format!("completed by {by}"),
+            Some(by),
+        );
+        return vec![];
+    }
+    advance(r, reason, Some(by), now_ms)
 }
 
 /// An operator cancels a running or paused rollout: no further notices, and the notified
@@ -659,6 +701,53 @@ mod tests {
         assert!(resume(&mut r, "ops", true, t, 7).is_err());
         assert!(cancel(&mut r, "ops", 8, |_| true).is_err());
         assert_eq!(r.wave, 1);
+    }
+
+    #[test]
+    fn advance_starts_the_next_wave_of_a_running_rollout_and_accepts_no_failure() {
+        let mut fleet = Fleet::default();
+        let (mut r, _) = start(&rel(), plan(0), ids(200), 0);
+        fleet.set(&r.order[..2], Phase::Installed);
+        let w2 = notify_of(&step(&mut r, &fleet, 1));
+        // Wave 2 (20 notified): 17 installed, one failed (5%: not above the threshold), two
+        // not answering: 85%, below 95%, so it waits.
+        fleet.set(&w2[..15], Phase::Installed);
+        fleet.set(&w2[15..16], Phase::InstallFailed);
+        assert!(step(&mut r, &fleet, 2).is_empty());
+        assert_eq!((r.wave, r.state.clone()), (1, RolloutState::Running));
+        // A plain resume says what would work.
+        let t = fleet.tally(&r);
+        let err = resume(&mut r, "ops", false, t, 3).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "rollout of r-000001 is running: cannot resume (it is not paused); \
+             `fleetcast rollout resume r-000001 --advance` starts the next wave now"
+        );
+        // --advance: the next wave's 80 are notified; the two silent ones stay notified and
+        // the failure is not accepted.
+        let t = fleet.tally(&r);
+        let w3 = notify_of(&resume(&mut r, "ops", true, t, 4).unwrap());
+        assert_eq!(w3, r.order[20..100]);
+        assert_eq!((r.wave, r.state.clone()), (2, RolloutState::Running));
+        assert_eq!((r.failures_accepted, r.accepted.len()), (0, 0));
+        let last = r.log.last().unwrap();
+        assert_eq!(
+            (last.what.as_str(), last.by.as_deref()),
+            ("advanced", Some("ops"))
+        );
+        assert_eq!(
+            last.reason,
+            "advanced by ops in wave 2: 17 of 20 machines succeeded (85%), threshold 95%; \
+             wave 3 of 4: 80 more machines"
+        );
+        assert_eq!(fleet.tally(&r).notified, 100);
+        // In the last wave, --advance completes it.
+        let t = fleet.tally(&r);
+        resume(&mut r, "ops", true, t, 5).unwrap();
+        assert_eq!(r.wave, 3);
+        let t = fleet.tally(&r);
+        assert!(resume(&mut r, "ops", true, t, 6).unwrap().is_empty());
+        assert_eq!(r.state, RolloutState::Completed);
     }
 
     #[test]

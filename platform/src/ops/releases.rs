@@ -5,7 +5,7 @@
 //! one page of targets ([`plan_report`]), releases name at most
 //! [`RELEASE_MACHINES_SHOWN`] machines ([`shown`]), and lists come in pages.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 
 use fleetcast_proto::admin::{
@@ -13,7 +13,7 @@ use fleetcast_proto::admin::{
     MAX_PLAN_PAGE, MAX_RELEASE_PAGE, MAX_STATUS_PAGE, PLAN_TOPICS_SHOWN, RELEASE_MACHINES_SHOWN,
 };
 use fleetcast_proto::calls::{self, Page};
-use fleetcast_proto::rollout::ROLLOUT_ORDER_SHOWN;
+use fleetcast_proto::rollout::{StagedProgress, ROLLOUT_ORDER_SHOWN};
 use fleetcast_proto::{GroupId, InstallPolicy, Kind, MachineId, Phase, ReleaseId, Target};
 
 use crate::context::Ctx;
@@ -118,7 +118,7 @@ pub async fn publish(ctx: &Ctx, c: calls::ReleasePublish) -> Result<PlanReport, 
     let (machines, groups, allow_empty) = (&c.machines, &c.groups, c.allow_empty);
     let plan = match c.waves {
         Some(waves) => staged::publish(ctx, &info, machines, groups, allow_empty, waves).await?,
-        None => publish::publish(ctx, &info, machines, groups, allow_empty).await?,
+        None => publish::publish_at_once(ctx, &info, machines, groups, allow_empty).await?,
     };
     tracing::info!(release = %c.release, targets = plan.targets.len(), "release published");
     Ok(plan_report(plan, None, None))
@@ -129,10 +129,43 @@ pub async fn publish(ctx: &Ctx, c: calls::ReleasePublish) -> Result<PlanReport, 
 pub async fn retry(ctx: &Ctx, c: calls::ReleaseRetry) -> Result<PlanReport, OpError> {
     let info = publishable(ctx, &c.release)?;
     let targets = ctx.store.targets_of(&c.release)?;
-    let chosen = release::retry_targets(&c.release, &targets, &c.machines, c.failed)?;
+    let in_group = group_members(ctx, &c.groups)?;
+    let chosen = release::retry_targets(
+        &c.release,
+        &targets,
+        &c.machines,
+        &c.groups,
+        c.failed,
+        in_group,
+    )?;
     let plan = publish::publish(ctx, &info, &chosen, &[], false).await?;
     staged::retried(ctx, &c.release, &chosen)?;
     Ok(plan_report(plan, None, None))
+}
+
+/// Whether a target is in a group, for `activate` and `release retry --groups`: reached
+/// through it, or a member of it now (what `machines --group` lists). Machines are read only
+/// when groups are named.
+fn group_members(
+    ctx: &Ctx,
+    groups: &[GroupId],
+) -> Result<impl Fn(&TargetRecord, &GroupId) -> bool, OpError> {
+    let mut members: HashMap<MachineId, Vec<GroupId>> = HashMap::new();
+    if !groups.is_empty() {
+        for info in ctx.store.machines()? {
+            let of_these: Vec<GroupId> = info
+                .groups
+                .into_iter()
+                .filter(|g| groups.contains(g))
+                .collect();
+            if !of_these.is_empty() {
+                members.insert(info.id, of_these);
+            }
+        }
+    }
+    Ok(move |t: &TargetRecord, g: &GroupId| {
+        t.via.as_ref() == Some(g) || members.get(&t.machine).is_some_and(|gs| gs.contains(g))
+    })
 }
 
 /// Every release at once, in the order they were made.
@@ -255,13 +288,11 @@ pub async fn status(ctx: &Ctx, c: calls::ReleaseStatus) -> Result<ReleaseStatus,
     off_thread(&ctx.store, move |store| {
         let info = known_release(store, &c.release)?;
         let targets = store.targets_of(&c.release)?;
-        Ok(status_page(
-            info,
-            targets,
-            c.after.as_ref(),
-            c.limit,
-            now_ms(),
-        ))
+        let staged = store.rollout(&c.release)?.map(|r| StagedProgress::of(&r));
+        Ok(ReleaseStatus {
+            staged,
+            ..status_page(info, targets, c.after.as_ref(), c.limit, now_ms())
+        })
     })
     .await
 }
@@ -296,6 +327,7 @@ pub fn status_page(
         more,
         bytes_done,
         bytes_total,
+        staged: None,
     }
 }
 
@@ -324,7 +356,8 @@ pub fn download_bytes(size: u64, targets: &[TargetRecord]) -> (u64, u64) {
 pub async fn activate(ctx: &Ctx, c: calls::Activate) -> Result<String, OpError> {
     known_release(&*ctx.store, &c.release)?;
     let targets = ctx.store.targets_of(&c.release)?;
-    let sent = release::activate_targets(&c.release, &targets, &c.machines)?;
+    let in_group = group_members(ctx, &c.groups)?;
+    let sent = release::activate_targets(&c.release, &targets, &c.machines, &c.groups, in_group)?;
     publish::send_activate(ctx, &c.release, &sent).await?;
     Ok(activated(&c.release, &sent))
 }

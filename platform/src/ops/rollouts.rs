@@ -9,8 +9,11 @@ use crate::context::Ctx;
 use crate::ops::OpError;
 use crate::staged::{self, Control};
 
+/// The rollout, with the tally of its notified machines (why a running wave waits).
 pub fn status(ctx: &Ctx, c: calls::RolloutStatus) -> Result<RolloutReport, OpError> {
-    staged::status(ctx, &c.release).map(RolloutReport::new)
+    let r = staged::status(ctx, &c.release)?;
+    let tally = staged::wave_tally(ctx, &r)?;
+    Ok(RolloutReport::new(r).with_tally(tally))
 }
 
 /// `by`: the operator, recorded with the transition.

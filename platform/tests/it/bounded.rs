@@ -431,6 +431,7 @@ async fn plan_and_release_pages_join_whole_and_many_named_machines_are_counted()
         .call(calls::Activate {
             release: created.id.clone(),
             machines: vec![],
+            groups: vec![],
         })
         .await
         .unwrap();

@@ -591,7 +591,30 @@ async fn every_json_output_matches_its_schema_in_docs() {
         .run(&["rollout", "status", staged, "--json"])
         .await
         .json();
+    assert_eq!(status["tally"]["notified"], 1, "{status}");
     outputs.push(("rollout status", "rollout.json", status));
+    let staged_status = fc
+        .run(&["release", "status", staged, "--json"])
+        .await
+        .json();
+    assert_eq!(
+        (
+            &staged_status["staged"]["state"],
+            &staged_status["staged"]["notified"],
+            &staged_status["staged"]["machines"]
+        ),
+        (
+            &serde_json::json!("paused"),
+            &serde_json::json!(1),
+            &serde_json::json!(2)
+        ),
+        "{staged_status}"
+    );
+    outputs.push((
+        "release status of a staged release",
+        "release-status.json",
+        staged_status,
+    ));
     fc.run(&["operator", "add", "val", "--role", "viewer"])
         .await
         .ok();
@@ -675,7 +698,7 @@ async fn every_json_output_matches_its_schema_in_docs() {
     let watch = fc
         .run(&["release", "watch", release.as_str(), "--timeout", "1"])
         .await;
-    assert_eq!(watch.code, 1, "{watch:#?}");
+    assert_eq!(watch.code, 4, "a timeout has its own status: {watch:#?}");
     let counts = "2/3 finished; pending=1 download_failed=1 installed=1";
     assert!(
         watch.stdout.starts_with(&format!("{release}: {counts}\n")),

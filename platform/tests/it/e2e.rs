@@ -285,6 +285,7 @@ async fn offline_machine_catches_up_and_download_only_waits_for_activate() {
         .call(calls::Activate {
             release: release.clone(),
             machines: vec![],
+            groups: vec![],
         })
         .await
         .unwrap();
@@ -870,4 +871,90 @@ async fn the_simulator_never_takes_over_a_machine_it_did_not_create() {
         .await;
     admin_client.close().await;
     platform.stop().await;
+}
+
+/// `activate --groups` and `release retry --groups` reach the release's targets in the group
+/// alone (before, only `--machines` named targets, one id at a time); a group holding no
+/// target is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn activate_and_retry_by_group_reach_that_groups_targets_only() {
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let env = env(&broker).await;
+    let admin = &env.admin;
+    let sim = env.dir.path().join("machines");
+    let mut sims = Sims::default();
+    sims.start(simulated(&env.data_dir, &sim, &broker, 3, &["north"]));
+    sims.start(fleetcast_device::simulate::SimulateOptions {
+        start_index: 4,
+        ..simulated(&env.data_dir, &sim, &broker, 3, &["south"])
+    });
+    wait_online(admin, 6).await;
+    let (_, release) = app_release(
+        admin,
+        env.dir.path(),
+        "2.0.0",
+        3_000,
+        5,
+        InstallPolicy::DownloadOnly,
+    )
+    .await;
+    let release = &release.id;
+    publish(admin, release, &[], &["north", "south"]).await;
+    wait_status_within(admin, release, E2E_WAIT, |s| {
+        s.targets.len() == 6 && s.targets.iter().all(|t| t.phase == Phase::Deferred)
+    })
+    .await;
+    let fc = super::cli::Fleetcast::new(env.dir.path())
+        .with("FLEETCAST_DATA", &env.data_dir)
+        .with("FLEETCAST_BROKER", broker.to_string());
+    let r = release.as_str();
+
+    let sent = fc.run(&["activate", r, "--groups", "north"]).await.ok();
+    assert_eq!(
+        sent,
+        format!("activate {r} sent to 3 machine(s): vm-001, vm-002, vm-003\n")
+    );
+    let s = wait_status_within(admin, release, E2E_WAIT, |s| {
+        ["vm-001", "vm-002", "vm-003"]
+            .iter()
+            .all(|m| phase_of(s, m) == Phase::Installed)
+    })
+    .await;
+    for m in ["vm-004", "vm-005", "vm-006"] {
+        assert_eq!(phase_of(&s, m), Phase::Deferred, "{m}");
+    }
+    let s = status_after(admin, release, Duration::from_secs(1)).await;
+    for m in ["vm-004", "vm-005", "vm-006"] {
+        assert_eq!(phase_of(&s, m), Phase::Deferred, "{m} stays waiting");
+    }
+
+    let typo = fc.run(&["activate", r, "--groups", "nort"]).await;
+    assert_eq!(typo.code, 1, "{typo:#?}");
+    assert!(
+        typo.stderr
+            .contains(&format!("no target of release {r} is in group nort")),
+        "{typo:#?}"
+    );
+    let retried = fc
+        .run(&["release", "retry", r, "--groups", "south", "--json"])
+        .await
+        .json();
+    let mut named: Vec<&str> = retried["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t[0].as_str().unwrap())
+        .collect();
+    named.sort();
+    assert_eq!(named, ["vm-004", "vm-005", "vm-006"]);
+    // Nothing in north failed: nothing to retry there.
+    let none = fc
+        .run(&["release", "retry", r, "--failed", "--groups", "north"])
+        .await;
+    assert_eq!(none.code, 1, "{none:#?}");
+    assert!(none.stderr.contains("has no failed machines"), "{none:#?}");
+
+    sims.stop().await;
+    env.admin.close().await;
+    env.platform.stop().await;
 }

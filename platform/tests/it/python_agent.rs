@@ -326,6 +326,7 @@ async fn the_python_agent_follows_a_key_rotation_and_waits_for_activate() {
         .call(calls::Activate {
             release: created.id.clone(),
             machines: vec![],
+            groups: vec![],
         })
         .await
         .unwrap();

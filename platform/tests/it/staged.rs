@@ -57,6 +57,7 @@ async fn retry_failed(admin: &AdminClient, release: &ReleaseId) -> Vec<MachineId
             release: release.clone(),
             machines: vec![],
             failed: true,
+            groups: vec![],
         })
         .await
         .unwrap();
@@ -451,4 +452,217 @@ async fn a_retry_after_resume_counts_the_new_rounds_failures_and_pauses_again() 
     sims.stop().await;
     env.admin.close().await;
     env.platform.stop().await;
+}
+
+/// The `fleetcast` binary against `f`'s platform.
+fn fleetcast(f: &Fleet) -> super::cli::Fleetcast {
+    super::cli::Fleetcast::new(f.env.dir.path())
+        .with("FLEETCAST_DATA", &f.env.data_dir)
+        .with("FLEETCAST_BROKER", f.broker.to_string())
+}
+
+/// `release publish` without waves would send a release in a live staged rollout to every
+/// member at once, past the waves, and `rollout cancel` could not take it back: it is refused
+/// while the rollout runs or is paused. After a cancel it is the operator's choice, and reaches
+/// the machines told to drop it too; waves are then refused over the group notice. `release
+/// watch` of the cancelled rollout ends without counting `cancelled` as failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_live_rollout_is_not_published_at_once_and_after_a_cancel_a_plain_publish_reaches_all() {
+    // Deferred (waiting for its window) is not success: wave 1 never completes.
+    let f = fleet(10, closed_window()).await;
+    let (admin, release) = (&f.env.admin, &f.release);
+    let fc = fleetcast(&f);
+    let r = release.as_str();
+    let staged = fc
+        .run(&[
+            "release", "publish", r, "--groups", "fleet", "--waves", "20%", "--yes",
+        ])
+        .await;
+    let plan = staged.ok();
+    assert!(
+        plan.contains(
+            "notices (retained): one per machine of wave 1, on the machine's own topic: 2 of \
+             10 machine(s) now"
+        ) && !plan.contains("fleet/groups/"),
+        "{plan}"
+    );
+    wait_status_within(admin, release, E2E_WAIT, |s| {
+        s.targets.len() == 2 && s.targets.iter().all(|t| t.phase == Phase::Deferred)
+    })
+    .await;
+
+    // Running, then paused: a plain publish is refused, with what to do, and sends nothing.
+    for state in ["running", "paused"] {
+        if state == "paused" {
+            fc.run(&["rollout", "pause", r]).await.ok();
+        }
+        let plain = fc
+            .run(&["release", "publish", r, "--groups", "fleet", "--yes"])
+            .await;
+        assert_eq!(plain.code, 1, "{plain:#?}");
+        assert!(
+            plain
+                .stderr
+                .contains(&format!("has a {state} staged rollout"))
+                && plain.stderr.contains("fleetcast rollout cancel"),
+            "{plain:#?}"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(status(admin, release).await.targets.len(), 2);
+
+    // Cancelled: the two drop it; the watch ends, and `cancelled` is no failure.
+    fc.run(&["rollout", "cancel", r, "--yes"]).await.ok();
+    wait_status_within(admin, release, E2E_WAIT, |s| {
+        s.targets.iter().all(|t| t.phase == Phase::Cancelled)
+    })
+    .await;
+    let watch = fc.run(&["release", "watch", r, "--timeout", "20"]).await;
+    assert_eq!(watch.code, 0, "{watch:#?}");
+    assert!(
+        watch.stdout.contains("all 2 machine(s) finished")
+            && watch.stdout.contains("staged rollout cancelled"),
+        "{watch:#?}"
+    );
+    let summary = fc.run(&["release", "status", r, "--summary"]).await.ok();
+    assert!(summary.contains("8 of 10 were never notified"), "{summary}");
+
+    // Now a plain publish is the operator's choice: all ten get it, the two cancelled ones in
+    // a new round.
+    fc.run(&["release", "publish", r, "--groups", "fleet", "--yes"])
+        .await
+        .ok();
+    wait_status_within(admin, release, E2E_WAIT, |s| {
+        s.targets.len() == 10 && s.targets.iter().all(|t| t.phase == Phase::Deferred)
+    })
+    .await;
+    // Waves over the group notice would hold back nobody: refused.
+    let again = fc
+        .run(&[
+            "release", "publish", r, "--groups", "fleet", "--waves", "50%", "--yes",
+        ])
+        .await;
+    assert_eq!(again.code, 1, "{again:#?}");
+    assert!(
+        again
+            .stderr
+            .contains("was published to group fleet without waves"),
+        "{again:#?}"
+    );
+
+    f.stop().await;
+}
+
+/// Every machine fails the health check and the failure threshold is 100%: wave 1 finishes
+/// (all rolled back) but never succeeds, so the rollout keeps running. `release watch` follows
+/// it past that wave (it ended there, exit 3, with "all 2 machine(s) finished"), `release
+/// status` and `rollout status` say what is left and why it waits, `rollout resume --advance`
+/// starts the next wave of the running rollout (it was refused), and a paused rollout ends the
+/// watch with its own status.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn release_watch_follows_a_staged_rollout_and_advance_moves_a_running_one_on() {
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let env = env(&broker).await;
+    let mut sims = Sims::default();
+    sims.start(fleetcast_device::simulate::SimulateOptions {
+        fail_health: vec!["2.0.0".into()],
+        ..simulated(
+            &env.data_dir,
+            &env.dir.path().join("machines"),
+            &broker,
+            10,
+            &["fleet"],
+        )
+    });
+    wait_online(&env.admin, 10).await;
+    let (_, release) = app_release(
+        &env.admin,
+        env.dir.path(),
+        "2.0.0",
+        3_000,
+        5,
+        InstallPolicy::Immediate,
+    )
+    .await;
+    let f = Fleet {
+        broker,
+        env,
+        sims,
+        release: release.id,
+    };
+    let (admin, release) = (&f.env.admin, &f.release);
+    let fc = fleetcast(&f);
+    let r = release.as_str();
+    let plan = WavePlan::new(vec![2000], 9500, 10_000, 0).unwrap();
+    publish_with(admin, release, &[], &["fleet"], Some(plan)).await;
+    until_finished(admin, release, 2).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        rollout_status(admin, release).await.state,
+        RolloutState::Running
+    );
+
+    let watch = fc.run(&["release", "watch", r, "--timeout", "2"]).await;
+    assert_eq!(watch.code, 4, "a timeout has its own status: {watch:#?}");
+    assert!(
+        watch.stdout.contains(
+            "2/2 finished; rolled_back=2 (staged rollout running, wave 1 of 2: 2 of 10 \
+             machines notified)"
+        ) && watch.stderr.contains("not finished after 2 s"),
+        "{watch:#?}"
+    );
+    let summary = fc.run(&["release", "status", r, "--summary"]).await.ok();
+    assert!(
+        summary.contains(
+            "staged rollout running in wave 1 of 2: only the 2 machine(s) notified so far are \
+             listed; 8 of 10 are not notified yet"
+        ),
+        "{summary}"
+    );
+    let why = fc.run(&["rollout", "status", r]).await.ok();
+    assert!(
+        why.contains(
+            "wave 1: 0 of 2 machines succeeded (0%), below 95%; 2 failed (100%), pauses above \
+             100%"
+        ),
+        "{why}"
+    );
+
+    // A plain resume of a running rollout says what would work; --advance does it.
+    let resume = fc.run(&["rollout", "resume", r]).await;
+    assert_eq!(resume.code, 1, "{resume:#?}");
+    assert!(
+        resume.stderr.contains(&format!(
+            "`fleetcast rollout resume {r} --advance` starts the next wave now"
+        )),
+        "{resume:#?}"
+    );
+    fc.run(&["rollout", "resume", r, "--advance"]).await.ok();
+    let s = until_finished(admin, release, 10).await;
+    assert!(s.targets.iter().all(|t| t.phase == Phase::RolledBack));
+    let advanced = rollout_status(admin, release).await;
+    assert_eq!(
+        (advanced.wave, advanced.state, advanced.failures_accepted),
+        (1, RolloutState::Running, 0)
+    );
+
+    // Paused: the watch says so and ends with its own status.
+    fc.run(&["rollout", "pause", r]).await.ok();
+    let watch = fc.run(&["release", "watch", r]).await;
+    assert_eq!(watch.code, 5, "{watch:#?}");
+    assert!(
+        watch.stderr.contains("is paused: paused by admin"),
+        "{watch:#?}"
+    );
+    // Completed: every machine finished, all failed.
+    fc.run(&["rollout", "resume", r, "--advance"]).await.ok();
+    let watch = fc.run(&["release", "watch", r, "--timeout", "20"]).await;
+    assert_eq!(watch.code, 3, "{watch:#?}");
+    assert!(
+        watch.stdout.contains("all 10 machine(s) finished")
+            && watch.stdout.contains("staged rollout completed"),
+        "{watch:#?}"
+    );
+
+    f.stop().await;
 }
