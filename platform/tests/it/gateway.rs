@@ -228,19 +228,7 @@ async fn over_tls_one_machines_credentials_open_nothing_else_and_the_rollout_com
 
 /// Whether `id` can connect with `secret`'s password now.
 async fn connects(broker: &BrokerUrl, id: &str, secret: &Secret) -> bool {
-    let stop = CancellationToken::new();
-    let (_c, el) = client::connect(
-        client::options(broker, id, Some(&secret.mqtt_password())),
-        8,
-    );
-    let (tx, mut rx) = mpsc::channel(8);
-    tokio::spawn(client::drive(el, tx, stop.clone()));
-    let back = client::wait_for(&mut rx, Duration::from_secs(3), |e| {
-        matches!(e, MqttEvent::Connected { .. })
-    })
-    .await;
-    stop.cancel();
-    back.is_ok()
+    connects_as(broker, id, &secret.mqtt_password()).await
 }
 
 /// Provisioning an id that exists hands out nothing unless asked: `rotate` issues a new
@@ -463,7 +451,7 @@ async fn a_manifest_of_more_parts_than_a_session_queue_holds_downloads_and_insta
     platform.stop().await;
 }
 
-/// Whether `client` can connect as `username` with `password` now.
+/// Whether a client can connect as `username` with `password` now.
 async fn connects_as(broker: &BrokerUrl, username: &str, password: &str) -> bool {
     let stop = CancellationToken::new();
     let (_c, el) = client::connect(client::options(broker, username, Some(password)), 8);

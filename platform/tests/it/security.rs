@@ -997,6 +997,23 @@ async fn on_mosquitto_with_the_generated_files_one_machine_cannot_touch_another(
     platform.stop().await;
 }
 
+/// `fleetcast machine provision --from-file LIST --out-dir OUT` as the bootstrap operator.
+fn provision_from_file(
+    url: &BrokerUrl,
+    data_dir: &Path,
+    list: &Path,
+    out: &Path,
+) -> impl std::future::Future<Output = std::io::Result<std::process::Output>> {
+    tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+        .args(["machine", "provision", "--from-file"])
+        .arg(list)
+        .arg("--out-dir")
+        .arg(out)
+        .args(["--broker", &url.to_string(), "--admin-secret-file"])
+        .arg(admin_secret_path(data_dir))
+        .output()
+}
+
 #[tokio::test]
 async fn machines_are_provisioned_in_bulk_from_a_list_with_one_private_config_each() {
     let broker = start_on_free_port(|s| s).unwrap();
@@ -1015,14 +1032,7 @@ async fn machines_are_provisioned_in_bulk_from_a_list_with_one_private_config_ea
     }
     std::fs::write(&list, text).unwrap();
     let out = dir.path().join("configs");
-    let status = tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
-        .args(["machine", "provision", "--from-file"])
-        .arg(&list)
-        .arg("--out-dir")
-        .arg(&out)
-        .args(["--broker", &url.to_string(), "--admin-secret-file"])
-        .arg(admin_secret_path(&data_dir))
-        .output()
+    let status = provision_from_file(&url, &data_dir, &list, &out)
         .await
         .unwrap();
     assert!(
@@ -1093,14 +1103,7 @@ async fn a_long_list_refused_in_a_later_batch_provisions_nothing_and_a_later_fai
             .map(|id| format!("{id},north\n"))
             .collect();
         std::fs::write(&list, text).unwrap();
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
-            .args(["machine", "provision", "--from-file"])
-            .arg(&list)
-            .arg("--out-dir")
-            .arg(&out)
-            .args(["--broker", &url.to_string(), "--admin-secret-file"])
-            .arg(admin_secret_path(&data_dir))
-            .output()
+        provision_from_file(&url, &data_dir, &list, &out)
     };
     let run = from_file("").await.unwrap();
     let stderr = String::from_utf8_lossy(&run.stderr);
