@@ -227,6 +227,25 @@ impl Principal {
         }
     }
 
+    /// The group whose notices `filter` asks for, when this is a machine and the group (a valid
+    /// group id) is not one of its own: what an agent whose config still names a group the
+    /// platform removed it from subscribes to. The embedded broker refuses such a filter in the
+    /// SUBACK and keeps the connection (nothing of that group is delivered either way).
+    pub fn foreign_group_filter<'f>(&self, topics: &Topics, filter: &'f str) -> Option<&'f str> {
+        let Principal::Machine { groups, .. } = self else {
+            return None;
+        };
+        let rest = under_prefix(topics, filter)?;
+        match rest.split('/').collect::<Vec<_>>().as_slice() {
+            ["groups", g, "release", "+"]
+                if GroupId::new(*g).is_ok() && !groups.iter().any(|mine| mine.as_str() == *g) =>
+            {
+                Some(*g)
+            }
+            _ => None,
+        }
+    }
+
     /// Whether this principal, connected as `client_id`, may subscribe to `filter`. A `+` in
     /// the filter is allowed only where this principal may read every topic it matches; `#`
     /// only for the platform.
@@ -296,6 +315,28 @@ mod tests {
             id: MachineId::new(id).unwrap(),
             groups: groups.iter().map(|g| GroupId::new(*g).unwrap()).collect(),
         }
+    }
+
+    #[test]
+    fn a_machines_filter_for_a_group_it_is_not_in_is_foreign_and_nothing_else_is() {
+        let vm = machine("vm-1", &["north"]);
+        fn foreign<'f>(p: &Principal, f: &'f str) -> Option<&'f str> {
+            p.foreign_group_filter(&Topics::default(), f)
+        }
+        assert_eq!(foreign(&vm, "fleet/groups/south/release/+"), Some("south"));
+        for not in [
+            "fleet/groups/north/release/+",   // its own
+            "fleet/groups/+/release/+",       // not a group id: a violation
+            "fleet/groups/south/release/app", // not the protocol's filter
+            "fleet/machines/vm-2/release/+",  // another machine
+            "other/groups/south/release/+",   // another prefix
+        ] {
+            assert_eq!(foreign(&vm, not), None, "{not}");
+        }
+        assert_eq!(
+            foreign(&Principal::Platform, "fleet/groups/south/release/+"),
+            None
+        );
     }
 
     #[test]

@@ -1111,7 +1111,7 @@ impl Session<'_> {
                 });
             }
             PacketType::Subscribe => {
-                let mut filters = frames::subscribe_filters(frame).map_err(End::Frame)?;
+                let filters = frames::subscribe_filters(frame).map_err(End::Frame)?;
                 if matches!(principal, Principal::Machine { .. })
                     && filters.len() > super::MAX_SUBSCRIBE_FILTERS
                 {
@@ -1123,6 +1123,23 @@ impl Session<'_> {
                             super::MAX_SUBSCRIBE_FILTERS
                         ),
                     });
+                }
+                // A group the machine is not in (any more): refused in the SUBACK, not by
+                // closing the connection. An agent subscribes to the groups its config names,
+                // and one the platform removed it from (`fleetcast machine groups --remove`)
+                // closed its connection at every connect until the config was edited, which
+                // cut it off from its own notices and reports too. Nothing of that group
+                // reaches it either way.
+                let (foreign, mut filters): (Vec<String>, Vec<String>) = filters
+                    .into_iter()
+                    .partition(|f| principal.foreign_group_filter(&shared.topics, f).is_some());
+                if let Some(f) = foreign.first() {
+                    let username = self.principal.username();
+                    if let Some(quiet_before) = should_log(shared, &username) {
+                        tracing::warn!(client = %shown(client_id), filter = %shown(f),
+                            refused = foreign.len(), quiet_before,
+                            "machine subscribed to a group it is not in on the platform (its config lists groups the platform removed?): SUBACK failure");
+                    }
                 }
                 if let Some(f) = filters
                     .iter()
@@ -1153,12 +1170,14 @@ impl Session<'_> {
                     (names(allowed), names(refused))
                 })
                 .await;
-                let Ok((filters, refused)) = checked else {
+                let Ok((filters, mut refused)) = checked else {
                     return Err(End::Violation {
                         what: "subscribe (dynamic check)",
                         topic: "(authenticator panicked)".to_owned(),
                     });
                 };
+                let foreign_count = foreign.len();
+                refused.extend(foreign);
                 // Served filters in a SUBSCRIBE that also names others go to rumqttd with
                 // them (it answers the whole SUBACK), and rumqttd delivers them.
                 let local = filters
@@ -1178,7 +1197,11 @@ impl Session<'_> {
                     // closed connection: closing it made such an agent reconnect and ask again
                     // for ever, and its other reports never got through.
                     let username = self.principal.username();
-                    if let Some(quiet_before) = should_log(shared, &username) {
+                    let dynamic = refused.len() - foreign_count;
+                    if let Some(quiet_before) = (dynamic > 0)
+                        .then(|| should_log(shared, &username))
+                        .flatten()
+                    {
                         // Counted, not listed: one SUBSCRIBE may name thousands.
                         tracing::info!(client = %shown(client_id), refused = refused.len(), first = %shown(f),
                             quiet_before, "subscription refused by the platform (not assigned now): SUBACK failure");

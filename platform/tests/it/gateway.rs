@@ -451,6 +451,15 @@ async fn a_manifest_of_more_parts_than_a_session_queue_holds_downloads_and_insta
     platform.stop().await;
 }
 
+/// The gateway's count of violations (each closes a session).
+async fn violations(admin: &AdminClient) -> u64 {
+    let stats = admin.call(calls::Stats {}).await.unwrap();
+    stats
+        .gateway
+        .expect("the embedded gateway counts")
+        .violations
+}
+
 /// Whether a client can connect as `username` with `password` now.
 async fn connects_as(broker: &BrokerUrl, username: &str, password: &str) -> bool {
     let stop = CancellationToken::new();
@@ -595,26 +604,31 @@ async fn a_machine_removed_from_a_group_can_no_longer_subscribe_to_it_nor_be_its
     let vm = ms.iter().find(|x| x.id.as_str() == "vm-1").unwrap();
     assert_eq!(vm.groups, vec![g("beijing")]);
 
-    // The same secret connects and reads beijing; shanghai closes the connection.
-    let mut peer = peer_with(&plain, "vm-1", Some(&password)).await;
-    peer.subscribe("fleet/groups/beijing/release/+").await;
-    peer.client
-        .subscribe("fleet/groups/shanghai/release/+", QoS::AtLeastOnce)
-        .await
-        .unwrap();
-    closed(&mut peer, "closed after subscribing to shanghai").await;
-    drop(peer);
+    // The same secret connects and reads beijing. Shanghai, whose notice is retained, is
+    // refused in the SUBACK: nothing of it arrives and the connection stays.
     let plan = release(&admin, "1.0", &[], &["shanghai"]).await;
     let targets: Vec<&str> = plan.targets.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(targets, ["vm-2"], "shanghai's release leaves vm-1 out");
+    let before = violations(&admin).await;
+    let mut peer = peer_with(&plain, "vm-1", Some(&password)).await;
+    peer.subscribe("fleet/groups/shanghai/release/+").await;
+    peer.subscribe("fleet/groups/beijing/release/+").await;
+    release(&admin, "1.0", &[], &["beijing"]).await;
+    let first = peer.next(|p| p.topic.starts_with("fleet/groups/")).await;
+    assert_eq!(first.topic, "fleet/groups/beijing/release/app");
+    assert_eq!(
+        violations(&admin).await,
+        before,
+        "no violation, no closed session"
+    );
     admin.close().await;
     platform.stop().await;
 }
 
 /// The move of docs/operations.md ("Moving a machine to another group") with the real agent.
-/// Moved in one command while its config still names the old group, it is disconnected at
-/// every connect (it subscribes to that group's topic); once its config names the new group
-/// only, it stays connected and installs the new group's release.
+/// Moved in one command while its config still names the old group, it stays connected (that
+/// group is refused in the SUBACK) and installs what is released to it by name; once its
+/// config names the new group, it installs the new group's release too.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_agent_moved_to_another_group_installs_its_release_once_its_config_follows() {
     let Embedded {
@@ -631,14 +645,7 @@ async fn an_agent_moved_to_another_group_installs_its_release_once_its_config_fo
     let agents = CancellationToken::new();
     let agent = tokio::spawn(fleetcast_device::agent::run(config.clone(), agents.clone()));
     wait_online(&admin, 1).await;
-    let violations = || async {
-        let stats = admin.call(calls::Stats {}).await.unwrap();
-        stats
-            .gateway
-            .expect("the embedded gateway counts")
-            .violations
-    };
-    let before = violations().await;
+    let before = violations(&admin).await;
     admin
         .call(calls::MachineGroups {
             machine: m("vm-m"),
@@ -647,13 +654,20 @@ async fn an_agent_moved_to_another_group_installs_its_release_once_its_config_fo
         })
         .await
         .unwrap();
-    poll_until(
-        E2E_WAIT,
-        "the agent, still subscribing to shanghai, closed twice",
-        violations,
-        |v| *v >= before + 2,
-    )
+    // Its config still names shanghai: that subscription is refused in the SUBACK and the
+    // agent stays connected, so a release named to it is installed.
+    let v15 = artifact_file(dir.path(), "app-1.5.0.bin", 60_000, 8);
+    upload_app(&admin, &v15, "1.5.0").await;
+    let direct = release(&admin, "1.5.0", &["vm-m"], &[]).await.release;
+    wait_status_within(&admin, &direct.id, E2E_WAIT, |s| {
+        s.targets.len() == 1 && s.targets[0].phase == Phase::Installed
+    })
     .await;
+    assert_eq!(
+        violations(&admin).await,
+        before,
+        "the agent with the removed group in its config is not disconnected"
+    );
     agents.cancel();
     joined(agent, "agent vm-m with shanghai in its config").await;
 
@@ -667,10 +681,10 @@ async fn an_agent_moved_to_another_group_installs_its_release_once_its_config_fo
         s.targets.len() == 1 && s.targets[0].phase == Phase::Installed
     })
     .await;
-    let settled = violations().await;
+    let settled = violations(&admin).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(
-        violations().await,
+        violations(&admin).await,
         settled,
         "the moved agent stays connected"
     );
