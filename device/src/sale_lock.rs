@@ -325,7 +325,7 @@ impl SaleLock {
         // A read can skip a line while other locks are released (see `learn_proc_name`), and
         // show one twice while others are taken (the rest shifts the other way between the
         // kernel's pages): the median of five reads is right unless three of them are off (by
-        // hand, with four threads locking 160 other files: a read off 3-4 % of the time).
+        // hand, with four threads locking 160 other files: a read off 4-5 % of the time).
         // (It took the read that showed the most, and `status` counted one sale as two while
         // other tests locked files: CI, 2026-11-29.) For display only: whether an install may
         // go on is decided by taking the lock.
