@@ -163,6 +163,21 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             }
             let admin = client.connect().await?;
             let result = async {
+                if waves.is_none() {
+                    // Refused before the plan and the question, not after the answer (the
+                    // platform checks it again when it publishes). No rollout: a refusal here.
+                    if let Ok(r) = admin
+                        .call(calls::RolloutStatus {
+                            release: release.clone(),
+                        })
+                        .await
+                    {
+                        crate::domain::release::may_publish_at_once(
+                            &release,
+                            Some(&r.rollout.state),
+                        )?;
+                    }
+                }
                 let ask = calls::ReleasePlan {
                     release: release.clone(),
                     machines: machines.clone(),

@@ -500,6 +500,8 @@ async fn a_live_rollout_is_not_published_at_once_and_after_a_cancel_a_plain_publ
             .run(&["release", "publish", r, "--groups", "fleet", "--yes"])
             .await;
         assert_eq!(plain.code, 1, "{plain:#?}");
+        // Refused before the plan is shown and the question asked.
+        assert_eq!(plain.stdout, "", "{plain:#?}");
         assert!(
             plain
                 .stderr
