@@ -66,7 +66,7 @@ impl BrokerKind {
     fn label(self) -> &'static str {
         match self {
             BrokerKind::Embedded => "embedded rumqttd (behind the gateway)",
-            BrokerKind::Mosquitto => "Mosquitto (external, generated password and ACL files)",
+            BrokerKind::Mosquitto => "Mosquitto (external, fleetcast's generated files: machines on a listener of their own, everyone else on another)",
         }
     }
 }
