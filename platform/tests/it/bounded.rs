@@ -261,6 +261,35 @@ async fn a_staged_release_to_a_large_fleet_answers_counts_and_bounded_lists() {
     assert_eq!(page, ids[PLAN_MACHINES - 2..].iter().collect::<Vec<_>>());
     assert!(!last.more);
 
+    let fc = Fleetcast::new(dir.path())
+        .with("FLEETCAST_DATA", &data_dir)
+        .with("FLEETCAST_BROKER", url.to_string());
+    // The plan `release publish` shows before asking (unconfirmed, it publishes nothing;
+    // before the rollout below, which refuses a publish without waves):
+    // the counts and the first machines.
+    let run = fc
+        .run(&[
+            "release",
+            "publish",
+            created.id.as_str(),
+            "--groups",
+            group.as_str(),
+        ])
+        .await;
+    assert!(run.stderr.contains("pass --yes"), "{run:#?}");
+    assert!(
+        run.stdout.contains(&format!(
+            "target machines: {PLAN_MACHINES}\n  {PLAN_MACHINES}  via group {group}\n"
+        )),
+        "{}",
+        run.stdout
+    );
+    assert!(
+        run.stdout.contains("  and 7990 more (--list shows all)\n"),
+        "{}",
+        run.stdout
+    );
+
     // Published in waves: the reply counts the first wave's notices and every target, and
     // lists a bounded part of each.
     let waves = WavePlan::new(vec![100], 9500, 500, 0).unwrap();
@@ -316,9 +345,6 @@ async fn a_staged_release_to_a_large_fleet_answers_counts_and_bounded_lists() {
         (paused.targets(), paused.rollout.order.len()),
         (PLAN_MACHINES, ROLLOUT_ORDER_SHOWN)
     );
-    let fc = Fleetcast::new(dir.path())
-        .with("FLEETCAST_DATA", &data_dir)
-        .with("FLEETCAST_BROKER", url.to_string());
     let text = fc
         .run(&["rollout", "status", created.id.as_str()])
         .await
@@ -328,31 +354,6 @@ async fn a_staged_release_to_a_large_fleet_answers_counts_and_bounded_lists() {
             "wave 1 of 2: 80 of {PLAN_MACHINES} machines notified"
         )),
         "{text}"
-    );
-
-    // The plan `release publish` shows before asking (unconfirmed, it publishes nothing):
-    // the counts and the first machines.
-    let run = fc
-        .run(&[
-            "release",
-            "publish",
-            created.id.as_str(),
-            "--groups",
-            group.as_str(),
-        ])
-        .await;
-    assert!(run.stderr.contains("pass --yes"), "{run:#?}");
-    assert!(
-        run.stdout.contains(&format!(
-            "target machines: {PLAN_MACHINES}\n  {PLAN_MACHINES}  via group {group}\n"
-        )),
-        "{}",
-        run.stdout
-    );
-    assert!(
-        run.stdout.contains("  and 7990 more (--list shows all)\n"),
-        "{}",
-        run.stdout
     );
 
     admin.close().await;
