@@ -195,6 +195,9 @@ pub fn retry_targets(
     in_group: impl Fn(&TargetRecord, &GroupId) -> bool,
 ) -> Result<Vec<MachineId>, Refused> {
     let grouped = in_groups(release, targets, groups, in_group)?;
+    // Named machines must be targets, with `failed_ones` too: a retry is not a way to send a
+    // release to a machine it was never published to (it was, with --failed).
+    let named = named_targets(release, targets, machines)?;
     let mut chosen: Vec<MachineId> = if failed_ones {
         targets
             .iter()
@@ -203,11 +206,12 @@ pub fn retry_targets(
             .map(|t| t.machine.clone())
             .collect()
     } else {
-        let mut named = named_targets(release, targets, machines)?;
-        add_missing(&mut named, &grouped);
-        named
+        Vec::new()
     };
-    add_missing(&mut chosen, machines);
+    add_missing(&mut chosen, &named);
+    if !failed_ones {
+        add_missing(&mut chosen, &grouped);
+    }
     if chosen.is_empty() {
         return Err(if failed_ones {
             Refused::NoFailedMachines(release.clone())
@@ -550,13 +554,16 @@ mod tests {
     fn a_retry_refuses_machines_that_are_not_targets_and_a_retry_of_nobody() {
         let r = crate::fixtures::release("r-000001", "1.0");
         let targets = records(&r, &[("vm-1", Phase::Installed)]);
-        assert_eq!(
-            retry_targets(&r.id, &targets, &[m("vm-9")], &[], false, no_group),
-            Err(Refused::NotATarget {
-                release: r.id.clone(),
-                machine: m("vm-9")
-            })
-        );
+        for failed_ones in [false, true] {
+            assert_eq!(
+                retry_targets(&r.id, &targets, &[m("vm-9")], &[], failed_ones, no_group),
+                Err(Refused::NotATarget {
+                    release: r.id.clone(),
+                    machine: m("vm-9")
+                }),
+                "failed_ones {failed_ones}"
+            );
+        }
         assert_eq!(
             retry_targets(&r.id, &targets, &[], &[], true, no_group),
             Err(Refused::NoFailedMachines(r.id.clone()))
