@@ -369,6 +369,12 @@ pub async fn broker(cmd: BrokerCmd, client: &ClientArgs) -> anyhow::Result<()> {
             cert,
             key,
         } => {
+            // Checked before anything is asked of the platform.
+            anyhow::ensure!(
+                machines_listener.1 != services_listener.1,
+                "the machines' and the service listener need ports of their own (both {})",
+                machines_listener.1
+            );
             let admin = client.connect().await?;
             let files = mosquitto_files_all(&admin, None).await;
             admin.close().await;
@@ -400,11 +406,6 @@ pub async fn broker(cmd: BrokerCmd, client: &ClientArgs) -> anyhow::Result<()> {
                 bind: services_listener.0,
                 port: services_listener.1,
             };
-            anyhow::ensure!(
-                machines.port != services.port,
-                "the machines' and the service listener need ports of their own (both {})",
-                machines.port
-            );
             let path = |name: &str| out.join(name);
             let (sp, mp, a, c) = (
                 path("fleetcast.passwd"),
