@@ -208,7 +208,6 @@ class Agent:
     def __init__(self, cfg, out, once):
         self.cfg, self.out, self.once = cfg, Path(out), once
         self.me = cfg["machine"]
-        self.groups = list(cfg.get("groups", []))
         self.secret = bytes.fromhex(cfg["secret"])
         self.p = cfg.get("topic_prefix", "fleet").rstrip("/")  # §2: no trailing /
         self.data = Path(cfg["data_dir"])
@@ -220,6 +219,8 @@ class Agent:
         self.st.setdefault("kinds", {})
         self.st.setdefault("cmd_seq", 0)
         self.st.setdefault("seen", [])  # hashes of unverified notices already reported
+        # The groups the platform named in a `groups` command (§5) win over the config's.
+        self.groups = list(self.st.get("groups", cfg.get("groups", [])))
         # Counter (§2): never reused; reserved 10,000 at a time, so a crash skips but never repeats.
         self.ctr = self.st.get("ctr_reserved") or int(time.time() * 1e6)
         self.st["ctr_reserved"] = self.ctr
@@ -496,6 +497,22 @@ class Agent:
         self.st["cmd_seq"] = cmd["seq"]
         self.save()
         action, rel = cmd.get("action"), cmd.get("release")
+        if action == "groups":
+            named = cmd.get("groups")
+            if not isinstance(named, list) or not all(isinstance(g, str) for g in named):
+                return log("command refused: groups is not a list of group ids")
+            left = [g for g in self.groups if g not in named]
+            joined = [g for g in named if g not in self.groups]
+            self.groups = self.st["groups"] = list(named)
+            self.save()
+            log(f"the platform says this machine is in groups {named}")
+            if self.connected:
+                for g in left:
+                    self.c.unsubscribe(self.t(f"groups/{g}/release/+"))
+                for g in joined:
+                    self.c.subscribe(self.t(f"groups/{g}/release/+"), 1)
+            self.publish_state()
+            return
         if action == "report":
             self.publish_state()
             for k, ks in self.st["kinds"].items():

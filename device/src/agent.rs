@@ -376,6 +376,7 @@ impl Agent {
 
     async fn apply(&mut self, actions: Vec<Action>) {
         let mut persist = false;
+        let mut follow = Vec::new();
         for action in actions {
             match action {
                 Action::Report(r) => self.enqueue_status(r).await,
@@ -387,6 +388,7 @@ impl Agent {
                     notice,
                     from_previous,
                 } => self.start_install(kind, notice, from_previous),
+                Action::FollowGroups { joined, left } => follow.push((joined, left)),
                 Action::Persist => persist = true,
             }
         }
@@ -395,6 +397,9 @@ impl Agent {
                 tracing::error!(machine = %self.me(), "cannot persist agent state: {e}");
             }
             self.remove_released_files().await;
+        }
+        for (joined, left) in follow {
+            self.follow_groups(&joined, &left);
         }
         if self.state_dirty {
             self.publish_state().await;
@@ -479,8 +484,29 @@ impl Agent {
 
     fn subscribe_all(&self) {
         let downloads = self.downloads.values().map(|d| &d.artifact);
-        for (f, qos) in subscriptions(&self.topics, self.me(), &self.config.groups, downloads) {
+        for (f, qos) in subscriptions(&self.topics, self.me(), self.updater.groups(), downloads) {
             if let Err(e) = self.client.try_subscribe(f.clone(), qos) {
+                tracing::warn!(machine = %self.me(), filter = %f, "cannot subscribe: {e}");
+            }
+        }
+    }
+
+    /// Leaves the release topics of `left` and subscribes to those of `joined` (a `groups`
+    /// command). While disconnected nothing is sent: the next connect subscribes to the groups
+    /// followed then.
+    fn follow_groups(&self, joined: &[GroupId], left: &[GroupId]) {
+        if !self.connected {
+            return;
+        }
+        for g in left {
+            let f = self.topics.group_release_filter(g);
+            if let Err(e) = self.client.try_unsubscribe(f.clone()) {
+                tracing::warn!(machine = %self.me(), filter = %f, "cannot unsubscribe: {e}");
+            }
+        }
+        for g in joined {
+            let f = self.topics.group_release_filter(g);
+            if let Err(e) = self.client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
                 tracing::warn!(machine = %self.me(), filter = %f, "cannot subscribe: {e}");
             }
         }
@@ -491,7 +517,7 @@ impl Agent {
             Some(Route::MachineRelease(m, kind)) if &m == self.me() => {
                 self.on_notice(topic, kind, &payload).await
             }
-            Some(Route::GroupRelease(g, kind)) if self.config.groups.contains(&g) => {
+            Some(Route::GroupRelease(g, kind)) if self.updater.groups().contains(&g) => {
                 self.on_notice(topic, kind, &payload).await
             }
             Some(Route::Command(m)) if &m == self.me() => {
@@ -844,7 +870,7 @@ impl Agent {
             ctr,
             at_ms: now_ms(),
             agent_version: fleetcast_proto::VERSION.to_owned(),
-            groups: self.config.groups.clone(),
+            groups: self.updater.groups().to_vec(),
             busy: self.updater.busy(),
             kinds: self.updater.kind_states(),
             key_gen: self.trust.generation,

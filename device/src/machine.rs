@@ -134,6 +134,10 @@ pub struct Ledger {
     pub kinds: BTreeMap<Kind, KindRecord>,
     #[serde(default)]
     pub last_command_seq: u64,
+    /// The groups the platform last said this machine is in (a `groups` command); until one
+    /// comes, those of the config. The platform's membership wins over a config edited later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub groups: Option<Vec<GroupId>>,
     /// blake3 (hex) of the last [`UNVERIFIED_SEEN_MAX`] unverified notices reported: a retained
     /// one comes back on every reconnect and is reported once. The hash of the bytes, not the
     /// seq the notice claims: a forgery must not mark a genuine notice's seq as seen.
@@ -253,6 +257,11 @@ pub enum Action {
         notice: ReleaseNotice,
         from_previous: bool,
     },
+    /// The groups whose release topics to follow changed (after the ledger is persisted).
+    FollowGroups {
+        joined: Vec<GroupId>,
+        left: Vec<GroupId>,
+    },
     Persist,
 }
 
@@ -285,6 +294,7 @@ impl Updater {
                 });
             }
         }
+        let groups = ledger.groups.clone().unwrap_or(groups);
         Self {
             me,
             groups,
@@ -297,6 +307,12 @@ impl Updater {
 
     pub fn busy(&self) -> bool {
         self.busy
+    }
+
+    /// The groups whose notices this machine follows: the platform's once it has said, else the
+    /// config's.
+    pub fn groups(&self) -> &[GroupId] {
+        &self.groups
     }
 
     /// Whether a downloaded `idle` job waits for the machine to be free (and nothing else,
@@ -681,6 +697,27 @@ impl Updater {
                     if let Some(last) = &rec.last {
                         out.push(Action::Report(last.clone()));
                     }
+                }
+            }
+            CommandAction::Groups { groups } => {
+                let joined: Vec<GroupId> = groups
+                    .iter()
+                    .filter(|g| !self.groups.contains(g))
+                    .cloned()
+                    .collect();
+                let left: Vec<GroupId> = self
+                    .groups
+                    .iter()
+                    .filter(|g| !groups.contains(g))
+                    .cloned()
+                    .collect();
+                tracing::info!(machine = %self.me, groups = ?groups, joined = joined.len(), left = left.len(),
+                    "the platform names this machine's groups");
+                self.ledger.groups = Some(groups.clone());
+                self.groups = groups;
+                if !joined.is_empty() || !left.is_empty() {
+                    out.push(Action::FollowGroups { joined, left });
+                    out.push(Action::PublishState);
                 }
             }
             CommandAction::Activate { release } => {
@@ -1343,6 +1380,69 @@ mod tests {
             ),
         );
         assert!(phases(&a).is_empty(), "an install cannot be cancelled");
+    }
+
+    #[test]
+    fn a_groups_command_changes_the_groups_followed_and_outlives_a_restart() {
+        let mut u = updater();
+        let beijing = GroupId::new("beijing").unwrap();
+        let a = u.handle(
+            NOON,
+            cmd(
+                5,
+                CommandAction::Groups {
+                    groups: vec![beijing.clone()],
+                },
+            ),
+        );
+        assert!(a.contains(&Action::FollowGroups {
+            joined: vec![beijing.clone()],
+            left: vec![group()],
+        }));
+        assert!(a.contains(&Action::Persist) && a.contains(&Action::PublishState));
+        assert_eq!(u.groups(), std::slice::from_ref(&beijing));
+        let mut left = notice("r-1", 1, "1.1.0");
+        left.target = Target::Group(group());
+        assert_eq!(
+            phases(&u.handle(NOON, Input::Notice(left))),
+            vec![Phase::Rejected],
+            "a notice of the group left is no longer for this machine"
+        );
+        let mut joined = notice("r-2", 2, "1.2.0");
+        joined.target = Target::Group(beijing.clone());
+        assert_eq!(
+            phases(&u.handle(NOON, Input::Notice(joined)))[0],
+            Phase::Notified
+        );
+
+        // Restarted with the config's groups: the platform's stay.
+        let initial = BTreeMap::from([(app(), "1.0.0".to_owned())]);
+        let mut again = Updater::new(me(), vec![group()], 0, u.ledger.clone(), &initial);
+        assert_eq!(again.groups(), std::slice::from_ref(&beijing));
+        // A replay of the command, or an older one naming the old group, changes nothing.
+        let old = CommandAction::Groups {
+            groups: vec![group()],
+        };
+        assert!(again.handle(NOON, cmd(5, old.clone())).is_empty());
+        assert!(again.handle(NOON, cmd(4, old)).is_empty());
+        assert_eq!(again.groups(), std::slice::from_ref(&beijing));
+        // The same groups again: recorded, nothing to follow.
+        let a = again.handle(
+            NOON,
+            cmd(
+                6,
+                CommandAction::Groups {
+                    groups: vec![beijing],
+                },
+            ),
+        );
+        assert!(!a.iter().any(|a| matches!(a, Action::FollowGroups { .. })));
+        // No group at all is a list too.
+        let a = again.handle(NOON, cmd(7, CommandAction::Groups { groups: vec![] }));
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, Action::FollowGroups { joined, .. } if joined.is_empty())));
+        assert!(again.groups().is_empty());
     }
 
     #[test]

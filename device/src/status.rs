@@ -21,7 +21,11 @@ use crate::store::{Contact, Outbox, Store, StoreError};
 #[derive(Debug, Clone, Serialize)]
 pub struct DeviceStatus {
     pub machine: MachineId,
+    /// The groups whose notices the agent follows.
     pub groups: Vec<GroupId>,
+    /// Where `groups` come from: `platform` once the platform has named them (a `groups`
+    /// command, protocol.md §5), else `config`.
+    pub groups_from: &'static str,
     pub config: PathBuf,
     /// What is wrong with the config beyond its syntax (the agent refuses to start with any).
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -237,7 +241,15 @@ pub fn collect(
     let holders = lock.holders().ok().flatten();
     Ok(DeviceStatus {
         machine: config.machine.clone(),
-        groups: config.groups.clone(),
+        groups: ledger
+            .groups
+            .clone()
+            .unwrap_or_else(|| config.groups.clone()),
+        groups_from: if ledger.groups.is_some() {
+            "platform"
+        } else {
+            "config"
+        },
         config: config_path.to_owned(),
         config_problems: problems
             .iter()
@@ -383,12 +395,17 @@ pub fn render_text(s: &DeviceStatus, now_ms: u64) -> String {
     field(
         "machine",
         format!(
-            "{} (groups: {}; agent {}; platform key generation {})",
+            "{} (groups: {}{}; agent {}; platform key generation {})",
             s.machine,
             if groups.is_empty() {
                 "none".into()
             } else {
                 groups.join(", ")
+            },
+            if s.groups_from == "platform" {
+                ", as the platform says"
+            } else {
+                ""
             },
             s.agent_version,
             s.key_gen

@@ -91,6 +91,9 @@ pub fn commands() -> Vec<Command> {
         CommandAction::Activate { release: release() },
         CommandAction::Cancel { release: release() },
         CommandAction::Report,
+        CommandAction::Groups {
+            groups: vec![GroupId::new("shanghai").unwrap()],
+        },
     ]
     .into_iter()
     .enumerate()

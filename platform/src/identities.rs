@@ -8,6 +8,7 @@ use fleetcast_proto::admin::{
     MAX_PROVISION_BATCH,
 };
 use fleetcast_proto::auth::Secret;
+use fleetcast_proto::command::CommandAction;
 use fleetcast_proto::{GroupId, MachineId};
 use rand::RngCore;
 
@@ -336,11 +337,18 @@ pub async fn machine_groups(
         Ok(info.groups)
     })?;
     ctx.store.flush_async().await?;
-    let closed = if remove.is_empty() {
-        0
-    } else {
-        ctx.sessions.close_sessions(machine.as_str())
-    };
+    // The embedded broker reads a machine's groups at connect, so its session is closed after
+    // any change: its agent reconnects at once, and its first state, still naming the groups
+    // it followed, makes the ingest tell it its new ones (a `groups` command, protocol.md §5).
+    // Where no session was closed (an external broker, or the machine is offline) the command
+    // goes now; one that finds no session is lost, and the next state brings it again.
+    let closed = ctx.sessions.close_sessions(machine.as_str());
+    if closed == 0 {
+        let action = CommandAction::Groups {
+            groups: groups.clone(),
+        };
+        crate::publish::send_commands(ctx, [(machine, action)]).await?;
+    }
     let now = if groups.is_empty() {
         "no group".to_owned()
     } else {
@@ -348,11 +356,15 @@ pub async fn machine_groups(
     };
     let mut message = format!("machine {machine} is in {now}");
     if !remove.is_empty() {
-        message.push_str(&format!(
-            "; removed from {} ({closed} broker session(s) closed)",
-            join(&remove)
-        ));
+        message.push_str(&format!("; removed from {}", join(&remove)));
     }
+    message.push_str(&if closed > 0 {
+        format!(
+            "; {closed} broker session(s) closed: its agent is told its groups as it reconnects"
+        )
+    } else {
+        "; its agent is told its groups when it is next connected".to_owned()
+    });
     Ok(message)
 }
 

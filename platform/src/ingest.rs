@@ -13,13 +13,14 @@
 //! change nothing. Integrator messages (`fleet/events`, rollout progress) and reconciler
 //! re-publishes go out after the flush.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleetcast_broker::MqttEvent;
 use fleetcast_proto::admin::{FleetEvent, MachineInfo, TargetRecord};
 use fleetcast_proto::auth::{AuthError, MacEnvelope, Purpose, Secret};
+use fleetcast_proto::command::CommandAction;
 use fleetcast_proto::release::validate_version;
 use fleetcast_proto::status::status_envelopes;
 use fleetcast_proto::text::shown;
@@ -88,6 +89,11 @@ enum After {
         release: ReleaseId,
     },
     Republish(DesiredNotice),
+    /// A signed command for one machine (its seq taken before the flush).
+    Command {
+        topic: String,
+        payload: Vec<u8>,
+    },
     /// A machine trusts an older platform key: send the key chain again.
     KeyChain,
     /// What a machine sent was kept only in part, or not applied: logged after the batch (not
@@ -203,6 +209,8 @@ struct Ingest {
     /// When the key chain was last re-published for a machine behind it (one retained message
     /// serves every machine, so once per interval is enough).
     chain_sent: Option<Instant>,
+    /// Per machine: the groups it was last told it is in (a `groups` command), and when.
+    groups_told: HashMap<MachineId, (Vec<GroupId>, Instant)>,
     /// Releases whose records changed since their staged rollout (if any) was last evaluated,
     /// and when each was (at most once per [`PROGRESS_INTERVAL`]; all every `staged::SWEEP`).
     rollouts_dirty: HashSet<ReleaseId>,
@@ -524,6 +532,7 @@ impl Ingest {
             progress_dirty: HashSet::new(),
             republished: HashMap::new(),
             chain_sent: None,
+            groups_told: HashMap::new(),
             rollouts_dirty: HashSet::new(),
             rollouts_checked: HashMap::new(),
             rollouts_swept: Instant::now(),
@@ -546,6 +555,7 @@ impl Ingest {
                     ingest.rollouts().await;
                     let keep = 4 * ingest.ctx.limits.republish_every;
                     ingest.republished.retain(|_, (_, t)| t.elapsed() < keep);
+                    ingest.groups_told.retain(|_, (_, t)| t.elapsed() < GROUPS_RESEND);
                     continue
                 }
                 b = batches.recv() => match b { Some(b) => b, None => return Ok(()) },
@@ -652,6 +662,14 @@ impl Ingest {
             After::Warn { machine, what } => {
                 if let Some(quiet_before) = ctx.should_log(machine.as_str()) {
                     tracing::warn!(%machine, quiet_before, "{what}");
+                }
+            }
+            After::Command { topic, payload } => {
+                if let Err(err) = ctx
+                    .mqtt
+                    .try_publish(topic, QoS::AtLeastOnce, false, payload)
+                {
+                    tracing::warn!(error = %err, "command not queued");
                 }
             }
             After::Republish(n) => {
@@ -936,11 +954,24 @@ impl Ingest {
             }));
         }
         let now = now_ms();
-        let (mut after, behind) = self
+        let (mut after, behind, groups) = self
             .ctx
             .store
             .transaction(|tx| apply_state(tx, m, &st, now))
             .map_err(Err)?;
+        if let Some(groups) = groups {
+            if tell_groups_now(&mut self.groups_told, m, &groups, Instant::now()) {
+                let seq = self.ctx.store.next_seq().map_err(Err)?;
+                // Through the machine's log gate, and counted: a state may name thousands.
+                if let Some(quiet_before) = self.ctx.should_log(m.as_str()) {
+                    tracing::info!(machine = %m, reported = st.groups.len(), groups = groups.len(), quiet_before,
+                        "machine follows other groups than it is in: telling it its groups");
+                }
+                let (topic, payload) =
+                    publish::signed_command(&self.ctx, m, seq, CommandAction::Groups { groups });
+                after.push(After::Command { topic, payload });
+            }
+        }
         if st.key_gen < self.ctx.keys().generation()
             && self
                 .chain_sent
@@ -1234,9 +1265,45 @@ fn republish_now(
 /// Desired notices a machine is behind on, by kind.
 type Behind = Vec<(Kind, DesiredNotice)>;
 
+/// A machine's groups on the platform.
+type Groups = Vec<GroupId>;
+
+/// How soon a machine whose state still reports other groups than its own is sent the same
+/// `groups` command again: an agent that does not know the command (it is newer than the
+/// protocol's first version) reports the same groups at every state, every 5-10 min.
+pub const GROUPS_RESEND: Duration = Duration::from_secs(60);
+
+/// Whether machine `m`, reporting other groups than `groups` (its own), is sent a `groups`
+/// command now: at once when it was not told these groups in the last [`GROUPS_RESEND`], so a
+/// second move right after a first is not held back, and at most once per interval otherwise
+/// (a machine reporting groups at will cannot make the platform sign a command per state).
+fn tell_groups_now(
+    told: &mut HashMap<MachineId, (Vec<GroupId>, Instant)>,
+    m: &MachineId,
+    groups: &[GroupId],
+    now: Instant,
+) -> bool {
+    if let Some((last, at)) = told.get(m) {
+        if last == groups && now.duration_since(*at) < GROUPS_RESEND {
+            return false;
+        }
+    }
+    told.insert(m.clone(), (groups.to_vec(), now));
+    true
+}
+
+/// Whether a machine reporting `reported` follows other groups than `own` (order and repeats
+/// aside).
+fn follows_other_groups(reported: &[GroupId], own: &[GroupId]) -> bool {
+    let reported: BTreeSet<&GroupId> = reported.iter().collect();
+    let own: BTreeSet<&GroupId> = own.iter().collect();
+    reported != own
+}
+
 /// Applies a fresh machine state in a transaction (`tx`): updates the machine and its history,
-/// gives it the target records of its groups' releases. Returns the post-flush work, and the
-/// desired notices the machine is behind on and has not answered (to re-publish).
+/// gives it the target records of its groups' releases. Returns the post-flush work, the
+/// desired notices the machine is behind on and has not answered (to re-publish), and the
+/// machine's groups when it reports following others (to tell it, §5 `groups`).
 /// What a state must be to be applied: at most [`MAX_KINDS`] kinds, versions as the protocol
 /// defines them (1 to 64 printable ASCII characters), an agent version of at most 64 printable
 /// ASCII characters. Operators read these in tables and terminals.
@@ -1299,7 +1366,7 @@ fn apply_state(
     m: &MachineId,
     st: &MachineState,
     now: u64,
-) -> Result<(Vec<After>, Behind), StoreError> {
+) -> Result<(Vec<After>, Behind, Option<Groups>), StoreError> {
     let mut info = tx
         .machine(m)?
         .unwrap_or_else(|| MachineInfo::new(m.clone(), now));
@@ -1358,13 +1425,14 @@ fn apply_state(
         }
         behind.push((kind, notice));
     }
-    Ok((after, behind))
+    let groups = follows_other_groups(&st.groups, &info.groups).then_some(info.groups);
+    Ok((after, behind, groups))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fixtures::m;
+    use crate::fixtures::{g, m};
     use crate::store::{MemStore, Reads};
     use fleetcast_proto::admin::ReleaseInfo;
     use fleetcast_proto::status::KindState;
@@ -1379,6 +1447,53 @@ mod tests {
     /// behind on it, it goes out again at most once per interval, and not at all right after
     /// it was published (the first machine behind starts the clock). A newer notice on the
     /// topic starts again.
+    #[test]
+    fn a_machine_following_other_groups_is_told_its_own_at_once_then_once_per_interval() {
+        assert!(!follows_other_groups(
+            &[g("b"), g("a"), g("a")],
+            &[g("a"), g("b")]
+        ));
+        assert!(follows_other_groups(&[g("a")], &[g("a"), g("b")]));
+        assert!(follows_other_groups(&[g("a"), g("x")], &[g("a")]));
+        assert!(follows_other_groups(&[g("a")], &[]));
+        let mut told = HashMap::new();
+        let t0 = Instant::now();
+        let (a, b) = (vec![g("a")], vec![g("b")]);
+        assert!(tell_groups_now(&mut told, &m("vm-1"), &a, t0));
+        assert!(!tell_groups_now(
+            &mut told,
+            &m("vm-1"),
+            &a,
+            t0 + GROUPS_RESEND / 2
+        ));
+        // Another machine is told at once.
+        assert!(tell_groups_now(
+            &mut told,
+            &m("vm-2"),
+            &a,
+            t0 + GROUPS_RESEND / 2
+        ));
+        // Moved again: the new groups go out at once.
+        assert!(tell_groups_now(
+            &mut told,
+            &m("vm-1"),
+            &b,
+            t0 + GROUPS_RESEND / 2
+        ));
+        assert!(!tell_groups_now(
+            &mut told,
+            &m("vm-1"),
+            &b,
+            t0 + GROUPS_RESEND * 3 / 4
+        ));
+        assert!(tell_groups_now(
+            &mut told,
+            &m("vm-1"),
+            &b,
+            t0 + GROUPS_RESEND * 3 / 2
+        ));
+    }
+
     #[test]
     fn a_notice_many_machines_are_behind_on_is_re_published_once_per_interval() {
         let notice = |seq| DesiredNotice {
@@ -1454,6 +1569,7 @@ mod tests {
                 After::Events(_) => "event",
                 After::Progress { .. } => "progress",
                 After::Republish(_) => "republish",
+                After::Command { .. } => "command",
                 After::KeyChain => "key chain",
                 After::Warn { .. } => "warn",
             })
@@ -1717,7 +1833,6 @@ mod tests {
     #[test]
     fn a_state_brings_its_groups_releases_and_names_the_notices_it_is_behind_on() {
         let store = MemStore::new();
-        let g = |s: &str| GroupId::new(s).unwrap();
         let mut provisioned = MachineInfo::new(m("vm-1"), 0);
         provisioned.groups = vec![g("g")];
         let mut ours = crate::fixtures::release("r-000001", "1.0");
@@ -1752,9 +1867,14 @@ mod tests {
             kinds: BTreeMap::new(),
             key_gen: 0,
         };
-        let (after, behind) = store
+        let (after, behind, groups) = store
             .transaction(|tx| apply_state(tx, &m("vm-1"), &st, 5))
             .unwrap();
+        assert_eq!(
+            groups,
+            Some(vec![g("g")]),
+            "it follows a group it is not in: it is to be told its own"
+        );
         // It claims `h`, which it was not provisioned in: logged, not applied.
         assert!(matches!(&after[..],
             [After::Warn { what, .. }, After::Progress { release }]
@@ -1779,7 +1899,7 @@ mod tests {
                 ..Default::default()
             },
         );
-        let (after, behind) = store
+        let (after, behind, _) = store
             .transaction(|tx| apply_state(tx, &m("vm-1"), &st, 6))
             .unwrap();
         assert!(matches!(&after[..], [After::Warn { .. }]) && behind.is_empty());

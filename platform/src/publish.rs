@@ -287,23 +287,43 @@ pub async fn send_activate(
     release: &ReleaseId,
     machines: &[MachineId],
 ) -> Result<(), OpError> {
-    let mut commands = Vec::new();
-    for m in machines {
-        let cmd = Command {
-            machine: m.clone(),
-            seq: ctx.store.next_seq()?,
-            issued_at_ms: now_ms(),
-            action: CommandAction::Activate {
-                release: release.clone(),
-            },
-        };
-        commands.push((
-            ctx.topics.command(m),
-            ctx.keys().platform.sign(Purpose::Command, &cmd),
-        ));
+    let action = CommandAction::Activate {
+        release: release.clone(),
+    };
+    send_commands(ctx, machines.iter().map(|m| (m, action.clone()))).await
+}
+
+/// Signs `action` for `machine` with `seq` (taken from [`Store::next_seq`], and flushed before
+/// the command is sent); returns its topic and payload.
+pub fn signed_command(
+    ctx: &Ctx,
+    machine: &MachineId,
+    seq: u64,
+    action: CommandAction,
+) -> (String, Vec<u8>) {
+    let cmd = Command {
+        machine: machine.clone(),
+        seq,
+        issued_at_ms: now_ms(),
+        action,
+    };
+    (
+        ctx.topics.command(machine),
+        ctx.keys().platform.sign(Purpose::Command, &cmd),
+    )
+}
+
+/// Sends each machine its command, once every seq they take is flushed.
+pub async fn send_commands<'a>(
+    ctx: &Ctx,
+    commands: impl IntoIterator<Item = (&'a MachineId, CommandAction)>,
+) -> Result<(), OpError> {
+    let mut signed = Vec::new();
+    for (m, action) in commands {
+        signed.push(signed_command(ctx, m, ctx.store.next_seq()?, action));
     }
     ctx.store.flush_async().await?;
-    for (topic, payload) in commands {
+    for (topic, payload) in signed {
         ctx.mqtt
             .publish(topic, QoS::AtLeastOnce, false, payload)
             .await?;

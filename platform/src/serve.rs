@@ -122,6 +122,7 @@ impl SessionControl for GatewaySessions {
             active: s.active as u64,
             refused: s.refused,
             violations: s.violations,
+            subscriptions_refused: s.subscriptions_refused,
             frames_delivered: s.fanout_delivered,
             frames_dropped: s.fanout_dropped,
             frames_already_queued: s.fanout_already_queued,

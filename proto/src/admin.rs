@@ -698,6 +698,11 @@ pub struct GatewayCounters {
     /// Sessions closed for a publish or subscribe their principal may not make: an attack, or
     /// a misconfigured client.
     pub violations: u64,
+    /// Filters refused in a SUBACK with the session kept: a machine subscribing to a group it
+    /// is not in on the platform (an agent that does not know the `groups` command, whose
+    /// config still names a group it was moved out of). Absent (0) before 2026-11-29 15:00.
+    #[serde(default)]
+    pub subscriptions_refused: u64,
     /// Frames the gateway delivered itself (chunk frames, acks, events; one per receiving
     /// session), and those it dropped because a session's queue was full (a machine reading
     /// slower than the broadcast; it asks for the missing chunks again).

@@ -2,7 +2,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::ids::{MachineId, ReleaseId};
+use crate::ids::{GroupId, MachineId, ReleaseId};
 
 /// What the operator asks one machine to do.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -14,6 +14,10 @@ pub enum CommandAction {
     Cancel { release: ReleaseId },
     /// Re-send state and the last status of every kind now.
     Report,
+    /// The groups the machine is in on the platform, all of them: it follows these groups'
+    /// release topics from now on instead of those of its config (protocol.md §5). Sent when
+    /// the machine's state reports other groups than the platform's.
+    Groups { groups: Vec<GroupId> },
 }
 
 /// The signed body of a command.
@@ -51,5 +55,20 @@ mod tests {
         )
         .unwrap();
         assert_eq!(report.action, CommandAction::Report);
+        let groups: Command = serde_json::from_str(
+            r#"{"machine":"vm-1","seq":2,"issued_at_ms":0,"action":"groups","groups":["a","b"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            groups.action,
+            CommandAction::Groups {
+                groups: vec![GroupId::new("a").unwrap(), GroupId::new("b").unwrap()]
+            }
+        );
+        // Every group is named: an absent list is refused, not read as "no group".
+        assert!(serde_json::from_str::<Command>(
+            r#"{"machine":"vm-1","seq":2,"issued_at_ms":0,"action":"groups"}"#
+        )
+        .is_err());
     }
 }

@@ -26,6 +26,9 @@ pub struct GatewayStats {
     /// Sessions closed for a publish or subscribe the principal may not make (or a will at
     /// CONNECT, which is also counted as refused).
     pub violations: u64,
+    /// Filters refused in a SUBACK (failure 0x80) with the session kept: a machine's
+    /// subscription to a group it is not in on the platform.
+    pub subscriptions_refused: u64,
     /// Chunk frames the gateway delivered itself (one per receiving session), and those it
     /// dropped because a session's queue was full.
     pub fanout_delivered: u64,
@@ -64,6 +67,7 @@ pub(crate) struct Registry {
     router_names: Mutex<NamePool>,
     refused: AtomicU64,
     violations: AtomicU64,
+    subscriptions_refused: AtomicU64,
     pub(crate) fanout: super::fanout::Fanout,
     /// Where machines' chunk requests go in process, if the platform took them
     /// ([`GatewayHandle::take_chunk_requests`]).
@@ -282,6 +286,11 @@ impl Registry {
         self.violations.fetch_add(1, Ordering::Relaxed);
     }
 
+    pub(crate) fn subscriptions_refused(&self, n: usize) {
+        self.subscriptions_refused
+            .fetch_add(n as u64, Ordering::Relaxed);
+    }
+
     /// How many kicks there have been. A connection reads it before it authenticates and
     /// again once its session is registered: if it moved, a kick may have come between (and
     /// missed the session), and the connection authenticates again.
@@ -308,6 +317,7 @@ impl Registry {
             active: self.sessions().values().map(HashMap::len).sum(),
             refused: self.refused.load(Ordering::Relaxed),
             violations: self.violations.load(Ordering::Relaxed),
+            subscriptions_refused: self.subscriptions_refused.load(Ordering::Relaxed),
             fanout_delivered: fanout.delivered,
             fanout_dropped: fanout.dropped,
             fanout_already_queued: fanout.already_queued,

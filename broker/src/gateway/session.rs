@@ -1134,6 +1134,7 @@ impl Session<'_> {
                     .into_iter()
                     .partition(|f| principal.foreign_group_filter(&shared.topics, f).is_some());
                 if let Some(f) = foreign.first() {
+                    shared.registry.subscriptions_refused(foreign.len());
                     let username = self.principal.username();
                     if let Some(quiet_before) = should_log(shared, &username) {
                         tracing::warn!(client = %shown(client_id), filter = %shown(f),

@@ -290,8 +290,8 @@ pub async fn stats(args: StatsArgs, client: &ClientArgs) -> anyhow::Result<()> {
     );
     if let Some(g) = &stats.gateway {
         println!(
-            "gateway sessions       {} open, {} since start, {} refused, {} closed for a violation",
-            g.active, g.connections, g.refused, g.violations
+            "gateway sessions       {} open, {} since start, {} refused, {} closed for a violation, {} subscriptions refused (groups a machine is not in)",
+            g.active, g.connections, g.refused, g.violations, g.subscriptions_refused
         );
         println!(
             "gateway frames         {} delivered ({} chunk frames, {} of them on subscribing), {} dropped (queue full), {} already queued, {} on their way (written moments before or still in the socket); {} served, {} sessions closed unread",

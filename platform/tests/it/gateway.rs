@@ -460,6 +460,15 @@ async fn violations(admin: &AdminClient) -> u64 {
         .violations
 }
 
+/// Filters the gateway refused in a SUBACK since the platform started.
+async fn refused_subscriptions(admin: &AdminClient) -> u64 {
+    let stats = admin.call(calls::Stats {}).await.unwrap();
+    stats
+        .gateway
+        .expect("the embedded gateway counts")
+        .subscriptions_refused
+}
+
 /// Whether a client can connect as `username` with `password` now.
 async fn connects_as(broker: &BrokerUrl, username: &str, password: &str) -> bool {
     let stop = CancellationToken::new();
@@ -610,6 +619,7 @@ async fn a_machine_removed_from_a_group_can_no_longer_subscribe_to_it_nor_be_its
     let targets: Vec<&str> = plan.targets.iter().map(|(t, _)| t.as_str()).collect();
     assert_eq!(targets, ["vm-2"], "shanghai's release leaves vm-1 out");
     let before = violations(&admin).await;
+    let refused = refused_subscriptions(&admin).await;
     let mut peer = peer_with(&plain, "vm-1", Some(&password)).await;
     peer.subscribe("fleet/groups/shanghai/release/+").await;
     peer.subscribe("fleet/groups/beijing/release/+").await;
@@ -621,16 +631,23 @@ async fn a_machine_removed_from_a_group_can_no_longer_subscribe_to_it_nor_be_its
         before,
         "no violation, no closed session"
     );
+    assert_eq!(
+        refused_subscriptions(&admin).await,
+        refused + 1,
+        "shanghai refused in the SUBACK, and counted"
+    );
     admin.close().await;
     platform.stop().await;
 }
 
-/// The move of docs/operations.md ("Moving a machine to another group") with the real agent.
-/// Moved in one command while its config still names the old group, it stays connected (that
-/// group is refused in the SUBACK) and installs what is released to it by name; once its
-/// config names the new group, it installs the new group's release too.
+/// The move of docs/operations.md ("Moving a machine to another group") with the real agent:
+/// one command on the platform, nothing on the machine. Its session is closed, and as it
+/// reconnects, still following shanghai (its config), the platform tells it its groups: it
+/// installs beijing's release. Restarted with the same config, it follows beijing still (its
+/// data dir keeps what the platform said, which `fleetcast-device status` shows) and never
+/// asks for shanghai again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_agent_moved_to_another_group_installs_its_release_once_its_config_follows() {
+async fn an_agent_moved_to_another_group_follows_it_without_a_config_edit() {
     let Embedded {
         dir,
         data_dir,
@@ -646,7 +663,7 @@ async fn an_agent_moved_to_another_group_installs_its_release_once_its_config_fo
     let agent = tokio::spawn(fleetcast_device::agent::run(config.clone(), agents.clone()));
     wait_online(&admin, 1).await;
     let before = violations(&admin).await;
-    admin
+    let said = admin
         .call(calls::MachineGroups {
             machine: m("vm-m"),
             add: vec![g("beijing")],
@@ -654,26 +671,10 @@ async fn an_agent_moved_to_another_group_installs_its_release_once_its_config_fo
         })
         .await
         .unwrap();
-    // Its config still names shanghai: that subscription is refused in the SUBACK and the
-    // agent stays connected, so a release named to it is installed.
-    let v15 = artifact_file(dir.path(), "app-1.5.0.bin", 60_000, 8);
-    upload_app(&admin, &v15, "1.5.0").await;
-    let direct = release(&admin, "1.5.0", &["vm-m"], &[]).await.release;
-    wait_status_within(&admin, &direct.id, E2E_WAIT, |s| {
-        s.targets.len() == 1 && s.targets[0].phase == Phase::Installed
-    })
-    .await;
-    assert_eq!(
-        violations(&admin).await,
-        before,
-        "the agent with the removed group in its config is not disconnected"
+    assert!(
+        said.contains("1 broker session(s) closed: its agent is told its groups"),
+        "{said}"
     );
-    agents.cancel();
-    joined(agent, "agent vm-m with shanghai in its config").await;
-
-    config.groups = vec![g("beijing")];
-    let agents = CancellationToken::new();
-    let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
     let v2 = artifact_file(dir.path(), "app-2.0.0.bin", 60_000, 9);
     upload_app(&admin, &v2, "2.0.0").await;
     let r = release(&admin, "2.0.0", &[], &["beijing"]).await.release;
@@ -681,12 +682,35 @@ async fn an_agent_moved_to_another_group_installs_its_release_once_its_config_fo
         s.targets.len() == 1 && s.targets[0].phase == Phase::Installed
     })
     .await;
-    let settled = violations(&admin).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    agents.cancel();
+    joined(agent, "agent vm-m moved to beijing").await;
+    let status = fleetcast_device::status::collect(&config, &dir.path().join("vm-m.toml"), &[])
+        .expect("the machine's status");
+    assert_eq!(
+        (status.groups, status.groups_from),
+        (vec![g("beijing")], "platform")
+    );
+
+    // Restarted with the config that still names shanghai.
+    let refused_before = refused_subscriptions(&admin).await;
+    let agents = CancellationToken::new();
+    let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
+    let v3 = artifact_file(dir.path(), "app-3.0.0.bin", 60_000, 10);
+    upload_app(&admin, &v3, "3.0.0").await;
+    let r = release(&admin, "3.0.0", &[], &["beijing"]).await.release;
+    wait_status_within(&admin, &r.id, E2E_WAIT, |s| {
+        s.targets.len() == 1 && s.targets[0].phase == Phase::Installed
+    })
+    .await;
     assert_eq!(
         violations(&admin).await,
-        settled,
-        "the moved agent stays connected"
+        before,
+        "the moved agent is never disconnected for what it subscribes to"
+    );
+    assert_eq!(
+        refused_subscriptions(&admin).await,
+        refused_before,
+        "the restarted agent subscribed to shanghai again"
     );
     admin.close().await;
     agents.cancel();

@@ -281,7 +281,32 @@ async fn the_python_agent_installs_a_group_release() {
         target(&s, "vm-late").via.as_ref().map(|g| g.as_str()),
         Some("shop-1")
     );
-    assert_eq!(installed(&late_out, &info), (bytes, "2.0.0".to_owned()));
+    assert_eq!(
+        installed(&late_out, &info),
+        (bytes.clone(), "2.0.0".to_owned())
+    );
+
+    // A machine moved into the group while it was offline, its config still naming its old
+    // group: the platform tells it its groups (a `groups` command, §5) at its first state, and
+    // it installs the group's release.
+    let moved = provisioned(&admin, "vm-moved", &["shop-2"]).await;
+    let config = machine_config(dir.path(), &moved, &plain);
+    admin
+        .call(calls::MachineGroups {
+            machine: m("vm-moved"),
+            add: vec![g("shop-1")],
+            remove: vec![g("shop-2")],
+        })
+        .await
+        .unwrap();
+    let moved_out = dir.path().join("moved-out");
+    agent_succeeds(start_agent(&config, &moved_out), "machine moved offline").await;
+    let s = installed_on(&admin, &r.id, "vm-moved").await;
+    assert_eq!(
+        target(&s, "vm-moved").via.as_ref().map(|g| g.as_str()),
+        Some("shop-1")
+    );
+    assert_eq!(installed(&moved_out, &info), (bytes, "2.0.0".to_owned()));
 
     admin.close().await;
     platform.stop().await;

@@ -228,3 +228,60 @@ async fn a_late_member_whose_events_come_before_its_state_is_recorded_by_them() 
     admin.close().await;
     platform.stop().await;
 }
+
+/// A machine's state names the groups it follows. One following a group it is not in (its
+/// config was not edited after a move, or a stolen config claims one) is sent a signed `groups`
+/// command naming its own groups only, and at most once per interval however often, and
+/// whatever, it claims: a stolen config cannot make the platform sign a command per state. A
+/// machine following its own groups is sent nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_machine_following_a_group_it_is_not_in_is_told_its_own_once_per_interval() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir: _dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    let commands = |id: &str| format!("fleet/machines/{id}/command");
+    let mut vm = provision(&admin, &url, "vm-001", &["g"]).await;
+    vm.peer.subscribe(&commands("vm-001")).await;
+    vm.report_state(&["g", "h"], 0).await;
+    let p = vm.peer.next(|p| p.topic == commands("vm-001")).await;
+    let cmd: fleetcast_proto::command::Command = public_key(&data_dir)
+        .verify(Purpose::Command, &p.payload)
+        .expect("signed by the platform key");
+    assert_eq!(
+        (cmd.machine, cmd.action),
+        (
+            m("vm-001"),
+            fleetcast_proto::command::CommandAction::Groups {
+                groups: vec![g("g")]
+            }
+        )
+    );
+    for claimed in [&["g", "h"][..], &["x", "y"], &[]] {
+        vm.report_state(claimed, 0).await;
+    }
+    assert!(
+        nothing_within_a_second(&mut vm.peer, &commands("vm-001")).await,
+        "told its groups again within the interval"
+    );
+    let mut member = provision(&admin, &url, "vm-002", &["g"]).await;
+    member.peer.subscribe(&commands("vm-002")).await;
+    member.report_state(&["g"], 0).await;
+    assert!(
+        nothing_within_a_second(&mut member.peer, &commands("vm-002")).await,
+        "a machine following its own groups is told them"
+    );
+    admin.close().await;
+    platform.stop().await;
+}
+
+/// Whether nothing arrives on `topic` for a second.
+async fn nothing_within_a_second(peer: &mut Peer, topic: &str) -> bool {
+    tokio::time::timeout(Duration::from_secs(1), peer.next(|p| p.topic == topic))
+        .await
+        .is_err()
+}

@@ -365,13 +365,45 @@ fn body_schemas_have_the_fields_the_code_writes_and_requires() {
         issued_at_ms: 1,
         action,
     };
-    check_schema(
-        &doc,
-        "Command",
-        &command(CommandAction::Activate {
-            release: vectors::r7(),
-        }),
-        &command(CommandAction::Report),
+    // A command's fields depend on its action: the schema lists every action's, and requires
+    // what every command has.
+    let activate = command(CommandAction::Activate {
+        release: vectors::r7(),
+    });
+    let groups = command(CommandAction::Groups {
+        groups: vec![GroupId::new("shanghai").unwrap()],
+    });
+    let schema = &doc["components"]["schemas"]["Command"];
+    let listed: BTreeSet<String> = schema["properties"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let mut written = keys(&activate);
+    written.extend(keys(&groups));
+    assert_eq!(listed, written, "schema Command: properties");
+    let listed_required: BTreeSet<String> = schema["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(
+        listed_required,
+        required(&command(CommandAction::Report)),
+        "schema Command: required"
+    );
+    let actions: BTreeSet<&str> = schema["properties"]["action"]["enum"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        actions,
+        BTreeSet::from(["activate", "cancel", "report", "groups"]),
+        "schema Command: actions"
     );
     let full_event = StatusEvent {
         error: Some("e".into()),
