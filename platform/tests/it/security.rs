@@ -915,6 +915,70 @@ async fn the_documented_mosquitto_sub_commands_follow_a_rollout() {
     platform.stop().await;
 }
 
+/// The Mosquitto files of the platform's identities now, as `fleetcast broker mosquitto-config`
+/// asks for them.
+async fn generated_files(admin: &AdminClient) -> fleetcast_broker::mosquitto::MosquittoFiles {
+    let calls::MosquittoFiles { passwd, acl, .. } =
+        fleetcast_platform::cli::identity::mosquitto_files_all(admin, None)
+            .await
+            .unwrap();
+    fleetcast_broker::mosquitto::MosquittoFiles { passwd, acl }
+}
+
+/// docs/operations.md, "Moving a machine to another group", on Mosquitto with the generated
+/// files and the real agent: the platform cannot close a session there, so `machine groups`
+/// sends the `groups` command at once; the operator regenerates the files and reloads, and the
+/// agent, its config still naming shanghai, installs beijing's release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_mosquitto_a_machine_moved_in_one_command_follows_its_new_group() {
+    let open = start_on_free_port(|s| s).unwrap();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&open.url()).await;
+    let p = provisioned(&admin, "vm-m", &["shanghai"]).await;
+    let mosq =
+        fleetcast_broker::testing::Mosquitto::start_with_files(&generated_files(&admin).await)
+            .expect("mosquitto starts (scripts/test.sh installs it)");
+    admin.close().await;
+    platform.stop().await;
+    let platform = start_platform(&mosq.url, &data_dir);
+    let admin = super::admin(&mosq.url, &data_dir).await;
+    let mut config = super::e2e::machine_config(&p, &mosq.machine_url, dir.path());
+    config.initial_versions = BTreeMap::from([(app(), "1.0.0".to_owned())]);
+    let agents = CancellationToken::new();
+    let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
+    wait_online(&admin, 1).await;
+
+    let said = admin
+        .call(calls::MachineGroups {
+            machine: m("vm-m"),
+            add: vec![g("beijing")],
+            remove: vec![g("shanghai")],
+        })
+        .await
+        .unwrap();
+    assert!(
+        said.contains("0 broker session") || said.contains("told its groups when it is next"),
+        "{said}"
+    );
+    mosq.rewrite_files(&generated_files(&admin).await).unwrap();
+    mosq.reload().unwrap();
+    let v2 = artifact_file(dir.path(), "app-2.0.0.bin", 60_000, 9);
+    upload_app(&admin, &v2, "2.0.0").await;
+    let r = release(&admin, "2.0.0", &[], &["beijing"]).await.release;
+    wait_status_within(&admin, &r.id, E2E_WAIT, |s| {
+        s.targets.len() == 1 && s.targets[0].phase == Phase::Installed
+    })
+    .await;
+    admin.close().await;
+    agents.cancel();
+    joined(agent, "agent vm-m moved on mosquitto").await;
+    platform.stop().await;
+}
+
 #[tokio::test]
 async fn on_mosquitto_with_the_generated_files_one_machine_cannot_touch_another() {
     // The files come from the platform's own identities.
