@@ -207,8 +207,9 @@ pub enum AdminOp {
         name: String,
     },
     /// Change the groups a machine belongs to, without a new secret: `add` first, then
-    /// `remove` (each must name a group it is in). Removing closes its broker sessions, so the
-    /// subscriptions its old groups granted end. Reply: `done`.
+    /// `remove` (each must name a group it is in). Any change closes its sessions on the
+    /// embedded broker (so the subscriptions its old groups granted end), and the machine is
+    /// told its groups (a `groups` command). Reply: `done`.
     MachineGroups {
         machine: MachineId,
         #[serde(default)]
