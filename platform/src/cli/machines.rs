@@ -83,9 +83,9 @@ pub enum MachineCmd {
         rotate: bool,
     },
     /// Change the groups a machine is in, keeping its secret: --add first, then --remove.
-    /// Removing closes its live session on the embedded broker, so the subscriptions the old
-    /// groups granted end. The machine's own config lists its groups too: change it to match
-    /// (docs/operations.md, "Moving a machine to another group").
+    /// Its live session on the embedded broker is closed, so the subscriptions the old groups
+    /// granted end, and its agent is told its new groups and follows them: its config needs
+    /// no edit (docs/operations.md, "Moving a machine to another group").
     Groups {
         machine: MachineId,
         /// Comma-separated groups to join.
@@ -172,7 +172,7 @@ pub async fn run(cmd: MachineCmd, client: &ClientArgs) -> anyhow::Result<()> {
                 .await?;
             println!("{groups}");
             println!(
-                "the machine's config lists the groups it subscribes to: make its `groups` match and restart its agent (docs/operations.md); on Mosquitto, regenerate the ACL (fleetcast broker mosquitto-config) and reload it"
+                "the agent follows its new groups by itself (an agent older than 2026-11-29 follows the `groups` of its config: make them match and restart it); on Mosquitto, regenerate the ACL (fleetcast broker mosquitto-config) and reload it"
             );
             Ok(())
         }
