@@ -212,14 +212,15 @@ fn download_only(release: &ReleaseInfo) -> bool {
 }
 
 /// The machines of `r`'s waves so far and of its next wave that `release` still reaches: not
-/// revoked, and named by it or a member of one of its groups now (what a publish of it would
-/// resolve today; `activate --groups` and `release retry --groups` read membership the same
-/// way). Read one machine at a time, only for those waves: the first waves of a large rollout
-/// read a few records, not the fleet.
-pub struct Scope(HashSet<MachineId>);
+/// revoked, and named by it or a member of one of its groups now, by the platform's record (as
+/// `machines --group` lists them; a publish of it would resolve them today). Unlike `activate
+/// --groups`, the group a target record was reached through does not count: the machine left
+/// it. Read one machine at a time, only for those waves: the first waves of a large rollout read
+/// a few records, not the fleet.
+struct Scope(HashSet<MachineId>);
 
 impl Scope {
-    pub fn of<S: Reads + ?Sized>(
+    fn of<S: Reads + ?Sized>(
         store: &S,
         release: &ReleaseInfo,
         r: &RolloutInfo,
@@ -241,7 +242,7 @@ impl Scope {
         Ok(Self(reached))
     }
 
-    pub fn reaches(&self, m: &MachineId) -> bool {
+    fn reaches(&self, m: &MachineId) -> bool {
         self.0.contains(m)
     }
 }
