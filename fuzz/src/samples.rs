@@ -407,6 +407,7 @@ pub fn admin_responses() -> Vec<AdminResponse> {
                     wave: 1,
                     waves: 4,
                     notified: 20,
+                    skipped: 2,
                     machines: 200,
                 }),
             },

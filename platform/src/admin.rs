@@ -29,6 +29,7 @@ use crate::ops::OpError;
 use crate::ops::{artifacts, events, identities, inventory, keys, machines, releases, rollouts};
 use crate::publish;
 use crate::store::{AdminCounter, OperatorRecord, StoreError};
+use crate::unknown_fields::unknown_field;
 use crate::uploads::{Uploads, UPLOAD_IDLE};
 
 /// What the serve connection forwards to the admin task.
@@ -176,6 +177,13 @@ fn sealed_response(client: &str, secret: &Secret, response: &AdminResponse) -> V
         unverified_error: None,
     };
     serde_json::to_vec(&env).expect("responses serialize")
+}
+
+/// A field of the request in `payload` (its MAC verified, `req` read from it) that this
+/// platform does not know and whose value is not an absent one ([`unknown_field`]).
+fn unknown_field_of(payload: &[u8], req: &AdminRequest) -> Option<String> {
+    let sent = peek_body::<serde_json::Value>(payload).ok()?;
+    unknown_field(&sent, &serde_json::to_value(req).ok()?)
 }
 
 /// What the operator hears instead of a reply of `bytes` that does not fit a packet.
@@ -357,6 +365,11 @@ impl Admin {
                 operator.role(),
                 action,
                 req.op.required_role()
+            )))
+        } else if let Some(field) = unknown_field_of(payload, &req) {
+            Err(OpError::Refused(format!(
+                "unknown field {field:?} in {action}: this platform does not know it (is it \
+                 older than the CLI?); nothing was done"
             )))
         } else {
             self.handle(client, &operator, req.op).await
@@ -752,6 +765,50 @@ mod tests {
             stored,
             "the stale counter is removed from the store"
         );
+    }
+
+    /// A change whose body carries a field this platform does not know is refused, runs
+    /// nothing, and is audited with the refusal; the same field left at an absent value is
+    /// harmless. (Parsed alone, the field was dropped and the change ran.)
+    #[tokio::test]
+    async fn a_change_with_a_field_this_platform_does_not_know_runs_nothing() {
+        let f = fixture();
+        let mut admin = f.admin;
+        let client = "fleetcast-op-admin.t";
+        let add = |ctr: u64, expires: serde_json::Value| {
+            serde_json::json!({
+                "client": client, "id": ctr, "ctr": ctr, "at_ms": now_ms(),
+                "op": "operator_add", "name": "ops", "role": "viewer", "expires_in_days": expires,
+            })
+        };
+        let payload = operator(&admin)
+            .secret
+            .seal(Purpose::Admin, &add(40, 30.into()));
+        admin.request(client, &payload).await;
+        let answer = &admin.ctrs[client].responses[0].1;
+        assert_eq!(
+            answer.error.as_deref(),
+            Some(
+                "unknown field \"expires_in_days\" in operator_add: this platform does not know it \
+                 (is it older than the CLI?); nothing was done"
+            ),
+            "{answer:?}"
+        );
+        assert_eq!(admin.ctx.store.operators().unwrap().len(), 1, "nothing ran");
+        let (entries, _) = admin.ctx.store.audit_since(0, 100).unwrap();
+        assert_eq!(entries.len(), 1);
+        assert!(
+            entries[0].result.starts_with("unknown field"),
+            "{entries:?}"
+        );
+
+        let payload = operator(&admin)
+            .secret
+            .seal(Purpose::Admin, &add(41, 0.into()));
+        admin.request(client, &payload).await;
+        let answer = &admin.ctrs[client].responses[1].1;
+        assert!(answer.error.is_none(), "{answer:?}");
+        assert_eq!(admin.ctx.store.operators().unwrap().len(), 2);
     }
 
     /// The bootstrap admin, who runs every request in these tests.

@@ -23,6 +23,7 @@
 //! - [`admin`]: the operator request loop: authentication, roles, audit, retried requests,
 //!   sealed responses; uploads go to [`uploads`], every other operation to [`ops`].
 //! - [`uploads`]: artifact uploads in progress (staging, parts, commit, abandoned uploads).
+//! - [`unknown_fields`]: a request's fields this platform does not know (refused by [`admin`]).
 //! - [`ops`]: one function per admin operation (typed call in, typed reply out), one module
 //!   per family: artifacts, releases, rollouts, machines, identities, inventory, events, keys;
 //!   and `OpError`, why an operation failed.
@@ -57,6 +58,7 @@ pub mod serve;
 pub mod staged;
 pub mod stats;
 pub mod store;
+pub mod unknown_fields;
 pub mod uploads;
 
 pub use error::PlatformError;

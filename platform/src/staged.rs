@@ -9,7 +9,7 @@
 //! platform restart the rollout is where sled says it is; ingest re-evaluates running rollouts
 //! when their results change and every [`SWEEP`] (wave timeouts).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use fleetcast_proto::admin::{PublishPlan, ReleaseInfo};
@@ -211,11 +211,48 @@ fn download_only(release: &ReleaseInfo) -> bool {
     matches!(release.policy, InstallPolicy::DownloadOnly)
 }
 
-/// The tally of `r`'s notified machines from their target records.
+/// The machines of `r`'s waves so far and of its next wave that `release` still reaches: not
+/// revoked, and named by it or a member of one of its groups now, by the platform's record (as
+/// `machines --group` lists them; a publish of it would resolve them today). Unlike `activate
+/// --groups`, the group a target record was reached through does not count: the machine left
+/// it. Read one machine at a time, only for those waves: the first waves of a large rollout read
+/// a few records, not the fleet.
+struct Scope(HashSet<MachineId>);
+
+impl Scope {
+    fn of<S: Reads + ?Sized>(
+        store: &S,
+        release: &ReleaseInfo,
+        r: &RolloutInfo,
+    ) -> Result<Self, StoreError> {
+        let named: HashSet<&MachineId> = release.machines.iter().collect();
+        let skipped: HashSet<&MachineId> = r.skipped.iter().collect();
+        let end = r.plan.cumulative(r.wave + 1, r.order.len());
+        let mut reached = HashSet::new();
+        for m in r.order[..end].iter().filter(|m| !skipped.contains(m)) {
+            let Some(info) = store.machine(m)? else {
+                continue;
+            };
+            let targeted =
+                named.contains(m) || info.groups.iter().any(|g| release.groups.contains(g));
+            if info.revoked_at_ms.is_none() && targeted {
+                reached.insert(info.id);
+            }
+        }
+        Ok(Self(reached))
+    }
+
+    fn reaches(&self, m: &MachineId) -> bool {
+        self.0.contains(m)
+    }
+}
+
+/// The tally of `r`'s notified machines from their target records, less those out of `scope`.
 fn tally_of<S: Reads + ?Sized>(
     store: &S,
     release: &ReleaseInfo,
     r: &RolloutInfo,
+    scope: &Scope,
 ) -> Result<Tally, StoreError> {
     let records: HashMap<MachineId, core::Record> = store
         .targets_of(&release.id)?
@@ -228,9 +265,12 @@ fn tally_of<S: Reads + ?Sized>(
             (t.machine, rec)
         })
         .collect();
-    Ok(core::tally(r, download_only(release), |m| {
-        records.get(m).copied()
-    }))
+    Ok(core::tally(
+        r,
+        download_only(release),
+        |m| records.get(m).copied(),
+        |m| scope.reaches(m),
+    ))
 }
 
 /// Which group each target of `r` was reached through (for new target records).
@@ -261,12 +301,14 @@ pub fn status(ctx: &Ctx, release: &ReleaseId) -> Result<RolloutInfo, OpError> {
 /// status`: why a running wave has not advanced).
 pub fn wave_tally(ctx: &Ctx, r: &RolloutInfo) -> Result<WaveTally, OpError> {
     let info = known_release(&*ctx.store, &r.release)?;
-    let t = tally_of(&*ctx.store, &info, r)?;
+    let scope = Scope::of(&*ctx.store, &info, r)?;
+    let t = tally_of(&*ctx.store, &info, r, &scope)?;
     Ok(WaveTally {
         notified: t.notified as u32,
         succeeded: t.succeeded as u32,
         failed: t.failed as u32,
         accepted: t.accepted as u32,
+        skipped: t.skipped as u32,
     })
 }
 
@@ -294,10 +336,11 @@ pub async fn evaluate(ctx: &Ctx, release: &ReleaseId) -> Result<(), OpError> {
             return Ok(false);
         }
         let info = known_release(rec, release)?;
-        let t = tally_of(rec, &info, &r)?;
+        let scope = Scope::of(rec, &info, &r)?;
+        let t = tally_of(rec, &info, &r, &scope)?;
         let before = (r.wave, r.state.clone(), r.log.len());
         let accepted = r.accepted.len();
-        let effects = core::observe(&mut r, t, now_ms());
+        let effects = core::observe(&mut r, t, now_ms(), |m| scope.reaches(m));
         if (r.wave, r.state.clone(), r.log.len()) == before {
             if r.accepted.len() != accepted {
                 rec.put_rollout(&r)?;
@@ -360,8 +403,9 @@ pub async fn control(
         let effects = match command {
             Control::Pause => core::pause(&mut r, by, now).map(|()| vec![]),
             Control::Resume { advance } => {
-                let t = tally_of(rec, &info, &r)?;
-                core::resume(&mut r, by, advance, t, now)
+                let scope = Scope::of(rec, &info, &r)?;
+                let t = tally_of(rec, &info, &r, &scope)?;
+                core::resume(&mut r, by, advance, t, now, |m| scope.reaches(m))
             }
             Control::Cancel => {
                 let phases: HashMap<MachineId, Phase> = rec
@@ -388,6 +432,7 @@ pub async fn control(
 mod tests {
     use super::*;
     use fleetcast_proto::admin::MachineInfo;
+    use fleetcast_proto::rollout::ALL_BP;
 
     struct Fixture {
         _dir: tempfile::TempDir,
@@ -553,6 +598,50 @@ mod tests {
             records.iter().all(|t| t.phase == Phase::Pending),
             "{records:?}"
         );
+    }
+
+    /// A machine moved out of one of the release's groups is still reached through another of
+    /// them, or by name; one in none of them any more, or revoked, is skipped. The decision is
+    /// stored with the rollout.
+    #[tokio::test]
+    async fn a_new_wave_skips_machines_no_longer_named_or_in_a_group_of_the_release() {
+        let f = fixture();
+        let (north, south) = (
+            GroupId::new("north").unwrap(),
+            GroupId::new("south").unwrap(),
+        );
+        let put = |m: &MachineId, groups: &[&GroupId], revoked: bool| {
+            let mut info = MachineInfo::new(m.clone(), 0);
+            info.groups = groups.iter().map(|g| (*g).clone()).collect();
+            info.revoked_at_ms = revoked.then_some(1);
+            f.ctx.store.transaction(|tx| tx.put_machine(&info)).unwrap();
+        };
+        let mut machines = f.machines.clone();
+        machines.push(MachineId::new("vm-5").unwrap());
+        for m in &machines {
+            put(m, &[&north, &south], false);
+        }
+        // Wave 1 is order[0]; wave 2 the other four.
+        let order = core::order(&f.release.id, machines.clone());
+        let groups = [north.clone(), south.clone()];
+        let plan = WavePlan::new(vec![2000], ALL_BP, ALL_BP, 0).unwrap();
+        publish(&f.ctx, &f.release, &order[2..3], &groups, false, plan)
+            .await
+            .unwrap();
+        assert_eq!(notified(&f), [order[0].to_string()]);
+        put(&order[1], &[&south], false); // still in south
+        put(&order[2], &[], false); // named
+        put(&order[3], &[], false); // in neither group
+        put(&order[4], &[&north], true); // revoked
+        report(&f, order[0].as_str(), Phase::Installed);
+        evaluate(&f.ctx, &f.release.id).await.unwrap();
+        let r = f.ctx.store.rollout(&f.release.id).unwrap().unwrap();
+        assert_eq!((r.wave, &r.skipped[..]), (1, &order[3..]));
+        let mut want: Vec<String> = order[..3].iter().map(|m| m.to_string()).collect();
+        want.sort();
+        assert_eq!(notified(&f), want);
+        let t = wave_tally(&f.ctx, &r).unwrap();
+        assert_eq!((t.notified, t.succeeded, t.skipped), (3, 1, 2));
     }
 
     #[tokio::test]

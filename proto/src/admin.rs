@@ -1684,6 +1684,7 @@ mod tests {
             },
             failures_accepted: 1,
             accepted: vec![],
+            skipped: vec![],
             log: vec![],
         };
         let mut report = PlanReport::from(PublishPlan {

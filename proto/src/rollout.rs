@@ -202,6 +202,12 @@ pub struct RolloutInfo {
     /// in rollouts resumed before this field: there `failures_accepted` alone is subtracted.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub accepted: Vec<AcceptedFailure>,
+    /// The machines of the waves so far that were not notified when their wave started: they
+    /// were revoked, or the release no longer reached them (not named by it, and in none of its
+    /// groups any more). They count for neither threshold and stay skipped for this rollout.
+    /// In a reply, the first [`ROLLOUT_ORDER_SHOWN`], with `skipped_total` beside them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub skipped: Vec<MachineId>,
     #[serde(default)]
     pub log: Vec<RolloutTransition>,
 }
@@ -230,6 +236,10 @@ pub struct RolloutReport {
     /// `order` is whole.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub order_total: Option<u32>,
+    /// How many machines the whole `skipped` holds. Absent from a platform before this field
+    /// (it skipped no one), and when none was skipped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub skipped_total: Option<u32>,
     /// How the machines notified so far stand, as the thresholds count them (why a running
     /// wave has not advanced yet). Absent from a platform before this field.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -247,6 +257,11 @@ pub struct WaveTally {
     /// Of `failed`: accepted at a resume, so counted for neither threshold (nor among the
     /// machines the shares are taken over).
     pub accepted: u32,
+    /// Machines of waves `0..=wave` not counted at all (nor in `notified`): skipped when their
+    /// wave started, or revoked or no longer reached by the release since they were notified.
+    /// Absent from a platform before this field: none.
+    #[serde(default)]
+    pub skipped: u32,
 }
 
 /// Where a release's staged rollout stands, as `release status` carries it: `release status`
@@ -259,35 +274,48 @@ pub struct StagedProgress {
     /// The current wave (0-based).
     pub wave: usize,
     pub waves: usize,
-    /// Machines of waves `0..=wave`.
+    /// Machines of waves `0..=wave` that were sent the notice.
     pub notified: u32,
+    /// Machines of waves `0..=wave` that were not: revoked or no longer reached by the release
+    /// when their wave started ([`RolloutInfo::skipped`]). Absent when none.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub skipped: u32,
     /// Machines in the rollout.
     pub machines: u32,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 impl StagedProgress {
     pub fn of(r: &RolloutInfo) -> Self {
         let machines = r.order.len();
+        let skipped = r.skipped.len();
         Self {
             state: r.state.clone(),
             wave: r.wave,
             waves: r.plan.waves_bp.len(),
-            notified: r.plan.cumulative(r.wave, machines) as u32,
+            notified: r.plan.cumulative(r.wave, machines).saturating_sub(skipped) as u32,
+            skipped: skipped as u32,
             machines: machines as u32,
         }
     }
 }
 
 impl RolloutReport {
-    /// The reply for `rollout`: its order cut, its length kept.
+    /// The reply for `rollout`: its order and skipped machines cut, their lengths kept.
     pub fn new(mut rollout: RolloutInfo) -> Self {
         let total = rollout.order.len() as u32;
         rollout.order.truncate(ROLLOUT_ORDER_SHOWN);
+        let skipped = rollout.skipped.len() as u32;
+        rollout.skipped.truncate(ROLLOUT_ORDER_SHOWN);
         // Which failures were accepted is the platform's to keep; a reply counts them.
         rollout.accepted.clear();
         Self {
             rollout,
             order_total: Some(total),
+            skipped_total: (skipped > 0).then_some(skipped),
             tally: None,
         }
     }
@@ -302,6 +330,12 @@ impl RolloutReport {
     pub fn targets(&self) -> usize {
         self.order_total
             .map_or(self.rollout.order.len(), |n| n as usize)
+    }
+
+    /// How many machines the rollout skipped ([`RolloutInfo::skipped`]).
+    pub fn skipped(&self) -> usize {
+        self.skipped_total
+            .map_or(self.rollout.skipped.len(), |n| n as usize)
     }
 }
 
@@ -360,6 +394,7 @@ mod tests {
             },
             failures_accepted: 0,
             accepted: vec![],
+            skipped: vec![],
             log: vec![],
         }
     }
@@ -375,10 +410,19 @@ mod tests {
         assert_eq!(json["state"], "cancelled");
         assert_eq!(json["reason"], "by hand");
         assert_eq!(json["order"].as_array().unwrap().len(), ROLLOUT_ORDER_SHOWN);
+        assert!(json.get("skipped").is_none() && json.get("skipped_total").is_none());
         assert_eq!(
             serde_json::from_value::<RolloutReport>(json).unwrap(),
             report
         );
+        assert_eq!((report.skipped_total, report.skipped()), (None, 0));
+        // Skipped machines are cut the same way, and counted.
+        let skipped = RolloutReport::new(RolloutInfo {
+            skipped: whole.order.clone(),
+            ..whole.clone()
+        });
+        assert_eq!(skipped.rollout.skipped.len(), ROLLOUT_ORDER_SHOWN);
+        assert_eq!(skipped.skipped(), ROLLOUT_ORDER_SHOWN + 7);
         // From a platform before `order_total`: the order is whole.
         let old = serde_json::to_value(rollout(3)).unwrap();
         let read: RolloutReport = serde_json::from_value(old).unwrap();

@@ -857,12 +857,13 @@ fn staged_line(status: &ReleaseStatus) -> String {
         return String::new();
     };
     let id = &status.release.id;
-    let left = s.machines.saturating_sub(s.notified);
+    let left = s.machines.saturating_sub(s.notified + s.skipped);
     let wave = format!("wave {} of {}", s.wave + 1, s.waves);
-    match &s.state {
-        RolloutState::Completed => {
-            format!("staged rollout completed ({wave}): every machine of it was notified\n")
-        }
+    let line = match &s.state {
+        RolloutState::Completed => format!(
+            "staged rollout completed ({wave}): every machine of it was notified{}\n",
+            if s.skipped > 0 { " or skipped" } else { "" }
+        ),
         RolloutState::Cancelled { .. } => format!(
             "staged rollout cancelled in {wave}: only the {} machine(s) notified by then are \
              listed; {left} of {} were never notified (`fleetcast rollout status {id}`)\n",
@@ -874,6 +875,13 @@ fn staged_line(status: &ReleaseStatus) -> String {
             s.state.name(),
             s.notified,
             s.machines
+        ),
+    };
+    match s.skipped {
+        0 => line,
+        n => format!(
+            "{line}skipped, never notified: {n} machine(s) revoked or no longer targeted when \
+             their wave started\n"
         ),
     }
 }
@@ -1152,6 +1160,7 @@ release r-000001: app 2.4.1 policy immediate published 1970-01-01 00:00:02
                 wave: 0,
                 waves: 3,
                 notified: 20,
+                skipped: 0,
                 machines: 2000,
             }),
         }

@@ -146,9 +146,19 @@ pub fn waiting_line(wave: usize, plan: &WavePlan, t: &WaveTally) -> String {
     if unfinished > 0 {
         let _ = write!(line, "; {unfinished} not finished");
     }
+    if t.skipped > 0 {
+        let _ = write!(
+            line,
+            "; {} skipped, not counted (revoked or no longer targeted)",
+            t.skipped
+        );
+    }
     line.push('\n');
     line
 }
+
+/// How many skipped machines `rollout status` names.
+const SKIPPED_NAMED: usize = 10;
 
 pub fn rollout_text(report: &RolloutReport) -> String {
     let mut out = String::new();
@@ -160,14 +170,32 @@ pub fn rollout_text(report: &RolloutReport) -> String {
         other => other.name().to_owned(),
     };
     let _ = writeln!(out, "rollout of {}: {state}", r.release);
-    let _ = writeln!(
+    let skipped = report.skipped();
+    let _ = write!(
         out,
         "wave {} of {}: {} of {} machines notified",
         r.wave + 1,
         r.plan.waves_bp.len(),
-        r.plan.cumulative(r.wave, n),
+        r.plan.cumulative(r.wave, n).saturating_sub(skipped),
         n
     );
+    if skipped > 0 {
+        let mut names: Vec<&str> = r
+            .skipped
+            .iter()
+            .take(SKIPPED_NAMED)
+            .map(|m| m.as_str())
+            .collect();
+        if skipped > names.len() {
+            names.push("…");
+        }
+        let _ = write!(
+            out,
+            ", {skipped} skipped (revoked or no longer targeted when their wave started): {}",
+            names.join(", ")
+        );
+    }
+    out.push('\n');
     if let (RolloutState::Running, Some(t)) = (&r.state, &report.tally) {
         out.push_str(&waiting_line(r.wave, &r.plan, t));
     }
@@ -215,6 +243,7 @@ mod tests {
             },
             failures_accepted: 0,
             accepted: vec![],
+            skipped: vec![],
             log: vec![RolloutTransition {
                 at_ms: 1_795_600_000_000,
                 wave: 1,
@@ -233,6 +262,7 @@ mod tests {
             succeeded: 94,
             failed: 3,
             accepted: 0,
+            skipped: 0,
         };
         assert_eq!(
             waiting_line(1, &plan, &t),
@@ -251,6 +281,33 @@ mod tests {
         );
         running.tally = None;
         assert!(!rollout_text(&running).contains("succeeded"));
+        // Skipped machines: named (the first ten) beside the count, and not counted.
+        let skipped: Vec<MachineId> = r.order[2..14].to_vec();
+        let report = RolloutReport::new(RolloutInfo {
+            skipped: skipped.clone(),
+            ..r.clone()
+        });
+        let text = rollout_text(&report);
+        let names: Vec<&str> = skipped[..10].iter().map(|m| m.as_str()).collect();
+        assert!(
+            text.contains(&format!(
+                "\nwave 2 of 4: 8 of 200 machines notified, 12 skipped (revoked or no longer \
+                 targeted when their wave started): {}, …\n",
+                names.join(", ")
+            )),
+            "{text}"
+        );
+        let t = WaveTally {
+            notified: 6,
+            succeeded: 6,
+            skipped: 14,
+            ..WaveTally::default()
+        };
+        assert_eq!(
+            waiting_line(1, &plan, &t),
+            "wave 2: 6 of 6 machines succeeded (100%), reaching 95%; 14 skipped, not counted \
+             (revoked or no longer targeted)\n"
+        );
         assert_eq!(
             waves_text(&plan, 3),
             "waves (cumulative): 1% = 1, 10% = 2, 50% = 3, 100% = 3\nnext wave when 95% of those notified installed; pause when more than 5% failed or a wave runs 3600 s\n"

@@ -7,10 +7,18 @@
 //! *Succeeded* is `installed` (and `deferred` for download-only releases, which wait for an
 //! operator's activate); *failed* is `download_failed`, `install_failed`, `rolled_back` or
 //! `rejected` (not `cancelled` or `superseded`: an operator's doing).
+//!
+//! Scope: the caller says which machines the release still reaches (not revoked, and named by
+//! it or in one of its groups now). A wave that starts skips the others: they are not notified,
+//! are kept in `skipped`, and never count. A machine notified before it left the scope keeps
+//! its notice and its record, but no longer counts either: a revoked machine cannot answer, and
+//! one moved out of the release's groups is no longer the operator's sample of this rollout.
 
 use fleetcast_proto::rollout::{
     share_text, AcceptedFailure, RolloutInfo, RolloutState, RolloutTransition, WavePlan, ALL_BP,
 };
+use std::fmt::Write;
+
 use fleetcast_proto::{MachineId, Phase, ReleaseId};
 
 use super::release::failed;
@@ -35,6 +43,9 @@ pub struct Tally {
     pub accepted: usize,
     /// Every failed machine's failure as its record shows it (what a resume accepts).
     pub failures: Vec<AcceptedFailure>,
+    /// Machines of waves `0..=wave` counted nowhere else: skipped when their wave started, or
+    /// out of the release's scope since they were notified.
+    pub skipped: usize,
 }
 
 /// What a target record says of a machine, for the tally: its phase, and since when.
@@ -78,17 +89,16 @@ pub fn succeeded(phase: Phase, download_only: bool) -> bool {
 }
 
 /// Counts the machines of waves `0..=r.wave` by the record `record_of` gives (unknown:
-/// pending).
+/// pending). Those the rollout skipped, and those `in_scope` no longer holds for, count only as
+/// `skipped`: a wave never waits on them.
 pub fn tally(
     r: &RolloutInfo,
     download_only: bool,
     record_of: impl Fn(&MachineId) -> Option<Record>,
+    in_scope: impl Fn(&MachineId) -> bool,
 ) -> Tally {
-    let notified = notified(r);
-    let mut t = Tally {
-        notified: notified.len(),
-        ..Tally::default()
-    };
+    let mut t = Tally::default();
+    let skipped: std::collections::HashSet<&MachineId> = r.skipped.iter().collect();
     // A set: this runs at every evaluation, and a large rollout may have accepted thousands.
     // By machine: a failure an operator resumed past stays accepted, whatever the machine
     // reports after, until a retry starts a new round for it ([`retried`]). Why: matched by
@@ -102,7 +112,12 @@ pub fn tally(
     // only that machine's own report, which its own credentials could hide as well.
     let accepted: std::collections::HashSet<&MachineId> =
         r.accepted.iter().map(|a| &a.machine).collect();
-    for m in notified {
+    for m in notified(r) {
+        if skipped.contains(m) || !in_scope(m) {
+            t.skipped += 1;
+            continue;
+        }
+        t.notified += 1;
         match record_of(m) {
             Some(rec) if succeeded(rec.phase, download_only) => t.succeeded += 1,
             Some(rec) if failed(rec.phase) => {
@@ -127,7 +142,7 @@ pub fn tally(
     t
 }
 
-/// The machines notified so far.
+/// The machines of waves `0..=wave`: notified so far, or skipped when their wave started.
 pub fn notified(r: &RolloutInfo) -> &[MachineId] {
     &r.order[..r.plan.cumulative(r.wave, r.order.len())]
 }
@@ -165,6 +180,7 @@ pub fn start(
         state: RolloutState::Running,
         failures_accepted: 0,
         accepted: Vec::new(),
+        skipped: Vec::new(),
         log: Vec::new(),
     };
     let first = notified(&r).to_vec();
@@ -186,8 +202,17 @@ pub fn start(
 /// Re-evaluates a running rollout against what its machines reported: pauses it past the
 /// failure threshold or the wave timeout, starts the next wave once this one succeeded, and
 /// completes it when the last wave did. Anything but a running rollout is left alone. Failures
-/// accepted at a resume count for neither threshold.
-pub fn observe(r: &mut RolloutInfo, t: Tally, now_ms: u64) -> Vec<Effect> {
+/// accepted at a resume count for neither threshold. A wave that starts skips the machines
+/// `in_scope` does not hold for.
+///
+/// A wave with no machine counted (all skipped) has succeeded: `0 ≥ share × 0`, and nothing
+/// failed; the shares divide by nothing.
+pub fn observe(
+    r: &mut RolloutInfo,
+    t: Tally,
+    now_ms: u64,
+    in_scope: impl Fn(&MachineId) -> bool,
+) -> Vec<Effect> {
     if r.state != RolloutState::Running {
         return vec![];
     }
@@ -220,7 +245,7 @@ pub fn observe(r: &mut RolloutInfo, t: Tally, now_ms: u64) -> Vec<Effect> {
             log(r, now_ms, "completed", reason, None);
             return vec![];
         }
-        return advance(r, reason, None, now_ms);
+        return advance(r, reason, None, now_ms, in_scope);
     }
     let ran = now_ms.saturating_sub(r.wave_started_ms);
     if r.plan.wave_timeout_ms > 0 && ran >= r.plan.wave_timeout_ms {
@@ -239,17 +264,37 @@ pub fn observe(r: &mut RolloutInfo, t: Tally, now_ms: u64) -> Vec<Effect> {
     vec![]
 }
 
-fn advance(r: &mut RolloutInfo, reason: String, by: Option<&str>, now_ms: u64) -> Vec<Effect> {
+/// Starts the next wave: notifies its machines `in_scope` holds for, and records the others
+/// as skipped in the same step (persisted with the rollout, before any notice is sent).
+fn advance(
+    r: &mut RolloutInfo,
+    reason: String,
+    by: Option<&str>,
+    now_ms: u64,
+    in_scope: impl Fn(&MachineId) -> bool,
+) -> Vec<Effect> {
     let before = notified(r).len();
     r.wave += 1;
     r.wave_started_ms = now_ms;
-    let next = r.order[before..r.plan.cumulative(r.wave, r.order.len())].to_vec();
-    let reason = format!(
+    let (next, skipped): (Vec<MachineId>, Vec<MachineId>) = r.order
+        [before..r.plan.cumulative(r.wave, r.order.len())]
+        .iter()
+        .cloned()
+        .partition(|m| in_scope(m));
+    let mut reason = format!(
         "{reason}; wave {} of {}: {} more machines",
         r.wave + 1,
         r.plan.waves_bp.len(),
         next.len()
     );
+    if !skipped.is_empty() {
+        let _ = write!(
+            reason,
+            ", {} skipped (revoked or no longer targeted)",
+            skipped.len()
+        );
+        r.skipped.extend(skipped);
+    }
     log(r, now_ms, "advanced", reason, by);
     if next.is_empty() {
         vec![]
@@ -308,6 +353,7 @@ pub fn resume(
     advance_now: bool,
     mut t: Tally,
     now_ms: u64,
+    in_scope: impl Fn(&MachineId) -> bool,
 ) -> Result<Vec<Effect>, Refused> {
     match (&r.state, advance_now) {
         (RolloutState::Paused { .. }, _) => {
@@ -329,9 +375,10 @@ pub fn resume(
                     by,
                     format!("advanced by {by}"),
                     now_ms,
+                    in_scope,
                 ));
             }
-            Ok(observe(r, t, now_ms))
+            Ok(observe(r, t, now_ms, in_scope))
         }
         (RolloutState::Running, true) => {
             let counted = t.notified - t.accepted;
@@ -343,7 +390,7 @@ pub fn resume(
                 pct(t.succeeded, counted),
                 share_text(r.plan.success_bp)
             );
-            Ok(advance_or_complete(r, by, reason, now_ms))
+            Ok(advance_or_complete(r, by, reason, now_ms, in_scope))
         }
         (RolloutState::Running, false) => Err(Refused {
             hint: format!(
@@ -358,7 +405,13 @@ pub fn resume(
 }
 
 /// Starts the next wave for operator `by` (`reason`: why), or completes a rollout in its last.
-fn advance_or_complete(r: &mut RolloutInfo, by: &str, reason: String, now_ms: u64) -> Vec<Effect> {
+fn advance_or_complete(
+    r: &mut RolloutInfo,
+    by: &str,
+    reason: String,
+    now_ms: u64,
+    in_scope: impl Fn(&MachineId) -> bool,
+) -> Vec<Effect> {
     if r.wave + 1 >= r.plan.waves_bp.len() {
         r.state = RolloutState::Completed;
         log(
@@ -370,11 +423,12 @@ fn advance_or_complete(r: &mut RolloutInfo, by: &str, reason: String, now_ms: u6
         );
         return vec![];
     }
-    advance(r, reason, Some(by), now_ms)
+    advance(r, reason, Some(by), now_ms, in_scope)
 }
 
 /// An operator cancels a running or paused rollout: no further notices, and the notified
-/// machines for which `drop` holds (they have not begun installing) are told to drop it.
+/// machines for which `drop` holds (they have not begun installing) are told to drop it. The
+/// skipped ones were never notified: they are told nothing.
 pub fn cancel(
     r: &mut RolloutInfo,
     by: &str,
@@ -384,7 +438,12 @@ pub fn cancel(
     if !matches!(r.state, RolloutState::Running | RolloutState::Paused { .. }) {
         return Err(refused(r, "cancel"));
     }
-    let told: Vec<MachineId> = notified(r).iter().filter(|m| drop(m)).cloned().collect();
+    let skipped: std::collections::HashSet<&MachineId> = r.skipped.iter().collect();
+    let told: Vec<MachineId> = notified(r)
+        .iter()
+        .filter(|m| !skipped.contains(m) && drop(m))
+        .cloned()
+        .collect();
     let reason = format!(
         "cancelled by {by} in wave {}; {} machines told to drop the release",
         r.wave + 1,
@@ -412,7 +471,7 @@ pub fn droppable(phase: Phase) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
 
     fn ids(n: usize) -> Vec<MachineId> {
         (0..n)
@@ -429,9 +488,9 @@ mod tests {
     }
 
     /// Records by machine, as the store would give them; each `set` enters its phase at a
-    /// later time than the one before.
+    /// later time than the one before. The third field: machines the release no longer reaches.
     #[derive(Default)]
-    struct Fleet(HashMap<MachineId, Record>, u64);
+    struct Fleet(HashMap<MachineId, Record>, u64, HashSet<MachineId>);
 
     impl Fleet {
         fn set(&mut self, ms: &[MachineId], phase: Phase) {
@@ -442,13 +501,20 @@ mod tests {
             }
         }
         fn tally(&self, r: &RolloutInfo) -> Tally {
-            tally(r, false, |m| self.0.get(m).copied())
+            tally(r, false, |m| self.0.get(m).copied(), |m| self.in_scope(m))
+        }
+        fn in_scope(&self, m: &MachineId) -> bool {
+            !self.2.contains(m)
+        }
+        /// Revoked, or moved out of the release's groups.
+        fn leave(&mut self, ms: &[MachineId]) {
+            self.2.extend(ms.iter().cloned());
         }
     }
 
     fn step(r: &mut RolloutInfo, fleet: &Fleet, now_ms: u64) -> Vec<Effect> {
         let t = fleet.tally(r);
-        observe(r, t, now_ms)
+        observe(r, t, now_ms, |m| fleet.in_scope(m))
     }
 
     fn notify_of(effects: &[Effect]) -> Vec<MachineId> {
@@ -535,7 +601,7 @@ mod tests {
         // Resume accepts the two failures: they count for neither threshold, so the 18 others
         // (all installed) are the whole wave and the next one starts.
         let t = fleet.tally(&r);
-        let w3 = notify_of(&resume(&mut r, "ops", false, t, 5).unwrap());
+        let w3 = notify_of(&resume(&mut r, "ops", false, t, 5, |_| true).unwrap());
         assert_eq!(
             (r.state.clone(), r.failures_accepted),
             (RolloutState::Running, 2)
@@ -584,7 +650,7 @@ mod tests {
             step(&mut r, &fleet, 1);
             assert!(matches!(r.state, RolloutState::Paused { .. }));
             let t = fleet.tally(&r);
-            resume(&mut r, "ops", false, t, 2).unwrap();
+            resume(&mut r, "ops", false, t, 2, |_| true).unwrap();
             assert_eq!(r.state, RolloutState::Running);
             (fleet, r, w1)
         };
@@ -664,13 +730,13 @@ mod tests {
             "wave 1 timed out after 60 s: 1 of 2 machines succeeded (50%), below 95%"
         );
         let t = fleet.tally(&r);
-        resume(&mut r, "ops", false, t, 70_000).unwrap();
+        resume(&mut r, "ops", false, t, 70_000, |_| true).unwrap();
         assert!(step(&mut r, &fleet, 129_999).is_empty());
         assert_eq!(r.state, RolloutState::Running);
         // Or the operator moves on without waiting.
         step(&mut r, &fleet, 130_000);
         let t = fleet.tally(&r);
-        let next = notify_of(&resume(&mut r, "ops", true, t, 131_000).unwrap());
+        let next = notify_of(&resume(&mut r, "ops", true, t, 131_000, |_| true).unwrap());
         assert_eq!((r.wave, next.len()), (1, 18));
         assert_eq!(r.log.last().unwrap().by.as_deref(), Some("ops"));
     }
@@ -684,7 +750,7 @@ mod tests {
         fleet.set(&r.order[..2], Phase::Installed);
         assert!(step(&mut r, &fleet, 3).is_empty());
         let t = fleet.tally(&r);
-        let w2 = notify_of(&resume(&mut r, "ops", false, t, 4).unwrap());
+        let w2 = notify_of(&resume(&mut r, "ops", false, t, 4, |_| true).unwrap());
         fleet.set(&w2[..5], Phase::Installing);
         fleet.set(&w2[5..10], Phase::Installed);
         fleet.set(&w2[10..], Phase::Downloading);
@@ -698,7 +764,7 @@ mod tests {
         fleet.set(&w2, Phase::Installed);
         assert!(step(&mut r, &fleet, 6).is_empty());
         let t = fleet.tally(&r);
-        assert!(resume(&mut r, "ops", true, t, 7).is_err());
+        assert!(resume(&mut r, "ops", true, t, 7, |_| true).is_err());
         assert!(cancel(&mut r, "ops", 8, |_| true).is_err());
         assert_eq!(r.wave, 1);
     }
@@ -717,7 +783,7 @@ mod tests {
         assert_eq!((r.wave, r.state.clone()), (1, RolloutState::Running));
         // A plain resume says what would work.
         let t = fleet.tally(&r);
-        let err = resume(&mut r, "ops", false, t, 3).unwrap_err();
+        let err = resume(&mut r, "ops", false, t, 3, |_| true).unwrap_err();
         assert_eq!(
             err.to_string(),
             "rollout of r-000001 is running: cannot resume (it is not paused); \
@@ -726,7 +792,7 @@ mod tests {
         // --advance: the next wave's 80 are notified; the two silent ones stay notified and
         // the failure is not accepted.
         let t = fleet.tally(&r);
-        let w3 = notify_of(&resume(&mut r, "ops", true, t, 4).unwrap());
+        let w3 = notify_of(&resume(&mut r, "ops", true, t, 4, |_| true).unwrap());
         assert_eq!(w3, r.order[20..100]);
         assert_eq!((r.wave, r.state.clone()), (2, RolloutState::Running));
         assert_eq!((r.failures_accepted, r.accepted.len()), (0, 0));
@@ -743,10 +809,12 @@ mod tests {
         assert_eq!(fleet.tally(&r).notified, 100);
         // In the last wave, --advance completes it.
         let t = fleet.tally(&r);
-        resume(&mut r, "ops", true, t, 5).unwrap();
+        resume(&mut r, "ops", true, t, 5, |_| true).unwrap();
         assert_eq!(r.wave, 3);
         let t = fleet.tally(&r);
-        assert!(resume(&mut r, "ops", true, t, 6).unwrap().is_empty());
+        assert!(resume(&mut r, "ops", true, t, 6, |_| true)
+            .unwrap()
+            .is_empty());
         assert_eq!(r.state, RolloutState::Completed);
     }
 
@@ -756,9 +824,83 @@ mod tests {
         assert!(fx.is_empty());
         // Each observation of an empty wave moves one wave on: four waves, four observations.
         for now in 1..=4 {
-            assert!(observe(&mut r, Tally::default(), now).is_empty());
+            assert!(observe(&mut r, Tally::default(), now, |_| true).is_empty());
         }
         assert_eq!((r.wave, r.state.clone()), (3, RolloutState::Completed));
+    }
+
+    /// During wave 1, two machines of wave 2 are revoked or moved out of the release's groups,
+    /// and one machine of wave 1 too (notified, not finished). Wave 1 does not wait for that
+    /// one; wave 2 notifies only the machines still reached, records the others as skipped, and
+    /// completes on its own machines at a 100 % success threshold.
+    #[test]
+    fn a_wave_skips_machines_that_left_the_release_and_completes_on_the_others() {
+        let all = WavePlan::new(vec![5000], ALL_BP, 0, 0).unwrap();
+        let mut fleet = Fleet::default();
+        let (mut r, fx) = start(&rel(), all, ids(10), 0);
+        let w1 = notify_of(&fx);
+        assert_eq!(w1, r.order[..5]);
+        let gone_later = r.order[5..7].to_vec();
+        fleet.leave(&gone_later);
+        fleet.leave(&w1[4..]);
+        fleet.set(&w1[..4], Phase::Installed);
+        let w2 = notify_of(&step(&mut r, &fleet, 1));
+        assert_eq!(w2, r.order[7..]);
+        assert_eq!(r.skipped, gone_later);
+        assert_eq!(
+            r.log.last().unwrap().reason,
+            "wave 1: 4 of 4 machines succeeded (100%), threshold 100%; wave 2 of 2: 3 more \
+             machines, 2 skipped (revoked or no longer targeted)"
+        );
+        let t = fleet.tally(&r);
+        assert_eq!((t.notified, t.succeeded, t.skipped), (7, 4, 3));
+        // Back in the group later: still skipped for this rollout (it was never notified).
+        fleet.2.remove(&gone_later[0]);
+        assert_eq!(fleet.tally(&r).skipped, 3);
+        fleet.set(&w2, Phase::Installed);
+        assert!(step(&mut r, &fleet, 2).is_empty());
+        assert_eq!(r.state, RolloutState::Completed);
+        assert_eq!(
+            r.log.last().unwrap().reason,
+            "wave 2: 7 of 7 machines succeeded (100%), threshold 100%"
+        );
+    }
+
+    /// Every machine of every wave left the release: each wave moves on (nothing counted has
+    /// succeeded, nothing failed) and the rollout completes, without a division by zero.
+    #[test]
+    fn a_wave_with_every_machine_skipped_does_not_hang() {
+        let plan = WavePlan::new(vec![5000], ALL_BP, 0, 60_000).unwrap();
+        let mut fleet = Fleet::default();
+        let (mut r, fx) = start(&rel(), plan, ids(4), 0);
+        assert_eq!(notify_of(&fx).len(), 2);
+        fleet.leave(&r.order);
+        assert!(step(&mut r, &fleet, 1).is_empty(), "nobody left to notify");
+        assert_eq!((r.wave, r.skipped.len()), (1, 2));
+        assert_eq!(
+            r.log.last().unwrap().reason,
+            "wave 1: 0 of 0 machines succeeded (0%), threshold 100%; wave 2 of 2: 0 more \
+             machines, 2 skipped (revoked or no longer targeted)"
+        );
+        assert!(step(&mut r, &fleet, 2).is_empty());
+        assert_eq!(r.state, RolloutState::Completed);
+    }
+
+    #[test]
+    fn a_cancel_tells_nothing_to_the_machines_a_wave_skipped() {
+        let mut fleet = Fleet::default();
+        let plan = WavePlan::new(vec![5000], ALL_BP, 0, 0).unwrap();
+        let (mut r, fx) = start(&rel(), plan, ids(4), 0);
+        let w1 = notify_of(&fx);
+        fleet.leave(&r.order[2..]);
+        fleet.set(&w1, Phase::Downloading);
+        // Wave 1 waits for its two; advanced by hand, wave 2 skips both of its machines.
+        let t = fleet.tally(&r);
+        let fx = resume(&mut r, "ops", true, t, 1, |m| fleet.in_scope(m)).unwrap();
+        assert!(fx.is_empty(), "{fx:?}");
+        assert_eq!(r.skipped, r.order[2..]);
+        let fx = cancel(&mut r, "ops", 2, |_| true).unwrap();
+        assert_eq!(fx, [Effect::Cancel(w1)]);
     }
 
     #[test]

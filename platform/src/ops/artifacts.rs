@@ -422,6 +422,7 @@ mod tests {
             },
             failures_accepted: 0,
             accepted: vec![],
+            skipped: vec![],
             log: vec![],
         };
         store.transaction(|tx| tx.put_rollout(&rollout)).unwrap();

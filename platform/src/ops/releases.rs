@@ -758,6 +758,7 @@ mod tests {
                 state: RolloutState::Running,
                 failures_accepted: 0,
                 accepted: vec![],
+                skipped: vec![],
                 log: vec![],
             }),
         };

@@ -1570,3 +1570,83 @@ async fn a_change_replayed_across_a_platform_restart_does_not_run_again() {
     admin.close().await;
     platform.stop().await;
 }
+
+/// A request with a field this platform does not know (a newer client's, say one narrowing
+/// what the op reaches) is refused with the field named, and changes nothing; the same field
+/// with an absent value (`0`) is harmless and the op runs. Sent as raw MAC'd JSON through the
+/// broker, as a newer CLI would send it.
+#[tokio::test]
+async fn a_request_with_a_field_this_platform_does_not_know_is_refused_and_runs_nothing() {
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir: _dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    let client = "fleetcast-op-admin.newer";
+    let secret = admin_secret(&data_dir);
+    let mut newer = peer(&url, client).await;
+    let response_topic = format!("fleet/admin/{client}/response");
+    newer.subscribe(&response_topic).await;
+    let ctr0 = fleetcast_platform::now_ms() * 1000;
+    let mut ask = async |ctr: u64, expires: serde_json::Value| {
+        let body = serde_json::json!({
+            "client": client, "id": ctr, "ctr": ctr, "at_ms": fleetcast_platform::now_ms(),
+            "op": "operator_add", "name": "ops", "role": "viewer", "expires_in_days": expires,
+        });
+        newer
+            .publish_acked(
+                &format!("fleet/admin/{client}/request"),
+                false,
+                secret.seal(Purpose::Admin, &body),
+            )
+            .await;
+        let p = newer
+            .next(|p| {
+                p.topic == response_topic
+                    && serde_json::from_slice::<ResponseEnvelope>(&p.payload)
+                        .is_ok_and(|env| env.id == ctr)
+            })
+            .await;
+        let env: ResponseEnvelope = serde_json::from_slice(&p.payload).unwrap();
+        let sealed = env.sealed.expect("a sealed answer");
+        secret
+            .open_box::<fleetcast_proto::admin::AdminResponse>(
+                Purpose::AdminResponse,
+                client,
+                &sealed,
+            )
+            .unwrap()
+    };
+    let names = async || -> Vec<String> {
+        let ops = admin.call(calls::OperatorList {}).await.unwrap();
+        ops.into_iter().map(|o| o.name).collect()
+    };
+
+    let refused = ask(ctr0 + 1, 30.into()).await;
+    assert_eq!(
+        refused.error.as_deref(),
+        Some(
+            "unknown field \"expires_in_days\" in operator_add: this platform does not know it \
+             (is it older than the CLI?); nothing was done"
+        ),
+        "{refused:?}"
+    );
+    assert_eq!(names().await, ["admin"], "nothing was done");
+    let audited: Vec<AuditEntry> = audit(&admin).await;
+    assert!(
+        audited
+            .iter()
+            .any(|e| e.action == "operator_add" && e.result.starts_with("unknown field")),
+        "{audited:?}"
+    );
+
+    let ran = ask(ctr0 + 2, 0.into()).await;
+    assert!(ran.error.is_none(), "{ran:?}");
+    assert_eq!(names().await, ["admin", "ops"]);
+
+    admin.close().await;
+    platform.stop().await;
+}

@@ -668,3 +668,139 @@ async fn release_watch_follows_a_staged_rollout_and_advance_moves_a_running_one_
 
     f.stop().await;
 }
+
+/// During wave 1, one machine of wave 2 is moved out of the release's group and another is
+/// revoked; so is a machine of wave 1 that was notified but never answered (offline). Wave 1
+/// stops waiting for that one (100 % success threshold: the others are all of it now), wave 2
+/// notifies neither of its two, and the rollout completes on the others. `rollout status`
+/// shows the two as skipped (text and `--json`); the revoked wave-1 machine keeps its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn machines_that_left_the_release_mid_rollout_are_skipped_and_the_wave_completes() {
+    let broker = start_on_free_port(|s| s).unwrap().url();
+    let env = env(&broker).await;
+    let admin = &env.admin;
+    let (_, release) = app_release(
+        admin,
+        env.dir.path(),
+        "2.0.0",
+        3_000,
+        5,
+        InstallPolicy::Immediate,
+    )
+    .await;
+    let release = &release.id;
+    // Wave 1 is order[..5], wave 2 order[5..]. order[0], order[5], order[6] are provisioned
+    // but offline; every other machine is a simulated agent.
+    let order = order(release, ids(1..=10));
+    let (silent, moved, revoked) = (&order[0], &order[5], &order[6]);
+    let sim = env.dir.path().join("machines");
+    let mut sims = Sims::default();
+    for (i, id) in ids(1..=10).iter().enumerate() {
+        if [silent, moved, revoked].contains(&id) {
+            provisioned(admin, id.as_str(), &["fleet"]).await;
+        } else {
+            sims.start(fleetcast_device::simulate::SimulateOptions {
+                start_index: i + 1,
+                ..simulated(&env.data_dir, &sim, &broker, 1, &["fleet"])
+            });
+        }
+    }
+    wait_online(admin, 7).await;
+    let plan = WavePlan::new(vec![5000], 10_000, 10_000, 0).unwrap();
+    publish_with(admin, release, &[], &["fleet"], Some(plan)).await;
+    // Wave 1's four agents install; the silent one holds the wave at 100 %.
+    wait_status_within(admin, release, E2E_WAIT, |s| {
+        s.targets.len() == 5
+            && s.targets
+                .iter()
+                .filter(|t| t.phase == Phase::Installed)
+                .count()
+                == 4
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(rollout_status(admin, release).await.wave, 0);
+
+    admin
+        .call(calls::MachineGroups {
+            machine: moved.clone(),
+            add: vec![g("depot")],
+            remove: vec![g("fleet")],
+        })
+        .await
+        .unwrap();
+    revoke(admin, revoked.as_str()).await;
+    revoke(admin, silent.as_str()).await;
+
+    let done = rollout_until(admin, release, "rollout completed", |r| {
+        r.state == RolloutState::Completed
+    })
+    .await;
+    let mut skipped = done.skipped.clone();
+    skipped.sort();
+    let mut want = vec![moved.clone(), revoked.clone()];
+    want.sort();
+    assert_eq!(skipped, want, "{done:?}");
+    // Seven agents installed; the silent one's record stays as it was.
+    let s = wait_status_within(admin, release, E2E_WAIT, |s| {
+        s.targets.len() == 8
+            && s.targets
+                .iter()
+                .all(|t| (&t.machine == silent) != (t.phase == Phase::Installed))
+    })
+    .await;
+    let recorded: Vec<&MachineId> = s.targets.iter().map(|t| &t.machine).collect();
+    assert!(
+        !recorded.contains(&moved) && !recorded.contains(&revoked),
+        "{recorded:?}"
+    );
+    assert!(
+        recorded.contains(&silent),
+        "notified before it was revoked: its record stays"
+    );
+    // No notice on their own topics either.
+    let mut observer = peer(&broker, "observer").await;
+    observer.subscribe("fleet/machines/+/release/app").await;
+    let retained = observer.drain(Duration::from_secs(1)).await;
+    let topics: Vec<&str> = retained
+        .iter()
+        .filter(|p| !p.payload.is_empty())
+        .map(|p| p.topic.as_str())
+        .collect();
+    assert_eq!(topics.len(), 8, "{topics:?}");
+    for m in [moved, revoked] {
+        assert!(
+            !topics.contains(&format!("fleet/machines/{m}/release/app").as_str()),
+            "{topics:?}"
+        );
+    }
+
+    let fc = super::cli::Fleetcast::new(env.dir.path())
+        .with("FLEETCAST_DATA", &env.data_dir)
+        .with("FLEETCAST_BROKER", broker.to_string());
+    let text = fc.run(&["rollout", "status", release.as_str()]).await.ok();
+    assert!(
+        text.contains(
+            "wave 2 of 2: 8 of 10 machines notified, 2 skipped (revoked or no longer targeted \
+             when their wave started): "
+        ),
+        "{text}"
+    );
+    let json: serde_json::Value = serde_json::from_str(
+        &fc.run(&["rollout", "status", release.as_str(), "--json"])
+            .await
+            .ok(),
+    )
+    .unwrap();
+    assert_eq!(json["skipped_total"], 2, "{json}");
+    assert_eq!(json["skipped"].as_array().map(Vec::len), Some(2), "{json}");
+    assert_eq!(
+        (&json["tally"]["notified"], &json["tally"]["skipped"]),
+        (&serde_json::json!(7), &serde_json::json!(3)),
+        "{json}"
+    );
+
+    sims.stop().await;
+    env.admin.close().await;
+    env.platform.stop().await;
+}
