@@ -663,25 +663,12 @@ async fn an_agent_moved_to_another_group_follows_it_without_a_config_edit() {
     let agent = tokio::spawn(fleetcast_device::agent::run(config.clone(), agents.clone()));
     wait_online(&admin, 1).await;
     let before = violations(&admin).await;
-    let said = admin
-        .call(calls::MachineGroups {
-            machine: m("vm-m"),
-            add: vec![g("beijing")],
-            remove: vec![g("shanghai")],
-        })
-        .await
-        .unwrap();
+    let said = move_to_beijing(&admin, "vm-m").await;
     assert!(
         said.contains("1 broker session(s) closed: its agent is told its groups"),
         "{said}"
     );
-    let v2 = artifact_file(dir.path(), "app-2.0.0.bin", 60_000, 9);
-    upload_app(&admin, &v2, "2.0.0").await;
-    let r = release(&admin, "2.0.0", &[], &["beijing"]).await.release;
-    wait_status_within(&admin, &r.id, E2E_WAIT, |s| {
-        s.targets.len() == 1 && s.targets[0].phase == Phase::Installed
-    })
-    .await;
+    installed_by_group(&admin, dir.path(), "2.0.0", 9, "beijing").await;
     agents.cancel();
     joined(agent, "agent vm-m moved to beijing").await;
     let status = fleetcast_device::status::collect(&config, &dir.path().join("vm-m.toml"), &[])
@@ -695,13 +682,7 @@ async fn an_agent_moved_to_another_group_follows_it_without_a_config_edit() {
     let refused_before = refused_subscriptions(&admin).await;
     let agents = CancellationToken::new();
     let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
-    let v3 = artifact_file(dir.path(), "app-3.0.0.bin", 60_000, 10);
-    upload_app(&admin, &v3, "3.0.0").await;
-    let r = release(&admin, "3.0.0", &[], &["beijing"]).await.release;
-    wait_status_within(&admin, &r.id, E2E_WAIT, |s| {
-        s.targets.len() == 1 && s.targets[0].phase == Phase::Installed
-    })
-    .await;
+    installed_by_group(&admin, dir.path(), "3.0.0", 10, "beijing").await;
     assert_eq!(
         violations(&admin).await,
         before,

@@ -811,6 +811,30 @@ async fn until_finished(
 }
 
 /// Waits until `count` machines are online and have reported their app version.
+/// Moves `machine` from group shanghai to beijing in one command; the platform's answer.
+async fn move_to_beijing(admin: &AdminClient, machine: &str) -> String {
+    admin
+        .call(calls::MachineGroups {
+            machine: m(machine),
+            add: vec![g("beijing")],
+            remove: vec![g("shanghai")],
+        })
+        .await
+        .unwrap()
+}
+
+/// Uploads app `version` (60 KB of `seed`), releases it to `group`, and waits until its one
+/// target has installed it.
+async fn installed_by_group(admin: &AdminClient, dir: &Path, version: &str, seed: u8, group: &str) {
+    let file = artifact_file(dir, &format!("app-{version}.bin"), 60_000, seed);
+    upload_app(admin, &file, version).await;
+    let r = release(admin, version, &[], &[group]).await.release;
+    wait_status_within(admin, &r.id, E2E_WAIT, |s| {
+        s.targets.len() == 1 && s.targets[0].phase == Phase::Installed
+    })
+    .await;
+}
+
 async fn wait_online(admin: &AdminClient, count: usize) {
     poll_until(
         E2E_WAIT,

@@ -952,27 +952,14 @@ async fn on_mosquitto_a_machine_moved_in_one_command_follows_its_new_group() {
     let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
     wait_online(&admin, 1).await;
 
-    let said = admin
-        .call(calls::MachineGroups {
-            machine: m("vm-m"),
-            add: vec![g("beijing")],
-            remove: vec![g("shanghai")],
-        })
-        .await
-        .unwrap();
+    let said = move_to_beijing(&admin, "vm-m").await;
     assert!(
         said.contains("0 broker session") || said.contains("told its groups when it is next"),
         "{said}"
     );
     mosq.rewrite_files(&generated_files(&admin).await).unwrap();
     mosq.reload().unwrap();
-    let v2 = artifact_file(dir.path(), "app-2.0.0.bin", 60_000, 9);
-    upload_app(&admin, &v2, "2.0.0").await;
-    let r = release(&admin, "2.0.0", &[], &["beijing"]).await.release;
-    wait_status_within(&admin, &r.id, E2E_WAIT, |s| {
-        s.targets.len() == 1 && s.targets[0].phase == Phase::Installed
-    })
-    .await;
+    installed_by_group(&admin, dir.path(), "2.0.0", 9, "beijing").await;
     admin.close().await;
     agents.cancel();
     joined(agent, "agent vm-m moved on mosquitto").await;
