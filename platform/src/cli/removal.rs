@@ -203,7 +203,7 @@ mod tests {
     #[test]
     fn keep_latest_keeps_the_newest_of_each_kind_by_the_order_releases_were_made() {
         let all = [
-            of_kind("r-000010", "app"),
+            of_kind("r-999999", "app"),
             of_kind("r-000002", "os"),
             of_kind("r-1000000", "app"),
             of_kind("r-000001", "app"),
@@ -211,11 +211,11 @@ mod tests {
             of_kind("r-000004", "app"),
         ];
         let ids = |v: Vec<ReleaseId>| v.iter().map(|r| r.to_string()).collect::<Vec<_>>();
-        // r-1000000 was made after r-000010, though it sorts before it as text; os has two.
+        // r-1000000 was made after r-999999, though it sorts before it as text; os has two.
         assert_eq!(ids(older_than_newest(&all, 2)), ["r-000001", "r-000004"]);
         assert_eq!(
             ids(older_than_newest(&all, 1)),
-            ["r-000001", "r-000002", "r-000004", "r-000010"]
+            ["r-000001", "r-000002", "r-000004", "r-999999"]
         );
         assert!(older_than_newest(&all, 4).is_empty());
     }
