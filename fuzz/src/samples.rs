@@ -228,6 +228,10 @@ pub fn admin_ops() -> Vec<AdminOp> {
             kind: kind(),
             version: "2.4.0".into(),
         },
+        AdminOp::ReleaseRemove {
+            releases: vec![release()],
+            check: true,
+        },
         AdminOp::ReleaseCreate {
             kind: kind(),
             version: "2.4.1".into(),

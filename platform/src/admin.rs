@@ -26,7 +26,9 @@ use crate::error::PlatformError;
 use crate::integrators::Integrators;
 use crate::now_ms;
 use crate::ops::OpError;
-use crate::ops::{artifacts, events, identities, inventory, keys, machines, releases, rollouts};
+use crate::ops::{
+    artifacts, events, identities, inventory, keys, machines, releases, removal, rollouts,
+};
 use crate::publish;
 use crate::store::{AdminCounter, OperatorRecord, StoreError};
 use crate::unknown_fields::unknown_field;
@@ -535,6 +537,9 @@ impl Admin {
             }
             AnyCall::ReleaseList(call) => releases::list(ctx, call).map(c::ReleaseList::wrap),
             AnyCall::ReleaseQuery(call) => releases::query(ctx, call).map(c::ReleaseQuery::wrap),
+            AnyCall::ReleaseRemove(call) => {
+                removal::remove(ctx, call).await.map(c::ReleaseRemove::wrap)
+            }
             AnyCall::ReleaseStatus(call) => releases::status(ctx, call)
                 .await
                 .map(c::ReleaseStatus::wrap),

@@ -324,6 +324,21 @@ pub trait Records: Reads {
 
     fn put_rollout(&self, info: &RolloutInfo) -> Result<(), StoreError>;
 
+    /// Forgets a release's record (`release_remove`, after its target records). Returns
+    /// whether there was one.
+    fn remove_release(&self, id: &ReleaseId) -> Result<bool, StoreError>;
+
+    /// Forgets `machine`'s target record of `release`, the entry that finds it by machine and
+    /// the count of its stored events (the events themselves stay). Returns whether there was
+    /// a record.
+    fn remove_target(&self, release: &ReleaseId, machine: &MachineId) -> Result<bool, StoreError>;
+
+    /// Forgets which release is `machine`'s current one of `kind`.
+    fn remove_current(&self, machine: &MachineId, kind: &Kind) -> Result<(), StoreError>;
+
+    /// Forgets the staged rollout of `release`. Returns whether there was one.
+    fn remove_rollout(&self, release: &ReleaseId) -> Result<bool, StoreError>;
+
     /// Stores `notice` as the one desired on its target for its kind.
     fn put_desired(&self, notice: &DesiredNotice) -> Result<(), StoreError>;
 

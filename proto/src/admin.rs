@@ -321,6 +321,18 @@ pub enum AdminOp {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
     },
+    /// Deletes releases (at most [`MAX_RELEASE_REMOVE`]) with their target records, staged
+    /// rollouts and the keys that name them; their events stay. All or nothing: refused, with
+    /// every reason, while any of them is still needed (desired for a group or followed by a
+    /// machine, a staged rollout running or paused, a machine not revoked still working on it
+    /// or having it as its current release of its kind, or what `rollback` of a group it was
+    /// published to reads). With `check`, changes nothing and says which could go and why the
+    /// others stay. Reply: `release_removal`.
+    ReleaseRemove {
+        releases: Vec<ReleaseId>,
+        #[serde(default, skip_serializing_if = "is_false")]
+        check: bool,
+    },
 }
 
 fn is_false(b: &bool) -> bool {
@@ -368,6 +380,7 @@ impl AdminOp {
             AdminOp::Versions { .. } => "versions",
             AdminOp::History { .. } => "history",
             AdminOp::ReleaseQuery { .. } => "release_query",
+            AdminOp::ReleaseRemove { .. } => "release_remove",
         }
     }
 
@@ -396,7 +409,8 @@ impl AdminOp {
             | AdminOp::RolloutPause { .. }
             | AdminOp::RolloutResume { .. }
             | AdminOp::RolloutCancel { .. }
-            | AdminOp::ReleaseRetry { .. } => Role::Operator,
+            | AdminOp::ReleaseRetry { .. }
+            | AdminOp::ReleaseRemove { .. } => Role::Operator,
             AdminOp::MachineProvision { .. }
             | AdminOp::MachineProvisionBatch { .. }
             | AdminOp::MachineRevoke { .. }
@@ -436,6 +450,7 @@ impl AdminOp {
                 | AdminOp::MachineQuery { .. }
                 | AdminOp::Versions { .. }
                 | AdminOp::History { .. }
+                | AdminOp::ReleaseRemove { check: true, .. }
         )
     }
 
@@ -597,6 +612,28 @@ pub enum AdminReply {
         next: Option<ReleaseId>,
         more: bool,
     },
+    /// What `release_remove` removed (`removed`), or with `check` would remove: each release
+    /// named, in request order.
+    ReleaseRemoval {
+        releases: Vec<ReleaseRemoval>,
+        removed: bool,
+    },
+}
+
+/// Most releases one `release_remove` names: the CLI removes a longer list in batches.
+pub const MAX_RELEASE_REMOVE: usize = 100;
+
+/// One release of a `release_remove` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReleaseRemoval {
+    pub release: ReleaseId,
+    pub kind: Kind,
+    pub version: String,
+    /// Its target records: what removing it deletes beside its own record.
+    pub targets: u32,
+    /// Why it is still needed (it stays); absent when it can go (or went).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept: Option<String>,
 }
 
 /// An operator as the platform records it (without its secret).
@@ -1343,6 +1380,10 @@ mod tests {
                 advance: true,
             },
             AdminOp::RolloutCancel { release: r() },
+            AdminOp::ReleaseRemove {
+                releases: vec![r()],
+                check: false,
+            },
             AdminOp::ReleaseRetry {
                 release: r(),
                 machines: vec![],
@@ -1353,6 +1394,22 @@ mod tests {
             assert_eq!(steer.required_role(), Role::Operator, "{}", steer.name());
             assert!(steer.is_change(), "{}", steer.name());
         }
+    }
+
+    #[test]
+    fn a_release_removal_is_an_operators_change_and_its_check_a_read() {
+        let remove = |check| AdminOp::ReleaseRemove {
+            releases: vec![ReleaseId::new("r-000001").unwrap()],
+            check,
+        };
+        assert_eq!(remove(false).required_role(), Role::Operator);
+        assert!(remove(false).is_change() && remove(false).is_audited());
+        assert_eq!(remove(true).required_role(), Role::Operator);
+        assert!(!remove(true).is_change() && !remove(true).is_audited());
+        let wire = serde_json::to_string(&remove(false)).unwrap();
+        assert_eq!(wire, r#"{"op":"release_remove","releases":["r-000001"]}"#);
+        let back: AdminOp = serde_json::from_str(&wire).unwrap();
+        assert_eq!(back, remove(false));
     }
 
     #[test]

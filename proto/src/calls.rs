@@ -116,6 +116,14 @@ pub struct MosquittoFiles {
     pub more: bool,
 }
 
+/// Answer to `release_remove`: each release named, and whether they were removed (not with
+/// `check`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Removal {
+    pub releases: Vec<ReleaseRemoval>,
+    pub removed: bool,
+}
+
 /// One page of `history` for `machine`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HistoryPage {
@@ -248,6 +256,12 @@ calls! {
         -> "release_page" Page<ReleaseInfo, Option<ReleaseId>> {
         AdminReply::ReleasePage { releases, next, more } => Page { items: releases, next, more };
         p => AdminReply::ReleasePage { releases: p.items, next: p.next, more: p.more }
+    }
+    /// See [`AdminOp::ReleaseRemove`].
+    ReleaseRemove = "release_remove" { releases: Vec<ReleaseId>, check: bool }
+        -> "release_removal" Removal {
+        AdminReply::ReleaseRemoval { releases, removed } => Removal { releases, removed };
+        r => AdminReply::ReleaseRemoval { releases: r.releases, removed: r.removed }
     }
 }
 

@@ -3,7 +3,7 @@
 //! functions (tested below each module); `anyhow` is used only here and in `main`.
 //! docs/cli.md is the user's side: options, credentials, exit codes, JSON schemas.
 //!
-//! Layout: [`serve`], [`artifact`], [`release`], [`machines`] (list, provision, revoke),
+//! Layout: [`serve`], [`artifact`], [`release`], [`removal`] (`release remove`), [`machines`] (list, provision, revoke),
 //! [`inventory`] (versions, history, paged listings),
 //! [`rollback`] (rollback, activate), [`identity`] (operators, integrators, audit, events,
 //! key rotation), [`profile`] (where credentials come from, the saved profile), [`table`]
@@ -15,6 +15,7 @@ pub mod inventory;
 pub mod machines;
 pub mod profile;
 pub mod release;
+pub mod removal;
 pub mod rollback;
 pub mod rollout;
 pub mod serve;

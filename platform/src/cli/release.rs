@@ -1,4 +1,5 @@
-//! `fleetcast release create|publish|retry|status|watch|list`.
+//! `fleetcast release create|publish|retry|status|watch|list` (`remove` is in
+//! [`super::removal`]).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -111,6 +112,24 @@ pub enum ReleaseCmd {
     List {
         #[arg(long)]
         json: bool,
+    },
+    /// Delete releases no machine needs any more, with their per-machine records, to keep the
+    /// platform's database small (their events stay). Shows what goes and what is kept (with
+    /// the reason) and asks first.
+    Remove {
+        /// Release ids. Refused, nothing removed, if any of them is still needed.
+        #[arg(
+            required_unless_present = "keep_latest",
+            conflicts_with = "keep_latest"
+        )]
+        releases: Vec<ReleaseId>,
+        /// Instead of naming them: every release but the newest N of each version type, except
+        /// those still needed (listed with the reason, and kept).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..))]
+        keep_latest: Option<u32>,
+        /// Do not ask for confirmation.
+        #[arg(long)]
+        yes: bool,
     },
 }
 
@@ -293,6 +312,16 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
         ReleaseCmd::Watch { release, timeout } => {
             let admin = client.connect().await?;
             let result = watch(&admin, release, timeout).await;
+            admin.close().await;
+            result
+        }
+        ReleaseCmd::Remove {
+            releases,
+            keep_latest,
+            yes,
+        } => {
+            let admin = client.connect().await?;
+            let result = super::removal::remove(&admin, releases, keep_latest, yes).await;
             admin.close().await;
             result
         }

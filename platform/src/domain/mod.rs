@@ -5,7 +5,9 @@
 //!   targets, which machines a retry or an activate reaches, where a rollback goes.
 //! - [`target`]: what a machine's status event does to its record for one release.
 //! - [`rollout`]: a staged rollout: wave order, advancing, pausing by itself, operator commands.
+//! - [`removal`]: whether a release may be removed, or what still needs it.
 
 pub mod release;
+pub mod removal;
 pub mod rollout;
 pub mod target;

@@ -350,22 +350,13 @@ pub fn group_rollback_version(
     kind: &Kind,
     releases: &[ReleaseInfo],
 ) -> Result<String, Refused> {
-    let mut published: Vec<&ReleaseInfo> = releases
-        .iter()
-        .filter(|r| &r.kind == kind && is_published(r) && r.groups.contains(group))
-        .collect();
-    published.sort_by_key(|r| r.seq);
-    let Some(current) = published.pop() else {
+    let Some((current, to)) = group_rollback_releases(group, kind, releases) else {
         return Err(Refused::NoGroupRelease {
             group: group.clone(),
             kind: kind.clone(),
         });
     };
-    match published
-        .iter()
-        .rev()
-        .find(|r| r.version != current.version)
-    {
+    match to {
         Some(r) => Ok(r.version.clone()),
         None => Err(Refused::NoEarlierGroupRelease {
             group: group.clone(),
@@ -373,6 +364,29 @@ pub fn group_rollback_version(
             current: current.version.clone(),
         }),
     }
+}
+
+/// The releases [`group_rollback_version`] reads for `group` and `kind`: the newest published
+/// to the group (what it rolls back from) and the newest one before it with another version
+/// (what it rolls back to), if there is one. No other release changes its choice, so these are
+/// the ones `release_remove` keeps for it.
+pub fn group_rollback_releases<'a>(
+    group: &GroupId,
+    kind: &Kind,
+    releases: &'a [ReleaseInfo],
+) -> Option<(&'a ReleaseInfo, Option<&'a ReleaseInfo>)> {
+    let mut published: Vec<&ReleaseInfo> = releases
+        .iter()
+        .filter(|r| &r.kind == kind && is_published(r) && r.groups.contains(group))
+        .collect();
+    published.sort_by_key(|r| r.seq);
+    let current = published.pop()?;
+    let to = published
+        .iter()
+        .rev()
+        .find(|r| r.version != current.version)
+        .copied();
+    Some((current, to))
 }
 
 #[cfg(test)]
@@ -737,5 +751,40 @@ mod tests {
             group_rollback_version(&g("east"), &app, &releases),
             Err(Refused::NoGroupRelease { .. })
         ));
+    }
+
+    /// What `release_remove` keeps for a group's rollback: removing any other release leaves
+    /// the version it rolls back to as it was.
+    #[test]
+    fn only_the_two_releases_a_group_rollback_reads_change_its_choice() {
+        let app = Kind::new("app").unwrap();
+        let published = |id: &str, version: &str, seq: u64| {
+            let mut r = crate::fixtures::release(id, version);
+            record_publish(&mut r, seq, 0, &[], &[g("north")]);
+            r
+        };
+        let releases = vec![
+            published("r-000001", "1.0", 1),
+            published("r-000002", "2.0", 2),
+            published("r-000003", "2.0", 3),
+            published("r-000004", "3.0", 4),
+            published("r-000005", "3.0", 5),
+        ];
+        let (from, to) = group_rollback_releases(&g("north"), &app, &releases).unwrap();
+        assert_eq!(
+            (from.id.as_str(), to.map(|r| r.id.as_str())),
+            ("r-000005", Some("r-000003"))
+        );
+        let before = group_rollback_version(&g("north"), &app, &releases);
+        for r in &releases {
+            let mut without = releases.clone();
+            without.retain(|x| x.id != r.id);
+            let after = group_rollback_version(&g("north"), &app, &without);
+            if r.id != from.id && Some(&r.id) != to.map(|t| &t.id) {
+                assert_eq!(after, before, "without {}", r.id);
+            }
+        }
+        // A group nothing was published to has none.
+        assert!(group_rollback_releases(&g("south"), &app, &releases).is_none());
     }
 }

@@ -9,14 +9,12 @@ use fleetcast_proto::release::compare_versions;
 use fleetcast_proto::{MachineId, ReleaseId, Target};
 
 use crate::context::Ctx;
+use crate::domain::removal::named;
 use crate::inventory::off_thread;
 use crate::now_ms;
 use crate::ops::{refused, OpError};
 use crate::publish;
 use crate::store::Store;
-
-/// The most machines a refusal names (it says how many more there are).
-const MACHINES_NAMED: usize = 5;
 
 /// Every stored artifact, by kind, then version (removed ones too, marked).
 pub fn list(ctx: &Ctx, _: calls::ArtifactList) -> Result<Vec<ArtifactInfo>, OpError> {
@@ -157,21 +155,6 @@ fn in_use(store: &dyn Store, artifact: &ArtifactInfo) -> Result<Option<String>, 
         )));
     }
     Ok(None)
-}
-
-/// "3 machines (vm-1, vm-2, vm-3)", naming at most [`MACHINES_NAMED`].
-fn named(machines: &[MachineId]) -> String {
-    let shown: Vec<String> = machines
-        .iter()
-        .take(MACHINES_NAMED)
-        .map(|m| m.to_string())
-        .collect();
-    let more = match machines.len() - shown.len() {
-        0 => String::new(),
-        n => format!(" and {n} more"),
-    };
-    let s = if machines.len() == 1 { "" } else { "s" };
-    format!("{} machine{s} ({}{more})", machines.len(), shown.join(", "))
 }
 
 /// Deletes files left of artifacts marked removed (a crash between marking and deleting).

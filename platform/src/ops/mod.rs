@@ -12,6 +12,7 @@ pub mod inventory;
 pub mod keys;
 pub mod machines;
 pub mod releases;
+pub mod removal;
 pub mod rollouts;
 
 use fleetcast_proto::admin::ReleaseInfo;

@@ -421,6 +421,58 @@ fn rollouts_are_stored_by_release(s: &dyn Store) {
     assert_eq!(all[0], r1);
 }
 
+fn removing_a_release_and_its_targets_leaves_no_key_naming_them(s: &dyn Store) {
+    let (r1, r10) = (r("r-1"), r("r-10"));
+    let plan = WavePlan::new(vec![10000], 10000, 0, 0).unwrap();
+    let rollout = crate::domain::rollout::start(&r1, plan, [m("a")], 5).0;
+    s.transaction(|rec| {
+        rec.put_release(&crate::fixtures::release("r-1", "1.0"))?;
+        rec.put_release(&crate::fixtures::release("r-10", "2.0"))?;
+        for (rel, mach) in [("r-1", "a"), ("r-1", "ab"), ("r-10", "a")] {
+            rec.put_target(&target(rel, mach))?;
+        }
+        rec.put_rollout(&rollout)?;
+        rec.set_current(&m("ab"), &app(), &r1)?;
+        rec.set_current(&m("a"), &app(), &r10)
+    })
+    .unwrap();
+    for (mach, rel) in [("a", &r1), ("ab", &r1), ("a", &r10)] {
+        s.bump_event_count(&m(mach), Some(rel), 3).unwrap();
+    }
+    let removed = s
+        .transaction(|rec| -> Result<_, StoreError> {
+            let mut removed = Vec::new();
+            for t in rec.targets_of(&r1)? {
+                removed.push(rec.remove_target(&r1, &t.machine)?);
+            }
+            removed.push(rec.remove_target(&r1, &m("b"))?);
+            rec.remove_current(&m("ab"), &app())?;
+            removed.push(rec.remove_rollout(&r1)?);
+            removed.push(rec.remove_release(&r1)?);
+            removed.push(rec.remove_release(&r1)?);
+            Ok(removed)
+        })
+        .unwrap();
+    assert_eq!(removed, [true, true, false, true, true, false]);
+    assert_eq!(s.release(&r1).unwrap(), None);
+    assert_eq!(s.targets_of(&r1).unwrap(), []);
+    assert_eq!(
+        (s.target(&r1, &m("a")).unwrap(), s.rollout(&r1).unwrap()),
+        (None, None)
+    );
+    assert_eq!(s.current(&m("ab"), &app()).unwrap(), None);
+    assert_eq!(s.event_count(&m("a"), Some(&r1)).unwrap(), 0);
+    assert_eq!(s.targets_of_machine(&m("ab")).unwrap(), []);
+    // `r-10` (whose id starts with `r-1`) and what names it stay.
+    assert_eq!(
+        s.targets_of_machine(&m("a")).unwrap(),
+        [target("r-10", "a")]
+    );
+    assert_eq!(s.current(&m("a"), &app()).unwrap(), Some(r10.clone()));
+    assert_eq!(s.event_count(&m("a"), Some(&r10)).unwrap(), 3);
+    assert_eq!(ids(&s.releases().unwrap(), |r| r.id.to_string()), ["r-10"]);
+}
+
 fn admin_counters_are_one_per_client_until_removed(s: &dyn Store) {
     let counter = |client: &str, ctr, at_ms| AdminCounter {
         client: client.into(),
@@ -660,6 +712,7 @@ conformance!(
     audit_pages_by_id,
     desired_notices_are_keyed_by_target_and_kind,
     rollouts_are_stored_by_release,
+    removing_a_release_and_its_targets_leaves_no_key_naming_them,
     machines_come_in_id_order_after_a_cursor,
     admin_counters_are_one_per_client_until_removed,
     secrets_are_kept_until_removed,

@@ -464,6 +464,30 @@ impl Records for Tables {
         Ok(())
     }
 
+    fn remove_release(&self, id: &ReleaseId) -> Result<bool, StoreError> {
+        Ok(self.lock().releases.remove(id.as_str()).is_some())
+    }
+
+    fn remove_target(&self, release: &ReleaseId, machine: &MachineId) -> Result<bool, StoreError> {
+        let mut d = self.lock();
+        d.machine_targets
+            .remove(&key::machine_target(machine, release));
+        d.event_counts
+            .remove(&key::event_count(machine, Some(release)));
+        Ok(d.targets.remove(&key::target(release, machine)).is_some())
+    }
+
+    fn remove_current(&self, machine: &MachineId, kind: &Kind) -> Result<(), StoreError> {
+        self.lock()
+            .current
+            .remove(&key::machine_kind(machine, kind));
+        Ok(())
+    }
+
+    fn remove_rollout(&self, release: &ReleaseId) -> Result<bool, StoreError> {
+        Ok(self.lock().rollouts.remove(release.as_str()).is_some())
+    }
+
     fn put_desired(&self, notice: &DesiredNotice) -> Result<(), StoreError> {
         self.lock()
             .desired

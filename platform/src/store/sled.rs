@@ -9,7 +9,7 @@
 //! | `meta` | `schema` / `seq` / `event` / `release` / `audit` | u64 big-endian: schema version; last notice/command `seq` (one platform-wide counter); last event id; last release number; last audit entry id. Markers (`bootstrapped`, `machine_targets`): present once done |
 //! | `artifacts` | artifact id (hex) | `ArtifactInfo` |
 //! | `artifact_versions` | `kind/version` | artifact id (hex). A kind+version names one set of bytes forever |
-//! | `releases` | release id (`r-000001`) | `ReleaseInfo` |
+//! | `releases` | release id (`r-000001`) | `ReleaseInfo`. `release_remove` deletes it with the `targets`, `machine_targets`, `event_counts` and `rollouts` keys that name it (and notices, `current` entries no one reads) |
 //! | `targets` | `release/machine` | `TargetRecord` (one per machine a release reached) |
 //! | `machine_targets` | `machine/release` | empty: an index of `targets` by machine, so one machine's history reads its own records rather than every release's (written before its target record; built from `targets` once, at the first open by a build that has it, marked by `meta` `machine_targets`) |
 //! | `current` | `machine/kind` | release id of the newest release targeting that machine for that kind (to mark the previous one superseded) |
@@ -776,6 +776,29 @@ impl Records for Tables {
 
     fn put_rollout(&self, info: &RolloutInfo) -> Result<(), StoreError> {
         self.rollouts.put(info.release.as_str(), info)
+    }
+
+    fn remove_release(&self, id: &ReleaseId) -> Result<bool, StoreError> {
+        self.releases.remove(id.as_str())
+    }
+
+    /// The index entry and the event count first, the record last: a crash in between leaves
+    /// the record, which the next removal of the release finds (by release) and removes.
+    fn remove_target(&self, release: &ReleaseId, machine: &MachineId) -> Result<bool, StoreError> {
+        self.machine_targets
+            .remove(&key::machine_target(machine, release))?;
+        self.event_counts
+            .remove(&key::event_count(machine, Some(release)))?;
+        self.targets.remove(&key::target(release, machine))
+    }
+
+    fn remove_current(&self, machine: &MachineId, kind: &Kind) -> Result<(), StoreError> {
+        self.current.remove(&key::machine_kind(machine, kind))?;
+        Ok(())
+    }
+
+    fn remove_rollout(&self, release: &ReleaseId) -> Result<bool, StoreError> {
+        self.rollouts.remove(release.as_str())
     }
 
     fn put_desired(&self, notice: &DesiredNotice) -> Result<(), StoreError> {

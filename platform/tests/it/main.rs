@@ -2,7 +2,7 @@
 //! temp data dir, the real `AdminClient`, and machines played with proto types.
 //!
 //! The helpers here serve every module of this test binary (`cli`, `crash`, `e2e`, `gateway`,
-//! `inventory`, `package`, `pages`, `reconcile`, `security`, `staged`).
+//! `inventory`, `package`, `pages`, `reconcile`, `removal`, `security`, `staged`).
 
 mod bounded;
 mod cli;
@@ -15,6 +15,7 @@ mod package;
 mod pages;
 mod python_agent;
 mod reconcile;
+mod removal;
 mod security;
 mod staged;
 
