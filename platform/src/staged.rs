@@ -212,11 +212,13 @@ fn download_only(release: &ReleaseInfo) -> bool {
 }
 
 /// The machines of `r`'s waves so far and of its next wave that `release` still reaches: not
-/// revoked, and named by it or a member of one of its groups now, by the platform's record (as
-/// `machines --group` lists them; a publish of it would resolve them today). Unlike `activate
-/// --groups`, the group a target record was reached through does not count: the machine left
-/// it. Read one machine at a time, only for those waves: the first waves of a large rollout read
-/// a few records, not the fleet.
+/// revoked, named by it or a member of one of its groups now, by the platform's record (as
+/// `machines --group` lists them; a publish of it would resolve them today), and not since
+/// reached by a newer release of its kind (their record of it is `superseded`, or, not yet
+/// notified, they are not sent it: counted, they held a wave that needs every machine for
+/// good). Unlike `activate --groups`, the group a target record was reached through does not
+/// count: the machine left it. Read one machine at a time, only for those waves: the first
+/// waves of a large rollout read a few records, not the fleet.
 struct Scope(HashSet<MachineId>);
 
 impl Scope {
@@ -229,15 +231,31 @@ impl Scope {
         let skipped: HashSet<&MachineId> = r.skipped.iter().collect();
         let end = r.plan.cumulative(r.wave + 1, r.order.len());
         let mut reached = HashSet::new();
+        let mut seqs: HashMap<ReleaseId, u64> = HashMap::new();
         for m in r.order[..end].iter().filter(|m| !skipped.contains(m)) {
             let Some(info) = store.machine(m)? else {
                 continue;
             };
             let targeted =
                 named.contains(m) || info.groups.iter().any(|g| release.groups.contains(g));
-            if info.revoked_at_ms.is_none() && targeted {
-                reached.insert(info.id);
+            if info.revoked_at_ms.is_some() || !targeted {
+                continue;
             }
+            if let Some(current) = store.current(m, &release.kind)? {
+                if current != release.id {
+                    let seq = match seqs.get(&current) {
+                        Some(seq) => *seq,
+                        None => {
+                            let seq = store.release(&current)?.map_or(0, |c| c.seq);
+                            *seqs.entry(current).or_insert(seq)
+                        }
+                    };
+                    if seq > release.seq {
+                        continue;
+                    }
+                }
+            }
+            reached.insert(info.id);
         }
         Ok(Self(reached))
     }
@@ -523,6 +541,55 @@ mod tests {
         let r = f.ctx.store.rollout(&f.release.id).unwrap().unwrap();
         assert_eq!((r.wave, r.state), (1, RolloutState::Running));
         assert_eq!(f.ctx.store.targets_of(&f.release.id).unwrap().len(), 4);
+    }
+
+    /// A machine a newer release of the kind reached during the rollout (its record of this one
+    /// `superseded`, or not notified yet) no longer counts: a wave that needs every machine
+    /// completes on the others, and a later wave does not send it the older release. (Counted,
+    /// the superseded machine held the wave for good.)
+    #[tokio::test]
+    async fn machines_a_newer_release_reached_do_not_hold_the_rollout() {
+        let f = fixture();
+        publish(&f.ctx, &f.release, &f.machines, &[], false, halves())
+            .await
+            .unwrap();
+        let first = notified(&f);
+        let later: Vec<MachineId> = f
+            .machines
+            .iter()
+            .filter(|m| !first.contains(&m.to_string()))
+            .cloned()
+            .collect();
+        let mut newer = crate::fixtures::release("r-000002", "2.0");
+        newer.seq = 1_000_000;
+        let overtaken = [MachineId::new(first[1].clone()).unwrap(), later[0].clone()];
+        f.ctx
+            .store
+            .transaction(|tx| -> Result<(), StoreError> {
+                tx.put_release(&newer)?;
+                for m in &overtaken {
+                    publish::assign_target(tx, &newer, m, None, 1)?;
+                }
+                Ok(())
+            })
+            .unwrap();
+        let rec = f.ctx.store.target(&f.release.id, &overtaken[0]).unwrap();
+        assert_eq!(rec.map(|r| r.phase), Some(Phase::Superseded));
+        report(&f, &first[0], Phase::Installed);
+        evaluate(&f.ctx, &f.release.id).await.unwrap();
+        let r = f.ctx.store.rollout(&f.release.id).unwrap().unwrap();
+        assert_eq!(
+            r.wave, 1,
+            "wave 1 completed on the machine that was not overtaken"
+        );
+        assert_eq!(r.skipped, [later[0].clone()]);
+        let mut want = vec![first[0].clone(), first[1].clone(), later[1].to_string()];
+        want.sort();
+        assert_eq!(notified(&f), want);
+        report(&f, later[1].as_str(), Phase::Installed);
+        evaluate(&f.ctx, &f.release.id).await.unwrap();
+        let r = f.ctx.store.rollout(&f.release.id).unwrap().unwrap();
+        assert_eq!(r.state, RolloutState::Completed, "{r:?}");
     }
 
     #[tokio::test]
