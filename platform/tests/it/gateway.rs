@@ -76,7 +76,7 @@ async fn the_documented_python_integrator_catches_up_through_the_gateway() {
 }
 
 /// Waits until the broker ends `peer`'s connection.
-async fn closed(peer: &mut Peer, what: &str) {
+pub(super) async fn closed(peer: &mut Peer, what: &str) {
     peer.wait_event(what, |e| {
         matches!(e, MqttEvent::Disconnected(_)).then_some(())
     })

@@ -15,6 +15,7 @@ mod package;
 mod pages;
 mod python_agent;
 mod reconcile;
+mod regroup;
 mod removal;
 mod security;
 mod staged;
