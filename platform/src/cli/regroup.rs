@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
+use fleetcast_broker::admin::AdminError;
 use fleetcast_proto::admin::{MachineFilter, MAX_GROUPS_BATCH};
 use fleetcast_proto::calls;
 use fleetcast_proto::{GroupId, MachineId};
@@ -107,6 +108,11 @@ pub async fn run(
     }
     admin.close().await;
     if let Err(e) = result {
+        if let AdminError::UnknownOp { .. } = e {
+            return Err(anyhow::Error::from(e).context(
+                "this platform moves one machine per request: update it, or run `fleetcast machine groups ID --add .. --remove ..` for each machine",
+            ));
+        }
         let e = anyhow::Error::from(e);
         if moved == 0 {
             return Err(e);
