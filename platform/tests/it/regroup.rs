@@ -99,6 +99,47 @@ async fn three_machines_move_in_one_request_and_the_connected_ones_are_cut_off()
     platform.stop().await;
 }
 
+/// Two real agents moved in one request: both are cut off, told their groups as they
+/// reconnect, and install what is released to their new group (whose notice reaches them only
+/// if they follow it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_moved_in_one_request_both_install_their_new_groups_release() {
+    let Embedded {
+        dir,
+        data_dir,
+        platform,
+        plain,
+        ..
+    } = embedded().await;
+    let admin = super::admin(&plain, &data_dir).await;
+    let agents = CancellationToken::new();
+    let mut running = Vec::new();
+    for id in ["vm-a", "vm-b"] {
+        let p = provisioned(&admin, id, &["shanghai"]).await;
+        let mut config = super::e2e::machine_config(&p, &plain, dir.path());
+        config.initial_versions = BTreeMap::from([(app(), "1.0.0".to_owned())]);
+        running.push(tokio::spawn(fleetcast_device::agent::run(
+            config,
+            agents.clone(),
+        )));
+    }
+    wait_online(&admin, 2).await;
+    let said = regroup(&admin, &["vm-a", "vm-b"], &["east-china"], &["shanghai"])
+        .await
+        .unwrap();
+    assert!(
+        said.contains("2 broker session(s) of 2 machine(s) closed"),
+        "{said}"
+    );
+    installed_by_group(&admin, dir.path(), ("2.0.0", 9), "east-china", 2).await;
+    agents.cancel();
+    for agent in running {
+        joined(agent, "an agent moved to east-china").await;
+    }
+    admin.close().await;
+    platform.stop().await;
+}
+
 /// On an external broker (no session to close) every machine of a batch is sent its signed
 /// groups. A batch one of whose machines is not in the group to remove, or that names an
 /// unknown machine, is refused whole, naming it, and changes nothing; a viewer or operator
