@@ -323,8 +323,8 @@ pub async fn machine_groups(
     Ok(message)
 }
 
-/// [`machine_groups`] for up to [`MAX_GROUPS_BATCH`] machines in one transaction and one
-/// flush, all or nothing: one unknown machine, or one not in a group to remove, refuses the
+/// [`machine_groups`] for up to [`MAX_GROUPS_BATCH`] machines in one transaction, one atomic
+/// write and one flush, all or nothing: one unknown machine, or one not in a group to remove, refuses the
 /// whole request and nothing changes. The answer counts what was done.
 pub async fn machine_groups_batch(
     ctx: &Ctx,
@@ -385,9 +385,7 @@ async fn change_groups(
                 some_of(&not_in, NAMED_IN_REFUSAL)
             ));
         }
-        for info in &changed {
-            tx.put_machine(info)?;
-        }
+        tx.put_machines(&changed)?;
         Ok(changed)
     })?;
     ctx.store.flush_async().await?;
