@@ -40,6 +40,10 @@ pub enum AdminError {
     Refused(String),
     #[error("refused, in an answer that could not be authenticated (wrong operator secret?): {0}")]
     Unverified(String),
+    /// The platform could not read the operation's name: it is older than the client. (Its
+    /// answer is not authenticated, so it could be forged; but it only stops the client.)
+    #[error("the platform does not know {op} (it is older than this client); nothing was done")]
+    UnknownOp { op: String },
     #[error("bad operator name: {0}")]
     BadName(String),
     #[error("unexpected reply to {op}: {reply}")]
@@ -104,6 +108,18 @@ fn op_name(op: &AdminOp) -> String {
         .ok()
         .and_then(|v| v.get("op").and_then(|o| o.as_str()).map(str::to_owned))
         .unwrap_or_else(|| "request".into())
+}
+
+/// The error for a plain (unauthenticated) refusal of `op`. A platform that does not know an
+/// operation cannot read the request at all, so it answers as to a request with a bad MAC,
+/// with the reader's error inside: "unknown variant `op`, expected one of ..." and the whole
+/// list of the operations it knows.
+fn plain_refusal(op: &str, text: String) -> AdminError {
+    if text.contains(&format!("unknown variant `{op}`")) {
+        AdminError::UnknownOp { op: op.to_owned() }
+    } else {
+        AdminError::Unverified(text)
+    }
 }
 
 impl AdminClient {
@@ -308,7 +324,7 @@ impl AdminClient {
                         text
                     };
                     if let Some(text) = unverified {
-                        return Err(AdminError::Unverified(text));
+                        return Err(plain_refusal(&name, text));
                     }
                     tracing::debug!(op = %name, id, "no response yet; resending the request");
                 }
@@ -556,4 +572,36 @@ pub fn load_secret(hex: Option<&str>, file: &Path) -> Result<Secret, String> {
     };
     text.parse()
         .map_err(|e| format!("admin secret from {source}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_platform_that_cannot_read_the_operation_is_said_to_be_older() {
+        // What a platform answers to an operation it does not know: its reader's error.
+        let secret = Secret::from_bytes([1; 32]);
+        let body = serde_json::json!({"client": "fleetcast-op-admin.1", "id": 1, "ctr": 2,
+            "at_ms": 3, "op": "machine_groups_next", "machines": ["vm-1"]});
+        let sealed = secret.seal(Purpose::Admin, &body);
+        let e = secret
+            .open::<AdminRequest>(Purpose::Admin, &sealed)
+            .unwrap_err();
+        let answer = format!("request refused: {e} (wrong operator secret?)");
+        let err = plain_refusal("machine_groups_next", answer.clone());
+        assert_eq!(
+            err.to_string(),
+            "the platform does not know machine_groups_next (it is older than this client); nothing was done"
+        );
+        // Any other plain refusal stays what it is.
+        assert!(matches!(
+            plain_refusal("machines", answer),
+            AdminError::Unverified(_)
+        ));
+        assert!(matches!(
+            plain_refusal("machine_groups", "request refused: bad MAC".into()),
+            AdminError::Unverified(_)
+        ));
+    }
 }

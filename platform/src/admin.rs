@@ -568,6 +568,9 @@ impl Admin {
             AnyCall::MachineGroups(call) => machines::groups(ctx, call)
                 .await
                 .map(c::MachineGroups::wrap),
+            AnyCall::MachineGroupsBatch(call) => machines::groups_batch(ctx, call)
+                .await
+                .map(c::MachineGroupsBatch::wrap),
             AnyCall::MachineRevoke(call) => machines::revoke(ctx, call)
                 .await
                 .map(c::MachineRevoke::wrap),

@@ -347,6 +347,10 @@ pub trait Records: Reads {
 
     fn put_machine(&self, info: &MachineInfo) -> Result<(), StoreError>;
 
+    /// Stores every record of `infos` in one atomic write: after a crash, all of them are
+    /// stored or none (`machine_groups_batch`).
+    fn put_machines(&self, infos: &[MachineInfo]) -> Result<(), StoreError>;
+
     fn put_secret(&self, id: &MachineId, secret: &Secret) -> Result<(), StoreError>;
 
     /// Forgets a machine's secret: nothing it sends verifies any more, and the broker refuses it.

@@ -24,6 +24,10 @@ use crate::status::{KindState, Phase, Progress};
 /// the platform key for each: ~0.5 KiB sealed, so a batch stays far below the packet limit).
 pub const MAX_PROVISION_BATCH: usize = 1000;
 
+/// Most machines one `machine_groups_batch` may move: one sled transaction, one flush, one
+/// `groups` command each (the CLI moves a longer list in batches).
+pub const MAX_GROUPS_BATCH: usize = 1000;
+
 /// One machine to register, and the groups it joins.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MachineSpec {
@@ -217,6 +221,17 @@ pub enum AdminOp {
         #[serde(default)]
         remove: Vec<GroupId>,
     },
+    /// `machine_groups` for many machines at once (1 to [`MAX_GROUPS_BATCH`]), all or nothing:
+    /// an unknown machine, or one not in a group to remove, refuses the whole request. Each
+    /// machine's sessions are closed, and those with none closed are told their groups now.
+    /// Reply: `done`.
+    MachineGroupsBatch {
+        machines: Vec<MachineId>,
+        #[serde(default)]
+        add: Vec<GroupId>,
+        #[serde(default)]
+        remove: Vec<GroupId>,
+    },
     /// Whether `machine_provision_batch` with these machines would be accepted, changing
     /// nothing (at most [`MAX_PROVISION_BATCH`]): a long list is checked whole before its
     /// first batch is applied. Reply: `done`, or the refusal the batch would get.
@@ -365,6 +380,7 @@ impl AdminOp {
             AdminOp::IntegratorList => "integrator_list",
             AdminOp::IntegratorRevoke { .. } => "integrator_revoke",
             AdminOp::MachineGroups { .. } => "machine_groups",
+            AdminOp::MachineGroupsBatch { .. } => "machine_groups_batch",
             AdminOp::MachineProvisionCheck { .. } => "machine_provision_check",
             AdminOp::EventsSince { .. } => "events_since",
             AdminOp::Audit { .. } => "audit",
@@ -421,6 +437,7 @@ impl AdminOp {
             | AdminOp::IntegratorList
             | AdminOp::IntegratorRevoke { .. }
             | AdminOp::MachineGroups { .. }
+            | AdminOp::MachineGroupsBatch { .. }
             | AdminOp::MachineProvisionCheck { .. }
             | AdminOp::Audit { .. }
             | AdminOp::KeyRotate
@@ -1350,6 +1367,14 @@ mod tests {
                     machine: vm1.clone(),
                     add: vec![],
                     remove: vec![GroupId::new("g").unwrap()],
+                },
+                true,
+            ),
+            (
+                AdminOp::MachineGroupsBatch {
+                    machines: vec![vm1.clone()],
+                    add: vec![GroupId::new("g").unwrap()],
+                    remove: vec![],
                 },
                 true,
             ),

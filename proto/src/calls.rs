@@ -202,6 +202,9 @@ calls! {
         -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
     MachineGroups = "machine_groups" { machine: MachineId, add: Vec<GroupId>, remove: Vec<GroupId> }
         -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
+    MachineGroupsBatch = "machine_groups_batch" {
+        machines: Vec<MachineId>, add: Vec<GroupId>, remove: Vec<GroupId>,
+    } -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
     MachineProvisionCheck = "machine_provision_check" { machines: Vec<MachineSpec>, rotate: bool }
         -> "done" String { AdminReply::Done { message } => message; r => AdminReply::Done { message: r } }
     EventsSince = "events_since" { since: u64, limit: Option<u32> }
@@ -490,6 +493,15 @@ mod tests {
             },
             json!({"op": "machine_groups", "machine": "vm-1",
                 "add": ["beijing"], "remove": ["shanghai"]}),
+        );
+        wire(
+            MachineGroupsBatch {
+                machines: vec![m("vm-1"), m("vm-2")],
+                add: vec![g("east-china")],
+                remove: vec![g("shanghai")],
+            },
+            json!({"op": "machine_groups_batch", "machines": ["vm-1", "vm-2"],
+                "add": ["east-china"], "remove": ["shanghai"]}),
         );
         wire(
             MachineProvisionCheck {

@@ -1,4 +1,4 @@
-//! `fleetcast machines` and `fleetcast machine provision`.
+//! `fleetcast machines`, `fleetcast machine provision` and `revoke` (`groups`: [`super::regroup`]).
 
 use std::path::PathBuf;
 
@@ -82,18 +82,31 @@ pub enum MachineCmd {
         #[arg(long)]
         rotate: bool,
     },
-    /// Change the groups a machine is in, keeping its secret: --add first, then --remove.
-    /// Its live session on the embedded broker is closed, so the subscriptions the old groups
-    /// granted end, and its agent is told its new groups and follows them: its config needs
-    /// no edit (docs/operations.md, "Moving a machine to another group").
+    /// Change the groups of machines, keeping their secrets: --add first, then --remove. Each
+    /// one's live session on the embedded broker is closed, so the subscriptions the old
+    /// groups granted end, and its agent is told its new groups and follows them: its config
+    /// needs no edit (docs/operations.md, "Moving a machine to another group"). Several
+    /// machines (named, --members-of, --from-file) are shown and confirmed first, then changed
+    /// in requests of 1,000, each all or nothing.
     Groups {
-        machine: MachineId,
+        /// Machine ids.
+        #[arg(required_unless_present_any = ["members_of", "from_file"])]
+        machines: Vec<MachineId>,
+        /// Every machine in this group now (read before the first change).
+        #[arg(long, value_name = "GROUP")]
+        members_of: Option<GroupId>,
+        /// A file of machine ids, one per line; `#` starts a comment.
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
         /// Comma-separated groups to join.
         #[arg(long, required_unless_present = "remove")]
         add: Option<String>,
-        /// Comma-separated groups to leave (each must be one the machine is in).
+        /// Comma-separated groups to leave (each must be one every machine is in).
         #[arg(long)]
         remove: Option<String>,
+        /// Do not ask for confirmation (several machines).
+        #[arg(long)]
+        yes: bool,
     },
     /// Revoke a machine: its secret stops working at once, and on the embedded broker its live
     /// session is closed now (an external broker drops it at its next connect).
@@ -103,8 +116,18 @@ pub enum MachineCmd {
 /// The machines passing the filters, fetched a page at a time (the platform filters, so a
 /// narrow question about a large fleet is a short answer).
 pub async fn list(args: MachinesArgs, client: &ClientArgs) -> anyhow::Result<()> {
-    let filter = args.filter();
-    let mut machines = super::inventory::fetch_all(
+    let mut machines = query(client, args.filter()).await?;
+    machines.sort_by(|a, b| a.id.cmp(&b.id));
+    if args.json {
+        return print_json(&machines);
+    }
+    print!("{}", machines_text(&machines));
+    Ok(())
+}
+
+/// Every machine passing `filter`, a page at a time (`machine_query`).
+pub async fn query(client: &ClientArgs, filter: MachineFilter) -> anyhow::Result<Vec<MachineInfo>> {
+    super::inventory::fetch_all(
         client,
         None,
         |after, limit| calls::MachineQuery {
@@ -114,13 +137,7 @@ pub async fn list(args: MachinesArgs, client: &ClientArgs) -> anyhow::Result<()>
         },
         |page| page,
     )
-    .await?;
-    machines.sort_by(|a, b| a.id.cmp(&b.id));
-    if args.json {
-        return print_json(&machines);
-    }
-    print!("{}", machines_text(&machines));
-    Ok(())
+    .await
 }
 
 pub async fn run(cmd: MachineCmd, client: &ClientArgs) -> anyhow::Result<()> {
@@ -157,24 +174,26 @@ pub async fn run(cmd: MachineCmd, client: &ClientArgs) -> anyhow::Result<()> {
             "name a machine, or pass --from-file FILE --out-dir DIR",
         )),
         MachineCmd::Groups {
-            machine,
+            machines,
+            members_of,
+            from_file,
             add,
             remove,
+            yes,
         } => {
-            let (add, remove): (Vec<GroupId>, Vec<GroupId>) =
-                (parse_list(&add)?, parse_list(&remove)?);
-            let groups = client
-                .call(calls::MachineGroups {
-                    machine: machine.clone(),
-                    add,
-                    remove,
-                })
-                .await?;
-            println!("{groups}");
-            println!(
-                "the agent follows its new groups by itself (an agent older than 2026-11-29 follows the `groups` of its config: make them match and restart it); on Mosquitto, regenerate the ACL (fleetcast broker mosquitto-config) and reload it"
-            );
-            Ok(())
+            let selection = super::regroup::Selection {
+                machines,
+                members_of,
+                from_file,
+            };
+            super::regroup::run(
+                selection,
+                parse_list(&add)?,
+                parse_list(&remove)?,
+                yes,
+                client,
+            )
+            .await
         }
         MachineCmd::Revoke { machine } => {
             let message = client.call(calls::MachineRevoke { machine }).await?;
@@ -188,12 +207,8 @@ pub async fn run(cmd: MachineCmd, client: &ClientArgs) -> anyhow::Result<()> {
 pub fn parse_machine_list(text: &str) -> anyhow::Result<Vec<MachineSpec>> {
     let mut out = Vec::new();
     let mut seen = std::collections::BTreeSet::new();
-    for (n, line) in text.lines().enumerate() {
-        let line = line.split('#').next().unwrap_or("").trim();
-        if line.is_empty() {
-            continue;
-        }
-        let at = || format!("line {}", n + 1);
+    for (line, n) in list_lines(text) {
+        let at = || format!("line {n}");
         let (machine, groups) = line.split_once(',').unwrap_or((line, ""));
         let machine = MachineId::new(machine.trim()).with_context(at)?;
         let groups = groups
@@ -211,6 +226,15 @@ pub fn parse_machine_list(text: &str) -> anyhow::Result<Vec<MachineSpec>> {
         out.push(MachineSpec { machine, groups });
     }
     Ok(out)
+}
+
+/// The lines of a list file that say something, with their numbers (from 1): what precedes
+/// a `#`, trimmed; blank lines are skipped.
+pub fn list_lines(text: &str) -> impl Iterator<Item = (&str, usize)> {
+    text.lines().enumerate().filter_map(|(n, line)| {
+        let line = line.split('#').next().unwrap_or("").trim();
+        (!line.is_empty()).then_some((line, n + 1))
+    })
 }
 
 async fn provision_from_file(

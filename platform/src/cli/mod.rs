@@ -14,6 +14,7 @@ pub mod identity;
 pub mod inventory;
 pub mod machines;
 pub mod profile;
+pub mod regroup;
 pub mod release;
 pub mod removal;
 pub mod rollback;

@@ -1,5 +1,5 @@
 //! `machines`, `machine_provision`, `machine_provision_batch`, `machine_provision_check`,
-//! `machine_groups`, `machine_revoke`.
+//! `machine_groups`, `machine_groups_batch`, `machine_revoke`.
 
 use fleetcast_proto::admin::{MachineInfo, MachineSpec, ProvisionedMachine};
 use fleetcast_proto::calls;
@@ -37,6 +37,10 @@ pub fn provision_check(ctx: &Ctx, c: calls::MachineProvisionCheck) -> Result<Str
 
 pub async fn groups(ctx: &Ctx, c: calls::MachineGroups) -> Result<String, OpError> {
     identities::machine_groups(ctx, &c.machine, c.add, c.remove).await
+}
+
+pub async fn groups_batch(ctx: &Ctx, c: calls::MachineGroupsBatch) -> Result<String, OpError> {
+    identities::machine_groups_batch(ctx, &c.machines, c.add, c.remove).await
 }
 
 pub async fn revoke(ctx: &Ctx, c: calls::MachineRevoke) -> Result<String, OpError> {

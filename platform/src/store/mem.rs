@@ -507,6 +507,14 @@ impl Records for Tables {
         Ok(())
     }
 
+    fn put_machines(&self, infos: &[MachineInfo]) -> Result<(), StoreError> {
+        let mut tables = self.lock();
+        for info in infos {
+            tables.machines.insert(info.id.to_string(), info.clone());
+        }
+        Ok(())
+    }
+
     fn put_secret(&self, id: &MachineId, secret: &Secret) -> Result<(), StoreError> {
         self.lock().secrets.insert(id.to_string(), secret.clone());
         Ok(())

@@ -115,6 +115,18 @@ impl T {
         Ok(())
     }
 
+    /// Writes every `(key, value)` in one sled batch: atomic, also across a crash.
+    fn put_all<'a, V: Serialize + 'a>(
+        &self,
+        items: impl IntoIterator<Item = (&'a str, &'a V)>,
+    ) -> Result<(), StoreError> {
+        let mut batch = ::sled::Batch::default();
+        for (key, value) in items {
+            batch.insert(key, serde_json::to_vec(value).expect("records serialize"));
+        }
+        self.tree.apply_batch(batch).map_err(self.err("write"))
+    }
+
     fn remove(&self, key: &str) -> Result<bool, StoreError> {
         Ok(self.tree.remove(key).map_err(self.err("remove"))?.is_some())
     }
@@ -815,6 +827,11 @@ impl Records for Tables {
         self.machines.put(info.id.as_str(), info)
     }
 
+    fn put_machines(&self, infos: &[MachineInfo]) -> Result<(), StoreError> {
+        self.machines
+            .put_all(infos.iter().map(|info| (info.id.as_str(), info)))
+    }
+
     fn put_secret(&self, id: &MachineId, secret: &Secret) -> Result<(), StoreError> {
         self.secrets.put(id.as_str(), secret)
     }
@@ -904,6 +921,40 @@ mod tests {
         let mut e = event("vm-1");
         s.append_event(&mut e).unwrap();
         assert_eq!(e.id, 2);
+    }
+
+    #[test]
+    fn machines_stored_together_replace_their_records_and_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let in_group = |id: &str, group: &str| {
+            let mut info = MachineInfo::new(m(id), 1);
+            info.groups = vec![GroupId::new(group).unwrap()];
+            info
+        };
+        {
+            let s = SledStore::open(&path).unwrap();
+            s.transaction(|rec| rec.put_machine(&in_group("vm-1", "shanghai")))
+                .unwrap();
+            let moved = [
+                in_group("vm-1", "east-china"),
+                in_group("vm-2", "east-china"),
+            ];
+            s.transaction(|rec| rec.put_machines(&moved)).unwrap();
+            s.flush().unwrap();
+        }
+        let s = SledStore::open(&path).unwrap();
+        let groups: Vec<(String, Vec<GroupId>)> = s
+            .machines()
+            .unwrap()
+            .into_iter()
+            .map(|i| (i.id.to_string(), i.groups))
+            .collect();
+        let east = vec![GroupId::new("east-china").unwrap()];
+        assert_eq!(
+            groups,
+            vec![("vm-1".into(), east.clone()), ("vm-2".into(), east)]
+        );
     }
 
     #[test]

@@ -76,7 +76,7 @@ async fn the_documented_python_integrator_catches_up_through_the_gateway() {
 }
 
 /// Waits until the broker ends `peer`'s connection.
-async fn closed(peer: &mut Peer, what: &str) {
+pub(super) async fn closed(peer: &mut Peer, what: &str) {
     peer.wait_event(what, |e| {
         matches!(e, MqttEvent::Disconnected(_)).then_some(())
     })
@@ -668,7 +668,7 @@ async fn an_agent_moved_to_another_group_follows_it_without_a_config_edit() {
         said.contains("1 broker session(s) closed: its agent is told its groups"),
         "{said}"
     );
-    installed_by_group(&admin, dir.path(), "2.0.0", 9, "beijing").await;
+    installed_by_group(&admin, dir.path(), ("2.0.0", 9), "beijing", 1).await;
     agents.cancel();
     joined(agent, "agent vm-m moved to beijing").await;
     let status = fleetcast_device::status::collect(&config, &dir.path().join("vm-m.toml"), &[])
@@ -682,7 +682,7 @@ async fn an_agent_moved_to_another_group_follows_it_without_a_config_edit() {
     let refused_before = refused_subscriptions(&admin).await;
     let agents = CancellationToken::new();
     let agent = tokio::spawn(fleetcast_device::agent::run(config, agents.clone()));
-    installed_by_group(&admin, dir.path(), "3.0.0", 10, "beijing").await;
+    installed_by_group(&admin, dir.path(), ("3.0.0", 10), "beijing", 1).await;
     assert_eq!(
         violations(&admin).await,
         before,

@@ -15,6 +15,7 @@ mod package;
 mod pages;
 mod python_agent;
 mod reconcile;
+mod regroup;
 mod removal;
 mod security;
 mod staged;
@@ -824,14 +825,20 @@ async fn move_to_beijing(admin: &AdminClient, machine: &str) -> String {
         .unwrap()
 }
 
-/// Uploads app `version` (60 KB of `seed`), releases it to `group`, and waits until its one
-/// target has installed it.
-async fn installed_by_group(admin: &AdminClient, dir: &Path, version: &str, seed: u8, group: &str) {
+/// Uploads app `version` (60 KB of `seed`), releases it to `group`, and waits until its
+/// `targets` targets have installed it.
+async fn installed_by_group(
+    admin: &AdminClient,
+    dir: &Path,
+    (version, seed): (&str, u8),
+    group: &str,
+    targets: usize,
+) {
     let file = artifact_file(dir, &format!("app-{version}.bin"), 60_000, seed);
     upload_app(admin, &file, version).await;
     let r = release(admin, version, &[], &[group]).await.release;
     wait_status_within(admin, &r.id, E2E_WAIT, |s| {
-        s.targets.len() == 1 && s.targets[0].phase == Phase::Installed
+        s.targets.len() == targets && s.targets.iter().all(|t| t.phase == Phase::Installed)
     })
     .await;
 }

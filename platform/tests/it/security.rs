@@ -959,7 +959,7 @@ async fn on_mosquitto_a_machine_moved_in_one_command_follows_its_new_group() {
     );
     mosq.rewrite_files(&generated_files(&admin).await).unwrap();
     mosq.reload().unwrap();
-    installed_by_group(&admin, dir.path(), "2.0.0", 9, "beijing").await;
+    installed_by_group(&admin, dir.path(), ("2.0.0", 9), "beijing", 1).await;
     admin.close().await;
     agents.cancel();
     joined(agent, "agent vm-m moved on mosquitto").await;
