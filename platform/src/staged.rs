@@ -13,8 +13,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::Duration;
 
 use fleetcast_proto::admin::{PublishPlan, ReleaseInfo};
-use fleetcast_proto::auth::Purpose;
-use fleetcast_proto::command::{Command, CommandAction};
+use fleetcast_proto::command::CommandAction;
 use fleetcast_proto::rollout::{RolloutInfo, RolloutState, WavePlan, WaveTally};
 use fleetcast_proto::{GroupId, InstallPolicy, MachineId, Phase, ReleaseId, Target};
 use rumqttc::QoS;
@@ -100,17 +99,14 @@ fn apply(
             }
             Effect::Cancel(machines) => {
                 for m in machines {
-                    let cmd = Command {
-                        machine: m.clone(),
-                        seq: ctx.store.next_seq()?,
-                        issued_at_ms: now,
-                        action: CommandAction::Cancel {
-                            release: release.id.clone(),
-                        },
+                    let cancel = CommandAction::Cancel {
+                        release: release.id.clone(),
                     };
-                    out.commands.push((
-                        ctx.topics.command(&m),
-                        ctx.keys().platform.sign(Purpose::Command, &cmd),
+                    out.commands.push(publish::signed_command(
+                        ctx,
+                        &m,
+                        ctx.store.next_seq()?,
+                        cancel,
                     ));
                     let target = Target::Machine(m.clone());
                     if let Some(n) = rec.desired(&target, &release.kind)? {
