@@ -13,7 +13,7 @@
 //! change nothing. Integrator messages (`fleet/events`, rollout progress) and reconciler
 //! re-publishes go out after the flush.
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1294,10 +1294,9 @@ fn tell_groups_now(
 
 /// Whether a machine reporting `reported` follows other groups than `own` (order and repeats
 /// aside).
+/// Without allocating: it runs for every state, and `own` is a handful of groups.
 fn follows_other_groups(reported: &[GroupId], own: &[GroupId]) -> bool {
-    let reported: BTreeSet<&GroupId> = reported.iter().collect();
-    let own: BTreeSet<&GroupId> = own.iter().collect();
-    reported != own
+    !(reported.iter().all(|g| own.contains(g)) && own.iter().all(|g| reported.contains(g)))
 }
 
 /// Applies a fresh machine state in a transaction (`tx`): updates the machine and its history,
