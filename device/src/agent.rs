@@ -194,6 +194,9 @@ struct Agent {
     contact_saved_at: Option<Instant>,
     /// The platform was heard from since the agent started (the first time is written at once).
     heard_since_start: bool,
+    /// A SUBSCRIBE could not be queued (the client's request queue was full): the next tick
+    /// subscribes to everything again.
+    subscriptions_owed: bool,
     /// Every artifact in use since the data dir was last cleaned without an error (files of any
     /// other artifact were gone then); `None` when that is not known.
     in_use_since_cleaning: Option<std::collections::HashSet<ArtifactId>>,
@@ -281,6 +284,7 @@ pub async fn run_with(
         contact_dirty: false,
         contact_saved_at: None,
         heard_since_start: false,
+        subscriptions_owed: false,
         in_use_since_cleaning: None,
         tasks: JoinSet::new(),
         inputs,
@@ -457,6 +461,7 @@ impl Agent {
                 self.save_contact(false).await;
                 self.head_sent_at = None;
                 self.states_sent = 0;
+                self.subscriptions_owed = false;
                 self.subscribe_all();
                 self.publish(
                     self.topics.online(self.me()),
@@ -482,19 +487,22 @@ impl Agent {
         }
     }
 
-    fn subscribe_all(&self) {
+    fn subscribe_all(&mut self) {
         let downloads = self.downloads.values().map(|d| &d.artifact);
-        for (f, qos) in subscriptions(&self.topics, self.me(), self.updater.groups(), downloads) {
-            if let Err(e) = self.client.try_subscribe(f.clone(), qos) {
-                tracing::warn!(machine = %self.me(), filter = %f, "cannot subscribe: {e}");
-            }
+        let filters = subscriptions(&self.topics, self.me(), self.updater.groups(), downloads);
+        if !subscribe_each(&self.client, self.me(), filters) {
+            self.subscriptions_owed = true;
         }
     }
 
     /// Leaves the release topics of `left` and subscribes to those of `joined` (a `groups`
     /// command). While disconnected nothing is sent: the next connect subscribes to the groups
     /// followed then.
-    fn follow_groups(&self, joined: &[GroupId], left: &[GroupId]) {
+    /// A subscription that cannot be queued now is owed: the next tick subscribes again (the
+    /// state already names the new groups, so the platform would not send the command again).
+    /// An unsubscribe that cannot be queued is not retried: that group's notices are ignored
+    /// (`on_publish`), and on the embedded broker the move closed the session anyway.
+    fn follow_groups(&mut self, joined: &[GroupId], left: &[GroupId]) {
         if !self.connected {
             return;
         }
@@ -504,11 +512,11 @@ impl Agent {
                 tracing::warn!(machine = %self.me(), filter = %f, "cannot unsubscribe: {e}");
             }
         }
-        for g in joined {
-            let f = self.topics.group_release_filter(g);
-            if let Err(e) = self.client.try_subscribe(f.clone(), QoS::AtLeastOnce) {
-                tracing::warn!(machine = %self.me(), filter = %f, "cannot subscribe: {e}");
-            }
+        let filters = joined
+            .iter()
+            .map(|g| (self.topics.group_release_filter(g), QoS::AtLeastOnce));
+        if !subscribe_each(&self.client, self.me(), filters) {
+            self.subscriptions_owed = true;
         }
     }
 
@@ -706,6 +714,10 @@ impl Agent {
             self.head_timed_out = true;
         }
         self.send_head();
+        if self.connected && self.subscriptions_owed {
+            self.subscriptions_owed = false;
+            self.subscribe_all();
+        }
         let now = std::time::Instant::now();
         let due = self
             .sale_lock
@@ -1132,6 +1144,23 @@ fn subscriptions<'a>(
     filters
 }
 
+/// Queues a SUBSCRIBE for each of `filters`; false when one could not be queued (the client's
+/// request queue is full), to be tried again.
+fn subscribe_each(
+    client: &AsyncClient,
+    me: &MachineId,
+    filters: impl IntoIterator<Item = (String, QoS)>,
+) -> bool {
+    let mut all = true;
+    for (f, qos) in filters {
+        if let Err(e) = client.try_subscribe(f.clone(), qos) {
+            tracing::warn!(machine = %me, filter = %f, "cannot subscribe now; tried again at the next tick: {e}");
+            all = false;
+        }
+    }
+    all
+}
+
 /// The agent's MQTT session: its machine's credentials, a clean session, the keep-alive of its
 /// config, and `online = false` as its will.
 fn mqtt_options(
@@ -1160,6 +1189,22 @@ mod tests {
     use super::*;
     use fleetcast_proto::chunk::{encode_frame, FrameHeader};
     use fleetcast_proto::ArtifactId;
+
+    /// A SUBSCRIBE the client cannot queue (its request queue full, as during a download's
+    /// burst of chunk requests) is reported, so the agent subscribes again at its next tick:
+    /// after a `groups` command, nothing else would bring the new group's subscription.
+    #[test]
+    fn a_subscription_the_client_cannot_queue_is_reported_to_be_tried_again() {
+        let opts = rumqttc::MqttOptions::new("vm-1", "127.0.0.1", 1883);
+        let (client, _eventloop) = AsyncClient::new(opts, 1);
+        let me = MachineId::new("vm-1").unwrap();
+        let filter = |f: &str| (f.to_owned(), QoS::AtLeastOnce);
+        assert!(subscribe_each(&client, &me, [filter("a")]));
+        assert!(
+            !subscribe_each(&client, &me, [filter("b"), filter("c")]),
+            "a queue of one holds one request"
+        );
+    }
 
     /// The data dir is cleaned after a ledger change only when an artifact in use since the
     /// last cleaning no longer is: not when a job starts, but when it is superseded even if
