@@ -39,6 +39,7 @@ use fleetcast_proto::rollout::RolloutInfo;
 use fleetcast_proto::{ArtifactId, Kind, MachineId, ReleaseId, Target};
 use serde::{Deserialize, Serialize};
 
+pub mod compact;
 mod mem;
 pub mod sled;
 

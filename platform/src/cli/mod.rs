@@ -10,6 +10,7 @@
 //! (table and time formatting).
 
 pub mod artifact;
+pub mod db;
 pub mod identity;
 pub mod inventory;
 pub mod machines;
@@ -99,6 +100,9 @@ pub enum Command {
     /// Your saved operator profile, and where the CLI finds its credentials.
     #[command(subcommand)]
     Profile(profile::ProfileCmd),
+    /// The platform's database, on the platform's host with the platform stopped: compact it.
+    #[command(subcommand)]
+    Db(db::DbCmd),
 }
 
 /// Exit statuses of `fleetcast` (docs/cli.md). clap exits with [`exit::USAGE`] by itself.
@@ -357,6 +361,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Key(cmd) => identity::key(cmd, client).await,
         Command::Broker(cmd) => identity::broker(cmd, client).await,
         Command::Profile(cmd) => profile::run(cmd, client).await,
+        Command::Db(cmd) => db::run(cmd).await,
     }
 }
 

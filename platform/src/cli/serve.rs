@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::keys::{admin_secret_path, load_or_create_keys, public_key_path};
 use crate::limits::MachineLimits;
 use crate::serve::{serve, ServeOptions};
+use crate::store::compact::{self, AtStart, CompactError, Policy};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -56,6 +57,43 @@ pub struct ServeArgs {
     /// background). Each machine's outcome per release stays in its target record.
     #[arg(long, default_value_t = crate::retention::DEFAULT_EVENTS_KEPT, value_parser = clap::value_parser!(u64).range(1..))]
     pub keep_events: u64,
+    /// Compact the database at start: `auto` when its file has grown to 4 times its size after
+    /// its last compaction (and 64 MiB at least), `always`, or `never`. sled's file holds
+    /// several times its live data as records are rewritten; compaction copies the live data
+    /// into a fresh file (`fleetcast db compact` does it by hand).
+    #[arg(long, value_enum, default_value_t = Policy::Auto)]
+    pub compact: Policy,
+}
+
+/// The start's line about the database, or an error that must stop the start (the database in
+/// use). A compaction that failed leaves the database as it was, so the platform starts on it.
+fn database_line(at_start: Result<AtStart, CompactError>) -> anyhow::Result<Option<String>> {
+    use super::table::bytes;
+    Ok(match at_start {
+        Ok(AtStart::Fresh) => None,
+        Ok(AtStart::NotDue { on_disk, .. }) => Some(format!("{} on disk", bytes(on_disk))),
+        Ok(AtStart::Compacted(r)) => {
+            tracing::info!(
+                before = r.before,
+                after = r.after,
+                records = r.records,
+                took_ms = r.took.as_millis() as u64,
+                "database compacted"
+            );
+            Some(format!(
+                "compacted {} -> {} on disk in {:.1} s ({} records verified)",
+                bytes(r.before),
+                bytes(r.after),
+                r.took.as_secs_f64(),
+                r.records
+            ))
+        }
+        Err(e @ CompactError::InUse(_)) => return Err(e.into()),
+        Err(e) => {
+            tracing::warn!(error = %e, "database not compacted");
+            Some(format!("not compacted: {e}"))
+        }
+    })
 }
 
 fn positive_rate(s: &str) -> Result<f64, String> {
@@ -151,6 +189,14 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         }
     );
     println!("  event log:       the newest {} events", args.keep_events);
+    let db = args.data.join("db");
+    let policy = args.compact;
+    let at_start = tokio::task::spawn_blocking(move || compact::at_start(&db, policy))
+        .await
+        .context("compaction task")?;
+    if let Some(line) = database_line(at_start)? {
+        println!("  database:        {line}");
+    }
     drop(keys);
     let shutdown = CancellationToken::new();
     let ctrl_c = tokio::spawn({

@@ -6,7 +6,7 @@
 //!
 //! | tree | key | value |
 //! |---|---|---|
-//! | `meta` | `schema` / `seq` / `event` / `release` / `audit` | u64 big-endian: schema version; last notice/command `seq` (one platform-wide counter); last event id; last release number; last audit entry id. Markers (`bootstrapped`, `machine_targets`): present once done |
+//! | `meta` | `schema` / `seq` / `event` / `release` / `audit` | u64 big-endian: schema version; last notice/command `seq` (one platform-wide counter); last event id; last release number; last audit entry id. Markers (`bootstrapped`, `machine_targets`): present once done. `compacted`: u64 BE, the size on disk right after the last compaction ([`super::compact`]) |
 //! | `artifacts` | artifact id (hex) | `ArtifactInfo` |
 //! | `artifact_versions` | `kind/version` | artifact id (hex). A kind+version names one set of bytes forever |
 //! | `releases` | release id (`r-000001`) | `ReleaseInfo`. `release_remove` deletes it with the `targets`, `machine_targets`, `event_counts` and `rollouts` keys that name it (and notices, `current` entries no one reads) |
@@ -237,7 +237,7 @@ impl Numbered for AuditEntry {
 /// Whether opening failed because another `Db` (a previous instance whose background threads
 /// are still letting go) holds the file lock. sled 0.34 reports that as `Other` with this text,
 /// not as `WouldBlock`.
-fn lock_held(e: &std::io::Error) -> bool {
+pub(super) fn lock_held(e: &std::io::Error) -> bool {
     e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 
@@ -277,6 +277,14 @@ impl SledStore {
     /// Opens (or creates) the database. Retries briefly while a previous instance in this
     /// process is still releasing the file lock.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
+        if let Some(did) =
+            super::compact::finish_interrupted(path).map_err(|e| StoreError::Open {
+                path: path.to_owned(),
+                source: Box::new(e),
+            })?
+        {
+            tracing::warn!(db = %path.display(), "{did}");
+        }
         let mut attempt = 0;
         let db = loop {
             match ::sled::Config::new()

@@ -1,11 +1,12 @@
 //! Platform integration tests: a real embedded broker on a free loopback port, `serve` on a
 //! temp data dir, the real `AdminClient`, and machines played with proto types.
 //!
-//! The helpers here serve every module of this test binary (`cli`, `crash`, `e2e`, `gateway`,
+//! The helpers here serve every module of this test binary (`cli`, `compaction`, `crash`, `e2e`, `gateway`,
 //! `inventory`, `package`, `pages`, `reconcile`, `removal`, `security`, `staged`).
 
 mod bounded;
 mod cli;
+mod compaction;
 mod crash;
 mod e2e;
 mod full_disk;

@@ -1,0 +1,665 @@
+//! Compaction: the live data of a sled database copied into a fresh one, which then takes its
+//! place.
+//!
+//! sled 0.34 appends every write to its log and reclaims little of what later writes replace:
+//! after ten 1,000-machine rollouts its file held about 8 times its live data (80 MB for 10 MB,
+//! docs/capacity-notes.md, "Removing releases"), and it grows by about 7.5 KB per machine per
+//! rollout, for ever. Nothing in sled 0.34 tunes that (`segment_cleanup_threshold` is a no-op).
+//! So the platform compacts the way a log-structured store without a working cleaner can: every
+//! tree is copied, key by key, into a new database beside the old one, the copy is read back
+//! and compared with what was read from the old one (a blake3 digest of every tree's name,
+//! keys and values, in order), and only then do the directories change places.
+//!
+//! It runs with the database closed: at `fleetcast serve`'s start when [`is_due`], or by
+//! `fleetcast db compact` with the platform stopped. sled's file lock keeps it off a database
+//! in use.
+//!
+//! ## Crash safety
+//!
+//! Beside `DIR/db` it uses `DIR/db.compacting` (the copy being built) and `DIR/db.old` (the
+//! old database between the two renames). The old database stays whole until the copy is
+//! verified, and the swap is two renames: `db` -> `db.old`, `db.compacting` -> `db`.
+//! [`finish_interrupted`], which [`super::SledStore::open`] runs first, reads what a crash
+//! left:
+//! - `db` and `db.compacting`: the copy was not finished; it is deleted.
+//! - `db.old` and no `db` (a crash between the renames): `db.old` is renamed back; the copy,
+//!   if there, is deleted, and the next compaction starts again.
+//! - `db` and `db.old`: the swap was done; `db.old` is deleted.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use super::sled::CACHE_BYTES;
+
+/// A database smaller than this is never compacted at start: what it could give back is not
+/// worth a slower start.
+pub const DUE_MIN_BYTES: u64 = 64 * 1024 * 1024;
+/// A database is compacted at start once its file is this many times its size right after its
+/// last compaction (or, never compacted, once it reaches [`DUE_MIN_BYTES`]). At 4, a database
+/// whose data is all live is copied once per quadrupling, and one that holds 8 times its live
+/// data (as sled's after ten rollouts) is brought back to about its live size.
+pub const DUE_GROWTH: u64 = 4;
+/// `meta` key: the database's size on disk right after its last compaction (u64 BE).
+pub const COMPACTED_KEY: &str = "compacted";
+/// Records per sled batch while copying.
+const BATCH: usize = 1000;
+
+/// When `fleetcast serve` compacts at its start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Policy {
+    /// When [`is_due`].
+    Auto,
+    /// At every start.
+    Always,
+    /// Never (`fleetcast db compact` still does, by hand).
+    Never,
+}
+
+/// Whether a database of `on_disk` bytes, `last` bytes right after its last compaction, should
+/// be compacted at start.
+pub fn is_due(on_disk: u64, last: Option<u64>) -> bool {
+    on_disk >= DUE_MIN_BYTES && on_disk >= DUE_GROWTH.saturating_mul(last.unwrap_or(0))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompactError {
+    #[error(
+        "the database {0} is in use (is `fleetcast serve` running? stop it first; it compacts \
+         its database at start when that is due)"
+    )]
+    InUse(PathBuf),
+    #[error("no database at {0}")]
+    Missing(PathBuf),
+    #[error("{step} failed: {source}")]
+    Sled {
+        step: &'static str,
+        source: ::sled::Error,
+    },
+    #[error("{step} {path} failed: {source}")]
+    Io {
+        step: &'static str,
+        path: PathBuf,
+        source: io::Error,
+    },
+    #[error(
+        "the copy read back differs from the database it was copied from ({copied} records \
+         copied, {read_back} read back); the database was left as it was"
+    )]
+    Mismatch { copied: u64, read_back: u64 },
+    #[error(
+        "not enough free space beside {path} to compact: the copy may need up to {need_mib} \
+         MiB, {free_mib} MiB free; the database was left as it was"
+    )]
+    NoSpace {
+        path: PathBuf,
+        need_mib: u64,
+        free_mib: u64,
+    },
+}
+
+fn sled_err(step: &'static str) -> impl FnOnce(::sled::Error) -> CompactError {
+    move |source| CompactError::Sled { step, source }
+}
+
+fn io_err(step: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CompactError {
+    let path = path.to_owned();
+    move |source| CompactError::Io { step, path, source }
+}
+
+/// What a compaction did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// Size on disk before and after.
+    pub before: u64,
+    pub after: u64,
+    pub trees: usize,
+    pub records: u64,
+    /// Bytes of keys and values copied.
+    pub live_bytes: u64,
+    pub took: Duration,
+}
+
+/// What [`at_start`] did.
+#[derive(Debug)]
+pub enum AtStart {
+    /// No database yet (a first start).
+    Fresh,
+    /// Left as it is.
+    NotDue {
+        on_disk: u64,
+        last: Option<u64>,
+    },
+    Compacted(Report),
+}
+
+/// A database's size on disk and its size right after its last compaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    pub on_disk: u64,
+    pub last: Option<u64>,
+}
+
+/// The paths beside `db` a compaction uses.
+struct Beside {
+    db: PathBuf,
+    copy: PathBuf,
+    old: PathBuf,
+    /// Held (an exclusive file lock) while the others are looked at or changed, so that a
+    /// compaction and a store opening, or two compactions, never act on them at once.
+    lock: PathBuf,
+}
+
+impl Beside {
+    fn of(db: &Path) -> Self {
+        let with = |suffix: &str| {
+            let mut name = db.file_name().unwrap_or_default().to_owned();
+            name.push(suffix);
+            db.with_file_name(name)
+        };
+        Beside {
+            db: db.to_owned(),
+            copy: with(".compacting"),
+            old: with(".old"),
+            lock: with(".lock"),
+        }
+    }
+
+    /// Takes the lock: waits for it, or with `wait` false, fails at once if it is held.
+    fn lock(&self, wait: bool) -> Result<fs::File, CompactError> {
+        if let Some(dir) = self.lock.parent().filter(|d| !d.as_os_str().is_empty()) {
+            fs::create_dir_all(dir).map_err(io_err("creating", dir))?;
+        }
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&self.lock)
+            .map_err(io_err("opening", &self.lock))?;
+        if wait {
+            file.lock().map_err(io_err("locking", &self.lock))?;
+        } else {
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(CompactError::InUse(self.db.clone()))
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(io_err("locking", &self.lock)(e)),
+            }
+        }
+        Ok(file)
+    }
+
+    /// Completes or undoes what an interrupted compaction left (module docs), the lock held.
+    fn tidy(&self) -> Result<Option<&'static str>, CompactError> {
+        let mut did = None;
+        if !self.db.exists() && self.old.exists() {
+            fs::rename(&self.old, &self.db).map_err(io_err("restoring", &self.db))?;
+            sync_dir(&self.db).map_err(io_err("syncing the directory of", &self.db))?;
+            did = Some("restored the database a compaction had moved aside (it was interrupted)");
+        } else if self.old.exists() {
+            fs::remove_dir_all(&self.old).map_err(io_err("deleting", &self.old))?;
+            did = Some("deleted the database a finished compaction had replaced");
+        }
+        if self.copy.exists() {
+            fs::remove_dir_all(&self.copy).map_err(io_err("deleting", &self.copy))?;
+            did = did.or(Some("deleted the copy of an interrupted compaction"));
+        }
+        Ok(did)
+    }
+}
+
+/// Completes or undoes what an interrupted compaction left beside `db` (module docs), waiting
+/// for a compaction running now to end. Returns what it did, for the log; `None` when there was
+/// nothing.
+pub fn finish_interrupted(db: &Path) -> Result<Option<&'static str>, CompactError> {
+    let p = Beside::of(db);
+    let _lock = p.lock(true)?;
+    p.tidy()
+}
+
+fn open(path: &Path) -> Result<::sled::Db, CompactError> {
+    ::sled::Config::new()
+        .path(path)
+        .cache_capacity(CACHE_BYTES)
+        .open()
+        .map_err(|e| match e {
+            ::sled::Error::Io(ref io) if super::sled::lock_held(io) => {
+                CompactError::InUse(path.to_owned())
+            }
+            e => CompactError::Sled {
+                step: "opening the database",
+                source: e,
+            },
+        })
+}
+
+fn sizes(db: &::sled::Db) -> Result<Sizes, CompactError> {
+    let on_disk = db.size_on_disk().map_err(sled_err("reading the size"))?;
+    let last = db
+        .open_tree("meta")
+        .and_then(|meta| meta.get(COMPACTED_KEY))
+        .map_err(sled_err("reading the last compaction"))?
+        .and_then(|v| <[u8; 8]>::try_from(v.as_ref()).ok())
+        .map(u64::from_be_bytes);
+    Ok(Sizes { on_disk, last })
+}
+
+/// The database's sizes, and the bytes of keys and values it holds (read through every tree).
+pub fn inspect(db_path: &Path) -> Result<(Sizes, Digest), CompactError> {
+    let p = Beside::of(db_path);
+    let _lock = p.lock(false)?;
+    p.tidy()?;
+    if !db_path.exists() {
+        return Err(CompactError::Missing(db_path.to_owned()));
+    }
+    let db = open(db_path)?;
+    Ok((sizes(&db)?, digest(&db)?))
+}
+
+/// At `fleetcast serve`'s start, before the store opens: compacts `db_path` as `policy` says.
+pub fn at_start(db_path: &Path, policy: Policy) -> Result<AtStart, CompactError> {
+    let p = Beside::of(db_path);
+    let _lock = p.lock(false)?;
+    p.tidy()?;
+    if !db_path.exists() {
+        return Ok(AtStart::Fresh);
+    }
+    if policy == Policy::Never {
+        return Ok(AtStart::NotDue {
+            on_disk: dir_size(db_path),
+            last: None,
+        });
+    }
+    let db = open(db_path)?;
+    let s = sizes(&db)?;
+    if policy == Policy::Auto && !is_due(s.on_disk, s.last) {
+        return Ok(AtStart::NotDue {
+            on_disk: s.on_disk,
+            last: s.last,
+        });
+    }
+    compact_open(&p, db, s.on_disk).map(AtStart::Compacted)
+}
+
+/// Compacts the (closed) database at `db_path` now.
+pub fn compact(db_path: &Path) -> Result<Report, CompactError> {
+    let p = Beside::of(db_path);
+    let _lock = p.lock(false)?;
+    p.tidy()?;
+    if !db_path.exists() {
+        return Err(CompactError::Missing(db_path.to_owned()));
+    }
+    let db = open(db_path)?;
+    let before = db.size_on_disk().map_err(sled_err("reading the size"))?;
+    compact_open(&p, db, before)
+}
+
+/// Copies, verifies and swaps; the lock held, `db` open at `p.db`.
+fn compact_open(p: &Beside, db: ::sled::Db, before: u64) -> Result<Report, CompactError> {
+    let start = Instant::now();
+    if let Ok((free, _)) = crate::disk::space(&p.db) {
+        if free < before {
+            return Err(CompactError::NoSpace {
+                path: p.db.clone(),
+                need_mib: before.div_ceil(1 << 20),
+                free_mib: free >> 20,
+            });
+        }
+    }
+    let result = copy_and_verify(&db, &p.copy);
+    drop(db);
+    let (copied, after) = match result {
+        Ok(done) => done,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&p.copy);
+            return Err(e);
+        }
+    };
+    fs::rename(&p.db, &p.old).map_err(io_err("moving aside", &p.db))?;
+    if let Err(e) = fs::rename(&p.copy, &p.db) {
+        // Put the old one back: it is whole.
+        let _ = fs::rename(&p.old, &p.db);
+        return Err(io_err("moving the copy to", &p.db)(e));
+    }
+    sync_dir(&p.db).map_err(io_err("syncing the directory of", &p.db))?;
+    fs::remove_dir_all(&p.old).map_err(io_err("deleting", &p.old))?;
+    Ok(Report {
+        before,
+        after,
+        trees: copied.trees,
+        records: copied.records,
+        live_bytes: copied.bytes,
+        took: start.elapsed(),
+    })
+}
+
+/// Copies every tree of `src` into a new database at `to`, reads it back and compares; then
+/// marks it with its size. Returns what was copied and the copy's size on disk.
+fn copy_and_verify(src: &::sled::Db, to: &Path) -> Result<(Digest, u64), CompactError> {
+    if to.exists() {
+        fs::remove_dir_all(to).map_err(io_err("deleting", to))?;
+    }
+    let copied = {
+        let dst = open(to)?;
+        let copied = copy(src, &dst)?;
+        dst.flush().map_err(sled_err("writing the copy"))?;
+        copied
+    };
+    let dst = open(to)?;
+    let read_back = digest(&dst)?;
+    if read_back != copied {
+        return Err(CompactError::Mismatch {
+            copied: copied.records,
+            read_back: read_back.records,
+        });
+    }
+    let after = dst.size_on_disk().map_err(sled_err("reading the size"))?;
+    dst.open_tree("meta")
+        .and_then(|meta| meta.insert(COMPACTED_KEY, &after.to_be_bytes()))
+        .map_err(sled_err("marking the copy"))?;
+    dst.flush().map_err(sled_err("writing the copy"))?;
+    Ok((copied, after))
+}
+
+/// What a database holds, summed up: its trees, records, bytes of keys and values, and a
+/// blake3 digest of them all in order (the [`COMPACTED_KEY`] mark left out, which a copy
+/// gets anew).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Digest {
+    pub trees: usize,
+    pub records: u64,
+    pub bytes: u64,
+    hash: blake3::Hash,
+}
+
+struct Hasher {
+    d: Digest,
+    h: blake3::Hasher,
+}
+
+impl Hasher {
+    fn new() -> Self {
+        Hasher {
+            d: Digest {
+                trees: 0,
+                records: 0,
+                bytes: 0,
+                hash: blake3::Hash::from([0; 32]),
+            },
+            h: blake3::Hasher::new(),
+        }
+    }
+
+    fn part(&mut self, bytes: &[u8]) {
+        self.h.update(&(bytes.len() as u64).to_be_bytes());
+        self.h.update(bytes);
+    }
+
+    fn tree(&mut self, name: &[u8]) {
+        self.d.trees += 1;
+        self.h.update(b"tree");
+        self.part(name);
+    }
+
+    /// Counts the record; false for the compaction mark, which is neither hashed nor copied.
+    fn record(&mut self, tree: &[u8], k: &[u8], v: &[u8]) -> bool {
+        if tree == b"meta" && k == COMPACTED_KEY.as_bytes() {
+            return false;
+        }
+        self.d.records += 1;
+        self.d.bytes += (k.len() + v.len()) as u64;
+        self.part(k);
+        self.part(v);
+        true
+    }
+
+    fn finish(mut self) -> Digest {
+        self.d.hash = self.h.finalize();
+        self.d
+    }
+}
+
+fn copy(src: &::sled::Db, dst: &::sled::Db) -> Result<Digest, CompactError> {
+    let mut h = Hasher::new();
+    for name in src.tree_names() {
+        h.tree(&name);
+        let from = src.open_tree(&name).map_err(sled_err("opening a tree"))?;
+        let to = dst.open_tree(&name).map_err(sled_err("creating a tree"))?;
+        let mut batch = ::sled::Batch::default();
+        let mut in_batch = 0;
+        for kv in from.iter() {
+            let (k, v) = kv.map_err(sled_err("reading the database"))?;
+            if !h.record(&name, &k, &v) {
+                continue;
+            }
+            batch.insert(k, v);
+            in_batch += 1;
+            if in_batch == BATCH {
+                to.apply_batch(std::mem::take(&mut batch))
+                    .map_err(sled_err("writing the copy"))?;
+                in_batch = 0;
+            }
+        }
+        to.apply_batch(batch)
+            .map_err(sled_err("writing the copy"))?;
+    }
+    Ok(h.finish())
+}
+
+fn digest(db: &::sled::Db) -> Result<Digest, CompactError> {
+    let mut h = Hasher::new();
+    for name in db.tree_names() {
+        h.tree(&name);
+        let tree = db.open_tree(&name).map_err(sled_err("opening a tree"))?;
+        for kv in tree.iter() {
+            let (k, v) = kv.map_err(sled_err("reading the database"))?;
+            h.record(&name, &k, &v);
+        }
+    }
+    Ok(h.finish())
+}
+
+/// The bytes of the files under `dir` (without opening it as a database).
+fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => dir_size(&e.path()),
+            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
+}
+
+/// Makes the renames of entries of `path`'s directory durable.
+fn sync_dir(path: &Path) -> io::Result<()> {
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    fs::File::open(parent)?.sync_all()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::*;
+    use crate::store::{SledStore, Store};
+
+    type Contents = BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>>;
+
+    /// Every tree's records, the compaction mark left out.
+    fn contents(path: &Path) -> Contents {
+        let db = open(path).unwrap();
+        let mut all = Contents::new();
+        for name in db.tree_names() {
+            let tree = db.open_tree(&name).unwrap();
+            let records = tree
+                .iter()
+                .map(Result::unwrap)
+                .filter(|(k, _)| !(&*name == b"meta" && &**k == COMPACTED_KEY.as_bytes()))
+                .map(|(k, v)| (k.to_vec(), v.to_vec()))
+                .collect();
+            all.insert(name.to_vec(), records);
+        }
+        all
+    }
+
+    /// A platform database whose few records were each rewritten many times (as a machine's
+    /// record and counters are at each step of each rollout), so most of its file is dead.
+    fn rewritten_database(path: &Path) {
+        let store = SledStore::open(path).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        let db = open(path).unwrap();
+        let machines = db.open_tree("machines").unwrap();
+        let counters = db.open_tree("counters").unwrap();
+        for round in 0..40u64 {
+            for m in 0..200u64 {
+                let value = vec![(round + m) as u8; 2000];
+                machines.insert(format!("vm-{m:03}"), value).unwrap();
+                counters
+                    .insert(format!("vm-{m:03}/status"), &round.to_be_bytes())
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+    }
+
+    #[test]
+    fn a_compaction_keeps_every_record_and_gives_the_dead_space_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        rewritten_database(&path);
+        let before = contents(&path);
+        let r = compact(&path).unwrap();
+        assert!(
+            r.after * 3 < r.before,
+            "the copy holds only the live records: {} -> {} bytes",
+            r.before,
+            r.after
+        );
+        assert_eq!(
+            r.records,
+            before.values().map(|t| t.len() as u64).sum::<u64>()
+        );
+        assert_eq!(contents(&path), before, "the same records in every tree");
+        assert!(!dir.path().join("db.compacting").exists());
+        assert!(!dir.path().join("db.old").exists());
+        let (sizes, _) = inspect(&path).unwrap();
+        assert_eq!(sizes.last, Some(r.after), "the compaction's size is kept");
+        // The platform opens it as its own (its schema record came along).
+        drop(SledStore::open(&path).unwrap());
+    }
+
+    #[test]
+    fn serve_compacts_a_large_database_once_it_has_grown_fourfold_since_its_last_compaction() {
+        const MIB: u64 = 1 << 20;
+        assert!(!is_due(63 * MIB, None), "small: never");
+        assert!(is_due(64 * MIB, None), "never compacted, large enough");
+        assert!(!is_due(100 * MIB, Some(30 * MIB)), "grown 3.3x");
+        assert!(is_due(120 * MIB, Some(30 * MIB)), "grown 4x");
+        assert!(
+            !is_due(250 * MIB, Some(100 * MIB)),
+            "mostly live: not copied again"
+        );
+        assert!(!is_due(32 * MIB, Some(MIB)), "grown 32x, still small");
+    }
+
+    #[test]
+    fn at_start_compacts_as_the_policy_says_and_a_fresh_data_directory_has_nothing_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        assert!(matches!(
+            at_start(&path, Policy::Always).unwrap(),
+            AtStart::Fresh
+        ));
+        assert!(!path.exists(), "no database is created by looking");
+        rewritten_database(&path);
+        let before = contents(&path);
+        // Small: `auto` leaves it, `never` too; `always` compacts.
+        assert!(matches!(
+            at_start(&path, Policy::Auto).unwrap(),
+            AtStart::NotDue { last: None, .. }
+        ));
+        assert!(matches!(
+            at_start(&path, Policy::Never).unwrap(),
+            AtStart::NotDue { .. }
+        ));
+        let AtStart::Compacted(r) = at_start(&path, Policy::Always).unwrap() else {
+            panic!("always compacts")
+        };
+        assert!(r.after < r.before);
+        assert_eq!(contents(&path), before);
+    }
+
+    fn db_with(path: &Path, key: &str) {
+        let db = open(path).unwrap();
+        db.open_tree("machines").unwrap().insert(key, "x").unwrap();
+        db.flush().unwrap();
+    }
+
+    fn has(path: &Path, key: &str) -> bool {
+        open(path)
+            .unwrap()
+            .open_tree("machines")
+            .unwrap()
+            .contains_key(key)
+            .unwrap()
+    }
+
+    #[test]
+    fn what_an_interrupted_compaction_left_is_finished_or_undone_when_the_store_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = Beside::of(&dir.path().join("db"));
+
+        // Crashed while copying: the partial copy goes, the database stays.
+        db_with(&p.db, "vm-1");
+        db_with(&p.copy, "partial");
+        drop(SledStore::open(&p.db).unwrap());
+        assert!(!p.copy.exists());
+        assert!(has(&p.db, "vm-1"));
+
+        // Crashed between the two renames: the old database comes back, whole.
+        fs::rename(&p.db, &p.old).unwrap();
+        db_with(&p.copy, "verified copy");
+        drop(SledStore::open(&p.db).unwrap());
+        assert!(has(&p.db, "vm-1"), "the old database is back in place");
+        assert!(!p.old.exists() && !p.copy.exists());
+
+        // Crashed after the swap, before the old one was deleted: it is deleted.
+        db_with(&p.old, "replaced");
+        drop(SledStore::open(&p.db).unwrap());
+        assert!(!p.old.exists());
+        assert!(has(&p.db, "vm-1"));
+    }
+
+    #[test]
+    fn a_database_in_use_or_being_compacted_is_not_compacted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        rewritten_database(&path);
+        let store = SledStore::open(&path).unwrap();
+        let err = compact(&path).unwrap_err();
+        assert!(matches!(err, CompactError::InUse(_)), "{err}");
+        assert!(err.to_string().contains("fleetcast serve"), "{err}");
+        assert!(!dir.path().join("db.compacting").exists());
+        drop(store);
+
+        // A compaction running (its lock held): a second one, or a start, does not touch it.
+        let p = Beside::of(&path);
+        let lock = p.lock(false).unwrap();
+        assert!(matches!(compact(&path), Err(CompactError::InUse(_))));
+        assert!(matches!(
+            at_start(&path, Policy::Always),
+            Err(CompactError::InUse(_))
+        ));
+        drop(lock);
+        compact(&path).unwrap();
+    }
+}
