@@ -3,6 +3,8 @@
 //! counter), checked against the operator's role, audited, dispatched to [`crate::ops`] (or
 //! to the [`Uploads`] in progress) and answered, sealed, on `.../response`. One task handles
 //! them in order; a retried change is answered from memory instead of running twice.
+//! `release_remove` relies on that order ([`crate::ops::removal`]): no other change runs
+//! between its assessment and its last delete.
 
 use std::collections::HashMap;
 use std::sync::Arc;

@@ -553,9 +553,7 @@ impl Ingest {
                 _ = tick.tick() => {
                     ingest.flush_progress();
                     ingest.rollouts().await;
-                    let keep = 4 * ingest.ctx.limits.republish_every;
-                    ingest.republished.retain(|_, (_, t)| t.elapsed() < keep);
-                    ingest.groups_told.retain(|_, (_, t)| t.elapsed() < GROUPS_RESEND);
+                    ingest.forget_expired(Instant::now());
                     continue
                 }
                 b = batches.recv() => match b { Some(b) => b, None => return Ok(()) },
@@ -714,6 +712,19 @@ impl Ingest {
                 tracing::warn!(release = %r, error = %e, "staged rollout not evaluated");
             }
         }
+    }
+
+    /// Forgets what no longer changes a decision at `now`: progress times that have passed (a
+    /// release's progress is due without one as well; kept, they piled up for every release
+    /// ever published, removed ones too, until a restart), notices not re-published for a
+    /// while, and groups told long ago.
+    fn forget_expired(&mut self, now: Instant) {
+        self.progress_next.retain(|_, next| *next > now);
+        let keep = 4 * self.ctx.limits.republish_every;
+        self.republished
+            .retain(|_, (_, t)| now.duration_since(*t) < keep);
+        self.groups_told
+            .retain(|_, (_, t)| now.duration_since(*t) < GROUPS_RESEND);
     }
 
     fn flush_progress(&mut self) {
@@ -2101,6 +2112,40 @@ mod tests {
         let (signed, _) = mpsc::channel(1);
         let (acks, _) = mpsc::channel(1);
         Ingest::new(ctx, signed, acks)
+    }
+
+    /// A release's next progress time goes once it has passed: a removed release's stayed
+    /// until a restart. Forgetting one changes nothing: without it the progress is due too.
+    #[test]
+    fn progress_times_are_forgotten_once_passed_removed_releases_with_them() {
+        let (_dir, _eventloop, ctx) = Ctx::for_tests_in_temp_dir();
+        let (gone, kept) = (
+            crate::fixtures::release("r-000001", "1.0"),
+            crate::fixtures::release("r-000002", "2.0"),
+        );
+        ctx.store
+            .transaction(|tx| {
+                tx.put_release(&gone)?;
+                tx.put_release(&kept)
+            })
+            .unwrap();
+        let mut ingest = ingest_over(ctx.clone());
+        ingest.send_progress(&gone.id).unwrap();
+        ctx.store
+            .transaction(|tx| tx.remove_release(&gone.id).map(drop))
+            .unwrap();
+        ingest.forget_expired(Instant::now());
+        assert!(!ingest.progress_due(&gone.id), "not due yet: kept");
+        let later = Instant::now() + 10 * PROGRESS_INTERVAL;
+        ingest
+            .progress_next
+            .insert(kept.id.clone(), later + PROGRESS_INTERVAL);
+        ingest.forget_expired(later);
+        assert_eq!(
+            ingest.progress_next.keys().collect::<Vec<_>>(),
+            [&kept.id],
+            "only the time still ahead"
+        );
     }
 
     /// Through an external broker, one machine sending valid reports as fast as the broker

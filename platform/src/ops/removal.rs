@@ -56,7 +56,16 @@ pub async fn remove(ctx: &Ctx, c: calls::ReleaseRemove) -> Result<Removal, OpErr
         ));
     }
     let check = c.check;
-    // Reads and deletes of a release's every record: off the async threads.
+    // Reads and deletes of a release's every record: off the async threads. What `assess`
+    // finds still holds at the last delete, though the records lock is let go between the
+    // deletes (and the reads do not take it): nothing can make a release needed again
+    // meanwhile. Admin ops run one at a time (`admin::run` takes the next request once this
+    // one is answered), so no publish, retry, rollback, activate, rollout resume or regroup
+    // runs beside it. The ingest writes a release's records only through what keeps it: a
+    // group member's record comes from a group notice in force, a wave's notices and records
+    // from a running rollout; a status only moves a record that is there (in one
+    // transaction, so it moves one that is then deleted, or finds none), and a record written
+    // since it was read goes in the last delete.
     let (releases, cleared) = off_thread(&ctx.store, move |store| {
         let assessed = assess(store, &ids)?;
         let releases: Vec<ReleaseRemoval> = assessed.iter().map(removal).collect();

@@ -29,7 +29,7 @@ fn long_group(n: usize) -> GroupId {
 
 /// Provisions `ids` in `groups`: up to 1,000 a call (the most one `machine_provision_batch`
 /// takes), fewer with many groups (a request is at most 256 KiB).
-async fn provision_all(admin: &AdminClient, ids: &[MachineId], groups: &[GroupId]) {
+pub(super) async fn provision_all(admin: &AdminClient, ids: &[MachineId], groups: &[GroupId]) {
     let per_call = (150_000 / (100 + 70 * groups.len())).min(1000);
     for batch in ids.chunks(per_call) {
         let specs = batch

@@ -2,13 +2,16 @@
 //! keeps a release refuses its removal with nothing changed; a removal leaves no record, index
 //! or rollout of the release in the store, while its events and the audit entry stay; reads
 //! name it an unknown release; a machine's late report on it is acknowledged and changes
-//! nothing; `--keep-latest` removes the old releases nothing needs; a viewer removes nothing.
+//! nothing; `--keep-latest` removes the old releases nothing needs; a viewer removes nothing;
+//! a publish sent behind a removal runs after it.
 
+use fleetcast_platform::ops::removal::TARGETS_PER_TRANSACTION;
 use fleetcast_platform::store::{Reads, SledStore, Store};
 use fleetcast_proto::acl::Role;
 use fleetcast_proto::admin::ReleaseRemoval;
 use fleetcast_proto::rollout::WavePlan;
 
+use super::bounded::provision_all;
 use super::cli::Fleetcast;
 use super::*;
 
@@ -325,4 +328,63 @@ async fn keep_latest_removes_the_old_releases_nothing_needs_after_a_confirmed_pl
         assert_eq!(store.targets_of(r).unwrap(), []);
     }
     store.flush().unwrap();
+}
+
+/// Admin ops run one at a time (`admin::run` takes the next request once the last is done, a
+/// removal's batched deletes included), and `release_remove` relies on it: no publish can
+/// bring a release back between the assessment that let it go and its last delete. A publish
+/// of it sent right behind its removal (on the same connection, so in that order) waits for
+/// the removal and finds the release gone. Run beside the removal, the publish read the release
+/// before the last delete and wrote a notice and target records, which the last delete took
+/// away or which brought the release back: a notice in force for a removed release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_publish_sent_behind_a_removal_waits_for_it_and_finds_the_release_gone() {
+    let url = start_on_free_port(|s| s).unwrap().url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    // Enough machines for the removal to delete in three transactions.
+    let n = 2 * TARGETS_PER_TRANSACTION + 1;
+    let ids: Vec<MachineId> = (0..n).map(|i| m(&format!("vm-{i:05}"))).collect();
+    provision_all(&admin, &ids, &[g("g1")]).await;
+    for (i, version) in ["1.0", "2.0", "3.0"].into_iter().enumerate() {
+        let bytes = data(2000, i as u8);
+        upload(
+            &admin,
+            dir.path(),
+            &format!("{version}.bin"),
+            &bytes,
+            version,
+        )
+        .await
+        .unwrap();
+    }
+    let r1 = to_group(&admin, "1.0").await;
+    to_group(&admin, "2.0").await;
+    to_group(&admin, "3.0").await;
+    assert_eq!(kept(&admin, &r1).await, None, "r3 took over the group");
+
+    let again = calls::ReleasePublish {
+        release: r1.clone(),
+        machines: vec![],
+        groups: vec![g("g1")],
+        allow_empty: false,
+        waves: None,
+    };
+    let named = [&r1];
+    let (removed, published) = tokio::join!(remove(&admin, &named), admin.call(again));
+    assert_eq!(removed.unwrap()[0].targets as usize, n);
+    let refused = published
+        .expect_err("published a removed release")
+        .to_string();
+    assert!(refused.contains("unknown release r-000001"), "{refused}");
+
+    platform.stop().await;
+    let store = SledStore::open(&data_dir.join("db")).unwrap();
+    assert_eq!(store.release(&r1).unwrap(), None);
+    assert_eq!(store.targets_of(&r1).unwrap(), []);
+    assert!(store.all_desired().unwrap().iter().all(|n| n.release != r1));
 }
