@@ -5,8 +5,18 @@ use std::process::{Child, Command, Output, Stdio};
 
 use super::*;
 
-fn spawn_serve(data: &Path, broker: &BrokerUrl, compact: &str, out: &Path) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+/// `fleetcast serve`, killed when dropped (a failing test leaves no platform behind).
+struct Serve(Child);
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn spawn_serve(data: &Path, broker: &BrokerUrl, compact: &str, out: &Path) -> Serve {
+    let child = Command::new(env!("CARGO_BIN_EXE_fleetcast"))
         .args(["serve", "--data"])
         .arg(data)
         .args(["--broker", &broker.to_string(), "--compact", compact])
@@ -14,7 +24,8 @@ fn spawn_serve(data: &Path, broker: &BrokerUrl, compact: &str, out: &Path) -> Ch
         .stdout(std::fs::File::create(out).unwrap())
         .stderr(Stdio::null())
         .spawn()
-        .expect("fleetcast serve starts")
+        .expect("fleetcast serve starts");
+    Serve(child)
 }
 
 fn db_compact(data: &Path) -> Output {
@@ -25,7 +36,8 @@ fn db_compact(data: &Path) -> Output {
         .unwrap()
 }
 
-async fn stop(mut platform: Child) {
+async fn stop(mut platform: Serve) {
+    let platform = &mut platform.0;
     Command::new("kill")
         .args(["-INT", &platform.id().to_string()])
         .status()
@@ -89,14 +101,23 @@ async fn a_compacted_database_serves_on_with_everything_it_held_and_is_not_compa
 
     let done = db_compact(&data_dir);
     let said = String::from_utf8_lossy(&done.stdout);
-    assert!(done.status.success(), "{said}");
+    let err = String::from_utf8_lossy(&done.stderr);
+    assert!(done.status.success(), "{said}{err}");
     assert!(said.contains("read back and verified"), "{said}");
 
     // `--compact always`: compacted again at start, then serving what it held.
     let platform = spawn_serve(&data_dir, &url, "always", &out);
-    let adm = admin(&url, &data_dir).await;
-    let printed = std::fs::read_to_string(&out).unwrap();
+    // Its start's lines (the admin secret is there already, so the client does not wait for
+    // the platform).
+    let printed = poll_until(
+        Duration::from_secs(30),
+        "serve prints its database line",
+        || std::future::ready(std::fs::read_to_string(&out).unwrap()),
+        |p| p.contains("database:"),
+    )
+    .await;
     assert!(printed.contains("database:        compacted"), "{printed}");
+    let adm = admin(&url, &data_dir).await;
     let mut after = held(&adm, &releases).await;
     // The audit log may have grown since (the first reading is audited); what it held is kept.
     let audited = before["audit"].as_array().unwrap().len();
