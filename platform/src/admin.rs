@@ -596,7 +596,7 @@ impl Admin {
                 .map(c::IntegratorRevoke::wrap),
             AnyCall::EventsSince(call) => events::since(ctx, call).map(c::EventsSince::wrap),
             AnyCall::Audit(call) => events::audit(ctx, call).map(c::Audit::wrap),
-            AnyCall::Stats(call) => events::stats(ctx, call).map(c::Stats::wrap),
+            AnyCall::Stats(call) => events::stats(ctx, call).await.map(c::Stats::wrap),
             AnyCall::KeyRotate(call) => keys::rotate(ctx, call).await.map(c::KeyRotate::wrap),
             AnyCall::MosquittoConfig(call) => keys::mosquitto_config(ctx, call)
                 .await

@@ -91,6 +91,7 @@ impl Stats {
             chunk_frames_unneeded: self.chunk_frames_unneeded.load(Relaxed),
             last_event_id: 0,
             gateway: None,
+            database: None,
         }
     }
 }

@@ -410,6 +410,13 @@ pub trait Store: Reads + Send + Sync {
     /// [`Store::flush`] without blocking the async thread.
     fn flush_async(&self) -> Flush<'_>;
 
+    /// The database's bytes on disk and its size right after its last compaction (sled's
+    /// files; [`compact`]); `None` for a store without files. Reads the file system: call it
+    /// off the async threads.
+    fn size_on_disk(&self) -> Result<Option<compact::Sizes>, StoreError> {
+        Ok(None)
+    }
+
     /// Runs `f` once with the records lock held. Callers use `transaction` (on `dyn Store`,
     /// and on each implementation), which returns what `f` returns.
     fn with_records(&self, f: &mut dyn FnMut(&dyn Records));

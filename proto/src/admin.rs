@@ -740,6 +740,23 @@ pub struct PlatformStats {
     /// The embedded broker's gateway (absent on an external broker, whose own tools count).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gateway: Option<GatewayCounters>,
+    /// The database's file (absent from platforms before 2026-11-29 16:00, and from a store
+    /// kept in memory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseSize>,
+}
+
+/// How large the platform's database file is, against its size after its last compaction.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseSize {
+    /// Bytes on disk now (sled's files: it keeps what later writes replace, so this grows
+    /// with every write, not with what is stored).
+    pub on_disk_bytes: u64,
+    /// Bytes on disk right after its last compaction; absent: never compacted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub compacted_bytes: Option<u64>,
+    /// `serve --compact auto` (the default) compacts it at its next start.
+    pub compaction_due: bool,
 }
 
 /// What the embedded broker's gateway has seen since the platform started.

@@ -298,7 +298,25 @@ pub async fn stats(args: StatsArgs, client: &ClientArgs) -> anyhow::Result<()> {
             g.frames_delivered, g.chunk_frames_delivered, g.frames_caught_up, g.frames_dropped, g.frames_already_queued, g.frames_recently_written, g.served, g.closed_unread
         );
     }
+    if let Some(d) = &stats.database {
+        println!("database               {}", database_line(d));
+    }
     Ok(())
+}
+
+/// `stats`' line about the database file.
+fn database_line(d: &fleetcast_proto::admin::DatabaseSize) -> String {
+    use super::table::bytes;
+    let last = match d.compacted_bytes {
+        Some(b) => format!("{} after its last compaction", bytes(b)),
+        None => "never compacted".to_owned(),
+    };
+    let due = if d.compaction_due {
+        "compaction due: `serve` compacts it when it starts again"
+    } else {
+        "no compaction due"
+    };
+    format!("{} on disk ({last}); {due}", bytes(d.on_disk_bytes))
 }
 
 pub async fn key(cmd: KeyCmd, client: &ClientArgs) -> anyhow::Result<()> {

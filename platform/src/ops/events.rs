@@ -5,7 +5,7 @@
 //! message; an audit entry's request, e.g. a 1,000-machine provisioning batch), and 500 of them
 //! would not fit one packet.
 
-use fleetcast_proto::admin::{AuditEntry, FleetEvent, PlatformStats};
+use fleetcast_proto::admin::{AuditEntry, DatabaseSize, FleetEvent, PlatformStats};
 use fleetcast_proto::calls::{self, Page};
 use fleetcast_proto::events::MAX_BATCH_EVENTS;
 use serde::Serialize;
@@ -96,10 +96,17 @@ pub fn audit(ctx: &Ctx, c: calls::Audit) -> Result<Page<AuditEntry, u64>, OpErro
     })
 }
 
-pub fn stats(ctx: &Ctx, _: calls::Stats) -> Result<PlatformStats, OpError> {
+pub async fn stats(ctx: &Ctx, _: calls::Stats) -> Result<PlatformStats, OpError> {
+    // sled sums its files' sizes: off the async threads.
+    let sizes = crate::inventory::off_thread(&ctx.store, |store| Ok(store.size_on_disk()?)).await?;
     Ok(PlatformStats {
         gateway: ctx.sessions.gateway_counters(),
         last_event_id: ctx.store.last_event_id()?,
+        database: sizes.map(|s| DatabaseSize {
+            on_disk_bytes: s.on_disk,
+            compacted_bytes: s.last,
+            compaction_due: crate::store::compact::is_due(s.on_disk, s.last),
+        }),
         ..ctx.stats.snapshot()
     })
 }

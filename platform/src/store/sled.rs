@@ -403,6 +403,12 @@ impl Store for SledStore {
         self.db.flush().map(|_| ()).map_err(backend("flush", "*"))
     }
 
+    fn size_on_disk(&self) -> Result<Option<super::compact::Sizes>, StoreError> {
+        let on_disk = self.db.size_on_disk().map_err(backend("size", "*"))?;
+        let last = self.t.meta.get_u64(super::compact::COMPACTED_KEY)?;
+        Ok(Some(super::compact::Sizes { on_disk, last }))
+    }
+
     fn flush_async(&self) -> Flush<'_> {
         Box::pin(async move {
             self.db

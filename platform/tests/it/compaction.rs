@@ -67,6 +67,13 @@ async fn held(admin: &AdminClient, releases: &[ReleaseId]) -> serde_json::Value 
     })
 }
 
+async fn database(admin: &AdminClient) -> fleetcast_proto::admin::DatabaseSize {
+    let stats = admin.call(calls::Stats {}).await.unwrap();
+    stats
+        .database
+        .expect("a platform on sled says how large its database is")
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compacted_database_serves_on_with_everything_it_held_and_is_not_compacted_in_use() {
     let broker = start_on_free_port(|s| s).unwrap();
@@ -89,6 +96,12 @@ async fn a_compacted_database_serves_on_with_everything_it_held_and_is_not_compa
         releases.push(r);
     }
     let before = held(&adm, &releases).await;
+    let db = database(&adm).await;
+    assert!(
+        db.on_disk_bytes > 0 && db.compacted_bytes.is_none(),
+        "{db:?}"
+    );
+    assert!(!db.compaction_due, "small: not due ({db:?})");
 
     // In use: refused, nothing left beside the database.
     let refused = db_compact(&data_dir);
@@ -124,6 +137,10 @@ async fn a_compacted_database_serves_on_with_everything_it_held_and_is_not_compa
     assert!(audited > 0);
     after["audit"].as_array_mut().unwrap().truncate(audited);
     assert_eq!(after, before);
+    // `stats` says when it was compacted (at this start: `--compact always`).
+    let db = database(&adm).await;
+    assert!(db.compacted_bytes.is_some_and(|b| b > 0), "{db:?}");
+    assert!(!db.compaction_due, "{db:?}");
     // The machine's secret came along: its next report, MAC'd with it, is taken.
     upload(&adm, dir.path(), "a.bin", &data(3000, 9), "1.3")
         .await
