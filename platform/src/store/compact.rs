@@ -219,20 +219,34 @@ pub fn finish_interrupted(db: &Path) -> Result<Option<&'static str>, CompactErro
     p.tidy()
 }
 
+/// Opens the database at `path`. sled lets go of its file lock only once its flusher thread
+/// has ended, a moment after the last handle is dropped: a database closed just now (the copy,
+/// read back at once; the old one, by a `serve` that has just stopped) is tried again for up
+/// to 5 s before it counts as in use.
 fn open(path: &Path) -> Result<::sled::Db, CompactError> {
-    ::sled::Config::new()
-        .path(path)
-        .cache_capacity(CACHE_BYTES)
-        .open()
-        .map_err(|e| match e {
-            ::sled::Error::Io(ref io) if super::sled::lock_held(io) => {
-                CompactError::InUse(path.to_owned())
+    let mut attempt = 0;
+    loop {
+        match ::sled::Config::new()
+            .path(path)
+            .cache_capacity(CACHE_BYTES)
+            .open()
+        {
+            Ok(db) => return Ok(db),
+            Err(::sled::Error::Io(ref io)) if super::sled::lock_held(io) => {
+                if attempt == 50 {
+                    return Err(CompactError::InUse(path.to_owned()));
+                }
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(100));
             }
-            e => CompactError::Sled {
-                step: "opening the database",
-                source: e,
-            },
-        })
+            Err(e) => {
+                return Err(CompactError::Sled {
+                    step: "opening the database",
+                    source: e,
+                })
+            }
+        }
+    }
 }
 
 fn sizes(db: &::sled::Db) -> Result<Sizes, CompactError> {
