@@ -14,7 +14,7 @@ use rumqttc::QoS;
 use crate::context::Ctx;
 use crate::domain::{self, target};
 use crate::now_ms;
-use crate::ops::{refused, OpError};
+use crate::ops::{known_release, refused, OpError};
 use crate::store::{DesiredNotice, Reads, Records, Store, StoreError};
 
 /// Machines reached by a publish, the topics it uses, and groups without members.
@@ -205,7 +205,8 @@ pub fn assign_target(
 }
 
 /// Signs, records (durably) and publishes `release` to `machines` and `groups` (see
-/// [`resolve`] for what is refused before anything is stored). For a retry or a rollback: the
+/// [`resolve`] for what is refused before anything is stored; a release no longer stored is
+/// refused in the transaction that records the publish). For a retry or a rollback: the
 /// operator's own publish goes through [`publish_at_once`].
 pub async fn publish(
     ctx: &Ctx,
@@ -246,8 +247,10 @@ async fn publish_checked(
     let r = resolve(ctx, &release.kind, machines, groups, allow_empty)?;
     let now = now_ms();
     let (release, notices, touched) = ctx.store.transaction(|rec| -> Result<_, OpError> {
+        // Read again here: `release` was read before, and a release removed since must not be
+        // written back (refused: nothing is stored or sent).
+        let mut release = known_release(rec, &release.id)?;
         may(rec)?;
-        let mut release = rec.release(&release.id)?.unwrap_or_else(|| release.clone());
         let seq = ctx.store.next_seq()?;
         let notices: Vec<DesiredNotice> = r
             .notices

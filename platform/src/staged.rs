@@ -142,8 +142,10 @@ pub async fn publish(
         .collect();
     let mut out = Outbox::default();
     let (release, rollout) = ctx.store.transaction(|rec| -> Result<_, OpError> {
+        // Read again here, like `publish::publish`: a release removed since it was read is
+        // refused, not written back.
+        let mut release = known_release(rec, &release.id)?;
         let previous = rec.rollout(&release.id)?;
-        let mut release = rec.release(&release.id)?.unwrap_or_else(|| release.clone());
         let sent = sent_to_group(rec, &release, &resolved.targets)?;
         domain::release::may_stage(&release.id, previous.as_ref().map(|r| &r.state), &sent)?;
         let now = now_ms();

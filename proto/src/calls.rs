@@ -3,7 +3,7 @@
 //! The wire format is [`AdminOp`] and [`AdminReply`], unchanged: a call is converted into its
 //! `AdminOp` before it is sent, and [`Call::reply`] takes the one reply variant that answers
 //! it (anything else comes back as `Err`, for the client to report). So a caller writes
-//! `client.call(ReleaseCreate { .. }).await?` and gets a [`ReleaseInfo`](crate::admin::ReleaseInfo)
+//! `client.call(ReleaseCreate { .. }).await?` and gets a [`ReleaseInfo`]
 //! record, not an `AdminReply` to match by hand.
 
 use crate::acl::Role;

@@ -492,6 +492,51 @@ mod tests {
             .collect()
     }
 
+    /// `release publish` reads the release before the transaction that records the publish. A
+    /// `release remove` in between (admin ops run one at a time, so only a test can put it
+    /// there) must refuse the publish, at once or in waves, not store the removed release again.
+    #[tokio::test]
+    async fn a_release_removed_after_it_was_read_is_refused_not_stored_again() {
+        let (_dir, _eventloop, ctx) = Ctx::for_tests_in_temp_dir();
+        let artifact = crate::fixtures::stored_artifact(&ctx, &[7; 3000], "1.0");
+        let mut r = release("r-000001", "1.0");
+        r.artifact.id = artifact.id;
+        let in_one_wave = WavePlan {
+            waves_bp: vec![10000],
+            success_bp: 10000,
+            failure_bp: 10000,
+            wave_timeout_ms: 0,
+        };
+        for waves in [None, Some(in_one_wave)] {
+            ctx.store
+                .transaction(|tx| {
+                    tx.put_machine(&fleetcast_proto::admin::MachineInfo::new(m("vm-1"), 0))?;
+                    tx.put_release(&r)
+                })
+                .unwrap();
+            let info = publishable(&ctx, &r.id).unwrap();
+            let remove = calls::ReleaseRemove {
+                releases: vec![r.id.clone()],
+                check: false,
+            };
+            crate::ops::removal::remove(&ctx, remove).await.unwrap();
+            let to = [m("vm-1")];
+            let sent = match waves.clone() {
+                None => publish::publish_at_once(&ctx, &info, &to, &[], false).await,
+                Some(w) => staged::publish(&ctx, &info, &to, &[], false, w).await,
+            };
+            assert!(
+                matches!(&sent, Err(OpError::Refused(why)) if why == "unknown release r-000001"),
+                "waves {waves:?}: {:?}",
+                sent.map(|p| p.release)
+            );
+            assert_eq!(ctx.store.release(&r.id).unwrap(), None, "waves {waves:?}");
+            assert!(ctx.store.targets_of(&r.id).unwrap().is_empty());
+            assert!(ctx.store.all_desired().unwrap().is_empty());
+            assert!(ctx.store.rollout(&r.id).unwrap().is_none());
+        }
+    }
+
     fn ids(s: &ReleaseStatus) -> Vec<&str> {
         s.targets.iter().map(|t| t.machine.as_str()).collect()
     }
