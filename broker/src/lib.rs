@@ -12,7 +12,7 @@
 //! - [`sigpipe`]: commands that print end quietly when their output pipe closes.
 //! - [`gateway`] (feature `embedded`): the authorizing gateway in front of rumqttd: per-packet
 //!   topic ACLs from `proto::acl`, TLS, TCP_NODELAY, rate limits, kick; rumqttd on loopback only.
-//! - [`testing`] (feature `testing`): a real Mosquitto on a free loopback port, for tests.
+//! - `testing` (feature `testing`): a real Mosquitto on a free loopback port, for tests.
 
 pub mod admin;
 pub mod client;

@@ -8,7 +8,7 @@
 //! [`crate::fsutil::write_atomic`]. A path submitted again while still pending is written once
 //! with the latest bytes; every waiter for it is answered when those are durable.
 //!
-//! Durability: one `fsync` per file, on this thread for a small batch and on [`SYNC_THREADS`]
+//! Durability: one `fsync` per file, on this thread for a small batch and on `SYNC_THREADS`
 //! threads at once for a large one (the disk overlaps them: 1,000 files of 600 bytes took 3.5 s
 //! fsynced one after another here, 0.19 s on 8 threads). One `syncfs` per filesystem measured
 //! 0.12 s for the same batch, but it also flushes every other process's dirty pages (a build

@@ -261,7 +261,7 @@ impl SaleLock {
     /// Whether a sale holds the lock now (blocking: reads `/proc/locks`). `None` when it
     /// cannot be told without disturbing an install of this process. A look is advisory: a read
     /// of `/proc/locks` made while other locks change can miss a line (it is read again, up to
-    /// [`LOOK_READS`] times, before "no sale"), and an install never relies on a look (it takes
+    /// `LOOK_READS` times, before "no sale"), and an install never relies on a look (it takes
     /// the lock).
     pub fn sale_in_progress(&self) -> io::Result<Option<bool>> {
         let meta = match std::fs::metadata(&self.path) {

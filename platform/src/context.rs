@@ -1,6 +1,6 @@
 //! The context every task of the service shares: the store, artifact files, keys, the serve
 //! connection's MQTT client, the broker's session control, limits and counters. Built once by
-//! [`crate::serve`]; `Ctx::for_tests` builds one over an in-memory store for unit tests.
+//! [`crate::serve`](mod@crate::serve); `Ctx::for_tests` builds one over an in-memory store for unit tests.
 
 use std::sync::{Arc, RwLock};
 

@@ -2,7 +2,7 @@
 //! machines match a filter, the installed versions of a kind with the fleet's standing against a
 //! release, and every release that reached one machine.
 //!
-//! The decisions are pure functions ([`matches`], [`standing`], [`Tally`], [`page`]) tested
+//! The decisions are pure functions ([`matches`](fn@matches), [`standing`], [`Tally`], [`page`]) tested
 //! below; the `query`/`versions`/`history` functions only read the store around them. They run
 //! on the platform so that a 10,000-machine fleet answers in one short reply: the full machine
 //! list is ~3 MB of JSON, more than the broker's 2 MiB packet once sealed, so listings come in

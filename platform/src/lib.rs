@@ -1,7 +1,7 @@
 //! fleetcast's management service and operator CLI.
 //!
 //! Layout:
-//! - [`serve`]: `serve(opts, shutdown)`, the service: opens the data dir, optionally starts the
+//! - [`serve`](fn@serve): `serve(opts, shutdown)`, the service: opens the data dir, optionally starts the
 //!   embedded broker, runs the connections and tasks below until shutdown.
 //! - [`context`]: `Ctx`, what every task shares (store, files, keys, MQTT client, session
 //!   control, limits, counters).

@@ -11,9 +11,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-/// Connections from one peer address ([`super::logs::peer_key`]) that may be opening at once:
+/// Connections from one peer address (`logs::peer_key`) that may be opening at once:
 /// accepted, and their CONNECT not read yet (TLS handshake included). Past it, the oldest is
-/// closed to make room ([`Places::enter_evicting`]): refusing the newest instead let a host
+/// closed to make room (`Places::enter_evicting`): refusing the newest instead let a host
 /// that kept 256 silent sockets open lock out every machine behind its address (a NAT, an
 /// IPv6 /64), while an honest CONNECT comes within milliseconds of its connect and is read
 /// before 256 newer ones push it out.

@@ -73,7 +73,7 @@ pub enum MachineCmd {
         /// Where --from-file writes `<machine>.toml` (mode 0600: each holds a machine's key).
         #[arg(long)]
         out_dir: Option<PathBuf>,
-        /// `data_dir` written into the config(s) [default: ./fleetcast-device-<machine>].
+        /// `data_dir` written into the config(s) [default: ./fleetcast-device-MACHINE].
         #[arg(long)]
         data_dir: Option<PathBuf>,
         /// Provision machines that exist already: each gets a new secret (and the --groups are

@@ -24,7 +24,7 @@ pub enum ReleaseCmd {
         kind: Kind,
         #[arg(long)]
         version: String,
-        /// immediate | window:HH:MM-HH:MM[@+HH:MM] | idle | download-only
+        /// `immediate` | `window:HH:MM-HH:MM[@+HH:MM]` | `idle` | `download-only`
         #[arg(long, default_value = "immediate")]
         policy: InstallPolicy,
         #[arg(long)]
