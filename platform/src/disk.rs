@@ -119,9 +119,90 @@ pub async fn watch(dir: PathBuf, stop: CancellationToken) {
     }
 }
 
+/// How often the database's size is read against its last compaction.
+pub const DATABASE_CHECK_EVERY: Duration = Duration::from_secs(3600);
+/// While a compaction stays due, the line is repeated this often.
+pub const DATABASE_WARN_EVERY: Duration = Duration::from_secs(24 * 3600);
+
+/// Whether to say that a compaction is due: at the first reading that finds it due, then every
+/// [`DATABASE_WARN_EVERY`] while it stays due (a restart compacts it).
+pub fn compaction_line_due(
+    due: bool,
+    warned: &mut Option<tokio::time::Instant>,
+    now: tokio::time::Instant,
+) -> bool {
+    if !due {
+        *warned = None;
+        return false;
+    }
+    let say = warned.is_none_or(|at| now.saturating_duration_since(at) >= DATABASE_WARN_EVERY);
+    if say {
+        *warned = Some(now);
+    }
+    say
+}
+
+/// Reads the database's size every [`DATABASE_CHECK_EVERY`] until `stop`, and says in the log
+/// when its file has grown enough that the next start would compact it
+/// ([`crate::store::compact::is_due`]): sled gives nothing back while it runs, and an operator
+/// who never restarts `serve` would otherwise hear of it only from a full disk.
+pub async fn watch_database(
+    store: std::sync::Arc<dyn crate::store::Store>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(DATABASE_CHECK_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned = None;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let s = store.clone();
+        let Ok(Ok(Some(sizes))) = tokio::task::spawn_blocking(move || s.size_on_disk()).await
+        else {
+            continue;
+        };
+        let due = crate::store::compact::is_due(sizes.on_disk, sizes.last);
+        if compaction_line_due(due, &mut warned, tokio::time::Instant::now()) {
+            tracing::warn!(
+                on_disk_mib = sizes.on_disk >> 20,
+                compacted_mib = sizes.last.map(|b| b >> 20),
+                "the database's file has grown to 4 times its size after its last compaction (sled keeps what later writes replace): restart `serve` to compact it (it does at start), or stop it and run `fleetcast db compact`"
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_due_compaction_is_said_at_once_then_daily_and_not_once_done() {
+        let t0 = tokio::time::Instant::now();
+        let mut warned = None;
+        assert!(!compaction_line_due(false, &mut warned, t0));
+        assert!(
+            compaction_line_due(true, &mut warned, t0),
+            "first due reading"
+        );
+        let hour = Duration::from_secs(3600);
+        assert!(!compaction_line_due(true, &mut warned, t0 + hour));
+        assert!(!compaction_line_due(true, &mut warned, t0 + 23 * hour));
+        assert!(
+            compaction_line_due(true, &mut warned, t0 + 24 * hour),
+            "a day later"
+        );
+        assert!(
+            !compaction_line_due(false, &mut warned, t0 + 25 * hour),
+            "compacted"
+        );
+        assert!(
+            compaction_line_due(true, &mut warned, t0 + 26 * hour),
+            "due again: at once"
+        );
+    }
 
     #[test]
     fn low_is_under_a_gibibyte_or_five_percent() {

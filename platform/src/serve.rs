@@ -334,6 +334,13 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
             ("disk space watch", Ok(()))
         }
     });
+    tasks.spawn({
+        let (store, stop) = (ctx.store.clone(), tasks_stop.clone());
+        async move {
+            crate::disk::watch_database(store, stop).await;
+            ("database size watch", Ok(()))
+        }
+    });
     drop(ctx);
 
     let mut result = Ok(());
