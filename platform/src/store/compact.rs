@@ -262,21 +262,32 @@ fn sizes(db: &::sled::Db) -> Result<Sizes, CompactError> {
 
 /// The database's sizes, and the bytes of keys and values it holds (read through every tree).
 pub fn inspect(db_path: &Path) -> Result<(Sizes, Digest), CompactError> {
+    let (_, _lock, db) = take_existing(db_path)?;
+    Ok((sizes(&db)?, digest(&db)?))
+}
+
+/// Takes the lock (failing at once while a compaction holds it) and tidies what an interrupted
+/// compaction left; the lock is held until the file is dropped.
+fn take(db_path: &Path) -> Result<(Beside, fs::File), CompactError> {
     let p = Beside::of(db_path);
-    let _lock = p.lock(false)?;
+    let lock = p.lock(false)?;
     p.tidy()?;
+    Ok((p, lock))
+}
+
+/// [`take`], and the database, which must be there, opened.
+fn take_existing(db_path: &Path) -> Result<(Beside, fs::File, ::sled::Db), CompactError> {
+    let (p, lock) = take(db_path)?;
     if !db_path.exists() {
         return Err(CompactError::Missing(db_path.to_owned()));
     }
     let db = open(db_path)?;
-    Ok((sizes(&db)?, digest(&db)?))
+    Ok((p, lock, db))
 }
 
 /// At `fleetcast serve`'s start, before the store opens: compacts `db_path` as `policy` says.
 pub fn at_start(db_path: &Path, policy: Policy) -> Result<AtStart, CompactError> {
-    let p = Beside::of(db_path);
-    let _lock = p.lock(false)?;
-    p.tidy()?;
+    let (p, _lock) = take(db_path)?;
     if !db_path.exists() {
         return Ok(AtStart::Fresh);
     }
@@ -299,13 +310,7 @@ pub fn at_start(db_path: &Path, policy: Policy) -> Result<AtStart, CompactError>
 
 /// Compacts the (closed) database at `db_path` now.
 pub fn compact(db_path: &Path) -> Result<Report, CompactError> {
-    let p = Beside::of(db_path);
-    let _lock = p.lock(false)?;
-    p.tidy()?;
-    if !db_path.exists() {
-        return Err(CompactError::Missing(db_path.to_owned()));
-    }
-    let db = open(db_path)?;
+    let (p, _lock, db) = take_existing(db_path)?;
     let before = db.size_on_disk().map_err(sled_err("reading the size"))?;
     compact_open(&p, db, before)
 }

@@ -37,18 +37,7 @@ fn db_compact(data: &Path) -> Output {
 }
 
 async fn stop(mut platform: Serve) {
-    let platform = &mut platform.0;
-    Command::new("kill")
-        .args(["-INT", &platform.id().to_string()])
-        .status()
-        .unwrap();
-    poll_until(
-        Duration::from_secs(20),
-        "platform stops on SIGINT",
-        || std::future::ready(platform.try_wait().unwrap()),
-        Option::is_some,
-    )
-    .await;
+    interrupt(&mut platform.0).await;
 }
 
 /// What the platform holds, as an operator and an integrator read it.

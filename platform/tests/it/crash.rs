@@ -158,17 +158,7 @@ async fn kill9_loses_nothing(broker: BrokerUrl) {
     );
     adm.close().await;
     // Stop it gracefully (SIGINT) so the database can be opened here.
-    Command::new("kill")
-        .args(["-INT", &platform.id().to_string()])
-        .status()
-        .unwrap();
-    poll_until(
-        Duration::from_secs(20),
-        "platform stops on SIGINT",
-        || std::future::ready(platform.try_wait().unwrap()),
-        Option::is_some,
-    )
-    .await;
+    interrupt(&mut platform).await;
     drop(machine_connection);
 
     let store = SledStore::open(&data.join("db")).unwrap();

@@ -88,6 +88,21 @@ async fn poll_until<T: Debug, F: Future<Output = T>>(
     }
 }
 
+/// Stops a `fleetcast serve` child as Ctrl-C does (SIGINT) and waits until it has ended.
+async fn interrupt(platform: &mut std::process::Child) {
+    std::process::Command::new("kill")
+        .args(["-INT", &platform.id().to_string()])
+        .status()
+        .unwrap();
+    poll_until(
+        Duration::from_secs(20),
+        "platform stops on SIGINT",
+        || std::future::ready(platform.try_wait().unwrap()),
+        Option::is_some,
+    )
+    .await;
+}
+
 /// The platform service running in this process; stop() waits for it to end.
 struct Platform {
     shutdown: CancellationToken,
