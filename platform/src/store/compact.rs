@@ -336,7 +336,10 @@ fn compact_open(p: &Beside, db: ::sled::Db, before: u64) -> Result<Report, Compa
             return Err(e);
         }
     };
-    fs::rename(&p.db, &p.old).map_err(io_err("moving aside", &p.db))?;
+    if let Err(e) = fs::rename(&p.db, &p.old) {
+        let _ = fs::remove_dir_all(&p.copy);
+        return Err(io_err("moving aside", &p.db)(e));
+    }
     if let Err(e) = fs::rename(&p.copy, &p.db) {
         // Put the old one back: it is whole.
         let _ = fs::rename(&p.old, &p.db);
