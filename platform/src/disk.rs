@@ -168,7 +168,7 @@ pub async fn watch_database(
             tracing::warn!(
                 on_disk_mib = sizes.on_disk >> 20,
                 compacted_mib = sizes.last.map(|b| b >> 20),
-                "the database's file has grown to 4 times its size after its last compaction (sled keeps what later writes replace): restart `serve` to compact it (it does at start), or stop it and run `fleetcast db compact`"
+                "the database's file is due for compaction (64 MiB or more, and 4 times its size after its last compaction if it had one: sled keeps what later writes replace): restart `serve` to compact it (it does at start), or stop it and run `fleetcast db compact`"
             );
         }
     }
