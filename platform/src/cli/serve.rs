@@ -71,7 +71,7 @@ fn database_line(at_start: Result<AtStart, CompactError>) -> anyhow::Result<Opti
     use super::table::bytes;
     Ok(match at_start {
         Ok(AtStart::Fresh) => None,
-        Ok(AtStart::NotDue { on_disk, .. }) => Some(format!("{} on disk", bytes(on_disk))),
+        Ok(AtStart::NotDue { on_disk }) => Some(format!("{} on disk", bytes(on_disk))),
         Ok(AtStart::Compacted(r)) => {
             tracing::info!(
                 before = r.before,

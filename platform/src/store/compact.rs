@@ -126,10 +126,9 @@ pub struct Report {
 pub enum AtStart {
     /// No database yet (a first start).
     Fresh,
-    /// Left as it is.
+    /// Left as it is; its bytes on disk.
     NotDue {
         on_disk: u64,
-        last: Option<u64>,
     },
     Compacted(Report),
 }
@@ -291,19 +290,17 @@ pub fn at_start(db_path: &Path, policy: Policy) -> Result<AtStart, CompactError>
     if !db_path.exists() {
         return Ok(AtStart::Fresh);
     }
-    if policy == Policy::Never {
-        return Ok(AtStart::NotDue {
-            on_disk: dir_size(db_path),
-            last: None,
-        });
+    // The files' sizes, read without opening the database: at least what sled counts, so a
+    // database under the threshold by them is not due, and is opened once (by the store), not
+    // twice, at every start.
+    let files = dir_size(db_path);
+    if policy == Policy::Never || (policy == Policy::Auto && files < DUE_MIN_BYTES) {
+        return Ok(AtStart::NotDue { on_disk: files });
     }
     let db = open(db_path)?;
     let s = sizes(&db)?;
     if policy == Policy::Auto && !is_due(s.on_disk, s.last) {
-        return Ok(AtStart::NotDue {
-            on_disk: s.on_disk,
-            last: s.last,
-        });
+        return Ok(AtStart::NotDue { on_disk: s.on_disk });
     }
     compact_open(&p, db, s.on_disk).map(AtStart::Compacted)
 }
@@ -483,7 +480,8 @@ fn digest(db: &::sled::Db) -> Result<Digest, CompactError> {
     Ok(h.finish())
 }
 
-/// The bytes of the files under `dir` (without opening it as a database).
+/// The bytes of the files under `dir` (without opening it as a database): sled's log, blobs,
+/// snapshots and config, so at least its own `size_on_disk`.
 fn dir_size(dir: &Path) -> u64 {
     let Ok(entries) = fs::read_dir(dir) else {
         return 0;
@@ -607,7 +605,7 @@ mod tests {
         // Small: `auto` leaves it, `never` too; `always` compacts.
         assert!(matches!(
             at_start(&path, Policy::Auto).unwrap(),
-            AtStart::NotDue { last: None, .. }
+            AtStart::NotDue { .. }
         ));
         assert!(matches!(
             at_start(&path, Policy::Never).unwrap(),
