@@ -168,3 +168,76 @@ async fn a_full_disk_stops_the_platform_with_the_reason_and_loses_nothing_acknow
     platform.stop().await;
     drop(disk);
 }
+
+/// `fleetcast db compact` on a disk with less free space than the database's file (what its
+/// copy may need at most): refused with the reason before anything is written, the database
+/// left whole; once there is room, compacted.
+#[test]
+fn a_compaction_with_less_free_space_than_the_database_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let disk = match SmallDisk::mount(&dir.path().join("small"), 48 << 20) {
+        Ok(disk) => disk,
+        Err(why) => {
+            eprintln!("skipped: a full disk needs a small file system: {why}");
+            return;
+        }
+    };
+    let data = disk.0.join("platform");
+    let db_path = data.join("db");
+    // A database of rewritten records, as a rollout leaves it: mostly dead space.
+    let records = {
+        let db = sled::open(&db_path).unwrap();
+        let machines = db.open_tree("machines").unwrap();
+        for round in 0..40u32 {
+            for m in 0..200u32 {
+                machines
+                    .insert(format!("vm-{m:03}"), vec![round as u8; 2000])
+                    .unwrap();
+            }
+            db.flush().unwrap();
+        }
+        machines.len()
+    };
+    let compact = || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_fleetcast"))
+            .args(["db", "compact", "--data"])
+            .arg(&data)
+            .output()
+            .unwrap()
+    };
+    // Full, then half the database's size given back: room for sled to open it, not for a
+    // copy of its file.
+    let db_bytes: u64 = std::fs::read_dir(&db_path)
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(db_bytes > 1 << 20, "a database of {db_bytes} bytes");
+    let filler = disk.fill();
+    {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&filler)
+            .unwrap();
+        f.set_len(f.metadata().unwrap().len() - db_bytes / 2)
+            .unwrap();
+    }
+    let refused = compact();
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success());
+    assert!(said.contains("not enough free space"), "{said}");
+    assert!(said.contains("left as it was"), "{said}");
+    assert!(!data.join("db.compacting").exists(), "no partial copy left");
+    std::fs::remove_file(filler).unwrap();
+    {
+        let db = sled::open(&db_path).unwrap();
+        assert_eq!(db.open_tree("machines").unwrap().len(), records, "whole");
+    }
+    let done = compact();
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let db = sled::open(&db_path).unwrap();
+    assert_eq!(db.open_tree("machines").unwrap().len(), records);
+}
