@@ -24,7 +24,10 @@
 //! - `db` and `db.compacting`: the copy was not finished; it is deleted.
 //! - `db.old` and no `db` (a crash between the renames): `db.old` is renamed back; the copy,
 //!   if there, is deleted, and the next compaction starts again.
-//! - `db` and `db.old`: the swap was done; `db.old` is deleted.
+//! - `db` and `db.old`: the swap was done; `db.old` is deleted. Unless `db` lacks the mark
+//!   every copy gets ([`COMPACTED_KEY`]): then something else made it (a build without
+//!   compaction, started after the crash), and the store refuses to open until an operator
+//!   keeps one of the two.
 
 use std::fs;
 use std::io;
@@ -72,6 +75,12 @@ pub enum CompactError {
     InUse(PathBuf),
     #[error("no database at {0}")]
     Missing(PathBuf),
+    #[error(
+        "both {db} and {old} are there, and {db} is not the copy a compaction made (was another \
+         build started after a compaction was interrupted?): keep the one to trust as {db}, move \
+         the other away, and start again"
+    )]
+    Ambiguous { db: PathBuf, old: PathBuf },
     #[error("{step} failed: {source}")]
     Sled {
         step: &'static str,
@@ -198,6 +207,15 @@ impl Beside {
             sync_dir(&self.db).map_err(io_err("syncing the directory of", &self.db))?;
             did = Some("restored the database a compaction had moved aside (it was interrupted)");
         } else if self.old.exists() {
+            // The rename order makes `db` the verified copy here; its mark says so. Without
+            // one, something else created `db` after a crash (a build without compaction):
+            // neither is deleted.
+            if sizes(&open(&self.db)?)?.last.is_none() {
+                return Err(CompactError::Ambiguous {
+                    db: self.db.clone(),
+                    old: self.old.clone(),
+                });
+            }
             fs::remove_dir_all(&self.old).map_err(io_err("deleting", &self.old))?;
             did = Some("deleted the database a finished compaction had replaced");
         }
@@ -653,10 +671,22 @@ mod tests {
         assert!(!p.old.exists() && !p.copy.exists());
 
         // Crashed after the swap, before the old one was deleted: it is deleted.
+        compact(&p.db).unwrap();
         db_with(&p.old, "replaced");
         drop(SledStore::open(&p.db).unwrap());
         assert!(!p.old.exists());
         assert!(has(&p.db, "vm-1"));
+
+        // A database beside `db.old` that no compaction made: both kept, the store refuses.
+        fs::rename(&p.db, &p.old).unwrap();
+        db_with(&p.db, "made after the crash");
+        let err = SledStore::open(&p.db).err().expect("refused");
+        assert!(
+            err.to_string()
+                .contains("is not the copy a compaction made"),
+            "{err}"
+        );
+        assert!(has(&p.old, "vm-1") && has(&p.db, "made after the crash"));
     }
 
     #[test]
