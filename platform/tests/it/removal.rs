@@ -41,6 +41,16 @@ async fn remove(
         .map(|r| r.releases)
 }
 
+/// Uploads app `versions`, each `size` bytes of its own.
+async fn upload_versions(admin: &AdminClient, dir: &Path, versions: &[&str], size: usize) {
+    for (i, version) in versions.iter().enumerate() {
+        let bytes = data(size, i as u8);
+        upload(admin, dir, &format!("{version}.bin"), &bytes, version)
+            .await
+            .unwrap();
+    }
+}
+
 /// Creates app `version` (uploaded already) and publishes it to group g1.
 async fn to_group(admin: &AdminClient, version: &str) -> ReleaseId {
     let r = create_release(admin, &app(), version, InstallPolicy::Immediate).await;
@@ -61,18 +71,13 @@ async fn a_release_is_removed_only_once_nothing_needs_it_and_leaves_nothing_behi
     let mut vm2 = provision(&admin, &url, "vm-2", &["g1"]).await;
     let mut vm3 = provision(&admin, &url, "vm-3", &[]).await;
     vm2.peer.subscribe("fleet/machines/vm-2/status/ack").await;
-    for (i, version) in ["1.0", "2.0", "3.0", "4.0", "5.0"].into_iter().enumerate() {
-        let bytes = data(3000, i as u8);
-        upload(
-            &admin,
-            dir.path(),
-            &format!("{version}.bin"),
-            &bytes,
-            version,
-        )
-        .await
-        .unwrap();
-    }
+    upload_versions(
+        &admin,
+        dir.path(),
+        &["1.0", "2.0", "3.0", "4.0", "5.0"],
+        3000,
+    )
+    .await;
 
     // r1 to the group: wanted there, the current release of both, and what a group rollback
     // rolls back from.
@@ -350,18 +355,7 @@ async fn a_publish_sent_behind_a_removal_waits_for_it_and_finds_the_release_gone
     let n = 2 * TARGETS_PER_TRANSACTION + 1;
     let ids: Vec<MachineId> = (0..n).map(|i| m(&format!("vm-{i:05}"))).collect();
     provision_all(&admin, &ids, &[g("g1")]).await;
-    for (i, version) in ["1.0", "2.0", "3.0"].into_iter().enumerate() {
-        let bytes = data(2000, i as u8);
-        upload(
-            &admin,
-            dir.path(),
-            &format!("{version}.bin"),
-            &bytes,
-            version,
-        )
-        .await
-        .unwrap();
-    }
+    upload_versions(&admin, dir.path(), &["1.0", "2.0", "3.0"], 2000).await;
     let r1 = to_group(&admin, "1.0").await;
     to_group(&admin, "2.0").await;
     to_group(&admin, "3.0").await;
