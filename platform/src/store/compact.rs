@@ -266,7 +266,8 @@ fn open(path: &Path) -> Result<::sled::Db, CompactError> {
     }
 }
 
-fn sizes(db: &::sled::Db) -> Result<Sizes, CompactError> {
+/// A database's size on disk and its compaction mark (the store's `size_on_disk` too).
+pub(super) fn sizes(db: &::sled::Db) -> Result<Sizes, CompactError> {
     let on_disk = db.size_on_disk().map_err(sled_err("reading the size"))?;
     let last = db
         .open_tree("meta")
@@ -411,31 +412,23 @@ pub struct Digest {
     hash: blake3::Hash,
 }
 
+/// What [`Digest`] sums up, while it is read.
+#[derive(Default)]
 struct Hasher {
-    d: Digest,
+    trees: usize,
+    records: u64,
+    bytes: u64,
     h: blake3::Hasher,
 }
 
 impl Hasher {
-    fn new() -> Self {
-        Hasher {
-            d: Digest {
-                trees: 0,
-                records: 0,
-                bytes: 0,
-                hash: blake3::Hash::from([0; 32]),
-            },
-            h: blake3::Hasher::new(),
-        }
-    }
-
     fn part(&mut self, bytes: &[u8]) {
         self.h.update(&(bytes.len() as u64).to_be_bytes());
         self.h.update(bytes);
     }
 
     fn tree(&mut self, name: &[u8]) {
-        self.d.trees += 1;
+        self.trees += 1;
         self.h.update(b"tree");
         self.part(name);
     }
@@ -445,21 +438,25 @@ impl Hasher {
         if tree == b"meta" && k == COMPACTED_KEY.as_bytes() {
             return false;
         }
-        self.d.records += 1;
-        self.d.bytes += (k.len() + v.len()) as u64;
+        self.records += 1;
+        self.bytes += (k.len() + v.len()) as u64;
         self.part(k);
         self.part(v);
         true
     }
 
-    fn finish(mut self) -> Digest {
-        self.d.hash = self.h.finalize();
-        self.d
+    fn finish(self) -> Digest {
+        Digest {
+            trees: self.trees,
+            records: self.records,
+            bytes: self.bytes,
+            hash: self.h.finalize(),
+        }
     }
 }
 
 fn copy(src: &::sled::Db, dst: &::sled::Db) -> Result<Digest, CompactError> {
-    let mut h = Hasher::new();
+    let mut h = Hasher::default();
     for name in src.tree_names() {
         h.tree(&name);
         let from = src.open_tree(&name).map_err(sled_err("opening a tree"))?;
@@ -486,7 +483,7 @@ fn copy(src: &::sled::Db, dst: &::sled::Db) -> Result<Digest, CompactError> {
 }
 
 fn digest(db: &::sled::Db) -> Result<Digest, CompactError> {
-    let mut h = Hasher::new();
+    let mut h = Hasher::default();
     for name in db.tree_names() {
         h.tree(&name);
         let tree = db.open_tree(&name).map_err(sled_err("opening a tree"))?;

@@ -404,9 +404,13 @@ impl Store for SledStore {
     }
 
     fn size_on_disk(&self) -> Result<Option<super::compact::Sizes>, StoreError> {
-        let on_disk = self.db.size_on_disk().map_err(backend("size", "*"))?;
-        let last = self.t.meta.get_u64(super::compact::COMPACTED_KEY)?;
-        Ok(Some(super::compact::Sizes { on_disk, last }))
+        super::compact::sizes(&self.db)
+            .map(Some)
+            .map_err(|e| StoreError::Backend {
+                op: "size",
+                tree: "meta",
+                source: Box::new(e),
+            })
     }
 
     fn flush_async(&self) -> Flush<'_> {
