@@ -252,18 +252,10 @@ async fn keep_latest_removes_the_old_releases_nothing_needs_after_a_confirmed_pl
     } = env(&url).await;
     provisioned(&admin, "vm-1", &["g1"]).await;
     provisioned(&admin, "vm-2", &["g1"]).await;
+    let versions = ["1.0", "2.0", "3.0", "4.0"];
+    upload_versions(&admin, dir.path(), &versions, 2000).await;
     let mut ids = Vec::new();
-    for (i, version) in ["1.0", "2.0", "3.0", "4.0"].into_iter().enumerate() {
-        let bytes = data(2000, i as u8);
-        upload(
-            &admin,
-            dir.path(),
-            &format!("{version}.bin"),
-            &bytes,
-            version,
-        )
-        .await
-        .unwrap();
+    for version in versions {
         ids.push(to_group(&admin, version).await);
     }
     let fc = Fleetcast::new(dir.path())
