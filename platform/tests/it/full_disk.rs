@@ -205,20 +205,32 @@ fn a_compaction_with_less_free_space_than_the_database_is_refused_and_changes_no
             .output()
             .unwrap()
     };
-    // Full, then half the database's size given back: room for sled to open it, not for a
-    // copy of its file.
-    let db_bytes: u64 = std::fs::read_dir(&db_path)
-        .unwrap()
-        .map(|e| e.unwrap().metadata().unwrap().len())
-        .sum();
-    assert!(db_bytes > 1 << 20, "a database of {db_bytes} bytes");
+    // sled changes its files when it opens a database (its recovery, and a new snapshot) and
+    // its flusher runs on a moment after a close, so what the compaction's open finds free
+    // differed from what was left here (one CI run: the copy went ahead). The disk is filled
+    // only once opening changes nothing more: opened, each time once it is no longer locked,
+    // three times. Then full, and half of what the compaction compares with (sled's size on disk)
+    // given back: room for sled to open the database, not for a copy of its file.
+    let settled = || {
+        for _ in 0..100 {
+            if let Ok(db) = sled::open(&db_path) {
+                return db.size_on_disk().unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the database stayed locked");
+    };
+    settled();
+    let on_disk = settled();
+    settled();
+    assert!(on_disk > 1 << 20, "a database of {on_disk} bytes");
     let filler = disk.fill();
     {
         let f = std::fs::OpenOptions::new()
             .write(true)
             .open(&filler)
             .unwrap();
-        f.set_len(f.metadata().unwrap().len() - db_bytes / 2)
+        f.set_len(f.metadata().unwrap().len() - on_disk / 2)
             .unwrap();
     }
     let refused = compact();
