@@ -417,6 +417,13 @@ pub trait Store: Reads + Send + Sync {
         Ok(None)
     }
 
+    /// Compacts the database while the store stays in use ([`SledStore::compact`]: writes wait
+    /// until it is done); `None` for a store without files. Blocks for as long as the copy
+    /// takes: call it off the async threads.
+    fn compact_online(&self) -> Option<Result<compact::Report, compact::CompactError>> {
+        None
+    }
+
     /// Runs `f` once with the records lock held. Callers use `transaction` (on `dyn Store`,
     /// and on each implementation), which returns what `f` returns.
     fn with_records(&self, f: &mut dyn FnMut(&dyn Records));
@@ -518,7 +525,20 @@ fn run_transaction<S: Store + ?Sized, T>(store: &S, f: impl FnOnce(&dyn Records)
 /// A type whose reads are those of another [`Reads`] (a store whose records live in a part only
 /// its transactions hand out).
 pub trait ReadsThrough {
-    fn reads(&self) -> &dyn Reads;
+    /// What one read goes through: a reference, or a handle that keeps the records it reads
+    /// from alive while the store replaces them ([`SledStore::compact`] does).
+    type Reader<'a>: std::ops::Deref<Target = dyn Reads>
+    where
+        Self: 'a;
+
+    fn reads(&self) -> Self::Reader<'_>;
+
+    /// [`Reads::machines_after`]: its iterator outlives the call, so it cannot go through a
+    /// [`ReadsThrough::Reader`] made for the call.
+    fn machines_after_through<'a>(
+        &'a self,
+        after: Option<&MachineId>,
+    ) -> Box<dyn Iterator<Item = Result<MachineInfo, StoreError>> + 'a>;
 }
 
 impl<S: ReadsThrough> Reads for S {
@@ -579,7 +599,7 @@ impl<S: ReadsThrough> Reads for S {
         &'a self,
         after: Option<&MachineId>,
     ) -> Box<dyn Iterator<Item = Result<MachineInfo, StoreError>> + 'a> {
-        self.reads().machines_after(after)
+        self.machines_after_through(after)
     }
     fn secret(&self, id: &MachineId) -> Result<Option<Secret>, StoreError> {
         self.reads().secret(id)

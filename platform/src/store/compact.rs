@@ -63,16 +63,23 @@ pub enum Policy {
 /// Whether a database of `on_disk` bytes, `last` bytes right after its last compaction, should
 /// be compacted at start.
 pub fn is_due(on_disk: u64, last: Option<u64>) -> bool {
-    on_disk >= DUE_MIN_BYTES && on_disk >= DUE_GROWTH.saturating_mul(last.unwrap_or(0))
+    is_due_from(DUE_MIN_BYTES, on_disk, last)
+}
+
+/// [`is_due`] with another smallest size than [`DUE_MIN_BYTES`].
+pub fn is_due_from(min_bytes: u64, on_disk: u64, last: Option<u64>) -> bool {
+    on_disk >= min_bytes && on_disk >= DUE_GROWTH.saturating_mul(last.unwrap_or(0))
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum CompactError {
     #[error(
-        "the database {0} is in use (is `fleetcast serve` running? stop it first; it compacts \
-         its database at start when that is due)"
+        "the database {0} is in use (is `fleetcast serve` running? `fleetcast db compact \
+         --online` has it compact its database now; it also does by itself when that is due)"
     )]
     InUse(PathBuf),
+    #[error("a compaction of {0} is running already")]
+    Running(PathBuf),
     #[error("no database at {0}")]
     Missing(PathBuf),
     #[error(
@@ -106,6 +113,11 @@ pub enum CompactError {
         need_mib: u64,
         free_mib: u64,
     },
+    #[error(
+        "the compacted copy did not open ({0}); the database was put back as it was and stays \
+         in use"
+    )]
+    Reopen(#[source] super::StoreError),
 }
 
 fn sled_err(step: &'static str) -> impl FnOnce(::sled::Error) -> CompactError {
@@ -334,6 +346,29 @@ pub fn compact(db_path: &Path) -> Result<Report, CompactError> {
 /// Copies, verifies and swaps; the lock held, `db` open at `p.db`.
 fn compact_open(p: &Beside, db: ::sled::Db, before: u64) -> Result<Report, CompactError> {
     let start = Instant::now();
+    let result = copy_and_swap(p, &db, before);
+    drop(db);
+    let (copied, after) = result?;
+    fs::remove_dir_all(&p.old).map_err(io_err("deleting", &p.old))?;
+    Ok(report(before, after, copied, start))
+}
+
+fn report(before: u64, after: u64, copied: Digest, start: Instant) -> Report {
+    Report {
+        before,
+        after,
+        trees: copied.trees,
+        records: copied.records,
+        live_bytes: copied.bytes,
+        took: start.elapsed(),
+    }
+}
+
+/// Checks the free space, copies `db` (of `before` bytes on disk) beside it and verifies the
+/// copy, then swaps the directories: the copy at `p.db`, the old database at `p.old`. On an
+/// error nothing has moved and the copy is gone. `db` may stay open throughout: nothing in it
+/// changes, and its files stay where they are open.
+fn copy_and_swap(p: &Beside, db: &::sled::Db, before: u64) -> Result<(Digest, u64), CompactError> {
     if let Ok((free, _)) = crate::disk::space(&p.db) {
         if free < before {
             return Err(CompactError::NoSpace {
@@ -343,15 +378,9 @@ fn compact_open(p: &Beside, db: ::sled::Db, before: u64) -> Result<Report, Compa
             });
         }
     }
-    let result = copy_and_verify(&db, &p.copy);
-    drop(db);
-    let (copied, after) = match result {
-        Ok(done) => done,
-        Err(e) => {
-            let _ = fs::remove_dir_all(&p.copy);
-            return Err(e);
-        }
-    };
+    let (copied, after) = copy_and_verify(db, &p.copy).inspect_err(|_| {
+        let _ = fs::remove_dir_all(&p.copy);
+    })?;
     if let Err(e) = fs::rename(&p.db, &p.old) {
         let _ = fs::remove_dir_all(&p.copy);
         return Err(io_err("moving aside", &p.db)(e));
@@ -362,15 +391,85 @@ fn compact_open(p: &Beside, db: ::sled::Db, before: u64) -> Result<Report, Compa
         return Err(io_err("moving the copy to", &p.db)(e));
     }
     sync_dir(&p.db).map_err(io_err("syncing the directory of", &p.db))?;
-    fs::remove_dir_all(&p.old).map_err(io_err("deleting", &p.old))?;
-    Ok(Report {
-        before,
-        after,
-        trees: copied.trees,
-        records: copied.records,
-        live_bytes: copied.bytes,
-        took: start.elapsed(),
-    })
+    Ok((copied, after))
+}
+
+/// Compacts the database at `db_path` that a running store has open as `db`, its writes held
+/// off by the caller until this returns: flushes it, copies, verifies and swaps as
+/// [`compact`] does, then opens the copy with `reopen` and returns it, for the caller to put
+/// in the old one's place. The old database is left at `db.old`, still open by the caller;
+/// [`delete_replaced`] deletes it once the caller has let go of it (and a crash before that
+/// leaves what [`finish_interrupted`] deletes at the next start).
+pub(super) fn online<O>(
+    db_path: &Path,
+    db: &::sled::Db,
+    reopen: impl FnOnce() -> Result<O, CompactError>,
+) -> Result<(Report, O), CompactError> {
+    let start = Instant::now();
+    let p = Beside::of(db_path);
+    let _lock = p.lock(false).map_err(|e| match e {
+        CompactError::InUse(db) => CompactError::Running(db),
+        e => e,
+    })?;
+    // What an earlier compaction of this store left (its old database, if a read held it
+    // then; a copy, if it was interrupted by an error).
+    for leftover in [&p.copy, &p.old] {
+        if leftover.exists() {
+            wait_unlocked(leftover, Duration::from_secs(5));
+            fs::remove_dir_all(leftover).map_err(io_err("deleting", leftover))?;
+        }
+    }
+    db.flush().map_err(sled_err("writing the database"))?;
+    let before = db.size_on_disk().map_err(sled_err("reading the size"))?;
+    let (copied, after) = copy_and_swap(&p, db, before)?;
+    match reopen() {
+        Ok(opened) => Ok((report(before, after, copied, start), opened)),
+        Err(e) => {
+            // The old database is whole and still open: it goes back, the copy goes.
+            let _ = fs::rename(&p.db, &p.copy)
+                .and_then(|()| fs::rename(&p.old, &p.db))
+                .and_then(|()| sync_dir(&p.db));
+            let _ = fs::remove_dir_all(&p.copy);
+            Err(e)
+        }
+    }
+}
+
+/// Deletes the database an [`online`] compaction replaced, once sled has let go of it (its
+/// file lock, released when the last handle, a read that began before the swap, is gone),
+/// waiting up to 10 minutes; past that it is left, and the next compaction or start deletes it.
+pub(super) fn delete_replaced(db_path: &Path) {
+    let p = Beside::of(db_path);
+    if !wait_unlocked(&p.old, Duration::from_secs(600)) {
+        tracing::warn!(
+            old = %p.old.display(),
+            "the database a compaction replaced is still open by a read; it is deleted at the next compaction or start"
+        );
+        return;
+    }
+    if let Err(e) = fs::remove_dir_all(&p.old) {
+        tracing::warn!(old = %p.old.display(), error = %e, "cannot delete the database a compaction replaced");
+    }
+}
+
+/// Waits up to `limit` for no sled instance to hold the database at `path` (sled locks its
+/// `db` file); whether none does.
+fn wait_unlocked(path: &Path, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    loop {
+        let free = match fs::File::open(path.join("db")) {
+            Ok(file) => match file.try_lock() {
+                Ok(()) => true,
+                Err(fs::TryLockError::WouldBlock) => false,
+                Err(fs::TryLockError::Error(_)) => true,
+            },
+            Err(_) => true,
+        };
+        if free || Instant::now() >= deadline {
+            return free;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Copies every tree of `src` into a new database at `to`, reads it back and compares; then
@@ -455,9 +554,18 @@ impl Hasher {
     }
 }
 
+/// A database's tree names, sorted: sled lists them in the order of a map of its own, which
+/// is not the same for a database and its copy (a live `serve`'s database and its copy read
+/// back listed them differently, and every compaction of it failed the check, 2026-11-29).
+fn tree_names(db: &::sled::Db) -> Vec<::sled::IVec> {
+    let mut names = db.tree_names();
+    names.sort();
+    names
+}
+
 fn copy(src: &::sled::Db, dst: &::sled::Db) -> Result<Digest, CompactError> {
     let mut h = Hasher::default();
-    for name in src.tree_names() {
+    for name in tree_names(src) {
         h.tree(&name);
         let from = src.open_tree(&name).map_err(sled_err("opening a tree"))?;
         let to = dst.open_tree(&name).map_err(sled_err("creating a tree"))?;
@@ -484,7 +592,7 @@ fn copy(src: &::sled::Db, dst: &::sled::Db) -> Result<Digest, CompactError> {
 
 fn digest(db: &::sled::Db) -> Result<Digest, CompactError> {
     let mut h = Hasher::default();
-    for name in db.tree_names() {
+    for name in tree_names(db) {
         h.tree(&name);
         let tree = db.open_tree(&name).map_err(sled_err("opening a tree"))?;
         for kv in tree.iter() {
@@ -524,7 +632,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use super::*;
-    use crate::store::{SledStore, Store};
+    use crate::store::{Reads, ReadsThrough, SledStore, Store};
 
     type Contents = BTreeMap<Vec<u8>, BTreeMap<Vec<u8>, Vec<u8>>>;
 
@@ -590,6 +698,125 @@ mod tests {
         assert_eq!(sizes.last, Some(r.after), "the compaction's size is kept");
         // The platform opens it as its own (its schema record came along).
         drop(SledStore::open(&path).unwrap());
+    }
+
+    #[test]
+    fn a_store_in_use_compacts_and_loses_no_write_made_meanwhile() {
+        use crate::fixtures::m;
+        use fleetcast_proto::admin::MachineInfo;
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        rewritten_database(&path);
+        let before = contents(&path);
+        let store = Arc::new(SledStore::open(&path).unwrap());
+        // A read that began before the compaction, and the writes of one that goes on.
+        let old_read = store.reads();
+        const WRITES: usize = 4000;
+        let writer = std::thread::spawn({
+            let store = store.clone();
+            move || {
+                for i in 0..WRITES {
+                    let info = MachineInfo::new(m(&format!("w-{i:05}")), 1);
+                    store.transaction(|rec| rec.put_machine(&info)).unwrap();
+                    store
+                        .raise_counter(&m("w"), "status", i as u64 + 1)
+                        .unwrap();
+                }
+            }
+        });
+        while store.counter(&m("w"), "status").unwrap() < 100 {
+            std::thread::yield_now();
+        }
+        let r = store.compact().unwrap();
+        let written_by_then = store.counter(&m("w"), "status").unwrap();
+        writer.join().unwrap();
+        assert!(
+            (written_by_then as usize) < WRITES,
+            "the compaction ran while the writes went on ({written_by_then} of {WRITES})"
+        );
+        let lost: Vec<usize> = (0..WRITES)
+            .filter(|i| store.machine(&m(&format!("w-{i:05}"))).unwrap().is_none())
+            .collect();
+        assert!(lost.is_empty(), "writes lost: {} of them", lost.len());
+        assert!(r.after < r.before, "{} -> {} bytes", r.before, r.after);
+        // The read that began before goes on, on the database it began on.
+        assert!(old_read.machine(&m("w-00000")).unwrap().is_some());
+        assert!(
+            dir.path().join("db.old").exists(),
+            "kept while a read holds it"
+        );
+        drop(old_read);
+        store.flush().unwrap();
+        let sizes = store.size_on_disk().unwrap().unwrap();
+        assert_eq!(sizes.last, Some(r.after), "the copy carries its mark");
+        drop(store);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while dir.path().join("db.old").exists() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(!dir.path().join("db.old").exists(), "the old database goes");
+        assert!(!dir.path().join("db.compacting").exists());
+
+        // Reopened: every record from before, and every write made meanwhile.
+        let mut after = contents(&path);
+        let machines = after.get_mut(&b"machines"[..]).unwrap();
+        for i in 0..WRITES {
+            assert!(machines.remove(format!("w-{i:05}").as_bytes()).is_some());
+        }
+        after
+            .get_mut(&b"counters"[..])
+            .unwrap()
+            .remove(&b"w/status"[..]);
+        assert_eq!(after, before);
+    }
+
+    #[test]
+    fn the_same_records_have_the_same_digest_whatever_order_their_trees_were_made_in() {
+        let dir = tempfile::tempdir().unwrap();
+        let names: Vec<String> = (0..20).map(|i| format!("tree-{i:02}")).collect();
+        let make = |path: &Path, order: &mut dyn Iterator<Item = &String>| {
+            let db = open(path).unwrap();
+            for name in order {
+                db.open_tree(name).unwrap().insert(name, "v").unwrap();
+            }
+            db.flush().unwrap();
+            digest(&db).unwrap()
+        };
+        let forward = make(&dir.path().join("a"), &mut names.iter());
+        let backward = make(&dir.path().join("b"), &mut names.iter().rev());
+        assert_eq!(forward, backward);
+    }
+
+    #[test]
+    fn a_compacted_copy_that_does_not_open_is_undone_and_the_database_stays_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        rewritten_database(&path);
+        let before = contents(&path);
+        let db = open(&path).unwrap();
+        let err = online(&path, &db, || -> Result<(), _> {
+            Err(CompactError::Missing(path.clone()))
+        })
+        .expect_err("the reopen failed");
+        assert!(matches!(err, CompactError::Missing(_)), "{err}");
+        // The open database is in place again and still writes where it is.
+        db.open_tree("machines")
+            .unwrap()
+            .insert("after", "x")
+            .unwrap();
+        db.flush().unwrap();
+        drop(db);
+        assert!(!dir.path().join("db.old").exists());
+        assert!(!dir.path().join("db.compacting").exists());
+        let mut after = contents(&path);
+        assert!(after
+            .get_mut(&b"machines"[..])
+            .unwrap()
+            .remove(&b"after"[..])
+            .is_some());
+        assert_eq!(after, before);
     }
 
     #[test]
@@ -708,5 +935,13 @@ mod tests {
         ));
         drop(lock);
         compact(&path).unwrap();
+
+        // In use by a store: compacted by the store itself, one compaction at a time.
+        let store = SledStore::open(&path).unwrap();
+        let lock = p.lock(false).unwrap();
+        let err = store.compact().unwrap_err();
+        assert!(matches!(err, CompactError::Running(_)), "{err}");
+        drop(lock);
+        store.compact().unwrap();
     }
 }

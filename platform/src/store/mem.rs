@@ -97,8 +97,17 @@ impl MemStore {
 }
 
 impl ReadsThrough for MemStore {
-    fn reads(&self) -> &dyn Reads {
+    type Reader<'a> = &'a (dyn Reads + 'static);
+
+    fn reads(&self) -> Self::Reader<'_> {
         &self.t
+    }
+
+    fn machines_after_through<'a>(
+        &'a self,
+        after: Option<&MachineId>,
+    ) -> Box<dyn Iterator<Item = Result<MachineInfo, StoreError>> + 'a> {
+        self.t.machines_after(after)
     }
 }
 

@@ -30,9 +30,11 @@
 //! Writes become durable only at [`Store::flush`]; callers flush before acknowledging anything.
 //! Composite keys come from [`super::key`].
 
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use parking_lot::{RwLock, RwLockReadGuard};
 
 use fleetcast_proto::admin::{
     ArtifactInfo, AuditEntry, FleetEvent, MachineInfo, ReleaseInfo, TargetRecord,
@@ -266,11 +268,58 @@ struct Tables {
 }
 
 /// The platform's database on sled. Cheap to share behind an `Arc`.
+///
+/// The open database can be replaced while the store is in use ([`SledStore::compact`]):
+/// reads take the one open now (an `Arc`, so a read that began before a replacement finishes
+/// on the database it began on, which holds the same records), writes hold `writes` shared
+/// while they write, and a compaction holds it exclusively from its flush to the swap, so no
+/// write lands in the old database after its copy began.
 pub struct SledStore {
-    db: ::sled::Db,
-    t: Tables,
+    path: PathBuf,
+    open: RwLock<Arc<Open>>,
+    writes: RwLock<()>,
     /// Serialises transactions (read-modify-write of records) between the admin and ingest tasks.
     records: Mutex<()>,
+}
+
+thread_local! {
+    /// The stores (by address) whose `writes` lock this thread holds, once per hold.
+    static HOLDING: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A write's hold on [`SledStore::writes`]: the lock itself for a thread's first hold, nothing
+/// for a hold nested in it.
+struct Writing<'a> {
+    key: usize,
+    _guard: Option<RwLockReadGuard<'a, ()>>,
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        HOLDING.with(|h| {
+            let mut h = h.borrow_mut();
+            if let Some(at) = h.iter().rposition(|k| *k == self.key) {
+                h.remove(at);
+            }
+        });
+    }
+}
+
+/// One opened database and its trees.
+pub(super) struct Open {
+    pub(super) db: ::sled::Db,
+    t: Tables,
+}
+
+/// A read's hold on the database open when it began ([`ReadsThrough::Reader`]).
+pub struct Snapshot(Arc<Open>);
+
+impl std::ops::Deref for Snapshot {
+    type Target = dyn Reads;
+
+    fn deref(&self) -> &Self::Target {
+        &self.0.t
+    }
 }
 
 impl SledStore {
@@ -285,6 +334,69 @@ impl SledStore {
         {
             tracing::warn!(db = %path.display(), "{did}");
         }
+        Ok(SledStore {
+            path: path.to_owned(),
+            open: RwLock::new(Arc::new(Open::at(path)?)),
+            writes: RwLock::new(()),
+            records: Mutex::new(()),
+        })
+    }
+
+    /// The database open now, for a read.
+    fn now(&self) -> Arc<Open> {
+        self.open.read().clone()
+    }
+
+    /// The database open now, and the hold that keeps a compaction from copying it until the
+    /// write is done ([`Writing`]).
+    fn writing(&self) -> (Writing<'_>, Arc<Open>) {
+        let key = self as *const Self as usize;
+        let nested = HOLDING.with(|h| {
+            let mut h = h.borrow_mut();
+            let nested = h.contains(&key);
+            h.push(key);
+            nested
+        });
+        // A compaction waiting for the lock keeps new holders out (so that a steady stream of
+        // writes cannot starve it); a thread that holds it already (a write inside a
+        // transaction) must not wait for a compaction that waits for it.
+        let held = Writing {
+            key,
+            _guard: (!nested).then(|| self.writes.read()),
+        };
+        (held, self.now())
+    }
+
+    /// See [`Store::with_records`].
+    pub fn transaction<T>(&self, f: impl FnOnce(&dyn Records) -> T) -> T {
+        super::run_transaction(self, f)
+    }
+
+    /// Compacts the database while the store stays in use ([`super::compact`]): writes wait
+    /// from the flush before the copy until the copy, verified, has taken the old database's
+    /// place and is open; reads go on meanwhile, on the old one. The old database's memory
+    /// (sled's caches and its record of every page) goes with it once the last read on it
+    /// ends, and its files are deleted then, by a thread of their own.
+    pub fn compact(&self) -> Result<super::compact::Report, super::compact::CompactError> {
+        let held = self.writes.write();
+        let old = self.now();
+        let (report, new) = super::compact::online(&self.path, &old.db, || {
+            Open::at(&self.path).map_err(super::compact::CompactError::Reopen)
+        })?;
+        *self.open.write() = Arc::new(new);
+        drop(held);
+        drop(old);
+        // Once the reads that began on it have ended; no one waits for that.
+        let path = self.path.clone();
+        std::thread::spawn(move || super::compact::delete_replaced(&path));
+        Ok(report)
+    }
+}
+
+impl Open {
+    /// Opens the database at `path` (waiting while a previous instance lets go of it) and
+    /// its trees, and brings its layout to this build's.
+    fn at(path: &Path) -> Result<Self, StoreError> {
         let mut attempt = 0;
         let db = loop {
             match ::sled::Config::new()
@@ -330,11 +442,7 @@ impl SledStore {
             rollouts: tree("rollouts")?,
             admin_counters: tree("admin_counters")?,
         };
-        let store = SledStore {
-            db,
-            t,
-            records: Mutex::new(()),
-        };
+        let store = Open { db, t };
         match store.t.meta.get_u64("schema")? {
             None => {
                 store.t.meta.put_u64("schema", SCHEMA_VERSION)?;
@@ -351,9 +459,8 @@ impl SledStore {
         Ok(store)
     }
 
-    /// See [`Store::with_records`].
-    pub fn transaction<T>(&self, f: impl FnOnce(&dyn Records) -> T) -> T {
-        super::run_transaction(self, f)
+    fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush().map(|_| ()).map_err(backend("flush", "*"))
     }
 
     /// Builds the `machine_targets` index from `targets` once: a database written before the
@@ -393,18 +500,27 @@ impl Tables {
 }
 
 impl ReadsThrough for SledStore {
-    fn reads(&self) -> &dyn Reads {
-        &self.t
+    type Reader<'a> = Snapshot;
+
+    fn reads(&self) -> Snapshot {
+        Snapshot(self.now())
+    }
+
+    fn machines_after_through<'a>(
+        &'a self,
+        after: Option<&MachineId>,
+    ) -> Box<dyn Iterator<Item = Result<MachineInfo, StoreError>> + 'a> {
+        machines_from(self.now().t.machines.clone(), after)
     }
 }
 
 impl Store for SledStore {
     fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush().map(|_| ()).map_err(backend("flush", "*"))
+        self.now().flush()
     }
 
     fn size_on_disk(&self) -> Result<Option<super::compact::Sizes>, StoreError> {
-        super::compact::sizes(&self.db)
+        super::compact::sizes(&self.now().db)
             .map(Some)
             .map_err(|e| StoreError::Backend {
                 op: "size",
@@ -413,9 +529,16 @@ impl Store for SledStore {
             })
     }
 
+    fn compact_online(
+        &self,
+    ) -> Option<Result<super::compact::Report, super::compact::CompactError>> {
+        Some(self.compact())
+    }
+
     fn flush_async(&self) -> Flush<'_> {
+        let open = self.now();
         Box::pin(async move {
-            self.db
+            open.db
                 .flush_async()
                 .await
                 .map(|_| ())
@@ -425,20 +548,23 @@ impl Store for SledStore {
 
     fn with_records(&self, f: &mut dyn FnMut(&dyn Records)) {
         let _records = self.records.lock().unwrap_or_else(|p| p.into_inner());
-        f(&self.t)
+        let (_held, open) = self.writing();
+        f(&open.t)
     }
 
     fn next_seq(&self) -> Result<u64, StoreError> {
-        self.t.meta.increment("seq")
+        self.writing().1.t.meta.increment("seq")
     }
 
     fn next_release_id(&self) -> Result<ReleaseId, StoreError> {
-        Ok(key::release_id(self.t.meta.increment("release")?))
+        let (_held, open) = self.writing();
+        Ok(key::release_id(open.t.meta.increment("release")?))
     }
 
     fn put_artifact(&self, info: &ArtifactInfo) -> Result<(), StoreError> {
-        self.t.artifacts.put(&info.id.to_hex(), info)?;
-        self.t
+        let (_held, open) = self.writing();
+        open.t.artifacts.put(&info.id.to_hex(), info)?;
+        open.t
             .artifact_versions
             .put(&key::artifact_version(&info.kind, &info.version), &info.id)
     }
@@ -449,15 +575,16 @@ impl Store for SledStore {
 
     /// In blocks: one sled insert per [`EVENTS_PER_BLOCK`] events.
     fn append_events(&self, events: &mut [FleetEvent]) -> Result<(), StoreError> {
+        let (_held, open) = self.writing();
         if events.is_empty() {
             return Ok(());
         }
-        let last = self.t.meta.increment_by("event", events.len() as u64)?;
+        let last = open.t.meta.increment_by("event", events.len() as u64)?;
         let first = last + 1 - events.len() as u64;
         for (event, id) in events.iter_mut().zip(first..) {
             event.id = id;
         }
-        let tree = &self.t.events;
+        let tree = &open.t.events;
         let write = |block: &mut Vec<u8>, last: u64| {
             block.push(b']');
             let written = tree.tree.insert(last.to_be_bytes(), block.as_slice());
@@ -489,7 +616,8 @@ impl Store for SledStore {
     }
 
     fn prune_events(&self, keep: u64, batch: usize) -> Result<usize, StoreError> {
-        let newest = self.t.meta.get_u64("event")?.unwrap_or(0);
+        let (_held, open) = self.writing();
+        let newest = open.t.meta.get_u64("event")?.unwrap_or(0);
         let below = newest.saturating_sub(keep);
         if below == 0 {
             return Ok(0);
@@ -500,7 +628,7 @@ impl Store for SledStore {
         // twenty rollouts against 104 -> 213 MB without pruning; one at a time: 99 -> 204 MB
         // over sixteen, against 104 -> 200 MB). Why, not profiled: perhaps the node versions
         // a batch replaces all wait for its end to be freed.
-        let events = &self.t.events;
+        let events = &open.t.events;
         let mut deleted = 0;
         while deleted < batch {
             let Some((key, _)) = events.tree.first().map_err(events.err("scan"))? else {
@@ -516,8 +644,9 @@ impl Store for SledStore {
     }
 
     fn append_audit(&self, entry: &mut AuditEntry) -> Result<(), StoreError> {
-        entry.id = self.t.meta.increment("audit")?;
-        self.t.audit.put_numbered(entry.id, entry)
+        let (_held, open) = self.writing();
+        entry.id = open.t.meta.increment("audit")?;
+        open.t.audit.put_numbered(entry.id, entry)
     }
 
     fn raise_counter(
@@ -526,7 +655,8 @@ impl Store for SledStore {
         channel: &str,
         ctr: u64,
     ) -> Result<u64, StoreError> {
-        let t = &self.t.counters;
+        let (_held, open) = self.writing();
+        let t = &open.t.counters;
         let key = key::counter(machine, channel);
         loop {
             let old = t.tree.get(&key).map_err(t.err("read"))?;
@@ -549,8 +679,9 @@ impl Store for SledStore {
     }
 
     fn reset_counters(&self, machine: &MachineId) -> Result<(), StoreError> {
+        let (_held, open) = self.writing();
         let prefix = format!("{machine}/");
-        for t in [&self.t.counters, &self.t.event_counts] {
+        for t in [&open.t.counters, &open.t.event_counts] {
             for item in t.tree.scan_prefix(prefix.as_bytes()) {
                 let (key, _) = item.map_err(t.err("read"))?;
                 t.tree.remove(key).map_err(t.err("write"))?;
@@ -560,11 +691,13 @@ impl Store for SledStore {
     }
 
     fn put_admin_counter(&self, counter: &AdminCounter) -> Result<(), StoreError> {
-        self.t.admin_counters.put(&counter.client, counter)
+        let (_held, open) = self.writing();
+        open.t.admin_counters.put(&counter.client, counter)
     }
 
     fn remove_admin_counter(&self, client: &str) -> Result<(), StoreError> {
-        self.t.admin_counters.remove(client).map(drop)
+        let (_held, open) = self.writing();
+        open.t.admin_counters.remove(client).map(drop)
     }
 
     fn bump_event_count(
@@ -573,7 +706,8 @@ impl Store for SledStore {
         release: Option<&ReleaseId>,
         by: u64,
     ) -> Result<u64, StoreError> {
-        self.t
+        let (_held, open) = self.writing();
+        open.t
             .event_counts
             .increment_by(&key::event_count(machine, release), by)
     }
@@ -584,11 +718,30 @@ impl Store for SledStore {
         release: Option<&ReleaseId>,
     ) -> Result<u64, StoreError> {
         Ok(self
+            .now()
             .t
             .event_counts
             .get_u64(&key::event_count(machine, release))?
             .unwrap_or(0))
     }
+}
+
+/// Machines in id order after `after`, read lazily from `t` (a handle of its own: the
+/// iterator may outlive the call that made it).
+fn machines_from(
+    t: T,
+    after: Option<&MachineId>,
+) -> Box<dyn Iterator<Item = Result<MachineInfo, StoreError>>> {
+    use std::ops::Bound;
+    let start = match after {
+        Some(m) => Bound::Excluded(::sled::IVec::from(m.as_str())),
+        None => Bound::Unbounded,
+    };
+    let range = t.tree.range::<::sled::IVec, _>((start, Bound::Unbounded));
+    Box::new(range.map(move |item| {
+        let (k, v) = item.map_err(t.err("scan"))?;
+        t.decode(&String::from_utf8_lossy(&k), &v)
+    }))
 }
 
 impl Reads for Tables {
@@ -681,20 +834,7 @@ impl Reads for Tables {
         &'a self,
         after: Option<&MachineId>,
     ) -> Box<dyn Iterator<Item = Result<MachineInfo, StoreError>> + 'a> {
-        use std::ops::Bound;
-        let start = match after {
-            Some(m) => Bound::Excluded(::sled::IVec::from(m.as_str())),
-            None => Bound::Unbounded,
-        };
-        let t = &self.machines;
-        Box::new(
-            t.tree
-                .range::<::sled::IVec, _>((start, Bound::Unbounded))
-                .map(move |item| {
-                    let (k, v) = item.map_err(t.err("scan"))?;
-                    t.decode(&String::from_utf8_lossy(&k), &v)
-                }),
-        )
+        machines_from(self.machines.clone(), after)
     }
 
     fn secret(&self, id: &MachineId) -> Result<Option<Secret>, StoreError> {
@@ -992,7 +1132,9 @@ mod tests {
     #[test]
     fn a_corrupt_record_is_reported_not_panicked() {
         let (_d, s) = open();
-        s.t.machines
+        s.now()
+            .t
+            .machines
             .tree
             .insert("vm-9", b"not json".to_vec())
             .unwrap();
@@ -1043,7 +1185,7 @@ mod tests {
         let mut again = target("r-2", "a");
         again.phase = Phase::Downloading;
         s.transaction(|rec| rec.put_target(&again)).unwrap();
-        assert_eq!(s.t.machine_targets.tree.len(), 4);
+        assert_eq!(s.now().t.machine_targets.tree.len(), 4);
         assert_eq!(releases_of(&s, "a"), ["r-1", "r-2"]);
     }
 
@@ -1056,9 +1198,9 @@ mod tests {
             // What an older build left: records, no index entries, no marker.
             for (r, mach) in [("r-1", "a"), ("r-2", "a"), ("r-2", "b")] {
                 let rec = target(r, mach);
-                s.t.targets.put(&format!("{r}/{mach}"), &rec).unwrap();
+                s.now().t.targets.put(&format!("{r}/{mach}"), &rec).unwrap();
             }
-            s.t.meta.tree.remove("machine_targets").unwrap();
+            s.now().t.meta.tree.remove("machine_targets").unwrap();
             s.flush().unwrap();
             assert_eq!(releases_of(&s, "a"), Vec::<String>::new());
         }
@@ -1134,7 +1276,10 @@ mod tests {
         let ids: Vec<u64> = s.events().unwrap().iter().map(|e| e.id).collect();
         assert_eq!(ids, (1..=22).collect::<Vec<_>>());
         assert_eq!(s.events_since(0, 1).unwrap(), (vec![stored_event], true));
-        assert_eq!(s.t.meta.get_u64("schema").unwrap(), Some(SCHEMA_VERSION));
+        assert_eq!(
+            s.now().t.meta.get_u64("schema").unwrap(),
+            Some(SCHEMA_VERSION)
+        );
     }
 
     #[test]
@@ -1143,7 +1288,7 @@ mod tests {
         let mut batch: Vec<FleetEvent> = (0..40).map(|_| event("vm-1")).collect();
         s.append_events(&mut batch).unwrap();
         // 40 small events: blocks of 16, 16 and 8, each under the id of its last event.
-        let keys: Vec<u64> = (s.t.events.tree.iter())
+        let keys: Vec<u64> = (s.now().t.events.tree.iter())
             .map(|kv| u64::from_be_bytes(kv.unwrap().0.as_ref().try_into().unwrap()))
             .collect();
         assert_eq!(keys, [16, 32, 40]);
@@ -1152,11 +1297,11 @@ mod tests {
         big.detail = Some("d".repeat(EVENT_BLOCK_BYTES));
         let mut batch = vec![event("vm-1"), big, event("vm-1")];
         s.append_events(&mut batch).unwrap();
-        let keys: Vec<u64> = (s.t.events.tree.iter())
+        let keys: Vec<u64> = (s.now().t.events.tree.iter())
             .map(|kv| u64::from_be_bytes(kv.unwrap().0.as_ref().try_into().unwrap()))
             .collect();
         assert_eq!(keys, [16, 32, 40, 41, 42, 43]);
-        let sizes: Vec<usize> = (s.t.events.tree.iter())
+        let sizes: Vec<usize> = (s.now().t.events.tree.iter())
             .map(|kv| kv.unwrap().1.len())
             .collect();
         assert!(sizes[4] > EVENT_BLOCK_BYTES, "{sizes:?}");
