@@ -224,6 +224,7 @@ pub fn admin_ops() -> Vec<AdminOp> {
             artifact: artifact(),
         },
         AdminOp::ArtifactList,
+        AdminOp::DbCompact,
         AdminOp::ArtifactRemove {
             kind: kind(),
             version: "2.4.0".into(),

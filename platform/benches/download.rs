@@ -111,6 +111,7 @@ async fn fleetcast_download(broker: &BrokerUrl, total: usize) -> Duration {
                 byte_burst: 1e12,
                 ..Default::default()
             },
+            compaction: Default::default(),
         },
         token.clone(),
     ));

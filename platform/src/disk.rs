@@ -142,15 +142,21 @@ pub fn compaction_line_due(
     say
 }
 
-/// Reads the database's size every [`DATABASE_CHECK_EVERY`] until `stop`, and says in the log
-/// when its file has grown enough that the next start would compact it
-/// ([`crate::store::compact::is_due`]): sled gives nothing back while it runs, and an operator
-/// who never restarts `serve` would otherwise hear of it only from a full disk.
+/// Reads the database's size every `check_every` until `stop`, and compacts it while it stays
+/// in use once that is due ([`crate::store::compact::is_due`]; [`crate::store::SledStore::compact`]),
+/// unless the policy is `never`: sled gives nothing back while it runs, and a platform that is
+/// never restarted would otherwise run out of disk. With `never`, or when a compaction fails
+/// (the reason is in the line), it says so in the log instead, at once and then daily.
 pub async fn watch_database(
     store: std::sync::Arc<dyn crate::store::Store>,
+    when: crate::serve::Compaction,
     stop: CancellationToken,
 ) {
-    let mut tick = tokio::time::interval(DATABASE_CHECK_EVERY);
+    // Not at once: `serve` has just compacted at its start if that was due.
+    let mut tick = tokio::time::interval_at(
+        tokio::time::Instant::now() + when.check_every,
+        when.check_every,
+    );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut warned = None;
     loop {
@@ -163,13 +169,40 @@ pub async fn watch_database(
         else {
             continue;
         };
-        let due = crate::store::compact::is_due(sizes.on_disk, sizes.last);
+        let due = crate::store::compact::is_due_from(when.min_bytes, sizes.on_disk, sizes.last);
+        let mut failed = None;
+        if due && when.policy != crate::store::compact::Policy::Never {
+            let s = store.clone();
+            match tokio::task::spawn_blocking(move || s.compact_online()).await {
+                Ok(Some(Ok(r))) => {
+                    tracing::info!(
+                        before_mib = r.before >> 20,
+                        after_mib = r.after >> 20,
+                        records = r.records,
+                        writes_waited_ms = r.took.as_millis() as u64,
+                        "database compacted while in use"
+                    );
+                    warned = None;
+                    continue;
+                }
+                Ok(Some(Err(e))) => failed = Some(e.to_string()),
+                Ok(None) | Err(_) => {}
+            }
+        }
         if compaction_line_due(due, &mut warned, tokio::time::Instant::now()) {
-            tracing::warn!(
-                on_disk_mib = sizes.on_disk >> 20,
-                compacted_mib = sizes.last.map(|b| b >> 20),
-                "the database's file is due for compaction (64 MiB or more, and 4 times its size after its last compaction if it had one: sled keeps what later writes replace): restart `serve` to compact it (it does at start), or stop it and run `fleetcast db compact`"
-            );
+            match failed {
+                Some(error) => tracing::warn!(
+                    on_disk_mib = sizes.on_disk >> 20,
+                    compacted_mib = sizes.last.map(|b| b >> 20),
+                    %error,
+                    "the database's file is due for compaction and the compaction failed; it is tried again every hour (or stop `serve` and run `fleetcast db compact`)"
+                ),
+                None => tracing::warn!(
+                    on_disk_mib = sizes.on_disk >> 20,
+                    compacted_mib = sizes.last.map(|b| b >> 20),
+                    "the database's file is due for compaction (64 MiB or more, and 4 times its size after its last compaction if it had one: sled keeps what later writes replace), and `serve --compact never` leaves it: restart `serve` with `--compact auto`, or stop it and run `fleetcast db compact`"
+                ),
+            }
         }
     }
 }
@@ -202,6 +235,38 @@ mod tests {
             compaction_line_due(true, &mut warned, t0 + 26 * hour),
             "due again: at once"
         );
+    }
+
+    /// `watch_database` on a real store, its size read every 50 ms, with a threshold a small
+    /// database passes: `auto` compacts it while in use, `never` leaves it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_due_database_is_compacted_while_in_use_unless_never() {
+        use crate::store::compact::Policy;
+        use crate::store::{SledStore, Store};
+        use std::sync::Arc;
+
+        for policy in [Policy::Never, Policy::Auto] {
+            let dir = tempfile::tempdir().unwrap();
+            let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+            store.flush().unwrap();
+            let stop = CancellationToken::new();
+            let when = crate::serve::Compaction {
+                policy,
+                check_every: Duration::from_millis(50),
+                min_bytes: 0,
+            };
+            let watch = tokio::spawn(watch_database(store.clone(), when, stop.clone()));
+            let compacted = || store.size_on_disk().unwrap().unwrap().last.is_some();
+            // `never`: twenty readings, none compacts; `auto`: the first that finds it due.
+            let give = if policy == Policy::Never { 1 } else { 10 };
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(give);
+            while !compacted() && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            assert_eq!(compacted(), policy == Policy::Auto, "{policy:?}");
+            stop.cancel();
+            watch.await.unwrap();
+        }
     }
 
     #[test]

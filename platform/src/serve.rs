@@ -12,7 +12,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use fleetcast_broker::client::{self, BrokerUrl, MqttEvent};
 use fleetcast_broker::gateway::TlsListen;
@@ -40,7 +40,7 @@ pub const INGEST_CLIENT_ID: &str = "fleetcast-platform.ingest";
 pub const SERVE_CLIENT_ID: &str = "fleetcast-platform.serve";
 /// How often freed heap memory is handed back to the system
 /// (`fleetcast_broker::memory::return_freed_memory`).
-const TRIM_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+const TRIM_EVERY: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
@@ -54,6 +54,29 @@ pub struct ServeOptions {
     pub topic_prefix: String,
     /// What each machine may take (chunk rate, stored events).
     pub limits: MachineLimits,
+    /// When the database is compacted while the platform runs.
+    pub compaction: Compaction,
+}
+
+/// When `serve` compacts its database while it runs ([`crate::disk::watch_database`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Compaction {
+    /// `never`: only say in the log that a compaction is due; otherwise compact when it is.
+    pub policy: crate::store::compact::Policy,
+    /// How often the database's size is read.
+    pub check_every: Duration,
+    /// The smallest file compacted ([`crate::store::compact::DUE_MIN_BYTES`]; less in tests).
+    pub min_bytes: u64,
+}
+
+impl Default for Compaction {
+    fn default() -> Self {
+        Compaction {
+            policy: crate::store::compact::Policy::Auto,
+            check_every: crate::disk::DATABASE_CHECK_EVERY,
+            min_bytes: crate::store::compact::DUE_MIN_BYTES,
+        }
+    }
 }
 
 /// Everything `run` needs, opened by `serve`.
@@ -68,6 +91,7 @@ pub struct Deps {
     pub data_dir: PathBuf,
     pub sessions: Arc<dyn SessionControl>,
     pub limits: MachineLimits,
+    pub compaction: Compaction,
 }
 
 /// The (username, password) a platform client with this client id connects with.
@@ -193,6 +217,7 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> Result<()
         data_dir: opts.data_dir.clone(),
         sessions,
         limits: opts.limits,
+        compaction: opts.compaction,
     };
     let result = run(deps, shutdown).await;
     broker_stop.cancel();
@@ -242,6 +267,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
         });
     }
 
+    let compaction = deps.compaction;
     let ctx = Arc::new(Ctx {
         store: deps.store.clone(),
         files: deps.files,
@@ -337,7 +363,7 @@ pub async fn run(deps: Deps, shutdown: CancellationToken) -> Result<(), Platform
     tasks.spawn({
         let (store, stop) = (ctx.store.clone(), tasks_stop.clone());
         async move {
-            crate::disk::watch_database(store, stop).await;
+            crate::disk::watch_database(store, compaction, stop).await;
             ("database size watch", Ok(()))
         }
     });

@@ -348,6 +348,12 @@ pub enum AdminOp {
         #[serde(default, skip_serializing_if = "is_false")]
         check: bool,
     },
+    /// Compacts the platform's database now, while the platform runs: its live records are
+    /// copied into a fresh file, read back and compared, which then takes the old one's place
+    /// (sled's file keeps what later writes replace). Writes (reports, changes) wait for the
+    /// copy; reads and connections go on. `serve` also does it by itself when it is due.
+    /// Reply: `compacted`.
+    DbCompact,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -397,6 +403,7 @@ impl AdminOp {
             AdminOp::History { .. } => "history",
             AdminOp::ReleaseQuery { .. } => "release_query",
             AdminOp::ReleaseRemove { .. } => "release_remove",
+            AdminOp::DbCompact => "db_compact",
         }
     }
 
@@ -441,7 +448,8 @@ impl AdminOp {
             | AdminOp::MachineProvisionCheck { .. }
             | AdminOp::Audit { .. }
             | AdminOp::KeyRotate
-            | AdminOp::MosquittoConfig { .. } => Role::Admin,
+            | AdminOp::MosquittoConfig { .. }
+            | AdminOp::DbCompact => Role::Admin,
         }
     }
 
@@ -635,6 +643,22 @@ pub enum AdminReply {
         releases: Vec<ReleaseRemoval>,
         removed: bool,
     },
+    Compacted {
+        compaction: Compaction,
+    },
+}
+
+/// What `db_compact` did to the platform's database.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compaction {
+    /// Bytes on disk before and after.
+    pub before_bytes: u64,
+    pub after_bytes: u64,
+    /// Records copied (and read back), and their bytes of keys and values.
+    pub records: u64,
+    pub live_bytes: u64,
+    /// How long writes waited: the flush, the copy, its check and the swap.
+    pub took_ms: u64,
 }
 
 /// Most releases one `release_remove` names: the CLI removes a longer list in batches.
@@ -755,7 +779,8 @@ pub struct DatabaseSize {
     /// Bytes on disk right after its last compaction; absent: never compacted.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compacted_bytes: Option<u64>,
-    /// `serve --compact auto` (the default) compacts it at its next start.
+    /// 64 MiB or more and 4 times `compacted_bytes`: `serve` compacts it within the hour (it
+    /// reads the size hourly) and at its next start, unless `--compact never`.
     pub compaction_due: bool,
 }
 
@@ -1329,6 +1354,7 @@ mod tests {
             },
             AdminOp::Machines,
             AdminOp::KeyRotate,
+            AdminOp::DbCompact,
             AdminOp::EventsSince {
                 since: 3,
                 limit: None,
@@ -1367,6 +1393,9 @@ mod tests {
         assert_eq!(remove.required_role(), Role::Operator);
         assert!(remove.is_change() && remove.is_audited());
         assert_eq!(AdminOp::KeyRotate.required_role(), Role::Admin);
+        // Compacting holds every write up for as long as the copy takes: admins only, audited.
+        assert_eq!(AdminOp::DbCompact.required_role(), Role::Admin);
+        assert!(AdminOp::DbCompact.is_change() && AdminOp::DbCompact.is_audited());
         // Identities: admins only; the list and the provisioning check change nothing.
         let vm1 = MachineId::new("vm-1").unwrap();
         for (op, change) in [

@@ -260,6 +260,8 @@ calls! {
         AdminReply::ReleasePage { releases, next, more } => Page { items: releases, next, more };
         p => AdminReply::ReleasePage { releases: p.items, next: p.next, more: p.more }
     }
+    /// See [`AdminOp::DbCompact`].
+    DbCompact = "db_compact" {} -> "compacted" Compaction { AdminReply::Compacted { compaction } => compaction; r => AdminReply::Compacted { compaction: r } }
     /// See [`AdminOp::ReleaseRemove`].
     ReleaseRemove = "release_remove" { releases: Vec<ReleaseId>, check: bool }
         -> "release_removal" Removal {
@@ -544,6 +546,7 @@ mod tests {
             json!({"op": "mosquitto_config", "after": "vm-9", "limit": 500}),
         );
         wire(Stats {}, json!({"op": "stats"}));
+        wire(DbCompact {}, json!({"op": "db_compact"}));
         for (op, call) in [
             (
                 "rollout_status",
@@ -628,6 +631,15 @@ mod tests {
         }
         round::<KeyRotate>(AdminReply::Done {
             message: "m".into(),
+        });
+        round::<DbCompact>(AdminReply::Compacted {
+            compaction: Compaction {
+                before_bytes: 80 << 20,
+                after_bytes: 30 << 20,
+                records: 40_000,
+                live_bytes: 13 << 20,
+                took_ms: 235,
+            },
         });
         round::<EventsSince>(AdminReply::Events {
             events: vec![],

@@ -53,6 +53,7 @@ impl RealPlatform {
                 tls: None,
                 topic_prefix: "fleet".into(),
                 limits: Default::default(),
+                compaction: Default::default(),
             };
             let task = tokio::spawn(serve(opts, shutdown.clone()));
             match connect_admin(&url, data, &task).await {

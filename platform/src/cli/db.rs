@@ -1,4 +1,5 @@
-//! `fleetcast db`: the platform's database, with the platform stopped.
+//! `fleetcast db`: the platform's database: compacted on its host with the platform stopped, or
+//! by the running platform (`--online`, an admin request).
 
 use std::path::PathBuf;
 
@@ -11,8 +12,9 @@ use crate::store::compact::{self, is_due, DUE_GROWTH, DUE_MIN_BYTES};
 #[derive(Subcommand)]
 pub enum DbCmd {
     /// Copy the database's live data into a fresh one that takes its place (sled keeps what
-    /// later writes replace: its file grows to several times its live data). Needs the
-    /// platform stopped; `fleetcast serve` does it by itself at start when it is due.
+    /// later writes replace: its file grows to several times its live data). With the platform
+    /// stopped, on its host; with `--online`, by the running platform. `fleetcast serve` does it
+    /// by itself when it is due, at start and while it runs.
     Compact(CompactArgs),
 }
 
@@ -23,12 +25,29 @@ pub struct CompactArgs {
     pub data: PathBuf,
     /// Only say how large the database is, how much of it is live, and whether `serve` would
     /// compact it at its next start; change nothing.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "online")]
     pub check: bool,
+    /// Ask the running platform to compact its database now (an admin request, from anywhere
+    /// the CLI reaches the broker; `--data` is not used). Its writes wait for the copy: status
+    /// reports are acknowledged, and changes answered, that much later.
+    #[arg(long)]
+    pub online: bool,
 }
 
-pub async fn run(cmd: DbCmd) -> anyhow::Result<()> {
+pub async fn run(cmd: DbCmd, client: &super::ClientArgs) -> anyhow::Result<()> {
     match cmd {
+        DbCmd::Compact(args) if args.online => {
+            let c = client.call(fleetcast_proto::calls::DbCompact {}).await?;
+            println!(
+                "compacted while in use, writes held for {:.1} s: {} -> {} on disk ({} records, {} of keys and values, read back and verified)",
+                c.took_ms as f64 / 1000.0,
+                bytes(c.before_bytes),
+                bytes(c.after_bytes),
+                c.records,
+                bytes(c.live_bytes)
+            );
+            Ok(())
+        }
         DbCmd::Compact(args) => {
             let db = args.data.join("db");
             let check = args.check;

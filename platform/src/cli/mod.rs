@@ -100,7 +100,8 @@ pub enum Command {
     /// Your saved operator profile, and where the CLI finds its credentials.
     #[command(subcommand)]
     Profile(profile::ProfileCmd),
-    /// The platform's database, on the platform's host with the platform stopped: compact it.
+    /// The platform's database: compact it (on its host with the platform stopped, or with
+    /// `--online` by the running platform).
     #[command(subcommand)]
     Db(db::DbCmd),
 }
@@ -361,7 +362,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Key(cmd) => identity::key(cmd, client).await,
         Command::Broker(cmd) => identity::broker(cmd, client).await,
         Command::Profile(cmd) => profile::run(cmd, client).await,
-        Command::Db(cmd) => db::run(cmd).await,
+        Command::Db(cmd) => db::run(cmd, client).await,
     }
 }
 

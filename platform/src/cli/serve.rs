@@ -57,10 +57,13 @@ pub struct ServeArgs {
     /// background). Each machine's outcome per release stays in its target record.
     #[arg(long, default_value_t = crate::retention::DEFAULT_EVENTS_KEPT, value_parser = clap::value_parser!(u64).range(1..))]
     pub keep_events: u64,
-    /// Compact the database at start: `auto` when its file has grown to 4 times its size after
-    /// its last compaction (and 64 MiB at least), `always`, or `never`. sled's file holds
-    /// several times its live data as records are rewritten; compaction copies the live data
-    /// into a fresh file (`fleetcast db compact` does it by hand).
+    /// Compact the database: `auto` when its file has grown to 4 times its size after its
+    /// last compaction (and 64 MiB at least), at start and, read hourly, while it runs;
+    /// `always` at every start, and as `auto` while it runs; or `never` (the log says when one
+    /// is due). sled's file holds several times its live data as records are rewritten;
+    /// compaction copies the live data into a fresh file (`fleetcast db compact` does it by
+    /// hand). While it runs, writes wait for the copy (about a second per 100 MiB of live
+    /// data); reads and connections go on.
     #[arg(long, value_enum, default_value_t = Policy::Auto)]
     pub compact: Policy,
 }
@@ -218,6 +221,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             events_kept: args.keep_events,
             first_copies_free: !args.pace_first_copies,
             ..MachineLimits::with_rate(args.machine_rate)
+        },
+        compaction: crate::Compaction {
+            policy,
+            ..Default::default()
         },
     };
     let result = serve(opts, shutdown).await;

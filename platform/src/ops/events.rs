@@ -5,7 +5,7 @@
 //! message; an audit entry's request, e.g. a 1,000-machine provisioning batch), and 500 of them
 //! would not fit one packet.
 
-use fleetcast_proto::admin::{AuditEntry, DatabaseSize, FleetEvent, PlatformStats};
+use fleetcast_proto::admin::{AuditEntry, Compaction, DatabaseSize, FleetEvent, PlatformStats};
 use fleetcast_proto::calls::{self, Page};
 use fleetcast_proto::events::MAX_BATCH_EVENTS;
 use serde::Serialize;
@@ -108,6 +108,33 @@ pub async fn stats(ctx: &Ctx, _: calls::Stats) -> Result<PlatformStats, OpError>
             compaction_due: crate::store::compact::is_due(s.on_disk, s.last),
         }),
         ..ctx.stats.snapshot()
+    })
+}
+
+/// `db_compact`: the database compacted now, while the platform runs
+/// ([`crate::store::SledStore::compact`]), off the async threads.
+pub async fn compact(ctx: &Ctx, _: calls::DbCompact) -> Result<Compaction, OpError> {
+    let r = crate::inventory::off_thread(&ctx.store, |store| match store.compact_online() {
+        None => Err(OpError::Refused(
+            "this platform's store keeps nothing on disk to compact".into(),
+        )),
+        Some(Err(e)) => Err(OpError::Refused(format!("not compacted: {e}"))),
+        Some(Ok(r)) => Ok(r),
+    })
+    .await?;
+    tracing::info!(
+        before_mib = r.before >> 20,
+        after_mib = r.after >> 20,
+        records = r.records,
+        writes_waited_ms = r.took.as_millis() as u64,
+        "database compacted while in use (db_compact)"
+    );
+    Ok(Compaction {
+        before_bytes: r.before,
+        after_bytes: r.after,
+        records: r.records,
+        live_bytes: r.live_bytes,
+        took_ms: r.took.as_millis() as u64,
     })
 }
 

@@ -139,3 +139,109 @@ async fn a_compacted_database_serves_on_with_everything_it_held_and_is_not_compa
     adm.close().await;
     stop(platform).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_platform_compacts_its_database_and_a_report_made_meanwhile_is_kept() {
+    use super::cli::Fleetcast;
+    use fleetcast_proto::acl::Role;
+
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("platform");
+    let out = dir.path().join("serve.out");
+    let platform = spawn_serve(&data_dir, &url, "never", &out);
+    let adm = admin(&url, &data_dir).await;
+    let mut vm = provision(&adm, &url, "vm-001", &["g"]).await;
+    let mut releases = Vec::new();
+    for (i, version) in ["1.0", "1.1", "1.2"].into_iter().enumerate() {
+        upload(&adm, dir.path(), "a.bin", &data(3000, i as u8), version)
+            .await
+            .unwrap();
+        let r = release(&adm, version, &[], &["g"]).await.release.id;
+        for phase in [Phase::Downloading, Phase::Downloaded, Phase::Installed] {
+            vm.report_recorded(&adm, &r, version, phase).await;
+        }
+        releases.push(r);
+    }
+
+    // Below admin: refused, nothing compacted.
+    for (name, role) in [("val", Role::Viewer), ("oscar", Role::Operator)] {
+        let profile = add_operator(&adm, name, role).await;
+        let op = AdminClient::connect_as(&url, Topics::default(), name, profile.secret, WAIT)
+            .await
+            .unwrap();
+        let err = op.call(calls::DbCompact {}).await.unwrap_err();
+        assert!(err.to_string().contains("needs admin"), "{name}: {err}");
+        op.close().await;
+    }
+    assert!(database(&adm).await.compacted_bytes.is_none());
+    let before = held(&adm, &releases).await;
+
+    // By an operator's command, from the CLI: the platform goes on serving what it held.
+    let fc = Fleetcast::new(dir.path())
+        .with("FLEETCAST_DATA", &data_dir)
+        .with("FLEETCAST_BROKER", url.to_string());
+    let said = fc.run(&["db", "compact", "--online"]).await.ok();
+    assert!(said.contains("compacted while in use"), "{said}");
+    assert!(said.contains("read back and verified"), "{said}");
+    let db = database(&adm).await;
+    assert!(db.compacted_bytes.is_some_and(|b| b > 0), "{db:?}");
+    let mut after = held(&adm, &releases).await;
+    let audited = before["audit"].as_array().unwrap().len();
+    let audit = after["audit"].as_array_mut().unwrap();
+    assert!(
+        audit[audited..]
+            .iter()
+            .any(|e| e.to_string().contains("db_compact")),
+        "the compaction is audited: {audit:?}"
+    );
+    audit.truncate(audited);
+    assert_eq!(after, before);
+
+    // Again, while the machine reports: its report is stored and acknowledged, not lost in
+    // the database being replaced.
+    upload(&adm, dir.path(), "a.bin", &data(3000, 7), "1.3")
+        .await
+        .unwrap();
+    let r = release(&adm, "1.3", &[], &["g"]).await.release.id;
+    let (compacted, reported) = tokio::join!(
+        adm.call(calls::DbCompact {}),
+        vm.report_recorded(&adm, &r, "1.3", Phase::Installed)
+    );
+    let compacted = compacted.unwrap();
+    assert!(
+        compacted.records > 0 && compacted.after_bytes > 0,
+        "{compacted:?}"
+    );
+    assert_eq!(phase_of(&reported, "vm-001"), Phase::Installed);
+    releases.push(r);
+    let held_now = held(&adm, &releases).await;
+    // The old database's files go once nothing reads them.
+    poll_until(
+        Duration::from_secs(30),
+        "the replaced database is deleted",
+        || std::future::ready(data_dir.join("db.old").exists()),
+        |exists| !exists,
+    )
+    .await;
+    assert!(!data_dir.join("db.compacting").exists());
+
+    // Restarted, it opens the compacted database with all of it, and the machine's secret
+    // and counters came along: its next MAC'd report is taken.
+    adm.close().await;
+    stop(platform).await;
+    let platform = spawn_serve(&data_dir, &url, "never", &out);
+    let adm = admin(&url, &data_dir).await;
+    let mut again = held(&adm, &releases).await;
+    let audited = held_now["audit"].as_array().unwrap().len();
+    again["audit"].as_array_mut().unwrap().truncate(audited);
+    assert_eq!(again, held_now);
+    upload(&adm, dir.path(), "a.bin", &data(3000, 8), "1.4")
+        .await
+        .unwrap();
+    let r = release(&adm, "1.4", &[], &["g"]).await.release.id;
+    vm.report_recorded(&adm, &r, "1.4", Phase::Installed).await;
+    adm.close().await;
+    stop(platform).await;
+}

@@ -36,6 +36,7 @@ pub(super) async fn embedded() -> Embedded {
         }),
         topic_prefix: "fleet".into(),
         limits: Default::default(),
+        compaction: Default::default(),
     };
     let task = tokio::spawn(serve(opts, shutdown.clone()));
     let tls = BrokerUrl::mqtts("127.0.0.1", tls_port)

@@ -127,6 +127,7 @@ fn start_platform_with(
         tls: None,
         topic_prefix: "fleet".into(),
         limits,
+        compaction: Default::default(),
     };
     let task = tokio::spawn(serve(opts, shutdown.clone()));
     Platform { shutdown, task }

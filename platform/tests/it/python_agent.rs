@@ -583,6 +583,7 @@ fn serve_plain(data_dir: &Path, port: u16) -> Platform {
         tls: None,
         topic_prefix: "fleet".into(),
         limits: Default::default(),
+        compaction: Default::default(),
     };
     let task = tokio::spawn(serve(opts, shutdown.clone()));
     Platform { shutdown, task }
