@@ -282,6 +282,21 @@ pub struct SledStore {
     records: Mutex<()>,
 }
 
+/// Runs `wait`, which blocks until a compaction ends: on a worker thread of a multi-threaded
+/// tokio runtime through `block_in_place`, which hands the thread's other tasks to another
+/// worker first, so that a write waiting for the copy holds up only the task that makes it
+/// (with two workers, two such writes would otherwise stop every connection and transfer for
+/// as long as the copy takes). Anywhere else (a blocking thread, a test's single-threaded
+/// runtime, no runtime), as it is.
+fn off_the_runtime<T>(wait: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(wait)
+        }
+        _ => wait(),
+    }
+}
+
 thread_local! {
     /// The stores (by address) whose `writes` lock this thread holds, once per hold.
     static HOLDING: std::cell::RefCell<Vec<usize>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -362,7 +377,11 @@ impl SledStore {
         // transaction) must not wait for a compaction that waits for it.
         let held = Writing {
             key,
-            _guard: (!nested).then(|| self.writes.read()),
+            _guard: (!nested).then(|| {
+                self.writes
+                    .try_read()
+                    .unwrap_or_else(|| off_the_runtime(|| self.writes.read()))
+            }),
         };
         (held, self.now())
     }
@@ -1113,6 +1132,55 @@ mod tests {
             groups,
             vec![("vm-1".into(), east.clone()), ("vm-2".into(), east)]
         );
+    }
+
+    /// While a compaction holds the writes, tasks that write wait on threads of their own: on a
+    /// runtime of two workers, two of them waiting do not stop a third task that only reads.
+    #[test]
+    fn writes_waiting_for_a_compaction_leave_the_runtimes_workers_to_other_tasks() {
+        let (_d, s) = open();
+        let s = std::sync::Arc::new(s);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let held = s.writes.write();
+        let ticks = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        rt.block_on(async {
+            let writers: Vec<_> = (0..2)
+                .map(|i| {
+                    let s = s.clone();
+                    tokio::spawn(async move { s.next_seq().map(|_| i) })
+                })
+                .collect();
+            let ticker = tokio::spawn({
+                let (s, ticks) = (s.clone(), ticks.clone());
+                async move {
+                    loop {
+                        s.machine(&m("vm-1")).unwrap();
+                        ticks.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                }
+            });
+            // Both writers are waiting (on the workers, unless handed off) for a second.
+            std::thread::sleep(Duration::from_millis(100));
+            let before = ticks.load(std::sync::atomic::Ordering::Relaxed);
+            tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_secs(1)))
+                .await
+                .unwrap();
+            let during = ticks.load(std::sync::atomic::Ordering::Relaxed) - before;
+            drop(held);
+            for w in writers {
+                w.await.unwrap().unwrap();
+            }
+            ticker.abort();
+            assert!(
+                during >= 20,
+                "the reading task ran {during} times in the second the writes waited"
+            );
+        });
     }
 
     #[test]
