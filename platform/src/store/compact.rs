@@ -936,12 +936,17 @@ mod tests {
         drop(lock);
         compact(&path).unwrap();
 
-        // In use by a store: compacted by the store itself, one compaction at a time.
+        // In use by a store: compacted by the store itself, one compaction at a time, in this
+        // process or another.
         let store = SledStore::open(&path).unwrap();
         let lock = p.lock(false).unwrap();
         let err = store.compact().unwrap_err();
         assert!(matches!(err, CompactError::Running(_)), "{err}");
         drop(lock);
+        let held = store.compacting.lock().unwrap();
+        let err = store.compact().unwrap_err();
+        assert!(matches!(err, CompactError::Running(_)), "{err}");
+        drop(held);
         store.compact().unwrap();
     }
 }

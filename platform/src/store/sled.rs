@@ -278,6 +278,9 @@ pub struct SledStore {
     path: PathBuf,
     open: RwLock<Arc<Open>>,
     writes: RwLock<()>,
+    /// Held by a compaction: a second one (the hourly look and an operator's `db_compact` at
+    /// once) is refused rather than copying the database again right after.
+    pub(super) compacting: Mutex<()>,
     /// Serialises transactions (read-modify-write of records) between the admin and ingest tasks.
     records: Mutex<()>,
 }
@@ -353,6 +356,7 @@ impl SledStore {
             path: path.to_owned(),
             open: RwLock::new(Arc::new(Open::at(path)?)),
             writes: RwLock::new(()),
+            compacting: Mutex::new(()),
             records: Mutex::new(()),
         })
     }
@@ -397,6 +401,9 @@ impl SledStore {
     /// (sled's caches and its record of every page) goes with it once the last read on it
     /// ends, and its files are deleted then, by a thread of their own.
     pub fn compact(&self) -> Result<super::compact::Report, super::compact::CompactError> {
+        let Ok(_compacting) = self.compacting.try_lock() else {
+            return Err(super::compact::CompactError::Running(self.path.clone()));
+        };
         let held = self.writes.write();
         let old = self.now();
         let (report, new) = super::compact::online(&self.path, &old.db, || {
