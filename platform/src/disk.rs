@@ -149,7 +149,7 @@ pub fn compaction_line_due(
 /// (the reason is in the line), it says so in the log instead, at once and then daily.
 pub async fn watch_database(
     store: std::sync::Arc<dyn crate::store::Store>,
-    when: crate::serve::Compaction,
+    when: crate::serve::AutoCompaction,
     stop: CancellationToken,
 ) {
     // Not at once: `serve` has just compacted at its start if that was due.
@@ -250,7 +250,7 @@ mod tests {
             let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
             store.flush().unwrap();
             let stop = CancellationToken::new();
-            let when = crate::serve::Compaction {
+            let when = crate::serve::AutoCompaction {
                 policy,
                 check_every: Duration::from_millis(50),
                 min_bytes: 0,

@@ -63,7 +63,7 @@ pub mod uploads;
 
 pub use error::PlatformError;
 pub use keys::{admin_secret_path, load_or_create_keys, public_key_path, Keys};
-pub use serve::{serve, Compaction, ServeOptions};
+pub use serve::{serve, AutoCompaction, ServeOptions};
 
 /// Milliseconds since the Unix epoch, platform clock.
 pub fn now_ms() -> u64 {

@@ -55,12 +55,12 @@ pub struct ServeOptions {
     /// What each machine may take (chunk rate, stored events).
     pub limits: MachineLimits,
     /// When the database is compacted while the platform runs.
-    pub compaction: Compaction,
+    pub compaction: AutoCompaction,
 }
 
 /// When `serve` compacts its database while it runs ([`crate::disk::watch_database`]).
 #[derive(Debug, Clone, Copy)]
-pub struct Compaction {
+pub struct AutoCompaction {
     /// `never`: only say in the log that a compaction is due; otherwise compact when it is.
     pub policy: crate::store::compact::Policy,
     /// How often the database's size is read.
@@ -69,9 +69,9 @@ pub struct Compaction {
     pub min_bytes: u64,
 }
 
-impl Default for Compaction {
+impl Default for AutoCompaction {
     fn default() -> Self {
-        Compaction {
+        AutoCompaction {
             policy: crate::store::compact::Policy::Auto,
             check_every: crate::disk::DATABASE_CHECK_EVERY,
             min_bytes: crate::store::compact::DUE_MIN_BYTES,
@@ -91,7 +91,7 @@ pub struct Deps {
     pub data_dir: PathBuf,
     pub sessions: Arc<dyn SessionControl>,
     pub limits: MachineLimits,
-    pub compaction: Compaction,
+    pub compaction: AutoCompaction,
 }
 
 /// The (username, password) a platform client with this client id connects with.

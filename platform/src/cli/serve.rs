@@ -222,7 +222,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             first_copies_free: !args.pace_first_copies,
             ..MachineLimits::with_rate(args.machine_rate)
         },
-        compaction: crate::Compaction {
+        compaction: crate::AutoCompaction {
             policy,
             ..Default::default()
         },
