@@ -175,13 +175,7 @@ pub async fn watch_database(
             let s = store.clone();
             match tokio::task::spawn_blocking(move || s.compact_online()).await {
                 Ok(Some(Ok(r))) => {
-                    tracing::info!(
-                        before_mib = r.before >> 20,
-                        after_mib = r.after >> 20,
-                        records = r.records,
-                        writes_waited_ms = r.took.as_millis() as u64,
-                        "database compacted while in use"
-                    );
+                    crate::store::compact::log_online(&r, "it was due");
                     warned = None;
                     continue;
                 }

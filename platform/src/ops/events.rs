@@ -122,13 +122,7 @@ pub async fn compact(ctx: &Ctx, _: calls::DbCompact) -> Result<Compaction, OpErr
         Some(Ok(r)) => Ok(r),
     })
     .await?;
-    tracing::info!(
-        before_mib = r.before >> 20,
-        after_mib = r.after >> 20,
-        records = r.records,
-        writes_waited_ms = r.took.as_millis() as u64,
-        "database compacted while in use (db_compact)"
-    );
+    crate::store::compact::log_online(&r, "db_compact");
     Ok(Compaction {
         before_bytes: r.before,
         after_bytes: r.after,

@@ -129,6 +129,17 @@ fn io_err(step: &'static str, path: &Path) -> impl FnOnce(io::Error) -> CompactE
     move |source| CompactError::Io { step, path, source }
 }
 
+/// Says in the log what a compaction of a database in use did (`how`: what started it).
+pub fn log_online(r: &Report, how: &str) {
+    tracing::info!(
+        before_mib = r.before >> 20,
+        after_mib = r.after >> 20,
+        records = r.records,
+        writes_waited_ms = r.took.as_millis() as u64,
+        "database compacted while in use ({how})"
+    );
+}
+
 /// What a compaction did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Report {

@@ -63,8 +63,21 @@ async fn database(admin: &AdminClient) -> fleetcast_proto::admin::DatabaseSize {
         .expect("a platform on sled says how large its database is")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_compacted_database_serves_on_with_everything_it_held_and_is_not_compacted_in_use() {
+/// A platform (`serve --compact never`) on a broker of its own, with one machine, `vm-001`
+/// in group `g`, that installed three releases.
+struct Installed {
+    _broker: fleetcast_broker::embedded::EmbeddedBroker,
+    url: BrokerUrl,
+    dir: tempfile::TempDir,
+    data_dir: PathBuf,
+    out: PathBuf,
+    platform: Serve,
+    adm: AdminClient,
+    vm: Machine,
+    releases: Vec<ReleaseId>,
+}
+
+async fn three_installed() -> Installed {
     let broker = start_on_free_port(|s| s).unwrap();
     let url = broker.url();
     let dir = tempfile::tempdir().unwrap();
@@ -84,6 +97,32 @@ async fn a_compacted_database_serves_on_with_everything_it_held_and_is_not_compa
         }
         releases.push(r);
     }
+    Installed {
+        _broker: broker,
+        url,
+        dir,
+        data_dir,
+        out,
+        platform,
+        adm,
+        vm,
+        releases,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_compacted_database_serves_on_with_everything_it_held_and_is_not_compacted_in_use() {
+    let Installed {
+        _broker,
+        url,
+        dir,
+        data_dir,
+        out,
+        platform,
+        adm,
+        mut vm,
+        releases,
+    } = three_installed().await;
     let before = held(&adm, &releases).await;
     let db = database(&adm).await;
     assert!(
@@ -145,25 +184,17 @@ async fn a_running_platform_compacts_its_database_and_a_report_made_meanwhile_is
     use super::cli::Fleetcast;
     use fleetcast_proto::acl::Role;
 
-    let broker = start_on_free_port(|s| s).unwrap();
-    let url = broker.url();
-    let dir = tempfile::tempdir().unwrap();
-    let data_dir = dir.path().join("platform");
-    let out = dir.path().join("serve.out");
-    let platform = spawn_serve(&data_dir, &url, "never", &out);
-    let adm = admin(&url, &data_dir).await;
-    let mut vm = provision(&adm, &url, "vm-001", &["g"]).await;
-    let mut releases = Vec::new();
-    for (i, version) in ["1.0", "1.1", "1.2"].into_iter().enumerate() {
-        upload(&adm, dir.path(), "a.bin", &data(3000, i as u8), version)
-            .await
-            .unwrap();
-        let r = release(&adm, version, &[], &["g"]).await.release.id;
-        for phase in [Phase::Downloading, Phase::Downloaded, Phase::Installed] {
-            vm.report_recorded(&adm, &r, version, phase).await;
-        }
-        releases.push(r);
-    }
+    let Installed {
+        _broker,
+        url,
+        dir,
+        data_dir,
+        out,
+        platform,
+        adm,
+        mut vm,
+        mut releases,
+    } = three_installed().await;
 
     // Below admin: refused, nothing compacted.
     for (name, role) in [("val", Role::Viewer), ("oscar", Role::Operator)] {
