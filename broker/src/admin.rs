@@ -110,15 +110,21 @@ fn op_name(op: &AdminOp) -> String {
         .unwrap_or_else(|| "request".into())
 }
 
-/// The error for a plain (unauthenticated) refusal of `op`. A platform that does not know an
-/// operation cannot read the request at all, so it answers as to a request with a bad MAC,
-/// with the reader's error inside: "unknown variant `op`, expected one of ..." and the whole
-/// list of the operations it knows.
+/// The error for a plain (unauthenticated) refusal of `op`. A platform from before 2026-11-29
+/// 17:40 that does not know an operation cannot read the request at all, so it answers as to a
+/// request with a bad MAC, with the reader's error inside: "unknown variant `op`, expected one
+/// of ..." and the whole list of the operations it knows. Later platforms seal that answer.
 fn plain_refusal(op: &str, text: String) -> AdminError {
+    refusal(op, text, AdminError::Unverified)
+}
+
+/// A refusal, or [`AdminError::UnknownOp`] when it says the platform could not read `op`'s
+/// name (answered unverified by platforms before 2026-11-29 17:40, sealed since).
+fn refusal(op: &str, text: String, other: fn(String) -> AdminError) -> AdminError {
     if text.contains(&format!("unknown variant `{op}`")) {
         AdminError::UnknownOp { op: op.to_owned() }
     } else {
-        AdminError::Unverified(text)
+        other(text)
     }
 }
 
@@ -338,7 +344,7 @@ impl AdminClient {
             }
         };
         match (resp.ok, resp.error) {
-            (_, Some(e)) => Err(AdminError::Refused(e)),
+            (_, Some(e)) => Err(refusal(&name, e, AdminError::Refused)),
             (Some(reply), None) => Ok(reply),
             (None, None) => Err(AdminError::UnexpectedReply {
                 op: name,
@@ -602,6 +608,20 @@ mod tests {
         assert!(matches!(
             plain_refusal("machine_groups", "request refused: bad MAC".into()),
             AdminError::Unverified(_)
+        ));
+        // A platform since 2026-11-29 answers the same sealed.
+        let sealed_answer = format!("request refused: this platform cannot read it ({e}); ...");
+        assert!(matches!(
+            refusal("machine_groups_next", sealed_answer, AdminError::Refused),
+            AdminError::UnknownOp { .. }
+        ));
+        assert!(matches!(
+            refusal(
+                "machines",
+                "unknown release r-9".into(),
+                AdminError::Refused
+            ),
+            AdminError::Refused(_)
         ));
     }
 }

@@ -15,7 +15,7 @@ use fleetcast_proto::admin::{
     AdminOp, AdminReply, AdminRequest, AdminResponse, AuditEntry, ResponseEnvelope,
     ADMIN_FRESHNESS_MS,
 };
-use fleetcast_proto::auth::{peek_body, Purpose, Secret};
+use fleetcast_proto::auth::{peek_body, AuthError, Purpose, Secret};
 use fleetcast_proto::calls::Call;
 use fleetcast_proto::chunk::open_upload_frame;
 use fleetcast_proto::text::shown;
@@ -204,6 +204,17 @@ fn too_large(op: &str, change: bool, bytes: usize) -> String {
     }
 }
 
+/// The `id`, `ctr` and `op` of a request's body, read without knowing its op.
+fn id_ctr_op(payload: &[u8]) -> Option<(u64, u64, String)> {
+    let body = peek_body::<serde_json::Value>(payload).ok()?;
+    let op = body
+        .get("op")
+        .and_then(|v| v.as_str())
+        .unwrap_or("")
+        .to_owned();
+    Some((body.get("id")?.as_u64()?, body.get("ctr")?.as_u64()?, op))
+}
+
 impl Admin {
     /// The operator a client id belongs to, if it exists.
     fn operator(&self, client: &str) -> Result<Option<OperatorRecord>, StoreError> {
@@ -232,6 +243,30 @@ impl Admin {
         };
         let req: AdminRequest = match operator.secret.open(Purpose::Admin, payload) {
             Ok(r) => r,
+            // Authentic (its MAC verified), but not a request this platform reads: an op or a
+            // value of a newer CLI, most likely. Answered sealed, so the CLI takes the answer
+            // at once (it holds an unverified one until its first resend, as anyone could have
+            // sent it), and nothing runs.
+            Err(AuthError::Body(e)) if let Some((id, ctr, op)) = id_ctr_op(payload) => {
+                let text = format!(
+                    "request refused: this platform cannot read it ({e}); is it older than the \
+                     CLI? Nothing was done"
+                );
+                if let Some(quiet_before) = self.ctx.should_log(client) {
+                    let (client, op) = (shown(client), shown(&op));
+                    tracing::info!(%client, %op, quiet_before, "admin request this platform cannot read refused");
+                }
+                let response = AdminResponse::error(id, ctr, text);
+                self.respond(
+                    client,
+                    &operator.secret,
+                    &response,
+                    "unreadable request",
+                    false,
+                )
+                .await;
+                return;
+            }
             Err(e) => {
                 if let Some(quiet_before) = self.ctx.should_log(client) {
                     let reason = e.to_string();

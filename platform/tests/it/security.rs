@@ -1558,12 +1558,12 @@ async fn a_change_replayed_across_a_platform_restart_does_not_run_again() {
     platform.stop().await;
 }
 
-/// A request with a field this platform does not know (a newer client's, say one narrowing
-/// what the op reaches) is refused with the field named, and changes nothing; the same field
+/// A request with an op or a field this platform does not know (a newer client's, say one
+/// narrowing what the op reaches) is refused with the op or field named, and changes nothing; the same field
 /// with an absent value (`0`) is harmless and the op runs. Sent as raw MAC'd JSON through the
 /// broker, as a newer CLI would send it.
 #[tokio::test]
-async fn a_request_with_a_field_this_platform_does_not_know_is_refused_and_runs_nothing() {
+async fn a_request_with_an_op_or_a_field_this_platform_does_not_know_is_refused_and_runs_nothing() {
     let broker = start_on_free_port(|s| s).unwrap();
     let url = broker.url();
     let Env {
@@ -1578,10 +1578,10 @@ async fn a_request_with_a_field_this_platform_does_not_know_is_refused_and_runs_
     let response_topic = format!("fleet/admin/{client}/response");
     newer.subscribe(&response_topic).await;
     let ctr0 = fleetcast_platform::now_ms() * 1000;
-    let mut ask = async |ctr: u64, expires: serde_json::Value| {
+    let mut ask = async |ctr: u64, op: &str, expires: serde_json::Value| {
         let body = serde_json::json!({
             "client": client, "id": ctr, "ctr": ctr, "at_ms": fleetcast_platform::now_ms(),
-            "op": "operator_add", "name": "ops", "role": "viewer", "expires_in_days": expires,
+            "op": op, "name": "ops", "role": "viewer", "expires_in_days": expires,
         });
         newer
             .publish_acked(
@@ -1612,7 +1612,17 @@ async fn a_request_with_a_field_this_platform_does_not_know_is_refused_and_runs_
         ops.into_iter().map(|o| o.name).collect()
     };
 
-    let refused = ask(ctr0 + 1, 30.into()).await;
+    // An op this platform does not know: answered sealed (the CLI takes it at once), saying
+    // so; nothing runs.
+    let unknown = ask(ctr0 + 1, "operator_add_for_a_while", 30.into()).await;
+    let said = unknown.error.unwrap_or_default();
+    assert!(
+        said.contains("cannot read it") && said.contains("operator_add_for_a_while"),
+        "{said}"
+    );
+    assert_eq!(names().await, ["admin"], "nothing was done");
+
+    let refused = ask(ctr0 + 2, "operator_add", 30.into()).await;
     assert_eq!(
         refused.error.as_deref(),
         Some(
@@ -1630,7 +1640,7 @@ async fn a_request_with_a_field_this_platform_does_not_know_is_refused_and_runs_
         "{audited:?}"
     );
 
-    let ran = ask(ctr0 + 2, 0.into()).await;
+    let ran = ask(ctr0 + 3, "operator_add", 0.into()).await;
     assert!(ran.error.is_none(), "{ran:?}");
     assert_eq!(names().await, ["admin", "ops"]);
 
