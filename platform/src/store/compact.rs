@@ -78,7 +78,10 @@ pub enum CompactError {
          --online` has it compact its database now; it also does by itself when that is due)"
     )]
     InUse(PathBuf),
-    #[error("a compaction of {0} is running already")]
+    #[error(
+        "a compaction of {0} is running already, or the database the last one replaced is \
+         still being read; try again later"
+    )]
     Running(PathBuf),
     #[error("no database at {0}")]
     Missing(PathBuf),
@@ -422,11 +425,14 @@ pub(super) fn online<O>(
         CompactError::InUse(db) => CompactError::Running(db),
         e => e,
     })?;
-    // What an earlier compaction of this store left (its old database, if a read held it
-    // then; a copy, if it was interrupted by an error).
+    // What an earlier compaction of this store left (a copy an error stopped; its old
+    // database, deleted once no read holds it). The caller holds every write up meanwhile, so
+    // this does not wait for a read: one still on the old database refuses this compaction.
     for leftover in [&p.copy, &p.old] {
         if leftover.exists() {
-            wait_unlocked(leftover, Duration::from_secs(5));
+            if !wait_unlocked(leftover, Duration::from_millis(500)) {
+                return Err(CompactError::Running(db_path.to_owned()));
+            }
             fs::remove_dir_all(leftover).map_err(io_err("deleting", leftover))?;
         }
     }
@@ -758,6 +764,11 @@ mod tests {
             dir.path().join("db.old").exists(),
             "kept while a read holds it"
         );
+        // A second compaction now would delete it under that read: refused, nothing moved.
+        let err = store.compact().unwrap_err();
+        assert!(matches!(err, CompactError::Running(_)), "{err}");
+        assert!(old_read.machine(&m("w-00001")).unwrap().is_some());
+        assert!(store.machine(&m("w-00001")).unwrap().is_some());
         drop(old_read);
         store.flush().unwrap();
         let sizes = store.size_on_disk().unwrap().unwrap();
