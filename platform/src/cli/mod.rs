@@ -291,8 +291,18 @@ impl ClientArgs {
 
     /// Connects, sends one typed call, and disconnects.
     pub async fn call<C: Call>(&self, call: C) -> anyhow::Result<C::Reply> {
+        self.call_waiting(call, fleetcast_broker::admin::REQUEST_TIMEOUT)
+            .await
+    }
+
+    /// [`ClientArgs::call`], waiting up to `timeout` for the answer.
+    pub async fn call_waiting<C: Call>(
+        &self,
+        call: C,
+        timeout: Duration,
+    ) -> anyhow::Result<C::Reply> {
         let admin = self.connect().await?;
-        let reply = admin.call(call).await;
+        let reply = admin.call_with_timeout(call, timeout).await;
         admin.close().await;
         Ok(reply?)
     }

@@ -573,7 +573,8 @@ impl Hasher {
 
 /// A database's tree names, sorted: sled lists them in the order of a map of its own, which
 /// is not the same for a database and its copy (a live `serve`'s database and its copy read
-/// back listed them differently, and every compaction of it failed the check, 2026-11-29).
+/// back listed them differently, and both compactions of it tried failed the check,
+/// 2026-11-29).
 fn tree_names(db: &::sled::Db) -> Vec<::sled::IVec> {
     let mut names = db.tree_names();
     names.sort();
