@@ -158,7 +158,7 @@ pub async fn watch_database(
         when.check_every,
     );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut warned = None;
+    let (mut warned, mut last_failure) = (None, None);
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -171,16 +171,26 @@ pub async fn watch_database(
         };
         let due = crate::store::compact::is_due_from(when.min_bytes, sizes.on_disk, sizes.last);
         let mut failed = None;
-        if due && when.policy != crate::store::compact::Policy::Never {
+        // A compaction that failed is not tried again for a day: one whose copy read back
+        // differently would otherwise hold every write up for a whole copy each hour.
+        let now = tokio::time::Instant::now();
+        let retry =
+            last_failure.is_none_or(|at| now.saturating_duration_since(at) >= DATABASE_WARN_EVERY);
+        if due && when.policy != crate::store::compact::Policy::Never && retry {
             let s = store.clone();
             match tokio::task::spawn_blocking(move || s.compact_online()).await {
                 Ok(Some(Ok(r))) => {
                     crate::store::compact::log_online(&r, "it was due");
-                    warned = None;
+                    (warned, last_failure) = (None, None);
                     continue;
                 }
                 Ok(Some(Err(e))) => failed = Some(e.to_string()),
-                Ok(None) | Err(_) => {}
+                Err(e) => failed = Some(format!("the compaction's task failed: {e}")),
+                Ok(None) => {}
+            }
+            if failed.is_some() {
+                // Said now, whenever the line was last said.
+                (warned, last_failure) = (None, Some(now));
             }
         }
         if compaction_line_due(due, &mut warned, tokio::time::Instant::now()) {
@@ -189,7 +199,7 @@ pub async fn watch_database(
                     on_disk_mib = sizes.on_disk >> 20,
                     compacted_mib = sizes.last.map(|b| b >> 20),
                     %error,
-                    "the database's file is due for compaction and the compaction failed; it is tried again every hour (or stop `serve` and run `fleetcast db compact`)"
+                    "the database's file is due for compaction and the compaction failed, changing nothing; it is tried again in a day (`fleetcast db compact --online` tries now)"
                 ),
                 None => tracing::warn!(
                     on_disk_mib = sizes.on_disk >> 20,
@@ -261,6 +271,40 @@ mod tests {
             stop.cancel();
             watch.await.unwrap();
         }
+    }
+
+    /// A compaction that failed (here: another holds the compaction lock) is not tried again
+    /// at the next readings, only a day later.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_failed_compaction_is_not_tried_again_within_the_day() {
+        use crate::store::{SledStore, Store};
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn Store> = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+        let lock = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(dir.path().join("db.lock"))
+            .unwrap();
+        lock.lock().unwrap();
+        let stop = CancellationToken::new();
+        let when = crate::serve::AutoCompaction {
+            policy: crate::store::compact::Policy::Auto,
+            check_every: Duration::from_millis(50),
+            min_bytes: 0,
+        };
+        let watch = tokio::spawn(watch_database(store.clone(), when, stop.clone()));
+        let compacted = || store.size_on_disk().unwrap().unwrap().last.is_some();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(!compacted(), "refused while the lock is held");
+        drop(lock);
+        // Ten more readings find it due; none tries again.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert!(!compacted(), "tried again within the day");
+        stop.cancel();
+        watch.await.unwrap();
     }
 
     #[test]
