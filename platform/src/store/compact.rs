@@ -699,9 +699,14 @@ mod tests {
         rewritten_database(&path);
         let before = contents(&path);
         let r = compact(&path).unwrap();
+        // The copy holds the live records and sled's own overhead (about as much again, and
+        // whole 512 KiB segments), not the dead ones. (How much of the dead space sled had
+        // reclaimed by itself varies from run to run: the file held 2.0 to 3.6 MB here, so a
+        // ratio to it failed now and then, 2026-11-29 CI.)
         assert!(
-            r.after * 3 < r.before,
-            "the copy holds only the live records: {} -> {} bytes",
+            r.after < r.before && r.after <= 2 * r.live_bytes + (1 << 20),
+            "the copy holds only the live records ({} bytes of them): {} -> {} bytes",
+            r.live_bytes,
             r.before,
             r.after
         );
