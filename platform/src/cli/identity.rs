@@ -312,7 +312,7 @@ fn database_line(d: &fleetcast_proto::admin::DatabaseSize) -> String {
         None => "never compacted".to_owned(),
     };
     let due = if d.compaction_due {
-        "compaction due: `serve` compacts it within the hour (`fleetcast db compact --online`: now)"
+        "compaction due: `serve` compacts it within the hour unless started with `--compact never` (`fleetcast db compact --online`: now)"
     } else {
         "no compaction due"
     };
