@@ -121,6 +121,19 @@ pub enum CompactError {
          in use"
     )]
     Reopen(#[source] super::StoreError),
+    /// The copy took the database's place and did not open, and the old database, still in
+    /// use, could not be put back. Writes to it now would be lost: at the next start the copy,
+    /// which carries the mark, is kept and the old one deleted. The store stops the process
+    /// ([`super::SledStore::compact`]); what was acknowledged is in the copy.
+    #[error(
+        "the compacted copy did not open ({reopen}) and the database in use could not be put \
+         back ({rollback}): the next start opens the copy, which holds everything written \
+         before the compaction"
+    )]
+    Stranded {
+        reopen: Box<CompactError>,
+        rollback: io::Error,
+    },
 }
 
 fn sled_err(step: &'static str) -> impl FnOnce(::sled::Error) -> CompactError {
@@ -443,9 +456,15 @@ pub(super) fn online<O>(
         Ok(opened) => Ok((report(before, after, copied, start), opened)),
         Err(e) => {
             // The old database is whole and still open: it goes back, the copy goes.
-            let _ = fs::rename(&p.db, &p.copy)
+            let back = fs::rename(&p.db, &p.copy)
                 .and_then(|()| fs::rename(&p.old, &p.db))
                 .and_then(|()| sync_dir(&p.db));
+            if let Err(rollback) = back {
+                return Err(CompactError::Stranded {
+                    reopen: Box::new(e),
+                    rollback,
+                });
+            }
             let _ = fs::remove_dir_all(&p.copy);
             Err(e)
         }
@@ -845,6 +864,32 @@ mod tests {
             .remove(&b"after"[..])
             .is_some());
         assert_eq!(after, before);
+    }
+
+    /// The copy does not open and the old database cannot be put back (here: something sits
+    /// where it would go back through): the compaction says so as `Stranded`, for the store to
+    /// stop, and deletes nothing, so the next start finds the verified copy in place.
+    #[test]
+    fn a_copy_that_does_not_open_and_cannot_be_undone_is_stranded_and_deletes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        rewritten_database(&path);
+        let before = contents(&path);
+        let p = Beside::of(&path);
+        let db = open(&path).unwrap();
+        let err = online(&path, &db, || -> Result<(), _> {
+            fs::create_dir_all(p.copy.join("in the way")).unwrap();
+            Err(CompactError::Missing(path.clone()))
+        })
+        .expect_err("stranded");
+        assert!(matches!(err, CompactError::Stranded { .. }), "{err}");
+        drop(db);
+        assert!(p.old.exists() && p.db.exists(), "nothing deleted");
+        // The next start keeps the verified copy, which holds every record.
+        fs::remove_dir_all(&p.copy).unwrap();
+        drop(SledStore::open(&path).unwrap());
+        assert!(!p.old.exists());
+        assert_eq!(contents(&path), before);
     }
 
     #[test]

@@ -406,9 +406,19 @@ impl SledStore {
         };
         let held = self.writes.write();
         let old = self.now();
-        let (report, new) = super::compact::online(&self.path, &old.db, || {
+        let (report, new) = match super::compact::online(&self.path, &old.db, || {
             Open::at(&self.path).map_err(super::compact::CompactError::Reopen)
-        })?;
+        }) {
+            Ok(done) => done,
+            // Writes held until the process ends: none may land in the database the next
+            // start deletes.
+            Err(e @ super::compact::CompactError::Stranded { .. }) => {
+                tracing::error!(error = %e, "stopping the platform");
+                eprintln!("fleetcast: stopping: {e}");
+                std::process::exit(1);
+            }
+            Err(e) => return Err(e),
+        };
         *self.open.write() = Arc::new(new);
         drop(held);
         drop(old);
