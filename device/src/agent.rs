@@ -151,6 +151,8 @@ struct JobHandle {
 }
 
 struct Agent {
+    /// What waits in the loop's MQTT queue ([`download::Unread`]).
+    unread: download::Unread,
     config: MachineConfig,
     options: AgentOptions,
     topics: Topics,
@@ -239,6 +241,7 @@ pub async fn run_with(
     let topics = Topics::new(&config.topic_prefix);
     let (client, eventloop) = client::connect_machine(mqtt_options(&config, &url, &topics), 1024);
     let (mqtt_tx, mut mqtt_rx) = mpsc::channel(MQTT_EVENTS_QUEUED);
+    let unread = download::Unread::of(&mqtt_tx);
     let driver_stop = CancellationToken::new();
     // Chunk frames beyond what the agent keeps up with are dropped by the driver and asked for
     // again, rather than stopping it from reading the socket; acks and notices always find room.
@@ -259,6 +262,7 @@ pub async fn run_with(
     ));
     let (inputs, mut input_rx) = mpsc::channel(256);
     let mut agent = Agent {
+        unread,
         config,
         options,
         topics,
@@ -899,6 +903,7 @@ impl Agent {
 
     fn download_context(&self) -> DownloadContext {
         DownloadContext {
+            unread: self.unread.clone(),
             machine: self.me().clone(),
             topics: self.topics.clone(),
             client: self.client.clone(),

@@ -50,6 +50,9 @@ pub enum Input {
     Frame { header: FrameHeader, payload: Bytes },
     /// Time passed: checks for stalls and the attempt timeout.
     Tick,
+    /// Time passed while the machine has input it has not handled yet ([`super::Unread`]):
+    /// checks the attempt timeout only. Asking again now could ask for frames already here.
+    TickBehind,
     /// The chunks of an [`Effect::Write`] are in the staging file.
     Written { indices: Vec<u32> },
 }
@@ -463,7 +466,8 @@ impl Fetch {
                 Input::Written { indices } => {
                     self.on_written(&mut attempt, now, &indices, &mut out)
                 }
-                Input::Tick => self.on_tick(&mut attempt, now, &mut out),
+                Input::Tick => self.on_tick(&mut attempt, now, false, &mut out),
+                Input::TickBehind => self.on_tick(&mut attempt, now, true, &mut out),
             };
             if flow.is_continue() {
                 self.attempt = Some(attempt);
@@ -776,6 +780,7 @@ impl Fetch {
         &mut self,
         attempt: &mut Attempt,
         now: Instant,
+        behind: bool,
         out: &mut Vec<Effect>,
     ) -> ControlFlow<()> {
         let quiet = now.saturating_duration_since(attempt.wait.last_progress);
@@ -789,7 +794,7 @@ impl Fetch {
         // `download_failed`; with this and the pauses between attempts, none).
         attempt.wait.calm(now, &self.tuning);
         let stall = self.stall_time(&attempt.wait);
-        if quiet <= stall {
+        if quiet <= stall || behind {
             return Continue(());
         }
         match &mut attempt.phase {
@@ -1452,6 +1457,31 @@ mod tests {
         assert_eq!(tick(30_600), ["ask [0, 1, 3, 4]"]);
         assert!(tick(38_500).is_empty());
         assert_eq!(tick(38_700), ["ask [0, 1, 3, 4]"]);
+    }
+
+    /// A machine with input it has not handled yet is behind, not stalled: its ticks ask for
+    /// nothing (what it waits for may be in that input), the attempt timeout still holds, and
+    /// the first tick with nothing unread asks as a stall would have.
+    #[test]
+    fn a_machine_behind_its_own_input_does_not_ask_again_until_it_has_read_it() {
+        let at = clock();
+        let art = Art::new(10);
+        let mut f = art.resumed(tuning(), &[]);
+        f.begin(at(0));
+        for ms in (2_100..=10_000).step_by(200) {
+            let out = show(&f.handle(at(ms), Input::TickBehind));
+            assert!(out.is_empty(), "behind, and asked at {ms} ms: {out:?}");
+        }
+        assert_eq!(
+            show(&f.handle(at(10_200), Input::Tick)),
+            ["ask [0, 1, 2, 3]"]
+        );
+        let out = f.handle(at(40_500), Input::TickBehind);
+        assert!(
+            matches!(out.last(), Some(Effect::Fail(_))),
+            "30 s without progress must end the attempt, behind or not: {:?}",
+            show(&out)
+        );
     }
 
     /// Ticks every 200 ms from `from` to `to` (ms), delivering chunks at the times given
