@@ -50,7 +50,8 @@ pub enum Input {
     Frame { header: FrameHeader, payload: Bytes },
     /// Time passed: checks for stalls and the attempt timeout.
     Tick,
-    /// Time passed while the machine has input it has not handled yet ([`super::Unread`]):
+    /// Time passed while the machine has input it has not handled yet (frames beyond the
+    /// tick's batch, or MQTT events its loop has not read, [`super::Unread`]):
     /// checks the attempt timeout only. Asking again now could ask for frames already here.
     TickBehind,
     /// The chunks of an [`Effect::Write`] are in the staging file.

@@ -481,8 +481,8 @@ impl<'a> Staging<'a> {
                     Vec::new()
                 }
                 _ = tick.tick() => {
-                    let behind = self.ctx.unread.now() > 0;
-                    fetch.handle_all(now(), tick_inputs(&self.artifact, frames, batch, behind))
+                    let unread = self.ctx.unread.now();
+                    fetch.handle_all(now(), tick_inputs(&self.artifact, frames, batch, unread))
                 }
             };
         }
@@ -781,7 +781,7 @@ fn decode(artifact: &ArtifactId, frame: Bytes) -> Option<Input> {
 }
 
 /// What a tick of the transfer's clock hands it: the frames waiting now (at most `max`), then
-/// the tick. Frames that came while the task was busy go before the clock, so a stall is time
+/// the tick, [`Input::TickBehind`] where more frames wait or `unread` MQTT events do. Frames that came while the task was busy go before the clock, so a stall is time
 /// without frames, not time the task did not run: its writes wait for a blocking thread (4 of
 /// them for 10,000 simulated machines) or a slow disk, and the tick, ready at the same moment
 /// as the frames, was taken first about half the time and asked again for what was already in.
@@ -789,13 +789,14 @@ fn tick_inputs(
     artifact: &ArtifactId,
     frames: &mut mpsc::Receiver<Bytes>,
     max: usize,
-    behind: bool,
+    unread: usize,
 ) -> Vec<Input> {
     let mut inputs: Vec<Input> = pending(frames, max)
         .into_iter()
         .filter_map(|frame| decode(artifact, frame))
         .collect();
-    inputs.push(if behind {
+    // Frames beyond this batch, or MQTT input the agent has not handled ([`Unread`]): behind.
+    inputs.push(if unread > 0 || !frames.is_empty() {
         Input::TickBehind
     } else {
         Input::Tick
@@ -1151,11 +1152,19 @@ mod tests {
         let (tx, mut rx) = mpsc::channel(8);
         tx.try_send(chunk(0)).unwrap();
         tx.try_send(chunk(1)).unwrap();
+        // Behind: MQTT input not handled yet, or frames beyond the batch taken.
         assert!(matches!(
-            tick_inputs(&id, &mut mpsc::channel(1).1, 16, true).last(),
+            tick_inputs(&id, &mut mpsc::channel(1).1, 16, 1).last(),
             Some(Input::TickBehind)
         ));
-        let inputs = tick_inputs(&id, &mut rx, 16, false);
+        let (more_tx, mut more) = mpsc::channel(8);
+        for i in 0..3 {
+            more_tx.try_send(chunk(i)).unwrap();
+        }
+        let inputs = tick_inputs(&id, &mut more, 2, 0);
+        assert_eq!(inputs.len(), 3);
+        assert!(matches!(inputs.last(), Some(Input::TickBehind)));
+        let inputs = tick_inputs(&id, &mut rx, 16, 0);
         assert!(matches!(inputs.last(), Some(Input::Tick)));
         assert_eq!(inputs.len(), 3);
         let mut fetch = Fetch::resume(id, layout, tuning.clone(), Some(saved.clone()));
