@@ -781,10 +781,11 @@ fn decode(artifact: &ArtifactId, frame: Bytes) -> Option<Input> {
 }
 
 /// What a tick of the transfer's clock hands it: the frames waiting now (at most `max`), then
-/// the tick, [`Input::TickBehind`] where more frames wait or `unread` MQTT events do. Frames that came while the task was busy go before the clock, so a stall is time
-/// without frames, not time the task did not run: its writes wait for a blocking thread (4 of
-/// them for 10,000 simulated machines) or a slow disk, and the tick, ready at the same moment
-/// as the frames, was taken first about half the time and asked again for what was already in.
+/// the tick ([`Input::TickBehind`] where more frames wait, or `unread` MQTT events do). Frames
+/// that came while the task was busy go before the clock, so a stall is time without frames,
+/// not time the task did not run: its writes wait for a blocking thread (4 of them for 10,000
+/// simulated machines) or a slow disk, and the tick, ready at the same moment as the frames,
+/// was taken first about half the time and asked again for what was already in.
 fn tick_inputs(
     artifact: &ArtifactId,
     frames: &mut mpsc::Receiver<Bytes>,
