@@ -51,8 +51,8 @@ pub enum Input {
     /// Time passed: checks for stalls and the attempt timeout.
     Tick,
     /// Time passed while the machine has input it has not handled yet (frames beyond the
-    /// tick's batch, or MQTT events its loop has not read, [`super::Unread`]):
-    /// checks the attempt timeout only. Asking again now could ask for frames already here.
+    /// tick's batch, or MQTT events its loop has not read, [`super::Unread`]): as [`Self::Tick`]
+    /// with twice the wait before asking again, since what it waits for may be in that input.
     TickBehind,
     /// The chunks of an [`Effect::Write`] are in the staging file.
     Written { indices: Vec<u32> },
@@ -795,7 +795,13 @@ impl Fetch {
         // `download_failed`; with this and the pauses between attempts, none).
         attempt.wait.calm(now, &self.tuning);
         let stall = self.stall_time(&attempt.wait);
-        if quiet <= stall || behind {
+        // Behind (input it has not handled yet, which may hold what it waits for): twice the
+        // wait, not an endless one. A steady stream of frames it does not need (others' chunks
+        // sent again to everyone fetching, where the broker cannot address the machines that
+        // asked, which one machine's credentials asking for every chunk can cause) must not
+        // keep it from ever asking for the one it lacks.
+        let stall = if behind { stall * 2 } else { stall };
+        if quiet <= stall {
             return Continue(());
         }
         match &mut attempt.phase {
@@ -1460,23 +1466,26 @@ mod tests {
         assert_eq!(tick(38_700), ["ask [0, 1, 3, 4]"]);
     }
 
-    /// A machine with input it has not handled yet is behind, not stalled: its ticks ask for
-    /// nothing (what it waits for may be in that input), the attempt timeout still holds, and
-    /// the first tick with nothing unread asks as a stall would have.
+    /// A machine with input it has not handled yet is behind, not stalled: it waits twice as
+    /// long before asking again (what it waits for may be in that input), but not for ever
+    /// (a stream of frames it does not need must not keep it from asking), and the attempt
+    /// timeout still holds.
     #[test]
-    fn a_machine_behind_its_own_input_does_not_ask_again_until_it_has_read_it() {
+    fn a_machine_behind_its_own_input_waits_twice_as_long_before_asking_again() {
         let at = clock();
         let art = Art::new(10);
         let mut f = art.resumed(tuning(), &[]);
         f.begin(at(0));
-        for ms in (2_100..=10_000).step_by(200) {
-            let out = show(&f.handle(at(ms), Input::TickBehind));
-            assert!(out.is_empty(), "behind, and asked at {ms} ms: {out:?}");
+        let mut behind = |ms| show(&f.handle(at(ms), Input::TickBehind));
+        for ms in (2_100..=4_000).step_by(100) {
+            assert!(behind(ms).is_empty(), "behind, and asked at {ms} ms");
         }
-        assert_eq!(
-            show(&f.handle(at(10_200), Input::Tick)),
-            ["ask [0, 1, 2, 3]"]
-        );
+        assert_eq!(behind(4_100), ["ask [0, 1, 2, 3]"]);
+        // Asked once, the wait is 4 s: 8 s while behind.
+        for ms in (4_200..=12_100).step_by(100) {
+            assert!(behind(ms).is_empty(), "behind, and asked at {ms} ms");
+        }
+        assert_eq!(behind(12_200), ["ask [0, 1, 2, 3]"]);
         let out = f.handle(at(40_500), Input::TickBehind);
         assert!(
             matches!(out.last(), Some(Effect::Fail(_))),

@@ -142,7 +142,7 @@ pub struct DownloadContext {
 
 /// How many MQTT events the agent has received and not handled yet (its loop's queue): while
 /// any wait, a download that has heard nothing for its stall time is behind, not stalled, and
-/// does not ask again (the frames it waits for may be among them). Why: 10,000 simulated
+/// waits twice as long before asking again (the frames it waits for may be among them). Why: 10,000 simulated
 /// machines on two cores asked again for frames that sat in their own queues (read from the
 /// socket, so acknowledged to the gateway, which sends a frame again once it was written more
 /// than 2 s before): each machine was written 1.3-1.9 copies of each chunk frame, and every
