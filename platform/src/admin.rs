@@ -416,7 +416,13 @@ impl Admin {
         let response = match result {
             Ok(reply) => AdminResponse::ok(req.id, req.ctr, reply),
             Err(e) => {
-                tracing::info!(client, error = %e, "admin request failed");
+                // A refusal is the operator's answer (unknown id, a rule; the CLI also asks
+                // some questions expecting one), not the platform failing.
+                if matches!(e, OpError::Refused(_)) {
+                    tracing::info!(client, reason = %e, "admin request refused");
+                } else {
+                    tracing::warn!(client, error = %e, "admin request failed");
+                }
                 AdminResponse::error(req.id, req.ctr, e.to_string())
             }
         };
