@@ -17,6 +17,12 @@
 #                                disk as much as the server (10,000: 91 s against 34 s in tmpfs,
 #                                same hour); SCALE_SIM_DIR=/dev/shm when it has room for N x 1 MiB
 #                                and the simulator's ~0.5 MB per machine besides
+#   scripts/bench.sh soak        memory over many rollouts beyond item 3's 1,000 machines:
+#                                SOAK_ROLLOUTS (default 10) rollouts in a row of a SOAK_KIB
+#                                (default 64) KiB artifact to SOAK_SIZES (default 10000)
+#                                machines, `serve`'s RSS after each (a small artifact, since
+#                                each simulated machine keeps two slots and a staging file of
+#                                it; their data in /dev/shm when it has room)
 #   scripts/bench.sh ingest      status events/s acknowledged by the platform vs raw sled
 #                                (INGEST_MACHINES=2000 INGEST_EVENTS=25, one event in flight each)
 #   scripts/bench.sh mosquitto   a rollout to MOSQ_SIZES (default 1000) machines and a BENCH_MB
@@ -133,6 +139,22 @@ scale() {
     echo "plot: docs/scale.svg"
 }
 
+soak() {
+    local sizes=${SOAK_SIZES:-10000} kib=${SOAK_KIB:-64} rollouts=${SOAK_ROLLOUTS:-10}
+    local sim_dir=${SCALE_SIM_DIR:-}
+    # Two slots and a staging file per machine, and the simulator's ~0.5 MB each.
+    local need_kb=$(($(largest "$sizes") * (3 * kib + 512)))
+    if [ -z "$sim_dir" ] && [ -d /dev/shm ] &&
+        [ "$(df -Pk /dev/shm | awk 'NR == 2 { print $4 }')" -gt "$need_kb" ]; then
+        sim_dir=/dev/shm
+    fi
+    raise_open_files $(($(largest "$sizes") * 4 + 4096))
+    build_device
+    run_recorded "rollouts in a row (issue 6), embedded broker, sizes $sizes, $rollouts x $kib KiB" \
+        scale SCALE_SIZES="$sizes" SCALE_ROLLOUTS="$rollouts" SCALE_ARTIFACT_KIB="$kib" \
+        ${sim_dir:+SCALE_SIM_DIR="$sim_dir"}
+}
+
 ingest() {
     raise_open_files 4096
     run_recorded "status ingestion (issue 6)" ingest
@@ -162,6 +184,7 @@ footprint() {
 case "$MODE" in
     download) download ;;
     scale) scale ;;
+    soak) soak ;;
     ingest) ingest ;;
     mosquitto) mosquitto ;;
     footprint) footprint ;;
@@ -174,7 +197,7 @@ case "$MODE" in
         footprint
         ;;
     *)
-        echo "usage: scripts/bench.sh [download|scale|ingest|mosquitto|footprint|all]" >&2
+        echo "usage: scripts/bench.sh [download|scale|soak|ingest|mosquitto|footprint|all]" >&2
         exit 2
         ;;
 esac
