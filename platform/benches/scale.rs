@@ -11,7 +11,8 @@
 //!    broker never holds 2 N connections.
 //! 3. Onboarding: one `fleetcast-device simulate --count N` process; time from its start until
 //!    every machine is online with its first state.
-//! 4. Rollouts (`SCALE_ROLLOUTS`, default 10 at N = 1,000 and 1 otherwise): upload, create,
+//! 4. Rollouts (`SCALE_ROLLOUTS`, default 10 at N = 1,000 and 1 otherwise) of a 1 MiB artifact
+//!    (`SCALE_ARTIFACT_KIB` sets another size; `scripts/bench.sh soak`): upload, create,
 //!    publish to the fleet's groups; time from the publish request until the last `installed`
 //!    event (platform clock); notice → `notified` latency per machine; platform egress, and
 //!    on the embedded broker the chunk frames its gateway wrote to machines against what they
@@ -814,8 +815,12 @@ fn gateway_u64(stats: Option<&serde_json::Value>, field: &str) -> Option<u64> {
 /// Chunk frames written to the machines ÷ what they needed (one copy of each frame of the
 /// artifact each): 1.00 is a broadcast that reached every machine once and nothing sent again.
 fn delivered_cell(ro: Option<&Rollout>, n: usize, artifact: usize) -> String {
-    let needed = Layout::new(artifact as u64, DEFAULT_CHUNK_SIZE)
-        .map(|l| u64::from(l.chunks + l.manifest_parts()) * n as u64);
+    // A one-chunk artifact needs no manifest (protocol.md §7.1): its chunk is checked against
+    // the artifact id.
+    let needed = Layout::new(artifact as u64, DEFAULT_CHUNK_SIZE).map(|l| {
+        let manifest = if l.chunks > 1 { l.manifest_parts() } else { 0 };
+        u64::from(l.chunks + manifest) * n as u64
+    });
     match (ro.and_then(|r| r.chunk_frames), needed) {
         (Some(sent), Ok(needed)) if needed > 0 => format!("{:.2}", sent as f64 / needed as f64),
         _ => "n/a".into(),
