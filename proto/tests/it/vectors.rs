@@ -376,6 +376,54 @@ fn mac_and_password_vectors_are_reproduced_from_the_compression_function_alone()
     }
 }
 
+/// protocol.md §7.1 prints the compression function for agent authors: it must be
+/// scripts/chunk_tree.py's, which the test above runs against the vectors, line for line.
+#[test]
+fn protocol_md_prints_the_tested_compression_function() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let page = std::fs::read_to_string(root.join("docs/protocol.md")).unwrap();
+    let script = std::fs::read_to_string(root.join("scripts/chunk_tree.py")).unwrap();
+    let start = page
+        .find("```python\n")
+        .expect("protocol.md has a python block")
+        + 10;
+    let block = &page[start..start + page[start..].find("```").expect("the block ends")];
+    for needle in [
+        "IV = [0x6A09E667",
+        "PERMUTATION = [",
+        "def _g(",
+        "def compress(",
+    ] {
+        assert!(block.contains(needle), "the block lacks {needle:?}");
+    }
+    assert!(
+        script.contains(block),
+        "protocol.md's python block is not scripts/chunk_tree.py's text:\n{block}"
+    );
+}
+
+/// The status MAC example in protocol.md §3 prints the first vector's body and MAC.
+#[test]
+fn protocol_md_prints_the_first_status_vectors_body_and_mac() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let page = std::fs::read_to_string(root.join("docs/protocol.md")).unwrap();
+    let macs: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir().join("macs.json")).unwrap()).unwrap();
+    let first = macs["vectors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["purpose"] == "status")
+        .expect("a status vector");
+    let body = first["body"].as_str().unwrap();
+    let mac = first["mac"].as_str().unwrap();
+    assert!(
+        page.contains(&format!("`{body}`")),
+        "protocol.md lacks the body {body}"
+    );
+    assert!(page.contains(mac), "protocol.md lacks the MAC {mac}");
+}
+
 // --- MACs ---
 
 pub(crate) fn status_event() -> StatusEvent {
