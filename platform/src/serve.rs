@@ -478,7 +478,7 @@ impl Inbound {
         let topic = p.topic.clone();
         let (dropped, key) = match self.topics.parse(&p.topic) {
             Some(Route::ChunkRequest(m)) => {
-                if !self.rates.admit(&m, now) {
+                if !self.rates.admit(&m, 1, now) {
                     ("over the machine's chunk request rate", m.to_string())
                 } else if self.chunks.try_send((m.clone(), p.payload)).is_err() {
                     ("queue full", m.to_string())
