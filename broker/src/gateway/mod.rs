@@ -422,6 +422,30 @@ const SEND_BUFFER: u32 = 256 * 1024;
 /// kept low, what waits stays in the session's queues, where answers go first.
 const UNSENT_LOW: libc::c_int = 16 * 1024;
 
+/// Whether the peer has sent bytes that wait unread on `tcp` (without reading them or waiting).
+fn bytes_waiting(tcp: &TcpStream) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::fd::AsRawFd;
+        let mut byte = 0u8;
+        // SAFETY: recv writes at most the one byte the pointer and length give.
+        let n = unsafe {
+            libc::recv(
+                tcp.as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n > 0
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tcp;
+        false
+    }
+}
+
 fn keep_unsent_low(tcp: &TcpStream) -> std::io::Result<()> {
     #[cfg(target_os = "linux")]
     {
@@ -512,9 +536,17 @@ async fn connection(
     tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
-    let opening = shared
-        .opening
-        .enter_evicting(&logs::peer_key(peer), places::OPENING_PER_ADDRESS);
+    let Some(opening) = shared.opening.enter_evicting(
+        &logs::peer_key(peer),
+        places::OPENING_PER_ADDRESS,
+        std::time::Instant::now(),
+    ) else {
+        // Every place of its address is held by connections that began moments ago.
+        if let Some(quiet_before) = shared.log_gate.admit(&logs::peer_key(peer)) {
+            tracing::info!(%peer, quiet_before, "too many connections opening from this address: refused");
+        }
+        return;
+    };
     if let Err(e) = tcp.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "cannot set TCP_NODELAY");
     }
@@ -522,6 +554,26 @@ async fn connection(
         tracing::debug!(%peer, error = %e, "cannot set TCP_NOTSENT_LOWAT");
     }
     let deadline = Instant::now() + shared.connect_timeout;
+    // Its first bytes (a CONNECT, a TLS ClientHello) come with the connect: from then on newer
+    // connections from its address do not push it out at once (`places::BEGUN_KEPT`).
+    // Looked at at once first: waiting for the reactor to report it could take longer, under a
+    // flood, than newer silent connections take to push this one out.
+    if bytes_waiting(&tcp) {
+        opening.begun();
+    } else {
+        let mut first = [0u8; 1];
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = opening.closed.cancelled() => {
+                tracing::debug!(%peer, "nothing sent yet, and newer connections from its address need the place: closed");
+                return;
+            }
+            r = tokio::time::timeout_at(deadline, tcp.peek(&mut first)) => match r {
+                Ok(Ok(n)) if n > 0 => opening.begun(),
+                _ => return,
+            },
+        }
+    }
     #[cfg(unix)]
     let socket = Some(fanout::Socket::new(std::os::fd::AsRawFd::as_raw_fd(&tcp)));
     #[cfg(not(unix))]
@@ -531,7 +583,10 @@ async fn connection(
     };
     let handshake = tokio::select! {
         _ = shutdown.cancelled() => return,
-        _ = opening.closed.cancelled() => return,
+        _ = opening.closed.cancelled() => {
+            tracing::debug!(%peer, "TLS handshake not done, and newer connections from its address need the place: closed");
+            return;
+        }
         h = tokio::time::timeout_at(deadline, acceptor.accept(tcp)) => h,
     };
     match handshake {

@@ -93,7 +93,8 @@ pub(super) async fn serve<S>(
     let mut buf = BytesMut::with_capacity(8 * 1024);
     let connect = tokio::select! {
         _ = shutdown.cancelled() => return,
-        // 256 newer connections from its address came while it sent nothing.
+        // Newer connections from its address needed the place (it had sent nothing yet, or
+        // began more than `places::BEGUN_KEPT` ago).
         _ = opening.closed.cancelled() => {
             tracing::debug!(%peer, "no CONNECT yet, and newer connections from its address need the place: closed");
             return;

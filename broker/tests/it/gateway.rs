@@ -725,6 +725,44 @@ async fn connections_one_address_leaves_opening_are_bounded() {
     drop(idle);
 }
 
+/// A connection that has begun (sent the first bytes of its CONNECT, as a TLS client sends
+/// its ClientHello with its connect) is not closed by a flood of silent connections from its
+/// address while it finishes. Until 2026-11-29 any 256 newer ones pushed it out, and a
+/// red-team run opening silent sockets in a loop kept every TLS handshake from its address
+/// from ending (0 of 12 CLI calls at a 200 ms round trip).
+#[tokio::test]
+async fn a_flood_of_silent_connections_leaves_one_that_has_begun_to_finish() {
+    use fleetcast_broker::gateway::OPENING_PER_ADDRESS;
+    let gw = start_gateway(|_| {}).await;
+    let from = std::net::Ipv4Addr::new(127, 0, 0, 4);
+    let open = || async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(SocketAddr::from((from, 0))).unwrap();
+        socket.connect(gw.plain()).await.unwrap()
+    };
+    let mut honest = open().await;
+    let mut out = BytesMut::new();
+    Packet::Connect(login("vm-2", "vm-2", "pw-vm-2"))
+        .write(&mut out, MAX_PACKET)
+        .unwrap();
+    // Its first byte, then a slow link's pause while three times the bound of silent
+    // connections come from its address.
+    honest.write_all(&out[..1]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut flood = Vec::new();
+    for _ in 0..3 * OPENING_PER_ADDRESS {
+        flood.push(open().await);
+    }
+    honest.write_all(&out[1..]).await.unwrap();
+    let mut connack = [0u8; 4];
+    tokio::time::timeout(WAIT, honest.read_exact(&mut connack))
+        .await
+        .expect("a CONNACK")
+        .expect("not closed for the flood");
+    assert_eq!(connack, [0x20, 2, 0, 0], "accepted");
+    drop(flood);
+}
+
 /// One operator's (or integrator's) credentials open at most `SESSIONS_PER_USER` sessions at
 /// once, each under a client id of its own: past that a CONNECT gets CONNACK 3, and once one
 /// ends another may open. Before, a viewer opened 20,600 sessions and took every descriptor
