@@ -195,6 +195,14 @@ pub fn conf(
         crate::client::MAX_PACKET
     );
     out.push_str(
+        "# A durable session (clean session off) keeps its subscriptions after its client has\n\
+         # gone, and Mosquitto bounds neither how many one client holds nor for how long: one\n\
+         # machine's credentials left 335,000 filters (+295 MB) behind in 8 s. Machines use clean\n\
+         # sessions; the platform's ingest is durable, and down for longer than this it loses what\n\
+         # was queued for it, which machines send again.\n\
+         persistent_client_expiration 1d\n",
+    );
+    out.push_str(
         "\n# Machines. A client's id is its username here: one machine's credentials cannot\n\
          # connect as another machine's client id and so end that machine's session.\n",
     );
@@ -626,6 +634,7 @@ mod tests {
                 "per_listener_settings true",
                 "set_tcp_nodelay true",
                 "max_packet_size 2097152",
+                "persistent_client_expiration 1d",
                 "",
                 "listener 8883",
                 "certfile /etc/m/cert.pem",
