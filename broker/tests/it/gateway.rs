@@ -670,6 +670,14 @@ async fn a_connect_too_large_for_one_is_closed_before_it_is_read() {
     Raw::accepted(gw.plain(), "vm-1").await;
 }
 
+/// A TCP connection to `to` from the loopback address `from` (the gateway counts opening
+/// connections per address).
+async fn connect_from(from: std::net::Ipv4Addr, to: SocketAddr) -> tokio::net::TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(SocketAddr::from((from, 0))).unwrap();
+    socket.connect(to).await.unwrap()
+}
+
 /// Connections that never send their CONNECT hold a descriptor and a buffer each until the
 /// connect timeout, before any credential is checked: one address may have
 /// `OPENING_PER_ADDRESS` of them at once, and a newer one closes the oldest. Before, one host
@@ -681,11 +689,7 @@ async fn connections_one_address_leaves_opening_are_bounded() {
     use fleetcast_broker::gateway::OPENING_PER_ADDRESS;
     let gw = start_gateway(|_| {}).await;
     let flood = std::net::Ipv4Addr::new(127, 0, 0, 3);
-    let open_from_flood = || async {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::from((flood, 0))).unwrap();
-        socket.connect(gw.plain()).await.unwrap()
-    };
+    let open_from_flood = || connect_from(flood, gw.plain());
     let extra = 20;
     let mut idle = Vec::new();
     for _ in 0..OPENING_PER_ADDRESS + extra {
@@ -734,12 +738,7 @@ async fn connections_one_address_leaves_opening_are_bounded() {
 async fn a_flood_of_silent_connections_leaves_one_that_has_begun_to_finish() {
     use fleetcast_broker::gateway::OPENING_PER_ADDRESS;
     let gw = start_gateway(|_| {}).await;
-    let from = std::net::Ipv4Addr::new(127, 0, 0, 4);
-    let open = || async {
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.bind(SocketAddr::from((from, 0))).unwrap();
-        socket.connect(gw.plain()).await.unwrap()
-    };
+    let open = || connect_from(std::net::Ipv4Addr::new(127, 0, 0, 4), gw.plain());
     let mut honest = open().await;
     let mut out = BytesMut::new();
     Packet::Connect(login("vm-2", "vm-2", "pw-vm-2"))
