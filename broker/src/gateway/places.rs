@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 /// Connections from one peer address (`logs::peer_key`) that may be opening at once:
 /// accepted, and their CONNECT not read yet (TLS handshake included). Past it, room is made
-/// ([`Places::enter_evicting`]) by closing the oldest connection that has sent nothing yet,
-/// else the oldest that began more than [`BEGUN_KEPT`] ago; if there is none, the newest is
+/// (`Places::enter_evicting`) by closing the oldest connection that has sent nothing yet,
+/// else the oldest that began more than `BEGUN_KEPT` ago; if there is none, the newest is
 /// refused. Refusing the newest always (as first done) let a host that kept 256 silent
 /// sockets open lock out every machine behind its address (a NAT, an IPv6 /64); closing the
 /// oldest always (until 2026-11-29) let a host opening silent sockets in a loop (20,000 a
