@@ -28,6 +28,8 @@ use fleetcast_proto::{
 use serde::de::DeserializeOwned;
 use serde_json::{json, Value};
 
+use crate::asyncapi::repo_file;
+
 const REGENERATE: &str =
     "FLEETCAST_REGEN_VECTORS=1 cargo test -p fleetcast-proto --test it vectors";
 
@@ -380,9 +382,8 @@ fn mac_and_password_vectors_are_reproduced_from_the_compression_function_alone()
 /// scripts/chunk_tree.py's, which the test above runs against the vectors, line for line.
 #[test]
 fn protocol_md_prints_the_tested_compression_function() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let page = std::fs::read_to_string(root.join("docs/protocol.md")).unwrap();
-    let script = std::fs::read_to_string(root.join("scripts/chunk_tree.py")).unwrap();
+    let page = repo_file("docs/protocol.md");
+    let script = repo_file("scripts/chunk_tree.py");
     let start = page
         .find("```python\n")
         .expect("protocol.md has a python block")
@@ -405,8 +406,7 @@ fn protocol_md_prints_the_tested_compression_function() {
 /// The status MAC example in protocol.md §3 prints the first vector's body and MAC.
 #[test]
 fn protocol_md_prints_the_first_status_vectors_body_and_mac() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let page = std::fs::read_to_string(root.join("docs/protocol.md")).unwrap();
+    let page = repo_file("docs/protocol.md");
     let macs: Value =
         serde_json::from_str(&std::fs::read_to_string(dir().join("macs.json")).unwrap()).unwrap();
     let first = macs["vectors"]
