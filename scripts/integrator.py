@@ -10,12 +10,16 @@ INTEGRATOR.toml is what `fleetcast integrator add NAME` prints. The script
    asking again what goes unanswered),
 3. then prints live events and progress as they come,
 verifying the platform's Ed25519 signature on every message and dropping anything that does not
-verify, repeats an event id it has already seen, or answers another client.
+verify, repeats an event id it has already seen, or answers another client. It follows the
+platform's key chain from the profile's key and generation (docs/protocol.md §3.1), keeping
+the key it reached in FILE.key, and holds a message signed by a newer key than it has reached
+until the chain gets there.
 
 Needs: pip install paho-mqtt cryptography   (Python 3.11+ for tomllib)
 """
 import argparse
 import json
+import os
 import sys
 import threading
 import time
@@ -31,17 +35,72 @@ TAGS = {
     "progress": b"fleetcast/v1/progress\0",
     "batch": b"fleetcast/v1/event-batch\0",
 }
+KEY_ROTATION_TAG = b"fleetcast/v1/key-rotation\0"
+LATER = object()  # signed by a key generation the chain has not brought yet
+HELD_AT_MOST = 1000
 
 
-def verify(key, purpose, payload):
-    """The body of a signed envelope, or None if it does not verify."""
-    try:
-        env = json.loads(payload)
-        body = env["body"]
-        key.verify(bytes.fromhex(env["sig"]), TAGS[purpose] + body.encode())
-        return json.loads(body)
-    except Exception:
-        return None
+class Trust:
+    """The platform key trusted, and its generation: the profile's, then the newest reached
+    along the key chain, persisted before it is used (docs/protocol.md §3.1)."""
+
+    def __init__(self, cfg, path):
+        self.path = path
+        self.root = [cfg.get("platform_key_gen", 0), cfg["platform_key"]]
+        current = self.root
+        if path.exists():
+            saved = json.loads(path.read_text())
+            if saved.get("root") == self.root:  # not a key reached from another profile
+                current = saved["current"]
+        self.use(*current)
+
+    def use(self, gen, key_hex):
+        self.gen, self.key_hex = gen, key_hex
+        self.key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(key_hex))
+
+    def follow(self, payload):
+        """Walks a key chain message; True if it reached a newer key (then persisted)."""
+        gen, key_hex = self.gen, self.key_hex
+        try:
+            for link in json.loads(payload)["links"]:
+                if link.get("gen", 0) + 1 <= gen:
+                    continue  # followed already
+                key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(key_hex))
+                key.verify(bytes.fromhex(link["sig"]), KEY_ROTATION_TAG + link["body"].encode())
+                announced = json.loads(link["body"])
+                if announced["generation"] != gen + 1:
+                    raise ValueError("a link skips a generation")
+                gen, key_hex = announced["generation"], announced["key"]
+        except Exception as e:  # the whole chain is refused; nothing changes
+            print(f"key chain refused: {e!r}", file=sys.stderr)
+            return False
+        if gen <= self.gen:
+            return False
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(json.dumps({"root": self.root, "current": [gen, key_hex]}))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        self.use(gen, key_hex)
+        print(f"following the platform key chain to generation {gen}", file=sys.stderr)
+        return True
+
+    def verify(self, purpose, payload):
+        """The body of a signed envelope; LATER if a newer key than the one reached signed it;
+        None if it does not verify (or an older key, rotated away from, signed it)."""
+        try:
+            env = json.loads(payload)
+            gen = env.get("gen", 0)
+            if gen > self.gen:
+                return LATER
+            body = env["body"]
+            if gen < self.gen:
+                return None
+            self.key.verify(bytes.fromhex(env["sig"]), TAGS[purpose] + body.encode())
+            return json.loads(body)
+        except Exception:
+            return None
 
 
 def main():
@@ -52,8 +111,10 @@ def main():
     ap.add_argument("--page", type=int, default=500, help="events per request (at most 500)")
     args = ap.parse_args()
     cfg = tomllib.loads(Path(args.config).read_text())
-    key = Ed25519PublicKey.from_public_bytes(bytes.fromhex(cfg["platform_key"]))
     state = Path(args.state)
+    trust = Trust(cfg, state.with_name(state.name + ".key"))
+    keys_topic = f"{cfg['topic_prefix']}/platform/keys"
+    held = []  # (topic, payload) signed by a key the chain has not brought yet
     last = int(state.read_text()) if state.exists() else 0
     url = urlparse(cfg["broker"])
     client_id = cfg["username"]
@@ -82,15 +143,30 @@ def main():
             # Live events wait until the catch-up is done: shown first, they would move `last`
             # past stored events not fetched yet.
             caught_up.clear()
-            # The answer topic alone first: on the embedded broker the platform then hands its
-            # answers to this connection itself (docs/integrators.md).
-            c.subscribe([(cfg["response_topic"], 1)])
+            # The answer topic first, with only the key chain: on the embedded broker the
+            # platform then hands its answers to this connection itself (docs/integrators.md).
+            c.subscribe([(keys_topic, 1), (cfg["response_topic"], 1)])
             c.subscribe([(cfg["events_topic"], 1), (cfg["progress_topic"], 1)])
         connected.set()
 
     def on_message(c, _userdata, msg):
-        if msg.topic == cfg["response_topic"]:
-            batch = verify(key, "batch", msg.payload)
+        handle(msg.topic, msg.payload)
+
+    def hold(topic, payload):
+        if len(held) < HELD_AT_MOST:
+            held.append((topic, payload))
+
+    def handle(topic, payload):
+        if topic == keys_topic:
+            if payload and trust.follow(payload):
+                again = held[:]
+                held.clear()
+                for t, p in again:
+                    handle(t, p)
+        elif topic == cfg["response_topic"]:
+            batch = trust.verify("batch", payload)
+            if batch is LATER:
+                return hold(topic, payload)
             if batch is None or batch["client"] != client_id:
                 print("dropped an answer that does not verify", file=sys.stderr)
                 return
@@ -98,15 +174,19 @@ def main():
             if not batch["more"]:
                 caught_up.set()
             answered.set()
-        elif msg.topic == cfg["events_topic"]:
-            event = verify(key, "event", msg.payload)
-            if event is None:
+        elif topic == cfg["events_topic"]:
+            event = trust.verify("event", payload)
+            if event is LATER:
+                hold(topic, payload)
+            elif event is None:
                 print("dropped an event that does not verify", file=sys.stderr)
             elif caught_up.is_set():
                 show([event])
         else:
-            progress = verify(key, "progress", msg.payload)
-            if progress is None or not msg.topic.endswith(f"/{progress['release']}/progress"):
+            progress = trust.verify("progress", payload)
+            if progress is LATER:
+                hold(topic, payload)
+            elif progress is None or not topic.endswith(f"/{progress['release']}/progress"):
                 print("dropped progress that does not verify", file=sys.stderr)
             else:
                 print(json.dumps({"progress": progress}), flush=True)

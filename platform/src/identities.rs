@@ -151,11 +151,13 @@ pub async fn integrator_add(
         let closed = ctx.sessions.close_sessions(&integrator_username(&name));
         tracing::info!(integrator = %name, closed, "integrator secret rotated; the old password no longer connects");
     }
+    let keys = ctx.keys();
     Ok(IntegratorProfile {
         username: integrator_username(&name),
         password: rec.secret.mqtt_password(),
         name,
-        platform_key: ctx.keys().public,
+        platform_key: keys.public,
+        platform_key_gen: keys.generation(),
         topic_prefix: ctx.topics.prefix().to_owned(),
     })
 }

@@ -707,6 +707,10 @@ pub struct IntegratorProfile {
     /// Broker password.
     pub password: String,
     pub platform_key: PlatformPublicKey,
+    /// Generation of `platform_key` in the key chain (0 until the first rotation; absent from
+    /// platforms before 2026-11-29 23:00, which issued only generation 0 correctly).
+    #[serde(default)]
+    pub platform_key_gen: u32,
     pub topic_prefix: String,
 }
 

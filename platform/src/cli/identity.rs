@@ -531,6 +531,7 @@ struct IntegratorToml<'a> {
     username: &'a str,
     password: &'a str,
     platform_key: String,
+    platform_key_gen: u32,
     topic_prefix: &'a str,
     events_topic: String,
     progress_topic: String,
@@ -547,6 +548,7 @@ pub fn integrator_toml(p: &IntegratorProfile, broker: &str) -> String {
         username: &p.username,
         password: &p.password,
         platform_key: p.platform_key.to_hex(),
+        platform_key_gen: p.platform_key_gen,
         topic_prefix: prefix,
         events_topic: format!("{prefix}/events"),
         progress_topic: format!("{prefix}/rollouts/+/progress"),
@@ -554,8 +556,11 @@ pub fn integrator_toml(p: &IntegratorProfile, broker: &str) -> String {
         response_topic: format!("{prefix}/integrators/{}/events", p.username),
     };
     format!(
-        "# fleetcast integrator {}: read-only. Use the username as MQTT client id too.\n# Everything it reads is signed by platform_key; see docs/integrators.md.\n{}",
+        "# fleetcast integrator {}: read-only. Use the username as MQTT client id, or\n# {}.SUFFIX to run several clients: request_topic and response_topic are then named by\n# that client id ({}/integrators/{}.SUFFIX/events/get and .../events).\n# Everything it reads is signed by platform_key, generation platform_key_gen of the key\n# chain; see docs/integrators.md.\n{}",
         p.name,
+        p.username,
+        prefix,
+        p.username,
         toml::to_string(&cfg).expect("config serializes")
     )
 }
@@ -720,11 +725,19 @@ mod tests {
             username: "fleetcast-int-erp".into(),
             password: "pw".into(),
             platform_key: PlatformKey::from_seed([4; 32]).public(),
+            platform_key_gen: 3,
             topic_prefix: "fleet".into(),
         };
-        let v: toml::Value = toml::from_str(&integrator_toml(&p, "mqtt://h:1")).unwrap();
+        let text = integrator_toml(&p, "mqtt://h:1");
+        let v: toml::Value = toml::from_str(&text).unwrap();
         assert_eq!(v["username"].as_str(), Some("fleetcast-int-erp"));
         assert_eq!(v["password"].as_str(), Some("pw"));
+        // Without the generation a client that pins a rotated key can verify nothing.
+        assert_eq!(v["platform_key_gen"].as_integer(), Some(3));
+        assert!(
+            text.contains("fleet/integrators/fleetcast-int-erp.SUFFIX/events/get"),
+            "{text}"
+        );
         assert_eq!(
             v["request_topic"].as_str(),
             Some("fleet/integrators/fleetcast-int-erp/events/get")

@@ -611,13 +611,24 @@ async fn integrator_catch_up(
     args: &[&str],
 ) -> (Vec<serde_json::Value>, String) {
     let integrator = add_integrator(admin, "erp").await;
-    let cfg = dir.join("erp.toml");
+    run_python_integrator(&integrator, url, dir, args).await
+}
+
+/// Runs scripts/integrator.py `--once` (with `args`) with `integrator`'s profile, its state
+/// in `dir`: the events it printed, each as JSON, and the last id it kept.
+async fn run_python_integrator(
+    integrator: &fleetcast_proto::admin::IntegratorProfile,
+    url: &BrokerUrl,
+    dir: &Path,
+    args: &[&str],
+) -> (Vec<serde_json::Value>, String) {
+    let cfg = dir.join(format!("{}.toml", integrator.name));
     std::fs::write(
         &cfg,
-        fleetcast_platform::cli::identity::integrator_toml(&integrator, &url.to_string()),
+        fleetcast_platform::cli::identity::integrator_toml(integrator, &url.to_string()),
     )
     .unwrap();
-    let state = dir.join("erp.state");
+    let state = dir.join(format!("{}.state", integrator.name));
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/integrator.py");
     let run = tokio::process::Command::new("python3")
         .arg(&script)
@@ -689,6 +700,55 @@ pub(super) async fn python_integrator_sees_one_install(
         ]
     );
     assert_eq!(kept, "5");
+}
+
+/// Key rotations after an integrator got its profile: scripts/integrator.py follows the
+/// retained key chain from the profile's generation and verifies what the newest key signed
+/// (its catch-up batch); a profile issued after the rotations names the newest key with its
+/// generation (`platform_key_gen`), without which a client can follow nothing. Before, the
+/// profile had no generation and the script checked everything with the profile's key alone,
+/// so after a rotation it verified nothing and gave up.
+#[tokio::test]
+async fn the_python_integrator_follows_key_rotations_from_its_profiles_generation() {
+    if !python_with_mqtt() {
+        return;
+    }
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        data_dir,
+        platform,
+        admin,
+    } = env(&url).await;
+    upload(&admin, dir.path(), "a.bin", &data(3000, 8), "1.0")
+        .await
+        .unwrap();
+    let mut vm = provision(&admin, &url, "vm-001", &[]).await;
+    let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
+    install(&admin, &mut vm, &r.id, "1.0").await;
+    let before = add_integrator(&admin, "erp").await;
+    assert_eq!(before.platform_key_gen, 0);
+    admin.call(calls::KeyRotate {}).await.unwrap();
+    admin.call(calls::KeyRotate {}).await.unwrap();
+    let after = add_integrator(&admin, "bi").await;
+    assert_eq!(after.platform_key_gen, 2);
+    assert_eq!(after.platform_key, public_key(&data_dir));
+    assert_ne!(after.platform_key, before.platform_key);
+    for profile in [&before, &after] {
+        let (events, kept) = run_python_integrator(profile, &url, dir.path(), &[]).await;
+        assert_eq!(events.len(), 5, "{}: {events:?}", profile.name);
+        assert_eq!(kept, "5", "{}", profile.name);
+    }
+    let reached: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("erp.state.key")).unwrap()).unwrap();
+    assert_eq!(reached["current"][0], 2, "{reached}");
+    assert_eq!(
+        reached["current"][1].as_str(),
+        Some(after.platform_key.to_hex().as_str())
+    );
+    admin.close().await;
+    platform.stop().await;
 }
 
 /// A catch-up longer than the platform's burst of 20 requests (40 pages of one event): the
