@@ -81,6 +81,16 @@ fn read_hex32(path: &Path) -> Result<Option<[u8; 32]>, PlatformError> {
 
 /// Writes `text` to `path` atomically with the given Unix mode.
 pub fn write_atomic(path: &Path, text: &[u8], mode: u32) -> Result<(), PlatformError> {
+    write_atomic_owned(path, text, mode, None)
+}
+
+/// [`write_atomic`], the file given to `owner` (uid, gid) before it takes `path`'s place.
+pub fn write_atomic_owned(
+    path: &Path,
+    text: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<(), PlatformError> {
     use std::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let io = |e| PlatformError::io(path, e);
@@ -91,6 +101,9 @@ pub fn write_atomic(path: &Path, text: &[u8], mode: u32) -> Result<(), PlatformE
         .mode(mode)
         .open(&tmp)
         .map_err(io)?;
+    if let Some((uid, gid)) = owner {
+        std::os::unix::fs::fchown(&f, Some(uid), Some(gid)).map_err(io)?;
+    }
     f.write_all(text).map_err(io)?;
     f.sync_all().map_err(io)?;
     std::fs::rename(&tmp, path).map_err(io)?;

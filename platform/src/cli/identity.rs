@@ -354,7 +354,59 @@ pub enum BrokerCmd {
         /// The certificate's private key (PEM).
         #[arg(long, requires = "cert")]
         key: Option<std::path::PathBuf>,
+        /// The user Mosquitto runs as (its `user` option; Debian's package: mosquitto). Run as
+        /// root, this command gives the password files (0600) to that user: Mosquitto started
+        /// as root drops to it before it reads them, and could read no file of root's.
+        #[arg(long, default_value = "mosquitto")]
+        mosquitto_user: String,
     },
+}
+
+/// Who gets the password files Mosquitto reads, and what to tell the operator. Run as root:
+/// `run_as`, the user Mosquitto drops to before it reads them (files of root's 0600 kept
+/// Debian's Mosquitto from starting, and at a reload made it refuse everyone). Run as anyone
+/// else: nobody (the files stay the caller's, as they must be for a Mosquitto run as the
+/// caller), with a warning when `run_as` is another user that exists.
+fn password_file_owner(run_as: &str) -> (Option<(u32, u32)>, Option<String>) {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    match (root, user_ids(run_as)) {
+        (true, Some(ids)) => (Some(ids), None),
+        (true, None) => (
+            None,
+            Some(format!(
+                "note: no user {run_as:?} here, so the password files stay root's (0600): a                  Mosquitto that drops to another user cannot read them (--mosquitto-user USER)"
+            )),
+        ),
+        // SAFETY: geteuid has no preconditions.
+        (false, Some((uid, _))) if uid != unsafe { libc::geteuid() } => (
+            None,
+            Some(format!(
+                "warning: the password files are yours (0600), so a Mosquitto running as                  {run_as:?} cannot read them: run this as root (they are then given to                  {run_as:?}) or as {run_as:?}"
+            )),
+        ),
+        (false, _) => (None, None),
+    }
+}
+
+/// The uid and primary gid of user `name`, if there is one.
+fn user_ids(name: &str) -> Option<(u32, u32)> {
+    let name = std::ffi::CString::new(name).ok()?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: every pointer is to memory of ours that outlives the call, `buf` with its length;
+    // getpwnam_r writes only into `pwd` and `buf`, and `found` points at `pwd` or is null.
+    unsafe {
+        let mut pwd: libc::passwd = std::mem::zeroed();
+        let mut found: *mut libc::passwd = std::ptr::null_mut();
+        let rc = libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        );
+        (rc == 0 && !found.is_null()).then_some((pwd.pw_uid, pwd.pw_gid))
+    }
 }
 
 /// `[ADDR:]PORT`; `[v6]:PORT` for an IPv6 address.
@@ -386,6 +438,7 @@ pub async fn broker(cmd: BrokerCmd, client: &ClientArgs) -> anyhow::Result<()> {
             services_listener,
             cert,
             key,
+            mosquitto_user,
         } => {
             // Checked before anything is asked of the platform.
             anyhow::ensure!(
@@ -441,8 +494,9 @@ pub async fn broker(cmd: BrokerCmd, client: &ClientArgs) -> anyhow::Result<()> {
                 &services,
             )?;
             let split = mosquitto::split_passwd(&passwd);
-            crate::keys::write_atomic(&sp, split.services.as_bytes(), 0o600)?;
-            crate::keys::write_atomic(&mp, split.machines.as_bytes(), 0o600)?;
+            let (owner, note) = password_file_owner(&mosquitto_user);
+            crate::keys::write_atomic_owned(&sp, split.services.as_bytes(), 0o600, owner)?;
+            crate::keys::write_atomic_owned(&mp, split.machines.as_bytes(), 0o600, owner)?;
             crate::keys::write_atomic(&a, acl.as_bytes(), 0o644)?;
             crate::keys::write_atomic(&c, conf.as_bytes(), 0o644)?;
             let at = |l: &Listener| {
@@ -467,6 +521,9 @@ pub async fn broker(cmd: BrokerCmd, client: &ClientArgs) -> anyhow::Result<()> {
                 at(&services),
                 out.display()
             );
+            if let Some(note) = note {
+                eprintln!("{note}");
+            }
             if machines.tls.is_none() {
                 eprintln!(
                     "warning: the machines' listener has no TLS (--cert, --key): their passwords \
@@ -648,6 +705,34 @@ pub fn events_text(events: &[FleetEvent]) -> String {
 mod tests {
     use super::*;
     use fleetcast_proto::auth::{PlatformKey, Secret};
+
+    /// Run as root (as CI is), the password files go to the user Mosquitto drops to, and one
+    /// that replaces an older file does too; a user that does not exist leaves them root's,
+    /// with a note. (Mosquitto 2.0 as Debian runs it could not read root's 0600 files.)
+    #[test]
+    fn password_files_written_as_root_go_to_the_user_mosquitto_runs_as() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: needs root");
+            return;
+        }
+        let nobody = user_ids("nobody").expect("Debian has a user nobody");
+        assert_ne!(nobody.0, 0);
+        let (owner, note) = password_file_owner("nobody");
+        assert_eq!((owner, note), (Some(nobody), None));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fleetcast.passwd");
+        std::fs::write(&path, "old").unwrap();
+        crate::keys::write_atomic_owned(&path, b"u:hash\n", 0o600, owner).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.uid(), meta.gid()), nobody);
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(std::fs::read(&path).unwrap(), b"u:hash\n");
+        let (owner, note) = password_file_owner("no-such-user-here");
+        assert_eq!(owner, None);
+        assert!(note.unwrap().contains("--mosquitto-user"));
+    }
 
     #[test]
     fn a_listener_is_a_port_with_an_optional_ip_address() {
