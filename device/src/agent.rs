@@ -102,6 +102,42 @@ pub struct AgentOptions {
     pub fail_health: Option<Vec<String>>,
     pub tuning: Tuning,
     pub state_repeats: StateRepeats,
+    /// Failed connects are logged at debug only (the simulator: thousands of agents in one
+    /// process, whose broker being away is one fact, not thousands).
+    pub quiet_connect_failures: bool,
+}
+
+/// Failed connects since the last connection, and when one was last logged as a warning: the
+/// first failure warns (a machine that cannot reach its broker must say so where its operator
+/// looks, at the default log level), then at most every [`ConnectFailures::WARN_EVERY`], with
+/// the count, while the client keeps retrying with its backoff.
+#[derive(Debug, Default)]
+struct ConnectFailures {
+    count: u32,
+    warned_at: Option<Instant>,
+}
+
+impl ConnectFailures {
+    const WARN_EVERY: Duration = Duration::from_secs(5 * 60);
+
+    /// Counts a failure; the count so far if this one is to be a warning.
+    fn failed(&mut self, now: Instant) -> Option<u32> {
+        self.count = self.count.saturating_add(1);
+        let due = self
+            .warned_at
+            .is_none_or(|at| now.duration_since(at) >= Self::WARN_EVERY);
+        due.then(|| {
+            self.warned_at = Some(now);
+            self.count
+        })
+    }
+
+    /// A connection came up: the failures before it, if any were logged as a warning.
+    fn connected(&mut self) -> Option<u32> {
+        let warned = self.warned_at.take().map(|_| self.count);
+        self.count = 0;
+        warned
+    }
 }
 
 /// When the agent sends its state again although nothing changed. The state is a retained QoS 0
@@ -175,6 +211,7 @@ struct Agent {
     head_unacked: bool,
     head_timed_out: bool,
     resend: ResendTimer,
+    connect_failures: ConnectFailures,
     state_dirty: bool,
     /// States sent since the connection came up, and when to send it again unchanged
     /// ([`StateRepeats`]).
@@ -276,6 +313,7 @@ pub async fn run_with(
         head_unacked: false,
         head_timed_out: false,
         resend: ResendTimer::default(),
+        connect_failures: ConnectFailures::default(),
         state_dirty: true,
         states_sent: 0,
         state_repeat_at: None,
@@ -458,7 +496,11 @@ impl Agent {
     async fn on_mqtt(&mut self, event: MqttEvent) {
         match event {
             MqttEvent::Connected { .. } => {
-                tracing::info!(machine = %self.me(), "connected");
+                match self.connect_failures.connected() {
+                    Some(failed) => tracing::warn!(machine = %self.me(),
+                        "connected, after {failed} failed attempts"),
+                    None => tracing::info!(machine = %self.me(), "connected"),
+                }
                 self.connected = true;
                 self.contact.broker_at_ms = Some(now_ms());
                 self.contact_dirty = true;
@@ -479,6 +521,14 @@ impl Agent {
             MqttEvent::Disconnected(why) => {
                 if self.connected {
                     tracing::warn!(machine = %self.me(), "connection lost: {why}");
+                } else if self.options.quiet_connect_failures {
+                    tracing::debug!(machine = %self.me(), "cannot connect: {why}");
+                } else if let Some(failed) = self.connect_failures.failed(Instant::now()) {
+                    let attempts = if failed == 1 { "attempt" } else { "attempts" };
+                    tracing::warn!(machine = %self.me(), broker = %self.config.broker,
+                        "cannot connect to the broker: {why} ({failed} failed {attempts} since \
+                         the last connection; trying again with a growing pause, and saying so \
+                         again in 5 min)");
                 } else {
                     tracing::debug!(machine = %self.me(), "cannot connect: {why}");
                 }
@@ -1192,6 +1242,23 @@ fn mqtt_options(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A machine that cannot reach its broker says so at once, at warn (before, only at debug,
+    /// so the default log showed nothing), then every 5 min with the count, not at every retry.
+    #[test]
+    fn failed_connects_warn_at_once_then_every_five_minutes() {
+        let mut f = ConnectFailures::default();
+        let t0 = Instant::now();
+        assert_eq!(f.failed(t0), Some(1));
+        assert_eq!(f.failed(t0 + Duration::from_secs(1)), None);
+        assert_eq!(f.failed(t0 + Duration::from_secs(60)), None);
+        assert_eq!(f.failed(t0 + ConnectFailures::WARN_EVERY), Some(4));
+        assert_eq!(f.connected(), Some(4));
+        // The next outage warns at once again, counting from one.
+        assert_eq!(f.failed(t0 + ConnectFailures::WARN_EVERY), Some(1));
+        let mut quiet = ConnectFailures::default();
+        assert_eq!(quiet.connected(), None, "no failure, nothing to report");
+    }
     use fleetcast_proto::chunk::{encode_frame, FrameHeader};
     use fleetcast_proto::ArtifactId;
 

@@ -266,6 +266,7 @@ pub async fn run(opts: SimulateOptions, shutdown: CancellationToken) -> Result<(
     for config in configs {
         let options = AgentOptions {
             fail_health: Some(opts.fail_health.clone()),
+            quiet_connect_failures: true,
             ..Default::default()
         };
         let token = shutdown.clone();
