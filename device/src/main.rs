@@ -62,16 +62,20 @@ enum Cmd {
         start_index: usize,
         #[arg(long, default_value = "./fleetcast-sim")]
         data: PathBuf,
-        #[arg(long, default_value = fleetcast_broker::client::DEFAULT_BROKER)]
+        /// The platform's broker, where the simulator provisions its machines as an operator,
+        /// as the `fleetcast` CLI finds it.
+        #[arg(long, env = "FLEETCAST_BROKER", default_value = fleetcast_broker::client::DEFAULT_BROKER)]
         broker: String,
         /// Where the machines connect, if not to --broker (which provisions them, as an
         /// operator): Mosquitto with fleetcast's generated files has a listener for machines
         /// (docs/mosquitto.md).
         #[arg(long)]
         machine_broker: Option<String>,
-        /// File holding the operator secret (hex). FLEETCAST_ADMIN_SECRET (hex) takes precedence.
-        #[arg(long, default_value = "./fleetcast-data/admin.secret")]
-        admin_secret_file: PathBuf,
+        /// File holding the operator secret (hex) [default: $FLEETCAST_DATA/admin.secret, else
+        /// ./fleetcast-data/admin.secret, as for the `fleetcast` CLI]. FLEETCAST_ADMIN_SECRET
+        /// (hex) takes precedence. (Operator profiles are not read.)
+        #[arg(long, value_name = "FILE")]
+        admin_secret_file: Option<PathBuf>,
         /// What the machines run before any update, e.g. app=1.0.0,firmware=3.1.
         #[arg(long, value_delimiter = ',')]
         initial: Vec<String>,
@@ -189,7 +193,11 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 machine_broker: machine_broker.unwrap_or_else(|| broker.clone()),
                 broker,
                 topic_prefix,
-                admin_secret: admin_secret(&admin_secret_file)?,
+                admin_secret: admin_secret(&admin_secret_file.unwrap_or_else(|| {
+                    std::env::var_os("FLEETCAST_DATA")
+                        .map_or_else(|| PathBuf::from("./fleetcast-data"), PathBuf::from)
+                        .join("admin.secret")
+                }))?,
                 initial_versions: parse_initial(&initial)?,
                 start_index,
                 fail_health,
