@@ -70,8 +70,9 @@ pub enum MachineCmd {
         /// A list of machines: one per line, `machine[,group;group...]`; `#` starts a comment.
         #[arg(long, requires = "out_dir")]
         from_file: Option<PathBuf>,
-        /// Where --from-file writes `<machine>.toml` (mode 0600: each holds a machine's key).
-        #[arg(long)]
+        /// Write each config as `DIR/<machine>.toml` (mode 0600: each holds a machine's key)
+        /// instead of printing it; needed with --from-file.
+        #[arg(long, value_name = "DIR")]
         out_dir: Option<PathBuf>,
         /// `data_dir` written into the config(s) [default: ./fleetcast-device-MACHINE].
         #[arg(long)]
@@ -154,6 +155,7 @@ pub async fn run(cmd: MachineCmd, client: &ClientArgs) -> anyhow::Result<()> {
             groups,
             data_dir,
             rotate,
+            out_dir,
             ..
         } => {
             let groups: Vec<GroupId> = parse_list(&groups)?;
@@ -167,7 +169,29 @@ pub async fn run(cmd: MachineCmd, client: &ClientArgs) -> anyhow::Result<()> {
             let data_dir = data_dir.unwrap_or_else(|| {
                 PathBuf::from(format!("./fleetcast-device-{}", machine.machine))
             });
-            print!("{}", config_toml(&machine, &client.broker()?, &data_dir));
+            let config = config_toml(&machine, &client.broker()?, &data_dir);
+            match out_dir {
+                Some(dir) => {
+                    std::fs::create_dir_all(&dir)
+                        .with_context(|| format!("creating {}", dir.display()))?;
+                    let path = dir.join(format!("{}.toml", machine.machine));
+                    crate::keys::write_atomic(&path, config.as_bytes(), 0o600).with_context(
+                        || {
+                            format!(
+                                "{} is provisioned but its config could not be written: its \
+                                 secret is lost, provision it again with --rotate",
+                                machine.machine
+                            )
+                        },
+                    )?;
+                    println!(
+                        "provisioned {}; config in {}",
+                        machine.machine,
+                        path.display()
+                    );
+                }
+                None => print!("{config}"),
+            }
             Ok(())
         }
         MachineCmd::Provision { .. } => Err(super::usage(
@@ -210,6 +234,14 @@ pub fn parse_machine_list(text: &str) -> anyhow::Result<Vec<MachineSpec>> {
     for (line, n) in list_lines(text) {
         let at = || format!("line {n}");
         let (machine, groups) = line.split_once(',').unwrap_or((line, ""));
+        // A spreadsheet's header row would otherwise become a machine (`id` in group
+        // `groups`), which can be revoked but never removed.
+        anyhow::ensure!(
+            !(out.is_empty() && is_header(machine, groups)),
+            "{}: {line:?} looks like a header row, not a machine: remove it or make it a \
+             comment (start it with #)",
+            at()
+        );
         let machine = MachineId::new(machine.trim()).with_context(at)?;
         let groups = groups
             .split([';', ','])
@@ -226,6 +258,22 @@ pub fn parse_machine_list(text: &str) -> anyhow::Result<Vec<MachineSpec>> {
         out.push(MachineSpec { machine, groups });
     }
     Ok(out)
+}
+
+/// Whether the first line of a machine list names columns rather than a machine.
+fn is_header(machine: &str, groups: &str) -> bool {
+    let words = [
+        "id",
+        "machine",
+        "machine_id",
+        "machine-id",
+        "machines",
+        "name",
+    ];
+    words.contains(&machine.trim().to_ascii_lowercase().as_str())
+        && (groups.is_empty()
+            || groups.trim().eq_ignore_ascii_case("groups")
+            || groups.trim().eq_ignore_ascii_case("group"))
 }
 
 /// The lines of a list file that say something, with their numbers (from 1): what precedes
@@ -573,6 +621,20 @@ mod tests {
         assert!(format!("{err:#}").contains("line 2"), "{err:#}");
         let err = parse_machine_list("vm-1\nvm-1,g\n").unwrap_err();
         assert!(err.to_string().contains("twice"), "{err}");
+    }
+
+    /// A header row (as a spreadsheet exports it) was provisioned as machine `id` in group
+    /// `groups`; it is refused, naming the line, and a commented one is fine.
+    #[test]
+    fn a_machine_lists_header_row_is_refused_not_provisioned() {
+        for header in ["id,groups", "Machine,Groups", "machine_id", "# c\nid,group"] {
+            let err = parse_machine_list(&format!("{header}\nvm-1,g\n")).unwrap_err();
+            assert!(err.to_string().contains("header row"), "{header}: {err}");
+        }
+        let specs = parse_machine_list("# id,groups\nvm-1,g\n").unwrap();
+        assert_eq!(specs.len(), 1);
+        // Only the first line can be a header: a machine may be called `name` further down.
+        assert_eq!(parse_machine_list("vm-1\nname,g\n").unwrap().len(), 2);
     }
 
     #[test]

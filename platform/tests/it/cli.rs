@@ -1094,6 +1094,31 @@ async fn machine_provision_refuses_an_existing_machine_unless_rotate() {
     .await
     .ok();
     assert!(out_dir.join("vm-001.toml").exists() && out_dir.join("vm-002.toml").exists());
+
+    // One machine into a directory: its config in a file of its own (0600), and a second try,
+    // refused, leaves that file as it was (`> vm.toml` in a shell empties it first, and with it
+    // the only copy of the secret).
+    use std::os::unix::fs::PermissionsExt;
+    let single = [
+        "machine",
+        "provision",
+        "vm-003",
+        "--groups",
+        "g1",
+        "--out-dir",
+        out_dir_arg,
+    ];
+    let path = out_dir.join("vm-003.toml");
+    let said = fc.run(&single).await.ok();
+    assert!(said.contains(&path.display().to_string()), "{said}");
+    let written = std::fs::read_to_string(&path).unwrap();
+    let config: fleetcast_device::config::MachineConfig = toml::from_str(&written).unwrap();
+    assert_eq!(config.machine.as_str(), "vm-003");
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let again = fc.run(&single).await;
+    assert_ne!(again.code, 0, "{again:#?}");
+    assert_eq!(std::fs::read_to_string(&path).unwrap(), written);
     admin.close().await;
     platform.stop().await;
 }
