@@ -61,6 +61,8 @@ pub enum StoreError {
         path: std::path::PathBuf,
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    #[error("the database {} is in use by another process (a `fleetcast serve`, or a `fleetcast db` command, on the same data directory): stop it first, or give this one a --data of its own", path.display())]
+    Locked { path: std::path::PathBuf },
     #[error("database {op} on tree {tree} failed: {source}")]
     Backend {
         op: &'static str,

@@ -441,7 +441,12 @@ impl Open {
                 .open()
             {
                 Ok(db) => break db,
-                Err(::sled::Error::Io(e)) if attempt < 50 && lock_held(&e) => {
+                Err(::sled::Error::Io(e)) if lock_held(&e) => {
+                    if attempt == 50 {
+                        return Err(StoreError::Locked {
+                            path: path.to_owned(),
+                        });
+                    }
                     attempt += 1;
                     std::thread::sleep(Duration::from_millis(100));
                 }
@@ -1212,6 +1217,21 @@ mod tests {
         let second = SledStore::open(&path);
         closer.join().unwrap();
         assert!(second.is_ok(), "{:?}", second.err());
+    }
+
+    /// A second `serve` on the same data directory: after the wait, an error that says so
+    /// (it was sled's "could not acquire lock ... WouldBlock").
+    #[test]
+    fn a_database_another_process_keeps_open_is_named_as_in_use() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        let _first = SledStore::open(&path).unwrap();
+        let err = SledStore::open(&path).err().expect("the lock is held");
+        assert!(matches!(err, StoreError::Locked { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains("in use by another process"),
+            "{err}"
+        );
     }
 
     #[test]
