@@ -60,7 +60,7 @@ trap cleanup EXIT INT TERM
 
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
-step "Building fleetcast (release)"
+step "Building fleetcast (release; the first build takes several minutes, later ones seconds)"
 cargo build --release --locked --bins -q
 BIN=target/release
 export FLEETCAST_BROKER="$BROKER"
@@ -130,6 +130,7 @@ else
 fi
 
 step "Freeing the platform's disk: a version a machine still runs is kept, and the reason given"
+echo "  (the refusal below is what this step shows)"
 if fc artifact remove --kind app --version 2.4.0 --yes 2>&1; then
     echo "app 2.4.0 was removed while vm-001 runs it" >&2
     exit 1

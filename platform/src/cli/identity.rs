@@ -660,18 +660,20 @@ pub fn audit_text(entries: &[AuditEntry]) -> String {
             if let Some(o) = request.as_object_mut() {
                 o.remove("op");
             }
+            // The request last: it can be long, and a column before the result padded every
+            // line's result out to its width.
             vec![
                 e.id.to_string(),
                 table::time(Some(e.at_ms)),
                 e.operator.clone(),
                 e.action.clone(),
-                request.to_string(),
                 e.result.clone(),
+                request.to_string(),
             ]
         })
         .collect();
     table::render(
-        &["ID", "WHEN", "OPERATOR", "ACTION", "REQUEST", "RESULT"],
+        &["ID", "WHEN", "OPERATOR", "ACTION", "RESULT", "REQUEST"],
         &rows,
     )
 }

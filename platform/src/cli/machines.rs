@@ -444,7 +444,13 @@ pub fn machines_text(machines: &[MachineInfo]) -> String {
             let groups: Vec<String> = m.groups.iter().map(|g| g.to_string()).collect();
             vec![
                 m.id.to_string(),
-                if m.online { "yes" } else { "no" }.into(),
+                // A revoked machine can never connect again: said here, not only in --json.
+                match (m.revoked_at_ms, m.online) {
+                    (Some(_), _) => "revoked",
+                    (None, true) => "yes",
+                    (None, false) => "no",
+                }
+                .into(),
                 table::time(m.last_seen_ms),
                 if groups.is_empty() {
                     "-".into()
@@ -509,10 +515,14 @@ mod tests {
             },
         );
         assert_eq!(
-            machines_text(&[m]),
+            machines_text(std::slice::from_ref(&m)),
             "MACHINE  ONLINE  LAST SEEN            GROUPS    VERSIONS                BUSY  KEY GEN\n\
              vm-001   yes     1970-01-01 00:00:03  shanghai  app=2.4.1 firmware=1.0  idle  1\n"
         );
+        m.online = false;
+        m.revoked_at_ms = Some(4000);
+        let row = machines_text(&[m]).lines().nth(1).unwrap().to_owned();
+        assert!(row.starts_with("vm-001   revoked  "), "{row}");
     }
 
     #[test]

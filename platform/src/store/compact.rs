@@ -52,7 +52,7 @@ const BATCH: usize = 1000;
 /// When `fleetcast serve` compacts at its start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Policy {
-    /// When [`is_due`].
+    /// When the database has grown 4 times since its last compaction (64 MiB at least).
     Auto,
     /// At every start.
     Always,
