@@ -491,14 +491,46 @@ async fn watch(
             }
         }
         if timeout_secs > 0 && started.elapsed().as_secs() >= timeout_secs {
+            // Which machines, so the operator can look at them (a machine provisioned but never
+            // started stays `pending` for ever, and watch would name only the count).
+            let waiting = match status_all(admin, release.clone(), None).await {
+                Ok(all) => unfinished_text(&all.targets),
+                Err(_) => String::new(),
+            };
             return Err(Exit::TimedOut(format!(
-                "release {release} not finished after {timeout_secs} s: {}",
+                "release {release} not finished after {timeout_secs} s: {}{waiting}",
                 view.phases
             ))
             .into());
         }
         tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     }
+}
+
+/// The machines of `targets` not in a final phase, for a watch that timed out: at most ten,
+/// each with its phase, and what `pending` means.
+fn unfinished_text(targets: &[fleetcast_proto::admin::TargetRecord]) -> String {
+    const SHOWN: usize = 10;
+    let waiting: Vec<&fleetcast_proto::admin::TargetRecord> =
+        targets.iter().filter(|t| !t.phase.is_final()).collect();
+    if waiting.is_empty() {
+        return String::new();
+    }
+    let mut text = format!("\nnot finished ({}):", waiting.len());
+    for t in waiting.iter().take(SHOWN) {
+        text.push_str(&format!(" {} ({})", t.machine, t.phase));
+    }
+    if waiting.len() > SHOWN {
+        text.push_str(&format!(" and {} more", waiting.len() - SHOWN));
+    }
+    if waiting.iter().any(|t| t.phase == Phase::Pending) {
+        text.push_str(
+            "\n`pending`: the machine has not taken the notice yet, because it is offline or has \
+             never connected (`fleetcast machines` shows when it was last seen); it gets the \
+             release when it connects",
+        );
+    }
+    text
 }
 
 /// What `release watch` shows of one status snapshot.
@@ -1012,6 +1044,39 @@ mod tests {
         r.machines = vec![MachineId::new("vm-001").unwrap()];
         r.groups = vec![GroupId::new("shanghai").unwrap()];
         r
+    }
+
+    /// A watch that times out names the machines it waited for (at most ten) and says what
+    /// `pending` means: a target provisioned but never started kept it waiting, unnamed.
+    #[test]
+    fn a_timed_out_watch_names_the_unfinished_machines() {
+        let target = |i: usize, phase: Phase| TargetRecord {
+            release: release().id,
+            machine: MachineId::new(format!("vm-{i:03}")).unwrap(),
+            kind: Kind::new("app").unwrap(),
+            version: "2.4.1".into(),
+            via: None,
+            phase,
+            phase_at_ms: 0,
+            notified_at_ms: None,
+            download: None,
+            upgrade: None,
+            error: None,
+            attempts: 0,
+            progress: None,
+            updated_at_ms: 0,
+        };
+        let mut targets = vec![target(1, Phase::Installed), target(2, Phase::Pending)];
+        targets.extend((3..=14).map(|i| target(i, Phase::Downloading)));
+        let text = unfinished_text(&targets);
+        assert!(
+            text.contains("not finished (13): vm-002 (pending) vm-003 (downloading)"),
+            "{text}"
+        );
+        assert!(text.contains("and 3 more"), "{text}");
+        assert!(text.contains("never connected"), "{text}");
+        assert!(!text.contains("vm-001"), "{text}");
+        assert_eq!(unfinished_text(&targets[..1]), "");
     }
 
     #[test]
