@@ -574,7 +574,11 @@ mod locate {
             };
         }
         let key = span.as_ref().and_then(|s| key_on_line(text, s.start));
-        let fix = if let Some(rest) = message.strip_prefix("unknown variant `") {
+        let fix = if message.starts_with("duplicate key") {
+            "this key is set twice: keep one of the two lines (e.g. the `broker` you added, not \
+             the provisioned one), and delete the other"
+                .to_owned()
+        } else if let Some(rest) = message.strip_prefix("unknown variant `") {
             let allowed = rest.split_once("expected ").map_or("", |(_, e)| e);
             format!("use one of {allowed}")
         } else if let Some((_, expected)) = message
@@ -834,6 +838,16 @@ mod tests {
             message.contains("device.toml:5:1: unknown key"),
             "{message}"
         );
+    }
+
+    /// device.md warns of adding a `broker` line to a config that has one: the fix says to
+    /// keep one of the two, not how to write a broker address.
+    #[test]
+    fn a_key_set_twice_is_refused_with_keep_one_of_the_two() {
+        let (p, message) = problem("broker = \"mqtt://a:1883\"\nbroker = \"mqtt://b:1883\"\n");
+        assert_eq!(p.at.map(|a| a.0), Some(6), "{message}");
+        assert!(p.fix.contains("set twice"), "{message}");
+        assert!(!p.fix.contains("write mqtt://"), "{message}");
     }
 
     #[test]
