@@ -381,7 +381,8 @@ pub async fn drive_with(
                     // the machine looks, and retrying quietly for ever hid a revoked machine.
                     tracing::warn!(
                         "the broker refused this client's credentials ({e}): not provisioned, \
-                         revoked, or a wrong secret; trying again at most once a minute"
+                         revoked, or a wrong secret (a long-running client such as the agent \
+                         tries again at most once a minute)"
                     );
                     warned = true;
                 }
