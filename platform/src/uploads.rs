@@ -98,10 +98,31 @@ impl Uploads {
             // The same bytes again, after `artifact_remove` (or with its files lost): staged
             // like a first upload, and stored again at commit.
         } else if let Some(existing) = store.artifact(&artifact)? {
-            return refused(format!(
-                "these exact bytes are already uploaded as {} {} (artifact {}); an artifact id is its content hash, so it has one kind and version",
-                existing.kind, existing.version, artifact.short()
-            ));
+            // Bytes removed that no release names any more (a version mistyped at upload, say)
+            // may be uploaded again as another kind and version; that frees the old version.
+            let naming: Vec<fleetcast_proto::ReleaseId> = store
+                .releases()?
+                .into_iter()
+                .filter(|r| r.artifact.id == artifact)
+                .map(|r| r.id)
+                .collect();
+            if existing.removed_at_ms.is_none() {
+                return refused(format!(
+                    "these exact bytes are already uploaded as {} {} (artifact {}); an artifact id is its content hash, so it has one kind and version; to upload them as another version, remove that one first (fleetcast artifact remove --kind {} --version {})",
+                    existing.kind, existing.version, artifact.short(), existing.kind, existing.version
+                ));
+            }
+            if !naming.is_empty() {
+                return refused(format!(
+                    "these exact bytes were uploaded as {} {} (artifact {}, since removed), and release(s) {} still name them; remove those releases first (fleetcast release remove), then upload the bytes as another version",
+                    existing.kind,
+                    existing.version,
+                    artifact.short(),
+                    naming.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ")
+                ));
+            }
+            tracing::info!(artifact = %artifact.short(), from_kind = %existing.kind, from_version = %existing.version,
+                to_kind = %kind, to_version = %version, "removed bytes uploaded again as another version");
         }
         let layout = Layout::new(size, chunk_size)
             .map_err(|e| OpError::Refused(format!("cannot upload: {e}")))?;
@@ -429,6 +450,79 @@ mod tests {
         assert_eq!(info.removed_at_ms, None);
         assert_eq!(f.ctx.store.artifact(&a).unwrap(), Some(info));
         assert!(f.ctx.files.exists(&a));
+    }
+
+    /// A version mistyped at upload (`v2.4.0`) bound the bytes to it for good, even once
+    /// removed, and a vendor-signed image cannot change its bytes. Removed bytes that no release
+    /// names may now be uploaded again as another version, which frees the old one; bytes in
+    /// use are still refused, with the way out.
+    #[tokio::test]
+    async fn removed_bytes_no_release_names_can_be_uploaded_as_another_version() {
+        let mut f = fixture();
+        let data = bytes(3);
+        let client = "fleetcast-op-admin.a";
+        let app = Kind::new("app").unwrap();
+        let a = begin(&mut f, client, "v1.0", &data);
+        for i in 0..3 {
+            send_part(&mut f, client, a, &data, i).await;
+        }
+        commit(&mut f, client, a).await.unwrap();
+        let err = try_begin(&mut f, client, "1.0", &data).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("artifact remove --kind app --version v1.0"),
+            "{err}"
+        );
+        crate::ops::artifacts::remove(
+            &f.ctx,
+            calls::ArtifactRemove {
+                kind: app.clone(),
+                version: "v1.0".into(),
+            },
+        )
+        .await
+        .unwrap();
+        assert_eq!(begin(&mut f, client, "1.0", &data), a);
+        for i in 0..3 {
+            send_part(&mut f, client, a, &data, i).await;
+        }
+        let UploadEnd::Stored(info) = commit(&mut f, client, a).await.unwrap() else {
+            panic!("not stored");
+        };
+        assert_eq!((info.version.as_str(), info.removed_at_ms), ("1.0", None));
+        let store = &f.ctx.store;
+        assert_eq!(store.artifact_for_version(&app, "1.0").unwrap(), Some(info));
+        assert_eq!(store.artifact_for_version(&app, "v1.0").unwrap(), None);
+        // The old version is free: other bytes may take it.
+        let other = bytes(5);
+        begin(&mut f, client, "v1.0", &other);
+
+        // Removed bytes that a release still names keep their version, and the refusal names
+        // the release.
+        let named = bytes(7);
+        let n = begin(&mut f, client, "2.0", &named);
+        for i in 0..3 {
+            send_part(&mut f, client, n, &named, i).await;
+        }
+        commit(&mut f, client, n).await.unwrap();
+        let mut r = crate::fixtures::release("r-000009", "2.0");
+        r.artifact.id = n;
+        f.ctx.store.transaction(|tx| tx.put_release(&r)).unwrap();
+        crate::ops::artifacts::remove(
+            &f.ctx,
+            calls::ArtifactRemove {
+                kind: app.clone(),
+                version: "2.0".into(),
+            },
+        )
+        .await
+        .unwrap();
+        let err = try_begin(&mut f, client, "2.1", &named).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("release(s) r-000009 still name them"),
+            "{err}"
+        );
     }
 
     #[tokio::test]

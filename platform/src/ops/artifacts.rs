@@ -28,7 +28,8 @@ pub fn list(ctx: &Ctx, _: calls::ArtifactList) -> Result<Vec<ArtifactInfo>, OpEr
 }
 
 /// Deletes the bytes of `kind` `version` once no machine may fetch them any more, and marks
-/// its record removed (the version stays bound to those bytes). The record is marked and
+/// its record removed (the version stays bound to those bytes, unless, with no release naming
+/// them any more, they are uploaded again as another version: `uploads`). The record is marked and
 /// flushed before the files go: a crash in between leaves files that [`sweep_removed`]
 /// deletes at the next start, never a record whose files are gone without saying so.
 /// Removing an artifact already removed deletes whatever of its files is left.

@@ -254,6 +254,7 @@ impl Reads for Tables {
         Ok(d.artifact_versions
             .get(&key::artifact_version(kind, version))
             .and_then(|id| d.artifacts.get(&id.to_hex()))
+            .filter(|a| a.kind == *kind && a.version == version)
             .cloned())
     }
 

@@ -801,7 +801,11 @@ impl Reads for Tables {
         else {
             return Ok(None);
         };
-        self.artifact(&id)
+        // The bytes' record names the version they are now: removed bytes that no release
+        // names may be uploaded again as another version (`uploads`), which frees this one.
+        Ok(self
+            .artifact(&id)?
+            .filter(|a| a.kind == *kind && a.version == version))
     }
 
     fn artifacts(&self) -> Result<Vec<ArtifactInfo>, StoreError> {
