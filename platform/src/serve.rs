@@ -171,6 +171,12 @@ pub async fn serve(opts: ServeOptions, shutdown: CancellationToken) -> Result<()
             })?,
         );
     identities::ensure_bootstrap_admin(&*store, &keys)?;
+    // Notice and command seqs from here on are above the clock in milliseconds: a database
+    // restored from a backup (or copied back after an upgrade) has an older seq than machines
+    // accepted since, and they ignore a notice whose seq is not higher (protocol.md §4). Any
+    // seq handed out before this start is below it, unless more than one a millisecond was
+    // handed out on average since (an `activate` of 10,000 machines takes a seq each).
+    store.raise_seq(crate::now_ms())?;
     crate::ops::artifacts::sweep_removed(&*store, &files);
     let topics = Topics::new(&opts.topic_prefix);
     let auth: AuthStore = Arc::new(RwLock::new(Some(store.clone())));

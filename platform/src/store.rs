@@ -433,6 +433,9 @@ pub trait Store: Reads + Send + Sync {
     /// The next notice/command `seq` (platform-wide, strictly increasing).
     fn next_seq(&self) -> Result<u64, StoreError>;
 
+    /// Makes every later [`Store::next_seq`] above `at_least` (nothing if it is already).
+    fn raise_seq(&self, at_least: u64) -> Result<(), StoreError>;
+
     /// A release id never handed out before (`r-000001`, `r-000002`, ...).
     fn next_release_id(&self) -> Result<ReleaseId, StoreError>;
 

@@ -73,6 +73,11 @@ fn ids_and_seqs_start_at_one_and_only_grow(s: &dyn Store) {
     assert_eq!(s.next_release_id().unwrap().as_str(), "r-000001");
     assert_eq!(s.next_release_id().unwrap().as_str(), "r-000002");
     assert_eq!(s.next_seq().unwrap(), 3);
+    // Raised, never lowered.
+    s.raise_seq(1000).unwrap();
+    assert_eq!(s.next_seq().unwrap(), 1001);
+    s.raise_seq(10).unwrap();
+    assert_eq!(s.next_seq().unwrap(), 1002);
     let mut e = event("vm-1", Phase::Notified);
     s.append_event(&mut e).unwrap();
     let mut a = audit("first");

@@ -131,6 +131,12 @@ impl Store for MemStore {
         Ok(d.last_seq)
     }
 
+    fn raise_seq(&self, at_least: u64) -> Result<(), StoreError> {
+        let mut d = self.t.lock();
+        d.last_seq = d.last_seq.max(at_least);
+        Ok(())
+    }
+
     fn next_release_id(&self) -> Result<ReleaseId, StoreError> {
         let mut d = self.t.lock();
         d.last_release += 1;

@@ -597,6 +597,22 @@ impl Store for SledStore {
         self.writing().1.t.meta.increment("seq")
     }
 
+    fn raise_seq(&self, at_least: u64) -> Result<(), StoreError> {
+        let (_held, open) = self.writing();
+        open.t
+            .meta
+            .tree
+            .update_and_fetch("seq", |old| {
+                let n = old
+                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
+                    .map(u64::from_be_bytes)
+                    .unwrap_or(0);
+                Some(n.max(at_least).to_be_bytes().to_vec())
+            })
+            .map_err(open.t.meta.err("update"))?;
+        Ok(())
+    }
+
     fn next_release_id(&self) -> Result<ReleaseId, StoreError> {
         let (_held, open) = self.writing();
         Ok(key::release_id(open.t.meta.increment("release")?))
