@@ -170,9 +170,8 @@ impl AdminClient {
         .await;
         if let Err(e) = connected {
             shutdown.cancel();
-            return Err(connect_err(format!(
-                "{e} (wrong operator name or secret, or no broker there?)"
-            )));
+            let e = e.to_string();
+            return Err(connect_err(format!("{e} ({})", connect_hint(&e))));
         }
         let response_topic = topics.admin_response(&client_id);
         client
@@ -590,9 +589,47 @@ pub fn load_secret(hex: Option<&str>, file: &Path) -> Result<Secret, String> {
         .map_err(|e| format!("admin secret from {source}: {e}"))
 }
 
+/// What to check, by how connecting failed (every failure used to suggest a wrong secret,
+/// even a refused TCP connection or a TLS error).
+fn connect_hint(reason: &str) -> &'static str {
+    let r = reason.to_ascii_lowercase();
+    if r.contains("bad user name or password")
+        || r.contains("badusernamepassword")
+        || r.contains("notauthorized")
+        || r.contains("not authorized")
+    {
+        "wrong operator name or secret, or the operator was revoked?"
+    } else if r.contains("connection refused (os error") || r.contains("connectionrefused") {
+        "nothing listens there: is the platform running, and is this its broker address?"
+    } else if r.contains("certificate") || r.contains("tls") || r.contains("unknownissuer") {
+        "TLS: does --ca-file (or the profile's ca_file) hold the broker's CA, and does the URL name the host its certificate names?"
+    } else if r.contains("dns")
+        || r.contains("failed to lookup")
+        || r.contains("name or service not known")
+    {
+        "is the host name in the broker URL right?"
+    } else {
+        "is the platform running there, and are the operator name and secret right?"
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Each way connecting fails gets its own hint (rumqttc's texts, as the CLI saw them).
+    #[test]
+    fn a_failed_connect_says_what_to_check() {
+        let hint = |e: &str| connect_hint(e);
+        assert!(hint("I/O: Connection refused (os error 111)").contains("nothing listens there"));
+        assert!(hint("Connection refused, return code: `NotAuthorized`").contains("secret"));
+        assert!(hint("Connection refused, return code: `BadUserNamePassword`").contains("secret"));
+        assert!(hint("TLS: invalid peer certificate: UnknownIssuer").contains("--ca-file"));
+        assert!(
+            hint("I/O: failed to lookup address information: Name or service not known")
+                .contains("host name")
+        );
+    }
 
     #[test]
     fn a_platform_that_cannot_read_the_operation_is_said_to_be_older() {

@@ -56,6 +56,11 @@ pub async fn run(cmd: ArtifactCmd, client: &ClientArgs) -> anyhow::Result<()> {
             notes,
             chunk_size,
         } => {
+            // A file that cannot be read is said before connecting: a typo in its path must
+            // not read as a connection or credentials problem.
+            std::fs::File::open(&file)
+                .and_then(|f| f.metadata())
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", file.display()))?;
             let admin = client.connect().await?;
             let bar = ProgressBar::new(0);
             bar.set_style(

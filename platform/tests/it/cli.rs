@@ -1294,3 +1294,45 @@ async fn artifact_remove_frees_what_no_machine_needs_and_the_same_file_brings_it
     joined(agent, "agent vm-001").await;
     platform.stop().await;
 }
+
+/// Mistakes a newcomer made, each answered with what to check: a file that is not there is
+/// named before any connection is tried (it read as "wrong operator name or secret, or no
+/// broker there?"), and nothing listening on the broker's port is said as such.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreadable_file_and_an_absent_platform_are_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    // A port nothing listens on: bound, then closed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let fc = Fleetcast::new(dir.path())
+        .with("FLEETCAST_BROKER", format!("mqtt://127.0.0.1:{port}"))
+        .with("FLEETCAST_ADMIN_SECRET", "00".repeat(32));
+    let missing = dir.path().join("app-2.4.0.bin");
+    let run = fc
+        .run(&[
+            "artifact",
+            "upload",
+            missing.to_str().unwrap(),
+            "--kind",
+            "app",
+            "--version",
+            "2.4.0",
+        ])
+        .await;
+    assert_ne!(run.code, 0, "{run:#?}");
+    assert!(
+        run.stderr.contains("cannot read") && run.stderr.contains("app-2.4.0.bin"),
+        "{run:#?}"
+    );
+    assert!(!run.stderr.contains("broker"), "{run:#?}");
+    let run = fc.run(&["machines"]).await;
+    assert_ne!(run.code, 0, "{run:#?}");
+    assert!(
+        run.stderr.contains("nothing listens there")
+            && !run.stderr.contains("wrong operator name or secret"),
+        "{run:#?}"
+    );
+}

@@ -751,6 +751,68 @@ async fn the_python_integrator_follows_key_rotations_from_its_profiles_generatio
     platform.stop().await;
 }
 
+/// What scripts/integrator.py does with a key chain someone other than the platform made (on
+/// a broker without ACLs anyone may publish one): a link whose signature or body was changed,
+/// or that is no JSON, is refused whole and the trusted key stays; the honest chain of the
+/// test vectors is followed; a message signed by a generation not reached yet is held, not
+/// checked against the wrong key. Runs the script's own `Trust` on docs/test-vectors.
+#[test]
+fn the_python_integrator_refuses_a_forged_key_chain() {
+    if !python_with_mqtt() {
+        return;
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let check = r#"
+import json, importlib.util, pathlib, sys, tempfile
+spec = importlib.util.spec_from_file_location("integrator", "scripts/integrator.py")
+m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
+d = json.load(open("docs/test-vectors/signatures.json"))
+link = json.loads([v for v in d["vectors"] if v["purpose"] == "key-rotation"][0]["envelope"])
+event = json.loads([v for v in d["vectors"] if v["purpose"] == "event"][0]["envelope"])
+dir = pathlib.Path(tempfile.mkdtemp())
+def trust():
+    (dir / "k").unlink(missing_ok=True)
+    return m.Trust({"platform_key": d["public_key"], "platform_key_gen": 0}, dir / "k")
+out = []
+forged = dict(link, sig=("1" if link["sig"][0] == "0" else "0") + link["sig"][1:])
+body = json.loads(link["body"]); body["key"] = d["public_key"]
+changed = dict(link, body=json.dumps(body))
+for name, chain in [("forged", {"links": [forged]}), ("changed", {"links": [changed]}), ("junk", None)]:
+    t = trust()
+    moved = t.follow(b"junk" if chain is None else json.dumps(chain))
+    out.append(f"{name} {moved} {t.gen} {(dir / 'k').exists()}")
+ahead = dict(event, gen=1)
+out.append(f"ahead-held {t.verify('event', json.dumps(ahead)) is m.LATER}")
+t = trust()
+out.append(f"honest {t.follow(json.dumps({'links': [link]}))} {t.gen} {t.key_hex == d['next_public_key']}")
+out.append(f"old-dropped {t.verify('event', json.dumps(event)) is None}")
+print("\n".join(out))
+"#;
+    let run = std::process::Command::new("python3")
+        .args(["-c", check])
+        .current_dir(&root)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(
+        run.status.success(),
+        "{stdout}
+{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert_eq!(
+        stdout.lines().collect::<Vec<_>>(),
+        [
+            "forged False 0 False",
+            "changed False 0 False",
+            "junk False 0 False",
+            "ahead-held True",
+            "honest True 1 True",
+            "old-dropped True",
+        ]
+    );
+}
+
 /// A catch-up longer than the platform's burst of 20 requests (40 pages of one event): the
 /// documented script keeps under the rate (5 a second) and asks again what goes unanswered,
 /// instead of waiting 30 s for an answer to a request the platform dropped and giving up (as
