@@ -351,6 +351,7 @@ pub fn admin_responses() -> Vec<AdminResponse> {
             error: Some("health check failed".into()),
         }),
         error: None,
+        detail: None,
         attempts: 2,
         progress: Some(Progress {
             bytes: 17,

@@ -1050,6 +1050,11 @@ pub struct TargetRecord {
     pub upgrade: Option<StepResult>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// The `detail` of the machine's latest report on this release, if it had one: why a
+    /// `deferred` install waits (`waiting for window 02:00-04:00`, `waiting for the machine to
+    /// be idle`). Absent from platforms before 2026-11-29 23:30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub detail: Option<String>,
     #[serde(default)]
     pub attempts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -881,6 +881,10 @@ pub fn status_text(status: &ReleaseStatus) -> String {
                     phase = format!("{phase} {pct}%");
                 }
             }
+            // Why it waits, as the machine said.
+            if let (Phase::Deferred, Some(why)) = (t.phase, &t.detail) {
+                phase = format!("{phase} ({why})");
+            }
             vec![
                 t.machine.to_string(),
                 t.via
@@ -1062,6 +1066,7 @@ mod tests {
             download: None,
             upgrade: None,
             error: None,
+            detail: None,
             attempts: 0,
             progress: None,
             updated_at_ms: 0,
@@ -1103,6 +1108,7 @@ mod tests {
                 error: None,
             }),
             error: None,
+            detail: None,
             attempts: 1,
             progress: None,
             updated_at_ms: 5_000,
@@ -1135,6 +1141,15 @@ vm-001   shanghai  installed  1970-01-01 00:00:03  ok 1970-01-01 00:00:04  ok 19
 "
         .replace("0UPGRADE", "UPGRADE");
         assert_eq!(status_text(&status), expected);
+        // A deferred install shows why it waits, as the machine said.
+        let mut waiting = status.clone();
+        waiting.targets[0].phase = Phase::Deferred;
+        waiting.targets[0].detail = Some("waiting for window 02:00-04:00".into());
+        let text = status_text(&waiting);
+        assert!(
+            text.contains("deferred (waiting for window 02:00-04:00)"),
+            "{text}"
+        );
         // --summary: the same first and last lines, no table (so no page of targets needed).
         let summary = ReleaseStatus {
             targets: vec![],

@@ -70,6 +70,7 @@ pub fn new_target(
         download: None,
         upgrade: None,
         error: None,
+        detail: None,
         attempts: 0,
         progress: None,
         updated_at_ms: now_ms,
@@ -163,6 +164,7 @@ pub fn apply(rec: &mut TargetRecord, ev: &StatusEvent, now_ms: u64) -> Result<()
     if let Some(e) = &ev.error {
         rec.error = Some(e.clone());
     }
+    rec.detail = ev.detail.clone();
     match to {
         Phase::Notified => {
             rec.notified_at_ms.get_or_insert(at);
@@ -260,6 +262,21 @@ mod tests {
             })
         );
         assert_eq!((r.attempts, r.phase_at_ms, r.updated_at_ms), (1, 140, 5));
+    }
+
+    /// Why a deferred install waits is the machine's to say (its window, a sale): the record
+    /// keeps the latest report's detail, so `release status` can show it, and the next report
+    /// replaces it.
+    #[test]
+    fn a_deferred_install_keeps_why_it_waits_until_the_next_report() {
+        let mut r = rec();
+        apply(&mut r, &ev(Phase::Downloaded, 50), 1).unwrap();
+        let mut d = ev(Phase::Deferred, 60);
+        d.detail = Some("waiting for window 02:00-04:00".into());
+        apply(&mut r, &d, 2).unwrap();
+        assert_eq!(r.detail.as_deref(), Some("waiting for window 02:00-04:00"));
+        apply(&mut r, &ev(Phase::Installing, 70), 3).unwrap();
+        assert_eq!(r.detail, None);
     }
 
     #[test]

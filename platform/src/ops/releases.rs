@@ -668,6 +668,7 @@ mod tests {
                 error: Some(error.clone()),
             }),
             error: Some(error.clone()),
+            detail: None,
             attempts: 99,
             progress: Some(Progress {
                 bytes: u64::MAX,
