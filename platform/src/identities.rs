@@ -285,7 +285,7 @@ pub async fn provision(
 fn exists_already(ids: &[String]) -> String {
     let names = some_of(ids, 5);
     format!(
-        "{names} {} provisioned already; nothing in this batch was changed. To give {} a new secret (the old one stops working at once), provision again with rotate (fleetcast machine provision ID --rotate)",
+        "{names} {} provisioned already; nothing in this batch was changed. To give {} a new secret (the old one stops working at once), provision again with --rotate (fleetcast machine provision ID --rotate, or the same --from-file list with --rotate)",
         if ids.len() == 1 { "is" } else { "are" },
         if ids.len() == 1 { "it" } else { "them" },
     )
