@@ -674,6 +674,16 @@ async fn the_documented_python_integrator_catches_up_and_verifies_every_event() 
     platform.stop().await;
 }
 
+/// vm-001 installs app 1.0 through the platform at `url`: five events stored.
+async fn one_install(admin: &AdminClient, url: &BrokerUrl, dir: &Path) {
+    upload(admin, dir, "a.bin", &data(3000, 7), "1.0")
+        .await
+        .unwrap();
+    let mut vm = provision(admin, url, "vm-001", &[]).await;
+    let r = release(admin, "1.0", &["vm-001"], &[]).await.release;
+    install(admin, &mut vm, &r.id, "1.0").await;
+}
+
 /// One machine installs one release through the platform at `url`; then scripts/integrator.py
 /// catches up and shows its five events, each verified, and keeps the last id.
 pub(super) async fn python_integrator_sees_one_install(
@@ -681,12 +691,7 @@ pub(super) async fn python_integrator_sees_one_install(
     url: &BrokerUrl,
     dir: &Path,
 ) {
-    upload(admin, dir, "a.bin", &data(3000, 7), "1.0")
-        .await
-        .unwrap();
-    let mut vm = provision(admin, url, "vm-001", &[]).await;
-    let r = release(admin, "1.0", &["vm-001"], &[]).await.release;
-    install(admin, &mut vm, &r.id, "1.0").await;
+    one_install(admin, url, dir).await;
     let (events, kept) = integrator_catch_up(admin, url, dir, &[]).await;
     let phases: Vec<&str> = events.iter().filter_map(|e| e["phase"].as_str()).collect();
     assert_eq!(
@@ -721,12 +726,7 @@ async fn the_python_integrator_follows_key_rotations_from_its_profiles_generatio
         platform,
         admin,
     } = env(&url).await;
-    upload(&admin, dir.path(), "a.bin", &data(3000, 8), "1.0")
-        .await
-        .unwrap();
-    let mut vm = provision(&admin, &url, "vm-001", &[]).await;
-    let r = release(&admin, "1.0", &["vm-001"], &[]).await.release;
-    install(&admin, &mut vm, &r.id, "1.0").await;
+    one_install(&admin, &url, dir.path()).await;
     let before = add_integrator(&admin, "erp").await;
     assert_eq!(before.platform_key_gen, 0);
     admin.call(calls::KeyRotate {}).await.unwrap();
