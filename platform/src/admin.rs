@@ -416,10 +416,16 @@ impl Admin {
         let response = match result {
             Ok(reply) => AdminResponse::ok(req.id, req.ctr, reply),
             Err(e) => {
-                // A refusal is the operator's answer (unknown id, a rule; the CLI also asks
-                // some questions expecting one), not the platform failing.
+                // A refusal is the operator's answer (unknown id, a rule), not the platform
+                // failing: a refused change at info (the audit log has it too), a refused read
+                // at debug (the CLI asks one expecting a refusal before every publish without
+                // waves, which logged a line each time).
                 if matches!(e, OpError::Refused(_)) {
-                    tracing::info!(client, reason = %e, "admin request refused");
+                    if audit_request.is_some() {
+                        tracing::info!(client, reason = %e, "admin request refused");
+                    } else {
+                        tracing::debug!(client, reason = %e, "admin read refused");
+                    }
                 } else {
                     tracing::warn!(client, error = %e, "admin request failed");
                 }
