@@ -418,6 +418,20 @@ mod tests {
         Cli::try_parse_from(argv).unwrap_or_else(|e| panic!("{argv:?}: {e}"))
     }
 
+    /// `--yes` goes to every change a script makes, `release retry` included (which asks
+    /// nothing: a newcomer's script got clap's "unexpected argument").
+    #[test]
+    fn release_retry_takes_yes_like_the_other_changes() {
+        parse(&[
+            "fleetcast",
+            "release",
+            "retry",
+            "r-000001",
+            "--failed",
+            "--yes",
+        ]);
+    }
+
     /// The client options as one comparable line.
     fn client_of(cli: &Cli) -> String {
         format!("{:?}", cli.client)

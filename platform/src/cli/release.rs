@@ -87,6 +87,9 @@ pub enum ReleaseCmd {
         failed: bool,
         #[arg(long)]
         json: bool,
+        /// Accepted for scripts that pass --yes to every change; retry asks nothing.
+        #[arg(long, hide = true)]
+        yes: bool,
     },
     /// Per-machine results of a release (fetched a page at a time), and the counts per phase.
     Status {
@@ -269,6 +272,7 @@ pub async fn run(cmd: ReleaseCmd, client: &ClientArgs) -> anyhow::Result<()> {
             groups,
             failed,
             json,
+            yes: _,
         } => {
             let machines: Vec<MachineId> = parse_list(&machines)?;
             let groups: Vec<GroupId> = parse_list(&groups)?;
