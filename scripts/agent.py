@@ -38,6 +38,7 @@ WINDOW = 16                 # chunks in flight (§7.3)
 MANIFEST_WINDOW = 32        # manifest parts per request (§7.3)
 ATTEMPTS = 5                # download attempts (§6.1)
 STATUS_TAG = "fleetcast/v1/status"
+CHUNK_ERROR_TAG = b"fleetcast/v1/chunk-error\0"  # error frames to this machine are MAC'd (§7.2)
 NO_PROGRESS_S = 30          # an attempt fails after this long without a verified chunk
 ACK_RESEND_S = 10           # resend the outbox head after this long without an ack (§6.1)
 
@@ -610,10 +611,16 @@ class Agent:
             return
         typ, art, index, total, data = f
         if typ == ERROR:  # only on our own topic: anyone may publish on the artifact topic
-            if topic == self.t(f"machines/{self.me}/chunks"):
+            # ... and only MAC'd with our secret (§7.2): it ends the attempt, so one anyone could
+            # publish on a broker without ACLs must not count.
+            if topic == self.t(f"machines/{self.me}/chunks") and len(payload) >= 48 + 32:
+                frame, mac = payload[:-32], payload[-32:]
+                if not hmac.compare_digest(ct.keyed_hash(self.secret, CHUNK_ERROR_TAG + frame), mac):
+                    return
+                reason = frame[48:].decode(errors="replace")
                 for d in [d for d in self.dls.values() if d.id == art and d.retry_at is None]:
-                    log(f"error frame: {data.decode(errors='replace')}")
-                    self.attempt(d, error=data.decode(errors="replace"))
+                    log(f"error frame: {reason}")
+                    self.attempt(d, error=reason)
             return
         for d in list(self.dls.values()):
             if d.id != art or d.retry_at is not None:

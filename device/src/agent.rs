@@ -734,7 +734,7 @@ impl Agent {
         self.publish_state().await;
     }
 
-    fn route_frame(&mut self, frame: Bytes, broadcast: bool) {
+    fn route_frame(&mut self, mut frame: Bytes, broadcast: bool) {
         let header = match decode_frame(&frame) {
             Ok((h, _)) => h,
             Err(e) => {
@@ -747,6 +747,20 @@ impl Agent {
             // topic (which any client can publish to) must not end every machine's attempt.
             tracing::debug!(machine = %self.me(), "error frame on the broadcast topic dropped");
             return;
+        }
+        if header.frame_type == FrameType::Error {
+            // It ends the download attempt, so only one the platform MAC'd with this machine's
+            // secret counts (on a broker without ACLs anyone may publish on this topic too).
+            match fleetcast_proto::chunk::open_error_frame(&self.config.secret, &frame) {
+                Some(plain) => frame = frame.slice_ref(plain),
+                None => {
+                    // At debug: whoever forges them could flood the log too.
+                    tracing::debug!(machine = %self.me(), artifact = %header.artifact.short(),
+                        "error frame without a valid MAC dropped (forged, or from a platform \
+                         older than this agent)");
+                    return;
+                }
+            }
         }
         let manifest = header.frame_type == FrameType::Manifest;
         for job in self.downloads.values() {

@@ -306,7 +306,7 @@ impl ChunkServer {
                 reason,
                 refusal,
             } => {
-                self.error_frame(&own_topic, artifact, &reason).await;
+                self.error_frame(&own_topic, m, artifact, &reason).await;
                 return Err(refusal);
             }
         };
@@ -364,7 +364,7 @@ impl ChunkServer {
         let frames = match self.read_frames(keys, &layout).await {
             Ok(frames) => frames,
             Err(e) => {
-                self.error_frame(&own_topic, artifact, "artifact unreadable")
+                self.error_frame(&own_topic, m, artifact, "artifact unreadable")
                     .await;
                 return Err(e);
             }
@@ -818,16 +818,28 @@ impl ChunkServer {
             .map_err(|e| format!("cannot publish chunk frame: {e}"))
     }
 
-    async fn error_frame(&mut self, topic: &str, artifact: ArtifactId, reason: &str) {
+    /// Sends `m` an error frame on its own topic, MAC'd with the secret its request verified
+    /// under (protocol.md §7.2): it ends the machine's download attempt, so it must be one
+    /// nobody else can make on a broker that lets anyone publish there.
+    async fn error_frame(
+        &mut self,
+        topic: &str,
+        m: &MachineId,
+        artifact: ArtifactId,
+        reason: &str,
+    ) {
+        let Some(secret) = self.ctrs.get(m).map(|(secret, _)| secret.clone()) else {
+            tracing::debug!(machine = %m, %reason, "no verified request of this machine: no error frame");
+            return;
+        };
         let header = FrameHeader {
             frame_type: FrameType::Error,
             artifact,
             index: 0,
             total: 0,
         };
-        let _ = self
-            .send(topic, encode_frame(&header, reason.as_bytes()), None)
-            .await;
+        let frame = fleetcast_proto::chunk::encode_error_frame(&secret, &header, reason.as_bytes());
+        let _ = self.send(topic, frame, None).await;
     }
 }
 

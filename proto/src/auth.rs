@@ -47,6 +47,8 @@ pub enum Purpose {
     EventBatch,
     /// A new platform key, announced under the previous key.
     KeyRotation,
+    /// A chunk error frame to one machine, MAC'd with that machine's secret.
+    ChunkError,
 }
 
 impl Purpose {
@@ -65,6 +67,7 @@ impl Purpose {
             Purpose::Progress => b"fleetcast/v1/progress\0",
             Purpose::EventBatch => b"fleetcast/v1/event-batch\0",
             Purpose::KeyRotation => b"fleetcast/v1/key-rotation\0",
+            Purpose::ChunkError => b"fleetcast/v1/chunk-error\0",
         }
     }
 }

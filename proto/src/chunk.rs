@@ -137,6 +137,31 @@ pub fn encode_upload_frame(secret: &Secret, header: &FrameHeader, payload: &[u8]
     out
 }
 
+/// An error frame to one machine (on `fleet/machines/{m}/chunks`) followed by a 32-byte MAC of
+/// the whole frame with that machine's secret ([`Purpose::ChunkError`]): an error frame ends
+/// the machine's download attempt, so one nobody but the platform can make.
+pub fn encode_error_frame(secret: &Secret, header: &FrameHeader, reason: &[u8]) -> Vec<u8> {
+    let mut out = encode_frame(header, reason);
+    let mac = secret.mac_bytes(Purpose::ChunkError, &out);
+    out.extend_from_slice(&mac);
+    out
+}
+
+/// Checks a MAC'd error frame ([`encode_error_frame`]) with the machine's `secret`; the frame
+/// without its MAC (header and reason), or `None` if it is not one: too short, another type,
+/// or a MAC that does not verify (forged, or from a platform before 2026-11-30).
+pub fn open_error_frame<'a>(secret: &Secret, bytes: &'a [u8]) -> Option<&'a [u8]> {
+    if bytes.len() < FRAME_HEADER_LEN + UPLOAD_MAC_LEN {
+        return None;
+    }
+    let (frame, mac) = bytes.split_at(bytes.len() - UPLOAD_MAC_LEN);
+    let mac: &[u8; UPLOAD_MAC_LEN] = mac.try_into().expect("split at the MAC length");
+    let (header, _) = decode_frame(frame).ok()?;
+    (header.frame_type == FrameType::Error
+        && secret.verify_mac_bytes(Purpose::ChunkError, frame, mac))
+    .then_some(frame)
+}
+
 /// Why an upload frame was dropped.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UploadFrameError {

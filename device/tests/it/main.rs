@@ -264,7 +264,11 @@ async fn platform_with_key(url: &BrokerUrl, secret: Secret, seed: [u8; 32]) -> P
                             t.machine_chunks(&m),
                             QoS::AtMostOnce,
                             false,
-                            encode_frame(&h, b"unknown artifact"),
+                            fleetcast_proto::chunk::encode_error_frame(
+                                &secret_task,
+                                &h,
+                                b"unknown artifact",
+                            ),
                         );
                         continue;
                     };
@@ -888,6 +892,80 @@ async fn an_error_frame_on_the_broadcast_topic_does_not_end_the_download() {
         Phase::Installed,
         "{:?}",
         seen.last()
+    );
+    m.stop().await;
+}
+
+/// An error frame ends the attempt it answers, so on the machine's own topic only one MAC'd
+/// with the machine's secret counts. Found by a docs-only agent author: on a broker without
+/// ACLs five forged error frames there failed a download for good. A forged one (no MAC,
+/// another secret's MAC) is dropped and the download installs; the platform's own (MAC'd)
+/// still ends a one-attempt download as failed, with its reason.
+#[tokio::test]
+async fn only_an_error_frame_macd_for_the_machine_ends_its_download() {
+    let mut s = setup().await;
+    s.platform.control.limit.store(0, Ordering::SeqCst);
+    let m = s.machine(one_attempt(Duration::from_millis(200)));
+    let art = s.platform.add(Artifact::new(200 * 1024, 3));
+    s.platform
+        .announce("r-1", "1.1.0", &art, InstallPolicy::Immediate)
+        .await;
+    s.platform.wait_requested(1).await;
+    let own = s.platform.topics.machine_chunks(&m.config.machine);
+    let error = FrameHeader {
+        frame_type: FrameType::Error,
+        artifact: art.id,
+        index: 0,
+        total: 0,
+    };
+    let other = fleetcast_proto::auth::Secret::from_bytes([9; 32]);
+    for frame in [
+        encode_frame(&error, b"unknown artifact"),
+        fleetcast_proto::chunk::encode_error_frame(&other, &error, b"unknown artifact"),
+    ] {
+        s.platform
+            .client
+            .publish(own.clone(), QoS::AtMostOnce, false, frame)
+            .await
+            .unwrap();
+    }
+    s.platform.control.limit.store(u32::MAX, Ordering::SeqCst);
+    let seen = s.platform.wait_final("r-1").await;
+    assert_eq!(seen.last().unwrap().phase, Phase::Installed, "{seen:?}");
+
+    // The platform's own error frame ends the attempt.
+    let art2 = s.platform.add(Artifact::new(200 * 1024, 4));
+    s.platform.control.limit.store(0, Ordering::SeqCst);
+    s.platform
+        .announce("r-2", "1.2.0", &art2, InstallPolicy::Immediate)
+        .await;
+    s.platform.wait_requested(2).await;
+    let genuine = FrameHeader {
+        artifact: art2.id,
+        ..error
+    };
+    s.platform
+        .client
+        .publish(
+            own.clone(),
+            QoS::AtMostOnce,
+            false,
+            fleetcast_proto::chunk::encode_error_frame(
+                &m.config.secret,
+                &genuine,
+                b"unknown artifact",
+            ),
+        )
+        .await
+        .unwrap();
+    let seen = s.platform.wait_final("r-2").await;
+    let last = seen.last().unwrap();
+    assert_eq!(last.phase, Phase::DownloadFailed, "{last:?}");
+    assert!(
+        last.error
+            .as_deref()
+            .is_some_and(|e| e.contains("unknown artifact")),
+        "{last:?}"
     );
     m.stop().await;
 }

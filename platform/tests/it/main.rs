@@ -1099,7 +1099,14 @@ async fn a_release_reaches_groups_and_machines_serves_chunks_and_records_results
     let missing = ArtifactId::of(b"nope");
     vm1.request_chunks(missing, true, vec![(0, 1)]).await;
     let p = vm1.peer.next(|p| p.topic.ends_with("/chunks")).await;
-    let (h, reason) = decode_frame(&p.payload).unwrap();
+    // MAC'd with vm1's secret, so no other client can make one (protocol.md §7.2).
+    let frame = fleetcast_proto::chunk::open_error_frame(&vm1.secret, &p.payload)
+        .expect("an error frame MAC'd for vm1");
+    assert!(
+        fleetcast_proto::chunk::open_error_frame(&Secret::from_bytes([9; 32]), &p.payload)
+            .is_none()
+    );
+    let (h, reason) = decode_frame(frame).unwrap();
     assert_eq!((h.frame_type, h.artifact), (FrameType::Error, missing));
     assert_eq!(reason, b"unknown artifact");
 

@@ -386,7 +386,10 @@ async fn machines_get_chunks_only_of_their_releases_and_cannot_flood_the_event_s
     vm.peer.subscribe(chunks).await;
     vm.request_chunks(one.id, false, vec![(0, 1)]).await;
     let p = vm.peer.next(|p| p.topic == chunks).await;
-    let (h, reason) = decode_frame(&p.payload).unwrap();
+    // MAC'd with vm-001's secret (protocol.md §7.2).
+    let frame = fleetcast_proto::chunk::open_error_frame(&vm.secret, &p.payload)
+        .expect("an error frame MAC'd for vm-001");
+    let (h, reason) = decode_frame(frame).unwrap();
     assert_eq!(
         (h.frame_type, reason),
         (FrameType::Error, &b"unknown artifact"[..]),
