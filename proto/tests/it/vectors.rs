@@ -555,6 +555,17 @@ fn mac_file() -> Value {
         &bytes[2048..],
     );
     let (frame, mac) = upload.split_at(upload.len() - 32);
+    let error = fleetcast_proto::chunk::encode_error_frame(
+        &secret,
+        &FrameHeader {
+            frame_type: FrameType::Error,
+            artifact: ArtifactId::of(&bytes),
+            index: 0,
+            total: 0,
+        },
+        b"unknown artifact",
+    );
+    let (error_frame, error_mac) = error.split_at(error.len() - 32);
     let client = admin_request().client;
     let response = AdminResponse::ok(
         1,
@@ -574,7 +585,7 @@ fn mac_file() -> Value {
     aad.extend_from_slice(client.as_bytes());
     file(
         header(
-            "MACs (machine and operator -> platform, and status acks platform -> machine with the machine's secret). mac = hex(BLAKE3 keyed_hash(key = the 32-byte secret, message = tag || body)), tag = the ASCII text then one zero byte, body = the exact UTF-8 of the envelope's body string. `envelope` is the exact message the reference implementation publishes. `upload_part` MACs a binary frame instead of a body; `sealed_box` is an admin response sealed for the operator with a fixed nonce (the platform draws a random one).",
+            "MACs (machine and operator -> platform, and status acks platform -> machine with the machine's secret). mac = hex(BLAKE3 keyed_hash(key = the 32-byte secret, message = tag || body)), tag = the ASCII text then one zero byte, body = the exact UTF-8 of the envelope's body string. `envelope` is the exact message the reference implementation publishes. `upload_part` MACs a binary frame instead of a body, and so does `error_frame` (a chunk error frame to the machine, on its own chunks topic); `sealed_box` is an admin response sealed for the operator with a fixed nonce (the platform draws a random one).",
             "§3, §6, §7.3, §8",
         ),
         json!({
@@ -592,6 +603,13 @@ fn mac_file() -> Value {
                 "frame": hex::encode(frame),
                 "mac": hex::encode(mac),
                 "published": hex::encode(&upload),
+            },
+            "error_frame": {
+                "purpose": "chunk-error",
+                "tag": tag_text("chunk-error"),
+                "frame": hex::encode(error_frame),
+                "mac": hex::encode(error_mac),
+                "published": hex::encode(&error),
             },
             "sealed_box": {
                 "purpose": "admin-response",
@@ -654,6 +672,24 @@ fn mac_vectors_match_the_code_and_open() {
     let published = unhex(&str_of(up, "published"));
     let (header, payload) = open_upload_frame(&secret, &published).unwrap();
     assert_eq!((header.index, payload.len()), (2, 452));
+    let ef = &on_disk["error_frame"];
+    let published = unhex(&str_of(ef, "published"));
+    let frame = fleetcast_proto::chunk::open_error_frame(&secret, &published)
+        .expect("the error frame vector opens with the machine's secret");
+    let (header, reason) = decode_frame(frame).unwrap();
+    assert_eq!(
+        (header.frame_type, reason),
+        (FrameType::Error, &b"unknown artifact"[..])
+    );
+    assert_eq!(hex::encode(frame), str_of(ef, "frame"));
+    let mut tagged = tag_text("chunk-error").into_bytes();
+    tagged.extend_from_slice(frame);
+    assert_eq!(
+        blake3::keyed_hash(secret.as_bytes(), &tagged)
+            .to_hex()
+            .as_str(),
+        str_of(ef, "mac")
+    );
     let sealed = &on_disk["sealed_box"];
     let opened: Value = secret
         .open_box(
