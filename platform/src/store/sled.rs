@@ -165,6 +165,12 @@ impl T {
 
     /// Adds `by` to the u64 BE counter at `key` (absent: 0), atomically; the new value.
     fn increment_by(&self, key: &str, by: u64) -> Result<u64, StoreError> {
+        self.update_counter(key, |n| n + by)
+    }
+
+    /// Replaces the u64 BE counter at `key` (absent: 0) with `f` of it, atomically; the new
+    /// value.
+    fn update_counter(&self, key: &str, f: impl Fn(u64) -> u64) -> Result<u64, StoreError> {
         let next = self
             .tree
             .update_and_fetch(key, |old| {
@@ -172,7 +178,7 @@ impl T {
                     .and_then(|v| <[u8; 8]>::try_from(v).ok())
                     .map(u64::from_be_bytes)
                     .unwrap_or(0);
-                Some((n + by).to_be_bytes().to_vec())
+                Some(f(n).to_be_bytes().to_vec())
             })
             .map_err(self.err("update"))?
             .expect("update_and_fetch returned the new value");
@@ -599,17 +605,7 @@ impl Store for SledStore {
 
     fn raise_seq(&self, at_least: u64) -> Result<(), StoreError> {
         let (_held, open) = self.writing();
-        open.t
-            .meta
-            .tree
-            .update_and_fetch("seq", |old| {
-                let n = old
-                    .and_then(|v| <[u8; 8]>::try_from(v).ok())
-                    .map(u64::from_be_bytes)
-                    .unwrap_or(0);
-                Some(n.max(at_least).to_be_bytes().to_vec())
-            })
-            .map_err(open.t.meta.err("update"))?;
+        open.t.meta.update_counter("seq", |n| n.max(at_least))?;
         Ok(())
     }
 
