@@ -848,27 +848,34 @@ async fn a_fresh_download_of_one_window_needs_one_request_for_the_manifest_and_i
     m.stop().await;
 }
 
-#[tokio::test]
-async fn an_error_frame_on_the_broadcast_topic_does_not_end_the_download() {
-    let mut s = setup().await;
+/// A one-attempt agent asked to install release r-1 (a 200 KiB artifact) that has asked for
+/// chunks the platform holds back (so it is subscribed to the broadcast topic by now), and the
+/// header of an error frame for that artifact.
+async fn a_download_held_back(s: &mut Setup) -> (Machine, Arc<Artifact>, FrameHeader) {
     s.platform.control.limit.store(0, Ordering::SeqCst);
     let m = s.machine(one_attempt(Duration::from_millis(200)));
     let art = s.platform.add(Artifact::new(200 * 1024, 3));
     s.platform
         .announce("r-1", "1.1.0", &art, InstallPolicy::Immediate)
         .await;
-    // The agent asks for chunks, so it is subscribed to the broadcast topic by now.
     s.platform.wait_requested(1).await;
-    // Anyone can publish there; the protocol gives error frames meaning only on the
-    // machine's own chunk topic. A real chunk after it on the same topic proves the error
-    // frame was delivered first.
-    let broadcast = s.platform.topics.artifact_chunks(&art.id);
     let error = FrameHeader {
         frame_type: FrameType::Error,
         artifact: art.id,
         index: 0,
         total: 0,
     };
+    (m, art, error)
+}
+
+#[tokio::test]
+async fn an_error_frame_on_the_broadcast_topic_does_not_end_the_download() {
+    let mut s = setup().await;
+    let (m, art, error) = a_download_held_back(&mut s).await;
+    // Anyone can publish there; the protocol gives error frames meaning only on the
+    // machine's own chunk topic. A real chunk after it on the same topic proves the error
+    // frame was delivered first.
+    let broadcast = s.platform.topics.artifact_chunks(&art.id);
     let chunk = FrameHeader {
         frame_type: FrameType::Chunk,
         artifact: art.id,
@@ -904,20 +911,8 @@ async fn an_error_frame_on_the_broadcast_topic_does_not_end_the_download() {
 #[tokio::test]
 async fn only_an_error_frame_macd_for_the_machine_ends_its_download() {
     let mut s = setup().await;
-    s.platform.control.limit.store(0, Ordering::SeqCst);
-    let m = s.machine(one_attempt(Duration::from_millis(200)));
-    let art = s.platform.add(Artifact::new(200 * 1024, 3));
-    s.platform
-        .announce("r-1", "1.1.0", &art, InstallPolicy::Immediate)
-        .await;
-    s.platform.wait_requested(1).await;
+    let (m, _art, error) = a_download_held_back(&mut s).await;
     let own = s.platform.topics.machine_chunks(&m.config.machine);
-    let error = FrameHeader {
-        frame_type: FrameType::Error,
-        artifact: art.id,
-        index: 0,
-        total: 0,
-    };
     let other = fleetcast_proto::auth::Secret::from_bytes([9; 32]);
     for frame in [
         encode_frame(&error, b"unknown artifact"),
