@@ -587,6 +587,7 @@ impl Admin {
             AnyCall::ReleaseList(call) => releases::list(ctx, call).map(c::ReleaseList::wrap),
             AnyCall::ReleaseQuery(call) => releases::query(ctx, call).map(c::ReleaseQuery::wrap),
             AnyCall::DbCompact(call) => events::compact(ctx, call).await.map(c::DbCompact::wrap),
+            AnyCall::DbBackup(call) => events::backup(ctx, call).await.map(c::DbBackup::wrap),
             AnyCall::ReleaseRemove(call) => {
                 removal::remove(ctx, call).await.map(c::ReleaseRemove::wrap)
             }

@@ -263,6 +263,33 @@ pub fn rotate(data_dir: &Path, keys: &Keys, now_ms: u64) -> Result<Keys, Platfor
     })
 }
 
+/// Writes `keys` into `dir` as the files [`load_or_create_keys`] reads (a backup's keys): the
+/// seed and the first admin's secret owner-only, the public key, and the chain when there was a
+/// rotation.
+pub fn write_all(dir: &Path, keys: &Keys) -> Result<(), PlatformError> {
+    let seed = hex::encode(keys.platform.seed());
+    write_atomic(
+        &platform_key_path(dir),
+        format!("{seed}\n").as_bytes(),
+        0o600,
+    )?;
+    if !keys.chain.links.is_empty() {
+        write_atomic(&chain_path(dir), &keys.chain.to_bytes(), 0o644)?;
+    }
+    let public = &keys.public;
+    write_atomic(
+        &public_key_path(dir),
+        format!("{public}\n").as_bytes(),
+        0o644,
+    )?;
+    let admin = keys.admin.to_hex();
+    write_atomic(
+        &admin_secret_path(dir),
+        format!("{admin}\n").as_bytes(),
+        0o600,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

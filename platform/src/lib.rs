@@ -37,6 +37,7 @@
 
 pub mod admin;
 pub mod artifacts;
+pub mod backup;
 pub mod broker_auth;
 pub mod chunks;
 pub mod cli;

@@ -28,6 +28,7 @@
 //!   `r-10/...` (the key helpers in [`key`] are the one definition of every composite key).
 
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
 
 use fleetcast_proto::acl::Role;
@@ -423,6 +424,19 @@ pub trait Store: Reads + Send + Sync {
     /// until it is done); `None` for a store without files. Blocks for as long as the copy
     /// takes: call it off the async threads.
     fn compact_online(&self) -> Option<Result<compact::Report, compact::CompactError>> {
+        None
+    }
+
+    /// Copies the database, in use, into a new one at `to` ([`SledStore::backup`]), then runs
+    /// `also` (what else the backup takes: keys, artifact files), all with every write held, so
+    /// that what `also` reads agrees with the copy; `None` for a store without files. Blocks
+    /// for as long as the copy takes: call it off the async threads.
+    fn backup_online(
+        &self,
+        to: &Path,
+        also: &mut dyn FnMut() -> Result<(), compact::CompactError>,
+    ) -> Option<Result<compact::Report, compact::CompactError>> {
+        let _ = (to, also);
         None
     }
 

@@ -354,6 +354,13 @@ pub enum AdminOp {
     /// copy; reads and connections go on. `serve` also does it by itself when it is due.
     /// Reply: `compacted`.
     DbCompact,
+    /// Backs the platform up now, while it runs, into a new directory `backups/<UTC time>` of
+    /// its data dir, laid out as a data dir: the database copied (read back and compared),
+    /// the keys in force, and the artifact files (hard links where the file system allows).
+    /// Writes wait for the copy of the database and the artifacts' links, so the three agree;
+    /// reads and connections go on. `fleetcast serve --data` that directory starts the
+    /// platform as it was. Reply: `backed_up`.
+    DbBackup,
 }
 
 fn is_false(b: &bool) -> bool {
@@ -404,6 +411,7 @@ impl AdminOp {
             AdminOp::ReleaseQuery { .. } => "release_query",
             AdminOp::ReleaseRemove { .. } => "release_remove",
             AdminOp::DbCompact => "db_compact",
+            AdminOp::DbBackup => "db_backup",
         }
     }
 
@@ -449,7 +457,8 @@ impl AdminOp {
             | AdminOp::Audit { .. }
             | AdminOp::KeyRotate
             | AdminOp::MosquittoConfig { .. }
-            | AdminOp::DbCompact => Role::Admin,
+            | AdminOp::DbCompact
+            | AdminOp::DbBackup => Role::Admin,
         }
     }
 
@@ -646,6 +655,9 @@ pub enum AdminReply {
     Compacted {
         compaction: Compaction,
     },
+    BackedUp {
+        backup: Backup,
+    },
 }
 
 /// What `db_compact` did to the platform's database.
@@ -658,6 +670,29 @@ pub struct Compaction {
     pub records: u64,
     pub live_bytes: u64,
     /// How long writes waited: the flush, the copy, its check and the swap.
+    pub took_ms: u64,
+}
+
+/// What `db_backup` made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Backup {
+    /// The backup's directory, on the platform's host.
+    pub path: String,
+    /// Records copied (and read back), their bytes of keys and values, and the copy's size on
+    /// disk.
+    pub records: u64,
+    pub live_bytes: u64,
+    pub db_bytes: u64,
+    /// Artifact files (each artifact's bytes and its manifest) in the backup, and their bytes;
+    /// how many of them are copies (the rest are hard links, which take no space).
+    pub artifact_files: u64,
+    pub artifact_bytes: u64,
+    pub artifact_files_copied: u64,
+    /// The key generation backed up.
+    pub key_gen: u32,
+    /// How long writes waited (the database's copy, its check, and the artifacts' links), and
+    /// the whole backup.
+    pub writes_held_ms: u64,
     pub took_ms: u64,
 }
 

@@ -262,6 +262,8 @@ calls! {
     }
     /// See [`AdminOp::DbCompact`].
     DbCompact = "db_compact" {} -> "compacted" Compaction { AdminReply::Compacted { compaction } => compaction; r => AdminReply::Compacted { compaction: r } }
+    /// See [`AdminOp::DbBackup`].
+    DbBackup = "db_backup" {} -> "backed_up" Backup { AdminReply::BackedUp { backup } => backup; r => AdminReply::BackedUp { backup: r } }
     /// See [`AdminOp::ReleaseRemove`].
     ReleaseRemove = "release_remove" { releases: Vec<ReleaseId>, check: bool }
         -> "release_removal" Removal {
@@ -547,6 +549,7 @@ mod tests {
         );
         wire(Stats {}, json!({"op": "stats"}));
         wire(DbCompact {}, json!({"op": "db_compact"}));
+        wire(DbBackup {}, json!({"op": "db_backup"}));
         for (op, call) in [
             (
                 "rollout_status",
@@ -639,6 +642,14 @@ mod tests {
                 records: 40_000,
                 live_bytes: 13 << 20,
                 took_ms: 235,
+            },
+        });
+        round::<DbBackup>(AdminReply::BackedUp {
+            backup: Backup {
+                path: "/var/lib/fleetcast/backups/2026-11-30T01-00-00Z".into(),
+                records: 40_000,
+                artifact_files: 4,
+                ..Default::default()
             },
         });
         round::<EventsSince>(AdminReply::Events {

@@ -1,5 +1,6 @@
 //! `fleetcast db`: the platform's database: compacted on its host with the platform stopped, or
-//! by the running platform (`--online`, an admin request).
+//! by the running platform (`--online`, an admin request); backed up by the running platform
+//! (`backup`, an admin request, [`crate::backup`]).
 
 use std::path::PathBuf;
 
@@ -16,6 +17,12 @@ pub enum DbCmd {
     /// stopped, on its host; with `--online`, by the running platform. `fleetcast serve` does it
     /// by itself when it is due, at start and while it runs.
     Compact(CompactArgs),
+    /// Back the running platform up now, into a new directory `backups/<UTC time>` of its data
+    /// dir (an admin request, from anywhere the CLI reaches the broker): the database copied
+    /// and verified, the keys in force and the artifact files (hard links), laid out as a data
+    /// dir, so `fleetcast serve --data` that directory starts the platform as it was. Writes
+    /// wait for the copy. It holds every identity's secret: copy it off the host as such.
+    Backup(BackupArgs),
 }
 
 #[derive(Args)]
@@ -32,6 +39,14 @@ pub struct CompactArgs {
     /// reports are acknowledged, and changes answered, that much later.
     #[arg(long)]
     pub online: bool,
+}
+
+#[derive(Args)]
+pub struct BackupArgs {
+    /// Print what was made as JSON (docs/schemas/backup.json): `path` is where, on the
+    /// platform's host.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// How long `db compact --online` waits for the platform's answer.
@@ -52,6 +67,33 @@ pub async fn run(cmd: DbCmd, client: &super::ClientArgs) -> anyhow::Result<()> {
                 bytes(c.after_bytes),
                 c.records,
                 bytes(c.live_bytes)
+            );
+            Ok(())
+        }
+        DbCmd::Backup(args) => {
+            let b = client
+                .call_waiting(fleetcast_proto::calls::DbBackup {}, COMPACT_TIMEOUT)
+                .await?;
+            if args.json {
+                println!("{}", serde_json::to_string_pretty(&b)?);
+                return Ok(());
+            }
+            let copied = match b.artifact_files_copied {
+                0 => "linked".to_owned(),
+                n if n == b.artifact_files => "copied".to_owned(),
+                n => format!("{n} of them copied, the rest linked"),
+            };
+            println!(
+                "backed up to {} (on the platform's host) in {:.2} s, writes held for {:.2} s:\n  database:  {} records, {} of keys and values, {} on disk, read back and verified\n  keys:      generation {}\n  artifacts: {} files, {} ({copied})\nIt holds every identity's secret: copy it off this host (rsync -a, tar) as secretly as the data dir. To restore, stop `serve` and start it with `--data` on a copy of it (docs/operations.md, Backups).",
+                b.path,
+                b.took_ms as f64 / 1000.0,
+                b.writes_held_ms as f64 / 1000.0,
+                b.records,
+                bytes(b.live_bytes),
+                bytes(b.db_bytes),
+                b.key_gen,
+                b.artifact_files,
+                bytes(b.artifact_bytes),
             );
             Ok(())
         }

@@ -101,7 +101,7 @@ pub enum Command {
     #[command(subcommand)]
     Profile(profile::ProfileCmd),
     /// The platform's database: compact it (on its host with the platform stopped, or with
-    /// `--online` by the running platform).
+    /// `--online` by the running platform), or back the running platform up.
     #[command(subcommand)]
     Db(db::DbCmd),
 }

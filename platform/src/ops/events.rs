@@ -5,7 +5,9 @@
 //! message; an audit entry's request, e.g. a 1,000-machine provisioning batch), and 500 of them
 //! would not fit one packet.
 
-use fleetcast_proto::admin::{AuditEntry, Compaction, DatabaseSize, FleetEvent, PlatformStats};
+use fleetcast_proto::admin::{
+    AuditEntry, Backup, Compaction, DatabaseSize, FleetEvent, PlatformStats,
+};
 use fleetcast_proto::calls::{self, Page};
 use fleetcast_proto::events::MAX_BATCH_EVENTS;
 use serde::Serialize;
@@ -129,6 +131,41 @@ pub async fn compact(ctx: &Ctx, _: calls::DbCompact) -> Result<Compaction, OpErr
         records: r.records,
         live_bytes: r.live_bytes,
         took_ms: r.took.as_millis() as u64,
+    })
+}
+
+/// `db_backup`: the platform backed up now, while it runs ([`crate::backup`]). The copy blocks
+/// this task's thread, which hands its other tasks to another worker first.
+pub async fn backup(ctx: &Ctx, _: calls::DbBackup) -> Result<Backup, OpError> {
+    let made = crate::store::sled::off_the_runtime(|| {
+        crate::backup::make(
+            &*ctx.store,
+            &ctx.files,
+            &|| ctx.keys(),
+            &ctx.data_dir,
+            crate::now_ms(),
+        )
+    })
+    .map_err(|e| OpError::Refused(format!("not backed up: {e}")))?;
+    tracing::info!(
+        path = %made.path.display(),
+        records = made.db.records,
+        artifact_files = made.artifact_files,
+        copied = made.artifact_files_copied,
+        writes_waited_ms = made.writes_held.as_millis() as u64,
+        "backed up"
+    );
+    Ok(Backup {
+        path: made.path.display().to_string(),
+        records: made.db.records,
+        live_bytes: made.db.live_bytes,
+        db_bytes: made.db.after,
+        artifact_files: made.artifact_files,
+        artifact_bytes: made.artifact_bytes,
+        artifact_files_copied: made.artifact_files_copied,
+        key_gen: made.key_gen,
+        writes_held_ms: made.writes_held.as_millis() as u64,
+        took_ms: made.took.as_millis() as u64,
     })
 }
 

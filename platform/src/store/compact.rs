@@ -396,15 +396,7 @@ fn report(before: u64, after: u64, copied: Digest, start: Instant) -> Report {
 /// error nothing has moved and the copy is gone. `db` may stay open throughout: nothing in it
 /// changes, and its files stay where they are open.
 fn copy_and_swap(p: &Beside, db: &::sled::Db, before: u64) -> Result<(Digest, u64), CompactError> {
-    if let Ok((free, _)) = crate::disk::space(&p.db) {
-        if free < before {
-            return Err(CompactError::NoSpace {
-                path: p.db.clone(),
-                need_mib: before.div_ceil(1 << 20),
-                free_mib: free >> 20,
-            });
-        }
-    }
+    room_for(&p.db, before)?;
     let (copied, after) = copy_and_verify(db, &p.copy).inspect_err(|_| {
         let _ = fs::remove_dir_all(&p.copy);
     })?;
@@ -419,6 +411,35 @@ fn copy_and_swap(p: &Beside, db: &::sled::Db, before: u64) -> Result<(Digest, u6
     }
     sync_dir(&p.db).map_err(io_err("syncing the directory of", &p.db))?;
     Ok((copied, after))
+}
+
+/// Refuses when the file system of `path` has less than `need` bytes free (a copy of a
+/// database may take as much as the database takes on disk).
+fn room_for(path: &Path, need: u64) -> Result<(), CompactError> {
+    match crate::disk::space(path) {
+        Ok((free, _)) if free < need => Err(CompactError::NoSpace {
+            path: path.to_owned(),
+            need_mib: need.div_ceil(1 << 20),
+            free_mib: free >> 20,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Copies the database `db`, open and in use, its writes held off by the caller until this
+/// returns, into a new database at `to` (which must not exist yet), and verifies the copy as a
+/// compaction does; `db` itself is left as it is. For a backup ([`super::SledStore::backup`]).
+pub(super) fn copy_to(db: &::sled::Db, to: &Path) -> Result<Report, CompactError> {
+    let start = Instant::now();
+    let before = db.size_on_disk().map_err(sled_err("reading the size"))?;
+    room_for(to.parent().unwrap_or(to), before)?;
+    if to.exists() {
+        return Err(io_err("creating", to)(io::ErrorKind::AlreadyExists.into()));
+    }
+    let (copied, after) = copy_and_verify(db, to).inspect_err(|_| {
+        let _ = fs::remove_dir_all(to);
+    })?;
+    Ok(report(before, after, copied, start))
 }
 
 /// Compacts the database at `db_path` that a running store has open as `db`, its writes held
@@ -742,10 +763,89 @@ mod tests {
         drop(SledStore::open(&path).unwrap());
     }
 
+    /// A thread that writes machines `w-00000`, `w-00001`, ... up to `n`, each in a transaction
+    /// and then counted in the counter `w`/`status`; returned once it has written 100.
+    fn writing(store: &std::sync::Arc<SledStore>, n: u64) -> std::thread::JoinHandle<()> {
+        use crate::fixtures::m;
+        use fleetcast_proto::admin::MachineInfo;
+        let writer = std::thread::spawn({
+            let store = store.clone();
+            move || {
+                for i in 0..n {
+                    let info = MachineInfo::new(m(&format!("w-{i:05}")), 1);
+                    store.transaction(|rec| rec.put_machine(&info)).unwrap();
+                    store.raise_counter(&m("w"), "status", i + 1).unwrap();
+                }
+            }
+        });
+        while store.counter(&m("w"), "status").unwrap() < 100 {
+            std::thread::yield_now();
+        }
+        writer
+    }
+
+    /// A backup of a store in use is the store at one moment: every write before it, none
+    /// after, and what the backup's `also` reads is that same moment.
+    #[test]
+    fn a_backup_of_a_store_in_use_holds_the_writes_of_one_moment() {
+        use crate::fixtures::m;
+        use std::sync::Arc;
+
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(SledStore::open(&dir.path().join("db")).unwrap());
+        const WRITES: u64 = 4000;
+        let writer = writing(&store, WRITES);
+        let to = dir.path().join("backup");
+        let mut seen_by_also = None;
+        let r = store
+            .backup(&to, &mut || {
+                // Writes wait meanwhile: give the writer time to try.
+                std::thread::sleep(Duration::from_millis(50));
+                seen_by_also = Some(store.counter(&m("w"), "status").unwrap());
+                Ok(())
+            })
+            .unwrap();
+        writer.join().unwrap();
+        let copied = SledStore::open(&to).unwrap();
+        let counter = copied.counter(&m("w"), "status").unwrap();
+        assert!(counter < WRITES, "the backup ran while the writes went on");
+        assert_eq!(
+            Some(counter),
+            seen_by_also,
+            "no write between the copy and `also`"
+        );
+        // The machines written before the counter's last raise, and at most the one after it.
+        let present = (0..WRITES)
+            .take_while(|i| copied.machine(&m(&format!("w-{i:05}"))).unwrap().is_some())
+            .count() as u64;
+        assert!(
+            present == counter || present == counter + 1,
+            "{present} machines for a counter of {counter}"
+        );
+        assert!(copied
+            .machine(&m(&format!("w-{:05}", present + 1)))
+            .unwrap()
+            .is_none());
+        drop(copied);
+        assert_eq!(r.records, contents_len(&to));
+        // The store itself goes on with everything.
+        assert_eq!(store.counter(&m("w"), "status").unwrap(), WRITES);
+        // A backup onto something there is refused, and leaves it.
+        std::fs::create_dir(dir.path().join("there")).unwrap();
+        let err = store
+            .backup(&dir.path().join("there"), &mut || Ok(()))
+            .unwrap_err();
+        assert!(err.to_string().contains("exists"), "{err}");
+        assert!(dir.path().join("there").exists());
+    }
+
+    fn contents_len(path: &Path) -> u64 {
+        contents(path).values().map(|t| t.len() as u64).sum()
+    }
+
     #[test]
     fn a_store_in_use_compacts_and_loses_no_write_made_meanwhile() {
         use crate::fixtures::m;
-        use fleetcast_proto::admin::MachineInfo;
         use std::sync::Arc;
 
         let dir = tempfile::tempdir().unwrap();
@@ -756,21 +856,7 @@ mod tests {
         // A read that began before the compaction, and the writes of one that goes on.
         let old_read = store.reads();
         const WRITES: usize = 4000;
-        let writer = std::thread::spawn({
-            let store = store.clone();
-            move || {
-                for i in 0..WRITES {
-                    let info = MachineInfo::new(m(&format!("w-{i:05}")), 1);
-                    store.transaction(|rec| rec.put_machine(&info)).unwrap();
-                    store
-                        .raise_counter(&m("w"), "status", i as u64 + 1)
-                        .unwrap();
-                }
-            }
-        });
-        while store.counter(&m("w"), "status").unwrap() < 100 {
-            std::thread::yield_now();
-        }
+        let writer = writing(&store, WRITES as u64);
         let r = store.compact().unwrap();
         let written_by_then = store.counter(&m("w"), "status").unwrap();
         writer.join().unwrap();

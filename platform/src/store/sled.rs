@@ -297,7 +297,7 @@ pub struct SledStore {
 /// (with two workers, two such writes would otherwise stop every connection and transfer for
 /// as long as the copy takes). Anywhere else (a blocking thread, a test's single-threaded
 /// runtime, no runtime), as it is.
-fn off_the_runtime<T>(wait: impl FnOnce() -> T) -> T {
+pub(crate) fn off_the_runtime<T>(wait: impl FnOnce() -> T) -> T {
     match tokio::runtime::Handle::try_current() {
         Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(wait)
@@ -432,6 +432,20 @@ impl SledStore {
         let path = self.path.clone();
         std::thread::spawn(move || super::compact::delete_replaced(&path));
         Ok(report)
+    }
+
+    /// Copies the database into a new one at `to` while the store stays in use, and verifies
+    /// the copy (as a compaction does), then runs `also`; writes wait from before the
+    /// copy until `also` returns, reads go on. The store's own database is left as it is.
+    pub fn backup(
+        &self,
+        to: &Path,
+        also: &mut dyn FnMut() -> Result<(), super::compact::CompactError>,
+    ) -> Result<super::compact::Report, super::compact::CompactError> {
+        let _held = self.writes.write();
+        let r = super::compact::copy_to(&self.now().db, to)?;
+        also()?;
+        Ok(r)
     }
 }
 
@@ -580,6 +594,14 @@ impl Store for SledStore {
         &self,
     ) -> Option<Result<super::compact::Report, super::compact::CompactError>> {
         Some(self.compact())
+    }
+
+    fn backup_online(
+        &self,
+        to: &Path,
+        also: &mut dyn FnMut() -> Result<(), super::compact::CompactError>,
+    ) -> Option<Result<super::compact::Report, super::compact::CompactError>> {
+        Some(self.backup(to, also))
     }
 
     fn flush_async(&self) -> Flush<'_> {

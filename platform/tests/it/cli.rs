@@ -656,6 +656,7 @@ async fn every_json_output_matches_its_schema_in_docs() {
             "integrators.json",
         ),
         ("stats", &["stats", "--json"], "stats.json"),
+        ("db backup", &["db", "backup", "--json"], "backup.json"),
     ] {
         outputs.push((what, schema, fc.run(args).await.json()));
     }

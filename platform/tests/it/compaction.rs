@@ -110,6 +110,24 @@ async fn three_installed() -> Installed {
     }
 }
 
+/// `call` is refused to a viewer and an operator (added as `val` and `oscar`): it needs admin.
+async fn refused_below_admin<C>(adm: &AdminClient, url: &BrokerUrl, call: C)
+where
+    C: fleetcast_proto::calls::Call + Clone,
+    C::Reply: std::fmt::Debug,
+{
+    use fleetcast_proto::acl::Role;
+    for (name, role) in [("val", Role::Viewer), ("oscar", Role::Operator)] {
+        let profile = add_operator(adm, name, role).await;
+        let op = AdminClient::connect_as(url, Topics::default(), name, profile.secret, WAIT)
+            .await
+            .unwrap();
+        let err = op.call(call.clone()).await.unwrap_err();
+        assert!(err.to_string().contains("needs admin"), "{name}: {err}");
+        op.close().await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compacted_database_serves_on_with_everything_it_held_and_is_not_compacted_in_use() {
     let Installed {
@@ -183,7 +201,6 @@ async fn a_compacted_database_serves_on_with_everything_it_held_and_is_not_compa
 async fn a_running_platform_compacts_its_database_on_an_admins_command_and_serves_on_with_all_of_it(
 ) {
     use super::cli::Fleetcast;
-    use fleetcast_proto::acl::Role;
 
     let Installed {
         _broker,
@@ -198,15 +215,7 @@ async fn a_running_platform_compacts_its_database_on_an_admins_command_and_serve
     } = three_installed().await;
 
     // Below admin: refused, nothing compacted.
-    for (name, role) in [("val", Role::Viewer), ("oscar", Role::Operator)] {
-        let profile = add_operator(&adm, name, role).await;
-        let op = AdminClient::connect_as(&url, Topics::default(), name, profile.secret, WAIT)
-            .await
-            .unwrap();
-        let err = op.call(calls::DbCompact {}).await.unwrap_err();
-        assert!(err.to_string().contains("needs admin"), "{name}: {err}");
-        op.close().await;
-    }
+    refused_below_admin(&adm, &url, calls::DbCompact {}).await;
     assert!(database(&adm).await.compacted_bytes.is_none());
     let before = held(&adm, &releases).await;
 
@@ -278,4 +287,184 @@ async fn a_running_platform_compacts_its_database_on_an_admins_command_and_serve
     vm.report_recorded(&adm, &r, "1.4", Phase::Installed).await;
     adm.close().await;
     stop(platform).await;
+}
+
+/// `fleetcast db backup`: a running platform backed up into a directory that starts, as a data
+/// dir, the platform as it was then; what came after is not in it, and the machine's secret and
+/// the rotated key came along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_platform_backs_up_into_a_data_dir_that_starts_as_it_was() {
+    use super::cli::Fleetcast;
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+
+    let Installed {
+        _broker,
+        url,
+        dir,
+        data_dir,
+        out,
+        platform,
+        adm,
+        mut vm,
+        releases,
+    } = three_installed().await;
+
+    // Below admin: refused (a backup holds every identity's secret), nothing made.
+    refused_below_admin(&adm, &url, calls::DbBackup {}).await;
+    assert!(!data_dir.join("backups").exists());
+    adm.call(calls::KeyRotate {}).await.unwrap();
+    let before = held(&adm, &releases).await;
+
+    let fc = Fleetcast::new(dir.path())
+        .with("FLEETCAST_DATA", &data_dir)
+        .with("FLEETCAST_BROKER", url.to_string());
+    let said = fc.run(&["db", "backup"]).await.ok();
+    assert!(said.contains("read back and verified"), "{said}");
+    assert!(said.contains("generation 1"), "{said}");
+    let path = said
+        .strip_prefix("backed up to ")
+        .and_then(|s| s.split(" (on the platform's host)").next())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("the backup's path: {said}"));
+    assert_eq!(path.parent(), Some(data_dir.join("backups").as_path()));
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&path), 0o700, "{}", path.display());
+    assert_eq!(mode(&data_dir.join("backups")), 0o700);
+    for secret in ["platform.key", "admin.secret"] {
+        assert_eq!(mode(&path.join(secret)), 0o600, "{secret}");
+        assert_eq!(
+            std::fs::read(path.join(secret)).unwrap(),
+            std::fs::read(data_dir.join(secret)).unwrap(),
+            "{secret}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(path.join("key-chain.json")).unwrap(),
+        std::fs::read(data_dir.join("key-chain.json")).unwrap()
+    );
+    // Each artifact's bytes and manifest, linked (the same file, no second copy).
+    let mut linked = 0;
+    for entry in std::fs::read_dir(path.join("artifacts")).unwrap() {
+        let entry = entry.unwrap();
+        let live = data_dir.join("artifacts").join(entry.file_name());
+        assert_eq!(
+            entry.metadata().unwrap().ino(),
+            std::fs::metadata(&live).unwrap().ino(),
+            "{}",
+            live.display()
+        );
+        linked += 1;
+    }
+    assert_eq!(
+        linked, 6,
+        "three artifacts, each its bytes and its manifest"
+    );
+    assert!(said.contains("6 files"), "{said}");
+
+    // The platform goes on; what it stores now is not in the backup.
+    upload(&adm, dir.path(), "a.bin", &data(3000, 7), "1.3")
+        .await
+        .unwrap();
+    let later = release(&adm, "1.3", &[], &["g"]).await.release.id;
+    vm.report_recorded(&adm, &later, "1.3", Phase::Installed)
+        .await;
+    // A second backup has a name of its own.
+    let again = adm.call(calls::DbBackup {}).await.unwrap();
+    assert_ne!(PathBuf::from(&again.path), path);
+    assert!(again.records > 0, "{again:?}");
+    adm.close().await;
+    stop(platform).await;
+
+    // Started on the backup: what was held then, the rotated key, the machine's secret.
+    let platform = spawn_serve(&path, &url, "never", &dir.path().join("restored.out"));
+    let adm = admin(&url, &path).await;
+    let mut restored = held(&adm, &releases).await;
+    let audited = before["audit"].as_array().unwrap().len();
+    restored["audit"].as_array_mut().unwrap().truncate(audited);
+    assert_eq!(restored, before);
+    let err = adm
+        .call(calls::ReleaseStatus {
+            release: later.clone(),
+            after: None,
+            limit: None,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("unknown release"), "{err}");
+    let stats = adm.call(calls::Stats {}).await.unwrap();
+    assert!(stats.database.is_some(), "{stats:?}");
+    assert_eq!(
+        std::fs::read_to_string(path.join("platform.pub")).unwrap(),
+        std::fs::read_to_string(data_dir.join("platform.pub")).unwrap()
+    );
+    upload(&adm, dir.path(), "a.bin", &data(3000, 8), "1.4")
+        .await
+        .unwrap();
+    let r = release(&adm, "1.4", &[], &["g"]).await.release.id;
+    vm.report_recorded(&adm, &r, "1.4", Phase::Installed).await;
+    adm.close().await;
+    stop(platform).await;
+    drop(out);
+}
+
+/// `backups` on a disk of its own (a mount, as an operator would put backups elsewhere): the
+/// artifacts cannot be linked there, so they are copied; once that disk is full, a backup is
+/// refused with the reason, leaves nothing behind, and the platform goes on storing. Needs
+/// root (a tmpfs mount); skipped with the reason otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_on_another_disk_copies_the_artifacts_and_one_that_does_not_fit_leaves_nothing() {
+    use super::full_disk::SmallDisk;
+
+    let Installed {
+        _broker,
+        url: _,
+        dir: _dir,
+        data_dir,
+        out: _,
+        platform,
+        adm,
+        mut vm,
+        releases,
+    } = three_installed().await;
+    let disk = match SmallDisk::mount(&data_dir.join("backups"), 16 << 20) {
+        Ok(disk) => disk,
+        Err(why) => {
+            eprintln!("skipped: another disk needs a tmpfs mount: {why}");
+            adm.close().await;
+            stop(platform).await;
+            return;
+        }
+    };
+    let made = adm.call(calls::DbBackup {}).await.unwrap();
+    assert_eq!(made.artifact_files, 6, "{made:?}");
+    assert_eq!(made.artifact_files_copied, 6, "{made:?}");
+    let path = PathBuf::from(&made.path);
+    for entry in std::fs::read_dir(path.join("artifacts")).unwrap() {
+        let entry = entry.unwrap();
+        let live = data_dir.join("artifacts").join(entry.file_name());
+        assert_eq!(
+            std::fs::read(entry.path()).unwrap(),
+            std::fs::read(live).unwrap()
+        );
+    }
+
+    let filler = disk.fill();
+    let err = adm.call(calls::DbBackup {}).await.unwrap_err().to_string();
+    assert!(err.contains("not enough free space"), "{err}");
+    let left: Vec<_> = std::fs::read_dir(&disk.0)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left.len(),
+        2,
+        "the first backup and the filler only: {left:?}"
+    );
+    // The platform stores on.
+    vm.report_recorded(&adm, &releases[2], "1.2", Phase::Installed)
+        .await;
+    std::fs::remove_file(filler).unwrap();
+    adm.close().await;
+    stop(platform).await;
+    drop(disk);
 }

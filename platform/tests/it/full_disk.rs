@@ -13,12 +13,12 @@ use super::*;
 const MACHINES: usize = 4;
 
 /// A tmpfs mounted on a directory, unmounted when dropped.
-struct SmallDisk(PathBuf);
+pub(super) struct SmallDisk(pub(super) PathBuf);
 
 impl SmallDisk {
     /// Mounts a tmpfs of `bytes` on `path`, or says why it cannot (not root, no mount
     /// permission here).
-    fn mount(path: &Path, bytes: u64) -> Result<Self, String> {
+    pub(super) fn mount(path: &Path, bytes: u64) -> Result<Self, String> {
         // SAFETY: geteuid(2) has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             return Err("not root, so no tmpfs can be mounted".into());
@@ -45,7 +45,7 @@ impl SmallDisk {
     }
 
     /// Writes a file on it until the disk is full; returns its path.
-    fn fill(&self) -> PathBuf {
+    pub(super) fn fill(&self) -> PathBuf {
         let path = self.0.join("filler");
         let mut f = std::fs::File::create(&path).unwrap();
         let block = vec![0xA5u8; 4096];
