@@ -186,10 +186,11 @@ pub enum BrokerError {
     NotListening { addr: SocketAddr, secs: u64 },
     #[error("could not start the broker thread: {0}")]
     Thread(std::io::Error),
-    #[error("cannot listen on {addr}: {source}")]
+    /// `error` is in the message, so it is not also a `source` (printed twice in a chain).
+    #[error("cannot listen on {addr}: {error}")]
     Bind {
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("TLS listener: {0}")]
     Tls(String),

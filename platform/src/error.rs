@@ -15,12 +15,19 @@ pub enum PlatformError {
     },
     #[error("{path}: {reason}")]
     BadFile { path: PathBuf, reason: String },
+    /// Not a `source`: its message is in this one's (a chain would print it twice).
     #[error("embedded broker: {0}")]
-    Broker(#[from] fleetcast_broker::embedded::BrokerError),
+    Broker(fleetcast_broker::embedded::BrokerError),
     #[error("MQTT client: {0}")]
     Mqtt(#[from] rumqttc::ClientError),
     #[error("task {task} failed: {reason}")]
     Task { task: &'static str, reason: String },
+}
+
+impl From<fleetcast_broker::embedded::BrokerError> for PlatformError {
+    fn from(e: fleetcast_broker::embedded::BrokerError) -> Self {
+        PlatformError::Broker(e)
+    }
 }
 
 impl PlatformError {

@@ -470,7 +470,7 @@ fn keep_unsent_low(tcp: &TcpStream) -> std::io::Result<()> {
 }
 
 async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BrokerError> {
-    let err = |source| BrokerError::Bind { addr, source };
+    let err = |error| BrokerError::Bind { addr, error };
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {
@@ -484,7 +484,7 @@ async fn bind(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), BrokerError
     let listener = socket.listen(ACCEPT_BACKLOG).map_err(err)?;
     let bound = listener
         .local_addr()
-        .map_err(|source| BrokerError::Bind { addr, source })?;
+        .map_err(|error| BrokerError::Bind { addr, error })?;
     Ok((listener, bound))
 }
 

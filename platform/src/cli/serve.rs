@@ -141,6 +141,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         ),
         _ => None,
     };
+    // Before anything is written: a second `serve` on a taken port would otherwise create its
+    // data dir, keys and database, then stop.
+    for addr in embedded_listen.iter().chain(tls.as_ref().map(|t| &t.addr)) {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            anyhow::bail!(
+                "cannot listen on {addr}: {e}{}; nothing was started or written",
+                match e.kind() {
+                    std::io::ErrorKind::AddrInUse =>
+                        " (another `fleetcast serve` or MQTT broker listens there: stop it, or choose another address with --listen / --tls-listen)",
+                    std::io::ErrorKind::AddrNotAvailable =>
+                        " (no interface of this host has that address)",
+                    _ => "",
+                }
+            );
+        }
+    }
     let keys = load_or_create_keys(&args.data)
         .with_context(|| format!("preparing data dir {}", args.data.display()))?;
     println!("fleetcast platform");

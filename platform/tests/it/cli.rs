@@ -1337,3 +1337,28 @@ async fn an_unreadable_file_and_an_absent_platform_are_named_as_such() {
         "{run:#?}"
     );
 }
+
+/// `serve` on an address something listens on already: says so, and writes nothing (it used to
+/// create the data dir, its keys and its database, then stop on the broker's bind with the
+/// same error printed three times).
+#[tokio::test]
+async fn serve_on_a_taken_port_says_so_and_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let data = dir.path().join("platform");
+    let fc = Fleetcast::new(dir.path());
+    let run = fc
+        .run(&["serve", "--data", data.to_str().unwrap(), "--listen", &addr])
+        .await;
+    assert_eq!(run.code, 1, "{run:#?}");
+    assert!(
+        run.stderr.contains(&format!("cannot listen on {addr}"))
+            && run
+                .stderr
+                .contains("another `fleetcast serve` or MQTT broker")
+            && run.stderr.matches("in use").count() == 1,
+        "{run:#?}"
+    );
+    assert!(!data.exists(), "nothing written: {run:#?}");
+}
