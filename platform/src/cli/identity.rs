@@ -244,9 +244,10 @@ async fn events_wanted(admin: &AdminClient, args: &EventsArgs) -> anyhow::Result
         (None, last) => {
             let n = last.unwrap_or(EVENTS_SHOWN);
             let newest = admin.call(calls::Stats {}).await?.last_event_id;
-            if last.is_none() && newest > n {
+            if newest > n {
                 eprintln!(
-                    "(the newest {n} events, up to id {newest}: --since 0 for all, --last N for more)"
+                    "(the newest {n} events, up to id {newest}: --since 0 for all{})",
+                    if last.is_none() { ", --last N for more" } else { "" }
                 );
             }
             (

@@ -1158,10 +1158,15 @@ async fn events_shows_the_newest_hundred_of_a_longer_log_and_says_so() {
         "{default:#?}"
     );
     assert_eq!(event_ids(default.json()), all[30..]);
-    assert_eq!(
-        event_ids(fc.run(&["events", "--last", "500", "--json"]).await.json()),
-        all
+    let all_of_them = fc.run(&["events", "--last", "500", "--json"]).await;
+    assert!(!all_of_them.stderr.contains("newest"), "{all_of_them:#?}");
+    assert_eq!(event_ids(all_of_them.json()), all);
+    let some = fc.run(&["events", "--last", "50", "--json"]).await;
+    assert!(
+        some.stderr.contains("the newest 50 events") && some.stderr.contains("--since 0 for all"),
+        "{some:#?}"
     );
+    assert_eq!(event_ids(some.json()), all[80..]);
     admin.close().await;
     platform.stop().await;
 }
