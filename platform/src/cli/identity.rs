@@ -247,7 +247,11 @@ async fn events_wanted(admin: &AdminClient, args: &EventsArgs) -> anyhow::Result
             if newest > n {
                 eprintln!(
                     "(the newest {n} events, up to id {newest}: --since 0 for all{})",
-                    if last.is_none() { ", --last N for more" } else { "" }
+                    if last.is_none() {
+                        ", --last N for more"
+                    } else {
+                        ""
+                    }
                 );
             }
             (

@@ -444,23 +444,34 @@ async fn watch(
             .expect("static template")
             .progress_chars("=> ")
     };
-    let machines = multi.add(ProgressBar::new(0));
-    machines.set_style(bar_style(
-        "{prefix:>10} [{bar:40.green}] {pos}/{len} machines  {msg}",
-    ));
+    // A bar of length 0 is drawn full ("0/0"): until there is something to count, each says
+    // what it waits for instead.
+    let (counting_machines, counting_bytes) = (
+        bar_style("{prefix:>10} [{bar:40.green}] {pos}/{len} machines  {msg}"),
+        bar_style("{prefix:>10} [{bar:40.cyan}] {bytes}/{total_bytes} ({bytes_per_sec})"),
+    );
+    let waiting = || bar_style("{prefix:>10} {msg}");
+    let machines = multi.add(ProgressBar::new(0).with_style(waiting()));
     machines.set_prefix("finished");
-    let bytes = multi.add(ProgressBar::new(0));
-    bytes.set_style(bar_style(
-        "{prefix:>10} [{bar:40.cyan}] {bytes}/{total_bytes} ({bytes_per_sec})",
-    ));
+    let bytes = multi.add(ProgressBar::new(0).with_style(waiting()));
     bytes.set_prefix("download");
     let mut last_line = String::new();
     loop {
         let status = admin.call(summary_call(release.clone())).await?;
         let view = watch_view(&status);
+        if view.machines == 0 {
+            machines.set_message("no machine targeted yet");
+        } else {
+            machines.set_style(counting_machines.clone());
+            machines.set_message(view.phases.clone());
+        }
         machines.set_length(view.machines);
         machines.set_position(view.finished);
-        machines.set_message(view.phases.clone());
+        if view.bytes_total == 0 {
+            bytes.set_message("no machine downloading yet");
+        } else {
+            bytes.set_style(counting_bytes.clone());
+        }
         bytes.set_length(view.bytes_total);
         bytes.set_position(view.bytes_done);
         let line = watch_line(&status, &view);
