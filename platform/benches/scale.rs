@@ -24,6 +24,9 @@
 //!    storing what it receives where the simulated machines keep their data: the least any
 //!    updater that keeps a verified copy does with the bytes, as a second baseline (not run
 //!    when a socket and a file per subscriber would not fit this process's open files).
+//! 6. Before that, with the simulator stopped and the database as the rollouts left it:
+//!    `fleetcast db backup` while `serve` runs, how long its writes waited, beside `cp -a` of
+//!    the same database's files (what a stop-and-copy backup copies) in the same run.
 //!
 //! `SCALE_DOWNLOAD_MB=200` instead runs one machine and one artifact of that size (item 7's
 //! shape) and reports the machine's `downloading` → `downloaded` time beside raw pub/sub of the
@@ -115,6 +118,16 @@ struct SizeResult {
     serve_idle: Mem,
     sim_idle: Mem,
     rollouts: Vec<Rollout>,
+    backup: Option<Result<BackupResult, String>>,
+}
+
+/// `db backup` of the database the rollouts left, beside `cp -a` of its files.
+#[derive(Debug, Clone)]
+struct BackupResult {
+    on_disk: u64,
+    records: u64,
+    writes_held: Duration,
+    cp: Duration,
 }
 
 /// The rollouts' artifact: 1 MiB, or `SCALE_ARTIFACT_KIB` (many rollouts at 10,000 machines
@@ -576,6 +589,7 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
     }
     drop(sim);
     tokio::time::sleep(Duration::from_secs(if raw_last { 5 } else { 1 })).await;
+    r.backup = Some(backup_run(&p, dir).await.map_err(|e| format!("{e:#}")));
     let raw = match raw {
         Some(bench) => bench,
         None => {
@@ -590,6 +604,41 @@ async fn fleet(r: &mut SizeResult, rollouts: usize, broker: BrokerKind, dir: &Pa
     drop(p.proc);
     drop(mosquitto);
     Ok(())
+}
+
+/// `fleetcast db backup` of the running platform (its simulator stopped), then `cp -a` of the
+/// same database's files; both copies deleted after.
+async fn backup_run(p: &Platform, dir: &Path) -> Result<BackupResult> {
+    let stats = p.call(calls::Stats {}).await?;
+    let on_disk = stats.database.map_or(0, |d| d.on_disk_bytes);
+    let made = p.call(calls::DbBackup {}).await?;
+    let to = dir.join("db-copied");
+    let started = Instant::now();
+    let status = Command::new("cp")
+        .arg("-a")
+        .arg(p.data.join("db"))
+        .arg(&to)
+        .status()
+        .context("running cp")?;
+    let cp = started.elapsed();
+    let _ = std::fs::remove_dir_all(&to);
+    let _ = std::fs::remove_dir_all(&made.path);
+    if !status.success() {
+        bail!("cp -a of the database failed: {status}");
+    }
+    eprintln!(
+        "backup: {} records, writes held {} ms, {} of database on disk copied by cp in {} ms",
+        made.records,
+        made.writes_held_ms,
+        on_disk,
+        cp.as_millis()
+    );
+    Ok(BackupResult {
+        on_disk,
+        records: made.records,
+        writes_held: Duration::from_millis(made.writes_held_ms),
+        cp,
+    })
 }
 
 /// What the platform counted during a rollout (`fleetcast stats`, after minus before): where
@@ -875,6 +924,7 @@ fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
         }
     }
     print_stored(results);
+    print_backup(results);
     println!();
     println!("| machines | `serve` RSS before | after the raw baseline | idle with N machines | per idle machine | after rollout 1 (VmHWM) | simulator idle | per simulated machine | simulator after rollout 1 (VmHWM) |");
     println!("|---|---|---|---|---|---|---|---|---|");
@@ -960,6 +1010,30 @@ fn print_fleet(results: &[SizeResult], broker: BrokerKind) {
                 (b.serve.rss_kib as f64 - a.serve.rss_kib as f64) / 1024.0 / later
             );
         }
+    }
+}
+
+/// `db backup` while `serve` runs, against `cp -a` of the same files.
+fn print_backup(results: &[SizeResult]) {
+    println!();
+    println!("Backup while `serve` runs: `fleetcast db backup` after the rollouts (simulator stopped), how long the platform's writes waited (the database copied record by record into a fresh one, read back and compared; keys; artifacts linked), beside `cp -a` of the same database's files in the same run (what a stop-and-copy backup copies; `serve` idle meanwhile).");
+    println!();
+    println!("| machines | rollouts before it | database on disk | records | writes held | `cp -a` of its files | ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    for r in results {
+        let cells = match &r.backup {
+            None => "not run | | | | |".to_owned(),
+            Some(Err(e)) => format!("FAILED: {e} | | | | |"),
+            Some(Ok(b)) => format!(
+                "{:.1} MiB | {} | {:.2} s | {:.2} s | {:.1}x",
+                b.on_disk as f64 / f64::from(1 << 20),
+                b.records,
+                b.writes_held.as_secs_f64(),
+                b.cp.as_secs_f64(),
+                b.writes_held.as_secs_f64() / b.cp.as_secs_f64().max(0.001)
+            ),
+        };
+        println!("| {} | {} | {cells} |", r.n, r.rollouts.len());
     }
 }
 
