@@ -729,11 +729,7 @@ async fn the_python_integrator_follows_key_rotations_from_its_profiles_generatio
         platform,
         admin,
     } = env(&url).await;
-    one_install(&admin, &url, dir.path()).await;
-    let before = add_integrator(&admin, "erp").await;
-    assert_eq!(before.platform_key_gen, 0);
-    admin.call(calls::KeyRotate {}).await.unwrap();
-    admin.call(calls::KeyRotate {}).await.unwrap();
+    let before = erp_before_two_rotations(&admin, &url, dir.path()).await;
     let after = add_integrator(&admin, "bi").await;
     assert_eq!(after.platform_key_gen, 2);
     assert_eq!(after.platform_key, public_key(&data_dir));
@@ -752,6 +748,21 @@ async fn the_python_integrator_follows_key_rotations_from_its_profiles_generatio
     );
     admin.close().await;
     platform.stop().await;
+}
+
+/// One install (five events), then integrator `erp` added (its profile names key generation
+/// 0), then two key rotations: erp's profile.
+async fn erp_before_two_rotations(
+    admin: &AdminClient,
+    url: &BrokerUrl,
+    dir: &Path,
+) -> fleetcast_proto::admin::IntegratorProfile {
+    one_install(admin, url, dir).await;
+    let profile = add_integrator(admin, "erp").await;
+    assert_eq!(profile.platform_key_gen, 0);
+    admin.call(calls::KeyRotate {}).await.unwrap();
+    admin.call(calls::KeyRotate {}).await.unwrap();
+    profile
 }
 
 /// What scripts/integrator.py does with a key chain someone other than the platform made (on
@@ -1771,4 +1782,121 @@ async fn a_request_with_an_op_or_a_field_this_platform_does_not_know_is_refused_
 
     admin.close().await;
     platform.stop().await;
+}
+
+/// The Rust integrator example (platform/examples/follow_events.rs, docs/integrators.md §5),
+/// run as written with a profile issued before two key rotations: it follows the retained key
+/// chain, catches up on what was stored (signed by the newest key) and then shows live events
+/// signed after a third rotation, which it follows live. Before, it checked everything with the
+/// profile's key alone and showed nothing after a rotation.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_example_integrator_follows_key_rotations_and_live_events() {
+    use tokio::io::AsyncBufReadExt;
+
+    let example = follow_events_example();
+    let broker = start_on_free_port(|s| s).unwrap();
+    let url = broker.url();
+    let Env {
+        dir,
+        platform,
+        admin,
+        ..
+    } = env(&url).await;
+    let profile = erp_before_two_rotations(&admin, &url, dir.path()).await;
+    let cfg = dir.path().join("erp.toml");
+    std::fs::write(
+        &cfg,
+        fleetcast_platform::cli::identity::integrator_toml(&profile, &url.to_string()),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(&example)
+        .arg(&cfg)
+        .arg("0")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("example.err")).unwrap())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let err_file = dir.path().join("example.err");
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(
+            next_event(&mut lines, &err_file).await["id"]
+                .as_u64()
+                .unwrap(),
+        );
+    }
+    assert_eq!(ids, [1, 2, 3, 4, 5], "caught up, in order");
+
+    // Live, after one more rotation: the new key's events.
+    admin.call(calls::KeyRotate {}).await.unwrap();
+    upload(&admin, dir.path(), "b.bin", &data(3000, 8), "1.1")
+        .await
+        .unwrap();
+    let mut vm = provision(&admin, &url, "vm-002", &[]).await;
+    let r = release(&admin, "1.1", &["vm-002"], &[]).await.release;
+    install(&admin, &mut vm, &r.id, "1.1").await;
+    let mut phases = Vec::new();
+    for _ in 0..5 {
+        let e = next_event(&mut lines, &err_file).await;
+        assert_eq!(e["machine"], "vm-002", "{e}");
+        phases.push(e["phase"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(
+        phases,
+        [
+            "notified",
+            "downloading",
+            "downloaded",
+            "installing",
+            "installed"
+        ]
+    );
+    let err = std::fs::read_to_string(dir.path().join("example.err")).unwrap();
+    assert!(err.contains("key chain followed to generation 3"), "{err}");
+    assert!(!err.contains("does not verify"), "{err}");
+    drop(child);
+    admin.close().await;
+    platform.stop().await;
+}
+
+/// The next line the example printed, as JSON (an event), within 30 s.
+async fn next_event(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+    err_file: &Path,
+) -> serde_json::Value {
+    let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
+        .await
+        .unwrap_or_else(|_| {
+            let err = std::fs::read_to_string(err_file);
+            panic!("no event from the example within 30 s; its stderr: {err:?}")
+        })
+        .unwrap()
+        .expect("the example runs on");
+    serde_json::from_str(&line).unwrap()
+}
+
+/// The example binary `follow_events`, beside the test binaries (`cargo test` builds the
+/// examples); built first when a narrower `cargo test` did not.
+fn follow_events_example() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let profile_dir = exe.parent().and_then(Path::parent).unwrap();
+    let example = profile_dir.join("examples").join("follow_events");
+    if !example.exists() {
+        let built = std::process::Command::new(env!("CARGO"))
+            .args([
+                "build",
+                "-q",
+                "-p",
+                "fleetcast-platform",
+                "--example",
+                "follow_events",
+            ])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .status()
+            .unwrap();
+        assert!(built.success() && example.exists(), "{}", example.display());
+    }
+    example
 }
