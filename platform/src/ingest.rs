@@ -58,7 +58,22 @@ pub const PROGRESS_COST_RATIO: u32 = 40;
 /// starts the clock instead of re-publishing: the platform has just published it (at the
 /// publish, and again each time its broker connection comes up), and a machine gets it again
 /// whenever it subscribes.
+///
+/// Each time the same notice goes out again on its topic, the wait before the next doubles, up
+/// to [`REPUBLISH_MAX_DOUBLINGS`] times (30 s, 1, 2, 4 ... 64 min): a machine whose states
+/// keep saying it is behind (a stolen config can say so for ever) made every machine of its
+/// group receive every notice of the group again every 30 s (a red-team pass, 2026-11-30: 21
+/// notices, 42 messages a minute, about 30 MB a day per machine). A machine that is really
+/// behind gets the notice again whenever it subscribes (at each reconnect) as well.
 pub const REPUBLISH_INTERVAL: Duration = Duration::from_secs(30);
+/// How many times the wait between re-sends of one notice (or of the key chain) doubles.
+pub const REPUBLISH_MAX_DOUBLINGS: u32 = 7;
+
+/// The wait after a notice went out again `sent` times: `every`, doubled `sent` times, at most
+/// [`REPUBLISH_MAX_DOUBLINGS`].
+fn republish_wait(every: Duration, sent: u32) -> Duration {
+    every.saturating_mul(1 << sent.min(REPUBLISH_MAX_DOUBLINGS))
+}
 /// Kinds one state may name, and kinds one machine keeps a version history of. A vending
 /// machine has a handful (application, firmware, configuration, ...); without a bound one
 /// machine's credentials grew the store by 165 MiB in six seconds with states naming thousands
@@ -203,12 +218,13 @@ struct Ingest {
     /// When each release's progress may be published again.
     progress_next: HashMap<ReleaseId, Instant>,
     progress_dirty: HashSet<ReleaseId>,
-    /// Per notice topic: which notice (seq) was last sent there, and when (or when a machine
-    /// was first seen behind on it).
-    republished: HashMap<String, (u64, Instant)>,
+    /// Per notice topic: which notice (seq) was last sent there, when (or when a machine was
+    /// first seen behind on it), and how many times it went out again.
+    republished: HashMap<String, Resent>,
     /// When the key chain was last re-published for a machine behind it (one retained message
-    /// serves every machine, so once per interval is enough).
-    chain_sent: Option<Instant>,
+    /// serves every machine, so once per interval is enough; the interval doubles as for
+    /// notices), for which key generation, and how many times.
+    chain_sent: Option<(u32, Resent)>,
     /// Per machine: the groups it was last told it is in (a `groups` command), and when.
     groups_told: HashMap<MachineId, (Vec<GroupId>, Instant)>,
     /// Releases whose records changed since their staged rollout (if any) was last evaluated,
@@ -721,9 +737,9 @@ impl Ingest {
     /// while, and groups told long ago.
     fn forget_expired(&mut self, now: Instant) {
         self.progress_next.retain(|_, next| *next > now);
-        let keep = 4 * self.ctx.limits.republish_every;
+        let every = self.ctx.limits.republish_every;
         self.republished
-            .retain(|_, (_, t)| now.duration_since(*t) < keep);
+            .retain(|_, r| now.duration_since(r.at) < 4 * republish_wait(every, r.sent));
         self.groups_told
             .retain(|_, (_, t)| now.duration_since(*t) < GROUPS_RESEND);
     }
@@ -984,14 +1000,21 @@ impl Ingest {
                 after.push(After::Command { topic, payload });
             }
         }
-        if st.key_gen < self.ctx.keys().generation()
-            && self
-                .chain_sent
-                .is_none_or(|t| t.elapsed() >= REPUBLISH_INTERVAL)
-        {
-            tracing::info!(machine = %m, key_gen = st.key_gen, "machine trusts an older platform key: re-publishing the key chain");
-            self.chain_sent = Some(Instant::now());
-            after.push(After::KeyChain);
+        let generation = self.ctx.keys().generation();
+        if st.key_gen < generation {
+            let every = self.ctx.limits.republish_every;
+            let now = Instant::now();
+            let due = match &mut self.chain_sent {
+                Some((g, r)) if *g == generation => r.again(now, every),
+                _ => {
+                    self.chain_sent = Some((generation, Resent::once(now)));
+                    true
+                }
+            };
+            if due {
+                tracing::info!(machine = %m, key_gen = st.key_gen, "machine trusts an older platform key: re-publishing the key chain");
+                after.push(After::KeyChain);
+            }
         }
         for (_, notice) in behind {
             let every = self.ctx.limits.republish_every;
@@ -1254,23 +1277,55 @@ fn progress_gap(took: Duration) -> Duration {
 /// `every` has passed on its topic since it was last sent there (or since the first machine was
 /// seen behind on it); the time is noted in `sent`.
 fn republish_now(
-    sent: &mut HashMap<String, (u64, Instant)>,
+    sent: &mut HashMap<String, Resent>,
     notice: &DesiredNotice,
     now: Instant,
     every: Duration,
 ) -> bool {
     match sent.get_mut(&notice.topic) {
-        Some((seq, at)) if *seq == notice.seq => {
-            if now.duration_since(*at) < every {
-                return false;
-            }
-            *at = now;
-            true
-        }
+        Some(r) if r.seq == notice.seq => r.again(now, every),
         _ => {
-            sent.insert(notice.topic.clone(), (notice.seq, now));
+            sent.insert(
+                notice.topic.clone(),
+                Resent {
+                    seq: notice.seq,
+                    at: now,
+                    sent: 0,
+                },
+            );
             false
         }
+    }
+}
+
+/// One message sent again to machines behind it: which (a notice's seq), when last (or when a
+/// machine was first seen behind on it), and how many times.
+#[derive(Debug, Clone, Copy)]
+struct Resent {
+    seq: u64,
+    at: Instant,
+    sent: u32,
+}
+
+impl Resent {
+    /// Sent once now (the key chain, which nothing else re-sends).
+    fn once(now: Instant) -> Self {
+        Resent {
+            seq: 0,
+            at: now,
+            sent: 1,
+        }
+    }
+
+    /// Whether it goes out again now: once the wait after its `sent` re-sends has passed
+    /// ([`republish_wait`]); then counted.
+    fn again(&mut self, now: Instant, every: Duration) -> bool {
+        if now.duration_since(self.at) < republish_wait(every, self.sent) {
+            return false;
+        }
+        self.at = now;
+        self.sent = self.sent.saturating_add(1);
+        true
     }
 }
 
@@ -1522,14 +1577,51 @@ mod tests {
                 .filter(|_| republish_now(sent, &notice(seq), at, REPUBLISH_INTERVAL))
                 .count()
         };
+        let i = REPUBLISH_INTERVAL;
         assert_eq!(count(&mut sent, 1, t0), 0, "just published");
-        assert_eq!(count(&mut sent, 1, t0 + REPUBLISH_INTERVAL / 2), 0);
-        assert_eq!(count(&mut sent, 1, t0 + REPUBLISH_INTERVAL), 1);
-        assert_eq!(count(&mut sent, 1, t0 + REPUBLISH_INTERVAL * 3 / 2), 0);
-        assert_eq!(count(&mut sent, 1, t0 + REPUBLISH_INTERVAL * 2), 1);
-        // A newer notice on the topic: the platform has just sent it.
-        assert_eq!(count(&mut sent, 2, t0 + REPUBLISH_INTERVAL * 2), 0);
-        assert_eq!(count(&mut sent, 2, t0 + REPUBLISH_INTERVAL * 3), 1);
+        assert_eq!(count(&mut sent, 1, t0 + i / 2), 0);
+        assert_eq!(count(&mut sent, 1, t0 + i), 1);
+        // Each time it goes out again, the wait doubles: 1, 2, 4 ... intervals.
+        assert_eq!(count(&mut sent, 1, t0 + i * 2), 0);
+        assert_eq!(count(&mut sent, 1, t0 + i * 3), 1);
+        assert_eq!(count(&mut sent, 1, t0 + i * 6), 0);
+        assert_eq!(count(&mut sent, 1, t0 + i * 7), 1);
+        // A newer notice on the topic: the platform has just sent it, and the wait starts over.
+        assert_eq!(count(&mut sent, 2, t0 + i * 7), 0);
+        assert_eq!(count(&mut sent, 2, t0 + i * 8), 1);
+    }
+
+    /// What one machine's states, saying for a day that it is behind on a notice, make the
+    /// platform send to its group: a re-send after 30 s, 1, 2, 4 ... minutes, then once every
+    /// 64 minutes; against 2,880 (once per 30 s) before the wait doubled.
+    #[test]
+    fn a_machine_behind_on_a_notice_for_a_day_draws_a_few_dozen_re_sends() {
+        let notice = DesiredNotice {
+            topic: "fleet/groups/g/release/app".into(),
+            seq: 1,
+            release: ReleaseId::new("r-000001").unwrap(),
+            kind: app(),
+            target: Target::Group(GroupId::new("g").unwrap()),
+            payload: "{}".into(),
+        };
+        let mut sent = HashMap::new();
+        let t0 = Instant::now();
+        // A state every second, all day.
+        let resent = (0..86_400u64)
+            .filter(|s| {
+                republish_now(
+                    &mut sent,
+                    &notice,
+                    t0 + Duration::from_secs(*s),
+                    REPUBLISH_INTERVAL,
+                )
+            })
+            .count();
+        assert!((25..=35).contains(&resent), "{resent} re-sends in a day");
+        assert_eq!(
+            republish_wait(REPUBLISH_INTERVAL, 100),
+            Duration::from_secs(64 * 60)
+        );
     }
 
     /// A store with release r-000001 (app 1.0) assigned to provisioned machine vm-1.
