@@ -1560,16 +1560,21 @@ mod tests {
         ));
     }
 
-    #[test]
-    fn a_notice_many_machines_are_behind_on_is_re_published_once_per_interval() {
-        let notice = |seq| DesiredNotice {
+    /// Group g's desired notice of app, release r-000001, with `seq`.
+    fn group_notice(seq: u64) -> DesiredNotice {
+        DesiredNotice {
             topic: "fleet/groups/g/release/app".into(),
             seq,
             release: ReleaseId::new("r-000001").unwrap(),
             kind: app(),
             target: Target::Group(GroupId::new("g").unwrap()),
             payload: "{}".into(),
-        };
+        }
+    }
+
+    #[test]
+    fn a_notice_many_machines_are_behind_on_is_re_published_once_per_interval() {
+        let notice = group_notice;
         let mut sent = HashMap::new();
         let t0 = Instant::now();
         let count = |sent: &mut HashMap<_, _>, seq, at| {
@@ -1596,14 +1601,7 @@ mod tests {
     /// 64 minutes; against 2,880 (once per 30 s) before the wait doubled.
     #[test]
     fn a_machine_behind_on_a_notice_for_a_day_draws_a_few_dozen_re_sends() {
-        let notice = DesiredNotice {
-            topic: "fleet/groups/g/release/app".into(),
-            seq: 1,
-            release: ReleaseId::new("r-000001").unwrap(),
-            kind: app(),
-            target: Target::Group(GroupId::new("g").unwrap()),
-            payload: "{}".into(),
-        };
+        let notice = group_notice(1);
         let mut sent = HashMap::new();
         let t0 = Instant::now();
         // A state every second, all day.

@@ -677,6 +677,15 @@ async fn the_documented_python_integrator_catches_up_and_verifies_every_event() 
     platform.stop().await;
 }
 
+/// The phases of the five events of one install ([`install`]), in order.
+const INSTALL_PHASES: [&str; 5] = [
+    "notified",
+    "downloading",
+    "downloaded",
+    "installing",
+    "installed",
+];
+
 /// vm-001 installs app 1.0 through the platform at `url`: five events stored.
 async fn one_install(admin: &AdminClient, url: &BrokerUrl, dir: &Path) {
     upload(admin, dir, "a.bin", &data(3000, 7), "1.0")
@@ -697,16 +706,7 @@ pub(super) async fn python_integrator_sees_one_install(
     one_install(admin, url, dir).await;
     let (events, kept) = integrator_catch_up(admin, url, dir, &[]).await;
     let phases: Vec<&str> = events.iter().filter_map(|e| e["phase"].as_str()).collect();
-    assert_eq!(
-        phases,
-        [
-            "notified",
-            "downloading",
-            "downloaded",
-            "installing",
-            "installed"
-        ]
-    );
+    assert_eq!(phases, INSTALL_PHASES);
     assert_eq!(kept, "5");
 }
 
@@ -1843,16 +1843,7 @@ async fn the_rust_example_integrator_follows_key_rotations_and_live_events() {
         assert_eq!(e["machine"], "vm-002", "{e}");
         phases.push(e["phase"].as_str().unwrap().to_owned());
     }
-    assert_eq!(
-        phases,
-        [
-            "notified",
-            "downloading",
-            "downloaded",
-            "installing",
-            "installed"
-        ]
-    );
+    assert_eq!(phases, INSTALL_PHASES);
     let err = std::fs::read_to_string(dir.path().join("example.err")).unwrap();
     assert!(err.contains("key chain followed to generation 3"), "{err}");
     assert!(!err.contains("does not verify"), "{err}");
