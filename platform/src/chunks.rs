@@ -473,9 +473,10 @@ impl ChunkServer {
         };
         let Some(layout) = layout else {
             // Its first copies, if any, were of an artifact it may not fetch any more: its
-            // requests for it take a token again.
+            // requests for it take a token again, and this one more than one.
             if let Some(budget) = self.budgets.get_mut(m) {
                 budget.forget(&req.artifact);
+                budget.charge_refusal(now_std);
             }
             return Ok(unknown());
         };
@@ -1754,6 +1755,37 @@ mod tests {
             .await
             .unwrap_err();
         assert!(err.contains("unknown artifact"), "{err}");
+    }
+
+    /// One machine's credentials asking for artifacts at random: each refusal takes
+    /// `REFUSAL_COST` request tokens, so a burst of 4,000 answers 80, not 4,000, and the rest
+    /// are dropped unanswered (no look at what the machine may fetch, no error frame). Another
+    /// machine's budget is its own.
+    #[tokio::test]
+    async fn requests_for_artifacts_a_machine_may_not_fetch_cost_fifty_tokens_each() {
+        // The default burst, earning nothing meanwhile: what it pays for is exact.
+        let limits = MachineLimits {
+            requests_per_sec: 0.001,
+            ..MachineLimits::default()
+        };
+        let f = limited(limits);
+        let (mut server, a, vm1) = serving(&f);
+        let (mut answered, mut dropped) = (0, 0);
+        for ctr in 1..=400u64 {
+            let other = ArtifactId::of(&ctr.to_be_bytes());
+            match server.handle(&vm1, &request(&f, "vm-1", ctr, other)).await {
+                Err(e) if e.contains("unknown artifact") => answered += 1,
+                Err(e) if e.contains("over its chunk request rate") => dropped += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        let paid = (limits.request_burst / crate::limits::REFUSAL_COST) as usize;
+        assert_eq!((answered, dropped), (paid, 400 - paid));
+        let vm2 = MachineId::new("vm-2").unwrap();
+        server
+            .handle(&vm2, &request(&f, "vm-2", 1, a))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]

@@ -150,6 +150,14 @@ impl TokenBucket {
         self.at = now;
     }
 
+    /// Takes `n` tokens, or as many as there are.
+    pub fn drain(&mut self, n: f64, now: Instant) {
+        self.refill(now);
+        if self.tokens > 0.0 {
+            self.tokens = (self.tokens - n).max(0.0);
+        }
+    }
+
     /// Takes `n` tokens if there are that many.
     pub fn take(&mut self, n: f64, now: Instant) -> bool {
         self.refill(now);
@@ -195,6 +203,10 @@ impl TokenBucket {
         self.tokens >= self.burst
     }
 }
+
+/// Request tokens a request for an artifact the machine may not fetch takes in all
+/// ([`ChunkBudget::charge_refusal`]): at the default rate, 40 such requests a second.
+pub const REFUSAL_COST: f64 = 50.0;
 
 /// The chunk-serving budget of one machine.
 #[derive(Debug, Clone)]
@@ -287,6 +299,16 @@ impl ChunkBudget {
     /// its requests for it take a token again.
     pub fn forget(&mut self, artifact: &ArtifactId) {
         self.had.remove(artifact);
+    }
+
+    /// Charges a request refused as one for an artifact the machine may not fetch: it takes
+    /// [`REFUSAL_COST`] tokens in all. An honest agent asks for an artifact only after a notice
+    /// naming it and stops at the refusal's error frame, so it is hardly ever charged; one
+    /// machine's credentials asking for artifacts at random had each request answered (each a
+    /// look at everything the machine may fetch, a counter write and an error frame): 2,000 a
+    /// second, half a core of `serve` (red-team run, 2026-11-30).
+    pub fn charge_refusal(&mut self, now: Instant) {
+        self.requests.drain(REFUSAL_COST - 1.0, now);
     }
 
     /// Forgets the first copies of every artifact not in `fetchable` (what the machine may
