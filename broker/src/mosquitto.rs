@@ -203,17 +203,6 @@ pub fn conf(
          persistent_client_expiration 1d\n",
     );
     out.push_str(
-        "# One client's queue: QoS 1 messages beyond those in flight, at most this many and this\n\
-         # many bytes; past either, Mosquitto drops the newest for that client. Mosquitto's default\n\
-         # (1,000 messages, no byte bound) let one machine subscribed to every artifact's chunks\n\
-         # and reading nothing hold 62 MB of Mosquitto's memory per stolen config (64 KiB chunks;\n\
-         # a GB with 1 MiB ones), and a burst of status reports overflow the platform's queue.\n\
-         # Machines ask again for the chunks they miss; the platform is sent again what it did not\n\
-         # acknowledge.\n\
-         max_queued_messages 10000\n\
-         max_queued_bytes 16777216\n",
-    );
-    out.push_str(
         "\n# Machines. A client's id is its username here: one machine's credentials cannot\n\
          # connect as another machine's client id and so end that machine's session.\n",
     );
@@ -646,8 +635,6 @@ mod tests {
                 "set_tcp_nodelay true",
                 "max_packet_size 2097152",
                 "persistent_client_expiration 1d",
-                "max_queued_messages 10000",
-                "max_queued_bytes 16777216",
                 "",
                 "listener 8883",
                 "certfile /etc/m/cert.pem",

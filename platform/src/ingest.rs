@@ -68,6 +68,12 @@ pub const PROGRESS_COST_RATIO: u32 = 40;
 pub const REPUBLISH_INTERVAL: Duration = Duration::from_secs(30);
 /// How many times the wait between re-sends of one notice (or of the key chain) doubles.
 pub const REPUBLISH_MAX_DOUBLINGS: u32 = 7;
+/// How long the platform remembers how often a notice went out again, from its last re-send
+/// (or from the first state behind on it): a day. Forgotten after four times its wait, as
+/// first done, a stolen config that fell silent for a few minutes between bursts of states
+/// found the wait back at 30 s (a re-test, 2026-11-30: about 13 re-sends an hour instead of
+/// one). A newer notice on the topic starts it over.
+pub const REPUBLISH_MEMORY: Duration = Duration::from_secs(24 * 3600);
 
 /// The wait after a notice went out again `sent` times: `every`, doubled `sent` times, at most
 /// [`REPUBLISH_MAX_DOUBLINGS`].
@@ -737,9 +743,7 @@ impl Ingest {
     /// while, and groups told long ago.
     fn forget_expired(&mut self, now: Instant) {
         self.progress_next.retain(|_, next| *next > now);
-        let every = self.ctx.limits.republish_every;
-        self.republished
-            .retain(|_, r| now.duration_since(r.at) < 4 * republish_wait(every, r.sent));
+        self.republished.retain(|_, r| r.remembered(now));
         self.groups_told
             .retain(|_, (_, t)| now.duration_since(*t) < GROUPS_RESEND);
     }
@@ -1317,6 +1321,11 @@ impl Resent {
         }
     }
 
+    /// Whether it is still worth keeping at `now` ([`REPUBLISH_MEMORY`]).
+    fn remembered(&self, now: Instant) -> bool {
+        now.duration_since(self.at) < REPUBLISH_MEMORY
+    }
+
     /// Whether it goes out again now: once the wait after its `sent` re-sends has passed
     /// ([`republish_wait`]); then counted.
     fn again(&mut self, now: Instant, every: Duration) -> bool {
@@ -1616,6 +1625,22 @@ mod tests {
             })
             .count();
         assert!((25..=35).contains(&resent), "{resent} re-sends in a day");
+        // Silent for a few minutes between bursts of states: the wait is not forgotten.
+        let mut sent = HashMap::new();
+        let mut resent = 0;
+        for cycle in 0..12u64 {
+            let start = t0 + Duration::from_secs(cycle * 290);
+            for s in 0..40u64 {
+                let at = start + Duration::from_secs(s);
+                if republish_now(&mut sent, &notice, at, REPUBLISH_INTERVAL) {
+                    resent += 1;
+                }
+            }
+            // What the ingest's sweep forgets meanwhile.
+            let quiet = start + Duration::from_secs(289);
+            sent.retain(|_, r: &mut Resent| r.remembered(quiet));
+        }
+        assert!(resent <= 6, "{resent} re-sends in an hour of bursts");
         assert_eq!(
             republish_wait(REPUBLISH_INTERVAL, 100),
             Duration::from_secs(64 * 60)
