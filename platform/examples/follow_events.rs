@@ -164,7 +164,10 @@ async fn main() -> anyhow::Result<()> {
                         eprintln!("dropped an answer to another client");
                         false
                     }
-                    Verdict::Later => hold(&mut held, topic, payload),
+                    Verdict::Later => {
+                        hold(&mut held, topic, payload);
+                        false
+                    }
                     Verdict::Dropped(why) => {
                         eprintln!("dropped an answer that does not verify: {why}");
                         false
@@ -197,13 +200,12 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Keeps a message until the key chain reaches its generation (at most [`MAX_HELD`]).
-fn hold(held: &mut Vec<(String, Vec<u8>)>, topic: String, payload: Vec<u8>) -> bool {
+fn hold(held: &mut Vec<(String, Vec<u8>)>, topic: String, payload: Vec<u8>) {
     if held.len() < MAX_HELD {
         held.push((topic, payload));
     } else {
         eprintln!("dropped a message of a later key generation: {MAX_HELD} held already");
     }
-    false
 }
 
 /// Prints an event once: ids only grow, so anything at or below the last one is a repeat.

@@ -79,6 +79,17 @@ fn read_hex32(path: &Path) -> Result<Option<[u8; 32]>, PlatformError> {
     Ok(Some(out))
 }
 
+/// Writes a 32-byte secret (a key seed, the admin's secret) to `path` as the keys' files hold
+/// it: 64 hex digits and a newline, readable by the owner alone.
+fn write_secret(path: &Path, bytes: &[u8; 32]) -> Result<(), PlatformError> {
+    write_atomic(path, format!("{}\n", hex::encode(bytes)).as_bytes(), 0o600)
+}
+
+/// Writes the public key file `platform.pub`.
+fn write_public(path: &Path, public: &PlatformPublicKey) -> Result<(), PlatformError> {
+    write_atomic(path, format!("{public}\n").as_bytes(), 0o644)
+}
+
 /// Writes `text` to `path` atomically with the given Unix mode.
 pub fn write_atomic(path: &Path, text: &[u8], mode: u32) -> Result<(), PlatformError> {
     write_atomic_owned(path, text, mode, None)
@@ -162,7 +173,7 @@ pub fn load_or_create_keys(data_dir: &Path) -> Result<Keys, PlatformError> {
         Some(s) => s,
         None => {
             let s = random32();
-            write_atomic(&key_path, format!("{}\n", hex::encode(s)).as_bytes(), 0o600)?;
+            write_secret(&key_path, &s)?;
             s
         }
     };
@@ -209,14 +220,14 @@ pub fn load_or_create_keys(data_dir: &Path) -> Result<Keys, PlatformError> {
         .ok()
         != Some(public.to_hex())
     {
-        write_atomic(&pub_path, format!("{public}\n").as_bytes(), 0o644)?;
+        write_public(&pub_path, &public)?;
     }
     let admin_path = admin_secret_path(data_dir);
     let admin = match read_hex32(&admin_path)? {
         Some(s) => Secret::from_bytes(s),
         None => {
             let s = Secret::from_bytes(random32());
-            write_atomic(&admin_path, format!("{}\n", s.to_hex()).as_bytes(), 0o600)?;
+            write_secret(&admin_path, s.as_bytes())?;
             s
         }
     };
@@ -245,16 +256,12 @@ pub fn rotate(data_dir: &Path, keys: &Keys, now_ms: u64) -> Result<Keys, Platfor
     let mut chain = keys.chain.clone();
     chain.links.push(link);
     let next = next_key_path(data_dir);
-    write_atomic(&next, format!("{}\n", hex::encode(seed)).as_bytes(), 0o600)?;
+    write_secret(&next, &seed)?;
     write_atomic(&chain_path(data_dir), &chain.to_bytes(), 0o644)?;
     let key_path = platform_key_path(data_dir);
     std::fs::rename(&next, &key_path).map_err(|e| PlatformError::io(&next, e))?;
     let public = platform.public();
-    write_atomic(
-        &public_key_path(data_dir),
-        format!("{public}\n").as_bytes(),
-        0o644,
-    )?;
+    write_public(&public_key_path(data_dir), &public)?;
     Ok(Keys {
         platform,
         public,
@@ -267,27 +274,12 @@ pub fn rotate(data_dir: &Path, keys: &Keys, now_ms: u64) -> Result<Keys, Platfor
 /// seed and the first admin's secret owner-only, the public key, and the chain when there was a
 /// rotation.
 pub fn write_all(dir: &Path, keys: &Keys) -> Result<(), PlatformError> {
-    let seed = hex::encode(keys.platform.seed());
-    write_atomic(
-        &platform_key_path(dir),
-        format!("{seed}\n").as_bytes(),
-        0o600,
-    )?;
+    write_secret(&platform_key_path(dir), &keys.platform.seed())?;
     if !keys.chain.links.is_empty() {
         write_atomic(&chain_path(dir), &keys.chain.to_bytes(), 0o644)?;
     }
-    let public = &keys.public;
-    write_atomic(
-        &public_key_path(dir),
-        format!("{public}\n").as_bytes(),
-        0o644,
-    )?;
-    let admin = keys.admin.to_hex();
-    write_atomic(
-        &admin_secret_path(dir),
-        format!("{admin}\n").as_bytes(),
-        0o600,
-    )
+    write_public(&public_key_path(dir), &keys.public)?;
+    write_secret(&admin_secret_path(dir), keys.admin.as_bytes())
 }
 
 #[cfg(test)]
